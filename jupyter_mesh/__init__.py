@@ -1,0 +1,41 @@
+"""jupyter_mesh: a heterogeneous compute mesh (CPUs, GPUs, TPUs) for Jupyter, on Dask."""
+
+from __future__ import annotations
+
+from . import _config  # noqa: F401  (registers the mesh: section of Dask config)
+from ._version import __version__
+from .devices import Profile
+from .errors import MeshConfigError, MeshError
+from .inventory import Device, Inventory
+from .mesh import Mesh, current
+
+__all__ = [
+    "Device",
+    "Inventory",
+    "Mesh",
+    "MeshConfigError",
+    "MeshError",
+    "Profile",
+    "__version__",
+    "current",
+    "load_ipython_extension",
+]
+
+
+def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython
+    """``%load_ext jupyter_mesh``: register the ``%mesh`` magics."""
+    from .magics import MeshMagics
+
+    ipython.register_magics(MeshMagics)
+
+
+def unload_ipython_extension(ipython):  # pragma: no cover
+    pass
+
+
+def _jupyter_labextension_paths():
+    return [{"src": "labextension", "dest": "jupyter-mesh"}]
+
+
+def _jupyter_server_extension_points():
+    return [{"module": "jupyter_mesh.server"}]

@@ -1,0 +1,100 @@
+"""The scheduler side of the mesh: the inventory, kept as workers join and leave."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from .devices._worker_plugin import METADATA_KEY
+
+EXTENSION_NAME = "jupyter-mesh"
+INVENTORY_HANDLER = "jupyter_mesh_inventory"
+
+
+def plain_worker_record(ws: Any) -> dict[str, Any]:
+    """A worker that joined without the mesh's worker plugin: a CPU of unknown profile."""
+    return {
+        "kind": "cpu",
+        "backend": "numpy",
+        "model": "unknown (plain Dask worker)",
+        "memory": int(ws.memory_limit or 0),
+        "site": "unknown",
+        "profile": None,
+        "host": ws.host,
+        "nthreads": ws.nthreads,
+        "managed": False,
+    }
+
+
+def worker_record(ws: Any) -> dict[str, Any]:
+    """The device record of one worker, with its live load."""
+    meta = ws.extra.get(METADATA_KEY)
+    record = dict(meta) if meta else plain_worker_record(ws)
+    record.setdefault("managed", True)
+    record.update(
+        worker=ws.address,
+        name=str(ws.name),
+        nthreads=ws.nthreads,
+        tasks=len(ws.processing),
+        memory_used=int(ws.memory.process) if ws.memory is not None else 0,
+        cpu_percent=float(ws.metrics.get("cpu", 0.0)) if ws.metrics else 0.0,
+        status=str(getattr(ws.status, "name", ws.status)),
+        resources=dict(ws.resources),
+    )
+    return record
+
+
+class MeshSchedulerPlugin(SchedulerPlugin):
+    """Keeps the mesh's inventory and answers ``jupyter_mesh_inventory`` in one call.
+
+    It also records the join and leave events of devices, which the router's fallback
+    and the sidebar use to notice that a device kind is gone.
+    """
+
+    name = EXTENSION_NAME
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+        self.devices: dict[str, dict[str, Any]] = {}
+        self.events: deque[tuple[float, str, str, str]] = deque(maxlen=1000)
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.extensions[EXTENSION_NAME] = self
+        scheduler.handlers[INVENTORY_HANDLER] = self.inventory
+        for ws in scheduler.workers.values():
+            self.devices[ws.address] = worker_record(ws)
+
+    def add_worker(self, scheduler: Any, worker: str) -> None:
+        ws = scheduler.workers.get(worker)
+        if ws is None:
+            return
+        record = worker_record(ws)
+        self.devices[worker] = record
+        self.events.append((time.time(), "join", worker, record["kind"]))
+
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        record = self.devices.pop(worker, None)
+        kind = record["kind"] if record else "?"
+        self.events.append((time.time(), "leave", worker, kind))
+
+    def inventory(self, comm: Any = None) -> dict[str, Any]:
+        """Every live device with its load, plus the scheduler's identity."""
+        sched = self.scheduler
+        devices = [worker_record(ws) for ws in sched.workers.values()]
+        dashboard = None
+        try:
+            port = sched.http_server.port
+            dashboard = f"http://{sched.ip}:{port}/status"
+        except Exception:
+            pass
+        return {
+            "address": sched.address,
+            "dashboard": dashboard,
+            "devices": devices,
+            "events": [list(e) for e in list(self.events)[-50:]],
+        }

@@ -1,0 +1,143 @@
+"""Find out what devices this machine has, without guessing.
+
+CuPy is consulted only when ``cupy.is_available()`` says a CUDA device is usable; JAX
+is imported for TPUs only when libtpu is installed (importing JAX costs seconds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+
+@dataclass
+class DeviceInfo:
+    """One device as this machine reports it."""
+
+    kind: str
+    backend: str
+    model: str
+    memory: int
+    index: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def cpu_device(memory: int | None = None) -> DeviceInfo:
+    return DeviceInfo(
+        kind="cpu",
+        backend="numpy",
+        model=cpu_model(),
+        memory=int(memory or psutil.virtual_memory().total),
+        extra={"cores": cpu_cores()},
+    )
+
+
+def cuda_available() -> bool:
+    """True only when CuPy is installed and a CUDA device is usable."""
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.is_available())
+    except Exception:
+        return False
+
+
+def cuda_devices() -> list[DeviceInfo]:
+    """Every CUDA device CuPy can see (respecting ``CUDA_VISIBLE_DEVICES``)."""
+    if not cuda_available():
+        return []
+    import cupy
+
+    out = []
+    for i in range(cupy.cuda.runtime.getDeviceCount()):
+        props = cupy.cuda.runtime.getDeviceProperties(i)
+        name = props["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        out.append(
+            DeviceInfo(
+                kind="gpu",
+                backend="cupy",
+                model=name,
+                memory=int(props["totalGlobalMem"]),
+                index=i,
+                extra={"compute_capability": f"{props['major']}.{props['minor']}"},
+            )
+        )
+    return out
+
+
+def tpu_possible() -> bool:
+    """A cheap check that a TPU could be present (libtpu installed), before importing JAX."""
+    return importlib.util.find_spec("libtpu") is not None and (
+        importlib.util.find_spec("jax") is not None
+    )
+
+
+def tpu_devices() -> list[DeviceInfo]:
+    if not tpu_possible():
+        return []
+    try:
+        import jax
+
+        devices = jax.devices("tpu")
+    except Exception:
+        return []
+    out = []
+    for i, dev in enumerate(devices):
+        stats = {}
+        try:
+            stats = dev.memory_stats() or {}
+        except Exception:
+            pass
+        out.append(
+            DeviceInfo(
+                kind="tpu",
+                backend="jax",
+                model=str(getattr(dev, "device_kind", "TPU")),
+                memory=int(stats.get("bytes_limit", 0)),
+                index=i,
+            )
+        )
+    return out
+
+
+def jax_device(memory: int | None = None) -> DeviceInfo:
+    """The first device JAX uses in this process (CPU when ``JAX_PLATFORMS=cpu``)."""
+    import jax
+
+    dev = jax.devices()[0]
+    kind = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(dev.platform, "cpu")
+    model = cpu_model() if kind == "cpu" else str(getattr(dev, "device_kind", dev.platform))
+    mem = memory or psutil.virtual_memory().total
+    if kind != "cpu":
+        try:
+            mem = int((dev.memory_stats() or {}).get("bytes_limit", mem))
+        except Exception:
+            pass
+    return DeviceInfo(kind=kind, backend="jax", model=model, memory=int(mem),
+                      extra={"jax_platform": dev.platform})

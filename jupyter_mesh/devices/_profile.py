@@ -1,0 +1,263 @@
+"""Device profiles: what a device can do, and where each number came from.
+
+A profile is measured at worker start (bounded by ``mesh.profile.measure-seconds`` and
+cached per host and device) or looked up in :data:`KNOWN_ACCELERATORS`, whose entries
+name their source. The profile records which of the two it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from .. import _config
+
+
+@dataclass
+class Profile:
+    """Peak throughput of one device.
+
+    Attributes
+    ----------
+    flops32, flops64:
+        Peak floating-point operations per second for float32 and float64 matmul.
+    mem_bandwidth:
+        Bytes per second the device streams through its own memory.
+    host_link_bandwidth:
+        Bytes per second between host memory and the device (0 for a CPU: same memory).
+    launch_latency:
+        Seconds of fixed cost to launch one operation on the device.
+    method:
+        ``"measured"``, ``"table"`` or ``"model"`` (a modelled device in a simulation).
+    source:
+        Where the numbers came from, in words.
+    """
+
+    flops32: float
+    flops64: float
+    mem_bandwidth: float
+    host_link_bandwidth: float = 0.0
+    launch_latency: float = 5e-6
+    method: str = "measured"
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def flops(self, dtype_size: int) -> float:
+        """Peak FLOP/s for elements of ``dtype_size`` bytes (8 → float64, else float32)."""
+        return self.flops64 if dtype_size >= 8 else self.flops32
+
+    def summary(self) -> str:
+        return (
+            f"{self.flops32 / 1e9:,.0f} GFLOP/s fp32, {self.flops64 / 1e9:,.0f} GFLOP/s fp64, "
+            f"{self.mem_bandwidth / 1e9:,.1f} GB/s ({self.method})"
+        )
+
+
+# Dense matmul peaks without sparsity, from the vendors' public datasheets.
+KNOWN_ACCELERATORS: dict[str, dict[str, Any]] = {
+    "H200": dict(flops32=67e12, flops64=67e12, mem_bandwidth=4.8e12, host_link_bandwidth=64e9,
+                 launch_latency=5e-6, source="NVIDIA H200 Tensor Core GPU datasheet (SXM)"),
+    "H100": dict(flops32=67e12, flops64=67e12, mem_bandwidth=3.35e12, host_link_bandwidth=64e9,
+                 launch_latency=5e-6, source="NVIDIA H100 Tensor Core GPU datasheet (SXM)"),
+    "A100": dict(flops32=19.5e12, flops64=19.5e12, mem_bandwidth=2.0e12, host_link_bandwidth=32e9,
+                 launch_latency=5e-6, source="NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)"),
+    "L4": dict(flops32=30.3e12, flops64=0.47e12, mem_bandwidth=0.3e12, host_link_bandwidth=32e9,
+               launch_latency=5e-6, source="NVIDIA L4 Tensor Core GPU datasheet"),
+    "T4": dict(flops32=8.1e12, flops64=0.25e12, mem_bandwidth=0.32e12, host_link_bandwidth=16e9,
+               launch_latency=5e-6, source="NVIDIA T4 Tensor Core GPU datasheet"),
+    "V100": dict(flops32=15.7e12, flops64=7.8e12, mem_bandwidth=0.9e12, host_link_bandwidth=16e9,
+                 launch_latency=5e-6, source="NVIDIA V100 Tensor Core GPU datasheet (SXM2)"),
+    "TPU v5e": dict(flops32=197e12, flops64=0.0, mem_bandwidth=0.819e12, host_link_bandwidth=16e9,
+                    launch_latency=2e-5, source="Google Cloud TPU v5e documentation (bf16 peak)"),
+    "TPU v5p": dict(flops32=459e12, flops64=0.0, mem_bandwidth=2.765e12, host_link_bandwidth=32e9,
+                    launch_latency=2e-5, source="Google Cloud TPU v5p documentation (bf16 peak)"),
+    "TPU v4": dict(flops32=275e12, flops64=0.0, mem_bandwidth=1.2e12, host_link_bandwidth=16e9,
+                   launch_latency=2e-5, source="Google Cloud TPU v4 documentation (bf16 peak)"),
+}
+
+
+def lookup_known(model: str) -> Profile | None:
+    """The table profile of an accelerator whose model name contains a known name."""
+    upper = model.upper()
+    # longest names first so "H200" is not taken for a substring match of something else
+    for name in sorted(KNOWN_ACCELERATORS, key=len, reverse=True):
+        if name.upper() in upper:
+            entry = dict(KNOWN_ACCELERATORS[name])
+            source = entry.pop("source")
+            return Profile(**entry, method="table", source=source)
+    return None
+
+
+def _cache_path() -> str:
+    folder = _config.get("profile.cache-dir") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jupyter-mesh"
+    )
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, "profiles.json")
+
+
+def cache_key(kind: str, backend: str, model: str) -> str:
+    return f"{socket.gethostname()}|{kind}|{backend}|{model}"
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock beside ``path``, so workers starting together measure once."""
+    lock = open(path + ".lock", "a+")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows
+            pass
+        yield
+    finally:
+        lock.close()
+
+
+def cached_or_measure(key: str, measure: Callable[[float], Profile]) -> Profile:
+    """Return the cached profile for ``key`` or run ``measure`` and cache its result."""
+    path = _cache_path()
+    with _locked(path):
+        try:
+            with open(path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return Profile.from_dict(cache[key])
+        budget = _config.get_seconds("profile.measure-seconds")
+        profile = measure(budget)
+        cache[key] = profile.to_dict()
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(tmp, path)
+        return profile
+
+
+def _best_rate(run: Callable[[], None], work: float, deadline: float) -> float:
+    """Best observed ``work`` per second of ``run`` until ``deadline`` (at least 2 runs)."""
+    best = 0.0
+    runs = 0
+    while runs < 2 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run()
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        best = max(best, work / elapsed)
+        runs += 1
+        if runs >= 20:
+            break
+    return best
+
+
+def measure_numpy(budget: float) -> Profile:
+    """Measure a CPU through NumPy within about ``budget`` seconds."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    n = 384
+    rates = {}
+    for name, dtype in (("flops32", np.float32), ("flops64", np.float64)):
+        a = np.ones((n, n), dtype=dtype)
+        rates[name] = _best_rate(lambda a=a: a @ a, 2.0 * n**3, time.perf_counter() + budget * 0.3)
+    buf = np.ones(4_000_000, dtype=np.float64)  # 32 MB
+    out = np.empty_like(buf)
+    bandwidth = _best_rate(
+        lambda: np.copyto(out, buf), 2.0 * buf.nbytes, time.perf_counter() + budget * 0.3
+    )
+    took = time.perf_counter() - t0
+    return Profile(
+        flops32=rates["flops32"], flops64=rates["flops64"], mem_bandwidth=bandwidth,
+        host_link_bandwidth=0.0, launch_latency=2e-6, method="measured",
+        source=f"measured with NumPy on {socket.gethostname()} in {took:.2f} s",
+    )
+
+
+def measure_jax(budget: float) -> Profile:
+    """Measure the first JAX device within about ``budget`` seconds."""
+    import jax
+    import jax.numpy as jnp
+
+    t0 = time.perf_counter()
+    n = 384
+    rates = {}
+    matmul = jax.jit(lambda a: a @ a)
+    for name, dtype in (("flops32", jnp.float32), ("flops64", jnp.float64)):
+        try:
+            a = jnp.ones((n, n), dtype=dtype)
+            matmul(a).block_until_ready()
+        except Exception:  # float64 disabled: JAX keeps float32
+            rates[name] = rates.get("flops32", 0.0)
+            continue
+        rates[name] = _best_rate(
+            lambda a=a: matmul(a).block_until_ready(), 2.0 * n**3,
+            time.perf_counter() + budget * 0.3,
+        )
+    copy = jax.jit(lambda b: b + 0)
+    buf = jnp.ones(4_000_000, dtype=jnp.float32)
+    copy(buf).block_until_ready()
+    bandwidth = _best_rate(
+        lambda: copy(buf).block_until_ready(), 2.0 * buf.nbytes * 1.0,
+        time.perf_counter() + budget * 0.3,
+    )
+    took = time.perf_counter() - t0
+    device = jax.devices()[0]
+    return Profile(
+        flops32=rates["flops32"], flops64=rates["flops64"], mem_bandwidth=bandwidth,
+        host_link_bandwidth=0.0 if device.platform == "cpu" else 16e9,
+        launch_latency=2e-5, method="measured",
+        source=f"measured with JAX ({device.platform}) on {socket.gethostname()} in {took:.2f} s",
+    )
+
+
+def measure_cupy(budget: float) -> Profile:
+    """Measure the current CUDA device through CuPy within about ``budget`` seconds."""
+    import cupy
+
+    t0 = time.perf_counter()
+    n = 2048
+    rates = {}
+    sync = cupy.cuda.Device().synchronize
+    for name, dtype in (("flops32", cupy.float32), ("flops64", cupy.float64)):
+        a = cupy.ones((n, n), dtype=dtype)
+        (a @ a)
+        sync()
+        rates[name] = _best_rate(
+            lambda a=a: ((a @ a), sync()), 2.0 * n**3, time.perf_counter() + budget * 0.25
+        )
+    buf = cupy.ones(32_000_000, dtype=cupy.float32)
+    out = cupy.empty_like(buf)
+    bandwidth = _best_rate(
+        lambda: (cupy.copyto(out, buf), sync()), 2.0 * buf.nbytes,
+        time.perf_counter() + budget * 0.2,
+    )
+    host = cupy.cuda.alloc_pinned_memory(64_000_000)
+    import numpy as np
+
+    host_arr = np.frombuffer(host, dtype=np.uint8, count=64_000_000)
+    dev = cupy.empty(64_000_000, dtype=cupy.uint8)
+    link = _best_rate(
+        lambda: (dev.set(host_arr), sync()), float(host_arr.nbytes),
+        time.perf_counter() + budget * 0.15,
+    )
+    took = time.perf_counter() - t0
+    return Profile(
+        flops32=rates["flops32"], flops64=rates["flops64"], mem_bandwidth=bandwidth,
+        host_link_bandwidth=link, launch_latency=1e-5, method="measured",
+        source=f"measured with CuPy on {socket.gethostname()} in {took:.2f} s",
+    )

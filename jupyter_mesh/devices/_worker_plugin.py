@@ -1,0 +1,136 @@
+"""The worker side of the mesh: detect this worker's device and advertise it.
+
+The plugin runs in :meth:`setup` before the worker registers with the scheduler, so the
+Dask resources it sets and the metadata it publishes (through
+``worker.startup_information``, which lands in the scheduler's ``WorkerState.extra``)
+are there from the first moment the scheduler sees the worker. This works with any
+Dask scheduler, with or without the mesh's scheduler plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource
+from . import _detect, _profile
+
+logger = logging.getLogger("jupyter_mesh")
+
+METADATA_KEY = "jupyter-mesh"
+EXTENSION_NAME = "jupyter-mesh"
+
+
+def describe_device(kind: str | None, backend: str | None, memory: int | None) -> tuple[
+    _detect.DeviceInfo, _profile.Profile
+]:
+    """Detect the device this process drives and its profile.
+
+    ``kind=None`` detects: a CUDA GPU through CuPy when one is usable, else a TPU, else
+    the CPU. ``backend="jax"`` drives whatever JAX sees first.
+    """
+    if backend == "jax":
+        info = _detect.jax_device(memory)
+    elif kind == "gpu" or (kind is None and _detect.cuda_available()):
+        gpus = _detect.cuda_devices()
+        if not gpus:
+            raise RuntimeError("jupyter_mesh: asked for a gpu worker but CuPy sees no CUDA GPU")
+        info = gpus[0]
+    elif kind == "tpu" or (kind is None and _detect.tpu_devices()):
+        tpus = _detect.tpu_devices()
+        if not tpus:
+            raise RuntimeError("jupyter_mesh: asked for a tpu worker but JAX sees no TPU")
+        info = tpus[0]
+    else:
+        info = _detect.cpu_device(memory)
+
+    profile = _profile.lookup_known(info.model) if info.kind != "cpu" else None
+    if profile is None:
+        measure = {
+            "numpy": _profile.measure_numpy,
+            "jax": _profile.measure_jax,
+            "cupy": _profile.measure_cupy,
+        }[info.backend]
+        key = _profile.cache_key(info.kind, info.backend, info.model)
+        profile = _profile.cached_or_measure(key, measure)
+    return info, profile
+
+
+class MeshWorkerPlugin(WorkerPlugin):
+    """Make a Dask worker a mesh device.
+
+    Parameters
+    ----------
+    site:
+        Label of where this worker is (``"local"``, ``"us-east"``, ``"edge-lab"``).
+    kind:
+        ``"cpu"``, ``"gpu"``, ``"tpu"`` or ``None`` to detect.
+    backend:
+        ``"numpy"``, ``"cupy"``, ``"jax"`` or ``None`` for the kind's default.
+    watch_parent:
+        Close the worker when the process that started it (its nanny) is gone, so no
+        worker outlives a killed kernel.
+    """
+
+    name = "jupyter-mesh"
+    idempotent = True
+
+    def __init__(
+        self,
+        site: str = "local",
+        kind: str | None = None,
+        backend: str | None = None,
+        watch_parent: bool = True,
+    ) -> None:
+        self.site = site
+        self.kind = kind
+        self.backend = backend
+        self.watch_parent = watch_parent
+        self.device: dict[str, Any] | None = None
+        self._watchdog: asyncio.Task | None = None
+
+    def setup(self, worker: Any) -> None:
+        memory = getattr(worker.memory_manager, "memory_limit", None)
+        info, profile = describe_device(self.kind, self.backend, memory)
+        backend = info.backend or DEFAULT_BACKEND[info.kind]
+        nthreads = worker.state.nthreads
+        self.device = {
+            "kind": info.kind,
+            "backend": backend,
+            "model": info.model,
+            "memory": info.memory,
+            "site": self.site,
+            "profile": profile.to_dict(),
+            "host": worker.ip if hasattr(worker, "ip") else "",
+            "nthreads": nthreads,
+            "pid": os.getpid(),
+            **info.extra,
+        }
+        resources = {kind_resource(info.kind): nthreads, backend_resource(info.kind, backend): nthreads}
+        for name, amount in resources.items():
+            worker.state.total_resources[name] = amount
+            worker.state.available_resources[name] = amount
+        worker.startup_information[METADATA_KEY] = lambda w: dict(self.device or {})
+        worker.extensions[EXTENSION_NAME] = self
+        if self.watch_parent and getattr(worker, "nanny", None):
+            self._parent = os.getppid()
+            self._watchdog = asyncio.ensure_future(self._watch(worker))
+        logger.info(
+            "jupyter_mesh device: %s:%s %s at site %s", info.kind, backend, info.model, self.site
+        )
+
+    async def _watch(self, worker: Any) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != self._parent:
+                logger.warning("jupyter_mesh: the nanny is gone; closing this worker")
+                await worker.close(nanny=False, executor_wait=False, timeout=5)
+                os._exit(0)
+
+    def teardown(self, worker: Any) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()

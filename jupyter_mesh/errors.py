@@ -1,0 +1,11 @@
+"""Errors raised by jupyter_mesh."""
+
+from __future__ import annotations
+
+
+class MeshError(RuntimeError):
+    """A mesh cannot do what was asked; the message says what to do instead."""
+
+
+class MeshConfigError(MeshError, ValueError):
+    """A ``mesh.*`` Dask config value is invalid; the message names the key."""

@@ -1,0 +1,195 @@
+"""The mesh's devices as the notebook sees them: :class:`Device` and :class:`Inventory`."""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .devices._profile import Profile
+from .targets import Target, parse_target
+
+
+def format_bytes(n: float | int | None) -> str:
+    if not n:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+@dataclass
+class Device:
+    """One device of the mesh: a Dask worker driving one CPU process, GPU or TPU."""
+
+    worker: str
+    kind: str
+    backend: str
+    model: str
+    memory: int
+    site: str
+    profile: Profile | None
+    name: str = ""
+    host: str = ""
+    nthreads: int = 1
+    tasks: int = 0
+    memory_used: int = 0
+    managed: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        """``KIND:BACKEND`` of this device."""
+        return f"{self.kind}:{self.backend}"
+
+    def matches(self, target: str | Target) -> bool:
+        t = parse_target(target) if isinstance(target, str) else target
+        return t.matches(self.kind, self.backend)
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Device:
+        known = {
+            "worker", "kind", "backend", "model", "memory", "site", "profile", "name",
+            "host", "nthreads", "tasks", "memory_used", "managed",
+        }
+        prof = rec.get("profile")
+        return cls(
+            worker=rec["worker"],
+            kind=rec.get("kind", "cpu"),
+            backend=rec.get("backend", "numpy"),
+            model=rec.get("model", ""),
+            memory=int(rec.get("memory") or 0),
+            site=rec.get("site", "unknown"),
+            profile=Profile.from_dict(prof) if prof else None,
+            name=str(rec.get("name", "")),
+            host=rec.get("host", ""),
+            nthreads=int(rec.get("nthreads") or 1),
+            tasks=int(rec.get("tasks") or 0),
+            memory_used=int(rec.get("memory_used") or 0),
+            managed=bool(rec.get("managed", True)),
+            extra={k: v for k, v in rec.items() if k not in known},
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "worker": self.worker, "name": self.name, "kind": self.kind,
+            "backend": self.backend, "model": self.model, "memory": self.memory,
+            "memory_used": self.memory_used, "site": self.site, "host": self.host,
+            "nthreads": self.nthreads, "tasks": self.tasks, "managed": self.managed,
+            "profile": self.profile.to_dict() if self.profile else None, **self.extra,
+        }
+
+
+class Inventory:
+    """The devices of a mesh at one moment, grouped by kind and site.
+
+    Iterating yields :class:`Device` records.
+    """
+
+    def __init__(
+        self,
+        devices: Iterable[Device],
+        address: str = "",
+        dashboard: str | None = None,
+    ) -> None:
+        self.devices: list[Device] = sorted(
+            devices, key=lambda d: (d.kind, d.site, d.backend, d.name, d.worker)
+        )
+        self.address = address
+        self.dashboard = dashboard
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict[str, Any]], address: str = "",
+                     dashboard: str | None = None) -> Inventory:
+        return cls([Device.from_record(r) for r in records], address, dashboard)
+
+    def __iter__(self) -> Iterator[Device]:
+        return iter(self.devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __getitem__(self, i: int) -> Device:
+        return self.devices[i]
+
+    def by_kind(self) -> dict[str, int]:
+        """Number of devices per kind, e.g. ``{"cpu": 2, "gpu": 4}``."""
+        return dict(Counter(d.kind for d in self.devices))
+
+    def by_target(self) -> dict[str, int]:
+        """Number of devices per ``KIND:BACKEND``."""
+        return dict(Counter(d.target for d in self.devices))
+
+    def by_site(self) -> dict[str, int]:
+        return dict(Counter(d.site for d in self.devices))
+
+    def groups(self) -> dict[tuple[str, str], list[Device]]:
+        """Devices grouped by (kind, site)."""
+        out: dict[tuple[str, str], list[Device]] = {}
+        for d in self.devices:
+            out.setdefault((d.kind, d.site), []).append(d)
+        return out
+
+    def select(self, target: str | Target | None = None, site: str | None = None) -> Inventory:
+        """The devices matching a target and/or a site."""
+        t = parse_target(target) if isinstance(target, str) else target
+        devs = [
+            d for d in self.devices
+            if (t is None or d.matches(t)) and (site is None or d.site == site)
+        ]
+        return Inventory(devs, self.address, self.dashboard)
+
+    def summary(self) -> str:
+        if not self.devices:
+            return "no devices"
+        return ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind().items()))
+
+    def __repr__(self) -> str:
+        lines = [f"Mesh inventory at {self.address or '?'}: {len(self)} devices ({self.summary()})"]
+        if self.dashboard:
+            lines.append(f"dashboard: {self.dashboard}")
+        for (kind, site), devs in self.groups().items():
+            lines.append(f"{kind} @ {site}: {len(devs)}")
+            for d in devs:
+                prof = d.profile.summary() if d.profile else "no profile"
+                lines.append(
+                    f"  {d.name or d.worker:<12} {d.backend:<6} {d.model[:40]:<40} "
+                    f"mem {format_bytes(d.memory_used)}/{format_bytes(d.memory)}  "
+                    f"tasks {d.tasks}  {prof}"
+                )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        e = html.escape
+        head = (
+            f"<div class='jupyter-mesh-inventory'><b>Mesh</b> at <code>{e(self.address)}</code>: "
+            f"{len(self)} devices ({e(self.summary())})"
+        )
+        if self.dashboard:
+            head += f" &middot; <a href='{e(self.dashboard)}' target='_blank'>dashboard</a>"
+        rows = []
+        for (kind, site), devs in self.groups().items():
+            rows.append(
+                f"<tr><th colspan='6' style='text-align:left'>{e(kind)} @ {e(site)} "
+                f"({len(devs)})</th></tr>"
+            )
+            for d in devs:
+                prof = e(d.profile.summary()) if d.profile else "no profile"
+                rows.append(
+                    "<tr>"
+                    f"<td>{e(d.name or d.worker)}</td><td>{e(d.backend)}</td>"
+                    f"<td>{e(d.model)}</td>"
+                    f"<td>{format_bytes(d.memory_used)} / {format_bytes(d.memory)}</td>"
+                    f"<td>{d.tasks}</td><td>{prof}</td></tr>"
+                )
+        table = (
+            "<table><thead><tr><th>device</th><th>backend</th><th>model</th>"
+            "<th>memory</th><th>tasks</th><th>profile</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>"
+        )
+        return head + table + "</div>"

@@ -1,0 +1,475 @@
+"""The :class:`Mesh`: one Dask cluster of heterogeneous devices, used as one computer."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import html
+import re
+import weakref
+from typing import Any
+
+from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed.comm import parse_address
+from distributed.comm.addressing import parse_host_port
+
+from . import _config, _state
+from ._scheduler_plugin import MeshSchedulerPlugin
+from .devices import _detect
+from .devices._worker_plugin import MeshWorkerPlugin
+from .errors import MeshError
+from .inventory import Inventory, format_bytes
+
+#: worker-spec name prefix per local worker family
+FAMILIES: dict[str, dict[str, Any]] = {
+    "cpu": {"kind": "cpu", "backend": "numpy"},
+    "jax_cpu": {"kind": "cpu", "backend": "jax"},
+    "gpu": {"kind": "gpu", "backend": "cupy"},
+    "tpu": {"kind": "tpu", "backend": "jax"},
+}
+_SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+_SCHEMES = ("tcp", "tls", "inproc", "ws", "wss", "ucx")
+
+
+def check_count(name: str, value: Any, *, allow_auto: bool = False) -> int | str:
+    """Validate a device count: a non-negative int, or ``"auto"`` where allowed."""
+    if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        allowed = "a whole number >= 0" + (" or 'auto'" if allow_auto else "")
+        raise MeshError(f"{name} must be {allowed}, not {value!r}")
+    return value
+
+
+def check_site(site: Any) -> str:
+    if not isinstance(site, str) or not _SITE_RE.match(site):
+        raise MeshError(
+            f"site must be a name of letters, digits, '.', '_' or '-' (like 'local' or "
+            f"'edge-lab'), not {site!r}"
+        )
+    return site
+
+
+def check_address(address: Any) -> str:
+    """Normalise a scheduler address (``host:port`` means ``tcp://host:port``)."""
+    if not isinstance(address, str) or not address.strip():
+        raise MeshError(f"malformed address {address!r}: use tcp://HOST:PORT or tls://HOST:PORT")
+    address = address.strip()
+    if "://" not in address:
+        address = "tcp://" + address
+    try:
+        scheme, loc = parse_address(address)
+        if scheme not in _SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}")
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            host, port = parse_host_port(loc)
+            if not host or not port:
+                raise ValueError("no port")
+    except Exception:
+        raise MeshError(
+            f"malformed address {address!r}: use tcp://HOST:PORT or tls://HOST:PORT"
+        ) from None
+    return address
+
+
+def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
+                 memory_limit: Any) -> dict[str, Any]:
+    fam = FAMILIES[family]
+    env: dict[str, str] = {}
+    if family == "gpu":
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    if family == "jax_cpu":
+        env.update(JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
+    if family == "tpu":
+        env.update(JAX_PLATFORMS="tpu", JAX_ENABLE_X64="1")
+    return {
+        "cls": Nanny,
+        "options": {
+            "nthreads": nthreads,
+            "host": host,
+            "memory_limit": memory_limit,
+            "env": env,
+            "dashboard": False,
+            "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"])],
+        },
+    }
+
+
+def _spec_name(family: str, index: int) -> str:
+    return f"{family.replace('_', '-')}-{index}"
+
+
+class Mesh:
+    """A heterogeneous Dask cluster used from a notebook as one computer.
+
+    Create one with :meth:`Mesh.local` (an embedded mesh on this machine) or
+    :meth:`Mesh.connect` (an existing Dask scheduler). The newest mesh becomes the
+    process's current mesh (:func:`jupyter_mesh.current`) and its client the default
+    Dask client, so plain ``.compute()`` calls run on it.
+    """
+
+    def __init__(self, client: Client, cluster: SpecCluster | None = None, *,
+                 site: str = "local", options: dict[str, Any] | None = None) -> None:
+        self.client = client
+        self.cluster = cluster
+        self.site = site
+        self.options = dict(options or {})
+        self.closed = False
+        self.route_mode: Any = "off"
+        self.last_report: Any = None
+        self.last_plan: Any = None
+        self._scheduler_plugin = True
+        _state.set_current(self)
+        atexit.register(_close_at_exit, weakref.ref(self))
+        _state.notify("open", self)
+
+    # ------------------------------------------------------------------ creation
+    @classmethod
+    def local(
+        cls,
+        cpu: int = 2,
+        gpu: int | str = "auto",
+        tpu: int | str = "auto",
+        jax_cpu: int = 0,
+        site: str = "local",
+        *,
+        threads_per_worker: int | None = None,
+        memory_limit: str | int | float = "auto",
+        host: str | None = None,
+        replace: bool = False,
+    ) -> Mesh:
+        """Start an embedded mesh: a Dask scheduler and one worker process per device.
+
+        Parameters
+        ----------
+        cpu:
+            Number of CPU worker processes (each one ``cpu`` device, NumPy backend).
+        gpu:
+            Number of CUDA GPU workers, or ``"auto"``: one per GPU CuPy can use.
+        tpu:
+            Number of TPU workers, or ``"auto"``: one per TPU JAX can see.
+        jax_cpu:
+            Number of CPU workers driven by JAX (kind ``cpu``, backend ``jax``).
+        site:
+            Site label of every worker.
+        threads_per_worker:
+            Threads per worker; default: the cores shared out among CPU workers.
+        memory_limit:
+            Per-worker memory limit, as Dask's ``memory_limit``.
+        host:
+            Interface to listen on; default ``mesh.local.host`` (127.0.0.1).
+        replace:
+            Close the current mesh first instead of refusing to start a second one.
+        """
+        cpu_n = check_count("cpu", cpu)
+        jax_n = check_count("jax_cpu", jax_cpu)
+        gpu_req = check_count("gpu", gpu, allow_auto=True)
+        tpu_req = check_count("tpu", tpu, allow_auto=True)
+        site = check_site(site)
+        if threads_per_worker is not None:
+            check_count("threads_per_worker", threads_per_worker)
+        _check_replace(replace)
+
+        gpus = _detect.cuda_devices() if gpu_req != 0 else []
+        if gpu_req == "auto":
+            gpu_n = len(gpus)
+        else:
+            gpu_n = int(gpu_req)
+            if gpu_n > len(gpus):
+                raise MeshError(
+                    f"no CUDA GPU found for gpu={gpu_n} (CuPy sees {len(gpus)}): use gpu=0 "
+                    f"or 'auto', jax_cpu=N to test the accelerator path on the CPU, or "
+                    f"connect to a mesh whose workers have GPUs"
+                )
+        tpus = _detect.tpu_devices() if tpu_req != 0 else []
+        if tpu_req == "auto":
+            tpu_n = len(tpus)
+        else:
+            tpu_n = int(tpu_req)
+            if tpu_n > len(tpus):
+                raise MeshError(
+                    f"no TPU found for tpu={tpu_n} (JAX sees {len(tpus)}): use tpu=0 or "
+                    f"'auto', or jax_cpu=N to run the JAX path on the CPU"
+                )
+        if jax_n:
+            import importlib.util
+
+            if importlib.util.find_spec("jax") is None:
+                raise MeshError("jax_cpu needs JAX: pip install 'jupyter_mesh[tpu]'")
+        if cpu_n + jax_n + gpu_n + tpu_n == 0:
+            raise MeshError("a mesh needs at least one device: use cpu=1 or more")
+
+        host = host or _config.get("local.host")
+        host_cpu_workers = max(cpu_n + jax_n, 1)
+        nthreads = threads_per_worker or max(1, _detect.cpu_cores() // host_cpu_workers)
+        counts = {"cpu": cpu_n, "jax_cpu": jax_n, "gpu": gpu_n, "tpu": tpu_n}
+        workers = {}
+        for family, n in counts.items():
+            for i in range(n):
+                workers[_spec_name(family, i)] = _worker_spec(
+                    family, i, site, 1 if family in ("gpu", "tpu") else nthreads, host,
+                    memory_limit,
+                )
+        scheduler = {
+            "cls": Scheduler,
+            "options": {
+                "host": host,
+                "dashboard_address": _config.get("local.dashboard-address"),
+                "plugins": [MeshSchedulerPlugin()],
+            },
+        }
+        cluster = SpecCluster(
+            workers=workers, scheduler=scheduler, name="jupyter-mesh",
+            silence_logs=logging.WARNING,
+        )
+        try:
+            client = Client(cluster, set_as_default=True)
+        except BaseException:
+            cluster.close()
+            raise
+        options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
+                   "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit}
+        mesh = cls(client, cluster, site=site, options=options)
+        mesh._wait_for(len(workers))
+        return mesh
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        security: Any = None,
+        timeout: float | None = None,
+        *,
+        replace: bool = False,
+    ) -> Mesh:
+        """Attach to a running Dask scheduler (``tcp://`` or ``tls://``).
+
+        Parameters
+        ----------
+        address:
+            The scheduler address; ``HOST:PORT`` means ``tcp://HOST:PORT``.
+        security:
+            A :class:`distributed.security.Security` for ``tls://`` schedulers.
+        timeout:
+            Seconds to wait for the scheduler; default ``mesh.connect-timeout``.
+        """
+        address = check_address(address)
+        if timeout is None:
+            timeout = _config.get_seconds("connect-timeout", allow_zero=False)
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise MeshError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if address.startswith("tls://") and security is None:
+            raise MeshError(
+                f"{address} uses TLS: pass security=Security(tls_ca_file=..., "
+                f"tls_client_cert=..., tls_client_key=..., require_encryption=True) "
+                f"(or --tls-ca-file/--tls-cert/--tls-key)"
+            )
+        _check_replace(replace)
+        try:
+            client = Client(address, security=security, timeout=timeout, set_as_default=True)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MeshError(
+                f"could not connect to {address} within {timeout:g} s ({reason}): check that a "
+                f"Dask scheduler listens there and the protocol (tcp/tls) is right"
+            ) from None
+        mesh = cls(client, None, site="remote")
+        try:
+            client.register_plugin(MeshSchedulerPlugin(), name=MeshSchedulerPlugin.name)
+        except Exception:
+            # e.g. a scheduler without jupyter_mesh installed: inventory falls back to
+            # scheduler_info, which carries the same worker metadata.
+            mesh._scheduler_plugin = False
+        return mesh
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def address(self) -> str:
+        return self.client.scheduler.address
+
+    @property
+    def dashboard_link(self) -> str | None:
+        try:
+            return self.client.dashboard_link
+        except Exception:
+            return None
+
+    @property
+    def owns_cluster(self) -> bool:
+        """Whether this mesh started its scheduler and workers (and may scale them)."""
+        return self.cluster is not None
+
+    def inventory(self) -> Inventory:
+        """The mesh's devices and their load, from the scheduler in one round trip."""
+        self._check_open()
+        if self._scheduler_plugin:
+            try:
+                info = self.client.sync(self.client.scheduler.jupyter_mesh_inventory)
+                return Inventory.from_records(
+                    info["devices"], info["address"], self.dashboard_link or info["dashboard"]
+                )
+            except Exception:
+                self._scheduler_plugin = False
+        return self._inventory_from_scheduler_info()
+
+    def _inventory_from_scheduler_info(self) -> Inventory:
+        from ._scheduler_plugin import METADATA_KEY
+
+        info = self.client.scheduler_info(n_workers=-1)
+        records = []
+        for addr, w in info.get("workers", {}).items():
+            meta = w.get(METADATA_KEY) or {
+                "kind": "cpu", "backend": "numpy", "model": "unknown (plain Dask worker)",
+                "memory": w.get("memory_limit", 0), "site": "unknown", "profile": None,
+                "managed": False,
+            }
+            rec = dict(meta)
+            rec.update(worker=addr, name=str(w.get("name", "")), nthreads=w.get("nthreads", 1),
+                       tasks=(w.get("metrics") or {}).get("executing", 0),
+                       memory_used=(w.get("metrics") or {}).get("memory", 0))
+            records.append(rec)
+        return Inventory.from_records(records, info.get("address", ""), self.dashboard_link)
+
+    def _wait_for(self, n: int, timeout: float = 60) -> None:
+        if n:
+            self.client.wait_for_workers(n, timeout=timeout)
+
+    # ------------------------------------------------------------------ scaling
+    def scale(self, **counts: int) -> Inventory:
+        """Set the number of local workers per family: ``cpu``, ``jax_cpu``, ``gpu``, ``tpu``.
+
+        Only a mesh started by :meth:`local` can scale.
+        """
+        self._check_open()
+        if not self.owns_cluster:
+            raise MeshError(
+                "this mesh was connected to, not started here: scale it where it was started"
+            )
+        unknown = set(counts) - set(FAMILIES)
+        if unknown:
+            raise MeshError(
+                f"cannot scale {', '.join(sorted(unknown))}: use {', '.join(FAMILIES)}"
+            )
+        checked = {fam: int(check_count(fam, n)) for fam, n in counts.items()}
+        if checked.get("gpu", 0) > len(_detect.cuda_devices()):
+            raise MeshError("no CUDA GPU found for that many gpu workers: use gpu=0")
+        if checked.get("tpu", 0) > len(_detect.tpu_devices()):
+            raise MeshError("no TPU found for that many tpu workers: use tpu=0")
+        assert self.cluster is not None
+        spec = self.cluster.worker_spec
+        after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
+        after.update(checked)
+        if sum(after.values()) == 0:
+            raise MeshError("a mesh needs at least one device: keep cpu=1 or more")
+        nthreads = self.options.get("threads_per_worker", 1)
+        for fam, want in checked.items():
+            names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
+            for name in names[want:]:
+                del spec[name]
+            used = {_index_of(n) for n in names[:want]}
+            i = 0
+            while sum(1 for n in spec if _family_of(n) == fam) < want:
+                if i not in used:
+                    spec[_spec_name(fam, i)] = _worker_spec(
+                        fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
+                        self.options.get("host", "127.0.0.1"),
+                        self.options.get("memory_limit", "auto"),
+                    )
+                i += 1
+            self.options[fam] = want
+        self.cluster.sync(self.cluster._correct_state)
+        total = len(spec)
+        self.client.wait_for_workers(total, timeout=60)
+        return self.inventory()
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close the client and, for a local mesh, its scheduler and workers."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+            if _state._current is self:
+                _state.set_current(None)
+            _state.notify("close", self)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise MeshError("this mesh is closed: start a new one with %mesh start")
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ display
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<Mesh (closed)>"
+        try:
+            inv = self.inventory()
+            return f"<Mesh {self.address}: {len(inv)} devices ({inv.summary()})>"
+        except Exception:
+            return f"<Mesh {self.address}>"
+
+    def _repr_html_(self) -> str:
+        if self.closed:
+            return "<b>Mesh</b> (closed)"
+        inv = self.inventory()
+        e = html.escape
+        groups = "".join(
+            f"<li>{len(devs)} &times; <b>{e(kind)}</b> @ {e(site)}: "
+            f"{e(', '.join(sorted({d.model for d in devs})))} "
+            f"({format_bytes(sum(d.memory for d in devs))})</li>"
+            for (kind, site), devs in inv.groups().items()
+        )
+        link = self.dashboard_link
+        dash = f" &middot; <a href='{e(link)}' target='_blank'>dashboard</a>" if link else ""
+        return (
+            f"<div class='jupyter-mesh'><b>Mesh</b> <code>{e(self.address)}</code>: "
+            f"{len(inv)} devices{dash}<ul>{groups}</ul></div>"
+        )
+
+
+def _family_of(name: str) -> str:
+    return name.rsplit("-", 1)[0].replace("-", "_")
+
+
+def _index_of(name: str) -> int:
+    try:
+        return int(name.rsplit("-", 1)[1])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _check_replace(replace: bool) -> None:
+    existing = _state.active()
+    if existing is None:
+        return
+    if not replace:
+        raise MeshError(
+            f"a mesh is already active at {existing.address}: close it first "
+            f"(%mesh close / mesh.close()) or pass --replace / replace=True"
+        )
+    existing.close()
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    mesh = ref()
+    if mesh is not None and not mesh.closed:
+        try:
+            mesh.close()
+        except Exception:
+            pass
+
+
+def current() -> Mesh:
+    """The active mesh of this process, or :class:`MeshError` saying how to start one."""
+    return _state.current()

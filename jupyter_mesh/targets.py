@@ -1,0 +1,87 @@
+"""Device kinds, backends and the target strings that name them.
+
+A *target* is ``KIND`` or ``KIND:BACKEND`` (``gpu``, ``tpu``, ``cpu:jax``); ``auto``
+lets the router choose and ``off`` disables routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KINDS: tuple[str, ...] = ("cpu", "gpu", "tpu")
+BACKENDS: tuple[str, ...] = ("numpy", "cupy", "jax")
+DEFAULT_BACKEND: dict[str, str] = {"cpu": "numpy", "gpu": "cupy", "tpu": "jax"}
+#: which backends can drive which kind
+KIND_BACKENDS: dict[str, tuple[str, ...]] = {
+    "cpu": ("numpy", "jax"),
+    "gpu": ("cupy", "jax"),
+    "tpu": ("jax",),
+}
+ROUTE_MODES: tuple[str, ...] = ("auto", "off")
+RESOURCE_PREFIX = "mesh-"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where work may run: a device kind and, optionally, the backend driving it."""
+
+    kind: str
+    backend: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.backend is None else f"{self.kind}:{self.backend}"
+
+    def matches(self, kind: str, backend: str) -> bool:
+        """Whether a device of ``kind`` driven by ``backend`` satisfies this target."""
+        return kind == self.kind and (self.backend is None or backend == self.backend)
+
+    @property
+    def resource(self) -> str:
+        """The Dask resource name that workers matching this target advertise."""
+        if self.backend is None:
+            return kind_resource(self.kind)
+        return backend_resource(self.kind, self.backend)
+
+
+def kind_resource(kind: str) -> str:
+    return f"{RESOURCE_PREFIX}{kind}"
+
+
+def backend_resource(kind: str, backend: str) -> str:
+    return f"{RESOURCE_PREFIX}{kind}-{backend}"
+
+
+def allowed_targets() -> list[str]:
+    """Every target string the mesh understands, for error messages."""
+    out = list(KINDS)
+    for kind in KINDS:
+        out.extend(f"{kind}:{b}" for b in KIND_BACKENDS[kind])
+    return out
+
+
+def parse_target(text: str) -> Target:
+    """Parse ``KIND`` or ``KIND:BACKEND``; raise ``ValueError`` saying what is allowed."""
+    if not isinstance(text, str):
+        raise ValueError(
+            f"a target must be a string such as 'gpu' or 'cpu:jax', not {type(text).__name__}"
+        )
+    raw = text.strip().lower()
+    kind, _, backend = raw.partition(":")
+    if kind not in KINDS or (backend and backend not in KIND_BACKENDS[kind]):
+        raise ValueError(
+            f"unknown target {text!r}: use one of {', '.join(allowed_targets())}"
+        )
+    return Target(kind, backend or None)
+
+
+def parse_route(text: str) -> str | Target:
+    """Parse a route: ``auto``, ``off`` or a target."""
+    if isinstance(text, str) and text.strip().lower() in ROUTE_MODES:
+        return text.strip().lower()
+    try:
+        return parse_target(text)
+    except ValueError:
+        raise ValueError(
+            f"unknown route {text!r}: use auto, off or a target "
+            f"({', '.join(allowed_targets())})"
+        ) from None
