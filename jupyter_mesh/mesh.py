@@ -111,7 +111,8 @@ class Mesh:
     """
 
     def __init__(self, client: Client, cluster: SpecCluster | None = None, *,
-                 site: str = "local", options: dict[str, Any] | None = None) -> None:
+                 site: str = "local", options: dict[str, Any] | None = None,
+                 set_current: bool = True) -> None:
         self.client = client
         self.cluster = cluster
         self.site = site
@@ -121,7 +122,8 @@ class Mesh:
         self.last_report: Any = None
         self.last_plan: Any = None
         self._scheduler_plugin = True
-        _state.set_current(self)
+        if set_current:
+            _state.set_current(self)
         atexit.register(_close_at_exit, weakref.ref(self))
         _state.notify("open", self)
 
@@ -139,6 +141,7 @@ class Mesh:
         memory_limit: str | int | float = "auto",
         host: str | None = None,
         replace: bool = False,
+        set_current: bool = True,
     ) -> Mesh:
         """Start an embedded mesh: a Dask scheduler and one worker process per device.
 
@@ -162,6 +165,9 @@ class Mesh:
             Interface to listen on; default ``mesh.local.host`` (127.0.0.1).
         replace:
             Close the current mesh first instead of refusing to start a second one.
+        set_current:
+            Make this mesh the process's current mesh and its client the default Dask
+            client (False for servers that hold several meshes, like the sidebar's).
         """
         cpu_n = check_count("cpu", cpu)
         jax_n = check_count("jax_cpu", jax_cpu)
@@ -170,7 +176,8 @@ class Mesh:
         site = check_site(site)
         if threads_per_worker is not None:
             check_count("threads_per_worker", threads_per_worker)
-        _check_replace(replace)
+        if set_current:
+            _check_replace(replace)
 
         gpus = _detect.cuda_devices() if gpu_req != 0 else []
         if gpu_req == "auto":
@@ -225,13 +232,13 @@ class Mesh:
             silence_logs=logging.WARNING,
         )
         try:
-            client = Client(cluster, set_as_default=True)
+            client = Client(cluster, set_as_default=set_current)
         except BaseException:
             cluster.close()
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
                    "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit}
-        mesh = cls(client, cluster, site=site, options=options)
+        mesh = cls(client, cluster, site=site, options=options, set_current=set_current)
         mesh._wait_for(len(workers))
         return mesh
 
@@ -243,6 +250,7 @@ class Mesh:
         timeout: float | None = None,
         *,
         replace: bool = False,
+        set_current: bool = True,
     ) -> Mesh:
         """Attach to a running Dask scheduler (``tcp://`` or ``tls://``).
 
@@ -266,16 +274,19 @@ class Mesh:
                 f"tls_client_cert=..., tls_client_key=..., require_encryption=True) "
                 f"(or --tls-ca-file/--tls-cert/--tls-key)"
             )
-        _check_replace(replace)
+        if set_current:
+            _check_replace(replace)
         try:
-            client = Client(address, security=security, timeout=timeout, set_as_default=True)
+            client = Client(
+                address, security=security, timeout=timeout, set_as_default=set_current
+            )
         except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise MeshError(
                 f"could not connect to {address} within {timeout:g} s ({reason}): check that a "
                 f"Dask scheduler listens there and the protocol (tcp/tls) is right"
             ) from None
-        mesh = cls(client, None, site="remote")
+        mesh = cls(client, None, site="remote", set_current=set_current)
         try:
             client.register_plugin(MeshSchedulerPlugin(), name=MeshSchedulerPlugin.name)
         except Exception:

@@ -1,0 +1,302 @@
+"""``%mesh`` and ``%%mesh``: thin wrappers that parse, call the API and display.
+
+Every subcommand has its own ``@magic_arguments`` parser; misuse raises ``UsageError``
+(one line, no traceback) and leaves any active mesh untouched.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+
+from . import _state
+from .errors import MeshError
+
+SUBCOMMANDS = ("start", "connect", "status", "close", "route", "explain", "reset-remote")
+USAGE = (
+    "usage: %mesh [start|connect ADDRESS|status|close|route [TARGET]|explain EXPR|"
+    "reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [...]"
+)
+
+
+# ---------------------------------------------------------------- argument parsers
+# The decorated functions are never called: they only carry their parsers.
+@magic_arguments()
+@argument("--cpu", default="2", help="number of CPU worker processes (whole number >= 0)")
+@argument("--gpu", default="auto", help="number of CUDA GPU workers, or 'auto'")
+@argument("--tpu", default="auto", help="number of TPU workers, or 'auto'")
+@argument("--jax-cpu", default="0", help="number of CPU workers driven by JAX")
+@argument("--site", default="local", help="site label of the workers")
+@argument("--threads", default=None, help="threads per worker")
+@argument("--replace", action="store_true", help="close the active mesh first")
+def _start_args(line: str) -> None:
+    """%mesh start: start an embedded local mesh on 127.0.0.1."""
+
+
+@magic_arguments()
+@argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
+@argument("--timeout", default=None, help="seconds to wait for the scheduler")
+@argument("--tls-ca-file", default=None, help="CA certificate (PEM) for tls://")
+@argument("--tls-cert", default=None, help="client certificate (PEM) for tls://")
+@argument("--tls-key", default=None, help="client private key (PEM) for tls://")
+@argument("--replace", action="store_true", help="close the active mesh first")
+def _connect_args(line: str) -> None:
+    """%mesh connect: attach to a running Dask scheduler."""
+
+
+@magic_arguments()
+@argument("--widget", action="store_true", help="show a live ipywidgets panel")
+def _status_args(line: str) -> None:
+    """%mesh status: devices grouped by kind and site."""
+
+
+@magic_arguments()
+def _close_args(line: str) -> None:
+    """%mesh close: close the active mesh."""
+
+
+@magic_arguments()
+@argument("target", nargs="?", default=None, help="auto, off, or a target such as gpu or cpu:jax")
+def _route_args(line: str) -> None:
+    """%mesh route: show or set how plain Dask calls are routed."""
+
+
+@magic_arguments()
+def _reset_remote_args(line: str) -> None:
+    """%mesh reset-remote: forget the remote namespaces of this notebook."""
+
+
+@magic_arguments()
+@argument("--route", default=None, help="auto, off or a target for the Dask work in the cell")
+@argument("--remote", action="store_true", help="run the cell on a worker")
+@argument("--on", default=None, help="target of the remote worker (gpu, tpu, cpu, cpu:jax)")
+@argument("--site", default=None, help="site of the remote worker")
+@argument("--all", action="store_true", help="run on every matching worker")
+@argument("--push", default=None, help="comma-separated names to send to the worker")
+@argument("--pull", default=None, help="comma-separated names to bring back")
+@argument("-o", "--output", default=None, help="store the last expression's value in NAME")
+@argument("--timeout", default=None, help="seconds before the remote cell is stopped")
+def _cell_args(line: str) -> None:
+    """%%mesh: route the Dask work in the cell, or run it remotely."""
+
+
+PARSERS = {
+    "start": _start_args,
+    "connect": _connect_args,
+    "status": _status_args,
+    "close": _close_args,
+    "route": _route_args,
+    "reset-remote": _reset_remote_args,
+}
+
+
+def parse(func: Any, argstring: str) -> Any:
+    try:
+        return parse_argstring(func, argstring)
+    except UsageError as exc:
+        raise UsageError(f"{str(exc).splitlines()[0]}; {USAGE}") from None
+    except SystemExit:  # argparse --help
+        raise UsageError(USAGE) from None
+    except ValueError as exc:  # unbalanced quotes and the like
+        raise UsageError(f"{exc}: {USAGE}") from None
+
+
+def _as_usage(exc: Exception) -> UsageError:
+    return UsageError(str(exc).splitlines()[0])
+
+
+@magics_class
+class MeshMagics(Magics):
+    """The ``%mesh`` line magic and ``%%mesh`` cell magic."""
+
+    @line_cell_magic
+    def mesh(self, line: str, cell: str | None = None) -> Any:
+        if cell is not None:
+            return self._cell(line, cell)
+        sub, _, rest = line.strip().partition(" ")
+        sub = sub or "status"
+        if sub == "explain":
+            return self._explain(rest)
+        if sub not in PARSERS:
+            raise UsageError(f"unknown subcommand {sub!r}: {USAGE}")
+        args = parse(PARSERS[sub], rest)
+        return getattr(self, "_" + sub.replace("-", "_"))(args)
+
+    # ------------------------------------------------------------ foundation
+    def _start(self, args: Any) -> None:
+        from .mesh import Mesh
+
+        kwargs: dict[str, Any] = {}
+        try:
+            if args.threads is not None:
+                kwargs["threads_per_worker"] = _whole(args.threads, "--threads", minimum=1)
+            mesh = Mesh.local(
+                cpu=_whole(args.cpu, "--cpu"),
+                gpu=_count_or_auto(args.gpu, "--gpu"),
+                tpu=_count_or_auto(args.tpu, "--tpu"),
+                jax_cpu=_whole(args.jax_cpu, "--jax-cpu"),
+                site=_site(args.site),
+                replace=args.replace,
+                **kwargs,
+            )
+        except MeshError as exc:
+            raise _as_usage(exc) from None
+        display(mesh)
+
+    def _connect(self, args: Any) -> None:
+        from .mesh import Mesh
+
+        security = None
+        tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+        if any(tls):
+            if not all(tls):
+                raise UsageError(
+                    "TLS needs all three of --tls-ca-file, --tls-cert and --tls-key"
+                )
+            from distributed.security import Security
+
+            for path in tls:
+                import os
+
+                if not os.path.isfile(path):
+                    raise UsageError(f"TLS file not found: {path}")
+            security = Security(
+                tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
+                tls_client_key=args.tls_key, require_encryption=True,
+            )
+        timeout = None
+        if args.timeout is not None:
+            timeout = _positive(args.timeout, "--timeout")
+        address = args.address
+        if security is not None and "://" not in address:
+            address = "tls://" + address
+        try:
+            mesh = Mesh.connect(address, security=security, timeout=timeout,
+                                replace=args.replace)
+        except MeshError as exc:
+            raise _as_usage(exc) from None
+        display(mesh)
+
+    def _status(self, args: Any) -> Any:
+        mesh = _state.active()
+        if mesh is None:
+            print("No active mesh: run %mesh start (local) or %mesh connect ADDRESS.")
+            return None
+        if args.widget:
+            return mesh.widget()
+        display(mesh.inventory())
+        return None
+
+    def _close(self, args: Any) -> None:
+        mesh = _state.active()
+        if mesh is None:
+            print("No active mesh to close: run %mesh start to start one.")
+            return
+        address = mesh.address
+        mesh.close()
+        print(f"Closed the mesh at {address}.")
+
+    # ------------------------------------------------------------ router
+    def _route(self, args: Any) -> Any:
+        from .router import magic as router_magic
+
+        return router_magic.route_line(self.shell, _current_or_usage(), args.target)
+
+    def _explain(self, expr: str) -> Any:
+        from .router import magic as router_magic
+
+        if not expr.strip():
+            raise UsageError("usage: %mesh explain EXPR (a Dask collection in your namespace)")
+        return router_magic.explain_line(self.shell, _current_or_usage(), expr.strip())
+
+    # ------------------------------------------------------------ remote cells
+    def _reset_remote(self, args: Any) -> Any:
+        from .remote import magic as remote_magic
+
+        return remote_magic.reset_remote(self.shell, _current_or_usage())
+
+    # ------------------------------------------------------------ cells
+    def _cell(self, line: str, cell: str) -> Any:
+        args = parse(_cell_args, line)
+        remote_only = [
+            name for name, value in (
+                ("--on", args.on), ("--site", args.site), ("--all", args.all),
+                ("--push", args.push), ("--pull", args.pull), ("-o", args.output),
+                ("--timeout", args.timeout),
+            ) if value not in (None, False)
+        ]
+        if args.remote:
+            if args.route is not None:
+                raise UsageError("--route and --remote cannot be combined: choose one")
+            from .remote import magic as remote_magic
+
+            return remote_magic.remote_cell(self.shell, _current_or_usage(), args, cell)
+        if remote_only:
+            raise UsageError(f"{', '.join(remote_only)} only work with --remote")
+        from .router import magic as router_magic
+
+        return router_magic.routed_cell(self.shell, _current_or_usage(), args.route, cell)
+
+
+def _current_or_usage() -> Any:
+    try:
+        return _state.current()
+    except MeshError as exc:
+        raise _as_usage(exc) from None
+
+
+def _whole(value: str, option: str, minimum: int = 0) -> int:
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise UsageError(f"{option} must be a whole number >= {minimum}, not {value!r}")
+    return n
+
+
+def _count_or_auto(value: str, option: str) -> int | str:
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise UsageError(f"{option} must be 'auto' or a whole number >= 0, not {value!r}")
+    return n
+
+
+def _positive(value: str, option: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not x > 0 or x != x or x == float("inf"):
+        raise UsageError(f"{option} must be a positive number of seconds, not {value!r}")
+    return x
+
+
+def _site(value: str) -> str:
+    from .mesh import check_site
+
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1]
+
+    try:
+        return check_site(value)
+    except MeshError as exc:
+        raise UsageError(f"--site: {exc}") from None
+
+
+def split(line: str) -> list[str]:
+    """Split a magic line like a shell would, with a usage error on bad quoting."""
+    try:
+        return shlex.split(line)
+    except ValueError as exc:
+        raise UsageError(f"{exc}: {USAGE}") from None
