@@ -66,8 +66,8 @@ def parse_target(text: str) -> Target:
             f"a target must be a string such as 'gpu' or 'cpu:jax', not {type(text).__name__}"
         )
     raw = text.strip().lower()
-    kind, _, backend = raw.partition(":")
-    if kind not in KINDS or (backend and backend not in KIND_BACKENDS[kind]):
+    kind, sep, backend = raw.partition(":")
+    if kind not in KINDS or (sep and backend not in KIND_BACKENDS[kind]):
         raise ValueError(
             f"unknown target {text!r}: use one of {', '.join(allowed_targets())}"
         )

@@ -34,6 +34,8 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
     the CPU. ``backend="jax"`` drives whatever JAX sees first.
     """
     if backend == "jax":
+        # float64 stays float64 on the JAX path, so routed results match NumPy
+        os.environ.setdefault("JAX_ENABLE_X64", "1")
         info = _detect.jax_device(memory)
     elif kind == "gpu" or (kind is None and _detect.cuda_available()):
         gpus = _detect.cuda_devices()

@@ -1,0 +1,103 @@
+"""``jupyter-mesh``: command-line entry points.
+
+    jupyter-mesh worker SCHEDULER_ADDRESS [--site NAME] [--jax] [--nthreads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from .errors import MeshError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jupyter-mesh", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler")
+    w.add_argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
+    w.add_argument("--site", default="default", help="site label of this worker")
+    w.add_argument("--jax", action="store_true", help="drive the device with JAX (TPU, or CPU)")
+    w.add_argument("--gpu", type=int, default=None, metavar="INDEX",
+                   help="drive CUDA GPU INDEX through CuPy (pinned with CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores)")
+    w.add_argument("--name", default=None, help="worker name")
+    w.add_argument("--host", default=None, help="interface to listen on")
+    w.add_argument("--memory-limit", default="auto", help="memory limit, as Dask's")
+    w.add_argument("--tls-ca-file", default=None)
+    w.add_argument("--tls-cert", default=None)
+    w.add_argument("--tls-key", default=None)
+    return parser
+
+
+async def run_worker(args: argparse.Namespace) -> int:
+    from distributed import Nanny
+    from distributed.security import Security
+
+    from .devices._detect import cpu_cores
+    from .devices._worker_plugin import MeshWorkerPlugin
+    from .mesh import check_address, check_site
+
+    address = check_address(args.address)
+    site = check_site(args.site)
+    if args.nthreads is not None and args.nthreads < 1:
+        raise MeshError(f"--nthreads must be a whole number >= 1, not {args.nthreads}")
+    security = None
+    tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    if any(tls) or address.startswith("tls://"):
+        if not all(tls):
+            raise MeshError("a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
+        security = Security(tls_ca_file=args.tls_ca_file, tls_worker_cert=args.tls_cert,
+                            tls_worker_key=args.tls_key, require_encryption=True)
+    env = {}
+    kind = None
+    backend = "jax" if args.jax else None
+    if args.gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        kind = "gpu"
+    if args.jax:
+        env.setdefault("JAX_ENABLE_X64", "1")
+    nthreads = args.nthreads or (1 if kind == "gpu" else cpu_cores())
+    nanny = Nanny(
+        address,
+        nthreads=nthreads,
+        name=args.name,
+        host=args.host,
+        memory_limit=args.memory_limit,
+        security=security,
+        env=env,
+        plugins=[MeshWorkerPlugin(site=site, kind=kind, backend=backend)],
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await nanny
+    print(f"jupyter-mesh worker joined {address} (site {site})", flush=True)
+    finished = asyncio.ensure_future(nanny.finished())
+    waiter = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([finished, waiter], return_when=asyncio.FIRST_COMPLETED)
+    await nanny.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        if args.command == "worker":
+            return asyncio.run(run_worker(args))
+    except MeshError as exc:
+        print(f"jupyter-mesh: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"jupyter-mesh: could not join {args.address}: {exc}", file=sys.stderr)
+        return 1
+    return 0  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

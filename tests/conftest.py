@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Profiles measured by test workers go to a private cache, never the user's.
+os.environ.setdefault(
+    "DASK_MESH__PROFILE__CACHE_DIR", tempfile.mkdtemp(prefix="jupyter-mesh-test-profiles-")
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import cupy
+
+        has_gpu = bool(cupy.is_available())
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU usable by CuPy on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def no_mesh():
+    """Make sure no mesh is active before and after a test."""
+    from jupyter_mesh import _state
+
+    active = _state.active()
+    if active is not None:
+        active.close()
+    yield
+    active = _state.active()
+    if active is not None:
+        active.close()

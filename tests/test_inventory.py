@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from jupyter_mesh import Inventory
+from jupyter_mesh.devices._profile import lookup_known
+
+
+def _records():
+    h100 = lookup_known("H100").to_dict()
+    return [
+        {"worker": "tcp://a:1", "name": "cpu-0", "kind": "cpu", "backend": "numpy",
+         "model": "EPYC", "memory": 8 << 30, "site": "us-east", "profile": None},
+        {"worker": "tcp://a:2", "name": "gpu-0", "kind": "gpu", "backend": "cupy",
+         "model": "NVIDIA H100", "memory": 80 << 30, "site": "us-east", "profile": h100,
+         "compute_capability": "9.0"},
+        {"worker": "tcp://b:1", "name": "gpu-1", "kind": "gpu", "backend": "cupy",
+         "model": "NVIDIA H100", "memory": 80 << 30, "site": "edge-lab", "profile": h100},
+    ]
+
+
+def test_counts_and_groups():
+    inv = Inventory.from_records(_records(), "tcp://s:8786")
+    assert len(inv) == 3
+    assert inv.by_kind() == {"cpu": 1, "gpu": 2}
+    assert inv.by_site() == {"us-east": 2, "edge-lab": 1}
+    assert inv.by_target() == {"cpu:numpy": 1, "gpu:cupy": 2}
+    groups = inv.groups()
+    assert [d.name for d in groups[("gpu", "edge-lab")]] == ["gpu-1"]
+    assert {d.kind for d in inv} == {"cpu", "gpu"}
+    gpu = inv.select("gpu", site="us-east")
+    assert [d.worker for d in gpu] == ["tcp://a:2"]
+    assert gpu[0].extra["compute_capability"] == "9.0"
+    assert gpu[0].profile.method == "table"
+
+
+def test_text_and_html_reprs_group_by_kind_and_site():
+    inv = Inventory.from_records(_records(), "tcp://s:8786", "http://127.0.0.1:8787/status")
+    text = repr(inv)
+    assert "gpu @ edge-lab: 1" in text and "cpu @ us-east: 1" in text
+    assert "NVIDIA H100" in text and "table" in text
+    html = inv._repr_html_()
+    assert "gpu @ edge-lab" in html and "http://127.0.0.1:8787/status" in html
+    assert "<table>" in html
+
+
+def test_empty_inventory():
+    inv = Inventory([], "tcp://s:1")
+    assert inv.by_kind() == {}
+    assert "no devices" in repr(inv)
