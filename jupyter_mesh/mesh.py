@@ -177,7 +177,7 @@ class Mesh:
         if threads_per_worker is not None:
             check_count("threads_per_worker", threads_per_worker)
         if set_current:
-            _check_replace(replace)
+            _refuse_if_active(replace)
 
         gpus = _detect.cuda_devices() if gpu_req != 0 else []
         if gpu_req == "auto":
@@ -238,6 +238,8 @@ class Mesh:
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
                    "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit}
+        if set_current:
+            _close_active()  # only now that the new mesh is up: nothing is lost on failure
         mesh = cls(client, cluster, site=site, options=options, set_current=set_current)
         mesh._wait_for(len(workers))
         return mesh
@@ -275,7 +277,7 @@ class Mesh:
                 f"(or --tls-ca-file/--tls-cert/--tls-key)"
             )
         if set_current:
-            _check_replace(replace)
+            _refuse_if_active(replace)
         try:
             client = Client(
                 address, security=security, timeout=timeout, set_as_default=set_current
@@ -286,6 +288,8 @@ class Mesh:
                 f"could not connect to {address} within {timeout:g} s ({reason}): check that a "
                 f"Dask scheduler listens there and the protocol (tcp/tls) is right"
             ) from None
+        if set_current:
+            _close_active()
         mesh = cls(client, None, site="remote", set_current=set_current)
         try:
             client.register_plugin(MeshSchedulerPlugin(), name=MeshSchedulerPlugin.name)
@@ -460,16 +464,19 @@ def _index_of(name: str) -> int:
         return 0
 
 
-def _check_replace(replace: bool) -> None:
+def _refuse_if_active(replace: bool) -> None:
     existing = _state.active()
-    if existing is None:
-        return
-    if not replace:
+    if existing is not None and not replace:
         raise MeshError(
             f"a mesh is already active at {existing.address}: close it first "
             f"(%mesh close / mesh.close()) or pass --replace / replace=True"
         )
-    existing.close()
+
+
+def _close_active() -> None:
+    existing = _state.active()
+    if existing is not None:
+        existing.close()
 
 
 def _close_at_exit(ref: weakref.ref) -> None:

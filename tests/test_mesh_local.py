@@ -1,0 +1,137 @@
+"""A real embedded mesh: scheduler and worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import psutil
+import pytest
+from distributed import get_client
+
+import jupyter_mesh as jm
+from jupyter_mesh import MeshError
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    from jupyter_mesh import _state
+
+    if _state.active() is not None:
+        _state.active().close()
+    m = jm.Mesh.local(cpu=2, gpu="auto", tpu="auto", site="lab-a")
+    yield m
+    m.close()
+
+
+def test_inventory_has_one_cpu_device_per_worker_process(mesh):
+    inv = mesh.inventory()
+    assert inv.by_kind() == {"cpu": 2}
+    for dev in inv:
+        assert dev.kind == "cpu" and dev.backend == "numpy"
+        assert dev.site == "lab-a"
+        assert dev.memory > 0 and dev.model
+        assert dev.profile is not None and dev.profile.method == "measured"
+        assert dev.profile.flops64 > 0
+    # each device is its own worker process
+    assert len({d.extra["pid"] for d in inv}) == 2
+
+
+def test_workers_advertise_resources_per_kind_and_backend(mesh):
+    resources = mesh.client.run(lambda dask_worker: dict(dask_worker.state.total_resources))
+    assert len(resources) == 2
+    for res in resources.values():
+        assert res["mesh-cpu"] >= 1 and res["mesh-cpu-numpy"] >= 1
+
+
+def test_listens_on_loopback_only(mesh):
+    assert mesh.address.startswith("tcp://127.0.0.1:")
+    assert mesh.dashboard_link.startswith("http://127.0.0.1:")
+    for addr in mesh.client.scheduler_info()["workers"]:
+        assert addr.startswith("tcp://127.0.0.1:")
+
+
+def test_plain_dask_runs_on_the_mesh(mesh):
+    assert jm.current() is mesh
+    assert get_client() is mesh.client
+    x = da.random.random((2000, 2000), chunks=500)
+    before = sum(mesh.client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+    value = x.mean().compute()
+    after = sum(mesh.client.run(lambda dask_worker: len(dask_worker.state.log)).values())
+    assert abs(value - 0.5) < 0.01
+    assert after > before  # the tasks ran on the mesh's workers
+    assert dask.compute(da.ones(10, chunks=5).sum())[0] == 10
+
+
+def test_second_mesh_is_refused_and_first_untouched(mesh):
+    with pytest.raises(MeshError, match="already active"):
+        jm.Mesh.local(cpu=1)
+    assert jm.current() is mesh
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
+def test_reprs(mesh):
+    assert "2 devices" in repr(mesh)
+    html = mesh._repr_html_()
+    assert "cpu" in html and "lab-a" in html and "dashboard" in html
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"cpu": -1}, "cpu must be a whole number"),
+        ({"cpu": 1.5}, "cpu must be"),
+        ({"gpu": "abc"}, "gpu must be"),
+        ({"gpu": 2}, "no CUDA GPU found"),
+        ({"tpu": 1}, "no TPU found"),
+        ({"jax_cpu": -2}, "jax_cpu must be"),
+        ({"site": ""}, "site must be"),
+        ({"site": "has space"}, "site must be"),
+        ({"cpu": 0, "gpu": 0, "tpu": 0}, "at least one device"),
+    ],
+)
+def test_bad_arguments_leave_the_mesh_alone(mesh, kwargs, match):
+    with pytest.raises(MeshError, match=match):
+        jm.Mesh.local(replace=True, **kwargs)
+    assert jm.current() is mesh and not mesh.closed
+
+
+def test_scale_bad_input(mesh):
+    with pytest.raises(MeshError, match="cannot scale fpga"):
+        mesh.scale(fpga=1)
+    with pytest.raises(MeshError, match="cpu must be"):
+        mesh.scale(cpu=-1)
+    with pytest.raises(MeshError, match="no CUDA GPU"):
+        mesh.scale(gpu=1)
+    with pytest.raises(MeshError, match="at least one device"):
+        mesh.scale(cpu=0)
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
+def test_scale_per_kind(mesh):
+    inv = mesh.scale(cpu=1)
+    assert inv.by_kind() == {"cpu": 1}
+    inv = mesh.scale(cpu=2)
+    assert inv.by_kind() == {"cpu": 2}
+
+
+def test_context_manager_close_and_no_orphans(no_mesh):
+    me = psutil.Process()
+    with jm.Mesh.local(cpu=1, jax_cpu=1, site="ctx") as m:
+        inv = m.inventory()
+        assert inv.by_target() == {"cpu:numpy": 1, "cpu:jax": 1}
+        jax_dev = inv.select("cpu:jax")[0]
+        assert "JAX" in jax_dev.profile.source
+        pids = {d.extra["pid"] for d in inv}
+        assert pids <= {p.pid for p in me.children(recursive=True)}
+    assert m.closed
+    with pytest.raises(MeshError, match="%mesh start"):
+        jm.current()
+    gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
+                                    timeout=10)
+    assert not alive
+
+
+def test_current_without_mesh(no_mesh):
+    with pytest.raises(MeshError, match="no active mesh"):
+        jm.current()
