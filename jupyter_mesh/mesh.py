@@ -404,6 +404,7 @@ class Mesh:
         """Close the client and, for a local mesh, its scheduler and workers."""
         if self.closed:
             return
+        self._close_remote_cells()
         self.closed = True
         try:
             self.client.close()
@@ -451,6 +452,89 @@ class Mesh:
             f"<div class='jupyter-mesh'><b>Mesh</b> <code>{e(self.address)}</code>: "
             f"{len(inv)} devices{dash}<ul>{groups}</ul></div>"
         )
+
+    # ------------------------------------------------------------------ remote cells
+    def run_cell(
+        self,
+        code: str,
+        on: str | None = None,
+        site: str | None = None,
+        all: bool = False,
+        push: dict[str, Any] | None = None,
+        pull: Any = None,
+        timeout: float | None = None,
+        *,
+        value: bool = False,
+        filename: str | None = None,
+    ) -> Any:
+        """Run Python source on a worker, in this notebook's namespace there.
+
+        Later calls with the same ``on``/``site`` go to the same worker while it lives;
+        its namespace persists between calls. Output (``print``, ``display()``) streams
+        into the calling cell while the code runs. Ctrl-C (a kernel interrupt) stops
+        the remote code and leaves the worker usable.
+
+        Parameters
+        ----------
+        code:
+            Python source; it must compile (checked before anything is sent).
+        on:
+            Target of the worker: ``cpu``, ``gpu``, ``tpu``, ``cpu:jax``, ...
+        site:
+            Site of the worker.
+        all:
+            Run on every matching worker; returns one result per worker.
+        push:
+            Names and values to define in the remote namespace first.
+        pull:
+            Names (a list, or ``"a,b"``) whose values come back in ``result.pulled``.
+        timeout:
+            Seconds after which the remote code is stopped.
+        value:
+            Bring back the last expression's value itself as ``result.value``.
+        filename:
+            The name tracebacks show for the cell.
+
+        Returns
+        -------
+        CellResult, or a list of them with ``all=True``.
+
+        Raises
+        ------
+        RemoteCellError
+            The code raised on a worker (or ran past ``timeout``); it renders the
+            remote traceback with the worker and its kind.
+        MeshError
+            Misuse: an unknown target or site, a bad timeout, a value that cannot be
+            sent, a pulled name the worker does not have.
+        """
+        return self._remote_cells().run(
+            code, on=on, site=site, all=all, push=push, pull=pull, timeout=timeout,
+            want_value=value, filename=filename,
+        )
+
+    def reset_remote(self) -> list[str]:
+        """Drop this notebook's remote namespaces; return the workers that had one."""
+        return self._remote_cells().reset()["workers"]
+
+    def _remote_cells(self) -> Any:
+        self._check_open()
+        remote = self.__dict__.get("_remote")
+        if remote is None:
+            from .remote import RemoteCells
+
+            remote = self.__dict__["_remote"] = RemoteCells(self)
+        return remote
+
+    def _close_remote_cells(self) -> None:
+        # A local mesh's workers end with it; a connected mesh's workers outlive this
+        # notebook, so drop its namespaces there.
+        remote = self.__dict__.get("_remote")
+        if remote is not None and self.cluster is None:
+            try:
+                remote.reset()
+            except Exception:
+                pass
 
 
 def _family_of(name: str) -> str:

@@ -1,0 +1,631 @@
+"""The client side of remote cells: pick workers, send cells, stream what comes back.
+
+The notebook's main thread waits on a queue that the client's event loop fills with the
+worker's messages, so output is written (and flushed) from the thread that runs the
+cell, and a kernel interrupt (``KeyboardInterrupt`` in that thread) is turned into a stop
+request to the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import keyword
+import math
+import queue
+import sys
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from distributed.protocol.serialize import Serialized, serialize
+
+from .. import _config
+from ..errors import MeshError
+from ..inventory import Device
+from ..targets import Target, parse_target
+from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure
+from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RESET, RUN, RemoteCellsPlugin
+
+if TYPE_CHECKING:
+    from ..mesh import Mesh
+
+SERIALIZERS = ("dask", "pickle")
+_NOTHING = object()
+
+
+@dataclass
+class CellResult:
+    """What one worker sent back for one remote cell.
+
+    Attributes
+    ----------
+    worker, name, kind, backend, site:
+        The worker that ran the cell.
+    data, metadata:
+        The MIME bundle of the last expression's value (None when there was none).
+    value:
+        The last expression's value itself, when it was asked for (``-o``); else None.
+    pulled:
+        The pulled names and their values.
+    elapsed:
+        Seconds from sending the cell to its end, as the notebook saw them.
+    stream_latency:
+        Seconds from each remote write to its arrival here, one per output message.
+    """
+
+    worker: str
+    name: str
+    kind: str
+    backend: str
+    site: str
+    data: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    value: Any = None
+    pulled: dict[str, Any] = field(default_factory=dict)
+    elapsed: float = 0.0
+    stream_latency: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.worker
+
+    def __repr__(self) -> str:
+        shown = (self.data or {}).get("text/plain", "no value")
+        return f"<CellResult on {self.label} ({self.kind}:{self.backend}): {shown}>"
+
+
+class RemoteOutput:
+    """The last expression's value as the worker rendered it, shown as ``Out[n]``."""
+
+    def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
+        self.data = data
+        self.metadata = metadata or {}
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<remote value>"))
+
+
+# ---------------------------------------------------------------- validation
+def check_names(names: Any, option: str) -> list[str]:
+    """Names for push/pull: a comma-separated string or an iterable of identifiers."""
+    if names is None:
+        return []
+    items = names.split(",") if isinstance(names, str) else list(names)
+    out = []
+    for raw in items:
+        if not isinstance(raw, str):
+            raise MeshError(f"{option}: names must be strings, not {type(raw).__name__}")
+        name = raw.strip()
+        if not name:
+            raise MeshError(f"{option}: empty name in {names!r}: use a,b,c")
+        check_identifier(name, option)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_identifier(name: Any, option: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise MeshError(f"{option}: {name!r} is not a valid Python name")
+    return name
+
+
+def check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, str):
+        try:
+            timeout = float(timeout)
+        except ValueError:
+            pass
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout <= 0):
+        raise MeshError(f"--timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def pack(name: str, value: Any) -> Serialized:
+    """Serialize a pushed value now, so a failure names the variable."""
+    try:
+        header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MeshError(
+            f"--push: cannot send {name!r} ({type(value).__module__}.{type(value).__qualname__}):"
+            f" it cannot be serialized ({reason})"
+        ) from None
+    return Serialized(header, frames)
+
+
+def _describe(devices: Iterable[Device]) -> str:
+    counts: dict[str, int] = {}
+    for d in devices:
+        key = f"{d.target} @ {d.site}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n} x {k}" for k, n in sorted(counts.items())) or "no workers"
+
+
+class _Gone(Exception):
+    """The worker could not be reached before the cell was sent."""
+
+
+@dataclass
+class _Run:
+    """One cell on one worker, as the main thread tracks it."""
+
+    device: Device
+    message: dict[str, Any]
+    sent: float = 0.0
+    future: Any = None
+    final: dict[str, Any] | None = None
+    failure: BaseException | None = None
+    latencies: list[float] = field(default_factory=list)
+    at_line_start: dict[str, bool] = field(default_factory=lambda: {"stdout": True,
+                                                                      "stderr": True})
+
+    @property
+    def label(self) -> str:
+        return self.device.name or self.device.worker
+
+
+class RemoteCells:
+    """Remote cells of one notebook (one :class:`Mesh` client) on the mesh's workers.
+
+    It holds the notebook's session id (its namespaces on the workers carry it), which
+    worker each ``(target, site)`` sticks to, and on which workers namespaces exist.
+    """
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.session = uuid.uuid4().hex
+        self.sticky: dict[tuple[str | None, str | None], Device] = {}
+        self.namespaces: dict[str, Device] = {}
+        self.cells = 0
+        self._installed = False
+
+    @property
+    def client(self) -> Any:
+        return self.mesh.client
+
+    # ------------------------------------------------------------ public
+    def run(
+        self,
+        code: str,
+        on: str | Target | None = None,
+        site: str | None = None,
+        all: bool = False,
+        push: Mapping[str, Any] | None = None,
+        pull: Any = None,
+        timeout: Any = None,
+        *,
+        want_value: bool = False,
+        filename: str | None = None,
+        show_value: bool = True,
+    ) -> CellResult | list[CellResult]:
+        self.mesh._check_open()
+        if not isinstance(code, str):
+            raise MeshError(f"code must be a string, not {type(code).__name__}")
+        self.cells += 1
+        filename = filename or f"<remote cell {self.cells}>"
+        # rejected here, before anything is sent
+        compile(code, filename, "exec")
+        target = self._target(on)
+        if site is not None and not isinstance(site, str):
+            raise MeshError(f"--site must be a site name, not {type(site).__name__}")
+        pull_names = check_names(pull, "--pull")
+        timeout = check_timeout(timeout)
+        packed: dict[str, Serialized] = {}
+        if push is not None:
+            if not isinstance(push, Mapping):
+                raise MeshError("push must be a mapping of names to values")
+            for name, value in push.items():
+                packed[check_identifier(name, "--push")] = pack(name, value)
+        devices = self._pick(target, site, all)
+        self._install()
+        message = {
+            "op": RUN, "reply": True, "session": self.session, "code": code,
+            "filename": filename, "push": packed, "pull": pull_names,
+            "want_value": want_value, "show_value": show_value, "timeout": timeout,
+        }
+        results = self._execute(devices, message, target, site, all, timeout)
+        return results if all else results[0]
+
+    def reset(self) -> dict[str, Any]:
+        """Drop this notebook's namespaces on every worker that has one."""
+        workers = list(self.namespaces.values())
+        dropped = []
+
+        async def reset_one(dev: Device) -> None:
+            try:
+                reply = await asyncio.wait_for(
+                    self.client.rpc(dev.worker).jupyter_mesh_remote_reset(
+                        session=self.session), 10)
+                if reply.get("existed"):
+                    dropped.append(dev)
+            except Exception:
+                pass  # a worker that is gone has no namespace left to drop
+
+        async def reset_all() -> None:
+            await asyncio.gather(*(reset_one(d) for d in workers))
+
+        if workers and not self.mesh.closed:
+            self.client.sync(reset_all)
+        self.namespaces.clear()
+        self.sticky.clear()
+        return {"workers": [d.name or d.worker for d in dropped]}
+
+    # ------------------------------------------------------------ picking
+    @staticmethod
+    def _target(on: Any) -> Target | None:
+        if on is None or isinstance(on, Target):
+            return on
+        try:
+            return parse_target(on)
+        except ValueError as exc:
+            raise MeshError(f"--on: {exc}") from None
+
+    def _pick(self, target: Target | None, site: str | None, all: bool) -> list[Device]:
+        key = (str(target) if target else None, site)
+        if not all and key in self.sticky:
+            return [self.sticky[key]]
+        return self._choose(target, site, all)
+
+    def _choose(self, target: Target | None, site: str | None, all: bool) -> list[Device]:
+        inventory = self.mesh.inventory()
+        matching = inventory.select(target=target, site=site)
+        if not len(matching):
+            if site is not None and site not in inventory.by_site():
+                raise MeshError(
+                    f"--site: no worker at site {site!r}: the mesh's sites are "
+                    f"{', '.join(sorted(inventory.by_site())) or 'none (no workers)'}"
+                )
+            wanted = " ".join(
+                x for x in (f"--on {target}" if target else "",
+                            f"--site {site}" if site else "") if x
+            )
+            raise MeshError(
+                f"no worker matches {wanted or 'the request'}: the mesh has "
+                f"{_describe(inventory)}"
+            )
+        devices = list(matching)
+        if all:
+            return devices
+        # least loaded; on a tie, one that already holds this notebook's namespace
+        devices.sort(key=lambda d: (d.tasks, d.worker not in self.namespaces,
+                                    d.name, d.worker))
+        chosen = devices[0]
+        self.sticky[(str(target) if target else None, site)] = chosen
+        return [chosen]
+
+    def _install(self) -> None:
+        if self._installed:
+            return
+        try:
+            self.client.register_plugin(RemoteCellsPlugin(), name=EXTENSION_NAME)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MeshError(
+                f"could not install remote cells on the workers ({reason}): is "
+                f"jupyter_mesh installed where the workers run?"
+            ) from None
+        self._installed = True
+
+    # ------------------------------------------------------------ running
+    def _execute(self, devices: list[Device], message: dict[str, Any],
+                 target: Target | None, site: str | None, all: bool,
+                 timeout: float | None) -> list[CellResult]:
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        runs = [_Run(d, message) for d in devices]
+        for r in runs:
+            self._start(r, events)
+        pending = set(range(len(runs)))
+        index = {id(r): i for i, r in enumerate(runs)}
+        grace = _config.get_seconds("remote.interrupt-grace")
+        started = time.monotonic()
+        stop_sent_at: float | None = None
+        interrupted = False
+        while pending:
+            try:
+                try:
+                    kind, run, payload = events.get(timeout=0.2)
+                except queue.Empty:
+                    now = time.monotonic()
+                    if stop_sent_at is None and timeout is not None and \
+                            now > started + timeout + grace:
+                        # the worker's own timer did not stop it: ask again
+                        self._send_stop([runs[i] for i in pending], "timeout")
+                        stop_sent_at = now
+                    elif stop_sent_at is not None and now > stop_sent_at + grace:
+                        self._abandon([runs[i] for i in pending], interrupted)
+                        pending.clear()
+                    continue
+                i = index[id(run)]
+                if kind == "out":
+                    self._show(run, payload, labelled=all)
+                elif kind == "done":
+                    run.final = payload
+                    pending.discard(i)
+                elif kind == "gone" and not all:
+                    # the sticky worker died since the last cell: say so, pick another
+                    new = self._repick(run, target, site)
+                    replacement = _Run(new, message)
+                    runs[i] = replacement
+                    index[id(replacement)] = i
+                    self._start(replacement, events)
+                else:  # "fail", or "gone" with --all
+                    run.failure = payload
+                    pending.discard(i)
+            except KeyboardInterrupt:
+                if interrupted:  # a second Ctrl-C: stop waiting
+                    self._abandon([runs[i] for i in pending], True)
+                    raise
+                interrupted = True
+                stop_sent_at = time.monotonic()
+                self._send_stop([runs[i] for i in pending], "interrupted")
+        return self._collect(runs, interrupted, timeout)
+
+    def _start(self, run: _Run, events: queue.SimpleQueue) -> None:
+        run.sent = time.time()
+        loop = self.client.loop.asyncio_loop
+        run.future = asyncio.run_coroutine_threadsafe(self._drive(run, events), loop)
+
+    async def _drive(self, run: _Run, events: queue.SimpleQueue) -> None:
+        """Send the cell and forward every message into ``events`` (on the client loop)."""
+        try:
+            comm = await self._connect(run.device.worker)
+        except _Gone as exc:
+            events.put(("gone", run, exc))
+            return
+        except BaseException as exc:
+            events.put(("fail", run, exc))
+            return
+        pool = self.client.rpc
+        finished = False
+        try:
+            await comm.write(run.message)
+            while True:
+                msg = await comm.read()
+                arrived = time.time()
+                tag = msg.get("t") if isinstance(msg, dict) else None
+                if tag == "out":
+                    events.put(("out", run, (msg["items"], arrived)))
+                    continue
+                finished = True
+                if tag == "done":
+                    events.put(("done", run, msg))
+                else:
+                    events.put(("fail", run, _worker_error(run.device, msg)))
+                return
+        except BaseException as exc:
+            events.put(("fail", run, exc))
+        finally:
+            if not finished:
+                comm.abort()
+            pool.reuse(run.device.worker, comm)
+
+    async def _connect(self, address: str) -> Any:
+        """A pooled comm to the worker, or :class:`_Gone` when the scheduler lost it."""
+        pool = self.client.rpc
+        timeout = _config.get_seconds("remote.connect-timeout", allow_zero=False)
+        task = asyncio.ensure_future(pool.connect(address, timeout=timeout))
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if not done and not await self._alive(address):
+            task.cancel()
+            raise _Gone(address)
+        try:
+            return await task
+        except OSError:
+            if not await self._alive(address):
+                raise _Gone(address) from None
+            raise
+
+    async def _alive(self, address: str) -> bool:
+        info = await self.client.scheduler.identity(n_workers=-1)
+        return address in info.get("workers", {})
+
+    def _repick(self, run: _Run, target: Target | None, site: str | None) -> Device:
+        old = run.device
+        self.namespaces.pop(old.worker, None)
+        self.sticky.pop((str(target) if target else None, site), None)
+        try:
+            new = self._choose(target, site, False)[0]
+        except MeshError as exc:
+            raise MeshError(
+                f"worker {run.label} ({old.target}) is gone, and with it this notebook's "
+                f"remote namespace there; no other worker can take the cell: {exc}"
+            ) from None
+        print(
+            f"jupyter_mesh: worker {run.label} ({old.target}, {old.worker}) is gone, and "
+            f"with it this notebook's remote namespace there. This cell and the next run "
+            f"on {new.name or new.worker} ({new.target}).",
+            file=sys.stderr, flush=True,
+        )
+        return new
+
+    def _send_stop(self, runs: list[_Run], reason: str) -> None:
+        loop = self.client.loop.asyncio_loop
+        for run in runs:
+            call = self.client.rpc(run.device.worker)
+            asyncio.run_coroutine_threadsafe(
+                _quietly(getattr(call, INTERRUPT)(session=self.session, reason=reason)), loop
+            )
+
+    def _abandon(self, runs: list[_Run], interrupted: bool) -> None:
+        for run in runs:
+            if run.future is not None:
+                run.future.cancel()
+            run.failure = _StillRunning(run, interrupted)
+            print(
+                f"jupyter_mesh: the cell is still running on {run.label} "
+                f"({run.device.target}): it is blocked outside Python and stops when it "
+                f"returns to Python. The worker stays usable; its namespace is busy until "
+                f"then (%mesh reset-remote starts a fresh one).",
+                file=sys.stderr, flush=True,
+            )
+
+    # ------------------------------------------------------------ output
+    def _show(self, run: _Run, payload: Any, labelled: bool) -> None:
+        items, arrived = payload
+        for item in items:
+            run.latencies.append(arrived - item[-1])
+            if item[0] == "stream":
+                _, name, text, _ts = item
+                stream = sys.stdout if name == "stdout" else sys.stderr
+                if labelled:
+                    text = _label_lines(text, f"[{run.label}] ", run.at_line_start, name)
+                stream.write(text)
+                stream.flush()
+            else:
+                _, data, metadata, _ts = item
+                if labelled:
+                    sys.stdout.write(f"[{run.label}] display:\n")
+                    sys.stdout.flush()
+                _display(data, metadata)
+
+    def _collect(self, runs: list[_Run], interrupted: bool,
+                 timeout: float | None) -> list[CellResult]:
+        failures: list[RemoteFailure] = []
+        usage: list[str] = []
+        results: list[CellResult] = []
+        stopped_by_timeout = False
+        for run in runs:
+            dev = run.device
+            final = run.final
+            if run.failure is not None:
+                if isinstance(run.failure, _StillRunning):
+                    continue
+                usage.append(self._lost(run))
+                continue
+            assert final is not None
+            status = final.get("status")
+            if status not in ("busy",):
+                if final.get("fresh") and dev.worker in self.namespaces:
+                    print(
+                        f"jupyter_mesh: the remote namespace on {run.label} was empty: the "
+                        f"worker restarted, and names defined there before are gone.",
+                        file=sys.stderr, flush=True,
+                    )
+                self.namespaces[dev.worker] = dev
+            if status == "ok":
+                results.append(CellResult(
+                    worker=dev.worker, name=dev.name, kind=dev.kind, backend=dev.backend,
+                    site=dev.site, data=final.get("data"),
+                    metadata=final.get("metadata") or {},
+                    value=final.get("value"), pulled=dict(final.get("pulled") or {}),
+                    elapsed=time.time() - run.sent, stream_latency=run.latencies,
+                ))
+            elif status in ("error", "timeout"):
+                if status == "timeout":
+                    stopped_by_timeout = True
+                    final = dict(final, ename="TimeoutError", evalue=(
+                        f"the cell ran longer than --timeout {timeout:g} s and was stopped; "
+                        f"the worker and its namespace stay usable"))
+                failures.append(RemoteFailure(
+                    ename=final["ename"], evalue=final["evalue"],
+                    traceback=final["traceback"], worker=dev.worker, name=dev.name,
+                    kind=dev.kind, backend=dev.backend,
+                ))
+            elif status in ("interrupted", "client-gone", "reset", "worker-closing"):
+                continue
+            elif status == "busy":
+                usage.append(
+                    f"the previous cell is still running on {run.label} ({dev.target}): "
+                    f"wait for it, interrupt the kernel again, or %mesh reset-remote"
+                )
+            elif status == "pull-missing":
+                defined = ", ".join(final.get("defined") or []) or "nothing yet"
+                usage.append(
+                    f"--pull: {final['name']!r} is not defined on {run.label} after the "
+                    f"cell ran (defined there: {defined})"
+                )
+            elif status == "unsendable":
+                usage.append(
+                    f"cannot bring back {final['what']} from {run.label}: a "
+                    f"{final['type']} cannot be serialized ({final['reason']})"
+                )
+            else:
+                usage.append(f"unexpected answer from {run.label}: {status!r}")
+        if interrupted:
+            where = ", ".join(r.label for r in runs if not isinstance(r.failure, _StillRunning))
+            if where:
+                print(f"jupyter_mesh: interrupted the remote cell on {where}; the worker "
+                      f"and its namespace stay usable.", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        if failures:
+            cls = RemoteCellTimeout if stopped_by_timeout else RemoteCellError
+            raise cls(failures)
+        if usage:
+            raise MeshError("; ".join(usage))
+        return results
+
+    def _lost(self, run: _Run) -> str:
+        exc = run.failure
+        if isinstance(exc, MeshError):
+            return str(exc)
+        alive = True
+        try:
+            alive = self.client.sync(self._alive, run.device.worker)
+        except Exception:
+            pass
+        if not alive:
+            self.namespaces.pop(run.device.worker, None)
+            return (f"worker {run.label} ({run.device.target}) died while running the "
+                    f"cell; its remote namespace is lost (the next cell picks another worker)")
+        reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
+            type(exc).__name__
+        return f"lost the connection to worker {run.label} during the cell ({reason})"
+
+
+class _StillRunning(Exception):
+    def __init__(self, run: _Run, interrupted: bool) -> None:
+        super().__init__(run.label)
+        self.interrupted = interrupted
+
+
+def _worker_error(device: Device, msg: Any) -> MeshError:
+    if msg is None:
+        return MeshError(
+            f"worker {device.name or device.worker} does not know remote cells: is the "
+            f"same jupyter_mesh installed there?"
+        )
+    text = msg.get("exception_text") if isinstance(msg, dict) else None
+    return MeshError(
+        f"worker {device.name or device.worker} could not take the cell"
+        f"{': ' + text if text else ''} (a pushed value may need a module the worker lacks)"
+    )
+
+
+async def _quietly(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:
+        pass
+
+
+def _label_lines(text: str, label: str, at_start: dict[str, bool], name: str) -> str:
+    out = []
+    for line in text.splitlines(True):
+        if at_start[name]:
+            out.append(label)
+        out.append(line)
+        at_start[name] = line.endswith("\n")
+    return "".join(out)
+
+
+def _display(data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    try:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        if InteractiveShell.initialized():
+            from IPython.display import display
+
+            display(data, raw=True, metadata=metadata)
+            return
+    except ImportError:
+        pass
+    print(data.get("text/plain", ""))

@@ -1,0 +1,64 @@
+"""Errors of remote cells, shown by IPython through ``_render_traceback_``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import MeshError
+
+_RED = "\x1b[0;31m"
+_BOLD = "\x1b[1m"
+_RESET = "\x1b[0m"
+
+
+@dataclass
+class RemoteFailure:
+    """One worker's exception: what it was, where it happened, and its traceback."""
+
+    ename: str
+    evalue: str
+    traceback: str
+    worker: str
+    name: str
+    kind: str
+    backend: str
+
+    @property
+    def where(self) -> str:
+        label = f"{self.name} " if self.name and self.name != self.worker else ""
+        return f"worker {label}({self.kind}:{self.backend}) at {self.worker}"
+
+
+class RemoteCellError(MeshError):
+    """A remote cell raised (or was stopped by ``--timeout``) on one or more workers.
+
+    Attributes
+    ----------
+    ename, evalue, traceback:
+        The remote exception's type name, message and formatted traceback (of the first
+        failing worker).
+    worker, kind, backend:
+        Where it happened.
+    failures:
+        One :class:`RemoteFailure` per failing worker (several with ``--all``).
+    """
+
+    def __init__(self, failures: list[RemoteFailure]) -> None:
+        self.failures = failures
+        first = failures[0]
+        self.ename, self.evalue, self.traceback = first.ename, first.evalue, first.traceback
+        self.worker, self.kind, self.backend = first.worker, first.kind, first.backend
+        more = f" (and {len(failures) - 1} more workers)" if len(failures) > 1 else ""
+        super().__init__(f"{first.ename}: {first.evalue} on {first.where}{more}")
+
+    def _render_traceback_(self) -> list[str]:
+        lines: list[str] = []
+        for f in self.failures:
+            lines.append(f"{_RED}{_BOLD}Remote {f.ename}{_RESET} on {f.where}")
+            lines.extend(f.traceback.rstrip("\n").splitlines())
+            lines.append("")
+        return lines[:-1]
+
+
+class RemoteCellTimeout(RemoteCellError):
+    """A remote cell ran longer than its ``timeout`` and was stopped."""

@@ -1,0 +1,260 @@
+"""Run one remote cell in its own thread on a worker (no Dask here).
+
+A cell runs in a fresh thread so that a stop request can raise ``KeyboardInterrupt``
+inside it (``PyThreadState_SetAsyncExc``) without touching the worker's event loop or
+its task threads. The thread reports one *outcome* dict when it ends.
+"""
+
+from __future__ import annotations
+
+import ast
+import ctypes
+import linecache
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from distributed.protocol.serialize import Serialized, serialize
+
+from . import _streams
+
+#: ``serialize`` families tried for values sent back; Dask's own first (zero-copy arrays)
+SERIALIZERS = ("dask", "pickle")
+
+
+def split_cell(code: str, filename: str) -> tuple[Any, Any | None]:
+    """Compile a cell like IPython does: statements, then the last expression apart.
+
+    Returns ``(body, last)`` code objects; ``last`` is None when the cell does not end
+    with an expression or ends with ``;``.
+    """
+    tree = ast.parse(code, filename, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
+        expr = tree.body.pop()
+        last = compile(ast.Expression(expr.value), filename, "eval")
+    return compile(tree, filename, "exec"), last
+
+
+def remember_source(filename: str, code: str) -> None:
+    """Let tracebacks on this worker show the lines of the cell."""
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+
+
+def format_bundle(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The MIME bundle a notebook would show for ``obj``."""
+    try:
+        data, md = _formatter().format(obj)
+    except Exception:
+        try:
+            text = repr(obj)
+        except Exception as exc:
+            text = f"<repr of {type(obj).__name__} failed: {exc!r}>"
+        data, md = {"text/plain": text}, {}
+    return dict(data), dict(md or {})
+
+
+_display_formatter: Any = None
+
+
+def _formatter() -> Any:
+    global _display_formatter
+    if _display_formatter is None:
+        from IPython.core.formatters import DisplayFormatter
+
+        _display_formatter = DisplayFormatter()
+    return _display_formatter
+
+
+def remote_display(*objs: Any, raw: bool = False, metadata: dict[str, Any] | None = None,
+                   **kwargs: Any) -> None:
+    """``display()`` inside a remote cell: the objects appear in the notebook cell.
+
+    Called from a thread that runs no remote cell, it prints the objects instead.
+    """
+    sink = _streams._sinks.get(threading.get_ident())
+    for obj in objs:
+        if raw:
+            data, md = dict(obj), dict(metadata or {})
+        else:
+            data, md = format_bundle(obj)
+            if metadata:
+                md.update(metadata)
+        if sink is None:
+            print(data.get("text/plain", repr(obj)))
+        else:
+            sink.display(data, md)  # type: ignore[attr-defined]
+
+
+def format_remote_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` from the cell's own frames on (this module's are dropped)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.TracebackException(type(exc), exc, tb).format())
+
+
+def error_record(exc: BaseException) -> dict[str, Any]:
+    try:
+        evalue = str(exc)
+    except Exception:
+        evalue = "<str() of the exception failed>"
+    return {
+        "ename": type(exc).__name__,
+        "evalue": evalue,
+        "traceback": format_remote_traceback(exc),
+    }
+
+
+def pack(obj: Any) -> Serialized:
+    """Serialize now (in the cell's thread, not on the event loop) for the reply."""
+    header, frames = serialize(obj, serializers=SERIALIZERS, on_error="raise")
+    return Serialized(header, frames)
+
+
+def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> int:
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type else None
+    )
+
+
+class CellRun:
+    """One remote cell executing in its own daemon thread.
+
+    Parameters
+    ----------
+    code, filename:
+        The cell's source and the name its tracebacks show.
+    namespace:
+        The notebook's namespace on this worker (globals of the cell).
+    sink:
+        Receives the cell's stdout, stderr and displays.
+    on_done:
+        Called once, from the thread, with the outcome dict.
+    pull:
+        Names to send back after the cell ran.
+    want_value:
+        Send back the value of the last expression itself (``-o NAME``).
+    """
+
+    def __init__(self, code: str, filename: str, namespace: dict[str, Any], sink: Any,
+                 on_done: Callable[[dict[str, Any]], None], pull: Iterable[str] = (),
+                 want_value: bool = False, show_value: bool = True) -> None:
+        self.code = code
+        self.filename = filename
+        self.namespace = namespace
+        self.sink = sink
+        self.on_done = on_done
+        self.pull = list(pull)
+        self.want_value = want_value
+        self.show_value = show_value
+        self.stop_reason: str | None = None
+        self.started = 0.0
+        self._state = "new"  # new -> running -> (stopping) -> done
+        self._lock = threading.Lock()
+        self._thread_id: int | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True,
+                                       name=f"jupyter-mesh-cell {filename}")
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, reason: str = "interrupted") -> bool:
+        """Raise ``KeyboardInterrupt`` in the cell's thread; at most once per cell.
+
+        Returns whether a stop was newly requested. Code blocked outside Python (a C
+        call, ``time.sleep``) stops when it returns to Python.
+        """
+        with self._lock:
+            if self._state == "new":
+                self._state, self.stop_reason = "stopping", reason
+                return True
+            if self._state != "running" or self._thread_id is None:
+                return False
+            self._state, self.stop_reason = "stopping", reason
+            _async_raise(self._thread_id, KeyboardInterrupt)
+            return True
+
+    # ------------------------------------------------------------ in the thread
+    def _main(self) -> None:
+        outcome: dict[str, Any] | None = None
+        _streams.register(self.sink)
+        try:
+            try:
+                with self._lock:
+                    self._thread_id = threading.get_ident()
+                    stop_first = self._state == "stopping"
+                    if not stop_first:
+                        self._state = "running"
+                self.started = time.time()
+                if stop_first:
+                    outcome = {"status": self.stop_reason or "interrupted",
+                               "ename": "KeyboardInterrupt", "evalue": "",
+                               "traceback": "stopped before it started\n"}
+                else:
+                    outcome = self._execute()
+            finally:
+                with self._lock:
+                    self._state = "done"
+                # a stop asked for just as the cell finished must not leak out of it
+                _async_raise(threading.get_ident(), None)
+        except BaseException as exc:  # a stop that landed outside the user's code
+            if outcome is None:
+                outcome = self._stopped(exc)
+        finally:
+            _streams.unregister()
+            self.on_done(outcome or {"status": "error", "ename": "RuntimeError",
+                                     "evalue": "the cell ended without an outcome",
+                                     "traceback": ""})
+
+    def _stopped(self, exc: BaseException) -> dict[str, Any]:
+        record = error_record(exc)
+        record["status"] = self.stop_reason or "interrupted"
+        return record
+
+    def _execute(self) -> dict[str, Any]:
+        ns = self.namespace
+        try:
+            remember_source(self.filename, self.code)
+            body, last = split_cell(self.code, self.filename)
+            exec(body, ns)
+            value = eval(last, ns) if last is not None else None
+        except KeyboardInterrupt as exc:
+            if self.stop_reason is not None:
+                return self._stopped(exc)
+            return {"status": "error", **error_record(exc)}
+        except BaseException as exc:  # SystemExit too: it must not end the worker thread
+            return {"status": "error", **error_record(exc)}
+        outcome: dict[str, Any] = {"status": "ok", "elapsed": time.time() - self.started}
+        if last is not None and value is not None:
+            if self.show_value:
+                outcome["data"], outcome["metadata"] = format_bundle(value)
+            ns["_"] = value
+        if self.want_value and last is not None:
+            try:
+                outcome["value"] = pack(value)
+            except Exception as exc:
+                return self._unsendable("the value of the last expression", value, exc)
+        pulled = {}
+        for name in self.pull:
+            if name not in ns:
+                return {"status": "pull-missing", "name": name,
+                        "defined": sorted(k for k in ns if not k.startswith("_"))[:20]}
+            try:
+                pulled[name] = pack(ns[name])
+            except Exception as exc:
+                return self._unsendable(repr(name), ns[name], exc)
+        outcome["pulled"] = pulled
+        return outcome
+
+    @staticmethod
+    def _unsendable(what: str, value: Any, exc: BaseException) -> dict[str, Any]:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return {"status": "unsendable", "what": what, "type": type(value).__name__,
+                "reason": reason}

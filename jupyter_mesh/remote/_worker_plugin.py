@@ -1,0 +1,197 @@
+"""The worker side of remote cells: per-notebook namespaces and three comm handlers.
+
+The client talks to the worker directly (``client.rpc`` connection pool, no scheduler,
+no task graph): one request runs a cell, and the worker answers on the same comm with a
+stream of ``out`` messages while the cell runs, then one ``done`` message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+from distributed.core import Status
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import _streams
+from ._runner import CellRun, remote_display
+
+EXTENSION_NAME = "jupyter-mesh-remote"
+RUN = "jupyter_mesh_remote_run"
+INTERRUPT = "jupyter_mesh_remote_interrupt"
+RESET = "jupyter_mesh_remote_reset"
+#: protocol version, so a client can tell a worker with an older plugin
+PROTOCOL = 1
+
+
+class CellSink:
+    """Collects a running cell's output (from its thread) for the event loop to send.
+
+    Consecutive writes to one stream are merged, and the loop is woken once per batch,
+    so a tight ``print`` loop costs few messages.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[list[Any]] = []
+        self._woken = False
+        self.wake = asyncio.Event()
+
+    def write(self, name: str, text: str) -> None:
+        with self._lock:
+            items = self._items
+            if items and items[-1][0] == "stream" and items[-1][1] == name:
+                items[-1][2] += text
+            else:
+                items.append(["stream", name, text, time.time()])
+            self._kick()
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+        with self._lock:
+            self._items.append(["display", data, metadata, time.time()])
+            self._kick()
+
+    def _kick(self) -> None:
+        if not self._woken:
+            self._woken = True
+            self._loop.call_soon_threadsafe(self.wake.set)
+
+    def take(self) -> list[list[Any]]:
+        with self._lock:
+            items, self._items = self._items, []
+            self._woken = False
+            self.wake.clear()
+        return items
+
+    def kick(self) -> None:
+        """Wake the pump from the loop itself (to end it)."""
+        with self._lock:
+            self._kick()
+
+
+class Session:
+    """One notebook's namespace on this worker."""
+
+    def __init__(self, session_id: str) -> None:
+        self.id = session_id
+        self.namespace: dict[str, Any] = {
+            "__name__": "__main__",
+            "__builtins__": __builtins__,
+            "display": remote_display,
+        }
+        self.running: CellRun | None = None
+        self.cells = 0
+
+
+class RemoteCellsPlugin(WorkerPlugin):
+    """Give a worker remote-cell namespaces; installed by the client on first use."""
+
+    name = EXTENSION_NAME
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.worker: Any = None
+
+    def setup(self, worker: Any) -> None:
+        self.worker = worker
+        worker.extensions[EXTENSION_NAME] = self
+        worker.handlers[RUN] = self.run
+        worker.handlers[INTERRUPT] = self.interrupt
+        worker.handlers[RESET] = self.reset
+        _streams.install()
+
+    def teardown(self, worker: Any) -> None:
+        for session in self.sessions.values():
+            if session.running is not None:
+                session.running.stop("worker-closing")
+        self.sessions.clear()
+        for op in (RUN, INTERRUPT, RESET):
+            worker.handlers.pop(op, None)
+        worker.extensions.pop(EXTENSION_NAME, None)
+        _streams.uninstall()
+
+    # ------------------------------------------------------------ handlers
+    async def run(self, comm: Any, session: str, code: str, filename: str,
+                  push: dict[str, Any] | None = None, pull: list[str] | None = None,
+                  want_value: bool = False, show_value: bool = True,
+                  timeout: float | None = None) -> Any:
+        """Run a cell; answer with ``out`` messages, then one ``done`` message."""
+        state = self.sessions.get(session)
+        fresh = state is None
+        if state is None:
+            state = self.sessions[session] = Session(session)
+        if state.running is not None and not state.running.done:
+            await comm.write({"t": "done", "status": "busy", "fresh": fresh,
+                              "since": state.running.started})
+            return Status.dont_reply
+        if push:
+            state.namespace.update(push)
+        state.cells += 1
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+        def on_done(outcome: dict[str, Any]) -> None:
+            loop.call_soon_threadsafe(_set_result, finished, outcome)
+
+        sink = CellSink(loop)
+        cell = CellRun(code, filename, state.namespace, sink, on_done, pull=pull or (),
+                       want_value=want_value, show_value=show_value)
+        state.running = cell
+        pump = asyncio.ensure_future(self._pump(comm, sink, cell, finished))
+        timer = loop.call_later(timeout, cell.stop, "timeout") if timeout else None
+        cell.start()
+        try:
+            outcome = await asyncio.shield(finished)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        sink.kick()
+        await pump
+        outcome.update(t="done", fresh=fresh, worker_time=time.time())
+        if state.running is cell:
+            state.running = None
+        await comm.write(outcome)
+        return Status.dont_reply
+
+    async def _pump(self, comm: Any, sink: CellSink, cell: CellRun,
+                    finished: asyncio.Future) -> None:
+        client_gone = False
+        while True:
+            await sink.wake.wait()
+            items = sink.take()
+            if items and not client_gone:
+                try:
+                    await comm.write({"t": "out", "items": items})
+                except Exception:
+                    # nobody is listening any more (kernel gone): stop the cell
+                    client_gone = True
+                    cell.stop("client-gone")
+            if finished.done() and not sink._items:
+                return
+
+    def interrupt(self, session: str, reason: str = "interrupted") -> dict[str, Any]:
+        """Stop the running cell of a session; say whether one was running."""
+        state = self.sessions.get(session)
+        cell = state.running if state is not None else None
+        if cell is None or cell.done:
+            return {"running": False, "stopped": False}
+        return {"running": True, "stopped": cell.stop(reason)}
+
+    def reset(self, session: str) -> dict[str, Any]:
+        """Forget a session's namespace, stopping its running cell."""
+        state = self.sessions.pop(session, None)
+        if state is None:
+            return {"existed": False, "names": 0}
+        if state.running is not None and not state.running.done:
+            state.running.stop("reset")
+        names = sum(1 for k in state.namespace if not k.startswith("__"))
+        return {"existed": True, "names": names}
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)

@@ -1,0 +1,80 @@
+"""``%%mesh --remote`` and ``%mesh reset-remote``: parse, call :class:`Mesh`, show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.display import display
+
+from ..errors import MeshError
+from ._client import CellResult, RemoteOutput, check_identifier, check_names
+from ._errors import RemoteCellError
+
+
+def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
+    """Run ``cell`` remotely as ``args`` (the parsed ``%%mesh`` line) says.
+
+    Returns the value of the last expression as the worker rendered it (shown as the
+    cell's ``Out``), or None. With ``--all`` every worker's value is shown, labelled.
+    """
+    try:
+        push_names = check_names(args.push, "--push")
+        if args.output is not None:
+            check_identifier(args.output, "-o")
+        check_names(args.pull, "--pull")
+    except MeshError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    user_ns = shell.user_ns
+    missing = [n for n in push_names if n not in user_ns]
+    if missing:
+        raise UsageError(
+            f"--push: {', '.join(repr(n) for n in missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not defined in the notebook"
+        )
+    try:
+        result = mesh.run_cell(
+            cell, on=args.on, site=args.site, all=args.all,
+            push={n: user_ns[n] for n in push_names}, pull=args.pull,
+            timeout=args.timeout, value=args.output is not None,
+            filename=f"<remote In[{shell.execution_count}]>",
+        )
+    except SyntaxError:
+        raise
+    except RemoteCellError:
+        raise
+    except MeshError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
+    if args.all:
+        return _show_all(shell, args, result)
+    return _store_one(shell, args, result)
+
+
+def _store_one(shell: Any, args: Any, result: CellResult) -> Any:
+    shell.user_ns.update(result.pulled)
+    if args.output is not None:
+        shell.user_ns[args.output] = result.value
+    if result.data is None:
+        return None
+    return RemoteOutput(result.data, result.metadata)
+
+
+def _show_all(shell: Any, args: Any, results: list[CellResult]) -> None:
+    names = {n for r in results for n in r.pulled}
+    for name in names:
+        shell.user_ns[name] = {r.label: r.pulled[name] for r in results if name in r.pulled}
+    if args.output is not None:
+        shell.user_ns[args.output] = {r.label: r.value for r in results}
+    for r in results:
+        if r.data is not None:
+            print(f"Out[{r.label}]:", flush=True)
+            display(r.data, raw=True, metadata=r.metadata)
+
+
+def reset_remote(shell: Any, mesh: Any) -> None:
+    """Forget this notebook's remote namespaces and which workers cells stick to."""
+    dropped = mesh.reset_remote()
+    if dropped:
+        print(f"Reset the remote namespaces on {', '.join(dropped)}.")
+    else:
+        print("No remote namespaces to reset.")
