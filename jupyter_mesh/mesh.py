@@ -279,6 +279,7 @@ class Mesh:
         if set_current:
             _refuse_if_active(replace)
         try:
+            _probe_scheduler(address, security, timeout)
             client = Client(
                 address, security=security, timeout=timeout, set_as_default=set_current
             )
@@ -535,6 +536,42 @@ class Mesh:
                 remote.reset()
             except Exception:
                 pass
+
+
+async def _identity(address: str, security: Any, timeout: float) -> dict[str, Any]:
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    args = (security or Security()).get_connection_args("client")
+    comm = await connect(address, timeout=timeout, **args)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await comm.read()
+    finally:
+        comm.abort()
+
+
+def _probe_scheduler(address: str, security: Any, timeout: float) -> None:
+    """Ask ``address`` who it is, never waiting longer than ``timeout``.
+
+    ``Client`` itself can wait forever on a port that accepts connections but never
+    speaks Dask; this probe gives up in time and says what it found.
+    """
+    import asyncio
+    import concurrent.futures
+
+    async def probe() -> dict[str, Any]:
+        return await asyncio.wait_for(_identity(address, security, timeout), timeout)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(asyncio.run, probe())
+        try:
+            ident = future.result(timeout + 5)
+        except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
+            raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
+    if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
+        found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
+        raise OSError(f"this is not a Dask scheduler (it answered as {found})")
 
 
 def _family_of(name: str) -> str:

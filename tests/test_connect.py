@@ -1,0 +1,144 @@
+"""Mesh.connect and %mesh connect against real schedulers, plain and mutual TLS."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import dask.array as da
+import pytest
+from distributed import LocalCluster
+from distributed.security import Security
+
+import jupyter_mesh as jm
+from jupyter_mesh import MeshError
+
+from .certs import make_certs
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _security(certs, role_cert=True):
+    kw = dict(tls_ca_file=certs["ca"], require_encryption=True)
+    if role_cert:
+        for role in ("scheduler", "worker", "client"):
+            kw[f"tls_{role}_cert"] = certs["cert"]
+            kw[f"tls_{role}_key"] = certs["key"]
+    return Security(**kw)
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(certs):
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
+        host="127.0.0.1", dashboard_address=None, security=_security(certs),
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def tcp_cluster():
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
+                      host="127.0.0.1", dashboard_address=None) as cluster:
+        yield cluster
+
+
+def test_connect_plain_tcp_and_see_plain_workers(no_mesh, tcp_cluster):
+    with jm.Mesh.connect(tcp_cluster.scheduler_address, timeout=5) as mesh:
+        assert not mesh.owns_cluster
+        assert jm.current() is mesh
+        inv = mesh.inventory()
+        assert len(inv) == 1
+        assert inv[0].model.startswith("unknown (plain Dask worker)")
+        assert da.ones(10, chunks=5).sum().compute() == 10
+        with pytest.raises(MeshError, match="not started here"):
+            mesh.scale(cpu=2)
+    # host:port without a scheme means tcp://
+    hostport = tcp_cluster.scheduler_address.split("://")[1]
+    with jm.Mesh.connect(hostport, timeout=5) as mesh:
+        assert mesh.address == tcp_cluster.scheduler_address
+
+
+def test_mutual_tls_compute(no_mesh, tls_cluster, certs):
+    assert tls_cluster.scheduler_address.startswith("tls://")
+    with jm.Mesh.connect(tls_cluster.scheduler_address, security=_security(certs)) as mesh:
+        assert (da.arange(100, chunks=10) * 2).sum().compute() == 9900
+        assert len(mesh.inventory()) == 1
+
+
+def test_plaintext_client_is_refused_by_tls_scheduler(no_mesh, tls_cluster, certs):
+    hostport = tls_cluster.scheduler_address.split("://")[1]
+    with pytest.raises(MeshError, match=hostport):
+        jm.Mesh.connect("tcp://" + hostport, timeout=3)
+    with pytest.raises(MeshError, match="uses TLS: pass security"):
+        jm.Mesh.connect(tls_cluster.scheduler_address)
+    # a client with the CA but no client certificate is refused too (mutual TLS)
+    with pytest.raises(MeshError, match=hostport):
+        jm.Mesh.connect(tls_cluster.scheduler_address,
+                        security=_security(certs, role_cert=False), timeout=3)
+
+
+def test_magic_tls_options(no_mesh, tls_cluster, certs):
+    from IPython.testing.globalipapp import start_ipython
+
+    ip = start_ipython()
+    ip.run_line_magic("load_ext", "jupyter_mesh")
+    ip.run_line_magic(
+        "mesh",
+        f"connect {tls_cluster.scheduler_address} --tls-ca-file {certs['ca']} "
+        f"--tls-cert {certs['cert']} --tls-key {certs['key']}",
+    )
+    mesh = jm.current()
+    assert mesh.address == tls_cluster.scheduler_address
+    assert da.ones(4, chunks=2).sum().compute() == 4
+    mesh.close()
+
+
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections and never speaks Dask."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    srv.close()
+
+
+def test_non_dask_port_fails_within_timeout_naming_address(no_mesh, silent_port):
+    t0 = time.monotonic()
+    with pytest.raises(MeshError, match=f"127.0.0.1:{silent_port}.*within 2 s"):
+        jm.Mesh.connect(f"tcp://127.0.0.1:{silent_port}", timeout=2)
+    assert time.monotonic() - t0 < 12
+
+
+@pytest.mark.parametrize("bad", ["", "tcp://", "tcp://host", "ftp://h:1", "h:port", 42])
+def test_malformed_addresses(no_mesh, bad):
+    with pytest.raises(MeshError, match="malformed address"):
+        jm.Mesh.connect(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "5", True])
+def test_bad_timeouts(no_mesh, bad):
+    with pytest.raises(MeshError, match="timeout must be a positive number"):
+        jm.Mesh.connect("tcp://127.0.0.1:1", timeout=bad)

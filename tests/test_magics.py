@@ -1,0 +1,105 @@
+"""The %mesh magics through a real IPython shell."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError
+
+import jupyter_mesh as jm
+from jupyter_mesh import _state
+
+
+@pytest.fixture(scope="module")
+def ip():
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "jupyter_mesh")
+    yield shell
+
+
+@pytest.fixture(scope="module")
+def started(ip):
+    if _state.active() is not None:
+        _state.active().close()
+    ip.run_line_magic("mesh", "start --cpu 1 --gpu auto --site magic-site")
+    mesh = jm.current()
+    yield mesh
+    if not mesh.closed:
+        mesh.close()
+
+
+def test_start_status_and_compute(ip, started, capsys):
+    assert started.inventory().by_kind() == {"cpu": 1}
+    assert started.inventory()[0].site == "magic-site"
+    ip.run_line_magic("mesh", "")
+    out = capsys.readouterr().out
+    assert "cpu @ magic-site: 1" in out
+    ip.run_line_magic("mesh", "status")
+    assert "cpu @ magic-site" in capsys.readouterr().out
+    ip.run_cell("import dask.array as da; _v = da.ones((100, 100), chunks=50).sum().compute()")
+    assert ip.user_ns["_v"] == 10_000
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("bogus", "unknown subcommand 'bogus'.*start\\|connect"),
+        ("start --bogus 1", "unrecognized arguments.*start\\|connect"),
+        ("start --cpu -1", "--cpu must be a whole number >= 0"),
+        ("start --cpu two", "--cpu must be a whole number >= 0"),
+        ("start --gpu abc", "--gpu must be 'auto' or a whole number"),
+        ("start --tpu -3", "--tpu must be 'auto' or a whole number"),
+        ("start --jax-cpu x", "--jax-cpu must be a whole number"),
+        ("start --threads 0", "--threads must be a whole number >= 1"),
+        ('start --site ""', "--site: site must be a name"),
+        ("start --site a/b", "--site: site must be a name"),
+        ("start --replace --gpu 2", "no CUDA GPU found.*jax_cpu"),
+        ("start --replace --tpu 1", "no TPU found"),
+        ("start", "already active.*--replace"),
+        ("connect", "arguments are required: address"),
+        ("connect tcp://127.0.0.1:1 --timeout -1", "--timeout must be a positive number"),
+        ("connect tcp://127.0.0.1:1 --timeout soon", "--timeout must be a positive number"),
+        ("connect 127.0.0.1:1 --tls-ca-file ca.pem", "TLS needs all three"),
+        ("connect 127.0.0.1:1 --tls-ca-file a --tls-cert b --tls-key c", "TLS file not found"),
+        ("connect tls://127.0.0.1:1 --replace", "uses TLS: pass security"),
+        ("connect not//an address --replace", "malformed address|unrecognized"),
+        ("status --bogus", "unrecognized arguments"),
+        ("close now", "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_line_and_mesh_survives(ip, started, line, match):
+    with pytest.raises(UsageError, match=match) as info:
+        ip.run_line_magic("mesh", line)
+    assert "\n" not in str(info.value)
+    assert jm.current() is started and not started.closed
+    assert started.inventory().by_kind() == {"cpu": 1}
+
+
+def test_connect_dead_address_names_it_within_timeout(ip, started):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match="127.0.0.1:9"):
+        ip.run_line_magic("mesh", "connect tcp://127.0.0.1:9 --timeout 2 --replace")
+    assert time.monotonic() - t0 < 15
+    assert jm.current() is started
+
+
+def test_remote_only_options_need_remote(ip, started):
+    with pytest.raises(UsageError, match="only work with --remote"):
+        ip.run_cell_magic("mesh", "--on gpu", "x = 1")
+    with pytest.raises(UsageError, match="cannot be combined"):
+        ip.run_cell_magic("mesh", "--remote --route gpu", "x = 1")
+
+
+def test_close_then_messages(ip, started, capsys):
+    ip.run_line_magic("mesh", "close")
+    assert "Closed the mesh" in capsys.readouterr().out
+    assert started.closed
+    ip.run_line_magic("mesh", "close")
+    assert "No active mesh to close: run %mesh start" in capsys.readouterr().out
+    ip.run_line_magic("mesh", "status")
+    assert "No active mesh" in capsys.readouterr().out
+    with pytest.raises(jm.MeshError, match="%mesh start"):
+        jm.current()
