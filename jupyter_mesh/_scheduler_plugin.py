@@ -61,11 +61,15 @@ class MeshSchedulerPlugin(SchedulerPlugin):
         self.scheduler: Any = None
         self.devices: dict[str, dict[str, Any]] = {}
         self.events: deque[tuple[float, str, str, str]] = deque(maxlen=1000)
+        from .router._scheduler import RouterState
+
+        self.router = RouterState()
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
         scheduler.extensions[EXTENSION_NAME] = self
         scheduler.handlers[INVENTORY_HANDLER] = self.inventory
+        self.router.start(scheduler)
         for ws in scheduler.workers.values():
             self.devices[ws.address] = worker_record(ws)
 
@@ -76,11 +80,21 @@ class MeshSchedulerPlugin(SchedulerPlugin):
         record = worker_record(ws)
         self.devices[worker] = record
         self.events.append((time.time(), "join", worker, record["kind"]))
+        self.router.workers_changed()
 
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         record = self.devices.pop(worker, None)
         kind = record["kind"] if record else "?"
         self.events.append((time.time(), "leave", worker, kind))
+        self.router.workers_changed()
+
+    # ---------------------------------------------------------------- router
+    def update_graph(self, scheduler: Any, *, tasks: Any = (), **kwargs: Any) -> None:
+        """Set the per-key restrictions of routed computations (see router._scheduler)."""
+        self.router.update_graph(scheduler, tasks)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        self.router.transition(key, finish)
 
     def inventory(self, comm: Any = None) -> dict[str, Any]:
         """Every live device with its load, plus the scheduler's identity."""

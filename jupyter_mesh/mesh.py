@@ -537,6 +537,63 @@ class Mesh:
             except Exception:
                 pass
 
+    # ================================================================== routing
+    # The device-aware router (jupyter_mesh/router). Keep this section last in the class.
+    def explain(self, *collections: Any, route: Any = "auto", site: str | None = None) -> Any:
+        """The router's :class:`~jupyter_mesh.router.Plan` for Dask collections.
+
+        Parameters
+        ----------
+        *collections:
+            Dask collections (arrays, delayed, ...).
+        route:
+            ``"auto"`` (the router chooses per op), ``"off"``, or a target such as
+            ``"gpu"`` or ``"cpu:jax"``.
+        site:
+            Keep every task at this site (data residency).
+        """
+        from .router import api
+
+        self._check_open()
+        return api.explain(self, collections, route, site)
+
+    def compute(self, *collections: Any, route: Any = "auto", fallback: bool = True,
+                site: str | None = None) -> tuple[Any, ...]:
+        """Compute Dask collections with each op routed to a device kind.
+
+        Returns a tuple of results, as :func:`dask.compute` does, and leaves a
+        :class:`~jupyter_mesh.router.Report` in :attr:`last_report`. With ``fallback``
+        (the default), tasks of a device kind lost mid-computation are re-routed to what
+        is left after ``mesh.fallback-timeout`` seconds, with a warning.
+        """
+        from .router import api
+
+        self._check_open()
+        return api.compute(self, collections, route, fallback, site)
+
+    def route(self, mode: Any = "auto", *, fallback: bool = True) -> Any:
+        """Context manager: plain ``.compute()`` calls inside the block are routed.
+
+        ``with mesh.route("auto"): y.compute()``. Inside the block Dask's array
+        fusion is off (it would merge ops placed on different kinds).
+        """
+        from .router import api
+
+        self._check_open()
+        return api.route_context(self, mode, fallback)
+
+    def submit(self, fn: Any, *args: Any, on: Any = None, needs: Any = None,
+               site: str | None = None, **kwargs: Any) -> Any:
+        """Submit ``fn(*args, **kwargs)`` to a device: ``on=`` a target (``"gpu"``,
+        ``"cpu:jax"``), or ``needs=`` a capability (``"matmul"``, ``"fft"``,
+        ``"elementwise"``, ``"reduction"``, ``"linalg"``) for which the mesh picks the
+        fastest target; ``site=`` keeps it at a site. Returns a Future."""
+        from .router import api
+
+        self._check_open()
+        return api.submit(self, fn, args, on, needs, site, kwargs)
+    # ================================================================== end routing
+
 
 async def _identity(address: str, security: Any, timeout: float) -> dict[str, Any]:
     from distributed.comm import connect

@@ -1,0 +1,128 @@
+"""The device wrapper that every routed task carries, and what it records on workers.
+
+It runs on the worker: it converts the task's inputs to the backend of the worker it
+actually runs on (which is the planned one unless a fallback moved it), runs the op
+(through the JAX op table on JAX workers), and hands a host array to consumers of
+another kind. So placement never decides correctness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from .backends import get_backend, to_host_any
+
+_local = threading.local()
+_lock = threading.Lock()
+#: plan id -> {key: (backend, seconds)}, collected by the client after the computation
+RECORDS: dict[str, dict[Any, tuple[str, float]]] = {}
+_registered_lookups = False
+
+
+def worker_backend() -> str:
+    """The backend of the worker this runs on (``numpy`` outside a mesh worker)."""
+    cached = getattr(_local, "backend", None)
+    if cached is not None:
+        return cached
+    backend = "numpy"
+    try:
+        from distributed import get_worker
+
+        ext = get_worker().extensions.get("jupyter-mesh")
+        if ext is not None and ext.device:
+            backend = ext.device.get("backend", "numpy")
+    except Exception:
+        pass
+    _local.backend = backend
+    return backend
+
+
+def _map(fn: Any, x: Any) -> Any:
+    if isinstance(x, list):
+        return [_map(fn, v) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_map(fn, v) for v in x)
+    return fn(x)
+
+
+class DeviceCall:
+    """Callable that runs one task's function on the worker's device backend.
+
+    Parameters
+    ----------
+    func:
+        The task's original function.
+    key:
+        The task's key (for the report).
+    plan_id:
+        Which routed computation the task belongs to.
+    to_host:
+        Return a host array (a consumer lives on another kind, or it is an output).
+    native:
+        Backends that run ``func`` natively; on any other backend it runs on host NumPy.
+    """
+
+    __slots__ = ("func", "key", "plan_id", "to_host", "native")
+
+    def __init__(self, func: Any, key: Any, plan_id: str, to_host: bool,
+                 native: frozenset[str]) -> None:
+        self.func = func
+        self.key = key
+        self.plan_id = plan_id
+        self.to_host = to_host
+        self.native = native
+
+    def __reduce__(self) -> Any:
+        return (DeviceCall, (self.func, self.key, self.plan_id, self.to_host, self.native))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        name = worker_backend()
+        func = self.func
+        used = "numpy"
+        if name != "numpy" and name in self.native:
+            if name == "jax":
+                from . import jax_ops
+
+                func = jax_ops.translate(self.func)
+            if func is not None:
+                backend = get_backend(name)
+                args = _map(backend.to_device, args)
+                kwargs = {k: _map(backend.to_device, v) for k, v in kwargs.items()}
+                used = name
+            else:
+                func = self.func
+        if used == "numpy":
+            args = _map(to_host_any, args)
+            kwargs = {k: _map(to_host_any, v) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        if self.to_host and used != "numpy":
+            out = _map(get_backend(used).to_host, out)
+        elif used == "jax":
+            out = _block(out)
+        _record(self.plan_id, self.key, used, time.perf_counter() - t0)
+        return out
+
+    def __repr__(self) -> str:
+        return f"DeviceCall({getattr(self.func, '__name__', self.func)!r})"
+
+
+def _block(out: Any) -> Any:
+    """Wait for JAX's asynchronous dispatch so measured seconds are real."""
+    ready = getattr(out, "block_until_ready", None)
+    if ready is not None:
+        ready()
+    return out
+
+
+def _record(plan_id: str, key: Any, backend: str, seconds: float) -> None:
+    with _lock:
+        RECORDS.setdefault(plan_id, {})[key] = (backend, seconds)
+
+
+def pop_records(plan_id: str, dask_worker: Any = None) -> dict[Any, tuple[str, float]]:
+    """Run on each worker through ``client.run``: the records of one plan, forgotten."""
+    with _lock:
+        return RECORDS.pop(plan_id, {})

@@ -1,0 +1,203 @@
+"""The router's half of the mesh scheduler plugin: per-key restrictions and fallback.
+
+The client registers a routed computation (key → pool) through the
+``jupyter_mesh_route`` handler just before submitting its graph; ``update_graph`` then
+sets each task's restrictions before the scheduler transitions it, where fusion cannot
+undo them. When every worker of a pool is gone for ``mesh.fallback-timeout`` seconds,
+the restrictions of that pool's tasks are relaxed (to the data's site, if pinned) and
+tasks waiting in ``no-worker`` are sent to what is left, so nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("jupyter_mesh")
+
+ROUTE_HANDLER = "jupyter_mesh_route"
+STATUS_HANDLER = "jupyter_mesh_route_status"
+_FINAL = ("memory", "erred", "forgotten")
+
+
+@dataclass
+class PlanState:
+    plan_id: str
+    pools: list[tuple[str, list[str] | None, str]]
+    fallback: bool
+    timeout: float
+    site: str | None
+    keys: dict[Any, int] = field(default_factory=dict)
+    used: set[int] = field(default_factory=set)
+    relaxed: set[int] = field(default_factory=set)
+    timers: dict[int, Any] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+    failed: str | None = None
+    created: float = field(default_factory=time.time)
+
+
+class RouterState:
+    """Routed computations known to one scheduler."""
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+        self.pending: dict[Any, tuple[str, int]] = {}
+        self.plans: dict[str, PlanState] = {}
+        self.owner: dict[Any, str] = {}
+
+    def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers[ROUTE_HANDLER] = self.register
+        scheduler.handlers[STATUS_HANDLER] = self.status
+
+    # ------------------------------------------------------------ handlers
+    def register(self, comm: Any = None, payload: bytes = b"") -> dict[str, Any]:
+        data = pickle.loads(payload)
+        ps = PlanState(data["plan_id"], data["pools"], bool(data["fallback"]),
+                       float(data["timeout"]), data.get("site"))
+        self.plans[ps.plan_id] = ps
+        for key, p in data["restrictions"].items():
+            self.pending[key] = (ps.plan_id, p)
+        self._prune()
+        return {"status": "OK", "plan_id": ps.plan_id}
+
+    def status(self, comm: Any = None, plan_id: str = "") -> dict[str, Any]:
+        ps = self.plans.get(plan_id)
+        if ps is None:
+            return {"known": False, "events": [], "failed": None}
+        return {"known": True, "events": list(ps.events), "failed": ps.failed}
+
+    # ------------------------------------------------------------ plugin hooks
+    def update_graph(self, scheduler: Any, tasks: Any) -> None:
+        touched: set[str] = set()
+        for key in tasks:
+            entry = self.pending.pop(key, None)
+            if entry is None:
+                continue
+            pid, p = entry
+            ps = self.plans.get(pid)
+            ts = scheduler.tasks.get(key)
+            if ps is None or ts is None:
+                continue
+            ps.keys[key] = p
+            ps.used.add(p)
+            self.owner[key] = pid
+            touched.add(pid)
+            if ts.state not in ("memory", "erred"):
+                self._restrict(ts, ps, p)
+        for pid in touched:
+            self._check(self.plans[pid])
+
+    def transition(self, key: Any, finish: str) -> None:
+        if finish != "forgotten":
+            return
+        pid = self.owner.pop(key, None)
+        if pid is None:
+            return
+        ps = self.plans.get(pid)
+        if ps is not None:
+            ps.keys.pop(key, None)
+
+    def workers_changed(self) -> None:
+        for ps in list(self.plans.values()):
+            if ps.keys:
+                self._check(ps)
+
+    # ------------------------------------------------------------ internals
+    def _restrict(self, ts: Any, ps: PlanState, p: int) -> None:
+        if p in ps.relaxed:
+            self._relax_one(ts, ps)
+            return
+        resource, workers, _ = ps.pools[p]
+        ts.resource_restrictions = {resource: 1}
+        ts.worker_restrictions = set(workers) if workers else None
+        ts.host_restrictions = None
+        ts.loose_restrictions = False
+
+    def _site_workers(self, ps: PlanState) -> set[str] | None:
+        if not ps.site:
+            return None
+        from .._scheduler_plugin import worker_record
+
+        return {
+            addr for addr, ws in self.scheduler.workers.items()
+            if worker_record(ws).get("site") == ps.site
+        } or None
+
+    def _relax_one(self, ts: Any, ps: PlanState) -> None:
+        ts.resource_restrictions = None
+        ts.worker_restrictions = self._site_workers(ps)
+        ts.host_restrictions = None
+        ts.loose_restrictions = False
+
+    def _alive(self, ps: PlanState, p: int) -> bool:
+        resource, workers, _ = ps.pools[p]
+        for addr, ws in self.scheduler.workers.items():
+            if ws.resources.get(resource, 0) >= 1 and (not workers or addr in workers):
+                return True
+        return False
+
+    def _check(self, ps: PlanState) -> None:
+        for p in ps.used:
+            if p in ps.relaxed or p in ps.timers:
+                continue
+            if not self._alive(ps, p):
+                loop = asyncio.get_event_loop()
+                ps.timers[p] = loop.call_later(ps.timeout, self._expire, ps.plan_id, p)
+                logger.warning(
+                    "jupyter_mesh: no live %s worker for routed tasks; waiting %.3g s before "
+                    "re-routing them", ps.pools[p][2], ps.timeout,
+                )
+
+    def _expire(self, pid: str, p: int) -> None:
+        ps = self.plans.get(pid)
+        if ps is None:
+            return
+        ps.timers.pop(p, None)
+        if self._alive(ps, p):
+            return
+        label = ps.pools[p][2]
+        if not ps.fallback:
+            ps.failed = (
+                f"no live {label} worker for {ps.timeout:g} s and fallback=False: "
+                f"the computation cannot finish as routed"
+            )
+            return
+        sched = self.scheduler
+        ps.relaxed.add(p)
+        recs: dict[Any, str] = {}
+        n = 0
+        for key, q in ps.keys.items():
+            if q != p:
+                continue
+            ts = sched.tasks.get(key)
+            if ts is None or ts.state in ("memory", "erred", "forgotten"):
+                continue
+            self._relax_one(ts, ps)
+            n += 1
+            if ts.state == "no-worker":
+                recs[key] = "processing"
+        left = sorted({
+            (ws.extra.get("jupyter-mesh") or {}).get("kind", "cpu") + ":"
+            + (ws.extra.get("jupyter-mesh") or {}).get("backend", "numpy")
+            for ws in sched.workers.values()
+        })
+        msg = (
+            f"lost every {label} worker: {n} routed tasks re-routed after "
+            f"{ps.timeout:g} s to what is left ({', '.join(left) or 'nothing'})"
+        )
+        ps.events.append(msg)
+        logger.warning("jupyter_mesh: %s", msg)
+        if recs:
+            sched.transitions(recs, stimulus_id=f"jupyter-mesh-fallback-{time.time()}")
+
+    def _prune(self) -> None:
+        if len(self.plans) <= 256:
+            return
+        stale = [pid for pid, ps in self.plans.items() if not ps.keys]
+        for pid in stale[: len(self.plans) - 256]:
+            self.plans.pop(pid, None)

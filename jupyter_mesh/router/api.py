@@ -1,0 +1,240 @@
+"""What :class:`~jupyter_mesh.Mesh` calls: explain, compute, route and submit."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import dask
+
+from ..errors import MeshError
+from ..targets import Target
+from ._device import pop_records
+from ._scheduler import ROUTE_HANDLER, STATUS_HANDLER
+from .classify import CAPABILITIES, OpInfo, model_collections, model_graph, native_backends
+from .cost import CostModel, build_pools
+from .placement import allowed_pools, parse_route_or_error, plan_model
+from .plan import Plan, Report
+from .rewrite import rewrite
+
+if TYPE_CHECKING:
+    from ..mesh import Mesh
+
+
+class MeshFallbackWarning(RuntimeWarning):
+    """A routed computation lost a device kind and finished on what was left."""
+
+
+def _check_site(site: Any) -> str | None:
+    if site is None:
+        return None
+    if not isinstance(site, str) or not site:
+        raise MeshError(f"site must be a site name such as 'local', not {site!r}")
+    return site
+
+
+def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
+            site: str | None = None) -> Plan:
+    route = parse_route_or_error(route)
+    site = _check_site(site)
+    model = model_collections(collections)
+    pools = build_pools(mesh.inventory())
+    plan = plan_model(model, pools, route, site=site)
+    mesh.last_plan = plan
+    return plan
+
+
+def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
+            fallback: bool = True, site: str | None = None) -> tuple[Any, ...]:
+    route = parse_route_or_error(route)
+    site = _check_site(site)
+    if not collections:
+        raise MeshError("nothing to compute: pass one or more Dask collections")
+    model = model_collections(collections)  # validates the inputs first
+    if route == "off":
+        return tuple(mesh.client.compute(list(collections), sync=True))
+    pools = build_pools(mesh.inventory())
+    plan = plan_model(model, pools, route, site=site)
+    values = run_plan(mesh, plan, fallback)
+    out = []
+    by_key = dict(zip(model.outputs, values, strict=False))
+    for c in collections:
+        finalize, extra = c.__dask_postcompute__()
+        out.append(finalize(_nest(c.__dask_keys__(), by_key), *extra))
+    return tuple(out)
+
+
+def _nest(keys: Any, values: dict[Any, Any]) -> Any:
+    if isinstance(keys, list):
+        return [_nest(k, values) for k in keys]
+    return values[keys]
+
+
+def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
+    """Submit a plan's rewritten graph and wait for its outputs (a list, by key)."""
+    client = mesh.client
+    mesh.last_plan = plan
+    routed = rewrite(plan, fallback=fallback)
+    t0 = time.perf_counter()
+    handler = getattr(client.scheduler, ROUTE_HANDLER)
+    try:
+        client.sync(handler, payload=routed.payload())
+    except Exception as exc:
+        raise MeshError(
+            f"the scheduler at {mesh.address} does not route (is jupyter_mesh installed "
+            f"there?): {exc}"
+        ) from None
+    futures = client.get(routed.graph, routed.keys, sync=False)
+    try:
+        _wait(mesh, routed.plan_id, futures, fallback)
+        values = client.gather(futures)
+    finally:
+        wall = time.perf_counter() - t0
+    status = client.sync(getattr(client.scheduler, STATUS_HANDLER), plan_id=routed.plan_id)
+    records = _collect(mesh, routed.plan_id)
+    names = {d.worker: d.name or d.worker for d in mesh.inventory()}
+    report = Report(plan, records, wall, fallbacks=status.get("events", []),
+                    worker_names=names)
+    mesh.last_report = report
+    for event in report.fallbacks:
+        warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
+    return list(values)
+
+
+def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
+    from distributed import wait
+
+    client = mesh.client
+    status = getattr(client.scheduler, STATUS_HANDLER)
+    while True:
+        try:
+            wait(futures, timeout=0.5 if not fallback else 5.0)
+            return
+        except TimeoutError:
+            pass
+        if not fallback:
+            st = client.sync(status, plan_id=plan_id)
+            if st.get("failed"):
+                client.cancel(futures)
+                raise MeshError(st["failed"])
+
+
+def _collect(mesh: Mesh, plan_id: str) -> dict[Any, tuple[str, str, float]]:
+    try:
+        per_worker = mesh.client.run(pop_records, plan_id, on_error="return")
+    except Exception:
+        return {}
+    out: dict[Any, tuple[str, str, float]] = {}
+    for addr, recs in per_worker.items():
+        if isinstance(recs, dict):
+            for key, (backend, secs) in recs.items():
+                out[key] = (addr, backend, secs)
+    return out
+
+
+# ---------------------------------------------------------------- plain .compute()
+class _RoutedScheduler:
+    """A Dask ``scheduler=`` callable that routes what plain ``.compute()`` submits."""
+
+    def __init__(self, mesh: Mesh, route: str | Target, fallback: bool) -> None:
+        self.mesh = mesh
+        self.route = route
+        self.fallback = fallback
+
+    def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        graph = dsk.__dask_graph__() if hasattr(dsk, "__dask_graph__") else dsk
+        flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
+        model = model_graph(graph, flat)
+        pools = build_pools(self.mesh.inventory())
+        plan = plan_model(model, pools, self.route)
+        values = dict(zip(model.outputs, run_plan(self.mesh, plan, self.fallback), strict=False))
+        return _nest(keys, values)
+
+
+def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Array optimization inside ``mesh.route``: cull, but never fuse (fusion would
+    merge layers of different targets and rename the keys the plan names)."""
+    keys = list(dask.core.flatten(keys if isinstance(keys, list) else [keys]))
+    try:
+        return dsk.cull(set(keys))
+    except AttributeError:
+        return dsk
+
+
+@contextlib.contextmanager
+def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Iterator[Mesh]:
+    route = parse_route_or_error(mode)
+    previous = mesh.route_mode
+    mesh.route_mode = str(route)
+    try:
+        if route == "off":
+            yield mesh
+            return
+        scheduler = _RoutedScheduler(mesh, route, fallback)
+        with dask.config.set(scheduler=scheduler, array_optimize=_cull_only):
+            yield mesh
+    finally:
+        mesh.route_mode = previous
+
+
+# ---------------------------------------------------------------- submit
+#: a representative task for each capability: float32 work on 4096-square blocks
+_REPRESENTATIVE = {
+    "matmul": dict(flops=2 * 4096.0**3, in_bytes=2 * 4096.0**2 * 4, out_bytes=4096.0**2 * 4),
+    "linalg": dict(flops=4 * 4096.0**3, in_bytes=4096.0**2 * 4, out_bytes=4096.0**2 * 4),
+    "fft": dict(flops=5 * 4096.0**2 * 12, in_bytes=4096.0**2 * 8, out_bytes=4096.0**2 * 8),
+    "elementwise": dict(flops=4096.0**2, in_bytes=4096.0**2 * 4, out_bytes=4096.0**2 * 4),
+    "reduction": dict(flops=4096.0**2, in_bytes=4096.0**2 * 4, out_bytes=4096.0 * 4),
+}
+
+
+def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None) -> tuple[str, str]:
+    """(resource, target label) of the pool that runs ``needs`` fastest."""
+    if needs not in CAPABILITIES:
+        raise MeshError(f"unknown capability needs={needs!r}: use one of {', '.join(CAPABILITIES)}")
+    pools = build_pools(mesh.inventory())
+    spec = _REPRESENTATIVE[needs]
+    op = OpInfo(name=needs, label=needs, op_class=needs, tasks=1, flops=spec["flops"],
+                in_bytes=spec["in_bytes"], out_bytes=spec["out_bytes"],
+                mem_bytes=spec["in_bytes"] + spec["out_bytes"], itemsize=4,
+                native=native_backends(needs))
+    from .classify import GraphModel
+
+    model = GraphModel(ops=[op], keys=[needs], layer=[0], deps=[[]])
+    allowed, _ = allowed_pools(model, pools, "auto", site)
+    cost = CostModel(pools)
+    best = min(allowed[0], key=lambda p: cost.exec_time(op, pools[p]))
+    return pools[best].resource, pools[best].label
+
+
+def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
+           site: Any, kwargs: dict[str, Any]) -> Any:
+    if not callable(fn):
+        raise MeshError(f"submit needs a function, not {type(fn).__name__}")
+    if on is not None and needs is not None:
+        raise MeshError("pass on= (a target) or needs= (a capability), not both")
+    site = _check_site(site)
+    inv = mesh.inventory()
+    workers = None
+    if site is not None:
+        workers = [d.worker for d in inv if d.site == site]
+        if not workers:
+            sites = sorted({d.site for d in inv})
+            raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
+    resources = None
+    if on is not None:
+        target = parse_route_or_error(on)
+        if not isinstance(target, Target):
+            raise MeshError(f"on= takes a target such as 'gpu' or 'cpu:jax', not {on!r}")
+        match = [d for d in inv if target.matches(d.kind, d.backend)
+                 and (site is None or d.site == site)]
+        if not match:
+            raise MeshError(f"no live {target} worker: the mesh has {inv.summary()}")
+        resources = {target.resource: 1}
+    elif needs is not None:
+        resource, _ = choose_for_needs(mesh, needs, site)
+        resources = {resource: 1}
+    return mesh.client.submit(fn, *args, resources=resources, workers=workers, **kwargs)

@@ -1,0 +1,252 @@
+"""Array backends the router can place work on: NumPy, CuPy and JAX.
+
+A backend knows whether it can run in this process, how to move an array onto its device
+and back to host memory, and its array namespace. Backends are registered objects,
+found by name and through the ``jupyter_mesh.backends`` entry-point group; CuPy and JAX
+are imported only when a backend is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+from ..errors import MeshError
+
+ENTRY_POINT_GROUP = "jupyter_mesh.backends"
+
+
+class Backend:
+    """One array library that drives a device kind.
+
+    Subclasses set :attr:`name` and :attr:`kinds` and implement the conversions.
+    """
+
+    name: str = ""
+    #: device kinds this backend can drive
+    kinds: tuple[str, ...] = ()
+    #: op classes whose tasks run natively in this backend (others run on host NumPy)
+    op_classes: frozenset[str] = frozenset()
+
+    def available(self) -> bool:
+        """Whether this backend can run in this process."""
+        raise NotImplementedError
+
+    def namespace(self) -> Any:
+        """The backend's array module (``numpy``, ``cupy``, ``jax.numpy``)."""
+        raise NotImplementedError
+
+    def is_device_array(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend."""
+        raise NotImplementedError
+
+    def to_device(self, x: Any) -> Any:
+        """``x`` (a host or other-backend array) as an array of this backend."""
+        raise NotImplementedError
+
+    def to_host(self, x: Any) -> Any:
+        """``x`` as a NumPy array in host memory (other objects pass through)."""
+        return x
+
+    def _fail(self, what: str, exc: BaseException) -> MeshError:
+        return MeshError(f"backend {self.name!r}: {what} failed: {exc}")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+# op classes (see classify.py)
+ALL_OPS = frozenset(
+    {"matmul", "linalg", "fft", "elementwise", "reduction", "creation", "movement", "other"}
+)
+
+
+class NumpyBackend(Backend):
+    """Host memory and NumPy: every Dask array op runs here."""
+
+    name = "numpy"
+    kinds = ("cpu",)
+    op_classes = ALL_OPS
+
+    def available(self) -> bool:
+        return True
+
+    def namespace(self) -> Any:
+        import numpy
+
+        return numpy
+
+    def is_device_array(self, x: Any) -> bool:
+        import numpy
+
+        return isinstance(x, numpy.ndarray)
+
+    def to_device(self, x: Any) -> Any:
+        return to_host_any(x)
+
+    def to_host(self, x: Any) -> Any:
+        return to_host_any(x)
+
+
+class CupyBackend(Backend):
+    """CUDA GPUs through CuPy, which dispatches NumPy's protocols (so Dask's chunk
+    functions run on it as they are)."""
+
+    name = "cupy"
+    kinds = ("gpu",)
+    op_classes = frozenset({"matmul", "linalg", "fft", "elementwise", "reduction", "movement"})
+
+    def available(self) -> bool:
+        if importlib.util.find_spec("cupy") is None:
+            return False
+        try:
+            import cupy
+
+            return bool(cupy.is_available())
+        except Exception:
+            return False
+
+    def namespace(self) -> Any:
+        try:
+            import cupy
+        except Exception as exc:
+            raise self._fail("import cupy", exc) from None
+        return cupy
+
+    def is_device_array(self, x: Any) -> bool:
+        return type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__")
+
+    def to_device(self, x: Any) -> Any:
+        if self.is_device_array(x) or not _is_array(x):
+            return x
+        cupy = self.namespace()
+        try:
+            return cupy.asarray(to_host_any(x))
+        except Exception as exc:
+            raise self._fail("copy to GPU", exc) from None
+
+    def to_host(self, x: Any) -> Any:
+        if self.is_device_array(x):
+            try:
+                return x.get()
+            except Exception as exc:
+                raise self._fail("copy to host", exc) from None
+        return x
+
+
+class JaxBackend(Backend):
+    """JAX devices (TPUs, or the CPU when testing the JAX path). JAX arrays implement
+    neither ``__array_function__`` nor ``__array_ufunc__``: tasks run through the op
+    table in :mod:`jupyter_mesh.router.jax_ops`."""
+
+    name = "jax"
+    kinds = ("tpu", "cpu", "gpu")
+    op_classes = frozenset({"matmul", "fft", "elementwise", "reduction"})
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("jax") is not None
+
+    def namespace(self) -> Any:
+        try:
+            import jax.numpy as jnp
+        except Exception as exc:
+            raise self._fail("import jax", exc) from None
+        return jnp
+
+    def is_device_array(self, x: Any) -> bool:
+        mod = type(x).__module__
+        return (mod.startswith("jax") or mod.startswith("jaxlib")) and hasattr(x, "devices")
+
+    def to_device(self, x: Any) -> Any:
+        if self.is_device_array(x) or not _is_array(x):
+            return x
+        jnp = self.namespace()
+        try:
+            return jnp.asarray(to_host_any(x))
+        except Exception as exc:
+            raise self._fail("copy to device", exc) from None
+
+    def to_host(self, x: Any) -> Any:
+        if self.is_device_array(x):
+            import numpy
+
+            try:
+                return numpy.asarray(x)
+            except Exception as exc:
+                raise self._fail("copy to host", exc) from None
+        return x
+
+
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type)
+
+
+def to_host_any(x: Any) -> Any:
+    """Any backend's array as a NumPy array; NumPy arrays and other objects pass through."""
+    import numpy
+
+    if isinstance(x, numpy.ndarray) or not _is_array(x):
+        return x
+    mod = type(x).__module__
+    if mod.startswith("cupy"):
+        return x.get()
+    if mod.startswith("jax") or mod.startswith("jaxlib"):
+        return numpy.asarray(x)
+    return x
+
+
+_BUILTIN: dict[str, type[Backend]] = {
+    "numpy": NumpyBackend,
+    "cupy": CupyBackend,
+    "jax": JaxBackend,
+}
+_registry: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    """Register (or replace) a backend under its name."""
+    if not backend.name:
+        raise MeshError(f"a backend needs a name: {backend!r}")
+    _registry[backend.name] = backend
+
+
+def _discover() -> None:
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # pragma: no cover - broken metadata
+        eps = ()
+    for ep in eps:
+        if ep.name in _registry:
+            continue
+        try:
+            cls = ep.load()
+            register_backend(cls())
+        except Exception:
+            continue  # a broken plugin must not hide the built-in backends
+
+
+def backend_names() -> list[str]:
+    """Names of every registered backend (built-in and entry points)."""
+    _ensure()
+    return sorted(_registry)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``, or :class:`MeshError` naming those that exist."""
+    _ensure()
+    try:
+        return _registry[name]
+    except KeyError:
+        raise MeshError(
+            f"unknown backend {name!r}: the registered backends are {', '.join(sorted(_registry))}"
+        ) from None
+
+
+def _ensure() -> None:
+    if not _registry:
+        for cls in _BUILTIN.values():
+            register_backend(cls())
+        _discover()

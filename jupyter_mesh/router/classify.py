@@ -1,0 +1,419 @@
+"""Classification: each layer of a Dask graph becomes an op class with a cost per task.
+
+The router plans on the graph as the user built it (before Dask's fusion merges layers
+and renames keys), so every layer still says what it computes. FLOPs and bytes per task
+come from the layers' chunk shapes and dtypes; a layer that carries none inherits the
+block size of its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from dask._task_spec import GraphNode, Task, convert_legacy_graph
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+from dask.utils import key_split
+
+from ..errors import MeshError
+
+#: op classes, cheapest question first
+OP_CLASSES: tuple[str, ...] = (
+    "matmul", "linalg", "fft", "elementwise", "reduction", "creation", "movement", "other"
+)
+#: capabilities accepted by ``needs=``
+CAPABILITIES: tuple[str, ...] = ("matmul", "linalg", "fft", "elementwise", "reduction")
+
+_TOKEN = re.compile(r"-[0-9a-f]{32}(?=$|-)")
+_RULES: tuple[tuple[str, frozenset[str]], ...] = (
+    ("matmul", frozenset({"matmul", "tensordot", "einsum", "dot", "outer", "vdot", "inner"})),
+    ("linalg", frozenset({
+        "qr", "qr2", "svd", "cholesky", "solve", "lstsq", "inv", "lu", "tsqr", "eig",
+        "eigh", "compressed", "compression", "sfqr",
+    })),
+    ("reduction", frozenset({
+        "aggregate", "partial", "combine", "sum", "nansum", "mean", "nanmean", "max", "min",
+        "nanmax", "nanmin", "prod", "std", "var", "any", "all", "argmin", "argmax", "cumsum",
+        "cumprod", "norm", "count", "moment", "agg", "chunk",
+    })),
+    ("creation", frozenset({
+        "random", "normal", "uniform", "randint", "integers", "ones", "zeros", "full",
+        "empty", "arange", "linspace", "eye", "tri", "standard", "random_sample",
+    })),
+    ("movement", frozenset({
+        "rechunk", "getitem", "concatenate", "stack", "vstack", "hstack", "transpose",
+        "reshape", "store", "array", "original", "squeeze", "expand", "broadcast", "swapaxes",
+        "moveaxis", "finalize", "split", "merge", "slice", "blocks", "pad", "flip", "roll",
+        "tile", "from", "asarray",
+    })),
+)
+_SPLIT = re.compile(r"[-_.\s]+")
+
+
+def layer_label(name: str) -> str:
+    """A layer name without its token: ``matmul-3fa1...`` → ``matmul``."""
+    label = _TOKEN.sub("", str(name))
+    return label or str(name)
+
+
+def classify_label(label: str, func: Any = None) -> str:
+    """The op class of a layer from its label and (optionally) a sample task function."""
+    low = label.lower()
+    if "fft" in low:
+        return "fft"
+    tokens = {t for t in _SPLIT.split(low) if t}
+    for cls, words in _RULES:
+        if tokens & words:
+            return cls
+    f = _unwrap(func)
+    if isinstance(f, np.ufunc) or getattr(f, "__module__", None) in ("_operator", "operator"):
+        return "elementwise"
+    if f is not None and getattr(f, "__name__", "") in _ELEMENTWISE_NAMES:
+        return "elementwise"
+    return "other"
+
+
+_ELEMENTWISE_NAMES = {
+    "add", "subtract", "multiply", "divide", "true_divide", "power", "sin", "cos", "exp",
+    "log", "sqrt", "abs", "absolute", "negative", "where", "clip", "astype", "maximum",
+    "minimum", "tanh", "square", "_astype",
+}
+
+
+def _unwrap(func: Any) -> Any:
+    seen = 0
+    while seen < 8 and func is not None:
+        seen += 1
+        if hasattr(func, "func") and hasattr(func, "keywords"):  # functools.partial
+            func = func.func
+        elif type(func).__name__ == "Compose" and hasattr(func, "funcs"):
+            func = func.funcs[0]
+        else:
+            break
+    return func
+
+
+@dataclass
+class OpInfo:
+    """One operation (graph layer) of a computation, as the cost model sees it."""
+
+    name: str
+    label: str
+    op_class: str
+    tasks: int = 0
+    flops: float = 0.0          # per task
+    mem_bytes: float = 0.0      # bytes streamed through device memory, per task
+    out_bytes: float = 0.0      # bytes of one output block
+    in_bytes: float = 0.0       # bytes of all inputs of one task (average)
+    itemsize: int = 8
+    block: tuple[float, ...] = ()
+    func: Any = None
+    #: backends that run this op natively (others would run it on host NumPy)
+    native: frozenset[str] = frozenset({"numpy"})
+
+    def to_row(self) -> dict[str, Any]:
+        return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
+
+
+@dataclass
+class GraphModel:
+    """A computation as the planner sees it: tasks in topological order, with layers.
+
+    ``keys[i]``, ``layer[i]`` (index into ``ops``), ``deps[i]`` (task indices) and
+    ``out_bytes[i]`` describe task ``i``; ``tasks`` holds the Dask task objects for the
+    rewrite (absent for synthetic models).
+    """
+
+    ops: list[OpInfo]
+    keys: list[Any]
+    layer: list[int]
+    deps: list[list[int]]
+    outputs: list[Any] = field(default_factory=list)
+    tasks: dict[Any, GraphNode] | None = None
+    pins: dict[int, str] = field(default_factory=dict)  # task index -> site
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def consumers(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in self.keys]
+        for i, ds in enumerate(self.deps):
+            for d in ds:
+                out[d].append(i)
+        return out
+
+
+def _sample_func(node: Any) -> Any:
+    if isinstance(node, Task):
+        return node.func
+    if isinstance(node, tuple) and node and callable(node[0]):
+        return node[0]
+    return None
+
+
+def _layer_meta(layer: Any) -> tuple[tuple[float, ...], int] | None:
+    ann = getattr(layer, "collection_annotations", None) or {}
+    chunks = ann.get("chunks")
+    dtype = ann.get("dtype")
+    if not chunks:
+        return None
+    try:
+        block = tuple(sum(c) / max(len(c), 1) for c in chunks)
+        size = np.dtype(dtype).itemsize if dtype is not None else 8
+    except Exception:
+        return None
+    if any(isinstance(b, float) and math.isnan(b) for b in block):
+        return None
+    return block, int(size)
+
+
+def _collection_graph(collections: Iterable[Any]) -> tuple[HighLevelGraph, list[Any]]:
+    import dask
+
+    colls = list(collections)
+    if not colls:
+        raise MeshError("nothing to route: pass one or more Dask collections")
+    graphs = []
+    keys: list[Any] = []
+    for c in colls:
+        if not dask.is_dask_collection(c):
+            raise MeshError(
+                f"the router needs Dask collections (dask.array, dask.delayed, ...), not "
+                f"{type(c).__name__}: compute plain values directly"
+            )
+        g = c.__dask_graph__()
+        if not isinstance(g, HighLevelGraph):
+            g = HighLevelGraph.from_collections(f"graph-{id(g)}", g, dependencies=())
+        graphs.append(g)
+        keys.extend(flatten(c.__dask_keys__()))
+    hlg = HighLevelGraph.merge(*graphs) if len(graphs) > 1 else graphs[0]
+    return hlg, keys
+
+
+def model_collections(collections: Iterable[Any]) -> GraphModel:
+    """Build the :class:`GraphModel` of Dask collections (culled, unfused)."""
+    hlg, keys = _collection_graph(collections)
+    return model_graph(hlg, keys)
+
+
+def model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
+    """Build the :class:`GraphModel` of a graph for the output ``keys``."""
+    if not isinstance(graph, HighLevelGraph):
+        graph = _group_dict(graph)
+    keyset = set(keys)
+    try:
+        graph = graph.cull(keyset)
+    except Exception:
+        pass
+    order = _layer_order(graph)
+    raw: dict[Any, Any] = {}
+    layer_of_key: dict[Any, int] = {}
+    ops: list[OpInfo] = []
+    metas: list[tuple[tuple[float, ...], int] | None] = []
+    for name in order:
+        layer = graph.layers[name]
+        items = dict(layer)
+        if not items:
+            continue
+        idx = len(ops)
+        func = _sample_func(next(iter(items.values())))
+        label = layer_label(name)
+        ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
+                          func=func))
+        metas.append(_layer_meta(layer))
+        for k in items:
+            layer_of_key[k] = idx
+        raw.update(items)
+    missing = [k for k in keyset if k not in raw]
+    if missing:
+        raise MeshError(f"the graph has no task for key {missing[0]!r}")
+    tasks = convert_legacy_graph(raw)
+    return _build_model(tasks, layer_of_key, ops, metas, keys)
+
+
+def _group_dict(dsk: dict) -> HighLevelGraph:
+    groups: dict[str, dict] = {}
+    for k, v in dsk.items():
+        groups.setdefault(key_split(k), {})[k] = v
+    layers = {name: MaterializedLayer(d) for name, d in groups.items()}
+    deps: dict[str, set[str]] = {name: set() for name in layers}
+    return HighLevelGraph(layers, deps)
+
+
+def _layer_order(graph: HighLevelGraph) -> list[str]:
+    try:
+        return list(graph._toposort_layers())
+    except Exception:
+        return list(graph.layers)
+
+
+def _build_model(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int], ops: list[OpInfo],
+                 metas: list[Any], outputs: list[Any]) -> GraphModel:
+    # Kahn's algorithm, seeded in layer order, so tasks come out in topological order
+    keys_in = sorted(tasks, key=lambda k: layer_of_key.get(k, 0))
+    indeg: dict[Any, int] = {}
+    children: dict[Any, list[Any]] = {}
+    for k in keys_in:
+        ds = [d for d in tasks[k].dependencies if d in tasks]
+        indeg[k] = len(ds)
+        for d in ds:
+            children.setdefault(d, []).append(k)
+    ready = deque(k for k in keys_in if indeg[k] == 0)
+    keys: list[Any] = []
+    while ready:
+        k = ready.popleft()
+        keys.append(k)
+        for c in children.get(k, ()):
+            indeg[c] -= 1
+            if indeg[c] == 0:
+                ready.append(c)
+    if len(keys) != len(tasks):
+        raise MeshError("the graph has a cycle: it cannot be routed")
+    index = {k: i for i, k in enumerate(keys)}
+    layer = [layer_of_key.get(k, 0) for k in keys]
+    deps = [[index[d] for d in tasks[k].dependencies if d in index] for k in keys]
+    _fill_costs(ops, metas, layer, deps)
+    for k in keys:
+        ops[layer_of_key.get(k, 0)].tasks += 1
+    for op in ops:
+        op.native = native_backends(op.op_class, op.func)
+    return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
+                      tasks=tasks)
+
+
+_CUPY_CLASSES = frozenset({"matmul", "linalg", "fft", "elementwise", "reduction", "movement"})
+_JAX_CLASSES = frozenset({"matmul", "fft", "elementwise", "reduction", "movement"})
+
+
+def native_backends(op_class: str, func: Any = None) -> frozenset[str]:
+    """The backends that run an op natively: NumPy always; CuPy for array math; JAX
+    only for functions in its op table (when ``func`` is None, by op class alone)."""
+    from . import jax_ops
+
+    out = {"numpy"}
+    if op_class in _CUPY_CLASSES:
+        out.add("cupy")
+    if op_class in _JAX_CLASSES and (func is None or jax_ops.supported(func)):
+        if func is not None or op_class != "movement":
+            out.add("jax")
+    return frozenset(out)
+
+
+def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
+                deps: list[list[int]]) -> None:
+    """Per-layer block sizes, then FLOPs and bytes per task from them."""
+    n = len(ops)
+    dep_layers: list[set[int]] = [set() for _ in range(n)]
+    in_sum = [0.0] * n
+    counts = [0] * n
+    for i, ds in enumerate(deps):
+        li = layer[i]
+        counts[li] += 1
+        for d in ds:
+            dep_layers[li].add(layer[d])
+    # block sizes in layer (topological) order; layers without metadata inherit
+    for li, op in enumerate(ops):
+        meta = metas[li]
+        if meta is None:
+            parents = [ops[p] for p in dep_layers[li] if p != li]
+            if parents:
+                src = max(parents, key=lambda o: o.out_bytes)
+                op.block, op.itemsize = src.block, src.itemsize
+                op.out_bytes = src.out_bytes
+            else:
+                op.block, op.itemsize, op.out_bytes = (), 8, 8.0
+        else:
+            op.block, op.itemsize = meta
+            op.out_bytes = float(math.prod(op.block)) * op.itemsize if op.block else 8.0
+    for i, ds in enumerate(deps):
+        li = layer[i]
+        for d in ds:
+            in_sum[li] += ops[layer[d]].out_bytes
+    for li, op in enumerate(ops):
+        op.in_bytes = in_sum[li] / counts[li] if counts[li] else 0.0
+        op.flops, op.mem_bytes = task_cost(op, [ops[p] for p in dep_layers[li] if p != li])
+
+
+def task_cost(op: OpInfo, parents: list[OpInfo]) -> tuple[float, float]:
+    """(FLOPs, bytes through memory) of one task of ``op``."""
+    size = max(op.itemsize, 1)
+    o = op.out_bytes / size
+    i = op.in_bytes / size
+    cls = op.op_class
+    mem = op.in_bytes + op.out_bytes
+    if cls == "matmul":
+        k = (i / 2.0) / math.sqrt(o) if o > 0 else 0.0
+        return 2.0 * o * k, mem
+    if cls == "linalg":
+        block = parents[0].block if parents and parents[0].block else op.block
+        dims = sorted(block, reverse=True)[:2] if block else [math.sqrt(max(i, 1))] * 2
+        m = dims[0]
+        nn = dims[1] if len(dims) > 1 else dims[0]
+        return 4.0 * m * nn * nn, mem
+    if cls == "fft":
+        length = max(op.block) if op.block else max(o, 2)
+        return 5.0 * o * math.log2(max(length, 2)), mem
+    if cls == "elementwise":
+        return max(o, i), mem
+    if cls == "reduction":
+        return max(i, o), mem
+    if cls == "creation":
+        return 10.0 * o, op.out_bytes
+    return 0.0, mem
+
+
+def synthetic_model(layers: list[dict[str, Any]]) -> GraphModel:
+    """A model built from layer descriptions, for tests and the simulator.
+
+    Each layer: ``name``, ``op_class``, ``tasks``, ``flops``, ``out_bytes`` and
+    ``deps``: a list of (layer index, "map"|"all"|"pairs") edges: ``map`` links task j to
+    task j of the parent (modulo its size), ``all`` links every task to every parent
+    task, and an int k links task j to k consecutive parent tasks (a tree reduction).
+    """
+    ops: list[OpInfo] = []
+    keys: list[Any] = []
+    layer: list[int] = []
+    deps: list[list[int]] = []
+    starts: list[int] = []
+    for li, spec in enumerate(layers):
+        op = OpInfo(
+            name=spec["name"], label=spec.get("label", spec["name"]),
+            op_class=spec["op_class"], flops=float(spec.get("flops", 0.0)),
+            out_bytes=float(spec.get("out_bytes", 8.0)), itemsize=int(spec.get("itemsize", 8)),
+            native=frozenset(spec["native"]) if "native" in spec
+            else native_backends(spec["op_class"]),
+        )
+        starts.append(len(keys))
+        for j in range(int(spec["tasks"])):
+            ds: list[int] = []
+            for parent, how in spec.get("deps", []):
+                p0, pn = starts[parent], ops[parent].tasks
+                if how == "map":
+                    ds.append(p0 + j % pn)
+                elif how == "all":
+                    ds.extend(range(p0, p0 + pn))
+                else:
+                    k = int(how)
+                    ds.extend(p0 + (j * k + t) % pn for t in range(k))
+            keys.append((op.name, j))
+            layer.append(li)
+            deps.append(ds)
+        op.tasks = int(spec["tasks"])
+        in_b = sum(ops[p].out_bytes * (ops[p].tasks if h == "all" else (1 if h == "map" else int(h)))
+                   for p, h in spec.get("deps", []))
+        op.in_bytes = float(spec.get("in_bytes", in_b))
+        op.mem_bytes = float(spec.get("mem_bytes", op.in_bytes + op.out_bytes))
+        ops.append(op)
+    return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=[keys[-1]])
+
+
+__all__ = [
+    "CAPABILITIES", "OP_CLASSES", "GraphModel", "OpInfo", "classify_label", "layer_label",
+    "model_collections", "model_graph", "synthetic_model", "task_cost",
+]

@@ -1,0 +1,160 @@
+"""The cost model: seconds for an op on a device pool, and for moving bytes between pools.
+
+Device figures come from the inventory's profiles (each says whether it was measured,
+looked up or modelled); link figures come from ``mesh.links.*`` config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _config
+from ..devices._profile import Profile
+from ..targets import backend_resource
+from .classify import OpInfo
+
+#: fraction of peak FLOP/s an op class reaches (matmul near peak; FFTs and factorizations
+#: are memory- and latency-bound well below it)
+EFFICIENCY: dict[str, float] = {
+    "matmul": 0.7, "linalg": 0.3, "fft": 0.15, "elementwise": 0.25, "reduction": 0.25,
+    "creation": 0.05, "movement": 1.0, "other": 0.1,
+}
+#: a CPU of unknown profile (a plain Dask worker): conservative laptop-class figures
+ASSUMED_CPU = Profile(flops32=5e10, flops64=2.5e10, mem_bandwidth=1e10, launch_latency=2e-6,
+                      method="assumed", source="no profile advertised: assumed figures")
+
+
+@dataclass
+class Pool:
+    """Devices that are interchangeable for the planner: one kind, backend and site."""
+
+    kind: str
+    backend: str
+    site: str
+    workers: list[str] = field(default_factory=list)
+    slots: int = 0
+    profile: Profile = field(default_factory=lambda: ASSUMED_CPU)
+    label: str = ""
+
+    @property
+    def target(self) -> str:
+        return f"{self.kind}:{self.backend}"
+
+    @property
+    def resource(self) -> str:
+        return backend_resource(self.kind, self.backend)
+
+    @property
+    def accelerator(self) -> bool:
+        return self.kind != "cpu"
+
+
+def build_pools(devices: Iterable[Any]) -> list[Pool]:
+    """Group inventory devices into pools by (kind, backend, site)."""
+    groups: dict[tuple[str, str, str], list[Any]] = {}
+    for d in devices:
+        groups.setdefault((d.kind, d.backend, d.site), []).append(d)
+    sites = {site for (_, _, site) in groups}
+    pools = []
+    for (kind, backend, site), devs in sorted(groups.items()):
+        profs = [d.profile for d in devs if d.profile is not None]
+        prof = _mean_profile(profs) if profs else ASSUMED_CPU
+        label = f"{kind}:{backend}" + (f"@{site}" if len(sites) > 1 else "")
+        pools.append(Pool(kind, backend, site, [d.worker for d in devs],
+                          sum(max(int(d.nthreads), 1) for d in devs), prof, label))
+    return pools
+
+
+def _mean_profile(profs: list[Profile]) -> Profile:
+    n = len(profs)
+    if n == 1:
+        return profs[0]
+    return Profile(
+        flops32=sum(p.flops32 for p in profs) / n,
+        flops64=sum(p.flops64 for p in profs) / n,
+        mem_bandwidth=sum(p.mem_bandwidth for p in profs) / n,
+        host_link_bandwidth=sum(p.host_link_bandwidth for p in profs) / n,
+        launch_latency=max(p.launch_latency for p in profs),
+        method=profs[0].method, source=profs[0].source,
+    )
+
+
+@dataclass
+class Links:
+    """Bandwidths (bytes/s) and latencies (s) of the links data crosses."""
+
+    pcie_bandwidth: float = 25e9
+    pcie_latency: float = 1e-5
+    network_bandwidth: float = 1.25e9
+    network_latency: float = 2e-4
+    wan_bandwidth: float = 6.25e8
+    wan_latency: float = 0.03
+
+    @classmethod
+    def from_config(cls) -> Links:
+        def num(key: str) -> float:
+            return float(_config.get_seconds(f"links.{key}", allow_zero=False))
+
+        return cls(
+            pcie_bandwidth=num("pcie-bandwidth"), pcie_latency=num("pcie-latency"),
+            network_bandwidth=num("network-bandwidth"),
+            network_latency=num("network-latency"),
+            wan_bandwidth=num("wan-bandwidth"), wan_latency=num("wan-latency"),
+        )
+
+
+class CostModel:
+    """Seconds per task of an op on a pool, and seconds to move bytes between pools."""
+
+    def __init__(self, pools: list[Pool], links: Links | None = None,
+                 task_overhead: float | None = None) -> None:
+        self.pools = pools
+        self.links = links or Links.from_config()
+        self.task_overhead = (
+            _config.get_seconds("task-overhead") if task_overhead is None else task_overhead
+        )
+        n = len(pools)
+        self.latency = [[0.0] * n for _ in range(n)]
+        self.inv_bw = [[0.0] * n for _ in range(n)]
+        for a, pa in enumerate(pools):
+            for b, pb in enumerate(pools):
+                if a != b:
+                    self.latency[a][b], self.inv_bw[a][b] = self._link(pa, pb)
+
+    def _link(self, pa: Pool, pb: Pool) -> tuple[float, float]:
+        ln = self.links
+        if pa.site != pb.site:
+            lat, inv = ln.wan_latency, 1.0 / ln.wan_bandwidth
+        else:
+            lat, inv = ln.network_latency, 1.0 / ln.network_bandwidth
+        for p in (pa, pb):
+            if p.accelerator:
+                bw = p.profile.host_link_bandwidth or ln.pcie_bandwidth
+                lat += ln.pcie_latency
+                inv += 1.0 / bw
+        return lat, inv
+
+    def transfer(self, nbytes: float, a: int, b: int) -> float:
+        """Seconds to move ``nbytes`` from pool ``a`` to pool ``b`` (0 within a pool)."""
+        if a == b:
+            return 0.0
+        return self.latency[a][b] + nbytes * self.inv_bw[a][b]
+
+    def exec_time(self, op: OpInfo, pool: Pool) -> float:
+        """Seconds one task of ``op`` takes on one device of ``pool``."""
+        prof = pool.profile
+        native = pool.backend in op.native
+        if not native:
+            # runs on the host CPU of that worker, after a copy off the device
+            prof = ASSUMED_CPU if pool.accelerator else prof
+        rate = prof.flops(op.itemsize)
+        if rate <= 0:  # e.g. no float64 units on a TPU: emulated, slowly
+            rate = prof.flops32 / 16.0
+        compute = op.flops / (rate * EFFICIENCY.get(op.op_class, 0.1)) if op.flops else 0.0
+        memory = op.mem_bytes / prof.mem_bandwidth if prof.mem_bandwidth else 0.0
+        t = prof.launch_latency + self.task_overhead + max(compute, memory)
+        if not native and pool.accelerator:
+            t += 2 * (self.links.pcie_latency + op.in_bytes / self.links.pcie_bandwidth)
+        return t

@@ -1,0 +1,257 @@
+"""What the router decided (:class:`Plan`) and what then happened (:class:`Report`).
+
+Both expose ``rows``: one dict per operation (graph layer) with ``op``, ``target``,
+``tasks``, ``est_seconds`` (summed task seconds the cost model expects) and
+``bytes_moved`` (bytes that cross between device kinds on the way into the op); a
+report adds ``backends``, ``workers`` and ``seconds`` (summed measured task seconds).
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter
+from typing import Any
+
+from ..inventory import format_bytes
+from .classify import GraphModel
+from .cost import CostModel, Pool
+
+
+class Plan:
+    """The router's decision for one computation."""
+
+    def __init__(self, model: GraphModel, pools: list[Pool], route: str, pool_of: list[int],
+                 start: list[float], finish: list[float], cost: CostModel, *,
+                 notes: list[str] | None = None, site: str | None = None) -> None:
+        self.model = model
+        self.pools = pools
+        self.route = route
+        self.pool_of = pool_of
+        self.start = start
+        self.finish = finish
+        self.cost = cost
+        self.notes = list(notes or [])
+        self.site = site
+        self._rows: list[dict[str, Any]] | None = None
+        self._to_host: list[bool] | None = None
+        self._row_layers: list[int] = []
+
+    # ------------------------------------------------------------------ summary
+    @property
+    def routed(self) -> bool:
+        return self.route != "off"
+
+    @property
+    def makespan(self) -> float:
+        """Estimated seconds from start to the last task's end."""
+        return max(self.finish) if self.finish else 0.0
+
+    @property
+    def bytes_moved(self) -> float:
+        return float(sum(r["bytes_moved"] for r in self.rows))
+
+    def _kind_of(self, p: int) -> tuple[str, str]:
+        pool = self.pools[p]
+        return pool.kind, pool.backend
+
+    @property
+    def to_host(self) -> list[bool]:
+        """Per task: whether its result is handed over as a host array.
+
+        True where a consumer runs on another kind or backend, for the computation's
+        outputs, and for host (NumPy) results; False keeps the result on the device for
+        consumers on the same device kind.
+        """
+        if self._to_host is None:
+            m = self.model
+            outputs = set(m.outputs)
+            flags = [False] * len(m.keys)
+            host = [self.pools[p].backend == "numpy" for p in self.pool_of]
+            for i, ds in enumerate(m.deps):
+                ki = self._kind_of(self.pool_of[i])
+                for d in ds:
+                    if not flags[d] and self._kind_of(self.pool_of[d]) != ki:
+                        flags[d] = True
+            for i, k in enumerate(m.keys):
+                if host[i] or k in outputs:
+                    flags[i] = True
+            self._to_host = flags
+        return self._to_host
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            self._rows = self._make_rows()
+        return self._rows
+
+    def _make_rows(self) -> list[dict[str, Any]]:
+        m = self.model
+        nops = len(m.ops)
+        targets: list[Counter[str]] = [Counter() for _ in range(nops)]
+        est = [0.0] * nops
+        moved = [0.0] * nops
+        for i, p in enumerate(self.pool_of):
+            li = m.layer[i]
+            targets[li][self.pools[p].label] += 1
+            est[li] += self.finish[i] - self.start[i]
+            kp = self._kind_of(p)
+            for d in m.deps[i]:
+                if self._kind_of(self.pool_of[d]) != kp:
+                    moved[li] += m.ops[m.layer[d]].out_bytes
+        rows = []
+        self._row_layers = []
+        for li, op in enumerate(m.ops):
+            if not op.tasks:
+                continue
+            self._row_layers.append(li)
+            rows.append({
+                "op": op.label,
+                "class": op.op_class,
+                "target": _target_text(targets[li]) if self.routed else "any (not routed)",
+                "tasks": op.tasks,
+                "est_seconds": est[li],
+                "bytes_moved": moved[li],
+            })
+        return rows
+
+    def assignment(self) -> dict[Any, str]:
+        """``{key: pool label}`` for every task."""
+        return {k: self.pools[p].label for k, p in zip(self.model.keys, self.pool_of, strict=False)}
+
+    # ------------------------------------------------------------------ display
+    def _header(self) -> str:
+        return (
+            f"Plan (route={self.route}{', site=' + self.site if self.site else ''}): "
+            f"{len(self.model.keys)} tasks in {len(self.rows)} ops over "
+            f"{', '.join(f'{p.label}×{len(p.workers)}' for p in self.pools) or 'no devices'}; "
+            f"est. {_secs(self.makespan)} makespan, {format_bytes(self.bytes_moved) or '0 B'} "
+            f"moved between kinds"
+        )
+
+    def __repr__(self) -> str:
+        lines = [self._header()]
+        lines.append(_text_table(self.rows, PLAN_COLUMNS))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        return (
+            f"<div class='jupyter-mesh-plan'><b>{html.escape(self._header())}</b>"
+            f"{_html_table(self.rows, PLAN_COLUMNS)}"
+            + (f"<ul>{notes}</ul>" if notes else "") + "</div>"
+        )
+
+
+class Report:
+    """What happened in one routed computation, next to its plan."""
+
+    def __init__(self, plan: Plan, records: dict[Any, tuple[str, str, float]],
+                 wall_seconds: float, *, fallbacks: list[str] | None = None,
+                 worker_names: dict[str, str] | None = None) -> None:
+        self.plan = plan
+        #: key -> (worker address, backend that ran it, seconds)
+        self.records = records
+        self.wall_seconds = wall_seconds
+        self.fallbacks = list(fallbacks or [])
+        self.worker_names = dict(worker_names or {})
+        self._rows: list[dict[str, Any]] | None = None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        if self._rows is None:
+            m = self.plan.model
+            nops = len(m.ops)
+            backends: list[set[str]] = [set() for _ in range(nops)]
+            workers: list[set[str]] = [set() for _ in range(nops)]
+            secs = [0.0] * nops
+            for i, k in enumerate(m.keys):
+                rec = self.records.get(k)
+                if rec is None:
+                    continue
+                li = m.layer[i]
+                addr, backend, s = rec
+                backends[li].add(backend)
+                workers[li].add(self.worker_names.get(addr, addr))
+                secs[li] += s
+            rows = []
+            plan_rows = self.plan.rows
+            for row, li in zip(plan_rows, self.plan._row_layers, strict=False):
+                rows.append(dict(row, backends=sorted(backends[li]),
+                                 workers=sorted(workers[li]), seconds=secs[li]))
+            self._rows = rows
+        return self._rows
+
+    def ran_on(self, op_label: str) -> list[str]:
+        """Backends that ran the op whose label starts with ``op_label``."""
+        out: set[str] = set()
+        for row in self.rows:
+            if row["op"].startswith(op_label):
+                out.update(row["backends"])
+        return sorted(out)
+
+    def _header(self) -> str:
+        return (
+            f"Report (route={self.plan.route}): {len(self.plan.model.keys)} tasks, "
+            f"{_secs(self.wall_seconds)} wall, est. {_secs(self.plan.makespan)}"
+        )
+
+    def __repr__(self) -> str:
+        lines = [self._header(), _text_table(self.rows, REPORT_COLUMNS)]
+        lines.extend(f"fallback: {f}" for f in self.fallbacks)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        fb = "".join(f"<li>{html.escape(f)}</li>" for f in self.fallbacks)
+        return (
+            f"<div class='jupyter-mesh-report'><b>{html.escape(self._header())}</b>"
+            f"{_html_table(self.rows, REPORT_COLUMNS)}"
+            + (f"<ul>{fb}</ul>" if fb else "") + "</div>"
+        )
+
+
+PLAN_COLUMNS = ("op", "class", "target", "tasks", "est_seconds", "bytes_moved")
+REPORT_COLUMNS = PLAN_COLUMNS + ("backends", "workers", "seconds")
+
+
+def _target_text(c: Counter[str]) -> str:
+    if len(c) == 1:
+        return next(iter(c))
+    return " + ".join(f"{label}×{n}" for label, n in c.most_common())
+
+
+def _secs(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
+def _cell(col: str, v: Any) -> str:
+    if col in ("est_seconds", "seconds"):
+        return _secs(float(v))
+    if col == "bytes_moved":
+        return format_bytes(v) if v else "0 B"
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+def _text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+    cells = [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[j]) for row in cells]) for j, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
+    out.extend(fmt.format(*row) for row in cells)
+    return "\n".join(line.rstrip() for line in out)
+
+
+def _html_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(c, r.get(c, '')))}</td>" for c in cols)
+        + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
