@@ -118,15 +118,16 @@ def check_identifier(name: Any, option: str) -> str:
 def check_timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, str):
+    value = timeout
+    if isinstance(value, str):
         try:
-            timeout = float(timeout)
+            value = float(value)
         except ValueError:
             pass
-    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-            or not math.isfinite(timeout) or timeout <= 0):
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
         raise MeshError(f"--timeout must be a positive number of seconds, not {timeout!r}")
-    return float(timeout)
+    return float(value)
 
 
 def pack(name: str, value: Any) -> Serialized:

@@ -1,0 +1,338 @@
+"""Remote cells in this process: ``Mesh.run_cell`` and the ``%%mesh --remote`` magic.
+
+One small mesh (a NumPy CPU worker and a JAX CPU worker) is shared by the module.
+"""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+
+import numpy as np
+import pytest
+from IPython.core.error import UsageError
+
+import jupyter_mesh as jm
+from jupyter_mesh import _state
+from jupyter_mesh.remote import RemoteCellError, RemoteCellTimeout, _client
+
+pytest.importorskip("jax")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    active = _state.active()
+    if active is not None:
+        active.close()
+    m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, site="lab")
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def ip(mesh):
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "jupyter_mesh")
+    yield shell
+
+
+@pytest.fixture
+def fresh(mesh, ip):
+    """Each test starts with no remote namespaces and no sticky workers."""
+    _state.set_current(mesh)
+    mesh.reset_remote()
+    yield mesh
+
+
+def remote(ip, line, cell):
+    return ip.run_cell_magic("mesh", "--remote " + line, cell)
+
+
+def worker_sessions(mesh):
+    def count(dask_worker):
+        ext = dask_worker.extensions.get("jupyter-mesh-remote")
+        return {s.id: s.cells for s in ext.sessions.values()} if ext else {}
+
+    return mesh.client.run(count)
+
+
+# ---------------------------------------------------------------- state, push, pull
+def test_push_state_and_pull_through_the_magic(ip, fresh, capsys):
+    ip.user_ns["a"] = 21
+    remote(ip, "--push a", "b = a * 2\nprint(b)")
+    assert capsys.readouterr().out == "42\n"
+    assert "b" not in ip.user_ns or ip.user_ns["b"] != 42
+    remote(ip, "--pull b", "b = b + 1")
+    assert ip.user_ns["b"] == 43
+
+
+def test_later_cells_stick_to_one_worker(fresh):
+    pids = {fresh.run_cell("import os\nos.getpid()", on="cpu", value=True).value
+            for _ in range(3)}
+    assert len(pids) == 1
+    r = fresh.run_cell("x = 1", on="cpu")
+    assert fresh.run_cell("x + 1", on="cpu", value=True).value == 2
+    assert fresh.run_cell("x", on="cpu").worker == r.worker
+
+
+def test_last_expression_is_the_cells_output(ip, fresh):
+    result = ip.run_cell("%%mesh --remote\n6 * 7")
+    assert result.success
+    assert repr(result.result) == "42"
+    assert ip.run_cell("%%mesh --remote\n6 * 7;").result is None
+    assert ip.run_cell("%%mesh --remote\nnone = None\nnone").result is None
+
+
+def test_output_option_stores_the_value(ip, fresh):
+    remote(ip, "-o res", "import numpy as np\nnp.arange(4) * 2")
+    np.testing.assert_array_equal(ip.user_ns["res"], [0, 2, 4, 6])
+
+
+def test_large_arrays_push_and_pull(ip, fresh):
+    big = np.random.default_rng(0).random(4_000_000)  # 32 MB
+    ip.user_ns["big"] = big
+    remote(ip, "--push big --pull twice", "twice = big * 2")
+    np.testing.assert_array_equal(ip.user_ns["twice"], big * 2)
+
+
+def test_rich_display_comes_back(fresh, monkeypatch):
+    shown = []
+    monkeypatch.setattr(_client, "_display", lambda data, md: shown.append(data))
+    r = fresh.run_cell(
+        "from IPython.display import HTML\ndisplay(HTML('<b>hi</b>'))\nHTML('<i>last</i>')"
+    )
+    assert shown[0]["text/html"] == "<b>hi</b>"
+    assert r.data["text/html"] == "<i>last</i>"
+
+
+def test_output_streams_while_the_cell_runs(fresh, monkeypatch):
+    arrivals = []
+    show = _client.RemoteCells._show
+
+    def record(self, run, payload, labelled):
+        arrivals.append((time.monotonic(), payload[0][0][2]))
+        show(self, run, payload, labelled)
+
+    monkeypatch.setattr(_client.RemoteCells, "_show", record)
+    fresh.run_cell("import time\nprint('first', flush=True)\ntime.sleep(1.5)\nprint('second')")
+    ended = time.monotonic()
+    assert arrivals[0][1] == "first\n"
+    # a generous sanity bound: the first line came well before the cell ended
+    assert ended - arrivals[0][0] > 0.75
+
+
+# ---------------------------------------------------------------- targets
+def test_on_cpu_jax_runs_on_the_jax_worker(ip, fresh):
+    r = fresh.run_cell(
+        "import jax, jax.numpy as jnp\n(jax.default_backend(), float(jnp.ones(3).sum()))",
+        on="cpu:jax", value=True,
+    )
+    assert (r.kind, r.backend) == ("cpu", "jax")
+    assert r.value == ("cpu", 3.0)
+    remote(ip, "--on cpu:jax -o backend_name", "import jax\njax.default_backend()")
+    assert ip.user_ns["backend_name"] == "cpu"
+
+
+def test_on_cpu_numpy_and_site(fresh):
+    r = fresh.run_cell("1", on="cpu:numpy", site="lab")
+    assert (r.backend, r.site) == ("numpy", "lab")
+
+
+def test_all_runs_everywhere_with_labelled_output(ip, fresh, capsys):
+    remote(ip, "--all -o where", "import os\nprint('pid', os.getpid())\nos.getpid()")
+    out = capsys.readouterr().out
+    assert "[cpu-0] pid " in out and "[jax-cpu-0] pid " in out
+    assert "Out[cpu-0]:" in out and "Out[jax-cpu-0]:" in out
+    where = ip.user_ns["where"]
+    assert set(where) == {"cpu-0", "jax-cpu-0"} and len(set(where.values())) == 2
+    results = fresh.run_cell("1", all=True)
+    assert sorted(r.backend for r in results) == ["jax", "numpy"]
+
+
+def test_all_with_pull_gives_one_value_per_worker(ip, fresh):
+    remote(ip, "--all --pull k", "import jupyter_mesh\nk = 5")
+    assert ip.user_ns["k"] == {"cpu-0": 5, "jax-cpu-0": 5}
+
+
+# ---------------------------------------------------------------- errors
+def test_remote_exception_shows_remote_traceback_worker_and_kind(fresh):
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell("def f():\n    return 1 / 0\nf()", on="cpu:numpy")
+    err = info.value
+    assert (err.ename, err.kind, err.backend) == ("ZeroDivisionError", "cpu", "numpy")
+    text = "\n".join(err._render_traceback_())
+    assert "Remote ZeroDivisionError" in text and "cpu-0 (cpu:numpy)" in text
+    assert "return 1 / 0" in text and "in f" in text
+    assert "distributed" not in text and "_runner" not in text
+
+
+def test_remote_exception_fails_the_cell_in_ipython(ip, fresh, capsys):
+    result = ip.run_cell("%%mesh --remote --on cpu:jax\nraise ValueError('nope')")
+    assert isinstance(result.error_in_exec, RemoteCellError)
+    out = capsys.readouterr()
+    shown = out.out + out.err
+    assert "Remote ValueError" in shown and "(cpu:jax)" in shown and "nope" in shown
+
+
+def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
+    fresh.run_cell("ok = 1")
+    before = worker_sessions(fresh)
+    with pytest.raises(SyntaxError):
+        remote(ip, "", "x = (1,\n")
+    result = ip.run_cell("%%mesh --remote\ndef broken(:\n    pass")
+    assert isinstance(result.error_in_exec, SyntaxError)
+    assert worker_sessions(fresh) == before
+
+
+def test_remote_systemexit_is_an_error_not_a_dead_worker(fresh):
+    with pytest.raises(RemoteCellError, match="SystemExit"):
+        fresh.run_cell("raise SystemExit(3)")
+    assert fresh.run_cell("2", value=True).value == 2
+
+
+# ---------------------------------------------------------------- interrupt, timeout
+def _interrupt_soon(delay):
+    timer = threading.Timer(delay, _thread.interrupt_main)
+    timer.start()
+    return timer
+
+
+def test_interrupt_stops_the_remote_code_and_keeps_the_worker(fresh, capsys):
+    fresh.run_cell("import time\nsteps = 0", on="cpu")
+    timer = _interrupt_soon(0.6)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("while True:\n    steps += 1\n    time.sleep(0.01)", on="cpu")
+    timer.join()
+    assert time.monotonic() - started < 10
+    assert "interrupted the remote cell on cpu-0" in capsys.readouterr().err
+    steps = fresh.run_cell("steps", on="cpu", value=True).value
+    assert steps > 0
+    time.sleep(0.2)
+    assert fresh.run_cell("steps", on="cpu", value=True).value == steps  # it stopped
+
+
+def test_interrupt_of_code_blocked_outside_python(fresh, capsys, monkeypatch):
+    import dask
+
+    with dask.config.set({"mesh.remote.interrupt-grace": 0.5}):
+        timer = _interrupt_soon(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            fresh.run_cell("import time\ntime.sleep(3)\nafter = 1", on="cpu:numpy")
+        timer.join()
+    assert "still running on cpu-0" in capsys.readouterr().err
+    with pytest.raises(jm.MeshError, match="previous cell is still running on cpu-0"):
+        fresh.run_cell("1", on="cpu:numpy")
+    time.sleep(3)
+    # it stopped when it came back to Python: `after` was never set
+    with pytest.raises(RemoteCellError, match="NameError"):
+        fresh.run_cell("after", on="cpu:numpy")
+
+
+def test_timeout_stops_the_cell(ip, fresh):
+    started = time.monotonic()
+    with pytest.raises(RemoteCellTimeout) as info:
+        remote(ip, "--timeout 0.5", "import time\nwhile True:\n    time.sleep(0.01)")
+    assert time.monotonic() - started < 10
+    assert "longer than --timeout 0.5 s" in str(info.value)
+    assert "time.sleep(0.01)" in "\n".join(info.value._render_traceback_())
+    assert remote(ip, "--timeout 5", "1 + 1").data["text/plain"] == "2"
+
+
+# ---------------------------------------------------------------- reset
+def test_reset_remote_forgets_the_namespaces(ip, fresh, capsys):
+    remote(ip, "", "gone_soon = 1")
+    ip.run_line_magic("mesh", "reset-remote")
+    assert "Reset the remote namespaces on cpu-0" in capsys.readouterr().out
+    with pytest.raises(RemoteCellError, match="NameError"):
+        remote(ip, "", "gone_soon")
+
+
+def test_closing_a_connected_mesh_drops_its_namespaces(mesh):
+    other = jm.Mesh.connect(mesh.address, set_current=False)
+    other.run_cell("mine = 1", on="cpu:numpy")
+    session = other._remote_cells().session
+    assert any(session in s for s in worker_sessions(mesh).values())
+    other.close()
+    assert not any(session in s for s in worker_sessions(mesh).values())
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("--on fpga", "unknown target 'fpga': use one of cpu, gpu, tpu"),
+        ("--on gpu", "no worker matches --on gpu: the mesh has 1 x cpu:jax @ lab, "
+                     "1 x cpu:numpy @ lab"),
+        ("--on tpu:jax", "no worker matches --on tpu:jax"),
+        ("--site mars", "no worker at site 'mars': the mesh's sites are lab"),
+        ("--on cpu:jax --site nowhere", "no worker at site 'nowhere'"),
+        ("--push undefined_name", "--push: 'undefined_name' is not defined in the notebook"),
+        ("--push a-b", "--push: 'a-b' is not a valid Python name"),
+        ("--push a,,b", "--push: empty name"),
+        ("--pull 1x", "--pull: '1x' is not a valid Python name"),
+        ("--all -o 1bad", "-o: '1bad' is not a valid Python name"),
+        ("--all -o class", "-o: 'class' is not a valid Python name"),
+        ("-o a.b", "-o: 'a.b' is not a valid Python name"),
+        ("--timeout -1", "--timeout must be a positive number of seconds, not '-1'"),
+        ("--timeout 0", "--timeout must be a positive number of seconds"),
+        ("--timeout soon", "--timeout must be a positive number of seconds, not 'soon'"),
+        ("--timeout nan", "--timeout must be a positive number of seconds"),
+        ("--timeout inf", "--timeout must be a positive number of seconds"),
+    ],
+)
+def test_bad_input_is_a_one_line_usage_error(ip, fresh, line, message):
+    ip.user_ns["a"] = 1
+    before = worker_sessions(fresh)
+    with pytest.raises(UsageError) as info:
+        remote(ip, line, "1")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert worker_sessions(fresh) == before
+
+
+def test_pull_of_a_name_the_worker_lacks(ip, fresh):
+    remote(ip, "", "have = 1")
+    with pytest.raises(UsageError, match=r"--pull: 'nothere' is not defined on cpu-0 after "
+                                         r"the cell ran \(defined there: .*have"):
+        remote(ip, "--pull nothere", "x = 2")
+
+
+def test_push_of_an_object_that_cannot_be_serialized(ip, fresh):
+    ip.user_ns["lock"] = threading.Lock()
+    with pytest.raises(UsageError, match=r"--push: cannot send 'lock' \(_thread.lock\): it "
+                                         r"cannot be serialized"):
+        remote(ip, "--push lock", "1")
+
+
+def test_pull_of_an_object_that_cannot_be_serialized(ip, fresh):
+    with pytest.raises(UsageError, match=r"cannot bring back 'rlock' from cpu-0: a lock "
+                                         r"cannot be serialized"):
+        remote(ip, "--pull rlock", "import threading\nrlock = threading.Lock()")
+    with pytest.raises(UsageError, match="cannot bring back the value of the last expression"):
+        remote(ip, "-o v", "rlock")
+
+
+def test_no_mesh(ip, mesh, monkeypatch):
+    monkeypatch.setattr(_state, "_current", None)
+    with pytest.raises(UsageError, match="no active mesh: run %mesh start"):
+        remote(ip, "", "1")
+    with pytest.raises(UsageError, match="no active mesh"):
+        ip.run_line_magic("mesh", "reset-remote")
+
+
+def test_api_validates_too(fresh):
+    with pytest.raises(jm.MeshError, match="unknown target"):
+        fresh.run_cell("1", on="quantum")
+    with pytest.raises(jm.MeshError, match="--timeout must be a positive number"):
+        fresh.run_cell("1", timeout=-2)
+    with pytest.raises(jm.MeshError, match="push must be a mapping"):
+        fresh.run_cell("1", push=["a"])
+    with pytest.raises(jm.MeshError, match="code must be a string"):
+        fresh.run_cell(b"1")
+    with pytest.raises(jm.MeshError, match="is not defined on"):
+        fresh.run_cell("1", pull="zzz")
+    assert fresh.run_cell("q", push={"q": 3}, pull=["q"]).pulled == {"q": 3}
