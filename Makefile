@@ -1,0 +1,41 @@
+# jupyter_mesh: `make lab` runs JupyterLab with the extension; `make test` runs the suite.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# jlpm (from jupyterlab) must be on PATH when pip builds the lab extension
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+PORT ?= 8888
+
+.PHONY: venv lab demo test chromium lint clean
+
+$(VENV)/.installed: pyproject.toml labextension/package.json
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test,tpu]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Browser tests drive Debian's chromium (Playwright's own browser download is not used).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+lab: venv
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(PORT) $(ROOT_FLAG) \
+	  --ServerApp.root_dir=$(CURDIR)/examples --JupyterMesh.autostart_local=True
+
+demo: venv
+	$(PY) -m jupyter_mesh.demo examples/quickstart.ipynb
+
+test: venv chromium
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check jupyter_mesh tests benchmarks
+
+clean:
+	rm -rf $(VENV) jupyter_mesh/labextension labextension/lib labextension/node_modules

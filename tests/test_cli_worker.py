@@ -1,0 +1,120 @@
+"""Workers joining an existing Dask scheduler: the CLI and the Dask preload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from distributed import Scheduler
+
+import jupyter_mesh as jm
+
+BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture
+def scheduler_mesh(no_mesh):
+    """A bare Dask scheduler (no workers) in a thread, and a mesh connected to it."""
+    import asyncio
+    import threading
+
+    ready = threading.Event()
+    box = {}
+
+    def run():
+        async def main():
+            s = Scheduler(host="127.0.0.1", port=0, dashboard_address=None)
+            await s
+            box["s"] = s
+            box["loop"] = asyncio.get_running_loop()
+            box["stop"] = asyncio.Event()
+            ready.set()
+            await box["stop"].wait()
+            await s.close()
+
+        asyncio.run(main())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(30)
+    mesh = jm.Mesh.connect(box["s"].address, timeout=10)
+    yield mesh
+    mesh.close()
+    box["loop"].call_soon_threadsafe(box["stop"].set)
+    t.join(30)
+
+
+def _wait_devices(mesh, n, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        inv = mesh.inventory()
+        if len(inv) >= n:
+            return inv
+        time.sleep(0.3)
+    raise AssertionError(f"only {len(mesh.inventory())} devices joined")
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_worker_joins_with_site(scheduler_mesh):
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "jupyter-mesh"), "worker", scheduler_mesh.address,
+         "--site", "edge-lab", "--nthreads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        inv = _wait_devices(scheduler_mesh, 1)
+        dev = inv[0]
+        assert (dev.kind, dev.backend, dev.site) == ("cpu", "numpy", "edge-lab")
+        assert dev.profile is not None and dev.profile.method == "measured"
+        fut = scheduler_mesh.client.submit(lambda: 6 * 7)
+        assert fut.result(timeout=30) == 42
+    finally:
+        _stop(proc)
+    # the scheduler plugin drops the device when the worker leaves
+    deadline = time.monotonic() + 30
+    while len(scheduler_mesh.inventory()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(scheduler_mesh.inventory()) == 0
+
+
+def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "dask"), "worker", scheduler_mesh.address, "--nthreads", "1",
+         "--no-dashboard", "--preload", "jupyter_mesh.worker", "--site", "us-east"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        inv = _wait_devices(scheduler_mesh, 1)
+        assert (inv[0].kind, inv[0].site) == ("cpu", "us-east")
+        res = scheduler_mesh.client.run(lambda dask_worker: dict(dask_worker.state.total_resources))
+        assert list(res.values())[0]["mesh-cpu-numpy"] == 1
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["worker", "tcp://127.0.0.1:1", "--site", "bad site"], "site must be"),
+        (["worker", "nonsense://x"], "malformed address"),
+        (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], "--nthreads must be"),
+        (["worker", "tls://127.0.0.1:1"], "needs --tls-ca-file"),
+    ],
+)
+def test_cli_bad_input(args, message):
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr
