@@ -7,6 +7,7 @@ out. :mod:`.rewrite` applies a plan (per-key restrictions plus a device wrapper)
 
 from __future__ import annotations
 
+from . import jax_ops
 from .backends import Backend, CupyBackend, JaxBackend, NumpyBackend, backend_names, get_backend
 from .classify import CAPABILITIES, OP_CLASSES, GraphModel, OpInfo, model_collections
 from .cost import CostModel, Links, Pool, build_pools
@@ -15,7 +16,7 @@ from .plan import Plan, Report
 
 __all__ = [
     "CAPABILITIES", "OP_CLASSES", "Backend", "CostModel", "CupyBackend", "GraphModel",
-    "JaxBackend", "Links", "NumpyBackend", "OpInfo", "Plan", "Pool", "Report",
+    "JaxBackend", "Links", "jax_ops", "NumpyBackend", "OpInfo", "Plan", "Pool", "Report",
     "backend_names", "build_pools", "get_backend", "model_collections", "plan_collections",
     "plan_model",
 ]

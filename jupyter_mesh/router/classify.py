@@ -92,8 +92,8 @@ def _unwrap(func: Any) -> Any:
         seen += 1
         if hasattr(func, "func") and hasattr(func, "keywords"):  # functools.partial
             func = func.func
-        elif type(func).__name__ == "Compose" and hasattr(func, "funcs"):
-            func = func.funcs[0]
+        elif type(func).__name__ == "Compose" and hasattr(func, "first"):
+            func = func.first
         else:
             break
     return func
@@ -317,20 +317,37 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
         counts[li] += 1
         for d in ds:
             dep_layers[li].add(layer[d])
-    # block sizes in layer (topological) order; layers without metadata inherit
+    # block sizes in layer (topological) order; layers without metadata inherit from
+    # their inputs, and input-less ones (e.g. random creation) from their consumers
+    known = [False] * n
     for li, op in enumerate(ops):
         meta = metas[li]
         if meta is None:
-            parents = [ops[p] for p in dep_layers[li] if p != li]
+            parents = [p for p in dep_layers[li] if p != li and known[p]]
             if parents:
-                src = max(parents, key=lambda o: o.out_bytes)
+                src = ops[max(parents, key=lambda p: ops[p].out_bytes)]
                 op.block, op.itemsize = src.block, src.itemsize
                 op.out_bytes = src.out_bytes
+                known[li] = True
             else:
                 op.block, op.itemsize, op.out_bytes = (), 8, 8.0
         else:
             op.block, op.itemsize = meta
             op.out_bytes = float(math.prod(op.block)) * op.itemsize if op.block else 8.0
+            known[li] = True
+    children: list[set[int]] = [set() for _ in range(n)]
+    for li in range(n):
+        for p in dep_layers[li]:
+            if p != li:
+                children[p].add(li)
+    for li in range(n - 1, -1, -1):
+        if not known[li]:
+            kids = [c for c in children[li] if known[c]]
+            if kids:
+                src = ops[max(kids, key=lambda c: ops[c].out_bytes)]
+                ops[li].block, ops[li].itemsize = src.block, src.itemsize
+                ops[li].out_bytes = src.out_bytes
+                known[li] = True
     for i, ds in enumerate(deps):
         li = layer[i]
         for d in ds:

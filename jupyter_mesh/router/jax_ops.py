@@ -44,15 +44,24 @@ def _parts(func: Any) -> list[Any] | None:
     """The plain functions inside partials and Compose, or None for an unknown wrapper."""
     if isinstance(func, functools.partial):
         return _parts(func.func)
-    if type(func).__name__ == "Compose" and hasattr(func, "funcs"):
+    if _is_compose(func):
         out: list[Any] = []
-        for f in func.funcs:
+        for f in _compose_order(func):
             sub = _parts(f)
             if sub is None:
                 return None
             out.extend(sub)
         return out
     return [func]
+
+
+def _is_compose(func: Any) -> bool:
+    return type(func).__name__ == "Compose" and hasattr(func, "first")
+
+
+def _compose_order(func: Any) -> list[Any]:
+    """toolz.Compose calls ``first`` and then each of ``funcs`` in turn."""
+    return [func.first, *func.funcs]
 
 
 def _one_supported(f: Any) -> bool:
@@ -86,13 +95,12 @@ def _translate(func: Any) -> Callable[..., Any]:
     if isinstance(func, functools.partial):
         inner = _translate(func.func)
         return functools.partial(inner, *func.args, **_jax_kwargs(func.keywords))
-    if type(func).__name__ == "Compose" and hasattr(func, "funcs"):
-        fs = [_translate(f) for f in func.funcs]
+    if _is_compose(func):
+        fs = [_translate(f) for f in _compose_order(func)]
 
         def composed(*args: Any, **kwargs: Any) -> Any:
-            # toolz.Compose: funcs[-1] first, funcs[0] last
-            out = fs[-1](*args, **kwargs)
-            for f in reversed(fs[:-1]):
+            out = fs[0](*args, **kwargs)
+            for f in fs[1:]:
                 out = f(out)
             return out
 

@@ -1,0 +1,233 @@
+"""Pure router tests: synthetic inventories, no cluster."""
+
+from __future__ import annotations
+
+import functools
+
+import dask.array as da
+import numpy as np
+import pytest
+from toolz import compose
+
+from jupyter_mesh import MeshError
+from jupyter_mesh.devices._profile import Profile
+from jupyter_mesh.inventory import Device
+from jupyter_mesh.router import (
+    CostModel,
+    Links,
+    backend_names,
+    build_pools,
+    get_backend,
+    jax_ops,
+    model_collections,
+    plan_collections,
+    plan_model,
+)
+from jupyter_mesh.router.classify import classify_label, layer_label, synthetic_model
+
+CPU = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+              method="model", source="test")
+# a modelled GPU: 10x the CPU at matmul, but a large per-launch cost, so tiny
+# elementwise ops are slower there
+GPU = Profile(flops32=2e12, flops64=1e12, mem_bandwidth=2e11, host_link_bandwidth=16e9,
+              launch_latency=5e-3, method="model", source="test")
+
+
+def dev(name, kind, backend, profile, site="local", nthreads=1):
+    return Device(f"tcp://{name}:1", kind, backend, f"model {kind}", 1 << 34, site, profile,
+                  name=name, nthreads=nthreads)
+
+
+@pytest.fixture
+def mesh_devices():
+    return [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU),
+            dev("g0", "gpu", "cupy", GPU)]
+
+
+def pipeline(n=4000, chunks=1000):
+    x = da.random.random((n, n), chunks=chunks)
+    return ((x @ x.T) + 1).sum(axis=0)
+
+
+def test_classify_labels():
+    assert layer_label("matmul-" + "a" * 32) == "matmul"
+    assert layer_label("sum-aggregate-" + "0" * 32) == "sum-aggregate"
+    assert classify_label("matmul") == "matmul"
+    assert classify_label("tensordot") == "matmul"
+    assert classify_label("sum-aggregate") == "reduction"
+    assert classify_label("random_sample") == "creation"
+    assert classify_label("rfft") == "fft"
+    assert classify_label("qr") == "linalg"
+    assert classify_label("getitem") == "movement"
+    assert classify_label("rechunk-merge") == "movement"
+    assert classify_label("absolute", np.absolute) == "elementwise"
+    assert classify_label("add", np.add) == "elementwise"
+
+
+def test_model_of_pipeline_has_costs():
+    m = model_collections([pipeline()])
+    by = {op.label: op for op in m.ops}
+    assert by["matmul"].op_class == "matmul"
+    assert by["matmul"].flops == pytest.approx(2 * 1000**3, rel=0.01)
+    assert by["random_sample"].out_bytes == 1000 * 1000 * 8
+    assert by["add"].op_class == "elementwise"
+    assert sum(op.tasks for op in m.ops) == len(m.keys)
+    # topological order
+    for i, ds in enumerate(m.deps):
+        assert all(d < i for d in ds)
+
+
+def test_auto_puts_big_matmul_on_the_gpu(mesh_devices):
+    plan = plan_collections([pipeline()], mesh_devices)
+    rows = {r["op"]: r for r in plan.rows}
+    gpu_share = plan.assignment()
+    matmul = [p for k, p in gpu_share.items() if k[0].startswith("matmul")]
+    assert matmul.count("gpu:cupy") > len(matmul) / 2
+    assert rows["random_sample"]["target"] == "cpu:numpy"  # creation stays on the host
+    for r in plan.rows:
+        assert set(r) >= {"op", "target", "tasks", "est_seconds", "bytes_moved"}
+
+
+def test_tiny_elementwise_stays_on_cpu(mesh_devices):
+    x = da.ones((40, 40), chunks=10)
+    plan = plan_collections([(x + 1) * 2], mesh_devices)
+    assert set(plan.assignment().values()) == {"cpu:numpy"}
+    assert plan.bytes_moved == 0
+
+
+def test_forced_gpu_and_conversions_only_at_kind_boundaries(mesh_devices):
+    y = pipeline(2000, 1000)
+    plan = plan_collections([y], mesh_devices, route="gpu")
+    m = plan.model
+    labels = [plan.pools[p].label for p in plan.pool_of]
+    consumers = m.consumers()
+    outputs = set(m.outputs)
+    for i, flag in enumerate(plan.to_host):
+        other_kind = any(labels[c] != labels[i] for c in consumers[i])
+        if labels[i] == "gpu:cupy":
+            assert flag == (other_kind or m.keys[i] in outputs)
+    # every op the GPU runs natively is on the GPU; creation on the host
+    rows = {r["op"]: r["target"] for r in plan.rows}
+    assert rows["matmul"] == rows["add"] == rows["sum"] == "gpu:cupy"
+    assert rows["random_sample"] == "cpu:numpy"
+    assert any("creation" in n for n in plan.notes)
+
+
+def test_forced_missing_kind_names_what_the_mesh_has(mesh_devices):
+    with pytest.raises(MeshError, match=r"no live tpu worker.*cpu:numpy"):
+        plan_collections([pipeline()], mesh_devices, route="tpu")
+
+
+@pytest.mark.parametrize("route", ["quantum", "gpu:numpy", 3, ""])
+def test_unknown_route(mesh_devices, route):
+    with pytest.raises(MeshError, match="unknown"):
+        plan_collections([pipeline()], mesh_devices, route=route)
+
+
+def test_non_dask_input(mesh_devices):
+    with pytest.raises(MeshError, match="Dask collections"):
+        plan_collections([np.ones(3)], mesh_devices)
+
+
+def test_unknown_site(mesh_devices):
+    with pytest.raises(MeshError, match="no worker at site 'mars'"):
+        plan_collections([pipeline()], mesh_devices, site="mars")
+
+
+def test_jax_never_gets_ops_outside_its_table():
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    x = da.random.random((400, 100), chunks=(100, 100))
+    u, s, v = da.linalg.svd(x)
+    plan = plan_collections([s, x.mean()], devs, route="cpu:jax")
+    m = plan.model
+    for i, p in enumerate(plan.pool_of):
+        op = m.ops[m.layer[i]]
+        if plan.pools[p].backend == "jax":
+            assert jax_ops.supported(op.func), op.label
+    targets = {r["op"]: r["target"] for r in plan.rows}
+    assert any(t == "cpu:numpy" for op, t in targets.items() if op.startswith("qr"))
+    assert targets["mean_chunk"] == "cpu:numpy"
+
+
+def test_second_site_far_away():
+    # a fast GPU at a second site 60 ms away does not get small work
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("g0", "gpu", "cupy", GPU, site="cloud")]
+    links = Links(wan_latency=0.06, wan_bandwidth=5e9 / 8)
+    x = da.random.random((400, 400), chunks=100)
+    plan = plan_collections([(x @ x.T).sum()], devs, links=links)
+    assert set(plan.assignment().values()) == {"cpu:numpy@local"}
+    # big matmul blocks are worth the trip
+    x = da.random.random((16000, 16000), chunks=4000)
+    plan = plan_collections([(x @ x.T).sum()], devs, links=links)
+    assert "gpu:cupy@cloud" in set(plan.assignment().values())
+
+
+def test_residency_pins_follow_the_data():
+    devs = [dev("c0", "cpu", "numpy", CPU, site="edge"), dev("c1", "cpu", "numpy", CPU),
+            dev("g0", "gpu", "cupy", GPU)]
+    x = da.random.random((8000, 8000), chunks=2000)
+    model = model_collections([(x @ x.T).sum()])
+    roots = [i for i, ds in enumerate(model.deps) if not ds]
+    model.pins = {i: "edge" for i in roots}
+    pools = build_pools(devs)
+    plan = plan_model(model, pools, "auto", cost=CostModel(pools))
+    assert {plan.pools[p].site for p in plan.pool_of} == {"edge"}
+
+
+def test_site_keeps_everything_there():
+    devs = [dev("c0", "cpu", "numpy", CPU, site="edge"), dev("g0", "gpu", "cupy", GPU)]
+    plan = plan_collections([pipeline()], devs, site="edge")
+    assert set(plan.assignment().values()) == {"cpu:numpy@edge"}
+
+
+def test_plan_reprs(mesh_devices):
+    plan = plan_collections([pipeline()], mesh_devices)
+    text = repr(plan)
+    assert "matmul" in text and "est_seconds" in text and "route=auto" in text
+    html = plan._repr_html_()
+    assert html.startswith("<div") and "<table>" in html and "matmul" in html
+
+
+def test_placement_linear_in_tasks_synthetic():
+    layers = [
+        {"name": "load", "op_class": "creation", "tasks": 500, "flops": 1e6, "out_bytes": 1e6},
+        {"name": "mm", "op_class": "matmul", "tasks": 500, "flops": 1e9, "out_bytes": 1e6,
+         "deps": [(0, "map")]},
+        {"name": "ew", "op_class": "elementwise", "tasks": 500, "flops": 1e5,
+         "out_bytes": 1e6, "deps": [(1, "map")]},
+        {"name": "agg", "op_class": "reduction", "tasks": 50, "flops": 1e6,
+         "out_bytes": 8, "deps": [(2, 10)]},
+    ]
+    model = synthetic_model(layers)
+    devs = [dev(f"c{i}", "cpu", "numpy", CPU) for i in range(4)] + [dev("g0", "gpu", "cupy", GPU)]
+    pools = build_pools(devs)
+    plan = plan_model(model, pools, "auto", cost=CostModel(pools))
+    assert len(plan.pool_of) == 1550 and min(plan.pool_of) >= 0
+    assert plan.makespan > 0
+
+
+def test_backend_registry():
+    assert {"numpy", "cupy", "jax"} <= set(backend_names())
+    assert get_backend("numpy").available()
+    with pytest.raises(MeshError, match="unknown backend 'opencl'"):
+        get_backend("opencl")
+    a = np.arange(4.0)
+    assert get_backend("numpy").to_host(a) is a
+
+
+def test_jax_op_table_on_host():
+    pytest.importorskip("jax")
+    a = np.arange(12.0).reshape(3, 4)
+    assert jax_ops.supported(np.add) and jax_ops.supported(np.fft.fft)
+    assert not jax_ops.supported(np.linalg.svd)
+    f = jax_ops.translate(functools.partial(np.sum, axis=0))
+    np.testing.assert_allclose(np.asarray(f(a)), a.sum(axis=0))
+    from dask.array.core import _concatenate2
+
+    g = jax_ops.translate(compose(functools.partial(np.sum, axis=(0,)),
+                                  functools.partial(_concatenate2, axes=[0])))
+    np.testing.assert_allclose(np.asarray(g([a, a])), np.concatenate([a, a]).sum(axis=0))
+    from dask.array.routines import _matmul
+
+    mm = jax_ops.translate(_matmul)
+    np.testing.assert_allclose(np.asarray(mm(a, a.T))[:, 0, :], a @ a.T)
