@@ -1,0 +1,148 @@
+"""The router on a real mesh: NumPy workers and JAX (CPU backend) workers."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import jupyter_mesh as jm
+from jupyter_mesh import MeshError, _state
+
+pytest.importorskip("jax")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    active = _state.active()
+    if active is not None:
+        active.close()
+    m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, site="lab")
+    yield m
+    m.close()
+
+
+def pipeline():
+    x = da.random.random((600, 600), chunks=300, )
+    return ((x @ x.T) + 1).sum(axis=0)
+
+
+def test_cpu_jax_pipeline_equals_numpy_and_jax_ran_the_matmul(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    (got,) = mesh.compute(y, route="cpu:jax")
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    report = mesh.last_report
+    assert report.ran_on("matmul") == ["jax"]
+    assert report.ran_on("add") == ["jax"]
+    assert report.ran_on("random_sample") == ["numpy"]
+    rows = report.rows
+    for r in rows:
+        assert set(r) >= {"op", "target", "tasks", "est_seconds", "bytes_moved", "backends",
+                          "workers", "seconds"}
+    assert "jax-cpu-0" in {w for r in rows for w in r["workers"]}
+    assert "<table>" in report._repr_html_() and "matmul" in repr(report)
+
+
+def test_auto_equals_numpy(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    got, total = mesh.compute(y, y.sum())
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert total == pytest.approx(expected.sum())
+    assert mesh.last_report.plan.route == "auto"
+
+
+def test_forced_numpy_and_off(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    (a,) = mesh.compute(y, route="cpu:numpy")
+    assert mesh.last_report.ran_on("matmul") == ["numpy"]
+    (b,) = mesh.compute(y, route="off")
+    np.testing.assert_allclose(a, expected)
+    np.testing.assert_allclose(b, expected)
+
+
+@pytest.mark.parametrize("route", ["auto", "cpu:jax"])
+def test_other_ops_same_numbers_routed(mesh, route):
+    rng = np.random.default_rng(0)
+    a = rng.random((200, 60))
+    x = da.from_array(a, chunks=(50, 60))
+    sq = da.from_array(rng.random((120, 120)), chunks=60)
+    u, s, v = da.linalg.svd(x)
+    comp = da.linalg.svd_compressed(sq, k=5, seed=1)[1]
+    f = da.fft.fft(sq.rechunk((60, 120)), axis=1)
+    sl = sq[10:70, ::3] * 2
+    xt = sq + sq.T
+    red = np.sin(sq).max() + sq.mean()
+    colls = (s, comp, f, sl, xt, red)
+    expected = dask.compute(*colls, scheduler="sync")
+    got = mesh.compute(*colls, route=route)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10)
+
+
+def test_route_context_routes_plain_compute(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    mesh.last_report = None
+    with mesh.route("cpu:jax") as m:
+        assert m.route_mode == "cpu:jax"
+        got = y.compute()
+    assert mesh.route_mode == "off"
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert mesh.last_report is not None
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+
+
+def test_explain_returns_plan(mesh):
+    plan = mesh.explain(pipeline(), route="cpu:jax")
+    targets = {r["op"]: r["target"] for r in plan.rows}
+    assert targets["matmul"] == "cpu:jax"
+    assert mesh.last_plan is plan
+
+
+def test_forced_missing_kind_fails_at_once(mesh):
+    with pytest.raises(MeshError, match=r"no live gpu worker.*cpu:jax"):
+        mesh.compute(pipeline(), route="gpu")
+    with pytest.raises(MeshError, match="no live tpu"):
+        mesh.explain(pipeline(), route="tpu")
+
+
+def test_bad_inputs(mesh):
+    with pytest.raises(MeshError, match="unknown route"):
+        mesh.compute(pipeline(), route="warp")
+    with pytest.raises(MeshError, match="Dask collections"):
+        mesh.compute(np.ones(3))
+    with pytest.raises(MeshError, match="Dask collections"):
+        mesh.explain([1, 2])
+    with pytest.raises(MeshError, match="nothing"):
+        mesh.compute()
+    with pytest.raises(MeshError, match="no worker at site 'moon'"):
+        mesh.compute(pipeline(), site="moon")
+    with pytest.raises(MeshError, match="unknown capability"):
+        mesh.submit(np.sum, 1, needs="teleport")
+    with pytest.raises(MeshError, match="no worker at site"):
+        mesh.submit(np.sum, 1, site="moon")
+    with pytest.raises(MeshError, match="no live gpu"):
+        mesh.submit(np.sum, 1, on="gpu")
+
+
+def test_site_routes_within_site(mesh):
+    (got,) = mesh.compute(pipeline(), site="lab")
+    assert got.shape == (600,)
+
+
+def test_submit_on_target_and_needs(mesh):
+    def backend_of_worker():
+        from distributed import get_worker
+
+        return get_worker().extensions["jupyter-mesh"].device["backend"]
+
+    assert mesh.submit(backend_of_worker, on="cpu:jax").result() == "jax"
+    assert mesh.submit(backend_of_worker, on="cpu:numpy").result() == "numpy"
+    # the mesh picks the target for a capability: whichever it is, it runs
+    assert mesh.submit(backend_of_worker, needs="matmul").result() in ("jax", "numpy")
+    assert mesh.submit(np.add, 1, 2, needs="elementwise").result() == 3
