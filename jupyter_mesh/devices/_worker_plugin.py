@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -118,6 +120,11 @@ class MeshWorkerPlugin(WorkerPlugin):
             worker.state.available_resources[name] = amount
         worker.startup_information[METADATA_KEY] = lambda w: dict(self.device or {})
         worker.extensions[EXTENSION_NAME] = self
+        if getattr(worker, "nanny", None) and threading.current_thread() is threading.main_thread():
+            # A kernel interrupt goes to the kernel's whole process group, which holds
+            # the worker processes of a local mesh: it must stop the notebook's code,
+            # not kill the mesh (the nanny still closes this process).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.watch_parent and getattr(worker, "nanny", None):
             self._parent = os.getppid()
             self._watchdog = asyncio.ensure_future(self._watch(worker))
