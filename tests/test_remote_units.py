@@ -1,0 +1,170 @@
+"""The pieces of remote cells that need no cluster: compile, run, stop, stream, render."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+from jupyter_mesh.errors import MeshError
+from jupyter_mesh.remote import RemoteCellError, RemoteFailure, _client, _runner, _streams
+
+
+class ListSink:
+    def __init__(self):
+        self.items = []
+
+    def write(self, name, text):
+        self.items.append((name, text))
+
+    def display(self, data, metadata):
+        self.items.append(("display", data))
+
+
+def run_cell(code, namespace=None, **kwargs):
+    done = threading.Event()
+    box = {}
+
+    def on_done(outcome):
+        box["outcome"] = outcome
+        done.set()
+
+    sink = ListSink()
+    cell = _runner.CellRun(code, "<test cell>", namespace if namespace is not None else {},
+                           sink, on_done, **kwargs)
+    cell.start()
+    return cell, done, box, sink
+
+
+def finish(done, box):
+    assert done.wait(10)
+    return box["outcome"]
+
+
+def test_split_cell_separates_the_last_expression():
+    body, last = _runner.split_cell("a = 1\na + 1", "<c>")
+    ns = {}
+    exec(body, ns)
+    assert eval(last, ns) == 2
+    assert _runner.split_cell("a = 1", "<c>")[1] is None
+    assert _runner.split_cell("1 + 1;", "<c>")[1] is None
+    with pytest.raises(SyntaxError):
+        _runner.split_cell("x = (", "<c>")
+
+
+def test_a_cell_runs_with_its_output_captured():
+    _streams.install()
+    try:
+        ns = {"__builtins__": __builtins__, "display": _runner.remote_display}
+        cell, done, box, sink = run_cell(
+            "import sys\nprint('out')\nprint('err', file=sys.stderr)\ndisplay(3)\nx = 5\nx * 2",
+            ns, pull=["x"], want_value=True)
+        outcome = finish(done, box)
+    finally:
+        _streams.uninstall()
+    assert outcome["status"] == "ok"
+    assert outcome["data"] == {"text/plain": "10"}
+    assert set(outcome["pulled"]) == {"x"} and "value" in outcome
+    assert ("stdout", "out") in sink.items and ("stderr", "err") in sink.items
+    assert ("display", {"text/plain": "3"}) in sink.items
+    assert ns["_"] == 10
+
+
+def test_output_of_other_threads_is_not_captured(capsys):
+    _streams.install()
+    try:
+        sink = ListSink()
+        _streams.register(sink)
+        try:
+            other = threading.Thread(target=lambda: print("elsewhere"))
+            other.start()
+            other.join()
+            print("mine")
+        finally:
+            _streams.unregister()
+    finally:
+        _streams.uninstall()
+    assert sink.items == [("stdout", "mine"), ("stdout", "\n")]
+    assert "elsewhere" in capsys.readouterr().out
+    assert not isinstance(sys.stdout, _streams.ThreadRoutedStream)
+
+
+def test_stop_interrupts_python_code():
+    cell, done, box, _ = run_cell("n = 0\nwhile True:\n    n += 1")
+    time.sleep(0.2)
+    assert cell.stop("interrupted")
+    assert not cell.stop("interrupted")  # once per cell
+    outcome = finish(done, box)
+    assert outcome["status"] == "interrupted" and outcome["ename"] == "KeyboardInterrupt"
+    assert "<test cell>" in outcome["traceback"]
+    assert not cell.stop("interrupted")
+
+
+def test_stop_before_start():
+    done = threading.Event()
+    box = {}
+    cell = _runner.CellRun("1", "<c>", {}, ListSink(), lambda o: (box.update(o=o), done.set()))
+    assert cell.stop("timeout")
+    cell.start()
+    assert done.wait(5)
+    assert box["o"]["status"] == "timeout"
+
+
+def test_errors_keep_only_the_cells_frames():
+    _, done, box, _ = run_cell("def f():\n    raise KeyError('k')\nf()")
+    outcome = finish(done, box)
+    assert outcome["status"] == "error" and outcome["ename"] == "KeyError"
+    tb = outcome["traceback"]
+    assert "_runner" not in tb and "<test cell>" in tb and "raise KeyError('k')" in tb
+
+
+def test_system_exit_and_own_keyboard_interrupt_are_errors():
+    for code, name in (("raise SystemExit(1)", "SystemExit"),
+                       ("raise KeyboardInterrupt", "KeyboardInterrupt")):
+        _, done, box, _ = run_cell(code)
+        outcome = finish(done, box)
+        assert (outcome["status"], outcome["ename"]) == ("error", name)
+
+
+def test_missing_and_unsendable_pulls():
+    _, done, box, _ = run_cell("a = 1", pull=["b"])
+    assert finish(done, box)["status"] == "pull-missing"
+    _, done, box, _ = run_cell("import threading\nlk = threading.Lock()", pull=["lk"])
+    outcome = finish(done, box)
+    assert outcome["status"] == "unsendable" and outcome["type"] == "lock"
+
+
+def test_remote_error_renders_every_worker():
+    fails = [RemoteFailure("ValueError", "bad", "Traceback ...\nValueError: bad\n",
+                           "tcp://1:1", "cpu-0", "cpu", "numpy"),
+             RemoteFailure("ValueError", "bad", "Traceback ...\nValueError: bad\n",
+                           "tcp://1:2", "tpu-0", "tpu", "jax")]
+    err = RemoteCellError(fails)
+    lines = err._render_traceback_()
+    assert "worker cpu-0 (cpu:numpy) at tcp://1:1" in lines[0]
+    assert any("tpu-0 (tpu:jax)" in line for line in lines)
+    assert str(err).startswith("ValueError: bad on worker cpu-0") and "1 more" in str(err)
+    assert isinstance(err, MeshError)
+
+
+def test_labels_follow_line_starts():
+    state = {"stdout": True, "stderr": True}
+    out = _client._label_lines("a\nb", "[w] ", state, "stdout")
+    out += _client._label_lines("c\n", "[w] ", state, "stdout")
+    assert out == "[w] a\n[w] bc\n"
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "x", "nan", "inf", True, -3, float("nan")])
+def test_timeout_must_be_positive(bad):
+    with pytest.raises(MeshError, match="--timeout must be a positive number"):
+        _client.check_timeout(bad)
+
+
+def test_names():
+    assert _client.check_names(" a, b ,a", "--push") == ["a", "b"]
+    assert _client.check_names(["x"], "--pull") == ["x"]
+    for bad in ("a,,b", "1a", "for", "a.b"):
+        with pytest.raises(MeshError):
+            _client.check_names(bad, "--push")
