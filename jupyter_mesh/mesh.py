@@ -92,6 +92,7 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
             "memory_limit": memory_limit,
             "env": env,
             "dashboard": False,
+            "silence_logs": logging.WARNING,
             "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"])],
         },
     }

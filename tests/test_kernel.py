@@ -1,0 +1,120 @@
+"""Through a real kernel: the quickstart notebook, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from jupyter_client.manager import start_new_kernel
+from nbclient import NotebookClient
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _outputs(cell):
+    text = []
+    for out in cell.get("outputs", []):
+        text.append(out.get("text") or out.get("data", {}).get("text/plain", ""))
+    return "\n".join(text)
+
+
+def test_quickstart_notebook_runs_and_shows_the_mesh():
+    nb = nbformat.read(EXAMPLES / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    by_source = {c.source.strip(): c for c in code}
+    assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+    started = _outputs(by_source["%mesh start --cpu 2"])
+    assert "2 devices" in started
+    assert "cpu @ local: 2" in _outputs(by_source["%mesh"])
+    mean_cell = next(c for c in code if "x.mean().compute()" in c.source)
+    assert abs(float(_outputs(mean_cell)) - 0.5) < 0.01
+    assert _outputs(next(c for c in code if c.source.endswith("inv.by_kind()"))) == "{'cpu': 2}"
+    assert "measured" in _outputs(next(c for c in code if "profile.method" in c.source))
+    assert "Closed the mesh" in _outputs(by_source["%mesh close"])
+
+
+def _run(kc, code, timeout=120):
+    """Execute code in the kernel; return its stdout, raising on an error."""
+    out = []
+    reply = kc.execute_interactive(
+        code, timeout=timeout,
+        output_hook=lambda msg: out.append(msg["content"].get("text", ""))
+        if msg["msg_type"] == "stream" else (
+            out.append(msg["content"]["data"].get("text/plain", ""))
+            if msg["msg_type"] in ("execute_result", "display_data") else None),
+    )
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return "".join(out)
+
+
+def _mesh_pids(kc):
+    out = _run(kc, "import jupyter_mesh as jm\n"
+                   "print(sorted(d.extra['pid'] for d in jm.current().inventory()))")
+    return eval(out.strip().splitlines()[-1])  # a list of ints printed by our own code
+
+
+def _wait_gone(pids, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                   for p in pids):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_magics_in_a_real_kernel_and_no_orphans_after_shutdown():
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        _run(kc, "%load_ext jupyter_mesh")
+        out = _run(kc, "%mesh start --cpu 1 --jax-cpu 1")
+        assert "2 devices" in out
+        pids = _mesh_pids(kc)
+        assert len(pids) == 2
+        # a failed command leaves the mesh working
+        reply = kc.execute_interactive("%mesh start --cpu -1", timeout=30)
+        assert reply["content"]["status"] == "error"
+        assert "1" == _run(kc, "print(len(jm.current().inventory().select('cpu:jax')))").strip()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert _wait_gone(pids), "worker processes outlived the kernel"
+
+
+def test_no_orphans_after_kernel_is_killed():
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        _run(kc, "%load_ext jupyter_mesh\n%mesh start --cpu 1")
+        pids = _mesh_pids(kc)
+        kernel_pid = km.provisioner.process.pid
+        os.kill(kernel_pid, signal.SIGKILL)  # what a hard restart does in the end
+    finally:
+        kc.stop_channels()
+        km.cleanup_resources()
+    assert _wait_gone(pids), "worker processes outlived a killed kernel"
+
+
+def test_demo_prints_the_inventory():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "jupyter_mesh.demo", str(EXAMPLES / "quickstart.ipynb")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Mesh inventory at tcp://127.0.0.1:" in out.stdout
+    assert "cpu @ local: 2" in out.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["a", "b"]])
+def test_demo_usage(args):
+    from jupyter_mesh.demo import main
+
+    assert main(args) == 2
