@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dask
 import dask.array as da
-import numpy as np
 import psutil
 import pytest
 from distributed import get_client
