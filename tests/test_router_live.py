@@ -146,3 +146,64 @@ def test_submit_on_target_and_needs(mesh):
     # the mesh picks the target for a capability: whichever it is, it runs
     assert mesh.submit(backend_of_worker, needs="matmul").result() in ("jax", "numpy")
     assert mesh.submit(np.add, 1, 2, needs="elementwise").result() == 3
+
+
+# ---------------------------------------------------------------- magics
+@pytest.fixture(scope="module")
+def ip(mesh):
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "jupyter_mesh")
+    yield shell
+    shell.run_line_magic("mesh", "route off")
+
+
+def test_magic_route_and_explain(ip, mesh, capsys):
+    ip.user_ns["y"] = pipeline()
+    ip.run_line_magic("mesh", "route cpu:jax")
+    assert mesh.route_mode == "cpu:jax"
+    ip.run_cell("z = y.compute()")
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+    np.testing.assert_allclose(ip.user_ns["z"], ip.user_ns["y"].compute(scheduler="sync"))
+    ip.run_line_magic("mesh", "route")
+    assert "cpu:jax" in capsys.readouterr().out
+    ip.run_line_magic("mesh", "route off")
+    assert mesh.route_mode == "off"
+    plan = ip.run_line_magic("mesh", "explain y")
+    assert {r["op"]: r["target"] for r in plan.rows}["random_sample"] == "cpu:numpy"
+    plan = ip.run_line_magic("mesh", "explain y --route cpu:jax")
+    assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax"
+    plan = ip.run_line_magic("mesh", "explain (y, y.sum())")
+    assert plan.model.outputs
+
+
+def test_magic_routed_cell(ip, mesh):
+    ip.user_ns["y"] = pipeline()
+    mesh.last_report = None
+    ip.run_cell_magic("mesh", "--route cpu:jax", "w = y.compute()")
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+    assert mesh.route_mode == "off"
+    ip.run_cell_magic("mesh", "", "w2 = y.compute()")
+    assert mesh.last_report.plan.route == "auto"
+    np.testing.assert_allclose(ip.user_ns["w"], ip.user_ns["w2"])
+
+
+def test_magic_misuse(ip):
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="unknown route"):
+        ip.run_line_magic("mesh", "route warp")
+    with pytest.raises(UsageError, match="not defined"):
+        ip.run_line_magic("mesh", "explain nothing_here")
+    with pytest.raises(UsageError, match="usage"):
+        ip.run_line_magic("mesh", "explain")
+    ip.user_ns["plain"] = [1, 2]
+    with pytest.raises(UsageError, match="Dask collections"):
+        ip.run_line_magic("mesh", "explain plain")
+    with pytest.raises(UsageError, match="no live gpu"):
+        ip.run_cell_magic("mesh", "--route gpu", "1")
+    with pytest.raises(UsageError, match="no live gpu"):
+        ip.run_line_magic("mesh", "route gpu")
+    with pytest.raises(UsageError, match="unknown route"):
+        ip.run_cell_magic("mesh", "--route warp", "1")

@@ -164,9 +164,21 @@ def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
         return dsk
 
 
-@contextlib.contextmanager
-def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Iterator[Mesh]:
+def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Any:
+    """A context manager that routes plain ``.compute()`` calls; checks ``mode`` now."""
     route = parse_route_or_error(mode)
+    if isinstance(route, Target):
+        inv = mesh.inventory()
+        if not any(route.matches(d.kind, d.backend) for d in inv):
+            raise MeshError(
+                f"no live {route} worker: the mesh has {inv.summary()}; use 'auto' or "
+                f"one of {', '.join(sorted(inv.by_target()))}"
+            )
+    return _route_context(mesh, route, fallback)
+
+
+@contextlib.contextmanager
+def _route_context(mesh: Mesh, route: Any, fallback: bool) -> Iterator[Mesh]:
     previous = mesh.route_mode
     mesh.route_mode = str(route)
     try:
@@ -178,6 +190,21 @@ def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Iterator[Mesh
             yield mesh
     finally:
         mesh.route_mode = previous
+
+
+def set_route(mesh: Mesh, mode: Any, fallback: bool = True) -> None:
+    """Route plain Dask calls from now on (``%mesh route``), until set to ``off``."""
+    route = parse_route_or_error(mode)
+    previous = getattr(mesh, "_route_persistent", None)
+    if previous is not None:
+        mesh._route_persistent = None
+        previous.__exit__(None, None, None)
+    if route == "off":
+        mesh.route_mode = "off"
+        return
+    ctx = route_context(mesh, route, fallback)
+    ctx.__enter__()
+    mesh._route_persistent = ctx
 
 
 # ---------------------------------------------------------------- submit
