@@ -1,0 +1,64 @@
+"""The router with CuPy GPUs (skipped where no GPU is usable)."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+import jupyter_mesh as jm
+from jupyter_mesh import _state
+
+pytestmark = pytest.mark.gpu
+cupy = pytest.importorskip("cupy")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if not cupy.is_available():
+        pytest.skip("no CUDA GPU usable by CuPy")
+    active = _state.active()
+    if active is not None:
+        active.close()
+    m = jm.Mesh.local(cpu=1, gpu=1, tpu=0, jax_cpu=0, site="gpu-lab")
+    yield m
+    m.close()
+
+
+def pipeline():
+    x = da.random.random((2000, 2000), chunks=1000)
+    return ((x @ x.T) + 1).sum(axis=0)
+
+
+def test_gpu_pipeline_equals_numpy_and_gpu_ran_the_matmul(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    (got,) = mesh.compute(y, route="gpu")
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, expected, rtol=1e-8)
+    assert mesh.last_report.ran_on("matmul") == ["cupy"]
+
+
+def test_gpu_other_ops_same_numbers(mesh):
+    rng = np.random.default_rng(0)
+    sq = da.from_array(rng.random((400, 400)), chunks=200)
+    u, s, v = da.linalg.svd(da.from_array(rng.random((400, 100)), chunks=(100, 100)))
+    colls = (s, da.fft.fft(sq.rechunk((200, 400)), axis=1), sq[10:70, ::3] * 2, sq + sq.T,
+             np.sin(sq).max() + sq.mean())
+    expected = dask.compute(*colls, scheduler="sync")
+    for route in ("gpu", "auto"):
+        got = mesh.compute(*colls, route=route)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10)
+
+
+def test_gpu_data_stays_on_device_between_gpu_ops(mesh):
+    plan = mesh.explain(pipeline(), route="gpu")
+    m = plan.model
+    labels = [plan.pools[p].label for p in plan.pool_of]
+    consumers = m.consumers()
+    for i, flag in enumerate(plan.to_host):
+        if labels[i] == "gpu:cupy" and consumers[i] and m.keys[i] not in set(m.outputs):
+            if all(labels[c] == "gpu:cupy" for c in consumers[i]):
+                assert flag is False
