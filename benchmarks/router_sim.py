@@ -1,0 +1,235 @@
+"""A discrete-event SIMULATOR of modelled meshes, for router benchmarks (P2, P6).
+
+Everything here is a simulation: devices, links and durations come from the router's
+cost model applied to modelled profiles; nothing runs on real accelerators.
+
+Policies compared on the same simulated mesh and the same evaluator:
+
+* ``router``: the router's plan (a pool per task); inside a pool the task goes to the
+  worker where it finishes first, as Dask would balance a resource-restricted task;
+* ``heft``: classic HEFT (upward rank, earliest finish time) over individual workers;
+* ``dask``: Dask without routing: no op runs on a device backend (NumPy everywhere, an
+  accelerator worker is one host CPU thread), each ready task goes to the worker where
+  it can start first, counting data transfer;
+* ``bound``: a lower bound on any schedule: max(critical path at the fastest device,
+  LP relaxation of the work per pool).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+
+from jupyter_mesh.devices._profile import Profile, lookup_known
+from jupyter_mesh.inventory import Device
+from jupyter_mesh.router.classify import GraphModel, OpInfo
+from jupyter_mesh.router.cost import CostModel, Links, build_pools
+from jupyter_mesh.router.placement import allowed_pools, place
+
+SIMULATED = "SIMULATION (modelled devices and links; nothing ran on accelerators)"
+
+CPU_NODE = Profile(flops32=2.4e12, flops64=1.2e12, mem_bandwidth=2.0e11, launch_latency=2e-6,
+                   method="model", source="modelled 32-core server CPU (AVX-512, 8-ch DDR5)")
+HOST_THREAD = Profile(flops32=7.5e10, flops64=3.75e10, mem_bandwidth=1.5e10,
+                      launch_latency=2e-6, method="model", source="one host CPU core")
+
+
+def _model(name: str) -> Profile:
+    p = lookup_known(name)
+    assert p is not None
+    p.method = "model"
+    return p
+
+
+def modelled_mesh(sites: int = 2) -> list[Device]:
+    """4×H100 and one 32-core CPU node at site A; 2×TPU v5e (and a CPU node) at site B."""
+    devs = [Device("sim://cpu-a", "cpu", "numpy", "32-core CPU", 1 << 38, "site-a", CPU_NODE,
+                   name="cpu-a", nthreads=32)]
+    devs += [Device(f"sim://h100-{i}", "gpu", "cupy", "H100", 80 << 30, "site-a",
+                    _model("H100"), name=f"h100-{i}") for i in range(4)]
+    site_b = "site-b" if sites > 1 else "site-a"
+    devs += [Device(f"sim://v5e-{i}", "tpu", "jax", "TPU v5e", 16 << 30, site_b,
+                    _model("TPU v5e"), name=f"v5e-{i}") for i in range(2)]
+    if sites > 1:
+        devs.append(Device("sim://cpu-b", "cpu", "numpy", "32-core CPU", 1 << 38, site_b,
+                           CPU_NODE, name="cpu-b", nthreads=32))
+    return devs
+
+
+WAN = Links(wan_latency=0.06, wan_bandwidth=5e9 / 8, network_bandwidth=12.5e9,
+            network_latency=5e-5, pcie_bandwidth=25e9)
+
+
+def simulate(model: GraphModel, devices: list[Device], policy: str,
+             links: Links = WAN) -> float:
+    """Makespan of ``policy`` on the simulated mesh."""
+    pools = build_pools(devices)
+    cost = CostModel(pools, links, task_overhead=1e-4)
+    # one pool per worker: HEFT's processors, and the evaluator's bookkeeping
+    solo = [build_pools([d])[0] for d in devices]
+    solo_cost = CostModel(solo, links, task_overhead=1e-4)
+    pool_index = {(p.kind, p.backend, p.site): i for i, p in enumerate(pools)}
+    worker_pool = [pool_index[(d.kind, d.backend, d.site)] for d in devices]
+    n = len(model.keys)
+    if policy == "router":
+        allowed, _ = allowed_pools(model, pools, "auto")
+        pool_of, _, _ = place(model, pools, cost, allowed)
+        members = [[w for w in range(len(devices)) if worker_pool[w] == p]
+                   for p in range(len(pools))]
+        return _evaluate(model, solo, solo_cost, [members[pool_of[i]] for i in range(n)])
+    if policy == "heft":
+        allowed, _ = allowed_pools(model, solo, "auto")
+        w_of, _, _ = place(model, solo, solo_cost, allowed)
+        return _evaluate(model, solo, solo_cost, [[w] for w in w_of])
+    if policy == "dask":
+        # no routing: every task runs with NumPy; an accelerator worker is one host thread
+        host = [Device(d.worker, "cpu", "numpy", d.model, d.memory, d.site,
+                       d.profile if d.kind == "cpu" else HOST_THREAD, name=d.name,
+                       nthreads=d.nthreads) for d in devices]
+        hsolo = [build_pools([d])[0] for d in host]
+        hcost = CostModel(hsolo, links, task_overhead=1e-4)
+        return _evaluate(model, hsolo, hcost, [list(range(len(devices)))] * n,
+                         earliest_start=True)
+    raise ValueError(policy)
+
+
+def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
+              earliest_start: bool = False) -> float:
+    """List-schedule tasks in upward-rank order; each goes to the candidate worker where
+    it finishes first (or, like Dask, which knows no device speeds, starts first);
+    transfers between workers are paid by their link."""
+    n = len(model.keys)
+    ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
+    layer, deps = model.layer, model.deps
+    out_b = [op.out_bytes for op in model.ops]
+    w_mean = [sum(r) / len(r) for r in ex]
+    rank = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        rank[i] += w_mean[layer[i]]
+        for d in deps[i]:
+            if rank[d] < rank[i]:
+                rank[d] = rank[i]
+    order = sorted(range(n), key=rank.__getitem__, reverse=True)
+    free = [[0.0] * max(p.slots, 1) for p in solo]
+    where = [-1] * n
+    finish = [0.0] * n
+    lat, inv = cost.latency, cost.inv_bw
+    for i in order:
+        li = layer[i]
+        best, bw, bs = math.inf, -1, 0.0
+        for w in cands[i]:
+            ready = 0.0
+            for d in deps[i]:
+                q = where[d]
+                f = finish[d] + (0.0 if q == w else lat[q][w] + out_b[layer[d]] * inv[q][w])
+                if f > ready:
+                    ready = f
+            s = max(ready, free[w][0])
+            key = s if earliest_start else s + ex[li][w]
+            if key < best:
+                best, bw, bs = key, w, s
+        f = bs + ex[li][bw]
+        heapq.heapreplace(free[bw], f)
+        where[i] = bw
+        finish[i] = f
+    return max(finish) if finish else 0.0
+
+
+def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
+                cost: CostModel | None = None) -> float:
+    """max(critical path with communication and without contention, the LP relaxation
+    of spreading each op's tasks over the pools with their slots)."""
+    pools = cost.pools if cost is not None else build_pools(devices)
+    cost = cost or CostModel(pools, links, task_overhead=1e-4)
+    allowed, _ = allowed_pools(model, pools, "auto")
+    ex = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
+    best = [min(ex[li][p] for p in allowed[li]) for li in range(len(model.ops))]
+    # critical path with communication but no contention: the earliest each task could
+    # finish on each pool (inputs from the best pool for them, transfers between pools
+    # paid, none within a pool)
+    inf = math.inf
+    npools = len(pools)
+    ef: list[list[float]] = []
+    out_b = [op.out_bytes for op in model.ops]
+    for i, ds in enumerate(model.deps):
+        li = model.layer[i]
+        row = [inf] * npools
+        for p in allowed[li]:
+            ready = 0.0
+            for d in ds:
+                efd = ef[d]
+                nb = out_b[model.layer[d]]
+                arrive = min(efd[q] + cost.transfer(nb, q, p) for q in range(npools))
+                if arrive > ready:
+                    ready = arrive
+            row[p] = ready + ex[li][p]
+        ef.append(row)
+    bound_cp = max((min(r) for r in ef), default=0.0)
+    try:
+        from scipy.optimize import linprog
+    except ImportError:  # pragma: no cover
+        total = sum(best[li] for li in model.layer)
+        return max(bound_cp, total / sum(p.slots for p in pools))
+    nl, npl = len(model.ops), len(pools)
+    nvar = nl * npl + 1
+    c = [0.0] * nvar
+    c[-1] = 1.0
+    a_eq, b_eq, a_ub, b_ub, bounds = [], [], [], [], []
+    for li in range(nl):
+        row = [0.0] * nvar
+        for p in range(npl):
+            row[li * npl + p] = 1.0
+        a_eq.append(row)
+        b_eq.append(model.ops[li].tasks)
+    for p in range(npl):
+        row = [0.0] * nvar
+        for li in range(nl):
+            row[li * npl + p] = ex[li][p]
+        row[-1] = -pools[p].slots
+        a_ub.append(row)
+        b_ub.append(0.0)
+    for li in range(nl):
+        for p in range(npl):
+            bounds.append((0, None) if p in allowed[li] else (0, 0))
+    bounds.append((0, None))
+    res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=bounds,
+                  method="highs")
+    lp = res.fun if res.success else 0.0
+    return max(bound_cp, lp)
+
+
+def random_dag(seed: int, n: int = 200, width: int = 12) -> GraphModel:
+    """A HEFT-style random layered DAG of array ops with random sizes."""
+    rng = random.Random(seed)
+    classes = ["matmul", "elementwise", "fft", "reduction", "elementwise", "matmul"]
+    ops, keys, layer, deps = [], [], [], []
+    levels: list[list[int]] = []
+    while len(keys) < n:
+        level = []
+        for _ in range(rng.randint(2, width)):
+            if len(keys) >= n:
+                break
+            cls = rng.choice(classes)
+            side = rng.choice([256, 512, 1024, 2048, 4096])
+            size = 4
+            elems = side * side
+            flops = {"matmul": 2.0 * side**3, "fft": 5.0 * elems * math.log2(side),
+                     "elementwise": float(elems), "reduction": float(elems)}[cls]
+            i = len(keys)
+            par = []
+            if levels:
+                pool = [t for lv in levels[-3:] for t in lv]
+                par = rng.sample(pool, min(len(pool), rng.randint(1, 3)))
+            in_b = sum(ops[layer[p]].out_bytes for p in par)
+            op = OpInfo(name=f"{cls}-{i}", label=f"{cls}-{i}", op_class=cls, tasks=1,
+                        flops=flops, out_bytes=elems * size, in_bytes=in_b,
+                        mem_bytes=in_b + elems * size, itemsize=size,
+                        native=frozenset({"numpy", "cupy", "jax"}))
+            layer.append(len(ops))
+            ops.append(op)
+            keys.append(("t", i))
+            deps.append(par)
+            level.append(i)
+        levels.append(level)
+    return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=[keys[-1]])
