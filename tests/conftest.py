@@ -38,3 +38,17 @@ def no_mesh():
     active = _state.active()
     if active is not None:
         active.close()
+
+
+@pytest.fixture(scope="session")
+def ip():
+    """One IPython shell for the whole session, with the extension loaded.
+
+    IPython's test shell is a singleton: ``start_ipython()`` returns it only once.
+    """
+    from IPython.core.getipython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython() or get_ipython()
+    shell.run_line_magic("load_ext", "jupyter_mesh")
+    return shell

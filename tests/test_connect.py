@@ -82,11 +82,7 @@ def test_plaintext_client_is_refused_by_tls_scheduler(no_mesh, tls_cluster, cert
                         security=_security(certs, role_cert=False), timeout=3)
 
 
-def test_magic_tls_options(no_mesh, tls_cluster, certs):
-    from IPython.testing.globalipapp import start_ipython
-
-    ip = start_ipython()
-    ip.run_line_magic("load_ext", "jupyter_mesh")
+def test_magic_tls_options(ip, no_mesh, tls_cluster, certs):
     ip.run_line_magic(
         "mesh",
         f"connect {tls_cluster.scheduler_address} --tls-ca-file {certs['ca']} "

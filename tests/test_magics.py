@@ -10,15 +10,6 @@ from jupyter_mesh import _state
 
 
 @pytest.fixture(scope="module")
-def ip():
-    from IPython.testing.globalipapp import start_ipython
-
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "jupyter_mesh")
-    yield shell
-
-
-@pytest.fixture(scope="module")
 def started(ip):
     if _state.active() is not None:
         _state.active().close()
