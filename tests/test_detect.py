@@ -1,0 +1,78 @@
+"""Device detection logic, with CuPy replaced by a stand-in (there is no GPU here).
+
+The stand-in only answers the CuPy calls detection makes; the real thing runs in the
+``gpu``-marked tests on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from jupyter_mesh.devices import _detect
+from jupyter_mesh.devices._worker_plugin import describe_device
+
+
+def _fake_cupy(available: bool, names=("NVIDIA H100 80GB HBM3",)):
+    mod = types.ModuleType("cupy")
+    mod.__spec__ = types.SimpleNamespace(name="cupy")  # find_spec sees it
+    mod.is_available = lambda: available
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: len(names),
+        getDeviceProperties=lambda i: {
+            "name": names[i].encode(), "totalGlobalMem": 80 << 30, "major": 9, "minor": 0,
+        },
+    )
+    mod.cuda = types.SimpleNamespace(runtime=runtime)
+    return mod
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    def install(available, names=("NVIDIA H100 80GB HBM3",)):
+        monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(available, names))
+        monkeypatch.setattr(_detect.importlib.util, "find_spec",
+                            lambda name: object() if name == "cupy" else None)
+    return install
+
+
+def test_cupy_without_a_usable_gpu_means_no_gpu(fake_cupy):
+    fake_cupy(False)
+    assert not _detect.cuda_available()
+    assert _detect.cuda_devices() == []
+
+
+def test_gpus_are_read_from_cupy_when_available(fake_cupy):
+    fake_cupy(True, ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"))
+    gpus = _detect.cuda_devices()
+    assert [(g.kind, g.backend, g.index) for g in gpus] == [("gpu", "cupy", 0), ("gpu", "cupy", 1)]
+    assert gpus[1].model == "NVIDIA A100-SXM4-80GB"
+    assert gpus[0].memory == 80 << 30
+    assert gpus[0].extra["compute_capability"] == "9.0"
+
+
+def test_a_known_gpu_gets_its_table_profile(fake_cupy):
+    fake_cupy(True)
+    info, profile = describe_device("gpu", "cupy", None)
+    assert info.kind == "gpu"
+    assert profile.method == "table" and "H100" in profile.source
+
+
+def test_asking_for_a_gpu_without_one_fails_clearly(fake_cupy):
+    fake_cupy(False)
+    with pytest.raises(RuntimeError, match="CuPy sees no CUDA GPU"):
+        describe_device("gpu", None, None)
+
+
+def test_no_libtpu_means_no_tpu_without_importing_jax(monkeypatch):
+    monkeypatch.setattr(_detect.importlib.util, "find_spec", lambda name: None)
+    assert not _detect.tpu_possible()
+    assert _detect.tpu_devices() == []
+
+
+def test_cpu_device():
+    dev = _detect.cpu_device()
+    assert dev.kind == "cpu" and dev.backend == "numpy"
+    assert dev.memory > 0 and dev.extra["cores"] >= 1
