@@ -43,6 +43,24 @@ def check_count(name: str, value: Any, *, allow_auto: bool = False) -> int | str
     return value
 
 
+def check_memory_limit(value: Any) -> Any:
+    """``"auto"``, a number of bytes, or a size such as ``"4 GiB"``."""
+    from dask.utils import parse_bytes
+
+    if value == "auto":
+        return value
+    if not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0:
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except (ValueError, TypeError):
+            pass
+    raise MeshError(
+        f"memory_limit must be 'auto', a number of bytes or a size like '4 GiB', not {value!r}"
+    )
+
+
 def check_site(site: Any) -> str:
     if not isinstance(site, str) or not _SITE_RE.match(site):
         raise MeshError(
@@ -175,8 +193,13 @@ class Mesh:
         gpu_req = check_count("gpu", gpu, allow_auto=True)
         tpu_req = check_count("tpu", tpu, allow_auto=True)
         site = check_site(site)
-        if threads_per_worker is not None:
-            check_count("threads_per_worker", threads_per_worker)
+        if threads_per_worker is not None and (
+            check_count("threads_per_worker", threads_per_worker) == 0
+        ):
+            raise MeshError("threads_per_worker must be a whole number >= 1, not 0")
+        memory_limit = check_memory_limit(memory_limit)
+        if host is not None and (not isinstance(host, str) or not host.strip()):
+            raise MeshError(f"host must be an interface address like '127.0.0.1', not {host!r}")
         if set_current:
             _refuse_if_active(replace)
 
@@ -271,6 +294,14 @@ class Mesh:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
         elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise MeshError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if security is not None:
+            from distributed.security import Security
+
+            if not isinstance(security, Security):
+                raise MeshError(
+                    f"security must be a distributed.security.Security, not "
+                    f"{type(security).__name__}"
+                )
         if address.startswith("tls://") and security is None:
             raise MeshError(
                 f"{address} uses TLS: pass security=Security(tls_ca_file=..., "

@@ -138,3 +138,8 @@ def test_malformed_addresses(no_mesh, bad):
 def test_bad_timeouts(no_mesh, bad):
     with pytest.raises(MeshError, match="timeout must be a positive number"):
         jm.Mesh.connect("tcp://127.0.0.1:1", timeout=bad)
+
+
+def test_security_must_be_a_security(no_mesh):
+    with pytest.raises(MeshError, match="security must be a distributed.security.Security"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security={"ca": "x"})

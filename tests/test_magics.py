@@ -84,10 +84,17 @@ def test_remote_only_options_need_remote(ip, started):
         ip.run_cell_magic("mesh", "--remote --route gpu", "x = 1")
 
 
+def test_start_replace_swaps_the_mesh(ip, started):
+    ip.run_line_magic("mesh", "start --replace --cpu 1 --site second --threads 1")
+    new = jm.current()
+    assert new is not started and started.closed
+    assert new.inventory()[0].site == "second"
+
+
 def test_close_then_messages(ip, started, capsys):
     ip.run_line_magic("mesh", "close")
     assert "Closed the mesh" in capsys.readouterr().out
-    assert started.closed
+    assert started.closed and _state.active() is None
     ip.run_line_magic("mesh", "close")
     assert "No active mesh to close: run %mesh start" in capsys.readouterr().out
     ip.run_line_magic("mesh", "status")

@@ -87,6 +87,11 @@ def test_reprs(mesh):
         ({"site": ""}, "site must be"),
         ({"site": "has space"}, "site must be"),
         ({"cpu": 0, "gpu": 0, "tpu": 0}, "at least one device"),
+        ({"threads_per_worker": 0}, "threads_per_worker must be"),
+        ({"threads_per_worker": "many"}, "threads_per_worker must be"),
+        ({"memory_limit": "lots"}, "memory_limit must be"),
+        ({"memory_limit": -5}, "memory_limit must be"),
+        ({"host": ""}, "host must be"),
     ],
 )
 def test_bad_arguments_leave_the_mesh_alone(mesh, kwargs, match):
