@@ -139,7 +139,7 @@ class Plan:
         return (
             f"<div class='jupyter-mesh-plan'><b>{html.escape(self._header())}</b>"
             f"{_html_table(self.rows, PLAN_COLUMNS)}"
-            + (f"<ul>{notes}</ul>" if notes else "") + "</div>"
+            + (f"<ul>{notes}</ul>" if notes else "") + _picture("plan_html", self) + "</div>"
         )
 
 
@@ -206,8 +206,15 @@ class Report:
         return (
             f"<div class='jupyter-mesh-report'><b>{html.escape(self._header())}</b>"
             f"{_html_table(self.rows, REPORT_COLUMNS)}"
-            + (f"<ul>{fb}</ul>" if fb else "") + "</div>"
+            + (f"<ul>{fb}</ul>" if fb else "") + _picture("report_html", self) + "</div>"
         )
+
+
+def _picture(name: str, obj: Any) -> str:
+    """The Bokeh picture (timeline and op graph) from :mod:`jupyter_mesh.viz`."""
+    from .. import viz
+
+    return str(getattr(viz, name)(obj))
 
 
 PLAN_COLUMNS = ("op", "class", "target", "tasks", "est_seconds", "bytes_moved")

@@ -1,0 +1,338 @@
+"""Pictures of the router's decisions: timelines (Gantt) by worker and a graph of ops.
+
+:func:`plan_figure` and :func:`report_figure` build Bokeh layouts; :func:`plan_html` and
+:func:`report_html` embed them as HTML that carries BokehJS inline, so a picture renders
+without a network (a notebook offline, a saved HTML file, a headless browser).
+
+Bars and nodes are coloured by target (``KIND:BACKEND``), so NumPy and JAX workers of
+the same ``cpu`` kind stay apart. A report's timeline uses the scheduler's task stream
+(start and stop of every task) when it was recorded, and otherwise lays each worker's
+measured task seconds end to end (then the picture says so).
+"""
+
+from __future__ import annotations
+
+import html
+from collections import Counter, defaultdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bokeh.model import Model
+
+    from .router.plan import Plan, Report
+
+#: fixed colours for the common targets, so a picture reads the same in every notebook
+COLOURS = {
+    "cpu:numpy": "#4C72B0",
+    "cpu:jax": "#55A868",
+    "gpu:cupy": "#C44E52",
+    "tpu:jax": "#8172B2",
+}
+_SPARE = ("#DD8452", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD")
+MAX_BARS = 5000
+
+
+def colour_of(target: str) -> str:
+    """The colour of a target label (``cpu:jax``, ``gpu:cupy@us-east``)."""
+    base = target.split("@", 1)[0]
+    if base in COLOURS:
+        return COLOURS[base]
+    return _SPARE[sum(map(ord, base)) % len(_SPARE)]
+
+
+# ---------------------------------------------------------------- data
+def _lanes(bars: list[dict[str, Any]], group: str) -> None:
+    """Give every bar a lane within its group so overlapping bars do not hide each
+    other: the first lane free at the bar's start (as list scheduling fills slots)."""
+    ends: dict[str, list[float]] = defaultdict(list)
+    for bar in sorted(bars, key=lambda b: (b[group], b["start"], b["end"])):
+        lanes = ends[bar[group]]
+        for j, end in enumerate(lanes):
+            if end <= bar["start"] + 1e-12:
+                lanes[j] = bar["end"]
+                break
+        else:
+            j = len(lanes)
+            lanes.append(bar["end"])
+        bar["row"] = bar[group] if j == 0 else f"{bar[group]} #{j + 1}"
+
+
+def _short(address: str) -> str:
+    return address.split("://", 1)[-1]
+
+
+def planned_bars(plan: Plan, names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One bar per task as the plan placed it, in a lane of one of its pool's workers."""
+    names = names or {}
+    m = plan.model
+    per_pool: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(plan.pool_of):
+        per_pool[p].append(i)
+    bars: list[dict[str, Any]] = []
+    for p, tasks in per_pool.items():
+        pool = plan.pools[p]
+        slots = max(pool.slots, 1)
+        workers = pool.workers or [pool.label]
+        free = [0.0] * slots
+        for i in sorted(tasks, key=lambda i: (plan.start[i], plan.finish[i])):
+            # the slot the placement filled: the first one free at the task's start
+            j = next((j for j, f in enumerate(free) if f <= plan.start[i] + 1e-12),
+                     min(range(slots), key=free.__getitem__))
+            free[j] = plan.finish[i]
+            worker = workers[j * len(workers) // slots]
+            bars.append({
+                "worker": names.get(worker, _short(worker)),
+                "start": plan.start[i], "end": plan.finish[i],
+                "target": pool.label, "op": m.ops[m.layer[i]].label, "key": str(m.keys[i]),
+            })
+    _lanes(bars, "worker")
+    return bars
+
+
+def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
+    """One bar per task as it ran; True when the times are real starts and stops."""
+    plan = report.plan
+    m = plan.model
+    layer_of = {k: m.layer[i] for i, k in enumerate(m.keys)}
+    kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
+    names = report.worker_names
+
+    def target(worker: str, key: Any) -> str:
+        rec = report.records.get(key)
+        backend = rec[1] if rec else "?"
+        return f"{kind_of.get(worker, '?')}:{backend}"
+
+    def op(key: Any) -> str:
+        li = layer_of.get(key)
+        return m.ops[li].label if li is not None else str(key)
+
+    bars: list[dict[str, Any]] = []
+    stream = getattr(report, "timeline", None) or []
+    for rec in stream:
+        key = rec.get("key")
+        if key not in layer_of:
+            continue
+        for ss in rec.get("startstops", ()):
+            if ss.get("action") != "compute":
+                continue
+            worker = ss.get("worker") or rec.get("worker", "?")
+            bars.append({"worker": names.get(worker, _short(worker)),
+                         "start": ss["start"], "end": ss["stop"],
+                         "target": target(worker, key), "op": op(key), "key": str(key)})
+    if bars:
+        t0 = min(b["start"] for b in bars)
+        for b in bars:
+            b["start"] -= t0
+            b["end"] -= t0
+        _lanes(bars, "worker")
+        return bars, True
+    clock: dict[str, float] = defaultdict(float)
+    for key, (worker, _backend, secs) in report.records.items():
+        name = names.get(worker, _short(worker))
+        start = clock[name]
+        clock[name] = start + secs
+        bars.append({"worker": name, "start": start, "end": start + secs,
+                     "target": target(worker, key), "op": op(key), "key": str(key)})
+    for b in bars:
+        b["row"] = b["worker"]
+    return bars, False
+
+
+def op_graph(plan: Plan, report: Report | None = None) -> dict[str, Any]:
+    """Nodes (ops) with a position, a target and a size, and edges between ops."""
+    m = plan.model
+    nops = len(m.ops)
+    targets: list[Counter[str]] = [Counter() for _ in range(nops)]
+    if report is not None and report.records:
+        kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
+        for i, k in enumerate(m.keys):
+            rec = report.records.get(k)
+            if rec is not None:
+                targets[m.layer[i]][f"{kind_of.get(rec[0], '?')}:{rec[1]}"] += 1
+    else:
+        for i, p in enumerate(plan.pool_of):
+            targets[m.layer[i]][plan.pools[p].label] += 1
+    shown = [li for li in range(nops) if m.ops[li].tasks]
+    index = {li: n for n, li in enumerate(shown)}
+    edges: set[tuple[int, int]] = set()
+    for i, ds in enumerate(m.deps):
+        for d in ds:
+            a, b = m.layer[d], m.layer[i]
+            if a != b and a in index and b in index:
+                edges.add((index[a], index[b]))
+    # depth: longest path from a source, by Kahn's order over the op graph
+    succ: dict[int, list[int]] = defaultdict(list)
+    indeg = [0] * len(shown)
+    for a, b in edges:
+        succ[a].append(b)
+        indeg[b] += 1
+    depth = [0] * len(shown)
+    ready = [n for n in range(len(shown)) if indeg[n] == 0]
+    while ready:
+        a = ready.pop()
+        for b in succ[a]:
+            depth[b] = max(depth[b], depth[a] + 1)
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                ready.append(b)
+    per_depth: dict[int, list[int]] = defaultdict(list)
+    for n in range(len(shown)):
+        per_depth[depth[n]].append(n)
+    y = [0.0] * len(shown)
+    for ns in per_depth.values():
+        for r, n in enumerate(ns):
+            y[n] = r - (len(ns) - 1) / 2
+    nodes = []
+    for n, li in enumerate(shown):
+        c = targets[li]
+        main = c.most_common(1)[0][0] if c else "?"
+        nodes.append({
+            "op": m.ops[li].label, "class": m.ops[li].op_class, "tasks": m.ops[li].tasks,
+            "target": main,
+            "targets": " + ".join(f"{t}×{k}" for t, k in c.most_common()) or "-",
+            "x": float(depth[n]), "y": y[n],
+        })
+    return {"nodes": nodes, "edges": sorted(edges)}
+
+
+# ---------------------------------------------------------------- figures
+def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) -> Model:
+    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.plotting import figure
+
+    bars = bars[:MAX_BARS]
+    rows = sorted({b["row"] for b in bars}, reverse=True) or ["(no tasks)"]
+    data = {
+        "row": [b["row"] for b in bars], "left": [b["start"] for b in bars],
+        "right": [b["end"] for b in bars], "target": [b["target"] for b in bars],
+        "op": [b["op"] for b in bars], "key": [b["key"] for b in bars],
+        "colour": [colour_of(b["target"]) for b in bars],
+        "ms": [(b["end"] - b["start"]) * 1e3 for b in bars],
+    }
+    fig = figure(y_range=rows, height=max(140, 60 + 26 * len(rows)), width=width,
+                 title=title, x_axis_label=x_label, toolbar_location="above",
+                 tools="xpan,xwheel_zoom,reset,save")
+    fig.hbar(y="row", left="left", right="right", height=0.8, source=ColumnDataSource(data),
+             fill_color="colour", line_color="white", line_width=0.5,
+             legend_field="target")
+    fig.add_tools(HoverTool(tooltips=[("op", "@op"), ("target", "@target"),
+                                      ("task", "@key"), ("ms", "@ms{0.000}")]))
+    fig.legend.label_text_font_size = "9pt"
+    fig.add_layout(fig.legend[0], "right")
+    fig.ygrid.grid_line_color = None
+    return fig
+
+
+def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
+    from bokeh.models import ColumnDataSource, HoverTool, LabelSet
+    from bokeh.plotting import figure
+
+    nodes = graph["nodes"]
+    xs = [n["x"] for n in nodes] or [0.0]
+    ys = [n["y"] for n in nodes] or [0.0]
+    fig = figure(width=width, height=max(200, 80 + 60 * int(max(ys) - min(ys) + 1)),
+                 title=title, x_range=(min(xs) - 0.6, max(xs) + 0.9),
+                 y_range=(min(ys) - 0.8, max(ys) + 0.8), tools="pan,wheel_zoom,reset,save",
+                 toolbar_location="above")
+    fig.axis.visible = False
+    fig.grid.visible = False
+    if graph["edges"]:
+        fig.segment(x0=[nodes[a]["x"] for a, _ in graph["edges"]],
+                    y0=[nodes[a]["y"] for a, _ in graph["edges"]],
+                    x1=[nodes[b]["x"] for _, b in graph["edges"]],
+                    y1=[nodes[b]["y"] for _, b in graph["edges"]],
+                    line_color="#999999", line_width=1.5)
+    source = ColumnDataSource({
+        "x": xs[: len(nodes)], "y": ys[: len(nodes)], "op": [n["op"] for n in nodes],
+        "label": [n["op"][:22] for n in nodes],
+        # labels above and below in turn, so neighbours in a chain do not collide
+        "dy": [10 if k % 2 == 0 else -22 for k in range(len(nodes))], "class": [n["class"] for n in nodes],
+        "tasks": [n["tasks"] for n in nodes], "target": [n["target"] for n in nodes],
+        "targets": [n["targets"] for n in nodes],
+        "colour": [colour_of(n["target"]) for n in nodes],
+        "size": [10 + min(n["tasks"], 64) ** 0.5 * 3 for n in nodes],
+    })
+    fig.scatter(x="x", y="y", size="size", source=source, fill_color="colour",
+                line_color="#333333", legend_field="target")
+    fig.add_layout(LabelSet(x="x", y="y", text="label", source=source, x_offset=-12,
+                            y_offset="dy", text_font_size="9pt"))
+    fig.add_tools(HoverTool(tooltips=[("op", "@op"), ("class", "@class"),
+                                      ("tasks", "@tasks"), ("target", "@targets")]))
+    fig.legend.label_text_font_size = "9pt"
+    fig.add_layout(fig.legend[0], "right")
+    return fig
+
+
+def plan_figure(plan: Plan, width: int = 900) -> Model:
+    """The plan's timeline by worker and its graph of ops, coloured by target."""
+    from bokeh.layouts import column
+
+    return column(
+        _timeline(planned_bars(plan), "Planned timeline (estimated, by worker)",
+                  "estimated seconds", width),
+        _graph(op_graph(plan), "Operations, coloured by planned target", width),
+    )
+
+
+def report_figure(report: Report, width: int = 900) -> Model:
+    """Planned and measured timelines side by side, and the ops coloured by where they
+    ran."""
+    from bokeh.layouts import column, row
+
+    plan = report.plan
+    half = max(width // 2, 300)
+    measured, real = measured_bars(report)
+    how = "measured" if real else "measured task seconds laid end to end"
+    return column(
+        row(
+            _timeline(planned_bars(plan, report.worker_names),
+                      "Planned (estimated)", "estimated seconds", half),
+            _timeline(measured, f"Ran ({how})", "seconds since the first task", half),
+        ),
+        _graph(op_graph(plan, report), "Operations, coloured by where they ran", width),
+    )
+
+
+# ---------------------------------------------------------------- embedding
+def embed(layout: Model) -> str:
+    """HTML for a Bokeh layout with BokehJS inline (renders offline)."""
+    from bokeh.embed import components
+    from bokeh.resources import Resources
+
+    script, div = components(layout)
+    # BokehJS travels with every picture, so a saved notebook or HTML file shows it
+    # without a network (about 1.3 MB of JavaScript per picture).
+    js = Resources(mode="inline", components=["bokeh"]).render_js()
+    return f"<div class='jupyter-mesh-picture'>{js}{div}{script}</div>"
+
+
+def _safe(build: Any, what: str) -> str:
+    try:
+        return embed(build())
+    except Exception as exc:  # a picture must never break the table it sits under
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return f"<p><i>(no picture of this {what}: {html.escape(reason)})</i></p>"
+
+
+def plan_html(plan: Plan) -> str:
+    """The plan's picture as embeddable HTML (empty for a plan without tasks)."""
+    if not plan.model.keys:
+        return ""
+    return _safe(lambda: plan_figure(plan), "plan")
+
+
+def report_html(report: Report) -> str:
+    """The report's picture as embeddable HTML (empty for a report without tasks)."""
+    if not report.plan.model.keys:
+        return ""
+    return _safe(lambda: report_figure(report), "report")
+
+
+def save_html(layout: Model, path: str, title: str = "jupyter_mesh") -> str:
+    """Write a standalone HTML file (BokehJS inline) for a layout; return its path."""
+    from bokeh.embed import file_html
+    from bokeh.resources import INLINE
+
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(file_html(layout, resources=INLINE, title=title))
+    return path

@@ -1,0 +1,150 @@
+"""Pictures of plans and reports: pure (synthetic devices, no cluster) and offline render."""
+
+from __future__ import annotations
+
+import dask.array as da
+import pytest
+
+from jupyter_mesh import viz
+from jupyter_mesh.devices._profile import Profile
+from jupyter_mesh.inventory import Device
+from jupyter_mesh.router import Report, plan_collections
+
+NUMPY = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+                method="model", source="test")
+JAX = Profile(flops32=4e11, flops64=2e11, mem_bandwidth=2e10, launch_latency=2e-5,
+              method="model", source="test")
+
+
+@pytest.fixture(scope="module")
+def plan():
+    devices = [
+        Device("tcp://10.0.0.1:1", "cpu", "numpy", "model cpu", 1 << 34, "local", NUMPY,
+               name="cpu-0", nthreads=2),
+        Device("tcp://10.0.0.2:1", "cpu", "jax", "model cpu", 1 << 34, "local", JAX,
+               name="jax-cpu-0", nthreads=1),
+    ]
+    x = da.random.random((1000, 1000), chunks=250)
+    return plan_collections([((x @ x.T) + 1).sum(axis=0)], devices)
+
+
+def _report(plan, with_stream: bool) -> Report:
+    """A report as if every task ran where it was planned, for as long as planned."""
+    records, stream = {}, []
+    for i, key in enumerate(plan.model.keys):
+        pool = plan.pools[plan.pool_of[i]]
+        worker = pool.workers[0]
+        secs = plan.finish[i] - plan.start[i]
+        records[key] = (worker, pool.backend, secs)
+        stream.append({"key": key, "worker": worker, "startstops": [
+            {"action": "compute", "start": 1000 + plan.start[i],
+             "stop": 1000 + plan.finish[i]}]})
+    names = {"tcp://10.0.0.1:1": "cpu-0", "tcp://10.0.0.2:1": "jax-cpu-0"}
+    report = Report(plan, records, plan.makespan, worker_names=names)
+    if with_stream:
+        report.timeline = stream
+    return report
+
+
+def test_planned_bars_fill_every_worker_lane_without_overlap(plan):
+    bars = viz.planned_bars(plan)
+    assert len(bars) == len(plan.model.keys)
+    assert {b["target"] for b in bars} == {p.label for p in plan.pools}
+    by_row = {}
+    for b in bars:
+        by_row.setdefault(b["row"], []).append((b["start"], b["end"]))
+    for spans in by_row.values():
+        spans.sort()
+        assert all(a_end <= b_start + 1e-9 for (_, a_end), (b_start, _) in
+                   zip(spans, spans[1:], strict=False))
+    # two threads on the NumPy worker: two lanes at most; one on the JAX worker
+    assert {r for r in by_row if r.startswith("10.0.0.1")} <= {"10.0.0.1:1", "10.0.0.1:1 #2"}
+    assert {r for r in by_row if r.startswith("10.0.0.2")} == {"10.0.0.2:1"}
+
+
+def test_measured_bars_use_the_task_stream_and_worker_names(plan):
+    bars, real = viz.measured_bars(_report(plan, with_stream=True))
+    assert real
+    assert {b["worker"] for b in bars} == {"cpu-0", "jax-cpu-0"}
+    assert min(b["start"] for b in bars) == 0
+    assert {b["target"] for b in bars} <= {"cpu:numpy", "cpu:jax"}
+
+
+def test_measured_bars_without_a_task_stream_lay_seconds_end_to_end(plan):
+    bars, real = viz.measured_bars(_report(plan, with_stream=False))
+    assert not real
+    assert len(bars) == len(plan.model.keys)
+
+
+def test_op_graph_follows_the_dataflow(plan):
+    graph = viz.op_graph(plan)
+    ops = [n["op"] for n in graph["nodes"]]
+    assert "matmul" in ops and "random_sample" in ops
+    x = {n["op"]: n["x"] for n in graph["nodes"]}
+    assert x["random_sample"] < x["matmul"] < x["sum-aggregate"]
+    assert all(n["target"] in {"cpu:numpy", "cpu:jax"} for n in graph["nodes"])
+
+
+def test_plan_repr_html_contains_table_and_picture(plan):
+    out = plan._repr_html_()
+    assert "<table>" in out and "matmul" in out
+    assert "jupyter-mesh-picture" in out
+    assert "Planned timeline" in out and "Operations, coloured by planned target" in out
+    assert "Bokeh.embed.embed_items" in out  # the picture's script
+    assert "https://cdn.bokeh.org" not in out  # BokehJS inline: renders offline
+
+
+def test_report_repr_html_shows_planned_and_measured_side_by_side(plan):
+    out = _report(plan, with_stream=True)._repr_html_()
+    assert "jupyter-mesh-picture" in out
+    assert "Planned (estimated)" in out and "Ran (measured)" in out
+    assert "coloured by where they ran" in out
+    assert "https://cdn.bokeh.org" not in out
+
+
+def test_a_broken_picture_leaves_the_table(plan, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("no drawing today")
+
+    monkeypatch.setattr(viz, "plan_figure", boom)
+    out = plan._repr_html_()
+    assert "<table>" in out and "no picture of this plan" in out
+
+
+def test_colours_are_stable_per_target():
+    assert viz.colour_of("cpu:jax") == viz.colour_of("cpu:jax@us-east")
+    assert viz.colour_of("cpu:numpy") != viz.colour_of("cpu:jax")
+
+
+@pytest.mark.browser
+def test_picture_renders_offline_in_chromium(plan, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("Debian's chromium is not installed (make chromium)")
+    page_file = tmp_path / "plan.html"
+    page_file.write_text(f"<html><body>{plan._repr_html_()}</body></html>")
+    blocked = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+
+            def only_local(route):
+                if route.request.url.startswith(("file:", "data:", "blob:", "about:")):
+                    route.continue_()
+                else:
+                    blocked.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_local)
+            page.goto(page_file.as_uri())
+            page.wait_for_function(
+                "() => window.Bokeh && Bokeh.documents.length > 0", timeout=30000)
+            views = page.evaluate("() => Object.keys(Bokeh.index).length")
+        finally:
+            browser.close()
+    assert views >= 1
+    assert blocked == []
