@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 
+from .. import progress
 from ..errors import MeshError
 from ..targets import Target
 from ._device import pop_records
@@ -55,7 +56,13 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         raise MeshError("nothing to compute: pass one or more Dask collections")
     model = model_collections(collections)  # validates the inputs first
     if route == "off":
-        return tuple(mesh.client.compute(list(collections), sync=True))
+        watch = progress.FuturesWatch(mesh, None, "route=off")
+        futures = mesh.client.compute(list(collections))
+        try:
+            watch.started(futures)
+            return tuple(mesh.client.gather(futures))
+        finally:
+            watch.stopped()
     pools = build_pools(mesh.inventory())
     plan = plan_model(model, pools, route, site=site)
     values = run_plan(mesh, plan, fallback)
@@ -87,17 +94,21 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
             f"the scheduler at {mesh.address} does not route (is jupyter_mesh installed "
             f"there?): {exc}"
         ) from None
+    watch = progress.FuturesWatch(mesh, plan.assignment(), f"route={plan.route}")
     futures = client.get(routed.graph, routed.keys, sync=False)
     try:
+        watch.started(futures)  # a bar per target once past mesh.progress-after
         _wait(mesh, routed.plan_id, futures, fallback)
         values = client.gather(futures)
     finally:
         wall = time.perf_counter() - t0
+        watch.stopped()
     status = client.sync(getattr(client.scheduler, STATUS_HANDLER), plan_id=routed.plan_id)
     records = _collect(mesh, routed.plan_id)
     names = {d.worker: d.name or d.worker for d in mesh.inventory()}
     report = Report(plan, records, wall, fallbacks=status.get("events", []),
                     worker_names=names)
+    report.timeline = watch.timeline()  # task starts and stops, for the picture
     mesh.last_report = report
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)

@@ -1,0 +1,315 @@
+"""Progress bars for work that runs longer than ``mesh.progress-after`` seconds.
+
+Routed computations (``mesh.compute``, ``%%mesh`` cells, ``with mesh.route(...)``) get
+one bar per target (``cpu:numpy``, ``cpu:jax``, ``gpu:cupy``...), built on Dask's
+:class:`~distributed.diagnostics.progressbar.MultiProgressWidget` (the scheduler reports
+per group of keys); remote cells get one bar per worker with the time the cell has run.
+In a notebook the bars are ipywidgets; elsewhere a one-line text bar on stderr (stdout
+stays for the results). Quick work shows nothing.
+
+The bars run on the mesh client's event loop, never on the kernel's (which is busy
+running the cell), and only this module's code decides when to show them: the router
+and remote cells call :class:`FuturesWatch` and :class:`RemoteWatch` at one place each.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from distributed.diagnostics.progress import format_time
+from distributed.diagnostics.progressbar import MultiProgressBar, MultiProgressWidget
+
+from . import _config
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+#: seconds the end of a computation waits for its bar's last update
+_FINAL_WAIT = 2.0
+
+
+def progress_after() -> float:
+    """Seconds work must run before a bar appears (``mesh.progress-after``).
+
+    Raises
+    ------
+    MeshConfigError
+        When the setting is negative or not a number; the message names the key.
+    """
+    return _config.get_seconds("progress-after")
+
+
+def in_notebook() -> bool:
+    """Whether output goes to a Jupyter frontend that can show ipywidgets."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None or getattr(shell, "kernel", None) is None:
+            return False
+        import ipywidgets  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _display(obj: Any) -> None:
+    from IPython.display import display
+
+    display(obj)
+
+
+class GroupBy:
+    """Key -> group (a target label), as the scheduler's progress plugin calls it.
+
+    Pickled to the scheduler with the bar: a mapping and a default, nothing else.
+    """
+
+    def __init__(self, groups: Mapping[Any, str], default: str = "other") -> None:
+        self.groups = dict(groups)
+        self.default = default
+
+    def __call__(self, key: Any) -> str:
+        return self.groups.get(key, self.default)
+
+
+class TextBars(MultiProgressBar):
+    """Dask's multi-group progress as one line of text, rewritten in place."""
+
+    def __init__(self, keys: Any, scheduler: Any = None, *, title: str = "",
+                 stream: Any = None, width: int = 20, **kwargs: Any) -> None:
+        super().__init__(keys, scheduler, **kwargs)
+        self.title = title
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.finished = False
+        self.last_line = ""
+
+    def _line(self, remaining: Mapping[Any, int], all: Mapping[Any, int]) -> str:
+        parts = []
+        for group in sorted(all, key=str):
+            n = all[group]
+            done = n - remaining.get(group, 0)
+            filled = int(self.width * done / n) if n else self.width
+            parts.append(f"{group} [{'#' * filled:<{self.width}}] {done}/{n}")
+        head = f"{self.title}: " if self.title else ""
+        return f"{head}{' | '.join(parts)} | {format_time(self.elapsed).strip()}"
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except ValueError:  # the stream was closed under us
+            pass
+
+    def _draw_bar(self, remaining: Any, all: Any, status: Any = None, **kwargs: Any) -> None:
+        self.last_line = self._line(remaining, all)
+        self._write("\r" + self.last_line)
+
+    def _draw_stop(self, remaining: Any = None, status: Any = None, **kwargs: Any) -> None:
+        end = "finished" if status == "finished" else "stopped (error or cancelled)"
+        self._write(f"\r{self.last_line} | {end}\n")
+        self.finished = True
+
+
+class WidgetBars(MultiProgressWidget):
+    """Dask's multi-group progress widget, with a title, that says when it is done."""
+
+    def __init__(self, keys: Any, scheduler: Any = None, *, title: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(keys, scheduler, **kwargs)
+        from ipywidgets import HTML, VBox
+
+        self.finished = False
+        self.box = VBox([HTML(f"<b>{_escape(title)}</b>"), self.widget])
+
+    def _draw_stop(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super()._draw_stop(*args, **kwargs)
+        finally:
+            self.finished = True
+
+
+class FuturesWatch:
+    """Show a bar for Dask futures once they have run longer than the threshold.
+
+    ``FuturesWatch(mesh, groups)`` before submitting (it reads the setting, and notes
+    the scheduler's task-stream position for the report's timeline); ``started(futures)``
+    after submitting waits at most what is left of the threshold and then shows the bar;
+    ``stopped()`` when the work is over; ``timeline()`` returns the task stream of what
+    ran since.
+
+    Parameters
+    ----------
+    mesh:
+        The mesh the work runs on.
+    groups:
+        Key -> bar (a target label); None groups by Dask's key prefix.
+    title:
+        Shown above (or before) the bars.
+    """
+
+    def __init__(self, mesh: Mesh, groups: Mapping[Any, str] | None = None,
+                 title: str = "jupyter_mesh") -> None:
+        self.after = progress_after()
+        self.mesh = mesh
+        self.groups = groups
+        self.title = title
+        self.t0 = time.monotonic()
+        self.bar: TextBars | WidgetBars | None = None
+        self.cursor: int | None = None
+        try:
+            client = mesh.client
+            self.cursor = client.sync(client.scheduler.get_task_stream_index)
+        except Exception:
+            self.cursor = None
+
+    @property
+    def shown(self) -> bool:
+        return self.bar is not None
+
+    def started(self, futures: list[Any]) -> None:
+        """Wait up to the threshold for ``futures``; show the bar if they still run."""
+        from distributed.client import _wait
+
+        left = self.after - (time.monotonic() - self.t0)
+        if left > 0:
+            try:
+                # this mesh's client, which need not be the default one
+                self.mesh.client.sync(_wait, futures, timeout=left)
+                return
+            except TimeoutError:
+                pass
+        elif all(f.done() for f in futures):
+            return
+        try:
+            self._show(futures)
+        except Exception:  # a bar must never break the computation
+            self.bar = None
+
+    def _show(self, futures: list[Any]) -> None:
+        client = self.mesh.client
+        group_by: Any = GroupBy(self.groups) if self.groups is not None else "prefix"
+        kwargs = dict(scheduler=client.scheduler.address, group_by=group_by,
+                      complete=True, interval="200ms", title=self.title)
+        bar: TextBars | WidgetBars
+        if in_notebook():
+            bar = WidgetBars(futures, **kwargs)
+            _display(bar.box)
+        else:
+            bar = TextBars(futures, **kwargs)
+        self.bar = bar
+        client.loop.add_callback(bar.listen)
+
+    def stopped(self) -> None:
+        """The work is over: give the bar a moment for its final state."""
+        bar = self.bar
+        if bar is None:
+            return
+        deadline = time.monotonic() + _FINAL_WAIT
+        while not bar.finished and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def timeline(self) -> list[dict[str, Any]] | None:
+        """The scheduler's task-stream records (start and stop per task) since the
+        watch began, or None when the scheduler could not say."""
+        if self.cursor is None:
+            return None
+        client = self.mesh.client
+        try:
+            return list(client.sync(client.scheduler.get_task_stream,
+                                    start_index=self.cursor))
+        except Exception:
+            return None
+
+
+class RemoteWatch:
+    """Bars for a remote cell: one per worker, the seconds it has run so far.
+
+    The remote-cell loop calls :meth:`tick` every few hundred milliseconds from the
+    thread that runs the cell and :meth:`done` at the end.
+    """
+
+    def __init__(self, labels: list[str], timeout: float | None = None) -> None:
+        self.after = progress_after()
+        self.labels = labels
+        self.timeout = timeout
+        self.t0 = time.monotonic()
+        self.widgets: dict[str, Any] | None = None
+        self.text = False
+        self.finished: set[str] = set()
+
+    @property
+    def shown(self) -> bool:
+        return self.widgets is not None or self.text
+
+    def tick(self, finished: set[str] | None = None) -> None:
+        elapsed = time.monotonic() - self.t0
+        if finished is not None:
+            self.finished = set(finished)
+        if not self.shown:
+            if elapsed < self.after:
+                return
+            try:
+                self._show()
+            except Exception:
+                self.text = False
+                return
+        self._draw(elapsed)
+
+    def _show(self) -> None:
+        if not in_notebook():
+            self.text = True
+            return
+        from ipywidgets import HTML, FloatProgress, HBox, VBox
+
+        widgets = {}
+        rows = []
+        for label in self.labels:
+            bar = FloatProgress(min=0.0, max=1.0, value=0.0, bar_style="info")
+            text = HTML("")
+            widgets[label] = (bar, text)
+            rows.append(HBox([bar, text]))
+        self.widgets = widgets
+        _display(VBox([HTML("<b>remote cell</b>"), *rows]))
+
+    def _fraction(self, elapsed: float) -> float:
+        if self.timeout:
+            return min(elapsed / self.timeout, 1.0)
+        return 1.0  # no end known: a full bar that says how long it has run
+
+    def _draw(self, elapsed: float, end: str | None = None) -> None:
+        spent = format_time(elapsed).strip()
+        if self.widgets is not None:
+            for label, (bar, text) in self.widgets.items():
+                if label in self.finished or end is not None:
+                    bar.value = 1.0
+                    bar.bar_style = "success" if end == "finished" else "danger"
+                    text.value = f"{_escape(label)}: {end or 'finished'} after {spent}"
+                else:
+                    bar.value = self._fraction(elapsed)
+                    text.value = f"{_escape(label)}: running {spent}"
+        elif self.text:
+            running = [lb for lb in self.labels if lb not in self.finished]
+            state = end or f"running on {', '.join(running) or '-'}"
+            limit = f" of {self.timeout:g} s" if self.timeout else ""
+            sys.stderr.write(f"\rremote cell: {state} | {spent}{limit}")
+            if end is not None:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def done(self, ok: bool = True) -> None:
+        if self.shown:
+            try:
+                self._draw(time.monotonic() - self.t0, "finished" if ok else "stopped")
+            except Exception:
+                pass
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

@@ -1,0 +1,162 @@
+"""Progress bars: shown once work runs past ``mesh.progress-after``, never for quick work.
+
+The threshold is set small here (0.2 s) against work that takes a second or more; the
+quick work finishes well inside it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import dask.array as da
+import pytest
+
+import jupyter_mesh as jm
+from jupyter_mesh import MeshConfigError, _state, progress
+
+pytest.importorskip("jax")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    active = _state.active()
+    if active is not None:
+        active.close()
+    m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def quick_threshold():
+    with dask.config.set({"mesh.progress-after": 0.2}):
+        yield
+
+
+def sleepy(n: int, seconds: float = 0.6) -> list:
+    """``n`` tasks that each sleep (time.sleep pickles by reference)."""
+    return [dask.delayed(time.sleep)(seconds, dask_key_name=f"sleepy-{i}-{seconds}")
+            for i in range(n)]
+
+
+def slow_pipeline():
+    x = da.random.random((800, 800), chunks=200)
+    return ((x @ x.T) + 1).sum(axis=0)
+
+
+@pytest.mark.parametrize("value", [-1, "soon", None, float("nan")])
+def test_bad_progress_after_is_a_config_error_naming_the_key(value):
+    with dask.config.set({"mesh.progress-after": value}):
+        with pytest.raises(MeshConfigError, match="mesh.progress-after"):
+            progress.progress_after()
+
+
+def test_bad_progress_after_fails_compute_before_anything_runs(mesh):
+    x = da.ones(10, chunks=5)
+    with dask.config.set({"mesh.progress-after": -2}):
+        with pytest.raises(MeshConfigError, match="mesh.progress-after"):
+            mesh.compute(x.sum())
+    # the mesh is fine afterwards
+    assert mesh.compute(x.sum())[0] == 10
+
+
+def test_default_threshold_is_two_seconds():
+    assert progress.progress_after() == 2.0
+
+
+def test_slow_routed_cell_shows_a_bar_per_target(ip, mesh, quick_threshold, capfd):
+    ip.user_ns["sleepy"] = sleepy
+    ip.run_cell_magic("mesh", "--route auto", "import dask\nout = dask.compute(*sleepy(2))")
+    err = capfd.readouterr().err
+    assert "route=auto:" in err
+    assert "cpu:numpy [" in err
+    assert "2/2" in err and "finished" in err
+
+
+def test_quick_routed_cell_shows_nothing(ip, mesh, quick_threshold, capfd):
+    ip.run_cell_magic("mesh", "--route auto",
+                      "import dask.array as da\nv = da.ones(8, chunks=4).sum().compute()")
+    err = capfd.readouterr().err
+    assert ip.user_ns["v"] == 8
+    assert "route=" not in err and "[#" not in err
+
+
+def test_default_threshold_hides_a_one_second_computation(mesh, capfd):
+    mesh.compute(*sleepy(1, 0.5))
+    assert "route=" not in capfd.readouterr().err
+
+
+def test_compute_groups_bars_by_target(mesh, quick_threshold, capfd):
+    (total,) = mesh.compute(slow_pipeline(), route="auto")
+    assert total.shape == (800,)
+    err = capfd.readouterr().err
+    if "route=auto" not in err:  # the whole pipeline beat the threshold on this machine
+        pytest.skip("the pipeline finished within 0.2 s")
+    plan_targets = {row["target"] for row in mesh.last_report.rows}
+    shown = {t for t in ("cpu:numpy", "cpu:jax") if f"{t} [" in err}
+    assert shown and all(any(t in pt for pt in plan_targets) for t in shown)
+
+
+def test_route_off_compute_shows_a_bar_too(mesh, quick_threshold, capfd):
+    mesh.compute(*sleepy(2, 0.7), route="off")
+    err = capfd.readouterr().err
+    assert "route=off:" in err and "finished" in err
+
+
+def test_report_timeline_comes_from_the_task_stream(mesh):
+    mesh.compute(slow_pipeline(), route="cpu:jax")
+    report = mesh.last_report
+    assert report.timeline, "the scheduler's task stream was not recorded"
+    from jupyter_mesh import viz
+
+    bars, real = viz.measured_bars(report)
+    assert real and {b["worker"] for b in bars} <= {d.name for d in mesh.inventory()}
+
+
+def test_in_a_notebook_the_bar_is_a_widget(mesh, quick_threshold, monkeypatch):
+    shown = []
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", shown.append)
+    mesh.compute(*sleepy(2))
+    assert len(shown) == 1
+    box = shown[0]
+    from ipywidgets import VBox
+
+    assert isinstance(box, VBox)
+    bars_widget = box.children[1]
+    elapsed, rows = bars_widget.children
+    assert "Finished" in elapsed.value
+    labels = [row.children[2].value for row in rows.children]
+    assert any("cpu:numpy" in lb for lb in labels)
+    assert all(row.children[1].bar_style == "success" for row in rows.children)
+
+
+def test_slow_remote_cell_shows_the_time_it_has_run(mesh, quick_threshold, capfd):
+    mesh.run_cell("import time\ntime.sleep(1.0)", on="cpu")
+    err = capfd.readouterr().err
+    assert "remote cell: finished" in err
+
+
+def test_quick_remote_cell_shows_nothing(mesh, quick_threshold, capfd):
+    mesh.run_cell("x = 1", on="cpu")
+    assert "remote cell" not in capfd.readouterr().err
+
+
+def test_remote_widget_bar_per_worker(mesh, quick_threshold, monkeypatch):
+    shown = []
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", shown.append)
+    mesh.run_cell("import time\ntime.sleep(0.8)", on="cpu:jax", timeout=30)
+    assert len(shown) == 1
+    rows = shown[0].children[1:]
+    assert len(rows) == 1
+    bar, text = rows[0].children
+    assert bar.bar_style == "success" and "finished after" in text.value
+    assert "jax" in text.value  # the worker's name
+
+
+def test_bad_progress_after_rejects_a_remote_cell_before_it_runs(mesh):
+    with dask.config.set({"mesh.progress-after": "later"}):
+        with pytest.raises(MeshConfigError, match="mesh.progress-after"):
+            mesh.run_cell("y = 2", on="cpu")
