@@ -12,6 +12,7 @@ import asyncio
 import keyword
 import math
 import queue
+import socket
 import sys
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.serialize import Serialized, serialize
 
-from .. import _config, progress
+from .. import _config
 from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
@@ -270,13 +271,13 @@ class RemoteCells:
         except ValueError as exc:
             raise MeshError(f"--on: {exc}") from None
 
-    def _pick(self, target: Target | None, site: str | None, all: bool) -> list[Device]:
+    def _pick(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
         key = (str(target) if target else None, site)
-        if not all and key in self.sticky:
+        if not every and key in self.sticky:
             return [self.sticky[key]]
-        return self._choose(target, site, all)
+        return self._choose(target, site, every)
 
-    def _choose(self, target: Target | None, site: str | None, all: bool) -> list[Device]:
+    def _choose(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
         inventory = self.mesh.inventory()
         matching = inventory.select(target=target, site=site)
         if not len(matching):
@@ -294,7 +295,7 @@ class RemoteCells:
                 f"{_describe(inventory)}"
             )
         devices = list(matching)
-        if all:
+        if every:
             return devices
         # least loaded; on a tie, one that already holds this notebook's namespace
         devices.sort(key=lambda d: (d.tasks, d.worker not in self.namespaces,
@@ -318,11 +319,10 @@ class RemoteCells:
 
     # ------------------------------------------------------------ running
     def _execute(self, devices: list[Device], message: dict[str, Any],
-                 target: Target | None, site: str | None, all: bool,
+                 target: Target | None, site: str | None, every: bool,
                  timeout: float | None) -> list[CellResult]:
         events: queue.SimpleQueue = queue.SimpleQueue()
         runs = [_Run(d, message) for d in devices]
-        watch = progress.RemoteWatch([r.label for r in runs], timeout)  # after progress-after
         for r in runs:
             self._start(r, events)
         pending = set(range(len(runs)))
@@ -332,7 +332,6 @@ class RemoteCells:
         stop_sent_at: float | None = None
         interrupted = False
         while pending:
-            watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
             try:
                 try:
                     kind, run, payload = events.get(timeout=0.2)
@@ -349,11 +348,11 @@ class RemoteCells:
                     continue
                 i = index[id(run)]
                 if kind == "out":
-                    self._show(run, payload, labelled=all)
+                    self._show(run, payload, labelled=every)
                 elif kind == "done":
                     run.final = payload
                     pending.discard(i)
-                elif kind == "gone" and not all:
+                elif kind == "gone" and not every:
                     # the sticky worker died since the last cell: say so, pick another
                     new = self._repick(run, target, site)
                     replacement = _Run(new, message)
@@ -370,8 +369,6 @@ class RemoteCells:
                 interrupted = True
                 stop_sent_at = time.monotonic()
                 self._send_stop([runs[i] for i in pending], "interrupted")
-        watch.done(not interrupted and not any((r.final or {}).get("status") != "ok"
-                                               for r in runs))
         return self._collect(runs, interrupted, timeout)
 
     def _start(self, run: _Run, events: queue.SimpleQueue) -> None:
@@ -416,6 +413,14 @@ class RemoteCells:
     async def _connect(self, address: str) -> Any:
         """A pooled comm to the worker, or :class:`_Gone` when the scheduler lost it."""
         pool = self.client.rpc
+        if any(not c.closed() for c in pool.available.get(address, ())):
+            # a pooled comm: nothing to wait for
+            comm = await pool.connect(address)
+            if not _peer_closed(comm):
+                return comm
+            # the worker closed it (it died or restarted) since the last cell
+            comm.abort()
+            pool.reuse(address, comm)
         timeout = _config.get_seconds("remote.connect-timeout", allow_zero=False)
         task = asyncio.ensure_future(pool.connect(address, timeout=timeout))
         done, _ = await asyncio.wait({task}, timeout=0.25)
@@ -572,11 +577,16 @@ class RemoteCells:
         exc = run.failure
         if isinstance(exc, MeshError):
             return str(exc)
+        # the scheduler may take a moment to notice a worker that just died
         alive = True
-        try:
-            alive = self.client.sync(self._alive, run.device.worker)
-        except Exception:
-            pass
+        deadline = time.monotonic() + _config.get_seconds("remote.interrupt-grace")
+        while alive and time.monotonic() < deadline:
+            try:
+                alive = self.client.sync(self._alive, run.device.worker)
+            except Exception:
+                break
+            if alive:
+                time.sleep(0.1)
         if not alive:
             self.namespaces.pop(run.device.worker, None)
             return (f"worker {run.label} ({run.device.target}) died while running the "
@@ -603,6 +613,19 @@ def _worker_error(device: Device, msg: Any) -> MeshError:
         f"worker {device.name or device.worker} could not take the cell"
         f"{': ' + text if text else ''} (a pushed value may need a module the worker lacks)"
     )
+
+
+def _peer_closed(comm: Any) -> bool:
+    """Whether the other end of an idle TCP comm has closed it (a cheap peek)."""
+    sock = getattr(getattr(comm, "stream", None), "socket", None)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except (OSError, ValueError):  # ValueError: TLS sockets take no flags; assume open
+        return isinstance(sys.exc_info()[1], OSError)
 
 
 async def _quietly(awaitable: Any) -> None:

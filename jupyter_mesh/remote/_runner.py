@@ -1,6 +1,6 @@
 """Run one remote cell in its own thread on a worker (no Dask here).
 
-A cell runs in a fresh thread so that a stop request can raise ``KeyboardInterrupt``
+A cell runs in its own thread (reused between cells) so that a stop request can raise ``KeyboardInterrupt``
 inside it (``PyThreadState_SetAsyncExc``) without touching the worker's event loop or
 its task threads. The thread reports one *outcome* dict when it ends.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import ctypes
 import linecache
+import queue
 import threading
 import time
 import traceback
@@ -120,6 +121,47 @@ def _async_raise(thread_id: int, exc_type: type[BaseException] | None) -> int:
     )
 
 
+class _Threads:
+    """Idle threads kept for the next cells: starting a thread costs ~0.1 ms.
+
+    A thread takes one cell at a time, and a cell's :meth:`CellRun._main` clears any
+    stop still pending before it returns, so a reused thread starts clean.
+    """
+
+    def __init__(self, idle_seconds: float = 60.0) -> None:
+        self.idle_seconds = idle_seconds
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._work.put(fn)
+                return
+        threading.Thread(target=self._loop, args=(fn,), daemon=True,
+                         name="jupyter-mesh-cell").start()
+
+    def _loop(self, fn: Callable[[], None]) -> None:
+        while True:
+            fn()
+            with self._lock:
+                self._idle += 1
+            try:
+                fn = self._work.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    try:  # work handed to this thread just as it timed out
+                        fn = self._work.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
+_threads = _Threads()
+
+
 class CellRun:
     """One remote cell executing in its own daemon thread.
 
@@ -155,15 +197,13 @@ class CellRun:
         self._state = "new"  # new -> running -> (stopping) -> done
         self._lock = threading.Lock()
         self._thread_id: int | None = None
-        self.thread = threading.Thread(target=self._main, daemon=True,
-                                       name=f"jupyter-mesh-cell {filename}")
 
     @property
     def done(self) -> bool:
         return self._state == "done"
 
     def start(self) -> None:
-        self.thread.start()
+        _threads.run(self._main)
 
     def stop(self, reason: str = "interrupted") -> bool:
         """Raise ``KeyboardInterrupt`` in the cell's thread; at most once per cell.

@@ -120,6 +120,7 @@ class RemoteCellsPlugin(WorkerPlugin):
                   want_value: bool = False, show_value: bool = True,
                   timeout: float | None = None) -> Any:
         """Run a cell; answer with ``out`` messages, then one ``done`` message."""
+        received = time.time()
         state = self.sessions.get(session)
         fresh = state is None
         if state is None:
@@ -151,7 +152,7 @@ class RemoteCellsPlugin(WorkerPlugin):
                 timer.cancel()
         sink.kick()
         await pump
-        outcome.update(t="done", fresh=fresh, worker_time=time.time())
+        outcome.update(t="done", fresh=fresh, received=received, replied=time.time())
         if state.running is cell:
             state.running = None
         await comm.write(outcome)
