@@ -50,6 +50,8 @@ def emulate(base: float, accel: float, *deps: Any) -> Any:
 
 
 def p1_workload():
+    import uuid
+
     from jupyter_mesh.router.classify import synthetic_model
 
     n = 36
@@ -64,8 +66,9 @@ def p1_workload():
         {"name": "abs-c", "op_class": "elementwise", "tasks": n, "deps": [(6, "map")]},
         {"name": "sum-aggregate", "op_class": "reduction", "tasks": n // 4, "deps": [(7, 4)]},
     ]
+    token = uuid.uuid4().hex
     for spec in L:
-        spec.update(flops=1.0, out_bytes=32.0)
+        spec.update(flops=1.0, out_bytes=32.0, name=f"{spec['name']}-{token}")
     return synthetic_model(L)
 
 
@@ -108,13 +111,14 @@ def p1(repeats: int = 3) -> dict[str, Any]:
     try:
         pools = build_pools(mesh.inventory())
         for homogeneous in (False, True):
-            model = p1_workload()
-            model.outputs = [model.keys[-k] for k in range(1, model.ops[-1].tasks + 1)]
-            model.tasks = _graph(model, homogeneous)
             cost = _emulated_cost(pools, homogeneous)
             times: dict[str, list[float]] = {"router": [], "dask": [], "fastest": []}
             for _ in range(repeats):
                 for policy in times:
+                    # fresh keys every run: nothing may be reused from an earlier run
+                    model = p1_workload()
+                    model.outputs = [model.keys[-k] for k in range(1, model.ops[-1].tasks + 1)]
+                    model.tasks = _graph(model, homogeneous)
                     if policy == "dask":
                         t0 = time.perf_counter()
                         mesh.client.get(model.tasks, model.outputs, sync=True)
@@ -187,7 +191,6 @@ def p3() -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         x = da.random.random((blocks * 10, blocks * 10), chunks=10)
         y = ((x + 1) * 2 - x.T).sum(axis=0)
-        t1 = time.perf_counter()
         expr = collections_to_expr([y], True).optimize()
         dict(expr.__dask_graph__())
         t2 = time.perf_counter()

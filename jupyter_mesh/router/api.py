@@ -116,13 +116,14 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
 
 
 def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
-    from distributed import wait
+    from distributed.client import _wait as wait_async
 
     client = mesh.client
     status = getattr(client.scheduler, STATUS_HANDLER)
     while True:
         try:
-            wait(futures, timeout=0.5 if not fallback else 5.0)
+            # this mesh's client, which need not be the default one
+            client.sync(wait_async, futures, timeout=0.5 if not fallback else 5.0)
             return
         except TimeoutError:
             pass
