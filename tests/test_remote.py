@@ -1,6 +1,7 @@
 """Remote cells in this process: ``Mesh.run_cell`` and the ``%%mesh --remote`` magic.
 
-One small mesh (a NumPy CPU worker and a JAX CPU worker) is shared by the module.
+One small mesh (a NumPy CPU worker and a JAX CPU worker) is shared by the module;
+the IPython shell (``ip``) is the session-wide one from conftest.py.
 """
 
 from __future__ import annotations
@@ -28,15 +29,6 @@ def mesh():
     m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, site="lab")
     yield m
     m.close()
-
-
-@pytest.fixture(scope="module")
-def ip(mesh):
-    from IPython.testing.globalipapp import start_ipython
-
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "jupyter_mesh")
-    yield shell
 
 
 @pytest.fixture

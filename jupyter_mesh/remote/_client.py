@@ -27,7 +27,7 @@ from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
 from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure
-from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RESET, RUN, RemoteCellsPlugin
+from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
 if TYPE_CHECKING:
     from ..mesh import Mesh
