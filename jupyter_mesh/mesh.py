@@ -569,6 +569,18 @@ class Mesh:
             except Exception:
                 pass
 
+    # ================================================================== notebook display
+    # ipywidgets panel (jupyter_mesh/widgets.py); progress bars live in progress.py.
+    def widget(self, refresh: float = 2.0) -> Any:
+        """An ipywidgets panel: devices by kind and site, refreshed every ``refresh``
+        seconds (0: never) until it or the mesh closes; scale controls for a local mesh;
+        a route selector that routes plain Dask calls as ``%mesh route`` does."""
+        from .widgets import MeshPanel
+
+        self._check_open()
+        return MeshPanel(self, refresh=refresh)
+    # ================================================================== end notebook display
+
     # ================================================================== routing
     # The device-aware router (jupyter_mesh/router). Keep this section last in the class.
     def explain(self, *collections: Any, route: Any = "auto", site: str | None = None) -> Any:

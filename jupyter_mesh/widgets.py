@@ -1,0 +1,204 @@
+"""``mesh.widget()``: an ipywidgets panel of the mesh, with scale and route controls.
+
+The panel holds no logic of its own: it shows :meth:`Mesh.inventory`, calls
+:meth:`Mesh.scale` and routes the kernel's plain Dask calls the way ``%mesh route``
+does (:func:`jupyter_mesh.router.api.set_route`). A value the mesh refuses is shown in
+the panel's message line; no exception escapes into the kernel.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as w
+
+from . import _state
+from .errors import MeshError
+from .inventory import Inventory, format_bytes
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+#: families a local mesh can scale from the panel (GPU and TPU counts follow hardware)
+SCALABLE = ("cpu", "jax_cpu")
+
+
+def devices_html(inv: Inventory) -> str:
+    """The devices grouped by kind and site, one row per device."""
+    e = html.escape
+    rows = []
+    for (kind, site), devs in inv.groups().items():
+        rows.append(
+            f"<tr><th colspan='5' style='text-align:left'>{e(kind)} @ {e(site)}: "
+            f"{len(devs)}</th></tr>"
+        )
+        for d in devs:
+            rows.append(
+                f"<tr><td>{e(d.name or d.worker)}</td><td>{e(d.backend)}</td>"
+                f"<td>{e(d.model[:40])}</td><td>{d.tasks} tasks</td>"
+                f"<td>{format_bytes(d.memory_used)} / {format_bytes(d.memory)}</td></tr>"
+            )
+    if not rows:
+        rows.append("<tr><td>no devices</td></tr>")
+    return "<table class='jupyter-mesh-devices'>" + "".join(rows) + "</table>"
+
+
+class MeshPanel(w.VBox):
+    """The mesh's devices by kind and site (refreshed live), scale and route controls.
+
+    Parameters
+    ----------
+    mesh:
+        The mesh to show and control.
+    refresh:
+        Seconds between refreshes of the device list; 0 turns live refresh off. The
+        refresh stops when the panel is closed or the mesh closes.
+    """
+
+    def __init__(self, mesh: Mesh, refresh: float = 2.0, **kwargs: Any) -> None:
+        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or \
+                not refresh >= 0:
+            raise MeshError(f"refresh must be a number of seconds >= 0, not {refresh!r}")
+        self.mesh = mesh
+        self.interval = float(refresh)
+        self.header = w.HTML()
+        self.devices = w.HTML()
+        self.message = w.HTML()
+        self.route = w.Combobox(description="route", ensure_option=False,
+                                placeholder="auto, off or a target such as cpu:jax",
+                                layout=w.Layout(width="320px"))
+        self.route_button = w.Button(description="Set route", icon="random")
+        self.route_button.on_click(lambda _: self.set_route(self.route.value))
+        controls: list[w.Widget] = [w.HBox([self.route, self.route_button])]
+        self.counts: dict[str, w.IntText] = {}
+        self.scale_button: w.Button | None = None
+        if mesh.owns_cluster:
+            for fam in SCALABLE:
+                self.counts[fam] = w.IntText(
+                    value=int(mesh.options.get(fam, 0)), description=fam,
+                    layout=w.Layout(width="160px"))
+            self.scale_button = w.Button(description="Scale", icon="sliders")
+            self.scale_button.on_click(lambda _: self.scale())
+            controls.append(w.HBox([*self.counts.values(), self.scale_button]))
+        super().__init__([self.header, self.devices, *controls, self.message], **kwargs)
+        self.add_class("jupyter-mesh-widget")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        _state.listeners.append(self._on_mesh_event)
+        self.refresh()
+        self.route.value = str(mesh.route_mode)
+        if self.interval > 0 and not mesh.closed:
+            self._thread = threading.Thread(target=self._loop, name="jupyter-mesh-widget",
+                                            daemon=True)
+            self._thread.start()
+
+    # ------------------------------------------------------------ state
+    @property
+    def refreshing(self) -> bool:
+        """Whether the live refresh is running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def refresh(self) -> None:
+        """Show the mesh's devices now."""
+        mesh = self.mesh
+        if mesh.closed:
+            self.header.value = "<b>Mesh</b> (closed)"
+            self.devices.value = ""
+            self._disable()
+            return
+        try:
+            inv = mesh.inventory()
+        except Exception as exc:
+            self._say(f"could not read the inventory: {_first_line(exc)}", error=True)
+            return
+        link = inv.dashboard or mesh.dashboard_link
+        dash = (f" &middot; <a href='{html.escape(link)}' target='_blank'>dashboard</a>"
+                if link else "")
+        self.header.value = (
+            f"<b>Mesh</b> <code>{html.escape(inv.address or mesh.address)}</code>: "
+            f"{len(inv)} devices ({html.escape(inv.summary())}){dash} &middot; "
+            f"routing: <code>{html.escape(str(mesh.route_mode))}</code>"
+        )
+        self.devices.value = devices_html(inv)
+        options = ["auto", "off", *sorted(inv.by_target())]
+        if list(self.route.options) != options:
+            self.route.options = options
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.mesh.closed:
+                break
+            self.refresh()
+        self.refresh()  # a last look: shows "closed" when the mesh went away
+
+    def _on_mesh_event(self, event: str, mesh: Any) -> None:
+        if event == "close" and mesh is self.mesh:
+            self._stop.set()
+
+    def close(self) -> None:
+        """Close the panel and stop its refresh."""
+        stop = getattr(self, "_stop", None)  # None: __init__ refused its arguments
+        if stop is not None:
+            stop.set()
+        try:
+            _state.listeners.remove(self._on_mesh_event)
+        except ValueError:
+            pass
+        super().close()
+
+    def _disable(self) -> None:
+        for control in (self.route, self.route_button, self.scale_button,
+                        *self.counts.values()):
+            if control is not None:
+                control.disabled = True
+
+    def _say(self, text: str, error: bool = False) -> None:
+        colour = "#b00020" if error else "#2e7d32"
+        self.message.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
+
+    # ------------------------------------------------------------ controls
+    def set_route(self, value: Any) -> bool:
+        """Route the kernel's plain Dask calls as ``%mesh route VALUE`` does."""
+        from .router import api
+
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            self._say("type a route: auto, off or a target such as cpu:jax", error=True)
+            return False
+        try:
+            self.mesh._check_open()
+            api.set_route(self.mesh, text)
+        except Exception as exc:  # shown in the panel, never raised into the kernel
+            self._say(f"route {text!r} refused: {_first_line(exc)}", error=True)
+            self.route.value = str(self.mesh.route_mode)
+            return False
+        self._say("routing off: plain Dask calls run where Dask puts them" if text == "off"
+                  else f"routing plain Dask calls: {self.mesh.route_mode}")
+        self.refresh()
+        return True
+
+    def scale(self) -> bool:
+        """Scale the local mesh to the counts in the panel."""
+        counts = {fam: box.value for fam, box in self.counts.items()}
+        if not counts:
+            self._say("this mesh was connected to, not started here: it cannot scale",
+                      error=True)
+            return False
+        self._say("scaling to " + ", ".join(f"{k}={v}" for k, v in counts.items()) + " ...")
+        try:
+            self.mesh.scale(**counts)
+        except Exception as exc:
+            self._say(f"scale refused: {_first_line(exc)}", error=True)
+            for fam, box in self.counts.items():
+                box.value = int(self.mesh.options.get(fam, 0))
+            return False
+        self._say("scaled to " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+        self.refresh()
+        return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

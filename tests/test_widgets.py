@@ -1,0 +1,152 @@
+"""``mesh.widget()``: the panel's controls change the mesh; bad values stay in the panel."""
+
+from __future__ import annotations
+
+import time
+
+import dask.array as da
+import pytest
+
+import jupyter_mesh as jm
+from jupyter_mesh import MeshError, _state
+from jupyter_mesh.widgets import MeshPanel
+
+pytest.importorskip("jax")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    active = _state.active()
+    if active is not None:
+        active.close()
+    m = jm.Mesh.local(cpu=1, jax_cpu=0, gpu=0, tpu=0, threads_per_worker=1)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def panel(mesh):
+    p = mesh.widget(refresh=0.2)
+    yield p
+    p.close()
+    from jupyter_mesh.router import api
+
+    api.set_route(mesh, "off")
+
+
+def _wait_for(pred, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_panel_shows_devices_by_kind_and_site(panel, mesh):
+    assert isinstance(panel, MeshPanel)
+    assert "cpu @ local: 1" in panel.devices.value
+    assert "cpu-0" in panel.devices.value
+    assert mesh.address in panel.header.value
+    assert set(panel.route.options) >= {"auto", "off", "cpu:numpy"}
+    assert panel.refreshing
+
+
+def test_scale_controls_scale_the_mesh_and_the_list_follows(panel, mesh):
+    panel.counts["jax_cpu"].value = 1
+    assert panel.scale_button is not None
+    panel.scale_button.click()
+    assert "scaled to" in panel.message.value
+    assert mesh.inventory().by_target() == {"cpu:numpy": 1, "cpu:jax": 1}
+    assert _wait_for(lambda: "jax-cpu-0" in panel.devices.value)
+    assert "cpu:jax" in panel.route.options
+
+
+def test_route_selector_routes_plain_dask_calls(panel, mesh):
+    if not mesh.inventory().select("cpu:jax"):
+        mesh.scale(jax_cpu=1)
+    panel.route.value = "cpu:jax"
+    panel.route_button.click()
+    assert mesh.route_mode == "cpu:jax"
+    assert "routing plain Dask calls: cpu:jax" in panel.message.value
+    before = mesh.last_report
+    x = da.ones((400, 400), chunks=200)
+    assert float((x @ x.T).sum().compute()) == 400.0**3
+    assert mesh.last_report is not before
+    assert "jax" in mesh.last_report.ran_on("matmul")
+    panel.route.value = "off"
+    panel.route_button.click()
+    assert mesh.route_mode == "off"
+
+
+@pytest.mark.parametrize("value, says", [
+    ("warp-drive", "refused"),
+    ("gpu", "no live gpu"),
+    ("", "type a route"),
+])
+def test_bad_route_is_refused_in_the_panel(panel, mesh, value, says):
+    panel.route.value = value
+    panel.route_button.click()  # no exception reaches the caller (the kernel)
+    assert says in panel.message.value
+    assert mesh.route_mode == "off"
+    assert panel.route.value in ("off", value) if not value else panel.route.value == "off"
+
+
+@pytest.mark.parametrize("counts, says", [
+    ({"cpu": -1}, "cpu must be a whole number"),
+    ({"cpu": 0, "jax_cpu": 0}, "at least one device"),
+])
+def test_bad_scale_is_refused_in_the_panel(panel, mesh, counts, says):
+    before = mesh.inventory().by_target()
+    for fam, n in counts.items():
+        panel.counts[fam].value = n
+    assert panel.scale_button is not None
+    panel.scale_button.click()
+    assert says in panel.message.value
+    assert mesh.inventory().by_target() == before
+    # the boxes show the mesh's real counts again
+    assert panel.counts["cpu"].value == mesh.options["cpu"]
+
+
+def test_refresh_stops_when_the_panel_closes(mesh):
+    p = mesh.widget(refresh=0.1)
+    assert p.refreshing
+    p.close()
+    assert _wait_for(lambda: not p.refreshing, timeout=5)
+
+
+def test_refresh_off(mesh):
+    p = mesh.widget(refresh=0)
+    try:
+        assert not p.refreshing
+        assert "cpu-0" in p.devices.value
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("refresh", [-1, "often", True])
+def test_bad_refresh_is_an_error(mesh, refresh):
+    with pytest.raises(MeshError, match="refresh"):
+        mesh.widget(refresh=refresh)
+
+
+def test_status_widget_magic_returns_the_panel(ip, mesh):
+    p = ip.run_line_magic("mesh", "status --widget")
+    try:
+        assert isinstance(p, MeshPanel)
+    finally:
+        p.close()
+
+
+def test_refresh_stops_when_the_mesh_closes():
+    active = _state.active()
+    m = jm.Mesh.local(cpu=1, gpu=0, tpu=0, replace=active is not None)
+    p = m.widget(refresh=0.1)
+    assert p.refreshing
+    m.close()
+    assert _wait_for(lambda: not p.refreshing, timeout=5)
+    assert "closed" in p.header.value
+    assert p.route_button.disabled
+    p.close()
+    with pytest.raises(MeshError, match="closed"):
+        m.widget()
