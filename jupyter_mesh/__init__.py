@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _config  # noqa: F401  (registers the mesh: section of Dask config)
+from . import _config, discovery  # noqa: F401  (Dask config section; kernel mesh discovery)
 from ._version import __version__
 from .devices import Profile
 from .errors import MeshConfigError, MeshError

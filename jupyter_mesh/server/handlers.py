@@ -1,4 +1,17 @@
-"""Thin, authenticated Tornado handlers over the manager."""
+"""Thin, authenticated Tornado handlers over :class:`~.manager.MeshManager`.
+
+Routes, all under ``{base_url}jupyter-mesh/api/``:
+
+=========================  ===========================================================
+``GET health``             the extension answers, and its version
+``GET meshes``             summaries of every mesh (sidebar, connected, kernels)
+``POST meshes``            start a local mesh; body: ``{"cpu": 1, "gpu": "auto", ...}``
+``POST meshes/connect``    connect to a scheduler; body: ``{"address": "tcp://..."}``
+``GET meshes/{id}``        one mesh: devices by kind and site, history, plans
+``PATCH meshes/{id}``      scale a mesh this server started; body: ``{"cpu": 2}``
+``DELETE meshes/{id}``     stop (or disconnect from) a mesh this server holds
+=========================  ===========================================================
+"""
 
 from __future__ import annotations
 
@@ -10,16 +23,84 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
 from .._version import __version__
+from .manager import ManagerError, MeshManager
 
 API = "jupyter-mesh/api"
+MANAGER_KEY = "jupyter_mesh_manager"
+_ID = r"(?P<mesh_id>[A-Za-z0-9_.\-]+)"
 
 
-class HealthHandler(APIHandler):
+class MeshAPIHandler(APIHandler):
+    """Base: JSON in and out, manager errors mapped to their HTTP status."""
+
+    @property
+    def manager(self) -> MeshManager:
+        return self.settings[MANAGER_KEY]
+
+    def json_body(self) -> Any:
+        raw = self.request.body
+        if not raw or not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise tornado.web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
+
+    async def run(self, coro: Any, status: int = 200) -> None:
+        try:
+            result = await coro
+        except ManagerError as exc:
+            raise tornado.web.HTTPError(exc.status, str(exc)) from None
+        self.set_status(status)
+        self.finish(json.dumps(result))
+
+
+class HealthHandler(MeshAPIHandler):
     @tornado.web.authenticated
     def get(self) -> None:
         self.finish(json.dumps({"status": "ok", "version": __version__}))
 
 
-def setup_handlers(web_app: Any) -> None:
-    base = web_app.settings["base_url"]
-    web_app.add_handlers(".*$", [(url_path_join(base, API, "health"), HealthHandler)])
+class MeshesHandler(MeshAPIHandler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.run(self._list())
+
+    async def _list(self) -> dict[str, Any]:
+        return {"meshes": await self.manager.list()}
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        await self.run(self.manager.start(self.json_body()), status=201)
+
+
+class ConnectHandler(MeshAPIHandler):
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        await self.run(self.manager.connect(self.json_body()))
+
+
+class MeshHandler(MeshAPIHandler):
+    @tornado.web.authenticated
+    async def get(self, mesh_id: str) -> None:
+        await self.run(self.manager.get(mesh_id))
+
+    @tornado.web.authenticated
+    async def patch(self, mesh_id: str) -> None:
+        await self.run(self.manager.scale(mesh_id, self.json_body()))
+
+    @tornado.web.authenticated
+    async def delete(self, mesh_id: str) -> None:
+        await self.run(self.manager.stop(mesh_id))
+
+
+def setup_handlers(web_app: Any, manager: MeshManager) -> None:
+    """Add the routes to a Jupyter server's Tornado application."""
+    web_app.settings[MANAGER_KEY] = manager
+    base = url_path_join(web_app.settings["base_url"], API)
+    web_app.add_handlers(".*$", [
+        (url_path_join(base, "health"), HealthHandler),
+        (url_path_join(base, "meshes"), MeshesHandler),
+        (url_path_join(base, "meshes", "connect"), ConnectHandler),
+        (url_path_join(base, "meshes", _ID), MeshHandler),
+    ])

@@ -1,0 +1,343 @@
+"""Kernel meshes register themselves so that the Jupyter server can find them.
+
+When a process makes a mesh its current one (``%mesh start``, ``%mesh connect``,
+``jm.Mesh.local()``), it writes one small JSON file into
+``<jupyter runtime dir>/jupyter-mesh/``: its pid, the scheduler address, the dashboard
+link and, while the mesh lives, the rows of its recent router plans and reports. Closing
+the mesh removes the file. The server's sidebar reads these files, drops the ones whose
+process is gone, and connects to the schedulers to show their devices.
+
+Set ``JUPYTER_MESH_DISCOVERY=0`` in a kernel's environment to keep its meshes private.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _state
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+#: version of the registration file format
+FORMAT = 1
+#: how many recent plans/reports a registration carries
+MAX_PLANS = 8
+#: how many rows of one plan a registration carries
+MAX_ROWS = 200
+#: seconds between checks of the mesh's last plan and report
+WATCH_INTERVAL = 1.0
+
+_registrations: dict[int, _Registration] = {}
+_lock = threading.Lock()
+
+
+def registry_dir(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The directory holding registrations: ``<jupyter runtime dir>/jupyter-mesh``."""
+    if runtime_dir is None:
+        from jupyter_core.paths import jupyter_runtime_dir
+
+        runtime_dir = jupyter_runtime_dir()
+    return Path(runtime_dir) / "jupyter-mesh"
+
+
+def enabled() -> bool:
+    return os.environ.get("JUPYTER_MESH_DISCOVERY", "1").strip().lower() not in (
+        "0", "false", "no", "off",
+    )
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (to tell a live process from a reused pid), or None."""
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:
+        return None
+
+
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """Whether process ``pid`` runs, and is the one that started at ``started``."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    except OSError:
+        return False
+    if started is not None:
+        now = process_start_time(pid)
+        if now is not None and abs(now - started) > 1.0:
+            return False  # the pid was reused by another process
+    return True
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` made JSON-safe: numbers stay numbers (non-finite become None)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    try:  # numpy scalars
+        item = value.item()
+        if isinstance(item, (bool, int, float, str)):
+            return jsonable(item)
+    except Exception:
+        pass
+    return str(value)
+
+
+def plan_record(obj: Any, kind: str) -> dict[str, Any] | None:
+    """A JSON record of a router :class:`Plan` or :class:`Report` (anything with ``rows``)."""
+    try:
+        rows = list(obj.rows)
+    except Exception:
+        return None
+    plan = getattr(obj, "plan", None)
+    route = getattr(obj, "route", None) or getattr(plan, "route", None)
+    record: dict[str, Any] = {
+        "kind": kind,
+        "route": jsonable(route),
+        "at": time.time(),
+        "rows": [jsonable(dict(r)) for r in rows[:MAX_ROWS] if isinstance(r, dict)],
+        "truncated": len(rows) > MAX_ROWS,
+    }
+    for attr in ("makespan", "wall_seconds", "bytes_moved"):
+        try:
+            value = getattr(obj, attr, None)
+        except Exception:
+            value = None
+        if isinstance(value, (int, float)):
+            record[attr] = jsonable(float(value))
+    header = getattr(obj, "_header", None)
+    if callable(header):
+        try:
+            record["title"] = str(header())
+        except Exception:
+            pass
+    return record
+
+
+def _kernel_id() -> str | None:
+    """The id of the Jupyter kernel this process is, or None outside a kernel."""
+    try:
+        from ipykernel.kernelapp import IPKernelApp
+
+        if not IPKernelApp.initialized():
+            return None
+        name = Path(IPKernelApp.instance().connection_file).name
+    except Exception:
+        return None
+    if name.startswith("kernel-") and name.endswith(".json"):
+        return name[len("kernel-"):-len(".json")]
+    return None
+
+
+def _security_files(mesh: Mesh) -> dict[str, str] | None:
+    """Paths of the TLS files a client of this mesh uses, so the server can use them too."""
+    try:
+        sec = mesh.client.security
+    except Exception:
+        return None
+    files = {}
+    for attr in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        value = getattr(sec, attr, None)
+        if isinstance(value, str) and "-----BEGIN" not in value and os.path.isfile(value):
+            files[attr] = os.path.abspath(value)
+    return files or None
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.chmod(path.parent, 0o700)
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class _Registration:
+    """The registration file of one mesh, kept up to date by a small watcher thread."""
+
+    def __init__(self, mesh: Mesh, directory: Path) -> None:
+        self.mesh = mesh
+        self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = directory / f"mesh-{self.id}.json"
+        self.plans: deque[dict[str, Any]] = deque(maxlen=MAX_PLANS)
+        self._seen: tuple[int, int] = (id(None), id(None))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.data: dict[str, Any] = {
+            "format": FORMAT,
+            "id": self.id,
+            "pid": os.getpid(),
+            "pid_started": process_start_time(os.getpid()),
+            "kernel_id": _kernel_id(),
+            "address": mesh.address,
+            "dashboard": mesh.dashboard_link,
+            "owns_cluster": bool(mesh.owns_cluster),
+            "site": getattr(mesh, "site", None),
+            "security": _security_files(mesh),
+            "created": time.time(),
+            "plans": [],
+        }
+
+    def write(self) -> None:
+        self.data["updated"] = time.time()
+        self.data["plans"] = list(self.plans)
+        _write_atomic(self.path, self.data)
+
+    def start(self) -> None:
+        self.write()
+        self._thread = threading.Thread(
+            target=self._watch, name="jupyter-mesh-discovery", daemon=True
+        )
+        self._thread.start()
+
+    def check_plans(self) -> bool:
+        """Record the mesh's last plan and report if they changed; True when they did."""
+        plan = getattr(self.mesh, "last_plan", None)
+        report = getattr(self.mesh, "last_report", None)
+        seen = (id(plan), id(report))
+        if seen == self._seen:
+            return False
+        changed = False
+        if plan is not None and id(plan) != self._seen[0]:
+            rec = plan_record(plan, "plan")
+            if rec is not None:
+                self.plans.append(rec)
+                changed = True
+        if report is not None and id(report) != self._seen[1]:
+            rec = plan_record(report, "report")
+            if rec is not None:
+                self.plans.append(rec)
+                changed = True
+        self._seen = seen
+        return changed
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL):
+            if self.mesh.closed:
+                break
+            try:
+                if self.check_plans():
+                    self.write()
+            except Exception:
+                pass  # a discovery problem must never reach the user's work
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def register(mesh: Mesh, runtime_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write the registration file of ``mesh``; returns its path."""
+    with _lock:
+        old = _registrations.pop(id(mesh), None)
+        if old is not None:
+            old.stop()
+        reg = _Registration(mesh, registry_dir(runtime_dir))
+        _registrations[id(mesh)] = reg
+    reg.start()
+    return reg.path
+
+
+def unregister(mesh: Mesh) -> None:
+    """Remove the registration file of ``mesh`` (no error when there is none)."""
+    with _lock:
+        reg = _registrations.pop(id(mesh), None)
+    if reg is not None:
+        reg.stop()
+
+
+def registration_of(mesh: Mesh) -> Path | None:
+    reg = _registrations.get(id(mesh))
+    return reg.path if reg is not None else None
+
+
+def read_registrations(
+    runtime_dir: str | os.PathLike[str] | None = None, *, prune: bool = True
+) -> list[dict[str, Any]]:
+    """The registrations of live processes; files of dead ones are removed when ``prune``."""
+    directory = registry_dir(runtime_dir)
+    out = []
+    try:
+        paths = sorted(directory.glob("mesh-*.json"))
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("address"), str):
+                raise ValueError("not a registration")
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            if prune and time.time() - _mtime(path) > 10:
+                _unlink(path)  # unreadable for a while: not a half-written file
+            continue
+        pid = data.get("pid")
+        if not pid_alive(pid, data.get("pid_started")):
+            if prune:
+                _unlink(path)
+            continue
+        data["file"] = str(path)
+        out.append(data)
+    return out
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _on_mesh_event(event: str, mesh: Mesh) -> None:
+    # Only the process's current mesh is the "kernel's mesh"; servers (like the
+    # sidebar's) hold meshes with set_current=False and must not register them.
+    if event == "open" and _state._current is mesh and enabled():
+        register(mesh)
+    elif event == "close":
+        unregister(mesh)
+
+
+if _on_mesh_event not in _state.listeners:
+    _state.listeners.append(_on_mesh_event)

@@ -1,0 +1,577 @@
+"""The state behind the Mesh sidebar, free of Tornado: meshes, their devices and history.
+
+:class:`MeshManager` is an async context manager. It holds three sorts of mesh:
+
+``sidebar``
+    started by this server (``POST meshes``); it can scale and stop them.
+``connected``
+    connected to by this server (``POST meshes/connect``); stopping disconnects.
+``kernel``
+    found in the Jupyter runtime directory, registered there by a kernel (see
+    :mod:`jupyter_mesh.discovery`); the server connects to read their devices and
+    forgets them when the kernel's process is gone.
+
+Blocking :class:`~jupyter_mesh.Mesh` calls run in threads (:func:`asyncio.to_thread`),
+so the server's event loop never waits on a scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import discovery
+from ..errors import MeshError
+from ..mesh import FAMILIES, Mesh, check_address
+
+#: options ``POST meshes`` accepts, with the kinds of value allowed
+START_OPTIONS = ("cpu", "gpu", "tpu", "jax_cpu", "site", "threads_per_worker")
+#: samples of utilization kept per mesh and per device
+HISTORY = 60
+#: at most one sample per this many seconds
+SAMPLE_EVERY = 0.9
+#: seconds a kernel mesh's connection may take
+KERNEL_CONNECT_TIMEOUT = 5.0
+
+
+class ManagerError(Exception):
+    """A request the manager refuses; ``status`` is the HTTP status that fits."""
+
+    status = 400
+
+
+class BadRequest(ManagerError):
+    status = 400
+
+
+class NotFound(ManagerError):
+    status = 404
+
+
+class Conflict(ManagerError):
+    status = 409
+
+
+class Unreachable(ManagerError):
+    status = 502
+
+
+@dataclass
+class Entry:
+    """One mesh the sidebar shows."""
+
+    id: str
+    origin: str  # "sidebar" | "connected" | "kernel"
+    address: str
+    name: str
+    mesh: Mesh | None = None
+    dashboard: str | None = None
+    created: float = field(default_factory=time.time)
+    error: str | None = None
+    registration: dict[str, Any] | None = None
+    kernels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    device_history: dict[str, deque[list[float]]] = field(default_factory=dict)
+    last_sample: float = 0.0
+    last_devices: list[dict[str, Any]] = field(default_factory=list)
+    plans: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=discovery.MAX_PLANS)
+    )
+    plan_ids: tuple[int, int] = (id(None), id(None))
+    connecting: asyncio.Task[Any] | None = None
+    busy: bool = False
+
+    @property
+    def can_scale(self) -> bool:
+        return self.origin == "sidebar" and self.mesh is not None and self.mesh.owns_cluster
+
+    @property
+    def can_stop(self) -> bool:
+        return self.origin in ("sidebar", "connected")
+
+
+def _check_int(name: str, value: Any, *, allow_auto: bool = False, minimum: int = 0) -> Any:
+    if allow_auto and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"a whole number >= {minimum}" + (" or 'auto'" if allow_auto else "")
+        raise BadRequest(f"{name} must be {allowed}, not {value!r}")
+    return value
+
+
+def validate_start(body: Any) -> dict[str, Any]:
+    """The keyword arguments of :meth:`Mesh.local` from a ``POST meshes`` body."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object like {\"cpu\": 1}")
+    unknown = sorted(set(body) - set(START_OPTIONS))
+    if unknown:
+        raise BadRequest(
+            f"unknown option(s) {', '.join(unknown)}: use {', '.join(START_OPTIONS)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name in ("cpu", "jax_cpu"):
+        if name in body:
+            kwargs[name] = _check_int(name, body[name])
+    for name in ("gpu", "tpu"):
+        if name in body:
+            kwargs[name] = _check_int(name, body[name], allow_auto=True)
+    if "threads_per_worker" in body and body["threads_per_worker"] is not None:
+        kwargs["threads_per_worker"] = _check_int(
+            "threads_per_worker", body["threads_per_worker"], minimum=1
+        )
+    if "site" in body:
+        site = body["site"]
+        if not isinstance(site, str) or not site:
+            raise BadRequest(f"site must be a non-empty name like 'local', not {site!r}")
+        kwargs["site"] = site
+    return kwargs
+
+
+def validate_scale(body: Any) -> dict[str, int]:
+    """The worker counts per family from a ``PATCH meshes/{id}`` body."""
+    if not isinstance(body, dict) or not body:
+        raise BadRequest(
+            f"the body must be a JSON object of counts, like {{\"cpu\": 2}}; "
+            f"families: {', '.join(FAMILIES)}"
+        )
+    unknown = sorted(set(body) - set(FAMILIES))
+    if unknown:
+        raise BadRequest(f"cannot scale {', '.join(unknown)}: use {', '.join(FAMILIES)}")
+    return {name: _check_int(name, value) for name, value in body.items()}
+
+
+def validate_connect(body: Any) -> tuple[str, float | None]:
+    """Address and timeout from a ``POST meshes/connect`` body."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object like {\"address\": \"tcp://host:8786\"}")
+    unknown = sorted(set(body) - {"address", "timeout"})
+    if unknown:
+        raise BadRequest(f"unknown option(s) {', '.join(unknown)}: use address, timeout")
+    if "address" not in body:
+        raise BadRequest("address is required, like tcp://host:8786")
+    try:
+        address = check_address(body["address"])
+    except MeshError as exc:
+        raise BadRequest(str(exc)) from None
+    timeout = body.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
+    ):
+        raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {timeout!r}")
+    if address.startswith("tls://"):
+        raise BadRequest(
+            f"{address} uses TLS: connect to it from a notebook with %mesh connect "
+            f"{address} --tls-ca-file ... ; the sidebar then finds it by itself"
+        )
+    return address, (float(timeout) if timeout is not None else None)
+
+
+class MeshManager:
+    """The meshes of one Jupyter server: started, connected, or found in kernels.
+
+    Parameters
+    ----------
+    runtime_dir:
+        The Jupyter runtime directory where kernels register their meshes; default
+        :func:`jupyter_core.paths.jupyter_runtime_dir`.
+    kernel_paths:
+        Optional coroutine function returning ``{kernel_id: notebook path}``, used to
+        name kernel meshes after their notebooks.
+    """
+
+    def __init__(
+        self,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        *,
+        kernel_paths: Callable[[], Awaitable[dict[str, str]]] | None = None,
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.kernel_paths = kernel_paths
+        self._entries: dict[str, Entry] = {}
+        self._lock = asyncio.Lock()
+        self._counter = 0
+        self.closed = False
+
+    # ------------------------------------------------------------------ lifetime
+    async def __aenter__(self) -> MeshManager:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the meshes this server started and drop its connections."""
+        self.closed = True
+        entries = list(self._entries.values())
+        self._entries.clear()
+        for entry in entries:
+            if entry.connecting is not None:
+                entry.connecting.cancel()
+        await asyncio.gather(
+            *(asyncio.to_thread(_close_quietly, e.mesh) for e in entries if e.mesh is not None)
+        )
+
+    def close_sync(self) -> None:
+        """Close every mesh without an event loop (at interpreter exit)."""
+        self.closed = True
+        for entry in list(self._entries.values()):
+            _close_quietly(entry.mesh)
+        self._entries.clear()
+
+    # ------------------------------------------------------------------ queries
+    async def list(self) -> list[dict[str, Any]]:
+        """Summaries of every mesh, kernel meshes refreshed from the runtime directory."""
+        await self.refresh_kernels()
+        return [self.summary(e) for e in sorted(self._entries.values(), key=lambda e: e.created)]
+
+    async def get(self, mesh_id: str) -> dict[str, Any]:
+        """The full model of one mesh: devices grouped by kind and site, history, plans."""
+        entry = self._entries.get(mesh_id)
+        if entry is None or entry.origin == "kernel":
+            await self.refresh_kernels()
+            entry = self._entries.get(mesh_id)
+        if entry is None:
+            raise NotFound(f"no mesh with id {mesh_id!r}: list them with GET meshes")
+        await self._sample(entry)
+        return self.detail(entry)
+
+    # ------------------------------------------------------------------ actions
+    async def start(self, body: Any) -> dict[str, Any]:
+        """Start a local mesh (``Mesh.local``) with the options in ``body``."""
+        kwargs = validate_start(body)
+        self._check_open()
+        try:
+            mesh = await asyncio.to_thread(Mesh.local, set_current=False, **kwargs)
+        except MeshError as exc:
+            raise BadRequest(str(exc)) from None
+        if self.closed:
+            await asyncio.to_thread(_close_quietly, mesh)
+            raise Conflict("the server is shutting down")
+        self._counter += 1
+        entry = Entry(
+            id=_new_id("local"), origin="sidebar", address=mesh.address,
+            name=f"Local mesh {self._counter}", mesh=mesh, dashboard=mesh.dashboard_link,
+        )
+        self._entries[entry.id] = entry
+        await self._sample(entry, force=True)
+        return self.detail(entry)
+
+    async def connect(self, body: Any) -> dict[str, Any]:
+        """Connect to a running Dask scheduler; a known address gives its existing mesh."""
+        address, timeout = validate_connect(body)
+        self._check_open()
+        await self.refresh_kernels()
+        for entry in self._entries.values():
+            if entry.address == address:
+                await self._sample(entry)
+                return self.detail(entry)
+        try:
+            mesh = await asyncio.to_thread(
+                Mesh.connect, address, timeout=timeout, set_current=False
+            )
+        except MeshError as exc:
+            raise Unreachable(str(exc)) from None
+        entry = Entry(
+            id=_new_id("connect"), origin="connected", address=mesh.address,
+            name=_host_of(address), mesh=mesh, dashboard=mesh.dashboard_link,
+        )
+        self._entries[entry.id] = entry
+        await self._sample(entry, force=True)
+        return self.detail(entry)
+
+    async def scale(self, mesh_id: str, body: Any) -> dict[str, Any]:
+        """Set the number of workers per family of a mesh this server started."""
+        entry = self._get(mesh_id)
+        counts = validate_scale(body)
+        if not entry.can_scale or entry.mesh is None:
+            raise Conflict(
+                f"{entry.name} was not started by this server: scale it where it was started"
+            )
+        if entry.busy:
+            raise Conflict(f"{entry.name} is busy with another change: try again in a moment")
+        entry.busy = True
+        try:
+            await asyncio.to_thread(entry.mesh.scale, **counts)
+        except MeshError as exc:
+            raise BadRequest(str(exc)) from None
+        finally:
+            entry.busy = False
+        await self._sample(entry, force=True)
+        return self.detail(entry)
+
+    async def stop(self, mesh_id: str) -> dict[str, Any]:
+        """Stop a mesh this server started, or disconnect from one it connected to."""
+        entry = self._get(mesh_id)
+        if not entry.can_stop:
+            raise Conflict(
+                f"{entry.name} belongs to a kernel: close it there with %mesh close "
+                f"(or shut the kernel down)"
+            )
+        self._entries.pop(mesh_id, None)
+        await asyncio.to_thread(_close_quietly, entry.mesh)
+        return {"id": mesh_id, "stopped": entry.origin == "sidebar",
+                "disconnected": entry.origin == "connected"}
+
+    # ------------------------------------------------------------------ kernels
+    async def refresh_kernels(self) -> None:
+        """Sync kernel meshes with the registrations in the runtime directory."""
+        if self.closed:
+            return
+        regs = await asyncio.to_thread(discovery.read_registrations, self.runtime_dir)
+        paths: dict[str, str] = {}
+        if self.kernel_paths is not None and regs:
+            try:
+                paths = await self.kernel_paths()
+            except Exception:
+                paths = {}
+        async with self._lock:
+            live_ids = set()
+            by_address = {
+                e.address: e for e in self._entries.values() if e.origin != "kernel"
+            }
+            for entry in self._entries.values():
+                entry.kernels = {}
+            for reg in regs:
+                kid = f"kernel-{reg.get('id') or reg.get('pid')}"
+                info = {
+                    "pid": reg.get("pid"), "kernel_id": reg.get("kernel_id"),
+                    "path": paths.get(reg.get("kernel_id") or ""),
+                }
+                host = by_address.get(reg["address"])
+                if host is not None:
+                    # a kernel that connected to a mesh we already show: no duplicate
+                    host.kernels[kid] = info
+                    continue
+                live_ids.add(kid)
+                entry = self._entries.get(kid)
+                if entry is None:
+                    entry = Entry(
+                        id=kid, origin="kernel", address=reg["address"],
+                        name="", dashboard=reg.get("dashboard"),
+                        created=float(reg.get("created") or time.time()),
+                    )
+                    self._entries[kid] = entry
+                entry.registration = reg
+                entry.kernels = {kid: info}
+                entry.name = _kernel_name(reg, info["path"])
+                entry.dashboard = reg.get("dashboard") or entry.dashboard
+                for rec in reg.get("plans") or []:
+                    if isinstance(rec, dict) and rec not in entry.plans:
+                        entry.plans.append(rec)
+                if entry.mesh is None and entry.connecting is None:
+                    entry.connecting = asyncio.ensure_future(self._connect_kernel(entry))
+            gone = [
+                e for e in self._entries.values() if e.origin == "kernel" and e.id not in live_ids
+            ]
+            for entry in gone:
+                self._entries.pop(entry.id, None)
+                if entry.connecting is not None:
+                    entry.connecting.cancel()
+        for entry in gone:
+            if entry.mesh is not None:
+                asyncio.ensure_future(asyncio.to_thread(_close_quietly, entry.mesh))
+
+    async def _connect_kernel(self, entry: Entry) -> None:
+        try:
+            security = _security_from(entry.registration or {})
+            mesh = await asyncio.to_thread(
+                Mesh.connect, entry.address, security=security,
+                timeout=KERNEL_CONNECT_TIMEOUT, set_current=False,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            entry.error = f"cannot read this kernel's mesh: {exc}"
+            return
+        finally:
+            entry.connecting = None
+        if self._entries.get(entry.id) is not entry or self.closed:
+            await asyncio.to_thread(_close_quietly, mesh)
+            return
+        entry.mesh = mesh
+        entry.error = None
+
+    async def wait_connected(self, mesh_id: str, timeout: float = 30) -> None:
+        """Wait until the server has connected to a kernel mesh (for tests and first reads)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self._entries.get(mesh_id)
+            if entry is None:
+                raise NotFound(f"no mesh with id {mesh_id!r}")
+            if entry.mesh is not None or entry.error:
+                return
+            task = entry.connecting
+            if task is not None:
+                await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+            else:
+                await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ models
+    def summary(self, entry: Entry) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for d in entry.last_devices:
+            counts[d["kind"]] = counts.get(d["kind"], 0) + 1
+        status = "running"
+        if entry.error:
+            status = "error"
+        elif entry.mesh is None:
+            status = "connecting"
+        elif entry.busy:
+            status = "scaling"
+        return {
+            "id": entry.id,
+            "name": entry.name,
+            "origin": entry.origin,
+            "address": entry.address,
+            "dashboard": entry.dashboard,
+            "status": status,
+            "error": entry.error,
+            "can_scale": entry.can_scale,
+            "can_stop": entry.can_stop,
+            "counts": counts,
+            "devices": len(entry.last_devices),
+            "kernels": list(entry.kernels.values()),
+            "created": entry.created,
+        }
+
+    def detail(self, entry: Entry) -> dict[str, Any]:
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for d in entry.last_devices:
+            g = groups.setdefault(
+                (d["kind"], d["site"]),
+                {"kind": d["kind"], "site": d["site"], "devices": [], "memory": 0,
+                 "memory_used": 0, "tasks": 0},
+            )
+            g["devices"].append(d)
+            g["memory"] += d.get("memory") or 0
+            g["memory_used"] += d.get("memory_used") or 0
+            g["tasks"] += d.get("tasks") or 0
+        options = {}
+        if entry.mesh is not None and entry.can_scale:
+            options = {k: v for k, v in entry.mesh.options.items() if k in FAMILIES}
+        return {
+            **self.summary(entry),
+            "groups": list(groups.values()),
+            "history": list(entry.history),
+            "device_history": {w: list(h) for w, h in entry.device_history.items()},
+            "plans": sorted(entry.plans, key=lambda p: p.get("at") or 0, reverse=True),
+            "scale": options,
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _get(self, mesh_id: str) -> Entry:
+        entry = self._entries.get(mesh_id)
+        if entry is None:
+            raise NotFound(f"no mesh with id {mesh_id!r}: list them with GET meshes")
+        return entry
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise Conflict("the server is shutting down")
+
+    async def _sample(self, entry: Entry, *, force: bool = False) -> None:
+        """Read the mesh's inventory (at most once per SAMPLE_EVERY) into its history."""
+        mesh = entry.mesh
+        if mesh is None:
+            if entry.origin == "kernel" and entry.connecting is not None:
+                await self.wait_connected(entry.id, timeout=KERNEL_CONNECT_TIMEOUT + 1)
+                mesh = entry.mesh
+            if mesh is None:
+                return
+        now = time.time()
+        if not force and now - entry.last_sample < SAMPLE_EVERY:
+            return
+        entry.last_sample = now
+        try:
+            inventory = await asyncio.to_thread(mesh.inventory)
+        except Exception as exc:
+            entry.error = f"cannot read the inventory of {entry.address}: {exc}"
+            return
+        entry.error = None
+        devices = [discovery.jsonable(d.to_record()) for d in inventory]
+        entry.last_devices = devices
+        entry.dashboard = inventory.dashboard or entry.dashboard
+        memory = sum(d.get("memory") or 0 for d in devices)
+        used = sum(d.get("memory_used") or 0 for d in devices)
+        cpu = [d.get("cpu_percent") for d in devices if isinstance(d.get("cpu_percent"), (int, float))]
+        entry.history.append({
+            "t": now,
+            "tasks": sum(d.get("tasks") or 0 for d in devices),
+            "memory": memory,
+            "memory_used": used,
+            "cpu": (sum(cpu) / len(cpu)) if cpu else None,
+            "devices": len(devices),
+        })
+        live = set()
+        for d in devices:
+            live.add(d["worker"])
+            hist = entry.device_history.setdefault(d["worker"], deque(maxlen=HISTORY))
+            hist.append([
+                now, d.get("cpu_percent") or 0.0, d.get("memory_used") or 0, d.get("tasks") or 0,
+            ])
+        for worker in set(entry.device_history) - live:
+            del entry.device_history[worker]
+        self._record_plans(entry, mesh)
+
+    def _record_plans(self, entry: Entry, mesh: Mesh) -> None:
+        plan = getattr(mesh, "last_plan", None)
+        report = getattr(mesh, "last_report", None)
+        ids = (id(plan), id(report))
+        if ids == entry.plan_ids:
+            return
+        if plan is not None and id(plan) != entry.plan_ids[0]:
+            rec = discovery.plan_record(plan, "plan")
+            if rec is not None:
+                entry.plans.append(rec)
+        if report is not None and id(report) != entry.plan_ids[1]:
+            rec = discovery.plan_record(report, "report")
+            if rec is not None:
+                entry.plans.append(rec)
+        entry.plan_ids = ids
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _host_of(address: str) -> str:
+    return address.split("://", 1)[-1]
+
+
+def _kernel_name(reg: dict[str, Any], path: str | None) -> str:
+    if path:
+        return os.path.basename(path)
+    if reg.get("kernel_id"):
+        return f"Kernel {str(reg['kernel_id'])[:8]}"
+    return f"Process {reg.get('pid')}"
+
+
+def _security_from(reg: dict[str, Any]) -> Any:
+    files = reg.get("security")
+    if not files or not reg.get("address", "").startswith("tls://"):
+        return None
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=files.get("tls_ca_file"),
+        tls_client_cert=files.get("tls_client_cert"),
+        tls_client_key=files.get("tls_client_key"),
+        require_encryption=True,
+    )
+
+
+def _close_quietly(mesh: Mesh | None) -> None:
+    if mesh is None:
+        return
+    try:
+        mesh.close()
+    except Exception:
+        pass

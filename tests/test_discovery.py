@@ -1,0 +1,245 @@
+"""Kernel meshes register in the Jupyter runtime directory; the sidebar finds them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from jupyter_mesh import _state, discovery
+from jupyter_mesh.server.manager import Conflict, MeshManager
+
+
+class FakeMesh:
+    """Just what a registration reads from a mesh."""
+
+    def __init__(self, address="tcp://127.0.0.1:8786"):
+        self.address = address
+        self.dashboard_link = "http://127.0.0.1:8787/status"
+        self.owns_cluster = True
+        self.site = "local"
+        self.closed = False
+        self.last_plan = None
+        self.last_report = None
+        self.client = SimpleNamespace(security=None)
+
+
+class FakePlan:
+    route = "auto"
+
+    def __init__(self, op):
+        self.rows = [{"op": op, "target": "cpu:jax", "tasks": 2, "est_seconds": 0.1}]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_register_writes_and_close_removes(tmp_path, monkeypatch):
+    monkeypatch.setattr(discovery, "WATCH_INTERVAL", 0.05)
+    mesh = FakeMesh()
+    path = discovery.register(mesh, tmp_path)
+    try:
+        assert path.parent == tmp_path / "jupyter-mesh"
+        data = json.loads(path.read_text())
+        assert data["pid"] == os.getpid()
+        assert data["address"] == "tcp://127.0.0.1:8786"
+        assert data["dashboard"] == "http://127.0.0.1:8787/status"
+        assert data["plans"] == []
+        (reg,) = discovery.read_registrations(tmp_path)
+        assert reg["address"] == mesh.address
+
+        # the kernel's recent router plans reach the file
+        mesh.last_plan = FakePlan("matmul-1")
+        deadline = time.time() + 5
+        while time.time() < deadline and not json.loads(path.read_text())["plans"]:
+            time.sleep(0.05)
+        (plan,) = json.loads(path.read_text())["plans"]
+        assert plan["kind"] == "plan" and plan["route"] == "auto"
+        assert plan["rows"] == [{"op": "matmul-1", "target": "cpu:jax", "tasks": 2,
+                                 "est_seconds": 0.1}]
+    finally:
+        discovery.unregister(mesh)
+    assert not path.exists()
+    assert discovery.read_registrations(tmp_path) == []
+
+
+def test_dead_and_broken_registrations_are_pruned(tmp_path):
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(parents=True)
+    dead = directory / "mesh-dead.json"
+    dead.write_text(json.dumps({"pid": dead_pid(), "address": "tcp://127.0.0.1:1"}))
+    broken = directory / "mesh-broken.json"
+    broken.write_text("{not json")
+    os.utime(broken, (time.time() - 60, time.time() - 60))
+    fresh = directory / "mesh-fresh.json"
+    fresh.write_text("{half written")
+    alive = directory / "mesh-alive.json"
+    alive.write_text(json.dumps({"pid": os.getpid(), "address": "tcp://127.0.0.1:2"}))
+
+    regs = discovery.read_registrations(tmp_path)
+    assert [r["address"] for r in regs] == ["tcp://127.0.0.1:2"]
+    assert not dead.exists() and not broken.exists()
+    assert fresh.exists()  # may be a file being written right now
+
+
+def test_reused_pid_counts_as_dead():
+    started = discovery.process_start_time(os.getpid())
+    assert discovery.pid_alive(os.getpid(), started)
+    assert not discovery.pid_alive(os.getpid(), started - 1000)
+    assert not discovery.pid_alive(dead_pid())
+    assert not discovery.pid_alive("123")  # type: ignore[arg-type]
+
+
+def test_only_the_current_mesh_registers(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    server_side, kernel_side = FakeMesh("tcp://127.0.0.1:1"), FakeMesh("tcp://127.0.0.1:2")
+    previous = _state._current
+    try:
+        _state.notify("open", server_side)  # like Mesh(..., set_current=False)
+        assert discovery.read_registrations(tmp_path) == []
+        _state.set_current(kernel_side)
+        _state.notify("open", kernel_side)
+        assert [r["address"] for r in discovery.read_registrations(tmp_path)] == [
+            "tcp://127.0.0.1:2"
+        ]
+        _state.notify("close", kernel_side)
+        assert discovery.read_registrations(tmp_path) == []
+    finally:
+        _state.set_current(previous)
+        discovery.unregister(kernel_side)
+
+
+def test_discovery_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("JUPYTER_MESH_DISCOVERY", "0")
+    mesh = FakeMesh()
+    previous = _state._current
+    try:
+        _state.set_current(mesh)
+        _state.notify("open", mesh)
+        assert discovery.read_registrations(tmp_path) == []
+    finally:
+        _state.set_current(previous)
+        discovery.unregister(mesh)
+
+
+KERNEL = textwrap.dedent(
+    """
+    import os, sys
+    import jupyter_mesh as jm
+    from jupyter_mesh import discovery
+
+    class Plan:
+        route = "auto"
+        rows = [{"op": "sum-aggregate", "target": "cpu", "tasks": 1, "est_seconds": 0.01}]
+
+    mesh = jm.Mesh.local(cpu=1, gpu=0, tpu=0, site="kernel-site")
+    print("ready", mesh.address, flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "plan":
+            mesh.last_plan = Plan()
+            print("planned", flush=True)
+        elif cmd == "close":
+            mesh.close()
+            print("closed", flush=True)
+        elif cmd == "crash":
+            # die without unregistering, as a killed kernel would (but leave no workers)
+            discovery._registrations.clear()
+            mesh.close()
+            os._exit(0)
+    """
+)
+
+
+def start_kernel_like(tmp_path):
+    env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KERNEL], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True, env=env,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), line
+    return proc, line.split()[1]
+
+
+def send(proc, cmd):
+    proc.stdin.write(cmd + "\n")
+    proc.stdin.flush()
+    if cmd != "crash":
+        return proc.stdout.readline().strip()
+
+
+async def wait_for(predicate, timeout=20.0):
+    import asyncio
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path):
+    proc, address = start_kernel_like(tmp_path)
+    try:
+        async with MeshManager(tmp_path) as manager:
+            (summary,) = await manager.list()
+            assert summary["origin"] == "kernel"
+            assert summary["address"] == address
+            assert not summary["can_stop"] and not summary["can_scale"]
+            assert summary["kernels"][0]["pid"] == proc.pid
+
+            detail = await manager.get(summary["id"])
+            assert detail["status"] == "running", detail["error"]
+            (group,) = detail["groups"]
+            assert (group["kind"], group["site"], len(group["devices"])) == (
+                "cpu", "kernel-site", 1,
+            )
+            with pytest.raises(Conflict, match="%mesh close"):
+                await manager.stop(summary["id"])
+
+            assert send(proc, "plan") == "planned"
+
+            async def has_plans():
+                return (await manager.get(summary["id"]))["plans"]
+
+            (plan,) = await wait_for(has_plans)
+            assert plan["rows"][0]["op"] == "sum-aggregate"
+
+            assert send(proc, "close") == "closed"
+            assert await manager.list() == []
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_manager_prunes_a_dead_kernel(tmp_path):
+    proc, address = start_kernel_like(tmp_path)
+    try:
+        async with MeshManager(tmp_path) as manager:
+            assert [m["address"] for m in await manager.list()] == [address]
+            send(proc, "crash")
+            proc.wait(timeout=30)
+            assert list(discovery.registry_dir(tmp_path).glob("mesh-*.json"))  # left behind
+            assert await manager.list() == []
+            assert not list(discovery.registry_dir(tmp_path).glob("mesh-*.json"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
