@@ -16,7 +16,7 @@ from IPython.core.error import UsageError
 
 import jupyter_mesh as jm
 from jupyter_mesh import _state
-from jupyter_mesh.remote import RemoteCellError, RemoteCellTimeout, _client
+from jupyter_mesh.remote import CellSyntaxError, RemoteCellError, RemoteCellTimeout, _client
 
 pytest.importorskip("jax")
 
@@ -172,10 +172,16 @@ def test_remote_exception_fails_the_cell_in_ipython(ip, fresh, capsys):
 def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
     fresh.run_cell("ok = 1")
     before = worker_sessions(fresh)
-    with pytest.raises(SyntaxError):
+    with pytest.raises(CellSyntaxError, match="nothing was sent"):
         remote(ip, "", "x = (1,\n")
-    result = ip.run_cell("%%mesh --remote\ndef broken(:\n    pass")
-    assert isinstance(result.error_in_exec, SyntaxError)
+    result = ip.run_cell("%%mesh --remote\nok = 2\ndef broken(:\n    pass")
+    err = result.error_in_exec
+    assert isinstance(err, CellSyntaxError) and isinstance(err.error, SyntaxError)
+    shown = err._render_traceback_()
+    assert 'File "<remote In[' in shown[0] and "line 2" in shown[0]
+    assert "def broken(:" in shown[1] and shown[-2].startswith("SyntaxError")
+    with pytest.raises(SyntaxError):
+        fresh.run_cell("x = (")
     assert worker_sessions(fresh) == before
 
 

@@ -178,7 +178,9 @@ def test_misuse_is_one_line(run):
     assert shown.startswith("UsageError: no worker matches --on gpu: the mesh has ")
     assert shown.count("\n") == 1
     err = error(cells["no_compile"])
-    assert err["ename"] == "SyntaxError"
+    assert err["ename"] == "CellSyntaxError"
+    tb = "\n".join(err["traceback"])
+    assert "SyntaxError" in tb and "nothing was sent" in tb and "magic.py" not in tb
 
 
 def test_reset_and_close(run):

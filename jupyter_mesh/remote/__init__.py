@@ -8,11 +8,12 @@ there, stream its output back while it runs, and bring values back by name.
 from __future__ import annotations
 
 from ._client import CellResult, RemoteCells, RemoteOutput
-from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure
+from ._errors import CellSyntaxError, RemoteCellError, RemoteCellTimeout, RemoteFailure
 from ._worker_plugin import RemoteCellsPlugin
 
 __all__ = [
     "CellResult",
+    "CellSyntaxError",
     "RemoteCellError",
     "RemoteCellTimeout",
     "RemoteCells",

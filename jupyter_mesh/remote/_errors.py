@@ -62,3 +62,21 @@ class RemoteCellError(MeshError):
 
 class RemoteCellTimeout(RemoteCellError):
     """A remote cell ran longer than its ``timeout`` and was stopped."""
+
+
+class CellSyntaxError(MeshError):
+    """A remote cell does not compile; nothing was sent to a worker.
+
+    IPython shows it as the syntax error alone (file, line, caret), without the frames
+    of the magic that found it.
+    """
+
+    def __init__(self, error: SyntaxError) -> None:
+        self.error = error
+        super().__init__(f"{error.msg} (line {error.lineno}); nothing was sent to a worker")
+
+    def _render_traceback_(self) -> list[str]:
+        import traceback
+
+        lines = "".join(traceback.format_exception_only(type(self.error), self.error))
+        return [*lines.rstrip("\n").splitlines(), "(nothing was sent to a worker)"]

@@ -9,7 +9,7 @@ from IPython.display import display
 
 from ..errors import MeshError
 from ._client import CellResult, RemoteOutput, check_identifier, check_names
-from ._errors import RemoteCellError
+from ._errors import CellSyntaxError, RemoteCellError
 
 
 def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
@@ -39,8 +39,8 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
             timeout=args.timeout, value=args.output is not None,
             filename=f"<remote In[{shell.execution_count}]>",
         )
-    except SyntaxError:
-        raise
+    except SyntaxError as exc:
+        raise CellSyntaxError(exc) from None
     except RemoteCellError:
         raise
     except MeshError as exc:
