@@ -198,6 +198,12 @@ def through_kernel(n: int) -> dict[str, list[float]]:
         out["kernel: `pass` cell (baseline)"] = k.timed("pass", n)
         out["kernel: %%mesh --remote (`pass`)"] = k.timed("%%mesh --remote\npass", n)
         out["kernel: %%px --block (`pass`), 1 engine"] = k.timed("%%px --block\npass", n)
+        k.execute(
+            "import jupyter_mesh as _jm\n_m = _jm.current()\n"
+            "_w = next(iter(_m.inventory())).worker\ndef _noop():\n    return None"
+        )
+        out["kernel: a cell calling client.run(f, workers=[w]) (reference)"] = k.timed(
+            "_m.client.run(_noop, workers=[_w]);", n)
         out["kernel: print -> arrival at the frontend, %%mesh --remote"] = k.print_latency(
             "%%mesh --remote\n" + PRINT_CELL.format(n=n))
         out["kernel: print -> arrival at the frontend, %%px --block --stream"] = \
@@ -221,7 +227,9 @@ def report(rows: dict[str, list[float]], n: int) -> str:
         f"Python {platform.python_version()}; Dask distributed "
         f"{_version('distributed')}, ipyparallel {_version('ipyparallel')}, "
         f"ipykernel {_version('ipykernel')}. One CPU worker (and one ipyparallel "
-        f"engine) on this machine; {n} timed runs after 20 warm-up runs; milliseconds.",
+        f"engine) on this machine; {n} timed runs after 20 warm-up runs; milliseconds. "
+        f"Load average when the report was written: {os.getloadavg()[0]:.2f} (other "
+        f"sessions' tests and benchmarks run beside it, so figures vary run to run).",
         "",
         "| what | median ms | p90 ms | runs |",
         "|---|---:|---:|---:|",
@@ -250,6 +258,13 @@ def report(rows: dict[str, list[float]], n: int) -> str:
             f"`%%mesh --remote` adds {ms(mesh)} ms, `%%px --block` {ms(px)} ms "
             f"({mesh / px:.2f}x); whole round trips: "
             f"{med('kernel: %%mesh --remote (`pass`)') / med('kernel: %%px --block (`pass`), 1 engine'):.2f}x."
+        )
+        ref = med("kernel: a cell calling client.run(f, workers=[w]) (reference)") - base
+        notes.append(
+            f"For reference, a kernel cell that calls `client.run` adds {ms(ref)} ms to the "
+            f"`pass` cell: inside a kernel every hand-off between threads costs more than in "
+            f"a bare process (the kernel's own threads share the cores), and a remote cell "
+            f"pays fewer of them than `client.run` does."
         )
         notes.append(
             "Print-to-arrival through the kernel: median "
