@@ -158,7 +158,7 @@ class FuturesWatch:
         self.mesh = mesh
         self.groups = groups
         self.title = title
-        self.t0 = time.monotonic()
+        self.t0 = time.perf_counter()
         self.bar: TextBars | WidgetBars | None = None
         self.cursor: int | None = None
         try:
@@ -173,17 +173,14 @@ class FuturesWatch:
 
     def started(self, futures: list[Any]) -> None:
         """Wait up to the threshold for ``futures``; show the bar if they still run."""
-        from distributed.client import _wait
-
-        left = self.after - (time.monotonic() - self.t0)
-        if left > 0:
-            try:
-                # this mesh's client, which need not be the default one
-                self.mesh.client.sync(_wait, futures, timeout=left)
-                return
-            except TimeoutError:
-                pass
-        elif all(f.done() for f in futures):
+        # Poll the futures' client-side state: no round trips, and no TimeoutError whose
+        # traceback would keep the futures (and their results on the workers) alive.
+        deadline = self.t0 + self.after
+        while not all(f.done() for f in futures):
+            if time.perf_counter() >= deadline:
+                break
+            time.sleep(0.01)
+        else:
             return
         try:
             self._show(futures)
@@ -201,6 +198,7 @@ class FuturesWatch:
             _display(bar.box)
         else:
             bar = TextBars(futures, **kwargs)
+        bar._start_time = self.t0  # elapsed counts from the submission, as Dask's does
         self.bar = bar
         client.loop.add_callback(bar.listen)
 

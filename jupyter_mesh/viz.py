@@ -95,12 +95,15 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     m = plan.model
     layer_of = {k: m.layer[i] for i, k in enumerate(m.keys)}
     kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
+    label_of = {w: pool.target for pool in plan.pools for w in pool.workers}
     names = report.worker_names
 
     def target(worker: str, key: Any) -> str:
         rec = report.records.get(key)
-        backend = rec[1] if rec else "?"
-        return f"{kind_of.get(worker, '?')}:{backend}"
+        if rec is not None and rec[0] == worker:
+            return f"{kind_of.get(worker, '?')}:{rec[1]}"
+        # no record from this worker (it died with its records): its pool's target
+        return label_of.get(worker, "?")
 
     def op(key: Any) -> str:
         li = layer_of.get(key)
@@ -213,7 +216,9 @@ def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) 
                  title=title, x_axis_label=x_label, toolbar_location="above",
                  tools="xpan,xwheel_zoom,reset,save")
     fig.hbar(y="row", left="left", right="right", height=0.8, source=ColumnDataSource(data),
-             fill_color="colour", line_color="white", line_width=0.5,
+             fill_color="colour", line_width=0.5,
+             # thin white edges part a few bars; with many they would wash the colour out
+             line_color="white" if len(bars) < 200 else None,
              legend_field="target")
     fig.add_tools(HoverTool(tooltips=[("op", "@op"), ("target", "@target"),
                                       ("task", "@key"), ("ms", "@ms{0.000}")]))
