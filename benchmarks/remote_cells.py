@@ -219,7 +219,6 @@ def report(rows: dict[str, list[float]], n: int) -> str:
     def med(key: str) -> float:
         return stats(rows[key])[0]
 
-    rows_med = med
 
     lines = [
         "## Remote cells",
@@ -266,7 +265,7 @@ def report(rows: dict[str, list[float]], n: int) -> str:
         ref = med("kernel: a cell calling client.run(f, workers=[w]) (reference)") - base
         notes.append(
             f"For reference, a kernel cell that calls `client.run` adds {ms(ref)} ms to the "
-            f"`pass` cell, against {ms(rows_med('client.run(f, workers=[w])'))} ms in a bare "
+            f"`pass` cell, against {ms(med('client.run(f, workers=[w])'))} ms in a bare "
             f"process: inside a kernel every hand-off between threads (notebook thread, "
             f"client event loop) costs more, as the kernel's own threads share the cores."
         )
