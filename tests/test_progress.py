@@ -160,3 +160,11 @@ def test_bad_progress_after_rejects_a_remote_cell_before_it_runs(mesh):
     with dask.config.set({"mesh.progress-after": "later"}):
         with pytest.raises(MeshConfigError, match="mesh.progress-after"):
             mesh.run_cell("y = 2", on="cpu")
+
+
+def test_a_shown_bar_does_not_keep_the_results_alive(mesh, quick_threshold, capfd):
+    # the same keys twice in a row: the second run must run its tasks again
+    for _ in range(2):
+        mesh.compute(*sleepy(2, 0.4))
+        assert "finished" in capfd.readouterr().err
+        assert len(mesh.last_report.records) == 2

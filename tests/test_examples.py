@@ -1,0 +1,145 @@
+"""The example notebooks run top to bottom in a real kernel (nbclient), key outputs checked.
+
+They are committed without outputs; each is executed once per test session here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+pytestmark = pytest.mark.slow
+_executed: dict[str, nbformat.NotebookNode] = {}
+
+
+def executed(name: str) -> nbformat.NotebookNode:
+    if name not in _executed:
+        nb = nbformat.read(EXAMPLES / name, as_version=4)
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(EXAMPLES)}}).execute()
+        _executed[name] = nb
+    return _executed[name]
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def cell(nb, starts: str):
+    return next(c for c in code_cells(nb) if c.source.startswith(starts))
+
+
+def text(c) -> str:
+    out = []
+    for o in c.outputs:
+        if o.output_type == "stream":
+            out.append(o.text)
+        elif "data" in o:
+            out.append(o.data.get("text/plain", ""))
+    return "\n".join(out)
+
+
+def html(c) -> str:
+    return "\n".join(o.data["text/html"] for o in c.outputs
+                     if "data" in o and "text/html" in o.data)
+
+
+def shows_widget(c) -> bool:
+    return any("data" in o and WIDGET_VIEW in o.data for o in c.outputs)
+
+
+def widget_text(nb) -> str:
+    """Every string value of every widget, as the kernel last left it."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    return "\n".join(str(m["state"].get("value", "")) for m in state.values())
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "routing.ipynb",
+                                  "remote-cells.ipynb", "resilience.ipynb"])
+def test_notebook_is_committed_without_outputs(name):
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    for c in code_cells(nb):
+        assert not c.outputs and c.execution_count is None, (name, c.source[:40])
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "routing.ipynb",
+                                  "remote-cells.ipynb", "resilience.ipynb"])
+def test_notebook_runs_without_errors(name):
+    nb = executed(name)
+    errors = [(c.source[:40], o.get("ename"), o.get("evalue"))
+              for c in code_cells(nb) for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+def test_quickstart_shows_the_panel():
+    nb = executed("quickstart.ipynb")
+    assert shows_widget(cell(nb, "panel = mesh.widget()"))
+    state = widget_text(nb)
+    assert "cpu @ local: 2" in state  # the device list, by kind and site
+    refused = cell(nb, 'panel.set_route("tpu")')
+    assert text(refused).strip().endswith("off")  # the route did not change
+    assert "refused" in state and "no live tpu" in state
+
+
+def test_routing_explains_computes_and_pictures():
+    nb = executed("routing.ipynb")
+    plan = html(cell(nb, "plan = mesh.explain"))
+    assert "<table>" in plan and "jupyter-mesh-picture" in plan
+    assert "Planned timeline" in plan and "coloured by planned target" in plan
+    forced = cell(nb, "(forced,) = mesh.compute")
+    assert "True\n" in text(forced)
+    assert "Report (route=cpu:jax)" in text(forced) and "Ran (measured)" in html(forced)
+    assert "['jax']" in text(cell(nb, 'print("matmul ran on:"')) or \
+        "'jax'" in text(cell(nb, 'print("matmul ran on:"'))
+    auto = cell(nb, "(auto,) = mesh.compute")
+    assert "True\n" in text(auto) and "Report (route=auto)" in text(auto)
+    assert "backends used: ['jax', 'numpy']" in text(cell(nb, 'print("ops:"'))
+    routed = cell(nb, "%%mesh --route cpu:jax")
+    assert "Report (route=cpu:jax)" in text(routed) and "jupyter-mesh-picture" in html(routed)
+    assert text(cell(nb, "print(round(float(z)")).strip()  # a number came back
+
+
+def test_routing_shows_a_progress_bar_per_target():
+    nb = executed("routing.ipynb")
+    assert shows_widget(cell(nb, 'dask.config.set({"mesh.progress-after": 0.3})'))
+    state = widget_text(nb)
+    assert "route=auto" in state and "Finished" in state
+    assert ">cpu:numpy</div>" in state and ">cpu:jax</div>" in state
+
+
+def test_remote_cells_keep_state_and_stream_output():
+    nb = executed("remote-cells.ipynb")
+    first = cell(nb, "%%mesh --remote --on cpu:jax\nimport jax")
+    assert "JAX devices on the worker: [CpuDevice" in text(first)
+    assert "45.0" in text(first)
+    assert "90.0" in text(cell(nb, "%%mesh --remote --on cpu:jax\nfloat((a * 2)"))
+    assert "4950 [0, 1, 4, 9, 16]" in text(cell(nb, "print(total, squares)"))
+    every = text(cell(nb, "%%mesh --remote --all"))
+    assert "[cpu-0]" in every and "[jax-cpu-0]" in every
+    assert "caught on the worker: ZeroDivisionError" in text(
+        cell(nb, "%%mesh --remote --on cpu\ntry:"))
+    slow = cell(nb, "%%mesh --remote --on cpu\nimport time")
+    assert "'slept'" in text(slow) and shows_widget(slow)
+    assert "finished after" in widget_text(nb)
+
+
+def test_resilience_survives_a_killed_worker_and_a_lost_kind():
+    nb = executed("resilience.ipynb")
+    killed = text(cell(nb, "pid_before ="))
+    assert "killed cpu-0 (cpu:numpy)" in killed and "correct: True" in killed
+    assert "restarted: True" in text(cell(nb, "mesh._wait_for(2)"))
+    lost = text(cell(nb, 'killer = threading.Thread(target=kill_when_busy, args=("jax"'))
+    assert "killed jax-cpu-0 (cpu:jax)" in lost and "correct: True" in lost
+    assert "MeshFallbackWarning" in lost and "cpu:jax" in lost
+    report = cell(nb, "report = mesh.last_report")
+    assert "numpy" in text(report) and "lost every cpu:jax worker" in html(report)
+    after = text(cell(nb, "print(mesh.inventory().by_target())"))
+    assert "{'cpu:numpy': 1}" in after and "refused: no live cpu:jax worker" in after
+    assert "correct: True" in text(cell(nb, "(again,) = mesh.compute"))
