@@ -268,12 +268,26 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
     return fig
 
 
+def worker_names() -> dict[str, str]:
+    """Worker address -> name on the active mesh (empty without one)."""
+    from . import _state
+
+    mesh = _state.active()
+    if mesh is None:
+        return {}
+    try:
+        return {d.worker: d.name for d in mesh.inventory() if d.name}
+    except Exception:
+        return {}
+
+
 def plan_figure(plan: Plan, width: int = 900) -> Model:
     """The plan's timeline by worker and its graph of ops, coloured by target."""
     from bokeh.layouts import column
 
     return column(
-        _timeline(planned_bars(plan), "Planned timeline (estimated, by worker)",
+        _timeline(planned_bars(plan, worker_names()),
+                  "Planned timeline (estimated, by worker)",
                   "estimated seconds", width),
         _graph(op_graph(plan), "Operations, coloured by planned target", width),
     )
@@ -290,7 +304,7 @@ def report_figure(report: Report, width: int = 900) -> Model:
     how = "measured" if real else "measured task seconds laid end to end"
     return column(
         row(
-            _timeline(planned_bars(plan, report.worker_names),
+            _timeline(planned_bars(plan, {**worker_names(), **report.worker_names}),
                       "Planned (estimated)", "estimated seconds", half),
             _timeline(measured, f"Ran ({how})", "seconds since the first task", half),
         ),
