@@ -17,7 +17,8 @@ Measured on this machine, in one run:
 * print-to-arrival: a remote cell prints ``time.time()`` every 10 ms; the frontend
   notes when each line arrives (same machine, same clock).
 
-Every figure is the median (and 90th percentile) of ``--n`` runs after warm-up.
+Every figure is the median (and 90th percentile) of ``--n`` runs after warm-up; the
+variants of each part take turns, so load from elsewhere hits them alike.
 """
 
 from __future__ import annotations
@@ -45,14 +46,16 @@ PRINT_CELL = (
 )
 
 
-def timed(fn: Callable[[], Any], n: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
+def interleaved(fns: dict[str, Callable[[], Any]], n: int,
+                warmup: int = 20) -> dict[str, list[float]]:
+    """Time the calls in turn, so that load from elsewhere hits them all alike."""
+    out: dict[str, list[float]] = {key: [] for key in fns}
+    for i in range(n + warmup):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                out[key].append(time.perf_counter() - t0)
     return out
 
 
@@ -87,15 +90,14 @@ def in_process(n: int) -> dict[str, list[float]]:
         def noop() -> None:
             return None
 
-        out["%%mesh --remote (`pass`)"] = timed(
-            lambda: shell.run_cell_magic("mesh", "--remote", "pass"), n)
-        out["Mesh.run_cell('pass')"] = timed(lambda: mesh.run_cell("pass"), n)
-        out["%%px --block (`pass`), 1 engine"] = timed(
-            lambda: shell.run_cell_magic("px", "--block", "pass"), n)
-        out["client.submit(f).result()"] = timed(
-            lambda: client.submit(noop, pure=False).result(), n)
-        out["client.run(f, workers=[w])"] = timed(
-            lambda: client.run(noop, workers=[worker]), n)
+        out.update(interleaved({
+            "%%mesh --remote (`pass`)": lambda: shell.run_cell_magic("mesh", "--remote", "pass"),
+            "Mesh.run_cell('pass')": lambda: mesh.run_cell("pass"),
+            "%%px --block (`pass`), 1 engine": lambda: shell.run_cell_magic(
+                "px", "--block", "pass"),
+            "client.submit(f).result()": lambda: client.submit(noop, pure=False).result(),
+            "client.run(f, workers=[w])": lambda: client.run(noop, workers=[worker]),
+        }, n))
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
             result = mesh.run_cell(PRINT_CELL.format(n=n))
         out["print -> arrival in the kernel process (Mesh.run_cell)"] = result.stream_latency
@@ -154,13 +156,15 @@ class Kernel:
         while self.kc.iopub_channel.msg_ready():
             self.kc.get_iopub_msg(timeout=1)
 
-    def timed(self, code: str, n: int, warmup: int = 20) -> list[float]:
-        out = []
+    def interleaved(self, cells: dict[str, str], n: int, warmup: int = 20) -> dict[str, list[float]]:
+        """Time the cells in turn, so that load from elsewhere hits them all alike."""
+        out: dict[str, list[float]] = {key: [] for key in cells}
         for i in range(n + warmup):
-            elapsed, _ = self.execute(code)
-            self.drain()
-            if i >= warmup:
-                out.append(elapsed)
+            for key, code in cells.items():
+                elapsed, _ = self.execute(code)
+                self.drain()
+                if i >= warmup:
+                    out[key].append(elapsed)
         return out
 
     def print_latency(self, cell: str) -> list[float]:
@@ -195,15 +199,17 @@ def through_kernel(n: int) -> dict[str, list[float]]:
             "rc.wait_for_engines(1, timeout=120)\n"
             "rc[:].activate()"
         )
-        out["kernel: `pass` cell (baseline)"] = k.timed("pass", n)
-        out["kernel: %%mesh --remote (`pass`)"] = k.timed("%%mesh --remote\npass", n)
-        out["kernel: %%px --block (`pass`), 1 engine"] = k.timed("%%px --block\npass", n)
         k.execute(
             "import jupyter_mesh as _jm\n_m = _jm.current()\n"
             "_w = next(iter(_m.inventory())).worker\ndef _noop():\n    return None"
         )
-        out["kernel: a cell calling client.run(f, workers=[w]) (reference)"] = k.timed(
-            "_m.client.run(_noop, workers=[_w]);", n)
+        out.update(k.interleaved({
+            "kernel: `pass` cell (baseline)": "pass",
+            "kernel: %%mesh --remote (`pass`)": "%%mesh --remote\npass",
+            "kernel: %%px --block (`pass`), 1 engine": "%%px --block\npass",
+            "kernel: a cell calling client.run(f, workers=[w]) (reference)":
+                "_m.client.run(_noop, workers=[_w]);",
+        }, n))
         out["kernel: print -> arrival at the frontend, %%mesh --remote"] = k.print_latency(
             "%%mesh --remote\n" + PRINT_CELL.format(n=n))
         out["kernel: print -> arrival at the frontend, %%px --block --stream"] = \
@@ -228,7 +234,8 @@ def report(rows: dict[str, list[float]], n: int) -> str:
         f"Python {platform.python_version()}; Dask distributed "
         f"{_version('distributed')}, ipyparallel {_version('ipyparallel')}, "
         f"ipykernel {_version('ipykernel')}. One CPU worker (and one ipyparallel "
-        f"engine) on this machine; {n} timed runs after 20 warm-up runs; milliseconds. "
+        f"engine) on this machine; {n} timed runs after 20 warm-up runs, the variants "
+        f"taking turns (so load from elsewhere hits them alike); milliseconds. "
         f"Load average when the report was written: {os.getloadavg()[0]:.2f} (other "
         f"sessions' tests and benchmarks run beside it, so figures vary run to run).",
         "",
@@ -265,9 +272,7 @@ def report(rows: dict[str, list[float]], n: int) -> str:
         ref = med("kernel: a cell calling client.run(f, workers=[w]) (reference)") - base
         notes.append(
             f"For reference, a kernel cell that calls `client.run` adds {ms(ref)} ms to the "
-            f"`pass` cell, against {ms(med('client.run(f, workers=[w])'))} ms in a bare "
-            f"process: inside a kernel every hand-off between threads (notebook thread, "
-            f"client event loop) costs more, as the kernel's own threads share the cores."
+            f"`pass` cell ({ms(med('client.run(f, workers=[w])'))} ms in a bare process)."
         )
         notes.append(
             "Print-to-arrival through the kernel: median "
