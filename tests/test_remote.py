@@ -230,13 +230,28 @@ def test_interrupt_of_code_blocked_outside_python(fresh, capsys, monkeypatch):
         fresh.run_cell("after", on="cpu:numpy")
 
 
+def test_timeout_of_code_blocked_outside_python(fresh, capsys):
+    import dask
+
+    started = time.monotonic()
+    with dask.config.set({"mesh.remote.interrupt-grace": 0.3}):
+        with pytest.raises(RemoteCellTimeout, match="did not stop: it is blocked outside"):
+            fresh.run_cell("import time\ntime.sleep(2.5)", on="cpu:jax", timeout=0.3)
+    assert time.monotonic() - started < 2.5
+    assert "still running on jax-cpu-0" in capsys.readouterr().err
+    time.sleep(2.5)
+    assert fresh.run_cell("1", on="cpu:jax").data["text/plain"] == "1"
+
+
 def test_timeout_stops_the_cell(ip, fresh):
     started = time.monotonic()
     with pytest.raises(RemoteCellTimeout) as info:
         remote(ip, "--timeout 0.5", "import time\nwhile True:\n    time.sleep(0.01)")
     assert time.monotonic() - started < 10
     assert "longer than --timeout 0.5 s" in str(info.value)
-    assert "time.sleep(0.01)" in "\n".join(info.value._render_traceback_())
+    shown = info.value._render_traceback_()
+    assert "time.sleep(0.01)" in "\n".join(shown)
+    assert shown[-1].startswith("TimeoutError: the cell ran longer than --timeout 0.5 s")
     assert remote(ip, "--timeout 5", "1 + 1").data["text/plain"] == "2"
 
 

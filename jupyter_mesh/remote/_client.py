@@ -508,6 +508,16 @@ class RemoteCells:
             final = run.final
             if run.failure is not None:
                 if isinstance(run.failure, _StillRunning):
+                    if not interrupted:  # past --timeout, and blocked outside Python
+                        stopped_by_timeout = True
+                        failures.append(RemoteFailure(
+                            ename="TimeoutError", evalue=(
+                                f"the cell ran longer than --timeout {timeout:g} s and did "
+                                f"not stop: it is blocked outside Python and stops when it "
+                                f"returns to Python; the worker stays usable"),
+                            traceback="", worker=dev.worker, name=dev.name, kind=dev.kind,
+                            backend=dev.backend,
+                        ))
                     continue
                 usage.append(self._lost(run))
                 continue

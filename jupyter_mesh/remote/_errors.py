@@ -55,7 +55,12 @@ class RemoteCellError(MeshError):
         lines: list[str] = []
         for f in self.failures:
             lines.append(f"{_RED}{_BOLD}Remote {f.ename}{_RESET} on {f.where}")
-            lines.extend(f.traceback.rstrip("\n").splitlines())
+            tb = f.traceback.rstrip("\n").splitlines()
+            lines.extend(tb)
+            if not tb or not tb[-1].startswith(f.ename):
+                # e.g. a timeout: the remote traceback ends in the KeyboardInterrupt that
+                # stopped the code; say why it was stopped
+                lines.append(f"{f.ename}: {f.evalue}")
             lines.append("")
         return lines[:-1]
 
