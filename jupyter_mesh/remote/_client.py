@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol.serialize import Serialized, serialize
 
-from .. import _config
+from .. import _config, progress
 from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
@@ -323,6 +323,7 @@ class RemoteCells:
                  timeout: float | None) -> list[CellResult]:
         events: queue.SimpleQueue = queue.SimpleQueue()
         runs = [_Run(d, message) for d in devices]
+        watch = progress.RemoteWatch([r.label for r in runs], timeout)  # after progress-after
         for r in runs:
             self._start(r, events)
         pending = set(range(len(runs)))
@@ -332,6 +333,7 @@ class RemoteCells:
         stop_sent_at: float | None = None
         interrupted = False
         while pending:
+            watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
             try:
                 try:
                     kind, run, payload = events.get(timeout=0.2)
@@ -369,6 +371,8 @@ class RemoteCells:
                 interrupted = True
                 stop_sent_at = time.monotonic()
                 self._send_stop([runs[i] for i in pending], "interrupted")
+        watch.done(not interrupted and not any((r.final or {}).get("status") != "ok"
+                                               for r in runs))
         return self._collect(runs, interrupted, timeout)
 
     def _start(self, run: _Run, events: queue.SimpleQueue) -> None:
