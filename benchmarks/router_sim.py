@@ -72,15 +72,22 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
     pool_index = {(p.kind, p.backend, p.site): i for i, p in enumerate(pools)}
     worker_pool = [pool_index[(d.kind, d.backend, d.site)] for d in devices]
     n = len(model.keys)
-    if policy == "router":
+    if policy in ("router", "router-pool"):
+        # the router plans at worker granularity; live, the scheduler restricts each task
+        # to its pool and picks the worker (router-pool evaluates that: inside the pool
+        # each task goes where it finishes first, as Dask balances restricted tasks)
         allowed, _ = allowed_pools(model, pools, "auto")
-        pool_of, _, _ = place(model, pools, cost, allowed)
+        pool_of, _, _, worker_of = place(model, pools, cost, allowed)
+        if policy == "router":
+            order = [w for p in pools for w in p.workers]
+            index = {d.worker: j for j, d in enumerate(devices)}
+            return _evaluate(model, solo, solo_cost, [[index[order[w]]] for w in worker_of])
         members = [[w for w in range(len(devices)) if worker_pool[w] == p]
                    for p in range(len(pools))]
         return _evaluate(model, solo, solo_cost, [members[pool_of[i]] for i in range(n)])
     if policy == "heft":
         allowed, _ = allowed_pools(model, solo, "auto")
-        w_of, _, _ = place(model, solo, solo_cost, allowed)
+        w_of = heft(model, solo, solo_cost, allowed)
         return _evaluate(model, solo, solo_cost, [[w] for w in w_of])
     if policy == "dask":
         # no routing: every task runs with NumPy; an accelerator worker is one host thread
@@ -92,6 +99,46 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
         return _evaluate(model, hsolo, hcost, [list(range(len(devices)))] * n,
                          earliest_start=True)
     raise ValueError(policy)
+
+
+def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> list[int]:
+    """Classic HEFT (Topcuoglu et al.): tasks in decreasing upward rank (mean cost over
+    the allowed workers), each to the worker where it finishes first, transfers between
+    workers paid by their link. The baseline the router is compared with."""
+    n = len(model.keys)
+    layer, deps = model.layer, model.deps
+    ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
+    out_b = [op.out_bytes for op in model.ops]
+    w = [max(sum(ex[li][p] for p in allowed[li]) / len(allowed[li]), 1e-12)
+         for li in range(len(model.ops))]
+    rank = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        rank[i] += w[layer[i]]
+        for d in deps[i]:
+            if rank[d] < rank[i]:
+                rank[d] = rank[i]
+    order = sorted(range(n), key=rank.__getitem__, reverse=True)
+    free = [[0.0] * max(p.slots, 1) for p in solo]
+    where = [-1] * n
+    finish = [0.0] * n
+    lat, inv = cost.latency, cost.inv_bw
+    for i in order:
+        li = layer[i]
+        best, bw = math.inf, -1
+        for p in allowed[li]:
+            ready = 0.0
+            for d in deps[i]:
+                q = where[d]
+                f = finish[d] + (0.0 if q == p else lat[q][p] + out_b[layer[d]] * inv[q][p])
+                if f > ready:
+                    ready = f
+            f = max(ready, free[p][0]) + ex[li][p]
+            if f < best:
+                best, bw = f, p
+        heapq.heapreplace(free[bw], best)
+        where[i] = bw
+        finish[i] = best
+    return where
 
 
 def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],

@@ -231,3 +231,26 @@ def test_jax_op_table_on_host():
 
     mm = jax_ops.translate(_matmul)
     np.testing.assert_allclose(np.asarray(mm(a, a.T))[:, 0, :], a @ a.T)
+
+
+def test_transfers_between_workers_of_one_pool_are_charged():
+    # two identical GPUs form one pool; moving a block between them costs more than
+    # computing on it, so each chain stays on one worker
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("g0", "gpu", "cupy", GPU),
+            dev("g1", "gpu", "cupy", GPU)]
+    pools = build_pools(devs)
+    cost = CostModel(pools)
+    gp = next(i for i, p in enumerate(pools) if p.kind == "gpu")
+    assert cost.transfer(1e8, gp, gp) == 0.0
+    assert cost.transfer(1e8, gp, gp, same_worker=False) > 1e8 / 16e9
+    layers = [{"name": f"mm{j}", "op_class": "matmul", "tasks": 2, "flops": 2e10,
+               "out_bytes": 4e8, **({"deps": [(j - 1, "map")]} if j else {})}
+              for j in range(6)]
+    model = synthetic_model(layers)
+    plan = plan_model(model, pools, "auto", cost=cost)
+    assert {plan.pools[p].kind for p in plan.pool_of} == {"gpu"}
+    for i, ds in enumerate(model.deps):
+        for d in ds:
+            assert plan.worker_of[i] == plan.worker_of[d]
+    # and the two chains run side by side on the two GPUs
+    assert len({plan.worker_of[i] for i in range(len(model.keys))}) == 2

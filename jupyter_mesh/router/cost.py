@@ -37,6 +37,16 @@ class Pool:
     slots: int = 0
     profile: Profile = field(default_factory=lambda: ASSUMED_CPU)
     label: str = ""
+    #: threads of each worker (same order as ``workers``); empty: ``slots`` spread evenly
+    threads: list[int] = field(default_factory=list)
+
+    def worker_threads(self) -> list[int]:
+        """Task slots of each worker of the pool (at least one worker, one slot)."""
+        if self.threads and len(self.threads) == len(self.workers):
+            return [max(int(t), 1) for t in self.threads]
+        n = max(len(self.workers), 1)
+        total = max(self.slots, n)
+        return [total // n + (1 if i < total % n else 0) for i in range(n)]
 
     @property
     def target(self) -> str:
@@ -62,8 +72,9 @@ def build_pools(devices: Iterable[Any]) -> list[Pool]:
         profs = [d.profile for d in devs if d.profile is not None]
         prof = _mean_profile(profs) if profs else ASSUMED_CPU
         label = f"{kind}:{backend}" + (f"@{site}" if len(sites) > 1 else "")
-        pools.append(Pool(kind, backend, site, [d.worker for d in devs],
-                          sum(max(int(d.nthreads), 1) for d in devs), prof, label))
+        threads = [max(int(d.nthreads), 1) for d in devs]
+        pools.append(Pool(kind, backend, site, [d.worker for d in devs], sum(threads), prof,
+                          label, threads))
     return pools
 
 
@@ -122,6 +133,12 @@ class CostModel:
             for b, pb in enumerate(pools):
                 if a != b:
                     self.latency[a][b], self.inv_bw[a][b] = self._link(pa, pb)
+        #: between two distinct workers of the same pool (same site: network, plus the
+        #: host links of accelerators at both ends); 0 within one worker
+        self.intra_latency = [0.0] * n
+        self.intra_inv_bw = [0.0] * n
+        for a, pa in enumerate(pools):
+            self.intra_latency[a], self.intra_inv_bw[a] = self._link(pa, pa)
 
     def _link(self, pa: Pool, pb: Pool) -> tuple[float, float]:
         ln = self.links
@@ -136,10 +153,13 @@ class CostModel:
                 inv += 1.0 / bw
         return lat, inv
 
-    def transfer(self, nbytes: float, a: int, b: int) -> float:
-        """Seconds to move ``nbytes`` from pool ``a`` to pool ``b`` (0 within a pool)."""
+    def transfer(self, nbytes: float, a: int, b: int, same_worker: bool = True) -> float:
+        """Seconds to move ``nbytes`` from pool ``a`` to pool ``b``: 0 within one worker,
+        the intra-pool link between two workers of one pool (``same_worker=False``)."""
         if a == b:
-            return 0.0
+            if same_worker:
+                return 0.0
+            return self.intra_latency[a] + nbytes * self.intra_inv_bw[a]
         return self.latency[a][b] + nbytes * self.inv_bw[a][b]
 
     def exec_time(self, op: OpInfo, pool: Pool) -> float:

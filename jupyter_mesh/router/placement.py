@@ -77,35 +77,92 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
     return allowed, notes
 
 
+#: try the alternative schedules (each pool or site on its own) while
+#: tasks × pools stays under this, so planning stays linear in tasks
+VARIANT_BUDGET = 200_000
+
+
+def _pins(model: GraphModel) -> list[str | None]:
+    """Per task, the site its data is pinned to (pins propagate to consumers)."""
+    n = len(model.keys)
+    pin: list[str | None] = [None] * n
+    if not model.pins:
+        return pin
+    deps = model.deps
+    for i in range(n):
+        s = model.pins.get(i)
+        for d in deps[i]:
+            ds = pin[d]
+            if ds is not None:
+                if s is not None and s != ds:
+                    raise MeshError(
+                        f"task {model.keys[i]!r} reads data pinned to sites {s!r} and "
+                        f"{ds!r}: data pinned to a site never leaves it"
+                    )
+                s = ds
+        pin[i] = s
+    return pin
+
+
 def place(model: GraphModel, pools: list[Pool], cost: CostModel,
-          allowed: list[list[int]]) -> tuple[list[int], list[float], list[float]]:
-    """Assign every task a pool. Returns (pool per task, start, finish)."""
+          allowed: list[list[int]], *, variants: bool = True
+          ) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Assign every task a pool and a worker of it.
+
+    Returns (pool per task, start, finish, worker per task); workers are numbered
+    across pools in pool order (``pools[0].workers`` first). Transfers are charged
+    between distinct workers, inside a pool too; only data on the same worker is free.
+    Besides the plain earliest-finish schedule, small graphs also try keeping each
+    pool (or site) busy on its own where it can run an op, and keep the schedule that
+    finishes first: when moving data costs more than computing it, spreading the work
+    greedily loses.
+    """
     n = len(model.keys)
     ops = model.ops
     layer = model.layer
     deps = model.deps
     exec_t = [[cost.exec_time(op, p) for p in pools] for op in ops]
-    out_b = [op.out_bytes for op in ops]
-    lat = cost.latency
-    inv = cost.inv_bw
-    # site pins (data residency): propagate to consumers
-    pin: list[str | None] = [None] * n
-    if model.pins:
-        for i in range(n):
-            s = model.pins.get(i)
-            for d in deps[i]:
-                ds = pin[d]
-                if ds is not None:
-                    if s is not None and s != ds:
-                        raise MeshError(
-                            f"task {model.keys[i]!r} reads data pinned to sites {s!r} and "
-                            f"{ds!r}: data pinned to a site never leaves it"
-                        )
-                    s = ds
-            pin[i] = s
-    # upward rank with the mean cost over each layer's allowed pools
-    w = [max(sum(exec_t[li][p] for p in allowed[li]) / len(allowed[li]), 1e-12)
-         for li in range(len(ops))]
+    pin = _pins(model)
+    order = _rank_order(model, exec_t, allowed, [1] * len(pools))
+    best = _list_schedule(model, pools, cost, allowed, exec_t, order, pin)
+    if not variants or n * len(pools) > VARIANT_BUDGET or len(pools) < 2:
+        return best
+    # HEFT's own priority: the mean over workers (a pool of four counts four times)
+    order_w = _rank_order(model, exec_t, allowed, [len(p.workers) or 1 for p in pools])
+    if order_w != order:
+        cand = _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
+        if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
+            best = cand
+    alternatives: list[set[int]] = [{p} for p in range(len(pools))]
+    sites = sorted({p.site for p in pools})
+    if len(sites) > 1:
+        alternatives += [{i for i, p in enumerate(pools) if p.site == s} for s in sites]
+    seen = {tuple(map(tuple, allowed))}
+    for keep in alternatives:
+        alt = [[p for p in a if p in keep] or a for a in allowed]
+        sig = tuple(map(tuple, alt))
+        if sig in seen:
+            continue
+        seen.add(sig)
+        try:
+            cand = _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
+        except MeshError:
+            continue
+        if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
+            best = cand
+    return best
+
+
+def _rank_order(model: GraphModel, exec_t: list[list[float]], allowed: list[list[int]],
+                weight: list[int]) -> list[int]:
+    """Tasks in decreasing upward rank, with each op's mean cost over its allowed pools
+    (each pool weighted by ``weight``): HEFT's priority."""
+    layer, deps = model.layer, model.deps
+    n = len(layer)
+    w = []
+    for li, a in enumerate(allowed):
+        tot = sum(weight[p] for p in a)
+        w.append(max(sum(exec_t[li][p] * weight[p] for p in a) / tot, 1e-12))
     rank = [0.0] * n
     for i in range(n - 1, -1, -1):
         rank[i] += w[layer[i]]
@@ -113,47 +170,124 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
         for d in deps[i]:
             if rank[d] < r:
                 rank[d] = r
-    order = sorted(range(n), key=rank.__getitem__, reverse=True)
-    free = [[0.0] * max(p.slots, 1) for p in pools]
-    pool_of = [-1] * n
+    return sorted(range(n), key=rank.__getitem__, reverse=True)
+
+
+def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
+                   allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
+                   pin: list[str | None], wider: list[list[int]] | None = None,
+                   ) -> tuple[list[int], list[float], list[float], list[int]]:
+    """Earliest-finish-time list scheduling at worker granularity.
+
+    For each allowed pool only a few workers are candidates: the one free first and
+    those already holding an input of the task, so the work is linear in tasks × pools
+    (× inputs)."""
+    n = len(model.keys)
+    layer = model.layer
+    deps = model.deps
+    out_b = [op.out_bytes for op in model.ops]
+    wpool: list[int] = []
+    slots: list[list[float]] = []
+    pheap: list[list[tuple[float, int]]] = []
+    for p, pool in enumerate(pools):
+        ids = []
+        for t in pool.worker_threads():
+            ids.append(len(wpool))
+            wpool.append(p)
+            slots.append([0.0] * t)
+        pheap.append([(0.0, wid) for wid in ids])
+    lat, inv = cost.latency, cost.inv_bw
+    ilat, iinv = cost.intra_latency, cost.intra_inv_bw
+    site_of = [p.site for p in pools]
+    worker_of = [-1] * n
     start = [0.0] * n
     finish = [0.0] * n
-    site_of = [p.site for p in pools]
+    pinned_cache: dict[tuple[int, str], list[int]] = {}
+    heappop, heappush, heapreplace = heapq.heappop, heapq.heappush, heapq.heapreplace
+    inf = float("inf")
     for i in order:
         li = layer[i]
         cand = allowed[li]
-        if pin[i] is not None:
-            cand = [p for p in cand if site_of[p] == pin[i]]
-            if not cand:
-                raise MeshError(
-                    f"{ops[li].label}: no allowed worker at site {pin[i]!r}, where its data "
-                    f"is pinned"
-                )
+        ps = pin[i]
+        if ps is not None:
+            ck = (li, ps)
+            c = pinned_cache.get(ck)
+            if c is None:
+                c = [p for p in cand if site_of[p] == ps]
+                if not c and wider is not None:
+                    c = [p for p in wider[li] if site_of[p] == ps]
+                if not c:
+                    raise MeshError(
+                        f"{model.ops[li].label}: no allowed worker at site {ps!r}, where "
+                        f"its data is pinned"
+                    )
+                pinned_cache[ck] = c
+            cand = c
         ex = exec_t[li]
         ds = deps[i]
-        best = float("inf")
-        bp = cand[0]
+        best = inf
+        bw = -1
         bs = 0.0
         for p in cand:
-            ready = 0.0
+            e = ex[p]
+            ph = pheap[p]
+            while True:
+                t, top = ph[0]
+                if t == slots[top][0]:
+                    break
+                heappop(ph)
+            if not ds:
+                f = t + e
+                if f < best:
+                    best, bw, bs = f, top, t
+                continue
+            # arrival of each input at a worker of p that does not hold it
+            generic = 0.0
+            local: list[int] = []
             for d in ds:
-                q = pool_of[d]
-                f = finish[d]
-                if q != p:
-                    f += lat[q][p] + out_b[layer[d]] * inv[q][p]
-                if f > ready:
-                    ready = f
-            s = free[p][0]
-            if ready > s:
-                s = ready
-            f = s + ex[p]
-            if f < best:
-                best, bp, bs = f, p, s
-        heapq.heapreplace(free[bp], best)
-        pool_of[i] = bp
+                wd = worker_of[d]
+                q = wpool[wd]
+                if q == p:
+                    a = finish[d] + ilat[p] + out_b[layer[d]] * iinv[p]
+                    if wd not in local and len(local) < 4:
+                        local.append(wd)
+                else:
+                    a = finish[d] + lat[q][p] + out_b[layer[d]] * inv[q][p]
+                if a > generic:
+                    generic = a
+            s = slots[top][0]
+            if top not in local:
+                s0 = generic if generic > s else s
+                f = s0 + e
+                if f < best:
+                    best, bw, bs = f, top, s0
+            for wl in local:
+                ready = 0.0
+                for d in ds:
+                    wd = worker_of[d]
+                    if wd == wl:
+                        a = finish[d]
+                    else:
+                        q = wpool[wd]
+                        if q == p:
+                            a = finish[d] + ilat[p] + out_b[layer[d]] * iinv[p]
+                        else:
+                            a = finish[d] + lat[q][p] + out_b[layer[d]] * inv[q][p]
+                    if a > ready:
+                        ready = a
+                s0 = slots[wl][0]
+                if ready > s0:
+                    s0 = ready
+                f = s0 + e
+                if f < best:
+                    best, bw, bs = f, wl, s0
+        heapreplace(slots[bw], best)
+        heappush(pheap[wpool[bw]], (slots[bw][0], bw))
+        worker_of[i] = bw
         start[i] = bs
         finish[i] = best
-    return pool_of, start, finish
+    pool_of = [wpool[x] for x in worker_of]
+    return pool_of, start, finish, worker_of
 
 
 def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
@@ -168,6 +302,8 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
         allowed, notes = allowed_pools(model, pools, route, site)
     if not model.keys:
         return Plan(model, pools, str(route), [], [], [], cost, notes=notes)
-    pool_of, start, finish = place(model, pools, cost, allowed)
-    return Plan(model, pools, str(route), pool_of, start, finish, cost, notes=notes,
+    pool_of, start, finish, worker_of = place(model, pools, cost, allowed)
+    plan = Plan(model, pools, str(route), pool_of, start, finish, cost, notes=notes,
                 site=site)
+    plan.worker_of = worker_of
+    return plan

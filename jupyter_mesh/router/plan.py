@@ -32,6 +32,9 @@ class Plan:
         self.cost = cost
         self.notes = list(notes or [])
         self.site = site
+        #: per task, the worker the planner had in mind (index over the pools' workers,
+        #: in pool order); the scheduler restricts by pool and picks the worker itself
+        self.worker_of: list[int] | None = None
         self._rows: list[dict[str, Any]] | None = None
         self._to_host: list[bool] | None = None
         self._row_layers: list[int] = []
