@@ -185,6 +185,17 @@ def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
     assert worker_sessions(fresh) == before
 
 
+def test_get_worker_and_get_client_work_in_a_remote_cell(fresh):
+    r = fresh.run_cell(
+        "from distributed import get_worker, get_client\n"
+        "w = get_worker()\n"
+        "c = get_client()\n"
+        "(w.address, c.submit(sum, [1, 2]).result())",
+        on="cpu:numpy", value=True,
+    )
+    assert r.value == (r.worker, 3)
+
+
 def test_remote_systemexit_is_an_error_not_a_dead_worker(fresh):
     with pytest.raises(RemoteCellError, match="SystemExit"):
         fresh.run_cell("raise SystemExit(3)")

@@ -8,6 +8,7 @@ its task threads. The thread reports one *outcome* dict when it ends.
 from __future__ import annotations
 
 import ast
+import contextvars
 import ctypes
 import linecache
 import queue
@@ -179,12 +180,16 @@ class CellRun:
         Names to send back after the cell ran.
     want_value:
         Send back the value of the last expression itself (``-o NAME``).
+    context:
+        Context variables the cell runs with (the worker's, so ``get_worker()`` works).
     """
 
     def __init__(self, code: str, filename: str, namespace: dict[str, Any], sink: Any,
                  on_done: Callable[[dict[str, Any]], None], pull: Iterable[str] = (),
-                 want_value: bool = False, show_value: bool = True) -> None:
+                 want_value: bool = False, show_value: bool = True,
+                 context: contextvars.Context | None = None) -> None:
         self.code = code
+        self.context = context
         self.filename = filename
         self.namespace = namespace
         self.sink = sink
@@ -237,6 +242,8 @@ class CellRun:
                     outcome = {"status": self.stop_reason or "interrupted",
                                "ename": "KeyboardInterrupt", "evalue": "",
                                "traceback": "stopped before it started\n"}
+                elif self.context is not None:
+                    outcome = self.context.run(self._execute)
                 else:
                     outcome = self._execute()
             finally:

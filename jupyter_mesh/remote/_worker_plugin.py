@@ -8,6 +8,7 @@ stream of ``out`` messages while the cell runs, then one ``done`` message.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from typing import Any
@@ -140,7 +141,8 @@ class RemoteCellsPlugin(WorkerPlugin):
 
         sink = CellSink(loop)
         cell = CellRun(code, filename, state.namespace, sink, on_done, pull=pull or (),
-                       want_value=want_value, show_value=show_value)
+                       want_value=want_value, show_value=show_value,
+                       context=self._context())
         state.running = cell
         pump = asyncio.ensure_future(self._pump(comm, sink, cell, finished))
         timer = loop.call_later(timeout, cell.stop, "timeout") if timeout else None
@@ -157,6 +159,17 @@ class RemoteCellsPlugin(WorkerPlugin):
             state.running = None
         await comm.write(outcome)
         return Status.dont_reply
+
+    def _context(self) -> contextvars.Context:
+        """A context in which ``distributed.get_worker()`` (and so ``get_client()``)
+        answer this worker, as they do inside a task."""
+        ctx = contextvars.copy_context()
+        try:
+            from distributed.worker import _worker_cvar
+        except ImportError:  # a Dask without it: get_worker() stays unavailable
+            return ctx
+        ctx.run(_worker_cvar.set, self.worker)
+        return ctx
 
     async def _pump(self, comm: Any, sink: CellSink, cell: CellRun,
                     finished: asyncio.Future) -> None:
