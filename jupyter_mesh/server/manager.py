@@ -230,7 +230,10 @@ class MeshManager:
     async def list(self) -> list[dict[str, Any]]:
         """Summaries of every mesh, kernel meshes refreshed from the runtime directory."""
         await self.refresh_kernels()
-        return [self.summary(e) for e in sorted(self._entries.values(), key=lambda e: e.created)]
+        entries = sorted(self._entries.values(), key=lambda e: e.created)
+        # device counts of every mesh stay current, not only the selected one's
+        await asyncio.gather(*(self._sample(e, wait=False) for e in entries))
+        return [self.summary(e) for e in entries]
 
     async def get(self, mesh_id: str) -> dict[str, Any]:
         """The full model of one mesh: devices grouped by kind and site, history, plans."""
@@ -477,11 +480,11 @@ class MeshManager:
         if self.closed:
             raise Conflict("the server is shutting down")
 
-    async def _sample(self, entry: Entry, *, force: bool = False) -> None:
+    async def _sample(self, entry: Entry, *, force: bool = False, wait: bool = True) -> None:
         """Read the mesh's inventory (at most once per SAMPLE_EVERY) into its history."""
         mesh = entry.mesh
         if mesh is None:
-            if entry.origin == "kernel" and entry.connecting is not None:
+            if wait and entry.origin == "kernel" and entry.connecting is not None:
                 await self.wait_connected(entry.id, timeout=KERNEL_CONNECT_TIMEOUT + 1)
                 mesh = entry.mesh
             if mesh is None:

@@ -1,0 +1,171 @@
+import { ISignal, Signal } from '@lumino/signaling';
+
+import {
+  errorMessage,
+  ILocalOptions,
+  IMeshDetail,
+  IMeshSummary,
+  normalizeAddress,
+  pickSelection
+} from './model';
+import { jsonInit, requestAPI } from './request';
+
+/**
+ * The client-side state of the sidebar: the meshes, the selected one in full, what
+ * is under way and the last error. Widgets render it; commands change it.
+ */
+export class MeshesModel {
+  /** Emitted whenever anything the widgets show changes. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  /** Emitted when the user selects another mesh. */
+  get selectionChanged(): ISignal<this, string | null> {
+    return this._selectionChanged;
+  }
+
+  meshes: IMeshSummary[] = [];
+  detail: IMeshDetail | null = null;
+  selected: string | null = null;
+  /** loaded at least once */
+  loaded = false;
+  /** the server could not be reached or answered with an error on refresh */
+  loadError: string | null = null;
+  /** the last action's failure, shown until the next action */
+  actionError: string | null = null;
+  /** the user picked a mesh in this session (a restored selection must not override it) */
+  userSelected = false;
+  /** an action under way, in words ("Starting a local mesh…") */
+  pending: string | null = null;
+
+  /** The selected mesh's summary, if any. */
+  get current(): IMeshSummary | null {
+    return this.meshes.find(m => m.id === this.selected) ?? null;
+  }
+
+  /** Fetch the list and the selected mesh. Rejects on failure (so `Poll` backs off). */
+  async refresh(): Promise<void> {
+    try {
+      const { meshes } = await requestAPI<{ meshes: IMeshSummary[] }>('meshes');
+      this.meshes = meshes;
+      this._setSelected(pickSelection(meshes, this.selected), false);
+      if (this.selected) {
+        this.detail = await requestAPI<IMeshDetail>(
+          `meshes/${encodeURIComponent(this.selected)}`
+        );
+      } else {
+        this.detail = null;
+      }
+      this.loadError = null;
+    } catch (error) {
+      this.loadError = errorMessage(error);
+      throw error;
+    } finally {
+      this.loaded = true;
+      this._changed.emit();
+    }
+  }
+
+  /** Hide the last action's error. */
+  dismissError(): void {
+    this.actionError = null;
+    this._changed.emit();
+  }
+
+  select(id: string | null): void {
+    this.userSelected = true;
+    this._setSelected(id, true);
+    if (this.detail && this.detail.id !== id) {
+      this.detail = null;
+    }
+    this._changed.emit();
+  }
+
+  /** Start a local mesh on the server and select it. */
+  start(options: ILocalOptions): Promise<IMeshDetail | null> {
+    return this._act('Starting a local mesh…', async () => {
+      const mesh = await requestAPI<IMeshDetail>(
+        'meshes',
+        jsonInit('POST', options)
+      );
+      this._adopt(mesh);
+      return mesh;
+    });
+  }
+
+  /** Connect the server to a scheduler and select that mesh. */
+  connect(address: string): Promise<IMeshDetail | null> {
+    return this._act(`Connecting to ${address}…`, async () => {
+      const mesh = await requestAPI<IMeshDetail>(
+        'meshes/connect',
+        jsonInit('POST', { address: normalizeAddress(address) })
+      );
+      this._adopt(mesh);
+      return mesh;
+    });
+  }
+
+  /** Set the number of workers per family of a mesh the server started. */
+  scale(id: string, counts: Record<string, number>): Promise<IMeshDetail | null> {
+    return this._act('Scaling…', async () => {
+      const mesh = await requestAPI<IMeshDetail>(
+        `meshes/${encodeURIComponent(id)}`,
+        jsonInit('PATCH', counts)
+      );
+      this._adopt(mesh);
+      return mesh;
+    });
+  }
+
+  /** Stop (or disconnect from) a mesh the server holds. */
+  stop(id: string): Promise<unknown> {
+    return this._act('Stopping…', async () => {
+      await requestAPI(`meshes/${encodeURIComponent(id)}`, jsonInit('DELETE'));
+      this.meshes = this.meshes.filter(m => m.id !== id);
+      if (this.selected === id) {
+        this.detail = null;
+        this._setSelected(pickSelection(this.meshes, null), true);
+      }
+    });
+  }
+
+  private async _act<T>(label: string, fn: () => Promise<T>): Promise<T | null> {
+    this.pending = label;
+    this.actionError = null;
+    this._changed.emit();
+    try {
+      return await fn();
+    } catch (error) {
+      this.actionError = errorMessage(error);
+      return null;
+    } finally {
+      this.pending = null;
+      this._changed.emit();
+    }
+  }
+
+  private _adopt(mesh: IMeshDetail): void {
+    const i = this.meshes.findIndex(m => m.id === mesh.id);
+    if (i >= 0) {
+      this.meshes[i] = mesh;
+    } else {
+      this.meshes = [...this.meshes, mesh];
+    }
+    this.detail = mesh;
+    this._setSelected(mesh.id, true);
+  }
+
+  private _setSelected(id: string | null, byUser: boolean): void {
+    if (id === this.selected) {
+      return;
+    }
+    this.selected = id;
+    if (byUser || id !== null) {
+      this._selectionChanged.emit(id);
+    }
+  }
+
+  private _changed = new Signal<this, void>(this);
+  private _selectionChanged = new Signal<this, string | null>(this);
+}

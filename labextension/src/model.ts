@@ -1,0 +1,413 @@
+/**
+ * The data of the Mesh sidebar and the pure logic over it (no JupyterLab imports, so
+ * that it is unit-tested on its own).
+ */
+
+/** One device (Dask worker) of a mesh, as the server reports it. */
+export interface IDevice {
+  worker: string;
+  name: string;
+  kind: string;
+  backend: string;
+  model: string;
+  memory: number;
+  memory_used: number;
+  site: string;
+  nthreads: number;
+  tasks: number;
+  cpu_percent?: number;
+  status?: string;
+}
+
+/** A kernel that uses a mesh. */
+export interface IKernelInfo {
+  pid: number;
+  kernel_id: string | null;
+  path: string | null;
+}
+
+export type Origin = 'sidebar' | 'connected' | 'kernel';
+export type MeshStatus = 'running' | 'connecting' | 'scaling' | 'error';
+
+/** A mesh in the list. */
+export interface IMeshSummary {
+  id: string;
+  name: string;
+  origin: Origin;
+  address: string;
+  dashboard: string | null;
+  status: MeshStatus;
+  error: string | null;
+  can_scale: boolean;
+  can_stop: boolean;
+  counts: Record<string, number>;
+  devices: number;
+  kernels: IKernelInfo[];
+  created: number;
+}
+
+/** Devices of one kind at one site. */
+export interface IDeviceGroup {
+  kind: string;
+  site: string;
+  devices: IDevice[];
+  memory: number;
+  memory_used: number;
+  tasks: number;
+}
+
+/** One utilization sample of a whole mesh. */
+export interface ISample {
+  t: number;
+  tasks: number;
+  memory: number;
+  memory_used: number;
+  cpu: number | null;
+  devices: number;
+}
+
+/** A router plan or report: one row per operation. */
+export interface IPlanRecord {
+  kind: 'plan' | 'report';
+  route: string | null;
+  at: number;
+  title?: string;
+  makespan?: number;
+  wall_seconds?: number;
+  rows: Array<Record<string, unknown>>;
+  truncated?: boolean;
+}
+
+/** The selected mesh, in full. */
+export interface IMeshDetail extends IMeshSummary {
+  groups: IDeviceGroup[];
+  history: ISample[];
+  /** per worker: [time, cpu %, memory used, tasks] samples */
+  device_history: Record<string, number[][]>;
+  plans: IPlanRecord[];
+  /** worker counts per family, for meshes this server may scale */
+  scale: Record<string, number>;
+}
+
+/** Options of a local mesh (`POST meshes`). */
+export interface ILocalOptions {
+  cpu: number;
+  jax_cpu: number;
+  gpu: number | 'auto';
+  tpu: number | 'auto';
+  site: string;
+}
+
+/** What the sidebar remembers across reloads. */
+export interface ISidebarState {
+  selected: string | null;
+  connectAddress: string;
+}
+
+export const DEFAULT_LOCAL: ILocalOptions = {
+  cpu: 1,
+  jax_cpu: 0,
+  gpu: 'auto',
+  tpu: 'auto',
+  site: 'local'
+};
+
+/** Worker families a local mesh scales, in display order, with their labels. */
+export const FAMILIES: ReadonlyArray<{ key: string; label: string }> = [
+  { key: 'cpu', label: 'CPU' },
+  { key: 'jax_cpu', label: 'CPU (JAX)' },
+  { key: 'gpu', label: 'GPU' },
+  { key: 'tpu', label: 'TPU' }
+];
+
+const KIND_ORDER = ['gpu', 'tpu', 'cpu'];
+const SITE_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+
+/** A byte count for people: `1.5 GiB`; `-` when unknown. */
+export function formatBytes(n: number | null | undefined): string {
+  if (!n || n < 0 || !isFinite(n)) {
+    return '-';
+  }
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = n;
+  let i = 0;
+  while (value >= 1024 && i < units.length - 1) {
+    value /= 1024;
+    i++;
+  }
+  return i === 0 ? `${value.toFixed(0)} B` : `${value.toFixed(1)} ${units[i]}`;
+}
+
+/** Seconds for people: `850 µs`, `12 ms`, `3.2 s`, `4 min 5 s`. */
+export function formatSeconds(s: unknown): string {
+  if (typeof s !== 'number' || !isFinite(s)) {
+    return '-';
+  }
+  if (s < 1e-3) {
+    return `${(s * 1e6).toFixed(0)} µs`;
+  }
+  if (s < 1) {
+    return `${(s * 1e3).toFixed(s < 0.01 ? 1 : 0)} ms`;
+  }
+  if (s < 60) {
+    return `${s.toFixed(s < 10 ? 2 : 1)} s`;
+  }
+  const m = Math.floor(s / 60);
+  return `${m} min ${Math.round(s - m * 60)} s`;
+}
+
+/** `2 cpu, 1 gpu` from counts per kind; `no devices` when empty. */
+export function countsSummary(counts: Record<string, number>): string {
+  const kinds = Object.keys(counts)
+    .filter(k => counts[k] > 0)
+    .sort(kindCompare);
+  if (kinds.length === 0) {
+    return 'no devices';
+  }
+  return kinds.map(k => `${counts[k]} ${k}`).join(', ');
+}
+
+/** Accelerators first, then CPUs; unknown kinds last, alphabetically. */
+export function kindCompare(a: string, b: string): number {
+  const ia = KIND_ORDER.indexOf(a);
+  const ib = KIND_ORDER.indexOf(b);
+  const ra = ia < 0 ? KIND_ORDER.length : ia;
+  const rb = ib < 0 ? KIND_ORDER.length : ib;
+  return ra !== rb ? ra - rb : a.localeCompare(b);
+}
+
+/** Groups sorted by kind, then site. */
+export function sortGroups(groups: IDeviceGroup[]): IDeviceGroup[] {
+  return [...groups].sort(
+    (a, b) => kindCompare(a.kind, b.kind) || a.site.localeCompare(b.site)
+  );
+}
+
+/** How a mesh came to the sidebar, in words. */
+export function originLabel(mesh: IMeshSummary): string {
+  switch (mesh.origin) {
+    case 'sidebar':
+      return 'started here';
+    case 'connected':
+      return 'connected';
+    case 'kernel':
+      return 'from a kernel';
+  }
+  return mesh.origin;
+}
+
+/** The fraction `used / total`, clamped to [0, 1]; 0 when the total is unknown. */
+export function fraction(used: number, total: number): number {
+  if (!total || total <= 0 || !isFinite(used)) {
+    return 0;
+  }
+  return Math.max(0, Math.min(1, used / total));
+}
+
+/**
+ * Parse a device count typed by the user.
+ *
+ * @returns the count, or `'auto'` where allowed
+ * @throws Error saying what is allowed
+ */
+export function parseCount(
+  name: string,
+  text: string,
+  allowAuto = false
+): number | 'auto' {
+  const value = text.trim().toLowerCase();
+  if (allowAuto && (value === 'auto' || value === '')) {
+    return 'auto';
+  }
+  if (!/^\d+$/.test(value)) {
+    throw new Error(
+      `${name} must be a whole number >= 0${allowAuto ? " or 'auto'" : ''}`
+    );
+  }
+  return parseInt(value, 10);
+}
+
+/**
+ * Options of a local mesh from the form's text fields.
+ *
+ * @returns the options, or an error message for the first bad field
+ */
+export function parseLocalOptions(
+  fields: Record<string, string>
+): { options: ILocalOptions } | { error: string } {
+  try {
+    const options: ILocalOptions = {
+      cpu: parseCount('CPU workers', fields.cpu ?? '0') as number,
+      jax_cpu: parseCount('JAX CPU workers', fields.jax_cpu ?? '0') as number,
+      gpu: parseCount('GPUs', fields.gpu ?? 'auto', true),
+      tpu: parseCount('TPUs', fields.tpu ?? 'auto', true),
+      site: (fields.site ?? 'local').trim() || 'local'
+    };
+    if (!SITE_RE.test(options.site)) {
+      return {
+        error:
+          "site must be a name of letters, digits, '.', '_' or '-', like 'local' or 'edge-lab'"
+      };
+    }
+    if (
+      options.cpu + options.jax_cpu === 0 &&
+      options.gpu !== 'auto' &&
+      options.tpu !== 'auto' &&
+      options.gpu + options.tpu === 0
+    ) {
+      return { error: 'a mesh needs at least one device: use 1 CPU worker or more' };
+    }
+    return { options };
+  } catch (error) {
+    return { error: (error as Error).message };
+  }
+}
+
+/** Local-mesh options from settings, falling back field by field to the defaults. */
+export function localOptionsFromSettings(value: unknown): ILocalOptions {
+  const out: ILocalOptions = { ...DEFAULT_LOCAL };
+  if (!value || typeof value !== 'object') {
+    return out;
+  }
+  const v = value as Record<string, unknown>;
+  const count = (x: unknown): number | undefined =>
+    typeof x === 'number' && Number.isInteger(x) && x >= 0 ? x : undefined;
+  const countOrAuto = (x: unknown): number | 'auto' | undefined =>
+    x === 'auto' ? 'auto' : count(x);
+  out.cpu = count(v.cpu) ?? out.cpu;
+  out.jax_cpu = count(v.jax_cpu) ?? out.jax_cpu;
+  out.gpu = countOrAuto(v.gpu) ?? out.gpu;
+  out.tpu = countOrAuto(v.tpu) ?? out.tpu;
+  if (typeof v.site === 'string' && SITE_RE.test(v.site)) {
+    out.site = v.site;
+  }
+  return out;
+}
+
+/**
+ * Normalise a scheduler address as the server does: `host:port` means
+ * `tcp://host:port`.
+ *
+ * @throws Error when it cannot be an address
+ */
+export function normalizeAddress(text: string): string {
+  let address = text.trim();
+  if (!address) {
+    throw new Error('Type a scheduler address, like tcp://10.0.0.5:8786');
+  }
+  if (!address.includes('://')) {
+    address = `tcp://${address}`;
+  }
+  const m = /^(tcp|tls|ws|wss):\/\/(\[[^\]]+\]|[^:/\s]+):(\d{1,5})$/.exec(address);
+  if (!m || parseInt(m[3], 10) < 1 || parseInt(m[3], 10) > 65535) {
+    throw new Error(
+      `${text.trim()} is not an address: use tcp://HOST:PORT (or HOST:PORT)`
+    );
+  }
+  return address;
+}
+
+/** The notebook cell that attaches a kernel to a mesh. */
+export function connectSnippet(address: string): string {
+  return `%load_ext jupyter_mesh\n%mesh connect ${address}`;
+}
+
+/** Keep the selection while that mesh exists, else select the first one (or none). */
+export function pickSelection(
+  meshes: IMeshSummary[],
+  selected: string | null
+): string | null {
+  if (selected && meshes.some(m => m.id === selected)) {
+    return selected;
+  }
+  return meshes.length > 0 ? meshes[0].id : null;
+}
+
+/**
+ * The points of an SVG polyline for a series, scaled into `width` x `height`
+ * (y grows downwards). `max` fixes the top of the scale (else the series' maximum).
+ */
+export function sparklinePoints(
+  values: number[],
+  width: number,
+  height: number,
+  max?: number
+): string {
+  const clean = values.map(v => (isFinite(v) ? v : 0));
+  if (clean.length === 0) {
+    return '';
+  }
+  const top = max ?? Math.max(...clean, 0);
+  const scale = top > 0 ? height / top : 0;
+  const step = clean.length > 1 ? width / (clean.length - 1) : 0;
+  return clean
+    .map((v, i) => {
+      const x = clean.length > 1 ? i * step : width;
+      const y = height - Math.min(v, top) * scale;
+      return `${round2(x)},${round2(y)}`;
+    })
+    .join(' ');
+}
+
+function round2(x: number): number {
+  return Math.round(x * 100) / 100;
+}
+
+/** Columns of a plan table: the known ones in order, then any others the rows carry. */
+export function planColumns(rows: Array<Record<string, unknown>>): string[] {
+  const known = [
+    'op',
+    'target',
+    'tasks',
+    'est_seconds',
+    'seconds',
+    'bytes_moved',
+    'backends'
+  ];
+  const present = new Set<string>();
+  rows.forEach(r => Object.keys(r).forEach(k => present.add(k)));
+  return known.filter(k => present.has(k));
+}
+
+/** One cell of a plan table as text. */
+export function planCell(column: string, value: unknown): string {
+  if (value === null || value === undefined) {
+    return '';
+  }
+  if (column.endsWith('seconds')) {
+    return formatSeconds(value);
+  }
+  if (column.startsWith('bytes')) {
+    return typeof value === 'number' && value > 0 ? formatBytes(value) : '0';
+  }
+  if (Array.isArray(value)) {
+    return value.join(', ');
+  }
+  return String(value);
+}
+
+/** The text of any error for the sidebar's error banner. */
+export function errorMessage(error: unknown): string {
+  if (error instanceof Error) {
+    return error.message || error.name;
+  }
+  if (typeof error === 'string') {
+    return error;
+  }
+  return 'unknown error';
+}
+
+/** A sidebar state read back from the state database, made safe. */
+export function restoreState(value: unknown): ISidebarState {
+  const state: ISidebarState = { selected: null, connectAddress: '' };
+  if (value && typeof value === 'object') {
+    const v = value as Record<string, unknown>;
+    if (typeof v.selected === 'string') {
+      state.selected = v.selected;
+    }
+    if (typeof v.connectAddress === 'string') {
+      state.connectAddress = v.connectAddress;
+    }
+  }
+  return state;
+}

@@ -1,0 +1,53 @@
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+/** The path of the Mesh API below the server's base URL. */
+export const API_NAMESPACE = 'jupyter-mesh/api';
+
+/**
+ * Call the Mesh server extension: the one way the frontend talks to the server.
+ *
+ * @param endPoint - the route below `jupyter-mesh/api/`, e.g. `meshes/local-1234`
+ * @param init - the fetch options (method, body)
+ * @returns the parsed JSON reply
+ * @throws ServerConnection.ResponseError carrying the server's message on an HTTP error,
+ *   ServerConnection.NetworkError when the server cannot be reached
+ */
+export async function requestAPI<T>(
+  endPoint = '',
+  init: RequestInit = {}
+): Promise<T> {
+  const settings = ServerConnection.makeSettings();
+  const url = URLExt.join(settings.baseUrl, API_NAMESPACE, endPoint);
+  let response: Response;
+  try {
+    response = await ServerConnection.makeRequest(url, init, settings);
+  } catch (error) {
+    throw new ServerConnection.NetworkError(error as TypeError);
+  }
+  const text = await response.text();
+  let data: any = text;
+  if (text.length > 0) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      // not JSON (a proxy's error page): keep the text for the message
+    }
+  }
+  if (!response.ok) {
+    const message =
+      (data && typeof data === 'object' && data.message) ||
+      (typeof data === 'string' && data) ||
+      response.statusText;
+    throw new ServerConnection.ResponseError(response, message);
+  }
+  return data as T;
+}
+
+/** A JSON request body with its method. */
+export function jsonInit(method: string, body?: unknown): RequestInit {
+  return {
+    method,
+    body: body === undefined ? undefined : JSON.stringify(body)
+  };
+}

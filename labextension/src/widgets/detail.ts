@@ -1,0 +1,335 @@
+import { CommandRegistry } from '@lumino/commands';
+import { Panel, Widget } from '@lumino/widgets';
+
+import { CommandIDs } from '../commands';
+import {
+  FAMILIES,
+  formatBytes,
+  formatSeconds,
+  fraction,
+  IDevice,
+  IMeshDetail,
+  IPlanRecord,
+  planCell,
+  planColumns,
+  sortGroups,
+  sparklinePoints
+} from '../model';
+import { MeshesModel } from '../meshes';
+import { h, meter, replaceChildren, sparkline } from './dom';
+
+export namespace MeshDetailWidget {
+  export interface IOptions {
+    model: MeshesModel;
+    commands: CommandRegistry;
+  }
+}
+
+/** Base of the parts of the selected mesh's view: re-render on every model change. */
+abstract class DetailPart extends Widget {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super();
+    this.model = options.model;
+    this.commands = options.commands;
+    this.model.changed.connect(() => this.render(this.model.detail), this);
+  }
+
+  readonly model: MeshesModel;
+  readonly commands: CommandRegistry;
+
+  abstract render(detail: IMeshDetail | null): void;
+}
+
+/** Actions on the selected mesh: dashboard, snippet, stop. */
+export class MeshActionsWidget extends DetailPart {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super(options);
+    this.addClass('jp-Mesh-actions');
+  }
+
+  render(detail: IMeshDetail | null): void {
+    if (!detail) {
+      replaceChildren(this.node);
+      return;
+    }
+    const button = (label: string, id: string, cls: string, title: string) =>
+      h(
+        'button',
+        {
+          class: `jp-Button jp-mod-styled jp-mod-reject jp-Mesh-button ${cls}`,
+          title,
+          disabled: !this.commands.isEnabled(id, { id: detail.id }) || !!this.model.pending,
+          onclick: () => void this.commands.execute(id, { id: detail.id })
+        },
+        label
+      );
+    replaceChildren(
+      this.node,
+      h(
+        'div',
+        { class: 'jp-Mesh-detailHead' },
+        h('span', { class: 'jp-Mesh-detailName' }, detail.name),
+        h('code', { class: 'jp-Mesh-address' }, detail.address)
+      ),
+      detail.error ? h('div', { class: 'jp-Mesh-error' }, detail.error) : null,
+      h(
+        'div',
+        { class: 'jp-Mesh-buttons' },
+        button('Dashboard', CommandIDs.openDashboard, 'jp-Mesh-dashboardButton',
+          detail.dashboard ?? 'this mesh has no dashboard'),
+        button('Insert snippet', CommandIDs.insertSnippet, 'jp-Mesh-snippetButton',
+          'Insert %load_ext jupyter_mesh / %mesh connect into the active notebook'),
+        detail.can_stop
+          ? button(
+              detail.origin === 'sidebar' ? 'Stop' : 'Disconnect',
+              CommandIDs.stop,
+              'jp-Mesh-stopButton',
+              detail.origin === 'sidebar'
+                ? 'Stop this mesh: its scheduler and workers'
+                : 'Forget this mesh (the scheduler keeps running)'
+            )
+          : null
+      ),
+      detail.origin === 'kernel'
+        ? h('div', { class: 'jp-Mesh-hint' },
+            'Started by a kernel: close it there with %mesh close.')
+        : null
+    );
+  }
+}
+
+/** Worker counts per family for a mesh this server started. */
+export class ScaleWidget extends DetailPart {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super(options);
+    this.addClass('jp-Mesh-scale');
+  }
+
+  render(detail: IMeshDetail | null): void {
+    if (!detail || !detail.can_scale) {
+      this._key = '';
+      replaceChildren(this.node);
+      return;
+    }
+    const key = `${detail.id}:${JSON.stringify(detail.scale)}:${!!this.model.pending}`;
+    if (key === this._key || this.node.contains(document.activeElement)) {
+      return; // keep what the user is typing
+    }
+    this._key = key;
+    const inputs: Record<string, HTMLInputElement> = {};
+    const fields = FAMILIES.filter(
+      f => f.key === 'cpu' || f.key === 'jax_cpu' || (detail.scale[f.key] ?? 0) > 0
+    ).map(f => {
+      inputs[f.key] = h('input', {
+        class: 'jp-mod-styled jp-Mesh-count',
+        type: 'number',
+        min: 0,
+        step: 1,
+        name: `scale-${f.key}`,
+        'aria-label': `${f.label} workers`,
+        value: detail.scale[f.key] ?? 0
+      });
+      return h('label', { class: 'jp-Mesh-field' }, h('span', {}, f.label), inputs[f.key]);
+    });
+    const submit = (e: Event) => {
+      e.preventDefault();
+      const counts: Record<string, number> = {};
+      for (const [family, input] of Object.entries(inputs)) {
+        const n = Number(input.value);
+        if ((detail.scale[family] ?? 0) !== n) {
+          counts[family] = n;
+        }
+      }
+      if (Object.keys(counts).length) {
+        void this.commands.execute(CommandIDs.scale, { id: detail.id, counts });
+      }
+    };
+    replaceChildren(
+      this.node,
+      h(
+        'form',
+        { class: 'jp-Mesh-form jp-Mesh-scaleForm', onsubmit: submit },
+        h('div', { class: 'jp-Mesh-sectionTitle' }, 'Scale'),
+        h('div', { class: 'jp-Mesh-fields' }, ...fields),
+        h(
+          'button',
+          {
+            class: 'jp-Button jp-mod-styled jp-mod-accept jp-Mesh-button',
+            type: 'submit',
+            disabled: !!this.model.pending
+          },
+          'Scale'
+        )
+      )
+    );
+  }
+
+  private _key = '';
+}
+
+const SPARK_W = 120;
+const SPARK_H = 22;
+
+/** The mesh's load over the last minute: tasks, memory, CPU. */
+export class UtilizationWidget extends DetailPart {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super(options);
+    this.addClass('jp-Mesh-utilization');
+  }
+
+  render(detail: IMeshDetail | null): void {
+    if (!detail || detail.history.length === 0) {
+      replaceChildren(this.node);
+      return;
+    }
+    const hist = detail.history;
+    const last = hist[hist.length - 1];
+    const memMax = Math.max(...hist.map(s => s.memory), 1);
+    const row = (label: string, values: number[], now: string, cls: string, max?: number) =>
+      h(
+        'div',
+        { class: 'jp-Mesh-utilRow' },
+        h('span', { class: 'jp-Mesh-utilLabel' }, label),
+        sparkline(sparklinePoints(values, SPARK_W, SPARK_H, max), SPARK_W, SPARK_H, cls,
+          `${label} over the last ${hist.length} samples`),
+        h('span', { class: 'jp-Mesh-utilNow' }, now)
+      );
+    replaceChildren(
+      this.node,
+      h('div', { class: 'jp-Mesh-sectionTitle' }, 'Load'),
+      row('Tasks', hist.map(s => s.tasks), String(last.tasks), 'jp-mod-tasks'),
+      row('Memory', hist.map(s => s.memory_used), 
+        `${formatBytes(last.memory_used)} / ${formatBytes(last.memory)}`, 'jp-mod-memory',
+        memMax),
+      row('CPU', hist.map(s => s.cpu ?? 0),
+        last.cpu === null ? '-' : `${Math.round(last.cpu)} %`, 'jp-mod-cpu', 100)
+    );
+  }
+}
+
+/** The devices, grouped by kind and site. */
+export class DeviceGroupsWidget extends DetailPart {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super(options);
+    this.addClass('jp-Mesh-devices');
+  }
+
+  render(detail: IMeshDetail | null): void {
+    if (!detail) {
+      replaceChildren(this.node);
+      return;
+    }
+    if (detail.groups.length === 0) {
+      replaceChildren(
+        this.node,
+        h('div', { class: 'jp-Mesh-sectionTitle' }, 'Devices'),
+        h('div', { class: 'jp-Mesh-hint' },
+          detail.status === 'connecting'
+            ? 'Connecting to the scheduler…'
+            : detail.status === 'error'
+              ? 'The devices cannot be read (see the error above).'
+              : 'No devices: scale the mesh up, or start workers with ' +
+                `jupyter-mesh worker ${detail.address}`)
+      );
+      return;
+    }
+    replaceChildren(
+      this.node,
+      h('div', { class: 'jp-Mesh-sectionTitle' }, 'Devices'),
+      ...sortGroups(detail.groups).map(g =>
+        h(
+          'section',
+          { class: 'jp-Mesh-group', 'data-kind': g.kind, 'data-site': g.site },
+          h(
+            'div',
+            { class: 'jp-Mesh-groupHead' },
+            h('span', { class: `jp-Mesh-kind jp-mod-${g.kind}` }, g.kind.toUpperCase()),
+            h('span', {}, ` @ ${g.site} · ${g.devices.length} device${g.devices.length > 1 ? 's' : ''}`),
+            h('span', { class: 'jp-Mesh-groupMem' },
+              `${formatBytes(g.memory_used)} / ${formatBytes(g.memory)} · ${g.tasks} tasks`)
+          ),
+          h('table', { class: 'jp-Mesh-deviceTable' },
+            h('tbody', {}, ...g.devices.map(d => this._device(d, detail))))
+        )
+      )
+    );
+  }
+
+  private _device(d: IDevice, detail: IMeshDetail): HTMLElement {
+    const hist = detail.device_history[d.worker] ?? [];
+    const cpu = hist.map(s => s[1]);
+    return h(
+      'tr',
+      { class: 'jp-Mesh-device', 'data-kind': d.kind, 'data-worker': d.worker, title: d.worker },
+      h('td', { class: 'jp-Mesh-deviceName' }, d.name || d.worker,
+        h('div', { class: 'jp-Mesh-deviceModel' }, `${d.backend} · ${d.model || 'unknown model'}`)),
+      h('td', { class: 'jp-Mesh-deviceMem' },
+        meter(fraction(d.memory_used, d.memory), 'memory in use'),
+        h('div', { class: 'jp-Mesh-small' },
+          `${formatBytes(d.memory_used)} / ${formatBytes(d.memory)}`)),
+      h('td', { class: 'jp-Mesh-deviceTasks', title: 'tasks running' }, `${d.tasks} tasks`),
+      h('td', { class: 'jp-Mesh-deviceSpark' },
+        sparkline(sparklinePoints(cpu, 48, 14, 100), 48, 14, 'jp-mod-cpu', 'CPU % history'))
+    );
+  }
+}
+
+/** The router's recent plans and reports, newest first. */
+export class PlansWidget extends DetailPart {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super(options);
+    this.addClass('jp-Mesh-plans');
+  }
+
+  render(detail: IMeshDetail | null): void {
+    if (!detail || detail.plans.length === 0) {
+      // nothing to show until the router has planned something on this mesh
+      this.node.dataset.empty = 'true';
+      replaceChildren(this.node);
+      return;
+    }
+    delete this.node.dataset.empty;
+    replaceChildren(
+      this.node,
+      h('div', { class: 'jp-Mesh-sectionTitle' }, 'Router plans'),
+      ...detail.plans.map(p => this._plan(p))
+    );
+  }
+
+  private _plan(plan: IPlanRecord): HTMLElement {
+    const cols = planColumns(plan.rows);
+    const when = new Date(plan.at * 1000).toLocaleTimeString();
+    const headline =
+      plan.kind === 'report'
+        ? `Report · ${when}${plan.wall_seconds !== undefined ? ` · ${formatSeconds(plan.wall_seconds)} wall` : ''}`
+        : `Plan · ${when}${plan.makespan !== undefined ? ` · est. ${formatSeconds(plan.makespan)}` : ''}`;
+    return h(
+      'details',
+      { class: `jp-Mesh-plan jp-mod-${plan.kind}` },
+      h('summary', { title: plan.title ?? '' }, headline,
+        plan.route ? h('span', { class: 'jp-Mesh-badge' }, `route=${plan.route}`) : null),
+      h(
+        'table',
+        { class: 'jp-Mesh-planTable' },
+        h('thead', {}, h('tr', {}, ...cols.map(c => h('th', {}, c.replace('_', ' '))))),
+        h('tbody', {}, ...plan.rows.map(r =>
+          h('tr', {}, ...cols.map(c => h('td', {}, planCell(c, r[c]))))))
+      ),
+      plan.truncated ? h('div', { class: 'jp-Mesh-hint' }, 'Only the first rows are shown.') : null
+    );
+  }
+}
+
+/** The selected mesh: actions, scaling, load, devices and plans. */
+export class MeshDetailWidget extends Panel {
+  constructor(options: MeshDetailWidget.IOptions) {
+    super();
+    this.addClass('jp-Mesh-detail');
+    for (const Part of [MeshActionsWidget, ScaleWidget, UtilizationWidget,
+      DeviceGroupsWidget, PlansWidget]) {
+      const part = new Part(options);
+      part.render(options.model.detail);
+      this.addWidget(part);
+    }
+  }
+}

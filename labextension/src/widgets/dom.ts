@@ -1,0 +1,94 @@
+type Child = Node | string | number | null | undefined | false;
+
+/**
+ * Create an element: `h('div', {class: 'x', onclick: fn}, child, ...)`.
+ * Attributes starting with `on` are event listeners; `false`/`null` ones are skipped.
+ */
+export function h<K extends keyof HTMLElementTagNameMap>(
+  tag: K,
+  attrs: Record<string, unknown> = {},
+  ...children: Child[]
+): HTMLElementTagNameMap[K] {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === false || value === null || value === undefined) {
+      continue;
+    }
+    if (key.startsWith('on') && typeof value === 'function') {
+      el.addEventListener(key.slice(2), value as EventListener);
+    } else if (key === 'value' && 'value' in el) {
+      (el as unknown as HTMLInputElement).value = String(value);
+    } else {
+      el.setAttribute(key, value === true ? '' : String(value));
+    }
+  }
+  append(el, children);
+  return el;
+}
+
+/** Append children, skipping empty ones. */
+export function append(el: Element, children: Child[]): void {
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) {
+      continue;
+    }
+    el.appendChild(
+      typeof child === 'object' ? child : document.createTextNode(String(child))
+    );
+  }
+}
+
+/** Replace all children of `el`. */
+export function replaceChildren(el: Element, ...children: Child[]): void {
+  while (el.firstChild) {
+    el.removeChild(el.firstChild);
+  }
+  append(el, children);
+}
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+/** A small SVG line chart of `points` (see `sparklinePoints`). */
+export function sparkline(
+  points: string,
+  width: number,
+  height: number,
+  className: string,
+  title: string
+): SVGSVGElement {
+  const svg = document.createElementNS(SVG_NS, 'svg');
+  svg.setAttribute('width', String(width));
+  svg.setAttribute('height', String(height + 2));
+  svg.setAttribute('viewBox', `0 -1 ${width} ${height + 2}`);
+  svg.setAttribute('class', `jp-Mesh-sparkline ${className}`);
+  const t = document.createElementNS(SVG_NS, 'title');
+  t.textContent = title;
+  svg.appendChild(t);
+  const base = document.createElementNS(SVG_NS, 'line');
+  base.setAttribute('x1', '0');
+  base.setAttribute('x2', String(width));
+  base.setAttribute('y1', String(height));
+  base.setAttribute('y2', String(height));
+  base.setAttribute('class', 'jp-Mesh-sparklineBase');
+  svg.appendChild(base);
+  if (points) {
+    const line = document.createElementNS(SVG_NS, 'polyline');
+    line.setAttribute('points', points);
+    line.setAttribute('class', 'jp-Mesh-sparklineLine');
+    svg.appendChild(line);
+  }
+  return svg;
+}
+
+/** A horizontal bar showing a fraction in [0, 1]. */
+export function meter(value: number, title: string): HTMLElement {
+  const pct = Math.round(value * 100);
+  return h(
+    'div',
+    { class: 'jp-Mesh-meter', title, role: 'meter', 'aria-valuenow': pct },
+    h('div', {
+      class: `jp-Mesh-meterFill${value > 0.85 ? ' jp-mod-high' : ''}`,
+      style: `width: ${pct}%`
+    })
+  );
+}

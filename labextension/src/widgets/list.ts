@@ -1,0 +1,103 @@
+import { Widget } from '@lumino/widgets';
+
+import { countsSummary, IMeshSummary, originLabel } from '../model';
+import { MeshesModel } from '../meshes';
+import { h, replaceChildren } from './dom';
+
+export namespace MeshListWidget {
+  export interface IOptions {
+    model: MeshesModel;
+  }
+}
+
+/** The meshes this server knows; click one to select it. */
+export class MeshListWidget extends Widget {
+  constructor(options: MeshListWidget.IOptions) {
+    super();
+    this.model = options.model;
+    this.addClass('jp-Mesh-list');
+    this.model.changed.connect(this.render, this);
+    this.render();
+  }
+
+  readonly model: MeshesModel;
+
+  render(): void {
+    const { meshes, loaded, loadError } = this.model;
+    if (!loaded) {
+      replaceChildren(this.node, h('div', { class: 'jp-Mesh-hint' }, 'Loading meshes…'));
+      return;
+    }
+    if (meshes.length === 0) {
+      replaceChildren(
+        this.node,
+        loadError
+          ? null
+          : h(
+              'div',
+              { class: 'jp-Mesh-empty' },
+              h('p', {}, h('b', {}, 'No mesh yet.')),
+              h(
+                'p',
+                {},
+                'Start a local mesh below, connect to a Dask scheduler, or run ',
+                h('code', {}, '%load_ext jupyter_mesh'),
+                ' and ',
+                h('code', {}, '%mesh start'),
+                ' in a notebook: kernel meshes appear here by themselves.'
+              )
+            )
+      );
+      return;
+    }
+    replaceChildren(
+      this.node,
+      h(
+        'ul',
+        { class: 'jp-Mesh-meshItems', role: 'listbox', 'aria-label': 'Meshes' },
+        ...meshes.map(m => this._item(m))
+      )
+    );
+  }
+
+  private _item(mesh: IMeshSummary): HTMLElement {
+    const selected = mesh.id === this.model.selected;
+    const kernelPaths = mesh.kernels
+      .map(k => k.path)
+      .filter((p): p is string => !!p);
+    return h(
+      'li',
+      {
+        class: `jp-Mesh-meshItem${selected ? ' jp-mod-selected' : ''}`,
+        role: 'option',
+        'aria-selected': selected ? 'true' : 'false',
+        tabindex: 0,
+        'data-mesh-id': mesh.id,
+        'data-origin': mesh.origin,
+        title: mesh.error ?? mesh.address,
+        onclick: () => this.model.select(mesh.id),
+        onkeydown: (e: KeyboardEvent) => {
+          if (e.key === 'Enter' || e.key === ' ') {
+            this.model.select(mesh.id);
+          }
+        }
+      },
+      h(
+        'div',
+        { class: 'jp-Mesh-meshItemHead' },
+        h('span', { class: `jp-Mesh-status jp-mod-${mesh.status}`, title: mesh.status }),
+        h('span', { class: 'jp-Mesh-meshName' }, mesh.name),
+        h('span', { class: `jp-Mesh-badge jp-mod-${mesh.origin}` }, originLabel(mesh))
+      ),
+      h(
+        'div',
+        { class: 'jp-Mesh-meshItemBody' },
+        h('code', { class: 'jp-Mesh-address' }, mesh.address),
+        h('span', { class: 'jp-Mesh-counts' }, countsSummary(mesh.counts))
+      ),
+      kernelPaths.length && mesh.origin !== 'kernel'
+        ? h('div', { class: 'jp-Mesh-kernels' }, `used by ${kernelPaths.join(', ')}`)
+        : null
+    );
+  }
+}

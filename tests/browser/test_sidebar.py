@@ -1,0 +1,231 @@
+"""The Mesh sidebar in a real browser: Playwright drives Debian's Chromium against a
+``jupyter lab`` this test starts on 127.0.0.1.
+
+Screenshots go to ``test-artifacts/browser/`` at the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BUILT = REPO / "jupyter_mesh" / "labextension"
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+CHROMIUM = os.environ.get("JUPYTER_MESH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync",
+]
+NOTEBOOK = {
+    "cells": [{
+        "cell_type": "code", "execution_count": None, "id": "mesh-start", "metadata": {},
+        "outputs": [], "source": "%load_ext jupyter_mesh\n%mesh start --cpu 1",
+    }],
+    "metadata": {
+        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
+                       "name": "python3"},
+        "language_info": {"name": "python"},
+    },
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, token: str, path: str, method: str = "GET", body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        f"{base}/{path}", data=data, method=method,
+        headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read()
+    return json.loads(text) if text else None
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A ``jupyter lab`` with the Mesh extensions, isolated in tmp dirs; yields its URL."""
+    if not (BUILT / "package.json").exists():
+        pytest.fail(
+            f"the lab extension is not built ({BUILT}): run `pip install -e .` or "
+            f"`cd labextension && jlpm install && jlpm build:prod`"
+        )
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+    # the freshly built extension, whatever is installed in the environment
+    extra = tmp_path / "labextensions"
+    extra.mkdir()
+    (extra / "jupyter-mesh").symlink_to(BUILT, target_is_directory=True)
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "kernel-mesh.ipynb").write_text(json.dumps(NOTEBOOK))
+    env = dict(os.environ)
+    for name, sub in (("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_CONFIG_DIR", "config"),
+                      ("IPYTHONDIR", "ipython")):
+        (tmp_path / sub).mkdir()
+        env[name] = str(tmp_path / sub)
+    env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "True"
+    port, token = free_port(), secrets.token_hex(16)
+    cmd = [
+        sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
+        f"--port={port}", f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        '--ServerApp.jpserver_extensions={"jupyter_mesh": True}',
+        f"--LabApp.extra_labextensions_path={extra}",
+        f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
+        f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+        "--LabApp.news_url=", "--ServerApp.shutdown_no_activity_timeout=0",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log = open(tmp_path / "jupyter-lab.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                api(base, token, "jupyter-mesh/api/health")
+                break
+            except Exception:
+                if proc.poll() is not None or time.time() > deadline:
+                    log.flush()
+                    pytest.fail("jupyter lab did not start:\n" +
+                                (tmp_path / "jupyter-lab.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield {"base": base, "token": token, "proc": proc}
+    finally:
+        for kernel in _quiet(lambda: api(base, token, "api/kernels")) or []:
+            _quiet(lambda k=kernel: api(base, token, f"api/kernels/{k['id']}", "DELETE"))
+        for mesh in (_quiet(lambda: api(base, token, "jupyter-mesh/api/meshes")) or {}).get(
+            "meshes", []
+        ):
+            if mesh["can_stop"]:
+                _quiet(lambda m=mesh: api(base, token, f"jupyter-mesh/api/meshes/{m['id']}",
+                                          "DELETE"))
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "jupyter-lab.log", ARTIFACTS / "jupyter-lab.log")
+
+
+def _quiet(fn):
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def shot(page, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    page.screenshot(path=str(path))
+    return path
+
+
+def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token = lab["base"], lab["token"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            console_errors: list[str] = []
+            page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
+            page.goto(f"{base}/lab?token={token}")
+
+            # the Mesh tab is in the left side bar; open it: the empty state says what to do
+            tab = page.locator('.jp-SideBar.jp-mod-left [data-id="jupyter-mesh-sidebar"]')
+            expect(tab).to_be_visible(timeout=60_000)
+            tab.click()
+            sidebar = page.locator("#jupyter-mesh-sidebar")
+            expect(sidebar).to_be_visible()
+            expect(sidebar.locator(".jp-Mesh-title")).to_have_text("Mesh")
+            expect(sidebar.locator(".jp-Mesh-empty")).to_contain_text("No mesh yet", timeout=20_000)
+            shot(page, "01-empty")
+
+            # start a local mesh with 1 CPU worker from the sidebar
+            sidebar.locator(".jp-Mesh-start summary").click()
+            form = sidebar.locator(".jp-Mesh-start form")
+            form.locator('input[name="cpu"]').fill("1")
+            form.locator('input[name="gpu"]').fill("0")
+            form.locator('input[name="tpu"]').fill("0")
+            form.locator(".jp-Mesh-startButton").click()
+            started = sidebar.locator('.jp-Mesh-meshItem[data-origin="sidebar"]')
+            expect(started).to_have_count(1, timeout=120_000)
+            devices = sidebar.locator('.jp-Mesh-device[data-kind="cpu"]')
+            expect(devices).to_have_count(1, timeout=30_000)
+            expect(sidebar.locator('.jp-Mesh-group[data-kind="cpu"]')).to_contain_text("@ local")
+            expect(sidebar.locator(".jp-Mesh-utilization")).to_contain_text("Tasks")
+            (local,) = api(base, token, "jupyter-mesh/api/meshes")["meshes"]
+            assert local["origin"] == "sidebar" and local["counts"] == {"cpu": 1}
+            shot(page, "02-local-mesh")
+
+            # a notebook starts its own mesh: it appears in the sidebar by itself
+            page.goto(f"{base}/lab/tree/kernel-mesh.ipynb?token={token}")
+            sidebar = page.locator("#jupyter-mesh-sidebar")
+            expect(sidebar).to_be_visible(timeout=60_000)  # restored across the reload
+            cell = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell").first
+            expect(cell).to_be_visible(timeout=60_000)
+            # run the cell once the kernel is connected and idle
+            expect(page.locator(".jp-StatusBar-TextItem", has_text="| Idle")).to_have_count(
+                1, timeout=90_000
+            )
+            prompt = cell.locator(".jp-InputArea-prompt")
+            deadline = time.time() + 60
+            while prompt.inner_text().strip() in ("[ ]:", "[\xa0]:", ""):
+                assert time.time() < deadline, "the notebook never ran its cell"
+                cell.locator(".cm-content").click()
+                page.keyboard.press("Shift+Enter")
+                page.wait_for_timeout(3000)
+            expect(prompt).to_have_text("[1]:", timeout=120_000)
+            expect(cell.locator(".jp-OutputArea-output")).not_to_have_count(0)
+            kernel_item = sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]')
+            expect(kernel_item).to_have_count(1, timeout=60_000)
+            expect(kernel_item).to_contain_text("kernel-mesh.ipynb")
+            expect(kernel_item).to_contain_text("1 cpu", timeout=30_000)
+            kernel_item.click()
+            expect(sidebar.locator(".jp-Mesh-detailName")).to_have_text("kernel-mesh.ipynb")
+            expect(sidebar.locator('.jp-Mesh-device[data-kind="cpu"]')).to_have_count(
+                1, timeout=30_000
+            )
+            kernel_mesh = [m for m in api(base, token, "jupyter-mesh/api/meshes")["meshes"]
+                           if m["origin"] == "kernel"]
+            assert len(kernel_mesh) == 1 and kernel_mesh[0]["address"] != local["address"]
+            shot(page, "03-kernel-mesh")
+            sidebar.screenshot(path=str(ARTIFACTS / "sidebar.png"))
+
+            # the kernel goes away: so does its mesh
+            for kernel in api(base, token, "api/kernels"):
+                api(base, token, f"api/kernels/{kernel['id']}", "DELETE")
+            expect(kernel_item).to_have_count(0, timeout=60_000)
+            assert not [e for e in console_errors if "jupyter-mesh" in e], console_errors
+        except BaseException:
+            _quiet(lambda: shot(page, "failure"))
+            raise
+        finally:
+            browser.close()
