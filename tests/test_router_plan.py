@@ -254,3 +254,23 @@ def test_transfers_between_workers_of_one_pool_are_charged():
             assert plan.worker_of[i] == plan.worker_of[d]
     # and the two chains run side by side on the two GPUs
     assert len({plan.worker_of[i] for i in range(len(model.keys))}) == 2
+
+
+def test_equivalent_pools_are_not_restricted():
+    # a NumPy pool and a JAX-on-CPU pool with the same profile: routing could only get
+    # in the way, so the plan restricts nothing and runs every task on host NumPy
+    from jupyter_mesh.router.rewrite import rewrite
+
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    x = da.random.random((400, 400), chunks=100)
+    plan = plan_collections([(x + 1).sum()], devs)
+    assert plan.unrestricted
+    assert {r["target"] for r in plan.rows} == {"any (pools equivalent)"}
+    routed = rewrite(plan)
+    assert routed.restrictions == {}
+    assert all(node.func.native == frozenset({"numpy"}) for node in routed.graph.values()
+               if hasattr(node, "func"))
+    # a forced target, or pools that differ, are restricted as planned
+    assert not plan_collections([(x + 1).sum()], devs, route="cpu:jax").unrestricted
+    devs.append(dev("g0", "gpu", "cupy", GPU))
+    assert not plan_collections([(x + 1).sum()], devs).unrestricted

@@ -302,8 +302,37 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
         allowed, notes = allowed_pools(model, pools, route, site)
     if not model.keys:
         return Plan(model, pools, str(route), [], [], [], cost, notes=notes)
+    unrestricted = route == "auto" and site is None and not model.pins and equivalent_pools(
+        model, pools, cost)
+    if unrestricted:
+        allowed = [list(range(len(pools)))] * len(model.ops)
+        notes.append("every pool runs every op of this computation equally fast: no "
+                     "restrictions, Dask places each task itself")
     pool_of, start, finish, worker_of = place(model, pools, cost, allowed)
     plan = Plan(model, pools, str(route), pool_of, start, finish, cost, notes=notes,
                 site=site)
     plan.worker_of = worker_of
+    plan.unrestricted = unrestricted
     return plan
+
+
+#: pools whose task times differ by less than this are interchangeable
+EQUIVALENT_WITHIN = 0.02
+
+
+def equivalent_pools(model: GraphModel, pools: list[Pool], cost: CostModel) -> bool:
+    """Whether routing can only get in the way: one site, and every op takes the same
+    time on every pool (an op a pool's backend does not run natively runs there on
+    host NumPy, at that cost; an accelerator pays its host copies, so it differs)."""
+    if len(pools) < 2:
+        return True
+    if len({p.site for p in pools}) > 1:
+        return False
+    for op in model.ops:
+        if not op.tasks:
+            continue
+        times = [cost.exec_time(op, p) for p in pools]
+        lo, hi = min(times), max(times)
+        if hi > lo * (1 + EQUIVALENT_WITHIN):
+            return False
+    return True

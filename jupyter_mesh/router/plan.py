@@ -35,6 +35,9 @@ class Plan:
         #: per task, the worker the planner had in mind (index over the pools' workers,
         #: in pool order); the scheduler restricts by pool and picks the worker itself
         self.worker_of: list[int] | None = None
+        #: every pool is equivalent for this computation: the scheduler places tasks
+        #: freely (no restrictions), every task runs on host NumPy
+        self.unrestricted = False
         self._rows: list[dict[str, Any]] | None = None
         self._to_host: list[bool] | None = None
         self._row_layers: list[int] = []
@@ -67,6 +70,9 @@ class Plan:
         """
         if self._to_host is None:
             m = self.model
+            if self.unrestricted:
+                self._to_host = [True] * len(m.keys)
+                return self._to_host
             outputs = set(m.outputs)
             flags = [False] * len(m.keys)
             host = [self.pools[p].backend == "numpy" for p in self.pool_of]
@@ -110,7 +116,9 @@ class Plan:
             rows.append({
                 "op": op.label,
                 "class": op.op_class,
-                "target": _target_text(targets[li]) if self.routed else "any (not routed)",
+                "target": (_target_text(targets[li]) if self.routed and not self.unrestricted
+                           else "any (not routed)" if not self.routed
+                           else "any (pools equivalent)"),
                 "tasks": op.tasks,
                 "est_seconds": est[li],
                 "bytes_moved": moved[li],

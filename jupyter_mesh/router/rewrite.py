@@ -54,17 +54,21 @@ def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True) -> Routed:
     graph: dict[Any, Any] = {}
     restrictions: dict[Any, int] = {}
     ops = m.ops
+    free = getattr(plan, "unrestricted", False)
+    host_only = frozenset({"numpy"})
     for i, key in enumerate(m.keys):
         node = m.tasks[key]
         if wrap and type(node) is Task:
             op = ops[m.layer[i]]
             node = Task(
-                key, DeviceCall(node.func, key, plan_id, to_host[i], op.native),
+                key, DeviceCall(node.func, key, plan_id, to_host[i],
+                                host_only if free else op.native),
                 *node.args, _data_producer=getattr(node, "data_producer", False),
                 **node.kwargs,
             )
         graph[key] = node
-        restrictions[key] = plan.pool_of[i]
+        if not free:
+            restrictions[key] = plan.pool_of[i]
     multi_site = len({p.site for p in plan.pools}) > 1
     pools = [
         (p.resource, list(p.workers) if (multi_site or plan.site) else None, p.label)
