@@ -310,11 +310,14 @@ class RemoteCells:
         try:
             self.client.register_plugin(RemoteCellsPlugin(), name=EXTENSION_NAME)
         except Exception as exc:
+            # Some workers could not load it (e.g. jupyter_mesh is not installed there);
+            # the others can still run cells, and a cell sent to such a worker says so.
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MeshError(
-                f"could not install remote cells on the workers ({reason}): is "
-                f"jupyter_mesh installed where the workers run?"
-            ) from None
+            print(
+                f"jupyter_mesh: remote cells could not be installed on every worker "
+                f"({reason}); cells sent to those workers will fail.",
+                file=sys.stderr, flush=True,
+            )
         self._installed = True
 
     # ------------------------------------------------------------ running
@@ -619,8 +622,8 @@ class _StillRunning(Exception):
 def _worker_error(device: Device, msg: Any) -> MeshError:
     if msg is None:
         return MeshError(
-            f"worker {device.name or device.worker} does not know remote cells: is the "
-            f"same jupyter_mesh installed there?"
+            f"worker {device.name or device.worker} cannot run remote cells: install "
+            f"jupyter_mesh where that worker runs (or pick another with --on/--site)"
         )
     text = msg.get("exception_text") if isinstance(msg, dict) else None
     return MeshError(
