@@ -1,0 +1,175 @@
+import {
+  connectSnippet,
+  countsSummary,
+  DEFAULT_LOCAL,
+  errorMessage,
+  formatBytes,
+  formatSeconds,
+  fraction,
+  IDeviceGroup,
+  IMeshSummary,
+  localOptionsFromSettings,
+  normalizeAddress,
+  parseCount,
+  parseLocalOptions,
+  pickSelection,
+  planCell,
+  planColumns,
+  restoreState,
+  sortGroups,
+  sparklinePoints
+} from '../model';
+
+function mesh(id: string, extra: Partial<IMeshSummary> = {}): IMeshSummary {
+  return {
+    id,
+    name: id,
+    origin: 'sidebar',
+    address: 'tcp://127.0.0.1:1',
+    dashboard: null,
+    status: 'running',
+    error: null,
+    can_scale: true,
+    can_stop: true,
+    counts: {},
+    devices: 0,
+    kernels: [],
+    created: 0,
+    ...extra
+  };
+}
+
+describe('formatting', () => {
+  it('formats bytes in binary units', () => {
+    expect(formatBytes(0)).toBe('-');
+    expect(formatBytes(undefined)).toBe('-');
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(1536)).toBe('1.5 KiB');
+    expect(formatBytes(25 * 1024 ** 3)).toBe('25.0 GiB');
+  });
+
+  it('formats seconds at every scale', () => {
+    expect(formatSeconds(2e-5)).toBe('20 µs');
+    expect(formatSeconds(0.0042)).toBe('4.2 ms');
+    expect(formatSeconds(0.25)).toBe('250 ms');
+    expect(formatSeconds(3.14159)).toBe('3.14 s');
+    expect(formatSeconds(125)).toBe('2 min 5 s');
+    expect(formatSeconds('x')).toBe('-');
+    expect(formatSeconds(NaN)).toBe('-');
+  });
+
+  it('summarises device counts, accelerators first', () => {
+    expect(countsSummary({})).toBe('no devices');
+    expect(countsSummary({ cpu: 2, gpu: 1, tpu: 0 })).toBe('1 gpu, 2 cpu');
+  });
+
+  it('clamps fractions', () => {
+    expect(fraction(5, 10)).toBe(0.5);
+    expect(fraction(20, 10)).toBe(1);
+    expect(fraction(5, 0)).toBe(0);
+  });
+
+  it('sorts device groups by kind then site', () => {
+    const g = (kind: string, site: string): IDeviceGroup => ({
+      kind, site, devices: [], memory: 0, memory_used: 0, tasks: 0
+    });
+    const sorted = sortGroups([g('cpu', 'b'), g('cpu', 'a'), g('tpu', 'x'), g('gpu', 'z')]);
+    expect(sorted.map(x => `${x.kind}@${x.site}`)).toEqual([
+      'gpu@z', 'tpu@x', 'cpu@a', 'cpu@b'
+    ]);
+  });
+});
+
+describe('local mesh options', () => {
+  it('parses counts and auto', () => {
+    expect(parseCount('cpu', ' 3 ')).toBe(3);
+    expect(parseCount('gpu', 'AUTO', true)).toBe('auto');
+    expect(() => parseCount('cpu', '-1')).toThrow('cpu must be a whole number >= 0');
+    expect(() => parseCount('cpu', 'auto')).toThrow('>= 0');
+    expect(() => parseCount('gpu', '1.5', true)).toThrow("or 'auto'");
+  });
+
+  it('turns the form into options or one error', () => {
+    expect(
+      parseLocalOptions({ cpu: '1', jax_cpu: '0', gpu: '0', tpu: 'auto', site: 'lab' })
+    ).toEqual({ options: { cpu: 1, jax_cpu: 0, gpu: 0, tpu: 'auto', site: 'lab' } });
+    expect(parseLocalOptions({ cpu: 'x' })).toEqual({
+      error: 'CPU workers must be a whole number >= 0'
+    });
+    expect(parseLocalOptions({ cpu: '1', site: 'no spaces' })).toHaveProperty('error');
+    expect(
+      parseLocalOptions({ cpu: '0', jax_cpu: '0', gpu: '0', tpu: '0', site: 'x' })
+    ).toEqual({ error: 'a mesh needs at least one device: use 1 CPU worker or more' });
+  });
+
+  it('reads settings field by field', () => {
+    expect(localOptionsFromSettings(undefined)).toEqual(DEFAULT_LOCAL);
+    expect(localOptionsFromSettings({ cpu: 4, gpu: 2, tpu: 'auto', site: 'edge' })).toEqual({
+      ...DEFAULT_LOCAL, cpu: 4, gpu: 2, site: 'edge'
+    });
+    expect(localOptionsFromSettings({ cpu: -1, gpu: 'many', site: '' })).toEqual(DEFAULT_LOCAL);
+  });
+});
+
+describe('addresses and snippets', () => {
+  it('normalises scheduler addresses like the server', () => {
+    expect(normalizeAddress('10.0.0.5:8786')).toBe('tcp://10.0.0.5:8786');
+    expect(normalizeAddress(' tls://sched.example:8786 ')).toBe('tls://sched.example:8786');
+    expect(normalizeAddress('tcp://[::1]:8786')).toBe('tcp://[::1]:8786');
+    expect(() => normalizeAddress('')).toThrow('Type a scheduler address');
+    expect(() => normalizeAddress('http://x:1')).toThrow('is not an address');
+    expect(() => normalizeAddress('host')).toThrow('is not an address');
+    expect(() => normalizeAddress('host:99999')).toThrow('is not an address');
+  });
+
+  it('writes the connection snippet', () => {
+    expect(connectSnippet('tcp://10.0.0.5:8786')).toBe(
+      '%load_ext jupyter_mesh\n%mesh connect tcp://10.0.0.5:8786'
+    );
+  });
+});
+
+describe('selection and state', () => {
+  it('keeps a live selection, else takes the first mesh', () => {
+    const meshes = [mesh('a'), mesh('b')];
+    expect(pickSelection(meshes, 'b')).toBe('b');
+    expect(pickSelection(meshes, 'gone')).toBe('a');
+    expect(pickSelection(meshes, null)).toBe('a');
+    expect(pickSelection([], 'a')).toBeNull();
+  });
+
+  it('restores only well-formed state', () => {
+    expect(restoreState({ selected: 'local-1', connectAddress: 'tcp://h:1' })).toEqual({
+      selected: 'local-1', connectAddress: 'tcp://h:1'
+    });
+    expect(restoreState({ selected: 3 })).toEqual({ selected: null, connectAddress: '' });
+    expect(restoreState(undefined)).toEqual({ selected: null, connectAddress: '' });
+  });
+
+  it('turns anything thrown into a message', () => {
+    expect(errorMessage(new Error('boom'))).toBe('boom');
+    expect(errorMessage('plain')).toBe('plain');
+    expect(errorMessage(42)).toBe('unknown error');
+  });
+});
+
+describe('charts and plans', () => {
+  it('scales a sparkline into its box', () => {
+    expect(sparklinePoints([], 100, 10)).toBe('');
+    expect(sparklinePoints([0, 5, 10], 100, 10)).toBe('0,10 50,5 100,0');
+    expect(sparklinePoints([50], 100, 10, 100)).toBe('100,5');
+    expect(sparklinePoints([200, 0], 10, 10, 100)).toBe('0,0 10,10');
+  });
+
+  it('shows the known plan columns in order', () => {
+    const rows = [
+      { seconds: 0.2, op: 'matmul', tasks: 4, target: 'gpu', est_seconds: 0.1, class: 'matmul' }
+    ];
+    expect(planColumns(rows)).toEqual(['op', 'target', 'tasks', 'est_seconds', 'seconds']);
+    expect(planCell('est_seconds', 0.1)).toBe('100 ms');
+    expect(planCell('bytes_moved', 2048)).toBe('2.0 KiB');
+    expect(planCell('bytes_moved', 0)).toBe('0');
+    expect(planCell('backends', ['cupy', 'numpy'])).toBe('cupy, numpy');
+    expect(planCell('op', null)).toBe('');
+  });
+});
