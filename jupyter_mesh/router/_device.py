@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from distributed.worker import thread_state
+
 from .backends import get_backend, to_host_any
 
 _local = threading.local()
@@ -55,7 +57,8 @@ class DeviceCall:
     func:
         The task's original function.
     key:
-        The task's key (for the report).
+        The task's key (for the report); None: read it from the worker's thread state,
+        so one wrapper can serve every task of an op.
     plan_id:
         Which routed computation the task belongs to.
     to_host:
@@ -102,7 +105,10 @@ class DeviceCall:
             out = _map(get_backend(used).to_host, out)
         elif used == "jax":
             out = _block(out)
-        _record(self.plan_id, self.key, used, time.perf_counter() - t0)
+        key = self.key
+        if key is None:
+            key = getattr(thread_state, "key", None)
+        _record(self.plan_id, key, used, time.perf_counter() - t0)
         return out
 
     def __repr__(self) -> str:

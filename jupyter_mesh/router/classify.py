@@ -233,8 +233,55 @@ def model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
     missing = [k for k in keyset if k not in raw]
     if missing:
         raise MeshError(f"the graph has no task for key {missing[0]!r}")
-    tasks = convert_legacy_graph(raw)
+    if all(type(v) is Task for v in raw.values()):
+        tasks = raw  # already task objects (e.g. blockwise layers): nothing to convert
+    else:
+        tasks = convert_legacy_graph(raw)
+    fast = _build_model_by_layer(tasks, layer_of_key, ops, metas, keys)
+    if fast is not None:
+        return fast
     return _build_model(tasks, layer_of_key, ops, metas, keys)
+
+
+def _build_model_by_layer(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int],
+                          ops: list[OpInfo], metas: list[Any], outputs: list[Any],
+                          ) -> GraphModel | None:
+    """The common case in one pass: layers come in topological order and no task reads
+    another task of its own or a later layer, so layer order is a topological order.
+    None when that does not hold (the general path sorts the tasks)."""
+    keys = list(tasks)
+    index: dict[Any, int] = {}
+    layer: list[int] = []
+    last = -1
+    for i, k in enumerate(keys):
+        li = layer_of_key.get(k, 0)
+        if li < last:
+            return None
+        last = li
+        index[k] = i
+        layer.append(li)
+    deps: list[list[int]] = []
+    append = deps.append
+    for i, k in enumerate(keys):
+        ds = tasks[k].dependencies
+        if not ds:
+            append([])
+            continue
+        row = [index[d] for d in ds if d in index]
+        li = layer[i]
+        for d in row:
+            if layer[d] >= li:
+                return None
+        append(row)
+    _fill_costs(ops, metas, layer, deps)
+    for op in ops:
+        op.tasks = 0
+    for li in layer:
+        ops[li].tasks += 1
+    for op in ops:
+        op.native = native_backends(op.op_class, op.func)
+    return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
+                      tasks=tasks)
 
 
 def _group_dict(dsk: dict) -> HighLevelGraph:

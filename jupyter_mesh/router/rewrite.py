@@ -53,22 +53,39 @@ def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True) -> Routed:
     to_host = plan.to_host
     graph: dict[Any, Any] = {}
     restrictions: dict[Any, int] = {}
-    ops = m.ops
     free = getattr(plan, "unrestricted", False)
     host_only = frozenset({"numpy"})
+    # one wrapper per (op, to_host, function): tasks share it and it reads the key of
+    # the task it runs from the worker, so no per-task wrapper objects are built
+    calls: dict[tuple[int, bool, int], DeviceCall] = {}
+    layer = m.layer
+    ops = m.ops
+    tasks = m.tasks
+    new = Task.__new__
     for i, key in enumerate(m.keys):
-        node = m.tasks[key]
+        node = tasks[key]
         if wrap and type(node) is Task:
-            op = ops[m.layer[i]]
-            node = Task(
-                key, DeviceCall(node.func, key, plan_id, to_host[i],
-                                host_only if free else op.native),
-                *node.args, _data_producer=getattr(node, "data_producer", False),
-                **node.kwargs,
-            )
+            li = layer[i]
+            th = to_host[i]
+            ck = (li, th, id(node.func))
+            call = calls.get(ck)
+            if call is None or call.func is not node.func:
+                call = calls[ck] = DeviceCall(
+                    node.func, None, plan_id, th, host_only if free else ops[li].native)
+            # a shallow copy with the wrapper as its function (Task.__init__ would scan
+            # the arguments for dependencies again)
+            t = new(Task)
+            t.key = key
+            t.func = call
+            t.args = node.args
+            t.kwargs = node.kwargs
+            t._dependencies = node._dependencies
+            t._data_producer = node._data_producer
+            t._token = t._is_coro = t._repr = None
+            node = t
         graph[key] = node
-        if not free:
-            restrictions[key] = plan.pool_of[i]
+    if not free:
+        restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
     multi_site = len({p.site for p in plan.pools}) > 1
     pools = [
         (p.resource, list(p.workers) if (multi_site or plan.site) else None, p.label)
