@@ -353,20 +353,31 @@ function round2(x: number): number {
   return Math.round(x * 100) / 100;
 }
 
-/** Columns of a plan table: the known ones in order, then any others the rows carry. */
+/** Columns of a plan table: the known ones in order (the rest go into each row's tooltip). */
 export function planColumns(rows: Array<Record<string, unknown>>): string[] {
-  const known = [
-    'op',
-    'target',
-    'tasks',
-    'est_seconds',
-    'seconds',
-    'bytes_moved',
-    'backends'
-  ];
+  const known = ['op', 'target', 'tasks', 'est_seconds', 'seconds'];
   const present = new Set<string>();
   rows.forEach(r => Object.keys(r).forEach(k => present.add(k)));
   return known.filter(k => present.has(k));
+}
+
+const PLAN_HEADERS: Record<string, string> = {
+  est_seconds: 'est.',
+  seconds: 'measured',
+  bytes_moved: 'moved'
+};
+
+/** The header of a plan column. */
+export function planHeader(column: string): string {
+  return PLAN_HEADERS[column] ?? column.replace(/_/g, ' ');
+}
+
+/** A row's other fields (class, bytes moved, backends, workers), for its tooltip. */
+export function planRowTitle(row: Record<string, unknown>, shown: string[]): string {
+  return Object.keys(row)
+    .filter(k => !shown.includes(k))
+    .map(k => `${planHeader(k)}: ${planCell(k, row[k])}`)
+    .join('\n');
 }
 
 /** One cell of a plan table as text. */

@@ -33,6 +33,12 @@ NOTEBOOK = {
     "cells": [{
         "cell_type": "code", "execution_count": None, "id": "mesh-start", "metadata": {},
         "outputs": [], "source": "%load_ext jupyter_mesh\n%mesh start --cpu 1",
+    }, {
+        "cell_type": "code", "execution_count": None, "id": "mesh-compute", "metadata": {},
+        "outputs": [],
+        "source": "import dask.array as da\nimport jupyter_mesh as jm\n\n"
+                  "x = da.random.random((400, 400), chunks=200)\n"
+                  "jm.current().compute((x @ x.T).sum(), route='auto')",
     }],
     "metadata": {
         "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
@@ -82,7 +88,9 @@ def lab(tmp_path):
                       ("IPYTHONDIR", "ipython")):
         (tmp_path / sub).mkdir()
         env[name] = str(tmp_path / sub)
-    env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "True"
+    notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
+    notification.mkdir(parents=True)
+    (notification / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     port, token = free_port(), secrets.token_hex(16)
     cmd = [
         sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
@@ -146,6 +154,36 @@ def shot(page, name: str) -> Path:
     return path
 
 
+def widen(page, sidebar, width: int) -> None:
+    """Drag the side bar's edge so that the panel is ``width`` pixels wide."""
+    box = sidebar.bounding_box()
+    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle").first
+    hbox = handle.bounding_box()
+    if box is None or hbox is None:
+        return
+    x, y = hbox["x"] + hbox["width"] / 2, hbox["y"] + hbox["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + (width - box["width"]), y, steps=5)
+    page.mouse.up()
+
+
+def run_cell(page, cell, count: int) -> None:
+    """Run one notebook cell and wait for its execution count."""
+    prompt = cell.locator(".jp-InputArea-prompt")
+    deadline = time.time() + 60
+    # a key press can arrive before the kernel's session is wired up: press again
+    while prompt.inner_text().strip() in ("[ ]:", "[\xa0]:", ""):
+        assert time.time() < deadline, "the notebook never ran its cell"
+        cell.locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
+        page.wait_for_timeout(3000)
+    expect_prompt = f"[{count}]:"
+    from playwright.sync_api import expect
+
+    expect(prompt).to_have_text(expect_prompt, timeout=120_000)
+
+
 def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
     from playwright.sync_api import expect, sync_playwright
 
@@ -153,7 +191,7 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
             console_errors: list[str] = []
             page.on("console", lambda m: m.type == "error" and console_errors.append(m.text))
             page.goto(f"{base}/lab?token={token}")
@@ -165,6 +203,7 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             sidebar = page.locator("#jupyter-mesh-sidebar")
             expect(sidebar).to_be_visible()
             expect(sidebar.locator(".jp-Mesh-title")).to_have_text("Mesh")
+            widen(page, sidebar, 420)
             expect(sidebar.locator(".jp-Mesh-empty")).to_contain_text("No mesh yet", timeout=20_000)
             shot(page, "01-empty")
 
@@ -195,14 +234,7 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(page.locator(".jp-StatusBar-TextItem", has_text="| Idle")).to_have_count(
                 1, timeout=90_000
             )
-            prompt = cell.locator(".jp-InputArea-prompt")
-            deadline = time.time() + 60
-            while prompt.inner_text().strip() in ("[ ]:", "[\xa0]:", ""):
-                assert time.time() < deadline, "the notebook never ran its cell"
-                cell.locator(".cm-content").click()
-                page.keyboard.press("Shift+Enter")
-                page.wait_for_timeout(3000)
-            expect(prompt).to_have_text("[1]:", timeout=120_000)
+            run_cell(page, cell, 1)
             expect(cell.locator(".jp-OutputArea-output")).not_to_have_count(0)
             kernel_item = sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]')
             expect(kernel_item).to_have_count(1, timeout=60_000)
@@ -217,9 +249,51 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
                            if m["origin"] == "kernel"]
             assert len(kernel_mesh) == 1 and kernel_mesh[0]["address"] != local["address"]
             shot(page, "03-kernel-mesh")
-            sidebar.screenshot(path=str(ARTIFACTS / "sidebar.png"))
+
+            # the router's plan and report of a computation in the notebook show up
+            run_cell(page, page.locator(".jp-Notebook .jp-Cell.jp-CodeCell").nth(1), 2)
+            plans = sidebar.locator(".jp-Mesh-plans")
+            expect(plans.locator(".jp-Mesh-plan.jp-mod-plan")).not_to_have_count(
+                0, timeout=30_000
+            )
+            expect(plans.locator(".jp-Mesh-plan.jp-mod-report")).not_to_have_count(0)
+            report = plans.locator(".jp-Mesh-plan.jp-mod-report").first
+            report.locator("summary").click()
+            expect(report.locator(".jp-Mesh-planTable thead")).to_contain_text("target")
+            expect(report.locator(".jp-Mesh-planTable tbody tr")).not_to_have_count(0)
+            sidebar.locator(".jp-Mesh-devices").scroll_into_view_if_needed()
+            shot(page, "04-plans")  # docs/images/sidebar.png
+
+            # the sidebar's mesh, into the notebook: the connection snippet
+            sidebar.locator('.jp-Mesh-meshItem[data-origin="sidebar"]').click()
+            sidebar.locator(".jp-Mesh-snippetButton").click()
+            cells = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell")
+            expect(cells.filter(has_text="%mesh connect")).to_have_count(1, timeout=10_000)
+            expect(cells.filter(has_text="%mesh connect")).to_contain_text(
+                local["address"].split("://")[1]
+            )
+
+            # the dark theme: the sidebar follows JupyterLab's theme variables
+            light = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
+            api(base, token, "lab/api/settings/@jupyterlab/apputils-extension:themes", "PUT",
+                {"raw": '{"theme": "JupyterLab Dark"}'})
+            page.reload()
+            sidebar = page.locator("#jupyter-mesh-sidebar")
+            expect(sidebar).to_be_visible(timeout=60_000)
+            expect(page.locator("body[data-jp-theme-light='false']")).to_have_count(
+                1, timeout=30_000
+            )
+            expect(sidebar.locator(".jp-Mesh-meshItem")).to_have_count(2, timeout=30_000)
+            sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]').click()
+            expect(sidebar.locator(".jp-Mesh-device")).to_have_count(1, timeout=30_000)
+            dark = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
+            assert dark != light
+            shot(page, "05-dark")
+            api(base, token, "lab/api/settings/@jupyterlab/apputils-extension:themes", "PUT",
+                {"raw": '{"theme": "JupyterLab Light"}'})
 
             # the kernel goes away: so does its mesh
+            kernel_item = sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]')
             for kernel in api(base, token, "api/kernels"):
                 api(base, token, f"api/kernels/{kernel['id']}", "DELETE")
             expect(kernel_item).to_have_count(0, timeout=60_000)

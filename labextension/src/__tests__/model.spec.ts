@@ -15,6 +15,8 @@ import {
   pickSelection,
   planCell,
   planColumns,
+  planHeader,
+  planRowTitle,
   restoreState,
   sortGroups,
   sparklinePoints
@@ -171,5 +173,10 @@ describe('charts and plans', () => {
     expect(planCell('bytes_moved', 0)).toBe('0');
     expect(planCell('backends', ['cupy', 'numpy'])).toBe('cupy, numpy');
     expect(planCell('op', null)).toBe('');
+    expect(planHeader('seconds')).toBe('measured');
+    expect(planHeader('bytes_moved')).toBe('moved');
+    expect(planRowTitle({ op: 'a', bytes_moved: 2048, backends: ['numpy'] }, ['op'])).toBe(
+      'moved: 2.0 KiB\nbackends: numpy'
+    );
   });
 });

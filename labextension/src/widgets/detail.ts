@@ -12,6 +12,8 @@ import {
   IPlanRecord,
   planCell,
   planColumns,
+  planHeader,
+  planRowTitle,
   sortGroups,
   sparklinePoints
 } from '../model';
@@ -311,9 +313,10 @@ export class PlansWidget extends DetailPart {
       h(
         'table',
         { class: 'jp-Mesh-planTable' },
-        h('thead', {}, h('tr', {}, ...cols.map(c => h('th', {}, c.replace('_', ' '))))),
+        h('thead', {}, h('tr', {}, ...cols.map(c => h('th', { 'data-col': c }, planHeader(c))))),
         h('tbody', {}, ...plan.rows.map(r =>
-          h('tr', {}, ...cols.map(c => h('td', {}, planCell(c, r[c]))))))
+          h('tr', { title: planRowTitle(r, cols) },
+            ...cols.map(c => h('td', { 'data-col': c }, planCell(c, r[c]))))))
       ),
       plan.truncated ? h('div', { class: 'jp-Mesh-hint' }, 'Only the first rows are shown.') : null
     );
