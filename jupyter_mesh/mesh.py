@@ -583,7 +583,8 @@ class Mesh:
 
     # ================================================================== routing
     # The device-aware router (jupyter_mesh/router). Keep this section last in the class.
-    def explain(self, *collections: Any, route: Any = "auto", site: str | None = None) -> Any:
+    def explain(self, *collections: Any, route: Any = "auto", site: str | None = None,
+                pin: dict[str, Any] | None = None) -> Any:
         """The router's :class:`~jupyter_mesh.router.Plan` for Dask collections.
 
         Parameters
@@ -595,25 +596,39 @@ class Mesh:
             ``"gpu"`` or ``"cpu:jax"``.
         site:
             Keep every task at this site (data residency).
+        pin:
+            ``{site: collection or list of collections}``: pin the data of inputs to
+            sites, as in
+            :meth:`compute`.
         """
         from .router import api
 
         self._check_open()
-        return api.explain(self, collections, route, site)
+        return api.explain(self, collections, route, site, pin)
 
     def compute(self, *collections: Any, route: Any = "auto", fallback: bool = True,
-                site: str | None = None) -> tuple[Any, ...]:
+                site: str | None = None, pin: dict[str, Any] | None = None
+                ) -> tuple[Any, ...]:
         """Compute Dask collections with each op routed to a device kind.
 
         Returns a tuple of results, as :func:`dask.compute` does, and leaves a
         :class:`~jupyter_mesh.router.Report` in :attr:`last_report`. With ``fallback``
         (the default), tasks of a device kind lost mid-computation are re-routed to what
-        is left after ``mesh.fallback-timeout`` seconds, with a warning.
+        is left after ``mesh.fallback-timeout`` seconds, with a warning; with
+        ``fallback=False`` the computation fails with :class:`MeshError` instead.
+
+        ``site="edge-lab"`` keeps every task at that site. ``pin={"edge-lab": x}``
+        (or ``{"edge-lab": [x, w]}``) pins the data of input ``x`` (a Dask collection
+        the computation reads) to a site:
+        the tasks that produce ``x`` and every task that reads them run there, so that
+        data never leaves the site, not even when a fallback re-routes (the
+        computation fails rather than move it); only the results you ask for come
+        back to you. ``mesh.compute(y, pin={"edge-lab": x})``.
         """
         from .router import api
 
         self._check_open()
-        return api.compute(self, collections, route, fallback, site)
+        return api.compute(self, collections, route, fallback, site, pin)
 
     def route(self, mode: Any = "auto", *, fallback: bool = True) -> Any:
         """Context manager: plain ``.compute()`` calls inside the block are routed.

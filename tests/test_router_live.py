@@ -207,3 +207,16 @@ def test_magic_misuse(ip):
         ip.run_line_magic("mesh", "route gpu")
     with pytest.raises(UsageError, match="unknown route"):
         ip.run_cell_magic("mesh", "--route warp", "1")
+
+
+def test_pin_on_a_live_mesh(mesh):
+    x = da.random.random((600, 600), chunks=300)
+    y = ((x @ x.T) + 1).sum(axis=0)
+    expected = y.compute(scheduler="sync")
+    (got,) = mesh.compute(y, pin={"lab": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert mesh.last_report.plan.model.pins
+    with pytest.raises(MeshError, match="no worker at site 'mars'"):
+        mesh.compute(y, pin={"mars": x})
+    with pytest.raises(MeshError, match="needs routing"):
+        mesh.compute(y, route="off", pin={"lab": x})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -274,3 +275,68 @@ def test_equivalent_pools_are_not_restricted():
     assert not plan_collections([(x + 1).sum()], devs, route="cpu:jax").unrestricted
     devs.append(dev("g0", "gpu", "cupy", GPU))
     assert not plan_collections([(x + 1).sum()], devs).unrestricted
+
+
+def test_pin_keeps_data_at_its_site():
+    devs = [dev("e0", "cpu", "numpy", CPU, site="edge"), dev("c1", "cpu", "numpy", CPU),
+            dev("g0", "gpu", "cupy", GPU)]
+    x = da.random.random((8000, 8000), chunks=2000)
+    z = da.random.random((8000, 8000), chunks=2000)
+    y = (x @ x.T).sum() + (z @ z.T).sum()
+    plan = plan_collections([y], devs, pin={"edge": x})
+    m = plan.model
+    xkeys = set(dask.core.flatten(x.__dask_keys__()))
+    # every task that produces x or reads it (directly or not) stays at the edge
+    reads_x = [m.keys[i] in xkeys for i in range(len(m.keys))]
+    for i, ds in enumerate(m.deps):
+        if any(reads_x[d] for d in ds):
+            reads_x[i] = True
+    assert any(reads_x)
+    for i, flag in enumerate(reads_x):
+        if flag:
+            assert plan.pools[plan.pool_of[i]].site == "edge", m.keys[i]
+    # z is not pinned: its big matmul goes to the GPU
+    zmm = [i for i, k in enumerate(m.keys) if k[0].startswith("matmul") and not reads_x[i]]
+    assert any(plan.pools[plan.pool_of[i]].kind == "gpu" for i in zmm)
+    # the scheduler learns the pins, so a fallback never relaxes them elsewhere
+    from jupyter_mesh.router.rewrite import rewrite
+
+    routed = rewrite(plan)
+    assert routed.pins and set(routed.pins.values()) == {"edge"}
+    assert all(routed.pins.get(m.keys[i]) == "edge" for i, f in enumerate(reads_x) if f)
+    assert all(workers for _, workers, _ in routed.pools)
+
+
+def test_fallback_relaxes_pinned_tasks_only_within_their_site():
+    from types import SimpleNamespace
+
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    def ws(site):
+        return SimpleNamespace(extra={"jupyter-mesh": {"site": site, "kind": "cpu",
+                                                       "backend": "numpy"}},
+                               resources={}, address=site, name=site, nthreads=1,
+                               processing=(), memory=None, metrics={}, status="running")
+
+    st = RouterState()
+    st.scheduler = SimpleNamespace(workers={"tcp://e:1": ws("edge"), "tcp://c:1": ws("local")},
+                                   tasks={})
+    ps = PlanState("p", [("gpu-cupy", None, "gpu:cupy")], True, 1.0, None, {"k1": "edge"})
+    pinned, free = SimpleNamespace(key="k1"), SimpleNamespace(key="k2")
+    st._relax_one(pinned, ps)
+    st._relax_one(free, ps)
+    assert pinned.worker_restrictions == {"tcp://e:1"}
+    assert free.worker_restrictions is None and free.resource_restrictions is None
+
+
+def test_bad_pins(mesh_devices):
+    x = da.random.random((400, 400), chunks=100)
+    y = (x + 1).sum()
+    with pytest.raises(MeshError, match="no worker at site 'mars'"):
+        plan_collections([y], mesh_devices, pin={"mars": x})
+    with pytest.raises(MeshError, match="Dask collections"):
+        plan_collections([y], mesh_devices, pin={"local": "x"})
+    with pytest.raises(MeshError, match="not an input"):
+        plan_collections([y], mesh_devices, pin=[(da.ones(3), "local")])
+    with pytest.raises(MeshError, match="pin takes"):
+        plan_collections([y], mesh_devices, pin=["local"])

@@ -22,9 +22,13 @@ __all__ = [
 ]
 
 
-def plan_collections(collections, devices, route="auto", *, site=None, links=None):
+def plan_collections(collections, devices, route="auto", *, site=None, links=None, pin=None):
     """Plan Dask collections over devices (an :class:`~jupyter_mesh.Inventory` or a list
-    of :class:`~jupyter_mesh.Device`), without a cluster."""
+    of :class:`~jupyter_mesh.Device`), without a cluster; ``pin={site: x}`` pins the
+    data of input ``x`` to a site."""
+    from .api import apply_pins
+
     model = model_collections(collections)
     pools = build_pools(devices)
+    apply_pins(model, pin, pools)
     return plan_model(model, pools, route, site=site, cost=CostModel(pools, links))

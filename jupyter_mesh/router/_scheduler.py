@@ -31,6 +31,7 @@ class PlanState:
     fallback: bool
     timeout: float
     site: str | None
+    pins: dict[Any, str] = field(default_factory=dict)
     keys: dict[Any, int] = field(default_factory=dict)
     used: set[int] = field(default_factory=set)
     relaxed: set[int] = field(default_factory=set)
@@ -58,7 +59,7 @@ class RouterState:
     def register(self, comm: Any = None, payload: bytes = b"") -> dict[str, Any]:
         data = pickle.loads(payload)
         ps = PlanState(data["plan_id"], data["pools"], bool(data["fallback"]),
-                       float(data["timeout"]), data.get("site"))
+                       float(data["timeout"]), data.get("site"), data.get("pins") or {})
         self.plans[ps.plan_id] = ps
         for key, p in data["restrictions"].items():
             self.pending[key] = (ps.plan_id, p)
@@ -118,19 +119,19 @@ class RouterState:
         ts.host_restrictions = None
         ts.loose_restrictions = False
 
-    def _site_workers(self, ps: PlanState) -> set[str] | None:
-        if not ps.site:
+    def _site_workers(self, site: str | None) -> set[str] | None:
+        if not site:
             return None
         from .._scheduler_plugin import worker_record
 
         return {
             addr for addr, ws in self.scheduler.workers.items()
-            if worker_record(ws).get("site") == ps.site
+            if worker_record(ws).get("site") == site
         } or None
 
     def _relax_one(self, ts: Any, ps: PlanState) -> None:
         ts.resource_restrictions = None
-        ts.worker_restrictions = self._site_workers(ps)
+        ts.worker_restrictions = self._site_workers(ps.pins.get(ts.key) or ps.site)
         ts.host_restrictions = None
         ts.loose_restrictions = False
 
@@ -168,6 +169,15 @@ class RouterState:
             )
             return
         sched = self.scheduler
+        lost = sorted({s for k, q in ps.keys.items() if q == p
+                       for s in [ps.pins.get(k)] if s and not self._site_workers(s)})
+        if lost:
+            # pinned data never leaves its site: fail rather than move it
+            ps.failed = (
+                f"no live worker at site {lost[0]!r}, where the data of routed tasks is "
+                f"pinned: the computation cannot finish there"
+            )
+            return
         ps.relaxed.add(p)
         recs: dict[Any, str] = {}
         n = 0

@@ -37,24 +37,70 @@ def _check_site(site: Any) -> str | None:
     return site
 
 
+def _pin_pairs(pin: Any) -> list[tuple[Any, Any]]:
+    if isinstance(pin, dict):
+        pairs = []
+        for where, colls in pin.items():
+            for c in colls if isinstance(colls, (list, tuple)) else [colls]:
+                pairs.append((c, where))
+        return pairs
+    if isinstance(pin, (list, tuple)) and all(
+            isinstance(p, tuple) and len(p) == 2 for p in pin):
+        return list(pin)
+    raise MeshError("pin takes {site: collection or list of collections} (e.g. "
+                    "pin={'edge-lab': x}) or a list of (collection, site) pairs")
+
+
+def apply_pins(model: Any, pin: Any, pools: list[Any]) -> None:
+    """Pin the data of input collections to sites: ``{site: collection(s)}``.
+
+    The tasks that produce a pinned collection run at its site, and so does every task
+    that reads them (data pinned to a site never leaves it; only the results you ask
+    for come back to you)."""
+    if not pin:
+        return
+    sites = {p.site for p in pools}
+    index = {k: i for i, k in enumerate(model.keys)}
+    for coll, where in _pin_pairs(pin):
+        if not dask.is_dask_collection(coll):
+            raise MeshError(f"pin needs Dask collections, not {type(coll).__name__}")
+        where = _check_site(where)
+        if where not in sites:
+            raise MeshError(f"no worker at site {where!r} to pin data to: the mesh has "
+                            f"sites {', '.join(sorted(sites)) or 'none'}")
+        keys = list(dask.core.flatten(coll.__dask_keys__()))
+        idx = [index[k] for k in keys if k in index]
+        if not idx:
+            raise MeshError("a pinned collection is not an input of this computation")
+        for i in idx:
+            old = model.pins.get(i)
+            if old is not None and old != where:
+                raise MeshError(f"data pinned to two sites: {old!r} and {where!r}")
+            model.pins[i] = where
+
+
 def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
-            site: str | None = None) -> Plan:
+            site: str | None = None, pin: Any = None) -> Plan:
     route = parse_route_or_error(route)
     site = _check_site(site)
     model = model_collections(collections)
     pools = build_pools(mesh.inventory())
+    apply_pins(model, pin, pools)
     plan = plan_model(model, pools, route, site=site)
     mesh.last_plan = plan
     return plan
 
 
 def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
-            fallback: bool = True, site: str | None = None) -> tuple[Any, ...]:
+            fallback: bool = True, site: str | None = None,
+            pin: Any = None) -> tuple[Any, ...]:
     route = parse_route_or_error(route)
     site = _check_site(site)
     if not collections:
         raise MeshError("nothing to compute: pass one or more Dask collections")
     model = model_collections(collections)  # validates the inputs first
+    if route == "off" and pin:
+        raise MeshError("pin= needs routing: with route='off' Dask places tasks anywhere")
     if route == "off":
         watch = progress.FuturesWatch(mesh, None, "route=off")
         futures = mesh.client.compute(list(collections))
@@ -64,6 +110,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         finally:
             watch.stopped()
     pools = build_pools(mesh.inventory())
+    apply_pins(model, pin, pools)
     plan = plan_model(model, pools, route, site=site)
     values = run_plan(mesh, plan, fallback)
     out = []
@@ -127,11 +174,10 @@ def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
             return
         except TimeoutError:
             pass
-        if not fallback:
-            st = client.sync(status, plan_id=plan_id)
-            if st.get("failed"):
-                client.cancel(futures)
-                raise MeshError(st["failed"])
+        st = client.sync(status, plan_id=plan_id)
+        if st.get("failed"):
+            client.cancel(futures)
+            raise MeshError(st["failed"])
 
 
 def _collect(mesh: Mesh, plan_id: str) -> dict[Any, tuple[str, str, float]]:

@@ -34,13 +34,15 @@ class Routed:
     fallback: bool = True
     timeout: float = 5.0
     site: str | None = None
+    #: key -> site its data is pinned to (a fallback never moves it elsewhere)
+    pins: dict[Any, str] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         """What the scheduler plugin's ``jupyter_mesh_route`` handler receives."""
         return pickle.dumps({
             "plan_id": self.plan_id, "restrictions": self.restrictions,
             "pools": self.pools, "fallback": self.fallback, "timeout": self.timeout,
-            "site": self.site,
+            "site": self.site, "pins": self.pins,
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -86,13 +88,19 @@ def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True) -> Routed:
         graph[key] = node
     if not free:
         restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
+    pins: dict[Any, str] = {}
+    if m.pins:
+        from .placement import _pins
+
+        keys = m.keys
+        pins = {keys[i]: s for i, s in enumerate(_pins(m)) if s is not None}
     multi_site = len({p.site for p in plan.pools}) > 1
     pools = [
-        (p.resource, list(p.workers) if (multi_site or plan.site) else None, p.label)
+        (p.resource, list(p.workers) if (multi_site or plan.site or pins) else None, p.label)
         for p in plan.pools
     ]
     return Routed(
         plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=restrictions,
         pools=pools, fallback=fallback, timeout=get_seconds("fallback-timeout"),
-        site=plan.site,
+        site=plan.site, pins=pins,
     )
