@@ -273,6 +273,20 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
                 local["address"].split("://")[1]
             )
 
+            # polling pauses while the panel is hidden, and resumes when it is shown
+            polls: list[str] = []
+            page.on("request", lambda r: "/jupyter-mesh/api/meshes" in r.url and polls.append(r.url))
+            tab.click()  # collapse the side bar
+            expect(sidebar).to_be_hidden()
+            page.wait_for_timeout(1000)
+            polls.clear()
+            page.wait_for_timeout(5000)
+            assert polls == [], "the sidebar polls while hidden"
+            tab.click()
+            expect(sidebar).to_be_visible()
+            page.wait_for_timeout(3000)
+            assert polls, "the sidebar did not refresh when shown again"
+
             # the dark theme: the sidebar follows JupyterLab's theme variables
             light = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
             api(base, token, "lab/api/settings/@jupyterlab/apputils-extension:themes", "PUT",
@@ -284,6 +298,10 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
                 1, timeout=30_000
             )
             expect(sidebar.locator(".jp-Mesh-meshItem")).to_have_count(2, timeout=30_000)
+            # the selected mesh is restored across the reload
+            expect(sidebar.locator(".jp-Mesh-meshItem.jp-mod-selected")).to_have_attribute(
+                "data-origin", "sidebar", timeout=30_000
+            )
             sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]').click()
             expect(sidebar.locator(".jp-Mesh-device")).to_have_count(1, timeout=30_000)
             dark = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")

@@ -119,9 +119,7 @@ export class ScaleWidget extends DetailPart {
     }
     this._key = key;
     const inputs: Record<string, HTMLInputElement> = {};
-    const fields = FAMILIES.filter(
-      f => f.key === 'cpu' || f.key === 'jax_cpu' || (detail.scale[f.key] ?? 0) > 0
-    ).map(f => {
+    const fields = FAMILIES.map(f => {
       inputs[f.key] = h('input', {
         class: 'jp-mod-styled jp-Mesh-count',
         type: 'number',
