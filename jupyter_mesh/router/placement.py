@@ -133,6 +133,22 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
         cand = _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
         if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
             best = cand
+    # leave each op off the pools where it runs far slower than on its best one:
+    # greedy earliest-finish puts work there whenever the fast pool is busy
+    for factor in (1.5, 2.0, 4.0):
+        alt = []
+        for li, a in enumerate(allowed):
+            fast = min(exec_t[li][p] for p in a)
+            alt.append([p for p in a if exec_t[li][p] <= fast * factor])
+        if alt == allowed:
+            continue
+        for o in (order, order_w):
+            try:
+                cand = _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
+            except MeshError:
+                continue
+            if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
+                best = cand
     alternatives: list[set[int]] = [{p} for p in range(len(pools))]
     sites = sorted({p.site for p in pools})
     if len(sites) > 1:
