@@ -243,3 +243,29 @@ async def test_manager_prunes_a_dead_kernel(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_tls_file_paths_travel_with_the_registration(tmp_path):
+    from jupyter_mesh.server.manager import _security_from
+
+    files = {}
+    for name in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        files[name] = tmp_path / f"{name}.pem"
+        files[name].write_text("-")
+    mesh = FakeMesh("tls://127.0.0.1:8786")
+    mesh.client = SimpleNamespace(security=SimpleNamespace(**{k: str(v) for k, v in files.items()}))
+    path = discovery.register(mesh, tmp_path)
+    try:
+        (reg,) = discovery.read_registrations(tmp_path)
+        assert reg["security"] == {k: str(v) for k, v in files.items()}
+        security = _security_from(reg)
+        assert security.tls_ca_file == str(files["tls_ca_file"])
+        assert security.tls_client_cert == str(files["tls_client_cert"])
+        assert security.require_encryption
+    finally:
+        discovery.unregister(mesh)
+    assert not path.exists()
+    # inline PEM is never written to disk; plain tcp needs no security
+    mesh.client = SimpleNamespace(security=SimpleNamespace(tls_ca_file="-----BEGIN CERT"))
+    assert discovery._security_files(mesh) is None
+    assert _security_from({"address": "tcp://h:1", "security": reg["security"]}) is None

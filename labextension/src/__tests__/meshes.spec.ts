@@ -1,0 +1,193 @@
+import { IMeshDetail, IMeshSummary } from '../model';
+
+const requestAPI = jest.fn();
+jest.mock('../request', () => ({
+  requestAPI: (...args: unknown[]) => requestAPI(...args),
+  jsonInit: (method: string, body?: unknown) => ({
+    method,
+    body: body === undefined ? undefined : JSON.stringify(body)
+  })
+}));
+
+// imported after the mock, so the model talks to the fake server
+import { MeshesModel } from '../meshes';
+
+function summary(id: string, extra: Partial<IMeshSummary> = {}): IMeshSummary {
+  return {
+    id,
+    name: id,
+    origin: 'sidebar',
+    address: `tcp://127.0.0.1:${id.length}`,
+    dashboard: null,
+    status: 'running',
+    error: null,
+    can_scale: true,
+    can_stop: true,
+    counts: { cpu: 1 },
+    devices: 1,
+    kernels: [],
+    created: 0,
+    ...extra
+  };
+}
+
+function detail(id: string): IMeshDetail {
+  return {
+    ...summary(id),
+    groups: [],
+    history: [],
+    device_history: {},
+    plans: [],
+    scale: { cpu: 1 }
+  };
+}
+
+/** A fake server: routes `METHOD path` to replies (functions may throw). */
+function serve(routes: Record<string, unknown>): void {
+  requestAPI.mockImplementation(async (path: string, init?: RequestInit) => {
+    const key = `${init?.method ?? 'GET'} ${path}`;
+    if (!(key in routes)) {
+      throw new Error(`unexpected request ${key}`);
+    }
+    const reply = routes[key];
+    return typeof reply === 'function' ? reply(init) : reply;
+  });
+}
+
+beforeEach(() => requestAPI.mockReset());
+
+describe('MeshesModel', () => {
+  it('loads the list and the first mesh in full', async () => {
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b')] },
+      'GET meshes/a': detail('a')
+    });
+    const model = new MeshesModel();
+    let changes = 0;
+    model.changed.connect(() => changes++);
+    await model.refresh();
+    expect(model.loaded).toBe(true);
+    expect(model.selected).toBe('a');
+    expect(model.detail?.id).toBe('a');
+    expect(model.loadError).toBeNull();
+    expect(changes).toBe(1);
+  });
+
+  it('keeps a restored selection and forgets one that is gone', async () => {
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b')] },
+      'GET meshes/b': detail('b'),
+      'GET meshes/a': detail('a')
+    });
+    const model = new MeshesModel();
+    model.selected = 'b';
+    await model.refresh();
+    expect(model.detail?.id).toBe('b');
+    model.selected = 'gone';
+    await model.refresh();
+    expect(model.selected).toBe('a');
+  });
+
+  it('shows no detail when there are no meshes', async () => {
+    serve({ 'GET meshes': { meshes: [] } });
+    const model = new MeshesModel();
+    await model.refresh();
+    expect(model.selected).toBeNull();
+    expect(model.detail).toBeNull();
+  });
+
+  it('reports a failed refresh and rejects, so that the poll backs off', async () => {
+    serve({
+      'GET meshes': () => {
+        throw new Error('server down');
+      }
+    });
+    const model = new MeshesModel();
+    await expect(model.refresh()).rejects.toThrow('server down');
+    expect(model.loadError).toBe('server down');
+    expect(model.loaded).toBe(true);
+  });
+
+  it('starts a mesh, selects it and shows what is under way', async () => {
+    const pending: Array<string | null> = [];
+    serve({
+      'POST meshes': (init: RequestInit) => {
+        expect(JSON.parse(init.body as string)).toEqual({
+          cpu: 1, jax_cpu: 0, gpu: 0, tpu: 0, site: 'local'
+        });
+        return detail('new');
+      }
+    });
+    const model = new MeshesModel();
+    const selections: Array<string | null> = [];
+    model.selectionChanged.connect((_, id) => selections.push(id));
+    model.changed.connect(() => pending.push(model.pending));
+    const mesh = await model.start({ cpu: 1, jax_cpu: 0, gpu: 0, tpu: 0, site: 'local' });
+    expect(mesh?.id).toBe('new');
+    expect(model.meshes.map(m => m.id)).toEqual(['new']);
+    expect(model.selected).toBe('new');
+    expect(selections).toEqual(['new']);
+    expect(pending).toEqual(['Starting a local mesh…', null]);
+  });
+
+  it('keeps the server message of a failed action', async () => {
+    serve({
+      'POST meshes': () => {
+        throw new Error('no CUDA GPU found for gpu=2');
+      }
+    });
+    const model = new MeshesModel();
+    expect(await model.start({ cpu: 1, jax_cpu: 0, gpu: 2, tpu: 0, site: 'local' })).toBeNull();
+    expect(model.actionError).toBe('no CUDA GPU found for gpu=2');
+    expect(model.pending).toBeNull();
+    model.dismissError();
+    expect(model.actionError).toBeNull();
+  });
+
+  it('refuses a malformed address before asking the server', async () => {
+    serve({});
+    const model = new MeshesModel();
+    expect(await model.connect('not an address')).toBeNull();
+    expect(model.actionError).toContain('is not an address');
+    expect(requestAPI).not.toHaveBeenCalled();
+  });
+
+  it('connects with a normalised address', async () => {
+    serve({
+      'POST meshes/connect': (init: RequestInit) => {
+        expect(JSON.parse(init.body as string)).toEqual({ address: 'tcp://10.0.0.5:8786' });
+        return detail('c');
+      }
+    });
+    const model = new MeshesModel();
+    expect((await model.connect('10.0.0.5:8786'))?.id).toBe('c');
+  });
+
+  it('scales and stops, then selects another mesh', async () => {
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b')] },
+      'GET meshes/a': detail('a'),
+      'PATCH meshes/a': (init: RequestInit) => {
+        expect(JSON.parse(init.body as string)).toEqual({ cpu: 2 });
+        return { ...detail('a'), counts: { cpu: 2 }, scale: { cpu: 2 } };
+      },
+      'DELETE meshes/a': { id: 'a', stopped: true, disconnected: false }
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    await model.scale('a', { cpu: 2 });
+    expect(model.current?.counts).toEqual({ cpu: 2 });
+    await model.stop('a');
+    expect(model.meshes.map(m => m.id)).toEqual(['b']);
+    expect(model.selected).toBe('b');
+    expect(model.detail).toBeNull();
+  });
+
+  it('lets a user selection win over a later restored one', () => {
+    const model = new MeshesModel();
+    expect(model.userSelected).toBe(false);
+    model.select('x');
+    expect(model.userSelected).toBe(true);
+    expect(model.selected).toBe('x');
+  });
+});
