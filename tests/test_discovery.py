@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -180,8 +181,6 @@ def send(proc, cmd):
 
 
 async def wait_for(predicate, timeout=20.0):
-    import asyncio
-
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = await predicate()
@@ -192,8 +191,11 @@ async def wait_for(predicate, timeout=20.0):
 
 
 @pytest.mark.slow
-@pytest.mark.asyncio
-async def test_manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path):
+def test_manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path):
+    asyncio.run(_manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path))
+
+
+async def _manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path):
     proc, address = start_kernel_like(tmp_path)
     try:
         async with MeshManager(tmp_path) as manager:
@@ -228,8 +230,11 @@ async def test_manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.asyncio
-async def test_manager_prunes_a_dead_kernel(tmp_path):
+def test_manager_prunes_a_dead_kernel(tmp_path):
+    asyncio.run(_manager_prunes_a_dead_kernel(tmp_path))
+
+
+async def _manager_prunes_a_dead_kernel(tmp_path):
     proc, address = start_kernel_like(tmp_path)
     try:
         async with MeshManager(tmp_path) as manager:

@@ -83,8 +83,11 @@ def test_connect_body_is_validated(body, message):
     assert message in str(info.value)
 
 
-@pytest.mark.asyncio
-async def test_empty_manager(tmp_path):
+def test_empty_manager(tmp_path):
+    asyncio.run(_empty_manager(tmp_path))
+
+
+async def _empty_manager(tmp_path):
     async with MeshManager(tmp_path) as manager:
         assert await manager.list() == []
         with pytest.raises(NotFound):
@@ -101,8 +104,11 @@ async def test_empty_manager(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.asyncio
-async def test_start_scale_connect_stop(tmp_path):
+def test_start_scale_connect_stop(tmp_path):
+    asyncio.run(_start_scale_connect_stop(tmp_path))
+
+
+async def _start_scale_connect_stop(tmp_path):
     async with MeshManager(tmp_path) as manager:
         mesh = await manager.start({"cpu": 1, "gpu": 0, "tpu": 0, "site": "lab"})
         assert mesh["origin"] == "sidebar" and mesh["can_scale"] and mesh["can_stop"]
