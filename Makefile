@@ -8,7 +8,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PORT ?= 8888
 
-.PHONY: venv lab demo test chromium lint clean
+.PHONY: venv lab demo test bench chromium lint clean
 
 $(VENV)/.installed: pyproject.toml labextension/package.json
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: venv
 
 test: venv chromium
 	$(PY) -m pytest
+
+# Benchmarks print their tables and rewrite their sections of benchmarks/RESULTS.md.
+bench: venv
+	$(PY) -m benchmarks.router --update
+	$(PY) benchmarks/remote_cells.py --update
 
 lint: venv
 	$(VENV)/bin/ruff check jupyter_mesh tests benchmarks
