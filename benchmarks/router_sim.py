@@ -246,6 +246,21 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
     return max(bound_cp, lp)
 
 
+def one_device(model: GraphModel, devices: list[Device], links: Links = WAN) -> float:
+    """Everything on the single device that runs it fastest, one task after another
+    (no transfers): an achievable schedule, for reference."""
+    solo = [build_pools([d])[0] for d in devices]
+    cost = CostModel(solo, links, task_overhead=1e-4)
+    allowed, _ = allowed_pools(model, solo, "auto")
+    best = math.inf
+    for w, pool in enumerate(solo):
+        if any(w not in a for a in allowed):
+            continue
+        ex = [cost.exec_time(op, pool) for op in model.ops]
+        best = min(best, sum(ex[li] for li in model.layer))
+    return best
+
+
 def random_dag(seed: int, n: int = 200, width: int = 12) -> GraphModel:
     """A HEFT-style random layered DAG of array ops with random sizes."""
     rng = random.Random(seed)

@@ -204,6 +204,28 @@ def model_collections(collections: Iterable[Any]) -> GraphModel:
 
 def model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
     """Build the :class:`GraphModel` of a graph for the output ``keys``."""
+    with no_gc():
+        return _model_graph(graph, keys)
+
+
+class no_gc:
+    """Pause the cyclic garbage collector while building many small objects that are
+    all kept (task objects, index lists): its passes over them would find nothing."""
+
+    def __enter__(self) -> None:
+        import gc
+
+        self.was = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc: Any) -> None:
+        import gc
+
+        if self.was:
+            gc.enable()
+
+
+def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
     if not isinstance(graph, HighLevelGraph):
         graph = _group_dict(graph)
     keyset = set(keys)

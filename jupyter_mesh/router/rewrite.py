@@ -48,6 +48,13 @@ class Routed:
 
 def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True) -> Routed:
     """Wrap every task of ``plan`` and collect its per-key restrictions."""
+    from .classify import no_gc
+
+    with no_gc():
+        return _rewrite(plan, fallback=fallback, wrap=wrap)
+
+
+def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
     m = plan.model
     if m.tasks is None:
         raise ValueError("a synthetic model has no tasks to rewrite")
