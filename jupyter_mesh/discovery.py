@@ -52,7 +52,10 @@ def registry_dir(runtime_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def enabled() -> bool:
     return os.environ.get("JUPYTER_MESH_DISCOVERY", "1").strip().lower() not in (
-        "0", "false", "no", "off",
+        "0",
+        "false",
+        "no",
+        "off",
     )
 
 
@@ -146,7 +149,7 @@ def _kernel_id() -> str | None:
     except Exception:
         return None
     if name.startswith("kernel-") and name.endswith(".json"):
-        return name[len("kernel-"):-len(".json")]
+        return name[len("kernel-") : -len(".json")]
     return None
 
 

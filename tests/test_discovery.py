@@ -65,8 +65,9 @@ def test_register_writes_and_close_removes(tmp_path, monkeypatch):
             time.sleep(0.05)
         (plan,) = json.loads(path.read_text())["plans"]
         assert plan["kind"] == "plan" and plan["route"] == "auto"
-        assert plan["rows"] == [{"op": "matmul-1", "target": "cpu:jax", "tasks": 2,
-                                 "est_seconds": 0.1}]
+        assert plan["rows"] == [
+            {"op": "matmul-1", "target": "cpu:jax", "tasks": 2, "est_seconds": 0.1}
+        ]
     finally:
         discovery.unregister(mesh)
     assert not path.exists()
@@ -165,8 +166,11 @@ KERNEL = textwrap.dedent(
 def start_kernel_like(tmp_path):
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path))
     proc = subprocess.Popen(
-        [sys.executable, "-c", KERNEL], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True, env=env,
+        [sys.executable, "-c", KERNEL],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     line = proc.stdout.readline()
     assert line.startswith("ready"), line
@@ -209,7 +213,9 @@ async def _manager_finds_kernel_meshes_and_forgets_closed_ones(tmp_path):
             assert detail["status"] == "running", detail["error"]
             (group,) = detail["groups"]
             assert (group["kind"], group["site"], len(group["devices"])) == (
-                "cpu", "kernel-site", 1,
+                "cpu",
+                "kernel-site",
+                1,
             )
             with pytest.raises(Conflict, match="%mesh close"):
                 await manager.stop(summary["id"])

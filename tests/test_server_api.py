@@ -94,7 +94,7 @@ def test_unknown_mesh_is_404(api, method, parts):
         ("POST", ("meshes",), '{"cpu": -1}', "cpu must be a whole number >= 0"),
         ("POST", ("meshes",), '{"gpu": "lots"}', "gpu must be"),
         ("POST", ("meshes",), '{"nodes": 4}', "unknown option(s) nodes"),
-        ("POST", ("meshes",), '[1, 2]', "JSON object"),
+        ("POST", ("meshes",), "[1, 2]", "JSON object"),
         ("POST", ("meshes", "connect"), "", "JSON object"),
         ("POST", ("meshes", "connect"), "{oops", "not valid JSON"),
         ("POST", ("meshes", "connect"), '{"address": "no such thing"}', "malformed address"),
@@ -108,8 +108,9 @@ def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
 
 
 def test_connect_to_nothing_says_where(api):
-    code, body = api("POST", "meshes", "connect",
-                           body={"address": "tcp://127.0.0.1:9", "timeout": 1})
+    code, body = api(
+        "POST", "meshes", "connect", body={"address": "tcp://127.0.0.1:9", "timeout": 1}
+    )
     assert code == 502
     assert "127.0.0.1:9" in body["message"]
 
@@ -120,7 +121,11 @@ def scheduler_address():
     from distributed import LocalCluster
 
     with LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", host="127.0.0.1",
+        n_workers=1,
+        threads_per_worker=1,
+        processes=False,
+        protocol="tcp://",
+        host="127.0.0.1",
         dashboard_address=":0",
     ) as cluster:
         yield cluster.scheduler_address

@@ -14,8 +14,9 @@ LABEXTENSION = Path(__file__).resolve().parents[1] / "labextension"
 
 
 def jlpm() -> list[str]:
-    exe = shutil.which("jlpm", path=os.path.dirname(sys.executable) + os.pathsep +
-                       os.environ.get("PATH", ""))
+    exe = shutil.which(
+        "jlpm", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    )
     if exe is None:
         pytest.fail("jlpm not found: install jupyterlab in this environment")
     return [exe]
@@ -25,12 +26,18 @@ def jlpm() -> list[str]:
 def test_typescript_unit_tests_pass():
     if not (LABEXTENSION / "node_modules" / ".bin" / "jest").exists():
         install = subprocess.run(
-            [*jlpm(), "install", "--immutable"], cwd=LABEXTENSION, capture_output=True,
-            text=True, timeout=600,
+            [*jlpm(), "install", "--immutable"],
+            cwd=LABEXTENSION,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     result = subprocess.run(
-        [*jlpm(), "test", "--ci"], cwd=LABEXTENSION, capture_output=True, text=True,
+        [*jlpm(), "test", "--ci"],
+        cwd=LABEXTENSION,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     output = result.stdout + result.stderr

@@ -23,8 +23,9 @@ class FakePlan:
     makespan = 0.5
 
     def __init__(self, op):
-        self.rows = [{"op": op, "target": "cpu", "tasks": 4, "est_seconds": 0.25,
-                      "bytes_moved": 0.0}]
+        self.rows = [
+            {"op": op, "target": "cpu", "tasks": 4, "est_seconds": 0.25, "bytes_moved": 0.0}
+        ]
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,11 @@ def test_start_options_are_validated(body, message):
 
 def test_start_options_pass_through():
     assert validate_start({"cpu": 1, "gpu": "auto", "tpu": 0, "jax_cpu": 0, "site": "lab"}) == {
-        "cpu": 1, "gpu": "auto", "tpu": 0, "jax_cpu": 0, "site": "lab",
+        "cpu": 1,
+        "gpu": "auto",
+        "tpu": 0,
+        "jax_cpu": 0,
+        "site": "lab",
     }
     assert validate_start(None) == {}
 

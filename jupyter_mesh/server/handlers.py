@@ -98,9 +98,12 @@ def setup_handlers(web_app: Any, manager: MeshManager) -> None:
     """Add the routes to a Jupyter server's Tornado application."""
     web_app.settings[MANAGER_KEY] = manager
     base = url_path_join(web_app.settings["base_url"], API)
-    web_app.add_handlers(".*$", [
-        (url_path_join(base, "health"), HealthHandler),
-        (url_path_join(base, "meshes"), MeshesHandler),
-        (url_path_join(base, "meshes", "connect"), ConnectHandler),
-        (url_path_join(base, "meshes", _ID), MeshHandler),
-    ])
+    web_app.add_handlers(
+        ".*$",
+        [
+            (url_path_join(base, "health"), HealthHandler),
+            (url_path_join(base, "meshes"), MeshesHandler),
+            (url_path_join(base, "meshes", "connect"), ConnectHandler),
+            (url_path_join(base, "meshes", _ID), MeshHandler),
+        ],
+    )

@@ -80,9 +80,7 @@ class Entry:
     device_history: dict[str, deque[list[float]]] = field(default_factory=dict)
     last_sample: float = 0.0
     last_devices: list[dict[str, Any]] = field(default_factory=list)
-    plans: deque[dict[str, Any]] = field(
-        default_factory=lambda: deque(maxlen=discovery.MAX_PLANS)
-    )
+    plans: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=discovery.MAX_PLANS))
     plan_ids: tuple[int, int] = (id(None), id(None))
     connecting: asyncio.Task[Any] | None = None
     busy: bool = False
@@ -110,12 +108,10 @@ def validate_start(body: Any) -> dict[str, Any]:
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object like {\"cpu\": 1}")
+        raise BadRequest('the body must be a JSON object like {"cpu": 1}')
     unknown = sorted(set(body) - set(START_OPTIONS))
     if unknown:
-        raise BadRequest(
-            f"unknown option(s) {', '.join(unknown)}: use {', '.join(START_OPTIONS)}"
-        )
+        raise BadRequest(f"unknown option(s) {', '.join(unknown)}: use {', '.join(START_OPTIONS)}")
     kwargs: dict[str, Any] = {}
     for name in ("cpu", "jax_cpu"):
         if name in body:
@@ -139,7 +135,7 @@ def validate_scale(body: Any) -> dict[str, int]:
     """The worker counts per family from a ``PATCH meshes/{id}`` body."""
     if not isinstance(body, dict) or not body:
         raise BadRequest(
-            f"the body must be a JSON object of counts, like {{\"cpu\": 2}}; "
+            f'the body must be a JSON object of counts, like {{"cpu": 2}}; '
             f"families: {', '.join(FAMILIES)}"
         )
     unknown = sorted(set(body) - set(FAMILIES))
@@ -151,7 +147,7 @@ def validate_scale(body: Any) -> dict[str, int]:
 def validate_connect(body: Any) -> tuple[str, float | None]:
     """Address and timeout from a ``POST meshes/connect`` body."""
     if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object like {\"address\": \"tcp://host:8786\"}")
+        raise BadRequest('the body must be a JSON object like {"address": "tcp://host:8786"}')
     unknown = sorted(set(body) - {"address", "timeout"})
     if unknown:
         raise BadRequest(f"unknown option(s) {', '.join(unknown)}: use address, timeout")
@@ -260,8 +256,12 @@ class MeshManager:
             raise Conflict("the server is shutting down")
         self._counter += 1
         entry = Entry(
-            id=_new_id("local"), origin="sidebar", address=mesh.address,
-            name=f"Local mesh {self._counter}", mesh=mesh, dashboard=mesh.dashboard_link,
+            id=_new_id("local"),
+            origin="sidebar",
+            address=mesh.address,
+            name=f"Local mesh {self._counter}",
+            mesh=mesh,
+            dashboard=mesh.dashboard_link,
         )
         self._entries[entry.id] = entry
         await self._sample(entry, force=True)
@@ -283,8 +283,12 @@ class MeshManager:
         except MeshError as exc:
             raise Unreachable(str(exc)) from None
         entry = Entry(
-            id=_new_id("connect"), origin="connected", address=mesh.address,
-            name=_host_of(address), mesh=mesh, dashboard=mesh.dashboard_link,
+            id=_new_id("connect"),
+            origin="connected",
+            address=mesh.address,
+            name=_host_of(address),
+            mesh=mesh,
+            dashboard=mesh.dashboard_link,
         )
         self._entries[entry.id] = entry
         await self._sample(entry, force=True)
@@ -320,8 +324,11 @@ class MeshManager:
             )
         self._entries.pop(mesh_id, None)
         await asyncio.to_thread(_close_quietly, entry.mesh)
-        return {"id": mesh_id, "stopped": entry.origin == "sidebar",
-                "disconnected": entry.origin == "connected"}
+        return {
+            "id": mesh_id,
+            "stopped": entry.origin == "sidebar",
+            "disconnected": entry.origin == "connected",
+        }
 
     # ------------------------------------------------------------------ kernels
     async def refresh_kernels(self) -> None:
@@ -337,15 +344,14 @@ class MeshManager:
                 paths = {}
         async with self._lock:
             live_ids = set()
-            by_address = {
-                e.address: e for e in self._entries.values() if e.origin != "kernel"
-            }
+            by_address = {e.address: e for e in self._entries.values() if e.origin != "kernel"}
             for entry in self._entries.values():
                 entry.kernels = {}
             for reg in regs:
                 kid = f"kernel-{reg.get('id') or reg.get('pid')}"
                 info = {
-                    "pid": reg.get("pid"), "kernel_id": reg.get("kernel_id"),
+                    "pid": reg.get("pid"),
+                    "kernel_id": reg.get("kernel_id"),
                     "path": paths.get(reg.get("kernel_id") or ""),
                 }
                 host = by_address.get(reg["address"])
@@ -357,8 +363,11 @@ class MeshManager:
                 entry = self._entries.get(kid)
                 if entry is None:
                     entry = Entry(
-                        id=kid, origin="kernel", address=reg["address"],
-                        name="", dashboard=reg.get("dashboard"),
+                        id=kid,
+                        origin="kernel",
+                        address=reg["address"],
+                        name="",
+                        dashboard=reg.get("dashboard"),
                         created=float(reg.get("created") or time.time()),
                     )
                     self._entries[kid] = entry
@@ -386,8 +395,11 @@ class MeshManager:
         try:
             security = _security_from(entry.registration or {})
             mesh = await asyncio.to_thread(
-                Mesh.connect, entry.address, security=security,
-                timeout=KERNEL_CONNECT_TIMEOUT, set_current=False,
+                Mesh.connect,
+                entry.address,
+                security=security,
+                timeout=KERNEL_CONNECT_TIMEOUT,
+                set_current=False,
             )
         except asyncio.CancelledError:
             raise
@@ -450,8 +462,14 @@ class MeshManager:
         for d in entry.last_devices:
             g = groups.setdefault(
                 (d["kind"], d["site"]),
-                {"kind": d["kind"], "site": d["site"], "devices": [], "memory": 0,
-                 "memory_used": 0, "tasks": 0},
+                {
+                    "kind": d["kind"],
+                    "site": d["site"],
+                    "devices": [],
+                    "memory": 0,
+                    "memory_used": 0,
+                    "tasks": 0,
+                },
             )
             g["devices"].append(d)
             g["memory"] += d.get("memory") or 0
@@ -504,22 +522,31 @@ class MeshManager:
         entry.dashboard = inventory.dashboard or entry.dashboard
         memory = sum(d.get("memory") or 0 for d in devices)
         used = sum(d.get("memory_used") or 0 for d in devices)
-        cpu = [d.get("cpu_percent") for d in devices if isinstance(d.get("cpu_percent"), (int, float))]
-        entry.history.append({
-            "t": now,
-            "tasks": sum(d.get("tasks") or 0 for d in devices),
-            "memory": memory,
-            "memory_used": used,
-            "cpu": (sum(cpu) / len(cpu)) if cpu else None,
-            "devices": len(devices),
-        })
+        cpu = [
+            d.get("cpu_percent") for d in devices if isinstance(d.get("cpu_percent"), (int, float))
+        ]
+        entry.history.append(
+            {
+                "t": now,
+                "tasks": sum(d.get("tasks") or 0 for d in devices),
+                "memory": memory,
+                "memory_used": used,
+                "cpu": (sum(cpu) / len(cpu)) if cpu else None,
+                "devices": len(devices),
+            }
+        )
         live = set()
         for d in devices:
             live.add(d["worker"])
             hist = entry.device_history.setdefault(d["worker"], deque(maxlen=HISTORY))
-            hist.append([
-                now, d.get("cpu_percent") or 0.0, d.get("memory_used") or 0, d.get("tasks") or 0,
-            ])
+            hist.append(
+                [
+                    now,
+                    d.get("cpu_percent") or 0.0,
+                    d.get("memory_used") or 0,
+                    d.get("tasks") or 0,
+                ]
+            )
         for worker in set(entry.device_history) - live:
             del entry.device_history[worker]
         self._record_plans(entry, mesh)

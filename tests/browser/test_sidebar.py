@@ -26,26 +26,44 @@ BUILT = REPO / "jupyter_mesh" / "labextension"
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM = os.environ.get("JUPYTER_MESH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
 ]
 NOTEBOOK = {
-    "cells": [{
-        "cell_type": "code", "execution_count": None, "id": "mesh-start", "metadata": {},
-        "outputs": [], "source": "%load_ext jupyter_mesh\n%mesh start --cpu 1",
-    }, {
-        "cell_type": "code", "execution_count": None, "id": "mesh-compute", "metadata": {},
-        "outputs": [],
-        "source": "import dask.array as da\nimport jupyter_mesh as jm\n\n"
-                  "x = da.random.random((400, 400), chunks=200)\n"
-                  "jm.current().compute((x @ x.T).sum(), route='auto')",
-    }],
+    "cells": [
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "mesh-start",
+            "metadata": {},
+            "outputs": [],
+            "source": "%load_ext jupyter_mesh\n%mesh start --cpu 1",
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "mesh-compute",
+            "metadata": {},
+            "outputs": [],
+            "source": "import dask.array as da\nimport jupyter_mesh as jm\n\n"
+            "x = da.random.random((400, 400), chunks=200)\n"
+            "jm.current().compute((x @ x.T).sum(), route='auto')",
+        },
+    ],
     "metadata": {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python",
-                       "name": "python3"},
+        "kernelspec": {
+            "display_name": "Python 3 (ipykernel)",
+            "language": "python",
+            "name": "python3",
+        },
         "language_info": {"name": "python"},
     },
-    "nbformat": 4, "nbformat_minor": 5,
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 
@@ -58,7 +76,9 @@ def free_port() -> int:
 def api(base: str, token: str, path: str, method: str = "GET", body=None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(
-        f"{base}/{path}", data=data, method=method,
+        f"{base}/{path}",
+        data=data,
+        method=method,
         headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=30) as resp:
@@ -84,8 +104,11 @@ def lab(tmp_path):
     root.mkdir()
     (root / "kernel-mesh.ipynb").write_text(json.dumps(NOTEBOOK))
     env = dict(os.environ)
-    for name, sub in (("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_CONFIG_DIR", "config"),
-                      ("IPYTHONDIR", "ipython")):
+    for name, sub in (
+        ("JUPYTER_RUNTIME_DIR", "runtime"),
+        ("JUPYTER_CONFIG_DIR", "config"),
+        ("IPYTHONDIR", "ipython"),
+    ):
         (tmp_path / sub).mkdir()
         env[name] = str(tmp_path / sub)
     notification = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
@@ -93,14 +116,20 @@ def lab(tmp_path):
     (notification / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     port, token = free_port(), secrets.token_hex(16)
     cmd = [
-        sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
-        f"--port={port}", f"--IdentityProvider.token={token}",
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={root}",
         '--ServerApp.jpserver_extensions={"jupyter_mesh": True}',
         f"--LabApp.extra_labextensions_path={extra}",
         f"--LabApp.user_settings_dir={tmp_path / 'settings'}",
         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
-        "--LabApp.news_url=", "--ServerApp.shutdown_no_activity_timeout=0",
+        "--LabApp.news_url=",
+        "--ServerApp.shutdown_no_activity_timeout=0",
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
@@ -116,8 +145,10 @@ def lab(tmp_path):
             except Exception:
                 if proc.poll() is not None or time.time() > deadline:
                     log.flush()
-                    pytest.fail("jupyter lab did not start:\n" +
-                                (tmp_path / "jupyter-lab.log").read_text()[-3000:])
+                    pytest.fail(
+                        "jupyter lab did not start:\n"
+                        + (tmp_path / "jupyter-lab.log").read_text()[-3000:]
+                    )
                 time.sleep(0.5)
         yield {"base": base, "token": token, "proc": proc}
     finally:
@@ -127,8 +158,9 @@ def lab(tmp_path):
             "meshes", []
         ):
             if mesh["can_stop"]:
-                _quiet(lambda m=mesh: api(base, token, f"jupyter-mesh/api/meshes/{m['id']}",
-                                          "DELETE"))
+                _quiet(
+                    lambda m=mesh: api(base, token, f"jupyter-mesh/api/meshes/{m['id']}", "DELETE")
+                )
         proc.terminate()
         try:
             proc.wait(timeout=30)
@@ -245,17 +277,18 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(sidebar.locator('.jp-Mesh-device[data-kind="cpu"]')).to_have_count(
                 1, timeout=30_000
             )
-            kernel_mesh = [m for m in api(base, token, "jupyter-mesh/api/meshes")["meshes"]
-                           if m["origin"] == "kernel"]
+            kernel_mesh = [
+                m
+                for m in api(base, token, "jupyter-mesh/api/meshes")["meshes"]
+                if m["origin"] == "kernel"
+            ]
             assert len(kernel_mesh) == 1 and kernel_mesh[0]["address"] != local["address"]
             shot(page, "03-kernel-mesh")
 
             # the router's plan and report of a computation in the notebook show up
             run_cell(page, page.locator(".jp-Notebook .jp-Cell.jp-CodeCell").nth(1), 2)
             plans = sidebar.locator(".jp-Mesh-plans")
-            expect(plans.locator(".jp-Mesh-plan.jp-mod-plan")).not_to_have_count(
-                0, timeout=30_000
-            )
+            expect(plans.locator(".jp-Mesh-plan.jp-mod-plan")).not_to_have_count(0, timeout=30_000)
             expect(plans.locator(".jp-Mesh-plan.jp-mod-report")).not_to_have_count(0)
             report = plans.locator(".jp-Mesh-plan.jp-mod-report").first
             report.locator("summary").click()
@@ -275,7 +308,9 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
 
             # polling pauses while the panel is hidden, and resumes when it is shown
             polls: list[str] = []
-            page.on("request", lambda r: "/jupyter-mesh/api/meshes" in r.url and polls.append(r.url))
+            page.on(
+                "request", lambda r: "/jupyter-mesh/api/meshes" in r.url and polls.append(r.url)
+            )
             tab.click()  # collapse the side bar
             expect(sidebar).to_be_hidden()
             page.wait_for_timeout(1000)
@@ -289,8 +324,13 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
 
             # the dark theme: the sidebar follows JupyterLab's theme variables
             light = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
-            api(base, token, "lab/api/settings/@jupyterlab/apputils-extension:themes", "PUT",
-                {"raw": '{"theme": "JupyterLab Dark"}'})
+            api(
+                base,
+                token,
+                "lab/api/settings/@jupyterlab/apputils-extension:themes",
+                "PUT",
+                {"raw": '{"theme": "JupyterLab Dark"}'},
+            )
             page.reload()
             sidebar = page.locator("#jupyter-mesh-sidebar")
             expect(sidebar).to_be_visible(timeout=60_000)
@@ -307,8 +347,13 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             dark = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
             assert dark != light
             shot(page, "05-dark")
-            api(base, token, "lab/api/settings/@jupyterlab/apputils-extension:themes", "PUT",
-                {"raw": '{"theme": "JupyterLab Light"}'})
+            api(
+                base,
+                token,
+                "lab/api/settings/@jupyterlab/apputils-extension:themes",
+                "PUT",
+                {"raw": '{"theme": "JupyterLab Light"}'},
+            )
 
             # the kernel goes away: so does its mesh
             kernel_item = sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]')
