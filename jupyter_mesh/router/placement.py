@@ -241,6 +241,10 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
             cand = c
         ex = exec_t[li]
         ds = deps[i]
+        if ds:
+            # (finish, worker, pool, bytes) of each input, once for all pools
+            dinf = [(finish[d], worker_of[d], wpool[worker_of[d]], out_b[layer[d]])
+                    for d in ds]
         best = inf
         bw = -1
         bs = 0.0
@@ -260,15 +264,14 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
             # arrival of each input at a worker of p that does not hold it
             generic = 0.0
             local: list[int] = []
-            for d in ds:
-                wd = worker_of[d]
-                q = wpool[wd]
+            il, ii = ilat[p], iinv[p]
+            for fd, wd, q, nb in dinf:
                 if q == p:
-                    a = finish[d] + ilat[p] + out_b[layer[d]] * iinv[p]
+                    a = fd + il + nb * ii
                     if wd not in local and len(local) < 4:
                         local.append(wd)
                 else:
-                    a = finish[d] + lat[q][p] + out_b[layer[d]] * inv[q][p]
+                    a = fd + lat[q][p] + nb * inv[q][p]
                 if a > generic:
                     generic = a
             s = slots[top][0]
@@ -279,16 +282,13 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                     best, bw, bs = f, top, s0
             for wl in local:
                 ready = 0.0
-                for d in ds:
-                    wd = worker_of[d]
+                for fd, wd, q, nb in dinf:
                     if wd == wl:
-                        a = finish[d]
+                        a = fd
+                    elif q == p:
+                        a = fd + il + nb * ii
                     else:
-                        q = wpool[wd]
-                        if q == p:
-                            a = finish[d] + ilat[p] + out_b[layer[d]] * iinv[p]
-                        else:
-                            a = finish[d] + lat[q][p] + out_b[layer[d]] * inv[q][p]
+                        a = fd + lat[q][p] + nb * inv[q][p]
                     if a > ready:
                         ready = a
                 s0 = slots[wl][0]

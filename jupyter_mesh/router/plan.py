@@ -74,15 +74,20 @@ class Plan:
                 self._to_host = [True] * len(m.keys)
                 return self._to_host
             outputs = set(m.outputs)
-            flags = [False] * len(m.keys)
-            host = [self.pools[p].backend == "numpy" for p in self.pool_of]
+            # one number per (kind, backend) instead of tuples per task
+            kinds: dict[tuple[str, str], int] = {}
+            pool_kind = [kinds.setdefault(self._kind_of(p), len(kinds))
+                         for p in range(len(self.pools))]
+            host_pool = [p.backend == "numpy" for p in self.pools]
+            kind = [pool_kind[p] for p in self.pool_of]
+            flags = [host_pool[p] for p in self.pool_of]
             for i, ds in enumerate(m.deps):
-                ki = self._kind_of(self.pool_of[i])
+                ki = kind[i]
                 for d in ds:
-                    if not flags[d] and self._kind_of(self.pool_of[d]) != ki:
+                    if kind[d] != ki:
                         flags[d] = True
             for i, k in enumerate(m.keys):
-                if host[i] or k in outputs:
+                if k in outputs:
                     flags[i] = True
             self._to_host = flags
         return self._to_host
