@@ -24,9 +24,11 @@ chromium:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
+# The server starts an embedded local mesh (JUPYTER_MESH_AUTOSTART) shown in the Mesh tab.
+MESH ?= cpu=2
 lab: venv
-	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(PORT) $(ROOT_FLAG) \
-	  --ServerApp.root_dir=$(CURDIR)/examples --JupyterMesh.autostart_local=True
+	JUPYTER_MESH_AUTOSTART="$(MESH)" $(VENV)/bin/jupyter lab --ip 127.0.0.1 --port $(PORT) \
+	  $(ROOT_FLAG) --ServerApp.root_dir=$(CURDIR)/examples
 
 demo: venv
 	$(PY) -m jupyter_mesh.demo examples/quickstart.ipynb

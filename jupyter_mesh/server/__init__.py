@@ -8,6 +8,8 @@ handlers under ``/jupyter-mesh/api/``.
 from __future__ import annotations
 
 import atexit
+import json
+import os
 from typing import Any
 
 from .handlers import setup_handlers
@@ -38,6 +40,50 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
     # Meshes the sidebar started die with the server, like its kernels.
     atexit.register(manager.close_sync)
     server_app.log.info("jupyter_mesh: Mesh sidebar API at /jupyter-mesh/api/")
+    autostart = os.environ.get(AUTOSTART_ENV, "").strip()
+    if autostart:
+        _autostart(server_app, manager, autostart)
+
+
+AUTOSTART_ENV = "JUPYTER_MESH_AUTOSTART"
+
+
+def parse_autostart(text: str) -> dict[str, Any]:
+    """``cpu=2,jax_cpu=1`` (or a JSON object) -> the body of ``POST meshes``."""
+    text = text.strip()
+    if text.startswith("{"):
+        return json.loads(text)
+    body: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{AUTOSTART_ENV}: expected KEY=VALUE, got {part!r}")
+        value = value.strip()
+        body[key.strip()] = int(value) if value.isdigit() else value
+    return body
+
+
+def _autostart(server_app: Any, manager: MeshManager, text: str) -> None:
+    """Start an embedded local mesh with the server (``make lab`` does this)."""
+    from tornado.ioloop import IOLoop
+
+    from .manager import validate_start
+
+    try:
+        body = parse_autostart(text)
+        validate_start(body)
+    except Exception as exc:
+        server_app.log.error("jupyter_mesh: ignoring %s=%r: %s", AUTOSTART_ENV, text, exc)
+        return
+
+    async def start() -> None:
+        try:
+            detail = await manager.start(body)
+            server_app.log.info("jupyter_mesh: started a local mesh at %s", detail.get("address"))
+        except Exception as exc:
+            server_app.log.error("jupyter_mesh: could not start the local mesh: %s", exc)
+
+    IOLoop.current().add_callback(start)
 
 
 load_jupyter_server_extension = _load_jupyter_server_extension
