@@ -119,8 +119,6 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     """
     n = len(model.keys)
     ops = model.ops
-    layer = model.layer
-    deps = model.deps
     exec_t = [[cost.exec_time(op, p) for p in pools] for op in ops]
     pin = _pins(model)
     order = _rank_order(model, exec_t, allowed, [1] * len(pools))
