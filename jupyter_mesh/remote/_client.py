@@ -496,7 +496,10 @@ class RemoteCells:
                 if labelled:
                     text = _label_lines(text, f"[{run.label}] ", run.at_line_start, name)
                 stream.write(text)
-                stream.flush()
+                # a whole line goes out at once; the pieces of one print() wait for its
+                # newline (the kernel flushes what is left by itself), so they stay one line
+                if text.endswith(("\n", "\r")):
+                    stream.flush()
             else:
                 _, data, metadata, _ts = item
                 if labelled:
