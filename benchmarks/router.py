@@ -112,6 +112,8 @@ def _dask_overhead(mesh, workers: int = 3, repeats: int = 3) -> float:
 
 
 def p1(repeats: int = 5) -> dict[str, Any]:
+    import dask
+
     import jupyter_mesh as jm
     from jupyter_mesh.router import api
     from jupyter_mesh.router.cost import build_pools
@@ -122,6 +124,10 @@ def p1(repeats: int = 5) -> dict[str, Any]:
     mesh = jm.Mesh.local(cpu=2, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1,
                          set_current=False)
     out: dict[str, Any] = {}
+    # no progress bars: Dask default shows none, and a bar (past mesh.progress-after)
+    # costs scheduler work and waits for its last update at the end
+    progress_off = dask.config.set({"mesh.progress-after": 3600})
+    progress_off.__enter__()
     try:
         pools = build_pools(mesh.inventory())
         for homogeneous in (False, True):
@@ -155,6 +161,7 @@ def p1(repeats: int = 5) -> dict[str, Any]:
             med["tasks"] = len(model.keys)
             out["homogeneous" if homogeneous else "heterogeneous"] = med
     finally:
+        progress_off.__exit__(None, None, None)
         mesh.close()
     return out
 
@@ -300,7 +307,8 @@ def report(r1, r2, r3, r6) -> str:
                   "each; each task sleeps its modelled time for its (op, worker) pair. The JAX "
                   "worker *emulates* an accelerator-like speed table (10x on matmul, 0.5x on "
                   "small elementwise ops); it is a CPU and is labelled one. Median of 5 runs, "
-                  "wall seconds, measured side by side. *Lower bound* = max(critical path, LP "
+                  "wall seconds, measured side by side; progress bars off for every policy "
+                  "(Dask default shows none). *Lower bound* = max(critical path, LP "
                   "relaxation of the work per pool) with the emulated times plus the 1 ms per "
                   "task the emulation models. *With Dask's cost* = the same LP/critical-path figure "
                   "with the per-task cost Dask itself has on this machine in place of 1 ms, "
