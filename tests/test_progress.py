@@ -12,20 +12,15 @@ import dask
 import dask.array as da
 import pytest
 
-import jupyter_mesh as jm
-from jupyter_mesh import MeshConfigError, _state, progress
+from jupyter_mesh import MeshConfigError, progress
 
-pytest.importorskip("jax")
+from .meshes import fresh_local_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    active = _state.active()
-    if active is not None:
-        active.close()
-    m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1)
-    yield m
-    m.close()
+    with fresh_local_mesh(cpu=1, jax_cpu=1, threads_per_worker=1) as m:
+        yield m
 
 
 @pytest.fixture

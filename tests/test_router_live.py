@@ -150,13 +150,10 @@ def test_submit_on_target_and_needs(mesh):
 
 # ---------------------------------------------------------------- magics
 @pytest.fixture(scope="module")
-def ip(mesh):
-    from IPython.testing.globalipapp import start_ipython
-
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "jupyter_mesh")
-    yield shell
-    shell.run_line_magic("mesh", "route off")
+def ip(ip, mesh):
+    """The session's shell (tests/conftest.py), with routing off again afterwards."""
+    yield ip
+    ip.run_line_magic("mesh", "route off")
 
 
 def test_magic_route_and_explain(ip, mesh, capsys):

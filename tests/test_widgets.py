@@ -11,17 +11,13 @@ import jupyter_mesh as jm
 from jupyter_mesh import MeshError, _state
 from jupyter_mesh.widgets import MeshPanel
 
-pytest.importorskip("jax")
+from .meshes import fresh_local_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    active = _state.active()
-    if active is not None:
-        active.close()
-    m = jm.Mesh.local(cpu=1, jax_cpu=0, gpu=0, tpu=0, threads_per_worker=1)
-    yield m
-    m.close()
+    with fresh_local_mesh(cpu=1, jax_cpu=0, threads_per_worker=1) as m:
+        yield m
 
 
 @pytest.fixture
