@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import atexit
-import logging
 import html
+import logging
 import re
 import weakref
 from typing import Any
