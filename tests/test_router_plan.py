@@ -340,3 +340,24 @@ def test_bad_pins(mesh_devices):
         plan_collections([y], mesh_devices, pin=[(da.ones(3), "local")])
     with pytest.raises(MeshError, match="pin takes"):
         plan_collections([y], mesh_devices, pin=["local"])
+
+
+def test_scheduler_runs_ready_tasks_in_plan_order(mesh_devices):
+    import pickle
+    from types import SimpleNamespace
+
+    from jupyter_mesh.router._scheduler import RouterState
+    from jupyter_mesh.router.rewrite import rewrite
+
+    plan = plan_collections([pipeline(2000, 1000)], mesh_devices)
+    routed = rewrite(plan)
+    assert routed.priorities == dict(zip(plan.model.keys, plan.start, strict=True))
+    st = RouterState()
+    tasks = {k: SimpleNamespace(key=k, state="released", priority=(0, 3, 17))
+             for k in plan.model.keys}
+    st.scheduler = SimpleNamespace(workers={}, tasks=tasks)
+    st.register(payload=pickle.dumps(pickle.loads(routed.payload())))
+    st.update_graph(st.scheduler, list(tasks))
+    k = plan.model.keys[-1]
+    assert tasks[k].priority == (0, 3, routed.priorities[k])
+    assert tasks[k].resource_restrictions == {plan.pools[plan.pool_of[-1]].resource: 1}

@@ -46,7 +46,7 @@ class RouterState:
 
     def __init__(self) -> None:
         self.scheduler: Any = None
-        self.pending: dict[Any, tuple[str, int]] = {}
+        self.pending: dict[Any, tuple[str, int, float | None]] = {}
         self.plans: dict[str, PlanState] = {}
         self.owner: dict[Any, str] = {}
 
@@ -61,8 +61,9 @@ class RouterState:
         ps = PlanState(data["plan_id"], data["pools"], bool(data["fallback"]),
                        float(data["timeout"]), data.get("site"), data.get("pins") or {})
         self.plans[ps.plan_id] = ps
+        prio = data.get("priorities") or {}
         for key, p in data["restrictions"].items():
-            self.pending[key] = (ps.plan_id, p)
+            self.pending[key] = (ps.plan_id, p, prio.get(key))
         self._prune()
         return {"status": "OK", "plan_id": ps.plan_id}
 
@@ -79,7 +80,7 @@ class RouterState:
             entry = self.pending.pop(key, None)
             if entry is None:
                 continue
-            pid, p = entry
+            pid, p, start = entry
             ps = self.plans.get(pid)
             ts = scheduler.tasks.get(key)
             if ps is None or ts is None:
@@ -90,6 +91,10 @@ class RouterState:
             touched.add(pid)
             if ts.state not in ("memory", "erred"):
                 self._restrict(ts, ps, p)
+                if start is not None and ts.priority:
+                    # run ready tasks in the plan's order (its start times) rather
+                    # than in dask.order's, keeping the user's and the generation's
+                    ts.priority = (ts.priority[0], ts.priority[1], float(start))
         for pid in touched:
             self._check(self.plans[pid])
 

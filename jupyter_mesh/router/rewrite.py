@@ -36,13 +36,15 @@ class Routed:
     site: str | None = None
     #: key -> site its data is pinned to (a fallback never moves it elsewhere)
     pins: dict[Any, str] = field(default_factory=dict)
+    #: key -> planned start (s): the order in which workers run their ready tasks
+    priorities: dict[Any, float] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         """What the scheduler plugin's ``jupyter_mesh_route`` handler receives."""
         return pickle.dumps({
             "plan_id": self.plan_id, "restrictions": self.restrictions,
             "pools": self.pools, "fallback": self.fallback, "timeout": self.timeout,
-            "site": self.site, "pins": self.pins,
+            "site": self.site, "pins": self.pins, "priorities": self.priorities,
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -62,6 +64,7 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
     to_host = plan.to_host
     graph: dict[Any, Any] = {}
     restrictions: dict[Any, int] = {}
+    priorities: dict[Any, float] = {}
     free = getattr(plan, "unrestricted", False)
     host_only = frozenset({"numpy"})
     # one wrapper per (op, to_host, function): tasks share it and it reads the key of
@@ -95,6 +98,7 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
         graph[key] = node
     if not free:
         restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
+        priorities = dict(zip(m.keys, plan.start, strict=True))
     pins: dict[Any, str] = {}
     if m.pins:
         from .placement import _pins
@@ -109,5 +113,5 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
     return Routed(
         plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=restrictions,
         pools=pools, fallback=fallback, timeout=get_seconds("fallback-timeout"),
-        site=plan.site, pins=pins,
+        site=plan.site, pins=pins, priorities=priorities,
     )
