@@ -8,9 +8,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PORT ?= 8888
 
-.PHONY: venv lab demo test bench chromium lint clean
+.PHONY: venv lab demo test bench node chromium lint clean
+
+APT = if [ "$$(id -u)" = 0 ]; then apt-get $(1); else sudo apt-get $(1); fi
 
 $(VENV)/.installed: pyproject.toml labextension/package.json
+	@$(MAKE) --no-print-directory node
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test,tpu]"
@@ -21,8 +24,12 @@ venv: $(VENV)/.installed
 # Browser tests drive Debian's chromium (Playwright's own browser download is not used).
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	  $(call APT,update -qq) && $(call APT,install -y -qq chromium); }
+
+# The lab extension is built with JupyterLab's jlpm, which runs on Node.js.
+node:
+	@command -v node >/dev/null 2>&1 || { \
+	  $(call APT,update -qq) && $(call APT,install -y -qq nodejs); }
 
 # The server starts an embedded local mesh (JUPYTER_MESH_AUTOSTART) shown in the Mesh tab.
 MESH ?= cpu=2
