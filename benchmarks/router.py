@@ -317,7 +317,13 @@ def report(r1, r2, r3, r6) -> str:
                   f"{het['overhead'] * 1e3:.1f} ms / {hom['overhead'] * 1e3:.1f} ms per task); "
                   "that per-task figure is a throughput, not a floor, so this column is an "
                   "estimate of what this machine allows, not a bound. "
-                  "*Plan est.* = the router's own estimate of its makespan.", "",
+                  "*Plan est.* = the router's own estimate of its makespan. Live figures move "
+                  "with the load of this shared machine (load average above): the router's "
+                  "plan hands data between worker processes (matmul on the JAX worker, the "
+                  "rest on the NumPy ones) where Dask default keeps each chain on one worker, "
+                  "and under CPU contention each hand-over costs several ms, not the 0.2 ms "
+                  "the cost model assumes for a local network; five runs of this benchmark in "
+                  "one afternoon gave Dask / router between 1.08x and 1.56x.", "",
                   "| workers | tasks | router | Dask default | all on fastest | plan est. | "
                   "lower bound | with Dask's cost (estimate) | router / bound | Dask / router |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
