@@ -7,20 +7,15 @@ import dask.array as da
 import numpy as np
 import pytest
 
-import jupyter_mesh as jm
-from jupyter_mesh import MeshError, _state
+from jupyter_mesh import MeshError
 
-pytest.importorskip("jax")
+from .meshes import fresh_local_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    active = _state.active()
-    if active is not None:
-        active.close()
-    m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, site="lab")
-    yield m
-    m.close()
+    with fresh_local_mesh(cpu=1, jax_cpu=1, site="lab") as m:
+        yield m
 
 
 def pipeline():

@@ -13,21 +13,16 @@ import dask.array as da
 import pytest
 from distributed.core import Status
 
-import jupyter_mesh as jm
-from jupyter_mesh import MeshError, _state
+from jupyter_mesh import MeshError
 
-pytest.importorskip("jax")
+from .meshes import fresh_local_mesh
 
 
 @pytest.fixture(scope="module")
 def mesh():
-    active = _state.active()
-    if active is not None:
-        active.close()
     with dask.config.set({"mesh.fallback-timeout": 1.0}):
-        m = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, site="lab")
-        yield m
-        m.close()
+        with fresh_local_mesh(cpu=1, jax_cpu=1, site="lab") as m:
+            yield m
 
 
 def test_lost_kind_without_fallback_is_a_mesh_error(mesh):
