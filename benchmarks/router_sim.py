@@ -101,6 +101,19 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
     raise ValueError(policy)
 
 
+
+def _upward_rank_order(n: int, layer: list[int], deps: list[list[int]],
+                       weight: list[float]) -> list[int]:
+    """Task indices by decreasing upward rank (a task's weight plus its longest tail);
+    tasks are in topological order, so one backward pass computes it."""
+    rank = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        rank[i] += weight[layer[i]]
+        for d in deps[i]:
+            if rank[d] < rank[i]:
+                rank[d] = rank[i]
+    return sorted(range(n), key=rank.__getitem__, reverse=True)
+
 def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> list[int]:
     """Classic HEFT (Topcuoglu et al.): tasks in decreasing upward rank (mean cost over
     the allowed workers), each to the worker where it finishes first, transfers between
@@ -111,13 +124,7 @@ def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> 
     out_b = [op.out_bytes for op in model.ops]
     w = [max(sum(ex[li][p] for p in allowed[li]) / len(allowed[li]), 1e-12)
          for li in range(len(model.ops))]
-    rank = [0.0] * n
-    for i in range(n - 1, -1, -1):
-        rank[i] += w[layer[i]]
-        for d in deps[i]:
-            if rank[d] < rank[i]:
-                rank[d] = rank[i]
-    order = sorted(range(n), key=rank.__getitem__, reverse=True)
+    order = _upward_rank_order(n, layer, deps, w)
     free = [[0.0] * max(p.slots, 1) for p in solo]
     where = [-1] * n
     finish = [0.0] * n
@@ -150,14 +157,7 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
     ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
     layer, deps = model.layer, model.deps
     out_b = [op.out_bytes for op in model.ops]
-    w_mean = [sum(r) / len(r) for r in ex]
-    rank = [0.0] * n
-    for i in range(n - 1, -1, -1):
-        rank[i] += w_mean[layer[i]]
-        for d in deps[i]:
-            if rank[d] < rank[i]:
-                rank[d] = rank[i]
-    order = sorted(range(n), key=rank.__getitem__, reverse=True)
+    order = _upward_rank_order(n, layer, deps, [sum(r) / len(r) for r in ex])
     free = [[0.0] * max(p.slots, 1) for p in solo]
     where = [-1] * n
     finish = [0.0] * n

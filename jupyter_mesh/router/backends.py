@@ -98,14 +98,9 @@ class CupyBackend(Backend):
     op_classes = frozenset({"matmul", "linalg", "fft", "elementwise", "reduction", "movement"})
 
     def available(self) -> bool:
-        if importlib.util.find_spec("cupy") is None:
-            return False
-        try:
-            import cupy
+        from ..devices._detect import cuda_available
 
-            return bool(cupy.is_available())
-        except Exception:
-            return False
+        return cuda_available()
 
     def namespace(self) -> Any:
         try:
