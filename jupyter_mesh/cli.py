@@ -56,6 +56,14 @@ async def run_worker(args: argparse.Namespace) -> int:
     kind = None
     backend = "jax" if args.jax else None
     if args.gpu is not None:
+        from .devices._detect import cuda_devices
+
+        found = len(cuda_devices())
+        if args.gpu < 0 or args.gpu >= found:
+            raise MeshError(
+                f"no CUDA GPU {args.gpu} here (CuPy sees {found}): leave out --gpu to "
+                f"join as a CPU worker, or use --jax for a TPU"
+            )
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         kind = "gpu"
     if args.jax:
