@@ -111,7 +111,7 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         (["worker", "nonsense://x"], "malformed address"),
         (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], "--nthreads must be"),
         (["worker", "tls://127.0.0.1:1"], "needs --tls-ca-file"),
-        (["worker", "tcp://127.0.0.1:1", "--gpu", "0"], "no CUDA GPU 0 here"),
+        (["worker", "tcp://127.0.0.1:1", "--gpu", "99"], "no CUDA GPU 99 here"),
     ],
 )
 def test_cli_bad_input(args, message):
