@@ -92,6 +92,19 @@ def test_route_context_routes_plain_compute(mesh):
     assert mesh.last_report.ran_on("matmul") == ["jax"]
 
 
+def test_route_context_plans_with_chunk_sizes(mesh):
+    """Plain .compute() hands Dask's scheduler a flat graph; the router still sees the
+    layers' chunk shapes and dtypes, so its estimates match mesh.explain's."""
+    y = pipeline()
+    planned = {r["op"]: r for r in mesh.explain(y, route="cpu:jax").rows}
+    with mesh.route("cpu:jax"):
+        y.compute()
+    ran = {r["op"]: r for r in mesh.last_report.rows}
+    assert ran["matmul"]["est_seconds"] == pytest.approx(planned["matmul"]["est_seconds"],
+                                                         rel=0.01)
+    assert ran["matmul"]["bytes_moved"] == planned["matmul"]["bytes_moved"]
+
+
 def test_explain_returns_plan(mesh):
     plan = mesh.explain(pipeline(), route="cpu:jax")
     targets = {r["op"]: r["target"] for r in plan.rows}

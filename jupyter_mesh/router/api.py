@@ -203,13 +203,44 @@ class _RoutedScheduler:
         self.fallback = fallback
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-        graph = dsk.__dask_graph__() if hasattr(dsk, "__dask_graph__") else dsk
+        graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
         model = model_graph(graph, flat)
         pools = build_pools(self.mesh.inventory())
         plan = plan_model(model, pools, self.route)
         values = dict(zip(model.outputs, run_plan(self.mesh, plan, self.fallback), strict=False))
         return _nest(keys, values)
+
+
+def _graph_with_layers(dsk: Any) -> Any:
+    """The graph that plain ``.compute()`` hands a scheduler, keeping its layers.
+
+    Dask passes an expression whose ``__dask_graph__()`` is a flat dict: the layers'
+    chunk shapes and dtypes, which the cost model needs, are gone. They live on in the
+    expression's high-level graphs; the flat dict adds what those lack (the finalize
+    task)."""
+    flat = dsk.__dask_graph__() if hasattr(dsk, "__dask_graph__") else dsk
+    if not hasattr(dsk, "walk"):
+        return flat
+    try:
+        from dask._expr import HLGExpr
+        from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+        hlgs = [e.hlg for e in dsk.walk() if isinstance(e, HLGExpr)]
+        if not hlgs:
+            return flat
+        merged = HighLevelGraph.merge(*hlgs)
+        known = set().union(*(layer.keys() for layer in merged.layers.values()))
+        rest = {k: v for k, v in dict(flat).items() if k not in known}
+        if not rest:
+            return merged
+        layers = dict(merged.layers)
+        deps = dict(merged.dependencies)
+        layers["jupyter-mesh-rest"] = MaterializedLayer(rest)
+        deps["jupyter-mesh-rest"] = set(merged.layers)
+        return HighLevelGraph(layers, deps)
+    except Exception:  # an expression of another shape: the flat graph still runs
+        return flat
 
 
 def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
