@@ -329,7 +329,8 @@ def report(rows: dict[str, list[float]], n: int) -> str:
         "scheduler (`client.submit` pays the client's 10 ms batching) and not through "
         "`client.run` (a scheduler hop). The worker answers on the same comm: output "
         "messages while the cell runs, then one final message. The notebook flushes each "
-        "output message to the frontend at once.",
+        "whole line to the frontend at once (the pieces of one `print` wait for its "
+        "newline).",
         "- Streaming: output travels on the cell's own comm, written as soon as the "
         "cell's thread writes it. Dask's pub-sub (`log_event` on the worker, "
         "`subscribe_topic` on the client) was measured as the alternative: it passes "
