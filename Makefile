@@ -40,7 +40,7 @@ lab: venv
 demo: venv
 	$(PY) -m jupyter_mesh.demo examples/quickstart.ipynb
 
-test: venv chromium
+test: venv chromium lint
 	$(PY) -m pytest
 
 # Benchmarks print their tables and rewrite their sections of benchmarks/RESULTS.md.
@@ -49,7 +49,7 @@ bench: venv
 	$(PY) benchmarks/remote_cells.py --update
 
 lint: venv
-	$(VENV)/bin/ruff check jupyter_mesh tests benchmarks
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) jupyter_mesh/labextension labextension/lib labextension/node_modules
