@@ -25,10 +25,17 @@ __all__ = [
 def plan_collections(collections, devices, route="auto", *, site=None, links=None, pin=None):
     """Plan Dask collections over devices (an :class:`~jupyter_mesh.Inventory` or a list
     of :class:`~jupyter_mesh.Device`), without a cluster; ``pin={site: x}`` pins the
-    data of input ``x`` to a site."""
+    data of input ``x`` to a site. Above ``mesh.router.layer-plan-threshold`` tasks
+    (and without pins) the plan is made per layer, as ``Mesh.explain`` makes it."""
     from .api import apply_pins
+    from .classify import _collection_graph, model_graph
+    from .layers import model_layers, plan_layers, use_layer_plan
 
-    model = model_collections(collections)
+    graph, keys = _collection_graph(collections)
     pools = build_pools(devices)
+    if not pin and use_layer_plan(graph):
+        return plan_layers(model_layers(graph, keys), pools, route, site=site,
+                           cost=CostModel(pools, links))
+    model = model_graph(graph, keys)
     apply_pins(model, pin, pools)
     return plan_model(model, pools, route, site=site, cost=CostModel(pools, links))

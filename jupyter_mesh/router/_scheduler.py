@@ -47,6 +47,9 @@ class RouterState:
     def __init__(self) -> None:
         self.scheduler: Any = None
         self.pending: dict[Any, tuple[str, int, float | None]] = {}
+        #: layer name -> (plan id, pool) of plans made per layer: every key of the
+        #: layer (``(name, i, j)`` or ``name``) gets that pool
+        self.pending_layers: dict[Any, tuple[str, int]] = {}
         self.plans: dict[str, PlanState] = {}
         self.owner: dict[Any, str] = {}
 
@@ -64,6 +67,8 @@ class RouterState:
         prio = data.get("priorities") or {}
         for key, p in data["restrictions"].items():
             self.pending[key] = (ps.plan_id, p, prio.get(key))
+        for name, p in (data.get("layers") or {}).items():
+            self.pending_layers[name] = (ps.plan_id, p)
         self._prune()
         return {"status": "OK", "plan_id": ps.plan_id}
 
@@ -76,10 +81,16 @@ class RouterState:
     # ------------------------------------------------------------ plugin hooks
     def update_graph(self, scheduler: Any, tasks: Any) -> None:
         touched: set[str] = set()
+        by_layer = self.pending_layers
         for key in tasks:
             entry = self.pending.pop(key, None)
             if entry is None:
-                continue
+                if not by_layer:
+                    continue
+                lentry = by_layer.get(key[0] if type(key) is tuple and key else key)
+                if lentry is None:
+                    continue
+                entry = (lentry[0], lentry[1], None)
             pid, p, start = entry
             ps = self.plans.get(pid)
             ts = scheduler.tasks.get(key)
@@ -95,6 +106,10 @@ class RouterState:
                     # run ready tasks in the plan's order (its start times) rather
                     # than in dask.order's, keeping the user's and the generation's
                     ts.priority = (ts.priority[0], ts.priority[1], float(start))
+        if by_layer and touched:
+            # one submission per plan: its layer entries are used up
+            for name in [n for n, (pid, _) in by_layer.items() if pid in touched]:
+                del by_layer[name]
         for pid in touched:
             self._check(self.plans[pid])
 

@@ -15,8 +15,22 @@ from ..errors import MeshError
 from ..targets import Target
 from ._device import pop_records
 from ._scheduler import ROUTE_HANDLER, STATUS_HANDLER
-from .classify import CAPABILITIES, OpInfo, model_collections, model_graph, native_backends
+from .classify import (
+    CAPABILITIES,
+    OpInfo,
+    _collection_graph,
+    model_graph,
+    native_backends,
+)
 from .cost import CostModel, build_pools
+from .layers import (
+    LayerPlan,
+    model_layers,
+    plan_layers,
+    rewrite_layers,
+    submission,
+    use_layer_plan,
+)
 from .placement import allowed_pools, parse_route_or_error, plan_model
 from .plan import Plan, Report
 from .rewrite import rewrite
@@ -83,12 +97,23 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             site: str | None = None, pin: Any = None) -> Plan:
     route = parse_route_or_error(route)
     site = _check_site(site)
-    model = model_collections(collections)
-    pools = build_pools(mesh.inventory())
-    apply_pins(model, pin, pools)
-    plan = plan_model(model, pools, route, site=site)
+    plan = _plan_collections(mesh, collections, route, site, pin)
     mesh.last_plan = plan
     return plan
+
+
+def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
+                      site: str | None, pin: Any) -> Plan:
+    """Model and place: per layer above ``mesh.router.layer-plan-threshold`` tasks
+    (unless data is pinned: pins are per task), else per task."""
+    graph, keys = _collection_graph(collections)  # validates the inputs first
+    if not pin and use_layer_plan(graph):
+        layered = model_layers(graph, keys)
+        return plan_layers(layered, build_pools(mesh.inventory()), route, site=site)
+    model = model_graph(graph, keys)
+    pools = build_pools(mesh.inventory())
+    apply_pins(model, pin, pools)
+    return plan_model(model, pools, route, site=site)
 
 
 def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
@@ -98,7 +123,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     site = _check_site(site)
     if not collections:
         raise MeshError("nothing to compute: pass one or more Dask collections")
-    model = model_collections(collections)  # validates the inputs first
+    _collection_graph(collections)  # validates the inputs first
     if route == "off" and pin:
         raise MeshError("pin= needs routing: with route='off' Dask places tasks anywhere")
     if route == "off":
@@ -109,9 +134,8 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             return tuple(mesh.client.gather(futures))
         finally:
             watch.stopped()
-    pools = build_pools(mesh.inventory())
-    apply_pins(model, pin, pools)
-    plan = plan_model(model, pools, route, site=site)
+    plan = _plan_collections(mesh, collections, route, site, pin)
+    model = plan.model
     values = run_plan(mesh, plan, fallback)
     out = []
     by_key = dict(zip(model.outputs, values, strict=False))
@@ -131,7 +155,13 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
     """Submit a plan's rewritten graph and wait for its outputs (a list, by key)."""
     client = mesh.client
     mesh.last_plan = plan
-    routed = rewrite(plan, fallback=fallback)
+    graph: Any
+    if isinstance(plan, LayerPlan):
+        routed = rewrite_layers(plan, fallback=fallback)
+        graph = submission(routed)
+    else:
+        routed = rewrite(plan, fallback=fallback)
+        graph = routed.graph
     t0 = time.perf_counter()
     handler = getattr(client.scheduler, ROUTE_HANDLER)
     try:
@@ -142,7 +172,7 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
             f"there?): {exc}"
         ) from None
     watch = progress.FuturesWatch(mesh, plan.assignment(), f"route={plan.route}")
-    futures = client.get(routed.graph, routed.keys, sync=False)
+    futures = client.get(graph, routed.keys, sync=False)
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
         _wait(mesh, routed.plan_id, futures, fallback)
@@ -205,9 +235,13 @@ class _RoutedScheduler:
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
-        model = model_graph(graph, flat)
         pools = build_pools(self.mesh.inventory())
-        plan = plan_model(model, pools, self.route)
+        plan: Plan
+        if use_layer_plan(graph):
+            plan = plan_layers(model_layers(graph, flat), pools, self.route)
+        else:
+            plan = plan_model(model_graph(graph, flat), pools, self.route)
+        model = plan.model
         values = dict(zip(model.outputs, run_plan(self.mesh, plan, self.fallback), strict=False))
         return _nest(keys, values)
 

@@ -48,6 +48,10 @@ class Plan:
         return self.route != "off"
 
     @property
+    def ntasks(self) -> int:
+        return len(self.model.keys)
+
+    @property
     def makespan(self) -> float:
         """Estimated seconds from start to the last task's end."""
         return max(self.finish) if self.finish else 0.0
@@ -138,7 +142,7 @@ class Plan:
     def _header(self) -> str:
         return (
             f"Plan (route={self.route}{', site=' + self.site if self.site else ''}): "
-            f"{len(self.model.keys)} tasks in {len(self.rows)} ops over "
+            f"{self.ntasks} tasks in {len(self.rows)} ops over "
             f"{', '.join(f'{p.label}×{len(p.workers)}' for p in self.pools) or 'no devices'}; "
             f"est. {_secs(self.makespan)} makespan, {format_bytes(self.bytes_moved) or '0 B'} "
             f"moved between kinds"
@@ -181,11 +185,14 @@ class Report:
             backends: list[set[str]] = [set() for _ in range(nops)]
             workers: list[set[str]] = [set() for _ in range(nops)]
             secs = [0.0] * nops
-            for i, k in enumerate(m.keys):
-                rec = self.records.get(k)
-                if rec is None:
+            by_layer = getattr(self.plan, "layer_of_key", None)
+            if by_layer is not None:  # a plan made per layer: no per-task lists
+                pairs = ((by_layer(k), rec) for k, rec in self.records.items())
+            else:
+                pairs = ((m.layer[i], self.records.get(k)) for i, k in enumerate(m.keys))
+            for li, rec in pairs:
+                if rec is None or li is None:
                     continue
-                li = m.layer[i]
                 addr, backend, s = rec
                 backends[li].add(backend)
                 workers[li].add(self.worker_names.get(addr, addr))
@@ -208,7 +215,7 @@ class Report:
 
     def _header(self) -> str:
         return (
-            f"Report (route={self.plan.route}): {len(self.plan.model.keys)} tasks, "
+            f"Report (route={self.plan.route}): {self.plan.ntasks} tasks, "
             f"{_secs(self.wall_seconds)} wall, est. {_secs(self.plan.makespan)}"
         )
 

@@ -38,6 +38,8 @@ class Routed:
     pins: dict[Any, str] = field(default_factory=dict)
     #: key -> planned start (s): the order in which workers run their ready tasks
     priorities: dict[Any, float] = field(default_factory=dict)
+    #: layer name -> pool index, for every key of that layer (plans made per layer)
+    layers: dict[str, int] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         """What the scheduler plugin's ``jupyter_mesh_route`` handler receives."""
@@ -45,6 +47,7 @@ class Routed:
             "plan_id": self.plan_id, "restrictions": self.restrictions,
             "pools": self.pools, "fallback": self.fallback, "timeout": self.timeout,
             "site": self.site, "pins": self.pins, "priorities": self.priorities,
+            "layers": self.layers,
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -1,0 +1,435 @@
+"""The router's fast path for large graphs: plan and rewrite per layer, not per task.
+
+Above ``mesh.router.layer-plan-threshold`` tasks, building the per-task model of the
+unfused graph costs more than Dask's own graph construction. Every task of a
+HighLevelGraph layer computes the same op on blocks of the same shape, so this path:
+
+- classifies each layer from its metadata (name, one sample function, the array's
+  chunks and dtype); a Blockwise layer is never materialized;
+- places each layer on one pool by earliest finish time at layer granularity (a
+  layer's tasks spread over that pool's task slots; inputs from another pool pay the
+  link between them);
+- rewrites per layer: a Blockwise layer holds one task template, whose function is
+  wrapped once in the device wrapper; a materialized layer has its tasks wrapped (it
+  holds them already). The target of each layer travels by layer name to the scheduler
+  plugin, whose ``update_graph`` turns it into restrictions on that layer's keys. The
+  graph is submitted unfused, so layer names stay the keys' names.
+
+The device wrapper still converts every task's inputs to the backend of the worker it
+actually runs on: placement never decides correctness.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask._task_spec import Task
+from dask.blockwise import Blockwise
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+from .. import _config
+from ..errors import MeshError
+from ._device import DeviceCall
+from .classify import (
+    OpInfo,
+    _layer_meta,
+    _layer_order,
+    _sample_func,
+    classify_label,
+    layer_label,
+    native_backends,
+    task_cost,
+)
+from .cost import CostModel, Pool
+from .placement import allowed_pools, equivalent_pools, parse_route_or_error
+from .plan import Plan, _target_text
+from .rewrite import Routed
+
+DEFAULT_THRESHOLD = 20_000
+
+
+def layer_plan_threshold() -> int:
+    """``mesh.router.layer-plan-threshold``: graphs with more tasks are planned per layer."""
+    try:
+        value = _config.get("router.layer-plan-threshold")
+    except KeyError:
+        return DEFAULT_THRESHOLD
+    if value is None:
+        return DEFAULT_THRESHOLD
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise MeshError(
+            f"config mesh.router.layer-plan-threshold must be a number of tasks, not {value!r}"
+        ) from None
+
+
+def count_tasks(graph: Any) -> int:
+    """Tasks in a HighLevelGraph without materializing its Blockwise layers."""
+    if not isinstance(graph, HighLevelGraph):
+        return len(graph)
+    return sum(len(layer) for layer in graph.layers.values())
+
+
+def use_layer_plan(graph: Any) -> bool:
+    return isinstance(graph, HighLevelGraph) and count_tasks(graph) > layer_plan_threshold()
+
+
+def key_name(key: Any) -> Any:
+    """The layer name a key belongs to: ``('add-ab12', 0, 3)`` → ``'add-ab12'``."""
+    return key[0] if type(key) is tuple and key else key
+
+
+@dataclass
+class LayerModel:
+    """A computation as layers: ``ops[i]`` is layer ``names[i]``, in topological order;
+    ``deps[i]`` lists (layer index, bytes read from it per task)."""
+
+    graph: HighLevelGraph
+    ops: list[OpInfo]
+    names: list[str]
+    deps: list[list[tuple[int, float]]]
+    outputs: list[Any]
+    index: dict[str, int] = field(default_factory=dict)
+    #: the per-task lists of :class:`GraphModel`, empty: nothing here is per task
+    keys: list[Any] = field(default_factory=list)
+    layer: list[int] = field(default_factory=list)
+    pins: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def ntasks(self) -> int:
+        return sum(op.tasks for op in self.ops)
+
+    def __len__(self) -> int:
+        return self.ntasks
+
+    def layer_of_key(self, key: Any) -> int | None:
+        return self.index.get(key_name(key))
+
+
+def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
+    """Classify every layer of ``graph`` from its metadata (no task is materialized
+    for Blockwise layers). The graph is not culled here (that would build every key):
+    the scheduler culls it at submission (:func:`submission`), so task counts are
+    those of the layers as built."""
+    order = _layer_order(graph)
+    ops: list[OpInfo] = []
+    names: list[str] = []
+    metas: list[Any] = []
+    reads: list[dict[str, float]] = []
+    index: dict[str, int] = {}
+    for name in order:
+        layer = graph.layers[name]
+        if isinstance(layer, Blockwise):
+            n = len(layer)
+            func = layer.task.func if isinstance(layer.task, Task) else None
+            per_arg: dict[str, float] = {}
+            out_ind = set(layer.output_indices)
+            for arg, ind in layer.indices:
+                nb = layer.numblocks.get(arg) if isinstance(arg, str) else None
+                if nb is None or ind is None:
+                    continue
+                k = math.prod(b for b, i in zip(nb, ind, strict=False) if i not in out_ind)
+                per_arg[arg] = per_arg.get(arg, 0.0) + float(k)
+        else:
+            mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
+            n = len(mapping)
+            func = _sample_func(next(iter(mapping.values()))) if n else None
+            per_arg = {}
+        if not n:
+            continue
+        label = layer_label(name)
+        index[name] = len(ops)
+        ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
+                          tasks=n, func=func))
+        names.append(name)
+        metas.append(_layer_meta(layer))
+        reads.append(per_arg)
+    missing = {key_name(k) for k in outputs} - set(index)
+    if missing:
+        raise MeshError(f"the graph has no layer for output {sorted(map(str, missing))[0]!r}")
+    dep_idx: list[list[int]] = []
+    for li, name in enumerate(names):
+        dep_idx.append([index[d] for d in graph.dependencies.get(name, ()) if d in index
+                        and index[d] != li])
+    _layer_costs(ops, metas, dep_idx)
+    deps: list[list[tuple[int, float]]] = []
+    for li, op in enumerate(ops):
+        row = []
+        in_bytes = 0.0
+        for d in dep_idx[li]:
+            per = reads[li].get(names[d])
+            if per is None:  # spread the producer's blocks over this layer's tasks
+                per = max(ops[d].tasks / op.tasks, 1.0)
+            nb = per * ops[d].out_bytes
+            row.append((d, nb))
+            in_bytes += nb
+        deps.append(row)
+        op.in_bytes = in_bytes
+        op.flops, op.mem_bytes = task_cost(op, [ops[d] for d in dep_idx[li]])
+        op.native = native_backends(op.op_class, op.func)
+    return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
+                      index=index)
+
+
+def _layer_costs(ops: list[OpInfo], metas: list[Any], dep_idx: list[list[int]]) -> None:
+    """Block size and bytes of one output block per layer; layers without metadata
+    inherit them from their inputs, or (input-less ones) from their consumers."""
+    known = [False] * len(ops)
+    for li, op in enumerate(ops):
+        meta = metas[li]
+        if meta is not None:
+            op.block, op.itemsize = meta
+            op.out_bytes = float(math.prod(op.block)) * op.itemsize if op.block else 8.0
+            known[li] = True
+            continue
+        parents = [p for p in dep_idx[li] if known[p]]
+        if parents:
+            src = ops[max(parents, key=lambda p: ops[p].out_bytes)]
+            op.block, op.itemsize, op.out_bytes = src.block, src.itemsize, src.out_bytes
+            known[li] = True
+        else:
+            op.block, op.itemsize, op.out_bytes = (), 8, 8.0
+    children: list[list[int]] = [[] for _ in ops]
+    for li, ds in enumerate(dep_idx):
+        for d in ds:
+            children[d].append(li)
+    for li in range(len(ops) - 1, -1, -1):
+        if not known[li]:
+            kids = [c for c in children[li] if known[c]]
+            if kids:
+                src = ops[max(kids, key=lambda c: ops[c].out_bytes)]
+                ops[li].block, ops[li].itemsize = src.block, src.itemsize
+                ops[li].out_bytes = src.out_bytes
+                known[li] = True
+
+
+class LayerPlan(Plan):
+    """A plan made per layer: every task of a layer goes to one pool."""
+
+    def __init__(self, model: LayerModel, pools: list[Pool], route: str,
+                 layer_pool: list[int], start: list[float], finish: list[float],
+                 est: list[float], moved: list[float], cost: CostModel, *,
+                 notes: list[str] | None = None, site: str | None = None) -> None:
+        super().__init__(model, pools, route, [], [], [], cost, notes=notes,  # type: ignore[arg-type]
+                         site=site)
+        self.layer_pool = layer_pool
+        self.layer_start = start
+        self.layer_finish = finish
+        self._est = est
+        self._moved = moved
+
+    @property
+    def ntasks(self) -> int:
+        return self.model.ntasks
+
+    @property
+    def makespan(self) -> float:
+        return max(self.layer_finish, default=0.0)
+
+    def layer_of_key(self, key: Any) -> int | None:
+        return self.model.layer_of_key(key)
+
+    @property
+    def layer_to_host(self) -> list[bool]:
+        """Per layer: whether its results are handed over as host arrays (a consumer
+        layer on another kind or backend, an output, or a host result)."""
+        m = self.model
+        if self.unrestricted:
+            return [True] * len(m.ops)
+        kind = [self._kind_of(p) for p in self.layer_pool]
+        flags = [self.pools[p].backend == "numpy" for p in self.layer_pool]
+        for li, row in enumerate(m.deps):
+            for d, _ in row:
+                if kind[d] != kind[li]:
+                    flags[d] = True
+        for name in {key_name(k) for k in m.outputs}:
+            li = m.index.get(name)
+            if li is not None:
+                flags[li] = True
+        return flags
+
+    @property
+    def to_host(self) -> list[bool]:
+        return self.layer_to_host
+
+    def _make_rows(self) -> list[dict[str, Any]]:
+        from collections import Counter
+
+        rows = []
+        self._row_layers = []
+        for li, op in enumerate(self.model.ops):
+            self._row_layers.append(li)
+            if not self.routed:
+                target = "any (not routed)"
+            elif self.unrestricted:
+                target = "any (pools equivalent)"
+            else:
+                target = _target_text(Counter({self.pools[self.layer_pool[li]].label: 1}))
+            rows.append({"op": op.label, "class": op.op_class, "target": target,
+                         "tasks": op.tasks, "est_seconds": self._est[li],
+                         "bytes_moved": self._moved[li]})
+        return rows
+
+    def assignment(self) -> None:  # type: ignore[override]
+        """None: the progress bars group tasks by their names (layers) instead."""
+        return None
+
+    def _header(self) -> str:
+        return super()._header() + " (planned per layer)"
+
+
+def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
+                site: str | None = None, cost: CostModel | None = None) -> LayerPlan:
+    """Place each layer on one pool: earliest finish time over layers in topological
+    order, a layer taking ceil(tasks / slots) task times on its pool."""
+    route = parse_route_or_error(route)
+    cost = cost or CostModel(pools)
+    if route == "off":
+        allowed = [list(range(len(pools)))] * len(model.ops)
+        notes = ["route is off: Dask places every task itself (estimates assume any worker)"]
+    else:
+        allowed, notes = allowed_pools(model, pools, route, site)  # type: ignore[arg-type]
+    notes.append(f"{model.ntasks} tasks: planned per layer (above "
+                 f"mesh.router.layer-plan-threshold)")
+    unrestricted = route == "auto" and site is None and equivalent_pools(
+        model, pools, cost)  # type: ignore[arg-type]
+    if unrestricted:
+        allowed = [list(range(len(pools)))] * len(model.ops)
+        notes.append("every pool runs every op of this computation equally fast: no "
+                     "restrictions, Dask places each task itself")
+    slots = [max(sum(p.worker_threads()), 1) for p in pools]
+    nworkers = [max(len(p.workers), 1) for p in pools]
+    free = [0.0] * len(pools)
+    nl = len(model.ops)
+    layer_pool = [0] * nl
+    start = [0.0] * nl
+    finish = [0.0] * nl
+    est = [0.0] * nl
+    moved = [0.0] * nl
+    for li, op in enumerate(model.ops):
+        n = op.tasks
+        if not allowed[li]:
+            raise MeshError(f"{op.label}: no pool may run it")
+        best = (math.inf, allowed[li][0], 0.0)
+        for p in allowed[li]:
+            e = cost.exec_time(op, pools[p])
+            ready = 0.0
+            for d, nb in model.deps[li]:
+                q = layer_pool[d]
+                a = finish[d]
+                if q != p:
+                    links = min(nworkers[p], nworkers[q])
+                    a += cost.latency[q][p] + n * nb * cost.inv_bw[q][p] / links
+                ready = max(ready, a)
+            s = max(ready, free[p])
+            f = s + math.ceil(n / slots[p]) * e
+            if f < best[0]:
+                best = (f, p, s)
+        f, p, s = best
+        layer_pool[li], start[li], finish[li] = p, s, f
+        free[p] = f
+        est[li] = n * cost.exec_time(op, pools[p])
+        kp = (pools[p].kind, pools[p].backend)
+        moved[li] = float(sum(op.tasks * nb for d, nb in model.deps[li]
+                              if (pools[layer_pool[d]].kind,
+                                  pools[layer_pool[d]].backend) != kp))
+    plan = LayerPlan(model, pools, str(route), layer_pool, start, finish, est, moved, cost,
+                     notes=notes, site=site)
+    plan.unrestricted = unrestricted
+    return plan
+
+
+def _wrapped_task(node: Task, call: DeviceCall) -> Task:
+    """A shallow copy of ``node`` with ``call`` as its function (Task.__init__ would
+    scan the arguments for dependencies again)."""
+    t = Task.__new__(Task)
+    t.key = node.key
+    t.func = call
+    t.args = node.args
+    t.kwargs = node.kwargs
+    t._dependencies = node._dependencies
+    t._data_producer = node._data_producer
+    t._token = t._is_coro = t._repr = None
+    return t
+
+
+def rewrite_layers(plan: LayerPlan, *, fallback: bool = True) -> Routed:
+    """Wrap each layer's function(s) in the device wrapper; restrictions per layer."""
+    m = plan.model
+    plan_id = uuid.uuid4().hex
+    to_host = plan.layer_to_host
+    free = plan.unrestricted
+    host_only = frozenset({"numpy"})
+    layers: dict[str, Any] = dict(m.graph.layers)
+    by_layer: dict[str, int] = {}
+    by_key: dict[Any, int] = {}
+    for li, op in enumerate(m.ops):
+        name = m.names[li]
+        layer = layers[name]
+        native = host_only if free else op.native
+        pool = plan.layer_pool[li]
+        if not free:
+            by_layer[name] = pool
+        calls: dict[int, DeviceCall] = {}
+
+        def wrap(func: Any, li: int = li, native: frozenset[str] = native,
+                 calls: dict[int, DeviceCall] = calls) -> DeviceCall:
+            call = calls.get(id(func))
+            if call is None or call.func is not func:
+                call = calls[id(func)] = DeviceCall(func, None, plan_id, to_host[li], native)
+            return call
+
+        if isinstance(layer, Blockwise) and isinstance(layer.task, Task):
+            new = copy.copy(layer)
+            new.__dict__.pop("_cached_dict", None)
+            new.task = _wrapped_task(layer.task, wrap(layer.task.func))
+            layers[name] = new
+            continue
+        mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
+        out: dict[Any, Any] = {}
+        for key, node in mapping.items():
+            if type(node) is Task:
+                node = _wrapped_task(node, wrap(node.func))
+            elif type(node) is tuple and node and callable(node[0]):
+                node = (wrap(node[0]),) + node[1:]
+            out[key] = node
+            if not free and key_name(key) != name:
+                by_key[key] = pool
+        layers[name] = MaterializedLayer(
+            out, annotations=getattr(layer, "annotations", None),
+            collection_annotations=getattr(layer, "collection_annotations", None))
+    graph = HighLevelGraph(layers, m.graph.dependencies)
+    multi_site = len({p.site for p in plan.pools}) > 1
+    pools = [(p.resource, list(p.workers) if (multi_site or plan.site) else None, p.label)
+             for p in plan.pools]
+    routed = Routed(plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=by_key,
+                    pools=pools, fallback=fallback,
+                    timeout=_config.get_seconds("fallback-timeout"), site=plan.site,
+                    layers=by_layer)
+    return routed
+
+
+def cull_graph(dsk: HighLevelGraph, keys: Any) -> HighLevelGraph:
+    """Dask's own culling, run where the graph is materialized (the scheduler)."""
+    from dask.core import flatten
+
+    return dsk.cull(set(flatten(keys)))
+
+
+def submission(routed: Routed) -> Any:
+    """What ``client.get`` receives for a graph rewritten per layer: the graph as a
+    Dask expression whose only optimization is culling, which the scheduler runs when
+    it materializes the graph (no fusion: layer names stay the keys' names)."""
+    from dask._expr import HLGExpr
+
+    return HLGExpr(dsk=routed.graph, low_level_optimizer=cull_graph,
+                   output_keys=list(routed.keys))
+
+
+__all__ = ["LayerModel", "LayerPlan", "count_tasks", "key_name", "layer_plan_threshold",
+           "model_layers", "plan_layers", "rewrite_layers", "submission", "use_layer_plan"]

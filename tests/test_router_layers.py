@@ -1,0 +1,204 @@
+"""The router's per-layer fast path for large graphs (mesh.router.layer-plan-threshold)."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+from dask.blockwise import Blockwise
+
+from jupyter_mesh.devices._profile import Profile
+from jupyter_mesh.inventory import Device
+from jupyter_mesh.router._device import DeviceCall
+from jupyter_mesh.router.classify import _collection_graph, model_graph
+from jupyter_mesh.router.cost import build_pools
+from jupyter_mesh.router.layers import (
+    LayerPlan,
+    layer_plan_threshold,
+    model_layers,
+    plan_layers,
+    rewrite_layers,
+    use_layer_plan,
+)
+from jupyter_mesh.router.placement import plan_model
+
+from .meshes import fresh_local_mesh
+
+
+def pipeline(n: int = 600, chunks: int = 300):
+    x = da.random.random((n, n), chunks=chunks)
+    return ((x @ x.T) + 1).sum(axis=0)
+
+
+def synthetic_pools():
+    # a modelled JAX device 10x the CPU at compute, same memory bandwidth
+    cpu = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+                  method="model", source="test")
+    fast = Profile(flops32=2e12, flops64=1e12, mem_bandwidth=2e10, launch_latency=2e-6,
+                   method="model", source="test")
+    return build_pools([
+        Device("tcp://a:1", "cpu", "numpy", "model cpu", 1 << 34, "lab", cpu, name="a"),
+        Device("tcp://b:1", "cpu", "jax", "model cpu", 1 << 34, "lab", fast, name="b"),
+    ])
+
+
+def test_threshold_from_config():
+    assert layer_plan_threshold() == 20_000
+    g, _ = _collection_graph([pipeline()])
+    assert not use_layer_plan(g)
+    with dask.config.set({"mesh.router.layer-plan-threshold": 5}):
+        assert layer_plan_threshold() == 5
+        assert use_layer_plan(g)
+
+
+def test_layers_classified_like_the_per_task_model_without_materializing():
+    y = ((da.random.random((400, 400), chunks=100) + 1) * 2).sum(axis=0)
+    g, keys = _collection_graph([y])
+    lm = model_layers(g, keys)
+    blockwise = [layer for layer in g.layers.values() if isinstance(layer, Blockwise)]
+    assert blockwise and not any(hasattr(b, "_cached_dict") for b in blockwise)
+    y2 = ((da.random.random((400, 400), chunks=100) + 1) * 2).sum(axis=0)
+    tm = model_graph(*_collection_graph([y2]))
+    per_layer = {(op.label, op.op_class, op.tasks, op.out_bytes) for op in lm.ops}
+    per_task = {(op.label, op.op_class, op.tasks, op.out_bytes) for op in tm.ops if op.tasks}
+    assert per_layer == per_task
+    assert lm.ntasks == len(tm.keys)
+
+
+def test_plan_rows_and_rewrite_wrap_each_layer_once():
+    pools = synthetic_pools()
+    y = pipeline()
+    g, keys = _collection_graph([y])
+    plan = plan_layers(model_layers(g, keys), pools, "cpu:jax")
+    assert isinstance(plan, LayerPlan)
+    rows = {r["op"]: r for r in plan.rows}
+    assert rows["matmul"]["target"] == "cpu:jax"
+    assert rows["random_sample"]["target"] == "cpu:numpy"  # creation is not in JAX's table
+    for r in plan.rows:
+        assert set(r) >= {"op", "target", "tasks", "est_seconds", "bytes_moved"}
+    assert "planned per layer" in repr(plan) and "<table>" in plan._repr_html_()
+    routed = rewrite_layers(plan)
+    assert set(routed.layers) == set(plan.model.names)
+    for name, layer in routed.graph.layers.items():
+        if isinstance(layer, Blockwise):
+            assert isinstance(layer.task.func, DeviceCall)
+            assert not isinstance(g.layers[name].task.func, DeviceCall)  # input untouched
+    # the rewritten graph gives the unrouted numbers (the wrapper runs on host NumPy here)
+    got = dask.get(routed.graph, routed.keys)
+    values = dict(zip(routed.keys, got, strict=True))
+    finalize, extra = y.__dask_postcompute__()
+    result = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
+    np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
+
+
+def test_auto_plan_matches_per_task_plan_targets_on_clear_cases():
+    pools = synthetic_pools()
+    y = pipeline(2000, 500)
+    g, keys = _collection_graph([y])
+    layered = plan_layers(model_layers(g, keys), pools, "auto")
+    per_task = plan_model(model_graph(*_collection_graph([pipeline(2000, 500)])), pools, "auto")
+    lt = {r["op"]: r["target"] for r in layered.rows}
+    pt = {r["op"]: r["target"] for r in per_task.rows}
+    assert lt["matmul"] == pt["matmul"] == "cpu:jax"
+
+
+# ---------------------------------------------------------------- live
+@pytest.fixture(scope="module")
+def mesh():
+    with fresh_local_mesh(cpu=1, jax_cpu=1, site="lab") as m, \
+            dask.config.set({"mesh.router.layer-plan-threshold": 10}):
+        yield m
+
+
+def test_live_forced_jax_same_numbers_and_report(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    (got,) = mesh.compute(y, route="cpu:jax")
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    report = mesh.last_report
+    assert isinstance(report.plan, LayerPlan)
+    assert report.ran_on("matmul") == ["jax"]  # the layer restriction reached the scheduler
+    assert report.ran_on("random_sample") == ["numpy"]
+    rows = {r["op"]: r for r in report.rows}
+    assert rows["matmul"]["target"] == "cpu:jax"
+    assert rows["matmul"]["tasks"] == 8 and rows["matmul"]["workers"] == ["jax-cpu-0"]
+    assert "matmul" in repr(report) and "<table>" in report._repr_html_()
+    (b,) = mesh.compute(y, route="cpu:numpy")
+    assert mesh.last_report.ran_on("matmul") == ["numpy"]
+    np.testing.assert_allclose(b, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("route", ["auto", "cpu:jax"])
+def test_live_other_ops_same_numbers(mesh, route):
+    rng = np.random.default_rng(0)
+    a = rng.random((200, 60))
+    x = da.from_array(a, chunks=(50, 60))
+    sq = da.from_array(rng.random((120, 120)), chunks=60)
+    s = da.linalg.svd(x)[1]
+    comp = da.linalg.svd_compressed(sq, k=5, seed=1)[1]
+    f = da.fft.fft(sq.rechunk((60, 120)), axis=1)
+    sl = sq[10:70, ::3] * 2
+    xt = sq + sq.T
+    red = np.sin(sq).max() + sq.mean()
+    colls = (s, comp, f, sl, xt, red)
+    expected = dask.compute(*colls, scheduler="sync")
+    got = mesh.compute(*colls, route=route)
+    assert isinstance(mesh.last_report.plan, LayerPlan)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10)
+
+
+def test_live_route_context_and_explain(mesh):
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    plan = mesh.explain(y, route="cpu:jax")
+    assert isinstance(plan, LayerPlan)
+    assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax"
+    with mesh.route("cpu:jax"):
+        got = y.compute()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    assert isinstance(mesh.last_report.plan, LayerPlan)
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+
+
+def test_live_layer_entries_do_not_outlive_their_submission(mesh):
+    y = pipeline()
+    mesh.compute(y, route="cpu:jax")
+
+    def pending(dask_scheduler=None):
+        return len(dask_scheduler.extensions["jupyter-mesh"].router.pending_layers)
+
+    assert mesh.client.run_on_scheduler(pending) == 0
+    # the same collection computed unrouted afterwards is not held to the old plan
+    np.testing.assert_allclose(mesh.compute(y, route="off")[0],
+                               y.compute(scheduler="sync"), rtol=1e-10)
+
+
+def test_live_unneeded_blocks_are_culled_at_submission(mesh):
+    x = da.random.random((400, 400), chunks=100)
+    y = x[:100, :100] + 1
+    expected = y.compute(scheduler="sync")
+    (got,) = mesh.compute(y, route="cpu:numpy")
+    np.testing.assert_allclose(got, expected)
+    report = mesh.last_report
+    ran = {r["op"]: r for r in report.rows}
+    assert ran["random_sample"]["tasks"] == 16  # planned on the layers as built
+    ran_keys = [k for k in report.records if k[0].startswith("random_sample")]
+    assert len(ran_keys) == 1  # the scheduler culled the other 15 blocks
+
+
+def test_plan_collections_takes_the_layer_path_above_the_threshold():
+    from jupyter_mesh import MeshError
+    from jupyter_mesh.router import plan_collections
+
+    devices = [
+        Device("tcp://a:1", "cpu", "numpy", "model cpu", 1 << 34, "lab", None, name="a"),
+        Device("tcp://b:1", "cpu", "jax", "model cpu", 1 << 34, "edge", None, name="b"),
+    ]
+    with dask.config.set({"mesh.router.layer-plan-threshold": 10}):
+        plan = plan_collections([pipeline()], devices, site="edge")
+        assert isinstance(plan, LayerPlan)
+        assert {r["target"] for r in plan.rows} == {"cpu:jax@edge"}
+        with pytest.raises(MeshError, match="no live tpu worker"):
+            plan_collections([pipeline()], devices, route="tpu")
