@@ -84,6 +84,23 @@ def test_remote_only_options_need_remote(ip, started):
         ip.run_cell_magic("mesh", "--remote --route gpu", "x = 1")
 
 
+def test_cell_route_off_overrides_kernel_route(ip, started):
+    ip.run_line_magic("mesh", "route auto")
+    try:
+        ip.run_cell("import dask.array as da; _w = da.ones((100, 100), chunks=50)")
+        ip.run_cell("_s = _w.sum().compute()")
+        routed = started.last_report
+        assert routed is not None  # the kernel-wide route is on
+        ip.run_cell_magic("mesh", "--route off", "_s = _w.sum().compute()")
+        assert ip.user_ns["_s"] == 10_000
+        assert started.last_report is routed  # the cell ran unrouted
+        assert started.route_mode == "auto"  # and the kernel route is back after it
+        ip.run_cell("_s = _w.sum().compute()")
+        assert started.last_report is not routed
+    finally:
+        ip.run_line_magic("mesh", "route off")
+
+
 def test_start_replace_swaps_the_mesh(ip, started):
     ip.run_line_magic("mesh", "start --replace --cpu 1 --site second --threads 1")
     new = jm.current()

@@ -306,13 +306,27 @@ def _route_context(mesh: Mesh, route: Any, fallback: bool) -> Iterator[Mesh]:
     mesh.route_mode = str(route)
     try:
         if route == "off":
-            yield mesh
+            with _unrouted():  # inside a persistent `%mesh route`, off means off
+                yield mesh
             return
         scheduler = _RoutedScheduler(mesh, route, fallback)
         with dask.config.set(scheduler=scheduler, array_optimize=_cull_only):
             yield mesh
     finally:
         mesh.route_mode = previous
+
+
+@contextlib.contextmanager
+def _unrouted() -> Iterator[None]:
+    """Undo, for the block, the dask config a routing context set (if any)."""
+    cfg = dask.config.config
+    saved = {}
+    if isinstance(cfg.get("scheduler"), _RoutedScheduler):
+        saved = {k: cfg.pop(k) for k in ("scheduler", "array_optimize") if k in cfg}
+    try:
+        yield
+    finally:
+        cfg.update(saved)
 
 
 def set_route(mesh: Mesh, mode: Any, fallback: bool = True) -> None:
