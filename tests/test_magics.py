@@ -101,6 +101,18 @@ def test_cell_route_off_overrides_kernel_route(ip, started):
         ip.run_line_magic("mesh", "route off")
 
 
+def test_start_replace_while_routing(ip, started):
+    # Nannies pickle dask's config; the kernel's router in it must not break them.
+    ip.run_line_magic("mesh", "route auto")
+    try:
+        ip.run_line_magic("mesh", "start --replace --cpu 1 --threads 1")
+        new = jm.current()
+        assert new is not started and started.closed
+        assert new.inventory().by_kind() == {"cpu": 1}
+    finally:
+        ip.run_line_magic("mesh", "route off")
+
+
 def test_start_replace_swaps_the_mesh(ip, started):
     ip.run_line_magic("mesh", "start --replace --cpu 1 --site second --threads 1")
     new = jm.current()

@@ -232,6 +232,12 @@ class _RoutedScheduler:
         self.route = route
         self.fallback = fallback
 
+    def __reduce__(self) -> Any:
+        # A Nanny started while routing is on (%mesh start --replace, mesh.scale)
+        # pickles dask's config into its worker: the worker gets no scheduler, as Dask
+        # gives it when it drops a default client's, instead of failing to start.
+        return (_no_scheduler, ())
+
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
@@ -244,6 +250,10 @@ class _RoutedScheduler:
         model = plan.model
         values = dict(zip(model.outputs, run_plan(self.mesh, plan, self.fallback), strict=False))
         return _nest(keys, values)
+
+
+def _no_scheduler() -> None:
+    return None
 
 
 def _graph_with_layers(dsk: Any) -> Any:
