@@ -193,23 +193,46 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
     ex = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
     best = [min(ex[li][p] for p in allowed[li]) for li in range(len(model.ops))]
     # critical path with communication but no contention: the earliest each task could
-    # finish on each pool (inputs from the best pool for them, transfers between pools
-    # paid, none within a pool)
+    # finish on each pool. Task i runs on one worker w of some pool p; each input either
+    # ran on w itself (no transfer, but then it occupied one of w's threads) or elsewhere
+    # (its bytes cross a link: from another pool, or from another worker of p). So for
+    # the set S of inputs that ran on w, i starts no earlier than
+    #   max(latest finish on p of an input in S, latest arrival of an input not in S,
+    #       total time of the inputs in S / threads of the largest worker of p)
+    # and the bound takes the least of that over every S. Sorting the inputs by their
+    # arrival from elsewhere (largest first), the sets S made of a prefix of that order
+    # are enough: for any S, the prefix of inputs arriving strictly later than the
+    # latest arrival outside S is a subset of S, so no term grows.
     inf = math.inf
     npools = len(pools)
+    threads = [max(p.worker_threads()) for p in pools]
     ef: list[list[float]] = []
     out_b = [op.out_bytes for op in model.ops]
     for i, ds in enumerate(model.deps):
         li = model.layer[i]
         row = [inf] * npools
         for p in allowed[li]:
-            ready = 0.0
-            for d in ds:
+            opts = []
+            for d in set(ds):
                 efd = ef[d]
-                nb = out_b[model.layer[d]]
-                arrive = min(efd[q] + cost.transfer(nb, q, p) for q in range(npools))
-                if arrive > ready:
-                    ready = arrive
+                ld = model.layer[d]
+                nb = out_b[ld]
+                away = min(efd[q] + cost.transfer(nb, q, p, same_worker=False)
+                           for q in range(npools))
+                opts.append((away, efd[p], ex[ld][p]))
+            opts.sort(reverse=True)
+            k = len(opts)
+            ready = opts[0][0] if opts else 0.0
+            here = 0.0
+            busy = 0.0
+            for j in range(k):
+                # inputs 0..j on the same worker as i, the rest from elsewhere
+                here = max(here, opts[j][1])
+                busy += opts[j][2]
+                rest = opts[j + 1][0] if j + 1 < k else 0.0
+                r = max(here, rest, busy / threads[p])
+                if r < ready:
+                    ready = r
             row[p] = ready + ex[li][p]
         ef.append(row)
     bound_cp = max((min(r) for r in ef), default=0.0)

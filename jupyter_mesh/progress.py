@@ -15,6 +15,7 @@ and remote cells call :class:`FuturesWatch` and :class:`RemoteWatch` at one plac
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -150,17 +151,21 @@ class FuturesWatch:
         Key -> bar (a target label); None groups by Dask's key prefix.
     title:
         Shown above (or before) the bars.
+    cursor:
+        The scheduler's task-stream index, when the caller already asked for it.
     """
 
     def __init__(self, mesh: Mesh, groups: Mapping[Any, str] | None = None,
-                 title: str = "jupyter_mesh") -> None:
+                 title: str = "jupyter_mesh", cursor: int | None = None) -> None:
         self.after = progress_after()
         self.mesh = mesh
         self.groups = groups
         self.title = title
         self.t0 = time.perf_counter()
         self.bar: TextBars | WidgetBars | None = None
-        self.cursor: int | None = None
+        self.cursor: int | None = cursor
+        if cursor is not None:  # the caller asked the scheduler already
+            return
         try:
             client = mesh.client
             self.cursor = client.sync(client.scheduler.get_task_stream_index)
@@ -173,14 +178,25 @@ class FuturesWatch:
 
     def started(self, futures: list[Any]) -> None:
         """Wait up to the threshold for ``futures``; show the bar if they still run."""
-        # Poll the futures' client-side state: no round trips, and no TimeoutError whose
-        # traceback would keep the futures (and their results on the workers) alive.
+        # Wait on the futures' client-side callbacks: no round trips, no polling delay,
+        # and no TimeoutError whose traceback would keep the futures (and their results
+        # on the workers) alive.
         deadline = self.t0 + self.after
-        while not all(f.done() for f in futures):
-            if time.perf_counter() >= deadline:
-                break
-            time.sleep(0.01)
-        else:
+        left = [len(futures)]
+        lock = threading.Lock()
+        all_done = threading.Event()
+
+        def one_done(_: Any) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0] <= 0:
+                    all_done.set()
+
+        if not futures:
+            return
+        for f in futures:
+            f.add_done_callback(one_done)
+        if all_done.wait(max(deadline - time.perf_counter(), 0.0)):
             return
         try:
             self._show(futures)

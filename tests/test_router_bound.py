@@ -1,0 +1,32 @@
+"""The P2 benchmark's lower bound is a bound: no schedule the simulator can run beats it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jupyter_mesh.router.cost import CostModel, build_pools
+
+router_sim = pytest.importorskip("benchmarks.router_sim")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bound_below_every_simulated_schedule(seed):
+    devs = router_sim.modelled_mesh()
+    model = router_sim.random_dag(seed, n=14, width=4)
+    bound = router_sim.lower_bound(model, devs)
+    assert bound > 0
+    for policy in ("router", "router-pool", "heft", "dask"):
+        assert bound <= router_sim.simulate(model, devs, policy) * (1 + 1e-9)
+    assert bound <= router_sim.one_device(model, devs) * (1 + 1e-9)
+    # and below schedules with random placements (every task on a random worker, or
+    # many joins forced onto one worker, where inputs queue behind each other)
+    solo = [build_pools([d])[0] for d in devs]
+    cost = CostModel(solo, router_sim.WAN, task_overhead=1e-4)
+    rng = random.Random(seed)
+    for _ in range(30):
+        k = rng.randrange(len(devs))
+        cands = [[rng.randrange(len(devs))] if rng.random() < 0.5 else [k]
+                 for _ in model.keys]
+        assert bound <= router_sim._evaluate(model, solo, cost, cands) * (1 + 1e-9)
