@@ -220,6 +220,28 @@ def test_interrupt_stops_the_remote_code_and_keeps_the_worker(fresh, capsys):
     assert fresh.run_cell("steps", on="cpu", value=True).value == steps  # it stopped
 
 
+def test_interrupt_while_the_progress_bar_draws(fresh, capsys, monkeypatch):
+    from jupyter_mesh import progress
+
+    real_tick = progress.RemoteWatch.tick
+    fired = []
+
+    def tick(self, finished=None):
+        if not fired and time.monotonic() - self.t0 > 0.5:
+            fired.append(True)
+            raise KeyboardInterrupt  # Ctrl-C while the bar is being drawn
+        real_tick(self, finished)
+
+    monkeypatch.setattr(progress.RemoteWatch, "tick", tick)
+    fresh.run_cell("import time\nsteps = 0", on="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("while True:\n    steps += 1\n    time.sleep(0.01)", on="cpu")
+    assert fired and "interrupted the remote cell on cpu-0" in capsys.readouterr().err
+    steps = fresh.run_cell("steps", on="cpu", value=True).value
+    time.sleep(0.2)
+    assert fresh.run_cell("steps", on="cpu", value=True).value == steps  # it stopped
+
+
 def test_interrupt_of_code_blocked_outside_python(fresh, capsys, monkeypatch):
     import dask
 

@@ -336,8 +336,8 @@ class RemoteCells:
         stop_sent_at: float | None = None
         interrupted = False
         while pending:
-            watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
-            try:
+            try:  # Ctrl-C may land while the progress bar draws, too
+                watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
                 try:
                     kind, run, payload = events.get(timeout=0.2)
                 except queue.Empty:
