@@ -143,6 +143,33 @@ def test_site_routes_within_site(mesh):
     assert got.shape == (600,)
 
 
+
+def test_interrupt_drops_the_rest_of_the_computation(mesh):
+    import _thread
+    import threading
+    import time
+
+    def slow(block):
+        time.sleep(0.3)
+        return block
+
+    y = da.ones((40, 40), chunks=5).map_blocks(slow).sum()  # 64 slow tasks
+    timer = threading.Timer(0.8, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        mesh.compute(y, route="cpu:numpy")
+    timer.join()
+
+    def n_tasks(dask_scheduler):
+        return len(dask_scheduler.tasks)
+
+    deadline = time.monotonic() + 5
+    while mesh.client.run_on_scheduler(n_tasks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mesh.client.run_on_scheduler(n_tasks) == 0  # nothing left running
+    (got,) = mesh.compute(da.ones(10, chunks=5).sum())
+    assert got == 10
+
 def test_submit_on_target_and_needs(mesh):
     def backend_of_worker():
         from distributed import get_worker

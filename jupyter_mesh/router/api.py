@@ -186,6 +186,14 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
         watch.started(futures)  # a bar per target once past mesh.progress-after
         _wait(mesh, routed.plan_id, futures, fallback)
         values = client.gather(futures)
+    except BaseException:
+        # Ctrl-C or a failure: the scheduler drops the rest of the computation, as
+        # after dask's own client.get (the traceback would keep the futures alive)
+        from distributed.client import futures_of
+
+        for future in futures_of(futures):
+            future.release()
+        raise
     finally:
         wall = time.perf_counter() - t0
         watch.stopped()
