@@ -141,6 +141,7 @@ class Mesh:
         self.last_report: Any = None
         self.last_plan: Any = None
         self._scheduler_plugin = True
+        self._address = self.address  # still known once the scheduler is gone
         if set_current:
             _state.set_current(self)
         atexit.register(_close_at_exit, weakref.ref(self))
@@ -335,7 +336,8 @@ class Mesh:
     # ------------------------------------------------------------------ queries
     @property
     def address(self) -> str:
-        return self.client.scheduler.address
+        scheduler = self.client.scheduler  # None once the client lost its scheduler
+        return scheduler.address if scheduler is not None else self._address
 
     @property
     def dashboard_link(self) -> str | None:

@@ -143,3 +143,20 @@ def test_bad_timeouts(no_mesh, bad):
 def test_security_must_be_a_security(no_mesh):
     with pytest.raises(MeshError, match="security must be a distributed.security.Security"):
         jm.Mesh.connect("tls://127.0.0.1:1", security={"ca": "x"})
+
+
+def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
+                           host="127.0.0.1", dashboard_address=None)
+    address = cluster.scheduler_address
+    ip.run_line_magic("mesh", f"connect {address}")
+    mesh = jm.current()
+    cluster.close()
+    deadline = time.monotonic() + 30
+    while mesh.client.scheduler is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mesh.client.scheduler is None  # the client gave the scheduler up
+    capsys.readouterr()
+    ip.run_line_magic("mesh", "close")  # still closes, naming the address
+    assert f"Closed the mesh at {address}" in capsys.readouterr().out
+    assert mesh.closed and jm.mesh._state.active() is None
