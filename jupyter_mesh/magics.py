@@ -117,13 +117,22 @@ class MeshMagics(Magics):
     @line_cell_magic
     def mesh(self, line: str, cell: str | None = None) -> Any:
         if cell is not None:
+            if _asks_help(line):
+                print(_help_text(_cell_args, "%%mesh"))
+                return None
             return self._cell(line, cell)
         sub, _, rest = line.strip().partition(" ")
         sub = sub or "status"
+        if sub in ("-h", "--help", "help"):
+            print(USAGE)
+            return None
         if sub == "explain":
             return self._explain(rest)
         if sub not in PARSERS:
             raise UsageError(f"unknown subcommand {sub!r}: {USAGE}")
+        if _asks_help(rest):
+            print(_help_text(PARSERS[sub], f"%mesh {sub}"))
+            return None
         args = parse(PARSERS[sub], rest)
         return getattr(self, "_" + sub.replace("-", "_"))(args)
 
@@ -241,6 +250,18 @@ class MeshMagics(Magics):
         from .router import magic as router_magic
 
         return router_magic.routed_cell(self.shell, _current_or_usage(), args.route, cell)
+
+
+def _help_text(func: Any, title: str) -> str:
+    """A subcommand's options, titled as the user types it."""
+    parser = func.parser
+    text = parser.format_help().replace("::\n\n", "", 1).lstrip()
+    prog = parser.prog if text.startswith(parser.prog) else "%" + parser.prog
+    return "usage: " + text.replace(prog, title, 1)
+
+
+def _asks_help(argstring: str) -> bool:
+    return any(tok in ("-h", "--help") for tok in argstring.split())
 
 
 def _current_or_usage() -> Any:

@@ -130,3 +130,19 @@ def test_close_then_messages(ip, started, capsys):
     assert "No active mesh" in capsys.readouterr().out
     with pytest.raises(jm.MeshError, match="%mesh start"):
         jm.current()
+
+
+@pytest.mark.parametrize("line", ["start --help", "connect -h", "route --help"])
+def test_help_shows_the_options_and_changes_nothing(ip, line, capsys):
+    before = _state.active()
+    ip.run_line_magic("mesh", line)
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: %mesh {line.split()[0]}")
+    assert _state.active() is before
+
+
+def test_help_without_subcommand_lists_them(ip, capsys):
+    ip.run_line_magic("mesh", "--help")
+    assert "start|connect" in capsys.readouterr().out
+    ip.run_cell_magic("mesh", "--help", "raise SystemExit('the cell must not run')")
+    assert capsys.readouterr().out.startswith("usage: %%mesh [--route ROUTE] [--remote]")
