@@ -343,11 +343,13 @@ def test_pull_of_a_name_the_worker_lacks(ip, fresh):
         remote(ip, "--pull nothere", "x = 2")
 
 
-def test_push_of_an_object_that_cannot_be_serialized(ip, fresh):
+def test_push_of_an_object_that_cannot_be_serialized(ip, fresh, caplog):
     ip.user_ns["lock"] = threading.Lock()
     with pytest.raises(UsageError, match=r"--push: cannot send 'lock' \(_thread.lock\): it "
                                          r"cannot be serialized"):
         remote(ip, "--push lock", "1")
+    # the one-line error is all the user sees: no Dask traceback logged before it
+    assert not [r for r in caplog.records if "Failed to serialize" in r.getMessage()]
 
 
 def test_pull_of_an_object_that_cannot_be_serialized(ip, fresh):

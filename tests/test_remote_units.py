@@ -150,10 +150,27 @@ def test_remote_error_renders_every_worker():
 
 
 def test_labels_follow_line_starts():
-    state = {"stdout": True, "stderr": True}
+    state = {"stdout": "", "stderr": ""}
     out = _client._label_lines("a\nb", "[w] ", state, "stdout")
+    assert out == "[w] a\n" and state["stdout"] == "b"  # the unfinished line waits
     out += _client._label_lines("c\n", "[w] ", state, "stdout")
-    assert out == "[w] a\n[w] bc\n"
+    assert out == "[w] a\n[w] bc\n" and state["stdout"] == ""
+
+
+def test_lines_of_two_workers_never_mix(capsys):
+    """--all: pieces of one print() from two workers arrive interleaved."""
+    from types import SimpleNamespace
+
+    runs = [
+        _client._Run(device=SimpleNamespace(name=n, worker=n), message={}) for n in "ab"
+    ]
+    cells = _client.RemoteCells.__new__(_client.RemoteCells)
+    for run, piece in [(runs[0], "pid"), (runs[1], "pid 2\n"), (runs[0], " 1\n"),
+                       (runs[1], "tail")]:
+        cells._show(run, ([["stream", "stdout", piece, 0.0]], 0.0), labelled=True)
+    for run in runs:
+        _client._flush_partial(run)
+    assert capsys.readouterr().out.splitlines() == ["[b] pid 2", "[a] pid 1", "[b] tail"]
 
 
 @pytest.mark.parametrize("bad", ["-1", "0", "x", "nan", "inf", True, -3, float("nan")])

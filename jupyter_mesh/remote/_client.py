@@ -27,6 +27,7 @@ from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
 from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure
+from ._runner import quiet_logger
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ def check_timeout(timeout: Any) -> float | None:
 def pack(name: str, value: Any) -> Serialized:
     """Serialize a pushed value now, so a failure names the variable."""
     try:
-        header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")
+        with quiet_logger("distributed.protocol.pickle"):
+            header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MeshError(
@@ -167,8 +169,9 @@ class _Run:
     final: dict[str, Any] | None = None
     failure: BaseException | None = None
     latencies: list[float] = field(default_factory=list)
-    at_line_start: dict[str, bool] = field(default_factory=lambda: {"stdout": True,
-                                                                      "stderr": True})
+    #: with --all, the unfinished last line per stream, held back so that the lines of
+    #: several workers never mix within one line
+    partial: dict[str, str] = field(default_factory=lambda: {"stdout": "", "stderr": ""})
 
     @property
     def label(self) -> str:
@@ -494,7 +497,7 @@ class RemoteCells:
                 _, name, text, _ts = item
                 stream = sys.stdout if name == "stdout" else sys.stderr
                 if labelled:
-                    text = _label_lines(text, f"[{run.label}] ", run.at_line_start, name)
+                    text = _label_lines(text, f"[{run.label}] ", run.partial, name)
                 stream.write(text)
                 # a whole line goes out at once; the pieces of one print() wait for its
                 # newline (the kernel flushes what is left by itself), so they stay one line
@@ -513,6 +516,8 @@ class RemoteCells:
         usage: list[str] = []
         results: list[CellResult] = []
         stopped_by_timeout = False
+        for run in runs:
+            _flush_partial(run)
         for run in runs:
             dev = run.device
             final = run.final
@@ -655,14 +660,22 @@ async def _quietly(awaitable: Any) -> None:
         pass
 
 
-def _label_lines(text: str, label: str, at_start: dict[str, bool], name: str) -> str:
-    out = []
-    for line in text.splitlines(True):
-        if at_start[name]:
-            out.append(label)
-        out.append(line)
-        at_start[name] = line.endswith("\n")
-    return "".join(out)
+def _label_lines(text: str, label: str, partial: dict[str, str], name: str) -> str:
+    """The complete lines of ``partial[name] + text``, each labelled; the unfinished
+    rest waits in ``partial`` (see :func:`_flush_partial`)."""
+    lines = (partial[name] + text).splitlines(True)
+    partial[name] = lines.pop() if lines and not lines[-1].endswith("\n") else ""
+    return "".join(label + line for line in lines)
+
+
+def _flush_partial(run: _Run) -> None:
+    """Write what a labelled run left without a final newline, once it is over."""
+    for name, rest in run.partial.items():
+        if rest:
+            stream = sys.stdout if name == "stdout" else sys.stderr
+            stream.write(f"[{run.label}] {rest}\n")
+            stream.flush()
+            run.partial[name] = ""
 
 
 def _display(data: dict[str, Any], metadata: dict[str, Any]) -> None:

@@ -8,14 +8,16 @@ its task threads. The thread reports one *outcome* dict when it ends.
 from __future__ import annotations
 
 import ast
+import contextlib
 import contextvars
 import ctypes
 import linecache
+import logging
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from distributed.protocol.serialize import Serialized, serialize
@@ -110,9 +112,22 @@ def error_record(exc: BaseException) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Silence one logger for a block: Dask logs a multi-line traceback before raising
+    a serialization error, and the one-line error the user gets says it all."""
+    log = logging.getLogger(name)
+    disabled, log.disabled = log.disabled, True
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+
+
 def pack(obj: Any) -> Serialized:
     """Serialize now (in the cell's thread, not on the event loop) for the reply."""
-    header, frames = serialize(obj, serializers=SERIALIZERS, on_error="raise")
+    with quiet_logger("distributed.protocol.pickle"):
+        header, frames = serialize(obj, serializers=SERIALIZERS, on_error="raise")
     return Serialized(header, frames)
 
 
