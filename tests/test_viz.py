@@ -121,8 +121,7 @@ def test_picture_renders_offline_in_chromium(plan, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     import os
 
-    if not os.path.exists("/usr/bin/chromium"):
-        pytest.skip("Debian's chromium is not installed (make chromium)")
+    assert os.path.exists("/usr/bin/chromium"), "Debian's chromium is missing: run make chromium"
     page_file = tmp_path / "plan.html"
     page_file.write_text(f"<html><body>{plan._repr_html_()}</body></html>")
     blocked = []
