@@ -409,14 +409,7 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
         for p in dep_layers[li]:
             if p != li:
                 children[p].add(li)
-    for li in range(n - 1, -1, -1):
-        if not known[li]:
-            kids = [c for c in children[li] if known[c]]
-            if kids:
-                src = ops[max(kids, key=lambda c: ops[c].out_bytes)]
-                ops[li].block, ops[li].itemsize = src.block, src.itemsize
-                ops[li].out_bytes = src.out_bytes
-                known[li] = True
+    inherit_sizes(ops, known, children)
     for i, ds in enumerate(deps):
         li = layer[i]
         for d in ds:
@@ -503,3 +496,16 @@ __all__ = [
     "CAPABILITIES", "OP_CLASSES", "GraphModel", "OpInfo", "classify_label", "layer_label",
     "model_collections", "model_graph", "synthetic_model", "task_cost",
 ]
+
+
+def inherit_sizes(ops: list[OpInfo], known: list[bool], children: Any) -> None:
+    """A layer whose chunk sizes are unknown takes those of its largest known consumer
+    (layers in topological order; ``children[i]`` are the layers reading layer ``i``)."""
+    for li in range(len(ops) - 1, -1, -1):
+        if not known[li]:
+            kids = [c for c in children[li] if known[c]]
+            if kids:
+                src = ops[max(kids, key=lambda c: ops[c].out_bytes)]
+                ops[li].block, ops[li].itemsize = src.block, src.itemsize
+                ops[li].out_bytes = src.out_bytes
+                known[li] = True

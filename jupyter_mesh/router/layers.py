@@ -40,6 +40,7 @@ from .classify import (
     _layer_order,
     _sample_func,
     classify_label,
+    inherit_sizes,
     layer_label,
     native_backends,
     task_cost,
@@ -198,14 +199,7 @@ def _layer_costs(ops: list[OpInfo], metas: list[Any], dep_idx: list[list[int]]) 
     for li, ds in enumerate(dep_idx):
         for d in ds:
             children[d].append(li)
-    for li in range(len(ops) - 1, -1, -1):
-        if not known[li]:
-            kids = [c for c in children[li] if known[c]]
-            if kids:
-                src = ops[max(kids, key=lambda c: ops[c].out_bytes)]
-                ops[li].block, ops[li].itemsize = src.block, src.itemsize
-                ops[li].out_bytes = src.out_bytes
-                known[li] = True
+    inherit_sizes(ops, known, children)
 
 
 class LayerPlan(Plan):
