@@ -42,15 +42,14 @@ def _kill_jax_worker(mesh) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def test_sigkill_jax_worker_mid_computation_falls_back(mesh):
-    y = slow_pipeline()
-    expected = y.compute(scheduler="sync")
+def compute_losing_jax(mesh, y):
+    """``mesh.compute(y, route="cpu:jax")`` while the JAX worker is SIGKILLed as soon
+    as it runs a task; expects the fallback warning and returns the result."""
 
     def kill_when_busy():
         deadline = time.time() + 30
         while time.time() < deadline:
-            inv = mesh.inventory()
-            if any(d.backend == "jax" and d.tasks for d in inv):
+            if any(d.backend == "jax" and d.tasks for d in mesh.inventory()):
                 break
             time.sleep(0.05)
         _kill_jax_worker(mesh)
@@ -60,6 +59,13 @@ def test_sigkill_jax_worker_mid_computation_falls_back(mesh):
         killer.start()
         (got,) = mesh.compute(y, route="cpu:jax")
     killer.join()
+    return got
+
+
+def test_sigkill_jax_worker_mid_computation_falls_back(mesh):
+    y = slow_pipeline()
+    expected = y.compute(scheduler="sync")
+    got = compute_losing_jax(mesh, y)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     report = mesh.last_report
     assert report.fallbacks and "re-routed" in report.fallbacks[0]

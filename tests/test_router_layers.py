@@ -24,6 +24,7 @@ from jupyter_mesh.router.layers import (
 from jupyter_mesh.router.placement import plan_model
 
 from .meshes import fresh_local_mesh
+from .test_router_live import assert_all_close, other_ops
 
 
 def pipeline(n: int = 600, chunks: int = 300):
@@ -131,22 +132,10 @@ def test_live_forced_jax_same_numbers_and_report(mesh):
 
 @pytest.mark.parametrize("route", ["auto", "cpu:jax"])
 def test_live_other_ops_same_numbers(mesh, route):
-    rng = np.random.default_rng(0)
-    a = rng.random((200, 60))
-    x = da.from_array(a, chunks=(50, 60))
-    sq = da.from_array(rng.random((120, 120)), chunks=60)
-    s = da.linalg.svd(x)[1]
-    comp = da.linalg.svd_compressed(sq, k=5, seed=1)[1]
-    f = da.fft.fft(sq.rechunk((60, 120)), axis=1)
-    sl = sq[10:70, ::3] * 2
-    xt = sq + sq.T
-    red = np.sin(sq).max() + sq.mean()
-    colls = (s, comp, f, sl, xt, red)
-    expected = dask.compute(*colls, scheduler="sync")
+    colls, expected = other_ops()
     got = mesh.compute(*colls, route=route)
     assert isinstance(mesh.last_report.plan, LayerPlan)
-    for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, rtol=1e-8, atol=1e-10)
+    assert_all_close(got, expected)
 
 
 def test_live_route_context_and_explain(mesh):

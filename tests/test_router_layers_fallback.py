@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import dask
 import numpy as np
 import pytest
 
-from jupyter_mesh.router.api import MeshFallbackWarning
 from jupyter_mesh.router.layers import LayerPlan
 
 from .meshes import fresh_local_mesh
-from .test_router_fallback import _kill_jax_worker, slow_pipeline
+from .test_router_fallback import compute_losing_jax, slow_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -27,20 +23,7 @@ def mesh():
 def test_layer_plan_falls_back_when_the_jax_worker_dies(mesh):
     y = slow_pipeline()
     expected = y.compute(scheduler="sync")
-
-    def kill_when_busy():
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if any(d.backend == "jax" and d.tasks for d in mesh.inventory()):
-                break
-            time.sleep(0.05)
-        _kill_jax_worker(mesh)
-
-    killer = threading.Thread(target=kill_when_busy)
-    with pytest.warns(MeshFallbackWarning, match="cpu:jax"):
-        killer.start()
-        (got,) = mesh.compute(y, route="cpu:jax")
-    killer.join()
+    got = compute_losing_jax(mesh, y)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     report = mesh.last_report
     assert isinstance(report.plan, LayerPlan)
