@@ -8,7 +8,8 @@
   thread each); every task sleeps the modelled time of its (op, worker) pair: the JAX
   worker emulates an accelerator-like speed table (10x on matmul, 0.5x on small
   elementwise ops). It is a CPU and is labelled one. Router vs Dask default vs
-  everything on the fastest worker vs a lower bound, measured side by side.
+  everything on the fastest worker vs a lower bound, measured side by side, at two task
+  lengths (8-60 ms and 4x that: Dask's own per-task dispatch weighs less in the second).
 * P2 placement, SIMULATED (benchmarks/router_sim.py): modelled 4xH100 + 1 CPU node at
   one site, 2xTPU v5e + 1 CPU node at another, 60 ms / 5 Gbps apart.
 * P3 overhead: plan + rewrite vs Dask's own graph construction + optimization.
@@ -72,12 +73,12 @@ def p1_workload():
     return synthetic_model(L)
 
 
-def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3):
+def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: float = 1.0):
     from jupyter_mesh.router.cost import CostModel
 
     class EmulatedCost(CostModel):
         def exec_time(self, op, pool):
-            base = BASE[op.op_class]
+            base = BASE[op.op_class] * scale
             if pool.backend == "jax" and not homogeneous and ACCEL[op.op_class]:
                 return base * ACCEL[op.op_class] + overhead
             return base + overhead
@@ -111,7 +112,12 @@ def _dask_overhead(mesh, workers: int = 3, repeats: int = 3) -> float:
     return statistics.median(walls) * workers / len(model.keys)
 
 
-def p1(repeats: int = 5) -> dict[str, Any]:
+#: emulated task lengths: BASE as it is (8-60 ms tasks), and 4x as long (32-240 ms),
+#: where Dask's own dispatch per task (1-3 ms on this machine) weighs less
+P1_SCALES = ((1.0, 5), (4.0, 3))  # (scale, repeats)
+
+
+def p1(scales=P1_SCALES) -> dict[str, Any]:
     import dask
 
     import jupyter_mesh as jm
@@ -130,15 +136,15 @@ def p1(repeats: int = 5) -> dict[str, Any]:
     progress_off.__enter__()
     try:
         pools = build_pools(mesh.inventory())
-        for homogeneous in (False, True):
-            cost = _emulated_cost(pools, homogeneous)
+        for (scale, repeats), homogeneous in [(sr, h) for sr in scales for h in (False, True)]:
+            cost = _emulated_cost(pools, homogeneous, scale=scale)
             times: dict[str, list[float]] = {"router": [], "dask": [], "fastest": []}
             for _ in range(repeats):
                 for policy in times:
                     # fresh keys every run: nothing may be reused from an earlier run
                     model = p1_workload()
                     model.outputs = [model.keys[-k] for k in range(1, model.ops[-1].tasks + 1)]
-                    model.tasks = _graph(model, homogeneous)
+                    model.tasks = _graph(model, homogeneous, scale)
                     if policy == "dask":
                         t0 = time.perf_counter()
                         mesh.client.get(model.tasks, model.outputs, sync=True)
@@ -156,10 +162,12 @@ def p1(repeats: int = 5) -> dict[str, Any]:
             h = _dask_overhead(mesh)
             med["overhead"] = h
             med["bound_measured"] = lower_bound(
-                model, [], cost=_emulated_cost(pools, homogeneous, overhead=max(h, 1e-3)))
+                model, [], cost=_emulated_cost(pools, homogeneous, overhead=max(h, 1e-3),
+                                               scale=scale))
             med["est"] = plan_model(model, pools, "auto", cost=cost).makespan
             med["tasks"] = len(model.keys)
-            out["homogeneous" if homogeneous else "heterogeneous"] = med
+            med["scale"], med["repeats"] = scale, repeats
+            out[("homogeneous" if homogeneous else "heterogeneous", scale)] = med
     finally:
         progress_off.__exit__(None, None, None)
         mesh.close()
@@ -342,63 +350,60 @@ def report(r1, r2, r3, r6) -> str:
              f"{platform.python_version()}; run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              ""]
     if r1:
-        het, hom = r1["heterogeneous"], r1["homogeneous"]
+        scales = sorted({k[1] for k in r1})
         lines += ["### P1 placement, live EMULATION", "",
                   "A real mesh of 2 NumPy workers and 1 JAX (CPU backend) worker, one thread "
                   "each; each task sleeps its modelled time for its (op, worker) pair. The JAX "
                   "worker *emulates* an accelerator-like speed table (10x on matmul, 0.5x on "
-                  "small elementwise ops); it is a CPU and is labelled one. Median of 5 runs, "
-                  "wall seconds, measured side by side; progress bars off for every policy "
+                  "small elementwise ops); it is a CPU and is labelled one. The same 297-task "
+                  "workload at two task lengths: *scale 1* = NumPy-worker tasks of 8-60 ms "
+                  "(creation 10, matmul 60, elementwise 8, reduction 10 ms), *scale 4* = the "
+                  "same four times as long (32-240 ms). Median of the runs shown, wall "
+                  "seconds, the policies taking turns (router, Dask default, all on fastest) "
+                  "so load from elsewhere hits them alike; progress bars off for every policy "
                   "(Dask default shows none). *Lower bound* = max(critical path, LP "
                   "relaxation of the work per pool) with the emulated times plus the 1 ms per "
-                  "task the emulation models. *With Dask's cost* = the same LP/critical-path figure "
-                  "with the per-task cost Dask itself has on this machine in place of 1 ms, "
-                  "measured in this run (the same graph with zero sleeps under Dask default, "
-                  "wall x workers / tasks: "
-                  f"{het['overhead'] * 1e3:.1f} ms / {hom['overhead'] * 1e3:.1f} ms per task); "
-                  "that per-task figure is a throughput, not a floor, so this column is an "
-                  "estimate of what this machine allows, not a bound. "
-                  "*Plan est.* = the router's own estimate of its makespan. Live figures move "
-                  "with the load of this shared machine (load average above). Where the time "
-                  "goes (the scheduler's task stream of single router runs on a quiet machine, "
-                  "2026-11-23 21:20 UTC, compared with the plan): 1.00-1.10 s wall against "
-                  "0.945 s planned (1.11-1.22x the bound); the NumPy workers, the busy ones, "
-                  "compute what the plan says (0.88 s each of sleeps and task bodies) and "
-                  "wait 0.08-0.24 s more, spread as 1-2 ms between almost every pair of tasks "
-                  "(Dask's own dispatch per task, above the 1 ms modelled), with only a few "
-                  "gaps over 3 ms (4-8 ms, hand-overs from the JAX worker); submission before "
-                  "the first task takes 0.03-0.12 s and the report after the last 0.02-0.04 s "
-                  "(now asked for in one round trip). Planning with 2 or 3 ms per task instead "
-                  "of 1 ms moved one or two tasks and did not change the wall time. Run inside "
-                  "this benchmark, where each router run follows a Dask default and an "
-                  "all-on-fastest run, the same plan takes 1.13-1.25 s (1.25-1.39 s in the "
-                  "medians of three earlier runs of this table within 20 minutes), so part of the gap "
-                  "comes from what the previous run leaves behind; Dask / router was "
-                  "1.54-1.66x in those three runs; the table is a fourth.", "",
-                  "| workers | tasks | router | Dask default | all on fastest | plan est. | "
-                  "lower bound | with Dask's cost (estimate) | router / bound | Dask / router |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for k, m in r1.items():
+                  "task the emulation models. *With Dask's cost* = the same figure with the "
+                  "per-task cost Dask itself has on this machine in place of 1 ms, measured in "
+                  "this run (the same graph with zero sleeps under Dask default, wall x "
+                  "workers / tasks); a throughput, not a floor, so an estimate of what this "
+                  "machine allows, not a bound. *Plan est.* = the router's own estimate of its "
+                  "makespan. Where the time goes at scale 1 (the scheduler's task stream of "
+                  "single router runs on a quiet machine, compared with the plan): the busy "
+                  "NumPy workers compute what the plan says and wait 1-2 ms between almost "
+                  "every pair of tasks (Dask's own dispatch per task, above the 1 ms modelled), "
+                  "plus 0.03-0.12 s of submission before the first task; with ~100 tasks per "
+                  "worker that is 0.1-0.3 s on a 0.9 s bound. That cost does not grow with "
+                  "task length, so at scale 4 it weighs a quarter as much: the targets are "
+                  "judged at both scales below.", "",
+                  "| workers | scale | runs | tasks | router | Dask default | all on fastest | "
+                  "plan est. | lower bound | with Dask's cost (estimate) | router / bound | "
+                  "Dask / router |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for (k, scale), m in r1.items():
             lines.append(
-                f"| {k} | {m['tasks']} | {m['router']:.2f} s | {m['dask']:.2f} s | "
-                f"{m['fastest']:.2f} s | {m['est']:.2f} s | {m['bound']:.2f} s | "
-                f"{m['bound_measured']:.2f} s | {m['router'] / m['bound']:.2f}x | "
-                f"{m['dask'] / m['router']:.2f}x |")
-        lines += ["",
-                  f"- Target router <= 1.15x the lower bound: {het['router'] / het['bound']:.2f}x "
-                  f"{_yes(het['router'] / het['bound'] <= 1.15)} "
-                  f"(the plan's own estimate is {het['est'] / het['bound']:.2f}x the bound; the "
-                  f"rest is Dask's per-task cost on this shared 2-core machine: the router "
-                  f"takes {het['router'] / het['bound_measured']:.2f}x the estimate with "
-                  f"Dask's measured cost).",
-                  f"- Target >= 1.6x faster than Dask default: {het['dask'] / het['router']:.2f}x "
-                  f"{_yes(het['dask'] / het['router'] >= 1.6)} (the emulated speeds allow "
-                  f"{het['dask'] / het['bound']:.2f}x at most: Dask default / lower bound).",
-                  f"- Target homogeneous no worse than 1.05x Dask default: "
-                  f"{hom['router'] / hom['dask']:.2f}x {_yes(hom['router'] / hom['dask'] <= 1.05)} "
-                  "(every pool runs every op equally fast there, so the router restricts "
-                  "nothing and Dask places the tasks).",
-                  ""]
+                f"| {k} | {scale:g} | {m['repeats']} | {m['tasks']} | {m['router']:.2f} s | "
+                f"{m['dask']:.2f} s | {m['fastest']:.2f} s | {m['est']:.2f} s | "
+                f"{m['bound']:.2f} s | {m['bound_measured']:.2f} s | "
+                f"{m['router'] / m['bound']:.2f}x | {m['dask'] / m['router']:.2f}x |")
+        lines.append("")
+        for scale in scales:
+            het, hom = r1[("heterogeneous", scale)], r1[("homogeneous", scale)]
+            lines += [
+                f"- Scale {scale:g}, target router <= 1.15x the lower bound: "
+                f"{het['router'] / het['bound']:.2f}x {_yes(het['router'] / het['bound'] <= 1.15)} "
+                f"(the plan's own estimate is {het['est'] / het['bound']:.2f}x the bound; the "
+                f"router takes {het['router'] / het['bound_measured']:.2f}x the estimate with "
+                f"Dask's measured per-task cost, {het['overhead'] * 1e3:.1f} ms).",
+                f"- Scale {scale:g}, target >= 1.6x faster than Dask default: "
+                f"{het['dask'] / het['router']:.2f}x {_yes(het['dask'] / het['router'] >= 1.6)} "
+                f"(the emulated speeds allow {het['dask'] / het['bound']:.2f}x at most: Dask "
+                "default / lower bound).",
+                f"- Scale {scale:g}, target homogeneous no worse than 1.05x Dask default: "
+                f"{hom['router'] / hom['dask']:.2f}x {_yes(hom['router'] / hom['dask'] <= 1.05)} "
+                "(every pool runs every op equally fast there, so the router restricts "
+                "nothing and Dask places the tasks)."]
+        lines.append("")
     if r2:
         inst = r2["instances"]
         lines += ["### P2 placement, SIMULATED", "",
