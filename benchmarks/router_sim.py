@@ -184,7 +184,7 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
 
 
 def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
-                cost: CostModel | None = None) -> float:
+                cost: CostModel | None = None, tolerance: float = 2e-3) -> float:
     """max(critical path with communication and without contention, the LP relaxation
     of spreading each op's tasks over the pools with their slots)."""
     pools = cost.pools if cost is not None else build_pools(devices)
@@ -235,38 +235,101 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
                     ready = r
             row[p] = ready + ex[li][p]
         ef.append(row)
-    bound_cp = max((min(r) for r in ef), default=0.0)
+    # the least time from a task's finish (on each pool) to the end of any schedule:
+    # each consumer runs after it, on the same worker (no transfer) or anywhere else
+    # (its input crosses a link), and then its own tail follows
+    n = len(model.deps)
+    consumers: list[set[int]] = [set() for _ in range(n)]
+    for i, ds in enumerate(model.deps):
+        for d in ds:
+            consumers[d].add(i)
+    tail = [[0.0] * npools for _ in range(n)]
+    for i in range(n - 1, -1, -1):
+        li = model.layer[i]
+        row = tail[i]
+        for p in allowed[li]:
+            worst = 0.0
+            for j in consumers[i]:
+                lj = model.layer[j]
+                via = [ex[lj][p] + tail[j][p]] if p in allowed[lj] else []
+                via += [cost.transfer(out_b[li], p, q, same_worker=False) + ex[lj][q]
+                        + tail[j][q] for q in allowed[lj]]
+                worst = max(worst, min(via))
+            row[p] = worst
+    # a task on pool p starts no earlier than ef - ex and leaves at least its tail
+    bound_cp = max((min(ef[i][p] + tail[i][p] for p in allowed[model.layer[i]])
+                    for i in range(n)), default=0.0)
     try:
         from scipy.optimize import linprog
+        from scipy.sparse import coo_matrix
     except ImportError:  # pragma: no cover
         total = sum(best[li] for li in model.layer)
         return max(bound_cp, total / sum(p.slots for p in pools))
-    nl, npl = len(model.ops), len(pools)
-    nvar = nl * npl + 1
-    c = [0.0] * nvar
-    c[-1] = 1.0
-    a_eq, b_eq, a_ub, b_ub, bounds = [], [], [], [], []
-    for li in range(nl):
-        row = [0.0] * nvar
-        for p in range(npl):
-            row[li * npl + p] = 1.0
-        a_eq.append(row)
-        b_eq.append(model.ops[li].tasks)
-    for p in range(npl):
-        row = [0.0] * nvar
-        for li in range(nl):
-            row[li * npl + p] = ex[li][p]
-        row[-1] = -pools[p].slots
-        a_ub.append(row)
-        b_ub.append(0.0)
-    for li in range(nl):
-        for p in range(npl):
-            bounds.append((0, None) if p in allowed[li] else (0, 0))
-    bounds.append((0, None))
-    res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=bounds,
-                  method="highs")
-    lp = res.fun if res.success else 0.0
-    return max(bound_cp, lp)
+    # LP relaxation with release and delivery times: x[g, p] tasks of group g (an op's
+    # tasks) on pool p. Every task of g on p starts no earlier than r[g][p] (the least
+    # start of its tasks there) and leaves at least q[g][p] after it (the least tail).
+    # A schedule of makespan T therefore puts, for any thresholds a and b, the work of
+    # the groups with r >= a and q >= b on p inside [a, T - b] when it puts any there:
+    #   sum x[g, p] * ex[g][p] <= slots[p] * max(0, T - a - b)
+    # (a = b = 0: the plain LP, the work per pool fits in its slots over T), and no task
+    # of g on p when r + ex + q > T. For a fixed T these are linear, and feasibility only
+    # grows with T, so the bound is the least T found feasible by bisection.
+    nl = len(model.ops)
+    r = [[inf] * npools for _ in range(nl)]
+    q = [[inf] * npools for _ in range(nl)]
+    for i in range(n):
+        li = model.layer[i]
+        for p in allowed[li]:
+            r[li][p] = min(r[li][p], ef[i][p] - ex[li][p])
+            q[li][p] = min(q[li][p], tail[i][p])
+
+    def levels(values: list[float], most: int = 16) -> list[float]:
+        v = sorted(set(values))
+        if len(v) > most:  # any subset of valid constraints is valid: keep quantiles
+            v = sorted({v[round(t * (len(v) - 1) / (most - 1))] for t in range(most)})
+        return v
+
+    nvar = nl * npools
+    rows, cols, vals, windows = [], [], [], []  # windows: (slots, a + b) per row
+    for p in range(npools):
+        members = [li for li in range(nl) if p in allowed[li]]
+        if not members:
+            continue
+        for a in levels([r[li][p] for li in members]):
+            for b in levels([q[li][p] for li in members if r[li][p] >= a]):
+                k = len(windows)
+                for li in members:
+                    if r[li][p] >= a and q[li][p] >= b:
+                        rows.append(k)
+                        cols.append(li * npools + p)
+                        vals.append(ex[li][p])
+                windows.append((float(pools[p].slots), a + b))
+    a_ub = coo_matrix((vals, (rows, cols)), shape=(len(windows), nvar)).tocsr()
+    erows = [li for li in range(nl) for _ in range(npools)]
+    a_eq = coo_matrix(([1.0] * nvar, (erows, list(range(nvar)))), shape=(nl, nvar)).tocsr()
+    b_eq = [float(model.ops[li].tasks) for li in range(nl)]
+
+    def feasible(t: float) -> bool:
+        b_ub = [slots * max(0.0, t - ab) for slots, ab in windows]
+        bounds = [(0, None) if p in allowed[li] and r[li][p] + ex[li][p] + q[li][p] <= t
+                  else (0, 0) for li in range(nl) for p in range(npools)]
+        res = linprog([0.0] * nvar, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq,
+                      bounds=bounds, method="highs")
+        return res.status == 0
+
+    lo = bound_cp
+    if nvar == 0 or feasible(lo):
+        return lo
+    hi = max(lo, 1e-9) * 2
+    while not feasible(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo  # infeasible below: a valid bound, within the tolerance of the least T
 
 
 def one_device(model: GraphModel, devices: list[Device], links: Links = WAN) -> float:
@@ -318,3 +381,26 @@ def random_dag(seed: int, n: int = 200, width: int = 12) -> GraphModel:
             level.append(i)
         levels.append(level)
     return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=[keys[-1]])
+
+
+#: the communication-to-computation ratios of the HEFT paper's random graphs
+HEFT_CCRS = (0.1, 0.5, 1.0, 5.0, 10.0)
+
+
+def heft_dag(seed: int, ccr: float, n: int = 200, width: int = 12,
+             devices: list[Device] | None = None, links: Links = WAN) -> GraphModel:
+    """A random layered DAG as in the HEFT paper (Topcuoglu et al. 2002), with a set
+    communication-to-computation ratio: each task's output takes ``ccr`` times its mean
+    computation time over the mesh's devices to cross the same-site network (times a
+    random factor in [0.5, 1.5]); the WAN's latency comes on top. The ops are the
+    array ops of :func:`random_dag`, so devices differ per op class as they do there."""
+    base = random_dag(seed, n, width)
+    solo = [build_pools([d])[0] for d in (devices or modelled_mesh())]
+    cost = CostModel(solo, links, task_overhead=1e-4)
+    rng = random.Random(seed * 7919 + 1)
+    for op in base.ops:
+        mean = sum(cost.exec_time(op, p) for p in solo) / len(solo)
+        op.out_bytes = max(8.0, ccr * mean * links.network_bandwidth * rng.uniform(0.5, 1.5))
+    for i, ds in enumerate(base.deps):
+        base.ops[base.layer[i]].in_bytes = sum(base.ops[base.layer[d]].out_bytes for d in ds)
+    return base

@@ -112,10 +112,12 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     Returns (pool per task, start, finish, worker per task); workers are numbered
     across pools in pool order (``pools[0].workers`` first). Transfers are charged
     between distinct workers, inside a pool too; only data on the same worker is free.
-    Besides the plain earliest-finish schedule, small graphs also try keeping each
-    pool (or site) busy on its own where it can run an op, and keep the schedule that
-    finishes first: when moving data costs more than computing it, spreading the work
-    greedily loses.
+    Besides the plain earliest-finish schedule, graphs of up to ``VARIANT_BUDGET``
+    tasks × pools also try: planning as if links were slower (consumers stay with
+    their inputs), everything on one worker, HEFT's own priority, each op kept off
+    pools far slower for it, and each pool (or site) on its own; the schedule that
+    finishes first wins. When moving data costs more than computing it, spreading the
+    work greedily loses, so the plan is never worse than one worker running it all.
     """
     n = len(model.keys)
     ops = model.ops
@@ -123,14 +125,41 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     pin = _pins(model)
     order = _rank_order(model, exec_t, allowed, [1] * len(pools))
     best = _list_schedule(model, pools, cost, allowed, exec_t, order, pin)
-    if not variants or n * len(pools) > VARIANT_BUDGET or len(pools) < 2:
+    if not variants or n * len(pools) > VARIANT_BUDGET:
+        return best
+    finish_best = max(best[2], default=0.0)
+    # when moving data costs more than computing it, greedy earliest finish spreads
+    # work and then pays for every hand-over: plan again as if links were slower
+    # (keeping consumers with their inputs), and everything on one worker; each such
+    # assignment is replayed with the true link costs before it is compared
+    for k in LINK_PENALTIES:
+        slow = _scaled_links(cost, k)
+        try:
+            cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin)
+        except MeshError:
+            continue
+        cand = _replay(model, pools, cost, exec_t, order, cand[3])
+        if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
+            best, finish_best = cand, max(cand[2], default=0.0)
+    if not model.pins:
+        first = 0
+        for p, pool in enumerate(pools):
+            threads = pool.worker_threads()
+            w = first + max(range(len(threads)), key=threads.__getitem__)
+            first += len(threads)
+            if not all(p in a for a in allowed):
+                continue
+            cand = _replay(model, pools, cost, exec_t, order, [w] * n)
+            if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
+                best, finish_best = cand, max(cand[2], default=0.0)
+    if len(pools) < 2:
         return best
     # HEFT's own priority: the mean over workers (a pool of four counts four times)
     order_w = _rank_order(model, exec_t, allowed, [len(p.workers) or 1 for p in pools])
     if order_w != order:
         cand = _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
-        if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
-            best = cand
+        if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
+            best, finish_best = cand, max(cand[2], default=0.0)
     # leave each op off the pools where it runs far slower than on its best one:
     # greedy earliest-finish puts work there whenever the fast pool is busy
     for factor in (1.5, 2.0, 4.0):
@@ -145,8 +174,8 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
                 cand = _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
             except MeshError:
                 continue
-            if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
-                best = cand
+            if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
+                best, finish_best = cand, max(cand[2], default=0.0)
     alternatives: list[set[int]] = [{p} for p in range(len(pools))]
     sites = sorted({p.site for p in pools})
     if len(sites) > 1:
@@ -162,9 +191,66 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             cand = _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
         except MeshError:
             continue
-        if max(cand[2], default=0.0) < max(best[2], default=0.0) * (1 - 1e-9):
-            best = cand
+        if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
+            best, finish_best = cand, max(cand[2], default=0.0)
     return best
+
+
+#: link-cost factors of the locality-seeking variants
+LINK_PENALTIES = (3.0, 10.0, 30.0)
+
+
+def _scaled_links(cost: CostModel, k: float) -> CostModel:
+    """A copy of ``cost`` whose transfers take ``k`` times as long."""
+    import copy
+
+    slow = copy.copy(cost)
+    slow.latency = [[x * k for x in row] for row in cost.latency]
+    slow.inv_bw = [[x * k for x in row] for row in cost.inv_bw]
+    slow.intra_latency = [x * k for x in cost.intra_latency]
+    slow.intra_inv_bw = [x * k for x in cost.intra_inv_bw]
+    return slow
+
+
+def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
+            exec_t: list[list[float]], order: list[int], worker_of: list[int]
+            ) -> tuple[list[int], list[float], list[float], list[int]]:
+    """The schedule of a fixed worker per task, with ``cost``'s link times: tasks in
+    ``order`` (inputs first), each on the first free thread of its worker."""
+    wpool: list[int] = []
+    slots: list[list[float]] = []
+    for p, pool in enumerate(pools):
+        for t in pool.worker_threads():
+            wpool.append(p)
+            slots.append([0.0] * t)
+    lat, inv = cost.latency, cost.inv_bw
+    ilat, iinv = cost.intra_latency, cost.intra_inv_bw
+    layer, deps = model.layer, model.deps
+    out_b = [op.out_bytes for op in model.ops]
+    n = len(layer)
+    start = [0.0] * n
+    finish = [0.0] * n
+    for i in order:
+        w = worker_of[i]
+        p = wpool[w]
+        ready = 0.0
+        for d in deps[i]:
+            wd = worker_of[d]
+            if wd == w:
+                a = finish[d]
+            else:
+                q = wpool[wd]
+                nb = out_b[layer[d]]
+                a = finish[d] + (ilat[p] + nb * iinv[p] if q == p
+                                 else lat[q][p] + nb * inv[q][p])
+            if a > ready:
+                ready = a
+        heap = slots[w]
+        s0 = heap[0] if heap[0] > ready else ready
+        f = s0 + exec_t[layer[i]][p]
+        heapq.heapreplace(heap, f)
+        start[i], finish[i] = s0, f
+    return [wpool[w] for w in worker_of], start, finish, list(worker_of)
 
 
 def _rank_order(model: GraphModel, exec_t: list[list[float]], allowed: list[list[int]],
