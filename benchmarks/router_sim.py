@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from typing import Any
 
 from jupyter_mesh.devices._profile import Profile, lookup_known
 from jupyter_mesh.inventory import Device
@@ -69,22 +70,27 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
     # one pool per worker: HEFT's processors, and the evaluator's bookkeeping
     solo = [build_pools([d])[0] for d in devices]
     solo_cost = CostModel(solo, links, task_overhead=1e-4)
-    pool_index = {(p.kind, p.backend, p.site): i for i, p in enumerate(pools)}
-    worker_pool = [pool_index[(d.kind, d.backend, d.site)] for d in devices]
     n = len(model.keys)
     if policy in ("router", "router-pool"):
         # the router plans at worker granularity; live, the scheduler restricts each task
-        # to its pool and picks the worker (router-pool evaluates that: inside the pool
-        # each task goes where it finishes first, as Dask balances restricted tasks)
+        # to its pool (narrowed to the workers of it the plan uses) and picks the worker
+        # (router-pool evaluates that: inside those workers each task goes where it
+        # finishes first, as Dask balances restricted tasks)
         allowed, _ = allowed_pools(model, pools, "auto")
         pool_of, _, _, worker_of = place(model, pools, cost, allowed)
         if policy == "router":
             order = [w for p in pools for w in p.workers]
             index = {d.worker: j for j, d in enumerate(devices)}
             return _evaluate(model, solo, solo_cost, [[index[order[w]]] for w in worker_of])
-        members = [[w for w in range(len(devices)) if worker_pool[w] == p]
-                   for p in range(len(pools))]
-        return _evaluate(model, solo, solo_cost, [members[pool_of[i]] for i in range(n)])
+        # restricted to the workers of the pool the plan uses (all of them, unless
+        # it leaves some idle on purpose: then live restrictions narrow to those too)
+        order = [w for p in pools for w in p.workers]
+        index = {d.worker: j for j, d in enumerate(devices)}
+        members: list[set[int]] = [set() for _ in pools]
+        for i in range(n):
+            members[pool_of[i]].add(index[order[worker_of[i]]])
+        cands = [sorted(members[p]) for p in range(len(pools))]
+        return _evaluate(model, solo, solo_cost, [cands[pool_of[i]] for i in range(n)])
     if policy == "heft":
         allowed, _ = allowed_pools(model, solo, "auto")
         w_of = heft(model, solo, solo_cost, allowed)
@@ -185,11 +191,69 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
 
 def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
                 cost: CostModel | None = None, tolerance: float = 2e-3) -> float:
-    """max(critical path with communication and without contention, the LP relaxation
-    of spreading each op's tasks over the pools with their slots)."""
+    """A lower bound on the makespan of any schedule of ``model`` on the mesh.
+
+    The general bound (:func:`_bound_over`) holds for every schedule. With several
+    sites and a connected graph, every schedule either sends some task's input across
+    sites (then it takes at least the shortest such path: ``crossing``) or runs the
+    whole graph at one site (then it takes at least the general bound over that site's
+    pools alone); the least of those, if larger, is a bound too."""
     pools = cost.pools if cost is not None else build_pools(devices)
     cost = cost or CostModel(pools, links, task_overhead=1e-4)
     allowed, _ = allowed_pools(model, pools, "auto")
+    parts: dict[str, Any] = {}
+    general = _bound_over(model, pools, cost, allowed, tolerance, parts)
+    sites = sorted({p.site for p in pools})
+    if len(sites) < 2 or not _connected(model):
+        return general
+    ef, tail, ex = parts["ef"], parts["tail"], parts["ex"]
+    inf = math.inf
+    crossing = inf
+    out_b = [op.out_bytes for op in model.ops]
+    for i, ds in enumerate(model.deps):
+        li = model.layer[i]
+        for d in ds:
+            ld = model.layer[d]
+            for p in allowed[ld]:
+                for q in allowed[li]:
+                    if pools[p].site != pools[q].site:
+                        t = (ef[d][p] + cost.transfer(out_b[ld], p, q, same_worker=False)
+                             + ex[li][q] + tail[i][q])
+                        if t < crossing:
+                            crossing = t
+    one_site = inf
+    for s in sites:
+        here = [[p for p in a if pools[p].site == s] for a in allowed]
+        if all(here):
+            one_site = min(one_site, _bound_over(model, pools, cost, here, tolerance))
+    return max(general, min(crossing, one_site))
+
+
+def _connected(model: GraphModel) -> bool:
+    """Whether the tasks form one weakly connected graph."""
+    n = len(model.deps)
+    parent = list(range(n))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i, ds in enumerate(model.deps):
+        for d in ds:
+            a, b = root(i), root(d)
+            if a != b:
+                parent[a] = b
+    return len({root(i) for i in range(n)}) <= 1
+
+
+def _bound_over(model: GraphModel, pools: list, cost: CostModel,
+                allowed: list[list[int]], tolerance: float,
+                parts: dict[str, Any] | None = None) -> float:
+    """max(critical path with communication and without contention, the LP relaxation
+    of spreading each op's tasks over the pools with release and delivery times), for
+    schedules that run each op only on its ``allowed`` pools."""
     ex = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
     best = [min(ex[li][p] for p in allowed[li]) for li in range(len(model.ops))]
     # critical path with communication but no contention: the earliest each task could
@@ -259,6 +323,8 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
     # a task on pool p starts no earlier than ef - ex and leaves at least its tail
     bound_cp = max((min(ef[i][p] + tail[i][p] for p in allowed[model.layer[i]])
                     for i in range(n)), default=0.0)
+    if parts is not None:
+        parts.update(ef=ef, tail=tail, ex=ex)
     try:
         from scipy.optimize import linprog
         from scipy.sparse import coo_matrix

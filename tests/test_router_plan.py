@@ -398,3 +398,47 @@ def test_plan_never_worse_than_one_worker_when_moving_data_dominates():
     serial = sum(cost.exec_time(model.ops[li], pools[0]) for li in model.layer)
     assert plan.makespan <= serial * (1 + 1e-9)
     assert len(set(plan.worker_of)) == 1
+
+
+def test_plan_on_one_worker_of_a_pool_narrows_live_restrictions():
+    # the plan keeps a communication-bound DAG on one of two GPUs; live, the scheduler
+    # restricts its tasks to that GPU (not the whole pool, where Dask would spread
+    # them) and widens to the pool at once when that GPU is gone
+    import pickle
+    from types import SimpleNamespace
+
+    from jupyter_mesh.router._scheduler import RouterState
+    from jupyter_mesh.router.plan import Plan
+    from jupyter_mesh.router.rewrite import narrowed
+
+    devs = [dev("g0", "gpu", "cupy", GPU), dev("g1", "gpu", "cupy", GPU)]
+    pools = build_pools(devs)
+    model = synthetic_model([{"name": "a", "op_class": "matmul", "tasks": 2,
+                              "flops": 2e9, "out_bytes": 4e8}])
+    cost = CostModel(pools)
+    plan = Plan(model, pools, "auto", [0, 0], [0.0, 0.1], [0.1, 0.2], cost)
+    plan.worker_of = [1, 1]
+    assert narrowed(plan) == {0: [pools[0].workers[1]]}
+    plan.worker_of = [0, 1]
+    assert narrowed(plan) == {}  # the plan uses the whole pool: nothing to narrow
+
+    one, other = pools[0].workers[1], pools[0].workers[0]
+    st = RouterState()
+    done: list = []
+    tasks = {k: SimpleNamespace(key=k, state="waiting", priority=None) for k in "ab"}
+    gpu = SimpleNamespace(resources={"mesh-gpu-cupy": 1})
+    st.scheduler = SimpleNamespace(workers={one: gpu, other: gpu}, tasks=tasks,
+                                   transitions=lambda recs, stimulus_id: done.append(recs))
+    st.register(payload=pickle.dumps({
+        "plan_id": "p", "restrictions": {"a": 0, "b": 0},
+        "pools": [("mesh-gpu-cupy", None, "gpu:cupy")], "fallback": True, "timeout": 5.0,
+        "narrow": {0: [one]}}))
+    st.update_graph(st.scheduler, list(tasks))
+    assert tasks["a"].worker_restrictions == {one}
+    assert tasks["a"].resource_restrictions == {"mesh-gpu-cupy": 1}
+    tasks["b"].state = "no-worker"
+    del st.scheduler.workers[one]
+    st.workers_changed()
+    assert tasks["a"].worker_restrictions is None  # the whole pool again
+    assert tasks["b"].worker_restrictions is None
+    assert done == [{"b": "processing"}]

@@ -39,6 +39,9 @@ class PlanState:
     events: list[str] = field(default_factory=list)
     failed: str | None = None
     created: float = field(default_factory=time.time)
+    #: pool -> the workers of it the plan uses (see Routed.narrow); dropped for a pool
+    #: once none of them is left, so its tasks may use the whole pool again
+    narrow: dict[int, list[str]] = field(default_factory=dict)
 
 
 class RouterState:
@@ -63,6 +66,7 @@ class RouterState:
         data = pickle.loads(payload)
         ps = PlanState(data["plan_id"], data["pools"], bool(data["fallback"]),
                        float(data["timeout"]), data.get("site"), data.get("pins") or {})
+        ps.narrow = dict(data.get("narrow") or {})
         self.plans[ps.plan_id] = ps
         prio = data.get("priorities") or {}
         for key, p in data["restrictions"].items():
@@ -126,7 +130,30 @@ class RouterState:
     def workers_changed(self) -> None:
         for ps in list(self.plans.values()):
             if ps.keys:
+                self._widen(ps)
                 self._check(ps)
+
+    def _widen(self, ps: PlanState) -> None:
+        """Pools whose planned workers are all gone: their tasks may use the whole
+        pool again, at once (the pool's own fallback timer covers a pool left empty)."""
+        gone = [p for p, some in ps.narrow.items()
+                if not any(a in self.scheduler.workers for a in some)]
+        if not gone:
+            return
+        recs: dict[Any, str] = {}
+        for p in gone:
+            del ps.narrow[p]
+            for key, q in ps.keys.items():
+                if q != p:
+                    continue
+                ts = self.scheduler.tasks.get(key)
+                if ts is None or ts.state in _FINAL:
+                    continue
+                self._restrict(ts, ps, p)
+                if ts.state == "no-worker":
+                    recs[key] = "processing"
+        if recs:
+            self.scheduler.transitions(recs, stimulus_id=f"jupyter-mesh-widen-{time.time()}")
 
     # ------------------------------------------------------------ internals
     def _restrict(self, ts: Any, ps: PlanState, p: int) -> None:
@@ -135,6 +162,9 @@ class RouterState:
             return
         resource, workers, _ = ps.pools[p]
         ts.resource_restrictions = {resource: 1}
+        some = ps.narrow.get(p)
+        if some and self.scheduler is not None and any(a in self.scheduler.workers for a in some):
+            workers = some
         ts.worker_restrictions = set(workers) if workers else None
         ts.host_restrictions = None
         ts.loose_restrictions = False

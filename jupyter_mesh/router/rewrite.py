@@ -40,6 +40,10 @@ class Routed:
     priorities: dict[Any, float] = field(default_factory=dict)
     #: layer name -> pool index, for every key of that layer (plans made per layer)
     layers: dict[str, int] = field(default_factory=dict)
+    #: pool index -> the workers of it the plan uses, where it leaves some idle on
+    #: purpose (e.g. one worker keeps a chain whose data costs more to move than to
+    #: compute); the scheduler widens to the whole pool when they are all gone
+    narrow: dict[int, list[str]] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         """What the scheduler plugin's ``jupyter_mesh_route`` handler receives."""
@@ -47,7 +51,7 @@ class Routed:
             "plan_id": self.plan_id, "restrictions": self.restrictions,
             "pools": self.pools, "fallback": self.fallback, "timeout": self.timeout,
             "site": self.site, "pins": self.pins, "priorities": self.priorities,
-            "layers": self.layers,
+            "layers": self.layers, "narrow": self.narrow,
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -117,4 +121,22 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
         plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=restrictions,
         pools=pools, fallback=fallback, timeout=get_seconds("fallback-timeout"),
         site=plan.site, pins=pins, priorities=priorities,
+        narrow={} if free else narrowed(plan),
     )
+
+
+def narrowed(plan: Plan) -> dict[int, list[str]]:
+    """Per pool, the workers the plan uses when it uses only some of them."""
+    worker_of = getattr(plan, "worker_of", None)
+    if not worker_of:
+        return {}
+    address: list[tuple[int, str]] = []  # global worker number -> (pool, address)
+    for p, pool in enumerate(plan.pools):
+        address += [(p, a) for a in pool.workers[: len(pool.worker_threads())]]
+    used: dict[int, set[str]] = {}
+    for w in set(worker_of):
+        if 0 <= w < len(address):
+            p, a = address[w]
+            used.setdefault(p, set()).add(a)
+    return {p: sorted(ws) for p, ws in used.items()
+            if len(ws) < len(plan.pools[p].workers)}
