@@ -644,15 +644,18 @@ class Mesh:
         return api.route_context(self, mode, fallback)
 
     def submit(self, fn: Any, *args: Any, on: Any = None, needs: Any = None,
-               site: str | None = None, **kwargs: Any) -> Any:
+               site: str | None = None, convert: bool = True, **kwargs: Any) -> Any:
         """Submit ``fn(*args, **kwargs)`` to a device: ``on=`` a target (``"gpu"``,
         ``"cpu:jax"``), or ``needs=`` a capability (``"matmul"``, ``"fft"``,
         ``"elementwise"``, ``"reduction"``, ``"linalg"``) for which the mesh picks the
-        fastest target; ``site=`` keeps it at a site. Returns a Future."""
+        fastest target; ``site=`` keeps it at a site. With ``convert=True`` (the
+        default) array arguments are moved to the backend of the worker it runs on
+        (CuPy on a GPU, JAX on a TPU) and array results come back as NumPy arrays;
+        ``convert=False`` passes everything as it is. Returns a Future."""
         from .router import api
 
         self._check_open()
-        return api.submit(self, fn, args, on, needs, site, kwargs)
+        return api.submit(self, fn, args, on, needs, site, kwargs, convert)
     # ================================================================== end routing
 
 

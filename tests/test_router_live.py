@@ -144,6 +144,8 @@ def test_bad_inputs(mesh):
         mesh.submit(np.sum, 1, site="moon")
     with pytest.raises(MeshError, match="no live gpu"):
         mesh.submit(np.sum, 1, on="gpu")
+    with pytest.raises(MeshError, match="convert= takes True or False"):
+        mesh.submit(np.sum, 1, convert="yes")
 
 
 def test_site_routes_within_site(mesh):
@@ -189,6 +191,28 @@ def test_submit_on_target_and_needs(mesh):
     # the mesh picks the target for a capability: whichever it is, it runs
     assert mesh.submit(backend_of_worker, needs="matmul").result() in ("jax", "numpy")
     assert mesh.submit(np.add, 1, 2, needs="elementwise").result() == 3
+
+
+def test_submit_moves_arrays_to_the_workers_backend(mesh):
+    def kinds(a, parts, scale=None):
+        # what the function got, and an array computed from it with operators
+        return type(a).__module__.split(".")[0], type(parts["b"]).__module__.split(".")[0], \
+            (a @ parts["b"]) * scale
+
+    a = np.arange(6.0).reshape(2, 3)
+    b = np.ones((3, 2))
+    got_a, got_b, out = mesh.submit(kinds, a, {"b": b}, scale=2.0, on="cpu:jax").result()
+    assert (got_a, got_b) == ("jaxlib", "jaxlib")
+    assert type(out) is np.ndarray  # back on the host
+    np.testing.assert_allclose(out, (a @ b) * 2.0)
+    got_a, got_b, out = mesh.submit(kinds, a, {"b": b}, scale=2.0, on="cpu:numpy").result()
+    assert (got_a, got_b) == ("numpy", "numpy")
+    np.testing.assert_allclose(out, (a @ b) * 2.0)
+    # convert=False: the function gets what was passed (here: a NumPy array on the
+    # JAX worker), for functions that need host arrays, e.g. to write into them
+    got_a, _, _ = mesh.submit(kinds, a, {"b": b}, scale=2.0, on="cpu:jax",
+                              convert=False).result()
+    assert got_a == "numpy"
 
 
 # ---------------------------------------------------------------- magics

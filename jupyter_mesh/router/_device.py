@@ -115,6 +115,47 @@ class DeviceCall:
         return f"DeviceCall({getattr(self.func, '__name__', self.func)!r})"
 
 
+class SubmitCall:
+    """What ``mesh.submit`` runs on the worker: array arguments (NumPy, CuPy or JAX,
+    also inside lists, tuples and dict values) are moved to the backend of the worker
+    it runs on, and array results come back as host (NumPy) arrays, so a function
+    written with array operators runs on the device the mesh picked."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+
+    def __reduce__(self) -> Any:
+        return (SubmitCall, (self.func,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        name = worker_backend()
+        if name == "numpy":
+            move = to_host_any
+        else:
+            move = get_backend(name).to_device
+        args = tuple(_deep(move, a) for a in args)
+        kwargs = {k: _deep(move, v) for k, v in kwargs.items()}
+        out = self.func(*args, **kwargs)
+        if name == "jax":
+            out = _deep(_block, out)
+        return _deep(to_host_any, out)
+
+    def __repr__(self) -> str:
+        return f"SubmitCall({getattr(self.func, '__name__', self.func)!r})"
+
+
+def _deep(fn: Any, x: Any) -> Any:
+    if isinstance(x, list):
+        return [_deep(fn, v) for v in x]
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):
+        return tuple(_deep(fn, v) for v in x)
+    if isinstance(x, dict):
+        return {k: _deep(fn, v) for k, v in x.items()}
+    return fn(x)
+
+
 def _block(out: Any) -> Any:
     """Wait for JAX's asynchronous dispatch so measured seconds are real."""
     ready = getattr(out, "block_until_ready", None)

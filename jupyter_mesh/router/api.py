@@ -421,9 +421,11 @@ def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None) -> tuple[s
 
 
 def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
-           site: Any, kwargs: dict[str, Any]) -> Any:
+           site: Any, kwargs: dict[str, Any], convert: Any = True) -> Any:
     if not callable(fn):
         raise MeshError(f"submit needs a function, not {type(fn).__name__}")
+    if not isinstance(convert, bool):
+        raise MeshError(f"convert= takes True or False, not {convert!r}")
     if on is not None and needs is not None:
         raise MeshError("pass on= (a target) or needs= (a capability), not both")
     site = _check_site(site)
@@ -447,4 +449,8 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     elif needs is not None:
         resource, _ = choose_for_needs(mesh, needs, site)
         resources = {resource: 1}
+    if convert:
+        from ._device import SubmitCall
+
+        fn = SubmitCall(fn)
     return mesh.client.submit(fn, *args, resources=resources, workers=workers, **kwargs)
