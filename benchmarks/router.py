@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -139,8 +140,11 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
         for (scale, repeats), homogeneous in [(sr, h) for sr in scales for h in (False, True)]:
             cost = _emulated_cost(pools, homogeneous, scale=scale)
             times: dict[str, list[float]] = {"router": [], "dask": [], "fastest": []}
-            for _ in range(repeats):
-                for policy in times:
+            orders = list(itertools.permutations(times))
+            for rep in range(repeats):
+                # the order changes from run to run, so no policy always follows the
+                # same other one (a run leaves Dask's learned task durations behind)
+                for policy in orders[(rep * 5) % len(orders)]:
                     # fresh keys every run: nothing may be reused from an earlier run
                     model = p1_workload()
                     model.outputs = [model.keys[-k] for k in range(1, model.ops[-1].tasks + 1)]
@@ -360,8 +364,10 @@ def report(r1, r2, r3, r6) -> str:
                   "workload at two task lengths: *scale 1* = NumPy-worker tasks of 8-60 ms "
                   "(creation 10, matmul 60, elementwise 8, reduction 10 ms), *scale 4* = the "
                   "same four times as long (32-240 ms). Median of the runs shown, wall "
-                  "seconds, the policies taking turns (router, Dask default, all on fastest) "
-                  "so load from elsewhere hits them alike; progress bars off for every policy "
+                  "seconds, the policies taking turns in an order that changes from run to run "
+                  "(Dask learns task durations per key prefix, so a run leaves estimates "
+                  "behind for the next), so load from elsewhere and what a run leaves behind "
+                  "hit them alike; progress bars off for every policy "
                   "(Dask default shows none). *Lower bound* = max(critical path, LP "
                   "relaxation of the work per pool) with the emulated times plus the 1 ms per "
                   "task the emulation models. *With Dask's cost* = the same figure with the "

@@ -198,7 +198,11 @@ class MeshMagics(Magics):
             return None
         if args.widget:
             return mesh.widget()
-        display(mesh.inventory())
+        try:
+            inventory = mesh.inventory()
+        except MeshError as exc:
+            raise _as_usage(exc) from None
+        display(inventory)
         return None
 
     def _close(self, args: Any) -> None:

@@ -354,6 +354,7 @@ class Mesh:
     def inventory(self) -> Inventory:
         """The mesh's devices and their load, from the scheduler in one round trip."""
         self._check_open()
+        self._check_reachable()
         if self._scheduler_plugin:
             try:
                 info = self.client.sync(self.client.scheduler.jupyter_mesh_inventory)
@@ -453,6 +454,16 @@ class Mesh:
     def _check_open(self) -> None:
         if self.closed:
             raise MeshError("this mesh is closed: start a new one with %mesh start")
+
+    def _check_reachable(self) -> None:
+        """A scheduler that went away is said at once (Dask's client would otherwise
+        wait to reconnect, and its cached view shows no workers)."""
+        status = getattr(self.client, "status", "running")
+        if status != "running" or self.client.scheduler is None:
+            raise MeshError(
+                f"the scheduler at {self.address} is not reachable (Dask's client is "
+                f"{status}): run %mesh close, then %mesh start or %mesh connect ADDRESS"
+            )
 
     def __enter__(self) -> Mesh:
         return self

@@ -10,6 +10,7 @@ import dask.array as da
 import pytest
 from distributed import LocalCluster
 from distributed.security import Security
+from IPython.core.error import UsageError
 
 import jupyter_mesh as jm
 from jupyter_mesh import MeshError
@@ -157,6 +158,13 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
         time.sleep(0.1)
     assert mesh.client.scheduler is None  # the client gave the scheduler up
     capsys.readouterr()
+    # %mesh (status) says at once that the scheduler is gone, in one line
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=f"the scheduler at {address} is not reachable"):
+        ip.run_line_magic("mesh", "")
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(MeshError, match="not reachable.*%mesh close"):
+        mesh.inventory()
     ip.run_line_magic("mesh", "close")  # still closes, naming the address
     assert f"Closed the mesh at {address}" in capsys.readouterr().out
     assert mesh.closed and jm.mesh._state.active() is None
