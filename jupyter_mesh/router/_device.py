@@ -42,10 +42,13 @@ def worker_backend() -> str:
 
 
 def _map(fn: Any, x: Any) -> Any:
+    """``fn`` applied to every leaf of lists, tuples and dict values in ``x``."""
     if isinstance(x, list):
         return [_map(fn, v) for v in x]
-    if isinstance(x, tuple):
+    if isinstance(x, tuple) and not hasattr(x, "_fields"):  # a namedtuple stays one
         return tuple(_map(fn, v) for v in x)
+    if isinstance(x, dict):
+        return {k: _map(fn, v) for k, v in x.items()}
     return fn(x)
 
 
@@ -135,25 +138,15 @@ class SubmitCall:
             move = to_host_any
         else:
             move = get_backend(name).to_device
-        args = tuple(_deep(move, a) for a in args)
-        kwargs = {k: _deep(move, v) for k, v in kwargs.items()}
+        args = _map(move, args)
+        kwargs = _map(move, kwargs)
         out = self.func(*args, **kwargs)
         if name == "jax":
-            out = _deep(_block, out)
-        return _deep(to_host_any, out)
+            out = _map(_block, out)
+        return _map(to_host_any, out)
 
     def __repr__(self) -> str:
         return f"SubmitCall({getattr(self.func, '__name__', self.func)!r})"
-
-
-def _deep(fn: Any, x: Any) -> Any:
-    if isinstance(x, list):
-        return [_deep(fn, v) for v in x]
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(_deep(fn, v) for v in x)
-    if isinstance(x, dict):
-        return {k: _deep(fn, v) for k, v in x.items()}
-    return fn(x)
 
 
 def _block(out: Any) -> Any:

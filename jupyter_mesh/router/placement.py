@@ -128,6 +128,13 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     if not variants or n * len(pools) > VARIANT_BUDGET:
         return best
     finish_best = max(best[2], default=0.0)
+
+    def consider(cand: tuple[list[int], list[float], list[float], list[int]]) -> None:
+        nonlocal best, finish_best
+        f = max(cand[2], default=0.0)
+        if f < finish_best * (1 - 1e-9):
+            best, finish_best = cand, f
+
     # when moving data costs more than computing it, greedy earliest finish spreads
     # work and then pays for every hand-over: plan again as if links were slower
     # (keeping consumers with their inputs), and everything on one worker; each such
@@ -138,9 +145,7 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin)
         except MeshError:
             continue
-        cand = _replay(model, pools, cost, exec_t, order, cand[3])
-        if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
-            best, finish_best = cand, max(cand[2], default=0.0)
+        consider(_replay(model, pools, cost, exec_t, order, cand[3]))
     if not model.pins:
         first = 0
         for p, pool in enumerate(pools):
@@ -149,17 +154,14 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             first += len(threads)
             if not all(p in a for a in allowed):
                 continue
-            cand = _replay(model, pools, cost, exec_t, order, [w] * n)
-            if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
-                best, finish_best = cand, max(cand[2], default=0.0)
+            consider(_replay(model, pools, cost, exec_t, order, [w] * n))
     if len(pools) < 2:
         return best
     # HEFT's own priority: the mean over workers (a pool of four counts four times)
     order_w = _rank_order(model, exec_t, allowed, [len(p.workers) or 1 for p in pools])
     if order_w != order:
         cand = _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
-        if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
-            best, finish_best = cand, max(cand[2], default=0.0)
+        consider(cand)
     # leave each op off the pools where it runs far slower than on its best one:
     # greedy earliest-finish puts work there whenever the fast pool is busy
     for factor in (1.5, 2.0, 4.0):
@@ -174,8 +176,7 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
                 cand = _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
             except MeshError:
                 continue
-            if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
-                best, finish_best = cand, max(cand[2], default=0.0)
+            consider(cand)
     alternatives: list[set[int]] = [{p} for p in range(len(pools))]
     sites = sorted({p.site for p in pools})
     if len(sites) > 1:
@@ -191,8 +192,7 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             cand = _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
         except MeshError:
             continue
-        if max(cand[2], default=0.0) < finish_best * (1 - 1e-9):
-            best, finish_best = cand, max(cand[2], default=0.0)
+        consider(cand)
     return best
 
 
