@@ -61,10 +61,21 @@ def _short(address: str) -> str:
     return address.split("://", 1)[-1]
 
 
+def _layer_lookup(plan: Plan) -> Any:
+    """key -> index of its op (layer) in the plan's model, or None."""
+    m = plan.model
+    if m.keys:
+        return {k: m.layer[i] for i, k in enumerate(m.keys)}.get
+    return plan.layer_of_key  # a plan made per layer keeps no per-task lists
+
+
 def planned_bars(plan: Plan, names: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """One bar per task as the plan placed it, in a lane of one of its pool's workers."""
+    """One bar per task as the plan placed it, in a lane of one of its pool's workers;
+    for a plan made per layer, one bar per layer in a lane of its pool."""
     names = names or {}
     m = plan.model
+    if not m.keys:
+        return _layer_bars(plan)
     per_pool: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(plan.pool_of):
         per_pool[p].append(i)
@@ -89,11 +100,24 @@ def planned_bars(plan: Plan, names: dict[str, str] | None = None) -> list[dict[s
     return bars
 
 
+def _layer_bars(plan: Any) -> list[dict[str, Any]]:
+    bars = []
+    for li, op in enumerate(plan.model.ops):
+        if not op.tasks:
+            continue
+        label = plan.pools[plan.layer_pool[li]].label
+        bars.append({"worker": label, "start": plan.layer_start[li],
+                     "end": plan.layer_finish[li], "target": label, "op": op.label,
+                     "key": f"{op.tasks} tasks"})
+    _lanes(bars, "worker")
+    return bars
+
+
 def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     """One bar per task as it ran; True when the times are real starts and stops."""
     plan = report.plan
     m = plan.model
-    layer_of = {k: m.layer[i] for i, k in enumerate(m.keys)}
+    layer_of = _layer_lookup(plan)
     kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
     label_of = {w: pool.target for pool in plan.pools for w in pool.workers}
     names = report.worker_names
@@ -106,14 +130,14 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
         return label_of.get(worker, "?")
 
     def op(key: Any) -> str:
-        li = layer_of.get(key)
+        li = layer_of(key)
         return m.ops[li].label if li is not None else str(key)
 
     bars: list[dict[str, Any]] = []
     stream = getattr(report, "timeline", None) or []
     for rec in stream:
         key = rec.get("key")
-        if key not in layer_of:
+        if layer_of(key) is None:
             continue
         for ss in rec.get("startstops", ()):
             if ss.get("action") != "compute":
@@ -145,24 +169,29 @@ def op_graph(plan: Plan, report: Report | None = None) -> dict[str, Any]:
     """Nodes (ops) with a position, a target and a size, and edges between ops."""
     m = plan.model
     nops = len(m.ops)
+    per_layer = not m.keys  # a plan made per layer
     targets: list[Counter[str]] = [Counter() for _ in range(nops)]
     if report is not None and report.records:
         kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
-        for i, k in enumerate(m.keys):
-            rec = report.records.get(k)
-            if rec is not None:
-                targets[m.layer[i]][f"{kind_of.get(rec[0], '?')}:{rec[1]}"] += 1
+        layer_of = _layer_lookup(plan)
+        for k, rec in report.records.items():
+            li = layer_of(k)
+            if li is not None:
+                targets[li][f"{kind_of.get(rec[0], '?')}:{rec[1]}"] += 1
+    elif per_layer:
+        for li, p in enumerate(plan.layer_pool):
+            targets[li][plan.pools[p].label] += m.ops[li].tasks
     else:
         for i, p in enumerate(plan.pool_of):
             targets[m.layer[i]][plan.pools[p].label] += 1
     shown = [li for li in range(nops) if m.ops[li].tasks]
     index = {li: n for n, li in enumerate(shown)}
-    edges: set[tuple[int, int]] = set()
-    for i, ds in enumerate(m.deps):
-        for d in ds:
-            a, b = m.layer[d], m.layer[i]
-            if a != b and a in index and b in index:
-                edges.add((index[a], index[b]))
+    if per_layer:
+        pairs = {(d, li) for li, ds in enumerate(m.deps) for d, _ in ds}
+    else:
+        pairs = {(m.layer[d], m.layer[i]) for i, ds in enumerate(m.deps) for d in ds}
+    edges: set[tuple[int, int]] = {(index[a], index[b]) for a, b in pairs
+                                   if a != b and a in index and b in index}
     # depth: longest path from a source, by Kahn's order over the op graph
     succ: dict[int, list[int]] = defaultdict(list)
     indeg = [0] * len(shown)
@@ -285,9 +314,10 @@ def plan_figure(plan: Plan, width: int = 900) -> Model:
     """The plan's timeline by worker and its graph of ops, coloured by target."""
     from bokeh.layouts import column
 
+    by = "worker" if plan.model.keys else "pool: planned per layer"
     return column(
         _timeline(planned_bars(plan, worker_names()),
-                  "Planned timeline (estimated, by worker)",
+                  f"Planned timeline (estimated, by {by})",
                   "estimated seconds", width),
         _graph(op_graph(plan), "Operations, coloured by planned target", width),
     )
@@ -335,14 +365,14 @@ def _safe(build: Any, what: str) -> str:
 
 def plan_html(plan: Plan) -> str:
     """The plan's picture as embeddable HTML (empty for a plan without tasks)."""
-    if not plan.model.keys:
+    if not plan.ntasks:
         return ""
     return _safe(lambda: plan_figure(plan), "plan")
 
 
 def report_html(report: Report) -> str:
     """The report's picture as embeddable HTML (empty for a report without tasks)."""
-    if not report.plan.model.keys:
+    if not report.plan.ntasks:
         return ""
     return _safe(lambda: report_figure(report), "report")
 

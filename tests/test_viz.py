@@ -147,3 +147,27 @@ def test_picture_renders_offline_in_chromium(plan, tmp_path):
             browser.close()
     assert views >= 1
     assert blocked == []
+
+
+def test_a_plan_made_per_layer_has_its_picture(plan):
+    # graphs above mesh.router.layer-plan-threshold are planned per layer: the picture
+    # shows one bar per layer in its pool's lane, and the ops coloured by target
+    import dask
+
+    x = da.random.random((1000, 1000), chunks=250)
+    devices = [Device(w, pool.kind, pool.backend, "model", 1 << 34, "local", pool.profile,
+                      nthreads=pool.slots)
+               for pool in plan.pools for w in pool.workers]
+    with dask.config.set({"mesh.router.layer-plan-threshold": 10}):
+        lplan = plan_collections([((x @ x.T) + 1).sum(axis=0)], devices, route="cpu:jax")
+    assert not lplan.model.keys and lplan.ntasks > 10  # planned per layer
+    bars = viz.planned_bars(lplan)
+    assert {b["op"] for b in bars} >= {"matmul", "random_sample"}
+    by_op = {b["op"]: b for b in bars}
+    assert by_op["matmul"]["target"] == "cpu:jax"
+    assert by_op["random_sample"]["end"] <= by_op["matmul"]["start"] + 1e-12
+    graph = viz.op_graph(lplan)
+    x_of = {n["op"]: n["x"] for n in graph["nodes"]}
+    assert x_of["random_sample"] < x_of["matmul"] < x_of["sum-aggregate"]
+    out = lplan._repr_html_()
+    assert "jupyter-mesh-picture" in out and "planned per layer" in out
