@@ -155,8 +155,8 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
                         times[policy].append(time.perf_counter() - t0)
                         continue
                     route = "auto" if policy == "router" else "cpu:jax"
+                    t0 = time.perf_counter()  # planning counts: a user waits for it too
                     plan = plan_model(model, pools, route, cost=cost)
-                    t0 = time.perf_counter()
                     api.run_plan(mesh, plan)
                     times[policy].append(time.perf_counter() - t0)
             med = {k: statistics.median(v) for k, v in times.items()}
@@ -364,7 +364,8 @@ def report(r1, r2, r3, r6) -> str:
                   "workload at two task lengths: *scale 1* = NumPy-worker tasks of 8-60 ms "
                   "(creation 10, matmul 60, elementwise 8, reduction 10 ms), *scale 4* = the "
                   "same four times as long (32-240 ms). Median of the runs shown, wall "
-                  "seconds, the policies taking turns in an order that changes from run to run "
+                  "seconds (the router's and all-on-fastest's include planning and the report), "
+                  "the policies taking turns in an order that changes from run to run "
                   "(Dask learns task durations per key prefix, so a run leaves estimates "
                   "behind for the next), so load from elsewhere and what a run leaves behind "
                   "hit them alike; progress bars off for every policy "

@@ -77,11 +77,15 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
         # (router-pool evaluates that: inside those workers each task goes where it
         # finishes first, as Dask balances restricted tasks)
         allowed, _ = allowed_pools(model, pools, "auto")
-        pool_of, _, _, worker_of = place(model, pools, cost, allowed)
+        pool_of, start, _, worker_of = place(model, pools, cost, allowed)
+        # live, the scheduler plugin gives ready tasks the plan's start times as their
+        # priorities: the evaluator takes them in that order too
+        by_start = sorted(range(n), key=lambda i: (start[i], i))
         if policy == "router":
             order = [w for p in pools for w in p.workers]
             index = {d.worker: j for j, d in enumerate(devices)}
-            return _evaluate(model, solo, solo_cost, [[index[order[w]]] for w in worker_of])
+            return _evaluate(model, solo, solo_cost, [[index[order[w]]] for w in worker_of],
+                             order=by_start)
         # restricted to the workers of the pool the plan uses (all of them, unless
         # it leaves some idle on purpose: then live restrictions narrow to those too)
         order = [w for p in pools for w in p.workers]
@@ -90,7 +94,8 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
         for i in range(n):
             members[pool_of[i]].add(index[order[worker_of[i]]])
         cands = [sorted(members[p]) for p in range(len(pools))]
-        return _evaluate(model, solo, solo_cost, [cands[pool_of[i]] for i in range(n)])
+        return _evaluate(model, solo, solo_cost, [cands[pool_of[i]] for i in range(n)],
+                         order=by_start)
     if policy == "heft":
         allowed, _ = allowed_pools(model, solo, "auto")
         w_of = heft(model, solo, solo_cost, allowed)
@@ -155,15 +160,16 @@ def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> 
 
 
 def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
-              earliest_start: bool = False) -> float:
-    """List-schedule tasks in upward-rank order; each goes to the candidate worker where
-    it finishes first (or, like Dask, which knows no device speeds, starts first);
-    transfers between workers are paid by their link."""
+              earliest_start: bool = False, order: list[int] | None = None) -> float:
+    """List-schedule tasks in ``order`` (inputs first; default: upward rank); each goes
+    to the candidate worker where it finishes first (or, like Dask, which knows no
+    device speeds, starts first); transfers between workers are paid by their link."""
     n = len(model.keys)
     ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
     layer, deps = model.layer, model.deps
     out_b = [op.out_bytes for op in model.ops]
-    order = _upward_rank_order(n, layer, deps, [sum(r) / len(r) for r in ex])
+    if order is None:
+        order = _upward_rank_order(n, layer, deps, [sum(r) / len(r) for r in ex])
     free = [[0.0] * max(p.slots, 1) for p in solo]
     where = [-1] * n
     finish = [0.0] * n

@@ -442,3 +442,21 @@ def test_plan_on_one_worker_of_a_pool_narrows_live_restrictions():
     assert tasks["a"].worker_restrictions is None  # the whole pool again
     assert tasks["b"].worker_restrictions is None
     assert done == [{"b": "processing"}]
+
+
+def test_the_same_graph_gets_the_same_plan():
+    # the planner's search is seeded: mesh.explain(y) shows the plan mesh.compute(y)
+    # will run, not one of many
+    devs = [dev("c0", "cpu", "numpy", CPU, nthreads=4), dev("g0", "gpu", "cupy", GPU),
+            dev("g1", "gpu", "cupy", GPU), dev("f0", "gpu", "cupy", GPU, site="far")]
+    pools = build_pools(devs)
+    cost = CostModel(pools)
+    layers = [{"name": "a", "op_class": "matmul", "tasks": 6, "flops": 2e10,
+               "out_bytes": 4e7}]
+    for j in range(1, 5):
+        layers.append({"name": f"l{j}", "op_class": "elementwise" if j % 2 else "matmul",
+                       "tasks": 6, "flops": 2e9 * j, "out_bytes": 4e7,
+                       "deps": [(j - 1, "map"), (j - 1, 2)]})
+    first = plan_model(synthetic_model(layers), pools, "auto", cost=cost)
+    again = plan_model(synthetic_model(layers), pools, "auto", cost=cost)
+    assert first.worker_of == again.worker_of and first.start == again.start

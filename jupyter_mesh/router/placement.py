@@ -8,6 +8,7 @@ from the pools that produce them. Work is linear in tasks × pools (× inputs pe
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Any
 
 from ..errors import MeshError
@@ -193,7 +194,52 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
         except MeshError:
             continue
         consider(cand)
+    # a short seeded search: priorities jittered, slow pools left out by a random
+    # factor, sometimes one site only; each schedule is real, so the best one stands.
+    # Seeded by the graph's size: the same graph gets the same plan
+    trials = min(SEARCH_TRIALS, SEARCH_BUDGET // max(n * len(pools), 1))
+    if trials:
+        for cand in _searched(model, pools, cost, allowed, exec_t, pin, sites, trials):
+            consider(cand)
     return best
+
+
+#: most schedules the seeded search tries, and the tasks × pools it may spend on them
+SEARCH_TRIALS = 48
+SEARCH_BUDGET = 60_000
+
+
+def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
+              allowed: list[list[int]], exec_t: list[list[float]],
+              pin: list[str | None], sites: list[str], trials: int) -> Any:
+    """Schedules from jittered HEFT priorities and random pool filters."""
+    import random
+
+    n = len(model.keys)
+    layer, deps = model.layer, model.deps
+    mean = [sum(exec_t[li][p] for p in a) / len(a) for li, a in enumerate(allowed)]
+    rng = random.Random(n * 7919 + len(pools))
+    for _ in range(trials):
+        rank = [0.0] * n
+        for i in range(n - 1, -1, -1):
+            rank[i] += mean[layer[i]] * rng.uniform(0.5, 1.5) + 1e-12
+            r = rank[i]
+            for d in deps[i]:
+                if rank[d] < r:
+                    rank[d] = r
+        order = sorted(range(n), key=rank.__getitem__, reverse=True)
+        factor = rng.choice((1.2, 1.5, 2.0, 3.0, 5.0, math.inf))
+        alt = []
+        for li, a in enumerate(allowed):
+            fast = min(exec_t[li][p] for p in a)
+            alt.append([p for p in a if exec_t[li][p] <= fast * factor])
+        if len(sites) > 1 and rng.random() < 0.5:
+            site = rng.choice(sites)
+            alt = [[p for p in a if pools[p].site == site] or a for a in alt]
+        try:
+            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
+        except MeshError:
+            continue
 
 
 #: link-cost factors of the locality-seeking variants
