@@ -43,6 +43,12 @@ CELLS = {
         "(jax.default_backend(), float(jnp.arange(4.0).sum()))"
     ),
     "display": "%%mesh --remote\nfrom IPython.display import HTML\ndisplay(HTML('<b>rich</b>'))",
+    "update": (
+        "%%mesh --remote\nh = display('first', display_id=True)\nh.update('second')\n"
+        "update_display('third', display_id=h.display_id)\nprint('gone', flush=True)\n"
+        "clear_output()\nprint('after clear')"
+    ),
+    "bad_display_id": "%%mesh --remote\ndisplay('x', display_id=3)",
     "bad_target": "%%mesh --remote --on gpu\n1",
     "no_compile": "%%mesh --remote\nx = (",
     "reset": "%mesh reset-remote",
@@ -169,6 +175,24 @@ def test_rich_display(run):
     cells, _ = run
     shown = [o for o in cells["display"].outputs if o.output_type == "display_data"]
     assert shown and shown[0]["data"]["text/html"] == "<b>rich</b>"
+
+
+def test_display_update_and_clear_output(run):
+    cells, messages = run
+    msgs = messages["update"]
+    shown = [m for m in msgs if m["msg_type"] == "display_data"]
+    assert len(shown) == 1
+    display_id = shown[0]["content"]["transient"]["display_id"]
+    updates = [m["content"] for m in msgs if m["msg_type"] == "update_display_data"]
+    assert [u["data"]["text/plain"] for u in updates] == ["'second'", "'third'"]
+    assert all(u["transient"]["display_id"] == display_id for u in updates)
+    kinds = [m["msg_type"] for m in msgs if m["msg_type"] in ("stream", "clear_output")]
+    assert kinds[-2:] == ["clear_output", "stream"]  # cleared after 'gone', before the rest
+    # what the notebook keeps: only what came after clear_output
+    assert text(cells["update"]) == "after clear\n"
+    assert not [o for o in cells["update"].outputs if o.output_type == "display_data"]
+    err = error(cells["bad_display_id"])
+    assert err is not None and "display_id must be a string or True" in err["evalue"]
 
 
 def test_misuse_is_one_line(run):

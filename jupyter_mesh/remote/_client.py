@@ -503,12 +503,18 @@ class RemoteCells:
                 # newline (the kernel flushes what is left by itself), so they stay one line
                 if text.endswith(("\n", "\r")):
                     stream.flush()
+            elif item[0] == "clear":
+                _clear_output(item[1])
             else:
-                _, data, metadata, _ts = item
-                if labelled:
+                if item[0] == "display-id":
+                    _, data, metadata, display_id, update, _ts = item
+                else:
+                    _, data, metadata, _ts = item
+                    display_id, update = None, False
+                if labelled and not update:
                     sys.stdout.write(f"[{run.label}] display:\n")
                     sys.stdout.flush()
-                _display(data, metadata)
+                _display(data, metadata, display_id, update)
 
     def _collect(self, runs: list[_Run], interrupted: bool,
                  timeout: float | None) -> list[CellResult]:
@@ -678,15 +684,31 @@ def _flush_partial(run: _Run) -> None:
             run.partial[name] = ""
 
 
-def _display(data: dict[str, Any], metadata: dict[str, Any]) -> None:
+def _display(data: dict[str, Any], metadata: dict[str, Any], display_id: str | None = None,
+             update: bool = False) -> None:
     try:
         from IPython.core.interactiveshell import InteractiveShell
 
         if InteractiveShell.initialized():
             from IPython.display import display
 
-            display(data, raw=True, metadata=metadata)
+            extra: dict[str, Any] = {}
+            if display_id is not None:
+                extra = {"display_id": display_id, "update": update}
+            display(data, raw=True, metadata=metadata, **extra)
             return
     except ImportError:
         pass
     print(data.get("text/plain", ""))
+
+
+def _clear_output(wait: bool) -> None:
+    try:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        if InteractiveShell.initialized():
+            from IPython.display import clear_output
+
+            clear_output(wait=wait)
+    except ImportError:
+        pass

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -72,12 +73,39 @@ def _formatter() -> Any:
     return _display_formatter
 
 
+class RemoteDisplayHandle:
+    """What ``display(obj, display_id=...)`` returns in a remote cell, like IPython's
+    ``DisplayHandle``: ``update(obj)`` replaces that output in the notebook."""
+
+    def __init__(self, display_id: str) -> None:
+        self.display_id = display_id
+
+    def display(self, obj: Any, **kwargs: Any) -> None:
+        remote_display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj: Any, **kwargs: Any) -> None:
+        remote_display(obj, display_id=self.display_id, update=True, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<RemoteDisplayHandle display_id={self.display_id}>"
+
+
 def remote_display(*objs: Any, raw: bool = False, metadata: dict[str, Any] | None = None,
-                   **kwargs: Any) -> None:
+                   display_id: Any = None, update: bool = False,
+                   **kwargs: Any) -> RemoteDisplayHandle | None:
     """``display()`` inside a remote cell: the objects appear in the notebook cell.
 
-    Called from a thread that runs no remote cell, it prints the objects instead.
+    ``display_id`` (a string, or True for a new one) names the output so that
+    ``update_display`` or the returned handle can replace it later; ``update=True``
+    replaces the output of that id. Called from a thread that runs no remote cell, it
+    prints the objects instead.
     """
+    if display_id is True:
+        display_id = uuid.uuid4().hex
+    if display_id is not None and not isinstance(display_id, str):
+        raise TypeError(f"display_id must be a string or True, not {display_id!r}")
+    if update and display_id is None:
+        raise TypeError("update=True needs a display_id")
     sink = _streams._sinks.get(threading.get_ident())
     for obj in objs:
         if raw:
@@ -88,8 +116,24 @@ def remote_display(*objs: Any, raw: bool = False, metadata: dict[str, Any] | Non
                 md.update(metadata)
         if sink is None:
             print(data.get("text/plain", repr(obj)))
-        else:
+        elif display_id is None:
             sink.display(data, md)  # type: ignore[attr-defined]
+        else:
+            sink.display(data, md, display_id, update)  # type: ignore[attr-defined]
+    return RemoteDisplayHandle(display_id) if display_id is not None else None
+
+
+def remote_update_display(obj: Any, *, display_id: str, **kwargs: Any) -> None:
+    """``update_display()`` inside a remote cell: replace the output of ``display_id``."""
+    remote_display(obj, display_id=display_id, update=True, **kwargs)
+
+
+def remote_clear_output(wait: bool = False) -> None:
+    """``clear_output()`` inside a remote cell: clear the notebook cell's output
+    (``wait=True``: when the next output arrives)."""
+    sink = _streams._sinks.get(threading.get_ident())
+    if sink is not None:
+        sink.clear(bool(wait))  # type: ignore[attr-defined]
 
 
 def format_remote_traceback(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import _streams
-from ._runner import CellRun, remote_display
+from ._runner import CellRun, remote_clear_output, remote_display, remote_update_display
 
 EXTENSION_NAME = "jupyter-mesh-remote"
 RUN = "jupyter_mesh_remote_run"
@@ -50,9 +50,19 @@ class CellSink:
                 items.append(["stream", name, text, time.time()])
             self._kick()
 
-    def display(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    def display(self, data: dict[str, Any], metadata: dict[str, Any],
+                display_id: str | None = None, update: bool = False) -> None:
         with self._lock:
-            self._items.append(["display", data, metadata, time.time()])
+            if display_id is None:
+                self._items.append(["display", data, metadata, time.time()])
+            else:
+                self._items.append(["display-id", data, metadata, display_id, update,
+                                    time.time()])
+            self._kick()
+
+    def clear(self, wait: bool) -> None:
+        with self._lock:
+            self._items.append(["clear", wait, time.time()])
             self._kick()
 
     def _kick(self) -> None:
@@ -82,6 +92,8 @@ class Session:
             "__name__": "__main__",
             "__builtins__": __builtins__,
             "display": remote_display,
+            "update_display": remote_update_display,
+            "clear_output": remote_clear_output,
         }
         self.running: CellRun | None = None
         self.cells = 0
