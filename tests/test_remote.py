@@ -88,7 +88,7 @@ def test_large_arrays_push_and_pull(ip, fresh):
 
 def test_rich_display_comes_back(fresh, monkeypatch):
     shown = []
-    monkeypatch.setattr(_client, "_display", lambda data, md: shown.append(data))
+    monkeypatch.setattr(_client, "_display", lambda data, md, *extra: shown.append(data))
     r = fresh.run_cell(
         "from IPython.display import HTML\ndisplay(HTML('<b>hi</b>'))\nHTML('<i>last</i>')"
     )
