@@ -55,3 +55,41 @@ def test_worker_dying_during_a_cell(mesh, capsys):
     capsys.readouterr()
     assert mesh.run_cell("3").worker == new
     assert "is gone" in capsys.readouterr().err
+
+
+def test_next_cell_waits_for_the_restarting_worker(mesh, capsys):
+    # the only worker dies; the next cell, sent at once, waits for its nanny to bring a
+    # new one (mesh.remote.worker-wait) instead of failing
+    before = mesh.run_cell("4").worker
+    with pytest.raises(jm.MeshError, match="died while running the cell"):
+        mesh.run_cell("import os\nos._exit(1)")
+    capsys.readouterr()
+    r = mesh.run_cell("5", value=True)
+    assert r.value == 5 and r.worker != before
+
+
+def test_worker_wait_config(mesh):
+    # mesh.remote.worker-wait bounds the wait (0: none), a bad value names the key, and
+    # a kind this notebook never had fails at once, without waiting
+    import dask
+
+    from jupyter_mesh.errors import MeshConfigError
+    from jupyter_mesh.targets import parse_target
+
+    cells = mesh._remote_cells()
+    jax = parse_target("cpu:jax")  # this mesh has none
+    with dask.config.set({"mesh.remote.worker-wait": 0}):
+        t0 = time.monotonic()
+        _, matching = cells._wait_for_match(jax, None)
+        assert not len(matching) and time.monotonic() - t0 < 2
+    with dask.config.set({"mesh.remote.worker-wait": 0.5}):
+        t0 = time.monotonic()
+        _, matching = cells._wait_for_match(jax, None)
+        assert not len(matching) and 0.5 <= time.monotonic() - t0 < 5
+    with dask.config.set({"mesh.remote.worker-wait": "soon"}):
+        with pytest.raises(MeshConfigError, match="mesh.remote.worker-wait"):
+            cells._wait_for_match(jax, None)
+        t0 = time.monotonic()
+        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+            mesh.run_cell("1", on="cpu:jax")  # never seen: no wait, config not read
+        assert time.monotonic() - t0 < 5

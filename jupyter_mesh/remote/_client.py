@@ -189,6 +189,9 @@ class RemoteCells:
         self.mesh = mesh
         self.session = uuid.uuid4().hex
         self.sticky: dict[tuple[str | None, str | None], Device] = {}
+        #: requests that some worker matched before: if none matches now, one is
+        #: probably restarting, so a cell waits for it (remote.worker-wait)
+        self.seen: set[tuple[str | None, str | None]] = set()
         self.namespaces: dict[str, Device] = {}
         self.cells = 0
         self._installed = False
@@ -281,8 +284,11 @@ class RemoteCells:
         return self._choose(target, site, every)
 
     def _choose(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
+        key = (str(target) if target else None, site)
         inventory = self.mesh.inventory()
         matching = inventory.select(target=target, site=site)
+        if not len(matching) and key in self.seen:
+            inventory, matching = self._wait_for_match(target, site)
         if not len(matching):
             if site is not None and site not in inventory.by_site():
                 raise MeshError(
@@ -297,6 +303,7 @@ class RemoteCells:
                 f"no worker matches {wanted or 'the request'}: the mesh has "
                 f"{_describe(inventory)}"
             )
+        self.seen.add(key)
         devices = list(matching)
         if every:
             return devices
@@ -306,6 +313,24 @@ class RemoteCells:
         chosen = devices[0]
         self.sticky[(str(target) if target else None, site)] = chosen
         return [chosen]
+
+    def _wait_for_match(self, target: Target | None, site: str | None) -> tuple[Any, Any]:
+        """A worker of this kind was here before (its nanny may be restarting it): wait
+        up to ``remote.worker-wait`` seconds for one; Ctrl-C stops waiting."""
+        wait = _config.get_seconds("remote.worker-wait")
+        wanted = " ".join(x for x in (f"--on {target}" if target else "",
+                                      f"--site {site}" if site else "") if x)
+        if wait:
+            print(f"jupyter_mesh: no {wanted or 'matching'} worker right now (the one this "
+                  f"notebook used is gone); waiting up to {wait:g} s for one "
+                  f"(mesh.remote.worker-wait).", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + wait
+        while True:
+            inventory = self.mesh.inventory()
+            matching = inventory.select(target=target, site=site)
+            if len(matching) or time.monotonic() >= deadline:
+                return inventory, matching
+            time.sleep(0.2)
 
     def _install(self) -> None:
         if self._installed:
