@@ -206,7 +206,7 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
 
 #: most schedules the seeded search tries, and the tasks × pools it may spend on them
 SEARCH_TRIALS = 48
-SEARCH_BUDGET = 60_000
+SEARCH_BUDGET = 30_000
 
 
 def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
