@@ -1,0 +1,34 @@
+"""Live: a plan that keeps a pool's work on some of its workers is run that way."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from jupyter_mesh.router.api import run_plan
+
+from .meshes import fresh_local_mesh
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with fresh_local_mesh(cpu=2) as m:
+        yield m
+
+
+def test_plan_on_one_of_two_workers_runs_there(mesh):
+    x = da.random.random((400, 400), chunks=100)
+    y = ((x @ x.T) + 1).sum(axis=0)
+    expected = y.compute(scheduler="sync")
+    plan = mesh.explain(y, route="cpu:numpy")
+    (pool,) = {plan.pool_of[i] for i in range(plan.ntasks)}
+    assert len(plan.pools[pool].workers) == 2
+    # as the planner decides when moving data costs more than computing it: every
+    # task on the pool's first worker (workers are numbered across pools in order)
+    first = sum(len(p.workers) for p in plan.pools[:pool])
+    plan.worker_of = [first] * plan.ntasks
+    chunks = run_plan(mesh, plan)  # the output blocks, in order
+    np.testing.assert_allclose(np.concatenate(chunks), expected)
+    ran = {worker for worker, _, _ in mesh.last_report.records.values()}
+    assert ran == {plan.pools[pool].workers[0]}
