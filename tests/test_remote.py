@@ -380,3 +380,24 @@ def test_api_validates_too(fresh):
     with pytest.raises(jm.MeshError, match="is not defined on"):
         fresh.run_cell("1", pull="zzz")
     assert fresh.run_cell("q", push={"q": 3}, pull=["q"]).pulled == {"q": 3}
+
+
+def test_output_of_threads_the_cell_starts(fresh, capsys):
+    # a thread the remote code starts (and one that thread starts) prints into the
+    # cell while the cell runs; a thread still printing after the cell ended goes to
+    # the worker's own log, not into a later cell
+    fresh.run_cell(
+        "import threading, time\n"
+        "def inner():\n    print('from a thread of a thread')\n"
+        "def outer():\n    print('from a thread')\n"
+        "    t = threading.Thread(target=inner); t.start(); t.join()\n"
+        "t = threading.Thread(target=outer); t.start(); t.join()\n"
+        "late = threading.Thread(target=lambda: (time.sleep(0.5), print('too late')))\n"
+        "late.start()"
+    )
+    out = capsys.readouterr().out
+    assert "from a thread\n" in out and "from a thread of a thread\n" in out
+    time.sleep(1.0)
+    fresh.run_cell("late.join()\nprint('next cell')")
+    out = capsys.readouterr().out
+    assert out == "next cell\n"

@@ -73,13 +73,22 @@ def test_a_cell_runs_with_its_output_captured():
 
 
 def test_output_of_other_threads_is_not_captured(capsys):
+    # a thread the cell did not start (e.g. a Dask task running beside it) keeps
+    # writing to the worker's own streams
     _streams.install()
     try:
         sink = ListSink()
+        go = threading.Event()
+
+        def elsewhere():
+            go.wait(5)
+            print("elsewhere")
+
+        other = threading.Thread(target=elsewhere)
+        other.start()
         _streams.register(sink)
         try:
-            other = threading.Thread(target=lambda: print("elsewhere"))
-            other.start()
+            go.set()
             other.join()
             print("mine")
         finally:

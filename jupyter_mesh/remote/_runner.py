@@ -106,7 +106,7 @@ def remote_display(*objs: Any, raw: bool = False, metadata: dict[str, Any] | Non
         raise TypeError(f"display_id must be a string or True, not {display_id!r}")
     if update and display_id is None:
         raise TypeError("update=True needs a display_id")
-    sink = _streams._sinks.get(threading.get_ident())
+    sink = _streams.current()
     for obj in objs:
         if raw:
             data, md = dict(obj), dict(metadata or {})
@@ -131,7 +131,7 @@ def remote_update_display(obj: Any, *, display_id: str, **kwargs: Any) -> None:
 def remote_clear_output(wait: bool = False) -> None:
     """``clear_output()`` inside a remote cell: clear the notebook cell's output
     (``wait=True``: when the next output arrives)."""
-    sink = _streams._sinks.get(threading.get_ident())
+    sink = _streams.current()
     if sink is not None:
         sink.clear(bool(wait))  # type: ignore[attr-defined]
 

@@ -3,7 +3,8 @@
 A worker runs Dask tasks in other threads at the same time as a remote cell, so the
 cell cannot simply replace ``sys.stdout``: :class:`ThreadRoutedStream` is installed once
 and sends each write to the sink registered for the writing thread, or to the stream it
-replaced when the thread runs no cell.
+replaced when the thread runs no cell. Threads that a cell starts write to the cell's
+sink too, while the cell runs; after it ended, to the worker's own streams.
 """
 
 from __future__ import annotations
@@ -17,10 +18,42 @@ class Sink(Protocol):
     def write(self, name: str, text: str) -> None: ...
 
 
-#: thread ident -> sink of the remote cell running in that thread
+#: thread ident -> sink of the remote cell running in that thread (or that started it)
 _sinks: dict[int, Sink] = {}
+#: sinks of cells that ended: threads they started write to the worker's streams again
+_ended: set[int] = set()
 _install_lock = threading.Lock()
 _installed = 0
+_thread_start: Any = None
+
+
+def current() -> Sink | None:
+    """The sink of the running cell this thread writes for, if any."""
+    sink = _sinks.get(threading.get_ident())
+    if sink is None or id(sink) in _ended:
+        return None
+    return sink
+
+
+def _start_with_sink(thread: threading.Thread) -> None:
+    """``Thread.start`` while cells can run: a thread started by a cell's thread (or by
+    one of its threads) writes to that cell's sink."""
+    sink = current()
+    if sink is not None:
+        run = thread.run
+
+        def run_for_cell() -> None:
+            ident = threading.get_ident()
+            _sinks[ident] = sink
+            try:
+                run()
+            finally:
+                _sinks.pop(ident, None)
+                if not any(s is sink for s in _sinks.values()):
+                    _ended.discard(id(sink))
+
+        thread.run = run_for_cell  # type: ignore[method-assign]
+    _thread_start(thread)
 
 
 class ThreadRoutedStream:
@@ -31,7 +64,7 @@ class ThreadRoutedStream:
         self.fallback = fallback
 
     def write(self, text: str) -> int:
-        sink = _sinks.get(threading.get_ident())
+        sink = current()
         if sink is None:
             return self.fallback.write(text)
         if not isinstance(text, str):
@@ -45,7 +78,7 @@ class ThreadRoutedStream:
             self.write(line)
 
     def flush(self) -> None:
-        if threading.get_ident() not in _sinks:
+        if current() is None:
             self.fallback.flush()
 
     def isatty(self) -> bool:
@@ -57,11 +90,14 @@ class ThreadRoutedStream:
 
 def install() -> None:
     """Route ``sys.stdout``/``sys.stderr`` per thread (reference counted)."""
-    global _installed
+    global _installed, _thread_start
     with _install_lock:
         _installed += 1
         if _installed > 1:
             return
+        if _thread_start is None:
+            _thread_start = threading.Thread.start
+            threading.Thread.start = _start_with_sink  # type: ignore[method-assign]
         if not isinstance(sys.stdout, ThreadRoutedStream):
             sys.stdout = ThreadRoutedStream("stdout", sys.stdout)
         if not isinstance(sys.stderr, ThreadRoutedStream):
@@ -70,11 +106,14 @@ def install() -> None:
 
 def uninstall() -> None:
     """Undo :func:`install` when its last user is gone, if nobody replaced the streams."""
-    global _installed
+    global _installed, _thread_start
     with _install_lock:
         _installed = max(0, _installed - 1)
         if _installed:
             return
+        if _thread_start is not None and threading.Thread.start is _start_with_sink:
+            threading.Thread.start = _thread_start  # type: ignore[method-assign]
+            _thread_start = None
         for name in ("stdout", "stderr"):
             stream = getattr(sys, name)
             if isinstance(stream, ThreadRoutedStream):
@@ -82,9 +121,14 @@ def uninstall() -> None:
 
 
 def register(sink: Sink) -> None:
-    """Send this thread's output to ``sink``."""
+    """Send this thread's output (and that of threads it starts) to ``sink``."""
+    _ended.discard(id(sink))
     _sinks[threading.get_ident()] = sink
 
 
 def unregister() -> None:
-    _sinks.pop(threading.get_ident(), None)
+    """The cell of this thread ended: threads it started write to the worker again."""
+    sink = _sinks.pop(threading.get_ident(), None)
+    if sink is not None and any(s is sink for s in _sinks.values()):
+        _ended.add(id(sink))
+
