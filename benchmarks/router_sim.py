@@ -98,8 +98,7 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
                          order=by_start)
     if policy == "heft":
         allowed, _ = allowed_pools(model, solo, "auto")
-        w_of = heft(model, solo, solo_cost, allowed)
-        return _evaluate(model, solo, solo_cost, [[w] for w in w_of])
+        return heft(model, solo, solo_cost, allowed)
     if policy == "dask":
         # no routing: every task runs with NumPy; an accelerator worker is one host thread
         host = [Device(d.worker, "cpu", "numpy", d.model, d.memory, d.site,
@@ -125,38 +124,16 @@ def _upward_rank_order(n: int, layer: list[int], deps: list[list[int]],
                 rank[d] = rank[i]
     return sorted(range(n), key=rank.__getitem__, reverse=True)
 
-def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> list[int]:
+
+def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> float:
     """Classic HEFT (Topcuoglu et al.): tasks in decreasing upward rank (mean cost over
-    the allowed workers), each to the worker where it finishes first, transfers between
-    workers paid by their link. The baseline the router is compared with."""
-    n = len(model.keys)
-    layer, deps = model.layer, model.deps
+    the allowed workers), each to the allowed worker where it finishes first, transfers
+    between workers paid by their link. The baseline the router is compared with."""
     ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
-    out_b = [op.out_bytes for op in model.ops]
     w = [max(sum(ex[li][p] for p in allowed[li]) / len(allowed[li]), 1e-12)
          for li in range(len(model.ops))]
-    order = _upward_rank_order(n, layer, deps, w)
-    free = [[0.0] * max(p.slots, 1) for p in solo]
-    where = [-1] * n
-    finish = [0.0] * n
-    lat, inv = cost.latency, cost.inv_bw
-    for i in order:
-        li = layer[i]
-        best, bw = math.inf, -1
-        for p in allowed[li]:
-            ready = 0.0
-            for d in deps[i]:
-                q = where[d]
-                f = finish[d] + (0.0 if q == p else lat[q][p] + out_b[layer[d]] * inv[q][p])
-                if f > ready:
-                    ready = f
-            f = max(ready, free[p][0]) + ex[li][p]
-            if f < best:
-                best, bw = f, p
-        heapq.heapreplace(free[bw], best)
-        where[i] = bw
-        finish[i] = best
-    return where
+    order = _upward_rank_order(len(model.keys), model.layer, model.deps, w)
+    return _evaluate(model, solo, cost, [allowed[li] for li in model.layer], order=order)
 
 
 def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
