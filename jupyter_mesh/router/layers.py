@@ -46,7 +46,7 @@ from .classify import (
     task_cost,
 )
 from .cost import CostModel, Pool
-from .placement import allowed_pools, equivalent_pools, parse_route_or_error
+from .placement import relax_if_equivalent, route_constraints
 from .plan import Plan, _target_text
 from .rewrite import Routed
 
@@ -281,21 +281,11 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
                 site: str | None = None, cost: CostModel | None = None) -> LayerPlan:
     """Place each layer on one pool: earliest finish time over layers in topological
     order, a layer taking ceil(tasks / slots) task times on its pool."""
-    route = parse_route_or_error(route)
-    cost = cost or CostModel(pools)
-    if route == "off":
-        allowed = [list(range(len(pools)))] * len(model.ops)
-        notes = ["route is off: Dask places every task itself (estimates assume any worker)"]
-    else:
-        allowed, notes = allowed_pools(model, pools, route, site)  # type: ignore[arg-type]
+    route, cost, allowed, notes = route_constraints(model, pools, route, site, cost)
     notes.append(f"{model.ntasks} tasks: planned per layer (above "
                  f"mesh.router.layer-plan-threshold)")
-    unrestricted = route == "auto" and site is None and equivalent_pools(
-        model, pools, cost)  # type: ignore[arg-type]
-    if unrestricted:
-        allowed = [list(range(len(pools)))] * len(model.ops)
-        notes.append("every pool runs every op of this computation equally fast: no "
-                     "restrictions, Dask places each task itself")
+    unrestricted, allowed = relax_if_equivalent(model, pools, route, site, cost, allowed,
+                                                notes)
     slots = [max(sum(p.worker_threads()), 1) for p in pools]
     nworkers = [max(len(p.workers), 1) for p in pools]
     free = [0.0] * len(pools)

@@ -436,9 +436,11 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     return pool_of, start, finish, worker_of
 
 
-def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
-               site: str | None = None, cost: CostModel | None = None) -> Plan:
-    """Plan a computation: the pool of every task and the per-op summary."""
+def route_constraints(model: Any, pools: list[Pool], route: Any, site: str | None,
+                      cost: CostModel | None
+                      ) -> tuple[str | Target, CostModel, list[list[int]], list[str]]:
+    """The parsed route, the cost model, each op's allowed pools and the plan's notes
+    (for plans made per task and per layer alike)."""
     route = parse_route_or_error(route)
     cost = cost or CostModel(pools)
     if route == "off":
@@ -446,14 +448,31 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
         notes = ["route is off: Dask places every task itself (estimates assume any worker)"]
     else:
         allowed, notes = allowed_pools(model, pools, route, site)
-    if not model.keys:
-        return Plan(model, pools, str(route), [], [], [], cost, notes=notes)
+    return route, cost, allowed, notes
+
+
+def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
+                        site: str | None, cost: CostModel, allowed: list[list[int]],
+                        notes: list[str]) -> tuple[bool, list[list[int]]]:
+    """Whether routing would only get in the way (see :func:`equivalent_pools`); then
+    every op may use every pool, and the notes say so."""
     unrestricted = route == "auto" and site is None and not model.pins and equivalent_pools(
         model, pools, cost)
     if unrestricted:
         allowed = [list(range(len(pools)))] * len(model.ops)
         notes.append("every pool runs every op of this computation equally fast: no "
                      "restrictions, Dask places each task itself")
+    return unrestricted, allowed
+
+
+def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
+               site: str | None = None, cost: CostModel | None = None) -> Plan:
+    """Plan a computation: the pool of every task and the per-op summary."""
+    route, cost, allowed, notes = route_constraints(model, pools, route, site, cost)
+    if not model.keys:
+        return Plan(model, pools, str(route), [], [], [], cost, notes=notes)
+    unrestricted, allowed = relax_if_equivalent(model, pools, route, site, cost, allowed,
+                                                notes)
     pool_of, start, finish, worker_of = place(model, pools, cost, allowed)
     plan = Plan(model, pools, str(route), pool_of, start, finish, cost, notes=notes,
                 site=site)
