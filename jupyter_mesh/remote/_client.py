@@ -278,13 +278,13 @@ class RemoteCells:
             raise MeshError(f"--on: {exc}") from None
 
     def _pick(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
-        key = (str(target) if target else None, site)
+        key = _request_key(target, site)
         if not every and key in self.sticky:
             return [self.sticky[key]]
         return self._choose(target, site, every)
 
     def _choose(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
-        key = (str(target) if target else None, site)
+        key = _request_key(target, site)
         inventory = self.mesh.inventory()
         matching = inventory.select(target=target, site=site)
         if not len(matching) and key in self.seen:
@@ -311,7 +311,7 @@ class RemoteCells:
         devices.sort(key=lambda d: (d.tasks, d.worker not in self.namespaces,
                                     d.name, d.worker))
         chosen = devices[0]
-        self.sticky[(str(target) if target else None, site)] = chosen
+        self.sticky[key] = chosen
         return [chosen]
 
     def _wait_for_match(self, target: Target | None, site: str | None) -> tuple[Any, Any]:
@@ -476,7 +476,7 @@ class RemoteCells:
     def _repick(self, run: _Run, target: Target | None, site: str | None) -> Device:
         old = run.device
         self.namespaces.pop(old.worker, None)
-        self.sticky.pop((str(target) if target else None, site), None)
+        self.sticky.pop(_request_key(target, site), None)
         try:
             new = self._choose(target, site, False)[0]
         except MeshError as exc:
@@ -707,6 +707,11 @@ def _flush_partial(run: _Run) -> None:
             stream.write(f"[{run.label}] {rest}\n")
             stream.flush()
             run.partial[name] = ""
+
+
+def _request_key(target: Target | None, site: str | None) -> tuple[str | None, str | None]:
+    """What a cell asked for (``--on``, ``--site``): the key of its sticky worker."""
+    return (str(target) if target else None, site)
 
 
 def _display(data: dict[str, Any], metadata: dict[str, Any], display_id: str | None = None,
