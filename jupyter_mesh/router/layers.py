@@ -48,7 +48,7 @@ from .classify import (
 from .cost import CostModel, Pool
 from .placement import relax_if_equivalent, route_constraints
 from .plan import Plan, _target_text
-from .rewrite import Routed
+from .rewrite import Routed, wrapped_task
 
 DEFAULT_THRESHOLD = 20_000
 
@@ -328,20 +328,6 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
     return plan
 
 
-def _wrapped_task(node: Task, call: DeviceCall) -> Task:
-    """A shallow copy of ``node`` with ``call`` as its function (Task.__init__ would
-    scan the arguments for dependencies again)."""
-    t = Task.__new__(Task)
-    t.key = node.key
-    t.func = call
-    t.args = node.args
-    t.kwargs = node.kwargs
-    t._dependencies = node._dependencies
-    t._data_producer = node._data_producer
-    t._token = t._is_coro = t._repr = None
-    return t
-
-
 def rewrite_layers(plan: LayerPlan, *, fallback: bool = True) -> Routed:
     """Wrap each layer's function(s) in the device wrapper; restrictions per layer."""
     m = plan.model
@@ -371,14 +357,14 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True) -> Routed:
         if isinstance(layer, Blockwise) and isinstance(layer.task, Task):
             new = copy.copy(layer)
             new.__dict__.pop("_cached_dict", None)
-            new.task = _wrapped_task(layer.task, wrap(layer.task.func))
+            new.task = wrapped_task(layer.task, wrap(layer.task.func))
             layers[name] = new
             continue
         mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
         out: dict[Any, Any] = {}
         for key, node in mapping.items():
             if type(node) is Task:
-                node = _wrapped_task(node, wrap(node.func))
+                node = wrapped_task(node, wrap(node.func))
             elif type(node) is tuple and node and callable(node[0]):
                 node = (wrap(node[0]),) + node[1:]
             out[key] = node

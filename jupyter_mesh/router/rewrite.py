@@ -80,7 +80,6 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
     layer = m.layer
     ops = m.ops
     tasks = m.tasks
-    new = Task.__new__
     for i, key in enumerate(m.keys):
         node = tasks[key]
         if wrap and type(node) is Task:
@@ -91,17 +90,7 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
             if call is None or call.func is not node.func:
                 call = calls[ck] = DeviceCall(
                     node.func, None, plan_id, th, host_only if free else ops[li].native)
-            # a shallow copy with the wrapper as its function (Task.__init__ would scan
-            # the arguments for dependencies again)
-            t = new(Task)
-            t.key = key
-            t.func = call
-            t.args = node.args
-            t.kwargs = node.kwargs
-            t._dependencies = node._dependencies
-            t._data_producer = node._data_producer
-            t._token = t._is_coro = t._repr = None
-            node = t
+            node = wrapped_task(node, call)
         graph[key] = node
     if not free:
         restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
@@ -140,3 +129,17 @@ def narrowed(plan: Plan) -> dict[int, list[str]]:
             used.setdefault(p, set()).add(a)
     return {p: sorted(ws) for p, ws in used.items()
             if len(ws) < len(plan.pools[p].workers)}
+
+
+def wrapped_task(node: Task, call: DeviceCall) -> Task:
+    """A shallow copy of ``node`` with ``call`` as its function (Task.__init__ would
+    scan the arguments for dependencies again)."""
+    t = Task.__new__(Task)
+    t.key = node.key
+    t.func = call
+    t.args = node.args
+    t.kwargs = node.kwargs
+    t._dependencies = node._dependencies
+    t._data_producer = node._data_producer
+    t._token = t._is_coro = t._repr = None
+    return t
