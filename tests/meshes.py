@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import time
 from collections.abc import Iterator
+
+from distributed.core import Status
 
 import jupyter_mesh as jm
 from jupyter_mesh import _state
@@ -22,3 +27,19 @@ def fresh_local_mesh(**kwargs) -> Iterator[jm.Mesh]:
         yield mesh
     finally:
         mesh.close()
+
+
+def kill_jax_worker_when_busy(mesh: jm.Mesh) -> None:
+    """Wait (30 s at most) until the JAX worker runs a task, then SIGKILL it; its nanny
+    (in this process) is made to stand down first, as if it had been killed too, so
+    nothing restarts the worker."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if any(d.backend == "jax" and d.tasks for d in mesh.inventory()):
+            break
+        time.sleep(0.05)
+    jax_dev = next(d for d in mesh.inventory() if d.backend == "jax")
+    for name, nanny in mesh.cluster.workers.items():
+        if name.startswith("jax-cpu"):
+            nanny.status = Status.closing_gracefully
+    os.kill(jax_dev.extra["pid"], signal.SIGKILL)

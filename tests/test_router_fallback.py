@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 
 import dask
 import dask.array as da
 import numpy as np
 import pytest
-from distributed.core import Status
 
 from jupyter_mesh import MeshError
 from jupyter_mesh.router.api import MeshFallbackWarning
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
 
 
 @pytest.fixture(scope="module")
@@ -31,30 +27,11 @@ def slow_pipeline():
     return ((x @ x.T) + 1).sum(axis=0)
 
 
-def _kill_jax_worker(mesh) -> None:
-    """SIGKILL the jax worker process; its nanny (in this process) is made to stand
-    down first, as if it had been killed too, so nothing restarts the worker."""
-    jax_dev = next(d for d in mesh.inventory() if d.backend == "jax")
-    pid = jax_dev.extra["pid"]
-    for name, nanny in mesh.cluster.workers.items():
-        if name.startswith("jax-cpu"):
-            nanny.status = Status.closing_gracefully
-    os.kill(pid, signal.SIGKILL)
-
-
 def compute_losing_jax(mesh, y):
     """``mesh.compute(y, route="cpu:jax")`` while the JAX worker is SIGKILLed as soon
     as it runs a task; expects the fallback warning and returns the result."""
 
-    def kill_when_busy():
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if any(d.backend == "jax" and d.tasks for d in mesh.inventory()):
-                break
-            time.sleep(0.05)
-        _kill_jax_worker(mesh)
-
-    killer = threading.Thread(target=kill_when_busy)
+    killer = threading.Thread(target=kill_jax_worker_when_busy, args=(mesh,))
     with pytest.warns(MeshFallbackWarning, match="cpu:jax"):
         killer.start()
         (got,) = mesh.compute(y, route="cpu:jax")
