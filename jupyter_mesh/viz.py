@@ -135,6 +135,7 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
 
     bars: list[dict[str, Any]] = []
     stream = getattr(report, "timeline", None) or []
+    fused = getattr(report, "fused", None) or {}
     for rec in stream:
         key = rec.get("key")
         if layer_of(key) is None:
@@ -143,9 +144,17 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
             if ss.get("action") != "compute":
                 continue
             worker = ss.get("worker") or rec.get("worker", "?")
-            bars.append({"worker": names.get(worker, _short(worker)),
-                         "start": ss["start"], "end": ss["stop"],
-                         "target": target(worker, key), "op": op(key), "key": str(key)})
+            name = names.get(worker, _short(worker))
+            # a fused chain ran as one task: a bar per member, each as long as its
+            # own device call took, the last one to the task's end
+            start, stop = ss["start"], ss["stop"]
+            members = fused.get(key) or [key]
+            for j, k in enumerate(members):
+                end = stop if j == len(members) - 1 else min(
+                    stop, start + report.records.get(k, ("", "", 0.0))[2])
+                bars.append({"worker": name, "start": start, "end": end,
+                             "target": target(worker, k), "op": op(k), "key": str(k)})
+                start = end
     if bars:
         t0 = min(b["start"] for b in bars)
         for b in bars:

@@ -257,6 +257,57 @@ def test_transfers_between_workers_of_one_pool_are_charged():
     assert len({plan.worker_of[i] for i in range(len(model.keys))}) == 2
 
 
+def device_calls(graph):
+    """The device calls of a routed graph, those inside fused tasks too."""
+    from dask._task_spec import Task
+
+    from jupyter_mesh.router._device import DeviceCall
+
+    out = []
+    for node in graph.values():
+        if isinstance(node.func, DeviceCall):
+            out.append(node.func)
+        elif isinstance(node, Task) and node.args and isinstance(node.args[0], dict):
+            out += device_calls(node.args[0])  # Task.fuse: (subgraph, outkey, deps, ...)
+    return out
+
+
+def test_rewrite_fuses_chains_that_one_worker_runs(mesh_devices):
+    # Dask fuses linear chains of array tasks; a routed graph does too, but only where
+    # the plan runs the whole chain on one worker, never across targets
+    from jupyter_mesh.router.rewrite import linear_chains, rewrite
+
+    x = da.random.random((2000, 2000), chunks=500)
+    y = (((x @ x.T) / 2000 + 1) * 2 - x).sum(axis=0)
+    plan = plan_collections([y], mesh_devices)
+    m = plan.model
+    chains = linear_chains(plan)
+    assert chains, "the elementwise tail of each block is a chain"
+    routed = rewrite(plan)
+    fused_away = {m.keys[i] for c in chains for i in c[:-1]}
+    assert len(routed.graph) == len(m.keys) - len(fused_away)
+    for c in chains:
+        assert len({plan.worker_of[i] for i in c}) == 1
+        for a, b in zip(c, c[1:], strict=False):
+            assert m.deps[b] == [a] and m.keys[a] not in m.outputs
+    # restrictions and priorities name only the submitted keys; a fused task starts
+    # when its first member was planned to
+    assert set(routed.restrictions) <= set(routed.graph)
+    assert set(routed.priorities) <= set(routed.graph)
+    for c in chains:
+        assert routed.priorities[m.keys[c[-1]]] == plan.start[c[0]]
+    # every member keeps its own device call, recording under its own key
+    keys = {c.key for c in device_calls(routed.graph) if c.key is not None}
+    assert fused_away <= keys
+    # the same numbers as Dask's
+    got = dask.get(routed.graph, routed.keys)
+    np.testing.assert_allclose(np.concatenate(got), y.compute(scheduler="sync"))
+    # Dask's switch turns it off, as for Dask's own fusion
+    with dask.config.set({"optimization.fuse.active": False}):
+        assert len(rewrite(plan).graph) == len(m.keys)
+    assert len(rewrite(plan, fuse=False).graph) == len(m.keys)
+
+
 def test_equivalent_pools_are_not_restricted():
     # a NumPy pool and a JAX-on-CPU pool with the same profile: routing could only get
     # in the way, so the plan restricts nothing and runs every task on host NumPy
@@ -269,8 +320,8 @@ def test_equivalent_pools_are_not_restricted():
     assert {r["target"] for r in plan.rows} == {"any (pools equivalent)"}
     routed = rewrite(plan)
     assert routed.restrictions == {}
-    assert all(node.func.native == frozenset({"numpy"}) for node in routed.graph.values()
-               if hasattr(node, "func"))
+    calls = device_calls(routed.graph)
+    assert calls and all(c.native == frozenset({"numpy"}) for c in calls)
     # a forced target, or pools that differ, are restricted as planned
     assert not plan_collections([(x + 1).sum()], devs, route="cpu:jax").unrestricted
     devs.append(dev("g0", "gpu", "cupy", GPU))
@@ -301,7 +352,7 @@ def test_pin_keeps_data_at_its_site():
     # the scheduler learns the pins, so a fallback never relaxes them elsewhere
     from jupyter_mesh.router.rewrite import rewrite
 
-    routed = rewrite(plan)
+    routed = rewrite(plan, fuse=False)  # every key's pin (fused chains: the last key's)
     assert routed.pins and set(routed.pins.values()) == {"edge"}
     assert all(routed.pins.get(m.keys[i]) == "edge" for i, f in enumerate(reads_x) if f)
     assert all(workers for _, workers, _ in routed.pools)
@@ -350,7 +401,7 @@ def test_scheduler_runs_ready_tasks_in_plan_order(mesh_devices):
     from jupyter_mesh.router.rewrite import rewrite
 
     plan = plan_collections([pipeline(2000, 1000)], mesh_devices)
-    routed = rewrite(plan)
+    routed = rewrite(plan, fuse=False)
     assert routed.priorities == dict(zip(plan.model.keys, plan.start, strict=True))
     st = RouterState()
     tasks = {k: SimpleNamespace(key=k, state="released", priority=(0, 3, 17))

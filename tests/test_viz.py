@@ -76,6 +76,32 @@ def test_measured_bars_without_a_task_stream_lay_seconds_end_to_end(plan):
     assert len(bars) == len(plan.model.keys)
 
 
+def test_a_fused_chain_shows_a_bar_per_member_op(plan):
+    # a chain the rewrite fused ran as one task: the stream has its last key only; the
+    # picture still shows each op, for as long as its own device call took
+    from jupyter_mesh.router.rewrite import linear_chains
+
+    report = _report(plan, with_stream=True)
+    m = plan.model
+    chain = next(c for c in linear_chains(plan) if len(c) >= 2)
+    keys = [m.keys[i] for i in chain]
+    first, last = keys[0], keys[-1]
+    report.timeline = [r for r in report.timeline if r["key"] not in keys[:-1]]
+    for r in report.timeline:
+        if r["key"] == last:
+            r["startstops"][0]["start"] = 1000 + plan.start[chain[0]]
+    report.fused = {last: keys}
+    bars, real = viz.measured_bars(report)
+    assert real
+    mine = [b for b in bars if b["key"] in {str(k) for k in keys}]
+    assert [b["key"] for b in mine] == [str(k) for k in keys]
+    assert [b["op"] for b in mine] == [m.ops[m.layer[i]].label for i in chain]
+    for a, b in zip(mine, mine[1:], strict=False):  # end to end, no overlap
+        assert a["end"] == pytest.approx(b["start"])
+    secs = report.records[first][2]
+    assert mine[0]["end"] - mine[0]["start"] == pytest.approx(secs)
+
+
 def test_op_graph_follows_the_dataflow(plan):
     graph = viz.op_graph(plan)
     ops = [n["op"] for n in graph["nodes"]]

@@ -201,7 +201,8 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
     names = {d.worker: d.name or d.worker for d in mesh.inventory()}
     report = Report(plan, records, wall, fallbacks=status.get("events", []),
                     worker_names=names)
-    report.timeline = timeline  # task starts and stops, for the picture
+    report.timeline = timeline
+    report.fused = routed.fused
     mesh.last_report = report
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)

@@ -175,6 +175,10 @@ class Report:
         self.wall_seconds = wall_seconds
         self.fallbacks = list(fallbacks or [])
         self.worker_names = dict(worker_names or {})
+        #: the scheduler's task stream (starts and stops per task), for the picture
+        self.timeline: list[dict[str, Any]] | None = None
+        #: submitted key -> the keys fused into it, in the order they ran
+        self.fused: dict[Any, list[Any]] = {}
         self._rows: list[dict[str, Any]] | None = None
 
     @property

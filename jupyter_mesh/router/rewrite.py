@@ -44,6 +44,8 @@ class Routed:
     #: purpose (e.g. one worker keeps a chain whose data costs more to move than to
     #: compute); the scheduler widens to the whole pool when they are all gone
     narrow: dict[int, list[str]] = field(default_factory=dict)
+    #: submitted key -> the keys of the linear chain fused into it, in order
+    fused: dict[Any, list[Any]] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         """What the scheduler plugin's ``jupyter_mesh_route`` handler receives."""
@@ -55,15 +57,26 @@ class Routed:
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True) -> Routed:
-    """Wrap every task of ``plan`` and collect its per-key restrictions."""
+def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True,
+            fuse: bool | None = None) -> Routed:
+    """Wrap every task of ``plan`` and collect its per-key restrictions.
+
+    ``fuse``: merge each linear chain of tasks that the plan runs one after the other on
+    one worker into one task, as Dask's own array optimization fuses linear chains (one
+    task to dispatch instead of several; the chain never spans two targets). None: as
+    Dask's ``optimization.fuse.active`` says (on unless it is False).
+    """
     from .classify import no_gc
 
+    if fuse is None:
+        import dask
+
+        fuse = dask.config.get("optimization.fuse.active", None) is not False
     with no_gc():
-        return _rewrite(plan, fallback=fallback, wrap=wrap)
+        return _rewrite(plan, fallback=fallback, wrap=wrap, fuse=fuse)
 
 
-def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
+def _rewrite(plan: Plan, *, fallback: bool, wrap: bool, fuse: bool = False) -> Routed:
     m = plan.model
     if m.tasks is None:
         raise ValueError("a synthetic model has no tasks to rewrite")
@@ -96,11 +109,14 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
         restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
         priorities = dict(zip(m.keys, plan.start, strict=True))
     pins: dict[Any, str] = {}
+    fused: dict[Any, list[Any]] = {}
     if m.pins:
         from .placement import _pins
 
         keys = m.keys
         pins = {keys[i]: s for i, s in enumerate(_pins(m)) if s is not None}
+    if fuse and wrap:
+        fused = _fuse_chains(plan, graph, restrictions, priorities, pins)
     multi_site = len({p.site for p in plan.pools}) > 1
     pools = [
         (p.resource, list(p.workers) if (multi_site or plan.site or pins) else None, p.label)
@@ -110,8 +126,78 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool) -> Routed:
         plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=restrictions,
         pools=pools, fallback=fallback, timeout=get_seconds("fallback-timeout"),
         site=plan.site, pins=pins, priorities=priorities,
-        narrow={} if free else narrowed(plan),
+        narrow={} if free else narrowed(plan), fused=fused,
     )
+
+
+def linear_chains(plan: Plan) -> list[list[int]]:
+    """Chains of two or more tasks (indices, in order) where each task is the only input
+    of the next and the next its only consumer, none an output but the last, all placed
+    on the same worker by the plan (on the same pool where the plan has no workers;
+    anywhere when the plan restricts nothing, as Dask would fuse them)."""
+    m = plan.model
+    n = len(m.keys)
+    free = getattr(plan, "unrestricted", False)
+    where: Any = None if free else (plan.worker_of or plan.pool_of)
+    outputs = set(m.outputs)
+    keys = m.keys
+    tasks = m.tasks or {}
+    consumers = [0] * n
+    only: list[int] = [-1] * n  # the single consumer, where there is one
+    for i, ds in enumerate(m.deps):
+        for d in set(ds):
+            consumers[d] += 1
+            only[d] = i
+    nxt = [-1] * n
+    has_prev = [False] * n
+    for i in range(n):
+        j = only[i]
+        if (consumers[i] == 1 and keys[i] not in outputs and len(set(m.deps[j])) == 1
+                and type(tasks.get(keys[i])) is Task and type(tasks.get(keys[j])) is Task
+                and (where is None or where[i] == where[j])):
+            nxt[i] = j
+            has_prev[j] = True
+    chains = []
+    for i in range(n):
+        if nxt[i] >= 0 and not has_prev[i]:
+            chain = [i]
+            while nxt[chain[-1]] >= 0:
+                chain.append(nxt[chain[-1]])
+            chains.append(chain)
+    return chains
+
+
+def _fuse_chains(plan: Plan, graph: dict[Any, Any], restrictions: dict[Any, int],
+                 priorities: dict[Any, float], pins: dict[Any, str]
+                 ) -> dict[Any, list[Any]]:
+    """Replace each of the plan's :func:`linear_chains` in ``graph`` by one task under
+    the last key; every member keeps its own device call, which records under its own
+    key (the report still sees each op)."""
+    m = plan.model
+    keys = m.keys
+    fused = {}
+    for chain in linear_chains(plan):
+        members = []
+        for i in chain:
+            node = graph.pop(keys[i])
+            call = node.func
+            if isinstance(call, DeviceCall) and call.key is None:
+                node = wrapped_task(node, DeviceCall(call.func, keys[i], call.plan_id,
+                                                     call.to_host, call.native))
+            members.append(node)
+        last = keys[chain[-1]]
+        graph[last] = Task.fuse(*members, key=last)
+        fused[last] = [keys[i] for i in chain]
+        if restrictions:
+            for i in chain[:-1]:
+                restrictions.pop(keys[i], None)
+            priorities[last] = priorities.pop(keys[chain[0]], priorities.get(last, 0.0))
+            for i in chain[1:-1]:
+                priorities.pop(keys[i], None)
+        sites = [pins.pop(keys[i]) for i in chain if keys[i] in pins]
+        if sites:  # one pool, so one site
+            pins[last] = sites[0]
+    return fused
 
 
 def narrowed(plan: Plan) -> dict[int, list[str]]:
