@@ -341,8 +341,12 @@ class Mesh:
 
     @property
     def dashboard_link(self) -> str | None:
+        """The scheduler's dashboard, as a browser can open it: on a JupyterHub (with
+        jupyter-server-proxy) a loopback dashboard is given as the hub's proxy path."""
+        from ._links import browser_link
+
         try:
-            return self.client.dashboard_link
+            return browser_link(self.client.dashboard_link)
         except Exception:
             return None
 

@@ -50,6 +50,19 @@ def test_listens_on_loopback_only(mesh):
         assert addr.startswith("tcp://127.0.0.1:")
 
 
+def test_on_a_hub_the_dashboard_link_goes_through_the_servers_proxy(mesh, monkeypatch):
+    # a JupyterHub single-user server sets JUPYTERHUB_SERVICE_PREFIX in its kernels; the
+    # browser cannot reach the scheduler's 127.0.0.1, the server's proxy path it can
+    from urllib.parse import urlsplit
+
+    port = urlsplit(mesh.client.dashboard_link).port
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+    assert mesh.dashboard_link == f"/user/ada/proxy/{port}/status"
+    assert f"/user/ada/proxy/{port}/status" in mesh._repr_html_()
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX")
+    assert mesh.dashboard_link == mesh.client.dashboard_link
+
+
 def test_plain_dask_runs_on_the_mesh(mesh):
     assert jm.current() is mesh
     assert get_client() is mesh.client

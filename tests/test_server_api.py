@@ -27,7 +27,9 @@ ROUTES = [
 
 @pytest.fixture
 def jp_server_config():
-    return {"ServerApp": {"jpserver_extensions": {"jupyter_mesh": True}}}
+    # jupyter-server-proxy is a dependency: installing jupyter_mesh enables both
+    return {"ServerApp": {"jpserver_extensions": {"jupyter_mesh": True,
+                                                  "jupyter_server_proxy": True}}}
 
 
 @pytest.fixture
@@ -126,7 +128,7 @@ def scheduler_address():
         processes=False,
         protocol="tcp://",
         host="127.0.0.1",
-        dashboard_address=":0",
+        dashboard_address="127.0.0.1:0",
     ) as cluster:
         yield cluster.scheduler_address
 
@@ -180,3 +182,32 @@ def test_start_get_scale_stop(api):
     assert (code, body) == (200, {"id": mesh["id"], "stopped": True, "disconnected": False})
     code, body = api("GET", "meshes", mesh["id"])
     assert code == 404
+
+
+def test_a_loopback_dashboard_is_linked_through_the_servers_proxy(
+        api, scheduler_address, jp_fetch, jp_serverapp, jp_asyncio_loop, jp_base_url):
+    # on a shared hub the browser reaches the Jupyter server only: the sidebar's
+    # dashboard link is the server's authenticated proxy path, and it serves the page
+    from urllib.parse import urlsplit
+
+    from distributed import Client
+
+    with Client(scheduler_address) as c:
+        port = urlsplit(c.dashboard_link).port
+    code, mesh = api("POST", "meshes", "connect", body={"address": scheduler_address})
+    assert code == 200, mesh
+    assert mesh["dashboard"] == f"{jp_base_url}proxy/{port}/status"
+
+    async def get(headers=None):
+        try:
+            r = await jp_fetch("proxy", str(port), "status", headers=headers,
+                               follow_redirects=False)
+        except HTTPClientError as err:
+            return err.code, b""
+        return r.code, r.body
+
+    code, page = jp_asyncio_loop.run_until_complete(get())
+    assert code == 200 and b"Dask" in page
+    # without Jupyter's token: refused (a redirect to the login page or 403)
+    code, _ = jp_asyncio_loop.run_until_complete(get({"Authorization": ""}))
+    assert code in (302, 403)

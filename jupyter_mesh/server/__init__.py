@@ -35,7 +35,8 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
     from jupyter_core.paths import jupyter_runtime_dir
 
     runtime_dir = getattr(server_app, "runtime_dir", None) or jupyter_runtime_dir()
-    manager = MeshManager(runtime_dir, kernel_paths=_kernel_paths_of(server_app))
+    manager = MeshManager(runtime_dir, kernel_paths=_kernel_paths_of(server_app),
+                          dashboard_proxy=_proxy_prefix(server_app))
     setup_handlers(server_app.web_app, manager)
     # Meshes the sidebar started die with the server, like its kernels.
     atexit.register(manager.close_sync)
@@ -46,6 +47,21 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
 
 
 AUTOSTART_ENV = "JUPYTER_MESH_AUTOSTART"
+
+
+def _proxy_prefix(server_app: Any) -> str | None:
+    """``{base_url}proxy/`` when jupyter-server-proxy is enabled in this server (it
+    serves the server's loopback ports there, behind Jupyter's authentication)."""
+    from jupyter_server.utils import url_path_join
+
+    enabled = getattr(server_app, "jpserver_extensions", None) or {}
+    if not enabled.get("jupyter_server_proxy"):
+        return None
+    from .._links import proxy_available
+
+    if not proxy_available():
+        return None
+    return url_path_join(server_app.web_app.settings.get("base_url", "/"), "proxy/")
 
 
 def parse_autostart(text: str) -> dict[str, Any]:

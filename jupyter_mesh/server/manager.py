@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import discovery
+from .._links import proxied
 from ..errors import MeshError
 from ..mesh import FAMILIES, Mesh, check_address
 
@@ -188,9 +189,13 @@ class MeshManager:
         runtime_dir: str | os.PathLike[str] | None = None,
         *,
         kernel_paths: Callable[[], Awaitable[dict[str, str]]] | None = None,
+        dashboard_proxy: str | None = None,
     ) -> None:
         self.runtime_dir = runtime_dir
         self.kernel_paths = kernel_paths
+        #: where this server proxies its loopback ports (``{base_url}proxy/``), when
+        #: jupyter-server-proxy runs in it: a loopback dashboard is linked through it
+        self.dashboard_proxy = dashboard_proxy
         self._entries: dict[str, Entry] = {}
         self._lock = asyncio.Lock()
         self._counter = 0
@@ -446,7 +451,8 @@ class MeshManager:
             "name": entry.name,
             "origin": entry.origin,
             "address": entry.address,
-            "dashboard": entry.dashboard,
+            # what the browser opens: through this server's proxy where it can
+            "dashboard": proxied(entry.dashboard, self.dashboard_proxy),
             "status": status,
             "error": entry.error,
             "can_scale": entry.can_scale,
