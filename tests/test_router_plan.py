@@ -511,3 +511,50 @@ def test_the_same_graph_gets_the_same_plan():
     first = plan_model(synthetic_model(layers), pools, "auto", cost=cost)
     again = plan_model(synthetic_model(layers), pools, "auto", cost=cost)
     assert first.worker_of == again.worker_of and first.start == again.start
+
+
+def test_planner_stops_looking_once_a_plan_is_provably_near_best(mesh_devices, monkeypatch):
+    # the quick bound is below every schedule the planner can make; when the plain
+    # schedule is within GOOD_ENOUGH of it, no other schedule is built (planning time)
+    from jupyter_mesh.router import placement as P
+    from jupyter_mesh.router.cost import CostModel
+
+    pools = build_pools(mesh_devices)
+    cost = CostModel(pools)
+
+    def schedules(coll):
+        model = model_collections([coll])
+        allowed, _ = P.allowed_pools(model, pools, "auto")
+        exec_t = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
+        order = P._rank_order(model, exec_t, allowed, [1] * len(pools))
+        pin = P._pins(model)
+        plain = P._list_schedule(model, pools, cost, allowed, exec_t, order, pin)
+        others = list(P._variants(model, pools, cost, allowed, exec_t, order, pin))
+        return model, P._quick_bound(model, pools, exec_t, allowed), [plain, *others]
+
+    x = da.random.random((4000, 4000), chunks=500)
+    for coll in (pipeline(), (x + 1).sum(axis=0), (x @ x.T).T.sum()):
+        model, bound, scheds = schedules(coll)
+        assert len(scheds) > 5
+        assert all(max(s[2]) >= bound * (1 - 1e-9) for s in scheds)
+    # a wide elementwise graph on two equal CPUs: the plain schedule is at the bound,
+    # so no other schedule is made
+    pools = build_pools(mesh_devices[:2])
+    cost = CostModel(pools)
+    model, bound, _ = schedules(x * 2)
+    made = []
+    real = P._variants
+
+    def counting(*args):
+        for cand in real(*args):
+            made.append(cand)
+            yield cand
+
+    monkeypatch.setattr(P, "_variants", counting)
+    plan = plan_model(model, pools, "auto", cost=cost)
+    assert plan.makespan <= bound * (1 + P.GOOD_ENOUGH)
+    assert made == []
+    # the pipeline on CPUs and a GPU is not: the planner goes on comparing
+    pools = build_pools(mesh_devices)
+    plan_model(model_collections([pipeline()]), pools, "auto", cost=CostModel(pools))
+    assert made

@@ -129,13 +129,46 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     if not variants or n * len(pools) > VARIANT_BUDGET:
         return best
     finish_best = max(best[2], default=0.0)
-
-    def consider(cand: tuple[list[int], list[float], list[float], list[int]]) -> None:
-        nonlocal best, finish_best
+    # no schedule beats this: once one is within GOOD_ENOUGH of it, stop looking
+    enough = (1 + GOOD_ENOUGH) * _quick_bound(model, pools, exec_t, allowed)
+    if finish_best <= enough:
+        return best
+    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin):
         f = max(cand[2], default=0.0)
         if f < finish_best * (1 - 1e-9):
             best, finish_best = cand, f
+            if f <= enough:
+                break
+    return best
 
+
+#: a plan within this fraction of :func:`_quick_bound` is kept without trying others
+GOOD_ENOUGH = 0.02
+
+
+def _quick_bound(model: GraphModel, pools: list[Pool], exec_t: list[list[float]],
+                 allowed: list[list[int]]) -> float:
+    """A lower bound on any schedule, linear in tasks × pools: the longest chain of
+    tasks each at its fastest allowed pool (no transfers, no waiting), and the least
+    total work spread over every thread of the mesh."""
+    layer = model.layer
+    fastest = [min(exec_t[li][p] for p in a) for li, a in enumerate(allowed)]
+    done = [0.0] * len(model.keys)
+    work = 0.0
+    for i, ds in enumerate(model.deps):
+        t = fastest[layer[i]]
+        work += t
+        done[i] = t + max((done[d] for d in ds), default=0.0)
+    threads = sum(sum(p.worker_threads()) for p in pools) or 1
+    return max(max(done, default=0.0), work / threads)
+
+
+def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
+              allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
+              pin: list[str | None]) -> Any:
+    """The other schedules :func:`place` compares with plain earliest finish, cheapest
+    first (each a full schedule, made when asked for)."""
+    n = len(model.keys)
     # when moving data costs more than computing it, greedy earliest finish spreads
     # work and then pays for every hand-over: plan again as if links were slower
     # (keeping consumers with their inputs), and everything on one worker; each such
@@ -146,7 +179,7 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin)
         except MeshError:
             continue
-        consider(_replay(model, pools, cost, exec_t, order, cand[3]))
+        yield _replay(model, pools, cost, exec_t, order, cand[3])
     if not model.pins:
         first = 0
         for p, pool in enumerate(pools):
@@ -155,14 +188,13 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             first += len(threads)
             if not all(p in a for a in allowed):
                 continue
-            consider(_replay(model, pools, cost, exec_t, order, [w] * n))
+            yield _replay(model, pools, cost, exec_t, order, [w] * n)
     if len(pools) < 2:
-        return best
+        return
     # HEFT's own priority: the mean over workers (a pool of four counts four times)
     order_w = _rank_order(model, exec_t, allowed, [len(p.workers) or 1 for p in pools])
     if order_w != order:
-        cand = _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
-        consider(cand)
+        yield _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
     # leave each op off the pools where it runs far slower than on its best one:
     # greedy earliest-finish puts work there whenever the fast pool is busy
     for factor in (1.5, 2.0, 4.0):
@@ -174,10 +206,9 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             continue
         for o in (order, order_w):
             try:
-                cand = _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
+                yield _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
             except MeshError:
                 continue
-            consider(cand)
     alternatives: list[set[int]] = [{p} for p in range(len(pools))]
     sites = sorted({p.site for p in pools})
     if len(sites) > 1:
@@ -190,18 +221,15 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             continue
         seen.add(sig)
         try:
-            cand = _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
+            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
         except MeshError:
             continue
-        consider(cand)
     # a short seeded search: priorities jittered, slow pools left out by a random
     # factor, sometimes one site only; each schedule is real, so the best one stands.
     # Seeded by the graph's size: the same graph gets the same plan
     trials = min(SEARCH_TRIALS, SEARCH_BUDGET // max(n * len(pools), 1))
     if trials:
-        for cand in _searched(model, pools, cost, allowed, exec_t, pin, sites, trials):
-            consider(cand)
-    return best
+        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials)
 
 
 #: most schedules the seeded search tries, and the tasks × pools it may spend on them
