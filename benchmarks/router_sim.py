@@ -231,6 +231,101 @@ def _connected(model: GraphModel) -> bool:
     return len({root(i) for i in range(n)}) <= 1
 
 
+#: ancestors (the latest in topological order) each task's deeper start bound looks at
+DEEP_ANCESTORS = 400
+
+
+def _deep_heads(i: int, model: GraphModel, cost: CostModel, pools: list,
+                allowed: list[list[int]], ex: list[list[float]], best: list[float],
+                threads: list[int], ef: list[list[float]], row: list[float],
+                anc: list[int], consumers: list[list[int]], most: int) -> None:
+    """Raise ``row`` (the earliest finish of task i on each pool) by looking at all of
+    i's ancestors A (the ``most`` latest in topological order), not only its inputs.
+
+    Say i runs on worker w of pool p, and X is the set of its ancestors that also ran
+    on w. Then i starts no earlier than
+      (1) the finish on p of any member of X, and the work of X on w: they all ran on
+          w before i, so their times on p over w's threads;
+      (2) for each ancestor a not in X, key(a): take any path from a to i; its last
+          task b not on w (a itself, or a later one) hands its output across a link
+          to its successor c on the path, which ran on w, and every task from c to i
+          ran after it. So i starts no earlier than the earliest b finishes anywhere
+          plus the least transfer from there to another worker of p (``away``), plus
+          the longest chain of least task times from c up to i (``chain``); key(a)
+          is the least of that over every b between a and i and its successors c.
+    For every X, the bound is the larger of those terms; the least over every X is a
+    bound. As for the inputs above, the sets X made of the ancestors with the
+    largest keys (a prefix of A sorted by key, largest first) are enough: the terms
+    in (1) only grow with X, and for any X the prefix of the ancestors with keys above
+    the largest key outside X is a subset of X. Restricting A to the ancestors with
+    an index of at least some cut keeps it closed under "lies between a and i" (tasks
+    are in topological order), so the keys stay exact and dropping ancestors only
+    drops terms: still a bound."""
+    layer = model.layer
+    a_bits = anc[i]
+    members = []
+    x = a_bits
+    while x and len(members) < most:
+        top = x.bit_length() - 1
+        members.append(top)
+        x ^= 1 << top
+    # members: decreasing index (consumers before producers)
+    chain: dict[int, float] = {i: 0.0}
+    via: dict[int, float] = {}  # least chain over the successors of b towards i
+    for c in members:
+        longest = 0.0
+        least = math.inf
+        for j in consumers[c]:
+            cj = chain.get(j)
+            if cj is None:
+                continue
+            if cj > longest:
+                longest = cj
+            if cj < least:
+                least = cj
+        chain[c] = best[layer[c]] + longest
+        via[c] = least
+    out_b = [op.out_bytes for op in model.ops]
+    npools = len(pools)
+    li = layer[i]
+    for p in allowed[li]:
+        key: dict[int, float] = {}
+        for b in members:
+            nb = out_b[layer[b]]
+            efb = ef[b]
+            away = min(efb[q] + cost.transfer(nb, q, p, same_worker=False)
+                       for q in range(npools))
+            k = away + via[b]
+            for j in consumers[b]:
+                kj = key.get(j)
+                if kj is not None and kj < k:
+                    k = kj
+            key[b] = k
+        order = sorted(members, key=key.__getitem__, reverse=True)
+        forced = 0.0  # ancestors that may not run on p are never in X
+        ok = []
+        for a in order:
+            if p in allowed[layer[a]]:
+                ok.append(a)
+            elif key[a] > forced:
+                forced = key[a]
+        t = threads[p]
+        ready = max(forced, key[ok[0]]) if ok else forced
+        here = busy = 0.0
+        for j, a in enumerate(ok):
+            if ready <= forced:
+                break
+            here = max(here, ef[a][p])
+            busy += ex[layer[a]][p]
+            rest = key[ok[j + 1]] if j + 1 < len(ok) else 0.0
+            r = max(here, busy / t, rest, forced)
+            if r < ready:
+                ready = r
+        f = ready + ex[li][p]
+        if f > row[p]:
+            row[p] = f
+
+
 def _bound_over(model: GraphModel, pools: list, cost: CostModel,
                 allowed: list[list[int]], tolerance: float,
                 parts: dict[str, Any] | None = None) -> float:
@@ -255,6 +350,16 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
     threads = [max(p.worker_threads()) for p in pools]
     ef: list[list[float]] = []
     out_b = [op.out_bytes for op in model.ops]
+    consumers_all: list[list[int]] = [[] for _ in model.deps]
+    for i, ds in enumerate(model.deps):
+        for d in set(ds):
+            consumers_all[d].append(i)
+    anc: list[int] = []  # ancestors of each task, as a bit set
+    for ds in model.deps:
+        a = 0
+        for d in ds:
+            a |= anc[d] | (1 << d)
+        anc.append(a)
     for i, ds in enumerate(model.deps):
         li = model.layer[i]
         row = [inf] * npools
@@ -281,6 +386,9 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
                 if r < ready:
                     ready = r
             row[p] = ready + ex[li][p]
+        if DEEP_ANCESTORS and ds:
+            _deep_heads(i, model, cost, pools, allowed, ex, best, threads, ef, row,
+                        anc, consumers_all, DEEP_ANCESTORS)
         ef.append(row)
     # the least time from a task's finish (on each pool) to the end of any schedule:
     # each consumer runs after it, on the same worker (no transfer) or anywhere else

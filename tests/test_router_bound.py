@@ -30,3 +30,29 @@ def test_bound_below_every_simulated_schedule(seed):
         cands = [[rng.randrange(len(devs))] if rng.random() < 0.5 else [k]
                  for _ in model.keys]
         assert bound <= router_sim._evaluate(model, solo, cost, cands) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_bound_below_schedules_of_communication_heavy_dags(seed):
+    # the HEFT-style DAGs where moving data costs as much as computing it or more:
+    # there the bound also serializes every ancestor a task shares its worker with
+    devs = router_sim.modelled_mesh()
+    ccr = router_sim.HEFT_CCRS[seed % len(router_sim.HEFT_CCRS)]
+    model = router_sim.heft_dag(seed, ccr, n=16, width=4)
+    bound = router_sim.lower_bound(model, devs)
+    for policy in ("router", "router-pool", "heft"):
+        assert bound <= router_sim.simulate(model, devs, policy) * (1 + 1e-9)
+    assert bound <= router_sim.one_device(model, devs) * (1 + 1e-9)
+    solo = [build_pools([d])[0] for d in devs]
+    cost = CostModel(solo, router_sim.WAN, task_overhead=1e-4)
+    rng = random.Random(seed)
+    for _ in range(30):
+        # a few workers per schedule, neighbours often together (as good schedules do)
+        ws = rng.sample(range(len(devs)), rng.randint(1, 3))
+        cands = []
+        for ds in model.deps:
+            if ds and rng.random() < 0.7:
+                cands.append(list(cands[rng.choice(ds)]))
+            else:
+                cands.append([rng.choice(ws)])
+        assert bound <= router_sim._evaluate(model, solo, cost, cands) * (1 + 1e-9)
