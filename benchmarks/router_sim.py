@@ -30,8 +30,15 @@ from jupyter_mesh.router.placement import allowed_pools, place
 
 SIMULATED = "SIMULATION (modelled devices and links; nothing ran on accelerators)"
 
-CPU_NODE = Profile(flops32=2.4e12, flops64=1.2e12, mem_bandwidth=2.0e11, launch_latency=2e-6,
-                   method="model", source="modelled 32-core server CPU (AVX-512, 8-ch DDR5)")
+#: a 32-core server CPU (AVX-512, 8-channel DDR5: 2.4 TFLOP/s float32 and 200 GB/s for the
+#: whole node) as one Dask worker with 32 threads. A profile is per thread: Dask's nanny
+#: starts workers with one BLAS thread per worker thread (OMP/MKL/OPENBLAS_NUM_THREADS=1),
+#: so each of the 32 tasks running at once gets a core and its share of the bandwidth
+CPU_NODE_THREADS = 32
+CPU_NODE = Profile(flops32=2.4e12 / CPU_NODE_THREADS, flops64=1.2e12 / CPU_NODE_THREADS,
+                   mem_bandwidth=2.0e11 / CPU_NODE_THREADS, launch_latency=2e-6,
+                   method="model",
+                   source="modelled 32-core server CPU (AVX-512, 8-ch DDR5), per thread")
 HOST_THREAD = Profile(flops32=7.5e10, flops64=3.75e10, mem_bandwidth=1.5e10,
                       launch_latency=2e-6, method="model", source="one host CPU core")
 
@@ -46,7 +53,7 @@ def _model(name: str) -> Profile:
 def modelled_mesh(sites: int = 2) -> list[Device]:
     """4×H100 and one 32-core CPU node at site A; 2×TPU v5e (and a CPU node) at site B."""
     devs = [Device("sim://cpu-a", "cpu", "numpy", "32-core CPU", 1 << 38, "site-a", CPU_NODE,
-                   name="cpu-a", nthreads=32)]
+                   name="cpu-a", nthreads=CPU_NODE_THREADS)]
     devs += [Device(f"sim://h100-{i}", "gpu", "cupy", "H100", 80 << 30, "site-a",
                     _model("H100"), name=f"h100-{i}") for i in range(4)]
     site_b = "site-b" if sites > 1 else "site-a"
@@ -54,7 +61,7 @@ def modelled_mesh(sites: int = 2) -> list[Device]:
                     _model("TPU v5e"), name=f"v5e-{i}") for i in range(2)]
     if sites > 1:
         devs.append(Device("sim://cpu-b", "cpu", "numpy", "32-core CPU", 1 << 38, site_b,
-                           CPU_NODE, name="cpu-b", nthreads=32))
+                           CPU_NODE, name="cpu-b", nthreads=CPU_NODE_THREADS))
     return devs
 
 
