@@ -11,19 +11,26 @@ from jupyter_mesh.router.cost import CostModel, build_pools
 router_sim = pytest.importorskip("benchmarks.router_sim")
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_bound_below_every_simulated_schedule(seed):
+def _bound_and_placements(model, policies):
+    """The bound of ``model``, checked below the policies' schedules and one device's;
+    returns what random placements need: (bound, devices, per-device pools, cost)."""
     devs = router_sim.modelled_mesh()
-    model = router_sim.random_dag(seed, n=14, width=4)
     bound = router_sim.lower_bound(model, devs)
     assert bound > 0
-    for policy in ("router", "router-pool", "heft", "dask"):
+    for policy in policies:
         assert bound <= router_sim.simulate(model, devs, policy) * (1 + 1e-9)
     assert bound <= router_sim.one_device(model, devs) * (1 + 1e-9)
+    solo = [build_pools([d])[0] for d in devs]
+    return bound, devs, solo, CostModel(solo, router_sim.WAN, task_overhead=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_bound_below_every_simulated_schedule(seed):
+    model = router_sim.random_dag(seed, n=14, width=4)
+    bound, devs, solo, cost = _bound_and_placements(
+        model, ("router", "router-pool", "heft", "dask"))
     # and below schedules with random placements (every task on a random worker, or
     # many joins forced onto one worker, where inputs queue behind each other)
-    solo = [build_pools([d])[0] for d in devs]
-    cost = CostModel(solo, router_sim.WAN, task_overhead=1e-4)
     rng = random.Random(seed)
     for _ in range(30):
         k = rng.randrange(len(devs))
@@ -36,15 +43,9 @@ def test_bound_below_every_simulated_schedule(seed):
 def test_bound_below_schedules_of_communication_heavy_dags(seed):
     # the HEFT-style DAGs where moving data costs as much as computing it or more:
     # there the bound also serializes every ancestor a task shares its worker with
-    devs = router_sim.modelled_mesh()
     ccr = router_sim.HEFT_CCRS[seed % len(router_sim.HEFT_CCRS)]
     model = router_sim.heft_dag(seed, ccr, n=16, width=4)
-    bound = router_sim.lower_bound(model, devs)
-    for policy in ("router", "router-pool", "heft"):
-        assert bound <= router_sim.simulate(model, devs, policy) * (1 + 1e-9)
-    assert bound <= router_sim.one_device(model, devs) * (1 + 1e-9)
-    solo = [build_pools([d])[0] for d in devs]
-    cost = CostModel(solo, router_sim.WAN, task_overhead=1e-4)
+    bound, devs, solo, cost = _bound_and_placements(model, ("router", "router-pool", "heft"))
     rng = random.Random(seed)
     for _ in range(30):
         # a few workers per schedule, neighbours often together (as good schedules do)
