@@ -1,8 +1,9 @@
 """Pictures of the router's decisions: timelines (Gantt) by worker and a graph of ops.
 
 :func:`plan_figure` and :func:`report_figure` build Bokeh layouts; :func:`plan_html` and
-:func:`report_html` embed them as HTML that carries BokehJS inline, so a picture renders
-without a network (a notebook offline, a saved HTML file, a headless browser).
+:func:`report_html` embed them as HTML that renders without a network (a notebook
+offline, a saved HTML file, a headless browser): BokehJS travels inline with the first
+picture a kernel shows, and later pictures use that copy (``mesh.viz.bokehjs``).
 
 Bars and nodes are coloured by target (``KIND:BACKEND``), so NumPy and JAX workers of
 the same ``cpu`` kind stay apart. A report's timeline uses the scheduler's task stream
@@ -15,6 +16,9 @@ from __future__ import annotations
 import html
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
+
+from . import _config
+from .errors import MeshConfigError
 
 if TYPE_CHECKING:
     from bokeh.model import Model
@@ -352,16 +356,64 @@ def report_figure(report: Report, width: int = 900) -> Model:
 
 
 # ---------------------------------------------------------------- embedding
+#: whether this kernel has already shown a picture that carries BokehJS
+_bokehjs_sent = False
+
+#: how long a picture without BokehJS waits for it on the page before it says so
+BOKEHJS_WAIT_MS = 15000
+
+_NO_BOKEHJS = (
+    "(no picture: it uses the BokehJS that came with the first jupyter_mesh picture "
+    "this kernel showed, and that output is not on the page. Show the first one again, "
+    "or run dask.config.set({'mesh.viz.bokehjs': 'every'}) and display this again.)"
+)
+
+
+def _bokehjs_mode() -> str:
+    mode = _config.get("viz.bokehjs")
+    if mode not in ("once", "every"):
+        raise MeshConfigError(
+            f"config mesh.viz.bokehjs must be 'once' or 'every', not {mode!r}"
+        )
+    return str(mode)
+
+
 def embed(layout: Model) -> str:
-    """HTML for a Bokeh layout with BokehJS inline (renders offline)."""
+    """HTML for a Bokeh layout that renders offline.
+
+    BokehJS (about 1.3 MB of JavaScript) goes inline with the first picture a kernel
+    shows; later pictures wait for that copy on the page instead of carrying their own,
+    so a notebook does not grow by 1.3 MB per picture (``mesh.viz.bokehjs: every``
+    puts it in every picture, for outputs that travel alone)."""
+    global _bokehjs_sent
+    import json
+    import uuid
+
     from bokeh.embed import components
     from bokeh.resources import Resources
 
     script, div = components(layout)
-    # BokehJS travels with every picture, so a saved notebook or HTML file shows it
-    # without a network (about 1.3 MB of JavaScript per picture).
-    js = Resources(mode="inline", components=["bokeh"]).render_js()
-    return f"<div class='jupyter-mesh-picture'>{js}{div}{script}</div>"
+    if _bokehjs_mode() == "every" or not _bokehjs_sent:
+        js = Resources(mode="inline", components=["bokeh"]).render_js()
+        _bokehjs_sent = True
+        return f"<div class='jupyter-mesh-picture'>{js}{div}{script}</div>"
+    body = script.strip()
+    body = body[body.index(">") + 1: body.rindex("</script>")]
+    box = f"jm-picture-{uuid.uuid4().hex}"
+    waiter = (
+        "<script>(function() {"
+        f" const run = function() {{ {body} }};"
+        f" const box = {json.dumps(box)}; let waited = 0;"
+        " (function wait() {"
+        "  if (window.Bokeh !== undefined) { run(); return; }"
+        f"  waited += 50; if (waited > {int(BOKEHJS_WAIT_MS)}) {{"
+        "   const el = document.getElementById(box);"
+        f"   if (el) {{ el.textContent = {json.dumps(_NO_BOKEHJS)}; }} return; }}"
+        "  setTimeout(wait, 50);"
+        " })();"
+        "})();</script>"
+    )
+    return f"<div class='jupyter-mesh-picture' id='{box}'>{div}{waiter}</div>"
 
 
 def _safe(build: Any, what: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dask.array as da
 import pytest
 
@@ -14,6 +16,16 @@ NUMPY = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2
                 method="model", source="test")
 JAX = Profile(flops32=4e11, flops64=2e11, mem_bandwidth=2e10, launch_latency=2e-5,
               method="model", source="test")
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernel(monkeypatch):
+    """Each test starts as a kernel that has shown no picture yet."""
+    monkeypatch.setattr(viz, "_bokehjs_sent", False)
+
+
+def _has_bokehjs(html: str) -> bool:
+    return len(html) > 500_000 and "Bokeh.embed.embed_items" in html
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +140,39 @@ def test_report_repr_html_shows_planned_and_measured_side_by_side(plan):
     assert "https://cdn.bokeh.org" not in out
 
 
+def test_bokehjs_goes_with_the_first_picture_only(plan):
+    # a notebook must not grow by 1.3 MB of BokehJS per picture: the first picture a
+    # kernel shows carries it, later ones wait for that copy on the page
+    first = plan._repr_html_()
+    second = _report(plan, with_stream=True)._repr_html_()
+    third = plan._repr_html_()
+    assert _has_bokehjs(first)
+    for later in (second, third):
+        assert not _has_bokehjs(later) and len(later) < len(first) // 10
+        assert "jupyter-mesh-picture" in later and "embed_items" in later
+        assert "window.Bokeh !== undefined" in later  # waits for the first one's copy
+    assert "https://cdn.bokeh.org" not in second + third
+
+
+def test_bokehjs_every_time_when_asked(plan):
+    import dask
+
+    with dask.config.set({"mesh.viz.bokehjs": "every"}):
+        outs = [plan._repr_html_(), plan._repr_html_()]
+    assert all(_has_bokehjs(o) for o in outs)
+
+
+def test_a_bad_bokehjs_setting_says_what_to_do_and_keeps_the_table(plan):
+    import dask
+
+    with dask.config.set({"mesh.viz.bokehjs": "sometimes"}):
+        out = plan._repr_html_()
+    assert "<table>" in out and "matmul" in out
+    assert "mesh.viz.bokehjs must be &#x27;once&#x27; or &#x27;every&#x27;" in out
+    assert not _has_bokehjs(out)
+    assert _has_bokehjs(plan._repr_html_())  # nothing was used up by the failed one
+
+
 def test_a_broken_picture_leaves_the_table(plan, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("no drawing today")
@@ -142,15 +187,17 @@ def test_colours_are_stable_per_target():
     assert viz.colour_of("cpu:numpy") != viz.colour_of("cpu:jax")
 
 
-@pytest.mark.browser
-def test_picture_renders_offline_in_chromium(plan, tmp_path):
+def _render_offline(html: str, tmp_path, wait: str) -> tuple[Any, list[str]]:
+    """Open ``html`` in Debian's chromium with every non-local request refused; wait
+    for the JavaScript condition ``wait``; return what it evaluates to and the
+    requests refused."""
     sync_api = pytest.importorskip("playwright.sync_api")
     import os
 
     assert os.path.exists("/usr/bin/chromium"), "Debian's chromium is missing: run make chromium"
-    page_file = tmp_path / "plan.html"
-    page_file.write_text(f"<html><body>{plan._repr_html_()}</body></html>")
-    blocked = []
+    page_file = tmp_path / "page.html"
+    page_file.write_text(f"<html><body>{html}</body></html>")
+    blocked: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium",
                                     args=["--no-sandbox", "--disable-gpu"])
@@ -166,12 +213,44 @@ def test_picture_renders_offline_in_chromium(plan, tmp_path):
 
             page.route("**/*", only_local)
             page.goto(page_file.as_uri())
-            page.wait_for_function(
-                "() => window.Bokeh && Bokeh.documents.length > 0", timeout=30000)
-            views = page.evaluate("() => Object.keys(Bokeh.index).length")
+            handle = page.wait_for_function(wait, timeout=30000)
+            value = handle.json_value()
         finally:
             browser.close()
+    return value, blocked
+
+
+@pytest.mark.browser
+def test_picture_renders_offline_in_chromium(plan, tmp_path):
+    views, blocked = _render_offline(
+        plan._repr_html_(), tmp_path,
+        "() => window.Bokeh && Bokeh.documents.length > 0 && Object.keys(Bokeh.index).length")
     assert views >= 1
+    assert blocked == []
+
+
+@pytest.mark.browser
+def test_later_pictures_use_the_first_ones_bokehjs(plan, tmp_path):
+    # as in a notebook: the first output carries BokehJS, the next two render with it
+    outs = [plan._repr_html_(), _report(plan, with_stream=True)._repr_html_(),
+            plan._repr_html_()]
+    docs, blocked = _render_offline(
+        "".join(outs), tmp_path,
+        "() => window.Bokeh && Bokeh.documents.length >= 3 && Bokeh.documents.length")
+    assert docs == 3
+    assert blocked == []
+
+
+@pytest.mark.browser
+def test_a_picture_without_its_bokehjs_says_how_to_get_it(plan, tmp_path, monkeypatch):
+    # the output that carried BokehJS was cleared: the later picture says what to do
+    plan._repr_html_()
+    monkeypatch.setattr(viz, "BOKEHJS_WAIT_MS", 300)
+    text, blocked = _render_offline(
+        plan._repr_html_(), tmp_path,
+        "() => { const el = document.querySelector('.jupyter-mesh-picture');"
+        " return el && el.textContent.includes('no picture') && el.textContent; }")
+    assert "mesh.viz.bokehjs" in text and "Show the first one again" in text
     assert blocked == []
 
 
