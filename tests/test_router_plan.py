@@ -308,6 +308,54 @@ def test_rewrite_fuses_chains_that_one_worker_runs(mesh_devices):
     assert len(rewrite(plan, fuse=False).graph) == len(m.keys)
 
 
+def test_chain_links_are_only_input_and_only_consumer():
+    from jupyter_mesh.router.placement import chain_links
+
+    m = synthetic_model([
+        {"name": "a", "op_class": "creation", "tasks": 2},
+        {"name": "b", "op_class": "elementwise", "tasks": 2, "deps": [(0, "map")]},
+        {"name": "c", "op_class": "reduction", "tasks": 1, "deps": [(1, "all")]},
+    ])
+    # b continues a (its only input, whose only consumer it is); c has two inputs
+    assert chain_links(m) == [-1, -1, 0, 1, -1]
+    m.outputs = [m.keys[0], m.keys[4]]  # an output is never fused into its consumer
+    assert chain_links(m) == [-1, -1, -1, 1, -1]
+    assert chain_links(m, fusing=False) == [-1] * 5
+    with dask.config.set({"optimization.fuse.active": False}):
+        assert chain_links(m) == [-1] * 5
+
+
+def test_planner_counts_the_dispatch_that_fusing_a_chain_saves(mesh_devices):
+    # the rewrite fuses a chain the plan runs on one worker into one task, which Dask
+    # dispatches once: the planner charges a continuation there no dispatch of its own,
+    # so it keeps chains together where splitting them gains less
+    from jupyter_mesh.router import placement as P
+    from jupyter_mesh.router.rewrite import linear_chains, rewrite
+
+    pools = build_pools(mesh_devices)
+    x = da.random.random((2000, 2000), chunks=250)
+    m = model_collections([(((x @ x.T) / 2000 + 1) * 2 - x).sum(axis=0)])
+    cost = CostModel(pools, task_overhead=1e-3)
+    chain = P.chain_links(m)
+    plan = plan_model(m, pools, "auto", cost=cost)
+    kept = {(d, i) for i, d in enumerate(chain)
+            if d >= 0 and plan.worker_of[i] == plan.worker_of[d]}
+    fused = {(c[k], c[k + 1]) for c in linear_chains(plan) for k in range(len(c) - 1)}
+    assert kept and kept == fused  # what the plan counts on is what the rewrite does
+    # planning blind to fusion (as with Dask's switch off), then running fused
+    with dask.config.set({"optimization.fuse.active": False}):
+        blind = plan_model(m, pools, "auto", cost=cost)
+    assert len(rewrite(plan).graph) < 0.9 * len(rewrite(blind, fuse=True).graph)
+    ex = [[cost.exec_time(op, p) for p in pools] for op in m.ops]
+
+    def fused_makespan(p):
+        order = sorted(range(len(m.keys)), key=lambda i: (p.start[i], i))
+        return max(P._replay(m, pools, cost, ex, order, p.worker_of, chain)[2])
+
+    assert fused_makespan(plan) < 0.9 * fused_makespan(blind)
+    assert plan.makespan == pytest.approx(fused_makespan(plan), rel=0.02)
+
+
 def test_equivalent_pools_are_not_restricted():
     # a NumPy pool and a JAX-on-CPU pool with the same profile: routing could only get
     # in the way, so the plan restricts nothing and runs every task on host NumPy

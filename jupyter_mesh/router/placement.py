@@ -124,16 +124,18 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     ops = model.ops
     exec_t = [[cost.exec_time(op, p) for p in pools] for op in ops]
     pin = _pins(model)
+    chain = chain_links(model)
     order = _rank_order(model, exec_t, allowed, [1] * len(pools))
-    best = _list_schedule(model, pools, cost, allowed, exec_t, order, pin)
+    best = _list_schedule(model, pools, cost, allowed, exec_t, order, pin, chain=chain)
     if not variants or n * len(pools) > VARIANT_BUDGET:
         return best
     finish_best = max(best[2], default=0.0)
     # no schedule beats this: once one is within GOOD_ENOUGH of it, stop looking
-    enough = (1 + GOOD_ENOUGH) * _quick_bound(model, pools, exec_t, allowed)
+    enough = (1 + GOOD_ENOUGH) * _quick_bound(model, pools, exec_t, allowed,
+                                              cost.task_overhead, chain)
     if finish_best <= enough:
         return best
-    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin):
+    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin, chain):
         f = max(cand[2], default=0.0)
         if f < finish_best * (1 - 1e-9):
             best, finish_best = cand, f
@@ -146,17 +148,60 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
 GOOD_ENOUGH = 0.02
 
 
+def chain_links(model: GraphModel, fusing: bool | None = None) -> list[int]:
+    """For each task, the input it continues a linear chain of (its only input, of
+    which it is the only consumer, not an output), or -1.
+
+    When the plan runs both on one worker the rewrite fuses them into one task (as Dask
+    fuses linear chains), so the second pays no dispatch of its own: the schedules
+    below charge it its time less the cost model's ``task_overhead`` there. ``fusing``
+    None follows Dask's ``optimization.fuse.active``: when it is False nothing is fused,
+    so no task continues a chain."""
+    import dask
+    from dask._task_spec import Task
+
+    n = len(model.keys)
+    links = [-1] * n
+    if fusing is None:
+        fusing = dask.config.get("optimization.fuse.active", None) is not False
+    if not fusing:
+        return links
+    deps = model.deps
+    consumers = [0] * n
+    for ds in deps:
+        for d in set(ds):
+            consumers[d] += 1
+    outputs = set(model.outputs)
+    keys = model.keys
+    tasks = model.tasks
+    for i, ds in enumerate(deps):
+        if len(ds) < 1 or len(set(ds)) != 1:
+            continue
+        d = ds[0]
+        if consumers[d] != 1 or keys[d] in outputs:
+            continue
+        if tasks is not None and not (type(tasks.get(keys[d])) is Task
+                                      and type(tasks.get(keys[i])) is Task):
+            continue
+        links[i] = d
+    return links
+
+
 def _quick_bound(model: GraphModel, pools: list[Pool], exec_t: list[list[float]],
-                 allowed: list[list[int]]) -> float:
+                 allowed: list[list[int]], overhead: float = 0.0,
+                 chain: list[int] | None = None) -> float:
     """A lower bound on any schedule, linear in tasks × pools: the longest chain of
-    tasks each at its fastest allowed pool (no transfers, no waiting), and the least
-    total work spread over every thread of the mesh."""
+    tasks each at its fastest allowed pool (no transfers, no waiting; a chain's
+    continuation without its dispatch), and the least total work spread over every
+    thread of the mesh."""
     layer = model.layer
     fastest = [min(exec_t[li][p] for p in a) for li, a in enumerate(allowed)]
     done = [0.0] * len(model.keys)
     work = 0.0
     for i, ds in enumerate(model.deps):
         t = fastest[layer[i]]
+        if chain is not None and chain[i] >= 0:
+            t = max(t - overhead, 0.0)
         work += t
         done[i] = t + max((done[d] for d in ds), default=0.0)
     threads = sum(sum(p.worker_threads()) for p in pools) or 1
@@ -165,7 +210,7 @@ def _quick_bound(model: GraphModel, pools: list[Pool], exec_t: list[list[float]]
 
 def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
-              pin: list[str | None]) -> Any:
+              pin: list[str | None], chain: list[int] | None = None) -> Any:
     """The other schedules :func:`place` compares with plain earliest finish, cheapest
     first (each a full schedule, made when asked for)."""
     n = len(model.keys)
@@ -176,10 +221,11 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     for k in LINK_PENALTIES:
         slow = _scaled_links(cost, k)
         try:
-            cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin)
+            cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin,
+                                  chain=chain)
         except MeshError:
             continue
-        yield _replay(model, pools, cost, exec_t, order, cand[3])
+        yield _replay(model, pools, cost, exec_t, order, cand[3], chain)
     if not model.pins:
         first = 0
         for p, pool in enumerate(pools):
@@ -188,13 +234,14 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
             first += len(threads)
             if not all(p in a for a in allowed):
                 continue
-            yield _replay(model, pools, cost, exec_t, order, [w] * n)
+            yield _replay(model, pools, cost, exec_t, order, [w] * n, chain)
     if len(pools) < 2:
         return
     # HEFT's own priority: the mean over workers (a pool of four counts four times)
     order_w = _rank_order(model, exec_t, allowed, [len(p.workers) or 1 for p in pools])
     if order_w != order:
-        yield _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
+        yield _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin,
+                             chain=chain)
     # leave each op off the pools where it runs far slower than on its best one:
     # greedy earliest-finish puts work there whenever the fast pool is busy
     for factor in (1.5, 2.0, 4.0):
@@ -206,7 +253,8 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
             continue
         for o in (order, order_w):
             try:
-                yield _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
+                yield _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed,
+                                     chain=chain)
             except MeshError:
                 continue
     alternatives: list[set[int]] = [{p} for p in range(len(pools))]
@@ -221,7 +269,8 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
             continue
         seen.add(sig)
         try:
-            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
+            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed,
+                                 chain=chain)
         except MeshError:
             continue
     # a short seeded search: priorities jittered, slow pools left out by a random
@@ -229,7 +278,8 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     # Seeded by the graph's size: the same graph gets the same plan
     trials = min(SEARCH_TRIALS, SEARCH_BUDGET // max(n * len(pools), 1))
     if trials:
-        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials)
+        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials,
+                             chain)
 
 
 #: most schedules the seeded search tries, and the tasks × pools it may spend on them
@@ -239,7 +289,8 @@ SEARCH_BUDGET = 30_000
 
 def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]],
-              pin: list[str | None], sites: list[str], trials: int) -> Any:
+              pin: list[str | None], sites: list[str], trials: int,
+              chain: list[int] | None = None) -> Any:
     """Schedules from jittered HEFT priorities and random pool filters."""
     import random
 
@@ -265,7 +316,8 @@ def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
             site = rng.choice(sites)
             alt = [[p for p in a if pools[p].site == site] or a for a in alt]
         try:
-            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
+            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed,
+                                 chain=chain)
         except MeshError:
             continue
 
@@ -287,10 +339,12 @@ def _scaled_links(cost: CostModel, k: float) -> CostModel:
 
 
 def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
-            exec_t: list[list[float]], order: list[int], worker_of: list[int]
+            exec_t: list[list[float]], order: list[int], worker_of: list[int],
+            chain: list[int] | None = None
             ) -> tuple[list[int], list[float], list[float], list[int]]:
     """The schedule of a fixed worker per task, with ``cost``'s link times: tasks in
-    ``order`` (inputs first), each on the first free thread of its worker."""
+    ``order`` (inputs first), each on the first free thread of its worker (a chain's
+    continuation on its input's worker without its dispatch, see :func:`chain_links`)."""
     wpool: list[int] = []
     slots: list[list[float]] = []
     for p, pool in enumerate(pools):
@@ -299,6 +353,7 @@ def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
             slots.append([0.0] * t)
     lat, inv = cost.latency, cost.inv_bw
     ilat, iinv = cost.intra_latency, cost.intra_inv_bw
+    ov = cost.task_overhead
     layer, deps = model.layer, model.deps
     out_b = [op.out_bytes for op in model.ops]
     n = len(layer)
@@ -321,7 +376,10 @@ def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
                 ready = a
         heap = slots[w]
         s0 = heap[0] if heap[0] > ready else ready
-        f = s0 + exec_t[layer[i]][p]
+        e = exec_t[layer[i]][p]
+        if chain is not None and chain[i] >= 0 and worker_of[chain[i]] == w:
+            e = e - ov if e > ov else 0.0
+        f = s0 + e
         heapq.heapreplace(heap, f)
         start[i], finish[i] = s0, f
     return [wpool[w] for w in worker_of], start, finish, list(worker_of)
@@ -350,12 +408,15 @@ def _rank_order(model: GraphModel, exec_t: list[list[float]], allowed: list[list
 def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                    allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
                    pin: list[str | None], wider: list[list[int]] | None = None,
+                   *, chain: list[int] | None = None,
                    ) -> tuple[list[int], list[float], list[float], list[int]]:
     """Earliest-finish-time list scheduling at worker granularity.
 
     For each allowed pool only a few workers are candidates: the one free first and
     those already holding an input of the task, so the work is linear in tasks × pools
-    (× inputs)."""
+    (× inputs). A chain's continuation (``chain``, see :func:`chain_links`) placed on
+    the worker of the input it continues is charged its time less the dispatch that
+    fusing it saves."""
     n = len(model.keys)
     layer = model.layer
     deps = model.deps
@@ -373,6 +434,7 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     lat, inv = cost.latency, cost.inv_bw
     ilat, iinv = cost.intra_latency, cost.intra_inv_bw
     site_of = [p.site for p in pools]
+    ov = cost.task_overhead
     worker_of = [-1] * n
     start = [0.0] * n
     finish = [0.0] * n
@@ -399,6 +461,8 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
             cand = c
         ex = exec_t[li]
         ds = deps[i]
+        # the worker where this task would be fused into the chain it continues
+        fw = worker_of[chain[i]] if chain is not None and chain[i] >= 0 else -1
         if ds:
             # (finish, worker, pool, bytes) of each input, once for all pools
             dinf = [(finish[d], worker_of[d], wpool[worker_of[d]], out_b[layer[d]])
@@ -452,7 +516,7 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                 s0 = slots[wl][0]
                 if ready > s0:
                     s0 = ready
-                f = s0 + e
+                f = s0 + (e if wl != fw else e - ov if e > ov else 0.0)
                 if f < best:
                     best, bw, bs = f, wl, s0
         heapreplace(slots[bw], best)

@@ -17,6 +17,7 @@ from dask._task_spec import Task
 
 from .._config import get_seconds
 from ._device import DeviceCall
+from .placement import chain_links
 from .plan import Plan
 
 
@@ -135,26 +136,13 @@ def linear_chains(plan: Plan) -> list[list[int]]:
     of the next and the next its only consumer, none an output but the last, all placed
     on the same worker by the plan (on the same pool where the plan has no workers;
     anywhere when the plan restricts nothing, as Dask would fuse them)."""
-    m = plan.model
-    n = len(m.keys)
+    n = len(plan.model.keys)
     free = getattr(plan, "unrestricted", False)
     where: Any = None if free else (plan.worker_of or plan.pool_of)
-    outputs = set(m.outputs)
-    keys = m.keys
-    tasks = m.tasks or {}
-    consumers = [0] * n
-    only: list[int] = [-1] * n  # the single consumer, where there is one
-    for i, ds in enumerate(m.deps):
-        for d in set(ds):
-            consumers[d] += 1
-            only[d] = i
     nxt = [-1] * n
     has_prev = [False] * n
-    for i in range(n):
-        j = only[i]
-        if (consumers[i] == 1 and keys[i] not in outputs and len(set(m.deps[j])) == 1
-                and type(tasks.get(keys[i])) is Task and type(tasks.get(keys[j])) is Task
-                and (where is None or where[i] == where[j])):
+    for j, i in enumerate(chain_links(plan.model, fusing=True)):
+        if i >= 0 and (where is None or where[i] == where[j]):
             nxt[i] = j
             has_prev[j] = True
     chains = []
