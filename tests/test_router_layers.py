@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import dask
 import dask.array as da
 import numpy as np
@@ -100,8 +102,12 @@ def test_auto_plan_matches_per_task_plan_targets_on_clear_cases():
     layered = plan_layers(model_layers(g, keys), pools, "auto")
     per_task = plan_model(model_graph(*_collection_graph([pipeline(2000, 500)])), pools, "auto")
     lt = {r["op"]: r["target"] for r in layered.rows}
-    pt = {r["op"]: r["target"] for r in per_task.rows}
-    assert lt["matmul"] == pt["matmul"] == "cpu:jax"
+    # the per-task plan may also give a few matmul blocks to the idle NumPy pool; the
+    # layer goes where most of its blocks go
+    m = per_task.model
+    matmul_on = Counter(per_task.pools[per_task.pool_of[i]].label
+                        for i in range(len(m.keys)) if m.ops[m.layer[i]].label == "matmul")
+    assert matmul_on.most_common(1)[0][0] == lt["matmul"] == "cpu:jax"
 
 
 # ---------------------------------------------------------------- live
