@@ -53,6 +53,16 @@ NOTEBOOK = {
             "x = da.random.random((400, 400), chunks=200)\n"
             "jm.current().compute((x @ x.T).sum(), route='auto')",
         },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "mesh-explain",
+            "metadata": {},
+            "outputs": [],
+            "source": "from IPython.display import display\n\n"
+            "display(jm.current().explain((x @ x.T).sum()))\n"
+            "display(jm.current().explain((x + 1).sum()))",
+        },
     ],
     "metadata": {
         "kernelspec": {
@@ -296,6 +306,21 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(report.locator(".jp-Mesh-planTable tbody tr")).not_to_have_count(0)
             sidebar.locator(".jp-Mesh-devices").scroll_into_view_if_needed()
             shot(page, "04-plans")  # docs/images/sidebar.png
+
+            # two plan pictures in one notebook: BokehJS came inline with the first only
+            # (jupyter_mesh.viz), and JupyterLab renders both
+            explain = page.locator(".jp-Notebook .jp-Cell.jp-CodeCell").nth(2)
+            run_cell(page, explain, 3)
+            pictures = explain.locator(".jupyter-mesh-picture")
+            expect(pictures).to_have_count(2, timeout=30_000)
+            page.wait_for_function(
+                "() => window.Bokeh && Object.keys(Bokeh.index).length >= 2", timeout=30_000)
+            sizes = pictures.evaluate_all("els => els.map(e => e.innerHTML.length)")
+            assert sizes[0] > 500_000 > 20 * sizes[1], sizes
+            rendered = pictures.evaluate_all(
+                "els => els.map(e => Object.values(Bokeh.index).some("
+                "v => e.contains(v.el) || (v.el.getRootNode && e.contains(v.el.getRootNode().host))))")
+            assert rendered == [True, True], rendered
 
             # the sidebar's mesh, into the notebook: the connection snippet
             sidebar.locator('.jp-Mesh-meshItem[data-origin="sidebar"]').click()
