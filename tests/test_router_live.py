@@ -100,6 +100,31 @@ def test_route_context_routes_plain_compute(mesh):
     assert mesh.last_report.ran_on("matmul") == ["jax"]
 
 
+def test_persist_under_routing_keeps_the_data_on_the_workers(mesh, caplog):
+    # as Dask's own persist on a cluster: the routed results stay on the workers, and
+    # the persisted collection computes from them (nothing copied into the notebook)
+    from distributed import Future
+
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    mesh.last_report = None
+    with mesh.route("cpu:jax"):
+        p = y.persist()
+        assert mesh.last_report is not None and mesh.last_report.ran_on("matmul") == ["jax"]
+        p2, total = dask.persist(y + 1, y.sum())
+    values = dict(p.__dask_graph__()).values()
+    assert values and all(isinstance(v, Future) for v in values)
+    assert all(isinstance(v, Future) for v in dict(total.__dask_graph__()).values())
+    with caplog.at_level("WARNING", logger="distributed.scheduler"):
+        np.testing.assert_allclose(mesh.compute(p, route="off")[0], expected, rtol=1e-10)
+        np.testing.assert_allclose(p2.compute(), expected + 1, rtol=1e-10)
+        assert total.compute() == pytest.approx(expected.sum())
+    assert "run_spec" not in caplog.text
+    with mesh.route("auto"), pytest.raises(MeshError, match="persist under routing takes no"):
+        y.persist(retries=2)
+    assert mesh.compute(p.sum())[0] == pytest.approx(expected.sum())  # still usable
+
+
 def test_route_context_plans_with_chunk_sizes(mesh):
     """Plain .compute() hands Dask's scheduler a flat graph; the router still sees the
     layers' chunk shapes and dtypes, so its estimates match mesh.explain's."""

@@ -152,8 +152,10 @@ def _nest(keys: Any, values: dict[Any, Any]) -> Any:
     return values[keys]
 
 
-def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
-    """Submit a plan's rewritten graph and wait for its outputs (a list, by key)."""
+def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True, gather: bool = True
+             ) -> list[Any]:
+    """Submit a plan's rewritten graph and wait for its outputs (a list, by key): their
+    values, or with ``gather=False`` their futures (the data stays on the workers)."""
     client = mesh.client
     mesh.last_plan = plan
     graph: Any
@@ -185,7 +187,7 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True) -> list[Any]:
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
         _wait(mesh, routed.plan_id, futures, fallback)
-        values = client.gather(futures)
+        values = client.gather(futures) if gather else futures
     except BaseException:
         # Ctrl-C or a failure: the scheduler drops the rest of the computation, as
         # after dask's own client.get (the traceback would keep the futures alive)
@@ -275,18 +277,43 @@ class _RoutedScheduler:
         # gives it when it drops a default client's, instead of failing to start.
         return (_no_scheduler, ())
 
+    def _plan(self, graph: Any, flat: list[Any]) -> Plan:
+        pools = build_pools(self.mesh.inventory())
+        if use_layer_plan(graph):
+            return plan_layers(model_layers(graph, flat), pools, self.route)
+        return plan_model(model_graph(graph, flat), pools, self.route)
+
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
-        pools = build_pools(self.mesh.inventory())
-        plan: Plan
-        if use_layer_plan(graph):
-            plan = plan_layers(model_layers(graph, flat), pools, self.route)
-        else:
-            plan = plan_model(model_graph(graph, flat), pools, self.route)
-        model = plan.model
-        values = dict(zip(model.outputs, run_plan(self.mesh, plan, self.fallback), strict=False))
+        plan = self._plan(graph, flat)
+        values = dict(zip(plan.model.outputs, run_plan(self.mesh, plan, self.fallback),
+                          strict=False))
         return _nest(keys, values)
+
+    def persist(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
+        """``.persist()`` inside ``mesh.route``: the routed results stay on the workers,
+        as with Dask's own persist on a cluster (Dask asks a scheduler with a persist
+        method to persist for it); it returns once they are there, with a report."""
+        from dask.base import collections_to_expr
+
+        if kwargs:
+            raise MeshError(
+                f"persist under routing takes no {', '.join(sorted(kwargs))}: the router "
+                f"places the tasks; leave the block (or %mesh route off) to pass them"
+            )
+        single = not isinstance(collections, (tuple, list, set, frozenset))
+        colls = [collections] if single else list(collections)
+        expr = collections_to_expr(colls, optimize_graph).optimize()
+        keys = expr.__dask_keys__()
+        plan = self._plan(_graph_with_layers(expr), list(dask.core.flatten(keys)))
+        futures = dict(zip(plan.model.outputs,
+                           run_plan(self.mesh, plan, self.fallback, gather=False),
+                           strict=False))
+        out = [post({k: futures[k] for k in dask.core.flatten(ks)}, *args)
+               for (post, args), ks in zip((c.__dask_postpersist__() for c in colls), keys,
+                                           strict=True)]
+        return out[0] if single else out
 
 
 def _no_scheduler() -> None:
