@@ -140,6 +140,9 @@ class Mesh:
         self.route_mode: Any = "off"
         self.last_report: Any = None
         self.last_plan: Any = None
+        #: lists that each routed computation's report is appended to while they are
+        #: here (a %%mesh cell collects the reports of its computations this way)
+        self.report_sinks: list[list[Any]] = []
         self._scheduler_plugin = True
         self._address = self.address  # still known once the scheduler is gone
         if set_current:

@@ -278,6 +278,27 @@ def test_magic_routed_cell(ip, mesh):
     np.testing.assert_allclose(ip.user_ns["w"], ip.user_ns["w2"])
 
 
+def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
+    from jupyter_mesh.router import Report
+    from jupyter_mesh.router import magic as router_magic
+
+    shown = []
+    monkeypatch.setattr(router_magic, "display", shown.append)
+    ip.user_ns["y"] = pipeline()
+    ip.run_cell_magic("mesh", "--route cpu:jax",
+                      "a = y.compute()\nb = (y + 1).sum().compute()\nc = 1 + 1")
+    assert len(shown) == 2 and all(isinstance(r, Report) for r in shown)
+    assert shown[1] is mesh.last_report and shown[0] is not shown[1]
+    assert shown[0].ran_on("matmul") == ["jax"]
+    assert len(shown[1].plan.model.ops) > len(shown[0].plan.model.ops)  # the second: + 1, sum
+    assert mesh.report_sinks == []
+    # a cell that fails shows no report; a cell without Dask work shows none either
+    shown.clear()
+    ip.run_cell_magic("mesh", "--route cpu:jax", "d = y.compute()\nraise ValueError('x')")
+    ip.run_cell_magic("mesh", "--route cpu:jax", "e = 2")
+    assert shown == [] and mesh.report_sinks == []
+
+
 def test_magic_misuse(ip):
     from IPython.core.error import UsageError
 

@@ -206,6 +206,8 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True, gather: bool = True
     report.timeline = timeline
     report.fused = routed.fused
     mesh.last_report = report
+    for sink in getattr(mesh, "report_sinks", ()):
+        sink.append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
     return list(values)

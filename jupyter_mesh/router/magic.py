@@ -87,14 +87,19 @@ def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
 
 def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
     """``%%mesh [--route R]``: run the cell with its Dask work routed, then show the
-    report of the last routed computation."""
+    report of each routed computation the cell ran, in order."""
     mode = _route(route if route is not None else "auto")
-    before = mesh.last_report
     try:
         ctx = mesh.route(mode)
     except MeshError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    with ctx:
-        result = shell.run_cell(cell)
-    if getattr(result, "success", True) and mesh.last_report is not before:
-        display(mesh.last_report)
+    reports: list[Any] = []
+    mesh.report_sinks.append(reports)
+    try:
+        with ctx:
+            result = shell.run_cell(cell)
+    finally:
+        mesh.report_sinks.remove(reports)
+    if getattr(result, "success", True):
+        for report in reports:
+            display(report)
