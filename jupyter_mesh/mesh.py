@@ -632,7 +632,8 @@ class Mesh:
         """Compute Dask collections with each op routed to a device kind.
 
         Returns a tuple of results, as :func:`dask.compute` does, and leaves a
-        :class:`~jupyter_mesh.router.Report` in :attr:`last_report`. With ``fallback``
+        :class:`~jupyter_mesh.router.Report` in :attr:`last_report` (``route="off"``
+        routes nothing and leaves None there). With ``fallback``
         (the default), tasks of a device kind lost mid-computation are re-routed to what
         is left after ``mesh.fallback-timeout`` seconds, with a warning; with
         ``fallback=False`` the computation fails with :class:`MeshError` instead.

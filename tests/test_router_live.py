@@ -56,6 +56,7 @@ def test_forced_numpy_and_off(mesh):
     (a,) = mesh.compute(y, route="cpu:numpy")
     assert mesh.last_report.ran_on("matmul") == ["numpy"]
     (b,) = mesh.compute(y, route="off")
+    assert mesh.last_report is None and mesh.last_plan is None  # nothing was routed
     np.testing.assert_allclose(a, expected)
     np.testing.assert_allclose(b, expected)
 

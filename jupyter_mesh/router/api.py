@@ -128,6 +128,9 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     if route == "off" and pin:
         raise MeshError("pin= needs routing: with route='off' Dask places tasks anywhere")
     if route == "off":
+        # nothing is routed, so nothing is reported: an earlier report must not pass
+        # for this computation's
+        mesh.last_plan = mesh.last_report = None
         watch = progress.FuturesWatch(mesh, None, "route=off")
         futures = mesh.client.compute(list(collections))
         try:
