@@ -168,7 +168,8 @@ def test_bad_inputs(mesh):
         mesh.submit(np.sum, 1, needs="teleport")
     with pytest.raises(MeshError, match="no worker at site"):
         mesh.submit(np.sum, 1, site="moon")
-    with pytest.raises(MeshError, match="no live gpu"):
+    with pytest.raises(MeshError, match=r"no live gpu worker: .*use on= one of cpu:jax, "
+                       r"cpu:numpy, or needs= to let the mesh pick"):
         mesh.submit(np.sum, 1, on="gpu")
     with pytest.raises(MeshError, match="convert= takes True or False"):
         mesh.submit(np.sum, 1, convert="yes")

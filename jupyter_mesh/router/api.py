@@ -477,7 +477,13 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         match = [d for d in inv if target.matches(d.kind, d.backend)
                  and (site is None or d.site == site)]
         if not match:
-            raise MeshError(f"no live {target} worker: the mesh has {inv.summary()}")
+            where = f" at site {site!r}" if site is not None else ""
+            have = sorted({f"{d.kind}:{d.backend}" for d in inv
+                           if site is None or d.site == site})
+            raise MeshError(
+                f"no live {target} worker{where}: the mesh has {inv.summary()}; use "
+                f"on= one of {', '.join(have) or 'nothing'}, or needs= to let the mesh pick"
+            )
         resources = {target.resource: 1}
     elif needs is not None:
         resource, _ = choose_for_needs(mesh, needs, site)
