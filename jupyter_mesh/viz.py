@@ -363,10 +363,24 @@ _bokehjs_sent = False
 BOKEHJS_WAIT_MS = 15000
 
 _NO_BOKEHJS = (
-    "(no picture: it uses the BokehJS that came with the first jupyter_mesh picture "
-    "this kernel showed, and that output is not on the page. Show the first one again, "
-    "or run dask.config.set({'mesh.viz.bokehjs': 'every'}) and display this again.)"
+    "(no picture: BokehJS, which came inline with the first jupyter_mesh picture this "
+    "kernel showed, is not on this page. Run dask.config.set({'mesh.viz.bokehjs': "
+    "'every'}) and show the picture again, or restart the kernel: its first picture "
+    "carries BokehJS again.)"
 )
+
+
+def bokehjs_source() -> str:
+    """The installed BokehJS (the part the pictures use), as one script."""
+    global _bokehjs_text
+    if _bokehjs_text is None:
+        from bokeh.resources import Resources
+
+        _bokehjs_text = "\n".join(Resources(mode="inline", components=["bokeh"]).js_raw)
+    return _bokehjs_text
+
+
+_bokehjs_text: str | None = None
 
 
 def _bokehjs_mode() -> str:
@@ -397,16 +411,32 @@ def embed(layout: Model) -> str:
         js = Resources(mode="inline", components=["bokeh"]).render_js()
         _bokehjs_sent = True
         return f"<div class='jupyter-mesh-picture'>{js}{div}{script}</div>"
+    import bokeh
+
     body = script.strip()
     body = body[body.index(">") + 1: body.rindex("</script>")]
     box = f"jm-picture-{uuid.uuid4().hex}"
+    # in a Jupyter page whose first picture is gone (its output cleared or re-run),
+    # BokehJS comes from the jupyter_mesh server extension instead
+    served = json.dumps(f"jupyter-mesh/static/bokeh-{bokeh.__version__}.min.js")
     waiter = (
         "<script>(function() {"
         f" const run = function() {{ {body} }};"
         f" const box = {json.dumps(box)}; let waited = 0;"
+        " const fetchIt = function() {"
+        "  const cfg = document.getElementById('jupyter-config-data');"
+        "  if (!cfg || window.__jupyterMeshBokehJS) { return; }"
+        "  let base; try { base = JSON.parse(cfg.textContent).baseUrl; } catch (e) { return; }"
+        "  if (!base) { return; }"
+        "  window.__jupyterMeshBokehJS = true;"
+        "  const s = document.createElement('script');"
+        f"  s.src = base.replace(/\\/?$/, '/') + {served};"
+        "  document.head.appendChild(s);"
+        " };"
         " (function wait() {"
         "  if (window.Bokeh !== undefined) { run(); return; }"
-        f"  waited += 50; if (waited > {int(BOKEHJS_WAIT_MS)}) {{"
+        "  waited += 50; if (waited === 500) { fetchIt(); }"
+        f"  if (waited > {int(BOKEHJS_WAIT_MS)}) {{"
         "   const el = document.getElementById(box);"
         f"   if (el) {{ el.textContent = {json.dumps(_NO_BOKEHJS)}; }} return; }}"
         "  setTimeout(wait, 50);"

@@ -67,6 +67,25 @@ def test_every_route_refuses_unauthenticated_requests(api, method, parts, body):
     assert api("GET", "meshes") == (200, {"meshes": []})
 
 
+def test_bokehjs_is_served_to_signed_in_users_only(jp_fetch, jp_asyncio_loop):
+    # plan pictures whose page lacks BokehJS load it from here (jupyter_mesh.viz)
+    import bokeh
+
+    async def get(headers=None):
+        try:
+            r = await jp_fetch("jupyter-mesh", "static", f"bokeh-{bokeh.__version__}.min.js",
+                               headers=headers, follow_redirects=False)
+        except HTTPClientError as err:
+            return err.code, b"", None
+        return r.code, r.body, r.headers.get("Content-Type")
+
+    code, body, ctype = jp_asyncio_loop.run_until_complete(get())
+    assert code == 200 and ctype.startswith("application/javascript")
+    assert len(body) > 500_000 and b"Bokeh" in body
+    code, _, _ = jp_asyncio_loop.run_until_complete(get({"Authorization": ""}))
+    assert code in (302, 403)
+
+
 def test_health(api):
     assert api("GET", "health") == (200, {"status": "ok", "version": __version__})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import dask.array as da
@@ -250,7 +251,28 @@ def test_a_picture_without_its_bokehjs_says_how_to_get_it(plan, tmp_path, monkey
         plan._repr_html_(), tmp_path,
         "() => { const el = document.querySelector('.jupyter-mesh-picture');"
         " return el && el.textContent.includes('no picture') && el.textContent; }")
-    assert "mesh.viz.bokehjs" in text and "Show the first one again" in text
+    assert "mesh.viz.bokehjs" in text and "restart the kernel" in text
+    assert blocked == []
+
+
+@pytest.mark.browser
+def test_in_a_jupyter_page_a_picture_fetches_missing_bokehjs_from_the_server(plan, tmp_path):
+    # the output that carried BokehJS was cleared or re-run: in a Jupyter page (which
+    # names its base URL) the picture loads BokehJS from the jupyter_mesh server
+    # extension instead; here the "server" is a folder laid out like its route
+    import bokeh
+
+    plan._repr_html_()
+    later = plan._repr_html_()
+    assert not _has_bokehjs(later)
+    served = tmp_path / "server" / "jupyter-mesh" / "static"
+    served.mkdir(parents=True)
+    (served / f"bokeh-{bokeh.__version__}.min.js").write_text(viz.bokehjs_source())
+    config = json.dumps({"baseUrl": (tmp_path / "server").as_uri()})
+    page = f'<script id="jupyter-config-data" type="application/json">{config}</script>{later}'
+    docs, blocked = _render_offline(
+        page, tmp_path, "() => window.Bokeh && Bokeh.documents.length")
+    assert docs == 1
     assert blocked == []
 
 

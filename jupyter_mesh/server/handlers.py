@@ -11,6 +11,10 @@ Routes, all under ``{base_url}jupyter-mesh/api/``:
 ``PATCH meshes/{id}``      scale a mesh this server started; body: ``{"cpu": 2}``
 ``DELETE meshes/{id}``     stop (or disconnect from) a mesh this server holds
 =========================  ===========================================================
+
+and ``GET {base_url}jupyter-mesh/static/bokeh-{version}.min.js``: the BokehJS of the
+installed Bokeh, for a plan or report picture whose page lacks it (see
+:mod:`jupyter_mesh.viz`).
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import json
 from typing import Any
 
 import tornado.web
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
 from .._version import __version__
 from .manager import ManagerError, MeshManager
 
 API = "jupyter-mesh/api"
+STATIC = "jupyter-mesh/static"
 MANAGER_KEY = "jupyter_mesh_manager"
 _ID = r"(?P<mesh_id>[A-Za-z0-9_.\-]+)"
 
@@ -53,6 +58,19 @@ class MeshAPIHandler(APIHandler):
             raise tornado.web.HTTPError(exc.status, str(exc)) from None
         self.set_status(status)
         self.finish(json.dumps(result))
+
+
+class BokehJSHandler(JupyterHandler):
+    """The installed BokehJS, to signed-in users only (like every route here)."""
+
+    @tornado.web.authenticated
+    def get(self, version: str) -> None:
+        from ..viz import bokehjs_source
+
+        self.set_header("Content-Type", "application/javascript; charset=utf-8")
+        # the URL names the Bokeh version, so a browser may keep it
+        self.set_header("Cache-Control", "private, max-age=86400")
+        self.finish(bokehjs_source())
 
 
 class HealthHandler(MeshAPIHandler):
@@ -105,5 +123,7 @@ def setup_handlers(web_app: Any, manager: MeshManager) -> None:
             (url_path_join(base, "meshes"), MeshesHandler),
             (url_path_join(base, "meshes", "connect"), ConnectHandler),
             (url_path_join(base, "meshes", _ID), MeshHandler),
+            (url_path_join(web_app.settings["base_url"], STATIC, r"bokeh-([0-9A-Za-z.+\-]+)\.min\.js"),
+             BokehJSHandler),
         ],
     )
