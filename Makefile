@@ -50,6 +50,7 @@ bench: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) jupyter_mesh/labextension labextension/lib labextension/node_modules
