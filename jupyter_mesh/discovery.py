@@ -69,8 +69,9 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def pid_alive(pid: int, started: float | None = None) -> bool:
-    """Whether process ``pid`` runs, and is the one that started at ``started``."""
+def pid_alive(pid: object, started: float | None = None) -> bool:
+    """Whether process ``pid`` runs, and is the one that started at ``started`` (False
+    for anything but a positive int, e.g. a registration file's broken ``pid``)."""
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:

@@ -7,7 +7,8 @@ import html
 import logging
 import re
 import weakref
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Literal, overload
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
 from distributed.comm import parse_address
@@ -29,6 +30,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 _SCHEMES = ("tcp", "tls", "inproc", "ws", "wss", "ucx")
+
+
+@overload
+def check_count(name: str, value: Any, *, allow_auto: Literal[False] = False) -> int: ...
+
+
+@overload
+def check_count(name: str, value: Any, *, allow_auto: bool) -> int | str: ...
 
 
 def check_count(name: str, value: Any, *, allow_auto: bool = False) -> int | str:
@@ -143,6 +152,8 @@ class Mesh:
         #: lists that each routed computation's report is appended to while they are
         #: here (a %%mesh cell collects the reports of its computations this way)
         self.report_sinks: list[list[Any]] = []
+        #: the routing context that ``%mesh route`` keeps open (see ``set_route``)
+        self._route_persistent: AbstractContextManager[Any] | None = None
         self._scheduler_plugin = True
         self._address = self.address  # still known once the scheduler is gone
         if set_current:
@@ -340,7 +351,8 @@ class Mesh:
     @property
     def address(self) -> str:
         scheduler = self.client.scheduler  # None once the client lost its scheduler
-        return scheduler.address if scheduler is not None else self._address
+        address = scheduler.address if scheduler is not None else None
+        return address if address is not None else self._address
 
     @property
     def dashboard_link(self) -> str | None:
@@ -362,9 +374,10 @@ class Mesh:
         """The mesh's devices and their load, from the scheduler in one round trip."""
         self._check_open()
         self._check_reachable()
-        if self._scheduler_plugin:
+        scheduler = self.client.scheduler  # not None: _check_reachable says so
+        if self._scheduler_plugin and scheduler is not None:
             try:
-                info = self.client.sync(self.client.scheduler.jupyter_mesh_inventory)
+                info = self.client.sync(scheduler.jupyter_mesh_inventory)
                 return Inventory.from_records(
                     info["devices"], info["address"], self.dashboard_link or info["dashboard"]
                 )

@@ -168,7 +168,9 @@ class FuturesWatch:
             return
         try:
             client = mesh.client
-            self.cursor = client.sync(client.scheduler.get_task_stream_index)
+            scheduler = client.scheduler  # None once the client lost its scheduler
+            self.cursor = (client.sync(scheduler.get_task_stream_index)
+                           if scheduler is not None else None)
         except Exception:
             self.cursor = None
 
@@ -205,8 +207,11 @@ class FuturesWatch:
 
     def _show(self, futures: list[Any]) -> None:
         client = self.mesh.client
+        scheduler, loop = client.scheduler, client.loop
+        if scheduler is None or loop is None:  # the client lost its scheduler: no bar
+            return
         group_by: Any = GroupBy(self.groups) if self.groups is not None else "prefix"
-        kwargs = dict(scheduler=client.scheduler.address, group_by=group_by,
+        kwargs = dict(scheduler=scheduler.address, group_by=group_by,
                       complete=True, interval="200ms", title=self.title)
         bar: TextBars | WidgetBars
         if in_notebook():
@@ -216,7 +221,7 @@ class FuturesWatch:
             bar = TextBars(futures, **kwargs)
         bar._start_time = self.t0  # elapsed counts from the submission, as Dask's does
         self.bar = bar
-        client.loop.add_callback(bar.listen)
+        loop.add_callback(bar.listen)
 
     def stopped(self) -> None:
         """The work is over: give the bar a moment for its final state."""
@@ -233,9 +238,11 @@ class FuturesWatch:
         if self.cursor is None:
             return None
         client = self.mesh.client
+        scheduler = client.scheduler
+        if scheduler is None:
+            return None
         try:
-            return list(client.sync(client.scheduler.get_task_stream,
-                                    start_index=self.cursor))
+            return list(client.sync(scheduler.get_task_stream, start_index=self.cursor))
         except Exception:
             return None
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import html
 from collections import Counter, defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from . import _config
 from .errors import MeshConfigError
@@ -23,7 +24,8 @@ from .errors import MeshConfigError
 if TYPE_CHECKING:
     from bokeh.model import Model
 
-    from .router.plan import Plan, Report
+    from .router.layers import LayerPlan
+    from .router.plan import Plan, PlanModel, Report
 
 #: fixed colours for the common targets, so a picture reads the same in every notebook
 COLOURS = {
@@ -65,21 +67,30 @@ def _short(address: str) -> str:
     return address.split("://", 1)[-1]
 
 
-def _layer_lookup(plan: Plan) -> Any:
+def _made_per_layer(plan: Plan[PlanModel]) -> TypeGuard[LayerPlan]:
+    """Whether the plan was made per layer (it keeps no per-task lists). A plan made
+    per task may have no tasks either, so the type tells, not the empty lists."""
+    from .router.layers import LayerPlan
+
+    return isinstance(plan, LayerPlan)
+
+
+def _layer_lookup(plan: Plan[PlanModel]) -> Callable[[Any], int | None]:
     """key -> index of its op (layer) in the plan's model, or None."""
+    if _made_per_layer(plan):
+        return plan.layer_of_key  # a plan made per layer keeps no per-task lists
     m = plan.model
-    if m.keys:
-        return {k: m.layer[i] for i, k in enumerate(m.keys)}.get
-    return plan.layer_of_key  # a plan made per layer keeps no per-task lists
+    return {k: m.layer[i] for i, k in enumerate(m.keys)}.get
 
 
-def planned_bars(plan: Plan, names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def planned_bars(plan: Plan[PlanModel],
+                 names: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """One bar per task as the plan placed it, in a lane of one of its pool's workers;
     for a plan made per layer, one bar per layer in a lane of its pool."""
     names = names or {}
-    m = plan.model
-    if not m.keys:
+    if _made_per_layer(plan):
         return _layer_bars(plan)
+    m = plan.model
     per_pool: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(plan.pool_of):
         per_pool[p].append(i)
@@ -104,7 +115,7 @@ def planned_bars(plan: Plan, names: dict[str, str] | None = None) -> list[dict[s
     return bars
 
 
-def _layer_bars(plan: Any) -> list[dict[str, Any]]:
+def _layer_bars(plan: LayerPlan) -> list[dict[str, Any]]:
     bars = []
     for li, op in enumerate(plan.model.ops):
         if not op.tasks:
@@ -178,11 +189,11 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     return bars, False
 
 
-def op_graph(plan: Plan, report: Report | None = None) -> dict[str, Any]:
+def op_graph(plan: Plan[PlanModel], report: Report | None = None) -> dict[str, Any]:
     """Nodes (ops) with a position, a target and a size, and edges between ops."""
     m = plan.model
     nops = len(m.ops)
-    per_layer = not m.keys  # a plan made per layer
+    layer_plan = plan if _made_per_layer(plan) else None
     targets: list[Counter[str]] = [Counter() for _ in range(nops)]
     if report is not None and report.records:
         kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
@@ -191,16 +202,16 @@ def op_graph(plan: Plan, report: Report | None = None) -> dict[str, Any]:
             li = layer_of(k)
             if li is not None:
                 targets[li][f"{kind_of.get(rec[0], '?')}:{rec[1]}"] += 1
-    elif per_layer:
-        for li, p in enumerate(plan.layer_pool):
+    elif layer_plan is not None:
+        for li, p in enumerate(layer_plan.layer_pool):
             targets[li][plan.pools[p].label] += m.ops[li].tasks
     else:
         for i, p in enumerate(plan.pool_of):
             targets[m.layer[i]][plan.pools[p].label] += 1
     shown = [li for li in range(nops) if m.ops[li].tasks]
     index = {li: n for n, li in enumerate(shown)}
-    if per_layer:
-        pairs = {(d, li) for li, ds in enumerate(m.deps) for d, _ in ds}
+    if layer_plan is not None:
+        pairs = {(d, li) for li, ds in enumerate(layer_plan.model.deps) for d, _ in ds}
     else:
         pairs = {(m.layer[d], m.layer[i]) for i, ds in enumerate(m.deps) for d in ds}
     edges: set[tuple[int, int]] = {(index[a], index[b]) for a, b in pairs
@@ -242,7 +253,7 @@ def op_graph(plan: Plan, report: Report | None = None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- figures
 def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) -> Model:
-    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.models import ColumnDataSource, FactorRange, HoverTool
     from bokeh.plotting import figure
 
     bars = bars[:MAX_BARS]
@@ -254,8 +265,8 @@ def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) 
         "colour": [colour_of(b["target"]) for b in bars],
         "ms": [(b["end"] - b["start"]) * 1e3 for b in bars],
     }
-    fig = figure(y_range=rows, height=max(140, 60 + 26 * len(rows)), width=width,
-                 title=title, x_axis_label=x_label, toolbar_location="above",
+    fig = figure(y_range=FactorRange(factors=rows), height=max(140, 60 + 26 * len(rows)),
+                 width=width, title=title, x_axis_label=x_label, toolbar_location="above",
                  tools="xpan,xwheel_zoom,reset,save")
     fig.hbar(y="row", left="left", right="right", height=0.8, source=ColumnDataSource(data),
              fill_color="colour", line_width=0.5,
@@ -271,16 +282,17 @@ def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) 
 
 
 def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
-    from bokeh.models import ColumnDataSource, HoverTool, LabelSet
+    from bokeh.models import ColumnDataSource, HoverTool, Range1d
+    from bokeh.models.annotations import LabelSet
     from bokeh.plotting import figure
 
     nodes = graph["nodes"]
     xs = [n["x"] for n in nodes] or [0.0]
     ys = [n["y"] for n in nodes] or [0.0]
     fig = figure(width=width, height=max(200, 80 + 60 * int(max(ys) - min(ys) + 1)),
-                 title=title, x_range=(min(xs) - 0.6, max(xs) + 0.9),
-                 y_range=(min(ys) - 0.8, max(ys) + 0.8), tools="pan,wheel_zoom,reset,save",
-                 toolbar_location="above")
+                 title=title, x_range=Range1d(start=min(xs) - 0.6, end=max(xs) + 0.9),
+                 y_range=Range1d(start=min(ys) - 0.8, end=max(ys) + 0.8),
+                 tools="pan,wheel_zoom,reset,save", toolbar_location="above")
     fig.axis.visible = False
     fig.grid.visible = False
     if graph["edges"]:
@@ -323,11 +335,11 @@ def worker_names() -> dict[str, str]:
         return {}
 
 
-def plan_figure(plan: Plan, width: int = 900) -> Model:
+def plan_figure(plan: Plan[PlanModel], width: int = 900) -> Model:
     """The plan's timeline by worker and its graph of ops, coloured by target."""
     from bokeh.layouts import column
 
-    by = "worker" if plan.model.keys else "pool: planned per layer"
+    by = "pool: planned per layer" if _made_per_layer(plan) else "worker"
     return column(
         _timeline(planned_bars(plan, worker_names()),
                   f"Planned timeline (estimated, by {by})",
@@ -454,7 +466,7 @@ def _safe(build: Any, what: str) -> str:
         return f"<p><i>(no picture of this {what}: {html.escape(reason)})</i></p>"
 
 
-def plan_html(plan: Plan) -> str:
+def plan_html(plan: Plan[PlanModel]) -> str:
     """The plan's picture as embeddable HTML (empty for a plan without tasks)."""
     if not plan.ntasks:
         return ""

@@ -98,7 +98,7 @@ def test_reused_pid_counts_as_dead():
     assert discovery.pid_alive(os.getpid(), started)
     assert not discovery.pid_alive(os.getpid(), started - 1000)
     assert not discovery.pid_alive(dead_pid())
-    assert not discovery.pid_alive("123")  # type: ignore[arg-type]
+    assert not discovery.pid_alive("123")
 
 
 def test_only_the_current_mesh_registers(tmp_path, monkeypatch):

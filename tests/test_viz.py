@@ -298,3 +298,23 @@ def test_a_plan_made_per_layer_has_its_picture(plan):
     assert x_of["random_sample"] < x_of["matmul"] < x_of["sum-aggregate"]
     out = lplan._repr_html_()
     assert "jupyter-mesh-picture" in out and "planned per layer" in out
+
+
+def test_a_plan_made_per_task_without_tasks_has_an_empty_picture(plan):
+    # a plan made per task of a graph without tasks has empty per-task lists, as a plan
+    # made per layer has: the pictures tell the two apart by type, not by those lists
+    from jupyter_mesh.router import plan_model
+    from jupyter_mesh.router.classify import model_graph
+
+    empty = plan_model(model_graph({}, []), plan.pools)
+    assert not empty.model.keys and empty.ntasks == 0
+    assert viz.planned_bars(empty) == []
+    assert viz.op_graph(empty) == {"nodes": [], "edges": []}
+    report = Report(empty, {}, 0.0)
+    assert viz.measured_bars(report) == ([], False)
+    assert viz.op_graph(empty, report) == {"nodes": [], "edges": []}
+    assert viz.plan_figure(empty) is not None  # an empty timeline and graph
+    assert viz.report_figure(report) is not None
+    out = empty._repr_html_()
+    assert "jupyter-mesh-plan" in out and "0 tasks" in out
+    assert "0 tasks" in repr(empty) and "0 tasks" in report._repr_html_()

@@ -109,7 +109,7 @@ def tpu_devices() -> list[DeviceInfo]:
         return []
     out = []
     for i, dev in enumerate(devices):
-        stats = {}
+        stats: dict[str, Any] = {}
         try:
             stats = dev.memory_stats() or {}
         except Exception:

@@ -151,7 +151,7 @@ def cached_or_measure(key: str, measure: Callable[[float], Profile]) -> Profile:
         return profile
 
 
-def _best_rate(run: Callable[[], None], work: float, deadline: float) -> float:
+def _best_rate(run: Callable[[], object], work: float, deadline: float) -> float:
     """Best observed ``work`` per second of ``run`` until ``deadline`` (at least 2 runs)."""
     best = 0.0
     runs = 0
@@ -172,10 +172,14 @@ def measure_numpy(budget: float) -> Profile:
 
     t0 = time.perf_counter()
     n = 384
-    rates = {}
+    rates: dict[str, float] = {}
     for name, dtype in (("flops32", np.float32), ("flops64", np.float64)):
         a = np.ones((n, n), dtype=dtype)
-        rates[name] = _best_rate(lambda a=a: a @ a, 2.0 * n**3, time.perf_counter() + budget * 0.3)
+
+        def square(a: Any = a) -> object:
+            return a @ a
+
+        rates[name] = _best_rate(square, 2.0 * n**3, time.perf_counter() + budget * 0.3)
     buf = np.ones(4_000_000, dtype=np.float64)  # 32 MB
     out = np.empty_like(buf)
     bandwidth = _best_rate(
@@ -196,7 +200,7 @@ def measure_jax(budget: float) -> Profile:
 
     t0 = time.perf_counter()
     n = 384
-    rates = {}
+    rates: dict[str, float] = {}
     matmul = jax.jit(lambda a: a @ a)
     for name, dtype in (("flops32", jnp.float32), ("flops64", jnp.float64)):
         try:
@@ -205,10 +209,11 @@ def measure_jax(budget: float) -> Profile:
         except Exception:  # float64 disabled: JAX keeps float32
             rates[name] = rates.get("flops32", 0.0)
             continue
-        rates[name] = _best_rate(
-            lambda a=a: matmul(a).block_until_ready(), 2.0 * n**3,
-            time.perf_counter() + budget * 0.3,
-        )
+
+        def square_jax(a: Any = a) -> object:
+            return matmul(a).block_until_ready()
+
+        rates[name] = _best_rate(square_jax, 2.0 * n**3, time.perf_counter() + budget * 0.3)
     copy = jax.jit(lambda b: b + 0)
     buf = jnp.ones(4_000_000, dtype=jnp.float32)
     copy(buf).block_until_ready()
@@ -232,15 +237,17 @@ def measure_cupy(budget: float) -> Profile:
 
     t0 = time.perf_counter()
     n = 2048
-    rates = {}
+    rates: dict[str, float] = {}
     sync = cupy.cuda.Device().synchronize
     for name, dtype in (("flops32", cupy.float32), ("flops64", cupy.float64)):
         a = cupy.ones((n, n), dtype=dtype)
         (a @ a)
         sync()
-        rates[name] = _best_rate(
-            lambda a=a: ((a @ a), sync()), 2.0 * n**3, time.perf_counter() + budget * 0.25
-        )
+
+        def square_cupy(a: Any = a) -> object:
+            return ((a @ a), sync())
+
+        rates[name] = _best_rate(square_cupy, 2.0 * n**3, time.perf_counter() + budget * 0.25)
     buf = cupy.ones(32_000_000, dtype=cupy.float32)
     out = cupy.empty_like(buf)
     bandwidth = _best_rate(

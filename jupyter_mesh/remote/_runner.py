@@ -37,9 +37,10 @@ def split_cell(code: str, filename: str) -> tuple[Any, Any | None]:
     """
     tree = ast.parse(code, filename, "exec")
     last = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr) and not code.rstrip().endswith(";"):
-        expr = tree.body.pop()
-        last = compile(ast.Expression(expr.value), filename, "eval")
+    final = tree.body[-1] if tree.body else None
+    if isinstance(final, ast.Expr) and not code.rstrip().endswith(";"):
+        tree.body.pop()
+        last = compile(ast.Expression(final.value), filename, "eval")
     return compile(tree, filename, "exec"), last
 
 

@@ -35,12 +35,12 @@ def current() -> Sink | None:
     return sink
 
 
-def _start_with_sink(thread: threading.Thread) -> None:
+def _start_with_sink(self: threading.Thread) -> None:
     """``Thread.start`` while cells can run: a thread started by a cell's thread (or by
     one of its threads) writes to that cell's sink."""
     sink = current()
     if sink is not None:
-        run = thread.run
+        run = self.run
 
         def run_for_cell() -> None:
             ident = threading.get_ident()
@@ -52,8 +52,8 @@ def _start_with_sink(thread: threading.Thread) -> None:
                 if not any(s is sink for s in _sinks.values()):
                     _ended.discard(id(sink))
 
-        thread.run = run_for_cell  # type: ignore[method-assign]
-    _thread_start(thread)
+        self.run = run_for_cell  # type: ignore[method-assign]
+    _thread_start(self)
 
 
 class ThreadRoutedStream:

@@ -7,7 +7,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import dask
 
@@ -18,6 +18,7 @@ from ._device import pop_records
 from ._scheduler import ROUTE_HANDLER, STATUS_HANDLER
 from .classify import (
     CAPABILITIES,
+    GraphModel,
     OpInfo,
     _collection_graph,
     model_graph,
@@ -33,10 +34,12 @@ from .layers import (
     use_layer_plan,
 )
 from .placement import allowed_pools, parse_route_or_error, plan_model
-from .plan import Plan, Report
+from .plan import Plan, PlanModel, Report
 from .rewrite import rewrite
 
 if TYPE_CHECKING:
+    from distributed.core import PooledRPCCall, rpc
+
     from ..mesh import Mesh
 
 
@@ -95,7 +98,7 @@ def apply_pins(model: Any, pin: Any, pools: list[Any]) -> None:
 
 
 def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
-            site: str | None = None, pin: Any = None) -> Plan:
+            site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
     route = parse_route_or_error(route)
     site = _check_site(site)
     plan = _plan_collections(mesh, collections, route, site, pin)
@@ -104,7 +107,7 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
 
 
 def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
-                      site: str | None, pin: Any) -> Plan:
+                      site: str | None, pin: Any) -> Plan[PlanModel]:
     """Model and place: per layer above ``mesh.router.layer-plan-threshold`` tasks
     (unless data is pinned: pins are per task), else per task."""
     graph, keys = _collection_graph(collections)  # validates the inputs first
@@ -155,7 +158,7 @@ def _nest(keys: Any, values: dict[Any, Any]) -> Any:
     return values[keys]
 
 
-def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True, gather: bool = True
+def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: bool = True
              ) -> list[Any]:
     """Submit a plan's rewritten graph and wait for its outputs (a list, by key): their
     values, or with ``gather=False`` their futures (the data stays on the workers)."""
@@ -165,11 +168,11 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True, gather: bool = True
     if isinstance(plan, LayerPlan):
         routed = rewrite_layers(plan, fallback=fallback)
         graph = submission(routed)
-    else:
-        routed = rewrite(plan, fallback=fallback)
+    else:  # every other plan is made per task
+        routed = rewrite(cast("Plan[GraphModel]", plan), fallback=fallback)
         graph = routed.graph
     t0 = time.perf_counter()
-    scheduler = client.scheduler
+    scheduler = _scheduler(mesh)
     handler = getattr(scheduler, ROUTE_HANDLER)
 
     async def register() -> tuple[Any, Any]:
@@ -216,6 +219,17 @@ def run_plan(mesh: Mesh, plan: Plan, fallback: bool = True, gather: bool = True
     return list(values)
 
 
+def _scheduler(mesh: Mesh) -> rpc | PooledRPCCall:
+    """The mesh client's connection to its scheduler (MeshError once it lost it)."""
+    scheduler = mesh.client.scheduler
+    if scheduler is None:
+        raise MeshError(
+            f"the scheduler at {mesh.address} is not reachable: run %mesh close, then "
+            f"%mesh start or %mesh connect ADDRESS"
+        )
+    return scheduler
+
+
 def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
     from distributed.client import _wait as wait_async
 
@@ -241,7 +255,7 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None
     records and the scheduler's task stream, asked for at once (one round trip's wait
     instead of three)."""
     client = mesh.client
-    scheduler = client.scheduler
+    scheduler = _scheduler(mesh)
 
     async def ask() -> list[Any]:
         calls = [getattr(scheduler, STATUS_HANDLER)(plan_id=plan_id),
@@ -282,7 +296,7 @@ class _RoutedScheduler:
         # gives it when it drops a default client's, instead of failing to start.
         return (_no_scheduler, ())
 
-    def _plan(self, graph: Any, flat: list[Any]) -> Plan:
+    def _plan(self, graph: Any, flat: list[Any]) -> Plan[PlanModel]:
         pools = build_pools(self.mesh.inventory())
         if use_layer_plan(graph):
             return plan_layers(model_layers(graph, flat), pools, self.route)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import MeshError
@@ -207,8 +208,9 @@ def register_backend(backend: Backend) -> None:
 
 
 def _discover() -> None:
-    from importlib.metadata import entry_points
+    from importlib.metadata import EntryPoint, entry_points
 
+    eps: Iterable[EntryPoint]
     try:
         eps = entry_points(group=ENTRY_POINT_GROUP)
     except Exception:  # pragma: no cover - broken metadata

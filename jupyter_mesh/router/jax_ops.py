@@ -81,7 +81,9 @@ def _one_supported(f: Any) -> bool:
 def supported(func: Any) -> bool:
     """Whether every part of ``func`` has a JAX version (imports nothing)."""
     parts = _parts(func)
-    return bool(parts) and all(_one_supported(f) for f in parts)
+    if not parts:
+        return False
+    return all(_one_supported(f) for f in parts)
 
 
 def translate(func: Any) -> Callable[..., Any] | None:

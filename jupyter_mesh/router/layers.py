@@ -127,14 +127,16 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         layer = graph.layers[name]
         if isinstance(layer, Blockwise):
             n = len(layer)
-            func = layer.task.func if isinstance(layer.task, Task) else None
+            func: Any = layer.task.func if isinstance(layer.task, Task) else None
             per_arg: dict[str, float] = {}
             out_ind = set(layer.output_indices)
             for arg, ind in layer.indices:
-                nb = layer.numblocks.get(arg) if isinstance(arg, str) else None
-                if nb is None or ind is None:
+                if not isinstance(arg, str) or ind is None:
                     continue
-                k = math.prod(b for b, i in zip(nb, ind, strict=False) if i not in out_ind)
+                blocks = layer.numblocks.get(arg)
+                if blocks is None:
+                    continue
+                k = math.prod(b for b, i in zip(blocks, ind, strict=False) if i not in out_ind)
                 per_arg[arg] = per_arg.get(arg, 0.0) + float(k)
         else:
             mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
@@ -160,7 +162,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
     _layer_costs(ops, metas, dep_idx)
     deps: list[list[tuple[int, float]]] = []
     for li, op in enumerate(ops):
-        row = []
+        row: list[tuple[int, float]] = []
         in_bytes = 0.0
         for d in dep_idx[li]:
             per = reads[li].get(names[d])
@@ -202,15 +204,14 @@ def _layer_costs(ops: list[OpInfo], metas: list[Any], dep_idx: list[list[int]]) 
     inherit_sizes(ops, known, children)
 
 
-class LayerPlan(Plan):
+class LayerPlan(Plan[LayerModel]):
     """A plan made per layer: every task of a layer goes to one pool."""
 
     def __init__(self, model: LayerModel, pools: list[Pool], route: str,
                  layer_pool: list[int], start: list[float], finish: list[float],
                  est: list[float], moved: list[float], cost: CostModel, *,
                  notes: list[str] | None = None, site: str | None = None) -> None:
-        super().__init__(model, pools, route, [], [], [], cost, notes=notes,  # type: ignore[arg-type]
-                         site=site)
+        super().__init__(model, pools, route, [], [], [], cost, notes=notes, site=site)
         self.layer_pool = layer_pool
         self.layer_start = start
         self.layer_finish = finish
@@ -242,9 +243,9 @@ class LayerPlan(Plan):
                 if kind[d] != kind[li]:
                     flags[d] = True
         for name in {key_name(k) for k in m.outputs}:
-            li = m.index.get(name)
-            if li is not None:
-                flags[li] = True
+            out = m.index.get(name)
+            if out is not None:
+                flags[out] = True
         return flags
 
     @property
@@ -269,7 +270,7 @@ class LayerPlan(Plan):
                          "bytes_moved": self._moved[li]})
         return rows
 
-    def assignment(self) -> None:  # type: ignore[override]
+    def assignment(self) -> None:
         """None: the progress bars group tasks by their names (layers) instead."""
         return None
 

@@ -426,10 +426,10 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     pheap: list[list[tuple[float, int]]] = []
     for p, pool in enumerate(pools):
         ids = []
-        for t in pool.worker_threads():
+        for nthreads in pool.worker_threads():
             ids.append(len(wpool))
             wpool.append(p)
-            slots.append([0.0] * t)
+            slots.append([0.0] * nthreads)
         pheap.append([(0.0, wid) for wid in ids])
     lat, inv = cost.latency, cost.inv_bw
     ilat, iinv = cost.intra_latency, cost.intra_inv_bw
@@ -558,7 +558,7 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
 
 
 def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
-               site: str | None = None, cost: CostModel | None = None) -> Plan:
+               site: str | None = None, cost: CostModel | None = None) -> Plan[GraphModel]:
     """Plan a computation: the pool of every task and the per-op summary."""
     route, cost, allowed, notes = route_constraints(model, pools, route, site, cost)
     if not model.keys:

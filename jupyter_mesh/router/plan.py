@@ -10,17 +10,48 @@ from __future__ import annotations
 
 import html
 from collections import Counter
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..inventory import format_bytes
-from .classify import GraphModel
+from .classify import OpInfo
 from .cost import CostModel, Pool
 
 
-class Plan:
+class PlanModel(Protocol):
+    """What a plan needs of its model: the ops (layers) in topological order and the
+    per-task lists, which a model made per layer
+    (:class:`~jupyter_mesh.router.layers.LayerModel`) keeps empty."""
+
+    @property
+    def ops(self) -> list[OpInfo]: ...
+
+    @property
+    def keys(self) -> list[Any]: ...
+
+    @property
+    def layer(self) -> list[int]: ...
+
+    @property
+    def deps(self) -> Sequence[Sequence[Any]]: ...
+
+    @property
+    def outputs(self) -> list[Any]: ...
+
+    @property
+    def pins(self) -> dict[int, str]: ...
+
+
+#: the model a plan was made from: a per-task
+#: :class:`~jupyter_mesh.router.classify.GraphModel`, or a ``LayerModel`` for a
+#: :class:`~jupyter_mesh.router.layers.LayerPlan`
+ModelT = TypeVar("ModelT", bound=PlanModel, covariant=True)
+
+
+class Plan(Generic[ModelT]):
     """The router's decision for one computation."""
 
-    def __init__(self, model: GraphModel, pools: list[Pool], route: str, pool_of: list[int],
+    def __init__(self, model: ModelT, pools: list[Pool], route: str, pool_of: list[int],
                  start: list[float], finish: list[float], cost: CostModel, *,
                  notes: list[str] | None = None, site: str | None = None) -> None:
         self.model = model
@@ -134,8 +165,9 @@ class Plan:
             })
         return rows
 
-    def assignment(self) -> dict[Any, str]:
-        """``{key: pool label}`` for every task."""
+    def assignment(self) -> dict[Any, str] | None:
+        """``{key: pool label}`` for every task (None for a plan made per layer, which
+        keeps no per-task lists)."""
         return {k: self.pools[p].label for k, p in zip(self.model.keys, self.pool_of, strict=False)}
 
     # ------------------------------------------------------------------ display
@@ -166,7 +198,7 @@ class Plan:
 class Report:
     """What happened in one routed computation, next to its plan."""
 
-    def __init__(self, plan: Plan, records: dict[Any, tuple[str, str, float]],
+    def __init__(self, plan: Plan[PlanModel], records: dict[Any, tuple[str, str, float]],
                  wall_seconds: float, *, fallbacks: list[str] | None = None,
                  worker_names: dict[str, str] | None = None) -> None:
         self.plan = plan
@@ -189,6 +221,7 @@ class Report:
             backends: list[set[str]] = [set() for _ in range(nops)]
             workers: list[set[str]] = [set() for _ in range(nops)]
             secs = [0.0] * nops
+            pairs: Iterable[tuple[int | None, tuple[str, str, float] | None]]
             by_layer = getattr(self.plan, "layer_of_key", None)
             if by_layer is not None:  # a plan made per layer: no per-task lists
                 pairs = ((by_layer(k), rec) for k, rec in self.records.items())

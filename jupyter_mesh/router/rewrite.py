@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import pickle
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dask._task_spec import Task
 
@@ -20,13 +21,17 @@ from ._device import DeviceCall
 from .placement import chain_links
 from .plan import Plan
 
+if TYPE_CHECKING:
+    from .classify import GraphModel
+
 
 @dataclass
 class Routed:
     """A plan applied: the graph to submit and what the scheduler plugin needs."""
 
     plan_id: str
-    graph: dict[Any, Any]
+    #: the tasks by key; a HighLevelGraph for a plan made per layer
+    graph: Mapping[Any, Any]
     keys: list[Any]
     #: key -> pool index
     restrictions: dict[Any, int]
@@ -58,7 +63,7 @@ class Routed:
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True,
+def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
             fuse: bool | None = None) -> Routed:
     """Wrap every task of ``plan`` and collect its per-key restrictions.
 
@@ -77,7 +82,8 @@ def rewrite(plan: Plan, *, fallback: bool = True, wrap: bool = True,
         return _rewrite(plan, fallback=fallback, wrap=wrap, fuse=fuse)
 
 
-def _rewrite(plan: Plan, *, fallback: bool, wrap: bool, fuse: bool = False) -> Routed:
+def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
+             fuse: bool = False) -> Routed:
     m = plan.model
     if m.tasks is None:
         raise ValueError("a synthetic model has no tasks to rewrite")
@@ -131,7 +137,7 @@ def _rewrite(plan: Plan, *, fallback: bool, wrap: bool, fuse: bool = False) -> R
     )
 
 
-def linear_chains(plan: Plan) -> list[list[int]]:
+def linear_chains(plan: Plan[GraphModel]) -> list[list[int]]:
     """Chains of two or more tasks (indices, in order) where each task is the only input
     of the next and the next its only consumer, none an output but the last, all placed
     on the same worker by the plan (on the same pool where the plan has no workers;
@@ -155,7 +161,7 @@ def linear_chains(plan: Plan) -> list[list[int]]:
     return chains
 
 
-def _fuse_chains(plan: Plan, graph: dict[Any, Any], restrictions: dict[Any, int],
+def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: dict[Any, int],
                  priorities: dict[Any, float], pins: dict[Any, str]
                  ) -> dict[Any, list[Any]]:
     """Replace each of the plan's :func:`linear_chains` in ``graph`` by one task under
@@ -188,7 +194,7 @@ def _fuse_chains(plan: Plan, graph: dict[Any, Any], restrictions: dict[Any, int]
     return fused
 
 
-def narrowed(plan: Plan) -> dict[int, list[str]]:
+def narrowed(plan: Plan[GraphModel]) -> dict[int, list[str]]:
     """Per pool, the workers the plan uses when it uses only some of them."""
     worker_of = getattr(plan, "worker_of", None)
     if not worker_of:

@@ -18,6 +18,7 @@ so the server's event loop never waits on a scheduler.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import time
 import uuid
@@ -82,7 +83,7 @@ class Entry:
     last_sample: float = 0.0
     last_devices: list[dict[str, Any]] = field(default_factory=list)
     plans: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=discovery.MAX_PLANS))
-    plan_ids: tuple[int, int] = (id(None), id(None))
+    plan_ids: tuple[int, int] = (builtins.id(None), builtins.id(None))  # `id` is a field
     connecting: asyncio.Task[Any] | None = None
     busy: bool = False
 
@@ -350,8 +351,8 @@ class MeshManager:
         async with self._lock:
             live_ids = set()
             by_address = {e.address: e for e in self._entries.values() if e.origin != "kernel"}
-            for entry in self._entries.values():
-                entry.kernels = {}
+            for known in self._entries.values():
+                known.kernels = {}
             for reg in regs:
                 kid = f"kernel-{reg.get('id') or reg.get('pid')}"
                 info = {
