@@ -57,10 +57,19 @@ def in_notebook() -> bool:
     return True
 
 
-def _display(obj: Any) -> None:
+def _display(obj: Any, text: str) -> None:
+    """Show a widget; ``text`` stands in for it where widgets do not show (a saved
+    notebook without its widget state, nbconvert), instead of the widget's repr."""
     from IPython.display import display
 
-    display(obj)
+    try:
+        bundle = obj._repr_mimebundle_()
+    except Exception:  # not a widget after all: show it as it is
+        bundle = None
+    if isinstance(bundle, dict) and bundle:
+        display({**bundle, "text/plain": text}, raw=True)
+    else:
+        display(obj)
 
 
 class GroupBy:
@@ -216,7 +225,7 @@ class FuturesWatch:
         bar: TextBars | WidgetBars
         if in_notebook():
             bar = WidgetBars(futures, **kwargs)
-            _display(bar.box)
+            _display(bar.box, f"{self.title}: progress bar (a widget)")
         else:
             bar = TextBars(futures, **kwargs)
         bar._start_time = self.t0  # elapsed counts from the submission, as Dask's does
@@ -295,7 +304,7 @@ class RemoteWatch:
             widgets[label] = (bar, text)
             rows.append(HBox([bar, text]))
         self.widgets = widgets
-        _display(VBox([HTML("<b>remote cell</b>"), *rows]))
+        _display(VBox([HTML("<b>remote cell</b>"), *rows]), "remote cell: progress bar (a widget)")
 
     def _fraction(self, elapsed: float) -> float:
         if self.timeout:

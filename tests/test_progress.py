@@ -121,7 +121,7 @@ def test_report_timeline_comes_from_the_task_stream(mesh):
 def test_in_a_notebook_the_bar_is_a_widget(mesh, quick_threshold, monkeypatch):
     shown = []
     monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    monkeypatch.setattr(progress, "_display", shown.append)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: shown.append(obj))
     mesh.compute(*sleepy(2))
     assert len(shown) == 1
     box = shown[0]
@@ -134,6 +134,21 @@ def test_in_a_notebook_the_bar_is_a_widget(mesh, quick_threshold, monkeypatch):
     labels = [row.children[2].value for row in rows.children]
     assert any("cpu:numpy" in lb for lb in labels)
     assert all(row.children[1].bar_style == "success" for row in rows.children)
+
+
+def test_a_bar_left_in_a_saved_notebook_reads_as_a_line_not_a_widget_repr(monkeypatch):
+    # where widgets do not show (a notebook saved without widget state, nbconvert),
+    # the output's text stands in: a line that says what was there
+    import IPython.display
+    from ipywidgets import HTML, VBox
+
+    sent = []
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda obj, raw=False: sent.append((obj, raw)))
+    progress._display(VBox([HTML("<b>route=auto</b>")]), "route=auto: progress bar (a widget)")
+    ((bundle, raw),) = sent
+    assert raw and bundle["text/plain"] == "route=auto: progress bar (a widget)"
+    assert "application/vnd.jupyter.widget-view+json" in bundle
 
 
 def test_slow_remote_cell_shows_the_time_it_has_run(mesh, quick_threshold, capfd):
@@ -150,7 +165,7 @@ def test_quick_remote_cell_shows_nothing(mesh, quick_threshold, capfd):
 def test_remote_widget_bar_per_worker(mesh, quick_threshold, monkeypatch):
     shown = []
     monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    monkeypatch.setattr(progress, "_display", shown.append)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: shown.append(obj))
     mesh.run_cell("import time\ntime.sleep(0.8)", on="cpu:jax", timeout=30)
     assert len(shown) == 1
     rows = shown[0].children[1:]
