@@ -318,3 +318,4 @@ def test_a_plan_made_per_task_without_tasks_has_an_empty_picture(plan):
     out = empty._repr_html_()
     assert "jupyter-mesh-plan" in out and "0 tasks" in out
     assert "0 tasks" in repr(empty) and "0 tasks" in report._repr_html_()
+    assert "nothing moved between kinds" in repr(empty)

@@ -176,7 +176,8 @@ class Plan(Generic[ModelT]):
             f"Plan (route={self.route}{', site=' + self.site if self.site else ''}): "
             f"{self.ntasks} tasks in {len(self.rows)} ops over "
             f"{', '.join(f'{p.label}×{len(p.workers)}' for p in self.pools) or 'no devices'}; "
-            f"est. {_secs(self.makespan)} makespan, {format_bytes(self.bytes_moved) or '0 B'} "
+            f"est. {_secs(self.makespan)} makespan, "
+            f"{format_bytes(self.bytes_moved) if self.bytes_moved else 'nothing'} "
             f"moved between kinds"
         )
 
