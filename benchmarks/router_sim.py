@@ -17,6 +17,7 @@ Policies compared on the same simulated mesh and the same evaluator:
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import random
@@ -26,7 +27,7 @@ from jupyter_mesh.devices._profile import Profile, lookup_known
 from jupyter_mesh.inventory import Device
 from jupyter_mesh.router.classify import GraphModel, OpInfo
 from jupyter_mesh.router.cost import CostModel, Links, build_pools
-from jupyter_mesh.router.placement import allowed_pools, place
+from jupyter_mesh.router.placement import allowed_pools, chain_links, place
 
 SIMULATED = "SIMULATION (modelled devices and links; nothing ran on accelerators)"
 
@@ -147,9 +148,14 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
               earliest_start: bool = False, order: list[int] | None = None) -> float:
     """List-schedule tasks in ``order`` (inputs first; default: upward rank); each goes
     to the candidate worker where it finishes first (or, like Dask, which knows no
-    device speeds, starts first); transfers between workers are paid by their link."""
+    device speeds, starts first); transfers between workers are paid by their link.
+    As Dask fuses a linear chain that runs on one worker into one task, a chain's next
+    task on its input's worker pays no dispatch (``task_overhead``) of its own, under
+    every policy."""
     n = len(model.keys)
     ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
+    chain = chain_links(model, fusing=True)
+    ov = cost.task_overhead
     layer, deps = model.layer, model.deps
     out_b = [op.out_bytes for op in model.ops]
     if order is None:
@@ -160,7 +166,7 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
     lat, inv = cost.latency, cost.inv_bw
     for i in order:
         li = layer[i]
-        best, bw, bs = math.inf, -1, 0.0
+        best, bw, bs, be = math.inf, -1, 0.0, 0.0
         for w in cands[i]:
             ready = 0.0
             for d in deps[i]:
@@ -169,10 +175,13 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
                 if f > ready:
                     ready = f
             s = max(ready, free[w][0])
-            key = s if earliest_start else s + ex[li][w]
+            e = ex[li][w]
+            if chain[i] >= 0 and where[chain[i]] == w:
+                e = e - ov if e > ov else 0.0
+            key = s if earliest_start else s + e
             if key < best:
-                best, bw, bs = key, w, s
-        f = bs + ex[li][bw]
+                best, bw, bs, be = key, w, s, e
+        f = bs + be
         heapq.heapreplace(free[bw], f)
         where[i] = bw
         finish[i] = f
@@ -189,7 +198,7 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
     whole graph at one site (then it takes at least the general bound over that site's
     pools alone); the least of those, if larger, is a bound too."""
     pools = cost.pools if cost is not None else build_pools(devices)
-    cost = cost or CostModel(pools, links, task_overhead=1e-4)
+    cost = _fused(model, cost or CostModel(pools, links, task_overhead=1e-4))
     allowed, _ = allowed_pools(model, pools, "auto")
     parts: dict[str, Any] = {}
     general = _bound_over(model, pools, cost, allowed, tolerance, parts)
@@ -217,6 +226,26 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
         if all(here):
             one_site = min(one_site, _bound_over(model, pools, cost, here, tolerance))
     return max(general, min(crossing, one_site))
+
+
+def _fused(model: GraphModel, cost: CostModel) -> CostModel:
+    """``cost`` with every op of which some task continues a linear chain charged its
+    time less the dispatch (fused into its input's task, it pays none), so a bound
+    made with it stays below schedules that Dask's fusion shortens."""
+    chain = chain_links(model, fusing=True)
+    ops = {id(model.ops[model.layer[i]]) for i, d in enumerate(chain) if d >= 0}
+    ov = cost.task_overhead
+    if not ops or ov <= 0:
+        return cost
+    fused = copy.copy(cost)
+    base = cost.exec_time
+
+    def exec_time(op: Any, pool: Any) -> float:
+        t = base(op, pool)
+        return max(t - ov, 0.0) if id(op) in ops else t
+
+    fused.exec_time = exec_time  # type: ignore[method-assign]
+    return fused
 
 
 def _connected(model: GraphModel) -> bool:
@@ -498,16 +527,20 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
 
 def one_device(model: GraphModel, devices: list[Device], links: Links = WAN) -> float:
     """Everything on the single device that runs it fastest, one task after another
-    (no transfers): an achievable schedule, for reference."""
+    (no transfers; each linear chain fused, as Dask runs it): an achievable schedule,
+    for reference."""
     solo = [build_pools([d])[0] for d in devices]
     cost = CostModel(solo, links, task_overhead=1e-4)
     allowed, _ = allowed_pools(model, solo, "auto")
+    chain = chain_links(model, fusing=True)
+    ov = cost.task_overhead
     best = math.inf
     for w, pool in enumerate(solo):
         if any(w not in a for a in allowed):
             continue
         ex = [cost.exec_time(op, pool) for op in model.ops]
-        best = min(best, sum(ex[li] for li in model.layer))
+        best = min(best, sum(ex[li] - (min(ov, ex[li]) if chain[i] >= 0 else 0.0)
+                             for i, li in enumerate(model.layer)))
     return best
 
 

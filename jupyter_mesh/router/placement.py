@@ -135,7 +135,15 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
                                               cost.task_overhead, chain)
     if finish_best <= enough:
         return best
-    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin, chain):
+    fusing = any(d >= 0 for d in chain)
+    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin):
+        if fusing:
+            # the variants are planned blind to fusion (charging a chain's next task
+            # less keeps chains together greedily, which can crowd a worker); each is
+            # timed as it runs, its chains fused, in its own order
+            starts = cand[1]
+            own = sorted(range(n), key=lambda i: (starts[i], i))
+            cand = _replay(model, pools, cost, exec_t, own, cand[3], chain)
         f = max(cand[2], default=0.0)
         if f < finish_best * (1 - 1e-9):
             best, finish_best = cand, f
@@ -210,7 +218,7 @@ def _quick_bound(model: GraphModel, pools: list[Pool], exec_t: list[list[float]]
 
 def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
-              pin: list[str | None], chain: list[int] | None = None) -> Any:
+              pin: list[str | None]) -> Any:
     """The other schedules :func:`place` compares with plain earliest finish, cheapest
     first (each a full schedule, made when asked for)."""
     n = len(model.keys)
@@ -221,11 +229,10 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     for k in LINK_PENALTIES:
         slow = _scaled_links(cost, k)
         try:
-            cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin,
-                                  chain=chain)
+            cand = _list_schedule(model, pools, slow, allowed, exec_t, order, pin)
         except MeshError:
             continue
-        yield _replay(model, pools, cost, exec_t, order, cand[3], chain)
+        yield _replay(model, pools, cost, exec_t, order, cand[3])
     if not model.pins:
         first = 0
         for p, pool in enumerate(pools):
@@ -234,14 +241,13 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
             first += len(threads)
             if not all(p in a for a in allowed):
                 continue
-            yield _replay(model, pools, cost, exec_t, order, [w] * n, chain)
+            yield _replay(model, pools, cost, exec_t, order, [w] * n)
     if len(pools) < 2:
         return
     # HEFT's own priority: the mean over workers (a pool of four counts four times)
     order_w = _rank_order(model, exec_t, allowed, [len(p.workers) or 1 for p in pools])
     if order_w != order:
-        yield _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin,
-                             chain=chain)
+        yield _list_schedule(model, pools, cost, allowed, exec_t, order_w, pin)
     # leave each op off the pools where it runs far slower than on its best one:
     # greedy earliest-finish puts work there whenever the fast pool is busy
     for factor in (1.5, 2.0, 4.0):
@@ -253,8 +259,7 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
             continue
         for o in (order, order_w):
             try:
-                yield _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed,
-                                     chain=chain)
+                yield _list_schedule(model, pools, cost, alt, exec_t, o, pin, allowed)
             except MeshError:
                 continue
     alternatives: list[set[int]] = [{p} for p in range(len(pools))]
@@ -269,8 +274,7 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
             continue
         seen.add(sig)
         try:
-            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed,
-                                 chain=chain)
+            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
         except MeshError:
             continue
     # a short seeded search: priorities jittered, slow pools left out by a random
@@ -278,8 +282,7 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     # Seeded by the graph's size: the same graph gets the same plan
     trials = min(SEARCH_TRIALS, SEARCH_BUDGET // max(n * len(pools), 1))
     if trials:
-        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials,
-                             chain)
+        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials)
 
 
 #: most schedules the seeded search tries, and the tasks × pools it may spend on them
@@ -289,8 +292,7 @@ SEARCH_BUDGET = 30_000
 
 def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]],
-              pin: list[str | None], sites: list[str], trials: int,
-              chain: list[int] | None = None) -> Any:
+              pin: list[str | None], sites: list[str], trials: int) -> Any:
     """Schedules from jittered HEFT priorities and random pool filters."""
     import random
 
@@ -316,8 +318,7 @@ def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
             site = rng.choice(sites)
             alt = [[p for p in a if pools[p].site == site] or a for a in alt]
         try:
-            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed,
-                                 chain=chain)
+            yield _list_schedule(model, pools, cost, alt, exec_t, order, pin, allowed)
         except MeshError:
             continue
 
