@@ -185,7 +185,7 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
             med["overhead"] = h
             med["bound_measured"] = lower_bound(
                 model, [], cost=_emulated_cost(pools, homogeneous, overhead=max(h, 1e-3),
-                                               scale=scale))
+                                               scale=scale), fused=False)
             plan = plan_model(model, pools, "auto", cost=cost)
             med["est"] = plan.makespan
             routed = rewrite(plan)

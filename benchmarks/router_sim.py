@@ -189,8 +189,11 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
 
 
 def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
-                cost: CostModel | None = None, tolerance: float = 2e-3) -> float:
-    """A lower bound on the makespan of any schedule of ``model`` on the mesh.
+                cost: CostModel | None = None, tolerance: float = 2e-3,
+                fused: bool = True) -> float:
+    """A lower bound on the makespan of any schedule of ``model`` on the mesh (with
+    ``fused``, also of schedules whose linear chains run fused; without, of schedules
+    that dispatch every task on its own).
 
     The general bound (:func:`_bound_over`) holds for every schedule. With several
     sites and a connected graph, every schedule either sends some task's input across
@@ -198,7 +201,9 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
     whole graph at one site (then it takes at least the general bound over that site's
     pools alone); the least of those, if larger, is a bound too."""
     pools = cost.pools if cost is not None else build_pools(devices)
-    cost = _fused(model, cost or CostModel(pools, links, task_overhead=1e-4))
+    cost = cost or CostModel(pools, links, task_overhead=1e-4)
+    if fused:
+        cost = _fused(model, cost)
     allowed, _ = allowed_pools(model, pools, "auto")
     parts: dict[str, Any] = {}
     general = _bound_over(model, pools, cost, allowed, tolerance, parts)
