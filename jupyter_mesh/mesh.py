@@ -461,6 +461,8 @@ class Mesh:
         if self.closed:
             return
         self._close_remote_cells()
+        if self.cluster is not None:
+            self._forget_routes()
         self.closed = True
         try:
             self.client.close()
@@ -470,6 +472,26 @@ class Mesh:
             if _state._current is self:
                 _state.set_current(None)
             _state.notify("close", self)
+
+    def _forget_routes(self) -> None:
+        """Tell the scheduler to drop this mesh's routed computations before its workers
+        go, so closing announces no fallback for results still held."""
+        import asyncio
+
+        from .router._scheduler import FORGET_HANDLER
+
+        scheduler = self.client.scheduler
+        if scheduler is None:
+            return
+
+        async def forget() -> Any:
+            return await asyncio.wait_for(getattr(scheduler, FORGET_HANDLER)(), 2.0)
+
+        try:
+            self.client.sync(forget)
+        except Exception:  # a mesh must close even when its scheduler does not answer
+            logging.getLogger(__name__).debug(
+                "the scheduler did not forget routed work", exc_info=True)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -21,6 +21,7 @@ logger = logging.getLogger("jupyter_mesh")
 
 ROUTE_HANDLER = "jupyter_mesh_route"
 STATUS_HANDLER = "jupyter_mesh_route_status"
+FORGET_HANDLER = "jupyter_mesh_route_forget"
 _FINAL = ("memory", "erred", "forgotten")
 
 
@@ -60,6 +61,7 @@ class RouterState:
         self.scheduler = scheduler
         scheduler.handlers[ROUTE_HANDLER] = self.register
         scheduler.handlers[STATUS_HANDLER] = self.status
+        scheduler.handlers[FORGET_HANDLER] = self.forget
 
     # ------------------------------------------------------------ handlers
     def register(self, comm: Any = None, payload: bytes = b"") -> dict[str, Any]:
@@ -81,6 +83,19 @@ class RouterState:
         if ps is None:
             return {"known": False, "events": [], "failed": None}
         return {"known": True, "events": list(ps.events), "failed": ps.failed}
+
+    def forget(self, comm: Any = None) -> dict[str, Any]:
+        """Drop every routed computation (a local mesh about to close: its workers
+        leave, and no fallback should be announced or run for them)."""
+        for ps in self.plans.values():
+            for timer in ps.timers.values():
+                timer.cancel()
+        n = len(self.plans)
+        self.plans.clear()
+        self.pending.clear()
+        self.pending_layers.clear()
+        self.owner.clear()
+        return {"status": "OK", "forgotten": n}
 
     # ------------------------------------------------------------ plugin hooks
     def update_graph(self, scheduler: Any, tasks: Any) -> None:

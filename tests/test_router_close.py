@@ -1,0 +1,36 @@
+"""Closing a local mesh that still holds routed results (a mesh of its own: closing
+it must not close another test module's)."""
+
+from __future__ import annotations
+
+import time
+
+import dask.array as da
+
+from .meshes import fresh_local_mesh
+
+
+def pipeline():
+    x = da.random.random((600, 600), chunks=300)
+    return ((x @ x.T) + 1).sum(axis=0)
+
+
+def test_a_closing_mesh_announces_no_fallback_for_results_it_still_holds(caplog):
+    # the routed results live on the JAX worker; losing it while they are still held
+    # means running them again elsewhere (a fallback, announced), but not when the mesh
+    # is closing: close first tells the scheduler to forget its routed work. (Dask's
+    # own order on close varies, so here the worker is made to leave after that.)
+    with fresh_local_mesh(cpu=1, jax_cpu=1) as m:
+        with m.route("cpu:jax"):
+            p = pipeline().persist()
+        calls = []
+        forget = m._forget_routes
+        m._forget_routes = lambda: (calls.append("forget"), forget())
+        m._forget_routes()
+        with caplog.at_level("WARNING", logger="jupyter_mesh"):
+            m.scale(jax_cpu=0)
+            time.sleep(0.5)
+        assert "no live" not in caplog.text and "re-routed" not in caplog.text
+        del p
+        m.close()
+        assert calls == ["forget", "forget"]  # close forgets before the workers go
