@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import time
 
-import dask.array as da
-
 from .meshes import fresh_local_mesh
-
-
-def pipeline():
-    x = da.random.random((600, 600), chunks=300)
-    return ((x @ x.T) + 1).sum(axis=0)
+from .test_router_live import pipeline
 
 
 def test_a_closing_mesh_announces_no_fallback_for_results_it_still_holds(caplog):
