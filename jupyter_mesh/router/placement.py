@@ -183,7 +183,7 @@ def chain_links(model: GraphModel, fusing: bool | None = None) -> list[int]:
     keys = model.keys
     tasks = model.tasks
     for i, ds in enumerate(deps):
-        if len(ds) < 1 or len(set(ds)) != 1:
+        if len(set(ds)) != 1:
             continue
         d = ds[0]
         if consumers[d] != 1 or keys[d] in outputs:
