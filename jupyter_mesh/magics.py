@@ -17,10 +17,11 @@ from IPython.display import display
 from . import _state
 from .errors import MeshError
 
-SUBCOMMANDS = ("start", "connect", "status", "close", "route", "explain", "reset-remote")
+SUBCOMMANDS = ("start", "connect", "status", "close", "route", "explain", "calibrate",
+               "reset-remote")
 USAGE = (
     "usage: %mesh [start|connect ADDRESS|status|close|route [TARGET]|explain EXPR|"
-    "reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [...]"
+    "calibrate|reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [...]"
 )
 
 
@@ -67,6 +68,13 @@ def _route_args(line: str) -> None:
 
 
 @magic_arguments()
+def _calibrate_args(line: str) -> None:
+    """%mesh calibrate: measure Dask's own cost per task and per transfer on the mesh now
+    (the router's cost model uses them where mesh.task-overhead or
+    mesh.links.network-latency is auto)."""
+
+
+@magic_arguments()
 def _reset_remote_args(line: str) -> None:
     """%mesh reset-remote: forget the remote namespaces of this notebook."""
 
@@ -91,6 +99,7 @@ PARSERS = {
     "status": _status_args,
     "close": _close_args,
     "route": _route_args,
+    "calibrate": _calibrate_args,
     "reset-remote": _reset_remote_args,
 }
 
@@ -226,6 +235,13 @@ class MeshMagics(Magics):
         if not expr.strip():
             raise UsageError("usage: %mesh explain EXPR (a Dask collection in your namespace)")
         return router_magic.explain_line(self.shell, _current_or_usage(), expr.strip())
+
+    def _calibrate(self, args: Any) -> Any:
+        mesh = _current_or_usage()
+        try:
+            return mesh.calibrate()
+        except MeshError as exc:
+            raise _as_usage(exc) from None
 
     # ------------------------------------------------------------ remote cells
     def _reset_remote(self, args: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import html
 import logging
 import re
@@ -155,6 +156,8 @@ class Mesh:
         #: the routing context that ``%mesh route`` keeps open (see ``set_route``)
         self._route_persistent: AbstractContextManager[Any] | None = None
         self._scheduler_plugin = True
+        #: (the workers' make-up, Dask's costs measured on them): see calibrate
+        self._calibration: tuple[Any, Any] | None = None
         self._address = self.address  # still known once the scheduler is gone
         if set_current:
             _state.set_current(self)
@@ -455,6 +458,39 @@ class Mesh:
         self.client.wait_for_workers(total, timeout=60)
         return self.inventory()
 
+    # ------------------------------------------------------------------ calibration
+    @property
+    def calibration(self) -> Any:
+        """Dask's own costs measured on this mesh (a ``Calibration``), or None before
+        the first routed plan measured them (or with both figures set in config)."""
+        return self._calibration[1] if self._calibration else None
+
+    def calibrate(self) -> Any:
+        """Measure now what Dask itself costs on this mesh: seconds of dispatch per task
+        and per transfer between two workers of one site (a probe of about 0.5 s).
+
+        The router's cost model uses these where ``mesh.task-overhead`` or
+        ``mesh.links.network-latency`` is ``auto`` (the default). It measures once on
+        its own, at the first routed plan, and again when the mesh's workers change;
+        call this after the machine's load changed a lot.
+        """
+        self._check_open()
+        return self._measure(list(self.inventory()))
+
+    def _measure(self, devices: list[Any]) -> Any:
+        from .router.calibrate import measure
+
+        cal = measure(self.client, devices)
+        self._calibration = (_make_up(devices), cal)
+        return cal
+
+    def _calibration_for(self, devices: list[Any]) -> Any:
+        """The calibration of these workers: the one measured, while the mesh's make-up
+        (workers per site, kind and threads) is the same, else measured now."""
+        if self._calibration is not None and self._calibration[0] == _make_up(devices):
+            return self._calibration[1]
+        return self._measure(devices)
+
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Close the client and, for a local mesh, its scheduler and workers."""
@@ -747,6 +783,12 @@ def _probe_scheduler(address: str, security: Any, timeout: float) -> None:
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
         raise OSError(f"this is not a Dask scheduler (it answered as {found})")
+
+
+def _make_up(devices: list[Any]) -> tuple[tuple[tuple[str, str, int], int], ...]:
+    """How many workers of each (site, target, threads) a mesh has."""
+    counts = collections.Counter((d.site, d.target, int(d.nthreads)) for d in devices)
+    return tuple(sorted(counts.items()))
 
 
 def _family_of(name: str) -> str:

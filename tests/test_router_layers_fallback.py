@@ -17,6 +17,9 @@ def mesh():
     with dask.config.set({"mesh.fallback-timeout": 1.0,
                           "mesh.router.layer-plan-threshold": 10}):
         with fresh_local_mesh(cpu=1, jax_cpu=1, site="lab") as m:
+            # Dask's costs measured now: the first routed plan runs no probe whose
+            # tasks the killer would take for the computation's
+            m.calibrate()
             yield m
 
 

@@ -19,6 +19,9 @@ from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
 def mesh():
     with dask.config.set({"mesh.fallback-timeout": 1.0}):
         with fresh_local_mesh(cpu=1, jax_cpu=1, site="lab") as m:
+            # Dask's costs measured now: the first routed plan runs no probe whose
+            # tasks the killer would take for the computation's
+            m.calibrate()
             yield m
 
 

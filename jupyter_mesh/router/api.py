@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,7 +25,13 @@ from .classify import (
     model_graph,
     native_backends,
 )
-from .cost import CostModel, build_pools
+from .cost import (
+    CostModel,
+    Links,
+    build_pools,
+    configured_task_overhead,
+    network_latency_auto,
+)
 from .layers import (
     LayerPlan,
     model_layers,
@@ -111,13 +118,54 @@ def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
     """Model and place: per layer above ``mesh.router.layer-plan-threshold`` tasks
     (unless data is pinned: pins are per task), else per task."""
     graph, keys = _collection_graph(collections)  # validates the inputs first
+    devices = list(mesh.inventory())
+    pools = build_pools(devices)
     if not pin and use_layer_plan(graph):
         layered = model_layers(graph, keys)
-        return plan_layers(layered, build_pools(mesh.inventory()), route, site=site)
+        cost = cost_model(mesh, pools, devices, route)
+        return _noted(plan_layers(layered, pools, route, site=site, cost=cost), cost)
     model = model_graph(graph, keys)
-    pools = build_pools(mesh.inventory())
     apply_pins(model, pin, pools)
-    return plan_model(model, pools, route, site=site)
+    cost = cost_model(mesh, pools, devices, route)
+    return _noted(plan_model(model, pools, route, site=site, cost=cost), cost)
+
+
+def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "auto"
+               ) -> CostModel:
+    """The cost model for planning on this live mesh: where ``mesh.task-overhead`` or
+    ``mesh.links.network-latency`` is ``auto``, the figure measured on the mesh (at its
+    first routed plan, and again when its workers change; see ``Mesh.calibrate``)."""
+    auto_overhead = configured_task_overhead() is None
+    auto_latency = network_latency_auto()
+    if not (auto_overhead or auto_latency) or not devices or route == "off":
+        return CostModel(pools)
+    try:
+        cal = mesh._calibration_for(devices)
+    except MeshError as exc:
+        # planning must not fail for want of a measurement: the defaults, with a word
+        warnings.warn(f"jupyter_mesh: {exc}; planning with the default costs",
+                      RuntimeWarning, stacklevel=2)
+        return CostModel(pools)
+    links = Links.from_config()
+    if auto_latency and cal.network_latency is not None:
+        links = dataclasses.replace(links, network_latency=cal.network_latency)
+    cost = CostModel(pools, links, task_overhead=cal.task_overhead if auto_overhead else None)
+    cost.calibration = cal
+    return cost
+
+
+def _noted(plan: Any, cost: CostModel) -> Any:
+    cal = cost.calibration
+    if cal is not None and plan.routed:
+        what = []
+        if configured_task_overhead() is None:
+            what.append(f"{cost.task_overhead * 1e3:.2g} ms of Dask dispatch per task")
+        if network_latency_auto() and cal.network_latency is not None:
+            what.append(f"{cal.network_latency * 1e3:.2g} ms per transfer between workers")
+        if what:
+            plan.notes.append(f"measured on this mesh: {' and '.join(what)} "
+                              f"(mesh.calibrate() measures again)")
+    return plan
 
 
 def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
@@ -297,10 +345,15 @@ class _RoutedScheduler:
         return (_no_scheduler, ())
 
     def _plan(self, graph: Any, flat: list[Any]) -> Plan[PlanModel]:
-        pools = build_pools(self.mesh.inventory())
+        devices = list(self.mesh.inventory())
+        pools = build_pools(devices)
         if use_layer_plan(graph):
-            return plan_layers(model_layers(graph, flat), pools, self.route)
-        return plan_model(model_graph(graph, flat), pools, self.route)
+            layered = model_layers(graph, flat)
+            cost = cost_model(self.mesh, pools, devices, self.route)
+            return _noted(plan_layers(layered, pools, self.route, cost=cost), cost)
+        model = model_graph(graph, flat)
+        cost = cost_model(self.mesh, pools, devices, self.route)
+        return _noted(plan_model(model, pools, self.route, cost=cost), cost)
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         graph = _graph_with_layers(dsk)

@@ -13,6 +13,7 @@ from typing import Any
 from .. import _config
 from ..devices._profile import Profile
 from ..targets import backend_resource
+from .calibrate import DEFAULT_NETWORK_LATENCY, DEFAULT_TASK_OVERHEAD
 from .classify import OpInfo
 
 #: fraction of peak FLOP/s an op class reaches (matmul near peak; FFTs and factorizations
@@ -106,6 +107,9 @@ class Links:
     @classmethod
     def from_config(cls) -> Links:
         def num(key: str) -> float:
+            if key == "network-latency" and _config.get(f"links.{key}") == "auto":
+                # measured on a live mesh (see calibrate); this where nothing was
+                return DEFAULT_NETWORK_LATENCY
             return float(_config.get_seconds(f"links.{key}", allow_zero=False))
 
         return cls(
@@ -116,6 +120,18 @@ class Links:
         )
 
 
+def configured_task_overhead() -> float | None:
+    """``mesh.task-overhead`` in seconds, or None when it is ``auto`` (measured)."""
+    if _config.get("task-overhead") == "auto":
+        return None
+    return _config.get_seconds("task-overhead")
+
+
+def network_latency_auto() -> bool:
+    """Whether ``mesh.links.network-latency`` is ``auto`` (measured on the live mesh)."""
+    return bool(_config.get("links.network-latency") == "auto")
+
+
 class CostModel:
     """Seconds per task of an op on a pool, and seconds to move bytes between pools."""
 
@@ -123,9 +139,13 @@ class CostModel:
                  task_overhead: float | None = None) -> None:
         self.pools = pools
         self.links = links or Links.from_config()
-        self.task_overhead = (
-            _config.get_seconds("task-overhead") if task_overhead is None else task_overhead
-        )
+        if task_overhead is None:
+            task_overhead = configured_task_overhead()
+            if task_overhead is None:  # "auto", and nothing measured: the default
+                task_overhead = DEFAULT_TASK_OVERHEAD
+        self.task_overhead = task_overhead
+        #: the measured figures this model uses, where it uses some (see calibrate)
+        self.calibration: Any = None
         n = len(pools)
         self.latency = [[0.0] * n for _ in range(n)]
         self.inv_bw = [[0.0] * n for _ in range(n)]

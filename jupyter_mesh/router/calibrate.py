@@ -1,0 +1,156 @@
+"""What Dask itself costs on a live mesh, measured: per dispatched task and per transfer.
+
+The cost model adds a dispatch cost to every task (``mesh.task-overhead``) and a
+latency to every transfer between workers (``mesh.links.network-latency``). Dask's
+documentation puts the first at up to 1 ms; on a loaded laptop or a small shared hub it
+is several times that, and a worker-to-worker transfer of a small array costs a few
+milliseconds more. With both at ``auto`` (the default), the router measures them on the
+mesh it plans for, once, at its first routed plan (``Mesh.calibrate()`` measures again),
+so its estimates and its trade-offs (split a chain across devices, or keep it on one
+worker) use what this mesh really costs.
+
+The probe is plain Dask work, about 0.2-0.5 s on a small mesh:
+
+* **dispatch**: ``n`` independent no-op tasks and, alone, one; the difference of the
+  two walls (which cancels the submission and the round trip both pay) times the
+  threads, over ``n - 1``: seconds per task per thread;
+* **transfer**: a chain of tasks that alternates between two workers of one site, and
+  the same chain on one worker; the difference of the two walls over the chain's length
+  is what moving a small result between workers adds to each step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import MeshError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+#: what the cost model uses where nothing was measured (a modelled inventory)
+DEFAULT_TASK_OVERHEAD = 1e-3
+DEFAULT_NETWORK_LATENCY = 2e-4
+#: measured figures are never taken below these (noise can make a difference negative)
+_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Dask's own costs on one mesh, as measured by :func:`measure`."""
+
+    #: seconds of Dask's dispatch per task (per worker thread)
+    task_overhead: float
+    #: seconds a transfer between two workers of one site adds; None where the mesh has
+    #: no two workers at one site (the configured or default figure is used)
+    network_latency: float | None
+    #: the probe: tasks it ran, workers it used, and its wall seconds
+    tasks: int
+    workers: int
+    seconds: float
+
+    def __repr__(self) -> str:
+        hop = ("no two workers at one site to time a transfer"
+               if self.network_latency is None else
+               f"{self.network_latency * 1e3:.2g} ms per transfer between workers")
+        return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task, "
+                f"{hop} (measured on {self.workers} workers with {self.tasks} tasks "
+                f"in {self.seconds:.2f} s)")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<code>{html.escape(repr(self))}</code>"
+
+
+def _noop(*_: Any) -> int:
+    return 0
+
+
+def _wait(client: Client, futures: list[Any], timeout: float) -> None:
+    from distributed.client import _wait as wait_async
+
+    try:
+        # this client's loop, which need not be the default client's
+        client.sync(wait_async, futures, timeout=timeout)
+    except TimeoutError:
+        raise MeshError(f"the mesh did not run the calibration probe within {timeout:g} s "
+                        f"(are its workers busy or gone?): call mesh.calibrate() later, or "
+                        f"set mesh.task-overhead and mesh.links.network-latency") from None
+    finally:
+        for f in futures:
+            f.release()
+
+
+def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], timeout: float) -> float:
+    t0 = time.perf_counter()
+    _wait(client, client.get(graph, keys, sync=False), timeout)
+    return time.perf_counter() - t0
+
+
+def _dispatch(client: Client, threads: int, n: int, timeout: float) -> float:
+    from dask._task_spec import Task
+
+    token = uuid.uuid4().hex
+    one = {f"jm-probe-one-{token}": Task(f"jm-probe-one-{token}", _noop)}
+    many = {k: Task(k, _noop, i) for i, k in
+            enumerate(f"jm-probe-{token}-{i}" for i in range(n))}
+    t1 = _wall(client, one, list(one), timeout)
+    tn = _wall(client, many, list(many), timeout)
+    return (tn - t1) * threads / (n - 1)
+
+
+def _chain(client: Client, workers: list[str], length: int, timeout: float) -> float:
+    """Wall seconds of a chain of ``length`` no-op tasks, step i on workers[i % k]."""
+    t0 = time.perf_counter()
+    futures: list[Any] = []
+    for i in range(length):
+        args = tuple(futures[-1:])
+        futures.append(client.submit(_noop, *args, workers=[workers[i % len(workers)]],
+                                     allow_other_workers=False, pure=False))
+    _wait(client, futures[-1:], timeout)
+    return time.perf_counter() - t0
+
+
+def _pair(devices: list[Any]) -> list[str] | None:
+    """Two workers of one site (the probe's transfer runs between them), or None;
+    workers of one kind where there are (a hop like a routed one within a pool)."""
+    by_site: dict[tuple[str, str], list[str]] = {}
+    for d in sorted(devices, key=lambda d: d.worker):
+        by_site.setdefault((d.site, d.target), []).append(d.worker)
+    pairs = [ws for ws in by_site.values() if len(ws) >= 2]
+    if not pairs:
+        by_site = {}
+        for d in sorted(devices, key=lambda d: d.worker):
+            by_site.setdefault((d.site, ""), []).append(d.worker)
+        pairs = [ws for ws in by_site.values() if len(ws) >= 2]
+    return pairs[0][:2] if pairs else None
+
+
+def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 8,
+            chain: int = 8, repeats: int = 2, timeout: float = 5.0) -> Calibration:
+    """Measure Dask's dispatch cost per task and its transfer latency between two
+    workers of one site (``devices``: the mesh's inventory) on the mesh behind
+    ``client``; the smaller of ``repeats`` runs of each, as noise only ever adds.
+    MeshError when the probe does not finish within ``timeout`` seconds."""
+    if not devices:
+        raise MeshError("the mesh has no workers to calibrate on: add some (e.g. "
+                        "mesh.scale(cpu=2)), then call mesh.calibrate() again")
+    threads = sum(max(int(d.nthreads), 1) for d in devices)
+    n = max(tasks_per_thread * threads, 8)
+    t0 = time.perf_counter()
+    overhead = min(_dispatch(client, threads, n, timeout) for _ in range(repeats))
+    latency = None
+    pair = _pair(devices)
+    tasks = repeats * (n + 1)
+    if pair is not None:
+        extra = min(_chain(client, pair, chain, timeout)
+                    - _chain(client, pair[:1], chain, timeout)
+                    for _ in range(repeats))
+        latency = max(extra / chain, _FLOOR)
+        tasks += repeats * 2 * chain
+    return Calibration(max(overhead, _FLOOR), latency, tasks, len(devices),
+                       time.perf_counter() - t0)

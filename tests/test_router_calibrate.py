@@ -1,0 +1,171 @@
+"""Dask's own costs measured on the live mesh, and the router's cost model using them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import dask
+import dask.array as da
+import pytest
+from IPython.core.error import UsageError
+
+from jupyter_mesh import MeshError
+from jupyter_mesh.errors import MeshConfigError
+from jupyter_mesh.inventory import Device
+from jupyter_mesh.router import calibrate
+from jupyter_mesh.router.calibrate import Calibration
+
+from .meshes import fresh_local_mesh
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with fresh_local_mesh(cpu=2, threads_per_worker=1) as m:
+        yield m
+
+
+@pytest.fixture
+def measured_afresh(mesh):
+    """The mesh as if no routed plan had measured it yet."""
+    mesh._calibration = None
+    yield mesh
+    mesh._calibration = None
+
+
+def small():
+    x = da.random.random((200, 200), chunks=100)
+    return (x + x.T).sum()
+
+
+def test_calibrate_measures_dispatch_and_transfer_on_the_live_mesh(measured_afresh):
+    cal = measured_afresh.calibrate()
+    assert isinstance(cal, Calibration)
+    assert 1e-4 <= cal.task_overhead < 1.0
+    # two workers at one site: the transfer between them was timed
+    assert cal.network_latency is not None and 1e-4 <= cal.network_latency < 1.0
+    assert cal.workers == 2 and cal.tasks > 0 and cal.seconds > 0
+    assert measured_afresh.calibration is cal
+    text = repr(cal)
+    assert "ms of Dask dispatch per task" in text and "per transfer between workers" in text
+    assert "<code>" in cal._repr_html_()
+
+
+def test_the_first_routed_plan_measures_and_later_plans_reuse_it(measured_afresh):
+    plan = measured_afresh.explain(small())
+    cal = measured_afresh.calibration
+    assert cal is not None
+    assert plan.cost.task_overhead == cal.task_overhead
+    assert plan.cost.links.network_latency == cal.network_latency
+    assert any("measured on this mesh" in n and "per task" in n and "transfer" in n
+               for n in plan.notes)
+    assert "measured on this mesh" in repr(plan)
+    again = measured_afresh.explain(small())
+    assert measured_afresh.calibration is cal and again.cost.task_overhead == cal.task_overhead
+    # and a computation gives the same answer with them
+    y = small()
+    (got,) = measured_afresh.compute(y)
+    assert got == pytest.approx(y.compute(scheduler="sync"))
+
+
+def test_the_mesh_is_measured_again_when_its_workers_change(measured_afresh):
+    devices = list(measured_afresh.inventory())
+    first = measured_afresh._calibration_for(devices)
+    assert measured_afresh._calibration_for(devices) is first
+    grown = devices[:1] + [dataclasses.replace(devices[1], nthreads=4)]
+    assert measured_afresh._calibration_for(grown) is not first
+
+
+def test_numbers_in_config_are_used_as_they_are_and_nothing_is_measured(measured_afresh):
+    with dask.config.set({"mesh.task-overhead": 0.004, "mesh.links.network-latency": 0.002}):
+        plan = measured_afresh.explain(small())
+    assert measured_afresh.calibration is None
+    assert plan.cost.task_overhead == 0.004 and plan.cost.links.network_latency == 0.002
+    assert not any("measured" in n for n in plan.notes)
+
+
+def test_one_figure_set_and_the_other_measured(measured_afresh):
+    with dask.config.set({"mesh.task-overhead": 0.004}):
+        plan = measured_afresh.explain(small())
+    cal = measured_afresh.calibration
+    assert plan.cost.task_overhead == 0.004
+    assert plan.cost.links.network_latency == cal.network_latency
+    note = next(n for n in plan.notes if "measured on this mesh" in n)
+    assert "transfer" in note and "per task" not in note
+
+
+def test_route_off_measures_nothing(measured_afresh):
+    measured_afresh.explain(small(), route="off")
+    assert measured_afresh.calibration is None
+
+
+@pytest.mark.parametrize("key, value", [("mesh.task-overhead", "fast"),
+                                        ("mesh.task-overhead", -1),
+                                        ("mesh.links.network-latency", "soon"),
+                                        ("mesh.links.network-latency", 0)])
+def test_bad_config_is_one_line_naming_the_key(measured_afresh, key, value):
+    with dask.config.set({key: value}), pytest.raises(MeshConfigError) as err:
+        measured_afresh.explain(small())
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and repr(value) in msg
+    assert measured_afresh.explain(small()).ntasks > 0  # and the mesh works on
+
+
+def test_a_probe_that_does_not_finish_in_time_is_a_clear_error(mesh):
+    with pytest.raises(MeshError, match="did not run the calibration probe within") as err:
+        calibrate.measure(mesh.client, list(mesh.inventory()), timeout=1e-6)
+    assert "\n" not in str(err.value) and "mesh.task-overhead" in str(err.value)
+
+
+def test_planning_goes_on_with_the_default_costs_when_measuring_fails(measured_afresh,
+                                                                      monkeypatch):
+    def fail(client, devices, **kw):
+        raise MeshError("the mesh did not run the calibration probe within 10 s")
+
+    monkeypatch.setattr(calibrate, "measure", fail)
+    with pytest.warns(RuntimeWarning, match="planning with the default costs"):
+        plan = measured_afresh.explain(small())
+    assert plan.cost.task_overhead == calibrate.DEFAULT_TASK_OVERHEAD
+    assert plan.cost.links.network_latency == calibrate.DEFAULT_NETWORK_LATENCY
+    y = small()
+    with pytest.warns(RuntimeWarning, match="planning with the default costs"):
+        (got,) = measured_afresh.compute(y)
+    assert got == pytest.approx(y.compute(scheduler="sync"))
+
+
+def test_calibrating_a_closed_mesh_says_what_to_do(mesh):
+    mesh.closed = True
+    try:
+        with pytest.raises(MeshError, match="closed: start a new one"):
+            mesh.calibrate()
+    finally:
+        mesh.closed = False
+
+
+def _dev(name, site, target="cpu:numpy"):
+    kind, backend = target.split(":")
+    return Device(f"tcp://{name}:1", kind, backend, "model", 1 << 30, site, None, name=name)
+
+
+def test_the_transfer_is_timed_between_two_workers_of_one_site():
+    assert calibrate._pair([_dev("a", "lab"), _dev("b", "cloud")]) is None
+    assert calibrate._pair([_dev("a", "lab")]) is None
+    # two of one kind where there are, else any two of one site
+    assert calibrate._pair([_dev("a", "lab", "cpu:jax"), _dev("b", "lab"),
+                            _dev("c", "lab")]) == ["tcp://b:1", "tcp://c:1"]
+    assert calibrate._pair([_dev("a", "lab", "cpu:jax"), _dev("b", "lab")]) == [
+        "tcp://a:1", "tcp://b:1"]
+
+
+def test_a_mesh_without_two_workers_at_one_site_measures_dispatch_only(mesh):
+    one = list(mesh.inventory())[:1]
+    cal = calibrate.measure(mesh.client, one, repeats=1)
+    assert cal.network_latency is None and cal.task_overhead >= 1e-4
+    assert "no two workers at one site" in repr(cal)
+
+
+def test_calibrate_magic(ip, measured_afresh):
+    cal = ip.run_line_magic("mesh", "calibrate")
+    assert isinstance(cal, Calibration) and measured_afresh.calibration is cal
+    with pytest.raises(UsageError, match="unrecognized arguments"):
+        ip.run_line_magic("mesh", "calibrate --fast")
+    assert measured_afresh.calibration is cal  # nothing was lost
