@@ -75,8 +75,11 @@ def p1_workload():
     return synthetic_model(L)
 
 
-def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: float = 1.0):
-    from jupyter_mesh.router.cost import CostModel
+def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: float = 1.0,
+                   latency: float | None = None):
+    import dataclasses
+
+    from jupyter_mesh.router.cost import CostModel, Links
 
     class EmulatedCost(CostModel):
         def exec_time(self, op, pool):
@@ -85,7 +88,10 @@ def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: floa
                 return base * ACCEL[op.op_class] + overhead
             return base + overhead
 
-    return EmulatedCost(pools, task_overhead=overhead)
+    links = Links.from_config()
+    if latency is not None:
+        links = dataclasses.replace(links, network_latency=latency)
+    return EmulatedCost(pools, links, task_overhead=overhead)
 
 
 def _graph(model, homogeneous: bool, scale: float = 1.0):
@@ -167,11 +173,16 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
             # and first connections, and Dask has learned no task durations yet
             for policy in times:
                 run(policy)
+            # the router plans with Dask's costs as it measures them on the mesh (what
+            # mesh.compute does with mesh.task-overhead and the link latency at auto)
+            cal = mesh.calibrate()
+            cost = _emulated_cost(pools, homogeneous, overhead=cal.task_overhead,
+                                  scale=scale, latency=cal.network_latency)
             for rep in range(repeats):
                 # the order changes from run to run, so no policy always follows the
                 # same other one (a run leaves Dask's learned task durations behind)
                 for policy in orders[(rep * 5) % len(orders)]:
-                    times[policy].append(run(policy))
+                    times[policy].append(run(policy, cost=cost))
             model = p1_workload()
             model.outputs = [model.keys[-k] for k in range(1, model.ops[-1].tasks + 1)]
             model.tasks = _graph(model, homogeneous, scale)
@@ -188,6 +199,7 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
                                                scale=scale), fused=False)
             plan = plan_model(model, pools, "auto", cost=cost)
             med["est"] = plan.makespan
+            med["cal"] = cal
             routed = rewrite(plan)
             med["submitted"] = len(routed.graph)
             per_pool = collections.Counter(routed.restrictions.values())
@@ -413,9 +425,17 @@ def report(r1, r2, r3, r6) -> str:
                   "in this run (the same unfused graph with zero sleeps under Dask default, "
                   "wall x workers / tasks); a throughput, not a floor, so an estimate of what "
                   "this machine allows when no task is fused. *Plan est.* = the router's own "
-                  "estimate of its makespan (its model charges 1 ms per task). What is left "
+                  "estimate of its makespan: the emulated times plus Dask's own costs as "
+                  "the router measured them on this mesh after the untimed round "
+                  "(`mesh.calibrate()`, as `mesh.compute` does with `mesh.task-overhead` "
+                  "and `mesh.links.network-latency` at `auto`; at scale 1: "
+                  f"{het1['cal'].task_overhead * 1e3:.1f} ms per task, "
+                  + (f"{het1['cal'].network_latency * 1e3:.1f} ms"
+                     if het1['cal'].network_latency is not None else "no figure")
+                  + " per transfer between workers); the planner trades splitting a chain "
+                  "across workers against these. What is left "
                   "above the bound at scale 1 is mostly Dask's own cost per dispatched task "
-                  f"(1-2 ms on this machine, with {het1['per_numpy_worker']:.0f} tasks per "
+                  f"(with {het1['per_numpy_worker']:.0f} tasks per "
                   "NumPy worker after fusion) and "
                   "the submission before the first task; it does not grow with task length, "
                   "so at scale 4 it weighs a quarter as much: the targets are "
