@@ -486,10 +486,17 @@ class Mesh:
 
     def _calibration_for(self, devices: list[Any]) -> Any:
         """The calibration of these workers: the one measured, while the mesh's make-up
-        (workers per site, kind and threads) is the same, else measured now."""
-        if self._calibration is not None and self._calibration[0] == _make_up(devices):
+        (workers per site, kind and threads) is the same, else measured now (None: it
+        failed for this make-up before; MeshError: it fails now)."""
+        make_up = _make_up(devices)
+        if self._calibration is not None and self._calibration[0] == make_up:
+            # None: the probe failed on these workers; it is not tried before each plan
             return self._calibration[1]
-        return self._measure(devices)
+        try:
+            return self._measure(devices)
+        except MeshError:
+            self._calibration = (make_up, None)
+            raise
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import dask
 import dask.array as da
@@ -126,10 +127,19 @@ def test_planning_goes_on_with_the_default_costs_when_measuring_fails(measured_a
         plan = measured_afresh.explain(small())
     assert plan.cost.task_overhead == calibrate.DEFAULT_TASK_OVERHEAD
     assert plan.cost.links.network_latency == calibrate.DEFAULT_NETWORK_LATENCY
+    assert any("could not be measured" in n for n in plan.notes)
+    # the probe is not tried again before every plan on the same workers (on a busy
+    # mesh each try would wait for its timeout): no second warning, the same note
     y = small()
-    with pytest.warns(RuntimeWarning, match="planning with the default costs"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         (got,) = measured_afresh.compute(y)
     assert got == pytest.approx(y.compute(scheduler="sync"))
+    assert any("could not be measured" in n for n in measured_afresh.last_plan.notes)
+    # calibrate() tries again, on demand
+    monkeypatch.undo()
+    assert measured_afresh.calibrate().task_overhead >= 1e-4
+    assert not any("could not" in n for n in measured_afresh.explain(y).notes)
 
 
 def test_calibrating_a_closed_mesh_says_what_to_do(mesh):

@@ -145,7 +145,11 @@ def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "a
         # planning must not fail for want of a measurement: the defaults, with a word
         warnings.warn(f"jupyter_mesh: {exc}; planning with the default costs",
                       RuntimeWarning, stacklevel=2)
-        return CostModel(pools)
+        cal = None
+    if cal is None:  # failed now, or before on these workers (and not tried again)
+        cost = CostModel(pools)
+        cost.uncalibrated = True
+        return cost
     links = Links.from_config()
     if auto_latency and cal.network_latency is not None:
         links = dataclasses.replace(links, network_latency=cal.network_latency)
@@ -156,6 +160,12 @@ def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "a
 
 def _noted(plan: Any, cost: CostModel) -> Any:
     cal = cost.calibration
+    if cost.uncalibrated and plan.routed:
+        plan.notes.append(
+            f"Dask's own costs could not be measured on this mesh: planned with "
+            f"{cost.task_overhead * 1e3:.2g} ms per task and "
+            f"{cost.links.network_latency * 1e3:.2g} ms per transfer between workers "
+            f"(mesh.calibrate() tries again)")
     if cal is not None and plan.routed:
         what = []
         if configured_task_overhead() is None:

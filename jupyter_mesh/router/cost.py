@@ -146,6 +146,8 @@ class CostModel:
         self.task_overhead = task_overhead
         #: the measured figures this model uses, where it uses some (see calibrate)
         self.calibration: Any = None
+        #: the figures are ``auto`` but could not be measured: the defaults stand in
+        self.uncalibrated = False
         n = len(pools)
         self.latency = [[0.0] * n for _ in range(n)]
         self.inv_bw = [[0.0] * n for _ in range(n)]
