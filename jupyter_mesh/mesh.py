@@ -579,9 +579,11 @@ class Mesh:
         )
         link = self.dashboard_link
         dash = f" &middot; <a href='{e(link)}' target='_blank'>dashboard</a>" if link else ""
+        cal = self.calibration
+        costs = f"<div>{e(repr(cal))}</div>" if cal is not None else ""
         return (
             f"<div class='jupyter-mesh'><b>Mesh</b> <code>{e(self.address)}</code>: "
-            f"{len(inv)} devices{dash}<ul>{groups}</ul></div>"
+            f"{len(inv)} devices{dash}<ul>{groups}</ul>{costs}</div>"
         )
 
     # ------------------------------------------------------------------ remote cells

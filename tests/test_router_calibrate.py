@@ -49,6 +49,8 @@ def test_calibrate_measures_dispatch_and_transfer_on_the_live_mesh(measured_afre
     text = repr(cal)
     assert "ms of Dask dispatch per task" in text and "per transfer between workers" in text
     assert "<code>" in cal._repr_html_()
+    # and the mesh shows it
+    assert "ms of Dask dispatch per task" in measured_afresh._repr_html_()
 
 
 def test_the_first_routed_plan_measures_and_later_plans_reuse_it(measured_afresh):
