@@ -93,6 +93,8 @@ def test_routing_explains_computes_and_pictures():
     plan = html(cell(nb, "plan = mesh.explain"))
     assert "<table>" in plan and "jupyter-mesh-picture" in plan
     assert "Planned timeline" in plan and "coloured by planned target" in plan
+    assert "measured on this mesh" in plan  # Dask's own costs, measured at the first plan
+    assert "ms of Dask dispatch per task" in text(cell(nb, "mesh.calibration"))
     forced = cell(nb, "(forced,) = mesh.compute")
     assert "True\n" in text(forced)
     assert "Report (route=cpu:jax)" in text(forced) and "Ran (measured)" in html(forced)
