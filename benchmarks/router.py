@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
+from .emulation import emulate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -42,14 +42,6 @@ END = "<!-- router:end -->"
 #: seconds per task on a NumPy worker, and the factor on the accelerator-like worker
 BASE = {"creation": 0.010, "matmul": 0.060, "elementwise": 0.008, "reduction": 0.010}
 ACCEL = {"creation": None, "matmul": 0.1, "elementwise": 2.0, "reduction": 1.0}
-
-
-def emulate(base: float, accel: float, *deps: Any) -> Any:
-    """Sleep the modelled time of this op on this worker (EMULATION)."""
-    from jupyter_mesh.router._device import worker_backend
-
-    time.sleep(base * accel if worker_backend() == "jax" else base)
-    return np.ones(4)
 
 
 def p1_workload():
@@ -140,6 +132,7 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
     mesh = jm.Mesh.local(cpu=2, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1,
                          set_current=False)
     out: dict[str, Any] = {}
+    when = _when()
     # no progress bars: Dask default shows none, and a bar (past mesh.progress-after)
     # costs scheduler work and waits for its last update at the end
     progress_off = dask.config.set({"mesh.progress-after": 3600})
@@ -200,6 +193,7 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
             plan = plan_model(model, pools, "auto", cost=cost)
             med["est"] = plan.makespan
             med["cal"] = cal
+            med["when"] = when
             routed = rewrite(plan)
             med["submitted"] = len(routed.graph)
             per_pool = collections.Counter(routed.restrictions.values())
@@ -213,6 +207,49 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
         progress_off.__exit__(None, None, None)
         mesh.close()
     return out
+
+
+# ---------------------------------------------------------------- estimates, live
+#: fixed figures: what the cost model used before it measured Dask's costs
+FIXED_COSTS = {"mesh.task-overhead": 1e-3, "mesh.links.network-latency": 2e-4}
+
+
+def estimates(sizes=(400, 2000, 4000), repeats=3) -> list[dict[str, Any]]:
+    """How close the router's estimate (``mesh.explain``'s makespan) comes to the wall
+    time of the same routed computation, with Dask's costs measured on the mesh (the
+    default) and with the fixed figures, side by side on one mesh."""
+    import dask
+    import dask.array as da
+
+    import jupyter_mesh as jm
+
+    when = _when()
+    mesh = jm.Mesh.local(cpu=2, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1,
+                         set_current=False)
+    rows = []
+    try:
+        with dask.config.set({"mesh.progress-after": 3600}):
+            cal = mesh.calibrate()
+            for n in sizes:
+                x = da.random.random((n, n), chunks=n // 4)
+                y = ((x @ x.T) + 1).sum(axis=0)
+                mesh.compute(y)  # untimed: JAX compiles each op once per shape
+                runs: dict[str, list[tuple[float, float]]] = {"measured": [], "fixed": []}
+                for rep in range(repeats):
+                    for label in (("measured", "fixed") if rep % 2 == 0
+                                  else ("fixed", "measured")):
+                        with dask.config.set(FIXED_COSTS if label == "fixed" else {}):
+                            mesh.compute(y)
+                        r = mesh.last_report
+                        runs[label].append((r.plan.makespan, r.wall_seconds))
+                row: dict[str, Any] = {"n": n, "tasks": mesh.last_plan.ntasks}
+                for label, v in runs.items():
+                    row[label] = (statistics.median(e for e, _ in v),
+                                  statistics.median(w for _, w in v))
+                rows.append(row)
+    finally:
+        mesh.close()
+    return [{"cal": cal, "rows": rows, "repeats": repeats, "when": when}]
 
 
 # ---------------------------------------------------------------- P2: simulation
@@ -381,11 +418,17 @@ def p6() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- report
+def _when() -> str:
+    """When a part starts, and the machine's load then (it is shared)."""
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+            f"{os.getloadavg()[0]:.1f}")
+
+
 def _yes(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
-def report(r1, r2, r3, r6) -> str:
+def report(r1, r2, r3, r6, r7=None) -> str:
     lines = ["## Router (issue 3)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other "
              f"engineers' work (load average {os.getloadavg()[0]:.1f} when written), Python "
@@ -412,7 +455,13 @@ def report(r1, r2, r3, r6) -> str:
                   "(Dask default shows none). *Dask default* = Dask's own scheduling of the "
                   "graph after Dask's own linear fusion (`fuse_linear_task_spec`, which "
                   "dask.array's optimization applies; here it makes each 8-task chain one "
-                  "task). The router, likewise, submits each linear chain that its plan runs "
+                  "task). The emulated task is a function of its own module "
+                  "(benchmarks/emulation.py), so tasks refer to it by name, as they do to "
+                  "dask.array's functions; until 2026-11-28 it was defined in the script "
+                  "run as `__main__`, so every task carried its code pickled by value and "
+                  "each worker unpickled it again for each task, which slowed every policy "
+                  "(the router, which dispatches the most tasks, most) and put Dask's "
+                  "measured per-task cost at 15-19 ms. The router, likewise, submits each linear chain that its plan runs "
                   "on one worker as one task (never a chain across two targets), and its "
                   "planner charges a chain's next task on the same worker no dispatch of "
                   f"its own, so it dispatches {het1['submitted']} of the {het1['tasks']} tasks. "
@@ -439,7 +488,8 @@ def report(r1, r2, r3, r6) -> str:
                   "NumPy worker after fusion) and "
                   "the submission before the first task; it does not grow with task length, "
                   "so at scale 4 it weighs a quarter as much: the targets are "
-                  "judged at both scales below.", "",
+                  "judged at both scales below. This part run "
+                  f"{het1['when']}.", "",
                   "| workers | scale | runs | tasks (router submits) | router | Dask default | all on fastest | "
                   "plan est. | lower bound | with Dask's cost (estimate) | router / bound | "
                   "Dask / router |",
@@ -649,6 +699,28 @@ def report(r1, r2, r3, r6) -> str:
                   f"Planning {r6['tasks']:,} tasks over {r6['workers']:,} modelled workers "
                   f"({r6['pools']} pools, worker-level placement): {r6['seconds']:.2f} s. "
                   f"Target < 1 s {_yes(r6['seconds'] < 1.0)}.", ""]
+    if r7:
+        cal, rows = r7[0]["cal"], r7[0]["rows"]
+        lines += ["### Estimates, live", "",
+                  "How close the router's estimate of a computation (the makespan "
+                  "`mesh.explain` shows) comes to its wall time, on a real mesh of 2 NumPy "
+                  "workers and 1 JAX (CPU backend) worker, one thread each: "
+                  "`((x @ x.T) + 1).sum(axis=0)` on an n x n random array in 4 x 4 chunks, "
+                  "routed `auto`; medians of "
+                  f"{r7[0]['repeats']} runs each, after one untimed run (JAX compiles each op "
+                  "once per shape), the two cost settings taking turns. *Measured* = the "
+                  "default: Dask's dispatch per task and transfer latency measured on the "
+                  f"mesh (`mesh.calibrate()`: {cal!r}); *fixed* = 1 ms per task and 0.2 ms "
+                  "per transfer, the figures the cost model used before it measured them. "
+                  "Wall includes planning and the report. An estimate below 1 says the "
+                  f"computation took longer than planned. This part run {r7[0]['when']}.", "",
+                  "| n | tasks | measured: est. / wall | fixed: est. / wall |",
+                  "|---|---|---|---|"]
+        for r in rows:
+            (me, mw), (fe, fw) = r["measured"], r["fixed"]
+            lines.append(f"| {r['n']} | {r['tasks']} | {me:.2f} / {mw:.2f} s = {me / mw:.2f} | "
+                         f"{fe:.2f} / {fw:.2f} s = {fe / fw:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -687,7 +759,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", action="store_true",
                     help="write the 'Router' section of benchmarks/RESULTS.md")
-    ap.add_argument("--only", default="p1,p2,p3,p6", help="comma-separated subset")
+    ap.add_argument("--only", default="p1,p2,p3,p6,est", help="comma-separated subset")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     import warnings
@@ -699,10 +771,11 @@ def main(argv: list[str] | None = None) -> None:
     r2 = p2() if "p2" in only else None
     r3 = p3() if "p3" in only else None
     r6 = p6() if "p6" in only else None
-    text = report(r1, r2, r3, r6)
+    r7 = estimates() if "est" in only else None
+    text = report(r1, r2, r3, r6, r7)
     print(text)
     if args.update:
-        _update(text, partial=only != {"p1", "p2", "p3", "p6"})
+        _update(text, partial=only != {"p1", "p2", "p3", "p6", "est"})
         print(f"wrote the 'Router' section of {RESULTS}", file=sys.stderr)
 
 
