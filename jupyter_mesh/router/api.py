@@ -118,6 +118,11 @@ def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
     """Model and place: per layer above ``mesh.router.layer-plan-threshold`` tasks
     (unless data is pinned: pins are per task), else per task."""
     graph, keys = _collection_graph(collections)  # validates the inputs first
+    return _plan_graph(mesh, graph, keys, route, site, pin)
+
+
+def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
+                site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
     devices = list(mesh.inventory())
     pools = build_pools(devices)
     if not pin and use_layer_plan(graph):
@@ -355,15 +360,7 @@ class _RoutedScheduler:
         return (_no_scheduler, ())
 
     def _plan(self, graph: Any, flat: list[Any]) -> Plan[PlanModel]:
-        devices = list(self.mesh.inventory())
-        pools = build_pools(devices)
-        if use_layer_plan(graph):
-            layered = model_layers(graph, flat)
-            cost = cost_model(self.mesh, pools, devices, self.route)
-            return _noted(plan_layers(layered, pools, self.route, cost=cost), cost)
-        model = model_graph(graph, flat)
-        cost = cost_model(self.mesh, pools, devices, self.route)
-        return _noted(plan_model(model, pools, self.route, cost=cost), cost)
+        return _plan_graph(self.mesh, graph, flat, self.route)
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
         graph = _graph_with_layers(dsk)
