@@ -181,3 +181,17 @@ def test_calibrate_magic(ip, measured_afresh):
     with pytest.raises(UsageError, match="unrecognized arguments"):
         ip.run_line_magic("mesh", "calibrate --fast")
     assert measured_afresh.calibration is cal  # nothing was lost
+
+
+def test_the_dispatch_probe_runs_on_a_few_workers_one_of_each_kind_first():
+    # on a large mesh, thousands of no-op tasks would time the scheduler's throughput
+    # over every worker (and take long), not what a task costs a worker
+    devices = ([_dev(f"c{i}", "lab") for i in range(6)]
+               + [_dev(f"j{i}", "lab", "cpu:jax") for i in range(3)]
+               + [_dev(f"e{i}", "edge") for i in range(2)])
+    picked = calibrate._probe_workers(devices)
+    assert len(picked) == calibrate.PROBE_WORKERS
+    kinds = {(d.site, d.target) for d in picked}
+    assert kinds == {("lab", "cpu:numpy"), ("lab", "cpu:jax"), ("edge", "cpu:numpy")}
+    assert len({d.worker for d in picked}) == len(picked)
+    assert calibrate._probe_workers(devices[:2]) == devices[:2]

@@ -11,9 +11,10 @@ worker) use what this mesh really costs.
 
 The probe is plain Dask work, about 0.2-0.5 s on a small mesh:
 
-* **dispatch**: ``n`` independent no-op tasks and, alone, one; the difference of the
-  two walls (which cancels the submission and the round trip both pay) times the
-  threads, over ``n - 1``: seconds per task per thread;
+* **dispatch**: ``n`` independent no-op tasks and, alone, one, on up to four workers
+  (one of each site and target first); the difference of the two walls (which cancels
+  the submission and the round trip both pay) times their threads, over ``n - 1``:
+  seconds per task per thread;
 * **transfer**: a chain of tasks that alternates between two workers of one site, and
   the same chain on one worker; the difference of the two walls over the chain's length
   is what moving a small result between workers adds to each step.
@@ -47,7 +48,7 @@ class Calibration:
     #: seconds a transfer between two workers of one site adds; None where the mesh has
     #: no two workers at one site (the configured or default figure is used)
     network_latency: float | None
-    #: the probe: tasks it ran, workers it used, and its wall seconds
+    #: the probe: tasks it ran, workers it ran them on, and its wall seconds
     tasks: int
     workers: int
     seconds: float
@@ -85,22 +86,42 @@ def _wait(client: Client, futures: list[Any], timeout: float) -> None:
             f.release()
 
 
-def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], timeout: float) -> float:
+def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], workers: list[str],
+          timeout: float) -> float:
     t0 = time.perf_counter()
-    _wait(client, client.get(graph, keys, sync=False), timeout)
+    _wait(client, client.get(graph, keys, sync=False, workers=workers,
+                             allow_other_workers=False), timeout)
     return time.perf_counter() - t0
 
 
-def _dispatch(client: Client, threads: int, n: int, timeout: float) -> float:
+def _dispatch(client: Client, workers: list[str], threads: int, n: int,
+              timeout: float) -> float:
     from dask._task_spec import Task
 
     token = uuid.uuid4().hex
     one = {f"jm-probe-one-{token}": Task(f"jm-probe-one-{token}", _noop)}
     many = {k: Task(k, _noop, i) for i, k in
             enumerate(f"jm-probe-{token}-{i}" for i in range(n))}
-    t1 = _wall(client, one, list(one), timeout)
-    tn = _wall(client, many, list(many), timeout)
+    t1 = _wall(client, one, list(one), workers, timeout)
+    tn = _wall(client, many, list(many), workers, timeout)
     return (tn - t1) * threads / (n - 1)
+
+
+#: the dispatch probe runs on this many workers at most: on a large mesh, thousands of
+#: no-op tasks would time the scheduler's throughput over all of them, not what a task
+#: costs a worker, and would take long
+PROBE_WORKERS = 4
+
+
+def _probe_workers(devices: list[Any]) -> list[Any]:
+    """Up to ``PROBE_WORKERS`` workers, one of each (site, target) first."""
+    ordered = sorted(devices, key=lambda d: d.worker)
+    first: dict[tuple[str, str], Any] = {}
+    for d in ordered:
+        first.setdefault((d.site, d.target), d)
+    picked = list(first.values())[:PROBE_WORKERS]
+    picked += [d for d in ordered if d not in picked][:PROBE_WORKERS - len(picked)]
+    return picked
 
 
 def _chain(client: Client, workers: list[str], length: int, timeout: float) -> float:
@@ -139,10 +160,12 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 8,
     if not devices:
         raise MeshError("the mesh has no workers to calibrate on: add some (e.g. "
                         "mesh.scale(cpu=2)), then call mesh.calibrate() again")
-    threads = sum(max(int(d.nthreads), 1) for d in devices)
+    probe = _probe_workers(devices)
+    workers = [d.worker for d in probe]
+    threads = sum(max(int(d.nthreads), 1) for d in probe)
     n = max(tasks_per_thread * threads, 8)
     t0 = time.perf_counter()
-    overhead = min(_dispatch(client, threads, n, timeout) for _ in range(repeats))
+    overhead = min(_dispatch(client, workers, threads, n, timeout) for _ in range(repeats))
     latency = None
     pair = _pair(devices)
     tasks = repeats * (n + 1)
@@ -152,5 +175,5 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 8,
                     for _ in range(repeats))
         latency = max(extra / chain, _FLOOR)
         tasks += repeats * 2 * chain
-    return Calibration(max(overhead, _FLOOR), latency, tasks, len(devices),
-                       time.perf_counter() - t0)
+    used = len(set(workers) | set(pair or ()))
+    return Calibration(max(overhead, _FLOOR), latency, tasks, used, time.perf_counter() - t0)
