@@ -34,6 +34,8 @@ FORMAT = 1
 MAX_PLANS = 8
 #: how many rows of one plan a registration carries
 MAX_ROWS = 200
+#: how many notes of one plan a registration carries
+MAX_NOTES = 20
 #: seconds between checks of the mesh's last plan and report
 WATCH_INTERVAL = 1.0
 
@@ -130,6 +132,13 @@ def plan_record(obj: Any, kind: str) -> dict[str, Any] | None:
             value = None
         if isinstance(value, (int, float)):
             record[attr] = jsonable(float(value))
+    # the plan's notes (Dask's costs measured on the mesh, ops placed off their
+    # target, ...); a report's are its plan's
+    notes = getattr(obj, "notes", None)
+    if notes is None:
+        notes = getattr(plan, "notes", None)
+    if isinstance(notes, (list, tuple)) and notes:
+        record["notes"] = [str(n) for n in notes[:MAX_NOTES]]
     header = getattr(obj, "_header", None)
     if callable(header):
         try:

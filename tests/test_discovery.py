@@ -280,3 +280,18 @@ def test_tls_file_paths_travel_with_the_registration(tmp_path):
     mesh.client = SimpleNamespace(security=SimpleNamespace(tls_ca_file="-----BEGIN CERT"))
     assert discovery._security_files(mesh) is None
     assert _security_from({"address": "tcp://h:1", "security": reg["security"]}) is None
+
+
+def test_plan_records_carry_the_plans_notes():
+    # what the sidebar shows under a plan: e.g. Dask's costs as measured on the mesh
+    plan = FakePlan("matmul-1")
+    plan.notes = ["measured on this mesh: 5 ms of Dask dispatch per task"]
+    rec = discovery.plan_record(plan, "plan")
+    assert rec["notes"] == plan.notes
+    report = FakePlan("matmul-1")
+    report.plan = plan  # a report's notes are its plan's
+    assert discovery.plan_record(report, "report")["notes"] == plan.notes
+    plan.notes = [f"note {i}" for i in range(50)]
+    assert len(discovery.plan_record(plan, "plan")["notes"]) == discovery.MAX_NOTES
+    assert "notes" not in discovery.plan_record(FakePlan("x"), "plan")
+    json.dumps(rec)

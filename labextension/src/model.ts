@@ -76,6 +76,8 @@ export interface IPlanRecord {
   wall_seconds?: number;
   rows: Array<Record<string, unknown>>;
   truncated?: boolean;
+  /** the plan's notes: Dask's costs as measured on the mesh, ops placed off target */
+  notes?: string[];
 }
 
 /** The selected mesh, in full. */

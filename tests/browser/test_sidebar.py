@@ -304,6 +304,9 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             report.locator("summary").click()
             expect(report.locator(".jp-Mesh-planTable thead")).to_contain_text("target")
             expect(report.locator(".jp-Mesh-planTable tbody tr")).not_to_have_count(0)
+            # under it, the plan's notes: Dask's costs, measured on the kernel's mesh
+            expect(report.locator(".jp-Mesh-planNotes")).to_contain_text(
+                "measured on this mesh")
             sidebar.locator(".jp-Mesh-devices").scroll_into_view_if_needed()
             shot(page, "04-plans")  # docs/images/sidebar.png
 

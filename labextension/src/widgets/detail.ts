@@ -316,7 +316,10 @@ export class PlansWidget extends DetailPart {
           h('tr', { title: planRowTitle(r, cols) },
             ...cols.map(c => h('td', { 'data-col': c }, planCell(c, r[c]))))))
       ),
-      plan.truncated ? h('div', { class: 'jp-Mesh-hint' }, 'Only the first rows are shown.') : null
+      plan.truncated ? h('div', { class: 'jp-Mesh-hint' }, 'Only the first rows are shown.') : null,
+      plan.notes?.length
+        ? h('ul', { class: 'jp-Mesh-planNotes' }, ...plan.notes.map(n => h('li', {}, n)))
+        : null
     );
   }
 }
