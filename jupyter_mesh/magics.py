@@ -212,6 +212,8 @@ class MeshMagics(Magics):
         except MeshError as exc:
             raise _as_usage(exc) from None
         display(inventory)
+        if mesh.calibration is not None:  # Dask's own costs, as the router measured them
+            print(repr(mesh.calibration))
         return None
 
     def _close(self, args: Any) -> None:

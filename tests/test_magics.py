@@ -30,6 +30,11 @@ def test_start_status_and_compute(ip, started, capsys):
     assert "cpu @ magic-site" in capsys.readouterr().out
     ip.run_cell("import dask.array as da; _v = da.ones((100, 100), chunks=50).sum().compute()")
     assert ip.user_ns["_v"] == 10_000
+    # once the router measured Dask's costs on the mesh, status says what they are
+    ip.run_line_magic("mesh", "calibrate")
+    capsys.readouterr()
+    ip.run_line_magic("mesh", "status")
+    assert "ms of Dask dispatch per task" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
