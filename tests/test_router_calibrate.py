@@ -173,6 +173,7 @@ def test_a_mesh_without_two_workers_at_one_site_measures_dispatch_only(mesh):
     cal = calibrate.measure(mesh.client, one, repeats=1)
     assert cal.network_latency is None and cal.task_overhead >= 1e-4
     assert "no two workers at one site" in repr(cal)
+    assert "measured on 1 worker with" in repr(cal)
 
 
 def test_calibrate_magic(ip, measured_afresh):
@@ -195,3 +196,16 @@ def test_the_dispatch_probe_runs_on_a_few_workers_one_of_each_kind_first():
     assert kinds == {("lab", "cpu:numpy"), ("lab", "cpu:jax"), ("edge", "cpu:numpy")}
     assert len({d.worker for d in picked}) == len(picked)
     assert calibrate._probe_workers(devices[:2]) == devices[:2]
+
+
+def _broken(*_):
+    raise ValueError("no probe here")
+
+
+def test_a_probe_that_fails_on_the_workers_is_a_clear_error_not_a_figure(mesh, monkeypatch):
+    # e.g. workers without jupyter_mesh installed: no figure may come from failed tasks
+    monkeypatch.setattr(calibrate, "_noop", _broken)
+    with pytest.raises(MeshError, match="probe failed on a worker .ValueError: no probe "
+                                        "here.: set mesh.task-overhead") as err:
+        calibrate.measure(mesh.client, list(mesh.inventory()))
+    assert "\n" not in str(err.value)

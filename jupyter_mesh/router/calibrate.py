@@ -58,7 +58,8 @@ class Calibration:
                if self.network_latency is None else
                f"{self.network_latency * 1e3:.2g} ms per transfer between workers")
         return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task, "
-                f"{hop} (measured on {self.workers} workers with {self.tasks} tasks "
+                f"{hop} (measured on {self.workers} worker{'s' * (self.workers != 1)} "
+                f"with {self.tasks} tasks "
                 f"in {self.seconds:.2f} s)")
 
     def _repr_html_(self) -> str:
@@ -77,6 +78,13 @@ def _wait(client: Client, futures: list[Any], timeout: float) -> None:
     try:
         # this client's loop, which need not be the default client's
         client.sync(wait_async, futures, timeout=timeout)
+        failed = next((f for f in futures if f.status == "error"), None)
+        if failed is not None:  # e.g. workers without jupyter_mesh installed
+            exc = failed.exception()
+            why = (str(exc).splitlines() or [""])[0]
+            raise MeshError(f"the calibration probe failed on a worker "
+                            f"({type(exc).__name__}: {why}): set mesh.task-overhead and "
+                            f"mesh.links.network-latency")
     except TimeoutError:
         raise MeshError(f"the mesh did not run the calibration probe within {timeout:g} s "
                         f"(are its workers busy or gone?): call mesh.calibrate() later, or "
