@@ -606,3 +606,33 @@ def test_planner_stops_looking_once_a_plan_is_provably_near_best(mesh_devices, m
     pools = build_pools(mesh_devices)
     plan_model(model_collections([pipeline()]), pools, "auto", cost=CostModel(pools))
     assert made
+
+
+def test_the_search_stops_once_it_keeps_finding_nothing_better(mesh_devices, monkeypatch):
+    # the seeded search costs a full schedule per trial: where trial after trial finds
+    # nothing better, it stops after SEARCH_STALL of them rather than spend its budget
+    from jupyter_mesh.router import placement as P
+
+    pools = build_pools(mesh_devices)
+    x = da.random.random((2000, 2000), chunks=250)
+    m = model_collections([(((x @ x.T) / 2000 + 1) * 2 - x).sum(axis=0)])
+    cost = CostModel(pools, task_overhead=1e-3)
+    searched = []
+    real = P._searched
+
+    def counting(*args, **kw):
+        for cand in real(*args, **kw):
+            searched.append(max(cand[2]))
+            yield cand
+
+    monkeypatch.setattr(P, "_searched", counting)
+    monkeypatch.setattr(P, "GOOD_ENOUGH", -1.0)  # never good enough: the search runs
+    monkeypatch.setattr(P, "SEARCH_BUDGET", 10**9)  # every trial affordable
+    monkeypatch.setattr(P, "SEARCH_STALL", 6)
+    plan = plan_model(m, pools, "auto", cost=cost)
+    stopped = len(searched)
+    searched.clear()
+    monkeypatch.setattr(P, "SEARCH_STALL", 10**9)
+    full = plan_model(m, pools, "auto", cost=cost)
+    assert len(searched) == P.SEARCH_TRIALS > stopped >= 6
+    assert 0 < full.makespan <= plan.makespan * (1 + 1e-9)  # the longer search never loses

@@ -136,7 +136,8 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     if finish_best <= enough:
         return best
     fusing = any(d >= 0 for d in chain)
-    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin):
+    progress = {"stale": 0}  # candidates since the last better one (the search reads it)
+    for cand in _variants(model, pools, cost, allowed, exec_t, order, pin, progress):
         if fusing:
             # the variants are planned blind to fusion (charging a chain's next task
             # less keeps chains together greedily, which can crowd a worker); each is
@@ -145,8 +146,10 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             own = sorted(range(n), key=lambda i: (starts[i], i))
             cand = _replay(model, pools, cost, exec_t, own, cand[3], chain)
         f = max(cand[2], default=0.0)
+        progress["stale"] += 1
         if f < finish_best * (1 - 1e-9):
             best, finish_best = cand, f
+            progress["stale"] = 0
             if f <= enough:
                 break
     return best
@@ -218,7 +221,7 @@ def _quick_bound(model: GraphModel, pools: list[Pool], exec_t: list[list[float]]
 
 def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
-              pin: list[str | None]) -> Any:
+              pin: list[str | None], progress: dict[str, int] | None = None) -> Any:
     """The other schedules :func:`place` compares with plain earliest finish, cheapest
     first (each a full schedule, made when asked for)."""
     n = len(model.keys)
@@ -282,25 +285,34 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     # Seeded by the graph's size: the same graph gets the same plan
     trials = min(SEARCH_TRIALS, SEARCH_BUDGET // max(n * len(pools), 1))
     if trials:
-        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials)
+        yield from _searched(model, pools, cost, allowed, exec_t, pin, sites, trials,
+                             progress if progress is not None else {"stale": 0})
 
 
 #: most schedules the seeded search tries, and the tasks × pools it may spend on them
 SEARCH_TRIALS = 48
 SEARCH_BUDGET = 30_000
+#: the search stops after this many schedules in a row found nothing better
+SEARCH_STALL = 24
 
 
 def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]],
-              pin: list[str | None], sites: list[str], trials: int) -> Any:
-    """Schedules from jittered HEFT priorities and random pool filters."""
+              pin: list[str | None], sites: list[str], trials: int,
+              progress: dict[str, int]) -> Any:
+    """Schedules from jittered HEFT priorities and random pool filters; it stops after
+    ``SEARCH_STALL`` of them in a row found nothing better (``progress["stale"]``, kept
+    by the caller)."""
     import random
 
     n = len(model.keys)
     layer, deps = model.layer, model.deps
     mean = [sum(exec_t[li][p] for p in a) / len(a) for li, a in enumerate(allowed)]
     rng = random.Random(n * 7919 + len(pools))
+    progress["stale"] = 0
     for _ in range(trials):
+        if progress["stale"] >= SEARCH_STALL:
+            return
         rank = [0.0] * n
         for i in range(n - 1, -1, -1):
             rank[i] += mean[layer[i]] * rng.uniform(0.5, 1.5) + 1e-12
