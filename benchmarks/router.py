@@ -549,7 +549,8 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "links were 3, 10 or 30 times slower, replayed with the true links; "
                   "everything on one worker; each op kept off pools far slower for it; each "
                   "pool or site alone; a short seeded search over jittered priorities and "
-                  "pool filters, bounded by tasks x pools) and keeps the one that finishes "
+                  "pool filters, bounded by tasks x pools, that stops after 24 schedules "
+                  "in a row found nothing better) and keeps the one that finishes "
                   "first, so it is never worse than one worker running it all.", "",
                   "*Random DAGs* are the HEFT paper's (Topcuoglu et al. 2002): random layered "
                   "graphs of 200 tasks (array ops of random sizes) with a set "
