@@ -102,17 +102,17 @@ def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], workers: list[
     return time.perf_counter() - t0
 
 
-def _dispatch(client: Client, workers: list[str], threads: int, n: int,
-              timeout: float) -> float:
+def _dispatch(client: Client, workers: list[str], n: int, timeout: float
+              ) -> tuple[float, float]:
+    """Wall seconds of one no-op task, and of ``n``, on ``workers``."""
     from dask._task_spec import Task
 
     token = uuid.uuid4().hex
     one = {f"jm-probe-one-{token}": Task(f"jm-probe-one-{token}", _noop)}
     many = {k: Task(k, _noop, i) for i, k in
             enumerate(f"jm-probe-{token}-{i}" for i in range(n))}
-    t1 = _wall(client, one, list(one), workers, timeout)
-    tn = _wall(client, many, list(many), workers, timeout)
-    return (tn - t1) * threads / (n - 1)
+    return (_wall(client, one, list(one), workers, timeout),
+            _wall(client, many, list(many), workers, timeout))
 
 
 #: the dispatch probe runs on this many workers at most: on a large mesh, thousands of
@@ -163,7 +163,7 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 8,
             chain: int = 8, repeats: int = 2, timeout: float = 5.0) -> Calibration:
     """Measure Dask's dispatch cost per task and its transfer latency between two
     workers of one site (``devices``: the mesh's inventory) on the mesh behind
-    ``client``; the smaller of ``repeats`` runs of each, as noise only ever adds.
+    ``client``, from the least of ``repeats`` walls of each kind.
     MeshError when the probe does not finish within ``timeout`` seconds."""
     if not devices:
         raise MeshError("the mesh has no workers to calibrate on: add some (e.g. "
@@ -173,14 +173,18 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 8,
     threads = sum(max(int(d.nthreads), 1) for d in probe)
     n = max(tasks_per_thread * threads, 8)
     t0 = time.perf_counter()
-    overhead = min(_dispatch(client, workers, threads, n, timeout) for _ in range(repeats))
+    # the least of each wall over the repeats, then their difference: noise only adds
+    # to a wall, but it can shrink a difference of two walls
+    walls = [_dispatch(client, workers, n, timeout) for _ in range(repeats)]
+    one, many = min(w[0] for w in walls), min(w[1] for w in walls)
+    overhead = (many - one) * threads / (n - 1)
     latency = None
     pair = _pair(devices)
     tasks = repeats * (n + 1)
     if pair is not None:
-        extra = min(_chain(client, pair, chain, timeout)
-                    - _chain(client, pair[:1], chain, timeout)
-                    for _ in range(repeats))
+        hops = [(_chain(client, pair, chain, timeout), _chain(client, pair[:1], chain, timeout))
+                for _ in range(repeats)]
+        extra = min(h[0] for h in hops) - min(h[1] for h in hops)
         latency = max(extra / chain, _FLOOR)
         tasks += repeats * 2 * chain
     used = len(set(workers) | set(pair or ()))
