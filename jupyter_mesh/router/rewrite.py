@@ -111,6 +111,11 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
                 call = calls[ck] = DeviceCall(
                     node.func, None, plan_id, th, host_only if free else ops[li].native)
             node = wrapped_task(node, call)
+            # Dask tokenizes every task of a graph that client.get receives (to name
+            # it), pickling each function and argument, about 0.15 ms a task: 1.5 s
+            # for a 10,000-task computation, paid before anything runs. A routed task
+            # is new and belongs to this one submission: a name unique to it will do
+            node._token = f"jupyter-mesh-{plan_id}-{i}"
         graph[key] = node
     if not free:
         restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
@@ -123,7 +128,7 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         keys = m.keys
         pins = {keys[i]: s for i, s in enumerate(_pins(m)) if s is not None}
     if fuse and wrap:
-        fused = _fuse_chains(plan, graph, restrictions, priorities, pins)
+        fused = _fuse_chains(plan, graph, restrictions, priorities, pins, plan_id)
     multi_site = len({p.site for p in plan.pools}) > 1
     pools = [
         (p.resource, list(p.workers) if (multi_site or plan.site or pins) else None, p.label)
@@ -162,11 +167,12 @@ def linear_chains(plan: Plan[GraphModel]) -> list[list[int]]:
 
 
 def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: dict[Any, int],
-                 priorities: dict[Any, float], pins: dict[Any, str]
+                 priorities: dict[Any, float], pins: dict[Any, str], plan_id: str
                  ) -> dict[Any, list[Any]]:
     """Replace each of the plan's :func:`linear_chains` in ``graph`` by one task under
     the last key; every member keeps its own device call, which records under its own
-    key (the report still sees each op)."""
+    key (the report still sees each op). Each fused task carries its token (see
+    :func:`_rewrite`)."""
     m = plan.model
     keys = m.keys
     fused = {}
@@ -180,7 +186,8 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
                                                      call.to_host, call.native))
             members.append(node)
         last = keys[chain[-1]]
-        graph[last] = Task.fuse(*members, key=last)
+        graph[last] = node = Task.fuse(*members, key=last)
+        node._token = f"jupyter-mesh-{plan_id}-{chain[-1]}-fused"
         fused[last] = [keys[i] for i in chain]
         if restrictions:
             for i in chain[:-1]:
