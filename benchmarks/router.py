@@ -308,6 +308,7 @@ def p3(repeats: int = 3) -> list[dict[str, Any]]:
     )
     from jupyter_mesh.router.placement import plan_model
     from jupyter_mesh.router.rewrite import rewrite
+    from jupyter_mesh.router.rewrite import submission as task_submission
 
     from .router_sim import modelled_mesh
 
@@ -345,9 +346,14 @@ def p3(repeats: int = 3) -> list[dict[str, Any]]:
             t3 = time.perf_counter()
             plan = plan_model(model, pools, "auto", cost=CostModel(pools))
             t4 = time.perf_counter()
-            rewrite(plan)
+            routed_tasks = rewrite(plan)
             t5 = time.perf_counter()
-            r.update(model=t3 - t2, plan=t4 - t3, rewrite=t5 - t4, tasks=len(model.keys))
+            # what client.get receives, named (Dask names a plain dict by tokenizing
+            # every task): the router's cost too, paid before anything is submitted
+            _ = task_submission(routed_tasks)._name
+            t5n = time.perf_counter()
+            r.update(model=t3 - t2, plan=t4 - t3, rewrite=t5 - t4, name=t5n - t5,
+                     tasks=len(model.keys))
             # the per-layer path, on its own fresh collection
             y4 = build(blocks)
             t6 = time.perf_counter()
@@ -356,6 +362,7 @@ def p3(repeats: int = 3) -> list[dict[str, Any]]:
             lplan = plan_layers(lmodel, pools, "auto", cost=CostModel(pools))
             t8 = time.perf_counter()
             routed = rewrite_layers(lplan)
+            _ = submission(routed)._name
             t9 = time.perf_counter()
             # what the scheduler then does with it at submission (Dask's own code:
             # distributed's _materialize_graph on the culled expression), here in-process
@@ -643,13 +650,19 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "optimized (fused) graph. The router has two paths and takes the per-layer "
                   f"one above `mesh.router.layer-plan-threshold` ({thr:,} tasks). *Per task* "
                   "= modelling the unfused graph task by task (culled) + placement per task + "
-                  "rewrite per task; *of which Dask materializing* = Dask's own code building "
+                  "rewrite per task + building the expression that `client.get` receives, "
+                  "named (until 2026-11-28 the router handed `client.get` a plain dict, which "
+                  "Dask names by tokenizing every task, pickling each: 1.7 s at 10^4 tasks, "
+                  "then not counted here; now one materialized layer of an expression that "
+                  "Dask names without looking into it); "
+                  "*of which Dask materializing* = Dask's own code building "
                   "the unfused graph's tasks, measured on its own. *Per layer* = classifying "
                   "each HighLevelGraph layer from its metadata (Blockwise layers are never "
                   "materialized) + placement per layer + rewrite per layer (a Blockwise "
                   "layer's one task template wrapped once; the tasks that materialized layers "
                   "already hold, here the random blocks and the reduction tree, wrapped one by "
-                  "one; restrictions travel by layer name to the scheduler plugin). *Scheduler "
+                  "one; restrictions travel by layer name to the scheduler plugin; naming the "
+                  "submitted expression included). *Scheduler "
                   "at submission* is not part of the router's figure: it is Dask's own code "
                   "that runs on the scheduler when the routed (unfused) graph arrives: culling "
                   "it and materializing its tasks (measured here in-process). Dask pays the "
@@ -662,15 +675,16 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   f"This part run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
                   f"load average {os.getloadavg()[0]:.1f}.", "",
                   "| tasks | layers | Dask | per task: model (of which Dask materializing) "
-                  "+ plan + rewrite | per task / Dask | per layer: model + plan + rewrite | "
+                  "+ plan + rewrite + naming | per task / Dask | per layer: model + plan + rewrite | "
                   "per layer / Dask | scheduler at submission (per layer) | router takes |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in r3:
-            ours = r["model"] + r["plan"] + r["rewrite"]
+            ours = r["model"] + r["plan"] + r["rewrite"] + r["name"]
             lay = r["lmodel"] + r["lplan"] + r["lrewrite"]
             lines.append(
                 f"| {r['tasks']} | {r['layers']} | {r['dask']:.3f} s | {r['model']:.3f} "
-                f"({r['materialize']:.3f}) + {r['plan']:.3f} + {r['rewrite']:.3f} s | "
+                f"({r['materialize']:.3f}) + {r['plan']:.3f} + {r['rewrite']:.3f} + "
+                f"{r['name']:.3f} s | "
                 f"{ours / r['dask']:.0%} | {r['lmodel'] * 1e3:.1f} + {r['lplan'] * 1e3:.1f} + "
                 f"{r['lrewrite'] * 1e3:.1f} ms | {lay / r['dask']:.1%} | "
                 f"{r['submit']:.3f} s | {'per layer' if r['per_layer'] else 'per task'} |")
@@ -678,7 +692,7 @@ def report(r1, r2, r3, r6, r7=None) -> str:
         def used(r):
             if r["per_layer"]:
                 return r["lmodel"] + r["lplan"] + r["lrewrite"]
-            return r["model"] + r["plan"] + r["rewrite"]
+            return r["model"] + r["plan"] + r["rewrite"] + r["name"]
 
         last = r3[-1]
         frac = used(last) / last["dask"]

@@ -43,6 +43,7 @@ from .layers import (
 from .placement import allowed_pools, parse_route_or_error, plan_model
 from .plan import Plan, PlanModel, Report
 from .rewrite import rewrite
+from .rewrite import submission as task_submission
 
 if TYPE_CHECKING:
     from distributed.core import PooledRPCCall, rpc
@@ -233,7 +234,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         graph = submission(routed)
     else:  # every other plan is made per task
         routed = rewrite(cast("Plan[GraphModel]", plan), fallback=fallback)
-        graph = routed.graph
+        graph = task_submission(routed)
     t0 = time.perf_counter()
     scheduler = _scheduler(mesh)
     handler = getattr(scheduler, ROUTE_HANDLER)
