@@ -11,10 +11,13 @@ worker) use what this mesh really costs.
 
 The probe is plain Dask work, about 0.2-0.5 s on a small mesh:
 
-* **dispatch**: ``n`` independent no-op tasks and, alone, one, on up to four workers
-  (one of each site and target first); the difference of the two walls (which cancels
-  the submission and the round trip both pay) times their threads, over ``n - 1``:
-  seconds per task per thread;
+* **dispatch**: ``n`` no-op tasks in chains of four (each waits for the one before it,
+  as the tasks of an array graph wait for their inputs: every dependency costs a round
+  trip through the scheduler) and, alone, one, on up to four workers (one of each site
+  and target first); the difference of the two walls (which cancels the submission and
+  the round trip both pay) times their threads, over ``n - 1``: seconds per task per
+  thread. (Until 2026-11-28 the tasks were independent, which Dask dispatches two to
+  three times as fast as tasks with inputs: estimates came out far below wall time.)
 * **transfer**: a chain of tasks that alternates between two workers of one site, and
   the same chain on one worker; the difference of the two walls over the chain's length
   is what moving a small result between workers adds to each step.
@@ -105,15 +108,23 @@ def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], workers: list[
 def _dispatch(client: Client, workers: list[str], n: int, timeout: float
               ) -> tuple[float, float]:
     """Wall seconds of one no-op task, and of ``n``, on ``workers``."""
-    from dask._task_spec import Task
+    from dask._task_spec import Task, TaskRef
 
     token = uuid.uuid4().hex
     one = {f"jm-probe-one-{token}": Task(f"jm-probe-one-{token}", _noop)}
-    many = {k: Task(k, _noop, i) for i, k in
-            enumerate(f"jm-probe-{token}-{i}" for i in range(n))}
+    many: dict[str, Task] = {}
+    for i in range(n):
+        k = f"jm-probe-{token}-{i}"
+        dep = (TaskRef(f"jm-probe-{token}-{i - 1}"),) if i % DEPTH else ()
+        many[k] = Task(k, _noop, i, *dep)
     return (_wall(client, one, list(one), workers, timeout),
             _wall(client, many, list(many), workers, timeout))
 
+
+#: the dispatch probe's tasks form chains of this many: each task waits for the one
+#: before it, as in an array graph (a dependency costs Dask a round trip through the
+#: scheduler that independent tasks do not)
+DEPTH = 4
 
 #: the dispatch probe runs on this many workers at most: on a large mesh, thousands of
 #: no-op tasks would time the scheduler's throughput over all of them, not what a task
