@@ -34,6 +34,20 @@ def test_inventory_has_one_cpu_device_per_worker_process(mesh):
         assert dev.profile.flops64 > 0
     # each device is its own worker process
     assert len({d.extra["pid"] for d in inv}) == 2
+    # and says how many cores it may use: the cost model gives CPU workers that share
+    # their host's cores their share of its speed
+    from dask.system import CPU_COUNT
+
+    from jupyter_mesh.router.cost import build_pools, core_shares
+
+    assert {d.extra["cores"] for d in inv} == {CPU_COUNT}
+    threads = sum(d.nthreads for d in inv)
+    shares = core_shares(list(inv))
+    if threads > CPU_COUNT:
+        assert set(shares.values()) == {(inv.devices[0].host, CPU_COUNT, threads)}
+        assert build_pools(inv)[0].profile.flops64 < inv.devices[0].profile.flops64
+    else:
+        assert shares == {}
 
 
 def test_workers_advertise_resources_per_kind_and_backend(mesh):

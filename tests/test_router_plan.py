@@ -24,7 +24,9 @@ from jupyter_mesh.router import (
     plan_collections,
     plan_model,
 )
+from jupyter_mesh.router import api
 from jupyter_mesh.router.classify import classify_label, layer_label, synthetic_model
+from jupyter_mesh.router.cost import core_shares
 
 CPU = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
               method="model", source="test")
@@ -255,6 +257,50 @@ def test_transfers_between_workers_of_one_pool_are_charged():
             assert plan.worker_of[i] == plan.worker_of[d]
     # and the two chains run side by side on the two GPUs
     assert len({plan.worker_of[i] for i in range(len(model.keys))}) == 2
+
+
+def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
+    # a local mesh on a 2-core machine: three single-thread CPU workers (NumPy and JAX)
+    # run side by side on two cores, each at about 2/3 of the speed it measured alone;
+    # a GPU worker's tasks run on the GPU, and another host's workers are apart
+    def on(name, kind, backend, profile, host, cores, nthreads=1):
+        d = dev(name, kind, backend, profile, nthreads=nthreads)
+        d.host, d.extra = host, {"cores": cores}
+        return d
+
+    devs = [on("c0", "cpu", "numpy", CPU, "10.0.0.1", 2),
+            on("c1", "cpu", "numpy", CPU, "10.0.0.1", 2),
+            on("j0", "cpu", "jax", CPU, "10.0.0.1", 2),
+            on("g0", "gpu", "cupy", GPU, "10.0.0.1", 2, nthreads=4),
+            on("c2", "cpu", "numpy", CPU, "10.0.0.2", 2, nthreads=2)]
+    shares = core_shares(devs)
+    assert shares == {d.worker: ("10.0.0.1", 2, 3) for d in devs[:3]}
+    pools = build_pools(devs)
+    by = {(p.backend, p.workers[0]): p for p in pools}
+    jax_pool = by[("jax", "tcp://j0:1")]
+    assert jax_pool.profile.flops64 == pytest.approx(CPU.flops64 * 2 / 3)
+    assert jax_pool.profile.mem_bandwidth == pytest.approx(CPU.mem_bandwidth * 2 / 3)
+    assert jax_pool.shared == [("10.0.0.1", 2, 3)]
+    numpy_pool = next(p for p in pools if p.backend == "numpy")
+    # the pool's profile is the mean of its workers': two at 2/3, one on its own host
+    assert numpy_pool.profile.flops64 == pytest.approx(CPU.flops64 * (2 / 3 + 2 / 3 + 1) / 3)
+    gpu_pool = next(p for p in pools if p.kind == "gpu")
+    assert gpu_pool.profile == GPU and gpu_pool.shared == []
+    # the estimate of CPU work grows by threads / cores, and the plan says why
+    cost = CostModel(pools)
+    op = synthetic_model([{"name": "mm", "op_class": "matmul", "tasks": 1,
+                           "flops": 1e10, "out_bytes": 8.0}]).ops[0]
+    alone = CostModel(build_pools([dev("j0", "cpu", "jax", CPU)]))
+    assert cost.exec_time(op, jax_pool) > 1.4 * alone.exec_time(op, alone.pools[0])
+    plan = plan_model(synthetic_model([{"name": "mm", "op_class": "matmul", "tasks": 4,
+                                        "flops": 1e10, "out_bytes": 8.0}]),
+                      pools, "cpu", cost=cost)
+    api._noted(plan, cost)
+    assert any("10.0.0.1 run 3 threads on 2 cores" in n for n in plan.notes)
+    # workers that do not say how many cores they may use (older workers, modelled
+    # meshes) are planned at their profile's speed
+    plain = [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)]
+    assert core_shares(plain) == {} and build_pools(plain)[0].profile == CPU
 
 
 def device_calls(graph):

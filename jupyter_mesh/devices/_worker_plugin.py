@@ -17,6 +17,7 @@ import threading
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from dask.system import CPU_COUNT
 
 from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource
 from . import _detect, _profile
@@ -111,6 +112,9 @@ class MeshWorkerPlugin(WorkerPlugin):
             "profile": profile.to_dict(),
             "host": worker.ip if hasattr(worker, "ip") else "",
             "nthreads": nthreads,
+            # cores this process may use (affinity and cgroup quota): CPU workers on one
+            # host with more threads than that share them, which the cost model allows
+            "cores": CPU_COUNT,
             "pid": os.getpid(),
             **info.extra,
         }

@@ -166,6 +166,13 @@ def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "a
 
 def _noted(plan: Any, cost: CostModel) -> Any:
     cal = cost.calibration
+    shared = sorted({s for p in cost.pools for s in p.shared})
+    if shared and plan.routed:
+        for host, cores, threads in shared:
+            plan.notes.append(
+                f"the CPU workers on {host} run {threads} threads on {cores} "
+                f"core{'s' * (cores != 1)}: planned at {cores}/{threads} of the speed each "
+                f"measured alone")
     if cost.uncalibrated and plan.routed:
         plan.notes.append(
             f"Dask's own costs could not be measured on this mesh: planned with "

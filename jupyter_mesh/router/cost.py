@@ -6,6 +6,7 @@ looked up or modelled); link figures come from ``mesh.links.*`` config.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,9 @@ class Pool:
     label: str = ""
     #: threads of each worker (same order as ``workers``); empty: ``slots`` spread evenly
     threads: list[int] = field(default_factory=list)
+    #: where CPU workers on one host have more threads than it has cores: (host, cores,
+    #: threads), and the profile is scaled by cores / threads (see :func:`core_shares`)
+    shared: list[tuple[str, int, int]] = field(default_factory=list)
 
     def worker_threads(self) -> list[int]:
         """Task slots of each worker of the pool (at least one worker, one slot)."""
@@ -62,20 +66,56 @@ class Pool:
         return self.kind != "cpu"
 
 
+def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
+    """CPU workers that share their host's cores: worker -> (host, cores, threads).
+
+    A worker advertises the cores its process may use (Dask's ``CPU_COUNT``: affinity
+    and cgroup quota). Where the CPU workers on one host run more threads than that
+    (a local mesh on a laptop or a small hub), their tasks run side by side on fewer
+    cores than threads, each at about cores / threads of the speed measured alone."""
+    by_host: dict[tuple[str, int], list[Any]] = {}
+    for d in devices:
+        cores = (d.extra or {}).get("cores")
+        if d.kind != "cpu" or not d.host or not isinstance(cores, int) or cores < 1:
+            continue
+        by_host.setdefault((d.host, cores), []).append(d)
+    out: dict[str, tuple[str, int, int]] = {}
+    for (host, cores), devs in by_host.items():
+        threads = sum(max(int(d.nthreads), 1) for d in devs)
+        if threads > cores:
+            out.update({d.worker: (host, cores, threads) for d in devs})
+    return out
+
+
+def _scaled(p: Profile, factor: float) -> Profile:
+    if factor >= 1.0:
+        return p
+    return dataclasses.replace(p, flops32=p.flops32 * factor, flops64=p.flops64 * factor,
+                               mem_bandwidth=p.mem_bandwidth * factor)
+
+
 def build_pools(devices: Iterable[Any]) -> list[Pool]:
-    """Group inventory devices into pools by (kind, backend, site)."""
+    """Group inventory devices into pools by (kind, backend, site); CPU workers that
+    share their host's cores get their share of its speed (:func:`core_shares`)."""
+    devices = list(devices)
+    shares = core_shares(devices)
     groups: dict[tuple[str, str, str], list[Any]] = {}
     for d in devices:
         groups.setdefault((d.kind, d.backend, d.site), []).append(d)
     sites = {site for (_, _, site) in groups}
     pools = []
     for (kind, backend, site), devs in sorted(groups.items()):
-        profs = [d.profile for d in devs if d.profile is not None]
+        profs = []
+        for d in devs:
+            if d.profile is not None:
+                share = shares.get(d.worker)
+                profs.append(_scaled(d.profile, share[1] / share[2]) if share else d.profile)
         prof = _mean_profile(profs) if profs else ASSUMED_CPU
         label = f"{kind}:{backend}" + (f"@{site}" if len(sites) > 1 else "")
         threads = [max(int(d.nthreads), 1) for d in devs]
+        shared = sorted({shares[d.worker] for d in devs if d.worker in shares})
         pools.append(Pool(kind, backend, site, [d.worker for d in devs], sum(threads), prof,
-                          label, threads))
+                          label, threads, shared))
     return pools
 
 
