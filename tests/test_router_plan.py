@@ -16,6 +16,7 @@ from jupyter_mesh.inventory import Device
 from jupyter_mesh.router import (
     CostModel,
     Links,
+    api,
     backend_names,
     build_pools,
     get_backend,
@@ -24,7 +25,6 @@ from jupyter_mesh.router import (
     plan_collections,
     plan_model,
 )
-from jupyter_mesh.router import api
 from jupyter_mesh.router.classify import classify_label, layer_label, synthetic_model
 from jupyter_mesh.router.cost import core_shares
 

@@ -16,8 +16,8 @@ import signal
 import threading
 from typing import Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
 from dask.system import CPU_COUNT
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource
 from . import _detect, _profile
