@@ -425,6 +425,12 @@ def p6() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- report
+def _cores() -> int:
+    from dask.system import CPU_COUNT
+
+    return CPU_COUNT
+
+
 def _when() -> str:
     """When a part starts, and the machine's load then (it is shared)."""
     return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
@@ -727,6 +733,12 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "default: Dask's dispatch per task and transfer latency measured on the "
                   f"mesh (`mesh.calibrate()`: {cal!r}); *fixed* = 1 ms per task and 0.2 ms "
                   "per transfer, the figures the cost model used before it measured them. "
+                  "Both settings plan the three worker threads, on this machine's "
+                  f"{_cores()} cores, at their share of those cores "
+                  "(`jupyter_mesh.router.cost.core_shares`). Until 2026-11-28 neither did, "
+                  "and the probe timed independent no-op tasks, which Dask dispatches two "
+                  "to three times as fast as tasks with inputs; measured est./wall was then "
+                  "0.23 / 0.31 / 0.52 for the three sizes. "
                   "Wall includes planning and the report. An estimate below 1 says the "
                   f"computation took longer than planned. This part run {r7[0]['when']}.", "",
                   "| n | tasks | measured: est. / wall | fixed: est. / wall |",
