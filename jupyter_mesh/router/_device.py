@@ -84,9 +84,8 @@ class DeviceCall:
         return (DeviceCall, (self.func, self.key, self.plan_id, self.to_host, self.native))
 
     def __dask_tokenize__(self) -> Any:
-        # Dask tokenizes every task of a submitted graph; without this it would pickle
-        # the wrapper (two or three times, to check the pickle is deterministic), which
-        # cost the routed graph several times what tokenizing the task itself does
+        # Dask names a task by tokenizing it; without this it would pickle the wrapper
+        # (two or three times, to check that the pickle is deterministic)
         from dask.tokenize import normalize_token
 
         return ("jupyter_mesh.DeviceCall", normalize_token(self.func),
