@@ -95,6 +95,28 @@ def test_plan_rows_and_rewrite_wrap_each_layer_once():
     np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
 
 
+def test_a_layer_behind_an_output_alias_layer_hands_back_host_arrays():
+    # plain slicing of whole chunks makes a layer of aliases, which runs no wrapper:
+    # the layer they point at must return host arrays, though both run on JAX
+    pools = [p for p in synthetic_pools() if p.backend == "jax"]
+    x = da.random.random((40, 40), chunks=20)
+    g, keys = _collection_graph([(x + 1)[0:20, 0:20]])
+    plan = plan_layers(model_layers(g, keys), pools, "cpu:jax")
+    m = plan.model
+    add, out = m.names.index(next(n for n in m.names if n.startswith("add"))), len(m.names) - 1
+    assert m.names[out].startswith("getitem") and [d for d, _ in m.deps[out]] == [add]
+    assert plan.pools[plan.layer_pool[add]].backend == "jax"
+    assert plan.pools[plan.layer_pool[out]].backend == "jax"
+    assert plan.layer_to_host[add]
+    # a layer whose consumers run on the same kind keeps its results there
+    y = x + 1
+    g, keys = _collection_graph([(y * 2).sum()])
+    plan = plan_layers(model_layers(g, keys), pools, "cpu:jax")
+    m = plan.model
+    assert not plan.layer_to_host[m.names.index(next(n for n in m.names
+                                                     if n.startswith("add")))]
+
+
 def test_auto_plan_matches_per_task_plan_targets_on_clear_cases():
     pools = synthetic_pools()
     y = pipeline(2000, 500)

@@ -246,6 +246,13 @@ class LayerPlan(Plan[LayerModel]):
             out = m.index.get(name)
             if out is not None:
                 flags[out] = True
+        # a layer of nodes that are not tasks (aliases, e.g. of plain slicing) runs no
+        # wrapper: it hands on what its inputs returned, so they must return host
+        # arrays wherever it must (inputs come first)
+        for li in range(len(flags) - 1, -1, -1):
+            if flags[li] and _passes_values(m.graph.layers[m.names[li]]):
+                for d, _ in m.deps[li]:
+                    flags[d] = True
         return flags
 
     @property
@@ -327,6 +334,17 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
                      notes=notes, site=site)
     plan.unrestricted = unrestricted
     return plan
+
+
+def _passes_values(layer: Any) -> bool:
+    """Whether some node of ``layer`` hands on another task's value without running a
+    function of its own (an alias), so no device wrapper converts it."""
+    if isinstance(layer, Blockwise) and isinstance(layer.task, Task):
+        return False
+    mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
+    return any(type(node) is not Task
+               and not (type(node) is tuple and node and callable(node[0]))
+               for node in mapping.values())
 
 
 def rewrite_layers(plan: LayerPlan, *, fallback: bool = True) -> Routed:

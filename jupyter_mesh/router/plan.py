@@ -124,6 +124,17 @@ class Plan(Generic[ModelT]):
             for i, k in enumerate(m.keys):
                 if k in outputs:
                     flags[i] = True
+            # a node that is not a task (an alias, e.g. of plain slicing) runs no
+            # wrapper: it hands on what its input's task returned, so that task must
+            # return a host array wherever the node must (inputs come first in keys)
+            from dask._task_spec import Task
+
+            tasks = getattr(m, "tasks", None)  # a per-task model's nodes
+            if tasks:
+                for i in range(len(m.keys) - 1, -1, -1):
+                    if flags[i] and type(tasks.get(m.keys[i])) is not Task:
+                        for d in m.deps[i]:
+                            flags[d] = True
             self._to_host = flags
         return self._to_host
 
