@@ -116,6 +116,44 @@ def test_forced_gpu_and_conversions_only_at_kind_boundaries(mesh_devices):
     assert any("creation" in n for n in plan.notes)
 
 
+def test_a_task_behind_an_output_alias_hands_back_a_host_array(mesh_devices):
+    # plain slicing of one whole chunk makes an alias, which runs no wrapper: the task
+    # it points at must return a host array, though the alias runs on the same GPU
+    from dask._task_spec import Task
+
+    x = da.random.random((40, 40), chunks=20)
+    plan = plan_collections([(x + 1)[0:20, 0:20]], mesh_devices[2:], route="gpu")
+    m = plan.model
+    (out,) = m.outputs
+    assert type(m.tasks[out]) is not Task
+    (producer,) = m.deps[m.keys.index(out)]
+    assert plan.pools[plan.pool_of[producer]].backend == "cupy"
+    assert plan.to_host[producer]
+    # its other tasks keep their results on the device for the next GPU op
+    assert not all(plan.to_host[i] for i, p in enumerate(plan.pool_of)
+                   if plan.pools[p].backend == "cupy")
+
+
+def _sum_of_squares_scipy(block):
+    # a user's own chunk function: it may call anything (SciPy, np.asarray), which would
+    # fail on CuPy arrays
+    return np.asarray(block) ** 2
+
+
+def test_a_users_own_chunk_function_never_gets_device_arrays(mesh_devices):
+    x = da.random.random((2000, 2000), chunks=1000)
+    y = (x @ x.T).map_blocks(_sum_of_squares_scipy, name="sum-of-squares")
+    plan = plan_collections([y], mesh_devices, route="gpu")
+    rows = {r["op"]: r["target"] for r in plan.rows}
+    assert rows["matmul"] == "gpu:cupy"
+    # classed a reduction by its name, but it is not NumPy's or Dask's code
+    assert rows["sum-of-squares"] == "cpu:numpy"
+    op = next(o for o in plan.model.ops if o.label == "sum-of-squares")
+    assert op.native == {"numpy"}
+    # NumPy's and Dask's own functions still run natively on CuPy
+    assert all("cupy" in o.native for o in plan.model.ops if o.label == "matmul")
+
+
 def test_forced_missing_kind_names_what_the_mesh_has(mesh_devices):
     with pytest.raises(MeshError, match=r"no live tpu worker.*cpu:numpy"):
         plan_collections([pipeline()], mesh_devices, route="tpu")
@@ -463,6 +501,24 @@ def test_equivalent_pools_are_not_restricted():
     assert not plan_collections([(x + 1).sum()], devs, route="cpu:jax").unrestricted
     devs.append(dev("g0", "gpu", "cupy", GPU))
     assert not plan_collections([(x + 1).sum()], devs).unrestricted
+
+
+@pytest.mark.parametrize("kind, backend, profile", [("gpu", "cupy", GPU), ("cpu", "jax", CPU)])
+def test_a_mesh_of_one_accelerator_kind_runs_its_ops_natively(kind, backend, profile):
+    # nothing to choose between, but routing "auto" must still use the device's backend
+    from jupyter_mesh.router.rewrite import rewrite
+
+    devs = [dev("a0", kind, backend, profile), dev("a1", kind, backend, profile)]
+    x = da.random.random((2000, 2000), chunks=1000)
+    plan = plan_collections([((x @ x.T) + 1).sum()], devs)
+    assert not plan.unrestricted
+    rows = {r["op"]: r["target"] for r in plan.rows}
+    assert rows["matmul"] == rows["add"] == f"{kind}:{backend}"
+    calls = device_calls(rewrite(plan).graph)
+    assert any(backend in c.native for c in calls)
+    # a mesh of NumPy workers alone is left to Dask
+    cpus = [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)]
+    assert plan_collections([((x @ x.T) + 1).sum()], cpus).unrestricted
 
 
 def test_pin_keeps_data_at_its_site():

@@ -366,12 +366,32 @@ def native_backends(op_class: str, func: Any = None) -> frozenset[str]:
     from . import jax_ops
 
     out = {"numpy"}
-    if op_class in _CUPY_CLASSES:
+    if op_class in _CUPY_CLASSES and (func is None or _cupy_safe(func)):
         out.add("cupy")
     if op_class in _JAX_CLASSES and (func is None or jax_ops.supported(func)):
         if func is not None or op_class != "movement":
             out.add("jax")
     return frozenset(out)
+
+
+def _cupy_safe(func: Any) -> bool:
+    """Whether ``func`` is NumPy's, Python's operators or Dask's own: code that reaches
+    CuPy arrays only through NumPy's API, which CuPy implements. A user's function (a
+    ``map_blocks`` of their own) may call SciPy or ``np.asarray``, which fail on device
+    arrays: it runs on host arrays, wherever its task runs."""
+    from .jax_ops import _parts
+
+    parts = _parts(func)
+    if not parts:
+        return False
+    for f in parts:
+        if isinstance(f, np.ufunc):
+            continue
+        mod = getattr(f, "__module__", None) or ""
+        if not (mod in ("_operator", "operator") or mod == "numpy" or mod == "dask"
+                or mod.startswith(("numpy.", "dask."))):
+            return False
+    return True
 
 
 def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],

@@ -595,7 +595,9 @@ def equivalent_pools(model: GraphModel, pools: list[Pool], cost: CostModel) -> b
     time on every pool (an op a pool's backend does not run natively runs there on
     host NumPy, at that cost; an accelerator pays its host copies, so it differs)."""
     if len(pools) < 2:
-        return True
+        # one pool: nothing to choose, but a pool of accelerators (a GPU-only or
+        # TPU-only mesh) must still run each op natively where its backend can
+        return not pools or pools[0].backend == "numpy"
     if len({p.site for p in pools}) > 1:
         return False
     for op in model.ops:
