@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jupyter_mesh import MeshError
+from jupyter_mesh.router import api
 
 from .meshes import fresh_local_mesh
 
@@ -188,6 +189,56 @@ def test_bad_inputs(mesh):
         mesh.submit(np.sum, 1, convert="yes")
 
 
+@pytest.mark.parametrize("fallback", ["no", None, 1])
+def test_fallback_takes_true_or_false(mesh, fallback):
+    with pytest.raises(MeshError, match=r"fallback=.*use True .* or False"):
+        mesh.compute(pipeline(), fallback=fallback)
+    with pytest.raises(MeshError, match=r"fallback=.*use True .* or False"):
+        mesh.route("auto", fallback=fallback)
+    assert mesh.route_mode == "off"
+
+
+def test_route_api_bad_modes(mesh):
+    with pytest.raises(MeshError, match="unknown route"):
+        mesh.route("warp")
+    with pytest.raises(MeshError, match=r"no live gpu worker: .*use 'auto' or one of"):
+        mesh.route("gpu")
+    assert mesh.route_mode == "off"
+
+
+def test_site_and_pin_need_routing(mesh):
+    x = da.random.random((600, 600), chunks=300)
+    y = (x + 1).sum()
+    for call in (mesh.compute, mesh.explain):
+        with pytest.raises(MeshError, match="site= needs routing.*route='auto'"):
+            call(y, route="off", site="lab")
+        with pytest.raises(MeshError, match="pin= needs routing"):
+            call(y, route="off", pin={"lab": x})
+    with pytest.raises(MeshError, match="site must be a site name"):
+        mesh.compute(y, site=3)
+
+
+def test_collections_in_a_list_say_to_unpack_them(mesh):
+    y = pipeline()
+    for call in (mesh.compute, mesh.explain):
+        with pytest.raises(MeshError, match=r"separate arguments.*mesh.compute\(\*arrays\)"):
+            call([y, y])
+    (got,) = mesh.compute(y)  # nothing was lost
+    assert got.shape == (600,)
+
+
+def test_submit_bad_inputs(mesh):
+    with pytest.raises(MeshError, match="unknown"):
+        mesh.submit(np.sum, 1, on="warp")
+    with pytest.raises(MeshError):
+        mesh.submit(np.sum, 1, on="cpu", needs="fft")
+    with pytest.raises(MeshError, match="unknown capability"):
+        mesh.submit(np.sum, 1, needs=["matmul"])
+    with pytest.raises(MeshError, match="site must be a site name"):
+        mesh.submit(np.sum, 1, site="")
+    assert mesh.submit(np.sum, np.ones(3), needs="reduction").result() == 3.0
+
+
 def test_site_routes_within_site(mesh):
     (got,) = mesh.compute(pipeline(), site="lab")
     assert got.shape == (600,)
@@ -309,9 +360,22 @@ def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
     assert mesh.report_sinks == []
     # a cell that fails shows no report; a cell without Dask work shows none either
     shown.clear()
-    ip.run_cell_magic("mesh", "--route cpu:jax", "d = y.compute()\nraise ValueError('x')")
+    with pytest.raises(router_magic.CellFailed):
+        ip.run_cell_magic("mesh", "--route cpu:jax", "d = y.compute()\nraise ValueError('x')")
     ip.run_cell_magic("mesh", "--route cpu:jax", "e = 2")
     assert shown == [] and mesh.report_sinks == []
+
+
+def test_a_failing_routed_cell_counts_as_failed(ip, mesh, capsys):
+    # so that "Run All", nbconvert and papermill stop there, as after any failing cell
+    result = ip.run_cell("%%mesh --route cpu:jax\nraise ValueError('bad input')")
+    assert not result.success and result.error_in_exec is not None
+    err = capsys.readouterr()
+    shown = err.out + err.err
+    # the cell's own traceback, shown once, and nothing of the magic's
+    assert shown.count("ValueError: bad input") == 1 and "CellFailed" not in shown
+    assert mesh.route_mode == "off" and mesh.report_sinks == []
+    assert ip.run_cell("%%mesh --route cpu:jax\nok = 1").success
 
 
 def test_magic_misuse(ip):
@@ -332,6 +396,49 @@ def test_magic_misuse(ip):
         ip.run_line_magic("mesh", "route gpu")
     with pytest.raises(UsageError, match="unknown route"):
         ip.run_cell_magic("mesh", "--route warp", "1")
+    with pytest.raises(UsageError, match="--route: expected one argument; usage"):
+        ip.run_cell_magic("mesh", "--route", "1")
+    ip.user_ns["y"] = pipeline()
+    for line in ("explain y --route", "explain y --route=", "explain --route"):
+        with pytest.raises(UsageError, match="--route needs a value"):
+            ip.run_line_magic("mesh", line)
+    with pytest.raises(UsageError, match="given twice"):
+        ip.run_line_magic("mesh", "explain y --route gpu --route cpu:jax")
+    with pytest.raises(UsageError, match="no live tpu"):
+        ip.run_line_magic("mesh", "explain y --route tpu")
+    with pytest.raises(UsageError, match="could not evaluate.*ZeroDivisionError"):
+        ip.run_line_magic("mesh", "explain 1 / 0")
+    with pytest.raises(UsageError, match="no attribute 'nothing'"):
+        ip.run_line_magic("mesh", "explain y.nothing")
+
+
+def test_magic_explain_takes_the_expression_as_typed(ip, mesh):
+    ip.user_ns["d"] = {"a b": pipeline()}
+    for line in ("explain d['a b'] --route cpu:jax", "explain d['a b'] --route=cpu:jax",
+                 "explain --route cpu:jax d['a b']"):
+        plan = ip.run_line_magic("mesh", line)
+        assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax", line
+    assert ip.run_line_magic("mesh", "explain d['a b']").route == "auto"
+
+
+def test_a_bad_route_keeps_the_one_in_force(ip, mesh):
+    from IPython.core.error import UsageError
+
+    ip.run_line_magic("mesh", "route cpu:jax")
+    try:
+        for bad in ("gpu", "warp"):
+            with pytest.raises(UsageError):
+                ip.run_line_magic("mesh", f"route {bad}")
+            assert mesh.route_mode == "cpu:jax"
+        y = pipeline()
+        np.testing.assert_allclose(y.compute(), y.compute(scheduler="sync"))
+        assert mesh.last_report.ran_on("matmul") == ["jax"]
+        with pytest.raises(MeshError, match="fallback="):
+            api.set_route(mesh, "auto", fallback="no")
+        assert mesh.route_mode == "cpu:jax"
+    finally:
+        ip.run_line_magic("mesh", "route off")
+    assert mesh.route_mode == "off"
 
 
 def test_pin_on_a_live_mesh(mesh):

@@ -63,6 +63,14 @@ def _check_site(site: Any) -> str | None:
     return site
 
 
+def _check_off(route: Any, site: str | None, pin: Any) -> None:
+    """MeshError for a constraint that route='off' could not keep."""
+    for name, given in (("site=", site is not None), ("pin=", bool(pin))):
+        if route == "off" and given:
+            raise MeshError(f"{name} needs routing: with route='off' Dask places tasks "
+                            f"anywhere; use route='auto' or a target with {name}")
+
+
 def _pin_pairs(pin: Any) -> list[tuple[Any, Any]]:
     if isinstance(pin, dict):
         pairs = []
@@ -109,6 +117,7 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
     route = parse_route_or_error(route)
     site = _check_site(site)
+    _check_off(route, site, pin)
     plan = _plan_collections(mesh, collections, route, site, pin)
     mesh.last_plan = plan
     return plan
@@ -191,16 +200,23 @@ def _noted(plan: Any, cost: CostModel) -> Any:
     return plan
 
 
+def check_fallback(fallback: Any) -> None:
+    """MeshError unless ``fallback`` is True or False."""
+    if not isinstance(fallback, bool):
+        raise MeshError(f"fallback={fallback!r}: use True (re-route the tasks of a kind "
+                        f"lost mid-computation, the default) or False (fail instead)")
+
+
 def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             fallback: bool = True, site: str | None = None,
             pin: Any = None) -> tuple[Any, ...]:
     route = parse_route_or_error(route)
+    check_fallback(fallback)
     site = _check_site(site)
     if not collections:
         raise MeshError("nothing to compute: pass one or more Dask collections")
     _collection_graph(collections)  # validates the inputs first
-    if route == "off" and pin:
-        raise MeshError("pin= needs routing: with route='off' Dask places tasks anywhere")
+    _check_off(route, site, pin)
     if route == "off":
         # nothing is routed, so nothing is reported: an earlier report must not pass
         # for this computation's
@@ -451,6 +467,7 @@ def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
 def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Any:
     """A context manager that routes plain ``.compute()`` calls; checks ``mode`` now."""
     route = parse_route_or_error(mode)
+    check_fallback(fallback)
     if isinstance(route, Target):
         inv = mesh.inventory()
         if not any(route.matches(d.kind, d.backend) for d in inv):
@@ -493,14 +510,15 @@ def _unrouted() -> Iterator[None]:
 def set_route(mesh: Mesh, mode: Any, fallback: bool = True) -> None:
     """Route plain Dask calls from now on (``%mesh route``), until set to ``off``."""
     route = parse_route_or_error(mode)
+    # checked before the route in force is left: a bad one changes nothing
+    ctx = None if route == "off" else route_context(mesh, route, fallback)
     previous = getattr(mesh, "_route_persistent", None)
     if previous is not None:
         mesh._route_persistent = None
         previous.__exit__(None, None, None)
-    if route == "off":
+    if ctx is None:
         mesh.route_mode = "off"
         return
-    ctx = route_context(mesh, route, fallback)
     ctx.__enter__()
     mesh._route_persistent = ctx
 

@@ -183,6 +183,10 @@ def _collection_graph(collections: Iterable[Any]) -> tuple[HighLevelGraph, list[
     keys: list[Any] = []
     for c in colls:
         if not dask.is_dask_collection(c):
+            if isinstance(c, list | tuple) and any(dask.is_dask_collection(v) for v in c):
+                raise MeshError(
+                    f"the router takes Dask collections as separate arguments, not in a "
+                    f"{type(c).__name__}: unpack it, e.g. mesh.compute(*arrays)")
             raise MeshError(
                 f"the router needs Dask collections (dask.array, dask.delayed, ...), not "
                 f"{type(c).__name__}: compute plain values directly"

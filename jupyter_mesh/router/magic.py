@@ -7,7 +7,6 @@ Thin: parse, call :class:`~jupyter_mesh.Mesh`, display. Misuse is a one-line
 from __future__ import annotations
 
 import re
-import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -17,6 +16,8 @@ from ..errors import MeshError
 from . import api
 from .placement import parse_route_or_error
 
+#: ``--route R`` or ``--route=R`` in a line of ``%mesh explain`` (group 1: R, or "")
+_ROUTE_OPTION = re.compile(r"(?:^|\s)--route(?:=(\S*)|\s+(?!-)(\S+)|\s*$)")
 _NAME_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -66,16 +67,16 @@ def _lookup(shell: Any, expr: str) -> Any:
 def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
     """``%mesh explain EXPR [--route R]``: the plan for the Dask collection(s) EXPR."""
     route = "auto"
-    try:
-        parts = shlex.split(expr)
-    except ValueError:
-        parts = [expr]
-    if "--route" in parts:
-        i = parts.index("--route")
-        if i + 1 >= len(parts):
-            raise UsageError("--route needs a value: auto, off or a target such as gpu")
-        route = parts[i + 1]
-        expr = " ".join(parts[:i] + parts[i + 2:])
+    # the option is cut out of the line, and the expression evaluated as typed
+    found = list(_ROUTE_OPTION.finditer(expr))
+    if len(found) > 1:
+        raise UsageError("--route given twice: give it once, e.g. %mesh explain y --route gpu")
+    value = (found[0].group(1) or found[0].group(2)) if found else None
+    if not value and (found or re.search(r"(?:^|\s)--route\b", expr)):
+        raise UsageError("--route needs a value: auto, off or a target such as gpu")
+    if found and value:
+        route = value
+        expr = expr[:found[0].start()] + " " + expr[found[0].end():]
     route = _route(route)
     value = _lookup(shell, expr)
     colls = tuple(value) if isinstance(value, tuple) else (value,)
@@ -100,6 +101,16 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
             result = shell.run_cell(cell)
     finally:
         mesh.report_sinks.remove(reports)
-    if getattr(result, "success", True):
-        for report in reports:
-            display(report)
+    if not getattr(result, "success", True):
+        # the cell's own traceback is shown already; the cell must still count as
+        # failed, so that "Run All", nbconvert and papermill stop here
+        raise CellFailed("the routed cell raised") from None
+    for report in reports:
+        display(report)
+
+
+class CellFailed(Exception):
+    """A ``%%mesh`` cell raised; its traceback was shown already, so this shows none."""
+
+    def _render_traceback_(self) -> list[str]:
+        return []
