@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import dask
 import dask.array as da
@@ -571,6 +572,58 @@ def test_fallback_relaxes_pinned_tasks_only_within_their_site():
     st._relax_one(free, ps)
     assert pinned.worker_restrictions == {"tcp://e:1"}
     assert free.worker_restrictions is None and free.resource_restrictions is None
+
+
+def _stub_scheduler(workers, states):
+    """A scheduler's state as the router's plugin reads it: workers by address (each
+    with its site), tasks by key, and the transitions asked for."""
+    from types import SimpleNamespace
+
+    def ws(site):
+        return SimpleNamespace(extra={"jupyter-mesh": {"site": site, "kind": "cpu",
+                                                       "backend": "numpy"}},
+                               resources={"mesh-cpu-numpy": 1}, address=site, name=site,
+                               nthreads=1, processing=(), memory=None, metrics={},
+                               status="running")
+
+    asked: list = []
+    tasks = {k: SimpleNamespace(key=k, state=st, resource_restrictions={"mesh-gpu-cupy": 1},
+                                worker_restrictions=None, host_restrictions=None,
+                                loose_restrictions=False) for k, st in states.items()}
+    sched = SimpleNamespace(workers={a: ws(site) for a, site in workers.items()},
+                            tasks=tasks, transitions=lambda recs, stimulus_id: asked.append(recs))
+    return sched, asked
+
+
+@pytest.mark.parametrize("left, site, failed", [
+    ({"tcp://c:1": "cloud"}, "lab",
+     "no live worker at site 'lab', where the computation was kept"),
+    ({}, "lab", "no live worker at site 'lab'"),
+    ({}, None, "no live worker left for 1 s: .* add workers"),
+])
+def test_fallback_never_moves_a_site_computation_out_nor_waits_for_nothing(left, site, failed):
+    # the GPU pool of a plan kept at site "lab" (site=) is lost: its tasks may move to
+    # another kind at lab, never to another site; with no worker at lab (or none at
+    # all) the computation fails at once instead of waiting for ever in no-worker
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler(left, {"k1": "no-worker"})
+    ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, site)
+    ps.keys, ps.used = {"k1": 0}, {0}
+    st.plans["p"] = ps
+    st._expire("p", 0)
+    assert re.search(failed, ps.failed)
+    assert asked == [] and st.status(plan_id="p")["failed"] == ps.failed
+    # with a worker left at lab, the task goes there, and only there
+    st.scheduler, asked = _stub_scheduler({**left, "tcp://l:1": "lab"}, {"k1": "no-worker"})
+    ps = PlanState("q", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, "lab")
+    ps.keys, ps.used = {"k1": 0}, {0}
+    st.plans["q"] = ps
+    st._expire("q", 0)
+    assert ps.failed is None and asked == [{"k1": "processing"}]
+    assert st.scheduler.tasks["k1"].worker_restrictions == {"tcp://l:1"}
+    assert "re-routed" in ps.events[0]
 
 
 def test_bad_pins(mesh_devices):

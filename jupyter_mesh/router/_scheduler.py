@@ -185,6 +185,8 @@ class RouterState:
         ts.loose_restrictions = False
 
     def _site_workers(self, site: str | None) -> set[str] | None:
+        """The live workers at ``site`` (an empty set where none is left), or None
+        for no site: any worker."""
         if not site:
             return None
         from .._scheduler_plugin import worker_record
@@ -192,13 +194,17 @@ class RouterState:
         return {
             addr for addr, ws in self.scheduler.workers.items()
             if worker_record(ws).get("site") == site
-        } or None
+        }
 
     def _relax_one(self, ts: Any, ps: PlanState) -> None:
+        site = ps.pins.get(ts.key) or ps.site
         ts.resource_restrictions = None
-        ts.worker_restrictions = self._site_workers(ps.pins.get(ts.key) or ps.site)
+        ts.worker_restrictions = self._site_workers(site)
         ts.host_restrictions = None
         ts.loose_restrictions = False
+        if site and ts.worker_restrictions == set() and ps.failed is None:
+            # a task kept at a site where no worker is left would wait for ever
+            ps.failed = _no_site_left(site, ts.key in ps.pins)
 
     def _alive(self, ps: PlanState, p: int) -> bool:
         resource, workers, _ = ps.pools[p]
@@ -234,13 +240,17 @@ class RouterState:
             )
             return
         sched = self.scheduler
-        lost = sorted({s for k, q in ps.keys.items() if q == p
-                       for s in [ps.pins.get(k)] if s and not self._site_workers(s)})
+        lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p
+                       for s in [ps.pins.get(k) or ps.site] if s and not self._site_workers(s)})
         if lost:
-            # pinned data never leaves its site: fail rather than move it
+            # data pinned to a site, or a computation kept at one (site=), never leaves
+            # it: fail rather than move it
+            ps.failed = _no_site_left(*lost[0])
+            return
+        if not sched.workers:
             ps.failed = (
-                f"no live worker at site {lost[0]!r}, where the data of routed tasks is "
-                f"pinned: the computation cannot finish there"
+                f"no live worker left for {ps.timeout:g} s: the computation cannot finish; "
+                f"add workers (e.g. mesh.scale(cpu=2)) and compute again"
             )
             return
         ps.relaxed.add(p)
@@ -276,3 +286,9 @@ class RouterState:
         stale = [pid for pid, ps in self.plans.items() if not ps.keys]
         for pid in stale[: len(self.plans) - 256]:
             self.plans.pop(pid, None)
+
+
+def _no_site_left(site: str, pinned: bool) -> str:
+    what = ("the data of routed tasks is pinned" if pinned
+            else "the computation was kept (site=)")
+    return f"no live worker at site {site!r}, where {what}: the computation cannot finish there"
