@@ -503,6 +503,12 @@ class Mesh:
         """Close the client and, for a local mesh, its scheduler and workers."""
         if self.closed:
             return
+        # a persistent %mesh route of this mesh ends with it: plain Dask calls must not
+        # go on routing to a closed mesh
+        if getattr(self, "_route_persistent", None) is not None:
+            from .router.api import set_route
+
+            set_route(self, "off")
         self._close_remote_cells()
         if self.cluster is not None:
             self._forget_routes()

@@ -28,3 +28,24 @@ def test_a_closing_mesh_announces_no_fallback_for_results_it_still_holds(caplog)
         del p
         m.close()
         assert calls == ["forget", "forget"]  # close forgets before the workers go
+
+
+def test_closing_a_mesh_ends_its_persistent_route():
+    # plain Dask calls must not go on routing to a closed mesh (and %mesh route off
+    # could not clear it then: there is no active mesh)
+    import dask
+    import dask.array as da
+
+    import jupyter_mesh as jm
+    from jupyter_mesh.router import api
+
+    before = dask.config.get("scheduler", None)
+    m = jm.Mesh.local(cpu=1, jax_cpu=0, gpu=0, tpu=0, set_current=False)
+    try:
+        api.set_route(m, "auto")
+        assert isinstance(dask.config.get("scheduler"), api._RoutedScheduler)
+    finally:
+        m.close()
+    assert m.route_mode == "off"
+    assert dask.config.get("scheduler", None) is before
+    assert da.ones(10, chunks=5).sum().compute(scheduler="threads") == 10
