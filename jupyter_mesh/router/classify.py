@@ -30,7 +30,10 @@ OP_CLASSES: tuple[str, ...] = (
 #: capabilities accepted by ``needs=``
 CAPABILITIES: tuple[str, ...] = ("matmul", "linalg", "fft", "elementwise", "reduction")
 
-_TOKEN = re.compile(r"-[0-9a-f]{32}(?=$|-)")
+#: Dask's tokens in layer names: 32 hex digits (dask.array), or a UUID (dask.delayed
+#: of an impure call)
+_TOKEN = re.compile(r"-(?:[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-"
+                    r"[0-9a-f]{12})(?=$|-)")
 _RULES: tuple[tuple[str, frozenset[str]], ...] = (
     ("matmul", frozenset({"matmul", "tensordot", "einsum", "dot", "outer", "vdot", "inner"})),
     ("linalg", frozenset({
