@@ -26,18 +26,18 @@ def get(key: str) -> Any:
     return dask.config.get(f"mesh.{key}")
 
 
-def get_seconds(key: str, *, allow_zero: bool = True) -> float:
-    """Read a non-negative number of seconds, or raise a config error naming the key."""
+def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> float:
+    """Read a non-negative number (of ``unit``), or raise a config error naming the key."""
     value = get(key)
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise MeshConfigError(
-            f"config mesh.{key} must be a number of seconds, not {value!r}"
+            f"config mesh.{key} must be a number of {unit}, not {value!r}"
         ) from None
     if math.isnan(number) or number < 0 or (number == 0 and not allow_zero):
         raise MeshConfigError(
             f"config mesh.{key} must be a {'non-negative' if allow_zero else 'positive'} "
-            f"number of seconds, not {value!r}"
+            f"number of {unit}, not {value!r}"
         )
     return number

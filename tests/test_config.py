@@ -47,3 +47,18 @@ def test_env_var_overrides(monkeypatch):
     finally:
         monkeypatch.delenv("DASK_MESH__CONNECT_TIMEOUT")
         dask.config.refresh()
+
+
+@pytest.mark.parametrize("key, unit", [
+    ("pcie-bandwidth", "bytes per second"), ("pcie-latency", "seconds"),
+    ("network-bandwidth", "bytes per second"), ("wan-bandwidth", "bytes per second"),
+    ("wan-latency", "seconds"),
+])
+@pytest.mark.parametrize("bad", ["fast", 0, -2])
+def test_bad_link_figures_name_the_key_and_its_unit(key, unit, bad):
+    from jupyter_mesh.router.cost import Links
+
+    with dask.config.set({f"mesh.links.{key}": bad}):
+        with pytest.raises(MeshConfigError, match=rf"mesh\.links\.{key} must be a .*{unit}"):
+            Links.from_config()
+    assert Links.from_config().network_bandwidth > 0  # the defaults again

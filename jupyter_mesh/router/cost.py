@@ -150,7 +150,8 @@ class Links:
             if key == "network-latency" and _config.get(f"links.{key}") == "auto":
                 # measured on a live mesh (see calibrate); this where nothing was
                 return DEFAULT_NETWORK_LATENCY
-            return float(_config.get_seconds(f"links.{key}", allow_zero=False))
+            unit = "bytes per second" if key.endswith("bandwidth") else "seconds"
+            return float(_config.get_seconds(f"links.{key}", allow_zero=False, unit=unit))
 
         return cls(
             pcie_bandwidth=num("pcie-bandwidth"), pcie_latency=num("pcie-latency"),
