@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
     w.add_argument("--site", default="default", help="site label of this worker")
     w.add_argument("--jax", action="store_true", help="drive the device with JAX (TPU, or CPU)")
+    w.add_argument("--backend", default=None, metavar="NAME",
+                   help="drive the device with this backend: numpy, cupy, jax, or one "
+                        "installed through the jupyter_mesh.backends entry-point group")
     w.add_argument("--gpu", type=int, default=None, metavar="INDEX",
                    help="drive CUDA GPU INDEX through CuPy (pinned with CUDA_VISIBLE_DEVICES)")
     w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores)")
@@ -55,6 +58,20 @@ async def run_worker(args: argparse.Namespace) -> int:
     env = {}
     kind = None
     backend = "jax" if args.jax else None
+    if args.backend is not None:
+        from .router.backends import backend_names, get_backend
+
+        if args.jax and args.backend != "jax":
+            raise MeshError(f"--jax and --backend {args.backend} disagree: give one of them")
+        try:
+            plugin = get_backend(args.backend)
+        except MeshError:
+            raise MeshError(f"unknown backend {args.backend!r}: installed are "
+                            f"{', '.join(backend_names())} (a backend package adds its own "
+                            f"through the jupyter_mesh.backends entry-point group)") from None
+        backend = plugin.name
+        if backend == "cupy":
+            kind = "gpu"
     if args.gpu is not None:
         from .devices._detect import cuda_devices
 
@@ -66,7 +83,7 @@ async def run_worker(args: argparse.Namespace) -> int:
             )
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         kind = "gpu"
-    if args.jax:
+    if backend == "jax":
         env.setdefault("JAX_ENABLE_X64", "1")
     nthreads = args.nthreads or (1 if kind == "gpu" else cpu_cores())
     nanny = Nanny(

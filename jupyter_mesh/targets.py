@@ -51,11 +51,20 @@ def backend_resource(kind: str, backend: str) -> str:
     return f"{RESOURCE_PREFIX}{kind}-{backend}"
 
 
+def kind_backends(kind: str) -> tuple[str, ...]:
+    """The backends that can drive ``kind``: NumPy, CuPy and JAX as
+    :data:`KIND_BACKENDS` says, and those of the ``jupyter_mesh.backends`` entry-point
+    group that say they drive it."""
+    from .router.backends import plugin_backends
+
+    return KIND_BACKENDS[kind] + tuple(b.name for b in plugin_backends() if kind in b.kinds)
+
+
 def allowed_targets() -> list[str]:
     """Every target string the mesh understands, for error messages."""
     out = list(KINDS)
     for kind in KINDS:
-        out.extend(f"{kind}:{b}" for b in KIND_BACKENDS[kind])
+        out.extend(f"{kind}:{b}" for b in kind_backends(kind))
     return out
 
 
@@ -67,7 +76,8 @@ def parse_target(text: str) -> Target:
         )
     raw = text.strip().lower()
     kind, sep, backend = raw.partition(":")
-    if kind not in KINDS or (sep and backend not in KIND_BACKENDS[kind]):
+    if kind not in KINDS or (sep and backend not in KIND_BACKENDS[kind]
+                             and backend not in kind_backends(kind)):
         raise ValueError(
             f"unknown target {text!r}: use one of {', '.join(allowed_targets())}"
         )

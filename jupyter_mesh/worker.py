@@ -1,6 +1,7 @@
 """Dask preload that makes any Dask worker a mesh worker.
 
     dask worker tcp://scheduler:8786 --preload jupyter_mesh.worker --site edge-lab [--jax]
+        [--backend NAME]
 
 The site may also come from the ``JUPYTER_MESH_SITE`` environment variable.
 """
@@ -18,10 +19,18 @@ from .devices._worker_plugin import MeshWorkerPlugin
 @click.command()
 @click.option("--site", default=None, help="site label of this worker")
 @click.option("--jax", "use_jax", is_flag=True, help="drive the device with JAX")
-def dask_setup(worker: Any, site: str | None, use_jax: bool) -> None:
+@click.option("--backend", default=None,
+              help="drive the device with this backend (numpy, cupy, jax, or one from the "
+                   "jupyter_mesh.backends entry-point group)")
+def dask_setup(worker: Any, site: str | None, use_jax: bool, backend: str | None) -> None:
     """Detect this worker's device before it registers with the scheduler."""
     from .mesh import check_site
+    from .router.backends import get_backend
 
     site = check_site(site or os.environ.get("JUPYTER_MESH_SITE") or "default")
-    plugin = MeshWorkerPlugin(site=site, backend="jax" if use_jax else None)
+    if backend is not None:
+        if use_jax and backend != "jax":
+            raise click.UsageError(f"--jax and --backend {backend} disagree: give one of them")
+        backend = get_backend(backend).name  # MeshError naming the installed ones
+    plugin = MeshWorkerPlugin(site=site, backend=backend or ("jax" if use_jax else None))
     plugin.setup(worker)

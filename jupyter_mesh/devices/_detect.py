@@ -45,6 +45,10 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def host_memory() -> int:
+    return int(psutil.virtual_memory().total)
+
+
 def cpu_device(memory: int | None = None) -> DeviceInfo:
     return DeviceInfo(
         kind="cpu",

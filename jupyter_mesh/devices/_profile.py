@@ -193,6 +193,34 @@ def measure_numpy(budget: float) -> Profile:
     )
 
 
+def measure_namespace(xp: Any, sync: Callable[[], object], budget: float,
+                      name: str) -> Profile:
+    """Measure a device through an array namespace ``xp`` (a backend from the
+    ``jupyter_mesh.backends`` entry-point group) within about ``budget`` seconds: a
+    square matmul per float width, and a copy of 32 MB; ``sync`` waits for the device."""
+    t0 = time.perf_counter()
+    n = 512
+    rates: dict[str, float] = {}
+    for key, dtype in (("flops32", xp.float32), ("flops64", xp.float64)):
+        a = xp.ones((n, n), dtype=dtype)
+        a @ a
+        sync()
+
+        def square(a: Any = a) -> object:
+            return (a @ a, sync())
+
+        rates[key] = _best_rate(square, 2.0 * n**3, time.perf_counter() + budget * 0.3)
+    buf = xp.ones(4_000_000, dtype=xp.float64)  # 32 MB
+    bandwidth = _best_rate(lambda: (buf * 1.0, sync()), 2.0 * 32e6,
+                           time.perf_counter() + budget * 0.3)
+    took = time.perf_counter() - t0
+    return Profile(
+        flops32=rates["flops32"], flops64=rates["flops64"], mem_bandwidth=bandwidth,
+        host_link_bandwidth=0.0, launch_latency=1e-5, method="measured",
+        source=f"measured with backend {name!r} on {socket.gethostname()} in {took:.2f} s",
+    )
+
+
 def measure_jax(budget: float) -> Profile:
     """Measure the first JAX device within about ``budget`` seconds."""
     import jax

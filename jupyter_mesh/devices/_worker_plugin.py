@@ -36,6 +36,18 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
     ``kind=None`` detects: a CUDA GPU through CuPy when one is usable, else a TPU, else
     the CPU. ``backend="jax"`` drives whatever JAX sees first.
     """
+    plugin = _plugin_backend(backend)
+    if plugin is not None:
+        kind = kind or plugin.kinds[0]
+        if kind not in plugin.kinds or not plugin.available():
+            why = (f"it drives {', '.join(plugin.kinds)}, not {kind}"
+                   if kind not in plugin.kinds else "it is not available in this process")
+            raise RuntimeError(f"jupyter_mesh: backend {backend!r} cannot drive this "
+                               f"worker: {why}")
+        info = _detect.DeviceInfo(kind=kind, backend=plugin.name, model=plugin.model(),
+                                  memory=int(memory or _detect.host_memory()))
+        key = _profile.cache_key(info.kind, info.backend, info.model)
+        return info, _profile.cached_or_measure(key, plugin.measure)
     if backend == "jax":
         # float64 stays float64 on the JAX path, so routed results match NumPy
         os.environ.setdefault("JAX_ENABLE_X64", "1")
@@ -65,6 +77,16 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
     return info, profile
 
 
+def _plugin_backend(name: str | None) -> Any:
+    """The backend called ``name`` when it is one from the ``jupyter_mesh.backends``
+    entry-point group (not NumPy, CuPy or JAX), else None."""
+    if name is None or name in ("numpy", "cupy", "jax"):
+        return None
+    from ..router.backends import get_backend
+
+    return get_backend(name)
+
+
 class MeshWorkerPlugin(WorkerPlugin):
     """Make a Dask worker a mesh device.
 
@@ -75,7 +97,8 @@ class MeshWorkerPlugin(WorkerPlugin):
     kind:
         ``"cpu"``, ``"gpu"``, ``"tpu"`` or ``None`` to detect.
     backend:
-        ``"numpy"``, ``"cupy"``, ``"jax"`` or ``None`` for the kind's default.
+        ``"numpy"``, ``"cupy"``, ``"jax"``, the name of a backend from the
+        ``jupyter_mesh.backends`` entry-point group, or ``None`` for the kind's default.
     watch_parent:
         Close the worker when the process that started it (its nanny) is gone, so no
         worker outlives a killed kernel.

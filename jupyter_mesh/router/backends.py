@@ -50,6 +50,31 @@ class Backend:
         """``x`` as a NumPy array in host memory (other objects pass through)."""
         return x
 
+    # what a backend from the entry-point group may override (the built-in ones have
+    # their own detection and probes)
+    def runs(self, func: Any) -> bool:
+        """Whether a task of ``func`` (a Dask chunk function) runs natively here, its
+        inputs converted by :meth:`to_device`. By default: NumPy's functions, Python's
+        operators and Dask's own, which reach the arrays only through NumPy's API (a
+        backend whose arrays implement ``__array_function__`` and ``__array_ufunc__``,
+        as CuPy's do); a user's own function may call anything, so it gets host arrays."""
+        return dispatches_through_numpy(func)
+
+    def model(self) -> str:
+        """What the device is, as the mesh shows it."""
+        return f"{self.name} device"
+
+    def synchronize(self) -> None:
+        """Wait for work queued on the device (timing needs it)."""
+
+    def measure(self, budget: float) -> Any:
+        """The device's :class:`~jupyter_mesh.devices._profile.Profile`, measured within
+        about ``budget`` seconds through :meth:`namespace`: a matmul per float width
+        and an array copy."""
+        from ..devices._profile import measure_namespace
+
+        return measure_namespace(self.namespace(), self.synchronize, budget, self.name)
+
     def _fail(self, what: str, exc: BaseException) -> MeshError:
         return MeshError(f"backend {self.name!r}: {what} failed: {exc}")
 
@@ -189,7 +214,30 @@ def to_host_any(x: Any) -> Any:
         return x.get()
     if mod.startswith("jax") or mod.startswith("jaxlib"):
         return numpy.asarray(x)
+    for b in plugin_backends():
+        if b.is_device_array(x):
+            return b.to_host(x)
     return x
+
+
+def dispatches_through_numpy(func: Any) -> bool:
+    """Whether ``func`` is NumPy's, Python's operators' or Dask's own (inside partials
+    and compositions): code that reaches arrays only through NumPy's API."""
+    import numpy
+
+    from .jax_ops import _parts
+
+    parts = _parts(func)
+    if not parts:
+        return False
+    for f in parts:
+        if isinstance(f, numpy.ufunc):
+            continue
+        mod = getattr(f, "__module__", None) or ""
+        if not (mod in ("_operator", "operator") or mod == "numpy" or mod == "dask"
+                or mod.startswith(("numpy.", "dask."))):
+            return False
+    return True
 
 
 _BUILTIN: dict[str, type[Backend]] = {
@@ -223,6 +271,13 @@ def _discover() -> None:
             register_backend(cls())
         except Exception:
             continue  # a broken plugin must not hide the built-in backends
+
+
+def plugin_backends() -> list[Backend]:
+    """The registered backends beyond NumPy, CuPy and JAX (entry points, or
+    :func:`register_backend`)."""
+    _ensure()
+    return [b for name, b in sorted(_registry.items()) if name not in _BUILTIN]
 
 
 def backend_names() -> list[str]:

@@ -371,34 +371,20 @@ def native_backends(op_class: str, func: Any = None) -> frozenset[str]:
     """The backends that run an op natively: NumPy always; CuPy for array math; JAX
     only for functions in its op table (when ``func`` is None, by op class alone)."""
     from . import jax_ops
+    from .backends import dispatches_through_numpy, plugin_backends
 
     out = {"numpy"}
-    if op_class in _CUPY_CLASSES and (func is None or _cupy_safe(func)):
+    # a user's own chunk function (a map_blocks of theirs) may call SciPy or
+    # np.asarray, which fail on device arrays: it runs on host arrays
+    if op_class in _CUPY_CLASSES and (func is None or dispatches_through_numpy(func)):
         out.add("cupy")
+    for b in plugin_backends():
+        if op_class in b.op_classes and (func is None or b.runs(func)):
+            out.add(b.name)
     if op_class in _JAX_CLASSES and (func is None or jax_ops.supported(func)):
         if func is not None or op_class != "movement":
             out.add("jax")
     return frozenset(out)
-
-
-def _cupy_safe(func: Any) -> bool:
-    """Whether ``func`` is NumPy's, Python's operators or Dask's own: code that reaches
-    CuPy arrays only through NumPy's API, which CuPy implements. A user's function (a
-    ``map_blocks`` of their own) may call SciPy or ``np.asarray``, which fail on device
-    arrays: it runs on host arrays, wherever its task runs."""
-    from .jax_ops import _parts
-
-    parts = _parts(func)
-    if not parts:
-        return False
-    for f in parts:
-        if isinstance(f, np.ufunc):
-            continue
-        mod = getattr(f, "__module__", None) or ""
-        if not (mod in ("_operator", "operator") or mod == "numpy" or mod == "dask"
-                or mod.startswith(("numpy.", "dask."))):
-            return False
-    return True
 
 
 def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],

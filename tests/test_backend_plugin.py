@@ -1,0 +1,132 @@
+"""A backend from the ``jupyter_mesh.backends`` entry-point group, end to end: a package
+that declares one, a worker that drives its device with it, and the router placing the
+ops it runs there (here a test backend whose "device" is the CPU: its arrays are NumPy
+arrays of a subclass, so each conversion shows)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from jupyter_mesh import MeshError
+from jupyter_mesh.router import backends
+
+from .test_cli_worker import BIN, _stop, _wait_devices, scheduler_mesh  # noqa: F401
+
+PACKAGE = '''
+import numpy as np
+
+from jupyter_mesh.router.backends import Backend
+
+
+class Tagged(np.ndarray):
+    """An array on the test backend's device: a NumPy array that says so."""
+
+
+class TaggedBackend(Backend):
+    name = "tagged"
+    kinds = ("cpu",)
+    op_classes = frozenset({"matmul", "elementwise", "reduction"})
+
+    def available(self):
+        return True
+
+    def namespace(self):
+        return np
+
+    def model(self):
+        return "tagged test device (the CPU)"
+
+    def is_device_array(self, x):
+        return isinstance(x, Tagged)
+
+    def to_device(self, x):
+        if isinstance(x, np.ndarray) and not isinstance(x, Tagged):
+            return x.view(Tagged)
+        return x
+
+    def to_host(self, x):
+        return np.asarray(x) if isinstance(x, Tagged) else x
+'''
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """The test backend's package, installed on a path this process and the workers
+    it starts see (its entry point in its dist-info, as pip would write it)."""
+    (tmp_path / "tagged_backend.py").write_text(textwrap.dedent(PACKAGE))
+    info = tmp_path / "tagged_backend-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tagged-backend\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[jupyter_mesh.backends]\ntagged = tagged_backend:TaggedBackend\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    backends._registry.clear()  # found again, with the entry point
+    yield tmp_path
+    backends._registry.clear()
+    sys.modules.pop("tagged_backend", None)
+
+
+def test_an_entry_point_backend_is_found_and_can_be_targeted(installed):
+    from jupyter_mesh.targets import allowed_targets, parse_target
+
+    assert "tagged" in backends.backend_names()
+    assert backends.get_backend("tagged").kinds == ("cpu",)
+    assert str(parse_target("cpu:tagged")) == "cpu:tagged"
+    assert "cpu:tagged" in allowed_targets()
+    with pytest.raises(ValueError, match="unknown target 'gpu:tagged'.*cpu:tagged"):
+        parse_target("gpu:tagged")  # it drives CPUs only
+    # NumPy's and Dask's functions run natively on it; a user's own does not
+    from jupyter_mesh.router.classify import native_backends
+
+    assert "tagged" in native_backends("matmul", np.matmul)
+    assert "tagged" not in native_backends("matmul", lambda a, b: a @ b)
+    assert "tagged" not in native_backends("fft", np.fft.fft)  # not in its op classes
+
+
+def test_a_worker_drives_its_device_with_an_entry_point_backend(installed, scheduler_mesh):  # noqa: F811
+    mesh = scheduler_mesh
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "jupyter-mesh"), "worker", mesh.address, "--site", "lab",
+         "--nthreads", "1", "--backend", "tagged"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+    )
+    try:
+        (dev,) = _wait_devices(mesh, 1)
+        assert (dev.kind, dev.backend, dev.model) == ("cpu", "tagged",
+                                                      "tagged test device (the CPU)")
+        assert dev.profile.method == "measured" and "'tagged'" in dev.profile.source
+        x = da.random.random((400, 400), chunks=200)
+        y = ((x @ x.T) + 1).sum(axis=0)
+        expected = y.compute(scheduler="sync")
+        (got,) = mesh.compute(y, route="cpu:tagged")
+        # the answer comes back as host (plain NumPy) arrays, right
+        assert type(got) is np.ndarray
+        np.testing.assert_allclose(got, expected, rtol=1e-10)
+        report = mesh.last_report
+        assert report.ran_on("matmul") == ["tagged"] and report.ran_on("add") == ["tagged"]
+        assert report.ran_on("random_sample") == ["numpy"]  # creation: not its op class
+        assert {r["op"]: r["target"] for r in mesh.explain(y).rows}["matmul"] == "cpu:tagged"
+        with pytest.raises(MeshError, match="no live gpu worker"):
+            mesh.compute(y, route="gpu")
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "warp"], "unknown backend 'warp': installed are cupy, jax, numpy"),
+    (["--jax", "--backend", "numpy"], "--jax and --backend numpy disagree"),
+])
+def test_cli_backend_bad_input(args, message):
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "worker", "tcp://127.0.0.1:1",
+                          *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr
