@@ -130,3 +130,30 @@ def test_cli_backend_bad_input(args, message):
                           *args], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+def test_dask_worker_preload_drives_an_entry_point_backend(installed, scheduler_mesh):  # noqa: F811
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "dask"), "worker", scheduler_mesh.address, "--nthreads", "1",
+         "--no-dashboard", "--preload", "jupyter_mesh.worker", "--backend", "tagged"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ),
+    )
+    try:
+        (dev,) = _wait_devices(scheduler_mesh, 1)
+        assert (dev.kind, dev.backend) == ("cpu", "tagged")
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--backend", "warp"], "unknown backend 'warp'"),
+    (["--jax", "--backend", "numpy"], "--jax and --backend numpy disagree"),
+])
+def test_preload_backend_bad_input(args, error):
+    import click
+
+    from jupyter_mesh.worker import dask_setup
+
+    ctx = dask_setup.make_context("dask_setup", args)
+    with pytest.raises((MeshError, click.UsageError), match=error):
+        dask_setup.callback(object(), **ctx.params)
