@@ -230,8 +230,12 @@ def test_collections_in_a_list_say_to_unpack_them(mesh):
 def test_submit_bad_inputs(mesh):
     with pytest.raises(MeshError, match="unknown"):
         mesh.submit(np.sum, 1, on="warp")
-    with pytest.raises(MeshError):
+    with pytest.raises(MeshError, match="on= takes a target such as 'gpu'"):
+        mesh.submit(np.sum, 1, on="auto")
+    with pytest.raises(MeshError, match="not both"):
         mesh.submit(np.sum, 1, on="cpu", needs="fft")
+    with pytest.raises(MeshError, match="submit needs a function, not int"):
+        mesh.submit(3, 1)
     with pytest.raises(MeshError, match="unknown capability"):
         mesh.submit(np.sum, 1, needs=["matmul"])
     with pytest.raises(MeshError, match="site must be a site name"):
