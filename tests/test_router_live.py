@@ -102,6 +102,24 @@ def test_slices_of_device_results_come_back_as_host_arrays(mesh):
         assert_all_close(got, [c.compute(scheduler="sync")])
 
 
+def _add_one(a):
+    return a + 1
+
+
+def test_a_loop_of_delayed_calls_is_one_row(mesh):
+    # each dask.delayed call is a layer of its own, named with a UUID: the plan and the
+    # report show one row per function, not one per call
+    total = dask.delayed(sum)([dask.delayed(_add_one, pure=False)(i) for i in range(30)])
+    rows = {r["op"]: r for r in mesh.explain(total).rows}
+    assert set(rows) == {"_add_one", "sum"} and rows["_add_one"]["tasks"] == 30
+    (got,) = mesh.compute(total)
+    assert got == sum(range(1, 31))
+    ran = {r["op"]: r for r in mesh.last_report.rows}
+    assert ran["_add_one"]["tasks"] == 30 and ran["_add_one"]["backends"] == ["numpy"]
+    assert ran["_add_one"]["seconds"] > 0 and len(ran["_add_one"]["workers"]) >= 1
+    assert repr(mesh.last_report).count("_add_one") == 1
+
+
 def test_route_context_routes_plain_compute(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

@@ -47,7 +47,7 @@ from .classify import (
 )
 from .cost import CostModel, Pool
 from .placement import relax_if_equivalent, route_constraints
-from .plan import Plan, _target_text
+from .plan import Plan, merged_rows
 from .rewrite import Routed, wrapped_task
 
 DEFAULT_THRESHOLD = 20_000
@@ -262,19 +262,10 @@ class LayerPlan(Plan[LayerModel]):
     def _make_rows(self) -> list[dict[str, Any]]:
         from collections import Counter
 
-        rows = []
-        self._row_layers = []
-        for li, op in enumerate(self.model.ops):
-            self._row_layers.append(li)
-            if not self.routed:
-                target = "any (not routed)"
-            elif self.unrestricted:
-                target = "any (pools equivalent)"
-            else:
-                target = _target_text(Counter({self.pools[self.layer_pool[li]].label: 1}))
-            rows.append({"op": op.label, "class": op.op_class, "target": target,
-                         "tasks": op.tasks, "est_seconds": self._est[li],
-                         "bytes_moved": self._moved[li]})
+        targets = [Counter({self.pools[p].label: op.tasks})
+                   for p, op in zip(self.layer_pool, self.model.ops, strict=True)]
+        rows, self._row_layers = merged_rows(self.model.ops, targets, self._est, self._moved,
+                                             self.routed, self.unrestricted)
         return rows
 
     def assignment(self) -> None:

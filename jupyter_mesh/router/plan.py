@@ -71,7 +71,8 @@ class Plan(Generic[ModelT]):
         self.unrestricted = False
         self._rows: list[dict[str, Any]] | None = None
         self._to_host: list[bool] | None = None
-        self._row_layers: list[int] = []
+        #: the model's layers (ops) behind each row
+        self._row_layers: list[list[int]] = []
 
     # ------------------------------------------------------------------ summary
     @property
@@ -158,22 +159,8 @@ class Plan(Generic[ModelT]):
             for d in m.deps[i]:
                 if self._kind_of(self.pool_of[d]) != kp:
                     moved[li] += m.ops[m.layer[d]].out_bytes
-        rows = []
-        self._row_layers = []
-        for li, op in enumerate(m.ops):
-            if not op.tasks:
-                continue
-            self._row_layers.append(li)
-            rows.append({
-                "op": op.label,
-                "class": op.op_class,
-                "target": (_target_text(targets[li]) if self.routed and not self.unrestricted
-                           else "any (not routed)" if not self.routed
-                           else "any (pools equivalent)"),
-                "tasks": op.tasks,
-                "est_seconds": est[li],
-                "bytes_moved": moved[li],
-            })
+        rows, self._row_layers = merged_rows(m.ops, targets, est, moved, self.routed,
+                                             self.unrestricted)
         return rows
 
     def assignment(self) -> dict[Any, str] | None:
@@ -248,9 +235,10 @@ class Report:
                 secs[li] += s
             rows = []
             plan_rows = self.plan.rows
-            for row, li in zip(plan_rows, self.plan._row_layers, strict=False):
-                rows.append(dict(row, backends=sorted(backends[li]),
-                                 workers=sorted(workers[li]), seconds=secs[li]))
+            for row, layers in zip(plan_rows, self.plan._row_layers, strict=False):
+                rows.append(dict(row, backends=sorted(set().union(*(backends[li] for li in layers))),
+                                 workers=sorted(set().union(*(workers[li] for li in layers))),
+                                 seconds=sum(secs[li] for li in layers)))
             self._rows = rows
         return self._rows
 
@@ -291,6 +279,36 @@ def _picture(name: str, obj: Any) -> str:
 
 PLAN_COLUMNS = ("op", "class", "target", "tasks", "est_seconds", "bytes_moved")
 REPORT_COLUMNS = PLAN_COLUMNS + ("backends", "workers", "seconds")
+
+
+def merged_rows(ops: Sequence[OpInfo], targets: Sequence[Counter[str]], est: Sequence[float],
+                moved: Sequence[float], routed: bool, unrestricted: bool
+                ) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """One row per operation: the layers of one name and class in one row (a
+    dask.delayed call is a layer of its own, so a loop of 300 calls of one function is
+    one row of 300 tasks, not 300 rows), in the order they first appear; and the layers
+    of each row."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for li, op in enumerate(ops):
+        if op.tasks:
+            groups.setdefault((op.label, op.op_class), []).append(li)
+    rows = []
+    for (label, op_class), layers in groups.items():
+        if not routed:
+            target = "any (not routed)"
+        elif unrestricted:
+            target = "any (pools equivalent)"
+        else:
+            target = _target_text(sum((targets[li] for li in layers), Counter()))
+        rows.append({
+            "op": label,
+            "class": op_class,
+            "target": target,
+            "tasks": sum(ops[li].tasks for li in layers),
+            "est_seconds": sum(est[li] for li in layers),
+            "bytes_moved": sum(moved[li] for li in layers),
+        })
+    return rows, list(groups.values())
 
 
 def _target_text(c: Counter[str]) -> str:
