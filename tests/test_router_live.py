@@ -400,38 +400,36 @@ def test_a_failing_routed_cell_counts_as_failed(ip, mesh, capsys):
     assert ip.run_cell("%%mesh --route cpu:jax\nok = 1").success
 
 
-def test_magic_misuse(ip):
+#: (line, cell or None for a line magic, what the one-line error says)
+MAGIC_MISUSE = [
+    ("route warp", None, "unknown route"),
+    ("route gpu", None, "no live gpu"),
+    ("explain nothing_here", None, "not defined"),
+    ("explain", None, "usage"),
+    ("explain plain", None, "Dask collections"),
+    ("explain y --route", None, "--route needs a value"),
+    ("explain y --route=", None, "--route needs a value"),
+    ("explain --route", None, "--route needs a value"),
+    ("explain y --route gpu --route cpu:jax", None, "given twice"),
+    ("explain y --route tpu", None, "no live tpu"),
+    ("explain 1 / 0", None, "could not evaluate.*ZeroDivisionError"),
+    ("explain y.nothing", None, "no attribute 'nothing'"),
+    ("--route gpu", "1", "no live gpu"),
+    ("--route warp", "1", "unknown route"),
+    ("--route", "1", "--route: expected one argument; usage"),
+]
+
+
+@pytest.mark.parametrize("line, cell, error", MAGIC_MISUSE)
+def test_magic_misuse(ip, line, cell, error):
     from IPython.core.error import UsageError
 
-    with pytest.raises(UsageError, match="unknown route"):
-        ip.run_line_magic("mesh", "route warp")
-    with pytest.raises(UsageError, match="not defined"):
-        ip.run_line_magic("mesh", "explain nothing_here")
-    with pytest.raises(UsageError, match="usage"):
-        ip.run_line_magic("mesh", "explain")
-    ip.user_ns["plain"] = [1, 2]
-    with pytest.raises(UsageError, match="Dask collections"):
-        ip.run_line_magic("mesh", "explain plain")
-    with pytest.raises(UsageError, match="no live gpu"):
-        ip.run_cell_magic("mesh", "--route gpu", "1")
-    with pytest.raises(UsageError, match="no live gpu"):
-        ip.run_line_magic("mesh", "route gpu")
-    with pytest.raises(UsageError, match="unknown route"):
-        ip.run_cell_magic("mesh", "--route warp", "1")
-    with pytest.raises(UsageError, match="--route: expected one argument; usage"):
-        ip.run_cell_magic("mesh", "--route", "1")
-    ip.user_ns["y"] = pipeline()
-    for line in ("explain y --route", "explain y --route=", "explain --route"):
-        with pytest.raises(UsageError, match="--route needs a value"):
+    ip.user_ns.update(plain=[1, 2], y=pipeline())
+    with pytest.raises(UsageError, match=error):
+        if cell is None:
             ip.run_line_magic("mesh", line)
-    with pytest.raises(UsageError, match="given twice"):
-        ip.run_line_magic("mesh", "explain y --route gpu --route cpu:jax")
-    with pytest.raises(UsageError, match="no live tpu"):
-        ip.run_line_magic("mesh", "explain y --route tpu")
-    with pytest.raises(UsageError, match="could not evaluate.*ZeroDivisionError"):
-        ip.run_line_magic("mesh", "explain 1 / 0")
-    with pytest.raises(UsageError, match="no attribute 'nothing'"):
-        ip.run_line_magic("mesh", "explain y.nothing")
+        else:
+            ip.run_cell_magic("mesh", line, cell)
 
 
 def test_magic_explain_takes_the_expression_as_typed(ip, mesh):
