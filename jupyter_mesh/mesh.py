@@ -6,6 +6,7 @@ import atexit
 import collections
 import html
 import logging
+import math
 import re
 import weakref
 from contextlib import AbstractContextManager
@@ -159,9 +160,16 @@ class Mesh:
         #: (the workers' make-up, Dask's costs measured on them): see calibrate
         self._calibration: tuple[Any, Any] | None = None
         self._address = self.address  # still known once the scheduler is gone
-        if set_current:
-            _state.set_current(self)
         atexit.register(_close_at_exit, weakref.ref(self))
+        if set_current:
+            self._make_current()
+        else:
+            _state.notify("open", self)
+
+    def _make_current(self) -> None:
+        """Make this the process's current mesh (the one ``%mesh`` and jm.current() use,
+        and the kernel's registration for the sidebar)."""
+        _state.set_current(self)
         _state.notify("open", self)
 
     # ------------------------------------------------------------------ creation
@@ -280,10 +288,16 @@ class Mesh:
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
                    "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit}
+        mesh = cls(client, cluster, site=site, options=options, set_current=False)
+        try:
+            mesh._wait_for(len(workers))
+        except BaseException:
+            mesh.close()  # a mesh that did not come up leaves no processes behind
+            raise
         if set_current:
-            _close_active()  # only now that the new mesh is up: nothing is lost on failure
-        mesh = cls(client, cluster, site=site, options=options, set_current=set_current)
-        mesh._wait_for(len(workers))
+            # only now that the new mesh is up: a failure above loses nothing
+            _close_active()
+            mesh._make_current()
         return mesh
 
     @classmethod
@@ -310,7 +324,8 @@ class Mesh:
         address = check_address(address)
         if timeout is None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
-        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        elif (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+              or not math.isfinite(timeout) or timeout <= 0):
             raise MeshError(f"timeout must be a positive number of seconds, not {timeout!r}")
         if security is not None:
             from distributed.security import Security
@@ -327,6 +342,11 @@ class Mesh:
                 f"(or --tls-ca-file/--tls-cert/--tls-key)"
             )
         if set_current:
+            active = _state.active()
+            if replace and active is not None and active.address == address:
+                # replacing would close the very mesh this connects to
+                raise MeshError(f"{address} is the current mesh already: keep using it "
+                                f"(jm.current()), or %mesh close it first")
             _refuse_if_active(replace)
         try:
             _probe_scheduler(address, security, timeout)
@@ -407,8 +427,16 @@ class Mesh:
         return Inventory.from_records(records, info.get("address", ""), self.dashboard_link)
 
     def _wait_for(self, n: int, timeout: float = 60) -> None:
-        if n:
+        if not n:
+            return
+        try:
             self.client.wait_for_workers(n, timeout=timeout)
+        except TimeoutError:
+            have = len(self.client.scheduler_info(n_workers=-1).get("workers", {}))
+            raise MeshError(
+                f"only {have} of {n} workers started within {timeout:g} s: this machine may "
+                f"be short of memory or cores; ask for fewer workers"
+            ) from None
 
     # ------------------------------------------------------------------ scaling
     def scale(self, **counts: int) -> Inventory:
@@ -454,8 +482,7 @@ class Mesh:
                 i += 1
             self.options[fam] = want
         self.cluster.sync(self.cluster._correct_state)
-        total = len(spec)
-        self.client.wait_for_workers(total, timeout=60)
+        self._wait_for(len(spec))
         return self.inventory()
 
     # ------------------------------------------------------------------ calibration

@@ -146,6 +146,13 @@ def test_scale_per_kind(mesh):
     assert inv.by_kind() == {"cpu": 2}
 
 
+def test_workers_that_do_not_all_start_are_said_in_one_line(mesh):
+    with pytest.raises(MeshError, match=r"only 2 of 5 workers started within 0.5 s: .*ask "
+                                        r"for fewer workers"):
+        mesh._wait_for(5, timeout=0.5)
+    assert len(mesh.inventory()) == 2  # nothing was lost
+
+
 def test_context_manager_close_and_no_orphans(no_mesh):
     me = psutil.Process()
     with jm.Mesh.local(cpu=1, jax_cpu=1, site="ctx") as m:
@@ -166,3 +173,46 @@ def test_context_manager_close_and_no_orphans(no_mesh):
 def test_current_without_mesh(no_mesh):
     with pytest.raises(MeshError, match="no active mesh"):
         jm.current()
+
+
+def test_a_local_mesh_that_does_not_come_up_leaves_nothing_running(no_mesh, monkeypatch):
+    made = []
+
+    def never(self, n, timeout=60):
+        made.append(self)
+        raise MeshError(f"only 0 of {n} workers started within {timeout:g} s")
+
+    monkeypatch.setattr(jm.Mesh, "_wait_for", never)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    with pytest.raises(MeshError, match="only 0 of 1 workers"):
+        jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, set_current=False)
+    (m,) = made
+    assert m.closed and m.cluster.status.name == "closed"
+    extra = [psutil.Process(p) for p in {p.pid for p in me.children(recursive=True)} - before
+             if psutil.pid_exists(p)]
+    gone, alive = psutil.wait_procs(extra, timeout=10)
+    assert not alive
+
+
+def test_a_replacement_that_does_not_come_up_keeps_the_mesh_in_use(no_mesh, monkeypatch):
+    with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0) as old:
+        def never(self, n, timeout=60):
+            raise MeshError(f"only 0 of {n} workers started within {timeout:g} s")
+
+        monkeypatch.setattr(jm.Mesh, "_wait_for", never)
+        with pytest.raises(MeshError, match="only 0 of 1 workers"):
+            jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, replace=True)
+        monkeypatch.undo()
+        assert jm.current() is old and not old.closed
+        assert da.ones(10, chunks=5).sum().compute() == 10  # and it still computes
+        # connecting to it "again" with replace would close the mesh it connects to
+        with pytest.raises(MeshError, match="is the current mesh already"):
+            jm.Mesh.connect(old.address, replace=True)
+        assert jm.current() is old and not old.closed
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, "soon", True])
+def test_connect_timeout_must_be_a_positive_number(no_mesh, timeout):
+    with pytest.raises(MeshError, match="timeout must be a positive number of seconds"):
+        jm.Mesh.connect("tcp://127.0.0.1:9", timeout=timeout)

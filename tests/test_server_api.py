@@ -112,7 +112,7 @@ def test_unknown_mesh_is_404(api, method, parts):
     "method, parts, raw, message",
     [
         ("POST", ("meshes",), "{cpu: 1", "not valid JSON"),
-        ("POST", ("meshes",), '{"cpu": -1}', "cpu must be a whole number >= 0"),
+        ("POST", ("meshes",), '{"cpu": -1}', "cpu must be a whole number from 0 to"),
         ("POST", ("meshes",), '{"gpu": "lots"}', "gpu must be"),
         ("POST", ("meshes",), '{"nodes": 4}', "unknown option(s) nodes"),
         ("POST", ("meshes",), "[1, 2]", "JSON object"),
@@ -230,3 +230,17 @@ def test_a_loopback_dashboard_is_linked_through_the_servers_proxy(
     # without Jupyter's token: refused (a redirect to the login page or 403)
     code, _ = jp_asyncio_loop.run_until_complete(get({"Authorization": ""}))
     assert code in (302, 403)
+
+
+def test_an_unexpected_failure_is_one_line_not_unhandled(api, jp_serverapp, monkeypatch):
+    manager = jp_serverapp.web_app.settings[MANAGER_KEY]
+
+    async def broken(body):
+        raise ValueError("something Dask did not expect\nand a second line")
+
+    monkeypatch.setattr(manager, "start", broken)
+    status, body = api("POST", "meshes", body={"cpu": 1})
+    assert status == 500
+    assert body["message"] == ("ValueError: something Dask did not expect; see the "
+                               "server's log")
+    assert api("GET", "meshes") == (200, {"meshes": []})  # the server goes on

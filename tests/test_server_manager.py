@@ -6,9 +6,12 @@ import asyncio
 
 import pytest
 
+from jupyter_mesh.server import manager as manager_module
 from jupyter_mesh.server.manager import (
     BadRequest,
     Conflict,
+    Entry,
+    Failed,
     MeshManager,
     NotFound,
     Unreachable,
@@ -32,13 +35,15 @@ class FakePlan:
     "body, message",
     [
         ([1], "JSON object"),
-        ({"cpu": -1}, "cpu must be a whole number >= 0"),
+        ({"cpu": -1}, "cpu must be a whole number from 0 to"),
+        ({"cpu": 100_000}, "cpu must be a whole number from 0 to"),
+        ({"threads_per_worker": 100_000}, "threads_per_worker must be a whole number from 1"),
         ({"cpu": "two"}, "cpu must be"),
         ({"cpu": True}, "cpu must be"),
         ({"gpu": "many"}, "or 'auto'"),
         ({"site": ""}, "site must be"),
         ({"workers": 3}, "unknown option(s) workers"),
-        ({"threads_per_worker": 0}, "threads_per_worker must be a whole number >= 1"),
+        ({"threads_per_worker": 0}, "threads_per_worker must be a whole number from 1 to"),
     ],
 )
 def test_start_options_are_validated(body, message):
@@ -63,7 +68,8 @@ def test_start_options_pass_through():
     [
         ({}, "JSON object of counts"),
         ({"fpga": 1}, "cannot scale fpga"),
-        ({"cpu": -2}, "cpu must be a whole number >= 0"),
+        ({"cpu": -2}, "cpu must be a whole number from 0 to"),
+        ({"jax_cpu": 100_000}, "(four per core here)"),
     ],
 )
 def test_scale_counts_are_validated(body, message):
@@ -156,3 +162,103 @@ async def _start_scale_connect_stop(tmp_path):
         assert await manager.list() == []
         with pytest.raises(NotFound):
             await manager.get(mesh["id"])
+
+
+def test_counts_are_capped_at_four_per_core():
+    from jupyter_mesh.devices._detect import cpu_cores
+
+    top = manager_module.most_local()
+    assert top == 4 * cpu_cores()
+    assert validate_start({"cpu": top}) == {"cpu": top}
+    with pytest.raises(BadRequest, match=f"from 0 to {top}"):
+        validate_start({"cpu": top + 1})
+
+
+def test_what_dask_fails_at_is_one_line_and_leaves_the_rest(tmp_path, monkeypatch):
+    asyncio.run(_what_dask_fails_at(tmp_path, monkeypatch))
+
+
+async def _what_dask_fails_at(tmp_path, monkeypatch):
+    def cannot_start(**kwargs):
+        raise RuntimeError("Cluster failed to start\n  ... a long traceback ...")
+
+    monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(cannot_start))
+    async with MeshManager(tmp_path) as manager:
+        with pytest.raises(Failed) as info:
+            await manager.start({"cpu": 1})
+        assert str(info.value) == ("could not start the mesh: RuntimeError: Cluster failed "
+                                   "to start; see the server's log, or start fewer workers")
+        assert info.value.status == 500 and await manager.list() == []
+
+
+class _SlowMesh:
+    """A mesh whose scaling takes a while (and that records being closed)."""
+
+    owns_cluster = True
+    options: dict = {}
+    address = "tcp://127.0.0.1:1"
+
+    def __init__(self):
+        self.closed = False
+
+    def scale(self, **counts):
+        import time
+
+        time.sleep(0.3)
+        if self.closed:
+            raise RuntimeError("the cluster was closed while scaling")
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_mesh_being_scaled_cannot_be_stopped_meanwhile(tmp_path, monkeypatch):
+    asyncio.run(_stop_while_scaling(tmp_path, monkeypatch))
+
+
+async def _stop_while_scaling(tmp_path, monkeypatch):
+    async with MeshManager(tmp_path) as manager:
+        slow = _SlowMesh()
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
+                                            address=slow.address, name="Local mesh 1",
+                                            mesh=slow)
+        monkeypatch.setattr(manager, "_sample", _no_sample)
+        monkeypatch.setattr(manager, "detail", lambda entry: {"id": entry.id})
+        scaling = asyncio.ensure_future(manager.scale("local-x", {"cpu": 2}))
+        await asyncio.sleep(0.05)
+        with pytest.raises(Conflict, match="busy with another change: try again"):
+            await manager.stop("local-x")
+        assert await scaling == {"id": "local-x"} and not slow.closed
+        assert (await manager.stop("local-x"))["stopped"] and slow.closed
+
+
+async def _no_sample(entry, **kwargs):
+    return None
+
+
+def test_plans_a_kernel_made_on_a_mesh_the_sidebar_shows_are_shown(tmp_path):
+    asyncio.run(_kernel_plans_on_a_sidebar_mesh(tmp_path))
+
+
+async def _kernel_plans_on_a_sidebar_mesh(tmp_path):
+    # the main workflow: Start in the sidebar, connect a notebook to it, compute there;
+    # the notebook's router plans reach the sidebar through its registration
+    import json
+    import os
+
+    from jupyter_mesh import discovery
+
+    async with MeshManager(tmp_path) as manager:
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
+                                            address="tcp://127.0.0.1:8786", name="Local mesh 1")
+        record = {"kind": "plan", "route": "auto", "rows": [{"op": "matmul"}]}
+        directory = discovery.registry_dir(tmp_path)
+        directory.mkdir(parents=True)
+        (directory / "mesh-1.json").write_text(json.dumps({
+            "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
+            "pid_started": discovery.process_start_time(os.getpid()), "plans": [record]}))
+        await manager.refresh_kernels()
+        await manager.refresh_kernels()  # read again: still once
+        entry = manager._entries["local-x"]
+        assert list(entry.plans) == [record] and "kernel-k1" in entry.kernels
+        assert list(manager._entries) == ["local-x"]  # no duplicate entry for the kernel

@@ -56,6 +56,14 @@ class MeshAPIHandler(APIHandler):
             result = await coro
         except ManagerError as exc:
             raise tornado.web.HTTPError(exc.status, str(exc)) from None
+        except tornado.web.HTTPError:
+            raise
+        except Exception as exc:  # never a bare "Unhandled error": one line, and the log
+            self.log.exception("jupyter_mesh: %s %s failed", self.request.method,
+                               self.request.path)
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise tornado.web.HTTPError(
+                500, f"{type(exc).__name__}: {first}; see the server's log") from None
         self.set_status(status)
         self.finish(json.dumps(result))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import os
 import time
 import uuid
@@ -42,6 +43,8 @@ SAMPLE_EVERY = 0.9
 KERNEL_CONNECT_TIMEOUT = 5.0
 
 
+logger = logging.getLogger("jupyter_mesh")
+
 class ManagerError(Exception):
     """A request the manager refuses; ``status`` is the HTTP status that fits."""
 
@@ -62,6 +65,12 @@ class Conflict(ManagerError):
 
 class Unreachable(ManagerError):
     status = 502
+
+
+class Failed(ManagerError):
+    """Dask itself failed at what was asked (said in one line; the log has the rest)."""
+
+    status = 500
 
 
 @dataclass
@@ -96,11 +105,22 @@ class Entry:
         return self.origin in ("sidebar", "connected")
 
 
+def most_local(cores: int | None = None) -> int:
+    """The most workers of a family, or threads per worker, the sidebar starts on this
+    machine: four per core (a typo must not fork thousands of processes)."""
+    from ..devices._detect import cpu_cores
+
+    return 4 * (cores or cpu_cores())
+
+
 def _check_int(name: str, value: Any, *, allow_auto: bool = False, minimum: int = 0) -> Any:
     if allow_auto and value == "auto":
         return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        allowed = f"a whole number >= {minimum}" + (" or 'auto'" if allow_auto else "")
+    top = most_local()
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or value > top):
+        allowed = (f"a whole number from {minimum} to {top} (four per core here)"
+                   + (" or 'auto'" if allow_auto else ""))
         raise BadRequest(f"{name} must be {allowed}, not {value!r}")
     return value
 
@@ -201,6 +221,7 @@ class MeshManager:
         self._lock = asyncio.Lock()
         self._counter = 0
         self.closed = False
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ lifetime
     async def __aenter__(self) -> MeshManager:
@@ -257,6 +278,10 @@ class MeshManager:
             mesh = await asyncio.to_thread(Mesh.local, set_current=False, **kwargs)
         except MeshError as exc:
             raise BadRequest(str(exc)) from None
+        except Exception as exc:  # Dask's own failures (e.g. a worker that cannot start)
+            logger.exception("jupyter_mesh: starting a mesh failed")
+            raise Failed(f"could not start the mesh: {_one_line(exc)}; see the server's "
+                         f"log, or start fewer workers") from None
         if self.closed:
             await asyncio.to_thread(_close_quietly, mesh)
             raise Conflict("the server is shutting down")
@@ -288,6 +313,16 @@ class MeshManager:
             )
         except MeshError as exc:
             raise Unreachable(str(exc)) from None
+        except Exception as exc:
+            logger.exception("jupyter_mesh: connecting to %s failed", address)
+            raise Unreachable(f"could not connect to {address}: {_one_line(exc)}") from None
+        # a connect to the same scheduler that finished meanwhile (or the same scheduler
+        # under another name, e.g. localhost and 127.0.0.1): one entry per scheduler
+        for entry in self._entries.values():
+            if entry.address in (address, mesh.address) and entry.mesh is not mesh:
+                await asyncio.to_thread(_close_quietly, mesh)
+                await self._sample(entry)
+                return self.detail(entry)
         entry = Entry(
             id=_new_id("connect"),
             origin="connected",
@@ -315,6 +350,10 @@ class MeshManager:
             await asyncio.to_thread(entry.mesh.scale, **counts)
         except MeshError as exc:
             raise BadRequest(str(exc)) from None
+        except Exception as exc:
+            logger.exception("jupyter_mesh: scaling %s failed", entry.name)
+            raise Failed(f"could not scale {entry.name}: {_one_line(exc)}; see the server's "
+                         f"log") from None
         finally:
             entry.busy = False
         await self._sample(entry, force=True)
@@ -328,6 +367,9 @@ class MeshManager:
                 f"{entry.name} belongs to a kernel: close it there with %mesh close "
                 f"(or shut the kernel down)"
             )
+        if entry.busy:
+            raise Conflict(f"{entry.name} is busy with another change: try again in a moment")
+        entry.busy = True
         self._entries.pop(mesh_id, None)
         await asyncio.to_thread(_close_quietly, entry.mesh)
         return {
@@ -362,8 +404,10 @@ class MeshManager:
                 }
                 host = by_address.get(reg["address"])
                 if host is not None:
-                    # a kernel that connected to a mesh we already show: no duplicate
+                    # a kernel that connected to a mesh we already show: no duplicate, but
+                    # the plans its router made on that mesh are shown with it
                     host.kernels[kid] = info
+                    _merge_plans(host, reg)
                     continue
                 live_ids.add(kid)
                 entry = self._entries.get(kid)
@@ -381,21 +425,27 @@ class MeshManager:
                 entry.kernels = {kid: info}
                 entry.name = _kernel_name(reg, info["path"])
                 entry.dashboard = reg.get("dashboard") or entry.dashboard
-                for rec in reg.get("plans") or []:
-                    if isinstance(rec, dict) and rec not in entry.plans:
-                        entry.plans.append(rec)
+                _merge_plans(entry, reg)
                 if entry.mesh is None and entry.connecting is None:
-                    entry.connecting = asyncio.ensure_future(self._connect_kernel(entry))
+                    entry.connecting = self._keep(self._connect_kernel(entry))
             gone = [
                 e for e in self._entries.values() if e.origin == "kernel" and e.id not in live_ids
             ]
             for entry in gone:
+                # a connect still under way is left to finish: its thread cannot be
+                # stopped, and it closes the mesh it made once it sees the entry gone
                 self._entries.pop(entry.id, None)
-                if entry.connecting is not None:
-                    entry.connecting.cancel()
         for entry in gone:
             if entry.mesh is not None:
-                asyncio.ensure_future(asyncio.to_thread(_close_quietly, entry.mesh))
+                self._keep(asyncio.to_thread(_close_quietly, entry.mesh))
+
+    def _keep(self, coro: Any) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, held until it is done (the event loop keeps
+        only a weak reference to a task)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _connect_kernel(self, entry: Entry) -> None:
         try:
@@ -612,3 +662,16 @@ def _close_quietly(mesh: Mesh | None) -> None:
         mesh.close()
     except Exception:
         pass
+
+
+def _merge_plans(entry: Entry, reg: dict[str, Any]) -> None:
+    """Add the router plans a kernel's registration lists to ``entry`` (once each)."""
+    for rec in reg.get("plans") or []:
+        if isinstance(rec, dict) and rec not in entry.plans:
+            entry.plans.append(rec)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
