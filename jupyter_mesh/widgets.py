@@ -8,7 +8,9 @@ the panel's message line; no exception escapes into the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import html
+import math
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,11 @@ def devices_html(inv: Inventory) -> str:
     return "<table class='jupyter-mesh-devices'>" + "".join(rows) + "</table>"
 
 
+#: the shortest refresh interval of a panel (a shorter one would poll the scheduler
+#: without pause)
+MIN_REFRESH = 0.1
+
+
 class MeshPanel(w.VBox):
     """The mesh's devices by kind and site (refreshed live), scale and route controls.
 
@@ -58,9 +65,10 @@ class MeshPanel(w.VBox):
     """
 
     def __init__(self, mesh: Mesh, refresh: float = 2.0, **kwargs: Any) -> None:
-        if isinstance(refresh, bool) or not isinstance(refresh, (int, float)) or \
-                not refresh >= 0:
-            raise MeshError(f"refresh must be a number of seconds >= 0, not {refresh!r}")
+        if (isinstance(refresh, bool) or not isinstance(refresh, (int, float))
+                or not (refresh == 0 or MIN_REFRESH <= refresh < math.inf)):
+            raise MeshError(f"refresh must be 0 (off) or a number of seconds from "
+                            f"{MIN_REFRESH:g} up, not {refresh!r}")
         self.mesh = mesh
         self.interval = float(refresh)
         self.header = w.HTML()
@@ -136,6 +144,9 @@ class MeshPanel(w.VBox):
     def _on_mesh_event(self, event: str, mesh: Any) -> None:
         if event == "close" and mesh is self.mesh:
             self._stop.set()
+            # nothing more to hear about: the closed mesh is not kept alive through it
+            with contextlib.suppress(ValueError):
+                _state.listeners.remove(self._on_mesh_event)
 
     def close(self) -> None:
         """Close the panel and stop its refresh."""

@@ -120,7 +120,7 @@ def test_refresh_off(mesh):
         p.close()
 
 
-@pytest.mark.parametrize("refresh", [-1, "often", True])
+@pytest.mark.parametrize("refresh", [-1, "often", True, float("nan"), float("inf"), 0.001])
 def test_bad_refresh_is_an_error(mesh, refresh):
     with pytest.raises(MeshError, match="refresh"):
         mesh.widget(refresh=refresh)
@@ -141,6 +141,7 @@ def test_refresh_stops_when_the_mesh_closes():
     assert p.refreshing
     m.close()
     assert _wait_for(lambda: not p.refreshing, timeout=5)
+    assert p._on_mesh_event not in _state.listeners  # the closed mesh is not kept alive
     assert "closed" in p.header.value
     assert p.route_button.disabled
     p.close()
