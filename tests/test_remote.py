@@ -302,6 +302,21 @@ def test_reset_remote_forgets_the_namespaces(ip, fresh, capsys):
         remote(ip, "", "gone_soon")
 
 
+def test_reset_remote_clears_a_first_cell_still_blocked(fresh):
+    # the first cell on a worker is given up on (blocked outside Python past --timeout):
+    # %mesh reset-remote must still reach that worker, so the next cell can run
+    import dask
+
+    with dask.config.set({"mesh.remote.interrupt-grace": 0.3}):
+        with pytest.raises(RemoteCellTimeout, match="blocked outside"):
+            fresh.run_cell("import time\ntime.sleep(4)", on="cpu:jax", timeout=0.3)
+    assert [d.name for d in fresh._remote_cells().namespaces.values()] == ["jax-cpu-0"]
+    with pytest.raises(jm.MeshError, match="previous cell is still running"):
+        fresh.run_cell("1 + 1", on="cpu:jax")
+    assert fresh.reset_remote() == ["jax-cpu-0"]
+    assert fresh.run_cell("1 + 1", on="cpu:jax").data["text/plain"] == "2"
+
+
 def test_closing_a_connected_mesh_drops_its_namespaces(mesh):
     other = jm.Mesh.connect(mesh.address, set_current=False)
     other.run_cell("mine = 1", on="cpu:numpy")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -168,8 +169,6 @@ def test_labels_follow_line_starts():
 
 def test_lines_of_two_workers_never_mix(capsys):
     """--all: pieces of one print() from two workers arrive interleaved."""
-    from types import SimpleNamespace
-
     runs = [
         _client._Run(device=SimpleNamespace(name=n, worker=n), message={}) for n in "ab"
     ]
@@ -194,3 +193,24 @@ def test_names():
     for bad in ("a,,b", "1a", "for", "a.b"):
         with pytest.raises(MeshError):
             _client.check_names(bad, "--push")
+
+
+@pytest.mark.parametrize("status, why", [
+    ("worker-closing", r"the worker closed \(it restarted or left\)"),
+    ("reset", r"its namespace was reset \(%mesh reset-remote\)"),
+    ("client-gone", "the worker dropped this notebook's connection"),
+])
+def test_a_cell_the_worker_did_not_finish_is_one_line(status, why):
+    # e.g. the worker restarts mid-cell: it answers "worker-closing"; the cell fails
+    # with a line saying so (not an internal error), and its namespace is forgotten
+    cells = _client.RemoteCells.__new__(_client.RemoteCells)
+    cells.namespaces = {}
+    dev = SimpleNamespace(name="cpu-0", worker="tcp://w:1", target="cpu:numpy")
+    run = _client._Run(device=dev, message={}, final={"t": "done", "status": status})
+    with pytest.raises(MeshError, match=rf"did not finish on cpu-0 \(cpu:numpy\): {why}; "
+                                        r".* run the cell again"):
+        cells._collect([run], interrupted=False, timeout=None)
+    assert cells.namespaces == {}
+    # when the user interrupted, it is the interrupt that is said
+    with pytest.raises(KeyboardInterrupt):
+        cells._collect([run], interrupted=True, timeout=None)

@@ -241,6 +241,8 @@ class RemoteCells:
             "want_value": want_value, "show_value": show_value, "timeout": timeout,
         }
         results = self._execute(devices, message, target, site, all, timeout)
+        if not results:  # e.g. stopped on the worker's side: never an internal error
+            raise MeshError("the cell did not finish on any worker: run it again")
         return results if all else results[0]
 
     def reset(self) -> dict[str, Any]:
@@ -554,6 +556,9 @@ class RemoteCells:
             final = run.final
             if run.failure is not None:
                 if isinstance(run.failure, _StillRunning):
+                    # the worker holds this notebook's namespace, busy: %mesh
+                    # reset-remote must reach it
+                    self.namespaces[dev.worker] = dev
                     if not interrupted:  # past --timeout, and blocked outside Python
                         stopped_by_timeout = True
                         failures.append(RemoteFailure(
@@ -569,14 +574,15 @@ class RemoteCells:
                 continue
             assert final is not None
             status = final.get("status")
-            if status not in ("busy",):
-                if final.get("fresh") and dev.worker in self.namespaces:
-                    print(
-                        f"jupyter_mesh: the remote namespace on {run.label} was empty: the "
-                        f"worker restarted, and names defined there before are gone.",
-                        file=sys.stderr, flush=True,
-                    )
-                self.namespaces[dev.worker] = dev
+            if status != "busy" and final.get("fresh") and dev.worker in self.namespaces:
+                print(
+                    f"jupyter_mesh: the remote namespace on {run.label} was empty: the "
+                    f"worker restarted, and names defined there before are gone.",
+                    file=sys.stderr, flush=True,
+                )
+            # every answer means a namespace of this notebook's there (a busy one too:
+            # %mesh reset-remote must reach it)
+            self.namespaces[dev.worker] = dev
             if status == "ok":
                 results.append(CellResult(
                     worker=dev.worker, name=dev.name, kind=dev.kind, backend=dev.backend,
@@ -596,8 +602,15 @@ class RemoteCells:
                     traceback=final["traceback"], worker=dev.worker, name=dev.name,
                     kind=dev.kind, backend=dev.backend,
                 ))
-            elif status in ("interrupted", "client-gone", "reset", "worker-closing"):
+            elif status == "interrupted" or interrupted:
                 continue
+            elif status in ("client-gone", "reset", "worker-closing"):
+                self.namespaces.pop(dev.worker, None)
+                why = {"worker-closing": "the worker closed (it restarted or left)",
+                       "reset": "its namespace was reset (%mesh reset-remote)",
+                       "client-gone": "the worker dropped this notebook's connection"}[status]
+                usage.append(f"the cell did not finish on {run.label} ({dev.target}): {why}; "
+                             f"names defined there are gone: run the cell again")
             elif status == "busy":
                 usage.append(
                     f"the previous cell is still running on {run.label} ({dev.target}): "
