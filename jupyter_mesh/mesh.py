@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import html
@@ -399,11 +400,23 @@ class Mesh:
         self._check_reachable()
         scheduler = self.client.scheduler  # not None: _check_reachable says so
         if self._scheduler_plugin and scheduler is not None:
+            timeout = _config.get_seconds("connect-timeout", allow_zero=False)
+
+            async def ask() -> Any:
+                return await asyncio.wait_for(scheduler.jupyter_mesh_inventory(), timeout)
+
             try:
-                info = self.client.sync(scheduler.jupyter_mesh_inventory)
+                info = self.client.sync(ask)
                 return Inventory.from_records(
                     info["devices"], info["address"], self.dashboard_link or info["dashboard"]
                 )
+            except (TimeoutError, asyncio.TimeoutError):
+                # a scheduler that stopped answering (overloaded, or its process paused)
+                raise MeshError(
+                    f"the scheduler at {self.address} did not answer within {timeout:g} s "
+                    f"(mesh.connect-timeout): it may be overloaded or stopped; try again, "
+                    f"or %mesh close"
+                ) from None
             except Exception:
                 self._scheduler_plugin = False
         return self._inventory_from_scheduler_info()

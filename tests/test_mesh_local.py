@@ -216,3 +216,23 @@ def test_a_replacement_that_does_not_come_up_keeps_the_mesh_in_use(no_mesh, monk
 def test_connect_timeout_must_be_a_positive_number(no_mesh, timeout):
     with pytest.raises(MeshError, match="timeout must be a positive number of seconds"):
         jm.Mesh.connect("tcp://127.0.0.1:9", timeout=timeout)
+
+
+def test_a_scheduler_that_stops_answering_is_said_not_waited_for(no_mesh):
+    import asyncio
+
+    with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, set_current=False) as m:
+        handlers = m.cluster.scheduler.handlers
+        answer = handlers["jupyter_mesh_inventory"]
+
+        async def stalled(*args, **kwargs):
+            await asyncio.sleep(30)
+
+        handlers["jupyter_mesh_inventory"] = stalled
+        try:
+            with dask.config.set({"mesh.connect-timeout": 0.5}):
+                with pytest.raises(MeshError, match=r"did not answer within 0.5 s .*try again"):
+                    m.inventory()
+        finally:
+            handlers["jupyter_mesh_inventory"] = answer
+        assert len(m.inventory()) == 1  # and the next question is answered
