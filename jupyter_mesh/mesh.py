@@ -8,6 +8,7 @@ import collections
 import html
 import logging
 import math
+import os
 import re
 import weakref
 from contextlib import AbstractContextManager
@@ -104,12 +105,24 @@ def check_address(address: Any) -> str:
     return address
 
 
+def visible_gpu(index: int, visible: str | None = None) -> str:
+    """What a GPU worker's ``CUDA_VISIBLE_DEVICES`` must say for the ``index``-th GPU
+    this process sees: where this process sees only some GPUs (a hub giving it GPUs 2
+    and 3, or GPU UUIDs), the index counts those, not the machine's."""
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not visible.strip():
+        return str(index)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return ids[index] if index < len(ids) else str(index)
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
                  memory_limit: Any) -> dict[str, Any]:
     fam = FAMILIES[family]
     env: dict[str, str] = {}
     if family == "gpu":
-        env["CUDA_VISIBLE_DEVICES"] = str(index)
+        env["CUDA_VISIBLE_DEVICES"] = visible_gpu(index)
     if family == "jax_cpu":
         env.update(JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
     if family == "tpu":

@@ -76,3 +76,15 @@ def test_cpu_device():
     dev = _detect.cpu_device()
     assert dev.kind == "cpu" and dev.backend == "numpy"
     assert dev.memory > 0 and dev.extra["cores"] >= 1
+
+
+@pytest.mark.parametrize("visible, index, want", [
+    (None, 1, "1"),                      # every GPU visible: the index is the GPU
+    ("2,3", 0, "2"), ("2,3", 1, "3"),    # a hub gave this process GPUs 2 and 3
+    ("GPU-aa11, GPU-bb22", 1, "GPU-bb22"),
+    ("", 0, "0"),
+])
+def test_a_gpu_worker_gets_the_gpu_this_process_sees(visible, index, want):
+    from jupyter_mesh.mesh import visible_gpu
+
+    assert visible_gpu(index, visible) == want

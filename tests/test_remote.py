@@ -348,6 +348,10 @@ def test_closing_a_connected_mesh_drops_its_namespaces(mesh):
         ("--timeout soon", "--timeout must be a positive number of seconds, not 'soon'"),
         ("--timeout nan", "--timeout must be a positive number of seconds"),
         ("--timeout inf", "--timeout must be a positive number of seconds"),
+        ("--on ''", "unknown target"),
+        ("--site ''", "--site: no worker at site"),
+        ("--pull ''", "is not a valid Python name"),
+        ("--pull a,,b", "--pull: empty name"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(ip, fresh, line, message):
@@ -357,6 +361,22 @@ def test_bad_input_is_a_one_line_usage_error(ip, fresh, line, message):
         remote(ip, line, "1")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+    assert worker_sessions(fresh) == before
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"pull": 123}, "--pull: give names as 'a,b' or a list of names, not int"),
+    ({"pull": [1]}, "--pull: names must be strings, not int"),
+    ({"all": "no"}, "all= takes True (every matching worker) or False, not 'no'"),
+    ({"filename": 3}, "filename must be a string, not int"),
+    ({"site": 3}, "--site must be a site name, not int"),
+    ({"push": [1]}, "push must be a mapping of names to values"),
+])
+def test_run_cell_bad_arguments(fresh, kwargs, message):
+    before = worker_sessions(fresh)
+    with pytest.raises(jm.MeshError) as info:
+        fresh.run_cell("1", **kwargs)
+    assert str(info.value) == message or message in str(info.value)
     assert worker_sessions(fresh) == before
 
 

@@ -97,7 +97,13 @@ def check_names(names: Any, option: str) -> list[str]:
     """Names for push/pull: a comma-separated string or an iterable of identifiers."""
     if names is None:
         return []
-    items = names.split(",") if isinstance(names, str) else list(names)
+    if isinstance(names, str):
+        items = names.split(",")
+    elif isinstance(names, (list, tuple, set, frozenset)):
+        items = list(names)
+    else:
+        raise MeshError(f"{option}: give names as 'a,b' or a list of names, not "
+                        f"{type(names).__name__}")
     out = []
     for raw in items:
         if not isinstance(raw, str):
@@ -218,6 +224,10 @@ class RemoteCells:
         self.mesh._check_open()
         if not isinstance(code, str):
             raise MeshError(f"code must be a string, not {type(code).__name__}")
+        if not isinstance(all, bool):
+            raise MeshError(f"all= takes True (every matching worker) or False, not {all!r}")
+        if filename is not None and not isinstance(filename, str):
+            raise MeshError(f"filename must be a string, not {type(filename).__name__}")
         self.cells += 1
         filename = filename or f"<remote cell {self.cells}>"
         # rejected here, before anything is sent
