@@ -109,7 +109,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
             void sidebar.poll.refresh();
           }
         })
-        .catch(() => undefined)
+        .catch(reason => {
+          // the sidebar works without its saved state; say why it was not restored
+          console.warn('jupyter-mesh: could not restore the sidebar state', reason);
+        })
         .then(() => {
           restored = true;
         });

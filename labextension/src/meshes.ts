@@ -44,21 +44,37 @@ export class MeshesModel {
     return this.meshes.find(m => m.id === this.selected) ?? null;
   }
 
-  /** Fetch the list and the selected mesh. Rejects on failure (so `Poll` backs off). */
+  /**
+   * Fetch the list and the selected mesh. Rejects on failure (so `Poll` backs off).
+   * A reply that an action or a new selection overtook while it was on its way is
+   * dropped: it would undo what the user just did.
+   */
   async refresh(): Promise<void> {
+    const generation = this._generation;
     try {
       const { meshes } = await requestAPI<{ meshes: IMeshSummary[] }>('meshes');
+      if (generation !== this._generation) {
+        return;
+      }
       this.meshes = meshes;
       this._setSelected(pickSelection(meshes, this.selected), false);
-      if (this.selected) {
-        this.detail = await requestAPI<IMeshDetail>(
-          `meshes/${encodeURIComponent(this.selected)}`
-        );
-      } else {
-        this.detail = null;
+      const id = this.selected;
+      const fetched = id ? await this._fetchDetail(id) : null;
+      if (generation !== this._generation) {
+        return;
+      }
+      this.detail = fetched;
+      if (id && this.detail === null) {
+        // the selected mesh went away between the two requests (stopped, or its
+        // kernel shut down): not a server failure; pick another
+        this.meshes = this.meshes.filter(m => m.id !== id);
+        this._setSelected(pickSelection(this.meshes, null), false);
       }
       this.loadError = null;
     } catch (error) {
+      if (generation !== this._generation) {
+        return;
+      }
       this.loadError = errorMessage(error);
       throw error;
     } finally {
@@ -67,19 +83,50 @@ export class MeshesModel {
     }
   }
 
+  /** One mesh in full, or null when the server no longer has it (404). */
+  private async _fetchDetail(id: string): Promise<IMeshDetail | null> {
+    try {
+      return await requestAPI<IMeshDetail>(`meshes/${encodeURIComponent(id)}`);
+    } catch (error) {
+      if ((error as { response?: Response }).response?.status === 404) {
+        return null;
+      }
+      throw error;
+    }
+  }
+
+  /** Say why an action was not sent (e.g. a bad count in a form). */
+  fail(message: string): void {
+    this.actionError = message;
+    this._changed.emit();
+  }
+
   /** Hide the last action's error. */
   dismissError(): void {
     this.actionError = null;
     this._changed.emit();
   }
 
+  /** Select a mesh and load it in full at once (not at the next poll). */
   select(id: string | null): void {
     this.userSelected = true;
+    this._generation++;
     this._setSelected(id, true);
     if (this.detail && this.detail.id !== id) {
       this.detail = null;
     }
     this._changed.emit();
+    if (id !== null) {
+      const generation = this._generation;
+      void this._fetchDetail(id)
+        .then(mesh => {
+          if (generation === this._generation && this.selected === id && mesh) {
+            this.detail = mesh;
+            this._changed.emit();
+          }
+        })
+        .catch(() => undefined); // the next poll says what went wrong
+    }
   }
 
   /** Start a local mesh on the server and select it. */
@@ -131,6 +178,8 @@ export class MeshesModel {
   }
 
   private async _act<T>(label: string, fn: () => Promise<T>): Promise<T | null> {
+    // a refresh already on its way holds the state from before this action
+    this._generation++;
     this.pending = label;
     this.actionError = null;
     this._changed.emit();
@@ -140,6 +189,7 @@ export class MeshesModel {
       this.actionError = errorMessage(error);
       return null;
     } finally {
+      this._generation++; // nor may one sent while the action was under way
       this.pending = null;
       this._changed.emit();
     }
@@ -166,6 +216,8 @@ export class MeshesModel {
     }
   }
 
+  /** bumped by every action and selection: older refresh replies are dropped */
+  private _generation = 0;
   private _changed = new Signal<this, void>(this);
   private _selectionChanged = new Signal<this, string | null>(this);
 }

@@ -230,6 +230,31 @@ export function parseCount(
 }
 
 /**
+ * The worker counts to change, from the scale form's text fields: only those that
+ * differ from the mesh's `current` counts.
+ *
+ * @returns the counts (empty: nothing to change), or an error message for the first
+ *   bad field (an empty field is not 0: that would stop every worker of the family)
+ */
+export function parseScale(
+  fields: Record<string, string>,
+  current: Record<string, number>
+): { counts: Record<string, number> } | { error: string } {
+  const counts: Record<string, number> = {};
+  try {
+    for (const [family, text] of Object.entries(fields)) {
+      const n = parseCount(family, text) as number;
+      if ((current[family] ?? 0) !== n) {
+        counts[family] = n;
+      }
+    }
+  } catch (error) {
+    return { error: (error as Error).message };
+  }
+  return { counts };
+}
+
+/**
  * Options of a local mesh from the form's text fields.
  *
  * @returns the options, or an error message for the first bad field
@@ -423,4 +448,29 @@ export function restoreState(value: unknown): ISidebarState {
     }
   }
   return state;
+}
+
+/**
+ * The message of an HTTP error: the server extension's one line, or, for a reply that
+ * is not its JSON (a proxy's page, or Jupyter's own 404 page when the extension is not
+ * enabled), the status in words instead of the page's HTML.
+ */
+export function errorText(
+  response: { status: number; statusText: string },
+  data: unknown
+): string {
+  if (data && typeof data === 'object' && 'message' in data) {
+    const message = (data as { message: unknown }).message;
+    if (typeof message === 'string' && message) {
+      return message;
+    }
+  }
+  if (typeof data === 'string' && data && !/^\s*</.test(data)) {
+    return data.split('\n')[0];
+  }
+  const what = `${response.status} ${response.statusText}`.trim();
+  return response.status === 404
+    ? `the server answered ${what}: is the jupyter_mesh server extension enabled? ` +
+        '(jupyter server extension list)'
+    : `the server answered ${what}`;
 }

@@ -1,6 +1,8 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { errorText } from './model';
+
 /** The path of the Mesh API below the server's base URL. */
 export const API_NAMESPACE = 'jupyter-mesh/api';
 
@@ -35,11 +37,7 @@ export async function requestAPI<T>(
     }
   }
   if (!response.ok) {
-    const message =
-      (data && typeof data === 'object' && data.message) ||
-      (typeof data === 'string' && data) ||
-      response.statusText;
-    throw new ServerConnection.ResponseError(response, message);
+    throw new ServerConnection.ResponseError(response, errorText(response, data));
   }
   return data as T;
 }

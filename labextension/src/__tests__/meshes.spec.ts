@@ -190,4 +190,62 @@ describe('MeshesModel', () => {
     expect(model.userSelected).toBe(true);
     expect(model.selected).toBe('x');
   });
+  it('drops a poll that an action overtook', async () => {
+    // a poll is on its way when Start finishes: its older list must not replace the
+    // one with the new mesh, nor move the selection away from it
+    let answerList: (v: unknown) => void = () => undefined;
+    serve({
+      'GET meshes': () => new Promise(resolve => (answerList = resolve)),
+      'POST meshes': detail('new')
+    });
+    const model = new MeshesModel();
+    const polling = model.refresh();
+    await model.start({ cpu: 1, jax_cpu: 0, gpu: 0, tpu: 0, site: 'local' });
+    answerList({ meshes: [summary('a')] });
+    await polling;
+    expect(model.meshes.map(m => m.id)).toEqual(['new']);
+    expect(model.selected).toBe('new');
+    expect(model.detail?.id).toBe('new');
+  });
+
+  it('never shows one mesh in full while another is selected', async () => {
+    let answerA: (v: unknown) => void = () => undefined;
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b')] },
+      'GET meshes/a': () => new Promise(resolve => (answerA = resolve)),
+      'GET meshes/b': detail('b')
+    });
+    const model = new MeshesModel();
+    const polling = model.refresh();
+    await new Promise(resolve => setTimeout(resolve, 0));
+    model.select('b'); // the user picks b while a's details are on their way
+    answerA(detail('a'));
+    await polling;
+    await new Promise(resolve => setTimeout(resolve, 0));
+    expect(model.selected).toBe('b');
+    expect(model.detail?.id).toBe('b'); // loaded at once on selection
+  });
+
+  it('re-picks, without an error, when the selected mesh vanished meanwhile', async () => {
+    const gone = Object.assign(new Error("no mesh with id 'a'"), {
+      response: { status: 404 }
+    });
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b')] },
+      'GET meshes/a': () => {
+        throw gone;
+      }
+    });
+    const model = new MeshesModel();
+    await model.refresh(); // resolves: the poll must not back off
+    expect(model.loadError).toBeNull();
+    expect(model.meshes.map(m => m.id)).toEqual(['b']);
+    expect(model.selected).toBe('b');
+  });
+
+  it('says why a form was not sent', () => {
+    const model = new MeshesModel();
+    model.fail('cpu must be a whole number >= 0');
+    expect(model.actionError).toBe('cpu must be a whole number >= 0');
+  });
 });

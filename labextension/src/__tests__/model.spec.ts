@@ -3,6 +3,7 @@ import {
   countsSummary,
   DEFAULT_LOCAL,
   errorMessage,
+  errorText,
   formatBytes,
   formatSeconds,
   fraction,
@@ -12,6 +13,7 @@ import {
   normalizeAddress,
   parseCount,
   parseLocalOptions,
+  parseScale,
   pickSelection,
   planCell,
   planColumns,
@@ -178,5 +180,40 @@ describe('charts and plans', () => {
     expect(planRowTitle({ op: 'a', bytes_moved: 2048, backends: ['numpy'] }, ['op'])).toBe(
       'moved: 2.0 KiB\nbackends: numpy'
     );
+  });
+});
+
+describe('parseScale', () => {
+  it('sends only the counts that change', () => {
+    expect(parseScale({ cpu: '3', gpu: '0' }, { cpu: 1, gpu: 0 })).toEqual({
+      counts: { cpu: 3 }
+    });
+    expect(parseScale({ cpu: '1' }, { cpu: 1 })).toEqual({ counts: {} });
+  });
+
+  it('never reads an empty or bad field as 0 (that would stop every worker)', () => {
+    for (const text of ['', 'abc', '-1', '1.5']) {
+      const parsed = parseScale({ cpu: text }, { cpu: 2 });
+      expect(parsed).toEqual({ error: 'cpu must be a whole number >= 0' });
+    }
+  });
+});
+
+describe('errorText', () => {
+  it("gives the server extension's one line", () => {
+    expect(errorText({ status: 400, statusText: 'Bad Request' }, { message: 'cpu must be' }))
+      .toBe('cpu must be');
+  });
+
+  it("never shows a page's HTML", () => {
+    const page = '<!DOCTYPE html>\n<html><body>404 : Not Found</body></html>';
+    expect(errorText({ status: 404, statusText: 'Not Found' }, page)).toBe(
+      'the server answered 404 Not Found: is the jupyter_mesh server extension ' +
+        'enabled? (jupyter server extension list)'
+    );
+    expect(errorText({ status: 502, statusText: 'Bad Gateway' }, '<html></html>')).toBe(
+      'the server answered 502 Bad Gateway'
+    );
+    expect(errorText({ status: 500, statusText: '' }, 'plain text\nmore')).toBe('plain text');
   });
 });

@@ -13,6 +13,7 @@ import {
   planCell,
   planColumns,
   planHeader,
+  parseScale,
   planRowTitle,
   sortGroups,
   sparklinePoints
@@ -33,7 +34,12 @@ abstract class DetailPart extends Widget {
     super();
     this.model = options.model;
     this.commands = options.commands;
-    this.model.changed.connect(() => this.render(this.model.detail), this);
+    // only the selected mesh's details: a reply for another one is never shown (its
+    // buttons would act on a mesh the user did not pick)
+    this.model.changed.connect(() => {
+      const detail = this.model.detail;
+      this.render(detail && detail.id === this.model.selected ? detail : null);
+    }, this);
   }
 
   readonly model: MeshesModel;
@@ -133,15 +139,28 @@ export class ScaleWidget extends DetailPart {
     });
     const submit = (e: Event) => {
       e.preventDefault();
-      const counts: Record<string, number> = {};
+      const fields: Record<string, string> = {};
       for (const [family, input] of Object.entries(inputs)) {
-        const n = Number(input.value);
-        if ((detail.scale[family] ?? 0) !== n) {
-          counts[family] = n;
-        }
+        fields[family] = input.value;
       }
-      if (Object.keys(counts).length) {
-        void this.commands.execute(CommandIDs.scale, { id: detail.id, counts });
+      const parsed = parseScale(fields, detail.scale);
+      if ('error' in parsed) {
+        this.model.fail(parsed.error);
+        return;
+      }
+      if (Object.keys(parsed.counts).length) {
+        void this.commands
+          .execute(CommandIDs.scale, { id: detail.id, counts: parsed.counts })
+          .finally(() => {
+            // show the mesh's counts again (not the numbers typed, if refused)
+            const focused = document.activeElement;
+            if (focused instanceof HTMLElement && this.node.contains(focused)) {
+              focused.blur();
+            }
+            this._key = '';
+            const now = this.model.detail;
+            this.render(now && now.id === this.model.selected ? now : null);
+          });
       }
     };
     replaceChildren(
