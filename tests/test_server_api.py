@@ -244,3 +244,23 @@ def test_an_unexpected_failure_is_one_line_not_unhandled(api, jp_serverapp, monk
     assert body["message"] == ("ValueError: something Dask did not expect; see the "
                                "server's log")
     assert api("GET", "meshes") == (200, {"meshes": []})  # the server goes on
+
+
+@pytest.mark.parametrize("method, parts, body", ROUTES)
+def test_every_route_asks_the_authorizer(api, jp_serverapp, monkeypatch, method, parts, body):
+    # a policy (jupyter_server's Authorizer) may make users read-only: reading the
+    # meshes is "read" on resource jupyter_mesh, starting, scaling and stopping "write"
+    asked = []
+
+    def read_only(handler, user, action, resource):
+        asked.append((action, resource))
+        return action == "read"
+
+    monkeypatch.setattr(jp_serverapp.web_app.settings["authorizer"], "is_authorized", read_only)
+    code, _ = api(method, *parts, body=body)
+    action = "read" if method == "GET" else "write"
+    assert asked == [(action, "jupyter_mesh")]
+    if action == "write":
+        assert code == 403
+    else:
+        assert code != 403

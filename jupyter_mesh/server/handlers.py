@@ -23,6 +23,7 @@ import json
 from typing import Any
 
 import tornado.web
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
@@ -33,10 +34,15 @@ API = "jupyter-mesh/api"
 STATIC = "jupyter-mesh/static"
 MANAGER_KEY = "jupyter_mesh_manager"
 _ID = r"(?P<mesh_id>[A-Za-z0-9_.\-]+)"
+#: what jupyter_server's Authorizer is asked about: reading the meshes (GET), or
+#: changing them (POST, PATCH, DELETE: "write"), so a policy can make a user read-only
+AUTH_RESOURCE = "jupyter_mesh"
 
 
 class MeshAPIHandler(APIHandler):
     """Base: JSON in and out, manager errors mapped to their HTTP status."""
+
+    auth_resource = AUTH_RESOURCE
 
     @property
     def manager(self) -> MeshManager:
@@ -71,7 +77,10 @@ class MeshAPIHandler(APIHandler):
 class BokehJSHandler(JupyterHandler):
     """The installed BokehJS, to signed-in users only (like every route here)."""
 
+    auth_resource = AUTH_RESOURCE
+
     @tornado.web.authenticated
+    @authorized
     def get(self, version: str) -> None:
         from ..viz import bokehjs_source
 
@@ -83,12 +92,14 @@ class BokehJSHandler(JupyterHandler):
 
 class HealthHandler(MeshAPIHandler):
     @tornado.web.authenticated
+    @authorized
     def get(self) -> None:
         self.finish(json.dumps({"status": "ok", "version": __version__}))
 
 
 class MeshesHandler(MeshAPIHandler):
     @tornado.web.authenticated
+    @authorized
     async def get(self) -> None:
         await self.run(self._list())
 
@@ -96,26 +107,31 @@ class MeshesHandler(MeshAPIHandler):
         return {"meshes": await self.manager.list()}
 
     @tornado.web.authenticated
+    @authorized
     async def post(self) -> None:
         await self.run(self.manager.start(self.json_body()), status=201)
 
 
 class ConnectHandler(MeshAPIHandler):
     @tornado.web.authenticated
+    @authorized
     async def post(self) -> None:
         await self.run(self.manager.connect(self.json_body()))
 
 
 class MeshHandler(MeshAPIHandler):
     @tornado.web.authenticated
+    @authorized
     async def get(self, mesh_id: str) -> None:
         await self.run(self.manager.get(mesh_id))
 
     @tornado.web.authenticated
+    @authorized
     async def patch(self, mesh_id: str) -> None:
         await self.run(self.manager.scale(mesh_id, self.json_body()))
 
     @tornado.web.authenticated
+    @authorized
     async def delete(self, mesh_id: str) -> None:
         await self.run(self.manager.stop(mesh_id))
 
