@@ -168,3 +168,29 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
     ip.run_line_magic("mesh", "close")  # still closes, naming the address
     assert f"Closed the mesh at {address}" in capsys.readouterr().out
     assert mesh.closed and jm.mesh._state.active() is None
+
+
+def test_the_sidebar_connects_to_a_tls_scheduler_with_dasks_tls_settings(tls_cluster, certs,
+                                                                         tmp_path):
+    import asyncio
+
+    import dask
+
+    from jupyter_mesh.server.manager import BadRequest, MeshManager
+
+    address = tls_cluster.scheduler_address
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            with pytest.raises(BadRequest, match=r"uses TLS: give this Jupyter server Dask's "
+                                                 r"TLS settings \(distributed.comm.tls"):
+                await manager.connect({"address": address})
+            tls = {"distributed.comm.tls.ca-file": certs["ca"],
+                   "distributed.comm.tls.client.cert": certs["cert"],
+                   "distributed.comm.tls.client.key": certs["key"]}
+            with dask.config.set(tls):
+                mesh = await manager.connect({"address": address, "timeout": 10})
+            assert mesh["address"] == address and mesh["origin"] == "connected"
+            assert mesh["devices"] == 1
+
+    asyncio.run(go())

@@ -184,12 +184,25 @@ def validate_connect(body: Any) -> tuple[str, float | None]:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
     ):
         raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {timeout!r}")
-    if address.startswith("tls://"):
+    if address.startswith("tls://") and configured_security() is None:
         raise BadRequest(
-            f"{address} uses TLS: connect to it from a notebook with %mesh connect "
-            f"{address} --tls-ca-file ... ; the sidebar then finds it by itself"
+            f"{address} uses TLS: give this Jupyter server Dask's TLS settings "
+            f"(distributed.comm.tls.ca-file, .client.cert and .client.key), or connect "
+            f"from a notebook with %mesh connect {address} --tls-ca-file ... (the sidebar "
+            f"then finds it by itself)"
         )
     return address, (float(timeout) if timeout is not None else None)
+
+
+def configured_security() -> Any:
+    """A ``Security`` from Dask's TLS settings of this server (``distributed.comm.tls``),
+    or None where they do not name a CA and a client certificate."""
+    from distributed.security import Security
+
+    security = Security()
+    if getattr(security, "tls_ca_file", None) and getattr(security, "tls_client_cert", None):
+        return security
+    return None
 
 
 class MeshManager:
@@ -308,8 +321,9 @@ class MeshManager:
                 await self._sample(entry)
                 return self.detail(entry)
         try:
+            security = configured_security() if address.startswith("tls://") else None
             mesh = await asyncio.to_thread(
-                Mesh.connect, address, timeout=timeout, set_current=False
+                Mesh.connect, address, security=security, timeout=timeout, set_current=False
             )
         except MeshError as exc:
             raise Unreachable(str(exc)) from None
