@@ -262,3 +262,33 @@ async def _kernel_plans_on_a_sidebar_mesh(tmp_path):
         entry = manager._entries["local-x"]
         assert list(entry.plans) == [record] and "kernel-k1" in entry.kernels
         assert list(manager._entries) == ["local-x"]  # no duplicate entry for the kernel
+
+
+class _StalledMesh(_SlowMesh):
+    """A mesh whose scheduler takes long to answer."""
+
+    def inventory(self):
+        import time
+
+        time.sleep(1.0)
+        raise AssertionError("the sidebar should not have waited for this")
+
+
+def test_one_slow_mesh_does_not_hold_up_the_list(tmp_path, monkeypatch):
+    asyncio.run(_slow_mesh_list(tmp_path, monkeypatch))
+
+
+async def _slow_mesh_list(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(manager_module, "SAMPLE_TIMEOUT", 0.2)
+    async with MeshManager(tmp_path) as manager:
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
+                                            address="tcp://127.0.0.1:1", name="Local mesh 1",
+                                            mesh=_StalledMesh())
+        started = time.monotonic()
+        (listed,) = await manager.list()
+        assert time.monotonic() - started < 0.9
+        assert "did not answer within 0.2 s: it may be busy; showing what it said last" in \
+            listed["error"]
+        await asyncio.sleep(1.0)  # let the stalled thread finish before the loop closes

@@ -45,6 +45,10 @@ KERNEL_CONNECT_TIMEOUT = 5.0
 
 logger = logging.getLogger("jupyter_mesh")
 
+#: seconds a mesh's inventory may take before the sidebar shows its last one instead
+SAMPLE_TIMEOUT = 3.0
+
+
 class ManagerError(Exception):
     """A request the manager refuses; ``status`` is the HTTP status that fits."""
 
@@ -583,7 +587,13 @@ class MeshManager:
             return
         entry.last_sample = now
         try:
-            inventory = await asyncio.to_thread(mesh.inventory)
+            # one slow scheduler must not hold up the list of every mesh
+            inventory = await asyncio.wait_for(asyncio.to_thread(mesh.inventory),
+                                               SAMPLE_TIMEOUT)
+        except (TimeoutError, asyncio.TimeoutError):
+            entry.error = (f"{entry.address} did not answer within {SAMPLE_TIMEOUT:g} s: "
+                           f"it may be busy; showing what it said last")
+            return
         except Exception as exc:
             entry.error = f"cannot read the inventory of {entry.address}: {exc}"
             return
