@@ -349,6 +349,11 @@ class Mesh:
                     f"security must be a distributed.security.Security, not "
                     f"{type(security).__name__}"
                 )
+        if security is not None and not address.startswith("tls://"):
+            raise MeshError(f"{address} is not a TLS address, but TLS files were given: use "
+                            f"tls://{address.split('://', 1)[-1]}, or leave out the TLS files")
+        if security is not None:
+            _check_tls_files(security)
         if address.startswith("tls://") and security is None:
             raise MeshError(
                 f"{address} uses TLS: pass security=Security(tls_ca_file=..., "
@@ -877,6 +882,25 @@ def _refuse_if_active(replace: bool) -> None:
             f"a mesh is already active at {existing.address}: close it first "
             f"(%mesh close / mesh.close()) or pass --replace / replace=True"
         )
+
+
+def _check_tls_files(security: Any) -> None:
+    """MeshError (one line) where the CA or the client's certificate and key given in
+    ``security`` cannot be read as PEM (a connect would otherwise fail later, saying
+    only that nothing answered)."""
+    import ssl
+
+    ca = getattr(security, "tls_ca_file", None)
+    cert = getattr(security, "tls_client_cert", None)
+    key = getattr(security, "tls_client_key", None)
+    try:
+        context = ssl.create_default_context(cafile=ca) if ca else None
+        if cert and context is not None:
+            context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
+        raise MeshError(f"the TLS files could not be read ({reason}): the CA, certificate "
+                        f"and key must be PEM files") from None
 
 
 def _close_active() -> None:

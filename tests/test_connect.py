@@ -141,6 +141,22 @@ def test_bad_timeouts(no_mesh, bad):
         jm.Mesh.connect("tcp://127.0.0.1:1", timeout=bad)
 
 
+def test_tls_files_are_checked_before_connecting(no_mesh, certs, tmp_path):
+    with pytest.raises(MeshError, match=r"tcp://127.0.0.1:1 is not a TLS address, but TLS "
+                                        r"files were given: use tls://127.0.0.1:1"):
+        jm.Mesh.connect("tcp://127.0.0.1:1", security=_security(certs))
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(MeshError, match=r"the TLS files could not be read \(.*\): the CA, "
+                                        r"certificate and key must be PEM files"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=str(bad), require_encryption=True))
+    with pytest.raises(MeshError, match="the TLS files could not be read"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=certs["ca"],  # a CA is not a key
+            tls_client_key=certs["ca"], require_encryption=True))
+
+
 def test_security_must_be_a_security(no_mesh):
     with pytest.raises(MeshError, match="security must be a distributed.security.Security"):
         jm.Mesh.connect("tls://127.0.0.1:1", security={"ca": "x"})
