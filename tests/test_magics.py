@@ -62,6 +62,15 @@ def test_start_status_and_compute(ip, started, capsys):
         ("connect not//an address --replace", "malformed address|unrecognized"),
         ("status --bogus", "unrecognized arguments"),
         ("close now", "unrecognized arguments"),
+        ("calibrate now", "unrecognized arguments"),
+        ("reset-remote all", "unrecognized arguments"),
+        ("route auto extra", "unrecognized arguments"),
+        ("start --threads abc", "--threads must be a whole number"),
+        ("start --jax-cpu -1", "--jax-cpu must be a whole number"),
+        ("connect tcp://127.0.0.1:1 --timeout 0", "--timeout must be a positive number"),
+        ("connect tcp://127.0.0.1:1 --timeout nan", "--timeout must be a positive number"),
+        ("connect tcp://127.0.0.1:1 --timeout inf", "--timeout must be a positive number"),
+        ("connect tcp://127.0.0.1:1", "already active.*--replace"),
     ],
 )
 def test_bad_input_is_one_line_and_mesh_survives(ip, started, line, match):
