@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import html
 import logging
 import math
@@ -291,10 +292,18 @@ class Mesh:
                 "plugins": [MeshSchedulerPlugin()],
             },
         }
-        cluster = SpecCluster(
-            workers=workers, scheduler=scheduler, name="jupyter-mesh",
-            silence_logs=logging.WARNING,
-        )
+        before = set(SpecCluster._instances)
+        try:
+            cluster = SpecCluster(
+                workers=workers, scheduler=scheduler, name="jupyter-mesh",
+                silence_logs=logging.WARNING,
+            )
+        except BaseException:
+            # interrupted (Ctrl-C) or failed while starting: what it started goes too
+            for started in set(SpecCluster._instances) - before:
+                with contextlib.suppress(Exception):
+                    started.close()
+            raise
         try:
             client = Client(cluster, set_as_default=set_current)
         except BaseException:

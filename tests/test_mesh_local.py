@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import dask
 import dask.array as da
 import psutil
@@ -189,8 +191,8 @@ def test_a_local_mesh_that_does_not_come_up_leaves_nothing_running(no_mesh, monk
         jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, set_current=False)
     (m,) = made
     assert m.closed and m.cluster.status.name == "closed"
-    extra = [psutil.Process(p) for p in {p.pid for p in me.children(recursive=True)} - before
-             if psutil.pid_exists(p)]
+    extra = [p for p in me.children(recursive=True) if p.pid not in before
+             and "resource_tracker" not in " ".join(p.cmdline())]
     gone, alive = psutil.wait_procs(extra, timeout=10)
     assert not alive
 
@@ -236,3 +238,45 @@ def test_a_scheduler_that_stops_answering_is_said_not_waited_for(no_mesh):
         finally:
             handlers["jupyter_mesh_inventory"] = answer
         assert len(m.inventory()) == 1  # and the next question is answered
+
+
+def test_a_start_interrupted_while_workers_start_leaves_nothing_running(no_mesh, monkeypatch):
+    # Ctrl-C (in the kernel's main thread) while the cluster comes up: the scheduler
+    # and the workers it started go too
+    import _thread
+    import asyncio
+    import threading
+
+    from distributed.deploy.spec import SpecCluster
+
+    started = SpecCluster._correct_state_internal
+
+    async def slowly(self):
+        await started(self)  # the workers are up
+        await asyncio.sleep(3)
+
+    monkeypatch.setattr(SpecCluster, "_correct_state_internal", slowly)
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    clusters = set(SpecCluster._instances)
+
+    def interrupt_once_up():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if set(SpecCluster._instances) - clusters and \
+                    {p.pid for p in me.children(recursive=True)} - before:
+                time.sleep(1.0)
+                _thread.interrupt_main()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_once_up, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0)
+    monkeypatch.undo()
+    # the mesh's processes (not multiprocessing's resource tracker, which stays)
+    extra = [p for p in me.children(recursive=True) if p.pid not in before
+             and "resource_tracker" not in " ".join(p.cmdline())]
+    gone, alive = psutil.wait_procs(extra, timeout=15)
+    assert not alive
+    assert all(c.status.name == "closed" for c in set(SpecCluster._instances) - clusters)
