@@ -175,6 +175,8 @@ class Mesh:
         #: (the workers' make-up, Dask's costs measured on them): see calibrate
         self._calibration: tuple[Any, Any] | None = None
         self._address = self.address  # still known once the scheduler is gone
+        #: what this mesh changed for its lifetime (the log levels of a local mesh)
+        self._quiet = contextlib.ExitStack()
         atexit.register(_close_at_exit, weakref.ref(self))
         if set_current:
             self._make_current()
@@ -321,6 +323,12 @@ class Mesh:
             # only now that the new mesh is up: a failure above loses nothing
             _close_active()
             mesh._make_current()
+        # Dask's own logs stay quiet while the mesh lives (closing a mesh it replaced
+        # would otherwise turn them back on, SpecCluster's silence being undone)
+        from distributed.utils import silence_logging_cmgr
+
+        for root in ("distributed", "bokeh"):
+            mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
         return mesh
 
     @classmethod
@@ -585,6 +593,7 @@ class Mesh:
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+            self._quiet.close()
             if _state._current is self:
                 _state.set_current(None)
             _state.notify("close", self)

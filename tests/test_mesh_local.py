@@ -280,3 +280,21 @@ def test_a_start_interrupted_while_workers_start_leaves_nothing_running(no_mesh,
     gone, alive = psutil.wait_procs(extra, timeout=15)
     assert not alive
     assert all(c.status.name == "closed" for c in set(SpecCluster._instances) - clusters)
+
+
+def test_replacing_a_mesh_keeps_dasks_logs_quiet(no_mesh):
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.INFO)
+    logging.getLogger("distributed").addHandler(handler)
+    try:
+        with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0):
+            assert handler.level == logging.WARNING
+            with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, replace=True):
+                # closing the replaced mesh restored what it silenced; the new one
+                # keeps it quiet
+                assert handler.level == logging.WARNING
+        assert handler.level == logging.INFO  # as it was, once no mesh is left
+    finally:
+        logging.getLogger("distributed").removeHandler(handler)
