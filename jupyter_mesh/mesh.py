@@ -507,6 +507,11 @@ class Mesh:
             raise MeshError("no CUDA GPU found for that many gpu workers: use gpu=0")
         if checked.get("tpu", 0) > len(_detect.tpu_devices()):
             raise MeshError("no TPU found for that many tpu workers: use tpu=0")
+        if checked.get("jax_cpu", 0):
+            import importlib.util
+
+            if importlib.util.find_spec("jax") is None:
+                raise MeshError("jax_cpu needs JAX: pip install 'jupyter_mesh[tpu]'")
         assert self.cluster is not None
         spec = self.cluster.worker_spec
         after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}

@@ -141,6 +141,17 @@ def test_scale_bad_input(mesh):
     assert mesh.inventory().by_kind() == {"cpu": 2}
 
 
+def test_scaling_jax_workers_without_jax_says_what_to_install(mesh, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "jax" else real(name, *a))
+    with pytest.raises(MeshError, match=r"jax_cpu needs JAX: pip install 'jupyter_mesh\[tpu\]'"):
+        mesh.scale(jax_cpu=1)
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
 def test_scale_per_kind(mesh):
     inv = mesh.scale(cpu=1)
     assert inv.by_kind() == {"cpu": 1}
