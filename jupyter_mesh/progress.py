@@ -338,6 +338,13 @@ class RemoteWatch:
             except Exception:
                 pass
 
+    def clear_line(self) -> None:
+        """Before the cell's output in a terminal: wipe the text bar's line, so the
+        output starts on a line of its own (the next tick draws the bar again)."""
+        if self.text and self.widgets is None:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
 
 def _escape(text: str) -> str:
     import html

@@ -375,45 +375,50 @@ class RemoteCells:
         started = time.monotonic()
         stop_sent_at: float | None = None
         interrupted = False
-        while pending:
-            try:  # Ctrl-C may land while the progress bar draws, too
-                watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
-                try:
-                    kind, run, payload = events.get(timeout=0.2)
-                except queue.Empty:
-                    now = time.monotonic()
-                    if stop_sent_at is None and timeout is not None and \
-                            now > started + timeout + grace:
-                        # the worker's own timer did not stop it: ask again
-                        self._send_stop([runs[i] for i in pending], "timeout")
-                        stop_sent_at = now
-                    elif stop_sent_at is not None and now > stop_sent_at + grace:
-                        self._abandon([runs[i] for i in pending], interrupted)
-                        pending.clear()
-                    continue
-                i = index[id(run)]
-                if kind == "out":
-                    self._show(run, payload, labelled=every)
-                elif kind == "done":
-                    run.final = payload
-                    pending.discard(i)
-                elif kind == "gone" and not every:
-                    # the sticky worker died since the last cell: say so, pick another
-                    new = self._repick(run, target, site)
-                    replacement = _Run(new, message)
-                    runs[i] = replacement
-                    index[id(replacement)] = i
-                    self._start(replacement, events)
-                else:  # "fail", or "gone" with --all
-                    run.failure = payload
-                    pending.discard(i)
-            except KeyboardInterrupt:
-                if interrupted:  # a second Ctrl-C: stop waiting
-                    self._abandon([runs[i] for i in pending], True)
-                    raise
-                interrupted = True
-                stop_sent_at = time.monotonic()
-                self._send_stop([runs[i] for i in pending], "interrupted")
+        try:
+            while pending:
+                try:  # Ctrl-C may land while the progress bar draws, too
+                    watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
+                    try:
+                        kind, run, payload = events.get(timeout=0.2)
+                    except queue.Empty:
+                        now = time.monotonic()
+                        if stop_sent_at is None and timeout is not None and \
+                                now > started + timeout + grace:
+                            # the worker's own timer did not stop it: ask again
+                            self._send_stop([runs[i] for i in pending], "timeout")
+                            stop_sent_at = now
+                        elif stop_sent_at is not None and now > stop_sent_at + grace:
+                            self._abandon([runs[i] for i in pending], interrupted)
+                            pending.clear()
+                        continue
+                    i = index[id(run)]
+                    if kind == "out":
+                        watch.clear_line()
+                        self._show(run, payload, labelled=every)
+                    elif kind == "done":
+                        run.final = payload
+                        pending.discard(i)
+                    elif kind == "gone" and not every:
+                        # the sticky worker died since the last cell: say so, pick another
+                        new = self._repick(run, target, site)
+                        replacement = _Run(new, message)
+                        runs[i] = replacement
+                        index[id(replacement)] = i
+                        self._start(replacement, events)
+                    else:  # "fail", or "gone" with --all
+                        run.failure = payload
+                        pending.discard(i)
+                except KeyboardInterrupt:
+                    if interrupted:  # a second Ctrl-C: stop waiting
+                        self._abandon([runs[i] for i in pending], True)
+                        raise
+                    interrupted = True
+                    stop_sent_at = time.monotonic()
+                    self._send_stop([runs[i] for i in pending], "interrupted")
+        except BaseException:
+            watch.done(False)  # the bar's line ends before the error is shown
+            raise
         watch.done(not interrupted and not any((r.final or {}).get("status") != "ok"
                                                for r in runs))
         return self._collect(runs, interrupted, timeout)
