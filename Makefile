@@ -8,12 +8,12 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PORT ?= 8888
 
-.PHONY: venv lab demo test bench node chromium lint clean
+.PHONY: venv lab demo test bench node pyvenv chromium lint clean
 
 APT = if [ "$$(id -u)" = 0 ]; then apt-get $(1); else sudo apt-get $(1); fi
 
 $(VENV)/.installed: pyproject.toml labextension/package.json
-	@$(MAKE) --no-print-directory node
+	@$(MAKE) --no-print-directory node pyvenv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[test,tpu]"
@@ -25,6 +25,11 @@ venv: $(VENV)/.installed
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  $(call APT,update -qq) && $(call APT,install -y -qq chromium); }
+
+# Debian's Python makes virtual environments only with its python3-venv package.
+pyvenv:
+	@$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || { \
+	  $(call APT,update -qq) && $(call APT,install -y -qq python3-venv); }
 
 # The lab extension is built with JupyterLab's jlpm, which runs on Node.js.
 node:

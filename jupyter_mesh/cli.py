@@ -50,6 +50,9 @@ async def run_worker(args: argparse.Namespace) -> int:
         raise MeshError(f"--nthreads must be a whole number >= 1, not {args.nthreads}")
     security = None
     tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    if any(tls) and not address.startswith("tls://"):
+        raise MeshError(f"{address} is not a TLS address, but TLS files were given: use "
+                        f"tls://{address.split('://', 1)[-1]}, or leave out the TLS files")
     if any(tls) or address.startswith("tls://"):
         if not all(tls):
             raise MeshError("a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
