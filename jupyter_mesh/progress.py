@@ -14,6 +14,8 @@ and remote cells call :class:`FuturesWatch` and :class:`RemoteWatch` at one plac
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
 import threading
 import time
@@ -40,7 +42,7 @@ def progress_after() -> float:
     MeshConfigError
         When the setting is negative or not a number; the message names the key.
     """
-    return _config.get_seconds("progress-after")
+    return _config.get_seconds("progress-after")  # inf (".inf" in YAML): never a bar
 
 
 def in_notebook() -> bool:
@@ -203,11 +205,13 @@ class FuturesWatch:
                 if left[0] <= 0:
                     all_done.set()
 
-        if not futures:
+        if not futures or math.isinf(self.after):  # inf: bars off
             return
         for f in futures:
             f.add_done_callback(one_done)
-        if all_done.wait(max(deadline - time.perf_counter(), 0.0)):
+        # a very large threshold must not overflow the wait
+        wait = min(max(deadline - time.perf_counter(), 0.0), threading.TIMEOUT_MAX)
+        if all_done.wait(wait):
             return
         try:
             self._show(futures)
@@ -230,16 +234,34 @@ class FuturesWatch:
             bar = TextBars(futures, **kwargs)
         bar._start_time = self.t0  # elapsed counts from the submission, as Dask's does
         self.bar = bar
-        loop.add_callback(bar.listen)
 
-    def stopped(self) -> None:
-        """The work is over: give the bar a moment for its final state."""
+        async def listen() -> None:
+            # Dask's listener raises when its comm closes (a bar stopped early, or a
+            # scheduler gone): that ends the bar, quietly
+            with contextlib.suppress(Exception):
+                await bar.listen()
+
+        loop.add_callback(listen)
+
+    def stopped(self, aborted: bool = False) -> None:
+        """The work is over: give the bar a moment for its final state. ``aborted``
+        (an error, Ctrl-C): no waiting; the bar stops where it is."""
         bar = self.bar
         if bar is None:
             return
-        deadline = time.monotonic() + _FINAL_WAIT
+        deadline = time.monotonic() + (0.0 if aborted else _FINAL_WAIT)
         while not bar.finished and time.monotonic() < deadline:
             time.sleep(0.02)
+        if not bar.finished:
+            self.bar = None
+            with contextlib.suppress(Exception):
+                comm = getattr(bar, "comm", None)
+                if comm is not None:
+                    comm.abort()  # it listens no more
+            if isinstance(bar, TextBars):
+                with contextlib.suppress(Exception):
+                    sys.stderr.write("\n")  # the bar's line ends here
+                    sys.stderr.flush()
 
     def timeline(self) -> list[dict[str, Any]] | None:
         """The scheduler's task-stream records (start and stop per task) since the
@@ -271,6 +293,8 @@ class RemoteWatch:
         self.widgets: dict[str, Any] | None = None
         self.text = False
         self.finished: set[str] = set()
+        #: seconds after the start at which each worker finished
+        self.finished_at: dict[str, float] = {}
 
     @property
     def shown(self) -> bool:
@@ -279,6 +303,8 @@ class RemoteWatch:
     def tick(self, finished: set[str] | None = None) -> None:
         elapsed = time.monotonic() - self.t0
         if finished is not None:
+            for label in set(finished) - self.finished:
+                self.finished_at[label] = elapsed
             self.finished = set(finished)
         if not self.shown:
             if elapsed < self.after:
@@ -288,7 +314,8 @@ class RemoteWatch:
             except Exception:
                 self.text = False
                 return
-        self._draw(elapsed)
+        with contextlib.suppress(Exception):  # a bar must never stop the cell
+            self._draw(elapsed)
 
     def _show(self) -> None:
         if not in_notebook():
@@ -315,10 +342,15 @@ class RemoteWatch:
         spent = format_time(elapsed).strip()
         if self.widgets is not None:
             for label, (bar, text) in self.widgets.items():
-                if label in self.finished or end is not None:
+                if label in self.finished:  # done on that worker, while others run on
+                    took = format_time(self.finished_at.get(label, elapsed)).strip()
+                    bar.value = 1.0
+                    bar.bar_style = "success"
+                    text.value = f"{_escape(label)}: finished after {took}"
+                elif end is not None:
                     bar.value = 1.0
                     bar.bar_style = "success" if end == "finished" else "danger"
-                    text.value = f"{_escape(label)}: {end or 'finished'} after {spent}"
+                    text.value = f"{_escape(label)}: {end} after {spent}"
                 else:
                     bar.value = self._fraction(elapsed)
                     text.value = f"{_escape(label)}: running {spent}"

@@ -187,3 +187,60 @@ def test_a_shown_bar_does_not_keep_the_results_alive(mesh, quick_threshold, capf
         mesh.compute(*sleepy(2, 0.4))
         assert "finished" in capfd.readouterr().err
         assert len(mesh.last_report.records) == 2
+
+
+@pytest.mark.parametrize("value", [float("inf"), 1e12, "inf"])
+def test_an_infinite_threshold_means_no_bar(mesh, value, capfd):
+    # ".inf" in the YAML turns bars off; it must not break the computation
+    with dask.config.set({"mesh.progress-after": value}):
+        for route in ("off", "auto"):
+            (total,) = mesh.compute(da.ones(8, chunks=4).sum(), route=route)
+            assert total == 8
+    assert "[#" not in capfd.readouterr().err
+
+
+def test_a_worker_that_finished_shows_green_while_others_run(monkeypatch):
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: None)
+    watch = progress.RemoteWatch(["cpu-0", "cpu-1"], timeout=None)
+    watch.after = 0.0
+    watch.tick(set())
+    time.sleep(0.2)
+    watch.tick({"cpu-0"})
+    time.sleep(0.3)
+    watch.tick({"cpu-0"})
+    (bar0, text0), (bar1, text1) = watch.widgets["cpu-0"], watch.widgets["cpu-1"]
+    assert bar0.bar_style == "success" and "cpu-0: finished after 0.2" in text0.value
+    assert "running" in text1.value
+    watch.done(ok=False)  # the other one was stopped
+    assert bar0.bar_style == "success" and bar1.bar_style == "danger"
+    assert "cpu-1: stopped after" in text1.value
+
+
+def test_an_error_drawing_the_remote_bar_does_not_stop_the_cell(monkeypatch):
+    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.text = True
+
+    def broken(*args):
+        raise ValueError("I/O operation on closed file")
+
+    monkeypatch.setattr(watch, "_draw", broken)
+    watch.tick(set())  # no exception
+
+
+def _boom(block):
+    time.sleep(0.6)
+    raise ValueError("boom")
+
+
+def test_a_failing_route_off_computation_releases_its_work(mesh, quick_threshold, capfd):
+    y = da.ones(4, chunks=2).map_blocks(_boom, dtype=float).sum()
+    with pytest.raises(ValueError, match="boom"):
+        mesh.compute(y, route="off")
+    deadline = time.monotonic() + 10
+    while mesh.client.futures and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mesh.client.futures  # the scheduler may drop all of it
+    err = capfd.readouterr().err
+    assert "route=off" in err and err.endswith("\n")  # the bar's line ended

@@ -225,9 +225,15 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         futures = mesh.client.compute(list(collections))
         try:
             watch.started(futures)
-            return tuple(mesh.client.gather(futures))
-        finally:
-            watch.stopped()
+            gathered = tuple(mesh.client.gather(futures))
+        except BaseException:
+            # Ctrl-C or a failure: the scheduler drops the rest of the computation
+            for future in futures:
+                future.release()
+            watch.stopped(aborted=True)
+            raise
+        watch.stopped()
+        return gathered
     plan = _plan_collections(mesh, collections, route, site, pin)
     model = plan.model
     values = run_plan(mesh, plan, fallback)
@@ -288,10 +294,10 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
 
         for future in futures_of(futures):
             future.release()
+        watch.stopped(aborted=True)
         raise
-    finally:
-        wall = time.perf_counter() - t0
-        watch.stopped()
+    wall = time.perf_counter() - t0
+    watch.stopped()
     status, records, timeline = _finish(mesh, routed.plan_id, watch.cursor)
     names = {d.worker: d.name or d.worker for d in mesh.inventory()}
     report = Report(plan, records, wall, fallbacks=status.get("events", []),
