@@ -252,11 +252,30 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None) -> dict[str, A
 
 
 # ---------------------------------------------------------------- figures
+def sampled_bars(bars: list[dict[str, Any]], title: str,
+                 most: int | None = None) -> tuple[list[dict[str, Any]], str]:
+    """At most ``most`` (``MAX_BARS``) of ``bars`` for a picture, taken evenly from
+    every row (worker), so that none drops out; the title then says how many of how
+    many are shown."""
+    most = MAX_BARS if most is None else most
+    if len(bars) <= most:
+        return bars, title
+    by_row: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for b in bars:
+        by_row[b["row"]].append(b)
+    kept: list[dict[str, Any]] = []
+    for row in by_row.values():
+        share = max(1, most * len(row) // len(bars))
+        step = len(row) / share
+        kept.extend(row[int(i * step)] for i in range(min(share, len(row))))
+    return kept, f"{title} (showing {len(kept)} of {len(bars)} tasks, every row sampled)"
+
+
 def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) -> Model:
     from bokeh.models import ColumnDataSource, FactorRange, HoverTool
     from bokeh.plotting import figure
 
-    bars = bars[:MAX_BARS]
+    bars, title = sampled_bars(bars, title)
     rows = sorted({b["row"] for b in bars}, reverse=True) or ["(no tasks)"]
     data = {
         "row": [b["row"] for b in bars], "left": [b["start"] for b in bars],

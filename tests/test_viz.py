@@ -319,3 +319,18 @@ def test_a_plan_made_per_task_without_tasks_has_an_empty_picture(plan):
     assert "jupyter-mesh-plan" in out and "0 tasks" in out
     assert "0 tasks" in repr(empty) and "0 tasks" in report._repr_html_()
     assert "nothing moved between kinds" in repr(empty)
+
+
+def test_a_timeline_of_many_tasks_keeps_every_worker_and_says_it_samples():
+    from jupyter_mesh.viz import sampled_bars
+
+    bars = ([{"row": "cpu-0", "i": i} for i in range(5727)]
+            + [{"row": "jax-cpu-0", "i": i} for i in range(2677)])
+    kept, title = sampled_bars(bars, "Planned timeline", most=5000)
+    rows = {b["row"] for b in kept}
+    assert rows == {"cpu-0", "jax-cpu-0"}  # no worker drops out of the picture
+    assert len(kept) <= 5000
+    assert sum(b["row"] == "jax-cpu-0" for b in kept) >= 5000 * 2677 // 8404
+    assert title == f"Planned timeline (showing {len(kept)} of 8404 tasks, every row sampled)"
+    few = bars[:10]
+    assert sampled_bars(few, "t", most=5000) == (few, "t")
