@@ -12,10 +12,23 @@ import time
 def run(path: str, timeout: int = 600) -> int:
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
 
-    nb = nbformat.read(path, as_version=4)
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except FileNotFoundError:
+        return _fail(f"no notebook at {path}: give the path of an .ipynb file, e.g. "
+                     f"examples/quickstart.ipynb")
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return _fail(f"{path} is not a notebook ({first}): give an .ipynb file")
     t0 = time.monotonic()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
+    try:
+        NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
+    except CellExecutionError as exc:
+        what = f"{exc.ename}: {exc.evalue}".splitlines()[0]
+        return _fail(f"a cell of {path} failed: {what}")
     print(f"ran {path} in {time.monotonic() - t0:.1f} s")
     shown = set()
     for cell in nb.cells:
@@ -29,10 +42,21 @@ def run(path: str, timeout: int = 600) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"jupyter_mesh.demo: {message}", file=sys.stderr)
+    return 1
+
+
+USAGE = "usage: python -m jupyter_mesh.demo NOTEBOOK.ipynb"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if len(args) != 1:
-        print("usage: python -m jupyter_mesh.demo NOTEBOOK.ipynb", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     return run(args[0])
 

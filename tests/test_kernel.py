@@ -118,3 +118,36 @@ def test_demo_usage(args):
     from jupyter_mesh.demo import main
 
     assert main(args) == 2
+
+
+def test_demo_help(capsys):
+    from jupyter_mesh.demo import main
+
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m jupyter_mesh.demo")
+
+
+def test_demo_bad_notebooks_are_one_line(tmp_path, capsys):
+    from jupyter_mesh.demo import main
+
+    assert main([str(tmp_path / "nope.ipynb")]) == 1
+    assert "no notebook at" in capsys.readouterr().err
+    bad = tmp_path / "empty.ipynb"
+    bad.write_text("{}")
+    assert main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"jupyter_mesh.demo: {bad} is not a notebook (") and err.count("\n") == 1
+
+
+def test_demo_a_failing_cell_is_one_line(tmp_path, capsys):
+    import nbformat
+
+    from jupyter_mesh.demo import main
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise ValueError('no')")])
+    path = tmp_path / "fails.ipynb"
+    nbformat.write(nb, str(path))
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"jupyter_mesh.demo: a cell of {path} failed: ValueError: no")
+    assert err.count("\n") == 1
