@@ -363,22 +363,20 @@ def _build_model(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int], ops:
                       tasks=tasks)
 
 
-_CUPY_CLASSES = frozenset({"matmul", "linalg", "fft", "elementwise", "reduction", "movement"})
 _JAX_CLASSES = frozenset({"matmul", "fft", "elementwise", "reduction", "movement"})
 
 
 def native_backends(op_class: str, func: Any = None) -> frozenset[str]:
-    """The backends that run an op natively: NumPy always; CuPy for array math; JAX
-    only for functions in its op table (when ``func`` is None, by op class alone)."""
+    """The backends that run an op natively: NumPy always; CuPy (and a backend from the
+    entry-point group) for the op classes it declares, where the function is one it
+    runs (NumPy's and Dask's own; a user's own chunk function may call SciPy or
+    np.asarray, which fail on device arrays, so it gets host arrays); JAX only for
+    functions in its op table (when ``func`` is None, by op class alone)."""
     from . import jax_ops
-    from .backends import dispatches_through_numpy, plugin_backends
+    from .backends import get_backend, plugin_backends
 
     out = {"numpy"}
-    # a user's own chunk function (a map_blocks of theirs) may call SciPy or
-    # np.asarray, which fail on device arrays: it runs on host arrays
-    if op_class in _CUPY_CLASSES and (func is None or dispatches_through_numpy(func)):
-        out.add("cupy")
-    for b in plugin_backends():
+    for b in (get_backend("cupy"), *plugin_backends()):
         if op_class in b.op_classes and (func is None or b.runs(func)):
             out.add(b.name)
     if op_class in _JAX_CLASSES and (func is None or jax_ops.supported(func)):
