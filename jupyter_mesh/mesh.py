@@ -366,10 +366,11 @@ class Mesh:
                     f"security must be a distributed.security.Security, not "
                     f"{type(security).__name__}"
                 )
-        if security is not None and not address.startswith("tls://"):
-            raise MeshError(f"{address} is not a TLS address, but TLS files were given: use "
-                            f"tls://{address.split('://', 1)[-1]}, or leave out the TLS files")
         if security is not None:
+            if not address.startswith("tls://"):
+                raise MeshError(f"{address} is not a TLS address, but TLS files were given: "
+                                f"use tls://{address.split('://', 1)[-1]}, or leave out the "
+                                f"TLS files")
             _check_tls_files(security)
         if address.startswith("tls://") and security is None:
             raise MeshError(
