@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
                         "installed through the jupyter_mesh.backends entry-point group")
     w.add_argument("--gpu", type=int, default=None, metavar="INDEX",
                    help="drive CUDA GPU INDEX through CuPy (pinned with CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--tpu", type=int, default=None, metavar="INDEX",
+                   help="drive TPU chip INDEX through JAX (pinned with TPU_VISIBLE_CHIPS), "
+                        "so each chip of a TPU host can be a worker of its own")
     w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores)")
     w.add_argument("--name", default=None, help="worker name")
     w.add_argument("--host", default=None, help="interface to listen on")
@@ -86,9 +89,23 @@ async def run_worker(args: argparse.Namespace) -> int:
             )
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
         kind = "gpu"
+    if args.tpu is not None:
+        from .devices import _tpu
+
+        if args.gpu is not None or backend not in (None, "jax"):
+            raise MeshError("--tpu drives a TPU chip through JAX: leave out --gpu and "
+                            "--backend")
+        tpus, why = _tpu.chips()
+        if args.tpu < 0 or args.tpu >= len(tpus):
+            raise MeshError(
+                f"no TPU chip {args.tpu} here (this host has {len(tpus)}"
+                f"{f': {why}' if why else ''}): leave out --tpu to join as a CPU worker"
+            )
+        env.update(_tpu.worker_env(args.tpu), JAX_PLATFORMS="tpu")
+        kind, backend = "tpu", "jax"
     if backend == "jax":
         env.setdefault("JAX_ENABLE_X64", "1")
-    nthreads = args.nthreads or (1 if kind == "gpu" else cpu_cores())
+    nthreads = args.nthreads or (1 if kind in ("gpu", "tpu") else cpu_cores())
     nanny = Nanny(
         address,
         nthreads=nthreads,

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import warnings
 import weakref
 from contextlib import AbstractContextManager
 from typing import Any, Literal, overload
@@ -21,7 +22,7 @@ from distributed.comm.addressing import parse_host_port
 
 from . import _config, _state
 from ._scheduler_plugin import MeshSchedulerPlugin
-from .devices import _detect
+from .devices import _detect, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
 from .errors import MeshError
 from .inventory import Inventory, format_bytes
@@ -127,7 +128,8 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
     if family == "jax_cpu":
         env.update(JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
     if family == "tpu":
-        env.update(JAX_PLATFORMS="tpu", JAX_ENABLE_X64="1")
+        # one chip each: a worker that saw every chip would hold them all
+        env.update(JAX_PLATFORMS="tpu", JAX_ENABLE_X64="1", **_tpu.worker_env(index))
     return {
         "cls": Nanny,
         "options": {
@@ -257,15 +259,19 @@ class Mesh:
                     f"or 'auto', jax_cpu=N to test the accelerator path on the CPU, or "
                     f"connect to a mesh whose workers have GPUs"
                 )
-        tpus = _detect.tpu_devices() if tpu_req != 0 else []
+        tpus, tpu_why = _tpu.chips() if tpu_req != 0 else ([], None)
         if tpu_req == "auto":
             tpu_n = len(tpus)
+            if tpu_why:
+                warnings.warn(f"jupyter_mesh: no TPU workers: {tpu_why}", stacklevel=2)
         else:
             tpu_n = int(tpu_req)
             if tpu_n > len(tpus):
+                why = f" ({tpu_why})" if tpu_why else ""
                 raise MeshError(
-                    f"no TPU found for tpu={tpu_n} (JAX sees {len(tpus)}): use tpu=0 or "
-                    f"'auto', or jax_cpu=N to run the JAX path on the CPU"
+                    f"no TPU found for tpu={tpu_n} (this host has {len(tpus)} TPU chips"
+                    f"{why}): use tpu=0 or 'auto', or jax_cpu=N to run the JAX path on "
+                    f"the CPU"
                 )
         if jax_n:
             import importlib.util
@@ -506,8 +512,12 @@ class Mesh:
         checked = {fam: int(check_count(fam, n)) for fam, n in counts.items()}
         if checked.get("gpu", 0) > len(_detect.cuda_devices()):
             raise MeshError("no CUDA GPU found for that many gpu workers: use gpu=0")
-        if checked.get("tpu", 0) > len(_detect.tpu_devices()):
-            raise MeshError("no TPU found for that many tpu workers: use tpu=0")
+        if checked.get("tpu", 0):
+            tpus, why = _tpu.chips()
+            if checked["tpu"] > len(tpus):
+                raise MeshError(f"no TPU found for that many tpu workers (this host has "
+                                f"{len(tpus)} TPU chips{f': {why}' if why else ''}): "
+                                f"use tpu={len(tpus)} or fewer")
         if checked.get("jax_cpu", 0):
             import importlib.util
 

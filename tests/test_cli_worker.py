@@ -112,6 +112,8 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], "--nthreads must be"),
         (["worker", "tls://127.0.0.1:1"], "needs --tls-ca-file"),
         (["worker", "tcp://127.0.0.1:1", "--gpu", "99"], "no CUDA GPU 99 here"),
+        (["worker", "tcp://127.0.0.1:1", "--tpu", "0", "--backend", "numpy"],
+         "--tpu drives a TPU chip through JAX: leave out --gpu and --backend"),
         (["worker", "tcp://127.0.0.1:1", "--tls-ca-file", "a", "--tls-cert", "b",
           "--tls-key", "c"], "is not a TLS address, but TLS files were given: use tls://"),
     ],
