@@ -16,6 +16,15 @@ def test_known_accelerator_names_its_source():
     assert lookup_known("AMD EPYC 7B13") is None
 
 
+def test_tpus_are_known_by_the_names_jax_gives_them():
+    # jax.devices()[0].device_kind on each Cloud TPU generation
+    assert "v5e" in lookup_known("TPU v5 lite").source
+    assert "v5p" in lookup_known("TPU v5").source
+    assert "v6e" in lookup_known("TPU v6 lite").source
+    assert "v4 " in lookup_known("TPU v4").source
+    assert lookup_known("TPU v4 lite") is None  # v4i, another chip: measured, not v4's table
+
+
 def test_measurement_is_bounded_and_says_so():
     prof = _profile.measure_numpy(0.3)
     assert prof.method == "measured"

@@ -87,11 +87,28 @@ KNOWN_ACCELERATORS: dict[str, dict[str, Any]] = {
                     launch_latency=2e-5, source="Google Cloud TPU v5p documentation (bf16 peak)"),
     "TPU v4": dict(flops32=275e12, flops64=0.0, mem_bandwidth=1.2e12, host_link_bandwidth=16e9,
                    launch_latency=2e-5, source="Google Cloud TPU v4 documentation (bf16 peak)"),
+    "TPU v6e": dict(flops32=918e12, flops64=0.0, mem_bandwidth=1.64e12, host_link_bandwidth=32e9,
+                    launch_latency=2e-5, source="Google Cloud TPU v6e documentation (bf16 peak)"),
+}
+
+#: what JAX calls some TPUs (``device.device_kind``), where it is not the product name;
+#: None: a chip of its own that the table does not know (v4i), measured instead
+JAX_DEVICE_KINDS: dict[str, str | None] = {
+    "TPU v5 lite": "TPU v5e",
+    "TPU v5": "TPU v5p",
+    "TPU v6 lite": "TPU v6e",
+    "TPU v4 lite": None,
 }
 
 
 def lookup_known(model: str) -> Profile | None:
     """The table profile of an accelerator whose model name contains a known name."""
+    kinds = {k.upper(): v for k, v in JAX_DEVICE_KINDS.items()}
+    if model.strip().upper() in kinds:
+        alias = kinds[model.strip().upper()]
+        if alias is None:
+            return None
+        model = alias
     upper = model.upper()
     # longest names first so "H200" is not taken for a substring match of something else
     for name in sorted(KNOWN_ACCELERATORS, key=len, reverse=True):
