@@ -51,6 +51,13 @@ def backend_resource(kind: str, backend: str) -> str:
     return f"{RESOURCE_PREFIX}{kind}-{backend}"
 
 
+def site_resource(site: str) -> str:
+    """The Dask resource every worker at ``site`` advertises: restrictions to a site by
+    resource hold for a worker that rejoins under a new address (a nanny's restart),
+    where a list of addresses would not."""
+    return f"{RESOURCE_PREFIX}site:{site}"
+
+
 def kind_backends(kind: str) -> tuple[str, ...]:
     """The backends that can drive ``kind``: NumPy, CuPy and JAX as
     :data:`KIND_BACKENDS` says, and those of the ``jupyter_mesh.backends`` entry-point

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import pickle
 import re
 
 import dask
@@ -28,6 +29,7 @@ from jupyter_mesh.router import (
 )
 from jupyter_mesh.router.classify import classify_label, layer_label, synthetic_model
 from jupyter_mesh.router.cost import core_shares
+from jupyter_mesh.targets import site_resource
 
 CPU = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
               method="model", source="test")
@@ -562,8 +564,9 @@ def test_fallback_relaxes_pinned_tasks_only_within_their_site():
     def ws(site):
         return SimpleNamespace(extra={"jupyter-mesh": {"site": site, "kind": "cpu",
                                                        "backend": "numpy"}},
-                               resources={}, address=site, name=site, nthreads=1,
-                               processing=(), memory=None, metrics={}, status="running")
+                               resources={site_resource(site): 1}, address=site, name=site,
+                               nthreads=1, processing=(), memory=None, metrics={},
+                               status="running")
 
     st = RouterState()
     st.scheduler = SimpleNamespace(workers={"tcp://e:1": ws("edge"), "tcp://c:1": ws("local")},
@@ -572,7 +575,9 @@ def test_fallback_relaxes_pinned_tasks_only_within_their_site():
     pinned, free = SimpleNamespace(key="k1"), SimpleNamespace(key="k2")
     st._relax_one(pinned, ps)
     st._relax_one(free, ps)
-    assert pinned.worker_restrictions == {"tcp://e:1"}
+    # kept to the site by its resource (not by address: a restarted worker counts)
+    assert pinned.resource_restrictions == {"mesh-site:edge": 1}
+    assert pinned.worker_restrictions is None
     assert free.worker_restrictions is None and free.resource_restrictions is None
 
 
@@ -584,16 +589,24 @@ def _stub_scheduler(workers, states):
     def ws(site):
         return SimpleNamespace(extra={"jupyter-mesh": {"site": site, "kind": "cpu",
                                                        "backend": "numpy"}},
-                               resources={"mesh-cpu-numpy": 1}, address=site, name=site,
-                               nthreads=1, processing=(), memory=None, metrics={},
-                               status="running")
+                               resources={"mesh-cpu-numpy": 1, site_resource(site): 1},
+                               address=site, name=site, nthreads=1, processing=(),
+                               memory=None, metrics={}, status="running")
 
     asked: list = []
     tasks = {k: SimpleNamespace(key=k, state=st, resource_restrictions={"mesh-gpu-cupy": 1},
                                 worker_restrictions=None, host_restrictions=None,
                                 loose_restrictions=False) for k, st in states.items()}
+
+    def transition(key, finish, stimulus_id, **kwargs):
+        # what Dask does for a task failed while it waits: erred, with the exception
+        tasks[key].state = finish
+        tasks[key].exception = pickle.loads(kwargs["exception"])
+        return {}
+
     sched = SimpleNamespace(workers={a: ws(site) for a, site in workers.items()},
-                            tasks=tasks, transitions=lambda recs, stimulus_id: asked.append(recs))
+                            tasks=tasks, transitions=lambda recs, stimulus_id: asked.append(recs),
+                            transition=transition)
     return sched, asked
 
 
@@ -617,6 +630,11 @@ def test_fallback_never_moves_a_site_computation_out_nor_waits_for_nothing(left,
     st._expire("p", 0)
     assert re.search(failed, ps.failed)
     assert asked == [] and st.status(plan_id="p")["failed"] == ps.failed
+    # the task waiting for a worker fails with that error, so that nothing waiting on
+    # it (a mesh.submit future, persisted data computed again) waits for ever
+    k1 = st.scheduler.tasks["k1"]
+    assert k1.state == "erred" and isinstance(k1.exception, MeshError)
+    assert str(k1.exception) == ps.failed
     # with a worker left at lab, the task goes there, and only there
     st.scheduler, asked = _stub_scheduler({**left, "tcp://l:1": "lab"}, {"k1": "no-worker"})
     ps = PlanState("q", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, "lab")
@@ -624,7 +642,8 @@ def test_fallback_never_moves_a_site_computation_out_nor_waits_for_nothing(left,
     st.plans["q"] = ps
     st._expire("q", 0)
     assert ps.failed is None and asked == [{"k1": "processing"}]
-    assert st.scheduler.tasks["k1"].worker_restrictions == {"tcp://l:1"}
+    k1 = st.scheduler.tasks["k1"]
+    assert k1.resource_restrictions == {"mesh-site:lab": 1} and not k1.worker_restrictions
     assert "re-routed" in ps.events[0]
 
 
@@ -836,3 +855,46 @@ def test_the_search_stops_once_it_keeps_finding_nothing_better(mesh_devices, mon
     full = plan_model(m, pools, "auto", cost=cost)
     assert len(searched) == P.SEARCH_TRIALS > stopped >= 6
     assert 0 < full.makespan <= plan.makespan * (1 + 1e-9)  # the longer search never loses
+
+
+def test_a_site_pool_survives_its_worker_rejoining_under_a_new_address():
+    # multi-site and site= plans keep a pool to its site; a worker restarted by its
+    # nanny rejoins under a new address and must still count (by its resources)
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler({"tcp://l:2": "lab"}, {"k1": "no-worker"})
+    ps = PlanState("p", [("mesh-cpu-numpy", "lab", "cpu:numpy")], False, 1.0, "lab")
+    ps.keys, ps.used = {"k1": 0}, {0}
+    st.plans["p"] = ps
+    assert st._alive(ps, 0)
+    st._restrict(st.scheduler.tasks["k1"], ps, 0)
+    k1 = st.scheduler.tasks["k1"]
+    assert k1.resource_restrictions == {"mesh-cpu-numpy": 1, "mesh-site:lab": 1}
+    assert k1.worker_restrictions is None
+    # with fallback=False it is not failed: the pool is alive
+    st._expire("p", 0)
+    assert ps.failed is None and k1.state == "no-worker"
+    # a worker of the same kind at another site does not keep the pool alive
+    st.scheduler, _ = _stub_scheduler({"tcp://c:1": "cloud"}, {"k1": "no-worker"})
+    assert not st._alive(ps, 0)
+
+
+def test_a_task_computed_again_after_its_pool_was_rerouted_is_not_left_waiting():
+    # data of a re-routed pool lost later: its task waits in no-worker with the gone
+    # pool's restrictions; the plugin relaxes it as it did the others
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler({"tcp://c:1": "local"}, {"k1": "no-worker"})
+    ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, None)
+    ps.keys, ps.used, ps.relaxed = {"k1": 0}, {0}, {0}
+    st.plans["p"] = ps
+    st._revisit("p", "k1")
+    assert st.scheduler.tasks["k1"].resource_restrictions is None
+    assert asked == [{"k1": "processing"}]
+    # and in a computation that failed, it fails too rather than wait
+    ps.failed = "no live gpu:cupy worker for 1 s and fallback=False: ..."
+    st.scheduler.tasks["k1"].state = "no-worker"
+    st._revisit("p", "k1")
+    assert st.scheduler.tasks["k1"].state == "erred"

@@ -19,7 +19,7 @@ from typing import Any
 from dask.system import CPU_COUNT
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource
+from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource, site_resource
 from . import _detect, _profile
 
 logger = logging.getLogger("jupyter_mesh")
@@ -141,7 +141,9 @@ class MeshWorkerPlugin(WorkerPlugin):
             "pid": os.getpid(),
             **info.extra,
         }
-        resources = {kind_resource(info.kind): nthreads, backend_resource(info.kind, backend): nthreads}
+        resources = {kind_resource(info.kind): nthreads,
+                     backend_resource(info.kind, backend): nthreads,
+                     site_resource(self.site): nthreads}
         for name, amount in resources.items():
             worker.state.total_resources[name] = amount
             worker.state.available_resources[name] = amount

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..targets import site_resource
+
 logger = logging.getLogger("jupyter_mesh")
 
 ROUTE_HANDLER = "jupyter_mesh_route"
@@ -28,7 +30,8 @@ _FINAL = ("memory", "erred", "forgotten")
 @dataclass
 class PlanState:
     plan_id: str
-    pools: list[tuple[str, list[str] | None, str]]
+    #: per pool: (resource or None for any kind, site it is kept to or None, label)
+    pools: list[tuple[str | None, str | None, str]]
     fallback: bool
     timeout: float
     site: str | None
@@ -133,6 +136,12 @@ class RouterState:
             self._check(self.plans[pid])
 
     def transition(self, key: Any, finish: str) -> None:
+        if finish == "no-worker":
+            pid = self.owner.get(key)
+            if pid is not None and pid in self.plans:
+                # after the transition, not inside it
+                asyncio.get_running_loop().call_soon(self._revisit, pid, key)
+            return
         if finish != "forgotten":
             return
         pid = self.owner.pop(key, None)
@@ -175,12 +184,18 @@ class RouterState:
         if p in ps.relaxed:
             self._relax_one(ts, ps)
             return
-        resource, workers, _ = ps.pools[p]
-        ts.resource_restrictions = {resource: 1}
+        resource, site, _ = ps.pools[p]
+        # by resource, kind and site alike: a worker that rejoins under a new address
+        # (restarted by its nanny) still qualifies
+        wanted = {resource: 1} if resource else {}
+        if site:
+            wanted[site_resource(site)] = 1
+        ts.resource_restrictions = wanted or None
         some = ps.narrow.get(p)
         if some and self.scheduler is not None and any(a in self.scheduler.workers for a in some):
-            workers = some
-        ts.worker_restrictions = set(workers) if workers else None
+            ts.worker_restrictions = set(some)
+        else:
+            ts.worker_restrictions = None
         ts.host_restrictions = None
         ts.loose_restrictions = False
 
@@ -198,20 +213,74 @@ class RouterState:
 
     def _relax_one(self, ts: Any, ps: PlanState) -> None:
         site = ps.pins.get(ts.key) or ps.site
-        ts.resource_restrictions = None
-        ts.worker_restrictions = self._site_workers(site)
+        ts.resource_restrictions = {site_resource(site): 1} if site else None
+        ts.worker_restrictions = None
         ts.host_restrictions = None
         ts.loose_restrictions = False
-        if site and ts.worker_restrictions == set() and ps.failed is None:
+        if site and not self._site_workers(site):
             # a task kept at a site where no worker is left would wait for ever
-            ps.failed = _no_site_left(site, ts.key in ps.pins)
+            self._fail(ps, _no_site_left(site, ts.key in ps.pins))
 
     def _alive(self, ps: PlanState, p: int) -> bool:
-        resource, workers, _ = ps.pools[p]
-        for addr, ws in self.scheduler.workers.items():
-            if ws.resources.get(resource, 0) >= 1 and (not workers or addr in workers):
+        resource, site, _ = ps.pools[p]
+        site_res = site_resource(site) if site else None
+        for ws in self.scheduler.workers.values():
+            if ((not resource or ws.resources.get(resource, 0) >= 1)
+                    and (not site_res or ws.resources.get(site_res, 0) >= 1)):
                 return True
         return False
+
+    def _fail(self, ps: PlanState, why: str) -> None:
+        """The computation cannot finish as routed: say why (a routed compute polls
+        for it) and fail its tasks that wait for a worker, so that whatever waits on
+        them (a future of mesh.submit, data persisted earlier) gets this error rather
+        than waiting for ever."""
+        if ps.failed is None:
+            ps.failed = why
+        try:
+            # not in the middle of update_graph or a transition: just after
+            asyncio.get_running_loop().call_soon(self._err_waiting, ps.plan_id)
+        except RuntimeError:  # no loop running (called directly)
+            self._err_waiting(ps.plan_id)
+
+    def _revisit(self, pid: str, key: Any) -> None:
+        """A routed task waits for a worker: one whose data was lost and is computed
+        again, say, after its pool was re-routed or the computation failed."""
+        ps = self.plans.get(pid)
+        ts = self.scheduler.tasks.get(key) if self.scheduler is not None else None
+        if ps is None or ts is None or ts.state != "no-worker":
+            return
+        if ps.failed is not None:
+            self._err_waiting(pid)
+            return
+        p = ps.keys.get(key)
+        if p is not None and p in ps.relaxed:
+            # it still had the restrictions of a pool that is gone
+            self._relax_one(ts, ps)
+            if ps.failed is None:
+                self.scheduler.transitions(
+                    {key: "processing"}, stimulus_id=f"jupyter-mesh-revisit-{time.time()}")
+            return
+        self._check(ps)
+
+    def _err_waiting(self, pid: str) -> None:
+        ps = self.plans.get(pid)
+        sched = self.scheduler
+        if ps is None or ps.failed is None or sched is None:
+            return
+        from ..errors import MeshError
+
+        exc = pickle.dumps(MeshError(ps.failed))
+        stimulus = f"jupyter-mesh-failed-{time.time()}"
+        recs: dict[Any, str] = {}
+        for key in list(ps.keys):
+            ts = sched.tasks.get(key)
+            if ts is None or ts.state not in ("no-worker", "queued"):
+                continue
+            recs.update(sched.transition(key, "erred", exception=exc, cause=key,
+                                         stimulus_id=stimulus))
+        if recs:
+            sched.transitions(recs, stimulus_id=stimulus)
 
     def _check(self, ps: PlanState) -> None:
         for p in ps.used:
@@ -234,10 +303,8 @@ class RouterState:
             return
         label = ps.pools[p][2]
         if not ps.fallback:
-            ps.failed = (
-                f"no live {label} worker for {ps.timeout:g} s and fallback=False: "
-                f"the computation cannot finish as routed"
-            )
+            self._fail(ps, f"no live {label} worker for {ps.timeout:g} s and "
+                           f"fallback=False: the computation cannot finish as routed")
             return
         sched = self.scheduler
         lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p
@@ -245,13 +312,12 @@ class RouterState:
         if lost:
             # data pinned to a site, or a computation kept at one (site=), never leaves
             # it: fail rather than move it
-            ps.failed = _no_site_left(*lost[0])
+            self._fail(ps, _no_site_left(*lost[0]))
             return
         if not sched.workers:
-            ps.failed = (
-                f"no live worker left for {ps.timeout:g} s: the computation cannot finish; "
-                f"add workers (e.g. mesh.scale(cpu=2)) and compute again"
-            )
+            self._fail(ps, f"no live worker left for {ps.timeout:g} s: the computation "
+                           f"cannot finish; add workers (e.g. mesh.scale(cpu=2)) and "
+                           f"compute again")
             return
         ps.relaxed.add(p)
         recs: dict[Any, str] = {}

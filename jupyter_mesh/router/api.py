@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import pickle
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import dask
+from dask.base import tokenize
+from dask.utils import funcname
 
-from .. import progress
+from .. import _config, progress
 from ..errors import MeshError
-from ..targets import Target
-from ._device import pop_records
+from ..targets import Target, site_resource
+from ._device import SubmitCall, pop_records
 from ._scheduler import ROUTE_HANDLER, STATUS_HANDLER
 from .classify import (
     CAPABILITIES,
@@ -569,13 +573,11 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         raise MeshError("pass on= (a target) or needs= (a capability), not both")
     site = _check_site(site)
     inv = mesh.inventory()
-    workers = None
-    if site is not None:
-        workers = [d.worker for d in inv if d.site == site]
-        if not workers:
-            sites = sorted({d.site for d in inv})
-            raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
-    resources = None
+    if site is not None and not any(d.site == site for d in inv):
+        sites = sorted({d.site for d in inv})
+        raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
+    resource: str | None = None
+    label = "any worker"
     if on is not None:
         target = parse_route_or_error(on)
         if not isinstance(target, Target):
@@ -590,12 +592,44 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
                 f"no live {target} worker{where}: the mesh has {inv.summary()}; use "
                 f"on= one of {', '.join(have) or 'nothing'}, or needs= to let the mesh pick"
             )
-        resources = {target.resource: 1}
+        resource, label = target.resource, str(target)
     elif needs is not None:
-        resource, _ = choose_for_needs(mesh, needs, site)
-        resources = {resource: 1}
-    if convert:
-        from ._device import SubmitCall
+        resource, label = choose_for_needs(mesh, needs, site)
+    # the target is part of the key: the same call on two targets is two tasks
+    key = f"{funcname(fn)}-{tokenize(fn, args, kwargs, resource, site, convert)}"
+    resources = {resource: 1} if resource else {}
+    if site is not None:
+        # by resource, not by address: a worker restarted by its nanny still counts
+        resources[site_resource(site)] = 1
+        label = f"{label} at site {site}"
+    if resources:
+        _register_submit(mesh, key, resource, site, label)
+    call = SubmitCall(fn) if convert else fn
+    # every keyword argument goes to fn, even one named like an option of Dask's
+    # submit (key=, pure=, retries=, workers=...), which Dask would otherwise take
+    return mesh.client.submit(_apply, call, list(args), dict(kwargs), key=key,
+                              resources=resources or None)
 
-        fn = SubmitCall(fn)
-    return mesh.client.submit(fn, *args, resources=resources, workers=workers, **kwargs)
+
+def _apply(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    return fn(*args, **kwargs)
+
+
+def _register_submit(mesh: Mesh, key: str, resource: str | None, site: str | None,
+                     label: str) -> None:
+    """Put a submitted task under the scheduler plugin's fallback, as routed tasks
+    are: when every worker it may run on is gone for ``mesh.fallback-timeout``, it
+    runs on what is left (at its site, with site=), or fails with a one-line error;
+    it never waits for ever. A scheduler without jupyter_mesh's plugin runs it with
+    its plain resource restrictions."""
+    payload = pickle.dumps({
+        "plan_id": f"submit-{uuid.uuid4().hex}", "restrictions": {key: 0},
+        "pools": [(resource, site, label)], "fallback": True,
+        "timeout": _config.get_seconds("fallback-timeout"), "site": site, "pins": {},
+    }, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        mesh.client.sync(getattr(_scheduler(mesh), ROUTE_HANDLER), payload=payload)
+    except MeshError:
+        raise
+    except Exception:
+        pass

@@ -385,8 +385,9 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True) -> Routed:
             collection_annotations=getattr(layer, "collection_annotations", None))
     graph = HighLevelGraph(layers, m.graph.dependencies)
     multi_site = len({p.site for p in plan.pools}) > 1
-    pools = [(p.resource, list(p.workers) if (multi_site or plan.site) else None, p.label)
-             for p in plan.pools]
+    pools: list[tuple[str | None, str | None, str]] = [
+        (p.resource, p.site if (multi_site or plan.site) else None, p.label)
+        for p in plan.pools]
     routed = Routed(plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=by_key,
                     pools=pools, fallback=fallback,
                     timeout=_config.get_seconds("fallback-timeout"), site=plan.site,

@@ -35,8 +35,8 @@ class Routed:
     keys: list[Any]
     #: key -> pool index
     restrictions: dict[Any, int]
-    #: per pool: (resource name, worker addresses or None, label)
-    pools: list[tuple[str, list[str] | None, str]] = field(default_factory=list)
+    #: per pool: (resource name, the site it is kept to or None, label)
+    pools: list[tuple[str | None, str | None, str]] = field(default_factory=list)
     fallback: bool = True
     timeout: float = 5.0
     site: str | None = None
@@ -130,8 +130,8 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
     if fuse and wrap:
         fused = _fuse_chains(plan, graph, restrictions, priorities, pins, plan_id)
     multi_site = len({p.site for p in plan.pools}) > 1
-    pools = [
-        (p.resource, list(p.workers) if (multi_site or plan.site or pins) else None, p.label)
+    pools: list[tuple[str | None, str | None, str]] = [
+        (p.resource, p.site if (multi_site or plan.site or pins) else None, p.label)
         for p in plan.pools
     ]
     return Routed(

@@ -1,0 +1,53 @@
+"""mesh.submit under the fallback: a task whose kind is lost runs on what is left."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import dask
+import pytest
+
+from jupyter_mesh import MeshError
+
+from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with dask.config.set({"mesh.fallback-timeout": 1.0}):
+        with fresh_local_mesh(cpu=1, jax_cpu=1, site="lab") as m:
+            yield m
+
+
+def slow_backend_name(seconds, key=None, retries=None):
+    """Sleep, then say which backend's worker ran this (and the keyword arguments
+    that Dask's own submit would have taken for itself)."""
+    from distributed import get_worker
+
+    time.sleep(seconds)
+    return get_worker().extensions["jupyter-mesh"].device["backend"], key, retries
+
+
+def test_keyword_arguments_named_like_dasks_options_reach_the_function(mesh):
+    fut = mesh.submit(slow_backend_name, 0, key="mine", retries=3, on="cpu:numpy")
+    assert fut.result(timeout=30) == ("numpy", "mine", 3)
+    # the same call on another target is another task, not the first one's result
+    other = mesh.submit(slow_backend_name, 0, key="mine", retries=3, on="cpu:jax")
+    assert other.key != fut.key
+    assert other.result(timeout=30)[0] == "jax"
+
+
+def test_a_submitted_task_whose_kind_is_lost_runs_on_what_is_left(mesh):
+    killer = threading.Thread(target=kill_jax_worker_when_busy, args=(mesh,))
+    killer.start()
+    fut = mesh.submit(slow_backend_name, 3.0, on="cpu:jax")
+    killer.join()
+    # the JAX worker died while running it: after mesh.fallback-timeout (1 s here) it
+    # runs on the NumPy worker instead of waiting for a JAX worker for ever
+    backend, _, _ = fut.result(timeout=60)
+    assert backend == "numpy"
+    assert not [d for d in mesh.inventory() if d.backend == "jax"]
+    # a kind that is gone is refused at once
+    with pytest.raises(MeshError, match="no live cpu:jax worker"):
+        mesh.submit(slow_backend_name, 0, on="cpu:jax")
