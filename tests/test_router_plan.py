@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import re
 
@@ -898,3 +899,40 @@ def test_a_task_computed_again_after_its_pool_was_rerouted_is_not_left_waiting()
     st.scheduler.tasks["k1"].state = "no-worker"
     st._revisit("p", "k1")
     assert st.scheduler.tasks["k1"].state == "erred"
+
+
+def test_a_device_result_moved_to_another_worker_arrives_as_an_exact_host_array(tmp_path):
+    # a routed task's result kept on its JAX worker for the next JAX op there; when a
+    # fallback runs that op elsewhere (a NumPy worker, whose process has JAX's 64-bit
+    # mode off) the result is pickled to it: it must arrive as float64 NumPy, exactly
+    # (it arrived as float32 JAX, off by about 1e-8, before)
+    import subprocess
+    import sys
+
+    a = np.random.default_rng(0).random((64, 64))
+    np.save(tmp_path / "a.npy", a)
+    on_jax_worker = f"""
+import operator, pickle, numpy as np
+from jupyter_mesh.router import _device
+_device._local.backend = "jax"  # as on a JAX worker
+a = np.load({str(tmp_path / "a.npy")!r})
+kept = _device.DeviceCall(operator.matmul, "k", "p", False, frozenset({{"jax"}}))(a, a)
+assert type(kept) is _device.OnDevice and kept.backend == "jax", kept
+# the next op of the same device gets the array itself
+nxt = _device.DeviceCall(operator.add, "k2", "p", True, frozenset({{"jax"}}))(kept, 1.0)
+assert type(nxt) is np.ndarray and nxt.dtype == np.float64
+pickle.dump(kept, open({str(tmp_path / "kept.pkl")!r}, "wb"), protocol=5)
+"""
+    on_numpy_worker = f"""
+import pickle, sys, numpy as np
+x = pickle.load(open({str(tmp_path / "kept.pkl")!r}, "rb"))
+print(type(x).__module__, type(x).__name__, x.dtype, "jax" in sys.modules)
+np.save({str(tmp_path / "got.npy")!r}, x)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    subprocess.run([sys.executable, "-c", on_jax_worker], check=True, timeout=120,
+                   env={**env, "JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run([sys.executable, "-c", on_numpy_worker], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.stdout.split() == ["numpy", "ndarray", "float64", "False"], out.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), a @ a, rtol=1e-13)

@@ -93,6 +93,8 @@ class DeviceCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
+        args = _map(_unwrap, args)
+        kwargs = {k: _map(_unwrap, v) for k, v in kwargs.items()}
         name = worker_backend()
         func = self.func
         used = "numpy"
@@ -114,8 +116,11 @@ class DeviceCall:
         out = func(*args, **kwargs)
         if self.to_host and used != "numpy":
             out = _map(get_backend(used).to_host, out)
-        elif used == "jax":
-            out = _block(out)
+        elif used != "numpy":
+            if used == "jax":
+                out = _block(out)
+            backend = get_backend(used)
+            out = _map(lambda x: OnDevice(x, used) if backend.is_device_array(x) else x, out)
         key = self.key
         if key is None:
             key = getattr(thread_state, "key", None)
@@ -124,6 +129,36 @@ class DeviceCall:
 
     def __repr__(self) -> str:
         return f"DeviceCall({getattr(self.func, '__name__', self.func)!r})"
+
+
+class OnDevice:
+    """A task's result kept in device memory for the next op of the same device on
+    the same worker, which gets the array itself, with no copy.
+
+    Moved to another worker (a fallback relaxed where its consumer runs) or spilled
+    to disk, it is pickled as the host NumPy array: the receiver needs neither the
+    device nor its library, and a JAX array is not rebuilt as float32 in a process
+    where JAX's 64-bit mode is off (as it is on a NumPy worker). So placement, even a
+    fallback's, never decides correctness."""
+
+    __slots__ = ("array", "backend")
+
+    def __init__(self, array: Any, backend: str) -> None:
+        self.array = array
+        self.backend = backend
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return get_backend(self.backend).to_host(self.array).__reduce_ex__(protocol)
+
+    def __sizeof__(self) -> int:
+        return int(getattr(self.array, "nbytes", 0)) + 64
+
+    def __repr__(self) -> str:
+        return f"OnDevice({self.backend}, {type(self.array).__name__})"
+
+
+def _unwrap(x: Any) -> Any:
+    return x.array if type(x) is OnDevice else x
 
 
 class SubmitCall:
