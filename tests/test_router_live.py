@@ -91,6 +91,64 @@ def test_other_ops_same_numbers_routed(mesh, route):
     assert_all_close(mesh.compute(*colls, route=route), expected)
 
 
+def numpy_semantics_cases():
+    """Calls where JAX's own arithmetic differs from NumPy's (type promotion, integer
+    division by zero, sums of bools, int64 against uint64, float_power, 0-d results)
+    or where JAX has no version (SciPy's ufuncs, object and datetime dtypes, empty
+    blocks, lists as arrays, tasks nested in a task's arguments)."""
+    import scipy.special
+
+    rs = np.random.RandomState(0)
+    xi = da.from_array(rs.randint(-50, 50, (60, 40)).astype(np.int32), chunks=20)
+    xf = da.from_array(rs.standard_normal((60, 40)).astype(np.float32), chunks=20)
+    x = da.from_array(rs.standard_normal((60, 40)), chunks=20)
+    xb = x > 0
+    return {
+        "int32 + float32": xi + xf,
+        "sqrt of int8": da.sqrt(xi.astype(np.int8)),
+        "int32 / int32": xi / (xi + 100),
+        "reciprocal of int32": da.reciprocal(xi + 100),
+        "int32 // 0": xi // (xi * 0),
+        "int32 @ float32": xi @ xf.T,
+        "bool @ bool": xb @ xb.T,
+        "int64 == uint64": (da.from_array(np.array([2**53 + 1], np.int64))
+                            == da.from_array(np.array([2**53], np.uint64))),
+        "fft of int32": da.fft.fft(xi.rechunk((20, 40))),
+        "float_power of float32": da.float_power(xf, xf * 0 + 2),
+        "full sum": x.sum(),
+        "norm, ord=1": da.linalg.norm(x, ord=1),
+        "max with empty blocks": (lambda a: a[a > 85].max())(da.arange(100.0, chunks=10)),
+        "scipy.special.erf": scipy.special.erf(x),
+        "clip, a_min/a_max": x.map_blocks(np.clip, a_min=-1, a_max=1),
+        "object sum": da.from_array(np.array([1, 2.5, 3, 4], dtype=object), chunks=2).sum(),
+        "datetime max": da.from_array(np.arange("2020-01-01", "2020-01-09",
+                                                dtype="datetime64[D]"), chunks=4).max(),
+        "np.sum of a list, delayed": dask.delayed(np.sum)([1, 2, 3]),
+    }
+
+
+@pytest.mark.parametrize("route", ["cpu:jax", "auto"])
+def test_the_jax_path_gives_what_numpy_gives(mesh, route):
+    # placement never decides correctness: same values, dtypes and types of result
+    cases = numpy_semantics_cases()
+    expected = dict(zip(cases, dask.compute(*cases.values(), scheduler="sync"), strict=True))
+    got = dict(zip(cases, mesh.compute(*cases.values(), route=route), strict=True))
+    for name, want in expected.items():
+        g = got[name]
+        assert type(g) is type(want), (name, type(g), type(want))
+        assert getattr(g, "dtype", None) == getattr(want, "dtype", None), name
+        if getattr(want, "dtype", np.dtype(object)).kind in "fc":
+            np.testing.assert_allclose(g, want, rtol=1e-10, err_msg=name)
+        else:
+            np.testing.assert_array_equal(g, want, err_msg=name)
+    if route == "cpu:jax":
+        # float work still runs on JAX; integer work there runs NumPy, and says so
+        assert mesh.last_report.ran_on("matmul") == ["numpy"]
+        f = da.from_array(np.random.default_rng(1).random((60, 40)), chunks=20)
+        mesh.compute(f @ f.T, route="cpu:jax")
+        assert mesh.last_report.ran_on("matmul") == ["jax"]
+
+
 def test_slices_of_device_results_come_back_as_host_arrays(mesh):
     # plain slicing makes an alias of its input's task: no wrapper of its own runs, so
     # the task it points at must hand back a host array

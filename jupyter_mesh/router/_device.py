@@ -103,6 +103,8 @@ class DeviceCall:
                 from . import jax_ops
 
                 func = jax_ops.translate(self.func)
+                if func is not None and not jax_ops.same_numbers(self.func, args, kwargs):
+                    func = None  # NumPy, on the host of this worker
             if func is not None:
                 backend = get_backend(name)
                 args = _map(backend.to_device, args)
@@ -116,6 +118,11 @@ class DeviceCall:
         out = func(*args, **kwargs)
         if self.to_host and used != "numpy":
             out = _map(get_backend(used).to_host, out)
+            if used == "jax":
+                from .jax_ops import gives_scalar
+
+                if gives_scalar(self.func):
+                    out = _map(_scalar, out)
         elif used != "numpy":
             if used == "jax":
                 out = _block(out)
@@ -157,8 +164,39 @@ class OnDevice:
         return f"OnDevice({self.backend}, {type(self.array).__name__})"
 
 
+def _scalar(x: Any) -> Any:
+    """A 0-d NumPy array as the NumPy scalar that NumPy's own function gives."""
+    return x[()] if type(x).__name__ == "ndarray" and x.ndim == 0 else x
+
+
 def _unwrap(x: Any) -> Any:
     return x.array if type(x) is OnDevice else x
+
+
+class Unwrapping:
+    """A function of a task nested in a routed task's arguments (Dask evaluates those
+    before the routed task's wrapper sees anything): it gets the device arrays of
+    :class:`OnDevice` results, as it did before they were kept in one."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+
+    def __reduce__(self) -> Any:
+        return (Unwrapping, (self.func,))
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.tokenize import normalize_token
+
+        return ("jupyter_mesh.Unwrapping", normalize_token(self.func))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*_map(_unwrap, args),
+                         **{k: _map(_unwrap, v) for k, v in kwargs.items()})
+
+    def __repr__(self) -> str:
+        return f"Unwrapping({getattr(self.func, '__name__', self.func)!r})"
 
 
 class SubmitCall:

@@ -22,7 +22,7 @@ _OPERATORS = {
 #: NumPy functions (by name) whose jax.numpy namesake has the same meaning here
 _NUMPY_FUNCS = {
     "sum", "prod", "max", "min", "amax", "amin", "mean", "transpose", "dot", "matmul",
-    "tensordot", "where", "clip", "squeeze", "abs", "absolute", "sqrt", "exp", "log",
+    "tensordot", "where", "squeeze", "abs", "absolute", "sqrt", "exp", "log",
     "sin", "cos", "tan", "tanh", "square", "negative", "maximum", "minimum", "multiply",
     "add", "subtract", "divide", "true_divide", "power", "conj", "real", "imag",
 }
@@ -66,7 +66,9 @@ def _compose_order(func: Any) -> list[Any]:
 
 def _one_supported(f: Any) -> bool:
     if isinstance(f, np.ufunc):
-        return f.__name__ not in _UFUNCS_WITHOUT_JAX
+        # NumPy's own (SciPy's ufuncs, scipy.special.erf say, have no jnp namesake)
+        name = str(getattr(f, "__name__", ""))
+        return getattr(np, name, None) is f and name not in _UFUNCS_WITHOUT_JAX
     mod = getattr(f, "__module__", None) or ""
     name = getattr(f, "__name__", "")
     if mod in ("_operator", "operator"):
@@ -84,6 +86,75 @@ def supported(func: Any) -> bool:
     if not parts:
         return False
     return all(_one_supported(f) for f in parts)
+
+
+#: dtypes whose arithmetic JAX (in 64-bit mode) does as NumPy does, promotion included
+#: (Python scalars are weak in both); integer and bool arithmetic differs (division by
+#: zero, int64 against uint64, sums of bools, float32 from integers), so it stays NumPy
+_SAME_DTYPES = frozenset(np.dtype(t) for t in ("float32", "float64", "complex64",
+                                               "complex128"))
+
+
+def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether JAX gives what NumPy gives for this call of ``func``: some array, every
+    array (and NumPy scalar) of a dtype in ``_SAME_DTYPES`` and not empty (JAX's max
+    of nothing fails where Dask's chunk helpers return an empty result), no list
+    passed to a NumPy function as an array (``np.sum([a, b])`` of a delayed call),
+    and, for a ufunc, NumPy's loop in the inputs' own dtype."""
+    # NumPy's own functions take a list or tuple as an array (np.sum([a, b]) stacks
+    # them); JAX's refuse it. Operators (x[(0, slice(None))]) and Dask's helpers
+    # (_concatenate2 of a list of blocks) take them as they are
+    as_array = all(isinstance(f, np.ufunc) or (getattr(f, "__module__", "") or "")
+                   .startswith("numpy") for f in (_parts(func) or []))
+    found = [False]
+
+    def ok(x: Any, top: bool) -> bool:
+        if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+            if top and as_array:
+                return False
+            return all(ok(v, False) for v in x)
+        if isinstance(x, dict):
+            return all(ok(v, False) for v in x.values())
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or not hasattr(x, "shape"):
+            return not isinstance(x, (np.generic,))
+        found[0] = True
+        return np.dtype(dtype) in _SAME_DTYPES and getattr(x, "size", 1) != 0
+
+    good = all(ok(a, True) for a in args) and all(ok(v, False) for v in kwargs.values())
+    if good and isinstance(func, np.ufunc):
+        good = _ufunc_keeps_dtypes(func, args)
+    return good and found[0]
+
+
+def _ufunc_keeps_dtypes(func: np.ufunc, args: tuple[Any, ...]) -> bool:
+    """Whether NumPy's loop for these inputs computes in their own (promoted) dtype,
+    as JAX does: ``float_power`` of float32, say, computes in float64."""
+    ins: list[Any] = []
+    for a in args[:func.nin]:
+        dtype = getattr(a, "dtype", None)
+        ins.append(np.dtype(dtype) if dtype is not None else type(a))
+    try:
+        loop = func.resolve_dtypes((*ins, *([None] * func.nout)))
+        promoted = np.result_type(*[d for d in ins if isinstance(d, np.dtype)])
+    except Exception:
+        return False
+    return all(d == promoted for d in loop[:func.nin])
+
+
+#: functions that give a 0-d array, not a scalar, where NumPy's result has no
+#: dimensions (checked against NumPy); JAX gives 0-d arrays for everything
+_ZERO_D_ARRAYS = frozenset({"tensordot", "where", "squeeze", "transpose", "real", "imag",
+                            "_tensordot", "_matmul", "_chunk_sum", "_concatenate2"})
+
+
+def gives_scalar(func: Any) -> bool:
+    """Whether NumPy's ``func`` gives a NumPy scalar where its result has no dimensions
+    (reductions, ufuncs and operators do), so the JAX version's 0-d array must be one."""
+    parts = _parts(func)
+    if not parts:
+        return False
+    return getattr(parts[-1], "__name__", "") not in _ZERO_D_ARRAYS
 
 
 def translate(func: Any) -> Callable[..., Any] | None:
@@ -148,11 +219,12 @@ def _chunk_sum(a: Any, axis: Any = None, dtype: Any = None, keepdims: Any = None
     import jax.numpy as jnp
 
     if type(a) is list:
+        # as Dask's: added in ``dtype`` (not added, then cast)
+        if dtype is not None:
+            a = [jnp.asarray(x).astype(dtype) for x in a]
         out = a[0]
         for x in a[1:]:
             out = jnp.add(out, x)
-        if dtype is not None:
-            out = out.astype(dtype)
     else:
         out = a
     if keepdims:

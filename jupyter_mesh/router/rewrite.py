@@ -8,16 +8,17 @@ scheduler looks at the tasks.
 
 from __future__ import annotations
 
+import copy
 import pickle
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dask._task_spec import Task
+from dask._task_spec import NestedContainer, Task
 
 from .._config import get_seconds
-from ._device import DeviceCall
+from ._device import DeviceCall, Unwrapping
 from .placement import chain_links
 from .plan import Plan
 
@@ -236,13 +237,41 @@ def narrowed(plan: Plan[GraphModel]) -> dict[int, list[str]]:
 
 def wrapped_task(node: Task, call: DeviceCall) -> Task:
     """A shallow copy of ``node`` with ``call`` as its function (Task.__init__ would
-    scan the arguments for dependencies again)."""
+    scan the arguments for dependencies again); tasks nested in its arguments unwrap
+    the results kept on a device (see ``_device.OnDevice``) that they get."""
     t = Task.__new__(Task)
     t.key = node.key
     t.func = call
-    t.args = node.args
-    t.kwargs = node.kwargs
+    t.args = _nested_args(node.args)
+    t.kwargs = _nested_kwargs(node.kwargs)
     t._dependencies = node._dependencies
     t._data_producer = node._data_producer
     t._token = t._is_coro = t._repr = None
+    return t
+
+
+def _nested_args(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    new = [_nested(a) for a in args]
+    return args if all(a is b for a, b in zip(args, new, strict=True)) else tuple(new)
+
+
+def _nested_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    new = {k: _nested(v) for k, v in kwargs.items()}
+    return kwargs if all(new[k] is v for k, v in kwargs.items()) else new
+
+
+def _nested(a: Any) -> Any:
+    """A task in a routed task's arguments, its function (and those of the tasks in
+    its own arguments) made to unwrap device results; anything else as it is."""
+    if not isinstance(a, Task) or not a.dependencies:
+        return a
+    args, kwargs = _nested_args(a.args), _nested_kwargs(a.kwargs)
+    container = isinstance(a, NestedContainer)  # builds a list/tuple/dict: no unwrapping
+    if container and args is a.args and kwargs is a.kwargs:
+        return a
+    t = copy.copy(a)
+    if not container and not isinstance(a.func, Unwrapping):
+        t.func = Unwrapping(a.func)
+    t.args, t.kwargs = args, kwargs
+    t._token = t._repr = None
     return t
