@@ -51,3 +51,28 @@ def test_a_submitted_task_whose_kind_is_lost_runs_on_what_is_left(mesh):
     # a kind that is gone is refused at once
     with pytest.raises(MeshError, match="no live cpu:jax worker"):
         mesh.submit(slow_backend_name, 0, on="cpu:jax")
+
+
+def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mesh):
+    # the last worker goes (its nanny stands down, as if killed too): route="off" is
+    # plain Dask, which would wait for a worker for ever
+    import os
+    import signal
+
+    from distributed.core import Status
+
+    (dev,) = mesh.inventory()
+    for nanny in mesh.cluster.workers.values():
+        nanny.status = Status.closing_gracefully
+    os.kill(dev.extra["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while len(mesh.inventory()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    x = dask.delayed(sum)([1, 2, 3])
+    t0 = time.monotonic()
+    with pytest.raises(MeshError, match=r"no live worker left for 1 s: .* mesh.scale"):
+        mesh.compute(x, route="off")
+    assert time.monotonic() - t0 < 20
+    # and the routed way fails as clearly, at once
+    with pytest.raises(MeshError):
+        mesh.compute(x)

@@ -229,6 +229,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         futures = mesh.client.compute(list(collections))
         try:
             watch.started(futures)
+            _wait_unrouted(mesh, futures)
             gathered = tuple(mesh.client.gather(futures))
         except BaseException:
             # Ctrl-C or a failure: the scheduler drops the rest of the computation
@@ -343,6 +344,32 @@ def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
         if st.get("failed"):
             client.cancel(futures)
             raise MeshError(st["failed"])
+
+
+def _wait_unrouted(mesh: Mesh, futures: list[Any]) -> None:
+    """Wait for an unrouted computation, as Dask does, except when the mesh has no
+    worker left for ``mesh.fallback-timeout`` seconds: then fail with one line rather
+    than wait for ever (a routed one fails so through the scheduler plugin)."""
+    from distributed.client import _wait as wait_async
+
+    client = mesh.client
+    timeout = _config.get_seconds("fallback-timeout")
+    empty_since: float | None = None
+    while True:
+        try:
+            client.sync(wait_async, futures, timeout=1.0)
+            return
+        except TimeoutError:
+            pass
+        if client.scheduler_info(n_workers=1).get("n_workers", 1):
+            empty_since = None
+            continue
+        now = time.monotonic()
+        empty_since = empty_since or now
+        if now - empty_since >= timeout:
+            raise MeshError(
+                f"no live worker left for {timeout:g} s: the computation cannot finish; "
+                f"add workers (e.g. mesh.scale(cpu=2)) and compute again")
 
 
 def _finish(mesh: Mesh, plan_id: str, cursor: int | None
