@@ -45,12 +45,17 @@ async def run_worker(args: argparse.Namespace) -> int:
 
     from .devices._detect import cpu_cores
     from .devices._worker_plugin import MeshWorkerPlugin
-    from .mesh import check_address, check_site
+    from .mesh import check_address, check_memory_limit, check_site, check_tls_files
 
     address = check_address(args.address)
     site = check_site(args.site)
     if args.nthreads is not None and args.nthreads < 1:
         raise MeshError(f"--nthreads must be a whole number >= 1, not {args.nthreads}")
+    try:
+        # only checked: Dask reads the text itself ("0.5" is half the memory)
+        check_memory_limit(args.memory_limit)
+    except MeshError as exc:
+        raise MeshError(f"--memory-limit: {exc}") from None
     security = None
     tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
     if any(tls) and not address.startswith("tls://"):
@@ -59,6 +64,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     if any(tls) or address.startswith("tls://"):
         if not all(tls):
             raise MeshError("a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
+        check_tls_files(args.tls_ca_file, args.tls_cert, args.tls_key)
         security = Security(tls_ca_file=args.tls_ca_file, tls_worker_cert=args.tls_cert,
                             tls_worker_key=args.tls_key, require_encryption=True)
     env = {}

@@ -8,11 +8,15 @@ from __future__ import annotations
 import sys
 import time
 
+#: the Jupyter kernel the notebook runs in
+KERNEL = "python3"
+
 
 def run(path: str, timeout: int = 600) -> int:
     import nbformat
+    from jupyter_client.kernelspec import NoSuchKernel
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     try:
         nb = nbformat.read(path, as_version=4)
@@ -25,10 +29,20 @@ def run(path: str, timeout: int = 600) -> int:
         return _fail(f"{path} is not a notebook ({first}): give an .ipynb file")
     t0 = time.monotonic()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3").execute()
+        NotebookClient(nb, timeout=timeout, kernel_name=KERNEL).execute()
     except CellExecutionError as exc:
         what = f"{exc.ename}: {exc.evalue}".splitlines()[0]
         return _fail(f"a cell of {path} failed: {what}")
+    except CellTimeoutError:
+        return _fail(f"a cell of {path} ran longer than {timeout} s and was stopped: "
+                     f"run the notebook in Jupyter to see which one, or make it faster")
+    except DeadKernelError as exc:
+        first = (str(exc).strip().splitlines() or ["no reason given"])[0]
+        return _fail(f"the kernel died while running {path} ({first}): it may have run "
+                     f"out of memory; run the notebook in Jupyter to see where")
+    except NoSuchKernel:
+        return _fail(f"no {KERNEL} kernel is installed for Jupyter: install one with "
+                     f"python -m ipykernel install --user")
     print(f"ran {path} in {time.monotonic() - t0:.1f} s")
     shown = set()
     for cell in nb.cells:

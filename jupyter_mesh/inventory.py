@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .devices._profile import Profile
+from .errors import MeshError
 from .targets import Target, parse_target
 
 
@@ -137,7 +138,19 @@ class Inventory:
 
     def select(self, target: str | Target | None = None, site: str | None = None) -> Inventory:
         """The devices matching a target and/or a site."""
-        t = parse_target(target) if isinstance(target, str) else target
+        if isinstance(target, str):
+            try:
+                t: Target | None = parse_target(target)
+            except ValueError as exc:
+                raise MeshError(str(exc).splitlines()[0]) from None
+        elif target is None or isinstance(target, Target):
+            t = target
+        else:
+            raise MeshError(f"a target is a string such as 'gpu', 'cpu' or 'cpu:jax', not "
+                            f"{type(target).__name__} {target!r}")
+        if site is not None and not isinstance(site, str):
+            raise MeshError(f"site must be a site name such as 'local', not "
+                            f"{type(site).__name__} {site!r}")
         devs = [
             d for d in self.devices
             if (t is None or d.matches(t)) and (site is None or d.site == site)

@@ -68,6 +68,15 @@ def _route_args(line: str) -> None:
 
 
 @magic_arguments()
+@argument("expr", metavar="EXPR", help="a Dask collection in your namespace, or an "
+                                       "expression giving one (a tuple for several)")
+@argument("--route", default="auto", metavar="ROUTE",
+          help="auto (the router chooses per op), off, or a target such as gpu or cpu:jax")
+def _explain_args(line: str) -> None:
+    """%mesh explain: show the router's plan for Dask collections, without computing them."""
+
+
+@magic_arguments()
 def _calibrate_args(line: str) -> None:
     """%mesh calibrate: measure Dask's own cost per task and per transfer on the mesh now
     (the router's cost model uses them where mesh.task-overhead or
@@ -130,12 +139,17 @@ class MeshMagics(Magics):
                 print(_help_text(_cell_args, "%%mesh"))
                 return None
             return self._cell(line, cell)
-        sub, _, rest = line.strip().partition(" ")
-        sub = sub or "status"
+        # any whitespace (a tab too) separates the subcommand from its arguments
+        parts = line.strip().split(None, 1)
+        sub = parts[0] if parts else "status"
+        rest = parts[1] if len(parts) > 1 else ""
         if sub in ("-h", "--help", "help"):
             print(USAGE)
             return None
         if sub == "explain":
+            if _asks_help(rest):
+                print(_help_text(_explain_args, "%mesh explain"))
+                return None
             return self._explain(rest)
         if sub not in PARSERS:
             raise UsageError(f"unknown subcommand {sub!r}: {USAGE}")

@@ -58,6 +58,29 @@ def check_count(name: str, value: Any, *, allow_auto: bool = False) -> int | str
     return value
 
 
+def most_local_workers() -> int:
+    """The most workers of a family a local mesh starts on this machine: four per core
+    (a typo must not fork thousands of processes), as the Mesh sidebar allows."""
+    return 4 * _detect.cpu_cores()
+
+
+def check_local_count(name: str, value: Any) -> int:
+    """A count of local worker processes: a whole number from 0 to four per core."""
+    n = check_count(name, value)
+    top = most_local_workers()
+    if n > top:
+        raise MeshError(f"{name} must be a whole number from 0 to {top} (four workers per "
+                        f"core here), not {value!r}")
+    return n
+
+
+def check_replace(replace: Any) -> bool:
+    """``replace=`` is True or False: a truthy ``"no"`` must not close the mesh in use."""
+    if not isinstance(replace, bool):
+        raise MeshError(f"replace= takes True or False, not {replace!r}")
+    return replace
+
+
 def check_memory_limit(value: Any) -> Any:
     """``"auto"``, a number of bytes, or a size such as ``"4 GiB"``."""
     from dask.utils import parse_bytes
@@ -68,9 +91,12 @@ def check_memory_limit(value: Any) -> Any:
         return value
     if isinstance(value, str):
         try:
-            return parse_bytes(value)
+            parsed = parse_bytes(value)
         except (ValueError, TypeError):
             pass
+        else:
+            if parsed >= 0:
+                return parsed
     raise MeshError(
         f"memory_limit must be 'auto', a number of bytes or a size like '4 GiB', not {value!r}"
     )
@@ -233,8 +259,9 @@ class Mesh:
             Make this mesh the process's current mesh and its client the default Dask
             client (False for servers that hold several meshes, like the sidebar's).
         """
-        cpu_n = check_count("cpu", cpu)
-        jax_n = check_count("jax_cpu", jax_cpu)
+        check_replace(replace)
+        cpu_n = check_local_count("cpu", cpu)
+        jax_n = check_local_count("jax_cpu", jax_cpu)
         gpu_req = check_count("gpu", gpu, allow_auto=True)
         tpu_req = check_count("tpu", tpu, allow_auto=True)
         site = check_site(site)
@@ -358,6 +385,7 @@ class Mesh:
         timeout:
             Seconds to wait for the scheduler; default ``mesh.connect-timeout``.
         """
+        check_replace(replace)
         address = check_address(address)
         if timeout is None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
@@ -392,16 +420,24 @@ class Mesh:
                                 f"(jm.current()), or %mesh close it first")
             _refuse_if_active(replace)
         try:
-            _probe_scheduler(address, security, timeout)
+            ident = _probe_scheduler(address, security, timeout)
+        except Exception as exc:
+            raise _could_not_connect(address, timeout, exc) from None
+        if set_current and replace:
+            active = _state.active()
+            if active is not None and ident.get("id") is not None and (
+                    str(ident["id"]) == _scheduler_id(active)):
+                # the same scheduler under another name (localhost for 127.0.0.1):
+                # replacing would close the very mesh this connects to
+                raise MeshError(f"{address} is the current mesh already (as "
+                                f"{active.address}): keep using it (jm.current()), or "
+                                f"%mesh close it first")
+        try:
             client = Client(
                 address, security=security, timeout=timeout, set_as_default=set_current
             )
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise MeshError(
-                f"could not connect to {address} within {timeout:g} s ({reason}): check that a "
-                f"Dask scheduler listens there and the protocol (tcp/tls) is right"
-            ) from None
+            raise _could_not_connect(address, timeout, exc) from None
         if set_current:
             _close_active()
         mesh = cls(client, None, site="remote", set_current=set_current)
@@ -509,7 +545,11 @@ class Mesh:
             raise MeshError(
                 f"cannot scale {', '.join(sorted(unknown))}: use {', '.join(FAMILIES)}"
             )
-        checked = {fam: int(check_count(fam, n)) for fam, n in counts.items()}
+        checked = {
+            fam: check_local_count(fam, n) if fam in ("cpu", "jax_cpu") else
+            int(check_count(fam, n))
+            for fam, n in counts.items()
+        }
         if checked.get("gpu", 0) > len(_detect.cuda_devices()):
             raise MeshError("no CUDA GPU found for that many gpu workers: use gpu=0")
         if checked.get("tpu", 0):
@@ -869,7 +909,28 @@ async def _identity(address: str, security: Any, timeout: float) -> dict[str, An
         comm.abort()
 
 
-def _probe_scheduler(address: str, security: Any, timeout: float) -> None:
+def _could_not_connect(address: str, timeout: float, exc: Exception) -> MeshError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return MeshError(
+        f"could not connect to {address} within {timeout:g} s ({reason}): check that a "
+        f"Dask scheduler listens there and the protocol (tcp/tls) is right"
+    )
+
+
+def _scheduler_id(mesh: Any) -> str | None:
+    """The id of the scheduler ``mesh`` is connected to (the one its client learnt when
+    it connected), whatever name its address gives the host; None where unknown."""
+    ident = getattr(mesh.client, "_scheduler_identity", None) or {}
+    sid = ident.get("id") if isinstance(ident, dict) else None
+    if sid is None:
+        try:
+            sid = mesh.client.scheduler_info(n_workers=0).get("id")
+        except Exception:
+            return None
+    return None if sid is None else str(sid)
+
+
+def _probe_scheduler(address: str, security: Any, timeout: float) -> dict[str, Any]:
     """Ask ``address`` who it is, never waiting longer than ``timeout``.
 
     ``Client`` itself can wait forever on a port that accepts connections but never
@@ -890,6 +951,7 @@ def _probe_scheduler(address: str, security: Any, timeout: float) -> None:
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
         raise OSError(f"this is not a Dask scheduler (it answered as {found})")
+    return ident
 
 
 def _make_up(devices: list[Any]) -> tuple[tuple[tuple[str, str, int], int], ...]:
@@ -910,6 +972,7 @@ def _index_of(name: str) -> int:
 
 
 def _refuse_if_active(replace: bool) -> None:
+    check_replace(replace)
     existing = _state.active()
     if existing is not None and not replace:
         raise MeshError(
@@ -922,19 +985,30 @@ def _check_tls_files(security: Any) -> None:
     """MeshError (one line) where the CA or the client's certificate and key given in
     ``security`` cannot be read as PEM (a connect would otherwise fail later, saying
     only that nothing answered)."""
+    check_tls_files(getattr(security, "tls_ca_file", None),
+                    getattr(security, "tls_client_cert", None),
+                    getattr(security, "tls_client_key", None))
+
+
+def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
+    """MeshError (one line, naming the file) where a TLS CA, certificate or key file is
+    missing or cannot be read as PEM."""
     import ssl
 
-    ca = getattr(security, "tls_ca_file", None)
-    cert = getattr(security, "tls_client_cert", None)
-    key = getattr(security, "tls_client_key", None)
+    for path in (ca, cert, key):
+        if path and not os.path.isfile(path):
+            raise MeshError(f"TLS file not found: {path}: give the path of a PEM file")
+    suspects = ca
     try:
         context = ssl.create_default_context(cafile=ca) if ca else None
+        suspects = " and ".join(p for p in dict.fromkeys((cert, key)) if p)
         if cert and context is not None:
             context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or str(exc).splitlines()[0]
-        raise MeshError(f"the TLS files could not be read ({reason}): the CA, certificate "
-                        f"and key must be PEM files") from None
+        reason = getattr(exc, "reason", None) or (str(exc).splitlines() or [""])[0]
+        raise MeshError(f"the TLS files could not be read ({reason or type(exc).__name__}): "
+                        f"the CA, certificate and key must be PEM files; check "
+                        f"{suspects}") from None
 
 
 def _close_active() -> None:

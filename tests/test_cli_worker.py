@@ -14,6 +14,8 @@ from distributed import Scheduler
 import jupyter_mesh as jm
 
 BIN = os.path.dirname(sys.executable)
+#: a file that exists but is no PEM file
+NOT_PEM = os.path.abspath(__file__)
 
 
 @pytest.fixture
@@ -116,6 +118,17 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
          "--tpu drives a TPU chip through JAX: leave out --gpu and --backend"),
         (["worker", "tcp://127.0.0.1:1", "--tls-ca-file", "a", "--tls-cert", "b",
           "--tls-key", "c"], "is not a TLS address, but TLS files were given: use tls://"),
+        (["worker", "tcp://127.0.0.1:1", "--memory-limit", "lots"],
+         "--memory-limit: memory_limit must be 'auto', a number of bytes or a size like "
+         "'4 GiB', not 'lots'"),
+        (["worker", "tcp://127.0.0.1:1", "--memory-limit=-1GB"],
+         "--memory-limit: memory_limit must be"),
+        (["worker", "tls://127.0.0.1:1", "--tls-ca-file", "no-such-ca.pem", "--tls-cert",
+          "no-such-cert.pem", "--tls-key", "no-such-key.pem"],
+         "TLS file not found: no-such-ca.pem: give the path of a PEM file"),
+        (["worker", "tls://127.0.0.1:1", "--tls-ca-file", NOT_PEM, "--tls-cert", NOT_PEM,
+          "--tls-key", NOT_PEM], f"the CA, certificate and key must be PEM files; check "
+                                 f"{NOT_PEM}"),
     ],
 )
 def test_cli_bad_input(args, message):
@@ -123,3 +136,4 @@ def test_cli_bad_input(args, message):
                          text=True, timeout=60)
     assert out.returncode == 2
     assert message in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr  # one line, no traceback

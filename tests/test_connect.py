@@ -157,6 +157,25 @@ def test_tls_files_are_checked_before_connecting(no_mesh, certs, tmp_path):
             tls_client_key=certs["ca"], require_encryption=True))
 
 
+def test_bad_tls_files_are_named(no_mesh, certs, tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(MeshError, match=rf"must be PEM files; check {bad}$"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=str(bad), require_encryption=True))
+    with pytest.raises(MeshError, match=rf"must be PEM files; check {bad} and "
+                                        rf"{certs['key']}$"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=str(bad), tls_client_key=certs["key"],
+            require_encryption=True))
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(MeshError, match=rf"^TLS file not found: {missing}: give the path "
+                                        rf"of a PEM file$"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=certs["cert"],
+            tls_client_key=str(missing), require_encryption=True))
+
+
 def test_security_must_be_a_security(no_mesh):
     with pytest.raises(MeshError, match="security must be a distributed.security.Security"):
         jm.Mesh.connect("tls://127.0.0.1:1", security={"ca": "x"})

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from jupyter_mesh import Inventory
+import pytest
+
+from jupyter_mesh import Inventory, MeshError
 from jupyter_mesh.devices._profile import lookup_known
 
 
@@ -46,3 +48,29 @@ def test_empty_inventory():
     inv = Inventory([], "tcp://s:1")
     assert inv.by_kind() == {}
     assert "no devices" in repr(inv)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target": 3}, r"a target is a string such as 'gpu', 'cpu' or 'cpu:jax', not int 3"),
+        ({"target": ["gpu"]}, r"a target is a string such as 'gpu'"),
+        ({"target": "fpga"}, r"unknown target 'fpga': use one of cpu, gpu, tpu, cpu:numpy"),
+        ({"target": "gpu:torch"}, r"unknown target 'gpu:torch': use one of"),
+        ({"site": 3}, r"site must be a site name such as 'local', not int 3"),
+    ],
+)
+def test_select_bad_input_is_one_line(kwargs, match):
+    inv = Inventory.from_records(_records(), "tcp://s:8786")
+    with pytest.raises(MeshError, match=match) as info:
+        inv.select(**kwargs)
+    assert "\n" not in str(info.value)
+    assert len(inv) == 3  # nothing was lost
+
+
+def test_select_takes_a_target_object():
+    from jupyter_mesh.targets import Target
+
+    inv = Inventory.from_records(_records(), "tcp://s:8786")
+    assert len(inv.select(Target("gpu"))) == 2
+    assert len(inv.select(None, site="edge-lab")) == 1

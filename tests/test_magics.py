@@ -71,6 +71,11 @@ def test_start_status_and_compute(ip, started, capsys):
         ("connect tcp://127.0.0.1:1 --timeout nan", "--timeout must be a positive number"),
         ("connect tcp://127.0.0.1:1 --timeout inf", "--timeout must be a positive number"),
         ("connect tcp://127.0.0.1:1", "already active.*--replace"),
+        # a tab separates the subcommand as a space does
+        ("start\t--cpu 1", "already active.*--replace"),
+        ("start --replace --cpu 10000", r"cpu must be a whole number from 0 to \d+ \(four "
+                                        r"workers per core here\), not 10000"),
+        ("start --replace --jax-cpu 10000", r"jax_cpu must be a whole number from 0 to \d+"),
     ],
 )
 def test_bad_input_is_one_line_and_mesh_survives(ip, started, line, match):
@@ -89,6 +94,17 @@ def test_connect_dead_address_names_it_within_timeout(ip, started):
         ip.run_line_magic("mesh", "connect tcp://127.0.0.1:9 --timeout 2 --replace")
     assert time.monotonic() - t0 < 15
     assert jm.current() is started
+
+
+def test_connect_to_the_current_mesh_by_another_name_keeps_it(ip, started):
+    # tcp://localhost:PORT is the scheduler at tcp://127.0.0.1:PORT: --replace must not
+    # close it
+    other = started.address.replace("tcp://127.0.0.1:", "tcp://localhost:")
+    with pytest.raises(UsageError, match=rf"{other} is the current mesh already") as info:
+        ip.run_line_magic("mesh", f"connect {other} --replace --timeout 10")
+    assert "\n" not in str(info.value)
+    assert jm.current() is started and not started.closed
+    assert started.inventory().by_kind() == {"cpu": 1}
 
 
 def test_remote_only_options_need_remote(ip, started):
@@ -146,7 +162,8 @@ def test_close_then_messages(ip, started, capsys):
         jm.current()
 
 
-@pytest.mark.parametrize("line", ["start --help", "connect -h", "route --help"])
+@pytest.mark.parametrize("line", ["start --help", "connect -h", "route --help",
+                                  "explain --help", "explain -h", "start\t--help"])
 def test_help_shows_the_options_and_changes_nothing(ip, line, capsys):
     before = _state.active()
     ip.run_line_magic("mesh", line)

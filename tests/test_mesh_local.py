@@ -8,7 +8,7 @@ import dask
 import dask.array as da
 import psutil
 import pytest
-from distributed import get_client
+from distributed import Client, get_client
 
 import jupyter_mesh as jm
 from jupyter_mesh import MeshError
@@ -121,12 +121,41 @@ def test_reprs(mesh):
         ({"memory_limit": "lots"}, "memory_limit must be"),
         ({"memory_limit": -5}, "memory_limit must be"),
         ({"host": ""}, "host must be"),
+        ({"memory_limit": "-5"}, "memory_limit must be"),
+        ({"cpu": 10_000}, r"cpu must be a whole number from 0 to \d+ \(four workers per "
+                          r"core here\), not 10000"),
+        ({"jax_cpu": 10_000}, r"jax_cpu must be a whole number from 0 to \d+ \(four "
+                              r"workers per core here\)"),
     ],
 )
 def test_bad_arguments_leave_the_mesh_alone(mesh, kwargs, match):
     with pytest.raises(MeshError, match=match):
         jm.Mesh.local(replace=True, **kwargs)
     assert jm.current() is mesh and not mesh.closed
+
+
+@pytest.mark.parametrize("replace", ["no", "False", 0, 1, None])
+def test_replace_must_be_a_bool_and_nothing_is_closed(mesh, replace):
+    with pytest.raises(MeshError, match=rf"replace= takes True or False, not {replace!r}$"):
+        jm.Mesh.local(cpu=1, gpu=0, tpu=0, replace=replace)
+    with pytest.raises(MeshError, match=rf"replace= takes True or False, not {replace!r}$"):
+        jm.Mesh.connect(mesh.address, replace=replace)
+    assert jm.current() is mesh and not mesh.closed
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
+def test_the_current_mesh_under_another_host_name_is_not_replaced(mesh):
+    # localhost and 127.0.0.1 name the same scheduler: replacing would close it
+    other = mesh.address.replace("tcp://127.0.0.1:", "tcp://localhost:")
+    assert other != mesh.address
+    clients = set(Client._instances)
+    with pytest.raises(MeshError, match=rf"^{other} is the current mesh already \(as "
+                                        rf"{mesh.address}\): keep using it"):
+        jm.Mesh.connect(other, replace=True, timeout=10)
+    assert jm.current() is mesh and not mesh.closed
+    assert get_client() is mesh.client
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+    assert not [c for c in set(Client._instances) - clients if c.status != "closed"]
 
 
 def test_scale_bad_input(mesh):
@@ -138,6 +167,11 @@ def test_scale_bad_input(mesh):
         mesh.scale(gpu=1)
     with pytest.raises(MeshError, match="at least one device"):
         mesh.scale(cpu=0)
+    with pytest.raises(MeshError, match=r"cpu must be a whole number from 0 to \d+ \(four "
+                                        r"workers per core here\), not 10000"):
+        mesh.scale(cpu=10_000)
+    with pytest.raises(MeshError, match=r"jax_cpu must be a whole number from 0 to \d+"):
+        mesh.scale(jax_cpu=10_000)
     assert mesh.inventory().by_kind() == {"cpu": 2}
 
 

@@ -109,12 +109,13 @@ class Entry:
         return self.origin in ("sidebar", "connected")
 
 
-def most_local(cores: int | None = None) -> int:
+def most_local() -> int:
     """The most workers of a family, or threads per worker, the sidebar starts on this
-    machine: four per core (a typo must not fork thousands of processes)."""
-    from ..devices._detect import cpu_cores
+    machine: four per core, as ``Mesh.local`` allows (a typo must not fork thousands
+    of processes)."""
+    from ..mesh import most_local_workers
 
-    return 4 * (cores or cpu_cores())
+    return most_local_workers()
 
 
 def _check_int(name: str, value: Any, *, allow_auto: bool = False, minimum: int = 0) -> Any:
