@@ -69,6 +69,23 @@ def test_layers_classified_like_the_per_task_model_without_materializing():
     assert lm.ntasks == len(tm.keys)
 
 
+def test_integer_and_boolean_ops_are_never_planned_on_jax():
+    # JAX's integer arithmetic is not NumPy's (the worker would run NumPy instead):
+    # both planners keep such ops off JAX, float ops stay eligible
+    def graph():
+        x = da.random.random((200, 200), chunks=100)
+        return ((x * 10).astype(np.int32) // 3).sum() + (x @ x.T).sum() + (x > 0.5).sum()
+
+    for model in (model_layers(*_collection_graph([graph()])),
+                  model_graph(*_collection_graph([graph()]))):
+        kinds = {op.label: op.dtype_kind for op in model.ops}
+        assert kinds["astype"] == "i" and kinds["floordiv"] == "i" and kinds["gt"] == "b"
+        for op in model.ops:
+            if op.dtype_kind in ("i", "b"):
+                assert "jax" not in op.native, op.label
+        assert "jax" in next(op.native for op in model.ops if op.label == "matmul")
+
+
 def test_plan_rows_and_rewrite_wrap_each_layer_once():
     pools = synthetic_pools()
     y = pipeline()

@@ -119,6 +119,8 @@ class OpInfo:
     func: Any = None
     #: backends that run this op natively (others would run it on host NumPy)
     native: frozenset[str] = frozenset({"numpy"})
+    #: NumPy's kind of the dtype of the op's result ("f", "c", "i", "b"...), if known
+    dtype_kind: str | None = None
 
     def to_row(self) -> dict[str, Any]:
         return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
@@ -254,7 +256,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         func = _sample_func(next(iter(items.values())))
         label = layer_label(name)
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
-                          func=func))
+                          func=func, dtype_kind=layer_dtype_kind(layer)))
         metas.append(_layer_meta(layer))
         for k in items:
             layer_of_key[k] = idx
@@ -308,7 +310,7 @@ def _build_model_by_layer(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, i
     for li in layer:
         ops[li].tasks += 1
     for op in ops:
-        op.native = native_backends(op.op_class, op.func)
+        op.native = op_native(op)
     return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
                       tasks=tasks)
 
@@ -358,12 +360,32 @@ def _build_model(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int], ops:
     for k in keys:
         ops[layer_of_key.get(k, 0)].tasks += 1
     for op in ops:
-        op.native = native_backends(op.op_class, op.func)
+        op.native = op_native(op)
     return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
                       tasks=tasks)
 
 
 _JAX_CLASSES = frozenset({"matmul", "fft", "elementwise", "reduction", "movement"})
+
+
+def op_native(op: OpInfo) -> frozenset[str]:
+    """:func:`native_backends` of ``op``, without JAX where its result is neither float
+    nor complex: JAX's integer and boolean arithmetic is not NumPy's, so such a task
+    would run NumPy on a JAX worker anyway (see ``jax_ops.same_numbers``)."""
+    native = native_backends(op.op_class, op.func)
+    if "jax" in native and op.dtype_kind is not None and op.dtype_kind not in "fc":
+        native = native - {"jax"}
+    return native
+
+
+def layer_dtype_kind(layer: Any) -> str | None:
+    """NumPy's kind of a layer's result dtype, from its collection annotations."""
+    ann = getattr(layer, "collection_annotations", None) or {}
+    try:
+        dtype = ann.get("dtype")
+        return None if dtype is None else np.dtype(dtype).kind
+    except Exception:
+        return None
 
 
 def native_backends(op_class: str, func: Any = None) -> frozenset[str]:

@@ -41,8 +41,9 @@ from .classify import (
     _sample_func,
     classify_label,
     inherit_sizes,
+    layer_dtype_kind,
     layer_label,
-    native_backends,
+    op_native,
     task_cost,
 )
 from .cost import CostModel, Pool
@@ -55,18 +56,8 @@ DEFAULT_THRESHOLD = 20_000
 
 def layer_plan_threshold() -> int:
     """``mesh.router.layer-plan-threshold``: graphs with more tasks are planned per layer."""
-    try:
-        value = _config.get("router.layer-plan-threshold")
-    except KeyError:
-        return DEFAULT_THRESHOLD
-    if value is None:
-        return DEFAULT_THRESHOLD
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise MeshError(
-            f"config mesh.router.layer-plan-threshold must be a number of tasks, not {value!r}"
-        ) from None
+    return _config.get_count("router.layer-plan-threshold", unit="tasks",
+                             default=DEFAULT_THRESHOLD)
 
 
 def count_tasks(graph: Any) -> int:
@@ -148,7 +139,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         label = layer_label(name)
         index[name] = len(ops)
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
-                          tasks=n, func=func))
+                          tasks=n, func=func, dtype_kind=layer_dtype_kind(layer)))
         names.append(name)
         metas.append(_layer_meta(layer))
         reads.append(per_arg)
@@ -174,7 +165,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         deps.append(row)
         op.in_bytes = in_bytes
         op.flops, op.mem_bytes = task_cost(op, [ops[d] for d in dep_idx[li]])
-        op.native = native_backends(op.op_class, op.func)
+        op.native = op_native(op)
     return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
                       index=index)
 
