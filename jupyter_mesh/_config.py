@@ -30,6 +30,8 @@ def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> 
     """Read a non-negative number (of ``unit``), or raise a config error naming the key."""
     value = get(key)
     try:
+        if isinstance(value, bool):  # YAML's yes/no: no number of seconds
+            raise TypeError(value)
         number = float(value)
     except (TypeError, ValueError):
         raise MeshConfigError(
@@ -41,3 +43,78 @@ def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> 
             f"number of {unit}, not {value!r}"
         )
     return number
+
+
+def get_count(key: str, *, unit: str = "tasks", default: int | None = None) -> int:
+    """Read a whole number (of ``unit``) >= 0, or raise a config error naming the key.
+
+    ``default`` is returned where the key is unset or null (when given)."""
+    try:
+        value = get(key)
+    except KeyError:
+        if default is None:
+            raise
+        return default
+    if value is None and default is not None:
+        return default
+    number: Any = value
+    if isinstance(value, str) and value.strip().isdigit():
+        number = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)  # 2.0e+4 in YAML
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise MeshConfigError(
+            f"config mesh.{key} must be a whole number of {unit} >= 0, not {value!r}"
+        )
+    return number
+
+
+def is_host(value: Any) -> bool:
+    """An interface address to listen on (``127.0.0.1``, ``::1``, ``0.0.0.0``, a name):
+    never empty, which Dask would take for every interface."""
+    return (isinstance(value, str) and bool(value.strip())
+            and not any(c.isspace() for c in value) and "/" not in value)
+
+
+def get_host() -> str:
+    """``mesh.local.host``, the interface a local mesh listens on."""
+    value = get("local.host")
+    if not is_host(value):
+        raise MeshConfigError(
+            f"config mesh.local.host must be an interface address like '127.0.0.1' (this "
+            f"machine only), not {value!r}"
+        )
+    return str(value)
+
+
+def dashboard_options(host: str) -> dict[str, Any]:
+    """The Dask ``Scheduler`` options for ``mesh.local.dashboard-address``.
+
+    ``HOST:PORT`` as given; ``:PORT`` (or a bare port) on ``host``, the interface the
+    mesh listens on (Dask would take all interfaces); null or false: no dashboard (Dask's
+    HTTP server, for its health checks, stays on ``host``)."""
+    from distributed.comm.addressing import parse_host_port, unparse_host_port
+
+    value = get("local.dashboard-address")
+    if value is None or value is False:
+        return {"dashboard": False, "dashboard_address": unparse_host_port(host, 0)}
+    bad = MeshConfigError(
+        f"config mesh.local.dashboard-address must be HOST:PORT like '127.0.0.1:8787', "
+        f"':0' (a free port on mesh.local.host), or null to turn the dashboard off, "
+        f"not {value!r}"
+    )
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = f":{value}"
+    elif isinstance(value, str) and value.strip() and not any(c.isspace() for c in value):
+        text = f":{value}" if value.isdigit() else value
+    else:
+        raise bad
+    if "://" in text or ":" not in text:
+        raise bad
+    try:
+        dash_host, port = parse_host_port(text)
+    except Exception:
+        raise bad from None
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise bad
+    return {"dashboard_address": unparse_host_port(dash_host or host, port)}

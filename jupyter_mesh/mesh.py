@@ -22,7 +22,7 @@ from distributed.comm.addressing import parse_host_port
 
 from . import _config, _state
 from ._scheduler_plugin import MeshSchedulerPlugin
-from .devices import _detect, _tpu
+from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
 from .errors import MeshError
 from .inventory import Inventory, format_bytes
@@ -270,8 +270,12 @@ class Mesh:
         ):
             raise MeshError("threads_per_worker must be a whole number >= 1, not 0")
         memory_limit = check_memory_limit(memory_limit)
-        if host is not None and (not isinstance(host, str) or not host.strip()):
+        if host is not None and not _config.is_host(host):
             raise MeshError(f"host must be an interface address like '127.0.0.1', not {host!r}")
+        # the mesh.* config the scheduler and workers read, checked before they start
+        host = host or _config.get_host()
+        dashboard = _config.dashboard_options(host)
+        _profile.check_config()
         if set_current:
             _refuse_if_active(replace)
 
@@ -308,7 +312,6 @@ class Mesh:
         if cpu_n + jax_n + gpu_n + tpu_n == 0:
             raise MeshError("a mesh needs at least one device: use cpu=1 or more")
 
-        host = host or _config.get("local.host")
         host_cpu_workers = max(cpu_n + jax_n, 1)
         nthreads = threads_per_worker or max(1, _detect.cpu_cores() // host_cpu_workers)
         counts = {"cpu": cpu_n, "jax_cpu": jax_n, "gpu": gpu_n, "tpu": tpu_n}
@@ -323,7 +326,7 @@ class Mesh:
             "cls": Scheduler,
             "options": {
                 "host": host,
-                "dashboard_address": _config.get("local.dashboard-address"),
+                **dashboard,
                 "plugins": [MeshSchedulerPlugin()],
             },
         }
@@ -345,7 +348,8 @@ class Mesh:
             cluster.close()
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
-                   "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit}
+                   "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit,
+                   "dashboard": dashboard.get("dashboard", True)}
         mesh = cls(client, cluster, site=site, options=options, set_current=False)
         try:
             mesh._wait_for(len(workers))
@@ -462,6 +466,8 @@ class Mesh:
         jupyter-server-proxy) a loopback dashboard is given as the hub's proxy path."""
         from ._links import browser_link
 
+        if self.options.get("dashboard") is False:
+            return None  # mesh.local.dashboard-address: null (Dask's HTTP server has none)
         try:
             return browser_link(self.client.dashboard_link)
         except Exception:
@@ -485,9 +491,9 @@ class Mesh:
 
             try:
                 info = self.client.sync(ask)
-                return Inventory.from_records(
-                    info["devices"], info["address"], self.dashboard_link or info["dashboard"]
-                )
+                dashboard = (None if self.options.get("dashboard") is False
+                             else self.dashboard_link or info["dashboard"])
+                return Inventory.from_records(info["devices"], info["address"], dashboard)
             except (TimeoutError, asyncio.TimeoutError):
                 # a scheduler that stopped answering (overloaded, or its process paused)
                 raise MeshError(
@@ -563,6 +569,7 @@ class Mesh:
 
             if importlib.util.find_spec("jax") is None:
                 raise MeshError("jax_cpu needs JAX: pip install 'jupyter_mesh[tpu]'")
+        _profile.check_config()  # what a new worker reads, before it starts
         assert self.cluster is not None
         spec = self.cluster.worker_spec
         after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}

@@ -62,3 +62,102 @@ def test_bad_link_figures_name_the_key_and_its_unit(key, unit, bad):
         with pytest.raises(MeshConfigError, match=rf"mesh\.links\.{key} must be a .*{unit}"):
             Links.from_config()
     assert Links.from_config().network_bandwidth > 0  # the defaults again
+
+
+@pytest.mark.parametrize("bad", [-5, 2.7, True, "many", [1]])
+def test_layer_plan_threshold_must_be_a_whole_number_of_tasks(bad):
+    from jupyter_mesh.router.layers import layer_plan_threshold
+
+    with dask.config.set({"mesh.router.layer-plan-threshold": bad}):
+        with pytest.raises(MeshConfigError) as info:
+            layer_plan_threshold()
+    assert str(info.value) == (f"config mesh.router.layer-plan-threshold must be a whole "
+                               f"number of tasks >= 0, not {bad!r}")
+    assert layer_plan_threshold() == 20_000  # the default again
+
+
+@pytest.mark.parametrize("good, expected", [(0, 0), (5, 5), ("30", 30), (2.0e4, 20_000),
+                                            (None, 20_000)])
+def test_layer_plan_threshold_takes_whole_numbers(good, expected):
+    from jupyter_mesh.router.layers import layer_plan_threshold
+
+    with dask.config.set({"mesh.router.layer-plan-threshold": good}):
+        assert layer_plan_threshold() == expected
+
+
+# every seconds-valued key, read as the code that uses it reads it
+SECONDS_KEYS = [
+    ("connect-timeout", False),         # Mesh.connect, Mesh.inventory
+    ("fallback-timeout", True),         # the router's fallback, route=off waits
+    ("remote.connect-timeout", False),  # remote cells
+    ("remote.interrupt-grace", True),   # remote cells
+    ("remote.worker-wait", True),
+    ("profile.measure-seconds", True),
+]
+
+
+@pytest.mark.parametrize("key, allow_zero", SECONDS_KEYS)
+@pytest.mark.parametrize("bad", [-1, "soon", None, float("nan"), True, "", [2]])
+def test_bad_seconds_of_every_key_are_one_line_naming_it(key, allow_zero, bad):
+    with dask.config.set({f"mesh.{key}": bad}):
+        with pytest.raises(MeshConfigError) as info:
+            _config.get_seconds(key, allow_zero=allow_zero)
+    message = str(info.value)
+    assert message.startswith(f"config mesh.{key} must be a ") and "\n" not in message
+    assert message.endswith(f"number of seconds, not {bad!r}")
+
+
+@pytest.mark.parametrize("key", [k for k, allow_zero in SECONDS_KEYS if not allow_zero])
+def test_timeouts_of_zero_are_refused(key):
+    with dask.config.set({f"mesh.{key}": 0}):
+        with pytest.raises(MeshConfigError, match=rf"^config mesh\.{key} must be a positive "
+                                                  rf"number of seconds, not 0$"):
+            _config.get_seconds(key, allow_zero=False)
+
+
+@pytest.mark.parametrize("bad", [-1, "soon", None, 0])
+def test_a_bad_connect_timeout_is_said_before_connecting(no_mesh, bad):
+    import jupyter_mesh as jm
+
+    with dask.config.set({"mesh.connect-timeout": bad}):
+        with pytest.raises(MeshConfigError, match=rf"^config mesh\.connect-timeout must be "
+                                                  rf"a .*number of seconds, not {bad!r}$"):
+            jm.Mesh.connect("tcp://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("bad", [None, "", "  ", 127, "127.0.0.1 ", "tcp://127.0.0.1"])
+def test_local_host_must_be_an_interface(bad):
+    with dask.config.set({"mesh.local.host": bad}):
+        with pytest.raises(MeshConfigError) as info:
+            _config.get_host()
+    assert str(info.value) == (f"config mesh.local.host must be an interface address like "
+                               f"'127.0.0.1' (this machine only), not {bad!r}")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("127.0.0.1:0", {"dashboard_address": "127.0.0.1:0"}),
+    ("127.0.0.1:8787", {"dashboard_address": "127.0.0.1:8787"}),
+    # no host: the interface the mesh listens on, not Dask's every interface
+    (":0", {"dashboard_address": "10.1.2.3:0"}),
+    (8787, {"dashboard_address": "10.1.2.3:8787"}),
+    ("8787", {"dashboard_address": "10.1.2.3:8787"}),
+    ("0.0.0.0:8787", {"dashboard_address": "0.0.0.0:8787"}),  # asked for
+    ("[::1]:0", {"dashboard_address": "[::1]:0"}),
+    (None, {"dashboard": False, "dashboard_address": "10.1.2.3:0"}),
+    (False, {"dashboard": False, "dashboard_address": "10.1.2.3:0"}),
+])
+def test_dashboard_address_values(value, expected):
+    with dask.config.set({"mesh.local.dashboard-address": value}):
+        assert _config.dashboard_options("10.1.2.3") == expected
+
+
+@pytest.mark.parametrize("bad", ["", "dashboard", "host:port", "127.0.0.1:99999", ":-1",
+                                 "http://127.0.0.1:8787", True, 2.5, ["a"], "a b:1"])
+def test_bad_dashboard_address_is_one_line(bad):
+    with dask.config.set({"mesh.local.dashboard-address": bad}):
+        with pytest.raises(MeshConfigError) as info:
+            _config.dashboard_options("127.0.0.1")
+    message = str(info.value)
+    assert message.startswith("config mesh.local.dashboard-address must be HOST:PORT like "
+                              "'127.0.0.1:8787'") and "\n" not in message
+    assert message.endswith(f"not {bad!r}")

@@ -177,3 +177,52 @@ def test_help_without_subcommand_lists_them(ip, capsys):
     assert "start|connect" in capsys.readouterr().out
     ip.run_cell_magic("mesh", "--help", "raise SystemExit('the cell must not run')")
     assert capsys.readouterr().out.startswith("usage: %%mesh [--route ROUTE] [--remote]")
+
+
+NO_MESH = r"^no active mesh: run %mesh start \(or jm\.Mesh\.local\(\)\) or %mesh connect ADDRESS"
+
+
+@pytest.mark.parametrize("line, cell", [
+    ("route auto", None),
+    ("route", None),
+    ("explain y", None),
+    ("explain y --route gpu", None),
+    ("calibrate", None),
+    ("reset-remote", None),
+    ("", "raise SystemExit('the cell must not run')"),
+    ("--route auto", "raise SystemExit('the cell must not run')"),
+    ("--route off", "raise SystemExit('the cell must not run')"),
+])
+def test_without_a_mesh_each_says_to_start_or_connect_one(ip, monkeypatch, line, cell):
+    monkeypatch.setattr(_state, "_current", None)
+    ip.user_ns["y"] = 1
+    with pytest.raises(UsageError, match=NO_MESH) as info:
+        if cell is None:
+            ip.run_line_magic("mesh", line)
+        else:
+            ip.run_cell_magic("mesh", line, cell)
+    assert "\n" not in str(info.value)
+    assert _state.active() is None and ip.user_ns["y"] == 1
+
+
+@pytest.mark.parametrize("key, value, line, match", [
+    ("connect-timeout", "soon", "connect tcp://127.0.0.1:9",
+     r"^config mesh\.connect-timeout must be a number of seconds, not 'soon'$"),
+    ("connect-timeout", -1, "connect tcp://127.0.0.1:9",
+     r"^config mesh\.connect-timeout must be a positive number of seconds, not -1$"),
+    ("local.host", "", "start --cpu 1 --gpu 0 --tpu 0",
+     r"^config mesh\.local\.host must be an interface address like '127\.0\.0\.1'"),
+    ("local.dashboard-address", "anywhere", "start --cpu 1 --gpu 0 --tpu 0",
+     r"^config mesh\.local\.dashboard-address must be HOST:PORT"),
+    ("profile.measure-seconds", "soon", "start --cpu 1 --gpu 0 --tpu 0",
+     r"^config mesh\.profile\.measure-seconds must be a number of seconds, not 'soon'$"),
+])
+def test_bad_config_is_one_line_from_the_magics(ip, monkeypatch, key, value, line, match):
+    import dask.config
+
+    monkeypatch.setattr(_state, "_current", None)
+    with dask.config.set({f"mesh.{key}": value}):
+        with pytest.raises(UsageError, match=match) as info:
+            ip.run_line_magic("mesh", line)
+    assert "\n" not in str(info.value)
+    assert _state.active() is None

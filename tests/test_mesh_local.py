@@ -193,6 +193,63 @@ def test_scale_per_kind(mesh):
     assert inv.by_kind() == {"cpu": 2}
 
 
+def test_scaling_to_more_tpu_workers_than_chips_is_one_line(mesh, monkeypatch):
+    from jupyter_mesh.devices import _tpu
+
+    monkeypatch.setattr(_tpu, "chips", lambda: ([], "no /dev/accel* device"))
+    with pytest.raises(MeshError, match=r"^no TPU found for that many tpu workers \(this host "
+                                        r"has 0 TPU chips: no /dev/accel\* device\): use "
+                                        r"tpu=0 or fewer$"):
+        mesh.scale(tpu=1)
+    monkeypatch.setattr(_tpu, "chips", lambda: (["chip-0"], None))
+    with pytest.raises(MeshError, match=r"^no TPU found for that many tpu workers \(this host "
+                                        r"has 1 TPU chips\): use tpu=1 or fewer$"):
+        mesh.scale(tpu=2)
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
+A_FILE = object()  # stands for the path of a file
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("local.host", None, r"config mesh\.local\.host must be an interface address like "
+                         r"'127\.0\.0\.1' \(this machine only\), not None"),
+    ("local.host", "", r"config mesh\.local\.host must be an interface address"),
+    ("local.host", "  ", r"config mesh\.local\.host must be an interface address"),
+    ("local.dashboard-address", "dashboard", r"config mesh\.local\.dashboard-address must "
+                                             r"be HOST:PORT like '127\.0\.0\.1:8787'.*, "
+                                             r"not 'dashboard'"),
+    ("local.dashboard-address", True, r"config mesh\.local\.dashboard-address must be"),
+    ("profile.cache-dir", 123, r"config mesh\.profile\.cache-dir must be a folder path, or "
+                               r"null for ~/\.cache/jupyter-mesh, not 123"),
+    ("profile.cache-dir", A_FILE, r"config mesh\.profile\.cache-dir must be a folder, but "
+                                  r".*afile is a file: name a folder, or null for"),
+    ("profile.measure-seconds", -1, r"config mesh\.profile\.measure-seconds must be a "
+                                    r"non-negative number of seconds, not -1"),
+    ("profile.measure-seconds", "soon", r"config mesh\.profile\.measure-seconds must be a "
+                                        r"number of seconds, not 'soon'"),
+])
+def test_bad_local_config_is_one_line_before_anything_starts(mesh, tmp_path, key, value,
+                                                             match):
+    from distributed import SpecCluster
+
+    if value is A_FILE:
+        value = tmp_path / "afile"
+        value.write_text("not a folder")
+        value = str(value)
+    clusters = set(SpecCluster._instances)
+    with dask.config.set({f"mesh.{key}": value}):
+        with pytest.raises(jm.MeshConfigError, match=rf"^{match}") as info:
+            jm.Mesh.local(cpu=1, gpu=0, tpu=0, replace=True)
+        assert "\n" not in str(info.value)
+        if key.startswith("profile."):  # what a new worker reads: scale checks it too
+            with pytest.raises(jm.MeshConfigError, match=rf"^{match}"):
+                mesh.scale(cpu=3)
+    assert set(SpecCluster._instances) == clusters  # nothing started
+    assert jm.current() is mesh and not mesh.closed
+    assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
 def test_workers_that_do_not_all_start_are_said_in_one_line(mesh):
     with pytest.raises(MeshError, match=r"only 2 of 5 workers started within 0.5 s: .*ask "
                                         r"for fewer workers"):
@@ -343,3 +400,26 @@ def test_replacing_a_mesh_keeps_dasks_logs_quiet(no_mesh):
         assert handler.level == logging.INFO  # as it was, once no mesh is left
     finally:
         logging.getLogger("distributed").removeHandler(handler)
+
+
+def _listening_hosts(mesh):
+    """The interfaces the scheduler's HTTP server (the dashboard's) listens on."""
+    server = mesh.cluster.scheduler.http_server
+    return {sock.getsockname()[0] for sock in server._sockets.values()}
+
+
+def test_dashboard_without_a_host_listens_on_the_meshs_host(no_mesh):
+    # Dask takes ":0" for every interface; the mesh keeps it on mesh.local.host
+    with dask.config.set({"mesh.local.dashboard-address": ":0"}):
+        with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1) as m:
+            assert _listening_hosts(m) == {"127.0.0.1"}
+            assert m.dashboard_link.startswith("http://127.0.0.1:")
+
+
+def test_dashboard_turned_off(no_mesh):
+    with dask.config.set({"mesh.local.dashboard-address": None}):
+        with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1) as m:
+            assert m.dashboard_link is None and m.inventory().dashboard is None
+            assert "dashboard" not in m._repr_html_()
+            assert _listening_hosts(m) == {"127.0.0.1"}  # Dask's health checks, loopback
+            assert da.ones(10, chunks=5).sum().compute() == 10

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import re
+
 import dask.config
+import pytest
 
 from jupyter_mesh.devices import _profile
 from jupyter_mesh.devices._profile import Profile, lookup_known
@@ -54,3 +57,64 @@ def test_measured_profiles_are_cached_per_host_and_device(tmp_path):
 def test_profile_round_trips_through_dict():
     prof = Profile(1.0, 2.0, 3.0, 4.0, 5e-6, method="table", source="x")
     assert Profile.from_dict(prof.to_dict()) == prof
+
+
+def _no_measure(budget):
+    raise AssertionError("nothing is measured with a bad cache-dir")
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path):
+    from jupyter_mesh.errors import MeshConfigError
+
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    with dask.config.set({"mesh.profile.cache-dir": str(afile)}):
+        for call in (_profile.check_config,
+                     lambda: _profile.cached_or_measure("k", _no_measure)):
+            with pytest.raises(MeshConfigError, match=(
+                    rf"^config mesh\.profile\.cache-dir must be a folder, but {afile} is a "
+                    rf"file: name a folder, or null for ~/\.cache/jupyter-mesh$")):
+                call()
+    assert afile.read_text() == "kept"  # nothing that was there is lost
+
+
+@pytest.mark.parametrize("bad", [123, True, ["a"], b"/tmp"])
+def test_a_cache_dir_that_is_no_path_is_one_line(bad):
+    from jupyter_mesh.errors import MeshConfigError
+
+    with dask.config.set({"mesh.profile.cache-dir": bad}):
+        with pytest.raises(MeshConfigError, match=(
+                rf"^config mesh\.profile\.cache-dir must be a folder path, or null for "
+                rf"~/\.cache/jupyter-mesh, not {re.escape(repr(bad))}$")):
+            _profile.check_config()
+
+
+def test_a_cache_dir_that_cannot_be_made_is_one_line(tmp_path):
+    from jupyter_mesh.errors import MeshConfigError
+
+    (tmp_path / "afile").write_text("")
+    inside = tmp_path / "afile" / "profiles"  # under a file: no folder can be made
+    with dask.config.set({"mesh.profile.cache-dir": str(inside)}):
+        with pytest.raises(MeshConfigError, match=(
+                rf"^config mesh\.profile\.cache-dir: cannot make {inside} \(.*\): name a "
+                rf"folder you can write, or null for ~/\.cache/jupyter-mesh$")):
+            _profile.check_config()
+
+
+def test_a_cache_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with dask.config.set({"mesh.profile.cache-dir": "~/profiles"}):
+        _profile.check_config()
+    assert (tmp_path / "profiles").is_dir()
+
+
+@pytest.mark.parametrize("bad", [-1, "soon", None, True])
+def test_bad_measure_seconds_is_one_line(tmp_path, bad):
+    from jupyter_mesh.errors import MeshConfigError
+
+    with dask.config.set({"mesh.profile.cache-dir": str(tmp_path),
+                          "mesh.profile.measure-seconds": bad}):
+        with pytest.raises(MeshConfigError, match=(
+                rf"^config mesh\.profile\.measure-seconds must be a .*number of seconds, "
+                rf"not {bad!r}$")):
+            _profile.check_config()

@@ -661,6 +661,21 @@ def test_bad_pins(mesh_devices):
         plan_collections([y], mesh_devices, pin=["local"])
 
 
+@pytest.mark.parametrize("pin", [
+    lambda x: [(x, "local"), (x, "edge")],
+    lambda x: {"local": x, "edge": [x]},
+])
+def test_the_same_data_pinned_to_two_sites_is_one_line(pin):
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("e0", "cpu", "numpy", CPU, site="edge")]
+    x = da.random.random((400, 400), chunks=100)
+    y = (x + 1).sum()
+    with pytest.raises(MeshError, match=r"^data pinned to two sites: 'local' and 'edge': pin each collection to one site"):
+        plan_collections([y], devs, pin=pin(x))
+    # pinned to one site once is fine, and twice to the same site too
+    plan = plan_collections([y], devs, pin=[(x, "edge"), (x, "edge")])
+    assert set(plan.model.pins.values()) == {"edge"}
+
+
 def test_scheduler_runs_ready_tasks_in_plan_order(mesh_devices):
     import pickle
     from types import SimpleNamespace

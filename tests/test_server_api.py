@@ -120,12 +120,23 @@ def test_unknown_mesh_is_404(api, method, parts):
         ("POST", ("meshes", "connect"), "{oops", "not valid JSON"),
         ("POST", ("meshes", "connect"), '{"address": "no such thing"}', "malformed address"),
         ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": "x"}', "timeout"),
+        ("POST", ("meshes",), '{"site": "a b"}', "site must be a name of letters, digits"),
+        ("POST", ("meshes",), '{"cpu": 1, "site": "../x"}', "site must be a name"),
+        ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": 0}',
+         "timeout must be a number of seconds in (0, 120], not 0"),
+        ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": 121}',
+         "timeout must be a number of seconds in (0, 120], not 121"),
+        ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": true}',
+         "timeout must be a number of seconds in (0, 120], not True"),
+        ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": NaN}',
+         "timeout must be a number of seconds in (0, 120], not nan"),
     ],
 )
 def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
     code, body = api(method, *parts, raw=raw)
     assert code == 400
-    assert message in body["message"]
+    assert message in body["message"] and "\n" not in body["message"]
+    assert api("GET", "meshes") == (200, {"meshes": []})  # nothing started
 
 
 def test_connect_to_nothing_says_where(api):

@@ -42,6 +42,11 @@ class FakePlan:
         ({"cpu": True}, "cpu must be"),
         ({"gpu": "many"}, "or 'auto'"),
         ({"site": ""}, "site must be"),
+        # Mesh.local's rule, said before anything starts
+        ({"site": "a b"}, "site must be a name of letters, digits, '.', '_' or '-' (like "
+                          "'local' or 'edge-lab'), not 'a b'"),
+        ({"site": 3}, "site must be a name"),
+        ({"gpu": "AUTOMATIC"}, "gpu must be a whole number from 0 to"),
         ({"workers": 3}, "unknown option(s) workers"),
         ({"threads_per_worker": 0}, "threads_per_worker must be a whole number from 1 to"),
     ],
@@ -61,6 +66,14 @@ def test_start_options_pass_through():
         "site": "lab",
     }
     assert validate_start(None) == {}
+
+
+@pytest.mark.parametrize("auto", ["AUTO", "Auto", " auto "])
+def test_auto_is_taken_in_any_case_as_mesh_local_takes_it(auto):
+    from jupyter_mesh.mesh import check_count
+
+    assert validate_start({"gpu": auto, "tpu": auto}) == {"gpu": "auto", "tpu": "auto"}
+    assert check_count("gpu", auto, allow_auto=True) == "auto"
 
 
 @pytest.mark.parametrize(
@@ -84,6 +97,18 @@ def test_scale_counts_are_validated(body, message):
         ({}, "address is required"),
         ({"address": "not an address at all"}, "malformed address"),
         ({"address": "tcp://127.0.0.1:1", "timeout": -1}, "timeout must be"),
+        ({"address": "tcp://127.0.0.1:1", "timeout": 0},
+         "timeout must be a number of seconds in (0, 120], not 0"),
+        ({"address": "tcp://127.0.0.1:1", "timeout": 121},
+         "timeout must be a number of seconds in (0, 120], not 121"),
+        ({"address": "tcp://127.0.0.1:1", "timeout": True},
+         "timeout must be a number of seconds in (0, 120], not True"),
+        ({"address": "tcp://127.0.0.1:1", "timeout": float("nan")},
+         "timeout must be a number of seconds in (0, 120], not nan"),
+        ({"address": "tcp://127.0.0.1:1", "timeout": float("inf")},
+         "timeout must be a number of seconds in (0, 120], not inf"),
+        ({"address": "tcp://127.0.0.1:1", "timeout": "5"},
+         "timeout must be a number of seconds in (0, 120], not '5'"),
         ({"address": "tls://127.0.0.1:8786"}, "uses TLS"),
         ({"address": "tcp://127.0.0.1:1", "user": "x"}, "unknown option(s) user"),
     ],

@@ -119,12 +119,51 @@ def lookup_known(model: str) -> Profile | None:
     return None
 
 
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "jupyter-mesh")
+
+
+def _cache_dir() -> str:
+    """``mesh.profile.cache-dir``, made if missing, or a config error that says what to do."""
+    from ..errors import MeshConfigError
+
+    value = _config.get("profile.cache-dir")
+    if value is not None and (not isinstance(value, (str, os.PathLike))
+                              or isinstance(value, bytes)):
+        raise MeshConfigError(
+            f"config mesh.profile.cache-dir must be a folder path, or null for "
+            f"{DEFAULT_CACHE_DIR}, not {value!r}"
+        )
+    folder = os.path.expanduser(os.fspath(value) if value else DEFAULT_CACHE_DIR)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise MeshConfigError(
+            f"config mesh.profile.cache-dir must be a folder, but {folder} is a file: "
+            f"name a folder, or null for {DEFAULT_CACHE_DIR}"
+        )
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise MeshConfigError(
+            f"config mesh.profile.cache-dir: cannot make {folder} "
+            f"({exc.strerror or type(exc).__name__}): name a folder you can write, or null "
+            f"for {DEFAULT_CACHE_DIR}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MeshConfigError(
+            f"config mesh.profile.cache-dir: cannot write in {folder}: name a folder you "
+            f"can write, or null for {DEFAULT_CACHE_DIR}"
+        )
+    return folder
+
+
+def check_config() -> None:
+    """Check ``mesh.profile.*`` where a mesh starts, before its workers read them (a
+    worker that fails on them fails to start, with Dask's traceback)."""
+    _cache_dir()
+    _config.get_seconds("profile.measure-seconds")
+
+
 def _cache_path() -> str:
-    folder = _config.get("profile.cache-dir") or os.path.join(
-        os.path.expanduser("~"), ".cache", "jupyter-mesh"
-    )
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, "profiles.json")
+    return os.path.join(_cache_dir(), "profiles.json")
 
 
 def cache_key(kind: str, backend: str, model: str) -> str:

@@ -113,7 +113,8 @@ def apply_pins(model: Any, pin: Any, pools: list[Any]) -> None:
         for i in idx:
             old = model.pins.get(i)
             if old is not None and old != where:
-                raise MeshError(f"data pinned to two sites: {old!r} and {where!r}")
+                raise MeshError(f"data pinned to two sites: {old!r} and {where!r}: pin each "
+                                f"collection to one site (data lives at one place)")
             model.pins[i] = where
 
 

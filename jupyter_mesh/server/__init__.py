@@ -68,12 +68,17 @@ def parse_autostart(text: str) -> dict[str, Any]:
     """``cpu=2,jax_cpu=1`` (or a JSON object) -> the body of ``POST meshes``."""
     text = text.strip()
     if text.startswith("{"):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON ({exc}): give a JSON object like "
+                             f'{{"cpu": 2}}, or KEY=VALUE pairs like cpu=2,jax_cpu=1') from None
     body: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep:
-            raise ValueError(f"{AUTOSTART_ENV}: expected KEY=VALUE, got {part!r}")
+            raise ValueError(f"expected KEY=VALUE pairs like cpu=2,jax_cpu=1 (or a JSON "
+                             f"object), got {part!r}")
         value = value.strip()
         body[key.strip()] = int(value) if value.isdigit() else value
     return body

@@ -31,7 +31,7 @@ from typing import Any
 from .. import discovery
 from .._links import proxied
 from ..errors import MeshError
-from ..mesh import FAMILIES, Mesh, check_address
+from ..mesh import FAMILIES, Mesh, check_address, check_site
 
 #: options ``POST meshes`` accepts, with the kinds of value allowed
 START_OPTIONS = ("cpu", "gpu", "tpu", "jax_cpu", "site", "threads_per_worker")
@@ -119,8 +119,8 @@ def most_local() -> int:
 
 
 def _check_int(name: str, value: Any, *, allow_auto: bool = False, minimum: int = 0) -> Any:
-    if allow_auto and value == "auto":
-        return value
+    if allow_auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"  # as Mesh.local and %mesh start take it: "AUTO" too
     top = most_local()
     if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
             or value > top):
@@ -151,10 +151,10 @@ def validate_start(body: Any) -> dict[str, Any]:
             "threads_per_worker", body["threads_per_worker"], minimum=1
         )
     if "site" in body:
-        site = body["site"]
-        if not isinstance(site, str) or not site:
-            raise BadRequest(f"site must be a non-empty name like 'local', not {site!r}")
-        kwargs["site"] = site
+        try:  # the rule of Mesh.local, before anything starts
+            kwargs["site"] = check_site(body["site"])
+        except MeshError as exc:
+            raise BadRequest(str(exc)) from None
     return kwargs
 
 
