@@ -8,6 +8,7 @@ be; the "lab" site is the local mesh's NumPy worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,6 +77,19 @@ def _when_jax_busy(mesh, then):
     then()
 
 
+def compute_on_jax_while(mesh, y, event, fallback_timeout, *, falls_back):
+    """``mesh.compute(y, route="cpu:jax")`` while ``event()`` happens as soon as the
+    cloud's JAX worker runs a task; with ``falls_back``, the fallback warning must come."""
+    killer = threading.Thread(target=_when_jax_busy, args=(mesh, event))
+    with dask.config.set({"mesh.fallback-timeout": fallback_timeout}):
+        with (pytest.warns(MeshFallbackWarning, match="lost every cpu:jax@cloud worker")
+              if falls_back else contextlib.nullcontext()):
+            killer.start()
+            (got,) = mesh.compute(y, route="cpu:jax")
+    killer.join()
+    return got
+
+
 def test_a_whole_site_dropping_out_mid_computation(mesh, cloud):
     y = pipeline()
     expected = y.compute(scheduler="sync")
@@ -86,12 +100,7 @@ def test_a_whole_site_dropping_out_mid_computation(mesh, cloud):
         os.killpg(cloud.pid, signal.SIGKILL)
         os.kill(pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=_when_jax_busy, args=(mesh, drop_the_site))
-    with dask.config.set({"mesh.fallback-timeout": 1.0}):
-        with pytest.warns(MeshFallbackWarning, match="lost every cpu:jax@cloud worker"):
-            killer.start()
-            (got,) = mesh.compute(y, route="cpu:jax")
-    killer.join()
+    got = compute_on_jax_while(mesh, y, drop_the_site, 1.0, falls_back=True)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert "numpy" in mesh.last_report.ran_on("matmul")
 
@@ -105,11 +114,7 @@ def test_a_worker_restarted_under_a_new_address_keeps_its_sites_work(mesh, cloud
         # the worker process alone: its nanny starts a new one, on a new port
         os.kill(before.extra["pid"], signal.SIGKILL)
 
-    killer = threading.Thread(target=_when_jax_busy, args=(mesh, restart_the_worker))
-    with dask.config.set({"mesh.fallback-timeout": 60.0}):
-        killer.start()
-        (got,) = mesh.compute(y, route="cpu:jax")
-    killer.join()
+    got = compute_on_jax_while(mesh, y, restart_the_worker, 60.0, falls_back=False)
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     after = _jax_devices(mesh)
     assert after and after[0].worker != before.worker and after[0].site == "cloud"
@@ -127,13 +132,7 @@ def test_a_fallback_that_overlaps_the_restart_gives_the_same_numbers(mesh, cloud
     y = ((x @ x.T) + 1).sum(axis=0)
     expected = y.compute(scheduler="sync")
     before = _jax_devices(mesh)[0]
-    killer = threading.Thread(
-        target=_when_jax_busy,
-        args=(mesh, lambda: os.kill(before.extra["pid"], signal.SIGKILL)))
-    with dask.config.set({"mesh.fallback-timeout": 0.3}):
-        with pytest.warns(MeshFallbackWarning, match="lost every cpu:jax@cloud worker"):
-            killer.start()
-            (got,) = mesh.compute(y, route="cpu:jax")
-    killer.join()
+    got = compute_on_jax_while(
+        mesh, y, lambda: os.kill(before.extra["pid"], signal.SIGKILL), 0.3, falls_back=True)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert "numpy" in mesh.last_report.ran_on("matmul")

@@ -242,8 +242,18 @@ def wrapped_task(node: Task, call: DeviceCall) -> Task:
     t = Task.__new__(Task)
     t.key = node.key
     t.func = call
-    t.args = _nested_args(node.args)
-    t.kwargs = _nested_kwargs(node.kwargs)
+    args = node.args
+    for a in args:  # inline: it runs once per routed task
+        if isinstance(a, Task):
+            args = _nested_args(args)
+            break
+    t.args = args
+    kwargs = node.kwargs
+    for v in kwargs.values():
+        if isinstance(v, Task):
+            kwargs = _nested_kwargs(kwargs)
+            break
+    t.kwargs = kwargs
     t._dependencies = node._dependencies
     t._data_producer = node._data_producer
     t._token = t._is_coro = t._repr = None
