@@ -38,6 +38,9 @@ def devices(platform=None):
     if os.environ.get("FAKE_TPU_BUSY"):
         raise RuntimeError("TPU initialization failed: The TPU is already in use by "
                            "process with pid 4242.\\nNot attempting to load libtpu.so")
+    if os.environ.get("FAKE_TPU_NONE"):
+        raise RuntimeError("Unable to initialize backend 'tpu': INTERNAL: Failed to "
+                           "open libtpu: no TPU chips found")
     chips, cores = int(os.environ["FAKE_TPU_CHIPS"]), int(os.environ["FAKE_TPU_CORES"])
     return [Device(c * cores + k, [c % 2, c // 2, 0], k)
             for c in range(chips) for k in range(cores)]
@@ -64,12 +67,15 @@ def fake_tpu_host(tmp_path, monkeypatch):
     monkeypatch.delenv("TPU_VISIBLE_DEVICES", raising=False)
     _tpu._probed.cache_clear()
 
-    def host(chips: int, cores: int = 1, kind: str = "TPU v5 lite", busy: bool = False):
+    def host(chips: int, cores: int = 1, kind: str = "TPU v5 lite", busy: bool = False,
+             none: bool = False):
         monkeypatch.setenv("FAKE_TPU_CHIPS", str(chips))
         monkeypatch.setenv("FAKE_TPU_CORES", str(cores))
         monkeypatch.setenv("FAKE_TPU_KIND", kind)
         if busy:
             monkeypatch.setenv("FAKE_TPU_BUSY", "1")
+        if none:
+            monkeypatch.setenv("FAKE_TPU_NONE", "1")
         _tpu._probed.cache_clear()
 
     yield host
@@ -105,6 +111,15 @@ def test_a_busy_tpu_is_named_as_the_reason(fake_tpu_host):
     with pytest.warns(UserWarning, match="no TPU workers: JAX could not open the TPUs"):
         with pytest.raises(MeshError, match="at least one device"):
             jm.Mesh.local(cpu=0, gpu=0, tpu="auto", set_current=False)
+
+
+def test_libtpu_without_a_tpu_finds_none_quietly(fake_tpu_host, recwarn):
+    # jax[tpu] installed on a machine with no TPU: no TPU workers, no warning
+    fake_tpu_host(0, none=True)
+    assert _tpu.chips() == ([], None)
+    with pytest.raises(MeshError, match="at least one device"):
+        jm.Mesh.local(cpu=0, gpu=0, tpu="auto", set_current=False)
+    assert not [w for w in recwarn if "TPU" in str(w.message)]
 
 
 def test_more_tpu_workers_than_chips_is_refused_before_anything_starts(fake_tpu_host):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from ._detect import DeviceInfo, tpu_possible
 
 #: how long the child process may take to start libtpu and list the chips
 PROBE_TIMEOUT = 180.0
+#: what libtpu says when another process holds the chips
+_BUSY = re.compile(r"in use|busy|locked", re.IGNORECASE)
 
 
 def _chip_key(dev: Any) -> Any:
@@ -78,7 +81,10 @@ def _probed() -> tuple[tuple[DeviceInfo, ...], str | None]:
         last = (done.stderr.strip().splitlines() or ["no answer"])[-1]
         return (), f"listing the TPUs failed: {last}"
     if "error" in answer:
-        return (), f"JAX could not open the TPUs: {answer['error']}"
+        if _BUSY.search(answer["error"]):
+            return (), f"JAX could not open the TPUs: {answer['error']}"
+        # libtpu installed on a machine without TPUs (jax[tpu] on a laptop, say)
+        return (), None
     return tuple(
         DeviceInfo(kind="tpu", backend="jax", model=c["model"], memory=int(c["memory"]),
                    index=i, extra={"cores": int(c["cores"])})
@@ -95,7 +101,7 @@ def chips() -> tuple[list[DeviceInfo], str | None]:
     if not tpu_possible():
         return [], None
     found, why = _probed()
-    if not found:
+    if why is not None:
         _probed.cache_clear()  # a TPU that was busy may be free next time
     return list(found), why
 
