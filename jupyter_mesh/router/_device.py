@@ -118,11 +118,11 @@ class DeviceCall:
         out = func(*args, **kwargs)
         if self.to_host and used != "numpy":
             out = _map(get_backend(used).to_host, out)
-            if used == "jax":
-                from .jax_ops import gives_scalar
+            from .jax_ops import gives_scalar
 
-                if gives_scalar(self.func):
-                    out = _map(_scalar, out)
+            # JAX's and CuPy's reductions give 0-d arrays where NumPy's give scalars
+            if gives_scalar(self.func):
+                out = _map(_scalar, out)
         elif used != "numpy":
             if used == "jax":
                 out = _block(out)
