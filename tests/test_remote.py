@@ -77,6 +77,11 @@ def test_last_expression_is_the_cells_output(ip, fresh):
 def test_output_option_stores_the_value(ip, fresh):
     remote(ip, "-o res", "import numpy as np\nnp.arange(4) * 2")
     np.testing.assert_array_equal(ip.user_ns["res"], [0, 2, 4, 6])
+    # a trailing ; hides the value, as in a local cell, but -o still stores it
+    result = ip.run_cell("%%mesh --remote -o res\n6 * 7;")
+    assert result.success and result.result is None and ip.user_ns["res"] == 42
+    # a ; in a comment hides nothing
+    assert repr(ip.run_cell("%%mesh --remote\n6 * 7  # done;").result) == "42"
 
 
 def test_large_arrays_push_and_pull(ip, fresh):
@@ -94,6 +99,13 @@ def test_rich_display_comes_back(fresh, monkeypatch):
     )
     assert shown[0]["text/html"] == "<b>hi</b>"
     assert r.data["text/html"] == "<i>last</i>"
+    # IPython's own display, imported as usual, reaches the notebook too, in this cell
+    # and in the next ones (it printed "<IPython.core.display.HTML object>" before)
+    fresh.run_cell("from IPython.display import display, HTML, clear_output\n"
+                   "display(HTML('<b>ipython</b>'))")
+    fresh.run_cell("class H:\n    def _repr_html_(self):\n        return '<u>h</u>'\n"
+                   "display(H())")
+    assert [d.get("text/html") for d in shown[1:]] == ["<b>ipython</b>", "<u>h</u>"]
 
 
 def test_output_streams_while_the_cell_runs(fresh, monkeypatch):
@@ -218,11 +230,17 @@ def test_interrupt_stops_the_remote_code_and_keeps_the_worker(fresh, capsys):
     fresh.run_cell("import time\nsteps = 0", on="cpu")
     timer = _interrupt_soon(0.6)
     started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         fresh.run_cell("while True:\n    steps += 1\n    time.sleep(0.01)", on="cpu")
     timer.join()
     assert time.monotonic() - started < 10
     assert "interrupted the remote cell on cpu-0" in capsys.readouterr().err
+    # IPython shows where the cell stopped on the worker (its own line), not the frames
+    # of the magic that waited for it
+    shown = "\n".join(info.value._render_traceback_())
+    assert "Remote KeyboardInterrupt" in shown
+    assert "steps += 1" in shown or "time.sleep(0.01)" in shown
+    assert "_client.py" not in shown and "magic.py" not in shown
     steps = fresh.run_cell("steps", on="cpu", value=True).value
     assert steps > 0
     time.sleep(0.2)
@@ -460,3 +478,26 @@ def test_the_text_bar_clears_its_line_before_the_cells_output(fresh, capsys):
     assert out.err.index("\r\x1b[K") > out.err.index("running on cpu-0")
     last = out.err.rsplit("\r", 1)[1]
     assert last.startswith("remote cell: finished |") and last.endswith("\n")  # it ends
+
+
+def test_cells_run_from_several_threads_take_turns(fresh):
+    # as in a kernel, one cell at a time: a second cell sent while the first runs used
+    # to fail with "the previous cell is still running ... interrupt the kernel again"
+    import threading
+
+    fresh.run_cell("import time\nk = 0", on="cpu")
+    results, errors = [], []
+
+    def cell():
+        try:
+            results.append(fresh.run_cell("time.sleep(0.3)\nk += 1\nk", on="cpu",
+                                          value=True).value)
+        except Exception as exc:  # pragma: no cover - what the test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=cell) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and sorted(results) == [1, 2, 3]

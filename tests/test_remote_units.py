@@ -45,12 +45,17 @@ def finish(done, box):
 
 
 def test_split_cell_separates_the_last_expression():
-    body, last = _runner.split_cell("a = 1\na + 1", "<c>")
+    body, last, quiet = _runner.split_cell("a = 1\na + 1", "<c>")
     ns = {}
     exec(body, ns)
-    assert eval(last, ns) == 2
+    assert eval(last, ns) == 2 and not quiet
     assert _runner.split_cell("a = 1", "<c>")[1] is None
-    assert _runner.split_cell("1 + 1;", "<c>")[1] is None
+    # a trailing ; hides the value (as in IPython) but keeps it for -o
+    _, last, quiet = _runner.split_cell("1 + 1;", "<c>")
+    assert last is not None and eval(last) == 2 and quiet
+    assert _runner.split_cell("6 * 7  # a comment; not code", "<c>")[2] is False
+    assert _runner.split_cell("6 * 7;  # hidden", "<c>")[2] is True
+    assert _runner.split_cell("s = ';'\ns", "<c>")[2] is False
     with pytest.raises(SyntaxError):
         _runner.split_cell("x = (", "<c>")
 

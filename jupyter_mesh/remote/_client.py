@@ -14,6 +14,7 @@ import math
 import queue
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -26,7 +27,7 @@ from .. import _config, progress
 from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
-from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure
+from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure, RemoteInterrupt
 from ._runner import quiet_logger
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
@@ -201,6 +202,9 @@ class RemoteCells:
         self.namespaces: dict[str, Device] = {}
         self.cells = 0
         self._installed = False
+        #: one cell at a time, as in a kernel: cells run from several threads take turns
+        #: (the worker refuses a second cell in a namespace while one runs)
+        self._turn = threading.RLock()
 
     @property
     def client(self) -> Any:
@@ -250,7 +254,8 @@ class RemoteCells:
             "filename": filename, "push": packed, "pull": pull_names,
             "want_value": want_value, "show_value": show_value, "timeout": timeout,
         }
-        results = self._execute(devices, message, target, site, all, timeout)
+        with self._turn:
+            results = self._execute(devices, message, target, site, all, timeout)
         if not results:  # e.g. stopped on the worker's side: never an internal error
             raise MeshError("the cell did not finish on any worker: run it again")
         return results if all else results[0]
@@ -563,6 +568,7 @@ class RemoteCells:
         failures: list[RemoteFailure] = []
         usage: list[str] = []
         results: list[CellResult] = []
+        stopped_at: list[tuple[str, str]] = []
         stopped_by_timeout = False
         for run in runs:
             _flush_partial(run)
@@ -618,6 +624,8 @@ class RemoteCells:
                     kind=dev.kind, backend=dev.backend,
                 ))
             elif status == "interrupted" or interrupted:
+                if status == "interrupted" and final.get("traceback"):
+                    stopped_at.append((f"{run.label} ({dev.target})", final["traceback"]))
                 continue
             elif status in ("client-gone", "reset", "worker-closing"):
                 self.namespaces.pop(dev.worker, None)
@@ -649,7 +657,7 @@ class RemoteCells:
             if where:
                 print(f"jupyter_mesh: interrupted the remote cell on {where}; the worker "
                       f"and its namespace stay usable.", file=sys.stderr, flush=True)
-            raise KeyboardInterrupt
+            raise RemoteInterrupt(stopped_at)
         if failures:
             cls = RemoteCellTimeout if stopped_by_timeout else RemoteCellError
             raise cls(failures)

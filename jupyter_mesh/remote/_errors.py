@@ -65,6 +65,23 @@ class RemoteCellError(MeshError):
         return lines[:-1]
 
 
+class RemoteInterrupt(KeyboardInterrupt):
+    """Ctrl-C stopped a remote cell. IPython shows where the cell's code stopped on
+    the worker, not the frames of the magic that waited for it."""
+
+    def __init__(self, stopped: list[tuple[str, str]]) -> None:
+        #: (where, the remote traceback up to where the code stopped) per worker
+        self.stopped = stopped
+        super().__init__()
+
+    def _render_traceback_(self) -> list[str]:
+        lines: list[str] = []
+        for where, tb in self.stopped:
+            lines.append(f"{_RED}{_BOLD}Remote KeyboardInterrupt{_RESET} on {where}")
+            lines.extend(tb.rstrip("\n").splitlines() or ["KeyboardInterrupt"])
+        return lines or ["KeyboardInterrupt"]
+
+
 class RemoteCellTimeout(RemoteCellError):
     """A remote cell ran longer than its ``timeout`` and was stopped."""
 

@@ -11,6 +11,7 @@ import ast
 import contextlib
 import contextvars
 import ctypes
+import functools
 import linecache
 import logging
 import queue
@@ -29,19 +30,37 @@ from . import _streams
 SERIALIZERS = ("dask", "pickle")
 
 
-def split_cell(code: str, filename: str) -> tuple[Any, Any | None]:
+def split_cell(code: str, filename: str) -> tuple[Any, Any | None, bool]:
     """Compile a cell like IPython does: statements, then the last expression apart.
 
-    Returns ``(body, last)`` code objects; ``last`` is None when the cell does not end
-    with an expression or ends with ``;``.
+    Returns ``(body, last, quiet)``: code objects (``last`` None when the cell does not
+    end with an expression), and whether the cell ends with ``;`` (a comment after it
+    aside), which, as in IPython, hides the value but does not drop it (``-o`` keeps it).
     """
     tree = ast.parse(code, filename, "exec")
     last = None
     final = tree.body[-1] if tree.body else None
-    if isinstance(final, ast.Expr) and not code.rstrip().endswith(";"):
+    if isinstance(final, ast.Expr):
         tree.body.pop()
         last = compile(ast.Expression(final.value), filename, "eval")
-    return compile(tree, filename, "exec"), last
+    return compile(tree, filename, "exec"), last, ends_quiet(code)
+
+
+def ends_quiet(code: str) -> bool:
+    """Whether the cell's last token (comments and blank lines aside) is ``;``."""
+    import io
+    import tokenize
+
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER,
+            tokenize.INDENT, tokenize.DEDENT}
+    last = None
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type not in skip:
+                last = tok
+    except (tokenize.TokenError, SyntaxError):
+        return code.rstrip().endswith(";")
+    return last is not None and last.type == tokenize.OP and last.string == ";"
 
 
 def remember_source(filename: str, code: str) -> None:
@@ -135,6 +154,40 @@ def remote_clear_output(wait: bool = False) -> None:
     sink = _streams.current()
     if sink is not None:
         sink.clear(bool(wait))  # type: ignore[attr-defined]
+
+
+def route_ipython_display() -> None:
+    """Make IPython's own ``display``, ``update_display`` and ``clear_output`` on this
+    worker reach the notebook while a remote cell runs: ``from IPython.display import
+    display`` in a cell (the usual idiom) would otherwise rebind the namespace's
+    ``display`` to one that, with no IPython shell here, prints ``<... object>``. Off a
+    remote cell they do what they did."""
+    import importlib
+
+    remote = {"display": remote_display, "update_display": remote_update_display,
+              "clear_output": remote_clear_output}
+    for modname in ("IPython.core.display_functions", "IPython.core.display",
+                    "IPython.display"):
+        try:
+            mod = importlib.import_module(modname)
+        except Exception:
+            continue
+        for name, ours in remote.items():
+            orig = getattr(mod, name, None)
+            if orig is None or getattr(orig, "_jupyter_mesh_remote", False):
+                continue
+            setattr(mod, name, _in_cell_or(ours, orig))
+
+
+def _in_cell_or(ours: Any, orig: Any) -> Any:
+    @functools.wraps(orig)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if _streams.current() is not None:
+            return ours(*args, **kwargs)
+        return orig(*args, **kwargs)
+
+    call._jupyter_mesh_remote = True  # type: ignore[attr-defined]
+    return call
 
 
 def format_remote_traceback(exc: BaseException) -> str:
@@ -329,7 +382,7 @@ class CellRun:
         ns = self.namespace
         try:
             remember_source(self.filename, self.code)
-            body, last = split_cell(self.code, self.filename)
+            body, last, quiet = split_cell(self.code, self.filename)
             exec(body, ns)
             value = eval(last, ns) if last is not None else None
         except KeyboardInterrupt as exc:
@@ -339,7 +392,7 @@ class CellRun:
         except BaseException as exc:  # SystemExit too: it must not end the worker thread
             return {"status": "error", **error_record(exc)}
         outcome: dict[str, Any] = {"status": "ok", "elapsed": time.time() - self.started}
-        if last is not None and value is not None:
+        if last is not None and value is not None and not quiet:
             if self.show_value:
                 outcome["data"], outcome["metadata"] = format_bundle(value)
             ns["_"] = value

@@ -17,7 +17,13 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import _streams
-from ._runner import CellRun, remote_clear_output, remote_display, remote_update_display
+from ._runner import (
+    CellRun,
+    remote_clear_output,
+    remote_display,
+    remote_update_display,
+    route_ipython_display,
+)
 
 EXTENSION_NAME = "jupyter-mesh-remote"
 RUN = "jupyter_mesh_remote_run"
@@ -116,6 +122,7 @@ class RemoteCellsPlugin(WorkerPlugin):
         worker.handlers[INTERRUPT] = self.interrupt
         worker.handlers[RESET] = self.reset
         _streams.install()
+        route_ipython_display()
 
     def teardown(self, worker: Any) -> None:
         for session in self.sessions.values():

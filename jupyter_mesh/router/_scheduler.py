@@ -287,7 +287,10 @@ class RouterState:
             if p in ps.relaxed or p in ps.timers:
                 continue
             if not self._alive(ps, p):
-                loop = asyncio.get_event_loop()
+                try:
+                    loop = asyncio.get_running_loop()  # the scheduler's
+                except RuntimeError:
+                    return  # called outside any event loop: no timer could ever fire
                 ps.timers[p] = loop.call_later(ps.timeout, self._expire, ps.plan_id, p)
                 logger.warning(
                     "jupyter_mesh: no live %s worker for routed tasks; waiting %.3g s before "
