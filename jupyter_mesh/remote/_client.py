@@ -28,7 +28,8 @@ from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
 from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure, RemoteInterrupt
-from ._runner import quiet_logger
+from ._runner import TOP_LEVEL_AWAIT, quiet_logger
+from ._shell import to_python
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
 if TYPE_CHECKING:
@@ -234,8 +235,10 @@ class RemoteCells:
             raise MeshError(f"filename must be a string, not {type(filename).__name__}")
         self.cells += 1
         filename = filename or f"<remote cell {self.cells}>"
-        # rejected here, before anything is sent
-        compile(code, filename, "exec")
+        # IPython syntax (!cmd, %time) becomes Python, as in a kernel cell; a cell that
+        # does not compile is rejected here, before anything is sent
+        code = to_python(code)
+        compile(code, filename, "exec", flags=TOP_LEVEL_AWAIT)
         target = self._target(on)
         if site is not None and not isinstance(site, str):
             raise MeshError(f"--site must be a site name, not {type(site).__name__}")

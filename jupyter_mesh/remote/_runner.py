@@ -8,10 +8,12 @@ its task threads. The thread reports one *outcome* dict when it ends.
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import contextvars
 import ctypes
 import functools
+import inspect
 import linecache
 import logging
 import queue
@@ -42,8 +44,62 @@ def split_cell(code: str, filename: str) -> tuple[Any, Any | None, bool]:
     final = tree.body[-1] if tree.body else None
     if isinstance(final, ast.Expr):
         tree.body.pop()
-        last = compile(ast.Expression(final.value), filename, "eval")
-    return compile(tree, filename, "exec"), last, ends_quiet(code)
+        last = compile(ast.Expression(final.value), filename, "eval", flags=TOP_LEVEL_AWAIT)
+    return compile(tree, filename, "exec", flags=TOP_LEVEL_AWAIT), last, ends_quiet(code)
+
+
+#: compile flag: ``await`` at a cell's top level, as in IPython (the cell then runs in an
+#: event loop of its thread on the worker)
+TOP_LEVEL_AWAIT = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+
+
+def run_code(code: Any, ns: dict[str, Any]) -> Any:
+    """Run a code object from :func:`split_cell`; one with top-level ``await`` runs to
+    the end in this thread's event loop."""
+    result = eval(code, ns)
+    if code.co_flags & inspect.CO_COROUTINE:
+        loop = _cell_loop()
+        beat: list[asyncio.TimerHandle] = []
+
+        def heartbeat() -> None:
+            # the loop wakes every 0.1 s, so that a stop raised in this thread is seen
+            # while the cell awaits (the loop's own wait is outside Python)
+            beat[:] = [loop.call_later(0.1, heartbeat)]
+
+        heartbeat()
+        try:
+            return loop.run_until_complete(result)
+        except BaseException:
+            if not loop.is_running():
+                _cancel_all(loop)  # as asyncio.run on Ctrl-C: it does not go on later
+            raise
+        finally:
+            for handle in beat:
+                handle.cancel()
+    return result
+
+
+_loops = threading.local()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    try:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    except BaseException:  # it cannot be settled: a fresh loop for the next cell
+        loop.close()
+        _loops.loop = None
+
+
+def _cell_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of this cell thread: kept between its cells (objects made in one
+    cell, like an async client, belong to it), never the worker's own loop."""
+    loop = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+    return loop
 
 
 def ends_quiet(code: str) -> bool:
@@ -383,8 +439,8 @@ class CellRun:
         try:
             remember_source(self.filename, self.code)
             body, last, quiet = split_cell(self.code, self.filename)
-            exec(body, ns)
-            value = eval(last, ns) if last is not None else None
+            run_code(body, ns)
+            value = run_code(last, ns) if last is not None else None
         except KeyboardInterrupt as exc:
             if self.stop_reason is not None:
                 return self._stopped(exc)

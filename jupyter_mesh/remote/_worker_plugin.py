@@ -24,6 +24,7 @@ from ._runner import (
     remote_update_display,
     route_ipython_display,
 )
+from ._shell import RemoteShell
 
 EXTENSION_NAME = "jupyter-mesh-remote"
 RUN = "jupyter_mesh_remote_run"
@@ -101,6 +102,8 @@ class Session:
             "update_display": remote_update_display,
             "clear_output": remote_clear_output,
         }
+        shell = RemoteShell(self.namespace)
+        self.namespace["get_ipython"] = lambda: shell
         self.running: CellRun | None = None
         self.cells = 0
 

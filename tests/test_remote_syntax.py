@@ -1,0 +1,160 @@
+"""IPython's cell syntax in remote cells: ``!cmd``, ``x = !cmd``, ``%time``, ``%timeit``,
+top-level ``await``; other magics fail with one line and the worker stays usable."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import threading
+import time
+
+import pytest
+
+from jupyter_mesh import _state
+from jupyter_mesh.remote import RemoteCellError
+from jupyter_mesh.remote._shell import to_python
+
+from .meshes import fresh_local_mesh
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with fresh_local_mesh(cpu=1) as m:
+        yield m
+
+
+@pytest.fixture
+def fresh(mesh, ip):
+    _state.set_current(mesh)
+    mesh.reset_remote()
+    yield mesh
+
+
+def remote(ip, line, cell):
+    return ip.run_cell_magic("mesh", "--remote " + line, cell)
+
+
+def test_shell_command_runs_on_the_worker_and_its_output_reaches_the_notebook(
+        ip, fresh, capsys):
+    pid = fresh.run_cell("import os\nos.getpid()", value=True).value
+    assert pid != os.getpid()
+    remote(ip, "", "!echo pid $PPID; echo to-stderr >&2")
+    out = capsys.readouterr().out
+    # the shell's parent is the worker process, and stderr is shown as IPython shows it
+    assert f"pid {pid}" in out and "to-stderr" in out
+
+
+def test_shell_command_expands_the_cells_names_and_sets_exit_code(fresh):
+    r = fresh.run_cell("name = 'mesh'\nlines = !echo hello {name}; echo $name; exit 3\n"
+                       "(lines, _exit_code)", value=True)
+    lines, code = r.value
+    assert list(lines) == ["hello mesh", "mesh"] and code == 3
+    assert lines.s == "hello mesh mesh"  # IPython's SList, as x = !cmd gives in a kernel
+
+
+def test_shell_output_streams_while_the_command_runs(fresh, monkeypatch):
+    from jupyter_mesh.remote import _client
+
+    arrivals = []
+    show = _client.RemoteCells._show
+
+    def record(self, run, payload, labelled):
+        text = "".join(item[2] for item in payload[0] if item[0] == "stream")
+        arrivals.append((time.monotonic(), text))
+        show(self, run, payload, labelled)
+
+    monkeypatch.setattr(_client.RemoteCells, "_show", record)
+    fresh.run_cell("!echo first; sleep 3; echo second")
+    ended = time.monotonic()
+    text, whole = "", None
+    for at, piece in arrivals:
+        text += piece
+        if "first\n" in text:
+            whole = at
+            break
+    assert whole is not None and "second" not in text
+    assert ended - whole > 1.5  # not held back until the command ended
+
+
+def test_interrupt_stops_a_running_shell_command(fresh, capsys):
+    timer = threading.Timer(0.8, _thread.interrupt_main)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("!echo started; sleep 30; echo never")
+    timer.join()
+    assert time.monotonic() - started < 10
+    out = capsys.readouterr().out
+    assert "started" in out and "never" not in out
+    # the worker runs the next cell at once: the command was stopped, not left running
+    assert fresh.run_cell("1 + 1", value=True).value == 2
+
+
+def test_time_and_timeit_run_on_the_worker(ip, fresh, capsys):
+    remote(ip, "-o v", "import time\n%time v = sum(range(1000)); time.sleep(0.05)\nv")
+    out = capsys.readouterr().out
+    assert "Wall time:" in out and ip.user_ns["v"] == sum(range(1000))
+    r = fresh.run_cell("%time 6 * 7", value=True)
+    assert r.value == 42  # %time of an expression gives its value, as in IPython
+    remote(ip, "", "%timeit sum(range(100))")
+    assert "per loop (mean ± std. dev. of 7 runs" in capsys.readouterr().out
+    remote(ip, "", "%timeit -n 3 -r 2 sum(range(100))")  # IPython's -n and -r
+    assert "(mean ± std. dev. of 2 runs, 3 loops each)" in capsys.readouterr().out
+    with pytest.raises(RemoteCellError, match="%timeit takes -n N, -r R and -q only"):
+        fresh.run_cell("%timeit -p 3 sum(range(100))")
+    remote(ip, "", "%%timeit\nsum(range(100))")
+    assert "per loop" in capsys.readouterr().out
+    remote(ip, "", "%%time\nw = 5\nw * 2")
+    assert "Wall time:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell, shown", [
+    ("%pip install nothing", "%pip does not run in a remote cell"),
+    ("%%writefile f.txt\nhello", "%%writefile does not run in a remote cell"),
+    ("len?", "help (name? or name??) does not run in a remote cell"),
+])
+def test_kernel_only_magics_fail_with_one_line_and_the_worker_stays(fresh, cell, shown):
+    fresh.run_cell("kept = 1")
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell(cell)
+    assert info.value.ename == "RemoteMagicError" and shown in str(info.value)
+    assert "run it in a kernel cell" in str(info.value) or "help(name)" in str(info.value)
+    assert fresh.run_cell("kept", value=True).value == 1  # nothing was lost
+
+
+def test_top_level_await_runs_on_the_worker(fresh):
+    r = fresh.run_cell(
+        "import asyncio\n"
+        "async def double(x):\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    return 2 * x\n"
+        "a = await double(4)\n"
+        "await double(a)", value=True)
+    assert r.value == 16
+    assert fresh.run_cell("a", value=True).value == 8  # names it set stay
+    # an object bound to the cell's loop (a queue) works in the next cell too
+    fresh.run_cell("q = asyncio.Queue()\nawait q.put(5)")
+    assert fresh.run_cell("await q.get()", value=True).value == 5
+
+
+def test_interrupt_of_an_awaiting_cell(fresh):
+    timer = threading.Timer(0.6, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("import asyncio\nq = asyncio.Queue()\nafter = 0\n"
+                       "async def later():\n"
+                       "    global after\n"
+                       "    await asyncio.sleep(2)\n"
+                       "    after = 1\n"
+                       "await later()")
+    timer.join()
+    # the interrupted coroutine was cancelled: it does not go on in the next cell
+    # that awaits, and the loop (with what was made on it) stays usable
+    r = fresh.run_cell("await q.put(3)\nawait asyncio.sleep(2.5)\n(await q.get(), after)",
+                       value=True)
+    assert r.value == (3, 0)
+
+
+def test_plain_python_is_left_as_it_is():
+    cell = 's = """\n!not a command\n%not a magic\n"""\nx = 1 if s else 2\n'
+    assert to_python(cell) == cell
