@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import dask
 import pytest
 
 from jupyter_mesh import MeshError
+from jupyter_mesh.router.api import MeshFallbackWarning
 
 from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
 
@@ -41,16 +43,28 @@ def test_keyword_arguments_named_like_dasks_options_reach_the_function(mesh):
 def test_a_submitted_task_whose_kind_is_lost_runs_on_what_is_left(mesh):
     killer = threading.Thread(target=kill_jax_worker_when_busy, args=(mesh,))
     killer.start()
-    fut = mesh.submit(slow_backend_name, 3.0, on="cpu:jax")
-    killer.join()
-    # the JAX worker died while running it: after mesh.fallback-timeout (1 s here) it
-    # runs on the NumPy worker instead of waiting for a JAX worker for ever
-    backend, _, _ = fut.result(timeout=60)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        fut = mesh.submit(slow_backend_name, 3.0, on="cpu:jax")
+        killer.join()
+        # the JAX worker died while running it: after mesh.fallback-timeout (1 s here)
+        # it runs on the NumPy worker instead of waiting for a JAX worker for ever
+        backend, _, _ = fut.result(timeout=60)
+        # and the notebook is told (no compute waits here to report it)
+        deadline = time.monotonic() + 10
+        while not _fallbacks(shown) and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert backend == "numpy"
+    (message,) = _fallbacks(shown)
+    assert "lost every cpu:jax worker: 1 routed tasks re-routed after 1 s" in message
     assert not [d for d in mesh.inventory() if d.backend == "jax"]
     # a kind that is gone is refused at once
     with pytest.raises(MeshError, match="no live cpu:jax worker"):
         mesh.submit(slow_backend_name, 0, on="cpu:jax")
+
+
+def _fallbacks(shown):
+    return [str(w.message) for w in shown if issubclass(w.category, MeshFallbackWarning)]
 
 
 def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mesh):

@@ -23,6 +23,9 @@ logger = logging.getLogger("jupyter_mesh")
 
 ROUTE_HANDLER = "jupyter_mesh_route"
 STATUS_HANDLER = "jupyter_mesh_route_status"
+#: Dask event topic of fallbacks and failures, for the clients whose plans they hit
+#: (a persisted result recomputed later, a submitted task: no compute is waiting)
+EVENT_TOPIC = "jupyter-mesh-fallback"
 FORGET_HANDLER = "jupyter_mesh_route_forget"
 _FINAL = ("memory", "erred", "forgotten")
 
@@ -237,6 +240,7 @@ class RouterState:
         than waiting for ever."""
         if ps.failed is None:
             ps.failed = why
+            self._publish(ps, why, failed=True)
         try:
             # not in the middle of update_graph or a transition: just after
             asyncio.get_running_loop().call_soon(self._err_waiting, ps.plan_id)
@@ -346,8 +350,18 @@ class RouterState:
         )
         ps.events.append(msg)
         logger.warning("jupyter_mesh: %s", msg)
+        self._publish(ps, msg, failed=False)
         if recs:
             sched.transitions(recs, stimulus_id=f"jupyter-mesh-fallback-{time.time()}")
+
+    def _publish(self, ps: PlanState, message: str, failed: bool) -> None:
+        if self.scheduler is None:
+            return
+        try:
+            self.scheduler.log_event(EVENT_TOPIC, {"plan": ps.plan_id, "message": message,
+                                                   "failed": failed})
+        except Exception:  # an event log that refuses it: the scheduler log has it
+            logger.debug("jupyter_mesh: could not publish %r", message, exc_info=True)
 
     def _prune(self) -> None:
         if len(self.plans) <= 256:

@@ -20,7 +20,7 @@ from .. import _config, progress
 from ..errors import MeshError
 from ..targets import Target, site_resource
 from ._device import SubmitCall, pop_records
-from ._scheduler import ROUTE_HANDLER, STATUS_HANDLER
+from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, STATUS_HANDLER
 from .classify import (
     CAPABILITIES,
     GraphModel,
@@ -57,6 +57,73 @@ if TYPE_CHECKING:
 
 class MeshFallbackWarning(RuntimeWarning):
     """A routed computation lost a device kind and finished on what was left."""
+
+
+class FallbackNotices:
+    """Fallbacks that no waiting compute reports, shown in the notebook as they happen.
+
+    A routed ``compute`` warns when it ends. Data persisted by a routed ``persist()``
+    and recomputed later (a worker holding it died), and tasks of ``mesh.submit``, have
+    no compute waiting for them: the scheduler plugin publishes their fallbacks (and
+    failures) as Dask events (:data:`EVENT_TOPIC`), and this mesh's client warns for
+    those of its own plans (a shared scheduler has other notebooks' plans too).
+    """
+
+    #: plan ids remembered (the scheduler keeps about as many)
+    KEEP = 1024
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.plans: dict[str, None] = {}
+        #: plans a compute waits for now (it reports their fallbacks itself)
+        self.waiting: set[str] = set()
+        self.seen: set[tuple[str, str]] = set()
+        #: what was announced: dicts with ``plan``, ``message``, ``failed``, ``time``
+        self.events: list[dict[str, Any]] = []
+        self._client: Any = None
+
+    @classmethod
+    def of(cls, mesh: Mesh) -> FallbackNotices:
+        notices = mesh.__dict__.get("_fallback_notices")
+        if notices is None:
+            notices = mesh.__dict__["_fallback_notices"] = cls(mesh)
+        return notices
+
+    def track(self, plan_id: str) -> None:
+        client = self.mesh.client
+        if self._client is not client:  # once per client (a reconnect makes a new one)
+            client.subscribe_topic(EVENT_TOPIC, self.handle)
+            self._client = client
+        self.plans[plan_id] = None
+        while len(self.plans) > self.KEEP:
+            del self.plans[next(iter(self.plans))]
+
+    def reported(self, plan_id: str, messages: list[str]) -> None:
+        """A compute that waited for ``plan_id`` ended, having warned of ``messages``
+        itself: their events (arriving now or later) are not shown again."""
+        self.waiting.discard(plan_id)
+        self.seen.update((plan_id, m) for m in messages)
+        while len(self.seen) > self.KEEP:
+            self.seen.pop()
+
+    def handle(self, event: Any) -> None:
+        """A Dask event handler (the client's event loop): ``(timestamp, msg)``."""
+        try:
+            stamp, msg = event
+            plan, message = msg["plan"], str(msg["message"])
+        except (TypeError, ValueError, KeyError):
+            return
+        if plan not in self.plans or plan in self.waiting or (plan, message) in self.seen:
+            return
+        failed = bool(msg.get("failed"))
+        self.events.append({"plan": plan, "message": message, "failed": failed,
+                            "time": stamp})
+        del self.events[:-100]
+        what = ("a routed computation cannot finish" if failed
+                else "jupyter_mesh fallback")
+        warnings.warn_explicit(f"{what}: {message}", MeshFallbackWarning,
+                               "<jupyter_mesh scheduler>", 0, module="jupyter_mesh",
+                               registry={})  # each event once, never deduplicated
 
 
 def _check_site(site: Any) -> str | None:
@@ -280,6 +347,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
                                     scheduler.get_task_stream_index(),
                                     return_exceptions=True)
 
+    notices = FallbackNotices.of(mesh)
+    notices.track(routed.plan_id)
     done, cursor = client.sync(register)
     if isinstance(done, BaseException):
         raise MeshError(
@@ -291,6 +360,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     futures = client.get(graph, routed.keys, sync=False)
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
+        notices.waiting.add(routed.plan_id)
         _wait(mesh, routed.plan_id, futures, fallback)
         values = client.gather(futures) if gather else futures
     except BaseException:
@@ -301,6 +371,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         for future in futures_of(futures):
             future.release()
         watch.stopped(aborted=True)
+        notices.waiting.discard(routed.plan_id)
         raise
     wall = time.perf_counter() - t0
     watch.stopped()
@@ -315,6 +386,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         sink.append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
+    notices.reported(routed.plan_id, report.fallbacks)
     return list(values)
 
 
@@ -650,8 +722,10 @@ def _register_submit(mesh: Mesh, key: str, resource: str | None, site: str | Non
     runs on what is left (at its site, with site=), or fails with a one-line error;
     it never waits for ever. A scheduler without jupyter_mesh's plugin runs it with
     its plain resource restrictions."""
+    plan_id = f"submit-{uuid.uuid4().hex}"
+    FallbackNotices.of(mesh).track(plan_id)
     payload = pickle.dumps({
-        "plan_id": f"submit-{uuid.uuid4().hex}", "restrictions": {key: 0},
+        "plan_id": plan_id, "restrictions": {key: 0},
         "pools": [(resource, site, label)], "fallback": True,
         "timeout": _config.get_seconds("fallback-timeout"), "site": site, "pins": {},
     }, protocol=pickle.HIGHEST_PROTOCOL)
