@@ -57,6 +57,20 @@ def test_worker_dying_during_a_cell(mesh, capsys):
     assert "is gone" in capsys.readouterr().err
 
 
+def test_output_flushed_just_before_the_worker_dies_reaches_the_notebook(mesh, capsys):
+    # as in a kernel, flush() returns once the output is sent: a cell that prints
+    # its last words and then ends the process (a crash, os._exit) still shows them
+    before = mesh.run_cell("6").worker
+    capsys.readouterr()
+    with pytest.raises(jm.MeshError, match="died while running the cell"):
+        mesh.run_cell("import os, sys\nprint('last words', flush=True)\n"
+                      "print('and to stderr', file=sys.stderr)\nsys.stderr.flush()\n"
+                      "os._exit(1)")
+    out = capsys.readouterr()
+    assert "last words" in out.out and "and to stderr" in out.err
+    replaced(mesh, before)
+
+
 def test_next_cell_waits_for_the_restarting_worker(mesh, capsys):
     # the only worker dies; the next cell, sent at once, waits for its nanny to bring a
     # new one (mesh.remote.worker-wait) instead of failing

@@ -23,6 +23,9 @@ class ListSink:
     def display(self, data, metadata):
         self.items.append(("display", data))
 
+    def flush(self):
+        pass
+
 
 def run_cell(code, namespace=None, **kwargs):
     done = threading.Event()

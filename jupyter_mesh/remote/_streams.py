@@ -17,6 +17,8 @@ from typing import Any, Protocol
 class Sink(Protocol):
     def write(self, name: str, text: str) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 #: thread ident -> sink of the remote cell running in that thread (or that started it)
 _sinks: dict[int, Sink] = {}
@@ -78,8 +80,11 @@ class ThreadRoutedStream:
             self.write(line)
 
     def flush(self) -> None:
-        if current() is None:
+        sink = current()
+        if sink is None:
             self.fallback.flush()
+        else:
+            sink.flush()
 
     def isatty(self) -> bool:
         return False

@@ -34,6 +34,13 @@ RESET = "jupyter_mesh_remote_reset"
 PROTOCOL = 1
 
 
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class CellSink:
     """Collects a running cell's output (from its thread) for the event loop to send.
 
@@ -41,15 +48,24 @@ class CellSink:
     so a tight ``print`` loop costs few messages.
     """
 
+    #: longest a ``flush()`` waits for its output to be sent
+    FLUSH_WAIT = 2.0
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._lock = threading.Lock()
+        self._sent_cond = threading.Condition(self._lock)
         self._items: list[list[Any]] = []
         self._woken = False
+        #: items added, and items handed to the comm (or dropped: nobody listens)
+        self._added = 0
+        self._sent = 0
+        self._closed = False
         self.wake = asyncio.Event()
 
     def write(self, name: str, text: str) -> None:
         with self._lock:
+            self._added += 1
             items = self._items
             if items and items[-1][0] == "stream" and items[-1][1] == name:
                 items[-1][2] += text
@@ -60,6 +76,7 @@ class CellSink:
     def display(self, data: dict[str, Any], metadata: dict[str, Any],
                 display_id: str | None = None, update: bool = False) -> None:
         with self._lock:
+            self._added += 1
             if display_id is None:
                 self._items.append(["display", data, metadata, time.time()])
             else:
@@ -69,6 +86,7 @@ class CellSink:
 
     def clear(self, wait: bool) -> None:
         with self._lock:
+            self._added += 1
             self._items.append(["clear", wait, time.time()])
             self._kick()
 
@@ -77,12 +95,42 @@ class CellSink:
             self._woken = True
             self._loop.call_soon_threadsafe(self.wake.set)
 
-    def take(self) -> list[list[Any]]:
+    def take(self) -> tuple[list[list[Any]], int]:
+        """The items to send, and the count to pass to :meth:`sent` once they are."""
         with self._lock:
             items, self._items = self._items, []
             self._woken = False
             self.wake.clear()
-        return items
+            return items, self._added
+
+    def sent(self, upto: int) -> None:
+        with self._lock:
+            self._sent = max(self._sent, upto)
+            self._sent_cond.notify_all()
+
+    def close(self) -> None:
+        """Nothing more will be sent: no flush waits any longer."""
+        with self._lock:
+            self._closed = True
+            self._sent_cond.notify_all()
+
+    def flush(self) -> None:
+        """Wait (``FLUSH_WAIT`` s at most) until what was written is sent, as a
+        kernel's ``flush()`` does: output flushed just before the worker process
+        dies (``os._exit``, a crash) still reaches the notebook."""
+        if _in_loop(self._loop):
+            return  # the loop sends it: waiting here would stop it
+        deadline = time.monotonic() + self.FLUSH_WAIT
+        with self._lock:
+            target = self._added
+            if self._sent >= target or self._closed:
+                return
+            self._kick()
+            while self._sent < target and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._sent_cond.wait(left)
 
     def kick(self) -> None:
         """Wake the pump from the loop itself (to end it)."""
@@ -198,7 +246,7 @@ class RemoteCellsPlugin(WorkerPlugin):
         client_gone = False
         while True:
             await sink.wake.wait()
-            items = sink.take()
+            items, upto = sink.take()
             if items and not client_gone:
                 try:
                     await comm.write({"t": "out", "items": items})
@@ -206,7 +254,10 @@ class RemoteCellsPlugin(WorkerPlugin):
                     # nobody is listening any more (kernel gone): stop the cell
                     client_gone = True
                     cell.stop("client-gone")
+                    sink.close()
+            sink.sent(upto)
             if finished.done() and not sink._items:
+                sink.close()
                 return
 
     def interrupt(self, session: str, reason: str = "interrupted") -> dict[str, Any]:
