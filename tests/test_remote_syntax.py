@@ -100,7 +100,8 @@ def test_time_and_timeit_run_on_the_worker(ip, fresh, capsys):
     assert "per loop (mean ± std. dev. of 7 runs" in capsys.readouterr().out
     remote(ip, "", "%timeit -n 3 -r 2 sum(range(100))")  # IPython's -n and -r
     assert "(mean ± std. dev. of 2 runs, 3 loops each)" in capsys.readouterr().out
-    with pytest.raises(RemoteCellError, match="%timeit takes -n N, -r R and -q only"):
+    with pytest.raises(RemoteCellError, match="option -p not recognized; a remote cell's "
+                                              "%timeit takes -n N, -r R and -q"):
         fresh.run_cell("%timeit -p 3 sum(range(100))")
     remote(ip, "", "%%timeit\nsum(range(100))")
     assert "per loop" in capsys.readouterr().out
@@ -109,7 +110,7 @@ def test_time_and_timeit_run_on_the_worker(ip, fresh, capsys):
 
 
 @pytest.mark.parametrize("cell, shown", [
-    ("%pip install nothing", "%pip does not run in a remote cell"),
+    ("%who", "%who does not run in a remote cell"),
     ("%%writefile f.txt\nhello", "%%writefile does not run in a remote cell"),
     ("len?", "help (name? or name??) does not run in a remote cell"),
 ])
@@ -158,3 +159,94 @@ def test_interrupt_of_an_awaiting_cell(fresh):
 def test_plain_python_is_left_as_it_is():
     cell = 's = """\n!not a command\n%not a magic\n"""\nx = 1 if s else 2\n'
     assert to_python(cell) == cell
+
+
+def test_background_commands(fresh):
+    # a trailing & is refused, as IPython refuses it
+    with pytest.raises(RemoteCellError, match="background processes are not supported"):
+        fresh.run_cell("!sleep 5 &")
+    # a job the command leaves running does not hold the cell: it ends with its shell
+    started = time.monotonic()
+    r = fresh.run_cell("out = !(sleep 3; echo late) & echo now\nout", value=True)
+    assert list(r.value) == ["now"] and time.monotonic() - started < 2.5
+
+
+def test_the_shell_survives_the_cells_own_get_ipython(fresh, capsys):
+    fresh.run_cell("from IPython import get_ipython\n!echo one")
+    fresh.run_cell("del get_ipython\n!echo two")
+    out = capsys.readouterr().out
+    assert "one" in out and "two" in out
+
+
+def test_commands_run_on_a_terminal_in_the_users_shell(fresh, capsys):
+    # as IPython's !: programs see a terminal (so they write line by line), and the
+    # shell is $SHELL
+    import shutil
+
+    fresh.run_cell("!test -t 1 && echo on-a-tty; echo \"shell=$(readlink /proc/$$/exe)\"")
+    out = capsys.readouterr().out
+    assert "on-a-tty" in out and "\r" not in out
+    shell = os.path.realpath(shutil.which(os.environ.get("SHELL") or "sh"))
+    assert f"shell={shell}\n" in out
+
+
+def test_a_trailing_semicolon_hides_the_value_of_a_magic(fresh):
+    assert fresh.run_cell("%time 6 * 7;").data is None
+    assert fresh.run_cell("%time 6 * 7").data["text/plain"] == "42"
+
+
+def test_magic_misuse_is_one_line(fresh):
+    with pytest.raises(RemoteCellError, match="%%time takes no statement on its own line"):
+        fresh.run_cell("%%time x = 1\ny = 2")
+    with pytest.raises(RemoteCellError, match="!pip install"):
+        fresh.run_cell("%pip install numpy")
+    with pytest.raises(RemoteCellError, match="os.chdir"):
+        fresh.run_cell("%cd /tmp")
+    with pytest.raises(RemoteCellError, match="-r takes a whole number"):
+        fresh.run_cell("%timeit -r 0 pass")
+
+
+def test_timeit_options_as_ipython_reads_them(fresh, capsys):
+    fresh.run_cell("%timeit -qn3 pass")  # combined, quiet
+    assert capsys.readouterr().out == ""
+    fresh.run_cell("%timeit -n0 -r1   'a  b'.split()")  # -n 0 chooses; spacing kept
+    out = capsys.readouterr().out
+    assert "(mean ± std. dev. of 1 run, " in out
+    loops = int(out.split("1 run, ")[1].split()[0].replace(",", ""))
+    assert str(loops).strip("0") == "1"  # a power of ten, as IPython picks
+
+
+def test_a_failing_timed_statement_shows_its_own_line(fresh):
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell("%time 1 / 0")
+    text = "\n".join(info.value._render_traceback_())
+    assert "ZeroDivisionError" in text and "1 / 0" in text
+    assert "_shell.py" not in text and "timeit.py" not in text
+
+
+def test_tasks_of_earlier_cells_outlive_an_interrupted_cell(fresh):
+    fresh.run_cell(
+        "import asyncio\nticks = 0\n"
+        "async def tick():\n"
+        "    global ticks\n"
+        "    while True:\n"
+        "        ticks += 1\n"
+        "        await asyncio.sleep(0.01)\n"
+        "t = asyncio.create_task(tick())\n"
+        "await asyncio.sleep(0.1)")
+    timer = threading.Timer(0.6, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("await asyncio.sleep(30)")
+    timer.join()
+    r = fresh.run_cell("n = ticks\nawait asyncio.sleep(0.2)\n(t.cancelled(), ticks > n)",
+                       value=True)
+    assert r.value == (False, True)
+
+
+def test_the_last_expression_of_an_awaiting_cell_runs_in_its_loop(fresh):
+    r = fresh.run_cell("import asyncio\nawait asyncio.sleep(0)\n"
+                       "(asyncio.current_task() is not None, "
+                       "asyncio.get_event_loop() is asyncio.get_running_loop())",
+                       value=True)
+    assert r.value == (True, True)

@@ -16,9 +16,11 @@ import functools
 import inspect
 import linecache
 import logging
+import os
 import queue
 import threading
 import time
+import timeit
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -53,52 +55,66 @@ def split_cell(code: str, filename: str) -> tuple[Any, Any | None, bool]:
 TOP_LEVEL_AWAIT = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
 
 
-def run_code(code: Any, ns: dict[str, Any]) -> Any:
-    """Run a code object from :func:`split_cell`; one with top-level ``await`` runs to
-    the end in this thread's event loop."""
-    result = eval(code, ns)
+def awaits(*codes: Any) -> bool:
+    """Whether any of these code objects (None aside) has a top-level ``await``."""
+    return any(c is not None and c.co_flags & inspect.CO_COROUTINE for c in codes)
+
+
+def run_code(code: Any, ns: dict[str, Any], in_loop: bool = False) -> Any:
+    """Run a code object from :func:`split_cell`. One with top-level ``await`` runs to
+    the end as a task of this thread's event loop; with ``in_loop`` (another part of
+    the cell awaits) plain code runs inside that loop too, as in IPython, so that
+    ``asyncio.current_task()`` and the like answer there."""
     if code.co_flags & inspect.CO_COROUTINE:
-        loop = _cell_loop()
-        beat: list[asyncio.TimerHandle] = []
+        return _in_cell_loop(eval(code, ns))
+    if in_loop:
+        async def inside() -> Any:
+            return eval(code, ns)
 
-        def heartbeat() -> None:
-            # the loop wakes every 0.1 s, so that a stop raised in this thread is seen
-            # while the cell awaits (the loop's own wait is outside Python)
-            beat[:] = [loop.call_later(0.1, heartbeat)]
+        return _in_cell_loop(inside())
+    return eval(code, ns)
 
-        heartbeat()
-        try:
-            return loop.run_until_complete(result)
-        except BaseException:
-            if not loop.is_running():
-                _cancel_all(loop)  # as asyncio.run on Ctrl-C: it does not go on later
-            raise
-        finally:
-            for handle in beat:
-                handle.cancel()
-    return result
+
+def _in_cell_loop(coro: Any) -> Any:
+    loop = _cell_loop()
+    beat: list[asyncio.TimerHandle] = []
+
+    def heartbeat() -> None:
+        # the loop wakes every 0.1 s, so that a stop raised in this thread is seen
+        # while the cell awaits (the loop's own wait is outside Python)
+        beat[:] = [loop.call_later(0.1, heartbeat)]
+
+    heartbeat()
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        if not loop.is_running() and not task.done():
+            # as asyncio.run on Ctrl-C, the cell's own task is cancelled (it does not
+            # go on in a later cell); tasks earlier cells started keep running
+            task.cancel()
+            try:
+                loop.run_until_complete(asyncio.wait([task], timeout=5))
+            except BaseException:  # it cannot be settled: a fresh loop next time
+                loop.close()
+                _loops.loop = None
+        raise
+    finally:
+        for handle in beat:
+            handle.cancel()
 
 
 _loops = threading.local()
 
 
-def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
-    tasks = asyncio.all_tasks(loop)
-    for task in tasks:
-        task.cancel()
-    try:
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    except BaseException:  # it cannot be settled: a fresh loop for the next cell
-        loop.close()
-        _loops.loop = None
-
-
 def _cell_loop() -> asyncio.AbstractEventLoop:
-    """The event loop of this cell thread: kept between its cells (objects made in one
-    cell, like an async client, belong to it), never the worker's own loop."""
+    """The event loop of this cell thread: kept between its cells (tasks and objects
+    made in one cell, like an async client, belong to it), never the worker's own
+    loop; it is the thread's current loop, so ``asyncio.get_event_loop()`` finds it."""
     loop = getattr(_loops, "loop", None)
     if loop is None or loop.is_closed():
         loop = _loops.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
     return loop
 
 
@@ -247,11 +263,22 @@ def _in_cell_or(ours: Any, orig: Any) -> Any:
 
 
 def format_remote_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` from the cell's own frames on (this module's are dropped)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
-        tb = tb.tb_next
-    return "".join(traceback.TracebackException(type(exc), exc, tb).format())
+    """The traceback of ``exc`` in the cell's own frames: those of this package's
+    remote runner, of asyncio running an awaiting cell and of timeit running a
+    ``%timeit`` are left out."""
+    te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    te.stack = traceback.StackSummary.from_list(
+        [f for f in te.stack if not _machinery(f.filename)])
+    return "".join(te.format())
+
+
+def _machinery(filename: str) -> bool:
+    return filename in _MACHINERY or os.path.dirname(filename) == _ASYNCIO_DIR
+
+
+_MACHINERY = {__file__, os.path.join(os.path.dirname(__file__), "_shell.py"),
+              timeit.__file__}
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:
@@ -439,8 +466,9 @@ class CellRun:
         try:
             remember_source(self.filename, self.code)
             body, last, quiet = split_cell(self.code, self.filename)
-            run_code(body, ns)
-            value = run_code(last, ns) if last is not None else None
+            in_loop = awaits(body, last)
+            run_code(body, ns, in_loop)
+            value = run_code(last, ns, in_loop) if last is not None else None
         except KeyboardInterrupt as exc:
             if self.stop_reason is not None:
                 return self._stopped(exc)

@@ -24,7 +24,7 @@ from ._runner import (
     remote_update_display,
     route_ipython_display,
 )
-from ._shell import RemoteShell
+from ._shell import SHELL_NAME, RemoteShell
 
 EXTENSION_NAME = "jupyter-mesh-remote"
 RUN = "jupyter_mesh_remote_run"
@@ -151,7 +151,7 @@ class Session:
             "clear_output": remote_clear_output,
         }
         shell = RemoteShell(self.namespace)
-        self.namespace["get_ipython"] = lambda: shell
+        self.namespace["get_ipython"] = self.namespace[SHELL_NAME] = lambda: shell
         self.running: CellRun | None = None
         self.cells = 0
 
