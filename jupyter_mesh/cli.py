@@ -85,12 +85,13 @@ async def run_worker(args: argparse.Namespace) -> int:
         if backend == "cupy":
             kind = "gpu"
     if args.gpu is not None:
-        from .devices._detect import cuda_devices
+        from .devices._detect import cuda_devices, cuda_why_none
 
         found = len(cuda_devices())
         if args.gpu < 0 or args.gpu >= found:
+            gpu_why = cuda_why_none() if not found else f"CuPy sees {found}"
             raise MeshError(
-                f"no CUDA GPU {args.gpu} here (CuPy sees {found}): leave out --gpu to "
+                f"no CUDA GPU {args.gpu} here ({gpu_why}): leave out --gpu to "
                 f"join as a CPU worker, or use --jax for a TPU"
             )
         env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)

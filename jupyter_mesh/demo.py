@@ -44,15 +44,17 @@ def run(path: str, timeout: int = 600) -> int:
         return _fail(f"no {KERNEL} kernel is installed for Jupyter: install one with "
                      f"python -m ipykernel install --user")
     print(f"ran {path} in {time.monotonic() - t0:.1f} s")
-    shown = set()
+    # the mesh as the notebook last showed it (a notebook may show it more than once)
+    last = None
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         for out in cell.get("outputs", []):
             text = out.get("text") or out.get("data", {}).get("text/plain", "")
-            if "Mesh inventory" in text and text not in shown:
-                shown.add(text)
-                print(text.rstrip())
+            if "Mesh inventory" in text:
+                last = text
+    if last is not None:
+        print(last.rstrip())
     return 0
 
 

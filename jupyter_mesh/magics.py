@@ -282,7 +282,9 @@ class MeshMagics(Magics):
 
             return remote_magic.remote_cell(self.shell, _current_or_usage(), args, cell)
         if remote_only:
-            raise UsageError(f"{', '.join(remote_only)} only work with --remote")
+            verb = "works" if len(remote_only) == 1 else "work"
+            raise UsageError(f"{', '.join(remote_only)} only {verb} with --remote: add "
+                             f"--remote to run the cell on a worker")
         from .router import magic as router_magic
 
         return router_magic.routed_cell(self.shell, _current_or_usage(), args.route, cell)

@@ -282,11 +282,15 @@ class Mesh:
         gpus = _detect.cuda_devices() if gpu_req != 0 else []
         if gpu_req == "auto":
             gpu_n = len(gpus)
+            if not gpus and _detect.nvidia_driver_present():
+                warnings.warn(f"jupyter_mesh: no GPU workers: {_detect.cuda_why_none()}",
+                              stacklevel=2)
         else:
             gpu_n = int(gpu_req)
             if gpu_n > len(gpus):
+                why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
                 raise MeshError(
-                    f"no CUDA GPU found for gpu={gpu_n} (CuPy sees {len(gpus)}): use gpu=0 "
+                    f"no CUDA GPU found for gpu={gpu_n} ({why}): use gpu=0 "
                     f"or 'auto', jax_cpu=N to test the accelerator path on the CPU, or "
                     f"connect to a mesh whose workers have GPUs"
                 )

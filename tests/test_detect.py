@@ -88,3 +88,48 @@ def test_a_gpu_worker_gets_the_gpu_this_process_sees(visible, index, want):
     from jupyter_mesh.mesh import visible_gpu
 
     assert visible_gpu(index, visible) == want
+
+
+def test_why_no_gpu_names_what_to_install(monkeypatch):
+    monkeypatch.setattr(_detect.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_detect, "nvidia_driver_present", lambda: True)
+    why = _detect.cuda_why_none()
+    assert why.startswith("CuPy is not installed (this machine has an NVIDIA driver)")
+    assert "pip install 'jupyter_mesh[gpu]'" in why
+
+
+def test_why_no_gpu_when_cupy_finds_none(fake_cupy, monkeypatch):
+    fake_cupy(False, names=())
+    assert _detect.cuda_why_none() == "CuPy sees 0 CUDA devices"
+
+    def broken():
+        raise RuntimeError("cudaErrorInsufficientDriver: driver too old\nmore")
+
+    sys.modules["cupy"].cuda.runtime.getDeviceCount = broken
+    assert _detect.cuda_why_none() == (
+        "CuPy finds no usable CUDA device (cudaErrorInsufficientDriver: driver too old)")
+
+
+def test_a_gpu_host_without_cupy_is_told_why_it_gets_no_gpu_worker(monkeypatch):
+    import jupyter_mesh as jm
+    from jupyter_mesh.errors import MeshError
+
+    monkeypatch.setattr(_detect.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_detect, "nvidia_driver_present", lambda: True)
+    with pytest.raises(MeshError, match=r"gpu=1 \(CuPy is not installed .*jupyter_mesh\[gpu\]"):
+        jm.Mesh.local(cpu=1, gpu=1, tpu=0, set_current=False)
+
+
+def test_gpu_auto_on_a_host_with_a_driver_but_no_cupy_warns(monkeypatch):
+    import jupyter_mesh as jm
+
+    real = _detect.importlib.util.find_spec
+    monkeypatch.setattr(_detect.importlib.util, "find_spec",
+                        lambda name: None if name == "cupy" else real(name))
+    monkeypatch.setattr(_detect, "nvidia_driver_present", lambda: True)
+    with pytest.warns(UserWarning, match="no GPU workers: CuPy is not installed"):
+        mesh = jm.Mesh.local(cpu=1, gpu="auto", tpu=0, set_current=False)
+    try:
+        assert mesh.inventory().by_kind() == {"cpu": 1}
+    finally:
+        mesh.close()

@@ -111,6 +111,7 @@ def test_demo_prints_the_inventory():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Mesh inventory at tcp://127.0.0.1:" in out.stdout
     assert "cpu @ local: 2" in out.stdout
+    assert out.stdout.count("Mesh inventory") == 1  # the notebook shows it twice
 
 
 @pytest.mark.parametrize("args", [[], ["a", "b"]])

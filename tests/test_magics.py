@@ -108,8 +108,10 @@ def test_connect_to_the_current_mesh_by_another_name_keeps_it(ip, started):
 
 
 def test_remote_only_options_need_remote(ip, started):
-    with pytest.raises(UsageError, match="only work with --remote"):
+    with pytest.raises(UsageError, match="^--on only works with --remote: add --remote"):
         ip.run_cell_magic("mesh", "--on gpu", "x = 1")
+    with pytest.raises(UsageError, match="^--on, --site only work with --remote"):
+        ip.run_cell_magic("mesh", "--on gpu --site a", "x = 1")
     with pytest.raises(UsageError, match="cannot be combined"):
         ip.run_cell_magic("mesh", "--remote --route gpu", "x = 1")
 

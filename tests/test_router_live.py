@@ -386,6 +386,20 @@ def test_submit_moves_arrays_to_the_workers_backend(mesh):
     assert got_a == "numpy"
 
 
+def test_submit_reductions_come_back_as_numpy_gives_them(mesh):
+    def total(a):
+        return (a @ a).sum()
+
+    a = np.arange(9.0).reshape(3, 3)
+    expected = total(a)
+    for on in ("cpu:jax", "cpu:numpy"):
+        got = mesh.submit(total, a, on=on).result()
+        # a NumPy scalar on every worker (JAX reduces to a 0-d array)
+        assert type(got) is type(expected) and got == expected, on
+    # a 0-d array a function makes on purpose stays one
+    assert mesh.submit(np.asarray, 5.0, on="cpu:numpy").result().shape == ()
+
+
 # ---------------------------------------------------------------- magics
 @pytest.fixture(scope="module")
 def ip(ip, mesh):

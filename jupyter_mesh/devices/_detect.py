@@ -71,6 +71,31 @@ def cuda_available() -> bool:
         return False
 
 
+def cuda_why_none() -> str:
+    """Why :func:`cuda_devices` finds no GPU, in words a user can act on."""
+    if importlib.util.find_spec("cupy") is None:
+        hint = " (this machine has an NVIDIA driver)" if nvidia_driver_present() else ""
+        return (f"CuPy is not installed{hint}: pip install 'jupyter_mesh[gpu]' "
+                f"(or the cupy package for your CUDA version)")
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"CuPy finds no usable CUDA device ({first})"
+    return f"CuPy sees {count} CUDA device{'s' if count != 1 else ''}"
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver is loaded (its device file or nvidia-smi exists): a GPU that
+    CuPy, when installed, could use."""
+    import os
+    import shutil
+
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
+
+
 def cuda_devices() -> list[DeviceInfo]:
     """Every CUDA device CuPy can see (respecting ``CUDA_VISIBLE_DEVICES``)."""
     if not cuda_available():

@@ -229,10 +229,22 @@ class SubmitCall:
         out = self.func(*args, **kwargs)
         if name == "jax":
             out = _map(_block, out)
-        return _map(to_host_any, out)
+        return _map(_result_to_host, out)
 
     def __repr__(self) -> str:
         return f"SubmitCall({getattr(self.func, '__name__', self.func)!r})"
+
+
+def _result_to_host(x: Any) -> Any:
+    """A result as NumPy has it: a device array as a NumPy array, and a 0-d device
+    array (CuPy and JAX reduce to those) as a NumPy scalar, as NumPy's reductions give
+    (``(a @ a).sum()`` is ``np.float64`` on every worker)."""
+    import numpy
+
+    host = to_host_any(x)
+    if host is not x and isinstance(host, numpy.ndarray) and host.ndim == 0:
+        return host[()]
+    return host
 
 
 def _block(out: Any) -> Any:
