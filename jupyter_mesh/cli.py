@@ -94,7 +94,10 @@ async def run_worker(args: argparse.Namespace) -> int:
                 f"no CUDA GPU {args.gpu} here ({gpu_why}): leave out --gpu to "
                 f"join as a CPU worker, or use --jax for a TPU"
             )
-        env["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+        from .mesh import visible_gpu
+
+        # the index counts the GPUs this process sees (CUDA_VISIBLE_DEVICES, if set)
+        env["CUDA_VISIBLE_DEVICES"] = visible_gpu(args.gpu)
         kind = "gpu"
     if args.tpu is not None:
         from .devices import _tpu
@@ -112,7 +115,11 @@ async def run_worker(args: argparse.Namespace) -> int:
         kind, backend = "tpu", "jax"
     if backend == "jax":
         env.setdefault("JAX_ENABLE_X64", "1")
-    nthreads = args.nthreads or (1 if kind in ("gpu", "tpu") else cpu_cores())
+    if kind is None and backend is None and _detects_accelerator():
+        kind_threads = 1  # the worker will drive a GPU or a TPU: one thread, as with --gpu
+    else:
+        kind_threads = 1 if kind in ("gpu", "tpu") else cpu_cores()
+    nthreads = args.nthreads or kind_threads
     nanny = Nanny(
         address,
         nthreads=nthreads,
@@ -134,6 +141,16 @@ async def run_worker(args: argparse.Namespace) -> int:
     await asyncio.wait([finished, waiter], return_when=asyncio.FIRST_COMPLETED)
     await nanny.close()
     return 0
+
+
+def _detects_accelerator() -> bool:
+    """Whether a worker started without --gpu/--tpu will find a GPU or a TPU (the TPU
+    counted in a child process, so that this one never holds a chip)."""
+    from .devices import _detect, _tpu
+
+    if _detect.cuda_available():
+        return True
+    return _detect.tpu_possible() and bool(_tpu.chips()[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,3 +137,42 @@ def test_cli_bad_input(args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert out.stderr.count("\n") == 1, out.stderr  # one line, no traceback
+
+
+def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkeypatch):
+    import asyncio
+
+    import distributed
+
+    from jupyter_mesh import cli
+    from jupyter_mesh.devices import _detect
+
+    made = {}
+
+    class Made(Exception):
+        pass
+
+    class RecordingNanny:  # what the CLI would start, recorded instead
+        def __init__(self, address, **kwargs):
+            made.update(kwargs)
+            raise Made
+
+    def start(*argv):
+        made.clear()
+        args = cli._parser().parse_args(["worker", "tcp://127.0.0.1:1", *argv])
+        with pytest.raises(Made):
+            asyncio.run(cli.run_worker(args))
+        return made
+
+    monkeypatch.setattr(distributed, "Nanny", RecordingNanny)
+    monkeypatch.setattr(_detect, "cuda_devices", lambda: ["gpu-a", "gpu-b"])
+    # a hub gave this process GPUs 5 and 7: --gpu 1 is the second of those
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    got = start("--gpu", "1")
+    assert got["env"]["CUDA_VISIBLE_DEVICES"] == "7" and got["nthreads"] == 1
+    # without --gpu, a worker that will find an accelerator also gets one thread
+    monkeypatch.setattr(cli, "_detects_accelerator", lambda: True)
+    assert start()["nthreads"] == 1
+    monkeypatch.setattr(cli, "_detects_accelerator", lambda: False)
+    assert start()["nthreads"] == _detect.cpu_cores()
+    assert start("--nthreads", "3")["nthreads"] == 3

@@ -39,10 +39,11 @@ def cpu_model() -> str:
 
 
 def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
+    """Cores this process may use: Dask's count, which heeds CPU affinity and cgroup
+    quotas (what a worker advertises, so a local mesh shares out the same number)."""
+    from dask.system import CPU_COUNT
+
+    return int(CPU_COUNT) or 1
 
 
 def host_memory() -> int:
@@ -90,7 +91,6 @@ def cuda_why_none() -> str:
 def nvidia_driver_present() -> bool:
     """An NVIDIA driver is loaded (its device file or nvidia-smi exists): a GPU that
     CuPy, when installed, could use."""
-    import os
     import shutil
 
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
