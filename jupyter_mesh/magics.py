@@ -17,11 +17,11 @@ from IPython.display import display
 from . import _state
 from .errors import MeshError
 
-SUBCOMMANDS = ("start", "connect", "status", "close", "route", "explain", "calibrate",
-               "reset-remote")
+SUBCOMMANDS = ("start", "connect", "status", "scale", "close", "route", "explain",
+               "calibrate", "reset-remote")
 USAGE = (
-    "usage: %mesh [start|connect ADDRESS|status|close|route [TARGET]|explain EXPR|"
-    "calibrate|reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [...]"
+    "usage: %mesh [start|connect ADDRESS|status|scale --cpu N|close|route [TARGET]|"
+    "explain EXPR|calibrate|reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [...]"
 )
 
 
@@ -54,6 +54,16 @@ def _connect_args(line: str) -> None:
 @argument("--widget", action="store_true", help="show a live ipywidgets panel")
 def _status_args(line: str) -> None:
     """%mesh status: devices grouped by kind and site."""
+
+
+@magic_arguments()
+@argument("--cpu", default=None, help="number of CPU worker processes")
+@argument("--jax-cpu", default=None, help="number of CPU workers driven by JAX")
+@argument("--gpu", default=None, help="number of CUDA GPU workers")
+@argument("--tpu", default=None, help="number of TPU workers")
+def _scale_args(line: str) -> None:
+    """%mesh scale: set how many workers of each kind a local mesh has (kinds not
+    named keep theirs)."""
 
 
 @magic_arguments()
@@ -106,6 +116,7 @@ PARSERS = {
     "start": _start_args,
     "connect": _connect_args,
     "status": _status_args,
+    "scale": _scale_args,
     "close": _close_args,
     "route": _route_args,
     "calibrate": _calibrate_args,
@@ -168,10 +179,10 @@ class MeshMagics(Magics):
             if args.threads is not None:
                 kwargs["threads_per_worker"] = _whole(args.threads, "--threads", minimum=1)
             mesh = Mesh.local(
-                cpu=_whole(args.cpu, "--cpu"),
+                cpu=_local(args.cpu, "--cpu"),
                 gpu=_count_or_auto(args.gpu, "--gpu"),
                 tpu=_count_or_auto(args.tpu, "--tpu"),
-                jax_cpu=_whole(args.jax_cpu, "--jax-cpu"),
+                jax_cpu=_local(args.jax_cpu, "--jax-cpu"),
                 site=_site(args.site),
                 replace=args.replace,
                 **kwargs,
@@ -229,6 +240,24 @@ class MeshMagics(Magics):
         if mesh.calibration is not None:  # Dask's own costs, as the router measured them
             print(repr(mesh.calibration))
         return None
+
+    def _scale(self, args: Any) -> None:
+        mesh = _current_or_usage()
+        counts: dict[str, int] = {}
+        for family, option in (("cpu", "--cpu"), ("jax_cpu", "--jax-cpu"),
+                               ("gpu", "--gpu"), ("tpu", "--tpu")):
+            value = getattr(args, family)
+            if value is not None:
+                counts[family] = (_local(value, option) if family in ("cpu", "jax_cpu")
+                                  else _whole(value, option))
+        if not counts:
+            raise UsageError("usage: %mesh scale [--cpu N] [--jax-cpu N] [--gpu N] [--tpu N]: "
+                             "say how many workers of which kind")
+        try:
+            inventory = mesh.scale(**counts)
+        except MeshError as exc:
+            raise _as_usage(exc) from None
+        display(inventory)
 
     def _close(self, args: Any) -> None:
         mesh = _state.active()
@@ -317,6 +346,16 @@ def _whole(value: str, option: str, minimum: int = 0) -> int:
     if n is None or n < minimum:
         raise UsageError(f"{option} must be a whole number >= {minimum}, not {value!r}")
     return n
+
+
+def _local(value: str, option: str) -> int:
+    """A count of local worker processes, capped as Mesh.local caps it, named as typed."""
+    from .mesh import check_local_count
+
+    try:
+        return check_local_count(option, _whole(value, option))
+    except MeshError as exc:
+        raise _as_usage(exc) from None
 
 
 def _count_or_auto(value: str, option: str) -> int | str:

@@ -73,9 +73,18 @@ def test_start_status_and_compute(ip, started, capsys):
         ("connect tcp://127.0.0.1:1", "already active.*--replace"),
         # a tab separates the subcommand as a space does
         ("start\t--cpu 1", "already active.*--replace"),
-        ("start --replace --cpu 10000", r"cpu must be a whole number from 0 to \d+ \(four "
-                                        r"workers per core here\), not 10000"),
-        ("start --replace --jax-cpu 10000", r"jax_cpu must be a whole number from 0 to \d+"),
+        ("start --replace --cpu 10000", r"^--cpu must be a whole number from 0 to \d+ "
+                                        r"\(four workers per core here\), not 10000"),
+        ("start --replace --jax-cpu 10000", r"^--jax-cpu must be a whole number from 0 to \d+"),
+        ("scale", "usage: %mesh scale .*say how many workers of which kind"),
+        ("scale --cpu -1", "--cpu must be a whole number >= 0"),
+        ("scale --cpu many", "--cpu must be a whole number >= 0"),
+        ("scale --cpu 10000", r"^--cpu must be a whole number from 0 to \d+"),
+        ("scale --jax-cpu 10000", r"^--jax-cpu must be a whole number from 0 to \d+"),
+        ("scale --gpu 2", "no CUDA GPU found for that many gpu workers"),
+        ("scale --tpu 1", "no TPU found for that many tpu workers"),
+        ("scale --cpu 0", "a mesh needs at least one device"),
+        ("scale --bogus 1", "unrecognized arguments"),
     ],
 )
 def test_bad_input_is_one_line_and_mesh_survives(ip, started, line, match):
@@ -84,6 +93,15 @@ def test_bad_input_is_one_line_and_mesh_survives(ip, started, line, match):
     assert "\n" not in str(info.value)
     assert jm.current() is started and not started.closed
     assert started.inventory().by_kind() == {"cpu": 1}
+
+
+def test_scale_changes_one_kind_and_keeps_the_others(ip, started, capsys):
+    ip.run_line_magic("mesh", "scale --cpu 2")
+    assert "cpu @ magic-site: 2" in capsys.readouterr().out
+    assert started.inventory().by_kind() == {"cpu": 2}
+    ip.run_line_magic("mesh", "scale --cpu 1")
+    assert started.inventory().by_kind() == {"cpu": 1}
+    assert jm.current() is started
 
 
 def test_connect_dead_address_names_it_within_timeout(ip, started):
