@@ -74,6 +74,29 @@ def check_local_count(name: str, value: Any) -> int:
     return n
 
 
+def _dashboard_missing(client: Client) -> bool:
+    """Whether the scheduler serves no dashboard although Dask gives a link to one: a
+    scheduler started with ``--no-dashboard`` still runs its HTTP server (health,
+    metrics), which Dask reports as the dashboard. One HEAD request, answered 404 there;
+    anything else (no answer, another status) keeps the link."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        link = client.dashboard_link
+    except Exception:
+        return False
+    if not link or not link.startswith("http://"):
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(link, method="HEAD"), timeout=1.0)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 404
+    except Exception:
+        return False
+    return False
+
+
 def check_replace(replace: Any) -> bool:
     """``replace=`` is True or False: a truthy ``"no"`` must not close the mesh in use."""
     if not isinstance(replace, bool):
@@ -449,6 +472,8 @@ class Mesh:
         if set_current:
             _close_active()
         mesh = cls(client, None, site="remote", set_current=set_current)
+        if _dashboard_missing(client):
+            mesh.options["dashboard"] = False  # no link to a page that is not there
         try:
             client.register_plugin(MeshSchedulerPlugin(), name=MeshSchedulerPlugin.name)
         except Exception:

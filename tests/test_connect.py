@@ -58,10 +58,22 @@ def test_connect_plain_tcp_and_see_plain_workers(no_mesh, tcp_cluster):
         assert da.ones(10, chunks=5).sum().compute() == 10
         with pytest.raises(MeshError, match="not started here"):
             mesh.scale(cpu=2)
+        # the scheduler runs no dashboard (only Dask's HTTP server, which Dask reports
+        # as one): no link to a page that is not there
+        assert mesh.dashboard_link is None
     # host:port without a scheme means tcp://
     hostport = tcp_cluster.scheduler_address.split("://")[1]
     with jm.Mesh.connect(hostport, timeout=5) as mesh:
         assert mesh.address == tcp_cluster.scheduler_address
+
+
+def test_a_scheduler_with_a_dashboard_keeps_its_link(no_mesh):
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster:
+        with jm.Mesh.connect(cluster.scheduler_address, timeout=5) as mesh:
+            link = mesh.dashboard_link
+            assert link and link.endswith("/status")
+            assert link.split("/")[2] == cluster.dashboard_link.split("/")[2]
 
 
 def test_mutual_tls_compute(no_mesh, tls_cluster, certs):
