@@ -172,12 +172,16 @@ class MeshMagics(Magics):
 
     # ------------------------------------------------------------ foundation
     def _start(self, args: Any) -> None:
-        from .mesh import Mesh
+        from .mesh import Mesh, most_local_workers
 
         kwargs: dict[str, Any] = {}
         try:
             if args.threads is not None:
                 kwargs["threads_per_worker"] = _whole(args.threads, "--threads", minimum=1)
+                top = most_local_workers()
+                if kwargs["threads_per_worker"] > top:
+                    raise UsageError(f"--threads must be a whole number from 1 to {top} "
+                                     f"(four per core here), not {args.threads}")
             mesh = Mesh.local(
                 cpu=_local(args.cpu, "--cpu"),
                 gpu=_count_or_auto(args.gpu, "--gpu"),

@@ -288,10 +288,11 @@ class Mesh:
         gpu_req = check_count("gpu", gpu, allow_auto=True)
         tpu_req = check_count("tpu", tpu, allow_auto=True)
         site = check_site(site)
-        if threads_per_worker is not None and (
-            check_count("threads_per_worker", threads_per_worker) == 0
-        ):
-            raise MeshError("threads_per_worker must be a whole number >= 1, not 0")
+        if threads_per_worker is not None:
+            threads = check_count("threads_per_worker", threads_per_worker)
+            if not 1 <= threads <= most_local_workers():
+                raise MeshError(f"threads_per_worker must be a whole number from 1 to "
+                                f"{most_local_workers()} (four per core here), not {threads}")
         memory_limit = check_memory_limit(memory_limit)
         if host is not None and not _config.is_host(host):
             raise MeshError(f"host must be an interface address like '127.0.0.1', not {host!r}")

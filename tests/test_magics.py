@@ -76,6 +76,8 @@ def test_start_status_and_compute(ip, started, capsys):
         ("start --replace --cpu 10000", r"^--cpu must be a whole number from 0 to \d+ "
                                         r"\(four workers per core here\), not 10000"),
         ("start --replace --jax-cpu 10000", r"^--jax-cpu must be a whole number from 0 to \d+"),
+        ("start --replace --threads 100000", r"^--threads must be a whole number from 1 to "
+                                             r"\d+ \(four per core here\), not 100000"),
         ("scale", "usage: %mesh scale .*say how many workers of which kind"),
         ("scale --cpu -1", "--cpu must be a whole number >= 0"),
         ("scale --cpu many", "--cpu must be a whole number >= 0"),

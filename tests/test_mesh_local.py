@@ -118,6 +118,8 @@ def test_reprs(mesh):
         ({"cpu": 0, "gpu": 0, "tpu": 0}, "at least one device"),
         ({"threads_per_worker": 0}, "threads_per_worker must be"),
         ({"threads_per_worker": "many"}, "threads_per_worker must be"),
+        ({"threads_per_worker": 100000}, r"threads_per_worker must be a whole number from 1 "
+                                         r"to \d+ \(four per core here\), not 100000"),
         ({"memory_limit": "lots"}, "memory_limit must be"),
         ({"memory_limit": -5}, "memory_limit must be"),
         ({"host": ""}, "host must be"),
