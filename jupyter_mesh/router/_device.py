@@ -107,6 +107,9 @@ class DeviceCall:
                     func = None  # NumPy, on the host of this worker
             if func is not None:
                 backend = get_backend(name)
+                if not _all_held(backend, args, kwargs):
+                    func = None  # an input the device has no dtype for: NumPy on the host
+            if func is not None:
                 args = _map(backend.to_device, args)
                 kwargs = {k: _map(backend.to_device, v) for k, v in kwargs.items()}
                 used = name
@@ -162,6 +165,21 @@ class OnDevice:
 
     def __repr__(self) -> str:
         return f"OnDevice({self.backend}, {type(self.array).__name__})"
+
+
+def _all_held(backend: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether ``backend`` holds every array among the task's inputs (in lists and
+    tuples too)."""
+    bad: list[Any] = []
+
+    def check(x: Any) -> Any:
+        if not bad and hasattr(x, "dtype") and hasattr(x, "shape") and not backend.holds(x):
+            bad.append(x)
+        return x
+
+    _map(check, args)
+    _map(check, kwargs)
+    return not bad
 
 
 def _scalar(x: Any) -> Any:
@@ -223,7 +241,11 @@ class SubmitCall:
         if name == "numpy":
             move = to_host_any
         else:
-            move = get_backend(name).to_device
+            backend = get_backend(name)
+
+            def move(x: Any) -> Any:
+                # an array the device has no dtype for stays a host array
+                return backend.to_device(x) if backend.holds(x) else to_host_any(x)
         args = _map(move, args)
         kwargs = _map(move, kwargs)
         out = self.func(*args, **kwargs)

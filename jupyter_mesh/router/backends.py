@@ -60,6 +60,12 @@ class Backend:
         as CuPy's do); a user's own function may call anything, so it gets host arrays."""
         return dispatches_through_numpy(func)
 
+    def holds(self, x: Any) -> bool:
+        """Whether the device holds the array ``x`` as it is (its dtype): a task with
+        an input it does not hold runs NumPy on the host of the worker instead (so
+        placement never fails a task that NumPy runs). By default every array."""
+        return True
+
     def model(self) -> str:
         """What the device is, as the mesh shows it."""
         return f"{self.name} device"
@@ -137,6 +143,14 @@ class CupyBackend(Backend):
 
     def is_device_array(self, x: Any) -> bool:
         return type(x).__module__.startswith("cupy") and hasattr(x, "__cuda_array_interface__")
+
+    def holds(self, x: Any) -> bool:
+        """CuPy has booleans and numbers only (no object, string, datetime or
+        structured dtypes) and no extended precision (``longdouble``)."""
+        dtype = getattr(x, "dtype", None)
+        if dtype is None or self.is_device_array(x):
+            return True
+        return dtype.kind in "biufc" and dtype.itemsize <= (16 if dtype.kind == "c" else 8)
 
     def to_device(self, x: Any) -> Any:
         if self.is_device_array(x) or not _is_array(x):
