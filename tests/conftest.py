@@ -52,3 +52,14 @@ def ip():
     shell = start_ipython() or get_ipython()
     shell.run_line_magic("load_ext", "jupyter_mesh")
     return shell
+
+
+@pytest.fixture
+def fresh(mesh, ip):
+    """The module's ``mesh`` as the current one, with no remote namespaces and no
+    sticky workers (for remote-cell tests)."""
+    from jupyter_mesh import _state
+
+    _state.set_current(mesh)
+    mesh.reset_remote()
+    yield mesh

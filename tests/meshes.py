@@ -43,3 +43,36 @@ def kill_jax_worker_when_busy(mesh: jm.Mesh) -> None:
         if name.startswith("jax-cpu"):
             nanny.status = Status.closing_gracefully
     os.kill(jax_dev.extra["pid"], signal.SIGKILL)
+
+
+def record_remote_output(monkeypatch) -> list[tuple[float, str]]:
+    """Record when each piece of a remote cell's stream output reaches the notebook:
+    ``(time.monotonic(), text)`` pairs, appended as they arrive."""
+    from jupyter_mesh.remote import _client
+
+    arrivals: list[tuple[float, str]] = []
+    show = _client.RemoteCells._show
+
+    def record(self, run, payload, labelled):
+        text = "".join(item[2] for item in payload[0] if item[0] == "stream")
+        arrivals.append((time.monotonic(), text))
+        show(self, run, payload, labelled)
+
+    monkeypatch.setattr(_client.RemoteCells, "_show", record)
+    return arrivals
+
+
+def when_whole(arrivals: list[tuple[float, str]], line: str) -> tuple[float | None, str]:
+    """When ``line`` (which may come in pieces) had fully arrived, and all the text
+    that had arrived by then."""
+    text = ""
+    for at, piece in arrivals:
+        text += piece
+        if line in text:
+            return at, text
+    return None, text
+
+
+def remote(ip, line: str, cell: str):
+    """``%%mesh --remote LINE`` with ``cell`` as its body, in the shell ``ip``."""
+    return ip.run_cell_magic("mesh", "--remote " + line, cell)

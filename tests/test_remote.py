@@ -18,7 +18,7 @@ import jupyter_mesh as jm
 from jupyter_mesh import _state
 from jupyter_mesh.remote import CellSyntaxError, RemoteCellError, RemoteCellTimeout, _client
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, record_remote_output, remote, when_whole
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +27,6 @@ def mesh():
         yield m
 
 
-@pytest.fixture
-def fresh(mesh, ip):
-    """Each test starts with no remote namespaces and no sticky workers."""
-    _state.set_current(mesh)
-    mesh.reset_remote()
-    yield mesh
-
-
-def remote(ip, line, cell):
-    return ip.run_cell_magic("mesh", "--remote " + line, cell)
 
 
 def worker_sessions(mesh):
@@ -109,24 +99,11 @@ def test_rich_display_comes_back(fresh, monkeypatch):
 
 
 def test_output_streams_while_the_cell_runs(fresh, monkeypatch):
-    arrivals = []
-    show = _client.RemoteCells._show
-
-    def record(self, run, payload, labelled):
-        text = "".join(item[2] for item in payload[0] if item[0] == "stream")
-        arrivals.append((time.monotonic(), text))
-        show(self, run, payload, labelled)
-
-    monkeypatch.setattr(_client.RemoteCells, "_show", record)
+    arrivals = record_remote_output(monkeypatch)
     fresh.run_cell("import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')")
     ended = time.monotonic()
     # the line may come in pieces ('first', then its newline): when it was whole
-    text, whole = "", None
-    for at, piece in arrivals:
-        text += piece
-        if "first\n" in text:
-            whole = at
-            break
+    whole, text = when_whole(arrivals, "first\n")
     assert whole is not None and "second" not in text
     # the first line came well before the cell ended (half its sleep: room for a
     # loaded machine, while output held back to the end would arrive with it)

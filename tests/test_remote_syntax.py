@@ -10,28 +10,16 @@ import time
 
 import pytest
 
-from jupyter_mesh import _state
 from jupyter_mesh.remote import RemoteCellError
 from jupyter_mesh.remote._shell import to_python
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, record_remote_output, remote, when_whole
 
 
 @pytest.fixture(scope="module")
 def mesh():
     with fresh_local_mesh(cpu=1) as m:
         yield m
-
-
-@pytest.fixture
-def fresh(mesh, ip):
-    _state.set_current(mesh)
-    mesh.reset_remote()
-    yield mesh
-
-
-def remote(ip, line, cell):
-    return ip.run_cell_magic("mesh", "--remote " + line, cell)
 
 
 def test_shell_command_runs_on_the_worker_and_its_output_reaches_the_notebook(
@@ -53,25 +41,10 @@ def test_shell_command_expands_the_cells_names_and_sets_exit_code(fresh):
 
 
 def test_shell_output_streams_while_the_command_runs(fresh, monkeypatch):
-    from jupyter_mesh.remote import _client
-
-    arrivals = []
-    show = _client.RemoteCells._show
-
-    def record(self, run, payload, labelled):
-        text = "".join(item[2] for item in payload[0] if item[0] == "stream")
-        arrivals.append((time.monotonic(), text))
-        show(self, run, payload, labelled)
-
-    monkeypatch.setattr(_client.RemoteCells, "_show", record)
+    arrivals = record_remote_output(monkeypatch)
     fresh.run_cell("!echo first; sleep 3; echo second")
     ended = time.monotonic()
-    text, whole = "", None
-    for at, piece in arrivals:
-        text += piece
-        if "first\n" in text:
-            whole = at
-            break
+    whole, text = when_whole(arrivals, "first\n")
     assert whole is not None and "second" not in text
     assert ended - whole > 1.5  # not held back until the command ended
 
