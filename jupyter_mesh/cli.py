@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                         "so each chip of a TPU host can be a worker of its own")
     w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores)")
     w.add_argument("--name", default=None, help="worker name")
-    w.add_argument("--host", default=None, help="interface to listen on")
+    w.add_argument("--host", default=None,
+                   help="interface to listen on (default: the one that reaches the "
+                        "scheduler; 127.0.0.1 for a scheduler on this machine)")
     w.add_argument("--memory-limit", default="auto", help="memory limit, as Dask's")
     w.add_argument("--tls-ca-file", default=None)
     w.add_argument("--tls-cert", default=None)
@@ -120,11 +122,17 @@ async def run_worker(args: argparse.Namespace) -> int:
     else:
         kind_threads = 1 if kind in ("gpu", "tpu") else cpu_cores()
     nthreads = args.nthreads or kind_threads
+    host = listen_host(address, args.host)
+    if security is None and not _loopback(host):
+        print(f"jupyter-mesh worker: warning: {address} is plain tcp:// to another "
+              f"machine: anyone who reaches this worker at {host} can run code on it; "
+              f"use tls:// with --tls-ca-file, --tls-cert and --tls-key", file=sys.stderr,
+              flush=True)
     nanny = Nanny(
         address,
         nthreads=nthreads,
         name=args.name,
-        host=args.host,
+        host=host,
         memory_limit=args.memory_limit,
         security=security,
         env=env,
@@ -141,6 +149,41 @@ async def run_worker(args: argparse.Namespace) -> int:
     await asyncio.wait([finished, waiter], return_when=asyncio.FIRST_COMPLETED)
     await nanny.close()
     return 0
+
+
+def listen_host(address: str, host: str | None) -> str:
+    """The interface a worker listens on: ``host`` if given, else the one this machine
+    reaches the scheduler through (127.0.0.1 for a scheduler on this machine), never
+    every interface (Dask's own default for a worker)."""
+    from ._config import is_host
+
+    if host is not None:
+        if not is_host(host):
+            raise MeshError(f"--host must be an interface address like 127.0.0.1 or "
+                            f"10.0.0.5 (0.0.0.0 for every interface), not {host!r}")
+        return host
+    from distributed.comm import get_address_host
+    from distributed.utils import get_ip
+
+    scheduler_host = get_address_host(address)
+    if _loopback(scheduler_host):
+        return "127.0.0.1" if ":" not in scheduler_host else "::1"
+    try:
+        return get_ip(scheduler_host)
+    except Exception as exc:
+        raise MeshError(f"cannot find the interface that reaches {scheduler_host} "
+                        f"({exc}): give --host ADDRESS") from None
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _detects_accelerator() -> bool:

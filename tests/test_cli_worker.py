@@ -82,6 +82,14 @@ def test_cli_worker_joins_with_site(scheduler_mesh):
         assert dev.profile is not None and dev.profile.method == "measured"
         fut = scheduler_mesh.client.submit(lambda: 6 * 7)
         assert fut.result(timeout=30) == 42
+        # a scheduler on this machine: the worker and its nanny listen on 127.0.0.1
+        # only (Dask's own default for a worker is every interface)
+        import psutil
+
+        nanny = psutil.Process(proc.pid)
+        listening = {c.laddr.ip for p in [nanny, *nanny.children(recursive=True)]
+                     for c in p.net_connections(kind="inet") if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}
     finally:
         _stop(proc)
     # the scheduler plugin drops the device when the worker leaves
@@ -112,6 +120,8 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         (["worker", "tcp://127.0.0.1:1", "--site", "bad site"], "site must be"),
         (["worker", "nonsense://x"], "malformed address"),
         (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], "--nthreads must be"),
+        (["worker", "tcp://127.0.0.1:1", "--host", ""], "--host must be an interface "
+                                                        "address like 127.0.0.1"),
         (["worker", "tls://127.0.0.1:1"], "needs --tls-ca-file"),
         (["worker", "tcp://127.0.0.1:1", "--gpu", "99"], "no CUDA GPU 99 here"),
         (["worker", "tcp://127.0.0.1:1", "--tpu", "0", "--backend", "numpy"],
@@ -176,3 +186,14 @@ def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkey
     monkeypatch.setattr(cli, "_detects_accelerator", lambda: False)
     assert start()["nthreads"] == _detect.cpu_cores()
     assert start("--nthreads", "3")["nthreads"] == 3
+
+
+def test_a_worker_listens_where_it_reaches_the_scheduler():
+    from jupyter_mesh.cli import listen_host
+
+    assert listen_host("tcp://127.0.0.1:8786", None) == "127.0.0.1"
+    assert listen_host("tls://localhost:8786", None) == "127.0.0.1"
+    # another machine: the one interface that reaches it, never every interface
+    remote = listen_host("tcp://192.0.2.7:8786", None)
+    assert remote not in ("", "0.0.0.0", "::") and remote.count(".") == 3
+    assert listen_host("tcp://192.0.2.7:8786", "0.0.0.0") == "0.0.0.0"  # asked for
