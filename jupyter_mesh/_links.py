@@ -11,14 +11,31 @@ loopback link into that path.
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlsplit
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
+def safe_link(link: Any) -> str | None:
+    """``link`` if a browser may open it: an ``http(s)://`` address or a path on this
+    server; None for anything else (a ``javascript:`` link from a scheduler, say,
+    would run in Jupyter's page)."""
+    if not isinstance(link, str) or not link.strip():
+        return None
+    if link.startswith("/") and not link.startswith("//"):
+        return link
+    parts = urlsplit(link)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return link
+    return None
+
+
 def proxied(link: str | None, proxy_prefix: str | None) -> str | None:
     """``link`` through the proxy at ``proxy_prefix`` (e.g. ``/user/ada/proxy/``) when it
-    points at a loopback port; any other link (another host, already a path) as it is."""
+    points at a loopback port; any other safe link (another host, already a path) as it
+    is, and none that is not :func:`safe_link`."""
+    link = safe_link(link)
     if not link or not proxy_prefix:
         return link
     parts = urlsplit(link)

@@ -101,8 +101,10 @@ class Inventory:
         self.devices: list[Device] = sorted(
             devices, key=lambda d: (d.kind, d.site, d.backend, d.name, d.worker)
         )
+        from ._links import safe_link
+
         self.address = address
-        self.dashboard = dashboard
+        self.dashboard = safe_link(dashboard)  # only a link a browser may open
 
     @classmethod
     def from_records(cls, records: Iterable[dict[str, Any]], address: str = "",
@@ -184,7 +186,7 @@ class Inventory:
             f"{len(self)} devices ({e(self.summary())})"
         )
         if self.dashboard:
-            head += f" &middot; <a href='{e(self.dashboard)}' target='_blank'>dashboard</a>"
+            head += f" &middot; <a href='{e(self.dashboard)}' target='_blank' rel='noopener noreferrer'>dashboard</a>"
         rows = []
         for (kind, site), devs in self.groups().items():
             rows.append(

@@ -21,6 +21,7 @@ from distributed.comm import parse_address
 from distributed.comm.addressing import parse_host_port
 
 from . import _config, _state
+from ._links import browser_link
 from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
@@ -494,8 +495,6 @@ class Mesh:
     def dashboard_link(self) -> str | None:
         """The scheduler's dashboard, as a browser can open it: on a JupyterHub (with
         jupyter-server-proxy) a loopback dashboard is given as the hub's proxy path."""
-        from ._links import browser_link
-
         if self.options.get("dashboard") is False:
             return None  # mesh.local.dashboard-address: null (Dask's HTTP server has none)
         try:
@@ -522,7 +521,7 @@ class Mesh:
             try:
                 info = self.client.sync(ask)
                 dashboard = (None if self.options.get("dashboard") is False
-                             else self.dashboard_link or info["dashboard"])
+                             else self.dashboard_link or browser_link(info["dashboard"]))
                 return Inventory.from_records(info["devices"], info["address"], dashboard)
             except (TimeoutError, asyncio.TimeoutError):
                 # a scheduler that stopped answering (overloaded, or its process paused)
@@ -753,7 +752,7 @@ class Mesh:
             for (kind, site), devs in inv.groups().items()
         )
         link = self.dashboard_link
-        dash = f" &middot; <a href='{e(link)}' target='_blank'>dashboard</a>" if link else ""
+        dash = f" &middot; <a href='{e(link)}' target='_blank' rel='noopener noreferrer'>dashboard</a>" if link else ""
         cal = self.calibration
         costs = f"<div>{e(repr(cal))}</div>" if cal is not None else ""
         return (

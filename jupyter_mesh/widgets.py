@@ -122,7 +122,7 @@ class MeshPanel(w.VBox):
             self._say(f"could not read the inventory: {_first_line(exc)}", error=True)
             return
         link = inv.dashboard or mesh.dashboard_link
-        dash = (f" &middot; <a href='{html.escape(link)}' target='_blank'>dashboard</a>"
+        dash = (f" &middot; <a href='{html.escape(link)}' target='_blank' rel='noopener noreferrer'>dashboard</a>"
                 if link else "")
         self.header.value = (
             f"<b>Mesh</b> <code>{html.escape(inv.address or mesh.address)}</code>: "

@@ -14,6 +14,7 @@ import { meshIcon } from './icon';
 import {
   connectSnippet,
   ILocalOptions,
+  isSafeLink,
   ISidebarState,
   localOptionsFromSettings,
   restoreState
@@ -187,10 +188,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     commands.addCommand(CommandIDs.openDashboard, {
       label: 'Open Mesh Dashboard',
-      isEnabled: args => !!summaryOf(args)?.dashboard,
+      isEnabled: args => isSafeLink(summaryOf(args)?.dashboard ?? ''),
       execute: args => {
         const url = summaryOf(args)?.dashboard;
-        if (url) {
+        // only an http(s) address or a path of this server: never javascript: etc.
+        if (url && isSafeLink(url)) {
           window.open(url, '_blank', 'noopener');
         }
       }

@@ -335,6 +335,22 @@ export function normalizeAddress(text: string): string {
 }
 
 /** The notebook cell that attaches a kernel to a mesh. */
+/**
+ * Whether a browser may open a link the server gave: an http(s) address or a path of
+ * this server (a scheduler's `javascript:` link would run in JupyterLab's page).
+ */
+export function isSafeLink(url: string): boolean {
+  if (url.startsWith('/') && !url.startsWith('//')) {
+    return true;
+  }
+  try {
+    const parsed = new URL(url);
+    return (parsed.protocol === 'http:' || parsed.protocol === 'https:') && !!parsed.host;
+  } catch {
+    return false;
+  }
+}
+
 export function connectSnippet(address: string): string {
   return `%load_ext jupyter_mesh\n%mesh connect ${address}`;
 }

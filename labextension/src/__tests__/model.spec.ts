@@ -9,6 +9,7 @@ import {
   fraction,
   IDeviceGroup,
   IMeshSummary,
+  isSafeLink,
   localOptionsFromSettings,
   normalizeAddress,
   parseCount,
@@ -124,6 +125,17 @@ describe('addresses and snippets', () => {
     expect(() => normalizeAddress('http://x:1')).toThrow('is not an address');
     expect(() => normalizeAddress('host')).toThrow('is not an address');
     expect(() => normalizeAddress('host:99999')).toThrow('is not an address');
+  });
+
+  it('opens only http(s) links and paths of this server', () => {
+    expect(isSafeLink('http://127.0.0.1:8787/status')).toBe(true);
+    expect(isSafeLink('https://hub.example/user/ada/proxy/8787/status')).toBe(true);
+    expect(isSafeLink('/user/ada/proxy/8787/status')).toBe(true);
+    expect(isSafeLink('javascript:alert(1)')).toBe(false);
+    expect(isSafeLink('JavaScript:alert(1)')).toBe(false);
+    expect(isSafeLink('data:text/html,hi')).toBe(false);
+    expect(isSafeLink('//evil.example/x')).toBe(false);
+    expect(isSafeLink('')).toBe(false);
   });
 
   it('writes the connection snippet', () => {
