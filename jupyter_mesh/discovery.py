@@ -177,12 +177,32 @@ def _security_files(mesh: Mesh) -> dict[str, str] | None:
     return files or None
 
 
+def private(path: Path) -> bool:
+    """Whether ``path`` belongs to this user and nobody else may write it: a registry
+    directory or file someone else made (a shared runtime dir) could point the server
+    at their scheduler."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):  # pragma: no cover - Windows
+        return True
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+class UnsafeRegistry(OSError):
+    """The registry directory is someone else's, or others may write it."""
+
+
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         os.chmod(path.parent, 0o700)
     except OSError:
         pass
+    if not private(path.parent):
+        raise UnsafeRegistry(f"{path.parent} is not this user's alone: no registration "
+                             f"written there")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
@@ -281,7 +301,12 @@ def register(mesh: Mesh, runtime_dir: str | os.PathLike[str] | None = None) -> P
             old.stop()
         reg = _Registration(mesh, registry_dir(runtime_dir))
         _registrations[id(mesh)] = reg
-    reg.start()
+    try:
+        reg.start()
+    except BaseException:
+        with _lock:
+            _registrations.pop(id(mesh), None)
+        raise
     return reg.path
 
 
@@ -304,15 +329,17 @@ def read_registrations(
     """The registrations of live processes; files of dead ones are removed when ``prune``."""
     directory = registry_dir(runtime_dir)
     out = []
+    if not private(directory):
+        return []  # missing, or not this user's alone: nothing in it is trusted
     try:
         paths = sorted(directory.glob("mesh-*.json"))
     except OSError:
         return []
     for path in paths:
+        if not private(path):
+            continue  # another user's file: neither read nor removed
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or not isinstance(data.get("address"), str):
-                raise ValueError("not a registration")
+            data = _checked(json.loads(path.read_text()))
         except FileNotFoundError:
             continue
         except (OSError, ValueError):
@@ -326,6 +353,35 @@ def read_registrations(
             continue
         data["file"] = str(path)
         out.append(data)
+    return out
+
+
+#: fields of a registration and the types they must have (others are dropped)
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "format": (int,), "id": (str,), "pid": (int,), "pid_started": (int, float),
+    "kernel_id": (str,), "dashboard": (str,), "owns_cluster": (bool,), "site": (str,),
+    "security": (dict,), "created": (int, float), "updated": (int, float), "plans": (list,),
+}
+
+
+def _checked(data: Any) -> dict[str, Any]:
+    """A registration with its fields of the right types (a wrong one is dropped, as
+    if absent); ValueError if it is none (no address)."""
+    if not isinstance(data, dict) or not isinstance(data.get("address"), str):
+        raise ValueError("not a registration")
+    out: dict[str, Any] = {"address": data["address"]}
+    for name, types in _FIELDS.items():
+        value = data.get(name)
+        if isinstance(value, bool) and bool not in types:
+            continue
+        if isinstance(value, types):
+            out[name] = value
+    security = out.get("security")
+    if security is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in security.items()):
+        del out["security"]
+    if "plans" in out:
+        out["plans"] = [p for p in out["plans"] if isinstance(p, dict)]
     return out
 
 
@@ -347,7 +403,14 @@ def _on_mesh_event(event: str, mesh: Mesh) -> None:
     # Only the process's current mesh is the "kernel's mesh"; servers (like the
     # sidebar's) hold meshes with set_current=False and must not register them.
     if event == "open" and _state._current is mesh and enabled():
-        register(mesh)
+        try:
+            register(mesh)
+        except UnsafeRegistry as exc:
+            import warnings
+
+            warnings.warn(f"jupyter_mesh: the Mesh sidebar will not list this mesh: {exc} "
+                          f"(make it yours with mode 700, or set JUPYTER_RUNTIME_DIR)",
+                          stacklevel=2)
     elif event == "close":
         unregister(mesh)
 

@@ -38,6 +38,13 @@ class FakePlan:
         self.rows = [{"op": op, "target": "cpu:jax", "tasks": 2, "est_seconds": 0.1}]
 
 
+def write_private(path, text):
+    """A registration file as the kernel writes it: this user's alone (mode 600)."""
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -76,16 +83,14 @@ def test_register_writes_and_close_removes(tmp_path, monkeypatch):
 
 def test_dead_and_broken_registrations_are_pruned(tmp_path):
     directory = discovery.registry_dir(tmp_path)
-    directory.mkdir(parents=True)
-    dead = directory / "mesh-dead.json"
-    dead.write_text(json.dumps({"pid": dead_pid(), "address": "tcp://127.0.0.1:1"}))
-    broken = directory / "mesh-broken.json"
-    broken.write_text("{not json")
+    directory.mkdir(mode=0o700, parents=True)
+    dead = write_private(directory / "mesh-dead.json",
+                         json.dumps({"pid": dead_pid(), "address": "tcp://127.0.0.1:1"}))
+    broken = write_private(directory / "mesh-broken.json", "{not json")
     os.utime(broken, (time.time() - 60, time.time() - 60))
-    fresh = directory / "mesh-fresh.json"
-    fresh.write_text("{half written")
-    alive = directory / "mesh-alive.json"
-    alive.write_text(json.dumps({"pid": os.getpid(), "address": "tcp://127.0.0.1:2"}))
+    fresh = write_private(directory / "mesh-fresh.json", "{half written")
+    write_private(directory / "mesh-alive.json",
+                  json.dumps({"pid": os.getpid(), "address": "tcp://127.0.0.1:2"}))
 
     regs = discovery.read_registrations(tmp_path)
     assert [r["address"] for r in regs] == ["tcp://127.0.0.1:2"]
@@ -295,3 +300,50 @@ def test_plan_records_carry_the_plans_notes():
     assert len(discovery.plan_record(plan, "plan")["notes"]) == discovery.MAX_NOTES
     assert "notes" not in discovery.plan_record(FakePlan("x"), "plan")
     json.dumps(rec)
+
+
+def registration(pid=None, **fields):
+    return json.dumps({"address": "tcp://127.0.0.1:2", "pid": pid or os.getpid(), **fields})
+
+
+def test_registrations_only_from_this_users_private_directory_and_files(tmp_path):
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(mode=0o700, parents=True)
+    write_private(directory / "mesh-mine.json", registration())
+    shared = directory / "mesh-shared.json"
+    shared.write_text(registration(dashboard="javascript:x"))
+    shared.chmod(0o666)  # anyone may write it: not trusted, and not removed
+    assert [r["address"] for r in discovery.read_registrations(tmp_path)] == [
+        "tcp://127.0.0.1:2"]
+    assert shared.exists()
+    # a directory others may write: nothing in it is read; writing there first makes
+    # it this user's alone again (it is ours), and someone else's is refused (below)
+    directory.chmod(0o777)
+    assert discovery.read_registrations(tmp_path) == []
+    discovery._write_atomic(directory / "mesh-new.json", {"address": "x"})
+    assert directory.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_registration_with_fields_of_the_wrong_type_keeps_the_right_ones(tmp_path):
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(mode=0o700, parents=True)
+    write_private(directory / "mesh-odd.json", registration(
+        created="yesterday", plans={"not": "a list"}, dashboard=5, site="lab",
+        security={"tls_ca_file": 3}, owns_cluster=1))
+    (reg,) = discovery.read_registrations(tmp_path)
+    assert reg["site"] == "lab" and reg["pid"] == os.getpid()
+    assert not {"created", "plans", "dashboard", "security", "owns_cluster"} & set(reg)
+
+
+def test_an_unsafe_registry_is_named_and_the_mesh_still_works(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(parents=True)
+    monkeypatch.setattr(discovery, "private", lambda path: False)  # e.g. someone else's
+    mesh = FakeMesh()
+    monkeypatch.setattr(_state, "_current", mesh)
+    with pytest.warns(UserWarning, match="the Mesh sidebar will not list this mesh: .* "
+                                         "is not this user's alone"):
+        discovery._on_mesh_event("open", mesh)
+    assert discovery.registration_of(mesh) is None
+    assert not list(directory.iterdir())

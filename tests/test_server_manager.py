@@ -278,10 +278,12 @@ async def _kernel_plans_on_a_sidebar_mesh(tmp_path):
                                             address="tcp://127.0.0.1:8786", name="Local mesh 1")
         record = {"kind": "plan", "route": "auto", "rows": [{"op": "matmul"}]}
         directory = discovery.registry_dir(tmp_path)
-        directory.mkdir(parents=True)
-        (directory / "mesh-1.json").write_text(json.dumps({
+        directory.mkdir(mode=0o700, parents=True)
+        path = directory / "mesh-1.json"
+        path.write_text(json.dumps({
             "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
             "pid_started": discovery.process_start_time(os.getpid()), "plans": [record]}))
+        path.chmod(0o600)
         await manager.refresh_kernels()
         await manager.refresh_kernels()  # read again: still once
         entry = manager._entries["local-x"]
