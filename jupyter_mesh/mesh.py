@@ -1018,12 +1018,25 @@ def _refuse_if_active(replace: bool) -> None:
 
 
 def _check_tls_files(security: Any) -> None:
-    """MeshError (one line) where the CA or the client's certificate and key given in
-    ``security`` cannot be read as PEM (a connect would otherwise fail later, saying
-    only that nothing answered)."""
-    check_tls_files(getattr(security, "tls_ca_file", None),
-                    getattr(security, "tls_client_cert", None),
-                    getattr(security, "tls_client_key", None))
+    """MeshError (one line) where ``security`` lacks the CA or the client certificate
+    that Dask's TLS needs, or where those given as files cannot be read as PEM (a
+    connect would otherwise fail later, saying only that nothing answered, or that TLS
+    "expects an ssl_context"). Certificates held in memory (``Security.temporary()``)
+    are Dask's to check."""
+    ca, cert, key = (getattr(security, a, None)
+                     for a in ("tls_ca_file", "tls_client_cert", "tls_client_key"))
+    if not ca or not cert:
+        missing = " and ".join(n for n, v in (("tls_ca_file", ca), ("tls_client_cert", cert))
+                               if not v)
+        raise MeshError(f"security has no {missing}: a tls:// scheduler needs "
+                        f"Security(tls_ca_file=..., tls_client_cert=..., tls_client_key=...)")
+
+    def on_disk(value: Any) -> Any:
+        return None if isinstance(value, str) and "-----BEGIN" in value else value
+
+    if on_disk(ca) is None or on_disk(cert) is None:
+        return
+    check_tls_files(ca, cert, on_disk(key))
 
 
 def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:

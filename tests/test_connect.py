@@ -89,8 +89,9 @@ def test_plaintext_client_is_refused_by_tls_scheduler(no_mesh, tls_cluster, cert
         jm.Mesh.connect("tcp://" + hostport, timeout=3)
     with pytest.raises(MeshError, match="uses TLS: pass security"):
         jm.Mesh.connect(tls_cluster.scheduler_address)
-    # a client with the CA but no client certificate is refused too (mutual TLS)
-    with pytest.raises(MeshError, match=hostport):
+    # a client with the CA but no client certificate is refused too (mutual TLS), at
+    # once, before anything is sent
+    with pytest.raises(MeshError, match="security has no tls_client_cert"):
         jm.Mesh.connect(tls_cluster.scheduler_address,
                         security=_security(certs, role_cert=False), timeout=3)
 
@@ -162,7 +163,15 @@ def test_tls_files_are_checked_before_connecting(no_mesh, certs, tmp_path):
     with pytest.raises(MeshError, match=r"the TLS files could not be read \(.*\): the CA, "
                                         r"certificate and key must be PEM files"):
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
-            tls_ca_file=str(bad), require_encryption=True))
+            tls_ca_file=str(bad), tls_client_cert=certs["cert"],
+            tls_client_key=certs["key"], require_encryption=True))
+    # Dask's TLS needs a CA and a client certificate: said at once, in one line
+    with pytest.raises(MeshError, match=r"^security has no tls_client_cert: a tls:// "
+                                        r"scheduler needs Security\(tls_ca_file="):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], require_encryption=True))
+    with pytest.raises(MeshError, match=r"^security has no tls_ca_file and tls_client_cert"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(require_encryption=True))
     with pytest.raises(MeshError, match="the TLS files could not be read"):
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
             tls_ca_file=certs["ca"], tls_client_cert=certs["ca"],  # a CA is not a key
@@ -174,7 +183,8 @@ def test_bad_tls_files_are_named(no_mesh, certs, tmp_path):
     bad.write_text("not a certificate")
     with pytest.raises(MeshError, match=rf"must be PEM files; check {bad}$"):
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
-            tls_ca_file=str(bad), require_encryption=True))
+            tls_ca_file=str(bad), tls_client_cert=certs["cert"], tls_client_key=certs["key"],
+            require_encryption=True))
     with pytest.raises(MeshError, match=rf"must be PEM files; check {bad} and "
                                         rf"{certs['key']}$"):
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
@@ -241,3 +251,15 @@ def test_the_sidebar_connects_to_a_tls_scheduler_with_dasks_tls_settings(tls_clu
             assert mesh["devices"] == 1
 
     asyncio.run(go())
+
+
+def test_certificates_held_in_memory_connect(no_mesh):
+    # Security.temporary() keeps its CA and certificates in memory, not in files
+    security = Security.temporary()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      protocol="tls://", host="127.0.0.1", dashboard_address=None,
+                      security=security) as cluster:
+        with jm.Mesh.connect(cluster.scheduler_address, security=security,
+                             timeout=10) as mesh:
+            assert da.ones(10, chunks=5).sum().compute() == 10
+            assert len(mesh.inventory()) == 1
