@@ -319,3 +319,48 @@ async def _slow_mesh_list(tmp_path, monkeypatch):
         assert "did not answer within 0.2 s: it may be busy; showing what it said last" in \
             listed["error"]
         await asyncio.sleep(1.0)  # let the stalled thread finish before the loop closes
+
+
+class _RunningMesh:
+    """A mesh the sidebar started, with ``workers`` worker processes (no processes)."""
+
+    owns_cluster = True
+    address = "tcp://127.0.0.1:2"
+
+    def __init__(self, workers):
+        from types import SimpleNamespace
+
+        self.cluster = SimpleNamespace(worker_spec={f"cpu-{i}": {} for i in range(workers)})
+        self.closed = False
+
+    def scale(self, **counts):
+        self.cluster.worker_spec = {f"cpu-{i}": {} for i in range(counts.get("cpu", 0))}
+
+
+def test_the_sidebars_meshes_share_four_workers_per_core(tmp_path, monkeypatch):
+    asyncio.run(_worker_budget(tmp_path, monkeypatch))
+
+
+async def _worker_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(manager_module, "most_local", lambda: 8)
+    started = []
+    monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(
+        lambda **kw: started.append(kw)))
+    async with MeshManager(tmp_path) as manager:
+        running = _RunningMesh(6)
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
+                                            address=running.address, name="Local mesh 1",
+                                            mesh=running)
+        monkeypatch.setattr(manager, "_sample", _no_sample)
+        monkeypatch.setattr(manager, "detail", lambda entry: {"id": entry.id})
+        # 6 running + 3 more (each start alone allowed) is past 8: refused, nothing started
+        with pytest.raises(Conflict, match=r"would have 9 worker processes, more than 8 "
+                                           r"\(four per core\): stop or scale down"):
+            await manager.start({"cpu": 3, "gpu": 0, "tpu": 0})
+        with pytest.raises(Conflict, match="would have 9"):
+            await manager.start({"gpu": 0, "tpu": 0, "jax_cpu": 1})  # + the default 2 CPUs
+        assert started == []
+        # scaling counts the mesh's own workers once
+        assert await manager.scale("local-x", {"cpu": 8}) == {"id": "local-x"}
+        with pytest.raises(Conflict, match="would have 9"):
+            await manager.scale("local-x", {"jax_cpu": 1})

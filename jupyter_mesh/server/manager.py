@@ -31,7 +31,7 @@ from typing import Any
 from .. import discovery
 from .._links import proxied
 from ..errors import MeshError
-from ..mesh import FAMILIES, Mesh, check_address, check_site
+from ..mesh import FAMILIES, Mesh, _family_of, check_address, check_site
 
 #: options ``POST meshes`` accepts, with the kinds of value allowed
 START_OPTIONS = ("cpu", "gpu", "tpu", "jax_cpu", "site", "threads_per_worker")
@@ -238,6 +238,8 @@ class MeshManager:
         self._entries: dict[str, Entry] = {}
         self._lock = asyncio.Lock()
         self._counter = 0
+        #: worker processes of meshes being started now (counted against the budget)
+        self._starting = 0
         self.closed = False
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -288,10 +290,37 @@ class MeshManager:
         return self.detail(entry)
 
     # ------------------------------------------------------------------ actions
+    def _local_workers(self, leaving_out: Entry | None = None) -> int:
+        """Worker processes of the meshes this server started (and is starting)."""
+        total = self._starting
+        for entry in self._entries.values():
+            if entry is leaving_out or not entry.can_scale or entry.mesh is None:
+                continue
+            cluster = getattr(entry.mesh, "cluster", None)
+            total += len(getattr(cluster, "worker_spec", ()) or ())
+        return total
+
+    def _check_budget(self, adding: int, leaving_out: Entry | None = None) -> None:
+        """Conflict where the sidebar's meshes together would run more than four worker
+        processes per core (one user must not exhaust a shared machine)."""
+        top = most_local()
+        running = self._local_workers(leaving_out)
+        if running + adding > top:
+            raise Conflict(f"the meshes started here would have {running + adding} worker "
+                           f"processes, more than {top} (four per core): stop or scale "
+                           f"down a mesh first")
+
     async def start(self, body: Any) -> dict[str, Any]:
         """Start a local mesh (``Mesh.local``) with the options in ``body``."""
         kwargs = validate_start(body)
         self._check_open()
+        # "auto" GPUs and TPUs are at most the machine's devices: counted as they start
+        adding = sum(v for k, v in kwargs.items()
+                     if k in ("cpu", "jax_cpu", "gpu", "tpu") and isinstance(v, int))
+        if "cpu" not in kwargs:
+            adding += 2  # Mesh.local's default
+        self._check_budget(adding)
+        self._starting += adding
         try:
             mesh = await asyncio.to_thread(Mesh.local, set_current=False, **kwargs)
         except MeshError as exc:
@@ -300,6 +329,8 @@ class MeshManager:
             logger.exception("jupyter_mesh: starting a mesh failed")
             raise Failed(f"could not start the mesh: {_one_line(exc)}; see the server's "
                          f"log, or start fewer workers") from None
+        finally:
+            self._starting -= adding
         if self.closed:
             await asyncio.to_thread(_close_quietly, mesh)
             raise Conflict("the server is shutting down")
@@ -364,6 +395,10 @@ class MeshManager:
             )
         if entry.busy:
             raise Conflict(f"{entry.name} is busy with another change: try again in a moment")
+        spec = getattr(getattr(entry.mesh, "cluster", None), "worker_spec", {}) or {}
+        after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
+        after.update(counts)
+        self._check_budget(sum(after.values()), leaving_out=entry)
         entry.busy = True
         try:
             await asyncio.to_thread(entry.mesh.scale, **counts)
