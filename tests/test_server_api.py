@@ -275,3 +275,14 @@ def test_every_route_asks_the_authorizer(api, jp_serverapp, monkeypatch, method,
         assert code == 403
     else:
         assert code != 403
+
+
+def test_connecting_the_server_takes_the_permission_to_execute_kernels(
+        api, jp_serverapp, monkeypatch):
+    def mesh_but_no_kernels(handler, user, action, resource):
+        return resource == "jupyter_mesh"
+
+    monkeypatch.setattr(jp_serverapp.web_app.settings["authorizer"], "is_authorized",
+                        mesh_but_no_kernels)
+    code, body = api("POST", "meshes", "connect", body={"address": "tcp://127.0.0.1:1"})
+    assert code == 403 and "permission to execute kernels" in body["message"]

@@ -116,6 +116,13 @@ class ConnectHandler(MeshAPIHandler):
     @tornado.web.authenticated
     @authorized
     async def post(self) -> None:
+        # a scheduler this server connects to sends it data that Dask unpickles in the
+        # server's process: as much as running code there, so it takes the permission
+        # to execute kernels too (for a policy that grants jupyter_mesh but not kernels)
+        if not self.authorizer.is_authorized(self, self.current_user, "execute", "kernels"):
+            raise tornado.web.HTTPError(
+                403, "connecting the server to a scheduler needs the permission to execute "
+                     "kernels: connect from a notebook with %mesh connect ADDRESS")
         await self.run(self.manager.connect(self.json_body()))
 
 
