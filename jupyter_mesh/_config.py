@@ -87,6 +87,17 @@ def get_host() -> str:
     return str(value)
 
 
+def local_tls() -> bool:
+    """``mesh.local.tls``: whether a local mesh runs over TLS (``auto``: under
+    JupyterHub, where users share machines)."""
+    value = get("local.tls")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return bool(os.environ.get("JUPYTERHUB_USER"))
+    if isinstance(value, bool):
+        return value
+    raise MeshConfigError(f"config mesh.local.tls must be true, false or auto, not {value!r}")
+
+
 def dashboard_options(host: str) -> dict[str, Any]:
     """The Dask ``Scheduler`` options for ``mesh.local.dashboard-address``.
 

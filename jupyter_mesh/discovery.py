@@ -164,15 +164,23 @@ def _kernel_id() -> str | None:
 
 
 def _security_files(mesh: Mesh) -> dict[str, str] | None:
-    """Paths of the TLS files a client of this mesh uses, so the server can use them too."""
+    """The TLS files a client of this mesh uses (paths), or the certificates themselves
+    where it holds them in memory (a local mesh's own, ``mesh.local.tls``), so the
+    server can connect too; the registration file is this user's alone (mode 600)."""
     try:
         sec = mesh.client.security
     except Exception:
         return None
+    # certificates in memory are written only where they are the mesh's own (made for
+    # a local mesh, mesh.local.tls), never a user's own given to Mesh.connect
+    own = getattr(mesh, "options", {}).get("security") is sec and sec is not None
     files = {}
     for attr in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
         value = getattr(sec, attr, None)
-        if isinstance(value, str) and "-----BEGIN" not in value and os.path.isfile(value):
+        if isinstance(value, str) and "-----BEGIN" in value:
+            if own:
+                files[attr] = value
+        elif isinstance(value, str) and os.path.isfile(value):
             files[attr] = os.path.abspath(value)
     return files or None
 

@@ -169,8 +169,21 @@ def visible_gpu(index: int, visible: str | None = None) -> str:
     return ids[index] if index < len(ids) else str(index)
 
 
+def _local_security() -> Any:
+    """TLS for a local mesh: a CA and certificate made for it, held in memory (Dask's
+    ``Security.temporary``), so that only this process and the workers it starts can
+    connect (other users of a shared machine reach its 127.0.0.1 ports too)."""
+    from distributed.security import Security
+
+    return Security.temporary()
+
+
+def _tls_options(security: Any) -> dict[str, Any]:
+    return {} if security is None else {"security": security, "protocol": "tls://"}
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
-                 memory_limit: Any) -> dict[str, Any]:
+                 memory_limit: Any, security: Any = None) -> dict[str, Any]:
     fam = FAMILIES[family]
     env: dict[str, str] = {}
     if family == "gpu":
@@ -190,6 +203,7 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
             "dashboard": False,
             "silence_logs": logging.WARNING,
             "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"])],
+            **_tls_options(security),
         },
     }
 
@@ -300,6 +314,7 @@ class Mesh:
         # the mesh.* config the scheduler and workers read, checked before they start
         host = host or _config.get_host()
         dashboard = _config.dashboard_options(host)
+        security = _local_security() if _config.local_tls() else None
         _profile.check_config()
         if set_current:
             _refuse_if_active(replace)
@@ -349,7 +364,7 @@ class Mesh:
             for i in range(n):
                 workers[_spec_name(family, i)] = _worker_spec(
                     family, i, site, 1 if family in ("gpu", "tpu") else nthreads, host,
-                    memory_limit,
+                    memory_limit, security,
                 )
         scheduler = {
             "cls": Scheduler,
@@ -357,13 +372,14 @@ class Mesh:
                 "host": host,
                 **dashboard,
                 "plugins": [MeshSchedulerPlugin()],
+                **_tls_options(security),
             },
         }
         before = set(SpecCluster._instances)
         try:
             cluster = SpecCluster(
                 workers=workers, scheduler=scheduler, name="jupyter-mesh",
-                silence_logs=logging.WARNING,
+                silence_logs=logging.WARNING, security=security,
             )
         except BaseException:
             # interrupted (Ctrl-C) or failed while starting: what it started goes too
@@ -372,13 +388,13 @@ class Mesh:
                     started.close()
             raise
         try:
-            client = Client(cluster, set_as_default=set_current)
+            client = Client(cluster, set_as_default=set_current, security=security)
         except BaseException:
             cluster.close()
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
                    "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit,
-                   "dashboard": dashboard.get("dashboard", True)}
+                   "dashboard": dashboard.get("dashboard", True), "security": security}
         mesh = cls(client, cluster, site=site, options=options, set_current=False)
         try:
             mesh._wait_for(len(workers))
@@ -618,6 +634,7 @@ class Mesh:
                         fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
                         self.options.get("host", "127.0.0.1"),
                         self.options.get("memory_limit", "auto"),
+                        self.options.get("security"),
                     )
                 i += 1
             self.options[fam] = want

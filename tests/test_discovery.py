@@ -281,9 +281,12 @@ def test_tls_file_paths_travel_with_the_registration(tmp_path):
     finally:
         discovery.unregister(mesh)
     assert not path.exists()
-    # inline PEM is never written to disk; plain tcp needs no security
+    # a user's own PEM held in memory is never written to disk (a local mesh's own
+    # certificate is: tests/test_mesh_local_tls.py); plain tcp needs no security
     mesh.client = SimpleNamespace(security=SimpleNamespace(tls_ca_file="-----BEGIN CERT"))
     assert discovery._security_files(mesh) is None
+    mesh.options = {"security": mesh.client.security}
+    assert discovery._security_files(mesh) == {"tls_ca_file": "-----BEGIN CERT"}
     assert _security_from({"address": "tcp://h:1", "security": reg["security"]}) is None
 
 

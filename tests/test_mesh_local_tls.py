@@ -1,0 +1,70 @@
+"""A local mesh over TLS (``mesh.local.tls``): on a shared machine, other users reach
+its 127.0.0.1 ports too; with a certificate made for the mesh, only its own kernel (and
+the sidebar, through the private registration) can connect."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import pytest
+from distributed import Client
+from distributed.security import Security
+
+import jupyter_mesh as jm
+from jupyter_mesh import MeshError, _config, discovery
+from jupyter_mesh.server.manager import _security_from
+
+from .meshes import fresh_local_mesh
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with dask.config.set({"mesh.local.tls": True}):
+        with fresh_local_mesh(cpu=1) as m:
+            yield m
+
+
+def test_the_mesh_runs_over_tls_and_works(mesh):
+    assert mesh.address.startswith("tls://127.0.0.1:")
+    assert all(d.worker.startswith("tls://127.0.0.1:") for d in mesh.inventory())
+    assert (da.arange(100, chunks=10) * 2).sum().compute() == 9900
+    assert mesh.run_cell("6 * 7", value=True).value == 42
+    # a worker started later gets the mesh's certificate too
+    mesh.scale(cpu=2)
+    assert len(mesh.inventory()) == 2
+    mesh.scale(cpu=1)
+
+
+def test_nobody_else_can_connect(mesh):
+    hostport = mesh.address.split("://")[1]
+    with pytest.raises(MeshError, match="uses TLS: pass security"):
+        jm.Mesh.connect(mesh.address, set_current=False, timeout=3)
+    with pytest.raises(OSError):
+        Client("tcp://" + hostport, timeout=3)
+    # a certificate of another authority is refused as well
+    with pytest.raises(OSError):
+        Client(mesh.address, security=Security.temporary(), timeout=3)
+
+
+def test_the_sidebar_connects_with_the_registration(mesh, tmp_path):
+    path = discovery.register(mesh, tmp_path)
+    try:
+        (reg,) = discovery.read_registrations(tmp_path)
+        assert oct(path.stat().st_mode & 0o777) == "0o600"  # it holds the key
+        security = _security_from(reg)
+        with jm.Mesh.connect(reg["address"], security=security, set_current=False,
+                             timeout=10) as other:
+            assert len(other.inventory()) == 1
+    finally:
+        discovery.unregister(mesh)
+
+
+def test_tls_config(monkeypatch):
+    with dask.config.set({"mesh.local.tls": "auto"}):
+        monkeypatch.delenv("JUPYTERHUB_USER", raising=False)
+        assert _config.local_tls() is False
+        monkeypatch.setenv("JUPYTERHUB_USER", "ada")
+        assert _config.local_tls() is True
+    with dask.config.set({"mesh.local.tls": "yes"}):
+        with pytest.raises(MeshError, match="mesh.local.tls must be true, false or auto"):
+            jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=False)
