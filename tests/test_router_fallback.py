@@ -42,7 +42,8 @@ def compute_losing_jax(mesh, y):
         # the scheduler's event of the same fallback arrives too: it is not shown again
         time.sleep(0.5)
     killer.join()
-    assert len([w for w in shown if issubclass(w.category, MeshFallbackWarning)]) == 1
+    fallbacks = [str(w.message) for w in shown if issubclass(w.category, MeshFallbackWarning)]
+    assert len(fallbacks) == 1, fallbacks
     return got
 
 

@@ -101,8 +101,8 @@ class FallbackNotices:
     def reported(self, plan_id: str, messages: list[str]) -> None:
         """A compute that waited for ``plan_id`` ended, having warned of ``messages``
         itself: their events (arriving now or later) are not shown again."""
-        self.waiting.discard(plan_id)
         self.seen.update((plan_id, m) for m in messages)
+        self.waiting.discard(plan_id)  # after: an event in between is seen already
         while len(self.seen) > self.KEEP:
             self.seen.pop()
 
@@ -349,18 +349,25 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
 
     notices = FallbackNotices.of(mesh)
     notices.track(routed.plan_id)
-    done, cursor = client.sync(register)
-    if isinstance(done, BaseException):
-        raise MeshError(
-            f"the scheduler at {mesh.address} does not route (is jupyter_mesh installed "
-            f"there?): {done}"
-        ) from None
-    watch = progress.FuturesWatch(mesh, plan.assignment(), f"route={plan.route}",
-                                  cursor=None if isinstance(cursor, BaseException) else cursor)
-    futures = client.get(graph, routed.keys, sync=False)
+    # this compute reports its fallbacks itself, from the moment its tasks can run
+    # (submitting a large graph takes a while, and they run meanwhile)
+    notices.waiting.add(routed.plan_id)
+    try:
+        done, cursor = client.sync(register)
+        if isinstance(done, BaseException):
+            raise MeshError(
+                f"the scheduler at {mesh.address} does not route (is jupyter_mesh "
+                f"installed there?): {done}"
+            ) from None
+        watch = progress.FuturesWatch(
+            mesh, plan.assignment(), f"route={plan.route}",
+            cursor=None if isinstance(cursor, BaseException) else cursor)
+        futures = client.get(graph, routed.keys, sync=False)
+    except BaseException:
+        notices.waiting.discard(routed.plan_id)
+        raise
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
-        notices.waiting.add(routed.plan_id)
         _wait(mesh, routed.plan_id, futures, fallback)
         values = client.gather(futures) if gather else futures
     except BaseException:
