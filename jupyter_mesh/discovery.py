@@ -319,11 +319,80 @@ def register(mesh: Mesh, runtime_dir: str | os.PathLike[str] | None = None) -> P
 
 
 def unregister(mesh: Mesh) -> None:
-    """Remove the registration file of ``mesh`` (no error when there is none)."""
+    """Remove the registration file of ``mesh`` (no error when there is none), and the
+    certificate it shared (:func:`share_security`)."""
     with _lock:
         reg = _registrations.pop(id(mesh), None)
+        shared = _shared.pop(id(mesh), None)
     if reg is not None:
         reg.stop()
+    if shared is not None:
+        _unlink(shared)
+
+
+#: id(mesh) -> the file sharing a mesh's own certificate (see share_security)
+_shared: dict[int, Path] = {}
+
+
+def share_security(mesh: Mesh, runtime_dir: str | os.PathLike[str] | None = None
+                   ) -> Path | None:
+    """Let this user's notebooks ``%mesh connect`` to a mesh that runs over TLS with a
+    certificate made for it (``mesh.local.tls``, a mesh the sidebar started): the
+    certificate goes into a file of this user's alone (``tls-*.json``, mode 600), which
+    :func:`security_for` finds by address. Removed when the mesh closes."""
+    files = _security_files(mesh)
+    if not files or not str(mesh.address).startswith("tls://"):
+        return None
+    path = registry_dir(runtime_dir) / f"tls-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+    _write_atomic(path, {"format": FORMAT, "address": mesh.address, "pid": os.getpid(),
+                         "pid_started": process_start_time(os.getpid()),
+                         "security": files})
+    with _lock:
+        _shared[id(mesh)] = path
+    return path
+
+
+def security_for(address: str, runtime_dir: str | os.PathLike[str] | None = None) -> Any:
+    """The ``Security`` to reach the ``tls://`` mesh at ``address`` with, from this
+    user's registrations and shared certificates of live processes; None if none has
+    it."""
+    directory = registry_dir(runtime_dir)
+    if not private(directory):
+        return None
+    try:
+        paths = sorted([*directory.glob("mesh-*.json"), *directory.glob("tls-*.json")])
+    except OSError:
+        return None
+    for path in paths:
+        if not private(path):
+            continue
+        try:
+            data = _checked(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if data["address"] != address or not pid_alive(data.get("pid"),
+                                                       data.get("pid_started")):
+            continue
+        security = security_of(data)
+        if security is not None:
+            return security
+    return None
+
+
+def security_of(reg: dict[str, Any]) -> Any:
+    """The ``Security`` a registration's TLS files (or certificates) give, or None (no
+    files, or not a ``tls://`` address)."""
+    files = reg.get("security")
+    if not files or not str(reg.get("address", "")).startswith("tls://"):
+        return None
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=files.get("tls_ca_file"),
+        tls_client_cert=files.get("tls_client_cert"),
+        tls_client_key=files.get("tls_client_key"),
+        require_encryption=True,
+    )
 
 
 def registration_of(mesh: Mesh) -> Path | None:

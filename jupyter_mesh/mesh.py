@@ -456,6 +456,12 @@ class Mesh:
                                 f"TLS files")
             _check_tls_files(security)
         if address.startswith("tls://") and security is None:
+            # a mesh of this user's over TLS (mesh.local.tls): its certificate is in
+            # this user's private registrations
+            from . import discovery
+
+            security = discovery.security_for(address)
+        if address.startswith("tls://") and security is None:
             raise MeshError(
                 f"{address} uses TLS: pass security=Security(tls_ca_file=..., "
                 f"tls_client_cert=..., tls_client_key=..., require_encryption=True) "

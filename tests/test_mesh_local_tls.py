@@ -35,7 +35,9 @@ def test_the_mesh_runs_over_tls_and_works(mesh):
     mesh.scale(cpu=1)
 
 
-def test_nobody_else_can_connect(mesh):
+def test_nobody_else_can_connect(mesh, tmp_path, monkeypatch):
+    # another user: not this user's registrations (those hold the certificate)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     hostport = mesh.address.split("://")[1]
     with pytest.raises(MeshError, match="uses TLS: pass security"):
         jm.Mesh.connect(mesh.address, set_current=False, timeout=3)
@@ -68,3 +70,38 @@ def test_tls_config(monkeypatch):
     with dask.config.set({"mesh.local.tls": "yes"}):
         with pytest.raises(MeshError, match="mesh.local.tls must be true, false or auto"):
             jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=False)
+
+
+def test_a_notebook_connects_by_address_to_its_users_tls_mesh(mesh, tmp_path, monkeypatch):
+    # as %mesh connect ADDRESS does (the sidebar's snippet): the certificate comes from
+    # this user's private registrations, found by address
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    with pytest.raises(MeshError, match="uses TLS: pass security"):
+        jm.Mesh.connect(mesh.address, set_current=False, timeout=3)
+    path = discovery.share_security(mesh)
+    assert path is not None and oct(path.stat().st_mode & 0o777) == "0o600"
+    try:
+        with jm.Mesh.connect(mesh.address, set_current=False, timeout=10) as other:
+            assert len(other.inventory()) == 1
+    finally:
+        discovery.unregister(mesh)
+    assert not path.exists()
+
+
+def test_the_sidebar_shares_the_certificate_of_a_tls_mesh_it_starts(tmp_path):
+    import asyncio
+
+    from jupyter_mesh.server.manager import MeshManager
+
+    async def go():
+        with dask.config.set({"mesh.local.tls": True}):
+            async with MeshManager(tmp_path) as manager:
+                started = await manager.start({"cpu": 1, "gpu": 0, "tpu": 0})
+                assert started["address"].startswith("tls://")
+                security = discovery.security_for(started["address"], tmp_path)
+                assert security is not None
+                await manager.stop(started["id"])
+                # stopped: its certificate is gone with it
+                assert discovery.security_for(started["address"], tmp_path) is None
+
+    asyncio.run(go())

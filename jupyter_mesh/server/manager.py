@@ -344,6 +344,12 @@ class MeshManager:
             dashboard=mesh.dashboard_link,
         )
         self._entries[entry.id] = entry
+        try:
+            # a mesh over TLS (mesh.local.tls): this user's notebooks can connect to it
+            discovery.share_security(mesh, self.runtime_dir)
+        except OSError:
+            logger.warning("jupyter_mesh: %s cannot be connected to from notebooks: its "
+                           "certificate could not be shared", entry.name, exc_info=True)
         await self._sample(entry, force=True)
         return self.detail(entry)
 
@@ -702,17 +708,7 @@ def _kernel_name(reg: dict[str, Any], path: str | None) -> str:
 
 
 def _security_from(reg: dict[str, Any]) -> Any:
-    files = reg.get("security")
-    if not files or not reg.get("address", "").startswith("tls://"):
-        return None
-    from distributed.security import Security
-
-    return Security(
-        tls_ca_file=files.get("tls_ca_file"),
-        tls_client_cert=files.get("tls_client_cert"),
-        tls_client_key=files.get("tls_client_key"),
-        require_encryption=True,
-    )
+    return discovery.security_of(reg)
 
 
 def _close_quietly(mesh: Mesh | None) -> None:
