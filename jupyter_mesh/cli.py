@@ -168,11 +168,20 @@ def listen_host(address: str, host: str | None) -> str:
     scheduler_host = get_address_host(address)
     if _loopback(scheduler_host):
         return "127.0.0.1" if ":" not in scheduler_host else "::1"
+    import warnings
+
     try:
-        return get_ip(scheduler_host)
-    except Exception as exc:
-        raise MeshError(f"cannot find the interface that reaches {scheduler_host} "
-                        f"({exc}): give --host ADDRESS") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dask warns, then guesses 127.0.0.1
+            found = get_ip(scheduler_host)
+    except Exception:
+        found = None
+    if not found or _loopback(found):
+        # no route to it from here: a worker on loopback would never be reached
+        raise MeshError(f"cannot find the interface of this machine that reaches "
+                        f"{scheduler_host}: give --host ADDRESS (this machine's address "
+                        f"that the scheduler can reach)")
+    return found
 
 
 def _loopback(host: str) -> bool:

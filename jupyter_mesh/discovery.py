@@ -370,8 +370,11 @@ def security_for(address: str, runtime_dir: str | os.PathLike[str] | None = None
             data = _checked(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-        if data["address"] != address or not pid_alive(data.get("pid"),
-                                                       data.get("pid_started")):
+        if not pid_alive(data.get("pid"), data.get("pid_started")):
+            if path.name.startswith("tls-"):
+                _unlink(path)  # a certificate left by a process that died: gone with it
+            continue
+        if data["address"] != address:
             continue
         security = security_of(data)
         if security is not None:

@@ -175,7 +175,11 @@ def _local_security() -> Any:
     connect (other users of a shared machine reach its 127.0.0.1 ports too)."""
     from distributed.security import Security
 
-    return Security.temporary()
+    try:
+        return Security.temporary()
+    except ImportError as exc:  # Dask makes the certificate with `cryptography`
+        raise MeshError(f"mesh.local.tls needs the cryptography package ({exc}): pip "
+                        f"install cryptography, or set mesh.local.tls: false") from None
 
 
 def _tls_options(security: Any) -> dict[str, Any]:

@@ -189,11 +189,17 @@ def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkey
 
 
 def test_a_worker_listens_where_it_reaches_the_scheduler():
+    from jupyter_mesh import MeshError
     from jupyter_mesh.cli import listen_host
 
     assert listen_host("tcp://127.0.0.1:8786", None) == "127.0.0.1"
     assert listen_host("tls://localhost:8786", None) == "127.0.0.1"
-    # another machine: the one interface that reaches it, never every interface
-    remote = listen_host("tcp://192.0.2.7:8786", None)
-    assert remote not in ("", "0.0.0.0", "::") and remote.count(".") == 3
+    # another machine: the one interface that reaches it, never every interface nor
+    # loopback (where that machine could not reach the worker); no route: say so
+    try:
+        remote = listen_host("tcp://192.0.2.7:8786", None)
+    except MeshError as exc:
+        assert "give --host ADDRESS" in str(exc)
+    else:
+        assert remote not in ("", "0.0.0.0", "::", "127.0.0.1") and remote.count(".") == 3
     assert listen_host("tcp://192.0.2.7:8786", "0.0.0.0") == "0.0.0.0"  # asked for

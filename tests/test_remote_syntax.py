@@ -145,7 +145,7 @@ def test_background_commands(fresh):
 
 
 def test_the_shell_survives_the_cells_own_get_ipython(fresh, capsys):
-    fresh.run_cell("from IPython import get_ipython\n!echo one")
+    fresh.run_cell("from IPython import get_ipython\nip = get_ipython()\n!echo one")
     fresh.run_cell("del get_ipython\n!echo two")
     out = capsys.readouterr().out
     assert "one" in out and "two" in out
@@ -223,3 +223,28 @@ def test_the_last_expression_of_an_awaiting_cell_runs_in_its_loop(fresh):
                        "asyncio.get_event_loop() is asyncio.get_running_loop())",
                        value=True)
     assert r.value == (True, True)
+
+
+def test_interrupt_stops_a_command_that_writes_elsewhere(fresh, tmp_path):
+    # `cmd > log` lets go of the terminal at once: Ctrl-C must still stop it
+    log = tmp_path / "log"
+    timer = threading.Timer(0.8, _thread.interrupt_main)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell(f"!sleep 30 > {log} 2>&1")
+    timer.join()
+    assert time.monotonic() - started < 10
+    assert fresh.run_cell("1 + 1", value=True).value == 2
+
+
+def test_interrupt_of_a_coroutine_that_never_yields(fresh):
+    timer = threading.Timer(0.6, _thread.interrupt_main)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("import asyncio\nn = 0\nawait asyncio.sleep(0)\n"
+                       "while True:\n    n += 1")
+    timer.join()
+    assert time.monotonic() - started < 10
+    assert fresh.run_cell("await asyncio.sleep(0)\n5", value=True).value == 5

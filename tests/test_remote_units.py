@@ -222,3 +222,36 @@ def test_a_cell_the_worker_did_not_finish_is_one_line(status, why):
     # when the user interrupted, it is the interrupt that is said
     with pytest.raises(KeyboardInterrupt):
         cells._collect([run], interrupted=True, timeout=None)
+
+
+def test_a_namespaces_event_loop_is_kept_whichever_thread_runs_its_cells():
+    import asyncio
+
+    ns = {}
+
+    def cell(code):
+        body, last, _ = _runner.split_cell(code, "<loop test>")
+        box = {}
+
+        def go():
+            in_loop = _runner.awaits(body, last)
+            _runner.run_code(body, ns, in_loop)
+            box["value"] = _runner.run_code(last, ns, in_loop) if last else None
+
+        t = threading.Thread(target=go)  # a fresh thread for each cell
+        t.start()
+        t.join(10)
+        return box.get("value")
+
+    try:
+        cell("import asyncio\nq = asyncio.Queue()\nawait q.put(7)\n"
+             "async def forever():\n    await asyncio.sleep(3600)\n"
+             "t = asyncio.get_running_loop().create_task(forever())")
+        assert cell("await q.get()") == 7  # the queue's loop, in another thread
+        task = ns["t"]
+        assert not task.done()
+    finally:
+        # %mesh reset-remote: the loop's tasks are cancelled and the loop closed
+        _runner.forget_loop(ns)
+    assert task.cancelled() and task.get_loop().is_closed()
+    assert isinstance(task.get_loop(), asyncio.AbstractEventLoop)

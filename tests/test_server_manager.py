@@ -364,3 +364,8 @@ async def _worker_budget(tmp_path, monkeypatch):
         assert await manager.scale("local-x", {"cpu": 8}) == {"id": "local-x"}
         with pytest.raises(Conflict, match="would have 9"):
             await manager.scale("local-x", {"jax_cpu": 1})
+        # over the budget (another mesh started with "auto" GPUs, say): scaling down
+        # is still allowed
+        manager._starting = 3
+        assert await manager.scale("local-x", {"cpu": 7}) == {"id": "local-x"}
+        manager._starting = 0

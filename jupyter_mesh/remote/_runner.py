@@ -62,60 +62,105 @@ def awaits(*codes: Any) -> bool:
 
 def run_code(code: Any, ns: dict[str, Any], in_loop: bool = False) -> Any:
     """Run a code object from :func:`split_cell`. One with top-level ``await`` runs to
-    the end as a task of this thread's event loop; with ``in_loop`` (another part of
+    the end as a task of the namespace's event loop; with ``in_loop`` (another part of
     the cell awaits) plain code runs inside that loop too, as in IPython, so that
     ``asyncio.current_task()`` and the like answer there."""
     if code.co_flags & inspect.CO_COROUTINE:
-        return _in_cell_loop(eval(code, ns))
+        return _in_cell_loop(eval(code, ns), ns)
     if in_loop:
         async def inside() -> Any:
             return eval(code, ns)
 
-        return _in_cell_loop(inside())
+        return _in_cell_loop(inside(), ns)
     return eval(code, ns)
 
 
-def _in_cell_loop(coro: Any) -> Any:
-    loop = _cell_loop()
-    beat: list[asyncio.TimerHandle] = []
+#: id(namespace) -> its event loop (see _cell_loop)
+_loops: dict[int, asyncio.AbstractEventLoop] = {}
+#: cell thread -> (loop, the cell's task) while a cell awaits (a stop cancels the task)
+_awaiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
+_loops_lock = threading.Lock()
 
-    def heartbeat() -> None:
-        # the loop wakes every 0.1 s, so that a stop raised in this thread is seen
-        # while the cell awaits (the loop's own wait is outside Python)
-        beat[:] = [loop.call_later(0.1, heartbeat)]
 
-    heartbeat()
+def _in_cell_loop(coro: Any, ns: dict[str, Any]) -> Any:
+    loop = _cell_loop(ns)
     task = loop.create_task(coro)
+    me = threading.get_ident()
+    _awaiting[me] = (loop, task)
     try:
         return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        if task.cancelled():  # cancelled by a stop (see stop_awaiting)
+            raise KeyboardInterrupt from None
+        raise
     except BaseException:
         if not loop.is_running() and not task.done():
-            # as asyncio.run on Ctrl-C, the cell's own task is cancelled (it does not
-            # go on in a later cell); tasks earlier cells started keep running
+            # interrupted outside the task (in the loop itself): the cell's own task
+            # is cancelled, as asyncio.run does on Ctrl-C (it does not go on later)
             task.cancel()
             try:
                 loop.run_until_complete(asyncio.wait([task], timeout=5))
             except BaseException:  # it cannot be settled: a fresh loop next time
-                loop.close()
-                _loops.loop = None
+                forget_loop(ns)
         raise
     finally:
-        for handle in beat:
-            handle.cancel()
+        _awaiting.pop(me, None)
+        with _loops_lock:
+            orphaned = _loops.get(id(ns)) is not loop
+        if orphaned:  # the namespace was dropped while the cell ran
+            _shut(loop)
 
 
-_loops = threading.local()
+def stop_awaiting(thread_id: int) -> bool:
+    """Stop the cell of ``thread_id`` if it awaits in its loop: its task is cancelled
+    (a KeyboardInterrupt raised in the thread could land in another task of an
+    earlier cell instead). Returns whether it was awaiting."""
+    entry = _awaiting.get(thread_id)
+    if entry is None:
+        return False
+    loop, task = entry
+    try:
+        loop.call_soon_threadsafe(task.cancel)
+    except RuntimeError:  # the loop just closed: the cell has ended
+        return False
+    return True
 
 
-def _cell_loop() -> asyncio.AbstractEventLoop:
-    """The event loop of this cell thread: kept between its cells (tasks and objects
-    made in one cell, like an async client, belong to it), never the worker's own
-    loop; it is the thread's current loop, so ``asyncio.get_event_loop()`` finds it."""
-    loop = getattr(_loops, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = _loops.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
+def _cell_loop(ns: dict[str, Any]) -> asyncio.AbstractEventLoop:
+    """The event loop of a notebook's namespace on this worker: kept between its cells
+    (tasks and objects made in one cell, like an async client, belong to it) whichever
+    thread runs them, never the worker's own loop; it is the thread's current loop, so
+    ``asyncio.get_event_loop()`` finds it."""
+    with _loops_lock:
+        loop = _loops.get(id(ns))
+        if loop is None or loop.is_closed():
+            loop = _loops[id(ns)] = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     return loop
+
+
+def forget_loop(ns: dict[str, Any]) -> None:
+    """A namespace is dropped (``%mesh reset-remote``, the worker closing): its loop's
+    tasks are cancelled and the loop closed (by the cell running in it, if one is)."""
+    with _loops_lock:
+        loop = _loops.pop(id(ns), None)
+    if loop is not None and not loop.is_running():
+        _shut(loop)
+
+
+def _shut(loop: asyncio.AbstractEventLoop) -> None:
+    if loop.is_closed():
+        return
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=2))
+    except BaseException:
+        pass
+    finally:
+        loop.close()
 
 
 def ends_quiet(code: str) -> bool:
@@ -419,8 +464,22 @@ class CellRun:
             if self._state != "running" or self._thread_id is None:
                 return False
             self._state, self.stop_reason = "stopping", reason
-            _async_raise(self._thread_id, KeyboardInterrupt)
+            entry = _awaiting.get(self._thread_id)
+            if entry is not None and stop_awaiting(self._thread_id):
+                # a coroutine that does not yield to its loop (a CPU loop) is stopped
+                # as any other code, a moment later
+                timer = threading.Timer(1.0, self._raise_if_stuck, (entry,))
+                timer.daemon = True
+                timer.start()
+            else:
+                _async_raise(self._thread_id, KeyboardInterrupt)
             return True
+
+    def _raise_if_stuck(self, entry: Any) -> None:
+        with self._lock:
+            if (self._state == "stopping" and self._thread_id is not None
+                    and _awaiting.get(self._thread_id) is entry):
+                _async_raise(self._thread_id, KeyboardInterrupt)
 
     # ------------------------------------------------------------ in the thread
     def _main(self) -> None:

@@ -27,6 +27,8 @@ from typing import Any
 
 #: the name transformed lines call for the shell (kept apart from ``get_ipython``)
 SHELL_NAME = "__mesh_shell__"
+#: the shell methods IPython's input transformer writes calls of
+_GENERATED = ("system", "getoutput", "run_line_magic", "run_cell_magic")
 
 
 class RemoteMagicError(Exception):
@@ -43,10 +45,14 @@ def to_python(code: str) -> str:
         out = TransformerManager().transform_cell(code)
     except Exception:  # IPython could not read it: Python's compile says why
         return code
-    if out == code or "get_ipython()" in code:
+    if out == code:
         return out
-    # the lines IPython made call the remote shell by a name of its own
-    out = out.replace("get_ipython().", f"{SHELL_NAME}().")
+    # the calls IPython made (none of which the cell wrote itself) call the remote
+    # shell by a name of its own, which the cell's `from IPython import get_ipython`
+    # cannot shadow
+    for call in _GENERATED:
+        if f"get_ipython().{call}(" not in code:
+            out = out.replace(f"get_ipython().{call}(", f"{SHELL_NAME}().{call}(")
     if ends_quiet(code) and not ends_quiet(out):
         out = out.rstrip("\n") + ";\n"  # `%time 6*7;` hides its value, as in IPython
     return out
@@ -124,6 +130,11 @@ def _run(cmd: str, out: Any, tty: bool) -> int:
             except OSError:  # a pseudo-terminal whose last writer closed it
                 chunk = b""
             if not chunk:
+                # the output closed (all of it sent, or the command writes elsewhere:
+                # `cmd > log`): wait for the command in short steps, so a stop is seen
+                sel.unregister(fd)
+                while proc.poll() is None:
+                    time.sleep(0.1)
                 break
             pending += chunk
             text, pending = _decodable(pending)

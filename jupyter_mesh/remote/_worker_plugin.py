@@ -19,6 +19,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from . import _streams
 from ._runner import (
     CellRun,
+    forget_loop,
     remote_clear_output,
     remote_display,
     remote_update_display,
@@ -179,6 +180,7 @@ class RemoteCellsPlugin(WorkerPlugin):
         for session in self.sessions.values():
             if session.running is not None:
                 session.running.stop("worker-closing")
+            forget_loop(session.namespace)
         self.sessions.clear()
         for op in (RUN, INTERRUPT, RESET):
             worker.handlers.pop(op, None)
@@ -275,6 +277,7 @@ class RemoteCellsPlugin(WorkerPlugin):
             return {"existed": False, "names": 0}
         if state.running is not None and not state.running.done:
             state.running.stop("reset")
+        forget_loop(state.namespace)  # and the tasks its cells left running
         names = sum(1 for k in state.namespace if not k.startswith("__"))
         return {"existed": True, "names": names}
 

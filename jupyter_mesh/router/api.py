@@ -106,6 +106,12 @@ class FallbackNotices:
         while len(self.seen) > self.KEEP:
             self.seen.pop()
 
+    def forget(self, plan_id: str) -> None:
+        """A compute of ``plan_id`` failed or was stopped, saying so itself: no event
+        of it is shown (its plan's "cannot finish" may arrive after the error)."""
+        self.plans.pop(plan_id, None)
+        self.waiting.discard(plan_id)
+
     def handle(self, event: Any) -> None:
         """A Dask event handler (the client's event loop): ``(timestamp, msg)``."""
         try:
@@ -364,7 +370,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
             cursor=None if isinstance(cursor, BaseException) else cursor)
         futures = client.get(graph, routed.keys, sync=False)
     except BaseException:
-        notices.waiting.discard(routed.plan_id)
+        notices.forget(routed.plan_id)
         raise
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
@@ -378,7 +384,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         for future in futures_of(futures):
             future.release()
         watch.stopped(aborted=True)
-        notices.waiting.discard(routed.plan_id)
+        # the error (or Ctrl-C) says it all: no later warning for this computation
+        notices.forget(routed.plan_id)
         raise
     wall = time.perf_counter() - t0
     watch.stopped()

@@ -147,9 +147,11 @@ class CupyBackend(Backend):
     def holds(self, x: Any) -> bool:
         """CuPy has booleans and numbers only (no object, string, datetime or
         structured dtypes) and no extended precision (``longdouble``)."""
+        import numpy
+
         dtype = getattr(x, "dtype", None)
-        if dtype is None or self.is_device_array(x):
-            return True
+        if not isinstance(dtype, numpy.dtype) or self.is_device_array(x):
+            return True  # not a NumPy-like array: its own conversion decides
         return dtype.kind in "biufc" and dtype.itemsize <= (16 if dtype.kind == "c" else 8)
 
     def to_device(self, x: Any) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 import tornado.web
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
-from jupyter_server.utils import url_path_join
+from jupyter_server.utils import ensure_async, url_path_join
 
 from .._version import __version__
 from .manager import ManagerError, MeshManager
@@ -119,7 +119,9 @@ class ConnectHandler(MeshAPIHandler):
         # a scheduler this server connects to sends it data that Dask unpickles in the
         # server's process: as much as running code there, so it takes the permission
         # to execute kernels too (for a policy that grants jupyter_mesh but not kernels)
-        if not self.authorizer.is_authorized(self, self.current_user, "execute", "kernels"):
+        allowed = await ensure_async(
+            self.authorizer.is_authorized(self, self.current_user, "execute", "kernels"))
+        if not allowed:
             raise tornado.web.HTTPError(
                 403, "connecting the server to a scheduler needs the permission to execute "
                      "kernels: connect from a notebook with %mesh connect ADDRESS")

@@ -402,10 +402,13 @@ class MeshManager:
         if entry.busy:
             raise Conflict(f"{entry.name} is busy with another change: try again in a moment")
         spec = getattr(getattr(entry.mesh, "cluster", None), "worker_spec", {}) or {}
-        after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
-        after.update(counts)
-        self._check_budget(sum(after.values()), leaving_out=entry)
+        now = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
+        after = {**now, **counts}
+        growth = max(0, sum(after.values()) - sum(now.values()))
+        if growth:  # scaling down is always allowed
+            self._check_budget(growth)
         entry.busy = True
+        self._starting += growth  # reserved while it scales (another start counts it)
         try:
             await asyncio.to_thread(entry.mesh.scale, **counts)
         except MeshError as exc:
@@ -416,6 +419,7 @@ class MeshManager:
                          f"log") from None
         finally:
             entry.busy = False
+            self._starting -= growth
         await self._sample(entry, force=True)
         return self.detail(entry)
 
