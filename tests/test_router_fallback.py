@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jupyter_mesh import MeshError
-from jupyter_mesh.router.api import MeshFallbackWarning
+from jupyter_mesh.router.api import FallbackNotices, MeshFallbackWarning
 
 from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
 
@@ -40,7 +40,11 @@ def compute_losing_jax(mesh, y):
         killer.start()
         (got,) = mesh.compute(y, route="cpu:jax")
         # the scheduler's event of the same fallback arrives too: it is not shown again
-        time.sleep(0.5)
+        notices = FallbackNotices.of(mesh)
+        deadline = time.monotonic() + 10
+        while notices.received < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert notices.received >= 1
     killer.join()
     fallbacks = [str(w.message) for w in shown if issubclass(w.category, MeshFallbackWarning)]
     assert len(fallbacks) == 1, fallbacks

@@ -78,6 +78,7 @@ class FallbackNotices:
         #: plans a compute waits for now (it reports their fallbacks itself)
         self.waiting: set[str] = set()
         self.seen: set[tuple[str, str]] = set()
+        self.received = 0
         #: what was announced: dicts with ``plan``, ``message``, ``failed``, ``time``
         self.events: list[dict[str, Any]] = []
         self._client: Any = None
@@ -119,7 +120,10 @@ class FallbackNotices:
             plan, message = msg["plan"], str(msg["message"])
         except (TypeError, ValueError, KeyError):
             return
-        if plan not in self.plans or plan in self.waiting or (plan, message) in self.seen:
+        if plan not in self.plans:
+            return
+        self.received += 1  # this mesh's, shown or not (tests wait for it)
+        if plan in self.waiting or (plan, message) in self.seen:
             return
         failed = bool(msg.get("failed"))
         self.events.append({"plan": plan, "message": message, "failed": failed,
