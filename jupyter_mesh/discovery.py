@@ -374,12 +374,17 @@ def security_for(address: str, runtime_dir: str | os.PathLike[str] | None = None
             if path.name.startswith("tls-"):
                 _unlink(path)  # a certificate left by a process that died: gone with it
             continue
-        if data["address"] != address:
+        if _same_place(data["address"]) != _same_place(address):
             continue
         security = security_of(data)
         if security is not None:
             return security
     return None
+
+
+def _same_place(address: str) -> str:
+    """An address with ``localhost`` written as 127.0.0.1 (both name this machine)."""
+    return address.replace("://localhost:", "://127.0.0.1:")
 
 
 def security_of(reg: dict[str, Any]) -> Any:

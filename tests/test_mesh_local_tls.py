@@ -83,6 +83,9 @@ def test_a_notebook_connects_by_address_to_its_users_tls_mesh(mesh, tmp_path, mo
     try:
         with jm.Mesh.connect(mesh.address, set_current=False, timeout=10) as other:
             assert len(other.inventory()) == 1
+        # localhost is this machine too
+        by_name = mesh.address.replace("127.0.0.1", "localhost")
+        assert discovery.security_for(by_name) is not None
     finally:
         discovery.unregister(mesh)
     assert not path.exists()
