@@ -52,6 +52,7 @@ test: venv chromium lint
 bench: venv
 	$(PY) -m benchmarks.router --update
 	$(PY) benchmarks/remote_cells.py --update
+	$(PY) benchmarks/tls.py --update
 
 lint: venv
 	$(VENV)/bin/ruff check .

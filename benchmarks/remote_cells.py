@@ -33,6 +33,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+try:  # run as `python -m benchmarks.NAME` or as a script
+    from .sections import replace_section
+except ImportError:
+    from sections import replace_section  # type: ignore[no-redef]
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "RESULTS.md")
 BEGIN = "<!-- remote-cells:begin (written by benchmarks/remote_cells.py) -->"
@@ -359,17 +364,7 @@ def _version(module: str) -> str:
 
 
 def update_results(section: str) -> None:
-    """Replace only this benchmark's section of RESULTS.md (other sections are others')."""
-    text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail.lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    replace_section(BEGIN, END, section)
 
 
 def main() -> None:
