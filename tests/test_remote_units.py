@@ -255,3 +255,17 @@ def test_a_namespaces_event_loop_is_kept_whichever_thread_runs_its_cells():
         _runner.forget_loop(ns)
     assert task.cancelled() and task.get_loop().is_closed()
     assert isinstance(task.get_loop(), asyncio.AbstractEventLoop)
+
+
+def test_a_cell_that_cancels_itself_is_not_taken_for_a_stop():
+    import asyncio
+
+    ns = {}
+    body, last, _ = _runner.split_cell(
+        "import asyncio\nasyncio.current_task().cancel()\nawait asyncio.sleep(1)",
+        "<cancel test>")
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            _runner.run_code(body, ns, True)
+    finally:
+        _runner.forget_loop(ns)

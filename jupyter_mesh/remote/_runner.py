@@ -80,6 +80,8 @@ _loops: dict[int, asyncio.AbstractEventLoop] = {}
 #: cell thread -> (loop, the cell's task) while a cell awaits (a stop cancels the task)
 _awaiting: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]] = {}
 _loops_lock = threading.Lock()
+#: the cells' tasks a stop cancelled (their CancelledError is the stop's KeyboardInterrupt)
+_stopped: set[asyncio.Task[Any]] = set()
 
 
 def _in_cell_loop(coro: Any, ns: dict[str, Any]) -> Any:
@@ -90,7 +92,7 @@ def _in_cell_loop(coro: Any, ns: dict[str, Any]) -> Any:
     try:
         return loop.run_until_complete(task)
     except asyncio.CancelledError:
-        if task.cancelled():  # cancelled by a stop (see stop_awaiting)
+        if task in _stopped:  # cancelled by a stop (see stop_awaiting)
             raise KeyboardInterrupt from None
         raise
     except BaseException:
@@ -105,6 +107,7 @@ def _in_cell_loop(coro: Any, ns: dict[str, Any]) -> Any:
         raise
     finally:
         _awaiting.pop(me, None)
+        _stopped.discard(task)
         with _loops_lock:
             orphaned = _loops.get(id(ns)) is not loop
         if orphaned:  # the namespace was dropped while the cell ran
@@ -119,6 +122,7 @@ def stop_awaiting(thread_id: int) -> bool:
     if entry is None:
         return False
     loop, task = entry
+    _stopped.add(task)
     try:
         loop.call_soon_threadsafe(task.cancel)
     except RuntimeError:  # the loop just closed: the cell has ended
