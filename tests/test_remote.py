@@ -98,9 +98,13 @@ def test_rich_display_comes_back(fresh, monkeypatch):
     assert [d.get("text/html") for d in shown[1:]] == ["<b>ipython</b>", "<u>h</u>"]
 
 
-def test_output_streams_while_the_cell_runs(fresh, monkeypatch):
+@pytest.mark.parametrize("cell", [
+    "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')",
+    "!echo first; sleep 3; echo second",  # a shell command's output streams too
+])
+def test_output_streams_while_the_cell_runs(fresh, monkeypatch, cell):
     arrivals = record_remote_output(monkeypatch)
-    fresh.run_cell("import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')")
+    fresh.run_cell(cell)
     ended = time.monotonic()
     # the line may come in pieces ('first', then its newline): when it was whole
     whole, text = when_whole(arrivals, "first\n")
