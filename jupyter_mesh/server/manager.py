@@ -290,21 +290,21 @@ class MeshManager:
         return self.detail(entry)
 
     # ------------------------------------------------------------------ actions
-    def _local_workers(self, leaving_out: Entry | None = None) -> int:
+    def _local_workers(self) -> int:
         """Worker processes of the meshes this server started (and is starting)."""
         total = self._starting
         for entry in self._entries.values():
-            if entry is leaving_out or not entry.can_scale or entry.mesh is None:
+            if not entry.can_scale or entry.mesh is None:
                 continue
             cluster = getattr(entry.mesh, "cluster", None)
             total += len(getattr(cluster, "worker_spec", ()) or ())
         return total
 
-    def _check_budget(self, adding: int, leaving_out: Entry | None = None) -> None:
+    def _check_budget(self, adding: int) -> None:
         """Conflict where the sidebar's meshes together would run more than four worker
         processes per core (one user must not exhaust a shared machine)."""
         top = most_local()
-        running = self._local_workers(leaving_out)
+        running = self._local_workers()
         if running + adding > top:
             raise Conflict(f"the meshes started here would have {running + adding} worker "
                            f"processes, more than {top} (four per core): stop or scale "
