@@ -407,8 +407,12 @@ class Mesh:
             raise
         if set_current:
             # only now that the new mesh is up: a failure above loses nothing
-            _close_active()
-            mesh._make_current()
+            try:
+                _close_active()
+            finally:
+                # even after Ctrl-C while the old one closed: the new mesh runs, and
+                # nothing may run that %mesh and jm.current() cannot reach
+                mesh._make_current()
         # Dask's own logs stay quiet while the mesh lives (closing a mesh it replaced
         # would otherwise turn them back on, SpecCluster's silence being undone)
         from distributed.utils import silence_logging_cmgr
@@ -498,7 +502,11 @@ class Mesh:
         except Exception as exc:
             raise _could_not_connect(address, timeout, exc) from None
         if set_current:
-            _close_active()
+            try:
+                _close_active()
+            except BaseException:
+                client.close()  # e.g. Ctrl-C while the old mesh closed: no stray client
+                raise
         mesh = cls(client, None, site="remote", set_current=set_current)
         if _dashboard_missing(client):
             mesh.options["dashboard"] = False  # no link to a page that is not there

@@ -8,7 +8,7 @@ import dask
 import dask.array as da
 import psutil
 import pytest
-from distributed import Client, get_client
+from distributed import Client, SpecCluster, get_client
 
 import jupyter_mesh as jm
 from jupyter_mesh import MeshError
@@ -316,6 +316,31 @@ def test_a_replacement_that_does_not_come_up_keeps_the_mesh_in_use(no_mesh, monk
         with pytest.raises(MeshError, match="is the current mesh already"):
             jm.Mesh.connect(old.address, replace=True)
         assert jm.current() is old and not old.closed
+
+
+def test_ctrl_c_while_the_replaced_mesh_closes_leaves_the_new_one_current(no_mesh,
+                                                                          monkeypatch):
+    # nothing may keep running that %mesh and jm.current() cannot reach
+    old = jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0)
+    real_close = jm.Mesh.close
+
+    def interrupted(self):
+        real_close(self)
+        if self is old:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jm.Mesh, "close", interrupted)
+    before = set(SpecCluster._instances)
+    with pytest.raises(KeyboardInterrupt):
+        jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, replace=True)
+    monkeypatch.undo()
+    (cluster,) = set(SpecCluster._instances) - before
+    new = jm.current()
+    try:
+        assert new is not old and new.cluster is cluster and old.closed
+        assert da.ones(10, chunks=5).sum().compute() == 10
+    finally:
+        new.close()
 
 
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, "soon", True])
