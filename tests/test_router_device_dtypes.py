@@ -78,4 +78,16 @@ def test_submit_leaves_arrays_the_device_has_no_dtype_for_on_the_host(on_a_gpu_w
     def where(n, v):
         return type(n).__name__, type(v).__name__
 
-    assert _device.SubmitCall(where)(names, values) == ("ndarray", "OnStandIn")
+    assert _device.SubmitCall(where, "cupy")(names, values) == ("ndarray", "OnStandIn")
+
+
+@pytest.mark.parametrize("asked, moved", [(None, False), ("numpy", False), ("cupy", True)])
+def test_submit_moves_arguments_only_to_the_backend_asked_for(on_a_gpu_worker, asked,
+                                                               moved):
+    # mesh.submit(f, a) with no target, or on="cpu", may land on a device worker: f
+    # still gets host NumPy there, so its numbers never depend on where it ran
+    def kind(a):
+        return type(a).__name__
+
+    assert _device.SubmitCall(kind, asked)(np.arange(3.0)) == (
+        "OnStandIn" if moved else "ndarray")

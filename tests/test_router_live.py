@@ -124,6 +124,12 @@ def numpy_semantics_cases():
         "datetime max": da.from_array(np.arange("2020-01-01", "2020-01-09",
                                                 dtype="datetime64[D]"), chunks=4).max(),
         "np.sum of a list, delayed": dask.delayed(np.sum)([1, 2, 3]),
+        # a Python int beyond int64: NumPy takes it, JAX would overflow
+        "x + 2**63": x + 2**63,
+        "float32 * 2**70": x.astype("float32") * 2**70,
+        # NumPy's transpose and squeeze of a reduction's scalar give a scalar
+        "transpose of a sum": x.sum().T,
+        "squeeze of a max": da.squeeze(x.astype("float32").max()),
     }
 
 
@@ -131,7 +137,9 @@ def numpy_semantics_cases():
 def test_the_jax_path_gives_what_numpy_gives(mesh, route):
     # placement never decides correctness: same values, dtypes and types of result
     cases = numpy_semantics_cases()
-    expected = dict(zip(cases, dask.compute(*cases.values(), scheduler="sync"), strict=True))
+    # one at a time: Dask 2026.8's dask.compute(array, delayed, array) gives the
+    # delayed's result last, out of order
+    expected = {k: dask.compute(v, scheduler="sync")[0] for k, v in cases.items()}
     got = dict(zip(cases, mesh.compute(*cases.values(), route=route), strict=True))
     for name, want in expected.items():
         g = got[name]
@@ -384,6 +392,22 @@ def test_submit_moves_arrays_to_the_workers_backend(mesh):
     got_a, _, _ = mesh.submit(kinds, a, {"b": b}, scale=2.0, on="cpu:jax",
                               convert=False).result()
     assert got_a == "numpy"
+
+
+def _first_set(a):
+    a = a.copy()  # in place: NumPy allows it, JAX's immutable arrays do not
+    a[0] = 99.0
+    return a, type(a).__module__.split(".")[0]
+
+
+@pytest.mark.parametrize("on", [None, "cpu"])
+def test_submit_without_a_backend_gives_numpy_on_every_worker(mesh, on):
+    # no target, or a kind alone: the function's numbers must not depend on which
+    # worker ran it (this mesh has NumPy and JAX-driven CPU workers)
+    got = [mesh.submit(_first_set, np.zeros(4) + i, on=on) for i in range(6)]
+    for i, future in enumerate(got):
+        out, module = future.result()
+        assert module == "numpy" and out.tolist() == [99.0] + [float(i)] * 3
 
 
 def test_submit_reductions_come_back_as_numpy_gives_them(mesh):

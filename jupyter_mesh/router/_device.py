@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 from distributed.worker import thread_state
 
 from .backends import get_backend, to_host_any
@@ -93,6 +94,10 @@ class DeviceCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
+        raw_args, raw_kwargs = args, kwargs
+        # NumPy would have a scalar here (a reduction's result kept on the device)
+        scalar_in = bool(args) and (isinstance(args[0], np.generic) or (
+            type(args[0]) is OnDevice and args[0].scalar))
         args = _map(_unwrap, args)
         kwargs = {k: _map(_unwrap, v) for k, v in kwargs.items()}
         name = worker_backend()
@@ -116,21 +121,25 @@ class DeviceCall:
             else:
                 func = self.func
         if used == "numpy":
-            args = _map(to_host_any, args)
-            kwargs = {k: _map(to_host_any, v) for k, v in kwargs.items()}
+            args = _map(_host_arg, raw_args)
+            kwargs = {k: _map(_host_arg, v) for k, v in raw_kwargs.items()}
         out = func(*args, **kwargs)
-        if self.to_host and used != "numpy":
-            out = _map(get_backend(used).to_host, out)
+        scalar = False
+        if used != "numpy":
             from .jax_ops import gives_scalar
 
             # JAX's and CuPy's reductions give 0-d arrays where NumPy's give scalars
-            if gives_scalar(self.func):
+            scalar = gives_scalar(self.func, scalar_in)
+        if self.to_host and used != "numpy":
+            out = _map(get_backend(used).to_host, out)
+            if scalar:
                 out = _map(_scalar, out)
         elif used != "numpy":
             if used == "jax":
                 out = _block(out)
             backend = get_backend(used)
-            out = _map(lambda x: OnDevice(x, used) if backend.is_device_array(x) else x, out)
+            out = _map(lambda x: OnDevice(x, used, scalar and getattr(x, "ndim", 1) == 0)
+                       if backend.is_device_array(x) else x, out)
         key = self.key
         if key is None:
             key = getattr(thread_state, "key", None)
@@ -151,14 +160,20 @@ class OnDevice:
     where JAX's 64-bit mode is off (as it is on a NumPy worker). So placement, even a
     fallback's, never decides correctness."""
 
-    __slots__ = ("array", "backend")
+    __slots__ = ("array", "backend", "scalar")
 
-    def __init__(self, array: Any, backend: str) -> None:
+    def __init__(self, array: Any, backend: str, scalar: bool = False) -> None:
         self.array = array
         self.backend = backend
+        #: a 0-d array where NumPy's function gives a scalar: on the host, it is one
+        self.scalar = scalar
+
+    def host(self) -> Any:
+        out = get_backend(self.backend).to_host(self.array)
+        return _scalar(out) if self.scalar else out
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return get_backend(self.backend).to_host(self.array).__reduce_ex__(protocol)
+        return self.host().__reduce_ex__(protocol)
 
     def __sizeof__(self) -> int:
         return int(getattr(self.array, "nbytes", 0)) + 64
@@ -191,6 +206,12 @@ def _unwrap(x: Any) -> Any:
     return x.array if type(x) is OnDevice else x
 
 
+def _host_arg(x: Any) -> Any:
+    """An argument as NumPy has it: a result kept on a device as the host array (or
+    the scalar NumPy's function would have given)."""
+    return x.host() if type(x) is OnDevice else to_host_any(x)
+
+
 class Unwrapping:
     """A function of a task nested in a routed task's arguments (Dask evaluates those
     before the routed task's wrapper sees anything): it gets the device arrays of
@@ -218,27 +239,32 @@ class Unwrapping:
 
 
 class SubmitCall:
-    """What ``mesh.submit`` runs on the worker: array arguments (NumPy, CuPy or JAX,
-    also inside lists, tuples and dict values) are moved to the backend of the worker
-    it runs on, and array results come back as host (NumPy) arrays, so a function
-    written with array operators runs on the device the mesh picked."""
+    """What ``mesh.submit`` runs on the worker: on a worker driven by ``backend`` (the
+    one the request asked for or the mesh picked), array arguments (NumPy, CuPy or JAX,
+    also inside lists, tuples and dict values) are moved to that backend, and array
+    results come back as host (NumPy) arrays, so a function written with array
+    operators runs on the device the mesh picked. On any other worker (no target was
+    asked for, or the task fell back to what was left) ``func`` gets host NumPy arrays,
+    whichever backend drives that worker: its numbers never depend on where it ran."""
 
-    __slots__ = ("func",)
+    __slots__ = ("func", "backend")
 
-    def __init__(self, func: Any) -> None:
+    def __init__(self, func: Any, backend: str | None = None) -> None:
         self.func = func
+        self.backend = backend
 
     def __reduce__(self) -> Any:
-        return (SubmitCall, (self.func,))
+        return (SubmitCall, (self.func, self.backend))
 
     def __dask_tokenize__(self) -> Any:
         from dask.tokenize import normalize_token
 
-        return ("jupyter_mesh.SubmitCall", normalize_token(self.func))
+        return ("jupyter_mesh.SubmitCall", normalize_token(self.func), self.backend)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         name = worker_backend()
-        if name == "numpy":
+        if name == "numpy" or name != self.backend:
+            name = "numpy"
             move = to_host_any
         else:
             backend = get_backend(name)
@@ -254,7 +280,7 @@ class SubmitCall:
         return _map(_result_to_host, out)
 
     def __repr__(self) -> str:
-        return f"SubmitCall({getattr(self.func, '__name__', self.func)!r})"
+        return f"SubmitCall({getattr(self.func, '__name__', self.func)!r}, {self.backend!r})"
 
 
 def _result_to_host(x: Any) -> Any:

@@ -18,7 +18,7 @@ from dask.utils import funcname
 
 from .. import _config, progress
 from ..errors import MeshError
-from ..targets import Target, site_resource
+from ..targets import DEFAULT_BACKEND, Target, site_resource
 from ._device import SubmitCall, pop_records
 from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, STATUS_HANDLER
 from .classify import (
@@ -662,8 +662,9 @@ _REPRESENTATIVE = {
 }
 
 
-def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None) -> tuple[str, str]:
-    """(resource, target label) of the pool that runs ``needs`` fastest."""
+def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None
+                     ) -> tuple[str, str, str]:
+    """(resource, target label, backend) of the pool that runs ``needs`` fastest."""
     if needs not in CAPABILITIES:
         raise MeshError(f"unknown capability needs={needs!r}: use one of {', '.join(CAPABILITIES)}")
     pools = build_pools(mesh.inventory())
@@ -678,7 +679,7 @@ def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None) -> tuple[s
     allowed, _ = allowed_pools(model, pools, "auto", site)
     cost = CostModel(pools)
     best = min(allowed[0], key=lambda p: cost.exec_time(op, pools[p]))
-    return pools[best].resource, pools[best].label
+    return pools[best].resource, pools[best].label, pools[best].backend
 
 
 def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
@@ -696,6 +697,10 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
     resource: str | None = None
     label = "any worker"
+    # the backend the arguments go to: the one asked for (a kind alone: its usual
+    # backend, so on="cpu" is NumPy on a JAX-driven CPU worker too), the one the mesh
+    # picked for needs=; none (host NumPy) where no target was asked for
+    backend: str | None = None
     if on is not None:
         target = parse_route_or_error(on)
         if not isinstance(target, Target):
@@ -711,8 +716,9 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
                 f"on= one of {', '.join(have) or 'nothing'}, or needs= to let the mesh pick"
             )
         resource, label = target.resource, str(target)
+        backend = target.backend or DEFAULT_BACKEND.get(target.kind)
     elif needs is not None:
-        resource, label = choose_for_needs(mesh, needs, site)
+        resource, label, backend = choose_for_needs(mesh, needs, site)
     # the target is part of the key: the same call on two targets is two tasks
     key = f"{funcname(fn)}-{tokenize(fn, args, kwargs, resource, site, convert)}"
     resources = {resource: 1} if resource else {}
@@ -722,7 +728,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         label = f"{label} at site {site}"
     if resources:
         _register_submit(mesh, key, resource, site, label)
-    call = SubmitCall(fn) if convert else fn
+    call = SubmitCall(fn, backend) if convert else fn
     # every keyword argument goes to fn, even one named like an option of Dask's
     # submit (key=, pure=, retries=, workers=...), which Dask would otherwise take
     return mesh.client.submit(_apply, call, list(args), dict(kwargs), key=key,

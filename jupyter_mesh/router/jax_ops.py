@@ -95,6 +95,9 @@ _SAME_DTYPES = frozenset(np.dtype(t) for t in ("float32", "float64", "complex64"
                                                "complex128"))
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether JAX gives what NumPy gives for this call of ``func``: some array, every
     array (and NumPy scalar) of a dtype in ``_SAME_DTYPES`` and not empty (JAX's max
@@ -115,6 +118,8 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
             return all(ok(v, False) for v in x)
         if isinstance(x, dict):
             return all(ok(v, False) for v in x.values())
+        if type(x) is int and not _INT64_MIN <= x <= _INT64_MAX:
+            return False  # NumPy takes it (as an object or a float); JAX overflows
         dtype = getattr(x, "dtype", None)
         if dtype is None or not hasattr(x, "shape"):
             return not isinstance(x, (np.generic,))
@@ -144,17 +149,24 @@ def _ufunc_keeps_dtypes(func: np.ufunc, args: tuple[Any, ...]) -> bool:
 
 #: functions that give a 0-d array, not a scalar, where NumPy's result has no
 #: dimensions (checked against NumPy); JAX gives 0-d arrays for everything
-_ZERO_D_ARRAYS = frozenset({"tensordot", "where", "squeeze", "transpose", "real", "imag",
-                            "_tensordot", "_matmul", "_chunk_sum", "_concatenate2"})
+_ZERO_D_ARRAYS = frozenset({"tensordot", "where", "_tensordot", "_matmul", "_chunk_sum",
+                            "_concatenate2"})
+#: functions that give what they were given: a scalar for a NumPy scalar, a 0-d array
+#: for a 0-d array (``np.transpose(x.sum())`` of a Dask reduction's scalar is a scalar)
+_LIKE_INPUT = frozenset({"squeeze", "transpose", "real", "imag"})
 
 
-def gives_scalar(func: Any) -> bool:
+def gives_scalar(func: Any, scalar_input: bool = False) -> bool:
     """Whether NumPy's ``func`` gives a NumPy scalar where its result has no dimensions
-    (reductions, ufuncs and operators do), so the JAX version's 0-d array must be one."""
+    (reductions, ufuncs and operators do), so the JAX version's 0-d array must be one;
+    ``scalar_input``: NumPy would have a scalar as the call's first argument."""
     parts = _parts(func)
     if not parts:
         return False
-    return getattr(parts[-1], "__name__", "") not in _ZERO_D_ARRAYS
+    name = getattr(parts[-1], "__name__", "")
+    if name in _LIKE_INPUT:
+        return scalar_input
+    return name not in _ZERO_D_ARRAYS
 
 
 def translate(func: Any) -> Callable[..., Any] | None:
