@@ -31,6 +31,8 @@ CELLS = {
         "print('tock')"
     ),
     "error": "%%mesh --remote\ndef f():\n    return 1 / 0\nf()",
+    "routed_error": "%%mesh\nw = 2\n1 / 0",
+    "after_routed_error": "w",
     "interrupt": (
         "%%mesh --remote\nimport time\ncount = 0\nprint('looping', flush=True)\n"
         "while True:\n    count += 1\n    time.sleep(0.01)"
@@ -150,12 +152,31 @@ def test_remote_error_with_traceback_worker_and_kind(run):
     assert "return 1 / 0" in tb and "distributed" not in tb
 
 
+def test_tracebacks_name_the_cell_that_ran(run):
+    cells, _ = run
+    for name, where in (("error", "<remote In[{}]>"), ("routed_error", "Cell In[{}]")):
+        tb = "\n".join(error(cells[name])["traceback"])
+        assert where.format(cells[name].execution_count) in tb, (name, tb)
+
+
+def test_a_failing_routed_cell_reports_its_own_error_once(run):
+    # nbclient, nbconvert and papermill name the error of the kernel's reply: the
+    # cell's own, with its traceback, and the cell shows it once
+    cells, _ = run
+    errors = [o for o in cells["routed_error"].outputs if o.output_type == "error"]
+    assert len(errors) == 1, errors
+    assert errors[0]["ename"] == "ZeroDivisionError" and errors[0]["evalue"]
+    assert "1 / 0" in "\n".join(errors[0]["traceback"])
+    assert result(cells["after_routed_error"]) == "2"  # what ran before it is kept
+
+
 def test_interrupt_stops_the_remote_cell_and_the_worker_stays_usable(run):
     cells, _ = run
     err = error(cells["interrupt"])
     # a KeyboardInterrupt (RemoteInterrupt), shown as where the cell stopped on the
     # worker, without the frames of the magic that waited for it
     assert err is not None and err["ename"] == "RemoteInterrupt"
+    assert "interrupted" in err["evalue"]  # papermill and nbclient show it in one line
     tb = "\n".join(err["traceback"])
     assert "Remote KeyboardInterrupt" in tb and "<remote In[" in tb
     assert "_client.py" not in tb and "magics.py" not in tb

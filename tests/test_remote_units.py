@@ -11,6 +11,7 @@ import pytest
 
 from jupyter_mesh.errors import MeshError
 from jupyter_mesh.remote import RemoteCellError, RemoteFailure, _client, _runner, _streams
+from jupyter_mesh.remote._errors import RemoteInterrupt
 
 
 class ListSink:
@@ -165,6 +166,27 @@ def test_remote_error_renders_every_worker():
     assert any("tpu-0 (tpu:jax)" in line for line in lines)
     assert str(err).startswith("ValueError: bad on worker cpu-0") and "1 more" in str(err)
     assert isinstance(err, MeshError)
+
+
+@pytest.mark.parametrize("colors, ansi", [("nocolor", False), ("linux", True)])
+def test_remote_error_headers_follow_the_shells_colours(ip, colors, ansi):
+    # a terminal started with --colors=nocolor (or %colors nocolor) gets no escapes
+    fail = RemoteFailure("ValueError", "bad", "Traceback ...\nValueError: bad\n",
+                         "tcp://1:1", "cpu-0", "cpu", "numpy")
+    before = ip.colors
+    try:
+        ip.run_line_magic("colors", colors)
+        for err in (RemoteCellError([fail]), RemoteInterrupt([("cpu-0", "KeyboardInterrupt")])):
+            shown = "\n".join(err._render_traceback_())
+            assert ("\x1b[" in shown) is ansi, shown
+    finally:
+        ip.run_line_magic("colors", before)
+
+
+def test_an_interrupted_remote_cell_says_so_in_one_line():
+    err = RemoteInterrupt([("worker cpu-0 (cpu:numpy)", "KeyboardInterrupt")])
+    assert str(err) == "interrupted the remote cell on worker cpu-0 (cpu:numpy)"
+    assert isinstance(err, KeyboardInterrupt)
 
 
 def test_labels_follow_line_starts():

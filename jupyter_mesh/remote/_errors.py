@@ -11,6 +11,21 @@ _BOLD = "\x1b[1m"
 _RESET = "\x1b[0m"
 
 
+def _header(text: str) -> str:
+    """``text`` in bold red, as IPython shows an exception's name, unless the shell's
+    colours are off (``--colors=nocolor``, ``%colors nocolor``)."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        colors = str(getattr(shell, "colors", "")).lower() if shell is not None else ""
+    except Exception:  # pragma: no cover - IPython is a dependency
+        colors = ""
+    if colors == "nocolor":
+        return text
+    return f"{_RED}{_BOLD}{text}{_RESET}"
+
+
 @dataclass
 class RemoteFailure:
     """One worker's exception: what it was, where it happened, and its traceback."""
@@ -54,7 +69,7 @@ class RemoteCellError(MeshError):
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
         for f in self.failures:
-            lines.append(f"{_RED}{_BOLD}Remote {f.ename}{_RESET} on {f.where}")
+            lines.append(f"{_header(f'Remote {f.ename}')} on {f.where}")
             tb = f.traceback.rstrip("\n").splitlines()
             lines.extend(tb)
             if not tb or not tb[-1].startswith(f.ename):
@@ -72,12 +87,14 @@ class RemoteInterrupt(KeyboardInterrupt):
     def __init__(self, stopped: list[tuple[str, str]]) -> None:
         #: (where, the remote traceback up to where the code stopped) per worker
         self.stopped = stopped
-        super().__init__()
+        where = ", ".join(w for w, _ in stopped)
+        # the one line nbclient and papermill show for the cell
+        super().__init__(f"interrupted the remote cell{' on ' + where if where else ''}")
 
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
         for where, tb in self.stopped:
-            lines.append(f"{_RED}{_BOLD}Remote KeyboardInterrupt{_RESET} on {where}")
+            lines.append(f"{_header('Remote KeyboardInterrupt')} on {where}")
             lines.extend(tb.rstrip("\n").splitlines() or ["KeyboardInterrupt"])
         return lines or ["KeyboardInterrupt"]
 

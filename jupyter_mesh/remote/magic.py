@@ -37,7 +37,7 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
             cell, on=args.on, site=args.site, all=args.all,
             push={n: user_ns[n] for n in push_names}, pull=args.pull,
             timeout=args.timeout, value=args.output is not None,
-            filename=f"<remote In[{shell.execution_count}]>",
+            filename=f"<remote In[{_cell_number(shell)}]>",
         )
     except SyntaxError as exc:
         raise CellSyntaxError(exc) from None
@@ -78,3 +78,12 @@ def reset_remote(shell: Any, mesh: Any) -> None:
         print(f"Reset the remote namespaces on {', '.join(dropped)}.")
     else:
         print("No remote namespaces to reset.")
+
+
+def _cell_number(shell: Any) -> int:
+    """The number the notebook shows for the running cell (IPython counts the next one
+    already while a cell runs)."""
+    from ..router.magic import running_cell
+
+    outer = running_cell(shell)
+    return int(outer.execution_count) if outer is not None else int(shell.execution_count)

@@ -96,17 +96,41 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
         raise UsageError(str(exc).splitlines()[0]) from None
     reports: list[Any] = []
     mesh.report_sinks.append(reports)
+    # the cell this magic runs in: the body runs under its number ("Cell In[6]" in a
+    # traceback of cell 6; IPython counts the next cell already), and its error is the
+    # body's own
+    outer = running_cell(shell)
     try:
         with ctx:
-            result = shell.run_cell(cell)
+            if outer is not None:
+                shell.execution_count, count = outer.execution_count, shell.execution_count
+                try:
+                    result = shell.run_cell(cell)
+                finally:
+                    shell.execution_count = count
+            else:
+                result = shell.run_cell(cell)
     finally:
         mesh.report_sinks.remove(reports)
     if not getattr(result, "success", True):
-        # the cell's own traceback is shown already; the cell must still count as
-        # failed, so that "Run All", nbconvert and papermill stop here
+        # the body's traceback is shown already; the cell must still count as failed,
+        # with the body's error (so that "Run All", nbconvert and papermill stop here
+        # and name it), and show no second one
+        err = result.error_before_exec or result.error_in_exec
+        if outer is not None and err is not None:
+            outer.error_in_exec = err
+            return
         raise CellFailed("the routed cell raised") from None
     for report in reports:
         display(report)
+
+
+def running_cell(shell: Any) -> Any:
+    """The ExecutionResult of the cell running now (its ``execution_count`` is the
+    number the notebook shows), or None outside a cell (e.g. ``run_cell_magic`` called
+    from code)."""
+    result = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    return result if hasattr(result, "execution_count") else None
 
 
 class CellFailed(Exception):
