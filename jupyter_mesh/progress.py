@@ -88,6 +88,10 @@ class GroupBy:
         return self.groups.get(key, self.default)
 
 
+#: what a bar says when its work stopped before the end
+_STOPPED = "stopped before the end (interrupted or failed)"
+
+
 class TextBars(MultiProgressBar):
     """Dask's multi-group progress as one line of text, rewritten in place."""
 
@@ -126,6 +130,11 @@ class TextBars(MultiProgressBar):
         self._write(f"\r{self.last_line} | {end}\n")
         self.finished = True
 
+    def stop_here(self) -> None:
+        """The work stopped before Dask's last word (Ctrl-C): the line says so."""
+        self._write(f"\r{self.last_line} | {_STOPPED}\n")
+        self.finished = True
+
 
 class WidgetBars(MultiProgressWidget):
     """Dask's multi-group progress widget, with a title, that says when it is done."""
@@ -141,8 +150,25 @@ class WidgetBars(MultiProgressWidget):
     def _draw_stop(self, *args: Any, **kwargs: Any) -> None:
         try:
             super()._draw_stop(*args, **kwargs)
+            if kwargs.get("status") != "error":  # Dask's line closes one <div> too many
+                self._say("Finished:", "")
         finally:
             self.finished = True
+
+    def _say(self, what: str, why: str) -> None:
+        elapsed = getattr(self, "elapsed_time", None)
+        if elapsed is not None:
+            elapsed.value = (f'<div style="padding: 0px 10px 5px 10px"><b>{what}</b> '
+                             f"{format_time(self.elapsed)}{why}</div>")
+
+    def stop_here(self) -> None:
+        """The work stopped before Dask's last word (Ctrl-C): the bar says so, and
+        the groups that did not finish turn red."""
+        for bar in getattr(self, "bars", {}).values():
+            if bar.value < 1.0:
+                bar.bar_style = "danger"
+        self._say("Stopped:", f" ({_STOPPED})")
+        self.finished = True
 
 
 class FuturesWatch:
@@ -258,10 +284,8 @@ class FuturesWatch:
                 comm = getattr(bar, "comm", None)
                 if comm is not None:
                     comm.abort()  # it listens no more
-            if isinstance(bar, TextBars):
-                with contextlib.suppress(Exception):
-                    sys.stderr.write("\n")  # the bar's line ends here
-                    sys.stderr.flush()
+            with contextlib.suppress(Exception):
+                bar.stop_here()  # not "Computing" for ever
 
     def timeline(self) -> list[dict[str, Any]] | None:
         """The scheduler's task-stream records (start and stop per task) since the

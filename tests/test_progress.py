@@ -136,6 +136,57 @@ def test_in_a_notebook_the_bar_is_a_widget(mesh, quick_threshold, monkeypatch):
     assert all(row.children[1].bar_style == "success" for row in rows.children)
 
 
+@pytest.mark.parametrize("notebook", [True, False])
+def test_an_interrupted_computation_leaves_its_bar_saying_so(mesh, quick_threshold,
+                                                             monkeypatch, capfd, notebook):
+    # Ctrl-C while the bar shows: it must not say "Computing" for ever
+    from jupyter_mesh.router import api
+
+    shown = []
+    monkeypatch.setattr(progress, "in_notebook", lambda: notebook)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: shown.append(obj))
+
+    def interrupted(*args, **kwargs):
+        time.sleep(0.8)  # the bar is up and drawn (threshold 0.2 s, updates every 0.2 s)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "_wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        mesh.compute(*sleepy(2, 2.0))
+    if notebook:
+        (box,) = shown
+        elapsed, rows = box.children[1].children
+        assert "Stopped" in elapsed.value and "interrupted" in elapsed.value
+        assert all(row.children[1].bar_style == "danger" for row in rows.children)
+    else:
+        err = capfd.readouterr().err
+        assert err.rstrip("\n").endswith("stopped before the end (interrupted or failed)")
+
+
+def test_a_finished_widget_bar_is_well_formed_html(mesh, quick_threshold, monkeypatch):
+    from html.parser import HTMLParser
+
+    shown = []
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: shown.append(obj))
+    mesh.compute(*sleepy(2))
+    elapsed = shown[0].children[1].children[0].value
+
+    class Depth(HTMLParser):
+        depth = 0
+
+        def handle_starttag(self, tag, attrs):
+            self.depth += 1
+
+        def handle_endtag(self, tag):
+            self.depth -= 1
+            assert self.depth >= 0, elapsed
+
+    parser = Depth()
+    parser.feed(elapsed)
+    assert parser.depth == 0 and "Finished" in elapsed
+
+
 def test_a_bar_left_in_a_saved_notebook_reads_as_a_line_not_a_widget_repr(monkeypatch):
     # where widgets do not show (a notebook saved without widget state, nbconvert),
     # the output's text stands in: a line that says what was there
