@@ -68,7 +68,8 @@ def p1_workload():
 
 
 def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: float = 1.0,
-                   latency: float | None = None):
+                   latency: float | None = None, dependency: float = 0.0,
+                   interval: float = 0.0):
     import dataclasses
 
     from jupyter_mesh.router.cost import CostModel, Links
@@ -83,7 +84,9 @@ def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: floa
     links = Links.from_config()
     if latency is not None:
         links = dataclasses.replace(links, network_latency=latency)
-    return EmulatedCost(pools, links, task_overhead=overhead)
+    cost = EmulatedCost(pools, links, task_overhead=overhead, dependency_latency=dependency)
+    cost.task_interval = interval
+    return cost
 
 
 def _graph(model, homogeneous: bool, scale: float = 1.0):
@@ -170,7 +173,9 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
             # mesh.compute does with mesh.task-overhead and the link latency at auto)
             cal = mesh.calibrate()
             cost = _emulated_cost(pools, homogeneous, overhead=cal.task_overhead,
-                                  scale=scale, latency=cal.network_latency)
+                                  scale=scale, latency=cal.network_latency,
+                                  dependency=cal.dependency_latency,
+                                  interval=cal.task_interval)
             for rep in range(repeats):
                 # the order changes from run to run, so no policy always follows the
                 # same other one (a run leaves Dask's learned task durations behind)
@@ -211,7 +216,8 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- estimates, live
 #: fixed figures: what the cost model used before it measured Dask's costs
-FIXED_COSTS = {"mesh.task-overhead": 1e-3, "mesh.links.network-latency": 2e-4}
+FIXED_COSTS = {"mesh.task-overhead": 1e-3, "mesh.links.network-latency": 2e-4,
+               "mesh.dependency-latency": 0.0}
 
 
 def estimates(sizes=(400, 2000, 4000), repeats=3) -> list[dict[str, Any]]:
@@ -489,13 +495,20 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "this machine allows when no task is fused. *Plan est.* = the router's own "
                   "estimate of its makespan: the emulated times plus Dask's own costs as "
                   "the router measured them on this mesh after the untimed round "
-                  "(`mesh.calibrate()`, as `mesh.compute` does with `mesh.task-overhead` "
-                  "and `mesh.links.network-latency` at `auto`; at scale 1: "
-                  f"{het1['cal'].task_overhead * 1e3:.1f} ms per task, "
+                  "(`mesh.calibrate()`, as `mesh.compute` does with `mesh.task-overhead`, "
+                  "`mesh.dependency-latency` and `mesh.links.network-latency` at `auto`; "
+                  f"at scale 1: {het1['cal'].task_overhead * 1e3:.1f} ms of a worker's time "
+                  f"per task, {het1['cal'].dependency_latency * 1e3:.1f} ms from a task's "
+                  "end to the start of one waiting for it, "
                   + (f"{het1['cal'].network_latency * 1e3:.1f} ms"
                      if het1['cal'].network_latency is not None else "no figure")
-                  + " per transfer between workers); the planner trades splitting a chain "
-                  "across workers against these. What is left "
+                  + " more per transfer between workers); the planner trades splitting a "
+                  "chain across workers against these. Until 2026-11-29 the cost model charged "
+                  "Dask's dispatch, measured with chains of no-op tasks on every worker at once "
+                  "(5-10 ms here), as time each task took from its worker, and had no wait for a "
+                  "dependency: it kept chains on slow devices to save dispatch the workers do not "
+                  "in fact spend while their tasks leave the CPU free (scale 1 then: 2.08x the "
+                  "bound, 1.21x faster than Dask; scale 4: 1.22x, 1.87x). What is left "
                   "above the bound at scale 1 is mostly Dask's own cost per dispatched task "
                   f"(with {het1['per_numpy_worker']:.0f} tasks per "
                   "NumPy worker after fusion) and "
@@ -730,15 +743,18 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "routed `auto`; medians of "
                   f"{r7[0]['repeats']} runs each, after one untimed run (JAX compiles each op "
                   "once per shape), the two cost settings taking turns. *Measured* = the "
-                  "default: Dask's dispatch per task and transfer latency measured on the "
-                  f"mesh (`mesh.calibrate()`: {cal!r}); *fixed* = 1 ms per task and 0.2 ms "
-                  "per transfer, the figures the cost model used before it measured them. "
+                  "default: Dask's dispatch per task, the wait for a dependency and the "
+                  "transfer latency measured on the "
+                  f"mesh (`mesh.calibrate()`: {cal!r}); *fixed* = 1 ms per task, no wait "
+                  "and 0.2 ms per transfer, the figures the cost model used before it "
+                  "measured them. "
                   "Both settings plan the three worker threads, on this machine's "
                   f"{_cores()} cores, at their share of those cores "
                   "(`jupyter_mesh.router.cost.core_shares`). Until 2026-11-28 neither did, "
                   "and the probe timed independent no-op tasks, which Dask dispatches two "
                   "to three times as fast as tasks with inputs; measured est./wall was then "
-                  "0.23 / 0.31 / 0.52 for the three sizes. "
+                  "0.23 / 0.31 / 0.52 for the three sizes. Until 2026-11-29 (one dispatch figure, "
+                  "charged as the workers' time) measured est./wall was 0.48 / 0.52 / 0.74. "
                   "Wall includes planning and the report. An estimate below 1 says the "
                   f"computation took longer than planned. This part run {r7[0]['when']}.", "",
                   "| n | tasks | measured: est. / wall | fixed: est. / wall |",

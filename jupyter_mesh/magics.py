@@ -88,9 +88,10 @@ def _explain_args(line: str) -> None:
 
 @magic_arguments()
 def _calibrate_args(line: str) -> None:
-    """%mesh calibrate: measure Dask's own cost per task and per transfer on the mesh now
-    (the router's cost model uses them where mesh.task-overhead or
-    mesh.links.network-latency is auto)."""
+    """%mesh calibrate: measure Dask's own costs on the mesh now, per task, per
+    dependency and per transfer (the router's cost model uses them where
+    mesh.task-overhead, mesh.dependency-latency or mesh.links.network-latency is
+    auto)."""
 
 
 @magic_arguments()

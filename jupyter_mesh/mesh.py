@@ -668,11 +668,13 @@ class Mesh:
         return self._calibration[1] if self._calibration else None
 
     def calibrate(self) -> Any:
-        """Measure now what Dask itself costs on this mesh: seconds of dispatch per task
-        and per transfer between two workers of one site (a probe of about 0.5 s).
+        """Measure now what Dask itself costs on this mesh: seconds of dispatch per task,
+        from a task's end to the start of one waiting for it, and more per transfer
+        between two workers of one site (a probe of well under a second on a small mesh).
 
-        The router's cost model uses these where ``mesh.task-overhead`` or
-        ``mesh.links.network-latency`` is ``auto`` (the default). It measures once on
+        The router's cost model uses these where ``mesh.task-overhead``,
+        ``mesh.dependency-latency`` or ``mesh.links.network-latency`` is ``auto`` (the
+        default). It measures once on
         its own, at the first routed plan, and again when the mesh's workers change;
         call this after the machine's load changed a lot.
         """

@@ -42,12 +42,17 @@ def test_calibrate_measures_dispatch_and_transfer_on_the_live_mesh(measured_afre
     cal = measured_afresh.calibrate()
     assert isinstance(cal, Calibration)
     assert 1e-4 <= cal.task_overhead < 1.0
+    # a chain on one worker: each step waits for the scheduler's round trip
+    assert 0.0 <= cal.dependency_latency < 1.0
+    # chains on both workers at once: the mesh's pace of dispatch
+    assert 0.0 < cal.task_interval < 1.0
     # two workers at one site: the transfer between them was timed
     assert cal.network_latency is not None and 1e-4 <= cal.network_latency < 1.0
     assert cal.workers == 2 and cal.tasks > 0 and cal.seconds > 0
     assert measured_afresh.calibration is cal
     text = repr(cal)
     assert "ms of Dask dispatch per task" in text and "per transfer between workers" in text
+    assert "from a task's end to the start of one waiting for it" in text
     assert "<code>" in cal._repr_html_()
     # and the mesh shows it
     assert "ms of Dask dispatch per task" in measured_afresh._repr_html_()
@@ -59,8 +64,10 @@ def test_the_first_routed_plan_measures_and_later_plans_reuse_it(measured_afresh
     assert cal is not None
     assert plan.cost.task_overhead == cal.task_overhead
     assert plan.cost.links.network_latency == cal.network_latency
+    assert plan.cost.dependency_latency == cal.dependency_latency
+    assert plan.cost.task_interval == cal.task_interval
     assert any("measured on this mesh" in n and "per task" in n and "transfer" in n
-               for n in plan.notes)
+               and "waiting for it" in n for n in plan.notes)
     assert "measured on this mesh" in repr(plan)
     again = measured_afresh.explain(small())
     assert measured_afresh.calibration is cal and again.cost.task_overhead == cal.task_overhead
@@ -79,10 +86,13 @@ def test_the_mesh_is_measured_again_when_its_workers_change(measured_afresh):
 
 
 def test_numbers_in_config_are_used_as_they_are_and_nothing_is_measured(measured_afresh):
-    with dask.config.set({"mesh.task-overhead": 0.004, "mesh.links.network-latency": 0.002}):
+    with dask.config.set({"mesh.task-overhead": 0.004, "mesh.links.network-latency": 0.002,
+                          "mesh.dependency-latency": 0.003}):
         plan = measured_afresh.explain(small())
     assert measured_afresh.calibration is None
     assert plan.cost.task_overhead == 0.004 and plan.cost.links.network_latency == 0.002
+    assert plan.cost.dependency_latency == 0.003
+    assert plan.cost.task_interval == 0.0  # no measured pace: no floor
     assert not any("measured" in n for n in plan.notes)
 
 
@@ -92,8 +102,9 @@ def test_one_figure_set_and_the_other_measured(measured_afresh):
     cal = measured_afresh.calibration
     assert plan.cost.task_overhead == 0.004
     assert plan.cost.links.network_latency == cal.network_latency
+    assert plan.cost.dependency_latency == cal.dependency_latency
     note = next(n for n in plan.notes if "measured on this mesh" in n)
-    assert "transfer" in note and "per task" not in note
+    assert "transfer" in note and "waiting for it" in note and "per task" not in note
 
 
 def test_route_off_measures_nothing(measured_afresh):
@@ -104,6 +115,8 @@ def test_route_off_measures_nothing(measured_afresh):
 @pytest.mark.parametrize("key, value", [("mesh.task-overhead", "fast"),
                                         ("mesh.task-overhead", -1),
                                         ("mesh.links.network-latency", "soon"),
+                                        ("mesh.dependency-latency", "later"),
+                                        ("mesh.dependency-latency", -0.5),
                                         ("mesh.links.network-latency", 0)])
 def test_bad_config_is_one_line_naming_the_key(measured_afresh, key, value):
     with dask.config.set({key: value}), pytest.raises(MeshConfigError) as err:

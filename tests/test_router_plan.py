@@ -489,6 +489,60 @@ def test_planner_counts_the_dispatch_that_fusing_a_chain_saves(mesh_devices):
     assert plan.makespan == pytest.approx(fused_makespan(plan), rel=0.02)
 
 
+def test_a_task_waits_the_dependency_latency_after_its_inputs_unless_fused():
+    # Dask starts a task only after the scheduler heard that its inputs are done: a
+    # round trip, also on the same worker; a chain's next task fused into one task
+    # with its input waits none
+    from jupyter_mesh.router import placement as P
+
+    m = synthetic_model([
+        {"name": "a", "op_class": "creation", "tasks": 2},
+        {"name": "b", "op_class": "elementwise", "tasks": 2, "deps": [(0, "map")]},
+        {"name": "c", "op_class": "reduction", "tasks": 1, "deps": [(1, "all")]},
+    ])
+    pools = build_pools([dev("c0", "cpu", "numpy", CPU)])
+    chain = P.chain_links(m)
+    assert chain[2] == 0 and chain[3] == 1 and chain[4] == -1
+    plans = {rt: plan_model(m, pools, "cpu", cost=CostModel(pools, task_overhead=0.0,
+                                                          dependency_latency=rt))
+             for rt in (0.0, 0.01)}
+    # one worker: b continues a (fused, no wait); c waits once after the last b
+    assert plans[0.01].makespan == pytest.approx(plans[0.0].makespan + 0.01)
+    # between two workers, the transfer comes on top of the round trip
+    two = build_pools([dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)])
+    base = CostModel(two, task_overhead=0.0)
+    cost = CostModel(two, task_overhead=0.0, dependency_latency=0.01)
+    assert cost.transfer(1e6, 0, 0) == 0.01
+    assert cost.transfer(1e6, 0, 0, same_worker=False) == pytest.approx(
+        base.transfer(1e6, 0, 0, same_worker=False) + 0.01)
+    assert base.transfer(1e6, 0, 0) == 0.0
+
+
+def test_an_estimate_is_never_below_the_meshs_pace_of_dispatch():
+    # tiny tasks: Dask's scheduler sees to one task at a time, so the plan's estimate
+    # is at least its dispatched tasks (a fused chain is one) at the measured pace
+    from jupyter_mesh.router import placement as P
+
+    m = synthetic_model([
+        {"name": "a", "op_class": "creation", "tasks": 4},
+        {"name": "b", "op_class": "elementwise", "tasks": 4, "deps": [(0, "map")]},
+        {"name": "c", "op_class": "reduction", "tasks": 1, "deps": [(1, "all")]},
+    ])
+    pools = build_pools([dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)])
+    cost = CostModel(pools, task_overhead=0.0)
+    free = plan_model(m, pools, "cpu", cost=cost)
+    assert free.floor == 0.0
+    cost.task_interval = 1.0  # far above every task's modelled time
+    paced = plan_model(m, pools, "cpu", cost=cost)
+    chain = P.chain_links(m)
+    fused = sum(1 for i, d in enumerate(chain)
+                if d >= 0 and paced.worker_of[i] == paced.worker_of[d])
+    assert fused > 0
+    assert paced.makespan == pytest.approx(len(m.keys) - fused)
+    assert any("at this mesh's measured pace" in n for n in paced.notes)
+    assert not any("measured pace" in n for n in free.notes)
+
+
 def test_equivalent_pools_are_not_restricted():
     # a NumPy pool and a JAX-on-CPU pool with the same profile: routing could only get
     # in the way, so the plan restricts nothing and runs every task on host NumPy

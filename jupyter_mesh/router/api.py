@@ -33,6 +33,7 @@ from .cost import (
     CostModel,
     Links,
     build_pools,
+    configured_dependency_latency,
     configured_task_overhead,
     network_latency_auto,
 )
@@ -229,12 +230,15 @@ def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
 
 def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "auto"
                ) -> CostModel:
-    """The cost model for planning on this live mesh: where ``mesh.task-overhead`` or
-    ``mesh.links.network-latency`` is ``auto``, the figure measured on the mesh (at its
-    first routed plan, and again when its workers change; see ``Mesh.calibrate``)."""
+    """The cost model for planning on this live mesh: where ``mesh.task-overhead``,
+    ``mesh.dependency-latency`` or ``mesh.links.network-latency`` is ``auto``, the figure
+    measured on the mesh (at its first routed plan, and again when its workers change;
+    see ``Mesh.calibrate``)."""
     auto_overhead = configured_task_overhead() is None
+    auto_dependency = configured_dependency_latency() is None
     auto_latency = network_latency_auto()
-    if not (auto_overhead or auto_latency) or not devices or route == "off":
+    if (not (auto_overhead or auto_dependency or auto_latency) or not devices
+            or route == "off"):
         return CostModel(pools)
     try:
         cal = mesh._calibration_for(devices)
@@ -250,7 +254,10 @@ def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "a
     links = Links.from_config()
     if auto_latency and cal.network_latency is not None:
         links = dataclasses.replace(links, network_latency=cal.network_latency)
-    cost = CostModel(pools, links, task_overhead=cal.task_overhead if auto_overhead else None)
+    cost = CostModel(pools, links, task_overhead=cal.task_overhead if auto_overhead else None,
+                     dependency_latency=cal.dependency_latency if auto_dependency else None)
+    if auto_overhead:
+        cost.task_interval = cal.task_interval
     cost.calibration = cal
     return cost
 
@@ -274,6 +281,9 @@ def _noted(plan: Any, cost: CostModel) -> Any:
         what = []
         if configured_task_overhead() is None:
             what.append(f"{cost.task_overhead * 1e3:.2g} ms of Dask dispatch per task")
+        if configured_dependency_latency() is None:
+            what.append(f"{cost.dependency_latency * 1e3:.2g} ms from a task's end to the "
+                        f"start of one waiting for it")
         if network_latency_auto() and cal.network_latency is not None:
             what.append(f"{cal.network_latency * 1e3:.2g} ms per transfer between workers")
         if what:

@@ -1,23 +1,40 @@
-"""What Dask itself costs on a live mesh, measured: per dispatched task and per transfer.
+"""What Dask itself costs on a live mesh, measured: per task, per dependency and per
+transfer.
 
-The cost model adds a dispatch cost to every task (``mesh.task-overhead``) and a
-latency to every transfer between workers (``mesh.links.network-latency``). Dask's
-documentation puts the first at up to 1 ms; on a loaded laptop or a small shared hub it
-is several times that, and a worker-to-worker transfer of a small array costs a few
-milliseconds more. With both at ``auto`` (the default), the router measures them on the
-mesh it plans for, once, at its first routed plan (``Mesh.calibrate()`` measures again),
-so its estimates and its trade-offs (split a chain across devices, or keep it on one
-worker) use what this mesh really costs.
+The cost model charges Dask's own costs in three parts:
 
-The probe is plain Dask work, about 0.2-0.5 s on a small mesh:
+* ``mesh.task-overhead``: what dispatching a task costs the worker that runs it, time it
+  cannot spend on other tasks;
+* ``mesh.dependency-latency``: how long after an input's end a task that waits for it
+  can start (the worker tells the scheduler, the scheduler sends the task): a delay
+  that does not occupy the worker, which runs other tasks meanwhile;
+* ``mesh.links.network-latency``: what a transfer between two workers adds to that.
 
-* **dispatch**: ``n`` no-op tasks in chains of four (each waits for the one before it,
-  as the tasks of an array graph wait for their inputs: every dependency costs a round
-  trip through the scheduler) and, alone, one, on up to four workers (one of each site
-  and target first); the difference of the two walls (which cancels the submission and
-  the round trip both pay) times their threads, over ``n - 1``: seconds per task per
-  thread. (Until 2026-11-28 the tasks were independent, which Dask dispatches two to
-  three times as fast as tasks with inputs: estimates came out far below wall time.)
+Dask's documentation puts the first at up to 1 ms; on a loaded laptop or a small
+shared hub each is several times that. With them at ``auto`` (the default), the router
+measures them on the mesh it plans for, once, at its first routed plan
+(``Mesh.calibrate()`` measures again), so its estimates and its trade-offs (split a
+chain across devices, or keep it on one worker) use what this mesh really costs.
+
+The probe is plain Dask work, about half a second on a small mesh:
+
+* **dispatch**: ``n`` independent no-op tasks held to one worker, all sent at once so
+  that its queue is full, and, alone, one; the difference of the two walls (which
+  cancels the submission and the round trip both pay) times the worker's threads, over
+  ``n - 1``: seconds per task per thread.
+* **pace**: no-op tasks in chains of four (each waits for the one before it, as the
+  tasks of an array graph wait for their inputs) on up to four workers at once (one of
+  each site and target first), and one alone: the difference of the walls over ``n -
+  1`` is the mesh's pace, one task every so many seconds. An estimate is never below
+  the tasks a plan dispatches at that pace.
+  (Until 2026-11-29 the probe ran chains of tasks on all of them at once and the cost
+  model charged the result as the workers' own time: that timed the round trips of
+  the chains and, on a machine with few cores, the scheduler's pace with every worker
+  busy. Routed work whose tasks leave the CPU free, as an accelerator's do, was planned
+  as if dispatch took four to six times as long as it does, and kept on slow devices
+  to avoid it.)
+* **dependency**: a chain of no-op tasks on one worker, each waiting for the one before
+  it, and one task alone: per step, the difference of the walls, less the dispatch.
 * **transfer**: a chain of tasks that alternates between two workers of one site, and
   the same chain on one worker; the difference of the two walls over the chain's length
   is what moving a small result between workers adds to each step.
@@ -38,6 +55,7 @@ if TYPE_CHECKING:
 #: what the cost model uses where nothing was measured (a modelled inventory)
 DEFAULT_TASK_OVERHEAD = 1e-3
 DEFAULT_NETWORK_LATENCY = 2e-4
+DEFAULT_DEPENDENCY_LATENCY = 0.0
 #: measured figures are never taken below these (noise can make a difference negative)
 _FLOOR = 1e-4
 
@@ -55,12 +73,22 @@ class Calibration:
     tasks: int
     workers: int
     seconds: float
+    #: seconds from an input's end until a task waiting for it starts on the same
+    #: worker, beyond ``task_overhead`` (the round trip through the scheduler)
+    dependency_latency: float = DEFAULT_DEPENDENCY_LATENCY
+    #: seconds per task of the whole mesh with work queued on several workers at once:
+    #: the scheduler (and, on a machine with few cores, every process) sees to one task
+    #: at a time, so no computation dispatches its tasks faster than this
+    task_interval: float = 0.0
 
     def __repr__(self) -> str:
         hop = ("no two workers at one site to time a transfer"
                if self.network_latency is None else
-               f"{self.network_latency * 1e3:.2g} ms per transfer between workers")
-        return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task, "
+               f"{self.network_latency * 1e3:.2g} ms more per transfer between workers")
+        return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task "
+                f"(one task every {self.task_interval * 1e3:.2g} ms on the whole mesh), "
+                f"{self.dependency_latency * 1e3:.2g} ms from a task's end to the start of "
+                f"one waiting for it, "
                 f"{hop} (measured on {self.workers} worker{'s' * (self.workers != 1)} "
                 f"with {self.tasks} tasks "
                 f"in {self.seconds:.2f} s)")
@@ -86,12 +114,13 @@ def _wait(client: Client, futures: list[Any], timeout: float) -> None:
             exc = failed.exception()
             why = (str(exc).splitlines() or [""])[0]
             raise MeshError(f"the calibration probe failed on a worker "
-                            f"({type(exc).__name__}: {why}): set mesh.task-overhead and "
-                            f"mesh.links.network-latency")
+                            f"({type(exc).__name__}: {why}): set mesh.task-overhead, "
+                            f"mesh.dependency-latency and mesh.links.network-latency")
     except TimeoutError:
         raise MeshError(f"the mesh did not run the calibration probe within {timeout:g} s "
                         f"(are its workers busy or gone?): call mesh.calibrate() later, or "
-                        f"set mesh.task-overhead and mesh.links.network-latency") from None
+                        f"set mesh.task-overhead, mesh.dependency-latency and "
+                        f"mesh.links.network-latency") from None
     finally:
         for f in futures:
             f.release()
@@ -105,9 +134,25 @@ def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], workers: list[
     return time.perf_counter() - t0
 
 
-def _dispatch(client: Client, workers: list[str], n: int, timeout: float
-              ) -> tuple[float, float]:
-    """Wall seconds of one no-op task, and of ``n``, on ``workers``."""
+def _queued(client: Client, workers: list[str], n: int, timeout: float
+            ) -> tuple[float, float]:
+    """Wall seconds of one no-op task, and of ``n`` independent ones, on ``workers``
+    (held to them, so all are sent at once and the workers' queues are full)."""
+    from dask._task_spec import Task
+
+    token = uuid.uuid4().hex
+    one = {f"jm-probe-one-{token}": Task(f"jm-probe-one-{token}", _noop)}
+    many = {f"jm-probe-{token}-{i}": Task(f"jm-probe-{token}-{i}", _noop, i)
+            for i in range(n)}
+    return (_wall(client, one, list(one), workers, timeout),
+            _wall(client, many, list(many), workers, timeout))
+
+
+def _paced(client: Client, workers: list[str], n: int, timeout: float
+           ) -> tuple[float, float]:
+    """Wall seconds of one no-op task, and of ``n`` in chains of ``DEPTH`` (each waits
+    for the one before it, as the tasks of an array graph wait for their inputs), on
+    ``workers``."""
     from dask._task_spec import Task, TaskRef
 
     token = uuid.uuid4().hex
@@ -121,14 +166,26 @@ def _dispatch(client: Client, workers: list[str], n: int, timeout: float
             _wall(client, many, list(many), workers, timeout))
 
 
-#: the dispatch probe's tasks form chains of this many: each task waits for the one
-#: before it, as in an array graph (a dependency costs Dask a round trip through the
-#: scheduler that independent tasks do not)
+#: the pace probe's tasks form chains of this many: each task waits for the one before
+#: it, as in an array graph (a dependency costs the scheduler transitions and a round
+#: trip that independent tasks do not)
 DEPTH = 4
 
-#: the dispatch probe runs on this many workers at most: on a large mesh, thousands of
-#: no-op tasks would time the scheduler's throughput over all of them, not what a task
-#: costs a worker, and would take long
+
+def _steps(client: Client, worker: str, length: int, timeout: float) -> float:
+    """Wall seconds of a chain of ``length`` no-op tasks on ``worker``, each waiting for
+    the one before it (submitted at once, as a graph: nothing waits for the client)."""
+    from dask._task_spec import Task, TaskRef
+
+    token = uuid.uuid4().hex
+    keys = [f"jm-probe-chain-{token}-{i}" for i in range(length)]
+    graph = {k: Task(k, _noop, i, *((TaskRef(keys[i - 1]),) if i else ()))
+             for i, k in enumerate(keys)}
+    return _wall(client, graph, keys[-1:], [worker], timeout)
+
+
+#: the dispatch probe runs on this many workers at most, one after the other (on a large
+#: mesh, probing every worker would take long)
 PROBE_WORKERS = 4
 
 
@@ -170,33 +227,53 @@ def _pair(devices: list[Any]) -> list[str] | None:
     return pairs[0][:2] if pairs else None
 
 
-def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 8,
+def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
             chain: int = 8, repeats: int = 2, timeout: float = 5.0) -> Calibration:
-    """Measure Dask's dispatch cost per task and its transfer latency between two
-    workers of one site (``devices``: the mesh's inventory) on the mesh behind
-    ``client``, from the least of ``repeats`` walls of each kind.
-    MeshError when the probe does not finish within ``timeout`` seconds."""
+    """Measure Dask's dispatch cost per task (on one worker, and on the whole mesh), the
+    latency of a dependency and the transfer latency between two workers of one site
+    (``devices``: the mesh's inventory) on the mesh behind ``client``, from the least
+    of ``repeats`` walls of each kind. MeshError when the probe does not finish within
+    ``timeout`` seconds."""
     if not devices:
         raise MeshError("the mesh has no workers to calibrate on: add some (e.g. "
                         "mesh.scale(cpu=2)), then call mesh.calibrate() again")
     probe = _probe_workers(devices)
-    workers = [d.worker for d in probe]
-    threads = sum(max(int(d.nthreads), 1) for d in probe)
-    n = max(tasks_per_thread * threads, 8)
     t0 = time.perf_counter()
-    # the least of each wall over the repeats, then their difference: noise only adds
-    # to a wall, but it can shrink a difference of two walls
-    walls = [_dispatch(client, workers, n, timeout) for _ in range(repeats)]
-    one, many = min(w[0] for w in walls), min(w[1] for w in walls)
-    overhead = (many - one) * threads / (n - 1)
+    tasks = 0
+
+    def best(workers: list[str], n: int) -> tuple[float, float]:
+        # the least of each wall over the repeats: noise only adds to a wall, but it
+        # can shrink a difference of two walls
+        walls = [_queued(client, workers, n, timeout) for _ in range(repeats)]
+        return min(w[0] for w in walls), min(w[1] for w in walls)
+
+    # what a task costs the worker that runs it: the first probe worker, queue full
+    first = probe[0]
+    threads = max(int(first.nthreads), 1)
+    n = max(tasks_per_thread * threads, 16)
+    one, many = best([first.worker], n)
+    overhead = max((many - one) * threads / (n - 1), _FLOOR)
+    tasks += repeats * (n + 1)
+    # the mesh's pace: tasks with inputs, in chains, on every probe worker at once
+    total = sum(max(int(d.nthreads), 1) for d in probe)
+    n_all = max(tasks_per_thread // 2 * total, 16)
+    walls = [_paced(client, [d.worker for d in probe], n_all, timeout)
+             for _ in range(repeats)]
+    interval = (min(w[1] for w in walls) - min(w[0] for w in walls)) / (n_all - 1)
+    tasks += repeats * (n_all + 1)
+    # a chain on the first probe worker: each step is a task's dispatch and the wait
+    # for the scheduler to send the next one
+    steps = min(_steps(client, first.worker, chain, timeout) for _ in range(repeats))
+    dependency = max((steps - one) / (chain - 1) - overhead, 0.0)
+    tasks += repeats * chain
     latency = None
     pair = _pair(devices)
-    tasks = repeats * (n + 1)
     if pair is not None:
         hops = [(_chain(client, pair, chain, timeout), _chain(client, pair[:1], chain, timeout))
                 for _ in range(repeats)]
         extra = min(h[0] for h in hops) - min(h[1] for h in hops)
         latency = max(extra / chain, _FLOOR)
         tasks += repeats * 2 * chain
-    used = len(set(workers) | set(pair or ()))
-    return Calibration(max(overhead, _FLOOR), latency, tasks, used, time.perf_counter() - t0)
+    used = len({d.worker for d in probe} | set(pair or ()))
+    return Calibration(overhead, latency, tasks, used, time.perf_counter() - t0,
+                       dependency_latency=dependency, task_interval=max(interval, 0.0))

@@ -14,7 +14,11 @@ from typing import Any
 from .. import _config
 from ..devices._profile import Profile
 from ..targets import backend_resource
-from .calibrate import DEFAULT_NETWORK_LATENCY, DEFAULT_TASK_OVERHEAD
+from .calibrate import (
+    DEFAULT_DEPENDENCY_LATENCY,
+    DEFAULT_NETWORK_LATENCY,
+    DEFAULT_TASK_OVERHEAD,
+)
 from .classify import OpInfo
 
 #: fraction of peak FLOP/s an op class reaches (matmul near peak; FFTs and factorizations
@@ -168,6 +172,13 @@ def configured_task_overhead() -> float | None:
     return _config.get_seconds("task-overhead")
 
 
+def configured_dependency_latency() -> float | None:
+    """``mesh.dependency-latency`` in seconds, or None when it is ``auto`` (measured)."""
+    if _config.get("dependency-latency") == "auto":
+        return None
+    return _config.get_seconds("dependency-latency")
+
+
 def network_latency_auto() -> bool:
     """Whether ``mesh.links.network-latency`` is ``auto`` (measured on the live mesh)."""
     return bool(_config.get("links.network-latency") == "auto")
@@ -177,7 +188,8 @@ class CostModel:
     """Seconds per task of an op on a pool, and seconds to move bytes between pools."""
 
     def __init__(self, pools: list[Pool], links: Links | None = None,
-                 task_overhead: float | None = None) -> None:
+                 task_overhead: float | None = None,
+                 dependency_latency: float | None = None) -> None:
         self.pools = pools
         self.links = links or Links.from_config()
         if task_overhead is None:
@@ -185,6 +197,18 @@ class CostModel:
             if task_overhead is None:  # "auto", and nothing measured: the default
                 task_overhead = DEFAULT_TASK_OVERHEAD
         self.task_overhead = task_overhead
+        if dependency_latency is None:
+            dependency_latency = configured_dependency_latency()
+            if dependency_latency is None:  # "auto", and nothing measured: none
+                dependency_latency = DEFAULT_DEPENDENCY_LATENCY
+        #: seconds from an input's end until a task waiting for it can start, on any
+        #: worker (Dask's round trip through the scheduler), except a chain's next task
+        #: on the same worker, which the rewrite fuses; it delays the task without
+        #: occupying its worker (see :meth:`wait`)
+        self.dependency_latency = dependency_latency
+        #: seconds per task of the whole mesh (measured, see calibrate): a plan's
+        #: estimate is never below its dispatched tasks at this pace; 0: no such floor
+        self.task_interval = 0.0
         #: the measured figures this model uses, where it uses some (see calibrate)
         self.calibration: Any = None
         #: the figures are ``auto`` but could not be measured: the defaults stand in
@@ -202,6 +226,13 @@ class CostModel:
         self.intra_inv_bw = [0.0] * n
         for a, pa in enumerate(pools):
             self.intra_latency[a], self.intra_inv_bw[a] = self._link(pa, pa)
+        # a transfer between workers waits for the scheduler's round trip too
+        if dependency_latency:
+            for a in range(n):
+                self.intra_latency[a] += dependency_latency
+                for b in range(n):
+                    if a != b:
+                        self.latency[a][b] += dependency_latency
 
     def _link(self, pa: Pool, pb: Pool) -> tuple[float, float]:
         ln = self.links
@@ -217,11 +248,13 @@ class CostModel:
         return lat, inv
 
     def transfer(self, nbytes: float, a: int, b: int, same_worker: bool = True) -> float:
-        """Seconds to move ``nbytes`` from pool ``a`` to pool ``b``: 0 within one worker,
-        the intra-pool link between two workers of one pool (``same_worker=False``)."""
+        """Seconds from the end of a task on pool ``a`` until a task on pool ``b`` has
+        its ``nbytes`` of output: the scheduler's round trip (``dependency_latency``)
+        within one worker, the intra-pool link on top between two workers of one pool
+        (``same_worker=False``), the link between the pools otherwise."""
         if a == b:
             if same_worker:
-                return 0.0
+                return self.dependency_latency
             return self.intra_latency[a] + nbytes * self.intra_inv_bw[a]
         return self.latency[a][b] + nbytes * self.inv_bw[a][b]
 

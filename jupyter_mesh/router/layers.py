@@ -299,6 +299,8 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
                 if q != p:
                     links = min(nworkers[p], nworkers[q])
                     a += cost.latency[q][p] + n * nb * cost.inv_bw[q][p] / links
+                else:  # the scheduler's round trip (a transfer includes it)
+                    a += cost.dependency_latency
                 ready = max(ready, a)
             s = max(ready, free[p])
             f = s + math.ceil(n / slots[p]) * e

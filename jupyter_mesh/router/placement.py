@@ -367,6 +367,7 @@ def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
     lat, inv = cost.latency, cost.inv_bw
     ilat, iinv = cost.intra_latency, cost.intra_inv_bw
     ov = cost.task_overhead
+    rt = cost.dependency_latency
     layer, deps = model.layer, model.deps
     out_b = [op.out_bytes for op in model.ops]
     n = len(layer)
@@ -376,10 +377,12 @@ def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
         w = worker_of[i]
         p = wpool[w]
         ready = 0.0
+        fused = chain is not None and chain[i] >= 0 and worker_of[chain[i]] == w
         for d in deps[i]:
             wd = worker_of[d]
             if wd == w:
-                a = finish[d]
+                # the scheduler's round trip, unless fused into the chain it continues
+                a = finish[d] if fused else finish[d] + rt
             else:
                 q = wpool[wd]
                 nb = out_b[layer[d]]
@@ -390,7 +393,7 @@ def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
         heap = slots[w]
         s0 = heap[0] if heap[0] > ready else ready
         e = exec_t[layer[i]][p]
-        if chain is not None and chain[i] >= 0 and worker_of[chain[i]] == w:
+        if fused:
             e = e - ov if e > ov else 0.0
         f = s0 + e
         heapq.heapreplace(heap, f)
@@ -448,6 +451,7 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     ilat, iinv = cost.intra_latency, cost.intra_inv_bw
     site_of = [p.site for p in pools]
     ov = cost.task_overhead
+    rt = cost.dependency_latency
     worker_of = [-1] * n
     start = [0.0] * n
     finish = [0.0] * n
@@ -519,7 +523,8 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                 ready = 0.0
                 for fd, wd, q, nb in dinf:
                     if wd == wl:
-                        a = fd
+                        # the scheduler's round trip, unless fused into its chain
+                        a = fd if wl == fw else fd + rt
                     elif q == p:
                         a = fd + il + nb * ii
                     else:
@@ -583,6 +588,16 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 site=site)
     plan.worker_of = worker_of
     plan.unrestricted = unrestricted
+    if cost.task_interval > 0:
+        # the mesh dispatches one task at a time: a chain fused into one task is one
+        chain = chain_links(model)
+        fused = sum(1 for i, d in enumerate(chain) if d >= 0 and worker_of[i] == worker_of[d])
+        plan.floor = (len(model.keys) - fused) * cost.task_interval
+        if plan.floor > max(finish):
+            plan.notes.append(
+                f"estimate: at least {plan.floor:.2g} s, the {len(model.keys) - fused} "
+                f"tasks it dispatches at this mesh's measured pace (one every "
+                f"{cost.task_interval * 1e3:.2g} ms)")
     return plan
 
 

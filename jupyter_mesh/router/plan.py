@@ -73,6 +73,9 @@ class Plan(Generic[ModelT]):
         self._to_host: list[bool] | None = None
         #: the model's layers (ops) behind each row
         self._row_layers: list[list[int]] = []
+        #: the least the computation can take at the mesh's measured pace of dispatch
+        #: (its dispatched tasks one after another; see ``CostModel.task_interval``)
+        self.floor = 0.0
 
     # ------------------------------------------------------------------ summary
     @property
@@ -86,7 +89,7 @@ class Plan(Generic[ModelT]):
     @property
     def makespan(self) -> float:
         """Estimated seconds from start to the last task's end."""
-        return max(self.finish) if self.finish else 0.0
+        return max(max(self.finish) if self.finish else 0.0, self.floor)
 
     @property
     def bytes_moved(self) -> float:
