@@ -6,6 +6,7 @@ Every subcommand has its own ``@magic_arguments`` parser; misuse raises ``UsageE
 
 from __future__ import annotations
 
+import re
 import shlex
 from typing import Any
 
@@ -20,20 +21,50 @@ from .errors import MeshError
 SUBCOMMANDS = ("start", "connect", "status", "scale", "close", "route", "explain",
                "calibrate", "reset-remote")
 USAGE = (
-    "usage: %mesh [start|connect ADDRESS|status|scale --cpu N|close|route [TARGET]|"
-    "explain EXPR|calibrate|reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [...]"
+    "usage: %mesh [start|connect ADDRESS|status [--widget]|scale [--cpu N] [--jax-cpu N] "
+    "[--gpu N] [--tpu N]|close|route [TARGET]|explain EXPR [--route TARGET]|calibrate|"
+    "reset-remote]; %%mesh [--route TARGET] or %%mesh --remote [--on TARGET] [--site S] "
+    "[--all] [--push a,b] [--pull a,b] [-o NAME] [--timeout S]; each takes --help"
 )
+
+HELP = """The mesh of this notebook: devices of every kind (CPUs, GPUs, TPUs) used as one.
+
+%mesh start [--cpu 2] [--gpu auto] [--tpu auto] [--jax-cpu 0] [--site local]
+            [--threads N] [--replace]       start an embedded mesh on 127.0.0.1
+%mesh connect ADDRESS [--timeout S] [--tls-ca-file F --tls-cert F --tls-key F]
+            [--replace]                     attach to a running Dask scheduler
+%mesh status [--widget]                     devices by kind and site (the default)
+%mesh scale [--cpu N] [--jax-cpu N] [--gpu N] [--tpu N]
+                                            workers of each kind of a local mesh
+%mesh route [auto|off|TARGET]               route plain Dask calls (no argument: show)
+%mesh explain EXPR [--route TARGET]         the router's plan, without computing
+%mesh calibrate                             measure Dask's own costs on the mesh now
+%mesh reset-remote                          forget this notebook's remote namespaces
+%mesh close                                 close the mesh
+
+%%mesh [--route TARGET]                     route the cell's Dask work; report after
+%%mesh --remote [--on TARGET] [--site S] [--all] [--push a,b] [--pull a,b]
+                [-o NAME] [--timeout S]     run the cell on a worker
+
+TARGET: auto, off, cpu, gpu, tpu or KIND:BACKEND (cpu:jax). Each subcommand takes
+--help (%mesh start --help, %%mesh --help)."""
 
 
 # ---------------------------------------------------------------- argument parsers
 # The decorated functions are never called: they only carry their parsers.
 @magic_arguments()
-@argument("--cpu", default="2", help="number of CPU worker processes (whole number >= 0)")
-@argument("--gpu", default="auto", help="number of CUDA GPU workers, or 'auto'")
-@argument("--tpu", default="auto", help="number of TPU workers, or 'auto'")
-@argument("--jax-cpu", default="0", help="number of CPU workers driven by JAX")
-@argument("--site", default="local", help="site label of the workers")
-@argument("--threads", default=None, help="threads per worker")
+@argument("--cpu", default="2", metavar="N",
+          help="CPU worker processes, NumPy (whole number >= 0; default 2)")
+@argument("--gpu", default="auto", metavar="N",
+          help="CUDA GPU workers, CuPy, or 'auto': one per GPU found (default auto)")
+@argument("--tpu", default="auto", metavar="N",
+          help="TPU workers, JAX, or 'auto': one per TPU chip found (default auto)")
+@argument("--jax-cpu", default="0", metavar="N",
+          help="CPU workers driven by JAX, to try the accelerator path (default 0)")
+@argument("--site", default="local", metavar="SITE",
+          help="site label of the workers (default local)")
+@argument("--threads", default=None, metavar="N",
+          help="threads per CPU worker (default: the cores shared out among the workers)")
 @argument("--replace", action="store_true", help="close the active mesh first")
 def _start_args(line: str) -> None:
     """%mesh start: start an embedded local mesh on 127.0.0.1."""
@@ -72,7 +103,8 @@ def _close_args(line: str) -> None:
 
 
 @magic_arguments()
-@argument("target", nargs="?", default=None, help="auto, off, or a target such as gpu or cpu:jax")
+@argument("target", nargs="?", default=None, metavar="TARGET",
+          help="auto, off, or a target such as gpu or cpu:jax")
 def _route_args(line: str) -> None:
     """%mesh route: show or set how plain Dask calls are routed."""
 
@@ -100,15 +132,22 @@ def _reset_remote_args(line: str) -> None:
 
 
 @magic_arguments()
-@argument("--route", default=None, help="auto, off or a target for the Dask work in the cell")
+@argument("--route", default=None, metavar="TARGET",
+          help="auto (the default), off or a target for the Dask work in the cell")
 @argument("--remote", action="store_true", help="run the cell on a worker")
-@argument("--on", default=None, help="target of the remote worker (gpu, tpu, cpu, cpu:jax)")
-@argument("--site", default=None, help="site of the remote worker")
-@argument("--all", action="store_true", help="run on every matching worker")
-@argument("--push", default=None, help="comma-separated names to send to the worker")
-@argument("--pull", default=None, help="comma-separated names to bring back")
-@argument("-o", "--output", default=None, help="store the last expression's value in NAME")
-@argument("--timeout", default=None, help="seconds before the remote cell is stopped")
+@argument("--on", default=None, metavar="TARGET",
+          help="with --remote: the worker's target (cpu, gpu, tpu or KIND:BACKEND such "
+               "as cpu:jax)")
+@argument("--site", default=None, metavar="SITE", help="with --remote: the worker's site")
+@argument("--all", action="store_true", help="with --remote: every matching worker")
+@argument("--push", default=None, metavar="a,b",
+          help="with --remote: names to send to the worker")
+@argument("--pull", default=None, metavar="a,b",
+          help="with --remote: names to bring back")
+@argument("-o", "--output", default=None, metavar="NAME",
+          help="with --remote: store the last expression's value in NAME")
+@argument("--timeout", default=None, metavar="S",
+          help="with --remote: seconds before the cell is stopped")
 def _cell_args(line: str) -> None:
     """%%mesh: route the Dask work in the cell, or run it remotely."""
 
@@ -125,19 +164,34 @@ PARSERS = {
 }
 
 
-def parse(func: Any, argstring: str) -> Any:
+def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
+    """The arguments of ``name`` (a subcommand as typed, e.g. ``%mesh start``); a
+    UsageError that points to its own help."""
+    see = f"see {name} --help"
     try:
         return parse_argstring(func, argstring)
     except UsageError as exc:
-        raise UsageError(f"{str(exc).splitlines()[0]}; {USAGE}") from None
+        raise UsageError(f"{str(exc).splitlines()[0]}; {see}") from None
     except SystemExit:  # argparse --help
-        raise UsageError(USAGE) from None
+        raise UsageError(see) from None
     except ValueError as exc:  # unbalanced quotes and the like
-        raise UsageError(f"{exc}: {USAGE}") from None
+        raise UsageError(f"{exc}: {see}") from None
 
 
 def _as_usage(exc: Exception) -> UsageError:
     return UsageError(str(exc).splitlines()[0])
+
+
+_API_OPTION = re.compile(r"\b(cpu|gpu|tpu|jax_cpu|threads_per_worker)=(\w+|'auto')")
+_OPTION_NAMES = {"jax_cpu": "jax-cpu", "threads_per_worker": "threads"}
+
+
+def _as_options(message: str) -> str:
+    """An API message (``use gpu=0 or 'auto'``) as the magic's options spell it
+    (``use --gpu 0 or 'auto'``)."""
+    return _API_OPTION.sub(
+        lambda m: f"--{_OPTION_NAMES.get(m.group(1), m.group(1))} {m.group(2).strip(chr(39))}",
+        message)
 
 
 @magics_class
@@ -156,7 +210,7 @@ class MeshMagics(Magics):
         sub = parts[0] if parts else "status"
         rest = parts[1] if len(parts) > 1 else ""
         if sub in ("-h", "--help", "help"):
-            print(USAGE)
+            print(HELP)
             return None
         if sub == "explain":
             if _asks_help(rest):
@@ -168,7 +222,7 @@ class MeshMagics(Magics):
         if _asks_help(rest):
             print(_help_text(PARSERS[sub], f"%mesh {sub}"))
             return None
-        args = parse(PARSERS[sub], rest)
+        args = parse(PARSERS[sub], rest, f"%mesh {sub}")
         return getattr(self, "_" + sub.replace("-", "_"))(args)
 
     # ------------------------------------------------------------ foundation
@@ -193,7 +247,14 @@ class MeshMagics(Magics):
                 **kwargs,
             )
         except MeshError as exc:
-            raise _as_usage(exc) from None
+            raise UsageError(_as_options(str(exc).splitlines()[0])) from None
+        except UsageError:
+            raise
+        except Exception as exc:  # e.g. a worker process that could not start
+            why = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+            raise UsageError(f"the mesh did not start ({type(exc).__name__}: {why}); the "
+                             f"mesh in use, if any, is kept: check the terminal that runs "
+                             f"Jupyter for the workers' own messages") from None
         display(mesh)
 
     def _connect(self, args: Any) -> None:
@@ -236,6 +297,12 @@ class MeshMagics(Magics):
             print("No active mesh: run %mesh start (local) or %mesh connect ADDRESS.")
             return None
         if args.widget:
+            from .progress import in_notebook
+
+            if not in_notebook():  # a terminal: the text, and where the panel shows
+                display(mesh.inventory())
+                print("(%mesh status --widget shows a live panel in a notebook)")
+                return None
             return mesh.widget()
         try:
             inventory = mesh.inventory()
@@ -261,7 +328,7 @@ class MeshMagics(Magics):
         try:
             inventory = mesh.scale(**counts)
         except MeshError as exc:
-            raise _as_usage(exc) from None
+            raise UsageError(_as_options(str(exc).splitlines()[0])) from None
         display(inventory)
 
     def _close(self, args: Any) -> None:
@@ -301,7 +368,7 @@ class MeshMagics(Magics):
 
     # ------------------------------------------------------------ cells
     def _cell(self, line: str, cell: str) -> Any:
-        args = parse(_cell_args, line)
+        args = parse(_cell_args, line, "%%mesh")
         remote_only = [
             name for name, value in (
                 ("--on", args.on), ("--site", args.site), ("--all", args.all),
@@ -324,12 +391,24 @@ class MeshMagics(Magics):
         return router_magic.routed_cell(self.shell, _current_or_usage(), args.route, cell)
 
 
+MeshMagics.mesh.__doc__ = HELP
+
+
 def _help_text(func: Any, title: str) -> str:
     """A subcommand's options, titled as the user types it."""
-    parser = func.parser
+    import copy
+
+    parser = copy.copy(func.parser)
+    parser.prog = title.lstrip("%")  # IPython's help format puts one % before it
     text = parser.format_help().replace("::\n\n", "", 1).lstrip()
-    prog = parser.prog if text.startswith(parser.prog) else "%" + parser.prog
-    return "usage: " + text.replace(prog, title, 1)
+    if not text.startswith(title):
+        text = text.replace("%" + parser.prog, title, 1)
+    # the usage's continuation lines (up to the first blank line) line up under its
+    # first option, after "usage: " and the name as typed
+    usage, sep, rest = text.partition("\n\n")
+    first, *more = ("usage: " + usage).split("\n")
+    column = len("usage: ") + len(title) + 1
+    return "\n".join([first] + [" " * column + m.strip() for m in more]) + sep + rest
 
 
 def _asks_help(argstring: str) -> bool:

@@ -624,9 +624,10 @@ class Mesh:
         if checked.get("tpu", 0):
             tpus, why = _tpu.chips()
             if checked["tpu"] > len(tpus):
+                fewer = f"tpu={len(tpus)} or fewer" if tpus else "tpu=0"
                 raise MeshError(f"no TPU found for that many tpu workers (this host has "
                                 f"{len(tpus)} TPU chips{f': {why}' if why else ''}): "
-                                f"use tpu={len(tpus)} or fewer")
+                                f"use {fewer}")
         if checked.get("jax_cpu", 0):
             import importlib.util
 

@@ -64,6 +64,22 @@ class MeshPanel(w.VBox):
         refresh stops when the panel is closed or the mesh closes.
     """
 
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        # where widgets do not show (a notebook saved without widget state, nbconvert),
+        # the text stands in: what the panel shows, not the widget's repr
+        data = super()._repr_mimebundle_(**kwargs)
+        if isinstance(data, dict):
+            data["text/plain"] = self.text()
+        return data
+
+    def text(self) -> str:
+        """The panel as text: the mesh's devices, and that the panel is a widget."""
+        try:
+            shown = repr(self.mesh.inventory())
+        except Exception:  # closed, or its scheduler gone
+            shown = repr(self.mesh)
+        return f"{shown}\n(live panel: a widget, shown in a notebook)"
+
     def __init__(self, mesh: Mesh, refresh: float = 2.0, **kwargs: Any) -> None:
         if (isinstance(refresh, bool) or not isinstance(refresh, (int, float))
                 or not (refresh == 0 or MIN_REFRESH <= refresh < math.inf)):

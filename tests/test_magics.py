@@ -41,7 +41,8 @@ def test_start_status_and_compute(ip, started, capsys):
     "line, match",
     [
         ("bogus", "unknown subcommand 'bogus'.*start\\|connect"),
-        ("start --bogus 1", "unrecognized arguments.*start\\|connect"),
+        ("start --bogus 1", r"unrecognized arguments: --bogus 1; see %mesh start --help$"),
+        ("route auto off", r"unrecognized arguments: off; see %mesh route --help$"),
         ("start --cpu -1", "--cpu must be a whole number >= 0"),
         ("start --cpu two", "--cpu must be a whole number >= 0"),
         ("start --gpu abc", "--gpu must be 'auto' or a whole number"),
@@ -50,7 +51,7 @@ def test_start_status_and_compute(ip, started, capsys):
         ("start --threads 0", "--threads must be a whole number >= 1"),
         ('start --site ""', "--site: site must be a name"),
         ("start --site a/b", "--site: site must be a name"),
-        ("start --replace --gpu 2", "no CUDA GPU found.*jax_cpu"),
+        ("start --replace --gpu 2", "no CUDA GPU found for --gpu 2 .*--jax-cpu N"),
         ("start --replace --tpu 1", "no TPU found"),
         ("start", "already active.*--replace"),
         ("connect", "arguments are required: address"),
@@ -83,9 +84,10 @@ def test_start_status_and_compute(ip, started, capsys):
         ("scale --cpu many", "--cpu must be a whole number >= 0"),
         ("scale --cpu 10000", r"^--cpu must be a whole number from 0 to \d+"),
         ("scale --jax-cpu 10000", r"^--jax-cpu must be a whole number from 0 to \d+"),
-        ("scale --gpu 2", "no CUDA GPU found for that many gpu workers"),
-        ("scale --tpu 1", "no TPU found for that many tpu workers"),
-        ("scale --cpu 0", "a mesh needs at least one device"),
+        ("scale --gpu 2", "no CUDA GPU found for that many gpu workers: use --gpu 0$"),
+        ("scale --tpu 1", r"no TPU found for that many tpu workers .*: use --tpu 0$"),
+        ("scale --cpu 0", "a mesh needs at least one device: keep --cpu 1 or more$"),
+        ("start --replace --gpu 1", r"use --gpu 0 or 'auto', --jax-cpu N to test"),
         ("scale --bogus 1", "unrecognized arguments"),
     ],
 )
@@ -153,6 +155,31 @@ def test_cell_route_off_overrides_kernel_route(ip, started):
         ip.run_line_magic("mesh", "route off")
 
 
+def test_a_quoted_route_is_taken_as_typed(ip, started, capsys):
+    try:
+        ip.run_line_magic("mesh", "route 'auto'")
+        assert started.route_mode == "auto"
+        ip.run_line_magic("mesh", 'route "off"')
+        assert started.route_mode == "off"
+    finally:
+        ip.run_line_magic("mesh", "route off")
+
+
+def test_a_start_that_fails_outside_the_mesh_is_one_line_and_keeps_the_mesh(
+        ip, started, monkeypatch):
+    # e.g. Dask's "Nanny failed to start worker process": no traceback wall
+    def broken(*args, **kwargs):
+        raise RuntimeError("Nanny failed to start worker process\nmore lines")
+
+    monkeypatch.setattr(jm.Mesh, "local", broken)
+    with pytest.raises(UsageError) as info:
+        ip.run_line_magic("mesh", "start --cpu 1 --replace")
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(
+        "the mesh did not start (RuntimeError: Nanny failed to start worker process)")
+    assert jm.current() is started and not started.closed
+
+
 def test_start_replace_while_routing(ip, started):
     # Nannies pickle dask's config; the kernel's router in it must not break them.
     ip.run_line_magic("mesh", "route auto")
@@ -196,9 +223,17 @@ def test_help_shows_the_options_and_changes_nothing(ip, line, capsys):
 
 def test_help_without_subcommand_lists_them(ip, capsys):
     ip.run_line_magic("mesh", "--help")
-    assert "start|connect" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for sub in ("start", "connect ADDRESS", "status [--widget]", "scale [--cpu N] "
+                "[--jax-cpu N] [--gpu N] [--tpu N]", "route", "explain EXPR", "calibrate",
+                "reset-remote", "close", "%%mesh --remote"):
+        assert f"%mesh {sub}" in out or sub in out, sub
+    # IPython's own help (%mesh?) shows the same
+    from jupyter_mesh.magics import HELP
+
+    assert ip.find_line_magic("mesh").__doc__ == HELP
     ip.run_cell_magic("mesh", "--help", "raise SystemExit('the cell must not run')")
-    assert capsys.readouterr().out.startswith("usage: %%mesh [--route ROUTE] [--remote]")
+    assert capsys.readouterr().out.startswith("usage: %%mesh [--route TARGET] [--remote]")
 
 
 NO_MESH = r"^no active mesh: run %mesh start \(or jm\.Mesh\.local\(\)\) or %mesh connect ADDRESS"

@@ -512,7 +512,7 @@ MAGIC_MISUSE = [
     ("explain y.nothing", None, "no attribute 'nothing'"),
     ("--route gpu", "1", "no live gpu"),
     ("--route warp", "1", "unknown route"),
-    ("--route", "1", "--route: expected one argument; usage"),
+    ("--route", "1", "--route: expected one argument; see %%mesh --help"),
 ]
 
 

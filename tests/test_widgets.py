@@ -126,12 +126,26 @@ def test_bad_refresh_is_an_error(mesh, refresh):
         mesh.widget(refresh=refresh)
 
 
-def test_status_widget_magic_returns_the_panel(ip, mesh):
+def test_status_widget_magic_returns_the_panel(ip, mesh, monkeypatch):
+    from jupyter_mesh import progress
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
     p = ip.run_line_magic("mesh", "status --widget")
     try:
         assert isinstance(p, MeshPanel)
+        # saved without widget state (nbconvert): the devices, not the widget's repr
+        text = p._repr_mimebundle_()["text/plain"]
+        assert text.startswith("Mesh inventory at") and "live panel" in text
+        assert "MeshPanel(" not in text
     finally:
         p.close()
+
+
+def test_status_widget_in_a_terminal_prints_the_devices(ip, mesh, capsys):
+    # no widgets outside a notebook: the text inventory, and where the panel shows
+    assert ip.run_line_magic("mesh", "status --widget") is None
+    out = capsys.readouterr().out
+    assert "Mesh inventory at" in out and "live panel in a notebook" in out
 
 
 def test_refresh_stops_when_the_mesh_closes():

@@ -609,9 +609,10 @@ def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Any:
     if isinstance(route, Target):
         inv = mesh.inventory()
         if not any(route.matches(d.kind, d.backend) for d in inv):
+            have = ", ".join(f"{n} {t}" for t, n in sorted(inv.by_target().items()))
             raise MeshError(
-                f"no live {route} worker: the mesh has {inv.summary()}; use 'auto' or "
-                f"one of {', '.join(sorted(inv.by_target()))}"
+                f"no live {route} worker: the mesh has {have or 'no devices'}; use 'auto' "
+                f"or one of {', '.join(sorted(inv.by_target()))}"
             )
     return _route_context(mesh, route, fallback)
 

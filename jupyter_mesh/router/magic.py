@@ -22,6 +22,9 @@ _NAME_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 def _route(text: str) -> Any:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]  # %mesh route 'auto', as %mesh start --site 'x' takes quotes
     try:
         return parse_route_or_error(text)
     except MeshError as exc:

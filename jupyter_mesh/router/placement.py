@@ -55,9 +55,10 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
         matching = [i for i in idx if route.matches(pools[i].kind, pools[i].backend)]
         if not matching:
             where = f" at site {site!r}" if site else ""
+            have = sorted({pools[i].target for i in idx})
             raise MeshError(
                 f"no live {route} worker{where}: the mesh has {_have([pools[i] for i in idx])}; "
-                f"use route='auto' or one of those targets"
+                f"use 'auto' or one of {', '.join(have)}"
             )
     host = [i for i in idx if pools[i].backend == "numpy"]
     allowed: list[list[int]] = []
