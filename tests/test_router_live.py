@@ -254,9 +254,9 @@ def test_forced_missing_kind_fails_at_once(mesh):
 def test_bad_inputs(mesh):
     with pytest.raises(MeshError, match="unknown route"):
         mesh.compute(pipeline(), route="warp")
-    with pytest.raises(MeshError, match="Dask collections"):
-        mesh.compute(np.ones(3))
-    with pytest.raises(MeshError, match="Dask collections"):
+    with pytest.raises(MeshError, match="nothing to explain: no Dask collection"):
+        mesh.explain(np.ones(3))
+    with pytest.raises(MeshError, match="nothing to explain: no Dask collection"):
         mesh.explain([1, 2])
     with pytest.raises(MeshError, match="nothing"):
         mesh.compute()
@@ -302,13 +302,31 @@ def test_site_and_pin_need_routing(mesh):
         mesh.compute(y, site=3)
 
 
-def test_collections_in_a_list_say_to_unpack_them(mesh):
+@pytest.mark.parametrize("route", ["auto", "off"])
+def test_compute_takes_what_dask_compute_takes(mesh, route):
+    # collections in lists and dicts are computed in place, plain values come back as
+    # they are (e.g. the bins of da.histogram are a NumPy array)
     y = pipeline()
-    for call in (mesh.compute, mesh.explain):
-        with pytest.raises(MeshError, match=r"separate arguments.*mesh.compute\(\*arrays\)"):
-            call([y, y])
-    (got,) = mesh.compute(y)  # nothing was lost
-    assert got.shape == (600,)
+    d = dask.delayed(sum)([1, 2, 3])
+    args = (y.sum(), 5, [y, {"total": d}], "label")
+    want = dask.compute(*args, scheduler="sync")
+    got = mesh.compute(*args, route=route)
+    assert len(got) == 4 and got[1] == 5 and got[3] == "label"
+    np.testing.assert_allclose(got[0], want[0])
+    np.testing.assert_allclose(got[2][0], want[2][0])
+    assert got[2][1] == {"total": 6}
+    hist, bins = mesh.compute(*da.histogram(da.ones(10, chunks=5), bins=2, range=(0, 2)),
+                              route=route)
+    assert hist.tolist() == [0, 10] and bins.tolist() == [0.0, 1.0, 2.0]
+    assert mesh.compute(5, route=route) == (5,)  # nothing for the mesh to do
+
+
+def test_explain_plans_the_collections_among_its_arguments(mesh):
+    y = pipeline()
+    assert mesh.explain([y, 3]).ntasks == mesh.explain(y).ntasks
+    with pytest.raises(MeshError, match=r"^nothing to explain: no Dask collection among "
+                                        r"the arguments \(int, str\)$"):
+        mesh.explain(5, "x")
 
 
 def test_submit_bad_inputs(mesh):
@@ -502,7 +520,7 @@ MAGIC_MISUSE = [
     ("route gpu", None, "no live gpu"),
     ("explain nothing_here", None, "not defined"),
     ("explain", None, "usage"),
-    ("explain plain", None, "Dask collections"),
+    ("explain plain", None, "nothing to explain: no Dask collection"),
     ("explain y --route", None, "--route needs a value"),
     ("explain y --route=", None, "--route needs a value"),
     ("explain --route", None, "--route needs a value"),

@@ -201,9 +201,23 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     route = parse_route_or_error(route)
     site = _check_site(site)
     _check_off(route, site, pin)
-    plan = _plan_collections(mesh, collections, route, site, pin)
+    colls, _ = _unpacked(collections)
+    if collections and not colls:
+        raise MeshError(f"nothing to explain: no Dask collection among the arguments "
+                        f"({', '.join(type(c).__name__ for c in collections)})")
+    plan = _plan_collections(mesh, colls or collections, route, site, pin)
     mesh.last_plan = plan
     return plan
+
+
+def _unpacked(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
+    """The Dask collections among ``args`` (in lists, tuples, dicts and sets too, as
+    ``dask.compute`` finds them; each once), and the function that puts their results
+    back in the arguments' places."""
+    from dask.base import unpack_collections
+
+    colls, repack = unpack_collections(*args, traverse=True)
+    return tuple(colls), repack
 
 
 def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
@@ -307,6 +321,12 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     site = _check_site(site)
     if not collections:
         raise MeshError("nothing to compute: pass one or more Dask collections")
+    # like dask.compute: collections in lists, tuples and dicts are computed in place,
+    # and other values come back as they are
+    args = collections
+    collections, repack = _unpacked(args)
+    if not collections:
+        return tuple(args)
     _collection_graph(collections)  # validates the inputs first
     _check_off(route, site, pin)
     if route == "off":
@@ -326,7 +346,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             watch.stopped(aborted=True)
             raise
         watch.stopped()
-        return gathered
+        return tuple(repack(gathered))
     plan = _plan_collections(mesh, collections, route, site, pin)
     model = plan.model
     values = run_plan(mesh, plan, fallback)
@@ -335,7 +355,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     for c in collections:
         finalize, extra = c.__dask_postcompute__()
         out.append(finalize(_nest(c.__dask_keys__(), by_key), *extra))
-    return tuple(out)
+    return tuple(repack(out))
 
 
 def _nest(keys: Any, values: dict[Any, Any]) -> Any:
