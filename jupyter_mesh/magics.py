@@ -300,7 +300,10 @@ class MeshMagics(Magics):
             from .progress import in_notebook
 
             if not in_notebook():  # a terminal: the text, and where the panel shows
-                display(mesh.inventory())
+                try:
+                    display(mesh.inventory())
+                except MeshError as exc:
+                    raise _as_usage(exc) from None
                 print("(%mesh status --widget shows a live panel in a notebook)")
                 return None
             return mesh.widget()

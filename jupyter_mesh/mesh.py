@@ -409,6 +409,9 @@ class Mesh:
             # only now that the new mesh is up: a failure above loses nothing
             try:
                 _close_active()
+            except Exception as exc:  # e.g. its scheduler gone: the new mesh is up
+                warnings.warn(f"jupyter_mesh: the mesh it replaces did not close cleanly "
+                              f"({type(exc).__name__}: {exc})", stacklevel=2)
             finally:
                 # even after Ctrl-C while the old one closed: the new mesh runs, and
                 # nothing may run that %mesh and jm.current() cannot reach

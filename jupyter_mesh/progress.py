@@ -284,8 +284,13 @@ class FuturesWatch:
                 comm = getattr(bar, "comm", None)
                 if comm is not None:
                     comm.abort()  # it listens no more
-            with contextlib.suppress(Exception):
-                bar.stop_here()  # not "Computing" for ever
+            if aborted:
+                with contextlib.suppress(Exception):
+                    bar.stop_here()  # not "Computing" for ever
+            elif isinstance(bar, TextBars):
+                with contextlib.suppress(Exception):
+                    sys.stderr.write("\n")  # finished, Dask's last word late: the line ends
+                    sys.stderr.flush()
 
     def timeline(self) -> list[dict[str, Any]] | None:
         """The scheduler's task-stream records (start and stop per task) since the

@@ -343,6 +343,27 @@ def test_ctrl_c_while_the_replaced_mesh_closes_leaves_the_new_one_current(no_mes
         new.close()
 
 
+def test_a_replaced_mesh_that_fails_to_close_is_a_warning_and_the_new_one_runs(
+        no_mesh, monkeypatch):
+    old = jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0)
+    real_close = jm.Mesh.close
+
+    def broken(self):
+        real_close(self)
+        if self is old:
+            raise RuntimeError("scheduler gone")
+
+    monkeypatch.setattr(jm.Mesh, "close", broken)
+    with pytest.warns(UserWarning, match=r"did not close cleanly \(RuntimeError: "
+                                         r"scheduler gone\)"):
+        new = jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, replace=True)
+    monkeypatch.undo()
+    try:
+        assert jm.current() is new and not new.closed
+    finally:
+        new.close()
+
+
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1, "soon", True])
 def test_connect_timeout_must_be_a_positive_number(no_mesh, timeout):
     with pytest.raises(MeshError, match="timeout must be a positive number of seconds"):

@@ -81,7 +81,8 @@ def test_submit_leaves_arrays_the_device_has_no_dtype_for_on_the_host(on_a_gpu_w
     assert _device.SubmitCall(where, "cupy")(names, values) == ("ndarray", "OnStandIn")
 
 
-@pytest.mark.parametrize("asked, moved", [(None, False), ("numpy", False), ("cupy", True)])
+@pytest.mark.parametrize("asked, moved", [(None, False), ("numpy", False), ("cupy", True),
+                                           (_device.ANY_BACKEND, True)])
 def test_submit_moves_arguments_only_to_the_backend_asked_for(on_a_gpu_worker, asked,
                                                                moved):
     # mesh.submit(f, a) with no target, or on="cpu", may land on a device worker: f

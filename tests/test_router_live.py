@@ -319,6 +319,9 @@ def test_compute_takes_what_dask_compute_takes(mesh, route):
                               route=route)
     assert hist.tolist() == [0, 10] and bins.tolist() == [0.0, 1.0, 2.0]
     assert mesh.compute(5, route=route) == (5,)  # nothing for the mesh to do
+    assert mesh.last_report is None and mesh.last_plan is None  # none passes for it
+    with pytest.raises(MeshError, match="site= needs routing"):
+        mesh.compute(5, route="off", site="lab")
 
 
 def test_explain_plans_the_collections_among_its_arguments(mesh):
@@ -512,6 +515,28 @@ def test_a_failing_routed_cell_counts_as_failed(ip, mesh, capsys):
     assert shown.count("ValueError: bad input") == 1 and "CellFailed" not in shown
     assert mesh.route_mode == "off" and mesh.report_sinks == []
     assert ip.run_cell("%%mesh --route cpu:jax\nok = 1").success
+
+
+def test_routed_cells_keep_the_shells_numbering_and_failures(ip, mesh, capsys):
+    # as cells of a notebook: each with its number, its value in Out under it
+    first = ip.run_cell("41", store_history=True)
+    cell = ip.run_cell("%%mesh --route cpu:jax\n42", store_history=True)
+    assert cell.success and cell.execution_count == first.execution_count + 1
+    assert ip.user_ns["Out"][first.execution_count] == 41  # not overwritten
+    assert ip.user_ns["Out"][cell.execution_count] == 42
+    # a failing one: the traceback names its own number, and IPython counts it failed
+    failed = ip.run_cell("%%mesh --route cpu:jax\n1 / 0", store_history=True)
+    assert isinstance(failed.error_in_exec, ZeroDivisionError)
+    assert f"In[{failed.execution_count}]" in capsys.readouterr().out
+    assert ip.last_execution_succeeded is False
+    # run_cell_magic called from code: the failure is an exception there
+    code = ("import jupyter_mesh.router.magic as rm\ntry:\n"
+            "    get_ipython().run_cell_magic('mesh', '--route cpu:jax', '1 / 0')\n"
+            "except rm.CellFailed:\n    caught = True\nafter = 1")
+    assert ip.run_cell(code, store_history=True).success
+    assert ip.user_ns["caught"] is True and ip.user_ns["after"] == 1
+    assert ip.run_cell("%%mesh --route cpu:jax\nok2 = 2", store_history=True).success
+    assert ip.last_execution_succeeded is True
 
 
 #: (line, cell or None for a line magic, what the one-line error says)

@@ -238,6 +238,11 @@ class Unwrapping:
         return f"Unwrapping({getattr(self.func, '__name__', self.func)!r})"
 
 
+#: SubmitCall's backend for a target of a device kind alone (``on="gpu"``): whichever
+#: backend drives the worker that runs it
+ANY_BACKEND = "*"
+
+
 class SubmitCall:
     """What ``mesh.submit`` runs on the worker: on a worker driven by ``backend`` (the
     one the request asked for or the mesh picked), array arguments (NumPy, CuPy or JAX,
@@ -263,7 +268,7 @@ class SubmitCall:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         name = worker_backend()
-        if name == "numpy" or name != self.backend:
+        if name == "numpy" or (name != self.backend and self.backend != ANY_BACKEND):
             name = "numpy"
             move = to_host_any
         else:

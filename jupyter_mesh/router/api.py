@@ -18,8 +18,8 @@ from dask.utils import funcname
 
 from .. import _config, progress
 from ..errors import MeshError
-from ..targets import DEFAULT_BACKEND, Target, site_resource
-from ._device import SubmitCall, pop_records
+from ..targets import Target, site_resource
+from ._device import ANY_BACKEND, SubmitCall, pop_records
 from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, STATUS_HANDLER
 from .classify import (
     CAPABILITIES,
@@ -299,7 +299,8 @@ def _noted(plan: Any, cost: CostModel) -> Any:
             what.append(f"{cost.dependency_latency * 1e3:.2g} ms from a task's end to the "
                         f"start of one waiting for it")
         if network_latency_auto() and cal.network_latency is not None:
-            what.append(f"{cal.network_latency * 1e3:.2g} ms per transfer between workers")
+            what.append(f"{cal.network_latency * 1e3:.2g} ms more per transfer between "
+                        f"workers")
         if what:
             plan.notes.append(f"measured on this mesh: {' and '.join(what)} "
                               f"(mesh.calibrate() measures again)")
@@ -325,10 +326,13 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     # and other values come back as they are
     args = collections
     collections, repack = _unpacked(args)
+    _check_off(route, site, pin)
     if not collections:
+        # nothing for the mesh to do (as dask.compute, the values back); no earlier
+        # plan or report may pass for this computation's
+        mesh.last_plan = mesh.last_report = None
         return tuple(args)
     _collection_graph(collections)  # validates the inputs first
-    _check_off(route, site, pin)
     if route == "off":
         # nothing is routed, so nothing is reported: an earlier report must not pass
         # for this computation's
@@ -728,9 +732,9 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
     resource: str | None = None
     label = "any worker"
-    # the backend the arguments go to: the one asked for (a kind alone: its usual
-    # backend, so on="cpu" is NumPy on a JAX-driven CPU worker too), the one the mesh
-    # picked for needs=; none (host NumPy) where no target was asked for
+    # the backend the arguments go to: the one asked for (on="cpu": NumPy, on a
+    # JAX-driven CPU worker too), the one the mesh picked for needs=; none (host
+    # NumPy) where no target was asked for
     backend: str | None = None
     if on is not None:
         target = parse_route_or_error(on)
@@ -747,7 +751,8 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
                 f"on= one of {', '.join(have) or 'nothing'}, or needs= to let the mesh pick"
             )
         resource, label = target.resource, str(target)
-        backend = target.backend or DEFAULT_BACKEND.get(target.kind)
+        # a kind alone: its device's own backend (CuPy or JAX on a GPU), NumPy on a CPU
+        backend = target.backend or ("numpy" if target.kind == "cpu" else ANY_BACKEND)
     elif needs is not None:
         resource, label, backend = choose_for_needs(mesh, needs, site)
     # the target is part of the key: the same call on two targets is two tasks

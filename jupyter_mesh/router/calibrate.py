@@ -272,7 +272,7 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
         hops = [(_chain(client, pair, chain, timeout), _chain(client, pair[:1], chain, timeout))
                 for _ in range(repeats)]
         extra = min(h[0] for h in hops) - min(h[1] for h in hops)
-        latency = max(extra / chain, _FLOOR)
+        latency = max(extra / (chain - 1), _FLOOR)  # chain - 1 hand-overs between the two
         tasks += repeats * 2 * chain
     used = len({d.worker for d in probe} | set(pair or ()))
     return Calibration(overhead, latency, tasks, used, time.perf_counter() - t0,

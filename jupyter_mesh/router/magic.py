@@ -105,14 +105,7 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
     outer = running_cell(shell)
     try:
         with ctx:
-            if outer is not None:
-                shell.execution_count, count = outer.execution_count, shell.execution_count
-                try:
-                    result = shell.run_cell(cell)
-                finally:
-                    shell.execution_count = count
-            else:
-                result = shell.run_cell(cell)
+            result = _run_body(shell, cell, outer)
     finally:
         mesh.report_sinks.remove(reports)
     if not getattr(result, "success", True):
@@ -120,18 +113,58 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
         # with the body's error (so that "Run All", nbconvert and papermill stop here
         # and name it), and show no second one
         err = result.error_before_exec or result.error_in_exec
-        if outer is not None and err is not None:
+        if outer is not None and err is not None and _whole_cell(outer):
             outer.error_in_exec = err
+            _fail_after(shell)
             return
         raise CellFailed("the routed cell raised") from None
     for report in reports:
         display(report)
 
 
+def _run_body(shell: Any, cell: str, outer: Any) -> Any:
+    """Run the body as a cell of its own, compiled under the running cell's number; the
+    shell's count, and its record of the running cell, as they were for the rest."""
+    if outer is None:
+        return shell.run_cell(cell)
+    count = shell.execution_count
+
+    def restore(*_: Any) -> None:
+        # IPython took the number for the body's name already: from here on (its value
+        # shown as Out[N]) the count is the shell's own again
+        shell.events.unregister("pre_run_cell", restore)
+        shell.execution_count = count
+
+    shell.execution_count = outer.execution_count
+    shell.events.register("pre_run_cell", restore)
+    try:
+        return shell.run_cell(cell)
+    finally:
+        if restore in shell.events.callbacks["pre_run_cell"]:
+            shell.events.unregister("pre_run_cell", restore)
+        shell.execution_count = count
+        shell.displayhook.exec_result = outer  # the body's run reset it
+
+
+def _whole_cell(outer: Any) -> bool:
+    """Whether the running cell is this ``%%mesh`` cell itself (not code that calls
+    ``run_cell_magic``, which must see the failure as an exception)."""
+    raw = getattr(getattr(outer, "info", None), "raw_cell", None) or ""
+    return raw.lstrip().startswith("%%")
+
+
+def _fail_after(shell: Any) -> None:
+    """Once the running cell is over, IPython says it failed (``ipython -c`` exits 1)."""
+    def failed(*_: Any) -> None:
+        shell.events.unregister("post_run_cell", failed)
+        shell.last_execution_succeeded = False
+
+    shell.events.register("post_run_cell", failed)
+
+
 def running_cell(shell: Any) -> Any:
     """The ExecutionResult of the cell running now (its ``execution_count`` is the
-    number the notebook shows), or None outside a cell (e.g. ``run_cell_magic`` called
-    from code)."""
+    number the notebook shows), or None outside one."""
     result = getattr(getattr(shell, "displayhook", None), "exec_result", None)
     return result if hasattr(result, "execution_count") else None
 

@@ -592,7 +592,9 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
     if cost.task_interval > 0:
         # the mesh dispatches one task at a time: a chain fused into one task is one
         chain = chain_links(model)
-        fused = sum(1 for i, d in enumerate(chain) if d >= 0 and worker_of[i] == worker_of[d])
+        # restricting nothing, the rewrite fuses every chain (Dask places them whole)
+        fused = sum(1 for i, d in enumerate(chain)
+                    if d >= 0 and (unrestricted or worker_of[i] == worker_of[d]))
         plan.floor = (len(model.keys) - fused) * cost.task_interval
         if plan.floor > max(finish):
             plan.notes.append(
