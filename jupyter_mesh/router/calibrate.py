@@ -134,25 +134,12 @@ def _wall(client: Client, graph: dict[Any, Any], keys: list[Any], workers: list[
     return time.perf_counter() - t0
 
 
-def _queued(client: Client, workers: list[str], n: int, timeout: float
-            ) -> tuple[float, float]:
-    """Wall seconds of one no-op task, and of ``n`` independent ones, on ``workers``
-    (held to them, so all are sent at once and the workers' queues are full)."""
-    from dask._task_spec import Task
-
-    token = uuid.uuid4().hex
-    one = {f"jm-probe-one-{token}": Task(f"jm-probe-one-{token}", _noop)}
-    many = {f"jm-probe-{token}-{i}": Task(f"jm-probe-{token}-{i}", _noop, i)
-            for i in range(n)}
-    return (_wall(client, one, list(one), workers, timeout),
-            _wall(client, many, list(many), workers, timeout))
-
-
-def _paced(client: Client, workers: list[str], n: int, timeout: float
+def _walls(client: Client, workers: list[str], n: int, depth: int, timeout: float
            ) -> tuple[float, float]:
-    """Wall seconds of one no-op task, and of ``n`` in chains of ``DEPTH`` (each waits
-    for the one before it, as the tasks of an array graph wait for their inputs), on
-    ``workers``."""
+    """Wall seconds of one no-op task, and of ``n`` in chains of ``depth`` (each waits
+    for the one before it, as the tasks of an array graph wait for their inputs; 1:
+    independent tasks), held to ``workers``: all sent at once, so that their queues are
+    full."""
     from dask._task_spec import Task, TaskRef
 
     token = uuid.uuid4().hex
@@ -160,7 +147,7 @@ def _paced(client: Client, workers: list[str], n: int, timeout: float
     many: dict[str, Task] = {}
     for i in range(n):
         k = f"jm-probe-{token}-{i}"
-        dep = (TaskRef(f"jm-probe-{token}-{i - 1}"),) if i % DEPTH else ()
+        dep = (TaskRef(f"jm-probe-{token}-{i - 1}"),) if i % depth else ()
         many[k] = Task(k, _noop, i, *dep)
     return (_wall(client, one, list(one), workers, timeout),
             _wall(client, many, list(many), workers, timeout))
@@ -184,8 +171,8 @@ def _steps(client: Client, worker: str, length: int, timeout: float) -> float:
     return _wall(client, graph, keys[-1:], [worker], timeout)
 
 
-#: the dispatch probe runs on this many workers at most, one after the other (on a large
-#: mesh, probing every worker would take long)
+#: the pace probe runs on this many workers at most (on a large mesh, probing every
+#: worker would take long)
 PROBE_WORKERS = 4
 
 
@@ -244,7 +231,7 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
     def best(workers: list[str], n: int) -> tuple[float, float]:
         # the least of each wall over the repeats: noise only adds to a wall, but it
         # can shrink a difference of two walls
-        walls = [_queued(client, workers, n, timeout) for _ in range(repeats)]
+        walls = [_walls(client, workers, n, 1, timeout) for _ in range(repeats)]
         return min(w[0] for w in walls), min(w[1] for w in walls)
 
     # what a task costs the worker that runs it: the first probe worker, queue full
@@ -257,7 +244,7 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
     # the mesh's pace: tasks with inputs, in chains, on every probe worker at once
     total = sum(max(int(d.nthreads), 1) for d in probe)
     n_all = max(tasks_per_thread // 2 * total, 16)
-    walls = [_paced(client, [d.worker for d in probe], n_all, timeout)
+    walls = [_walls(client, [d.worker for d in probe], n_all, DEPTH, timeout)
              for _ in range(repeats)]
     interval = (min(w[1] for w in walls) - min(w[0] for w in walls)) / (n_all - 1)
     tasks += repeats * (n_all + 1)
