@@ -37,12 +37,20 @@ def cell(nb, starts: str):
 
 
 def text(c) -> str:
-    out = []
+    # consecutive messages of one stream are one text, as a frontend shows them (a line
+    # printed on a worker may arrive in two messages)
+    out: list[str] = []
+    last = None
     for o in c.outputs:
         if o.output_type == "stream":
-            out.append(o.text)
+            if o.name == last:
+                out[-1] += o.text
+            else:
+                out.append(o.text)
+            last = o.name
         elif "data" in o:
             out.append(o.data.get("text/plain", ""))
+            last = None
     return "\n".join(out)
 
 
