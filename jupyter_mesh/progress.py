@@ -135,6 +135,11 @@ class TextBars(MultiProgressBar):
         self._write(f"\r{self.last_line} | {_STOPPED}\n")
         self.finished = True
 
+    def done_here(self) -> None:
+        """The work finished before Dask's last word reached the bar."""
+        self._write(f"\r{self.last_line} | finished\n")
+        self.finished = True
+
 
 class WidgetBars(MultiProgressWidget):
     """Dask's multi-group progress widget, with a title, that says when it is done."""
@@ -168,6 +173,14 @@ class WidgetBars(MultiProgressWidget):
             if bar.value < 1.0:
                 bar.bar_style = "danger"
         self._say("Stopped:", f" ({_STOPPED})")
+        self.finished = True
+
+    def done_here(self) -> None:
+        """The work finished before Dask's last word reached the bar."""
+        for bar in getattr(self, "bars", {}).values():
+            bar.value = 1.0
+            bar.bar_style = "success"
+        self._say("Finished:", "")
         self.finished = True
 
 
@@ -284,13 +297,11 @@ class FuturesWatch:
                 comm = getattr(bar, "comm", None)
                 if comm is not None:
                     comm.abort()  # it listens no more
-            if aborted:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if aborted:
                     bar.stop_here()  # not "Computing" for ever
-            elif isinstance(bar, TextBars):
-                with contextlib.suppress(Exception):
-                    sys.stderr.write("\n")  # finished, Dask's last word late: the line ends
-                    sys.stderr.flush()
+                else:
+                    bar.done_here()  # it finished; Dask's last word came late
 
     def timeline(self) -> list[dict[str, Any]] | None:
         """The scheduler's task-stream records (start and stop per task) since the

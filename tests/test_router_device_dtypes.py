@@ -39,6 +39,7 @@ class StandInCupy(backends.CupyBackend):
 @pytest.fixture
 def on_a_gpu_worker(monkeypatch):
     monkeypatch.setattr(_device, "worker_backend", lambda: "cupy")
+    monkeypatch.setattr(_device, "worker_kind", lambda: "gpu")
     standin = StandInCupy()
     monkeypatch.setattr(_device, "get_backend", lambda name: standin)
     yield
@@ -81,14 +82,17 @@ def test_submit_leaves_arrays_the_device_has_no_dtype_for_on_the_host(on_a_gpu_w
     assert _device.SubmitCall(where, "cupy")(names, values) == ("ndarray", "OnStandIn")
 
 
-@pytest.mark.parametrize("asked, moved", [(None, False), ("numpy", False), ("cupy", True),
-                                           (_device.ANY_BACKEND, True)])
+@pytest.mark.parametrize("asked, kind, moved", [
+    (None, None, False), ("numpy", "cpu", False), ("cupy", "gpu", True),
+    # on="gpu": the GPU worker's own backend; a worker of another kind (a fallback)
+    # gives host NumPy
+    (_device.ANY_BACKEND, "gpu", True), (_device.ANY_BACKEND, "tpu", False)])
 def test_submit_moves_arguments_only_to_the_backend_asked_for(on_a_gpu_worker, asked,
-                                                               moved):
+                                                               kind, moved):
     # mesh.submit(f, a) with no target, or on="cpu", may land on a device worker: f
     # still gets host NumPy there, so its numbers never depend on where it ran
-    def kind(a):
+    def where_is(a):
         return type(a).__name__
 
-    assert _device.SubmitCall(kind, asked)(np.arange(3.0)) == (
+    assert _device.SubmitCall(where_is, asked, kind)(np.arange(3.0)) == (
         "OnStandIn" if moved else "ndarray")

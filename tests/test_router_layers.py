@@ -86,18 +86,18 @@ def test_integer_and_boolean_ops_are_never_planned_on_jax():
         assert "jax" in next(op.native for op in model.ops if op.label == "matmul")
 
 
-def test_a_layer_plan_is_never_below_the_meshs_pace_of_dispatch():
+def test_a_layer_plan_has_no_pace_floor():
+    # its layers count tasks before Dask culls them: a floor from them could be far
+    # above what runs (a few chunks sliced from a large array)
     from jupyter_mesh.router.cost import CostModel
 
     pools = synthetic_pools()
     g, keys = _collection_graph([pipeline()])
     model = model_layers(g, keys)
     cost = CostModel(pools)
-    assert plan_layers(model, pools, "cpu:jax", cost=cost).floor == 0.0
     cost.task_interval = 1.0
     plan = plan_layers(model, pools, "cpu:jax", cost=cost)
-    assert plan.makespan == pytest.approx(model.ntasks)
-    assert any("measured pace" in n for n in plan.notes)
+    assert plan.floor == 0.0 and plan.makespan < model.ntasks
 
 
 def test_plan_rows_and_rewrite_wrap_each_layer_once():

@@ -537,6 +537,13 @@ def test_routed_cells_keep_the_shells_numbering_and_failures(ip, mesh, capsys):
     assert ip.user_ns["caught"] is True and ip.user_ns["after"] == 1
     assert ip.run_cell("%%mesh --route cpu:jax\nok2 = 2", store_history=True).success
     assert ip.last_execution_succeeded is True
+    # a silent run (a frontend's own request) shows nothing, keeps no value, and its
+    # failure is its own: the next cell is not marked failed
+    shown = ip.run_cell("77", store_history=True)
+    ip.run_cell("%%mesh --route cpu:jax\n99", silent=True)
+    assert ip.user_ns["Out"][shown.execution_count] == 77
+    assert not ip.run_cell("%%mesh --route cpu:jax\n1 / 0", silent=True).success
+    assert ip.run_cell("5", store_history=True).success and ip.last_execution_succeeded
 
 
 #: (line, cell or None for a line magic, what the one-line error says)

@@ -983,7 +983,7 @@ def test_a_device_result_moved_to_another_worker_arrives_as_an_exact_host_array(
     on_jax_worker = f"""
 import operator, pickle, numpy as np
 from jupyter_mesh.router import _device
-_device._local.backend = "jax"  # as on a JAX worker
+_device._local.device = ("cpu", "jax")  # as on a JAX worker
 a = np.load({str(tmp_path / "a.npy")!r})
 kept = _device.DeviceCall(operator.matmul, "k", "p", False, frozenset({{"jax"}}))(a, a)
 assert type(kept) is _device.OnDevice and kept.backend == "jax", kept

@@ -26,20 +26,29 @@ _registered_lookups = False
 
 def worker_backend() -> str:
     """The backend of the worker this runs on (``numpy`` outside a mesh worker)."""
-    cached = getattr(_local, "backend", None)
+    return _worker_device()[1]
+
+
+def worker_kind() -> str:
+    """The device kind of the worker this runs on (``cpu`` outside a mesh worker)."""
+    return _worker_device()[0]
+
+
+def _worker_device() -> tuple[str, str]:
+    cached = getattr(_local, "device", None)
     if cached is not None:
         return cached
-    backend = "numpy"
+    device = ("cpu", "numpy")
     try:
         from distributed import get_worker
 
         ext = get_worker().extensions.get("jupyter-mesh")
         if ext is not None and ext.device:
-            backend = ext.device.get("backend", "numpy")
+            device = (ext.device.get("kind", "cpu"), ext.device.get("backend", "numpy"))
     except Exception:
         pass
-    _local.backend = backend
-    return backend
+    _local.device = device
+    return device
 
 
 def _map(fn: Any, x: Any) -> Any:
@@ -252,23 +261,35 @@ class SubmitCall:
     asked for, or the task fell back to what was left) ``func`` gets host NumPy arrays,
     whichever backend drives that worker: its numbers never depend on where it ran."""
 
-    __slots__ = ("func", "backend")
+    __slots__ = ("func", "backend", "kind")
 
-    def __init__(self, func: Any, backend: str | None = None) -> None:
+    def __init__(self, func: Any, backend: str | None = None, kind: str | None = None
+                 ) -> None:
         self.func = func
         self.backend = backend
+        #: with ``ANY_BACKEND``: the device kind asked for (a worker of another kind,
+        #: after a fallback, gives host NumPy)
+        self.kind = kind
 
     def __reduce__(self) -> Any:
-        return (SubmitCall, (self.func, self.backend))
+        return (SubmitCall, (self.func, self.backend, self.kind))
 
     def __dask_tokenize__(self) -> Any:
         from dask.tokenize import normalize_token
 
-        return ("jupyter_mesh.SubmitCall", normalize_token(self.func), self.backend)
+        return ("jupyter_mesh.SubmitCall", normalize_token(self.func), self.backend,
+                self.kind)
+
+    def _moves_to(self, name: str) -> bool:
+        if name == "numpy":
+            return False
+        if self.backend == ANY_BACKEND:
+            return worker_kind() == self.kind
+        return name == self.backend
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         name = worker_backend()
-        if name == "numpy" or (name != self.backend and self.backend != ANY_BACKEND):
+        if not self._moves_to(name):
             name = "numpy"
             move = to_host_any
         else:

@@ -736,6 +736,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     # JAX-driven CPU worker too), the one the mesh picked for needs=; none (host
     # NumPy) where no target was asked for
     backend: str | None = None
+    kind: str | None = None
     if on is not None:
         target = parse_route_or_error(on)
         if not isinstance(target, Target):
@@ -753,6 +754,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         resource, label = target.resource, str(target)
         # a kind alone: its device's own backend (CuPy or JAX on a GPU), NumPy on a CPU
         backend = target.backend or ("numpy" if target.kind == "cpu" else ANY_BACKEND)
+        kind = target.kind
     elif needs is not None:
         resource, label, backend = choose_for_needs(mesh, needs, site)
     # the target is part of the key: the same call on two targets is two tasks
@@ -764,7 +766,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         label = f"{label} at site {site}"
     if resources:
         _register_submit(mesh, key, resource, site, label)
-    call = SubmitCall(fn, backend) if convert else fn
+    call = SubmitCall(fn, backend, kind) if convert else fn
     # every keyword argument goes to fn, even one named like an option of Dask's
     # submit (key=, pure=, retries=, workers=...), which Dask would otherwise take
     return mesh.client.submit(_apply, call, list(args), dict(kwargs), key=key,

@@ -25,8 +25,8 @@ The probe is plain Dask work, about half a second on a small mesh:
 * **pace**: no-op tasks in chains of four (each waits for the one before it, as the
   tasks of an array graph wait for their inputs) on up to four workers at once (one of
   each site and target first), and one alone: the difference of the walls over ``n -
-  1`` is the mesh's pace, one task every so many seconds. An estimate is never below
-  the tasks a plan dispatches at that pace.
+  1`` is the mesh's pace, one task every so many seconds. The estimate of a plan made
+  per task is never below the tasks it dispatches at that pace.
   (Until 2026-11-29 the probe ran chains of tasks on all of them at once and the cost
   model charged the result as the workers' own time: that timed the round trips of
   the chains and, on a machine with few cores, the scheduler's pace with every worker

@@ -215,7 +215,7 @@ class LayerPlan(Plan[LayerModel]):
 
     @property
     def makespan(self) -> float:
-        return max(max(self.layer_finish, default=0.0), self.floor)
+        return max(self.layer_finish, default=0.0)
 
     def layer_of_key(self, key: Any) -> int | None:
         return self.model.layer_of_key(key)
@@ -317,14 +317,6 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
     plan = LayerPlan(model, pools, str(route), layer_pool, start, finish, est, moved, cost,
                      notes=notes, site=site)
     plan.unrestricted = unrestricted
-    if cost.task_interval > 0:
-        # every task dispatched on its own (a Blockwise layer's fused chains aside): at
-        # the mesh's measured pace, the computation takes at least this long
-        plan.floor = model.ntasks * cost.task_interval
-        if plan.floor > max(finish, default=0.0):
-            plan.notes.append(
-                f"estimate: at least {plan.floor:.2g} s, its {model.ntasks} tasks at this "
-                f"mesh's measured pace (one every {cost.task_interval * 1e3:.2g} ms)")
     return plan
 
 

@@ -127,6 +127,8 @@ def _run_body(shell: Any, cell: str, outer: Any) -> Any:
     shell's count, and its record of the running cell, as they were for the rest."""
     if outer is None:
         return shell.run_cell(cell)
+    # a silent run (a frontend's own request) shows nothing and keeps no value
+    silent = bool(getattr(getattr(outer, "info", None), "silent", False))
     count = shell.execution_count
 
     def restore(*_: Any) -> None:
@@ -138,7 +140,7 @@ def _run_body(shell: Any, cell: str, outer: Any) -> Any:
     shell.execution_count = outer.execution_count
     shell.events.register("pre_run_cell", restore)
     try:
-        return shell.run_cell(cell)
+        return shell.run_cell(cell, silent=silent)
     finally:
         if restore in shell.events.callbacks["pre_run_cell"]:
             shell.events.unregister("pre_run_cell", restore)
@@ -150,16 +152,17 @@ def _whole_cell(outer: Any) -> bool:
     """Whether the running cell is this ``%%mesh`` cell itself (not code that calls
     ``run_cell_magic``, which must see the failure as an exception)."""
     raw = getattr(getattr(outer, "info", None), "raw_cell", None) or ""
-    return raw.lstrip().startswith("%%")
+    return re.match(r"\s*%%mesh(\s|$)", raw) is not None
 
 
 def _fail_after(shell: Any) -> None:
     """Once the running cell is over, IPython says it failed (``ipython -c`` exits 1)."""
     def failed(*_: Any) -> None:
-        shell.events.unregister("post_run_cell", failed)
+        shell.events.unregister("post_execute", failed)
         shell.last_execution_succeeded = False
 
-    shell.events.register("post_run_cell", failed)
+    # post_execute: it follows every run, silent ones too (post_run_cell does not)
+    shell.events.register("post_execute", failed)
 
 
 def running_cell(shell: Any) -> Any:
