@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 import re
@@ -917,6 +918,7 @@ def test_the_search_stops_once_it_keeps_finding_nothing_better(mesh_devices, mon
     monkeypatch.setattr(P, "_searched", counting)
     monkeypatch.setattr(P, "GOOD_ENOUGH", -1.0)  # never good enough: the search runs
     monkeypatch.setattr(P, "SEARCH_BUDGET", 10**9)  # every trial affordable
+    monkeypatch.setattr(P, "SEARCH_SHARE", math.inf)
     monkeypatch.setattr(P, "SEARCH_STALL", 6)
     plan = plan_model(m, pools, "auto", cost=cost)
     stopped = len(searched)
@@ -925,6 +927,40 @@ def test_the_search_stops_once_it_keeps_finding_nothing_better(mesh_devices, mon
     full = plan_model(m, pools, "auto", cost=cost)
     assert len(searched) == P.SEARCH_TRIALS > stopped >= 6
     assert 0 < full.makespan <= plan.makespan * (1 + 1e-9)  # the longer search never loses
+
+
+def test_the_search_costs_no_more_than_a_share_of_what_it_improves(mesh_devices, monkeypatch):
+    # planning is time the user waits too: a computation of a few milliseconds gets no
+    # seeded search (it would cost more than it could save); one of seconds does, and
+    # the search never spends more than SEARCH_SHARE of the makespan on its schedules
+    from jupyter_mesh.router import placement as P
+
+    pools = build_pools(mesh_devices)
+    monkeypatch.setattr(P, "GOOD_ENOUGH", -1.0)  # never good enough: the search may run
+    searched = []
+    real = P._searched
+
+    def counting(*args, **kw):
+        for cand in real(*args, **kw):
+            searched.append(max(cand[2]))
+            yield cand
+
+    monkeypatch.setattr(P, "_searched", counting)
+    small = da.random.random((400, 400), chunks=100)
+    m = model_collections([((small @ small.T) + 1).sum(axis=0)])
+    plan = plan_model(m, pools, "auto", cost=CostModel(pools, task_overhead=1e-4))
+    assert plan.makespan < 0.05 and searched == []
+    x = da.random.random((8000, 8000), chunks=1000)
+    m = model_collections([((x @ x.T) + 1).sum(axis=0)])
+    plan = plan_model(m, pools, "auto", cost=CostModel(pools, task_overhead=1e-3))
+    each = P.SCHEDULE_SECONDS * len(m.keys) * len(pools)
+    assert searched and len(searched) * each <= P.SEARCH_SHARE * max(searched[0], plan.makespan)
+    # a larger share lets it search further (up to its other limits)
+    searched.clear()
+    monkeypatch.setattr(P, "SEARCH_SHARE", math.inf)
+    monkeypatch.setattr(P, "SEARCH_STALL", 10**9)
+    again = plan_model(m, pools, "auto", cost=CostModel(pools, task_overhead=1e-3))
+    assert len(searched) > 0 and again.makespan <= plan.makespan * (1 + 1e-9)
 
 
 def test_a_site_pool_survives_its_worker_rejoining_under_a_new_address():

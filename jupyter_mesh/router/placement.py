@@ -137,7 +137,9 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     if finish_best <= enough:
         return best
     fusing = any(d >= 0 for d in chain)
-    progress = {"stale": 0}  # candidates since the last better one (the search reads it)
+    # candidates since the last better one, and the best makespan so far (the search
+    # reads both)
+    progress: dict[str, float] = {"stale": 0, "best": finish_best}
     for cand in _variants(model, pools, cost, allowed, exec_t, order, pin, progress):
         if fusing:
             # the variants are planned blind to fusion (charging a chain's next task
@@ -151,6 +153,7 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
         if f < finish_best * (1 - 1e-9):
             best, finish_best = cand, f
             progress["stale"] = 0
+            progress["best"] = f
             if f <= enough:
                 break
     return best
@@ -222,7 +225,7 @@ def _quick_bound(model: GraphModel, pools: list[Pool], exec_t: list[list[float]]
 
 def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
-              pin: list[str | None], progress: dict[str, int] | None = None) -> Any:
+              pin: list[str | None], progress: dict[str, float] | None = None) -> Any:
     """The other schedules :func:`place` compares with plain earliest finish, cheapest
     first (each a full schedule, made when asked for)."""
     n = len(model.keys)
@@ -295,15 +298,23 @@ SEARCH_TRIALS = 48
 SEARCH_BUDGET = 30_000
 #: the search stops after this many schedules in a row found nothing better
 SEARCH_STALL = 24
+#: ... and once its schedules would have taken more than this share of the best
+#: makespan found so far to make: a search that costs a user more time than it can save
+#: is not worth it (a 50 ms computation gets no search; one of seconds gets it all)
+SEARCH_SHARE = 0.02
+#: what a schedule costs to make, per task × pool (seconds; measured on a small
+#: machine, a constant so that the same graph gets the same plan whatever the load)
+SCHEDULE_SECONDS = 6e-6
 
 
 def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
               allowed: list[list[int]], exec_t: list[list[float]],
               pin: list[str | None], sites: list[str], trials: int,
-              progress: dict[str, int]) -> Any:
+              progress: dict[str, float]) -> Any:
     """Schedules from jittered HEFT priorities and random pool filters; it stops after
     ``SEARCH_STALL`` of them in a row found nothing better (``progress["stale"]``, kept
-    by the caller)."""
+    by the caller), or once making them would have cost more than ``SEARCH_SHARE`` of
+    the best makespan so far (``progress["best"]``)."""
     import random
 
     n = len(model.keys)
@@ -311,8 +322,11 @@ def _searched(model: GraphModel, pools: list[Pool], cost: CostModel,
     mean = [sum(exec_t[li][p] for p in a) / len(a) for li, a in enumerate(allowed)]
     rng = random.Random(n * 7919 + len(pools))
     progress["stale"] = 0
-    for _ in range(trials):
+    each = SCHEDULE_SECONDS * n * len(pools)
+    for t in range(trials):
         if progress["stale"] >= SEARCH_STALL:
+            return
+        if (t + 1) * each > SEARCH_SHARE * progress.get("best", math.inf):
             return
         rank = [0.0] * n
         for i in range(n - 1, -1, -1):
