@@ -94,7 +94,7 @@ class MeshSchedulerPlugin(SchedulerPlugin):
         self.router.update_graph(scheduler, tasks)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-        self.router.transition(key, finish)
+        self.router.transition(key, finish, kwargs)
 
     def inventory(self, comm: Any = None) -> dict[str, Any]:
         """Every live device with its load, plus the scheduler's identity."""

@@ -42,6 +42,30 @@ def test_cpu_jax_pipeline_equals_numpy_and_jax_ran_the_matmul(mesh):
     assert "<table>" in report._repr_html_() and "matmul" in repr(report)
 
 
+def test_the_report_has_every_task_and_leaves_nothing_on_the_workers(mesh):
+    # what ran each task reaches the scheduler with the task's end (its metadata); the
+    # report gets it there in the same call as the plan's status: no round trip to
+    # every worker afterwards, and nothing left behind on them
+    from jupyter_mesh.router import _device
+
+    y = pipeline()
+    mesh.compute(y, route="cpu:jax")
+    report = mesh.last_report
+    model = report.plan.model
+    assert set(report.records) == set(model.keys)  # fused members each under its own key
+    names = {d.worker for d in mesh.inventory()}
+    assert {addr for addr, _, _ in report.records.values()} <= names
+    assert all(s >= 0 for _, _, s in report.records.values())
+    assert {b for _, b, _ in report.records.values()} == {"numpy", "jax"}
+    left = mesh.client.run(lambda: len(_device.RECORDS))
+    assert set(left.values()) == {0}
+    # the scheduler keeps none of them either, once reported
+    st = mesh.client.run_on_scheduler(
+        lambda dask_scheduler: sum(len(ps.records) for ps in dask_scheduler.extensions[
+            "jupyter-mesh"].router.plans.values()))
+    assert st == 0
+
+
 def test_auto_equals_numpy(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

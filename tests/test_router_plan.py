@@ -986,6 +986,29 @@ def test_a_site_pool_survives_its_worker_rejoining_under_a_new_address():
     assert not st._alive(ps, 0)
 
 
+def test_records_come_with_the_tasks_metadata_and_are_handed_over_once():
+    # a finished task's metadata carries its device calls' records (a fused task: one
+    # per member); the scheduler files them under their plans, and the client gets
+    # them once, with the plan's status
+    from jupyter_mesh.router._device import METADATA_KEY
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.plans["p"] = PlanState("p", [("mesh-cpu-numpy", None, "cpu:numpy")], True, 1.0, None)
+    meta = {METADATA_KEY: [("p", ["x", 0, 1], "jax", 0.5), ("p", "y", "numpy", 0.25),
+                           ("gone", "z", "numpy", 1.0), "not a record"]}
+    st.transition(("x", 0, 1), "memory", {"worker": "tcp://w:1", "metadata": meta})
+    st.transition("w", "memory", {"worker": "tcp://w:1", "metadata": {"other": 1}})
+    st.transition("v", "memory", None)
+    assert st.status(plan_id="p") == {"known": True, "events": [], "failed": None}
+    got = st.status(plan_id="p", records=True)["records"]
+    assert len(got) == 2 and set(got) == {(("x", 0, 1), "tcp://w:1", "jax", 0.5),
+                                          ("y", "tcp://w:1", "numpy", 0.25)}
+    assert st.status(plan_id="p", records=True)["records"] == []
+    assert st.status(plan_id="gone", records=True) == {
+        "known": False, "events": [], "failed": None, "records": []}
+
+
 def test_a_task_computed_again_after_its_pool_was_rerouted_is_not_left_waiting():
     # data of a re-routed pool lost later: its task waits in no-worker with the gone
     # pool's restrictions; the plugin relaxes it as it did the others

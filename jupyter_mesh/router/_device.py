@@ -19,8 +19,15 @@ from .backends import get_backend, to_host_any
 
 _local = threading.local()
 _lock = threading.Lock()
-#: plan id -> {key: (backend, seconds)}, collected by the client after the computation
+#: plan id -> {key: (backend, seconds)}: the records of device calls run outside a
+#: worker's task (called directly); inside one they travel with the task's result
 RECORDS: dict[str, dict[Any, tuple[str, float]]] = {}
+#: the records of a routed task travel to the scheduler in its task metadata under this
+#: key, a list of (plan id, key, backend, seconds): one per device call, the members of
+#: a fused task each under its own key (see RouterState.transition)
+METADATA_KEY = "jupyter-mesh"
+#: most plans whose records RECORDS keeps
+MAX_RECORDED_PLANS = 64
 _registered_lookups = False
 
 
@@ -330,8 +337,32 @@ def _block(out: Any) -> Any:
 
 
 def _record(plan_id: str, key: Any, backend: str, seconds: float) -> None:
+    """Note which backend ran ``key`` and for how long: in the metadata of the worker's
+    task that runs it, which Dask sends to the scheduler with the task's end (no extra
+    message, and no round trip to every worker afterwards); else in RECORDS."""
+    ts = _running_task()
+    if ts is not None:
+        ts.metadata.setdefault(METADATA_KEY, []).append((plan_id, key, backend, seconds))
+        return
     with _lock:
         RECORDS.setdefault(plan_id, {})[key] = (backend, seconds)
+        while len(RECORDS) > MAX_RECORDED_PLANS:
+            del RECORDS[next(iter(RECORDS))]
+
+
+def _running_task() -> Any:
+    """The worker's state of the task this thread runs, or None outside one."""
+    running = getattr(thread_state, "key", None)
+    if running is None:
+        return None
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:  # not in a worker
+        return None
+    state = getattr(worker, "state", None)
+    return state.tasks.get(running) if state is not None else None
 
 
 def pop_records(plan_id: str, dask_worker: Any = None) -> dict[Any, tuple[str, float]]:

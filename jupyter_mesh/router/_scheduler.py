@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..targets import site_resource
+from ._device import METADATA_KEY
 
 logger = logging.getLogger("jupyter_mesh")
 
@@ -49,6 +50,9 @@ class PlanState:
     #: pool -> the workers of it the plan uses (see Routed.narrow); dropped for a pool
     #: once none of them is left, so its tasks may use the whole pool again
     narrow: dict[int, list[str]] = field(default_factory=dict)
+    #: key -> (worker, backend, seconds) of each device call that ran, from the tasks'
+    #: metadata, until the client asks for them (status with records=True)
+    records: dict[Any, tuple[str, str, float]] = field(default_factory=dict)
 
 
 class RouterState:
@@ -84,11 +88,21 @@ class RouterState:
         self._prune()
         return {"status": "OK", "plan_id": ps.plan_id}
 
-    def status(self, comm: Any = None, plan_id: str = "") -> dict[str, Any]:
+    def status(self, comm: Any = None, plan_id: str = "", records: bool = False
+               ) -> dict[str, Any]:
+        """A plan's fallbacks and failure; with ``records``, also (and then forgotten)
+        what ran each key: a list of (key, worker, backend, seconds)."""
         ps = self.plans.get(plan_id)
         if ps is None:
-            return {"known": False, "events": [], "failed": None}
-        return {"known": True, "events": list(ps.events), "failed": ps.failed}
+            out: dict[str, Any] = {"known": False, "events": [], "failed": None}
+            if records:
+                out["records"] = []
+            return out
+        out = {"known": True, "events": list(ps.events), "failed": ps.failed}
+        if records:
+            out["records"] = [(k, *rec) for k, rec in ps.records.items()]
+            ps.records = {}
+        return out
 
     def forget(self, comm: Any = None) -> dict[str, Any]:
         """Drop every routed computation (a local mesh about to close: its workers
@@ -138,7 +152,14 @@ class RouterState:
         for pid in touched:
             self._check(self.plans[pid])
 
-    def transition(self, key: Any, finish: str) -> None:
+    def transition(self, key: Any, finish: str, kwargs: dict[str, Any] | None = None
+                   ) -> None:
+        if finish == "memory":
+            meta = (kwargs or {}).get("metadata")
+            recs = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+            if recs:
+                self._collect(kwargs.get("worker", "") if kwargs else "", recs)
+            return
         if finish == "no-worker":
             pid = self.owner.get(key)
             if pid is not None and pid in self.plans:
@@ -153,6 +174,19 @@ class RouterState:
         ps = self.plans.get(pid)
         if ps is not None:
             ps.keys.pop(key, None)
+
+    def _collect(self, worker: str, recs: Any) -> None:
+        """The device calls' records that came with a finished task (see
+        ``_device._record``), filed under their plans."""
+        plans = self.plans
+        for rec in recs:
+            try:
+                pid, key, backend, secs = rec
+            except (TypeError, ValueError):
+                continue
+            ps = plans.get(pid)
+            if ps is not None:
+                ps.records[_as_key(key)] = (worker, backend, secs)
 
     def workers_changed(self) -> None:
         for ps in list(self.plans.values()):
@@ -369,6 +403,14 @@ class RouterState:
         stale = [pid for pid, ps in self.plans.items() if not ps.keys]
         for pid in stale[: len(self.plans) - 256]:
             self.plans.pop(pid, None)
+
+
+def _as_key(key: Any) -> Any:
+    """A Dask key as it was before it crossed a comm (a tuple key may arrive as a
+    list)."""
+    if isinstance(key, list):
+        return tuple(_as_key(k) for k in key)
+    return key
 
 
 def _no_site_left(site: str, pinned: bool) -> str:

@@ -19,7 +19,7 @@ from dask.utils import funcname
 from .. import _config, progress
 from ..errors import MeshError
 from ..targets import Target, site_resource
-from ._device import ANY_BACKEND, SubmitCall, pop_records
+from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, STATUS_HANDLER
 from .classify import (
     CAPABILITIES,
@@ -500,15 +500,14 @@ def _wait_unrouted(mesh: Mesh, futures: list[Any]) -> None:
 def _finish(mesh: Mesh, plan_id: str, cursor: int | None
             ) -> tuple[dict[str, Any], dict[Any, tuple[str, str, float]],
                        list[dict[str, Any]] | None]:
-    """After the outputs arrived: the plan's status on the scheduler, the workers'
-    records and the scheduler's task stream, asked for at once (one round trip's wait
-    instead of three)."""
+    """After the outputs arrived: the plan's status on the scheduler with the records
+    of what ran each key (they came to the scheduler with the tasks' ends), and the
+    scheduler's task stream, asked for at once (one round trip's wait)."""
     client = mesh.client
     scheduler = _scheduler(mesh)
 
     async def ask() -> list[Any]:
-        calls = [getattr(scheduler, STATUS_HANDLER)(plan_id=plan_id),
-                 client._run(pop_records, plan_id, on_error="return")]
+        calls = [getattr(scheduler, STATUS_HANDLER)(plan_id=plan_id, records=True)]
         if cursor is not None:
             calls.append(scheduler.get_task_stream(start_index=cursor))
         return await asyncio.gather(*calls, return_exceptions=True)
@@ -518,15 +517,12 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None
     if isinstance(status, BaseException):
         raise status
     out: dict[Any, tuple[str, str, float]] = {}
-    per_worker = answers[1]
-    if isinstance(per_worker, dict):
-        for addr, recs in per_worker.items():
-            if isinstance(recs, dict):
-                for key, (backend, secs) in recs.items():
-                    out[key] = (addr, backend, secs)
+    for rec in status.pop("records", None) or ():
+        key, addr, backend, secs = rec
+        out[key] = (addr, backend, secs)
     timeline = None
-    if cursor is not None and not isinstance(answers[2], BaseException):
-        timeline = list(answers[2])
+    if cursor is not None and not isinstance(answers[1], BaseException):
+        timeline = list(answers[1])
     return status, out, timeline
 
 
