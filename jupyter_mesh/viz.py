@@ -360,7 +360,7 @@ def plan_figure(plan: Plan[PlanModel], width: int = 900) -> Model:
 
     by = "pool: planned per layer" if _made_per_layer(plan) else "worker"
     return column(
-        _timeline(planned_bars(plan, worker_names()),
+        _timeline(planned_bars(plan, plan.worker_names or worker_names()),
                   f"Planned timeline (estimated, by {by})",
                   "estimated seconds", width),
         _graph(op_graph(plan), "Operations, coloured by planned target", width),
@@ -378,7 +378,8 @@ def report_figure(report: Report, width: int = 900) -> Model:
     how = "measured" if real else "measured task seconds laid end to end"
     return column(
         row(
-            _timeline(planned_bars(plan, {**worker_names(), **report.worker_names}),
+            _timeline(planned_bars(plan, {**(plan.worker_names or worker_names()),
+                                          **report.worker_names}),
                       "Planned (estimated)", "estimated seconds", half),
             _timeline(measured, f"Ran ({how})", "seconds since the first task", half),
         ),

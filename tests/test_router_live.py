@@ -66,6 +66,33 @@ def test_the_report_has_every_task_and_leaves_nothing_on_the_workers(mesh):
     assert st == 0
 
 
+def test_a_routed_compute_asks_for_the_inventory_once(mesh, monkeypatch):
+    # the report names workers from the inventory the plan was made with (one round
+    # trip to the scheduler fewer per computation); a worker it does not know (one
+    # that joined since) makes it ask again
+    asked = []
+    real = type(mesh).inventory
+
+    def counting(self):
+        asked.append(1)
+        return real(self)
+
+    monkeypatch.setattr(type(mesh), "inventory", counting)
+    mesh.compute(pipeline(), route="cpu:jax")
+    assert len(asked) == 1
+    assert "jax-cpu-0" in {w for r in mesh.last_report.rows for w in r["workers"]}
+    assert mesh.last_plan.worker_names and mesh.last_plan.worker_names == {
+        d.worker: d.name for d in real(mesh)}
+    from jupyter_mesh.router import api
+
+    plan = mesh.explain(pipeline(), route="cpu:jax")
+    plan.worker_names = {}  # as if every worker had joined since
+    asked.clear()
+    api.run_plan(mesh, plan)
+    assert len(asked) == 1 and "jax-cpu-0" in {
+        w for r in mesh.last_report.rows for w in r["workers"]}
+
+
 def test_auto_equals_numpy(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

@@ -232,14 +232,20 @@ def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
                 site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
     devices = list(mesh.inventory())
     pools = build_pools(devices)
+    plan: Any
     if not pin and use_layer_plan(graph):
         layered = model_layers(graph, keys)
         cost = cost_model(mesh, pools, devices, route)
-        return _noted(plan_layers(layered, pools, route, site=site, cost=cost), cost)
-    model = model_graph(graph, keys)
-    apply_pins(model, pin, pools)
-    cost = cost_model(mesh, pools, devices, route)
-    return _noted(plan_model(model, pools, route, site=site, cost=cost), cost)
+        plan = _noted(plan_layers(layered, pools, route, site=site, cost=cost), cost)
+    else:
+        model = model_graph(graph, keys)
+        apply_pins(model, pin, pools)
+        cost = cost_model(mesh, pools, devices, route)
+        plan = _noted(plan_model(model, pools, route, site=site, cost=cost), cost)
+    # the workers' names for the report (run_plan asks again only for a worker that
+    # joined since)
+    plan.worker_names = {d.worker: d.name or d.worker for d in devices}
+    return plan
 
 
 def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "auto"
@@ -428,7 +434,9 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     wall = time.perf_counter() - t0
     watch.stopped()
     status, records, timeline = _finish(mesh, routed.plan_id, watch.cursor)
-    names = {d.worker: d.name or d.worker for d in mesh.inventory()}
+    names = getattr(plan, "worker_names", None) or {}
+    if any(addr not in names for addr, _, _ in records.values()):
+        names = {d.worker: d.name or d.worker for d in mesh.inventory()}
     report = Report(plan, records, wall, fallbacks=status.get("events", []),
                     worker_names=names)
     report.timeline = timeline

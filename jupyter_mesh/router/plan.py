@@ -76,6 +76,8 @@ class Plan(Generic[ModelT]):
         #: the least the computation can take at the mesh's measured pace of dispatch
         #: (its dispatched tasks one after another; see ``CostModel.task_interval``)
         self.floor = 0.0
+        #: worker address -> name on the live mesh it was planned on (empty otherwise)
+        self.worker_names: dict[str, str] = {}
 
     # ------------------------------------------------------------------ summary
     @property
