@@ -64,6 +64,15 @@ def test_the_report_has_every_task_and_leaves_nothing_on_the_workers(mesh):
         lambda dask_scheduler: sum(len(ps.records) for ps in dask_scheduler.extensions[
             "jupyter-mesh"].router.plans.values()))
     assert st == 0
+    # nor in the metadata of the tasks it keeps (a routed persist: its keys stay)
+    with mesh.route("cpu:jax"):
+        z = pipeline().persist()
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+    kept = mesh.client.run_on_scheduler(
+        lambda dask_scheduler: [k for k, ts in dask_scheduler.tasks.items()
+                                if ts.metadata and "jupyter-mesh" in ts.metadata])
+    assert kept == []
+    del z
 
 
 def test_a_routed_compute_asks_for_the_inventory_once(mesh, monkeypatch):

@@ -159,6 +159,11 @@ class RouterState:
             recs = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
             if recs:
                 self._collect(kwargs.get("worker", "") if kwargs else "", recs)
+                # filed: the scheduler's copy of the task's metadata need not keep them
+                ts = (self.scheduler.tasks.get(key) if self.scheduler is not None
+                      else None)
+                if ts is not None and isinstance(ts.metadata, dict):
+                    ts.metadata.pop(METADATA_KEY, None)
             return
         if finish == "no-worker":
             pid = self.owner.get(key)
