@@ -305,9 +305,10 @@ def test_transfers_between_workers_of_one_pool_are_charged():
 
 
 def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
-    # a local mesh on a 2-core machine: three single-thread CPU workers (NumPy and JAX)
-    # run side by side on two cores, each at about 2/3 of the speed it measured alone;
-    # a GPU worker's tasks run on the GPU, and another host's workers are apart
+    # a local mesh on a 2-core machine: two single-thread NumPy workers and a JAX one
+    # (XLA computes on a pool of its own as wide as the cores: it counts two) run side
+    # by side on two cores, each at about 2/4 of the speed it measured alone; a GPU
+    # worker's tasks run on the GPU, and another host's workers are apart
     def on(name, kind, backend, profile, host, cores, nthreads=1):
         d = dev(name, kind, backend, profile, nthreads=nthreads)
         d.host, d.extra = host, {"cores": cores}
@@ -319,16 +320,16 @@ def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
             on("g0", "gpu", "cupy", GPU, "10.0.0.1", 2, nthreads=4),
             on("c2", "cpu", "numpy", CPU, "10.0.0.2", 2, nthreads=2)]
     shares = core_shares(devs)
-    assert shares == {d.worker: ("10.0.0.1", 2, 3) for d in devs[:3]}
+    assert shares == {d.worker: ("10.0.0.1", 2, 4) for d in devs[:3]}
     pools = build_pools(devs)
     by = {(p.backend, p.workers[0]): p for p in pools}
     jax_pool = by[("jax", "tcp://j0:1")]
-    assert jax_pool.profile.flops64 == pytest.approx(CPU.flops64 * 2 / 3)
-    assert jax_pool.profile.mem_bandwidth == pytest.approx(CPU.mem_bandwidth * 2 / 3)
-    assert jax_pool.shared == [("10.0.0.1", 2, 3)]
+    assert jax_pool.profile.flops64 == pytest.approx(CPU.flops64 * 2 / 4)
+    assert jax_pool.profile.mem_bandwidth == pytest.approx(CPU.mem_bandwidth * 2 / 4)
+    assert jax_pool.shared == [("10.0.0.1", 2, 4)]
     numpy_pool = next(p for p in pools if p.backend == "numpy")
-    # the pool's profile is the mean of its workers': two at 2/3, one on its own host
-    assert numpy_pool.profile.flops64 == pytest.approx(CPU.flops64 * (2 / 3 + 2 / 3 + 1) / 3)
+    # the pool's profile is the mean of its workers': two at 2/4, one on its own host
+    assert numpy_pool.profile.flops64 == pytest.approx(CPU.flops64 * (2 / 4 + 2 / 4 + 1) / 3)
     gpu_pool = next(p for p in pools if p.kind == "gpu")
     assert gpu_pool.profile == GPU and gpu_pool.shared == []
     # the estimate of CPU work grows by threads / cores, and the plan says why
@@ -341,7 +342,14 @@ def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
                                         "flops": 1e10, "out_bytes": 8.0}]),
                       pools, "cpu", cost=cost)
     api._noted(plan, cost)
-    assert any("10.0.0.1 run 3 threads on 2 cores" in n for n in plan.notes)
+    assert any("10.0.0.1 run 4 threads on 2 cores (a JAX worker counts one per core"
+               in n for n in plan.notes)
+    # a JAX worker alone on its host already measured its speed on all its cores
+    assert core_shares([on("j1", "cpu", "jax", CPU, "10.0.0.3", 2)]) == {}
+    # and with one NumPy worker beside it, both are at 2/3
+    assert set(core_shares([on("j1", "cpu", "jax", CPU, "10.0.0.3", 2),
+                            on("c3", "cpu", "numpy", CPU, "10.0.0.3", 2)]).values()) == {
+        ("10.0.0.3", 2, 3)}
     # workers that do not say how many cores they may use (older workers, modelled
     # meshes) are planned at their profile's speed
     plain = [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)]

@@ -287,10 +287,13 @@ def _noted(plan: Any, cost: CostModel) -> Any:
     shared = sorted({s for p in cost.pools for s in p.shared})
     if shared and plan.routed:
         for host, cores, threads in shared:
+            xla = any(p.backend == "jax" and (host, cores, threads) in p.shared
+                      for p in cost.pools)
             plan.notes.append(
                 f"the CPU workers on {host} run {threads} threads on {cores} "
-                f"core{'s' * (cores != 1)}: planned at {cores}/{threads} of the speed each "
-                f"measured alone")
+                f"core{'s' * (cores != 1)}"
+                f"{' (a JAX worker counts one per core: XLA computes on all of them)' * xla}"
+                f": planned at {cores}/{threads} of the speed each measured alone")
     if cost.uncalibrated and plan.routed:
         plan.notes.append(
             f"Dask's own costs could not be measured on this mesh: planned with "

@@ -76,7 +76,10 @@ def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
     A worker advertises the cores its process may use (Dask's ``CPU_COUNT``: affinity
     and cgroup quota). Where the CPU workers on one host run more threads than that
     (a local mesh on a laptop or a small hub), their tasks run side by side on fewer
-    cores than threads, each at about cores / threads of the speed measured alone."""
+    cores than threads, each at about cores / threads of the speed measured alone. A
+    CPU worker driven by JAX counts every core it may use: XLA computes on a thread
+    pool of its own, as wide as the cores (JAX has no setting that narrows it), and its
+    speed was measured with all of them."""
     by_host: dict[tuple[str, int], list[Any]] = {}
     for d in devices:
         cores = (d.extra or {}).get("cores")
@@ -85,7 +88,8 @@ def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
         by_host.setdefault((d.host, cores), []).append(d)
     out: dict[str, tuple[str, int, int]] = {}
     for (host, cores), devs in by_host.items():
-        threads = sum(max(int(d.nthreads), 1) for d in devs)
+        threads = sum(max(int(d.nthreads), cores if d.backend == "jax" else 1)
+                      for d in devs)
         if threads > cores:
             out.update({d.worker: (host, cores, threads) for d in devs})
     return out
