@@ -95,11 +95,13 @@ def test_a_routed_compute_asks_for_the_inventory_once(mesh, monkeypatch):
     from jupyter_mesh.router import api
 
     plan = mesh.explain(pipeline(), route="cpu:jax")
-    plan.worker_names = {}  # as if every worker had joined since
+    plan.worker_names = {"tcp://gone:1": "left-since"}  # as if every worker were new
     asked.clear()
     api.run_plan(mesh, plan)
     assert len(asked) == 1 and "jax-cpu-0" in {
         w for r in mesh.last_report.rows for w in r["workers"]}
+    # the names of workers that left since are kept (a fallback's report names them)
+    assert mesh.last_report.worker_names["tcp://gone:1"] == "left-since"
 
 
 def test_auto_equals_numpy(mesh):

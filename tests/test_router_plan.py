@@ -1019,6 +1019,17 @@ def test_records_come_with_the_tasks_metadata_and_are_handed_over_once():
     assert st.status(plan_id="p", records=True)["records"] == []
     assert st.status(plan_id="gone", records=True) == {
         "known": False, "events": [], "failed": None, "records": []}
+    # a computation that failed or was interrupted never asks: its records go with
+    # the last of its keys
+    ps = st.plans["p"]
+    ps.keys = {"a": 0, "b": 0}
+    st.owner.update(a="p", b="p")
+    st.transition("a", "memory", {"worker": "tcp://w:1", "metadata": {
+        METADATA_KEY: [("p", "a", "numpy", 0.1)]}})
+    st.transition("a", "forgotten")
+    assert set(ps.records) == {"a"}  # "b" is still there
+    st.transition("b", "forgotten")
+    assert ps.records == {}
 
 
 def test_a_task_computed_again_after_its_pool_was_rerouted_is_not_left_waiting():

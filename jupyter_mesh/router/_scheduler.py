@@ -179,6 +179,10 @@ class RouterState:
         ps = self.plans.get(pid)
         if ps is not None:
             ps.keys.pop(key, None)
+            if not ps.keys:
+                # nothing of it is left (a routed compute collects its records while
+                # it holds its outputs): a failed or interrupted one's go too
+                ps.records = {}
 
     def _collect(self, worker: str, recs: Any) -> None:
         """The device calls' records that came with a finished task (see

@@ -439,7 +439,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     status, records, timeline = _finish(mesh, routed.plan_id, watch.cursor)
     names = getattr(plan, "worker_names", None) or {}
     if any(addr not in names for addr, _, _ in records.values()):
-        names = {d.worker: d.name or d.worker for d in mesh.inventory()}
+        # a worker that joined since (the plan's names keep those that left)
+        names = {**names, **{d.worker: d.name or d.worker for d in mesh.inventory()}}
     report = Report(plan, records, wall, fallbacks=status.get("events", []),
                     worker_names=names)
     report.timeline = timeline

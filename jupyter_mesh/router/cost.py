@@ -78,8 +78,8 @@ def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
     (a local mesh on a laptop or a small hub), their tasks run side by side on fewer
     cores than threads, each at about cores / threads of the speed measured alone. A
     CPU worker driven by JAX counts every core it may use: XLA computes on a thread
-    pool of its own, as wide as the cores (JAX has no setting that narrows it), and its
-    speed was measured with all of them."""
+    pool of its own, as wide as the cores (JAX 0.10's XLA_FLAGS thread settings do not
+    narrow it), and its speed was measured with all of them."""
     by_host: dict[tuple[str, int], list[Any]] = {}
     for d in devices:
         cores = (d.extra or {}).get("cores")
