@@ -104,6 +104,28 @@ def test_a_routed_compute_asks_for_the_inventory_once(mesh, monkeypatch):
     assert mesh.last_report.worker_names["tcp://gone:1"] == "left-since"
 
 
+def test_plain_dask_right_after_a_routed_compute_runs_its_own_tasks(mesh):
+    # Dask keeps the task of a key it still knows when another graph brings the same
+    # key (dask/dask#9888): right after mesh.compute(y), plain y.compute() got the
+    # routed tasks, whose results may be kept on the JAX device, and failed
+    # ("Cannot cast ufunc 'add' input 1 from dtype('O')"). A routed compute returns
+    # once the scheduler forgot what it released
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    for _ in range(3):
+        (a,) = mesh.compute(y, route="cpu:jax")
+        b = mesh.client.compute(y, sync=True)
+        (c,) = mesh.compute(y, route="auto")
+        # nothing of it is left on the scheduler when it returns
+        st = mesh.client.run_on_scheduler(
+            lambda keys, dask_scheduler: [k for k in keys if k in dask_scheduler.tasks],
+            mesh.last_plan.model.keys)
+        assert st == []
+        d = y.compute()
+        for got in (a, b, c, d):
+            np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
 def test_auto_equals_numpy(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

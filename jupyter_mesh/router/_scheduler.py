@@ -28,6 +28,8 @@ STATUS_HANDLER = "jupyter_mesh_route_status"
 #: (a persisted result recomputed later, a submitted task: no compute is waiting)
 EVENT_TOPIC = "jupyter-mesh-fallback"
 FORGET_HANDLER = "jupyter_mesh_route_forget"
+#: waits until a routed computation's released outputs are gone (see RouterState.settle)
+SETTLE_HANDLER = "jupyter_mesh_route_settle"
 _FINAL = ("memory", "erred", "forgotten")
 
 
@@ -72,6 +74,7 @@ class RouterState:
         scheduler.handlers[ROUTE_HANDLER] = self.register
         scheduler.handlers[STATUS_HANDLER] = self.status
         scheduler.handlers[FORGET_HANDLER] = self.forget
+        scheduler.handlers[SETTLE_HANDLER] = self.settle
 
     # ------------------------------------------------------------ handlers
     def register(self, comm: Any = None, payload: bytes = b"") -> dict[str, Any]:
@@ -103,6 +106,26 @@ class RouterState:
             out["records"] = [(k, *rec) for k, rec in ps.records.items()]
             ps.records = {}
         return out
+
+    async def settle(self, comm: Any = None, keys: Any = (), timeout: float = 2.0
+                     ) -> dict[str, Any]:
+        """Wait (at most ``timeout`` seconds) until none of ``keys``, the outputs of a
+        routed computation whose client released them, is left on the scheduler
+        unless someone still holds it; with them the scheduler forgets the tasks they
+        needed. Until then a graph that reuses those keys, plain Dask's own for the
+        same collection say, would get the routed tasks in place of its own: Dask
+        keeps a known key's task (dask/dask#9888), and a routed task's result may be
+        kept on its device. Returns how many are left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(float(timeout), 0.0)
+        wanted = [_as_key(k) for k in keys]
+        tasks = self.scheduler.tasks if self.scheduler is not None else {}
+        while True:
+            left = [k for k in wanted
+                    if (ts := tasks.get(k)) is not None and not ts.who_wants]
+            if not left or loop.time() >= deadline:
+                return {"left": len(left)}
+            await asyncio.sleep(0.002)
 
     def forget(self, comm: Any = None) -> dict[str, Any]:
         """Drop every routed computation (a local mesh about to close: its workers

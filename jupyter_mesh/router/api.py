@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import pickle
 import time
 import uuid
@@ -20,7 +21,7 @@ from .. import _config, progress
 from ..errors import MeshError
 from ..targets import Target, site_resource
 from ._device import ANY_BACKEND, SubmitCall
-from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, STATUS_HANDLER
+from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, SETTLE_HANDLER, STATUS_HANDLER
 from .classify import (
     CAPABILITIES,
     GraphModel,
@@ -437,6 +438,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     wall = time.perf_counter() - t0
     watch.stopped()
     status, records, timeline = _finish(mesh, routed.plan_id, watch.cursor)
+    if gather:
+        _settle(mesh, futures, routed.keys)
     names = getattr(plan, "worker_names", None) or {}
     if any(addr not in names for addr, _, _ in records.values()):
         # a worker that joined since (the plan's names keep those that left)
@@ -452,6 +455,29 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
     notices.reported(routed.plan_id, report.fallbacks)
     return list(values)
+
+
+#: the longest a routed compute waits for the scheduler to forget its released outputs
+SETTLE_SECONDS = 2.0
+
+
+def _settle(mesh: Mesh, futures: Any, keys: list[Any]) -> None:
+    """Release a finished routed computation's outputs and wait until the scheduler
+    forgot them (and the tasks behind them), so that the next graph with those keys
+    (``y.compute()`` right after ``mesh.compute(y)``) gets its own tasks, not the
+    routed ones (see ``RouterState.settle``)."""
+    from distributed.client import futures_of
+
+    for future in futures_of(futures):
+        future.release()
+    scheduler = mesh.client.scheduler
+    if scheduler is None:
+        return
+    try:
+        mesh.client.sync(getattr(scheduler, SETTLE_HANDLER), keys=list(keys),
+                         timeout=SETTLE_SECONDS)
+    except Exception:  # only a later graph's tasks are at stake, not this result
+        logging.getLogger("jupyter_mesh").debug("jupyter_mesh: settling a routed computation failed", exc_info=True)
 
 
 def _scheduler(mesh: Mesh) -> rpc | PooledRPCCall:
