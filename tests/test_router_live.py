@@ -126,6 +126,25 @@ def test_plain_dask_right_after_a_routed_compute_runs_its_own_tasks(mesh):
             np.testing.assert_allclose(got, expected, rtol=1e-10)
 
 
+def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays(mesh):
+    # Dask keeps the tasks behind persisted data (to compute it again if a worker is
+    # lost), and a plain graph that shares their keys gets them in place of its own
+    # (dask/dask#9888); a routed persist's tasks therefore hand over host arrays, not
+    # results kept on the JAX device (which failed: "Cannot cast ufunc 'add' input 0
+    # from dtype('O')", "zero-dimensional arrays cannot be concatenated")
+    x = da.random.random((600, 600), chunks=300)
+    m = x @ x.T
+    y = (m + 1).sum(axis=0)
+    with mesh.route("cpu:jax"):
+        kept = y.persist()
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+    for expr in ((m + 1).sum(axis=0), m.sum(), y * 2):
+        np.testing.assert_allclose(expr.compute(), expr.compute(scheduler="sync"),
+                                   rtol=1e-10)
+    np.testing.assert_allclose(kept.compute(), y.compute(scheduler="sync"), rtol=1e-10)
+    del kept
+
+
 def test_auto_equals_numpy(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

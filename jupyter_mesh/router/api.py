@@ -385,11 +385,13 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     client = mesh.client
     mesh.last_plan = plan
     graph: Any
+    # kept results (a persist): every task hands over host arrays, see rewrite
     if isinstance(plan, LayerPlan):
-        routed = rewrite_layers(plan, fallback=fallback)
+        routed = rewrite_layers(plan, fallback=fallback, host_results=not gather)
         graph = submission(routed)
     else:  # every other plan is made per task
-        routed = rewrite(cast("Plan[GraphModel]", plan), fallback=fallback)
+        routed = rewrite(cast("Plan[GraphModel]", plan), fallback=fallback,
+                         host_results=not gather)
         graph = task_submission(routed)
     t0 = time.perf_counter()
     scheduler = _scheduler(mesh)

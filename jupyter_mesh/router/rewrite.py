@@ -65,8 +65,14 @@ class Routed:
 
 
 def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
-            fuse: bool | None = None) -> Routed:
+            fuse: bool | None = None, host_results: bool = False) -> Routed:
     """Wrap every task of ``plan`` and collect its per-key restrictions.
+
+    ``host_results``: every submitted task hands over a host array (inside a fused
+    chain results still stay on the device). For persists: Dask keeps the tasks behind
+    persisted data for as long as the data lives, and a later plain graph that shares
+    their keys gets those tasks in place of its own (dask/dask#9888), so their results
+    must be what a plain task expects.
 
     ``fuse``: merge each linear chain of tasks that the plan runs one after the other on
     one worker into one task, as Dask's own array optimization fuses linear chains (one
@@ -80,16 +86,22 @@ def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
 
         fuse = dask.config.get("optimization.fuse.active", None) is not False
     with no_gc():
-        return _rewrite(plan, fallback=fallback, wrap=wrap, fuse=fuse)
+        return _rewrite(plan, fallback=fallback, wrap=wrap, fuse=fuse,
+                        host_results=host_results)
 
 
 def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
-             fuse: bool = False) -> Routed:
+             fuse: bool = False, host_results: bool = False) -> Routed:
     m = plan.model
     if m.tasks is None:
         raise ValueError("a synthetic model has no tasks to rewrite")
     plan_id = uuid.uuid4().hex
     to_host = plan.to_host
+    if host_results:
+        # a fused chain's members but its last hand over nothing outside the task
+        inside = ({i for chain in linear_chains(plan) for i in chain[:-1]}
+                  if fuse and wrap else set())
+        to_host = [t or i not in inside for i, t in enumerate(to_host)]
     graph: dict[Any, Any] = {}
     restrictions: dict[Any, int] = {}
     priorities: dict[Any, float] = {}
