@@ -28,7 +28,7 @@ STATUS_HANDLER = "jupyter_mesh_route_status"
 #: (a persisted result recomputed later, a submitted task: no compute is waiting)
 EVENT_TOPIC = "jupyter-mesh-fallback"
 FORGET_HANDLER = "jupyter_mesh_route_forget"
-#: waits until a routed computation's released outputs are gone (see RouterState.settle)
+#: releases a finished routed computation's outputs at once (see RouterState.settle)
 SETTLE_HANDLER = "jupyter_mesh_route_settle"
 _FINAL = ("memory", "erred", "forgotten")
 
@@ -107,25 +107,27 @@ class RouterState:
             ps.records = {}
         return out
 
-    async def settle(self, comm: Any = None, keys: Any = (), timeout: float = 2.0
-                     ) -> dict[str, Any]:
-        """Wait (at most ``timeout`` seconds) until none of ``keys``, the outputs of a
-        routed computation whose client released them, is left on the scheduler
-        unless someone still holds it; with them the scheduler forgets the tasks they
-        needed. Until then a graph that reuses those keys, plain Dask's own for the
-        same collection say, would get the routed tasks in place of its own: Dask
-        keeps a known key's task (dask/dask#9888), and a routed task's result may be
-        kept on its device. Returns how many are left."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(float(timeout), 0.0)
-        wanted = [_as_key(k) for k in keys]
-        tasks = self.scheduler.tasks if self.scheduler is not None else {}
-        while True:
-            left = [k for k in wanted
-                    if (ts := tasks.get(k)) is not None and not ts.who_wants]
-            if not left or loop.time() >= deadline:
-                return {"left": len(left)}
-            await asyncio.sleep(0.002)
+    def settle(self, comm: Any = None, keys: Any = (), client: str = ""
+               ) -> dict[str, Any]:
+        """``client`` finished a routed computation and holds its outputs ``keys`` no
+        more: release them now, and with them the tasks behind them, as the client's
+        own message would a little later on another connection. Until then a graph
+        that brings the same keys, plain Dask's own for the same collection, from this
+        client or another, would get the routed tasks in place of its own: Dask keeps
+        the task of a key it still knows (dask/dask#9888), and a routed task's result
+        may be kept on its device."""
+        sched = self.scheduler
+        cs = sched.clients.get(client) if sched is not None else None
+        if cs is None:
+            return {"released": 0, "left": 0}
+        tasks = sched.tasks
+        mine = [k for k in map(_as_key, keys)
+                if (ts := tasks.get(k)) is not None and cs in ts.who_wants]
+        if mine:
+            sched.client_releases_keys(keys=mine, client=client,
+                                       stimulus_id=f"jupyter-mesh-settle-{time.time()}")
+        # a key another graph still needs stays (released), with its own waiters
+        return {"released": len(mine), "left": sum(1 for k in mine if k in tasks)}
 
     def forget(self, comm: Any = None) -> dict[str, Any]:
         """Drop every routed computation (a local mesh about to close: its workers

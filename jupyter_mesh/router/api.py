@@ -440,8 +440,6 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     wall = time.perf_counter() - t0
     watch.stopped()
     status, records, timeline = _finish(mesh, routed.plan_id, watch.cursor)
-    if gather:
-        _settle(mesh, futures, routed.keys)
     names = getattr(plan, "worker_names", None) or {}
     if any(addr not in names for addr, _, _ in records.values()):
         # a worker that joined since (the plan's names keep those that left)
@@ -456,30 +454,37 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
     notices.reported(routed.plan_id, report.fallbacks)
+    if gather:
+        _settle(mesh, futures, routed.keys)
     return list(values)
 
 
-#: the longest a routed compute waits for the scheduler to forget its released outputs
-SETTLE_SECONDS = 2.0
-
-
 def _settle(mesh: Mesh, futures: Any, keys: list[Any]) -> None:
-    """Release a finished routed computation's outputs and wait until the scheduler
-    forgot them (and the tasks behind them), so that the next graph with those keys
-    (``y.compute()`` right after ``mesh.compute(y)``) gets its own tasks, not the
-    routed ones (see ``RouterState.settle``)."""
+    """Release a finished routed computation's outputs, and have the scheduler forget
+    them (and the tasks behind them) before this returns, so that the next graph with
+    those keys (``y.compute()`` right after ``mesh.compute(y)``, from any client) gets
+    its own tasks, not the routed ones (see ``RouterState.settle``). Outputs this
+    client still holds otherwise (its own earlier futures) stay."""
     from distributed.client import futures_of
 
+    client = mesh.client
     for future in futures_of(futures):
         future.release()
-    scheduler = mesh.client.scheduler
+    scheduler = client.scheduler
     if scheduler is None:
         return
+
+    async def settle() -> None:
+        # the releases above have run on the client's loop by now
+        free = [k for k in keys if k not in client.refcount]
+        if free:
+            await getattr(scheduler, SETTLE_HANDLER)(keys=free, client=client.id)
+
     try:
-        mesh.client.sync(getattr(scheduler, SETTLE_HANDLER), keys=list(keys),
-                         timeout=SETTLE_SECONDS)
+        client.sync(settle)
     except Exception:  # only a later graph's tasks are at stake, not this result
-        logging.getLogger("jupyter_mesh").debug("jupyter_mesh: settling a routed computation failed", exc_info=True)
+        logging.getLogger("jupyter_mesh").debug(
+            "jupyter_mesh: releasing a routed computation's outputs failed", exc_info=True)
 
 
 def _scheduler(mesh: Mesh) -> rpc | PooledRPCCall:
