@@ -186,8 +186,32 @@ def _tls_options(security: Any) -> dict[str, Any]:
     return {} if security is None else {"security": security, "protocol": "tls://"}
 
 
+def jax_cpu_sets(jax_n: int, other_threads: int, nthreads: int) -> list[list[int]]:
+    """The cores each of a local mesh's ``jax_n`` JAX CPU workers is pinned to (empty
+    lists where this system cannot pin a process).
+
+    XLA computes on a thread pool as wide as the cores its process may use, so an
+    unpinned JAX worker competes for every core with the other CPU workers' threads. Each
+    JAX worker gets the cores those ``other_threads`` leave, shared out, and at least its
+    own ``nthreads``: on 2 cores beside two one-thread NumPy workers, one core; on 16
+    cores beside two five-thread ones, six. Cores are taken from the end of the ones this
+    process may use, JAX workers side by side, wrapping round where they must share."""
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    if not jax_n or getaffinity is None:
+        return [[] for _ in range(jax_n)]
+    cores = sorted(getaffinity(0))
+    count = min(_detect.cpu_cores(), len(cores))  # a cgroup quota may allow fewer
+    width = min(count, max(nthreads, (count - other_threads) // jax_n, 1))
+    sets = []
+    for i in range(jax_n):
+        start = len(cores) - width * (i + 1)
+        sets.append(sorted(cores[(start + j) % len(cores)] for j in range(width)))
+    return sets
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
-                 memory_limit: Any, security: Any = None) -> dict[str, Any]:
+                 memory_limit: Any, security: Any = None,
+                 cpus: list[int] | None = None) -> dict[str, Any]:
     fam = FAMILIES[family]
     env: dict[str, str] = {}
     if family == "gpu":
@@ -206,7 +230,8 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
             "env": env,
             "dashboard": False,
             "silence_logs": logging.WARNING,
-            "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"])],
+            "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"],
+                                         cpus=cpus)],
             **_tls_options(security),
         },
     }
@@ -363,12 +388,13 @@ class Mesh:
         host_cpu_workers = max(cpu_n + jax_n, 1)
         nthreads = threads_per_worker or max(1, _detect.cpu_cores() // host_cpu_workers)
         counts = {"cpu": cpu_n, "jax_cpu": jax_n, "gpu": gpu_n, "tpu": tpu_n}
+        pins = jax_cpu_sets(jax_n, cpu_n * nthreads, nthreads)
         workers = {}
         for family, n in counts.items():
             for i in range(n):
                 workers[_spec_name(family, i)] = _worker_spec(
                     family, i, site, 1 if family in ("gpu", "tpu") else nthreads, host,
-                    memory_limit, security,
+                    memory_limit, security, pins[i] if family == "jax_cpu" else None,
                 )
         scheduler = {
             "cls": Scheduler,
@@ -644,6 +670,8 @@ class Mesh:
         if sum(after.values()) == 0:
             raise MeshError("a mesh needs at least one device: keep cpu=1 or more")
         nthreads = self.options.get("threads_per_worker", 1)
+        # a new JAX CPU worker is pinned as one of a mesh of this new make-up would be
+        pins = jax_cpu_sets(after["jax_cpu"], after["cpu"] * nthreads, nthreads)
         for fam, want in checked.items():
             names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
             for name in names[want:]:
@@ -657,6 +685,7 @@ class Mesh:
                         self.options.get("host", "127.0.0.1"),
                         self.options.get("memory_limit", "auto"),
                         self.options.get("security"),
+                        pins[i % len(pins)] if fam == "jax_cpu" and pins else None,
                     )
                 i += 1
             self.options[fam] = want

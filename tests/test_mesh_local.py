@@ -276,6 +276,89 @@ def test_context_manager_close_and_no_orphans(no_mesh):
     assert not alive
 
 
+def _cpu_seconds_of_jax_matmuls(seconds):
+    """Run JAX matmuls for about ``seconds`` in this worker: (CPU seconds of the whole
+    process, wall seconds)."""
+    import os
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((700, 700))
+    square = jax.jit(lambda a: a @ a)
+    square(a).block_until_ready()
+    t0, c0 = time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        square(a).block_until_ready()
+    return time.process_time() - c0, time.perf_counter() - t0, sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"),
+                    reason="pinning a process to cores needs Linux")
+def test_a_jax_cpu_worker_computes_on_its_share_of_the_cores(no_mesh):
+    # XLA computes on a thread pool as wide as the cores its process may use: unpinned,
+    # a JAX CPU worker beside NumPy workers would take every core and slow them all
+    from jupyter_mesh.mesh import jax_cpu_sets
+    from jupyter_mesh.router.cost import core_shares
+
+    want = jax_cpu_sets(1, 1, 1)[0]  # what one JAX worker beside one NumPy thread gets
+    with jm.Mesh.local(cpu=1, jax_cpu=1, threads_per_worker=1, set_current=False) as m:
+        inv = m.inventory()
+        jax_dev = inv.select("cpu:jax")[0]
+        numpy_dev = inv.select("cpu:numpy")[0]
+        assert jax_dev.extra["cores"] == len(want)
+        assert "JAX" in jax_dev.profile.source
+        cpu, wall, affinity = m.client.submit(_cpu_seconds_of_jax_matmuls, 1.0,
+                                              workers=[jax_dev.worker], pure=False).result()
+        assert affinity == want
+        # the process cannot compute on more cores than it is pinned to (XLA's pool
+        # heeds the affinity of the threads it starts from, all of them pinned)
+        assert cpu <= wall * len(want) * 1.25 + 0.05
+        # the NumPy worker is left alone, and the cost model counts the JAX worker's
+        # cores as its threads
+        numpy_affinity = m.client.submit(lambda: sorted(__import__("os").sched_getaffinity(0)),
+                                         workers=[numpy_dev.worker], pure=False).result()
+        assert len(numpy_affinity) == numpy_dev.extra["cores"] >= len(want)
+        threads = 1 + len(want)
+        shares = core_shares(list(inv))
+        if threads > numpy_dev.extra["cores"]:
+            assert set(shares.values()) == {(numpy_dev.host, numpy_dev.extra["cores"], threads)}
+        else:
+            assert shares == {}
+
+
+def test_jax_cpu_workers_get_the_cores_the_other_workers_leave(monkeypatch):
+    import os
+
+    from jupyter_mesh.devices import _detect
+    from jupyter_mesh.mesh import jax_cpu_sets
+
+    def machine(cores, quota=None):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)),
+                            raising=False)
+        monkeypatch.setattr(_detect, "cpu_cores", lambda: quota or cores)
+
+    machine(2)  # this machine: two one-thread NumPy workers leave nothing; one core
+    assert jax_cpu_sets(1, 2, 1) == [[1]]
+    machine(16)  # two five-thread NumPy workers leave six cores
+    assert jax_cpu_sets(1, 10, 5) == [list(range(10, 16))]
+    # two JAX workers share what is left, side by side
+    assert jax_cpu_sets(2, 2, 1) == [list(range(9, 16)), list(range(2, 9))]
+    # never fewer cores than the worker's own threads
+    assert jax_cpu_sets(1, 14, 4) == [[12, 13, 14, 15]]
+    # a cgroup quota of four cores on 16 visible ones
+    machine(16, quota=4)
+    assert jax_cpu_sets(1, 2, 1) == [[14, 15]]
+    # more JAX workers than cores: they share, wrapping round
+    machine(2)
+    assert jax_cpu_sets(3, 0, 1) == [[1], [0], [1]]
+    assert jax_cpu_sets(0, 2, 1) == []
+    # where a process cannot be pinned (macOS), nothing is
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert jax_cpu_sets(2, 2, 1) == [[], []]
+
+
 def test_current_without_mesh(no_mesh):
     with pytest.raises(MeshError, match="no active mesh"):
         jm.current()

@@ -350,6 +350,12 @@ def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
     assert set(core_shares([on("j1", "cpu", "jax", CPU, "10.0.0.3", 2),
                             on("c3", "cpu", "numpy", CPU, "10.0.0.3", 2)]).values()) == {
         ("10.0.0.3", 2, 3)}
+    # a local mesh pins its JAX worker to the core the NumPy workers leave: it says one
+    # core, counts one thread, and the host's cores are the most any worker may use
+    assert set(core_shares([on("j2", "cpu", "jax", CPU, "10.0.0.4", 1),
+                            on("c4", "cpu", "numpy", CPU, "10.0.0.4", 2),
+                            on("c5", "cpu", "numpy", CPU, "10.0.0.4", 2)]).values()) == {
+        ("10.0.0.4", 2, 3)}
     # workers that do not say how many cores they may use (older workers, modelled
     # meshes) are planned at their profile's speed
     plain = [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)]

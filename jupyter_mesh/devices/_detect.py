@@ -40,10 +40,38 @@ def cpu_model() -> str:
 
 def cpu_cores() -> int:
     """Cores this process may use: Dask's count, which heeds CPU affinity and cgroup
-    quotas (what a worker advertises, so a local mesh shares out the same number)."""
+    quotas (what a worker advertises, so a local mesh shares out the same number), or
+    fewer where this process's affinity was narrowed since Dask counted (a local mesh's
+    JAX CPU worker is pinned to its share of the cores)."""
     from dask.system import CPU_COUNT
 
-    return int(CPU_COUNT) or 1
+    cores = int(CPU_COUNT) or 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None:
+        try:
+            cores = min(cores, len(affinity(0)) or cores)
+        except OSError:
+            pass
+    return cores
+
+
+def pin_process(cpus: list[int]) -> None:
+    """Pin every thread of this process, and the threads it starts later, to ``cpus``
+    (Linux; elsewhere nothing changes). XLA sizes its CPU thread pool by this affinity,
+    so a JAX CPU worker pinned to its share of the cores computes on that many."""
+    setaffinity = getattr(os, "sched_setaffinity", None)
+    if setaffinity is None or not cpus:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            setaffinity(tid, cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    setaffinity(0, cpus)
 
 
 def host_memory() -> int:

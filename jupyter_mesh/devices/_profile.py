@@ -166,8 +166,11 @@ def _cache_path() -> str:
     return os.path.join(_cache_dir(), "profiles.json")
 
 
-def cache_key(kind: str, backend: str, model: str) -> str:
-    return f"{socket.gethostname()}|{kind}|{backend}|{model}"
+def cache_key(kind: str, backend: str, model: str, cores: int | None = None) -> str:
+    """The profile cache's key of a device; ``cores`` for a device whose speed depends
+    on how many cores its process may use (JAX on the CPU)."""
+    key = f"{socket.gethostname()}|{kind}|{backend}|{model}"
+    return key if cores is None else f"{key}|{cores} cores"
 
 
 @contextlib.contextmanager

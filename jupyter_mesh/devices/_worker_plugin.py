@@ -16,7 +16,6 @@ import signal
 import threading
 from typing import Any
 
-from dask.system import CPU_COUNT
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource, site_resource
@@ -72,7 +71,10 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
             "jax": _profile.measure_jax,
             "cupy": _profile.measure_cupy,
         }[info.backend]
-        key = _profile.cache_key(info.kind, info.backend, info.model)
+        # XLA's CPU pool is as wide as the cores the process may use: a JAX CPU worker
+        # pinned to fewer cores (a local mesh's) has a profile of its own
+        cores = _detect.cpu_cores() if (info.kind, info.backend) == ("cpu", "jax") else None
+        key = _profile.cache_key(info.kind, info.backend, info.model, cores)
         profile = _profile.cached_or_measure(key, measure)
     return info, profile
 
@@ -102,6 +104,10 @@ class MeshWorkerPlugin(WorkerPlugin):
     watch_parent:
         Close the worker when the process that started it (its nanny) is gone, so no
         worker outlives a killed kernel.
+    cpus:
+        Cores to pin the worker process to before it measures its device (Linux), or
+        None to leave its affinity alone. A local mesh pins its JAX CPU workers to their
+        share of the cores: XLA computes on a thread pool as wide as the cores it may use.
     """
 
     name = "jupyter-mesh"
@@ -113,15 +119,19 @@ class MeshWorkerPlugin(WorkerPlugin):
         kind: str | None = None,
         backend: str | None = None,
         watch_parent: bool = True,
+        cpus: list[int] | None = None,
     ) -> None:
         self.site = site
         self.kind = kind
         self.backend = backend
         self.watch_parent = watch_parent
+        self.cpus = list(cpus) if cpus else None
         self.device: dict[str, Any] | None = None
         self._watchdog: asyncio.Task | None = None
 
     def setup(self, worker: Any) -> None:
+        if self.cpus:
+            _detect.pin_process(self.cpus)  # before JAX starts its thread pool
         memory = getattr(worker.memory_manager, "memory_limit", None)
         info, profile = describe_device(self.kind, self.backend, memory)
         backend = info.backend or DEFAULT_BACKEND[info.kind]
@@ -137,7 +147,7 @@ class MeshWorkerPlugin(WorkerPlugin):
             "nthreads": nthreads,
             # cores this process may use (affinity and cgroup quota): CPU workers on one
             # host with more threads than that share them, which the cost model allows
-            "cores": CPU_COUNT,
+            "cores": _detect.cpu_cores(),
             "pid": os.getpid(),
             **info.extra,
         }

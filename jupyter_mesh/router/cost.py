@@ -74,24 +74,25 @@ def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
     """CPU workers that share their host's cores: worker -> (host, cores, threads).
 
     A worker advertises the cores its process may use (Dask's ``CPU_COUNT``: affinity
-    and cgroup quota). Where the CPU workers on one host run more threads than that
-    (a local mesh on a laptop or a small hub), their tasks run side by side on fewer
-    cores than threads, each at about cores / threads of the speed measured alone. A
-    CPU worker driven by JAX counts every core it may use: XLA computes on a thread
-    pool of its own, as wide as the cores (JAX 0.10's XLA_FLAGS thread settings do not
-    narrow it), and its speed was measured with all of them."""
-    by_host: dict[tuple[str, int], list[Any]] = {}
+    and cgroup quota). Where the CPU workers on one host run more threads than the most
+    cores any of them may use (a local mesh on a laptop or a small hub), their tasks run
+    side by side on fewer cores than threads, each at about cores / threads of the speed
+    measured alone. A CPU worker driven by JAX counts every core it may use: XLA computes
+    on a thread pool of its own, as wide as those cores (JAX 0.10's XLA_FLAGS thread
+    settings do not narrow it; a local mesh pins the JAX worker to its share of the
+    cores, which does), and its speed was measured with all of them."""
+    by_host: dict[str, list[tuple[Any, int]]] = {}
     for d in devices:
         cores = (d.extra or {}).get("cores")
         if d.kind != "cpu" or not d.host or not isinstance(cores, int) or cores < 1:
             continue
-        by_host.setdefault((d.host, cores), []).append(d)
+        by_host.setdefault(d.host, []).append((d, cores))
     out: dict[str, tuple[str, int, int]] = {}
-    for (host, cores), devs in by_host.items():
-        threads = sum(max(int(d.nthreads), cores if d.backend == "jax" else 1)
-                      for d in devs)
+    for host, devs in by_host.items():
+        cores = max(c for _, c in devs)
+        threads = sum(max(int(d.nthreads), c if d.backend == "jax" else 1) for d, c in devs)
         if threads > cores:
-            out.update({d.worker: (host, cores, threads) for d in devs})
+            out.update({d.worker: (host, cores, threads) for d, _ in devs})
     return out
 
 
