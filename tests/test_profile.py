@@ -52,6 +52,50 @@ def test_measured_profiles_are_cached_per_host_and_device(tmp_path):
     assert first == second
     assert other.source == "fake measurement"
     assert (tmp_path / "profiles.json").exists()
+    # JAX on the CPU computes on as many cores as its process may use: one pinned to
+    # fewer cores is measured on its own
+    with dask.config.set({"mesh.profile.cache-dir": str(tmp_path)}):
+        one = _profile.cache_key("cpu", "jax", "Test CPU", 1)
+        two = _profile.cache_key("cpu", "jax", "Test CPU", 2)
+        assert len({one, two, _profile.cache_key("cpu", "jax", "Test CPU")}) == 3
+        _profile.cached_or_measure(one, measure)
+        _profile.cached_or_measure(two, measure)
+        _profile.cached_or_measure(one, measure)
+    assert len(calls) == 4
+
+
+def test_profiles_cached_by_an_older_measurement_are_measured_again(tmp_path):
+    # a profile timed before matmuls of MATMUL_SIDE (an older version's cache, keyed
+    # without the version) is not what the cost model now expects
+    import json
+    import socket
+
+    old_key = f"{socket.gethostname()}|cpu|numpy|Test CPU"
+    (tmp_path / "profiles.json").write_text(
+        json.dumps({old_key: Profile(1.0, 1.0, 1.0, source="384").to_dict()}))
+    with dask.config.set({"mesh.profile.cache-dir": str(tmp_path)}):
+        prof = _profile.cached_or_measure(_profile.cache_key("cpu", "numpy", "Test CPU"),
+                                          lambda budget: Profile(2e9, 1e9, 1e10,
+                                                                 source="new"))
+    assert prof.source == "new"
+
+
+def test_cpu_profiles_time_matmuls_of_chunk_sized_blocks(monkeypatch):
+    # the side is what the measurement times: a smaller side gives a slower rate for
+    # NumPy here, and the number a plan uses must come from blocks of real size
+    import numpy as np
+
+    sides = []
+    real_ones = np.ones
+
+    def ones(shape, dtype=None):
+        if isinstance(shape, tuple) and len(shape) == 2:
+            sides.append(shape[0])
+        return real_ones(shape, dtype=dtype)
+
+    monkeypatch.setattr(np, "ones", ones)
+    _profile.measure_numpy(0.05)
+    assert sides and set(sides) == {_profile.MATMUL_SIDE} and _profile.MATMUL_SIDE >= 1000
 
 
 def test_profile_round_trips_through_dict():

@@ -338,12 +338,22 @@ def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
                            "flops": 1e10, "out_bytes": 8.0}]).ops[0]
     alone = CostModel(build_pools([dev("j0", "cpu", "jax", CPU)]))
     assert cost.exec_time(op, jax_pool) > 1.4 * alone.exec_time(op, alone.pools[0])
-    plan = plan_model(synthetic_model([{"name": "mm", "op_class": "matmul", "tasks": 4,
-                                        "flops": 1e10, "out_bytes": 8.0}]),
-                      pools, "cpu", cost=cost)
+    # (a plan that uses them all: an op only NumPy runs, feeding one only JAX runs)
+    both = synthetic_model([
+        {"name": "load", "op_class": "elementwise", "tasks": 4, "flops": 1e6,
+         "out_bytes": 8e3, "native": ["numpy"]},
+        {"name": "mm", "op_class": "matmul", "tasks": 4, "flops": 1e10, "out_bytes": 8.0,
+         "deps": [(0, "map")], "native": ["jax"]}])
+    plan = plan_model(both, pools, "cpu", cost=cost)
     api._noted(plan, cost)
+    assert {plan.pools[p].backend for p in plan.pool_of} == {"numpy", "jax"}
     assert any("10.0.0.1 run 4 threads on 2 cores (a JAX worker counts one per core"
                in n for n in plan.notes)
+    # one that leaves the JAX worker idle runs the NumPy ones at full speed, and says
+    # nothing of sharing
+    plan = plan_model(both, pools, "cpu:numpy", cost=cost)
+    api._noted(plan, cost)
+    assert not any("threads on" in n for n in plan.notes)
     # a JAX worker alone on its host already measured its speed on all its cores
     assert core_shares([on("j1", "cpu", "jax", CPU, "10.0.0.3", 2)]) == {}
     # and with one NumPy worker beside it, both are at 2/3
@@ -360,6 +370,36 @@ def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
     # meshes) are planned at their profile's speed
     plain = [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)]
     assert core_shares(plain) == {} and build_pools(plain)[0].profile == CPU
+
+
+def test_a_plan_that_leaves_cpu_workers_idle_runs_the_others_at_full_speed():
+    # a local mesh on 2 cores: two NumPy workers and a JAX one pinned to one core, at
+    # half NumPy's speed. Beside the JAX worker the NumPy ones get 2/3 of a core each;
+    # a schedule that leaves it idle has them at full speed, which beats using all
+    # three, so "auto" leaves JAX out and plans as the two NumPy workers alone would
+    def on(name, backend, profile, cores):
+        d = dev(name, "cpu", backend, profile)
+        d.host, d.extra = "10.0.0.1", {"cores": cores}
+        return d
+
+    half = Profile(flops32=1e11, flops64=5e10, mem_bandwidth=1e10, launch_latency=2e-6,
+                   method="model", source="test")
+    numpy_only = [on("c0", "numpy", CPU, 2), on("c1", "numpy", CPU, 2)]
+    devs = numpy_only + [on("j0", "jax", half, 1)]
+    assert set(core_shares(devs).values()) == {("10.0.0.1", 2, 3)}
+    graph = synthetic_model([{"name": "mm", "op_class": "matmul", "tasks": 12,
+                              "flops": 1e10, "out_bytes": 8.0}])
+    alone = plan_model(graph, build_pools(numpy_only), "auto")
+    auto = plan_model(graph, build_pools(devs), "auto")
+    assert {auto.pools[p].backend for p in auto.pool_of} == {"numpy"}
+    assert auto.makespan == pytest.approx(alone.makespan)
+    # a forced route leaves the JAX worker idle too: estimated at full speed
+    forced = plan_model(graph, build_pools(devs), "cpu:numpy")
+    assert forced.makespan == pytest.approx(alone.makespan)
+    # and where the JAX worker is as fast as NumPy, three at 2/3 are no faster than two
+    # at full speed: the plan is no slower than the NumPy workers alone
+    even = plan_model(graph, build_pools(numpy_only + [on("j0", "jax", CPU, 1)]), "auto")
+    assert even.makespan <= alone.makespan * (1 + 1e-9)
 
 
 def device_calls(graph):

@@ -166,10 +166,20 @@ def _cache_path() -> str:
     return os.path.join(_cache_dir(), "profiles.json")
 
 
+#: what a measured profile times changed (2: matmuls of MATMUL_SIDE, not 384): profiles
+#: cached before are measured again
+PROFILE_VERSION = 2
+#: the side of the square matmul a CPU profile times: a block as large as a Dask array's
+#: chunks usually are. Per flop, a matmul of 384 and one of 1000 differ: on one core here
+#: NumPy (OpenBLAS) did 32 and 41 GFLOP/s in float64, JAX (XLA) 29 and 22: timed at 384,
+#: JAX looked nearly as fast as NumPy where it is half as fast on real blocks
+MATMUL_SIDE = 1024
+
+
 def cache_key(kind: str, backend: str, model: str, cores: int | None = None) -> str:
     """The profile cache's key of a device; ``cores`` for a device whose speed depends
     on how many cores its process may use (JAX on the CPU)."""
-    key = f"{socket.gethostname()}|{kind}|{backend}|{model}"
+    key = f"v{PROFILE_VERSION}|{socket.gethostname()}|{kind}|{backend}|{model}"
     return key if cores is None else f"{key}|{cores} cores"
 
 
@@ -230,7 +240,7 @@ def measure_numpy(budget: float) -> Profile:
     import numpy as np
 
     t0 = time.perf_counter()
-    n = 384
+    n = MATMUL_SIDE
     rates: dict[str, float] = {}
     for name, dtype in (("flops32", np.float32), ("flops64", np.float64)):
         a = np.ones((n, n), dtype=dtype)
@@ -281,40 +291,54 @@ def measure_namespace(xp: Any, sync: Callable[[], object], budget: float,
 
 
 def measure_jax(budget: float) -> Profile:
-    """Measure the first JAX device within about ``budget`` seconds."""
+    """Measure the first JAX device within about ``budget`` seconds.
+
+    On the CPU it times a matmul as a routed task runs one: op by op (a task calls
+    ``jax.numpy``, not a compiled whole) on host arrays it converts first, as its
+    inputs come from NumPy workers. Here that took 150 ms for a float64 matmul of 1000
+    where a compiled square of a JAX array took 90: the compiled figure made JAX on the
+    CPU look nearly as fast as NumPy (60 ms). An accelerator is timed on arrays already
+    on it: the cost model charges its host link apart."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     t0 = time.perf_counter()
-    n = 384
+    device = jax.devices()[0]
+    on_host = device.platform == "cpu"
+    n = MATMUL_SIDE
     rates: dict[str, float] = {}
-    matmul = jax.jit(lambda a: a @ a)
-    for name, dtype in (("flops32", jnp.float32), ("flops64", jnp.float64)):
+    for name, dtype in (("flops32", np.float32), ("flops64", np.float64)):
         try:
-            a = jnp.ones((n, n), dtype=dtype)
-            matmul(a).block_until_ready()
+            host = np.ones((n, n), dtype=dtype)
+            a = jnp.asarray(host)
+            if a.dtype != dtype:
+                raise TypeError("float64 disabled")
+            jnp.matmul(a, a).block_until_ready()
         except Exception:  # float64 disabled: JAX keeps float32
             rates[name] = rates.get("flops32", 0.0)
             continue
 
-        def square_jax(a: Any = a) -> object:
-            return matmul(a).block_until_ready()
+        def square_jax(a: Any = a, host: Any = host) -> object:
+            if on_host:
+                return jnp.matmul(jnp.asarray(host), jnp.asarray(host)).block_until_ready()
+            return jnp.matmul(a, a).block_until_ready()
 
         rates[name] = _best_rate(square_jax, 2.0 * n**3, time.perf_counter() + budget * 0.3)
-    copy = jax.jit(lambda b: b + 0)
     buf = jnp.ones(4_000_000, dtype=jnp.float32)
-    copy(buf).block_until_ready()
+    (buf + 0).block_until_ready()
     bandwidth = _best_rate(
-        lambda: copy(buf).block_until_ready(), 2.0 * buf.nbytes * 1.0,
+        lambda: (buf + 0).block_until_ready(), 2.0 * buf.nbytes * 1.0,
         time.perf_counter() + budget * 0.3,
     )
     took = time.perf_counter() - t0
-    device = jax.devices()[0]
+    how = "op by op from host arrays" if on_host else "op by op"
     return Profile(
         flops32=rates["flops32"], flops64=rates["flops64"], mem_bandwidth=bandwidth,
-        host_link_bandwidth=0.0 if device.platform == "cpu" else 16e9,
+        host_link_bandwidth=0.0 if on_host else 16e9,
         launch_latency=2e-5, method="measured",
-        source=f"measured with JAX ({device.platform}) on {socket.gethostname()} in {took:.2f} s",
+        source=f"measured with JAX ({device.platform}, {how}) on {socket.gethostname()} "
+               f"in {took:.2f} s",
     )
 
 

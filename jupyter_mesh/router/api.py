@@ -37,6 +37,7 @@ from .cost import (
     configured_dependency_latency,
     configured_task_overhead,
     network_latency_auto,
+    reshared,
 )
 from .layers import (
     LayerPlan,
@@ -283,17 +284,25 @@ def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "a
     return cost
 
 
+XLA_NOTE = " (a JAX worker counts one per core it may use: XLA computes on all of them)"
+
+
 def _noted(plan: Any, cost: CostModel) -> Any:
     cal = cost.calibration
-    shared = sorted({s for p in cost.pools for s in p.shared})
+    # the workers the plan uses share their hosts' cores among themselves only (a
+    # worker it leaves idle takes no share)
+    used = set(plan.pool_of)
+    pools = reshared(cost.pools, used) or cost.pools
+    pools = [p for i, p in enumerate(pools) if i in used]
+    shared = sorted({s for p in pools for s in p.shared})
     if shared and plan.routed:
         for host, cores, threads in shared:
             xla = any(p.backend == "jax" and (host, cores, threads) in p.shared
-                      for p in cost.pools)
+                      for p in pools)
             plan.notes.append(
                 f"the CPU workers on {host} run {threads} threads on {cores} "
                 f"core{'s' * (cores != 1)}"
-                f"{' (a JAX worker counts one per core: XLA computes on all of them)' * xla}"
+                f"{XLA_NOTE * xla}"
                 f": planned at {cores}/{threads} of the speed each measured alone")
     if cost.uncalibrated and plan.routed:
         plan.notes.append(

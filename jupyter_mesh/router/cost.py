@@ -48,6 +48,9 @@ class Pool:
     #: where CPU workers on one host have more threads than it has cores: (host, cores,
     #: threads), and the profile is scaled by cores / threads (see :func:`core_shares`)
     shared: list[tuple[str, int, int]] = field(default_factory=list)
+    #: each CPU worker's (host, cores it may use, threads it counts on them, profile
+    #: measured alone), for :func:`reshared`; empty where any worker does not say
+    members: list[tuple[str, int, int, Profile]] = field(default_factory=list)
 
     def worker_threads(self) -> list[int]:
         """Task slots of each worker of the pool (at least one worker, one slot)."""
@@ -123,9 +126,55 @@ def build_pools(devices: Iterable[Any]) -> list[Pool]:
         label = f"{kind}:{backend}" + (f"@{site}" if len(sites) > 1 else "")
         threads = [max(int(d.nthreads), 1) for d in devs]
         shared = sorted({shares[d.worker] for d in devs if d.worker in shares})
+        members = [m for m in map(_member, devs) if m is not None]
         pools.append(Pool(kind, backend, site, [d.worker for d in devs], sum(threads), prof,
-                          label, threads, shared))
+                          label, threads, shared,
+                          members if len(members) == len(devs) else []))
     return pools
+
+
+def _member(d: Any) -> tuple[str, int, int, Profile] | None:
+    """A CPU worker's (host, cores it may use, threads it counts there, its profile), or
+    None where it does not say (see :func:`core_shares`)."""
+    cores = (d.extra or {}).get("cores")
+    if d.kind != "cpu" or not d.host or not isinstance(cores, int) or cores < 1 \
+            or d.profile is None:
+        return None
+    return d.host, cores, max(int(d.nthreads), cores if d.backend == "jax" else 1), d.profile
+
+
+def reshared(pools: list[Pool], used: set[int]) -> list[Pool] | None:
+    """The pools as a schedule that runs nothing on the pools outside ``used`` finds
+    them: the CPU workers it leaves idle take no share of their host's cores, so those
+    it uses run faster than :func:`core_shares` planned them (on 2 cores, two NumPy
+    workers alone run at full speed, not at the 2/3 they get beside a JAX worker).
+    None where that changes no pool's speed."""
+    demand: dict[str, list[int]] = {}
+    for p in used:
+        for host, cores, threads, _ in pools[p].members:
+            have = demand.setdefault(host, [0, 0])
+            have[0] = max(have[0], cores)
+            have[1] += threads
+    out = list(pools)
+    changed = False
+    for p in used:
+        pool = pools[p]
+        if not pool.shared or not pool.members:
+            continue
+        profs = []
+        shared = set()
+        for host, _, _, prof in pool.members:
+            cores, threads = demand[host]
+            if threads > cores:
+                profs.append(_scaled(prof, cores / threads))
+                shared.add((host, cores, threads))
+            else:
+                profs.append(prof)
+        profile = _mean_profile(profs)
+        if profile != pool.profile:
+            out[p] = dataclasses.replace(pool, profile=profile, shared=sorted(shared))
+            changed = True
+    return out if changed else None
 
 
 def _mean_profile(profs: list[Profile]) -> Profile:

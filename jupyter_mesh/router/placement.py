@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import MeshError
 from ..targets import Target, parse_route
 from .classify import GraphModel
-from .cost import CostModel, Pool
+from .cost import CostModel, Pool, reshared
 from .plan import Plan
 
 
@@ -128,6 +128,10 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
     chain = chain_links(model)
     order = _rank_order(model, exec_t, allowed, [1] * len(pools))
     best = _list_schedule(model, pools, cost, allowed, exec_t, order, pin, chain=chain)
+    fusing = any(d >= 0 for d in chain)
+    resharing = any(p.shared for p in pools)
+    if resharing:
+        best = _retimed(model, pools, cost, best, chain if fusing else None, exec_t)
     if not variants or n * len(pools) > VARIANT_BUDGET:
         return best
     finish_best = max(best[2], default=0.0)
@@ -136,7 +140,6 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
                                               cost.task_overhead, chain)
     if finish_best <= enough:
         return best
-    fusing = any(d >= 0 for d in chain)
     # candidates since the last better one, and the best makespan so far (the search
     # reads both)
     progress: dict[str, float] = {"stale": 0, "best": finish_best}
@@ -148,6 +151,8 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             starts = cand[1]
             own = sorted(range(n), key=lambda i: (starts[i], i))
             cand = _replay(model, pools, cost, exec_t, own, cand[3], chain)
+        if resharing:
+            cand = _retimed(model, pools, cost, cand, chain if fusing else None, exec_t)
         f = max(cand[2], default=0.0)
         progress["stale"] += 1
         if f < finish_best * (1 - 1e-9):
@@ -157,6 +162,25 @@ def place(model: GraphModel, pools: list[Pool], cost: CostModel,
             if f <= enough:
                 break
     return best
+
+
+def _retimed(model: GraphModel, pools: list[Pool], cost: CostModel,
+             cand: tuple[list[int], list[float], list[float], list[int]],
+             chain: list[int] | None, planned: list[list[float]]
+             ) -> tuple[list[int], list[float], list[float], list[int]]:
+    """``cand`` timed as it runs when it leaves some pools idle whose CPU workers share a
+    host's cores with those it uses: the idle ones take no share (:func:`reshared`), so
+    a forced route or a schedule on NumPy workers alone is not planned at the speed they
+    have beside a busy JAX worker. Unchanged where that changes no speed."""
+    alone = reshared(pools, set(cand[0]))
+    if alone is None:
+        return cand
+    exec_t = [[cost.exec_time(op, p) for p in alone] for op in model.ops]
+    if exec_t == planned:  # a cost model that does not read the pools' speeds
+        return cand
+    starts = cand[1]
+    own = sorted(range(len(starts)), key=lambda i: (starts[i], i))
+    return _replay(model, pools, cost, exec_t, own, cand[3], chain)
 
 
 #: a plan within this fraction of :func:`_quick_bound` is kept without trying others
