@@ -7,7 +7,7 @@ from ._version import __version__
 from .devices import Profile
 from .errors import MeshConfigError, MeshError
 from .inventory import Device, Inventory
-from .mesh import Mesh, current
+from .mesh import Mesh, MeshVersionWarning, current
 
 __all__ = [
     "Device",
@@ -15,6 +15,7 @@ __all__ = [
     "Mesh",
     "MeshConfigError",
     "MeshError",
+    "MeshVersionWarning",
     "Profile",
     "__version__",
     "current",

@@ -8,10 +8,15 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from ._version import __version__
 from .devices._worker_plugin import METADATA_KEY
 
 EXTENSION_NAME = "jupyter-mesh"
 INVENTORY_HANDLER = "jupyter_mesh_inventory"
+#: what the notebook's side and this plugin exchange (its handlers, their arguments and
+#: answers, the task metadata of routed tasks): raised when that changes, so a notebook
+#: can tell a scheduler whose jupyter_mesh speaks otherwise (2: the inventory says it)
+PROTOCOL = 2
 
 
 def plain_worker_record(ws: Any) -> dict[str, Any]:
@@ -111,4 +116,6 @@ class MeshSchedulerPlugin(SchedulerPlugin):
             "dashboard": dashboard,
             "devices": devices,
             "events": [list(e) for e in list(self.events)[-50:]],
+            "protocol": PROTOCOL,
+            "version": __version__,
         }

@@ -241,6 +241,10 @@ def _spec_name(family: str, index: int) -> str:
     return f"{family.replace('_', '-')}-{index}"
 
 
+class MeshVersionWarning(UserWarning):
+    """The scheduler of a mesh runs a jupyter_mesh that speaks another protocol."""
+
+
 class Mesh:
     """A heterogeneous Dask cluster used from a notebook as one computer.
 
@@ -545,7 +549,34 @@ class Mesh:
             # e.g. a scheduler without jupyter_mesh installed: inventory falls back to
             # scheduler_info, which carries the same worker metadata.
             mesh._scheduler_plugin = False
+        else:
+            mesh._check_protocol()
         return mesh
+
+    def _check_protocol(self) -> None:
+        """Warn when the scheduler's jupyter_mesh speaks another protocol than this
+        kernel's (a scheduler started by another version keeps its own plugin)."""
+        from ._scheduler_plugin import PROTOCOL
+
+        scheduler = self.client.scheduler
+        if scheduler is None:
+            return
+        try:
+            info = self.client.sync(scheduler.jupyter_mesh_inventory)
+        except Exception:
+            return  # inventory() says what is wrong when it is asked
+        theirs = info.get("protocol") if isinstance(info, dict) else None
+        if theirs == PROTOCOL:
+            return
+        from ._version import __version__
+
+        version = info.get("version") if isinstance(info, dict) else None
+        warnings.warn(
+            f"jupyter_mesh: the scheduler at {self.address} runs "
+            f"{'jupyter_mesh ' + str(version) if version else 'an older jupyter_mesh'} "
+            f"(protocol {theirs or 1}) and this kernel {__version__} (protocol {PROTOCOL}): "
+            f"routed reports and fallback may fail; install the same jupyter_mesh where "
+            f"the scheduler runs and restart it", MeshVersionWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ queries
     @property

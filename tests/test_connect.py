@@ -263,3 +263,42 @@ def test_certificates_held_in_memory_connect(no_mesh):
                              timeout=10) as mesh:
             assert da.ones(10, chunks=5).sum().compute() == 10
             assert len(mesh.inventory()) == 1
+
+
+def test_a_scheduler_whose_jupyter_mesh_speaks_another_protocol_is_named(no_mesh,
+                                                                          monkeypatch):
+    # a scheduler started by another jupyter_mesh keeps its own plugin (Dask does not
+    # replace one of the same name): the notebook says so at once, in one line
+    import warnings
+
+    from jupyter_mesh import MeshVersionWarning
+    from jupyter_mesh._scheduler_plugin import PROTOCOL, MeshSchedulerPlugin
+
+    inventory = MeshSchedulerPlugin.inventory
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        # this version's plugin: nothing to say
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MeshVersionWarning)
+            with jm.Mesh.connect(cluster.scheduler_address, timeout=5) as mesh:
+                assert len(mesh.inventory()) == 0
+
+    def older(self, comm=None):
+        info = inventory(self, comm)
+        del info["protocol"], info["version"]  # as the plugin before PROTOCOL
+        return info
+
+    monkeypatch.setattr(MeshSchedulerPlugin, "inventory", older)
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        with pytest.warns(MeshVersionWarning) as caught:
+            mesh = jm.Mesh.connect(cluster.scheduler_address, timeout=5)
+        try:
+            (w,) = caught.list
+            text = str(w.message)
+            assert "\n" not in text
+            assert f"{cluster.scheduler_address} runs an older jupyter_mesh (protocol 1)" in text
+            assert f"protocol {PROTOCOL}" in text and "install the same jupyter_mesh" in text
+            assert len(mesh.inventory()) == 0  # the mesh still works
+        finally:
+            mesh.close()
