@@ -231,7 +231,7 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
             "dashboard": False,
             "silence_logs": logging.WARNING,
             "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"],
-                                         cpus=cpus)],
+                                         cpus=cpus, quiet_failures=True)],
             **_tls_options(security),
         },
     }

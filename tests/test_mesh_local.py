@@ -359,6 +359,46 @@ def test_jax_cpu_workers_get_the_cores_the_other_workers_leave(monkeypatch):
     assert jax_cpu_sets(2, 2, 1) == [[], []]
 
 
+def _fails(block):
+    raise ValueError("a bad value in this block")
+
+
+def test_a_failing_task_is_reported_once_not_also_in_dasks_worker_log(no_mesh, capfd):
+    # a local mesh's workers write to the kernel's output, which the notebook shows:
+    # the failure is the exception in the cell, not also Dask's "Compute Failed" log
+    import traceback
+
+    with jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=False) as m:
+        x = da.ones(10, chunks=5).map_blocks(_fails, dtype=float)
+        with pytest.raises(ValueError, match="a bad value in this block") as info:
+            m.client.compute(x).result()
+        # the exception keeps what the log said: the message and where it was raised
+        assert "_fails" in "".join(traceback.format_tb(info.tb))
+        # and the workers still log what else goes wrong
+        m.client.run(lambda: __import__("logging").getLogger("distributed.worker").error(
+            "another worker error"))
+        time.sleep(0.5)
+    out, err = capfd.readouterr()
+    assert "Compute Failed" not in out + err
+    assert "another worker error" in out + err
+
+
+def test_workers_started_elsewhere_keep_dasks_compute_failed_log():
+    import logging
+
+    from jupyter_mesh.devices._worker_plugin import MeshWorkerPlugin, _NoComputeFailed
+
+    assert MeshWorkerPlugin().quiet_failures is False  # jupyter-mesh worker, dask preload
+    keep = _NoComputeFailed()
+
+    def record(msg):
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg,
+                                 None, None)
+
+    assert not keep.filter(record("Compute Failed\nKey:       %s\n"))
+    assert keep.filter(record("Failed to communicate with scheduler"))
+
+
 def test_current_without_mesh(no_mesh):
     with pytest.raises(MeshError, match="no active mesh"):
         jm.current()

@@ -89,6 +89,14 @@ def _plugin_backend(name: str | None) -> Any:
     return get_backend(name)
 
 
+class _NoComputeFailed(logging.Filter):
+    """Drops Dask's "Compute Failed" record of a task that raised (the computation
+    raises the same exception where it was asked for)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
 class MeshWorkerPlugin(WorkerPlugin):
     """Make a Dask worker a mesh device.
 
@@ -108,6 +116,11 @@ class MeshWorkerPlugin(WorkerPlugin):
         Cores to pin the worker process to before it measures its device (Linux), or
         None to leave its affinity alone. A local mesh pins its JAX CPU workers to their
         share of the cores: XLA computes on a thread pool as wide as the cores it may use.
+    quiet_failures:
+        Leave out Dask's "Compute Failed" log of a task that raised. A local mesh's
+        workers write to the kernel's output, so the notebook would show each failure
+        twice: the log, and the exception the computation raises in the cell (which
+        carries the same message and traceback).
     """
 
     name = "jupyter-mesh"
@@ -120,18 +133,24 @@ class MeshWorkerPlugin(WorkerPlugin):
         backend: str | None = None,
         watch_parent: bool = True,
         cpus: list[int] | None = None,
+        quiet_failures: bool = False,
     ) -> None:
         self.site = site
         self.kind = kind
         self.backend = backend
         self.watch_parent = watch_parent
         self.cpus = list(cpus) if cpus else None
+        self.quiet_failures = quiet_failures
         self.device: dict[str, Any] | None = None
         self._watchdog: asyncio.Task | None = None
 
     def setup(self, worker: Any) -> None:
         if self.cpus:
             _detect.pin_process(self.cpus)  # before JAX starts its thread pool
+        if getattr(self, "quiet_failures", False):
+            log = logging.getLogger("distributed.worker")
+            if not any(isinstance(f, _NoComputeFailed) for f in log.filters):
+                log.addFilter(_NoComputeFailed())
         memory = getattr(worker.memory_manager, "memory_limit", None)
         info, profile = describe_device(self.kind, self.backend, memory)
         backend = info.backend or DEFAULT_BACKEND[info.kind]
