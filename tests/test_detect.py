@@ -133,3 +133,19 @@ def test_gpu_auto_on_a_host_with_a_driver_but_no_cupy_warns(monkeypatch):
         assert mesh.inventory().by_kind() == {"cpu": 1}
     finally:
         mesh.close()
+
+
+def test_pinning_to_cores_this_process_may_not_use_leaves_it_running_unpinned():
+    import os
+
+    import pytest
+
+    from jupyter_mesh.devices import _detect
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("pinning a process to cores needs Linux")
+    before = os.sched_getaffinity(0)
+    _detect.pin_process([10_000])  # no such core: nothing changes, nothing raises
+    assert os.sched_getaffinity(0) == before
+    _detect.pin_process([])
+    assert os.sched_getaffinity(0) == before

@@ -69,9 +69,12 @@ def pin_process(cpus: list[int]) -> None:
     for tid in tids:
         try:
             setaffinity(tid, cpus)
-        except OSError:  # a thread that ended meanwhile
+        except OSError:  # a thread that ended meanwhile, or cores no longer allowed
             pass
-    setaffinity(0, cpus)
+    try:
+        setaffinity(0, cpus)
+    except OSError:  # the cores were taken away since they were counted: run unpinned
+        pass
 
 
 def host_memory() -> int:

@@ -145,8 +145,9 @@ class MeshWorkerPlugin(WorkerPlugin):
         self._watchdog: asyncio.Task | None = None
 
     def setup(self, worker: Any) -> None:
-        if self.cpus:
-            _detect.pin_process(self.cpus)  # before JAX starts its thread pool
+        cpus = getattr(self, "cpus", None)  # None from a plugin pickled before cpus=
+        if cpus:
+            _detect.pin_process(cpus)  # before JAX starts its thread pool
         if getattr(self, "quiet_failures", False):
             log = logging.getLogger("distributed.worker")
             if not any(isinstance(f, _NoComputeFailed) for f in log.filters):
