@@ -100,6 +100,29 @@ def test_a_layer_plan_has_no_pace_floor():
     assert plan.floor == 0.0 and plan.makespan < model.ntasks
 
 
+def test_a_forced_layer_plan_times_the_cpu_workers_it_uses_at_their_own_share():
+    # two NumPy workers and a JAX one on a 2-core host: beside the JAX worker each NumPy
+    # one gets 2/3 of a core; "cpu:numpy" leaves the JAX worker idle, so they run (and
+    # are planned) at full speed, as on a mesh without the JAX worker
+    cpu = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+                  method="model", source="test")
+
+    def on(name, backend, cores):
+        d = Device(f"tcp://{name}:1", "cpu", backend, "model cpu", 1 << 34, "lab", cpu,
+                   name=name)
+        d.host, d.extra = "10.0.0.1", {"cores": cores}
+        return d
+
+    numpy_only = [on("a", "numpy", 2), on("b", "numpy", 2)]
+    g, keys = _collection_graph([pipeline()])
+    alone = plan_layers(model_layers(g, keys), build_pools(numpy_only), "cpu:numpy")
+    forced = plan_layers(model_layers(g, keys), build_pools(numpy_only + [on("j", "jax", 1)]),
+                         "cpu:numpy")
+    assert forced.makespan == pytest.approx(alone.makespan)
+    assert [r["est_seconds"] for r in forced.rows] == pytest.approx(
+        [r["est_seconds"] for r in alone.rows])
+
+
 def test_plan_rows_and_rewrite_wrap_each_layer_once():
     pools = synthetic_pools()
     y = pipeline()

@@ -46,7 +46,7 @@ from .classify import (
     op_native,
     task_cost,
 )
-from .cost import CostModel, Pool
+from .cost import CostModel, Pool, reshared
 from .placement import relax_if_equivalent, route_constraints
 from .plan import Plan, merged_rows
 from .rewrite import Routed, wrapped_task
@@ -279,6 +279,9 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
     slots = [max(sum(p.worker_threads()), 1) for p in pools]
     nworkers = [max(len(p.workers), 1) for p in pools]
     free = [0.0] * len(pools)
+    # CPU workers the route leaves idle (a forced one) take no share of their hosts'
+    # cores: the others are timed at their share among themselves
+    timed = reshared(pools, {p for a in allowed for p in a}) or pools
     nl = len(model.ops)
     layer_pool = [0] * nl
     start = [0.0] * nl
@@ -291,7 +294,7 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
             raise MeshError(f"{op.label}: no pool may run it")
         best = (math.inf, allowed[li][0], 0.0)
         for p in allowed[li]:
-            e = cost.exec_time(op, pools[p])
+            e = cost.exec_time(op, timed[p])
             ready = 0.0
             for d, nb in model.deps[li]:
                 q = layer_pool[d]
@@ -309,7 +312,7 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
         f, p, s = best
         layer_pool[li], start[li], finish[li] = p, s, f
         free[p] = f
-        est[li] = n * cost.exec_time(op, pools[p])
+        est[li] = n * cost.exec_time(op, timed[p])
         kp = (pools[p].kind, pools[p].backend)
         moved[li] = float(sum(op.tasks * nb for d, nb in model.deps[li]
                               if (pools[layer_pool[d]].kind,
