@@ -98,6 +98,17 @@ def local_tls() -> bool:
     raise MeshConfigError(f"config mesh.local.tls must be true, false or auto, not {value!r}")
 
 
+def pin_jax() -> bool | str:
+    """``mesh.local.pin-jax``: True, False or ``"auto"``."""
+    value = get("local.pin-jax")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise MeshConfigError(f"config mesh.local.pin-jax must be true, false or auto, not "
+                          f"{value!r}")
+
+
 def dashboard_options(host: str) -> dict[str, Any]:
     """The Dask ``Scheduler`` options for ``mesh.local.dashboard-address``.
 

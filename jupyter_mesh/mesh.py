@@ -186,22 +186,33 @@ def _tls_options(security: Any) -> dict[str, Any]:
     return {} if security is None else {"security": security, "protocol": "tls://"}
 
 
-def jax_cpu_sets(jax_n: int, other_threads: int, nthreads: int) -> list[list[int]]:
+def jax_cpu_sets(jax_n: int, other_threads: int, nthreads: int,
+                 pin: bool | str = "auto") -> list[list[int]]:
     """The cores each of a local mesh's ``jax_n`` JAX CPU workers is pinned to (empty
-    lists where this system cannot pin a process).
+    lists: not pinned).
 
     XLA computes on a thread pool as wide as the cores its process may use, so an
     unpinned JAX worker competes for every core with the other CPU workers' threads. Each
     JAX worker gets the cores those ``other_threads`` leave, shared out, and at least its
-    own ``nthreads``: on 2 cores beside two one-thread NumPy workers, one core; on 16
-    cores beside two five-thread ones, six. Cores are taken from the end of the ones this
-    process may use, JAX workers side by side, wrapping round where they must share."""
+    own ``nthreads``: on 16 cores beside two five-thread NumPy workers, six. Cores are
+    taken from the end of the ones this process may use, JAX workers side by side,
+    wrapping round where they must share. ``pin`` (``mesh.local.pin-jax``): ``"auto"``
+    pins where the other threads leave each JAX worker at least one core of its own,
+    and fewer than all: on 2 cores beside one one-thread NumPy worker, one core (a
+    routed matmul pipeline ran 11% faster pinned there). Where they leave none (2 cores
+    beside two one-thread NumPy workers), the threads outnumber the cores either way and
+    the cost model shares them out; pinning would only confine the worker's own Dask
+    work to a core the others use too (P1 ran 3% slower pinned). True pins there too;
+    False never pins. Nothing is pinned where this system cannot pin a process
+    (macOS)."""
     getaffinity = getattr(os, "sched_getaffinity", None)
-    if not jax_n or getaffinity is None:
+    if not jax_n or getaffinity is None or pin is False:
         return [[] for _ in range(jax_n)]
     cores = sorted(getaffinity(0))
     count = min(_detect.cpu_cores(), len(cores))  # a cgroup quota may allow fewer
     width = min(count, max(nthreads, (count - other_threads) // jax_n, 1))
+    if pin == "auto" and not (count - other_threads >= jax_n and width < count):
+        return [[] for _ in range(jax_n)]
     sets = []
     for i in range(jax_n):
         start = len(cores) - width * (i + 1)
@@ -348,6 +359,7 @@ class Mesh:
         host = host or _config.get_host()
         dashboard = _config.dashboard_options(host)
         security = _local_security() if _config.local_tls() else None
+        pin_jax = _config.pin_jax()
         _profile.check_config()
         if set_current:
             _refuse_if_active(replace)
@@ -392,7 +404,7 @@ class Mesh:
         host_cpu_workers = max(cpu_n + jax_n, 1)
         nthreads = threads_per_worker or max(1, _detect.cpu_cores() // host_cpu_workers)
         counts = {"cpu": cpu_n, "jax_cpu": jax_n, "gpu": gpu_n, "tpu": tpu_n}
-        pins = jax_cpu_sets(jax_n, cpu_n * nthreads, nthreads)
+        pins = jax_cpu_sets(jax_n, cpu_n * nthreads, nthreads, pin_jax)
         workers = {}
         for family, n in counts.items():
             for i in range(n):
@@ -561,8 +573,13 @@ class Mesh:
         scheduler = self.client.scheduler
         if scheduler is None:
             return
+        timeout = _config.get_seconds("connect-timeout", allow_zero=False)
+
+        async def ask() -> Any:
+            return await asyncio.wait_for(scheduler.jupyter_mesh_inventory(), timeout)
+
         try:
-            info = self.client.sync(scheduler.jupyter_mesh_inventory)
+            info = self.client.sync(ask)
         except Exception:
             return  # inventory() says what is wrong when it is asked
         theirs = info.get("protocol") if isinstance(info, dict) else None
@@ -702,7 +719,8 @@ class Mesh:
             raise MeshError("a mesh needs at least one device: keep cpu=1 or more")
         nthreads = self.options.get("threads_per_worker", 1)
         # a new JAX CPU worker is pinned as one of a mesh of this new make-up would be
-        pins = jax_cpu_sets(after["jax_cpu"], after["cpu"] * nthreads, nthreads)
+        pins = jax_cpu_sets(after["jax_cpu"], after["cpu"] * nthreads, nthreads,
+                            _config.pin_jax())
         for fam, want in checked.items():
             names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
             for name in names[want:]:

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 import jupyter_mesh  # noqa: F401
-from jupyter_mesh import _config
+from jupyter_mesh import _config, _state
 from jupyter_mesh.errors import MeshConfigError
 
 
@@ -161,3 +161,22 @@ def test_bad_dashboard_address_is_one_line(bad):
     assert message.startswith("config mesh.local.dashboard-address must be HOST:PORT like "
                               "'127.0.0.1:8787'") and "\n" not in message
     assert message.endswith(f"not {bad!r}")
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), (" AUTO ", "auto"),
+                                             (True, True), (False, False)])
+def test_pin_jax_values(value, expected):
+    with dask.config.set({"mesh.local.pin-jax": value}):
+        assert _config.pin_jax() == expected
+
+
+@pytest.mark.parametrize("bad", ["yes", "", 1, None, ["auto"]])
+def test_a_bad_pin_jax_is_one_line_and_starts_nothing(no_mesh, bad):
+    import jupyter_mesh as jm
+
+    with dask.config.set({"mesh.local.pin-jax": bad}):
+        with pytest.raises(MeshConfigError) as info:
+            jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0)
+    assert str(info.value) == (f"config mesh.local.pin-jax must be true, false or auto, "
+                               f"not {bad!r}")
+    assert _state.active() is None

@@ -302,8 +302,11 @@ def test_a_jax_cpu_worker_computes_on_its_share_of_the_cores(no_mesh):
     from jupyter_mesh.mesh import jax_cpu_sets
     from jupyter_mesh.router.cost import core_shares
 
-    want = jax_cpu_sets(1, 1, 1)[0]  # what one JAX worker beside one NumPy thread gets
-    with jm.Mesh.local(cpu=1, jax_cpu=1, threads_per_worker=1, set_current=False) as m:
+    # (pinned whatever this machine's size: auto leaves a JAX worker alone on a machine
+    # of one core, where there is nothing to pin)
+    want = jax_cpu_sets(1, 1, 1, pin=True)[0]  # one JAX worker beside one NumPy thread
+    with dask.config.set({"mesh.local.pin-jax": True}), \
+            jm.Mesh.local(cpu=1, jax_cpu=1, threads_per_worker=1, set_current=False) as m:
         inv = m.inventory()
         jax_dev = inv.select("cpu:jax")[0]
         numpy_dev = inv.select("cpu:numpy")[0]
@@ -339,24 +342,33 @@ def test_jax_cpu_workers_get_the_cores_the_other_workers_leave(monkeypatch):
                             raising=False)
         monkeypatch.setattr(_detect, "cpu_cores", lambda: quota or cores)
 
-    machine(2)  # this machine: two one-thread NumPy workers leave nothing; one core
-    assert jax_cpu_sets(1, 2, 1) == [[1]]
     machine(16)  # two five-thread NumPy workers leave six cores
     assert jax_cpu_sets(1, 10, 5) == [list(range(10, 16))]
     # two JAX workers share what is left, side by side
     assert jax_cpu_sets(2, 2, 1) == [list(range(9, 16)), list(range(2, 9))]
     # never fewer cores than the worker's own threads
     assert jax_cpu_sets(1, 14, 4) == [[12, 13, 14, 15]]
+    # alone on the machine it may use every core: nothing to pin
+    assert jax_cpu_sets(1, 0, 16) == [[]]
     # a cgroup quota of four cores on 16 visible ones
     machine(16, quota=4)
     assert jax_cpu_sets(1, 2, 1) == [[14, 15]]
-    # more JAX workers than cores: they share, wrapping round
+    # 2 cores beside one one-thread NumPy worker: a core of its own
     machine(2)
-    assert jax_cpu_sets(3, 0, 1) == [[1], [0], [1]]
+    assert jax_cpu_sets(1, 1, 1) == [[1]]
+    # beside two, the NumPy threads leave no core: pinning would free none and only
+    # confine the worker to a core they use too, so auto does not pin; True does
+    assert jax_cpu_sets(1, 2, 1) == [[]]
+    assert jax_cpu_sets(1, 2, 1, pin=True) == [[1]]
+    # more JAX workers than cores: they share, wrapping round
+    assert jax_cpu_sets(3, 0, 1, pin=True) == [[1], [0], [1]]
     assert jax_cpu_sets(0, 2, 1) == []
+    # False never pins
+    machine(16)
+    assert jax_cpu_sets(1, 10, 5, pin=False) == [[]]
     # where a process cannot be pinned (macOS), nothing is
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
-    assert jax_cpu_sets(2, 2, 1) == [[], []]
+    assert jax_cpu_sets(2, 2, 1, pin=True) == [[], []]
 
 
 def _fails(block):
