@@ -573,13 +573,9 @@ class Mesh:
         scheduler = self.client.scheduler
         if scheduler is None:
             return
-        timeout = _config.get_seconds("connect-timeout", allow_zero=False)
-
-        async def ask() -> Any:
-            return await asyncio.wait_for(scheduler.jupyter_mesh_inventory(), timeout)
-
         try:
-            info = self.client.sync(ask)
+            info = self._ask_inventory(scheduler, _config.get_seconds(
+                "connect-timeout", allow_zero=False))
         except Exception:
             return  # inventory() says what is wrong when it is asked
         theirs = info.get("protocol") if isinstance(info, dict) else None
@@ -625,12 +621,8 @@ class Mesh:
         scheduler = self.client.scheduler  # not None: _check_reachable says so
         if self._scheduler_plugin and scheduler is not None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
-
-            async def ask() -> Any:
-                return await asyncio.wait_for(scheduler.jupyter_mesh_inventory(), timeout)
-
             try:
-                info = self.client.sync(ask)
+                info = self._ask_inventory(scheduler, timeout)
                 dashboard = (None if self.options.get("dashboard") is False
                              else self.dashboard_link or browser_link(info["dashboard"]))
                 return Inventory.from_records(info["devices"], info["address"], dashboard)
@@ -644,6 +636,14 @@ class Mesh:
             except Exception:
                 self._scheduler_plugin = False
         return self._inventory_from_scheduler_info()
+
+    def _ask_inventory(self, scheduler: Any, timeout: float) -> Any:
+        """The scheduler plugin's inventory answer, within ``timeout`` seconds."""
+
+        async def ask() -> Any:
+            return await asyncio.wait_for(scheduler.jupyter_mesh_inventory(), timeout)
+
+        return self.client.sync(ask)
 
     def _inventory_from_scheduler_info(self) -> Inventory:
         from ._scheduler_plugin import METADATA_KEY
