@@ -84,18 +84,17 @@ def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
     on a thread pool of its own, as wide as those cores (JAX 0.10's XLA_FLAGS thread
     settings do not narrow it; a local mesh pins the JAX worker to its share of the
     cores, which does), and its speed was measured with all of them."""
-    by_host: dict[str, list[tuple[Any, int]]] = {}
+    by_host: dict[str, list[tuple[str, int, int]]] = {}
     for d in devices:
-        cores = (d.extra or {}).get("cores")
-        if d.kind != "cpu" or not d.host or not isinstance(cores, int) or cores < 1:
-            continue
-        by_host.setdefault(d.host, []).append((d, cores))
+        m = _member(d, need_profile=False)
+        if m is not None:
+            by_host.setdefault(m[0], []).append((d.worker, m[1], m[2]))
     out: dict[str, tuple[str, int, int]] = {}
     for host, devs in by_host.items():
-        cores = max(c for _, c in devs)
-        threads = sum(max(int(d.nthreads), c if d.backend == "jax" else 1) for d, c in devs)
+        cores = max(c for _, c, _ in devs)
+        threads = sum(t for _, _, t in devs)
         if threads > cores:
-            out.update({d.worker: (host, cores, threads) for d, _ in devs})
+            out.update({w: (host, cores, threads) for w, _, _ in devs})
     return out
 
 
@@ -133,12 +132,12 @@ def build_pools(devices: Iterable[Any]) -> list[Pool]:
     return pools
 
 
-def _member(d: Any) -> tuple[str, int, int, Profile] | None:
+def _member(d: Any, need_profile: bool = True) -> tuple[str, int, int, Profile] | None:
     """A CPU worker's (host, cores it may use, threads it counts there, its profile), or
     None where it does not say (see :func:`core_shares`)."""
     cores = (d.extra or {}).get("cores")
     if d.kind != "cpu" or not d.host or not isinstance(cores, int) or cores < 1 \
-            or d.profile is None:
+            or (need_profile and d.profile is None):
         return None
     return d.host, cores, max(int(d.nthreads), cores if d.backend == "jax" else 1), d.profile
 
