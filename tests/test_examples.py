@@ -5,6 +5,7 @@ They are committed without outputs; each is executed once per test session here.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -110,7 +111,12 @@ def test_routing_explains_computes_and_pictures():
         "'jax'" in text(cell(nb, 'print("matmul ran on:"'))
     auto = cell(nb, "(auto,) = mesh.compute")
     assert "True\n" in text(auto) and "Report (route=auto)" in text(auto)
-    assert "backends used: ['jax', 'numpy']" in text(cell(nb, 'print("ops:"'))
+    # on this CPU-only mesh the JAX worker runs the ops with NumPy where NumPy is faster:
+    # what ran is what the plan's targets say
+    used = text(cell(nb, 'print("ops:"'))
+    assert "backends used: [" in used and "'numpy'" in used
+    targets = used.split("backends used:")[0]
+    assert ("'jax'" in used) == bool(re.search(r"cpu:jax(?! \(numpy\))", targets)), used
     routed = cell(nb, "%%mesh --route cpu:jax")
     assert "Report (route=cpu:jax)" in text(routed) and "jupyter-mesh-picture" in html(routed)
     assert text(cell(nb, "print(round(float(z)")).strip()  # a number came back

@@ -43,6 +43,48 @@ def test_cpu_jax_pipeline_equals_numpy_and_jax_ran_the_matmul(mesh):
     assert "<table>" in report._repr_html_() and "matmul" in repr(report)
 
 
+def test_a_jax_cpu_worker_runs_numpy_tasks_where_numpy_is_faster(mesh):
+    # the JAX CPU worker measured NumPy too (the NumPy worker's cached profile): it is
+    # never planned slower than a NumPy worker, and runs each task with what its plan
+    # says, its own NumPy where that is the faster of the two for the op
+    from jupyter_mesh.router.cost import build_pools
+
+    inv = list(mesh.inventory())
+    numpy_dev = next(d for d in inv if d.backend == "numpy")
+    jax_dev = next(d for d in inv if d.backend == "jax")
+    assert jax_dev.extra["numpy_profile"] == numpy_dev.profile.to_dict()
+    assert numpy_dev.extra.get("numpy_profile") is None
+    assert next(p for p in build_pools(inv) if p.backend == "jax").numpy_profile
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    # "cpu": either pool, each task restricted to the one its plan chose
+    (got,) = mesh.compute(y, route="cpu")
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    report = mesh.last_report
+    plan = report.plan
+    m = plan.model
+    on_jax = 0
+    for i, key in enumerate(m.keys):
+        rec = report.records.get(key)
+        if rec is None:  # not a task (an alias)
+            continue
+        p = plan.pool_of[i]
+        pool = plan.pools[p]
+        addr, backend, _ = rec
+        assert addr in pool.workers
+        assert backend == ("numpy" if plan.runs_numpy(m.layer[i], p) else pool.backend)
+        on_jax += pool.backend == "jax"
+    assert on_jax, "the plan used the JAX worker"
+    jax_pool, numpy_pool = (next(p for p in plan.pools if p.backend == b)
+                            for b in ("jax", "numpy"))
+    for op in m.ops:
+        assert plan.cost.exec_time(op, jax_pool) <= plan.cost.exec_time(op, numpy_pool) * (
+            1 + 1e-9)
+    # the rows say which pool ran what with NumPy
+    labels = {r["target"] for r in plan.rows}
+    assert any("cpu:jax" in t for t in labels), labels
+
+
 def test_the_report_has_every_task_and_leaves_nothing_on_the_workers(mesh):
     # what ran each task reaches the scheduler with the task's end (its metadata); the
     # report gets it there in the same call as the plan's status: no round trip to
@@ -583,7 +625,11 @@ def test_magic_route_and_explain(ip, mesh, capsys):
     ip.run_line_magic("mesh", "route off")
     assert mesh.route_mode == "off"
     plan = ip.run_line_magic("mesh", "explain y")
-    assert {r["op"]: r["target"] for r in plan.rows}["random_sample"] == "cpu:numpy"
+    # routing is off, yet explain plans "auto": the random blocks never go to JAX
+    # (both workers may run them with NumPy, equally fast: then Dask places them)
+    assert plan.route == "auto"
+    assert {r["op"]: r["target"] for r in plan.rows}["random_sample"] in (
+        "cpu:numpy", "any (pools equivalent)")
     plan = ip.run_line_magic("mesh", "explain y --route cpu:jax")
     assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax"
     plan = ip.run_line_magic("mesh", "explain (y, y.sum())")

@@ -402,6 +402,116 @@ def test_a_plan_that_leaves_cpu_workers_idle_runs_the_others_at_full_speed():
     assert even.makespan <= alone.makespan * (1 + 1e-9)
 
 
+def test_a_jax_cpu_worker_runs_numpy_where_numpy_is_faster_for_the_op():
+    # a JAX CPU worker is a CPU: it runs NumPy too. Here JAX's matmul runs at half
+    # NumPy's speed on it and its elementwise ops at twice (a made-up profile, so that
+    # the two pools differ): "auto" runs the matmuls on both workers, with NumPy on the
+    # JAX one, and the elementwise ops with JAX. A forced "cpu:jax" runs JAX, and a
+    # worker that measured no NumPy (an older one) runs only what JAX runs, as before
+    from jupyter_mesh.router.rewrite import rewrite
+
+    jax_prof = Profile(flops32=1e11, flops64=5e10, mem_bandwidth=4e10, launch_latency=2e-6,
+                       method="model", source="test")
+
+    def on(name, backend, profile, cores, numpy=None):
+        d = dev(name, "cpu", backend, profile)
+        d.host, d.extra = "10.0.0.1", {"cores": cores}
+        if numpy is not None:
+            d.extra["numpy_profile"] = numpy.to_dict()
+        return d
+
+    x = da.random.random((4000, 4000), chunks=1000)
+    y = ((x @ x.T) * 2 + 1).sum(axis=0)
+    numpy_only = [on("c0", "numpy", CPU, 2)]
+    both = numpy_only + [on("j0", "jax", jax_prof, 1, numpy=CPU)]
+    pools = build_pools(both)
+    jax_pool = next(p for p in pools if p.backend == "jax")
+    assert jax_pool.numpy_profile == CPU  # 2 threads on 2 cores: nothing shared
+    cost = CostModel(pools)
+    ops = {op.label: op for op in model_collections([y]).ops}
+    assert cost.runs_numpy(ops["matmul"], jax_pool)
+    assert not cost.runs_numpy(ops["mul"], jax_pool)
+    assert cost.runs_numpy(ops["random_sample"], jax_pool)  # JAX does not run it
+
+    plan = plan_collections([y], both)
+    targets = {r["op"]: r["target"] for r in plan.rows}
+    assert "cpu:jax (numpy)" in targets["matmul"] and "cpu:numpy" in targets["matmul"]
+    routed = rewrite(plan, fuse=False)
+    m = plan.model
+    for i, key in enumerate(m.keys):
+        call = routed.graph[key].func
+        if plan.pools[plan.pool_of[i]].backend != "jax" or not hasattr(call, "native"):
+            continue
+        label = m.ops[m.layer[i]].label
+        if label == "matmul":
+            assert call.native == {"numpy"}, "the JAX worker runs its matmuls with NumPy"
+        elif label == "mul":
+            assert "jax" in call.native
+    # the same JAX worker without a NumPy profile: only JAX's ops go there, slower
+    old = numpy_only + [on("j0", "jax", jax_prof, 1)]
+    before = plan_collections([y], old)
+    assert plan.makespan < before.makespan
+    assert not any("(numpy)" in t for r in before.rows for t in [r["target"]]
+                   if r["class"] != "creation")
+    # forced: JAX runs what it can, NumPy profile or not
+    forced = plan_collections([y], both, route="cpu:jax")
+    assert {r["op"]: r["target"] for r in forced.rows}["matmul"] == "cpu:jax"
+    routed = rewrite(forced, fuse=False)
+    calls = [routed.graph[k].func for i, k in enumerate(forced.model.keys)
+             if forced.model.ops[forced.model.layer[i]].label == "matmul"]
+    assert calls and all("jax" in c.native for c in calls)
+
+
+def test_needs_picks_numpy_on_a_jax_cpu_worker_where_numpy_is_faster():
+    # mesh.submit(f, needs=...) moves the arguments to the backend the mesh picks: on a
+    # JAX CPU worker whose NumPy is faster for the capability, NumPy arrays
+    class Mesh:
+        def __init__(self, devices):
+            self.devices = devices
+
+        def inventory(self):
+            return self.devices
+
+    slow = Profile(flops32=1e11, flops64=5e10, mem_bandwidth=1e10, launch_latency=2e-6,
+                   method="model", source="test")
+    j = dev("j0", "cpu", "jax", slow)
+    j.extra = {"numpy_profile": CPU.to_dict()}
+    _, label, backend = api.choose_for_needs(Mesh([j]), "matmul")
+    assert (label, backend) == ("cpu:jax (numpy)", "numpy")
+    # a NumPy worker as fast: it gets the task, not the JAX worker running NumPy
+    _, label, backend = api.choose_for_needs(Mesh([j, dev("c0", "cpu", "numpy", CPU)]),
+                                             "matmul")
+    assert (label, backend) == ("cpu:numpy", "numpy")
+    # a JAX worker that measured no NumPy: JAX, as before
+    _, label, backend = api.choose_for_needs(Mesh([dev("j1", "cpu", "jax", slow)]), "matmul")
+    assert (label, backend) == ("cpu:jax", "jax")
+
+
+def test_a_jax_cpu_workers_numpy_speed_is_its_share_of_the_cores():
+    # beside two NumPy workers on 2 cores, an unpinned JAX worker counts both cores:
+    # 4 threads on 2 cores, each at half speed, its NumPy too; a plan that leaves the
+    # NumPy workers idle has it at full speed
+    from jupyter_mesh.router.cost import reshared
+
+    def on(name, backend, cores, numpy=None):
+        d = dev(name, "cpu", backend, CPU)
+        d.host, d.extra = "10.0.0.1", {"cores": cores}
+        if numpy is not None:
+            d.extra["numpy_profile"] = numpy.to_dict()
+        return d
+
+    pools = build_pools([on("c0", "numpy", 2), on("c1", "numpy", 2),
+                         on("j0", "jax", 2, numpy=CPU)])
+    j = next(i for i, p in enumerate(pools) if p.backend == "jax")
+    assert pools[j].numpy_profile.flops64 == pytest.approx(CPU.flops64 / 2)
+    alone = reshared(pools, {j})
+    assert alone is not None and alone[j].numpy_profile.flops64 == pytest.approx(CPU.flops64)
+    # a NumPy profile that is not a profile is ignored: the worker runs JAX only
+    bad = on("j1", "jax", 2)
+    bad.extra["numpy_profile"] = {"flops32": "fast"}
+    assert build_pools([bad])[0].numpy_profile is None
+
+
 def device_calls(graph):
     """The device calls of a routed graph, those inside fused tasks too."""
     from dask._task_spec import Task

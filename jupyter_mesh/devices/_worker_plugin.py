@@ -171,6 +171,12 @@ class MeshWorkerPlugin(WorkerPlugin):
             "pid": os.getpid(),
             **info.extra,
         }
+        if info.kind == "cpu" and backend != "numpy":
+            # it runs NumPy tasks too, where NumPy is the faster of the two for an op
+            # (the cost model compares them; cached, as a NumPy worker's profile is)
+            key = _profile.cache_key("cpu", "numpy", info.model)
+            self.device["numpy_profile"] = _profile.cached_or_measure(
+                key, _profile.measure_numpy).to_dict()
         resources = {kind_resource(info.kind): nthreads,
                      backend_resource(info.kind, backend): nthreads,
                      site_resource(self.site): nthreads}

@@ -763,8 +763,15 @@ def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None
     model = GraphModel(ops=[op], keys=[needs], layer=[0], deps=[[]])
     allowed, _ = allowed_pools(model, pools, "auto", site)
     cost = CostModel(pools)
-    best = min(allowed[0], key=lambda p: cost.exec_time(op, pools[p]))
-    return pools[best].resource, pools[best].label, pools[best].backend
+    # on a tie, a pool of the backend that runs it (NumPy workers before a JAX CPU
+    # worker that would run NumPy too)
+    best = min(allowed[0], key=lambda p: (cost.exec_time(op, pools[p]),
+                                          cost.runs_numpy(op, pools[p])
+                                          and pools[p].backend != "numpy"))
+    pool = pools[best]
+    if pool.kind == "cpu" and pool.backend != "numpy" and cost.runs_numpy(op, pool):
+        return pool.resource, f"{pool.label} (numpy)", "numpy"
+    return pool.resource, pool.label, pool.backend
 
 
 def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,

@@ -51,6 +51,12 @@ class Pool:
     #: each CPU worker's (host, cores it may use, threads it counts on them, profile
     #: measured alone), for :func:`reshared`; empty where any worker does not say
     members: list[tuple[str, int, int, Profile]] = field(default_factory=list)
+    #: a CPU pool driven by another backend (JAX on the CPU): the speed of NumPy on its
+    #: workers, at their share of the cores; their tasks run on NumPy where that is
+    #: faster (see :meth:`CostModel.runs_numpy`). None: only the pool's own backend
+    numpy_profile: Profile | None = None
+    #: each worker's NumPy profile measured alone (same order as ``members``)
+    numpy_members: list[Profile] = field(default_factory=list)
 
     def worker_threads(self) -> list[int]:
         """Task slots of each worker of the pool (at least one worker, one slot)."""
@@ -71,6 +77,12 @@ class Pool:
     @property
     def accelerator(self) -> bool:
         return self.kind != "cpu"
+
+    @property
+    def runs_host_numpy(self) -> bool:
+        """Whether its workers run NumPy tasks at a known speed: NumPy workers, and CPU
+        workers of another backend that measured NumPy too."""
+        return self.backend == "numpy" or self.numpy_profile is not None
 
 
 def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
@@ -126,10 +138,31 @@ def build_pools(devices: Iterable[Any]) -> list[Pool]:
         threads = [max(int(d.nthreads), 1) for d in devs]
         shared = sorted({shares[d.worker] for d in devs if d.worker in shares})
         members = [m for m in map(_member, devs) if m is not None]
+        numpy_raw = [_numpy_profile(d) for d in devs]
+        numpy_profile = None
+        if kind == "cpu" and backend != "numpy" and devs and None not in numpy_raw:
+            numpy_profile = _mean_profile([
+                _scaled(p, shares[d.worker][1] / shares[d.worker][2])
+                if d.worker in shares else p
+                for d, p in zip(devs, numpy_raw, strict=True) if p is not None])
+        complete = len(members) == len(devs)
         pools.append(Pool(kind, backend, site, [d.worker for d in devs], sum(threads), prof,
-                          label, threads, shared,
-                          members if len(members) == len(devs) else []))
+                          label, threads, shared, members if complete else [],
+                          numpy_profile,
+                          [p for p in numpy_raw if p is not None]
+                          if complete and numpy_profile is not None else []))
     return pools
+
+
+def _numpy_profile(d: Any) -> Profile | None:
+    """The NumPy profile a CPU worker of another backend advertises, or None."""
+    rec = (d.extra or {}).get("numpy_profile")
+    if not isinstance(rec, dict):
+        return None
+    try:
+        return Profile.from_dict(rec)
+    except (TypeError, ValueError, KeyError):
+        return None
 
 
 def _member(d: Any, need_profile: bool = True) -> tuple[str, int, int, Profile] | None:
@@ -161,17 +194,21 @@ def reshared(pools: list[Pool], used: set[int]) -> list[Pool] | None:
         if not pool.shared or not pool.members:
             continue
         profs = []
+        numpy_profs = []
         shared = set()
-        for host, _, _, prof in pool.members:
+        for j, (host, _, _, prof) in enumerate(pool.members):
             cores, threads = demand[host]
-            if threads > cores:
-                profs.append(_scaled(prof, cores / threads))
+            factor = cores / threads if threads > cores else 1.0
+            if factor < 1.0:
                 shared.add((host, cores, threads))
-            else:
-                profs.append(prof)
+            profs.append(_scaled(prof, factor))
+            if pool.numpy_members:
+                numpy_profs.append(_scaled(pool.numpy_members[j], factor))
         profile = _mean_profile(profs)
-        if profile != pool.profile:
-            out[p] = dataclasses.replace(pool, profile=profile, shared=sorted(shared))
+        numpy_profile = _mean_profile(numpy_profs) if numpy_profs else pool.numpy_profile
+        if profile != pool.profile or numpy_profile != pool.numpy_profile:
+            out[p] = dataclasses.replace(pool, profile=profile, shared=sorted(shared),
+                                         numpy_profile=numpy_profile)
             changed = True
     return out if changed else None
 
@@ -312,12 +349,34 @@ class CostModel:
         return self.latency[a][b] + nbytes * self.inv_bw[a][b]
 
     def exec_time(self, op: OpInfo, pool: Pool) -> float:
-        """Seconds one task of ``op`` takes on one device of ``pool``."""
+        """Seconds one task of ``op`` takes on one device of ``pool``: with the pool's
+        backend, or with NumPy where its workers run that faster (:meth:`runs_numpy`)."""
+        own = self._seconds(op, pool, pool.backend in op.native)
+        if pool.numpy_profile is None:
+            return own
+        return min(own, self._seconds(op, pool, False))
+
+    def runs_numpy(self, op: OpInfo, pool: Pool) -> bool:
+        """Whether a task of ``op`` planned on ``pool`` runs with NumPy on the host of
+        its worker, not with the pool's own backend: NumPy pools; ops the backend does
+        not run natively; and, on CPU workers of another backend that measured NumPy too
+        (a JAX CPU worker), ops that NumPy runs faster there (JAX's float64 matmul on a
+        CPU is about half as fast as NumPy's)."""
+        if pool.backend == "numpy" or pool.backend not in op.native:
+            return True
+        if pool.numpy_profile is None:
+            return False
+        return self._seconds(op, pool, False) < self._seconds(op, pool, True)
+
+    def _seconds(self, op: OpInfo, pool: Pool, native: bool) -> float:
+        """``op`` on ``pool`` with its backend (``native``), or on host NumPy."""
         prof = pool.profile
-        native = pool.backend in op.native
         if not native:
-            # runs on the host CPU of that worker, after a copy off the device
-            prof = ASSUMED_CPU if pool.accelerator else prof
+            # runs on the host CPU of that worker (after a copy off an accelerator)
+            if pool.numpy_profile is not None:
+                prof = pool.numpy_profile
+            elif pool.accelerator:
+                prof = ASSUMED_CPU
         rate = prof.flops(op.itemsize)
         if rate <= 0:  # e.g. no float64 units on a TPU: emulated, slowly
             rate = prof.flops32 / 16.0

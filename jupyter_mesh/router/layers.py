@@ -47,7 +47,12 @@ from .classify import (
     task_cost,
 )
 from .cost import CostModel, Pool, reshared
-from .placement import relax_if_equivalent, route_constraints
+from .placement import (
+    forced_backend,
+    parse_route_or_error,
+    relax_if_equivalent,
+    route_constraints,
+)
 from .plan import Plan, merged_rows
 from .rewrite import Routed, wrapped_task
 
@@ -227,8 +232,8 @@ class LayerPlan(Plan[LayerModel]):
         m = self.model
         if self.unrestricted:
             return [True] * len(m.ops)
-        kind = [self._kind_of(p) for p in self.layer_pool]
-        flags = [self.pools[p].backend == "numpy" for p in self.layer_pool]
+        kind = [self._kind_of(p, li) for li, p in enumerate(self.layer_pool)]
+        flags = [k == ("cpu", "numpy") for k in kind]
         for li, row in enumerate(m.deps):
             for d, _ in row:
                 if kind[d] != kind[li]:
@@ -253,8 +258,9 @@ class LayerPlan(Plan[LayerModel]):
     def _make_rows(self) -> list[dict[str, Any]]:
         from collections import Counter
 
-        targets = [Counter({self.pools[p].label: op.tasks})
-                   for p, op in zip(self.layer_pool, self.model.ops, strict=True)]
+        targets = [Counter({self.target_label(li, p): op.tasks})
+                   for li, (p, op) in enumerate(zip(self.layer_pool, self.model.ops,
+                                                    strict=True))]
         rows, self._row_layers = merged_rows(self.model.ops, targets, self._est, self._moved,
                                              self.routed, self.unrestricted)
         return rows
@@ -271,6 +277,7 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
                 site: str | None = None, cost: CostModel | None = None) -> LayerPlan:
     """Place each layer on one pool: earliest finish time over layers in topological
     order, a layer taking ceil(tasks / slots) task times on its pool."""
+    pools = forced_backend(pools, parse_route_or_error(route))
     route, cost, allowed, notes = route_constraints(model, pools, route, site, cost)
     notes.append(f"{model.ntasks} tasks: planned per layer (above "
                  f"mesh.router.layer-plan-threshold)")
@@ -350,8 +357,8 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
     for li, op in enumerate(m.ops):
         name = m.names[li]
         layer = layers[name]
-        native = host_only if free else op.native
         pool = plan.layer_pool[li]
+        native = host_only if free or plan.runs_numpy(li, pool) else op.native
         if not free:
             by_layer[name] = pool
         calls: dict[int, DeviceCall] = {}

@@ -7,6 +7,7 @@ from the pools that produce them. Work is linear in tasks × pools (× inputs pe
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from typing import Any
@@ -60,7 +61,9 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
                 f"no live {route} worker{where}: the mesh has {_have([pools[i] for i in idx])}; "
                 f"use 'auto' or one of {', '.join(have)}"
             )
-    host = [i for i in idx if pools[i].backend == "numpy"]
+    # pools whose workers run NumPy tasks: NumPy workers, and under a route that names
+    # no other backend, CPU workers of another backend that measured NumPy too
+    host = [i for i in idx if pools[i].runs_host_numpy]
     allowed: list[list[int]] = []
     for op in model.ops:
         native = [i for i in matching if pools[i].backend in op.native]
@@ -585,6 +588,17 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     return pool_of, start, finish, worker_of
 
 
+def forced_backend(pools: list[Pool], route: str | Target) -> list[Pool]:
+    """``pools`` for a route: one that names a backend other than NumPy
+    (``"cpu:jax"``) gets that backend for every op it runs natively, so its pools
+    do not run NumPy instead where NumPy is faster (see ``CostModel.runs_numpy``)."""
+    if not isinstance(route, Target) or route.backend in (None, "numpy"):
+        return pools
+    return [dataclasses.replace(p, numpy_profile=None, numpy_members=[])
+            if p.numpy_profile is not None and route.matches(p.kind, p.backend) else p
+            for p in pools]
+
+
 def route_constraints(model: Any, pools: list[Pool], route: Any, site: str | None,
                       cost: CostModel | None
                       ) -> tuple[str | Target, CostModel, list[list[int]], list[str]]:
@@ -617,6 +631,7 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
 def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                site: str | None = None, cost: CostModel | None = None) -> Plan[GraphModel]:
     """Plan a computation: the pool of every task and the per-op summary."""
+    pools = forced_backend(pools, parse_route_or_error(route))
     route, cost, allowed, notes = route_constraints(model, pools, route, site, cost)
     if not model.keys:
         return Plan(model, pools, str(route), [], [], [], cost, notes=notes)

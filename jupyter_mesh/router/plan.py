@@ -71,6 +71,8 @@ class Plan(Generic[ModelT]):
         self.unrestricted = False
         self._rows: list[dict[str, Any]] | None = None
         self._to_host: list[bool] | None = None
+        #: (op, pool) -> whether the op's tasks run with NumPy there (see runs_numpy)
+        self._numpy: dict[tuple[int, int], bool] = {}
         #: the model's layers (ops) behind each row
         self._row_layers: list[list[int]] = []
         #: the least the computation can take at the mesh's measured pace of dispatch
@@ -97,9 +99,31 @@ class Plan(Generic[ModelT]):
     def bytes_moved(self) -> float:
         return float(sum(r["bytes_moved"] for r in self.rows))
 
-    def _kind_of(self, p: int) -> tuple[str, str]:
+    def runs_numpy(self, li: int, p: int) -> bool:
+        """Whether the tasks of op ``li`` planned on pool ``p`` run with NumPy on their
+        worker's host (``CostModel.runs_numpy``): NumPy pools, ops the pool's backend
+        does not run, and ops that a JAX CPU worker runs faster with NumPy."""
+        got = self._numpy.get((li, p))
+        if got is None:
+            got = self._numpy[li, p] = self.cost.runs_numpy(self.model.ops[li], self.pools[p])
+        return got
+
+    def _kind_of(self, p: int, li: int) -> tuple[str, str]:
+        """The (kind, backend) that runs op ``li`` on pool ``p``: a CPU pool of another
+        backend running it with NumPy hands over NumPy arrays, as a NumPy pool does."""
         pool = self.pools[p]
+        if pool.kind == "cpu" and pool.backend != "numpy" and self.runs_numpy(li, p):
+            return "cpu", "numpy"
         return pool.kind, pool.backend
+
+    def target_label(self, li: int, p: int) -> str:
+        """Where op ``li`` runs on pool ``p``, for rows and progress bars: the pool's
+        label, and ``(numpy)`` after it where a CPU pool of another backend runs the op
+        with NumPy."""
+        pool = self.pools[p]
+        if pool.kind == "cpu" and pool.backend != "numpy" and self.runs_numpy(li, p):
+            return f"{pool.label} (numpy)"
+        return pool.label
 
     @property
     def to_host(self) -> list[bool]:
@@ -115,13 +139,17 @@ class Plan(Generic[ModelT]):
                 self._to_host = [True] * len(m.keys)
                 return self._to_host
             outputs = set(m.outputs)
-            # one number per (kind, backend) instead of tuples per task
+            # one number per (kind, backend) that runs a task instead of tuples per task
             kinds: dict[tuple[str, str], int] = {}
-            pool_kind = [kinds.setdefault(self._kind_of(p), len(kinds))
-                         for p in range(len(self.pools))]
-            host_pool = [p.backend == "numpy" for p in self.pools]
-            kind = [pool_kind[p] for p in self.pool_of]
-            flags = [host_pool[p] for p in self.pool_of]
+            op_kind: dict[tuple[int, int], int] = {}
+            kind = []
+            for li, p in zip(m.layer, self.pool_of, strict=True):
+                k = op_kind.get((li, p))
+                if k is None:
+                    k = op_kind[li, p] = kinds.setdefault(self._kind_of(p, li), len(kinds))
+                kind.append(k)
+            numpy_kind = kinds.get(("cpu", "numpy"), -1)
+            flags = [k == numpy_kind for k in kind]
             for i, ds in enumerate(m.deps):
                 ki = kind[i]
                 for d in ds:
@@ -158,11 +186,11 @@ class Plan(Generic[ModelT]):
         moved = [0.0] * nops
         for i, p in enumerate(self.pool_of):
             li = m.layer[i]
-            targets[li][self.pools[p].label] += 1
+            targets[li][self.target_label(li, p)] += 1
             est[li] += self.finish[i] - self.start[i]
-            kp = self._kind_of(p)
+            kp = self._kind_of(p, li)
             for d in m.deps[i]:
-                if self._kind_of(self.pool_of[d]) != kp:
+                if self._kind_of(self.pool_of[d], m.layer[d]) != kp:
                     moved[li] += m.ops[m.layer[d]].out_bytes
         rows, self._row_layers = merged_rows(m.ops, targets, est, moved, self.routed,
                                              self.unrestricted)
@@ -171,7 +199,11 @@ class Plan(Generic[ModelT]):
     def assignment(self) -> dict[Any, str] | None:
         """``{key: pool label}`` for every task (None for a plan made per layer, which
         keeps no per-task lists)."""
-        return {k: self.pools[p].label for k, p in zip(self.model.keys, self.pool_of, strict=False)}
+        if self.unrestricted:  # Dask places every task: no target to group by
+            return dict.fromkeys(self.model.keys, EQUIVALENT)
+        layer = self.model.layer
+        return {k: self.target_label(layer[i], p)
+                for i, (k, p) in enumerate(zip(self.model.keys, self.pool_of, strict=False))}
 
     # ------------------------------------------------------------------ display
     def _header(self) -> str:
@@ -282,6 +314,9 @@ def _picture(name: str, obj: Any) -> str:
     return str(getattr(viz, name)(obj))
 
 
+#: the target of an op where the plan restricts nothing (every pool runs it as fast)
+EQUIVALENT = "any (pools equivalent)"
+
 PLAN_COLUMNS = ("op", "class", "target", "tasks", "est_seconds", "bytes_moved")
 REPORT_COLUMNS = PLAN_COLUMNS + ("backends", "workers", "seconds")
 
@@ -302,7 +337,7 @@ def merged_rows(ops: Sequence[OpInfo], targets: Sequence[Counter[str]], est: Seq
         if not routed:
             target = "any (not routed)"
         elif unrestricted:
-            target = "any (pools equivalent)"
+            target = EQUIVALENT
         else:
             target = _target_text(sum((targets[li] for li in layers), Counter()))
         rows.append({
