@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import itertools
 import os
 import platform
@@ -70,7 +71,6 @@ def p1_workload():
 def _emulated_cost(pools, homogeneous: bool, overhead: float = 1e-3, scale: float = 1.0,
                    latency: float | None = None, dependency: float = 0.0,
                    interval: float = 0.0):
-    import dataclasses
 
     from jupyter_mesh.router.cost import CostModel, Links
 
@@ -141,7 +141,10 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
     progress_off = dask.config.set({"mesh.progress-after": 3600})
     progress_off.__enter__()
     try:
-        pools = build_pools(mesh.inventory())
+        # the JAX worker emulates an accelerator: it runs its own backend's ops only
+        # (a JAX CPU worker otherwise runs NumPy too where NumPy is faster)
+        pools = [dataclasses.replace(p, numpy_profile=None, numpy_members=[])
+                 for p in build_pools(mesh.inventory())]
         for (scale, repeats), homogeneous in [(sr, h) for sr in scales for h in (False, True)]:
             cost = _emulated_cost(pools, homogeneous, scale=scale)
             times: dict[str, list[float]] = {"router": [], "dask": [], "fastest": []}
@@ -220,42 +223,60 @@ FIXED_COSTS = {"mesh.task-overhead": 1e-3, "mesh.links.network-latency": 2e-4,
                "mesh.dependency-latency": 0.0}
 
 
-def estimates(sizes=(400, 2000, 4000), repeats=3) -> list[dict[str, Any]]:
+#: the meshes the live estimates run on: (NumPy workers, JAX CPU workers, sizes)
+EST_MESHES = ((2, 1, (400, 2000, 4000)), (1, 1, (4000,)))
+
+
+def estimates(meshes=EST_MESHES, repeats=3) -> list[dict[str, Any]]:
     """How close the router's estimate (``mesh.explain``'s makespan) comes to the wall
     time of the same routed computation, with Dask's costs measured on the mesh (the
-    default) and with the fixed figures, side by side on one mesh."""
+    default) and with the fixed figures, side by side on one mesh; and plain Dask's
+    wall time for the same collection beside them."""
     import dask
     import dask.array as da
 
     import jupyter_mesh as jm
 
     when = _when()
-    mesh = jm.Mesh.local(cpu=2, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1,
-                         set_current=False)
-    rows = []
-    try:
-        with dask.config.set({"mesh.progress-after": 3600}):
-            cal = mesh.calibrate()
-            for n in sizes:
-                x = da.random.random((n, n), chunks=n // 4)
-                y = ((x @ x.T) + 1).sum(axis=0)
-                mesh.compute(y)  # untimed: JAX compiles each op once per shape
-                runs: dict[str, list[tuple[float, float]]] = {"measured": [], "fixed": []}
-                for rep in range(repeats):
-                    for label in (("measured", "fixed") if rep % 2 == 0
-                                  else ("fixed", "measured")):
-                        with dask.config.set(FIXED_COSTS if label == "fixed" else {}):
-                            mesh.compute(y)
-                        r = mesh.last_report
-                        runs[label].append((r.plan.makespan, r.wall_seconds))
-                row: dict[str, Any] = {"n": n, "tasks": mesh.last_plan.ntasks}
-                for label, v in runs.items():
-                    row[label] = (statistics.median(e for e, _ in v),
-                                  statistics.median(w for _, w in v))
-                rows.append(row)
-    finally:
-        mesh.close()
-    return [{"cal": cal, "rows": rows, "repeats": repeats, "when": when}]
+    out = []
+    for cpu, jax_cpu, sizes in meshes:
+        mesh = jm.Mesh.local(cpu=cpu, jax_cpu=jax_cpu, gpu=0, tpu=0, threads_per_worker=1,
+                             set_current=False)
+        rows = []
+        try:
+            with dask.config.set({"mesh.progress-after": 3600}):
+                cal = mesh.calibrate()
+                for n in sizes:
+                    x = da.random.random((n, n), chunks=n // 4)
+                    y = ((x @ x.T) + 1).sum(axis=0)
+                    mesh.compute(y)  # untimed: JAX compiles each op once per shape
+                    mesh.client.compute(y, sync=True)
+                    runs: dict[str, list[tuple[float, float]]] = {
+                        "measured": [], "fixed": [], "plain": []}
+                    orders = list(itertools.permutations(runs))
+                    for rep in range(repeats):
+                        for label in orders[(rep * 5) % len(orders)]:
+                            if label == "plain":
+                                t0 = time.perf_counter()
+                                mesh.client.compute(y, sync=True)
+                                runs[label].append((0.0, time.perf_counter() - t0))
+                                continue
+                            with dask.config.set(FIXED_COSTS if label == "fixed" else {}):
+                                mesh.compute(y)
+                            r = mesh.last_report
+                            runs[label].append((r.plan.makespan, r.wall_seconds))
+                    row: dict[str, Any] = {"n": n, "tasks": mesh.last_plan.ntasks,
+                                           "targets": sorted({r["target"]
+                                                              for r in mesh.last_plan.rows})}
+                    for label, v in runs.items():
+                        row[label] = (statistics.median(e for e, _ in v),
+                                      statistics.median(w for _, w in v))
+                    rows.append(row)
+        finally:
+            mesh.close()
+        out.append({"cal": cal, "rows": rows, "repeats": repeats, "when": when,
+                    "cpu": cpu, "jax_cpu": jax_cpu})
+    return out
 
 
 # ---------------------------------------------------------------- P2: simulation
@@ -738,43 +759,58 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   f"({r6['pools']} pools, worker-level placement): {r6['seconds']:.2f} s. "
                   f"Target < 1 s {_yes(r6['seconds'] < 1.0)}.", ""]
     if r7:
-        cal, rows = r7[0]["cal"], r7[0]["rows"]
+        first = r7[0]
+        meshes = " and ".join(f"{m['cpu']} NumPy worker{'s' * (m['cpu'] != 1)} and "
+                              f"{m['jax_cpu']} JAX (CPU backend) worker" for m in r7)
+        cals = "; ".join(f"{m['cpu']}+{m['jax_cpu']}: {m['cal']!r}" for m in r7)
         lines += ["### Estimates, live", "",
                   "How close the router's estimate of a computation (the makespan "
-                  "`mesh.explain` shows) comes to its wall time, on a real mesh of 2 NumPy "
-                  "workers and 1 JAX (CPU backend) worker, one thread each: "
+                  "`mesh.explain` shows) comes to its wall time, and how the routed "
+                  f"computation compares with plain Dask, on real meshes of {meshes}, "
+                  "one thread each: "
                   "`((x @ x.T) + 1).sum(axis=0)` on an n x n random array in 4 x 4 chunks, "
                   "routed `auto`; medians of "
-                  f"{r7[0]['repeats']} runs each, after one untimed run (JAX compiles each op "
-                  "once per shape), the two cost settings taking turns. *Measured* = the "
+                  f"{first['repeats']} runs each, after one untimed run of each (JAX compiles "
+                  "each op once per shape), the three taking turns in an order that changes "
+                  "from run to run. *Measured* = the "
                   "default: Dask's dispatch per task, the wait for a dependency and the "
                   "transfer latency measured on the "
-                  f"mesh (`mesh.calibrate()`: {cal!r}); *fixed* = 1 ms per task, no wait "
+                  f"mesh (`mesh.calibrate()`, {cals}); *fixed* = 1 ms per task, no wait "
                   "and 0.2 ms per transfer, the figures the cost model used before it "
-                  "measured them. "
+                  "measured them; *plain Dask* = `client.compute` of the same collection, "
+                  "unrouted (Dask's own optimization and placement). "
                   "Both settings plan the worker threads, on this machine's "
                   f"{_cores()} cores, at their share of those cores "
                   "(`jupyter_mesh.router.cost.core_shares`: a JAX worker counts one "
-                  "thread per core it may use, as XLA computes on all of them: four "
-                  "threads on two cores here (`Mesh.local` pins a JAX worker only where "
-                  "the other workers leave it a core of its own, `mesh.local.pin-jax`); "
-                  "since the evening of 2026-11-29 a plan that leaves a worker idle plans "
-                  "the others at their share among themselves, and the profiles time "
-                  "matmuls of 1024, JAX's op by op from host arrays, as tasks run them. "
-                  "Before that, est./wall was 0.33 / 0.44 / 0.95; counting three Dask "
-                  "threads alone, 0.72 / 0.41 / 0.73). Until 2026-11-28 neither did, "
-                  "and the probe timed independent no-op tasks, which Dask dispatches two "
-                  "to three times as fast as tasks with inputs; measured est./wall was then "
-                  "0.23 / 0.31 / 0.52 for the three sizes. Until 2026-11-29 (one dispatch figure, "
-                  "charged as the workers' time) measured est./wall was 0.48 / 0.52 / 0.74. "
+                  "thread per core it may use, as XLA computes on all of them; "
+                  "`Mesh.local` pins a JAX worker only where "
+                  "the other workers leave it a core of its own, `mesh.local.pin-jax`, "
+                  "as on the 1 + 1 mesh here). Since the afternoon of 2026-11-29 a JAX CPU "
+                  "worker runs each op it is given with whichever of JAX and NumPy is the "
+                  "faster there (it measures NumPy too): on this machine JAX's float64 "
+                  "matmul runs at about half NumPy's speed, so both workers run the "
+                  "matmuls with NumPy, every worker runs every op equally fast, and the "
+                  "plan restricts nothing (the targets column). Before, the JAX worker ran "
+                  "only JAX's ops: on the 1 + 1 mesh, routed n = 4000 took 5.0-5.3 s "
+                  "where plain Dask took 3.1 s (routed/plain 1.6-1.7); on the 2 + 1 mesh the "
+                  "plan left the JAX worker idle (est./wall 0.44 / 0.51 / 0.94 for the "
+                  "three sizes). Earlier still, with the profiles timing matmuls of 384 and "
+                  "JAX as one compiled call, and every worker sharing the cores whether "
+                  "used or not, est./wall was 0.33 / 0.44 / 0.95; until 2026-11-28 the "
+                  "probe timed independent no-op tasks, which Dask dispatches two to three "
+                  "times as fast as tasks with inputs (0.23 / 0.31 / 0.52). "
                   "Wall includes planning and the report. An estimate below 1 says the "
-                  f"computation took longer than planned. This part run {r7[0]['when']}.", "",
-                  "| n | tasks | measured: est. / wall | fixed: est. / wall |",
-                  "|---|---|---|---|"]
-        for r in rows:
-            (me, mw), (fe, fw) = r["measured"], r["fixed"]
-            lines.append(f"| {r['n']} | {r['tasks']} | {me:.2f} / {mw:.2f} s = {me / mw:.2f} | "
-                         f"{fe:.2f} / {fw:.2f} s = {fe / fw:.2f} |")
+                  f"computation took longer than planned. This part run {first['when']}.", "",
+                  "| mesh (NumPy + JAX workers) | n | tasks | targets | measured: est. / wall "
+                  "| fixed: est. / wall | plain Dask | routed / plain |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in r7:
+            for r in m["rows"]:
+                (me, mw), (fe, fw), (_, pw) = r["measured"], r["fixed"], r["plain"]
+                lines.append(
+                    f"| {m['cpu']} + {m['jax_cpu']} | {r['n']} | {r['tasks']} | "
+                    f"{', '.join(r['targets'])} | {me:.2f} / {mw:.2f} s = {me / mw:.2f} | "
+                    f"{fe:.2f} / {fw:.2f} s = {fe / fw:.2f} | {pw:.2f} s | {mw / pw:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
