@@ -436,6 +436,10 @@ def test_a_jax_cpu_worker_runs_numpy_where_numpy_is_faster_for_the_op():
     plan = plan_collections([y], both)
     targets = {r["op"]: r["target"] for r in plan.rows}
     assert "cpu:jax (numpy)" in targets["matmul"] and "cpu:numpy" in targets["matmul"]
+    # the plan says why, with both times
+    (note,) = [n for n in plan.notes if "with NumPy" in n]
+    assert note.startswith("the cpu:jax workers run matmul (") and "faster there than jax" in note
+    assert "mul" not in note.split("with NumPy")[0].replace("matmul", "")
     routed = rewrite(plan, fuse=False)
     m = plan.model
     for i, key in enumerate(m.keys):
@@ -456,6 +460,7 @@ def test_a_jax_cpu_worker_runs_numpy_where_numpy_is_faster_for_the_op():
     # forced: JAX runs what it can, NumPy profile or not
     forced = plan_collections([y], both, route="cpu:jax")
     assert {r["op"]: r["target"] for r in forced.rows}["matmul"] == "cpu:jax"
+    assert not any("with NumPy" in n for n in forced.notes)
     routed = rewrite(forced, fuse=False)
     calls = [routed.graph[k].func for i, k in enumerate(forced.model.keys)
              if forced.model.ops[forced.model.layer[i]].label == "matmul"]

@@ -265,6 +265,9 @@ class LayerPlan(Plan[LayerModel]):
                                              self.routed, self.unrestricted)
         return rows
 
+    def _op_pools(self) -> set[tuple[int, int]]:
+        return set(enumerate(self.layer_pool))
+
     def assignment(self) -> None:
         """None: the progress bars group tasks by their names (layers) instead."""
         return None
@@ -327,6 +330,7 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
     plan = LayerPlan(model, pools, str(route), layer_pool, start, finish, est, moved, cost,
                      notes=notes, site=site)
     plan.unrestricted = unrestricted
+    plan.note_numpy_runs()
     return plan
 
 

@@ -642,6 +642,7 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 site=site)
     plan.worker_of = worker_of
     plan.unrestricted = unrestricted
+    plan.note_numpy_runs()
     if cost.task_interval > 0:
         # the mesh dispatches one task at a time: a chain fused into one task is one
         chain = chain_links(model)

@@ -116,6 +116,32 @@ class Plan(Generic[ModelT]):
             return "cpu", "numpy"
         return pool.kind, pool.backend
 
+    def _op_pools(self) -> set[tuple[int, int]]:
+        """Every (op, pool) pair the plan uses."""
+        return set(zip(self.model.layer, self.pool_of, strict=True))
+
+    def note_numpy_runs(self) -> None:
+        """A note naming the ops that CPU workers of another backend (JAX on the CPU)
+        run with NumPy because NumPy is faster there, with the two times per task."""
+        if self.unrestricted or not self.routed:
+            return
+        ops = self.model.ops
+        by_pool: dict[int, list[str]] = {}
+        for li, p in sorted(self._op_pools()):
+            pool = self.pools[p]
+            if (pool.numpy_profile is not None and pool.backend in ops[li].native
+                    and self.runs_numpy(li, p)):
+                own = self.cost._seconds(ops[li], pool, True)
+                numpy = self.cost._seconds(ops[li], pool, False)
+                by_pool.setdefault(p, []).append(
+                    f"{ops[li].label} ({_secs(numpy)} against {_secs(own)} a task)")
+        for p, what in by_pool.items():
+            pool = self.pools[p]
+            self.notes.append(
+                f"the {pool.label} workers run {', '.join(dict.fromkeys(what))} with NumPy, "
+                f"faster there than {pool.backend} (route=\"{pool.target}\" runs "
+                f"{pool.backend})")
+
     def target_label(self, li: int, p: int) -> str:
         """Where op ``li`` runs on pool ``p``, for rows and progress bars: the pool's
         label, and ``(numpy)`` after it where a CPU pool of another backend runs the op
