@@ -259,6 +259,33 @@ def test_live_unneeded_blocks_are_culled_at_submission(mesh):
     assert len(ran_keys) == 1  # the scheduler culled the other 15 blocks
 
 
+def test_a_layer_plan_counts_no_bytes_between_workers_that_both_run_numpy():
+    # a JAX CPU worker running every layer it gets with NumPy hands over NumPy arrays:
+    # nothing crosses between kinds, and its layers' wrappers leave JAX out
+    from jupyter_mesh.devices._profile import Profile
+    from jupyter_mesh.router import plan_collections
+    from jupyter_mesh.router.layers import rewrite_layers
+
+    fast = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+                   method="model", source="test")
+    slow = Profile(flops32=1e11, flops64=5e10, mem_bandwidth=1e10, launch_latency=2e-6,
+                   method="model", source="test")
+    # the JAX worker's host is the faster one, its JAX the slower
+    numpy = Device("tcp://a:1", "cpu", "numpy", "model cpu", 1 << 34, "lab", slow, name="a")
+    jax = Device("tcp://b:1", "cpu", "jax", "model cpu", 1 << 34, "lab", slow, name="b")
+    jax.extra = {"numpy_profile": fast.to_dict()}
+    with dask.config.set({"mesh.router.layer-plan-threshold": 10}):
+        plan = plan_collections([pipeline()], [numpy, jax], route="cpu")
+    assert isinstance(plan, LayerPlan)
+    assert plan.bytes_moved == 0
+    on_jax = [li for li, p in enumerate(plan.layer_pool) if plan.pools[p].backend == "jax"]
+    assert on_jax, "the JAX worker got layers"
+    routed = rewrite_layers(plan)
+    assert routed is not None
+    for li in on_jax:
+        assert "jax" not in plan.native_for(li, plan.layer_pool[li])
+
+
 def test_plan_collections_takes_the_layer_path_above_the_threshold():
     from jupyter_mesh import MeshError
     from jupyter_mesh.router import plan_collections

@@ -448,9 +448,21 @@ def test_a_jax_cpu_worker_runs_numpy_where_numpy_is_faster_for_the_op():
             continue
         label = m.ops[m.layer[i]].label
         if label == "matmul":
-            assert call.native == {"numpy"}, "the JAX worker runs its matmuls with NumPy"
+            assert "jax" not in call.native, "the JAX worker runs its matmuls with NumPy"
         elif label == "mul":
             assert "jax" in call.native
+    # a NumPy worker's tasks keep the op's backends: a fallback to another kind of
+    # worker still runs them on its device
+    numpy_matmuls = [routed.graph[k].func for i, k in enumerate(m.keys)
+                     if m.ops[m.layer[i]].label == "matmul"
+                     and plan.pools[plan.pool_of[i]].backend == "numpy"]
+    assert numpy_matmuls and all(c.native == ops["matmul"].native for c in numpy_matmuls)
+    # under "auto" the JAX worker may take what only NumPy runs too (the random blocks)
+    from jupyter_mesh.router.placement import allowed_pools
+
+    allowed, _ = allowed_pools(plan.model, pools, "auto")
+    creation = next(li for li, op in enumerate(plan.model.ops) if op.op_class == "creation")
+    assert {pools[p].backend for p in allowed[creation]} == {"numpy", "jax"}
     # the same JAX worker without a NumPy profile: only JAX's ops go there, slower
     old = numpy_only + [on("j0", "jax", jax_prof, 1)]
     before = plan_collections([y], old)
@@ -461,6 +473,11 @@ def test_a_jax_cpu_worker_runs_numpy_where_numpy_is_faster_for_the_op():
     forced = plan_collections([y], both, route="cpu:jax")
     assert {r["op"]: r["target"] for r in forced.rows}["matmul"] == "cpu:jax"
     assert not any("with NumPy" in n for n in forced.notes)
+    # what a forced target does not run goes to the NumPy workers, as the note says
+    gpu = both + [dev("g0", "gpu", "cupy", GPU)]
+    on_gpu = plan_collections([y], gpu, route="gpu")
+    assert {r["op"]: r["target"] for r in on_gpu.rows}["random_sample"] == "cpu:numpy"
+    assert any("random_sample" in n and "host NumPy" in n for n in on_gpu.notes)
     routed = rewrite(forced, fuse=False)
     calls = [routed.graph[k].func for i, k in enumerate(forced.model.keys)
              if forced.model.ops[forced.model.layer[i]].label == "matmul"]

@@ -323,12 +323,14 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
         layer_pool[li], start[li], finish[li] = p, s, f
         free[p] = f
         est[li] = n * cost.exec_time(op, timed[p])
-        kp = (pools[p].kind, pools[p].backend)
-        moved[li] = float(sum(op.tasks * nb for d, nb in model.deps[li]
-                              if (pools[layer_pool[d]].kind,
-                                  pools[layer_pool[d]].backend) != kp))
     plan = LayerPlan(model, pools, str(route), layer_pool, start, finish, est, moved, cost,
                      notes=notes, site=site)
+    for li, op in enumerate(model.ops):
+        # between the (kind, backend) that run them: a JAX CPU worker running an op with
+        # NumPy hands over NumPy arrays
+        kp = plan._kind_of(layer_pool[li], li)
+        moved[li] = float(sum(op.tasks * nb for d, nb in model.deps[li]
+                              if plan._kind_of(layer_pool[d], d) != kp))
     plan.unrestricted = unrestricted
     plan.note_numpy_runs()
     return plan
@@ -358,11 +360,11 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
     layers: dict[str, Any] = dict(m.graph.layers)
     by_layer: dict[str, int] = {}
     by_key: dict[Any, int] = {}
-    for li, op in enumerate(m.ops):
+    for li in range(len(m.ops)):
         name = m.names[li]
         layer = layers[name]
         pool = plan.layer_pool[li]
-        native = host_only if free or plan.runs_numpy(li, pool) else op.native
+        native = host_only if free else plan.native_for(li, pool)
         if not free:
             by_layer[name] = pool
         calls: dict[int, DeviceCall] = {}

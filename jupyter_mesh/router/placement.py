@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from typing import Any
+from typing import Any, cast
 
 from ..errors import MeshError
 from ..targets import Target, parse_route
@@ -61,16 +61,22 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
                 f"no live {route} worker{where}: the mesh has {_have([pools[i] for i in idx])}; "
                 f"use 'auto' or one of {', '.join(have)}"
             )
-    # pools whose workers run NumPy tasks: NumPy workers, and under a route that names
-    # no other backend, CPU workers of another backend that measured NumPy too
-    host = [i for i in idx if pools[i].runs_host_numpy]
+    forced = isinstance(route, Target)
+    # where an op no target of a forced route runs goes: the NumPy workers
+    host = [i for i in idx if pools[i].backend == "numpy"]
+    # under a route that names no backend ("auto", "cpu"), CPU workers of another
+    # backend that measured NumPy (a JAX CPU worker) run what NumPy runs too, at
+    # NumPy's speed there
+    named = forced and cast(Target, route).backend is not None
+    also = [] if named else [i for i in idx if pools[i].runs_host_numpy]
     allowed: list[list[int]] = []
     for op in model.ops:
-        native = [i for i in matching if pools[i].backend in op.native]
+        native = [i for i in matching if pools[i].backend in op.native
+                  or (i in also and "numpy" in op.native)]
         if native:
             allowed.append(native)
             continue
-        if isinstance(route, Target):
+        if forced:
             fallback = [i for i in host if op.op_class in ("creation", "other")] or host
             notes.append(
                 f"{op.label}: {route} does not run {op.op_class} ops natively; "

@@ -108,6 +108,18 @@ class Plan(Generic[ModelT]):
             got = self._numpy[li, p] = self.cost.runs_numpy(self.model.ops[li], self.pools[p])
         return got
 
+    def native_for(self, li: int, p: int) -> frozenset[str]:
+        """The backends the device wrapper of op ``li``'s tasks on pool ``p`` may run
+        them with: the op's own, less the pool's backend where the plan runs the op
+        there with NumPy because NumPy is faster (a JAX CPU worker); a fallback to a
+        worker of another backend still runs its own."""
+        op = self.model.ops[li]
+        pool = self.pools[p]
+        if (pool.numpy_profile is not None and pool.backend in op.native
+                and self.runs_numpy(li, p)):
+            return op.native - {pool.backend}
+        return op.native
+
     def _kind_of(self, p: int, li: int) -> tuple[str, str]:
         """The (kind, backend) that runs op ``li`` on pool ``p``: a CPU pool of another
         backend running it with NumPy hands over NumPy arrays, as a NumPy pool does."""

@@ -109,24 +109,26 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
     host_only = frozenset({"numpy"})
     # one wrapper per (op, to_host, function): tasks share it and it reads the key of
     # the task it runs from the worker, so no per-task wrapper objects are built
-    calls: dict[tuple[int, bool, int, bool], DeviceCall] = {}
+    calls: dict[tuple[int, bool, int, frozenset[str]], DeviceCall] = {}
     pool_of = plan.pool_of
     layer = m.layer
-    ops = m.ops
+    natives: dict[tuple[int, int], frozenset[str]] = {}
     tasks = m.tasks
     for i, key in enumerate(m.keys):
         node = tasks[key]
         if wrap and type(node) is Task:
             li = layer[i]
             th = to_host[i]
-            # NumPy where the plan runs the op with NumPy on a worker of another
-            # backend (a JAX CPU worker, where NumPy is faster for it)
-            numpy = free or plan.runs_numpy(li, pool_of[i])
-            ck = (li, th, id(node.func), numpy)
+            native = host_only
+            if not free:
+                got = natives.get((li, pool_of[i]))
+                if got is None:
+                    got = natives[li, pool_of[i]] = plan.native_for(li, pool_of[i])
+                native = got
+            ck = (li, th, id(node.func), native)
             call = calls.get(ck)
             if call is None or call.func is not node.func:
-                call = calls[ck] = DeviceCall(
-                    node.func, None, plan_id, th, host_only if numpy else ops[li].native)
+                call = calls[ck] = DeviceCall(node.func, None, plan_id, th, native)
             node = wrapped_task(node, call)
             # Dask names a task by tokenizing it, which pickles its function and
             # arguments (about 0.15 ms a task; a plain dict given to client.get pays
