@@ -10,6 +10,7 @@ saved is what a notebook shows offline::
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ SHOTS = [
 
 
 def run(name: str) -> nbformat.NotebookNode:
+    # each photographed output stands alone: BokehJS in every picture, not only in the
+    # first one a kernel shows (mesh.viz.bokehjs), which the kernel inherits from here
+    os.environ["DASK_MESH__VIZ__BOKEHJS"] = "every"
     nb = nbformat.read(ROOT / "examples" / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3").execute()
     return nb

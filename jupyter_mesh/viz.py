@@ -33,8 +33,9 @@ COLOURS = {
     "cpu:jax": "#55A868",
     "gpu:cupy": "#C44E52",
     "tpu:jax": "#8172B2",
+    "any (pools equivalent)": "#8C8C8C",
 }
-_SPARE = ("#DD8452", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD")
+_SPARE = ("#DD8452", "#937860", "#DA8BC3", "#CCB974", "#64B5CD", "#8DA0CB")
 MAX_BARS = 5000
 
 
@@ -109,10 +110,20 @@ def planned_bars(plan: Plan[PlanModel],
             bars.append({
                 "worker": names.get(worker, _short(worker)),
                 "start": plan.start[i], "end": plan.finish[i],
-                "target": pool.label, "op": m.ops[m.layer[i]].label, "key": str(m.keys[i]),
+                "target": _planned(plan, m.layer[i], p), "op": m.ops[m.layer[i]].label,
+                "key": str(m.keys[i]),
             })
     _lanes(bars, "worker")
     return bars
+
+
+def _planned(plan: Plan[PlanModel], li: int, p: int) -> str:
+    """The target a plan shows for op ``li`` on pool ``p``: as its rows show it (any
+    pool, where it restricts nothing; ``cpu:jax (numpy)`` where a JAX CPU worker runs
+    the op with NumPy)."""
+    from .router.plan import EQUIVALENT
+
+    return EQUIVALENT if plan.unrestricted else plan.target_label(li, p)
 
 
 def _layer_bars(plan: LayerPlan) -> list[dict[str, Any]]:
@@ -122,7 +133,8 @@ def _layer_bars(plan: LayerPlan) -> list[dict[str, Any]]:
             continue
         label = plan.pools[plan.layer_pool[li]].label
         bars.append({"worker": label, "start": plan.layer_start[li],
-                     "end": plan.layer_finish[li], "target": label, "op": op.label,
+                     "end": plan.layer_finish[li],
+                     "target": _planned(plan, li, plan.layer_pool[li]), "op": op.label,
                      "key": f"{op.tasks} tasks"})
     _lanes(bars, "worker")
     return bars
@@ -204,10 +216,10 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None) -> dict[str, A
                 targets[li][f"{kind_of.get(rec[0], '?')}:{rec[1]}"] += 1
     elif layer_plan is not None:
         for li, p in enumerate(layer_plan.layer_pool):
-            targets[li][plan.pools[p].label] += m.ops[li].tasks
+            targets[li][_planned(plan, li, p)] += m.ops[li].tasks
     else:
         for i, p in enumerate(plan.pool_of):
-            targets[m.layer[i]][plan.pools[p].label] += 1
+            targets[m.layer[i]][_planned(plan, m.layer[i], p)] += 1
     shown = [li for li in range(nops) if m.ops[li].tasks]
     index = {li: n for n, li in enumerate(shown)}
     if layer_plan is not None:

@@ -124,6 +124,39 @@ def test_op_graph_follows_the_dataflow(plan):
     assert all(n["target"] in {"cpu:numpy", "cpu:jax"} for n in graph["nodes"])
 
 
+def test_pictures_show_the_targets_the_plan_rows_show():
+    # a JAX CPU worker running an op with NumPy ("cpu:jax (numpy)"), and a plan that
+    # restricts nothing ("any (pools equivalent)"), are coloured as the rows name them
+    from jupyter_mesh.router.plan import EQUIVALENT
+
+    slow = Profile(flops32=1e11, flops64=5e10, mem_bandwidth=4e10, launch_latency=2e-6,
+                   method="model", source="test")
+
+    def devices(jax_profile):
+        jax = Device("tcp://10.0.0.2:1", "cpu", "jax", "model cpu", 1 << 34, "local",
+                     jax_profile, name="jax-cpu-0")
+        jax.extra = {"numpy_profile": NUMPY.to_dict()}
+        return [Device("tcp://10.0.0.1:1", "cpu", "numpy", "model cpu", 1 << 34, "local",
+                       NUMPY, name="cpu-0"), jax]
+
+    x = da.random.random((2000, 2000), chunks=500)
+    y = ((x @ x.T) * 2 + 1).sum(axis=0)
+    mixed = plan_collections([y], devices(slow))
+    rows = {t for r in mixed.rows for t in r["target"].split(" + ")}
+    assert any(t.startswith("cpu:jax (numpy)") for t in rows)
+    shown = {b["target"] for b in viz.planned_bars(mixed)}
+    assert "cpu:jax (numpy)" in shown
+    assert {n["target"] for n in viz.op_graph(mixed)["nodes"]} <= {
+        t.split("×")[0] for t in rows}
+    assert viz.colour_of("cpu:jax (numpy)") not in (viz.colour_of("cpu:jax"),
+                                                    viz.colour_of("cpu:numpy"))
+    # the JAX worker's NumPy as fast as the NumPy worker's: nothing restricted
+    same = plan_collections([y], devices(NUMPY))
+    assert same.unrestricted
+    assert {b["target"] for b in viz.planned_bars(same)} == {EQUIVALENT}
+    assert {n["target"] for n in viz.op_graph(same)["nodes"]} == {EQUIVALENT}
+
+
 def test_plan_repr_html_contains_table_and_picture(plan):
     out = plan._repr_html_()
     assert "<table>" in out and "matmul" in out
