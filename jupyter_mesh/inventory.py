@@ -43,6 +43,20 @@ class Device:
     managed: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def profile_text(self) -> str:
+        """The profile in words; a CPU worker of another backend (JAX on the CPU) adds
+        the NumPy figures it measured too (it runs NumPy where that is faster)."""
+        text = self.profile.summary() if self.profile else "no profile"
+        rec = (self.extra or {}).get("numpy_profile")
+        if isinstance(rec, dict):
+            try:
+                numpy = Profile.from_dict(rec)
+            except (TypeError, ValueError, KeyError):
+                return text
+            text += (f"; NumPy {numpy.flops32 / 1e9:,.0f} GFLOP/s fp32, "
+                     f"{numpy.flops64 / 1e9:,.0f} fp64")
+        return text
+
     @property
     def target(self) -> str:
         """``KIND:BACKEND`` of this device."""
@@ -171,7 +185,7 @@ class Inventory:
         for (kind, site), devs in self.groups().items():
             lines.append(f"{kind} @ {site}: {len(devs)}")
             for d in devs:
-                prof = d.profile.summary() if d.profile else "no profile"
+                prof = d.profile_text()
                 lines.append(
                     f"  {d.name or d.worker:<12} {d.backend:<6} {d.model[:40]:<40} "
                     f"mem {format_bytes(d.memory_used)}/{format_bytes(d.memory)}  "
@@ -194,7 +208,7 @@ class Inventory:
                 f"({len(devs)})</th></tr>"
             )
             for d in devs:
-                prof = e(d.profile.summary()) if d.profile else "no profile"
+                prof = e(d.profile_text())
                 rows.append(
                     "<tr>"
                     f"<td>{e(d.name or d.worker)}</td><td>{e(d.backend)}</td>"

@@ -44,6 +44,25 @@ def test_text_and_html_reprs_group_by_kind_and_site():
     assert "<table>" in html
 
 
+def test_a_jax_cpu_worker_shows_the_numpy_figures_it_measured_too():
+    from jupyter_mesh.devices._profile import Profile
+
+    jax = Profile(flops32=5e10, flops64=2e10, mem_bandwidth=2e9, launch_latency=2e-5,
+                  method="measured", source="test")
+    numpy = Profile(flops32=7e10, flops64=3.3e10, mem_bandwidth=1.2e10,
+                    launch_latency=2e-6, method="measured", source="test")
+    rec = {"worker": "tcp://a:3", "name": "jax-cpu-0", "kind": "cpu", "backend": "jax",
+           "model": "EPYC", "memory": 8 << 30, "site": "local", "profile": jax.to_dict(),
+           "numpy_profile": numpy.to_dict()}
+    inv = Inventory.from_records([rec], "tcp://s:8786")
+    for text in (repr(inv), inv._repr_html_()):
+        assert "50 GFLOP/s fp32, 20 GFLOP/s fp64" in text  # JAX's
+        assert "NumPy 70 GFLOP/s fp32, 33 fp64" in text
+    # a NumPy profile that is not one is left out, not an error
+    rec["numpy_profile"] = {"flops32": "fast"}
+    assert "NumPy" not in repr(Inventory.from_records([rec], "tcp://s:8786"))
+
+
 def test_empty_inventory():
     inv = Inventory([], "tcp://s:1")
     assert inv.by_kind() == {}
