@@ -153,6 +153,9 @@ def test_pictures_show_the_targets_the_plan_rows_show():
     # the JAX worker's NumPy as fast as the NumPy worker's: nothing restricted
     same = plan_collections([y], devices(NUMPY))
     assert same.unrestricted
+    # the note says why the JAX worker's ops are not JAX's, and how to force JAX
+    assert any("cpu:jax workers run them with NumPy" in n and 'route="cpu:jax"' in n
+               for n in same.notes)
     assert {b["target"] for b in viz.planned_bars(same)} == {EQUIVALENT}
     assert {n["target"] for n in viz.op_graph(same)["nodes"]} == {EQUIVALENT}
 

@@ -629,8 +629,13 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
         model, pools, cost)
     if unrestricted:
         allowed = [list(range(len(pools)))] * len(model.ops)
-        notes.append("every pool runs every op of this computation equally fast: no "
-                     "restrictions, Dask places each task itself")
+        # JAX CPU workers among them run the ops with NumPy: say so, and how to force
+        both = sorted({(p.label, p.target) for p in pools if p.numpy_profile is not None})
+        why = (f" (the {', '.join(label for label, _ in both)} workers run them with "
+               f"NumPy, which is no slower there; route=\"{both[0][1]}\" runs "
+               f"{both[0][1].split(':')[1]})" if both else "")
+        notes.append("every pool runs every op of this computation equally fast"
+                     f"{why}: no restrictions, Dask places each task itself")
     return unrestricted, allowed
 
 
