@@ -323,6 +323,9 @@ def test_a_jax_cpu_worker_computes_on_its_share_of_the_cores(no_mesh):
         numpy_affinity = m.client.submit(lambda: sorted(__import__("os").sched_getaffinity(0)),
                                          workers=[numpy_dev.worker], pure=False).result()
         assert len(numpy_affinity) == numpy_dev.extra["cores"] >= len(want)
+        # each says which cores it may use
+        assert list(jax_dev.extra["cpus"]) == want
+        assert list(numpy_dev.extra["cpus"]) == numpy_affinity
         threads = 1 + len(want)
         shares = core_shares(list(inv))
         if threads > numpy_dev.extra["cores"]:

@@ -372,6 +372,41 @@ def test_cpu_workers_sharing_a_hosts_cores_are_planned_at_their_share():
     assert core_shares(plain) == {} and build_pools(plain)[0].profile == CPU
 
 
+def test_cpu_workers_pinned_to_cores_of_their_own_share_nothing():
+    # workers that say which cores they may use (Linux affinity) compute on all of them
+    # together: two JAX workers pinned to a core each on 2 cores use two, not one
+    from jupyter_mesh.router.cost import host_cores, reshared
+
+    def on(name, backend, cores, cpus):
+        d = dev(name, "cpu", backend, CPU)
+        d.host, d.extra = "10.0.0.1", {"cores": cores, "cpus": cpus}
+        return d
+
+    pinned = [on("j0", "jax", 1, [0]), on("j1", "jax", 1, (1,))]  # (as Dask's comm hands it)
+    assert core_shares(pinned) == {}
+    assert build_pools(pinned)[0].profile == CPU
+    # both pinned to the same core: two threads on one
+    assert set(core_shares([on("j0", "jax", 1, [0]), on("j1", "jax", 1, [0])]).values()) \
+        == {("10.0.0.1", 1, 2)}
+    # a NumPy worker on both cores beside a JAX worker pinned to one: 2 threads, 2 cores
+    assert core_shares([on("c0", "numpy", 2, [0, 1]), on("j0", "jax", 1, [1])]) == {}
+    # a quota (fewer cores than CPUs) caps the host: 16 CPUs, 4 cores' worth of time
+    assert host_cores([(4, frozenset(range(16))), (4, frozenset(range(16)))]) == 4
+    # a worker that does not say which: the most any worker may use, as before
+    assert host_cores([(1, frozenset({0})), (1, None)]) == 1
+    assert set(core_shares([on("j0", "jax", 1, [0]), on("j1", "jax", 1, None)]).values()) \
+        == {("10.0.0.1", 1, 2)}
+    bad = on("j1", "jax", 1, ["zero"])
+    assert set(core_shares([on("j0", "jax", 1, [0]), bad]).values()) == {("10.0.0.1", 1, 2)}
+    # a plan that leaves one idle: the other alone, at full speed
+    mesh = [on("c0", "numpy", 2, [0, 1]), on("c1", "numpy", 2, [0, 1]), on("j0", "jax", 2, [0, 1])]
+    pools = build_pools(mesh)
+    j = next(i for i, p in enumerate(pools) if p.backend == "jax")
+    assert pools[j].profile.flops64 == pytest.approx(CPU.flops64 / 2)
+    alone = reshared(pools, {j})
+    assert alone is not None and alone[j].profile == CPU
+
+
 def test_a_plan_that_leaves_cpu_workers_idle_runs_the_others_at_full_speed():
     # a local mesh on 2 cores: two NumPy workers and a JAX one pinned to one core, at
     # half NumPy's speed. Beside the JAX worker the NumPy ones get 2/3 of a core each;

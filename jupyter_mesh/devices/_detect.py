@@ -55,6 +55,19 @@ def cpu_cores() -> int:
     return cores
 
 
+def cpu_set() -> list[int] | None:
+    """The cores this process may use (Linux affinity), or None where it cannot say.
+    CPU workers on one host that say which compute on the cores of all of them
+    together: two pinned to a core each use two (see ``cost.host_cores``)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is None:
+        return None
+    try:
+        return sorted(affinity(0)) or None
+    except OSError:
+        return None
+
+
 def pin_process(cpus: list[int]) -> None:
     """Pin every thread of this process, and the threads it starts later, to ``cpus``
     (Linux; elsewhere nothing changes). XLA sizes its CPU thread pool by this affinity,

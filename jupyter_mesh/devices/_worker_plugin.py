@@ -168,6 +168,8 @@ class MeshWorkerPlugin(WorkerPlugin):
             # cores this process may use (affinity and cgroup quota): CPU workers on one
             # host with more threads than that share them, which the cost model allows
             "cores": _detect.cpu_cores(),
+            # and which: workers pinned to different cores do not share them
+            "cpus": _detect.cpu_set(),
             "pid": os.getpid(),
             **info.extra,
         }

@@ -57,6 +57,8 @@ class Pool:
     numpy_profile: Profile | None = None
     #: each worker's NumPy profile measured alone (same order as ``members``)
     numpy_members: list[Profile] = field(default_factory=list)
+    #: the cores each worker may use, where it says which (same order as ``members``)
+    member_cpus: list[frozenset[int] | None] = field(default_factory=list)
 
     def worker_threads(self) -> list[int]:
         """Task slots of each worker of the pool (at least one worker, one slot)."""
@@ -96,18 +98,41 @@ def core_shares(devices: Iterable[Any]) -> dict[str, tuple[str, int, int]]:
     on a thread pool of its own, as wide as those cores (JAX 0.10's XLA_FLAGS thread
     settings do not narrow it; a local mesh pins the JAX worker to its share of the
     cores, which does), and its speed was measured with all of them."""
-    by_host: dict[str, list[tuple[str, int, int]]] = {}
+    by_host: dict[str, list[tuple[str, int, int, frozenset[int] | None]]] = {}
     for d in devices:
         m = _member(d, need_profile=False)
         if m is not None:
-            by_host.setdefault(m[0], []).append((d.worker, m[1], m[2]))
+            by_host.setdefault(m[0], []).append((d.worker, m[1], m[2], _cpus(d)))
     out: dict[str, tuple[str, int, int]] = {}
     for host, devs in by_host.items():
-        cores = max(c for _, c, _ in devs)
-        threads = sum(t for _, _, t in devs)
+        cores = host_cores([(c, s) for _, c, _, s in devs])
+        threads = sum(t for _, _, t, _ in devs)
         if threads > cores:
-            out.update({w: (host, cores, threads) for w, _, _ in devs})
+            out.update({w: (host, cores, threads) for w, _, _, _ in devs})
     return out
+
+
+def host_cores(workers: list[tuple[int, frozenset[int] | None]]) -> int:
+    """The cores that CPU workers on one host compute on between them, from each one's
+    (cores it may use, which cores where it says): the cores of all of them together
+    where every one says which (two JAX workers pinned to a core each use two), capped
+    by a quota a worker sees (fewer cores than its CPUs); else the most any may use."""
+    most = max(c for c, _ in workers)
+    sets = [s for _, s in workers]
+    if any(not s for s in sets):
+        return most
+    union: frozenset[int] = frozenset().union(*(s for s in sets if s))
+    quota = min((c for c, s in workers if s and c < len(s)), default=len(union))
+    return max(most, min(len(union), quota))
+
+
+def _cpus(d: Any) -> frozenset[int] | None:
+    """The cores a worker says it may use (``cpus``: Linux affinity), or None."""
+    cpus = (d.extra or {}).get("cpus")
+    if not isinstance(cpus, (list, tuple)) or not cpus or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cpus):
+        return None
+    return frozenset(cpus)
 
 
 def _scaled(p: Profile, factor: float) -> Profile:
@@ -150,7 +175,8 @@ def build_pools(devices: Iterable[Any]) -> list[Pool]:
                           label, threads, shared, members if complete else [],
                           numpy_profile,
                           [p for p in numpy_raw if p is not None]
-                          if complete and numpy_profile is not None else []))
+                          if complete and numpy_profile is not None else [],
+                          [_cpus(d) for d in devs] if complete else []))
     return pools
 
 
@@ -181,12 +207,15 @@ def reshared(pools: list[Pool], used: set[int]) -> list[Pool] | None:
     it uses run faster than :func:`core_shares` planned them (on 2 cores, two NumPy
     workers alone run at full speed, not at the 2/3 they get beside a JAX worker).
     None where that changes no pool's speed."""
-    demand: dict[str, list[int]] = {}
+    workers: dict[str, list[tuple[int, frozenset[int] | None]]] = {}
+    threads_on: dict[str, int] = {}
     for p in used:
-        for host, cores, threads, _ in pools[p].members:
-            have = demand.setdefault(host, [0, 0])
-            have[0] = max(have[0], cores)
-            have[1] += threads
+        pool = pools[p]
+        cpus = pool.member_cpus if len(pool.member_cpus) == len(pool.members) else []
+        for j, (host, cores, threads, _) in enumerate(pool.members):
+            workers.setdefault(host, []).append((cores, cpus[j] if cpus else None))
+            threads_on[host] = threads_on.get(host, 0) + threads
+    demand = {host: (host_cores(w), threads_on[host]) for host, w in workers.items()}
     out = list(pools)
     changed = False
     for p in used:
