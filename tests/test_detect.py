@@ -149,3 +149,19 @@ def test_pinning_to_cores_this_process_may_not_use_leaves_it_running_unpinned():
     assert os.sched_getaffinity(0) == before
     _detect.pin_process([])
     assert os.sched_getaffinity(0) == before
+
+
+def test_cpu_set_names_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        assert _detect.cpu_set() == sorted(os.sched_getaffinity(0))
+        assert len(_detect.cpu_set()) >= _detect.cpu_cores()
+
+    def refused(pid):
+        raise OSError("not allowed")
+
+    monkeypatch.setattr(os, "sched_getaffinity", refused, raising=False)
+    assert _detect.cpu_set() is None  # it cannot say: the count alone is used
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert _detect.cpu_set() is None  # macOS, Windows
