@@ -380,10 +380,10 @@ class CostModel:
     def exec_time(self, op: OpInfo, pool: Pool) -> float:
         """Seconds one task of ``op`` takes on one device of ``pool``: with the pool's
         backend, or with NumPy where its workers run that faster (:meth:`runs_numpy`)."""
-        own = self._seconds(op, pool, pool.backend in op.native)
+        own = self.seconds(op, pool, pool.backend in op.native)
         if pool.numpy_profile is None:
             return own
-        return min(own, self._seconds(op, pool, False))
+        return min(own, self.seconds(op, pool, False))
 
     def runs_numpy(self, op: OpInfo, pool: Pool) -> bool:
         """Whether a task of ``op`` planned on ``pool`` runs with NumPy on the host of
@@ -395,10 +395,11 @@ class CostModel:
             return True
         if pool.numpy_profile is None:
             return False
-        return self._seconds(op, pool, False) < self._seconds(op, pool, True)
+        return self.seconds(op, pool, False) < self.seconds(op, pool, True)
 
-    def _seconds(self, op: OpInfo, pool: Pool, native: bool) -> float:
-        """``op`` on ``pool`` with its backend (``native``), or on host NumPy."""
+    def seconds(self, op: OpInfo, pool: Pool, native: bool) -> float:
+        """Seconds one task of ``op`` takes on ``pool`` with the pool's backend
+        (``native``), or on its workers' host NumPy."""
         prof = pool.profile
         if not native:
             # runs on the host CPU of that worker (after a copy off an accelerator)

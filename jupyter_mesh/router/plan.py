@@ -114,11 +114,16 @@ class Plan(Generic[ModelT]):
         there with NumPy because NumPy is faster (a JAX CPU worker); a fallback to a
         worker of another backend still runs its own."""
         op = self.model.ops[li]
-        pool = self.pools[p]
-        if (pool.numpy_profile is not None and pool.backend in op.native
-                and self.runs_numpy(li, p)):
-            return op.native - {pool.backend}
+        if self._numpy_by_choice(li, p):
+            return op.native - {self.pools[p].backend}
         return op.native
+
+    def _numpy_by_choice(self, li: int, p: int) -> bool:
+        """Whether pool ``p`` runs op ``li`` with NumPy where its own backend runs the
+        op too: a JAX CPU worker for which NumPy is the faster."""
+        pool = self.pools[p]
+        return (pool.numpy_profile is not None and pool.backend in self.model.ops[li].native
+                and self.runs_numpy(li, p))
 
     def _kind_of(self, p: int, li: int) -> tuple[str, str]:
         """The (kind, backend) that runs op ``li`` on pool ``p``: a CPU pool of another
@@ -140,11 +145,9 @@ class Plan(Generic[ModelT]):
         ops = self.model.ops
         by_pool: dict[int, list[str]] = {}
         for li, p in sorted(self._op_pools()):
-            pool = self.pools[p]
-            if (pool.numpy_profile is not None and pool.backend in ops[li].native
-                    and self.runs_numpy(li, p)):
-                own = self.cost._seconds(ops[li], pool, True)
-                numpy = self.cost._seconds(ops[li], pool, False)
+            if self._numpy_by_choice(li, p):
+                own = self.cost.seconds(ops[li], self.pools[p], True)
+                numpy = self.cost.seconds(ops[li], self.pools[p], False)
                 by_pool.setdefault(p, []).append(
                     f"{ops[li].label} ({_secs(numpy)} against {_secs(own)} a task)")
         for p, what in by_pool.items():
@@ -159,7 +162,7 @@ class Plan(Generic[ModelT]):
         label, and ``(numpy)`` after it where a CPU pool of another backend runs the op
         with NumPy."""
         pool = self.pools[p]
-        if pool.kind == "cpu" and pool.backend != "numpy" and self.runs_numpy(li, p):
+        if self._kind_of(p, li) != (pool.kind, pool.backend):
             return f"{pool.label} (numpy)"
         return pool.label
 
