@@ -176,7 +176,7 @@ def test_plain_dask_right_after_a_routed_compute_runs_its_own_tasks(mesh):
         other.close()
 
 
-def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays():
+def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays(caplog):
     # Dask keeps the tasks behind persisted data (to compute it again if a worker is
     # lost), and a plain graph that shares their keys gets them in place of its own
     # (dask/dask#9888); a routed persist's tasks therefore hand over host arrays, not
@@ -189,17 +189,56 @@ def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays():
     y = (m + 1).sum(axis=0)
     own = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, site="lab", set_current=False)
     try:
-        with own.route("cpu:jax"):
-            kept = y.persist()
-        assert own.last_report.ran_on("matmul") == ["jax"]
-        for expr in ((m + 1).sum(axis=0), m.sum(), y * 2):
-            np.testing.assert_allclose(own.client.compute(expr, sync=True),
-                                       expr.compute(scheduler="sync"), rtol=1e-10)
-        np.testing.assert_allclose(own.client.compute(kept, sync=True),
-                                   y.compute(scheduler="sync"), rtol=1e-10)
-        del kept
+        with caplog.at_level("WARNING", logger="distributed.scheduler"):
+            with own.route("cpu:jax"):
+                kept = y.persist()
+            assert own.last_report.ran_on("matmul") == ["jax"]
+            for expr in ((m + 1).sum(axis=0), m.sum(), y * 2):
+                np.testing.assert_allclose(own.client.compute(expr, sync=True),
+                                           expr.compute(scheduler="sync"), rtol=1e-10)
+            np.testing.assert_allclose(own.client.compute(kept, sync=True),
+                                       y.compute(scheduler="sync"), rtol=1e-10)
+            del kept
+            # the other way round: plain data persisted, a routed graph sharing its keys
+            z = (x @ x.T) - 1
+            plain = z.persist()
+            for route in ("auto", "cpu:jax"):
+                got = own.compute(z.sum(axis=1), route=route)[0]
+                np.testing.assert_allclose(got, z.sum(axis=1).compute(scheduler="sync"),
+                                           rtol=1e-10)
+            del plain
+        # Dask keeps the task it has, which computes the same values, so its warning
+        # that the two graphs' dependencies differ (several lines ending in "This can
+        # cause failures and deadlocks") says nothing a user must act on: not shown
+        assert "run_spec" not in caplog.text
     finally:
         own.close()
+
+
+def test_the_shared_key_filter_drops_only_collisions_with_a_routed_task():
+    import logging
+
+    from jupyter_mesh.router._device import SharedKeyFilter, routed_chain
+
+    def record(old: str, new: str, level: int = logging.WARNING) -> logging.LogRecord:
+        msg = ("Detected different `run_spec` for key ('a-1', 0) between two consecutive "
+               "calls to `update_graph`. This can cause failures and deadlocks down the "
+               "line.\n    Debugging information\n    ---------------------\n"
+               f"    old task state: released\n    old run_spec: {old}\n"
+               f"    new run_spec: {new}\n    old dependencies: set()\n")
+        return logging.LogRecord("distributed.scheduler", level, __file__, 1, msg, (), None)
+
+    f = SharedKeyFilter()
+    plain = "<Task ('a-1', 0) _execute_subgraph(...)>"
+    wrapped = "<Task ('a-1', 0) DeviceCall('matmul')(...)>"
+    chain = f"<Task ('a-1', 0) {routed_chain.__name__}(...)>"
+    assert f.filter(record(plain, plain))  # Dask's own collision: still warned about
+    assert not f.filter(record(wrapped, plain))  # a routed persist, then plain Dask
+    assert not f.filter(record(plain, chain))  # plain persist, then a routed graph
+    assert f.filter(record(wrapped, chain, logging.DEBUG))  # Dask's own debug lines
+    other = logging.LogRecord("distributed.scheduler", logging.WARNING, __file__, 1,
+                              "Unexpected worker DeviceCall(", (), None)
+    assert f.filter(other)
 
 
 def test_auto_equals_numpy(mesh):

@@ -8,6 +8,7 @@ another kind. So placement never decides correctness.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -196,6 +197,55 @@ class OnDevice:
 
     def __repr__(self) -> str:
         return f"OnDevice({self.backend}, {type(self.array).__name__})"
+
+
+def routed_chain(*args: Any) -> Any:
+    """The function of a task that runs a fused chain of routed tasks (see
+    ``rewrite._fuse_chains``): Dask's own runner of a fused subgraph, under a name that
+    says what the task is, in Dask's logs and dashboard as in :class:`SharedKeyFilter`."""
+    from dask._task_spec import _execute_subgraph
+
+    return _execute_subgraph(*args)
+
+
+#: what the text of a routed task (its repr, as Dask logs it) shows
+ROUTED_MARKS = ("DeviceCall(", "SubmitCall(", f"{routed_chain.__name__}(")
+
+
+class SharedKeyFilter(logging.Filter):
+    """Keeps Dask's warning about a key submitted twice with different dependencies
+    (dask/dask#9888) out of the scheduler's log where either task is routed.
+
+    A routed graph runs the same tasks as Dask's own under the same keys, but split and
+    fused its own way, so a plain graph that shares keys with a routed persist (or a
+    routed computation that shares keys with a plain persist) makes Dask warn, in
+    several lines ending in "This can cause failures and deadlocks", that their
+    dependencies differ. Dask keeps the task it already has, which for a routed one is
+    safe: both compute the same values; a routed persist's tasks hand over host arrays
+    (``rewrite(host_results=True)``), as plain tasks expect; and a kept task depends
+    only on tasks kept with it. A collision of plain tasks alone still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if record.levelno < logging.WARNING or not isinstance(msg, str):
+            return True
+        if not msg.startswith("Detected different `run_spec`"):
+            return True
+        specs = [line for line in msg.splitlines()
+                 if line.lstrip().startswith(("old run_spec:", "new run_spec:"))]
+        if not any(mark in line for line in specs for mark in ROUTED_MARKS):
+            return True
+        logging.getLogger("jupyter_mesh").debug(
+            "jupyter_mesh: a graph shares keys with a routed computation; Dask keeps the "
+            "tasks it has, which compute the same values: %s", msg.split(" between")[0])
+        return False
+
+
+def quiet_shared_keys(logger_name: str = "distributed.scheduler") -> None:
+    """Install :class:`SharedKeyFilter` on the scheduler's logger (once a process)."""
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, SharedKeyFilter) for f in log.filters):
+        log.addFilter(SharedKeyFilter())
 
 
 def _all_held(backend: Any, args: Any, kwargs: dict[str, Any]) -> bool:

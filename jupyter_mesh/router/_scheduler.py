@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..targets import site_resource
-from ._device import METADATA_KEY
+from ._device import METADATA_KEY, quiet_shared_keys
 
 logger = logging.getLogger("jupyter_mesh")
 
@@ -75,6 +75,8 @@ class RouterState:
         scheduler.handlers[STATUS_HANDLER] = self.status
         scheduler.handlers[FORGET_HANDLER] = self.forget
         scheduler.handlers[SETTLE_HANDLER] = self.settle
+        # Dask's warnings about keys shared with routed tasks: see SharedKeyFilter
+        quiet_shared_keys()
 
     # ------------------------------------------------------------ handlers
     def register(self, comm: Any = None, payload: bytes = b"") -> dict[str, Any]:

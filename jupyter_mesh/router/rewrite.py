@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from dask._task_spec import NestedContainer, Task
 
 from .._config import get_seconds
-from ._device import DeviceCall, Unwrapping
+from ._device import DeviceCall, Unwrapping, routed_chain
 from .placement import chain_links
 from .plan import Plan
 
@@ -223,6 +223,7 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
         graph[last] = node = Task.fuse(*members, key=last)
         if isinstance(node, Task):  # a Task with the members as its subgraph
             node._token = f"jupyter-mesh-{plan_id}-{chain[-1]}-fused"
+            node.func = routed_chain  # Dask's runner, under a name that says so
         fused[last] = [keys[i] for i in chain]
         if restrictions:
             for i in chain[:-1]:
