@@ -579,6 +579,34 @@ def test_interrupt_drops_the_rest_of_the_computation(mesh):
     (got,) = mesh.compute(da.ones(10, chunks=5).sum())
     assert got == 10
 
+def _fails_on_odd_blocks(block, block_info=None):
+    if block_info[0]["chunk-location"][0] % 2:
+        raise ZeroDivisionError("an odd block")
+    return block
+
+
+@pytest.mark.parametrize("route", ["auto", "cpu:jax"])
+def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, route):
+    # as dask.compute: the task's own exception, with the task's frame in the
+    # traceback; the computation's tasks are dropped and the mesh goes on
+    import time
+    import traceback
+
+    y = (da.ones((40,), chunks=5).map_blocks(_fails_on_odd_blocks, dtype=float) + 1).sum()
+    with pytest.raises(ZeroDivisionError, match="an odd block") as info:
+        mesh.compute(y, route=route)
+    assert "_fails_on_odd_blocks" in "".join(traceback.format_tb(info.tb))
+
+    def n_tasks(dask_scheduler):
+        return len(dask_scheduler.tasks)
+
+    deadline = time.monotonic() + 5
+    while mesh.client.run_on_scheduler(n_tasks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mesh.client.run_on_scheduler(n_tasks) == 0
+    assert mesh.compute(da.ones(10, chunks=5).sum(), route=route) == (10,)
+
+
 def test_submit_on_target_and_needs(mesh):
     def backend_of_worker():
         from distributed import get_worker

@@ -434,7 +434,11 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
         _wait(mesh, routed.plan_id, futures, fallback)
-        values = client.gather(futures) if gather else futures
+        # the values and what the scheduler knows of the run, asked for together
+        values, (status, records, timeline) = _finish(
+            mesh, routed.plan_id, watch.cursor, futures if gather else None)
+        if not gather:
+            values = futures
     except BaseException:
         # Ctrl-C or a failure: the scheduler drops the rest of the computation, as
         # after dask's own client.get (the traceback would keep the futures alive)
@@ -448,7 +452,6 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         raise
     wall = time.perf_counter() - t0
     watch.stopped()
-    status, records, timeline = _finish(mesh, routed.plan_id, watch.cursor)
     names = getattr(plan, "worker_names", None) or {}
     if any(addr not in names for addr, _, _ in records.values()):
         # a worker that joined since (the plan's names keep those that left)
@@ -551,22 +554,35 @@ def _wait_unrouted(mesh: Mesh, futures: list[Any]) -> None:
                 f"add workers (e.g. mesh.scale(cpu=2)) and compute again")
 
 
-def _finish(mesh: Mesh, plan_id: str, cursor: int | None
-            ) -> tuple[dict[str, Any], dict[Any, tuple[str, str, float]],
-                       list[dict[str, Any]] | None]:
-    """After the outputs arrived: the plan's status on the scheduler with the records
-    of what ran each key (they came to the scheduler with the tasks' ends), and the
-    scheduler's task stream, asked for at once (one round trip's wait)."""
+def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
+            ) -> tuple[Any, tuple[dict[str, Any], dict[Any, tuple[str, str, float]],
+                                  list[dict[str, Any]] | None]]:
+    """Once the outputs are ready: their values (with ``futures``; else None), the
+    plan's status on the scheduler with the records of what ran each key (they came to
+    the scheduler with the tasks' ends), and the scheduler's task stream, all asked for
+    at once (one round trip's wait)."""
     client = mesh.client
     scheduler = _scheduler(mesh)
 
     async def ask() -> list[Any]:
         calls = [getattr(scheduler, STATUS_HANDLER)(plan_id=plan_id, records=True)]
-        if cursor is not None:
-            calls.append(scheduler.get_task_stream(start_index=cursor))
+        calls.append(scheduler.get_task_stream(start_index=cursor) if cursor is not None
+                     else asyncio.sleep(0))
+        if futures is not None:
+            calls.append(client.gather(futures, asynchronous=True))
         return await asyncio.gather(*calls, return_exceptions=True)
 
     answers = client.sync(ask)
+    values = None
+    if futures is not None:
+        values = answers[2]
+        if isinstance(values, BaseException):
+            from dask.utils import shorten_traceback
+
+            # a task's error: the computation's, as client.gather raises it (Dask's
+            # and the mesh's own frames left out of the traceback)
+            with shorten_traceback():
+                raise values
     status = answers[0]
     if isinstance(status, BaseException):
         raise status
@@ -577,7 +593,7 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None
     timeline = None
     if cursor is not None and not isinstance(answers[1], BaseException):
         timeline = list(answers[1])
-    return status, out, timeline
+    return values, (status, out, timeline)
 
 
 # ---------------------------------------------------------------- plain .compute()
