@@ -27,6 +27,7 @@ from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
 from .errors import MeshError
 from .inventory import Inventory, format_bytes
+from .router.history import RunHistory
 
 #: worker-spec name prefix per local worker family
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -284,6 +285,8 @@ class Mesh:
         self._scheduler_plugin = True
         #: (the workers' make-up, Dask's costs measured on them): see calibrate
         self._calibration: tuple[Any, Any] | None = None
+        #: what routed computations measured, for later estimates (mesh.router.learn)
+        self.history = RunHistory()
         self._address = self.address  # still known once the scheduler is gone
         #: what this mesh changed for its lifetime (the log levels of a local mesh)
         self._quiet = contextlib.ExitStack()
@@ -748,6 +751,12 @@ class Mesh:
         """Dask's own costs measured on this mesh (a ``Calibration``), or None before
         the first routed plan measured them (or with both figures set in config)."""
         return self._calibration[1] if self._calibration else None
+
+    def forget_history(self) -> None:
+        """Forget the task times earlier routed computations measured: later plans go by
+        the devices' profiles alone until new computations measure again (see
+        ``mesh.router.learn``)."""
+        self.history.forget()
 
     def calibrate(self) -> Any:
         """Measure now what Dask itself costs on this mesh: seconds of dispatch per task,

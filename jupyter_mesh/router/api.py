@@ -39,6 +39,7 @@ from .cost import (
     network_latency_auto,
     reshared,
 )
+from .history import learn_weight
 from .layers import (
     LayerPlan,
     model_layers,
@@ -255,7 +256,16 @@ def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "a
     """The cost model for planning on this live mesh: where ``mesh.task-overhead``,
     ``mesh.dependency-latency`` or ``mesh.links.network-latency`` is ``auto``, the figure
     measured on the mesh (at its first routed plan, and again when its workers change;
-    see ``Mesh.calibrate``)."""
+    see ``Mesh.calibrate``); with ``mesh.router.learn`` above 0, the task times its
+    earlier computations measured (see history.RunHistory)."""
+    cost = _measured_cost_model(mesh, pools, devices, route)
+    if learn_weight() > 0:
+        cost.history = getattr(mesh, "history", None)
+    return cost
+
+
+def _measured_cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any
+                         ) -> CostModel:
     auto_overhead = configured_task_overhead() is None
     auto_dependency = configured_dependency_latency() is None
     auto_latency = network_latency_auto()
@@ -310,6 +320,11 @@ def _noted(plan: Any, cost: CostModel) -> Any:
             f"{cost.task_overhead * 1e3:.2g} ms per task and "
             f"{cost.links.network_latency * 1e3:.2g} ms per transfer between workers "
             f"(mesh.calibrate() tries again)")
+    history = cost.history
+    if history is not None and len(history) and plan.routed:
+        line = history.note(plan)
+        if line:
+            plan.notes.append(line)
     if cal is not None and plan.routed:
         what = []
         if configured_task_overhead() is None:
@@ -392,6 +407,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     """Submit a plan's rewritten graph and wait for its outputs (a list, by key): their
     values, or with ``gather=False`` their futures (the data stays on the workers)."""
     client = mesh.client
+    weight = learn_weight()  # a bad setting fails before anything runs
     mesh.last_plan = plan
     graph: Any
     # kept results (a persist): every task hands over host arrays, see rewrite
@@ -461,6 +477,10 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     report.timeline = timeline
     report.fused = routed.fused
     mesh.last_report = report
+    history = getattr(mesh, "history", None)
+    if weight > 0 and history is not None and not status.get("events"):
+        # (a computation that fell back ran on other workers than it planned for)
+        history.learn(plan, records, weight)
     for sink in getattr(mesh, "report_sinks", ()):
         sink.append(report)
     for event in report.fallbacks:

@@ -20,6 +20,7 @@ from .calibrate import (
     DEFAULT_TASK_OVERHEAD,
 )
 from .classify import OpInfo
+from .history import scaled_work
 
 #: fraction of peak FLOP/s an op class reaches (matmul near peak; FFTs and factorizations
 #: are memory- and latency-bound well below it)
@@ -332,6 +333,9 @@ class CostModel:
         self.calibration: Any = None
         #: the figures are ``auto`` but could not be measured: the defaults stand in
         self.uncalibrated = False
+        #: what earlier computations measured (see history.RunHistory): the work of
+        #: each op class on each pool scaled by it; None: the profiles alone
+        self.history: Any = None
         n = len(pools)
         self.latency = [[0.0] * n for _ in range(n)]
         self.inv_bw = [[0.0] * n for _ in range(n)]
@@ -399,7 +403,16 @@ class CostModel:
 
     def seconds(self, op: OpInfo, pool: Pool, native: bool) -> float:
         """Seconds one task of ``op`` takes on ``pool`` with the pool's backend
-        (``native``), or on its workers' host NumPy."""
+        (``native``), or on its workers' host NumPy: Dask's dispatch and the work, the
+        latter scaled by what earlier computations measured there (``history``)."""
+        work = self.work_seconds(op, pool, native)
+        if self.history is not None:
+            work = scaled_work(self.history, op, pool, native, work)
+        return self.task_overhead + work
+
+    def work_seconds(self, op: OpInfo, pool: Pool, native: bool) -> float:
+        """The seconds of work one task of ``op`` takes on ``pool`` by the profile
+        (:meth:`seconds` less Dask's dispatch, and before what was learned)."""
         prof = pool.profile
         if not native:
             # runs on the host CPU of that worker (after a copy off an accelerator)
@@ -412,7 +425,7 @@ class CostModel:
             rate = prof.flops32 / 16.0
         compute = op.flops / (rate * EFFICIENCY.get(op.op_class, 0.1)) if op.flops else 0.0
         memory = op.mem_bytes / prof.mem_bandwidth if prof.mem_bandwidth else 0.0
-        t = prof.launch_latency + self.task_overhead + max(compute, memory)
+        t = prof.launch_latency + max(compute, memory)
         if not native and pool.accelerator:
             t += 2 * (self.links.pcie_latency + op.in_bytes / self.links.pcie_bandwidth)
         return t
