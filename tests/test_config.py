@@ -64,6 +64,17 @@ def test_bad_link_figures_name_the_key_and_its_unit(key, unit, bad):
     assert Links.from_config().network_bandwidth > 0  # the defaults again
 
 
+def test_network_bandwidth_auto_is_the_default_and_stands_in_for_a_figure():
+    from jupyter_mesh.router.calibrate import DEFAULT_NETWORK_BANDWIDTH
+    from jupyter_mesh.router.cost import Links, network_bandwidth_auto
+
+    assert network_bandwidth_auto()  # measured on a live mesh (see calibrate)
+    assert Links.from_config().network_bandwidth == DEFAULT_NETWORK_BANDWIDTH
+    with dask.config.set({"mesh.links.network-bandwidth": 3e8}):
+        assert not network_bandwidth_auto()
+        assert Links.from_config().network_bandwidth == 3e8
+
+
 @pytest.mark.parametrize("bad", [-5, 2.7, True, "many", [1]])
 def test_layer_plan_threshold_must_be_a_whole_number_of_tasks(bad):
     from jupyter_mesh.router.layers import layer_plan_threshold

@@ -48,10 +48,13 @@ def test_calibrate_measures_dispatch_and_transfer_on_the_live_mesh(measured_afre
     assert 0.0 < cal.task_interval < 1.0
     # two workers at one site: the transfer between them was timed
     assert cal.network_latency is not None and 1e-4 <= cal.network_latency < 1.0
+    # and the bytes a result of a typical block's size takes between them
+    assert cal.network_bandwidth is not None and 1e6 < cal.network_bandwidth <= 1e11
     assert cal.workers == 2 and cal.tasks > 0 and cal.seconds > 0
     assert measured_afresh.calibration is cal
     text = repr(cal)
     assert "ms of Dask dispatch per task" in text and "per transfer between workers" in text
+    assert "B/s between them" in text
     assert "from a task's end to the start of one waiting for it" in text
     assert "<code>" in cal._repr_html_()
     # and the mesh shows it
@@ -64,10 +67,12 @@ def test_the_first_routed_plan_measures_and_later_plans_reuse_it(measured_afresh
     assert cal is not None
     assert plan.cost.task_overhead == cal.task_overhead
     assert plan.cost.links.network_latency == cal.network_latency
+    assert plan.cost.links.network_bandwidth == cal.network_bandwidth
     assert plan.cost.dependency_latency == cal.dependency_latency
     assert plan.cost.task_interval == cal.task_interval
     assert any("measured on this mesh" in n and "per task" in n and "transfer" in n
-               and "waiting for it" in n for n in plan.notes)
+               and "waiting for it" in n and "B/s between workers" in n
+               for n in plan.notes)
     assert "measured on this mesh" in repr(plan)
     again = measured_afresh.explain(small())
     assert measured_afresh.calibration is cal and again.cost.task_overhead == cal.task_overhead
@@ -87,10 +92,12 @@ def test_the_mesh_is_measured_again_when_its_workers_change(measured_afresh):
 
 def test_numbers_in_config_are_used_as_they_are_and_nothing_is_measured(measured_afresh):
     with dask.config.set({"mesh.task-overhead": 0.004, "mesh.links.network-latency": 0.002,
-                          "mesh.dependency-latency": 0.003}):
+                          "mesh.dependency-latency": 0.003,
+                          "mesh.links.network-bandwidth": 5e8}):
         plan = measured_afresh.explain(small())
     assert measured_afresh.calibration is None
     assert plan.cost.task_overhead == 0.004 and plan.cost.links.network_latency == 0.002
+    assert plan.cost.links.network_bandwidth == 5e8
     assert plan.cost.dependency_latency == 0.003
     assert plan.cost.task_interval == 0.0  # no measured pace: no floor
     assert not any("measured" in n for n in plan.notes)
@@ -117,7 +124,9 @@ def test_route_off_measures_nothing(measured_afresh):
                                         ("mesh.links.network-latency", "soon"),
                                         ("mesh.dependency-latency", "later"),
                                         ("mesh.dependency-latency", -0.5),
-                                        ("mesh.links.network-latency", 0)])
+                                        ("mesh.links.network-latency", 0),
+                                        ("mesh.links.network-bandwidth", "fast"),
+                                        ("mesh.links.network-bandwidth", 0)])
 def test_bad_config_is_one_line_naming_the_key(measured_afresh, key, value):
     with dask.config.set({key: value}), pytest.raises(MeshConfigError) as err:
         measured_afresh.explain(small())
@@ -185,7 +194,8 @@ def test_a_mesh_without_two_workers_at_one_site_measures_dispatch_only(mesh):
     one = list(mesh.inventory())[:1]
     cal = calibrate.measure(mesh.client, one, repeats=1)
     assert cal.network_latency is None and cal.task_overhead >= 1e-4
-    assert "no two workers at one site" in repr(cal)
+    assert cal.network_bandwidth is None
+    assert "no two workers at one site" in repr(cal) and "B/s" not in repr(cal)
     assert "measured on 1 worker with" in repr(cal)
 
 

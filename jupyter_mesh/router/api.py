@@ -22,6 +22,7 @@ from ..errors import MeshError
 from ..targets import Target, site_resource
 from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, SETTLE_HANDLER, STATUS_HANDLER
+from .calibrate import format_rate
 from .classify import (
     CAPABILITIES,
     GraphModel,
@@ -36,6 +37,7 @@ from .cost import (
     build_pools,
     configured_dependency_latency,
     configured_task_overhead,
+    network_bandwidth_auto,
     network_latency_auto,
     reshared,
 )
@@ -269,8 +271,9 @@ def _measured_cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route
     auto_overhead = configured_task_overhead() is None
     auto_dependency = configured_dependency_latency() is None
     auto_latency = network_latency_auto()
-    if (not (auto_overhead or auto_dependency or auto_latency) or not devices
-            or route == "off"):
+    auto_bandwidth = network_bandwidth_auto()
+    if (not (auto_overhead or auto_dependency or auto_latency or auto_bandwidth)
+            or not devices or route == "off"):
         return CostModel(pools)
     try:
         cal = mesh._calibration_for(devices)
@@ -286,6 +289,8 @@ def _measured_cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route
     links = Links.from_config()
     if auto_latency and cal.network_latency is not None:
         links = dataclasses.replace(links, network_latency=cal.network_latency)
+    if auto_bandwidth and cal.network_bandwidth is not None:
+        links = dataclasses.replace(links, network_bandwidth=cal.network_bandwidth)
     cost = CostModel(pools, links, task_overhead=cal.task_overhead if auto_overhead else None,
                      dependency_latency=cal.dependency_latency if auto_dependency else None)
     if auto_overhead:
@@ -335,6 +340,8 @@ def _noted(plan: Any, cost: CostModel) -> Any:
         if network_latency_auto() and cal.network_latency is not None:
             what.append(f"{cal.network_latency * 1e3:.2g} ms more per transfer between "
                         f"workers")
+        if network_bandwidth_auto() and cal.network_bandwidth is not None:
+            what.append(f"{format_rate(cal.network_bandwidth)} between workers")
         if what:
             plan.notes.append(f"measured on this mesh: {' and '.join(what)} "
                               f"(mesh.calibrate() measures again)")

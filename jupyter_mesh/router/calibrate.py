@@ -38,6 +38,11 @@ The probe is plain Dask work, about half a second on a small mesh:
 * **transfer**: a chain of tasks that alternates between two workers of one site, and
   the same chain on one worker; the difference of the two walls over the chain's length
   is what moving a small result between workers adds to each step.
+* **bandwidth**: the same two chains with a result of ``PAYLOAD`` bytes at each step
+  (for ``mesh.links.network-bandwidth: auto``): what each step adds beyond the small
+  transfer is the time those bytes take between the two workers, Dask's serialization
+  and the copies on both ends included (on one machine, loopback and pickling set it,
+  far below a network's figure).
 """
 
 from __future__ import annotations
@@ -56,6 +61,12 @@ if TYPE_CHECKING:
 DEFAULT_TASK_OVERHEAD = 1e-3
 DEFAULT_NETWORK_LATENCY = 2e-4
 DEFAULT_DEPENDENCY_LATENCY = 0.0
+DEFAULT_NETWORK_BANDWIDTH = 1.25e9
+#: bytes each step of the bandwidth probe hands over (an array block of a typical size)
+PAYLOAD = 8 << 20
+#: a measured bandwidth is never taken above this (bytes/s; noise can make the time of a
+#: transfer vanish)
+_MAX_BANDWIDTH = 1e11
 #: measured figures are never taken below these (noise can make a difference negative)
 _FLOOR = 1e-4
 
@@ -80,11 +91,16 @@ class Calibration:
     #: the scheduler (and, on a machine with few cores, every process) sees to one task
     #: at a time, so no computation dispatches its tasks faster than this
     task_interval: float = 0.0
+    #: bytes per second between two workers of one site, Dask's serialization
+    #: included; None where the mesh has no two workers at one site
+    network_bandwidth: float | None = None
 
     def __repr__(self) -> str:
         hop = ("no two workers at one site to time a transfer"
                if self.network_latency is None else
                f"{self.network_latency * 1e3:.2g} ms more per transfer between workers")
+        if self.network_bandwidth is not None:
+            hop += f" and {format_rate(self.network_bandwidth)} between them"
         return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task "
                 f"(one task every {self.task_interval * 1e3:.2g} ms on the whole mesh), "
                 f"{self.dependency_latency * 1e3:.2g} ms from a task's end to the start of "
@@ -101,6 +117,19 @@ class Calibration:
 
 def _noop(*_: Any) -> int:
     return 0
+
+
+def _payload(nbytes: int, *_: Any) -> Any:
+    import numpy as np
+
+    return np.zeros(nbytes, dtype=np.uint8)
+
+
+def format_rate(bytes_per_second: float) -> str:
+    """``1.1 GB/s``, ``350 MB/s``."""
+    if bytes_per_second >= 1e9:
+        return f"{bytes_per_second / 1e9:.2g} GB/s"
+    return f"{bytes_per_second / 1e6:.3g} MB/s"
 
 
 def _wait(client: Client, futures: list[Any], timeout: float) -> None:
@@ -187,13 +216,16 @@ def _probe_workers(devices: list[Any]) -> list[Any]:
     return picked
 
 
-def _chain(client: Client, workers: list[str], length: int, timeout: float) -> float:
-    """Wall seconds of a chain of ``length`` no-op tasks, step i on workers[i % k]."""
+def _chain(client: Client, workers: list[str], length: int, timeout: float,
+           nbytes: int = 0) -> float:
+    """Wall seconds of a chain of ``length`` no-op tasks, step i on workers[i % k], each
+    giving a result of ``nbytes`` bytes (0: a small number)."""
     t0 = time.perf_counter()
     futures: list[Any] = []
     for i in range(length):
         args = tuple(futures[-1:])
-        futures.append(client.submit(_noop, *args, workers=[workers[i % len(workers)]],
+        fn, head = (_payload, (nbytes,)) if nbytes else (_noop, ())
+        futures.append(client.submit(fn, *head, *args, workers=[workers[i % len(workers)]],
                                      allow_other_workers=False, pure=False))
     _wait(client, futures[-1:], timeout)
     return time.perf_counter() - t0
@@ -215,12 +247,13 @@ def _pair(devices: list[Any]) -> list[str] | None:
 
 
 def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
-            chain: int = 8, repeats: int = 2, timeout: float = 5.0) -> Calibration:
+            chain: int = 8, repeats: int = 2, timeout: float = 5.0,
+            bandwidth: bool = True) -> Calibration:
     """Measure Dask's dispatch cost per task (on one worker, and on the whole mesh), the
-    latency of a dependency and the transfer latency between two workers of one site
-    (``devices``: the mesh's inventory) on the mesh behind ``client``, from the least
-    of ``repeats`` walls of each kind. MeshError when the probe does not finish within
-    ``timeout`` seconds."""
+    latency of a dependency, and the transfer latency and (with ``bandwidth``) bandwidth
+    between two workers of one site (``devices``: the mesh's inventory) on the mesh
+    behind ``client``, from the least of ``repeats`` walls of each kind. MeshError when
+    the probe does not finish within ``timeout`` seconds."""
     if not devices:
         raise MeshError("the mesh has no workers to calibrate on: add some (e.g. "
                         "mesh.scale(cpu=2)), then call mesh.calibrate() again")
@@ -254,6 +287,7 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
     dependency = max((steps - one) / (chain - 1) - overhead, 0.0)
     tasks += repeats * chain
     latency = None
+    rate = None
     pair = _pair(devices)
     if pair is not None:
         hops = [(_chain(client, pair, chain, timeout), _chain(client, pair[:1], chain, timeout))
@@ -261,6 +295,15 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
         extra = min(h[0] for h in hops) - min(h[1] for h in hops)
         latency = max(extra / (chain - 1), _FLOOR)  # chain - 1 hand-overs between the two
         tasks += repeats * 2 * chain
+        if bandwidth:
+            big = [(_chain(client, pair, chain, timeout, PAYLOAD),
+                    _chain(client, pair[:1], chain, timeout, PAYLOAD))
+                   for _ in range(repeats)]
+            per_hop = (min(b[0] for b in big) - min(b[1] for b in big)) / (chain - 1)
+            moving = per_hop - latency
+            rate = min(PAYLOAD / moving if moving > 0 else _MAX_BANDWIDTH, _MAX_BANDWIDTH)
+            tasks += repeats * 2 * chain
     used = len({d.worker for d in probe} | set(pair or ()))
     return Calibration(overhead, latency, tasks, used, time.perf_counter() - t0,
-                       dependency_latency=dependency, task_interval=max(interval, 0.0))
+                       dependency_latency=dependency, task_interval=max(interval, 0.0),
+                       network_bandwidth=rate)

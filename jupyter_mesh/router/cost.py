@@ -16,6 +16,7 @@ from ..devices._profile import Profile
 from ..targets import backend_resource
 from .calibrate import (
     DEFAULT_DEPENDENCY_LATENCY,
+    DEFAULT_NETWORK_BANDWIDTH,
     DEFAULT_NETWORK_LATENCY,
     DEFAULT_TASK_OVERHEAD,
 )
@@ -274,6 +275,8 @@ class Links:
             if key == "network-latency" and _config.get(f"links.{key}") == "auto":
                 # measured on a live mesh (see calibrate); this where nothing was
                 return DEFAULT_NETWORK_LATENCY
+            if key == "network-bandwidth" and _config.get(f"links.{key}") == "auto":
+                return DEFAULT_NETWORK_BANDWIDTH
             unit = "bytes per second" if key.endswith("bandwidth") else "seconds"
             return float(_config.get_seconds(f"links.{key}", allow_zero=False, unit=unit))
 
@@ -302,6 +305,11 @@ def configured_dependency_latency() -> float | None:
 def network_latency_auto() -> bool:
     """Whether ``mesh.links.network-latency`` is ``auto`` (measured on the live mesh)."""
     return bool(_config.get("links.network-latency") == "auto")
+
+
+def network_bandwidth_auto() -> bool:
+    """Whether ``mesh.links.network-bandwidth`` is ``auto`` (measured on the live mesh)."""
+    return bool(_config.get("links.network-bandwidth") == "auto")
 
 
 class CostModel:
