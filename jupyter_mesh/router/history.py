@@ -86,15 +86,19 @@ class RunHistory:
 
     def ratio(self, pool: Pool, op_class: str, backend: str,
               now: float | None = None) -> float:
-        """The learned ratio for ``op_class`` run with ``backend`` on ``pool`` (1.0:
-        nothing learned, or learned too long ago)."""
-        entry = self._ratios.get((*pool_key(pool), op_class, backend))
-        if entry is None:
-            return 1.0
-        r, when, _ = entry
-        if (now if now is not None else time.monotonic()) - when > MAX_AGE:
-            return 1.0
-        return r
+        """The learned ratio for ``op_class`` run with ``backend`` on ``pool``; where
+        that backend was not measured, what the others measured on the same hardware
+        (their geometric mean: a loaded host slows every backend on it, and a backend
+        never measured must not look faster than a measured one for want of a figure);
+        1.0 where nothing was learned, or too long ago."""
+        now = now if now is not None else time.monotonic()
+        kind, site = pool_key(pool)
+        entry = self._ratios.get((kind, site, op_class, backend))
+        if entry is not None and now - entry[1] <= MAX_AGE:
+            return entry[0]
+        others = [math.log(r) for (k, s, o, _), (r, when, _) in self._ratios.items()
+                  if (k, s, o) == (kind, site, op_class) and now - when <= MAX_AGE]
+        return math.exp(sum(others) / len(others)) if others else 1.0
 
     def learned(self) -> list[tuple[str, str, str, str, float, int]]:
         """(kind, site, op class, backend, ratio, computations) of every live entry."""
