@@ -220,7 +220,7 @@ def p1(scales=P1_SCALES) -> dict[str, Any]:
 # ---------------------------------------------------------------- estimates, live
 #: fixed figures: what the cost model used before it measured Dask's costs
 FIXED_COSTS = {"mesh.task-overhead": 1e-3, "mesh.links.network-latency": 2e-4,
-               "mesh.dependency-latency": 0.0}
+               "mesh.dependency-latency": 0.0, "mesh.links.network-bandwidth": 1.25e9}
 
 
 #: the meshes the live estimates run on: (NumPy workers, JAX CPU workers, sizes)
@@ -773,12 +773,22 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   f"{first['repeats']} runs each, after one untimed run of each (JAX compiles "
                   "each op once per shape), the three taking turns in an order that changes "
                   "from run to run. *Measured* = the "
-                  "default: Dask's dispatch per task, the wait for a dependency and the "
-                  "transfer latency measured on the "
-                  f"mesh (`mesh.calibrate()`, {cals}); *fixed* = 1 ms per task, no wait "
-                  "and 0.2 ms per transfer, the figures the cost model used before it "
-                  "measured them; *plain Dask* = `client.compute` of the same collection, "
-                  "unrouted (Dask's own optimization and placement). "
+                  "default: Dask's dispatch per task, the wait for a dependency, and the "
+                  "transfer latency and bandwidth measured on the "
+                  f"mesh (`mesh.calibrate()`, {cals}); *fixed* = 1 ms per task, no wait, "
+                  "0.2 ms per transfer and 1.25 GB/s, the figures the cost model used "
+                  "before it measured them; *plain Dask* = `client.compute` of the same "
+                  "collection, unrouted (Dask's own optimization and placement). Both "
+                  "settings also plan with the task times the mesh's earlier routed "
+                  "computations measured (`mesh.router.learn`, on by default since "
+                  "2026-11-29: per op class and backend, the median ratio of a task's "
+                  "measured seconds to its profile's, the untimed run teaching the first "
+                  "timed one). Before both (the run of 2026-11-29 11:24), est./wall was "
+                  "0.46 / 0.34 / 0.95 on the 2 + 1 mesh and 0.90 on the 1 + 1: at n = 4000 "
+                  "the profiles' matmul time, too long on this machine (the mesh learns "
+                  "about 0.8x), made up for Dask's own costs, which run longer under a "
+                  "full CPU than the probe measures on idle workers; learning corrects the "
+                  "first, not the second. "
                   "Both settings plan the worker threads, on this machine's "
                   f"{_cores()} cores, at their share of those cores "
                   "(`jupyter_mesh.router.cost.core_shares`: a JAX worker counts one "
