@@ -121,9 +121,9 @@ def _explain_args(line: str) -> None:
 @magic_arguments()
 def _calibrate_args(line: str) -> None:
     """%mesh calibrate: measure Dask's own costs on the mesh now, per task, per
-    dependency and per transfer (the router's cost model uses them where
-    mesh.task-overhead, mesh.dependency-latency or mesh.links.network-latency is
-    auto)."""
+    dependency and per transfer, and the bandwidth between workers (the router's cost
+    model uses them where mesh.task-overhead, mesh.dependency-latency,
+    mesh.links.network-latency or mesh.links.network-bandwidth is auto)."""
 
 
 @magic_arguments()

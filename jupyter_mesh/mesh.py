@@ -761,11 +761,12 @@ class Mesh:
     def calibrate(self) -> Any:
         """Measure now what Dask itself costs on this mesh: seconds of dispatch per task,
         from a task's end to the start of one waiting for it, and more per transfer
-        between two workers of one site (a probe of well under a second on a small mesh).
+        between two workers of one site, with the bytes per second between them (a probe
+        of about a second on a small mesh).
 
         The router's cost model uses these where ``mesh.task-overhead``,
-        ``mesh.dependency-latency`` or ``mesh.links.network-latency`` is ``auto`` (the
-        default). It measures once on
+        ``mesh.dependency-latency``, ``mesh.links.network-latency`` or
+        ``mesh.links.network-bandwidth`` is ``auto`` (the default). It measures once on
         its own, at the first routed plan, and again when the mesh's workers change;
         call this after the machine's load changed a lot.
         """
@@ -774,8 +775,10 @@ class Mesh:
 
     def _measure(self, devices: list[Any]) -> Any:
         from .router.calibrate import measure
+        from .router.cost import network_bandwidth_auto
 
-        cal = measure(self.client, devices)
+        # the bandwidth probe only where the figure is to be measured
+        cal = measure(self.client, devices, bandwidth=network_bandwidth_auto())
         self._calibration = (_make_up(devices), cal)
         return cal
 

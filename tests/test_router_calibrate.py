@@ -190,6 +190,29 @@ def test_the_transfer_is_timed_between_two_workers_of_one_site():
         "tcp://a:1", "tcp://b:1"]
 
 
+def test_a_bandwidth_probe_that_fails_keeps_what_was_measured(mesh, monkeypatch):
+    plain_chain = calibrate._chain
+
+    def chain(client, workers, length, timeout, nbytes=0):
+        if nbytes:
+            raise MeshError("did not run the calibration probe within 5 s")
+        return plain_chain(client, workers, length, timeout)
+
+    monkeypatch.setattr(calibrate, "_chain", chain)
+    cal = calibrate.measure(mesh.client, list(mesh.inventory()), repeats=1)
+    assert cal.network_latency is not None and cal.task_overhead >= 1e-4
+    assert cal.network_bandwidth is None and "B/s" not in repr(cal)
+
+
+def test_a_configured_bandwidth_is_not_probed(measured_afresh):
+    with dask.config.set({"mesh.links.network-bandwidth": 4e8}):
+        cal = measured_afresh.calibrate()
+        plan = measured_afresh.explain(small())
+    assert cal.network_bandwidth is None and cal.network_latency is not None
+    assert plan.cost.links.network_bandwidth == 4e8
+    assert not any("B/s" in n for n in plan.notes)
+
+
 def test_a_mesh_without_two_workers_at_one_site_measures_dispatch_only(mesh):
     one = list(mesh.inventory())[:1]
     cal = calibrate.measure(mesh.client, one, repeats=1)

@@ -143,6 +143,25 @@ def test_ratios_blend_in_log_space_are_capped_and_expire(monkeypatch):
     assert len(h) == 0 and h.ratio(pool, "matmul", "numpy") == 1.0
 
 
+def test_an_accelerators_own_backend_never_takes_its_hosts_ratio():
+    # a GPU worker runs CuPy on the device and NumPy on its host: different hardware
+    gpu_profile = Profile(flops32=2e12, flops64=1e12, mem_bandwidth=2e11,
+                          host_link_bandwidth=16e9, launch_latency=5e-3, method="model",
+                          source="test")
+    devices = [Device("tcp://g:1", "gpu", "cupy", "model gpu", 1 << 34, "local",
+                      gpu_profile, name="g", nthreads=1)]
+    plan = planned(devices, matmuls(n=4), route="gpu")
+    pool = plan.pools[0]
+    cost = plan.cost
+    records = {k: ("tcp://g:1", "numpy", 4 * cost.work_seconds(
+        plan.model.ops[plan.model.layer[i]], pool, False))
+        for i, k in enumerate(plan.model.keys)}
+    h = RunHistory()
+    h.learn(plan, records, 1.0)
+    assert h.ratio(pool, "matmul", "numpy") == pytest.approx(4.0)
+    assert h.ratio(pool, "matmul", "cupy") == 1.0
+
+
 @pytest.mark.parametrize("value", [0, 0.25, 1, "0.5"])
 def test_learn_setting_values(value):
     with dask.config.set({"mesh.router.learn": value}):
@@ -201,3 +220,16 @@ def test_a_bad_learn_setting_fails_before_anything_runs(mesh):
     assert mesh.last_report is before  # nothing ran
     np.testing.assert_allclose(mesh.compute(y)[0], y.compute(scheduler="sync"),
                                rtol=1e-10)
+
+
+def test_learning_that_fails_never_costs_the_result(mesh, monkeypatch):
+    # what is learned is a hint: an error there is logged, the values come back
+    class Broken(RunHistory):
+        def learn(self, *args, **kwargs):
+            raise RuntimeError("broken history")
+
+    monkeypatch.setattr(mesh, "history", Broken())
+    y = pipeline()
+    np.testing.assert_allclose(mesh.compute(y)[0], y.compute(scheduler="sync"),
+                               rtol=1e-10)
+    assert mesh.last_report is not None

@@ -223,7 +223,10 @@ class SharedKeyFilter(logging.Filter):
     dependencies differ. Dask keeps the task it already has, which for a routed one is
     safe: both compute the same values; a routed persist's tasks hand over host arrays
     (``rewrite(host_results=True)``), as plain tasks expect; and a kept task depends
-    only on tasks kept with it. A collision of plain tasks alone still warns."""
+    only on tasks kept with it. (A routed *compute* hands results kept on a device only
+    to its own next tasks; a plain graph submitted while it still runs and sharing one
+    of those intermediate keys would get such a result, a case this leaves unwarned.)
+    A collision of plain tasks alone still warns."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg

@@ -256,8 +256,8 @@ def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
 def cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route: Any = "auto"
                ) -> CostModel:
     """The cost model for planning on this live mesh: where ``mesh.task-overhead``,
-    ``mesh.dependency-latency`` or ``mesh.links.network-latency`` is ``auto``, the figure
-    measured on the mesh (at its first routed plan, and again when its workers change;
+    ``mesh.dependency-latency``, ``mesh.links.network-latency`` or
+    ``mesh.links.network-bandwidth`` is ``auto``, the figure measured on the mesh (at its first routed plan, and again when its workers change;
     see ``Mesh.calibrate``); with ``mesh.router.learn`` above 0, the task times its
     earlier computations measured (see history.RunHistory)."""
     cost = _measured_cost_model(mesh, pools, devices, route)
@@ -487,7 +487,11 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     history = getattr(mesh, "history", None)
     if weight > 0 and history is not None and not status.get("events"):
         # (a computation that fell back ran on other workers than it planned for)
-        history.learn(plan, records, weight)
+        try:
+            history.learn(plan, records, weight)
+        except Exception:  # what was learned is a hint; the result is what counts
+            logging.getLogger("jupyter_mesh").debug(
+                "jupyter_mesh: learning from a routed computation failed", exc_info=True)
     for sink in getattr(mesh, "report_sinks", ()):
         sink.append(report)
     for event in report.fallbacks:
@@ -606,8 +610,8 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
         if isinstance(values, BaseException):
             from dask.utils import shorten_traceback
 
-            # a task's error: the computation's, as client.gather raises it (Dask's
-            # and the mesh's own frames left out of the traceback)
+            # a task's error: the computation's, as client.gather raises it (the
+            # frames of the modules Dask's admin.traceback.shorten names left out)
             with shorten_traceback():
                 raise values
     status = answers[0]

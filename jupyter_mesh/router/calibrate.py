@@ -119,10 +119,19 @@ def _noop(*_: Any) -> int:
     return 0
 
 
+_PAYLOADS: dict[int, Any] = {}
+
+
 def _payload(nbytes: int, *_: Any) -> Any:
+    """A fresh copy of ``nbytes`` random bytes (made once per worker): nothing a
+    compressing comm could shrink, and memory really written, as a result's is."""
     import numpy as np
 
-    return np.zeros(nbytes, dtype=np.uint8)
+    block = _PAYLOADS.get(nbytes)
+    if block is None:
+        block = _PAYLOADS[nbytes] = np.random.default_rng(0).integers(
+            0, 256, nbytes, dtype=np.uint8)
+    return block.copy()
 
 
 def format_rate(bytes_per_second: float) -> str:
@@ -144,12 +153,14 @@ def _wait(client: Client, futures: list[Any], timeout: float) -> None:
             why = (str(exc).splitlines() or [""])[0]
             raise MeshError(f"the calibration probe failed on a worker "
                             f"({type(exc).__name__}: {why}): set mesh.task-overhead, "
-                            f"mesh.dependency-latency and mesh.links.network-latency")
+                            f"mesh.dependency-latency, mesh.links.network-latency and "
+                            f"mesh.links.network-bandwidth")
     except TimeoutError:
         raise MeshError(f"the mesh did not run the calibration probe within {timeout:g} s "
                         f"(are its workers busy or gone?): call mesh.calibrate() later, or "
-                        f"set mesh.task-overhead, mesh.dependency-latency and "
-                        f"mesh.links.network-latency") from None
+                        f"set mesh.task-overhead, mesh.dependency-latency, "
+                        f"mesh.links.network-latency and mesh.links.network-bandwidth"
+                        ) from None
     finally:
         for f in futures:
             f.release()
@@ -296,13 +307,21 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
         latency = max(extra / (chain - 1), _FLOOR)  # chain - 1 hand-overs between the two
         tasks += repeats * 2 * chain
         if bandwidth:
-            big = [(_chain(client, pair, chain, timeout, PAYLOAD),
-                    _chain(client, pair[:1], chain, timeout, PAYLOAD))
-                   for _ in range(repeats)]
-            per_hop = (min(b[0] for b in big) - min(b[1] for b in big)) / (chain - 1)
-            moving = per_hop - latency
-            rate = min(PAYLOAD / moving if moving > 0 else _MAX_BANDWIDTH, _MAX_BANDWIDTH)
-            tasks += repeats * 2 * chain
+            try:
+                big = [(_chain(client, pair, chain, timeout, PAYLOAD),
+                        _chain(client, pair[:1], chain, timeout, PAYLOAD))
+                       for _ in range(repeats)]
+            except MeshError:  # what was measured above stands; the bandwidth stays unknown
+                big = []
+            if big:
+                per_hop = (min(b[0] for b in big) - min(b[1] for b in big)) / (chain - 1)
+                moving = per_hop - latency
+                # noise can leave the bytes no time of their own: then at least the whole
+                # step's, never "free"
+                spent = moving if moving > 0 else per_hop
+                if spent > 0:
+                    rate = min(PAYLOAD / spent, _MAX_BANDWIDTH)
+                tasks += repeats * 2 * chain
     used = len({d.worker for d in probe} | set(pair or ()))
     return Calibration(overhead, latency, tasks, used, time.perf_counter() - t0,
                        dependency_latency=dependency, task_interval=max(interval, 0.0),

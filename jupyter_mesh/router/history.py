@@ -88,23 +88,29 @@ class RunHistory:
               now: float | None = None) -> float:
         """The learned ratio for ``op_class`` run with ``backend`` on ``pool``; where
         that backend was not measured, what the others measured on the same hardware
-        (their geometric mean: a loaded host slows every backend on it, and a backend
-        never measured must not look faster than a measured one for want of a figure);
-        1.0 where nothing was learned, or too long ago."""
+        (their geometric mean, on CPUs: a loaded host slows every backend on it, and a
+        backend never measured must not look faster than a measured one for want of a
+        figure); 1.0 where nothing was learned, or too long ago."""
         now = now if now is not None else time.monotonic()
         kind, site = pool_key(pool)
-        entry = self._ratios.get((kind, site, op_class, backend))
-        if entry is not None and now - entry[1] <= MAX_AGE:
-            return entry[0]
-        others = [math.log(r) for (k, s, o, _), (r, when, _) in self._ratios.items()
-                  if (k, s, o) == (kind, site, op_class) and now - when <= MAX_AGE]
+        with self._lock:  # learn() may run in another thread meanwhile
+            entry = self._ratios.get((kind, site, op_class, backend))
+            if entry is not None and now - entry[1] <= MAX_AGE:
+                return entry[0]
+            if pool.accelerator:
+                # its own backend runs on the device, NumPy on the host: not the same
+                # hardware, so neither stands in for the other
+                return 1.0
+            others = [math.log(r) for (k, s, o, _), (r, when, _) in self._ratios.items()
+                      if (k, s, o) == (kind, site, op_class) and now - when <= MAX_AGE]
         return math.exp(sum(others) / len(others)) if others else 1.0
 
     def learned(self) -> list[tuple[str, str, str, str, float, int]]:
         """(kind, site, op class, backend, ratio, computations) of every live entry."""
         now = time.monotonic()
-        return [(*k, r, n) for k, (r, when, n) in sorted(self._ratios.items())
-                if now - when <= MAX_AGE]
+        with self._lock:
+            items = sorted(self._ratios.items())
+        return [(*k, r, n) for k, (r, when, n) in items if now - when <= MAX_AGE]
 
     def learn(self, plan: Plan[Any], records: dict[Any, tuple[str, str, float]],
               weight: float) -> int:
@@ -119,13 +125,21 @@ class RunHistory:
             for addr in pool.workers:
                 where[addr] = p
         cost: CostModel = plan.cost
+        # the speeds the plan was timed with: where it leaves pools idle, those it uses
+        # have the cores to themselves (see cost.reshared), which is no ratio to learn
+        from .cost import reshared
+
+        pools = plan.pools
+        if not getattr(plan, "unrestricted", False):
+            used = set(getattr(plan, "pool_of", None) or ())
+            pools = reshared(plan.pools, used) or plan.pools if used else plan.pools
         samples: dict[tuple[str, str, str, str], list[float]] = {}
         for key, (addr, backend, secs) in records.items():
             op = op_of(key)
             p = where.get(addr, -1)
             if op is None or p < 0 or secs <= 0:
                 continue
-            pool = plan.pools[p]
+            pool = pools[p]
             native = backend == pool.backend and backend != "numpy"
             if backend == "numpy" and pool.backend == "numpy":
                 native = True
