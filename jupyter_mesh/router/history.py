@@ -134,20 +134,24 @@ class RunHistory:
             used = set(getattr(plan, "pool_of", None) or ())
             pools = reshared(plan.pools, used) or plan.pools if used else plan.pools
         samples: dict[tuple[str, str, str, str], list[float]] = {}
+        # per (op, pool, backend): the modelled work and where its samples go (a large
+        # computation has many tasks of few ops)
+        seen: dict[tuple[int, int, str], tuple[float, list[float]]] = {}
         for key, (addr, backend, secs) in records.items():
             op = op_of(key)
             p = where.get(addr, -1)
             if op is None or p < 0 or secs <= 0:
                 continue
-            pool = pools[p]
-            native = backend == pool.backend and backend != "numpy"
-            if backend == "numpy" and pool.backend == "numpy":
-                native = True
-            work = cost.work_seconds(op, pool, native)
-            if work < MIN_WORK:
-                continue
-            samples.setdefault((*pool_key(pool), op.op_class, backend), []).append(
-                secs / work)
+            got = seen.get((id(op), p, backend))
+            if got is None:
+                pool = pools[p]
+                native = backend == pool.backend or pool.backend == "numpy"
+                work = cost.work_seconds(op, pool, native)
+                got = seen[id(op), p, backend] = (work, samples.setdefault(
+                    (*pool_key(pool), op.op_class, backend), []))
+            work, into = got
+            if work >= MIN_WORK:
+                into.append(secs / work)
         now = time.monotonic()
         changed = 0
         with self._lock:
