@@ -4,13 +4,13 @@ A device's profile is measured once per host (a matmul, a copy) on a quiet machi
 the cost model scales it by the share of the cores a worker gets. What a task takes in
 practice also depends on what the profile does not see: other users' processes on a
 shared hub node, arrays freshly allocated for every result, block shapes the profile did
-not time. So after each routed computation the mesh compares, per op class and pool,
-what its tasks took (the seconds each device call measured, in the report) with what
+not time. So after each routed computation the mesh compares, per op class, kind
+of device, site and backend, what its tasks took (the seconds each device call measured, in the report) with what
 the cost model said the work alone takes there, and remembers the ratio: the median
 over the tasks (a JAX compilation or a first CuPy call makes one task slow, not the
 median), blended with what earlier computations measured (``mesh.router.learn``: the
-weight of the newest; 0 learns nothing). Later plans scale the work of that op class on
-that pool by it, as StarPU's history-based performance models and Dask's own learned
+weight of the newest; 0 learns nothing). Later plans scale the work of that op class with
+that backend on that kind of device at that site by it, as StarPU's history-based performance models and Dask's own learned
 task durations do. Ratios are kept within 1/8 and 8 of the profile, and forgotten after
 ``MAX_AGE`` seconds without a new measurement, so that a pool that was slow once for a
 passing reason is tried again.
