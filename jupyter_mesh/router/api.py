@@ -457,10 +457,14 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
         _wait(mesh, routed.plan_id, futures, fallback)
+        # a persist's results are on the workers now; a compute's once they arrive
+        wall = time.perf_counter() - t0
         # the values and what the scheduler knows of the run, asked for together
         values, (status, records, timeline) = _finish(
             mesh, routed.plan_id, watch.cursor, futures if gather else None)
-        if not gather:
+        if gather:
+            wall = time.perf_counter() - t0
+        else:
             values = futures
     except BaseException:
         # Ctrl-C or a failure: the scheduler drops the rest of the computation, as
@@ -473,7 +477,6 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         # the error (or Ctrl-C) says it all: no later warning for this computation
         notices.forget(routed.plan_id)
         raise
-    wall = time.perf_counter() - t0
     watch.stopped()
     names = getattr(plan, "worker_names", None) or {}
     if any(addr not in names for addr, _, _ in records.values()):
