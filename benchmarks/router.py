@@ -535,7 +535,12 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "NumPy worker after fusion) and "
                   "the submission before the first task; it does not grow with task length, "
                   "so at scale 4 it weighs a quarter as much: the targets are "
-                  "judged at both scales below. This part run "
+                  "judged at both scales below. That cost grows with load from elsewhere "
+                  "on these 2 shared cores: the run before the one below (2026-11-29 "
+                  "12:04 UTC, load average 0.4 at its start, other sessions' work "
+                  "starting during it) measured Dask's per-task cost at 8.5 ms and gave "
+                  "1.64 s at scale 1 (2.04x the bound, 1.23x faster than Dask default) and "
+                  "3.74 s at scale 4 (1.17x, 1.94x). This part run "
                   f"{het1['when']}.", "",
                   "| workers | scale | runs | tasks (router submits) | router | Dask default | all on fastest | "
                   "plan est. | lower bound | with Dask's cost (estimate) | router / bound | "
