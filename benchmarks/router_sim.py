@@ -276,43 +276,23 @@ def _connected(model: GraphModel) -> bool:
 DEEP_ANCESTORS = 400
 
 
-def _deep_heads(i: int, model: GraphModel, cost: CostModel, pools: list,
-                allowed: list[list[int]], ex: list[list[float]], best: list[float],
-                threads: list[int], ef: list[list[float]], row: list[float],
-                anc: list[int], consumers: list[list[int]], most: int) -> None:
-    """Raise ``row`` (the earliest finish of task i on each pool) by looking at all of
-    i's ancestors A (the ``most`` latest in topological order), not only its inputs.
-
-    Say i runs on worker w of pool p, and X is the set of its ancestors that also ran
-    on w. Then i starts no earlier than
-      (1) the finish on p of any member of X, and the work of X on w: they all ran on
-          w before i, so their times on p over w's threads;
-      (2) for each ancestor a not in X, key(a): take any path from a to i; its last
-          task b not on w (a itself, or a later one) hands its output across a link
-          to its successor c on the path, which ran on w, and every task from c to i
-          ran after it. So i starts no earlier than the earliest b finishes anywhere
-          plus the least transfer from there to another worker of p (``away``), plus
-          the longest chain of least task times from c up to i (``chain``); key(a)
-          is the least of that over every b between a and i and its successors c.
-    For every X, the bound is the larger of those terms; the least over every X is a
-    bound. As for the inputs above, the sets X made of the ancestors with the
-    largest keys (a prefix of A sorted by key, largest first) are enough: the terms
-    in (1) only grow with X, and for any X the prefix of the ancestors with keys above
-    the largest key outside X is a subset of X. Restricting A to the ancestors with
-    an index of at least some cut keeps it closed under "lies between a and i" (tasks
-    are in topological order), so the keys stay exact and dropping ancestors only
-    drops terms: still a bound."""
+def _towards(i: int, model: GraphModel, best: list[float], anc: list[int],
+             consumers: list[list[int]], most: int) -> tuple[list[int], dict[int, float]]:
+    """The ``most`` latest ancestors of task i in topological order (largest index first)
+    and, for each, ``via``: the least, over its consumers c that lie on a path to i, of
+    the longest chain of least task times from c up to i (i excluded). Restricting the
+    ancestors to those with an index of at least some cut keeps the set closed under
+    "lies between a and i" (tasks are in topological order), so every path from a member
+    to i stays among the members."""
     layer = model.layer
-    a_bits = anc[i]
     members = []
-    x = a_bits
+    x = anc[i]
     while x and len(members) < most:
         top = x.bit_length() - 1
         members.append(top)
         x ^= 1 << top
-    # members: decreasing index (consumers before producers)
     chain: dict[int, float] = {i: 0.0}
-    via: dict[int, float] = {}  # least chain over the successors of b towards i
+    via: dict[int, float] = {}
     for c in members:
         longest = 0.0
         least = math.inf
@@ -326,22 +306,60 @@ def _deep_heads(i: int, model: GraphModel, cost: CostModel, pools: list,
                 least = cj
         chain[c] = best[layer[c]] + longest
         via[c] = least
-    out_b = [op.out_bytes for op in model.ops]
+    return members, via
+
+
+def _away_keys(p: int, members: list[int], via: dict[int, float], model: GraphModel,
+               cost: CostModel, ef: list[list[float]], consumers: list[list[int]],
+               npools: int) -> dict[int, float]:
+    """key(a) for each ancestor a of a task i run on a worker w of pool p: the earliest
+    i can start if a did not run on w. Take any path from a to i; its last task b not on
+    w (a itself, or a later one) hands its output across a link to its successor c on
+    the path, which ran on w, and every task from c to i ran after it. So i starts no
+    earlier than the earliest b finishes anywhere plus the least transfer from there to
+    another worker of p, plus ``via`` (b); key(a) is the least of that over every b
+    between a and i."""
+    layer = model.layer
+    key: dict[int, float] = {}
+    for b in members:
+        nb = model.ops[layer[b]].out_bytes
+        efb = ef[b]
+        away = min(efb[q] + cost.transfer(nb, q, p, same_worker=False)
+                   for q in range(npools))
+        k = away + via[b]
+        for j in consumers[b]:
+            kj = key.get(j)
+            if kj is not None and kj < k:
+                k = kj
+        key[b] = k
+    return key
+
+
+def _deep_heads(i: int, model: GraphModel, cost: CostModel, pools: list,
+                allowed: list[list[int]], ex: list[list[float]], best: list[float],
+                threads: list[int], ef: list[list[float]], row: list[float],
+                anc: list[int], consumers: list[list[int]], most: int) -> None:
+    """Raise ``row`` (the earliest finish of task i on each pool) by looking at all of
+    i's ancestors A (the ``most`` latest in topological order, :func:`_towards`), not
+    only its inputs.
+
+    Say i runs on worker w of pool p, and X is the set of its ancestors that also ran
+    on w. Then i starts no earlier than
+      (1) the finish on p of any member of X, and the work of X on w: they all ran on
+          w before i, so their times on p over w's threads;
+      (2) for each ancestor a not in X, key(a) (:func:`_away_keys`).
+    For every X, the bound is the larger of those terms; the least over every X is a
+    bound. As for the inputs above, the sets X made of the ancestors with the
+    largest keys (a prefix of A sorted by key, largest first) are enough: the terms
+    in (1) only grow with X, and for any X the prefix of the ancestors with keys above
+    the largest key outside X is a subset of X. Dropping ancestors (the cut) only
+    drops terms: still a bound."""
+    layer = model.layer
+    members, via = _towards(i, model, best, anc, consumers, most)
     npools = len(pools)
     li = layer[i]
     for p in allowed[li]:
-        key: dict[int, float] = {}
-        for b in members:
-            nb = out_b[layer[b]]
-            efb = ef[b]
-            away = min(efb[q] + cost.transfer(nb, q, p, same_worker=False)
-                       for q in range(npools))
-            k = away + via[b]
-            for j in consumers[b]:
-                kj = key.get(j)
-                if kj is not None and kj < k:
-                    k = kj
-            key[b] = k
+        key = _away_keys(p, members, via, model, cost, ef, consumers, npools)
         order = sorted(members, key=key.__getitem__, reverse=True)
         forced = 0.0  # ancestors that may not run on p are never in X
         ok = []
@@ -371,8 +389,20 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
                 allowed: list[list[int]], tolerance: float,
                 parts: dict[str, Any] | None = None) -> float:
     """max(critical path with communication and without contention, the LP relaxation
-    of spreading each op's tasks over the pools with release and delivery times), for
-    schedules that run each op only on its ``allowed`` pools."""
+    of spreading each op's tasks over the pools with release and delivery times, the
+    work of the tasks that must share a worker), for schedules that run each op only on
+    its ``allowed`` pools."""
+    parts = {} if parts is None else parts
+    lo = _cp_lp_bound(model, pools, cost, allowed, tolerance, parts)
+    return _together_bound(model, pools, cost, allowed, tolerance, parts, lo)
+
+
+def _cp_lp_bound(model: GraphModel, pools: list, cost: CostModel,
+                 allowed: list[list[int]], tolerance: float, parts: dict[str, Any]
+                 ) -> float:
+    """max(critical path with communication and without contention, the LP relaxation
+    of spreading each op's tasks over the pools with release and delivery times); what
+    it computes on the way goes into ``parts``."""
     ex = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
     best = [min(ex[li][p] for p in allowed[li]) for li in range(len(model.ops))]
     # critical path with communication but no contention: the earliest each task could
@@ -455,8 +485,8 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
     # a task on pool p starts no earlier than ef - ex and leaves at least its tail
     bound_cp = max((min(ef[i][p] + tail[i][p] for p in allowed[model.layer[i]])
                     for i in range(n)), default=0.0)
-    if parts is not None:
-        parts.update(ef=ef, tail=tail, ex=ex)
+    parts.update(ef=ef, tail=tail, ex=ex, best=best, threads=threads, anc=anc,
+                 consumers=consumers_all)
     try:
         from scipy.optimize import linprog
         from scipy.sparse import coo_matrix
@@ -517,6 +547,108 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
 
     lo = bound_cp
     if nvar == 0 or feasible(lo):
+        return lo
+    hi = max(lo, 1e-9) * 2
+    while not feasible(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            hi = mid
+        else:
+            lo = mid
+    return lo  # infeasible below: a valid bound, within the tolerance of the least T
+
+
+def _together_bound(model: GraphModel, pools: list, cost: CostModel,
+                    allowed: list[list[int]], tolerance: float, parts: dict[str, Any],
+                    lo: float) -> float:
+    """Raise the bound ``lo`` by the tasks that must share a worker.
+
+    For a task i and an ancestor a of it, say i runs on a worker w of pool p. If a did
+    not run on w, i starts no earlier than key(a) (:func:`_away_keys`) and the schedule
+    ends no earlier than key(a) + i's time on p + its least tail there. So in a schedule
+    of makespan T, a ran on i's worker whenever that exceeds T for every pool i may run
+    on (``threshold``(i, a) > T). Running on the same worker is an equivalence, so the
+    tasks linked by such pairs (a connected component of them) all ran on one worker of
+    one pool that allows them all; then that worker ran their work over its threads
+    between the earliest of their release times and T less the least of their tails,
+    and each of their paths with no transfer. A component whose every pool needs longer
+    than T makes T infeasible. Fewer pairs are forced as T grows, so feasibility only
+    grows with T, and the least feasible T is found by bisection. Where moving data
+    costs far more than computing it, every task is linked to its ancestors and the
+    bound becomes the time of the whole graph on one worker (the random DAGs at high
+    CCR); where it costs little, nothing is forced and ``lo`` stands."""
+    ef, tail, ex = parts["ef"], parts["tail"], parts["ex"]
+    best, threads = parts["best"], parts["threads"]
+    anc, consumers = parts["anc"], parts["consumers"]
+    layer, deps = model.layer, model.deps
+    n = len(deps)
+    npools = len(pools)
+    inf = math.inf
+    pairs: list[tuple[float, int, int]] = []
+    for i in range(n):
+        if not deps[i]:
+            continue
+        members, via = _towards(i, model, best, anc, consumers, DEEP_ANCESTORS)
+        li = layer[i]
+        thr = dict.fromkeys(members, inf)
+        for p in allowed[li]:
+            key = _away_keys(p, members, via, model, cost, ef, consumers, npools)
+            end = ex[li][p] + tail[i][p]
+            for a in members:
+                t = key[a] + end
+                if t < thr[a]:
+                    thr[a] = t
+        pairs.extend((t, i, a) for a, t in thr.items() if t > lo)
+    if not pairs:
+        return lo
+    pairs.sort(reverse=True)
+    allowed_sets = [set(a) for a in allowed]
+
+    def least_time(group: list[int]) -> float:
+        """The least time any one worker needs for ``group`` (in topological order)."""
+        least = inf
+        inside = set(group)
+        for p in range(npools):
+            if any(p not in allowed_sets[layer[k]] for k in group):
+                continue
+            release = min(ef[k][p] - ex[layer[k]][p] for k in group)
+            rest = min(tail[k][p] for k in group)
+            t = release + sum(ex[layer[k]][p] for k in group) / threads[p] + rest
+            finish: dict[int, float] = {}
+            for k in group:
+                s = ef[k][p] - ex[layer[k]][p]
+                for d in deps[k]:
+                    if d in inside and finish[d] > s:
+                        s = finish[d]
+                finish[k] = s + ex[layer[k]][p]
+                if finish[k] + tail[k][p] > t:
+                    t = finish[k] + tail[k][p]
+            least = min(least, t)
+        return least
+
+    def feasible(t: float) -> bool:
+        parent = list(range(n))
+
+        def root(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        for thr_t, i, a in pairs:
+            if thr_t <= t:
+                break
+            ri, ra = root(i), root(a)
+            if ri != ra:
+                parent[ri] = ra
+        groups: dict[int, list[int]] = {}
+        for k in range(n):
+            groups.setdefault(root(k), []).append(k)
+        return all(len(g) < 2 or least_time(g) <= t for g in groups.values())
+
+    if feasible(lo):
         return lo
     hi = max(lo, 1e-9) * 2
     while not feasible(hi):
