@@ -243,6 +243,7 @@ def estimates(meshes=EST_MESHES, repeats=3) -> list[dict[str, Any]]:
         mesh = jm.Mesh.local(cpu=cpu, jax_cpu=jax_cpu, gpu=0, tpu=0, threads_per_worker=1,
                              set_current=False)
         rows = []
+        speeds: list[tuple[float, float]] = []
         try:
             with dask.config.set({"mesh.progress-after": 3600}):
                 cal = mesh.calibrate()
@@ -253,6 +254,8 @@ def estimates(meshes=EST_MESHES, repeats=3) -> list[dict[str, Any]]:
                     mesh.client.compute(y, sync=True)
                     runs: dict[str, list[tuple[float, float]]] = {
                         "measured": [], "fixed": [], "plain": []}
+                    #: the whole mesh.compute call, planning and the report included
+                    calls: list[float] = []
                     orders = list(itertools.permutations(runs))
                     for rep in range(repeats):
                         for label in orders[(rep * 5) % len(orders)]:
@@ -262,7 +265,10 @@ def estimates(meshes=EST_MESHES, repeats=3) -> list[dict[str, Any]]:
                                 runs[label].append((0.0, time.perf_counter() - t0))
                                 continue
                             with dask.config.set(FIXED_COSTS if label == "fixed" else {}):
+                                t0 = time.perf_counter()
                                 mesh.compute(y)
+                                if label == "measured":
+                                    calls.append(time.perf_counter() - t0)
                             r = mesh.last_report
                             runs[label].append((r.plan.makespan, r.wall_seconds))
                     row: dict[str, Any] = {"n": n, "tasks": mesh.last_plan.ntasks,
@@ -271,11 +277,17 @@ def estimates(meshes=EST_MESHES, repeats=3) -> list[dict[str, Any]]:
                     for label, v in runs.items():
                         row[label] = (statistics.median(e for e, _ in v),
                                       statistics.median(w for _, w in v))
+                    row["call"] = statistics.median(calls)
                     rows.append(row)
+                # float64 matmul speed of the JAX worker with JAX and with NumPy, as the
+                # router measured them (the profiles a plan's pools carry)
+                speeds = [(p.profile.flops64, p.numpy_profile.flops64)
+                          for p in mesh.last_plan.pools
+                          if p.backend == "jax" and p.numpy_profile is not None]
         finally:
             mesh.close()
         out.append({"cal": cal, "rows": rows, "repeats": repeats, "when": when,
-                    "cpu": cpu, "jax_cpu": jax_cpu})
+                    "cpu": cpu, "jax_cpu": jax_cpu, "speeds": speeds})
     return out
 
 
@@ -781,6 +793,8 @@ def report(r1, r2, r3, r6, r7=None) -> str:
         meshes = " and ".join(f"{m['cpu']} NumPy worker{'s' * (m['cpu'] != 1)} and "
                               f"{m['jax_cpu']} JAX (CPU backend) worker" for m in r7)
         cals = "; ".join(f"{m['cpu']}+{m['jax_cpu']}: {m['cal']!r}" for m in r7)
+        speeds = "; ".join(f"{m['cpu']} + {m['jax_cpu']}: {j / 1e9:.0f} GFLOP/s with JAX, "
+                           f"{n / 1e9:.0f} with NumPy" for m in r7 for j, n in m["speeds"][:1])
         lines += ["### Estimates, live", "",
                   "How close the router's estimate of a computation (the makespan "
                   "`mesh.explain` shows) comes to its wall time, and how the routed "
@@ -815,10 +829,15 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "the other workers leave it a core of its own, `mesh.local.pin-jax`, "
                   "as on the 1 + 1 mesh here). Since the afternoon of 2026-11-29 a JAX CPU "
                   "worker runs each op it is given with whichever of JAX and NumPy is the "
-                  "faster there (it measures NumPy too): on this machine JAX's float64 "
-                  "matmul runs at about half NumPy's speed, so both workers run the "
-                  "matmuls with NumPy, every worker runs every op equally fast, and the "
-                  "plan restricts nothing (the targets column). Before, the JAX worker ran "
+                  "faster there (it measures NumPy too; float64 matmuls on the JAX worker "
+                  f"in this run: {speeds}; on the machine of the earlier runs JAX ran them "
+                  "at about half NumPy's speed). Where every pool runs every op equally "
+                  "fast, the plan restricts nothing (`any (pools equivalent)` in the "
+                  "targets column); otherwise that column lists the pools the plan uses: "
+                  "where it names only `cpu:numpy`, the plan leaves the JAX worker idle, "
+                  "as an unpinned JAX worker computes on every core (the cost model counts "
+                  "it one thread per core) and the NumPy workers already use them all. "
+                  "Before, the JAX worker ran "
                   "only JAX's ops: on the 1 + 1 mesh, routed n = 4000 took 5.0-5.3 s "
                   "where plain Dask took 3.1 s (routed/plain 1.6-1.7); on the 2 + 1 mesh the "
                   "plan left the JAX worker idle (est./wall 0.44 / 0.51 / 0.94 for the "
@@ -827,18 +846,24 @@ def report(r1, r2, r3, r6, r7=None) -> str:
                   "used or not, est./wall was 0.33 / 0.44 / 0.95; until 2026-11-28 the "
                   "probe timed independent no-op tasks, which Dask dispatches two to three "
                   "times as fast as tasks with inputs (0.23 / 0.31 / 0.52). "
-                  "Wall includes planning and the report. An estimate below 1 says the "
-                  f"computation took longer than planned. This part run {first['when']}.", "",
+                  "*Wall* = from submission to the values (`Report.wall_seconds`), the "
+                  "span the estimate models; an estimate below 1 says the computation took "
+                  "longer than planned. *Routed / plain* compares the whole `mesh.compute` "
+                  "call (planning, submission and the report: what a user waits for; "
+                  "*routed call*) with plain Dask's `client.compute` (its optimization and "
+                  "submission included; until 2026-11-29 this column compared the routed "
+                  f"wall alone). This part run {first['when']}.", "",
                   "| mesh (NumPy + JAX workers) | n | tasks | targets | measured: est. / wall "
-                  "| fixed: est. / wall | plain Dask | routed / plain |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| fixed: est. / wall | routed call | plain Dask | routed / plain |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for m in r7:
             for r in m["rows"]:
                 (me, mw), (fe, fw), (_, pw) = r["measured"], r["fixed"], r["plain"]
                 lines.append(
                     f"| {m['cpu']} + {m['jax_cpu']} | {r['n']} | {r['tasks']} | "
                     f"{', '.join(r['targets'])} | {me:.2f} / {mw:.2f} s = {me / mw:.2f} | "
-                    f"{fe:.2f} / {fw:.2f} s = {fe / fw:.2f} | {pw:.2f} s | {mw / pw:.2f} |")
+                    f"{fe:.2f} / {fw:.2f} s = {fe / fw:.2f} | {r['call']:.2f} s | "
+                    f"{pw:.2f} s | {r['call'] / pw:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
