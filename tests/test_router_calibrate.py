@@ -61,6 +61,46 @@ def test_calibrate_measures_dispatch_and_transfer_on_the_live_mesh(measured_afre
     assert "ms of Dask dispatch per task" in measured_afresh._repr_html_()
 
 
+def test_calibrate_measures_what_dask_spends_of_the_local_hosts_cpu(measured_afresh):
+    from jupyter_mesh.devices import _detect
+
+    cal = measured_afresh.calibrate()
+    # a local mesh: the scheduler and both workers run on this host, and each task the
+    # probe dispatched cost them some CPU between them
+    assert cal.host_cores == _detect.cpu_cores()
+    assert 1e-5 < cal.cpu_per_task < 0.5
+    assert f"ms of CPU per task on the {cal.host_cores} core" in repr(cal)
+    # a routed plan on it counts that CPU beside its tasks' own work
+    plan = measured_afresh.explain(small())
+    assert plan.cost.cpu_per_task == cal.cpu_per_task
+    assert plan.cost.host_cores == cal.host_cores
+
+
+def test_cpu_is_measured_only_where_every_process_says_and_shares_one_host():
+    before = {"w1": ("a", 1.0, 4), "scheduler": ("a", 2.0, 4)}
+    after = {"w1": ("a", 1.5, 4), "scheduler": ("a", 2.5, 4)}
+    assert calibrate._cpu_per_task(before, after, 10) == (0.1, 4)
+    # workers on two hosts: the CPU per task, but no one host's cores to share
+    two = {**after, "w2": ("b", 0.0, 8)}
+    assert calibrate._cpu_per_task({**before, "w2": ("b", 0.0, 8)}, two, 10) == (0.1, None)
+    # a reading that failed (None) or left out the scheduler: nothing measured
+    assert calibrate._cpu_per_task(None, after, 10) == (0.0, None)
+    assert calibrate._cpu_per_task({"w1": before["w1"]}, {"w1": after["w1"]}, 10) == (
+        0.0, None)
+    # a clock that went back for one process never counts as negative work
+    assert calibrate._cpu_per_task(before, {**after, "w1": ("a", 0.5, 4)}, 10)[0] == (
+        pytest.approx(0.05))
+
+
+def test_a_cpu_reading_that_fails_keeps_the_other_figures(mesh, monkeypatch):
+    monkeypatch.setattr(calibrate, "_mesh_cpu", lambda client: None)
+    cal = calibrate.measure(mesh.client, list(mesh.inventory()), repeats=1,
+                            bandwidth=False)
+    assert cal.task_overhead >= 1e-4 and cal.network_latency is not None
+    assert cal.cpu_per_task == 0.0 and cal.host_cores is None
+    assert "ms of CPU per task" not in repr(cal)
+
+
 def test_the_first_routed_plan_measures_and_later_plans_reuse_it(measured_afresh):
     plan = measured_afresh.explain(small())
     cal = measured_afresh.calibration

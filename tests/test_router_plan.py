@@ -765,6 +765,48 @@ def test_an_estimate_is_never_below_the_meshs_pace_of_dispatch():
     assert not any("measured pace" in n for n in free.notes)
 
 
+def test_an_estimate_counts_dasks_cpu_beside_the_tasks_on_a_shared_host():
+    # a local mesh on 2 cores: two NumPy workers keep both busy, and the scheduler's and
+    # workers' own work for each task needs those cores too: what the schedule leaves
+    # idle takes it, the rest comes on top
+    from jupyter_mesh.router import placement as P
+
+    def on(name, backend, cores=2, nthreads=1):
+        d = dev(name, "cpu", backend, CPU, nthreads=nthreads)
+        d.host, d.extra = "10.0.0.1", {"cores": cores}
+        return d
+
+    m = synthetic_model([
+        {"name": "mm", "op_class": "matmul", "tasks": 8, "flops": 2e10, "out_bytes": 8.0}])
+    pools = build_pools([on("c0", "numpy"), on("c1", "numpy")])
+    cost = CostModel(pools, task_overhead=0.0)
+    plain = plan_model(m, pools, "cpu", cost=cost)
+    span = max(plain.finish)
+    assert plain.makespan == pytest.approx(span) and plain.floor == 0.0
+    cost.cpu_per_task, cost.host_cores = 0.05, 2
+    busy = plan_model(m, pools, "cpu", cost=cost)
+    # both workers busy throughout: nothing idle, so 8 tasks x 50 ms over 2 cores on top
+    assert busy.makespan == pytest.approx(span + 8 * 0.05 / 2)
+    assert any("ms of CPU per task, 8 tasks) share this host's 2 cores" in n
+               for n in busy.notes)
+    # on 8 cores the idle ones take Dask's work: the estimate stands
+    cost.host_cores = 8
+    roomy = plan_model(m, pools, "cpu", cost=cost)
+    assert roomy.makespan == pytest.approx(span)
+    assert not any("CPU per task" in n for n in roomy.notes)
+    # no host shared by all (a mesh over several hosts): no such floor
+    cost.host_cores = None
+    assert plan_model(m, pools, "cpu", cost=cost).makespan == pytest.approx(span)
+    # a JAX worker keeps a core per thread it counts (XLA computes on all it may use);
+    # an accelerator's task keeps none
+    jax = build_pools([on("j0", "jax", cores=2)])
+    assert jax[0].members[0][2] == 2
+    assert P.cpu_floor(jax, [0], [0.0], [1.0], 4, 0.1, 2) == pytest.approx(1.2)
+    gpu = build_pools([dev("g0", "gpu", "cupy", GPU)])
+    assert P.cpu_floor(gpu, [0], [0.0], [1.0], 4, 0.1, 2) == pytest.approx(1.0)
+    assert P.cpu_floor(gpu, [0], [0.0], [1.0], 0, 0.1, 2) == 0.0
+
+
 def test_equivalent_pools_are_not_restricted():
     # a NumPy pool and a JAX-on-CPU pool with the same profile: routing could only get
     # in the way, so the plan restricts nothing and runs every task on host NumPy

@@ -295,6 +295,8 @@ def _measured_cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route
                      dependency_latency=cal.dependency_latency if auto_dependency else None)
     if auto_overhead:
         cost.task_interval = cal.task_interval
+        cost.cpu_per_task = getattr(cal, "cpu_per_task", 0.0)
+        cost.host_cores = getattr(cal, "host_cores", None)
     cost.calibration = cal
     return cost
 

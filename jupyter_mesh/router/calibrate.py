@@ -33,6 +33,11 @@ The probe is plain Dask work, about half a second on a small mesh:
   busy. Routed work whose tasks leave the CPU free, as an accelerator's do, was planned
   as if dispatch took four to six times as long as it does, and kept on slow devices
   to avoid it.)
+* **CPU**: the CPU seconds the scheduler and every worker spent while the pace probe
+  ran, per task; where they all run on one host (a local mesh), its tasks' own work and
+  Dask's share that host's cores, and on a small machine Dask's part is no small share:
+  a plan's estimate is never below what both need of those cores (see
+  ``placement.cpu_floor``).
 * **dependency**: a chain of no-op tasks on one worker, each waiting for the one before
   it, and one task alone: per step, the difference of the walls, less the dispatch.
 * **transfer**: a chain of tasks that alternates between two workers of one site, and
@@ -94,6 +99,13 @@ class Calibration:
     #: bytes per second between two workers of one site, Dask's serialization
     #: included; None where the mesh has no two workers at one site
     network_bandwidth: float | None = None
+    #: CPU seconds the scheduler and the workers (and a client in the scheduler's
+    #: process) spend per task between them, measured while the pace probe ran
+    cpu_per_task: float = 0.0
+    #: the cores of the one host that the scheduler and every worker run on (a local
+    #: mesh): its tasks' own work and Dask's share them; None where they span hosts or
+    #: did not say
+    host_cores: int | None = None
 
     def __repr__(self) -> str:
         hop = ("no two workers at one site to time a transfer"
@@ -101,6 +113,10 @@ class Calibration:
                f"{self.network_latency * 1e3:.2g} ms more per transfer between workers")
         if self.network_bandwidth is not None:
             hop += f" and {format_rate(self.network_bandwidth)} between them"
+        if self.host_cores:
+            hop += (f"; {self.cpu_per_task * 1e3:.2g} ms of CPU per task on the "
+                    f"{self.host_cores} core{'s' * (self.host_cores != 1)} of the one host "
+                    f"the scheduler and the workers share")
         return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task "
                 f"(one task every {self.task_interval * 1e3:.2g} ms on the whole mesh), "
                 f"{self.dependency_latency * 1e3:.2g} ms from a task's end to the start of "
@@ -117,6 +133,44 @@ class Calibration:
 
 def _noop(*_: Any) -> int:
     return 0
+
+
+def _process_cpu() -> tuple[str, float, int]:
+    """This process's (host name, CPU seconds so far, cores it may use)."""
+    import os
+    import socket
+
+    from ..devices import _detect
+
+    t = os.times()
+    return socket.gethostname(), t.user + t.system, _detect.cpu_cores()
+
+
+def _mesh_cpu(client: Client) -> dict[str, tuple[str, float, int]] | None:
+    """:func:`_process_cpu` of the scheduler and of every worker, or None where one
+    cannot say (then no CPU figure is measured; the other figures stand)."""
+    try:
+        got = dict(client.run(_process_cpu))
+        got["scheduler"] = client.run_on_scheduler(_process_cpu)
+    except Exception:
+        return None
+    return got
+
+
+def _cpu_per_task(before: dict[str, tuple[str, float, int]] | None,
+                  after: dict[str, tuple[str, float, int]] | None, tasks: int
+                  ) -> tuple[float, int | None]:
+    """(CPU seconds per task of the processes in both readings, the cores of the one
+    host they all run on or None)."""
+    if not before or not after or tasks < 1:
+        return 0.0, None
+    common = [k for k in after if k in before]
+    if "scheduler" not in common:
+        return 0.0, None
+    spent = sum(max(after[k][1] - before[k][1], 0.0) for k in common)
+    hosts = {after[k][0] for k in after}
+    cores = max(after[k][2] for k in after) if len(hosts) == 1 else None
+    return spent / tasks, (cores if cores and cores > 0 else None)
 
 
 _PAYLOADS: dict[int, Any] = {}
@@ -288,8 +342,11 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
     # the mesh's pace: tasks with inputs, in chains, on every probe worker at once
     total = sum(max(int(d.nthreads), 1) for d in probe)
     n_all = max(tasks_per_thread // 2 * total, 16)
+    # (and what the scheduler and the workers spend of their host's CPU on each task)
+    cpu_before = _mesh_cpu(client)
     walls = [_walls(client, [d.worker for d in probe], n_all, DEPTH, timeout)
              for _ in range(repeats)]
+    cpu, host_cores = _cpu_per_task(cpu_before, _mesh_cpu(client), repeats * (n_all + 1))
     interval = (min(w[1] for w in walls) - min(w[0] for w in walls)) / (n_all - 1)
     tasks += repeats * (n_all + 1)
     # a chain on the first probe worker: each step is a task's dispatch and the wait
@@ -325,4 +382,4 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
     used = len({d.worker for d in probe} | set(pair or ()))
     return Calibration(overhead, latency, tasks, used, time.perf_counter() - t0,
                        dependency_latency=dependency, task_interval=max(interval, 0.0),
-                       network_bandwidth=rate)
+                       network_bandwidth=rate, cpu_per_task=cpu, host_cores=host_cores)

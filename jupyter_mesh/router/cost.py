@@ -337,6 +337,11 @@ class CostModel:
         #: seconds per task of the whole mesh (measured, see calibrate): a plan's
         #: estimate is never below its dispatched tasks at this pace; 0: no such floor
         self.task_interval = 0.0
+        #: CPU seconds Dask spends per task on the one host of a local mesh, and that
+        #: host's cores (measured, see calibrate): a plan's estimate is never below what
+        #: its tasks and Dask need of those cores together; 0 / None: no such floor
+        self.cpu_per_task = 0.0
+        self.host_cores: int | None = None
         #: the measured figures this model uses, where it uses some (see calibrate)
         self.calibration: Any = None
         #: the figures are ``auto`` but could not be measured: the defaults stand in

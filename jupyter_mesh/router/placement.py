@@ -654,19 +654,67 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
     plan.worker_of = worker_of
     plan.unrestricted = unrestricted
     plan.note_numpy_runs()
-    if cost.task_interval > 0:
+    cpu_cores = cost.host_cores if cost.cpu_per_task > 0 else None
+    if cost.task_interval > 0 or cpu_cores:
         # the mesh dispatches one task at a time: a chain fused into one task is one
         chain = chain_links(model)
         # restricting nothing, the rewrite fuses every chain (Dask places them whole)
         fused = sum(1 for i, d in enumerate(chain)
                     if d >= 0 and (unrestricted or worker_of[i] == worker_of[d]))
-        plan.floor = (len(model.keys) - fused) * cost.task_interval
+        dispatched = len(model.keys) - fused
+        plan.floor = dispatched * cost.task_interval
         if plan.floor > max(finish):
             plan.notes.append(
-                f"estimate: at least {plan.floor:.2g} s, the {len(model.keys) - fused} "
+                f"estimate: at least {plan.floor:.2g} s, the {dispatched} "
                 f"tasks it dispatches at this mesh's measured pace (one every "
                 f"{cost.task_interval * 1e3:.2g} ms)")
+        if cpu_cores:
+            cpu = cpu_floor(pools, worker_of, start, finish, dispatched,
+                            cost.cpu_per_task, cpu_cores)
+            if cpu > max(plan.floor, max(finish)) * (1 + 1e-9):
+                plan.floor = cpu
+                plan.notes.append(
+                    f"estimate: at least {cpu:.2g} s with Dask's own work: the workers' "
+                    f"tasks and Dask ({cost.cpu_per_task * 1e3:.2g} ms of CPU per task, "
+                    f"{dispatched} tasks) share this host's {cpu_cores} "
+                    f"core{'s' * (cpu_cores != 1)}")
     return plan
+
+
+def cpu_floor(pools: list[Pool], worker_of: list[int], start: list[float],
+              finish: list[float], dispatched: int, cpu_per_task: float, cores: int
+              ) -> float:
+    """The least a schedule can take on a mesh whose scheduler and workers share one
+    host of ``cores`` cores, with Dask's own CPU work (``cpu_per_task`` for each of the
+    ``dispatched`` tasks) beside its tasks' own: that work takes the cores the schedule
+    leaves idle, and what does not fit there comes on top. A task on a CPU worker keeps
+    busy as many cores as its worker counts threads on them (a JAX worker one per core
+    it may use, as XLA computes on all of them), at the host's share where those
+    threads outnumber the cores (see ``cost.core_shares``); an accelerator's task keeps
+    none. 0 where nothing is dispatched."""
+    if dispatched <= 0 or cores <= 0 or not finish:
+        return 0.0
+    makespan = max(finish)
+    # cores each thread of each worker keeps busy (workers numbered across the pools)
+    per_thread: list[float] = []
+    used = set(worker_of)
+    counted: list[int] = []
+    for pool in pools:
+        threads = pool.worker_threads()
+        members = pool.members if len(pool.members) == len(threads) else []
+        for j, t in enumerate(threads):
+            if pool.kind != "cpu":
+                counted.append(0)
+            else:
+                counted.append(members[j][2] if members else t)
+            per_thread.append(counted[-1] / t)
+    demand = sum(c for w, c in enumerate(counted) if w in used)
+    share = min(1.0, cores / demand) if demand else 1.0
+    busy = sum((finish[i] - start[i]) * per_thread[w] * share
+               for i, w in enumerate(worker_of))
+    idle = max(cores * makespan - busy, 0.0)
+    extra = dispatched * cpu_per_task - idle
+    return makespan + extra / cores if extra > 0 else makespan
 
 
 #: pools whose task times differ by less than this are interchangeable
