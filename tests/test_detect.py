@@ -64,6 +64,17 @@ def test_asking_for_a_gpu_without_one_fails_clearly(fake_cupy):
     fake_cupy(False)
     with pytest.raises(RuntimeError, match="CuPy sees no CUDA GPU"):
         describe_device("gpu", None, None)
+    # CuPy drives a GPU: asked for without one, it fails as clearly
+    with pytest.raises(RuntimeError, match="CuPy sees no CUDA GPU"):
+        describe_device(None, "cupy", None)
+
+
+def test_numpy_asked_for_drives_the_cpu_on_a_gpu_host(fake_cupy):
+    fake_cupy(True)
+    info, _ = describe_device(None, "numpy", None)
+    assert (info.kind, info.backend) == ("cpu", "numpy")
+    with pytest.raises(RuntimeError, match="backend 'numpy' drives a cpu, not a gpu"):
+        describe_device("gpu", "numpy", None)
 
 
 def test_no_libtpu_means_no_tpu_without_importing_jax(monkeypatch):

@@ -19,6 +19,14 @@ def test_known_accelerator_names_its_source():
     assert lookup_known("AMD EPYC 7B13") is None
 
 
+def test_a_known_name_matches_a_whole_word_of_the_model():
+    # NVIDIA's L40 and L40S are not its L4 (2.5-3x its figures): measured, not L4's
+    assert "L4" in lookup_known("NVIDIA L4").source
+    assert lookup_known("NVIDIA L40S") is None and lookup_known("NVIDIA L40") is None
+    assert "A100" in lookup_known("NVIDIA A100-SXM4-80GB").source
+    assert "V100" in lookup_known("Tesla V100-SXM2-32GB").source
+
+
 def test_tpus_are_known_by_the_names_jax_gives_them():
     # jax.devices()[0].device_kind on each Cloud TPU generation
     assert "v5e" in lookup_known("TPU v5 lite").source

@@ -96,3 +96,74 @@ def test_submit_moves_arguments_only_to_the_backend_asked_for(on_a_gpu_worker, a
 
     assert _device.SubmitCall(where_is, asked, kind)(np.arange(3.0)) == (
         "OnStandIn" if moved else "ndarray")
+
+
+def test_a_masked_array_runs_numpy_on_the_host_and_keeps_its_mask(on_a_gpu_worker):
+    # a device array has no mask: converting would drop it and change the numbers
+    a = np.ma.masked_greater(np.arange(6.0), 3.0)
+    out = _device.DeviceCall(np.sum, "k", "p", True, frozenset({"cupy"}))(a)
+    assert _device.pop_records("p")["k"][0] == "numpy"
+    assert out == 0.0 + 1.0 + 2.0 + 3.0
+
+
+def test_another_librarys_array_runs_numpy_on_the_host(on_a_gpu_worker):
+    class Sparse:  # an array-like of its own (SciPy's sparse matrices are such)
+        shape, dtype = (2,), np.dtype("float64")
+
+        def __add__(self, other):
+            return "added on the host"
+
+    out = _device.DeviceCall(operator.add, "k", "p", True, frozenset({"cupy"}))(Sparse(), 1)
+    assert _device.pop_records("p")["k"][0] == "numpy"
+    assert out == "added on the host"
+
+
+def test_a_list_that_numpy_takes_as_one_array_runs_numpy(on_a_gpu_worker):
+    # np.sum([a, b]) of a delayed call stacks them in NumPy itself, which refuses device
+    # arrays; np.concatenate dispatches on the arrays inside, so it runs on the device
+    a, b = np.arange(3.0), np.ones(3)
+    out = _device.DeviceCall(np.sum, "k", "p", True, frozenset({"cupy"}))([a, b], axis=0)
+    assert _device.pop_records("p")["k"][0] == "numpy"
+    assert np.array_equal(out, a + b)
+    out = _device.DeviceCall(np.concatenate, "c", "p", True, frozenset({"cupy"}))([a, b])
+    assert _device.pop_records("p")["c"][0] == "cupy"
+    assert np.array_equal(out, np.concatenate([a, b]))
+
+
+def test_a_result_kept_on_the_device_is_waited_for_before_its_time_is_taken(
+        on_a_gpu_worker, monkeypatch):
+    # CuPy runs asynchronously: without a wait the measured seconds are the launch's
+    waits = []
+    monkeypatch.setattr(StandInCupy, "synchronize", lambda self: waits.append(1))
+    a = np.arange(4.0)
+    kept = _device.DeviceCall(operator.add, "k", "p", False, frozenset({"cupy"}))(a, a)
+    assert type(kept) is _device.OnDevice and waits == [1]
+    # handed to the host, the copy waits for it
+    _device.DeviceCall(operator.add, "h", "p", True, frozenset({"cupy"}))(a, a)
+    assert waits == [1]
+
+
+def test_only_numpys_own_code_runs_on_a_device_backend():
+    from functools import partial
+
+    import dask.array as da
+    import scipy.special
+
+    from jupyter_mesh.router.classify import model_collections, native_backends
+
+    # NumPy's ufuncs run there; SciPy's have no CuPy namesake
+    assert "cupy" in native_backends("elementwise", np.exp)
+    assert "cupy" not in native_backends("elementwise", scipy.special.erf)
+    # numpy.ma makes masked arrays, which no device array is
+    assert "cupy" not in native_backends("elementwise", np.ma.masked_greater)
+    # a user's function that a partial of Dask's own passes on is the user's
+    from dask.array.core import apply_and_enforce
+
+    def users(block):
+        return np.asarray(block).sum(axis=0, keepdims=True)
+
+    assert "cupy" not in native_backends("reduction", partial(apply_and_enforce, _func=users))
+    assert "cupy" in native_backends("reduction", partial(np.sum, axis=0))
+    x = da.ones((4, 4), chunks=2)
+    model = model_collections([x.map_blocks(users, enforce_ndim=True)])
+    assert all("cupy" not in op.native for op in model.ops if "users" in op.label)

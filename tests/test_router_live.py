@@ -294,7 +294,7 @@ def numpy_semantics_cases():
     """Calls where JAX's own arithmetic differs from NumPy's (type promotion, integer
     division by zero, sums of bools, int64 against uint64, float_power, 0-d results)
     or where JAX has no version (SciPy's ufuncs, object and datetime dtypes, empty
-    blocks, lists as arrays, tasks nested in a task's arguments)."""
+    blocks, lists as arrays, tasks nested in a task's arguments, masked arrays)."""
     import scipy.special
 
     rs = np.random.RandomState(0)
@@ -329,6 +329,8 @@ def numpy_semantics_cases():
         # NumPy's transpose and squeeze of a reduction's scalar give a scalar
         "transpose of a sum": x.sum().T,
         "squeeze of a max": da.squeeze(x.astype("float32").max()),
+        # a masked array's mask, which a device array does not have
+        "masked sum": da.ma.filled(da.ma.masked_greater(x, 0.5).sum(axis=0), 0.0),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -110,9 +111,9 @@ def lookup_known(model: str) -> Profile | None:
             return None
         model = alias
     upper = model.upper()
-    # longest names first so "H200" is not taken for a substring match of something else
+    # a name as a whole word of the model's ("L4" is not "NVIDIA L40S"), longest first
     for name in sorted(KNOWN_ACCELERATORS, key=len, reverse=True):
-        if name.upper() in upper:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(name.upper())}(?![A-Z0-9])", upper):
             entry = dict(KNOWN_ACCELERATORS[name])
             source = entry.pop("source")
             return Profile(**entry, method="table", source=source)

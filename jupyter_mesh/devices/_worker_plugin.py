@@ -47,6 +47,13 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
                                   memory=int(memory or _detect.host_memory()))
         key = _profile.cache_key(info.kind, info.backend, info.model)
         return info, _profile.cached_or_measure(key, plugin.measure)
+    # NumPy drives the CPU and CuPy a GPU, whatever else the host has
+    own = {"numpy": "cpu", "cupy": "gpu"}.get(backend or "")
+    if own is not None:
+        if kind not in (None, own):
+            raise RuntimeError(f"jupyter_mesh: backend {backend!r} drives a {own}, not a "
+                               f"{kind}: leave out the backend or the kind")
+        kind = own
     if backend == "jax":
         # float64 stays float64 on the JAX path, so routed results match NumPy
         os.environ.setdefault("JAX_ENABLE_X64", "1")

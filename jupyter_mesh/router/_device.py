@@ -127,10 +127,17 @@ class DeviceCall:
                 func = jax_ops.translate(self.func)
                 if func is not None and not jax_ops.same_numbers(self.func, args, kwargs):
                     func = None  # NumPy, on the host of this worker
+            elif func is not None:
+                from . import jax_ops
+
+                if jax_ops.lists_as_arrays(func, args):
+                    func = None  # NumPy's own would get the device's arrays in a list
             if func is not None:
                 backend = get_backend(name)
                 if not _all_held(backend, args, kwargs):
-                    func = None  # an input the device has no dtype for: NumPy on the host
+                    # an input the device has no dtype for, or that a device array would
+                    # not be (a masked array, a sparse matrix): NumPy on the host
+                    func = None
             if func is not None:
                 args = _map(backend.to_device, args)
                 kwargs = {k: _map(backend.to_device, v) for k, v in kwargs.items()}
@@ -152,9 +159,11 @@ class DeviceCall:
             if scalar:
                 out = _map(_scalar, out)
         elif used != "numpy":
+            backend = get_backend(used)
             if used == "jax":
                 out = _block(out)
-            backend = get_backend(used)
+            else:  # CuPy's work is asynchronous: the seconds measured are its own
+                backend.synchronize()
             out = _map(lambda x: OnDevice(x, used, scalar and getattr(x, "ndim", 1) == 0)
                        if backend.is_device_array(x) else x, out)
         key = self.key
@@ -253,17 +262,31 @@ def quiet_shared_keys(logger_name: str = "distributed.scheduler") -> None:
 
 def _all_held(backend: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     """Whether ``backend`` holds every array among the task's inputs (in lists and
-    tuples too)."""
+    tuples too) as the array it is (see :func:`_plain`)."""
     bad: list[Any] = []
 
     def check(x: Any) -> Any:
-        if not bad and hasattr(x, "dtype") and hasattr(x, "shape") and not backend.holds(x):
+        if not bad and hasattr(x, "dtype") and hasattr(x, "shape") and not (
+                _plain(backend, x) and backend.holds(x)):
             bad.append(x)
         return x
 
     _map(check, args)
     _map(check, kwargs)
     return not bad
+
+
+def _plain(backend: Any, x: Any) -> bool:
+    """Whether ``x`` reaches the device as the array it is: a NumPy array (a memory
+    map too) or scalar, or a device array (this backend's, or another's through the
+    host). Not a NumPy subclass that means more than its numbers (a masked array's
+    mask, ``np.matrix``'s products), nor another library's array (SciPy's sparse
+    matrices): a device array would drop what they add, or fail to take them."""
+    if isinstance(x, np.ndarray):
+        return type(x) is np.ndarray or type(x) is np.memmap
+    if isinstance(x, (np.generic, type)):
+        return True
+    return bool(backend.is_device_array(x)) or to_host_any(x) is not x
 
 
 def _scalar(x: Any) -> Any:

@@ -171,6 +171,13 @@ class CupyBackend(Backend):
                 raise self._fail("copy to host", exc) from None
         return x
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on this worker's GPU (CuPy runs asynchronously: a
+        task's measured seconds would be its launches alone)."""
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
 
 class JaxBackend(Backend):
     """JAX devices (TPUs, or the CPU when testing the JAX path). JAX arrays implement
@@ -238,22 +245,55 @@ def to_host_any(x: Any) -> Any:
 
 def dispatches_through_numpy(func: Any) -> bool:
     """Whether ``func`` is NumPy's, Python's operators' or Dask's own (inside partials
-    and compositions): code that reaches arrays only through NumPy's API."""
+    and compositions, and every function a partial passes on: ``map_blocks`` with
+    ``enforce_ndim`` wraps the user's in Dask's own ``apply_and_enforce``): code that
+    reaches arrays only through NumPy's API. Not ``numpy.ma`` (masked arrays are NumPy
+    arrays of their own, which a device array is not), nor a ufunc that is not
+    NumPy's own (SciPy's ``scipy.special.erf``: a device array's ``__array_ufunc__``
+    finds it no namesake)."""
     import numpy
 
-    from .jax_ops import _parts
-
-    parts = _parts(func)
+    parts = _called(func)
     if not parts:
         return False
     for f in parts:
         if isinstance(f, numpy.ufunc):
+            if getattr(numpy, str(getattr(f, "__name__", "")), None) is not f:
+                return False
             continue
         mod = getattr(f, "__module__", None) or ""
+        if mod == "numpy.ma" or mod.startswith("numpy.ma."):
+            return False
         if not (mod in ("_operator", "operator") or mod == "numpy" or mod == "dask"
                 or mod.startswith(("numpy.", "dask."))):
             return False
     return True
+
+
+def _called(func: Any) -> list[Any] | None:
+    """The functions a task of ``func`` may call: the plain ones inside partials and
+    compositions, and those a partial passes on as arguments (None for an unknown
+    wrapper)."""
+    import functools
+
+    from .jax_ops import _parts
+
+    parts = _parts(func)
+    if parts is None:
+        return None
+    out = list(parts)
+    stack = [func]
+    while stack:
+        f = stack.pop()
+        if isinstance(f, functools.partial):
+            stack.append(f.func)
+            for a in (*f.args, *f.keywords.values()):
+                if callable(a) and not isinstance(a, type):
+                    sub = _called(a)
+                    if sub is None:
+                        return None
+                    out.extend(sub)
+    return out
 
 
 _BUILTIN: dict[str, type[Backend]] = {

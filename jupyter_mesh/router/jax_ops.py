@@ -98,6 +98,28 @@ _SAME_DTYPES = frozenset(np.dtype(t) for t in ("float32", "float64", "complex64"
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+#: NumPy's functions whose dispatch looks inside the sequence they are given (a
+#: device array in the list decides the implementation)
+_SEQUENCE_DISPATCH = frozenset({"concatenate", "stack", "vstack", "hstack", "dstack",
+                                "column_stack", "block"})
+
+
+def lists_as_arrays(func: Any, args: tuple[Any, ...]) -> bool:
+    """Whether a list or tuple among ``args`` goes to one of NumPy's own functions that
+    takes it as one array (``np.sum([a, b])`` of a delayed call stacks them, in NumPy
+    itself): device arrays inside it would reach NumPy, which refuses them. Operators
+    and Dask's helpers take lists as they are, and ``np.concatenate`` and its kin
+    dispatch on the arrays inside."""
+    parts = _parts(func) or []
+    if not parts or not all(
+            isinstance(f, np.ufunc) or (getattr(f, "__module__", "") or "").startswith("numpy")
+            for f in parts):
+        return False
+    if all(getattr(f, "__name__", "") in _SEQUENCE_DISPATCH for f in parts):
+        return False
+    return any(isinstance(a, (list, tuple)) and not hasattr(a, "_fields") for a in args)
+
+
 def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether JAX gives what NumPy gives for this call of ``func``: some array, every
     array (and NumPy scalar) of a dtype in ``_SAME_DTYPES`` and not empty (JAX's max
