@@ -282,11 +282,13 @@ def _plain(backend: Any, x: Any) -> bool:
     host). Not a NumPy subclass that means more than its numbers (a masked array's
     mask, ``np.matrix``'s products), nor another library's array (SciPy's sparse
     matrices): a device array would drop what they add, or fail to take them."""
+    if backend.is_device_array(x):
+        return True
     if isinstance(x, np.ndarray):
         return type(x) is np.ndarray or type(x) is np.memmap
     if isinstance(x, (np.generic, type)):
         return True
-    return bool(backend.is_device_array(x)) or to_host_any(x) is not x
+    return to_host_any(x) is not x
 
 
 def _scalar(x: Any) -> Any:
