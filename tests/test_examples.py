@@ -5,6 +5,7 @@ They are committed without outputs; each is executed once per test session here.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -124,10 +125,19 @@ def test_routing_explains_computes_and_pictures():
 
 def test_routing_shows_a_progress_bar_per_target():
     nb = executed("routing.ipynb")
-    assert shows_widget(cell(nb, 'dask.config.set({"mesh.progress-after": 0.3})'))
+    slow = cell(nb, 'dask.config.set({"mesh.progress-after": 0.3})')
+    assert shows_widget(slow)
     state = widget_text(nb)
     assert "route=auto" in state and "Finished" in state
-    assert ">cpu:numpy</div>" in state and ">cpu:jax</div>" in state
+    # a bar per target of the plan: both kinds where it restricts ops to them, one for
+    # the whole computation where every worker runs every op equally fast (which one
+    # depends on the machine's relative JAX and NumPy speeds)
+    (line,) = [x for x in text(slow).splitlines() if x.startswith("(2400,) targets: [")]
+    targets = ast.literal_eval(line.split("targets: ", 1)[1])
+    assert targets in (["cpu:jax", "cpu:numpy"], ["cpu:numpy"], ["cpu:jax"],
+                       ["any (pools equivalent)"])
+    for target in targets:
+        assert f">{target}</div>" in state, target
 
 
 def test_remote_cells_keep_state_and_stream_output():
