@@ -574,8 +574,12 @@ def _together_bound(model: GraphModel, pools: list, cost: CostModel,
     one pool that allows them all; then that worker ran their work over its threads
     between the earliest of their release times and T less the least of their tails,
     and each of their paths with no transfer. A component whose every pool needs longer
-    than T makes T infeasible. Fewer pairs are forced as T grows, so feasibility only
-    grows with T, and the least feasible T is found by bisection. Where moving data
+    than T makes T infeasible: then no schedule takes T or less (it would have put each
+    component on one worker, within T), whatever other T were found. Fewer pairs are
+    forced as T grows, so feasibility mostly grows with T (not always: two groups that
+    merge at a smaller T can fit where one of them alone does not, its release and tail
+    being the later), and the bisection returns T shown infeasible or ``lo``: a bound
+    either way, if not always the largest such T. Where moving data
     costs far more than computing it, every task is linked to its ancestors and the
     bound becomes the time of the whole graph on one worker (the random DAGs at high
     CCR); where it costs little, nothing is forced and ``lo`` stands."""

@@ -92,8 +92,26 @@ def test_cpu_is_measured_only_where_every_process_says_and_shares_one_host():
         pytest.approx(0.05))
 
 
+def test_one_host_is_one_machines_address_for_the_scheduler_and_every_worker():
+    from types import SimpleNamespace
+
+    def client(address):
+        return SimpleNamespace(scheduler=SimpleNamespace(address=address))
+
+    local = [_dev("127.0.0.1", "lab"), _dev("127.0.0.1", "lab")]
+    for d in local:
+        d.host = "127.0.0.1"
+    assert calibrate._one_host(client("tcp://127.0.0.1:8786"), local)
+    far = _dev("10.0.0.2", "lab")
+    far.host = "10.0.0.2"
+    assert not calibrate._one_host(client("tcp://127.0.0.1:8786"), [*local, far])
+    assert not calibrate._one_host(client("tcp://10.0.0.1:8786"), [far])
+    assert calibrate._one_host(client("tcp://10.0.0.2:8786"), [far])
+    assert not calibrate._one_host(SimpleNamespace(scheduler=None), local)
+
+
 def test_a_cpu_reading_that_fails_keeps_the_other_figures(mesh, monkeypatch):
-    monkeypatch.setattr(calibrate, "_mesh_cpu", lambda client: None)
+    monkeypatch.setattr(calibrate, "_mesh_cpu", lambda client, workers, timeout: None)
     cal = calibrate.measure(mesh.client, list(mesh.inventory()), repeats=1,
                             bandwidth=False)
     assert cal.task_overhead >= 1e-4 and cal.network_latency is not None

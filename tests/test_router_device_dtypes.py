@@ -156,14 +156,36 @@ def test_only_numpys_own_code_runs_on_a_device_backend():
     assert "cupy" not in native_backends("elementwise", scipy.special.erf)
     # numpy.ma makes masked arrays, which no device array is
     assert "cupy" not in native_backends("elementwise", np.ma.masked_greater)
-    # a user's function that a partial of Dask's own passes on is the user's
+    # a user's function that Dask's own passes on (map_blocks with enforce_ndim hands
+    # it to apply_and_enforce as an argument) is the user's
     from dask.array.core import apply_and_enforce
 
-    def users(block):
+    def block_sum(block):  # named like a reduction: classified as one
         return np.asarray(block).sum(axis=0, keepdims=True)
 
-    assert "cupy" not in native_backends("reduction", partial(apply_and_enforce, _func=users))
+    assert "cupy" not in native_backends("reduction", partial(apply_and_enforce,
+                                                              _func=block_sum))
+    assert "cupy" not in native_backends("reduction", apply_and_enforce, (block_sum,))
     assert "cupy" in native_backends("reduction", partial(np.sum, axis=0))
+    assert "cupy" in native_backends("reduction", apply_and_enforce, (np.sum,))
     x = da.ones((4, 4), chunks=2)
-    model = model_collections([x.map_blocks(users, enforce_ndim=True)])
-    assert all("cupy" not in op.native for op in model.ops if "users" in op.label)
+    model = model_collections([x.map_blocks(block_sum, enforce_ndim=True)])
+    (op,) = [op for op in model.ops if "block_sum" in op.label]
+    assert op.op_class == "reduction" and op.passes == (block_sum,)
+    assert "cupy" not in op.native
+
+
+def test_a_users_function_passed_as_an_argument_gets_host_arrays(on_a_gpu_worker):
+    from dask.array.core import apply_and_enforce
+
+    seen = []
+
+    def block_sum(block):
+        seen.append(type(block))
+        return block.sum(axis=0, keepdims=True)
+
+    a = np.arange(4.0).reshape(2, 2)
+    call = _device.DeviceCall(apply_and_enforce, "k", "p", True, frozenset({"cupy"}))
+    out = call(a, _func=block_sum, expected_ndim=2)
+    assert _device.pop_records("p")["k"][0] == "numpy" and seen == [np.ndarray]
+    assert np.array_equal(out, a.sum(axis=0, keepdims=True))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from distributed.worker import thread_state
 
-from .backends import get_backend, to_host_any
+from .backends import get_backend, is_any_device_array, to_host_any
 
 _local = threading.local()
 _lock = threading.Lock()
@@ -132,6 +132,8 @@ class DeviceCall:
 
                 if jax_ops.lists_as_arrays(func, args):
                     func = None  # NumPy's own would get the device's arrays in a list
+                elif not _passes_only_numpys(get_backend(name), args, kwargs):
+                    func = None  # a user's function passed on gets host arrays
             if func is not None:
                 backend = get_backend(name)
                 if not _all_held(backend, args, kwargs):
@@ -276,6 +278,15 @@ def _all_held(backend: Any, args: Any, kwargs: dict[str, Any]) -> bool:
     return not bad
 
 
+def _passes_only_numpys(backend: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                        ) -> bool:
+    """Whether every function among the task's arguments is one ``backend`` runs (a
+    user's own, passed on to Dask's ``apply_and_enforce`` by ``map_blocks`` with
+    ``enforce_ndim``, may call anything)."""
+    return all(backend.runs(v) for v in (*args, *kwargs.values())
+               if callable(v) and not isinstance(v, type))
+
+
 def _plain(backend: Any, x: Any) -> bool:
     """Whether ``x`` reaches the device as the array it is: a NumPy array (a memory
     map too) or scalar, or a device array (this backend's, or another's through the
@@ -288,7 +299,7 @@ def _plain(backend: Any, x: Any) -> bool:
         return type(x) is np.ndarray or type(x) is np.memmap
     if isinstance(x, (np.generic, type)):
         return True
-    return to_host_any(x) is not x
+    return is_any_device_array(x)
 
 
 def _scalar(x: Any) -> Any:

@@ -226,6 +226,19 @@ def _is_array(x: Any) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type)
 
 
+def is_any_device_array(x: Any) -> bool:
+    """Whether ``x`` is an array of a device backend (CuPy's, JAX's or a plugin's),
+    which :func:`to_host_any` copies to the host."""
+    import numpy
+
+    if isinstance(x, numpy.ndarray) or not _is_array(x):
+        return False
+    mod = type(x).__module__
+    if mod.startswith(("cupy", "jax", "jaxlib")):
+        return True
+    return any(b.is_device_array(x) for b in plugin_backends())
+
+
 def to_host_any(x: Any) -> Any:
     """Any backend's array as a NumPy array; NumPy arrays and other objects pass through."""
     import numpy

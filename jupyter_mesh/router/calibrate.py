@@ -137,24 +137,43 @@ def _noop(*_: Any) -> int:
 
 def _process_cpu() -> tuple[str, float, int]:
     """This process's (host name, CPU seconds so far, cores it may use)."""
-    import os
     import socket
 
     from ..devices import _detect
 
-    t = os.times()
-    return socket.gethostname(), t.user + t.system, _detect.cpu_cores()
+    return socket.gethostname(), time.process_time(), _detect.cpu_cores()
 
 
-def _mesh_cpu(client: Client) -> dict[str, tuple[str, float, int]] | None:
-    """:func:`_process_cpu` of the scheduler and of every worker, or None where one
-    cannot say (then no CPU figure is measured; the other figures stand)."""
+def _mesh_cpu(client: Client, workers: list[str], timeout: float
+              ) -> dict[str, tuple[str, float, int]] | None:
+    """:func:`_process_cpu` of the scheduler and of ``workers``, or None where one
+    cannot say within ``timeout`` seconds (then no CPU figure is measured; the other
+    figures stand)."""
     try:
-        got = dict(client.run(_process_cpu))
-        got["scheduler"] = client.run_on_scheduler(_process_cpu)
+        got = dict(client.sync(client._run, _process_cpu, workers=workers,
+                               callback_timeout=timeout))
+        got["scheduler"] = client.sync(client._run_on_scheduler, _process_cpu,
+                                       callback_timeout=timeout)
     except Exception:
         return None
     return got
+
+
+def _one_host(client: Client, devices: list[Any]) -> bool:
+    """Whether the scheduler and every worker listen on one host's address (loopback
+    counts as one: a worker reaches a scheduler there only from its own machine)."""
+    from distributed.comm import get_address_host
+
+    loopback = {"127.0.0.1", "localhost", "::1"}
+    address = getattr(client.scheduler, "address", None)
+    if not isinstance(address, str):
+        return False
+    try:
+        hosts = {get_address_host(address)}
+    except Exception:
+        return False
+    hosts |= {d.host or get_address_host(d.worker) for d in devices}
+    return len(hosts) == 1 or hosts <= loopback
 
 
 def _cpu_per_task(before: dict[str, tuple[str, float, int]] | None,
@@ -343,10 +362,14 @@ def measure(client: Client, devices: list[Any], *, tasks_per_thread: int = 16,
     total = sum(max(int(d.nthreads), 1) for d in probe)
     n_all = max(tasks_per_thread // 2 * total, 16)
     # (and what the scheduler and the workers spend of their host's CPU on each task)
-    cpu_before = _mesh_cpu(client)
+    everyone = [d.worker for d in devices]
+    cpu_before = _mesh_cpu(client, everyone, timeout)
     walls = [_walls(client, [d.worker for d in probe], n_all, DEPTH, timeout)
              for _ in range(repeats)]
-    cpu, host_cores = _cpu_per_task(cpu_before, _mesh_cpu(client), repeats * (n_all + 1))
+    cpu, host_cores = _cpu_per_task(cpu_before, _mesh_cpu(client, everyone, timeout),
+                                    repeats * (n_all + 1))
+    if host_cores is not None and not _one_host(client, devices):
+        host_cores = None  # one host name, but not one machine's addresses
     interval = (min(w[1] for w in walls) - min(w[0] for w in walls)) / (n_all - 1)
     tasks += repeats * (n_all + 1)
     # a chain on the first probe worker: each step is a task's dispatch and the wait

@@ -121,6 +121,9 @@ class OpInfo:
     native: frozenset[str] = frozenset({"numpy"})
     #: NumPy's kind of the dtype of the op's result ("f", "c", "i", "b"...), if known
     dtype_kind: str | None = None
+    #: functions a task of the op passes to ``func`` as arguments (``map_blocks`` with
+    #: ``enforce_ndim`` passes the user's to Dask's ``apply_and_enforce``)
+    passes: tuple[Any, ...] = ()
 
     def to_row(self) -> dict[str, Any]:
         return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
@@ -160,6 +163,25 @@ def _sample_func(node: Any) -> Any:
     if isinstance(node, tuple) and node and callable(node[0]):
         return node[0]
     return None
+
+
+def passed_callables(node: Any) -> tuple[Any, ...]:
+    """The functions among a task's arguments (not the tasks and keys it reads)."""
+    from dask._task_spec import DataNode, GraphNode
+
+    if isinstance(node, Task):
+        values: list[Any] = [*node.args, *node.kwargs.values()]
+    elif isinstance(node, tuple) and node and callable(node[0]):
+        values = list(node[1:])
+    else:
+        return ()
+    out = []
+    for v in values:
+        if isinstance(v, DataNode):
+            v = v.value
+        if callable(v) and not isinstance(v, (type, GraphNode)):
+            out.append(v)
+    return tuple(out)
 
 
 def _layer_meta(layer: Any) -> tuple[tuple[float, ...], int] | None:
@@ -253,10 +275,12 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         if not items:
             continue
         idx = len(ops)
-        func = _sample_func(next(iter(items.values())))
+        sample = next(iter(items.values()))
+        func = _sample_func(sample)
         label = layer_label(name)
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
-                          func=func, dtype_kind=layer_dtype_kind(layer)))
+                          func=func, dtype_kind=layer_dtype_kind(layer),
+                          passes=passed_callables(sample)))
         metas.append(_layer_meta(layer))
         for k in items:
             layer_of_key[k] = idx
@@ -372,7 +396,7 @@ def op_native(op: OpInfo) -> frozenset[str]:
     """:func:`native_backends` of ``op``, without JAX where its result is neither float
     nor complex: JAX's integer and boolean arithmetic is not NumPy's, so such a task
     would run NumPy on a JAX worker anyway (see ``jax_ops.same_numbers``)."""
-    native = native_backends(op.op_class, op.func)
+    native = native_backends(op.op_class, op.func, op.passes)
     if "jax" in native and op.dtype_kind is not None and op.dtype_kind not in "fc":
         native = native - {"jax"}
     return native
@@ -388,7 +412,8 @@ def layer_dtype_kind(layer: Any) -> str | None:
         return None
 
 
-def native_backends(op_class: str, func: Any = None) -> frozenset[str]:
+def native_backends(op_class: str, func: Any = None, passes: tuple[Any, ...] = ()
+                    ) -> frozenset[str]:
     """The backends that run an op natively: NumPy always; CuPy (and a backend from the
     entry-point group) for the op classes it declares, where the function is one it
     runs (NumPy's and Dask's own; a user's own chunk function may call SciPy or
@@ -399,7 +424,8 @@ def native_backends(op_class: str, func: Any = None) -> frozenset[str]:
 
     out = {"numpy"}
     for b in (get_backend("cupy"), *plugin_backends()):
-        if op_class in b.op_classes and (func is None or b.runs(func)):
+        if op_class in b.op_classes and (func is None or b.runs(func)) and all(
+                b.runs(f) for f in passes):
             out.add(b.name)
     if op_class in _JAX_CLASSES and (func is None or jax_ops.supported(func)):
         if func is not None or op_class != "movement":

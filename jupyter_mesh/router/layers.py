@@ -44,6 +44,7 @@ from .classify import (
     layer_dtype_kind,
     layer_label,
     op_native,
+    passed_callables,
     task_cost,
 )
 from .cost import CostModel, Pool, reshared
@@ -124,6 +125,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         if isinstance(layer, Blockwise):
             n = len(layer)
             func: Any = layer.task.func if isinstance(layer.task, Task) else None
+            passes = passed_callables(layer.task)
             per_arg: dict[str, float] = {}
             out_ind = set(layer.output_indices)
             for arg, ind in layer.indices:
@@ -137,14 +139,17 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         else:
             mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
             n = len(mapping)
-            func = _sample_func(next(iter(mapping.values()))) if n else None
+            sample = next(iter(mapping.values())) if n else None
+            func = _sample_func(sample)
+            passes = passed_callables(sample)
             per_arg = {}
         if not n:
             continue
         label = layer_label(name)
         index[name] = len(ops)
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
-                          tasks=n, func=func, dtype_kind=layer_dtype_kind(layer)))
+                          tasks=n, func=func, dtype_kind=layer_dtype_kind(layer),
+                          passes=passes))
         names.append(name)
         metas.append(_layer_meta(layer))
         reads.append(per_arg)
