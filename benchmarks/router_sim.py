@@ -545,19 +545,9 @@ def _cp_lp_bound(model: GraphModel, pools: list, cost: CostModel,
                       bounds=bounds, method="highs")
         return res.status == 0
 
-    lo = bound_cp
-    if nvar == 0 or feasible(lo):
-        return lo
-    hi = max(lo, 1e-9) * 2
-    while not feasible(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > tolerance * hi:
-        mid = (lo + hi) / 2
-        if feasible(mid):
-            hi = mid
-        else:
-            lo = mid
-    return lo  # infeasible below: a valid bound, within the tolerance of the least T
+    if nvar == 0:
+        return bound_cp
+    return _bisect(feasible, bound_cp, tolerance)
 
 
 def _together_bound(model: GraphModel, pools: list, cost: CostModel,
@@ -652,6 +642,13 @@ def _together_bound(model: GraphModel, pools: list, cost: CostModel,
             groups.setdefault(root(k), []).append(k)
         return all(len(g) < 2 or least_time(g) <= t for g in groups.values())
 
+    return _bisect(feasible, lo, tolerance)
+
+
+def _bisect(feasible: Any, lo: float, tolerance: float) -> float:
+    """``lo`` where it is ``feasible``; else a T shown infeasible, within ``tolerance``
+    of the least feasible one found by doubling and bisection (below it, every T tried
+    was infeasible: a valid bound)."""
     if feasible(lo):
         return lo
     hi = max(lo, 1e-9) * 2
@@ -663,7 +660,7 @@ def _together_bound(model: GraphModel, pools: list, cost: CostModel,
             hi = mid
         else:
             lo = mid
-    return lo  # infeasible below: a valid bound, within the tolerance of the least T
+    return lo
 
 
 def one_device(model: GraphModel, devices: list[Device], links: Links = WAN) -> float:
