@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import itertools
 import math
 import random
 from typing import Any
@@ -255,7 +256,13 @@ def _fused(model: GraphModel, cost: CostModel) -> CostModel:
 
 def _connected(model: GraphModel) -> bool:
     """Whether the tasks form one weakly connected graph."""
-    n = len(model.deps)
+    edges = ((i, d) for i, ds in enumerate(model.deps) for d in ds)
+    return len(set(_joined(len(model.deps), edges))) <= 1
+
+
+def _joined(n: int, pairs: Any) -> list[int]:
+    """For each of ``n`` items, a representative of the group ``pairs`` join it to
+    (union-find)."""
     parent = list(range(n))
 
     def root(x: int) -> int:
@@ -264,12 +271,11 @@ def _connected(model: GraphModel) -> bool:
             x = parent[x]
         return x
 
-    for i, ds in enumerate(model.deps):
-        for d in ds:
-            a, b = root(i), root(d)
-            if a != b:
-                parent[a] = b
-    return len({root(i) for i in range(n)}) <= 1
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[ra] = rb
+    return [root(x) for x in range(n)]
 
 
 #: ancestors (the latest in topological order) each task's deeper start bound looks at
@@ -623,23 +629,11 @@ def _together_bound(model: GraphModel, pools: list, cost: CostModel,
         return least
 
     def feasible(t: float) -> bool:
-        parent = list(range(n))
-
-        def root(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for thr_t, i, a in pairs:
-            if thr_t <= t:
-                break
-            ri, ra = root(i), root(a)
-            if ri != ra:
-                parent[ri] = ra
+        # pairs are sorted by threshold, largest first: those above t are forced
+        forced = ((i, a) for _, i, a in itertools.takewhile(lambda q: q[0] > t, pairs))
         groups: dict[int, list[int]] = {}
-        for k in range(n):
-            groups.setdefault(root(k), []).append(k)
+        for k, r in enumerate(_joined(n, forced)):
+            groups.setdefault(r, []).append(k)
         return all(len(g) < 2 or least_time(g) <= t for g in groups.values())
 
     return _bisect(feasible, lo, tolerance)
