@@ -221,6 +221,17 @@ def jax_cpu_sets(jax_n: int, other_threads: int, nthreads: int,
     return sets
 
 
+def worker_memory(memory_limit: Any, workers: int) -> Any:
+    """Each local worker's ``memory_limit``: ``"auto"`` is the host's memory over the
+    mesh's ``workers``, as Dask's LocalCluster shares it; anything else as given."""
+    if memory_limit != "auto":
+        return memory_limit
+    from distributed.worker_memory import parse_memory_limit
+
+    return parse_memory_limit("auto", 1, max(workers, 1), logger=logging.getLogger(
+        "jupyter_mesh"))
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
                  memory_limit: Any, security: Any = None,
                  cpus: list[int] | None = None) -> dict[str, Any]:
@@ -335,7 +346,10 @@ class Mesh:
         threads_per_worker:
             Threads per worker; default: the cores shared out among CPU workers.
         memory_limit:
-            Per-worker memory limit, as Dask's ``memory_limit``.
+            Per-worker memory limit, as Dask's ``memory_limit``; ``"auto"``: the host's
+            memory shared evenly among the mesh's workers, as Dask's LocalCluster
+            shares it (a GPU worker, with its one thread, gets as much as a CPU worker;
+            a worker added by :meth:`scale` gets its share of the new make-up).
         host:
             Interface to listen on; default ``mesh.local.host`` (127.0.0.1).
         replace:
@@ -404,6 +418,10 @@ class Mesh:
         if cpu_n + jax_n + gpu_n + tpu_n == 0:
             raise MeshError("a mesh needs at least one device: use cpu=1 or more")
 
+        # "auto": the host's memory shared evenly, as Dask's LocalCluster shares it (each
+        # worker's own "auto" would be its threads' share of the cores: a GPU worker,
+        # with one thread, would get a sixteenth of a 16-core host's memory)
+        memory_each = worker_memory(memory_limit, cpu_n + jax_n + gpu_n + tpu_n)
         host_cpu_workers = max(cpu_n + jax_n, 1)
         nthreads = threads_per_worker or max(1, _detect.cpu_cores() // host_cpu_workers)
         counts = {"cpu": cpu_n, "jax_cpu": jax_n, "gpu": gpu_n, "tpu": tpu_n}
@@ -413,7 +431,7 @@ class Mesh:
             for i in range(n):
                 workers[_spec_name(family, i)] = _worker_spec(
                     family, i, site, 1 if family in ("gpu", "tpu") else nthreads, host,
-                    memory_limit, security, pins[i] if family == "jax_cpu" else None,
+                    memory_each, security, pins[i] if family == "jax_cpu" else None,
                 )
         scheduler = {
             "cls": Scheduler,
@@ -735,7 +753,8 @@ class Mesh:
                     spec[_spec_name(fam, i)] = _worker_spec(
                         fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
                         self.options.get("host", "127.0.0.1"),
-                        self.options.get("memory_limit", "auto"),
+                        worker_memory(self.options.get("memory_limit", "auto"),
+                                      sum(after.values())),
                         self.options.get("security"),
                         pins[i % len(pins)] if fam == "jax_cpu" and pins else None,
                     )

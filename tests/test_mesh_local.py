@@ -609,3 +609,30 @@ def test_dashboard_turned_off(no_mesh):
             assert "dashboard" not in m._repr_html_()
             assert _listening_hosts(m) == {"127.0.0.1"}  # Dask's health checks, loopback
             assert da.ones(10, chunks=5).sum().compute() == 10
+
+
+def test_auto_memory_is_the_hosts_shared_evenly_among_the_workers():
+    # as Dask's LocalCluster shares it: each worker's own "auto" would be its threads'
+    # share of the cores, which on two 2-thread workers of a 2-core host is all of it
+    # for each, and for a one-thread GPU worker of a 16-core host a sixteenth
+    from distributed.system import MEMORY_LIMIT
+
+    from jupyter_mesh.mesh import worker_memory
+
+    from .meshes import fresh_local_mesh
+
+    assert worker_memory("auto", 4) == MEMORY_LIMIT // 4
+    assert worker_memory("2 GiB", 4) == "2 GiB" and worker_memory(10**9, 1) == 10**9
+
+    def limits(m):
+        return sorted(m.client.run(lambda dask_worker: dask_worker.memory_manager
+                                   .memory_limit).values())
+
+    with fresh_local_mesh(cpu=2, threads_per_worker=2) as m:
+        assert limits(m) == [MEMORY_LIMIT // 2] * 2
+        # a worker added later gets its share of the new make-up
+        m.scale(cpu=3)
+        new, *old = limits(m)
+        assert abs(new - MEMORY_LIMIT / 3) <= 1 and old == [MEMORY_LIMIT // 2] * 2
+    with fresh_local_mesh(cpu=1, threads_per_worker=1, memory_limit="1 GiB") as m:
+        assert limits(m) == [1 << 30]
