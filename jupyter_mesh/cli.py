@@ -47,7 +47,13 @@ async def run_worker(args: argparse.Namespace) -> int:
 
     from .devices._detect import cpu_cores
     from .devices._worker_plugin import MeshWorkerPlugin
-    from .mesh import check_address, check_memory_limit, check_site, check_tls_files
+    from .mesh import (
+        check_address,
+        check_memory_limit,
+        check_site,
+        check_tls_files,
+        worker_memory,
+    )
 
     address = check_address(args.address)
     site = check_site(args.site)
@@ -71,6 +77,8 @@ async def run_worker(args: argparse.Namespace) -> int:
                             tls_worker_key=args.tls_key, require_encryption=True)
     env = {}
     kind = None
+    #: accelerators of their kind on this host, where this worker drives one of them
+    accelerators = 0
     backend = "jax" if args.jax else None
     if args.backend is not None:
         from .router.backends import backend_names, get_backend
@@ -101,6 +109,7 @@ async def run_worker(args: argparse.Namespace) -> int:
         # the index counts the GPUs this process sees (CUDA_VISIBLE_DEVICES, if set)
         env["CUDA_VISIBLE_DEVICES"] = visible_gpu(args.gpu)
         kind = "gpu"
+        accelerators = found
     if args.tpu is not None:
         from .devices import _tpu
 
@@ -115,6 +124,7 @@ async def run_worker(args: argparse.Namespace) -> int:
             )
         env.update(_tpu.worker_env(args.tpu), JAX_PLATFORMS="tpu")
         kind, backend = "tpu", "jax"
+        accelerators = len(tpus)
     if backend == "jax":
         env.setdefault("JAX_ENABLE_X64", "1")
     if kind is None and backend is None and _detects_accelerator():
@@ -133,7 +143,11 @@ async def run_worker(args: argparse.Namespace) -> int:
         nthreads=nthreads,
         name=args.name,
         host=host,
-        memory_limit=args.memory_limit,
+        # "auto" for a worker of one GPU or TPU chip: the host's memory over its chips
+        # (Dask's own "auto" gives one thread's share of the cores: a sixteenth of a
+        # 16-core host), as each of the host's chips gets a worker of its own
+        memory_limit=worker_memory(args.memory_limit, accelerators) if accelerators
+        else args.memory_limit,
         security=security,
         env=env,
         plugins=[MeshWorkerPlugin(site=site, kind=kind, backend=backend)],

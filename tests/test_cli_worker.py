@@ -180,11 +180,17 @@ def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkey
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     got = start("--gpu", "1")
     assert got["env"]["CUDA_VISIBLE_DEVICES"] == "7" and got["nthreads"] == 1
+    # one of two GPUs: half the host's memory, not one thread's share of the cores
+    from distributed.system import MEMORY_LIMIT
+
+    assert got["memory_limit"] == MEMORY_LIMIT // 2
+    assert start("--gpu", "0", "--memory-limit", "3 GiB")["memory_limit"] == "3 GiB"
     # without --gpu, a worker that will find an accelerator also gets one thread
     monkeypatch.setattr(cli, "_detects_accelerator", lambda: True)
     assert start()["nthreads"] == 1
     monkeypatch.setattr(cli, "_detects_accelerator", lambda: False)
     assert start()["nthreads"] == _detect.cpu_cores()
+    assert start()["memory_limit"] == "auto"  # a CPU worker: Dask's own share
     assert start("--nthreads", "3")["nthreads"] == 3
 
 
