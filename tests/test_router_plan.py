@@ -1342,3 +1342,62 @@ np.save({str(tmp_path / "got.npy")!r}, x)
                          text=True, timeout=60, env=env)
     assert out.stdout.split() == ["numpy", "ndarray", "float64", "False"], out.stderr
     np.testing.assert_allclose(np.load(tmp_path / "got.npy"), a @ a, rtol=1e-13)
+
+
+@pytest.mark.parametrize("how", ["per task", "per layer"])
+def test_a_reductions_per_chunk_step_is_sized_by_what_it_returns(how):
+    # Dask builds a reduction's per-chunk layer with its input's chunks and shrinks the
+    # reduced axes afterwards, so its annotations say 1000 x 1000 where each task returns
+    # 1 x 1000: moving partial sums is cheap, and the random blocks before them are not
+    from jupyter_mesh.router.layers import model_layers
+
+    x = da.random.random((4000, 4000), chunks=1000)
+    for y, step, block in ((x.sum(axis=0), "sum", (1, 1000)),
+                           (x.max(axis=1), "chunk_max", (1000, 1)),
+                           (x.sum(), "sum", (1, 1)), ((x + 1).mean(axis=0), "mean_chunk", None)):
+        keys = list(dask.core.flatten(y.__dask_keys__()))
+        m = (model_collections([y]) if how == "per task"
+             else model_layers(y.__dask_graph__(), keys))
+        by = {op.label: op for op in m.ops}
+        assert by["random_sample"].out_bytes == 1000 * 1000 * 8
+        if block is not None:
+            assert by[step].out_bytes == math.prod(block) * 8
+        else:  # mean's step returns a dict of two 1 x 1000 arrays: still no block
+            assert by[step].out_bytes <= 2 * 1000 * 8
+        assert by[step].in_bytes >= 1000 * 1000 * 8
+
+
+def test_a_ready_task_goes_into_an_idle_gap_of_its_worker():
+    # eight blocks made on a 4-thread CPU (two rounds), each then through two GPU ops:
+    # ranked op by op, the second op of the first round's blocks would wait behind the
+    # first op of the second round's; a worker runs what is ready while it waits, and
+    # the plan says so (HEFT's insertion policy)
+    from jupyter_mesh.router import placement as P
+
+    pools = build_pools([dev("c0", "cpu", "numpy", CPU, nthreads=4),
+                         dev("g0", "gpu", "cupy", GPU)])
+    cost = CostModel(pools)
+    model = synthetic_model([
+        {"name": "create", "op_class": "creation", "tasks": 8, "flops": 2e9,
+         "out_bytes": 1e6, "native": ["numpy"]},
+        {"name": "a", "op_class": "matmul", "tasks": 8, "flops": 4e10, "out_bytes": 1e6,
+         "deps": [(0, "map")]},
+        {"name": "b", "op_class": "matmul", "tasks": 8, "flops": 4e10, "out_bytes": 1e6,
+         "deps": [(1, "map")]}])
+    allowed, _ = P.allowed_pools(model, pools, "auto")
+    exec_t = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
+    order = P._rank_order(model, exec_t, allowed, [1] * len(pools))
+    args = (model, pools, cost, allowed, exec_t, order, P._pins(model))
+    pool_of, start, finish, _ = P._list_schedule(*args)
+    _, _, finish_plain, _ = P._list_schedule(*args, gaps_kept=0)
+    second_round = min(start[i] for i in range(4, 8))  # the creates that wait
+    a_late = min(start[8 + j] for j in range(4, 8))  # the GPU's first op on them
+    # some of the first round's second ops run before the second round's first ops
+    assert any(start[16 + j] < a_late for j in range(4)), start[16:]
+    assert second_round > 0 and all(pool_of[i] == 1 for i in range(8, 24))
+    # no two tasks on the GPU overlap
+    spans = sorted((start[i], finish[i]) for i in range(8, 24))
+    assert all(a[1] <= b[0] + 1e-12 for a, b in zip(spans, spans[1:], strict=False))
+    assert max(finish) < max(finish_plain)
+    # the planner keeps whichever schedule finishes first
+    assert plan_model(model, pools, "auto", cost=cost).makespan <= max(finish) + 1e-12

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dask._task_spec import GraphNode, Task, convert_legacy_graph
+from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import key_split
@@ -124,6 +124,10 @@ class OpInfo:
     #: functions a task of the op passes to ``func`` as arguments (``map_blocks`` with
     #: ``enforce_ndim`` passes the user's to Dask's ``apply_and_enforce``)
     passes: tuple[Any, ...] = ()
+    #: where the op's tasks shrink their input's block (a ``keepdims`` reduction's
+    #: per-chunk step), the block its input has: what an input-less layer before it
+    #: whose size is unknown takes (empty where the op keeps the block)
+    in_block: tuple[float, ...] = ()
 
     def to_row(self) -> dict[str, Any]:
         return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
@@ -167,7 +171,6 @@ def _sample_func(node: Any) -> Any:
 
 def passed_callables(node: Any) -> tuple[Any, ...]:
     """The functions among a task's arguments (not the tasks and keys it reads)."""
-    from dask._task_spec import DataNode, GraphNode
 
     if isinstance(node, Task):
         values: list[Any] = [*node.args, *node.kwargs.values()]
@@ -184,7 +187,11 @@ def passed_callables(node: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _layer_meta(layer: Any) -> tuple[tuple[float, ...], int] | None:
+def _layer_meta(layer: Any, sample: Any = None
+                ) -> tuple[tuple[float, ...], int, tuple[float, ...]] | None:
+    """A layer's mean block shape and itemsize, from its collection annotations;
+    ``sample`` (one of its tasks) corrects the axes a ``keepdims`` reduction shrinks,
+    and the block the annotations give comes third (see ``OpInfo.in_block``)."""
     ann = getattr(layer, "collection_annotations", None) or {}
     chunks = ann.get("chunks")
     dtype = ann.get("dtype")
@@ -197,7 +204,30 @@ def _layer_meta(layer: Any) -> tuple[tuple[float, ...], int] | None:
         return None
     if any(isinstance(b, float) and math.isnan(b) for b in block):
         return None
-    return block, int(size)
+    kept = _kept_dims(block, sample)
+    return kept, int(size), block if kept != block else ()
+
+
+def _kept_dims(block: tuple[float, ...], sample: Any) -> tuple[float, ...]:
+    """``block`` with the axes that ``sample`` reduces with ``keepdims=True`` at 1.
+
+    Dask's reductions build their per-chunk step (``x.sum(axis=0)``'s first layer) with
+    the input's chunks and set the reduced ones to 1 afterwards, so the layer's
+    annotations keep the input's: a 2500 x 2500 block where the task returns 1 x 2500."""
+    kwargs = getattr(sample, "kwargs", None)
+    if not isinstance(kwargs, dict) or kwargs.get("keepdims") is not True:
+        return block
+    axis = kwargs.get("axis")
+    if isinstance(axis, DataNode):
+        axis = axis.value
+    if axis is None:
+        return tuple(1.0 for _ in block)
+    axes = axis if isinstance(axis, tuple | list) else (axis,)
+    try:
+        shrunk = {int(a) % len(block) for a in axes} if block else set()
+    except (TypeError, ValueError):
+        return block
+    return tuple(1.0 if k in shrunk else b for k, b in enumerate(block))
 
 
 def _collection_graph(collections: Iterable[Any]) -> tuple[HighLevelGraph, list[Any]]:
@@ -260,6 +290,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
     if not isinstance(graph, HighLevelGraph):
         graph = _group_dict(graph)
     keyset = set(keys)
+    built = graph
     try:
         graph = graph.cull(keyset)
     except Exception:
@@ -281,7 +312,8 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
                           func=func, dtype_kind=layer_dtype_kind(layer),
                           passes=passed_callables(sample)))
-        metas.append(_layer_meta(layer))
+        # culling rebuilds a materialized layer without its annotations
+        metas.append(_layer_meta(built.layers.get(name, layer), sample))
         for k in items:
             layer_of_key[k] = idx
         raw.update(items)
@@ -460,7 +492,7 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
             else:
                 op.block, op.itemsize, op.out_bytes = (), 8, 8.0
         else:
-            op.block, op.itemsize = meta
+            op.block, op.itemsize, op.in_block = meta
             op.out_bytes = float(math.prod(op.block)) * op.itemsize if op.block else 8.0
             known[li] = True
     children: list[set[int]] = [set() for _ in range(n)]
@@ -564,7 +596,14 @@ def inherit_sizes(ops: list[OpInfo], known: list[bool], children: Any) -> None:
         if not known[li]:
             kids = [c for c in children[li] if known[c]]
             if kids:
-                src = ops[max(kids, key=lambda c: ops[c].out_bytes)]
-                ops[li].block, ops[li].itemsize = src.block, src.itemsize
-                ops[li].out_bytes = src.out_bytes
+                src = ops[max(kids, key=lambda c: _in_block_bytes(ops[c]))]
+                ops[li].block, ops[li].itemsize = src.in_block or src.block, src.itemsize
+                ops[li].out_bytes = _in_block_bytes(src)
                 known[li] = True
+
+
+def _in_block_bytes(op: OpInfo) -> float:
+    """Bytes of the block ``op`` reads from an input that has its shape."""
+    if op.in_block:
+        return float(math.prod(op.in_block)) * op.itemsize
+    return op.out_bytes

@@ -151,7 +151,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
                           tasks=n, func=func, dtype_kind=layer_dtype_kind(layer),
                           passes=passes))
         names.append(name)
-        metas.append(_layer_meta(layer))
+        metas.append(_layer_meta(layer, layer.task if isinstance(layer, Blockwise) else sample))
         reads.append(per_arg)
     missing = {key_name(k) for k in outputs} - set(index)
     if missing:
@@ -187,7 +187,7 @@ def _layer_costs(ops: list[OpInfo], metas: list[Any], dep_idx: list[list[int]]) 
     for li, op in enumerate(ops):
         meta = metas[li]
         if meta is not None:
-            op.block, op.itemsize = meta
+            op.block, op.itemsize, op.in_block = meta
             op.out_bytes = float(math.prod(op.block)) * op.itemsize if op.block else 8.0
             known[li] = True
             continue
