@@ -262,6 +262,9 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     """The other schedules :func:`place` compares with plain earliest finish, cheapest
     first (each a full schedule, made when asked for)."""
     n = len(model.keys)
+    # without going into idle gaps: filling them with the next op's ready tasks can
+    # take a thread that a more urgent task (by rank) would have had right after
+    yield _list_schedule(model, pools, cost, allowed, exec_t, order, pin, gaps_kept=0)
     # when moving data costs more than computing it, greedy earliest finish spreads
     # work and then pays for every hand-over: plan again as if links were slower
     # (keeping consumers with their inputs), and everything on one worker; each such
@@ -449,6 +452,10 @@ def _replay(model: GraphModel, pools: list[Pool], cost: CostModel,
     return [wpool[w] for w in worker_of], start, finish, list(worker_of)
 
 
+#: idle gaps each worker keeps for later tasks to go into (see :func:`_list_schedule`)
+GAPS = 8
+
+
 def _rank_order(model: GraphModel, exec_t: list[list[float]], allowed: list[list[int]],
                 weight: list[int]) -> list[int]:
     """Tasks in decreasing upward rank, with each op's mean cost over its allowed pools
@@ -472,7 +479,7 @@ def _rank_order(model: GraphModel, exec_t: list[list[float]], allowed: list[list
 def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                    allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
                    pin: list[str | None], wider: list[list[int]] | None = None,
-                   *, chain: list[int] | None = None,
+                   *, chain: list[int] | None = None, gaps_kept: int | None = None,
                    ) -> tuple[list[int], list[float], list[float], list[int]]:
     """Earliest-finish-time list scheduling at worker granularity.
 
@@ -480,7 +487,15 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     those already holding an input of the task, so the work is linear in tasks × pools
     (× inputs). A chain's continuation (``chain``, see :func:`chain_links`) placed on
     the worker of the input it continues is charged its time less the dispatch that
-    fusing it saves."""
+    fusing it saves.
+
+    A task may also go into an idle gap that an earlier placement left on a thread of a
+    candidate worker (it waited for its inputs there), when it fits before the task
+    placed after the gap: a worker runs whatever is ready while it waits, so ranking
+    every task of one op before the next op's does not keep the next op's ready tasks
+    from running meanwhile (HEFT's insertion policy). Each worker keeps its
+    ``GAPS`` (or ``gaps_kept``) latest gaps, so the work stays linear."""
+    keep = GAPS if gaps_kept is None else gaps_kept
     n = len(model.keys)
     layer = model.layer
     deps = model.deps
@@ -495,6 +510,8 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
             wpool.append(p)
             slots.append([0.0] * nthreads)
         pheap.append([(0.0, wid) for wid in ids])
+    # idle gaps (from, to) on each worker's threads, the latest GAPS of them
+    gaps: list[list[tuple[float, float]]] = [[] for _ in wpool]
     lat, inv = cost.latency, cost.inv_bw
     ilat, iinv = cost.intra_latency, cost.intra_inv_bw
     site_of = [p.site for p in pools]
@@ -535,6 +552,7 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
         best = inf
         bw = -1
         bs = 0.0
+        bg = -1  # the gap of bw the task goes into, or -1: after its last task
         for p in cand:
             e = ex[p]
             ph = pheap[p]
@@ -546,7 +564,10 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
             if not ds:
                 f = t + e
                 if f < best:
-                    best, bw, bs = f, top, t
+                    best, bw, bs, bg = f, top, t, -1
+                for k, (g0, g1) in enumerate(gaps[top]):
+                    if g0 + e <= g1 and g0 + e < best:
+                        best, bw, bs, bg = g0 + e, top, g0, k
                 continue
             # arrival of each input at a worker of p that does not hold it
             generic = 0.0
@@ -566,7 +587,11 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                 s0 = generic if generic > s else s
                 f = s0 + e
                 if f < best:
-                    best, bw, bs = f, top, s0
+                    best, bw, bs, bg = f, top, s0, -1
+                for k, (g0, g1) in enumerate(gaps[top]):
+                    g = generic if generic > g0 else g0
+                    if g + e <= g1 and g + e < best:
+                        best, bw, bs, bg = g + e, top, g, k
             for wl in local:
                 ready = 0.0
                 for fd, wd, q, nb in dinf:
@@ -582,11 +607,31 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                 s0 = slots[wl][0]
                 if ready > s0:
                     s0 = ready
-                f = s0 + (e if wl != fw else e - ov if e > ov else 0.0)
+                el = e if wl != fw else e - ov if e > ov else 0.0
+                f = s0 + el
                 if f < best:
-                    best, bw, bs = f, wl, s0
-        heapreplace(slots[bw], best)
-        heappush(pheap[wpool[bw]], (slots[bw][0], bw))
+                    best, bw, bs, bg = f, wl, s0, -1
+                for k, (g0, g1) in enumerate(gaps[wl]):
+                    g = ready if ready > g0 else g0
+                    if g + el <= g1 and g + el < best:
+                        best, bw, bs, bg = g + el, wl, g, k
+        wg = gaps[bw]
+        if bg >= 0:
+            # into a gap: what is left of it on either side stays a gap
+            g0, g1 = wg.pop(bg)
+            if bs > g0:
+                wg.append((g0, bs))
+            if g1 > best:
+                wg.append((best, g1))
+        else:
+            free = slots[bw][0]
+            heapreplace(slots[bw], best)
+            heappush(pheap[wpool[bw]], (slots[bw][0], bw))
+            if bs > free and keep:
+                wg.append((free, bs))
+        if len(wg) > keep:
+            # the gap that ends first is the least likely to be filled
+            wg.remove(min(wg, key=lambda g: g[1]))
         worker_of[i] = bw
         start[i] = bs
         finish[i] = best
