@@ -299,7 +299,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
     raw: dict[Any, Any] = {}
     layer_of_key: dict[Any, int] = {}
     ops: list[OpInfo] = []
-    metas: list[tuple[tuple[float, ...], int] | None] = []
+    metas: list[tuple[tuple[float, ...], int, tuple[float, ...]] | None] = []
     for name in order:
         layer = graph.layers[name]
         items = dict(layer)
