@@ -1365,6 +1365,16 @@ def test_a_reductions_per_chunk_step_is_sized_by_what_it_returns(how):
         else:  # mean's step returns a dict of two 1 x 1000 arrays: still no block
             assert by[step].out_bytes <= 2 * 1000 * 8
         assert by[step].in_bytes >= 1000 * 1000 * 8
+    # a Generator's float64 blocks, cast to float32: culling renames their layer, and
+    # under its new name it still has its own size, not that of its consumers
+    g = da.random.default_rng(0).random((4000, 4000), chunks=1000).astype("float32")
+    y = (g @ g.T).sum()
+    keys = list(dask.core.flatten(y.__dask_keys__()))
+    m = (model_collections([y]) if how == "per task"
+         else model_layers(y.__dask_graph__(), keys))
+    by = {op.label: op for op in m.ops}
+    assert by["random"].out_bytes == 1000 * 1000 * 8
+    assert by["astype"].out_bytes == 1000 * 1000 * 4
 
 
 def test_a_ready_task_goes_into_an_idle_gap_of_its_worker():

@@ -312,8 +312,10 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
                           func=func, dtype_kind=layer_dtype_kind(layer),
                           passes=passed_callables(sample)))
-        # culling rebuilds a materialized layer without its annotations
-        metas.append(_layer_meta(built.layers.get(name, layer), sample))
+        # culling rebuilds a materialized layer without its annotations, under the
+        # old name and a token
+        before = built.layers.get(name) or built.layers.get(name.rsplit("-", 1)[0])
+        metas.append(_layer_meta(layer if before is None else before, sample))
         for k in items:
             layer_of_key[k] = idx
         raw.update(items)
