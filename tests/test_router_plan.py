@@ -1096,6 +1096,58 @@ def test_plan_on_one_worker_of_a_pool_narrows_live_restrictions():
     assert done == [{"b": "processing"}]
 
 
+def test_tasks_kept_together_are_kept_on_their_worker_live():
+    # plan.kept: the scheduler restricts those tasks to their planned worker (their
+    # pool's other workers would have to move the data they share), the rest to the
+    # pool; when that worker leaves, its kept tasks may use their pool again at once
+    import pickle
+    from types import SimpleNamespace
+
+    from jupyter_mesh.router._scheduler import RouterState
+    from jupyter_mesh.router.plan import Plan
+    from jupyter_mesh.router.rewrite import kept_workers
+
+    devs = [dev("g0", "gpu", "cupy", GPU), dev("g1", "gpu", "cupy", GPU)]
+    pools = build_pools(devs)
+    model = synthetic_model([
+        {"name": "a", "op_class": "matmul", "tasks": 3, "flops": 2e9, "out_bytes": 4e8},
+        {"name": "b", "op_class": "matmul", "tasks": 3, "flops": 2e9, "out_bytes": 4e8,
+         "deps": [(0, "map")]}])
+    cost = CostModel(pools)
+    plan = Plan(model, pools, "auto", [0] * 6, [0.0] * 6, [0.1] * 6, cost)
+    plan.worker_of = [0, 1, 0, 0, 1, 0]
+    plan.kept = [1, 4]
+    w0, w1 = pools[0].workers
+    assert kept_workers(plan, {}) == {("a", 1): w1, ("b", 1): w1}
+    # a fused chain is one task under its last key, on its members' worker
+    assert kept_workers(plan, {("b", 1): [("a", 1), ("b", 1)]}) == {("b", 1): w1}
+    plan.kept = [1]
+    assert kept_workers(plan, {("b", 1): [("a", 1), ("b", 1)]}) == {("b", 1): w1}
+
+    st = RouterState()
+    done: list = []
+    tasks = {k: SimpleNamespace(key=k, state="waiting", priority=None) for k in "abc"}
+    gpu = SimpleNamespace(resources={"mesh-gpu-cupy": 1})
+    st.scheduler = SimpleNamespace(workers={w0: gpu, w1: gpu}, tasks=tasks,
+                                   transitions=lambda recs, stimulus_id: done.append(recs))
+    st.register(payload=pickle.dumps({
+        "plan_id": "p", "restrictions": {"a": 0, "b": 0, "c": 0},
+        "pools": [("mesh-gpu-cupy", None, "gpu:cupy")], "fallback": True, "timeout": 5.0,
+        "workers": {"a": w1, "b": w1}}))
+    st.update_graph(st.scheduler, list(tasks))
+    assert tasks["a"].worker_restrictions == {w1}
+    assert tasks["a"].resource_restrictions == {"mesh-gpu-cupy": 1}
+    assert tasks["c"].worker_restrictions is None  # the pool: Dask picks the worker
+    tasks["b"].state = "no-worker"
+    st.workers_changed()  # both workers still there: nothing changes
+    assert tasks["a"].worker_restrictions == {w1} and done == []
+    del st.scheduler.workers[w1]
+    st.workers_changed()
+    assert tasks["a"].worker_restrictions is None  # the whole pool again
+    assert tasks["b"].worker_restrictions is None
+    assert done == [{"b": "processing"}]
+
+
 def test_the_same_graph_gets_the_same_plan():
     # the planner's search is seeded: mesh.explain(y) shows the plan mesh.compute(y)
     # will run, not one of many
@@ -1411,3 +1463,27 @@ def test_a_ready_task_goes_into_an_idle_gap_of_its_worker():
     assert max(finish) < max(finish_plain)
     # the planner keeps whichever schedule finishes first
     assert plan_model(model, pools, "auto", cost=cost).makespan <= max(finish) + 1e-12
+
+
+def test_blocks_read_together_later_stay_on_one_worker():
+    # ``x + x.T`` reads block (i, j) together with block (j, i). Earliest finish places
+    # each block on its own, and one of them then moves between GPUs (64 MB here, 5 ms,
+    # where each op takes a fraction of a millisecond); the plan keeps each pair on one
+    # GPU, and the rewrite keeps them there (plan.kept), not on any GPU of the pool
+    router_sim = pytest.importorskip("benchmarks.router_sim")
+    devs = router_sim.modelled_mesh()
+    pools = build_pools(devs)
+    cost = CostModel(pools, router_sim.WAN, task_overhead=1e-4)
+    x = da.random.default_rng(0).random((16000, 16000), chunks=4000).astype("float32")
+    m = model_collections([((x + 1) * 2 - x.T).clip(0, 1).sum(axis=0)])
+    plan = plan_model(m, pools, "auto", cost=cost)
+    where = {k[1:]: plan.worker_of[i] for i, k in enumerate(m.keys)
+             if m.ops[m.layer[i]].label == "astype"}
+    assert len(where) == 16
+    assert all(where[i, j] == where[j, i] for i, j in where)
+    assert len(set(where.values())) == 4  # and the four GPUs share the work
+    assert plan.makespan <= 1.05 * router_sim.lower_bound(m, devs)
+    kept = set(plan.kept)
+    assert {i for i, k in enumerate(m.keys) if m.ops[m.layer[i]].label == "astype"} <= kept
+    assert all(len({plan.worker_of[i] for i in kept if m.keys[i][1:] in ((a, b), (b, a))}) == 1
+               for a, b in where)

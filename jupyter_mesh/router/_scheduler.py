@@ -52,6 +52,9 @@ class PlanState:
     #: pool -> the workers of it the plan uses (see Routed.narrow); dropped for a pool
     #: once none of them is left, so its tasks may use the whole pool again
     narrow: dict[int, list[str]] = field(default_factory=dict)
+    #: key -> the one worker it runs on (see Routed.workers); dropped for a worker
+    #: that leaves, so its tasks may use their pool again
+    workers: dict[Any, str] = field(default_factory=dict)
     #: key -> (worker, backend, seconds) of each device call that ran, from the tasks'
     #: metadata, until the client asks for them (status with records=True)
     records: dict[Any, tuple[str, str, float]] = field(default_factory=dict)
@@ -84,6 +87,7 @@ class RouterState:
         ps = PlanState(data["plan_id"], data["pools"], bool(data["fallback"]),
                        float(data["timeout"]), data.get("site"), data.get("pins") or {})
         ps.narrow = dict(data.get("narrow") or {})
+        ps.workers = dict(data.get("workers") or {})
         self.plans[ps.plan_id] = ps
         prio = data.get("priorities") or {}
         for key, p in data["restrictions"].items():
@@ -232,23 +236,28 @@ class RouterState:
 
     def _widen(self, ps: PlanState) -> None:
         """Pools whose planned workers are all gone: their tasks may use the whole
-        pool again, at once (the pool's own fallback timer covers a pool left empty)."""
-        gone = [p for p, some in ps.narrow.items()
-                if not any(a in self.scheduler.workers for a in some)]
-        if not gone:
+        pool again, at once (the pool's own fallback timer covers a pool left empty);
+        tasks kept on a worker that is gone may use their pool (or its planned
+        workers) again."""
+        live = self.scheduler.workers
+        gone = [p for p, some in ps.narrow.items() if not any(a in live for a in some)]
+        left = {k for k, a in ps.workers.items() if a not in live}
+        if not gone and not left:
             return
         recs: dict[Any, str] = {}
+        for k in left:
+            del ps.workers[k]
         for p in gone:
             del ps.narrow[p]
-            for key, q in ps.keys.items():
-                if q != p:
-                    continue
-                ts = self.scheduler.tasks.get(key)
-                if ts is None or ts.state in _FINAL:
-                    continue
-                self._restrict(ts, ps, p)
-                if ts.state == "no-worker":
-                    recs[key] = "processing"
+        for key, q in ps.keys.items():
+            if q not in gone and key not in left:
+                continue
+            ts = self.scheduler.tasks.get(key)
+            if ts is None or ts.state in _FINAL:
+                continue
+            self._restrict(ts, ps, q)
+            if ts.state == "no-worker":
+                recs[key] = "processing"
         if recs:
             self.scheduler.transitions(recs, stimulus_id=f"jupyter-mesh-widen-{time.time()}")
 
@@ -265,7 +274,11 @@ class RouterState:
             wanted[site_resource(site)] = 1
         ts.resource_restrictions = wanted or None
         some = ps.narrow.get(p)
-        if some and self.scheduler is not None and any(a in self.scheduler.workers for a in some):
+        one = ps.workers.get(ts.key)
+        live = self.scheduler.workers if self.scheduler is not None else {}
+        if one is not None and one in live:
+            ts.worker_restrictions = {one}
+        elif some and any(a in live for a in some):
             ts.worker_restrictions = set(some)
         else:
             ts.worker_restrictions = None

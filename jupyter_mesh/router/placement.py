@@ -265,6 +265,11 @@ def _variants(model: GraphModel, pools: list[Pool], cost: CostModel,
     # without going into idle gaps: filling them with the next op's ready tasks can
     # take a thread that a more urgent task (by rank) would have had right after
     yield _list_schedule(model, pools, cost, allowed, exec_t, order, pin, gaps_kept=0)
+    # work that meets again later kept on one worker
+    together = _clusters(model, pools, cost, allowed, exec_t)
+    if together is not None:
+        yield _list_schedule(model, pools, cost, allowed, exec_t, order, pin,
+                             together=together)
     # when moving data costs more than computing it, greedy earliest finish spreads
     # work and then pays for every hand-over: plan again as if links were slower
     # (keeping consumers with their inputs), and everything on one worker; each such
@@ -480,6 +485,7 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                    allowed: list[list[int]], exec_t: list[list[float]], order: list[int],
                    pin: list[str | None], wider: list[list[int]] | None = None,
                    *, chain: list[int] | None = None, gaps_kept: int | None = None,
+                   together: tuple[list[int], dict[int, list[int]]] | None = None,
                    ) -> tuple[list[int], list[float], list[float], list[int]]:
     """Earliest-finish-time list scheduling at worker granularity.
 
@@ -494,8 +500,14 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
     placed after the gap: a worker runs whatever is ready while it waits, so ranking
     every task of one op before the next op's does not keep the next op's ready tasks
     from running meanwhile (HEFT's insertion policy). Each worker keeps its
-    ``GAPS`` (or ``gaps_kept``) latest gaps, so the work stays linear."""
+    ``GAPS`` (or ``gaps_kept``) latest gaps, so the work stays linear.
+
+    ``together`` (see :func:`_clusters`): a group per task (-1: none) and the pools each
+    group may use; the first task of a group placed picks a worker among those pools,
+    and the group's later tasks go to that worker."""
     keep = GAPS if gaps_kept is None else gaps_kept
+    group, group_pools = together if together is not None else (None, {})
+    home: dict[int, int] = {}
     n = len(model.keys)
     layer = model.layer
     deps = model.deps
@@ -541,6 +553,14 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                     )
                 pinned_cache[ck] = c
             cand = c
+        only = -1  # the worker this task's group went to
+        gi = group[i] if group is not None else -1
+        if gi >= 0:
+            only = home.get(gi, -1)
+            if only >= 0 and wpool[only] not in cand:
+                only = -1
+            elif only < 0:
+                cand = [p for p in cand if p in group_pools[gi]] or cand
         ex = exec_t[li]
         ds = deps[i]
         # the worker where this task would be fused into the chain it continues
@@ -554,13 +574,19 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
         bs = 0.0
         bg = -1  # the gap of bw the task goes into, or -1: after its last task
         for p in cand:
+            if only >= 0:
+                if p != wpool[only]:
+                    continue
+                top = only
+                t = slots[only][0]
+            else:
+                ph = pheap[p]
+                while True:
+                    t, top = ph[0]
+                    if t == slots[top][0]:
+                        break
+                    heappop(ph)
             e = ex[p]
-            ph = pheap[p]
-            while True:
-                t, top = ph[0]
-                if t == slots[top][0]:
-                    break
-                heappop(ph)
             if not ds:
                 f = t + e
                 if f < best:
@@ -582,6 +608,8 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                     a = fd + lat[q][p] + nb * inv[q][p]
                 if a > generic:
                     generic = a
+            if only >= 0:
+                local = [only]
             s = slots[top][0]
             if top not in local:
                 s0 = generic if generic > s else s
@@ -635,8 +663,109 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
         worker_of[i] = bw
         start[i] = bs
         finish[i] = best
+        if gi >= 0 and gi not in home:
+            home[gi] = bw
     pool_of = [wpool[x] for x in worker_of]
     return pool_of, start, finish, worker_of
+
+
+def _clusters(model: GraphModel, pools: list[Pool], cost: CostModel,
+              allowed: list[list[int]], exec_t: list[list[float]]
+              ) -> tuple[list[int], dict[int, list[int]]] | None:
+    """Groups of tasks to keep on one worker: those joined by an edge whose data takes
+    longer to move between two workers of a pool that runs both ends well (within
+    twice their fastest) than the consumer takes to run there, heaviest edges first,
+    as long as a group's work stays within its pool's share per worker of the work
+    that pool is fastest for. Greedy earliest finish decides each task alone, so it
+    splits work that meets again later: ``x + x.T`` reads block (i, j) and block
+    (j, i) together, and whichever of them is placed second does not know it.
+    Returns (group per task, -1 for none; the pools each group may use), or None when
+    no two tasks are joined."""
+    n = len(model.keys)
+    layer, deps = model.layer, model.deps
+    best = [min(exec_t[li][p] for p in a) for li, a in enumerate(allowed)]
+    good = [frozenset(p for p in a if exec_t[li][p] <= 2 * best[li])
+            for li, a in enumerate(allowed)]
+    fastest = [min(a, key=exec_t[li].__getitem__) for li, a in enumerate(allowed)]
+    share = [0.0] * len(pools)
+    for li in layer:
+        share[fastest[li]] += best[li]
+    for p, pool in enumerate(pools):
+        share[p] /= max(len(pool.worker_threads()), 1)
+    ilat, iinv = cost.intra_latency, cost.intra_inv_bw
+    out_b = [op.out_bytes for op in model.ops]
+    edges: list[tuple[float, int, int, int]] = []
+    pair_pool: dict[tuple[int, int], tuple[int, float] | None] = {}
+    for i, ds in enumerate(deps):
+        li = layer[i]
+        for d in ds:
+            ld = layer[d]
+            key = (ld, li)
+            if key not in pair_pool:
+                both = good[ld] & good[li]
+                if not both:
+                    pair_pool[key] = None
+                else:
+                    p = min(both, key=lambda q: exec_t[li][q] + exec_t[ld][q])
+                    move = ilat[p] + out_b[ld] * iinv[p]
+                    pair_pool[key] = (p, move) if move > exec_t[li][p] else None
+            hit = pair_pool[key]
+            if hit is not None:
+                edges.append((hit[1], d, i, hit[0]))
+    if not edges:
+        return None
+    edges.sort(reverse=True)
+    parent = list(range(n))
+    work = [best[layer[i]] for i in range(n)]
+    can: list[frozenset[int]] = [good[layer[i]] for i in range(n)]
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    joined = False
+    for _, d, i, p in edges:
+        a, b = root(d), root(i)
+        if a == b:
+            continue
+        both = can[a] & can[b]
+        if p not in both or work[a] + work[b] > share[p]:
+            continue
+        parent[a] = b
+        work[b] += work[a]
+        can[b] = both
+        joined = True
+    if not joined:
+        return None
+    roots = [root(x) for x in range(n)]
+    size: dict[int, int] = {}
+    for r in roots:
+        size[r] = size.get(r, 0) + 1
+    group = [r if size[r] > 1 else -1 for r in roots]
+    return group, {r: sorted(can[r]) for r in size if size[r] > 1}
+
+
+def kept_together(model: GraphModel, pools: list[Pool], cost: CostModel,
+                  allowed: list[list[int]], worker_of: list[int]) -> list[int]:
+    """The tasks of each :func:`_clusters` group that the plan runs on one worker (in
+    task order): run elsewhere than their group, they would move data that takes
+    longer to move than to compute, so the rewrite keeps them on that worker rather
+    than on any worker of its pool (empty for graphs too large for the variants)."""
+    if len(model.keys) * len(pools) > VARIANT_BUDGET or len(worker_of) != len(model.keys):
+        return []
+    exec_t = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
+    together = _clusters(model, pools, cost, allowed, exec_t)
+    if together is None:
+        return []
+    group = together[0]
+    where: dict[int, int] = {}
+    split: set[int] = set()
+    for i, g in enumerate(group):
+        if g >= 0 and where.setdefault(g, worker_of[i]) != worker_of[i]:
+            split.add(g)
+    return [i for i, g in enumerate(group) if g >= 0 and g not in split]
 
 
 def forced_backend(pools: list[Pool], route: str | Target) -> list[Pool]:
@@ -698,6 +827,8 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 site=site)
     plan.worker_of = worker_of
     plan.unrestricted = unrestricted
+    if not unrestricted:
+        plan.kept = kept_together(model, pools, cost, allowed, worker_of)
     plan.note_numpy_runs()
     cpu_cores = cost.host_cores if cost.cpu_per_task > 0 else None
     if cost.task_interval > 0 or cpu_cores:

@@ -66,6 +66,9 @@ class Plan(Generic[ModelT]):
         #: per task, the worker the planner had in mind (index over the pools' workers,
         #: in pool order); the scheduler restricts by pool and picks the worker itself
         self.worker_of: list[int] | None = None
+        #: tasks the rewrite keeps on their planned worker, not only its pool
+        #: (see ``placement.kept_together``)
+        self.kept: list[int] = []
         #: every pool is equivalent for this computation: the scheduler places tasks
         #: freely (no restrictions), every task runs on host NumPy
         self.unrestricted = False

@@ -53,6 +53,9 @@ class Routed:
     narrow: dict[int, list[str]] = field(default_factory=dict)
     #: submitted key -> the keys of the linear chain fused into it, in order
     fused: dict[Any, list[Any]] = field(default_factory=dict)
+    #: key -> the one worker it may run on while that worker is there (tasks the plan
+    #: keeps together, see ``placement.kept_together``); its pool's otherwise
+    workers: dict[Any, str] = field(default_factory=dict)
 
     def payload(self) -> bytes:
         """What the scheduler plugin's ``jupyter_mesh_route`` handler receives."""
@@ -60,7 +63,7 @@ class Routed:
             "plan_id": self.plan_id, "restrictions": self.restrictions,
             "pools": self.pools, "fallback": self.fallback, "timeout": self.timeout,
             "site": self.site, "pins": self.pins, "priorities": self.priorities,
-            "layers": self.layers, "narrow": self.narrow,
+            "layers": self.layers, "narrow": self.narrow, "workers": self.workers,
         }, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -148,6 +151,7 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         pins = {keys[i]: s for i, s in enumerate(_pins(m)) if s is not None}
     if fuse and wrap:
         fused = _fuse_chains(plan, graph, restrictions, priorities, pins, plan_id)
+    workers = {} if free else kept_workers(plan, fused)
     multi_site = len({p.site for p in plan.pools}) > 1
     pools: list[tuple[str | None, str | None, str]] = [
         (p.resource, p.site if (multi_site or plan.site or pins) else None, p.label)
@@ -157,7 +161,7 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=restrictions,
         pools=pools, fallback=fallback, timeout=get_seconds("fallback-timeout"),
         site=plan.site, pins=pins, priorities=priorities,
-        narrow={} if free else narrowed(plan), fused=fused,
+        narrow={} if free else narrowed(plan), fused=fused, workers=workers,
     )
 
 
@@ -237,14 +241,38 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
     return fused
 
 
+def _addresses(plan: Plan[GraphModel]) -> list[tuple[int, str]]:
+    """(pool, address) of each worker, numbered across the pools as plans number them."""
+    address: list[tuple[int, str]] = []
+    for p, pool in enumerate(plan.pools):
+        address += [(p, a) for a in pool.workers[: len(pool.worker_threads())]]
+    return address
+
+
+def kept_workers(plan: Plan[GraphModel], fused: dict[Any, list[Any]]) -> dict[Any, str]:
+    """Submitted key -> address of the worker the plan keeps it on (``plan.kept``); a
+    fused chain's task where any of its members is kept (they share a worker)."""
+    kept = getattr(plan, "kept", None)
+    worker_of = getattr(plan, "worker_of", None)
+    if not kept or not worker_of:
+        return {}
+    address = _addresses(plan)
+    keys = plan.model.keys
+    out = {keys[i]: address[worker_of[i]][1] for i in kept
+           if 0 <= worker_of[i] < len(address)}
+    for last, members in fused.items():
+        where = [out.pop(k) for k in members if k in out]
+        if where:
+            out[last] = where[0]
+    return out
+
+
 def narrowed(plan: Plan[GraphModel]) -> dict[int, list[str]]:
     """Per pool, the workers the plan uses when it uses only some of them."""
     worker_of = getattr(plan, "worker_of", None)
     if not worker_of:
         return {}
-    address: list[tuple[int, str]] = []  # global worker number -> (pool, address)
-    for p, pool in enumerate(plan.pools):
-        address += [(p, a) for a in pool.workers[: len(pool.worker_threads())]]
+    address = _addresses(plan)  # global worker number -> (pool, address)
     used: dict[int, set[str]] = {}
     for w in set(worker_of):
         if 0 <= w < len(address):
