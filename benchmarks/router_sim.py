@@ -28,7 +28,7 @@ from jupyter_mesh.devices._profile import Profile, lookup_known
 from jupyter_mesh.inventory import Device
 from jupyter_mesh.router.classify import GraphModel, OpInfo
 from jupyter_mesh.router.cost import CostModel, Links, build_pools
-from jupyter_mesh.router.placement import allowed_pools, chain_links, place
+from jupyter_mesh.router.placement import allowed_pools, chain_links, kept_together, place
 
 SIMULATED = "SIMULATION (modelled devices and links; nothing ran on accelerators)"
 
@@ -103,8 +103,12 @@ def simulate(model: GraphModel, devices: list[Device], policy: str,
         for i in range(n):
             members[pool_of[i]].add(index[order[worker_of[i]]])
         cands = [sorted(members[p]) for p in range(len(pools))]
-        return _evaluate(model, solo, solo_cost, [cands[pool_of[i]] for i in range(n)],
-                         order=by_start)
+        per_task = [cands[pool_of[i]] for i in range(n)]
+        # the tasks the plan keeps together stay on their planned worker (see
+        # placement.kept_together), as live
+        for i in kept_together(model, pools, cost, allowed, worker_of):
+            per_task[i] = [index[order[worker_of[i]]]]
+        return _evaluate(model, solo, solo_cost, per_task, order=by_start)
     if policy == "heft":
         allowed, _ = allowed_pools(model, solo, "auto")
         return heft(model, solo, solo_cost, allowed)
