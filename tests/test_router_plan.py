@@ -1487,3 +1487,29 @@ def test_blocks_read_together_later_stay_on_one_worker():
     assert {i for i, k in enumerate(m.keys) if m.ops[m.layer[i]].label == "astype"} <= kept
     assert all(len({plan.worker_of[i] for i in kept if m.keys[i][1:] in ((a, b), (b, a))}) == 1
                for a, b in where)
+
+
+def test_a_plan_does_not_depend_on_the_hash_seed():
+    # two kernels planning the same computation get the same plan: a layer's tasks and a
+    # task's inputs come in an order that does not change with Python's hash seed (Dask
+    # keeps both in sets); ties between equal workers are broken the same way
+    import subprocess
+    import sys
+
+    script = (
+        "import dask.array as da\n"
+        "from jupyter_mesh.router import model_collections, plan_model, CostModel, "
+        "build_pools\n"
+        "from benchmarks.router_sim import modelled_mesh, WAN\n"
+        "x = da.random.default_rng(0).random((8000, 8000), chunks=1000)\n"
+        "y = da.linalg.svd(x.rechunk((1000, 2000))[:, :2000])[1]\n"
+        "m = model_collections([y])\n"
+        "pools = build_pools(modelled_mesh())\n"
+        "cost = CostModel(pools, WAN, task_overhead=1e-4)\n"
+        "print([str(k) for k in m.keys], m.deps, plan_model(m, pools, cost=cost).worker_of)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = {subprocess.run([sys.executable, "-c", script], cwd=root, check=True,
+                           capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+            for seed in ("1", "2", "3", "4")}
+    assert len(outs) == 1 and "qr" in outs.pop()

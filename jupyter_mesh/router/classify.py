@@ -302,7 +302,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
     metas: list[tuple[tuple[float, ...], int, tuple[float, ...]] | None] = []
     for name in order:
         layer = graph.layers[name]
-        items = dict(layer)
+        items = _in_key_order(dict(layer))
         if not items:
             continue
         idx = len(ops)
@@ -356,7 +356,9 @@ def _build_model_by_layer(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, i
         if not ds:
             append([])
             continue
-        row = [index[d] for d in ds if d in index]
+        # sorted: a task's dependencies are a set, in an order that changes with the
+        # hash seed (the planner breaks ties among inputs in their order)
+        row = sorted(index[d] for d in ds if d in index)
         li = layer[i]
         for d in row:
             if layer[d] >= li:
@@ -380,6 +382,15 @@ def _group_dict(dsk: dict) -> HighLevelGraph:
     layers = {name: MaterializedLayer(d) for name, d in groups.items()}
     deps: dict[str, set[str]] = {name: set() for name in layers}
     return HighLevelGraph(layers, deps)
+
+
+def _in_key_order(items: dict[Any, Any]) -> dict[Any, Any]:
+    """A layer's tasks sorted by key where the keys compare (``(name, i, j)``): culling
+    builds a layer from a set of keys, in an order that changes with the hash seed."""
+    try:
+        return {k: items[k] for k in sorted(items)}
+    except TypeError:
+        return items
 
 
 def _layer_order(graph: HighLevelGraph) -> list[str]:
@@ -413,7 +424,7 @@ def _build_model(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int], ops:
         raise MeshError("the graph has a cycle: it cannot be routed")
     index = {k: i for i, k in enumerate(keys)}
     layer = [layer_of_key.get(k, 0) for k in keys]
-    deps = [[index[d] for d in tasks[k].dependencies if d in index] for k in keys]
+    deps = [sorted(index[d] for d in tasks[k].dependencies if d in index) for k in keys]
     _fill_costs(ops, metas, layer, deps)
     for k in keys:
         ops[layer_of_key.get(k, 0)].tasks += 1

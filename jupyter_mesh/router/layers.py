@@ -158,8 +158,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         raise MeshError(f"the graph has no layer for output {sorted(map(str, missing))[0]!r}")
     dep_idx: list[list[int]] = []
     for li, name in enumerate(names):
-        dep_idx.append([index[d] for d in graph.dependencies.get(name, ()) if d in index
-                        and index[d] != li])
+        # sorted: the dependencies are a set, in an order the hash seed changes
+        dep_idx.append(sorted(index[d] for d in graph.dependencies.get(name, ())
+                              if d in index and index[d] != li))
     _layer_costs(ops, metas, dep_idx)
     deps: list[list[tuple[int, float]]] = []
     for li, op in enumerate(ops):
