@@ -404,15 +404,23 @@ def _bound_over(model: GraphModel, pools: list, cost: CostModel,
     its ``allowed`` pools."""
     parts = {} if parts is None else parts
     lo = _cp_lp_bound(model, pools, cost, allowed, tolerance, parts)
-    return _together_bound(model, pools, cost, allowed, tolerance, parts, lo)
+    # the search for a T that (D) shows infeasible is not monotone (see
+    # _together_bound): it starts from the LP's bound and from the critical path's
+    together = _together_bound(model, pools, cost, allowed, tolerance, parts, lo)
+    if parts["cp"] < lo:
+        together = max(together, _together_bound(model, pools, cost, allowed, tolerance,
+                                                 parts, parts["cp"]))
+    return max(lo, together)
 
 
 def _cp_lp_bound(model: GraphModel, pools: list, cost: CostModel,
                  allowed: list[list[int]], tolerance: float, parts: dict[str, Any]
                  ) -> float:
     """max(critical path with communication and without contention, the LP relaxation
-    of spreading each op's tasks over the pools with release and delivery times); what
-    it computes on the way goes into ``parts``."""
+    of spreading each op's tasks over the pools with release and delivery times, where
+    the tasks that an op with more tasks than slots before them holds back
+    (:func:`_late_groups`) also start no earlier than their wave); what it computes on
+    the way goes into ``parts``."""
     ex = [[cost.exec_time(op, p) for p in pools] for op in model.ops]
     best = [min(ex[li][p] for p in allowed[li]) for li in range(len(model.ops))]
     # critical path with communication but no contention: the earliest each task could
@@ -496,7 +504,7 @@ def _cp_lp_bound(model: GraphModel, pools: list, cost: CostModel,
     bound_cp = max((min(ef[i][p] + tail[i][p] for p in allowed[model.layer[i]])
                     for i in range(n)), default=0.0)
     parts.update(ef=ef, tail=tail, ex=ex, best=best, threads=threads, anc=anc,
-                 consumers=consumers_all)
+                 consumers=consumers_all, cp=bound_cp)
     try:
         from scipy.optimize import linprog
         from scipy.sparse import coo_matrix
@@ -527,30 +535,69 @@ def _cp_lp_bound(model: GraphModel, pools: list, cost: CostModel,
             v = sorted({v[round(t * (len(v) - 1) / (most - 1))] for t in range(most)})
         return v
 
-    nvar = nl * npools
+    # late groups (see _late_groups): z[k, p] of group k's tasks (of op h) on pool p start
+    # no earlier than c; at least `count` of them in all, each also counted in x[h, p]
+    late = _late_groups(model, pools, allowed, ex, best, parts["anc"], r)
+    nx = nl * npools
+    nvar = nx + len(late) * npools
     rows, cols, vals, windows = [], [], [], []  # windows: (slots, a + b) per row
     for p in range(npools):
         members = [li for li in range(nl) if p in allowed[li]]
         if not members:
             continue
-        for a in levels([r[li][p] for li in members]):
-            for b in levels([q[li][p] for li in members if r[li][p] >= a]):
-                k = len(windows)
+        mine = [k for k, (h, _, _) in enumerate(late) if p in allowed[h]]
+        # the late groups' starts come on top of the ops' own (not among their quantiles)
+        starts = levels([r[li][p] for li in members])
+        starts = sorted(set(starts) | set(levels([late[k][1] for k in mine])))
+        for a in starts:
+            # per op whose tasks may start before a: the late group that starts at a or
+            # later with the most tasks (groups of one op overlap: one at a time)
+            pick: dict[int, int] = {}
+            for k in mine:
+                h, c, cnt = late[k]
+                if r[h][p] < a <= c and (h not in pick or cnt > late[pick[h]][2]):
+                    pick[h] = k
+            for b in levels([q[li][p] for li in members if r[li][p] >= a or li in pick]):
+                row = len(windows)
                 for li in members:
-                    if r[li][p] >= a and q[li][p] >= b:
-                        rows.append(k)
+                    if q[li][p] < b:
+                        continue
+                    if r[li][p] >= a:
+                        rows.append(row)
                         cols.append(li * npools + p)
                         vals.append(ex[li][p])
+                    elif li in pick:
+                        rows.append(row)
+                        cols.append(nx + pick[li] * npools + p)
+                        vals.append(ex[li][p])
                 windows.append((float(pools[p].slots), a + b))
-    a_ub = coo_matrix((vals, (rows, cols)), shape=(len(windows), nvar)).tocsr()
+    # z[k, p] <= x[h, p], and -sum_p z[k, p] <= -count
+    extra_b: list[float] = []
+    for k, (h, _, cnt) in enumerate(late):
+        for p in range(npools):
+            row = len(windows) + len(extra_b)
+            rows += [row, row]
+            cols += [nx + k * npools + p, h * npools + p]
+            vals += [1.0, -1.0]
+            extra_b.append(0.0)
+        row = len(windows) + len(extra_b)
+        for p in range(npools):
+            rows.append(row)
+            cols.append(nx + k * npools + p)
+            vals.append(-1.0)
+        extra_b.append(-cnt)
+    a_ub = coo_matrix((vals, (rows, cols)),
+                      shape=(len(windows) + len(extra_b), nvar)).tocsr()
     erows = [li for li in range(nl) for _ in range(npools)]
-    a_eq = coo_matrix(([1.0] * nvar, (erows, list(range(nvar)))), shape=(nl, nvar)).tocsr()
+    a_eq = coo_matrix(([1.0] * nx, (erows, list(range(nx)))), shape=(nl, nvar)).tocsr()
     b_eq = [float(model.ops[li].tasks) for li in range(nl)]
 
     def feasible(t: float) -> bool:
-        b_ub = [slots * max(0.0, t - ab) for slots, ab in windows]
+        b_ub = [slots * max(0.0, t - ab) for slots, ab in windows] + extra_b
         bounds = [(0, None) if p in allowed[li] and r[li][p] + ex[li][p] + q[li][p] <= t
                   else (0, 0) for li in range(nl) for p in range(npools)]
+        bounds += [(0, None) if p in allowed[h] and c + ex[h][p] + q[h][p] <= t else (0, 0)
+                   for h, c, _ in late for p in range(npools)]
         res = linprog([0.0] * nvar, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq,
                       bounds=bounds, method="highs")
         return res.status == 0
@@ -558,6 +605,95 @@ def _cp_lp_bound(model: GraphModel, pools: list, cost: CostModel,
     if nvar == 0:
         return bound_cp
     return _bisect(feasible, bound_cp, tolerance)
+
+
+#: late groups: at most this many completion waves per op, and ops looked at
+LATE_WAVES = 3
+LATE_OPS = 12
+
+
+def _late_groups(model: GraphModel, pools: list, allowed: list[list[int]],
+                 ex: list[list[float]], best: list[float], anc: list[int],
+                 r: list[list[float]]) -> list[tuple[int, float, float]]:
+    """Tasks that start late because an op before them has more tasks than the mesh
+    runs at once: (op h, c, count) = in any schedule, at least ``count`` tasks of h
+    start at c or later.
+
+    Take an op g of m tasks. On pool p none of them starts before r[g][p] (the least
+    release of its tasks there), and each takes ex[g][p] on one of the pool's slots,
+    so fewer than N(c) = sum over p of slots_p * (ceil((c - r) / ex) - 1) of them
+    finish before c. Whenever N(c) < m, at least m - N(c) of g's tasks (a set L)
+    finish at c or later, and so does everything after them: a task d of a later op h
+    with an ancestor in L starts at c or later, plus the least time of the tasks
+    between (``dist``, at their fastest). The schedule chooses which tasks are early;
+    d is early only if all of its a_d ancestors in g are, so splitting d over them
+    (1 / a_d each, summed per ancestor j: u_j), the early tasks of h number at most
+    the N(c) largest u_j: count = (tasks of h after g) - that sum."""
+    layer = model.layer
+    n = len(layer)
+    nl = len(model.ops)
+    by_op: list[list[int]] = [[] for _ in range(nl)]
+    for i, li in enumerate(layer):
+        by_op[li].append(i)
+
+    def done_before(g: int, c: float) -> int:
+        return sum(pools[p].slots * max(0, math.ceil((c - r[g][p]) / ex[g][p] - 1e-9) - 1)
+                   for p in allowed[g] if ex[g][p] > 0 and pools[p].slots > 0)
+
+    waves: list[tuple[int, int, list[float]]] = []  # (late tasks, op, cut-offs)
+    for g in range(nl):
+        m = len(by_op[g])
+        if m < 2:
+            continue
+        cuts = set()
+        for p in allowed[g]:  # the completion waves: r + k ex
+            if ex[g][p] <= 0 or pools[p].slots <= 0:
+                continue
+            for k in range(1, m + 1):
+                cuts.add(r[g][p] + k * ex[g][p])
+                if k * pools[p].slots >= m:
+                    break
+        late_cuts = sorted((c for c in cuts if done_before(g, c) < m), reverse=True)
+        if late_cuts:
+            waves.append((m - done_before(g, late_cuts[0]), g, late_cuts[:LATE_WAVES]))
+    waves.sort(reverse=True)
+    out: list[tuple[int, float, float]] = []
+    for _, g, cuts in waves[:LATE_OPS]:
+        tasks = by_op[g]
+        mask = 0
+        for j in tasks:
+            mask |= 1 << j
+        pos = {j: k for k, j in enumerate(tasks)}
+        u: dict[int, list[float]] = {}  # op h -> u_j per task of g
+        after: dict[int, int] = {}
+        dist = [math.inf] * n
+        near: dict[int, float] = {}  # op h -> the least dist of its tasks
+        for j in tasks:
+            dist[j] = 0.0
+        for d in range(tasks[0] + 1, n):
+            h = layer[d]
+            bits = anc[d] & mask
+            if h == g or not bits:
+                continue
+            dd = min((dist[e] + (best[layer[e]] if layer[e] != g else 0.0)
+                      for e in model.deps[d] if dist[e] < math.inf), default=0.0)
+            dist[d] = dd
+            near[h] = min(near.get(h, math.inf), dd)
+            a_d = bits.bit_count()
+            row = u.setdefault(h, [0.0] * len(tasks))
+            after[h] = after.get(h, 0) + 1
+            while bits:
+                low = bits & -bits
+                row[pos[low.bit_length() - 1]] += 1.0 / a_d
+                bits ^= low
+        ranked = {h: sorted(row, reverse=True) for h, row in u.items()}
+        for c in cuts:
+            top = min(done_before(g, c), len(tasks))
+            for h, row in ranked.items():
+                cnt = after[h] - sum(row[:top])
+                if cnt > 1e-9:
+                    out.append((h, c + near[h], cnt))
+    return out
 
 
 def _together_bound(model: GraphModel, pools: list, cost: CostModel,

@@ -154,3 +154,100 @@ def test_bound_below_the_optimum_of_tiny_dags(seed):
     bound = router_sim.lower_bound(model, devs)
     optimum = _optimum(model, devs)
     assert 0 < bound <= optimum * (1 + 1e-9)
+
+
+def _without_late_groups(fn):
+    saved = router_sim.LATE_OPS
+    router_sim.LATE_OPS = 0
+    try:
+        return fn()
+    finally:
+        router_sim.LATE_OPS = saved
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_late_tasks_of_a_crowded_op_keep_the_bound_below_the_optimum(seed):
+    # more blocks to make than the CPU has threads: the blocks of the last wave, and the
+    # work after them, start late in every schedule (_late_groups); on graphs small
+    # enough to try every schedule the bound stays below the optimum
+    from dask.utils import format_bytes
+
+    from jupyter_mesh.inventory import Device
+    from jupyter_mesh.router.classify import synthetic_model
+
+    rng = random.Random(seed)
+    cpu = Device("sim://cpu", "cpu", "numpy", "CPU", 1 << 34, "site-a",
+                 router_sim.HOST_THREAD, name="cpu", nthreads=rng.choice((1, 2)))
+    devs = [cpu, next(d for d in router_sim.modelled_mesh() if d.name == "h100-0")]
+    blocks = rng.choice((2, 3))
+    size = rng.choice((1e6, 1e7, 4e7))
+    layers = [{"name": "make", "op_class": "creation", "tasks": blocks, "flops": size / 4,
+               "out_bytes": size, "native": ["numpy"]},
+              {"name": "f", "op_class": "elementwise", "tasks": blocks, "flops": size / 8,
+               "out_bytes": size, "deps": [(0, "map")]}]
+    if blocks == 2:
+        layers.append({"name": "g", "op_class": "matmul", "tasks": 2, "flops": size * 50,
+                       "out_bytes": size, "deps": [(1, "map")]})
+    layers.append({"name": "sum", "op_class": "reduction", "tasks": 1, "flops": size / 8,
+                   "out_bytes": 8.0, "deps": [(len(layers) - 1, "all")]})
+    model = synthetic_model(layers)
+    bound = router_sim.lower_bound(model, devs)
+    optimum = _optimum(model, devs)
+    assert 0 < bound <= optimum * (1 + 1e-9), format_bytes(size)
+    assert _without_late_groups(lambda: router_sim.lower_bound(model, devs)) <= bound
+
+
+def test_late_tasks_of_a_crowded_op_raise_the_bound_below_every_schedule():
+    # 64 blocks made on CPU threads (32 a node) before four GPUs run x + x.T on them:
+    # half the blocks come a wave later, and so does the GPU work on them. The bound
+    # counts that (higher than without it) and stays below every policy's schedule and
+    # random placements that keep neighbours together
+    import dask.array as da
+
+    from jupyter_mesh.router import model_collections
+
+    x = da.random.default_rng(0).random((8000, 8000), chunks=1000).astype("float32")
+    model = model_collections([((x + 1) * 2 - x.T).clip(0, 1).sum(axis=0)])
+    bound, devs, solo, cost = _bound_and_placements(
+        model, ("router", "router-pool", "heft", "dask"))
+    assert bound > 1.02 * _without_late_groups(lambda: router_sim.lower_bound(model, devs))
+    rng = random.Random(0)
+    gpus = [k for k, d in enumerate(devs) if d.kind == "gpu"]
+    cpus = [k for k, d in enumerate(devs) if d.kind == "cpu"]
+    for _ in range(20):
+        cands = []
+        for i, ds in enumerate(model.deps):
+            if model.ops[model.layer[i]].op_class == "creation":
+                cands.append([rng.choice(cpus)])
+            elif ds and rng.random() < 0.7:
+                src = cands[rng.choice(ds)]
+                cands.append(src if src[0] in gpus else [rng.choice(gpus)])
+            else:
+                cands.append([rng.choice(gpus)])
+        assert bound <= router_sim._evaluate(model, solo, cost, cands) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("flops", [2e11, 5e11, 1e12])
+def test_late_tasks_raise_the_bound_of_a_tiny_graph_toward_its_optimum(flops):
+    # two blocks made one after the other on one CPU thread, each then read by two GPU
+    # matmuls: the GPU runs both matmuls of the second block after it is made, which
+    # neither the critical path (one matmul) nor the work per pool (all four, from the
+    # first block on) sees; every schedule, tried one by one, takes at least the bound
+    from jupyter_mesh.inventory import Device
+    from jupyter_mesh.router.classify import synthetic_model
+
+    cpu = Device("sim://cpu", "cpu", "numpy", "CPU", 1 << 34, "site-a",
+                 router_sim.HOST_THREAD, name="cpu", nthreads=1)
+    devs = [cpu, next(d for d in router_sim.modelled_mesh() if d.name == "h100-0")]
+    model = synthetic_model([
+        {"name": "make", "op_class": "creation", "tasks": 2, "flops": 1e9,
+         "out_bytes": 1e6, "native": ["numpy"]},
+        {"name": "f1", "op_class": "matmul", "tasks": 2, "flops": flops, "out_bytes": 1e6,
+         "deps": [(0, "map")]},
+        {"name": "f2", "op_class": "matmul", "tasks": 2, "flops": flops, "out_bytes": 1e6,
+         "deps": [(0, "map")]},
+        {"name": "sum", "op_class": "reduction", "tasks": 1, "flops": 1e3, "out_bytes": 8.0,
+         "deps": [(1, "all"), (2, "all")]}])
+    bound = router_sim.lower_bound(model, devs)
+    without = _without_late_groups(lambda: router_sim.lower_bound(model, devs))
+    assert without * 1.002 < bound <= _optimum(model, devs) * (1 + 1e-9)
