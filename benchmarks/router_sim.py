@@ -146,19 +146,23 @@ def heft(model: GraphModel, solo, cost: CostModel, allowed: list[list[int]]) -> 
     w = [max(sum(ex[li][p] for p in allowed[li]) / len(allowed[li]), 1e-12)
          for li in range(len(model.ops))]
     order = _upward_rank_order(len(model.keys), model.layer, model.deps, w)
-    return _evaluate(model, solo, cost, [allowed[li] for li in model.layer], order=order)
+    return _evaluate(model, solo, cost, [allowed[li] for li in model.layer], order=order,
+                     insertion=True)
 
 
 def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
-              earliest_start: bool = False, order: list[int] | None = None) -> float:
+              earliest_start: bool = False, order: list[int] | None = None,
+              insertion: bool = False) -> float:
     """List-schedule tasks in ``order`` (inputs first; default: upward rank); each goes
     to the candidate worker where it finishes first (or, like Dask, which knows no
     device speeds, starts first); transfers between workers are paid by their link.
     As Dask fuses a linear chain that runs on one worker into one task, a chain's next
     task on its input's worker pays no dispatch (``task_overhead``) of its own, under
-    every policy."""
+    every policy. With ``insertion`` (HEFT's own policy), a task may also go into an
+    idle gap an earlier task left on a thread of the worker, where it fits."""
     n = len(model.keys)
     ex = [[cost.exec_time(op, p) for p in solo] for op in model.ops]
+    gaps: list[list[tuple[float, float]]] = [[] for _ in solo]
     chain = chain_links(model, fusing=True)
     ov = cost.task_overhead
     layer, deps = model.layer, model.deps
@@ -171,7 +175,7 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
     lat, inv = cost.latency, cost.inv_bw
     for i in order:
         li = layer[i]
-        best, bw, bs, be = math.inf, -1, 0.0, 0.0
+        best, bw, bs, be, bg = math.inf, -1, 0.0, 0.0, -1
         for w in cands[i]:
             ready = 0.0
             for d in deps[i]:
@@ -185,9 +189,19 @@ def _evaluate(model: GraphModel, solo, cost: CostModel, cands: list[list[int]],
                 e = e - ov if e > ov else 0.0
             key = s if earliest_start else s + e
             if key < best:
-                best, bw, bs, be = key, w, s, e
+                best, bw, bs, be, bg = key, w, s, e, -1
+            for k, (g0, g1) in enumerate(gaps[w]):
+                g = max(g0, ready)
+                if g + e <= g1 and (g if earliest_start else g + e) < best:
+                    best, bw, bs, be, bg = (g if earliest_start else g + e), w, g, e, k
         f = bs + be
-        heapq.heapreplace(free[bw], f)
+        if bg >= 0:
+            g0, g1 = gaps[bw].pop(bg)
+            gaps[bw] += [gap for gap in ((g0, bs), (f, g1)) if gap[1] > gap[0]]
+        else:
+            if insertion and bs > free[bw][0]:
+                gaps[bw].append((free[bw][0], bs))
+            heapq.heapreplace(free[bw], f)
         where[i] = bw
         finish[i] = f
     return max(finish) if finish else 0.0
