@@ -189,3 +189,33 @@ def test_a_users_function_passed_as_an_argument_gets_host_arrays(on_a_gpu_worker
     out = call(a, _func=block_sum, expected_ndim=2)
     assert _device.pop_records("p")["k"][0] == "numpy" and seen == [np.ndarray]
     assert np.array_equal(out, a.sum(axis=0, keepdims=True))
+
+
+class LacksMedian(OnStandIn):
+    """A stand-in device array whose library lacks np.median, as CuPy lacks some of
+    NumPy's functions: its ``__array_function__`` declines it."""
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is np.median:
+            return NotImplemented
+        return super().__array_function__(func, types, args, kwargs)
+
+
+def test_a_numpy_function_the_device_lacks_runs_numpy_on_the_host(on_a_gpu_worker,
+                                                                 monkeypatch):
+    # NumPy finds no implementation for the device's arrays and says so; the task runs
+    # NumPy on the worker's host instead of failing
+    standin = _device.get_backend("cupy")
+    monkeypatch.setattr(standin, "to_device",
+                        lambda x: x.view(LacksMedian) if type(x) is np.ndarray else x)
+    monkeypatch.setattr(standin, "is_device_array",
+                        lambda x: isinstance(x, LacksMedian))
+    a = np.arange(7.0)
+    out = _device.DeviceCall(np.median, "k", "p", True, frozenset({"cupy"}))(a)
+    assert _device.pop_records("p")["k"][0] == "numpy"
+    assert out == 3.0 and type(out) is np.float64
+    # a function it has still runs on the device; other errors still fail the task
+    out = _device.DeviceCall(np.sum, "k", "p", True, frozenset({"cupy"}))(a)
+    assert _device.pop_records("p")["k"][0] == "cupy" and out == 21.0
+    with pytest.raises(TypeError, match="did not contain a loop"):
+        _device.DeviceCall(operator.add, "k", "p", True, frozenset({"cupy"}))(a, "x")

@@ -149,7 +149,17 @@ class DeviceCall:
         if used == "numpy":
             args = _map(_host_arg, raw_args)
             kwargs = {k: _map(_host_arg, v) for k, v in raw_kwargs.items()}
-        out = func(*args, **kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except TypeError as exc:
+            if used == "numpy" or not _no_device_function(exc):
+                raise
+            # a NumPy function the device's library does not have (NumPy found no
+            # implementation for its arrays): NumPy on this worker's host, as for an
+            # input the device cannot hold
+            used, func = "numpy", self.func
+            out = func(*_map(_host_arg, raw_args),
+                       **{k: _map(_host_arg, v) for k, v in raw_kwargs.items()})
         scalar = False
         if used != "numpy":
             from .jax_ops import gives_scalar
@@ -300,6 +310,12 @@ def _plain(backend: Any, x: Any) -> bool:
     if isinstance(x, (np.generic, type)):
         return True
     return is_any_device_array(x)
+
+
+def _no_device_function(exc: TypeError) -> bool:
+    """Whether NumPy raised ``exc`` because no array type of the call implements the
+    function (CuPy's ``__array_function__`` declines the NumPy functions CuPy lacks)."""
+    return str(exc).startswith("no implementation found for")
 
 
 def _scalar(x: Any) -> Any:
