@@ -219,3 +219,14 @@ def test_a_numpy_function_the_device_lacks_runs_numpy_on_the_host(on_a_gpu_worke
     assert _device.pop_records("p")["k"][0] == "cupy" and out == 21.0
     with pytest.raises(TypeError, match="did not contain a loop"):
         _device.DeviceCall(operator.add, "k", "p", True, frozenset({"cupy"}))(a, "x")
+
+
+def test_device_arrays_in_a_named_tuple_come_back_to_the_host(on_a_gpu_worker):
+    # NumPy 2's linalg functions return named tuples (SVDResult, QRResult...): a result
+    # handed to the host has host arrays inside one too, and stays a named tuple
+    a = np.arange(6.0).reshape(3, 2)
+    out = _device.DeviceCall(np.linalg.qr, "k", "p", True, frozenset({"cupy"}))(a)
+    assert _device.pop_records("p")["k"][0] == "cupy"
+    assert type(out).__name__ == "QRResult"
+    assert all(type(x) is np.ndarray for x in out)
+    np.testing.assert_allclose(out.Q @ out.R, a)

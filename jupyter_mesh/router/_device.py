@@ -63,7 +63,9 @@ def _map(fn: Any, x: Any) -> Any:
     """``fn`` applied to every leaf of lists, tuples and dict values in ``x``."""
     if isinstance(x, list):
         return [_map(fn, v) for v in x]
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):  # a namedtuple stays one
+    if isinstance(x, tuple):
+        if hasattr(x, "_fields"):  # a namedtuple (NumPy's SVDResult...) stays one
+            return type(x)(*(_map(fn, v) for v in x))
         return tuple(_map(fn, v) for v in x)
     if isinstance(x, dict):
         return {k: _map(fn, v) for k, v in x.items()}
