@@ -126,6 +126,19 @@ def test_on_cpu_jax_runs_on_the_jax_worker(ip, fresh):
     assert ip.user_ns["backend_name"] == "cpu"
 
 
+def test_device_arrays_come_back_as_numpy_arrays(ip, fresh):
+    # a JAX (or CuPy) array pulled or returned from a device worker arrives as a NumPy
+    # array, inside containers too: the notebook's kernel may have no device library
+    r = fresh.run_cell(
+        "import jax.numpy as jnp\nx = jnp.arange(3.0)\nboth = {'x': [x, (x * 2,)]}\nx + 1",
+        on="cpu:jax", value=True, pull="x,both")
+    assert type(r.value) is np.ndarray and r.value.tolist() == [1.0, 2.0, 3.0]
+    assert type(r.pulled["x"]) is np.ndarray
+    inner = r.pulled["both"]["x"]
+    assert type(inner[0]) is np.ndarray and type(inner[1][0]) is np.ndarray
+    assert inner[1][0].tolist() == [0.0, 2.0, 4.0]
+
+
 def test_on_cpu_numpy_and_site(fresh):
     r = fresh.run_cell("1", on="cpu:numpy", site="lab")
     assert (r.backend, r.site) == ("numpy", "lab")

@@ -355,7 +355,13 @@ def quiet_logger(name: str) -> Iterator[None]:
 
 
 def pack(obj: Any) -> Serialized:
-    """Serialize now (in the cell's thread, not on the event loop) for the reply."""
+    """Serialize now (in the cell's thread, not on the event loop) for the reply. A
+    device array (CuPy's, JAX's), alone or in a list, tuple or dict, goes as a NumPy
+    array: the kernel that asked for it need not have the device or its library."""
+    from ..router._device import _map
+    from ..router.backends import to_host_any
+
+    obj = _map(to_host_any, obj)
     with quiet_logger("distributed.protocol.pickle"):
         header, frames = serialize(obj, serializers=SERIALIZERS, on_error="raise")
     return Serialized(header, frames)
