@@ -212,14 +212,25 @@ def lower_bound(model: GraphModel, devices: list[Device], links: Links = WAN, *,
                 fused: bool = True) -> float:
     """A lower bound on the makespan of any schedule of ``model`` on the mesh (with
     ``fused``, also of schedules whose linear chains run fused; without, of schedules
-    that dispatch every task on its own).
+    that dispatch every task on its own), each task timed by the router's cost model on
+    a pool that may run its op (the ``dask`` policy times NumPy on an accelerator worker
+    as a host CPU thread instead: it is not covered). Pools whose devices differ are
+    bounded device by device (a pool is timed at its members' average).
 
     The general bound (:func:`_bound_over`) holds for every schedule. With several
     sites and a connected graph, every schedule either sends some task's input across
     sites (then it takes at least the shortest such path: ``crossing``) or runs the
     whole graph at one site (then it takes at least the general bound over that site's
     pools alone); the least of those, if larger, is a bound too."""
-    pools = cost.pools if cost is not None else build_pools(devices)
+    if cost is not None:
+        pools = cost.pools
+    else:
+        pools = build_pools(devices)
+        if any(len({(repr(d.profile), d.nthreads) for d in devices if d.worker in p.workers}) > 1
+               for p in pools):
+            # a pool is timed at its members' average, which a schedule on its faster
+            # members beats: bound over each device as a pool of its own
+            pools = [build_pools([d])[0] for d in devices]
     cost = cost or CostModel(pools, links, task_overhead=1e-4)
     if fused:
         cost = _fused(model, cost)
@@ -650,7 +661,9 @@ def _late_groups(model: GraphModel, pools: list, allowed: list[list[int]],
     for i, li in enumerate(layer):
         by_op[li].append(i)
 
-    def done_before(g: int, c: float) -> int:
+    def done_before(g: int, c: float) -> float:
+        if any(ex[g][p] <= 0 and pools[p].slots > 0 and r[g][p] < c for p in allowed[g]):
+            return math.inf  # a pool that runs the op in no time finishes any number
         return sum(pools[p].slots * max(0, math.ceil((c - r[g][p]) / ex[g][p] - 1e-9) - 1)
                    for p in allowed[g] if ex[g][p] > 0 and pools[p].slots > 0)
 
@@ -669,7 +682,7 @@ def _late_groups(model: GraphModel, pools: list, allowed: list[list[int]],
                     break
         late_cuts = sorted((c for c in cuts if done_before(g, c) < m), reverse=True)
         if late_cuts:
-            waves.append((m - done_before(g, late_cuts[0]), g, late_cuts[:LATE_WAVES]))
+            waves.append((int(m - done_before(g, late_cuts[0])), g, late_cuts[:LATE_WAVES]))
     waves.sort(reverse=True)
     out: list[tuple[int, float, float]] = []
     for _, g, cuts in waves[:LATE_OPS]:
@@ -702,7 +715,7 @@ def _late_groups(model: GraphModel, pools: list, allowed: list[list[int]],
                 bits ^= low
         ranked = {h: sorted(row, reverse=True) for h, row in u.items()}
         for c in cuts:
-            top = min(done_before(g, c), len(tasks))
+            top = int(min(done_before(g, c), len(tasks)))
             for h, row in ranked.items():
                 cnt = after[h] - sum(row[:top])
                 if cnt > 1e-9:
