@@ -359,9 +359,18 @@ def pack(obj: Any) -> Serialized:
     device array (CuPy's, JAX's), alone or in a list, tuple or dict, goes as a NumPy
     array: the kernel that asked for it need not have the device or its library."""
     from ..router._device import _map
-    from ..router.backends import to_host_any
+    from ..router.backends import is_any_device_array, to_host_any
 
-    obj = _map(to_host_any, obj)
+    found: list[bool] = []
+
+    def device(x: Any) -> Any:
+        if is_any_device_array(x):
+            found.append(True)
+        return x
+
+    _map(device, obj)
+    if found:  # otherwise the object as it is (a list subclass stays one)
+        obj = _map(to_host_any, obj)
     with quiet_logger("distributed.protocol.pickle"):
         header, frames = serialize(obj, serializers=SERIALIZERS, on_error="raise")
     return Serialized(header, frames)
