@@ -1052,14 +1052,34 @@ def test_plan_never_worse_than_one_worker_when_moving_data_dominates():
     assert len(set(plan.worker_of)) == 1
 
 
-def test_plan_on_one_worker_of_a_pool_narrows_live_restrictions():
-    # the plan keeps a communication-bound DAG on one of two GPUs; live, the scheduler
-    # restricts its tasks to that GPU (not the whole pool, where Dask would spread
-    # them) and widens to the pool at once when that GPU is gone
+def _gpu_router_state(addresses, keys, **payload):
+    """A scheduler plugin's state with one GPU pool of ``addresses`` and waiting tasks
+    ``keys``, all routed to that pool, registered with ``payload`` and submitted:
+    (state, tasks by key, the transitions it asked for)."""
     import pickle
     from types import SimpleNamespace
 
     from jupyter_mesh.router._scheduler import RouterState
+
+    st = RouterState()
+    done: list = []
+    tasks = {k: SimpleNamespace(key=k, state="waiting", priority=None) for k in keys}
+    gpu = SimpleNamespace(resources={"mesh-gpu-cupy": 1})
+    st.scheduler = SimpleNamespace(workers=dict.fromkeys(addresses, gpu), tasks=tasks,
+                                   transitions=lambda recs, stimulus_id: done.append(recs))
+    st.register(payload=pickle.dumps({
+        "plan_id": "p", "restrictions": dict.fromkeys(keys, 0),
+        "pools": [("mesh-gpu-cupy", None, "gpu:cupy")], "fallback": True, "timeout": 5.0,
+        **payload}))
+    st.update_graph(st.scheduler, list(tasks))
+    return st, tasks, done
+
+
+def test_plan_on_one_worker_of_a_pool_narrows_live_restrictions():
+    # the plan keeps a communication-bound DAG on one of two GPUs; live, the scheduler
+    # restricts its tasks to that GPU (not the whole pool, where Dask would spread
+    # them) and widens to the pool at once when that GPU is gone
+
     from jupyter_mesh.router.plan import Plan
     from jupyter_mesh.router.rewrite import narrowed
 
@@ -1075,17 +1095,7 @@ def test_plan_on_one_worker_of_a_pool_narrows_live_restrictions():
     assert narrowed(plan) == {}  # the plan uses the whole pool: nothing to narrow
 
     one, other = pools[0].workers[1], pools[0].workers[0]
-    st = RouterState()
-    done: list = []
-    tasks = {k: SimpleNamespace(key=k, state="waiting", priority=None) for k in "ab"}
-    gpu = SimpleNamespace(resources={"mesh-gpu-cupy": 1})
-    st.scheduler = SimpleNamespace(workers={one: gpu, other: gpu}, tasks=tasks,
-                                   transitions=lambda recs, stimulus_id: done.append(recs))
-    st.register(payload=pickle.dumps({
-        "plan_id": "p", "restrictions": {"a": 0, "b": 0},
-        "pools": [("mesh-gpu-cupy", None, "gpu:cupy")], "fallback": True, "timeout": 5.0,
-        "narrow": {0: [one]}}))
-    st.update_graph(st.scheduler, list(tasks))
+    st, tasks, done = _gpu_router_state([one, other], "ab", narrow={0: [one]})
     assert tasks["a"].worker_restrictions == {one}
     assert tasks["a"].resource_restrictions == {"mesh-gpu-cupy": 1}
     tasks["b"].state = "no-worker"
@@ -1100,10 +1110,7 @@ def test_tasks_kept_together_are_kept_on_their_worker_live():
     # plan.kept: the scheduler restricts those tasks to their planned worker (their
     # pool's other workers would have to move the data they share), the rest to the
     # pool; when that worker leaves, its kept tasks may use their pool again at once
-    import pickle
-    from types import SimpleNamespace
 
-    from jupyter_mesh.router._scheduler import RouterState
     from jupyter_mesh.router.plan import Plan
     from jupyter_mesh.router.rewrite import kept_workers
 
@@ -1124,17 +1131,7 @@ def test_tasks_kept_together_are_kept_on_their_worker_live():
     plan.kept = [1]
     assert kept_workers(plan, {("b", 1): [("a", 1), ("b", 1)]}) == {("b", 1): w1}
 
-    st = RouterState()
-    done: list = []
-    tasks = {k: SimpleNamespace(key=k, state="waiting", priority=None) for k in "abc"}
-    gpu = SimpleNamespace(resources={"mesh-gpu-cupy": 1})
-    st.scheduler = SimpleNamespace(workers={w0: gpu, w1: gpu}, tasks=tasks,
-                                   transitions=lambda recs, stimulus_id: done.append(recs))
-    st.register(payload=pickle.dumps({
-        "plan_id": "p", "restrictions": {"a": 0, "b": 0, "c": 0},
-        "pools": [("mesh-gpu-cupy", None, "gpu:cupy")], "fallback": True, "timeout": 5.0,
-        "workers": {"a": w1, "b": w1}}))
-    st.update_graph(st.scheduler, list(tasks))
+    st, tasks, done = _gpu_router_state([w0, w1], "abc", workers={"a": w1, "b": w1})
     assert tasks["a"].worker_restrictions == {w1}
     assert tasks["a"].resource_restrictions == {"mesh-gpu-cupy": 1}
     assert tasks["c"].worker_restrictions is None  # the pool: Dask picks the worker
