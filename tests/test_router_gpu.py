@@ -62,3 +62,16 @@ def test_gpu_data_stays_on_device_between_gpu_ops(mesh):
         if labels[i] == "gpu:cupy" and consumers[i] and m.keys[i] not in set(m.outputs):
             if all(labels[c] == "gpu:cupy" for c in consumers[i]):
                 assert flag is False
+
+
+def test_the_gpu_pool_knows_the_devices_memory(mesh):
+    from jupyter_mesh.router import build_pools
+
+    (gpu,) = [p for p in build_pools(mesh.inventory()) if p.kind == "gpu"]
+    total = cupy.cuda.runtime.getDeviceProperties(0)["totalGlobalMem"]
+    assert gpu.device_memory == total
+    # a forced route whose blocks could not fit says so at once, before anything runs
+    n = int((total / 8) ** 0.5) + 1
+    big = da.zeros((n, n), chunks=n)
+    with pytest.raises(jm.MeshError, match="device memory"):
+        mesh.explain(big + 1, route="gpu")

@@ -61,6 +61,11 @@ class Pool:
     numpy_members: list[Profile] = field(default_factory=list)
     #: the cores each worker may use, where it says which (same order as ``members``)
     member_cpus: list[frozenset[int] | None] = field(default_factory=list)
+    #: bytes of device memory each worker of an accelerator pool holds (the least of
+    #: them): what one task's inputs and output must fit in, as Dask manages host memory
+    #: only (spilling, pausing) and a GPU or TPU runs out of its own. 0: not known, or
+    #: a CPU pool
+    device_memory: int = 0
 
     def worker_threads(self) -> list[int]:
         """Task slots of each worker of the pool (at least one worker, one slot)."""
@@ -178,8 +183,18 @@ def build_pools(devices: Iterable[Any]) -> list[Pool]:
                           numpy_profile,
                           [p for p in numpy_raw if p is not None]
                           if complete and numpy_profile is not None else [],
-                          [_cpus(d) for d in devs] if complete else []))
+                          [_cpus(d) for d in devs] if complete else [],
+                          _device_memory(kind, devs)))
     return pools
+
+
+def _device_memory(kind: str, devs: list[Any]) -> int:
+    """The least device memory of an accelerator pool's workers; 0 for a CPU pool or
+    where any worker does not say."""
+    sizes = [int(getattr(d, "memory", 0) or 0) for d in devs]
+    if kind == "cpu" or not sizes or min(sizes) <= 0:
+        return 0
+    return min(sizes)
 
 
 def _numpy_profile(d: Any) -> Profile | None:

@@ -70,9 +70,18 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
     named = forced and cast(Target, route).backend is not None
     also = [] if named else [i for i in idx if pools[i].runs_host_numpy]
     allowed: list[list[int]] = []
+    fraction = device_memory_fraction() if any(p.device_memory for p in pools) else 1.0
     for op in model.ops:
         native = [i for i in matching if pools[i].backend in op.native
                   or (i in also and "numpy" in op.native)]
+        short = [i for i in native if not fits(op, pools[i], fraction)]
+        if short:
+            native = [i for i in native if i not in short]
+            if forced and not native:
+                raise MeshError(_too_big(op, [pools[i] for i in short], fraction)
+                                + ": use smaller chunks (rechunk) or route='auto'")
+            notes.append(_too_big(op, [pools[i] for i in short], fraction)
+                         + ": kept off them (smaller chunks would fit)")
         if native:
             allowed.append(native)
             continue
@@ -84,8 +93,64 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
             )
             allowed.append(fallback or matching)
         else:
-            allowed.append(host or idx)
+            rest = host or [i for i in idx if fits(op, pools[i], fraction)]
+            if not rest:
+                raise MeshError(_too_big(op, [pools[i] for i in idx], fraction)
+                                + ", and the mesh has no CPU workers: use smaller chunks "
+                                "(rechunk)")
+            allowed.append(rest)
     return allowed, notes
+
+
+def task_memory(op: Any) -> float:
+    """Bytes one task of ``op`` holds at once on its device: its inputs and its output
+    (a floor: a library may need room of its own besides)."""
+    return float(op.in_bytes) + float(op.out_bytes)
+
+
+def fits(op: Any, pool: Pool, fraction: float) -> bool:
+    """Whether one task of ``op`` fits in ``fraction`` of a worker's device memory
+    (always, where the pool's memory is not known or it is a CPU pool: Dask manages
+    host memory itself)."""
+    return not pool.device_memory or task_memory(op) <= fraction * pool.device_memory
+
+
+def all_fit(model: Any, pools: list[Pool]) -> bool:
+    """Whether every op's tasks fit on every pool (see :func:`fits`)."""
+    if not any(p.device_memory for p in pools):
+        return True
+    fraction = device_memory_fraction()
+    return all(fits(op, p, fraction) for op in model.ops for p in pools)
+
+
+def _too_big(op: Any, pools: list[Pool], fraction: float) -> str:
+    from ..inventory import format_bytes
+
+    least = min(p.device_memory for p in pools if p.device_memory)
+    labels = ", ".join(sorted({p.label for p in pools if p.device_memory}))
+    return (f"{op.label}: each task needs {format_bytes(int(task_memory(op)))} of device "
+            f"memory, more than the {labels} workers hold ({fraction:.0%} of "
+            f"{format_bytes(least)} each, mesh.router.device-memory-fraction)")
+
+
+def device_memory_fraction() -> float:
+    """``mesh.router.device-memory-fraction``: the share of an accelerator's memory one
+    task may take (the rest is the library's and its runtime's), above 0, at most 1."""
+    from .. import _config
+    from ..errors import MeshConfigError
+
+    value = _config.get("router.device-memory-fraction")
+    try:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        f = float(value)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not 0.0 < f <= 1.0:
+        raise MeshConfigError(
+            f"config mesh.router.device-memory-fraction must be a number above 0 and at "
+            f"most 1 (the share of a GPU's or TPU's memory one task may use), not {value!r}")
+    return f
 
 
 #: try the alternative schedules (each pool or site on its own) while
@@ -799,8 +864,8 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
                         notes: list[str]) -> tuple[bool, list[list[int]]]:
     """Whether routing would only get in the way (see :func:`equivalent_pools`); then
     every op may use every pool, and the notes say so."""
-    unrestricted = route == "auto" and site is None and not model.pins and equivalent_pools(
-        model, pools, cost)
+    unrestricted = route == "auto" and site is None and not model.pins and all_fit(
+        model, pools) and equivalent_pools(model, pools, cost)
     if unrestricted:
         allowed = [list(range(len(pools)))] * len(model.ops)
         # JAX CPU workers among them run the ops with NumPy: say so, and how to force
