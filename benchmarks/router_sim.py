@@ -52,14 +52,19 @@ def _model(name: str) -> Profile:
     return p
 
 
-def modelled_mesh(sites: int = 2) -> list[Device]:
-    """4×H100 and one 32-core CPU node at site A; 2×TPU v5e (and a CPU node) at site B."""
+def modelled_mesh(sites: int = 2, memory: bool = True) -> list[Device]:
+    """4×H100 and one 32-core CPU node at site A; 2×TPU v5e (and a CPU node) at site B.
+
+    ``memory=False``: the accelerators report no memory, so the planner does not keep
+    tasks off them for their size (the random DAGs' data volumes set their
+    communication-to-computation ratio; they are not what a task holds)."""
+    gpu_mem, tpu_mem = (80 << 30, 16 << 30) if memory else (0, 0)
     devs = [Device("sim://cpu-a", "cpu", "numpy", "32-core CPU", 1 << 38, "site-a", CPU_NODE,
                    name="cpu-a", nthreads=CPU_NODE_THREADS)]
-    devs += [Device(f"sim://h100-{i}", "gpu", "cupy", "H100", 80 << 30, "site-a",
+    devs += [Device(f"sim://h100-{i}", "gpu", "cupy", "H100", gpu_mem, "site-a",
                     _model("H100"), name=f"h100-{i}") for i in range(4)]
     site_b = "site-b" if sites > 1 else "site-a"
-    devs += [Device(f"sim://v5e-{i}", "tpu", "jax", "TPU v5e", 16 << 30, site_b,
+    devs += [Device(f"sim://v5e-{i}", "tpu", "jax", "TPU v5e", tpu_mem, site_b,
                     _model("TPU v5e"), name=f"v5e-{i}") for i in range(2)]
     if sites > 1:
         devs.append(Device("sim://cpu-b", "cpu", "numpy", "32-core CPU", 1 << 38, site_b,
@@ -891,7 +896,7 @@ def heft_dag(seed: int, ccr: float, n: int = 200, width: int = 12,
     random factor in [0.5, 1.5]); the WAN's latency comes on top. The ops are the
     array ops of :func:`random_dag`, so devices differ per op class as they do there."""
     base = random_dag(seed, n, width)
-    solo = [build_pools([d])[0] for d in (devices or modelled_mesh())]
+    solo = [build_pools([d])[0] for d in (devices or modelled_mesh(memory=False))]
     cost = CostModel(solo, links, task_overhead=1e-4)
     rng = random.Random(seed * 7919 + 1)
     for op in base.ops:

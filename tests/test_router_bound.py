@@ -11,12 +11,12 @@ from jupyter_mesh.router.cost import CostModel, build_pools
 router_sim = pytest.importorskip("benchmarks.router_sim")
 
 
-def _bound_and_placements(model, policies):
+def _bound_and_placements(model, policies, memory=True):
     """The bound of ``model``, checked below the policies' schedules and one device's
     (not the ``dask`` policy's: it times NumPy on an accelerator worker as a host CPU
     thread, another model than the router's cost model, which the bound uses);
     returns what random placements need: (bound, devices, per-device pools, cost)."""
-    devs = router_sim.modelled_mesh()
+    devs = router_sim.modelled_mesh(memory=memory)
     bound = router_sim.lower_bound(model, devs)
     assert bound > 0
     for policy in policies:
@@ -47,7 +47,8 @@ def test_bound_below_schedules_of_communication_heavy_dags(seed):
     # there the bound also serializes every ancestor a task shares its worker with
     ccr = router_sim.HEFT_CCRS[seed % len(router_sim.HEFT_CCRS)]
     model = router_sim.heft_dag(seed, ccr, n=16, width=4)
-    bound, devs, solo, cost = _bound_and_placements(model, ("router", "router-pool", "heft"))
+    bound, devs, solo, cost = _bound_and_placements(model, ("router", "router-pool", "heft"),
+                                                    memory=False)
     rng = random.Random(seed)
     for _ in range(30):
         # a few workers per schedule, neighbours often together (as good schedules do)
@@ -149,7 +150,7 @@ def test_bound_below_the_optimum_of_tiny_dags(seed):
     # a CPU node at one site and a TPU at the other, DAGs of 6 tasks at every CCR (where
     # moving data costs far more than computing it, the bound counts the tasks that must
     # share a worker, and comes close to the optimum)
-    devs = [d for d in router_sim.modelled_mesh()
+    devs = [d for d in router_sim.modelled_mesh(memory=False)
             if d.name in ("cpu-a", "h100-0", "h100-1", "v5e-0")]
     ccr = router_sim.HEFT_CCRS[seed % len(router_sim.HEFT_CCRS)]
     model = router_sim.heft_dag(seed, ccr, n=6, width=3, devices=devs)
