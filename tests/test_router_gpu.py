@@ -75,3 +75,15 @@ def test_the_gpu_pool_knows_the_devices_memory(mesh):
     big = da.zeros((n, n), chunks=n)
     with pytest.raises(jm.MeshError, match="device memory"):
         mesh.explain(big + 1, route="gpu")
+
+
+def test_numpy_scalars_and_0d_inputs_promote_as_numpy_does_on_the_gpu(mesh):
+    # NumPy 2 (NEP 50): a NumPy scalar or a 0-d array keeps its dtype, so a float32
+    # block times np.float64(2) is float64; CuPy 14 agrees (the gpu extra needs it)
+    x = da.random.random((400, 400), chunks=200).astype("float32")
+    colls = (x * np.float64(2), x - x.mean(), x + np.float32(1), (x > 0.5) * np.int64(3))
+    expected = dask.compute(*colls, scheduler="sync")
+    got = mesh.compute(*colls, route="gpu")
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype
+        np.testing.assert_allclose(g, e, rtol=1e-6)
