@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import _config, discovery  # noqa: F401  (Dask config section; kernel mesh discovery)
 from ._version import __version__
 from .devices import Profile
-from .errors import MeshConfigError, MeshError
+from .errors import MeshConfigError, MeshError, MeshFallbackWarning
 from .inventory import Device, Inventory
 from .mesh import Mesh, MeshVersionWarning, current
 
@@ -15,6 +15,7 @@ __all__ = [
     "Mesh",
     "MeshConfigError",
     "MeshError",
+    "MeshFallbackWarning",
     "MeshVersionWarning",
     "Profile",
     "__version__",

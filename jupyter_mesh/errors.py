@@ -9,3 +9,7 @@ class MeshError(RuntimeError):
 
 class MeshConfigError(MeshError, ValueError):
     """A ``mesh.*`` Dask config value is invalid; the message names the key."""
+
+
+class MeshFallbackWarning(RuntimeWarning):
+    """A routed computation lost a device kind and finished on what was left."""

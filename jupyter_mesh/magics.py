@@ -189,6 +189,7 @@ _OPTION_NAMES = {"jax_cpu": "jax-cpu", "threads_per_worker": "threads"}
 def _as_options(message: str) -> str:
     """An API message (``use gpu=0 or 'auto'``) as the magic's options spell it
     (``use --gpu 0 or 'auto'``)."""
+    message = message.replace("cpu and jax_cpu together", "--cpu and --jax-cpu together")
     return _API_OPTION.sub(
         lambda m: f"--{_OPTION_NAMES.get(m.group(1), m.group(1))} {m.group(2).strip(chr(39))}",
         message)
@@ -200,6 +201,8 @@ class MeshMagics(Magics):
 
     @line_cell_magic
     def mesh(self, line: str, cell: str | None = None) -> Any:
+        # IPython hands a magic its line as typed, a trailing "# comment" included
+        line = strip_comment(line)
         if cell is not None:
             if _asks_help(line):
                 print(_help_text(_cell_args, "%%mesh"))
@@ -477,6 +480,27 @@ def _site(value: str) -> str:
         return check_site(value)
     except MeshError as exc:
         raise UsageError(f"--site: {exc}") from None
+
+
+def strip_comment(line: str) -> str:
+    """``line`` without a trailing comment: from a ``#`` that starts a word (at the
+    start or after whitespace) outside quotes, as Python and the shell read one
+    (``tcp://host#x`` and ``'#'`` keep theirs)."""
+    quote = ""
+    escaped = False
+    for i, c in enumerate(line):
+        if escaped:
+            escaped = False
+        elif c == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            if c == quote:
+                quote = ""
+        elif c in "'\"":
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i].rstrip()
+    return line
 
 
 def split(line: str) -> list[str]:

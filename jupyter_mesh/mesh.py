@@ -11,9 +11,9 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 import weakref
-from contextlib import AbstractContextManager
 from typing import Any, Literal, overload
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
@@ -74,6 +74,14 @@ def check_local_count(name: str, value: Any) -> int:
         raise MeshError(f"{name} must be a whole number from 0 to {top} (four workers per "
                         f"core here), not {value!r}")
     return n
+
+
+def check_cpu_total(cpu: int, jax_cpu: int) -> None:
+    """At most four CPU worker processes per core, NumPy and JAX ones together."""
+    top = most_local_workers()
+    if cpu + jax_cpu > top:
+        raise MeshError(f"cpu and jax_cpu together must be at most {top} workers (four CPU "
+                        f"workers per core here), not {cpu} + {jax_cpu}: use fewer")
 
 
 def _dashboard_missing(client: Client) -> bool:
@@ -291,8 +299,6 @@ class Mesh:
         #: lists that each routed computation's report is appended to while they are
         #: here (a %%mesh cell collects the reports of its computations this way)
         self.report_sinks: list[list[Any]] = []
-        #: the routing context that ``%mesh route`` keeps open (see ``set_route``)
-        self._route_persistent: AbstractContextManager[Any] | None = None
         self._scheduler_plugin = True
         #: (the workers' make-up, Dask's costs measured on them): see calibrate
         self._calibration: tuple[Any, Any] | None = None
@@ -361,6 +367,7 @@ class Mesh:
         check_replace(replace)
         cpu_n = check_local_count("cpu", cpu)
         jax_n = check_local_count("jax_cpu", jax_cpu)
+        check_cpu_total(cpu_n, jax_n)
         gpu_req = check_count("gpu", gpu, allow_auto=True)
         tpu_req = check_count("tpu", tpu, allow_auto=True)
         site = check_site(site)
@@ -736,6 +743,8 @@ class Mesh:
         spec = self.cluster.worker_spec
         after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
         after.update(checked)
+        if "cpu" in checked or "jax_cpu" in checked:
+            check_cpu_total(after["cpu"], after["jax_cpu"])
         if sum(after.values()) == 0:
             raise MeshError("a mesh needs at least one device: keep cpu=1 or more")
         nthreads = self.options.get("threads_per_worker", 1)
@@ -820,12 +829,11 @@ class Mesh:
         """Close the client and, for a local mesh, its scheduler and workers."""
         if self.closed:
             return
-        # a persistent %mesh route of this mesh ends with it: plain Dask calls must not
-        # go on routing to a closed mesh
-        if getattr(self, "_route_persistent", None) is not None:
-            from .router.api import set_route
-
-            set_route(self, "off")
+        # routes to this mesh (a %mesh route, a block it closes inside) end with it, before
+        # its client goes: plain Dask calls must not go on routing to a closed mesh
+        api = sys.modules.get("jupyter_mesh.router.api")  # nothing routed if not loaded
+        if api is not None:
+            api.forget_routes(self)
         self._close_remote_cells()
         if self.cluster is not None:
             self._forget_routes()

@@ -7,6 +7,7 @@ from IPython.core.error import UsageError
 
 import jupyter_mesh as jm
 from jupyter_mesh import _state
+from jupyter_mesh.mesh import most_local_workers
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,12 @@ def test_start_status_and_compute(ip, started, capsys):
         ("scale --cpu many", "--cpu must be a whole number >= 0"),
         ("scale --cpu 10000", r"^--cpu must be a whole number from 0 to \d+"),
         ("scale --jax-cpu 10000", r"^--jax-cpu must be a whole number from 0 to \d+"),
+        # the NumPy and JAX CPU workers share the limit
+        (f"scale --jax-cpu {most_local_workers()}",
+         rf"^--cpu and --jax-cpu together must be at most {most_local_workers()} workers "
+         rf"\(four CPU workers per core here\), not 1 \+ {most_local_workers()}: use fewer$"),
+        (f"start --replace --cpu 1 --jax-cpu {most_local_workers()}",
+         r"^--cpu and --jax-cpu together must be at most"),
         ("scale --gpu 2", "no CUDA GPU found for that many gpu workers: use --gpu 0$"),
         ("scale --tpu 1", r"no TPU found for that many tpu workers .*: use --tpu 0$"),
         ("scale --cpu 0", "a mesh needs at least one device: keep --cpu 1 or more$"),
@@ -155,6 +162,28 @@ def test_cell_route_off_overrides_kernel_route(ip, started):
         ip.run_line_magic("mesh", "route off")
 
 
+def test_a_route_set_inside_a_routed_cell_holds_after_it(ip, started, capsys):
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    try:
+        ip.run_line_magic("mesh", "route cpu")
+        ip.run_cell_magic("mesh", "--route auto",
+                          "%mesh route off\n_inside = __import__('jupyter_mesh').current()"
+                          ".route_mode")
+        assert ip.user_ns["_inside"] == "auto"  # the cell's route while it runs
+        assert "set to off for the kernel, from the end of the block" in \
+            capsys.readouterr().out
+        assert started.route_mode == "off"  # the last route set, once the cell ended
+        assert dask.config.get("scheduler", None) == before
+        ip.run_cell_magic("mesh", "--route off", "%mesh route auto")
+        assert started.route_mode == "auto"
+    finally:
+        ip.run_line_magic("mesh", "route off")
+    assert started.route_mode == "off"
+    assert dask.config.get("scheduler", None) == before
+
+
 def test_a_quoted_route_is_taken_as_typed(ip, started, capsys):
     try:
         ip.run_line_magic("mesh", "route 'auto'")
@@ -163,6 +192,27 @@ def test_a_quoted_route_is_taken_as_typed(ip, started, capsys):
         assert started.route_mode == "off"
     finally:
         ip.run_line_magic("mesh", "route off")
+
+
+def test_a_trailing_comment_is_not_an_argument(ip, started, capsys):
+    # lines copied with their comments, as the README shows them
+    try:
+        ip.run_line_magic("mesh", "route auto                # every compute routed")
+        assert started.route_mode == "auto"
+        ip.run_line_magic("mesh", "                          # status: devices by kind")
+        assert "cpu @ magic-site: 1" in capsys.readouterr().out
+        ip.run_cell("import dask.array as da; _c = da.ones((100, 100), chunks=50)")
+        plan = ip.run_line_magic("mesh", "explain _c.sum()  # the plan, nothing runs")
+        assert plan.rows and plan.route == "auto"
+        ip.run_cell_magic("mesh", "--route off   # this cell unrouted",
+                          "_t = _c.sum().compute()")
+        assert ip.user_ns["_t"] == 10_000
+        # a "#" inside a word or quotes is the user's own
+        with pytest.raises(UsageError, match="'#x'"):
+            ip.run_line_magic("mesh", "route '#x'  # not a route")
+    finally:
+        ip.run_line_magic("mesh", "route off  # back")
+    assert started.route_mode == "off"
 
 
 def test_a_start_that_fails_outside_the_mesh_is_one_line_and_keeps_the_mesh(

@@ -12,6 +12,7 @@ from distributed import Client, SpecCluster, get_client
 
 import jupyter_mesh as jm
 from jupyter_mesh import MeshError
+from jupyter_mesh.mesh import most_local_workers as _most
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,10 @@ def test_reprs(mesh):
                           r"core here\), not 10000"),
         ({"jax_cpu": 10_000}, r"jax_cpu must be a whole number from 0 to \d+ \(four "
                               r"workers per core here\)"),
+        # each within the limit, together over it
+        ({"cpu": _most(), "jax_cpu": 1}, rf"cpu and jax_cpu together must be at most "
+                                         rf"{_most()} workers \(four CPU workers per core "
+                                         rf"here\), not {_most()} \+ 1: use fewer$"),
     ],
 )
 def test_bad_arguments_leave_the_mesh_alone(mesh, kwargs, match):

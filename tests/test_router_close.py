@@ -49,3 +49,61 @@ def test_closing_a_mesh_ends_its_persistent_route():
     assert m.route_mode == "off"
     assert dask.config.get("scheduler", None) is before
     assert da.ones(10, chunks=5).sum().compute(scheduler="threads") == 10
+
+
+def test_a_mesh_closed_inside_a_route_block_leaves_plain_dask_working():
+    # the block ends after its mesh: Dask's config must be what it was before, not the
+    # closed client's "dask.distributed" that the block found when it began
+    import dask
+    import dask.array as da
+
+    before = dask.config.get("scheduler", None)
+    with fresh_local_mesh(cpu=1) as m:
+        with m.route("auto"):
+            m.close()
+        assert m.route_mode == "off"
+    assert dask.config.get("scheduler", None) == before
+    assert da.ones(10, chunks=5).sum().compute() == 10
+
+
+def test_routes_that_end_out_of_order_leave_the_last_one_set():
+    # a kernel route set inside a block holds after the block; one cleared inside it
+    # stays cleared; nothing stale is left in Dask's config
+    import dask
+    import dask.array as da
+
+    from jupyter_mesh.router import api
+
+    with fresh_local_mesh(cpu=1) as m:
+        before = dask.config.get("scheduler", None)  # the mesh's client's
+        x = da.ones((40, 40), chunks=20)
+        try:
+            api.set_route(m, "cpu")
+            with m.route("auto"):
+                api.set_route(m, "off")
+                assert m.route_mode == "auto"  # the block's route while it lasts
+            assert m.route_mode == "off"
+            assert dask.config.get("scheduler", None) == before
+            report = m.last_report
+            assert x.sum().compute() == 1600
+            assert m.last_report is report  # not routed
+            with m.route("off"):
+                api.set_route(m, "auto")
+                assert m.route_mode == "off"
+                assert dask.config.get("scheduler", None) == before
+            assert m.route_mode == "auto"
+            assert x.sum().compute() == 1600
+            assert m.last_report is not report and m.last_report.plan.route == "auto"
+            # two blocks that end in the other order
+            outer = m.route("cpu")
+            inner = m.route("off")
+            outer.__enter__()
+            inner.__enter__()
+            outer.__exit__(None, None, None)
+            assert m.route_mode == "off"  # the inner block is still there
+            inner.__exit__(None, None, None)
+            assert m.route_mode == "auto"  # the kernel's again
+        finally:
+            api.set_route(m, "off")
+        assert m.route_mode == "off"
+        assert dask.config.get("scheduler", None) == before

@@ -9,8 +9,7 @@ import warnings
 import dask
 import pytest
 
-from jupyter_mesh import MeshError
-from jupyter_mesh.router.api import MeshFallbackWarning
+from jupyter_mesh import MeshError, MeshFallbackWarning
 
 from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
 

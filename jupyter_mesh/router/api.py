@@ -18,7 +18,7 @@ from dask.base import tokenize
 from dask.utils import funcname
 
 from .. import _config, progress
-from ..errors import MeshError
+from ..errors import MeshError, MeshFallbackWarning
 from ..targets import Target, site_resource
 from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, SETTLE_HANDLER, STATUS_HANDLER
@@ -59,10 +59,6 @@ if TYPE_CHECKING:
     from distributed.core import PooledRPCCall, rpc
 
     from ..mesh import Mesh
-
-
-class MeshFallbackWarning(RuntimeWarning):
-    """A routed computation lost a device kind and finished on what was left."""
 
 
 class FallbackNotices:
@@ -728,8 +724,8 @@ def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
         return dsk
 
 
-def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Any:
-    """A context manager that routes plain ``.compute()`` calls; checks ``mode`` now."""
+def _checked_route(mesh: Mesh, mode: Any, fallback: bool) -> str | Target:
+    """``mode`` parsed, ``fallback`` checked, and a forced target one the mesh has."""
     route = parse_route_or_error(mode)
     check_fallback(fallback)
     if isinstance(route, Target):
@@ -740,52 +736,121 @@ def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Any:
                 f"no live {route} worker: the mesh has {have or 'no devices'}; use 'auto' "
                 f"or one of {', '.join(sorted(inv.by_target()))}"
             )
-    return _route_context(mesh, route, fallback)
+    return route
+
+
+def route_context(mesh: Mesh, mode: Any, fallback: bool = True) -> Any:
+    """A context manager that routes plain ``.compute()`` calls; checks ``mode`` now."""
+    return _route_context(mesh, _checked_route(mesh, mode, fallback), fallback)
+
+
+@dataclasses.dataclass(eq=False)
+class _Route:
+    """A route in force: set for the kernel (``%mesh route``) or for a block."""
+
+    mesh: Mesh
+    route: str | Target
+    fallback: bool
+
+
+class _Routes:
+    """Every route in force in this process and the Dask config they set.
+
+    The newest block (``with mesh.route(...)``, a ``%%mesh`` cell) decides; without one,
+    the kernel's route (``%mesh route``, the newest set) does. Blocks may end in any
+    order (a cell that sets ``%mesh route`` inside, a mesh closed inside a block): each
+    takes only itself away, and Dask's config is set from what is left, never restored
+    from a snapshot that a later change made stale. While something routes, Dask's
+    ``scheduler`` and ``array_optimize`` settings are the router's; the values they had
+    come back when nothing routes any more.
+    """
+
+    KEYS = ("scheduler", "array_optimize")
+
+    def __init__(self) -> None:
+        self.kernel: _Route | None = None
+        self.blocks: list[_Route] = []
+        self.installed: _RoutedScheduler | None = None
+        self.saved: dict[str, Any] = {}
+        self.meshes: list[Any] = []  # weak references to the meshes that routed
+
+    def current(self) -> _Route | None:
+        return self.blocks[-1] if self.blocks else self.kernel
+
+    def _seen(self, mesh: Mesh) -> None:
+        import weakref
+
+        self.meshes = [r for r in self.meshes if r() is not None]
+        if not any(r() is mesh for r in self.meshes):
+            self.meshes.append(weakref.ref(mesh))
+
+    def push(self, entry: _Route) -> None:
+        self._seen(entry.mesh)
+        self.blocks.append(entry)
+        self.sync()
+
+    def pop(self, entry: _Route) -> None:
+        self.blocks = [b for b in self.blocks if b is not entry]
+        self.sync()
+
+    def set_kernel(self, entry: _Route | None, mesh: Mesh) -> None:
+        self._seen(mesh)
+        self.kernel = entry
+        self.sync()
+
+    def forget(self, mesh: Mesh) -> None:
+        """A mesh closes: nothing routes to it any more."""
+        if self.kernel is not None and self.kernel.mesh is mesh:
+            self.kernel = None
+        self.blocks = [b for b in self.blocks if b.mesh is not mesh]
+        self.sync()
+
+    def sync(self) -> None:
+        cfg = dask.config.config
+        now = self.current()
+        if now is not None and now.route != "off":
+            scheduler = _RoutedScheduler(now.mesh, now.route, now.fallback)
+            if self.installed is None:
+                self.saved = {k: cfg[k] for k in self.KEYS if k in cfg}
+            cfg["scheduler"] = scheduler
+            cfg["array_optimize"] = _cull_only
+            self.installed = scheduler
+        elif self.installed is not None:
+            if cfg.get("scheduler") is self.installed:  # not changed by someone else since
+                for k in self.KEYS:
+                    cfg.pop(k, None)
+                cfg.update(self.saved)
+            self.installed, self.saved = None, {}
+        for ref in self.meshes:
+            m = ref()
+            if m is not None:
+                m.route_mode = str(now.route) if now is not None and now.mesh is m else "off"
+
+
+ROUTES = _Routes()
 
 
 @contextlib.contextmanager
 def _route_context(mesh: Mesh, route: Any, fallback: bool) -> Iterator[Mesh]:
-    previous = mesh.route_mode
-    mesh.route_mode = str(route)
+    entry = _Route(mesh, route, fallback)
+    ROUTES.push(entry)
     try:
-        if route == "off":
-            with _unrouted():  # inside a persistent `%mesh route`, off means off
-                yield mesh
-            return
-        scheduler = _RoutedScheduler(mesh, route, fallback)
-        with dask.config.set(scheduler=scheduler, array_optimize=_cull_only):
-            yield mesh
+        yield mesh
     finally:
-        mesh.route_mode = previous
-
-
-@contextlib.contextmanager
-def _unrouted() -> Iterator[None]:
-    """Undo, for the block, the dask config a routing context set (if any)."""
-    cfg = dask.config.config
-    saved = {}
-    if isinstance(cfg.get("scheduler"), _RoutedScheduler):
-        saved = {k: cfg.pop(k) for k in ("scheduler", "array_optimize") if k in cfg}
-    try:
-        yield
-    finally:
-        cfg.update(saved)
+        ROUTES.pop(entry)
 
 
 def set_route(mesh: Mesh, mode: Any, fallback: bool = True) -> None:
-    """Route plain Dask calls from now on (``%mesh route``), until set to ``off``."""
-    route = parse_route_or_error(mode)
-    # checked before the route in force is left: a bad one changes nothing
-    ctx = None if route == "off" else route_context(mesh, route, fallback)
-    previous = getattr(mesh, "_route_persistent", None)
-    if previous is not None:
-        mesh._route_persistent = None
-        previous.__exit__(None, None, None)
-    if ctx is None:
-        mesh.route_mode = "off"
-        return
-    ctx.__enter__()
-    mesh._route_persistent = ctx
+    """Route plain Dask calls from now on (``%mesh route``), until set to ``off``; a
+    block in force (``with mesh.route``, a ``%%mesh`` cell) keeps its own until it ends.
+    A bad route changes nothing."""
+    route = _checked_route(mesh, mode, fallback)
+    ROUTES.set_kernel(None if route == "off" else _Route(mesh, route, fallback), mesh)
+
+
+def forget_routes(mesh: Mesh) -> None:
+    """Routes to ``mesh`` end (it closes): plain Dask calls go back to what they did."""
+    ROUTES.forget(mesh)
 
 
 # ---------------------------------------------------------------- submit

@@ -41,7 +41,11 @@ def route_line(shell: Any, mesh: Any, target: str | None) -> None:
         api.set_route(mesh, route)
     except MeshError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    if route == "off":
+    if mesh.route_mode != str(route):  # a %%mesh cell or a with-block around this line
+        print(f"Routing of plain Dask calls set to {route} for the kernel, from the end of "
+              f"the block that routes them {mesh.route_mode} now (this %%mesh cell or "
+              f"with mesh.route(...)).")
+    elif route == "off":
         print("Routing off: plain Dask calls run where Dask puts them.")
     else:
         print(f"Routing plain Dask calls: {route} (%mesh route off to stop)")
