@@ -644,6 +644,26 @@ def test_submit_moves_arrays_to_the_workers_backend(mesh):
     assert got_a == "numpy"
 
 
+def _module(a):
+    return type(a).__module__.split(".")[0], a.dtype.str
+
+
+def test_submit_to_jax_keeps_on_the_host_what_jax_would_not_hold_as_it_is(mesh):
+    # np.matrix's * is a matrix product: as a JAX array it would be elementwise
+    m = np.asmatrix([[1.0, 2.0], [3.0, 4.0]])
+    expected = (m * m).tolist()
+    for on in ("cpu:jax", "cpu:numpy"):
+        assert mesh.submit(lambda a: a * a, m, on=on).result().tolist() == expected
+    # dtypes JAX has no such thing for: the function gets the host array, no error
+    for a in (np.array(["a", "b"]), np.array([1, None], dtype=object),
+              np.array(["2026-11-29"], dtype="datetime64[D]"),
+              np.ones(2, dtype=np.longdouble)):
+        module, dtype = mesh.submit(_module, a, on="cpu:jax").result()
+        assert (module, dtype) == (type(a).__module__.split(".")[0], a.dtype.str)
+    # numbers it has still go to JAX
+    assert mesh.submit(_module, np.arange(3), on="cpu:jax").result()[0] == "jaxlib"
+
+
 def _first_set(a):
     a = a.copy()  # in place: NumPy allows it, JAX's immutable arrays do not
     a[0] = 99.0

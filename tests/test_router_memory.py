@@ -89,7 +89,7 @@ def test_a_tpu_too_small_is_skipped_but_a_gpu_that_fits_is_used():
 
 
 def test_with_no_cpu_and_no_device_large_enough_the_plan_says_so():
-    with pytest.raises(MeshError, match=r"no CPU workers: use smaller chunks"):
+    with pytest.raises(MeshError, match=r"no CPU workers to run it: use smaller chunks"):
         plan_collections([matmul_pipeline()], devices(4 * MIB, cpus=0))
 
 
@@ -127,3 +127,27 @@ def test_meshes_without_accelerators_never_read_the_setting():
     with dask.config.set({"mesh.router.device-memory-fraction": "lots"}):
         plan = plan_collections([matmul_pipeline()], cpus)
     assert targets(plan, "matmul") == {"cpu:numpy"}
+
+
+def test_the_largest_block_decides_not_the_mean_one():
+    # one 3700 x 4000 float64 block (113 MiB) among three small ones: the mean block
+    # (29 MiB) would fit in 90% of a 128 MiB GPU, the largest exp task (226 MiB) does not
+    x = da.ones((4000, 4000), chunks=((100, 100, 100, 3700), (4000,)))
+    for threshold in (20_000, 1):  # the per-task and the per-layer plan
+        with dask.config.set({"mesh.router.layer-plan-threshold": threshold}):
+            with pytest.raises(MeshError, match=r"^exp: each task needs 225\.8 MiB"):
+                plan_collections([da.exp(x)], devices(128 * MIB), route="gpu")
+            plan = plan_collections([da.exp(x)], devices(128 * MIB))
+            assert "gpu:cupy" not in {r["target"] for r in plan.rows if r["op"] == "exp"}
+    # regular blocks of the same mean size fit
+    y = da.ones((4000, 4000), chunks=(1000, 4000))
+    assert targets(plan_collections([da.exp(y)], devices(128 * MIB), route="gpu"),
+                   "exp") == {"gpu:cupy"}
+
+
+def test_an_op_no_device_runs_is_never_kept_off_for_its_size():
+    # random creation runs NumPy in the worker's host memory wherever it goes: on a
+    # mesh of GPUs alone it is placed on them whatever the size of its blocks
+    x = da.random.random((4000, 4000), chunks=2000)  # 30.5 MiB blocks
+    plan = plan_collections([x], devices(20 * MIB, cpus=0))
+    assert targets(plan, "random_sample") == {"gpu:cupy"}

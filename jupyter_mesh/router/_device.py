@@ -410,8 +410,11 @@ class SubmitCall:
             backend = get_backend(name)
 
             def move(x: Any) -> Any:
-                # an array the device has no dtype for stays a host array
-                return backend.to_device(x) if backend.holds(x) else to_host_any(x)
+                # an array the device has no dtype for, or that a device array would
+                # not be (np.matrix, whose * is a matrix product; a masked array's
+                # mask), stays a host array, as routed tasks keep such inputs
+                return (backend.to_device(x) if _plain(backend, x) and backend.holds(x)
+                        else to_host_any(x))
         args = _map(move, args)
         kwargs = _map(move, kwargs)
         out = self.func(*args, **kwargs)

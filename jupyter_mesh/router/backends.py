@@ -82,7 +82,8 @@ class Backend:
         return measure_namespace(self.namespace(), self.synchronize, budget, self.name)
 
     def _fail(self, what: str, exc: BaseException) -> MeshError:
-        return MeshError(f"backend {self.name!r}: {what} failed: {exc}")
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return MeshError(f"backend {self.name!r}: {what} failed: {why}")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -147,12 +148,7 @@ class CupyBackend(Backend):
     def holds(self, x: Any) -> bool:
         """CuPy has booleans and numbers only (no object, string, datetime or
         structured dtypes) and no extended precision (``longdouble``)."""
-        import numpy
-
-        dtype = getattr(x, "dtype", None)
-        if not isinstance(dtype, numpy.dtype) or self.is_device_array(x):
-            return True  # not a NumPy-like array: its own conversion decides
-        return dtype.kind in "biufc" and dtype.itemsize <= (16 if dtype.kind == "c" else 8)
+        return self.is_device_array(x) or _numeric(x)
 
     def to_device(self, x: Any) -> Any:
         if self.is_device_array(x) or not _is_array(x):
@@ -202,6 +198,13 @@ class JaxBackend(Backend):
         mod = type(x).__module__
         return (mod.startswith("jax") or mod.startswith("jaxlib")) and hasattr(x, "devices")
 
+    def holds(self, x: Any) -> bool:
+        """JAX has booleans and numbers only (no object, string, datetime or structured
+        dtypes) and no extended precision (``longdouble``). (Routed tasks go further:
+        :func:`jax_ops.same_numbers` keeps them to dtypes where JAX gives NumPy's
+        numbers.)"""
+        return self.is_device_array(x) or _numeric(x)
+
     def to_device(self, x: Any) -> Any:
         if self.is_device_array(x) or not _is_array(x):
             return x
@@ -220,6 +223,18 @@ class JaxBackend(Backend):
             except Exception as exc:
                 raise self._fail("copy to host", exc) from None
         return x
+
+
+def _numeric(x: Any) -> bool:
+    """Whether ``x``'s dtype is one a device library has: booleans and numbers, up to
+    64-bit (128-bit complex); True where ``x`` has no NumPy dtype (its own conversion
+    decides)."""
+    import numpy
+
+    dtype = getattr(x, "dtype", None)
+    if not isinstance(dtype, numpy.dtype):
+        return True
+    return dtype.kind in "biufc" and dtype.itemsize <= (16 if dtype.kind == "c" else 8)
 
 
 def _is_array(x: Any) -> bool:

@@ -128,6 +128,11 @@ class OpInfo:
     #: per-chunk step), the block its input has: what an input-less layer before it
     #: whose size is unknown takes (empty where the op keeps the block)
     in_block: tuple[float, ...] = ()
+    #: bytes of the op's largest output block and of the largest inputs one task reads
+    #: (chunks may differ in size: ``in_bytes`` and ``out_bytes`` are means); 0: as
+    #: the means. What a device must hold at once (see ``placement.task_memory``)
+    peak_out_bytes: float = 0.0
+    peak_in_bytes: float = 0.0
 
     def to_row(self) -> dict[str, Any]:
         return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
@@ -206,6 +211,29 @@ def _layer_meta(layer: Any, sample: Any = None
         return None
     kept = _kept_dims(block, sample)
     return kept, int(size), block if kept != block else ()
+
+
+def _largest_block_bytes(layer: Any, sample: Any = None) -> float:
+    """Bytes of a layer's largest block, from its collection annotations (0 where they
+    do not say)."""
+    ann = getattr(layer, "collection_annotations", None) or {}
+    chunks = ann.get("chunks")
+    if not chunks:
+        return 0.0
+    try:
+        largest = tuple(float(max(c)) if len(c) else 0.0 for c in chunks)
+        dtype = ann.get("dtype")
+        size = np.dtype(dtype).itemsize if dtype is not None else 8
+    except Exception:
+        return 0.0
+    if any(math.isnan(b) for b in largest):
+        return 0.0
+    return float(math.prod(_kept_dims(largest, sample))) * size
+
+
+def peak_out(op: OpInfo) -> float:
+    """Bytes of ``op``'s largest output block."""
+    return max(op.peak_out_bytes, op.out_bytes)
 
 
 def _kept_dims(block: tuple[float, ...], sample: Any) -> tuple[float, ...]:
@@ -316,6 +344,8 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         # old name and a token
         before = built.layers.get(name) or built.layers.get(name.rsplit("-", 1)[0])
         metas.append(_layer_meta(layer if before is None else before, sample))
+        ops[-1].peak_out_bytes = _largest_block_bytes(layer if before is None else before,
+                                                      sample)
         for k in items:
             layer_of_key[k] = idx
         raw.update(items)
@@ -500,7 +530,7 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
             if parents:
                 src = ops[max(parents, key=lambda p: ops[p].out_bytes)]
                 op.block, op.itemsize = src.block, src.itemsize
-                op.out_bytes = src.out_bytes
+                op.out_bytes, op.peak_out_bytes = src.out_bytes, src.peak_out_bytes
                 known[li] = True
             else:
                 op.block, op.itemsize, op.out_bytes = (), 8, 8.0
@@ -514,11 +544,16 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
             if p != li:
                 children[p].add(li)
     inherit_sizes(ops, known, children)
+    in_peak = [0.0] * n
+    peaks = [peak_out(op) for op in ops]
     for i, ds in enumerate(deps):
         li = layer[i]
         for d in ds:
             in_sum[li] += ops[layer[d]].out_bytes
+        if ds:  # each input at its layer's largest block: a bound for this task
+            in_peak[li] = max(in_peak[li], sum(peaks[layer[d]] for d in ds))
     for li, op in enumerate(ops):
+        op.peak_in_bytes = in_peak[li]
         op.in_bytes = in_sum[li] / counts[li] if counts[li] else 0.0
         op.flops, op.mem_bytes = task_cost(op, [ops[p] for p in dep_layers[li] if p != li])
 

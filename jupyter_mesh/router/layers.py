@@ -36,6 +36,7 @@ from ..errors import MeshError
 from ._device import DeviceCall
 from .classify import (
     OpInfo,
+    _largest_block_bytes,
     _layer_meta,
     _layer_order,
     _sample_func,
@@ -45,6 +46,7 @@ from .classify import (
     layer_label,
     op_native,
     passed_callables,
+    peak_out,
     task_cost,
 )
 from .cost import CostModel, Pool, reshared
@@ -152,6 +154,8 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
                           passes=passes))
         names.append(name)
         metas.append(_layer_meta(layer, layer.task if isinstance(layer, Blockwise) else sample))
+        ops[-1].peak_out_bytes = _largest_block_bytes(
+            layer, layer.task if isinstance(layer, Blockwise) else sample)
         reads.append(per_arg)
     missing = {key_name(k) for k in outputs} - set(index)
     if missing:
@@ -165,7 +169,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
     deps: list[list[tuple[int, float]]] = []
     for li, op in enumerate(ops):
         row: list[tuple[int, float]] = []
-        in_bytes = 0.0
+        in_bytes = in_peak = 0.0
         for d in dep_idx[li]:
             per = reads[li].get(names[d])
             if per is None:  # spread the producer's blocks over this layer's tasks
@@ -173,8 +177,10 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
             nb = per * ops[d].out_bytes
             row.append((d, nb))
             in_bytes += nb
+            in_peak += per * peak_out(ops[d])
         deps.append(row)
         op.in_bytes = in_bytes
+        op.peak_in_bytes = in_peak
         op.flops, op.mem_bytes = task_cost(op, [ops[d] for d in dep_idx[li]])
         op.native = op_native(op)
     return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
@@ -196,6 +202,7 @@ def _layer_costs(ops: list[OpInfo], metas: list[Any], dep_idx: list[list[int]]) 
         if parents:
             src = ops[max(parents, key=lambda p: ops[p].out_bytes)]
             op.block, op.itemsize, op.out_bytes = src.block, src.itemsize, src.out_bytes
+            op.peak_out_bytes = src.peak_out_bytes
             known[li] = True
         else:
             op.block, op.itemsize, op.out_bytes = (), 8, 8.0

@@ -77,9 +77,11 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
         short = [i for i in native if not fits(op, pools[i], fraction)]
         if short:
             native = [i for i in native if i not in short]
-            if forced and not native:
-                raise MeshError(_too_big(op, [pools[i] for i in short], fraction)
-                                + ": use smaller chunks (rechunk) or route='auto'")
+            if not native and (forced or not host):
+                raise MeshError(_too_big(op, [pools[i] for i in short], fraction) + (
+                    ": use smaller chunks (rechunk) or route='auto'" if forced else
+                    ", and the mesh has no CPU workers to run it: use smaller chunks "
+                    "(rechunk)"))
             notes.append(_too_big(op, [pools[i] for i in short], fraction)
                          + ": kept off them (smaller chunks would fit)")
         if native:
@@ -93,19 +95,17 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
             )
             allowed.append(fallback or matching)
         else:
-            rest = host or [i for i in idx if fits(op, pools[i], fraction)]
-            if not rest:
-                raise MeshError(_too_big(op, [pools[i] for i in idx], fraction)
-                                + ", and the mesh has no CPU workers: use smaller chunks "
-                                "(rechunk)")
-            allowed.append(rest)
+            # no pool runs it on its device: it runs NumPy, in host memory, wherever
+            allowed.append(host or idx)
     return allowed, notes
 
 
 def task_memory(op: Any) -> float:
-    """Bytes one task of ``op`` holds at once on its device: its inputs and its output
-    (a floor: a library may need room of its own besides)."""
-    return float(op.in_bytes) + float(op.out_bytes)
+    """Bytes the largest task of ``op`` holds at once on its device: its inputs and its
+    output (a floor: a library may need room of its own besides), each input at its
+    layer's largest block where chunks differ in size."""
+    return (max(float(op.in_bytes), float(getattr(op, "peak_in_bytes", 0.0)))
+            + max(float(op.out_bytes), float(getattr(op, "peak_out_bytes", 0.0))))
 
 
 def fits(op: Any, pool: Pool, fraction: float) -> bool:
