@@ -83,6 +83,7 @@ def parse_target(text: str) -> Target:
         )
     raw = text.strip().lower()
     kind, sep, backend = raw.partition(":")
+    kind, backend = kind.strip(), backend.strip()  # "cpu : jax" as "cpu:jax"
     if kind not in KINDS or (sep and backend not in KIND_BACKENDS[kind]
                              and backend not in kind_backends(kind)):
         raise ValueError(

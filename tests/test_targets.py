@@ -8,6 +8,7 @@ from jupyter_mesh.targets import Target, parse_route, parse_target
 def test_parse_kind_and_backend():
     assert parse_target("gpu") == Target("gpu", None)
     assert parse_target("cpu:jax") == Target("cpu", "jax")
+    assert parse_target(" Cpu : JAX ") == Target("cpu", "jax")  # spaced as people type
     assert str(parse_target("TPU")) == "tpu"
     assert parse_target("cpu:jax").matches("cpu", "jax")
     assert not parse_target("cpu:jax").matches("cpu", "numpy")
