@@ -84,6 +84,21 @@ def check_cpu_total(cpu: int, jax_cpu: int) -> None:
                         f"workers per core here), not {cpu} + {jax_cpu}: use fewer")
 
 
+def _no_stale_distributed_scheduler() -> None:
+    """Once no default client is left, plain Dask calls must not ask for one.
+
+    A default Dask client restores, when it closes last, the ``scheduler`` setting it
+    found; one started while another was still open (``Mesh.local(replace=True)`` starts
+    the new mesh before it closes the old, to keep the old one if the new one fails)
+    found ``"dask.distributed"``, so plain ``.compute()`` would fail ("no Client
+    active") after both closed."""
+    import dask.config
+    from distributed.client import _get_global_client
+
+    if dask.config.get("scheduler", None) == "dask.distributed" and _get_global_client() is None:
+        dask.config.config.pop("scheduler", None)
+
+
 def _dashboard_missing(client: Client) -> bool:
     """Whether the scheduler serves no dashboard although Dask gives a link to one: a
     scheduler started with ``--no-dashboard`` still runs its HTTP server (health,
@@ -844,6 +859,7 @@ class Mesh:
             if self.cluster is not None:
                 self.cluster.close()
             self._quiet.close()
+            _no_stale_distributed_scheduler()
             if _state._current is self:
                 _state.set_current(None)
             _state.notify("close", self)

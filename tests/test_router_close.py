@@ -107,3 +107,19 @@ def test_routes_that_end_out_of_order_leave_the_last_one_set():
             api.set_route(m, "off")
         assert m.route_mode == "off"
         assert dask.config.get("scheduler", None) == before
+
+
+def test_plain_dask_works_after_a_replaced_mesh_and_its_successor_closed():
+    # the second mesh's client starts while the first's is open and, closing last,
+    # would put back the "dask.distributed" it found: no client would be left for it
+    import dask
+    import dask.array as da
+
+    import jupyter_mesh as jm
+
+    with fresh_local_mesh(cpu=1) as first:
+        second = jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, replace=True)
+        assert first.closed and jm.current() is second
+        second.close()
+    assert dask.config.get("scheduler", None) != "dask.distributed"
+    assert da.ones(10, chunks=5).sum().compute() == 10
