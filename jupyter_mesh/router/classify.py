@@ -545,13 +545,17 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
                 children[p].add(li)
     inherit_sizes(ops, known, children)
     in_peak = [0.0] * n
+    outs = [op.out_bytes for op in ops]
     peaks = [peak_out(op) for op in ops]
     for i, ds in enumerate(deps):
         li = layer[i]
+        peak = 0.0
         for d in ds:
-            in_sum[li] += ops[layer[d]].out_bytes
-        if ds:  # each input at its layer's largest block: a bound for this task
-            in_peak[li] = max(in_peak[li], sum(peaks[layer[d]] for d in ds))
+            ld = layer[d]
+            in_sum[li] += outs[ld]
+            peak += peaks[ld]  # each input at its layer's largest block: a bound
+        if peak > in_peak[li]:
+            in_peak[li] = peak
     for li, op in enumerate(ops):
         op.peak_in_bytes = in_peak[li]
         op.in_bytes = in_sum[li] / counts[li] if counts[li] else 0.0
