@@ -488,18 +488,21 @@ def strip_comment(line: str) -> str:
     (``tcp://host#x`` and ``'#'`` keep theirs)."""
     quote = ""
     escaped = False
+    word_start = True  # after whitespace that no backslash escaped
     for i, c in enumerate(line):
-        if escaped:
-            escaped = False
-        elif c == "\\" and quote != "'":
+        if escaped:  # a backslash escapes the next character, in quotes too (Python)
+            escaped = word_start = False
+            continue
+        if c == "\\":
             escaped = True
         elif quote:
             if c == quote:
                 quote = ""
         elif c in "'\"":
             quote = c
-        elif c == "#" and (i == 0 or line[i - 1].isspace()):
+        elif c == "#" and word_start:
             return line[:i].rstrip()
+        word_start = c.isspace() and not quote
     return line
 
 

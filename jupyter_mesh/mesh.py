@@ -95,6 +95,9 @@ def _no_stale_distributed_scheduler() -> None:
     import dask.config
     from distributed.client import _get_global_client
 
+    api = sys.modules.get("jupyter_mesh.router.api")
+    if api is not None:  # a router's scheduler that the client put back, with no route
+        api.ROUTES.sync()
     if dask.config.get("scheduler", None) == "dask.distributed" and _get_global_client() is None:
         dask.config.config.pop("scheduler", None)
 

@@ -194,6 +194,20 @@ def test_a_quoted_route_is_taken_as_typed(ip, started, capsys):
         ip.run_line_magic("mesh", "route off")
 
 
+@pytest.mark.parametrize("line, kept", [
+    ("start --cpu 2   # an embedded mesh", "start --cpu 2"),
+    ("# status", ""),
+    ("connect tcp://host:1#x", "connect tcp://host:1#x"),  # "#" inside a word
+    ("explain f('#')  # c", "explain f('#')"),
+    ("explain x['it\\'s'] # c", "explain x['it\\'s']"),  # Python's escapes in quotes
+    ("route a\\ #b", "route a\\ #b"),  # an escaped space starts no comment
+])
+def test_strip_comment(line, kept):
+    from jupyter_mesh.magics import strip_comment
+
+    assert strip_comment(line) == kept
+
+
 def test_a_trailing_comment_is_not_an_argument(ip, started, capsys):
     # lines copied with their comments, as the README shows them
     try:

@@ -123,3 +123,69 @@ def test_plain_dask_works_after_a_replaced_mesh_and_its_successor_closed():
         second.close()
     assert dask.config.get("scheduler", None) != "dask.distributed"
     assert da.ones(10, chunks=5).sum().compute() == 10
+
+
+def test_routing_ends_with_the_route_under_a_users_own_dask_config():
+    # the user's dask.config.set around a route block puts back the router's scheduler
+    # when it ends; once the kernel's route is off it must route nothing
+    import dask
+    import dask.array as da
+
+    from jupyter_mesh.router import api
+
+    with fresh_local_mesh(cpu=1) as m:
+        plain = dask.config.get("scheduler", None)
+        x = da.ones((40, 40), chunks=20)
+        api.set_route(m, "auto")
+        with dask.config.set(scheduler="threads"):
+            with m.route("cpu"):
+                assert m.route_mode == "cpu"
+        api.set_route(m, "off")
+        assert m.route_mode == "off"
+        report = m.last_report
+        assert x.sum().compute() == 1600
+        assert m.last_report is report  # nothing routed
+        assert dask.config.get("scheduler", None) == plain
+        assert dask.config.get("array_optimize", None) is None
+
+
+def test_a_route_kept_across_a_replace_ends_with_its_mesh():
+    # %mesh route auto, %mesh start --replace, %mesh close: the new client put back the
+    # router's scheduler it found; plain Dask must work, unrouted, after all of it
+    import dask
+    import dask.array as da
+
+    import jupyter_mesh as jm
+    from jupyter_mesh.router import api
+
+    with fresh_local_mesh(cpu=1) as first:
+        api.set_route(first, "auto")
+        second = jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, replace=True)
+        assert second.route_mode == "off" and first.closed
+        x = da.ones((40, 40), chunks=20)
+        assert x.sum().compute() == 1600
+        assert second.last_report is None  # the new mesh ran it unrouted
+        second.close()
+    assert not isinstance(dask.config.get("scheduler", None), api._RoutedScheduler)
+    assert dask.config.get("array_optimize", None) is None
+    assert da.ones(10, chunks=5).sum().compute() == 10
+
+
+def test_turning_routing_off_for_one_mesh_leaves_anothers_route():
+    from jupyter_mesh.router import api
+
+    with fresh_local_mesh(cpu=1) as a:
+        b = jm_local_unset()
+        try:
+            api.set_route(b, "auto")
+            api.set_route(a, "off")
+            assert b.route_mode == "auto" and a.route_mode == "off"
+        finally:
+            api.set_route(b, "off")
+            b.close()
+
+
+def jm_local_unset():
+    import jupyter_mesh as jm
+
+    return jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, set_current=False)

@@ -630,12 +630,14 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
 
 # ---------------------------------------------------------------- plain .compute()
 class _RoutedScheduler:
-    """A Dask ``scheduler=`` callable that routes what plain ``.compute()`` submits."""
+    """The Dask ``scheduler=`` callable that routes what plain ``.compute()`` submits.
 
-    def __init__(self, mesh: Mesh, route: str | Target, fallback: bool) -> None:
-        self.mesh = mesh
-        self.route = route
-        self.fallback = fallback
+    One object for the process (``ROUTES.scheduler``): it routes by the route in force
+    when it is called (see :class:`_Routes`), so a copy of it that Dask's config keeps
+    and puts back later (a ``dask.config.set`` block of the user's, a client that
+    closes) never routes by a route that has ended, nor to a closed mesh: with no route
+    in force it runs the graph as plain Dask would (the default client, else threads).
+    """
 
     def __reduce__(self) -> Any:
         # A Nanny started while routing is on (%mesh start --replace, mesh.scale)
@@ -643,14 +645,21 @@ class _RoutedScheduler:
         # gives it when it drops a default client's, instead of failing to start.
         return (_no_scheduler, ())
 
-    def _plan(self, graph: Any, flat: list[Any]) -> Plan[PlanModel]:
-        return _plan_graph(self.mesh, graph, flat, self.route)
+    @staticmethod
+    def _now() -> _Route | None:
+        now = ROUTES.current()
+        if now is None or now.route == "off" or getattr(now.mesh, "closed", False):
+            return None
+        return now
 
     def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        now = self._now()
+        if now is None:
+            return _plain_get()(dsk, keys, **kwargs)
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
-        plan = self._plan(graph, flat)
-        values = dict(zip(plan.model.outputs, run_plan(self.mesh, plan, self.fallback),
+        plan = _plan_graph(now.mesh, graph, flat, now.route)
+        values = dict(zip(plan.model.outputs, run_plan(now.mesh, plan, now.fallback),
                           strict=False))
         return _nest(keys, values)
 
@@ -667,11 +676,21 @@ class _RoutedScheduler:
             )
         single = not isinstance(collections, (tuple, list, set, frozenset))
         colls = [collections] if single else list(collections)
+        now = self._now()
+        if now is None:  # no route in force: as plain Dask persists
+            from distributed.client import _get_global_client
+
+            client = _get_global_client()
+            if client is not None:
+                return client.persist(collections, optimize_graph=optimize_graph)
+            done = dask.persist(*colls, optimize_graph=optimize_graph, scheduler="threads")
+            return done[0] if single else list(done)
         expr = collections_to_expr(colls, optimize_graph).optimize()
         keys = expr.__dask_keys__()
-        plan = self._plan(_graph_with_layers(expr), list(dask.core.flatten(keys)))
+        plan = _plan_graph(now.mesh, _graph_with_layers(expr), list(dask.core.flatten(keys)),
+                           now.route)
         futures = dict(zip(plan.model.outputs,
-                           run_plan(self.mesh, plan, self.fallback, gather=False),
+                           run_plan(now.mesh, plan, now.fallback, gather=False),
                            strict=False))
         out = [post({k: futures[k] for k in dask.core.flatten(ks)}, *args)
                for (post, args), ks in zip((c.__dask_postpersist__() for c in colls), keys,
@@ -681,6 +700,19 @@ class _RoutedScheduler:
 
 def _no_scheduler() -> None:
     return None
+
+
+def _plain_get() -> Any:
+    """What plain Dask runs a graph with when nothing routes: the default client's
+    ``get``, or the threaded scheduler where there is no client."""
+    from distributed.client import _get_global_client
+
+    client = _get_global_client()
+    if client is not None:
+        return client.get
+    import dask.threaded
+
+    return dask.threaded.get
 
 
 def _graph_with_layers(dsk: Any) -> Any:
@@ -716,7 +748,12 @@ def _graph_with_layers(dsk: Any) -> Any:
 
 def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     """Array optimization inside ``mesh.route``: cull, but never fuse (fusion would
-    merge layers of different targets and rename the keys the plan names)."""
+    merge layers of different targets and rename the keys the plan names). With no
+    route in force (a copy Dask's config put back), Dask's own optimization."""
+    if _RoutedScheduler._now() is None:
+        from dask.array.optimization import optimize
+
+        return optimize(dsk, keys, **kwargs)
     keys = list(dask.core.flatten(keys if isinstance(keys, list) else [keys]))
     try:
         return dsk.cull(set(keys))
@@ -759,20 +796,25 @@ class _Routes:
     The newest block (``with mesh.route(...)``, a ``%%mesh`` cell) decides; without one,
     the kernel's route (``%mesh route``, the newest set) does. Blocks may end in any
     order (a cell that sets ``%mesh route`` inside, a mesh closed inside a block): each
-    takes only itself away, and Dask's config is set from what is left, never restored
-    from a snapshot that a later change made stale. While something routes, Dask's
-    ``scheduler`` and ``array_optimize`` settings are the router's; the values they had
+    takes only itself away, and Dask's config follows what is left. While something
+    routes, Dask's ``scheduler`` and ``array_optimize`` settings are the router's (one
+    scheduler object, which reads the route in force when called); the values they had
     come back when nothing routes any more.
     """
 
     KEYS = ("scheduler", "array_optimize")
 
     def __init__(self) -> None:
+        import threading
+
         self.kernel: _Route | None = None
         self.blocks: list[_Route] = []
-        self.installed: _RoutedScheduler | None = None
+        self.scheduler = _RoutedScheduler()
+        #: whether the router's settings are in Dask's config, and what they replaced
+        self.installed = False
         self.saved: dict[str, Any] = {}
         self.meshes: list[Any] = []  # weak references to the meshes that routed
+        self.lock = threading.RLock()
 
     def current(self) -> _Route | None:
         return self.blocks[-1] if self.blocks else self.kernel
@@ -785,46 +827,61 @@ class _Routes:
             self.meshes.append(weakref.ref(mesh))
 
     def push(self, entry: _Route) -> None:
-        self._seen(entry.mesh)
-        self.blocks.append(entry)
-        self.sync()
+        with self.lock:
+            self._seen(entry.mesh)
+            self.blocks.append(entry)
+            self.sync()
 
     def pop(self, entry: _Route) -> None:
-        self.blocks = [b for b in self.blocks if b is not entry]
-        self.sync()
+        with self.lock:
+            self.blocks = [b for b in self.blocks if b is not entry]
+            self.sync()
 
     def set_kernel(self, entry: _Route | None, mesh: Mesh) -> None:
-        self._seen(mesh)
-        self.kernel = entry
-        self.sync()
+        """The kernel's route for ``mesh`` (None: off). Turning it off for one mesh
+        leaves another mesh's route alone."""
+        with self.lock:
+            self._seen(mesh)
+            if entry is not None or self.kernel is None or self.kernel.mesh is mesh:
+                self.kernel = entry
+            self.sync()
 
     def forget(self, mesh: Mesh) -> None:
         """A mesh closes: nothing routes to it any more."""
-        if self.kernel is not None and self.kernel.mesh is mesh:
-            self.kernel = None
-        self.blocks = [b for b in self.blocks if b.mesh is not mesh]
-        self.sync()
+        with self.lock:
+            if self.kernel is not None and self.kernel.mesh is mesh:
+                self.kernel = None
+            self.blocks = [b for b in self.blocks if b.mesh is not mesh]
+            self.sync()
 
     def sync(self) -> None:
-        cfg = dask.config.config
-        now = self.current()
-        if now is not None and now.route != "off":
-            scheduler = _RoutedScheduler(now.mesh, now.route, now.fallback)
-            if self.installed is None:
-                self.saved = {k: cfg[k] for k in self.KEYS if k in cfg}
-            cfg["scheduler"] = scheduler
-            cfg["array_optimize"] = _cull_only
-            self.installed = scheduler
-        elif self.installed is not None:
-            if cfg.get("scheduler") is self.installed:  # not changed by someone else since
-                for k in self.KEYS:
-                    cfg.pop(k, None)
-                cfg.update(self.saved)
-            self.installed, self.saved = None, {}
-        for ref in self.meshes:
-            m = ref()
-            if m is not None:
-                m.route_mode = str(now.route) if now is not None and now.mesh is m else "off"
+        with self.lock:
+            cfg = dask.config.config
+            now = self.current()
+            if now is not None and now.route != "off":
+                if not self.installed:
+                    self.saved = {k: cfg[k] for k in self.KEYS if k in cfg}
+                    self.installed = True
+                cfg["scheduler"] = self.scheduler
+                cfg["array_optimize"] = _cull_only
+            else:
+                # the router's own settings go, wherever they came back from; a value
+                # set since by someone else (a new client, the user) stays
+                if isinstance(cfg.get("scheduler"), _RoutedScheduler):
+                    cfg.pop("scheduler")
+                    if "scheduler" in self.saved:
+                        cfg["scheduler"] = self.saved["scheduler"]
+                if cfg.get("array_optimize") is _cull_only:
+                    cfg.pop("array_optimize")
+                    if "array_optimize" in self.saved:
+                        cfg["array_optimize"] = self.saved["array_optimize"]
+                if not self.blocks and self.kernel is None:
+                    self.installed, self.saved = False, {}
+            for ref in self.meshes:
+                m = ref()
+                if m is not None:
+                    m.route_mode = (str(now.route) if now is not None and now.mesh is m
+                                    else "off")
 
 
 ROUTES = _Routes()

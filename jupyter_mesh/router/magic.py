@@ -41,9 +41,10 @@ def route_line(shell: Any, mesh: Any, target: str | None) -> None:
         api.set_route(mesh, route)
     except MeshError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
-    if mesh.route_mode != str(route):  # a %%mesh cell or a with-block around this line
+    block = api.ROUTES.blocks[-1] if api.ROUTES.blocks else None
+    if block is not None:  # a %%mesh cell or a with-block around this line decides
         print(f"Routing of plain Dask calls set to {route} for the kernel, from the end of "
-              f"the block that routes them {mesh.route_mode} now (this %%mesh cell or "
+              f"the block that routes them {block.route} now (this %%mesh cell or "
               f"with mesh.route(...)).")
     elif route == "off":
         print("Routing off: plain Dask calls run where Dask puts them.")

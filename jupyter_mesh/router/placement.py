@@ -120,7 +120,9 @@ def all_fit(model: Any, pools: list[Pool]) -> bool:
     if not any(p.device_memory for p in pools):
         return True
     fraction = device_memory_fraction()
-    return all(fits(op, p, fraction) for op in model.ops for p in pools)
+    # an op a pool does not run natively runs NumPy there, in host memory
+    return all(fits(op, p, fraction) for op in model.ops for p in pools
+               if p.backend in op.native)
 
 
 def _too_big(op: Any, pools: list[Pool], fraction: float) -> str:
