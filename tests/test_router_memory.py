@@ -151,3 +151,16 @@ def test_an_op_no_device_runs_is_never_kept_off_for_its_size():
     x = da.random.random((4000, 4000), chunks=2000)  # 30.5 MiB blocks
     plan = plan_collections([x], devices(20 * MIB, cpus=0))
     assert targets(plan, "random_sample") == {"gpu:cupy"}
+
+
+def test_tasks_a_gpu_worker_runs_at_once_share_its_memory():
+    # a worker of two threads runs two tasks at once: each gets half (of 90%) of 48 MiB
+    # (21.6 MiB), which the 22.9 MiB matmul task does not fit in; one thread: it fits
+    one = devices(48 * MIB)
+    assert "gpu:cupy" in targets(plan_collections([matmul_pipeline()], one), "matmul")
+    two = [Device(d.worker, d.kind, d.backend, d.model, d.memory, d.site, d.profile,
+                  name=d.name, nthreads=2 if d.kind == "gpu" else 1) for d in one]
+    with pytest.raises(MeshError, match=r"\(90% of 48\.0 MiB each, shared by the 2 tasks "
+                                        r"a worker runs at once, mesh\.router"):
+        plan_collections([matmul_pipeline()], two, route="gpu")
+    assert targets(plan_collections([matmul_pipeline()], two), "matmul") == {"cpu:numpy"}

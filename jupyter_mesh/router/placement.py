@@ -108,11 +108,18 @@ def task_memory(op: Any) -> float:
             + max(float(op.out_bytes), float(getattr(op, "peak_out_bytes", 0.0))))
 
 
+def _at_once(pool: Pool) -> int:
+    """Tasks one worker of ``pool`` may run at once (its threads), which share its
+    device's memory."""
+    return max(pool.worker_threads(), default=1)
+
+
 def fits(op: Any, pool: Pool, fraction: float) -> bool:
-    """Whether one task of ``op`` fits in ``fraction`` of a worker's device memory
-    (always, where the pool's memory is not known or it is a CPU pool: Dask manages
-    host memory itself)."""
-    return not pool.device_memory or task_memory(op) <= fraction * pool.device_memory
+    """Whether one task of ``op`` fits in its share of ``fraction`` of a worker's device
+    memory, shared by the tasks the worker runs at once (always, where the pool's
+    memory is not known or it is a CPU pool: Dask manages host memory itself)."""
+    return (not pool.device_memory
+            or task_memory(op) * _at_once(pool) <= fraction * pool.device_memory)
 
 
 def all_fit(model: Any, pools: list[Pool]) -> bool:
@@ -128,11 +135,15 @@ def all_fit(model: Any, pools: list[Pool]) -> bool:
 def _too_big(op: Any, pools: list[Pool], fraction: float) -> str:
     from ..inventory import format_bytes
 
-    least = min(p.device_memory for p in pools if p.device_memory)
-    labels = ", ".join(sorted({p.label for p in pools if p.device_memory}))
+    sized = [p for p in pools if p.device_memory]
+    least = min(sized, key=lambda p: p.device_memory / _at_once(p))
+    labels = ", ".join(sorted({p.label for p in sized}))
+    threads = _at_once(least)
+    shared = f", shared by the {threads} tasks a worker runs at once" if threads > 1 else ""
     return (f"{op.label}: each task needs {format_bytes(int(task_memory(op)))} of device "
             f"memory, more than the {labels} workers hold ({fraction:.0%} of "
-            f"{format_bytes(least)} each, mesh.router.device-memory-fraction)")
+            f"{format_bytes(least.device_memory)} each{shared}, "
+            f"mesh.router.device-memory-fraction)")
 
 
 def device_memory_fraction() -> float:
