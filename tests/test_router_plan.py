@@ -1510,3 +1510,18 @@ def test_a_plan_does_not_depend_on_the_hash_seed():
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout
             for seed in ("1", "2", "3", "4")}
     assert len(outs) == 1 and "qr" in outs.pop()
+
+
+def test_a_forced_jax_route_says_integer_data_is_why_an_op_went_to_numpy():
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    x = da.arange(400, chunks=100)
+    plan = plan_collections([(x + 1) * 2, da.ones(400, chunks=100) + 1], devs,
+                            route="cpu:jax")
+    notes = " | ".join(plan.notes)
+    assert "add: cpu:jax does not run elementwise ops on integer data natively" in notes
+    # the float add runs on JAX: one note, for the integer one alone
+    assert sum(n.startswith("add:") for n in plan.notes) == 1
+    float_add = [k for k in plan.model.keys if k[0].startswith("add")
+                 and plan.model.ops[plan.model.layer[plan.model.keys.index(k)]].dtype_kind
+                 == "f"]
+    assert float_add and {plan.assignment()[k] for k in float_add} == {"cpu:jax"}

@@ -89,8 +89,15 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
             continue
         if forced:
             fallback = [i for i in host if op.op_class in ("creation", "other")] or host
+            # JAX runs the op class, but not on this dtype (see classify.op_native)
+            kinds = {"i": "integer", "u": "unsigned integer", "b": "boolean"}
+            dtype = kinds.get(op.dtype_kind or "", "")
+            what = (f"{op.op_class} ops on {dtype} data" if dtype and any(
+                pools[i].backend == "jax" for i in matching)
+                and op.op_class in ("matmul", "fft", "elementwise", "reduction")
+                else f"{op.op_class} ops")
             notes.append(
-                f"{op.label}: {route} does not run {op.op_class} ops natively; "
+                f"{op.label}: {route} does not run {what} natively; "
                 f"placed on {'host NumPy' if fallback else route}"
             )
             allowed.append(fallback or matching)
