@@ -26,6 +26,18 @@ def get(key: str) -> Any:
     return dask.config.get(f"mesh.{key}")
 
 
+def get_number(key: str) -> float:
+    """Read ``mesh.<key>`` as a float; NaN for anything that is not a number (YAML's
+    yes/no too), for the caller's range check to refuse with its own message."""
+    value = get(key)
+    try:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> float:
     """Read a non-negative number (of ``unit``), or raise a config error naming the key."""
     value = get(key)

@@ -45,17 +45,11 @@ MIN_WORK = 1e-5
 
 def learn_weight() -> float:
     """``mesh.router.learn``: the weight of the newest computation's ratio, 0 to 1."""
-    value = _config.get("router.learn")
-    try:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        w = float(value)
-    except (TypeError, ValueError):
-        w = math.nan
-    if not 0.0 <= w <= 1.0:
+    w = _config.get_number("router.learn")
+    if not 0.0 <= w <= 1.0:  # NaN too
         raise MeshConfigError(
             f"config mesh.router.learn must be a number from 0 (learn nothing) to 1 (the "
-            f"last computation alone), not {value!r}"
+            f"last computation alone), not {_config.get('router.learn')!r}"
         )
     return w
 

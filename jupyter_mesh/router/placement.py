@@ -159,17 +159,12 @@ def device_memory_fraction() -> float:
     from .. import _config
     from ..errors import MeshConfigError
 
-    value = _config.get("router.device-memory-fraction")
-    try:
-        if isinstance(value, bool):
-            raise TypeError(value)
-        f = float(value)
-    except (TypeError, ValueError):
-        f = math.nan
-    if not 0.0 < f <= 1.0:
+    f = _config.get_number("router.device-memory-fraction")
+    if not 0.0 < f <= 1.0:  # NaN too
         raise MeshConfigError(
             f"config mesh.router.device-memory-fraction must be a number above 0 and at "
-            f"most 1 (the share of a GPU's or TPU's memory one task may use), not {value!r}")
+            f"most 1 (the share of a GPU's or TPU's memory one task may use), not "
+            f"{_config.get('router.device-memory-fraction')!r}")
     return f
 
 
