@@ -228,8 +228,10 @@ class FuturesWatch:
     def shown(self) -> bool:
         return self.bar is not None
 
-    def started(self, futures: list[Any]) -> None:
-        """Wait up to the threshold for ``futures``; show the bar if they still run."""
+    def started(self, futures: list[Any], check: Any = None) -> None:
+        """Wait up to the threshold for ``futures``; show the bar if they still run.
+        ``check``, if given, is called every second of the wait and may raise (a mesh
+        left without workers must not wait out the threshold first)."""
         # Wait on the futures' client-side callbacks: no round trips, no polling delay,
         # and no TimeoutError whose traceback would keep the futures (and their results
         # on the workers) alive.
@@ -249,9 +251,15 @@ class FuturesWatch:
         for f in futures:
             f.add_done_callback(one_done)
         # a very large threshold must not overflow the wait
-        wait = min(max(deadline - time.perf_counter(), 0.0), threading.TIMEOUT_MAX)
-        if all_done.wait(wait):
-            return
+        while True:
+            left_s = max(deadline - time.perf_counter(), 0.0)
+            step = left_s if check is None else min(left_s, 1.0)
+            if all_done.wait(min(step, threading.TIMEOUT_MAX)):
+                return
+            if left_s <= step:
+                break
+            if check is not None:
+                check()
         try:
             self._show(futures)
         except Exception:  # a bar must never break the computation

@@ -83,7 +83,9 @@ def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mes
         time.sleep(0.2)
     x = dask.delayed(sum)([1, 2, 3])
     t0 = time.monotonic()
-    with pytest.raises(MeshError, match=r"no live worker left for 1 s: .* mesh.scale"):
+    # not after the progress bar's threshold either (its wait checks too)
+    with pytest.raises(MeshError, match=r"no live worker left for 1 s: .* mesh.scale"), \
+            dask.config.set({"mesh.progress-after": 60}):
         mesh.compute(x, route="off")
     assert time.monotonic() - t0 < 20
     # and the routed way fails as clearly, at once

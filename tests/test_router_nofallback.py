@@ -39,3 +39,21 @@ def test_lost_kind_without_fallback_is_a_mesh_error(mesh):
     # the mesh still works on what is left
     (got,) = mesh.compute(x.sum())
     assert got == pytest.approx(float(x.sum().compute(scheduler="sync")))
+
+
+def test_a_persist_that_loses_its_kind_without_fallback_fails_at_once(mesh):
+    # a persist gathers nothing: its failure must not wait for the data's first use
+    if not any(d.backend == "jax" for d in mesh.inventory()):
+        mesh.scale(jax_cpu=0)  # the worker an earlier test killed, forgotten
+        mesh.scale(jax_cpu=1)
+    x = da.random.random((1200, 1200), chunks=150)
+    killer = threading.Thread(target=kill_jax_worker_when_busy, args=(mesh,))
+    killer.start()
+    with pytest.raises(MeshError, match=r"^no live cpu:jax worker for 1 s and "
+                                        r"fallback=False") as err:
+        with mesh.route("cpu:jax", fallback=False):
+            ((x @ x.T) + 1).persist()
+    killer.join()
+    assert "\n" not in str(err.value)
+    (got,) = mesh.compute(x.sum())  # the mesh goes on with what is left
+    assert got == pytest.approx(float(x.sum().compute(scheduler="sync")))

@@ -379,7 +379,8 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         watch = progress.FuturesWatch(mesh, None, "route=off")
         futures = mesh.client.compute(list(collections))
         try:
-            watch.started(futures)
+            # the bar's wait checks for a mesh left without workers too
+            watch.started(futures, check=_no_worker_check(mesh))
             _wait_unrouted(mesh, futures)
             gathered = tuple(mesh.client.gather(futures))
         except BaseException:
@@ -464,6 +465,14 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
             wall = time.perf_counter() - t0
         else:
             values = futures
+            # a persist gathers nothing that would raise: a task that failed (a kind
+            # lost with fallback=False, an error in it) fails the persist now, as it
+            # fails a compute, not later where its data is used
+            erred = next((f for f in futures if f.status == "error"), None)
+            if erred is not None:
+                exc = erred.exception()
+                raise MeshError((str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                                ) if isinstance(exc, MeshError) else exc
     except BaseException:
         # Ctrl-C or a failure: the scheduler drops the rest of the computation, as
         # after dask's own client.get (the traceback would keep the futures alive)
@@ -567,23 +576,35 @@ def _wait_unrouted(mesh: Mesh, futures: list[Any]) -> None:
     from distributed.client import _wait as wait_async
 
     client = mesh.client
-    timeout = _config.get_seconds("fallback-timeout")
-    empty_since: float | None = None
+    check = _no_worker_check(mesh)
     while True:
         try:
             client.sync(wait_async, futures, timeout=1.0)
             return
         except TimeoutError:
             pass
-        if client.scheduler_info(n_workers=1).get("n_workers", 1):
-            empty_since = None
-            continue
+        check()
+
+
+def _no_worker_check(mesh: Mesh) -> Any:
+    """A check to call every second or so while waiting for an unrouted computation:
+    it raises a one-line MeshError once the mesh has had no worker for
+    ``mesh.fallback-timeout`` seconds."""
+    timeout = _config.get_seconds("fallback-timeout")
+    empty_since: list[float | None] = [None]
+
+    def check() -> None:
+        if mesh.client.scheduler_info(n_workers=1).get("n_workers", 1):
+            empty_since[0] = None
+            return
         now = time.monotonic()
-        empty_since = empty_since or now
-        if now - empty_since >= timeout:
+        since = empty_since[0] = empty_since[0] or now
+        if now - since >= timeout:
             raise MeshError(
                 f"no live worker left for {timeout:g} s: the computation cannot finish; "
                 f"add workers (e.g. mesh.scale(cpu=2)) and compute again")
+
+    return check
 
 
 def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
