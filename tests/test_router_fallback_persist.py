@@ -78,3 +78,26 @@ def test_a_failure_of_tracked_work_is_shown_as_such(mesh):
                                       "message": "no live worker at site 'edge'"}))
     assert _fallbacks(shown) == [
         "a routed computation cannot finish: no live worker at site 'edge'"]
+
+
+def test_a_fallback_that_comes_while_a_compute_fetches_its_results_is_shown_once():
+    # the compute asked for its plan's status already; the scheduler's event comes
+    # before the compute ends: it is held, then shown and handed back to the report
+    notices = FallbackNotices(mesh=None)
+    notices.plans["p1"] = None
+    notices.waiting.add("p1")
+    message = "lost every cpu:jax worker: 3 routed tasks re-routed"
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        notices.handle((1.0, {"plan": "p1", "message": message}))
+        assert _fallbacks(shown) == []  # not while the compute waits
+        late = notices.reported("p1", [])
+        assert late == [message]
+        assert _fallbacks(shown) == [f"jupyter_mesh fallback: {message}"]
+        # one the compute reported itself is not shown again, held or late
+        notices.plans["p2"] = None
+        notices.waiting.add("p2")
+        notices.handle((2.0, {"plan": "p2", "message": message}))
+        assert notices.reported("p2", [message]) == []
+        notices.handle((3.0, {"plan": "p2", "message": message}))
+        assert len(_fallbacks(shown)) == 1

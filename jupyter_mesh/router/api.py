@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import pickle
+import threading
 import time
 import uuid
 import warnings
@@ -83,7 +84,10 @@ class FallbackNotices:
         self.received = 0
         #: what was announced: dicts with ``plan``, ``message``, ``failed``, ``time``
         self.events: list[dict[str, Any]] = []
+        #: events of plans a compute waits for, until it says which it reported
+        self.held: dict[str, list[tuple[Any, str, bool]]] = {}
         self._client: Any = None
+        self._lock = threading.Lock()  # handle() runs on the client's event loop
 
     @classmethod
     def of(cls, mesh: Mesh) -> FallbackNotices:
@@ -101,19 +105,29 @@ class FallbackNotices:
         while len(self.plans) > self.KEEP:
             del self.plans[next(iter(self.plans))]
 
-    def reported(self, plan_id: str, messages: list[str]) -> None:
+    def reported(self, plan_id: str, messages: list[str]) -> list[str]:
         """A compute that waited for ``plan_id`` ended, having warned of ``messages``
-        itself: their events (arriving now or later) are not shown again."""
-        self.seen.update((plan_id, m) for m in messages)
-        self.waiting.discard(plan_id)  # after: an event in between is seen already
-        while len(self.seen) > self.KEEP:
-            self.seen.pop()
+        itself: their events (arriving now or later) are not shown again. Events of it
+        that came while it waited and that it did not report (a fallback while its
+        results were being fetched, after it asked for its status) are shown now; they
+        are returned."""
+        with self._lock:
+            self.seen.update((plan_id, m) for m in messages)
+            self.waiting.discard(plan_id)  # after: an event in between is seen already
+            late = [e for e in self.held.pop(plan_id, []) if (plan_id, e[1]) not in self.seen]
+            while len(self.seen) > self.KEEP:
+                self.seen.pop()
+        for stamp, message, failed in late:
+            self._announce(plan_id, stamp, message, failed)
+        return [message for _, message, _ in late]
 
     def forget(self, plan_id: str) -> None:
         """A compute of ``plan_id`` failed or was stopped, saying so itself: no event
         of it is shown (its plan's "cannot finish" may arrive after the error)."""
-        self.plans.pop(plan_id, None)
-        self.waiting.discard(plan_id)
+        with self._lock:
+            self.plans.pop(plan_id, None)
+            self.waiting.discard(plan_id)
+            self.held.pop(plan_id, None)
 
     def handle(self, event: Any) -> None:
         """A Dask event handler (the client's event loop): ``(timestamp, msg)``."""
@@ -125,9 +139,16 @@ class FallbackNotices:
         if plan not in self.plans:
             return
         self.received += 1  # this mesh's, shown or not (tests wait for it)
-        if plan in self.waiting or (plan, message) in self.seen:
-            return
         failed = bool(msg.get("failed"))
+        with self._lock:
+            if plan in self.waiting:  # its compute reports it, or hands it back
+                self.held.setdefault(plan, []).append((stamp, message, failed))
+                return
+            if (plan, message) in self.seen:
+                return
+        self._announce(plan, stamp, message, failed)
+
+    def _announce(self, plan: str, stamp: Any, message: str, failed: bool) -> None:
         self.events.append({"plan": plan, "message": message, "failed": failed,
                             "time": stamp})
         del self.events[:-100]
@@ -506,7 +527,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         sink.append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
-    notices.reported(routed.plan_id, report.fallbacks)
+    # a fallback that came while the results were fetched is shown now, and reported
+    report.fallbacks.extend(notices.reported(routed.plan_id, report.fallbacks))
     if gather:
         _settle(mesh, futures, routed.keys)
     return list(values)
