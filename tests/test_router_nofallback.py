@@ -25,16 +25,20 @@ def mesh():
             yield m
 
 
-def test_lost_kind_without_fallback_is_a_mesh_error(mesh):
+def test_lost_kind_without_fallback_is_a_mesh_error(mesh, caplog):
     x = da.random.random((1200, 1200), chunks=150)
     y = ((x @ x.T) + 1).sum(axis=0)
 
     killer = threading.Thread(target=kill_jax_worker_when_busy, args=(mesh,))
     killer.start()
     t0 = time.time()
-    with pytest.raises(MeshError, match=r"no live cpu:jax worker for 1 s and fallback=False"):
+    with pytest.raises(MeshError, match=r"no live cpu:jax worker for 1 s and fallback=False"), \
+            caplog.at_level("WARNING", logger="jupyter_mesh"):
         mesh.compute(y, route="cpu:jax", fallback=False)
     killer.join()
+    # the scheduler's log says what it waits for: a failure, not a re-route
+    assert "waiting 1 s before failing them (fallback=False)" in caplog.text
+    assert "before re-routing them" not in caplog.text
     assert time.time() - t0 < 60  # it fails; it does not wait forever
     # the mesh still works on what is left
     (got,) = mesh.compute(x.sum())

@@ -381,7 +381,8 @@ class RouterState:
                 ps.timers[p] = loop.call_later(ps.timeout, self._expire, ps.plan_id, p)
                 logger.warning(
                     "jupyter_mesh: no live %s worker for routed tasks; waiting %.3g s before "
-                    "re-routing them", ps.pools[p][2], ps.timeout,
+                    "%s", ps.pools[p][2], ps.timeout,
+                    "re-routing them" if ps.fallback else "failing them (fallback=False)",
                 )
 
     def _expire(self, pid: str, p: int) -> None:
