@@ -1064,7 +1064,8 @@ class Mesh:
 
         Returns a tuple of results, as :func:`dask.compute` does, and leaves a
         :class:`~jupyter_mesh.router.Report` in :attr:`last_report` (``route="off"``
-        routes nothing and leaves None there). With ``fallback``
+        routes nothing and leaves None there; a computation that fails leaves its plan
+        in :attr:`last_plan` and None in :attr:`last_report`). With ``fallback``
         (the default), tasks of a device kind lost mid-computation are re-routed to what
         is left after ``mesh.fallback-timeout`` seconds, with a warning; with
         ``fallback=False`` the computation fails with :class:`MeshError` instead.

@@ -595,9 +595,12 @@ def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, rou
     import traceback
 
     y = (da.ones((40,), chunks=5).map_blocks(_fails_on_odd_blocks, dtype=float) + 1).sum()
+    mesh.compute(da.ones(10, chunks=5).sum(), route=route)  # leaves a report
     with pytest.raises(ZeroDivisionError, match="an odd block") as info:
         mesh.compute(y, route=route)
     assert "_fails_on_odd_blocks" in "".join(traceback.format_tb(info.tb))
+    # the failed computation's plan, and no earlier report passing for its own
+    assert sum(r["tasks"] for r in mesh.last_plan.rows) > 16 and mesh.last_report is None
 
     def n_tasks(dask_scheduler):
         return len(dask_scheduler.tasks)

@@ -29,6 +29,8 @@ def test_lost_kind_without_fallback_is_a_mesh_error(mesh, caplog):
     x = da.random.random((1200, 1200), chunks=150)
     y = ((x @ x.T) + 1).sum(axis=0)
 
+    mesh.compute(x.sum(), route="cpu:jax")
+    assert mesh.last_report is not None
     killer = threading.Thread(target=kill_jax_worker_when_busy, args=(mesh,))
     killer.start()
     t0 = time.time()
@@ -40,6 +42,10 @@ def test_lost_kind_without_fallback_is_a_mesh_error(mesh, caplog):
     assert "waiting 1 s before failing them (fallback=False)" in caplog.text
     assert "before re-routing them" not in caplog.text
     assert time.time() - t0 < 60  # it fails; it does not wait forever
+    # the failed computation's plan is kept, and no earlier report passes for its own
+    assert mesh.last_plan is not None and mesh.last_plan.route == "cpu:jax"
+    assert any(r["op"] == "matmul" for r in mesh.last_plan.rows)
+    assert mesh.last_report is None
     # the mesh still works on what is left
     (got,) = mesh.compute(x.sum())
     assert got == pytest.approx(float(x.sum().compute(scheduler="sync")))

@@ -435,7 +435,9 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     values, or with ``gather=False`` their futures (the data stays on the workers)."""
     client = mesh.client
     weight = learn_weight()  # a bad setting fails before anything runs
-    mesh.last_plan = plan
+    # a computation that fails or is interrupted leaves no report: the previous
+    # computation's must not pass for this one's, next to this one's plan
+    mesh.last_plan, mesh.last_report = plan, None
     graph: Any
     # kept results (a persist): every task hands over host arrays, see rewrite
     if isinstance(plan, LayerPlan):
