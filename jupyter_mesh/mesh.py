@@ -758,6 +758,7 @@ class Mesh:
                 raise MeshError("jax_cpu needs JAX: pip install 'jupyter_mesh[tpu]'")
         _profile.check_config()  # what a new worker reads, before it starts
         assert self.cluster is not None
+        self._forget_dead_workers()
         spec = self.cluster.worker_spec
         after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
         after.update(checked)
@@ -790,6 +791,24 @@ class Mesh:
         self.cluster.sync(self.cluster._correct_state)
         self._wait_for(len(spec))
         return self.inventory()
+
+    def _forget_dead_workers(self) -> None:
+        """Take out of the cluster's spec the workers whose nanny has stopped (its worker
+        died and nothing restarts it), so that scaling counts only live workers and
+        starts new ones in their place (they would otherwise stay in the spec, counted,
+        and a scale to the same number would start nothing)."""
+        from distributed.core import Status
+
+        assert self.cluster is not None
+        live = (Status.running, Status.init, Status.created, Status.starting)
+        dead = [name for name, w in self.cluster.workers.items()
+                if name in self.cluster.worker_spec and getattr(w, "status", None) not in live]
+        if not dead:
+            return
+        for name in dead:
+            del self.cluster.worker_spec[name]
+        # their names are free again once the cluster has let them go
+        self.cluster.sync(self.cluster._correct_state)
 
     # ------------------------------------------------------------------ calibration
     @property
