@@ -121,9 +121,7 @@ def _planned(plan: Plan[PlanModel], li: int, p: int) -> str:
     """The target a plan shows for op ``li`` on pool ``p``: as its rows show it (any
     pool, where it restricts nothing; ``cpu:jax (numpy)`` where a JAX CPU worker runs
     the op with NumPy)."""
-    from .router.plan import EQUIVALENT
-
-    return EQUIVALENT if plan.unrestricted else plan.target_label(li, p)
+    return plan.free_target if plan.unrestricted else plan.target_label(li, p)
 
 
 def _layer_bars(plan: LayerPlan) -> list[dict[str, Any]]:

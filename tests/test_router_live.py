@@ -552,6 +552,18 @@ def test_submit_bad_inputs(mesh):
 def test_site_routes_within_site(mesh):
     (got,) = mesh.compute(pipeline(), site="lab")
     assert got.shape == (600,)
+    # ops every pool at the site runs equally fast (NumPy on both workers): kept at the
+    # site and nowhere narrower, the scheduler told so, and the same numbers
+    x = da.random.random((400, 400), chunks=100)
+    y = ((x + 1) * 2).sum(axis=0)
+    with dask.config.set({"mesh.router.learn": 0}):
+        (got,) = mesh.compute(y, site="lab")
+    plan = mesh.last_plan
+    assert plan.unrestricted  # small blocks: JAX's dispatch makes NumPy the faster
+    assert {r["target"] for r in plan.rows} == {"any at lab (pools equivalent)"}
+    np.testing.assert_allclose(got, y.compute(scheduler="sync"))
+    ran = {w for r in mesh.last_report.rows for w in r["workers"]}
+    assert ran and ran <= {d.name for d in mesh.inventory() if d.site == "lab"}
 
 
 

@@ -827,6 +827,41 @@ def test_equivalent_pools_are_not_restricted():
     assert not plan_collections([(x + 1).sum()], devs).unrestricted
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_site_keeps_equivalent_pools_unrestricted_inside_the_site(per_layer):
+    # site= keeps the tasks at the site; where every pool there runs every op equally
+    # fast, nothing else is restricted: Dask places and fuses them among its workers
+    from jupyter_mesh.router.layers import rewrite_layers
+    from jupyter_mesh.router.rewrite import rewrite
+
+    devs = [dev("c0", "cpu", "numpy", CPU, site="lab"), dev("j0", "cpu", "jax", CPU, site="lab"),
+            dev("e0", "cpu", "numpy", CPU, site="edge")]
+    x = da.random.random((400, 400), chunks=100)
+    y = ((x + 1) * 2).sum()
+    with dask.config.set({"mesh.router.layer-plan-threshold": 1 if per_layer else 10**9}):
+        plan = plan_collections([y], devs, site="lab")
+    assert plan.unrestricted and plan.site == "lab"
+    assert {r["target"] for r in plan.rows} == {"any at lab (pools equivalent)"}
+    if not per_layer:  # (a plan per layer has no per-task assignment)
+        assert set(plan.assignment().values()) == {"any at lab (pools equivalent)"}
+    assert any("every pool at site 'lab' runs every op" in n for n in plan.notes)
+    routed = rewrite_layers(plan) if per_layer else rewrite(plan)
+    # one pool entry that names the site and no kind, and every task restricted to it
+    anywhere = len(routed.pools) - 1
+    assert routed.pools[anywhere][:2] == (None, "lab")
+    if per_layer:
+        assert set(routed.layers) == set(plan.model.names)
+        assert set(routed.layers.values()) == {anywhere}
+    else:
+        assert set(routed.restrictions) == set(routed.graph)
+        assert set(routed.restrictions.values()) == {anywhere}
+        # chains fused where Dask would fuse them: fewer tasks than the plan's
+        assert len(routed.graph) < len(plan.model.keys)
+    # pools at the site that differ: planned and restricted per pool, as before
+    devs.append(dev("g0", "gpu", "cupy", GPU, site="lab"))
+    assert not plan_collections([(x @ x.T).sum()], devs, site="lab").unrestricted
+
+
 @pytest.mark.parametrize("kind, backend, profile", [("gpu", "cupy", GPU), ("cpu", "jax", CPU)])
 def test_a_mesh_of_one_accelerator_kind_runs_its_ops_natively(kind, backend, profile):
     # nothing to choose between, but routing "auto" must still use the device's backend

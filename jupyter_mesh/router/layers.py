@@ -275,7 +275,8 @@ class LayerPlan(Plan[LayerModel]):
                    for li, (p, op) in enumerate(zip(self.layer_pool, self.model.ops,
                                                     strict=True))]
         rows, self._row_layers = merged_rows(self.model.ops, targets, self._est, self._moved,
-                                             self.routed, self.unrestricted)
+                                             self.routed,
+                                             self.unrestricted and self.free_target)
         return rows
 
     def _op_pools(self) -> set[tuple[int, int]]:
@@ -403,7 +404,7 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
             elif type(node) is tuple and node and callable(node[0]):
                 node = (wrap(node[0]),) + node[1:]
             out[key] = node
-            if not free and key_name(key) != name:
+            if key_name(key) != name:
                 by_key[key] = pool
         layers[name] = MaterializedLayer(
             out, annotations=getattr(layer, "annotations", None),
@@ -413,6 +414,15 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
     pools: list[tuple[str | None, str | None, str]] = [
         (p.resource, p.site if (multi_site or plan.site) else None, p.label)
         for p in plan.pools]
+    if free and plan.site:
+        from .rewrite import site_only
+
+        # restricted to nothing but the site
+        anywhere = site_only(pools, plan.site)
+        by_layer = dict.fromkeys(m.names, anywhere)
+        by_key = dict.fromkeys(by_key, anywhere)
+    elif free:
+        by_key = {}
     routed = Routed(plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=by_key,
                     pools=pools, fallback=fallback,
                     timeout=_config.get_seconds("fallback-timeout"), site=plan.site,

@@ -878,18 +878,26 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
                         site: str | None, cost: CostModel, allowed: list[list[int]],
                         notes: list[str]) -> tuple[bool, list[list[int]]]:
     """Whether routing would only get in the way (see :func:`equivalent_pools`); then
-    every op may use every pool, and the notes say so."""
-    unrestricted = route == "auto" and site is None and not model.pins and all_fit(
-        model, pools) and equivalent_pools(model, pools, cost)
+    every op may use every pool (with ``site=``, every pool at that site: the tasks are
+    kept there and nothing else), and the notes say so."""
+    here = [i for i, p in enumerate(pools) if site is None or p.site == site]
+    mine = [pools[i] for i in here]
+    unrestricted = route == "auto" and (site is None or bool(mine)) and not model.pins and all_fit(
+        model, mine) and equivalent_pools(model, mine, cost)
     if unrestricted:
-        allowed = [list(range(len(pools)))] * len(model.ops)
+        allowed = [here] * len(model.ops)
         # JAX CPU workers among them run the ops with NumPy: say so, and how to force
         both = sorted({(p.label, p.target) for p in pools if p.numpy_profile is not None})
         why = (f" (the {', '.join(label for label, _ in both)} workers run them with "
                f"NumPy, which is no slower there; route=\"{both[0][1]}\" runs "
                f"{both[0][1].split(':')[1]})" if both else "")
-        notes.append("every pool runs every op of this computation equally fast"
-                     f"{why}: no restrictions, Dask places each task itself")
+        if site is None:
+            notes.append("every pool runs every op of this computation equally fast"
+                         f"{why}: no restrictions, Dask places each task itself")
+        else:
+            notes.append(f"every pool at site {site!r} runs every op of this computation "
+                         f"equally fast{why}: the tasks are kept at {site!r} and Dask "
+                         f"places each among its workers")
     return unrestricted, allowed
 
 

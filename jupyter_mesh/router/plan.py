@@ -237,14 +237,23 @@ class Plan(Generic[ModelT]):
                 if self._kind_of(self.pool_of[d], m.layer[d]) != kp:
                     moved[li] += m.ops[m.layer[d]].out_bytes
         rows, self._row_layers = merged_rows(m.ops, targets, est, moved, self.routed,
-                                             self.unrestricted)
+                                             self.unrestricted and self.free_target)
         return rows
+
+    @property
+    def free_target(self) -> str:
+        """What rows and bars show as the target of a plan that restricts nothing (see
+        ``unrestricted``): any pool; with ``site=``, the site's one pool, or any at it."""
+        if not self.site:
+            return EQUIVALENT
+        here = [p.label for p in self.pools if p.site == self.site]
+        return here[0] if len(here) == 1 else f"any at {self.site} (pools equivalent)"
 
     def assignment(self) -> dict[Any, str] | None:
         """``{key: pool label}`` for every task (None for a plan made per layer, which
         keeps no per-task lists)."""
         if self.unrestricted:  # Dask places every task: no target to group by
-            return dict.fromkeys(self.model.keys, EQUIVALENT)
+            return dict.fromkeys(self.model.keys, self.free_target)
         layer = self.model.layer
         return {k: self.target_label(layer[i], p)
                 for i, (k, p) in enumerate(zip(self.model.keys, self.pool_of, strict=False))}
@@ -366,7 +375,7 @@ REPORT_COLUMNS = PLAN_COLUMNS + ("backends", "workers", "seconds")
 
 
 def merged_rows(ops: Sequence[OpInfo], targets: Sequence[Counter[str]], est: Sequence[float],
-                moved: Sequence[float], routed: bool, unrestricted: bool
+                moved: Sequence[float], routed: bool, unrestricted: str | bool
                 ) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """One row per operation: the layers of one name and class in one row (a
     dask.delayed call is a layer of its own, so a loop of 300 calls of one function is
@@ -380,8 +389,8 @@ def merged_rows(ops: Sequence[OpInfo], targets: Sequence[Counter[str]], est: Seq
     for (label, op_class), layers in groups.items():
         if not routed:
             target = "any (not routed)"
-        elif unrestricted:
-            target = EQUIVALENT
+        elif unrestricted:  # the plan's free_target, or True for any pool
+            target = unrestricted if isinstance(unrestricted, str) else EQUIVALENT
         else:
             target = _target_text(sum((targets[li] for li in layers), Counter()))
         rows.append({

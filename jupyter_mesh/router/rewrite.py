@@ -157,12 +157,24 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         (p.resource, p.site if (multi_site or plan.site or pins) else None, p.label)
         for p in plan.pools
     ]
+    if free and plan.site:
+        # restricted to nothing but the site (see site_only)
+        restrictions = dict.fromkeys(graph, site_only(pools, plan.site))
     return Routed(
         plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=restrictions,
         pools=pools, fallback=fallback, timeout=get_seconds("fallback-timeout"),
         site=plan.site, pins=pins, priorities=priorities,
         narrow={} if free else narrowed(plan), fused=fused, workers=workers,
     )
+
+
+def site_only(pools: list[tuple[str | None, str | None, str]], site: str) -> int:
+    """The index of a pool entry, added to ``pools``, that keeps a task at ``site`` and
+    nothing else: for a plan that restricts nothing but its ``site=`` (every pool there
+    runs every op equally fast), Dask places its tasks among that site's workers. If
+    none is left there, the computation fails as one kept at a site does."""
+    pools.append((None, site, f"any at {site}"))
+    return len(pools) - 1
 
 
 def submission(routed: Routed) -> Any:
