@@ -800,9 +800,9 @@ class Mesh:
         from distributed.core import Status
 
         assert self.cluster is not None
-        live = (Status.running, Status.init, Status.created, Status.starting)
+        gone = (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
         dead = [name for name, w in self.cluster.workers.items()
-                if name in self.cluster.worker_spec and getattr(w, "status", None) not in live]
+                if name in self.cluster.worker_spec and getattr(w, "status", None) in gone]
         if not dead:
             return
         for name in dead:
