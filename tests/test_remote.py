@@ -64,7 +64,7 @@ def test_last_expression_is_the_cells_output(ip, fresh):
     assert ip.run_cell("%%mesh --remote\nnone = None\nnone").result is None
 
 
-def test_output_option_stores_the_value(ip, fresh):
+def test_output_option_stores_the_value(ip, fresh, capsys):
     remote(ip, "-o res", "import numpy as np\nnp.arange(4) * 2")
     np.testing.assert_array_equal(ip.user_ns["res"], [0, 2, 4, 6])
     # a trailing ; hides the value, as in a local cell, but -o still stores it
@@ -72,6 +72,18 @@ def test_output_option_stores_the_value(ip, fresh):
     assert result.success and result.result is None and ip.user_ns["res"] == 42
     # a ; in a comment hides nothing
     assert repr(ip.run_cell("%%mesh --remote\n6 * 7  # done;").result) == "42"
+    # a value of None is stored; a cell that ends with a statement has no value, and
+    # the name keeps what it held (it is not overwritten with None), with a note
+    remote(ip, "-o res", "None")
+    assert "res" in ip.user_ns and ip.user_ns["res"] is None
+    ip.user_ns["keep"] = "precious"
+    for flags in ("-o keep", "--all -o keep"):
+        capsys.readouterr()
+        result = ip.run_cell(f"%%mesh --remote {flags}\nz = 1")
+        assert result.success and ip.user_ns["keep"] == "precious"
+        err = capsys.readouterr().err
+        assert "-o keep: the cell does not end with an expression" in err
+        assert err.count("\n") == 1
 
 
 def test_large_arrays_push_and_pull(ip, fresh):

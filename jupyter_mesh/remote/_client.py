@@ -51,6 +51,9 @@ class CellResult:
         The MIME bundle of the last expression's value (None when there was none).
     value:
         The last expression's value itself, when it was asked for (``-o``); else None.
+    has_value:
+        Whether ``value`` was sent: it was asked for and the cell ends with an
+        expression (a cell that ends with a statement has no value, not None).
     pulled:
         The pulled names and their values.
     elapsed:
@@ -68,6 +71,7 @@ class CellResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     value: Any = None
     pulled: dict[str, Any] = field(default_factory=dict)
+    has_value: bool = False
     elapsed: float = 0.0
     stream_latency: list[float] = field(default_factory=list)
 
@@ -612,7 +616,8 @@ class RemoteCells:
                     worker=dev.worker, name=dev.name, kind=dev.kind, backend=dev.backend,
                     site=dev.site, data=final.get("data"),
                     metadata=final.get("metadata") or {},
-                    value=final.get("value"), pulled=dict(final.get("pulled") or {}),
+                    value=final.get("value"), has_value="value" in final,
+                    pulled=dict(final.get("pulled") or {}),
                     elapsed=time.time() - run.sent, stream_latency=run.latencies,
                 ))
             elif status in ("error", "timeout"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -50,10 +51,21 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
     return _store_one(shell, args, result)
 
 
+def _no_value(args: Any) -> None:
+    """Say that ``-o NAME`` stored nothing: the cell ended with a statement, not an
+    expression (NAME keeps what it held)."""
+    print(f"jupyter_mesh: -o {args.output}: the cell does not end with an expression, so "
+          f"it has no value to store; {args.output} is unchanged (end the cell with the "
+          f"expression to keep)", file=sys.stderr, flush=True)
+
+
 def _store_one(shell: Any, args: Any, result: CellResult) -> Any:
     shell.user_ns.update(result.pulled)
     if args.output is not None:
-        shell.user_ns[args.output] = result.value
+        if result.has_value:
+            shell.user_ns[args.output] = result.value
+        else:
+            _no_value(args)
     if result.data is None:
         return None
     return RemoteOutput(result.data, result.metadata)
@@ -64,7 +76,11 @@ def _show_all(shell: Any, args: Any, results: list[CellResult]) -> None:
     for name in names:
         shell.user_ns[name] = {r.label: r.pulled[name] for r in results if name in r.pulled}
     if args.output is not None:
-        shell.user_ns[args.output] = {r.label: r.value for r in results}
+        # every worker ran the same cell: each has a value, or none has
+        if any(r.has_value for r in results):
+            shell.user_ns[args.output] = {r.label: r.value for r in results}
+        else:
+            _no_value(args)
     for r in results:
         if r.data is not None:
             print(f"Out[{r.label}]:", flush=True)
