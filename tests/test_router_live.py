@@ -815,6 +815,16 @@ def test_routed_cells_keep_the_shells_numbering_and_failures(ip, mesh, capsys):
     assert ip.run_cell("5", store_history=True).success and ip.last_execution_succeeded
 
 
+class _Holder:
+    @property
+    def boom(self):
+        raise RuntimeError("a property failed\nsecond line")
+
+    @property
+    def inner(self):
+        return self.missing_inside
+
+
 #: (line, cell or None for a line magic, what the one-line error says)
 MAGIC_MISUSE = [
     ("route warp", None, "unknown route"),
@@ -829,6 +839,13 @@ MAGIC_MISUSE = [
     ("explain y --route tpu", None, "no live tpu"),
     ("explain 1 / 0", None, "could not evaluate.*ZeroDivisionError"),
     ("explain y.nothing", None, "no attribute 'nothing'"),
+    # a property that raises: its own error in one line, not a traceback; one that
+    # raises AttributeError inside is not called missing
+    ("explain holder.boom", None, r"^could not evaluate 'holder.boom': RuntimeError: "
+                                  r"a property failed$"),
+    ("explain holder.inner", None, r"^could not evaluate 'holder.inner': AttributeError"),
+    # --route inside a string literal is part of the expression
+    ("explain plain_d['a --route x']", None, "nothing to explain: no Dask collection"),
     ("--route gpu", "1", "no live gpu"),
     ("--route warp", "1", "unknown route"),
     ("--route", "1", "--route: expected one argument; see %%mesh --help"),
@@ -839,7 +856,8 @@ MAGIC_MISUSE = [
 def test_magic_misuse(ip, line, cell, error):
     from IPython.core.error import UsageError
 
-    ip.user_ns.update(plain=[1, 2], y=pipeline())
+    ip.user_ns.update(plain=[1, 2], y=pipeline(), holder=_Holder(),
+                      plain_d={"a --route x": 1})
     with pytest.raises(UsageError, match=error):
         if cell is None:
             ip.run_line_magic("mesh", line)
@@ -849,8 +867,11 @@ def test_magic_misuse(ip, line, cell, error):
 
 def test_magic_explain_takes_the_expression_as_typed(ip, mesh):
     ip.user_ns["d"] = {"a b": pipeline()}
+    ip.user_ns["d"]["x --route gpu"] = ip.user_ns["d"]["a b"]
     for line in ("explain d['a b'] --route cpu:jax", "explain d['a b'] --route=cpu:jax",
-                 "explain --route cpu:jax d['a b']"):
+                 "explain --route cpu:jax d['a b']", "explain d['a b'] --route 'cpu:jax'",
+                 "explain d['x --route gpu'] --route cpu:jax",
+                 "explain d[\"x --route gpu\"] --route=\"cpu:jax\""):
         plan = ip.run_line_magic("mesh", line)
         assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax", line
     assert ip.run_line_magic("mesh", "explain d['a b']").route == "auto"

@@ -21,6 +21,30 @@ _ROUTE_OPTION = re.compile(r"(?:^|\s)--route(?:=(\S*)|\s+(?!-)(\S+)|\s*$)")
 _NAME_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
+def _outside_strings(expr: str) -> str:
+    """``expr`` with the insides of its string literals blanked (same length), so an
+    option is looked for only in the code: ``d["a --route x"]`` names no route."""
+    import io
+    import tokenize
+
+    lines = expr.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    masked = list(expr)
+    strings = {tokenize.STRING, *(getattr(tokenize, t) for t in
+                                  ("FSTRING_MIDDLE",) if hasattr(tokenize, t))}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(expr).readline):
+            if tok.type in strings:
+                a = starts[tok.start[0] - 1] + tok.start[1]
+                b = starts[tok.end[0] - 1] + tok.end[1]
+                masked[a:b] = ["_"] * (b - a)
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        pass  # not Python: the line is searched as it is (its evaluation will say so)
+    return "".join(masked)
+
+
 def _route(text: str) -> Any:
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
@@ -63,24 +87,39 @@ def _lookup(shell: Any, expr: str) -> Any:
         for attr in rest:
             try:
                 value = getattr(value, attr)
-            except AttributeError:
-                raise UsageError(f"{expr}: no attribute {attr!r}") from None
+            except Exception as exc:
+                try:
+                    exists = attr in dir(value)
+                except Exception:
+                    exists = True
+                if isinstance(exc, AttributeError) and not exists:
+                    raise UsageError(f"{expr}: no attribute {attr!r}") from None
+                # a property that raised: its own error, as an expression's
+                raise UsageError(_not_evaluated(expr, exc)) from None
         return value
     try:
         return shell.ev(expr)
     except Exception as exc:
-        raise UsageError(f"could not evaluate {expr!r}: {type(exc).__name__}: {exc}") from None
+        raise UsageError(_not_evaluated(expr, exc)) from None
+
+
+def _not_evaluated(expr: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"could not evaluate {expr!r}: {type(exc).__name__}" + (f": {first}" if first else "")
 
 
 def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
     """``%mesh explain EXPR [--route R]``: the plan for the Dask collection(s) EXPR."""
     route = "auto"
     # the option is cut out of the line, and the expression evaluated as typed
-    found = list(_ROUTE_OPTION.finditer(expr))
+    code = _outside_strings(expr)  # not in a string literal: d["a --route x"]
+    found = list(_ROUTE_OPTION.finditer(code))
     if len(found) > 1:
         raise UsageError("--route given twice: give it once, e.g. %mesh explain y --route gpu")
-    value = (found[0].group(1) or found[0].group(2)) if found else None
-    if not value and (found or re.search(r"(?:^|\s)--route\b", expr)):
+    value = (expr[slice(*found[0].span(1))] if found[0].group(1) is not None else
+             expr[slice(*found[0].span(2))] if found[0].group(2) is not None else ""
+             ) if found else None
+    if not value and (found or re.search(r"(?:^|\s)--route\b", code)):
         raise UsageError("--route needs a value: auto, off or a target such as gpu")
     if found and value:
         route = value
