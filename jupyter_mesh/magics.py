@@ -169,13 +169,31 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
     UsageError that points to its own help."""
     see = f"see {name} --help"
     try:
-        return parse_argstring(func, argstring)
+        return _unquoted(parse_argstring(func, argstring))
     except UsageError as exc:
         raise UsageError(f"{str(exc).splitlines()[0]}; {see}") from None
     except SystemExit:  # argparse --help
         raise UsageError(see) from None
     except ValueError as exc:  # unbalanced quotes and the like
         raise UsageError(f"{exc}: {see}") from None
+
+
+def unquote(value: Any) -> Any:
+    """A value typed in one pair of matching quotes without them (``'cpu:jax'``,
+    ``"edge lab"``), as a shell reads it; anything else as it is."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] \
+            and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
+def _unquoted(args: Any) -> Any:
+    """Parsed options with each value's quotes taken off (IPython's splitting keeps
+    them): every option takes ``--cpu '1'`` as ``--cpu 1``."""
+    for name, value in vars(args).items():
+        setattr(args, name, [unquote(v) for v in value] if isinstance(value, list)
+                else unquote(value))
+    return args
 
 
 def _as_usage(exc: Exception) -> UsageError:

@@ -208,6 +208,26 @@ def test_strip_comment(line, kept):
     assert strip_comment(line) == kept
 
 
+@pytest.mark.parametrize("sub, line, want", [
+    ("start", "--cpu '1' --jax-cpu \"0\" --site 'edge' --threads '2'",
+     {"cpu": "1", "jax_cpu": "0", "site": "edge", "threads": "2"}),
+    ("scale", "--cpu '2'", {"cpu": "2"}),
+    ("connect", "'tcp://127.0.0.1:8786' --timeout '5'",
+     {"address": "tcp://127.0.0.1:8786", "timeout": "5"}),
+    ("route", "'cpu:jax'", {"target": "cpu:jax"}),
+    (None, "--remote --on 'cpu' --site \"lab\" -o 'res' --timeout '3' --push 'a'",
+     {"on": "cpu", "site": "lab", "output": "res", "timeout": "3", "push": "a"}),
+    (None, "--route 'cpu:jax'", {"route": "cpu:jax"}),
+])
+def test_every_option_takes_a_quoted_value(sub, line, want):
+    # IPython's splitting keeps quotes; every option reads '1' as 1, as a shell would
+    from jupyter_mesh import magics
+
+    parser = magics._cell_args if sub is None else magics.PARSERS[sub]
+    args = magics.parse(parser, line)
+    assert {k: getattr(args, k) for k in want} == want
+
+
 def test_a_trailing_comment_is_not_an_argument(ip, started, capsys):
     # lines copied with their comments, as the README shows them
     try:
