@@ -47,7 +47,7 @@ HELP = """The mesh of this notebook: devices of every kind (CPUs, GPUs, TPUs) us
                 [-o NAME] [--timeout S]     run the cell on a worker
 
 TARGET: auto, off, cpu, gpu, tpu or KIND:BACKEND (cpu:jax). Each subcommand takes
---help (%mesh start --help, %%mesh --help)."""
+--help (%mesh start --help); %mesh --help ends with every option of %%mesh."""
 
 
 # ---------------------------------------------------------------- argument parsers
@@ -231,7 +231,9 @@ class MeshMagics(Magics):
         sub = parts[0] if parts else "status"
         rest = parts[1] if len(parts) > 1 else ""
         if sub in ("-h", "--help", "help"):
-            print(HELP)
+            # and the cell magic's options in full: IPython runs no cell magic on a
+            # cell with nothing below its first line, so %%mesh --help alone shows none
+            print(HELP + "\n\n" + _help_text(_cell_args, "%%mesh"))
             return None
         if sub == "explain":
             if _asks_help(rest):

@@ -312,6 +312,11 @@ def test_help_without_subcommand_lists_them(ip, capsys):
                 "[--jax-cpu N] [--gpu N] [--tpu N]", "route", "explain EXPR", "calibrate",
                 "reset-remote", "close", "%%mesh --remote"):
         assert f"%mesh {sub}" in out or sub in out, sub
+    # and every option of the cell magic, whose own --help needs a cell body
+    assert "usage: %%mesh [--route TARGET] [--remote]" in out
+    for option in ("--on TARGET", "--push <a,b>", "--timeout S", "-o NAME, --output NAME"):
+        assert option in out, option
+    assert ip.run_cell("%%mesh --help").error_before_exec is not None  # IPython's
     # IPython's own help (%mesh?) shows the same
     from jupyter_mesh.magics import HELP
 
