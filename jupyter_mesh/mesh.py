@@ -175,7 +175,7 @@ def check_address(address: Any) -> str:
             raise ValueError(f"unknown scheme {scheme!r}")
         if scheme in ("tcp", "tls", "ws", "wss"):
             host, port = parse_host_port(loc)
-            if not host or not port:
+            if not host or not port or not 0 < int(port) < 65536:
                 raise ValueError("no port")
     except Exception:
         raise MeshError(
@@ -540,6 +540,9 @@ class Mesh:
         elif (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
               or not math.isfinite(timeout) or timeout <= 0):
             raise MeshError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if timeout > MAX_CONNECT_TIMEOUT:
+            raise MeshError(f"timeout must be at most {MAX_CONNECT_TIMEOUT} s (a day), "
+                            f"not {timeout:g}")
         if security is not None:
             from distributed.security import Security
 
@@ -574,6 +577,7 @@ class Mesh:
                                 f"(jm.current()), or %mesh close it first")
             _refuse_if_active(replace)
         try:
+            _check_listening(address, timeout)
             ident = _probe_scheduler(address, security, timeout)
         except Exception as exc:
             raise _could_not_connect(address, timeout, exc) from None
@@ -1134,18 +1138,66 @@ async def _identity(address: str, security: Any, timeout: float) -> dict[str, An
     from distributed.security import Security
 
     args = (security or Security()).get_connection_args("client")
-    comm = await connect(address, timeout=timeout, **args)
     try:
-        await comm.write({"op": "identity", "reply": True})
-        return await comm.read()
-    finally:
-        comm.abort()
+        comm = await connect(address, timeout=timeout, **args)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+    except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
+        raise
+    except Exception:
+        # bytes that are no Dask message (an SSH or HTTP server, in the handshake or
+        # the answer): Dask's reader fails on them in its own ways ("Unable to
+        # allocate 2.82 EiB ...", the length it read from "SSH-2.0-")
+        raise OSError("this is not a Dask scheduler (it answered in another "
+                      "protocol)") from None
+
+
+#: the longest ``Mesh.connect`` waits (longer ones overflow the event loop's clock)
+MAX_CONNECT_TIMEOUT = 86400
+
+
+class _Unreachable(OSError):
+    """Nothing can answer at an address: known at once, without waiting."""
+
+
+def _check_listening(address: str, timeout: float) -> None:
+    """Fail at once where nothing can answer at ``address``: a host name that does not
+    resolve, or a port where the host refuses connections (Dask's own connect retries
+    those until its timeout). A host that does not answer at all is left to the probe,
+    which waits for it."""
+    import socket
+
+    scheme, loc = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(loc)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise _Unreachable(f"host {host!r} not found: {exc.strerror or exc}") from None
+    refused = None
+    for family, kind, proto, _, where in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(min(timeout, 2.0))
+            try:
+                sock.connect(where)
+                return
+            except ConnectionRefusedError as exc:
+                refused = exc
+            except OSError:
+                return  # unreachable or slow: the probe waits for it
+    if refused is not None:
+        raise _Unreachable(f"connection refused: nothing listens on port {port} of {host}")
 
 
 def _could_not_connect(address: str, timeout: float, exc: Exception) -> MeshError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    within = "" if isinstance(exc, _Unreachable) else f" within {timeout:g} s"
     return MeshError(
-        f"could not connect to {address} within {timeout:g} s ({reason}): check that a "
+        f"could not connect to {address}{within} ({reason}): check that a "
         f"Dask scheduler listens there and the protocol (tcp/tls) is right"
     )
 

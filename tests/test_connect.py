@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -142,7 +143,52 @@ def test_non_dask_port_fails_within_timeout_naming_address(no_mesh, silent_port)
     assert time.monotonic() - t0 < 12
 
 
-@pytest.mark.parametrize("bad", ["", "tcp://", "tcp://host", "ftp://h:1", "h:port", 42])
+def test_a_refused_port_or_unknown_host_fails_at_once(no_mesh):
+    # Dask's own connect retries a refused port until its timeout: nothing listens
+    # there now, so the user hears so at once, and why
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # a port nothing listens on
+    for address, why in ((f"tcp://127.0.0.1:{port}", "connection refused: nothing "
+                          f"listens on port {port} of 127.0.0.1"),
+                         ("tcp://no-such-host.invalid:8786", "host 'no-such-host.invalid' "
+                          "not found")):
+        t0 = time.monotonic()
+        with pytest.raises(MeshError, match=re.escape(f"could not connect to {address} ({why}")):
+            jm.Mesh.connect(address, timeout=30)
+        assert time.monotonic() - t0 < 10
+
+
+def test_a_server_of_another_protocol_is_said_not_a_scheduler(no_mesh):
+    # a server that answers with bytes that are no Dask message (an SSH banner, which
+    # Dask reads as a frame of 2.8 EiB): said so, not Dask's reader's own failure
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            time.sleep(0.5)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(MeshError, match="this is not a Dask scheduler") as err:
+            jm.Mesh.connect(f"tcp://127.0.0.1:{port}", timeout=5)
+        assert "allocate" not in str(err.value) and "\n" not in str(err.value)
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("bad", ["", "tcp://", "tcp://host", "ftp://h:1", "h:port", 42,
+                                 "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0"])
 def test_malformed_addresses(no_mesh, bad):
     with pytest.raises(MeshError, match="malformed address"):
         jm.Mesh.connect(bad)
@@ -152,6 +198,13 @@ def test_malformed_addresses(no_mesh, bad):
 def test_bad_timeouts(no_mesh, bad):
     with pytest.raises(MeshError, match="timeout must be a positive number"):
         jm.Mesh.connect("tcp://127.0.0.1:1", timeout=bad)
+
+
+@pytest.mark.parametrize("huge", [1e10, 1e308])
+def test_a_timeout_longer_than_a_day_is_refused(no_mesh, huge):
+    # longer ones overflow the event loop's clock, or wait for ever
+    with pytest.raises(MeshError, match=r"^timeout must be at most 86400 s \(a day\)"):
+        jm.Mesh.connect("tcp://127.0.0.1:1", timeout=huge)
 
 
 def test_tls_files_are_checked_before_connecting(no_mesh, certs, tmp_path):
