@@ -26,9 +26,13 @@ __all__ = [
 
 def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPython
     """``%load_ext jupyter_mesh``: register the ``%mesh`` magics."""
-    from .magics import MeshMagics
+    from .errors import MeshError
+    from .magics import MeshMagics, show_mesh_error
 
     ipython.register_magics(MeshMagics)
+    if not ipython.custom_exceptions:  # another extension's handler stays
+        # a MeshError in a cell shows its one line and where in the cell it came from
+        ipython.set_custom_exc((MeshError,), show_mesh_error)
 
 
 def unload_ipython_extension(ipython):  # pragma: no cover

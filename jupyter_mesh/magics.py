@@ -6,6 +6,7 @@ Every subcommand has its own ``@magic_arguments`` parser; misuse raises ``UsageE
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from typing import Any
@@ -194,6 +195,46 @@ def _unquoted(args: Any) -> Any:
         setattr(args, name, [unquote(v) for v in value] if isinstance(value, list)
                 else unquote(value))
     return args
+
+
+def show_mesh_error(shell: Any, etype: type, value: BaseException, tb: Any,
+                    tb_offset: int | None = None) -> list[str]:
+    """IPython's display of a :class:`MeshError` a cell raises (``%load_ext
+    jupyter_mesh`` sets it as the shell's custom exception handler): its one line, which
+    says what to do, and the cell line it came from, not a traceback through the
+    mesh's internals. The cell still fails."""
+    where = _raised_at(shell, tb)
+    line = f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}" + (f"  [{where}]" if where else "")
+    shell._showtraceback(etype, value, [line])
+    return [line]
+
+
+def _raised_at(shell: Any, tb: Any) -> str:
+    """Where in the user's code an exception came from: the last frame of its
+    traceback outside installed packages, the standard library and this package
+    (``In [3], line 2: y.compute()`` for a cell); "" where there is none."""
+    import linecache
+    import sysconfig
+    import traceback
+
+    skip = tuple(os.path.realpath(p) for p in {
+        sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+        sysconfig.get_paths()["stdlib"], os.path.dirname(os.path.abspath(__file__))})
+    found = None
+    for frame, lineno in traceback.walk_tb(tb):
+        name = frame.f_code.co_filename
+        if name.startswith("<") and not name.startswith("<ipython-input"):
+            continue  # code made on the fly (<string>, <frozen ...>)
+        if not name.startswith("<") and os.path.realpath(name).startswith(skip):
+            continue
+        found = (name, lineno)
+    if found is None:
+        return ""
+    name, lineno = found
+    cells = getattr(getattr(shell, "compile", None), "_filename_map", {}) or {}
+    place = f"In [{cells[name]}], line {lineno}" if name in cells else f"{name}:{lineno}"
+    code = linecache.getline(name, lineno).strip()
+    return f"{place}: {code}" if code else place
 
 
 def _as_usage(exc: Exception) -> UsageError:

@@ -80,6 +80,17 @@ def test_magics_in_a_real_kernel_and_no_orphans_after_shutdown():
         # a failed command leaves the mesh working
         reply = kc.execute_interactive("%mesh start --cpu -1", timeout=30)
         assert reply["content"]["status"] == "error"
+        # a MeshError in a cell: the notebook gets one error line saying where
+        errors = []
+        reply = kc.execute_interactive(
+            "jm.current().compute(1, route='warp')", timeout=30,
+            output_hook=lambda msg: errors.append(msg["content"])
+            if msg["msg_type"] == "error" else None)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "MeshError"
+        assert len(errors) == 1 and len(errors[0]["traceback"]) == 1
+        assert "unknown route 'warp'" in errors[0]["traceback"][0]
+        assert "line 1: jm.current().compute(1, route='warp')" in errors[0]["traceback"][0]
         assert "1" == _run(kc, "print(len(jm.current().inventory().select('cpu:jax')))").strip()
     finally:
         kc.stop_channels()

@@ -372,3 +372,25 @@ def test_bad_config_is_one_line_from_the_magics(ip, monkeypatch, key, value, lin
             ip.run_line_magic("mesh", line)
     assert "\n" not in str(info.value)
     assert _state.active() is None
+
+
+def test_a_mesh_error_in_a_cell_is_one_line_saying_where(ip, capsys):
+    # what to do, and the line of the cell it came from: not a traceback through the
+    # mesh's internals; the cell still fails and the kernel goes on
+    from jupyter_mesh import MeshConfigError, MeshError
+
+    capsys.readouterr()
+    result = ip.run_cell("import jupyter_mesh as _jm\n_before = 1\n"
+                         "_jm.Mesh.connect('tcp://127.0.0.1:1', timeout=-1)")
+    assert isinstance(result.error_in_exec, MeshError) and not result.success
+    out = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(out) == 1, out
+    assert "MeshError" in out[0] and "timeout must be a positive number" in out[0]
+    assert out[0].endswith("line 3: _jm.Mesh.connect('tcp://127.0.0.1:1', timeout=-1)]")
+    # its subclasses alike; other errors keep IPython's traceback
+    result = ip.run_cell("raise _jm.MeshConfigError('mesh.x: use a number')")
+    assert isinstance(result.error_in_exec, MeshConfigError)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    ip.run_cell("def _f():\n    return 1 / 0\n_f()")
+    assert "Traceback" in capsys.readouterr().out
+    assert ip.run_cell("_before + 1").result == 2

@@ -1560,3 +1560,16 @@ def test_a_forced_jax_route_says_integer_data_is_why_an_op_went_to_numpy():
                  and plan.model.ops[plan.model.layer[plan.model.keys.index(k)]].dtype_kind
                  == "f"]
     assert float_add and {plan.assignment()[k] for k in float_add} == {"cpu:jax"}
+
+
+def test_a_forced_route_on_a_mesh_without_workers_says_to_scale():
+    # (a scheduler whose workers are all gone): no empty list of targets to use
+    from types import SimpleNamespace
+
+    from jupyter_mesh.inventory import Inventory
+    from jupyter_mesh.router.api import _checked_route
+
+    empty = SimpleNamespace(inventory=lambda: Inventory.from_records([], "tcp://x:1", None))
+    with pytest.raises(MeshError, match=r"^no live cpu worker: the mesh has no workers now; "
+                                        r"scale it up \(%mesh scale\) or use 'auto'"):
+        _checked_route(empty, "cpu", True)

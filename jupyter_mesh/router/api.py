@@ -814,8 +814,12 @@ def _checked_route(mesh: Mesh, mode: Any, fallback: bool) -> str | Target:
         inv = mesh.inventory()
         if not any(route.matches(d.kind, d.backend) for d in inv):
             have = ", ".join(f"{n} {t}" for t, n in sorted(inv.by_target().items()))
+            if not have:
+                raise MeshError(f"no live {route} worker: the mesh has no workers now; "
+                                f"scale it up (%mesh scale) or use 'auto' to route to "
+                                f"what joins later")
             raise MeshError(
-                f"no live {route} worker: the mesh has {have or 'no devices'}; use 'auto' "
+                f"no live {route} worker: the mesh has {have}; use 'auto' "
                 f"or one of {', '.join(sorted(inv.by_target()))}"
             )
     return route
