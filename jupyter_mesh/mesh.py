@@ -794,7 +794,28 @@ class Mesh:
             self.options[fam] = want
         self.cluster.sync(self.cluster._correct_state)
         self._wait_for(len(spec))
-        return self.inventory()
+        inventory = self.inventory()
+        self._warn_if_route_stranded(inventory)
+        return inventory
+
+    def _warn_if_route_stranded(self, inventory: Inventory) -> None:
+        """Warn where the route in force for this mesh (``%mesh route cpu:jax``, a
+        ``with mesh.route(...)`` block) names a target none of its workers has any
+        more: every plain Dask call would then fail until it changes."""
+        from .router import api
+        from .targets import Target
+
+        for where, held in (("the kernel's route", api.ROUTES.kernel),
+                            ("the route of the block in force",
+                             api.ROUTES.blocks[-1] if api.ROUTES.blocks else None)):
+            if held is None or held.mesh is not self or not isinstance(held.route, Target):
+                continue
+            route = held.route
+            if not any(route.matches(d.kind, d.backend) for d in inventory):
+                warnings.warn(
+                    f"{where} is {route}, and the mesh has no {route} worker now: plain "
+                    f"Dask calls will fail until you scale it back or change the route "
+                    f"(%mesh route auto)", UserWarning, stacklevel=3)
 
     def _forget_dead_workers(self) -> None:
         """Take out of the cluster's spec the workers whose nanny has stopped (its worker

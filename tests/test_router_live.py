@@ -908,3 +908,26 @@ def test_pin_on_a_live_mesh(mesh):
         mesh.compute(y, pin={"mars": x})
     with pytest.raises(MeshError, match="needs routing"):
         mesh.compute(y, route="off", pin={"lab": x})
+
+
+def test_scaling_away_the_routes_target_warns(mesh):
+    # plain Dask calls would fail from then on: the user hears so when scaling
+    import warnings
+
+    api.set_route(mesh, "cpu:jax")
+    try:
+        with pytest.warns(UserWarning, match=r"the kernel's route is cpu:jax, and the mesh "
+                                             r"has no cpu:jax worker now"):
+            mesh.scale(jax_cpu=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # back: no warning
+            mesh.scale(jax_cpu=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            api.set_route(mesh, "auto")  # a route with no target strands nothing
+            mesh.scale(jax_cpu=0)
+    finally:
+        api.set_route(mesh, "off")
+        if not any(d.backend == "jax" for d in mesh.inventory()):
+            mesh.scale(jax_cpu=1)
+    assert [d.backend for d in mesh.inventory()].count("jax") == 1
