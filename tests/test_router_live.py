@@ -772,6 +772,9 @@ def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
         ip.run_cell_magic("mesh", "--route cpu:jax", "d = y.compute()\nraise ValueError('x')")
     ip.run_cell_magic("mesh", "--route cpu:jax", "e = 2")
     assert shown == [] and mesh.report_sinks == []
+    # a %%mesh cell inside another shows its report once (the inner cell shows it)
+    ip.run_cell_magic("mesh", "--route cpu:jax", "%%mesh --route cpu:jax\nf = y.compute()")
+    assert len(shown) == 1 and shown[0] is mesh.last_report and mesh.report_sinks == []
 
 
 def test_a_failing_routed_cell_counts_as_failed(ip, mesh, capsys):

@@ -525,8 +525,9 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         except Exception:  # what was learned is a hint; the result is what counts
             logging.getLogger("jupyter_mesh").debug(
                 "jupyter_mesh: learning from a routed computation failed", exc_info=True)
-    for sink in getattr(mesh, "report_sinks", ()):
-        sink.append(report)
+    sinks = getattr(mesh, "report_sinks", None)
+    if sinks:  # the innermost %%mesh cell shows it (a nested one's outer cell does not)
+        sinks[-1].append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
     # a fallback that came while the results were fetched is shown now, and reported
