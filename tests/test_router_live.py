@@ -531,13 +531,19 @@ def test_explain_plans_the_collections_among_its_arguments(mesh):
     with pytest.raises(MeshError, match=r"^nothing to explain: no Dask collection among "
                                         r"the arguments \(int, str\)$"):
         mesh.explain(5, "x")
+    with pytest.raises(MeshError, match=r"^nothing to explain: pass one or more Dask "
+                                        r"collections$"):
+        mesh.explain()
 
 
 def test_submit_bad_inputs(mesh):
-    with pytest.raises(MeshError, match="unknown"):
-        mesh.submit(np.sum, 1, on="warp")
-    with pytest.raises(MeshError, match="on= takes a target such as 'gpu'"):
-        mesh.submit(np.sum, 1, on="auto")
+    # the targets on= takes, and not the routes it does not ("auto", "off")
+    for bad in ("warp", "auto", "off", 3):
+        with pytest.raises(MeshError, match=r"^on= takes a target: one of cpu, gpu, tpu, "
+                                            r"cpu:numpy, cpu:jax.* \(or needs= to let the "
+                                            r"mesh pick\), not ") as err:
+            mesh.submit(np.sum, 1, on=bad)
+        assert "auto" not in str(err.value).split(", not ")[0]
     with pytest.raises(MeshError, match="not both"):
         mesh.submit(np.sum, 1, on="cpu", needs="fft")
     with pytest.raises(MeshError, match="submit needs a function, not int"):
@@ -934,3 +940,19 @@ def test_scaling_away_the_routes_target_warns(mesh):
         if not any(d.backend == "jax" for d in mesh.inventory()):
             mesh.scale(jax_cpu=1)
     assert [d.backend for d in mesh.inventory()].count("jax") == 1
+
+
+def test_one_route_block_may_be_entered_again(mesh):
+    # as a lock: one after another, or one inside another; each exit ends its own entry
+    y = (da.ones((40, 40), chunks=20) + 1).sum()
+    block = mesh.route("cpu:jax")
+    for _ in range(2):
+        with block:
+            assert mesh.route_mode == "cpu:jax"
+            assert y.compute() == 3200
+        assert mesh.route_mode == "off"
+    with block:
+        with block:
+            assert mesh.route_mode == "cpu:jax"
+        assert mesh.route_mode == "cpu:jax"
+    assert mesh.route_mode == "off" and api.ROUTES.blocks == []

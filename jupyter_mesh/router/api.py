@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import pickle
@@ -11,7 +10,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import dask
@@ -20,7 +18,7 @@ from dask.utils import funcname
 
 from .. import _config, progress
 from ..errors import MeshError, MeshFallbackWarning
-from ..targets import Target, site_resource
+from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, SETTLE_HANDLER, STATUS_HANDLER
 from .calibrate import format_rate
@@ -223,8 +221,10 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     route = parse_route_or_error(route)
     site = _check_site(site)
     _check_off(route, site, pin)
+    if not collections:
+        raise MeshError("nothing to explain: pass one or more Dask collections")
     colls, _ = _unpacked(collections)
-    if collections and not colls:
+    if not colls:
         raise MeshError(f"nothing to explain: no Dask collection among the arguments "
                         f"({', '.join(type(c).__name__ for c in collections)})")
     plan = _plan_collections(mesh, colls or collections, route, site, pin)
@@ -937,14 +937,26 @@ class _Routes:
 ROUTES = _Routes()
 
 
-@contextlib.contextmanager
-def _route_context(mesh: Mesh, route: Any, fallback: bool) -> Iterator[Mesh]:
-    entry = _Route(mesh, route, fallback)
-    ROUTES.push(entry)
-    try:
-        yield mesh
-    finally:
-        ROUTES.pop(entry)
+class _route_context:
+    """What ``mesh.route(...)`` returns: a block that routes plain Dask calls while it
+    is entered. The same object may be entered again (one block after another, or one
+    inside another), as a lock may; each entry ends with its own exit."""
+
+    def __init__(self, mesh: Mesh, route: Any, fallback: bool) -> None:
+        self.mesh, self.route, self.fallback = mesh, route, fallback
+        self._entries: list[_Route] = []
+
+    def __enter__(self) -> Mesh:
+        entry = _Route(self.mesh, self.route, self.fallback)
+        ROUTES.push(entry)
+        self._entries.append(entry)
+        return self.mesh
+
+    def __exit__(self, *exc: Any) -> None:
+        ROUTES.pop(self._entries.pop())
+
+    def __repr__(self) -> str:
+        return f"<mesh.route({str(self.route)!r})>"
 
 
 def set_route(mesh: Mesh, mode: Any, fallback: bool = True) -> None:
@@ -961,6 +973,18 @@ def forget_routes(mesh: Mesh) -> None:
 
 
 # ---------------------------------------------------------------- submit
+def _parse_on(on: Any) -> Target:
+    """``on=`` of submit: a target (no route such as "auto" or "off")."""
+    try:
+        target = parse_route_or_error(on)
+    except MeshError:
+        target = None
+    if not isinstance(target, Target):
+        raise MeshError(f"on= takes a target: one of {', '.join(allowed_targets())} "
+                        f"(or needs= to let the mesh pick), not {on!r}")
+    return target
+
+
 #: a representative task for each capability: float32 work on 4096-square blocks
 _REPRESENTATIVE = {
     "matmul": dict(flops=2 * 4096.0**3, in_bytes=2 * 4096.0**2 * 4, out_bytes=4096.0**2 * 4),
@@ -1019,9 +1043,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     backend: str | None = None
     kind: str | None = None
     if on is not None:
-        target = parse_route_or_error(on)
-        if not isinstance(target, Target):
-            raise MeshError(f"on= takes a target such as 'gpu' or 'cpu:jax', not {on!r}")
+        target = _parse_on(on)
         match = [d for d in inv if target.matches(d.kind, d.backend)
                  and (site is None or d.site == site)]
         if not match:
