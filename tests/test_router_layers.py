@@ -149,6 +149,50 @@ def test_plan_rows_and_rewrite_wrap_each_layer_once():
     np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
 
 
+def equivalent_pools(site_b: str = "lab"):
+    cpu = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+                  method="model", source="test")
+    return build_pools([
+        Device("tcp://a:1", "cpu", "numpy", "model cpu", 1 << 34, "lab", cpu, name="a"),
+        Device("tcp://b:1", "cpu", "numpy", "model cpu", 1 << 34, site_b, cpu, name="b"),
+    ])
+
+
+@pytest.mark.parametrize("site", [None, "lab"])
+def test_a_layer_plan_that_restricts_nothing_is_fused_as_dask_fuses(site):
+    # Dask places every task: its linear chains go as one task each, as Dask's own
+    # optimization sends them (unfused, graphs of small blocks ran twice as long)
+    pools = equivalent_pools("lab" if site is None else "edge")
+    x = da.random.random((400, 400), chunks=100)
+    y = ((x + 1) * 2).sum(axis=0)
+    g, keys = _collection_graph([y])
+    model = model_layers(g, keys)
+    plan = plan_layers(model, pools, "auto", site=site)
+    assert plan.unrestricted
+    routed = rewrite_layers(plan)
+    assert isinstance(routed.graph, dict) and routed.layers == {}
+    # each 16-block chain random -> add -> mul -> sum fused into its last task, which
+    # keeps its key; every member records under its own key
+    assert len(routed.fused) == 16
+    for last, chain in routed.fused.items():
+        assert chain[-1] == last and [k[0].split("-")[0] for k in chain] == [
+            "random_sample", "add", "mul", "sum"]
+        assert last in routed.graph and not any(k in routed.graph for k in chain[:-1])
+    assert len(routed.graph) == model.ntasks - 3 * 16
+    if site is None:
+        assert routed.restrictions == {}
+    else:  # kept at the site, and nothing narrower
+        anywhere = set(routed.restrictions.values())
+        assert len(anywhere) == 1 and routed.pools[anywhere.pop()][:2] == (None, "lab")
+        assert set(routed.restrictions) == set(routed.graph)
+    got = dict(zip(routed.keys, dask.get(routed.graph, routed.keys), strict=True))
+    finalize, extra = y.__dask_postcompute__()
+    result = finalize([got[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
+    np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
+    # with Dask's fusion off, nothing is fused either
+    assert not isinstance(rewrite_layers(plan, fuse=False).graph, dict)
+
+
 def test_a_layer_behind_an_output_alias_layer_hands_back_host_arrays():
     # plain slicing of whole chunks makes a layer of aliases, which runs no wrapper:
     # the layer they point at must return host arrays, though both run on JAX
@@ -231,6 +275,24 @@ def test_live_route_context_and_explain(mesh):
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert isinstance(mesh.last_report.plan, LayerPlan)
     assert mesh.last_report.ran_on("matmul") == ["jax"]
+
+
+def test_live_a_layer_plan_that_restricts_nothing_runs_fused(mesh):
+    # NumPy on both workers (small blocks: JAX's dispatch makes it the slower): Dask
+    # places every task, and each linear chain runs as one task
+    x = da.random.random((400, 400), chunks=50)
+    y = ((x + 1) * 2).sum(axis=0)
+    expected = y.compute(scheduler="sync")
+    (got,) = mesh.compute(y)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    report = mesh.last_report
+    assert isinstance(report.plan, LayerPlan) and report.plan.unrestricted
+    assert len(report.fused) == 64
+    # the report still sees each op of a fused chain, under its own keys
+    ran = {r["op"]: r for r in report.rows}
+    for op in ("random_sample", "add", "mul", "sum"):
+        assert ran[op]["backends"] == ["numpy"] and ran[op]["workers"], op
+        assert len([k for k in report.records if k[0].rsplit("-", 1)[0] == op]) == 64, op
 
 
 def test_live_layer_entries_do_not_outlive_their_submission(mesh):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import dask
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from dask.utils import funcname
 
 from .. import _config, progress
@@ -442,7 +443,9 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     # kept results (a persist): every task hands over host arrays, see rewrite
     if isinstance(plan, LayerPlan):
         routed = rewrite_layers(plan, fallback=fallback, host_results=not gather)
-        graph = submission(routed)
+        # (one that restricts nothing comes materialized and fused, as a plan per task)
+        graph = (submission(routed) if isinstance(routed.graph, HighLevelGraph)
+                 else task_submission(routed))
     else:  # every other plan is made per task
         routed = rewrite(cast("Plan[GraphModel]", plan), fallback=fallback,
                          host_results=not gather)

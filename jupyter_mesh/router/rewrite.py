@@ -227,19 +227,8 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
     keys = m.keys
     fused = {}
     for chain in linear_chains(plan):
-        members = []
-        for i in chain:
-            node = graph.pop(keys[i])
-            call = node.func
-            if isinstance(call, DeviceCall) and call.key is None:
-                node = wrapped_task(node, DeviceCall(call.func, keys[i], call.plan_id,
-                                                     call.to_host, call.native))
-            members.append(node)
-        last = keys[chain[-1]]
-        graph[last] = node = Task.fuse(*members, key=last)
-        if isinstance(node, Task):  # a Task with the members as its subgraph
-            node._token = f"jupyter-mesh-{plan_id}-{chain[-1]}-fused"
-            node.func = routed_chain  # Dask's runner, under a name that says so
+        last = fuse_chain(graph, [keys[i] for i in chain],
+                          f"jupyter-mesh-{plan_id}-{chain[-1]}-fused")
         fused[last] = [keys[i] for i in chain]
         if restrictions:
             for i in chain[:-1]:
@@ -251,6 +240,57 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
         if sites:  # one pool, so one site
             pins[last] = sites[0]
     return fused
+
+
+def fuse_chain(graph: dict[Any, Any], chain: list[Any], token: str) -> Any:
+    """Replace the tasks of ``chain`` (keys, in order: each the only input of the next
+    and the next its only consumer) in ``graph`` by one task under the last key, named
+    ``token``; every member keeps its own device call, which records under its own key
+    (the report still sees each op). Returns the last key."""
+    members = []
+    for key in chain:
+        node = graph.pop(key)
+        call = node.func
+        if isinstance(call, DeviceCall) and call.key is None:
+            node = wrapped_task(node, DeviceCall(call.func, key, call.plan_id,
+                                                 call.to_host, call.native))
+        members.append(node)
+    last = chain[-1]
+    graph[last] = node = Task.fuse(*members, key=last)
+    if isinstance(node, Task):  # a Task with the members as its subgraph
+        node._token = token
+        node.func = routed_chain  # Dask's runner, under a name that says so
+    return last
+
+
+def graph_chains(graph: dict[Any, Any], outputs: Any) -> list[list[Any]]:
+    """The linear chains of a materialized graph that Dask would fuse (each task the
+    only input of the next and the next its only consumer, none an output but the
+    last), among its routed tasks (those whose function is a device call)."""
+    from collections import Counter
+
+    def fusable(node: Any) -> bool:
+        return (type(node) is Task and isinstance(node.func, DeviceCall)
+                and not node.block_fusion)
+
+    deps = {k: node.dependencies for k, node in graph.items()}
+    consumers = Counter(d for ds in deps.values() for d in ds)
+    nxt: dict[Any, Any] = {}
+    for j, ds in deps.items():
+        if len(ds) == 1:
+            (i,) = ds
+            if (consumers[i] == 1 and i not in outputs and i in graph
+                    and fusable(graph[i]) and fusable(graph[j])):
+                nxt[i] = j
+    follows = set(nxt.values())
+    chains = []
+    for i in nxt:
+        if i not in follows:
+            chain = [i]
+            while chain[-1] in nxt:
+                chain.append(nxt[chain[-1]])
+            chains.append(chain)
+    return chains
 
 
 def _addresses(plan: Plan[GraphModel]) -> list[tuple[int, str]]:
