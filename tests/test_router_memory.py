@@ -122,11 +122,13 @@ def test_a_bad_fraction_is_one_line_naming_the_setting(bad):
     assert "above 0 and at most 1" in text
 
 
-def test_meshes_without_accelerators_never_read_the_setting():
+def test_meshes_without_accelerators_refuse_a_bad_setting_too():
+    # as every other mesh.* setting: a bad value is said where it is read, on any mesh
     cpus = [d for d in devices(1 << 34) if d.kind == "cpu"]
     with dask.config.set({"mesh.router.device-memory-fraction": "lots"}):
-        plan = plan_collections([matmul_pipeline()], cpus)
-    assert targets(plan, "matmul") == {"cpu:numpy"}
+        with pytest.raises(MeshConfigError, match="mesh.router.device-memory-fraction"):
+            plan_collections([matmul_pipeline()], cpus)
+    assert targets(plan_collections([matmul_pipeline()], cpus), "matmul") == {"cpu:numpy"}
 
 
 def test_the_largest_block_decides_not_the_mean_one():

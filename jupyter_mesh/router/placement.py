@@ -865,6 +865,8 @@ def route_constraints(model: Any, pools: list[Pool], route: Any, site: str | Non
     """The parsed route, the cost model, each op's allowed pools and the plan's notes
     (for plans made per task and per layer alike)."""
     route = parse_route_or_error(route)
+    # a bad setting is said on every mesh, not only where a device's memory is read
+    device_memory_fraction()
     cost = cost or CostModel(pools)
     if route == "off":
         allowed = [list(range(len(pools)))] * len(model.ops)
