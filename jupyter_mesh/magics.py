@@ -203,6 +203,10 @@ def show_mesh_error(shell: Any, etype: type, value: BaseException, tb: Any,
     jupyter_mesh`` sets it as the shell's custom exception handler): its one line, which
     says what to do, and the cell line it came from, not a traceback through the
     mesh's internals. The cell still fails."""
+    if hasattr(value, "_render_traceback_"):
+        # one that shows itself (a remote cell's error, with the worker's traceback)
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        return []
     where = _raised_at(shell, tb)
     line = f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}" + (f"  [{where}]" if where else "")
     shell._showtraceback(etype, value, [line])

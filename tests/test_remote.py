@@ -374,7 +374,7 @@ def test_closing_a_connected_mesh_drops_its_namespaces(mesh):
         ("--timeout inf", "--timeout must be a positive number of seconds"),
         ("--on ''", "unknown target"),
         ("--site ''", "--site: no worker at site"),
-        ("--pull ''", "is not a valid Python name"),
+        ("--pull ''", r"--pull: empty name in '': use a,b,c"),  # the quotes taken off
         ("--pull a,,b", "--pull: empty name"),
     ],
 )
