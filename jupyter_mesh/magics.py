@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -207,9 +208,17 @@ def show_mesh_error(shell: Any, etype: type, value: BaseException, tb: Any,
         # one that shows itself (a remote cell's error, with the worker's traceback)
         shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
         return []
+    # as IPython's own display keeps them: %tb, %debug and %pdb see this error
+    sys.last_type, sys.last_value, sys.last_traceback = etype, value, tb
+    if hasattr(sys, "last_exc"):
+        sys.last_exc = value
     where = _raised_at(shell, tb)
-    line = f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}" + (f"  [{where}]" if where else "")
+    from .remote._errors import _header
+
+    line = f"{_header(etype.__name__)}: {value}" + (f"  [{where}]" if where else "")
     shell._showtraceback(etype, value, [line])
+    if getattr(shell, "call_pdb", False):
+        shell.debugger(force=True)
     return [line]
 
 
@@ -221,7 +230,7 @@ def _raised_at(shell: Any, tb: Any) -> str:
     import sysconfig
     import traceback
 
-    skip = tuple(os.path.realpath(p) for p in {
+    skip = tuple(os.path.join(os.path.realpath(p), "") for p in {
         sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
         sysconfig.get_paths()["stdlib"], os.path.dirname(os.path.abspath(__file__))})
     found = None

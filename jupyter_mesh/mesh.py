@@ -531,7 +531,9 @@ class Mesh:
         security:
             A :class:`distributed.security.Security` for ``tls://`` schedulers.
         timeout:
-            Seconds to wait for the scheduler; default ``mesh.connect-timeout``.
+            Seconds to wait for the scheduler to answer; default
+            ``mesh.connect-timeout``. A port where the host refuses connections, or a
+            host name that does not resolve, fails at once (nothing can answer there).
         """
         check_replace(replace)
         address = check_address(address)
@@ -762,7 +764,7 @@ class Mesh:
                 raise MeshError("jax_cpu needs JAX: pip install 'jupyter_mesh[tpu]'")
         _profile.check_config()  # what a new worker reads, before it starts
         assert self.cluster is not None
-        self._forget_dead_workers()
+        self._forget_dead_workers(set(checked))
         spec = self.cluster.worker_spec
         after = {fam: sum(1 for name in spec if _family_of(name) == fam) for fam in FAMILIES}
         after.update(checked)
@@ -793,7 +795,8 @@ class Mesh:
                 i += 1
             self.options[fam] = want
         self.cluster.sync(self.cluster._correct_state)
-        self._wait_for(len(spec))
+        # a dead worker of a kind not scaled stays in the spec: nothing waits for it
+        self._wait_for(len(spec) - len(self._dead_workers()))
         inventory = self.inventory()
         self._warn_if_route_stranded(inventory)
         return inventory
@@ -817,17 +820,24 @@ class Mesh:
                     f"Dask calls will fail until you scale it back or change the route "
                     f"(%mesh route auto)", UserWarning, stacklevel=3)
 
-    def _forget_dead_workers(self) -> None:
-        """Take out of the cluster's spec the workers whose nanny has stopped (its worker
-        died and nothing restarts it), so that scaling counts only live workers and
-        starts new ones in their place (they would otherwise stay in the spec, counted,
-        and a scale to the same number would start nothing)."""
+    def _dead_workers(self) -> list[str]:
+        """The names in the cluster's spec of workers whose nanny has stopped (its
+        worker died and nothing restarts it)."""
         from distributed.core import Status
 
         assert self.cluster is not None
         gone = (Status.closing, Status.closed, Status.closing_gracefully, Status.failed)
-        dead = [name for name, w in self.cluster.workers.items()
+        return [name for name, w in list(self.cluster.workers.items())
                 if name in self.cluster.worker_spec and getattr(w, "status", None) in gone]
+
+    def _forget_dead_workers(self, families: set[str]) -> None:
+        """Take the dead workers of ``families`` (see ``_dead_workers``) out of the
+        cluster's spec, so that scaling them counts only live workers and starts new
+        ones in their place (they would otherwise stay in the spec, counted, and a scale
+        to the same number would start nothing). Kinds not being scaled keep their spec
+        as it is."""
+        assert self.cluster is not None
+        dead = [n for n in self._dead_workers() if _family_of(n) in families]
         if not dead:
             return
         for name in dead:

@@ -391,6 +391,19 @@ def test_a_mesh_error_in_a_cell_is_one_line_saying_where(ip, capsys):
     result = ip.run_cell("raise _jm.MeshConfigError('mesh.x: use a number')")
     assert isinstance(result.error_in_exec, MeshConfigError)
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
+    # %tb, %debug and %pdb see it, as they see any error a cell shows
+    import sys
+
+    assert sys.last_value is result.error_in_exec
     ip.run_cell("def _f():\n    return 1 / 0\n_f()")
     assert "Traceback" in capsys.readouterr().out
     assert ip.run_cell("_before + 1").result == 2
+    # with colours off, none
+    colors = ip.colors
+    try:
+        ip.run_line_magic("colors", "nocolor")
+        capsys.readouterr()
+        ip.run_cell("raise _jm.MeshError('plain')")
+        assert capsys.readouterr().out.startswith("MeshError: plain  [In [")
+    finally:
+        ip.run_line_magic("colors", colors)

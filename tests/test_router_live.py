@@ -781,6 +781,11 @@ def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
     # a %%mesh cell inside another shows its report once (the inner cell shows it)
     ip.run_cell_magic("mesh", "--route cpu:jax", "%%mesh --route cpu:jax\nf = y.compute()")
     assert len(shown) == 1 and shown[0] is mesh.last_report and mesh.report_sinks == []
+    # an inner cell with no report of its own leaves the outer cell's list in place
+    shown.clear()
+    ip.run_cell_magic("mesh", "--route cpu:jax",
+                      "get_ipython().run_cell_magic('mesh', '', 'g = 1')\nh = y.compute()")
+    assert len(shown) == 1 and shown[0] is mesh.last_report and mesh.report_sinks == []
 
 
 def test_a_failing_routed_cell_counts_as_failed(ip, mesh, capsys):

@@ -54,7 +54,11 @@ def test_lost_kind_without_fallback_is_a_mesh_error(mesh, caplog):
 def test_a_persist_that_loses_its_kind_without_fallback_fails_at_once(mesh):
     # a persist gathers nothing: its failure must not wait for the data's first use
     # the worker the test above killed (its nanny stood down) is replaced: a scale to
-    # the number the mesh had counts only live workers
+    # the number the mesh had counts only live workers; scaling another kind leaves
+    # its spec alone
+    jax_spec = sorted(n for n in mesh.cluster.worker_spec if n.startswith("jax-cpu"))
+    mesh.scale(cpu=1)
+    assert sorted(n for n in mesh.cluster.worker_spec if n.startswith("jax-cpu")) == jax_spec
     mesh.scale(jax_cpu=1)
     assert [d.backend for d in mesh.inventory()].count("jax") == 1
     x = da.random.random((1200, 1200), chunks=150)

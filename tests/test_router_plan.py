@@ -849,14 +849,11 @@ def test_site_keeps_equivalent_pools_unrestricted_inside_the_site(per_layer):
     # one pool entry that names the site and no kind, and every task restricted to it
     anywhere = len(routed.pools) - 1
     assert routed.pools[anywhere][:2] == (None, "lab")
-    if per_layer:
-        assert set(routed.layers) == set(plan.model.names)
-        assert set(routed.layers.values()) == {anywhere}
-    else:
-        assert set(routed.restrictions) == set(routed.graph)
-        assert set(routed.restrictions.values()) == {anywhere}
-        # chains fused where Dask would fuse them: fewer tasks than the plan's
-        assert len(routed.graph) < len(plan.model.keys)
+    # (a plan per layer that restricts nothing goes materialized and fused too)
+    assert routed.layers == {} and set(routed.restrictions) == set(routed.graph)
+    assert set(routed.restrictions.values()) == {anywhere}
+    # chains fused where Dask would fuse them: fewer tasks than the plan's
+    assert routed.fused and len(routed.graph) < plan.ntasks
     # pools at the site that differ: planned and restricted per pool, as before
     devs.append(dev("g0", "gpu", "cupy", GPU, site="lab"))
     assert not plan_collections([(x @ x.T).sum()], devs, site="lab").unrestricted

@@ -151,7 +151,9 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
         with ctx:
             result = _run_body(shell, cell, outer)
     finally:
-        mesh.report_sinks.remove(reports)
+        # by identity: an enclosing %%mesh cell's list may be equal (both empty)
+        sinks = mesh.report_sinks
+        sinks[:] = [s for s in sinks if s is not reports]
     if not getattr(result, "success", True):
         # the body's traceback is shown already; the cell must still count as failed,
         # with the body's error (so that "Run All", nbconvert and papermill stop here

@@ -889,7 +889,7 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
     if unrestricted:
         allowed = [here] * len(model.ops)
         # JAX CPU workers among them run the ops with NumPy: say so, and how to force
-        both = sorted({(p.label, p.target) for p in pools if p.numpy_profile is not None})
+        both = sorted({(p.label, p.target) for p in mine if p.numpy_profile is not None})
         why = (f" (the {', '.join(label for label, _ in both)} workers run them with "
                f"NumPy, which is no slower there; route=\"{both[0][1]}\" runs "
                f"{both[0][1].split(':')[1]})" if both else "")
