@@ -165,6 +165,11 @@ PARSERS = {
     "reset-remote": _reset_remote_args,
 }
 
+# an option is spelt out: argparse would take --cp for --cpu and --j for --jax-cpu
+# (IPython's parser takes no allow_abbrev of its own)
+for _func in (*PARSERS.values(), _cell_args):
+    _func.parser.allow_abbrev = False  # type: ignore[attr-defined]
+
 
 def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
     """The arguments of ``name`` (a subcommand as typed, e.g. ``%mesh start``); a

@@ -43,6 +43,9 @@ def test_start_status_and_compute(ip, started, capsys):
     [
         ("bogus", "unknown subcommand 'bogus'.*start\\|connect"),
         ("start --bogus 1", r"unrecognized arguments: --bogus 1; see %mesh start --help$"),
+        # options are spelt out: no abbreviation of --cpu or --jax-cpu
+        ("start --cp 1", r"unrecognized arguments: --cp 1; see %mesh start --help$"),
+        ("scale --jax 1", r"unrecognized arguments: --jax 1; see %mesh scale --help$"),
         ("route auto off", r"unrecognized arguments: off; see %mesh route --help$"),
         ("start --cpu -1", "--cpu must be a whole number >= 0"),
         ("start --cpu two", "--cpu must be a whole number >= 0"),

@@ -863,6 +863,7 @@ MAGIC_MISUSE = [
     ("--route gpu", "1", "no live gpu"),
     ("--route warp", "1", "unknown route"),
     ("--route", "1", "--route: expected one argument; see %%mesh --help"),
+    ("--rou cpu:jax", "1", r"unrecognized arguments: --rou cpu:jax; see %%mesh --help"),
 ]
 
 
