@@ -168,7 +168,7 @@ PARSERS = {
 # an option is spelt out: argparse would take --cp for --cpu and --j for --jax-cpu
 # (IPython's parser takes no allow_abbrev of its own)
 for _func in (*PARSERS.values(), _cell_args):
-    _func.parser.allow_abbrev = False  # type: ignore[attr-defined]
+    _func.parser.allow_abbrev = False
 
 
 def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
