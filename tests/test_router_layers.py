@@ -191,6 +191,17 @@ def test_a_layer_plan_that_restricts_nothing_is_fused_as_dask_fuses(site):
     np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
     # with Dask's fusion off, nothing is fused either
     assert not isinstance(rewrite_layers(plan, fuse=False).graph, dict)
+    # the plan's estimate knows: the chains' first three layers dispatch nothing of
+    # their own (their tasks run inside the sum's)
+    from jupyter_mesh.router.layers import fused_layers
+
+    assert sorted(model.names[i].split("-")[0] for i in fused_layers(model)) == [
+        "add", "mul", "random_sample"]
+    with dask.config.set({"optimization.fuse.active": False}):
+        unfused = plan_layers(model, pools, "auto", site=site)
+    workers = 2 if site is None else 1  # (the other one is at the edge)
+    saved = 3 * 16 * plan.cost.task_overhead / workers  # 48 dispatches fewer
+    assert plan.makespan == pytest.approx(unfused.makespan - saved, rel=0.05)
 
 
 def test_a_layer_behind_an_output_alias_layer_hands_back_host_arrays():

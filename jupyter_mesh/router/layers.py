@@ -303,6 +303,9 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
                                                 notes)
     slots = [max(sum(p.worker_threads()), 1) for p in pools]
     nworkers = [max(len(p.workers), 1) for p in pools]
+    # a plan that restricts nothing goes fused (see _fuse_unrestricted): a layer that is
+    # the one input of its one consumer, task for task, costs no dispatch of its own
+    inside = fused_layers(model) if unrestricted and _fusing() else set()
     free = [0.0] * len(pools)
     # CPU workers the route leaves idle (a forced one) take no share of their hosts'
     # cores: the others are timed at their share among themselves
@@ -318,8 +321,9 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
         if not allowed[li]:
             raise MeshError(f"{op.label}: no pool may run it")
         best = (math.inf, allowed[li][0], 0.0)
+        saved = cost.task_overhead if li in inside else 0.0
         for p in allowed[li]:
-            e = cost.exec_time(op, timed[p])
+            e = cost.exec_time(op, timed[p]) - saved
             ready = 0.0
             for d, nb in model.deps[li]:
                 q = layer_pool[d]
@@ -337,7 +341,7 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
         f, p, s = best
         layer_pool[li], start[li], finish[li] = p, s, f
         free[p] = f
-        est[li] = n * cost.exec_time(op, timed[p])
+        est[li] = n * (cost.exec_time(op, timed[p]) - saved)
     plan = LayerPlan(model, pools, str(route), layer_pool, start, finish, est, moved, cost,
                      notes=notes, site=site)
     for li, op in enumerate(model.ops):
@@ -362,6 +366,28 @@ def _passes_values(layer: Any) -> bool:
                for node in mapping.values())
 
 
+def _fusing() -> bool:
+    """Whether Dask's ``optimization.fuse.active`` leaves fusion on (unless False)."""
+    import dask
+
+    return dask.config.get("optimization.fuse.active", None) is not False
+
+
+def fused_layers(model: LayerModel) -> set[int]:
+    """The layers whose tasks a fused submission runs inside their consumers' tasks:
+    each the one input of its one consumer layer, with as many tasks, and no output
+    (a linear chain, layer by layer, as :func:`rewrite.graph_chains` finds it task by
+    task)."""
+    consumers: dict[int, list[int]] = {}
+    for li, row in enumerate(model.deps):
+        for d, _ in row:
+            consumers.setdefault(d, []).append(li)
+    outputs = {model.index.get(key_name(k)) for k in model.outputs}
+    return {d for d, users in consumers.items()
+            if len(users) == 1 and len(model.deps[users[0]]) == 1 and d not in outputs
+            and model.ops[d].tasks == model.ops[users[0]].tasks}
+
+
 def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool = False,
                    fuse: bool | None = None) -> Routed:
     """Wrap each layer's function(s) in the device wrapper; restrictions per layer.
@@ -371,9 +397,7 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
     says, on unless it is False); ``routed.graph`` is then a dict of tasks, not a
     HighLevelGraph."""
     if fuse is None:
-        import dask
-
-        fuse = dask.config.get("optimization.fuse.active", None) is not False
+        fuse = _fusing()
     m = plan.model
     plan_id = uuid.uuid4().hex
     to_host = plan.layer_to_host
