@@ -466,7 +466,11 @@ def _checked(data: Any) -> dict[str, Any]:
             isinstance(k, str) and isinstance(v, str) for k, v in security.items()):
         del out["security"]
     if "plans" in out:
-        out["plans"] = [p for p in out["plans"] if isinstance(p, dict)]
+        # a plan's time orders the sidebar's list: a plan without a number there is
+        # dropped, as a field of the wrong type is
+        out["plans"] = [p for p in out["plans"] if isinstance(p, dict) and (
+            p.get("at") is None or (isinstance(p["at"], (int, float))
+                                    and not isinstance(p["at"], bool)))]
     return out
 
 

@@ -37,7 +37,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "tpu": {"kind": "tpu", "backend": "jax"},
 }
 _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
-_SCHEMES = ("tcp", "tls", "inproc", "ws", "wss", "ucx")
+#: what a mesh connects over (Dask's inproc:// is one process's own, and ucx:// needs
+#: UCX-Py, which jupyter_mesh does not install)
+_SCHEMES = ("tcp", "tls", "ws", "wss")
 
 
 @overload
@@ -173,10 +175,10 @@ def check_address(address: Any) -> str:
         scheme, loc = parse_address(address)
         if scheme not in _SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}")
-        if scheme in ("tcp", "tls", "ws", "wss"):
-            host, port = parse_host_port(loc)
-            if not host or not port or not 0 < int(port) < 65536:
-                raise ValueError("no port")
+        host, port = parse_host_port(loc)
+        if not host or not port or not 0 < int(port) < 65536:
+            raise ValueError("no port")
+        host.encode("idna")  # a name no resolver takes ('\ud800')
     except Exception:
         raise MeshError(
             f"malformed address {address!r}: use tcp://HOST:PORT or tls://HOST:PORT"
@@ -1202,7 +1204,7 @@ def _check_listening(address: str, timeout: float) -> None:
     import socket
 
     scheme, loc = parse_address(address)
-    if scheme not in ("tcp", "tls"):
+    if scheme not in ("tcp", "tls", "ws", "wss"):
         return
     host, port = parse_host_port(loc)
     try:

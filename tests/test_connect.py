@@ -188,7 +188,8 @@ def test_a_server_of_another_protocol_is_said_not_a_scheduler(no_mesh):
 
 
 @pytest.mark.parametrize("bad", ["", "tcp://", "tcp://host", "ftp://h:1", "h:port", 42,
-                                 "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0"])
+                                 "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "inproc://x",
+                                 "ucx://127.0.0.1:5", "\ud800:9"])
 def test_malformed_addresses(no_mesh, bad):
     with pytest.raises(MeshError, match="malformed address"):
         jm.Mesh.connect(bad)

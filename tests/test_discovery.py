@@ -338,6 +338,16 @@ def test_a_registration_with_fields_of_the_wrong_type_keeps_the_right_ones(tmp_p
     assert not {"created", "plans", "dashboard", "security", "owns_cluster"} & set(reg)
 
 
+def test_plans_whose_time_is_not_a_number_are_dropped(tmp_path):
+    # the sidebar orders plans by their time: a string there broke the whole listing
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(mode=0o700, parents=True)
+    write_private(directory / "mesh-odd.json", registration(
+        plans=[{"at": "yesterday"}, {"at": 5}, {"at": True}, 3, {"route": "auto"}]))
+    (reg,) = discovery.read_registrations(tmp_path)
+    assert reg["plans"] == [{"at": 5}, {"route": "auto"}]
+
+
 def test_an_unsafe_registry_is_named_and_the_mesh_still_works(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     directory = discovery.registry_dir(tmp_path)

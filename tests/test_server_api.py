@@ -130,6 +130,15 @@ def test_unknown_mesh_is_404(api, method, parts):
          "timeout must be a number of seconds in (0, 120], not True"),
         ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": NaN}',
          "timeout must be a number of seconds in (0, 120], not nan"),
+        # nested past Python's recursion limit: a 400, not a 500 with a traceback
+        ("POST", ("meshes",), "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("POST", ("meshes", "connect"), '{"address": ' + "[" * 100_000 + "]" * 100_000 + "}",
+         "nested too deeply"),
+        # schemes a mesh does not connect over, and a host no resolver takes
+        ("POST", ("meshes", "connect"), '{"address": "inproc://x"}', "malformed address"),
+        ("POST", ("meshes", "connect"), '{"address": "ucx://127.0.0.1:5"}',
+         "malformed address"),
+        ("POST", ("meshes", "connect"), '{"address": "\\ud800:9"}', "malformed address"),
     ],
 )
 def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
@@ -137,6 +146,14 @@ def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
     assert code == 400
     assert message in body["message"] and "\n" not in body["message"]
     assert api("GET", "meshes") == (200, {"meshes": []})  # nothing started
+
+
+def test_a_message_keeps_its_percent_signs(api):
+    # tornado doubles "%" in a message given without arguments, and Jupyter's API
+    # handler sent it so: "%%mesh connect" told users to type a cell magic
+    code, body = api("POST", "meshes", "connect", body={"address": "tls://127.0.0.1:9"})
+    assert code == 400 and "%mesh connect tls://127.0.0.1:9" in body["message"]
+    assert "%%" not in body["message"]
 
 
 def test_connect_to_nothing_says_where(api):

@@ -56,6 +56,25 @@ class MeshAPIHandler(APIHandler):
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise tornado.web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise tornado.web.HTTPError(400, "the body is not valid JSON here: nested too "
+                                             "deeply") from None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # tornado keeps a message given without arguments with each "%" doubled (for its
+        # log, written by now), and Jupyter's APIHandler sends it as it is: "%%mesh
+        # connect" for "%mesh connect"
+        exc = (kwargs.get("exc_info") or (None, None, None))[1]
+        if not (isinstance(exc, tornado.web.HTTPError) and exc.log_message):
+            super().write_error(status_code, **kwargs)
+            return
+        try:
+            message = exc.log_message % exc.args
+        except (TypeError, ValueError):
+            message = exc.log_message
+        self.set_header("Content-Type", "application/json")
+        self.log.warning("wrote error: %r", message)
+        self.finish(json.dumps({"message": message, "reason": exc.reason}))
 
     async def run(self, coro: Any, status: int = 200) -> None:
         try:
