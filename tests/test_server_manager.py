@@ -181,6 +181,11 @@ async def _start_scale_connect_stop(tmp_path):
         # connecting to an address the server knows gives that mesh, no duplicate
         again = await manager.connect({"address": mesh["address"]})
         assert again["id"] == mesh["id"]
+        # under another name of its host too (the scheduler's own id says it is the same)
+        other = mesh["address"].replace("127.0.0.1", "localhost")
+        assert other != mesh["address"]
+        again = await manager.connect({"address": other})
+        assert again["id"] == mesh["id"] and len(await manager.list()) == 1
 
         stopped = await manager.stop(mesh["id"])
         assert stopped == {"id": mesh["id"], "stopped": True, "disconnected": False}

@@ -374,11 +374,11 @@ class MeshManager:
             raise Unreachable(f"could not connect to {address}: {_one_line(exc)}") from None
         # a connect to the same scheduler that finished meanwhile (or the same scheduler
         # under another name, e.g. localhost and 127.0.0.1): one entry per scheduler
-        for entry in self._entries.values():
-            if entry.address in (address, mesh.address) and entry.mesh is not mesh:
-                await asyncio.to_thread(_close_quietly, mesh)
-                await self._sample(entry)
-                return self.detail(entry)
+        same = await asyncio.to_thread(self._same_scheduler, mesh, address)
+        if same is not None:
+            await asyncio.to_thread(_close_quietly, mesh)
+            await self._sample(same)
+            return self.detail(same)
         entry = Entry(
             id=_new_id("connect"),
             origin="connected",
@@ -390,6 +390,22 @@ class MeshManager:
         self._entries[entry.id] = entry
         await self._sample(entry, force=True)
         return self.detail(entry)
+
+    def _same_scheduler(self, mesh: Any, address: str) -> Entry | None:
+        """The entry of the scheduler ``mesh`` is connected to, if one has it: by
+        address, or by the scheduler's id (the sidebar's own mesh at 127.0.0.1:P
+        connected to as localhost:P)."""
+        from ..mesh import _scheduler_id
+
+        sid = _scheduler_id(mesh)
+        for entry in list(self._entries.values()):
+            if entry.mesh is mesh:
+                continue
+            if entry.address in (address, mesh.address):
+                return entry
+            if sid is not None and entry.mesh is not None and _scheduler_id(entry.mesh) == sid:
+                return entry
+        return None
 
     async def scale(self, mesh_id: str, body: Any) -> dict[str, Any]:
         """Set the number of workers per family of a mesh this server started."""
