@@ -11,7 +11,8 @@
     :mod:`jupyter_mesh.discovery`); the server connects to read their devices and
     forgets them when the kernel's process is gone.
 
-Blocking :class:`~jupyter_mesh.Mesh` calls run in threads (:func:`asyncio.to_thread`),
+Blocking :class:`~jupyter_mesh.Mesh` calls run in threads (:func:`asyncio.to_thread`;
+connects, which may wait on a scheduler up to their timeout, in threads of their own),
 so the server's event loop never waits on a scheduler.
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import concurrent.futures
+import functools
 import logging
 import os
 import time
@@ -41,6 +44,9 @@ HISTORY = 60
 SAMPLE_EVERY = 0.9
 #: seconds a kernel mesh's connection may take
 KERNEL_CONNECT_TIMEOUT = 5.0
+#: connects (to a remote scheduler, to a kernel's mesh) in flight at once; more wait
+#: for one of these threads, and nothing else does
+CONNECT_THREADS = 8
 
 
 logger = logging.getLogger("jupyter_mesh")
@@ -242,6 +248,11 @@ class MeshManager:
         self._starting = 0
         self.closed = False
         self._background: set[asyncio.Task[Any]] = set()
+        #: connects wait on schedulers that may never answer (up to their timeout):
+        #: they get threads of their own, so the default pool that lists, starts,
+        #: scales and stops meshes is never used up by them
+        self._connecting = concurrent.futures.ThreadPoolExecutor(
+            CONNECT_THREADS, thread_name_prefix="jupyter-mesh-connect")
 
     # ------------------------------------------------------------------ lifetime
     async def __aenter__(self) -> MeshManager:
@@ -250,9 +261,16 @@ class MeshManager:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
+    async def _connect_in_thread(self, *args: Any, **kwargs: Any) -> Any:
+        """``Mesh.connect`` in one of the connect threads (see ``_connecting``)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._connecting, functools.partial(Mesh.connect, *args, **kwargs))
+
     async def close(self) -> None:
         """Stop the meshes this server started and drop its connections."""
         self.closed = True
+        self._connecting.shutdown(wait=False, cancel_futures=True)
         entries = list(self._entries.values())
         self._entries.clear()
         for entry in entries:
@@ -265,6 +283,7 @@ class MeshManager:
     def close_sync(self) -> None:
         """Close every mesh without an event loop (at interpreter exit)."""
         self.closed = True
+        self._connecting.shutdown(wait=False, cancel_futures=True)
         for entry in list(self._entries.values()):
             _close_quietly(entry.mesh)
         self._entries.clear()
@@ -364,8 +383,8 @@ class MeshManager:
                 return self.detail(entry)
         try:
             security = configured_security() if address.startswith("tls://") else None
-            mesh = await asyncio.to_thread(
-                Mesh.connect, address, security=security, timeout=timeout, set_current=False
+            mesh = await self._connect_in_thread(
+                address, security=security, timeout=timeout, set_current=False
             )
         except MeshError as exc:
             raise Unreachable(str(exc)) from None
@@ -530,8 +549,7 @@ class MeshManager:
     async def _connect_kernel(self, entry: Entry) -> None:
         try:
             security = _security_from(entry.registration or {})
-            mesh = await asyncio.to_thread(
-                Mesh.connect,
+            mesh = await self._connect_in_thread(
                 entry.address,
                 security=security,
                 timeout=KERNEL_CONNECT_TIMEOUT,
