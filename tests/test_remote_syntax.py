@@ -84,6 +84,9 @@ def test_kernel_only_magics_fail_with_one_line_and_the_worker_stays(fresh, cell,
         fresh.run_cell(cell)
     assert info.value.ename == "RemoteMagicError" and shown in str(info.value)
     assert "run it in a kernel cell" in str(info.value) or "help(name)" in str(info.value)
+    # shown as one line (the remote shell's own frames would help no one)
+    (line,) = info.value._render_traceback_()
+    assert shown in line and "on worker " in line
     assert fresh.run_cell("kept", value=True).value == 1  # nothing was lost
 
 

@@ -40,8 +40,14 @@ class RemoteFailure:
 
     @property
     def where(self) -> str:
-        label = f"{self.name} " if self.name and self.name != self.worker else ""
-        return f"worker {label}({self.kind}:{self.backend}) at {self.worker}"
+        if self.name and self.name != self.worker:
+            return f"worker {self.name} ({self.kind}:{self.backend}) at {self.worker}"
+        # a worker started without a name (jupyter-mesh worker, dask worker)
+        return f"a {self.kind}:{self.backend} worker at {self.worker}"
+
+
+#: remote errors shown as their one line, without the remote traceback
+ONE_LINE = frozenset({"RemoteMagicError"})
 
 
 class RemoteCellError(MeshError):
@@ -69,6 +75,12 @@ class RemoteCellError(MeshError):
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
         for f in self.failures:
+            if f.ename in ONE_LINE:
+                # the cell asked for what a remote cell does not do (%pip, name?): the
+                # message says what to do instead, and no traceback of the remote
+                # shell's own frames helps
+                lines += [f"{_header(f'Remote {f.ename}')}: {f.evalue} (on {f.where})", ""]
+                continue
             lines.append(f"{_header(f'Remote {f.ename}')} on {f.where}")
             tb = f.traceback.rstrip("\n").splitlines()
             lines.extend(tb)
