@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import threading
 
 import pytest
 
@@ -63,3 +65,30 @@ def fresh(mesh, ip):
     _state.set_current(mesh)
     mesh.reset_remote()
     yield mesh
+
+
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections and never speaks Dask."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    conns = []
+    stop = threading.Event()
+
+    def accept():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join()
+    for c in conns:
+        c.close()
+    srv.close()

@@ -109,33 +109,6 @@ def test_magic_tls_options(ip, no_mesh, tls_cluster, certs):
     mesh.close()
 
 
-@pytest.fixture
-def silent_port():
-    """A TCP port that accepts connections and never speaks Dask."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    conns = []
-    stop = threading.Event()
-
-    def accept():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except OSError:
-                pass
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join()
-    for c in conns:
-        c.close()
-    srv.close()
-
-
 def test_non_dask_port_fails_within_timeout_naming_address(no_mesh, silent_port):
     t0 = time.monotonic()
     with pytest.raises(MeshError, match=f"127.0.0.1:{silent_port}.*within 2 s"):

@@ -376,35 +376,17 @@ async def _worker_budget(tmp_path, monkeypatch):
         manager._starting = 0
 
 
-def test_slow_connects_do_not_hold_up_the_other_calls(tmp_path):
+def test_slow_connects_do_not_hold_up_the_other_calls(tmp_path, silent_port):
     # a connect waits on a scheduler that may never answer; eight of them at once
     # used up the default thread pool (6 threads on 2 cores) and the sidebar's list
     # waited behind them
-    import socket
-    import threading
     import time
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept():  # accepts and never speaks Dask
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(srv.accept()[0])
-            except OSError:
-                pass
-
-    threading.Thread(target=accept, daemon=True).start()
 
     async def go():
         async with MeshManager(runtime_dir=tmp_path) as manager:
             slow = [asyncio.ensure_future(manager.connect(
-                {"address": f"tcp://127.0.0.1:{port}", "timeout": 4})) for _ in range(8)]
+                {"address": f"tcp://127.0.0.1:{silent_port}", "timeout": 4}))
+                for _ in range(8)]
             await asyncio.sleep(0.5)  # all of them waiting on the silent port
             t0 = time.monotonic()
             assert await manager.list() == []
@@ -412,12 +394,6 @@ def test_slow_connects_do_not_hold_up_the_other_calls(tmp_path):
             results = await asyncio.gather(*slow, return_exceptions=True)
             return listed, results
 
-    try:
-        listed, results = asyncio.run(go())
-    finally:
-        stop.set()
-        srv.close()
-        for c in held:
-            c.close()
+    listed, results = asyncio.run(go())
     assert listed < 2.0
     assert all(isinstance(r, Exception) and "within 4 s" in str(r) for r in results)
