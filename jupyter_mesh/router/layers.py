@@ -52,6 +52,7 @@ from .classify import (
 )
 from .cost import CostModel, Pool, reshared
 from .placement import (
+    dask_fuses,
     forced_backend,
     parse_route_or_error,
     relax_if_equivalent,
@@ -305,7 +306,7 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
     nworkers = [max(len(p.workers), 1) for p in pools]
     # a plan that restricts nothing goes fused (see _fuse_unrestricted): a layer that is
     # the one input of its one consumer, task for task, costs no dispatch of its own
-    inside = fused_layers(model) if unrestricted and _fusing() else set()
+    inside = fused_layers(model) if unrestricted and dask_fuses() else set()
     free = [0.0] * len(pools)
     # CPU workers the route leaves idle (a forced one) take no share of their hosts'
     # cores: the others are timed at their share among themselves
@@ -366,13 +367,6 @@ def _passes_values(layer: Any) -> bool:
                for node in mapping.values())
 
 
-def _fusing() -> bool:
-    """Whether Dask's ``optimization.fuse.active`` leaves fusion on (unless False)."""
-    import dask
-
-    return dask.config.get("optimization.fuse.active", None) is not False
-
-
 def fused_layers(model: LayerModel) -> set[int]:
     """The layers whose tasks a fused submission runs inside their consumers' tasks:
     each the one input of its one consumer layer, with as many tasks, and no output
@@ -397,7 +391,7 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
     says, on unless it is False); ``routed.graph`` is then a dict of tasks, not a
     HighLevelGraph."""
     if fuse is None:
-        fuse = _fusing()
+        fuse = dask_fuses()
     m = plan.model
     plan_id = uuid.uuid4().hex
     to_host = plan.layer_to_host

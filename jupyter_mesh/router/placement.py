@@ -276,6 +276,14 @@ def _retimed(model: GraphModel, pools: list[Pool], cost: CostModel,
 GOOD_ENOUGH = 0.02
 
 
+def dask_fuses() -> bool:
+    """Whether Dask's ``optimization.fuse.active`` leaves linear fusion on (unless it
+    is False), as the router's rewrite then fuses chains too."""
+    import dask
+
+    return dask.config.get("optimization.fuse.active", None) is not False
+
+
 def chain_links(model: GraphModel, fusing: bool | None = None) -> list[int]:
     """For each task, the input it continues a linear chain of (its only input, of
     which it is the only consumer, not an output), or -1.
@@ -285,13 +293,12 @@ def chain_links(model: GraphModel, fusing: bool | None = None) -> list[int]:
     below charge it its time less the cost model's ``task_overhead`` there. ``fusing``
     None follows Dask's ``optimization.fuse.active``: when it is False nothing is fused,
     so no task continues a chain."""
-    import dask
     from dask._task_spec import Task
 
     n = len(model.keys)
     links = [-1] * n
     if fusing is None:
-        fusing = dask.config.get("optimization.fuse.active", None) is not False
+        fusing = dask_fuses()
     if not fusing:
         return links
     deps = model.deps

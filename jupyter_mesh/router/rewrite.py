@@ -19,7 +19,7 @@ from dask._task_spec import NestedContainer, Task
 
 from .._config import get_seconds
 from ._device import DeviceCall, Unwrapping, routed_chain
-from .placement import chain_links
+from .placement import chain_links, dask_fuses
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -85,9 +85,7 @@ def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
     from .classify import no_gc
 
     if fuse is None:
-        import dask
-
-        fuse = dask.config.get("optimization.fuse.active", None) is not False
+        fuse = dask_fuses()
     with no_gc():
         return _rewrite(plan, fallback=fallback, wrap=wrap, fuse=fuse,
                         host_results=host_results)
