@@ -176,13 +176,34 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
     UsageError that points to its own help."""
     see = f"see {name} --help"
     try:
-        return _unquoted(parse_argstring(func, argstring))
+        args = _unquoted(parse_argstring(func, argstring))
+        _once_each(func.parser, argstring)
+        return args
     except UsageError as exc:
         raise UsageError(f"{str(exc).splitlines()[0]}; {see}") from None
     except SystemExit:  # argparse --help
         raise UsageError(see) from None
     except ValueError as exc:  # unbalanced quotes and the like
         raise UsageError(f"{exc}: {see}") from None
+
+
+def _once_each(parser: Any, argstring: str) -> None:
+    """A UsageError where an option is given twice (argparse keeps the last one
+    silently: ``--route gpu --route cpu`` would route to the CPUs)."""
+    from IPython.utils.process import arg_split
+
+    names = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            names[option] = "/".join(action.option_strings)
+    seen: set[str] = set()
+    for token in arg_split(argstring):
+        option = names.get(token.split("=", 1)[0])
+        if option is None:
+            continue
+        if option in seen:
+            raise UsageError(f"{option} given twice: give it once")
+        seen.add(option)
 
 
 def unquote(value: Any) -> Any:

@@ -43,6 +43,8 @@ def test_start_status_and_compute(ip, started, capsys):
     [
         ("bogus", "unknown subcommand 'bogus'.*start\\|connect"),
         ("start --bogus 1", r"unrecognized arguments: --bogus 1; see %mesh start --help$"),
+        # an option given twice (argparse would keep the last one silently)
+        ("start --cpu 1 --cpu=2", r"^--cpu given twice: give it once; see %mesh start --help$"),
         # options are spelt out: no abbreviation of --cpu or --jax-cpu
         ("start --cp 1", r"unrecognized arguments: --cp 1; see %mesh start --help$"),
         ("scale --jax 1", r"unrecognized arguments: --jax 1; see %mesh scale --help$"),

@@ -864,6 +864,8 @@ MAGIC_MISUSE = [
     ("--route warp", "1", "unknown route"),
     ("--route", "1", "--route: expected one argument; see %%mesh --help"),
     ("--rou cpu:jax", "1", r"unrecognized arguments: --rou cpu:jax; see %%mesh --help"),
+    ("--route gpu --route cpu", "1", r"^--route given twice: give it once; see %%mesh --help$"),
+    ("--remote -o a --output b", "1", r"^-o/--output given twice: give it once"),
 ]
 
 
