@@ -71,9 +71,9 @@ def test_bokehjs_is_served_to_signed_in_users_only(jp_fetch, jp_asyncio_loop):
     # plan pictures whose page lacks BokehJS load it from here (jupyter_mesh.viz)
     import bokeh
 
-    async def get(headers=None):
+    async def get(headers=None, version=bokeh.__version__):
         try:
-            r = await jp_fetch("jupyter-mesh", "static", f"bokeh-{bokeh.__version__}.min.js",
+            r = await jp_fetch("jupyter-mesh", "static", f"bokeh-{version}.min.js",
                                headers=headers, follow_redirects=False)
         except HTTPClientError as err:
             return err.code, b"", None
@@ -84,6 +84,9 @@ def test_bokehjs_is_served_to_signed_in_users_only(jp_fetch, jp_asyncio_loop):
     assert len(body) > 500_000 and b"Bokeh" in body
     code, _, _ = jp_asyncio_loop.run_until_complete(get({"Authorization": ""}))
     assert code in (302, 403)
+    # another version is not here (a browser keeps what a URL names for a day)
+    code, _, _ = jp_asyncio_loop.run_until_complete(get(version="9.9.9"))
+    assert code == 404
 
 
 def test_health(api):

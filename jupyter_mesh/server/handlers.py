@@ -101,8 +101,15 @@ class BokehJSHandler(JupyterHandler):
     @tornado.web.authenticated
     @authorized
     def get(self, version: str) -> None:
+        import bokeh
+
         from ..viz import bokehjs_source
 
+        if version != bokeh.__version__:
+            # the URL names the version a browser may keep it under: another one is not
+            # here (a page from before an upgrade asks again, for the one it names)
+            raise tornado.web.HTTPError(404, f"this server has BokehJS {bokeh.__version__}, "
+                                             f"not {version}")
         self.set_header("Content-Type", "application/javascript; charset=utf-8")
         # the URL names the Bokeh version, so a browser may keep it
         self.set_header("Cache-Control", "private, max-age=86400")
