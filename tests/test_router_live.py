@@ -850,6 +850,9 @@ MAGIC_MISUSE = [
     ("explain y --route=", None, "--route needs a value"),
     ("explain --route", None, "--route needs a value"),
     ("explain y --route gpu --route cpu:jax", None, "given twice"),
+    ("explain y --bogus", None, r"^unknown option --bogus: %mesh explain takes EXPR "
+                                r"\[--route TARGET\]$"),
+    ("explain y --rout cpu:jax", None, "unknown option --rout"),
     ("explain y --route tpu", None, "no live tpu"),
     ("explain 1 / 0", None, "could not evaluate.*ZeroDivisionError"),
     ("explain y.nothing", None, "no attribute 'nothing'"),

@@ -123,7 +123,12 @@ def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
         raise UsageError("--route needs a value: auto, off or a target such as gpu")
     if found and value:
         route = value
+        code = code[:found[0].start()] + " " + code[found[0].end():]
         expr = expr[:found[0].start()] + " " + expr[found[0].end():]
+    other = re.search(r"(?:^|\s)(--[A-Za-z][\w-]*)", code)
+    if other:  # "y --bogus" is Python (y minus minus bogus), but never what was meant
+        raise UsageError(f"unknown option {other.group(1)}: %mesh explain takes EXPR "
+                         f"[--route TARGET]")
     route = _route(route)
     value = _lookup(shell, expr)
     colls = tuple(value) if isinstance(value, tuple) else (value,)
