@@ -146,6 +146,18 @@ def test_gpu_auto_on_a_host_with_a_driver_but_no_cupy_warns(monkeypatch):
         mesh.close()
 
 
+def test_gpu_auto_starts_one_gpu_worker_per_cuda_device():
+    # (none on a host without CUDA and CuPy; one per GPU CuPy sees where there are some)
+    import jupyter_mesh as jm
+
+    mesh = jm.Mesh.local(cpu=1, gpu="auto", tpu=0, set_current=False)
+    try:
+        gpus = len(_detect.cuda_devices())
+        assert mesh.inventory().by_kind() == {"cpu": 1, **({"gpu": gpus} if gpus else {})}
+    finally:
+        mesh.close()
+
+
 def test_pinning_to_cores_this_process_may_not_use_leaves_it_running_unpinned():
     import os
 

@@ -21,7 +21,9 @@ def mesh():
 
     if _state.active() is not None:
         _state.active().close()
-    m = jm.Mesh.local(cpu=2, gpu="auto", tpu="auto", site="lab-a")
+    # the CPU mesh whatever the host has (a GPU host's gpu="auto" adds a GPU worker:
+    # tests/test_detect.py checks that, tests/test_router_gpu.py uses it)
+    m = jm.Mesh.local(cpu=2, gpu=0, tpu="auto", site="lab-a")
     yield m
     m.close()
 
@@ -170,8 +172,10 @@ def test_scale_bad_input(mesh):
         mesh.scale(fpga=1)
     with pytest.raises(MeshError, match="cpu must be"):
         mesh.scale(cpu=-1)
+    from jupyter_mesh.devices import _detect
+
     with pytest.raises(MeshError, match="no CUDA GPU"):
-        mesh.scale(gpu=1)
+        mesh.scale(gpu=len(_detect.cuda_devices()) + 1)  # (one more than the host has)
     with pytest.raises(MeshError, match="at least one device"):
         mesh.scale(cpu=0)
     with pytest.raises(MeshError, match=r"cpu must be a whole number from 0 to \d+ \(four "
@@ -266,7 +270,7 @@ def test_workers_that_do_not_all_start_are_said_in_one_line(mesh):
 
 def test_context_manager_close_and_no_orphans(no_mesh):
     me = psutil.Process()
-    with jm.Mesh.local(cpu=1, jax_cpu=1, site="ctx") as m:
+    with jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, site="ctx") as m:  # (any host)
         inv = m.inventory()
         assert inv.by_target() == {"cpu:numpy": 1, "cpu:jax": 1}
         jax_dev = inv.select("cpu:jax")[0]
