@@ -163,7 +163,7 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     fused = getattr(report, "fused", None) or {}
     for rec in stream:
         key = rec.get("key")
-        if layer_of(key) is None:
+        if layer_of(key) is None and key not in fused:  # (a batch has a key of its own)
             continue
         for ss in rec.get("startstops", ()):
             if ss.get("action") != "compute":

@@ -231,8 +231,38 @@ def routed_chain(*args: Any) -> Any:
     return _execute_subgraph(*args)
 
 
+#: how the key of a batch of routed tasks begins (see ``rewrite.worker_batches``): a key
+#: of its own, new in every routed computation
+BATCH_PREFIX = "jupyter-mesh-batch-"
+
+
+def routed_batch(members: tuple[Any, ...], outkeys: tuple[Any, ...],
+                 inkeys: tuple[Any, ...], *values: Any) -> tuple[Any, ...]:
+    """The function of a task that runs a batch of routed tasks one after another on
+    one worker (see ``rewrite.worker_batches``): each member (a routed task, or a fused
+    chain of them) in the plan's order, given the batch's inputs and the results of
+    the members before it; returns the results its consumers outside need, in
+    ``outkeys``' order."""
+    cache = dict(zip(inkeys, values, strict=True))
+    # what is left to use each value: a member's result that nothing later in the
+    # batch needs, and nothing outside, is freed as soon as it has been used
+    uses: dict[Any, int] = dict.fromkeys(outkeys, 1)
+    for node in members:
+        for k in node.dependencies:
+            uses[k] = uses.get(k, 0) + 1
+    for node in members:
+        deps = node.dependencies
+        cache[node.key] = node({k: cache[k] for k in deps})
+        for k in deps:
+            uses[k] -= 1
+            if not uses[k]:
+                del cache[k]
+    return tuple(cache[k] for k in outkeys)
+
+
 #: what the text of a routed task (its repr, as Dask logs it) shows
-ROUTED_MARKS = ("DeviceCall(", "SubmitCall(", f"{routed_chain.__name__}(")
+ROUTED_MARKS = ("DeviceCall(", "SubmitCall(", f"{routed_chain.__name__}(",
+                f"{routed_batch.__name__}(")
 
 
 class SharedKeyFilter(logging.Filter):

@@ -150,8 +150,18 @@ class RouterState:
 
     # ------------------------------------------------------------ plugin hooks
     def update_graph(self, scheduler: Any, tasks: Any) -> None:
+        """Restrict and order a routed graph's tasks as planned.
+
+        It also forgets the routed tasks that nothing reads. A routed graph can bring
+        tasks whose keys the scheduler holds already (persisted results of the same
+        collection, dask/dask#9888), and the scheduler keeps its own tasks for them. A
+        plan of its own is another split of the same work: a batch (see
+        ``rewrite.worker_batches``), or a task that ran inside one before, that only
+        those would read is read by nothing, and would keep what it reads on the
+        scheduler for as long as it lives."""
         touched: set[str] = set()
         by_layer = self.pending_layers
+        routed = []
         for key in tasks:
             entry = self.pending.pop(key, None)
             if entry is None:
@@ -166,6 +176,7 @@ class RouterState:
             ts = scheduler.tasks.get(key)
             if ps is None or ts is None:
                 continue
+            routed.append(ts)
             ps.keys[key] = p
             ps.used.add(p)
             self.owner[key] = pid
@@ -182,6 +193,11 @@ class RouterState:
                 del by_layer[name]
         for pid in touched:
             self._check(self.plans[pid])
+        # tasks that nothing will read: forgotten now, and with them what only they read
+        unread = {ts.key: "forgotten" for ts in routed
+                  if ts.state == "released" and not ts.dependents and not ts.who_wants}
+        if unread:
+            scheduler.transitions(unread, f"jupyter-mesh-unread-{time.time()}")
 
     def transition(self, key: Any, finish: str, kwargs: dict[str, Any] | None = None
                    ) -> None:

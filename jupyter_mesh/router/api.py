@@ -472,8 +472,14 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
                 f"the scheduler at {mesh.address} does not route (is jupyter_mesh "
                 f"installed there?): {done}"
             ) from None
+        groups = plan.assignment()
+        if groups is not None:
+            # a batch of tasks runs under a key of its own: its members' target
+            for sk, members in routed.fused.items():
+                if sk not in groups and members:
+                    groups[sk] = groups.get(members[-1], "other")
         watch = progress.FuturesWatch(
-            mesh, plan.assignment(), f"route={plan.route}",
+            mesh, groups, f"route={plan.route}",
             cursor=None if isinstance(cursor, BaseException) else cursor)
         futures = client.get(graph, routed.keys, sync=False)
     except BaseException:

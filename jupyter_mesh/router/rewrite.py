@@ -9,16 +9,18 @@ scheduler looks at the tasks.
 from __future__ import annotations
 
 import copy
+import heapq
+import operator
 import pickle
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dask._task_spec import NestedContainer, Task
+from dask._task_spec import NestedContainer, Task, TaskRef
 
 from .._config import get_seconds
-from ._device import DeviceCall, Unwrapping, routed_chain
+from ._device import BATCH_PREFIX, DeviceCall, Unwrapping, routed_batch, routed_chain
 from .placement import chain_links, dask_fuses
 from .plan import Plan
 
@@ -68,7 +70,8 @@ class Routed:
 
 
 def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
-            fuse: bool | None = None, host_results: bool = False) -> Routed:
+            fuse: bool | None = None, host_results: bool = False,
+            batch: bool = True) -> Routed:
     """Wrap every task of ``plan`` and collect its per-key restrictions.
 
     ``host_results``: every submitted task hands over a host array (inside a fused
@@ -81,6 +84,10 @@ def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
     one worker into one task, as Dask's own array optimization fuses linear chains (one
     task to dispatch instead of several; the chain never spans two targets). None: as
     Dask's ``optimization.fuse.active`` says (on unless it is False).
+
+    ``batch`` (with ``fuse``): run the tasks that the plan puts one after another on one
+    worker as one task where that delays nothing the plan counts on (see
+    :func:`worker_batches`).
     """
     from .classify import no_gc
 
@@ -88,20 +95,21 @@ def rewrite(plan: Plan[GraphModel], *, fallback: bool = True, wrap: bool = True,
         fuse = dask_fuses()
     with no_gc():
         return _rewrite(plan, fallback=fallback, wrap=wrap, fuse=fuse,
-                        host_results=host_results)
+                        host_results=host_results, batch=batch)
 
 
 def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
-             fuse: bool = False, host_results: bool = False) -> Routed:
+             fuse: bool = False, host_results: bool = False, batch: bool = True
+             ) -> Routed:
     m = plan.model
     if m.tasks is None:
         raise ValueError("a synthetic model has no tasks to rewrite")
     plan_id = uuid.uuid4().hex
     to_host = plan.to_host
+    chains = linear_chains(plan) if fuse and wrap else []
     if host_results:
         # a fused chain's members but its last hand over nothing outside the task
-        inside = ({i for chain in linear_chains(plan) for i in chain[:-1]}
-                  if fuse and wrap else set())
+        inside = {i for chain in chains for i in chain[:-1]}
         to_host = [t or i not in inside for i, t in enumerate(to_host)]
     graph: dict[Any, Any] = {}
     restrictions: dict[Any, int] = {}
@@ -148,7 +156,9 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         keys = m.keys
         pins = {keys[i]: s for i, s in enumerate(_pins(m)) if s is not None}
     if fuse and wrap:
-        fused = _fuse_chains(plan, graph, restrictions, priorities, pins, plan_id)
+        fused = _fuse_chains(plan, chains, graph, restrictions, priorities, pins, plan_id)
+        if batch and restrictions:
+            _batch(plan, chains, graph, restrictions, priorities, pins, fused, plan_id)
     workers = {} if free else kept_workers(plan, fused)
     multi_site = len({p.site for p in plan.pools}) > 1
     pools: list[tuple[str | None, str | None, str]] = [
@@ -214,9 +224,9 @@ def linear_chains(plan: Plan[GraphModel]) -> list[list[int]]:
     return chains
 
 
-def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: dict[Any, int],
-                 priorities: dict[Any, float], pins: dict[Any, str], plan_id: str
-                 ) -> dict[Any, list[Any]]:
+def _fuse_chains(plan: Plan[GraphModel], chains: list[list[int]], graph: dict[Any, Any],
+                 restrictions: dict[Any, int], priorities: dict[Any, float],
+                 pins: dict[Any, str], plan_id: str) -> dict[Any, list[Any]]:
     """Replace each of the plan's :func:`linear_chains` in ``graph`` by one task under
     the last key; every member keeps its own device call, which records under its own
     key (the report still sees each op). Each fused task carries its token (see
@@ -224,7 +234,7 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
     m = plan.model
     keys = m.keys
     fused = {}
-    for chain in linear_chains(plan):
+    for chain in chains:
         last = fuse_chain(graph, [keys[i] for i in chain],
                           f"jupyter-mesh-{plan_id}-{chain[-1]}-fused")
         fused[last] = [keys[i] for i in chain]
@@ -240,6 +250,214 @@ def _fuse_chains(plan: Plan[GraphModel], graph: dict[Any, Any], restrictions: di
     return fused
 
 
+#: the most bytes of results a batch hands to tasks outside it: they travel, and stay in
+#: memory, together (a consumer on another worker receives all of them)
+BATCH_BYTES = 1 << 20
+#: the most tasks (or fused chains) in one batch: a longer one gains little more and
+#: holds back its first results for longer
+BATCH_UNITS = 16
+#: the slack a batch needs on each edge to or from another worker, in Dask's round
+#: trips (a task's dispatch and a dependency's hand-over, as calibrated): a live run
+#: drifts from its plan by a few of them, and a batch waits for all its inputs and
+#: hands out its results at its end, so one made on an edge with no slack to spare
+#: passes that drift on, to every consumer at once
+BATCH_SLACK = 4
+
+
+def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
+                   eligible: Callable[[int], bool]) -> list[list[list[int]]]:
+    """Runs of tasks that the plan places one after another on one worker, each run to
+    be submitted as one task (a *batch*): Dask's own cost per dispatched task (a round
+    trip through the scheduler and the worker's bookkeeping, 1-5 ms on a small
+    machine) is then paid once per run. Each member (a *unit*) is a task or one of the
+    plan's fused ``chains`` (lists of task indices); a batch is a list of units in the
+    order they run.
+
+    A unit joins the batch before it on its worker only where that changes no time the
+    plan counts on, give or take the dispatch it saves: its inputs have arrived when
+    the batch starts; run after the batch's earlier members, it ends no later than
+    planned (a worker with several threads may have planned it beside them); and every
+    result of the batch that a task outside it waits for, handed over at the batch's
+    end now, still arrives when that task was planned to start. Inputs from other
+    workers and results for them need :data:`BATCH_SLACK` round trips to spare on top.
+    At most :data:`BATCH_UNITS` units make a batch. Never batched: the
+    computation's outputs, tasks for which ``eligible(last index of the unit)`` is
+    False, ops of the class ``other`` (a user's function: the model does not know how
+    long it takes), and units whose results would take the batch's results handed out
+    over :data:`BATCH_BYTES`."""
+    m = plan.model
+    worker_of = plan.worker_of
+    if not worker_of:
+        return []
+    n = len(m.keys)
+    deps = m.deps
+    layer = m.layer
+    start, finish, pool_of = plan.start, plan.finish, plan.pool_of
+    cost = plan.cost
+    out_b = [op.out_bytes for op in m.ops]
+    # a function the model knows nothing of (a user's map_blocks, a delayed call) may
+    # take far longer than planned: batched, it would hold back the others' results
+    known = [op.op_class != "other" for op in m.ops]
+    tol = cost.task_overhead
+    margin = BATCH_SLACK * (cost.dependency_latency + cost.task_overhead)
+    unit_of = list(range(n))  # task -> the last task of its unit
+    first = list(range(n))  # last task of a unit -> its first
+    for chain in chains:
+        for i in chain:
+            unit_of[i] = chain[-1]
+        first[chain[-1]] = chain[0]
+    consumers: list[list[int]] = [[] for _ in range(n)]
+    for j in range(n):
+        for d in deps[j]:
+            consumers[d].append(j)
+    outputs = set(m.outputs)
+    keys = m.keys
+    per_worker: dict[int, list[int]] = {}
+    for u in range(n):
+        if unit_of[u] == u:
+            per_worker.setdefault(worker_of[u], []).append(u)
+
+    chain_of = {chain[-1]: chain for chain in chains}
+    batches: list[list[list[int]]] = []
+    for w, units in per_worker.items():
+        units.sort(key=lambda u: (start[first[u]], u))
+        cur: list[int] = []
+        inside: set[int] = set()
+        begin = end = 0.0
+        handed = 0.0
+        waits: list[tuple[float, int, int]] = []  # (latest batch end, consumer, unit)
+        for u in units:
+            mem = chain_of.get(u, [u])
+            nbytes = out_b[layer[u]]
+            ok_alone = (keys[u] not in outputs and eligible(u)
+                        and all(known[layer[i]] for i in mem))
+            join = bool(cur) and ok_alone and len(cur) < BATCH_UNITS
+            if join:
+                here = set(mem)
+                # its inputs, when the batch starts
+                for i in mem:
+                    for d in deps[i]:
+                        if d in inside or d in here:
+                            continue
+                        a = finish[d] + cost.transfer(out_b[layer[d]], pool_of[d], pool_of[u],
+                                                      same_worker=worker_of[d] == w)
+                        if worker_of[d] != w:
+                            a += margin
+                        if a > begin + tol:
+                            join = False
+                            break
+                    if not join:
+                        break
+            # (a fused chain runs back to back: its members need not in the plan)
+            took = sum(finish[i] - start[i] for i in mem)
+            if join:
+                new_end = end + took
+                join = new_end <= finish[u] + tol
+            if join:
+                # what waits for the batch's results, less what joins it now
+                while waits and (waits[0][1] in inside or waits[0][1] in here):
+                    heapq.heappop(waits)
+                join = not waits or new_end <= waits[0][0] + tol
+            extra = nbytes if consumers[u] else 0.0  # (a unit's last has them all)
+            if join and handed + extra > BATCH_BYTES:
+                join = False
+            if not join:
+                if len(cur) > 1:
+                    batches.append([chain_of.get(x, [x]) for x in cur])
+                cur, inside, waits, handed = [], set(), [], 0.0
+                if not ok_alone or extra > BATCH_BYTES:
+                    continue
+                begin = start[first[u]]
+                end = begin + took
+            else:
+                end = new_end
+            cur.append(u)
+            inside.update(mem)
+            handed += extra
+            for j in consumers[u]:
+                latest = start[j] - cost.transfer(nbytes, pool_of[u], pool_of[j],
+                                                  same_worker=worker_of[j] == w)
+                if worker_of[j] != w:
+                    latest -= margin
+                heapq.heappush(waits, (latest, j, u))
+        if len(cur) > 1:
+            batches.append([chain_of.get(x, [x]) for x in cur])
+    return batches
+
+
+def _batch(plan: Plan[GraphModel], chains: list[list[int]], graph: dict[Any, Any],
+           restrictions: dict[Any, int], priorities: dict[Any, float], pins: dict[Any, str],
+           fused: dict[Any, list[Any]], plan_id: str) -> None:
+    """Replace each of the plan's :func:`worker_batches` in ``graph`` (after its chains
+    are fused) by one task (``_device.routed_batch``), under a key of its own; a task
+    outside that needs a member's result takes it out of the batch's. Every member keeps
+    its own device call, which records under its own key (the report still sees each
+    op), and ``fused`` maps the batch's key to every task in it, in the order they run."""
+    m = plan.model
+    keys = m.keys
+
+    def eligible(u: int) -> bool:
+        node = graph.get(keys[u])
+        return type(node) is Task and (isinstance(node.func, DeviceCall)
+                                       or node.func is routed_chain)
+
+    batches = worker_batches(plan, chains, eligible)
+    if not batches:
+        return
+    batch_of: dict[int, int] = {}
+    for b, batch in enumerate(batches):
+        for unit in batch:
+            for i in unit:
+                batch_of[i] = b
+    # the members whose results a task outside their batch needs
+    wanted: set[int] = set()
+    for j, ds in enumerate(m.deps):
+        bj = batch_of.get(j, -1)
+        for d in ds:
+            bd = batch_of.get(d)
+            if bd is not None and bd != bj:
+                wanted.add(d)
+    redirect: dict[Any, Any] = {}
+    for b, batch in enumerate(batches):
+        bkey = f"{BATCH_PREFIX}{plan_id}-{b}"
+        nodes = []
+        ran: list[Any] = []
+        inside: set[Any] = set()
+        for unit in batch:
+            k = keys[unit[-1]]
+            node = graph.pop(k)
+            call = node.func
+            if isinstance(call, DeviceCall) and call.key is None:
+                node = _keyed(node, k)
+            nodes.append(node)
+            inside.add(k)
+            ran += fused.pop(k, [k])
+        outer = sorted({d for node in nodes for d in node.dependencies} - inside, key=str)
+        out = [keys[unit[-1]] for unit in batch if unit[-1] in wanted]
+        task = Task(bkey, routed_batch, tuple(nodes), tuple(out), tuple(outer),
+                    *(TaskRef(k) for k in outer))
+        task._token = f"jupyter-mesh-{plan_id}-batch-{b}"
+        graph[bkey] = task
+        fused[bkey] = ran
+        for j, k in enumerate(out):
+            redirect[k] = Task(None, operator.getitem, TaskRef(bkey), j)
+        units = [keys[unit[-1]] for unit in batch]
+        restrictions[bkey] = restrictions[units[0]]
+        priorities[bkey] = min(priorities.pop(k, float("inf")) for k in units)
+        for k in units:
+            restrictions.pop(k, None)
+        sites = [pins.pop(k) for k in units if k in pins]
+        if sites:  # one worker, so one site
+            pins[bkey] = sites[0]
+    for k, node in list(graph.items()):
+        want = node.dependencies & redirect.keys()
+        if want:
+            token = node._token if isinstance(node, Task) else None
+            node = graph[k] = node.substitute({d: redirect[d] for d in want})
+            if token is not None and isinstance(node, Task):
+                node._token = f"{token}-b"
+
+
 def fuse_chain(graph: dict[Any, Any], chain: list[Any], token: str) -> Any:
     """Replace the tasks of ``chain`` (keys, in order: each the only input of the next
     and the next its only consumer) in ``graph`` by one task under the last key, named
@@ -250,8 +468,7 @@ def fuse_chain(graph: dict[Any, Any], chain: list[Any], token: str) -> Any:
         node = graph.pop(key)
         call = node.func
         if isinstance(call, DeviceCall) and call.key is None:
-            node = wrapped_task(node, DeviceCall(call.func, key, call.plan_id,
-                                                 call.to_host, call.native))
+            node = _keyed(node, key)
         members.append(node)
     last = chain[-1]
     graph[last] = node = Task.fuse(*members, key=last)
@@ -330,6 +547,22 @@ def narrowed(plan: Plan[GraphModel]) -> dict[int, list[str]]:
             used.setdefault(p, set()).add(a)
     return {p: sorted(ws) for p, ws in used.items()
             if len(ws) < len(plan.pools[p].workers)}
+
+
+def _keyed(node: Task, key: Any) -> Task:
+    """A routed task whose device call records under ``key`` (a call shared by the
+    tasks of an op reads the key of the task it runs from the worker; a task that runs
+    inside another, fused or batched, must know its own). Its arguments stay as
+    :func:`wrapped_task` made them."""
+    call: DeviceCall = node.func  # type: ignore[assignment]
+    t = Task.__new__(Task)
+    t.key = node.key
+    t.func = DeviceCall(call.func, key, call.plan_id, call.to_host, call.native)
+    t.args, t.kwargs = node.args, node.kwargs
+    t._dependencies = node._dependencies
+    t._data_producer = node._data_producer
+    t._token = t._is_coro = t._repr = None
+    return t
 
 
 def wrapped_task(node: Task, call: DeviceCall) -> Task:
