@@ -262,6 +262,10 @@ BATCH_UNITS = 16
 #: hands out its results at its end, so one made on an edge with no slack to spare
 #: passes that drift on, to every consumer at once
 BATCH_SLACK = 4
+#: only tasks (or fused chains) that take at most this many round trips are batched:
+#: Dask's dispatch is a small part of a longer one, and batching it would gain little
+#: and hold back its results (and those of the batch before it) for longer
+BATCH_SHORT = 4
 
 
 def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
@@ -280,7 +284,8 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
     result of the batch that a task outside it waits for, handed over at the batch's
     end now, still arrives when that task was planned to start. Inputs from other
     workers and results for them need :data:`BATCH_SLACK` round trips to spare on top.
-    At most :data:`BATCH_UNITS` units make a batch. Never batched: the
+    Only units that take at most :data:`BATCH_SHORT` round trips are batched, at most
+    :data:`BATCH_UNITS` of them in one batch. Never batched: the
     computation's outputs, tasks for which ``eligible(last index of the unit)`` is
     False, ops of the class ``other`` (a user's function: the model does not know how
     long it takes), and units whose results would take the batch's results handed out
@@ -300,6 +305,7 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
     known = [op.op_class != "other" for op in m.ops]
     tol = cost.task_overhead
     margin = BATCH_SLACK * (cost.dependency_latency + cost.task_overhead)
+    short = BATCH_SHORT * (cost.dependency_latency + cost.task_overhead)
     unit_of = list(range(n))  # task -> the last task of its unit
     first = list(range(n))  # last task of a unit -> its first
     for chain in chains:
@@ -329,7 +335,9 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
         for u in units:
             mem = chain_of.get(u, [u])
             nbytes = out_b[layer[u]]
-            ok_alone = (keys[u] not in outputs and eligible(u)
+            # (a fused chain runs back to back: its members need not in the plan)
+            took = sum(finish[i] - start[i] for i in mem)
+            ok_alone = (took <= short and keys[u] not in outputs and eligible(u)
                         and all(known[layer[i]] for i in mem))
             join = bool(cur) and ok_alone and len(cur) < BATCH_UNITS
             if join:
@@ -348,8 +356,6 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
                             break
                     if not join:
                         break
-            # (a fused chain runs back to back: its members need not in the plan)
-            took = sum(finish[i] - start[i] for i in mem)
             if join:
                 new_end = end + took
                 join = new_end <= finish[u] + tol
