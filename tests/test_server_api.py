@@ -111,6 +111,15 @@ def test_unknown_mesh_is_404(api, method, parts):
     assert "no mesh with id 'local-nope'" in body["message"]
 
 
+@pytest.mark.parametrize("mesh_id", ["mesh-\u00e9t\u00e9", "a b", "x'y", "<b>"])
+def test_an_unknown_id_of_any_characters_is_a_json_404(api, mesh_id):
+    # ids the server makes are plain ASCII; any other is no mesh's, and the sidebar
+    # gets JSON that says so (not Jupyter's HTML page for a path it has no route for)
+    code, body = api("GET", "meshes", mesh_id)  # (the client quotes the path)
+    assert code == 404
+    assert body["message"].startswith(f"no mesh with id {mesh_id!r}: ")
+
+
 @pytest.mark.parametrize(
     "method, parts, raw, message",
     [

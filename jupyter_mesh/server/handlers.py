@@ -33,7 +33,9 @@ from .manager import ManagerError, MeshManager
 API = "jupyter-mesh/api"
 STATIC = "jupyter-mesh/static"
 MANAGER_KEY = "jupyter_mesh_manager"
-_ID = r"(?P<mesh_id>[A-Za-z0-9_.\-]+)"
+#: any id: those the server makes are ASCII, and any other gets the JSON 404 of a mesh
+#: that is not there (Jupyter's HTML page for an unknown path, otherwise)
+_ID = r"(?P<mesh_id>[^/]+)"
 #: what jupyter_server's Authorizer is asked about: reading the meshes (GET), or
 #: changing them (POST, PATCH, DELETE: "write"), so a policy can make a user read-only
 AUTH_RESOURCE = "jupyter_mesh"
