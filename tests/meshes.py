@@ -76,3 +76,16 @@ def when_whole(arrivals: list[tuple[float, str]], line: str) -> tuple[float | No
 def remote(ip, line: str, cell: str):
     """``%%mesh --remote LINE`` with ``cell`` as its body, in the shell ``ip``."""
     return ip.run_cell_magic("mesh", "--remote " + line, cell)
+
+
+def _n_tasks(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
+
+
+def tasks_left(mesh: jm.Mesh, timeout: float = 5.0) -> int:
+    """The tasks the mesh's scheduler still holds once they are gone, or after
+    ``timeout`` seconds (releases reach the scheduler a little after the client's)."""
+    deadline = time.monotonic() + timeout
+    while (n := mesh.client.run_on_scheduler(_n_tasks)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return n

@@ -10,8 +10,6 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from jupyter_mesh.devices._profile import Profile
-from jupyter_mesh.inventory import Device
 from jupyter_mesh.router import CostModel, build_pools, plan_collections
 from jupyter_mesh.router.classify import synthetic_model
 from jupyter_mesh.router.plan import Plan
@@ -23,17 +21,8 @@ from jupyter_mesh.router.rewrite import (
     worker_batches,
 )
 
-from .meshes import fresh_local_mesh
-
-CPU = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
-              method="model", source="test")
-GPU = Profile(flops32=2e12, flops64=1e12, mem_bandwidth=2e11, host_link_bandwidth=16e9,
-              launch_latency=5e-3, method="model", source="test")
-
-
-def dev(name, kind, backend, profile):
-    return Device(f"tcp://{name}:1", kind, backend, f"model {kind}", 1 << 34, "local",
-                  profile, name=name, nthreads=1)
+from .meshes import fresh_local_mesh, tasks_left
+from .test_router_plan import CPU, GPU, dev
 
 
 def devices():
@@ -204,7 +193,6 @@ def test_batches_that_nothing_reads_are_forgotten(mesh):
     # persisted collection's, dask/dask#9888): the scheduler keeps its own tasks for
     # them, so a new batch that only they would have read is read by nothing; it must
     # not keep the tasks it reads (and theirs) on the scheduler once all is released
-    import time
 
     x = da.random.random((600, 600), chunks=150)
     y = ((x @ x.T) + 1).sum(axis=0)
@@ -217,11 +205,4 @@ def test_batches_that_nothing_reads_are_forgotten(mesh):
     assert mesh.compute(total, route="off")[0] == pytest.approx(expected.sum())
     np.testing.assert_allclose(mesh.compute(p, route="off")[0], expected)
     del p, p2, total
-
-    def n_tasks(dask_scheduler):
-        return len(dask_scheduler.tasks)
-
-    deadline = time.monotonic() + 10
-    while mesh.client.run_on_scheduler(n_tasks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mesh.client.run_on_scheduler(n_tasks) == 0
+    assert tasks_left(mesh, timeout=10) == 0

@@ -11,7 +11,7 @@ import jupyter_mesh as jm
 from jupyter_mesh import MeshError
 from jupyter_mesh.router import api
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, tasks_left
 
 
 @pytest.fixture(scope="module")
@@ -589,13 +589,7 @@ def test_interrupt_drops_the_rest_of_the_computation(mesh):
         mesh.compute(y, route="cpu:numpy")
     timer.join()
 
-    def n_tasks(dask_scheduler):
-        return len(dask_scheduler.tasks)
-
-    deadline = time.monotonic() + 5
-    while mesh.client.run_on_scheduler(n_tasks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mesh.client.run_on_scheduler(n_tasks) == 0  # nothing left running
+    assert tasks_left(mesh) == 0  # nothing left running
     (got,) = mesh.compute(da.ones(10, chunks=5).sum())
     assert got == 10
 
@@ -609,7 +603,6 @@ def _fails_on_odd_blocks(block, block_info=None):
 def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, route):
     # as dask.compute: the task's own exception, with the task's frame in the
     # traceback; the computation's tasks are dropped and the mesh goes on
-    import time
     import traceback
 
     y = (da.ones((40,), chunks=5).map_blocks(_fails_on_odd_blocks, dtype=float) + 1).sum()
@@ -620,13 +613,7 @@ def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, rou
     # the failed computation's plan, and no earlier report passing for its own
     assert sum(r["tasks"] for r in mesh.last_plan.rows) > 16 and mesh.last_report is None
 
-    def n_tasks(dask_scheduler):
-        return len(dask_scheduler.tasks)
-
-    deadline = time.monotonic() + 5
-    while mesh.client.run_on_scheduler(n_tasks) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert mesh.client.run_on_scheduler(n_tasks) == 0
+    assert tasks_left(mesh) == 0
     assert mesh.compute(da.ones(10, chunks=5).sum(), route=route) == (10,)
 
 
