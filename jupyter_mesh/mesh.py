@@ -976,8 +976,13 @@ class Mesh:
     def _repr_html_(self) -> str:
         if self.closed:
             return "<b>Mesh</b> (closed)"
-        inv = self.inventory()
         e = html.escape
+        try:
+            inv = self.inventory()
+        except Exception as exc:  # its scheduler gone: what is known, and why no more
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return (f"<b>Mesh</b> <code>{e(str(self.address))}</code>: "
+                    f"<span style='color:#b00020'>{e(why)}</span>")
         groups = "".join(
             f"<li>{len(devs)} &times; <b>{e(kind)}</b> @ {e(site)}: "
             f"{e(', '.join(sorted({d.model for d in devs})))} "

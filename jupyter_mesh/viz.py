@@ -37,6 +37,10 @@ COLOURS = {
 }
 _SPARE = ("#DD8452", "#937860", "#DA8BC3", "#CCB974", "#64B5CD", "#8DA0CB")
 MAX_BARS = 5000
+#: the most ops an op-graph picture shows (those with the most tasks)
+MAX_NODES = 200
+#: the tallest an op-graph picture gets (pixels)
+MAX_GRAPH_HEIGHT = 1200
 
 
 def colour_of(target: str) -> str:
@@ -199,8 +203,13 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     return bars, False
 
 
-def op_graph(plan: Plan[PlanModel], report: Report | None = None) -> dict[str, Any]:
-    """Nodes (ops) with a position, a target and a size, and edges between ops."""
+def op_graph(plan: Plan[PlanModel], report: Report | None = None,
+             most: int | None = None) -> dict[str, Any]:
+    """Nodes (ops) with a position, a target and a size, and edges between ops: one
+    node per row of the plan's table (a loop of 300 ``dask.delayed`` calls of one
+    function is one op), at most ``most`` (``MAX_NODES``) of them, those with the most
+    tasks; ``shown`` and ``ops`` say how many of how many."""
+    most = MAX_NODES if most is None else most
     m = plan.model
     nops = len(m.ops)
     layer_plan = plan if _made_per_layer(plan) else None
@@ -218,22 +227,30 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None) -> dict[str, A
     else:
         for i, p in enumerate(plan.pool_of):
             targets[m.layer[i]][_planned(plan, m.layer[i], p)] += 1
-    shown = [li for li in range(nops) if m.ops[li].tasks]
-    index = {li: n for n, li in enumerate(shown)}
+    _ = plan.rows  # (fills the layers of each row)
+    groups = [[li for li in layers if m.ops[li].tasks] for layers in plan._row_layers]
+    groups = [g for g in groups if g]
+    total = len(groups)
+    if total > most:  # the ops with the most tasks, in the table's order
+        keep = sorted(sorted(range(total), key=lambda g: -sum(m.ops[li].tasks
+                                                               for li in groups[g]))[:most])
+        groups = [groups[g] for g in keep]
+    index = {li: n for n, g in enumerate(groups) for li in g}
     if layer_plan is not None:
         pairs = {(d, li) for li, ds in enumerate(layer_plan.model.deps) for d, _ in ds}
     else:
         pairs = {(m.layer[d], m.layer[i]) for i, ds in enumerate(m.deps) for d in ds}
     edges: set[tuple[int, int]] = {(index[a], index[b]) for a, b in pairs
-                                   if a != b and a in index and b in index}
-    # depth: longest path from a source, by Kahn's order over the op graph
+                                   if a in index and b in index and index[a] != index[b]}
+    # depth: longest path from a source, by Kahn's order over the op graph (a cycle
+    # between merged rows leaves its nodes at the depth reached so far)
     succ: dict[int, list[int]] = defaultdict(list)
-    indeg = [0] * len(shown)
+    indeg = [0] * len(groups)
     for a, b in edges:
         succ[a].append(b)
         indeg[b] += 1
-    depth = [0] * len(shown)
-    ready = [n for n in range(len(shown)) if indeg[n] == 0]
+    depth = [0] * len(groups)
+    ready = [n for n in range(len(groups)) if indeg[n] == 0]
     while ready:
         a = ready.pop()
         for b in succ[a]:
@@ -242,23 +259,24 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None) -> dict[str, A
             if indeg[b] == 0:
                 ready.append(b)
     per_depth: dict[int, list[int]] = defaultdict(list)
-    for n in range(len(shown)):
+    for n in range(len(groups)):
         per_depth[depth[n]].append(n)
-    y = [0.0] * len(shown)
+    y = [0.0] * len(groups)
     for ns in per_depth.values():
         for r, n in enumerate(ns):
             y[n] = r - (len(ns) - 1) / 2
     nodes = []
-    for n, li in enumerate(shown):
-        c = targets[li]
+    for n, g in enumerate(groups):
+        c: Counter[str] = sum((targets[li] for li in g), Counter())
         main = c.most_common(1)[0][0] if c else "?"
+        op = m.ops[g[0]]
         nodes.append({
-            "op": m.ops[li].label, "class": m.ops[li].op_class, "tasks": m.ops[li].tasks,
+            "op": op.label, "class": op.op_class, "tasks": sum(m.ops[li].tasks for li in g),
             "target": main,
             "targets": " + ".join(f"{t}×{k}" for t, k in c.most_common()) or "-",
             "x": float(depth[n]), "y": y[n],
         })
-    return {"nodes": nodes, "edges": sorted(edges)}
+    return {"nodes": nodes, "edges": sorted(edges), "shown": len(nodes), "ops": total}
 
 
 # ---------------------------------------------------------------- figures
@@ -316,9 +334,12 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
     from bokeh.plotting import figure
 
     nodes = graph["nodes"]
+    if graph.get("ops", 0) > len(nodes):
+        title = f"{title} (showing the {len(nodes)} of {graph['ops']} ops with the most tasks)"
     xs = [n["x"] for n in nodes] or [0.0]
     ys = [n["y"] for n in nodes] or [0.0]
-    fig = figure(width=width, height=max(200, 80 + 60 * int(max(ys) - min(ys) + 1)),
+    height = min(MAX_GRAPH_HEIGHT, max(200, 80 + 60 * int(max(ys) - min(ys) + 1)))
+    fig = figure(width=width, height=height,
                  title=title, x_range=Range1d(start=min(xs) - 0.6, end=max(xs) + 0.9),
                  y_range=Range1d(start=min(ys) - 0.8, end=max(ys) + 0.8),
                  tools="pan,wheel_zoom,reset,save", toolbar_location="above")

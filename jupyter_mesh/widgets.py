@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import html
-import math
+import numbers
 import threading
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
+import numpy as np
 
 from . import _state
 from .errors import MeshError
@@ -50,6 +51,8 @@ def devices_html(inv: Inventory) -> str:
 #: the shortest refresh interval of a panel (a shorter one would poll the scheduler
 #: without pause)
 MIN_REFRESH = 0.1
+#: the longest refresh interval (a day): a thread's wait cannot take much more
+MAX_REFRESH = 86400.0
 
 
 class MeshPanel(w.VBox):
@@ -81,10 +84,10 @@ class MeshPanel(w.VBox):
         return f"{shown}\n(live panel: a widget, shown in a notebook)"
 
     def __init__(self, mesh: Mesh, refresh: float = 2.0, **kwargs: Any) -> None:
-        if (isinstance(refresh, bool) or not isinstance(refresh, (int, float))
-                or not (refresh == 0 or MIN_REFRESH <= refresh < math.inf)):
+        if (isinstance(refresh, (bool, np.bool_)) or not isinstance(refresh, numbers.Real)
+                or not (refresh == 0 or MIN_REFRESH <= refresh <= MAX_REFRESH)):
             raise MeshError(f"refresh must be 0 (off) or a number of seconds from "
-                            f"{MIN_REFRESH:g} up, not {refresh!r}")
+                            f"{MIN_REFRESH:g} to {MAX_REFRESH:g} (a day), not {refresh!r}")
         self.mesh = mesh
         self.interval = float(refresh)
         self.header = w.HTML()
@@ -106,6 +109,9 @@ class MeshPanel(w.VBox):
             self.scale_button = w.Button(description="Scale", icon="sliders")
             self.scale_button.on_click(lambda _: self.scale())
             controls.append(w.HBox([*self.counts.values(), self.scale_button]))
+        #: per count box, the mesh's count it last showed: a box the user has not
+        #: changed since follows the mesh when it is scaled elsewhere
+        self._shown = {fam: box.value for fam, box in self.counts.items()}
         super().__init__([self.header, self.devices, *controls, self.message], **kwargs)
         self.add_class("jupyter-mesh-widget")
         self._stop = threading.Event()
@@ -146,6 +152,11 @@ class MeshPanel(w.VBox):
             f"routing: <code>{html.escape(str(mesh.route_mode))}</code>"
         )
         self.devices.value = devices_html(inv)
+        for fam, box in self.counts.items():
+            now = int(mesh.options.get(fam, 0))
+            if box.value == self._shown.get(fam) and box.value != now:
+                box.value = now  # scaled elsewhere (%mesh scale, mesh.scale)
+            self._shown[fam] = now
         options = ["auto", "off", *sorted(inv.by_target())]
         if list(self.route.options) != options:
             self.route.options = options
@@ -219,7 +230,7 @@ class MeshPanel(w.VBox):
         except Exception as exc:
             self._say(f"scale refused: {_first_line(exc)}", error=True)
             for fam, box in self.counts.items():
-                box.value = int(self.mesh.options.get(fam, 0))
+                box.value = self._shown[fam] = int(self.mesh.options.get(fam, 0))
             return False
         self._say("scaled to " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         self.refresh()

@@ -249,6 +249,11 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
     assert time.monotonic() - t0 < 2
     with pytest.raises(MeshError, match="not reachable.*%mesh close"):
         mesh.inventory()
+    # displaying the mesh shows what is known and why no more (it raised, and a
+    # notebook showed an error next to the text)
+    shown = mesh._repr_html_()
+    assert address in shown and "is not reachable" in shown and "%mesh close" in shown
+    assert repr(mesh) == f"<Mesh {address}>"
     ip.run_line_magic("mesh", "close")  # still closes, naming the address
     assert f"Closed the mesh at {address}" in capsys.readouterr().out
     assert mesh.closed and jm.mesh._state.active() is None

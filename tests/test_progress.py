@@ -66,11 +66,22 @@ def test_bad_progress_after_is_a_config_error_naming_the_key(value):
             progress.progress_after()
 
 
-def test_bad_progress_after_fails_compute_before_anything_runs(mesh):
+@pytest.mark.parametrize("route", ["auto", "off", "cpu"])
+def test_bad_progress_after_fails_compute_before_anything_runs(mesh, route):
     x = da.ones(10, chunks=5)
+    mesh.compute(x.sum(), route="auto")
+    plan, report = mesh.last_plan, mesh.last_report
+    assert plan is not None and report is not None
     with dask.config.set({"mesh.progress-after": -2}):
         with pytest.raises(MeshConfigError, match="mesh.progress-after"):
-            mesh.compute(x.sum())
+            mesh.compute(x.sum(), route=route)
+        # nothing was lost: the last computation's plan and report are still there
+        assert mesh.last_plan is plan and mesh.last_report is report
+        if route != "off":  # (a block routing nothing leaves plain Dask as it is)
+            with pytest.raises(MeshConfigError, match="mesh.progress-after"), \
+                    mesh.route(route):
+                x.sum().compute()
+            assert mesh.last_plan is plan and mesh.last_report is report
     # the mesh is fine afterwards
     assert mesh.compute(x.sum())[0] == 10
 

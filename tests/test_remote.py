@@ -275,6 +275,20 @@ def test_interrupt_while_the_progress_bar_draws(fresh, capsys, monkeypatch):
     assert fresh.run_cell("steps", on="cpu", value=True).value == steps  # it stopped
 
 
+def test_a_bad_interrupt_grace_refuses_the_cell_before_it_runs(fresh):
+    import dask
+
+    from jupyter_mesh.errors import MeshConfigError
+
+    fresh.run_cell("n = 0", on="cpu:numpy")
+    with dask.config.set({"mesh.remote.interrupt-grace": -1}), \
+            pytest.raises(MeshConfigError, match="mesh.remote.interrupt-grace"):
+        fresh.run_cell("n += 1", on="cpu:numpy")
+    time.sleep(0.5)
+    # refused means not run: the worker's namespace is as it was
+    assert fresh.run_cell("n", on="cpu:numpy", value=True).value == 0
+
+
 def test_interrupt_of_code_blocked_outside_python(fresh, capsys, monkeypatch):
     import dask
 

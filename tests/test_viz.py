@@ -29,16 +29,19 @@ def _has_bokehjs(html: str) -> bool:
     return len(html) > 500_000 and "Bokeh.embed.embed_items" in html
 
 
-@pytest.fixture(scope="module")
-def plan():
-    devices = [
+def _devices():
+    return [
         Device("tcp://10.0.0.1:1", "cpu", "numpy", "model cpu", 1 << 34, "local", NUMPY,
                name="cpu-0", nthreads=2),
         Device("tcp://10.0.0.2:1", "cpu", "jax", "model cpu", 1 << 34, "local", JAX,
                name="jax-cpu-0", nthreads=1),
     ]
+
+
+@pytest.fixture(scope="module")
+def plan():
     x = da.random.random((1000, 1000), chunks=250)
-    return plan_collections([((x @ x.T) + 1).sum(axis=0)], devices)
+    return plan_collections([((x @ x.T) + 1).sum(axis=0)], _devices())
 
 
 def _report(plan, with_stream: bool) -> Report:
@@ -122,6 +125,30 @@ def test_op_graph_follows_the_dataflow(plan):
     x = {n["op"]: n["x"] for n in graph["nodes"]}
     assert x["random_sample"] < x["matmul"] < x["sum-aggregate"]
     assert all(n["target"] in {"cpu:numpy", "cpu:jax"} for n in graph["nodes"])
+
+
+def test_op_graph_has_a_node_per_row_of_the_table_and_a_bounded_size(plan):
+    # a loop of 300 delayed calls of one function is one op, as in the plan's table
+    # (a node each made the picture 18,000 px tall); past MAX_NODES ops, those with
+    # the most tasks are shown, and the picture says so
+    import dask
+
+    calls = [dask.delayed(lambda i: i + 1, pure=True)(i) for i in range(300)]
+    total = dask.delayed(sum)(calls)
+    many = plan_collections([total], _devices())
+    graph = viz.op_graph(many)
+    assert len(graph["nodes"]) == len(many.rows) == graph["ops"] < 10
+    assert max(n["tasks"] for n in graph["nodes"]) == 300
+    small = viz.op_graph(plan, most=2)
+    assert small["shown"] == 2 and small["ops"] == len(plan.rows) > 2
+    by_tasks = sorted((r["tasks"] for r in plan.rows), reverse=True)[:2]
+    assert sorted((n["tasks"] for n in small["nodes"]), reverse=True) == by_tasks
+    fig = viz._graph(small, "Operations", 600)
+    assert "showing the 2 of" in fig.title.text
+    tall = {"nodes": [{"op": f"op{k}", "class": "other", "tasks": 1, "target": "cpu:numpy",
+                       "targets": "cpu:numpy×1", "x": 0.0, "y": float(k)}
+                      for k in range(1000)], "edges": []}
+    assert viz._graph(tall, "Operations", 600).height <= viz.MAX_GRAPH_HEIGHT
 
 
 def test_pictures_show_the_targets_the_plan_rows_show():
@@ -345,10 +372,10 @@ def test_a_plan_made_per_task_without_tasks_has_an_empty_picture(plan):
     empty = plan_model(model_graph({}, []), plan.pools)
     assert not empty.model.keys and empty.ntasks == 0
     assert viz.planned_bars(empty) == []
-    assert viz.op_graph(empty) == {"nodes": [], "edges": []}
+    assert viz.op_graph(empty) == {"nodes": [], "edges": [], "shown": 0, "ops": 0}
     report = Report(empty, {}, 0.0)
     assert viz.measured_bars(report) == ([], False)
-    assert viz.op_graph(empty, report) == {"nodes": [], "edges": []}
+    assert viz.op_graph(empty, report) == {"nodes": [], "edges": [], "shown": 0, "ops": 0}
     assert viz.plan_figure(empty) is not None  # an empty timeline and graph
     assert viz.report_figure(report) is not None
     out = empty._repr_html_()

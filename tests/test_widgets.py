@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import dask.array as da
+import numpy as np
 import pytest
 
 import jupyter_mesh as jm
@@ -120,10 +121,41 @@ def test_refresh_off(mesh):
         p.close()
 
 
-@pytest.mark.parametrize("refresh", [-1, "often", True, float("nan"), float("inf"), 0.001])
+@pytest.mark.parametrize("refresh", [-1, "often", True, float("nan"), float("inf"), 0.001,
+                                     86401, 1e10])
 def test_bad_refresh_is_an_error(mesh, refresh):
-    with pytest.raises(MeshError, match="refresh"):
+    # (a wait of 1e10 s overflowed the refresh thread's clock and killed it)
+    with pytest.raises(MeshError, match="refresh must be 0 .off. or a number of seconds "
+                                        "from 0.1 to 86400"):
         mesh.widget(refresh=refresh)
+
+
+@pytest.mark.parametrize("refresh", [np.int64(2), np.float32(1.0), 86400])
+def test_refresh_takes_numpy_numbers(mesh, refresh):
+    p = mesh.widget(refresh=refresh)
+    try:
+        assert p.refreshing and p.interval == float(refresh)
+    finally:
+        p.close()
+
+
+def test_count_boxes_follow_a_scale_made_elsewhere(mesh):
+    # the Scale button sends every box: a box still showing the count from before
+    # %mesh scale or mesh.scale would undo it
+    p = mesh.widget(refresh=0)
+    try:
+        mesh.scale(cpu=2)
+        p.refresh()
+        assert p.counts["cpu"].value == 2
+        # a box the user has changed keeps the user's number
+        p.counts["jax_cpu"].value = 1
+        mesh.scale(cpu=1)
+        p.refresh()
+        assert p.counts["cpu"].value == 1 and p.counts["jax_cpu"].value == 1
+    finally:
+        p.close()
+        if mesh.options.get("cpu") != 1:
+            mesh.scale(cpu=1)
 
 
 def test_status_widget_magic_returns_the_panel(ip, mesh, monkeypatch):

@@ -378,12 +378,13 @@ class RemoteCells:
                  timeout: float | None) -> list[CellResult]:
         events: queue.SimpleQueue = queue.SimpleQueue()
         runs = [_Run(d, message) for d in devices]
+        # a bad setting fails before the cell is sent anywhere
+        grace = _config.get_seconds("remote.interrupt-grace")
         watch = progress.RemoteWatch([r.label for r in runs], timeout)  # after progress-after
         for r in runs:
             self._start(r, events)
         pending = set(range(len(runs)))
         index = {id(r): i for i, r in enumerate(runs)}
-        grace = _config.get_seconds("remote.interrupt-grace")
         started = time.monotonic()
         stop_sent_at: float | None = None
         interrupted = False

@@ -388,6 +388,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     args = collections
     collections, repack = _unpacked(args)
     _check_off(route, site, pin)
+    _check_settings()  # a bad setting fails before anything runs or changes
     if not collections:
         # nothing for the mesh to do (as dask.compute, the values back); no earlier
         # plan or report may pass for this computation's
@@ -430,12 +431,20 @@ def _nest(keys: Any, values: dict[Any, Any]) -> Any:
     return values[keys]
 
 
+def _check_settings() -> float:
+    """Read the settings a routed computation needs after it has started, so that a bad
+    one fails before it plans, runs, or replaces the mesh's last plan and report (a
+    ``MeshConfigError`` naming the key); returns ``mesh.router.learn``."""
+    progress.progress_after()
+    return learn_weight()
+
+
 def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: bool = True
              ) -> list[Any]:
     """Submit a plan's rewritten graph and wait for its outputs (a list, by key): their
     values, or with ``gather=False`` their futures (the data stays on the workers)."""
     client = mesh.client
-    weight = learn_weight()  # a bad setting fails before anything runs
+    weight = _check_settings()  # a bad setting fails before anything runs or changes
     # a computation that fails or is interrupted leaves no report: the previous
     # computation's must not pass for this one's, next to this one's plan
     mesh.last_plan, mesh.last_report = plan, None
@@ -711,6 +720,7 @@ class _RoutedScheduler:
         now = self._now()
         if now is None:
             return _plain_get()(dsk, keys, **kwargs)
+        _check_settings()
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
         plan = _plan_graph(now.mesh, graph, flat, now.route)
@@ -740,6 +750,7 @@ class _RoutedScheduler:
                 return client.persist(collections, optimize_graph=optimize_graph)
             done = dask.persist(*colls, optimize_graph=optimize_graph, scheduler="threads")
             return done[0] if single else list(done)
+        _check_settings()
         expr = collections_to_expr(colls, optimize_graph).optimize()
         keys = expr.__dask_keys__()
         plan = _plan_graph(now.mesh, _graph_with_layers(expr), list(dask.core.flatten(keys)),
