@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import numbers
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +83,8 @@ class MeshPanel(w.VBox):
         return f"{shown}\n(live panel: a widget, shown in a notebook)"
 
     def __init__(self, mesh: Mesh, refresh: float = 2.0, **kwargs: Any) -> None:
-        if (isinstance(refresh, (bool, np.bool_)) or not isinstance(refresh, numbers.Real)
+        if (isinstance(refresh, (bool, np.bool_))
+                or not isinstance(refresh, (int, float, np.integer, np.floating))
                 or not (refresh == 0 or MIN_REFRESH <= refresh <= MAX_REFRESH)):
             raise MeshError(f"refresh must be 0 (off) or a number of seconds from "
                             f"{MIN_REFRESH:g} to {MAX_REFRESH:g} (a day), not {refresh!r}")
