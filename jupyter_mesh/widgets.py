@@ -112,6 +112,8 @@ class MeshPanel(w.VBox):
         #: per count box, the mesh's count it last showed: a box the user has not
         #: changed since follows the mesh when it is scaled elsewhere
         self._shown = {fam: box.value for fam, box in self.counts.items()}
+        #: the last refresh could not read the inventory (its message is shown)
+        self._unread = False
         super().__init__([self.header, self.devices, *controls, self.message], **kwargs)
         self.add_class("jupyter-mesh-widget")
         self._stop = threading.Event()
@@ -142,7 +144,11 @@ class MeshPanel(w.VBox):
             inv = mesh.inventory()
         except Exception as exc:
             self._say(f"could not read the inventory: {_first_line(exc)}", error=True)
+            self._unread = True
             return
+        if self._unread:  # it reads again: the error no longer holds
+            self._unread = False
+            self.message.value = ""
         link = inv.dashboard or mesh.dashboard_link
         dash = (f" &middot; <a href='{html.escape(link)}' target='_blank' rel='noopener noreferrer'>dashboard</a>"
                 if link else "")

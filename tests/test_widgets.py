@@ -158,6 +158,22 @@ def test_count_boxes_follow_a_scale_made_elsewhere(mesh):
             mesh.scale(cpu=1)
 
 
+def test_an_inventory_error_clears_once_the_inventory_reads_again(mesh, monkeypatch):
+    p = mesh.widget(refresh=0)
+    try:
+        def gone():
+            raise MeshError("the scheduler at x is not reachable")
+
+        monkeypatch.setattr(mesh, "inventory", gone)
+        p.refresh()
+        assert "could not read the inventory: the scheduler at x" in p.message.value
+        monkeypatch.undo()
+        p.refresh()
+        assert p.message.value == "" and "cpu-0" in p.devices.value
+    finally:
+        p.close()
+
+
 def test_status_widget_magic_returns_the_panel(ip, mesh, monkeypatch):
     from jupyter_mesh import progress
 
@@ -193,3 +209,4 @@ def test_refresh_stops_when_the_mesh_closes():
     p.close()
     with pytest.raises(MeshError, match="closed"):
         m.widget()
+
