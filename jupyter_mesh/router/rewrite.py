@@ -21,6 +21,7 @@ from dask._task_spec import NestedContainer, Task, TaskRef
 
 from .._config import get_seconds
 from ._device import BATCH_PREFIX, DeviceCall, Unwrapping, routed_batch, routed_chain
+from .classify import peak_out
 from .placement import chain_links, dask_fuses
 from .plan import Plan
 
@@ -252,7 +253,7 @@ def _fuse_chains(plan: Plan[GraphModel], chains: list[list[int]], graph: dict[An
 
 #: the most bytes of results a batch hands to tasks outside it: they travel, and stay in
 #: memory, together (a consumer on another worker receives all of them)
-BATCH_BYTES = 1 << 20
+BATCH_BYTES = 1 << 18
 #: the most tasks (or fused chains) in one batch: a longer one gains little more and
 #: holds back its first results for longer
 BATCH_UNITS = 16
@@ -300,6 +301,11 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
     start, finish, pool_of = plan.start, plan.finish, plan.pool_of
     cost = plan.cost
     out_b = [op.out_bytes for op in m.ops]
+    # an op's largest block (chunks need not be even): what a batch may hand out, and
+    # how much longer than the plan's (mean) time one of its tasks may take
+    peak = [peak_out(op) for op in m.ops]
+    longer = [max(1.0, pk / ob) if ob > 0 else 1.0 for pk, ob in zip(peak, out_b,
+                                                                      strict=True)]
     # a function the model knows nothing of (a user's map_blocks, a delayed call) may
     # take far longer than planned: batched, it would hold back the others' results
     known = [op.op_class != "other" for op in m.ops]
@@ -334,9 +340,9 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
         waits: list[tuple[float, int, int]] = []  # (latest batch end, consumer, unit)
         for u in units:
             mem = chain_of.get(u, [u])
-            nbytes = out_b[layer[u]]
+            nbytes = peak[layer[u]]
             # (a fused chain runs back to back: its members need not in the plan)
-            took = sum(finish[i] - start[i] for i in mem)
+            took = sum((finish[i] - start[i]) * longer[layer[i]] for i in mem)
             ok_alone = (took <= short and keys[u] not in outputs and eligible(u)
                         and all(known[layer[i]] for i in mem))
             join = bool(cur) and ok_alone and len(cur) < BATCH_UNITS
@@ -381,7 +387,8 @@ def worker_batches(plan: Plan[GraphModel], chains: list[list[int]],
             inside.update(mem)
             handed += extra
             for j in consumers[u]:
-                latest = start[j] - cost.transfer(nbytes, pool_of[u], pool_of[j],
+                # a consumer elsewhere receives everything the batch hands out
+                latest = start[j] - cost.transfer(BATCH_BYTES, pool_of[u], pool_of[j],
                                                   same_worker=worker_of[j] == w)
                 if worker_of[j] != w:
                     latest -= margin
