@@ -1575,3 +1575,13 @@ def test_a_forced_route_on_a_mesh_without_workers_says_to_scale():
     with pytest.raises(MeshError, match=r"^no live cpu worker: the mesh has no workers now; "
                                         r"scale it up \(%mesh scale\) or use 'auto'"):
         _checked_route(empty, "cpu", True)
+
+
+def test_headers_count_in_the_singular_for_one(mesh_devices):
+    from jupyter_mesh.router.plan import Report
+
+    one = plan_collections([da.ones(5, chunks=5)], mesh_devices)
+    assert one.ntasks == 1 and "1 task in 1 op over" in repr(one)
+    assert repr(Report(one, {}, 0.0)).startswith("Report (route=auto): 1 task, ")
+    many = plan_collections([pipeline()], mesh_devices)
+    assert f"{many.ntasks} tasks in {len(many.rows)} ops over" in repr(many)
