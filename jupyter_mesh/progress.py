@@ -92,6 +92,10 @@ class GroupBy:
 _STOPPED = "stopped before the end (interrupted or failed)"
 
 
+#: the most groups the text bar draws a bar for (the others count together)
+TEXT_GROUPS = 4
+
+
 class TextBars(MultiProgressBar):
     """Dask's multi-group progress as one line of text, rewritten in place."""
 
@@ -106,11 +110,20 @@ class TextBars(MultiProgressBar):
 
     def _line(self, remaining: Mapping[Any, int], all: Mapping[Any, int]) -> str:
         parts = []
-        for group in sorted(all, key=str):
+        groups = sorted(all, key=str)
+        # one line, redrawn in place: a line wider than the terminal would wrap, and
+        # each redraw leave a line behind; the groups past the first few count together
+        shown = groups if len(groups) <= TEXT_GROUPS else groups[: TEXT_GROUPS - 1]
+        for group in shown:
             n = all[group]
             done = n - remaining.get(group, 0)
             filled = int(self.width * done / n) if n else self.width
             parts.append(f"{group} [{'#' * filled:<{self.width}}] {done}/{n}")
+        rest = groups[len(shown):]
+        if rest:
+            n = sum(all[g] for g in rest)
+            done = n - sum(remaining.get(g, 0) for g in rest)
+            parts.append(f"{len(rest)} more groups {done}/{n}")
         head = f"{self.title}: " if self.title else ""
         return f"{head}{' | '.join(parts)} | {format_time(self.elapsed).strip()}"
 

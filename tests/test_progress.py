@@ -321,3 +321,19 @@ def test_a_failing_route_off_computation_releases_its_work(mesh, quick_threshold
     assert not mesh.client.futures  # the scheduler may drop all of it
     err = capfd.readouterr().err
     assert "route=off" in err and err.endswith("\n")  # the bar's line ended
+
+
+def test_the_text_bar_stays_one_short_line_with_many_groups():
+    # a line wider than the terminal wraps, and every redraw with "\r" leaves a line
+    # behind: past TEXT_GROUPS groups, the others are counted together
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(width=10, title="route=off", elapsed=1.5)
+    few = {"a": 4, "b": 2}
+    line = progress.TextBars._line(fake, {"a": 1, "b": 0}, few)
+    assert line.startswith("route=off: a [#######   ] 3/4 | b [##########] 2/2 | ")
+    many = {f"group-{k:02d}": 2 for k in range(32)}
+    line = progress.TextBars._line(fake, {g: 1 for g in many}, many)
+    assert line.count("[") == progress.TEXT_GROUPS - 1
+    assert f"{32 - progress.TEXT_GROUPS + 1} more groups 29/58" in line
+    assert len(line) < 200
