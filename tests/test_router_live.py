@@ -43,6 +43,27 @@ def test_cpu_jax_pipeline_equals_numpy_and_jax_ran_the_matmul(mesh):
     assert "<table>" in report._repr_html_() and "matmul" in repr(report)
 
 
+def test_plans_after_the_first_go_ahead_of_their_graph_on_the_clients_stream(
+        mesh, monkeypatch):
+    # the first routed compute of a client asks the scheduler (a round trip) whether it
+    # routes; later ones send their plan on the client's stream, ahead of the graph,
+    # with no wait, and the plan still holds: JAX ran the matmul, the timeline is there
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    mesh.compute(y, route="cpu:jax")
+    sent = []
+    real = mesh.client._send_to_scheduler
+    monkeypatch.setattr(mesh.client, "_send_to_scheduler",
+                        lambda msg: (sent.append(msg["op"]), real(msg))[1])
+    for _ in range(2):
+        (got,) = mesh.compute(y, route="cpu:jax")
+        np.testing.assert_allclose(got, expected, rtol=1e-10)
+        assert mesh.last_report.ran_on("matmul") == ["jax"]
+        assert mesh.last_report.timeline
+        assert sent.index("jupyter-mesh-route") < sent.index("update-graph")
+        sent.clear()
+
+
 def test_a_jax_cpu_worker_runs_numpy_tasks_where_numpy_is_faster(mesh):
     # the JAX CPU worker measured NumPy too (the NumPy worker's cached profile): it is
     # never planned slower than a NumPy worker, and runs each task with what its plan

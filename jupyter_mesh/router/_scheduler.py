@@ -11,6 +11,7 @@ tasks waiting in ``no-worker`` are sent to what is left, so nothing waits foreve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pickle
 import time
@@ -30,6 +31,12 @@ EVENT_TOPIC = "jupyter-mesh-fallback"
 FORGET_HANDLER = "jupyter_mesh_route_forget"
 #: releases a finished routed computation's outputs at once (see RouterState.settle)
 SETTLE_HANDLER = "jupyter_mesh_route_settle"
+#: ROUTE_HANDLER as a message on a client's batched stream: no round trip to wait
+#: for, and the scheduler handles it before the graph the client sends after it. Used
+#: once a client knows the scheduler has it (ROUTE_HANDLER's answer says so): an op
+#: the scheduler does not know would close the client's stream. (A routed compute's
+#: settle stays a round trip: another client's graph must not overtake it.)
+ROUTE_STREAM = "jupyter-mesh-route"
 _FINAL = ("memory", "erred", "forgotten")
 
 
@@ -58,6 +65,8 @@ class PlanState:
     #: key -> (worker, backend, seconds) of each device call that ran, from the tasks'
     #: metadata, until the client asks for them (status with records=True)
     records: dict[Any, tuple[str, str, float]] = field(default_factory=dict)
+    #: the scheduler's task-stream index when the plan arrived (None: no task stream)
+    cursor: int | None = None
 
 
 class RouterState:
@@ -78,16 +87,19 @@ class RouterState:
         scheduler.handlers[STATUS_HANDLER] = self.status
         scheduler.handlers[FORGET_HANDLER] = self.forget
         scheduler.handlers[SETTLE_HANDLER] = self.settle
+        scheduler.stream_handlers[ROUTE_STREAM] = self._streamed(self.register)
         # Dask's warnings about keys shared with routed tasks: see SharedKeyFilter
         quiet_shared_keys()
 
     # ------------------------------------------------------------ handlers
-    def register(self, comm: Any = None, payload: bytes = b"") -> dict[str, Any]:
+    def register(self, comm: Any = None, payload: bytes = b"", **_: Any
+                 ) -> dict[str, Any]:
         data = pickle.loads(payload)
         ps = PlanState(data["plan_id"], data["pools"], bool(data["fallback"]),
                        float(data["timeout"]), data.get("site"), data.get("pins") or {})
         ps.narrow = dict(data.get("narrow") or {})
         ps.workers = dict(data.get("workers") or {})
+        ps.cursor = self._stream_index()
         self.plans[ps.plan_id] = ps
         prio = data.get("priorities") or {}
         for key, p in data["restrictions"].items():
@@ -95,12 +107,33 @@ class RouterState:
         for name, p in (data.get("layers") or {}).items():
             self.pending_layers[name] = (ps.plan_id, p)
         self._prune()
-        return {"status": "OK", "plan_id": ps.plan_id}
+        return {"status": "OK", "plan_id": ps.plan_id, "stream": ROUTE_STREAM}
+
+    @staticmethod
+    def _streamed(handler: Any) -> Any:
+        """``handler`` as a stream handler: an exception in a stream handler would
+        close the client's stream, so it is logged instead (the plan then runs
+        unrouted, which placement never decides the correctness of, and its status
+        says the plan is not known)."""
+        def handle(**msg: Any) -> None:
+            try:
+                handler(**msg)
+            except Exception:
+                logger.exception("jupyter_mesh: a routed computation's message failed")
+        return handle
+
+    def _stream_index(self) -> int | None:
+        try:  # (the scheduler starts its task stream the first time it is asked)
+            return int(self.scheduler.get_task_stream_index())
+        except Exception:
+            return None
 
     def status(self, comm: Any = None, plan_id: str = "", records: bool = False
                ) -> dict[str, Any]:
         """A plan's fallbacks and failure; with ``records``, also (and then forgotten)
-        what ran each key: a list of (key, worker, backend, seconds)."""
+        what ran each key: a list of (key, worker, backend, seconds), and the
+        scheduler's task stream since the plan arrived (``timeline``; None without
+        one)."""
         ps = self.plans.get(plan_id)
         if ps is None:
             out: dict[str, Any] = {"known": False, "events": [], "failed": None}
@@ -111,6 +144,11 @@ class RouterState:
         if records:
             out["records"] = [(k, *rec) for k, rec in ps.records.items()]
             ps.records = {}
+            out["timeline"] = None
+            if ps.cursor is not None:
+                with contextlib.suppress(Exception):
+                    out["timeline"] = list(
+                        self.scheduler.get_task_stream(start_index=ps.cursor))
         return out
 
     def settle(self, comm: Any = None, keys: Any = (), client: str = ""

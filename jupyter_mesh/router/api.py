@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, cast
 
 import dask
@@ -21,7 +22,13 @@ from .. import _config, progress
 from ..errors import MeshError, MeshFallbackWarning
 from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
-from ._scheduler import EVENT_TOPIC, ROUTE_HANDLER, SETTLE_HANDLER, STATUS_HANDLER
+from ._scheduler import (
+    EVENT_TOPIC,
+    ROUTE_HANDLER,
+    ROUTE_STREAM,
+    SETTLE_HANDLER,
+    STATUS_HANDLER,
+)
 from .calibrate import format_rate
 from .classify import (
     CAPABILITIES,
@@ -460,36 +467,23 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
                          host_results=not gather)
         graph = task_submission(routed)
     t0 = time.perf_counter()
-    scheduler = _scheduler(mesh)
-    handler = getattr(scheduler, ROUTE_HANDLER)
-
-    async def register() -> tuple[Any, Any]:
-        # the plan's restrictions and the task-stream cursor in one round trip
-        return await asyncio.gather(handler(payload=routed.payload()),
-                                    scheduler.get_task_stream_index(),
-                                    return_exceptions=True)
-
     notices = FallbackNotices.of(mesh)
     notices.track(routed.plan_id)
     # this compute reports its fallbacks itself, from the moment its tasks can run
     # (submitting a large graph takes a while, and they run meanwhile)
     notices.waiting.add(routed.plan_id)
     try:
-        done, cursor = client.sync(register)
-        if isinstance(done, BaseException):
-            raise MeshError(
-                f"the scheduler at {mesh.address} does not route (is jupyter_mesh "
-                f"installed there?): {done}"
-            ) from None
+        # the plan's restrictions go ahead of the graph, on the same stream
+        _register(mesh, routed.payload())
         groups = plan.assignment()
         if groups is not None:
             # a batch of tasks runs under a key of its own: its members' target
             for sk, members in routed.fused.items():
                 if sk not in groups and members:
                     groups[sk] = groups.get(members[-1], "other")
-        watch = progress.FuturesWatch(
-            mesh, groups, f"route={plan.route}",
-            cursor=None if isinstance(cursor, BaseException) else cursor)
+        # (the scheduler plugin keeps the task stream's index for the report)
+        watch = progress.FuturesWatch(mesh, groups, f"route={plan.route}",
+                                      timeline=False)
         futures = client.get(graph, routed.keys, sync=False)
     except BaseException:
         notices.forget(routed.plan_id)
@@ -501,7 +495,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         wall = time.perf_counter() - t0
         # the values and what the scheduler knows of the run, asked for together
         values, (status, records, timeline) = _finish(
-            mesh, routed.plan_id, watch.cursor, futures if gather else None)
+            mesh, routed.plan_id, futures if gather else None)
         if gather:
             wall = time.perf_counter() - t0
         else:
@@ -583,6 +577,35 @@ def _settle(mesh: Mesh, futures: Any, keys: list[Any]) -> None:
             "jupyter_mesh: releasing a routed computation's outputs failed", exc_info=True)
 
 
+#: client -> the id of the scheduler that said it takes plans on the client's stream
+#: (see ``_scheduler.ROUTE_STREAM``)
+_ROUTE_STREAMS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _register(mesh: Mesh, payload: bytes) -> None:
+    """Give the scheduler plugin a plan's restrictions (a pickled ``Routed.payload``).
+
+    The first time for a client it asks (a round trip): MeshError where the scheduler
+    does not route. After that it sends them on the client's batched stream, where the
+    scheduler handles them before the graph the client sends next."""
+    client = mesh.client
+    scheduler = _scheduler(mesh)
+    # (a client that reconnected may have another scheduler at the same address)
+    sid = (getattr(client, "_scheduler_identity", None) or {}).get("id")
+    if sid is not None and _ROUTE_STREAMS.get(client) == sid:
+        client._send_to_scheduler({"op": ROUTE_STREAM, "payload": payload})
+        return
+    try:
+        done = client.sync(getattr(scheduler, ROUTE_HANDLER), payload=payload)
+    except Exception as exc:
+        raise MeshError(
+            f"the scheduler at {mesh.address} does not route (is jupyter_mesh "
+            f"installed there?): {exc}"
+        ) from None
+    if sid is not None and isinstance(done, dict) and done.get("stream") == ROUTE_STREAM:
+        _ROUTE_STREAMS[client] = sid
+
+
 def _scheduler(mesh: Mesh) -> rpc | PooledRPCCall:
     """The mesh client's connection to its scheduler (MeshError once it lost it)."""
     scheduler = mesh.client.scheduler
@@ -650,7 +673,7 @@ def _no_worker_check(mesh: Mesh) -> Any:
     return check
 
 
-def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
+def _finish(mesh: Mesh, plan_id: str, futures: Any = None
             ) -> tuple[Any, tuple[dict[str, Any], dict[Any, tuple[str, str, float]],
                                   list[dict[str, Any]] | None]]:
     """Once the outputs are ready: their values (with ``futures``; else None), the
@@ -662,8 +685,6 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
 
     async def ask() -> list[Any]:
         calls = [getattr(scheduler, STATUS_HANDLER)(plan_id=plan_id, records=True)]
-        calls.append(scheduler.get_task_stream(start_index=cursor) if cursor is not None
-                     else asyncio.sleep(0))
         if futures is not None:
             calls.append(client.gather(futures, asynchronous=True))
         return await asyncio.gather(*calls, return_exceptions=True)
@@ -671,7 +692,7 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
     answers = client.sync(ask)
     values = None
     if futures is not None:
-        values = answers[2]
+        values = answers[1]
         if isinstance(values, BaseException):
             from dask.utils import shorten_traceback
 
@@ -686,9 +707,7 @@ def _finish(mesh: Mesh, plan_id: str, cursor: int | None, futures: Any = None
     for rec in status.pop("records", None) or ():
         key, addr, backend, secs = rec
         out[key] = (addr, backend, secs)
-    timeline = None
-    if cursor is not None and not isinstance(answers[1], BaseException):
-        timeline = list(answers[1])
+    timeline = status.pop("timeline", None)
     return values, (status, out, timeline)
 
 
