@@ -147,7 +147,9 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     plan = report.plan
     m = plan.model
     layer_of = _layer_lookup(plan)
-    kind_of = {w: pool.kind for pool in plan.pools for w in pool.workers}
+    # (a worker that joined since the plan: its kind as the mesh read it then)
+    kind_of = {**getattr(report, "worker_kinds", {}),
+               **{w: pool.kind for pool in plan.pools for w in pool.workers}}
     label_of = {w: pool.target for pool in plan.pools for w in pool.workers}
     names = report.worker_names
 

@@ -166,6 +166,9 @@ def test_a_routed_compute_asks_for_the_inventory_once(mesh, monkeypatch):
         w for r in mesh.last_report.rows for w in r["workers"]}
     # the names of workers that left since are kept (a fallback's report names them)
     assert mesh.last_report.worker_names["tcp://gone:1"] == "left-since"
+    # and the kinds of the workers it did not know, for the report's picture
+    ran = {addr for addr, _, _ in mesh.last_report.records.values()}
+    assert {mesh.last_report.worker_kinds[a] for a in ran} == {"cpu"}
 
 
 def test_plain_dask_right_after_a_routed_compute_runs_its_own_tasks(mesh):

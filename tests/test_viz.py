@@ -86,6 +86,24 @@ def test_measured_bars_use_the_task_stream_and_worker_names(plan):
     assert {b["target"] for b in bars} <= {"cpu:numpy", "cpu:jax"}
 
 
+def test_a_worker_the_plan_did_not_know_is_labelled_with_its_own_kind(plan):
+    # a worker restarted at a new address ran some tasks: its bars say what it is (a
+    # CPU driven by JAX), as the mesh read it then, never a guessed kind
+    report = _report(plan, with_stream=True)
+    new = "tcp://10.0.0.9:1"
+    moved = [k for k, (w, b, _) in report.records.items() if b == "jax"][:3]
+    for k in moved:
+        report.records[k] = (new, "jax", report.records[k][2])
+    for r in report.timeline:
+        if r["key"] in moved:
+            r["worker"] = new
+    report.worker_names[new] = "jax-cpu-1"
+    report.worker_kinds = {new: "cpu"}
+    bars, _ = viz.measured_bars(report)
+    mine = [b for b in bars if b["worker"] == "jax-cpu-1"]
+    assert len(mine) == 3 and {b["target"] for b in mine} == {"cpu:jax"}
+
+
 def test_measured_bars_without_a_task_stream_lay_seconds_end_to_end(plan):
     bars, real = viz.measured_bars(_report(plan, with_stream=False))
     assert not real

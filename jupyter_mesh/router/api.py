@@ -521,11 +521,14 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         raise
     watch.stopped()
     names = getattr(plan, "worker_names", None) or {}
+    kinds: dict[str, str] = {}
     if any(addr not in names for addr, _, _ in records.values()):
         # a worker that joined since (the plan's names keep those that left)
-        names = {**names, **{d.worker: d.name or d.worker for d in mesh.inventory()}}
+        devices = list(mesh.inventory())
+        names = {**names, **{d.worker: d.name or d.worker for d in devices}}
+        kinds = {d.worker: d.kind for d in devices}
     report = Report(plan, records, wall, fallbacks=status.get("events", []),
-                    worker_names=names)
+                    worker_names=names, worker_kinds=kinds)
     report.timeline = timeline
     report.fused = routed.fused
     mesh.last_report = report

@@ -289,13 +289,16 @@ class Report:
 
     def __init__(self, plan: Plan[PlanModel], records: dict[Any, tuple[str, str, float]],
                  wall_seconds: float, *, fallbacks: list[str] | None = None,
-                 worker_names: dict[str, str] | None = None) -> None:
+                 worker_names: dict[str, str] | None = None,
+                 worker_kinds: dict[str, str] | None = None) -> None:
         self.plan = plan
         #: key -> (worker address, backend that ran it, seconds)
         self.records = records
         self.wall_seconds = wall_seconds
         self.fallbacks = list(fallbacks or [])
         self.worker_names = dict(worker_names or {})
+        #: device kinds of workers the plan did not know (one that joined since)
+        self.worker_kinds = dict(worker_kinds or {})
         #: the scheduler's task stream (starts and stops per task), for the picture
         self.timeline: list[dict[str, Any]] | None = None
         #: submitted key -> the keys fused into it, in the order they ran
