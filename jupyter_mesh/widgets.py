@@ -145,6 +145,10 @@ class MeshPanel(w.VBox):
         except Exception as exc:
             self._say(f"could not read the inventory: {_first_line(exc)}", error=True)
             self._unread = True
+            # the devices as last read stay, said to be so; the header counts nothing
+            self.header.value = (
+                f"<b>Mesh</b> <code>{html.escape(mesh.address or '')}</code>: not "
+                f"reachable now (the devices below are as last read)")
             return
         if self._unread:  # it reads again: the error no longer holds
             self._unread = False

@@ -167,9 +167,13 @@ def test_an_inventory_error_clears_once_the_inventory_reads_again(mesh, monkeypa
         monkeypatch.setattr(mesh, "inventory", gone)
         p.refresh()
         assert "could not read the inventory: the scheduler at x" in p.message.value
+        # the header no longer counts devices it cannot see; the last ones stay
+        assert "not reachable now" in p.header.value and "devices (" not in p.header.value
+        assert "cpu-0" in p.devices.value
         monkeypatch.undo()
         p.refresh()
         assert p.message.value == "" and "cpu-0" in p.devices.value
+        assert "not reachable" not in p.header.value and "devices (" in p.header.value
     finally:
         p.close()
 
