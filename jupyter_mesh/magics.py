@@ -370,17 +370,17 @@ class MeshMagics(Magics):
                 raise UsageError(
                     "TLS needs all three of --tls-ca-file, --tls-cert and --tls-key"
                 )
+            import os
+
             from distributed.security import Security
 
-            for path in tls:
-                import os
-
+            # (~ as a shell expands it: the magic gets the text as typed)
+            ca, cert, key = (os.path.expanduser(p) for p in tls)
+            for path in (ca, cert, key):
                 if not os.path.isfile(path):
                     raise UsageError(f"TLS file not found: {path}")
-            security = Security(
-                tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
-                tls_client_key=args.tls_key, require_encryption=True,
-            )
+            security = Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key,
+                                require_encryption=True)
         timeout = None
         if args.timeout is not None:
             timeout = _positive(args.timeout, "--timeout")
@@ -392,6 +392,9 @@ class MeshMagics(Magics):
                                 replace=args.replace)
         except MeshError as exc:
             raise _as_usage(exc) from None
+        except KeyboardInterrupt:
+            kept = "; the mesh in use is kept" if _state.active() is not None else ""
+            raise UsageError(f"interrupted: not connected to {address}{kept}") from None
         display(mesh)
 
     def _status(self, args: Any) -> Any:

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any, Literal, overload
@@ -555,6 +556,9 @@ class Mesh:
                     f"security must be a distributed.security.Security, not "
                     f"{type(security).__name__}"
                 )
+        if security is not None and not address.startswith("tls://") and not any(
+                getattr(security, a, None) for a in _TLS_FIELDS):
+            security = None  # Security() without files: nothing to use on tcp://
         if security is not None:
             if not address.startswith("tls://"):
                 raise MeshError(f"{address} is not a TLS address, but TLS files were given: "
@@ -1231,8 +1235,21 @@ def _check_listening(address: str, timeout: float) -> None:
         raise _Unreachable(f"connection refused: nothing listens on port {port} of {host}")
 
 
+#: the TLS files a distributed.security.Security may hold for a client
+_TLS_FIELDS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
+#: what an error says where the TLS handshake failed (the certificates do not fit)
+_TLS_WORDS = ("certificate", "ssl", "tlsv1", "handshake", "decrypt_error", "unknown_ca")
+
+
 def _could_not_connect(address: str, timeout: float, exc: Exception) -> MeshError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if address.startswith("tls://") and any(w in reason.lower() for w in _TLS_WORDS):
+        return MeshError(
+            f"the TLS handshake with {address} failed ({reason}): the certificates do "
+            f"not fit; check that the CA file is the one that signed the scheduler's "
+            f"certificate, and that your certificate and key come from a CA the "
+            f"scheduler trusts"
+        )
     within = "" if isinstance(exc, _Unreachable) else f" within {timeout:g} s"
     return MeshError(
         f"could not connect to {address}{within} ({reason}): check that a "
@@ -1265,12 +1282,21 @@ def _probe_scheduler(address: str, security: Any, timeout: float) -> dict[str, A
     async def probe() -> dict[str, Any]:
         return await asyncio.wait_for(_identity(address, security, timeout), timeout)
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(asyncio.run, probe())
+    future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+    def run() -> None:
         try:
-            ident = future.result(timeout + 5)
-        except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
-            raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
+            future.set_result(asyncio.run(probe()))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    # a daemon thread of its own: Ctrl-C stops the wait at once (an executor's exit
+    # would wait for the probe's own timeout), and the probe gives up by itself
+    threading.Thread(target=run, name="jupyter-mesh-probe", daemon=True).start()
+    try:
+        ident = future.result(timeout + 5)
+    except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
+        raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
         raise OSError(f"this is not a Dask scheduler (it answered as {found})")
@@ -1342,9 +1368,11 @@ def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
             context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or (str(exc).splitlines() or [""])[0]
+        alone = (" (with no key file, the certificate file must hold the key too)"
+                 if cert and not key and suspects != ca else "")
         raise MeshError(f"the TLS files could not be read ({reason or type(exc).__name__}): "
                         f"the CA, certificate and key must be PEM files; check "
-                        f"{suspects}") from None
+                        f"{suspects}{alone}") from None
 
 
 def _close_active() -> None:

@@ -334,3 +334,72 @@ def test_a_scheduler_whose_jupyter_mesh_speaks_another_protocol_is_named(no_mesh
             assert len(mesh.inventory()) == 0  # the mesh still works
         finally:
             mesh.close()
+
+
+def test_ctrl_c_stops_a_connect_at_once_and_keeps_the_mesh_in_use(ip, tcp_cluster,
+                                                                   silent_port):
+    import os
+    import signal
+
+    ip.run_line_magic("mesh", f"connect {tcp_cluster.scheduler_address}")
+    kept = jm.current()
+    try:
+        # a port that accepts and never answers, a connect that would wait 30 s, and
+        # Ctrl-C (SIGINT, as a kernel gets it) half a second in
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        with pytest.raises(UsageError, match=r"^interrupted: not connected to "
+                                             r"tcp://127\.0\.0\.1:\d+; the mesh in use "
+                                             r"is kept$"):
+            ip.run_line_magic("mesh", f"connect tcp://127.0.0.1:{silent_port} "
+                                      f"--timeout 30 --replace")
+        assert time.monotonic() - t0 < 15  # not the connect's 30 s
+        assert jm.current() is kept and da.ones(4, chunks=2).sum().compute() == 4
+    finally:
+        kept.close()
+
+
+def test_a_tls_handshake_that_fails_says_the_certificates_do_not_fit(
+        no_mesh, tls_cluster, tmp_path):
+    # certificates of another CA: the scheduler and the client do not trust each other
+    other = make_certs(tmp_path / "other")
+    with pytest.raises(MeshError, match=r"^the TLS handshake with tls://127\.0\.0\.1:\d+ "
+                                        r"failed \(.*\): the certificates do not fit; "
+                                        r"check that the CA file"):
+        jm.Mesh.connect(tls_cluster.scheduler_address, timeout=3, security=Security(
+            tls_ca_file=other["ca"], tls_client_cert=other["cert"],
+            tls_client_key=other["key"], require_encryption=True))
+
+
+def test_tls_paths_in_the_magic_may_start_with_a_tilde(ip, no_mesh, tls_cluster, certs,
+                                                       monkeypatch):
+    import os
+
+    monkeypatch.setenv("HOME", os.path.dirname(certs["ca"]))
+    ip.run_line_magic("mesh", f"connect {tls_cluster.scheduler_address} "
+                              f"--tls-ca-file ~/ca.pem --tls-cert ~/cert.pem "
+                              f"--tls-key ~/key.pem")
+    try:
+        assert jm.current().address == tls_cluster.scheduler_address
+    finally:
+        jm.current().close()
+    with pytest.raises(UsageError, match=r"^TLS file not found: .*/nope\.pem$"):
+        ip.run_line_magic("mesh", f"connect {tls_cluster.scheduler_address} "
+                                  f"--tls-ca-file ~/nope.pem --tls-cert ~/cert.pem "
+                                  f"--tls-key ~/key.pem")
+
+
+def test_an_empty_security_is_no_tls_and_a_certificate_without_its_key_is_said(
+        no_mesh, tcp_cluster, certs):
+    # Security() with no files asks for no TLS: a tcp:// scheduler connects
+    mesh = jm.Mesh.connect(tcp_cluster.scheduler_address, security=Security())
+    try:
+        assert da.ones(4, chunks=2).sum().compute() == 4
+    finally:
+        mesh.close()
+    # a certificate file without its key, and no key file given: said so
+    with pytest.raises(MeshError, match=r"check .*cert\.pem \(with no key file, the "
+                                        r"certificate file must hold the key too\)$"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=certs["cert"],
+            require_encryption=True))
