@@ -228,8 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as exc:
         print(f"jupyter-mesh: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        print(f"jupyter-mesh: could not join {args.address}: {exc}", file=sys.stderr)
+    except (OSError, RuntimeError) as exc:
+        # Dask's Nanny says "Nanny failed to start." over the OSError that says why
+        cause: BaseException = exc
+        while not isinstance(cause, OSError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        why = (str(cause).splitlines() or [type(cause).__name__])[0]
+        print(f"jupyter-mesh: could not join {args.address}: {why}: check that a Dask "
+              f"scheduler listens there and this host can reach it", file=sys.stderr)
         return 1
     return 0  # pragma: no cover
 

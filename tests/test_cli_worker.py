@@ -209,3 +209,17 @@ def test_a_worker_listens_where_it_reaches_the_scheduler():
     else:
         assert remote not in ("", "0.0.0.0", "::", "127.0.0.1") and remote.count(".") == 3
     assert listen_host("tcp://192.0.2.7:8786", "0.0.0.0") == "0.0.0.0"  # asked for
+
+
+def test_a_scheduler_that_cannot_be_reached_is_said_in_one_line():
+    # Dask's Nanny wraps the OSError that says why in "Nanny failed to start."
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "worker", "tcp://127.0.0.1:1",
+                          "--nthreads", "1"], capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("jupyter-mesh: could not join tcp://127.0.0.1:1: ")
+    assert last.endswith("check that a Dask scheduler listens there and this host can "
+                         "reach it")
