@@ -236,6 +236,7 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
     address = cluster.scheduler_address
     ip.run_line_magic("mesh", f"connect {address}")
     mesh = jm.current()
+    ip.run_cell_magic("mesh", "--remote", "a = 1")  # this notebook has a worker now
     cluster.close()
     deadline = time.monotonic() + 30
     while mesh.client.scheduler is not None and time.monotonic() < deadline:
@@ -249,6 +250,9 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
     assert time.monotonic() - t0 < 2
     with pytest.raises(MeshError, match="not reachable.*%mesh close"):
         mesh.inventory()
+    # a remote cell says so too, before sending anything (it blamed a worker)
+    with pytest.raises(UsageError, match=f"^the scheduler at {address} is not reachable"):
+        ip.run_cell_magic("mesh", "--remote", "1 + 1")
     # displaying the mesh shows what is known and why no more (it raised, and a
     # notebook showed an error next to the text)
     shown = mesh._repr_html_()

@@ -231,6 +231,8 @@ class RemoteCells:
         show_value: bool = True,
     ) -> CellResult | list[CellResult]:
         self.mesh._check_open()
+        # a scheduler that went away is said as %mesh says it, before anything is sent
+        self.mesh._check_reachable()
         if not isinstance(code, str):
             raise MeshError(f"code must be a string, not {type(code).__name__}")
         if not isinstance(all, bool):
@@ -678,6 +680,10 @@ class RemoteCells:
         exc = run.failure
         if isinstance(exc, MeshError):
             return str(exc)
+        try:  # the scheduler went away during the cell: that is what to say
+            self.mesh._check_reachable()
+        except MeshError as gone:
+            return str(gone)
         # the scheduler may take a moment to notice a worker that just died
         alive = True
         deadline = time.monotonic() + _config.get_seconds("remote.interrupt-grace")
