@@ -192,6 +192,41 @@ def test_remote_exception_fails_the_cell_in_ipython(ip, fresh, capsys):
     assert "Remote ValueError" in shown and "(cpu:jax)" in shown and "nope" in shown
 
 
+def test_a_value_whose_repr_fails_fails_the_cell_as_in_a_kernel(ip, fresh, capsys):
+    # a kernel's cell fails when its last value cannot be shown; so does a remote one
+    # (it showed '<remote value>' and counted as a success)
+    result = ip.run_cell("%%mesh --remote\nclass Bad:\n    def __repr__(self):\n"
+                         "        raise ValueError('repr boom')\nBad()")
+    assert isinstance(result.error_in_exec, RemoteCellError)
+    assert result.error_in_exec.ename == "ValueError"
+    shown = "".join(capsys.readouterr())
+    assert "repr boom" in shown
+    # the cell itself ran: what it defined is there
+    assert fresh.run_cell("Bad.__name__", value=True).value == "Bad"
+
+
+def test_input_in_a_remote_cell_says_there_is_no_notebook_to_type_into(fresh):
+    for code in ("input('name? ')", "import getpass\ngetpass.getpass()"):
+        with pytest.raises(RemoteCellError) as info:
+            fresh.run_cell(code)
+        assert info.value.ename == "StdinNotImplementedError"
+        assert "a remote cell cannot read input from the notebook: ask for it in a " \
+               "local cell and send it with --push NAME" in info.value.evalue
+    # a name of the cell's own stays the cell's
+    assert fresh.run_cell("input = 3\ninput", value=True).value == 3
+
+
+def test_push_of_a_dask_future_is_refused_in_one_line(ip, fresh):
+    ip.user_ns["fut"] = fresh.client.submit(lambda: 41)
+    try:
+        with pytest.raises(UsageError, match=r"^--push: 'fut' is a Dask future, which works "
+                                             r"only with its client: push its value "
+                                             r"\(fut\.result\(\)\) instead$"):
+            remote(ip, "--push fut", "fut")
+    finally:
+        ip.user_ns.pop("fut").release()
+
+
 def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
     fresh.run_cell("ok = 1")
     before = worker_sessions(fresh)

@@ -146,6 +146,12 @@ def check_timeout(timeout: Any) -> float | None:
 
 def pack(name: str, value: Any) -> Serialized:
     """Serialize a pushed value now, so a failure names the variable."""
+    from distributed import Future
+
+    if isinstance(value, Future):  # it would arrive, unusable, without its client
+        raise MeshError(
+            f"--push: {name!r} is a Dask future, which works only with its client: push "
+            f"its value ({name}.result()) instead")
     try:
         with quiet_logger("distributed.protocol.pickle"):
             header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")

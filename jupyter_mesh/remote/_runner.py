@@ -189,8 +189,14 @@ def remember_source(filename: str, code: str) -> None:
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
 
 
-def format_bundle(obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The MIME bundle a notebook would show for ``obj``."""
+def format_bundle(obj: Any, strict: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The MIME bundle a notebook would show for ``obj``. ``strict`` (a cell's value):
+    where its text cannot be made, the error is raised, as a kernel's cell fails with
+    it (``display(obj)`` shows what it can, as IPython's does)."""
+    if strict:
+        from IPython.lib.pretty import pretty
+
+        pretty(obj)  # what IPython's plain-text formatter calls; it raises here
     try:
         data, md = _formatter().format(obj)
     except Exception:
@@ -298,6 +304,25 @@ def route_ipython_display() -> None:
             if orig is None or getattr(orig, "_jupyter_mesh_remote", False):
                 continue
             setattr(mod, name, _in_cell_or(ours, orig))
+
+
+def remote_input(prompt: Any = "", *args: Any, **kwargs: Any) -> str:
+    """``input()`` (and ``getpass.getpass()``) in a remote cell: there is no notebook
+    to type into from a worker."""
+    from IPython.core.error import StdinNotImplementedError
+
+    raise StdinNotImplementedError(
+        "a remote cell cannot read input from the notebook: ask for it in a local cell "
+        "and send it with --push NAME")
+
+
+def route_getpass() -> None:
+    """``getpass.getpass()`` in a remote cell fails as ``input()`` does (it would warn
+    that the password may be echoed, then fail to read); elsewhere it is unchanged."""
+    import getpass
+
+    if not getattr(getpass.getpass, "_jupyter_mesh_remote", False):
+        getpass.getpass = _in_cell_or(remote_input, getpass.getpass)
 
 
 def _in_cell_or(ours: Any, orig: Any) -> Any:
@@ -556,7 +581,10 @@ class CellRun:
         outcome: dict[str, Any] = {"status": "ok", "elapsed": time.time() - self.started}
         if last is not None and value is not None and not quiet:
             if self.show_value:
-                outcome["data"], outcome["metadata"] = format_bundle(value)
+                try:
+                    outcome["data"], outcome["metadata"] = format_bundle(value, strict=True)
+                except Exception as exc:  # its repr failed: the cell fails, as in a kernel
+                    return {"status": "error", **error_record(exc)}
             ns["_"] = value
         if self.want_value and last is not None:
             try:

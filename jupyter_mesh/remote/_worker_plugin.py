@@ -22,7 +22,9 @@ from ._runner import (
     forget_loop,
     remote_clear_output,
     remote_display,
+    remote_input,
     remote_update_display,
+    route_getpass,
     route_ipython_display,
 )
 from ._shell import SHELL_NAME, RemoteShell
@@ -150,6 +152,7 @@ class Session:
             "display": remote_display,
             "update_display": remote_update_display,
             "clear_output": remote_clear_output,
+            "input": remote_input,
         }
         shell = RemoteShell(self.namespace)
         self.namespace["get_ipython"] = self.namespace[SHELL_NAME] = lambda: shell
@@ -175,6 +178,7 @@ class RemoteCellsPlugin(WorkerPlugin):
         worker.handlers[RESET] = self.reset
         _streams.install()
         route_ipython_display()
+        route_getpass()
 
     def teardown(self, worker: Any) -> None:
         for session in self.sessions.values():
