@@ -13,6 +13,9 @@ from .devices._worker_plugin import METADATA_KEY
 
 EXTENSION_NAME = "jupyter-mesh"
 INVENTORY_HANDLER = "jupyter_mesh_inventory"
+#: the ids of the clients connected now (a worker drops the remote-cell namespaces of
+#: notebooks whose kernel left without saying so)
+CLIENTS_HANDLER = "jupyter_mesh_clients"
 #: what the notebook's side and this plugin exchange (its handlers, their arguments and
 #: answers, the task metadata of routed tasks): raised when that changes, so a notebook
 #: can tell a scheduler whose jupyter_mesh speaks otherwise (2: the inventory says it)
@@ -74,9 +77,13 @@ class MeshSchedulerPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.extensions[EXTENSION_NAME] = self
         scheduler.handlers[INVENTORY_HANDLER] = self.inventory
+        scheduler.handlers[CLIENTS_HANDLER] = self.clients
         self.router.start(scheduler)
         for ws in scheduler.workers.values():
             self.devices[ws.address] = worker_record(ws)
+
+    def clients(self, comm: Any = None) -> list[str]:
+        return [str(c) for c in self.scheduler.clients]
 
     def add_worker(self, scheduler: Any, worker: str) -> None:
         ws = scheduler.workers.get(worker)

@@ -16,7 +16,13 @@ from IPython.core.error import UsageError
 
 import jupyter_mesh as jm
 from jupyter_mesh import _state
-from jupyter_mesh.remote import CellSyntaxError, RemoteCellError, RemoteCellTimeout, _client
+from jupyter_mesh.remote import (
+    CellSyntaxError,
+    RemoteCellError,
+    RemoteCellTimeout,
+    _client,
+    _worker_plugin,
+)
 
 from .meshes import fresh_local_mesh, record_remote_output, remote, when_whole
 
@@ -388,6 +394,42 @@ def test_reset_remote_clears_a_first_cell_still_blocked(fresh):
         fresh.run_cell("1 + 1", on="cpu:jax")
     assert fresh.reset_remote() == ["jax-cpu-0"]
     assert fresh.run_cell("1 + 1", on="cpu:jax").data["text/plain"] == "2"
+
+
+def test_the_namespace_of_a_notebook_whose_kernel_died_is_dropped(mesh):
+    # a kernel that is killed never says goodbye: its namespace (and the memory it
+    # holds) would stay on the worker for good. The worker looks at the scheduler's
+    # clients now and then, and drops a namespace whose client was missing twice
+    other = jm.Mesh.connect(mesh.address, set_current=False)  # the notebook that dies
+    other.run_cell("big = bytearray(10_000_000)", on="cpu:numpy")
+    cells = other._remote_cells()
+    mine = mesh._remote_cells()
+    mesh.run_cell("kept = 1", on="cpu:numpy")
+
+    def owners(dask_worker):
+        ext = dask_worker.extensions["jupyter-mesh-remote"]
+        return {s.id: s.client for s in ext.sessions.values()}
+
+    async def look(dask_worker):
+        return await dask_worker.extensions["jupyter-mesh-remote"].drop_orphans()
+
+    seen = {k: v for d in mesh.client.run(owners).values() for k, v in d.items()}
+    # (every ORPHAN_CHECK seconds; looked at by hand here)
+    assert all(mesh.client.run(lambda dask_worker: _worker_plugin.ORPHANS in
+                               dask_worker.periodic_callbacks).values())
+    gone = other.client.id
+    assert seen[cells.session] == gone and seen[mine.session] == mesh.client.id
+    other.client.close()  # as a killed kernel's: it never reset its namespaces
+    deadline = time.monotonic() + 10
+    while gone in mesh.client.run_on_scheduler(lambda dask_scheduler: list(
+            dask_scheduler.clients)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [d for d in mesh.client.run(look).values() if d] == []  # one miss: kept
+    assert [d for d in mesh.client.run(look).values() if d] == [[cells.session]]
+    left = {k for d in mesh.client.run(owners).values() for k in d}
+    assert cells.session not in left and mine.session in left
+    assert mesh.run_cell("kept", on="cpu:numpy", value=True).value == 1
+    other.close()
 
 
 def test_closing_a_connected_mesh_drops_its_namespaces(mesh):

@@ -265,7 +265,8 @@ class RemoteCells:
         devices = self._pick(target, site, all)
         self._install()
         message = {
-            "op": RUN, "reply": True, "session": self.session, "code": code,
+            "op": RUN, "reply": True, "session": self.session, "client": self.client.id,
+            "code": code,
             "filename": filename, "push": packed, "pull": pull_names,
             "want_value": want_value, "show_value": show_value, "timeout": timeout,
         }

@@ -33,6 +33,11 @@ EXTENSION_NAME = "jupyter-mesh-remote"
 RUN = "jupyter_mesh_remote_run"
 INTERRUPT = "jupyter_mesh_remote_interrupt"
 RESET = "jupyter_mesh_remote_reset"
+ORPHANS = "jupyter-mesh-remote-orphans"
+#: seconds between two looks for namespaces whose notebook is gone (a kernel that died
+#: or was killed never says so): a namespace whose client has been missing from the
+#: scheduler at two looks in a row is dropped (one look may fall in a reconnect)
+ORPHAN_CHECK = 30.0
 #: protocol version, so a client can tell a worker with an older plugin
 PROTOCOL = 1
 
@@ -158,6 +163,10 @@ class Session:
         self.namespace["get_ipython"] = self.namespace[SHELL_NAME] = lambda: shell
         self.running: CellRun | None = None
         self.cells = 0
+        #: the Dask client of the notebook (None: it did not say)
+        self.client: str | None = None
+        #: looks at the scheduler's clients in a row that missed this one
+        self.missed = 0
 
 
 class RemoteCellsPlugin(WorkerPlugin):
@@ -179,8 +188,16 @@ class RemoteCellsPlugin(WorkerPlugin):
         _streams.install()
         route_ipython_display()
         route_getpass()
+        from tornado.ioloop import PeriodicCallback
+
+        check = PeriodicCallback(self.drop_orphans, ORPHAN_CHECK * 1000)
+        worker.periodic_callbacks[ORPHANS] = check
+        check.start()
 
     def teardown(self, worker: Any) -> None:
+        check = worker.periodic_callbacks.pop(ORPHANS, None)
+        if check is not None:
+            check.stop()
         for session in self.sessions.values():
             if session.running is not None:
                 session.running.stop("worker-closing")
@@ -195,13 +212,15 @@ class RemoteCellsPlugin(WorkerPlugin):
     async def run(self, comm: Any, session: str, code: str, filename: str,
                   push: dict[str, Any] | None = None, pull: list[str] | None = None,
                   want_value: bool = False, show_value: bool = True,
-                  timeout: float | None = None) -> Any:
+                  timeout: float | None = None, client: str | None = None) -> Any:
         """Run a cell; answer with ``out`` messages, then one ``done`` message."""
         received = time.time()
         state = self.sessions.get(session)
         fresh = state is None
         if state is None:
             state = self.sessions[session] = Session(session)
+        if client is not None:
+            state.client, state.missed = client, 0
         if state.running is not None and not state.running.done:
             await comm.write({"t": "done", "status": "busy", "fresh": fresh,
                               "since": state.running.started})
@@ -235,6 +254,33 @@ class RemoteCellsPlugin(WorkerPlugin):
             state.running = None
         await comm.write(outcome)
         return Status.dont_reply
+
+    async def drop_orphans(self) -> list[str]:
+        """Drop the namespaces of notebooks whose Dask client has been gone from the
+        scheduler at two looks in a row (see ORPHAN_CHECK); the ids dropped. A
+        scheduler without jupyter_mesh cannot say: nothing is dropped."""
+        from .._scheduler_plugin import CLIENTS_HANDLER
+
+        owned = [s for s in self.sessions.values() if s.client is not None]
+        if not owned or self.worker is None:
+            return []
+        try:
+            alive = set(await getattr(self.worker.scheduler, CLIENTS_HANDLER)())
+        except Exception:
+            return []
+        dropped = []
+        for state in owned:
+            if state.client in alive:
+                state.missed = 0
+                continue
+            state.missed += 1
+            if state.missed >= 2 and self.sessions.get(state.id) is state:
+                if state.running is not None and not state.running.done:
+                    state.running.stop("client-gone")
+                forget_loop(state.namespace)
+                del self.sessions[state.id]
+                dropped.append(state.id)
+        return dropped
 
     def _context(self) -> contextvars.Context:
         """A context in which ``distributed.get_worker()`` (and so ``get_client()``)
