@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -94,6 +95,13 @@ async def run_worker(args: argparse.Namespace) -> int:
         backend = plugin.name
         if backend == "cupy":
             kind = "gpu"
+            if args.gpu is None:
+                from .devices._detect import cuda_devices, cuda_why_none
+
+                if not cuda_devices():
+                    raise MeshError(f"--backend cupy drives a CUDA GPU, and there is none "
+                                    f"here ({cuda_why_none()}): leave out --backend to "
+                                    f"join as a CPU worker")
     if args.gpu is not None:
         from .devices._detect import cuda_devices, cuda_why_none
 
@@ -134,10 +142,9 @@ async def run_worker(args: argparse.Namespace) -> int:
     nthreads = args.nthreads or kind_threads
     host = listen_host(address, args.host)
     if security is None and not _loopback(host):
-        print(f"jupyter-mesh worker: warning: {address} is plain tcp:// to another "
-              f"machine: anyone who reaches this worker at {host} can run code on it; "
-              f"use tls:// with --tls-ca-file, --tls-cert and --tls-key", file=sys.stderr,
-              flush=True)
+        print(f"jupyter-mesh worker: warning: this worker listens on {host} with plain "
+              f"tcp://: anyone who reaches it there can run code on it; use tls:// with "
+              f"--tls-ca-file, --tls-cert and --tls-key", file=sys.stderr, flush=True)
     nanny = Nanny(
         address,
         nthreads=nthreads,
@@ -156,12 +163,28 @@ async def run_worker(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await nanny
+    waiter = asyncio.ensure_future(stop.wait())
+    # Ctrl-C (or SIGTERM) stops the join too: Dask waits up to its connect timeout
+    joining = asyncio.ensure_future(nanny.start())
+    await asyncio.wait([joining, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if not joining.done():
+        joining.cancel()
+        with contextlib.suppress(BaseException):
+            await joining
+        with contextlib.suppress(Exception):
+            await nanny.close()
+        print(f"jupyter-mesh worker: stopped before it joined {address}", file=sys.stderr,
+              flush=True)
+        return 130
+    joining.result()  # an error starting: main() says it
     print(f"jupyter-mesh worker joined {address} (site {site})", flush=True)
     finished = asyncio.ensure_future(nanny.finished())
-    waiter = asyncio.ensure_future(stop.wait())
     await asyncio.wait([finished, waiter], return_when=asyncio.FIRST_COMPLETED)
     await nanny.close()
+    if not stop.is_set():  # it ended by itself: the scheduler closed or went away
+        print(f"jupyter-mesh worker: left {address}: the worker ended (the scheduler "
+              f"closed, went away, or removed it)", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
@@ -175,13 +198,14 @@ def listen_host(address: str, host: str | None) -> str:
         if not is_host(host):
             raise MeshError(f"--host must be an interface address like 127.0.0.1 or "
                             f"10.0.0.5 (0.0.0.0 for every interface), not {host!r}")
-        return host
+        _check_own(host)
+        return _bracketed(host)
     from distributed.comm import get_address_host
     from distributed.utils import get_ip
 
     scheduler_host = get_address_host(address)
     if _loopback(scheduler_host):
-        return "127.0.0.1" if ":" not in scheduler_host else "::1"
+        return "127.0.0.1" if ":" not in scheduler_host else "[::1]"
     import warnings
 
     try:
@@ -201,12 +225,36 @@ def listen_host(address: str, host: str | None) -> str:
 def _loopback(host: str) -> bool:
     import ipaddress
 
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _bracketed(host: str) -> str:
+    """An IPv6 address as Dask's addresses hold it, in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _check_own(host: str) -> None:
+    """MeshError where this machine cannot listen on ``host`` (a name that does not
+    resolve, another machine's address): Dask would say it could not reach the
+    scheduler."""
+    import socket
+
+    bare = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(sockaddr)
+    except OSError as exc:
+        raise MeshError(f"--host {host} is not an address of this machine "
+                        f"({exc.strerror or exc}): give one of its interface addresses, "
+                        f"or leave out --host") from None
 
 
 def _detects_accelerator() -> bool:
@@ -228,16 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as exc:
         print(f"jupyter-mesh: {exc}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError) as exc:
-        # Dask's Nanny says "Nanny failed to start." over the OSError that says why
+    except Exception as exc:
+        # Dask's Nanny says "Nanny failed to start." over the error that says why
         cause: BaseException = exc
-        while not isinstance(cause, OSError) and cause.__cause__ is not None:
+        while cause.__cause__ is not None:
             cause = cause.__cause__
-        if not isinstance(cause, OSError):
-            raise
-        why = (str(cause).splitlines() or [type(cause).__name__])[0]
-        print(f"jupyter-mesh: could not join {args.address}: {why}: check that a Dask "
-              f"scheduler listens there and this host can reach it", file=sys.stderr)
+        why = (str(cause).splitlines() or [type(cause).__name__])[0] or \
+            type(cause).__name__
+        if isinstance(cause, OSError):
+            print(f"jupyter-mesh: could not join {args.address}: {why}: check that a Dask "
+                  f"scheduler listens there and this host can reach it", file=sys.stderr)
+        else:
+            print(f"jupyter-mesh: the worker could not start: {why}", file=sys.stderr)
         return 1
     return 0  # pragma: no cover
 

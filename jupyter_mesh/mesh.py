@@ -135,25 +135,38 @@ def check_replace(replace: Any) -> bool:
     return replace
 
 
+#: the least memory limit a worker is given (a Python worker process alone takes about
+#: 100 MiB; below it, its nanny restarts it over and over)
+MIN_WORKER_MEMORY = 256 * 2**20
+
+
 def check_memory_limit(value: Any) -> Any:
     """``"auto"``, a number of bytes, or a size such as ``"4 GiB"``."""
     from dask.utils import parse_bytes
 
     if value == "auto":
         return value
-    if not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 0:
-        return value
-    if isinstance(value, str):
-        try:
-            parsed = parse_bytes(value)
-        except (ValueError, TypeError):
-            pass
-        else:
-            if parsed >= 0:
-                return parsed
-    raise MeshError(
-        f"memory_limit must be 'auto', a number of bytes or a size like '4 GiB', not {value!r}"
-    )
+    parsed: Any = None
+    if not isinstance(value, bool) and isinstance(value, (int, float)):
+        parsed = value
+    elif isinstance(value, str):
+        try:  # a number as text is a number to Dask too (up to 1: a fraction)
+            parsed = float(value)
+        except ValueError:
+            try:
+                parsed = parse_bytes(value)
+            except (ValueError, TypeError):
+                pass
+    if parsed is None or not math.isfinite(parsed) or parsed < 0:
+        raise MeshError(f"memory_limit must be 'auto', a number of bytes or a size like "
+                        f"'4 GiB', not {value!r}")
+    if 1 < parsed < MIN_WORKER_MEMORY:
+        # (0 is no limit; up to 1, a fraction of the memory, as Dask reads it)
+        raise MeshError(
+            f"memory_limit {value!r} is {format_bytes(parsed)}, less than a worker process "
+            f"needs (at least {format_bytes(MIN_WORKER_MEMORY)}; its nanny would restart "
+            f"it for ever): give a size like '4 GiB' (a bare number counts bytes)")
+    return parsed
 
 
 def check_site(site: Any) -> str:

@@ -9,6 +9,7 @@ The site may also come from the ``JUPYTER_MESH_SITE`` environment variable.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import click
@@ -24,13 +25,21 @@ from .devices._worker_plugin import MeshWorkerPlugin
                    "jupyter_mesh.backends entry-point group)")
 def dask_setup(worker: Any, site: str | None, use_jax: bool, backend: str | None) -> None:
     """Detect this worker's device before it registers with the scheduler."""
+    from .errors import MeshError
     from .mesh import check_site
     from .router.backends import get_backend
 
-    site = check_site(site or os.environ.get("JUPYTER_MESH_SITE") or "default")
-    if backend is not None:
-        if use_jax and backend != "jax":
-            raise click.UsageError(f"--jax and --backend {backend} disagree: give one of them")
-        backend = get_backend(backend).name  # MeshError naming the installed ones
-    plugin = MeshWorkerPlugin(site=site, backend=backend or ("jax" if use_jax else None))
-    plugin.setup(worker)
+    try:
+        site = check_site(site or os.environ.get("JUPYTER_MESH_SITE") or "default")
+        if backend is not None:
+            if use_jax and backend != "jax":
+                raise MeshError(f"--jax and --backend {backend} disagree: give one of them")
+            backend = get_backend(backend).name  # MeshError naming the installed ones
+        plugin = MeshWorkerPlugin(site=site, backend=backend or ("jax" if use_jax else None))
+        plugin.setup(worker)
+    except MeshError as exc:
+        # Dask logs a preload's error and starts the worker anyway, as a plain Dask
+        # worker that no site or target reaches: this one does not start at all
+        print(f"jupyter-mesh: {exc} (in --preload jupyter_mesh.worker's options): the "
+              f"worker does not start", file=sys.stderr, flush=True)
+        os._exit(2)

@@ -133,6 +133,15 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
          "'4 GiB', not 'lots'"),
         (["worker", "tcp://127.0.0.1:1", "--memory-limit=-1GB"],
          "--memory-limit: memory_limit must be"),
+        # a bare number counts bytes: 4 B, and a nanny restarting the worker for ever
+        (["worker", "tcp://127.0.0.1:1", "--memory-limit", "4"],
+         "--memory-limit: memory_limit '4' is 4 B, less than a worker process needs"),
+        (["worker", "tcp://127.0.0.1:1", "--backend", "cupy"],
+         "--backend cupy drives a CUDA GPU, and there is none here"),
+        (["worker", "tcp://127.0.0.1:1", "--host", "banana"],
+         "--host banana is not an address of this machine"),
+        (["worker", "tcp://127.0.0.1:1", "--host", "192.0.2.7"],
+         "--host 192.0.2.7 is not an address of this machine"),
         (["worker", "tls://127.0.0.1:1", "--tls-ca-file", "no-such-ca.pem", "--tls-cert",
           "no-such-cert.pem", "--tls-key", "no-such-key.pem"],
          "TLS file not found: no-such-ca.pem: give the path of a PEM file"),
@@ -209,6 +218,9 @@ def test_a_worker_listens_where_it_reaches_the_scheduler():
     else:
         assert remote not in ("", "0.0.0.0", "::", "127.0.0.1") and remote.count(".") == 3
     assert listen_host("tcp://192.0.2.7:8786", "0.0.0.0") == "0.0.0.0"  # asked for
+    # IPv6 loopback, in brackets as Dask's addresses hold it
+    assert listen_host("tcp://[::1]:8786", None) == "[::1]"
+    assert listen_host("tcp://[::1]:8786", "::1") == "[::1]"
 
 
 def test_a_scheduler_that_cannot_be_reached_is_said_in_one_line():
@@ -223,3 +235,52 @@ def test_a_scheduler_that_cannot_be_reached_is_said_in_one_line():
     assert last.startswith("jupyter-mesh: could not join tcp://127.0.0.1:1: ")
     assert last.endswith("check that a Dask scheduler listens there and this host can "
                          "reach it")
+
+
+def test_ctrl_c_stops_a_worker_that_is_still_joining():
+    # Dask waits its connect timeout (30 s) for a scheduler that is not there
+    proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", "tcp://127.0.0.1:1",
+                             "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == ("jupyter-mesh worker: stopped before it joined "
+                                           "tcp://127.0.0.1:1")
+
+
+def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
+    # a name another worker has: Dask's scheduler refuses it, deep in the Nanny's start
+    first = subprocess.Popen(
+        [os.path.join(BIN, "jupyter-mesh"), "worker", scheduler_mesh.address, "--nthreads",
+         "1", "--name", "twin"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_devices(scheduler_mesh, 1)
+        out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "worker",
+                              scheduler_mesh.address, "--nthreads", "1", "--name", "twin"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("jupyter-mesh: the worker could not start: ")
+        assert "name taken" in last
+    finally:
+        _stop(first)
+
+
+def test_a_bad_preload_option_starts_no_worker(scheduler_mesh):
+    # Dask logs a preload's error and starts a plain worker anyway: this one stops
+    out = subprocess.run(
+        [os.path.join(BIN, "dask"), "worker", scheduler_mesh.address, "--nthreads", "1",
+         "--no-dashboard", "--preload", "jupyter_mesh.worker", "--site", "a/b"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert ("jupyter-mesh: site must be a name of letters, digits, '.', '_' or '-' (like "
+            "'local' or 'edge-lab'), not 'a/b' (in --preload jupyter_mesh.worker's "
+            "options): the worker does not start") in out.stderr
+    assert len(scheduler_mesh.inventory()) == 0
