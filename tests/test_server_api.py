@@ -36,8 +36,10 @@ def jp_server_config():
 def api(jp_fetch, jp_serverapp, jp_asyncio_loop):
     """Call the API on the server's loop; returns (status, parsed JSON body)."""
 
-    async def acall(method, *parts, body=None, raw=None, headers=None):
+    async def acall(method, *parts, body=None, raw=None, headers=None, params=None):
         kwargs = {"method": method}
+        if params is not None:
+            kwargs["params"] = params
         if raw is not None:
             kwargs["body"] = raw
         elif body is not None:
@@ -158,6 +160,13 @@ def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
     assert code == 400
     assert message in body["message"] and "\n" not in body["message"]
     assert api("GET", "meshes") == (200, {"meshes": []})  # nothing started
+
+
+def test_stop_takes_force_true_or_false_only(api):
+    code, body = api("DELETE", "meshes", "local-1", params={"force": "yes"})
+    assert (code, body["message"]) == (400, "force must be true or false, not 'yes'")
+    # (a good one reaches the mesh: here there is none)
+    assert api("DELETE", "meshes", "local-1", params={"force": "true"})[0] == 404
 
 
 def test_a_message_keeps_its_percent_signs(api):

@@ -397,3 +397,63 @@ def test_slow_connects_do_not_hold_up_the_other_calls(tmp_path, silent_port):
     listed, results = asyncio.run(go())
     assert listed < 2.0
     assert all(isinstance(r, Exception) and "within 4 s" in str(r) for r in results)
+
+
+def test_stopping_a_mesh_a_notebook_uses_needs_force(tmp_path):
+    asyncio.run(_stop_a_used_mesh(tmp_path))
+
+
+async def _stop_a_used_mesh(tmp_path):
+    # a notebook connected to the sidebar's mesh: Stop would pull it from under the
+    # kernel. It is refused, naming the notebook, unless forced (the sidebar asks first)
+    import json
+    import os
+
+    from jupyter_mesh import discovery
+
+    class Closable:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    async with MeshManager(tmp_path) as manager:
+        mesh = Closable()
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar", mesh=mesh,
+                                            address="tcp://127.0.0.1:8786", name="Local mesh 1")
+        directory = discovery.registry_dir(tmp_path)
+        directory.mkdir(mode=0o700, parents=True)
+        path = directory / "mesh-1.json"
+        path.write_text(json.dumps({
+            "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
+            "kernel_id": "kid-1", "pid_started": discovery.process_start_time(os.getpid())}))
+        path.chmod(0o600)
+
+        async def paths():
+            return {"kid-1": "analysis.ipynb"}
+
+        manager.kernel_paths = paths
+        with pytest.raises(Conflict, match=r"^Local mesh 1 is in use by analysis\.ipynb: their kernels "
+                                           r"would lose it; close it there first \(%mesh "
+                                           r"close\), or stop it anyway with force=true$"):
+            await manager.stop("local-x")
+        assert not mesh.closed and "local-x" in manager._entries
+        assert (await manager.stop("local-x", force=True))["stopped"] and mesh.closed
+
+
+def test_connects_to_one_scheduler_at_once_make_one_entry(tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        asyncio.run(_connects_at_once(tmp_path, cluster.scheduler_address))
+
+
+async def _connects_at_once(tmp_path, address):
+    # three clicks on Connect, or three sidebars: each connect finishes on its own, and
+    # each used to add its entry after finding none
+    async with MeshManager(tmp_path) as manager:
+        got = await asyncio.gather(*(manager.connect({"address": address})
+                                     for _ in range(3)))
+        assert len({m["id"] for m in got}) == 1
+        assert [m["address"] for m in await manager.list()] == [address]

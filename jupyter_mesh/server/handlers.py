@@ -170,7 +170,10 @@ class MeshHandler(MeshAPIHandler):
     @tornado.web.authenticated
     @authorized
     async def delete(self, mesh_id: str) -> None:
-        await self.run(self.manager.stop(mesh_id))
+        force = self.get_query_argument("force", "false")
+        if force not in ("true", "false"):
+            raise tornado.web.HTTPError(400, f"force must be true or false, not {force!r}")
+        await self.run(self.manager.stop(mesh_id, force=force == "true"))
 
 
 def setup_handlers(web_app: Any, manager: MeshManager) -> None:

@@ -243,6 +243,9 @@ class MeshManager:
         self.dashboard_proxy = dashboard_proxy
         self._entries: dict[str, Entry] = {}
         self._lock = asyncio.Lock()
+        #: connects that finish together check for an entry of their scheduler and
+        #: add theirs one at a time (see connect)
+        self._joining = asyncio.Lock()
         self._counter = 0
         #: worker processes of meshes being started now (counted against the budget)
         self._starting = 0
@@ -392,21 +395,24 @@ class MeshManager:
             logger.exception("jupyter_mesh: connecting to %s failed", address)
             raise Unreachable(f"could not connect to {address}: {_one_line(exc)}") from None
         # a connect to the same scheduler that finished meanwhile (or the same scheduler
-        # under another name, e.g. localhost and 127.0.0.1): one entry per scheduler
-        same = await asyncio.to_thread(self._same_scheduler, mesh, address)
+        # under another name, e.g. localhost and 127.0.0.1): one entry per scheduler;
+        # connects that finish together look and add one at a time
+        async with self._joining:
+            same = await asyncio.to_thread(self._same_scheduler, mesh, address)
+            if same is None:
+                entry = Entry(
+                    id=_new_id("connect"),
+                    origin="connected",
+                    address=mesh.address,
+                    name=_host_of(address),
+                    mesh=mesh,
+                    dashboard=mesh.dashboard_link,
+                )
+                self._entries[entry.id] = entry
         if same is not None:
             await asyncio.to_thread(_close_quietly, mesh)
             await self._sample(same)
             return self.detail(same)
-        entry = Entry(
-            id=_new_id("connect"),
-            origin="connected",
-            address=mesh.address,
-            name=_host_of(address),
-            mesh=mesh,
-            dashboard=mesh.dashboard_link,
-        )
-        self._entries[entry.id] = entry
         await self._sample(entry, force=True)
         return self.detail(entry)
 
@@ -458,8 +464,9 @@ class MeshManager:
         await self._sample(entry, force=True)
         return self.detail(entry)
 
-    async def stop(self, mesh_id: str) -> dict[str, Any]:
-        """Stop a mesh this server started, or disconnect from one it connected to."""
+    async def stop(self, mesh_id: str, force: bool = False) -> dict[str, Any]:
+        """Stop a mesh this server started, or disconnect from one it connected to.
+        A mesh that kernels use is stopped only with ``force`` (they lose it)."""
         entry = self._get(mesh_id)
         if not entry.can_stop:
             raise Conflict(
@@ -468,6 +475,15 @@ class MeshManager:
             )
         if entry.busy:
             raise Conflict(f"{entry.name} is busy with another change: try again in a moment")
+        if not force and entry.origin == "sidebar":
+            await self.refresh_kernels()  # (a kernel may have connected since)
+            users = sorted({str(k.get("path") or f"the kernel of process {k.get('pid')}")
+                            for k in entry.kernels.values()})
+            if users:
+                raise Conflict(
+                    f"{entry.name} is in use by {', '.join(users)}: their kernels would "
+                    f"lose it; close it there first (%mesh close), or stop it anyway "
+                    f"with force=true")
         entry.busy = True
         self._entries.pop(mesh_id, None)
         await asyncio.to_thread(_close_quietly, entry.mesh)

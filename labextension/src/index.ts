@@ -3,7 +3,13 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { ICommandPalette, InputDialog, Notification } from '@jupyterlab/apputils';
+import {
+  Dialog,
+  ICommandPalette,
+  InputDialog,
+  Notification,
+  showDialog
+} from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookActions } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStateDB } from '@jupyterlab/statedb';
@@ -16,6 +22,7 @@ import {
   ILocalOptions,
   isSafeLink,
   ISidebarState,
+  kernelUsers,
   localOptionsFromSettings,
   restoreState
 } from './model';
@@ -181,9 +188,25 @@ const plugin: JupyterFrontEndPlugin<void> = {
     commands.addCommand(CommandIDs.stop, {
       label: args => (summaryOf(args)?.origin === 'connected' ? 'Disconnect from Mesh' : 'Stop Mesh'),
       isEnabled: args => !!summaryOf(args)?.can_stop && !model.pending,
-      execute: args => {
+      execute: async args => {
         const id = meshArg(args);
-        return id ? model.stop(id) : null;
+        if (!id) {
+          return null;
+        }
+        const mesh = summaryOf(args);
+        const users = mesh?.origin === 'sidebar' ? kernelUsers(mesh) : [];
+        if (!users.length) {
+          return model.stop(id);
+        }
+        // their kernels would lose it: ask first
+        const answer = await showDialog({
+          title: 'Stop this mesh?',
+          body:
+            `${users.join(', ')} ${users.length === 1 ? 'uses' : 'use'} ${mesh?.name ?? id}: ` +
+            'stopping it ends the work of their kernels there.',
+          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop' })]
+        });
+        return answer.button.accept ? model.stop(id, true) : null;
       }
     });
     commands.addCommand(CommandIDs.openDashboard, {

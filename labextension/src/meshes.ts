@@ -165,10 +165,12 @@ export class MeshesModel {
     });
   }
 
-  /** Stop (or disconnect from) a mesh the server holds. */
-  stop(id: string): Promise<unknown> {
+  /** Stop (or disconnect from) a mesh the server holds; `force`: even one that
+   * notebooks use (the server refuses it otherwise, naming them). */
+  stop(id: string, force = false): Promise<unknown> {
     return this._act('Stopping…', async () => {
-      await requestAPI(`meshes/${encodeURIComponent(id)}`, jsonInit('DELETE'));
+      const query = force ? '?force=true' : '';
+      await requestAPI(`meshes/${encodeURIComponent(id)}${query}`, jsonInit('DELETE'));
       this.meshes = this.meshes.filter(m => m.id !== id);
       if (this.selected === id) {
         this.detail = null;

@@ -185,6 +185,14 @@ export function sortGroups(groups: IDeviceGroup[]): IDeviceGroup[] {
   );
 }
 
+/** The notebooks (or kernels) that use a mesh, as the server found them. */
+export function kernelUsers(mesh: IMeshSummary): string[] {
+  const names = (mesh.kernels ?? []).map(k =>
+    k.path ? k.path : `a kernel (process ${k.pid})`
+  );
+  return [...new Set(names)].sort();
+}
+
 /** How a mesh came to the sidebar, in words. */
 export function originLabel(mesh: IMeshSummary): string {
   switch (mesh.origin) {

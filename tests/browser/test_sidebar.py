@@ -169,7 +169,9 @@ def lab(tmp_path):
         ):
             if mesh["can_stop"]:
                 _quiet(
-                    lambda m=mesh: api(base, token, f"jupyter-mesh/api/meshes/{m['id']}", "DELETE")
+                    lambda m=mesh: api(base, token,
+                                       f"jupyter-mesh/api/meshes/{m['id']}?force=true",
+                                       "DELETE")
                 )
         proc.terminate()
         try:

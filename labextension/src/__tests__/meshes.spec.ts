@@ -183,6 +183,19 @@ describe('MeshesModel', () => {
     expect(model.detail).toBeNull();
   });
 
+  it('stops a mesh that notebooks use only when told to force it', async () => {
+    serve({
+      'GET meshes': { meshes: [summary('a')] },
+      'GET meshes/a': detail('a'),
+      'DELETE meshes/a?force=true': { id: 'a', stopped: true, disconnected: false }
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    await model.stop('a', true);
+    expect(requestAPI).toHaveBeenCalledWith('meshes/a?force=true', expect.anything());
+    expect(model.meshes).toEqual([]);
+  });
+
   it('lets a user selection win over a later restored one', () => {
     const model = new MeshesModel();
     expect(model.userSelected).toBe(false);

@@ -10,6 +10,7 @@ import {
   IDeviceGroup,
   IMeshSummary,
   isSafeLink,
+  kernelUsers,
   localOptionsFromSettings,
   normalizeAddress,
   parseCount,
@@ -43,6 +44,21 @@ function mesh(id: string, extra: Partial<IMeshSummary> = {}): IMeshSummary {
     ...extra
   };
 }
+
+describe('kernelUsers', () => {
+  it('names the notebooks that use a mesh, once each, or their kernel process', () => {
+    expect(kernelUsers(mesh('a'))).toEqual([]);
+    const used = mesh('a', {
+      kernels: [
+        { pid: 7, kernel_id: 'k2', path: 'b.ipynb' },
+        { pid: 8, kernel_id: 'k1', path: 'a.ipynb' },
+        { pid: 9, kernel_id: 'k3', path: 'b.ipynb' },
+        { pid: 10, kernel_id: null, path: null }
+      ]
+    });
+    expect(kernelUsers(used)).toEqual(['a kernel (process 10)', 'a.ipynb', 'b.ipynb']);
+  });
+});
 
 describe('formatting', () => {
   it('formats bytes in binary units', () => {
