@@ -457,3 +457,65 @@ async def _connects_at_once(tmp_path, address):
                                      for _ in range(3)))
         assert len({m["id"] for m in got}) == 1
         assert [m["address"] for m in await manager.list()] == [address]
+
+
+@pytest.mark.parametrize("origin, todo", [
+    ("connected", "press Disconnect, then connect again once it is back"),
+    ("sidebar", "press Stop, then Start a new one"),
+])
+def test_a_mesh_that_cannot_be_read_says_what_to_do_in_the_sidebar(tmp_path, origin, todo):
+    # the mesh's own error gives a kernel's advice (%mesh close ...): not the sidebar's
+    from jupyter_mesh import MeshError
+
+    class Gone(_SlowMesh):
+        def inventory(self):
+            raise MeshError("the scheduler at tcp://127.0.0.1:1 is not reachable (Dask's "
+                            "client is closed): run %mesh close, then %mesh start or "
+                            "%mesh connect ADDRESS")
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            entry = Entry(id="x", origin=origin, address="tcp://127.0.0.1:1", name="x",
+                          mesh=Gone())
+            manager._entries["x"] = entry
+            await manager._sample(entry, force=True)
+            return entry.error
+
+    assert asyncio.run(go()) == (
+        "cannot read the inventory of tcp://127.0.0.1:1: the scheduler at "
+        "tcp://127.0.0.1:1 is not reachable (Dask's client is closed): " + todo)
+
+
+def test_a_mesh_scaling_up_counts_its_new_workers_once(tmp_path, monkeypatch):
+    asyncio.run(_budget_while_scaling(tmp_path, monkeypatch))
+
+
+async def _budget_while_scaling(tmp_path, monkeypatch):
+    # Mesh.scale puts its new workers in the cluster's spec at once: the budget counted
+    # them twice while the scale ran (a start that fitted was refused meanwhile)
+    import threading
+
+    monkeypatch.setattr(manager_module, "most_local", lambda: 8)
+    release = threading.Event()
+
+    class Scaling(_RunningMesh):
+        def scale(self, **counts):
+            super().scale(**counts)  # the spec first, as Mesh.scale does
+            release.wait(10)
+
+    async with MeshManager(tmp_path) as manager:
+        mesh = Scaling(1)
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
+                                            address=mesh.address, name="Local mesh 1",
+                                            mesh=mesh)
+        monkeypatch.setattr(manager, "_sample", _no_sample)
+        monkeypatch.setattr(manager, "detail", lambda entry: {"id": entry.id})
+        scaling = asyncio.ensure_future(manager.scale("local-x", {"cpu": 2}))
+        await asyncio.sleep(0.3)
+        assert manager._local_workers() == 2  # not 3
+        manager._check_budget(6)  # 2 + 6 = 8 fits
+        with pytest.raises(Conflict, match="would have 9"):
+            manager._check_budget(7)
+        release.set()
+        await scaling
+        assert manager._local_workers() == 2

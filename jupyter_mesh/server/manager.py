@@ -97,6 +97,8 @@ class Entry:
     error: str | None = None
     registration: dict[str, Any] | None = None
     kernels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: worker processes a scale under way will leave this mesh with
+    reserved: int = 0
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     device_history: dict[str, deque[list[float]]] = field(default_factory=dict)
     last_sample: float = 0.0
@@ -319,7 +321,8 @@ class MeshManager:
             if not entry.can_scale or entry.mesh is None:
                 continue
             cluster = getattr(entry.mesh, "cluster", None)
-            total += len(getattr(cluster, "worker_spec", ()) or ())
+            # (a mesh scaling up has its new workers in its spec at once, or not yet)
+            total += max(len(getattr(cluster, "worker_spec", ()) or ()), entry.reserved)
         return total
 
     def _check_budget(self, adding: int) -> None:
@@ -449,7 +452,7 @@ class MeshManager:
         if growth:  # scaling down is always allowed
             self._check_budget(growth)
         entry.busy = True
-        self._starting += growth  # reserved while it scales (another start counts it)
+        entry.reserved = sum(after.values())  # while it scales (another start counts it)
         try:
             await asyncio.to_thread(entry.mesh.scale, **counts)
         except MeshError as exc:
@@ -460,7 +463,7 @@ class MeshManager:
                          f"log") from None
         finally:
             entry.busy = False
-            self._starting -= growth
+            entry.reserved = 0
         await self._sample(entry, force=True)
         return self.detail(entry)
 
@@ -691,7 +694,12 @@ class MeshManager:
                            f"it may be busy; showing what it said last")
             return
         except Exception as exc:
-            entry.error = f"cannot read the inventory of {entry.address}: {exc}"
+            # (a kernel's advice, "%mesh close, then ...", is not what the sidebar offers)
+            why = str(exc).split(": run %mesh close", 1)[0]
+            todo = {"sidebar": "press Stop, then Start a new one",
+                    "connected": "press Disconnect, then connect again once it is back",
+                    }.get(entry.origin, "close it in its notebook with %mesh close")
+            entry.error = f"cannot read the inventory of {entry.address}: {why}: {todo}"
             return
         entry.error = None
         devices = [discovery.jsonable(d.to_record()) for d in inventory]
