@@ -1077,6 +1077,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", default="p1,p2,p3,p6,est,large", help="comma-separated subset")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
+    unknown = only - {"p1", "p2", "p3", "p6", "est", "large"}
+    if unknown:
+        ap.error(f"--only takes p1, p2, p3, p6, est and large, not {', '.join(sorted(unknown))}")
     import warnings
 
     warnings.filterwarnings("ignore", category=Warning, module="dask")

@@ -1,4 +1,4 @@
-"""``jupyter-mesh``: command-line entry points.
+"""jupyter-mesh: command-line entry points of jupyter_mesh.
 
     jupyter-mesh worker SCHEDULER_ADDRESS [--site NAME] [--jax] [--nthreads N]
 """
@@ -16,7 +16,10 @@ from .errors import MeshError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="jupyter-mesh", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"jupyter-mesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler")
     w.add_argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
@@ -30,15 +33,18 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--tpu", type=int, default=None, metavar="INDEX",
                    help="drive TPU chip INDEX through JAX (pinned with TPU_VISIBLE_CHIPS), "
                         "so each chip of a TPU host can be a worker of its own")
-    w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores)")
+    w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores; 1 for a GPU or TPU worker)")
     w.add_argument("--name", default=None, help="worker name")
     w.add_argument("--host", default=None,
                    help="interface to listen on (default: the one that reaches the "
                         "scheduler; 127.0.0.1 for a scheduler on this machine)")
     w.add_argument("--memory-limit", default="auto", help="memory limit, as Dask's")
-    w.add_argument("--tls-ca-file", default=None)
-    w.add_argument("--tls-cert", default=None)
-    w.add_argument("--tls-key", default=None)
+    w.add_argument("--tls-ca-file", default=None, metavar="FILE",
+                   help="for a tls:// scheduler: the CA certificate (PEM)")
+    w.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="this worker's certificate (PEM)")
+    w.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="this worker's private key (PEM)")
     return parser
 
 

@@ -284,3 +284,15 @@ def test_a_bad_preload_option_starts_no_worker(scheduler_mesh):
             "'local' or 'edge-lab'), not 'a/b' (in --preload jupyter_mesh.worker's "
             "options): the worker does not start") in out.stderr
     assert len(scheduler_mesh.inventory()) == 0
+
+
+def test_version_and_help():
+    from jupyter_mesh import __version__
+
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "--version"],
+                         capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout.strip()) == (0, f"jupyter-mesh {__version__}")
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "worker", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "``" not in out.stdout
+    assert "1 for a GPU or TPU worker" in " ".join(out.stdout.split())
