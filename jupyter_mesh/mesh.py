@@ -274,6 +274,29 @@ def worker_memory(memory_limit: Any, workers: int) -> Any:
         "jupyter_mesh"))
 
 
+def _set_memory_limit(dask_worker: Any, limit: int) -> None:
+    """(In a worker, or with ``nanny=True`` its nanny) its memory limit is now ``limit``."""
+    dask_worker.memory_manager.memory_limit = limit
+
+
+def _set_scheduler_memory_limits(dask_scheduler: Any, limit: int) -> None:
+    """The scheduler's view of every worker's memory limit, and the mesh inventory's
+    memory of each CPU worker, are now ``limit``."""
+    from ._scheduler_plugin import EXTENSION_NAME, worker_record
+    from .devices._worker_plugin import METADATA_KEY
+
+    plugin = dask_scheduler.extensions.get(EXTENSION_NAME)
+    for addr, ws in dask_scheduler.workers.items():
+        if ws.memory_limit != limit:
+            dask_scheduler.total_memory += limit - (ws.memory_limit or 0)
+            ws.memory_limit = limit
+        meta = ws.extra.get(METADATA_KEY)
+        if meta and meta.get("kind") == "cpu":
+            meta["memory"] = limit
+        if plugin is not None and addr in plugin.devices:
+            plugin.devices[addr] = worker_record(ws)
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
                  memory_limit: Any, security: Any = None,
                  cpus: list[int] | None = None) -> dict[str, Any]:
@@ -813,12 +836,33 @@ class Mesh:
                     )
                 i += 1
             self.options[fam] = want
+        share = None
+        if self.options.get("memory_limit", "auto") == "auto":
+            # the host's memory over the mesh's workers, for those it had too (each
+            # kept its share of the smaller mesh: together more than the host has, and
+            # Dask's spilling and pausing no longer kept the host from running out)
+            share = worker_memory("auto", sum(after.values()))
+            for worker in spec.values():
+                worker.setdefault("options", {})["memory_limit"] = share  # (restarts)
         self.cluster.sync(self.cluster._correct_state)
         # a dead worker of a kind not scaled stays in the spec: nothing waits for it
         self._wait_for(len(spec) - len(self._dead_workers()))
+        if share is not None:
+            self._share_memory(int(share))
         inventory = self.inventory()
         self._warn_if_route_stranded(inventory)
         return inventory
+
+    def _share_memory(self, limit: int) -> None:
+        """Give every running worker of this local mesh the memory limit ``limit``, in
+        the worker, its nanny and the scheduler's view (and the inventory's, for CPU
+        workers: a device worker's memory is its device's)."""
+        try:
+            self.client.run(_set_memory_limit, limit=limit)
+            self.client.run(_set_memory_limit, limit=limit, nanny=True)
+            self.client.run_on_scheduler(_set_scheduler_memory_limits, limit=limit)
+        except Exception:  # a worker that went meanwhile keeps nothing to fix
+            logging.getLogger(__name__).debug("sharing memory after a scale", exc_info=True)
 
     def _warn_if_route_stranded(self, inventory: Inventory) -> None:
         """Warn where the route in force for this mesh (``%mesh route cpu:jax``, a

@@ -198,10 +198,25 @@ def test_scaling_jax_workers_without_jax_says_what_to_install(mesh, monkeypatch)
 
 
 def test_scale_per_kind(mesh):
+    from jupyter_mesh.mesh import worker_memory
+
     inv = mesh.scale(cpu=1)
     assert inv.by_kind() == {"cpu": 1}
+    assert [d.memory for d in inv] == [worker_memory("auto", 1)]  # the host's memory
     inv = mesh.scale(cpu=2)
     assert inv.by_kind() == {"cpu": 2}
+    # the worker it had shares the host's memory with the new one: each has half, in
+    # the inventory, the worker, its nanny and the scheduler (it kept all of it, and
+    # together they had more than the host)
+    half = worker_memory("auto", 2)
+    assert [d.memory for d in inv] == [half, half]
+    assert set(mesh.client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit
+                               ).values()) == {half}
+    assert set(mesh.client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit,
+                               nanny=True).values()) == {half}
+    assert mesh.client.run_on_scheduler(lambda dask_scheduler: (
+        {ws.memory_limit for ws in dask_scheduler.workers.values()},
+        dask_scheduler.total_memory)) == ({half}, 2 * half)
 
 
 def test_scaling_to_more_tpu_workers_than_chips_is_one_line(mesh, monkeypatch):
