@@ -519,3 +519,23 @@ async def _budget_while_scaling(tmp_path, monkeypatch):
         release.set()
         await scaling
         assert manager._local_workers() == 2
+
+
+def test_dasks_client_errors_are_one_line_in_the_servers_log(caplog):
+    # a scheduler the server holds a client of goes away: Dask logs tracebacks
+    import logging
+
+    from jupyter_mesh.server import OneLineClientErrors, quiet_client_tracebacks
+
+    quiet_client_tracebacks()
+    quiet_client_tracebacks()  # once
+    log = logging.getLogger("distributed.client")
+    assert sum(isinstance(f, OneLineClientErrors) for f in log.filters) == 1
+    try:
+        raise ConnectionRefusedError("[Errno 111] Connection refused\nmore")
+    except ConnectionRefusedError:
+        log.exception("Failed to reconnect to scheduler after %s seconds", 30)
+    (record,) = [r for r in caplog.records if r.name == "distributed.client"]
+    assert record.getMessage() == ("Failed to reconnect to scheduler after 30 seconds "
+                                   "(ConnectionRefusedError: [Errno 111] Connection refused)")
+    assert record.exc_info is None and "Traceback" not in caplog.text

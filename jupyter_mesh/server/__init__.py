@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 from typing import Any
 
@@ -38,6 +39,7 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
     manager = MeshManager(runtime_dir, kernel_paths=_kernel_paths_of(server_app),
                           dashboard_proxy=_proxy_prefix(server_app))
     setup_handlers(server_app.web_app, manager)
+    quiet_client_tracebacks()
     # Meshes the sidebar started die with the server, like its kernels.
     atexit.register(manager.close_sync)
     server_app.log.info("jupyter_mesh: Mesh sidebar API at /jupyter-mesh/api/")
@@ -47,6 +49,30 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
 
 
 AUTOSTART_ENV = "JUPYTER_MESH_AUTOSTART"
+
+
+class OneLineClientErrors(logging.Filter):
+    """Dask's client logs a traceback when a scheduler it holds goes away (it tries to
+    reconnect, and gives up); in the server's log, where the sidebar already says what
+    happened, each becomes one line: the message and the error's first line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            first = (str(exc).strip().splitlines() or [""])[0]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}" + (
+                f": {first})" if first else ")")
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_client_tracebacks() -> None:
+    """Install :class:`OneLineClientErrors` on Dask's client logger (once a process)."""
+    log = logging.getLogger("distributed.client")
+    if not any(isinstance(f, OneLineClientErrors) for f in log.filters):
+        log.addFilter(OneLineClientErrors())
 
 
 def _proxy_prefix(server_app: Any) -> str | None:
