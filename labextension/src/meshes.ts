@@ -32,6 +32,8 @@ export class MeshesModel {
   loaded = false;
   /** the server could not be reached or answered with an error on refresh */
   loadError: string | null = null;
+  /** The HTTP status of the failed refresh's reply (null: no reply, or no failure). */
+  loadStatus: number | null = null;
   /** the last action's failure, shown until the next action */
   actionError: string | null = null;
   /** the user picked a mesh in this session (a restored selection must not override it) */
@@ -71,11 +73,13 @@ export class MeshesModel {
         this._setSelected(pickSelection(this.meshes, null), false);
       }
       this.loadError = null;
+      this.loadStatus = null;
     } catch (error) {
       if (generation !== this._generation) {
         return;
       }
       this.loadError = errorMessage(error);
+      this.loadStatus = (error as { response?: Response }).response?.status ?? null;
       throw error;
     } finally {
       this.loaded = true;

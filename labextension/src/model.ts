@@ -459,6 +459,37 @@ export function errorMessage(error: unknown): string {
   return 'unknown error';
 }
 
+/**
+ * What a failed refresh means, from the HTTP status of the reply (null: no reply at
+ * all): a heading and what to do next.
+ */
+export function loadErrorHint(status: number | null): { title: string; hint: string } {
+  if (status === null) {
+    return {
+      title: 'The Jupyter server did not answer. ',
+      hint: 'Is it still running? Retrying with backoff.'
+    };
+  }
+  if (status === 401 || status === 403) {
+    return {
+      title: 'The Jupyter server refused the request. ',
+      hint: 'Your session may have ended: reload the page and log in again.'
+    };
+  }
+  if (status === 404) {
+    return {
+      title: 'The Mesh server extension did not answer. ',
+      hint:
+        "Check that jupyter_mesh is installed in the server's environment " +
+        '(jupyter server extension list); retrying with backoff.'
+    };
+  }
+  return {
+    title: 'The Mesh server extension failed. ',
+    hint: "The Jupyter server's log says why; retrying with backoff."
+  };
+}
+
 /** A sidebar state read back from the state database, made safe. */
 export function restoreState(value: unknown): ISidebarState {
   const state: ISidebarState = { selected: null, connectAddress: '' };

@@ -105,7 +105,19 @@ describe('MeshesModel', () => {
     const model = new MeshesModel();
     await expect(model.refresh()).rejects.toThrow('server down');
     expect(model.loadError).toBe('server down');
+    expect(model.loadStatus).toBeNull(); // no reply at all
     expect(model.loaded).toBe(true);
+  });
+
+  it('keeps the status of a reply that refused the refresh', async () => {
+    serve({
+      'GET meshes': () => {
+        throw Object.assign(new Error('Forbidden'), { response: { status: 403 } });
+      }
+    });
+    const model = new MeshesModel();
+    await expect(model.refresh()).rejects.toThrow('Forbidden');
+    expect(model.loadStatus).toBe(403);
   });
 
   it('starts a mesh, selects it and shows what is under way', async () => {

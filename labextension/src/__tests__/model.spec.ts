@@ -11,6 +11,7 @@ import {
   IMeshSummary,
   isSafeLink,
   kernelUsers,
+  loadErrorHint,
   localOptionsFromSettings,
   normalizeAddress,
   parseCount,
@@ -44,6 +45,16 @@ function mesh(id: string, extra: Partial<IMeshSummary> = {}): IMeshSummary {
     ...extra
   };
 }
+
+describe('loadErrorHint', () => {
+  it('blames the extension only where the server said it has no such route', () => {
+    expect(loadErrorHint(null).title).toContain('Jupyter server did not answer');
+    expect(loadErrorHint(403).hint).toContain('log in again');
+    expect(loadErrorHint(401).hint).toContain('log in again');
+    expect(loadErrorHint(404).hint).toContain('jupyter server extension list');
+    expect(loadErrorHint(500).hint).toContain("server's log");
+  });
+});
 
 describe('kernelUsers', () => {
   it('names the notebooks that use a mesh, once each, or their kernel process', () => {

@@ -3,7 +3,7 @@ import { Poll } from '@lumino/polling';
 import { Panel, Widget } from '@lumino/widgets';
 
 import { CommandIDs } from '../commands';
-import { ILocalOptions } from '../model';
+import { ILocalOptions, loadErrorHint } from '../model';
 import { MeshesModel } from '../meshes';
 import { MeshDetailWidget } from './detail';
 import { h, replaceChildren } from './dom';
@@ -58,11 +58,9 @@ class ErrorsWidget extends Widget {
         this.node,
         model.loadError
           ? h('div', { class: 'jp-Mesh-error', role: 'alert' },
-              h('b', {}, 'The Mesh server extension did not answer. '),
+              h('b', {}, loadErrorHint(model.loadStatus).title),
               model.loadError,
-              h('div', { class: 'jp-Mesh-hint' },
-                'Check that jupyter_mesh is installed in the server\'s environment ' +
-                '(jupyter server extension list); retrying with backoff.'))
+              h('div', { class: 'jp-Mesh-hint' }, loadErrorHint(model.loadStatus).hint))
           : null,
         model.actionError
           ? h('div', { class: 'jp-Mesh-error jp-Mesh-actionError', role: 'alert' },
