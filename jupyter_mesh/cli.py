@@ -170,6 +170,8 @@ async def run_worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     waiter = asyncio.ensure_future(stop.wait())
+    print(f"jupyter-mesh worker: joining {address} (Ctrl-C stops)", file=sys.stderr,
+          flush=True)
     # Ctrl-C (or SIGTERM) stops the join too: Dask waits up to its connect timeout
     joining = asyncio.ensure_future(nanny.start())
     await asyncio.wait([joining, waiter], return_when=asyncio.FIRST_COMPLETED)
@@ -282,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     except MeshError as exc:
         print(f"jupyter-mesh: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the worker's own handler was in place
+        print("jupyter-mesh worker: stopped before it started", file=sys.stderr)
+        return 130
     except Exception as exc:
         # Dask's Nanny says "Nanny failed to start." over the error that says why
         cause: BaseException = exc

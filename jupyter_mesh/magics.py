@@ -387,13 +387,20 @@ class MeshMagics(Magics):
         address = args.address
         if security is not None and "://" not in address:
             address = "tls://" + address
+        before = _state.active()
         try:
             mesh = Mesh.connect(address, security=security, timeout=timeout,
                                 replace=args.replace)
         except MeshError as exc:
             raise _as_usage(exc) from None
         except KeyboardInterrupt:
-            kept = "; the mesh in use is kept" if _state.active() is not None else ""
+            now = _state.active()
+            if now is not None and now is not before:  # (it was made current already)
+                raise UsageError(f"interrupted: connected to {now.address}, which is the "
+                                 f"current mesh; %mesh close it if you did not want it"
+                                 ) from None
+            kept = ("; the mesh in use is kept" if now is not None
+                    else "; no mesh is in use now" if before is not None else "")
             raise UsageError(f"interrupted: not connected to {address}{kept}") from None
         display(mesh)
 

@@ -275,8 +275,14 @@ def worker_memory(memory_limit: Any, workers: int) -> Any:
 
 
 def _set_memory_limit(dask_worker: Any, limit: int) -> None:
-    """(In a worker, or with ``nanny=True`` its nanny) its memory limit is now ``limit``."""
-    dask_worker.memory_manager.memory_limit = limit
+    """(In a worker, or with ``nanny=True`` its nanny) its memory limit is now ``limit``,
+    and a worker's spill buffer spills past its target share of it."""
+    manager = dask_worker.memory_manager
+    manager.memory_limit = limit
+    target = getattr(manager, "memory_target_fraction", None)
+    data: Any = getattr(dask_worker, "data", None)
+    if target and hasattr(data, "n"):  # (zict's Buffer: a SpillBuffer's fast part)
+        data.n = int(limit * target)
 
 
 def _set_scheduler_memory_limits(dask_scheduler: Any, limit: int) -> None:
@@ -593,7 +599,8 @@ class Mesh:
                     f"{type(security).__name__}"
                 )
         if security is not None and not address.startswith("tls://") and not any(
-                getattr(security, a, None) for a in _TLS_FIELDS):
+                getattr(security, a, None) for a in _TLS_FIELDS) and not getattr(
+                security, "require_encryption", False):
             security = None  # Security() without files: nothing to use on tcp://
         if security is not None:
             if not address.startswith("tls://"):

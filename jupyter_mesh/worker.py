@@ -38,8 +38,18 @@ def dask_setup(worker: Any, site: str | None, use_jax: bool, backend: str | None
         plugin = MeshWorkerPlugin(site=site, backend=backend or ("jax" if use_jax else None))
         plugin.setup(worker)
     except MeshError as exc:
+        if not _own_process(worker):
+            raise  # (a worker in someone's process, a kernel's: Dask logs it)
         # Dask logs a preload's error and starts the worker anyway, as a plain Dask
         # worker that no site or target reaches: this one does not start at all
         print(f"jupyter-mesh: {exc} (in --preload jupyter_mesh.worker's options): the "
               f"worker does not start", file=sys.stderr, flush=True)
         os._exit(2)
+
+
+def _own_process(worker: Any) -> bool:
+    """Whether ``worker`` runs in a process of its own: started by a nanny, or by
+    Dask's ``dask worker`` command itself (``--no-nanny``)."""
+    if getattr(worker, "nanny", None):
+        return True
+    return os.path.basename(sys.argv[0] if sys.argv else "") in ("dask", "dask-worker")

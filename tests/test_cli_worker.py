@@ -242,7 +242,10 @@ def test_ctrl_c_stops_a_worker_that_is_still_joining():
     proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", "tcp://127.0.0.1:1",
                              "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)
+        # it says when it starts to join (its Ctrl-C handler is in place then)
+        first = proc.stderr.readline()
+        assert first.strip() == "jupyter-mesh worker: joining tcp://127.0.0.1:1 (Ctrl-C stops)"
+        time.sleep(1)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)

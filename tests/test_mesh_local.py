@@ -214,6 +214,11 @@ def test_scale_per_kind(mesh):
                                ).values()) == {half}
     assert set(mesh.client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit,
                                nanny=True).values()) == {half}
+    # and each spills past its target share of it
+    assert set(mesh.client.run(lambda dask_worker: (
+        dask_worker.data.n == int(dask_worker.memory_manager.memory_limit *
+                                  dask_worker.memory_manager.memory_target_fraction))
+    ).values()) == {True}
     assert mesh.client.run_on_scheduler(lambda dask_scheduler: (
         {ws.memory_limit for ws in dask_scheduler.workers.values()},
         dask_scheduler.total_memory)) == ({half}, 2 * half)

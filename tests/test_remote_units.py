@@ -291,3 +291,27 @@ def test_a_cell_that_cancels_itself_is_not_taken_for_a_stop():
             _runner.run_code(body, ns, True)
     finally:
         _runner.forget_loop(ns)
+
+
+def test_the_orphan_check_asks_a_scheduler_without_jupyter_mesh_once():
+    # such a scheduler has no handler for the question: it logs a traceback and answers
+    # None each time; the worker stops asking, and drops nothing
+    import asyncio
+    import types
+
+    from jupyter_mesh.remote._worker_plugin import RemoteCellsPlugin, Session
+
+    asked = []
+
+    class PlainScheduler:
+        async def jupyter_mesh_clients(self):
+            asked.append(1)
+
+    plugin = RemoteCellsPlugin()
+    plugin.worker = types.SimpleNamespace(scheduler=PlainScheduler())
+    session = Session("s1")
+    session.client = "Client-gone"
+    plugin.sessions["s1"] = session
+    for _ in range(3):
+        assert asyncio.run(plugin.drop_orphans()) == []
+    assert asked == [1] and "s1" in plugin.sessions

@@ -435,7 +435,8 @@ async def _stop_a_used_mesh(tmp_path):
         manager.kernel_paths = paths
         with pytest.raises(Conflict, match=r"^Local mesh 1 is in use by analysis\.ipynb: their kernels "
                                            r"would lose it; close it there first \(%mesh "
-                                           r"close\), or stop it anyway with force=true$"):
+                                           r"close\), or stop it anyway \(the sidebar asks "
+                                           r"first; the API takes force=true\)$"):
             await manager.stop("local-x")
         assert not mesh.closed and "local-x" in manager._entries
         assert (await manager.stop("local-x", force=True))["stopped"] and mesh.closed

@@ -178,6 +178,9 @@ class RemoteCellsPlugin(WorkerPlugin):
     def __init__(self) -> None:
         self.sessions: dict[str, Session] = {}
         self.worker: Any = None
+        #: the scheduler cannot say which clients it has (no jupyter_mesh there): the
+        #: orphan check asks no more (each ask logged a traceback there)
+        self.clients_unknown = False
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
@@ -262,12 +265,16 @@ class RemoteCellsPlugin(WorkerPlugin):
         from .._scheduler_plugin import CLIENTS_HANDLER
 
         owned = [s for s in self.sessions.values() if s.client is not None]
-        if not owned or self.worker is None:
+        if not owned or self.worker is None or self.clients_unknown:
             return []
         try:
-            alive = set(await getattr(self.worker.scheduler, CLIENTS_HANDLER)())
+            answer = await getattr(self.worker.scheduler, CLIENTS_HANDLER)()
         except Exception:
             return []
+        if not isinstance(answer, (list, tuple)):  # one without the handler says None
+            self.clients_unknown = True
+            return []
+        alive = set(answer)
         dropped = []
         for state in owned:
             if state.client in alive:

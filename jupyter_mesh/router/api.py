@@ -595,7 +595,7 @@ def _register(mesh: Mesh, payload: bytes) -> None:
     scheduler = _scheduler(mesh)
     # (a client that reconnected may have another scheduler at the same address)
     sid = (getattr(client, "_scheduler_identity", None) or {}).get("id")
-    if sid is not None and _ROUTE_STREAMS.get(client) == sid:
+    if sid is not None and _ROUTE_STREAMS.get(client) == sid and client.status == "running":
         client._send_to_scheduler({"op": ROUTE_STREAM, "payload": payload})
         return
     try:

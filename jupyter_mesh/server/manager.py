@@ -478,16 +478,21 @@ class MeshManager:
             )
         if entry.busy:
             raise Conflict(f"{entry.name} is busy with another change: try again in a moment")
+        entry.busy = True  # (before the wait below: a scale or a stop meanwhile waits)
         if not force and entry.origin == "sidebar":
-            await self.refresh_kernels()  # (a kernel may have connected since)
-            users = sorted({str(k.get("path") or f"the kernel of process {k.get('pid')}")
+            try:
+                await self.refresh_kernels()  # (a kernel may have connected since)
+            except BaseException:
+                entry.busy = False
+                raise
+            users = sorted({str(k.get("path") or f"a kernel (process {k.get('pid')})")
                             for k in entry.kernels.values()})
             if users:
+                entry.busy = False
                 raise Conflict(
                     f"{entry.name} is in use by {', '.join(users)}: their kernels would "
                     f"lose it; close it there first (%mesh close), or stop it anyway "
-                    f"with force=true")
-        entry.busy = True
+                    f"(the sidebar asks first; the API takes force=true)")
         self._entries.pop(mesh_id, None)
         await asyncio.to_thread(_close_quietly, entry.mesh)
         return {
