@@ -401,6 +401,9 @@ def test_an_empty_security_is_no_tls_and_a_certificate_without_its_key_is_said(
         assert da.ones(4, chunks=2).sum().compute() == 4
     finally:
         mesh.close()
+    # one that asks for encryption is not dropped: a tcp:// address cannot give it
+    with pytest.raises(MeshError, match=r"^tcp://127\.0\.0\.1:1 is not a TLS address"):
+        jm.Mesh.connect("tcp://127.0.0.1:1", security=Security(require_encryption=True))
     # a certificate file without its key, and no key file given: said so
     with pytest.raises(MeshError, match=r"check .*cert\.pem \(with no key file, the "
                                         r"certificate file must hold the key too\)$"):
