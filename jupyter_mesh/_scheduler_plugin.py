@@ -18,8 +18,10 @@ INVENTORY_HANDLER = "jupyter_mesh_inventory"
 CLIENTS_HANDLER = "jupyter_mesh_clients"
 #: what the notebook's side and this plugin exchange (its handlers, their arguments and
 #: answers, the task metadata of routed tasks): raised when that changes, so a notebook
-#: can tell a scheduler whose jupyter_mesh speaks otherwise (2: the inventory says it)
-PROTOCOL = 2
+#: can tell a scheduler whose jupyter_mesh speaks otherwise (2: the inventory says it;
+#: 3: plans on the client's stream, the task stream with a plan's records, the
+#: connected clients for remote cells)
+PROTOCOL = 3
 
 
 def plain_worker_record(ws: Any) -> dict[str, Any]:
