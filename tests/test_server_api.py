@@ -22,6 +22,7 @@ ROUTES = [
     ("GET", ("meshes", "local-1234"), None),
     ("PATCH", ("meshes", "local-1234"), {"cpu": 2}),
     ("DELETE", ("meshes", "local-1234"), None),
+    ("GET", ("meshes", "local-1234", "else"), None),  # a path no route has
 ]
 
 
@@ -111,6 +112,20 @@ def test_unknown_mesh_is_404(api, method, parts):
     code, body = api(method, *parts, body={"cpu": 1} if method == "PATCH" else None)
     assert code == 404
     assert "no mesh with id 'local-nope'" in body["message"]
+
+
+@pytest.mark.parametrize("method, parts", [
+    ("GET", ("meshes", "local-1", "workers")),
+    ("POST", ("nonsense",)),
+    ("DELETE", ("meshes", "a", "b", "c")),
+])
+def test_any_other_path_is_a_json_404(api, method, parts):
+    code, body = api(method, *parts)
+    assert code == 404
+    # (the test server has a base URL of its own)
+    assert body["message"].startswith(f"no such endpoint: {method} /")
+    assert body["message"].endswith(f"/jupyter-mesh/api/{'/'.join(parts)} (the API has "
+                                    f"health, meshes, meshes/connect and meshes/ID)")
 
 
 @pytest.mark.parametrize("mesh_id", ["mesh-\u00e9t\u00e9", "a b", "x'y", "<b>"])

@@ -176,6 +176,41 @@ class MeshHandler(MeshAPIHandler):
         await self.run(self.manager.stop(mesh_id, force=force == "true"))
 
 
+class UnknownHandler(MeshAPIHandler):
+    """Any other path under the API: a JSON 404 (Jupyter's HTML page, otherwise), to
+    signed-in users only, as every route here."""
+
+    def _unknown(self, *args: Any) -> None:
+        raise tornado.web.HTTPError(
+            404, f"no such endpoint: {self.request.method} {self.request.path} (the API "
+                 f"has health, meshes, meshes/connect and meshes/ID)")
+
+    @tornado.web.authenticated
+    @authorized
+    def get(self, *args: Any) -> None:
+        self._unknown()
+
+    @tornado.web.authenticated
+    @authorized
+    def post(self, *args: Any) -> None:
+        self._unknown()
+
+    @tornado.web.authenticated
+    @authorized
+    def patch(self, *args: Any) -> None:
+        self._unknown()
+
+    @tornado.web.authenticated
+    @authorized
+    def delete(self, *args: Any) -> None:
+        self._unknown()
+
+    @tornado.web.authenticated
+    @authorized
+    def put(self, *args: Any) -> None:
+        self._unknown()
+
+
 def setup_handlers(web_app: Any, manager: MeshManager) -> None:
     """Add the routes to a Jupyter server's Tornado application."""
     web_app.settings[MANAGER_KEY] = manager
@@ -187,6 +222,7 @@ def setup_handlers(web_app: Any, manager: MeshManager) -> None:
             (url_path_join(base, "meshes"), MeshesHandler),
             (url_path_join(base, "meshes", "connect"), ConnectHandler),
             (url_path_join(base, "meshes", _ID), MeshHandler),
+            (url_path_join(base, r".*"), UnknownHandler),  # last: what nothing else took
             (url_path_join(web_app.settings["base_url"], STATIC, r"bokeh-([0-9A-Za-z.+\-]+)\.min\.js"),
              BokehJSHandler),
         ],
