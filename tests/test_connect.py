@@ -349,7 +349,9 @@ def test_ctrl_c_stops_a_connect_at_once_and_keeps_the_mesh_in_use(ip, tcp_cluste
     kept = jm.current()
     try:
         # a port that accepts and never answers, a connect that would wait 30 s, and
-        # Ctrl-C (SIGINT, as a kernel gets it) half a second in
+        # Ctrl-C (SIGINT, as a kernel gets it) half a second in, raising KeyboardInterrupt
+        # as in a kernel (earlier tests in this process may have left another handler)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         t0 = time.monotonic()
         with pytest.raises(UsageError, match=r"^interrupted: not connected to "
@@ -358,6 +360,7 @@ def test_ctrl_c_stops_a_connect_at_once_and_keeps_the_mesh_in_use(ip, tcp_cluste
             ip.run_line_magic("mesh", f"connect tcp://127.0.0.1:{silent_port} "
                                       f"--timeout 30 --replace")
         assert time.monotonic() - t0 < 15  # not the connect's 30 s
+        signal.signal(signal.SIGINT, previous)
         assert jm.current() is kept and da.ones(4, chunks=2).sum().compute() == 4
     finally:
         kept.close()
