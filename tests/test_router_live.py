@@ -64,6 +64,37 @@ def test_plans_after_the_first_go_ahead_of_their_graph_on_the_clients_stream(
         sent.clear()
 
 
+def test_a_plan_the_scheduler_did_not_take_is_said(mesh):
+    # the stream handler failed on the scheduler (it logs why there): the computation
+    # runs as Dask places it, right, and the notebook is told, not left to guess
+    from jupyter_mesh import MeshFallbackWarning
+    from jupyter_mesh.router._scheduler import ROUTE_STREAM
+
+    y = pipeline()
+    expected = y.compute(scheduler="sync")
+    mesh.compute(y, route="cpu:jax")  # (the first compute of a client asks)
+
+    def drop(dask_scheduler, on):
+        handlers = dask_scheduler.stream_handlers
+        if on:
+            handlers["_kept"], handlers[ROUTE_STREAM] = handlers[ROUTE_STREAM], (
+                lambda **msg: None)
+        else:
+            handlers[ROUTE_STREAM] = handlers.pop("_kept")
+
+    mesh.client.run_on_scheduler(drop, on=True)
+    try:
+        with pytest.warns(MeshFallbackWarning, match=r"did not take this computation's "
+                                                     r"plan \(its log says why\): it ran "
+                                                     r"unrouted"):
+            (got,) = mesh.compute(y, route="cpu:jax")
+    finally:
+        mesh.client.run_on_scheduler(drop, on=False)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    (got,) = mesh.compute(y, route="cpu:jax")  # and the next one is routed again
+    assert mesh.last_report.ran_on("matmul") == ["jax"]
+
+
 def test_a_jax_cpu_worker_runs_numpy_tasks_where_numpy_is_faster(mesh):
     # the JAX CPU worker measured NumPy too (the NumPy worker's cached profile): it is
     # never planned slower than a NumPy worker, and runs each task with what its plan

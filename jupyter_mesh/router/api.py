@@ -545,6 +545,14 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         sinks[-1].append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
+    if status.get("known") is False:
+        # the plan never reached the scheduler plugin (its handler failed there, and
+        # logged why): Dask placed the tasks, the answer is the same
+        warnings.warn(
+            f"jupyter_mesh: the scheduler at {mesh.address} did not take this "
+            f"computation's plan (its log says why): it ran unrouted, as Dask placed "
+            f"it, and the report has no record of where", MeshFallbackWarning,
+            stacklevel=4)
     # a fallback that came while the results were fetched is shown now, and reported
     report.fallbacks.extend(notices.reported(routed.plan_id, report.fallbacks))
     if gather:
