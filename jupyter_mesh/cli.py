@@ -55,10 +55,12 @@ async def run_worker(args: argparse.Namespace) -> int:
     from .devices._detect import cpu_cores
     from .devices._worker_plugin import MeshWorkerPlugin
     from .mesh import (
+        _secure_form,
         check_address,
         check_memory_limit,
         check_site,
         check_tls_files,
+        is_encrypted,
         worker_memory,
     )
 
@@ -73,10 +75,10 @@ async def run_worker(args: argparse.Namespace) -> int:
         raise MeshError(f"--memory-limit: {exc}") from None
     security = None
     tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
-    if any(tls) and not address.startswith("tls://"):
+    if any(tls) and not is_encrypted(address):
         raise MeshError(f"{address} is not a TLS address, but TLS files were given: use "
-                        f"tls://{address.split('://', 1)[-1]}, or leave out the TLS files")
-    if any(tls) or address.startswith("tls://"):
+                        f"{_secure_form(address)}, or leave out the TLS files")
+    if any(tls) or is_encrypted(address):
         if not all(tls):
             raise MeshError("a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
         check_tls_files(args.tls_ca_file, args.tls_cert, args.tls_key)

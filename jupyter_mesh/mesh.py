@@ -43,6 +43,18 @@ _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 _SCHEMES = ("tcp", "tls", "ws", "wss")
 
 
+def _secure_form(address: str) -> str:
+    """``address`` in its TLS scheme: tcp:// as tls://, ws:// as wss://."""
+    scheme, _, rest = str(address).partition("://")
+    return f"{'wss' if scheme == 'ws' else 'tls'}://{rest}"
+
+
+def is_encrypted(address: str) -> bool:
+    """Whether ``address`` is one of Dask's TLS schemes (``tls://``, ``wss://``): it
+    needs Dask's TLS settings (a ``Security``)."""
+    return str(address).startswith(("tls://", "wss://"))
+
+
 @overload
 def check_count(name: str, value: Any, *, allow_auto: Literal[False] = False) -> int: ...
 
@@ -598,23 +610,23 @@ class Mesh:
                     f"security must be a distributed.security.Security, not "
                     f"{type(security).__name__}"
                 )
-        if security is not None and not address.startswith("tls://") and not any(
+        encrypted = is_encrypted(address)
+        if security is not None and not encrypted and not any(
                 getattr(security, a, None) for a in _TLS_FIELDS) and not getattr(
                 security, "require_encryption", False):
             security = None  # Security() without files: nothing to use on tcp://
         if security is not None:
-            if not address.startswith("tls://"):
+            if not encrypted:
                 raise MeshError(f"{address} is not a TLS address, but TLS files were given: "
-                                f"use tls://{address.split('://', 1)[-1]}, or leave out the "
-                                f"TLS files")
+                                f"use {_secure_form(address)}, or leave out the TLS files")
             _check_tls_files(security)
-        if address.startswith("tls://") and security is None:
+        if encrypted and security is None:
             # a mesh of this user's over TLS (mesh.local.tls): its certificate is in
             # this user's private registrations
             from . import discovery
 
             security = discovery.security_for(address)
-        if address.startswith("tls://") and security is None:
+        if encrypted and security is None:
             raise MeshError(
                 f"{address} uses TLS: pass security=Security(tls_ca_file=..., "
                 f"tls_client_cert=..., tls_client_key=..., require_encryption=True) "
@@ -1307,7 +1319,7 @@ _TLS_WORDS = ("certificate", "ssl", "tlsv1", "handshake", "decrypt_error", "unkn
 
 def _could_not_connect(address: str, timeout: float, exc: Exception) -> MeshError:
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if address.startswith("tls://") and any(w in reason.lower() for w in _TLS_WORDS):
+    if is_encrypted(address) and any(w in reason.lower() for w in _TLS_WORDS):
         return MeshError(
             f"the TLS handshake with {address} failed ({reason}): the certificates do "
             f"not fit; check that the CA file is the one that signed the scheduler's "

@@ -413,3 +413,12 @@ def test_an_empty_security_is_no_tls_and_a_certificate_without_its_key_is_said(
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
             tls_ca_file=certs["ca"], tls_client_cert=certs["cert"],
             require_encryption=True))
+
+
+def test_wss_addresses_need_tls_settings_as_tls_ones_do(no_mesh, certs):
+    # Dask's websocket comm over TLS: the same checks as tls://
+    with pytest.raises(MeshError, match=r"^wss://127\.0\.0\.1:1 uses TLS: pass security="):
+        jm.Mesh.connect("wss://127.0.0.1:1", timeout=2)
+    with pytest.raises(MeshError, match=r"^ws://127\.0\.0\.1:1 is not a TLS address, but TLS "
+                                        r"files were given: use wss://127\.0\.0\.1:1, or"):
+        jm.Mesh.connect("ws://127.0.0.1:1", security=_security(certs), timeout=2)

@@ -34,7 +34,7 @@ from typing import Any
 from .. import discovery
 from .._links import proxied
 from ..errors import MeshError
-from ..mesh import FAMILIES, Mesh, _family_of, check_address, check_site
+from ..mesh import FAMILIES, Mesh, _family_of, check_address, check_site, is_encrypted
 
 #: options ``POST meshes`` accepts, with the kinds of value allowed
 START_OPTIONS = ("cpu", "gpu", "tpu", "jax_cpu", "site", "threads_per_worker")
@@ -197,7 +197,7 @@ def validate_connect(body: Any) -> tuple[str, float | None]:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
     ):
         raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {timeout!r}")
-    if address.startswith("tls://") and configured_security() is None:
+    if is_encrypted(address) and configured_security() is None:
         raise BadRequest(
             f"{address} uses TLS: give this Jupyter server Dask's TLS settings "
             f"(distributed.comm.tls.ca-file, .client.cert and .client.key), or connect "
@@ -388,7 +388,7 @@ class MeshManager:
                 await self._sample(entry)
                 return self.detail(entry)
         try:
-            security = configured_security() if address.startswith("tls://") else None
+            security = configured_security() if is_encrypted(address) else None
             mesh = await self._connect_in_thread(
                 address, security=security, timeout=timeout, set_current=False
             )
