@@ -95,6 +95,27 @@ def test_a_plan_the_scheduler_did_not_take_is_said(mesh):
     assert mesh.last_report.ran_on("matmul") == ["jax"]
 
 
+def test_outputs_held_already_give_no_false_word_of_a_plan_not_taken(mesh):
+    # nothing had to run (this client holds y's outputs): the computation was over
+    # before its plan, on the client's stream, reached the scheduler, and the question
+    # for its records, on another connection, overtook it ("did not take this plan")
+    import warnings
+
+    from jupyter_mesh import MeshFallbackWarning
+
+    y = (da.random.default_rng(0).random((200, 200), chunks=100) + 1).sum(axis=0)
+    expected = y.compute(scheduler="sync")
+    held = y.persist()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MeshFallbackWarning)
+            for _ in range(6):
+                (got,) = mesh.compute(y)
+                np.testing.assert_allclose(got, expected)
+    finally:
+        del held
+
+
 def test_a_jax_cpu_worker_runs_numpy_tasks_where_numpy_is_faster(mesh):
     # the JAX CPU worker measured NumPy too (the NumPy worker's cached profile): it is
     # never planned slower than a NumPy worker, and runs each task with what its plan

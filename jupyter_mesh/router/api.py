@@ -684,6 +684,11 @@ def _no_worker_check(mesh: Mesh) -> Any:
     return check
 
 
+#: seconds a finished computation waits for its plan to reach the scheduler plugin
+#: before it says the plan was not taken (see _finish)
+STATUS_GRACE = 2.0
+
+
 def _finish(mesh: Mesh, plan_id: str, futures: Any = None
             ) -> tuple[Any, tuple[dict[str, Any], dict[Any, tuple[str, str, float]],
                                   list[dict[str, Any]] | None]]:
@@ -714,6 +719,14 @@ def _finish(mesh: Mesh, plan_id: str, futures: Any = None
     status = answers[0]
     if isinstance(status, BaseException):
         raise status
+    # a plan sent on the client's stream may not be there yet where nothing had to run
+    # (outputs this client holds already): that stream flushes every few milliseconds,
+    # and this question came on another connection
+    deadline = time.monotonic() + STATUS_GRACE
+    while status.get("known") is False and time.monotonic() < deadline:
+        time.sleep(0.02)
+        status = client.sync(getattr(scheduler, STATUS_HANDLER), plan_id=plan_id,
+                             records=True)
     out: dict[Any, tuple[str, str, float]] = {}
     for rec in status.pop("records", None) or ():
         key, addr, backend, secs = rec
