@@ -474,6 +474,10 @@ def test_route_context_routes_plain_compute(mesh):
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert mesh.last_report is not None
     assert mesh.last_report.ran_on("matmul") == ["jax"]
+    # a block of unrouted work: the routed computation's report does not pass for its
+    with mesh.route("off"):
+        np.testing.assert_allclose(y.compute(), expected, rtol=1e-10)
+        assert mesh.last_report is None and mesh.last_plan is None
 
 
 def test_persist_under_routing_keeps_the_data_on_the_workers(mesh, caplog):

@@ -1013,6 +1013,11 @@ class _route_context:
         entry = _Route(self.mesh, self.route, self.fallback)
         ROUTES.push(entry)
         self._entries.append(entry)
+        if self.route == "off":
+            # what runs in the block is not routed, so not reported: an earlier
+            # computation's plan and report must not pass for its (as with
+            # mesh.compute(route="off"))
+            self.mesh.last_plan = self.mesh.last_report = None
         return self.mesh
 
     def __exit__(self, *exc: Any) -> None:
