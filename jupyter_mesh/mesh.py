@@ -1236,18 +1236,22 @@ class Mesh:
         return api.route_context(self, mode, fallback)
 
     def submit(self, fn: Any, *args: Any, on: Any = None, needs: Any = None,
-               site: str | None = None, convert: bool = True, **kwargs: Any) -> Any:
+               site: str | None = None, convert: bool = True, pure: bool = True,
+               **kwargs: Any) -> Any:
         """Submit ``fn(*args, **kwargs)`` to a device: ``on=`` a target (``"gpu"``,
         ``"cpu:jax"``), or ``needs=`` a capability (``"matmul"``, ``"fft"``,
         ``"elementwise"``, ``"reduction"``, ``"linalg"``) for which the mesh picks the
         fastest target; ``site=`` keeps it at a site. With ``convert=True`` (the
         default) array arguments are moved to the backend of the worker it runs on
         (CuPy on a GPU, JAX on a TPU) and array results come back as NumPy arrays;
-        ``convert=False`` passes everything as it is. Returns a Future."""
+        ``convert=False`` passes everything as it is. ``pure=True`` (the default, as
+        Dask's ``client.submit``): the same call while its result is still held gives
+        that result again; ``pure=False`` for a function that gives something new each
+        time (random numbers, the time). Returns a Future."""
         from .router import api
 
         self._check_open()
-        return api.submit(self, fn, args, on, needs, site, kwargs, convert)
+        return api.submit(self, fn, args, on, needs, site, kwargs, convert, pure)
     # ================================================================== end routing
 
 

@@ -632,6 +632,8 @@ def test_submit_bad_inputs(mesh):
         mesh.submit(np.sum, 1, needs=["matmul"])
     with pytest.raises(MeshError, match="site must be a site name"):
         mesh.submit(np.sum, 1, site="")
+    with pytest.raises(MeshError, match=r"^pure= takes True or False, not 'no'$"):
+        mesh.submit(np.sum, 1, pure="no")
     assert mesh.submit(np.sum, np.ones(3), needs="reduction").result() == 3.0
 
 
@@ -708,6 +710,14 @@ def test_submit_on_target_and_needs(mesh):
     # the mesh picks the target for a capability: whichever it is, it runs
     assert mesh.submit(backend_of_worker, needs="matmul").result() in ("jax", "numpy")
     assert mesh.submit(np.add, 1, 2, needs="elementwise").result() == 3
+    # pure (the default, as Dask's submit): the same call gives the held result again;
+    # pure=False: a call of its own each time
+    import time
+
+    same = [mesh.submit(time.time_ns, on="cpu") for _ in range(2)]
+    assert same[0].key == same[1].key and same[0].result() == same[1].result()
+    new = [mesh.submit(time.time_ns, on="cpu", pure=False) for _ in range(2)]
+    assert new[0].key != new[1].key and new[0].result() != new[1].result()
 
 
 def test_submit_moves_arrays_to_the_workers_backend(mesh):

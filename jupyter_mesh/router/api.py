@@ -1091,11 +1091,14 @@ def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None
 
 
 def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
-           site: Any, kwargs: dict[str, Any], convert: Any = True) -> Any:
+           site: Any, kwargs: dict[str, Any], convert: Any = True,
+           pure: Any = True) -> Any:
     if not callable(fn):
         raise MeshError(f"submit needs a function, not {type(fn).__name__}")
     if not isinstance(convert, bool):
         raise MeshError(f"convert= takes True or False, not {convert!r}")
+    if not isinstance(pure, bool):
+        raise MeshError(f"pure= takes True or False, not {pure!r}")
     if on is not None and needs is not None:
         raise MeshError("pass on= (a target) or needs= (a capability), not both")
     site = _check_site(site)
@@ -1129,7 +1132,11 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     elif needs is not None:
         resource, label, backend = choose_for_needs(mesh, needs, site)
     # the target is part of the key: the same call on two targets is two tasks
-    key = f"{funcname(fn)}-{tokenize(fn, args, kwargs, resource, site, convert)}"
+    # pure (as Dask's client.submit): the same call gives the same key, and a result
+    # still held is reused; pure=False: a call of its own (random numbers, the time)
+    token = (tokenize(fn, args, kwargs, resource, site, convert) if pure
+             else uuid.uuid4().hex)
+    key = f"{funcname(fn)}-{token}"
     resources = {resource: 1} if resource else {}
     if site is not None:
         # by resource, not by address: a worker restarted by its nanny still counts
