@@ -16,7 +16,7 @@ from ..errors import MeshError
 from ..targets import Target, parse_route
 from .classify import GraphModel
 from .cost import CostModel, Pool, reshared
-from .plan import Plan
+from .plan import Plan, _count
 
 
 def parse_route_or_error(route: Any) -> str | Target:
@@ -938,8 +938,9 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
         plan.floor = dispatched * cost.task_interval
         if plan.floor > max(finish):
             plan.notes.append(
-                f"estimate: at least {plan.floor:.2g} s, the {dispatched} "
-                f"tasks it dispatches at this mesh's measured pace (one every "
+                f"estimate: at least {plan.floor:.2g} s, the "
+                f"{_count(dispatched, 'task')} it dispatches at this mesh's measured "
+                f"pace (one every "
                 f"{cost.task_interval * 1e3:.2g} ms)")
         if cpu_cores:
             cpu = cpu_floor(pools, worker_of, start, finish, dispatched,
@@ -949,7 +950,7 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 plan.notes.append(
                     f"estimate: at least {cpu:.2g} s with Dask's own work: the workers' "
                     f"tasks and Dask ({cost.cpu_per_task * 1e3:.2g} ms of CPU per task, "
-                    f"{dispatched} tasks) share this host's {cpu_cores} "
+                    f"{_count(dispatched, 'task')}) share this host's {cpu_cores} "
                     f"core{'s' * (cpu_cores != 1)}")
     return plan
 
