@@ -342,6 +342,14 @@ class _RunningMesh:
         self.cluster.worker_spec = {f"cpu-{i}": {} for i in range(counts.get("cpu", 0))}
 
 
+def _sidebar_mesh(manager, mesh, monkeypatch):
+    """``mesh`` as the sidebar's "local-x", with no sampling and a short detail."""
+    manager._entries["local-x"] = Entry(id="local-x", origin="sidebar", address=mesh.address,
+                                        name="Local mesh 1", mesh=mesh)
+    monkeypatch.setattr(manager, "_sample", _no_sample)
+    monkeypatch.setattr(manager, "detail", lambda entry: {"id": entry.id})
+
+
 def test_the_sidebars_meshes_share_four_workers_per_core(tmp_path, monkeypatch):
     asyncio.run(_worker_budget(tmp_path, monkeypatch))
 
@@ -352,12 +360,7 @@ async def _worker_budget(tmp_path, monkeypatch):
     monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(
         lambda **kw: started.append(kw)))
     async with MeshManager(tmp_path) as manager:
-        running = _RunningMesh(6)
-        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
-                                            address=running.address, name="Local mesh 1",
-                                            mesh=running)
-        monkeypatch.setattr(manager, "_sample", _no_sample)
-        monkeypatch.setattr(manager, "detail", lambda entry: {"id": entry.id})
+        _sidebar_mesh(manager, _RunningMesh(6), monkeypatch)
         # 6 running + 3 more (each start alone allowed) is past 8: refused, nothing started
         with pytest.raises(Conflict, match=r"would have 9 worker processes, more than 8 "
                                            r"\(four per core\): stop or scale down"):
@@ -505,12 +508,7 @@ async def _budget_while_scaling(tmp_path, monkeypatch):
             release.wait(10)
 
     async with MeshManager(tmp_path) as manager:
-        mesh = Scaling(1)
-        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
-                                            address=mesh.address, name="Local mesh 1",
-                                            mesh=mesh)
-        monkeypatch.setattr(manager, "_sample", _no_sample)
-        monkeypatch.setattr(manager, "detail", lambda entry: {"id": entry.id})
+        _sidebar_mesh(manager, Scaling(1), monkeypatch)
         scaling = asyncio.ensure_future(manager.scale("local-x", {"cpu": 2}))
         await asyncio.sleep(0.3)
         assert manager._local_workers() == 2  # not 3

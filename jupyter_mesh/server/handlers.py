@@ -186,29 +186,11 @@ class UnknownHandler(MeshAPIHandler):
                  f"has health, meshes, meshes/connect and meshes/ID)")
 
     @tornado.web.authenticated
-    @authorized
+    @authorized  # (it asks about the request's own method)
     def get(self, *args: Any) -> None:
         self._unknown()
 
-    @tornado.web.authenticated
-    @authorized
-    def post(self, *args: Any) -> None:
-        self._unknown()
-
-    @tornado.web.authenticated
-    @authorized
-    def patch(self, *args: Any) -> None:
-        self._unknown()
-
-    @tornado.web.authenticated
-    @authorized
-    def delete(self, *args: Any) -> None:
-        self._unknown()
-
-    @tornado.web.authenticated
-    @authorized
-    def put(self, *args: Any) -> None:
-        self._unknown()
+    post = patch = delete = put = get
 
 
 def setup_handlers(web_app: Any, manager: MeshManager) -> None:
