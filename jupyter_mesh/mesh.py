@@ -837,6 +837,8 @@ class Mesh:
         # a new JAX CPU worker is pinned as one of a mesh of this new make-up would be
         pins = jax_cpu_sets(after["jax_cpu"], after["cpu"] * nthreads, nthreads,
                             _config.pin_jax())
+        before = {fam: self.options.get(fam, 0) for fam in checked}
+        added: list[str] = []
         for fam, want in checked.items():
             names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
             for name in names[want:]:
@@ -845,6 +847,7 @@ class Mesh:
             i = 0
             while sum(1 for n in spec if _family_of(n) == fam) < want:
                 if i not in used:
+                    added.append(_spec_name(fam, i))
                     spec[_spec_name(fam, i)] = _worker_spec(
                         fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
                         self.options.get("host", "127.0.0.1"),
@@ -855,7 +858,21 @@ class Mesh:
                     )
                 i += 1
             self.options[fam] = want
-        share = None
+        try:
+            self.cluster.sync(self.cluster._correct_state)
+        except Exception as exc:
+            # the new workers did not start (a bad preload, no memory...): the mesh
+            # keeps those it had, and says so in one line
+            self._drop_unstarted(added)
+            self.options.update(before)
+            why = (str(exc).strip().splitlines() or [""])[0]
+            n = len(self.cluster.workers)
+            raise MeshError(
+                f"the new workers did not start ({type(exc).__name__}: {why}); the mesh "
+                f"keeps its {n} worker{'s' * (n != 1)}: the log of this process (or the "
+                f"terminal that runs Jupyter) has the workers' own messages") from None
+        # a dead worker of a kind not scaled stays in the spec: nothing waits for it
+        self._wait_for(len(spec) - len(self._dead_workers()))
         if self.options.get("memory_limit", "auto") == "auto":
             # the host's memory over the mesh's workers, for those it had too (each
             # kept its share of the smaller mesh: together more than the host has, and
@@ -863,14 +880,21 @@ class Mesh:
             share = worker_memory("auto", sum(after.values()))
             for worker in spec.values():
                 worker.setdefault("options", {})["memory_limit"] = share  # (restarts)
-        self.cluster.sync(self.cluster._correct_state)
-        # a dead worker of a kind not scaled stays in the spec: nothing waits for it
-        self._wait_for(len(spec) - len(self._dead_workers()))
-        if share is not None:
             self._share_memory(int(share))
         inventory = self.inventory()
         self._warn_if_route_stranded(inventory)
         return inventory
+
+    def _drop_unstarted(self, names: list[str]) -> None:
+        """Take the workers ``names`` that did not start out of the cluster's spec (and
+        close what is left of them), so that nothing tries to start them again."""
+        assert self.cluster is not None
+        for name in names:
+            self.cluster.worker_spec.pop(name, None)
+            worker = self.cluster.workers.pop(name, None)
+            if worker is not None:
+                with contextlib.suppress(Exception):
+                    self.cluster.sync(worker.close)
 
     def _share_memory(self, limit: int) -> None:
         """Give every running worker of this local mesh the memory limit ``limit``, in

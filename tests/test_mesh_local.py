@@ -224,6 +224,21 @@ def test_scale_per_kind(mesh):
         dask_scheduler.total_memory)) == ({half}, 2 * half)
 
 
+def test_new_workers_that_fail_to_start_are_one_line_and_the_mesh_keeps_its_own(ip, mesh):
+    import dask
+    from IPython.core.error import UsageError
+
+    had = mesh.inventory().by_kind()
+    with dask.config.set({"distributed.worker.preload": ["no_such_module_jupyter_mesh"]}):
+        with pytest.raises(UsageError, match=rf"^the new workers did not start \(RuntimeError"
+                                             rf": .*\); the mesh keeps its {had['cpu']} "
+                                             rf"workers"):
+            ip.run_line_magic("mesh", f"scale --cpu {had['cpu'] + 1}")
+    assert mesh.inventory().by_kind() == had and mesh.options["cpu"] == had["cpu"]
+    assert len(mesh.cluster.worker_spec) == had["cpu"]  # nothing left to retry
+    assert mesh.scale(cpu=had["cpu"]).by_kind() == had
+
+
 def test_scaling_to_more_tpu_workers_than_chips_is_one_line(mesh, monkeypatch):
     from jupyter_mesh.devices import _tpu
 
