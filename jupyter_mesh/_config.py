@@ -99,12 +99,21 @@ def get_host() -> str:
     return str(value)
 
 
+def _flag(value: Any) -> Any:
+    """"true" and "false" (any case) as the booleans, as Dask reads them from its
+    environment variables; anything else as it is."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    return value
+
+
 def local_tls() -> bool:
     """``mesh.local.tls``: whether a local mesh runs over TLS (``auto``: under
     JupyterHub, where users share machines)."""
     value = get("local.tls")
     if isinstance(value, str) and value.strip().lower() == "auto":
         return bool(os.environ.get("JUPYTERHUB_USER"))
+    value = _flag(value)
     if isinstance(value, bool):
         return value
     raise MeshConfigError(f"config mesh.local.tls must be true, false or auto, not {value!r}")
@@ -115,6 +124,7 @@ def pin_jax() -> bool | str:
     value = get("local.pin-jax")
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
+    value = _flag(value)
     if isinstance(value, bool):
         return value
     raise MeshConfigError(f"config mesh.local.pin-jax must be true, false or auto, not "

@@ -208,8 +208,10 @@ def listen_host(address: str, host: str | None) -> str:
         if not is_host(host):
             raise MeshError(f"--host must be an interface address like 127.0.0.1 or "
                             f"10.0.0.5 (0.0.0.0 for every interface), not {host!r}")
-        _check_own(host)
-        return _bracketed(host)
+        from .mesh import bracketed, check_own_host
+
+        check_own_host(host, "--host")
+        return bracketed(host)
     from distributed.comm import get_address_host
     from distributed.utils import get_ip
 
@@ -242,29 +244,6 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _bracketed(host: str) -> str:
-    """An IPv6 address as Dask's addresses hold it, in brackets."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _check_own(host: str) -> None:
-    """MeshError where this machine cannot listen on ``host`` (a name that does not
-    resolve, another machine's address): Dask would say it could not reach the
-    scheduler."""
-    import socket
-
-    bare = host.strip("[]")
-    try:
-        infos = socket.getaddrinfo(bare, 0, type=socket.SOCK_STREAM)
-        family, _, _, _, sockaddr = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.bind(sockaddr)
-    except OSError as exc:
-        raise MeshError(f"--host {host} is not an address of this machine "
-                        f"({exc.strerror or exc}): give one of its interface addresses, "
-                        f"or leave out --host") from None
 
 
 def _detects_accelerator() -> bool:

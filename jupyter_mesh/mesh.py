@@ -43,6 +43,31 @@ _SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 _SCHEMES = ("tcp", "tls", "ws", "wss")
 
 
+def bracketed(host: str) -> str:
+    """An IPv6 address as Dask's addresses hold it, in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def check_own_host(host: str, what: str) -> None:
+    """MeshError where this machine cannot listen on ``host`` (a name that does not
+    resolve, another machine's address), naming ``what`` gave it: Dask would say only
+    that its scheduler or worker failed to start, or could not reach the scheduler."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), 0, type=socket.SOCK_STREAM)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(sockaddr)
+    except OSError as exc:
+        from .errors import MeshConfigError
+
+        error = MeshConfigError if what.startswith("config ") else MeshError
+        raise error(f"{what} {host} is not an address of this machine "
+                        f"({exc.strerror or exc}): give one of its interface addresses "
+                        f"(127.0.0.1 for this machine only)") from None
+
+
 def _secure_form(address: str) -> str:
     """``address`` in its TLS scheme: tcp:// as tls://, ws:// as wss://."""
     scheme, _, rest = str(address).partition("://")
@@ -447,15 +472,22 @@ class Mesh:
         tpu_req = check_count("tpu", tpu, allow_auto=True)
         site = check_site(site)
         if threads_per_worker is not None:
-            threads = check_count("threads_per_worker", threads_per_worker)
+            try:
+                threads = check_count("threads_per_worker", threads_per_worker)
+            except MeshError:
+                threads = -1  # (said with the range below)
             if not 1 <= threads <= most_local_workers():
                 raise MeshError(f"threads_per_worker must be a whole number from 1 to "
-                                f"{most_local_workers()} (four per core here), not {threads}")
+                                f"{most_local_workers()} (four per core here), not "
+                                f"{threads_per_worker!r}")
         memory_limit = check_memory_limit(memory_limit)
         if host is not None and not _config.is_host(host):
             raise MeshError(f"host must be an interface address like '127.0.0.1', not {host!r}")
         # the mesh.* config the scheduler and workers read, checked before they start
+        given = host is not None
         host = host or _config.get_host()
+        check_own_host(host, "host" if given else "config mesh.local.host")
+        host = bracketed(host)
         dashboard = _config.dashboard_options(host)
         security = _local_security() if _config.local_tls() else None
         pin_jax = _config.pin_jax()

@@ -121,11 +121,18 @@ def test_reprs(mesh):
         ({"cpu": 0, "gpu": 0, "tpu": 0}, "at least one device"),
         ({"threads_per_worker": 0}, "threads_per_worker must be"),
         ({"threads_per_worker": "many"}, "threads_per_worker must be"),
+        ({"threads_per_worker": -1}, r"^threads_per_worker must be a whole number from 1 to "
+                                     r"\d+ \(four per core here\), not -1$"),
         ({"threads_per_worker": 100000}, r"threads_per_worker must be a whole number from 1 "
                                          r"to \d+ \(four per core here\), not 100000"),
         ({"memory_limit": "lots"}, "memory_limit must be"),
         ({"memory_limit": -5}, "memory_limit must be"),
         ({"host": ""}, "host must be"),
+        # another machine's address, a name nothing resolves: said before Dask fails
+        ({"host": "192.0.2.7"}, r"^host 192\.0\.2\.7 is not an address of this machine "
+                                r"\(.*\): give one of its interface addresses"),
+        ({"host": "nonexistent.invalid"}, r"^host nonexistent\.invalid is not an address "),
+        ({"memory_limit": 4}, r"memory_limit 4 is 4 B, less than a worker process needs"),
         ({"memory_limit": "-5"}, "memory_limit must be"),
         ({"cpu": 10_000}, r"cpu must be a whole number from 0 to \d+ \(four workers per "
                           r"core here\), not 10000"),
@@ -261,6 +268,8 @@ A_FILE = object()  # stands for the path of a file
     ("local.host", None, r"config mesh\.local\.host must be an interface address like "
                          r"'127\.0\.0\.1' \(this machine only\), not None"),
     ("local.host", "", r"config mesh\.local\.host must be an interface address"),
+    ("local.host", "192.0.2.7", r"config mesh\.local\.host 192\.0\.2\.7 is not an address "
+                                r"of this machine"),
     ("local.host", "  ", r"config mesh\.local\.host must be an interface address"),
     ("local.dashboard-address", "dashboard", r"config mesh\.local\.dashboard-address must "
                                              r"be HOST:PORT like '127\.0\.0\.1:8787'.*, "

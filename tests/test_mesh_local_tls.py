@@ -67,6 +67,10 @@ def test_tls_config(monkeypatch):
         assert _config.local_tls() is False
         monkeypatch.setenv("JUPYTERHUB_USER", "ada")
         assert _config.local_tls() is True
+    # the words the message names, as text too (Dask reads its environment so)
+    for text, flag in (("false", False), ("True", True), (" FALSE ", False)):
+        with dask.config.set({"mesh.local.tls": text, "mesh.local.pin-jax": text}):
+            assert _config.local_tls() is flag and _config.pin_jax() is flag
     with dask.config.set({"mesh.local.tls": "yes"}):
         with pytest.raises(MeshError, match="mesh.local.tls must be true, false or auto"):
             jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=False)
