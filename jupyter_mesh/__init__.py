@@ -35,8 +35,15 @@ def load_ipython_extension(ipython):  # pragma: no cover - exercised through IPy
         ipython.set_custom_exc((MeshError,), show_mesh_error)
 
 
-def unload_ipython_extension(ipython):  # pragma: no cover
-    pass
+def unload_ipython_extension(ipython):
+    """``%unload_ext jupyter_mesh``: the ``%mesh`` magics and the one-line MeshError go
+    (a mesh that is running stays: ``%mesh close`` it first to stop it)."""
+    from .errors import MeshError
+
+    for kind in ("line", "cell"):
+        ipython.magics_manager.magics[kind].pop("mesh", None)
+    if tuple(ipython.custom_exceptions) == (MeshError,):
+        ipython.set_custom_exc((), None)
 
 
 def _jupyter_labextension_paths():

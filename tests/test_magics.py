@@ -159,10 +159,11 @@ def test_cell_route_off_overrides_kernel_route(ip, started):
         assert routed is not None  # the kernel-wide route is on
         ip.run_cell_magic("mesh", "--route off", "_s = _w.sum().compute()")
         assert ip.user_ns["_s"] == 10_000
-        assert started.last_report is routed  # the cell ran unrouted
+        # the cell ran unrouted, and the earlier report does not pass for its work
+        assert started.last_report is None
         assert started.route_mode == "auto"  # and the kernel route is back after it
         ip.run_cell("_s = _w.sum().compute()")
-        assert started.last_report is not routed
+        assert started.last_report is not None and started.last_report is not routed
     finally:
         ip.run_line_magic("mesh", "route off")
 
@@ -412,3 +413,19 @@ def test_a_mesh_error_in_a_cell_is_one_line_saying_where(ip, capsys):
         assert capsys.readouterr().out.startswith("MeshError: plain  [In [")
     finally:
         ip.run_line_magic("colors", colors)
+
+
+def test_unload_ext_takes_the_magics_and_reload_brings_them_back(ip):
+    from jupyter_mesh import MeshError
+
+    assert "mesh" in ip.magics_manager.magics["line"]
+    ip.run_line_magic("unload_ext", "jupyter_mesh")
+    try:
+        assert "mesh" not in ip.magics_manager.magics["line"]
+        assert "mesh" not in ip.magics_manager.magics["cell"]
+        assert MeshError not in tuple(ip.custom_exceptions)
+    finally:
+        ip.run_line_magic("load_ext", "jupyter_mesh")
+    assert "mesh" in ip.magics_manager.magics["line"]
+    assert "mesh" in ip.magics_manager.magics["cell"]
+    assert tuple(ip.custom_exceptions) == (MeshError,)
