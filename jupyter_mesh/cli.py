@@ -270,9 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # Dask's Nanny says "Nanny failed to start." over the error that says why
-        cause: BaseException = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
+        # (the first OSError says why it could not join: what is under it, a timeout
+        # or a cancelled wait, says less)
+        chain: list[BaseException] = [exc]
+        while chain[-1].__cause__ is not None:
+            chain.append(chain[-1].__cause__)
+        cause = next((e for e in chain if isinstance(e, OSError)), chain[-1])
         why = (str(cause).splitlines() or [type(cause).__name__])[0] or \
             type(cause).__name__
         if isinstance(cause, OSError):

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Literal, overload
@@ -1429,10 +1430,18 @@ def _probe_scheduler(address: str, security: Any, timeout: float) -> dict[str, A
     # a daemon thread of its own: Ctrl-C stops the wait at once (an executor's exit
     # would wait for the probe's own timeout), and the probe gives up by itself
     threading.Thread(target=run, name="jupyter-mesh-probe", daemon=True).start()
-    try:
-        ident = future.result(timeout + 5)
-    except (asyncio.TimeoutError, concurrent.futures.TimeoutError):
-        raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
+    # waited for in short steps: an interrupt that is not a real signal (a kernel's
+    # interrupt_main) is seen between them
+    deadline = time.monotonic() + timeout + 5
+    while True:
+        try:
+            ident = future.result(0.1)
+            break
+        except concurrent.futures.TimeoutError:
+            if time.monotonic() > deadline:
+                raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
+        except asyncio.TimeoutError:
+            raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
         raise OSError(f"this is not a Dask scheduler (it answered as {found})")
