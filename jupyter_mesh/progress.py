@@ -214,24 +214,21 @@ class FuturesWatch:
         Key -> bar (a target label); None groups by Dask's key prefix.
     title:
         Shown above (or before) the bars.
-    cursor:
-        The scheduler's task-stream index, when the caller already asked for it.
     timeline:
         False: the caller gets the task stream elsewhere (the scheduler plugin keeps a
         routed computation's), so this asks the scheduler for nothing.
     """
 
     def __init__(self, mesh: Mesh, groups: Mapping[Any, str] | None = None,
-                 title: str = "jupyter_mesh", cursor: int | None = None,
-                 timeline: bool = True) -> None:
+                 title: str = "jupyter_mesh", timeline: bool = True) -> None:
         self.after = progress_after()
         self.mesh = mesh
         self.groups = groups
         self.title = title
         self.t0 = time.perf_counter()
         self.bar: TextBars | WidgetBars | None = None
-        self.cursor: int | None = cursor
-        if cursor is not None or not timeline:  # the caller asked the scheduler already
+        self.cursor: int | None = None
+        if not timeline:
             return
         try:
             client = mesh.client
