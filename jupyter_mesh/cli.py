@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -169,8 +170,19 @@ async def run_worker(args: argparse.Namespace) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # a second Ctrl-C while the worker closes: stop now (the nanny's worker process
+        # exits with it, as Dask's child processes do when their parent is gone)
+        print("jupyter-mesh worker: stopped at once (a second Ctrl-C); the worker did "
+              "not close cleanly", file=sys.stderr, flush=True)
+        os._exit(130)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     waiter = asyncio.ensure_future(stop.wait())
     print(f"jupyter-mesh worker: joining {address} (Ctrl-C stops)", file=sys.stderr,
           flush=True)
@@ -190,6 +202,9 @@ async def run_worker(args: argparse.Namespace) -> int:
     print(f"jupyter-mesh worker joined {address} (site {site})", flush=True)
     finished = asyncio.ensure_future(nanny.finished())
     await asyncio.wait([finished, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        print("jupyter-mesh worker: closing (Ctrl-C again stops at once)", file=sys.stderr,
+              flush=True)
     await nanny.close()
     if not stop.is_set():  # it ended by itself: the scheduler closed or went away
         print(f"jupyter-mesh worker: left {address}: the worker ended (the scheduler "

@@ -299,3 +299,42 @@ def test_version_and_help():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "``" not in out.stdout
     assert "1 for a GPU or TPU worker" in " ".join(out.stdout.split())
+
+
+def test_a_second_ctrl_c_stops_a_closing_worker_at_once(scheduler_mesh, tmp_path):
+    # a worker whose close takes long (here a preload's teardown sleeps 60 s): the
+    # first Ctrl-C closes it cleanly, a second one stops it at once
+    slow = tmp_path / "slow_close.py"
+    slow.write_text("import asyncio\n\nasync def dask_teardown(worker):\n"
+                    "    await asyncio.sleep(60)\n")
+    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__PRELOAD=f'["{slow}"]')
+    proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker",
+                             scheduler_mesh.address, "--nthreads", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_devices(scheduler_mesh, 1)
+        proc.send_signal(signal.SIGINT)
+        while True:  # it says that it closes, and how to stop at once
+            line = proc.stderr.readline()
+            assert line, "the worker ended before it said it closes"
+            if line.startswith("jupyter-mesh worker: closing"):
+                break
+        assert line.strip() == "jupyter-mesh worker: closing (Ctrl-C again stops at once)"
+        time.sleep(0.5)
+        assert proc.poll() is None  # still closing: the teardown sleeps
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    # (Python's resource tracker may add its warning of semaphores left behind after it)
+    assert ("jupyter-mesh worker: stopped at once (a second Ctrl-C); the worker did not "
+            "close cleanly") in err.splitlines()
+    # the worker process went with it: the scheduler drops the device
+    deadline = time.monotonic() + 30
+    while len(scheduler_mesh.inventory()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(scheduler_mesh.inventory()) == 0
