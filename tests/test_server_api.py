@@ -339,3 +339,14 @@ def test_connecting_the_server_takes_the_permission_to_execute_kernels(
                         mesh_but_no_kernels)
     code, body = api("POST", "meshes", "connect", body={"address": "tcp://127.0.0.1:1"})
     assert code == 403 and "permission to execute kernels" in body["message"]
+
+
+def test_a_refused_request_is_logged_once(api, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        code, _ = api("DELETE", "meshes", "local-1", params={"force": "yes"})
+    assert code == 400
+    said = [r for r in caplog.records
+            if "force must be true or false, not 'yes'" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]

@@ -75,7 +75,6 @@ class MeshAPIHandler(APIHandler):
         except (TypeError, ValueError):
             message = exc.log_message
         self.set_header("Content-Type", "application/json")
-        self.log.warning("wrote error: %r", message)
         self.finish(json.dumps({"message": message, "reason": exc.reason}))
 
     async def run(self, coro: Any, status: int = 200) -> None:
