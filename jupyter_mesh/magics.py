@@ -14,7 +14,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
 from . import _state
@@ -176,8 +176,9 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
     UsageError that points to its own help."""
     see = f"see {name} --help"
     try:
-        args = _unquoted(parse_argstring(func, argstring))
-        _once_each(func.parser, argstring)
+        argv = _argv(argstring)
+        args = _unquoted(func.parser.parse_args(argv))
+        _once_each(func.parser, argv)
         return args
     except UsageError as exc:
         raise UsageError(f"{str(exc).splitlines()[0]}; {see}") from None
@@ -187,17 +188,26 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
         raise UsageError(f"{exc}: {see}") from None
 
 
-def _once_each(parser: Any, argstring: str) -> None:
-    """A UsageError where an option is given twice (argparse keeps the last one
-    silently: ``--route gpu --route cpu`` would route to the CPUs)."""
+def _argv(argstring: str) -> list[str]:
+    """The words of a magic's options as a shell splits them on this system: quotes,
+    and on POSIX a backslash before a space (``--tls-ca-file ~/my\\ certs/ca.pem``);
+    on Windows a backslash is a path's separator, as IPython's own splitting keeps it."""
     from IPython.utils.process import arg_split
 
+    if os.name == "nt":  # pragma: no cover - Windows
+        return arg_split(argstring)
+    return shlex.split(argstring)
+
+
+def _once_each(parser: Any, argv: list[str]) -> None:
+    """A UsageError where an option is given twice (argparse keeps the last one
+    silently: ``--route gpu --route cpu`` would route to the CPUs)."""
     names = {}
     for action in parser._actions:
         for option in action.option_strings:
             names[option] = "/".join(action.option_strings)
     seen: set[str] = set()
-    for token in arg_split(argstring):
+    for token in argv:
         option = names.get(token.split("=", 1)[0])
         if option is None:
             continue

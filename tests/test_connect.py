@@ -410,6 +410,26 @@ def test_tls_paths_in_the_magic_may_start_with_a_tilde(ip, no_mesh, tls_cluster,
                                   f"--tls-key ~/key.pem")
 
 
+def test_tls_paths_in_the_magic_may_have_spaces_quoted_or_escaped(ip, no_mesh, tls_cluster,
+                                                                  certs, tmp_path):
+    import shutil
+
+    spaced = tmp_path / "my certs"
+    spaced.mkdir()
+    for name in ("ca", "cert", "key"):
+        shutil.copy(certs[name], spaced / f"{name}.pem")
+    escaped = str(spaced).replace(" ", "\\ ")
+    for ca, cert, key in [(f"{escaped}/ca.pem", f"{escaped}/cert.pem", f"{escaped}/key.pem"),
+                          (f"'{spaced}/ca.pem'", f'"{spaced}/cert.pem"', f"'{spaced}/key.pem'")]:
+        ip.run_line_magic("mesh", f"connect {tls_cluster.scheduler_address} "
+                                  f"--tls-ca-file {ca} --tls-cert {cert} --tls-key {key}")
+        try:
+            assert jm.current().address == tls_cluster.scheduler_address
+            assert jm.current().client.security.tls_ca_file == f"{spaced}/ca.pem"
+        finally:
+            jm.current().close()
+
+
 def test_an_empty_security_is_no_tls_and_a_certificate_without_its_key_is_said(
         no_mesh, tcp_cluster, certs):
     # Security() with no files asks for no TLS: a tcp:// scheduler connects
