@@ -144,10 +144,14 @@ async def run_worker(args: argparse.Namespace) -> int:
         accelerators = len(tpus)
     if backend == "jax":
         env.setdefault("JAX_ENABLE_X64", "1")
-    if kind is None and backend is None and _detects_accelerator():
-        kind_threads = 1  # the worker will drive a GPU or a TPU: one thread, as with --gpu
-    else:
-        kind_threads = 1 if kind in ("gpu", "tpu") else cpu_cores()
+    if kind is None and backend in (None, "jax"):
+        # without --gpu/--tpu the worker detects its device (JAX takes a TPU before the
+        # CPU): one of a GPU or TPU gets one thread and its share of the host's memory,
+        # as with --gpu or --tpu
+        found = _detects_accelerator(jax=backend == "jax")
+        if found:
+            accelerators = found
+    kind_threads = 1 if kind in ("gpu", "tpu") or accelerators else cpu_cores()
     nthreads = args.nthreads or kind_threads
     host = listen_host(address, args.host)
     if security is None and not _loopback(host):
@@ -261,14 +265,16 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _detects_accelerator() -> bool:
-    """Whether a worker started without --gpu/--tpu will find a GPU or a TPU (the TPU
-    counted in a child process, so that this one never holds a chip)."""
+def _detects_accelerator(jax: bool = False) -> int:
+    """How many accelerators of the kind a worker started without --gpu/--tpu will
+    drive one of: the CUDA GPUs CuPy sees, else the TPU chips (counted in a child
+    process, so that this one never holds a chip); 0 where it will drive the CPU.
+    ``jax``: the worker drives whatever JAX sees (``--jax``), a TPU before the CPU."""
     from .devices import _detect, _tpu
 
-    if _detect.cuda_available():
-        return True
-    return _detect.tpu_possible() and bool(_tpu.chips()[0])
+    if not jax and _detect.cuda_available():
+        return len(_detect.cuda_devices())
+    return len(_tpu.chips()[0]) if _detect.tpu_possible() else 0
 
 
 def main(argv: list[str] | None = None) -> int:

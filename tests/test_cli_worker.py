@@ -194,13 +194,37 @@ def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkey
 
     assert got["memory_limit"] == MEMORY_LIMIT // 2
     assert start("--gpu", "0", "--memory-limit", "3 GiB")["memory_limit"] == "3 GiB"
-    # without --gpu, a worker that will find an accelerator also gets one thread
-    monkeypatch.setattr(cli, "_detects_accelerator", lambda: True)
-    assert start()["nthreads"] == 1
-    monkeypatch.setattr(cli, "_detects_accelerator", lambda: False)
+    # without --gpu, a worker that will find an accelerator also gets one thread, and
+    # its share of the host's memory (here one of 4 GPUs or TPU chips); --jax too (on a
+    # TPU host JAX drives a chip)
+    monkeypatch.setattr(cli, "_detects_accelerator", lambda jax=False: 4)
+    for argv in [(), ("--jax",), ("--backend", "jax")]:
+        got = start(*argv)
+        assert (got["nthreads"], got["memory_limit"]) == (1, MEMORY_LIMIT // 4), argv
+    monkeypatch.setattr(cli, "_detects_accelerator", lambda jax=False: 0)
     assert start()["nthreads"] == _detect.cpu_cores()
+    assert start("--jax")["nthreads"] == _detect.cpu_cores()
     assert start()["memory_limit"] == "auto"  # a CPU worker: Dask's own share
     assert start("--nthreads", "3")["nthreads"] == 3
+
+
+def test_the_accelerators_a_worker_without_gpu_or_tpu_finds(monkeypatch):
+    from jupyter_mesh import cli
+    from jupyter_mesh.devices import _detect, _tpu
+
+    # SIMULATED devices: two CUDA GPUs and three TPU chips, as detection reports them
+    monkeypatch.setattr(_detect, "cuda_available", lambda: True)
+    monkeypatch.setattr(_detect, "cuda_devices", lambda: ["gpu-a", "gpu-b"])
+    monkeypatch.setattr(_detect, "tpu_possible", lambda: True)
+    monkeypatch.setattr(_tpu, "chips", lambda: (["c0", "c1", "c2"], ""))
+    assert cli._detects_accelerator() == 2  # CuPy's GPU first
+    assert cli._detects_accelerator(jax=True) == 3  # JAX takes a TPU
+    monkeypatch.setattr(_detect, "cuda_available", lambda: False)
+    assert cli._detects_accelerator() == 3
+    monkeypatch.setattr(_tpu, "chips", lambda: ([], "no chips"))
+    assert cli._detects_accelerator() == 0
+    monkeypatch.setattr(_detect, "tpu_possible", lambda: False)
+    assert cli._detects_accelerator(jax=True) == 0
 
 
 def test_a_worker_listens_where_it_reaches_the_scheduler():

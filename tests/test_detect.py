@@ -188,3 +188,47 @@ def test_cpu_set_names_the_cores_this_process_may_use(monkeypatch):
     assert _detect.cpu_set() is None  # it cannot say: the count alone is used
     monkeypatch.delattr(os, "sched_getaffinity")
     assert _detect.cpu_set() is None  # macOS, Windows
+
+
+def _fake_jax(monkeypatch, platform, stats):
+    # SIMULATED: a JAX whose first device is on `platform`, with these memory stats
+    class Dev:
+        device_kind = {"cpu": "cpu", "gpu": "NVIDIA H100 80GB HBM3", "tpu": "TPU v5 lite"}[
+            platform]
+
+        def __init__(self):
+            self.platform = platform
+
+        def memory_stats(self):
+            if isinstance(stats, Exception):
+                raise stats
+            return stats
+
+    mod = types.ModuleType("jax")
+    mod.devices = lambda: [Dev()]
+    monkeypatch.setitem(sys.modules, "jax", mod)
+
+
+def test_a_gpu_or_tpu_asked_for_through_jax_that_jax_does_not_see_fails(monkeypatch):
+    # a plain `pip install jax` on a GPU host: JAX runs on the CPU
+    _fake_jax(monkeypatch, "cpu", None)
+    monkeypatch.setattr(_detect, "cpu_model", lambda: "Some CPU")
+    with pytest.raises(RuntimeError, match=r"asked for a gpu worker through JAX, but JAX "
+                                           r"sees cpu only: install jax\[cuda12\] for it, "
+                                           r"or leave out --jax"):
+        describe_device("gpu", "jax", None)
+    with pytest.raises(RuntimeError, match=r"asked for a tpu worker through JAX, but JAX "
+                                           r"sees cpu only: install jax\[tpu\]"):
+        describe_device("tpu", "jax", None)
+
+
+@pytest.mark.parametrize("stats, want", [
+    ({"bytes_limit": 16 << 30}, 16 << 30),
+    (None, 0), ({}, 0), (RuntimeError("no stats"), 0),
+])
+def test_an_accelerator_jax_drives_never_gets_the_hosts_memory(monkeypatch, stats, want):
+    # where JAX does not say how much memory the chip has, it is unknown (0), never the
+    # host's memory (the router would take it for the chip's)
+    _fake_jax(monkeypatch, "tpu", stats)
+    info = _detect.jax_device(memory=12 << 30)
+    assert (info.kind, info.memory) == ("tpu", want)

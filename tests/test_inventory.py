@@ -44,6 +44,18 @@ def test_text_and_html_reprs_group_by_kind_and_site():
     assert "<table>" in html
 
 
+def test_a_device_whose_memory_is_not_known_shows_a_dash_not_zero():
+    recs = _records()
+    recs[2]["memory"] = 0  # a chip whose driver does not say (JAX without memory stats)
+    inv = Inventory.from_records(recs, "tcp://s:8786")
+    lines = repr(inv).splitlines()
+    assert [ln for ln in lines if ln.strip().startswith("gpu-1")][0].split("mem ")[1] \
+        .startswith("-/-  ")
+    assert [ln for ln in lines if ln.strip().startswith("gpu-0")][0].split("mem ")[1] \
+        .startswith("-/80.0 GiB  ")
+    assert "<td>- / -</td>" in inv._repr_html_()
+
+
 def test_a_jax_cpu_worker_shows_the_numpy_figures_it_measured_too():
     from jupyter_mesh.devices._profile import Profile
 

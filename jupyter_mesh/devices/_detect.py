@@ -208,9 +208,11 @@ def jax_device(memory: int | None = None) -> DeviceInfo:
     model = cpu_model() if kind == "cpu" else str(getattr(dev, "device_kind", dev.platform))
     mem = memory or psutil.virtual_memory().total
     if kind != "cpu":
+        # the accelerator's own memory; 0 (unknown) where JAX does not say, never the
+        # host's, which the router would take for the device's
         try:
-            mem = int((dev.memory_stats() or {}).get("bytes_limit", mem))
+            mem = int((dev.memory_stats() or {}).get("bytes_limit", 0) or 0)
         except Exception:
-            pass
+            mem = 0
     return DeviceInfo(kind=kind, backend="jax", model=model, memory=int(mem),
                       extra={"jax_platform": dev.platform})

@@ -58,6 +58,13 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
         # float64 stays float64 on the JAX path, so routed results match NumPy
         os.environ.setdefault("JAX_ENABLE_X64", "1")
         info = _detect.jax_device(memory)
+        if kind not in (None, info.kind):
+            # (a plain `pip install jax` has no CUDA: JAX falls back to the CPU)
+            extra = {"gpu": "jax[cuda12]", "tpu": "jax[tpu]"}.get(kind)
+            raise RuntimeError(
+                f"jupyter_mesh: asked for a {kind} worker through JAX, but JAX sees "
+                f"{info.extra.get('jax_platform', info.kind)} only"
+                f"{f': install {extra} for it' if extra else ''}, or leave out --jax")
     elif kind == "gpu" or (kind is None and _detect.cuda_available()):
         gpus = _detect.cuda_devices()
         if not gpus:
