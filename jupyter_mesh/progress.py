@@ -354,20 +354,24 @@ class RemoteWatch:
         self.t0 = time.monotonic()
         self.widgets: dict[str, Any] | None = None
         self.text = False
-        self.finished: set[str] = set()
-        #: seconds after the start at which each worker finished
+        #: how the cell ended on each worker it ended on so far: "finished" (green), or
+        #: "failed", "timed out", "stopped" (red)
+        self.ended: dict[str, str] = {}
+        #: seconds after the start at which each worker's run ended
         self.finished_at: dict[str, float] = {}
 
     @property
     def shown(self) -> bool:
         return self.widgets is not None or self.text
 
-    def tick(self, finished: set[str] | None = None) -> None:
+    def tick(self, ended: dict[str, str] | None = None) -> None:
+        """Draw the bars; ``ended``: the workers the cell ended on so far, each with
+        how (see :attr:`ended`)."""
         elapsed = time.monotonic() - self.t0
-        if finished is not None:
-            for label in set(finished) - self.finished:
+        if ended is not None:
+            for label in set(ended) - set(self.ended):
                 self.finished_at[label] = elapsed
-            self.finished = set(finished)
+            self.ended = dict(ended)
         if not self.shown:
             if elapsed < self.after:
                 return
@@ -404,11 +408,12 @@ class RemoteWatch:
         spent = format_time(elapsed).strip()
         if self.widgets is not None:
             for label, (bar, text) in self.widgets.items():
-                if label in self.finished:  # done on that worker, while others run on
+                how = self.ended.get(label)
+                if how is not None:  # ended on that worker, while others may run on
                     took = format_time(self.finished_at.get(label, elapsed)).strip()
                     bar.value = 1.0
-                    bar.bar_style = "success"
-                    text.value = f"{_escape(label)}: finished after {took}"
+                    bar.bar_style = "success" if how == "finished" else "danger"
+                    text.value = f"{_escape(label)}: {how} after {took}"
                 elif end is not None:
                     bar.value = 1.0
                     bar.bar_style = "success" if end == "finished" else "danger"
@@ -417,7 +422,7 @@ class RemoteWatch:
                     bar.value = self._fraction(elapsed)
                     text.value = f"{_escape(label)}: running {spent}"
         elif self.text:
-            running = [lb for lb in self.labels if lb not in self.finished]
+            running = [lb for lb in self.labels if lb not in self.ended]
             state = end or f"running on {', '.join(running) or '-'}"
             limit = f" of {self.timeout:g} s" if self.timeout else ""
             sys.stderr.write(f"\rremote cell: {state} | {spent}{limit}")
@@ -425,7 +430,11 @@ class RemoteWatch:
                 sys.stderr.write("\n")
             sys.stderr.flush()
 
-    def done(self, ok: bool = True) -> None:
+    def done(self, ok: bool = True, ended: dict[str, str] | None = None) -> None:
+        """The end: each worker in ``ended`` as it ended there, the others (still
+        running when the cell was given up) "finished" if ``ok``, else "stopped"."""
+        if ended is not None:
+            self.tick(ended)
         if self.shown:
             try:
                 self._draw(time.monotonic() - self.t0, "finished" if ok else "stopped")

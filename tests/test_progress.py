@@ -281,17 +281,38 @@ def test_a_worker_that_finished_shows_green_while_others_run(monkeypatch):
     monkeypatch.setattr(progress, "_display", lambda obj, text: None)
     watch = progress.RemoteWatch(["cpu-0", "cpu-1"], timeout=None)
     watch.after = 0.0
-    watch.tick(set())
+    watch.tick({})
     time.sleep(0.2)
-    watch.tick({"cpu-0"})
+    watch.tick({"cpu-0": "finished"})
     time.sleep(0.3)
-    watch.tick({"cpu-0"})
+    watch.tick({"cpu-0": "finished"})
     (bar0, text0), (bar1, text1) = watch.widgets["cpu-0"], watch.widgets["cpu-1"]
     assert bar0.bar_style == "success" and "cpu-0: finished after 0.2" in text0.value
     assert "running" in text1.value
     watch.done(ok=False)  # the other one was stopped
     assert bar0.bar_style == "success" and bar1.bar_style == "danger"
     assert "cpu-1: stopped after" in text1.value
+
+
+def test_a_worker_the_cell_failed_or_timed_out_on_is_red_and_says_so(monkeypatch):
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: None)
+    watch = progress.RemoteWatch(["cpu-0", "jax-cpu-0", "cpu-1"], timeout=None)
+    watch.after = 0.0
+    watch.tick({})
+    time.sleep(0.2)
+    watch.tick({"cpu-0": "failed"})  # it raised, while the others run on
+    bar0, text0 = watch.widgets["cpu-0"]
+    assert bar0.bar_style == "danger" and text0.value.startswith("cpu-0: failed after ")
+    first = text0.value
+    time.sleep(0.2)
+    # the last ones end together with the loop: done() draws how each ended
+    watch.done(ok=False, ended={"cpu-0": "failed", "jax-cpu-0": "finished",
+                                "cpu-1": "timed out"})
+    (bar1, text1), (bar2, text2) = watch.widgets["jax-cpu-0"], watch.widgets["cpu-1"]
+    assert bar1.bar_style == "success" and text1.value.startswith("jax-cpu-0: finished after ")
+    assert bar2.bar_style == "danger" and text2.value.startswith("cpu-1: timed out after ")
+    assert (bar0.bar_style, text0.value) == ("danger", first)  # as it was
 
 
 def test_an_error_drawing_the_remote_bar_does_not_stop_the_cell(monkeypatch):
@@ -303,7 +324,7 @@ def test_an_error_drawing_the_remote_bar_does_not_stop_the_cell(monkeypatch):
         raise ValueError("I/O operation on closed file")
 
     monkeypatch.setattr(watch, "_draw", broken)
-    watch.tick(set())  # no exception
+    watch.tick({})  # no exception
 
 
 def _boom(block):

@@ -315,3 +315,19 @@ def test_the_orphan_check_asks_a_scheduler_without_jupyter_mesh_once():
     for _ in range(3):
         assert asyncio.run(plugin.drop_orphans()) == []
     assert asked == [1] and "s1" in plugin.sessions
+
+
+def test_how_a_remote_cell_ended_on_each_worker_for_its_bar():
+    def run(name, final=None, failure=None):
+        r = _client._Run(SimpleNamespace(name=name, worker=f"tcp://{name}"), {})
+        r.final, r.failure = final, failure
+        return r
+
+    runs = [run("a", {"status": "ok"}), run("b", {"status": "error"}),
+            run("c", {"status": "timeout"}), run("d", {"status": "interrupted"}),
+            run("e", failure=RuntimeError("lost the worker")),
+            run("f", failure=_client._StillRunning(run("f"), False)),
+            run("g", {"status": "pull-missing"}), run("h")]
+    assert _client._ended(runs, pending={7}) == {
+        "a": "finished", "b": "failed", "c": "timed out", "d": "stopped", "e": "failed",
+        "f": "still running", "g": "failed"}

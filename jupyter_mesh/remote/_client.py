@@ -400,7 +400,7 @@ class RemoteCells:
         try:
             while pending:
                 try:  # Ctrl-C may land while the progress bar draws, too
-                    watch.tick({runs[i].label for i in range(len(runs)) if i not in pending})
+                    watch.tick(_ended(runs, pending))
                     try:
                         kind, run, payload = events.get(timeout=0.2)
                     except queue.Empty:
@@ -439,10 +439,11 @@ class RemoteCells:
                     stop_sent_at = time.monotonic()
                     self._send_stop([runs[i] for i in pending], "interrupted")
         except BaseException:
-            watch.done(False)  # the bar's line ends before the error is shown
+            # the bar's line ends before the error is shown
+            watch.done(False, _ended(runs, pending))
             raise
         watch.done(not interrupted and not any((r.final or {}).get("status") != "ok"
-                                               for r in runs))
+                                               for r in runs), _ended(runs, pending))
         return self._collect(runs, interrupted, timeout)
 
     def _start(self, run: _Run, events: queue.SimpleQueue) -> None:
@@ -800,3 +801,21 @@ def _clear_output(wait: bool) -> None:
             clear_output(wait=wait)
     except ImportError:
         pass
+
+
+def _ended(runs: list[_Run], pending: set[int]) -> dict[str, str]:
+    """How a remote cell ended on each worker it ended on (for its progress bar):
+    "finished", "failed", "timed out" or "stopped"."""
+    out = {}
+    for i, run in enumerate(runs):
+        if i in pending:
+            continue
+        status = (run.final or {}).get("status")
+        if isinstance(run.failure, _StillRunning):
+            out[run.label] = "still running"
+        elif run.failure is not None or status is None:
+            out[run.label] = "failed"
+        else:
+            out[run.label] = {"ok": "finished", "timeout": "timed out",
+                              "interrupted": "stopped"}.get(status, "failed")
+    return out
