@@ -969,6 +969,19 @@ class Mesh:
         return [name for name, w in list(self.cluster.workers.items())
                 if name in self.cluster.worker_spec and getattr(w, "status", None) in gone]
 
+    def _live_counts(self) -> dict[str, int]:
+        """Per family (``cpu``, ``jax_cpu``, ``gpu``, ``tpu``), the workers of this
+        local mesh that run or are being restarted: those asked for, less those whose
+        nanny stopped (what a scale counts, see ``_forget_dead_workers``)."""
+        counts = {fam: int(self.options.get(fam, 0) or 0) for fam in FAMILIES}
+        if self.cluster is not None and not self.closed:
+            with contextlib.suppress(Exception):
+                for name in self._dead_workers():
+                    fam = _family_of(name)
+                    if fam in counts:
+                        counts[fam] = max(0, counts[fam] - 1)
+        return counts
+
     def _forget_dead_workers(self, families: set[str]) -> None:
         """Take the dead workers of ``families`` (see ``_dead_workers``) out of the
         cluster's spec, so that scaling them counts only live workers and starts new

@@ -104,7 +104,7 @@ class MeshPanel(w.VBox):
         if mesh.owns_cluster:
             for fam in SCALABLE:
                 self.counts[fam] = w.IntText(
-                    value=int(mesh.options.get(fam, 0)), description=fam,
+                    value=mesh._live_counts().get(fam, 0), description=fam,
                     layout=w.Layout(width="160px"))
             self.scale_button = w.Button(description="Scale", icon="sliders")
             self.scale_button.on_click(lambda _: self.scale())
@@ -112,6 +112,7 @@ class MeshPanel(w.VBox):
         #: per count box, the mesh's count it last showed: a box the user has not
         #: changed since follows the mesh when it is scaled elsewhere
         self._shown = {fam: box.value for fam, box in self.counts.items()}
+        self.route.value = self._route_shown = str(mesh.route_mode)
         #: the last refresh could not read the inventory (its message is shown)
         self._unread = False
         super().__init__([self.header, self.devices, *controls, self.message], **kwargs)
@@ -120,7 +121,6 @@ class MeshPanel(w.VBox):
         self._thread: threading.Thread | None = None
         _state.listeners.append(self._on_mesh_event)
         self.refresh()
-        self.route.value = str(mesh.route_mode)
         if self.interval > 0 and not mesh.closed:
             self._thread = threading.Thread(target=self._loop, name="jupyter-mesh-widget",
                                             daemon=True)
@@ -162,11 +162,18 @@ class MeshPanel(w.VBox):
             f"routing: <code>{html.escape(str(mesh.route_mode))}</code>"
         )
         self.devices.value = devices_html(inv)
+        # a box the user has not changed follows the mesh: scaled elsewhere (%mesh
+        # scale, mesh.scale), or a worker that died and is not restarted
+        live = mesh._live_counts() if self.counts else {}
         for fam, box in self.counts.items():
-            now = int(mesh.options.get(fam, 0))
+            now = live.get(fam, 0)
             if box.value == self._shown.get(fam) and box.value != now:
-                box.value = now  # scaled elsewhere (%mesh scale, mesh.scale)
+                box.value = now
             self._shown[fam] = now
+        route = str(mesh.route_mode)  # the route box likewise (%mesh route, mesh.route)
+        if self.route.value == self._route_shown and self.route.value != route:
+            self.route.value = route
+        self._route_shown = route
         options = ["auto", "off", *sorted(inv.by_target())]
         if list(self.route.options) != options:
             self.route.options = options
@@ -220,7 +227,7 @@ class MeshPanel(w.VBox):
             api.set_route(self.mesh, text)
         except Exception as exc:  # shown in the panel, never raised into the kernel
             self._say(f"route {text!r} refused: {_first_line(exc)}", error=True)
-            self.route.value = str(self.mesh.route_mode)
+            self.route.value = self._route_shown = str(self.mesh.route_mode)
             return False
         self._say("routing off: plain Dask calls run where Dask puts them" if text == "off"
                   else f"routing plain Dask calls: {self.mesh.route_mode}")
@@ -239,8 +246,9 @@ class MeshPanel(w.VBox):
             self.mesh.scale(**counts)
         except Exception as exc:
             self._say(f"scale refused: {_first_line(exc)}", error=True)
+            live = self.mesh._live_counts()
             for fam, box in self.counts.items():
-                box.value = self._shown[fam] = int(self.mesh.options.get(fam, 0))
+                box.value = self._shown[fam] = live.get(fam, 0)
             return False
         self._say("scaled to " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         self.refresh()

@@ -158,6 +158,43 @@ def test_count_boxes_follow_a_scale_made_elsewhere(mesh):
             mesh.scale(cpu=1)
 
 
+def test_count_boxes_show_a_worker_that_died_and_is_not_restarted_as_gone(mesh,
+                                                                          monkeypatch):
+    p = mesh.widget(refresh=0)
+    try:
+        assert p.counts["cpu"].value == 1
+        # its nanny stopped: nothing restarts it (what a scale counts)
+        monkeypatch.setattr(mesh, "_dead_workers", lambda: ["cpu-0"])
+        p.refresh()
+        assert p.counts["cpu"].value == 0
+        monkeypatch.undo()
+        p.refresh()
+        assert p.counts["cpu"].value == 1
+    finally:
+        p.close()
+
+
+def test_the_route_box_follows_a_route_set_elsewhere(mesh):
+    # "Set route" sends the box: a box still showing the route from before %mesh route
+    # would undo it
+    from jupyter_mesh.router import api
+
+    p = mesh.widget(refresh=0)
+    try:
+        assert p.route.value == "off"
+        api.set_route(mesh, "cpu")
+        p.refresh()
+        assert p.route.value == "cpu"
+        # what the user is typing stays
+        p.route.value = "auto"
+        api.set_route(mesh, "off")
+        p.refresh()
+        assert p.route.value == "auto"
+    finally:
+        p.close()
+        api.set_route(mesh, "off")
+
+
 def test_an_inventory_error_clears_once_the_inventory_reads_again(mesh, monkeypatch):
     p = mesh.widget(refresh=0)
     try:
