@@ -100,6 +100,11 @@ class Device:
         }
 
 
+
+def plural(n: int, word: str) -> str:
+    """``n`` and ``word``, plural but for one: "1 device", "3 devices"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
 class Inventory:
     """The devices of a mesh at one moment, grouped by kind and site.
 
@@ -179,15 +184,18 @@ class Inventory:
         return ", ".join(f"{n} {k}" for k, n in sorted(self.by_kind().items()))
 
     def __repr__(self) -> str:
-        lines = [f"Mesh inventory at {self.address or '?'}: {len(self)} devices ({self.summary()})"]
+        lines = [f"Mesh inventory at {self.address or '?'}: {plural(len(self), 'device')} "
+                 f"({self.summary()})"]
         if self.dashboard:
             lines.append(f"dashboard: {self.dashboard}")
+        # columns as wide as the longest name (Dask names a worker by its address)
+        width = max([12, *(len(d.name or d.worker) for d in self)])
         for (kind, site), devs in self.groups().items():
             lines.append(f"{kind} @ {site}: {len(devs)}")
             for d in devs:
                 prof = d.profile_text()
                 lines.append(
-                    f"  {d.name or d.worker:<12} {d.backend:<6} {d.model[:40]:<40} "
+                    f"  {d.name or d.worker:<{width}} {d.backend:<6} {d.model[:40]:<40} "
                     f"mem {format_bytes(d.memory_used)}/{format_bytes(d.memory)}  "
                     f"tasks {d.tasks}  {prof}"
                 )
@@ -197,7 +205,7 @@ class Inventory:
         e = html.escape
         head = (
             f"<div class='jupyter-mesh-inventory'><b>Mesh</b> at <code>{e(self.address)}</code>: "
-            f"{len(self)} devices ({e(self.summary())})"
+            f"{plural(len(self), 'device')} ({e(self.summary())})"
         )
         if self.dashboard:
             head += f" &middot; <a href='{e(self.dashboard)}' target='_blank' rel='noopener noreferrer'>dashboard</a>"

@@ -28,7 +28,7 @@ from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
 from .errors import MeshError
-from .inventory import Inventory, format_bytes
+from .inventory import Inventory, format_bytes, plural
 from .router.history import RunHistory
 
 #: worker-spec name prefix per local worker family
@@ -1119,7 +1119,7 @@ class Mesh:
             return "<Mesh (closed)>"
         try:
             inv = self.inventory()
-            return f"<Mesh {self.address}: {len(inv)} devices ({inv.summary()})>"
+            return f"<Mesh {self.address}: {plural(len(inv), 'device')} ({inv.summary()})>"
         except Exception:
             return f"<Mesh {self.address}>"
 
@@ -1145,7 +1145,7 @@ class Mesh:
         costs = f"<div>{e(repr(cal))}</div>" if cal is not None else ""
         return (
             f"<div class='jupyter-mesh'><b>Mesh</b> <code>{e(self.address)}</code>: "
-            f"{len(inv)} devices{dash}<ul>{groups}</ul>{costs}</div>"
+            f"{plural(len(inv), 'device')}{dash}<ul>{groups}</ul>{costs}</div>"
         )
 
     # ------------------------------------------------------------------ remote cells

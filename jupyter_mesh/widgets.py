@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _state
 from .errors import MeshError
-from .inventory import Inventory, format_bytes
+from .inventory import Inventory, format_bytes, plural
 
 if TYPE_CHECKING:
     from .mesh import Mesh
@@ -158,7 +158,7 @@ class MeshPanel(w.VBox):
                 if link else "")
         self.header.value = (
             f"<b>Mesh</b> <code>{html.escape(inv.address or mesh.address)}</code>: "
-            f"{len(inv)} devices ({html.escape(inv.summary())}){dash} &middot; "
+            f"{plural(len(inv), 'device')} ({html.escape(inv.summary())}){dash} &middot; "
             f"routing: <code>{html.escape(str(mesh.route_mode))}</code>"
         )
         self.devices.value = devices_html(inv)

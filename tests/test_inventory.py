@@ -44,6 +44,16 @@ def test_text_and_html_reprs_group_by_kind_and_site():
     assert "<table>" in html
 
 
+def test_the_text_counts_in_words_and_keeps_its_columns_with_long_names():
+    recs = _records()
+    recs[0]["name"] = "tcp://127.0.0.1:40123"  # Dask names a worker by its address
+    text = repr(Inventory.from_records(recs, "tcp://s:8786"))
+    rows = [ln for ln in text.splitlines() if ln.startswith("  ")]
+    assert len({ln.index(" mem ") for ln in rows}) == 1, text
+    one = repr(Inventory.from_records(recs[:1], "tcp://s:8786"))
+    assert ": 1 device (" in one and ": 3 devices (" in text
+
+
 def test_a_device_whose_memory_is_not_known_shows_a_dash_not_zero():
     recs = _records()
     recs[2]["memory"] = 0  # a chip whose driver does not say (JAX without memory stats)

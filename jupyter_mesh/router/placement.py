@@ -13,10 +13,11 @@ import math
 from typing import Any, cast
 
 from ..errors import MeshError
+from ..inventory import plural
 from ..targets import Target, parse_route
 from .classify import GraphModel
 from .cost import CostModel, Pool, reshared
-from .plan import Plan, _count
+from .plan import Plan
 
 
 def parse_route_or_error(route: Any) -> str | Target:
@@ -939,7 +940,7 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
         if plan.floor > max(finish):
             plan.notes.append(
                 f"estimate: at least {plan.floor:.2g} s, the "
-                f"{_count(dispatched, 'task')} it dispatches at this mesh's measured "
+                f"{plural(dispatched, 'task')} it dispatches at this mesh's measured "
                 f"pace (one every "
                 f"{cost.task_interval * 1e3:.2g} ms)")
         if cpu_cores:
@@ -950,7 +951,7 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 plan.notes.append(
                     f"estimate: at least {cpu:.2g} s with Dask's own work: the workers' "
                     f"tasks and Dask ({cost.cpu_per_task * 1e3:.2g} ms of CPU per task, "
-                    f"{_count(dispatched, 'task')}) share this host's {cpu_cores} "
+                    f"{plural(dispatched, 'task')}) share this host's {cpu_cores} "
                     f"core{'s' * (cpu_cores != 1)}")
     return plan
 

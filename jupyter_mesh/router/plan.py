@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from ..inventory import format_bytes
+from ..inventory import format_bytes, plural
 from .classify import OpInfo
 from .cost import CostModel, Pool
 
@@ -262,7 +262,7 @@ class Plan(Generic[ModelT]):
     def _header(self) -> str:
         return (
             f"Plan (route={self.route}{', site=' + self.site if self.site else ''}): "
-            f"{_count(self.ntasks, 'task')} in {_count(len(self.rows), 'op')} over "
+            f"{plural(self.ntasks, 'task')} in {plural(len(self.rows), 'op')} over "
             f"{', '.join(f'{p.label}×{len(p.workers)}' for p in self.pools) or 'no devices'}; "
             f"est. {_secs(self.makespan)} makespan, "
             f"{format_bytes(self.bytes_moved) if self.bytes_moved else 'nothing'} "
@@ -345,7 +345,7 @@ class Report:
 
     def _header(self) -> str:
         return (
-            f"Report (route={self.plan.route}): {_count(self.plan.ntasks, 'task')}, "
+            f"Report (route={self.plan.route}): {plural(self.plan.ntasks, 'task')}, "
             f"{_secs(self.wall_seconds)} wall, est. {_secs(self.plan.makespan)}"
         )
 
@@ -411,11 +411,6 @@ def _target_text(c: Counter[str]) -> str:
     if len(c) == 1:
         return next(iter(c))
     return " + ".join(f"{label}×{n}" for label, n in c.most_common())
-
-
-def _count(n: int, word: str) -> str:
-    """``n`` and ``word``, plural but for one: "1 task", "300 tasks"."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _secs(s: float) -> str:
