@@ -135,18 +135,30 @@ def test_plan_rows_and_rewrite_wrap_each_layer_once():
     for r in plan.rows:
         assert set(r) >= {"op", "target", "tasks", "est_seconds", "bytes_moved"}
     assert "planned per layer" in repr(plan) and "<table>" in plan._repr_html_()
-    routed = rewrite_layers(plan)
-    assert set(routed.layers) == set(plan.model.names)
-    for name, layer in routed.graph.layers.items():
+    unfused = rewrite_layers(plan, fuse=False)
+    assert set(unfused.layers) == set(plan.model.names)
+    for name, layer in unfused.graph.layers.items():
         if isinstance(layer, Blockwise):
             assert isinstance(layer.task.func, DeviceCall)
             assert not isinstance(g.layers[name].task.func, DeviceCall)  # input untouched
-    # the rewritten graph gives the unrouted numbers (the wrapper runs on host NumPy here)
-    got = dask.get(routed.graph, routed.keys)
-    values = dict(zip(routed.keys, got, strict=True))
+    # by default the Blockwise layers of one pool are fused as Dask fuses them: fewer
+    # layers, each still restricted by its (last layer's) name, every member wrapped
+    routed = rewrite_layers(plan)
+    assert set(routed.graph.layers) < set(unfused.graph.layers)
+    assert set(routed.graph.layers) <= set(routed.layers)
+    for layer in routed.graph.layers.values():
+        assert not getattr(layer, "annotations", None)  # the pool's mark is taken off
+        if isinstance(layer, Blockwise):
+            inner = [layer.task] if isinstance(layer.task.func, DeviceCall) else \
+                list(layer.task.args[0].values())
+            assert inner and all(isinstance(t.func, DeviceCall) for t in inner)
+    # the rewritten graphs give the unrouted numbers (the wrapper runs on host NumPy here)
     finalize, extra = y.__dask_postcompute__()
-    result = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
-    np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
+    for r in (unfused, routed):
+        got = dask.get(r.graph, r.keys)
+        values = dict(zip(r.keys, got, strict=True))
+        result = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
+        np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
 
 
 def equivalent_pools(site_b: str = "lab"):
@@ -261,6 +273,12 @@ def test_live_forced_jax_same_numbers_and_report(mesh):
     rows = {r["op"]: r for r in report.rows}
     assert rows["matmul"]["target"] == "cpu:jax"
     assert rows["matmul"]["tasks"] == 8 and rows["matmul"]["workers"] == ["jax-cpu-0"]
+    # Blockwise layers fused into one another's tasks (one pool) each report their own
+    # tasks, where they ran and their seconds
+    planned = {r["op"]: r for r in report.plan.rows}
+    for op in ("transpose", "matmul", "add"):
+        assert rows[op]["tasks"] == planned[op]["tasks"], op
+        assert rows[op]["backends"] == ["jax"] and rows[op]["seconds"] > 0, op
     assert "matmul" in repr(report) and "<table>" in report._repr_html_()
     (b,) = mesh.compute(y, route="cpu:numpy")
     assert mesh.last_report.ran_on("matmul") == ["numpy"]
@@ -376,3 +394,27 @@ def test_plan_collections_takes_the_layer_path_above_the_threshold():
             "cpu:jax@edge (numpy)"}
         with pytest.raises(MeshError, match="no live tpu worker"):
             plan_collections([pipeline()], devices, route="tpu")
+
+
+def test_blockwise_layers_of_different_pools_are_never_fused_together():
+    pools = synthetic_pools()
+    y = pipeline()
+    g, keys = _collection_graph([y])
+    plan = plan_layers(model_layers(g, keys), pools, "cpu:jax")
+    names = plan.model.names
+    add = next(i for i, n in enumerate(names) if n.startswith("add-"))
+    other = next(p for p in range(len(plan.pools)) if p != plan.layer_pool[add])
+    plan.layer_pool[add] = other  # `add` alone on another pool than its neighbours
+    routed = rewrite_layers(plan)
+    layers = routed.graph.layers
+    assert names[add] in layers and routed.layers[names[add]] == other
+    # the layer after it (sum) is fused with nothing of `add`'s pool
+    for name, layer in layers.items():
+        if isinstance(layer, Blockwise) and name != names[add]:
+            assert routed.layers[name] != other
+            assert names[add] not in getattr(layer, "dsk", {})
+    got = dask.get(routed.graph, routed.keys)
+    values = dict(zip(routed.keys, got, strict=True))
+    finalize, extra = y.__dask_postcompute__()
+    result = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
+    np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)

@@ -72,6 +72,35 @@ def _map(fn: Any, x: Any) -> Any:
     return fn(x)
 
 
+class LayerKeys:
+    """A :class:`DeviceCall`'s ``key`` for every task of one Blockwise layer that Dask
+    may have fused into another layer's tasks (the router fuses the Blockwise layers a
+    plan puts on one pool): the report's key is the layer's name with the index of the
+    task that runs it, as the task would have been keyed unfused."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> Any:
+        return (LayerKeys, (self.name,))
+
+    def __dask_tokenize__(self) -> Any:
+        return ("jupyter_mesh.LayerKeys", self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is LayerKeys and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(("LayerKeys", self.name))
+
+    def key_of(self, running: Any) -> Any:
+        if isinstance(running, tuple):
+            return (self.name, *running[1:])
+        return self.name
+
+
 class DeviceCall:
     """Callable that runs one task's function on the worker's device backend.
 
@@ -81,7 +110,8 @@ class DeviceCall:
         The task's original function.
     key:
         The task's key (for the report); None: read it from the worker's thread state,
-        so one wrapper can serve every task of an op.
+        so one wrapper can serve every task of an op; a :class:`LayerKeys`: that
+        layer's key for the running task's index.
     plan_id:
         Which routed computation the task belongs to.
     to_host:
@@ -183,6 +213,8 @@ class DeviceCall:
         key = self.key
         if key is None:
             key = getattr(thread_state, "key", None)
+        elif type(key) is LayerKeys:
+            key = key.key_of(getattr(thread_state, "key", None))
         _record(self.plan_id, key, used, time.perf_counter() - t0)
         return out
 
