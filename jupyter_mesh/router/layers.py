@@ -13,8 +13,10 @@ HighLevelGraph layer computes the same op on blocks of the same shape, so this p
   wrapped once in the device wrapper; a materialized layer has its tasks wrapped (it
   holds them already). The target of each layer travels by layer name to the scheduler
   plugin, whose ``update_graph`` turns it into restrictions on that layer's keys. The
-  graph is submitted unfused, so layer names stay the keys' names (except where the
-  plan restricts nothing: then it is materialized and fused as Dask would fuse it).
+  Blockwise layers the plan puts on one pool are fused as Dask fuses them (a fused
+  layer keeps its last layer's name, and so its target); nothing is fused across two
+  pools, and nothing else is fused, so layer names stay the keys' names. Where the plan
+  restricts nothing, the graph is materialized and fused as Dask would fuse it.
 
 The device wrapper still converts every task's inputs to the backend of the worker it
 actually runs on: placement never decides correctness.
