@@ -141,7 +141,9 @@ def dashboard_options(host: str) -> dict[str, Any]:
 
     value = get("local.dashboard-address")
     if value is None or value is False:
-        return {"dashboard": False, "dashboard_address": unparse_host_port(host, 0)}
+        bare = host.strip("[]")
+        return {"dashboard": False,
+                "dashboard_address": (bare, 0) if ":" in bare else unparse_host_port(bare, 0)}
     bad = MeshConfigError(
         f"config mesh.local.dashboard-address must be HOST:PORT like '127.0.0.1:8787', "
         f"':0' (a free port on mesh.local.host), or null to turn the dashboard off, "
@@ -161,4 +163,8 @@ def dashboard_options(host: str) -> dict[str, Any]:
         raise bad from None
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise bad
-    return {"dashboard_address": unparse_host_port(dash_host or host, port)}
+    dash_host = (dash_host or host).strip("[]")
+    if ":" in dash_host:
+        # IPv6: Dask splits a text address at every ":", so it takes the pair instead
+        return {"dashboard_address": (dash_host, port)}
+    return {"dashboard_address": unparse_host_port(dash_host, port)}

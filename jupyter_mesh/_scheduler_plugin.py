@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -114,17 +115,33 @@ class MeshSchedulerPlugin(SchedulerPlugin):
         """Every live device with its load, plus the scheduler's identity."""
         sched = self.scheduler
         devices = [worker_record(ws) for ws in sched.workers.values()]
-        dashboard = None
-        try:
-            port = sched.http_server.port
-            dashboard = f"http://{sched.ip}:{port}/status"
-        except Exception:
-            pass
         return {
             "address": sched.address,
-            "dashboard": dashboard,
+            "dashboard": dashboard_url(sched),
             "devices": devices,
             "events": [list(e) for e in list(self.events)[-50:]],
             "protocol": PROTOCOL,
             "version": __version__,
         }
+
+
+def dashboard_url(sched: Any) -> str | None:
+    """The scheduler's dashboard as a browser on its machine opens it: the interface
+    Dask's HTTP server listens on (the scheduler's own where it listens on all of them),
+    an IPv6 host in brackets; None without an HTTP server."""
+    try:
+        server = sched.http_server
+        port = server.port
+    except Exception:
+        return None
+    host = None
+    for sock in list(getattr(server, "_sockets", {}).values()):
+        with contextlib.suppress(Exception):
+            bound = sock.getsockname()[0]
+            if bound not in ("0.0.0.0", "::"):
+                host = bound
+                break
+    host = host or sched.ip
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/status"

@@ -401,6 +401,8 @@ class Mesh:
         #: here (a %%mesh cell collects the reports of its computations this way)
         self.report_sinks: list[list[Any]] = []
         self._scheduler_plugin = True
+        #: the dashboard link the scheduler plugin last gave (where Dask's is no URL)
+        self._scheduler_dashboard: str | None = None
         #: (the workers' make-up, Dask's costs measured on them): see calibrate
         self._calibration: tuple[Any, Any] | None = None
         #: what routed computations measured, for later estimates (mesh.router.learn)
@@ -751,9 +753,13 @@ class Mesh:
         if self.options.get("dashboard") is False:
             return None  # mesh.local.dashboard-address: null (Dask's HTTP server has none)
         try:
-            return browser_link(self.client.dashboard_link)
-        except Exception:
-            return None
+            link = browser_link(self.client.dashboard_link)
+        except Exception:  # (Dask writes an IPv6 host unbracketed: no URL)
+            link = None
+        if link is None and self._scheduler_dashboard:
+            # the one the scheduler plugin gave with the last inventory
+            link = browser_link(self._scheduler_dashboard)
+        return link
 
     @property
     def owns_cluster(self) -> bool:
@@ -769,8 +775,9 @@ class Mesh:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
             try:
                 info = self._ask_inventory(scheduler, timeout)
+                self._scheduler_dashboard = info.get("dashboard")
                 dashboard = (None if self.options.get("dashboard") is False
-                             else self.dashboard_link or browser_link(info["dashboard"]))
+                             else self.dashboard_link)
                 return Inventory.from_records(info["devices"], info["address"], dashboard)
             except (TimeoutError, asyncio.TimeoutError):
                 # a scheduler that stopped answering (overloaded, or its process paused)

@@ -153,13 +153,22 @@ def test_local_host_must_be_an_interface(bad):
     (8787, {"dashboard_address": "10.1.2.3:8787"}),
     ("8787", {"dashboard_address": "10.1.2.3:8787"}),
     ("0.0.0.0:8787", {"dashboard_address": "0.0.0.0:8787"}),  # asked for
-    ("[::1]:0", {"dashboard_address": "[::1]:0"}),
+    # IPv6: the pair (Dask splits a text address at every ":")
+    ("[::1]:0", {"dashboard_address": ("::1", 0)}),
     (None, {"dashboard": False, "dashboard_address": "10.1.2.3:0"}),
     (False, {"dashboard": False, "dashboard_address": "10.1.2.3:0"}),
 ])
 def test_dashboard_address_values(value, expected):
     with dask.config.set({"mesh.local.dashboard-address": value}):
         assert _config.dashboard_options("10.1.2.3") == expected
+
+
+def test_a_dashboard_on_an_ipv6_mesh_host_is_given_to_dask_as_a_pair():
+    with dask.config.set({"mesh.local.dashboard-address": ":0"}):
+        assert _config.dashboard_options("::1") == {"dashboard_address": ("::1", 0)}
+    with dask.config.set({"mesh.local.dashboard-address": None}):
+        assert _config.dashboard_options("::1") == {"dashboard": False,
+                                                    "dashboard_address": ("::1", 0)}
 
 
 @pytest.mark.parametrize("bad", ["", "dashboard", "host:port", "127.0.0.1:99999", ":-1",

@@ -51,3 +51,48 @@ def test_an_inventory_and_its_html_carry_only_safe_links():
     assert Inventory([], "tcp://x:1", "javascript:alert(1)").dashboard is None
     inv = Inventory([], "tcp://x:1", "http://127.0.0.1:8787/status")
     assert "rel='noopener noreferrer'" in inv._repr_html_()
+
+
+def test_the_scheduler_plugin_links_the_interface_its_dashboard_listens_on():
+    import socket
+    from types import SimpleNamespace
+
+    from jupyter_mesh._scheduler_plugin import dashboard_url
+
+    def sched(*bound, ip="10.0.0.5"):
+        socks = {}
+        for host in bound:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            s = socket.socket(family, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks[s.fileno()] = s
+        return SimpleNamespace(ip=ip, http_server=SimpleNamespace(port=8787, _sockets=socks))
+
+    assert dashboard_url(sched("127.0.0.1")) == "http://127.0.0.1:8787/status"
+    # another interface than the scheduler's own: the one it listens on
+    assert dashboard_url(sched("127.0.0.2")) == "http://127.0.0.2:8787/status"
+    # every interface: the scheduler's address
+    assert dashboard_url(sched("0.0.0.0")) == "http://10.0.0.5:8787/status"
+    # IPv6 in brackets
+    if socket.has_ipv6:
+        assert dashboard_url(sched("::1", ip="::1")) == "http://[::1]:8787/status"
+    assert dashboard_url(SimpleNamespace(ip="x", http_server=None)) is None
+
+
+def test_an_ipv6_mesh_links_its_dashboard(no_mesh, monkeypatch):
+    import dask
+
+    import jupyter_mesh as jm
+
+    # (Dask's own link names the host unbracketed: no URL a browser opens)
+    with dask.config.set({"mesh.local.dashboard-address": "[::1]:0"}), \
+            jm.Mesh.local(cpu=1, jax_cpu=0, gpu=0, tpu=0, threads_per_worker=1, host="::1",
+                          set_current=False) as mesh:
+        inv = mesh.inventory()
+        assert inv.dashboard is not None
+        assert inv.dashboard.startswith("http://[::1]:") and inv.dashboard.endswith("/status")
+        assert mesh.dashboard_link == inv.dashboard
+        # on a hub, through the server's proxy
+        monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+        port = inv.dashboard.split("]:")[1].split("/")[0]
+        assert mesh.dashboard_link == f"/user/ada/proxy/{port}/status"
