@@ -27,7 +27,7 @@ from ._links import browser_link
 from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
-from .errors import MeshError
+from .errors import MeshConfigError, MeshError
 from .inventory import Inventory, format_bytes, plural
 from .router.history import RunHistory
 
@@ -61,8 +61,6 @@ def check_own_host(host: str, what: str) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind(sockaddr)
     except OSError as exc:
-        from .errors import MeshConfigError
-
         error = MeshConfigError if what.startswith("config ") else MeshError
         raise error(f"{what} {host} is not an address of this machine "
                         f"({exc.strerror or exc}): give one of its interface addresses "
@@ -631,6 +629,9 @@ class Mesh:
         address = check_address(address)
         if timeout is None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
+            if timeout > MAX_CONNECT_TIMEOUT:
+                raise MeshConfigError(f"config mesh.connect-timeout must be at most "
+                                      f"{MAX_CONNECT_TIMEOUT} s (a day), not {timeout:g}")
         elif (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
               or not math.isfinite(timeout) or timeout <= 0):
             raise MeshError(f"timeout must be a positive number of seconds, not {timeout!r}")

@@ -136,6 +136,16 @@ def test_a_bad_connect_timeout_is_said_before_connecting(no_mesh, bad):
             jm.Mesh.connect("tcp://127.0.0.1:9")
 
 
+@pytest.mark.parametrize("bad", [1e6, float("inf")])
+def test_too_long_a_connect_timeout_in_config_names_the_key(no_mesh, bad):
+    import jupyter_mesh as jm
+
+    with dask.config.set({"mesh.connect-timeout": bad}):
+        with pytest.raises(MeshConfigError, match=r"^config mesh\.connect-timeout must be "
+                                                  r"at most 86400 s \(a day\), not "):
+            jm.Mesh.connect("tcp://127.0.0.1:9")
+
+
 @pytest.mark.parametrize("bad", [None, "", "  ", 127, "127.0.0.1 ", "tcp://127.0.0.1"])
 def test_local_host_must_be_an_interface(bad):
     with dask.config.set({"mesh.local.host": bad}):
