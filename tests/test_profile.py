@@ -27,6 +27,24 @@ def test_a_known_name_matches_a_whole_word_of_the_model():
     assert "V100" in lookup_known("Tesla V100-SXM2-32GB").source
 
 
+@pytest.mark.parametrize("model, flops32, bandwidth, board", [
+    ("NVIDIA H100 80GB HBM3", 67e12, 3.35e12, "SXM"),
+    ("NVIDIA H100 PCIe", 51e12, 2.0e12, "PCIe"),
+    ("NVIDIA H100 NVL", 60e12, 3.9e12, "NVL"),
+    ("NVIDIA H200 NVL", 60e12, 4.8e12, "NVL"),
+    ("NVIDIA A100-SXM4-80GB", 19.5e12, 2.0e12, "80GB SXM"),
+    ("NVIDIA A100-PCIE-40GB", 19.5e12, 1.555e12, "40GB PCIe"),
+    ("NVIDIA A100 80GB PCIe", 19.5e12, 1.935e12, "80GB PCIe"),
+    ("Tesla V100-PCIE-32GB", 14e12, 0.9e12, "PCIe"),
+    ("Tesla V100-SXM2-32GB", 15.7e12, 0.9e12, "SXM2"),
+])
+def test_pcie_and_nvl_boards_get_their_own_figures(model, flops32, bandwidth, board):
+    # (names as CUDA gives them) PCIe and NVL boards are slower than the SXM parts
+    prof = lookup_known(model)
+    assert (prof.flops32, prof.mem_bandwidth) == (flops32, bandwidth)
+    assert prof.source.endswith(f"({board})") or f"({board}," in prof.source
+
+
 def test_tpus_are_known_by_the_names_jax_gives_them():
     # jax.devices()[0].device_kind on each Cloud TPU generation
     assert "v5e" in lookup_known("TPU v5 lite").source

@@ -92,6 +92,24 @@ KNOWN_ACCELERATORS: dict[str, dict[str, Any]] = {
                     launch_latency=2e-5, source="Google Cloud TPU v6e documentation (bf16 peak)"),
 }
 
+#: cards sold under a table name with other figures (PCIe and NVL boards run at lower
+#: clocks and power, some with other memory): (pattern in the upper-case model name, with
+#: "-" and "_" as spaces; the table name; its figures that differ; the source)
+KNOWN_VARIANTS: list[tuple[str, str, dict[str, float], str]] = [
+    (r"\bH100\b.*\bPCIE\b", "H100", dict(flops32=51e12, flops64=51e12, mem_bandwidth=2.0e12),
+     "NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
+    (r"\bH100\b.*\bNVL\b", "H100", dict(flops32=60e12, flops64=60e12, mem_bandwidth=3.9e12),
+     "NVIDIA H100 Tensor Core GPU datasheet (NVL, per GPU)"),
+    (r"\bH200\b.*\bNVL\b", "H200", dict(flops32=60e12, flops64=60e12),
+     "NVIDIA H200 Tensor Core GPU datasheet (NVL)"),
+    (r"\bA100\b.*\bPCIE\b.*\b40GB\b|\bA100\b.*\b40GB\b.*\bPCIE\b", "A100",
+     dict(mem_bandwidth=1.555e12), "NVIDIA A100 Tensor Core GPU datasheet (40GB PCIe)"),
+    (r"\bA100\b.*\bPCIE\b", "A100", dict(mem_bandwidth=1.935e12),
+     "NVIDIA A100 Tensor Core GPU datasheet (80GB PCIe)"),
+    (r"\bV100\b.*\bPCIE\b", "V100", dict(flops32=14e12, flops64=7e12),
+     "NVIDIA V100 Tensor Core GPU datasheet (PCIe)"),
+]
+
 #: what JAX calls some TPUs (``device.device_kind``), where it is not the product name;
 #: None: a chip of its own that the table does not know (v4i), measured instead
 JAX_DEVICE_KINDS: dict[str, str | None] = {
@@ -111,6 +129,13 @@ def lookup_known(model: str) -> Profile | None:
             return None
         model = alias
     upper = model.upper()
+    spaced = re.sub(r"[-_]", " ", upper)
+    for pattern, name, figures, source in KNOWN_VARIANTS:
+        if re.search(pattern, spaced):
+            entry = dict(KNOWN_ACCELERATORS[name])
+            entry.pop("source")
+            entry.update(figures)
+            return Profile(**entry, method="table", source=source)
     # a name as a whole word of the model's ("L4" is not "NVIDIA L40S"), longest first
     for name in sorted(KNOWN_ACCELERATORS, key=len, reverse=True):
         if re.search(rf"(?<![A-Z0-9]){re.escape(name.upper())}(?![A-Z0-9])", upper):
