@@ -1071,7 +1071,13 @@ class Mesh:
             self._forget_routes()
         self.closed = True
         try:
-            self.client.close()
+            if getattr(self.client, "status", "running") == "running":
+                self.client.close()
+            else:
+                # its scheduler went away: Dask's client, still trying to reconnect,
+                # logs its cancelled attempt as an ERROR with two tracebacks
+                with _silenced("distributed.client"):
+                    self.client.close()
         finally:
             if self.cluster is not None:
                 self.cluster.close()
@@ -1473,6 +1479,18 @@ def _make_up(devices: list[Any]) -> tuple[tuple[tuple[str, str, int], int], ...]
     """How many workers of each (site, target, threads) a mesh has."""
     counts = collections.Counter((d.site, d.target, int(d.nthreads)) for d in devices)
     return tuple(sorted(counts.items()))
+
+
+@contextlib.contextmanager
+def _silenced(name: str) -> Any:
+    """Nothing from logger ``name`` while inside."""
+    logger = logging.getLogger(name)
+    before = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = before
 
 
 def _family_of(name: str) -> str:

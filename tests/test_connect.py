@@ -230,7 +230,7 @@ def test_security_must_be_a_security(no_mesh):
         jm.Mesh.connect("tls://127.0.0.1:1", security={"ca": "x"})
 
 
-def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
+def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog):
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
                            host="127.0.0.1", dashboard_address=None)
     address = cluster.scheduler_address
@@ -258,9 +258,15 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys):
     shown = mesh._repr_html_()
     assert address in shown and "is not reachable" in shown and "%mesh close" in shown
     assert repr(mesh) == f"<Mesh {address}>"
-    ip.run_line_magic("mesh", "close")  # still closes, naming the address
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ip.run_line_magic("mesh", "close")  # still closes, naming the address
     assert f"Closed the mesh at {address}" in capsys.readouterr().out
     assert mesh.closed and jm.mesh._state.active() is None
+    # quietly: Dask's client logged its cancelled reconnect as an ERROR, two tracebacks
+    assert not [r for r in caplog.records if r.name.startswith("distributed.client")]
 
 
 def test_the_sidebar_connects_to_a_tls_scheduler_with_dasks_tls_settings(tls_cluster, certs,
@@ -456,3 +462,46 @@ def test_wss_addresses_need_tls_settings_as_tls_ones_do(no_mesh, certs):
     with pytest.raises(MeshError, match=r"^ws://127\.0\.0\.1:1 is not a TLS address, but TLS "
                                         r"files were given: use wss://127\.0\.0\.1:1, or"):
         jm.Mesh.connect("ws://127.0.0.1:1", security=_security(certs), timeout=2)
+
+
+def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, caplog):
+    import logging
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sched = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dask"),
+                              "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--no-dashboard"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        mesh = jm.Mesh.connect(f"tcp://127.0.0.1:{port}", timeout=60)
+        os.kill(sched.pid, signal.SIGKILL)
+        sched.wait()
+        deadline = time.monotonic() + 30
+        while mesh.client.status == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)  # the client notices, and tries to reconnect
+        time.sleep(1)
+        capfd.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            mesh.close()
+        assert mesh.closed
+        err = capfd.readouterr().err
+        # Dask's client logged its cancelled reconnect as an ERROR, with two tracebacks
+        assert "Traceback" not in err and "ERROR" not in err, err
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        if sched.poll() is None:
+            sched.kill()
