@@ -127,6 +127,19 @@ def test_compute_groups_bars_by_target(mesh, quick_threshold, capfd):
     assert shown and shown <= plan_targets(mesh.last_report)
 
 
+def test_a_bar_over_fused_tasks_says_what_it_counts(mesh, quick_threshold, capfd):
+    # the plan fuses the chain on one worker: the bar counts fewer tasks than the
+    # report's rows, and says so
+    (total,) = mesh.compute(slow_pipeline(), route="cpu:jax")
+    err = capfd.readouterr().err
+    report = mesh.last_report
+    assert report.fused, "nothing was fused: this test needs a plan that fuses"
+    assert (f"route=cpu:jax: Dask's tasks as submitted (a fused chain or batch is one; "
+            f"the plan's {report.plan.ntasks} count each op):") in err
+    counted = sum(int(n) for _, _, n in re.findall(BAR, err.strip().split("\r")[-1]))
+    assert 0 < counted < report.plan.ntasks
+
+
 def test_route_off_compute_shows_a_bar_too(mesh, quick_threshold, capfd):
     mesh.compute(*sleepy(2, 0.7), route="off")
     err = capfd.readouterr().err

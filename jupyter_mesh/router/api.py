@@ -482,8 +482,12 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
                 if sk not in groups and members:
                     groups[sk] = groups.get(members[-1], "other")
         # (the scheduler plugin keeps the task stream's index for the report)
-        watch = progress.FuturesWatch(mesh, groups, f"route={plan.route}",
-                                      timeline=False)
+        title = f"route={plan.route}"
+        if routed.fused:
+            # the bar counts Dask's tasks as submitted, the plan and its report the ops'
+            title += (f": Dask's tasks as submitted (a fused chain or batch is one; "
+                      f"the plan's {plan.ntasks} count each op)")
+        watch = progress.FuturesWatch(mesh, groups, title, timeline=False)
         futures = client.get(graph, routed.keys, sync=False)
     except BaseException:
         notices.forget(routed.plan_id)
