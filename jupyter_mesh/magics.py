@@ -6,6 +6,7 @@ Every subcommand has its own ``@magic_arguments`` parser; misuse raises ``UsageE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -189,14 +190,16 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
 
 
 def _argv(argstring: str) -> list[str]:
-    """The words of a magic's options as a shell splits them on this system: quotes,
-    and on POSIX a backslash before a space (``--tls-ca-file ~/my\\ certs/ca.pem``);
-    on Windows a backslash is a path's separator, as IPython's own splitting keeps it."""
+    """The words of a magic's options, as IPython splits them (quotes kept, taken off
+    by :func:`_unquoted`; an apostrophe inside a word, ``--site o'neil``, and any other
+    backslash stay as typed); on POSIX a line with a backslash before a space
+    (``--tls-ca-file ~/my\\ certs/ca.pem``) is split as a shell splits it."""
     from IPython.utils.process import arg_split
 
-    if os.name == "nt":  # pragma: no cover - Windows
-        return arg_split(argstring)
-    return shlex.split(argstring)
+    if os.name != "nt" and "\\ " in argstring:
+        with contextlib.suppress(ValueError):  # (unbalanced quotes: as IPython splits)
+            return shlex.split(argstring)
+    return arg_split(argstring)
 
 
 def _once_each(parser: Any, argv: list[str]) -> None:

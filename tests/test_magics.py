@@ -429,3 +429,17 @@ def test_unload_ext_takes_the_magics_and_reload_brings_them_back(ip):
     assert "mesh" in ip.magics_manager.magics["line"]
     assert "mesh" in ip.magics_manager.magics["cell"]
     assert tuple(ip.custom_exceptions) == (MeshError,)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("--tls-ca-file /home/o'neil/ca.pem", ["--tls-ca-file", "/home/o'neil/ca.pem"]),
+    ("--site lab\\one", ["--site", "lab\\one"]),  # a backslash stays as typed
+    ("--on 'cpu:jax' --cpu 2", ["--on", "'cpu:jax'", "--cpu", "2"]),  # (quotes: _unquoted)
+    # a backslash-escaped space: split as a shell splits it
+    ("--tls-ca-file ~/my\\ certs/ca.pem --cpu 2", ["--tls-ca-file", "~/my certs/ca.pem",
+                                                     "--cpu", "2"]),
+])
+def test_option_words(line, words):
+    from jupyter_mesh import magics
+
+    assert magics._argv(line) == words

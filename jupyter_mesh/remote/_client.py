@@ -434,6 +434,7 @@ class RemoteCells:
                 except KeyboardInterrupt:
                     if interrupted:  # a second Ctrl-C: stop waiting
                         self._abandon([runs[i] for i in pending], True)
+                        pending.clear()  # (the bar says they still run)
                         raise
                     interrupted = True
                     stop_sent_at = time.monotonic()
