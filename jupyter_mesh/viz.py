@@ -167,6 +167,18 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
     bars: list[dict[str, Any]] = []
     stream = getattr(report, "timeline", None) or []
     fused = getattr(report, "fused", None) or {}
+    fused_layers = getattr(report, "fused_layers", None) or {}
+
+    def members_of(key: Any) -> list[Any]:
+        got = fused.get(key)
+        if got:
+            return got
+        # a per-layer plan's fused Blockwise layers: their members' keys in this task
+        inside = fused_layers.get(key[0] if isinstance(key, tuple) and key else key)
+        if inside:
+            return [m.key_of(key) for m in inside] + [key]
+        return [key]
+
     for rec in stream:
         key = rec.get("key")
         if layer_of(key) is None and key not in fused:  # (a batch has a key of its own)
@@ -179,7 +191,7 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
             # a fused chain ran as one task: a bar per member, each as long as its
             # own device call took, the last one to the task's end
             start, stop = ss["start"], ss["stop"]
-            members = fused.get(key) or [key]
+            members = members_of(key)
             for j, k in enumerate(members):
                 end = stop if j == len(members) - 1 else min(
                     stop, start + report.records.get(k, ("", "", 0.0))[2])

@@ -279,6 +279,17 @@ def test_live_forced_jax_same_numbers_and_report(mesh):
     for op in ("transpose", "matmul", "add"):
         assert rows[op]["tasks"] == planned[op]["tasks"], op
         assert rows[op]["backends"] == ["jax"] and rows[op]["seconds"] > 0, op
+    # ... and their own bars in the report's picture, a bar per block at least (a
+    # member that a fused task reads twice, as the transpose inside the matmul's sum
+    # over blocks, runs in each such task: Dask's fusion computes it again)
+    from jupyter_mesh import viz
+
+    bars, real = viz.measured_bars(report)
+    assert real
+    for op in ("transpose", "matmul", "add"):
+        mine = [b for b in bars if b["op"] == op]
+        assert len({b["key"] for b in mine}) == planned[op]["tasks"], (op, len(mine))
+        assert {b["target"] for b in mine} == {"cpu:jax"}, op
     assert "matmul" in repr(report) and "<table>" in report._repr_html_()
     (b,) = mesh.compute(y, route="cpu:numpy")
     assert mesh.last_report.ran_on("matmul") == ["numpy"]
@@ -408,13 +419,40 @@ def test_blockwise_layers_of_different_pools_are_never_fused_together():
     routed = rewrite_layers(plan)
     layers = routed.graph.layers
     assert names[add] in layers and routed.layers[names[add]] == other
-    # the layer after it (sum) is fused with nothing of `add`'s pool
-    for name, layer in layers.items():
-        if isinstance(layer, Blockwise) and name != names[add]:
-            assert routed.layers[name] != other
-            assert names[add] not in getattr(layer, "dsk", {})
+    # no fused layer holds `add`: its inner tasks are named after their layers
+    fused_inner = [k for layer in layers.values() if isinstance(layer, Blockwise)
+                   and not isinstance(layer.task.func, DeviceCall)
+                   for k in layer.task.args[0]]
+    assert fused_inner, "nothing was fused: the test needs layers fused on one pool"
+    assert not [k for k in fused_inner if str(k).startswith(names[add])]
+    assert all(names[add] not in [m.name for m in ms] for ms in routed.fused_layers.values())
     got = dask.get(routed.graph, routed.keys)
     values = dict(zip(routed.keys, got, strict=True))
     finalize, extra = y.__dask_postcompute__()
     result = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
     np.testing.assert_allclose(result, y.compute(scheduler="sync"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("build", [
+    lambda x, v: ((x + 1).T * 2) + 0,  # a member read transposed
+    lambda x, v: x + v * 3,  # a broadcast member
+    lambda x, v: ((x @ x.T) + 1).sum(axis=0),  # a member inside a contraction
+])
+def test_a_fused_member_records_under_a_key_of_its_own_layer(build):
+    # each member's device call records under the key its task had unfused, read from
+    # the fused task's index (the report and its picture go by these keys)
+    x = da.random.random((600, 400), chunks=200)
+    v = da.random.random(400, chunks=200)
+    y = build(x, v)
+    g, keys = _collection_graph([y])
+    plan = plan_layers(model_layers(g, keys), synthetic_pools(), "cpu:jax")
+    routed = rewrite_layers(plan)
+    assert routed.fused_layers, "nothing was fused"
+    for root, members in routed.fused_layers.items():
+        roots = [k for k in g.layers[root].keys()]
+        for m in members:
+            own = set(g.layers[m.name].keys())
+            got = {m.key_of(k) for k in roots}
+            assert got <= own, (m.name, sorted(got - own)[:3])
+            if m.positions is not None:  # every block of the member is some task's
+                assert got == own, m.name

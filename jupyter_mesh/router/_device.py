@@ -75,30 +75,39 @@ def _map(fn: Any, x: Any) -> Any:
 class LayerKeys:
     """A :class:`DeviceCall`'s ``key`` for every task of one Blockwise layer that Dask
     may have fused into another layer's tasks (the router fuses the Blockwise layers a
-    plan puts on one pool): the report's key is the layer's name with the index of the
-    task that runs it, as the task would have been keyed unfused."""
+    plan puts on one pool): the report's key is the layer's name with the block index
+    the task would have had unfused, read from the index of the task that runs it.
+    ``positions``: for a member fused into another layer's task, where each of its
+    index's entries is in that task's index (a transposed member reads them swapped,
+    a broadcast one fewer of them); None: the running task's own index (its own layer,
+    or a member whose index Dask's fusion does not give: then the running task's)."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "positions")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, positions: tuple[int, ...] | None = None) -> None:
         self.name = name
+        self.positions = positions
 
     def __reduce__(self) -> Any:
-        return (LayerKeys, (self.name,))
+        return (LayerKeys, (self.name, self.positions))
 
     def __dask_tokenize__(self) -> Any:
-        return ("jupyter_mesh.LayerKeys", self.name)
+        return ("jupyter_mesh.LayerKeys", self.name, self.positions)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is LayerKeys and other.name == self.name
+        return (type(other) is LayerKeys and other.name == self.name
+                and other.positions == self.positions)
 
     def __hash__(self) -> int:
-        return hash(("LayerKeys", self.name))
+        return hash(("LayerKeys", self.name, self.positions))
 
     def key_of(self, running: Any) -> Any:
-        if isinstance(running, tuple):
-            return (self.name, *running[1:])
-        return self.name
+        if not isinstance(running, tuple):
+            return self.name
+        index = running[1:]
+        if self.positions is not None and all(p < len(index) for p in self.positions):
+            return (self.name, *(index[p] for p in self.positions))
+        return (self.name, *index)
 
 
 class DeviceCall:

@@ -483,7 +483,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
                     groups[sk] = groups.get(members[-1], "other")
         # (the scheduler plugin keeps the task stream's index for the report)
         title = f"route={plan.route}"
-        if routed.fused:
+        if routed.fused or routed.fused_layers:
             # the bar counts Dask's tasks as submitted, the plan and its report the ops'
             title += (f": Dask's tasks as submitted (a fused chain or batch is one; "
                       f"the plan's {plan.ntasks} count each op)")
@@ -535,6 +535,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
                     worker_names=names, worker_kinds=kinds)
     report.timeline = timeline
     report.fused = routed.fused
+    report.fused_layers = routed.fused_layers
     mesh.last_report = report
     history = getattr(mesh, "history", None)
     if weight > 0 and history is not None and not status.get("events"):

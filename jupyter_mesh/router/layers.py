@@ -464,7 +464,8 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
     if free and fuse is not False:
         _fuse_unrestricted(routed, graph)
     elif by_pool:
-        routed.graph = _fuse_blockwise_by_pool(graph, by_layer, list(m.outputs))
+        routed.graph, routed.fused_layers = _fuse_blockwise_by_pool(
+            graph, by_layer, list(m.outputs), m.names)
     return routed
 
 
@@ -474,14 +475,19 @@ POOL_ANNOTATION = "jupyter_mesh_pool"
 
 
 def _fuse_blockwise_by_pool(graph: HighLevelGraph, by_layer: dict[str, int],
-                            outputs: list[Any]) -> HighLevelGraph:
+                            outputs: list[Any], order: list[str]
+                            ) -> tuple[HighLevelGraph, dict[str, list[LayerKeys]]]:
     """Dask's own Blockwise fusion (``optimize_blockwise``, which dask.array's
     optimization runs) of a restricted plan's graph, never across pools: each Blockwise
     layer carries its pool as an annotation while Dask fuses, and Dask fuses only
     layers whose annotations are equal. A fused layer keeps the name of its last layer,
     whose pool (in ``by_layer``) is every member's. Without it every op of a chain of
     elementwise ops went as tasks of its own: at 10^5 tasks the scheduler materialized
-    2.7 times as many tasks as for Dask's own graph."""
+    2.7 times as many tasks as for Dask's own graph.
+
+    Also returns, per fused layer, its members (``order``: the layers in the order
+    they run), each as the :class:`LayerKeys` its device calls now record under: the
+    member's block index read from the fused task's (see :func:`_member_keys`)."""
     from dask.blockwise import optimize_blockwise
     from dask.core import flatten
 
@@ -494,10 +500,12 @@ def _fuse_blockwise_by_pool(graph: HighLevelGraph, by_layer: dict[str, int],
             new.annotations = {**(layer.annotations or {}), POOL_ANNOTATION: by_layer[name]}
             marked[name] = new
     if len(own) < 2:
-        return graph
+        return graph, {}
     fused = optimize_blockwise(HighLevelGraph(marked, graph.dependencies),
                                keys=list(flatten(outputs)))
     layers = dict(fused.layers)
+    rank = {name: i for i, name in enumerate(order)}
+    groups: dict[str, list[LayerKeys]] = {}
     for name, layer in layers.items():
         ann = getattr(layer, "annotations", None)
         if ann and POOL_ANNOTATION in ann:
@@ -506,7 +514,39 @@ def _fuse_blockwise_by_pool(graph: HighLevelGraph, by_layer: dict[str, int],
             new.__dict__.pop("_cached_dict", None)
             new.annotations = rest or None
             layers[name] = new
-    return HighLevelGraph(layers, fused.dependencies)
+            members = _member_keys(new, set(own) - set(layers))
+            if members:
+                groups[name] = sorted(members, key=lambda k: rank.get(k.name, -1))
+    return HighLevelGraph(layers, fused.dependencies), groups
+
+
+def _member_keys(layer: Any, gone: set[str]) -> list[LayerKeys]:
+    """The members fused into ``layer`` (of the layers in ``gone``), each with its device
+    call now recording under a :class:`LayerKeys` that reads the member's block index
+    from the fused task's. Dask names a member's task inside the fused one
+    ``NAME_.i_.j``, ``.i`` and ``.j`` being entries of the fused layer's output index
+    (``layer.output_indices``); a member whose index has an entry that is not there
+    (summed over inside the task) records under the running task's index."""
+    from dask._task_spec import Task
+
+    task = layer.task
+    if not (isinstance(task, Task) and task.args and isinstance(task.args[0], dict)):
+        return []
+    out = list(layer.output_indices)
+    members = []
+    for inner_key, node in task.args[0].items():
+        if not isinstance(inner_key, str) or "_." not in inner_key:
+            continue
+        name, *index = inner_key.split("_.")
+        call = getattr(node, "func", None)
+        if name not in gone or not isinstance(call, DeviceCall):
+            continue
+        entries = ["." + i for i in index]
+        positions = (tuple(out.index(e) for e in entries)
+                     if all(e in out for e in entries) else None)
+        call.key = LayerKeys(name, positions)
+        members.append(call.key)
+    return members
 
 
 def _fuse_unrestricted(routed: Routed, graph: HighLevelGraph) -> None:

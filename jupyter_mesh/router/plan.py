@@ -303,6 +303,9 @@ class Report:
         self.timeline: list[dict[str, Any]] | None = None
         #: submitted key -> the keys fused into it, in the order they ran
         self.fused: dict[Any, list[Any]] = {}
+        #: (a per-layer plan) fused Blockwise layer -> its members before it, in the
+        #: order they ran, as ``LayerKeys`` (a task's members: their ``key_of`` it)
+        self.fused_layers: dict[str, list[Any]] = {}
         self._rows: list[dict[str, Any]] | None = None
 
     @property

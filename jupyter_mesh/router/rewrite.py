@@ -56,6 +56,9 @@ class Routed:
     narrow: dict[int, list[str]] = field(default_factory=dict)
     #: submitted key -> the keys of the linear chain fused into it, in order
     fused: dict[Any, list[Any]] = field(default_factory=dict)
+    #: (a per-layer plan) fused Blockwise layer -> its members before it, in order,
+    #: each as the ``LayerKeys`` its device calls record under
+    fused_layers: dict[str, list[Any]] = field(default_factory=dict)
     #: key -> the one worker it may run on while that worker is there (tasks the plan
     #: keeps together, see ``placement.kept_together``); its pool's otherwise
     workers: dict[Any, str] = field(default_factory=dict)
