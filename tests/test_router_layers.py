@@ -456,3 +456,18 @@ def test_a_fused_member_records_under_a_key_of_its_own_layer(build):
             assert got <= own, (m.name, sorted(got - own)[:3])
             if m.positions is not None:  # every block of the member is some task's
                 assert got == own, m.name
+
+
+def test_live_a_fused_routed_persist_and_plain_dask_sharing_keys_warn_nothing(mesh, caplog):
+    # Dask warns that the two graphs' tasks differ for the same key (its run_spec
+    # warning): a routed graph's fused Blockwise tasks are known by their layer names
+    x = da.from_array(np.random.RandomState(0).rand(40, 40), chunks=10)
+    y = np.cos(x * 3) + 1
+    with caplog.at_level("WARNING", logger="distributed.scheduler"):
+        with mesh.route("cpu:jax"):
+            kept = y.persist()
+        assert isinstance(mesh.last_plan, LayerPlan) and mesh.last_report.fused_layers
+        np.testing.assert_allclose(y.compute(), np.cos(x.compute() * 3) + 1)
+        np.testing.assert_allclose(kept.compute(), np.cos(x.compute() * 3) + 1)
+        del kept
+    assert "run_spec" not in caplog.text
