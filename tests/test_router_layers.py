@@ -471,3 +471,17 @@ def test_live_a_fused_routed_persist_and_plain_dask_sharing_keys_warn_nothing(me
         np.testing.assert_allclose(kept.compute(), np.cos(x.compute() * 3) + 1)
         del kept
     assert "run_spec" not in caplog.text
+
+
+@pytest.mark.parametrize("build", [
+    # Dask joins the blocks of the dropped axis (concatenate=True) outside the wrapper
+    lambda x: (x * 2).map_blocks(np.sum, axis=1, drop_axis=1, dtype=float) + 1,
+    lambda x: da.blockwise(np.dot, "ik", x * 2, "ij", x + 1, "jk", concatenate=True,
+                           dtype=float),
+])
+def test_live_a_blockwise_that_concatenates_its_inputs_gets_host_arrays(mesh, build):
+    x = da.from_array(np.random.RandomState(0).rand(40, 40), chunks=10)
+    y = build(x)
+    (got,) = mesh.compute(y, route="cpu:jax")
+    assert isinstance(mesh.last_plan, LayerPlan)
+    np.testing.assert_allclose(got, y.compute(scheduler="sync"), rtol=1e-10)

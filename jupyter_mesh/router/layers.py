@@ -396,9 +396,17 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
         fuse = dask_fuses()
     m = plan.model
     plan_id = uuid.uuid4().hex
-    to_host = plan.layer_to_host
+    to_host = list(plan.layer_to_host)
     if host_results:  # see rewrite.rewrite
         to_host = [True] * len(to_host)
+    # a Blockwise layer that concatenates its input blocks (concatenate=True, as every
+    # map_blocks that drops or merges axes) has Dask join them outside the device
+    # wrapper, with NumPy: its inputs come as host arrays
+    for li, name in enumerate(m.names):
+        layer = m.graph.layers[name]
+        if isinstance(layer, Blockwise) and layer.concatenate:
+            for d, _ in m.deps[li]:
+                to_host[d] = True
     free = plan.unrestricted
     # a restricted plan's Blockwise layers on one pool are fused as Dask fuses them
     # (see _fuse_blockwise_by_pool): each keeps its own key in the report
