@@ -600,6 +600,7 @@ class Mesh:
 
         for root in ("distributed", "bokeh"):
             mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
+        mesh._read_dashboard()
         return mesh
 
     @classmethod
@@ -712,7 +713,22 @@ class Mesh:
             mesh._scheduler_plugin = False
         else:
             mesh._check_protocol()
+        mesh._read_dashboard()
         return mesh
+
+    def _read_dashboard(self) -> None:
+        """Where Dask's own dashboard link is no URL (an IPv6 host, which Dask writes
+        unbracketed), ask the scheduler plugin for it now: a mesh's link is read by the
+        sidebar and the kernel's registration right after it starts."""
+        if self.options.get("dashboard") is False or not self._scheduler_plugin:
+            return
+        try:
+            if browser_link(self.client.dashboard_link) is not None:
+                return
+        except Exception:
+            pass
+        with contextlib.suppress(Exception):
+            self.inventory()  # (it keeps the plugin's link)
 
     def _check_protocol(self) -> None:
         """Warn when the scheduler's jupyter_mesh speaks another protocol than this

@@ -88,7 +88,11 @@ def test_an_ipv6_mesh_links_its_dashboard(no_mesh, monkeypatch):
     with dask.config.set({"mesh.local.dashboard-address": "[::1]:0"}), \
             jm.Mesh.local(cpu=1, jax_cpu=0, gpu=0, tpu=0, threads_per_worker=1, host="::1",
                           set_current=False) as mesh:
+        # at once, before anything asked for the inventory (the sidebar and the
+        # kernel's registration read it right after the start)
+        first = mesh.dashboard_link
         inv = mesh.inventory()
+        assert first == inv.dashboard
         assert inv.dashboard is not None
         assert inv.dashboard.startswith("http://[::1]:") and inv.dashboard.endswith("/status")
         assert mesh.dashboard_link == inv.dashboard
