@@ -60,6 +60,15 @@ def _wait_devices(mesh, n, timeout=90):
     raise AssertionError(f"only {len(mesh.inventory())} devices joined")
 
 
+def _ctrl_c(proc, within):
+    """Ctrl-C to the worker ``proc``; its stderr, once it ended within ``within`` s."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < within
+    return err
+
+
 def _stop(proc):
     proc.send_signal(signal.SIGTERM)
     try:
@@ -270,10 +279,7 @@ def test_ctrl_c_stops_a_worker_that_is_still_joining():
         first = proc.stderr.readline()
         assert first.strip() == "jupyter-mesh worker: joining tcp://127.0.0.1:1 (Ctrl-C stops)"
         time.sleep(1)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        assert time.monotonic() - t0 < 15
+        err = _ctrl_c(proc, within=15)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -346,10 +352,7 @@ def test_a_second_ctrl_c_stops_a_closing_worker_at_once(scheduler_mesh, tmp_path
         assert line.strip() == "jupyter-mesh worker: closing (Ctrl-C again stops at once)"
         time.sleep(0.5)
         assert proc.poll() is None  # still closing: the teardown sleeps
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=20)
-        assert time.monotonic() - t0 < 10
+        err = _ctrl_c(proc, within=10)
     finally:
         if proc.poll() is None:
             proc.kill()
