@@ -288,7 +288,12 @@ class _Registration:
             if self.mesh.closed:
                 break
             try:
-                if self.check_plans():
+                changed = self.check_plans()
+                link = self.mesh.dashboard_link  # (known later on a connected mesh)
+                if link != self.data["dashboard"]:
+                    self.data["dashboard"] = link
+                    changed = True
+                if changed:
                     self.write()
             except Exception:
                 pass  # a discovery problem must never reach the user's work

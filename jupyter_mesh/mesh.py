@@ -583,6 +583,8 @@ class Mesh:
         except BaseException:
             mesh.close()  # a mesh that did not come up leaves no processes behind
             raise
+        # (before it is made current: the kernel's registration reads the link then)
+        mesh._read_dashboard()
         if set_current:
             # only now that the new mesh is up: a failure above loses nothing
             try:
@@ -600,7 +602,6 @@ class Mesh:
 
         for root in ("distributed", "bokeh"):
             mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
-        mesh._read_dashboard()
         return mesh
 
     @classmethod

@@ -81,6 +81,23 @@ def test_register_writes_and_close_removes(tmp_path, monkeypatch):
     assert discovery.read_registrations(tmp_path) == []
 
 
+def test_a_dashboard_link_known_later_reaches_the_registration(tmp_path, monkeypatch):
+    # (a connected mesh may learn its link after it was made current)
+    monkeypatch.setattr(discovery, "WATCH_INTERVAL", 0.05)
+    mesh = FakeMesh()
+    mesh.dashboard_link = None
+    path = discovery.register(mesh, tmp_path)
+    try:
+        assert json.loads(path.read_text())["dashboard"] is None
+        mesh.dashboard_link = "http://[::1]:8787/status"
+        deadline = time.time() + 5
+        while time.time() < deadline and not json.loads(path.read_text())["dashboard"]:
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["dashboard"] == "http://[::1]:8787/status"
+    finally:
+        discovery.unregister(mesh)
+
+
 def test_dead_and_broken_registrations_are_pruned(tmp_path):
     directory = discovery.registry_dir(tmp_path)
     directory.mkdir(mode=0o700, parents=True)

@@ -85,9 +85,17 @@ def test_an_ipv6_mesh_links_its_dashboard(no_mesh, monkeypatch):
     import jupyter_mesh as jm
 
     # (Dask's own link names the host unbracketed: no URL a browser opens)
+    from jupyter_mesh import discovery
+
     with dask.config.set({"mesh.local.dashboard-address": "[::1]:0"}), \
             jm.Mesh.local(cpu=1, jax_cpu=0, gpu=0, tpu=0, threads_per_worker=1, host="::1",
-                          set_current=False) as mesh:
+                          set_current=True) as mesh:
+        # the kernel's registration (made when it became current) has it too
+        import json
+
+        path = discovery.registration_of(mesh)
+        assert path is not None
+        assert json.loads(path.read_text())["dashboard"] == mesh.dashboard_link
         # at once, before anything asked for the inventory (the sidebar and the
         # kernel's registration read it right after the start)
         first = mesh.dashboard_link
