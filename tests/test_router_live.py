@@ -315,18 +315,6 @@ def test_the_shared_key_filter_drops_only_collisions_with_a_routed_task():
     other = logging.LogRecord("distributed.scheduler", logging.WARNING, __file__, 1,
                               "Unexpected worker DeviceCall(", (), None)
     assert f.filter(other)
-    # a per-layer plan's Blockwise layers fused by pool run as Dask's own subgraph
-    # tasks: known by the layer names the scheduler's router took (only those)
-    from jupyter_mesh.router import _device
-
-    _device.note_routed_layers(["a-1"])
-    try:
-        assert not f.filter(record(plain, plain))
-        assert f.filter(record(wrapped.replace("DeviceCall('matmul')", "add"),
-                               plain.replace("_execute_subgraph", "add")))
-    finally:
-        _device.ROUTED_LAYERS.pop("a-1", None)
-    assert f.filter(record(plain, plain))
 
 
 def test_auto_equals_numpy(mesh):

@@ -8,9 +8,7 @@ another kind. So placement never decides correctness.
 
 from __future__ import annotations
 
-import collections
 import logging
-import re
 import threading
 import time
 from typing import Any
@@ -308,28 +306,6 @@ ROUTED_MARKS = ("DeviceCall(", "SubmitCall(", f"{routed_chain.__name__}(",
                 f"{routed_batch.__name__}(")
 
 
-#: the layer names of the per-layer plans routed through this process's scheduler,
-#: most recent last (at most ROUTED_LAYERS_KEPT): a fused Blockwise layer's tasks show
-#: as Dask's own ``_execute_subgraph``, so :class:`SharedKeyFilter` knows them by name
-ROUTED_LAYERS: collections.OrderedDict[str, None] = collections.OrderedDict()
-ROUTED_LAYERS_KEPT = 10_000
-
-
-def note_routed_layers(names: Any) -> None:
-    """Remember ``names`` as layers of routed plans (the scheduler's router calls it)."""
-    for name in names:
-        ROUTED_LAYERS[name] = None
-        ROUTED_LAYERS.move_to_end(name)
-    while len(ROUTED_LAYERS) > ROUTED_LAYERS_KEPT:
-        ROUTED_LAYERS.popitem(last=False)
-
-
-def _warned_layer(msg: str) -> str | None:
-    """The layer name of the key Dask's shared-key warning names."""
-    found = re.match(r"Detected different `run_spec` for key \(?'([^']*)'", msg)
-    return found.group(1) if found else None
-
-
 class SharedKeyFilter(logging.Filter):
     """Keeps Dask's warning about a key submitted twice with different dependencies
     (dask/dask#9888) out of the scheduler's log where either task is routed.
@@ -354,9 +330,7 @@ class SharedKeyFilter(logging.Filter):
             return True
         specs = [line for line in msg.splitlines()
                  if line.lstrip().startswith(("old run_spec:", "new run_spec:"))]
-        if not any(mark in line for line in specs for mark in ROUTED_MARKS) and not (
-                any("_execute_subgraph(" in line for line in specs)
-                and _warned_layer(msg) in ROUTED_LAYERS):
+        if not any(mark in line for line in specs for mark in ROUTED_MARKS):
             return True
         logging.getLogger("jupyter_mesh").debug(
             "jupyter_mesh: a graph shares keys with a routed computation; Dask keeps the "

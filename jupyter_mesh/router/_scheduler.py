@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..targets import site_resource
-from ._device import METADATA_KEY, note_routed_layers, quiet_shared_keys
+from ._device import METADATA_KEY, quiet_shared_keys
 
 logger = logging.getLogger("jupyter_mesh")
 
@@ -106,7 +106,6 @@ class RouterState:
             self.pending[key] = (ps.plan_id, p, prio.get(key))
         for name, p in (data.get("layers") or {}).items():
             self.pending_layers[name] = (ps.plan_id, p)
-        note_routed_layers(data.get("layers") or ())
         self._prune()
         return {"status": "OK", "plan_id": ps.plan_id, "stream": ROUTE_STREAM}
 

@@ -36,7 +36,7 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from .. import _config
 from ..errors import MeshError
-from ._device import DeviceCall, LayerKeys
+from ._device import DeviceCall, LayerKeys, routed_chain
 from .classify import (
     OpInfo,
     _largest_block_bytes,
@@ -529,31 +529,42 @@ def _fuse_blockwise_by_pool(graph: HighLevelGraph, by_layer: dict[str, int],
 
 
 def _member_keys(layer: Any, gone: set[str]) -> list[LayerKeys]:
-    """The members fused into ``layer`` (of the layers in ``gone``), each with its device
-    call now recording under a :class:`LayerKeys` that reads the member's block index
-    from the fused task's. Dask names a member's task inside the fused one
-    ``NAME_.i_.j``, ``.i`` and ``.j`` being entries of the fused layer's output index
-    (``layer.output_indices``); a member whose index has an entry that is not there
-    (summed over inside the task) records under the running task's index."""
-    from dask._task_spec import Task
+    """Give the fused Blockwise ``layer`` a task whose members (of the layers in
+    ``gone``) record under :class:`LayerKeys` that read each member's block index from
+    the fused task's, and whose function says it is routed (``routed_chain``, which
+    runs Dask's fused subgraph: Dask's log and dashboard name it, as
+    :class:`SharedKeyFilter` does); returns the members, in the fused task's order.
+    Dask names a member's task inside the fused one ``NAME_.i_.j`` (``NAME_`` for a
+    0-d one), ``.i`` and ``.j`` being entries of the fused layer's output index
+    (``layer.output_indices``). Each member gets a device call of its own: one layer
+    read twice (``X`` and ``X.T`` in one task) records under each reading's key."""
+    from dask._task_spec import Task, _execute_subgraph
 
     task = layer.task
-    if not (isinstance(task, Task) and task.args and isinstance(task.args[0], dict)):
+    if not (isinstance(task, Task) and task.func is _execute_subgraph and task.args
+            and isinstance(task.args[0], dict)):
         return []
     out = list(layer.output_indices)
-    members = []
+    by_length = sorted(gone, key=len, reverse=True)
+    members: list[LayerKeys] = []
+    inner: dict[Any, Any] = {}
     for inner_key, node in task.args[0].items():
-        if not isinstance(inner_key, str) or "_." not in inner_key:
-            continue
-        name, *index = inner_key.split("_.")
         call = getattr(node, "func", None)
-        if name not in gone or not isinstance(call, DeviceCall):
+        name = next((n for n in by_length if isinstance(inner_key, str)
+                     and inner_key.startswith(n + "_")), None)
+        if name is None or type(node) is not Task or not isinstance(call, DeviceCall):
+            inner[inner_key] = node
             continue
-        entries = ["." + i for i in index]
+        rest = inner_key[len(name) + 1:]
+        entries = rest.split("_") if rest else []
         positions = (tuple(out.index(e) for e in entries)
                      if all(e in out for e in entries) else None)
-        call.key = LayerKeys(name, positions)
-        members.append(call.key)
+        key = LayerKeys(name, positions)
+        own = DeviceCall(call.func, key, call.plan_id, call.to_host, call.native)
+        inner[inner_key] = Task(node.key, own, *node.args, **node.kwargs)
+        if key not in members:
+            members.append(key)
+    layer.task = Task(task.key, routed_chain, inner, *task.args[1:], **task.kwargs)
     return members
 
 
