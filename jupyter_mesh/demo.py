@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
 
@@ -28,6 +30,9 @@ def run(path: str, timeout: int = 600) -> int:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return _fail(f"{path} is not a notebook ({first}): give an .ipynb file")
     t0 = time.monotonic()
+    # nbclient sets Ctrl-C's handler before it starts the kernel and, where the start
+    # fails, never puts it back: Ctrl-C then did nothing in the process that called this
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         NotebookClient(nb, timeout=timeout, kernel_name=KERNEL).execute()
     except CellExecutionError as exc:
@@ -43,6 +48,10 @@ def run(path: str, timeout: int = 600) -> int:
     except NoSuchKernel:
         return _fail(f"no {KERNEL} kernel is installed for Jupyter: install one with "
                      f"python -m ipykernel install --user")
+    finally:
+        if sigint is not None and signal.getsignal(signal.SIGINT) is not sigint:
+            with contextlib.suppress(ValueError):  # (not the main thread: nothing set)
+                signal.signal(signal.SIGINT, sigint)
     print(f"ran {path} in {time.monotonic() - t0:.1f} s")
     # the mesh as the notebook last showed it (a notebook may show it more than once)
     last = None

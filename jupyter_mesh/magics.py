@@ -6,7 +6,6 @@ Every subcommand has its own ``@magic_arguments`` parser; misuse raises ``UsageE
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
@@ -190,16 +189,24 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
 
 
 def _argv(argstring: str) -> list[str]:
-    """The words of a magic's options, as IPython splits them (quotes kept, taken off
-    by :func:`_unquoted`; an apostrophe inside a word, ``--site o'neil``, and any other
-    backslash stay as typed); on POSIX a line with a backslash before a space
-    (``--tls-ca-file ~/my\\ certs/ca.pem``) is split as a shell splits it."""
+    """The words of a magic's options, split as a POSIX shell splits them, quotes
+    (``--site "my lab"``, ``--site="my lab"``) and a backslash before a space
+    (``--tls-ca-file ~/my\\ certs/ca.pem``) included, but every other backslash kept
+    as typed (a Windows path); a lone quote inside a word (``o'neil``) as IPython
+    splits it, the word kept whole."""
     from IPython.utils.process import arg_split
 
-    if os.name != "nt" and "\\ " in argstring:
-        with contextlib.suppress(ValueError):  # (unbalanced quotes: as IPython splits)
-            return shlex.split(argstring)
-    return arg_split(argstring)
+    space = "\0"  # a backslash-escaped space, kept out of the splitting
+    text = argstring.replace("\\ ", space)
+    lex = shlex.shlex(text, posix=True)
+    lex.whitespace_split = True
+    lex.escape = ""
+    lex.commenters = ""
+    try:
+        words = list(lex)
+    except ValueError:  # an unbalanced quote: IPython's splitting keeps it in its word
+        words = arg_split(text)
+    return [w.replace(space, " ") for w in words]
 
 
 def _once_each(parser: Any, argv: list[str]) -> None:

@@ -28,8 +28,12 @@ def test_demo_a_cell_past_the_timeout_is_one_line(tmp_path, capsys):
 
 
 def test_demo_a_missing_kernel_is_one_line(tmp_path, capsys, monkeypatch):
+    import signal
+
     monkeypatch.setattr(demo, "KERNEL", "no-such-kernel-for-jupyter-mesh")
+    before = signal.getsignal(signal.SIGINT)
     assert demo.main([str(_notebook(tmp_path, "x = 1"))]) == 1
+    assert signal.getsignal(signal.SIGINT) is before  # Ctrl-C still works here
     err = _one_line(capsys)
     assert ("no no-such-kernel-for-jupyter-mesh kernel is installed for Jupyter: install "
             "one with python -m ipykernel install --user") in err

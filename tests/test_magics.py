@@ -434,7 +434,12 @@ def test_unload_ext_takes_the_magics_and_reload_brings_them_back(ip):
 @pytest.mark.parametrize("line, words", [
     ("--tls-ca-file /home/o'neil/ca.pem", ["--tls-ca-file", "/home/o'neil/ca.pem"]),
     ("--site lab\\one", ["--site", "lab\\one"]),  # a backslash stays as typed
-    ("--on 'cpu:jax' --cpu 2", ["--on", "'cpu:jax'", "--cpu", "2"]),  # (quotes: _unquoted)
+    ("--on 'cpu:jax' --cpu 2", ["--on", "cpu:jax", "--cpu", "2"]),
+    ('--site="my lab" --cpu 2', ["--site=my lab", "--cpu", "2"]),
+    ('--tls-ca-file "/x y/ca.pem"', ["--tls-ca-file", "/x y/ca.pem"]),
+    ("--tls-ca-file C:\\certs\\ca.pem", ["--tls-ca-file", "C:\\certs\\ca.pem"]),
+    # both at once: the escaped space stays, the apostrophe too
+    ("--tls-ca-file ~/my\\ o'neil/ca.pem", ["--tls-ca-file", "~/my o'neil/ca.pem"]),
     # a backslash-escaped space: split as a shell splits it
     ("--tls-ca-file ~/my\\ certs/ca.pem --cpu 2", ["--tls-ca-file", "~/my certs/ca.pem",
                                                      "--cpu", "2"]),
