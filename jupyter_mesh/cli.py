@@ -269,12 +269,16 @@ def _detects_accelerator(jax: bool = False) -> int:
     """How many accelerators of the kind a worker started without --gpu/--tpu will
     drive one of: the CUDA GPUs CuPy sees, else the TPU chips (counted in a child
     process, so that this one never holds a chip); 0 where it will drive the CPU.
-    ``jax``: the worker drives whatever JAX sees (``--jax``), a TPU before the CPU."""
+    ``jax``: the worker drives whatever JAX sees (``--jax``): a TPU, else a GPU through
+    JAX's CUDA plugin (counted in a child process too), else the CPU."""
     from .devices import _detect, _tpu
 
     if not jax and _detect.cuda_available():
         return len(_detect.cuda_devices())
-    return len(_tpu.chips()[0]) if _detect.tpu_possible() else 0
+    chips = len(_tpu.chips()[0]) if _detect.tpu_possible() else 0
+    if chips or not jax:
+        return chips
+    return _detect.jax_gpu_count()
 
 
 def main(argv: list[str] | None = None) -> int:

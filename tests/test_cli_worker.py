@@ -233,7 +233,23 @@ def test_the_accelerators_a_worker_without_gpu_or_tpu_finds(monkeypatch):
     monkeypatch.setattr(_tpu, "chips", lambda: ([], "no chips"))
     assert cli._detects_accelerator() == 0
     monkeypatch.setattr(_detect, "tpu_possible", lambda: False)
+    monkeypatch.setattr(_detect, "jax_gpu_count", lambda: 0)
     assert cli._detects_accelerator(jax=True) == 0
+    # JAX with its CUDA plugin drives GPUs (--jax on a GPU host): counted too
+    monkeypatch.setattr(_detect, "jax_gpu_count", lambda: 4)
+    assert cli._detects_accelerator(jax=True) == 4
+    assert cli._detects_accelerator() == 0  # (without --jax: CuPy's, and it has none)
+
+
+def test_jax_drives_no_gpu_without_its_cuda_plugin(monkeypatch):
+    from jupyter_mesh.devices import _detect
+
+    # plain `pip install jax` (as here): 0 at once, no child process
+    real = _detect.importlib.util.find_spec
+    monkeypatch.setattr(_detect.importlib.util, "find_spec",
+                        lambda name: None if name in _detect.JAX_CUDA_PLUGINS else real(name))
+    monkeypatch.setattr(_detect, "_jax_gpus_probed", lambda: pytest.fail("probed"))
+    assert _detect.jax_gpu_count() == 0
 
 
 def test_a_worker_listens_where_it_reaches_the_scheduler():

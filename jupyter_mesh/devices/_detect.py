@@ -6,9 +6,12 @@ is imported for TPUs only when libtpu is installed (importing JAX costs seconds)
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import platform
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +165,32 @@ def cuda_devices() -> list[DeviceInfo]:
             )
         )
     return out
+
+
+#: JAX's CUDA plugins (``jax[cuda12]``, ``jax[cuda13]``): without one JAX drives no GPU
+JAX_CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
+
+
+def jax_gpu_count() -> int:
+    """The CUDA GPUs JAX drives on this host, counted once per process in a child
+    process (this one never opens them); 0 at once where no JAX CUDA plugin is
+    installed (plain ``pip install jax`` runs on the CPU)."""
+    if importlib.util.find_spec("jax") is None or not any(
+            importlib.util.find_spec(m) is not None for m in JAX_CUDA_PLUGINS):
+        return 0
+    return _jax_gpus_probed()
+
+
+@functools.lru_cache(maxsize=1)
+def _jax_gpus_probed() -> int:
+    code = ("import jax\ntry:\n    print(len(jax.devices('gpu')))\n"
+            "except Exception:\n    print(0)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, JAX_PLATFORMS="cuda"))
+        return int((done.stdout.strip().splitlines() or ["0"])[-1])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return 0
 
 
 def tpu_possible() -> bool:
