@@ -102,9 +102,10 @@ class MeshPanel(w.VBox):
         self.counts: dict[str, w.IntText] = {}
         self.scale_button: w.Button | None = None
         if mesh.owns_cluster:
+            live = mesh._live_counts()
             for fam in SCALABLE:
                 self.counts[fam] = w.IntText(
-                    value=mesh._live_counts().get(fam, 0), description=fam,
+                    value=live.get(fam, 0), description=fam,
                     layout=w.Layout(width="160px"))
             self.scale_button = w.Button(description="Scale", icon="sliders")
             self.scale_button.on_click(lambda _: self.scale())
