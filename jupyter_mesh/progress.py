@@ -353,6 +353,7 @@ class RemoteWatch:
         self.timeout = timeout
         self.t0 = time.monotonic()
         self.widgets: dict[str, Any] | None = None
+        self.box: Any = None
         self.text = False
         #: how the cell ended on each worker it ended on so far: "finished" (green), or
         #: "failed", "timed out", "stopped" (red)
@@ -397,7 +398,15 @@ class RemoteWatch:
             widgets[label] = (bar, text)
             rows.append(HBox([bar, text]))
         self.widgets = widgets
-        _display(VBox([HTML("<b>remote cell</b>"), *rows]), "remote cell: progress bar (a widget)")
+        self.box = VBox([HTML("<b>remote cell</b>"), *rows])
+        _display(self.box, "remote cell: progress bar (a widget)")
+
+    def show_again(self) -> None:
+        """After the cell cleared its output (``clear_output`` on the worker), which
+        took the bars with it: show them again, above what the cell shows next."""
+        if self.widgets is not None:
+            with contextlib.suppress(Exception):  # a bar must never stop the cell
+                _display(self.box, "remote cell: progress bar (a widget)")
 
     def _fraction(self, elapsed: float) -> float:
         if self.timeout:

@@ -51,6 +51,12 @@ CELLS = {
         "update_display('third', display_id=h.display_id)\nprint('gone', flush=True)\n"
         "clear_output()\nprint('after clear')"
     ),
+    "bars_now": "import dask\n_bars = dask.config.set({'mesh.progress-after': 0.1})",
+    "clear_bars": (
+        "%%mesh --remote\nimport time\nprint('before', flush=True)\ntime.sleep(0.8)\n"
+        "clear_output(wait=True)\nprint('after', flush=True)\ntime.sleep(0.3)"
+    ),
+    "bars_back": "_bars.__exit__(None, None, None)",
     "bad_display_id": "%%mesh --remote\ndisplay('x', display_id=3)",
     "bad_target": "%%mesh --remote --on gpu\n1",
     "no_compile": "%%mesh --remote\nx = (",
@@ -225,6 +231,18 @@ def test_display_update_and_clear_output(run):
     assert not [o for o in cells["update"].outputs if o.output_type == "display_data"]
     err = error(cells["bad_display_id"])
     assert err is not None and "display_id must be a string or True" in err["evalue"]
+
+
+def test_clear_output_keeps_the_progress_bar(run):
+    # a remote cell that clears its output (a loop redrawing its own status) cleared
+    # the bars too: they are shown again, above what the cell shows after the clear
+    cells, _ = run
+    assert error(cells["clear_bars"]) is None
+    outs = cells["clear_bars"].outputs
+    kinds = [(o.output_type, o.get("data", {}).get("text/plain", o.get("text")))
+             for o in outs]
+    assert kinds == [("display_data", "remote cell: progress bar (a widget)"),
+                     ("stream", "after\n")], kinds
 
 
 def test_misuse_is_one_line(run):

@@ -417,7 +417,7 @@ class RemoteCells:
                     i = index[id(run)]
                     if kind == "out":
                         watch.clear_line()
-                        self._show(run, payload, labelled=every)
+                        self._show(run, payload, labelled=every, watch=watch)
                     elif kind == "done":
                         run.final = payload
                         pending.discard(i)
@@ -555,7 +555,8 @@ class RemoteCells:
             )
 
     # ------------------------------------------------------------ output
-    def _show(self, run: _Run, payload: Any, labelled: bool) -> None:
+    def _show(self, run: _Run, payload: Any, labelled: bool,
+              watch: progress.RemoteWatch | None = None) -> None:
         items, arrived = payload
         for item in items:
             run.latencies.append(arrived - item[-1])
@@ -571,6 +572,8 @@ class RemoteCells:
                     stream.flush()
             elif item[0] == "clear":
                 _clear_output(item[1])
+                if watch is not None:  # the bars went with the rest
+                    watch.show_again()
             else:
                 if item[0] == "display-id":
                     _, data, metadata, display_id, update, _ts = item
