@@ -939,6 +939,11 @@ class Mesh:
             for worker in spec.values():
                 worker.setdefault("options", {})["memory_limit"] = share  # (restarts)
             self._share_memory(int(share))
+        remote = self.__dict__.get("_remote")
+        if remote is not None:
+            # a kind scaled away is gone on purpose: a remote cell asking for it fails
+            # at once, without waiting for it to come back as after a restart
+            remote.seen.clear()
         inventory = self.inventory()
         self._warn_if_route_stranded(inventory)
         return inventory

@@ -53,10 +53,10 @@ def record_remote_output(monkeypatch) -> list[tuple[float, str]]:
     arrivals: list[tuple[float, str]] = []
     show = _client.RemoteCells._show
 
-    def record(self, run, payload, labelled):
+    def record(self, run, payload, labelled, **kwargs):
         text = "".join(item[2] for item in payload[0] if item[0] == "stream")
         arrivals.append((time.monotonic(), text))
-        show(self, run, payload, labelled)
+        show(self, run, payload, labelled, **kwargs)
 
     monkeypatch.setattr(_client.RemoteCells, "_show", record)
     return arrivals

@@ -347,12 +347,56 @@ def test_interrupt_of_code_blocked_outside_python(fresh, capsys, monkeypatch):
         fresh.run_cell("after", on="cpu:numpy")
 
 
+def test_a_second_interrupt_stops_waiting_in_one_line(fresh, capsys):
+    # the first Ctrl-C asks the worker to stop; the second, before the grace is over,
+    # stops waiting: a KeyboardInterrupt without the magic's frames, and the busy
+    # namespace is known, so the first %mesh reset-remote reaches it
+    import dask
+
+    fresh.run_cell("1", on="cpu:numpy")
+    fresh.reset_remote()
+    with dask.config.set({"mesh.remote.interrupt-grace": 10}):
+        timers = [_interrupt_soon(0.4), _interrupt_soon(1.0)]
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt) as info:
+            fresh.run_cell("import time\ntime.sleep(4)", on="cpu:numpy")
+        for t in timers:
+            t.join()
+    assert time.monotonic() - started < 3
+    shown = "\n".join(info.value._render_traceback_())
+    assert "_client.py" not in shown and "magic.py" not in shown
+    assert "still running on cpu-0" in capsys.readouterr().err
+    assert fresh.reset_remote() == ["cpu-0"]
+    assert fresh.run_cell("1 + 1", on="cpu:numpy").data["text/plain"] == "2"
+
+
+def test_reset_remote_ends_the_tasks_cells_started(fresh, tmp_path):
+    # %mesh reset-remote cancels a namespace's asyncio tasks, and their cleanup runs
+    # (it ran on the worker's own event loop, where the cell's loop could not run)
+    done = tmp_path / "cleaned"
+    fresh.run_cell(
+        "import asyncio\n"
+        "async def bg():\n"
+        "    try:\n"
+        "        while True:\n"
+        "            await asyncio.sleep(0.05)\n"
+        "    finally:\n"
+        f"        open({str(done)!r}, 'w').write('cleaned')\n"
+        "task = asyncio.get_event_loop().create_task(bg())\n"
+        "await asyncio.sleep(0.1)", on="cpu:numpy")
+    assert fresh.reset_remote() == ["cpu-0"]
+    deadline = time.monotonic() + 5
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert done.exists() and done.read_text() == "cleaned"
+
+
 def test_timeout_of_code_blocked_outside_python(fresh, capsys):
     import dask
 
     started = time.monotonic()
     with dask.config.set({"mesh.remote.interrupt-grace": 0.3}):
-        with pytest.raises(RemoteCellTimeout, match="did not stop: it is blocked outside"):
+        with pytest.raises(RemoteCellTimeout, match=r"did not stop \(blocked outside"):
             fresh.run_cell("import time\ntime.sleep(2.5)", on="cpu:jax", timeout=0.3)
     assert time.monotonic() - started < 2.5
     assert "still running on jax-cpu-0" in capsys.readouterr().err
@@ -522,6 +566,43 @@ def test_push_of_an_object_that_cannot_be_serialized(ip, fresh, caplog):
         remote(ip, "--push lock", "1")
     # the one-line error is all the user sees: no Dask traceback logged before it
     assert not [r for r in caplog.records if "Failed to serialize" in r.getMessage()]
+
+
+def test_push_error_says_what_dask_could_not_serialize(ip, fresh):
+    # Dask's serialization error has two arguments: its text was a tuple's repr
+    ip.user_ns["lock"] = threading.Lock()
+    with pytest.raises(UsageError) as info:
+        remote(ip, "--push lock", "1")
+    assert str(info.value).endswith("cannot be serialized (Could not serialize object of "
+                                    "type lock)")
+
+
+def test_pull_that_the_notebook_cannot_deserialize(ip, fresh, caplog):
+    # the worker pickled it, but it cannot be rebuilt here: one line saying so, at
+    # once (it said "lost the connection" after the grace), the name kept on the worker
+    # and the notebook's own variable untouched
+    ip.user_ns["evil"] = "mine"
+    started = time.monotonic()
+    with pytest.raises(UsageError) as info:
+        remote(ip, "--pull evil", "class Evil:\n    def __reduce__(self):\n"
+                                  "        return (eval, ('1/0',))\nevil = Evil()")
+    assert time.monotonic() - started < 2.5
+    assert str(info.value) == (
+        "the cell ran on cpu-0, but the notebook cannot deserialize what it sent back "
+        "('evil': division by zero): import or install here what its class needs, or "
+        "pull something plainer; the names stay on the worker")
+    assert ip.user_ns["evil"] == "mine"
+    assert not [r for r in caplog.records if "deserialize" in r.getMessage()]
+    assert fresh.run_cell("type(evil).__name__", on="cpu", value=True).value == "Evil"
+    with pytest.raises(UsageError, match="cannot deserialize what it sent back "
+                                         r"\(the value of the last expression: "):
+        remote(ip, "-o v", "evil")
+
+
+def test_pull_missing_lists_the_users_names_only(ip, fresh):
+    with pytest.raises(UsageError) as info:
+        remote(ip, "--pull nothere", "mine = 1")
+    assert "(defined there: mine)" in str(info.value)
 
 
 def test_pull_of_an_object_that_cannot_be_serialized(ip, fresh):

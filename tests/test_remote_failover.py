@@ -107,3 +107,60 @@ def test_worker_wait_config(mesh):
         with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
             mesh.run_cell("1", on="cpu:jax")  # never seen: no wait, config not read
         assert time.monotonic() - t0 < 5
+
+
+def test_a_kind_that_does_not_come_back_is_waited_for_once(mesh, capsys):
+    # after one wait in vain the kind is taken as gone (scaled away, a machine gone
+    # for good): the next cell fails at once, instead of waiting again every time
+    import dask
+
+    from jupyter_mesh.remote._client import _request_key
+    from jupyter_mesh.targets import parse_target
+
+    cells = mesh._remote_cells()
+    cells.seen.add(_request_key(parse_target("cpu:jax"), None))  # as if it had one
+    with dask.config.set({"mesh.remote.worker-wait": 0.5}):
+        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+            mesh.run_cell("1", on="cpu:jax")
+        assert "waiting up to 0.5 s" in capsys.readouterr().err
+        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+            mesh.run_cell("1", on="cpu:jax")
+        assert "waiting" not in capsys.readouterr().err
+
+
+def test_scaling_ends_waits_for_the_kinds_it_took_away(mesh, capsys):
+    import dask
+
+    from jupyter_mesh.remote._client import _request_key
+    from jupyter_mesh.targets import parse_target
+
+    mesh._remote_cells().seen.add(_request_key(parse_target("cpu:jax"), None))
+    mesh.scale(cpu=1)
+    with dask.config.set({"mesh.remote.worker-wait": 30}):
+        t0 = time.monotonic()
+        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+            mesh.run_cell("1", on="cpu:jax")
+    assert time.monotonic() - t0 < 5 and "waiting" not in capsys.readouterr().err
+
+
+def test_ctrl_c_while_waiting_for_a_worker_is_one_line(mesh):
+    import _thread
+    import threading
+
+    import dask
+
+    from jupyter_mesh.remote._client import _request_key
+    from jupyter_mesh.targets import parse_target
+
+    mesh._remote_cells().seen.add(_request_key(parse_target("cpu:jax"), None))
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    with dask.config.set({"mesh.remote.worker-wait": 30}):
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(jm.MeshError) as info:
+            mesh.run_cell("1", on="cpu:jax")
+        timer.join()
+    assert time.monotonic() - t0 < 5
+    assert str(info.value) == ("stopped waiting for a --on cpu:jax worker (interrupted): "
+                               "the cell did not run")
+    assert mesh.run_cell("2").data["text/plain"] == "2"

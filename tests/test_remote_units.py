@@ -168,6 +168,17 @@ def test_remote_error_renders_every_worker():
     assert isinstance(err, MeshError)
 
 
+def test_an_exception_of_a_module_is_named_once():
+    # Python names it with its module on the traceback's last line
+    tb = ("Traceback ...\njson.decoder.JSONDecodeError: Expecting value: line 1 column 1 "
+          "(char 0)\n")
+    err = RemoteCellError([RemoteFailure("JSONDecodeError", "Expecting value: line 1 column "
+                                         "1 (char 0)", tb, "tcp://1:1", "cpu-0", "cpu",
+                                         "numpy")])
+    shown = "\n".join(err._render_traceback_())
+    assert shown.count("Expecting value") == 1
+
+
 @pytest.mark.parametrize("colors, ansi", [("nocolor", False), ("linux", True)])
 def test_remote_error_headers_follow_the_shells_colours(ip, colors, ansi):
     # a terminal started with --colors=nocolor (or %colors nocolor) gets no escapes

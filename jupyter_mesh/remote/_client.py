@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from distributed.comm.core import CommClosedError
 from distributed.protocol.serialize import Serialized, serialize
 
 from .. import _config, progress
@@ -28,7 +29,7 @@ from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
 from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure, RemoteInterrupt
-from ._runner import TOP_LEVEL_AWAIT, quiet_logger
+from ._runner import TOP_LEVEL_AWAIT, error_reason, quiet_logger
 from ._shell import to_python
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from ..mesh import Mesh
 
 SERIALIZERS = ("dask", "pickle")
+#: why a cell asked to stop may still run: what the notebook cannot tell apart
+NOT_STOPPED = ("blocked outside Python, it stops when it returns to Python; or its code "
+               "caught the KeyboardInterrupt")
 _NOTHING = object()
 
 
@@ -156,7 +160,7 @@ def pack(name: str, value: Any) -> Serialized:
         with quiet_logger("distributed.protocol.pickle"):
             header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = error_reason(exc)
         raise MeshError(
             f"--push: cannot send {name!r} ({type(value).__module__}.{type(value).__qualname__}):"
             f" it cannot be serialized ({reason})"
@@ -358,12 +362,21 @@ class RemoteCells:
                   f"notebook used is gone); waiting up to {wait:g} s for one "
                   f"(mesh.remote.worker-wait).", file=sys.stderr, flush=True)
         deadline = time.monotonic() + wait
-        while True:
-            inventory = self.mesh.inventory()
-            matching = inventory.select(target=target, site=site)
-            if len(matching) or time.monotonic() >= deadline:
-                return inventory, matching
-            time.sleep(0.2)
+        try:
+            while True:
+                inventory = self.mesh.inventory()
+                matching = inventory.select(target=target, site=site)
+                if len(matching) or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            raise MeshError(f"stopped waiting for a {wanted or 'matching'} worker "
+                            f"(interrupted): the cell did not run") from None
+        if not len(matching):
+            # none came back: the next cell that asks for it fails at once (the kind
+            # was scaled away, or the machine is gone for good)
+            self.seen.discard(_request_key(target, site))
+        return inventory, matching
 
     def _install(self) -> None:
         if self._installed:
@@ -433,9 +446,11 @@ class RemoteCells:
                         pending.discard(i)
                 except KeyboardInterrupt:
                     if interrupted:  # a second Ctrl-C: stop waiting
+                        # (_collect says so, and keeps the busy namespaces for %mesh
+                        # reset-remote)
                         self._abandon([runs[i] for i in pending], True)
                         pending.clear()  # (the bar says they still run)
-                        raise
+                        continue
                     interrupted = True
                     stop_sent_at = time.monotonic()
                     self._send_stop([runs[i] for i in pending], "interrupted")
@@ -467,7 +482,18 @@ class RemoteCells:
         try:
             await comm.write(run.message)
             while True:
-                msg = await comm.read()
+                try:
+                    # Dask logs a failed deserialization as CRITICAL with its traceback;
+                    # the one line below says what it means here
+                    with quiet_logger("distributed.protocol.core"), \
+                            quiet_logger("distributed.protocol.pickle"):
+                        msg = await comm.read()
+                except Exception as exc:
+                    if comm.closed() or isinstance(exc, (OSError, CommClosedError)):
+                        raise
+                    # it arrived whole, but this process cannot rebuild what it holds
+                    events.put(("fail", run, _Unreadable(exc)))
+                    return
                 arrived = time.time()
                 tag = msg.get("t") if isinstance(msg, dict) else None
                 if tag == "out":
@@ -548,9 +574,9 @@ class RemoteCells:
             run.failure = _StillRunning(run, interrupted)
             print(
                 f"jupyter_mesh: the cell is still running on {run.label} "
-                f"({run.device.target}): it is blocked outside Python and stops when it "
-                f"returns to Python. The worker stays usable; its namespace is busy until "
-                f"then (%mesh reset-remote starts a fresh one).",
+                f"({run.device.target}): it did not stop ({NOT_STOPPED}). The worker stays "
+                f"usable; its namespace is busy until then (%mesh reset-remote starts a "
+                f"fresh one).",
                 file=sys.stderr, flush=True,
             )
 
@@ -607,11 +633,22 @@ class RemoteCells:
                         failures.append(RemoteFailure(
                             ename="TimeoutError", evalue=(
                                 f"the cell ran longer than --timeout {timeout:g} s and did "
-                                f"not stop: it is blocked outside Python and stops when it "
-                                f"returns to Python; the worker stays usable"),
+                                f"not stop ({NOT_STOPPED}); the worker stays usable"),
                             traceback="", worker=dev.worker, name=dev.name, kind=dev.kind,
                             backend=dev.backend,
                         ))
+                    continue
+                if isinstance(run.failure, _Unreadable):
+                    # the cell ended there; its namespace is there, with the value
+                    self.namespaces[dev.worker] = dev
+                    asked = [repr(n) for n in run.message.get("pull") or ()]
+                    if run.message.get("want_value"):
+                        asked.append("the value of the last expression")
+                    usage.append(
+                        f"the cell ran on {run.label}, but the notebook cannot deserialize "
+                        f"what it sent back ({' or '.join(asked) or 'its answer'}: "
+                        f"{run.failure}): import or install here what its class needs, "
+                        f"or pull something plainer; the names stay on the worker")
                     continue
                 usage.append(self._lost(run))
                 continue
@@ -713,6 +750,16 @@ class RemoteCells:
         reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
             type(exc).__name__
         return f"lost the connection to worker {run.label} during the cell ({reason})"
+
+
+class _Unreadable(Exception):
+    """The worker's answer arrived, but the notebook cannot deserialize a value in it
+    (a pulled name, ``-o``): its class lives in a module only the worker has, or its
+    pickle runs code that fails here."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(error_reason(cause))
+        self.cause = cause
 
 
 class _StillRunning(Exception):

@@ -84,12 +84,19 @@ class RemoteCellError(MeshError):
             lines.append(f"{_header(f'Remote {f.ename}')} on {f.where}")
             tb = f.traceback.rstrip("\n").splitlines()
             lines.extend(tb)
-            if not tb or not tb[-1].startswith(f.ename):
+            if not tb or not _ends_with_exception(tb[-1], f.ename):
                 # e.g. a timeout: the remote traceback ends in the KeyboardInterrupt that
                 # stopped the code; say why it was stopped
                 lines.append(f"{f.ename}: {f.evalue}")
             lines.append("")
         return lines[:-1]
+
+
+def _ends_with_exception(line: str, ename: str) -> bool:
+    """Whether a traceback's last line is the exception ``ename``'s own: Python names an
+    exception of a module with its module (``json.decoder.JSONDecodeError: ...``)."""
+    head = line.split(":", 1)[0]
+    return head == ename or head.endswith("." + ename)
 
 
 class RemoteInterrupt(KeyboardInterrupt):

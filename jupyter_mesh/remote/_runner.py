@@ -149,7 +149,15 @@ def forget_loop(ns: dict[str, Any]) -> None:
     with _loops_lock:
         loop = _loops.pop(id(ns), None)
     if loop is not None and not loop.is_running():
-        _shut(loop)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            _shut(loop)
+        else:
+            # called on the worker's own event loop (reset, teardown): another loop
+            # cannot run in this thread, so the cell loop's tasks end in one of their own
+            threading.Thread(target=_shut, args=(loop,), daemon=True,
+                             name="jupyter-mesh-remote-shut").start()
 
 
 def _shut(loop: asyncio.AbstractEventLoop) -> None:
@@ -365,6 +373,20 @@ def error_record(exc: BaseException) -> dict[str, Any]:
         "evalue": evalue,
         "traceback": format_remote_traceback(exc),
     }
+
+
+def _ours(value: Any) -> bool:
+    """Whether a namespace's value is one the remote cells put there (``display``,
+    ``input``, ``get_ipython``...), not the user's."""
+    return str(getattr(value, "__module__", None) or "").startswith(__package__ + ".")
+
+
+def error_reason(exc: BaseException) -> str:
+    """The first line of what an exception says. Dask raises its serialization errors
+    with two arguments (what failed, the object's repr), whose ``str`` is a tuple."""
+    args = exc.args
+    text = args[0] if len(args) > 1 and isinstance(args[0], str) else str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -595,7 +617,8 @@ class CellRun:
         for name in self.pull:
             if name not in ns:
                 return {"status": "pull-missing", "name": name,
-                        "defined": sorted(k for k in ns if not k.startswith("_"))[:20]}
+                        "defined": sorted(k for k, v in ns.items()
+                                          if not k.startswith("_") and not _ours(v))[:20]}
             try:
                 pulled[name] = pack(ns[name])
             except Exception as exc:
@@ -605,6 +628,6 @@ class CellRun:
 
     @staticmethod
     def _unsendable(what: str, value: Any, exc: BaseException) -> dict[str, Any]:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = error_reason(exc)
         return {"status": "unsendable", "what": what, "type": type(value).__name__,
                 "reason": reason}
