@@ -242,6 +242,8 @@ class _Registration:
             "pid_started": process_start_time(os.getpid()),
             "kernel_id": _kernel_id(),
             "address": mesh.address,
+            # the scheduler's own id: the sidebar knows it under any name of its host
+            "scheduler_id": _scheduler_id_of(mesh),
             "dashboard": mesh.dashboard_link,
             "owns_cluster": bool(mesh.owns_cluster),
             "site": getattr(mesh, "site", None),
@@ -387,6 +389,14 @@ def security_for(address: str, runtime_dir: str | os.PathLike[str] | None = None
     return None
 
 
+def _scheduler_id_of(mesh: Mesh | None) -> str | None:
+    """The id of the scheduler ``mesh`` is connected to, as its client learnt it when it
+    connected (never a call to the scheduler: the server runs this on its loop)."""
+    ident = getattr(getattr(mesh, "client", None), "_scheduler_identity", None)
+    sid = ident.get("id") if isinstance(ident, dict) else None
+    return None if sid is None else str(sid)
+
+
 def _same_place(address: str) -> str:
     """An address with ``localhost`` written as 127.0.0.1 (both name this machine)."""
     return address.replace("://localhost:", "://127.0.0.1:")
@@ -449,7 +459,7 @@ def read_registrations(
 #: fields of a registration and the types they must have (others are dropped)
 _FIELDS: dict[str, tuple[type, ...]] = {
     "format": (int,), "id": (str,), "pid": (int,), "pid_started": (int, float),
-    "kernel_id": (str,), "dashboard": (str,), "owns_cluster": (bool,), "site": (str,),
+    "kernel_id": (str,), "scheduler_id": (str,), "dashboard": (str,), "owns_cluster": (bool,), "site": (str,),
     "security": (dict,), "created": (int, float), "updated": (int, float), "plans": (list,),
 }
 

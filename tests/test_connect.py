@@ -295,6 +295,36 @@ def test_the_sidebar_connects_to_a_tls_scheduler_with_dasks_tls_settings(tls_clu
     asyncio.run(go())
 
 
+def test_the_sidebar_connects_to_a_tls_mesh_whose_certificate_was_shared(tls_cluster,
+                                                                         certs, tmp_path):
+    # a TLS mesh of this user (the sidebar's own, a notebook's mesh.local.tls) shares
+    # its certificate in the runtime directory: connecting to it needs no settings
+    import asyncio
+    import json
+    import os
+
+    from jupyter_mesh import discovery
+    from jupyter_mesh.server.manager import MeshManager
+
+    address = tls_cluster.scheduler_address
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(mode=0o700, parents=True)
+    shared = directory / "tls-1.json"
+    shared.write_text(json.dumps({
+        "format": discovery.FORMAT, "address": address, "pid": os.getpid(),
+        "pid_started": discovery.process_start_time(os.getpid()),
+        "security": {"tls_ca_file": certs["ca"], "tls_client_cert": certs["cert"],
+                     "tls_client_key": certs["key"]}}))
+    shared.chmod(0o600)
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            return await manager.connect({"address": address, "timeout": 10})
+
+    mesh = asyncio.run(go())
+    assert mesh["address"] == address and mesh["devices"] == 1
+
+
 def test_certificates_held_in_memory_connect(no_mesh):
     # Security.temporary() keeps its CA and certificates in memory, not in files
     security = Security.temporary()

@@ -28,7 +28,8 @@ class FakeMesh:
         self.closed = False
         self.last_plan = None
         self.last_report = None
-        self.client = SimpleNamespace(security=None)
+        self.client = SimpleNamespace(security=None,
+                                      _scheduler_identity={"id": "Scheduler-abc"})
 
 
 class FakePlan:
@@ -64,6 +65,8 @@ def test_register_writes_and_close_removes(tmp_path, monkeypatch):
         assert data["plans"] == []
         (reg,) = discovery.read_registrations(tmp_path)
         assert reg["address"] == mesh.address
+        # the sidebar knows the scheduler by its id under any name of its host
+        assert reg["scheduler_id"] == "Scheduler-abc"
 
         # the kernel's recent router plans reach the file
         mesh.last_plan = FakePlan("matmul-1")

@@ -11,6 +11,8 @@ def test_parse_key_values_and_json():
     assert parse_autostart("cpu=2, jax_cpu=1,site=lab") == {"cpu": 2, "jax_cpu": 1, "site": "lab"}
     assert parse_autostart('{"cpu": 1}') == {"cpu": 1}
     assert parse_autostart("") == {}
+    # a site is a name, even one of digits (it was made a number, and refused)
+    assert parse_autostart("cpu=1,site=2024") == {"cpu": 1, "site": "2024"}
 
 
 def test_parse_rejects_junk():

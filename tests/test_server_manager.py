@@ -402,20 +402,29 @@ def test_slow_connects_do_not_hold_up_the_other_calls(tmp_path, silent_port):
     assert all(isinstance(r, Exception) and "within 4 s" in str(r) for r in results)
 
 
-def test_stopping_a_mesh_a_notebook_uses_needs_force(tmp_path):
-    asyncio.run(_stop_a_used_mesh(tmp_path))
+@pytest.mark.parametrize("reg_address, scheduler_id", [
+    ("tcp://127.0.0.1:8786", None),
+    # the notebook connected to it as localhost: the same mesh
+    ("tcp://localhost:8786", None),
+    # through another name of the host (its IP, a DNS name): the scheduler's own id
+    ("tcp://node-7.example:8786", "Scheduler-1"),
+])
+def test_stopping_a_mesh_a_notebook_uses_needs_force(tmp_path, reg_address, scheduler_id):
+    asyncio.run(_stop_a_used_mesh(tmp_path, reg_address, scheduler_id))
 
 
-async def _stop_a_used_mesh(tmp_path):
+async def _stop_a_used_mesh(tmp_path, reg_address="tcp://127.0.0.1:8786", scheduler_id=None):
     # a notebook connected to the sidebar's mesh: Stop would pull it from under the
     # kernel. It is refused, naming the notebook, unless forced (the sidebar asks first)
     import json
     import os
+    from types import SimpleNamespace
 
     from jupyter_mesh import discovery
 
     class Closable:
         closed = False
+        client = SimpleNamespace(_scheduler_identity={"id": "Scheduler-1"})
 
         def close(self):
             self.closed = True
@@ -427,9 +436,11 @@ async def _stop_a_used_mesh(tmp_path):
         directory = discovery.registry_dir(tmp_path)
         directory.mkdir(mode=0o700, parents=True)
         path = directory / "mesh-1.json"
-        path.write_text(json.dumps({
-            "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
-            "kernel_id": "kid-1", "pid_started": discovery.process_start_time(os.getpid())}))
+        reg = {"address": reg_address, "pid": os.getpid(), "id": "k1", "kernel_id": "kid-1",
+               "pid_started": discovery.process_start_time(os.getpid())}
+        if scheduler_id:
+            reg["scheduler_id"] = scheduler_id
+        path.write_text(json.dumps(reg))
         path.chmod(0o600)
 
         async def paths():
@@ -442,7 +453,63 @@ async def _stop_a_used_mesh(tmp_path):
                                            r"first; the API takes force=true\)$"):
             await manager.stop("local-x")
         assert not mesh.closed and "local-x" in manager._entries
+        assert list(manager._entries) == ["local-x"]  # one entry for the one scheduler
         assert (await manager.stop("local-x", force=True))["stopped"] and mesh.closed
+
+
+def test_kernels_on_one_scheduler_make_one_entry(tmp_path):
+    asyncio.run(_kernels_on_one_scheduler(tmp_path))
+
+
+async def _kernels_on_one_scheduler(tmp_path):
+    # a notebook that started a mesh and two that connected to it (as localhost, and
+    # through another host name): one entry, named after the first, listing all three
+    import json
+    import os
+
+    from jupyter_mesh import discovery
+
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(mode=0o700, parents=True)
+    started = discovery.process_start_time(os.getpid())
+    regs = [
+        {"address": "tcp://localhost:8786", "id": "k2", "created": 2.0},
+        {"address": "tcp://127.0.0.1:8786", "id": "k1", "created": 3.0, "owns_cluster": True,
+         "scheduler_id": "Scheduler-1"},
+        {"address": "tcp://node-7.example:8786", "id": "k3", "created": 1.0,
+         "scheduler_id": "Scheduler-1"},
+        {"address": "tcp://127.0.0.1:9999", "id": "k4", "created": 4.0},  # another one
+    ]
+    for reg in regs:
+        path = directory / f"mesh-{reg['id']}.json"
+        path.write_text(json.dumps({**reg, "pid": os.getpid(), "pid_started": started}))
+        path.chmod(0o600)
+    async with MeshManager(tmp_path) as manager:
+        manager._connect_kernel = _no_connect
+        await manager.refresh_kernels()
+        assert sorted(manager._entries) == ["kernel-k1", "kernel-k4"]
+        assert sorted(manager._entries["kernel-k1"].kernels) == [
+            "kernel-k1", "kernel-k2", "kernel-k3"]
+        await manager.refresh_kernels()  # read again: the same
+        assert sorted(manager._entries) == ["kernel-k1", "kernel-k4"]
+
+
+async def _no_connect(entry):
+    return None
+
+
+def test_a_request_too_big_by_itself_is_a_bad_request(tmp_path):
+    # each count allowed alone, together too many: it said 409 "stop or scale down a
+    # mesh first", with no mesh running
+    top = manager_module.most_local()
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            with pytest.raises(BadRequest, match="cpu and jax_cpu together must be at most"):
+                await manager.start({"cpu": 1, "jax_cpu": top, "gpu": 0, "tpu": 0})
+            assert manager._entries == {}
+
+    asyncio.run(go())
 
 
 def test_connects_to_one_scheduler_at_once_make_one_entry(tmp_path):
@@ -481,8 +548,12 @@ def test_a_mesh_that_cannot_be_read_says_what_to_do_in_the_sidebar(tmp_path, ori
         async with MeshManager(tmp_path) as manager:
             entry = Entry(id="x", origin=origin, address="tcp://127.0.0.1:1", name="x",
                           mesh=Gone())
+            entry.last_devices = [{"kind": "cpu", "site": "local", "worker": "tcp://w:1"}]
             manager._entries["x"] = entry
             await manager._sample(entry, force=True)
+            # the devices it had are gone with it: none listed, none counted
+            detail = manager.detail(entry)
+            assert (detail["devices"], detail["counts"], detail["groups"]) == (0, {}, [])
             return entry.error
 
     assert asyncio.run(go()) == (

@@ -105,8 +105,9 @@ def parse_autostart(text: str) -> dict[str, Any]:
         if not sep:
             raise ValueError(f"expected KEY=VALUE pairs like cpu=2,jax_cpu=1 (or a JSON "
                              f"object), got {part!r}")
-        value = value.strip()
-        body[key.strip()] = int(value) if value.isdigit() else value
+        key, value = key.strip(), value.strip()
+        # a count is a number; a site is a name, digits or not (site=2024)
+        body[key] = int(value) if value.isdigit() and key != "site" else value
     return body
 
 

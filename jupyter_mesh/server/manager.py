@@ -34,7 +34,15 @@ from typing import Any
 from .. import discovery
 from .._links import proxied
 from ..errors import MeshError
-from ..mesh import FAMILIES, Mesh, _family_of, check_address, check_site, is_encrypted
+from ..mesh import (
+    FAMILIES,
+    Mesh,
+    _family_of,
+    check_address,
+    check_cpu_total,
+    check_site,
+    is_encrypted,
+)
 
 #: options ``POST meshes`` accepts, with the kinds of value allowed
 START_OPTIONS = ("cpu", "gpu", "tpu", "jax_cpu", "site", "threads_per_worker")
@@ -179,7 +187,8 @@ def validate_scale(body: Any) -> dict[str, int]:
     return {name: _check_int(name, value) for name, value in body.items()}
 
 
-def validate_connect(body: Any) -> tuple[str, float | None]:
+def validate_connect(body: Any, runtime_dir: str | os.PathLike[str] | None = None
+                     ) -> tuple[str, float | None]:
     """Address and timeout from a ``POST meshes/connect`` body."""
     if not isinstance(body, dict):
         raise BadRequest('the body must be a JSON object like {"address": "tcp://host:8786"}')
@@ -197,7 +206,7 @@ def validate_connect(body: Any) -> tuple[str, float | None]:
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
     ):
         raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {timeout!r}")
-    if is_encrypted(address) and configured_security() is None:
+    if is_encrypted(address) and tls_security(address, runtime_dir) is None:
         raise BadRequest(
             f"{address} uses TLS: give this Jupyter server Dask's TLS settings "
             f"(distributed.comm.tls.ca-file, .client.cert and .client.key), or connect "
@@ -205,6 +214,13 @@ def validate_connect(body: Any) -> tuple[str, float | None]:
             f"then finds it by itself)"
         )
     return address, (float(timeout) if timeout is not None else None)
+
+
+def tls_security(address: str, runtime_dir: str | os.PathLike[str] | None = None) -> Any:
+    """What reaches the ``tls://`` mesh at ``address``: Dask's TLS settings of this
+    server, else the certificate a mesh of this user shared (the sidebar's own TLS
+    meshes, a notebook's ``mesh.local.tls`` mesh); None where neither has it."""
+    return configured_security() or discovery.security_for(address, runtime_dir)
 
 
 def configured_security() -> Any:
@@ -344,6 +360,10 @@ class MeshManager:
                      if k in ("cpu", "jax_cpu", "gpu", "tpu") and isinstance(v, int))
         if "cpu" not in kwargs:
             adding += 2  # Mesh.local's default
+        try:  # a request too big by itself says so, before the meshes already running
+            check_cpu_total(kwargs.get("cpu", 2), kwargs.get("jax_cpu", 0))
+        except MeshError as exc:
+            raise BadRequest(str(exc)) from None
         self._check_budget(adding)
         self._starting += adding
         try:
@@ -380,15 +400,16 @@ class MeshManager:
 
     async def connect(self, body: Any) -> dict[str, Any]:
         """Connect to a running Dask scheduler; a known address gives its existing mesh."""
-        address, timeout = validate_connect(body)
+        address, timeout = validate_connect(body, self.runtime_dir)
         self._check_open()
         await self.refresh_kernels()
         for entry in self._entries.values():
-            if entry.address == address:
+            if _same_place(entry.address) == _same_place(address):
                 await self._sample(entry)
                 return self.detail(entry)
         try:
-            security = configured_security() if is_encrypted(address) else None
+            security = tls_security(address, self.runtime_dir) if is_encrypted(address) \
+                else None
             mesh = await self._connect_in_thread(
                 address, security=security, timeout=timeout, set_current=False
             )
@@ -513,9 +534,18 @@ class MeshManager:
                 paths = await self.kernel_paths()
             except Exception:
                 paths = {}
+        # a kernel that started its mesh first: it names the entry of its scheduler
+        regs = sorted(regs, key=lambda r: (not r.get("owns_cluster"),
+                                           float(r.get("created") or 0)))
         async with self._lock:
             live_ids = set()
-            by_address = {e.address: e for e in self._entries.values() if e.origin != "kernel"}
+            # one entry per scheduler: by its id where known, else by its address (with
+            # localhost as 127.0.0.1), the sidebar's own and connected meshes first
+            hosts: dict[str, Entry] = {}
+            for e in self._entries.values():
+                if e.origin != "kernel":
+                    for key in _scheduler_keys(e.address, discovery._scheduler_id_of(e.mesh)):
+                        hosts.setdefault(key, e)
             for known in self._entries.values():
                 known.kernels = {}
             for reg in regs:
@@ -525,10 +555,12 @@ class MeshManager:
                     "kernel_id": reg.get("kernel_id"),
                     "path": paths.get(reg.get("kernel_id") or ""),
                 }
-                host = by_address.get(reg["address"])
+                keys = _scheduler_keys(reg["address"], reg.get("scheduler_id"))
+                host = next((hosts[k] for k in keys if k in hosts), None)
                 if host is not None:
-                    # a kernel that connected to a mesh we already show: no duplicate, but
-                    # the plans its router made on that mesh are shown with it
+                    # a kernel that connected to a mesh we already show (the sidebar's, or
+                    # another kernel's): no duplicate, but it is listed as using it and the
+                    # plans its router made on that mesh are shown with it
                     host.kernels[kid] = info
                     _merge_plans(host, reg)
                     continue
@@ -544,6 +576,8 @@ class MeshManager:
                         created=float(reg.get("created") or time.time()),
                     )
                     self._entries[kid] = entry
+                for key in keys:
+                    hosts.setdefault(key, entry)
                 entry.registration = reg
                 entry.kernels = {kid: info}
                 entry.name = _kernel_name(reg, info["path"])
@@ -705,6 +739,9 @@ class MeshManager:
                     "connected": "press Disconnect, then connect again once it is back",
                     }.get(entry.origin, "close it in its notebook with %mesh close")
             entry.error = f"cannot read the inventory of {entry.address}: {why}: {todo}"
+            # its devices are not known any more: none shown, no count
+            entry.last_devices = []
+            entry.device_history.clear()
             return
         entry.error = None
         devices = [discovery.jsonable(d.to_record()) for d in inventory]
@@ -756,6 +793,19 @@ class MeshManager:
             if rec is not None:
                 entry.plans.append(rec)
         entry.plan_ids = ids
+
+
+def _same_place(address: str) -> str:
+    return discovery._same_place(address)
+
+
+def _scheduler_keys(address: str, scheduler_id: Any) -> list[str]:
+    """What identifies a scheduler among the sidebar's entries: its id, where known,
+    and its address with localhost as 127.0.0.1."""
+    keys = [f"address:{_same_place(address)}"]
+    if isinstance(scheduler_id, str) and scheduler_id:
+        keys.insert(0, f"id:{scheduler_id}")
+    return keys
 
 
 def _new_id(prefix: str) -> str:
