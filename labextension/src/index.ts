@@ -195,15 +195,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
         const mesh = summaryOf(args);
         const users = mesh?.origin === 'sidebar' ? kernelUsers(mesh) : [];
+        let body =
+          `${users.join(', ')} ${users.length === 1 ? 'uses' : 'use'} ${mesh?.name ?? id}: ` +
+          'stopping it ends the work of their kernels there.';
         if (!users.length) {
-          return model.stop(id);
+          // none known; the server checks again, and a kernel may have connected since
+          const inUse = await model.stopUnlessUsed(id);
+          if (inUse === null) {
+            return null;
+          }
+          body = inUse.replace(/ \(the sidebar asks first[^)]*\)\.?$/, '');
         }
         // their kernels would lose it: ask first
         const answer = await showDialog({
           title: 'Stop this mesh?',
-          body:
-            `${users.join(', ')} ${users.length === 1 ? 'uses' : 'use'} ${mesh?.name ?? id}: ` +
-            'stopping it ends the work of their kernels there.',
+          body,
           buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop' })]
         });
         return answer.button.accept ? model.stop(id, true) : null;

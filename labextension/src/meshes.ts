@@ -172,15 +172,38 @@ export class MeshesModel {
   /** Stop (or disconnect from) a mesh the server holds; `force`: even one that
    * notebooks use (the server refuses it otherwise, naming them). */
   stop(id: string, force = false): Promise<unknown> {
-    return this._act('Stopping…', async () => {
-      const query = force ? '?force=true' : '';
-      await requestAPI(`meshes/${encodeURIComponent(id)}${query}`, jsonInit('DELETE'));
-      this.meshes = this.meshes.filter(m => m.id !== id);
-      if (this.selected === id) {
-        this.detail = null;
-        this._setSelected(pickSelection(this.meshes, null), true);
+    return this._act('Stopping…', () => this._delete(id, force));
+  }
+
+  /** Stop a mesh unless notebooks use it: where the server refuses (409: a kernel
+   * connected to it since the list was read), resolves to what the server said, for
+   * the caller to ask and then `stop(id, true)`; null once it is stopped (or on
+   * another error, shown as the action's error). */
+  async stopUnlessUsed(id: string): Promise<string | null> {
+    let inUse: string | null = null;
+    await this._act('Stopping…', async () => {
+      try {
+        await this._delete(id, false);
+      } catch (error) {
+        if ((error as { response?: Response })?.response?.status === 409 &&
+            / is in use by /.test(errorMessage(error))) {
+          inUse = errorMessage(error);
+          return;
+        }
+        throw error;
       }
     });
+    return inUse;
+  }
+
+  private async _delete(id: string, force: boolean): Promise<void> {
+    const query = force ? '?force=true' : '';
+    await requestAPI(`meshes/${encodeURIComponent(id)}${query}`, jsonInit('DELETE'));
+    this.meshes = this.meshes.filter(m => m.id !== id);
+    if (this.selected === id) {
+      this.detail = null;
+      this._setSelected(pickSelection(this.meshes, null), true);
+    }
   }
 
   private async _act<T>(label: string, fn: () => Promise<T>): Promise<T | null> {

@@ -208,6 +208,40 @@ describe('MeshesModel', () => {
     expect(model.meshes).toEqual([]);
   });
 
+  it('says when the server refuses to stop a mesh that notebooks use', async () => {
+    // a kernel connected since the list was read: the server's 409 comes back for the
+    // sidebar to ask, not as an error
+    const refused = Object.assign(
+      new Error('Local mesh 1 is in use by a.ipynb: their kernels would lose it'),
+      { response: { status: 409 } }
+    );
+    serve({
+      'GET meshes': { meshes: [summary('a')] },
+      'GET meshes/a': detail('a'),
+      'DELETE meshes/a': () => {
+        throw refused;
+      }
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    expect(await model.stopUnlessUsed('a')).toBe(
+      'Local mesh 1 is in use by a.ipynb: their kernels would lose it'
+    );
+    expect(model.actionError).toBeNull();
+    expect(model.meshes.map(m => m.id)).toEqual(['a']);
+    // another refusal is the action's error, as before
+    serve({
+      'GET meshes': { meshes: [summary('a')] },
+      'DELETE meshes/a': () => {
+        throw Object.assign(new Error('a is busy with another change'), {
+          response: { status: 409 }
+        });
+      }
+    });
+    expect(await model.stopUnlessUsed('a')).toBeNull();
+    expect(model.actionError).toBe('a is busy with another change');
+  });
+
   it('lets a user selection win over a later restored one', () => {
     const model = new MeshesModel();
     expect(model.userSelected).toBe(false);

@@ -1,6 +1,6 @@
 import { Widget } from '@lumino/widgets';
 
-import { countsSummary, IMeshSummary, originLabel } from '../model';
+import { countsSummary, IMeshSummary, kernelUsers, originLabel } from '../model';
 import { MeshesModel } from '../meshes';
 import { h, replaceChildren } from './dom';
 
@@ -62,9 +62,8 @@ export class MeshListWidget extends Widget {
 
   private _item(mesh: IMeshSummary): HTMLElement {
     const selected = mesh.id === this.model.selected;
-    const kernelPaths = mesh.kernels
-      .map(k => k.path)
-      .filter((p): p is string => !!p);
+    // every kernel, with or without a notebook path (as the stop dialog names them)
+    const kernelPaths = kernelUsers(mesh);
     return h(
       'li',
       {
