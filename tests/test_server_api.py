@@ -128,6 +128,29 @@ def test_any_other_path_is_a_json_404(api, method, parts):
                                     f"health, meshes, meshes/connect and meshes/ID)")
 
 
+WRONG_METHODS = [
+    ("PUT", ("meshes",), "GET or POST"),
+    ("DELETE", ("meshes",), "GET or POST"),
+    ("GET", ("meshes", "connect"), "POST"),
+    ("PUT", ("meshes", "local-1234"), "GET or PATCH or DELETE"),
+    ("POST", ("health",), "GET"),
+    ("HEAD", ("meshes",), "GET or POST"),
+]
+
+
+@pytest.mark.parametrize("method, parts, allowed", WRONG_METHODS)
+def test_a_method_a_route_does_not_take_is_a_405_that_says_which(api, method, parts, allowed):
+    code, body = api(method, *parts, body={} if method in ("PUT", "POST") else None)
+    assert code == 405
+    if method != "HEAD":  # (a reply to HEAD has no body)
+        assert body["message"].endswith(
+            f"/jupyter-mesh/api/{'/'.join(parts)} takes {allowed}, not {method}")
+    # and only to a signed-in user: no route tells a stranger what it takes
+    code, _ = api(method, *parts, body={} if method in ("PUT", "POST") else None,
+                  headers={"Authorization": ""})
+    assert code == 403
+
+
 @pytest.mark.parametrize("mesh_id", ["mesh-\u00e9t\u00e9", "a b", "x'y", "<b>"])
 def test_an_unknown_id_of_any_characters_is_a_json_404(api, mesh_id):
     # ids the server makes are plain ASCII; any other is no mesh's, and the sidebar

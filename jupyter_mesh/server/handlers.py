@@ -77,6 +77,20 @@ class MeshAPIHandler(APIHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"message": message, "reason": exc.reason}))
 
+    # a method a route does not take: after the sign-in check, as every request here,
+    # a JSON 405 that says which it takes (and Allow, as HTTP asks)
+    @tornado.web.authenticated
+    @authorized
+    def _not_allowed(self, *args: Any, **kwargs: Any) -> None:
+        allowed = [m for m in ("GET", "POST", "PATCH", "DELETE")
+                   if getattr(type(self), m.lower()) is not getattr(MeshAPIHandler, m.lower())]
+        self.set_header("Allow", ", ".join(allowed))
+        raise tornado.web.HTTPError(
+            405, f"{self.request.path} takes {' or '.join(allowed)}, not "
+                 f"{self.request.method}")
+
+    get = post = patch = delete = put = head = _not_allowed
+
     async def run(self, coro: Any, status: int = 200) -> None:
         try:
             result = await coro
@@ -189,7 +203,7 @@ class UnknownHandler(MeshAPIHandler):
     def get(self, *args: Any) -> None:
         self._unknown()
 
-    post = patch = delete = put = get
+    post = patch = delete = put = head = get
 
 
 def setup_handlers(web_app: Any, manager: MeshManager) -> None:
