@@ -718,6 +718,14 @@ def test_submit_on_target_and_needs(mesh):
     assert same[0].key == same[1].key and same[0].result() == same[1].result()
     new = [mesh.submit(time.time_ns, on="cpu", pure=False) for _ in range(2)]
     assert new[0].key != new[1].key and new[0].result() != new[1].result()
+    # NumPy's global random functions pickle with the notebook's generator state: each
+    # call started from it and gave the same numbers; they draw on the worker's own
+    draws = [mesh.submit(np.random.random, 4, on="cpu", pure=False).result()
+             for _ in range(2)]
+    assert draws[0].shape == (4,) and not np.array_equal(draws[0], draws[1])
+    draws = [mesh.submit(np.random.normal, 0, 1, size=3, pure=False, convert=False).result()
+             for _ in range(2)]
+    assert not np.array_equal(draws[0], draws[1])
 
 
 def test_submit_moves_arrays_to_the_workers_backend(mesh):

@@ -1095,6 +1095,37 @@ def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None
     return pool.resource, pool.label, pool.backend
 
 
+class GlobalRandom:
+    """``numpy.random.NAME`` looked up where the task runs: NumPy's global functions
+    are methods of one ``RandomState``, which pickles with its state, so each call
+    would start from the notebook's state and ``pure=False`` calls repeat their numbers;
+    the worker's own global generator gives new ones, as the notebook's does."""
+
+    def __init__(self, name: str) -> None:
+        self.name = self.__name__ = name
+
+    def __reduce__(self) -> Any:
+        return (GlobalRandom, (self.name,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import numpy
+
+        return getattr(numpy.random, self.name)(*args, **kwargs)
+
+
+def _global_random(fn: Any) -> Any:
+    """``fn``, or a :class:`GlobalRandom` where it is a function of ``numpy.random``'s
+    global generator (``np.random.random``, ``np.random.normal``...)."""
+    import numpy
+
+    owner = getattr(fn, "__self__", None)
+    name = getattr(fn, "__name__", None)
+    if (owner is not None and owner is getattr(numpy.random.mtrand, "_rand", None)
+            and isinstance(name, str) and getattr(numpy.random, name, None) == fn):
+        return GlobalRandom(name)
+    return fn
+
+
 def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
            site: Any, kwargs: dict[str, Any], convert: Any = True,
            pure: Any = True) -> Any:
@@ -1149,6 +1180,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         label = f"{label} at site {site}"
     if resources:
         _register_submit(mesh, key, resource, site, label)
+    fn = _global_random(fn)
     call = SubmitCall(fn, backend, kind) if convert else fn
     # every keyword argument goes to fn, even one named like an option of Dask's
     # submit (key=, pure=, retries=, workers=...), which Dask would otherwise take
