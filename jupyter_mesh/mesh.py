@@ -1486,11 +1486,10 @@ def _probe_scheduler(address: str, security: Any, timeout: float) -> dict[str, A
         try:
             ident = future.result(0.1)
             break
-        except concurrent.futures.TimeoutError:
-            if time.monotonic() > deadline:
+        except (concurrent.futures.TimeoutError, asyncio.TimeoutError):
+            # (one class since Python 3.11): the probe's own timeout, or still waiting
+            if future.done() or time.monotonic() > deadline:
                 raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
-        except asyncio.TimeoutError:
-            raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
         raise OSError(f"this is not a Dask scheduler (it answered as {found})")
