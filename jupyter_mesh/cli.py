@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 from .errors import MeshError
 
@@ -191,7 +192,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     print(f"jupyter-mesh worker: joining {address} (Ctrl-C stops)", file=sys.stderr,
           flush=True)
     # Ctrl-C (or SIGTERM) stops the join too: Dask waits up to its connect timeout
-    joining = asyncio.ensure_future(nanny.start())
+    joining = asyncio.ensure_future(_join(nanny, address, security))
     await asyncio.wait([joining, waiter], return_when=asyncio.FIRST_COMPLETED)
     if not joining.done():
         joining.cancel()
@@ -215,6 +216,39 @@ async def run_worker(args: argparse.Namespace) -> int:
               f"closed, went away, or removed it)", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+class CouldNotJoin(MeshError):
+    """No Dask scheduler answers at the address (said in one line, exit status 1)."""
+
+
+async def _join(nanny: Any, address: str, security: Any) -> None:
+    """Start ``nanny`` once a Dask scheduler answers at ``address``. Dask's own join
+    waits for ever on a port that accepts connections and never speaks Dask (a
+    dashboard's, another server's), and retries a refused one until its timeout."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    from .mesh import _check_listening, _could_not_connect, _identity
+
+    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"),
+                              default="seconds")
+    try:
+        await asyncio.to_thread(_check_listening, address, timeout)
+        ident = await asyncio.wait_for(_identity(address, security, timeout, "worker"),
+                                       timeout)
+        if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
+            found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
+            raise OSError(f"this is not a Dask scheduler (it answered as {found})")
+    except (OSError, asyncio.TimeoutError) as exc:
+        said = str(_could_not_connect(address, timeout, exc))
+        if said.startswith("the TLS handshake"):
+            raise CouldNotJoin(said) from None
+        why = (str(exc).splitlines() or [""])[0] or \
+            f"no Dask scheduler answered within {timeout:g} s"
+        raise CouldNotJoin(f"could not join {address}: {why}: check that a Dask scheduler "
+                           f"listens there and this host can reach it") from None
+    await nanny.start()
 
 
 def listen_host(address: str, host: str | None) -> str:
@@ -287,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return asyncio.run(run_worker(args))
+    except CouldNotJoin as exc:
+        print(f"jupyter-mesh: {exc}", file=sys.stderr)
+        return 1
     except MeshError as exc:
         print(f"jupyter-mesh: {exc}", file=sys.stderr)
         return 2
@@ -303,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         cause = next((e for e in chain if isinstance(e, OSError)), chain[-1])
         why = (str(cause).splitlines() or [type(cause).__name__])[0] or \
             type(cause).__name__
+        if "name taken" in why:  # the scheduler refused the worker's name
+            print(f"jupyter-mesh: a worker of that scheduler has the name {args.name!r} "
+                  f"already: give another --name, or leave it out", file=sys.stderr)
+            return 1
         if isinstance(cause, OSError):
             print(f"jupyter-mesh: could not join {args.address}: {why}: check that a Dask "
                   f"scheduler listens there and this host can reach it", file=sys.stderr)

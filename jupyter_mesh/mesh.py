@@ -196,12 +196,19 @@ def check_memory_limit(value: Any) -> Any:
     if parsed is None or not math.isfinite(parsed) or parsed < 0:
         raise MeshError(f"memory_limit must be 'auto', a number of bytes or a size like "
                         f"'4 GiB', not {value!r}")
-    if 1 < parsed < MIN_WORKER_MEMORY:
-        # (0 is no limit; up to 1, a fraction of the memory, as Dask reads it)
+    # (0 is no limit; up to 1, a fraction of the host's memory, as Dask reads it)
+    size = parsed
+    if 0 < parsed <= 1:
+        from distributed.system import MEMORY_LIMIT
+
+        size = parsed * MEMORY_LIMIT
+    if 0 < size < MIN_WORKER_MEMORY:
+        share = f" of this host's {format_bytes(MEMORY_LIMIT)}" if size != parsed else ""
         raise MeshError(
-            f"memory_limit {value!r} is {format_bytes(parsed)}, less than a worker process "
-            f"needs (at least {format_bytes(MIN_WORKER_MEMORY)}; its nanny would restart "
-            f"it for ever): give a size like '4 GiB' (a bare number counts bytes)")
+            f"memory_limit {value!r} is {format_bytes(size)}{share}, less than a worker "
+            f"process needs (at least {format_bytes(MIN_WORKER_MEMORY)}; its nanny would "
+            f"restart it for ever): give a size like '4 GiB' (a bare number counts bytes, "
+            f"one up to 1 a share of the host's memory)")
     return parsed
 
 
@@ -867,8 +874,11 @@ class Mesh:
             int(check_count(fam, n))
             for fam, n in counts.items()
         }
-        if checked.get("gpu", 0) > len(_detect.cuda_devices()):
-            raise MeshError("no CUDA GPU found for that many gpu workers: use gpu=0")
+        gpus = _detect.cuda_devices()
+        if checked.get("gpu", 0) > len(gpus):
+            why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
+            raise MeshError(f"no CUDA GPU found for gpu={checked['gpu']} ({why}): use "
+                            f"gpu={len(gpus)} or fewer")
         if checked.get("tpu", 0):
             tpus, why = _tpu.chips()
             if checked["tpu"] > len(tpus):
@@ -1361,11 +1371,12 @@ class Mesh:
     # ================================================================== end routing
 
 
-async def _identity(address: str, security: Any, timeout: float) -> dict[str, Any]:
+async def _identity(address: str, security: Any, timeout: float, role: str = "client"
+                    ) -> dict[str, Any]:
     from distributed.comm import connect
     from distributed.security import Security
 
-    args = (security or Security()).get_connection_args("client")
+    args = (security or Security()).get_connection_args(role)
     try:
         comm = await connect(address, timeout=timeout, **args)
         try:
@@ -1573,6 +1584,9 @@ def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
             context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or (str(exc).splitlines() or [""])[0]
+        if reason == "KEY_VALUES_MISMATCH":
+            raise MeshError(f"the TLS key {key or cert} is not the key of the certificate "
+                            f"{cert}: give the key made with that certificate") from None
         alone = (" (with no key file, the certificate file must hold the key too)"
                  if cert and not key and suspects != ca else "")
         raise MeshError(f"the TLS files could not be read ({reason or type(exc).__name__}): "

@@ -145,6 +145,8 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         # a bare number counts bytes: 4 B, and a nanny restarting the worker for ever
         (["worker", "tcp://127.0.0.1:1", "--memory-limit", "4"],
          "--memory-limit: memory_limit '4' is 4 B, less than a worker process needs"),
+        (["worker", "tcp://127.0.0.1:1", "--memory-limit", "0.00001"],
+         "--memory-limit: memory_limit '0.00001' is "),
         (["worker", "tcp://127.0.0.1:1", "--backend", "cupy"],
          "--backend cupy drives a CUDA GPU, and there is none here"),
         (["worker", "tcp://127.0.0.1:1", "--host", "banana"],
@@ -286,14 +288,15 @@ def test_a_scheduler_that_cannot_be_reached_is_said_in_one_line():
                          "reach it")
 
 
-def test_ctrl_c_stops_a_worker_that_is_still_joining():
-    # Dask waits its connect timeout (30 s) for a scheduler that is not there
-    proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", "tcp://127.0.0.1:1",
+def test_ctrl_c_stops_a_worker_that_is_still_joining(silent_port):
+    # a port that accepts and never answers: it waits its connect timeout (30 s)
+    address = f"tcp://127.0.0.1:{silent_port}"
+    proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", address,
                              "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
     try:
         # it says when it starts to join (its Ctrl-C handler is in place then)
         first = proc.stderr.readline()
-        assert first.strip() == "jupyter-mesh worker: joining tcp://127.0.0.1:1 (Ctrl-C stops)"
+        assert first.strip() == f"jupyter-mesh worker: joining {address} (Ctrl-C stops)"
         time.sleep(1)
         err = _ctrl_c(proc, within=15)
     finally:
@@ -301,7 +304,38 @@ def test_ctrl_c_stops_a_worker_that_is_still_joining():
             proc.kill()
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == ("jupyter-mesh worker: stopped before it joined "
-                                           "tcp://127.0.0.1:1")
+                                           f"{address}")
+
+
+@pytest.mark.parametrize("answer", ["nothing", "http"])
+def test_a_port_that_is_no_dask_scheduler_fails_in_its_timeout(silent_port, answer):
+    # Dask's own join waited for ever on a port that accepts connections and never
+    # speaks Dask (another server's, a dashboard's)
+    import http.server
+    import threading
+
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"}
+    server = None
+    if answer == "http":
+        server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        address = f"tcp://127.0.0.1:{server.server_address[1]}"
+    else:
+        address = f"tcp://127.0.0.1:{silent_port}"
+    try:
+        t0 = time.monotonic()
+        out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "worker", address,
+                              "--nthreads", "1"], capture_output=True, text=True, timeout=60,
+                             env=env)
+    finally:
+        if server is not None:
+            server.shutdown()
+    assert time.monotonic() - t0 < 30
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"jupyter-mesh: could not join {address}: ")
+    assert last.endswith("check that a Dask scheduler listens there and this host can "
+                         "reach it")
 
 
 def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
@@ -316,8 +350,8 @@ def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 1
         last = out.stderr.strip().splitlines()[-1]
-        assert last.startswith("jupyter-mesh: the worker could not start: ")
-        assert "name taken" in last
+        assert last == ("jupyter-mesh: a worker of that scheduler has the name 'twin' "
+                        "already: give another --name, or leave it out")
     finally:
         _stop(first)
 

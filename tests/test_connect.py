@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -205,6 +206,20 @@ def test_tls_files_are_checked_before_connecting(no_mesh, certs, tmp_path):
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
             tls_ca_file=certs["ca"], tls_client_cert=certs["ca"],  # a CA is not a key
             tls_client_key=certs["ca"], require_encryption=True))
+
+
+def test_a_key_that_is_not_the_certificates_is_said_so(no_mesh, certs, tmp_path):
+    # it said "could not be read (KEY_VALUES_MISMATCH): ... must be PEM files": they are
+    from .certs import make_certs
+
+    other = make_certs(tmp_path)
+    with pytest.raises(MeshError) as info:
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=certs["cert"],
+            tls_client_key=other["key"], require_encryption=True))
+    assert str(info.value) == (f"the TLS key {other['key']} is not the key of the "
+                               f"certificate {certs['cert']}: give the key made with that "
+                               f"certificate")
 
 
 def test_bad_tls_files_are_named(no_mesh, certs, tmp_path):
@@ -537,3 +552,31 @@ def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, capl
     finally:
         if sched.poll() is None:
             sched.kill()
+
+
+def test_the_cli_worker_joins_a_tls_scheduler_and_says_when_its_certificates_do_not_fit(
+        tls_cluster, certs, tmp_path):
+    # the worker asks the scheduler who it is before it starts, with its own certificate
+    import subprocess
+    import sys
+
+    from .certs import make_certs
+
+    cli = os.path.join(os.path.dirname(sys.executable), "jupyter-mesh")
+    address = tls_cluster.scheduler_address
+    other = make_certs(tmp_path)  # another CA's: the scheduler does not trust it
+    out = subprocess.run([cli, "worker", address, "--nthreads", "1", "--tls-ca-file",
+                          other["ca"], "--tls-cert", other["cert"], "--tls-key", other["key"]],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"jupyter-mesh: the TLS handshake with {address} failed (")
+    proc = subprocess.Popen([cli, "worker", address, "--nthreads", "1", "--name", "tls-cli",
+                             "--tls-ca-file", certs["ca"], "--tls-cert", certs["cert"],
+                             "--tls-key", certs["key"]],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().startswith(f"jupyter-mesh worker joined {address}")
+    finally:
+        proc.terminate()
+        proc.wait(30)

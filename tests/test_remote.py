@@ -218,6 +218,11 @@ def test_input_in_a_remote_cell_says_there_is_no_notebook_to_type_into(fresh):
         assert info.value.ename == "StdinNotImplementedError"
         assert "a remote cell cannot read input from the notebook: ask for it in a " \
                "local cell and send it with --push NAME" in info.value.evalue
+        # one line, as the README says: no remote traceback of the input() call
+        shown = info.value._render_traceback_()
+        assert len(shown) == 1 and shown[0].endswith(
+            "send it with --push NAME (on worker cpu-0 (cpu:numpy) at "
+            f"{info.value.worker})")
     # a name of the cell's own stays the cell's
     assert fresh.run_cell("input = 3\ninput", value=True).value == 3
 

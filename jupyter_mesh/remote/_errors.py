@@ -47,7 +47,7 @@ class RemoteFailure:
 
 
 #: remote errors shown as their one line, without the remote traceback
-ONE_LINE = frozenset({"RemoteMagicError"})
+ONE_LINE = frozenset({"RemoteMagicError", "StdinNotImplementedError"})
 
 
 class RemoteCellError(MeshError):
