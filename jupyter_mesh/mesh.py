@@ -876,8 +876,8 @@ class Mesh:
         }
         gpus = _detect.cuda_devices()
         if checked.get("gpu", 0) > len(gpus):
-            why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
-            raise MeshError(f"no CUDA GPU found for gpu={checked['gpu']} ({why}): use "
+            gpu_why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
+            raise MeshError(f"no CUDA GPU found for gpu={checked['gpu']} ({gpu_why}): use "
                             f"gpu={len(gpus)} or fewer")
         if checked.get("tpu", 0):
             tpus, why = _tpu.chips()
