@@ -375,6 +375,7 @@ def numpy_semantics_cases():
 
     rs = np.random.RandomState(0)
     xi = da.from_array(rs.randint(-50, 50, (60, 40)).astype(np.int32), chunks=20)
+    cnan = da.from_array(np.array([1 + 1j, np.nan + 0j, 3 + 0j, 2 + 2j]), chunks=2)
     xf = da.from_array(rs.standard_normal((60, 40)).astype(np.float32), chunks=20)
     x = da.from_array(rs.standard_normal((60, 40)), chunks=20)
     xb = x > 0
@@ -407,6 +408,11 @@ def numpy_semantics_cases():
         "squeeze of a max": da.squeeze(x.astype("float32").max()),
         # a masked array's mask, which a device array does not have
         "masked sum": da.ma.filled(da.ma.masked_greater(x, 0.5).sum(axis=0), 0.0),
+        # JAX's max, min and maximum of complex numbers skip a NaN that NumPy's return
+        "complex max with a nan": cnan.max(),
+        "complex min with a nan": cnan.min(),
+        "complex maximum with a nan": da.maximum(cnan, cnan[::-1]),
+        "complex argmax with a nan": cnan.argmax(),
     }
 
 
