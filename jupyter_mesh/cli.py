@@ -229,21 +229,39 @@ async def _join(nanny: Any, address: str, security: Any) -> None:
     import dask
     from dask.utils import parse_timedelta
 
-    from .mesh import _check_listening, _could_not_connect, _identity
+    from .mesh import _check_listening, _could_not_connect, _identity, _Unreachable
 
     timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"),
                               default="seconds")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    said = False
     try:
-        await asyncio.to_thread(_check_listening, address, timeout)
+        while True:
+            try:
+                await asyncio.to_thread(_check_listening, address, timeout)
+                break
+            except _Unreachable as exc:
+                # a refused port: the scheduler may be starting too (a job script, a
+                # compose file), so it is tried again until the connect timeout, as
+                # Dask does; a host name that does not resolve fails at once
+                if "connection refused" not in str(exc) or loop.time() + 0.5 > deadline:
+                    raise
+                if not said:
+                    print(f"jupyter-mesh worker: nothing listens at {address} yet; trying "
+                          f"again for up to {timeout:g} s (distributed.comm.timeouts."
+                          f"connect)", file=sys.stderr, flush=True)
+                    said = True
+                await asyncio.sleep(0.5)
         ident = await asyncio.wait_for(_identity(address, security, timeout, "worker"),
                                        timeout)
         if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
             found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
             raise OSError(f"this is not a Dask scheduler (it answered as {found})")
     except (OSError, asyncio.TimeoutError) as exc:
-        said = str(_could_not_connect(address, timeout, exc))
-        if said.startswith("the TLS handshake"):
-            raise CouldNotJoin(said) from None
+        tls = str(_could_not_connect(address, timeout, exc))
+        if tls.startswith("the TLS handshake"):
+            raise CouldNotJoin(tls) from None
         why = (str(exc).splitlines() or [""])[0] or \
             f"no Dask scheduler answered within {timeout:g} s"
         raise CouldNotJoin(f"could not join {address}: {why}: check that a Dask scheduler "

@@ -876,9 +876,12 @@ class Mesh:
         }
         gpus = _detect.cuda_devices()
         if checked.get("gpu", 0) > len(gpus):
-            gpu_why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
-            raise MeshError(f"no CUDA GPU found for gpu={checked['gpu']} ({gpu_why}): use "
-                            f"gpu={len(gpus)} or fewer")
+            if not gpus:
+                raise MeshError(f"no CUDA GPU found for gpu={checked['gpu']} "
+                                f"({_detect.cuda_why_none()}): use gpu=0")
+            raise MeshError(f"only {len(gpus)} CUDA GPU{'s' * (len(gpus) != 1)} here (as "
+                            f"CuPy sees them), not {checked['gpu']}: use gpu={len(gpus)} "
+                            f"or fewer")
         if checked.get("tpu", 0):
             tpus, why = _tpu.chips()
             if checked["tpu"] > len(tpus):
@@ -952,8 +955,11 @@ class Mesh:
         remote = self.__dict__.get("_remote")
         if remote is not None:
             # a kind scaled away is gone on purpose: a remote cell asking for it fails
-            # at once, without waiting for it to come back as after a restart
-            remote.seen.clear()
+            # at once, without waiting for it to come back as after a restart (a kind
+            # still here is waited for: its worker may be restarting)
+            remote.forget_kinds_but(
+                [(FAMILIES[f]["kind"], FAMILIES[f]["backend"]) for f, n in after.items()
+                 if n > 0])
         inventory = self.inventory()
         self._warn_if_route_stranded(inventory)
         return inventory

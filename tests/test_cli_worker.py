@@ -307,6 +307,43 @@ def test_ctrl_c_stops_a_worker_that_is_still_joining(silent_port):
                                            f"{address}")
 
 
+def test_a_worker_started_before_its_scheduler_joins_it_when_it_comes():
+    # a job script or a compose file starts both at once: a refused port is tried again
+    # until the connect timeout, as Dask does
+    import queue
+    import socket
+    import threading
+
+    from distributed import LocalCluster
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "60s"}
+    proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", address,
+                             "--nthreads", "1"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    for stream in (proc.stdout, proc.stderr):
+        threading.Thread(target=lambda s=stream: [lines.put(x) for x in s],
+                         daemon=True).start()
+    try:
+        seen = []
+        while not any("nothing listens at" in x for x in seen):
+            seen.append(lines.get(timeout=60))
+        assert seen[-1].strip() == (f"jupyter-mesh worker: nothing listens at {address} "
+                                    f"yet; trying again for up to 60 s "
+                                    f"(distributed.comm.timeouts.connect)")
+        with LocalCluster(n_workers=0, processes=False, scheduler_port=port,
+                          host="127.0.0.1", dashboard_address=None) as cluster:
+            while not any(x.startswith("jupyter-mesh worker joined") for x in seen):
+                seen.append(lines.get(timeout=60))
+            assert len(cluster.scheduler.workers) == 1
+    finally:
+        _stop(proc)
+
+
 @pytest.mark.parametrize("answer", ["nothing", "http"])
 def test_a_port_that_is_no_dask_scheduler_fails_in_its_timeout(silent_port, answer):
     # Dask's own join waited for ever on a port that accepts connections and never

@@ -97,7 +97,9 @@ def test_start_status_and_compute(ip, started, capsys):
         (f"start --replace --cpu 1 --jax-cpu {most_local_workers()}",
          r"^--cpu and --jax-cpu together must be at most"),
         # with why, as %mesh start --gpu 1 says it
-        ("scale --gpu 2", r"^no CUDA GPU found for --gpu 2 \(.+\): use --gpu 0 or fewer$"),
+        ("scale --gpu 99", r"^(no CUDA GPU found for --gpu 99 \(.+\): use --gpu 0|only \d+ "
+                           r"CUDA GPUs? here \(as CuPy sees them\), not 99: use --gpu \d+ "
+                           r"or fewer)$"),
         ("scale --tpu 1", r"no TPU found for that many tpu workers .*: use --tpu 0$"),
         ("scale --cpu 0", "a mesh needs at least one device: keep --cpu 1 or more$"),
         ("start --replace --gpu 1", r"use --gpu 0 or 'auto', --jax-cpu N to test"),

@@ -135,7 +135,7 @@ def test_reprs(mesh):
         ({"memory_limit": 4}, r"memory_limit 4 is 4 B, less than a worker process needs"),
         # up to 1, a share of the host's memory, as Dask reads it: a tiny share too
         ({"memory_limit": 0.00001}, r"^memory_limit 1e-05 is [\d.]+ [kKMG]i?B of this "
-                                   r"host's [\d.]+ [MG]iB, less than a worker process needs"),
+                                   r"host's [\d.]+ [kMGT]iB, less than a worker process needs"),
         ({"memory_limit": "-5"}, "memory_limit must be"),
         ({"cpu": 10_000}, r"cpu must be a whole number from 0 to \d+ \(four workers per "
                           r"core here\), not 10000"),

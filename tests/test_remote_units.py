@@ -168,6 +168,19 @@ def test_remote_error_renders_every_worker():
     assert isinstance(err, MeshError)
 
 
+def test_what_an_error_says_in_one_line():
+    # Dask's serialization error has two arguments, what failed and the object's repr
+    dask_error = TypeError("Could not serialize object of type lock", "<unlocked lock>")
+    assert _runner.error_reason(dask_error) == "Could not serialize object of type lock"
+    # any other error with several arguments says what str() says
+    try:
+        b"\xff".decode("utf-8")
+    except UnicodeDecodeError as exc:
+        assert _runner.error_reason(exc) == str(exc) and "can't decode byte" in str(exc)
+    assert _runner.error_reason(KeyError("a", "b")) == "('a', 'b')"
+    assert _runner.error_reason(ValueError("")) == "ValueError"
+
+
 def test_an_exception_of_a_module_is_named_once():
     # Python names it with its module on the traceback's last line
     tb = ("Traceback ...\njson.decoder.JSONDecodeError: Expecting value: line 1 column 1 "

@@ -484,14 +484,25 @@ async def _kernels_on_one_scheduler(tmp_path):
         path = directory / f"mesh-{reg['id']}.json"
         path.write_text(json.dumps({**reg, "pid": os.getpid(), "pid_started": started}))
         path.chmod(0o600)
+    # a connected mesh known by its address alone (still connecting): a kernel on it as
+    # localhost, with the scheduler's id, and one through another name with that id
+    for reg in ({"address": "tcp://localhost:7000", "id": "k5", "scheduler_id": "S-7"},
+                {"address": "tcp://node-9.example:7000", "id": "k6", "scheduler_id": "S-7"}):
+        path = directory / f"mesh-{reg['id']}.json"
+        path.write_text(json.dumps({**reg, "pid": os.getpid(), "pid_started": started,
+                                    "created": 5.0}))
+        path.chmod(0o600)
     async with MeshManager(tmp_path) as manager:
         manager._connect_kernel = _no_connect
+        manager._entries["connect-x"] = Entry(id="connect-x", origin="connected",
+                                              address="tcp://127.0.0.1:7000", name="x")
         await manager.refresh_kernels()
-        assert sorted(manager._entries) == ["kernel-k1", "kernel-k4"]
+        assert sorted(manager._entries["connect-x"].kernels) == ["kernel-k5", "kernel-k6"]
+        assert sorted(manager._entries) == ["connect-x", "kernel-k1", "kernel-k4"]
         assert sorted(manager._entries["kernel-k1"].kernels) == [
             "kernel-k1", "kernel-k2", "kernel-k3"]
         await manager.refresh_kernels()  # read again: the same
-        assert sorted(manager._entries) == ["kernel-k1", "kernel-k4"]
+        assert sorted(manager._entries) == ["connect-x", "kernel-k1", "kernel-k4"]
 
 
 async def _no_connect(entry):

@@ -8,7 +8,13 @@ there, stream its output back while it runs, and bring values back by name.
 from __future__ import annotations
 
 from ._client import CellResult, RemoteCells, RemoteOutput
-from ._errors import CellSyntaxError, RemoteCellError, RemoteCellTimeout, RemoteFailure
+from ._errors import (
+    CellSyntaxError,
+    RemoteCellError,
+    RemoteCellTimeout,
+    RemoteFailure,
+    StoppedWaiting,
+)
 from ._worker_plugin import RemoteCellsPlugin
 
 __all__ = [
@@ -20,4 +26,5 @@ __all__ = [
     "RemoteCellsPlugin",
     "RemoteFailure",
     "RemoteOutput",
+    "StoppedWaiting",
 ]

@@ -28,7 +28,13 @@ from .. import _config, progress
 from ..errors import MeshError
 from ..inventory import Device
 from ..targets import Target, parse_target
-from ._errors import RemoteCellError, RemoteCellTimeout, RemoteFailure, RemoteInterrupt
+from ._errors import (
+    RemoteCellError,
+    RemoteCellTimeout,
+    RemoteFailure,
+    RemoteInterrupt,
+    StoppedWaiting,
+)
 from ._runner import TOP_LEVEL_AWAIT, error_reason, quiet_logger
 from ._shell import to_python
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
@@ -304,6 +310,14 @@ class RemoteCells:
         self.sticky.clear()
         return {"workers": [d.name or d.worker for d in dropped]}
 
+    def forget_kinds_but(self, kinds: list[tuple[str, str]]) -> None:
+        """Wait no more for a worker of a request that none of ``kinds`` (``(kind,
+        backend)`` pairs the mesh still has) can take: it is gone on purpose."""
+        for key in list(self.seen):
+            target = parse_target(key[0]) if key[0] else None
+            if target is not None and not any(target.matches(k, b) for k, b in kinds):
+                self.seen.discard(key)
+
     # ------------------------------------------------------------ picking
     @staticmethod
     def _target(on: Any) -> Target | None:
@@ -370,8 +384,8 @@ class RemoteCells:
                     break
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            raise MeshError(f"stopped waiting for a {wanted or 'matching'} worker "
-                            f"(interrupted): the cell did not run") from None
+            raise StoppedWaiting(f"stopped waiting for a {wanted or 'matching'} worker "
+                                 f"(interrupted): the cell did not run") from None
         if not len(matching):
             # none came back: the next cell that asks for it fails at once (the kind
             # was scaled away, or the machine is gone for good)
@@ -444,7 +458,9 @@ class RemoteCells:
                     else:  # "fail", or "gone" with --all
                         run.failure = payload
                         pending.discard(i)
-                except KeyboardInterrupt:
+                except KeyboardInterrupt as exc:
+                    if isinstance(exc, StoppedWaiting):  # no cell runs: nothing to stop
+                        raise
                     if interrupted:  # a second Ctrl-C: stop waiting
                         # (_collect says so, and keeps the busy namespaces for %mesh
                         # reset-remote)
@@ -489,7 +505,9 @@ class RemoteCells:
                             quiet_logger("distributed.protocol.pickle"):
                         msg = await comm.read()
                 except Exception as exc:
-                    if comm.closed() or isinstance(exc, (OSError, CommClosedError)):
+                    # (TCP's read turns a broken stream into CommClosedError; an OSError
+                    # here is the unpickling's own, a file only the worker has, say)
+                    if comm.closed() or isinstance(exc, CommClosedError):
                         raise
                     # it arrived whole, but this process cannot rebuild what it holds
                     events.put(("fail", run, _Unreadable(exc)))

@@ -118,6 +118,15 @@ class RemoteInterrupt(KeyboardInterrupt):
         return lines or ["KeyboardInterrupt"]
 
 
+class StoppedWaiting(KeyboardInterrupt):
+    """Ctrl-C while a remote cell waited for a worker of its kind to come back: nothing
+    ran. A ``KeyboardInterrupt``, so a loop that catches errors still stops; IPython
+    shows its one line."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{_header('KeyboardInterrupt')}: {self}"]
+
+
 class RemoteCellTimeout(RemoteCellError):
     """A remote cell ran longer than its ``timeout`` and was stopped."""
 

@@ -385,7 +385,9 @@ def error_reason(exc: BaseException) -> str:
     """The first line of what an exception says. Dask raises its serialization errors
     with two arguments (what failed, the object's repr), whose ``str`` is a tuple."""
     args = exc.args
-    text = args[0] if len(args) > 1 and isinstance(args[0], str) else str(exc)
+    dasks = (isinstance(exc, TypeError) and len(args) == 2 and isinstance(args[0], str)
+             and args[0].startswith("Could not serialize"))
+    text = args[0] if dasks else str(exc)
     return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 

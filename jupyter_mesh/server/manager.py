@@ -187,9 +187,10 @@ def validate_scale(body: Any) -> dict[str, int]:
     return {name: _check_int(name, value) for name, value in body.items()}
 
 
-def validate_connect(body: Any, runtime_dir: str | os.PathLike[str] | None = None
+def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
                      ) -> tuple[str, float | None]:
-    """Address and timeout from a ``POST meshes/connect`` body."""
+    """Address and timeout from a ``POST meshes/connect`` body; ``tls(address)``: the
+    Security that reaches a ``tls://`` address, from more than Dask's own settings."""
     if not isinstance(body, dict):
         raise BadRequest('the body must be a JSON object like {"address": "tcp://host:8786"}')
     unknown = sorted(set(body) - {"address", "timeout"})
@@ -206,7 +207,7 @@ def validate_connect(body: Any, runtime_dir: str | os.PathLike[str] | None = Non
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
     ):
         raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {timeout!r}")
-    if is_encrypted(address) and tls_security(address, runtime_dir) is None:
+    if is_encrypted(address) and configured_security() is None and tls(address) is None:
         raise BadRequest(
             f"{address} uses TLS: give this Jupyter server Dask's TLS settings "
             f"(distributed.comm.tls.ca-file, .client.cert and .client.key), or connect "
@@ -400,7 +401,15 @@ class MeshManager:
 
     async def connect(self, body: Any) -> dict[str, Any]:
         """Connect to a running Dask scheduler; a known address gives its existing mesh."""
-        address, timeout = validate_connect(body, self.runtime_dir)
+        # (the shared certificates are files, read off the server's loop, once)
+        security = None
+        try:
+            asked = check_address(body["address"]) if isinstance(body, dict) else None
+        except (KeyError, MeshError):
+            asked = None  # validate_connect says what is wrong with it
+        if asked is not None and is_encrypted(asked):
+            security = await asyncio.to_thread(tls_security, asked, self.runtime_dir)
+        address, timeout = validate_connect(body, lambda _: security)
         self._check_open()
         await self.refresh_kernels()
         for entry in self._entries.values():
@@ -408,8 +417,6 @@ class MeshManager:
                 await self._sample(entry)
                 return self.detail(entry)
         try:
-            security = tls_security(address, self.runtime_dir) if is_encrypted(address) \
-                else None
             mesh = await self._connect_in_thread(
                 address, security=security, timeout=timeout, set_current=False
             )
@@ -563,6 +570,8 @@ class MeshManager:
                     # plans its router made on that mesh are shown with it
                     host.kernels[kid] = info
                     _merge_plans(host, reg)
+                    for key in keys:  # (known by another of its names now, too)
+                        hosts.setdefault(key, host)
                     continue
                 live_ids.add(kid)
                 entry = self._entries.get(kid)
