@@ -163,11 +163,21 @@ def test_a_server_of_another_protocol_is_said_not_a_scheduler(no_mesh):
         srv.close()
 
 
-@pytest.mark.parametrize("bad", ["", "tcp://", "tcp://host", "ftp://h:1", "h:port", 42,
-                                 "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "inproc://x",
-                                 "ucx://127.0.0.1:5", "\ud800:9"])
+@pytest.mark.parametrize("bad", ["", "tcp://", "tcp://host", "h:port", 42,
+                                 "tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "\ud800:9"])
 def test_malformed_addresses(no_mesh, bad):
     with pytest.raises(MeshError, match="malformed address"):
+        jm.Mesh.connect(bad)
+
+
+@pytest.mark.parametrize("bad", ["ftp://h:1", "inproc://x", "ucx://127.0.0.1:5",
+                                 "http://127.0.0.1:8787/status"])
+def test_an_address_of_another_protocol_says_which_it_takes(no_mesh, bad):
+    # a dashboard's http:// address was "malformed"
+    scheme = bad.split("://")[0]
+    with pytest.raises(MeshError, match=rf"^'{re.escape(bad)}': a Dask scheduler's address "
+                                        rf"starts with tcp:// or tls:// or ws:// or wss://, "
+                                        rf"not {scheme}://: use tcp://HOST:PORT"):
         jm.Mesh.connect(bad)
 
 

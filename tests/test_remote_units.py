@@ -247,6 +247,14 @@ def test_names():
     for bad in ("a,,b", "1a", "for", "a.b"):
         with pytest.raises(MeshError):
             _client.check_names(bad, "--push")
+    # Python's own names: a pulled __builtins__ replaced the notebook's with a dict
+    for option in ("--pull", "--push"):
+        with pytest.raises(MeshError, match=rf"^{option}: '__builtins__' is one of "
+                                            r"Python's own names in a namespace: use a "
+                                            r"name of your own$"):
+            _client.check_names("x,__builtins__", option)
+    with pytest.raises(MeshError, match="'__name__' is one of Python's own names"):
+        _client.check_identifier("__name__", "-o")
 
 
 @pytest.mark.parametrize("status, why", [

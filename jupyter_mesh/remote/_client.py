@@ -136,6 +136,11 @@ def check_names(names: Any, option: str) -> list[str]:
 def check_identifier(name: Any, option: str) -> str:
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise MeshError(f"{option}: {name!r} is not a valid Python name")
+    if name.startswith("__") and name.endswith("__"):
+        # __builtins__, __name__...: Python's own in each namespace (pulled, the
+        # notebook's builtins would become the worker's dict)
+        raise MeshError(f"{option}: {name!r} is one of Python's own names in a "
+                        f"namespace: use a name of your own")
     return name
 
 
@@ -715,7 +720,7 @@ class RemoteCells:
             elif status == "busy":
                 usage.append(
                     f"the previous cell is still running on {run.label} ({dev.target}): "
-                    f"wait for it, interrupt the kernel again, or %mesh reset-remote"
+                    f"wait for it to end, or %mesh reset-remote (a fresh namespace there)"
                 )
             elif status == "pull-missing":
                 defined = ", ".join(final.get("defined") or []) or "nothing yet"
