@@ -46,8 +46,10 @@ def compute_losing_jax(mesh, y):
             time.sleep(0.05)
         assert notices.received >= 1
     killer.join()
-    fallbacks = [str(w.message) for w in shown if issubclass(w.category, MeshFallbackWarning)]
-    assert len(fallbacks) == 1, fallbacks
+    fallbacks = [w for w in shown if issubclass(w.category, MeshFallbackWarning)]
+    assert len(fallbacks) == 1, [str(w.message) for w in fallbacks]
+    # it points at the user's line, not into jupyter_mesh or Dask
+    assert fallbacks[0].filename == __file__
     return got
 
 

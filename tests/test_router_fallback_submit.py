@@ -91,3 +91,26 @@ def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mes
     # and the routed way fails as clearly, at once
     with pytest.raises(MeshError):
         mesh.compute(x)
+
+
+def test_a_submit_to_a_mesh_without_workers_says_so_at_once(no_mesh):
+    # with no target it waited for ever (a routed compute says so at once)
+    from distributed import LocalCluster
+
+    import jupyter_mesh as jm
+
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        empty = jm.Mesh.connect(cluster.scheduler_address, set_current=False)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(MeshError, match=r"^no live workers to run _add on: add "
+                                                r"workers \(e\.g\. mesh\.scale\(cpu=1\)\)"):
+                empty.submit(_add, 1, 2)
+            assert time.monotonic() - t0 < 10
+        finally:
+            empty.close()
+
+
+def _add(a, b):
+    return a + b

@@ -222,6 +222,21 @@ def test_a_bad_learn_setting_fails_before_anything_runs(mesh):
                                rtol=1e-10)
 
 
+@pytest.mark.parametrize("route", ["auto", "off"])
+def test_a_bad_fallback_timeout_fails_before_anything_runs(mesh, route):
+    # it was read while the plan was rewritten, after the last plan and report had
+    # been replaced (and, with route="off", after the work was submitted)
+    y = pipeline()
+    mesh.compute(y)
+    plan, report = mesh.last_plan, mesh.last_report
+    with dask.config.set({"mesh.fallback-timeout": "abc"}):
+        with pytest.raises(MeshConfigError, match="mesh.fallback-timeout"):
+            mesh.compute(y, route=route)
+        with pytest.raises(MeshConfigError, match="mesh.fallback-timeout"):
+            mesh.submit(np.add, 1, 2, on="cpu")
+    assert mesh.last_plan is plan and mesh.last_report is report
+
+
 def test_learning_that_fails_never_costs_the_result(mesh, monkeypatch):
     # what is learned is a hint: an error there is logged, the values come back
     class Broken(RunHistory):

@@ -1585,3 +1585,15 @@ def test_headers_count_in_the_singular_for_one(mesh_devices):
     assert repr(Report(one, {}, 0.0)).startswith("Report (route=auto): 1 task, ")
     many = plan_collections([pipeline()], mesh_devices)
     assert f"{many.ntasks} tasks in {len(many.rows)} ops over" in repr(many)
+
+
+def test_the_scheduler_names_a_pools_workers_in_words():
+    # its log said "no live any worker at site other worker"
+    from jupyter_mesh.router._scheduler import _workers_of
+
+    assert _workers_of("cpu:jax") == "cpu:jax worker"
+    assert _workers_of("cpu:jax@cloud") == "cpu:jax@cloud worker"
+    assert _workers_of("any at lab") == "worker at lab"
+    assert _workers_of("any worker") == "worker"
+    assert _workers_of("any worker at site lab") == "worker at site lab"
+    assert _workers_of("gpu at site lab") == "gpu worker at site lab"

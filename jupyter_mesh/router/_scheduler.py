@@ -433,10 +433,13 @@ class RouterState:
                 except RuntimeError:
                     return  # called outside any event loop: no timer could ever fire
                 ps.timers[p] = loop.call_later(ps.timeout, self._expire, ps.plan_id, p)
+                kept = ps.pools[p][1] is not None or bool(ps.pins)
                 logger.warning(
-                    "jupyter_mesh: no live %s worker for routed tasks; waiting %.3g s before "
-                    "%s", ps.pools[p][2], ps.timeout,
-                    "re-routing them" if ps.fallback else "failing them (fallback=False)",
+                    "jupyter_mesh: no live %s for routed tasks; waiting %.3g s before %s",
+                    _workers_of(ps.pools[p][2]), ps.timeout,
+                    "failing them (fallback=False)" if not ps.fallback else
+                    "re-routing them (or failing those kept to a site)" if kept else
+                    "re-routing them",
                 )
 
     def _expire(self, pid: str, p: int) -> None:
@@ -448,7 +451,7 @@ class RouterState:
             return
         label = ps.pools[p][2]
         if not ps.fallback:
-            self._fail(ps, f"no live {label} worker for {ps.timeout:g} s and "
+            self._fail(ps, f"no live {_workers_of(label)} for {ps.timeout:g} s and "
                            f"fallback=False: the computation cannot finish as routed")
             return
         sched = self.scheduler
@@ -483,7 +486,7 @@ class RouterState:
             for ws in sched.workers.values()
         })
         msg = (
-            f"lost every {label} worker: {n} routed tasks re-routed after "
+            f"lost every {_workers_of(label)}: {n} routed tasks re-routed after "
             f"{ps.timeout:g} s to what is left ({', '.join(left) or 'nothing'})"
         )
         ps.events.append(msg)
@@ -521,3 +524,15 @@ def _no_site_left(site: str, pinned: bool) -> str:
     what = ("the data of routed tasks is pinned" if pinned
             else "the computation was kept (site=)")
     return f"no live worker at site {site!r}, where {what}: the computation cannot finish there"
+
+
+def _workers_of(label: str) -> str:
+    """The workers of a pool's label, in words: ``cpu:jax`` -> "cpu:jax worker",
+    ``any at lab`` -> "worker at lab", ``any worker at site lab`` -> "worker at site
+    lab" (the label of a task kept to a site, or of a submit with no target)."""
+    if label.startswith("any worker"):
+        return "worker" + label[len("any worker"):]
+    if label.startswith("any "):
+        return "worker " + label[len("any "):]
+    kind, at, where = label.partition(" at ")
+    return f"{kind} worker" + (f" at {where}" if at else "")

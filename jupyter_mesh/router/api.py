@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import pickle
 import threading
 import time
@@ -443,7 +444,26 @@ def _check_settings() -> float:
     one fails before it plans, runs, or replaces the mesh's last plan and report (a
     ``MeshConfigError`` naming the key); returns ``mesh.router.learn``."""
     progress.progress_after()
+    _config.get_seconds("fallback-timeout")  # read as the plan's rewrite reads it
     return learn_weight()
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning from the function calling this at the
+    user's own code: the first frame outside jupyter_mesh, Dask and distributed (a plain
+    ``.compute()`` inside ``mesh.route`` goes through Dask's frames first)."""
+    import sys
+
+    import distributed
+
+    ours = tuple(os.path.dirname(os.path.dirname(m.__file__ or "")) + os.sep
+                 for m in (sys.modules[__name__],))
+    theirs = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (dask, distributed))
+    frame: Any = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(ours + theirs):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: bool = True
@@ -549,7 +569,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     if sinks:  # the innermost %%mesh cell shows it (a nested one's outer cell does not)
         sinks[-1].append(report)
     for event in report.fallbacks:
-        warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning, stacklevel=4)
+        warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning,
+                      stacklevel=_callers_level())
     if status.get("known") is False:
         # the plan never reached the scheduler plugin (its handler failed there, and
         # logged why): Dask placed the tasks, the answer is the same
@@ -557,7 +578,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
             f"jupyter_mesh: the scheduler at {mesh.address} did not take this "
             f"computation's plan (its log says why): it ran unrouted, as Dask placed "
             f"it, and the report has no record of where", MeshFallbackWarning,
-            stacklevel=4)
+            stacklevel=_callers_level())
     # a fallback that came while the results were fetched is shown now, and reported
     report.fallbacks.extend(notices.reported(routed.plan_id, report.fallbacks))
     if gather:
@@ -1138,7 +1159,11 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     if on is not None and needs is not None:
         raise MeshError("pass on= (a target) or needs= (a capability), not both")
     site = _check_site(site)
+    timeout = _config.get_seconds("fallback-timeout")  # a bad one fails before it runs
     inv = mesh.inventory()
+    if not len(inv):
+        raise MeshError(f"no live workers to run {funcname(fn)} on: add workers (e.g. "
+                        f"mesh.scale(cpu=1)), or wait for the mesh's to come back")
     if site is not None and not any(d.site == site for d in inv):
         sites = sorted({d.site for d in inv})
         raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
@@ -1178,8 +1203,10 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         # by resource, not by address: a worker restarted by its nanny still counts
         resources[site_resource(site)] = 1
         label = f"{label} at site {site}"
-    if resources:
-        _register_submit(mesh, key, resource, site, label)
+    # under the fallback whatever it asks for: with no target, a mesh left without
+    # workers fails it after mesh.fallback-timeout, as a routed task (never a wait for
+    # ever)
+    _register_submit(mesh, key, resource, site, label, timeout)
     fn = _global_random(fn)
     call = SubmitCall(fn, backend, kind) if convert else fn
     # every keyword argument goes to fn, even one named like an option of Dask's
@@ -1193,7 +1220,7 @@ def _apply(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
 
 
 def _register_submit(mesh: Mesh, key: str, resource: str | None, site: str | None,
-                     label: str) -> None:
+                     label: str, timeout: float) -> None:
     """Put a submitted task under the scheduler plugin's fallback, as routed tasks
     are: when every worker it may run on is gone for ``mesh.fallback-timeout``, it
     runs on what is left (at its site, with site=), or fails with a one-line error;
@@ -1204,7 +1231,7 @@ def _register_submit(mesh: Mesh, key: str, resource: str | None, site: str | Non
     payload = pickle.dumps({
         "plan_id": plan_id, "restrictions": {key: 0},
         "pools": [(resource, site, label)], "fallback": True,
-        "timeout": _config.get_seconds("fallback-timeout"), "site": site, "pins": {},
+        "timeout": timeout, "site": site, "pins": {},
     }, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         mesh.client.sync(getattr(_scheduler(mesh), ROUTE_HANDLER), payload=payload)
