@@ -447,7 +447,7 @@ async def _stop_a_used_mesh(tmp_path, reg_address="tcp://127.0.0.1:8786", schedu
             return {"kid-1": "analysis.ipynb"}
 
         manager.kernel_paths = paths
-        with pytest.raises(Conflict, match=r"^Local mesh 1 is in use by analysis\.ipynb: their kernels "
+        with pytest.raises(Conflict, match=r"^Local mesh 1 is in use by analysis\.ipynb: its kernel "
                                            r"would lose it; close it there first \(%mesh "
                                            r"close\), or stop it anyway \(the sidebar asks "
                                            r"first; the API takes force=true\)$"):

@@ -517,8 +517,9 @@ class MeshManager:
                             for k in entry.kernels.values()})
             if users:
                 entry.busy = False
+                whose = "its kernel" if len(users) == 1 else "their kernels"
                 raise Conflict(
-                    f"{entry.name} is in use by {', '.join(users)}: their kernels would "
+                    f"{entry.name} is in use by {', '.join(users)}: {whose} would "
                     f"lose it; close it there first (%mesh close), or stop it anyway "
                     f"(the sidebar asks first; the API takes force=true)")
         self._entries.pop(mesh_id, None)

@@ -197,7 +197,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const users = mesh?.origin === 'sidebar' ? kernelUsers(mesh) : [];
         let body =
           `${users.join(', ')} ${users.length === 1 ? 'uses' : 'use'} ${mesh?.name ?? id}: ` +
-          'stopping it ends the work of their kernels there.';
+          `stopping it ends the work of ${users.length === 1 ? 'its kernel' : 'their kernels'} there.`;
         if (!users.length) {
           // none known; the server checks again, and a kernel may have connected since
           const inUse = await model.stopUnlessUsed(id);
@@ -210,7 +210,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const answer = await showDialog({
           title: 'Stop this mesh?',
           body,
-          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop' })]
+          buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop' })],
+          defaultButton: 0 // Enter cancels: stopping takes a click on Stop
         });
         return answer.button.accept ? model.stop(id, true) : null;
       }

@@ -58,8 +58,13 @@ export class MeshesModel {
       if (generation !== this._generation) {
         return;
       }
+      const shown = this.current;
       this.meshes = meshes;
-      this._setSelected(pickSelection(meshes, this.selected), false);
+      if (shown && !meshes.some(m => m.id === shown.id)) {
+        this._lost(shown);
+      } else if (!this._noneAfterLoss) {
+        this._setSelected(pickSelection(meshes, this.selected), false);
+      }
       const id = this.selected;
       const fetched = id ? await this._fetchDetail(id) : null;
       if (generation !== this._generation) {
@@ -68,9 +73,14 @@ export class MeshesModel {
       this.detail = fetched;
       if (id && this.detail === null) {
         // the selected mesh went away between the two requests (stopped, or its
-        // kernel shut down): not a server failure; pick another
+        // kernel shut down): not a server failure
+        const gone = this.meshes.find(m => m.id === id);
         this.meshes = this.meshes.filter(m => m.id !== id);
-        this._setSelected(pickSelection(this.meshes, null), false);
+        if (gone && shown?.id === id) {
+          this._lost(gone); // the one the user was looking at
+        } else {
+          this._setSelected(pickSelection(this.meshes, null), false);
+        }
       }
       this.loadError = null;
       this.loadStatus = null;
@@ -85,6 +95,20 @@ export class MeshesModel {
       this.loaded = true;
       this._changed.emit();
     }
+  }
+
+  /**
+   * The mesh this sidebar showed is gone (stopped in another sidebar, its kernel
+   * closed it): say so, and select none, so that no button acts on another mesh the
+   * user did not pick.
+   */
+  private _lost(mesh: IMeshSummary): void {
+    this._noneAfterLoss = true; // until the user picks one
+    this._setSelected(null, false);
+    this.detail = null;
+    this.actionError =
+      `${mesh.name} is gone (stopped elsewhere, or its kernel closed it): ` +
+      'pick a mesh in the list';
   }
 
   /** One mesh in full, or null when the server no longer has it (404). */
@@ -236,6 +260,9 @@ export class MeshesModel {
   }
 
   private _setSelected(id: string | null, byUser: boolean): void {
+    if (id !== null) {
+      this._noneAfterLoss = false;
+    }
     if (id === this.selected) {
       return;
     }
@@ -245,6 +272,8 @@ export class MeshesModel {
     }
   }
 
+  /** the mesh shown went away: no other is picked by itself until the user picks */
+  private _noneAfterLoss = false;
   /** bumped by every action and selection: older refresh replies are dropped */
   private _generation = 0;
   private _changed = new Signal<this, void>(this);

@@ -234,8 +234,17 @@ export function parseCount(
       `${name} must be a whole number >= 0${allowAuto ? " or 'auto'" : ''}`
     );
   }
-  return parseInt(value, 10);
+  const count = parseInt(value, 10);
+  if (count > MAX_COUNT) {
+    // (the server allows four workers per core; past this the number is a typo, and
+    // past 2^53 JavaScript would send another one than was typed)
+    throw new Error(`${name} must be at most ${MAX_COUNT}, not ${value}`);
+  }
+  return count;
 }
+
+/** The largest worker count a form sends (the server holds it to four per core). */
+export const MAX_COUNT = 10000;
 
 /**
  * The worker counts to change, from the scale form's text fields: only those that

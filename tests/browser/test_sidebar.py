@@ -305,6 +305,13 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             report = plans.locator(".jp-Mesh-plan.jp-mod-report").first
             report.locator("summary").click()
             expect(report.locator(".jp-Mesh-planTable thead")).to_contain_text("target")
+            # it stays open, and a focused button keeps its focus, as the sidebar polls
+            # (each poll re-rendered them: the plan closed, focus fell to the page)
+            sidebar.locator(".jp-Mesh-dashboardButton").focus()
+            page.wait_for_timeout(6000)
+            expect(report).to_have_attribute("open", "")
+            assert page.evaluate(
+                "() => document.activeElement.classList.contains('jp-Mesh-dashboardButton')")
             expect(report.locator(".jp-Mesh-planTable tbody tr")).not_to_have_count(0)
             # under it, the plan's notes: Dask's costs, measured on the kernel's mesh
             expect(report.locator(".jp-Mesh-planNotes")).to_contain_text(

@@ -1,4 +1,4 @@
-import { IMeshDetail, IMeshSummary } from '../model';
+import { IMeshDetail, IMeshSummary, parseCount } from '../model';
 
 const requestAPI = jest.fn();
 jest.mock('../request', () => ({
@@ -300,6 +300,37 @@ describe('MeshesModel', () => {
     expect(model.loadError).toBeNull();
     expect(model.meshes.map(m => m.id)).toEqual(['b']);
     expect(model.selected).toBe('b');
+  });
+
+  it('says so when the mesh it showed is gone, and picks no other by itself', async () => {
+    // stopped in another sidebar: the buttons must not act on another mesh unasked
+    serve({
+      'GET meshes': { meshes: [summary('a', { name: 'Local mesh 3' }), summary('b')] },
+      'GET meshes/a': detail('a')
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    expect(model.selected).toBe('a');
+    serve({ 'GET meshes': { meshes: [summary('b')] }, 'GET meshes/b': detail('b') });
+    await model.refresh();
+    expect(model.selected).toBeNull();
+    expect(model.detail).toBeNull();
+    expect(model.actionError).toBe(
+      'Local mesh 3 is gone (stopped elsewhere, or its kernel closed it): pick a mesh in the list'
+    );
+    await model.refresh(); // the next poll picks none either
+    expect(model.selected).toBeNull();
+    model.select('b');
+    await new Promise(resolve => setTimeout(resolve, 0));
+    expect(model.detail?.id).toBe('b');
+    await model.refresh();
+    expect(model.selected).toBe('b');
+  });
+
+  it('refuses counts past what a form may send', () => {
+    expect(() => parseCount('cpu', '99999999999999999999')).toThrow(
+      'cpu must be at most 10000, not 99999999999999999999'
+    );
   });
 
   it('says why a form was not sent', () => {

@@ -19,7 +19,7 @@ import {
   sparklinePoints
 } from '../model';
 import { MeshesModel } from '../meshes';
-import { h, meter, replaceChildren, sparkline } from './dom';
+import { h, meter, replaceChildren, rerender, sparkline } from './dom';
 
 export namespace MeshDetailWidget {
   export interface IOptions {
@@ -64,14 +64,16 @@ export class MeshActionsWidget extends DetailPart {
       h(
         'button',
         {
-          class: `jp-Button jp-mod-styled jp-mod-reject jp-Mesh-button ${cls}`,
+          // Stop stands out: it ends a mesh
+          class: `jp-Button jp-mod-styled ${id === CommandIDs.stop ? 'jp-mod-warn' : 'jp-mod-reject'} jp-Mesh-button ${cls}`,
+          'data-key': id,
           title,
           disabled: !this.commands.isEnabled(id, { id: detail.id }) || !!this.model.pending,
           onclick: () => void this.commands.execute(id, { id: detail.id })
         },
         label
       );
-    replaceChildren(
+    rerender(
       this.node,
       h(
         'div',
@@ -247,8 +249,11 @@ export class DeviceGroupsWidget extends DetailPart {
             ? 'Connecting to the scheduler…'
             : detail.status === 'error'
               ? 'The devices cannot be read (see the error above).'
-              : 'No devices: scale the mesh up, or start workers with ' +
-                `jupyter-mesh worker ${detail.address}`)
+              : detail.can_scale
+                ? 'No devices right now: a worker that died comes back in a few ' +
+                  'seconds (its nanny restarts it); else scale the mesh up.'
+                : 'No devices: start workers with ' +
+                  `jupyter-mesh worker ${detail.address}`)
       );
       return;
     }
@@ -308,7 +313,7 @@ export class PlansWidget extends DetailPart {
       return;
     }
     delete this.node.dataset.empty;
-    replaceChildren(
+    rerender(
       this.node,
       h('div', { class: 'jp-Mesh-sectionTitle' }, 'Router plans'),
       ...detail.plans.map(p => this._plan(p))
@@ -324,8 +329,10 @@ export class PlansWidget extends DetailPart {
         : `Plan · ${when}${plan.makespan !== undefined ? ` · est. ${formatSeconds(plan.makespan)}` : ''}`;
     return h(
       'details',
-      { class: `jp-Mesh-plan jp-mod-${plan.kind}` },
-      h('summary', { title: plan.title ?? '' }, headline,
+      // (an open one stays open as the sidebar refreshes)
+      { class: `jp-Mesh-plan jp-mod-${plan.kind}`, 'data-key': `${plan.kind}-${plan.at}` },
+      h('summary', { title: plan.title ?? '', 'data-key': `${plan.kind}-${plan.at}-summary` },
+        headline,
         plan.route ? h('span', { class: 'jp-Mesh-badge' }, `route=${plan.route}`) : null),
       h(
         'table',

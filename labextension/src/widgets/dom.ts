@@ -46,6 +46,39 @@ export function replaceChildren(el: Element, ...children: Child[]): void {
   append(el, children);
 }
 
+/**
+ * Replace all children of `el`, keeping what the user was doing in it: the element
+ * with keyboard focus and the open `<details>` come back focused and open where the
+ * new children have one with the same `data-key` (a poll re-renders every second or
+ * two: without this, focus fell to the page and an open plan closed).
+ */
+export function rerender(el: Element, ...children: Child[]): void {
+  const keyOf = (e: Element | null): string | undefined =>
+    e instanceof HTMLElement ? e.dataset.key : undefined;
+  const active = document.activeElement;
+  const focused = active && el.contains(active) ? keyOf(active) : undefined;
+  const open = new Set(
+    Array.from(el.querySelectorAll('details[open]'))
+      .map(keyOf)
+      .filter((k): k is string => !!k)
+  );
+  replaceChildren(el, ...children);
+  for (const d of Array.from(el.querySelectorAll('details'))) {
+    const key = keyOf(d);
+    if (key && open.has(key)) {
+      (d as HTMLDetailsElement).open = true;
+    }
+  }
+  if (focused) {
+    const again = Array.from(el.querySelectorAll('[data-key]')).find(
+      e => keyOf(e) === focused
+    );
+    if (again instanceof HTMLElement) {
+      again.focus();
+    }
+  }
+}
+
 const SVG_NS = 'http://www.w3.org/2000/svg';
 
 /** A small SVG line chart of `points` (see `sparklinePoints`). */

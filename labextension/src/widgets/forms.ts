@@ -53,6 +53,7 @@ export class StartLocalWidget extends Widget {
         'aria-label': label,
         oninput: () => {
           input.dataset.touched = 'true';
+          this._error.hidden = true; // what it said was about the text before
         }
       });
       this._inputs[key] = input;
@@ -98,7 +99,20 @@ export class StartLocalWidget extends Widget {
       return;
     }
     this._error.hidden = true;
-    void this.commands.execute(CommandIDs.startLocal, { ...parsed.options });
+    void this.commands.execute(CommandIDs.startLocal, { ...parsed.options }).then(() =>
+      this._showRefusal(this._error)
+    );
+  }
+
+  /** The server refused the form's request: say why next to the form (the panel's
+   * banner may be scrolled out of view), once. */
+  private _showRefusal(error: HTMLElement): void {
+    const why = this.model.actionError;
+    if (why) {
+      error.textContent = why;
+      error.hidden = false;
+      this.model.dismissError();
+    }
   }
 
   private _update(): void {
@@ -136,7 +150,10 @@ export class ConnectWidget extends Widget {
       placeholder: 'tcp://10.0.0.5:8786',
       'aria-label': 'Scheduler address',
       value: options.address,
-      oninput: () => options.onAddress(input.value)
+      oninput: () => {
+        error.hidden = true; // what it said was about the text before
+        options.onAddress(input.value);
+      }
     }));
     const error = h('div', { class: 'jp-Mesh-error', role: 'alert', hidden: true });
     this._button = h(
@@ -149,7 +166,15 @@ export class ConnectWidget extends Widget {
       try {
         const address = normalizeAddress(input.value);
         error.hidden = true;
-        void this.commands.execute(CommandIDs.connect, { address });
+        void this.commands.execute(CommandIDs.connect, { address }).then(() => {
+          // refused by the server: why, next to the form (the banner may be out of view)
+          const why = this.model.actionError;
+          if (why) {
+            error.textContent = why;
+            error.hidden = false;
+            this.model.dismissError();
+          }
+        });
       } catch (err) {
         error.textContent = (err as Error).message;
         error.hidden = false;

@@ -2,7 +2,7 @@ import { Widget } from '@lumino/widgets';
 
 import { countsSummary, IMeshSummary, kernelUsers, originLabel } from '../model';
 import { MeshesModel } from '../meshes';
-import { h, replaceChildren } from './dom';
+import { h, replaceChildren, rerender } from './dom';
 
 export namespace MeshListWidget {
   export interface IOptions {
@@ -50,7 +50,7 @@ export class MeshListWidget extends Widget {
       );
       return;
     }
-    replaceChildren(
+    rerender(
       this.node,
       h(
         'ul',
@@ -72,11 +72,13 @@ export class MeshListWidget extends Widget {
         'aria-selected': selected ? 'true' : 'false',
         tabindex: 0,
         'data-mesh-id': mesh.id,
+        'data-key': mesh.id,
         'data-origin': mesh.origin,
         title: mesh.error ?? mesh.address,
         onclick: () => this.model.select(mesh.id),
         onkeydown: (e: KeyboardEvent) => {
           if (e.key === 'Enter' || e.key === ' ') {
+            e.preventDefault(); // (Space would scroll the panel too)
             this.model.select(mesh.id);
           }
         }
