@@ -38,8 +38,19 @@ def get_number(key: str) -> float:
         return math.nan
 
 
+#: the longest wait a setting may ask for: longer ones overflow event loops' clocks,
+#: or amount to waiting for ever, which a mesh never does (a day)
+MOST_SECONDS = 86400.0
+
+#: settings that are waits, held to MOST_SECONDS (mesh.progress-after is not: ".inf"
+#: there means no progress bar)
+WAITS = frozenset({"connect-timeout", "fallback-timeout", "remote.worker-wait",
+                   "remote.interrupt-grace", "remote.connect-timeout"})
+
+
 def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> float:
-    """Read a non-negative number (of ``unit``), or raise a config error naming the key."""
+    """Read a non-negative number (of ``unit``), or raise a config error naming the key
+    (a wait among :data:`WAITS` is at most a day)."""
     value = get(key)
     try:
         if isinstance(value, bool):  # YAML's yes/no: no number of seconds
@@ -54,6 +65,9 @@ def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> 
             f"config mesh.{key} must be a {'non-negative' if allow_zero else 'positive'} "
             f"number of {unit}, not {value!r}"
         )
+    if key in WAITS and number > MOST_SECONDS:
+        raise MeshConfigError(
+            f"config mesh.{key} must be at most {MOST_SECONDS:g} s (a day), not {value!r}")
     return number
 
 

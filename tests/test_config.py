@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import dask.config
 import pytest
 import yaml
@@ -116,6 +118,24 @@ def test_bad_seconds_of_every_key_are_one_line_naming_it(key, allow_zero, bad):
     message = str(info.value)
     assert message.startswith(f"config mesh.{key} must be a ") and "\n" not in message
     assert message.endswith(f"number of seconds, not {bad!r}")
+
+
+@pytest.mark.parametrize("key", sorted(_config.WAITS))
+@pytest.mark.parametrize("bad", [float("inf"), 1e300, 86401])
+def test_a_wait_longer_than_a_day_is_refused(key, bad):
+    # a fallback-timeout of inf left a computation waiting for ever on a lost kind
+    with dask.config.set({f"mesh.{key}": bad}):
+        with pytest.raises(MeshConfigError, match=rf"^config mesh\.{key} must be at most "
+                                                  rf"86400 s \(a day\), not {re.escape(repr(bad))}$"):
+            _config.get_seconds(key)
+    with dask.config.set({f"mesh.{key}": 86400}):
+        assert _config.get_seconds(key) == 86400
+
+
+def test_progress_after_may_be_infinite():
+    # ".inf" in YAML: no progress bar at all
+    with dask.config.set({"mesh.progress-after": float("inf")}):
+        assert _config.get_seconds("progress-after") == float("inf")
 
 
 @pytest.mark.parametrize("key", [k for k, allow_zero in SECONDS_KEYS if not allow_zero])
