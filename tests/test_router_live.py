@@ -508,6 +508,16 @@ def test_persist_under_routing_keeps_the_data_on_the_workers(mesh, caplog):
     with mesh.route("auto"), pytest.raises(MeshError, match="persist under routing takes no"):
         y.persist(retries=2)
     assert mesh.compute(p.sum())[0] == pytest.approx(expected.sum())  # still usable
+    # the ops whose results were there already ran nowhere: the report says why
+    report = mesh.last_report
+    idle = [r["op"] for r in report.rows if not r["backends"]]
+    assert idle and all(r["seconds"] == 0 for r in report.rows if r["op"] in idle)
+    assert report.notes == [
+        f"{', '.join(idle)}: not run by this computation: "
+        f"{'its' if len(idle) == 1 else 'their'} results were on the workers already "
+        f"(persisted, or still held from an earlier computation)"]
+    assert f"note: {report.notes[0]}" in repr(report)
+    assert not [r for r in report.rows if r["backends"] == [] and r["op"] not in idle]
 
 
 def test_route_context_plans_with_chunk_sizes(mesh):

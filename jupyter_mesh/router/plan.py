@@ -338,6 +338,17 @@ class Report:
             self._rows = rows
         return self._rows
 
+    @property
+    def notes(self) -> list[str]:
+        """What the rows alone do not say: ops of the plan that no worker ran here (no
+        backend, 0 s), their results being on the workers already."""
+        idle = [r["op"] for r in self.rows if r["tasks"] and not r["backends"]]
+        if not idle:
+            return []
+        return [f"{', '.join(idle)}: not run by this computation: {'its' if len(idle) == 1 else 'their'} "
+                f"results were on the workers already (persisted, or still held from an "
+                f"earlier computation)"]
+
     def ran_on(self, op_label: str) -> list[str]:
         """Backends that ran the op whose label starts with ``op_label``."""
         out: set[str] = set()
@@ -355,10 +366,11 @@ class Report:
     def __repr__(self) -> str:
         lines = [self._header(), _text_table(self.rows, REPORT_COLUMNS)]
         lines.extend(f"fallback: {f}" for f in self.fallbacks)
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        fb = "".join(f"<li>{html.escape(f)}</li>" for f in self.fallbacks)
+        fb = "".join(f"<li>{html.escape(f)}</li>" for f in [*self.fallbacks, *self.notes])
         return (
             f"<div class='jupyter-mesh-report'><b>{html.escape(self._header())}</b>"
             f"{_html_table(self.rows, REPORT_COLUMNS)}"
