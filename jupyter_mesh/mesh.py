@@ -506,6 +506,10 @@ class Mesh:
         security = _local_security() if _config.local_tls() else None
         pin_jax = _config.pin_jax()
         _profile.check_config()
+        # and what the kernel reads from the mesh's first inventory on: a bad one said
+        # now, not by the first call after the workers started
+        _config.get_seconds("connect-timeout", allow_zero=False)
+        _config.get_seconds("fallback-timeout")
         if set_current:
             _refuse_if_active(replace)
 

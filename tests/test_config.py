@@ -230,3 +230,15 @@ def test_a_bad_pin_jax_is_one_line_and_starts_nothing(no_mesh, bad):
     assert str(info.value) == (f"config mesh.local.pin-jax must be true, false or auto, "
                                f"not {bad!r}")
     assert _state.active() is None
+
+
+@pytest.mark.parametrize("key, bad", [("connect-timeout", "abc"), ("fallback-timeout", -1),
+                                      ("fallback-timeout", float("inf"))])
+def test_a_bad_timeout_is_said_before_a_local_mesh_starts(no_mesh, key, bad):
+    # it started, and the first inventory (or the first routed computation) said it
+    import jupyter_mesh as jm
+
+    with dask.config.set({f"mesh.{key}": bad}):
+        with pytest.raises(MeshConfigError, match=rf"^config mesh\.{key} must be "):
+            jm.Mesh.local(cpu=1, gpu=0, tpu=0)
+    assert _state.active() is None
