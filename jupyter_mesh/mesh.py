@@ -694,11 +694,13 @@ class Mesh:
                 raise MeshError(f"{address} is the current mesh already: keep using it "
                                 f"(jm.current()), or %mesh close it first")
             _refuse_if_active(replace)
+        asked = time.monotonic()
         try:
             _check_listening(address, timeout)
             ident = _probe_scheduler(address, security, timeout)
         except Exception as exc:
-            raise _could_not_connect(address, timeout, exc) from None
+            raise _could_not_connect(address, timeout, exc,
+                                     waited=time.monotonic() - asked) from None
         if set_current and replace:
             active = _state.active()
             if active is not None and ident.get("id") is not None and (
@@ -1454,7 +1456,11 @@ _TLS_FIELDS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
 _TLS_WORDS = ("certificate", "ssl", "tlsv1", "handshake", "decrypt_error", "unknown_ca")
 
 
-def _could_not_connect(address: str, timeout: float, exc: Exception) -> MeshError:
+def _could_not_connect(address: str, timeout: float, exc: Exception,
+                       waited: float | None = None) -> MeshError:
+    """``waited``: seconds it tried; "within the timeout" only where it waited that
+    long (a connection reset at once, by a TLS scheduler spoken to in plain tcp, say,
+    did not wait)."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if is_encrypted(address) and any(w in reason.lower() for w in _TLS_WORDS):
         return MeshError(
@@ -1463,7 +1469,8 @@ def _could_not_connect(address: str, timeout: float, exc: Exception) -> MeshErro
             f"certificate, and that your certificate and key come from a CA the "
             f"scheduler trusts"
         )
-    within = "" if isinstance(exc, _Unreachable) else f" within {timeout:g} s"
+    within = "" if isinstance(exc, _Unreachable) or (
+        waited is not None and waited < 0.9 * timeout) else f" within {timeout:g} s"
     return MeshError(
         f"could not connect to {address}{within} ({reason}): check that a "
         f"Dask scheduler listens there and the protocol (tcp/tls) is right"

@@ -605,3 +605,32 @@ def _lines_of(stream):
 
     threading.Thread(target=read, daemon=True).start()
     return lines
+
+
+def test_a_port_that_hangs_up_at_once_is_not_said_to_have_timed_out(no_mesh):
+    # it said "could not connect ... within 10 s" of a refusal that took no time
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    stop = threading.Event()
+
+    def hang_up():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                srv.accept()[0].close()
+            except OSError:
+                pass
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    address = f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(MeshError) as info:
+            jm.Mesh.connect(address, timeout=8)
+        assert time.monotonic() - t0 < 6
+    finally:
+        stop.set()
+        srv.close()
+    assert str(info.value).startswith(f"could not connect to {address} (")
+    assert "within" not in str(info.value)
