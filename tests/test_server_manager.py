@@ -620,3 +620,21 @@ def test_dasks_client_errors_are_one_line_in_the_servers_log(caplog):
     assert record.getMessage() == ("Failed to reconnect to scheduler after 30 seconds "
                                    "(ConnectionRefusedError: [Errno 111] Connection refused)")
     assert record.exc_info is None and "Traceback" not in caplog.text
+
+
+def test_the_scale_form_counts_the_workers_that_run(tmp_path):
+    # a worker that died for good was still counted: the same number again sent nothing
+    class OneDied(_RunningMesh):
+        options = {"cpu": 2, "jax_cpu": 1}
+
+        def _live_counts(self):
+            return {"cpu": 1, "jax_cpu": 1, "gpu": 0, "tpu": 0}
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            entry = Entry(id="local-x", origin="sidebar", address="tcp://127.0.0.1:2",
+                          name="Local mesh 1", mesh=OneDied(2))
+            manager._entries["local-x"] = entry
+            return manager.detail(entry)["scale"]
+
+    assert asyncio.run(go()) == {"cpu": 1, "jax_cpu": 1}

@@ -701,6 +701,12 @@ class MeshManager:
         options = {}
         if entry.mesh is not None and entry.can_scale:
             options = {k: v for k, v in entry.mesh.options.items() if k in FAMILIES}
+            # a worker that died and is not restarted no longer counts: the Scale form
+            # shows what runs, so that the same number again replaces it
+            live = getattr(entry.mesh, "_live_counts", None)
+            if live is not None:
+                now = live()
+                options = {k: now.get(k, v) for k, v in options.items()}
         return {
             **self.summary(entry),
             "groups": list(groups.values()),
