@@ -14,8 +14,10 @@ APT = if [ "$$(id -u)" = 0 ]; then apt-get $(1); else sudo apt-get $(1); fi
 
 # (the lab extension's sources too: the environment holds a copy of its build, which a
 # change to them must replace, or JupyterLab runs the old sidebar)
-$(VENV)/.installed: pyproject.toml labextension/package.json \
-		$(wildcard labextension/src/*.ts labextension/src/*/*.ts labextension/style/*)
+$(VENV)/.installed: pyproject.toml labextension/package.json labextension/yarn.lock \
+		labextension/tsconfig.json $(wildcard labextension/schema/* labextension/style/*) \
+		$(filter-out labextension/src/__tests__/%,$(wildcard labextension/src/*.ts \
+		labextension/src/*/*.ts))
 	@$(MAKE) --no-print-directory node pyvenv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip

@@ -133,11 +133,14 @@ def plan_record(obj: Any, kind: str) -> dict[str, Any] | None:
         if isinstance(value, (int, float)):
             record[attr] = jsonable(float(value))
     # the plan's notes (Dask's costs measured on the mesh, ops placed off their
-    # target, ...); a report's are its plan's
-    notes = getattr(obj, "notes", None)
-    if notes is None:
-        notes = getattr(plan, "notes", None)
-    if isinstance(notes, (list, tuple)) and notes:
+    # target, ...); a report's are its plan's, and its own (ops it did not run)
+    notes = list(getattr(plan, "notes", None) or [])
+    if obj is not plan:
+        try:
+            notes += list(getattr(obj, "notes", None) or [])
+        except Exception:
+            pass
+    if notes:
         record["notes"] = [str(n) for n in notes[:MAX_NOTES]]
     header = getattr(obj, "_header", None)
     if callable(header):

@@ -228,12 +228,13 @@ def check_address(address: Any) -> str:
     address = address.strip()
     if "://" not in address:
         address = "tcp://" + address
-    scheme = address.split("://", 1)[0].lower()
-    if scheme not in _SCHEMES:
+    scheme, rest = address.split("://", 1)
+    if scheme.lower() not in _SCHEMES:
         # http:// (a dashboard's address), ucx://...: not a protocol the mesh speaks
         raise MeshError(f"{address!r}: a Dask scheduler's address starts with "
                         f"{' or '.join(f'{s}://' for s in sorted(_SCHEMES))}, not "
-                        f"{scheme}://: use tcp://HOST:PORT or tls://HOST:PORT")
+                        f"{scheme!r}: use tcp://HOST:PORT or tls://HOST:PORT")
+    address = f"{scheme.lower()}://{rest}"  # TCP://host:1 as Dask takes it
     try:
         scheme, loc = parse_address(address)
         if scheme not in _SCHEMES:

@@ -127,7 +127,7 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
     "args, message",
     [
         (["worker", "tcp://127.0.0.1:1", "--site", "bad site"], "site must be"),
-        (["worker", "nonsense://x"], "not nonsense://: use tcp://HOST:PORT"),
+        (["worker", "nonsense://x"], "not 'nonsense': use tcp://HOST:PORT"),
         (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], "--nthreads must be"),
         (["worker", "tcp://127.0.0.1:1", "--host", ""], "--host must be an interface "
                                                         "address like 127.0.0.1"),

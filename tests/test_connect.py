@@ -170,6 +170,15 @@ def test_malformed_addresses(no_mesh, bad):
         jm.Mesh.connect(bad)
 
 
+def test_a_scheme_in_capitals_is_taken():
+    from jupyter_mesh.mesh import check_address
+
+    assert check_address("TCP://127.0.0.1:8786") == "tcp://127.0.0.1:8786"
+    # a scheme that cannot be printed is said as Python writes it
+    with pytest.raises(MeshError, match=r"not '\\ud800'"):
+        check_address("\ud800://x:1")
+
+
 @pytest.mark.parametrize("bad", ["ftp://h:1", "inproc://x", "ucx://127.0.0.1:5",
                                  "http://127.0.0.1:8787/status"])
 def test_an_address_of_another_protocol_says_which_it_takes(no_mesh, bad):
@@ -177,7 +186,7 @@ def test_an_address_of_another_protocol_says_which_it_takes(no_mesh, bad):
     scheme = bad.split("://")[0]
     with pytest.raises(MeshError, match=rf"^'{re.escape(bad)}': a Dask scheduler's address "
                                         rf"starts with tcp:// or tls:// or ws:// or wss://, "
-                                        rf"not {scheme}://: use tcp://HOST:PORT"):
+                                        rf"not '{scheme}': use tcp://HOST:PORT"):
         jm.Mesh.connect(bad)
 
 

@@ -380,3 +380,19 @@ def test_an_unsafe_registry_is_named_and_the_mesh_still_works(tmp_path, monkeypa
         discovery._on_mesh_event("open", mesh)
     assert discovery.registration_of(mesh) is None
     assert not list(directory.iterdir())
+
+
+def test_a_reports_record_has_its_plans_notes_and_its_own():
+    plan = FakePlan("matmul-1")
+    plan.notes = ["measured on this mesh: 1 ms per task"]
+
+    class Report:
+        rows = plan.rows
+        notes = ["matmul-1: not run by this computation: its results were there"]
+
+    report = Report()
+    report.plan = plan
+    rec = discovery.plan_record(report, "report")
+    assert rec["notes"] == ["measured on this mesh: 1 ms per task",
+                            "matmul-1: not run by this computation: its results were there"]
+    assert discovery.plan_record(plan, "plan")["notes"] == plan.notes

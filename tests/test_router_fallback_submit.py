@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import warnings
@@ -75,12 +76,22 @@ def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mes
     from distributed.core import Status
 
     (dev,) = mesh.inventory()
+    # a submit with no target, running there: it fails too, once the fallback's
+    # timeout has passed with no worker (it waited for ever)
+    held = mesh.submit(time.sleep, 60, pure=False)
+    deadline = time.monotonic() + 30
+    while not mesh.client.processing().get(dev.worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
     for nanny in mesh.cluster.workers.values():
         nanny.status = Status.closing_gracefully
     os.kill(dev.extra["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 30
     while len(mesh.inventory()) and time.monotonic() < deadline:
         time.sleep(0.2)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="no live worker left for 1 s"):
+        held.result(timeout=30)
+    assert time.monotonic() - t0 < 20
     x = dask.delayed(sum)([1, 2, 3])
     t0 = time.monotonic()
     # not after the progress bar's threshold either (its wait checks too)
@@ -104,8 +115,11 @@ def test_a_submit_to_a_mesh_without_workers_says_so_at_once(no_mesh):
         empty = jm.Mesh.connect(cluster.scheduler_address, set_current=False)
         try:
             t0 = time.monotonic()
-            with pytest.raises(MeshError, match=r"^no live workers to run _add on: add "
-                                                r"workers \(e\.g\. mesh\.scale\(cpu=1\)\)"):
+            with pytest.raises(MeshError, match=rf"^no live workers to run _add on: add one "
+                                                rf"\(jupyter-mesh worker "
+                                                rf"{re.escape(cluster.scheduler_address)} on "
+                                                rf"a machine of the mesh\), or wait for the "
+                                                rf"mesh's to come back, then submit again$"):
                 empty.submit(_add, 1, 2)
             assert time.monotonic() - t0 < 10
         finally:

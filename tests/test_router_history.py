@@ -233,7 +233,7 @@ def test_a_bad_fallback_timeout_fails_before_anything_runs(mesh, route):
         with pytest.raises(MeshConfigError, match="mesh.fallback-timeout"):
             mesh.compute(y, route=route)
         with pytest.raises(MeshConfigError, match="mesh.fallback-timeout"):
-            mesh.submit(np.add, 1, 2, on="cpu")
+            mesh.submit(np.add, 1, 2)  # with no target too
     assert mesh.last_plan is plan and mesh.last_report is report
 
 

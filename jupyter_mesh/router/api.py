@@ -1162,8 +1162,10 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     timeout = _config.get_seconds("fallback-timeout")  # a bad one fails before it runs
     inv = mesh.inventory()
     if not len(inv):
-        raise MeshError(f"no live workers to run {funcname(fn)} on: add workers (e.g. "
-                        f"mesh.scale(cpu=1)), or wait for the mesh's to come back")
+        add = ("mesh.scale(cpu=1)" if mesh.owns_cluster
+               else f"jupyter-mesh worker {mesh.address} on a machine of the mesh")
+        raise MeshError(f"no live workers to run {funcname(fn)} on: add one ({add}), or "
+                        f"wait for the mesh's to come back, then submit again")
     if site is not None and not any(d.site == site for d in inv):
         sites = sorted({d.site for d in inv})
         raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
@@ -1205,8 +1207,9 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         label = f"{label} at site {site}"
     # under the fallback whatever it asks for: with no target, a mesh left without
     # workers fails it after mesh.fallback-timeout, as a routed task (never a wait for
-    # ever)
-    _register_submit(mesh, key, resource, site, label, timeout)
+    # ever); a scheduler without jupyter_mesh's plugin has no fallback to put it under
+    if mesh._scheduler_plugin:
+        _register_submit(mesh, key, resource, site, label, timeout)
     fn = _global_random(fn)
     call = SubmitCall(fn, backend, kind) if convert else fn
     # every keyword argument goes to fn, even one named like an option of Dask's

@@ -103,12 +103,22 @@ export class MeshesModel {
    * user did not pick.
    */
   private _lost(mesh: IMeshSummary): void {
-    this._noneAfterLoss = true; // until the user picks one
+    const others = this.meshes.length > 0;
+    // until the user picks one (with none left, the next one comes selected)
+    this._noneAfterLoss = others;
     this._setSelected(null, false);
     this.detail = null;
-    this.actionError =
+    this.actionError = this._lossNotice =
       `${mesh.name} is gone (stopped elsewhere, or its kernel closed it): ` +
-      'pick a mesh in the list';
+      (others ? 'pick a mesh in the list' : 'start one, or connect to one');
+  }
+
+  /** The notice of a lost mesh is answered once the user has a mesh again. */
+  private _clearLossNotice(): void {
+    if (this._lossNotice !== null && this.actionError === this._lossNotice) {
+      this.actionError = null;
+    }
+    this._lossNotice = null;
   }
 
   /** One mesh in full, or null when the server no longer has it (404). */
@@ -262,6 +272,7 @@ export class MeshesModel {
   private _setSelected(id: string | null, byUser: boolean): void {
     if (id !== null) {
       this._noneAfterLoss = false;
+      this._clearLossNotice();
     }
     if (id === this.selected) {
       return;
@@ -274,6 +285,8 @@ export class MeshesModel {
 
   /** the mesh shown went away: no other is picked by itself until the user picks */
   private _noneAfterLoss = false;
+  /** what the sidebar said of it (see _lost) */
+  private _lossNotice: string | null = null;
   /** bumped by every action and selection: older refresh replies are dropped */
   private _generation = 0;
   private _changed = new Signal<this, void>(this);

@@ -307,11 +307,23 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(report.locator(".jp-Mesh-planTable thead")).to_contain_text("target")
             # it stays open, and a focused button keeps its focus, as the sidebar polls
             # (each poll re-rendered them: the plan closed, focus fell to the page)
+            polled: list[str] = []
+            page.on("request", lambda r: "/jupyter-mesh/api/meshes" in r.url
+                    and polled.append(r.url))
             sidebar.locator(".jp-Mesh-dashboardButton").focus()
+            # scrolled down to read the plan (a short window, so the panel scrolls): it
+            # stays there too (focus put back on the button scrolled the panel up to it)
+            page.set_viewport_size({"width": 1400, "height": 480})
+            page.wait_for_timeout(500)
+            scrolled = sidebar.evaluate("e => { e.scrollTop = e.scrollHeight; "
+                                        "return e.scrollTop; }")
             page.wait_for_timeout(6000)
+            assert polled, "no poll re-rendered the sidebar meanwhile"
             expect(report).to_have_attribute("open", "")
             assert page.evaluate(
                 "() => document.activeElement.classList.contains('jp-Mesh-dashboardButton')")
+            assert scrolled > 0 and sidebar.evaluate("e => e.scrollTop") == scrolled
+            page.set_viewport_size({"width": 1400, "height": 900})
             expect(report.locator(".jp-Mesh-planTable tbody tr")).not_to_have_count(0)
             # under it, the plan's notes: Dask's costs, measured on the kernel's mesh
             expect(report.locator(".jp-Mesh-planNotes")).to_contain_text(

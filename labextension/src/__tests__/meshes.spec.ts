@@ -323,8 +323,19 @@ describe('MeshesModel', () => {
     model.select('b');
     await new Promise(resolve => setTimeout(resolve, 0));
     expect(model.detail?.id).toBe('b');
+    expect(model.actionError).toBeNull(); // answered: the user has a mesh again
     await model.refresh();
     expect(model.selected).toBe('b');
+    // the last one goes: nothing to pick from, and the next mesh comes selected
+    serve({ 'GET meshes': { meshes: [] } });
+    await model.refresh();
+    expect(model.actionError).toBe(
+      'b is gone (stopped elsewhere, or its kernel closed it): start one, or connect to one'
+    );
+    serve({ 'GET meshes': { meshes: [summary('c')] }, 'GET meshes/c': detail('c') });
+    await model.refresh();
+    expect(model.selected).toBe('c');
+    expect(model.actionError).toBeNull();
   });
 
   it('refuses counts past what a form may send', () => {

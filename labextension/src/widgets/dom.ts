@@ -74,7 +74,7 @@ export function rerender(el: Element, ...children: Child[]): void {
       e => keyOf(e) === focused
     );
     if (again instanceof HTMLElement) {
-      again.focus();
+      again.focus({ preventScroll: true }); // (the user may have scrolled away from it)
     }
   }
 }

@@ -100,19 +100,8 @@ export class StartLocalWidget extends Widget {
     }
     this._error.hidden = true;
     void this.commands.execute(CommandIDs.startLocal, { ...parsed.options }).then(() =>
-      this._showRefusal(this._error)
+      showRefusal(this.model, this.node as HTMLDetailsElement, this._error)
     );
-  }
-
-  /** The server refused the form's request: say why next to the form (the panel's
-   * banner may be scrolled out of view), once. */
-  private _showRefusal(error: HTMLElement): void {
-    const why = this.model.actionError;
-    if (why) {
-      error.textContent = why;
-      error.hidden = false;
-      this.model.dismissError();
-    }
   }
 
   private _update(): void {
@@ -124,6 +113,20 @@ export class StartLocalWidget extends Widget {
   private _inputs: Record<string, HTMLInputElement> = {};
   private _error!: HTMLElement;
   private _button!: HTMLButtonElement;
+}
+
+/**
+ * The server refused a form's request: say why next to the form, where the user looks
+ * (the panel's banner may be scrolled out of view), instead of in the banner; a form
+ * closed meanwhile leaves it in the banner.
+ */
+function showRefusal(model: MeshesModel, form: HTMLDetailsElement, error: HTMLElement): void {
+  const why = model.actionError;
+  if (why && form.open) {
+    error.textContent = why;
+    error.hidden = false;
+    model.dismissError();
+  }
 }
 
 export namespace ConnectWidget {
@@ -166,15 +169,9 @@ export class ConnectWidget extends Widget {
       try {
         const address = normalizeAddress(input.value);
         error.hidden = true;
-        void this.commands.execute(CommandIDs.connect, { address }).then(() => {
-          // refused by the server: why, next to the form (the banner may be out of view)
-          const why = this.model.actionError;
-          if (why) {
-            error.textContent = why;
-            error.hidden = false;
-            this.model.dismissError();
-          }
-        });
+        void this.commands.execute(CommandIDs.connect, { address }).then(() =>
+          showRefusal(this.model, this.node as HTMLDetailsElement, error)
+        );
       } catch (err) {
         error.textContent = (err as Error).message;
         error.hidden = false;
