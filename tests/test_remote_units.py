@@ -363,3 +363,30 @@ def test_how_a_remote_cell_ended_on_each_worker_for_its_bar():
     assert _client._ended(runs, pending={7}) == {
         "a": "finished", "b": "failed", "c": "timed out", "d": "stopped", "e": "failed",
         "f": "still running", "g": "failed"}
+
+
+def test_only_the_remote_readers_deserialization_logs_are_left_out(caplog):
+    # a failed pull is said in one line; Dask's own log of it is left out, but not that
+    # of any other code deserializing meanwhile (a disabled logger dropped those too)
+    import asyncio
+    import logging
+
+    log = logging.getLogger("distributed.protocol.pickle")
+
+    async def reader():
+        with _client._quiet_here():
+            log.error("Failed to deserialize (the reader's)")
+            await asyncio.sleep(0.01)  # another task runs meanwhile
+
+    async def other():
+        await asyncio.sleep(0)
+        log.error("Failed to deserialize (another's)")
+
+    async def both():
+        await asyncio.gather(reader(), other())
+
+    with caplog.at_level("ERROR", logger="distributed.protocol.pickle"):
+        asyncio.run(both())
+        log.error("Failed to deserialize (no loop)")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to deserialize (another's)", "Failed to deserialize (no loop)"]

@@ -9,7 +9,9 @@ request to the worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import keyword
+import logging
 import math
 import queue
 import socket
@@ -506,8 +508,7 @@ class RemoteCells:
                 try:
                     # Dask logs a failed deserialization as CRITICAL with its traceback;
                     # the one line below says what it means here
-                    with quiet_logger("distributed.protocol.core"), \
-                            quiet_logger("distributed.protocol.pickle"):
+                    with _quiet_here():
                         msg = await comm.read()
                 except Exception as exc:
                     # (TCP's read turns a broken stream into CommClosedError; an OSError
@@ -773,6 +774,40 @@ class RemoteCells:
         reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
             type(exc).__name__
         return f"lost the connection to worker {run.label} during the cell ({reason})"
+
+
+class _QuietTasks(logging.Filter):
+    """Drops the records of Dask's deserialization loggers that come from the tasks it
+    holds (a remote cell's reader: its one-line error says what failed); those of any
+    other code in the process pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: set[Any] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop in this thread
+            return True
+        return task is None or task not in self.tasks
+
+
+_QUIET = _QuietTasks()
+for _name in ("distributed.protocol.core", "distributed.protocol.pickle"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
+@contextlib.contextmanager
+def _quiet_here() -> Any:
+    """While inside (in a coroutine): Dask's deserialization logs of this task alone are
+    left out, not the whole process's (a logger disabled meanwhile would be)."""
+    task = asyncio.current_task()
+    _QUIET.tasks.add(task)
+    try:
+        yield
+    finally:
+        _QUIET.tasks.discard(task)
 
 
 class _Unreadable(Exception):
