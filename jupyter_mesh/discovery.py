@@ -231,6 +231,8 @@ class _Registration:
     """The registration file of one mesh, kept up to date by a small watcher thread."""
 
     def __init__(self, mesh: Mesh, directory: Path) -> None:
+        from .mesh import _known_scheduler_id
+
         self.mesh = mesh
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path = directory / f"mesh-{self.id}.json"
@@ -246,7 +248,7 @@ class _Registration:
             "kernel_id": _kernel_id(),
             "address": mesh.address,
             # the scheduler's own id: the sidebar knows it under any name of its host
-            "scheduler_id": _scheduler_id_of(mesh),
+            "scheduler_id": _known_scheduler_id(mesh),
             "dashboard": mesh.dashboard_link,
             "owns_cluster": bool(mesh.owns_cluster),
             "site": getattr(mesh, "site", None),
@@ -390,14 +392,6 @@ def security_for(address: str, runtime_dir: str | os.PathLike[str] | None = None
         if security is not None:
             return security
     return None
-
-
-def _scheduler_id_of(mesh: Mesh | None) -> str | None:
-    """The id of the scheduler ``mesh`` is connected to, as its client learnt it when it
-    connected (never a call to the scheduler: the server runs this on its loop)."""
-    ident = getattr(getattr(mesh, "client", None), "_scheduler_identity", None)
-    sid = ident.get("id") if isinstance(ident, dict) else None
-    return None if sid is None else str(sid)
 
 
 def _same_place(address: str) -> str:

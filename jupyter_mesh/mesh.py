@@ -1478,11 +1478,18 @@ def _could_not_connect(address: str, timeout: float, exc: Exception,
     )
 
 
-def _scheduler_id(mesh: Any) -> str | None:
-    """The id of the scheduler ``mesh`` is connected to (the one its client learnt when
-    it connected), whatever name its address gives the host; None where unknown."""
-    ident = getattr(mesh.client, "_scheduler_identity", None) or {}
+def _known_scheduler_id(mesh: Any) -> str | None:
+    """The id of the scheduler ``mesh`` is connected to, as its client learnt it when it
+    connected, whatever name its address gives the host; None where unknown (never a
+    call to the scheduler: the server runs this on its event loop)."""
+    ident = getattr(getattr(mesh, "client", None), "_scheduler_identity", None)
     sid = ident.get("id") if isinstance(ident, dict) else None
+    return None if sid is None else str(sid)
+
+
+def _scheduler_id(mesh: Any) -> str | None:
+    """:func:`_known_scheduler_id`, else asked of the scheduler; None where unknown."""
+    sid = _known_scheduler_id(mesh)
     if sid is None:
         try:
             sid = mesh.client.scheduler_info(n_workers=0).get("id")

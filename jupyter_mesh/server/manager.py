@@ -38,6 +38,7 @@ from ..mesh import (
     FAMILIES,
     Mesh,
     _family_of,
+    _known_scheduler_id,
     check_address,
     check_cpu_total,
     check_site,
@@ -552,7 +553,7 @@ class MeshManager:
             hosts: dict[str, Entry] = {}
             for e in self._entries.values():
                 if e.origin != "kernel":
-                    for key in _scheduler_keys(e.address, discovery._scheduler_id_of(e.mesh)):
+                    for key in _scheduler_keys(e.address, _known_scheduler_id(e.mesh)):
                         hosts.setdefault(key, e)
             for known in self._entries.values():
                 known.kernels = {}
