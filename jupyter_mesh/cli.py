@@ -229,7 +229,13 @@ async def _join(nanny: Any, address: str, security: Any) -> None:
     import dask
     from dask.utils import parse_timedelta
 
-    from .mesh import _check_listening, _could_not_connect, _identity, _Unreachable
+    from .mesh import (
+        _a_scheduler,
+        _check_listening,
+        _could_not_connect,
+        _identity,
+        _Unreachable,
+    )
 
     timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"),
                               default="seconds")
@@ -253,11 +259,8 @@ async def _join(nanny: Any, address: str, security: Any) -> None:
                           f"connect)", file=sys.stderr, flush=True)
                     said = True
                 await asyncio.sleep(0.5)
-        ident = await asyncio.wait_for(_identity(address, security, timeout, "worker"),
-                                       timeout)
-        if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
-            found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
-            raise OSError(f"this is not a Dask scheduler (it answered as {found})")
+        _a_scheduler(await asyncio.wait_for(
+            _identity(address, security, timeout, "worker"), timeout))
     except (OSError, asyncio.TimeoutError) as exc:
         tls = str(_could_not_connect(address, timeout, exc))
         if tls.startswith("the TLS handshake"):

@@ -1532,6 +1532,12 @@ def _probe_scheduler(address: str, security: Any, timeout: float) -> dict[str, A
             # (one class since Python 3.11): the probe's own timeout, or still waiting
             if future.done() or time.monotonic() > deadline:
                 raise OSError(f"no Dask scheduler answered within {timeout:g} s") from None
+    return _a_scheduler(ident)
+
+
+def _a_scheduler(ident: Any) -> dict[str, Any]:
+    """``ident``, an answer to Dask's ``identity`` request, if a scheduler gave it; else
+    an OSError that says what answered."""
     if not isinstance(ident, dict) or ident.get("type") != "Scheduler":
         found = ident.get("type") if isinstance(ident, dict) else type(ident).__name__
         raise OSError(f"this is not a Dask scheduler (it answered as {found})")
