@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from distributed.core import Status
 
@@ -95,3 +96,19 @@ def tasks_left(mesh: jm.Mesh, timeout: float = 5.0) -> int:
     while (n := mesh.client.run_on_scheduler(_n_tasks)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return n
+
+
+def line_queue(stream: Any) -> Any:
+    """A queue of ``stream``'s lines, read by a thread of their own: a test reads them
+    with a time limit (``.get(timeout=...)``), where ``readline`` could wait for ever."""
+    import queue
+    import threading
+
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines

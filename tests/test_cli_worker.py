@@ -13,6 +13,8 @@ from distributed import Scheduler
 
 import jupyter_mesh as jm
 
+from .meshes import line_queue
+
 BIN = os.path.dirname(sys.executable)
 #: a file that exists but is no PEM file
 NOT_PEM = os.path.abspath(__file__)
@@ -310,9 +312,7 @@ def test_ctrl_c_stops_a_worker_that_is_still_joining(silent_port):
 def test_a_worker_started_before_its_scheduler_joins_it_when_it_comes():
     # a job script or a compose file starts both at once: a refused port is tried again
     # until the connect timeout, as Dask does
-    import queue
     import socket
-    import threading
 
     from distributed import LocalCluster
 
@@ -324,21 +324,18 @@ def test_a_worker_started_before_its_scheduler_joins_it_when_it_comes():
     proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", address,
                              "--nthreads", "1"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-    for stream in (proc.stdout, proc.stderr):
-        threading.Thread(target=lambda s=stream: [lines.put(x) for x in s],
-                         daemon=True).start()
+    out, err = line_queue(proc.stdout), line_queue(proc.stderr)
     try:
         seen = []
         while not any("nothing listens at" in x for x in seen):
-            seen.append(lines.get(timeout=60))
+            seen.append(err.get(timeout=60))
         assert seen[-1].strip() == (f"jupyter-mesh worker: nothing listens at {address} "
                                     f"yet; trying again for up to 60 s "
                                     f"(distributed.comm.timeouts.connect)")
         with LocalCluster(n_workers=0, processes=False, scheduler_port=port,
                           host="127.0.0.1", dashboard_address=None) as cluster:
             while not any(x.startswith("jupyter-mesh worker joined") for x in seen):
-                seen.append(lines.get(timeout=60))
+                seen.append(out.get(timeout=60))
             assert len(cluster.scheduler.workers) == 1
     finally:
         _stop(proc)
@@ -427,9 +424,15 @@ def test_a_second_ctrl_c_stops_a_closing_worker_at_once(scheduler_mesh, tmp_path
     env = dict(os.environ, DASK_DISTRIBUTED__WORKER__PRELOAD=f'["{slow}"]')
     proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker",
                              scheduler_mesh.address, "--nthreads", "1"],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     try:
         _wait_devices(scheduler_mesh, 1)
+        # joined, as it says (the scheduler lists the worker a moment before its nanny's
+        # start returns: a Ctrl-C in between stops it "before it joined")
+        out = line_queue(proc.stdout)
+        while not out.get(timeout=60).startswith("jupyter-mesh worker joined"):
+            pass
         proc.send_signal(signal.SIGINT)
         while True:  # it says that it closes, and how to stop at once
             line = proc.stderr.readline()

@@ -18,6 +18,7 @@ import jupyter_mesh as jm
 from jupyter_mesh import MeshError
 
 from .certs import make_certs
+from .meshes import line_queue
 
 
 @pytest.fixture(scope="module")
@@ -595,25 +596,13 @@ def test_the_cli_worker_joins_a_tls_scheduler_and_says_when_its_certificates_do_
                              "--tls-key", certs["key"]],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        lines = _lines_of(proc.stdout)
+        lines = line_queue(proc.stdout)
         assert lines.get(timeout=90).startswith(f"jupyter-mesh worker joined {address}")
     finally:
         proc.terminate()
         proc.wait(30)
 
 
-def _lines_of(stream):
-    """A queue of ``stream``'s lines, read by a thread (a read with a time limit)."""
-    import queue
-
-    lines: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read():
-        for line in stream:
-            lines.put(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    return lines
 
 
 def test_a_port_that_hangs_up_at_once_is_not_said_to_have_timed_out(no_mesh):
