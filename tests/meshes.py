@@ -83,6 +83,33 @@ def _n_tasks(dask_scheduler) -> int:
     return len(dask_scheduler.tasks)
 
 
+def tasks_of_left(mesh: jm.Mesh, collection: Any, timeout: float = 5.0) -> int:
+    """The tasks of ``collection``'s computation (its layers' keys, and the batches the
+    router made of them) that the scheduler still holds once they are gone, or after
+    ``timeout`` seconds; what else it holds is printed, for the failure's report."""
+    import gc
+
+    gc.collect()
+    names = sorted(str(n) for n in collection.__dask_graph__().layers)
+    deadline = time.monotonic() + timeout
+    while (n := mesh.client.run_on_scheduler(_n_tasks_of, names=names)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    held = mesh.client.run_on_scheduler(_tasks_held)
+    if held:
+        print("tasks on the scheduler:", held)
+    return n
+
+
+def _n_tasks_of(dask_scheduler, names) -> int:
+    def ours(key: Any) -> bool:
+        name = key[0] if isinstance(key, tuple) else str(key)
+        return name.startswith("jupyter-mesh-batch-") or any(
+            name == n or name.startswith(n + "-") for n in names)
+
+    return sum(1 for k in list(dask_scheduler.tasks) if ours(k))
+
+
 def tasks_left(mesh: jm.Mesh, timeout: float = 5.0) -> int:
     """The tasks the mesh's scheduler still holds once they are gone, or after
     ``timeout`` seconds (releases reach the scheduler a little after the client's).
@@ -95,7 +122,15 @@ def tasks_left(mesh: jm.Mesh, timeout: float = 5.0) -> int:
     deadline = time.monotonic() + timeout
     while (n := mesh.client.run_on_scheduler(_n_tasks)) and time.monotonic() < deadline:
         time.sleep(0.1)
+    if n:  # what is left, for the failure's report
+        print("tasks left on the scheduler:", mesh.client.run_on_scheduler(_tasks_held))
     return n
+
+
+def _tasks_held(dask_scheduler) -> list[tuple[str, str, list[str], int]]:
+    """(key, state, the clients that want it, how many tasks wait for it), a few."""
+    return [(str(ts.key), ts.state, sorted(cs.client_key for cs in ts.who_wants or ()),
+             len(ts.waiters or ())) for ts in list(dask_scheduler.tasks.values())[:12]]
 
 
 def line_queue(stream: Any) -> Any:

@@ -11,7 +11,7 @@ import jupyter_mesh as jm
 from jupyter_mesh import MeshError
 from jupyter_mesh.router import api
 
-from .meshes import fresh_local_mesh, tasks_left
+from .meshes import fresh_local_mesh, tasks_of_left
 
 
 @pytest.fixture(scope="module")
@@ -686,7 +686,7 @@ def test_interrupt_drops_the_rest_of_the_computation(mesh):
         mesh.compute(y, route="cpu:numpy")
     timer.join()
 
-    assert tasks_left(mesh) == 0  # nothing left running
+    assert tasks_of_left(mesh, y) == 0  # nothing of it left running
     (got,) = mesh.compute(da.ones(10, chunks=5).sum())
     assert got == 10
 
@@ -710,7 +710,7 @@ def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, rou
     # the failed computation's plan, and no earlier report passing for its own
     assert sum(r["tasks"] for r in mesh.last_plan.rows) > 16 and mesh.last_report is None
 
-    assert tasks_left(mesh) == 0
+    assert tasks_of_left(mesh, y) == 0
     assert mesh.compute(da.ones(10, chunks=5).sum(), route=route) == (10,)
 
 
