@@ -616,6 +616,9 @@ def test_compute_takes_what_dask_compute_takes(mesh, route):
     assert hist.tolist() == [0, 10] and bins.tolist() == [0.0, 1.0, 2.0]
     assert mesh.compute(5, route=route) == (5,)  # nothing for the mesh to do
     assert mesh.last_report is None and mesh.last_plan is None  # none passes for it
+    mesh.compute(y.sum(), route=route)
+    assert mesh.compute(route=route) == dask.compute() == ()  # nothing at all, likewise
+    assert mesh.last_report is None and mesh.last_plan is None
     with pytest.raises(MeshError, match="site= needs routing"):
         mesh.compute(5, route="off", site="lab")
 

@@ -389,8 +389,6 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     route = parse_route_or_error(route)
     check_fallback(fallback)
     site = _check_site(site)
-    if not collections:
-        raise MeshError("nothing to compute: pass one or more Dask collections")
     # like dask.compute: collections in lists, tuples and dicts are computed in place,
     # and other values come back as they are
     args = collections
