@@ -47,10 +47,21 @@ MOST_SECONDS = 86400.0
 WAITS = frozenset({"connect-timeout", "fallback-timeout", "remote.worker-wait",
                    "remote.interrupt-grace", "remote.connect-timeout"})
 
+#: every setting of seconds held to MOST_SECONDS: the waits, and the times the cost
+#: model adds up (a latency of 1e300 s made every estimate infinite, and the plans
+#: arbitrary) and the time a worker's profile may take
+DAY_AT_MOST = WAITS | {"profile.measure-seconds", "task-overhead", "dependency-latency",
+                       "links.pcie-latency", "links.network-latency", "links.wan-latency"}
+
+#: the most bytes per second a link setting may say (a petabyte per second; more, or
+#: infinity, is no link this model can add up)
+MOST_BANDWIDTH = 1e15
+
 
 def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> float:
     """Read a non-negative number (of ``unit``), or raise a config error naming the key
-    (a wait among :data:`WAITS` is at most a day)."""
+    (a setting among :data:`DAY_AT_MOST` is at most a day, a bandwidth at most
+    :data:`MOST_BANDWIDTH`)."""
     value = get(key)
     try:
         if isinstance(value, bool):  # YAML's yes/no: no number of seconds
@@ -65,9 +76,12 @@ def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> 
             f"config mesh.{key} must be a {'non-negative' if allow_zero else 'positive'} "
             f"number of {unit}, not {value!r}"
         )
-    if key in WAITS and number > MOST_SECONDS:
+    if key in DAY_AT_MOST and number > MOST_SECONDS:
         raise MeshConfigError(
             f"config mesh.{key} must be at most {MOST_SECONDS:g} s (a day), not {value!r}")
+    if key.endswith("-bandwidth") and number > MOST_BANDWIDTH:
+        raise MeshConfigError(f"config mesh.{key} must be at most {MOST_BANDWIDTH:g} "
+                              f"{unit} (a petabyte per second), not {value!r}")
     return number
 
 

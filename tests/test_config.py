@@ -120,14 +120,53 @@ def test_bad_seconds_of_every_key_are_one_line_naming_it(key, allow_zero, bad):
     assert message.endswith(f"number of seconds, not {bad!r}")
 
 
-@pytest.mark.parametrize("key", sorted(_config.WAITS))
+@pytest.mark.parametrize("key", sorted(_config.DAY_AT_MOST))
 @pytest.mark.parametrize("bad", [float("inf"), 1e300, 86401])
-def test_a_wait_longer_than_a_day_is_refused(key, bad):
-    # a fallback-timeout of inf left a computation waiting for ever on a lost kind
+def test_a_time_longer_than_a_day_is_refused(key, bad):
+    # a fallback-timeout of inf left a computation waiting for ever on a lost kind; a
+    # latency of 1e300 s made every estimate infinite
+    assert key in _config.WAITS or key in TIMES_READ
     with dask.config.set({f"mesh.{key}": bad}):
         with pytest.raises(MeshConfigError, match=rf"^config mesh\.{key} must be at most "
                                                   rf"86400 s \(a day\), not {re.escape(repr(bad))}$"):
-            _config.get_seconds(key)
+            TIMES_READ.get(key, lambda: _config.get_seconds(key))()
+
+
+def _links():
+    from jupyter_mesh.router.cost import Links
+
+    return Links.from_config()
+
+
+def _cost(name):
+    from jupyter_mesh.router import cost
+
+    return lambda: getattr(cost, name)()
+
+
+#: the times outside the waits, each read as the code that uses it reads it
+TIMES_READ = {
+    "links.pcie-latency": _links,
+    "links.network-latency": _links,
+    "links.wan-latency": _links,
+    "task-overhead": _cost("configured_task_overhead"),
+    "dependency-latency": _cost("configured_dependency_latency"),
+    "profile.measure-seconds": lambda: _config.get_seconds("profile.measure-seconds"),
+}
+
+
+@pytest.mark.parametrize("key", ["pcie-bandwidth", "network-bandwidth", "wan-bandwidth"])
+@pytest.mark.parametrize("bad", [float("inf"), 1e300, 2e15])
+def test_a_bandwidth_beyond_a_petabyte_per_second_is_refused(key, bad):
+    from jupyter_mesh.router.cost import Links
+
+    with dask.config.set({f"mesh.links.{key}": bad}):
+        with pytest.raises(MeshConfigError) as info:
+            Links.from_config()
+    assert str(info.value) == (f"config mesh.links.{key} must be at most 1e+15 bytes per "
+                               f"second (a petabyte per second), not {bad!r}")
+    with dask.config.set({f"mesh.links.{key}": 1e15}):
+        assert Links.from_config()  # the most it takes
     with dask.config.set({f"mesh.{key}": 86400}):
         assert _config.get_seconds(key) == 86400
 
