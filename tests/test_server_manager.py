@@ -221,12 +221,56 @@ async def _what_dask_fails_at(tmp_path, monkeypatch):
         assert info.value.status == 500 and await manager.list() == []
 
 
+def test_a_mesh_being_started_is_listed_as_starting(tmp_path, monkeypatch):
+    asyncio.run(_listed_while_starting(tmp_path, monkeypatch))
+
+
+async def _listed_while_starting(tmp_path, monkeypatch):
+    # another sidebar (or tab) polling while one starts a mesh sees it at once
+    import threading
+
+    go_on = threading.Event()
+
+    def slow_start(**kwargs):
+        assert go_on.wait(10)
+        return _SlowMesh()
+
+    monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(slow_start))
+    monkeypatch.setattr(manager_module.discovery, "share_security", lambda *a: None)
+    async with MeshManager(tmp_path) as manager:
+        monkeypatch.setattr(manager, "_sample", _no_sample)
+        starting = asyncio.ensure_future(manager.start({"cpu": 1}))
+        await asyncio.sleep(0.1)
+        (listed,) = await manager.list()
+        assert (listed["status"], listed["name"], listed["address"]) == (
+            "starting", "Local mesh 1", "")
+        assert (await manager.get(listed["id"]))["status"] == "starting"
+        for act in (manager.stop(listed["id"], force=True),
+                    manager.scale(listed["id"], {"cpu": 2})):
+            with pytest.raises(Conflict) as info:
+                await act
+            assert str(info.value) == "Local mesh 1 is still starting: try again once it runs"
+        go_on.set()
+        started = await starting
+        assert (started["id"], started["status"], started["address"]) == (
+            listed["id"], "running", _SlowMesh.address)
+        assert [m["status"] for m in await manager.list()] == ["running"]
+        # one that fails to start leaves the list as it was
+        go_on.clear()
+        monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(
+            lambda **kw: (_ for _ in ()).throw(RuntimeError("no luck"))))
+        with pytest.raises(Failed):
+            await manager.start({"cpu": 1})
+        assert [m["id"] for m in await manager.list()] == [listed["id"]]
+
+
 class _SlowMesh:
     """A mesh whose scaling takes a while (and that records being closed)."""
 
     owns_cluster = True
     options: dict = {}
     address = "tcp://127.0.0.1:1"
+    dashboard_link = None
 
     def __init__(self):
         self.closed = False

@@ -116,6 +116,8 @@ class Entry:
     plan_ids: tuple[int, int] = (builtins.id(None), builtins.id(None))  # `id` is a field
     connecting: asyncio.Task[Any] | None = None
     busy: bool = False
+    #: a mesh this server is starting (no scheduler address yet)
+    starting: bool = False
 
     @property
     def can_scale(self) -> bool:
@@ -123,7 +125,7 @@ class Entry:
 
     @property
     def can_stop(self) -> bool:
-        return self.origin in ("sidebar", "connected")
+        return self.origin in ("sidebar", "connected") and not self.starting
 
 
 def most_local() -> int:
@@ -368,11 +370,21 @@ class MeshManager:
             raise BadRequest(str(exc)) from None
         self._check_budget(adding)
         self._starting += adding
+        self._counter += 1
+        # listed at once, as starting (other sidebars see it; a stop or scale meanwhile
+        # is told to wait), with no address until its scheduler has one
+        entry = Entry(id=_new_id("local"), origin="sidebar", address="",
+                      name=f"Local mesh {self._counter}", busy=True, starting=True)
+        self._entries[entry.id] = entry
         try:
             mesh = await asyncio.to_thread(Mesh.local, set_current=False, **kwargs)
-        except MeshError as exc:
-            raise BadRequest(str(exc)) from None
-        except Exception as exc:  # Dask's own failures (e.g. a worker that cannot start)
+        except BaseException as exc:
+            self._entries.pop(entry.id, None)
+            if isinstance(exc, MeshError):
+                raise BadRequest(str(exc)) from None
+            if not isinstance(exc, Exception):
+                raise
+            # Dask's own failures (e.g. a worker that cannot start)
             logger.exception("jupyter_mesh: starting a mesh failed")
             raise Failed(f"could not start the mesh: {_one_line(exc)}; see the server's "
                          f"log, or start fewer workers") from None
@@ -381,16 +393,8 @@ class MeshManager:
         if self.closed:
             await asyncio.to_thread(_close_quietly, mesh)
             raise Conflict("the server is shutting down")
-        self._counter += 1
-        entry = Entry(
-            id=_new_id("local"),
-            origin="sidebar",
-            address=mesh.address,
-            name=f"Local mesh {self._counter}",
-            mesh=mesh,
-            dashboard=mesh.dashboard_link,
-        )
-        self._entries[entry.id] = entry
+        entry.mesh, entry.address, entry.dashboard = mesh, mesh.address, mesh.dashboard_link
+        entry.busy = entry.starting = False
         try:
             # a mesh over TLS (mesh.local.tls): this user's notebooks can connect to it
             discovery.share_security(mesh, self.runtime_dir)
@@ -468,6 +472,7 @@ class MeshManager:
         """Set the number of workers per family of a mesh this server started."""
         entry = self._get(mesh_id)
         counts = validate_scale(body)
+        _check_started(entry)
         if not entry.can_scale or entry.mesh is None:
             raise Conflict(
                 f"{entry.name} was not started by this server: scale it where it was started"
@@ -500,6 +505,7 @@ class MeshManager:
         """Stop a mesh this server started, or disconnect from one it connected to.
         A mesh that kernels use is stopped only with ``force`` (they lose it)."""
         entry = self._get(mesh_id)
+        _check_started(entry)
         if not entry.can_stop:
             raise Conflict(
                 f"{entry.name} belongs to a kernel: close it there with %mesh close "
@@ -552,7 +558,7 @@ class MeshManager:
             # localhost as 127.0.0.1), the sidebar's own and connected meshes first
             hosts: dict[str, Entry] = {}
             for e in self._entries.values():
-                if e.origin != "kernel":
+                if e.origin != "kernel" and e.address:  # (a mesh starting has none yet)
                     for key in _scheduler_keys(e.address, _known_scheduler_id(e.mesh)):
                         hosts.setdefault(key, e)
             for known in self._entries.values():
@@ -660,6 +666,8 @@ class MeshManager:
         status = "running"
         if entry.error:
             status = "error"
+        elif entry.starting:
+            status = "starting"
         elif entry.mesh is None:
             status = "connecting"
         elif entry.busy:
@@ -810,6 +818,11 @@ class MeshManager:
             if rec is not None:
                 entry.plans.append(rec)
         entry.plan_ids = ids
+
+
+def _check_started(entry: Entry) -> None:
+    if entry.starting:
+        raise Conflict(f"{entry.name} is still starting: try again once it runs")
 
 
 def _same_place(address: str) -> str:

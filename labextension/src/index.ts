@@ -230,7 +230,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     commands.addCommand(CommandIDs.insertSnippet, {
       label: 'Insert Mesh Connection Snippet',
       caption: 'Insert %load_ext jupyter_mesh / %mesh connect ADDRESS into the active notebook',
-      isEnabled: args => !!summaryOf(args) && !!notebooks?.currentWidget,
+      // (a mesh still starting has no address to connect to yet)
+      isEnabled: args => !!summaryOf(args)?.address && !!notebooks?.currentWidget,
       execute: async args => {
         const mesh = summaryOf(args);
         const panel = notebooks?.currentWidget;

@@ -27,7 +27,7 @@ export interface IKernelInfo {
 }
 
 export type Origin = 'sidebar' | 'connected' | 'kernel';
-export type MeshStatus = 'running' | 'connecting' | 'scaling' | 'error';
+export type MeshStatus = 'running' | 'starting' | 'connecting' | 'scaling' | 'error';
 
 /** A mesh in the list. */
 export interface IMeshSummary {
@@ -537,4 +537,20 @@ export function errorText(
     ? `the server answered ${what}: is the jupyter_mesh server extension enabled? ` +
         '(jupyter server extension list)'
     : `the server answered ${what}`;
+}
+
+/** What the Devices section says where a mesh lists none. */
+export function noDevicesHint(detail: IMeshDetail): string {
+  switch (detail.status) {
+    case 'starting':
+      return 'Starting the mesh: its scheduler and workers…';
+    case 'connecting':
+      return 'Connecting to the scheduler…';
+    case 'error':
+      return 'The devices cannot be read (see the error above).';
+  }
+  return detail.can_scale
+    ? 'No devices right now: a worker that died comes back in a few ' +
+        'seconds (its nanny restarts it); else scale the mesh up.'
+    : `No devices: start workers with jupyter-mesh worker ${detail.address}`;
 }

@@ -8,11 +8,13 @@ import {
   formatSeconds,
   fraction,
   IDeviceGroup,
+  IMeshDetail,
   IMeshSummary,
   isSafeLink,
   kernelUsers,
   loadErrorHint,
   localOptionsFromSettings,
+  noDevicesHint,
   normalizeAddress,
   parseCount,
   parseLocalOptions,
@@ -168,6 +170,30 @@ describe('addresses and snippets', () => {
   it('writes the connection snippet', () => {
     expect(connectSnippet('tcp://10.0.0.5:8786')).toBe(
       '%load_ext jupyter_mesh\n%mesh connect tcp://10.0.0.5:8786'
+    );
+  });
+});
+
+describe('noDevicesHint', () => {
+  const detail = (extra: Partial<IMeshDetail>): IMeshDetail => ({
+    ...mesh('m'),
+    groups: [],
+    history: [],
+    device_history: {},
+    plans: [],
+    scale: {},
+    ...extra
+  });
+
+  it('says a mesh is starting, connecting or unreadable before saying it has no devices', () => {
+    expect(noDevicesHint(detail({ status: 'starting', address: '', can_stop: false }))).toBe(
+      'Starting the mesh: its scheduler and workers…'
+    );
+    expect(noDevicesHint(detail({ status: 'connecting' }))).toBe('Connecting to the scheduler…');
+    expect(noDevicesHint(detail({ status: 'error' }))).toMatch(/cannot be read/);
+    expect(noDevicesHint(detail({}))).toMatch(/nanny restarts it/);
+    expect(noDevicesHint(detail({ can_scale: false }))).toBe(
+      'No devices: start workers with jupyter-mesh worker tcp://127.0.0.1:1'
     );
   });
 });

@@ -10,6 +10,7 @@ import {
   IDevice,
   IMeshDetail,
   IPlanRecord,
+  noDevicesHint,
   planCell,
   planColumns,
   planHeader,
@@ -79,7 +80,7 @@ export class MeshActionsWidget extends DetailPart {
         'div',
         { class: 'jp-Mesh-detailHead' },
         h('span', { class: 'jp-Mesh-detailName' }, detail.name),
-        h('code', { class: 'jp-Mesh-address' }, detail.address)
+        h('code', { class: 'jp-Mesh-address' }, detail.address || 'starting…')
       ),
       detail.error ? h('div', { class: 'jp-Mesh-error' }, detail.error) : null,
       h(
@@ -244,16 +245,7 @@ export class DeviceGroupsWidget extends DetailPart {
       replaceChildren(
         this.node,
         h('div', { class: 'jp-Mesh-sectionTitle' }, 'Devices'),
-        h('div', { class: 'jp-Mesh-hint' },
-          detail.status === 'connecting'
-            ? 'Connecting to the scheduler…'
-            : detail.status === 'error'
-              ? 'The devices cannot be read (see the error above).'
-              : detail.can_scale
-                ? 'No devices right now: a worker that died comes back in a few ' +
-                  'seconds (its nanny restarts it); else scale the mesh up.'
-                : 'No devices: start workers with ' +
-                  `jupyter-mesh worker ${detail.address}`)
+        h('div', { class: 'jp-Mesh-hint' }, noDevicesHint(detail))
       );
       return;
     }

@@ -93,7 +93,7 @@ export class MeshListWidget extends Widget {
       h(
         'div',
         { class: 'jp-Mesh-meshItemBody' },
-        h('code', { class: 'jp-Mesh-address' }, mesh.address),
+        h('code', { class: 'jp-Mesh-address' }, mesh.address || 'starting…'),
         h('span', { class: 'jp-Mesh-counts' }, countsSummary(mesh.counts))
       ),
       kernelPaths.length && mesh.origin !== 'kernel'
