@@ -554,3 +554,17 @@ export function noDevicesHint(detail: IMeshDetail): string {
         'seconds (its nanny restarts it); else scale the mesh up.'
     : `No devices: start workers with jupyter-mesh worker ${detail.address}`;
 }
+
+/** The item a key moves to in a listbox of ``ids`` from ``current`` (null: the key does
+ * not move, or there is nowhere to go). */
+export function listboxMove(ids: string[], current: string, key: string): string | null {
+  const at = ids.indexOf(current);
+  if (at < 0 || ids.length === 0) {
+    return null;
+  }
+  const to = { ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: ids.length - 1 }[key];
+  if (to === undefined || to < 0 || to >= ids.length || to === at) {
+    return null;
+  }
+  return ids[to];
+}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -391,7 +392,15 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(sidebar.locator(".jp-Mesh-meshItem.jp-mod-selected")).to_have_attribute(
                 "data-origin", "sidebar", timeout=30_000
             )
-            sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]').click()
+            # the list is one Tab stop, the selected mesh; the arrow keys move in it
+            items = sidebar.locator(".jp-Mesh-meshItem")
+            assert items.evaluate_all("els => els.map(e => e.tabIndex)") == [0, -1]
+            items.first.focus()
+            page.keyboard.press("ArrowDown")
+            kernel_item = sidebar.locator('.jp-Mesh-meshItem[data-origin="kernel"]')
+            expect(kernel_item).to_have_class(re.compile("jp-mod-selected"))
+            expect(kernel_item).to_be_focused()
+            assert items.evaluate_all("els => els.map(e => e.tabIndex)") == [-1, 0]
             expect(sidebar.locator(".jp-Mesh-device")).to_have_count(1, timeout=30_000)
             dark = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
             assert dark != light

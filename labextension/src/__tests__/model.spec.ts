@@ -12,6 +12,7 @@ import {
   IMeshSummary,
   isSafeLink,
   kernelUsers,
+  listboxMove,
   loadErrorHint,
   localOptionsFromSettings,
   noDevicesHint,
@@ -171,6 +172,20 @@ describe('addresses and snippets', () => {
     expect(connectSnippet('tcp://10.0.0.5:8786')).toBe(
       '%load_ext jupyter_mesh\n%mesh connect tcp://10.0.0.5:8786'
     );
+  });
+});
+
+describe('listboxMove', () => {
+  it('moves with the arrows, Home and End, and stays at the ends', () => {
+    const ids = ['a', 'b', 'c'];
+    expect(listboxMove(ids, 'a', 'ArrowDown')).toBe('b');
+    expect(listboxMove(ids, 'b', 'ArrowUp')).toBe('a');
+    expect(listboxMove(ids, 'c', 'ArrowDown')).toBeNull();
+    expect(listboxMove(ids, 'a', 'ArrowUp')).toBeNull();
+    expect(listboxMove(ids, 'b', 'Home')).toBe('a');
+    expect(listboxMove(ids, 'a', 'End')).toBe('c');
+    expect(listboxMove(ids, 'a', 'Tab')).toBeNull();
+    expect(listboxMove(ids, 'gone', 'ArrowDown')).toBeNull();
   });
 });
 

@@ -1,6 +1,6 @@
 import { Widget } from '@lumino/widgets';
 
-import { countsSummary, IMeshSummary, kernelUsers, originLabel } from '../model';
+import { countsSummary, IMeshSummary, kernelUsers, listboxMove, originLabel } from '../model';
 import { MeshesModel } from '../meshes';
 import { h, replaceChildren, rerender } from './dom';
 
@@ -60,6 +60,10 @@ export class MeshListWidget extends Widget {
     );
   }
 
+  private _hasSelection(): boolean {
+    return this.model.meshes.some(m => m.id === this.model.selected);
+  }
+
   private _item(mesh: IMeshSummary): HTMLElement {
     const selected = mesh.id === this.model.selected;
     // every kernel, with or without a notebook path (as the stop dialog names them)
@@ -70,7 +74,9 @@ export class MeshListWidget extends Widget {
         class: `jp-Mesh-meshItem${selected ? ' jp-mod-selected' : ''}`,
         role: 'option',
         'aria-selected': selected ? 'true' : 'false',
-        tabindex: 0,
+        // one stop for Tab (the selected mesh, else the first); the arrow keys move
+        // within the list, as in a listbox
+        tabindex: selected || (!this._hasSelection() && mesh === this.model.meshes[0]) ? 0 : -1,
         'data-mesh-id': mesh.id,
         'data-key': mesh.id,
         'data-origin': mesh.origin,
@@ -80,6 +86,13 @@ export class MeshListWidget extends Widget {
           if (e.key === 'Enter' || e.key === ' ') {
             e.preventDefault(); // (Space would scroll the panel too)
             this.model.select(mesh.id);
+            return;
+          }
+          const next = listboxMove(this.model.meshes.map(m => m.id), mesh.id, e.key);
+          if (next !== null) {
+            e.preventDefault(); // (the arrows would scroll the panel too)
+            this.model.select(next);
+            this.node.querySelector<HTMLElement>(`[data-mesh-id="${CSS.escape(next)}"]`)?.focus();
           }
         }
       },
