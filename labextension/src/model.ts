@@ -479,10 +479,19 @@ export function loadErrorHint(status: number | null): { title: string; hint: str
       hint: 'Is it still running? Retrying with backoff.'
     };
   }
-  if (status === 401 || status === 403) {
+  if (status === 401) {
     return {
       title: 'The Jupyter server refused the request. ',
       hint: 'Your session may have ended: reload the page and log in again.'
+    };
+  }
+  if (status === 403) {
+    // signed in, but refused: the server's authorizer policy, or a stale page
+    return {
+      title: 'The Jupyter server forbade the request. ',
+      hint:
+        'Your account may not be allowed to use the Mesh API (ask whoever runs this ' +
+        'server), or the page is stale: reload it.'
     };
   }
   if (status === 404) {

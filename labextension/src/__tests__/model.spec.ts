@@ -52,7 +52,10 @@ function mesh(id: string, extra: Partial<IMeshSummary> = {}): IMeshSummary {
 describe('loadErrorHint', () => {
   it('blames the extension only where the server said it has no such route', () => {
     expect(loadErrorHint(null).title).toContain('Jupyter server did not answer');
-    expect(loadErrorHint(403).hint).toContain('log in again');
+    expect(loadErrorHint(401).hint).toContain('log in again');
+    // signed in but refused: a policy says no, which logging in again does not mend
+    expect(loadErrorHint(403).hint).toContain('may not be allowed to use the Mesh API');
+    expect(loadErrorHint(403).hint).not.toContain('log in');
     expect(loadErrorHint(401).hint).toContain('log in again');
     expect(loadErrorHint(404).hint).toContain('jupyter server extension list');
     expect(loadErrorHint(500).hint).toContain("server's log");
