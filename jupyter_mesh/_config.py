@@ -66,7 +66,10 @@ def get_seconds(key: str, *, allow_zero: bool = True, unit: str = "seconds") -> 
     try:
         if isinstance(value, bool):  # YAML's yes/no: no number of seconds
             raise TypeError(value)
-        number = float(value)
+        # YAML's infinity, as a string where it came from elsewhere (a variable
+        # DASK_MESH__PROGRESS_AFTER=.inf, dask.config.set)
+        number = float(value.strip().lower().replace(".inf", "inf")
+                       if isinstance(value, str) else value)
     except (TypeError, ValueError):
         raise MeshConfigError(
             f"config mesh.{key} must be a number of {unit}, not {value!r}"

@@ -95,6 +95,69 @@ _STOPPED = "stopped before the end (interrupted or failed)"
 #: the most groups the text bar draws a bar for (the others count together)
 TEXT_GROUPS = 4
 
+#: where the text bar's stream is no terminal (a log file, a pipe): seconds between
+#: two of its lines (it cannot redraw one in place there)
+LOG_EVERY = 10.0
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, an ellipsis saying so."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+class TextLine:
+    """One line of progress on a text stream. On a terminal it is redrawn in place,
+    never wider than the terminal (a wider line wraps, and each redraw leaves a row
+    behind); elsewhere (a log file) it is written as a line of its own every
+    :data:`LOG_EVERY` seconds, and at its end."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = bool(self.stream.isatty())
+        except Exception:
+            self.tty = False
+        #: whether the line is on the screen now (a terminal's last row)
+        self.drawn = False
+        self._logged_at: float | None = None
+
+    def width(self) -> int:
+        import shutil
+
+        # (the last column left free: a full row moves some terminals' cursor down)
+        return max(shutil.get_terminal_size((80, 24)).columns - 1, 20)
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except ValueError:  # the stream was closed under us
+            pass
+
+    def draw(self, line: str) -> None:
+        if self.tty:
+            self._write("\r\x1b[K" + _fit(line, self.width()))
+            self.drawn = True
+            return
+        now = time.monotonic()
+        if self._logged_at is None or now - self._logged_at >= LOG_EVERY:
+            self._logged_at = now
+            self._write(line + "\n")
+
+    def end(self, line: str) -> None:
+        if self.tty:
+            self._write("\r\x1b[K" + _fit(line, self.width()) + "\n")
+        else:
+            self._write(line + "\n")
+        self.drawn = False
+
+    def clear(self) -> None:
+        """Take the line off the screen (before other output: it starts on a line of
+        its own; the next draw puts the line back under it)."""
+        if self.tty and self.drawn:
+            self._write("\r\x1b[K")
+        self.drawn = False
+
 
 class TextBars(MultiProgressBar):
     """Dask's multi-group progress as one line of text, rewritten in place."""
@@ -103,16 +166,16 @@ class TextBars(MultiProgressBar):
                  stream: Any = None, width: int = 20, **kwargs: Any) -> None:
         super().__init__(keys, scheduler, **kwargs)
         self.title = title
-        self.stream = stream if stream is not None else sys.stderr
+        self.out = TextLine(stream)
         self.width = width
         self.finished = False
-        self.last_line = ""
+        self.last: tuple[Mapping[Any, int], Mapping[Any, int]] = ({}, {})
 
-    def _line(self, remaining: Mapping[Any, int], all: Mapping[Any, int]) -> str:
+    def _line(self, remaining: Mapping[Any, int], all: Mapping[Any, int],
+              end: str | None = None, room: int | None = None) -> str:
         parts = []
         groups = sorted(all, key=str)
-        # one line, redrawn in place: a line wider than the terminal would wrap, and
-        # each redraw leave a line behind; the groups past the first few count together
+        # one line: the groups past the first few count together
         shown = groups if len(groups) <= TEXT_GROUPS else groups[: TEXT_GROUPS - 1]
         for group in shown:
             n = all[group]
@@ -124,34 +187,34 @@ class TextBars(MultiProgressBar):
             n = sum(all[g] for g in rest)
             done = n - sum(remaining.get(g, 0) for g in rest)
             parts.append(f"{len(rest)} more groups {done}/{n}")
-        head = f"{self.title}: " if self.title else ""
-        return f"{head}{' | '.join(parts)} | {format_time(self.elapsed).strip()}"
+        tail = " | ".join([*parts, format_time(self.elapsed).strip(), *([end] if end else [])])
+        if not self.title:
+            return tail
+        # the title gives way first where the line is too wide for the terminal
+        title = self.title if room is None else _fit(self.title, room - len(tail) - 2)
+        return f"{title}: {tail}" if len(title) > 1 else tail
 
-    def _write(self, text: str) -> None:
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except ValueError:  # the stream was closed under us
-            pass
+    def _room(self) -> int | None:
+        return self.out.width() if self.out.tty else None
 
     def _draw_bar(self, remaining: Any, all: Any, status: Any = None, **kwargs: Any) -> None:
-        self.last_line = self._line(remaining, all)
-        self._write("\r" + self.last_line)
+        self.last = (remaining, all)
+        self.out.draw(self._line(remaining, all, room=self._room()))
+
+    def _end(self, end: str) -> None:
+        self.out.end(self._line(*self.last, end=end, room=self._room()))
+        self.finished = True
 
     def _draw_stop(self, remaining: Any = None, status: Any = None, **kwargs: Any) -> None:
-        end = "finished" if status == "finished" else "stopped (error or cancelled)"
-        self._write(f"\r{self.last_line} | {end}\n")
-        self.finished = True
+        self._end("finished" if status == "finished" else "stopped (error or cancelled)")
 
     def stop_here(self) -> None:
         """The work stopped before Dask's last word (Ctrl-C): the line says so."""
-        self._write(f"\r{self.last_line} | {_STOPPED}\n")
-        self.finished = True
+        self._end(_STOPPED)
 
     def done_here(self) -> None:
         """The work finished before Dask's last word reached the bar."""
-        self._write(f"\r{self.last_line} | finished\n")
-        self.finished = True
+        self._end("finished")
 
 
 class WidgetBars(MultiProgressWidget):
@@ -355,6 +418,10 @@ class RemoteWatch:
         self.widgets: dict[str, Any] | None = None
         self.box: Any = None
         self.text = False
+        self.line: TextLine | None = None
+        #: the cell's own output ended mid-line (a "\r" progress of its own, a prompt):
+        #: the text bar waits for its next line instead of drawing over it
+        self.mid_line = False
         #: how the cell ended on each worker it ended on so far: "finished" (green), or
         #: "failed", "timed out", "stopped" (red)
         self.ended: dict[str, str] = {}
@@ -387,6 +454,7 @@ class RemoteWatch:
     def _show(self) -> None:
         if not in_notebook():
             self.text = True
+            self.line = TextLine(sys.stderr)
             return
         from ipywidgets import HTML, FloatProgress, HBox, VBox
 
@@ -430,14 +498,18 @@ class RemoteWatch:
                 else:
                     bar.value = self._fraction(elapsed)
                     text.value = f"{_escape(label)}: running {spent}"
-        elif self.text:
+        elif self.line is not None:
             running = [lb for lb in self.labels if lb not in self.ended]
-            state = end or f"running on {', '.join(running) or '-'}"
+            state = end or f"running on {', '.join(running)}"
             limit = f" of {self.timeout:g} s" if self.timeout else ""
-            sys.stderr.write(f"\rremote cell: {state} | {spent}{limit}")
+            text = f"remote cell: {state} | {spent}{limit}"
             if end is not None:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+                if self.mid_line:  # the cell's last line stays as it left it
+                    self.line.clear()
+                    self.line._write("\n")
+                self.line.end(text)
+            elif running and not self.mid_line:
+                self.line.draw(text)
 
     def done(self, ok: bool = True, ended: dict[str, str] | None = None) -> None:
         """The end: each worker in ``ended`` as it ended there, the others (still
@@ -451,11 +523,23 @@ class RemoteWatch:
                 pass
 
     def clear_line(self) -> None:
-        """Before the cell's output in a terminal: wipe the text bar's line, so the
-        output starts on a line of its own (the next tick draws the bar again)."""
-        if self.text and self.widgets is None:
-            sys.stderr.write("\r\x1b[K")
-            sys.stderr.flush()
+        """Before the cell's output (or a message) in a terminal: take the text bar's
+        line off, so the output starts where the cell left off (the next tick draws
+        the bar again, under it)."""
+        if self.line is not None:
+            self.line.clear()
+
+    def wrote(self, text: str) -> None:
+        """The cell wrote ``text`` to the terminal: the bar waits while its line is
+        not ended."""
+        if text:
+            self.mid_line = not text.endswith("\n")
+
+    def relabel(self, old: str, new: str) -> None:
+        """The cell moved from worker ``old`` to ``new`` (``old`` was gone)."""
+        self.labels = [new if label == old else label for label in self.labels]
+        if self.widgets is not None and old in self.widgets:
+            self.widgets = {new if k == old else k: v for k, v in self.widgets.items()}
 
 
 def _escape(text: str) -> str:

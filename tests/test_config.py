@@ -281,3 +281,15 @@ def test_a_bad_timeout_is_said_before_a_local_mesh_starts(no_mesh, key, bad):
         with pytest.raises(MeshConfigError, match=rf"^config mesh\.{key} must be "):
             jm.Mesh.local(cpu=1, gpu=0, tpu=0)
     assert _state.active() is None
+
+
+@pytest.mark.parametrize("value", [".inf", ".Inf", "+.INF", "inf"])
+def test_yamls_infinity_is_taken_from_a_variable_too(monkeypatch, value):
+    # README: progress-after ".inf" means never; from a variable it came as a string
+    monkeypatch.setenv("DASK_MESH__PROGRESS_AFTER", value)
+    dask.config.refresh()
+    try:
+        assert _config.get_seconds("progress-after") == float("inf")
+    finally:
+        monkeypatch.delenv("DASK_MESH__PROGRESS_AFTER")
+        dask.config.refresh()

@@ -371,3 +371,127 @@ def test_the_text_bar_stays_one_short_line_with_many_groups():
     assert line.count("[") == progress.TEXT_GROUPS - 1
     assert f"{32 - progress.TEXT_GROUPS + 1} more groups 29/58" in line
     assert len(line) < 200
+
+
+class _Terminal:
+    """A stream that says it is a terminal, and keeps what was written."""
+
+    def __init__(self):
+        self.written = []
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.written.append(text)
+
+    def flush(self):
+        pass
+
+    def screen(self) -> list[str]:
+        """The rows a terminal shows (\r goes back to the row's start, \x1b[K clears
+        to its end)."""
+        rows, col = [""], 0
+        for ch in "".join(self.written).replace("\x1b[K", "\0"):
+            if ch == "\n":
+                rows.append("")
+                col = 0
+            elif ch == "\r":
+                col = 0
+            elif ch == "\0":
+                rows[-1] = rows[-1][:col]
+            else:
+                rows[-1] = rows[-1][:col] + ch + rows[-1][col + 1:]
+                col += 1
+        return rows
+
+
+def _bars(stream, title):
+    bars = progress.TextBars.__new__(progress.TextBars)  # no scheduler: drawing only
+    bars.title, bars.out, bars.width, bars.finished = title, progress.TextLine(stream), 20, False
+    bars.last = ({}, {})
+    bars._start_time = time.perf_counter() - 1.5  # (as Dask times it)
+    return bars
+
+
+def test_the_text_bar_fits_the_terminal_and_ends_on_one_row(monkeypatch):
+    # a title of 120 characters on an 80-column terminal wrapped, and every redraw left
+    # a row behind
+    monkeypatch.setenv("COLUMNS", "80")
+    term = _Terminal()
+    bars = _bars(term, "route=auto: Dask's tasks as submitted " + "x" * 90)
+    for left in (3, 2, 1):
+        bars._draw_bar({"cpu:numpy": left}, {"cpu:numpy": 4})
+    bars.done_here()
+    rows = term.screen()
+    assert rows[-1] == "" and len(rows) == 2, rows  # one row, ended
+    (row,) = rows[:-1]
+    assert len(row) <= 79 and row.startswith("route=auto: Dask's ")
+    assert "…: cpu:numpy [" in row and row.endswith(" | finished")  # the title gave way
+
+
+def test_a_text_bar_into_a_log_file_writes_a_line_now_and_then(monkeypatch):
+    # no terminal: a redraw in place is impossible, and one line per 200 ms flooded logs
+    import io
+
+    log = io.StringIO()
+    bars = _bars(log, "route=off")
+    for left in range(50, 0, -1):
+        bars._draw_bar({"a": left}, {"a": 50})
+    bars.stop_here()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in log.getvalue()
+    assert lines[0].startswith("route=off: a [") and lines[0].endswith("0/50 | 1.5s")
+    assert lines[1].endswith(progress._STOPPED)
+
+
+def test_the_remote_text_bar_leaves_the_cells_own_line_alone(monkeypatch):
+    # a cell that draws its own "\r" progress: the bar drew over it and wiped it
+    monkeypatch.setenv("COLUMNS", "80")
+    term = _Terminal()
+    monkeypatch.setattr(progress.sys, "stderr", term)
+    monkeypatch.setattr(progress, "in_notebook", lambda: False)
+    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.tick({})
+    for pct in (10, 100):
+        watch.clear_line()
+        term.write(f"\rloading {pct:3d}%")
+        watch.wrote(f"\rloading {pct:3d}%")
+        watch.tick({})  # the cell's line is not ended: no bar over it
+    watch.done(True, {"cpu-0": "finished"})
+    rows = term.screen()
+    assert rows[0] == "loading 100%", rows
+    assert rows[1].startswith("remote cell: finished | ") and rows[2] == ""
+    # output that ends its line: the bar is drawn under it, and taken off before more
+    term.written.clear()
+    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.tick({})
+    watch.clear_line()
+    term.write("result ready\n")
+    watch.wrote("result ready\n")
+    watch.tick({})
+    watch.done(True, {"cpu-0": "finished"})
+    assert term.screen() == ["result ready", term.screen()[1], ""]
+    assert term.screen()[1].startswith("remote cell: finished | ")
+
+
+def test_the_remote_bar_names_the_worker_that_took_over(monkeypatch):
+    # the cell's sticky worker was gone and another ran it: the bar named the dead one
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.tick({})
+    watch.relabel("cpu-0", "cpu-1")
+    watch.tick({})
+    ((bar, text),) = watch.widgets.values()
+    assert list(watch.widgets) == ["cpu-1"] and text.value.startswith("cpu-1: running ")
+    term = _Terminal()
+    monkeypatch.setattr(progress.sys, "stderr", term)
+    monkeypatch.setattr(progress, "in_notebook", lambda: False)
+    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.relabel("cpu-0", "cpu-1")
+    watch.tick({})
+    assert term.screen()[0].startswith("remote cell: running on cpu-1 | ")

@@ -684,18 +684,22 @@ def test_output_of_threads_the_cell_starts(fresh, capsys):
     assert out == "next cell\n"
 
 
-def test_the_text_bar_clears_its_line_before_the_cells_output(fresh, capsys):
+def test_the_text_bar_clears_its_line_before_the_cells_output(fresh, capsys, monkeypatch):
     # in a terminal (IPython, a script) the bar is a line on stderr: the cell's output
     # must not run on after it
+    import sys
+
     import dask
 
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # (a terminal's stderr)
     with dask.config.set({"mesh.progress-after": 0}):
         fresh.run_cell("import time\ntime.sleep(0.6)\nprint('line 1')", on="cpu:numpy")
     out = capsys.readouterr()
     assert out.out == "line 1\n"
-    assert "\rremote cell: running on cpu-0" in out.err
-    assert out.err.index("\r\x1b[K") > out.err.index("running on cpu-0")
-    last = out.err.rsplit("\r", 1)[1]
+    assert "\r\x1b[Kremote cell: running on cpu-0 | " in out.err
+    # taken off the screen (before the output), then drawn again under it
+    assert "\r\x1b[K\r\x1b[Kremote cell: running on cpu-0" in out.err
+    last = out.err.rsplit("\r\x1b[K", 1)[1]
     assert last.startswith("remote cell: finished |") and last.endswith("\n")  # it ends
 
 

@@ -457,8 +457,10 @@ class RemoteCells:
                         pending.discard(i)
                     elif kind == "gone" and not every:
                         # the sticky worker died since the last cell: say so, pick another
+                        watch.clear_line()  # (the message starts a line of its own)
                         new = self._repick(run, target, site)
                         replacement = _Run(new, message)
+                        watch.relabel(run.label, replacement.label)
                         runs[i] = replacement
                         index[id(replacement)] = i
                         self._start(replacement, events)
@@ -620,6 +622,8 @@ class RemoteCells:
                 # newline (the kernel flushes what is left by itself), so they stay one line
                 if text.endswith(("\n", "\r")):
                     stream.flush()
+                if watch is not None:
+                    watch.wrote(text)
             elif item[0] == "clear":
                 _clear_output(item[1])
                 if watch is not None:  # the bars went with the rest
