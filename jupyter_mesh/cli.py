@@ -12,15 +12,23 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import MeshError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line that says where the options are (argparse
+    prints its whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}: see {self.prog} --help\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(prog="jupyter-mesh", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="jupyter-mesh", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"jupyter-mesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler")
@@ -68,8 +76,13 @@ async def run_worker(args: argparse.Namespace) -> int:
 
     address = check_address(args.address)
     site = check_site(args.site)
-    if args.nthreads is not None and args.nthreads < 1:
-        raise MeshError(f"--nthreads must be a whole number >= 1, not {args.nthreads}")
+    most = 4 * cpu_cores()
+    if args.nthreads is not None and not 1 <= args.nthreads <= most:
+        raise MeshError(f"--nthreads must be a whole number from 1 to {most} (four per core "
+                        f"here), not {args.nthreads}")
+    if args.name is not None and not args.name.strip():
+        raise MeshError("--name must not be blank: give a name, or leave out --name for "
+                        "Dask's own")
     try:
         # only checked: Dask reads the text itself ("0.5" is half the memory)
         check_memory_limit(args.memory_limit)

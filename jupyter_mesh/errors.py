@@ -13,3 +13,11 @@ class MeshConfigError(MeshError, ValueError):
 
 class MeshFallbackWarning(RuntimeWarning):
     """A routed computation lost a device kind and finished on what was left."""
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` of the keyword ``name`` is True or False: a truthy ``"no"`` must not
+    pass for True."""
+    if not isinstance(value, bool):
+        raise MeshError(f"{name}= takes True or False, not {value!r}")
+    return value

@@ -27,7 +27,7 @@ from ._links import browser_link
 from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
-from .errors import MeshConfigError, MeshError
+from .errors import MeshConfigError, MeshError, check_flag
 from .inventory import Inventory, format_bytes, plural
 from .router.history import RunHistory
 
@@ -166,9 +166,7 @@ def _dashboard_missing(client: Client) -> bool:
 
 def check_replace(replace: Any) -> bool:
     """``replace=`` is True or False: a truthy ``"no"`` must not close the mesh in use."""
-    if not isinstance(replace, bool):
-        raise MeshError(f"replace= takes True or False, not {replace!r}")
-    return replace
+    return check_flag("replace", replace)
 
 
 #: the least memory limit a worker is given (a Python worker process alone takes about
@@ -183,13 +181,14 @@ def check_memory_limit(value: Any) -> Any:
     if value == "auto":
         return value
     parsed: Any = None
+    fraction = False  # a number (as text too) up to 1 is a share of the host's memory
     if not isinstance(value, bool) and isinstance(value, (int, float)):
-        parsed = value
-    elif isinstance(value, str):
+        parsed, fraction = value, True
+    elif isinstance(value, str) and value.strip():
         try:  # a number as text is a number to Dask too (up to 1: a fraction)
-            parsed = float(value)
+            parsed, fraction = float(value), True
         except ValueError:
-            try:
+            try:  # a size ('1B' is a byte: Dask reads a share only from a number)
                 parsed = parse_bytes(value)
             except (ValueError, TypeError):
                 pass
@@ -198,7 +197,7 @@ def check_memory_limit(value: Any) -> Any:
                         f"'4 GiB', not {value!r}")
     # (0 is no limit; up to 1, a fraction of the host's memory, as Dask reads it)
     size = parsed
-    if 0 < parsed <= 1:
+    if fraction and 0 < parsed <= 1:
         from distributed.system import MEMORY_LIMIT
 
         size = parsed * MEMORY_LIMIT
@@ -480,6 +479,7 @@ class Mesh:
             client (False for servers that hold several meshes, like the sidebar's).
         """
         check_replace(replace)
+        check_flag("set_current", set_current)
         cpu_n = check_local_count("cpu", cpu)
         jax_n = check_local_count("jax_cpu", jax_cpu)
         check_cpu_total(cpu_n, jax_n)
@@ -646,6 +646,7 @@ class Mesh:
             host name that does not resolve, fails at once (nothing can answer there).
         """
         check_replace(replace)
+        check_flag("set_current", set_current)
         address = check_address(address)
         if timeout is None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)

@@ -42,7 +42,8 @@ def dask_setup(worker: Any, site: str | None, use_jax: bool, backend: str | None
             raise  # (a worker in someone's process, a kernel's: Dask logs it)
         # Dask logs a preload's error and starts the worker anyway, as a plain Dask
         # worker that no site or target reaches: this one does not start at all
-        print(f"jupyter-mesh: {exc} (in --preload jupyter_mesh.worker's options): the "
+        why = str(exc).removeprefix("jupyter_mesh: ")
+        print(f"jupyter-mesh: {why} (in --preload jupyter_mesh.worker's options): the "
               f"worker does not start", file=sys.stderr, flush=True)
         os._exit(2)
 

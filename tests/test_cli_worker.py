@@ -131,6 +131,21 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         (["worker", "tcp://127.0.0.1:1", "--site", "bad site"], "site must be"),
         (["worker", "nonsense://x"], "not 'nonsense': use tcp://HOST:PORT"),
         (["worker", "tcp://127.0.0.1:1", "--nthreads", "0"], "--nthreads must be"),
+        (["worker", "tcp://127.0.0.1:1", "--nthreads", "1000000"],
+         "--nthreads must be a whole number from 1 to "),
+        # argparse's own errors: one line too (it printed its usage first)
+        (["worker", "tcp://127.0.0.1:1", "--nthreads", "abc"],
+         "jupyter-mesh worker: argument --nthreads: invalid int value: 'abc': see "
+         "jupyter-mesh worker --help"),
+        (["worker"], "the following arguments are required: address: see"),
+        (["worker", "tcp://127.0.0.1:1", "--tls-key"], "expected one argument"),
+        (["wroker"], "jupyter-mesh: argument command: invalid choice: 'wroker'"),
+        (["worker", "tcp://127.0.0.1:1", "--name", " "], "--name must not be blank"),
+        # a size is bytes (Dask reads a share of the host's memory from a number only)
+        (["worker", "tcp://127.0.0.1:1", "--memory-limit", "1B"],
+         "--memory-limit: memory_limit '1B' is 1 B, less than a worker process needs"),
+        (["worker", "tcp://127.0.0.1:1", "--memory-limit", ""],
+         "--memory-limit: memory_limit must be 'auto', a number of bytes or a size"),
         (["worker", "tcp://127.0.0.1:1", "--host", ""], "--host must be an interface "
                                                         "address like 127.0.0.1"),
         (["worker", "tls://127.0.0.1:1"], "needs --tls-ca-file"),
@@ -390,16 +405,30 @@ def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
         _stop(first)
 
 
-def test_a_bad_preload_option_starts_no_worker(scheduler_mesh):
+def _has_cuda() -> bool:
+    from jupyter_mesh.devices._detect import cuda_devices
+
+    return bool(cuda_devices())
+
+
+@pytest.mark.parametrize("options, why", [
+    (["--site", "a/b"], "site must be a name of letters, digits, '.', '_' or '-' (like "
+                        "'local' or 'edge-lab'), not 'a/b'"),
+    # a GPU asked for where there is none: it joined as a plain CPU worker after a
+    # traceback
+    pytest.param(["--backend", "cupy"], "asked for a gpu worker but CuPy sees no CUDA GPU: "
+                                        "leave out --backend cupy to join as a CPU worker",
+                 marks=pytest.mark.skipif(_has_cuda(), reason="this host has a CUDA GPU")),
+])
+def test_a_bad_preload_option_starts_no_worker(scheduler_mesh, options, why):
     # Dask logs a preload's error and starts a plain worker anyway: this one stops
     out = subprocess.run(
         [os.path.join(BIN, "dask"), "worker", scheduler_mesh.address, "--nthreads", "1",
-         "--no-dashboard", "--preload", "jupyter_mesh.worker", "--site", "a/b"],
+         "--no-dashboard", "--preload", "jupyter_mesh.worker", *options],
         capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert ("jupyter-mesh: site must be a name of letters, digits, '.', '_' or '-' (like "
-            "'local' or 'edge-lab'), not 'a/b' (in --preload jupyter_mesh.worker's "
-            "options): the worker does not start") in out.stderr
+    assert (f"jupyter-mesh: {why} (in --preload jupyter_mesh.worker's options): the worker "
+            f"does not start") in out.stderr
     assert len(scheduler_mesh.inventory()) == 0
 
 

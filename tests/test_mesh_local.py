@@ -137,6 +137,9 @@ def test_reprs(mesh):
         ({"memory_limit": 0.00001}, r"^memory_limit 1e-05 is [\d.]+ [kKMG]i?B of this "
                                    r"host's [\d.]+ [kMGT]iB, less than a worker process needs"),
         ({"memory_limit": "-5"}, "memory_limit must be"),
+        # Dask reads '' and '1B' as a byte, not as a share of the host's memory
+        ({"memory_limit": ""}, "memory_limit must be 'auto', a number of bytes or a size"),
+        ({"memory_limit": "1B"}, r"memory_limit '1B' is 1 B, less than a worker process"),
         ({"cpu": 10_000}, r"cpu must be a whole number from 0 to \d+ \(four workers per "
                           r"core here\), not 10000"),
         ({"jax_cpu": 10_000}, r"jax_cpu must be a whole number from 0 to \d+ \(four "
@@ -161,6 +164,17 @@ def test_replace_must_be_a_bool_and_nothing_is_closed(mesh, replace):
         jm.Mesh.connect(mesh.address, replace=replace)
     assert jm.current() is mesh and not mesh.closed
     assert mesh.inventory().by_kind() == {"cpu": 2}
+
+
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_set_current_must_be_a_bool(mesh, flag):
+    # "no" is truthy: the new mesh became the current one (or, with a mesh active,
+    # was said to need replace=True)
+    with pytest.raises(MeshError, match=rf"^set_current= takes True or False, not {flag!r}$"):
+        jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=flag)
+    with pytest.raises(MeshError, match=rf"^set_current= takes True or False, not {flag!r}$"):
+        jm.Mesh.connect(mesh.address, set_current=flag)
+    assert jm.current() is mesh and not mesh.closed
 
 
 def test_the_current_mesh_under_another_host_name_is_not_replaced(mesh):

@@ -559,6 +559,7 @@ def test_bad_input_is_a_one_line_usage_error(ip, fresh, line, message):
     ({"pull": 123}, "--pull: give names as 'a,b' or a list of names, not int"),
     ({"pull": [1]}, "--pull: names must be strings, not int"),
     ({"all": "no"}, "all= takes True (every matching worker) or False, not 'no'"),
+    ({"value": "no"}, "value= takes True or False, not 'no'"),
     ({"filename": 3}, "filename must be a string, not int"),
     ({"site": 3}, "--site must be a site name, not int"),
     ({"push": [1]}, "push must be a mapping of names to values"),

@@ -18,6 +18,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from ..errors import MeshError
 from ..targets import DEFAULT_BACKEND, backend_resource, kind_resource, site_resource
 from . import _detect, _profile
 
@@ -41,7 +42,7 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
         if kind not in plugin.kinds or not plugin.available():
             why = (f"it drives {', '.join(plugin.kinds)}, not {kind}"
                    if kind not in plugin.kinds else "it is not available in this process")
-            raise RuntimeError(f"jupyter_mesh: backend {backend!r} cannot drive this "
+            raise MeshError(f"jupyter_mesh: backend {backend!r} cannot drive this "
                                f"worker: {why}")
         info = _detect.DeviceInfo(kind=kind, backend=plugin.name, model=plugin.model(),
                                   memory=int(memory or _detect.host_memory()))
@@ -51,7 +52,7 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
     own = {"numpy": "cpu", "cupy": "gpu"}.get(backend or "")
     if own is not None:
         if kind not in (None, own):
-            raise RuntimeError(f"jupyter_mesh: backend {backend!r} drives a {own}, not a "
+            raise MeshError(f"jupyter_mesh: backend {backend!r} drives a {own}, not a "
                                f"{kind}: leave out the backend or the kind")
         kind = own
     if backend == "jax":
@@ -61,19 +62,21 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
         if kind not in (None, info.kind):
             # (a plain `pip install jax` has no CUDA: JAX falls back to the CPU)
             extra = {"gpu": "jax[cuda12]", "tpu": "jax[tpu]"}.get(kind)
-            raise RuntimeError(
+            raise MeshError(
                 f"jupyter_mesh: asked for a {kind} worker through JAX, but JAX sees "
                 f"{info.extra.get('jax_platform', info.kind)} only"
                 f"{f': install {extra} for it' if extra else ''}, or leave out --jax")
     elif kind == "gpu" or (kind is None and _detect.cuda_available()):
         gpus = _detect.cuda_devices()
         if not gpus:
-            raise RuntimeError("jupyter_mesh: asked for a gpu worker but CuPy sees no CUDA GPU")
+            raise MeshError("jupyter_mesh: asked for a gpu worker but CuPy sees no CUDA GPU: "
+                            "leave out --backend cupy to join as a CPU worker")
         info = gpus[0]
     elif kind == "tpu" or (kind is None and _detect.tpu_devices()):
         tpus = _detect.tpu_devices()
         if not tpus:
-            raise RuntimeError("jupyter_mesh: asked for a tpu worker but JAX sees no TPU")
+            raise MeshError("jupyter_mesh: asked for a tpu worker but JAX sees no TPU: "
+                            "install jax[tpu], or leave out --jax")
         info = tpus[0]
     else:
         info = _detect.cpu_device(memory)

@@ -27,7 +27,7 @@ from distributed.comm.core import CommClosedError
 from distributed.protocol.serialize import Serialized, serialize
 
 from .. import _config, progress
-from ..errors import MeshError
+from ..errors import MeshError, check_flag
 from ..inventory import Device
 from ..targets import Target, parse_target
 from ._errors import (
@@ -260,6 +260,7 @@ class RemoteCells:
             raise MeshError(f"code must be a string, not {type(code).__name__}")
         if not isinstance(all, bool):
             raise MeshError(f"all= takes True (every matching worker) or False, not {all!r}")
+        check_flag("value", want_value)
         if filename is not None and not isinstance(filename, str):
             raise MeshError(f"filename must be a string, not {type(filename).__name__}")
         self.cells += 1

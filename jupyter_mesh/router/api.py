@@ -20,7 +20,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils import funcname
 
 from .. import _config, progress
-from ..errors import MeshError, MeshFallbackWarning
+from ..errors import MeshError, MeshFallbackWarning, check_flag
 from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import (
@@ -1150,10 +1150,8 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
            pure: Any = True) -> Any:
     if not callable(fn):
         raise MeshError(f"submit needs a function, not {type(fn).__name__}")
-    if not isinstance(convert, bool):
-        raise MeshError(f"convert= takes True or False, not {convert!r}")
-    if not isinstance(pure, bool):
-        raise MeshError(f"pure= takes True or False, not {pure!r}")
+    check_flag("convert", convert)
+    check_flag("pure", pure)
     if on is not None and needs is not None:
         raise MeshError("pass on= (a target) or needs= (a capability), not both")
     site = _check_site(site)
