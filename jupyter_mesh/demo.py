@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
+import tempfile
 import time
 
 #: the Jupyter kernel the notebook runs in
@@ -17,6 +19,8 @@ KERNEL = "python3"
 def run(path: str, timeout: int = 600) -> int:
     import nbformat
     from jupyter_client.kernelspec import NoSuchKernel
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
@@ -34,7 +38,16 @@ def run(path: str, timeout: int = 600) -> int:
     # fails, never puts it back: Ctrl-C then did nothing in the process that called this
     sigint = signal.getsignal(signal.SIGINT)
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name=KERNEL).execute()
+        with tempfile.TemporaryDirectory(prefix="jupyter-mesh-demo-") as ipc:
+            # the kernel talks over local sockets (over TCP, ipykernel warns that the
+            # code and outputs travel in plain text)
+            km = AsyncKernelManager(kernel_name=KERNEL, transport="ipc",
+                                    ip=os.path.join(ipc, "kernel"))
+            try:
+                NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, km=km).execute()
+            finally:  # (a kernel manager given to nbclient is the giver's to end)
+                if km.has_kernel:
+                    run_sync(km.shutdown_kernel)(now=True)
     except CellExecutionError as exc:
         what = f"{exc.ename}: {exc.evalue}".splitlines()[0]
         return _fail(f"a cell of {path} failed: {what}")
@@ -53,18 +66,26 @@ def run(path: str, timeout: int = 600) -> int:
             with contextlib.suppress(ValueError):  # (not the main thread: nothing set)
                 signal.signal(signal.SIGINT, sigint)
     print(f"ran {path} in {time.monotonic() - t0:.1f} s")
-    # the mesh as the notebook last showed it (a notebook may show it more than once)
+    # the mesh as the notebook last showed it (a notebook may show it more than once;
+    # a widget's stand-in text is no inventory)
     last = None
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
         for out in cell.get("outputs", []):
-            text = out.get("text") or out.get("data", {}).get("text/plain", "")
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
+                continue
+            text = out.get("text") or data.get("text/plain", "")
             if "Mesh inventory" in text:
                 last = text
     if last is not None:
+        print("the mesh, as the notebook showed it (it may have closed it since):")
         print(last.rstrip())
     return 0
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def _fail(message: str) -> int:

@@ -174,3 +174,40 @@ def test_resilience_survives_a_killed_worker_and_a_lost_kind():
     after = text(cell(nb, "print(mesh.inventory().by_target())"))
     assert "{'cpu:numpy': 1}" in after and "refused: no live cpu:jax worker" in after
     assert "correct: True" in text(cell(nb, "(again,) = mesh.compute"))
+
+
+DASK_LOG = re.compile(r" - distributed\.[\w.]+ - (DEBUG|INFO|WARNING|ERROR|CRITICAL) - ")
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "routing.ipynb",
+                                  "remote-cells.ipynb", "resilience.ipynb"])
+def test_no_cell_shows_dasks_log(name):
+    # a notebook's reader sees Dask's log lines as noise (resilience's deliberate kills
+    # showed the nanny's "Restarting worker" warning)
+    nb = executed(name)
+    logged = [(c.source[:40], o.text) for c in code_cells(nb) for o in c.outputs
+              if o.output_type == "stream" and DASK_LOG.search(o.text)]
+    assert not logged
+
+
+def test_routing_shows_the_notes_of_a_forced_route():
+    # the markdown says the plan notes each op kept off JAX
+    nb = executed("routing.ipynb")
+    notes = text(cell(nb, 'print("matmul ran on:"'))
+    assert re.search(r"note: random_sample\S*: cpu:jax does not run creation ops", notes), notes
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "remote-cells.ipynb"])
+def test_run_all_again_after_a_partial_run(name):
+    # Run All in a kernel whose earlier run stopped before the mesh was closed: the
+    # start cell said a mesh is already active, and Run All stopped there
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    closing = next(i for i, c in enumerate(nb.cells)
+                   if c.cell_type == "code" and "close" in c.source)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(EXAMPLES)}})
+    with client.setup_kernel():
+        for i in range(closing):  # raises on a cell that fails
+            client.execute_cell(nb.cells[i], i)
+        for i, c in enumerate(nb.cells):
+            client.execute_cell(c, i)

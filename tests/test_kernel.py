@@ -122,7 +122,12 @@ def test_demo_prints_the_inventory():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Mesh inventory at tcp://127.0.0.1:" in out.stdout
     assert "cpu @ local: 2" in out.stdout
-    assert out.stdout.count("Mesh inventory") == 1  # the notebook shows it twice
+    assert out.stdout.count("Mesh inventory") == 1  # the notebook shows it three times
+    # the inventory itself, not the panel's stand-in text (the last one it showed)
+    assert "(live panel: a widget" not in out.stdout
+    assert out.stdout.rstrip().endswith("(measured)")  # a device's line ends it
+    # nothing on stderr: not ipykernel's warning about plain TCP, nor Dask's log
+    assert out.stderr == "", out.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args", [[], ["a", "b"]])
