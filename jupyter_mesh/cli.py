@@ -133,7 +133,7 @@ async def run_worker(args: argparse.Namespace) -> int:
             gpu_why = cuda_why_none() if not found else f"CuPy sees {found}"
             raise MeshError(
                 f"no CUDA GPU {args.gpu} here ({gpu_why}): leave out --gpu to "
-                f"join as a CPU worker, or use --jax for a TPU"
+                f"join as a CPU worker{'' if args.jax else ', or use --jax for a TPU'}"
             )
         from .mesh import visible_gpu
 
@@ -167,6 +167,12 @@ async def run_worker(args: argparse.Namespace) -> int:
             accelerators = found
     kind_threads = 1 if kind in ("gpu", "tpu") or accelerators else cpu_cores()
     nthreads = args.nthreads or kind_threads
+    # what the worker process reads as it starts, said here in one line (there, it
+    # failed with pages of Dask's tracebacks)
+    from .devices import _profile
+
+    _profile.check_config()
+    _connect_timeout()
     host = listen_host(address, args.host)
     if security is None and not _loopback(host):
         print(f"jupyter-mesh worker: warning: this worker listens on {host} with plain "
@@ -205,7 +211,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     print(f"jupyter-mesh worker: joining {address} (Ctrl-C stops)", file=sys.stderr,
           flush=True)
     # Ctrl-C (or SIGTERM) stops the join too: Dask waits up to its connect timeout
-    joining = asyncio.ensure_future(_join(nanny, address, security))
+    joining = asyncio.ensure_future(_join(nanny, address, security, args.name))
     await asyncio.wait([joining, waiter], return_when=asyncio.FIRST_COMPLETED)
     if not joining.done():
         joining.cancel()
@@ -231,17 +237,18 @@ async def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+_NAME_TAKEN = ("a worker of that scheduler has the name {name!r} already: give another "
+               "--name, or leave it out")
+
+
 class CouldNotJoin(MeshError):
     """No Dask scheduler answers at the address (said in one line, exit status 1)."""
 
 
-async def _join(nanny: Any, address: str, security: Any) -> None:
+async def _join(nanny: Any, address: str, security: Any, name: str | None = None) -> None:
     """Start ``nanny`` once a Dask scheduler answers at ``address``. Dask's own join
     waits for ever on a port that accepts connections and never speaks Dask (a
     dashboard's, another server's), and retries a refused one until its timeout."""
-    import dask
-    from dask.utils import parse_timedelta
-
     from .mesh import (
         _a_scheduler,
         _check_listening,
@@ -250,8 +257,7 @@ async def _join(nanny: Any, address: str, security: Any) -> None:
         _Unreachable,
     )
 
-    timeout = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"),
-                              default="seconds")
+    timeout = _connect_timeout()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     said = False
@@ -272,17 +278,41 @@ async def _join(nanny: Any, address: str, security: Any) -> None:
                           f"connect)", file=sys.stderr, flush=True)
                     said = True
                 await asyncio.sleep(0.5)
-        _a_scheduler(await asyncio.wait_for(
+        ident = _a_scheduler(await asyncio.wait_for(
             _identity(address, security, timeout, "worker"), timeout))
     except (OSError, asyncio.TimeoutError) as exc:
-        tls = str(_could_not_connect(address, timeout, exc))
-        if tls.startswith("the TLS handshake"):
-            raise CouldNotJoin(tls) from None
+        told = str(_could_not_connect(address, timeout, exc))
+        if not told.startswith("could not connect"):  # what TLS said, in its words
+            raise CouldNotJoin(told) from None
         why = (str(exc).splitlines() or [""])[0] or \
             f"no Dask scheduler answered within {timeout:g} s"
         raise CouldNotJoin(f"could not join {address}: {why}: check that a Dask scheduler "
-                           f"listens there and this host can reach it") from None
+                           f"listens there, this host can reach it, and the protocol "
+                           f"(tcp/tls) is right") from None
+    if name is not None and name in {str(w.get("name")) for w in
+                                     (ident.get("workers") or {}).values()}:
+        # (said before the worker starts: the scheduler's refusal came as a page of
+        # Dask's tracebacks first)
+        raise CouldNotJoin(_NAME_TAKEN.format(name=name))
     await nanny.start()
+
+
+def _connect_timeout() -> float:
+    """Dask's ``distributed.comm.timeouts.connect`` in seconds, or a MeshError naming it."""
+    import math
+
+    import dask
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get("distributed.comm.timeouts.connect")
+    try:
+        seconds = float(parse_timedelta(value, default="seconds"))
+    except (TypeError, ValueError, KeyError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise MeshError(f"config distributed.comm.timeouts.connect must be a time like "
+                        f"'30s', not {value!r}")
+    return seconds
 
 
 def listen_host(address: str, host: str | None) -> str:
@@ -303,6 +333,14 @@ def listen_host(address: str, host: str | None) -> str:
     from distributed.utils import get_ip
 
     scheduler_host = get_address_host(address)
+    import socket
+
+    try:
+        socket.getaddrinfo(scheduler_host.strip("[]"), None)
+    except (socket.gaierror, UnicodeError):
+        # (before looking for the interface that reaches it, which was said instead)
+        raise CouldNotJoin(f"could not join {address}: host {scheduler_host!r} not found: "
+                           f"check the scheduler's address") from None
     if _loopback(scheduler_host):
         return "127.0.0.1" if ":" not in scheduler_host else "[::1]"
     import warnings
@@ -374,13 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         cause = next((e for e in chain if isinstance(e, OSError)), chain[-1])
         why = (str(cause).splitlines() or [type(cause).__name__])[0] or \
             type(cause).__name__
-        if "name taken" in why:  # the scheduler refused the worker's name
-            print(f"jupyter-mesh: a worker of that scheduler has the name {args.name!r} "
-                  f"already: give another --name, or leave it out", file=sys.stderr)
+        if "name taken" in why:  # the scheduler refused the worker's name (a race)
+            print(f"jupyter-mesh: {_NAME_TAKEN.format(name=args.name)}", file=sys.stderr)
             return 1
         if isinstance(cause, OSError):
             print(f"jupyter-mesh: could not join {args.address}: {why}: check that a Dask "
-                  f"scheduler listens there and this host can reach it", file=sys.stderr)
+                  f"scheduler listens there, this host can reach it, and the protocol "
+                  f"(tcp/tls) is right", file=sys.stderr)
         else:
             print(f"jupyter-mesh: the worker could not start: {why}", file=sys.stderr)
         return 1

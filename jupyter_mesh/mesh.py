@@ -215,7 +215,8 @@ def check_site(site: Any) -> str:
     if not isinstance(site, str) or not _SITE_RE.match(site):
         raise MeshError(
             f"site must be a name of letters, digits, '.', '_' or '-' (like 'local' or "
-            f"'edge-lab'), not {site!r}"
+            f"'edge-lab'), starting with a letter or digit, at most 63 characters, not "
+            f"{site!r}"
         )
     return site
 
@@ -717,7 +718,8 @@ class Mesh:
                 address, security=security, timeout=timeout, set_as_default=set_current
             )
         except Exception as exc:
-            raise _could_not_connect(address, timeout, exc) from None
+            raise _could_not_connect(address, timeout, exc,
+                                     waited=time.monotonic() - asked) from None
         if set_current:
             try:
                 _close_active()
@@ -736,6 +738,12 @@ class Mesh:
         else:
             mesh._check_protocol()
         mesh._read_dashboard()
+        if client.status != "running":  # the scheduler went away as it connected
+            with contextlib.suppress(Exception):
+                mesh.close()
+            raise _could_not_connect(address, timeout, ConnectionError(
+                "the scheduler went away as the connection was made"),
+                waited=time.monotonic() - asked)
         return mesh
 
     def _read_dashboard(self) -> None:
@@ -745,7 +753,7 @@ class Mesh:
         if self.options.get("dashboard") is False or not self._scheduler_plugin:
             return
         try:
-            if browser_link(self.client.dashboard_link) is not None:
+            if browser_link(_client_dashboard(self.client)) is not None:
                 return
         except Exception:
             pass
@@ -792,8 +800,8 @@ class Mesh:
         if self.options.get("dashboard") is False:
             return None  # mesh.local.dashboard-address: null (Dask's HTTP server has none)
         try:
-            link = browser_link(self.client.dashboard_link)
-        except Exception:  # (Dask writes an IPv6 host unbracketed: no URL)
+            link = browser_link(_client_dashboard(self.client))
+        except Exception:
             link = None
         if link is None and self._scheduler_dashboard:
             # the one the scheduler plugin gave with the last inventory
@@ -1391,6 +1399,28 @@ class Mesh:
     # ================================================================== end routing
 
 
+def _client_dashboard(client: Any) -> str | None:
+    """The dashboard link of ``client``'s scheduler, from what the scheduler said when
+    the client connected: no round trip (Dask's own ``client.dashboard_link`` asks the
+    scheduler again, and waits out the connect timeout where it has gone)."""
+    from distributed.comm import get_address_host
+    from distributed.utils import format_dashboard_link
+
+    cluster = getattr(client, "cluster", None)
+    if cluster is not None:
+        return str(cluster.dashboard_link)
+    ident = getattr(client, "_scheduler_identity", None) or {}
+    port = (ident.get("services") or {}).get("dashboard")
+    scheduler = getattr(client, "scheduler", None)
+    address = getattr(scheduler, "address", None) or ident.get("address")
+    if port is None or not address:
+        return None
+    host = get_address_host(address)
+    if ":" in host:  # IPv6: bracketed in a URL (Dask writes it bare: no URL)
+        host = f"[{host}]"
+    return str(format_dashboard_link(host, port))
+
+
 async def _identity(address: str, security: Any, timeout: float, role: str = "client"
                     ) -> dict[str, Any]:
     from distributed.comm import connect
@@ -1406,12 +1436,13 @@ async def _identity(address: str, security: Any, timeout: float, role: str = "cl
             comm.abort()
     except (OSError, asyncio.TimeoutError, asyncio.CancelledError):
         raise
-    except Exception:
+    except Exception as exc:
         # bytes that are no Dask message (an SSH or HTTP server, in the handshake or
         # the answer): Dask's reader fails on them in its own ways ("Unable to
-        # allocate 2.82 EiB ...", the length it read from "SSH-2.0-")
+        # allocate 2.82 EiB ...", the length it read from "SSH-2.0-"); a TLS error
+        # under it is said as such (see _could_not_connect)
         raise OSError("this is not a Dask scheduler (it answered in another "
-                      "protocol)") from None
+                      "protocol)") from exc
 
 
 #: the longest ``Mesh.connect`` waits (longer ones overflow the event loop's clock)
@@ -1458,13 +1489,46 @@ _TLS_FIELDS = ("tls_ca_file", "tls_client_cert", "tls_client_key")
 _TLS_WORDS = ("certificate", "ssl", "tlsv1", "handshake", "decrypt_error", "unknown_ca")
 
 
+def _ssl_cause(exc: BaseException) -> Any:
+    """The :class:`ssl.SSLError` in ``exc``'s chain of causes, if there is one (Dask
+    wraps it in a comm error whose text says nothing of it)."""
+    import ssl
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _plain_form(address: str) -> str:
+    return "tcp://" + address.split("://", 1)[-1]
+
+
 def _could_not_connect(address: str, timeout: float, exc: Exception,
                        waited: float | None = None) -> MeshError:
     """``waited``: seconds it tried; "within the timeout" only where it waited that
     long (a connection reset at once, by a TLS scheduler spoken to in plain tcp, say,
     did not wait)."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if is_encrypted(address) and any(w in reason.lower() for w in _TLS_WORDS):
+    tls = _ssl_cause(exc)
+    if tls is not None:
+        said = str(getattr(tls, "verify_message", "") or getattr(tls, "reason", "") or tls)
+        if "WRONG_VERSION_NUMBER" in said.upper():
+            return MeshError(
+                f"{address} does not answer in TLS ({said}): the scheduler there listens "
+                f"in plain tcp, as far as this can tell; use {_plain_form(address)}, or "
+                f"start the scheduler with TLS")
+        if "expired" in said.lower() or "not yet valid" in said.lower():
+            return MeshError(
+                f"the TLS handshake with {address} failed ({said}): a certificate is out "
+                f"of its validity dates; renew it (and check this machine's clock)")
+        reason = said or reason
+    if is_encrypted(address) and (tls is not None or any(
+            w in reason.lower() for w in _TLS_WORDS)):
         return MeshError(
             f"the TLS handshake with {address} failed ({reason}): the certificates do "
             f"not fit; check that the CA file is the one that signed the scheduler's "
@@ -1615,12 +1679,25 @@ def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
         if path and not os.path.isfile(path):
             raise MeshError(f"TLS file not found: {path}: give the path of a PEM file")
     suspects = ca
+    asked: list[bool] = []
+
+    def passphrase() -> str:
+        # OpenSSL asks for it on the terminal (and waits for ever); Dask has no way to
+        # pass one
+        asked.append(True)
+        raise ValueError("the key is encrypted")
+
     try:
         context = ssl.create_default_context(cafile=ca) if ca else None
         suspects = " and ".join(p for p in dict.fromkeys((cert, key)) if p)
         if cert and context is not None:
-            context.load_cert_chain(cert, key)
+            context.load_cert_chain(cert, key, password=passphrase)
     except (ssl.SSLError, OSError, ValueError) as exc:
+        if asked:
+            raise MeshError(f"the TLS key {key or cert} is encrypted with a passphrase, "
+                            f"which Dask cannot give: use an unencrypted copy of it (e.g. "
+                            f"openssl pkey -in KEY -out KEY2), readable by you "
+                            f"alone") from None
         reason = getattr(exc, "reason", None) or (str(exc).splitlines() or [""])[0]
         if reason == "KEY_VALUES_MISMATCH":
             raise MeshError(f"the TLS key {key or cert} is not the key of the certificate "

@@ -22,9 +22,11 @@ def _write_key(key, path: Path) -> None:
                                        serialization.NoEncryption()))
 
 
-def make_certs(folder: Path) -> dict[str, str]:
-    """Write ca.pem, cert.pem and key.pem (CA-signed, SAN 127.0.0.1/localhost)."""
+def make_certs(folder: Path, expired: bool = False) -> dict[str, str]:
+    """Write ca.pem, cert.pem and key.pem (CA-signed, SAN 127.0.0.1/localhost);
+    ``expired``: cert.pem's validity ended a day ago (the CA's has not)."""
     now = datetime.datetime.now(datetime.timezone.utc)
+    ends = now - datetime.timedelta(days=1) if expired else now + datetime.timedelta(days=1)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()
@@ -40,8 +42,8 @@ def make_certs(folder: Path) -> dict[str, str]:
         x509.CertificateBuilder()
         .subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(ends)
         .add_extension(x509.SubjectAlternativeName(
             [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
         ), critical=False)

@@ -150,6 +150,10 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
                                                         "address like 127.0.0.1"),
         (["worker", "tls://127.0.0.1:1"], "needs --tls-ca-file"),
         (["worker", "tcp://127.0.0.1:1", "--gpu", "99"], "no CUDA GPU 99 here"),
+        (["worker", "tcp://127.0.0.1:1", "--gpu", "99"], "or use --jax for a TPU"),
+        # --jax given: not told to give it
+        (["worker", "tcp://127.0.0.1:1", "--jax", "--gpu", "99"],
+         "to join as a CPU worker\n"),
         (["worker", "tcp://127.0.0.1:1", "--tpu", "0", "--backend", "numpy"],
          "--tpu drives a TPU chip through JAX: leave out --gpu and --backend"),
         (["worker", "tcp://127.0.0.1:1", "--tls-ca-file", "a", "--tls-cert", "b",
@@ -184,6 +188,31 @@ def test_cli_bad_input(args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert out.stderr.count("\n") == 1, out.stderr  # one line, no traceback
+
+
+@pytest.mark.parametrize("args, env, status, message", [
+    # a host nothing resolves: it said to give --host (exit 2), which was not the reason
+    (["worker", "tcp://nosuchhost.invalid:8786"], {}, 1,
+     "jupyter-mesh: could not join tcp://nosuchhost.invalid:8786: host "
+     "'nosuchhost.invalid' not found: check the scheduler's address"),
+    # settings the worker process reads as it starts: pages of Dask's tracebacks there
+    (["worker", "tcp://127.0.0.1:1"], {"DASK_MESH__PROFILE__MEASURE_SECONDS": "abc"}, 2,
+     "jupyter-mesh: config mesh.profile.measure-seconds must be a number of seconds, not "
+     "'abc'"),
+    (["worker", "tcp://127.0.0.1:1"], {"DASK_MESH__PROFILE__CACHE_DIR": "/proc/nope"}, 2,
+     "jupyter-mesh: config mesh.profile.cache-dir: "),
+    (["worker", "tcp://127.0.0.1:1"], {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "-1"}, 2,
+     "jupyter-mesh: config distributed.comm.timeouts.connect must be a time like '30s', "
+     "not -1"),
+    (["worker", "tcp://127.0.0.1:1"], {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "abc"}, 2,
+     "jupyter-mesh: config distributed.comm.timeouts.connect must be a time like '30s', "
+     "not 'abc'"),
+])
+def test_cli_refusals_before_starting_are_one_line(args, env, status, message):
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), *args], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, **env})
+    assert out.returncode == status, out.stderr
+    assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkeypatch):
@@ -301,8 +330,8 @@ def test_a_scheduler_that_cannot_be_reached_is_said_in_one_line():
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("jupyter-mesh: could not join tcp://127.0.0.1:1: ")
-    assert last.endswith("check that a Dask scheduler listens there and this host can "
-                         "reach it")
+    assert last.endswith("check that a Dask scheduler listens there, this host can "
+                         "reach it, and the protocol (tcp/tls) is right")
 
 
 def test_ctrl_c_stops_a_worker_that_is_still_joining(silent_port):
@@ -383,8 +412,8 @@ def test_a_port_that_is_no_dask_scheduler_fails_in_its_timeout(silent_port, answ
     assert out.returncode == 1 and "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"jupyter-mesh: could not join {address}: ")
-    assert last.endswith("check that a Dask scheduler listens there and this host can "
-                         "reach it")
+    assert last.endswith("check that a Dask scheduler listens there, this host can "
+                         "reach it, and the protocol (tcp/tls) is right")
 
 
 def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
@@ -401,6 +430,8 @@ def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
         last = out.stderr.strip().splitlines()[-1]
         assert last == ("jupyter-mesh: a worker of that scheduler has the name 'twin' "
                         "already: give another --name, or leave it out")
+        # said before the worker starts (81 lines of Dask's tracebacks came first)
+        assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 2
     finally:
         _stop(first)
 
@@ -413,7 +444,8 @@ def _has_cuda() -> bool:
 
 @pytest.mark.parametrize("options, why", [
     (["--site", "a/b"], "site must be a name of letters, digits, '.', '_' or '-' (like "
-                        "'local' or 'edge-lab'), not 'a/b'"),
+                        "'local' or 'edge-lab'), starting with a letter or digit, at most "
+                        "63 characters, not 'a/b'"),
     # a GPU asked for where there is none: it joined as a plain CPU worker after a
     # traceback
     pytest.param(["--backend", "cupy"], "asked for a gpu worker but CuPy sees no CUDA GPU: "

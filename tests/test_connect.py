@@ -242,6 +242,33 @@ def test_a_key_that_is_not_the_certificates_is_said_so(no_mesh, certs, tmp_path)
                                f"certificate")
 
 
+def test_a_key_encrypted_with_a_passphrase_is_said_so(no_mesh, certs, tmp_path):
+    # OpenSSL asked for the passphrase on the terminal and waited for ever (without
+    # one: "could not be read ... must be PEM files")
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(open(certs["key"], "rb").read(), None)
+    locked = tmp_path / "locked-key.pem"
+    locked.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    want = (f"the TLS key {locked} is encrypted with a passphrase, which Dask cannot give: "
+            f"use an unencrypted copy of it")
+    with pytest.raises(MeshError) as info:
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=certs["cert"],
+            tls_client_key=str(locked), require_encryption=True))
+    assert str(info.value).startswith(want)
+    cli = os.path.join(os.path.dirname(sys.executable), "jupyter-mesh")
+    out = subprocess.run([cli, "worker", "tls://127.0.0.1:1", "--tls-ca-file", certs["ca"],
+                          "--tls-cert", certs["cert"], "--tls-key", str(locked)],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2 and out.stderr.startswith(f"jupyter-mesh: {want}")
+
+
 def test_bad_tls_files_are_named(no_mesh, certs, tmp_path):
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate")
@@ -275,6 +302,12 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog):
     mesh = jm.current()
     ip.run_cell_magic("mesh", "--remote", "a = 1")  # this notebook has a worker now
     cluster.close()
+    # the dashboard link is what the scheduler said when the client connected (Dask's
+    # own asked the scheduler again, and waited out the connect timeout: a scheduler
+    # that died as Mesh.connect ended held it that long)
+    t0 = time.monotonic()
+    assert mesh.dashboard_link is None  # (this scheduler has no dashboard)
+    assert time.monotonic() - t0 < 1
     deadline = time.monotonic() + 30
     while mesh.client.scheduler is not None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -632,3 +665,50 @@ def test_a_port_that_hangs_up_at_once_is_not_said_to_have_timed_out(no_mesh):
         srv.close()
     assert str(info.value).startswith(f"could not connect to {address} (")
     assert "within" not in str(info.value)
+
+
+def test_tls_to_a_plain_scheduler_says_it_does_not_answer_in_tls(no_mesh, tcp_cluster, certs):
+    # the worker said "no Dask scheduler answered within 30 s" after half a second
+    import subprocess
+    import sys
+
+    address = "tls://" + tcp_cluster.scheduler_address.split("://")[1]
+    want = (rf"^{re.escape(address)} does not answer in TLS \(.*\): the scheduler there "
+            rf"listens in plain tcp, as far as this can tell; use "
+            rf"{re.escape(tcp_cluster.scheduler_address)}, or start the scheduler with TLS$")
+    with pytest.raises(MeshError, match=want):
+        jm.Mesh.connect(address, timeout=5, security=_security(certs))
+    cli = os.path.join(os.path.dirname(sys.executable), "jupyter-mesh")
+    out = subprocess.run([cli, "worker", address, "--nthreads", "1", "--tls-ca-file",
+                          certs["ca"], "--tls-cert", certs["cert"], "--tls-key", certs["key"]],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert re.match(want, out.stderr.strip().splitlines()[-1].removeprefix("jupyter-mesh: "))
+
+
+def test_an_expired_certificate_is_said_to_be_out_of_date(no_mesh, tmp_path):
+    # it was said to be from another CA ("check that the CA file is the one that signed")
+    import json
+    import subprocess
+    import sys
+
+    old = make_certs(tmp_path / "old", expired=True)
+    dask_cli = os.path.join(os.path.dirname(sys.executable), "dask")
+    info = tmp_path / "scheduler.json"
+    proc = subprocess.Popen(
+        [dask_cli, "scheduler", "--host", "127.0.0.1", "--port", "0", "--protocol", "tls",
+         "--no-dashboard", "--scheduler-file", str(info), "--tls-ca-file", old["ca"],
+         "--tls-cert", old["cert"], "--tls-key", old["key"]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        address = json.loads(info.read_text())["address"]
+        with pytest.raises(MeshError, match=r"^the TLS handshake with tls://127\.0\.0\.1:\d+ "
+                                            r"failed \(.*expired.*\): a certificate is out "
+                                            r"of its validity dates; renew it"):
+            jm.Mesh.connect(address, timeout=5, security=_security(old))
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -44,7 +44,11 @@ class FakePlan:
         ({"site": ""}, "site must be"),
         # Mesh.local's rule, said before anything starts
         ({"site": "a b"}, "site must be a name of letters, digits, '.', '_' or '-' (like "
-                          "'local' or 'edge-lab'), not 'a b'"),
+                          "'local' or 'edge-lab'), starting with a letter or digit, at most "
+                          "63 characters, not 'a b'"),
+        # within the characters, but not the rest of the rule, which the message says
+        ({"site": "-lab"}, "starting with a letter or digit, at most 63 characters, not '-lab'"),
+        ({"site": "x" * 64}, "at most 63 characters, not 'xxxx"),
         ({"site": 3}, "site must be a name"),
         ({"gpu": "AUTOMATIC"}, "gpu must be a whole number from 0 to"),
         ({"workers": 3}, "unknown option(s) workers"),

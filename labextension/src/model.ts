@@ -290,7 +290,8 @@ export function parseLocalOptions(
     if (!SITE_RE.test(options.site)) {
       return {
         error:
-          "site must be a name of letters, digits, '.', '_' or '-', like 'local' or 'edge-lab'"
+          "site must be a name of letters, digits, '.', '_' or '-', like 'local' or " +
+          "'edge-lab', starting with a letter or digit, at most 63 characters"
       };
     }
     if (
