@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import html
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
@@ -123,9 +124,20 @@ class MeshPanel(w.VBox):
         _state.listeners.append(self._on_mesh_event)
         self.refresh()
         if self.interval > 0 and not mesh.closed:
+            # one panel per mesh refreshes: a cell run again made a new one each time,
+            # and the old ones, out of sight, went on reading the mesh until it closed
+            older = _LIVE.get(mesh)
+            if older is not None and older is not self:
+                older._superseded()
+            _LIVE[mesh] = self
             self._thread = threading.Thread(target=self._loop, name="jupyter-mesh-widget",
                                             daemon=True)
             self._thread.start()
+
+    def _superseded(self) -> None:
+        self._stop.set()
+        self._say("This panel no longer refreshes: a newer panel of this mesh does "
+                  "(panel.refresh() updates this one).")
 
     # ------------------------------------------------------------ state
     @property
@@ -254,6 +266,10 @@ class MeshPanel(w.VBox):
         self._say("scaled to " + ", ".join(f"{k}={v}" for k, v in counts.items()))
         self.refresh()
         return True
+
+
+#: the panel of each mesh that refreshes
+_LIVE: weakref.WeakKeyDictionary[Any, MeshPanel] = weakref.WeakKeyDictionary()
 
 
 def _first_line(exc: BaseException) -> str:

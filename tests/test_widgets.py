@@ -112,6 +112,21 @@ def test_refresh_stops_when_the_panel_closes(mesh):
     assert _wait_for(lambda: not p.refreshing, timeout=5)
 
 
+def test_one_panel_per_mesh_refreshes(mesh):
+    # a cell run again made a new panel each time, and the old ones went on reading the
+    # mesh (out of sight) until it closed
+    first = mesh.widget(refresh=0.1)
+    second = mesh.widget(refresh=0.1)
+    try:
+        assert _wait_for(lambda: not first.refreshing, timeout=5) and second.refreshing
+        assert "no longer refreshes: a newer panel of this mesh does" in first.message.value
+        first.refresh()  # by hand, it still shows the mesh
+        assert "cpu-0" in first.devices.value
+    finally:
+        first.close()
+        second.close()
+
+
 def test_refresh_off(mesh):
     p = mesh.widget(refresh=0)
     try:
