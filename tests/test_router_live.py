@@ -873,10 +873,15 @@ def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
     assert shown[0].ran_on("matmul") == ["jax"]
     assert len(shown[1].plan.model.ops) > len(shown[0].plan.model.ops)  # the second: + 1, sum
     assert mesh.report_sinks == []
-    # a cell that fails shows no report; a cell without Dask work shows none either
+    # a cell that fails shows the reports of what finished before; a cell without Dask
+    # work shows none
     shown.clear()
     with pytest.raises(router_magic.CellFailed):
         ip.run_cell_magic("mesh", "--route cpu:jax", "d = y.compute()\nraise ValueError('x')")
+    assert len(shown) == 1 and shown[0] is mesh.last_report
+    shown.clear()
+    with pytest.raises(router_magic.CellFailed):
+        ip.run_cell_magic("mesh", "--route cpu:jax", "raise ValueError('x')")
     ip.run_cell_magic("mesh", "--route cpu:jax", "e = 2")
     assert shown == [] and mesh.report_sinks == []
     # a %%mesh cell inside another shows its report once (the inner cell shows it)

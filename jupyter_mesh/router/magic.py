@@ -160,7 +160,11 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
         sinks = mesh.report_sinks
         sinks[:] = [s for s in sinks if s is not reports]
     if not getattr(result, "success", True):
-        # the body's traceback is shown already; the cell must still count as failed,
+        # the reports of the computations that finished before the error (a long one's
+        # is worth keeping), under the body's traceback, shown already
+        for report in reports:
+            display(report)
+        # the cell must still count as failed,
         # with the body's error (so that "Run All", nbconvert and papermill stop here
         # and name it), and show no second one
         err = result.error_before_exec or result.error_in_exec
