@@ -162,6 +162,14 @@ def test_on_cpu_numpy_and_site(fresh):
     assert (r.backend, r.site) == ("numpy", "lab")
 
 
+def test_on_a_kind_alone_takes_its_own_backends_worker(fresh):
+    # --on cpu went to the JAX CPU worker where it held the notebook's namespace (as in
+    # the remote-cells example), which --on cpu:jax names
+    assert fresh.run_cell("1", on="cpu:jax").backend == "jax"
+    for _ in range(3):
+        assert fresh.run_cell("1", on="cpu").backend == "numpy"
+
+
 def test_all_runs_everywhere_with_labelled_output(ip, fresh, capsys):
     remote(ip, "--all -o where", "import os\nprint('pid', os.getpid())\nos.getpid()")
     out = capsys.readouterr().out

@@ -29,7 +29,7 @@ from distributed.protocol.serialize import Serialized, serialize
 from .. import _config, progress
 from ..errors import MeshError, check_flag
 from ..inventory import Device
-from ..targets import Target, parse_target
+from ..targets import DEFAULT_BACKEND, Target, parse_target
 from ._errors import (
     RemoteCellError,
     RemoteCellTimeout,
@@ -366,8 +366,12 @@ class RemoteCells:
         devices = list(matching)
         if every:
             return devices
+        # a kind alone (--on cpu) is its own backend's worker where it has one (NumPy's
+        # for cpu: it went to a JAX CPU worker, which --on cpu:jax names); then the
         # least loaded; on a tie, one that already holds this notebook's namespace
-        devices.sort(key=lambda d: (d.tasks, d.worker not in self.namespaces,
+        plain = target is not None and target.backend is None
+        devices.sort(key=lambda d: (plain and d.backend != DEFAULT_BACKEND.get(d.kind),
+                                    d.tasks, d.worker not in self.namespaces,
                                     d.name, d.worker))
         chosen = devices[0]
         self.sticky[key] = chosen
