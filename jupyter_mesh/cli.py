@@ -289,8 +289,8 @@ async def _join(nanny: Any, address: str, security: Any, name: str | None = None
         raise CouldNotJoin(f"could not join {address}: {why}: check that a Dask scheduler "
                            f"listens there, this host can reach it, and the protocol "
                            f"(tcp/tls) is right") from None
-    if name is not None and name in {str(w.get("name")) for w in
-                                     (ident.get("workers") or {}).values()}:
+    if name is not None and name in [w.get("name") for w in
+                                     (ident.get("workers") or {}).values()]:
         # (said before the worker starts: the scheduler's refusal came as a page of
         # Dask's tracebacks first)
         raise CouldNotJoin(_NAME_TAKEN.format(name=name))
@@ -337,8 +337,12 @@ def listen_host(address: str, host: str | None) -> str:
 
     try:
         socket.getaddrinfo(scheduler_host.strip("[]"), None)
-    except (socket.gaierror, UnicodeError):
+    except (socket.gaierror, UnicodeError) as exc:
         # (before looking for the interface that reaches it, which was said instead)
+        if getattr(exc, "errno", None) == socket.EAI_AGAIN:
+            raise CouldNotJoin(f"could not join {address}: the name {scheduler_host!r} "
+                               f"could not be looked up now (DNS did not answer): try "
+                               f"again, or give the scheduler's IP address") from None
         raise CouldNotJoin(f"could not join {address}: host {scheduler_host!r} not found: "
                            f"check the scheduler's address") from None
     if _loopback(scheduler_host):

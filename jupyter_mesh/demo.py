@@ -46,8 +46,9 @@ def run(path: str, timeout: int = 600) -> int:
             try:
                 NotebookClient(nb, timeout=timeout, kernel_name=KERNEL, km=km).execute()
             finally:  # (a kernel manager given to nbclient is the giver's to end)
-                if km.has_kernel:
-                    run_sync(km.shutdown_kernel)(now=True)
+                if km.has_kernel:  # (a dead kernel's error is the one to say)
+                    with contextlib.suppress(Exception):
+                        run_sync(km.shutdown_kernel)(now=True)
     except CellExecutionError as exc:
         what = f"{exc.ename}: {exc.evalue}".splitlines()[0]
         return _fail(f"a cell of {path} failed: {what}")

@@ -150,7 +150,7 @@ def _dashboard_missing(client: Client) -> bool:
     import urllib.request
 
     try:
-        link = client.dashboard_link
+        link = _client_dashboard(client)
     except Exception:
         return False
     if not link or not link.startswith("http://"):
@@ -741,9 +741,8 @@ class Mesh:
         if client.status != "running":  # the scheduler went away as it connected
             with contextlib.suppress(Exception):
                 mesh.close()
-            raise _could_not_connect(address, timeout, ConnectionError(
-                "the scheduler went away as the connection was made"),
-                waited=time.monotonic() - asked)
+            raise MeshError(f"the scheduler at {address} went away as the connection was "
+                            f"made: check that it runs, then connect again")
         return mesh
 
     def _read_dashboard(self) -> None:
@@ -1439,8 +1438,8 @@ async def _identity(address: str, security: Any, timeout: float, role: str = "cl
     except Exception as exc:
         # bytes that are no Dask message (an SSH or HTTP server, in the handshake or
         # the answer): Dask's reader fails on them in its own ways ("Unable to
-        # allocate 2.82 EiB ...", the length it read from "SSH-2.0-"); a TLS error
-        # under it is said as such (see _could_not_connect)
+        # allocate 2.82 EiB ...", the length it read from "SSH-2.0-"); kept as the
+        # cause, for _could_not_connect to find a TLS error under it
         raise OSError("this is not a Dask scheduler (it answered in another "
                       "protocol)") from exc
 

@@ -122,12 +122,27 @@ class TextLine:
         self._logged_at: float | None = None
 
     def width(self) -> int:
+        """The columns of the terminal this line is written to (``COLUMNS`` first, as
+        ``shutil`` reads it; stdout may go to a file while this stream is a terminal),
+        less one: a full row moves some terminals' cursor down."""
+        import os
         import shutil
 
-        # (the last column left free: a full row moves some terminals' cursor down)
-        return max(shutil.get_terminal_size((80, 24)).columns - 1, 20)
+        try:
+            columns = int(os.environ["COLUMNS"])
+        except (KeyError, ValueError):
+            try:
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+            except Exception:
+                columns = shutil.get_terminal_size((80, 24)).columns
+        return max(columns - 1, 1)
 
     def _write(self, text: str) -> None:
+        if self.stream is not sys.stdout:
+            # what the cell printed last, before the line (stdout holds a line back
+            # until its end; the line is on another stream)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -173,26 +188,39 @@ class TextBars(MultiProgressBar):
 
     def _line(self, remaining: Mapping[Any, int], all: Mapping[Any, int],
               end: str | None = None, room: int | None = None) -> str:
-        parts = []
         groups = sorted(all, key=str)
         # one line: the groups past the first few count together
         shown = groups if len(groups) <= TEXT_GROUPS else groups[: TEXT_GROUPS - 1]
-        for group in shown:
-            n = all[group]
-            done = n - remaining.get(group, 0)
-            filled = int(self.width * done / n) if n else self.width
-            parts.append(f"{group} [{'#' * filled:<{self.width}}] {done}/{n}")
         rest = groups[len(shown):]
-        if rest:
-            n = sum(all[g] for g in rest)
-            done = n - sum(remaining.get(g, 0) for g in rest)
-            parts.append(f"{len(rest)} more groups {done}/{n}")
-        tail = " | ".join([*parts, format_time(self.elapsed).strip(), *([end] if end else [])])
+
+        def parts(width: int) -> list[str]:
+            out = []
+            for group in shown:
+                n = all[group]
+                done = n - remaining.get(group, 0)
+                filled = int(width * done / n) if n else width
+                bar = f" [{'#' * filled:<{width}}]" if width else ""
+                out.append(f"{group}{bar} {done}/{n}")
+            if rest:
+                n = sum(all[g] for g in rest)
+                done = n - sum(remaining.get(g, 0) for g in rest)
+                out.append(f"{len(rest)} more groups {done}/{n}")
+            return out
+
+        # the time and how it ended are never cut: where the terminal is too narrow the
+        # title gives way first, then the bars narrow, then the groups' text is cut
+        last = " | ".join([format_time(self.elapsed).strip(), *([end] if end else [])])
+        tail = ""
+        for width in (self.width, 10, 5, 0):
+            tail = " | ".join([*parts(width), last])
+            if room is None or len(tail) <= room:
+                break
+        if room is not None and len(tail) > room:
+            tail = f"{_fit(' | '.join(parts(0)), max(room - len(last) - 3, 1))} | {last}"
         if not self.title:
             return tail
-        # the title gives way first where the line is too wide for the terminal
         title = self.title if room is None else _fit(self.title, room - len(tail) - 2)
-        return f"{title}: {tail}" if len(title) > 1 else tail
+        return f"{title}: {tail}" if len(title) > 3 else tail
 
     def _room(self) -> int | None:
         return self.out.width() if self.out.tty else None

@@ -448,8 +448,8 @@ def _has_cuda() -> bool:
                         "63 characters, not 'a/b'"),
     # a GPU asked for where there is none: it joined as a plain CPU worker after a
     # traceback
-    pytest.param(["--backend", "cupy"], "asked for a gpu worker but CuPy sees no CUDA GPU: "
-                                        "leave out --backend cupy to join as a CPU worker",
+    pytest.param(["--backend", "cupy"], "asked for a gpu worker but CuPy sees no CUDA GPU "
+                                        "here: ask for a CPU worker instead",
                  marks=pytest.mark.skipif(_has_cuda(), reason="this host has a CUDA GPU")),
 ])
 def test_a_bad_preload_option_starts_no_worker(scheduler_mesh, options, why):

@@ -130,6 +130,8 @@ def test_a_time_longer_than_a_day_is_refused(key, bad):
         with pytest.raises(MeshConfigError, match=rf"^config mesh\.{key} must be at most "
                                                   rf"86400 s \(a day\), not {re.escape(repr(bad))}$"):
             TIMES_READ.get(key, lambda: _config.get_seconds(key))()
+    with dask.config.set({f"mesh.{key}": 86400}):
+        TIMES_READ.get(key, lambda: _config.get_seconds(key))()  # a day is taken
 
 
 def _links():
@@ -167,8 +169,6 @@ def test_a_bandwidth_beyond_a_petabyte_per_second_is_refused(key, bad):
                                f"second (a petabyte per second), not {bad!r}")
     with dask.config.set({f"mesh.links.{key}": 1e15}):
         assert Links.from_config()  # the most it takes
-    with dask.config.set({f"mesh.{key}": 86400}):
-        assert _config.get_seconds(key) == 86400
 
 
 def test_progress_after_may_be_infinite():

@@ -495,3 +495,59 @@ def test_the_remote_bar_names_the_worker_that_took_over(monkeypatch):
     watch.relabel("cpu-0", "cpu-1")
     watch.tick({})
     assert term.screen()[0].startswith("remote cell: running on cpu-1 | ")
+
+
+def test_a_narrow_terminal_keeps_the_time_and_the_ending(monkeypatch):
+    # two targets of 40 tasks on 80 columns: the line was cut at its end, and said
+    # neither how long it ran nor how it ended
+    monkeypatch.setenv("COLUMNS", "80")
+    term = _Terminal()
+    bars = _bars(term, "route=auto: Dask's tasks as submitted")
+    done = {"cpu:jax": 40, "cpu:numpy": 40}
+    bars._draw_bar({"cpu:jax": 0, "cpu:numpy": 0}, done)
+    bars.done_here()
+    (row,) = term.screen()[:-1]
+    assert len(row) <= 79 and row.endswith(" | 1.5s | finished"), row
+    assert "cpu:jax" in row and "40/40" in row
+    monkeypatch.setenv("COLUMNS", "60")  # narrower than the groups' text: it is cut
+    term.written.clear()
+    bars.stop_here()
+    (row,) = term.screen()[:-1]
+    assert len(row) <= 59 and row.endswith(f"… | 1.5s | {progress._STOPPED}"), row
+
+
+def test_the_width_is_the_bars_own_terminals(monkeypatch):
+    # stdout to a file, stderr on a terminal of 50 columns: the width was read from
+    # stdout (80), and the line wrapped
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 50, 0, 0))
+    with os.fdopen(slave, "w") as stream:
+        assert progress.TextLine(stream).width() == 49
+    os.close(master)
+
+
+def test_the_cells_own_text_comes_out_before_the_line(monkeypatch):
+    # stdout holds back a line until its end: the line (on stderr) came out first, and
+    # the cell's "partial: " after it
+    events = []
+
+    class Out:
+        def write(self, text):
+            events.append(("stdout", text))
+
+        def flush(self):
+            events.append(("stdout flushed",))
+
+    class Err(_Terminal):
+        def write(self, text):
+            events.append(("stderr", text))
+
+    monkeypatch.setattr(progress.sys, "stdout", Out())
+    progress.TextLine(Err()).end("remote cell: finished | 0.1s")
+    assert events[0] == ("stdout flushed",) and events[1][0] == "stderr"

@@ -69,14 +69,14 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
     elif kind == "gpu" or (kind is None and _detect.cuda_available()):
         gpus = _detect.cuda_devices()
         if not gpus:
-            raise MeshError("jupyter_mesh: asked for a gpu worker but CuPy sees no CUDA GPU: "
-                            "leave out --backend cupy to join as a CPU worker")
+            raise MeshError("jupyter_mesh: asked for a gpu worker but CuPy sees no CUDA GPU "
+                            "here: ask for a CPU worker instead")
         info = gpus[0]
     elif kind == "tpu" or (kind is None and _detect.tpu_devices()):
         tpus = _detect.tpu_devices()
         if not tpus:
-            raise MeshError("jupyter_mesh: asked for a tpu worker but JAX sees no TPU: "
-                            "install jax[tpu], or leave out --jax")
+            raise MeshError("jupyter_mesh: asked for a tpu worker but JAX sees no TPU here: "
+                            "install jax[tpu] where there is one, or ask for a CPU worker")
         info = tpus[0]
     else:
         info = _detect.cpu_device(memory)

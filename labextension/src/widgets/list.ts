@@ -80,7 +80,7 @@ export class MeshListWidget extends Widget {
         'data-mesh-id': mesh.id,
         'data-key': mesh.id,
         'data-origin': mesh.origin,
-        title: mesh.error ?? mesh.address,
+        title: mesh.error ?? (mesh.address || 'starting…'),
         onclick: () => this.model.select(mesh.id),
         onkeydown: (e: KeyboardEvent) => {
           if (e.key === 'Enter' || e.key === ' ') {
