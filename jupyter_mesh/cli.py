@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--tpu", type=int, default=None, metavar="INDEX",
                    help="drive TPU chip INDEX through JAX (pinned with TPU_VISIBLE_CHIPS), "
                         "so each chip of a TPU host can be a worker of its own")
-    w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores; 1 for a GPU or TPU worker)")
+    w.add_argument("--nthreads", type=int, default=None, help="threads (default: all cores; 1 for a GPU or TPU worker; at most "
+                        "four per core)")
     w.add_argument("--name", default=None, help="worker name")
     w.add_argument("--host", default=None,
                    help="interface to listen on (default: the one that reaches the "
