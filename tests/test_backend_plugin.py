@@ -166,3 +166,22 @@ def test_preload_backend_bad_input(args, error):
     ctx = dask_setup.make_context("dask_setup", args)
     with pytest.raises((MeshError, click.UsageError), match=error):
         dask_setup.callback(object(), **ctx.params)
+
+
+def test_a_backend_whose_package_is_broken_says_why(monkeypatch):
+    # it was left out without a word: asked for, it was "unknown"
+    import importlib.metadata
+
+    broken = importlib.metadata.EntryPoint(
+        name="opencl", value="no_such_module_for_jupyter_mesh:OpenCLBackend",
+        group=backends.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [broken])
+    monkeypatch.setattr(backends, "_registry", {})
+    monkeypatch.setattr(backends, "_broken", {})
+    with pytest.raises(MeshError) as info:
+        backends.get_backend("opencl")
+    assert str(info.value) == (
+        "backend 'opencl' is installed (entry point of jupyter_mesh.backends) but did not "
+        "load (ModuleNotFoundError: No module named 'no_such_module_for_jupyter_mesh'): fix "
+        "or reinstall its package; the registered backends are cupy, jax, numpy")
+    assert backends.get_backend("numpy").name == "numpy"  # the built-in ones are there

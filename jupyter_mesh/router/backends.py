@@ -330,6 +330,8 @@ _BUILTIN: dict[str, type[Backend]] = {
     "jax": JaxBackend,
 }
 _registry: dict[str, Backend] = {}
+#: entry points of the group that failed to load: name -> why
+_broken: dict[str, str] = {}
 
 
 def register_backend(backend: Backend) -> None:
@@ -353,8 +355,10 @@ def _discover() -> None:
         try:
             cls = ep.load()
             register_backend(cls())
-        except Exception:
-            continue  # a broken plugin must not hide the built-in backends
+        except Exception as exc:
+            # a broken plugin must not hide the built-in backends; asked for by name,
+            # it says why it is not there
+            _broken[ep.name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
 def plugin_backends() -> list[Backend]:
@@ -376,6 +380,11 @@ def get_backend(name: str) -> Backend:
     try:
         return _registry[name]
     except KeyError:
+        if name in _broken:
+            raise MeshError(
+                f"backend {name!r} is installed (entry point of {ENTRY_POINT_GROUP}) but "
+                f"did not load ({_broken[name]}): fix or reinstall its package; the "
+                f"registered backends are {', '.join(sorted(_registry))}") from None
         raise MeshError(
             f"unknown backend {name!r}: the registered backends are {', '.join(sorted(_registry))}"
         ) from None
