@@ -373,6 +373,7 @@ def p2() -> dict[str, Any]:
     from .router_sim import HEFT_CCRS, heft_dag, lower_bound, modelled_mesh, one_device, simulate
 
     devs = modelled_mesh()
+    when = _when()
     instances = []
     for n, c in P2_SIZES + P2_HELD_OUT:
         # a seeded generator: the same names, so the same graph order, run after run
@@ -402,7 +403,7 @@ def p2() -> dict[str, Any]:
         r["one"] = one_device(model, on)
         r["name"], r["tasks"] = name, len(model.keys)
         results.append(r)
-    return {"instances": results}
+    return {"instances": results, "when": when}
 
 
 # ---------------------------------------------------------------- P3 and P6
@@ -539,11 +540,12 @@ def p6() -> dict[str, Any]:
     model = synthetic_model(layers)
     pools = build_pools(devs)
     cost = CostModel(pools)
+    when = _when()
     t0 = time.perf_counter()
     plan = plan_model(model, pools, "auto", cost=cost)
     took = time.perf_counter() - t0
     return {"tasks": len(model.keys), "workers": len(devs), "pools": len(pools),
-            "seconds": took, "makespan": plan.makespan}
+            "seconds": took, "makespan": plan.makespan, "when": when}
 
 
 # ---------------------------------------------------------------- report
@@ -566,8 +568,10 @@ def _yes(ok: bool) -> str:
 def report(r1, r2, r3, r6, r7=None, r8=None) -> str:
     lines = ["## Router (issue 3)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other "
-             f"engineers' work (load average {os.getloadavg()[0]:.1f} when written), Python "
-             f"{platform.python_version()}; run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             f"engineers' work, Python {platform.python_version()}. Each part says when it "
+             f"ran and the machine's load then (`--only` runs some parts again and keeps "
+             f"the others as they were); this section last written "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              ""]
     if r1:
         scales = sorted({k[1] for k in r1})
@@ -839,7 +843,7 @@ def report(r1, r2, r3, r6, r7=None, r8=None) -> str:
                   "schedule finds the true optimum (tests/test_router_bound.py checks the "
                   "bound below it), the optimum was at most 0.1% above the bound on 8 of 10 "
                   "and 9% and 18% above it on the other two (without (D): 9-57% above it on "
-                  "6 of 10).", "",
+                  f"6 of 10). This part run {r2.get('when') or _when()}.", "",
                   "| instance | tasks | router/bound | router (pools)/bound | HEFT/bound | "
                   "Dask/bound | 1 device/bound | router/HEFT | router (pools)/HEFT |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -997,7 +1001,8 @@ def report(r1, r2, r3, r6, r7=None, r8=None) -> str:
                   "(over `placement.VARIANT_BUDGET`) the planner makes its base list "
                   "schedule only, with none of the variants it compares on smaller graphs. "
                   "A live computation of this size takes the per-layer path instead (above "
-                  "`mesh.router.layer-plan-threshold`; P3 times that one end to end).", ""]
+                  "`mesh.router.layer-plan-threshold`; P3 times that one end to end). "
+                  f"This part run {r6.get('when') or _when()}.", ""]
     if r7:
         first = r7[0]
         meshes = " and ".join(f"{m['cpu']} NumPy worker{'s' * (m['cpu'] != 1)} and "
@@ -1135,10 +1140,10 @@ def _update(section: str, partial: bool = False) -> None:
         head, rest = text.split(BEGIN, 1)
         old, tail = rest.split(END, 1)
         if partial:
-            old_head, old_parts = _subsections(old.strip("\n"))
-            _, new_parts = _subsections(section)
+            _, old_parts = _subsections(old.strip("\n"))
+            new_head, new_parts = _subsections(section)
             old_parts.update(new_parts)
-            section = "\n".join([old_head] + list(old_parts.values()))
+            section = "\n".join([new_head] + list(old_parts.values()))
         block = f"{BEGIN}\n{section.rstrip(chr(10))}\n\n{END}"
         text = head + block + tail
     else:

@@ -72,6 +72,21 @@ def test_classify_labels():
     assert classify_label("rechunk-merge") == "movement"
     assert classify_label("absolute", np.absolute) == "elementwise"
     assert classify_label("add", np.add) == "elementwise"
+    # these were "other" (no cost, placed blind)
+    assert classify_label("arg-reduce") == "reduction"  # argmax's per-chunk step
+    assert classify_label("topk") == "reduction"
+    assert classify_label("_sqrt") == "elementwise"  # std's, through a wrapper of Dask's
+
+
+def test_an_elementwise_op_costs_one_operation_per_element_it_writes():
+    # a comparison of float64 blocks writes bools: counted by the output's item size,
+    # each input element was 8 operations
+    x = da.random.random((400, 400), chunks=200)
+    by = {op.label: op for op in model_collections([(x > 0.5), da.sin(x)]).ops}
+    assert by["gt"].flops == by["sin"].flops == 200 * 200
+    # a reduction reads its input's elements, by the input's item size
+    s = {op.label: op for op in model_collections([(x > 0.5).sum()]).ops}
+    assert s["sum"].flops == 200 * 200
 
 
 def test_model_of_pipeline_has_costs():

@@ -43,7 +43,7 @@ _RULES: tuple[tuple[str, frozenset[str]], ...] = (
     ("reduction", frozenset({
         "aggregate", "partial", "combine", "sum", "nansum", "mean", "nanmean", "max", "min",
         "nanmax", "nanmin", "prod", "std", "var", "any", "all", "argmin", "argmax", "cumsum",
-        "cumprod", "norm", "count", "moment", "agg", "chunk",
+        "cumprod", "norm", "count", "moment", "agg", "chunk", "reduce", "topk", "argtopk",
     })),
     ("creation", frozenset({
         "random", "normal", "uniform", "randint", "integers", "ones", "zeros", "full",
@@ -54,6 +54,12 @@ _RULES: tuple[tuple[str, frozenset[str]], ...] = (
         "reshape", "store", "array", "original", "squeeze", "expand", "broadcast", "swapaxes",
         "moveaxis", "finalize", "split", "merge", "slice", "blocks", "pad", "flip", "roll",
         "tile", "from", "asarray",
+    })),
+    # a ufunc's name as the label, where the task's function is a wrapper of Dask's
+    # (std's _sqrt runs through _enforce_dtype)
+    ("elementwise", frozenset({
+        "sqrt", "sin", "cos", "tan", "exp", "log", "abs", "absolute", "tanh", "square",
+        "negative", "clip", "where", "power", "maximum", "minimum",
     })),
 )
 _SPLIT = re.compile(r"[-_.\s]+")
@@ -85,7 +91,7 @@ def classify_label(label: str, func: Any = None) -> str:
 _ELEMENTWISE_NAMES = {
     "add", "subtract", "multiply", "divide", "true_divide", "power", "sin", "cos", "exp",
     "log", "sqrt", "abs", "absolute", "negative", "where", "clip", "astype", "maximum",
-    "minimum", "tanh", "square", "_astype",
+    "minimum", "tanh", "square", "_astype", "_sqrt",
 }
 
 
@@ -566,7 +572,10 @@ def task_cost(op: OpInfo, parents: list[OpInfo]) -> tuple[float, float]:
     """(FLOPs, bytes through memory) of one task of ``op``."""
     size = max(op.itemsize, 1)
     o = op.out_bytes / size
-    i = op.in_bytes / size
+    # the inputs' elements, by their own item size (a comparison of float64 blocks
+    # returns bools: by the output's, it counted 8 elements per input element)
+    in_size = (sum(max(p.itemsize, 1) for p in parents) / len(parents)) if parents else size
+    i = op.in_bytes / in_size
     cls = op.op_class
     mem = op.in_bytes + op.out_bytes
     if cls == "matmul":
@@ -581,8 +590,8 @@ def task_cost(op: OpInfo, parents: list[OpInfo]) -> tuple[float, float]:
     if cls == "fft":
         length = max(op.block) if op.block else max(o, 2)
         return 5.0 * o * math.log2(max(length, 2)), mem
-    if cls == "elementwise":
-        return max(o, i), mem
+    if cls == "elementwise":  # one operation per element it writes
+        return o, mem
     if cls == "reduction":
         return max(i, o), mem
     if cls == "creation":
