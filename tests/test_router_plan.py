@@ -251,7 +251,8 @@ def test_plan_reprs(mesh_devices):
     assert html.startswith("<div") and "<table>" in html and "matmul" in html
 
 
-def test_placement_linear_in_tasks_synthetic():
+def test_placement_places_every_task_of_a_synthetic_model():
+    # (how planning time grows with tasks and targets: P3 and P6 in benchmarks/, timed)
     layers = [
         {"name": "load", "op_class": "creation", "tasks": 500, "flops": 1e6, "out_bytes": 1e6},
         {"name": "mm", "op_class": "matmul", "tasks": 500, "flops": 1e9, "out_bytes": 1e6,
