@@ -156,25 +156,18 @@ def test_bad_arguments_leave_the_mesh_alone(mesh, kwargs, match):
     assert jm.current() is mesh and not mesh.closed
 
 
-@pytest.mark.parametrize("replace", ["no", "False", 0, 1, None])
-def test_replace_must_be_a_bool_and_nothing_is_closed(mesh, replace):
-    with pytest.raises(MeshError, match=rf"replace= takes True or False, not {replace!r}$"):
-        jm.Mesh.local(cpu=1, gpu=0, tpu=0, replace=replace)
-    with pytest.raises(MeshError, match=rf"replace= takes True or False, not {replace!r}$"):
-        jm.Mesh.connect(mesh.address, replace=replace)
+@pytest.mark.parametrize("flag", ["replace", "set_current"])
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None])
+def test_flags_must_be_bools_and_nothing_is_closed(mesh, flag, value):
+    # "no" is truthy: it closed the mesh in use (replace), or made the new mesh the
+    # current one (set_current)
+    for start in (lambda: jm.Mesh.local(cpu=1, gpu=0, tpu=0, **{flag: value}),
+                  lambda: jm.Mesh.connect(mesh.address, **{flag: value})):
+        with pytest.raises(MeshError, match=rf"^{flag}= takes True or False, not "
+                                            rf"{value!r}$"):
+            start()
     assert jm.current() is mesh and not mesh.closed
     assert mesh.inventory().by_kind() == {"cpu": 2}
-
-
-@pytest.mark.parametrize("flag", ["no", 0, None])
-def test_set_current_must_be_a_bool(mesh, flag):
-    # "no" is truthy: the new mesh became the current one (or, with a mesh active,
-    # was said to need replace=True)
-    with pytest.raises(MeshError, match=rf"^set_current= takes True or False, not {flag!r}$"):
-        jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=flag)
-    with pytest.raises(MeshError, match=rf"^set_current= takes True or False, not {flag!r}$"):
-        jm.Mesh.connect(mesh.address, set_current=flag)
-    assert jm.current() is mesh and not mesh.closed
 
 
 def test_the_current_mesh_under_another_host_name_is_not_replaced(mesh):
