@@ -952,27 +952,32 @@ class Mesh:
             self.options[fam] = want
         try:
             self.cluster.sync(self.cluster._correct_state)
-        except Exception as exc:
-            # the new workers did not start (a bad preload, no memory...): the mesh
-            # keeps those it had, and says so in one line
+        except BaseException as exc:
+            # the new workers did not start (a bad preload, no memory...), or Ctrl-C
+            # stopped them: the mesh keeps those it had, and says so in one line
             self._drop_unstarted(added)
             self.options.update(before)
+            if not isinstance(exc, Exception):
+                raise  # (Ctrl-C: the mesh is as it was)
             why = (str(exc).strip().splitlines() or [""])[0]
             n = len(self.cluster.workers)
             raise MeshError(
                 f"the new workers did not start ({type(exc).__name__}: {why}); the mesh "
                 f"keeps its {n} worker{'s' * (n != 1)}: the log of this process (or the "
                 f"terminal that runs Jupyter) has the workers' own messages") from None
-        # a dead worker of a kind not scaled stays in the spec: nothing waits for it
-        self._wait_for(len(spec) - len(self._dead_workers()))
-        if self.options.get("memory_limit", "auto") == "auto":
-            # the host's memory over the mesh's workers, for those it had too (each
-            # kept its share of the smaller mesh: together more than the host has, and
-            # Dask's spilling and pausing no longer kept the host from running out)
-            share = worker_memory("auto", sum(after.values()))
-            for worker in spec.values():
-                worker.setdefault("options", {})["memory_limit"] = share  # (restarts)
-            self._share_memory(int(share))
+        try:
+            # a dead worker of a kind not scaled stays in the spec: nothing waits for it
+            self._wait_for(len(spec) - len(self._dead_workers()))
+        finally:  # (a Ctrl-C in the wait too: the workers run, and must share)
+            if self.options.get("memory_limit", "auto") == "auto":
+                # the host's memory over the mesh's workers, for those it had too (each
+                # kept its share of the smaller mesh: together more than the host has,
+                # and Dask's spilling and pausing no longer kept the host from running
+                # out)
+                share = worker_memory("auto", sum(after.values()))
+                for worker in spec.values():
+                    worker.setdefault("options", {})["memory_limit"] = share  # (restarts)
+                self._share_memory(int(share))
         remote = self.__dict__.get("_remote")
         if remote is not None:
             # a kind scaled away is gone on purpose: a remote cell asking for it fails
@@ -1175,6 +1180,7 @@ class Mesh:
         wait to reconnect, and its cached view shows no workers)."""
         status = getattr(self.client, "status", "running")
         if status != "running" or self.client.scheduler is None:
+            self._check_open()  # (closed meanwhile, from another thread: said as such)
             raise MeshError(
                 f"the scheduler at {self.address} is not reachable (Dask's client is "
                 f"{status}): run %mesh close, then %mesh start or %mesh connect ADDRESS"

@@ -256,6 +256,24 @@ def test_new_workers_that_fail_to_start_are_one_line_and_the_mesh_keeps_its_own(
     assert mesh.scale(cpu=had["cpu"]).by_kind() == had
 
 
+def test_ctrl_c_while_new_workers_start_leaves_the_mesh_as_it_was(mesh, monkeypatch):
+    # the spec and options said 3 workers, 2 ran, and no share of memory was given
+    had = mesh.inventory().by_kind()
+    real_sync = mesh.cluster.sync
+
+    def sync(func, *args, **kwargs):
+        if func == mesh.cluster._correct_state:
+            raise KeyboardInterrupt
+        return real_sync(func, *args, **kwargs)
+
+    monkeypatch.setattr(mesh.cluster, "sync", sync)
+    with pytest.raises(KeyboardInterrupt):
+        mesh.scale(cpu=had["cpu"] + 1)
+    monkeypatch.undo()
+    assert mesh.options["cpu"] == had["cpu"] and len(mesh.cluster.worker_spec) == had["cpu"]
+    assert mesh.inventory().by_kind() == had
+
+
 def test_scaling_to_more_tpu_workers_than_chips_is_one_line(mesh, monkeypatch):
     from jupyter_mesh.devices import _tpu
 

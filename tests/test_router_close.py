@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from .meshes import fresh_local_mesh
 from .test_router_live import pipeline
 
@@ -189,3 +191,108 @@ def jm_local_unset():
     import jupyter_mesh as jm
 
     return jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, set_current=False)
+
+
+def _slow_block(block):
+    time.sleep(0.2)
+    return block
+
+
+@pytest.mark.parametrize("route", ["auto", "off"])
+def test_a_mesh_closed_in_another_thread_fails_its_computation_in_one_line(route):
+    # it raised AttributeError: 'NoneType' object has no attribute ... (the closed
+    # client's scheduler)
+    import threading
+
+    import dask.array as da
+
+    from jupyter_mesh import MeshError
+
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        y = da.ones((40, 10), chunks=(1, 10)).map_blocks(_slow_block).sum()
+        caught: list[BaseException] = []
+
+        def run():
+            try:
+                m.compute(y, route=route)
+            except BaseException as exc:  # noqa: BLE001 (what the thread saw)
+                caught.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(1.5)
+        m.close()
+        worker.join(60)
+    (exc,) = caught
+    assert isinstance(exc, MeshError), repr(exc)
+    assert str(exc) == (f"the mesh at {m.address} was closed while this computation ran "
+                        f"(mesh.close or %mesh close, in another thread or cell): start or "
+                        f"connect a mesh, then compute again")
+
+
+def _die(block):
+    import os
+
+    if block.size:  # (not for Dask's look at a 0-size block, here in the test)
+        os._exit(1)  # as a worker that runs out of memory is killed
+    return block
+
+
+@pytest.mark.parametrize("route", ["auto", "off"])
+def test_workers_that_die_running_a_task_get_a_note_on_dasks_error(route):
+    # Dask's KilledWorker says "... on 1 different workers", never why they die
+    import dask
+    import dask.array as da
+    from distributed.scheduler import KilledWorker
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+            with pytest.raises(KilledWorker) as info:
+                m.compute(da.ones(4, chunks=2).map_blocks(_die, dtype=float).sum(),
+                          route=route)
+    (note,) = info.value.__notes__
+    assert note.startswith("jupyter_mesh: the workers that ran this task died while "
+                           "running it; out of memory is the usual cause")
+
+
+def test_a_remote_cell_on_a_mesh_closed_meanwhile_says_so():
+    # it said the worker "died while running the cell ... the next cell picks another
+    # worker": the whole mesh was gone
+    import threading
+
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        caught: list[BaseException] = []
+
+        def run():
+            try:
+                m.run_cell("import time\ntime.sleep(10)")
+            except BaseException as exc:  # noqa: BLE001 (what the thread saw)
+                caught.append(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        time.sleep(2.0)
+        m.close()
+        worker.join(60)
+    (exc,) = caught
+    assert "the mesh was closed while the cell ran on cpu-0" in str(exc), repr(exc)
+
+
+def test_a_routed_computation_waits_for_a_worker_its_nanny_restarts():
+    # a worker killed (for its memory, say) and restarting: the router said "no live
+    # workers" at once, where plain Dask waits for it
+    import os
+    import signal
+
+    import dask.array as da
+
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        (dev,) = m.inventory()
+        m.compute(da.ones(4, chunks=2).sum())  # (the mesh has had workers)
+        os.kill(dev.extra["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while len(m.inventory()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not len(m.inventory())  # gone, and not back yet
+        assert m.compute(da.ones(4, chunks=2).sum()) == (4.0,)
+        assert m.submit(sum, [1, 2], needs="reduction").result() == 3

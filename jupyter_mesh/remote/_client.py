@@ -762,6 +762,9 @@ class RemoteCells:
         exc = run.failure
         if isinstance(exc, MeshError):
             return str(exc)
+        if self.mesh.closed:  # (from another thread or cell)
+            return (f"the mesh was closed while the cell ran on {run.label} (mesh.close "
+                    f"or %mesh close); its remote namespace is gone with it")
         try:  # the scheduler went away during the cell: that is what to say
             self.mesh._check_reachable()
         except MeshError as gone:
@@ -779,7 +782,8 @@ class RemoteCells:
         if not alive:
             self.namespaces.pop(run.device.worker, None)
             return (f"worker {run.label} ({run.device.target}) died while running the "
-                    f"cell; its remote namespace is lost (the next cell picks another worker)")
+                    f"cell (out of memory is the usual cause: its nanny restarts it); its "
+                    f"remote namespace is lost (the next cell picks another worker)")
         reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
             type(exc).__name__
         return f"lost the connection to worker {run.label} during the cell ({reason})"

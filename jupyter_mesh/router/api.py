@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import sys
 import threading
 import time
 import uuid
@@ -259,9 +260,26 @@ def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
     return _plan_graph(mesh, graph, keys, route, site, pin)
 
 
+def _live_inventory(mesh: Mesh) -> Any:
+    """The mesh's inventory; where it lists no worker now but had some (a worker killed
+    for its memory, restarting under its nanny, as plain Dask waits for), up to
+    ``mesh.fallback-timeout`` seconds for one to come back."""
+    inv = mesh.inventory()
+    expected = bool(getattr(getattr(mesh, "cluster", None), "worker_spec", None)) or \
+        mesh.__dict__.get("_router_saw_workers", False)
+    if len(inv):
+        mesh.__dict__["_router_saw_workers"] = True
+    elif expected:
+        deadline = time.monotonic() + _config.get_seconds("fallback-timeout")
+        while not len(inv) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            inv = mesh.inventory()
+    return inv
+
+
 def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
                 site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
-    devices = list(mesh.inventory())
+    devices = list(_live_inventory(mesh))
     pools = build_pools(devices)
     plan: Any
     if not pin and use_layer_plan(graph):
@@ -412,11 +430,12 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             watch.started(futures, check=_no_worker_check(mesh))
             _wait_unrouted(mesh, futures)
             gathered = tuple(mesh.client.gather(futures))
-        except BaseException:
+        except BaseException as exc:
             # Ctrl-C or a failure: the scheduler drops the rest of the computation
             for future in futures:
                 future.release()
             watch.stopped(aborted=True)
+            _say_why(mesh, exc)
             raise
         watch.stopped()
         return tuple(repack(gathered))
@@ -429,6 +448,23 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         finalize, extra = c.__dask_postcompute__()
         out.append(finalize(_nest(c.__dask_keys__(), by_key), *extra))
     return tuple(repack(out))
+
+
+def _say_why(mesh: Mesh, exc: BaseException | None) -> None:
+    """Where a computation failed for a reason Dask's error does not say: a mesh closed
+    meanwhile (from another thread: Dask's client fails in its own ways) is a one-line
+    MeshError; workers that died running a task get a note on Dask's KilledWorker."""
+    from distributed.scheduler import KilledWorker
+
+    if mesh.closed and isinstance(exc, Exception):  # (whatever the closing made fail)
+        raise MeshError(f"the mesh at {mesh.address} was closed while this computation "
+                        f"ran (mesh.close or %mesh close, in another thread or cell): "
+                        f"start or connect a mesh, then compute again") from None
+    if isinstance(exc, KilledWorker) and not getattr(exc, "_jupyter_mesh_noted", False):
+        exc._jupyter_mesh_noted = True  # type: ignore[attr-defined]
+        exc.add_note("jupyter_mesh: the workers that ran this task died while running it; "
+                     "out of memory is the usual cause: use smaller chunks, or give the "
+                     "workers more memory (memory_limit=)")
 
 
 def _nest(keys: Any, values: dict[Any, Any]) -> Any:
@@ -450,8 +486,6 @@ def _callers_level() -> int:
     """The ``stacklevel`` that points a warning from the function calling this at the
     user's own code: the first frame outside jupyter_mesh, Dask and distributed (a plain
     ``.compute()`` inside ``mesh.route`` goes through Dask's frames first)."""
-    import sys
-
     import distributed
 
     ours = tuple(os.path.dirname(os.path.dirname(m.__file__ or "")) + os.sep
@@ -540,6 +574,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         watch.stopped(aborted=True)
         # the error (or Ctrl-C) says it all: no later warning for this computation
         notices.forget(routed.plan_id)
+        _say_why(mesh, sys.exc_info()[1])
         raise
     watch.stopped()
     names = getattr(plan, "worker_names", None) or {}
@@ -656,7 +691,7 @@ def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
     from distributed.client import _wait as wait_async
 
     client = mesh.client
-    status = getattr(client.scheduler, STATUS_HANDLER)
+    status = getattr(_scheduler(mesh), STATUS_HANDLER)
     while True:
         try:
             # this mesh's client, which need not be the default one
@@ -1156,7 +1191,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         raise MeshError("pass on= (a target) or needs= (a capability), not both")
     site = _check_site(site)
     timeout = _config.get_seconds("fallback-timeout")  # a bad one fails before it runs
-    inv = mesh.inventory()
+    inv = _live_inventory(mesh)
     if not len(inv):
         add = ("mesh.scale(cpu=1)" if mesh.owns_cluster
                else f"jupyter-mesh worker {mesh.address} on a machine of the mesh")
