@@ -29,7 +29,7 @@ def test_quickstart_notebook_runs_and_shows_the_mesh():
     code = [c for c in nb.cells if c.cell_type == "code"]
     by_source = {c.source.strip(): c for c in code}
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
-    started = _outputs(by_source["%mesh start --cpu 2"])
+    started = _outputs(by_source["%mesh start --cpu 2 --replace"])
     assert "2 devices" in started
     assert "cpu @ local: 2" in _outputs(by_source["%mesh"])
     mean_cell = next(c for c in code if "x.mean().compute()" in c.source)
