@@ -1134,7 +1134,7 @@ def _subsections(section: str) -> tuple[str, dict[str, str]]:
 
 def _update(section: str, partial: bool = False) -> None:
     """Write the Router section; ``partial``: only some parts ran, so replace just
-    their subsections and keep the others (and the old header) as they were."""
+    their subsections (and the header, which dates no part) and keep the others."""
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -929,51 +930,50 @@ class Mesh:
         # a new JAX CPU worker is pinned as one of a mesh of this new make-up would be
         pins = jax_cpu_sets(after["jax_cpu"], after["cpu"] * nthreads, nthreads,
                             _config.pin_jax())
-        before = {fam: self.options.get(fam, 0) for fam in checked}
-        added: list[str] = []
-        for fam, want in checked.items():
-            names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
-            for name in names[want:]:
-                del spec[name]
-            used = {_index_of(n) for n in names[:want]}
-            i = 0
-            while sum(1 for n in spec if _family_of(n) == fam) < want:
-                if i not in used:
-                    added.append(_spec_name(fam, i))
-                    spec[_spec_name(fam, i)] = _worker_spec(
-                        fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
-                        self.options.get("host", "127.0.0.1"),
-                        worker_memory(self.options.get("memory_limit", "auto"),
-                                      sum(after.values())),
-                        self.options.get("security"),
-                        pins[i % len(pins)] if fam == "jax_cpu" and pins else None,
-                    )
-                i += 1
-            self.options[fam] = want
-        try:
-            self.cluster.sync(self.cluster._correct_state)
-        except BaseException as exc:
-            # the new workers did not start (a bad preload, no memory...), or Ctrl-C
-            # stopped them: the mesh keeps those it had, and says so in one line
-            self._drop_unstarted(added)
-            self.options.update(before)
-            if not isinstance(exc, Exception):
-                raise  # (Ctrl-C: the mesh is as it was)
-            why = (str(exc).strip().splitlines() or [""])[0]
-            n = len(self.cluster.workers)
-            raise MeshError(
-                f"the new workers did not start ({type(exc).__name__}: {why}); the mesh "
-                f"keeps its {n} worker{'s' * (n != 1)}: the log of this process (or the "
-                f"terminal that runs Jupyter) has the workers' own messages") from None
-        try:
+        # Ctrl-C waits for the change to be whole (stopped half-way, the spec, the
+        # options and the workers that run disagreed, and new workers went on starting
+        # outside the spec), then stops the cell
+        with _interrupt_after("scaling the mesh"):
+            before = {fam: self.options.get(fam, 0) for fam in checked}
+            added: list[str] = []
+            for fam, want in checked.items():
+                names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
+                for name in names[want:]:
+                    del spec[name]
+                used = {_index_of(n) for n in names[:want]}
+                i = 0
+                while sum(1 for n in spec if _family_of(n) == fam) < want:
+                    if i not in used:
+                        added.append(_spec_name(fam, i))
+                        spec[_spec_name(fam, i)] = _worker_spec(
+                            fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
+                            self.options.get("host", "127.0.0.1"),
+                            worker_memory(self.options.get("memory_limit", "auto"),
+                                          sum(after.values())),
+                            self.options.get("security"),
+                            pins[i % len(pins)] if fam == "jax_cpu" and pins else None,
+                        )
+                    i += 1
+                self.options[fam] = want
+            try:
+                self.cluster.sync(self.cluster._correct_state)
+            except Exception as exc:
+                # the new workers did not start (a bad preload, no memory...): the mesh
+                # keeps those it had, and says so in one line
+                self._drop_unstarted(added)
+                self.options.update(before)
+                why = (str(exc).strip().splitlines() or [""])[0]
+                n = len(self.cluster.workers)
+                raise MeshError(
+                    f"the new workers did not start ({type(exc).__name__}: {why}); the mesh "
+                    f"keeps its {n} worker{'s' * (n != 1)}: the log of this process (or the "
+                    f"terminal that runs Jupyter) has the workers' own messages") from None
             # a dead worker of a kind not scaled stays in the spec: nothing waits for it
             self._wait_for(len(spec) - len(self._dead_workers()))
-        finally:  # (a Ctrl-C in the wait too: the workers run, and must share)
             if self.options.get("memory_limit", "auto") == "auto":
                 # the host's memory over the mesh's workers, for those it had too (each
-                # kept its share of the smaller mesh: together more than the host has,
-                # and Dask's spilling and pausing no longer kept the host from running
-                # out)
+                # kept its share of the smaller mesh: together more than the host has, and
+                # Dask's spilling and pausing no longer kept the host from running out)
                 share = worker_memory("auto", sum(after.values()))
                 for worker in spec.values():
                     worker.setdefault("options", {})["memory_limit"] = share  # (restarts)
@@ -1618,6 +1618,34 @@ def _make_up(devices: list[Any]) -> tuple[tuple[tuple[str, str, int], int], ...]
     """How many workers of each (site, target, threads) a mesh has."""
     counts = collections.Counter((d.site, d.target, int(d.nthreads)) for d in devices)
     return tuple(sorted(counts.items()))
+
+
+@contextlib.contextmanager
+def _interrupt_after(what: str) -> Any:
+    """Inside, Ctrl-C (SIGINT, in the main thread) is held until the block ends, then
+    raised: for changes that must not stop half-way. Elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    asked: list[bool] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if not asked:
+            print(f"jupyter_mesh: {what}; it stops once that is done", file=sys.stderr,
+                  flush=True)
+        asked.append(True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, hold)
+    except ValueError:  # (no signals here after all)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if asked:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -130,6 +130,8 @@ class TextLine:
 
         try:
             columns = int(os.environ["COLUMNS"])
+            if columns <= 0:
+                raise ValueError(columns)  # (as shutil reads it)
         except (KeyError, ValueError):
             try:
                 columns = os.get_terminal_size(self.stream.fileno()).columns
@@ -138,11 +140,6 @@ class TextLine:
         return max(columns - 1, 1)
 
     def _write(self, text: str) -> None:
-        if self.stream is not sys.stdout:
-            # what the cell printed last, before the line (stdout holds a line back
-            # until its end; the line is on another stream)
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -527,6 +524,10 @@ class RemoteWatch:
                     bar.value = self._fraction(elapsed)
                     text.value = f"{_escape(label)}: running {spent}"
         elif self.line is not None:
+            # what the cell printed last comes out before the line (stdout holds a line
+            # back until its end; the line is on stderr)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
             running = [lb for lb in self.labels if lb not in self.ended]
             state = end or f"running on {', '.join(running)}"
             limit = f" of {self.timeout:g} s" if self.timeout else ""

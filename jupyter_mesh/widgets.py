@@ -126,10 +126,11 @@ class MeshPanel(w.VBox):
         if self.interval > 0 and not mesh.closed:
             # one panel per mesh refreshes: a cell run again made a new one each time,
             # and the old ones, out of sight, went on reading the mesh until it closed
-            older = _LIVE.get(mesh)
+            ref = _LIVE.get(mesh)
+            older = ref() if ref is not None else None
             if older is not None and older is not self:
                 older._superseded()
-            _LIVE[mesh] = self
+            _LIVE[mesh] = weakref.ref(self)
             self._thread = threading.Thread(target=self._loop, name="jupyter-mesh-widget",
                                             daemon=True)
             self._thread.start()
@@ -201,6 +202,7 @@ class MeshPanel(w.VBox):
     def _on_mesh_event(self, event: str, mesh: Any) -> None:
         if event == "close" and mesh is self.mesh:
             self._stop.set()
+            _LIVE.pop(mesh, None)
             # nothing more to hear about: the closed mesh is not kept alive through it
             with contextlib.suppress(ValueError):
                 _state.listeners.remove(self._on_mesh_event)
@@ -268,8 +270,9 @@ class MeshPanel(w.VBox):
         return True
 
 
-#: the panel of each mesh that refreshes
-_LIVE: weakref.WeakKeyDictionary[Any, MeshPanel] = weakref.WeakKeyDictionary()
+#: the panel of each mesh that refreshes (weakly: a panel holds its mesh, and this
+#: must keep neither alive)
+_LIVE: weakref.WeakKeyDictionary[Any, weakref.ref[MeshPanel]] = weakref.WeakKeyDictionary()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -256,22 +256,31 @@ def test_new_workers_that_fail_to_start_are_one_line_and_the_mesh_keeps_its_own(
     assert mesh.scale(cpu=had["cpu"]).by_kind() == had
 
 
-def test_ctrl_c_while_new_workers_start_leaves_the_mesh_as_it_was(mesh, monkeypatch):
-    # the spec and options said 3 workers, 2 ran, and no share of memory was given
+def test_ctrl_c_while_a_scale_runs_stops_once_the_change_is_whole(mesh, monkeypatch, capsys):
+    # stopped half-way, the spec and options said 3 workers where 2 ran (or a new one
+    # went on starting outside the spec), and no share of memory was given
+    import signal
+
     had = mesh.inventory().by_kind()
     real_sync = mesh.cluster.sync
 
     def sync(func, *args, **kwargs):
         if func == mesh.cluster._correct_state:
-            raise KeyboardInterrupt
+            # Ctrl-C as the new workers start: what SIGINT's handler gets
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
         return real_sync(func, *args, **kwargs)
 
     monkeypatch.setattr(mesh.cluster, "sync", sync)
     with pytest.raises(KeyboardInterrupt):
         mesh.scale(cpu=had["cpu"] + 1)
     monkeypatch.undo()
-    assert mesh.options["cpu"] == had["cpu"] and len(mesh.cluster.worker_spec) == had["cpu"]
-    assert mesh.inventory().by_kind() == had
+    assert "jupyter_mesh: scaling the mesh; it stops once that is done" in \
+        capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    n = had["cpu"] + 1
+    assert mesh.options["cpu"] == n and len(mesh.cluster.worker_spec) == n
+    assert mesh.inventory().by_kind() == {"cpu": n}
+    assert mesh.scale(cpu=had["cpu"]).by_kind() == had
 
 
 def test_scaling_to_more_tpu_workers_than_chips_is_one_line(mesh, monkeypatch):

@@ -549,5 +549,10 @@ def test_the_cells_own_text_comes_out_before_the_line(monkeypatch):
             events.append(("stderr", text))
 
     monkeypatch.setattr(progress.sys, "stdout", Out())
-    progress.TextLine(Err()).end("remote cell: finished | 0.1s")
-    assert events[0] == ("stdout flushed",) and events[1][0] == "stderr"
+    monkeypatch.setattr(progress.sys, "stderr", Err())
+    monkeypatch.setattr(progress, "in_notebook", lambda: False)
+    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.done(True, {"cpu-0": "finished"})
+    first_line = next(i for i, e in enumerate(events) if e[0] == "stderr")
+    assert ("stdout flushed",) in events[:first_line]

@@ -76,6 +76,10 @@ def test_classify_labels():
     assert classify_label("arg-reduce") == "reduction"  # argmax's per-chunk step
     assert classify_label("topk") == "reduction"
     assert classify_label("_sqrt") == "elementwise"  # std's, through a wrapper of Dask's
+    # a user's function merely named like them stays unclassified (of unknown cost, it
+    # is never batched with others)
+    for label in ("reduce_rows", "run_exp", "read_log", "argtopk_preprocess"):
+        assert classify_label(label) == "other", label
 
 
 def test_an_elementwise_op_costs_one_operation_per_element_it_writes():

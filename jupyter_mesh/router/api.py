@@ -424,7 +424,11 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         # for this computation's
         mesh.last_plan = mesh.last_report = None
         watch = progress.FuturesWatch(mesh, None, "route=off")
-        futures = mesh.client.compute(list(collections))
+        try:
+            futures = mesh.client.compute(list(collections))
+        except Exception as exc:
+            _say_why(mesh, exc)
+            raise
         try:
             # the bar's wait checks for a mesh left without workers too
             watch.started(futures, check=_no_worker_check(mesh))
@@ -460,11 +464,13 @@ def _say_why(mesh: Mesh, exc: BaseException | None) -> None:
         raise MeshError(f"the mesh at {mesh.address} was closed while this computation "
                         f"ran (mesh.close or %mesh close, in another thread or cell): "
                         f"start or connect a mesh, then compute again") from None
-    if isinstance(exc, KilledWorker) and not getattr(exc, "_jupyter_mesh_noted", False):
+    if (isinstance(exc, KilledWorker) and hasattr(exc, "add_note")  # (Python 3.11+)
+            and not getattr(exc, "_jupyter_mesh_noted", False)):
         exc._jupyter_mesh_noted = True  # type: ignore[attr-defined]
         exc.add_note("jupyter_mesh: the workers that ran this task died while running it; "
-                     "out of memory is the usual cause: use smaller chunks, or give the "
-                     "workers more memory (memory_limit=)")
+                     "out of memory is the usual cause: use smaller chunks, or fewer "
+                     "workers with more memory each (memory_limit=, or jupyter-mesh "
+                     "worker --memory-limit)")
 
 
 def _nest(keys: Any, values: dict[Any, Any]) -> Any:
@@ -678,6 +684,7 @@ def _register(mesh: Mesh, payload: bytes) -> None:
 
 def _scheduler(mesh: Mesh) -> rpc | PooledRPCCall:
     """The mesh client's connection to its scheduler (MeshError once it lost it)."""
+    mesh._check_open()  # (closed meanwhile, in another thread: said as such)
     scheduler = mesh.client.scheduler
     if scheduler is None:
         raise MeshError(
