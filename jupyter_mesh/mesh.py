@@ -1509,6 +1509,21 @@ def _ssl_cause(exc: BaseException) -> Any:
     return None
 
 
+def _plain_speaker(exc: BaseException) -> str | None:
+    """What in ``exc``'s chain says the peer spoke plain tcp to a TLS client: OpenSSL's
+    wrong version number (it read Dask's bytes as a TLS record), or Tornado refusing to
+    start TLS on a stream the peer already wrote to (a Dask server speaks first)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        text = str(cur)
+        if "WRONG_VERSION_NUMBER" in text.upper() or "cannot convert to SSL" in text:
+            return (text.splitlines() or [type(cur).__name__])[0]
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _plain_form(address: str) -> str:
     return "tcp://" + address.split("://", 1)[-1]
 
@@ -1520,13 +1535,14 @@ def _could_not_connect(address: str, timeout: float, exc: Exception,
     did not wait)."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     tls = _ssl_cause(exc)
+    plain = _plain_speaker(exc)
+    if plain is not None:
+        return MeshError(
+            f"{address} does not answer in TLS ({plain}): the scheduler there listens "
+            f"in plain tcp, as far as this can tell; use {_plain_form(address)}, or "
+            f"start the scheduler with TLS")
     if tls is not None:
         said = str(getattr(tls, "verify_message", "") or getattr(tls, "reason", "") or tls)
-        if "WRONG_VERSION_NUMBER" in said.upper():
-            return MeshError(
-                f"{address} does not answer in TLS ({said}): the scheduler there listens "
-                f"in plain tcp, as far as this can tell; use {_plain_form(address)}, or "
-                f"start the scheduler with TLS")
         if "expired" in said.lower() or "not yet valid" in said.lower():
             return MeshError(
                 f"the TLS handshake with {address} failed ({said}): a certificate is out "
