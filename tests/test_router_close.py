@@ -296,3 +296,29 @@ def test_a_routed_computation_waits_for_a_worker_its_nanny_restarts():
         assert not len(m.inventory())  # gone, and not back yet
         assert m.compute(da.ones(4, chunks=2).sum()) == (4.0,)
         assert m.submit(sum, [1, 2], needs="reduction").result() == 3
+
+
+def test_a_mesh_whose_nannies_all_stopped_is_not_waited_for():
+    # nothing restarts its workers: "no live workers" at once, not after fallback-timeout
+    import dask
+    import dask.array as da
+    from distributed.core import Status
+
+    from jupyter_mesh import MeshError
+
+    with dask.config.set({"mesh.fallback-timeout": 30}):
+        with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+            (dev,) = m.inventory()
+            for nanny in m.cluster.workers.values():
+                nanny.status = Status.closing_gracefully  # as if its machine were gone
+            import os
+            import signal
+
+            os.kill(dev.extra["pid"], signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while len(m.inventory()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            t0 = time.monotonic()
+            with pytest.raises(MeshError, match="no live workers"):
+                m.compute(da.ones(4, chunks=2).sum())
+            assert time.monotonic() - t0 < 10

@@ -265,8 +265,11 @@ def _live_inventory(mesh: Mesh) -> Any:
     for its memory, restarting under its nanny, as plain Dask waits for), up to
     ``mesh.fallback-timeout`` seconds for one to come back."""
     inv = mesh.inventory()
-    expected = bool(getattr(getattr(mesh, "cluster", None), "worker_spec", None)) or \
-        mesh.__dict__.get("_router_saw_workers", False)
+    if mesh.owns_cluster:  # a nanny that restarts a worker (none whose nanny stopped)
+        spec = getattr(mesh.cluster, "worker_spec", None) or {}
+        expected = len(spec) > len(mesh._dead_workers())
+    else:
+        expected = mesh.__dict__.get("_router_saw_workers", False)
     if len(inv):
         mesh.__dict__["_router_saw_workers"] = True
     elif expected:
