@@ -46,6 +46,21 @@ def kill_jax_worker_when_busy(mesh: jm.Mesh) -> None:
     os.kill(jax_dev.extra["pid"], signal.SIGKILL)
 
 
+def kill_worker(mesh: jm.Mesh, dev: Any, stand_down: bool = False) -> None:
+    """SIGKILL the worker of device ``dev`` and return once the mesh lists it no more
+    (30 s at most); with ``stand_down`` its nanny (in this process) is made to stand
+    down first, as if its machine were gone, so nothing restarts it."""
+    if stand_down:
+        for nanny in mesh.cluster.workers.values():
+            if nanny.worker_address == dev.worker:
+                nanny.status = Status.closing_gracefully
+    os.kill(dev.extra["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(d.worker == dev.worker for d in mesh.inventory()) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def record_remote_output(monkeypatch) -> list[tuple[float, str]]:
     """Record when each piece of a remote cell's stream output reaches the notebook:
     ``(time.monotonic(), text)`` pairs, appended as they arrive."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, kill_worker
 from .test_router_live import pipeline
 
 
@@ -198,32 +198,38 @@ def _slow_block(block):
     return block
 
 
-@pytest.mark.parametrize("route", ["auto", "off"])
-def test_a_mesh_closed_in_another_thread_fails_its_computation_in_one_line(route):
-    # it raised AttributeError: 'NoneType' object has no attribute ... (the closed
-    # client's scheduler)
+def _closed_meanwhile(call, after):
+    """Run ``call(mesh)`` in a thread on a fresh mesh, close the mesh ``after`` seconds
+    into it; the mesh and what the call raised."""
     import threading
 
-    import dask.array as da
-
-    from jupyter_mesh import MeshError
-
+    caught: list[BaseException] = []
     with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
-        y = da.ones((40, 10), chunks=(1, 10)).map_blocks(_slow_block).sum()
-        caught: list[BaseException] = []
-
         def run():
             try:
-                m.compute(y, route=route)
+                call(m)
             except BaseException as exc:  # noqa: BLE001 (what the thread saw)
                 caught.append(exc)
 
         worker = threading.Thread(target=run)
         worker.start()
-        time.sleep(1.5)
+        time.sleep(after)
         m.close()
         worker.join(60)
     (exc,) = caught
+    return m, exc
+
+
+@pytest.mark.parametrize("route", ["auto", "off"])
+def test_a_mesh_closed_in_another_thread_fails_its_computation_in_one_line(route):
+    # it raised AttributeError: 'NoneType' object has no attribute ... (the closed
+    # client's scheduler)
+    import dask.array as da
+
+    from jupyter_mesh import MeshError
+
+    y = da.ones((40, 10), chunks=(1, 10)).map_blocks(_slow_block).sum()
+    m, exc = _closed_meanwhile(lambda m: m.compute(y, route=route), after=1.5)
     assert isinstance(exc, MeshError), repr(exc)
     assert str(exc) == (f"the mesh at {m.address} was closed while this computation ran "
                         f"(mesh.close or %mesh close, in another thread or cell): start or "
@@ -258,41 +264,20 @@ def test_workers_that_die_running_a_task_get_a_note_on_dasks_error(route):
 def test_a_remote_cell_on_a_mesh_closed_meanwhile_says_so():
     # it said the worker "died while running the cell ... the next cell picks another
     # worker": the whole mesh was gone
-    import threading
 
-    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
-        caught: list[BaseException] = []
-
-        def run():
-            try:
-                m.run_cell("import time\ntime.sleep(10)")
-            except BaseException as exc:  # noqa: BLE001 (what the thread saw)
-                caught.append(exc)
-
-        worker = threading.Thread(target=run)
-        worker.start()
-        time.sleep(2.0)
-        m.close()
-        worker.join(60)
-    (exc,) = caught
+    _, exc = _closed_meanwhile(lambda m: m.run_cell("import time\ntime.sleep(10)"), after=2.0)
     assert "the mesh was closed while the cell ran on cpu-0" in str(exc), repr(exc)
 
 
 def test_a_routed_computation_waits_for_a_worker_its_nanny_restarts():
     # a worker killed (for its memory, say) and restarting: the router said "no live
     # workers" at once, where plain Dask waits for it
-    import os
-    import signal
-
     import dask.array as da
 
     with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
         (dev,) = m.inventory()
         m.compute(da.ones(4, chunks=2).sum())  # (the mesh has had workers)
-        os.kill(dev.extra["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while len(m.inventory()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        kill_worker(m, dev)
         assert not len(m.inventory())  # gone, and not back yet
         assert m.compute(da.ones(4, chunks=2).sum()) == (4.0,)
         assert m.submit(sum, [1, 2], needs="reduction").result() == 3
@@ -302,22 +287,13 @@ def test_a_mesh_whose_nannies_all_stopped_is_not_waited_for():
     # nothing restarts its workers: "no live workers" at once, not after fallback-timeout
     import dask
     import dask.array as da
-    from distributed.core import Status
 
     from jupyter_mesh import MeshError
 
     with dask.config.set({"mesh.fallback-timeout": 30}):
         with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
             (dev,) = m.inventory()
-            for nanny in m.cluster.workers.values():
-                nanny.status = Status.closing_gracefully  # as if its machine were gone
-            import os
-            import signal
-
-            os.kill(dev.extra["pid"], signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while len(m.inventory()) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            kill_worker(m, dev, stand_down=True)
             t0 = time.monotonic()
             with pytest.raises(MeshError, match="no live workers"):
                 m.compute(da.ones(4, chunks=2).sum())

@@ -12,7 +12,7 @@ import pytest
 
 from jupyter_mesh import MeshError, MeshFallbackWarning
 
-from .meshes import fresh_local_mesh, kill_jax_worker_when_busy
+from .meshes import fresh_local_mesh, kill_jax_worker_when_busy, kill_worker
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +70,6 @@ def _fallbacks(shown):
 def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mesh):
     # the last worker goes (its nanny stands down, as if killed too): route="off" is
     # plain Dask, which would wait for a worker for ever
-    import os
-    import signal
-
-    from distributed.core import Status
-
     (dev,) = mesh.inventory()
     # a submit with no target, running there: it fails too, once the fallback's
     # timeout has passed with no worker (it waited for ever)
@@ -82,12 +77,7 @@ def test_an_unrouted_computation_with_no_worker_left_fails_rather_than_waits(mes
     deadline = time.monotonic() + 30
     while not mesh.client.processing().get(dev.worker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    for nanny in mesh.cluster.workers.values():
-        nanny.status = Status.closing_gracefully
-    os.kill(dev.extra["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while len(mesh.inventory()) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    kill_worker(mesh, dev, stand_down=True)
     t0 = time.monotonic()
     with pytest.raises(Exception, match="no live worker left for 1 s"):
         held.result(timeout=30)
