@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
@@ -113,8 +114,15 @@ def test_auto_puts_big_matmul_on_the_gpu(mesh_devices):
     matmul = [p for k, p in gpu_share.items() if k[0].startswith("matmul")]
     assert matmul.count("gpu:cupy") > len(matmul) / 2
     assert rows["random_sample"]["target"] == "cpu:numpy"  # creation stays on the host
+    # the keys the README documents, nothing else (users make DataFrames of them)
     for r in plan.rows:
-        assert set(r) >= {"op", "target", "tasks", "est_seconds", "bytes_moved"}
+        assert set(r) == {"op", "class", "target", "tasks", "est_seconds", "bytes_moved"}
+    # a split op's target gives each pool with its share, largest first, as documented
+    counts = collections.Counter(matmul)
+    want = (matmul[0] if len(counts) == 1
+            else " + ".join(f"{label}×{n}" for label, n in counts.most_common()))
+    assert rows["matmul"]["target"] == want
+    assert rows["matmul"]["class"] == "matmul" and rows["matmul"]["tasks"] == len(matmul)
 
 
 def test_tiny_elementwise_stays_on_cpu(mesh_devices):
