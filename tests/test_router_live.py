@@ -116,6 +116,27 @@ def test_outputs_held_already_give_no_false_word_of_a_plan_not_taken(mesh):
         del held
 
 
+def ran_as_planned(report):
+    """Check that every task of a routed computation ran on a worker of the pool its
+    plan chose, with the backend the plan said; per op label, how many tasks ran on the
+    workers of each backend (``{"matmul": {"jax": 19, "numpy": 8}}``)."""
+    plan = report.plan
+    m = plan.model
+    on: dict = {}
+    for i, key in enumerate(m.keys):
+        rec = report.records.get(key)
+        if rec is None:  # not a task (an alias)
+            continue
+        p = plan.pool_of[i]
+        pool = plan.pools[p]
+        addr, backend, _ = rec
+        assert addr in pool.workers
+        assert backend == ("numpy" if plan.runs_numpy(m.layer[i], p) else pool.backend)
+        counts = on.setdefault(m.ops[m.layer[i]].label, {"jax": 0, "numpy": 0})
+        counts[pool.backend] += 1
+    return on
+
+
 def test_a_jax_cpu_worker_runs_numpy_tasks_where_numpy_is_faster(mesh):
     # the JAX CPU worker measured NumPy too (the NumPy worker's cached profile): it is
     # never planned slower than a NumPy worker, and runs each task with what its plan
@@ -136,18 +157,8 @@ def test_a_jax_cpu_worker_runs_numpy_tasks_where_numpy_is_faster(mesh):
     report = mesh.last_report
     plan = report.plan
     m = plan.model
-    on_jax = 0
-    for i, key in enumerate(m.keys):
-        rec = report.records.get(key)
-        if rec is None:  # not a task (an alias)
-            continue
-        p = plan.pool_of[i]
-        pool = plan.pools[p]
-        addr, backend, _ = rec
-        assert addr in pool.workers
-        assert backend == ("numpy" if plan.runs_numpy(m.layer[i], p) else pool.backend)
-        on_jax += pool.backend == "jax"
-    assert on_jax, "the plan used the JAX worker"
+    on = ran_as_planned(report)
+    assert sum(c["jax"] for c in on.values()), "the plan used the JAX worker"
     jax_pool, numpy_pool = (next(p for p in plan.pools if p.backend == b)
                             for b in ("jax", "numpy"))
     for op in m.ops:
@@ -324,6 +335,46 @@ def test_auto_equals_numpy(mesh):
     np.testing.assert_allclose(got, expected, rtol=1e-10)
     assert total == pytest.approx(expected.sum())
     assert mesh.last_report.plan.route == "auto"
+
+
+def test_auto_splits_a_pipeline_where_one_worker_is_faster_at_matmul(mesh, monkeypatch):
+    # both workers of this mesh are CPUs alike, so `auto` alone restricts nothing here;
+    # with the JAX worker's profile modelled as an accelerator's (30x the matmul
+    # throughput: a model, said as such in its source, the computation itself real)
+    # `auto` sends the matmuls to JAX and the random creation, which JAX has no
+    # translation for, to NumPy: a mixed placement, live, with the same numbers
+    import dataclasses
+
+    real = type(mesh).inventory
+
+    def faster_jax(self):
+        inv = real(self)
+        return type(inv)([
+            dataclasses.replace(d, profile=dataclasses.replace(
+                d.profile, flops32=d.profile.flops32 * 30, flops64=d.profile.flops64 * 30,
+                method="model", source="a test's modelled accelerator"),
+                extra={**d.extra, "numpy_profile": None})
+            if d.backend == "jax" else d for d in inv])
+
+    monkeypatch.setattr(type(mesh), "inventory", faster_jax)
+    x = da.random.random((1200, 1200), chunks=400)
+    y = ((x @ x.T) + 1).sum(axis=0)
+    expected = y.compute(scheduler="sync")
+    plan = mesh.explain(y)
+    rows = {r["op"]: r for r in plan.rows}
+    assert "cpu:jax" in rows["matmul"]["target"], rows["matmul"]
+    assert rows["random_sample"]["target"] == "cpu:numpy"
+    (got,) = mesh.compute(y)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    report = mesh.last_report
+    assert report.plan.route == "auto"
+    on = ran_as_planned(report)
+    # (how many matmuls go where depends on Dask's costs as measured on this mesh now,
+    # against which a task on the modelled accelerator saves only milliseconds)
+    assert on["matmul"]["jax"] > 0, on
+    assert on["random_sample"]["jax"] == 0 and on["random_sample"]["numpy"] == 9
+    # data crossed between the kinds: the plan says how much
+    assert report.plan.bytes_moved > 0
 
 
 def test_forced_numpy_and_off(mesh):
