@@ -373,3 +373,31 @@ def test_a_refused_request_is_logged_once(api, caplog):
     said = [r for r in caplog.records
             if "force must be true or false, not 'yes'" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
+
+
+def test_the_servers_log_names_the_api_under_its_base_url(tmp_path, caplog, monkeypatch):
+    # under JupyterHub the server has a base_url (/user/NAME/): the log said
+    # /jupyter-mesh/api/, where Jupyter answers 404
+    import logging
+    from types import SimpleNamespace
+
+    from tornado.web import Application
+
+    from jupyter_mesh.server import AUTOSTART_ENV, _load_jupyter_server_extension
+
+    monkeypatch.delenv(AUTOSTART_ENV, raising=False)
+    app = SimpleNamespace(runtime_dir=str(tmp_path), jpserver_extensions={},
+                          web_app=Application(base_url="/user/alice/"),
+                          log=logging.getLogger("test-jupyter-mesh-load"))
+    with caplog.at_level(logging.INFO, logger="test-jupyter-mesh-load"):
+        _load_jupyter_server_extension(app)
+    assert caplog.messages == ["jupyter_mesh: Mesh sidebar API at /user/alice/jupyter-mesh/api/"]
+    # and that is where it answers (a Tornado route for its health endpoint)
+    from tornado.httputil import HTTPHeaders, HTTPServerRequest, RequestStartLine
+
+    from jupyter_mesh.server.handlers import HealthHandler
+
+    found = app.web_app.find_handler(HTTPServerRequest(start_line=RequestStartLine(
+        "GET", "/user/alice/jupyter-mesh/api/health", "HTTP/1.1"),
+        headers=HTTPHeaders({"Host": "127.0.0.1"})))
+    assert found.handler_class is HealthHandler

@@ -379,6 +379,7 @@ class _RunningMesh:
 
     owns_cluster = True
     address = "tcp://127.0.0.1:2"
+    dashboard_link = None
 
     def __init__(self, workers):
         from types import SimpleNamespace
@@ -418,8 +419,12 @@ async def _worker_budget(tmp_path, monkeypatch):
         assert started == []
         # scaling counts the mesh's own workers once
         assert await manager.scale("local-x", {"cpu": 8}) == {"id": "local-x"}
+        assert await manager.scale("local-x", {"cpu": 6}) == {"id": "local-x"}
+        manager._starting = 2  # another mesh of 2 starting: 6 + 1 + 2 is past 8
         with pytest.raises(Conflict, match="would have 9"):
             await manager.scale("local-x", {"jax_cpu": 1})
+        manager._starting = 0
+        assert await manager.scale("local-x", {"cpu": 8}) == {"id": "local-x"}
         # over the budget (another mesh started with "auto" GPUs, say): scaling down
         # is still allowed
         manager._starting = 3
@@ -566,7 +571,62 @@ def test_a_request_too_big_by_itself_is_a_bad_request(tmp_path):
         async with MeshManager(tmp_path) as manager:
             with pytest.raises(BadRequest, match="cpu and jax_cpu together must be at most"):
                 await manager.start({"cpu": 1, "jax_cpu": top, "gpu": 0, "tpu": 0})
+            # GPU and TPU workers count too: stopping other meshes would not help
+            for body in ({"cpu": 1, "gpu": top}, {"cpu": 4, "tpu": top - 3}, {"gpu": top - 1}):
+                with pytest.raises(BadRequest, match=(
+                        rf"a mesh of {top + 1} worker processes is more than {top} \(four "
+                        rf"per core here\): ask for fewer workers")):
+                    await manager.start(body)
             assert manager._entries == {}
+
+    asyncio.run(go())
+
+
+def test_a_scale_too_big_by_itself_is_a_bad_request(tmp_path, monkeypatch):
+    async def go():
+        monkeypatch.setattr(manager_module, "most_local", lambda: 8)
+        async with MeshManager(tmp_path) as manager:
+            mesh = _RunningMesh(1)
+            _sidebar_mesh(manager, mesh, monkeypatch)
+            with pytest.raises(BadRequest, match="a mesh of 10 worker processes is more "
+                                                 "than 8 .*: ask for fewer workers"):
+                await manager.scale("local-x", {"cpu": 5, "jax_cpu": 5})
+            assert len(mesh.cluster.worker_spec) == 1  # nothing changed
+            assert await manager.scale("local-x", {"cpu": 8}) == {"id": "local-x"}
+
+    asyncio.run(go())
+
+
+def test_a_start_refused_before_or_while_starting_takes_no_name(tmp_path, monkeypatch):
+    # a mesh of no devices is refused before it is listed as starting; one that
+    # Mesh.local refuses (no TPU here) is listed while it starts, then gone, and the
+    # next mesh gets the number it had
+    from jupyter_mesh import MeshError
+
+    seen = []
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            def local(**kw):
+                seen.append([e.name for e in manager._entries.values()])
+                if kw.get("tpu"):
+                    raise MeshError("no TPU found for tpu=1 (this host has 0 TPU chips)")
+                return _RunningMesh(kw.get("cpu", 2))
+
+            monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(local))
+            monkeypatch.setattr(manager, "_sample", _no_sample)
+            monkeypatch.setattr(manager, "detail", lambda entry: {"name": entry.name})
+            monkeypatch.setattr(manager_module.discovery, "share_security",
+                                lambda *a: None)
+            with pytest.raises(BadRequest, match="a mesh needs at least one device: use "
+                                                 "cpu=1 or more"):
+                await manager.start({"cpu": 0, "gpu": 0, "tpu": 0})
+            assert seen == [] and manager._entries == {}
+            with pytest.raises(BadRequest, match="no TPU found"):
+                await manager.start({"cpu": 1, "tpu": 1})
+            assert seen == [["Local mesh 1"]] and manager._entries == {}
+            assert await manager.start({"cpu": 1, "gpu": 0, "tpu": 0}) == {
+                "name": "Local mesh 1"}
 
     asyncio.run(go())
 

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any
 
-from .handlers import setup_handlers
+from .handlers import api_root, setup_handlers
 from .manager import MeshManager
 
 __all__ = ["MeshManager", "load_jupyter_server_extension"]
@@ -42,7 +42,7 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
     quiet_client_tracebacks()
     # Meshes the sidebar started die with the server, like its kernels.
     atexit.register(manager.close_sync)
-    server_app.log.info("jupyter_mesh: Mesh sidebar API at /jupyter-mesh/api/")
+    server_app.log.info("jupyter_mesh: Mesh sidebar API at %s", api_root(server_app.web_app))
     autostart = os.environ.get(AUTOSTART_ENV, "").strip()
     if autostart:
         _autostart(server_app, manager, autostart)

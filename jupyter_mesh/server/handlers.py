@@ -206,10 +206,15 @@ class UnknownHandler(MeshAPIHandler):
     post = patch = delete = put = head = get
 
 
+def api_root(web_app: Any) -> str:
+    """Where the API is served: ``{base_url}jupyter-mesh/api/``."""
+    return url_path_join(web_app.settings.get("base_url", "/"), API) + "/"
+
+
 def setup_handlers(web_app: Any, manager: MeshManager) -> None:
     """Add the routes to a Jupyter server's Tornado application."""
     web_app.settings[MANAGER_KEY] = manager
-    base = url_path_join(web_app.settings["base_url"], API)
+    base = api_root(web_app)
     web_app.add_handlers(
         ".*$",
         [

@@ -345,10 +345,16 @@ class MeshManager:
             total += max(len(getattr(cluster, "worker_spec", ()) or ()), entry.reserved)
         return total
 
-    def _check_budget(self, adding: int) -> None:
+    def _check_budget(self, adding: int, whole: int | None = None) -> None:
         """Conflict where the sidebar's meshes together would run more than four worker
-        processes per core (one user must not exhaust a shared machine)."""
+        processes per core (one user must not exhaust a shared machine); a bad request
+        where the mesh asked for (``whole`` worker processes, ``adding`` where not
+        given) is that large by itself, as stopping other meshes would not help."""
         top = most_local()
+        alone = adding if whole is None else whole
+        if alone > top:
+            raise BadRequest(f"a mesh of {alone} worker processes is more than {top} (four "
+                             f"per core here): ask for fewer workers")
         running = self._local_workers()
         if running + adding > top:
             raise Conflict(f"the meshes started here would have {running + adding} worker "
@@ -368,18 +374,25 @@ class MeshManager:
             check_cpu_total(kwargs.get("cpu", 2), kwargs.get("jax_cpu", 0))
         except MeshError as exc:
             raise BadRequest(str(exc)) from None
+        if adding == 0 and kwargs.get("gpu") == 0 and kwargs.get("tpu") == 0:
+            # (said before it is listed as starting; with "auto" GPUs or TPUs, Mesh.local
+            # says it once it found none)
+            raise BadRequest("a mesh needs at least one device: use cpu=1 or more")
         self._check_budget(adding)
         self._starting += adding
         self._counter += 1
+        number = self._counter
         # listed at once, as starting (other sidebars see it; a stop or scale meanwhile
         # is told to wait), with no address until its scheduler has one
         entry = Entry(id=_new_id("local"), origin="sidebar", address="",
-                      name=f"Local mesh {self._counter}", busy=True, starting=True)
+                      name=f"Local mesh {number}", busy=True, starting=True)
         self._entries[entry.id] = entry
         try:
             mesh = await asyncio.to_thread(Mesh.local, set_current=False, **kwargs)
         except BaseException as exc:
             self._entries.pop(entry.id, None)
+            if self._counter == number:  # (the next mesh takes its number)
+                self._counter -= 1
             if isinstance(exc, MeshError):
                 raise BadRequest(str(exc)) from None
             if not isinstance(exc, Exception):
@@ -484,7 +497,7 @@ class MeshManager:
         after = {**now, **counts}
         growth = max(0, sum(after.values()) - sum(now.values()))
         if growth:  # scaling down is always allowed
-            self._check_budget(growth)
+            self._check_budget(growth, whole=sum(after.values()))
         entry.busy = True
         entry.reserved = sum(after.values())  # while it scales (another start counts it)
         try:
