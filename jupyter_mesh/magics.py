@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
@@ -209,6 +209,33 @@ def _argv(argstring: str) -> list[str]:
     return [w.replace(space, " ") for w in words]
 
 
+def _expand(shell: Any, line: str) -> str:
+    """``line`` with IPython's expansion of ``$name`` and ``{expression}`` from the
+    user namespace, where it succeeds (as IPython's own ``var_expand``)."""
+    from IPython.utils.text import DollarFormatter
+
+    try:
+        return DollarFormatter().vformat(line, args=[], kwargs=dict(shell.user_ns))
+    except Exception:  # what it cannot expand is left as typed, as IPython does
+        return line
+
+
+def _outside_quotes(line: str) -> bool:
+    """Whether the end of ``line`` is outside any quotes."""
+    quote = ""
+    escaped = False
+    for c in line:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+    return not quote
+
+
 def _once_each(parser: Any, argv: list[str]) -> None:
     """A UsageError where an option is given twice (argparse keeps the last one
     silently: ``--route gpu --route cpu`` would route to the CPUs)."""
@@ -219,6 +246,8 @@ def _once_each(parser: Any, argv: list[str]) -> None:
     seen: set[str] = set()
     for token in argv:
         option = names.get(token.split("=", 1)[0])
+        if option is None and len(token) > 2 and token[0] == "-" and token[1] != "-":
+            option = names.get(token[:2])  # a short option with its value: -oNAME
         if option is None:
             continue
         if option in seen:
@@ -318,9 +347,18 @@ class MeshMagics(Magics):
     """The ``%mesh`` line magic and ``%%mesh`` cell magic."""
 
     @line_cell_magic
+    @no_var_expand
     def mesh(self, line: str, cell: str | None = None) -> Any:
         # IPython hands a magic its line as typed, a trailing "# comment" included
-        line = strip_comment(line)
+        # (and a trailing ";", which hides the output of the cell's last line, as it
+        # does after any other line)
+        line = strip_comment(line).rstrip()
+        if line.endswith(";") and _outside_quotes(line):
+            line = line[:-1].rstrip()
+        if cell is not None or line.split(None, 1)[:1] != ["explain"]:
+            # $name and {expression} in options, as IPython expands them for other
+            # magics; never in %mesh explain's EXPR, which is Python evaluated as typed
+            line = _expand(self.shell, line)
         if cell is not None:
             if _asks_help(line):
                 print(_help_text(_cell_args, "%%mesh"))

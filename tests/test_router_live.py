@@ -1026,6 +1026,13 @@ MAGIC_MISUSE = [
     ("--rou cpu:jax", "1", r"unrecognized arguments: --rou cpu:jax; see %%mesh --help"),
     ("--route gpu --route cpu", "1", r"^--route given twice: give it once; see %%mesh --help$"),
     ("--remote -o a --output b", "1", r"^-o/--output given twice: give it once"),
+    # a short option with its value attached counts too (-ob is -o b)
+    ("--remote -o res -ob", "1", r"^-o/--output given twice: give it once"),
+    ("--remote --output=first -osecond", "1", r"^-o/--output given twice: give it once"),
+    # a name Python knows is no Dask collection, not a name the notebook lacks
+    ("explain None", None, r"^nothing to explain: no Dask collection among the "
+                           r"arguments \(NoneType\)"),
+    ("explain len", None, r"^nothing to explain: no Dask collection"),
 ]
 
 
@@ -1052,6 +1059,24 @@ def test_magic_explain_takes_the_expression_as_typed(ip, mesh):
         plan = ip.run_line_magic("mesh", line)
         assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax", line
     assert ip.run_line_magic("mesh", "explain d['a b']").route == "auto"
+
+
+def test_magic_explain_evaluates_its_expression_as_typed(ip, mesh, capsys):
+    # IPython expands $name and {expression} in a magic's line before the magic sees
+    # it: %mesh explain evaluated the text that came out (code held in a variable ran,
+    # a subscript read another key)
+    from IPython.core.error import UsageError
+
+    ip.user_ns.update(y=pipeline(), k="zz", d={"{k}": pipeline()},
+                      code="__import__('builtins').print('INJECTED')")
+    with pytest.raises(UsageError, match=r"^nothing to explain: .*\(set\)$"):
+        ip.run_line_magic("mesh", "explain {code}")  # a set of one string, as typed
+    with pytest.raises(UsageError, match=r"could not evaluate '\$code'"):
+        ip.run_line_magic("mesh", "explain $code")
+    assert "INJECTED" not in capsys.readouterr().out
+    assert ip.run_line_magic("mesh", "explain d['{k}']").route == "auto"
+    # a trailing ";" hides the output, as after any line; it is no part of EXPR
+    assert ip.run_line_magic("mesh", "explain y;").route == "auto"
 
 
 def test_a_bad_route_keeps_the_one_in_force(ip, mesh):
@@ -1124,3 +1149,21 @@ def test_one_route_block_may_be_entered_again(mesh):
             assert mesh.route_mode == "cpu:jax"
         assert mesh.route_mode == "cpu:jax"
     assert mesh.route_mode == "off" and api.ROUTES.blocks == []
+
+
+def test_magic_lines_expand_variables_and_drop_a_trailing_semicolon(ip, mesh, capsys):
+    # other subcommands than explain keep IPython's $name / {expression} expansion,
+    # and a trailing ";" (IPython's way to hide output) is no part of the last option
+    ip.user_ns["mode"] = "cpu"
+    try:
+        for line in ("route {mode};", "route $mode ;", "route cpu;  # a comment"):
+            api.set_route(mesh, "off")
+            ip.run_line_magic("mesh", line)
+            assert mesh.route_mode == "cpu", line
+    finally:
+        api.set_route(mesh, "off")
+    # a ";" inside quotes is the value's own
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="unknown route 'auto;'"):
+        ip.run_line_magic("mesh", "route 'auto;'")

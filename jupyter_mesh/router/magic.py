@@ -79,7 +79,8 @@ def route_line(shell: Any, mesh: Any, target: str | None) -> None:
 def _lookup(shell: Any, expr: str) -> Any:
     """A name or dotted name from the user namespace; anything else is evaluated there."""
     expr = expr.strip()
-    if _NAME_PATH.match(expr):
+    head = expr.split(".")[0]
+    if _NAME_PATH.match(expr) and (head in shell.user_ns or not _known(head)):
         head, *rest = expr.split(".")
         if head not in shell.user_ns:
             raise UsageError(f"name {head!r} is not defined in the notebook")
@@ -101,6 +102,14 @@ def _lookup(shell: Any, expr: str) -> Any:
         return shell.ev(expr)
     except Exception as exc:
         raise UsageError(_not_evaluated(expr, exc)) from None
+
+
+def _known(name: str) -> bool:
+    """A name Python knows without the notebook: a keyword (None, True) or a builtin."""
+    import builtins
+    import keyword
+
+    return keyword.iskeyword(name) or hasattr(builtins, name)
 
 
 def _not_evaluated(expr: str, exc: BaseException) -> str:
