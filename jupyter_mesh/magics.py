@@ -391,6 +391,7 @@ class MeshMagics(Magics):
         from .mesh import Mesh, most_local_workers
 
         kwargs: dict[str, Any] = {}
+        before = _state.active()
         try:
             if args.threads is not None:
                 kwargs["threads_per_worker"] = _whole(args.threads, "--threads", minimum=1)
@@ -411,6 +412,16 @@ class MeshMagics(Magics):
             raise UsageError(_as_options(str(exc).splitlines()[0])) from None
         except UsageError:
             raise
+        except KeyboardInterrupt:
+            # (what it had started is closed again: Mesh.local sees to it)
+            now = _state.active()
+            if now is not None and now is not before:  # (it was made current already)
+                raise UsageError(f"interrupted: the mesh at {now.address} started and is "
+                                 f"the current mesh; %mesh close it if you did not want "
+                                 f"it") from None
+            kept = ("; the mesh in use is kept" if now is not None
+                    else "; no mesh is in use now" if before is not None else "")
+            raise UsageError(f"interrupted: no mesh started{kept}") from None
         except Exception as exc:  # e.g. a worker process that could not start
             why = (str(exc).splitlines() or [""])[0] or type(exc).__name__
             raise UsageError(f"the mesh did not start ({type(exc).__name__}: {why}); the "

@@ -451,3 +451,41 @@ def test_option_words(line, words):
     from jupyter_mesh import magics
 
     assert magics._argv(line) == words
+
+
+def test_ctrl_c_during_start_is_one_line_that_says_what_is_current(ip, monkeypatch):
+    # Mesh.local closes what it had started when interrupted (tests/test_mesh_local.py);
+    # the magic said so in a traceback through magics.py, mesh.py and distributed
+    from types import SimpleNamespace
+
+    was = _state._current
+    in_use = SimpleNamespace(address="tcp://127.0.0.1:8", closed=False)
+    new = SimpleNamespace(address="tcp://127.0.0.1:9", closed=False)
+
+    def interrupted(then):
+        def local(**kwargs):
+            then()
+            raise KeyboardInterrupt
+        return staticmethod(local)
+
+    _state.set_current(in_use)
+    try:
+        monkeypatch.setattr(jm.Mesh, "local", interrupted(lambda: None))
+        with pytest.raises(UsageError, match=r"^interrupted: no mesh started; the mesh "
+                                             r"in use is kept$"):
+            ip.run_line_magic("mesh", "start --replace --cpu 1 --gpu 0 --tpu 0")
+        assert _state.active() is in_use
+        # interrupted once the replaced mesh was closed, before the new one was up
+        monkeypatch.setattr(jm.Mesh, "local", interrupted(lambda: _state.set_current(None)))
+        with pytest.raises(UsageError, match=r"^interrupted: no mesh started; no mesh is "
+                                             r"in use now$"):
+            ip.run_line_magic("mesh", "start --replace --cpu 1 --gpu 0 --tpu 0")
+        # interrupted once the new mesh was current: it is named, and kept
+        monkeypatch.setattr(jm.Mesh, "local", interrupted(lambda: _state.set_current(new)))
+        with pytest.raises(UsageError, match=r"^interrupted: the mesh at "
+                                             r"tcp://127\.0\.0\.1:9 started and is the "
+                                             r"current mesh; %mesh close it"):
+            ip.run_line_magic("mesh", "start --replace --cpu 1 --gpu 0 --tpu 0")
+        assert _state.active() is new
+    finally:
+        _state.set_current(was)
