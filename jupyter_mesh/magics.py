@@ -325,6 +325,24 @@ def _raised_at(shell: Any, tb: Any) -> str:
     return f"{place}: {code}" if code else place
 
 
+def _kernel_route(mesh: Any) -> str | None:
+    """The route of the kernel's plain Dask calls to ``mesh`` (``%mesh route``), if
+    one is set: it ends when the mesh closes."""
+    if mesh is None:
+        return None
+    from .router import api
+
+    route = api.ROUTES.kernel
+    return str(route.route) if route is not None and route.mesh is mesh else None
+
+
+def _say_route_ended(routed: str | None, mesh: Any) -> None:
+    """After a mesh replaced another: that the kernel's route to the old one ended."""
+    if routed and _kernel_route(mesh) is None:
+        print(f"Routing of plain Dask calls ({routed}) ended with the mesh it was set "
+              f"on: %mesh route {routed} routes them on this one.")
+
+
 def _as_usage(exc: Exception) -> UsageError:
     return UsageError(str(exc).splitlines()[0])
 
@@ -392,6 +410,7 @@ class MeshMagics(Magics):
 
         kwargs: dict[str, Any] = {}
         before = _state.active()
+        routed = _kernel_route(before)
         try:
             if args.threads is not None:
                 kwargs["threads_per_worker"] = _whole(args.threads, "--threads", minimum=1)
@@ -428,6 +447,7 @@ class MeshMagics(Magics):
                              f"mesh in use, if any, is kept: check the terminal that runs "
                              f"Jupyter for the workers' own messages") from None
         display(mesh)
+        _say_route_ended(routed, mesh)
 
     def _connect(self, args: Any) -> None:
         from .mesh import Mesh
@@ -457,6 +477,7 @@ class MeshMagics(Magics):
         if security is not None and "://" not in address:
             address = "tls://" + address
         before = _state.active()
+        routed = _kernel_route(before)
         try:
             mesh = Mesh.connect(address, security=security, timeout=timeout,
                                 replace=args.replace)
@@ -472,6 +493,7 @@ class MeshMagics(Magics):
                     else "; no mesh is in use now" if before is not None else "")
             raise UsageError(f"interrupted: not connected to {address}{kept}") from None
         display(mesh)
+        _say_route_ended(routed, mesh)
 
     def _status(self, args: Any) -> Any:
         mesh = _state.active()
@@ -522,8 +544,10 @@ class MeshMagics(Magics):
             print("No active mesh to close: run %mesh start to start one.")
             return
         address = mesh.address
+        routed = _kernel_route(mesh)
         mesh.close()
-        print(f"Closed the mesh at {address}.")
+        print(f"Closed the mesh at {address}." + (
+            f" Routing of plain Dask calls ({routed}) ended with it." if routed else ""))
 
     # ------------------------------------------------------------ router
     def _route(self, args: Any) -> Any:

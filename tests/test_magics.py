@@ -273,14 +273,25 @@ def test_a_start_that_fails_outside_the_mesh_is_one_line_and_keeps_the_mesh(
     assert jm.current() is started and not started.closed
 
 
-def test_start_replace_while_routing(ip, started):
+def test_start_replace_while_routing(ip, started, capsys):
     # Nannies pickle dask's config; the kernel's router in it must not break them.
     ip.run_line_magic("mesh", "route auto")
     try:
+        capsys.readouterr()
         ip.run_line_magic("mesh", "start --replace --cpu 1 --threads 1")
         new = jm.current()
         assert new is not started and started.closed
         assert new.inventory().by_kind() == {"cpu": 1}
+        # the route ended with the mesh it was set on: said, not silently off
+        assert new.route_mode == "off"
+        assert ("Routing of plain Dask calls (auto) ended with the mesh it was set on: "
+                "%mesh route auto routes them on this one.") in capsys.readouterr().out
+        ip.run_line_magic("mesh", "route cpu")
+        ip.run_line_magic("mesh", "close")
+        assert capsys.readouterr().out.endswith(
+            "Routing of plain Dask calls (cpu) ended with it.\n")
+        ip.run_line_magic("mesh", "start --cpu 1 --threads 1")  # (no route, no word)
+        assert "Routing" not in capsys.readouterr().out
     finally:
         ip.run_line_magic("mesh", "route off")
 
