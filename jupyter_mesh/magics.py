@@ -200,6 +200,9 @@ def _argv(argstring: str) -> list[str]:
     text = argstring.replace("\\ ", space)
     lex = shlex.shlex(text, posix=True)
     lex.whitespace_split = True
+    # any space separates words outside quotes: a no-break space pasted from a web
+    # page too (it made "--cpu 1" one word, said back as "unrecognized: --cpu 1")
+    lex.whitespace += "".join(sorted({c for c in text if c.isspace()} - set(lex.whitespace)))
     lex.escape = ""
     lex.commenters = ""
     try:

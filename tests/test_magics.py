@@ -457,6 +457,9 @@ def test_unload_ext_takes_the_magics_and_reload_brings_them_back(ip):
     # a backslash-escaped space: split as a shell splits it
     ("--tls-ca-file ~/my\\ certs/ca.pem --cpu 2", ["--tls-ca-file", "~/my certs/ca.pem",
                                                      "--cpu", "2"]),
+    # a no-break space (pasted from a web page) separates words too; inside quotes
+    # it is the value's own
+    ("--cpu\u00a01\u2009--site 'a\u00a0b'", ["--cpu", "1", "--site", "a\u00a0b"]),
 ])
 def test_option_words(line, words):
     from jupyter_mesh import magics
