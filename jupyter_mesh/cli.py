@@ -21,20 +21,26 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with its errors in one line that says where the options are (argparse
     prints its whole usage first)."""
 
+    #: subcommand -> its parser (an unknown option is said by the subcommand's)
+    subcommands: dict[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message}: see {self.prog} --help\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     from ._version import __version__
 
     parser = _Parser(prog="jupyter-mesh", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"jupyter-mesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler")
+    parser.subcommands = {"worker": w}
     w.add_argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
     w.add_argument("--site", default="default", help="site label of this worker")
-    w.add_argument("--jax", action="store_true", help="drive the device with JAX (TPU, or CPU)")
+    w.add_argument("--jax", action="store_true",
+                   help="drive the device with JAX: a TPU, else a GPU (jax[cuda12]), else "
+                        "the CPU")
     w.add_argument("--backend", default=None, metavar="NAME",
                    help="drive the device with this backend: numpy, cupy, jax, or one "
                         "installed through the jupyter_mesh.backends entry-point group")
@@ -393,7 +399,11 @@ def _detects_accelerator(jax: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the subcommand, whose --help lists its options
+        parser.subcommands[args.command].error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING)
     try:
         if args.command == "worker":

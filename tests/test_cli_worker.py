@@ -140,6 +140,10 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         (["worker"], "the following arguments are required: address: see"),
         (["worker", "tcp://127.0.0.1:1", "--tls-key"], "expected one argument"),
         (["wroker"], "jupyter-mesh: argument command: invalid choice: 'wroker'"),
+        # an unknown option points to the help that lists the worker's options
+        (["worker", "tcp://127.0.0.1:1", "--bogus"],
+         "jupyter-mesh worker: unrecognized arguments: --bogus: see jupyter-mesh worker "
+         "--help"),
         (["worker", "tcp://127.0.0.1:1", "--name", " "], "--name must not be blank"),
         # a size is bytes (Dask reads a share of the host's memory from a number only)
         (["worker", "tcp://127.0.0.1:1", "--memory-limit", "1B"],
