@@ -74,10 +74,10 @@ def _start_args(line: str) -> None:
 
 @magic_arguments()
 @argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
-@argument("--timeout", default=None, help="seconds to wait for the scheduler")
-@argument("--tls-ca-file", default=None, help="CA certificate (PEM) for tls://")
-@argument("--tls-cert", default=None, help="client certificate (PEM) for tls://")
-@argument("--tls-key", default=None, help="client private key (PEM) for tls://")
+@argument("--timeout", default=None, metavar="S", help="seconds to wait for the scheduler")
+@argument("--tls-ca-file", default=None, metavar="F", help="CA certificate (PEM) for tls://")
+@argument("--tls-cert", default=None, metavar="F", help="client certificate (PEM) for tls://")
+@argument("--tls-key", default=None, metavar="F", help="client private key (PEM) for tls://")
 @argument("--replace", action="store_true", help="close the active mesh first")
 def _connect_args(line: str) -> None:
     """%mesh connect: attach to a running Dask scheduler."""
@@ -90,10 +90,10 @@ def _status_args(line: str) -> None:
 
 
 @magic_arguments()
-@argument("--cpu", default=None, help="number of CPU worker processes")
-@argument("--jax-cpu", default=None, help="number of CPU workers driven by JAX")
-@argument("--gpu", default=None, help="number of CUDA GPU workers")
-@argument("--tpu", default=None, help="number of TPU workers")
+@argument("--cpu", default=None, metavar="N", help="number of CPU worker processes")
+@argument("--jax-cpu", default=None, metavar="N", help="number of CPU workers driven by JAX")
+@argument("--gpu", default=None, metavar="N", help="number of CUDA GPU workers")
+@argument("--tpu", default=None, metavar="N", help="number of TPU workers")
 def _scale_args(line: str) -> None:
     """%mesh scale: set how many workers of each kind a local mesh has (kinds not
     named keep theirs)."""
