@@ -390,3 +390,27 @@ def test_only_the_remote_readers_deserialization_logs_are_left_out(caplog):
         log.error("Failed to deserialize (no loop)")
     assert [r.getMessage() for r in caplog.records] == [
         "Failed to deserialize (another's)", "Failed to deserialize (no loop)"]
+
+
+def test_reset_waits_little_for_workers_of_a_scheduler_that_went_away():
+    # %mesh reset-remote on a connected mesh whose scheduler died took about 10 s per
+    # worker, waiting on a worker that is gone with it
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    from jupyter_mesh.remote._client import RemoteCells
+
+    class Hanging:
+        async def jupyter_mesh_remote_reset(self, session):
+            await asyncio.sleep(60)
+
+    client = SimpleNamespace(status="closed", rpc=lambda addr: Hanging(),
+                             sync=lambda fn: asyncio.run(fn()))
+    cells = RemoteCells(SimpleNamespace(client=client, closed=False))
+    cells.namespaces = {"tcp://127.0.0.1:9": SimpleNamespace(
+        worker="tcp://127.0.0.1:9", name="cpu-0")}
+    t0 = time.monotonic()
+    assert cells.reset() == {"workers": []}
+    assert time.monotonic() - t0 < 5
+    assert cells.namespaces == {}

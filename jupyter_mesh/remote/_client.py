@@ -298,12 +298,15 @@ class RemoteCells:
         """Drop this notebook's namespaces on every worker that has one."""
         workers = list(self.namespaces.values())
         dropped = []
+        # a worker of a scheduler that went away is most likely gone too (Dask's
+        # connect retries a refused port until its timeout): not waited for long
+        wait = 10 if getattr(self.client, "status", "running") == "running" else 2
 
         async def reset_one(dev: Device) -> None:
             try:
                 reply = await asyncio.wait_for(
                     self.client.rpc(dev.worker).jupyter_mesh_remote_reset(
-                        session=self.session), 10)
+                        session=self.session), wait)
                 if reply.get("existed"):
                     dropped.append(dev)
             except Exception:
