@@ -458,8 +458,16 @@ export function planCell(column: string, value: unknown): string {
   return String(value);
 }
 
+/** How a request that never reached the server begins to say so. */
+export const UNREACHABLE = 'Could not reach the Jupyter server';
+
 /** The text of any error for the sidebar's error banner. */
 export function errorMessage(error: unknown): string {
+  if ((error as { unreachable?: boolean } | null)?.unreachable) {
+    // (a request that never reached the server: see request.ts)
+    const why = error instanceof Error && error.message ? ` (${error.message})` : '';
+    return `${UNREACHABLE}${why}: is it still running? Try again once it is back.`;
+  }
   if (error instanceof Error) {
     return error.message || error.name;
   }

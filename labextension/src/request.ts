@@ -25,7 +25,11 @@ export async function requestAPI<T>(
   try {
     response = await ServerConnection.makeRequest(url, init, settings);
   } catch (error) {
-    throw new ServerConnection.NetworkError(error as TypeError);
+    // marked, so that what an action says can tell a server that is down (the
+    // browser's own words are "Failed to fetch", "Load failed"...) from other errors
+    throw Object.assign(new ServerConnection.NetworkError(error as TypeError), {
+      unreachable: true
+    });
   }
   const text = await response.text();
   let data: any = text;

@@ -237,6 +237,14 @@ describe('selection and state', () => {
     expect(errorMessage(new Error('boom'))).toBe('boom');
     expect(errorMessage('plain')).toBe('plain');
     expect(errorMessage(42)).toBe('unknown error');
+    // a request that never reached the server (request.ts marks it) says so
+    const down = Object.assign(new TypeError('Failed to fetch'), { unreachable: true });
+    expect(errorMessage(down)).toBe(
+      'Could not reach the Jupyter server (Failed to fetch): is it still running? Try ' +
+        'again once it is back.'
+    );
+    // any other TypeError is said as it is
+    expect(errorMessage(new TypeError('x is undefined'))).toBe('x is undefined');
   });
 });
 

@@ -122,11 +122,25 @@ export class ScaleWidget extends DetailPart {
       replaceChildren(this.node);
       return;
     }
-    const key = `${detail.id}:${JSON.stringify(detail.scale)}:${!!this.model.pending}`;
+    if (detail.id !== this._refusedFor) {
+      this._refusal = null; // (said of another mesh)
+    }
+    const key = `${detail.id}:${JSON.stringify(detail.scale)}:${!!this.model.pending}:` +
+      `${this._refusal}`;
     if (key === this._key || this.node.contains(document.activeElement)) {
       return; // keep what the user is typing
     }
     this._key = key;
+    // what was wrong with the last request, next to the form where the user looks
+    // (the panel's banner may be scrolled out of view)
+    const error = h('div', { class: 'jp-Mesh-error', role: 'alert', hidden: !this._refusal },
+      this._refusal ?? '');
+    const say = (why: string | null) => {
+      this._refusal = why;
+      this._refusedFor = detail.id;
+      error.textContent = why ?? '';
+      error.hidden = !why;
+    };
     const inputs: Record<string, HTMLInputElement> = {};
     const fields = FAMILIES.map(f => {
       inputs[f.key] = h('input', {
@@ -136,7 +150,8 @@ export class ScaleWidget extends DetailPart {
         step: 1,
         name: `scale-${f.key}`,
         'aria-label': `${f.label} workers`,
-        value: detail.scale[f.key] ?? 0
+        value: detail.scale[f.key] ?? 0,
+        oninput: () => say(null) // (it was about the numbers before)
       });
       return h('label', { class: 'jp-Mesh-field' }, h('span', {}, f.label), inputs[f.key]);
     });
@@ -148,13 +163,20 @@ export class ScaleWidget extends DetailPart {
       }
       const parsed = parseScale(fields, detail.scale);
       if ('error' in parsed) {
-        this.model.fail(parsed.error);
+        say(parsed.error);
         return;
       }
+      say(null);
       if (Object.keys(parsed.counts).length) {
         void this.commands
           .execute(CommandIDs.scale, { id: detail.id, counts: parsed.counts })
           .finally(() => {
+            // the server's refusal, next to the form too
+            const why = this.model.actionError;
+            if (why) {
+              say(why);
+              this.model.dismissError();
+            }
             // show the mesh's counts again (not the numbers typed, if refused)
             const focused = document.activeElement;
             if (focused instanceof HTMLElement && this.node.contains(focused)) {
@@ -173,6 +195,7 @@ export class ScaleWidget extends DetailPart {
         { class: 'jp-Mesh-form jp-Mesh-scaleForm', onsubmit: submit },
         h('div', { class: 'jp-Mesh-sectionTitle' }, 'Scale'),
         h('div', { class: 'jp-Mesh-fields' }, ...fields),
+        error,
         h(
           'button',
           {
@@ -187,6 +210,9 @@ export class ScaleWidget extends DetailPart {
   }
 
   private _key = '';
+  /** what was wrong with the last scale request, and of which mesh */
+  private _refusal: string | null = null;
+  private _refusedFor = '';
 }
 
 const SPARK_W = 120;
@@ -326,13 +352,14 @@ export class PlansWidget extends DetailPart {
       h('summary', { title: plan.title ?? '', 'data-key': `${plan.kind}-${plan.at}-summary` },
         headline,
         plan.route ? h('span', { class: 'jp-Mesh-badge' }, `route=${plan.route}`) : null),
-      h(
+      h('div', { class: 'jp-Mesh-planScroll' }, h(
         'table',
         { class: 'jp-Mesh-planTable' },
         h('thead', {}, h('tr', {}, ...cols.map(c => h('th', { 'data-col': c }, planHeader(c))))),
         h('tbody', {}, ...plan.rows.map(r =>
           h('tr', { title: planRowTitle(r, cols) },
-            ...cols.map(c => h('td', { 'data-col': c }, planCell(c, r[c]))))))
+            ...cols.map(c => h('td', { 'data-col': c },
+              ...breakable(c, planCell(c, r[c]))))))))
       ),
       plan.truncated ? h('div', { class: 'jp-Mesh-hint' }, 'Only the first rows are shown.') : null,
       plan.notes?.length
@@ -340,6 +367,25 @@ export class PlansWidget extends DetailPart {
         : null
     );
   }
+}
+
+/**
+ * A cell's text with a line-break opportunity after each `_`, `-`, `.` and `:` of an
+ * op's name or a target (`random_sample`, `cpu:jax×12 + cpu:numpy×4`), so that a
+ * narrow sidebar breaks it there, not in the middle of a word.
+ */
+function breakable(col: string, text: string): (string | HTMLElement)[] {
+  if (col !== 'op' && col !== 'target' && col !== 'backends' && col !== 'workers') {
+    return [text];
+  }
+  const out: (string | HTMLElement)[] = [];
+  for (const piece of text.split(/(?<=[_\-.:])/)) {
+    if (out.length) {
+      out.push(h('wbr'));
+    }
+    out.push(piece);
+  }
+  return out;
 }
 
 /** The selected mesh: actions, scaling, load, devices and plans. */

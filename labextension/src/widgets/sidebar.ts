@@ -3,7 +3,7 @@ import { Poll } from '@lumino/polling';
 import { Panel, Widget } from '@lumino/widgets';
 
 import { CommandIDs } from '../commands';
-import { ILocalOptions, loadErrorHint } from '../model';
+import { ILocalOptions, loadErrorHint, UNREACHABLE } from '../model';
 import { MeshesModel } from '../meshes';
 import { MeshDetailWidget } from './detail';
 import { h, replaceChildren } from './dom';
@@ -59,7 +59,8 @@ class ErrorsWidget extends Widget {
         model.loadError
           ? h('div', { class: 'jp-Mesh-error', role: 'alert' },
               h('b', {}, loadErrorHint(model.loadStatus).title),
-              model.loadError,
+              // (no answer at all: the heading and the hint say it all)
+              model.loadError.startsWith(UNREACHABLE) ? null : model.loadError,
               h('div', { class: 'jp-Mesh-hint' }, loadErrorHint(model.loadStatus).hint))
           : null,
         model.actionError
@@ -68,6 +69,7 @@ class ErrorsWidget extends Widget {
               h('button', {
                 class: 'jp-Button jp-mod-minimal jp-Mesh-dismiss',
                 title: 'Dismiss',
+                'aria-label': 'Dismiss',
                 onclick: () => model.dismissError()
               }, '×'))
           : null
