@@ -229,6 +229,30 @@ def run_cell(page, cell, count: int) -> None:
     expect(prompt).to_have_text(expect_prompt, timeout=120_000)
 
 
+#: the WCAG contrast ratio of an element's text on its background (an rgba background
+#: laid over the first opaque one behind it)
+CONTRAST_JS = """e => {
+  const rgba = c => (c.match(/[\\d.]+/g) || []).map(Number);
+  const lum = ([r, g, b]) => {
+    const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+    return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+  };
+  const layers = [];
+  for (let n = e; n; n = n.parentElement) {
+    const c = rgba(getComputedStyle(n).backgroundColor);
+    const a = c.length > 3 ? c[3] : 1;
+    if (a > 0) { layers.push([c[0], c[1], c[2], a]); if (a >= 1) break; }
+  }
+  let bg = [255, 255, 255];
+  for (const [r, g, b, a] of layers.reverse()) {
+    bg = [r * a + bg[0] * (1 - a), g * a + bg[1] * (1 - a), b * a + bg[2] * (1 - a)];
+  }
+  const fg = rgba(getComputedStyle(e).color);
+  const [hi, lo] = [lum(fg), lum(bg)].sort((x, y) => y - x);
+  return (hi + 0.05) / (lo + 0.05);
+}"""
+
+
 def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
     from playwright.sync_api import expect, sync_playwright
 
@@ -404,6 +428,20 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(sidebar.locator(".jp-Mesh-device")).to_have_count(1, timeout=30_000)
             dark = sidebar.evaluate("e => getComputedStyle(e).backgroundColor")
             assert dark != light
+            # a refused scale is said next to the Scale form (the banner at the top may
+            # be scrolled out of view), and readable in the dark theme (near-white text
+            # on a light pink background, before)
+            sidebar.locator('.jp-Mesh-meshItem[data-origin="sidebar"]').click()
+            scale = sidebar.locator(".jp-Mesh-scaleForm")
+            scale.locator('input[name="scale-cpu"]').fill("500")
+            scale.locator('button[type="submit"]').click()
+            refusal = scale.locator(".jp-Mesh-error")
+            expect(refusal).to_be_visible(timeout=30_000)
+            expect(refusal).to_contain_text("four per core")
+            assert refusal.evaluate(CONTRAST_JS) >= 4.5, refusal.evaluate(CONTRAST_JS)
+            expect(sidebar.locator(".jp-Mesh-errors .jp-Mesh-error")).to_have_count(0)
+            # and the panel never scrolls sideways
+            assert sidebar.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
             shot(page, "05-dark")
             api(
                 base,
