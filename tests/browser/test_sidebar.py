@@ -443,6 +443,24 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             # and the panel never scrolls sideways
             assert sidebar.evaluate("e => e.scrollWidth <= e.clientWidth + 1")
             shot(page, "05-dark")
+
+            # the server stops answering: the list is shown as last seen (dimmed, not
+            # live), and an action says the server cannot be reached ("Failed to
+            # fetch", before), and what to do
+            page.route("**/jupyter-mesh/api/**", lambda route: route.abort())
+            sidebar.locator(".jp-Mesh-refresh").click()
+            expect(sidebar.locator(".jp-Mesh-errors")).to_contain_text(
+                "The Jupyter server did not answer", timeout=30_000)
+            expect(sidebar.locator(".jp-Mesh-list.jp-mod-stale")).to_have_count(1)
+            scale.locator('input[name="scale-cpu"]').fill("2")
+            scale.locator('button[type="submit"]').click()
+            expect(scale.locator(".jp-Mesh-error")).to_contain_text(
+                "Could not reach the Jupyter server", timeout=30_000)
+            expect(scale.locator(".jp-Mesh-error")).to_contain_text("is it still running?")
+            page.unroute("**/jupyter-mesh/api/**")
+            sidebar.locator(".jp-Mesh-refresh").click()
+            expect(sidebar.locator(".jp-mod-stale")).to_have_count(0, timeout=30_000)
+            expect(sidebar.locator(".jp-Mesh-errors .jp-Mesh-error")).to_have_count(0)
             api(
                 base,
                 token,

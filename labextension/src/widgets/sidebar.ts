@@ -97,16 +97,31 @@ export class MeshSidebar extends Panel {
       address: options.connectAddress,
       onAddress: options.onConnectAddress
     });
+    const list = new MeshListWidget({ model: options.model });
+    const detail = new MeshDetailWidget({ model: options.model, commands: options.commands });
     for (const w of [
       new HeaderWidget(options.model, options.commands),
       new ErrorsWidget(options.model),
-      new MeshListWidget({ model: options.model }),
-      new MeshDetailWidget({ model: options.model, commands: options.commands }),
+      list,
+      detail,
       this.startForm,
       this.connectForm
     ]) {
       this.addWidget(w);
     }
+    // while the server does not answer, what is shown is what it said last: dimmed,
+    // and said so to screen readers, not shown as live
+    options.model.changed.connect(() => {
+      const stale = !!options.model.loadError?.startsWith(UNREACHABLE);
+      for (const w of [list, detail]) {
+        w.toggleClass('jp-mod-stale', stale);
+        if (stale) {
+          w.node.setAttribute('aria-description', 'as last seen: the server does not answer');
+        } else {
+          w.node.removeAttribute('aria-description');
+        }
+      }
+    });
     this.poll = new Poll({
       name: 'jupyter-mesh:meshes',
       factory: () => this.model.refresh(),
