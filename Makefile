@@ -55,6 +55,7 @@ test: venv chromium lint
 
 # Benchmarks print their tables and rewrite their sections of benchmarks/RESULTS.md.
 bench: venv
+	$(PY) -m pip install -q -e ".[bench,tpu]"
 	$(PY) -m benchmarks.router --update
 	$(PY) benchmarks/remote_cells.py --update
 	$(PY) benchmarks/tls.py --update

@@ -70,6 +70,7 @@ def run(path: str, timeout: int = 600) -> int:
     # the mesh as the notebook last showed it (a notebook may show it more than once;
     # a widget's stand-in text is no inventory)
     last = None
+    closed = False
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -79,9 +80,18 @@ def run(path: str, timeout: int = 600) -> int:
                 continue
             text = out.get("text") or data.get("text/plain", "")
             if "Mesh inventory" in text:
-                last = text
+                last, closed = text, False
+            elif last is not None and "Closed the mesh at" in text:
+                closed = True
     if last is not None:
-        print("the mesh, as the notebook showed it (it may have closed it since):")
+        if closed:
+            # (its dashboard closed with it: a link that answers nothing is left out)
+            print("the mesh the notebook ran on, as it showed it (the notebook closed it "
+                  "at its end):")
+            last = "\n".join(line for line in last.splitlines()
+                             if not line.startswith("dashboard:"))
+        else:
+            print("the mesh, as the notebook showed it (still running):")
         print(last.rstrip())
     return 0
 
