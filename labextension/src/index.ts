@@ -218,7 +218,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     commands.addCommand(CommandIDs.openDashboard, {
       label: 'Open Mesh Dashboard',
-      isEnabled: args => isSafeLink(summaryOf(args)?.dashboard ?? ''),
+      // (a mesh whose scheduler does not answer has no dashboard to show either)
+      isEnabled: args =>
+        summaryOf(args)?.status !== 'error' && isSafeLink(summaryOf(args)?.dashboard ?? ''),
       execute: args => {
         const url = summaryOf(args)?.dashboard;
         // only an http(s) address or a path of this server: never javascript: etc.
