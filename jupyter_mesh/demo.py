@@ -70,7 +70,6 @@ def run(path: str, timeout: int = 600) -> int:
     # the mesh as the notebook last showed it (a notebook may show it more than once;
     # a widget's stand-in text is no inventory)
     last = None
-    closed = False
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
@@ -80,19 +79,14 @@ def run(path: str, timeout: int = 600) -> int:
                 continue
             text = out.get("text") or data.get("text/plain", "")
             if "Mesh inventory" in text:
-                last, closed = text, False
-            elif last is not None and "Closed the mesh at" in text:
-                closed = True
+                last = text
     if last is not None:
-        if closed:
-            # (its dashboard closed with it: a link that answers nothing is left out)
-            print("the mesh the notebook ran on, as it showed it (the notebook closed it "
-                  "at its end):")
-            last = "\n".join(line for line in last.splitlines()
-                             if not line.startswith("dashboard:"))
-        else:
-            print("the mesh, as the notebook showed it (still running):")
-        print(last.rstrip())
+        # the demo's kernel has ended, and a mesh it started with it: its dashboard
+        # link would answer nothing
+        print("the mesh the notebook ran on, as it showed it (a mesh the notebook "
+              "started ended with its kernel):")
+        print("\n".join(line for line in last.rstrip().splitlines()
+                        if not line.startswith("dashboard:")))
     return 0
 
 

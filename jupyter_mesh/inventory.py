@@ -148,6 +148,7 @@ class Inventory:
         return dict(Counter(d.target for d in self.devices))
 
     def by_site(self) -> dict[str, int]:
+        """Number of devices per site, e.g. ``{"local": 2, "edge-lab": 1}``."""
         return dict(Counter(d.site for d in self.devices))
 
     def groups(self) -> dict[tuple[str, str], list[Device]]:

@@ -213,12 +213,21 @@ def _argv(argstring: str) -> list[str]:
 
 
 def _expand(shell: Any, line: str) -> str:
-    """``line`` with IPython's expansion of ``$name`` and ``{expression}`` from the
-    user namespace, where it succeeds (as IPython's own ``var_expand``)."""
+    """``line`` with IPython's expansion of ``$name`` and ``{expression}``, where it
+    succeeds, as IPython's own ``var_expand`` does it: from the user namespace and the
+    local names of the code that ran the magic (``%mesh connect $addr`` in a function)."""
     from IPython.utils.text import DollarFormatter
 
+    names = dict(shell.user_ns)
+    frame: Any = sys._getframe(1)
+    while frame is not None and not (
+            frame.f_code.co_name in ("run_line_magic", "run_cell_magic")
+            and frame.f_locals.get("self") is shell):
+        frame = frame.f_back
+    if frame is not None and frame.f_back is not None:
+        names.update(frame.f_back.f_locals)
     try:
-        return DollarFormatter().vformat(line, args=[], kwargs=dict(shell.user_ns))
+        return DollarFormatter().vformat(line, args=[], kwargs=names)
     except Exception:  # what it cannot expand is left as typed, as IPython does
         return line
 
@@ -328,6 +337,19 @@ def _raised_at(shell: Any, tb: Any) -> str:
     return f"{place}: {code}" if code else place
 
 
+def _interrupted(before: Any, made: str, not_made: str) -> UsageError:
+    """What a Ctrl-C during %mesh start or connect left: the new mesh, if it was made
+    current already (``made``, with ``{address}``), else ``not_made`` and what is
+    current now."""
+    now = _state.active()
+    if now is not None and now is not before:
+        return UsageError(f"interrupted: {made.format(address=now.address)}; %mesh close "
+                          f"it if you did not want it")
+    kept = ("; the mesh in use is kept" if now is not None
+            else "; no mesh is in use now" if before is not None else "")
+    return UsageError(f"interrupted: {not_made}{kept}")
+
+
 def _kernel_route(mesh: Any) -> str | None:
     """The route of the kernel's plain Dask calls to ``mesh`` (``%mesh route``), if
     one is set: it ends when the mesh closes."""
@@ -370,11 +392,13 @@ class MeshMagics(Magics):
     @line_cell_magic
     @no_var_expand
     def mesh(self, line: str, cell: str | None = None) -> Any:
-        # IPython hands a magic its line as typed, a trailing "# comment" included
-        # (and a trailing ";", which hides the output of the cell's last line, as it
-        # does after any other line)
+        # IPython hands a magic its line as typed, a trailing "# comment" included,
+        # and a trailing ";": no part of the last option, and, as after any other line,
+        # no Out[] (IPython decides that from the code it made of the line, which does
+        # not end in ";", so the magic returns nothing)
         line = strip_comment(line).rstrip()
-        if line.endswith(";") and _outside_quotes(line):
+        quiet = line.endswith(";") and _outside_quotes(line)
+        if quiet:
             line = line[:-1].rstrip()
         if cell is not None or line.split(None, 1)[:1] != ["explain"]:
             # $name and {expression} in options, as IPython expands them for other
@@ -398,14 +422,16 @@ class MeshMagics(Magics):
             if _asks_help(rest):
                 print(_help_text(_explain_args, "%mesh explain"))
                 return None
-            return self._explain(rest)
+            plan = self._explain(rest)
+            return None if quiet else plan  # (no Out[] after a ";", as after a line)
         if sub not in PARSERS:
             raise UsageError(f"unknown subcommand {sub!r}: {USAGE}")
         if _asks_help(rest):
             print(_help_text(PARSERS[sub], f"%mesh {sub}"))
             return None
         args = parse(PARSERS[sub], rest, f"%mesh {sub}")
-        return getattr(self, "_" + sub.replace("-", "_"))(args)
+        out = getattr(self, "_" + sub.replace("-", "_"))(args)
+        return None if quiet else out
 
     # ------------------------------------------------------------ foundation
     def _start(self, args: Any) -> None:
@@ -436,14 +462,8 @@ class MeshMagics(Magics):
             raise
         except KeyboardInterrupt:
             # (what it had started is closed again: Mesh.local sees to it)
-            now = _state.active()
-            if now is not None and now is not before:  # (it was made current already)
-                raise UsageError(f"interrupted: the mesh at {now.address} started and is "
-                                 f"the current mesh; %mesh close it if you did not want "
-                                 f"it") from None
-            kept = ("; the mesh in use is kept" if now is not None
-                    else "; no mesh is in use now" if before is not None else "")
-            raise UsageError(f"interrupted: no mesh started{kept}") from None
+            raise _interrupted(before, "the mesh at {address} started and is the current "
+                                       "mesh", "no mesh started") from None
         except Exception as exc:  # e.g. a worker process that could not start
             why = (str(exc).splitlines() or [""])[0] or type(exc).__name__
             raise UsageError(f"the mesh did not start ({type(exc).__name__}: {why}); the "
@@ -487,14 +507,8 @@ class MeshMagics(Magics):
         except MeshError as exc:
             raise _as_usage(exc) from None
         except KeyboardInterrupt:
-            now = _state.active()
-            if now is not None and now is not before:  # (it was made current already)
-                raise UsageError(f"interrupted: connected to {now.address}, which is the "
-                                 f"current mesh; %mesh close it if you did not want it"
-                                 ) from None
-            kept = ("; the mesh in use is kept" if now is not None
-                    else "; no mesh is in use now" if before is not None else "")
-            raise UsageError(f"interrupted: not connected to {address}{kept}") from None
+            raise _interrupted(before, "connected to {address}, which is the current mesh",
+                               f"not connected to {address}") from None
         display(mesh)
         _say_route_ended(routed, mesh)
 

@@ -126,8 +126,8 @@ def test_demo_prints_the_inventory():
     # the inventory itself, not the panel's stand-in text (the last one it showed)
     assert "(live panel: a widget" not in out.stdout
     assert out.stdout.rstrip().endswith("(measured)")  # a device's line ends it
-    # the quickstart closes its mesh at its end: no dashboard link that answers nothing
-    assert "(the notebook closed it at its end)" in out.stdout
+    # the mesh ended with the demo's kernel: no dashboard link that answers nothing
+    assert "(a mesh the notebook started ended with its kernel)" in out.stdout
     assert "dashboard:" not in out.stdout
     # nothing on stderr: not ipykernel's warning about plain TCP, nor Dask's log
     assert out.stderr == "", out.stderr[-2000:]

@@ -1075,8 +1075,12 @@ def test_magic_explain_evaluates_its_expression_as_typed(ip, mesh, capsys):
         ip.run_line_magic("mesh", "explain $code")
     assert "INJECTED" not in capsys.readouterr().out
     assert ip.run_line_magic("mesh", "explain d['{k}']").route == "auto"
-    # a trailing ";" hides the output, as after any line; it is no part of EXPR
-    assert ip.run_line_magic("mesh", "explain y;").route == "auto"
+    # a trailing ";" is no part of EXPR, and hides the plan as it hides any line's
+    # value (IPython decides from the code it made of the line: the magic returns none)
+    assert ip.run_line_magic("mesh", "explain y;") is None
+    shown = ip.run_cell("%mesh explain y;")
+    assert shown.success and shown.result is None
+    assert ip.run_cell("%mesh explain y").result.route == "auto"
 
 
 def test_a_bad_route_keeps_the_one_in_force(ip, mesh):
@@ -1160,6 +1164,21 @@ def test_magic_lines_expand_variables_and_drop_a_trailing_semicolon(ip, mesh, ca
             api.set_route(mesh, "off")
             ip.run_line_magic("mesh", line)
             assert mesh.route_mode == "cpu", line
+        # the local names of the code that ran the magic too, as IPython expands them
+        # (a magic line in a function)
+        api.set_route(mesh, "off")
+        assert ip.run_cell("def set_route(where):\n"
+                           "    %mesh route $where\n"
+                           "set_route('cpu')").success
+        assert mesh.route_mode == "cpu"
+        api.set_route(mesh, "off")
+
+        def from_a_function():
+            where = "cpu"  # noqa: F841  (the magic line reads it)
+            ip.run_line_magic("mesh", "route {where}")
+
+        from_a_function()
+        assert mesh.route_mode == "cpu"
     finally:
         api.set_route(mesh, "off")
     # a ";" inside quotes is the value's own

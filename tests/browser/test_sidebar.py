@@ -253,6 +253,14 @@ CONTRAST_JS = """e => {
 }"""
 
 
+#: how opaque an element is drawn: its opacity and its ancestors' together
+OPACITY_JS = """e => {
+  let o = 1;
+  for (let n = e; n; n = n.parentElement) o *= Number(getComputedStyle(n).opacity);
+  return o;
+}"""
+
+
 def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
     from playwright.sync_api import expect, sync_playwright
 
@@ -457,10 +465,17 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(scale.locator(".jp-Mesh-error")).to_contain_text(
                 "Could not reach the Jupyter server", timeout=30_000)
             expect(scale.locator(".jp-Mesh-error")).to_contain_text("is it still running?")
+            # the list is dimmed, not what says what is wrong
+            unreachable = scale.locator(".jp-Mesh-error")
+            assert unreachable.evaluate(OPACITY_JS) == 1
+            assert unreachable.evaluate(CONTRAST_JS) >= 4.5
+            assert sidebar.locator(".jp-Mesh-meshItem").first.evaluate(OPACITY_JS) < 1
             page.unroute("**/jupyter-mesh/api/**")
             sidebar.locator(".jp-Mesh-refresh").click()
             expect(sidebar.locator(".jp-mod-stale")).to_have_count(0, timeout=30_000)
             expect(sidebar.locator(".jp-Mesh-errors .jp-Mesh-error")).to_have_count(0)
+            # and the form's word about a server that did not answer goes with it
+            expect(scale.locator(".jp-Mesh-error")).to_be_hidden()
             api(
                 base,
                 token,

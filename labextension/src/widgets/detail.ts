@@ -17,7 +17,8 @@ import {
   parseScale,
   planRowTitle,
   sortGroups,
-  sparklinePoints
+  sparklinePoints,
+  UNREACHABLE
 } from '../model';
 import { MeshesModel } from '../meshes';
 import { h, meter, replaceChildren, rerender, sparkline } from './dom';
@@ -122,8 +123,9 @@ export class ScaleWidget extends DetailPart {
       replaceChildren(this.node);
       return;
     }
-    if (detail.id !== this._refusedFor) {
-      this._refusal = null; // (said of another mesh)
+    if (detail.id !== this._refusedFor ||
+        (this._refusal?.startsWith(UNREACHABLE) && !this.model.loadError)) {
+      this._refusal = null; // (said of another mesh, or of a server that is back)
     }
     const key = `${detail.id}:${JSON.stringify(detail.scale)}:${!!this.model.pending}:` +
       `${this._refusal}`;
@@ -378,11 +380,17 @@ function breakable(col: string, text: string): (string | HTMLElement)[] {
   if (col !== 'op' && col !== 'target' && col !== 'backends' && col !== 'workers') {
     return [text];
   }
+  // (no lookbehind in the pattern: Safari before 16.4 rejects the whole script)
   const out: (string | HTMLElement)[] = [];
-  for (const piece of text.split(/(?<=[_\-.:])/)) {
-    if (out.length) {
-      out.push(h('wbr'));
+  let piece = '';
+  for (const c of text) {
+    piece += c;
+    if ('_-.:'.includes(c)) {
+      out.push(piece, h('wbr'));
+      piece = '';
     }
+  }
+  if (piece) {
     out.push(piece);
   }
   return out;

@@ -64,7 +64,7 @@ class ErrorsWidget extends Widget {
               h('div', { class: 'jp-Mesh-hint' }, loadErrorHint(model.loadStatus).hint))
           : null,
         model.actionError
-          ? h('div', { class: 'jp-Mesh-error jp-Mesh-actionError', role: 'alert' },
+          ? h('div', { class: 'jp-Mesh-error jp-Mesh-actionError jp-mod-dismissable', role: 'alert' },
               model.actionError,
               h('button', {
                 class: 'jp-Button jp-mod-minimal jp-Mesh-dismiss',
