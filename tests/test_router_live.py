@@ -1186,3 +1186,32 @@ def test_magic_lines_expand_variables_and_drop_a_trailing_semicolon(ip, mesh, ca
 
     with pytest.raises(UsageError, match="unknown route 'auto;'"):
         ip.run_line_magic("mesh", "route 'auto;'")
+
+
+def _slow_block(b):
+    import time
+
+    time.sleep(0.3)
+    return b
+
+
+@pytest.mark.parametrize("route", ["cpu", "cpu:jax"])
+def test_a_routed_compute_sharing_tasks_with_plain_work_in_flight(mesh, route):
+    # plain Dask's persist is still running the tasks that the routed graph shares with
+    # it: their restrictions changed while they ran, the scheduler released a pool's
+    # resource they had never acquired (KeyError), dropped both workers, and the
+    # computation hung or failed for want of workers
+    mesh.calibrate()  # (so that no probe delays the routed graph until the plain work ends)
+    xn = np.random.default_rng(0).random((60, 40))
+    x = da.from_array(xn, chunks=20).map_blocks(_slow_block, dtype=float)
+    a = x @ x.T
+    workers = {d.worker for d in mesh.inventory()}
+    held = mesh.client.persist(a)
+    try:
+        (got,) = mesh.compute((a + 1) * 2, route=route)
+        np.testing.assert_allclose(got, (xn @ xn.T + 1) * 2, rtol=1e-12)
+        np.testing.assert_allclose(held.compute(), xn @ xn.T, rtol=1e-12)
+        # no worker was lost on the way
+        assert {d.worker for d in mesh.inventory()} == workers
+    finally:
+        del held

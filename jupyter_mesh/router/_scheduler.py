@@ -37,7 +37,12 @@ SETTLE_HANDLER = "jupyter_mesh_route_settle"
 #: the scheduler does not know would close the client's stream. (A routed compute's
 #: settle stays a round trip: another client's graph must not overtake it.)
 ROUTE_STREAM = "jupyter-mesh-route"
-_FINAL = ("memory", "erred", "forgotten")
+#: states in which a task's restrictions may change: not yet given to a worker. A task
+#: the scheduler holds already from another graph (plain Dask's, with the same keys)
+#: may be queued or processing: it acquired no pool's resource there, and the scheduler
+#: releases on its end what its restrictions then say (a KeyError that removed the
+#: workers, before), so it runs where it is
+_RESTRICTABLE = ("released", "waiting", "no-worker")
 
 
 @dataclass
@@ -219,7 +224,7 @@ class RouterState:
             ps.used.add(p)
             self.owner[key] = pid
             touched.add(pid)
-            if ts.state not in ("memory", "erred"):
+            if ts.state in _RESTRICTABLE:
                 self._restrict(ts, ps, p)
                 if start is not None and ts.priority:
                     # run ready tasks in the plan's order (its start times) rather
@@ -307,7 +312,7 @@ class RouterState:
             if q not in gone and key not in left:
                 continue
             ts = self.scheduler.tasks.get(key)
-            if ts is None or ts.state in _FINAL:
+            if ts is None or ts.state not in _RESTRICTABLE:
                 continue
             self._restrict(ts, ps, q)
             if ts.state == "no-worker":
@@ -474,7 +479,7 @@ class RouterState:
             if q != p:
                 continue
             ts = sched.tasks.get(key)
-            if ts is None or ts.state in ("memory", "erred", "forgotten"):
+            if ts is None or ts.state not in _RESTRICTABLE:
                 continue
             self._relax_one(ts, ps)
             n += 1
