@@ -78,6 +78,21 @@ def test_a_batched_graph_gives_daskss_numbers_and_keeps_every_task_accounted_for
         np.testing.assert_allclose(got, expected)
 
 
+@pytest.mark.parametrize("build", [
+    lambda x: (da.sin(x) * 2)[10:].sum(),  # slices: aliases of whole blocks
+    lambda x: da.concatenate([da.sin(x), da.cos(x)]).sum(),
+])
+def test_an_alias_of_a_batched_task_keeps_its_key(build):
+    # an alias of a member whose result leaves its batch became the task that takes
+    # it out of the batch, under the key None
+    y = build(da.random.random((4000,), chunks=50))
+    routed = rewrite(plan_collections([y], devices()))
+    assert batch_keys(routed)
+    assert [k for k, node in routed.graph.items() if node.key != k] == []
+    (got,) = dask.get(routed.graph, routed.keys)
+    np.testing.assert_allclose(got, y.compute(scheduler="sync"))
+
+
 @pytest.mark.parametrize("chunks", [(300, 3000), ((100,) * 60 + (2000,) * 2 + (80,) * 12,
                                                    3000)])
 def test_results_handed_out_of_a_batch_stay_under_the_byte_limit(chunks):

@@ -469,7 +469,12 @@ def _batch(plan: Plan[GraphModel], chains: list[list[int]], graph: dict[Any, Any
         want = node.dependencies & redirect.keys()
         if want:
             token = node._token if isinstance(node, Task) else None
-            node = graph[k] = node.substitute({d: redirect[d] for d in want})
+            node = node.substitute({d: redirect[d] for d in want})
+            if node.key != k and isinstance(node, Task):
+                # an alias of a member becomes the task that takes the member's result
+                # out of the batch, under no key of its own: it keeps the alias's
+                node = Task(k, node.func, *node.args, **node.kwargs)
+            graph[k] = node
             if token is not None and isinstance(node, Task):
                 node._token = f"{token}-b"
 
