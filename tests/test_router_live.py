@@ -1075,6 +1075,10 @@ def test_magic_explain_evaluates_its_expression_as_typed(ip, mesh, capsys):
         ip.run_line_magic("mesh", "explain $code")
     assert "INJECTED" not in capsys.readouterr().out
     assert ip.run_line_magic("mesh", "explain d['{k}']").route == "auto"
+    # its --route is an option, expanded as the other subcommands' options are
+    ip.user_ns["where"] = "cpu:jax"
+    for line in ("explain y --route $where", "explain y --route={where}"):
+        assert ip.run_line_magic("mesh", line).route == "cpu:jax", line
     # a trailing ";" is no part of EXPR, and hides the plan as it hides any line's
     # value (IPython decides from the code it made of the line: the magic returns none)
     assert ip.run_line_magic("mesh", "explain y;") is None

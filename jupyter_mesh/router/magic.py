@@ -131,7 +131,10 @@ def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
     if not value and (found or re.search(r"(?:^|\s)--route\b", code)):
         raise UsageError("--route needs a value: auto, off or a target such as gpu")
     if found and value:
-        route = value
+        # (EXPR is taken as typed; the route is an option, expanded as others are)
+        from ..magics import _expand
+
+        route = _expand(shell, value)
         code = code[:found[0].start()] + " " + code[found[0].end():]
         expr = expr[:found[0].start()] + " " + expr[found[0].end():]
     other = re.search(r"(?:^|\s)(--[A-Za-z][\w-]*)", code)
