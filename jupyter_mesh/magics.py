@@ -234,18 +234,8 @@ def _expand(shell: Any, line: str) -> str:
 
 def _outside_quotes(line: str) -> bool:
     """Whether the end of ``line`` is outside any quotes."""
-    quote = ""
-    escaped = False
-    for c in line:
-        if escaped:
-            escaped = False
-        elif c == "\\":
-            escaped = True
-        elif quote:
-            quote = "" if c == quote else quote
-        elif c in "'\"":
-            quote = c
-    return not quote
+    states = [quote for *_, quote in _scan(line)]
+    return not states or not states[-1]
 
 
 def _once_each(parser: Any, argv: list[str]) -> None:
@@ -702,16 +692,16 @@ def _site(value: str) -> str:
         raise UsageError(f"--site: {exc}") from None
 
 
-def strip_comment(line: str) -> str:
-    """``line`` without a trailing comment: from a ``#`` that starts a word (at the
-    start or after whitespace) outside quotes, as Python and the shell read one
-    (``tcp://host#x`` and ``'#'`` keep theirs)."""
+def _scan(line: str) -> Any:
+    """Each character of ``line`` as ``(index, character, escaped, quote)``: whether a
+    backslash escaped it (in quotes too, as Python reads them), and the quote open
+    after it ("" outside quotes)."""
     quote = ""
     escaped = False
-    word_start = True  # after whitespace that no backslash escaped
     for i, c in enumerate(line):
-        if escaped:  # a backslash escapes the next character, in quotes too (Python)
-            escaped = word_start = False
+        if escaped:
+            escaped = False
+            yield i, c, True, quote
             continue
         if c == "\\":
             escaped = True
@@ -720,9 +710,18 @@ def strip_comment(line: str) -> str:
                 quote = ""
         elif c in "'\"":
             quote = c
-        elif c == "#" and word_start:
+        yield i, c, False, quote
+
+
+def strip_comment(line: str) -> str:
+    """``line`` without a trailing comment: from a ``#`` that starts a word (at the
+    start or after whitespace) outside quotes, as Python and the shell read one
+    (``tcp://host#x`` and ``'#'`` keep theirs)."""
+    word_start = True  # after whitespace that no backslash escaped
+    for i, c, escaped, quote in _scan(line):
+        if c == "#" and word_start and not escaped and not quote:
             return line[:i].rstrip()
-        word_start = c.isspace() and not quote
+        word_start = c.isspace() and not escaped and not quote
     return line
 
 
