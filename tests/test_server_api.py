@@ -67,7 +67,7 @@ def test_every_route_refuses_unauthenticated_requests(api, method, parts, body):
     code, _ = api(method, *parts, body=body, headers={"Authorization": ""})
     assert code == 403
     # and the refused request changed nothing
-    assert api("GET", "meshes") == (200, {"meshes": []})
+    assert listed(api) == []
 
 
 def test_bokehjs_is_served_to_signed_in_users_only(jp_fetch, jp_asyncio_loop):
@@ -96,8 +96,26 @@ def test_health(api):
     assert api("GET", "health") == (200, {"status": "ok", "version": __version__})
 
 
+def listed(api):
+    """The meshes GET meshes lists (its reply checked for its keys)."""
+    code, body = api("GET", "meshes")
+    assert code == 200 and set(body) == {"meshes", "server"}, (code, body)
+    return body["meshes"]
+
+
 def test_no_meshes(api):
-    assert api("GET", "meshes") == (200, {"meshes": []})
+    assert listed(api) == []
+
+
+def test_the_list_names_this_server_run(api, jp_serverapp):
+    # the sidebar tells a restarted server (whose meshes stopped with the old one)
+    # from a mesh stopped elsewhere by this id: the same for the life of the server
+    first, again = api("GET", "meshes")[1]["server"], api("GET", "meshes")[1]["server"]
+    assert isinstance(first, str) and len(first) >= 8 and first == again
+    # and another for the next run (a new manager)
+    from jupyter_mesh.server.manager import MeshManager
+
+    assert MeshManager().instance != first
 
 
 @pytest.mark.parametrize(
@@ -197,7 +215,7 @@ def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
     code, body = api(method, *parts, raw=raw)
     assert code == 400
     assert message in body["message"] and "\n" not in body["message"]
-    assert api("GET", "meshes") == (200, {"meshes": []})  # nothing started
+    assert listed(api) == []  # nothing started
 
 
 def test_stop_takes_force_true_or_false_only(api):
@@ -247,8 +265,7 @@ def test_connect_and_disconnect(api, scheduler_address):
     assert mesh["devices"] == 1
     assert mesh["groups"][0]["kind"] == "cpu"
 
-    code, listed = api("GET", "meshes")
-    assert [m["id"] for m in listed["meshes"]] == [mesh["id"]]
+    assert [m["id"] for m in listed(api)] == [mesh["id"]]
 
     code, body = api("PATCH", "meshes", mesh["id"], body={"cpu": 2})
     assert code == 409
@@ -256,7 +273,7 @@ def test_connect_and_disconnect(api, scheduler_address):
 
     code, body = api("DELETE", "meshes", mesh["id"])
     assert (code, body["disconnected"]) == (200, True)
-    assert api("GET", "meshes") == (200, {"meshes": []})
+    assert listed(api) == []
 
 
 @pytest.mark.slow
@@ -330,7 +347,7 @@ def test_an_unexpected_failure_is_one_line_not_unhandled(api, jp_serverapp, monk
     assert status == 500
     assert body["message"] == ("ValueError: something Dask did not expect; see the "
                                "server's log")
-    assert api("GET", "meshes") == (200, {"meshes": []})  # the server goes on
+    assert listed(api) == []  # the server goes on
 
 
 @pytest.mark.parametrize("method, parts, body", ROUTES)

@@ -4,7 +4,8 @@ Routes, all under ``{base_url}jupyter-mesh/api/``:
 
 =========================  ===========================================================
 ``GET health``             the extension answers, and its version
-``GET meshes``             summaries of every mesh (sidebar, connected, kernels)
+``GET meshes``             summaries of every mesh (sidebar, connected, kernels), and
+                           ``server``: this server run's id (new after a restart)
 ``POST meshes``            start a local mesh; body: ``{"cpu": 1, "gpu": "auto", ...}``
 ``POST meshes/connect``    connect to a scheduler; body: ``{"address": "tcp://..."}``
 ``GET meshes/{id}``        one mesh: devices by kind and site, history, plans
@@ -145,7 +146,7 @@ class MeshesHandler(MeshAPIHandler):
         await self.run(self._list())
 
     async def _list(self) -> dict[str, Any]:
-        return {"meshes": await self.manager.list()}
+        return {"meshes": await self.manager.list(), "server": self.manager.instance}
 
     @tornado.web.authenticated
     @authorized

@@ -269,6 +269,9 @@ class MeshManager:
         #: add theirs one at a time (see connect)
         self._joining = asyncio.Lock()
         self._counter = 0
+        #: this server's run: the sidebar tells a restarted server (whose meshes
+        #: stopped with the old one) from a mesh stopped elsewhere
+        self.instance = uuid.uuid4().hex[:12]
         #: worker processes of meshes being started now (counted against the budget)
         self._starting = 0
         self.closed = False

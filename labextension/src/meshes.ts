@@ -5,6 +5,7 @@ import {
   ILocalOptions,
   IMeshDetail,
   IMeshSummary,
+  lossReason,
   normalizeAddress,
   pickSelection
 } from './model';
@@ -54,14 +55,19 @@ export class MeshesModel {
   async refresh(): Promise<void> {
     const generation = this._generation;
     try {
-      const { meshes } = await requestAPI<{ meshes: IMeshSummary[] }>('meshes');
+      const { meshes, server } = await requestAPI<{ meshes: IMeshSummary[]; server?: string }>(
+        'meshes'
+      );
       if (generation !== this._generation) {
         return;
       }
       const shown = this.current;
       this.meshes = meshes;
+      // another server run than the last reply's: what it had went with the old one
+      const restarted = !!server && !!this._server && server !== this._server;
+      this._server = server ?? this._server;
       if (shown && !meshes.some(m => m.id === shown.id)) {
-        this._lost(shown);
+        this._lost(shown, restarted);
       } else if (!this._noneAfterLoss) {
         this._setSelected(pickSelection(meshes, this.selected), false);
       }
@@ -102,14 +108,14 @@ export class MeshesModel {
    * closed it): say so, and select none, so that no button acts on another mesh the
    * user did not pick.
    */
-  private _lost(mesh: IMeshSummary): void {
+  private _lost(mesh: IMeshSummary, restarted = false): void {
     const others = this.meshes.length > 0;
     // until the user picks one (with none left, the next one comes selected)
     this._noneAfterLoss = others;
     this._setSelected(null, false);
     this.detail = null;
     this.actionError = this._lossNotice =
-      `${mesh.name} is gone (stopped elsewhere, or its kernel closed it): ` +
+      `${mesh.name} is gone (${lossReason(mesh, restarted)}): ` +
       (others ? 'pick a mesh in the list' : 'start one, or connect to one');
   }
 
@@ -285,6 +291,8 @@ export class MeshesModel {
 
   /** the mesh shown went away: no other is picked by itself until the user picks */
   private _noneAfterLoss = false;
+  /** the server run the last list came from (its `server` id) */
+  private _server: string | null = null;
   /** what the sidebar said of it (see _lost) */
   private _lossNotice: string | null = null;
   /** bumped by every action and selection: older refresh replies are dropped */

@@ -193,6 +193,49 @@ export function kernelUsers(mesh: IMeshSummary): string[] {
   return [...new Set(names)].sort();
 }
 
+/**
+ * Why a mesh the sidebar showed left the list, in words. `restarted`: the server's
+ * list names another server run than before, so the mesh went with the old run (a
+ * mesh the server started stopped with it, a connection ended, a kernel shut down).
+ */
+export function lossReason(mesh: IMeshSummary, restarted: boolean): string {
+  if (!restarted) {
+    return 'stopped elsewhere, or its kernel closed it';
+  }
+  switch (mesh.origin) {
+    case 'sidebar':
+      return 'the Jupyter server restarted, and the meshes it started stopped with it';
+    case 'connected':
+      return 'the Jupyter server restarted and dropped its connection; the mesh may still run: connect to it again';
+    case 'kernel':
+      return 'the Jupyter server restarted, and its kernel with it';
+  }
+  return 'the Jupyter server restarted';
+}
+
+/**
+ * A server's refusal of a form's request, its field named as the form labels it
+ * (`cpu must be…` → `CPU workers must be…`); other messages as they are.
+ */
+export function withLabels(message: string, labels: Record<string, string>): string {
+  const field = /^([a-z_]+) must be /.exec(message)?.[1];
+  return field && labels[field] ? labels[field] + message.slice(field.length) : message;
+}
+
+/** The start form's fields by API key, as the form labels them. */
+export const START_LABELS: Readonly<Record<string, string>> = {
+  cpu: 'CPU workers',
+  jax_cpu: 'JAX CPU workers',
+  gpu: 'GPUs',
+  tpu: 'TPUs',
+  site: 'Site'
+};
+
+/** The scale form's fields by API key (a family), as the form labels them. */
+export const SCALE_LABELS: Readonly<Record<string, string>> = Object.fromEntries(
+  FAMILIES.map(f => [f.key, `${f.label} workers`])
+);
+
 /** How a mesh came to the sidebar, in words. */
 export function originLabel(mesh: IMeshSummary): string {
   switch (mesh.origin) {
@@ -260,7 +303,7 @@ export function parseScale(
   const counts: Record<string, number> = {};
   try {
     for (const [family, text] of Object.entries(fields)) {
-      const n = parseCount(family, text) as number;
+      const n = parseCount(SCALE_LABELS[family] ?? family, text) as number;
       if ((current[family] ?? 0) !== n) {
         counts[family] = n;
       }
@@ -281,10 +324,10 @@ export function parseLocalOptions(
 ): { options: ILocalOptions } | { error: string } {
   try {
     const options: ILocalOptions = {
-      cpu: parseCount('CPU workers', fields.cpu ?? '0') as number,
-      jax_cpu: parseCount('JAX CPU workers', fields.jax_cpu ?? '0') as number,
-      gpu: parseCount('GPUs', fields.gpu ?? 'auto', true),
-      tpu: parseCount('TPUs', fields.tpu ?? 'auto', true),
+      cpu: parseCount(START_LABELS.cpu, fields.cpu ?? '0') as number,
+      jax_cpu: parseCount(START_LABELS.jax_cpu, fields.jax_cpu ?? '0') as number,
+      gpu: parseCount(START_LABELS.gpu, fields.gpu ?? 'auto', true),
+      tpu: parseCount(START_LABELS.tpu, fields.tpu ?? 'auto', true),
       site: (fields.site ?? 'local').trim() || 'local'
     };
     if (!SITE_RE.test(options.site)) {

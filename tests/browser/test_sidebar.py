@@ -446,6 +446,8 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             refusal = scale.locator(".jp-Mesh-error")
             expect(refusal).to_be_visible(timeout=30_000)
             expect(refusal).to_contain_text("four per core")
+            # the field named as the form labels it, not by the API's key ("cpu")
+            expect(refusal).to_contain_text(re.compile(r"^CPU workers must be"))
             assert refusal.evaluate(CONTRAST_JS) >= 4.5, refusal.evaluate(CONTRAST_JS)
             expect(sidebar.locator(".jp-Mesh-errors .jp-Mesh-error")).to_have_count(0)
             # and the panel never scrolls sideways

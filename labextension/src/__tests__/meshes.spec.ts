@@ -338,6 +338,29 @@ describe('MeshesModel', () => {
     expect(model.actionError).toBeNull();
   });
 
+  it('says the server restarted when the list comes from another server run', async () => {
+    serve({
+      'GET meshes': { meshes: [summary('a', { name: 'Local mesh 1' }), summary('b')], server: 'run1' },
+      'GET meshes/a': detail('a')
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    // the same run, the mesh still listed: nothing to say
+    serve({ 'GET meshes': { meshes: [summary('a', { name: 'Local mesh 1' })], server: 'run1' },
+      'GET meshes/a': detail('a') });
+    await model.refresh();
+    expect(model.selected).toBe('a');
+    expect(model.actionError).toBeNull();
+    // a new run: the mesh it started stopped with the old one
+    serve({ 'GET meshes': { meshes: [summary('c')], server: 'run2' }, 'GET meshes/c': detail('c') });
+    await model.refresh();
+    expect(model.selected).toBeNull();
+    expect(model.actionError).toBe(
+      'Local mesh 1 is gone (the Jupyter server restarted, and the meshes it started ' +
+        'stopped with it): pick a mesh in the list'
+    );
+  });
+
   it('refuses counts past what a form may send', () => {
     expect(() => parseCount('cpu', '99999999999999999999')).toThrow(
       'cpu must be at most 10000, not 99999999999999999999'

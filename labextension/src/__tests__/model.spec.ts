@@ -20,6 +20,10 @@ import {
   parseCount,
   parseLocalOptions,
   parseScale,
+  lossReason,
+  SCALE_LABELS,
+  START_LABELS,
+  withLabels,
   pickSelection,
   planCell,
   planColumns,
@@ -285,8 +289,41 @@ describe('parseScale', () => {
   it('never reads an empty or bad field as 0 (that would stop every worker)', () => {
     for (const text of ['', 'abc', '-1', '1.5']) {
       const parsed = parseScale({ cpu: text }, { cpu: 2 });
-      expect(parsed).toEqual({ error: 'cpu must be a whole number >= 0' });
+      expect(parsed).toEqual({ error: 'CPU workers must be a whole number >= 0' });
     }
+  });
+});
+
+describe('withLabels', () => {
+  it("names a refused field as the form labels it, not by the API's key", () => {
+    const server = 'cpu must be a whole number from 0 to 8 (four per core here), not 20';
+    expect(withLabels(server, START_LABELS)).toBe(
+      'CPU workers must be a whole number from 0 to 8 (four per core here), not 20'
+    );
+    expect(withLabels('jax_cpu must be a whole number from 0 to 8', SCALE_LABELS)).toBe(
+      'CPU (JAX) workers must be a whole number from 0 to 8'
+    );
+    expect(withLabels('jax_cpu must be x', START_LABELS)).toBe('JAX CPU workers must be x');
+  });
+
+  it('leaves any other message as it is', () => {
+    for (const message of [
+      'the meshes started here would have 9 worker processes: ask for fewer workers',
+      'threads_per_worker must be 1 or more', // no field of the form
+      'a cpu must be' // a key not at the start
+    ]) {
+      expect(withLabels(message, START_LABELS)).toBe(message);
+    }
+  });
+});
+
+describe('lossReason', () => {
+  it('says the server restarted only when it did, by how the mesh came', () => {
+    const m = (origin: 'sidebar' | 'connected' | 'kernel') => mesh('a', { origin });
+    expect(lossReason(m('sidebar'), false)).toBe('stopped elsewhere, or its kernel closed it');
+    expect(lossReason(m('sidebar'), true)).toMatch(/server restarted.*stopped with it/);
+    expect(lossReason(m('connected'), true)).toMatch(/may still run: connect to it again/);
+    expect(lossReason(m('kernel'), true)).toMatch(/its kernel with it/);
   });
 });
 

@@ -18,7 +18,9 @@ import {
   planRowTitle,
   sortGroups,
   sparklinePoints,
-  UNREACHABLE
+  SCALE_LABELS,
+  UNREACHABLE,
+  withLabels
 } from '../model';
 import { MeshesModel } from '../meshes';
 import { h, meter, replaceChildren, rerender, sparkline } from './dom';
@@ -176,7 +178,7 @@ export class ScaleWidget extends DetailPart {
             // the server's refusal, next to the form too
             const why = this.model.actionError;
             if (why) {
-              say(why);
+              say(withLabels(why, SCALE_LABELS)); // its fields as the form names them
               this.model.dismissError();
             }
             // show the mesh's counts again (not the numbers typed, if refused)

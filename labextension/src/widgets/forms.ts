@@ -2,7 +2,13 @@ import { CommandRegistry } from '@lumino/commands';
 import { Widget } from '@lumino/widgets';
 
 import { CommandIDs } from '../commands';
-import { ILocalOptions, normalizeAddress, parseLocalOptions } from '../model';
+import {
+  ILocalOptions,
+  normalizeAddress,
+  parseLocalOptions,
+  START_LABELS,
+  withLabels
+} from '../model';
 import { MeshesModel } from '../meshes';
 import { h, replaceChildren } from './dom';
 
@@ -100,7 +106,7 @@ export class StartLocalWidget extends Widget {
     }
     this._error.hidden = true;
     void this.commands.execute(CommandIDs.startLocal, { ...parsed.options }).then(() =>
-      showRefusal(this.model, this.node as HTMLDetailsElement, this._error)
+      showRefusal(this.model, this.node as HTMLDetailsElement, this._error, START_LABELS)
     );
   }
 
@@ -120,10 +126,15 @@ export class StartLocalWidget extends Widget {
  * (the panel's banner may be scrolled out of view), instead of in the banner; a form
  * closed meanwhile leaves it in the banner.
  */
-function showRefusal(model: MeshesModel, form: HTMLDetailsElement, error: HTMLElement): void {
+function showRefusal(
+  model: MeshesModel,
+  form: HTMLDetailsElement,
+  error: HTMLElement,
+  labels: Record<string, string> = {}
+): void {
   const why = model.actionError;
   if (why && form.open) {
-    error.textContent = why;
+    error.textContent = withLabels(why, labels); // its fields as the form names them
     error.hidden = false;
     model.dismissError();
   }
