@@ -571,6 +571,22 @@ def test_persist_under_routing_keeps_the_data_on_the_workers(mesh, caplog):
     assert not [r for r in report.rows if r["backends"] == [] and r["op"] not in idle]
 
 
+def test_data_the_graph_carries_is_not_said_to_be_held_on_the_workers(mesh):
+    # from_array's blocks and a delayed constant are data in the graph, not results
+    # an earlier computation left: the report must not claim a persist that never was
+    x = da.from_array(np.arange(1000.0), chunks=100)
+    assert mesh.compute((x * 2).sum())[0] == pytest.approx(999_000.0)
+    report = mesh.last_report
+    assert [r["op"] for r in report.rows if not r["backends"]] == ["array"]
+    assert report.notes == ["array: data the graph carries (from_array's blocks, a "
+                            "constant): Dask hands it to the tasks that read it; no "
+                            "routed task runs"]
+    assert "held from an earlier" not in repr(report)
+    assert mesh.compute(dask.delayed(3))[0] == 3
+    assert [n.split(":")[0] for n in mesh.last_report.notes] == ["int"]
+    assert "data the graph carries" in mesh.last_report.notes[0]
+
+
 def test_route_context_plans_with_chunk_sizes(mesh):
     """Plain .compute() hands Dask's scheduler a flat graph; the router still sees the
     layers' chunk shapes and dtypes, so its estimates match mesh.explain's."""

@@ -140,6 +140,9 @@ class OpInfo:
     #: the means. What a device must hold at once (see ``placement.task_memory``)
     peak_out_bytes: float = 0.0
     peak_in_bytes: float = 0.0
+    #: every task of the op is data the graph carries (``da.from_array``'s blocks, a
+    #: ``delayed`` constant): no function runs, the worker that holds it hands it on
+    data: bool = False
 
     def to_row(self) -> dict[str, Any]:
         return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
@@ -363,6 +366,9 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         tasks = raw  # already task objects (e.g. blockwise layers): nothing to convert
     else:
         tasks = convert_legacy_graph(raw)
+    computed = {layer_of_key[k] for k, v in tasks.items() if not isinstance(v, DataNode)}
+    for idx, op in enumerate(ops):
+        op.data = idx not in computed
     fast = _build_model_by_layer(tasks, layer_of_key, ops, metas, keys)
     if fast is not None:
         return fast

@@ -341,13 +341,26 @@ class Report:
     @property
     def notes(self) -> list[str]:
         """What the rows alone do not say: ops of the plan that no worker ran here (no
-        backend, 0 s), their results being on the workers already."""
-        idle = [r["op"] for r in self.rows if r["tasks"] and not r["backends"]]
-        if not idle:
-            return []
-        return [f"{', '.join(idle)}: not run by this computation: {'its' if len(idle) == 1 else 'their'} "
-                f"results were on the workers already (persisted, or still held from an "
-                f"earlier computation)"]
+        backend, 0 s): data the graph carries (no function to run), or results that
+        were on the workers already."""
+        ops = self.plan.model.ops
+        data: list[str] = []
+        held: list[str] = []
+        for row, layers in zip(self.rows, self.plan._row_layers, strict=False):
+            if row["tasks"] and not row["backends"]:
+                carried = bool(layers) and all(ops[li].data for li in layers)
+                (data if carried else held).append(row["op"])
+        notes = []
+        if data:
+            notes.append(f"{', '.join(data)}: data the graph carries (from_array's blocks, "
+                         f"a constant): Dask hands {'it' if len(data) == 1 else 'them'} "
+                         f"to the tasks that read {'it' if len(data) == 1 else 'them'}; no "
+                         f"routed task runs")
+        if held:
+            notes.append(f"{', '.join(held)}: not run by this computation: "
+                         f"{'its' if len(held) == 1 else 'their'} results were on the workers "
+                         f"already (persisted, or still held from an earlier computation)")
+        return notes
 
     def ran_on(self, op_label: str) -> list[str]:
         """Backends that ran the op whose label starts with ``op_label``."""
