@@ -37,8 +37,11 @@ COLOURS = {
 }
 _SPARE = ("#DD8452", "#937860", "#DA8BC3", "#CCB974", "#64B5CD", "#8DA0CB")
 MAX_BARS = 5000
-#: the most ops an op-graph picture shows (those with the most tasks)
+#: the most ops an op-graph picture shows (those giving the results, then those with
+#: the most tasks)
 MAX_NODES = 200
+#: the most nodes of the graph of ops one above another (more take more columns)
+GRAPH_COLUMN = 12
 #: the tallest an op-graph picture gets (pixels)
 MAX_GRAPH_HEIGHT = 1200
 
@@ -245,9 +248,15 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None,
     groups = [[li for li in layers if m.ops[li].tasks] for layers in plan._row_layers]
     groups = [g for g in groups if g]
     total = len(groups)
-    if total > most:  # the ops with the most tasks, in the table's order
-        keep = sorted(sorted(range(total), key=lambda g: -sum(m.ops[li].tasks
-                                                               for li in groups[g]))[:most])
+    if total > most:
+        # the ops that give the results, then those with the most tasks; in the
+        # table's order
+        layer_of = _layer_lookup(plan)
+        out_layers = {layer_of(k) for k in m.outputs}
+        ends = [g for g in range(total) if out_layers.intersection(groups[g])]
+        rest = sorted((g for g in range(total) if g not in set(ends)),
+                      key=lambda g: -sum(m.ops[li].tasks for li in groups[g]))
+        keep = sorted((ends + rest)[:most])
         groups = [groups[g] for g in keep]
     index = {li: n for n, g in enumerate(groups) for li in g}
     if layer_plan is not None:
@@ -275,10 +284,18 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None,
     per_depth: dict[int, list[int]] = defaultdict(list)
     for n in range(len(groups)):
         per_depth[depth[n]].append(n)
+    # a depth of many ops (thousands of independent delayed calls) takes several
+    # columns of at most GRAPH_COLUMN nodes, not one column taller than the picture
     y = [0.0] * len(groups)
-    for ns in per_depth.values():
+    x = [0.0] * len(groups)
+    column = 0
+    for d in sorted(per_depth):
+        ns = per_depth[d]
+        rows = min(len(ns), GRAPH_COLUMN)
         for r, n in enumerate(ns):
-            y[n] = r - (len(ns) - 1) / 2
+            x[n] = float(column + r // GRAPH_COLUMN)
+            y[n] = r % GRAPH_COLUMN - (rows - 1) / 2
+        column += -(-len(ns) // GRAPH_COLUMN)
     nodes = []
     for n, g in enumerate(groups):
         c: Counter[str] = sum((targets[li] for li in g), Counter())
@@ -288,7 +305,7 @@ def op_graph(plan: Plan[PlanModel], report: Report | None = None,
             "op": op.label, "class": op.op_class, "tasks": sum(m.ops[li].tasks for li in g),
             "target": main,
             "targets": " + ".join(f"{t}×{k}" for t, k in c.most_common()) or "-",
-            "x": float(depth[n]), "y": y[n],
+            "x": x[n], "y": y[n],
         })
     return {"nodes": nodes, "edges": sorted(edges), "shown": len(nodes), "ops": total}
 
@@ -349,7 +366,8 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
 
     nodes = graph["nodes"]
     if graph.get("ops", 0) > len(nodes):
-        title = f"{title} (showing the {len(nodes)} of {graph['ops']} ops with the most tasks)"
+        title = (f"{title} (showing {len(nodes)} of {graph['ops']} ops: those giving the "
+                 f"results, and those with the most tasks)")
     xs = [n["x"] for n in nodes] or [0.0]
     ys = [n["y"] for n in nodes] or [0.0]
     height = min(MAX_GRAPH_HEIGHT, max(200, 80 + 60 * int(max(ys) - min(ys) + 1)))

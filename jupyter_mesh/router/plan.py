@@ -459,20 +459,46 @@ def _cell(col: str, v: Any) -> str:
     return str(v)
 
 
+#: the most rows a plan's or report's table shows (a graph of thousands of distinct
+#: ``delayed`` functions has as many ops): those of the largest estimates, in order
+MAX_ROWS = 200
+
+
+def _shown(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """At most ``MAX_ROWS`` of ``rows`` (those with the largest estimates, in their
+    order), and what the rest are, in words (None when all are shown)."""
+    if len(rows) <= MAX_ROWS:
+        return rows, None
+    by_cost = sorted(range(len(rows)), key=lambda i: -float(rows[i].get("est_seconds") or 0))
+    keep = set(by_cost[:MAX_ROWS])
+    rest = [r for i, r in enumerate(rows) if i not in keep]
+    tasks = sum(int(r.get("tasks") or 0) for r in rest)
+    secs = sum(float(r.get("est_seconds") or 0) for r in rest)
+    return ([r for i, r in enumerate(rows) if i in keep],
+            f"… {len(rest)} more ops ({tasks} tasks, est. {_secs(secs)} in all) not shown: "
+            f"the {MAX_ROWS} of the largest estimates are; .rows has every op")
+
+
 def _text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+    rows, rest = _shown(rows)
     cells = [[_cell(c, r.get(c, "")) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[j]) for row in cells]) for j, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*cols), fmt.format(*("-" * w for w in widths))]
     out.extend(fmt.format(*row) for row in cells)
+    if rest:
+        out.append(rest)
     return "\n".join(line.rstrip() for line in out)
 
 
 def _html_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
+    rows, rest = _shown(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_cell(c, r.get(c, '')))}</td>" for c in cols)
         + "</tr>"
         for r in rows
     )
+    if rest:
+        body += f"<tr><td colspan='{len(cols)}'><i>{html.escape(rest)}</i></td></tr>"
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
