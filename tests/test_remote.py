@@ -421,13 +421,16 @@ def test_reset_remote_ends_the_tasks_cells_started(fresh, tmp_path):
 def test_timeout_of_code_blocked_outside_python(fresh, capsys):
     import dask
 
+    # given up once the grace after the timeout is over (the README's promise), not
+    # after twice the grace (the stop sent again at the timeout's end + the grace, and
+    # a grace more after that: 0.3 + 1.5 + 1.5 s here, before)
     started = time.monotonic()
-    with dask.config.set({"mesh.remote.interrupt-grace": 0.3}):
+    with dask.config.set({"mesh.remote.interrupt-grace": 1.5}):
         with pytest.raises(RemoteCellTimeout, match=r"did not stop \(blocked outside"):
-            fresh.run_cell("import time\ntime.sleep(2.5)", on="cpu:jax", timeout=0.3)
-    assert time.monotonic() - started < 2.5
+            fresh.run_cell("import time\ntime.sleep(4)", on="cpu:jax", timeout=0.3)
+    assert time.monotonic() - started < 3.2
     assert "still running on jax-cpu-0" in capsys.readouterr().err
-    time.sleep(2.5)
+    time.sleep(4)
     assert fresh.run_cell("1", on="cpu:jax").data["text/plain"] == "1"
 
 

@@ -438,6 +438,7 @@ class RemoteCells:
         index = {id(r): i for i, r in enumerate(runs)}
         started = time.monotonic()
         stop_sent_at: float | None = None
+        give_up_at = math.inf
         interrupted = False
         try:
             while pending:
@@ -448,11 +449,13 @@ class RemoteCells:
                     except queue.Empty:
                         now = time.monotonic()
                         if stop_sent_at is None and timeout is not None and \
-                                now > started + timeout + grace:
-                            # the worker's own timer did not stop it: ask again
+                                now > started + timeout + min(1.0, grace / 2):
+                            # the worker's own timer did not stop it: ask again, and
+                            # give up once the grace after the timeout is over
                             self._send_stop([runs[i] for i in pending], "timeout")
                             stop_sent_at = now
-                        elif stop_sent_at is not None and now > stop_sent_at + grace:
+                            give_up_at = started + timeout + grace
+                        elif stop_sent_at is not None and now > give_up_at:
                             self._abandon([runs[i] for i in pending], interrupted)
                             pending.clear()
                         continue
@@ -486,6 +489,7 @@ class RemoteCells:
                         continue
                     interrupted = True
                     stop_sent_at = time.monotonic()
+                    give_up_at = stop_sent_at + grace
                     self._send_stop([runs[i] for i in pending], "interrupted")
         except BaseException:
             # the bar's line ends before the error is shown
