@@ -246,6 +246,34 @@ def test_push_of_a_dask_future_is_refused_in_one_line(ip, fresh):
         ip.user_ns.pop("fut").release()
 
 
+def test_a_dask_future_inside_a_value_is_refused_both_ways(ip, fresh):
+    # one in a list or dict travels, but arrives unusable without its client ("object
+    # not properly initialized" when used): refused in one line, on push and on pull
+    fut = fresh.client.submit(lambda: 41, pure=False)
+    ip.user_ns["futs"] = {"a": [1, fut]}
+    try:
+        with pytest.raises(UsageError, match=r"^--push: futs\['a'\]\[1\] \(in 'futs'\) is a "
+                                             r"Dask future, which works only with its client: "
+                                             r"push its value \(futs\['a'\]\[1\]\.result\(\)\) "
+                                             r"instead$"):
+            remote(ip, "--push futs", "futs")
+    finally:
+        ip.user_ns.pop("futs")
+        fut.release()
+    code = "from distributed import get_client\nf = get_client().submit(lambda: 41, pure=False)"
+    ip.user_ns.pop("f", None)
+    with pytest.raises(UsageError, match=r"cannot bring back 'f' from cpu-0.*a Dask future "
+                                         r"works only with the client that made it: bring "
+                                         r"back its value \(\.result\(\)\) instead"):
+        remote(ip, "--pull f", code)
+    assert "f" not in ip.user_ns
+    with pytest.raises(UsageError, match=r"\(at \[0\]\) works only with the client"):
+        remote(ip, "-o got", "[f]")
+    assert "got" not in ip.user_ns
+    # the future stays usable on the worker, where its client is
+    assert remote(ip, "", "f.result()").data["text/plain"] == "41"
+
+
 def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
     fresh.run_cell("ok = 1")
     before = worker_sessions(fresh)

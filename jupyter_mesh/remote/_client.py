@@ -37,7 +37,7 @@ from ._errors import (
     RemoteInterrupt,
     StoppedWaiting,
 )
-from ._runner import TOP_LEVEL_AWAIT, error_reason, quiet_logger
+from ._runner import TOP_LEVEL_AWAIT, error_reason, future_in, quiet_logger
 from ._shell import to_python
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
@@ -163,12 +163,12 @@ def check_timeout(timeout: Any) -> float | None:
 
 def pack(name: str, value: Any) -> Serialized:
     """Serialize a pushed value now, so a failure names the variable."""
-    from distributed import Future
-
-    if isinstance(value, Future):  # it would arrive, unusable, without its client
+    where = future_in(value)
+    if where is not None:  # it would arrive, unusable, without its client
+        held = repr(name) if not where else f"{name}{where} (in {name!r})"
         raise MeshError(
-            f"--push: {name!r} is a Dask future, which works only with its client: push "
-            f"its value ({name}.result()) instead")
+            f"--push: {held} is a Dask future, which works only with its client: push "
+            f"its value ({name}{where}.result()) instead")
     try:
         with quiet_logger("distributed.protocol.pickle"):
             header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")

@@ -403,6 +403,40 @@ def quiet_logger(name: str) -> Iterator[None]:
         log.disabled = disabled
 
 
+def future_in(obj: Any, depth: int = 4, budget: int = 10_000) -> str | None:
+    """Where a Dask future is in ``obj``: ``""`` for ``obj`` itself, ``"[0]['k']"`` for
+    one in its lists, tuples, sets or dicts (a few levels down, and a bounded number
+    of items); None where there is none. A future travels, but arrives unusable
+    without the client that made it."""
+    from distributed import Future
+
+    left = [budget]
+
+    def find(x: Any, level: int) -> str | None:
+        left[0] -= 1
+        if isinstance(x, Future):
+            return ""
+        if level == 0 or left[0] <= 0:
+            return None
+        if isinstance(x, dict):
+            items: Iterable[tuple[str, Any]] = ((f"[{k!r}]", v) for k, v in x.items())
+        elif isinstance(x, (list, tuple)):
+            items = ((f"[{i}]", v) for i, v in enumerate(x))
+        elif isinstance(x, (set, frozenset)):
+            items = (("(an item)", v) for v in x)
+        else:
+            return None
+        for where, v in items:
+            if left[0] <= 0:
+                return None
+            inner = find(v, level - 1)
+            if inner is not None:
+                return where + inner
+        return None
+
+    return find(obj, depth)
+
+
 def pack(obj: Any) -> Serialized:
     """Serialize now (in the cell's thread, not on the event loop) for the reply. A
     device array (CuPy's, JAX's), alone or in a list, tuple or dict, goes as a NumPy
@@ -417,6 +451,10 @@ def pack(obj: Any) -> Serialized:
             found.append(True)
         return x
 
+    where = future_in(obj)
+    if where is not None:
+        raise TypeError(f"a Dask future{f' (at {where})' if where else ''} works only with "
+                        f"the client that made it: bring back its value (.result()) instead")
     _map(device, obj)
     if found:  # otherwise the object as it is (a list subclass stays one)
         obj = _map(to_host_any, obj)
