@@ -407,7 +407,8 @@ class Mesh:
         self.site = site
         self.options = dict(options or {})
         self.closed = False
-        self.route_mode: Any = "off"
+        #: how plain Dask calls are routed now (see route_mode)
+        self._route_mode: Any = "off"
         self.last_report: Any = None
         self.last_plan: Any = None
         #: lists that each routed computation's report is appended to while they are
@@ -1102,7 +1103,13 @@ class Mesh:
         from .router.cost import network_bandwidth_auto
 
         # the bandwidth probe only where the figure is to be measured
-        cal = measure(self.client, devices, bandwidth=network_bandwidth_auto())
+        try:
+            cal = measure(self.client, devices, bandwidth=network_bandwidth_auto())
+        except BaseException as exc:
+            from .router.api import _say_why
+
+            _say_why(self, exc)  # closed from another thread meanwhile: one line
+            raise
         self._calibration = (_make_up(devices), cal)
         return cal
 
@@ -1372,6 +1379,18 @@ class Mesh:
 
         self._check_open()
         return api.compute(self, collections, route, fallback, site, pin)
+
+    @property
+    def route_mode(self) -> Any:
+        """How plain Dask calls of this kernel are routed now: ``"off"``, or the route
+        of ``%mesh route`` or of the innermost ``with mesh.route(...)`` block."""
+        return self._route_mode
+
+    @route_mode.setter
+    def route_mode(self, value: Any) -> None:
+        raise MeshError("route_mode only says how plain Dask calls are routed: set it with "
+                        f"%mesh route {value if isinstance(value, str) else 'TARGET'}, or "
+                        f"route a block with `with mesh.route(...):`")
 
     def route(self, mode: Any = "auto", *, fallback: bool = True) -> Any:
         """Context manager: plain ``.compute()`` calls inside the block are routed.

@@ -236,6 +236,65 @@ def test_a_mesh_closed_in_another_thread_fails_its_computation_in_one_line(route
                         f"connect a mesh, then compute again")
 
 
+@pytest.mark.parametrize("step, call", [("planning", "compute"), ("planning", "explain"),
+                                        ("submitting", "compute")])
+def test_a_mesh_closed_while_a_computation_starts_fails_it_in_one_line(monkeypatch, step,
+                                                                         call):
+    # closed from another thread while the first plan measured Dask's costs on the
+    # workers, or while the plan was being handed to the scheduler: Dask's client
+    # failed in its own ways (FuturesCancelledError, ClosedClientError and 40 lines)
+    import dask.array as da
+
+    from jupyter_mesh import MeshError
+    from jupyter_mesh.router import api, calibrate
+
+    y = da.ones((40, 10), chunks=(10, 10)).sum()
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        if step == "planning":
+            measure = calibrate.measure
+
+            def closing(client, *args, **kwargs):
+                m.close()  # (as another thread would, just now)
+                return measure(client, *args, **kwargs)
+
+            m._calibration = None
+            monkeypatch.setattr(calibrate, "measure", closing)
+        else:
+            m.compute(y, route="auto")  # measured and planned once: past the probe
+            register = api._register
+
+            def closing(mesh, payload):
+                m.close()
+                return register(mesh, payload)
+
+            monkeypatch.setattr(api, "_register", closing)
+        with pytest.raises(MeshError) as info:
+            m.compute(y, route="auto") if call == "compute" else m.explain(y)
+        assert str(info.value) == (
+            f"the mesh at {m.address} was closed while this computation ran (mesh.close "
+            f"or %mesh close, in another thread or cell): start or connect a mesh, then "
+            f"compute again")
+
+
+def test_route_mode_says_how_plain_calls_are_routed_and_is_not_set_by_hand():
+    # assigning it changed nothing but what it said
+    import dask.array as da
+
+    from jupyter_mesh import MeshError
+
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        with pytest.raises(MeshError, match=r"^route_mode only says how plain Dask calls are "
+                                            r"routed: set it with %mesh route auto, or route "
+                                            r"a block with `with mesh.route\(...\):`$"):
+            m.route_mode = "auto"
+        assert m.route_mode == "off"
+        m.last_plan = None
+        assert da.ones(10, chunks=5).sum().compute() == 10
+        assert m.last_plan is None  # not routed
+        with m.route("auto"):
+            assert m.route_mode == "auto"
+
+
 def _die(block):
     import os
 

@@ -282,6 +282,17 @@ def _live_inventory(mesh: Mesh) -> Any:
 
 def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
                 site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
+    try:
+        return _place_graph(mesh, graph, keys, route, site, pin)
+    except BaseException as exc:
+        # a mesh closed from another thread while it planned (the first plan measures
+        # Dask's costs on the workers): one line, as once the tasks run
+        _say_why(mesh, exc)
+        raise
+
+
+def _place_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
+                 site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
     devices = list(_live_inventory(mesh))
     pools = build_pools(devices)
     plan: Any
@@ -325,6 +336,8 @@ def _measured_cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route
     try:
         cal = mesh._calibration_for(devices)
     except MeshError as exc:
+        if mesh.closed:  # (from another thread, while it measured): nothing to plan for
+            raise
         # planning must not fail for want of a measurement: the defaults, with a word
         warnings.warn(f"jupyter_mesh: {exc}; planning with the default costs",
                       RuntimeWarning, stacklevel=2)
@@ -529,11 +542,11 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         graph = task_submission(routed)
     t0 = time.perf_counter()
     notices = FallbackNotices.of(mesh)
-    notices.track(routed.plan_id)
-    # this compute reports its fallbacks itself, from the moment its tasks can run
-    # (submitting a large graph takes a while, and they run meanwhile)
-    notices.waiting.add(routed.plan_id)
     try:
+        notices.track(routed.plan_id)
+        # this compute reports its fallbacks itself, from the moment its tasks can run
+        # (submitting a large graph takes a while, and they run meanwhile)
+        notices.waiting.add(routed.plan_id)
         # the plan's restrictions go ahead of the graph, on the same stream
         _register(mesh, routed.payload())
         groups = plan.assignment()
@@ -552,6 +565,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         futures = client.get(graph, routed.keys, sync=False)
     except BaseException:
         notices.forget(routed.plan_id)
+        _say_why(mesh, sys.exc_info()[1])  # (a mesh closed meanwhile: one line)
         raise
     try:
         watch.started(futures)  # a bar per target once past mesh.progress-after
@@ -1062,7 +1076,7 @@ class _Routes:
             for ref in self.meshes:
                 m = ref()
                 if m is not None:
-                    m.route_mode = (str(now.route) if now is not None and now.mesh is m
+                    m._route_mode = (str(now.route) if now is not None and now.mesh is m
                                     else "off")
 
 
