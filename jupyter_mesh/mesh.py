@@ -1355,8 +1355,8 @@ class Mesh:
         return api.explain(self, collections, route, site, pin)
 
     def compute(self, *collections: Any, route: Any = "auto", fallback: bool = True,
-                site: str | None = None, pin: dict[str, Any] | None = None
-                ) -> tuple[Any, ...]:
+                site: str | None = None, pin: dict[str, Any] | None = None,
+                **dask_options: Any) -> tuple[Any, ...]:
         """Compute Dask collections with each op routed to a device kind.
 
         Returns a tuple of results, as :func:`dask.compute` does, and leaves a
@@ -1377,6 +1377,12 @@ class Mesh:
         """
         from .router import api
 
+        if dask_options:  # dask.compute's own (optimize_graph=, scheduler=...)
+            names = ", ".join(f"{k}=" for k in dask_options)
+            raise MeshError(
+                f"mesh.compute takes route=, fallback=, site= and pin=, not {names}: for "
+                f"dask.compute's options, call dask.compute(..., {names.split(',')[0]}...) "
+                f"inside `with mesh.route(...):`")
         self._check_open()
         return api.compute(self, collections, route, fallback, site, pin)
 

@@ -632,6 +632,14 @@ def test_bad_inputs(mesh):
         mesh.submit(np.sum, 1, on="gpu")
     with pytest.raises(MeshError, match="convert= takes True or False"):
         mesh.submit(np.sum, 1, convert="yes")
+    # dask.compute's own options: one line that says where they go
+    with pytest.raises(MeshError, match=r"^mesh.compute takes route=, fallback=, site= and "
+                                        r"pin=, not optimize_graph=, scheduler=: for "
+                                        r"dask.compute's options, call dask.compute\(\.\.\., "
+                                        r"optimize_graph=\.\.\.\) inside `with mesh.route"):
+        mesh.compute(pipeline(), optimize_graph=False, scheduler="threads")
+    with mesh.route("auto"):  # where they work
+        assert dask.compute(da.ones(4, chunks=2).sum(), optimize_graph=False)[0] == 4
 
 
 @pytest.mark.parametrize("fallback", ["no", None, 1])
