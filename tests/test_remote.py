@@ -627,6 +627,31 @@ def test_push_of_an_object_that_cannot_be_serialized(ip, fresh, caplog):
     assert not [r for r in caplog.records if "Failed to serialize" in r.getMessage()]
 
 
+class _RaisesWhenRebuilt:
+    """Pickles here; rebuilding it raises (as a class of a module the worker lacks)."""
+
+    def __reduce__(self):
+        return (eval, ("1/0",))
+
+
+def test_push_of_an_object_the_worker_cannot_rebuild(ip, fresh, capfd):
+    # the worker read the whole message and failed in Dask's comm layer: ~60 lines of
+    # Dask's logs ("Failed to deserialize", "Exception while reading") in the cell
+    ip.user_ns.update(ok=1, bad=_RaisesWhenRebuilt())
+    with pytest.raises(UsageError) as info:
+        remote(ip, "--push ok,bad", "print('ran')\nran = True")
+    assert str(info.value) == ("--push: 'bad' cannot be rebuilt on cpu-0 (division by "
+                               "zero): install or import there what its class needs, or "
+                               "push something plainer; the cell did not run")
+    time.sleep(0.5)  # (a worker's log would reach this process's stderr by now)
+    out, err = capfd.readouterr()
+    assert "ran" not in out and "deserialize" not in err and "Traceback" not in err, err
+    assert isinstance(ip.user_ns["bad"], _RaisesWhenRebuilt)  # the notebook's untouched
+    with pytest.raises(RemoteCellError, match="NameError"):
+        remote(ip, "", "ran")
+    assert remote(ip, "--push ok", "ok + 1").data["text/plain"] == "2"
+
+
 def test_push_error_says_what_dask_could_not_serialize(ip, fresh):
     # Dask's serialization error has two arguments: its text was a tuple's repr
     ip.user_ns["lock"] = threading.Lock()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed.comm.core import CommClosedError
-from distributed.protocol.serialize import Serialized, serialize
+from distributed.protocol.serialize import serialize_bytes
 
 from .. import _config, progress
 from ..errors import MeshError, check_flag
@@ -161,8 +161,11 @@ def check_timeout(timeout: Any) -> float | None:
     return float(value)
 
 
-def pack(name: str, value: Any) -> Serialized:
-    """Serialize a pushed value now, so a failure names the variable."""
+def pack(name: str, value: Any) -> bytes:
+    """Serialize a pushed value now, so a failure names the variable: one blob, which
+    the worker rebuilds itself, so that one it cannot rebuild (a class of a module it
+    lacks) is a line of the cell's error, not Dask's logs of a message it could not
+    read."""
     where = future_in(value)
     if where is not None:  # it would arrive, unusable, without its client
         held = repr(name) if not where else f"{name}{where} (in {name!r})"
@@ -171,14 +174,13 @@ def pack(name: str, value: Any) -> Serialized:
             f"its value ({name}{where}.result()) instead")
     try:
         with quiet_logger("distributed.protocol.pickle"):
-            header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")
+            return serialize_bytes(value, serializers=SERIALIZERS, on_error="raise")
     except Exception as exc:
         reason = error_reason(exc)
         raise MeshError(
             f"--push: cannot send {name!r} ({type(value).__module__}.{type(value).__qualname__}):"
             f" it cannot be serialized ({reason})"
         ) from None
-    return Serialized(header, frames)
 
 
 def _describe(devices: Iterable[Device]) -> str:
@@ -274,7 +276,7 @@ class RemoteCells:
             raise MeshError(f"--site must be a site name, not {type(site).__name__}")
         pull_names = check_names(pull, "--pull")
         timeout = check_timeout(timeout)
-        packed: dict[str, Serialized] = {}
+        packed: dict[str, bytes] = {}
         if push is not None:
             if not isinstance(push, Mapping):
                 raise MeshError("push must be a mapping of names to values")
@@ -744,6 +746,12 @@ class RemoteCells:
                 usage.append(
                     f"--pull: {final['name']!r} is not defined on {run.label} after the "
                     f"cell ran (defined there: {defined})"
+                )
+            elif status == "unreadable-push":
+                usage.append(
+                    f"--push: {final['name']!r} cannot be rebuilt on {run.label} "
+                    f"({final['reason']}): install or import there what its class needs, "
+                    f"or push something plainer; the cell did not run"
                 )
             elif status == "unsendable":
                 usage.append(

@@ -15,11 +15,14 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import deserialize_bytes
 
 from . import _streams
 from ._runner import (
     CellRun,
+    error_reason,
     forget_loop,
+    quiet_logger,
     remote_clear_output,
     remote_display,
     remote_input,
@@ -229,7 +232,16 @@ class RemoteCellsPlugin(WorkerPlugin):
                               "since": state.running.started})
             return Status.dont_reply
         if push:
-            state.namespace.update(push)
+            values = {}
+            for name, blob in push.items():
+                try:  # (the notebook sends each as one blob: see _client.pack)
+                    with quiet_logger("distributed.protocol.pickle"):
+                        values[name] = deserialize_bytes(blob)
+                except Exception as exc:  # a class of a module this worker lacks
+                    await comm.write({"t": "done", "status": "unreadable-push", "name": name,
+                                      "reason": error_reason(exc), "fresh": fresh})
+                    return Status.dont_reply
+            state.namespace.update(values)
         state.cells += 1
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[dict[str, Any]] = loop.create_future()
