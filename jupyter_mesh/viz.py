@@ -55,14 +55,21 @@ def colour_of(target: str) -> str:
 
 
 # ---------------------------------------------------------------- data
-def _lanes(bars: list[dict[str, Any]], group: str) -> None:
+#: how far measured bars of one worker may overlap and still share a lane: the task
+#: stream's times of consecutive tasks on one thread overlap by a millisecond or so
+#: (a one-thread worker was drawn with a second lane for it)
+MEASURED_SLACK = 0.005
+
+
+def _lanes(bars: list[dict[str, Any]], group: str, slack: float = 1e-12) -> None:
     """Give every bar a lane within its group so overlapping bars do not hide each
-    other: the first lane free at the bar's start (as list scheduling fills slots)."""
+    other: the first lane free at the bar's start (as list scheduling fills slots),
+    give or take ``slack`` seconds."""
     ends: dict[str, list[float]] = defaultdict(list)
     for bar in sorted(bars, key=lambda b: (b[group], b["start"], b["end"])):
         lanes = ends[bar[group]]
         for j, end in enumerate(lanes):
-            if end <= bar["start"] + 1e-12:
+            if end <= bar["start"] + slack:
                 lanes[j] = bar["end"]
                 break
         else:
@@ -206,7 +213,7 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
         for b in bars:
             b["start"] -= t0
             b["end"] -= t0
-        _lanes(bars, "worker")
+        _lanes(bars, "worker", MEASURED_SLACK)
         return bars, True
     clock: dict[str, float] = defaultdict(float)
     for key, (worker, _backend, secs) in report.records.items():

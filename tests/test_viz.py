@@ -87,6 +87,25 @@ def test_measured_bars_use_the_task_stream_and_worker_names(plan):
     assert {b["target"] for b in bars} <= {"cpu:numpy", "cpu:jax"}
 
 
+def test_a_one_thread_worker_gets_one_lane_despite_the_streams_jitter(plan):
+    # the task stream's times of consecutive tasks on one thread overlap by a
+    # millisecond or so: the JAX worker (one thread) was drawn with a phantom 2nd lane
+    report = _report(plan, with_stream=True)
+    mine = sorted((r for r in report.timeline if r["worker"] == "tcp://10.0.0.2:1"),
+                  key=lambda r: r["startstops"][0]["start"])
+    assert len(mine) >= 2
+    mine[1]["startstops"][0]["start"] = mine[0]["startstops"][0]["stop"] - 0.0012
+    bars, _ = viz.measured_bars(report)
+    assert {b["row"] for b in bars if b["worker"] == "jax-cpu-0"} == {"jax-cpu-0"}
+    # a real overlap (two threads at once) still takes a second lane
+    first = mine[0]["startstops"][0]
+    first["stop"] = first["start"] + 0.1
+    mine[1]["startstops"][0]["start"] = first["start"] + 0.01
+    bars, _ = viz.measured_bars(report)
+    assert {b["row"] for b in bars if b["worker"] == "jax-cpu-0"} == {"jax-cpu-0",
+                                                                       "jax-cpu-0 #2"}
+
+
 def test_a_worker_the_plan_did_not_know_is_labelled_with_its_own_kind(plan):
     # a worker restarted at a new address ran some tasks: its bars say what it is (a
     # CPU driven by JAX), as the mesh read it then, never a guessed kind
