@@ -12,6 +12,12 @@ from .devices._profile import Profile
 from .errors import MeshError
 from .targets import Target, parse_target
 
+#: text colours of the HTML reprs and the panel: JupyterLab's theme colours where they
+#: are defined (readable in its light and dark themes: the fixed #b00020 read at 2.6:1
+#: on the dark theme's background), else these
+ERROR_COLOUR = "var(--jp-error-color1, #b00020)"
+OK_COLOUR = "var(--jp-success-color0, #2e7d32)"
+
 
 def format_bytes(n: float | int | None) -> str:
     if not n:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _state
 from .errors import MeshError
-from .inventory import Inventory, format_bytes, plural
+from .inventory import ERROR_COLOUR, OK_COLOUR, Inventory, format_bytes, plural
 
 if TYPE_CHECKING:
     from .mesh import Mesh
@@ -152,6 +152,7 @@ class MeshPanel(w.VBox):
         if mesh.closed:
             self.header.value = "<b>Mesh</b> (closed)"
             self.devices.value = ""
+            self.message.value = ""  # what it said was about the mesh that ran
             self._disable()
             return
         try:
@@ -203,6 +204,9 @@ class MeshPanel(w.VBox):
         if event == "close" and mesh is self.mesh:
             self._stop.set()
             _LIVE.pop(mesh, None)
+            # every panel of it says so at once, one a newer panel superseded too
+            # (it showed the devices and live buttons of a mesh that was gone)
+            self.refresh()
             # nothing more to hear about: the closed mesh is not kept alive through it
             with contextlib.suppress(ValueError):
                 _state.listeners.remove(self._on_mesh_event)
@@ -225,7 +229,7 @@ class MeshPanel(w.VBox):
                 control.disabled = True
 
     def _say(self, text: str, error: bool = False) -> None:
-        colour = "#b00020" if error else "#2e7d32"
+        colour = ERROR_COLOUR if error else OK_COLOUR
         self.message.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
 
     # ------------------------------------------------------------ controls

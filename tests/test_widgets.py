@@ -54,6 +54,7 @@ def test_scale_controls_scale_the_mesh_and_the_list_follows(panel, mesh):
     assert panel.scale_button is not None
     panel.scale_button.click()
     assert "scaled to" in panel.message.value
+    assert "color:var(--jp-success-color0, #2e7d32)" in panel.message.value
     assert mesh.inventory().by_target() == {"cpu:numpy": 1, "cpu:jax": 1}
     assert _wait_for(lambda: "jax-cpu-0" in panel.devices.value)
     assert "cpu:jax" in panel.route.options
@@ -85,6 +86,9 @@ def test_bad_route_is_refused_in_the_panel(panel, mesh, value, says):
     panel.route.value = value
     panel.route_button.click()  # no exception reaches the caller (the kernel)
     assert says in panel.message.value
+    # in JupyterLab's own error colour, readable in its dark theme too (#b00020 read
+    # at 2.6:1 on its background)
+    assert "color:var(--jp-error-color1, #b00020)" in panel.message.value
     assert mesh.route_mode == "off"
     assert panel.route.value in ("off", value) if not value else panel.route.value == "off"
 
@@ -255,13 +259,21 @@ def test_status_widget_in_a_terminal_prints_the_devices(ip, mesh, capsys):
 def test_refresh_stops_when_the_mesh_closes():
     active = _state.active()
     m = jm.Mesh.local(cpu=1, gpu=0, tpu=0, replace=active is not None)
-    p = m.widget(refresh=0.1)
+    older = m.widget(refresh=0.1)
+    p = m.widget(refresh=0.1)  # supersedes the first
     assert p.refreshing
+    p.set_route("warp")  # an error in the message line, about the mesh that runs
+    assert "refused" in p.message.value
     m.close()
     assert _wait_for(lambda: not p.refreshing, timeout=5)
     assert p._on_mesh_event not in _state.listeners  # the closed mesh is not kept alive
-    assert "closed" in p.header.value
-    assert p.route_button.disabled
+    # every panel says so at once, the superseded one too (it kept the devices, live
+    # buttons and dashboard link of the mesh that was gone), and no old error stays
+    for panel in (p, older):
+        assert "(closed)" in panel.header.value and panel.devices.value == ""
+        assert panel.route_button.disabled and panel.scale_button.disabled
+        assert panel.message.value == ""
+    older.close()
     p.close()
     with pytest.raises(MeshError, match="closed"):
         m.widget()
