@@ -386,6 +386,12 @@ def _spec_name(family: str, index: int) -> str:
     return f"{family.replace('_', '-')}-{index}"
 
 
+#: held while a mesh closes: Dask's cluster and the mesh's own quieting restore, as
+#: they close, the log levels they found, so a mesh started while another closed (from
+#: another thread) had Dask's INFO logs in its cell; a start waits for a close under way
+_CLOSING = threading.RLock()
+
+
 class MeshVersionWarning(UserWarning):
     """The scheduler of a mesh runs a jupyter_mesh that speaks another protocol."""
 
@@ -579,6 +585,8 @@ class Mesh:
             },
         }
         before = set(SpecCluster._instances)
+        with _CLOSING:  # a mesh closing now (from another thread) has finished first
+            pass
         try:
             cluster = SpecCluster(
                 workers=workers, scheduler=scheduler, name="jupyter-mesh",
@@ -1141,6 +1149,11 @@ class Mesh:
         if self.cluster is not None:
             self._forget_routes()
         self.closed = True
+        with _CLOSING:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        """Close the client and cluster; say that the mesh closed."""
         try:
             if getattr(self.client, "status", "running") == "running":
                 self.client.close()

@@ -725,3 +725,38 @@ def test_auto_memory_is_the_hosts_shared_evenly_among_the_workers():
         assert limits(m) == [worker_memory("auto", 3)] * 3
     with fresh_local_mesh(cpu=1, threads_per_worker=1, memory_limit="1 GiB") as m:
         assert limits(m) == [1 << 30]
+
+
+def test_a_start_waits_for_a_close_under_way_in_another_thread(monkeypatch):
+    # Dask's cluster and the mesh's quieting restore the log levels they found as they
+    # close: a mesh started while another still closed (closed from another thread,
+    # during a remote cell) had Dask's INFO logs of its start in the cell
+    import threading
+
+    from jupyter_mesh import mesh as mesh_module
+
+    from .meshes import fresh_local_mesh
+
+    started: list[float] = []
+    real = SpecCluster.__init__
+
+    def spy(self, *args, **kwargs):
+        started.append(time.monotonic())
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SpecCluster, "__init__", spy)
+    holding, released = threading.Event(), []
+
+    def closing():  # as Mesh.close holds it while its cluster closes
+        with mesh_module._CLOSING:
+            holding.set()
+            time.sleep(1.0)
+            released.append(time.monotonic())
+
+    closer = threading.Thread(target=closing)
+    closer.start()
+    holding.wait(5)
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        assert m.compute(da.ones(4, chunks=2).sum(), route="off")[0] == 4
+    closer.join()
+    assert started and released and started[0] >= released[0]
