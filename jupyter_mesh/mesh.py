@@ -695,10 +695,19 @@ class Mesh:
 
             security = discovery.security_for(address)
         if encrypted and security is None:
+            # nothing listening there (a mesh of this user's that closed, with its
+            # registration) is said as for tcp://: no certificate would help
+            asked = time.monotonic()
+            try:
+                _check_listening(address, timeout)
+            except Exception as exc:
+                raise _could_not_connect(address, timeout, exc,
+                                         waited=time.monotonic() - asked) from None
             raise MeshError(
-                f"{address} uses TLS: pass security=Security(tls_ca_file=..., "
-                f"tls_client_cert=..., tls_client_key=..., require_encryption=True) "
-                f"(or --tls-ca-file/--tls-cert/--tls-key)"
+                f"{address} uses TLS: give its certificates (%mesh connect {address} "
+                f"--tls-ca-file F --tls-cert F --tls-key F; from Python, "
+                f"security=Security(tls_ca_file=..., tls_client_cert=..., "
+                f"tls_client_key=..., require_encryption=True))"
             )
         if set_current:
             active = _state.active()

@@ -39,7 +39,7 @@ def test_nobody_else_can_connect(mesh, tmp_path, monkeypatch):
     # another user: not this user's registrations (those hold the certificate)
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
     hostport = mesh.address.split("://")[1]
-    with pytest.raises(MeshError, match="uses TLS: pass security"):
+    with pytest.raises(MeshError, match="uses TLS: give its certificates"):
         jm.Mesh.connect(mesh.address, set_current=False, timeout=3)
     with pytest.raises(OSError):
         Client("tcp://" + hostport, timeout=3)
@@ -80,7 +80,7 @@ def test_a_notebook_connects_by_address_to_its_users_tls_mesh(mesh, tmp_path, mo
     # as %mesh connect ADDRESS does (the sidebar's snippet): the certificate comes from
     # this user's private registrations, found by address
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
-    with pytest.raises(MeshError, match="uses TLS: pass security"):
+    with pytest.raises(MeshError, match="uses TLS: give its certificates"):
         jm.Mesh.connect(mesh.address, set_current=False, timeout=3)
     path = discovery.share_security(mesh)
     assert path is not None and oct(path.stat().st_mode & 0o777) == "0o600"
