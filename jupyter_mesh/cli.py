@@ -405,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.subcommands[args.command].error(
             f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING)
+    from .devices._worker_plugin import quiet_name_taken
+
+    quiet_name_taken()  # the refusal is said in one line below
     try:
         if args.command == "worker":
             return asyncio.run(run_worker(args))

@@ -440,6 +440,30 @@ def test_a_worker_dask_refuses_says_why_in_one_line(scheduler_mesh):
         _stop(first)
 
 
+def test_dasks_records_of_a_refused_name_are_left_out():
+    # two workers started at once under one --name both pass the check before they
+    # start; the scheduler refuses the later one deep in the nanny's start, and Dask's
+    # worker and nanny logged ~80 lines of it before the one line that says so
+    import logging
+
+    from jupyter_mesh.devices._worker_plugin import _NoNameTaken
+
+    def record(level, msg, exc=None):
+        info = (type(exc), exc, None) if exc is not None else None
+        return logging.LogRecord("distributed.nanny", level, __file__, 1, msg, (), info)
+
+    refused = ValueError("Unexpected response from register: {'status': 'error', "
+                         "'message': 'name taken, dup'}")
+    failed = RuntimeError("Worker failed to start.")
+    failed.__cause__ = refused
+    keep = _NoNameTaken().filter
+    assert not keep(record(logging.ERROR, "Unable to connect to scheduler: name taken, dup"))
+    assert not keep(record(logging.ERROR, "Failed to start worker", failed))
+    # anything else stays, as Dask logs it
+    assert keep(record(logging.ERROR, "Failed to start worker", RuntimeError("other")))
+    assert keep(record(logging.INFO, "Worker name: dup"))
+
+
 def _has_cuda() -> bool:
     from jupyter_mesh.devices._detect import cuda_devices
 

@@ -114,6 +114,30 @@ class _NoComputeFailed(logging.Filter):
         return not str(record.msg).startswith("Compute Failed")
 
 
+class _NoNameTaken(logging.Filter):
+    """Drops Dask's error records (and their tracebacks) of a worker whose name the
+    scheduler refused: two workers started at once under one ``--name`` both passed
+    the check before they start, and the one that lost printed ~80 lines of them
+    before the CLI's one line that says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        exc = record.exc_info[1] if record.exc_info else None
+        while exc is not None and "name taken" not in text:
+            text, exc = str(exc), exc.__cause__ or exc.__context__
+        return "name taken" not in text
+
+
+def quiet_name_taken() -> None:
+    """Install :class:`_NoNameTaken` on the loggers of Dask's worker and nanny."""
+    for name in ("distributed.worker", "distributed.nanny"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoNameTaken) for f in log.filters):
+            log.addFilter(_NoNameTaken())
+
+
 class MeshWorkerPlugin(WorkerPlugin):
     """Make a Dask worker a mesh device.
 
@@ -165,6 +189,7 @@ class MeshWorkerPlugin(WorkerPlugin):
         cpus = getattr(self, "cpus", None)  # None from a plugin pickled before cpus=
         if cpus:
             _detect.pin_process(cpus)  # before JAX starts its thread pool
+        quiet_name_taken()  # (this process's own records: its nanny's are the CLI's)
         if getattr(self, "quiet_failures", False):
             log = logging.getLogger("distributed.worker")
             if not any(isinstance(f, _NoComputeFailed) for f in log.filters):
