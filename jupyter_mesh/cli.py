@@ -37,7 +37,7 @@ def _parser() -> _Parser:
     w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler")
     parser.subcommands = {"worker": w}
     w.add_argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
-    w.add_argument("--site", default="default", help="site label of this worker")
+    w.add_argument("--site", default="default", help="site label of this worker (default: default)")
     w.add_argument("--jax", action="store_true",
                    help="drive the device with JAX: a TPU, else a GPU (jax[cuda12]), else "
                         "the CPU")
@@ -55,7 +55,10 @@ def _parser() -> _Parser:
     w.add_argument("--host", default=None,
                    help="interface to listen on (default: the one that reaches the "
                         "scheduler; 127.0.0.1 for a scheduler on this machine)")
-    w.add_argument("--memory-limit", default="auto", help="memory limit, as Dask's")
+    w.add_argument("--memory-limit", default="auto",
+                   help="memory limit, as Dask's: bytes, '4 GiB', a fraction of the host's "
+                        "memory, or auto (the default: the host's memory over its GPUs or "
+                        "TPU chips for such a worker, else Dask's share)")
     w.add_argument("--tls-ca-file", default=None, metavar="FILE",
                    help="for a tls:// scheduler: the CA certificate (PEM)")
     w.add_argument("--tls-cert", default=None, metavar="FILE",

@@ -49,7 +49,8 @@ def test_dead_sticky_worker_is_announced_and_replaced(mesh, capsys):
 def test_worker_dying_during_a_cell(mesh, capsys):
     before = mesh.run_cell("2").worker
     with pytest.raises(jm.MeshError, match=r"died while running the cell \(out of memory is "
-                                           r"the usual cause: its nanny restarts it\); its "
+                                           r"the usual cause: its nanny, where it has one, restarts "
+                                           r"it\); its "
                                            r"remote namespace is lost"):
         mesh.run_cell("import os\nos._exit(1)")
     new = replaced(mesh, before)

@@ -797,7 +797,8 @@ class RemoteCells:
         if not alive:
             self.namespaces.pop(run.device.worker, None)
             return (f"worker {run.label} ({run.device.target}) died while running the "
-                    f"cell (out of memory is the usual cause: its nanny restarts it); its "
+                    f"cell (out of memory is the usual cause: its nanny, where it has one, "
+                    f"restarts it); its "
                     f"remote namespace is lost (the next cell picks another worker)")
         reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
             type(exc).__name__
