@@ -253,6 +253,10 @@ def test_site_keeps_everything_there():
     devs = [dev("c0", "cpu", "numpy", CPU, site="edge"), dev("g0", "gpu", "cupy", GPU)]
     plan = plan_collections([pipeline()], devs, site="edge")
     assert set(plan.assignment().values()) == {"cpu:numpy@edge"}
+    # and the header names only the pools at that site (it listed the GPU elsewhere)
+    header = repr(plan).splitlines()[0]
+    assert "site=edge" in header and "over cpu:numpy@edge×1;" in header
+    assert "gpu" not in header
 
 
 def test_plan_reprs(mesh_devices):

@@ -263,11 +263,15 @@ class Plan(Generic[ModelT]):
         return (
             f"Plan (route={self.route}{', site=' + self.site if self.site else ''}): "
             f"{plural(self.ntasks, 'task')} in {plural(len(self.rows), 'op')} over "
-            f"{', '.join(f'{p.label}×{len(p.workers)}' for p in self.pools) or 'no devices'}; "
+            f"{', '.join(f'{p.label}×{len(p.workers)}' for p in self._pools_shown()) or 'no devices'}; "
             f"est. {_secs(self.makespan)} makespan, "
             f"{format_bytes(self.bytes_moved) if self.bytes_moved else 'nothing'} "
             f"moved between kinds"
         )
+
+    def _pools_shown(self) -> list[Any]:
+        """The pools the plan may use: with ``site=``, those at that site only."""
+        return [p for p in self.pools if not self.site or p.site == self.site]
 
     def __repr__(self) -> str:
         lines = [self._header()]
