@@ -479,6 +479,8 @@ class MeshMagics(Magics):
             # (~ as a shell expands it: the magic gets the text as typed)
             ca, cert, key = (os.path.expanduser(p) for p in tls)
             for path in (ca, cert, key):
+                if os.path.isdir(path):
+                    raise UsageError(f"{path} is a folder: give the TLS file in it")
                 if not os.path.isfile(path):
                     raise UsageError(f"TLS file not found: {path}")
             security = Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key,
@@ -486,6 +488,11 @@ class MeshMagics(Magics):
         timeout = None
         if args.timeout is not None:
             timeout = _positive(args.timeout, "--timeout")
+            from .mesh import MAX_CONNECT_TIMEOUT
+
+            if timeout > MAX_CONNECT_TIMEOUT:
+                raise UsageError(f"--timeout must be at most {MAX_CONNECT_TIMEOUT} s (a day), "
+                                 f"not {args.timeout}")
         address = args.address
         if security is not None and "://" not in address:
             address = "tls://" + address

@@ -63,8 +63,11 @@ def test_start_status_and_compute(ip, started, capsys):
         ("connect", "arguments are required: address"),
         ("connect tcp://127.0.0.1:1 --timeout -1", "--timeout must be a positive number"),
         ("connect tcp://127.0.0.1:1 --timeout soon", "--timeout must be a positive number"),
+        ("connect tcp://127.0.0.1:1 --timeout 1e9", "^--timeout must be at most 86400 s"),
         ("connect 127.0.0.1:1 --tls-ca-file ca.pem", "TLS needs all three"),
         ("connect 127.0.0.1:1 --tls-ca-file a --tls-cert b --tls-key c", "TLS file not found"),
+        ("connect 127.0.0.1:1 --tls-ca-file / --tls-cert b --tls-key c", "^/ is a folder: give "
+         "the TLS file in it"),
         ("connect tls://127.0.0.1:1 --replace", "connection refused: nothing listens on port 1"),
         ("connect not//an address --replace", "malformed address|unrecognized"),
         ("status --bogus", "unrecognized arguments"),
