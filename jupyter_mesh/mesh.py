@@ -1399,12 +1399,15 @@ class Mesh:
         """
         from .router import api
 
-        if dask_options:  # dask.compute's own (optimize_graph=, scheduler=...)
+        if dask_options:  # dask.compute's own (optimize_graph=, retries=...)
             names = ", ".join(f"{k}=" for k in dask_options)
+            own = [k for k in dask_options if k in ("optimize_graph", "traverse")]
             raise MeshError(
-                f"mesh.compute takes route=, fallback=, site= and pin=, not {names}: for "
-                f"dask.compute's options, call dask.compute(..., {names.split(',')[0]}...) "
-                f"inside `with mesh.route(...):`")
+                f"mesh.compute takes route=, fallback=, site= and pin=, not {names}: "
+                + (f"call dask.compute(..., {own[0]}=...) inside `with mesh.route(...):`"
+                   if own and len(own) == len(dask_options) else
+                   "the router places the tasks itself; for Dask's scheduler options "
+                   "(retries=, workers=, resources=...), use dask.compute outside routing"))
         self._check_open()
         return api.compute(self, collections, route, fallback, site, pin)
 

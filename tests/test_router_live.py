@@ -634,12 +634,58 @@ def test_bad_inputs(mesh):
         mesh.submit(np.sum, 1, convert="yes")
     # dask.compute's own options: one line that says where they go
     with pytest.raises(MeshError, match=r"^mesh.compute takes route=, fallback=, site= and "
-                                        r"pin=, not optimize_graph=, scheduler=: for "
-                                        r"dask.compute's options, call dask.compute\(\.\.\., "
-                                        r"optimize_graph=\.\.\.\) inside `with mesh.route"):
-        mesh.compute(pipeline(), optimize_graph=False, scheduler="threads")
+                                        r"pin=, not optimize_graph=: call dask.compute\("
+                                        r"\.\.\., optimize_graph=\.\.\.\) inside `with mesh"):
+        mesh.compute(pipeline(), optimize_graph=False)
     with mesh.route("auto"):  # where they work
         assert dask.compute(da.ones(4, chunks=2).sum(), optimize_graph=False)[0] == 4
+    # the scheduler's options: the router places the tasks (they were dropped silently
+    # inside a route block: retries=3 retried nothing, workers= placed nothing)
+    with pytest.raises(MeshError, match=r"not retries=: the router places the tasks itself; "
+                                        r"for Dask's scheduler options"):
+        mesh.compute(pipeline(), retries=3)
+    with mesh.route("auto"), pytest.raises(MeshError, match=r"^a routed compute takes no "
+                                                            r"retries=, workers=: the router"):
+        dask.compute(da.ones(4, chunks=2).sum(), retries=3, workers=["x"])
+    assert mesh.compute(da.ones(4, chunks=2).sum())[0] == 4  # and it goes on
+
+
+def _clip_in_place(block):
+    block[block > 1.0] = 1.0  # writes into its input, as NumPy code may
+    return block
+
+
+def test_a_function_that_writes_into_a_block_from_jax_works(mesh):
+    # JAX's results came to NumPy as read-only views: "assignment destination is
+    # read-only" under cpu:jax only
+    from jupyter_mesh.router.backends import get_backend, to_host_any
+
+    x = da.from_array(np.random.default_rng(0).random((8, 6)), chunks=(4, 3))
+    y = (x * 2.0).map_blocks(_clip_in_place, dtype="f8")
+    expected = y.compute(scheduler="sync")
+    for route in ("auto", "cpu:jax"):
+        np.testing.assert_allclose(mesh.compute(y, route=route)[0], expected)
+    assert mesh.last_report.ran_on("mul") == ["jax"]  # the block came from JAX
+    import jax.numpy as jnp
+
+    for host in (get_backend("jax").to_host(jnp.ones(3)), to_host_any(jnp.ones(3))):
+        assert isinstance(host, np.ndarray) and host.flags.writeable
+
+
+def test_the_users_placing_annotations_are_said_not_to_be_followed(mesh):
+    # routed, the graph's dask.annotate(workers=...) was dropped without a word
+    x = da.ones((4, 4), chunks=2)
+    with dask.annotate(workers=["tcp://10.9.9.9:1"], allow_other_workers=False):
+        y = x.map_blocks(lambda b: b + 1)
+    with pytest.warns(UserWarning, match=r"the router places the tasks: the graph's "
+                      r"dask.annotate\(allow_other_workers=, workers=\) is not followed"):
+        assert mesh.compute(y.sum())[0] == 32
+    plain = x + 1  # nothing annotated: nothing said
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mesh.compute(plain.sum())[0] == 32
 
 
 @pytest.mark.parametrize("fallback", ["no", None, 1])

@@ -280,8 +280,28 @@ def _live_inventory(mesh: Mesh) -> Any:
     return inv
 
 
+#: annotations of the user's (``dask.annotate``) that place tasks: the router places
+#: them itself
+_PLACING = ("workers", "resources", "allow_other_workers")
+
+
+def _warn_placing_annotations(graph: Any) -> None:
+    """Say once per routed computation that the graph's own placement annotations are
+    not followed (Dask's fusion drops them anyway, unless fusion is off)."""
+    layers = getattr(graph, "layers", None) or {}
+    found = sorted({k for layer in layers.values()
+                    for k in (getattr(layer, "annotations", None) or {}) if k in _PLACING})
+    if found:
+        warnings.warn(
+            f"jupyter_mesh: the router places the tasks: the graph's dask.annotate("
+            f"{', '.join(f'{k}=' for k in found)}) is not followed (route='off' follows it)",
+            UserWarning, stacklevel=4)
+
+
 def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
                 site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
+    if route != "off":
+        _warn_placing_annotations(graph)
     try:
         return _place_graph(mesh, graph, keys, route, site, pin)
     except BaseException as exc:
@@ -846,6 +866,12 @@ class _RoutedScheduler:
         now = self._now()
         if now is None:
             return _plain_get()(dsk, keys, **kwargs)
+        if kwargs:  # the scheduler's options (dask.compute's own it keeps for itself)
+            raise MeshError(
+                f"a routed compute takes no {', '.join(f'{k}=' for k in sorted(kwargs))}: "
+                f"the router places the tasks; leave the block (or %mesh route off) to "
+                f"pass them"
+            )
         _check_settings()
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]

@@ -219,7 +219,9 @@ class JaxBackend(Backend):
             import numpy
 
             try:
-                return numpy.asarray(x)
+                # a copy: numpy.asarray gives a read-only view of JAX's buffer, and a
+                # user's function that writes into its block (map_blocks) failed
+                return numpy.array(x)
             except Exception as exc:
                 raise self._fail("copy to host", exc) from None
         return x
@@ -264,7 +266,7 @@ def to_host_any(x: Any) -> Any:
     if mod.startswith("cupy"):
         return x.get()
     if mod.startswith("jax") or mod.startswith("jaxlib"):
-        return numpy.asarray(x)
+        return numpy.array(x)  # writable (numpy.asarray: a read-only view)
     for b in plugin_backends():
         if b.is_device_array(x):
             return b.to_host(x)
