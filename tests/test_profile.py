@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 
 import dask.config
 import pytest
@@ -104,6 +106,68 @@ def test_profiles_cached_by_an_older_measurement_are_measured_again(tmp_path):
                                           lambda budget: Profile(2e9, 1e9, 1e10,
                                                                  source="new"))
     assert prof.source == "new"
+
+
+def _fresh(budget):
+    return Profile(2e9, 1e9, 1e10, source="measured now")
+
+
+@pytest.mark.parametrize("cache, entry", [
+    ([1, 2], None),  # not an object: every worker failed to start (TypeError)
+    ({}, {"flops32": 1e9}),  # fields missing
+    ({}, {**Profile(0.0, 0.0, 1e10).to_dict()}),  # no FLOP/s: every plan divided by 0
+    ({}, {**Profile(1e9, 1e9, 1e10).to_dict(), "flops64": "fast"}),
+    ({}, {**Profile(1e9, 1e9, 1e10).to_dict(), "mem_bandwidth": -1.0}),
+    ({}, {**Profile(1e9, 1e9, 1e10).to_dict(), "launch_latency": float("nan")}),
+])
+def test_an_entry_of_the_cache_that_is_no_profile_is_measured_again(tmp_path, cache, entry):
+    import json
+
+    key = _profile.cache_key("cpu", "numpy", "Test CPU")
+    if entry is not None:
+        cache = {key: entry}
+    (tmp_path / "profiles.json").write_text(json.dumps(cache))
+    with dask.config.set({"mesh.profile.cache-dir": str(tmp_path)}):
+        ctx = (pytest.warns(RuntimeWarning, match=r"is not a profile .*measuring it again")
+               if entry is not None else contextlib.nullcontext())
+        with ctx:
+            assert _profile.cached_or_measure(key, _fresh).source == "measured now"
+        # and replaced: the next worker reads the new one
+        assert _profile.cached_or_measure(key, _no_measure).source == "measured now"
+
+
+def test_a_cache_that_cannot_be_written_measures_and_says_so(tmp_path):
+    # caching saves the next worker a measurement: its failure must not stop this one
+    # (every worker of a shared cache folder whose file another user owns failed)
+    (tmp_path / "profiles.json.tmp").mkdir()  # where the new cache is written first
+    key = _profile.cache_key("cpu", "numpy", "Test CPU")
+    with dask.config.set({"mesh.profile.cache-dir": str(tmp_path)}), \
+            pytest.warns(RuntimeWarning, match=r"cannot write the profile cache .*not kept"):
+        assert _profile.cached_or_measure(key, _fresh).source == "measured now"
+
+
+def test_a_lock_held_elsewhere_neither_blocks_a_cached_profile_nor_hangs(tmp_path,
+                                                                         monkeypatch):
+    # a process that held the cache's lock for good stopped every worker from starting,
+    # even with its profile cached
+    import fcntl
+    import json
+
+    key = _profile.cache_key("cpu", "numpy", "Test CPU")
+    (tmp_path / "profiles.json").write_text(
+        json.dumps({key: Profile(3e9, 1e9, 1e10, source="cached").to_dict()}))
+    monkeypatch.setattr(_profile, "LOCK_WAIT", 0.3)
+    with open(tmp_path / "profiles.json.lock", "a+") as other, \
+            dask.config.set({"mesh.profile.cache-dir": str(tmp_path)}):
+        fcntl.flock(other, fcntl.LOCK_EX)  # (held by "another process" all along)
+        started = time.monotonic()
+        assert _profile.cached_or_measure(key, _no_measure).source == "cached"
+        new = _profile.cache_key("cpu", "jax", "Test CPU")
+        with pytest.warns(RuntimeWarning, match=r"has held the profile cache's lock .* "
+                                                r"measuring without the cache"):
+            assert _profile.cached_or_measure(new, _fresh).source == "measured now"
+        assert time.monotonic() - started < 5
+    assert new not in json.loads((tmp_path / "profiles.json").read_text())
 
 
 def test_cpu_profiles_time_matmuls_of_chunk_sized_blocks(monkeypatch):

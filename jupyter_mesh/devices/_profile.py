@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -209,40 +210,122 @@ def cache_key(kind: str, backend: str, model: str, cores: int | None = None) -> 
     return key if cores is None else f"{key}|{cores} cores"
 
 
+#: how long a worker waits for another process's measurement (the cache's lock) before
+#: it measures without the cache: a process stuck holding it must not stop every worker
+LOCK_WAIT = 30.0
+
+
 @contextlib.contextmanager
-def _locked(path: str):
-    """An exclusive lock beside ``path``, so workers starting together measure once."""
-    lock = open(path + ".lock", "a+")
+def _locked(path: str, wait: float | None = None) -> Iterator[bool]:
+    """An exclusive lock beside ``path``, so workers starting together measure once;
+    yields whether it is held (False: the lock file cannot be opened, or another process
+    held it past ``wait`` seconds; said in a warning)."""
+    try:
+        lock = open(path + ".lock", "a+")
+    except OSError as exc:
+        _warn(f"cannot open the profile cache's lock {path}.lock ({exc}): measuring without "
+              f"the cache")
+        yield False
+        return
     try:
         try:
             import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # pragma: no cover - Windows
-            pass
-        yield
+            yield True
+            return
+        wait = LOCK_WAIT if wait is None else wait
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    _warn(f"another process has held the profile cache's lock {path}.lock "
+                          f"for {wait:g} s: measuring without the cache")
+                    yield False
+                    return
+                time.sleep(0.1)
+            except OSError as exc:  # (a file system without locks)
+                _warn(f"cannot lock the profile cache {path} ({exc}): measuring without it")
+                yield False
+                return
+        yield True
     finally:
         lock.close()
 
 
+def _warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(f"jupyter_mesh: {message}", RuntimeWarning, stacklevel=3)
+
+
+def _read_cache(path: str) -> dict[str, Any]:
+    """The cache's entries ({} where the file is missing, not JSON, or not an object)."""
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def valid_profile(entry: Any) -> Profile | None:
+    """The profile an entry of the cache holds, or None where it is not one: fields
+    missing, or a figure that is not a finite number (peaks above 0)."""
+    if not isinstance(entry, dict):
+        return None
+    try:
+        profile = Profile.from_dict(entry)
+    except TypeError:
+        return None
+    for name in ("flops32", "flops64", "mem_bandwidth", "host_link_bandwidth",
+                 "launch_latency"):
+        value = getattr(profile, name)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value < 0
+                or (value == 0 and name in ("flops32", "flops64", "mem_bandwidth"))):
+            return None
+    if not isinstance(profile.method, str) or not isinstance(profile.source, str) \
+            or not isinstance(profile.extra, dict):
+        return None
+    return profile
+
+
 def cached_or_measure(key: str, measure: Callable[[float], Profile]) -> Profile:
-    """Return the cached profile for ``key`` or run ``measure`` and cache its result."""
+    """Return the cached profile for ``key`` or run ``measure`` and cache its result.
+    A cached profile is read without the lock; an entry that is no profile (a file
+    edited by hand, another version's) is measured again, and a cache that cannot be
+    written is said in a warning: it only saves the next worker a measurement."""
     path = _cache_path()
-    with _locked(path):
-        try:
-            with open(path) as f:
-                cache = json.load(f)
-        except (OSError, ValueError):
-            cache = {}
-        if key in cache:
-            return Profile.from_dict(cache[key])
+    found = valid_profile(_read_cache(path).get(key))
+    if found is not None:
+        return found
+    with _locked(path) as held:
+        cache = _read_cache(path)
+        entry = cache.get(key)
+        found = valid_profile(entry)
+        if found is not None:  # measured meanwhile by the process that held the lock
+            return found
+        if entry is not None:
+            _warn(f"the cached profile {key!r} in {path} is not a profile (a figure missing "
+                  f"or not a positive number): measuring it again")
         budget = _config.get_seconds("profile.measure-seconds")
         profile = measure(budget)
+        if not held:
+            return profile
         cache[key] = profile.to_dict()
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(cache, f, indent=1)
+            os.replace(tmp, path)
+        except OSError as exc:
+            _warn(f"cannot write the profile cache {path} ({exc}): the profile measured "
+                  f"now is not kept for the next worker")
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         return profile
 
 
