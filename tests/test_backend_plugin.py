@@ -185,3 +185,59 @@ def test_a_backend_whose_package_is_broken_says_why(monkeypatch):
         "load (ModuleNotFoundError: No module named 'no_such_module_for_jupyter_mesh'): fix "
         "or reinstall its package; the registered backends are cupy, jax, numpy")
     assert backends.get_backend("numpy").name == "numpy"  # the built-in ones are there
+
+
+class _Half(backends.Backend):
+    name = "half"
+    kinds = ("cpu",)
+
+
+class _NotABackend:
+    name = "notsub"
+
+
+class _Clash(backends.Backend):
+    name = "numpy"
+    kinds = ("cpu",)
+
+    def available(self):
+        return True
+
+    def namespace(self):
+        return np
+
+    def is_device_array(self, x):
+        return False
+
+    def to_device(self, x):
+        return x
+
+
+@pytest.mark.parametrize("ep_name, cls, why", [
+    ("half", _Half, "MeshError: backend 'half' does not define available, namespace, "
+                    "is_device_array, to_device"),
+    ("notsub", _NotABackend, "is not a jupyter_mesh.router.backends.Backend: subclass it"),
+    ("mynumpy", _Clash, "its name 'numpy' is a built-in backend's: name it otherwise"),
+])
+def test_a_half_written_plugin_is_refused_and_breaks_nothing(monkeypatch, ep_name, cls, why):
+    # one such plugin installed anywhere broke every routed plan (AttributeError on its
+    # op_classes) and every mesh.submit (NotImplementedError from its is_device_array),
+    # or took the built-in NumPy backend's place
+    import importlib.metadata
+
+    from jupyter_mesh.router.classify import native_backends
+
+    monkeypatch.setitem(sys.modules, "jm_test_plugins", sys.modules[__name__])
+    ep = importlib.metadata.EntryPoint(name=ep_name, value=f"jm_test_plugins:{cls.__name__}",
+                                       group=backends.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [ep])
+    monkeypatch.setattr(backends, "_registry", {})
+    monkeypatch.setattr(backends, "_broken", {})
+    assert backends.backend_names() == ["cupy", "jax", "numpy"]
+    assert type(backends.get_backend("numpy")).__name__ == "NumpyBackend"
+    with pytest.raises(MeshError, match="did not load") as info:
+        backends.get_backend(ep_name)
+    assert why in str(info.value)
+    # the router and the conversions work as before
+    assert "numpy" in native_backends("matmul", np.matmul)
+    assert backends.to_host_any(np.ones(2)).tolist() == [1.0, 1.0]

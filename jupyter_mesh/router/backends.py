@@ -268,7 +268,11 @@ def to_host_any(x: Any) -> Any:
     if mod.startswith("jax") or mod.startswith("jaxlib"):
         return numpy.array(x)  # writable (numpy.asarray: a read-only view)
     for b in plugin_backends():
-        if b.is_device_array(x):
+        try:
+            mine = b.is_device_array(x)
+        except Exception:  # (a plugin's failure to tell is its own, not every array's)
+            continue
+        if mine:
             return b.to_host(x)
     return x
 
@@ -336,10 +340,36 @@ _registry: dict[str, Backend] = {}
 _broken: dict[str, str] = {}
 
 
-def register_backend(backend: Backend) -> None:
-    """Register (or replace) a backend under its name."""
-    if not backend.name:
+#: what a backend must define itself (the rest has defaults)
+_REQUIRED = ("available", "namespace", "is_device_array", "to_device")
+
+
+def check_backend(backend: Any) -> None:
+    """Refuse what is no usable backend (MeshError, saying what is missing): one that
+    is half written broke every routed plan (its ``op_classes`` were read) and every
+    ``mesh.submit`` (its ``is_device_array`` was asked of every result)."""
+    if not isinstance(backend, Backend):
+        raise MeshError(f"{backend!r} is not a jupyter_mesh.router.backends.Backend: "
+                        f"subclass it")
+    if not isinstance(backend.name, str) or not backend.name.strip():
         raise MeshError(f"a backend needs a name: {backend!r}")
+    kinds = backend.kinds
+    if (not isinstance(kinds, (tuple, list)) or not kinds
+            or any(k not in ("cpu", "gpu", "tpu") for k in kinds)):
+        raise MeshError(f"backend {backend.name!r}: kinds must name the device kinds it "
+                        f"drives, some of cpu, gpu, tpu, not {kinds!r}")
+    if not isinstance(backend.op_classes, (frozenset, set, tuple, list)):
+        raise MeshError(f"backend {backend.name!r}: op_classes must be a set of op classes, "
+                        f"not {backend.op_classes!r}")
+    missing = [m for m in _REQUIRED if getattr(type(backend), m) is getattr(Backend, m)]
+    if missing:
+        raise MeshError(f"backend {backend.name!r} does not define {', '.join(missing)}")
+
+
+def register_backend(backend: Backend) -> None:
+    """Register (or replace) a backend under its name (MeshError where it is no usable
+    backend: see :func:`check_backend`)."""
+    check_backend(backend)
     _registry[backend.name] = backend
 
 
@@ -356,7 +386,12 @@ def _discover() -> None:
             continue
         try:
             cls = ep.load()
-            register_backend(cls())
+            backend = cls()
+            check_backend(backend)
+            if backend.name in _BUILTIN:
+                raise MeshError(f"its name {backend.name!r} is a built-in backend's: name "
+                                f"it otherwise")
+            register_backend(backend)
         except Exception as exc:
             # a broken plugin must not hide the built-in backends; asked for by name,
             # it says why it is not there
