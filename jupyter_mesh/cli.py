@@ -121,11 +121,19 @@ async def run_worker(args: argparse.Namespace) -> int:
             raise MeshError(f"--jax and --backend {args.backend} disagree: give one of them")
         try:
             plugin = get_backend(args.backend)
-        except MeshError:
+        except MeshError as exc:
+            if "did not load" in str(exc):  # installed, but broken: why, in its words
+                raise
             raise MeshError(f"unknown backend {args.backend!r}: installed are "
                             f"{', '.join(backend_names())} (a backend package adds its own "
                             f"through the jupyter_mesh.backends entry-point group)") from None
         backend = plugin.name
+        if backend not in ("numpy", "cupy", "jax"):
+            # a plugin's own code, tried here before the worker starts (in the worker,
+            # a failure was a page of Dask's tracebacks); its profile is cached for it
+            from .devices._worker_plugin import describe_device
+
+            describe_device(None, backend, None)
         if backend == "cupy":
             kind = "gpu"
             if args.gpu is None:
@@ -418,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jupyter-mesh: {exc}", file=sys.stderr)
         return 1
     except MeshError as exc:
-        print(f"jupyter-mesh: {exc}", file=sys.stderr)
+        print(f"jupyter-mesh: {str(exc).removeprefix('jupyter_mesh: ')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the worker's own handler was in place
         print("jupyter-mesh worker: stopped before it started", file=sys.stderr)

@@ -241,3 +241,61 @@ def test_a_half_written_plugin_is_refused_and_breaks_nothing(monkeypatch, ep_nam
     # the router and the conversions work as before
     assert "numpy" in native_backends("matmul", np.matmul)
     assert backends.to_host_any(np.ones(2)).tolist() == [1.0, 1.0]
+
+
+PLUGINS = {
+    "unavail": "def available(self):\n    return False\n",
+    "modelraise": "def available(self):\n    return True\n\n"
+                  "def model(self):\n    raise RuntimeError('no device here')\n",
+    "measurebad": "def available(self):\n    return True\n\n"
+                  "def measure(self, budget):\n    return {'flops32': 1}\n",
+    "brokenimp": "def available(self):\n    return True\n",
+}
+
+
+def _install(tmp_path, monkeypatch, name, methods, module_line=""):
+    """A plugin package of one backend class, on a path this process and its children
+    see (its entry point in a dist-info, as pip writes it)."""
+    source = (f"import numpy as np\n{module_line}\n"
+              f"from jupyter_mesh.router.backends import Backend\n\n\n"
+              f"class B(Backend):\n    name = {name!r}\n    kinds = ('cpu',)\n\n"
+              + textwrap.indent("def namespace(self):\n    return np\n\n"
+                                "def is_device_array(self, x):\n    return False\n\n"
+                                "def to_device(self, x):\n    return x\n\n" + methods,
+                                "    "))
+    (tmp_path / f"{name}_backend.py").write_text(source)
+    info = tmp_path / f"{name}_backend-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-backend\n"
+                                   f"Version: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        f"[jupyter_mesh.backends]\n{name} = {name}_backend:B\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
+@pytest.mark.parametrize("name, says", [
+    ("unavail", "backend 'unavail' cannot drive this worker: it is not available in this "
+                "process"),
+    ("modelraise", "backend 'modelraise' cannot drive this worker: its model() failed "
+                   "(RuntimeError: no device here)"),
+    ("measurebad", "backend 'measurebad' cannot drive this worker: its measure() gave "
+                   "{'flops32': 1}, not a Profile of positive figures"),
+    ("brokenimp", "backend 'brokenimp' is installed (entry point of jupyter_mesh.backends) "
+                  "but did not load (ModuleNotFoundError: No module named "
+                  "'no_such_module_for_jupyter_mesh'"),
+])
+def test_cli_a_plugin_that_cannot_drive_the_worker_is_one_line(tmp_path, monkeypatch, name,
+                                                                says):
+    # a page of Dask's tracebacks (120-150 lines) before the last line said why; a
+    # plugin whose package is broken was "unknown"
+    _install(tmp_path, monkeypatch, name, PLUGINS[name],
+             "import no_such_module_for_jupyter_mesh" if name == "brokenimp" else "")
+    monkeypatch.setenv("DASK_MESH__PROFILE__CACHE_DIR", str(tmp_path / "cache"))
+    out = subprocess.run([os.path.join(BIN, "jupyter-mesh"), "worker", "tcp://127.0.0.1:1",
+                          "--backend", name], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [f"jupyter-mesh: {says}"] or \
+        (name == "brokenimp" and out.stderr.startswith(f"jupyter-mesh: {says}")
+         and len(out.stderr.strip().splitlines()) == 1), out.stderr

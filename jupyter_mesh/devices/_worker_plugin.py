@@ -28,6 +28,52 @@ METADATA_KEY = "jupyter-mesh"
 EXTENSION_NAME = "jupyter-mesh"
 
 
+def _describe_plugin(plugin: Any, kind: str | None, memory: int | None) -> tuple[
+    _detect.DeviceInfo, _profile.Profile
+]:
+    """:func:`describe_device` for a backend from the entry-point group: what its own
+    code says fails in one line naming the backend and the method (a worker that failed
+    in it logged a page of Dask's tracebacks)."""
+    name = plugin.name
+
+    def cannot(why: str) -> MeshError:
+        return MeshError(f"jupyter_mesh: backend {name!r} cannot drive this worker: {why}")
+
+    def failed(method: str, exc: Exception) -> MeshError:
+        return cannot(f"its {method}() failed ({type(exc).__name__}: "
+                      f"{(str(exc).splitlines() or [''])[0]})")
+
+    kind = kind or plugin.kinds[0]
+    if kind not in plugin.kinds:
+        raise cannot(f"it drives {', '.join(plugin.kinds)}, not {kind}")
+    try:
+        available = plugin.available()
+    except Exception as exc:
+        raise failed("available", exc) from None
+    if not available:
+        raise cannot("it is not available in this process")
+    try:
+        model = str(plugin.model())
+    except Exception as exc:
+        raise failed("model", exc) from None
+
+    def measure(budget: float) -> _profile.Profile:
+        try:
+            profile = plugin.measure(budget)
+        except Exception as exc:
+            raise failed("measure", exc) from None
+        if not isinstance(profile, _profile.Profile) or \
+                _profile.valid_profile(profile.to_dict()) is None:
+            raise cannot(f"its measure() gave {profile!r:.80}, not a Profile of positive "
+                         f"figures")
+        return profile
+
+    info = _detect.DeviceInfo(kind=kind, backend=name, model=model,
+                              memory=int(memory or _detect.host_memory()))
+    key = _profile.cache_key(info.kind, info.backend, info.model)
+    return info, _profile.cached_or_measure(key, measure)
+
+
 def describe_device(kind: str | None, backend: str | None, memory: int | None) -> tuple[
     _detect.DeviceInfo, _profile.Profile
 ]:
@@ -38,16 +84,7 @@ def describe_device(kind: str | None, backend: str | None, memory: int | None) -
     """
     plugin = _plugin_backend(backend)
     if plugin is not None:
-        kind = kind or plugin.kinds[0]
-        if kind not in plugin.kinds or not plugin.available():
-            why = (f"it drives {', '.join(plugin.kinds)}, not {kind}"
-                   if kind not in plugin.kinds else "it is not available in this process")
-            raise MeshError(f"jupyter_mesh: backend {backend!r} cannot drive this "
-                               f"worker: {why}")
-        info = _detect.DeviceInfo(kind=kind, backend=plugin.name, model=plugin.model(),
-                                  memory=int(memory or _detect.host_memory()))
-        key = _profile.cache_key(info.kind, info.backend, info.model)
-        return info, _profile.cached_or_measure(key, plugin.measure)
+        return _describe_plugin(plugin, kind, memory)
     # NumPy drives the CPU and CuPy a GPU, whatever else the host has
     own = {"numpy": "cpu", "cupy": "gpu"}.get(backend or "")
     if own is not None:
