@@ -22,8 +22,17 @@ dask.config.update_defaults(DEFAULTS)
 
 
 def get(key: str) -> Any:
-    """Read ``mesh.<key>`` through ``dask.config.get``."""
-    return dask.config.get(f"mesh.{key}")
+    """Read ``mesh.<key>`` through ``dask.config.get``; a key that is not there (a
+    section set as a whole, which replaces the others' defaults) is a
+    :class:`MeshConfigError` that says how to set one key."""
+    try:
+        return dask.config.get(f"mesh.{key}")
+    except (KeyError, TypeError, IndexError):
+        section = f"mesh.{key.rsplit('.', 1)[0]}" if "." in key else "mesh"
+        raise MeshConfigError(
+            f"config mesh.{key} is missing: setting {section} as a whole replaces its "
+            f"other keys; set the keys one by one instead, like "
+            f"dask.config.set({{'mesh.{key}': ...}})") from None
 
 
 def get_number(key: str) -> float:

@@ -41,6 +41,31 @@ def test_bad_seconds_name_the_key(bad):
             _config.get_seconds("progress-after")
 
 
+@pytest.mark.parametrize("section, value, key", [
+    ("mesh.links", {"wan-latency": 0.06}, "links.network-latency"),
+    ("mesh.links", 5, "links.network-latency"),
+    ("mesh.profile", {"measure-seconds": 0.3}, "profile.cache-dir"),
+])
+def test_a_section_set_as_a_whole_says_how_to_set_one_key(section, value, key):
+    # dask.config.set of a section replaces its other keys: a bare KeyError (or
+    # TypeError) and 90 lines of traceback, through the magics too
+    from distributed import SpecCluster
+
+    import jupyter_mesh as jm
+
+    message = (rf"^config mesh\.{re.escape(key)} is missing: setting "
+               rf"{re.escape(section)} as a whole replaces its other keys; set the keys "
+               rf"one by one instead")
+    with dask.config.set({section: value}):
+        with pytest.raises(MeshConfigError, match=message):
+            _config.get(key)
+        if section == "mesh.profile":  # refused before anything starts
+            before = set(SpecCluster._instances)
+            with pytest.raises(MeshConfigError, match=message):
+                jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=False)
+            assert set(SpecCluster._instances) == before
+
+
 def test_env_var_overrides(monkeypatch):
     monkeypatch.setenv("DASK_MESH__CONNECT_TIMEOUT", "3")
     dask.config.refresh()
