@@ -21,6 +21,53 @@ with open(DEFAULTS_PATH) as f:
 dask.config.update_defaults(DEFAULTS)
 
 
+def unknown_keys(config: Any = None, defaults: Any = None, prefix: str = "mesh."
+                 ) -> list[tuple[str, str | None]]:
+    """``mesh.*`` settings that no setting has (a typo: ``mesh.fallback-timout``), each
+    with the setting it most likely meant (None where none is near)."""
+    import difflib
+
+    config = dask.config.get("mesh", {}) if config is None else config
+    defaults = DEFAULTS.get("mesh", {}) if defaults is None else defaults
+    if not isinstance(config, dict) or not isinstance(defaults, dict):
+        return []
+    known = {k.replace("_", "-"): k for k in defaults}
+    out: list[tuple[str, str | None]] = []
+    for key, value in config.items():
+        name = str(key).replace("_", "-")
+        if name in known:
+            out.extend(unknown_keys(value, defaults[known[name]], f"{prefix}{name}."))
+            continue
+        near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+        out.append((f"{prefix}{key}", f"{prefix}{near[0]}" if near else None))
+    return out
+
+
+_warned: set[str] = set()
+
+
+def unknown_key_messages() -> list[str]:
+    """What :func:`warn_unknown_keys` says, once per process per key."""
+    out = []
+    for key, near in unknown_keys():
+        if key in _warned:
+            continue
+        _warned.add(key)
+        out.append(f"config {key} is no setting, and changes nothing"
+                   + (f": did you mean {near}?" if near else
+                      " (the settings are in the README's table)"))
+    return out
+
+
+def warn_unknown_keys() -> None:
+    """Warn once per process about each ``mesh.*`` setting that no setting has: it
+    changes nothing, and a typo in a key was ignored without a word."""
+    import warnings
+
+    for message in unknown_key_messages():
+        warnings.warn(f"jupyter_mesh: {message}", UserWarning, stacklevel=3)
+
+
 def get(key: str) -> Any:
     """Read ``mesh.<key>`` through ``dask.config.get``; a key that is not there (a
     section set as a whole, which replaces the others' defaults) is a

@@ -187,9 +187,12 @@ async def run_worker(args: argparse.Namespace) -> int:
     nthreads = args.nthreads or kind_threads
     # what the worker process reads as it starts, said here in one line (there, it
     # failed with pages of Dask's tracebacks)
+    from . import _config
     from .devices import _profile
 
     _profile.check_config()
+    for message in _config.unknown_key_messages():
+        print(f"jupyter-mesh worker: {message}", file=sys.stderr, flush=True)
     _connect_timeout()
     host = listen_host(address, args.host)
     if security is None and not _loopback(host):

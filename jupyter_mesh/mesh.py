@@ -516,6 +516,7 @@ class Mesh:
         security = _local_security() if _config.local_tls() else None
         pin_jax = _config.pin_jax()
         _profile.check_config()
+        _config.warn_unknown_keys()
         # and what the kernel reads from the mesh's first inventory on: a bad one said
         # now, not by the first call after the workers started
         _config.get_seconds("connect-timeout", allow_zero=False)
@@ -659,6 +660,7 @@ class Mesh:
         check_replace(replace)
         check_flag("set_current", set_current)
         address = check_address(address)
+        _config.warn_unknown_keys()
         if timeout is None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)
             if timeout > MAX_CONNECT_TIMEOUT:

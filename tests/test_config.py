@@ -66,6 +66,32 @@ def test_a_section_set_as_a_whole_says_how_to_set_one_key(section, value, key):
             assert set(SpecCluster._instances) == before
 
 
+def test_a_setting_that_does_not_exist_is_said_once(monkeypatch):
+    # a typo in a key was ignored without a word
+    import warnings
+
+    monkeypatch.setattr(_config, "_warned", set())
+    with dask.config.set({"mesh.fallback-timout": 4, "mesh.links.wan-bandwith": 1e9,
+                          "mesh.fallback_timeout": 3, "mesh.zzz": 1}):
+        assert sorted(_config.unknown_keys()) == [
+            ("mesh.fallback-timout", "mesh.fallback-timeout"),
+            ("mesh.links.wan-bandwith", "mesh.links.wan-bandwidth"), ("mesh.zzz", None)]
+        with pytest.warns(UserWarning) as said:
+            _config.warn_unknown_keys()
+        texts = sorted(str(w.message) for w in said)
+        assert texts == [
+            "jupyter_mesh: config mesh.fallback-timout is no setting, and changes nothing: "
+            "did you mean mesh.fallback-timeout?",
+            "jupyter_mesh: config mesh.links.wan-bandwith is no setting, and changes "
+            "nothing: did you mean mesh.links.wan-bandwidth?",
+            "jupyter_mesh: config mesh.zzz is no setting, and changes nothing (the settings "
+            "are in the README's table)"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _config.warn_unknown_keys()  # once
+    assert _config.unknown_keys() == []  # the defaults: none
+
+
 def test_env_var_overrides(monkeypatch):
     monkeypatch.setenv("DASK_MESH__CONNECT_TIMEOUT", "3")
     dask.config.refresh()
