@@ -21,14 +21,15 @@ with open(DEFAULTS_PATH) as f:
 dask.config.update_defaults(DEFAULTS)
 
 
-def unknown_keys(config: Any = None, defaults: Any = None, prefix: str = "mesh."
-                 ) -> list[tuple[str, str | None]]:
+def unknown_keys() -> list[tuple[str, str | None]]:
     """``mesh.*`` settings that no setting has (a typo: ``mesh.fallback-timout``), each
     with the setting it most likely meant (None where none is near)."""
+    return _unknown(dask.config.get("mesh", {}), DEFAULTS.get("mesh", {}), "mesh.")
+
+
+def _unknown(config: Any, defaults: Any, prefix: str) -> list[tuple[str, str | None]]:
     import difflib
 
-    config = dask.config.get("mesh", {}) if config is None else config
-    defaults = DEFAULTS.get("mesh", {}) if defaults is None else defaults
     if not isinstance(config, dict) or not isinstance(defaults, dict):
         return []
     known = {k.replace("_", "-"): k for k in defaults}
@@ -36,7 +37,7 @@ def unknown_keys(config: Any = None, defaults: Any = None, prefix: str = "mesh."
     for key, value in config.items():
         name = str(key).replace("_", "-")
         if name in known:
-            out.extend(unknown_keys(value, defaults[known[name]], f"{prefix}{name}."))
+            out.extend(_unknown(value, defaults[known[name]], f"{prefix}{name}."))
             continue
         near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
         out.append((f"{prefix}{key}", f"{prefix}{near[0]}" if near else None))

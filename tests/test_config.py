@@ -90,6 +90,11 @@ def test_a_setting_that_does_not_exist_is_said_once(monkeypatch):
             warnings.simplefilter("error")
             _config.warn_unknown_keys()  # once
     assert _config.unknown_keys() == []  # the defaults: none
+    # settings whose default is null (mesh.profile.cache-dir) included: that one made
+    # the look for unknown keys start over from the top, for ever (RecursionError in
+    # every Mesh.local)
+    with dask.config.set({"mesh.profile.cache-dir": None, "mesh.local.host": None}):
+        assert _config.unknown_keys() == []
 
 
 def test_env_var_overrides(monkeypatch):

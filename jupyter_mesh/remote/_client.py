@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed.comm.core import CommClosedError
-from distributed.protocol.serialize import serialize_bytes
+from distributed.protocol.serialize import Serialized, serialize
 
 from .. import _config, progress
 from ..errors import MeshError, check_flag
@@ -37,7 +37,7 @@ from ._errors import (
     RemoteInterrupt,
     StoppedWaiting,
 )
-from ._runner import TOP_LEVEL_AWAIT, error_reason, future_in, quiet_logger
+from ._runner import TOP_LEVEL_AWAIT, defer, error_reason, future_in, quiet_logger
 from ._shell import to_python
 from ._worker_plugin import EXTENSION_NAME, INTERRUPT, RUN, RemoteCellsPlugin
 
@@ -161,11 +161,11 @@ def check_timeout(timeout: Any) -> float | None:
     return float(value)
 
 
-def pack(name: str, value: Any) -> bytes:
-    """Serialize a pushed value now, so a failure names the variable: one blob, which
-    the worker rebuilds itself, so that one it cannot rebuild (a class of a module it
-    lacks) is a line of the cell's error, not Dask's logs of a message it could not
-    read."""
+def pack(name: str, value: Any) -> Serialized:
+    """Serialize a pushed value now, so a failure names the variable; the worker
+    rebuilds it in the cell's handler (see ``_runner.defer``), so that one it cannot
+    rebuild (a class of a module it lacks) is a line of the cell's error, not Dask's
+    logs of a message it could not read."""
     where = future_in(value)
     if where is not None:  # it would arrive, unusable, without its client
         held = repr(name) if not where else f"{name}{where} (in {name!r})"
@@ -174,13 +174,14 @@ def pack(name: str, value: Any) -> bytes:
             f"its value ({name}{where}.result()) instead")
     try:
         with quiet_logger("distributed.protocol.pickle"):
-            return serialize_bytes(value, serializers=SERIALIZERS, on_error="raise")
+            header, frames = serialize(value, serializers=SERIALIZERS, on_error="raise")
     except Exception as exc:
         reason = error_reason(exc)
         raise MeshError(
             f"--push: cannot send {name!r} ({type(value).__module__}.{type(value).__qualname__}):"
             f" it cannot be serialized ({reason})"
         ) from None
+    return defer(header, frames)
 
 
 def _describe(devices: Iterable[Device]) -> str:
@@ -276,7 +277,7 @@ class RemoteCells:
             raise MeshError(f"--site must be a site name, not {type(site).__name__}")
         pull_names = check_names(pull, "--pull")
         timeout = check_timeout(timeout)
-        packed: dict[str, bytes] = {}
+        packed: dict[str, Serialized] = {}
         if push is not None:
             if not isinstance(push, Mapping):
                 raise MeshError("push must be a mapping of names to values")

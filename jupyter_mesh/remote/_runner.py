@@ -26,7 +26,11 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from distributed.protocol.serialize import Serialized, serialize
+from distributed.protocol.serialize import (
+    Serialized,
+    register_serialization_family,
+    serialize,
+)
 
 from . import _streams
 
@@ -401,6 +405,45 @@ def quiet_logger(name: str) -> Iterator[None]:
         yield
     finally:
         log.disabled = disabled
+
+
+#: the serialization family of a pushed value: the worker's comm does not rebuild it
+#: as it reads the message (one it cannot rebuild, a class of a module it lacks, was
+#: logged there as ~60 lines of Dask's tracebacks); the cell's handler does, and says
+#: in one line what failed. Its frames travel as any Dask data, without a copy.
+DEFERRED = "jupyter-mesh-deferred"
+
+
+class Deferred:
+    """A pushed value as the worker received it: its serialized header and frames."""
+
+    __slots__ = ("frames", "header")
+
+    def __init__(self, header: dict[str, Any], frames: list[Any]) -> None:
+        self.header, self.frames = header, frames
+
+    def load(self) -> Any:
+        """The value (what failed to rebuild it raises here)."""
+        from distributed.protocol.serialize import deserialize
+
+        with quiet_logger("distributed.protocol.pickle"):
+            return deserialize(self.header, self.frames)
+
+
+def defer(header: dict[str, Any], frames: list[Any]) -> Serialized:
+    """A serialized value that the receiving comm hands over as a :class:`Deferred`."""
+    return Serialized({"serializer": DEFERRED, "inner": header}, frames)
+
+
+def _no_dumps(x: Any) -> Any:  # a value is deferred by defer(), never by Dask itself
+    raise NotImplementedError(DEFERRED)
+
+
+def _as_deferred(header: dict[str, Any], frames: list[Any]) -> Deferred:
+    return Deferred(header["inner"], list(frames))
+
+
+register_serialization_family(DEFERRED, _no_dumps, _as_deferred)
 
 
 def future_in(obj: Any, depth: int = 4, budget: int = 10_000) -> str | None:

@@ -15,14 +15,13 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.protocol.serialize import deserialize_bytes
 
 from . import _streams
 from ._runner import (
     CellRun,
+    Deferred,
     error_reason,
     forget_loop,
-    quiet_logger,
     remote_clear_output,
     remote_display,
     remote_input,
@@ -233,10 +232,9 @@ class RemoteCellsPlugin(WorkerPlugin):
             return Status.dont_reply
         if push:
             values = {}
-            for name, blob in push.items():
-                try:  # (the notebook sends each as one blob: see _client.pack)
-                    with quiet_logger("distributed.protocol.pickle"):
-                        values[name] = deserialize_bytes(blob)
+            for name, value in push.items():
+                try:  # (what the comm handed over unbuilt: see _runner.defer)
+                    values[name] = value.load() if isinstance(value, Deferred) else value
                 except Exception as exc:  # a class of a module this worker lacks
                     await comm.write({"t": "done", "status": "unreadable-push", "name": name,
                                       "reason": error_reason(exc), "fresh": fresh})
