@@ -86,8 +86,13 @@ def parse_target(text: str) -> Target:
     kind, backend = kind.strip(), backend.strip()  # "cpu : jax" as "cpu:jax"
     if kind not in KINDS or (sep and backend not in KIND_BACKENDS[kind]
                              and backend not in kind_backends(kind)):
+        from .router import backends
+
+        broken = backends.broken_backends().get(backend) if sep else None
         raise ValueError(
             f"unknown target {text!r}: use one of {', '.join(allowed_targets())}"
+            + (f" (backend {backend!r} is installed but did not load: {broken})"
+               if broken else "")
         )
     return Target(kind, backend or None)
 

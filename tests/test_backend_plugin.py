@@ -238,6 +238,12 @@ def test_a_half_written_plugin_is_refused_and_breaks_nothing(monkeypatch, ep_nam
     with pytest.raises(MeshError, match="did not load") as info:
         backends.get_backend(ep_name)
     assert why in str(info.value)
+    # a target on it says why it is not there
+    from jupyter_mesh.targets import parse_target
+
+    with pytest.raises(ValueError, match=rf"unknown target 'cpu:{ep_name}'.*\(backend "
+                                         rf"'{ep_name}' is installed but did not load: "):
+        parse_target(f"cpu:{ep_name}")
     # the router and the conversions work as before
     assert "numpy" in native_backends("matmul", np.matmul)
     assert backends.to_host_any(np.ones(2)).tolist() == [1.0, 1.0]

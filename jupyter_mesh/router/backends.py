@@ -398,6 +398,12 @@ def _discover() -> None:
             _broken[ep.name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
 
 
+def broken_backends() -> dict[str, str]:
+    """Entry points of the group that did not load, and why (in a line)."""
+    _ensure()
+    return dict(_broken)
+
+
 def plugin_backends() -> list[Backend]:
     """The registered backends beyond NumPy, CuPy and JAX (entry points, or
     :func:`register_backend`)."""
