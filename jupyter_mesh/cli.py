@@ -121,19 +121,15 @@ async def run_worker(args: argparse.Namespace) -> int:
             raise MeshError(f"--jax and --backend {args.backend} disagree: give one of them")
         try:
             plugin = get_backend(args.backend)
-        except MeshError as exc:
-            if "did not load" in str(exc):  # installed, but broken: why, in its words
+        except MeshError:
+            from .router.backends import broken_backends
+
+            if args.backend in broken_backends():  # installed, but broken: why
                 raise
             raise MeshError(f"unknown backend {args.backend!r}: installed are "
                             f"{', '.join(backend_names())} (a backend package adds its own "
                             f"through the jupyter_mesh.backends entry-point group)") from None
         backend = plugin.name
-        if backend not in ("numpy", "cupy", "jax"):
-            # a plugin's own code, tried here before the worker starts (in the worker,
-            # a failure was a page of Dask's tracebacks); its profile is cached for it
-            from .devices._worker_plugin import describe_device
-
-            describe_device(None, backend, None)
         if backend == "cupy":
             kind = "gpu"
             if args.gpu is None:
@@ -194,6 +190,8 @@ async def run_worker(args: argparse.Namespace) -> int:
     for message in _config.unknown_key_messages():
         print(f"jupyter-mesh worker: {message}", file=sys.stderr, flush=True)
     _connect_timeout()
+    if backend not in (None, "numpy", "cupy", "jax"):
+        _try_plugin(backend, kind, env)
     host = listen_host(address, args.host)
     if security is None and not _loopback(host):
         print(f"jupyter-mesh worker: warning: this worker listens on {host} with plain "
@@ -256,6 +254,40 @@ async def run_worker(args: argparse.Namespace) -> int:
               f"closed, went away, or removed it)", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _try_plugin(backend: str, kind: str | None, env: dict[str, str]) -> None:
+    """Run a backend plugin's own code (available, model, measure) before the worker
+    starts, in a short child process with the worker's environment, so that what fails
+    is one line here (in the worker it was a page of Dask's tracebacks) and this
+    process, which hosts the nanny for the worker's life, never opens the device; the
+    profile it measures is cached for the worker."""
+    import subprocess
+
+    from . import _config
+
+    code = ("import sys\n"
+            "from jupyter_mesh.errors import MeshError\n"
+            "from jupyter_mesh.devices._worker_plugin import describe_device\n"
+            "try:\n"
+            f"    describe_device({kind!r}, {backend!r}, None)\n"
+            "except MeshError as exc:\n"
+            "    print(str(exc).removeprefix('jupyter_mesh: '))\n"
+            "    sys.exit(3)\n")
+    wait = 120 + 4 * _config.get_seconds("profile.measure-seconds")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=wait)
+    except subprocess.TimeoutExpired:
+        raise MeshError(f"backend {backend!r} did not say within {wait:g} s whether it can "
+                        f"drive this worker (its available(), model() or measure() hangs)"
+                        ) from None
+    if done.returncode == 3:
+        raise MeshError(done.stdout.strip().splitlines()[-1])
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise MeshError(f"backend {backend!r} cannot drive this worker: trying it failed "
+                        f"({why})")
 
 
 _NAME_TAKEN = ("a worker of that scheduler has the name {name!r} already: give another "
