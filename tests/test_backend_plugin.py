@@ -286,7 +286,7 @@ def _install(tmp_path, monkeypatch, name, methods, module_line=""):
     ("modelraise", "backend 'modelraise' cannot drive this worker: its model() failed "
                    "(RuntimeError: no device here)"),
     ("measurebad", "backend 'measurebad' cannot drive this worker: its measure() gave "
-                   "{'flops32': 1}, not a Profile of positive figures"),
+                   "a dict, not a Profile"),
     ("brokenimp", "backend 'brokenimp' is installed (entry point of jupyter_mesh.backends) "
                   "but did not load (ModuleNotFoundError: No module named "
                   "'no_such_module_for_jupyter_mesh'"),

@@ -136,6 +136,14 @@ def test_an_entry_of_the_cache_that_is_no_profile_is_measured_again(tmp_path, ca
         assert _profile.cached_or_measure(key, _no_measure).source == "measured now"
 
 
+def test_what_makes_no_profile_is_named_and_float64_may_be_absent():
+    # a TPU has no float64 units (the table gives it 0): still a profile
+    assert _profile.profile_problem(Profile(1e14, 0.0, 1e12, 16e9)) is None
+    assert _profile.profile_problem(Profile(1e9, 1e9, -1.0)) == "mem_bandwidth=-1.0"
+    assert _profile.profile_problem(Profile(0.0, 1e9, 1e10)) == "flops32=0.0"
+    assert _profile.profile_problem([1]) == "a list, not a profile"
+
+
 def test_a_cache_that_cannot_be_written_measures_and_says_so(tmp_path):
     # caching saves the next worker a measurement: its failure must not stop this one
     # (every worker of a shared cache folder whose file another user owns failed)
@@ -158,7 +166,8 @@ def test_a_lock_held_elsewhere_neither_blocks_a_cached_profile_nor_hangs(tmp_pat
         json.dumps({key: Profile(3e9, 1e9, 1e10, source="cached").to_dict()}))
     monkeypatch.setattr(_profile, "LOCK_WAIT", 0.3)
     with open(tmp_path / "profiles.json.lock", "a+") as other, \
-            dask.config.set({"mesh.profile.cache-dir": str(tmp_path)}):
+            dask.config.set({"mesh.profile.cache-dir": str(tmp_path),
+                             "mesh.profile.measure-seconds": 0.01}):
         fcntl.flock(other, fcntl.LOCK_EX)  # (held by "another process" all along)
         started = time.monotonic()
         assert _profile.cached_or_measure(key, _no_measure).source == "cached"

@@ -219,40 +219,45 @@ LOCK_WAIT = 30.0
 def _locked(path: str, wait: float | None = None) -> Iterator[bool]:
     """An exclusive lock beside ``path``, so workers starting together measure once;
     yields whether it is held (False: the lock file cannot be opened, or another process
-    held it past ``wait`` seconds; said in a warning)."""
+    held it past ``wait`` seconds, by default LOCK_WAIT or twenty measurements'
+    time; said in a warning)."""
     try:
         lock = open(path + ".lock", "a+")
     except OSError as exc:
         _warn(f"cannot open the profile cache's lock {path}.lock ({exc}): measuring without "
               f"the cache")
-        yield False
-        return
+        lock = None
+    held = False
     try:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            yield True
-            return
-        wait = LOCK_WAIT if wait is None else wait
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    _warn(f"another process has held the profile cache's lock {path}.lock "
-                          f"for {wait:g} s: measuring without the cache")
-                    yield False
-                    return
-                time.sleep(0.1)
-            except OSError as exc:  # (a file system without locks)
-                _warn(f"cannot lock the profile cache {path} ({exc}): measuring without it")
-                yield False
-                return
-        yield True
+        if lock is not None:
+            held = _lock(lock, path, wait)
+        yield held
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
+
+
+def _lock(lock: Any, path: str, wait: float | None) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return True
+    if wait is None:
+        wait = max(LOCK_WAIT, 20 * _config.get_seconds("profile.measure-seconds"))
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                _warn(f"another process has held the profile cache's lock {path}.lock for "
+                      f"{wait:g} s: measuring without the cache")
+                return False
+            time.sleep(0.1)
+        except OSError as exc:  # (a file system without locks)
+            _warn(f"cannot lock the profile cache {path} ({exc}): measuring without it")
+            return False
 
 
 def _warn(message: str) -> None:
@@ -271,26 +276,38 @@ def _read_cache(path: str) -> dict[str, Any]:
     return cache if isinstance(cache, dict) else {}
 
 
-def valid_profile(entry: Any) -> Profile | None:
-    """The profile an entry of the cache holds, or None where it is not one: fields
-    missing, or a figure that is not a finite number (peaks above 0)."""
+def profile_problem(entry: Any) -> str | None:
+    """What makes an entry of the cache (or a plugin's measurement) no profile, in
+    words (``mem_bandwidth=-1.0``), or None where it is one: peak float32 FLOP/s and
+    memory bandwidth above 0, the other figures finite and not negative (float64 may
+    be 0: a TPU has no float64 units)."""
+    if isinstance(entry, Profile):
+        entry = entry.to_dict()
     if not isinstance(entry, dict):
-        return None
+        return f"a {type(entry).__name__}, not a profile"
     try:
         profile = Profile.from_dict(entry)
-    except TypeError:
-        return None
+    except TypeError as exc:
+        return f"not a profile ({exc})"
     for name in ("flops32", "flops64", "mem_bandwidth", "host_link_bandwidth",
                  "launch_latency"):
         value = getattr(profile, name)
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or not math.isfinite(value) or value < 0
-                or (value == 0 and name in ("flops32", "flops64", "mem_bandwidth"))):
-            return None
+                or (value == 0 and name in ("flops32", "mem_bandwidth"))):
+            return f"{name}={value!r}"
     if not isinstance(profile.method, str) or not isinstance(profile.source, str) \
             or not isinstance(profile.extra, dict):
+        return "method, source or extra of the wrong type"
+    return None
+
+
+def valid_profile(entry: Any) -> Profile | None:
+    """The profile an entry of the cache holds, or None where it is not one (see
+    :func:`profile_problem`)."""
+    if profile_problem(entry) is not None:
         return None
-    return profile
+    return entry if isinstance(entry, Profile) else Profile.from_dict(entry)
 
 
 def cached_or_measure(key: str, measure: Callable[[float], Profile]) -> Profile:
@@ -309,8 +326,8 @@ def cached_or_measure(key: str, measure: Callable[[float], Profile]) -> Profile:
         if found is not None:  # measured meanwhile by the process that held the lock
             return found
         if entry is not None:
-            _warn(f"the cached profile {key!r} in {path} is not a profile (a figure missing "
-                  f"or not a positive number): measuring it again")
+            _warn(f"the cached profile {key!r} in {path} is not a profile "
+                  f"({profile_problem(entry)}): measuring it again")
         budget = _config.get_seconds("profile.measure-seconds")
         profile = measure(budget)
         if not held:

@@ -62,10 +62,11 @@ def _describe_plugin(plugin: Any, kind: str | None, memory: int | None) -> tuple
             profile = plugin.measure(budget)
         except Exception as exc:
             raise failed("measure", exc) from None
-        if not isinstance(profile, _profile.Profile) or \
-                _profile.valid_profile(profile.to_dict()) is None:
-            raise cannot(f"its measure() gave {profile!r:.80}, not a Profile of positive "
-                         f"figures")
+        if not isinstance(profile, _profile.Profile):
+            raise cannot(f"its measure() gave a {type(profile).__name__}, not a Profile")
+        problem = _profile.profile_problem(profile)
+        if problem is not None:
+            raise cannot(f"its measure() gave a Profile with {problem}")
         return profile
 
     info = _detect.DeviceInfo(kind=kind, backend=name, model=model,
@@ -162,7 +163,9 @@ class _NoNameTaken(logging.Filter):
             return True
         text = record.getMessage()
         exc = record.exc_info[1] if record.exc_info else None
-        while exc is not None and "name taken" not in text:
+        seen: set[int] = set()
+        while exc is not None and "name taken" not in text and id(exc) not in seen:
+            seen.add(id(exc))
             text, exc = str(exc), exc.__cause__ or exc.__context__
         return "name taken" not in text
 
