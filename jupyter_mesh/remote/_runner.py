@@ -422,6 +422,9 @@ class Deferred:
     def __init__(self, header: dict[str, Any], frames: list[Any]) -> None:
         self.header, self.frames = header, frames
 
+    def nbytes(self) -> int:
+        return sum(memoryview(f).nbytes for f in self.frames)
+
     def load(self) -> Any:
         """The value (what failed to rebuild it raises here)."""
         from distributed.protocol.serialize import deserialize

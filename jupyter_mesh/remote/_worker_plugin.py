@@ -15,6 +15,7 @@ from typing import Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.utils import offload
 
 from . import _streams
 from ._runner import (
@@ -171,6 +172,11 @@ class Session:
         self.missed = 0
 
 
+#: bytes of a pushed value past which it is rebuilt in Dask's offload thread (Dask's
+#: own threshold for messages, distributed.comm.offload)
+OFFLOAD = 10 * 2**20
+
+
 class RemoteCellsPlugin(WorkerPlugin):
     """Give a worker remote-cell namespaces; installed by the client on first use."""
 
@@ -234,7 +240,11 @@ class RemoteCellsPlugin(WorkerPlugin):
             values = {}
             for name, value in push.items():
                 try:  # (what the comm handed over unbuilt: see _runner.defer)
-                    values[name] = value.load() if isinstance(value, Deferred) else value
+                    if isinstance(value, Deferred):
+                        # a large one off the event loop, as Dask's comm rebuilds one
+                        value = (await offload(value.load) if value.nbytes() > OFFLOAD
+                                 else value.load())
+                    values[name] = value
                 except Exception as exc:  # a class of a module this worker lacks
                     await comm.write({"t": "done", "status": "unreadable-push", "name": name,
                                       "reason": error_reason(exc), "fresh": fresh})
