@@ -1401,15 +1401,9 @@ class Mesh:
         """
         from .router import api
 
-        if dask_options:  # dask.compute's own (optimize_graph=, retries=...)
-            names = ", ".join(f"{k}=" for k in dask_options)
-            own = [k for k in dask_options if k in ("optimize_graph", "traverse")]
-            raise MeshError(
-                f"mesh.compute takes route=, fallback=, site= and pin=, not {names}: "
-                + (f"call dask.compute(..., {own[0]}=...) inside `with mesh.route(...):`"
-                   if own and len(own) == len(dask_options) else
-                   "the router places the tasks itself; for Dask's scheduler options "
-                   "(retries=, workers=, resources=...), use dask.compute outside routing"))
+        if dask_options:  # dask.compute's own (optimize_graph=, retries=...), or a typo
+            raise api.dask_options_refused("mesh.compute", dask_options,
+                                           ("route", "fallback", "site", "pin"))
         self._check_open()
         return api.compute(self, collections, route, fallback, site, pin)
 

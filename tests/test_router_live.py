@@ -633,20 +633,24 @@ def test_bad_inputs(mesh):
     with pytest.raises(MeshError, match="convert= takes True or False"):
         mesh.submit(np.sum, 1, convert="yes")
     # dask.compute's own options: one line that says where they go
-    with pytest.raises(MeshError, match=r"^mesh.compute takes route=, fallback=, site= and "
-                                        r"pin=, not optimize_graph=: call dask.compute\("
+    with pytest.raises(MeshError, match=r"^mesh.compute takes route=, fallback=, site=, pin=, "
+                                        r"not optimize_graph=: call dask.compute\("
                                         r"\.\.\., optimize_graph=\.\.\.\) inside `with mesh"):
         mesh.compute(pipeline(), optimize_graph=False)
     with mesh.route("auto"):  # where they work
         assert dask.compute(da.ones(4, chunks=2).sum(), optimize_graph=False)[0] == 4
     # the scheduler's options: the router places the tasks (they were dropped silently
     # inside a route block: retries=3 retried nothing, workers= placed nothing)
-    with pytest.raises(MeshError, match=r"not retries=: the router places the tasks itself; "
-                                        r"for Dask's scheduler options"):
+    with pytest.raises(MeshError, match=r"^mesh.compute takes no retries=: the router places "
+                                        r"the tasks itself; for Dask's scheduler options"):
         mesh.compute(pipeline(), retries=3)
     with mesh.route("auto"), pytest.raises(MeshError, match=r"^a routed compute takes no "
                                                             r"retries=, workers=: the router"):
         dask.compute(da.ones(4, chunks=2).sum(), retries=3, workers=["x"])
+    # a typo of its own keywords is said as one (it read as a scheduler option)
+    with pytest.raises(MeshError, match=r"^mesh.compute takes route=, fallback=, site=, pin=, "
+                                        r"not fallbak=: did you mean fallback=\?$"):
+        mesh.compute(pipeline(), fallbak=False)
     assert mesh.compute(da.ones(4, chunks=2).sum())[0] == 4  # and it goes on
 
 

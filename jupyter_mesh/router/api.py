@@ -839,6 +839,35 @@ def _finish(mesh: Mesh, plan_id: str, futures: Any = None
 
 
 # ---------------------------------------------------------------- plain .compute()
+#: what dask.compute handles itself (so they work inside ``with mesh.route(...)``), and
+#: what it hands the scheduler (which the router, placing the tasks, does not take)
+DASK_OWN = ("optimize_graph", "traverse")
+SCHEDULER_OPTIONS = ("scheduler", "get", "retries", "workers", "resources",
+                     "allow_other_workers", "priority", "fifo_timeout", "actors", "sync",
+                     "num_workers", "pool", "key", "pure", "asynchronous")
+
+
+def dask_options_refused(where: str, given: dict[str, Any],
+                         takes: tuple[str, ...] = ()) -> MeshError:
+    """The one line for options ``where`` does not take: Dask's (said where they go) or
+    a typo of its own (said which it meant)."""
+    import difflib
+
+    names = ", ".join(f"{k}=" for k in sorted(given))
+    typos = [k for k in given if k not in DASK_OWN and k not in SCHEDULER_OPTIONS]
+    if typos and takes:
+        near = difflib.get_close_matches(typos[0], takes, n=1, cutoff=0.6)
+        return MeshError(f"{where} takes {', '.join(f'{t}=' for t in takes)}, not "
+                         f"{typos[0]}=" + (f": did you mean {near[0]}=?" if near else ""))
+    if takes and all(k in DASK_OWN for k in given):
+        return MeshError(f"{where} takes {', '.join(f'{t}=' for t in takes)}, not {names}: "
+                         f"call dask.compute(..., {sorted(given)[0]}=...) inside "
+                         f"`with mesh.route(...):`")
+    return MeshError(f"{where} takes no {names}: the router places the tasks itself; for "
+                     f"Dask's scheduler options (retries=, workers=, resources=...), compute "
+                     f"outside routing (leave the block, or %mesh route off)")
+
+
 class _RoutedScheduler:
     """The Dask ``scheduler=`` callable that routes what plain ``.compute()`` submits.
 
@@ -867,11 +896,7 @@ class _RoutedScheduler:
         if now is None:
             return _plain_get()(dsk, keys, **kwargs)
         if kwargs:  # the scheduler's options (dask.compute's own it keeps for itself)
-            raise MeshError(
-                f"a routed compute takes no {', '.join(f'{k}=' for k in sorted(kwargs))}: "
-                f"the router places the tasks; leave the block (or %mesh route off) to "
-                f"pass them"
-            )
+            raise dask_options_refused("a routed compute", kwargs)
         _check_settings()
         graph = _graph_with_layers(dsk)
         flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
