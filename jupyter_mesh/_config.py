@@ -72,15 +72,29 @@ def warn_unknown_keys() -> None:
 def get(key: str) -> Any:
     """Read ``mesh.<key>`` through ``dask.config.get``; a key that is not there (a
     section set as a whole, which replaces the others' defaults) is a
-    :class:`MeshConfigError` that says how to set one key."""
+    :class:`MeshConfigError` that names that section and says how to set one key."""
     try:
         return dask.config.get(f"mesh.{key}")
     except (KeyError, TypeError, IndexError):
-        section = f"mesh.{key.rsplit('.', 1)[0]}" if "." in key else "mesh"
-        raise MeshConfigError(
-            f"config mesh.{key} is missing: setting {section} as a whole replaces its "
-            f"other keys; set the keys one by one instead, like "
-            f"dask.config.set({{'mesh.{key}': ...}})") from None
+        pass
+    parts = key.split(".")
+    node: Any = DEFAULTS.get("mesh", {})
+    for part in parts:  # a key no setting has is this code's mistake, not the user's
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(f"mesh.{key}")
+        node = node[part]
+    # the first level that is gone (or is no section): what the user set as a whole
+    at, node = "mesh", dask.config.get("mesh", None)
+    for part in parts:
+        if not isinstance(node, dict):
+            break
+        if part not in node and part.replace("-", "_") not in node:
+            break
+        at, node = f"{at}.{part}", node.get(part, node.get(part.replace("-", "_")))
+    raise MeshConfigError(
+        f"config mesh.{key} is missing: setting {at} as a whole replaces its other "
+        f"keys; set the keys one by one instead, like "
+        f"dask.config.set({{'mesh.{key}': ...}})")
 
 
 def get_number(key: str) -> float:

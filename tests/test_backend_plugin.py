@@ -212,6 +212,9 @@ class _Clash(backends.Backend):
     def to_device(self, x):
         return x
 
+    def to_host(self, x):
+        return x
+
 
 @pytest.mark.parametrize("ep_name, cls, why", [
     ("half", _Half, "MeshError: backend 'half' does not define available, namespace, "
@@ -267,7 +270,8 @@ def _install(tmp_path, monkeypatch, name, methods, module_line=""):
               f"class B(Backend):\n    name = {name!r}\n    kinds = ('cpu',)\n\n"
               + textwrap.indent("def namespace(self):\n    return np\n\n"
                                 "def is_device_array(self, x):\n    return False\n\n"
-                                "def to_device(self, x):\n    return x\n\n" + methods,
+                                "def to_device(self, x):\n    return x\n\n"
+                                "def to_host(self, x):\n    return x\n\n" + methods,
                                 "    "))
     (tmp_path / f"{name}_backend.py").write_text(source)
     info = tmp_path / f"{name}_backend-0.1.dist-info"

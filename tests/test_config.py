@@ -45,6 +45,7 @@ def test_bad_seconds_name_the_key(bad):
     ("mesh.links", {"wan-latency": 0.06}, "links.network-latency"),
     ("mesh.links", 5, "links.network-latency"),
     ("mesh.profile", {"measure-seconds": 0.3}, "profile.cache-dir"),
+    ("mesh", {"fallback-timeout": 3}, "links.network-latency"),  # the whole of mesh
 ])
 def test_a_section_set_as_a_whole_says_how_to_set_one_key(section, value, key):
     # dask.config.set of a section replaces its other keys: a bare KeyError (or
@@ -59,6 +60,8 @@ def test_a_section_set_as_a_whole_says_how_to_set_one_key(section, value, key):
     with dask.config.set({section: value}):
         with pytest.raises(MeshConfigError, match=message):
             _config.get(key)
+        with pytest.raises(KeyError):  # a key no setting has: the code's own mistake
+            _config.get("fallback-timout")
         if section == "mesh.profile":  # refused before anything starts
             before = set(SpecCluster._instances)
             with pytest.raises(MeshConfigError, match=message):

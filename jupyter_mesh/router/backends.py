@@ -270,11 +270,25 @@ def to_host_any(x: Any) -> Any:
     for b in plugin_backends():
         try:
             mine = b.is_device_array(x)
-        except Exception:  # (a plugin's failure to tell is its own, not every array's)
+        except Exception as exc:  # (a plugin's failure to tell is its own, not every
+            _said_once(b.name, exc)  # array's: said once)
             continue
         if mine:
             return b.to_host(x)
     return x
+
+
+_failing: set[str] = set()
+
+
+def _said_once(name: str, exc: Exception) -> None:
+    if name not in _failing:
+        _failing.add(name)
+        import warnings
+
+        warnings.warn(f"jupyter_mesh: backend {name!r}'s is_device_array() failed "
+                      f"({type(exc).__name__}: {exc}): arrays are not checked against it",
+                      RuntimeWarning, stacklevel=3)
 
 
 def dispatches_through_numpy(func: Any) -> bool:
@@ -388,6 +402,8 @@ def _discover() -> None:
             cls = ep.load()
             backend = cls()
             check_backend(backend)
+            if type(backend).to_host is Backend.to_host:  # (the built-in NumPy's needs none)
+                raise MeshError(f"backend {backend.name!r} does not define to_host")
             if backend.name in _BUILTIN:
                 raise MeshError(f"its name {backend.name!r} is a built-in backend's: name "
                                 f"it otherwise")
