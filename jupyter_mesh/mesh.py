@@ -586,13 +586,14 @@ class Mesh:
             },
         }
         before = set(SpecCluster._instances)
-        with _CLOSING:  # a mesh closing now (from another thread) has finished first
-            pass
         try:
-            cluster = SpecCluster(
-                workers=workers, scheduler=scheduler, name="jupyter-mesh",
-                silence_logs=logging.WARNING, security=security,
-            )
+            # a mesh closing now (from another thread) finishes first, and one that
+            # starts to close meanwhile waits: a close restores the log levels it found
+            with _CLOSING:
+                cluster = SpecCluster(
+                    workers=workers, scheduler=scheduler, name="jupyter-mesh",
+                    silence_logs=logging.WARNING, security=security,
+                )
         except BaseException:
             # interrupted (Ctrl-C) or failed while starting: what it started goes too
             for started in set(SpecCluster._instances) - before:

@@ -760,3 +760,22 @@ def test_a_start_waits_for_a_close_under_way_in_another_thread(monkeypatch):
         assert m.compute(da.ones(4, chunks=2).sum(), route="off")[0] == 4
     closer.join()
     assert started and released and started[0] >= released[0]
+
+
+def test_a_mesh_on_the_default_settings_starts_and_says_a_typod_key(tmp_path, monkeypatch):
+    # the tests' own settings (a private profile cache) hid a default path where every
+    # Mesh.local failed (RecursionError looking for unknown keys past a null setting)
+    from jupyter_mesh import _config
+
+    from .meshes import fresh_local_mesh
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # (the default cache: ~/.cache/jupyter-mesh)
+    monkeypatch.delenv("DASK_MESH__PROFILE__CACHE_DIR", raising=False)
+    monkeypatch.setattr(_config, "_warned", set())
+    with dask.config.set({"mesh.profile.cache-dir": None, "mesh.fallback-timout": 4}), \
+            pytest.warns(UserWarning, match=r"config mesh.fallback-timout is no setting, and "
+                                            r"changes nothing: did you mean "
+                                            r"mesh.fallback-timeout\?"):
+        with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+            assert m.compute(da.ones(4, chunks=2).sum(), route="off")[0] == 4
+    assert (tmp_path / ".cache" / "jupyter-mesh" / "profiles.json").exists()
