@@ -478,6 +478,23 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             expect(sidebar.locator(".jp-Mesh-errors .jp-Mesh-error")).to_have_count(0)
             # and the form's word about a server that did not answer goes with it
             expect(scale.locator(".jp-Mesh-error")).to_be_hidden()
+            # a restarted server (another run, without the old run's meshes): the mesh
+            # shown went with the old run, said so ("stopped elsewhere", before)
+            shown = sidebar.locator(".jp-Mesh-meshItem.jp-mod-selected .jp-Mesh-meshName")
+            name = shown.inner_text()
+            listing = re.compile(r".*/jupyter-mesh/api/meshes(\?.*)?$")  # (not one mesh)
+            page.route(listing, lambda route: route.fulfill(
+                status=200, content_type="application/json",
+                body='{"meshes": [], "server": "another-run"}'))
+            sidebar.locator(".jp-Mesh-refresh").click()
+            expect(sidebar.locator(".jp-Mesh-errors")).to_contain_text(
+                f"{name} is gone (the Jupyter server restarted, and the meshes it started "
+                f"stopped with it)", timeout=30_000)
+            page.unroute(listing)
+            sidebar.locator(".jp-Mesh-refresh").click()
+            expect(sidebar.locator(".jp-Mesh-meshItem.jp-mod-selected")).to_have_count(
+                1, timeout=30_000)
+            expect(sidebar.locator(".jp-Mesh-errors .jp-Mesh-error")).to_have_count(0)
             api(
                 base,
                 token,
