@@ -70,6 +70,30 @@ def test_connect_plain_tcp_and_see_plain_workers(no_mesh, tcp_cluster):
         assert mesh.address == tcp_cluster.scheduler_address
 
 
+def test_plain_workers_take_no_restricted_routed_work_and_say_so(no_mesh, tcp_cluster):
+    # they advertise none of the resources routed tasks are kept to: site= waited for
+    # ever, and a forced target or needs= waited for the fallback's timeout and then
+    # said a live worker was lost
+    import numpy as np
+
+    y = da.ones((100, 100), chunks=50).sum()
+    with jm.Mesh.connect(tcp_cluster.scheduler_address, timeout=5) as mesh:
+        started = time.monotonic()
+        for call, what in [
+            (lambda: mesh.compute(y, site="unknown"), "site='unknown'"),
+            (lambda: mesh.compute(y, route="cpu:numpy"), "route=cpu:numpy"),
+            (lambda: mesh.submit(np.sum, np.ones(3), needs="reduction"), "needs='reduction'"),
+            (lambda: mesh.submit(np.sum, np.ones(3), on="cpu"), "on='cpu'"),
+        ]:
+            with pytest.raises(MeshError, match=rf"^{re.escape(what)} needs the mesh's own "
+                                                r"workers, and these are plain Dask workers"):
+                call()
+        assert time.monotonic() - started < 4  # at once, not after the fallback's 5 s
+        # what restricts nothing runs as before
+        assert mesh.compute(y)[0] == 10000
+        assert mesh.submit(np.sum, np.ones(3)).result() == 3
+
+
 def test_a_scheduler_with_a_dashboard_keeps_its_link(no_mesh):
     with LocalCluster(n_workers=0, processes=False, protocol="tcp://", host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster:

@@ -22,6 +22,7 @@ from dask.utils import funcname
 
 from .. import _config, progress
 from ..errors import MeshError, MeshFallbackWarning, check_flag
+from ..inventory import Inventory
 from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import (
@@ -277,7 +278,25 @@ def _live_inventory(mesh: Mesh) -> Any:
         while not len(inv) and time.monotonic() < deadline:
             time.sleep(0.2)
             inv = mesh.inventory()
+    # plain Dask workers (joined without the mesh's worker plugin) advertise none of
+    # the resources routed tasks are restricted by: routed work goes to the mesh's own
+    # workers; a mesh of plain workers alone runs only what restricts nothing
+    managed = [d for d in inv if d.managed]
+    if managed and len(managed) < len(inv):
+        inv = Inventory(managed, inv.address, inv.dashboard)
     return inv
+
+
+def _refuse_plain(inv: Any, what: str) -> None:
+    """A MeshError where every worker is a plain Dask worker and ``what`` (a forced
+    target, a site, a capability) would restrict tasks: they waited for ever, or for the
+    fallback's timeout with a false word of a lost worker."""
+    if len(inv) and not any(d.managed for d in inv):
+        raise MeshError(
+            f"{what} needs the mesh's own workers, and these are plain Dask workers "
+            f"(started without jupyter_mesh's worker plugin), to which routed tasks cannot "
+            f"be kept: start them with jupyter-mesh worker ADDRESS (or dask worker ADDRESS "
+            f"--preload jupyter_mesh.worker), or compute with route='off'")
 
 
 #: annotations of the user's (``dask.annotate``) that place tasks: the router places
@@ -313,7 +332,14 @@ def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
 
 def _place_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
                  site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
-    devices = list(_live_inventory(mesh))
+    inv = _live_inventory(mesh)
+    if route not in ("auto", "off"):
+        _refuse_plain(inv, f"route={route}")
+    if site:
+        _refuse_plain(inv, f"site={site!r}")
+    if pin:
+        _refuse_plain(inv, "pin=")
+    devices = list(inv)
     pools = build_pools(devices)
     plan: Any
     if not pin and use_layer_plan(graph):
@@ -1267,6 +1293,10 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     site = _check_site(site)
     timeout = _config.get_seconds("fallback-timeout")  # a bad one fails before it runs
     inv = _live_inventory(mesh)
+    for given, what in ((on, f"on={on!r}"), (needs, f"needs={needs!r}"),
+                        (site, f"site={site!r}")):
+        if given is not None:
+            _refuse_plain(inv, what)
     if not len(inv):
         add = ("mesh.scale(cpu=1)" if mesh.owns_cluster
                else f"jupyter-mesh worker {mesh.address} on a machine of the mesh")
