@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -58,6 +59,17 @@ def worker_record(ws: Any) -> dict[str, Any]:
     return record
 
 
+class _NoProbeWarnings(logging.Filter):
+    """Drops the TLS listener's warning of a peer that closed before its handshake:
+    what a port check does (``%mesh connect`` and ``jupyter-mesh worker`` look whether
+    anything listens before they connect: a refused port fails at once), which warned
+    of a failed handshake at every connect and join that then succeeded."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("TLS handshake failed" in text and "EOF" in text)
+
+
 class MeshSchedulerPlugin(SchedulerPlugin):
     """Keeps the mesh's inventory and answers ``jupyter_mesh_inventory`` in one call.
 
@@ -84,6 +96,9 @@ class MeshSchedulerPlugin(SchedulerPlugin):
         self.router.start(scheduler)
         for ws in scheduler.workers.values():
             self.devices[ws.address] = worker_record(ws)
+        log = logging.getLogger("distributed.comm.tcp")  # (TLS listeners' only)
+        if not any(isinstance(f, _NoProbeWarnings) for f in log.filters):
+            log.addFilter(_NoProbeWarnings())
 
     def clients(self, comm: Any = None) -> list[str]:
         return [str(c) for c in self.scheduler.clients]
