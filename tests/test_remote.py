@@ -357,14 +357,17 @@ def test_interrupt_while_the_progress_bar_draws(fresh, capsys, monkeypatch):
     assert fresh.run_cell("steps", on="cpu", value=True).value == steps  # it stopped
 
 
-def test_a_bad_interrupt_grace_refuses_the_cell_before_it_runs(fresh):
+@pytest.mark.parametrize("key, bad", [("interrupt-grace", -1), ("connect-timeout", 0),
+                                      ("worker-wait", "soon")])
+def test_a_bad_remote_setting_refuses_the_cell_before_it_runs(fresh, key, bad):
+    # (connect-timeout 0 failed on the way to the worker, as a MeshError of the cell)
     import dask
 
     from jupyter_mesh.errors import MeshConfigError
 
     fresh.run_cell("n = 0", on="cpu:numpy")
-    with dask.config.set({"mesh.remote.interrupt-grace": -1}), \
-            pytest.raises(MeshConfigError, match="mesh.remote.interrupt-grace"):
+    with dask.config.set({f"mesh.remote.{key}": bad}), \
+            pytest.raises(MeshConfigError, match=f"^config mesh.remote.{key} must be"):
         fresh.run_cell("n += 1", on="cpu:numpy")
     time.sleep(0.5)
     # refused means not run: the worker's namespace is as it was

@@ -432,8 +432,11 @@ class RemoteCells:
                  timeout: float | None) -> list[CellResult]:
         events: queue.SimpleQueue = queue.SimpleQueue()
         runs = [_Run(d, message) for d in devices]
-        # a bad setting fails before the cell is sent anywhere
+        # a bad setting fails before the cell is sent anywhere (as a MeshConfigError,
+        # not as a line of the cell's failure on a worker)
         grace = _config.get_seconds("remote.interrupt-grace")
+        _config.get_seconds("remote.connect-timeout", allow_zero=False)
+        _config.get_seconds("remote.worker-wait")
         watch = progress.RemoteWatch([r.label for r in runs], timeout)  # after progress-after
         for r in runs:
             self._start(r, events)
