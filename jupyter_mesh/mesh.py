@@ -1406,7 +1406,12 @@ class Mesh:
             raise api.dask_options_refused("mesh.compute", dask_options,
                                            ("route", "fallback", "site", "pin"))
         self._check_open()
-        return api.compute(self, collections, route, fallback, site, pin)
+        from dask.utils import shorten_traceback
+
+        # a task's error shows the user's call and the user's function, not the
+        # router's frames between them (see _config.SHORTEN), as dask.compute shows it
+        with shorten_traceback():
+            return api.compute(self, collections, route, fallback, site, pin)
 
     @property
     def route_mode(self) -> Any:

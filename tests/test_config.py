@@ -100,6 +100,23 @@ def test_a_setting_that_does_not_exist_is_said_once(monkeypatch):
         assert _config.unknown_keys() == []
 
 
+def test_dask_leaves_jupyter_mesh_frames_out_of_task_errors_and_keeps_the_users():
+    # jupyter_mesh adds its modules to Dask's admin.traceback.shorten at import
+    paths = dask.config.get("admin.traceback.shorten")
+    assert all(p in paths for p in _config.SHORTEN)
+    assert any("distributed" in p for p in paths)  # Dask's own stay
+    # a list the user set keeps its entries, ours are added once
+    with dask.config.set({"admin.traceback.shorten": ["mylib[\\/]"]}):
+        _config.shorten_our_frames()
+        _config.shorten_our_frames()
+        assert dask.config.get("admin.traceback.shorten") == ["mylib[\\/]", *_config.SHORTEN]
+    # shortening turned off (an empty list, None) stays off
+    for off in ([], None):
+        with dask.config.set({"admin.traceback.shorten": off}):
+            _config.shorten_our_frames()
+            assert dask.config.get("admin.traceback.shorten") == off
+
+
 def test_env_var_overrides(monkeypatch):
     monkeypatch.setenv("DASK_MESH__CONNECT_TIMEOUT", "3")
     dask.config.refresh()

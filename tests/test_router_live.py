@@ -832,7 +832,19 @@ def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, rou
     mesh.compute(da.ones(10, chunks=5).sum(), route=route)  # leaves a report
     with pytest.raises(ZeroDivisionError, match="an odd block") as info:
         mesh.compute(y, route=route)
-    assert "_fails_on_odd_blocks" in "".join(traceback.format_tb(info.tb))
+    frames = traceback.extract_tb(info.tb)
+    assert frames[-1].name == "_fails_on_odd_blocks"
+    # the user's call and the user's function, not the router's frames between them
+    # (mesh.compute's own frame, the first, stays, as dask.compute's does)
+    ours = [f for f in frames if "jupyter_mesh" in f.filename]
+    assert [f.name for f in ours] == ["compute"], [f"{f.filename}:{f.name}" for f in ours]
+    with pytest.raises(ZeroDivisionError, match="an odd block") as info:  # noqa: PT012
+        with mesh.route(route):
+            y.compute()
+    frames = traceback.extract_tb(info.tb)
+    assert frames[-1].name == "_fails_on_odd_blocks"
+    assert not [f for f in frames if "jupyter_mesh" in f.filename], \
+        [f"{f.filename}:{f.name}" for f in frames]
     # the failed computation's plan, and no earlier report passing for its own
     assert sum(r["tasks"] for r in mesh.last_plan.rows) > 16 and mesh.last_report is None
 
