@@ -106,7 +106,7 @@ def test_worker_wait_config(mesh):
         with pytest.raises(MeshConfigError, match="mesh.remote.worker-wait"):
             cells._wait_for_match(jax, None)
         t0 = time.monotonic()
-        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+        with pytest.raises(jm.MeshError, match="no worker matches on=.cpu:jax."):
             mesh.run_cell("1", on="cpu:jax")  # never seen: no wait, config not read
         assert time.monotonic() - t0 < 5
 
@@ -122,10 +122,10 @@ def test_a_kind_that_does_not_come_back_is_waited_for_once(mesh, capsys):
     cells = mesh._remote_cells()
     cells.seen.add(_request_key(parse_target("cpu:jax"), None))  # as if it had one
     with dask.config.set({"mesh.remote.worker-wait": 0.5}):
-        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+        with pytest.raises(jm.MeshError, match="no worker matches on=.cpu:jax."):
             mesh.run_cell("1", on="cpu:jax")
         assert "waiting up to 0.5 s" in capsys.readouterr().err
-        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+        with pytest.raises(jm.MeshError, match="no worker matches on=.cpu:jax."):
             mesh.run_cell("1", on="cpu:jax")
         assert "waiting" not in capsys.readouterr().err
 
@@ -144,7 +144,7 @@ def test_scaling_ends_waits_for_the_kinds_it_took_away(mesh, capsys):
     assert _request_key(parse_target("cpu"), None) in cells.seen
     with dask.config.set({"mesh.remote.worker-wait": 30}):
         t0 = time.monotonic()
-        with pytest.raises(jm.MeshError, match="no worker matches --on cpu:jax"):
+        with pytest.raises(jm.MeshError, match="no worker matches on=.cpu:jax."):
             mesh.run_cell("1", on="cpu:jax")
     assert time.monotonic() - t0 < 5 and "waiting" not in capsys.readouterr().err
 
@@ -173,7 +173,7 @@ def test_ctrl_c_while_waiting_for_a_worker_is_one_line(mesh, monkeypatch):
         with pytest.raises(StoppedWaiting) as info:
             mesh.run_cell("1", on="cpu:jax")
     assert time.monotonic() - t0 < 10
-    assert str(info.value) == ("stopped waiting for a --on cpu:jax worker (interrupted): "
+    assert str(info.value) == ("stopped waiting for a worker matching on='cpu:jax' (interrupted): "
                                "the cell did not run")
     assert len(info.value._render_traceback_()) == 1
     assert mesh.run_cell("2").data["text/plain"] == "2"

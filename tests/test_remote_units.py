@@ -237,8 +237,13 @@ def test_lines_of_two_workers_never_mix(capsys):
 
 @pytest.mark.parametrize("bad", ["-1", "0", "x", "nan", "inf", True, -3, float("nan")])
 def test_timeout_must_be_positive(bad):
-    with pytest.raises(MeshError, match="--timeout must be a positive number"):
+    # named as the caller wrote it: run_cell's keyword, or the magic's flag
+    with pytest.raises(MeshError, match="^timeout must be a positive number"):
         _client.check_timeout(bad)
+    with _client.magic_words(), \
+            pytest.raises(MeshError, match="^--timeout must be a positive number"):
+        _client.check_timeout(bad)
+    assert _client.opt("timeout", 0.5) == "timeout=0.5"
 
 
 def test_names():

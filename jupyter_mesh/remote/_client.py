@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import keyword
 import logging
 import math
@@ -111,6 +112,38 @@ class RemoteOutput:
 
 
 # ---------------------------------------------------------------- validation
+#: whether messages name a cell's options as ``%%mesh --remote``'s flags (``--on``), as
+#: the magic has them, or as ``mesh.run_cell``'s keywords (``on=``), the default
+MAGIC_WORDS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "jupyter_mesh_remote_magic_words", default=False)
+#: the flag of each keyword where it is not ``--`` and the keyword
+_FLAGS = {"value": "-o"}
+
+
+@contextlib.contextmanager
+def magic_words() -> Any:
+    """Within: messages name options as the magic's flags (see :data:`MAGIC_WORDS`)."""
+    token = MAGIC_WORDS.set(True)
+    try:
+        yield
+    finally:
+        MAGIC_WORDS.reset(token)
+
+
+def opt(keyword: str, value: Any = None) -> str:
+    """An option as the caller wrote it: ``--on gpu`` in the magic, ``on='gpu'`` from
+    Python; without ``value`` its name alone (``--on``, ``on``)."""
+    magic = MAGIC_WORDS.get()
+    name = _FLAGS.get(keyword, f"--{keyword}") if magic else keyword
+    if value is None:
+        return name
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = f"{value:g}"
+    else:
+        text = str(value) if magic else repr(str(value))
+    return f"{name} {text}" if magic else f"{name}={text}"
+
+
 def check_names(names: Any, option: str) -> list[str]:
     """Names for push/pull: a comma-separated string or an iterable of identifiers."""
     if names is None:
@@ -157,7 +190,8 @@ def check_timeout(timeout: Any) -> float | None:
             pass
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or value <= 0):
-        raise MeshError(f"--timeout must be a positive number of seconds, not {timeout!r}")
+        raise MeshError(f"{opt('timeout')} "
+                        f"must be a positive number of seconds, not {timeout!r}")
     return float(value)
 
 
@@ -170,7 +204,7 @@ def pack(name: str, value: Any) -> Serialized:
     if where is not None:  # it would arrive, unusable, without its client
         held = repr(name) if not where else f"{name}{where} (in {name!r})"
         raise MeshError(
-            f"--push: {held} is a Dask future, which works only with its client: push "
+            f"{opt('push')}: {held} is a Dask future, which works only with its client: push "
             f"its value ({name}{where}.result()) instead")
     try:
         with quiet_logger("distributed.protocol.pickle"):
@@ -178,7 +212,7 @@ def pack(name: str, value: Any) -> Serialized:
     except Exception as exc:
         reason = error_reason(exc)
         raise MeshError(
-            f"--push: cannot send {name!r} ({type(value).__module__}.{type(value).__qualname__}):"
+            f"{opt('push')}: cannot send {name!r} ({type(value).__module__}.{type(value).__qualname__}):"
             f" it cannot be serialized ({reason})"
         ) from None
     return defer(header, frames)
@@ -274,15 +308,16 @@ class RemoteCells:
         compile(code, filename, "exec", flags=TOP_LEVEL_AWAIT)
         target = self._target(on)
         if site is not None and not isinstance(site, str):
-            raise MeshError(f"--site must be a site name, not {type(site).__name__}")
-        pull_names = check_names(pull, "--pull")
+            raise MeshError(f"{opt('site')} must be a site name, not "
+                            f"{type(site).__name__}")
+        pull_names = check_names(pull, opt("pull"))
         timeout = check_timeout(timeout)
         packed: dict[str, Serialized] = {}
         if push is not None:
             if not isinstance(push, Mapping):
                 raise MeshError("push must be a mapping of names to values")
             for name, value in push.items():
-                packed[check_identifier(name, "--push")] = pack(name, value)
+                packed[check_identifier(name, opt("push"))] = pack(name, value)
         devices = self._pick(target, site, all)
         self._install()
         message = {
@@ -340,7 +375,7 @@ class RemoteCells:
         try:
             return parse_target(on)
         except ValueError as exc:
-            raise MeshError(f"--on: {exc}") from None
+            raise MeshError(f"{opt('on')}: {exc}") from None
 
     def _pick(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
         key = _request_key(target, site)
@@ -357,12 +392,12 @@ class RemoteCells:
         if not len(matching):
             if site is not None and site not in inventory.by_site():
                 raise MeshError(
-                    f"--site: no worker at site {site!r}: the mesh's sites are "
+                    f"{opt('site')}: no worker at site {site!r}: the mesh's sites are "
                     f"{', '.join(sorted(inventory.by_site())) or 'none (no workers)'}"
                 )
             wanted = " ".join(
-                x for x in (f"--on {target}" if target else "",
-                            f"--site {site}" if site else "") if x
+                x for x in (opt("on", target) if target else "",
+                            opt("site", site) if site else "") if x
             )
             raise MeshError(
                 f"no worker matches {wanted or 'the request'}: the mesh has "
@@ -387,11 +422,11 @@ class RemoteCells:
         """A worker of this kind was here before (its nanny may be restarting it): wait
         up to ``remote.worker-wait`` seconds for one; Ctrl-C stops waiting."""
         wait = _config.get_seconds("remote.worker-wait")
-        wanted = " ".join(x for x in (f"--on {target}" if target else "",
-                                      f"--site {site}" if site else "") if x)
+        wanted = " ".join(x for x in (opt("on", target) if target else "",
+                                      opt("site", site) if site else "") if x)
         if wait:
-            print(f"jupyter_mesh: no {wanted or 'matching'} worker right now (the one this "
-                  f"notebook used is gone); waiting up to {wait:g} s for one "
+            print(f"jupyter_mesh: no worker matches {wanted or 'the request'} right now "
+                  f"(the one this notebook used is gone); waiting up to {wait:g} s for one "
                   f"(mesh.remote.worker-wait).", file=sys.stderr, flush=True)
         deadline = time.monotonic() + wait
         try:
@@ -402,8 +437,9 @@ class RemoteCells:
                     break
                 time.sleep(0.2)
         except KeyboardInterrupt:
-            raise StoppedWaiting(f"stopped waiting for a {wanted or 'matching'} worker "
-                                 f"(interrupted): the cell did not run") from None
+            raise StoppedWaiting(
+                f"stopped waiting for a worker matching {wanted or 'the request'} "
+                f"(interrupted): the cell did not run") from None
         if not len(matching):
             # none came back: the next cell that asks for it fails at once (the kind
             # was scaled away, or the machine is gone for good)
@@ -678,7 +714,7 @@ class RemoteCells:
                         stopped_by_timeout = True
                         failures.append(RemoteFailure(
                             ename="TimeoutError", evalue=(
-                                f"the cell ran longer than --timeout {timeout:g} s and did "
+                                f"the cell ran longer than {opt('timeout', timeout)} s and did "
                                 f"not stop ({NOT_STOPPED}); the worker stays usable"),
                             traceback="", worker=dev.worker, name=dev.name, kind=dev.kind,
                             backend=dev.backend,
@@ -722,7 +758,8 @@ class RemoteCells:
                 if status == "timeout":
                     stopped_by_timeout = True
                     final = dict(final, ename="TimeoutError", evalue=(
-                        f"the cell ran longer than --timeout {timeout:g} s and was stopped; "
+                        f"the cell ran longer than {opt('timeout', timeout)} s and was "
+                        f"stopped; "
                         f"the worker and its namespace stay usable"))
                 failures.append(RemoteFailure(
                     ename=final["ename"], evalue=final["evalue"],
@@ -748,12 +785,12 @@ class RemoteCells:
             elif status == "pull-missing":
                 defined = ", ".join(final.get("defined") or []) or "nothing yet"
                 usage.append(
-                    f"--pull: {final['name']!r} is not defined on {run.label} after the "
+                    f"{opt('pull')}: {final['name']!r} is not defined on {run.label} after the "
                     f"cell ran (defined there: {defined})"
                 )
             elif status == "unreadable-push":
                 usage.append(
-                    f"--push: {final['name']!r} cannot be rebuilt on {run.label} "
+                    f"{opt('push')}: {final['name']!r} cannot be rebuilt on {run.label} "
                     f"({final['reason']}): install or import there what its class needs, "
                     f"or push something plainer; the cell did not run"
                 )
@@ -863,7 +900,8 @@ def _worker_error(device: Device, msg: Any) -> MeshError:
     if msg is None:
         return MeshError(
             f"worker {device.name or device.worker} cannot run remote cells: install "
-            f"jupyter_mesh where that worker runs (or pick another with --on/--site)"
+            f"jupyter_mesh where that worker runs (or pick another with "
+            f"{opt('on')}/{opt('site')})"
         )
     text = msg.get("exception_text") if isinstance(msg, dict) else None
     return MeshError(

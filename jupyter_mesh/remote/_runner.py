@@ -325,7 +325,7 @@ def remote_input(prompt: Any = "", *args: Any, **kwargs: Any) -> str:
 
     raise StdinNotImplementedError(
         "a remote cell cannot read input from the notebook: ask for it in a local cell "
-        "and send it with --push NAME")
+        "and send it with --push NAME (push= from mesh.run_cell)")
 
 
 def route_getpass() -> None:

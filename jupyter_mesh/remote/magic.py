@@ -9,7 +9,13 @@ from IPython.core.error import UsageError
 from IPython.display import display
 
 from ..errors import MeshError
-from ._client import CellResult, RemoteOutput, check_identifier, check_names
+from ._client import (
+    CellResult,
+    RemoteOutput,
+    check_identifier,
+    check_names,
+    magic_words,
+)
 from ._errors import CellSyntaxError, RemoteCellError
 
 
@@ -34,12 +40,13 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
             f"{'is' if len(missing) == 1 else 'are'} not defined in the notebook"
         )
     try:
-        result = mesh.run_cell(
-            cell, on=args.on, site=args.site, all=args.all,
-            push={n: user_ns[n] for n in push_names}, pull=args.pull,
-            timeout=args.timeout, value=args.output is not None,
-            filename=f"<remote In[{_cell_number(shell)}]>",
-        )
+        with magic_words():  # its messages name the magic's flags (--on), not on=
+            result = mesh.run_cell(
+                cell, on=args.on, site=args.site, all=args.all,
+                push={n: user_ns[n] for n in push_names}, pull=args.pull,
+                timeout=args.timeout, value=args.output is not None,
+                filename=f"<remote In[{_cell_number(shell)}]>",
+            )
     except SyntaxError as exc:
         raise CellSyntaxError(exc) from None
     except RemoteCellError:
