@@ -186,6 +186,29 @@ def test_all_with_pull_gives_one_value_per_worker(ip, fresh):
     assert ip.user_ns["k"] == {"cpu-0": 5, "jax-cpu-0": 5}
 
 
+def test_all_where_one_worker_fails_keeps_the_others_outputs(ip, fresh, capsys):
+    # the cell fails (one worker raised), and the workers where it ran to its end are
+    # shown and kept on the error, not hidden by the failure; no name is set
+    cell = ("from jupyter_mesh.router._device import worker_backend\n"
+            "k = worker_backend()\n"
+            "assert k == 'numpy', 'not on ' + k\n"
+            "k * 2")
+    ip.user_ns["k"] = "before"
+    ip.user_ns.pop("got", None)
+    with pytest.raises(RemoteCellError) as info:
+        remote(ip, "--all --pull k -o got", cell)
+    out = capsys.readouterr().out
+    assert "Out[cpu-0]:" in out and "numpynumpy" in out and "Out[jax-cpu-0]" not in out
+    assert [f.name for f in info.value.failures] == ["jax-cpu-0"]
+    assert "AssertionError: not on jax" in "\n".join(info.value._render_traceback_())
+    assert ip.user_ns["k"] == "before" and "got" not in ip.user_ns
+    # from Python: the error holds the results of those that ran to their end
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell(cell, all=True, pull="k", value=True)
+    (ok,) = info.value.results
+    assert (ok.name, ok.value, ok.pulled) == ("cpu-0", "numpynumpy", {"k": "numpy"})
+
+
 # ---------------------------------------------------------------- errors
 def test_remote_exception_shows_remote_traceback_worker_and_kind(fresh):
     with pytest.raises(RemoteCellError) as info:

@@ -809,7 +809,7 @@ class RemoteCells:
             raise RemoteInterrupt(stopped_at)
         if failures:
             cls = RemoteCellTimeout if stopped_by_timeout else RemoteCellError
-            raise cls(failures)
+            raise cls(failures, results)  # (with --all, those that ran to their end)
         if usage:
             raise MeshError("; ".join(usage))
         return results

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import MeshError
 
@@ -62,10 +63,15 @@ class RemoteCellError(MeshError):
         Where it happened.
     failures:
         One :class:`RemoteFailure` per failing worker (several with ``--all``).
+    results:
+        With ``--all``: the :class:`CellResult` of each worker where the cell ran to
+        its end (their values and pulled names; the magic shows their displays).
     """
 
-    def __init__(self, failures: list[RemoteFailure]) -> None:
+    def __init__(self, failures: list[RemoteFailure], results: list[Any] | None = None
+                 ) -> None:
         self.failures = failures
+        self.results = list(results or ())
         first = failures[0]
         self.ename, self.evalue, self.traceback = first.ename, first.evalue, first.traceback
         self.worker, self.kind, self.backend = first.worker, first.kind, first.backend

@@ -49,7 +49,11 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
             )
     except SyntaxError as exc:
         raise CellSyntaxError(exc) from None
-    except RemoteCellError:
+    except RemoteCellError as exc:
+        if args.all and exc.results:
+            # the workers where it ran to its end: their displays, before the error
+            # (the cell failed, so no name is set: exc.results has their values)
+            _show_outputs(exc.results)
         raise
     except MeshError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
@@ -88,6 +92,10 @@ def _show_all(shell: Any, args: Any, results: list[CellResult]) -> None:
             shell.user_ns[args.output] = {r.label: r.value for r in results}
         else:
             _no_value(args)
+    _show_outputs(results)
+
+
+def _show_outputs(results: list[CellResult]) -> None:
     for r in results:
         if r.data is not None:
             print(f"Out[{r.label}]:", flush=True)
