@@ -19,6 +19,15 @@ ERROR_COLOUR = "var(--jp-error-color1, #b00020)"
 OK_COLOUR = "var(--jp-success-color0, #2e7d32)"
 
 
+def colour_style(colour: str) -> str:
+    """A ``style`` attribute's text colour: the fixed fallback first, then the theme's.
+    JupyterLab's sanitizer (an untrusted notebook's HTML output) drops a ``var()``
+    colour; a browser takes the last it understands."""
+    fallback = colour.rsplit(",", 1)[-1].strip(" )") if colour.startswith("var(") \
+        else colour
+    return f"color:{fallback};color:{colour}" if fallback != colour else f"color:{colour}"
+
+
 def format_bytes(n: float | int | None) -> str:
     if not n:
         return "-"

@@ -29,7 +29,7 @@ from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
 from .errors import MeshConfigError, MeshError, check_flag
-from .inventory import ERROR_COLOUR, Inventory, format_bytes, plural
+from .inventory import ERROR_COLOUR, Inventory, colour_style, format_bytes, plural
 from .router.history import RunHistory
 
 #: worker-spec name prefix per local worker family
@@ -1243,7 +1243,7 @@ class Mesh:
         except Exception as exc:  # its scheduler gone: what is known, and why no more
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return (f"<b>Mesh</b> <code>{e(str(self.address))}</code>: "
-                    f"<span style='color:{ERROR_COLOUR}'>{e(why)}</span>")
+                    f"<span style='{colour_style(ERROR_COLOUR)}'>{e(why)}</span>")
         groups = "".join(
             f"<li>{len(devs)} &times; <b>{e(kind)}</b> @ {e(site)}: "
             f"{e(', '.join(sorted({d.model for d in devs})))} "

@@ -19,7 +19,14 @@ import numpy as np
 
 from . import _state
 from .errors import MeshError
-from .inventory import ERROR_COLOUR, OK_COLOUR, Inventory, format_bytes, plural
+from .inventory import (
+    ERROR_COLOUR,
+    OK_COLOUR,
+    Inventory,
+    colour_style,
+    format_bytes,
+    plural,
+)
 
 if TYPE_CHECKING:
     from .mesh import Mesh
@@ -230,7 +237,8 @@ class MeshPanel(w.VBox):
 
     def _say(self, text: str, error: bool = False) -> None:
         colour = ERROR_COLOUR if error else OK_COLOUR
-        self.message.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
+        self.message.value = (f"<span style='{colour_style(colour)}'>"
+                              f"{html.escape(text)}</span>")
 
     # ------------------------------------------------------------ controls
     def set_route(self, value: Any) -> bool:

@@ -351,6 +351,8 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog):
     # notebook showed an error next to the text)
     shown = mesh._repr_html_()
     assert address in shown and "is not reachable" in shown and "%mesh close" in shown
+    # in red in an untrusted notebook too (JupyterLab's sanitizer drops var() colours)
+    assert "style='color:#b00020;color:var(--jp-error-color1" in shown
     assert repr(mesh) == f"<Mesh {address}>"
     import logging
 
