@@ -395,6 +395,7 @@ class MeshMagics(Magics):
             # magics; never in %mesh explain's EXPR, which is Python evaluated as typed
             line = _expand(self.shell, line)
         if cell is not None:
+            __tracebackhide__ = True  # (see _cell)
             if _asks_help(line):
                 print(_help_text(_cell_args, "%%mesh"))
                 return None
@@ -591,6 +592,7 @@ class MeshMagics(Magics):
 
     # ------------------------------------------------------------ cells
     def _cell(self, line: str, cell: str) -> Any:
+        __tracebackhide__ = True  # a cell's error shows its own frames, not the magic's
         args = parse(_cell_args, line, "%%mesh")
         remote_only = [
             name for name, value in (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import dask
 import dask.array as da
 import numpy as np
@@ -975,10 +977,12 @@ def test_magic_route_and_explain(ip, mesh, capsys):
     assert mesh.route_mode == "off"
     plan = ip.run_line_magic("mesh", "explain y")
     # routing is off, yet explain plans "auto": the random blocks never go to JAX
-    # (both workers may run them with NumPy, equally fast: then Dask places them)
+    # (both workers may run them with NumPy, equally fast: then Dask places them, or
+    # the plan shares them out: "cpu:jax (numpy)x2 + cpu:numpy x2")
     assert plan.route == "auto"
-    assert {r["op"]: r["target"] for r in plan.rows}["random_sample"] in (
-        "cpu:numpy", "any (pools equivalent)")
+    target = {r["op"]: r["target"] for r in plan.rows}["random_sample"]
+    assert target == "any (pools equivalent)" or (
+        "numpy" in target and "cpu:jax" not in target.replace("cpu:jax (numpy)", "")), target
     plan = ip.run_line_magic("mesh", "explain y --route cpu:jax")
     assert {r["op"]: r["target"] for r in plan.rows}["matmul"] == "cpu:jax"
     plan = ip.run_line_magic("mesh", "explain (y, y.sum())")
@@ -1013,11 +1017,11 @@ def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
     # a cell that fails shows the reports of what finished before; a cell without Dask
     # work shows none
     shown.clear()
-    with pytest.raises(router_magic.CellFailed):
+    with pytest.raises(ValueError, match="^x$"):  # (called from code: its own error)
         ip.run_cell_magic("mesh", "--route cpu:jax", "d = y.compute()\nraise ValueError('x')")
     assert len(shown) == 1 and shown[0] is mesh.last_report
     shown.clear()
-    with pytest.raises(router_magic.CellFailed):
+    with pytest.raises(ValueError, match="^x$"):
         ip.run_cell_magic("mesh", "--route cpu:jax", "raise ValueError('x')")
     ip.run_cell_magic("mesh", "--route cpu:jax", "e = 2")
     assert shown == [] and mesh.report_sinks == []
@@ -1055,10 +1059,10 @@ def test_routed_cells_keep_the_shells_numbering_and_failures(ip, mesh, capsys):
     assert isinstance(failed.error_in_exec, ZeroDivisionError)
     assert f"In[{failed.execution_count}]" in capsys.readouterr().out
     assert ip.last_execution_succeeded is False
-    # run_cell_magic called from code: the failure is an exception there
-    code = ("import jupyter_mesh.router.magic as rm\ntry:\n"
+    # run_cell_magic called from code: the failure is the body's own exception there
+    code = ("try:\n"
             "    get_ipython().run_cell_magic('mesh', '--route cpu:jax', '1 / 0')\n"
-            "except rm.CellFailed:\n    caught = True\nafter = 1")
+            "except ZeroDivisionError:\n    caught = True\nafter = 1")
     assert ip.run_cell(code, store_history=True).success
     assert ip.user_ns["caught"] is True and ip.user_ns["after"] == 1
     assert ip.run_cell("%%mesh --route cpu:jax\nok2 = 2", store_history=True).success
@@ -1070,6 +1074,68 @@ def test_routed_cells_keep_the_shells_numbering_and_failures(ip, mesh, capsys):
     assert ip.user_ns["Out"][shown.execution_count] == 77
     assert not ip.run_cell("%%mesh --route cpu:jax\n1 / 0", silent=True).success
     assert ip.run_cell("5", store_history=True).success and ip.last_execution_succeeded
+
+
+def test_a_routed_cell_under_another_cell_magic_fails_with_its_own_error(ip, mesh, capsys):
+    # %%time above %%mesh: the cell fails with the body's error, shown once, named (it
+    # failed as an empty "CellFailed" that nbclient and papermill showed as nothing)
+    result = ip.run_cell("%%time\n%%mesh --route cpu:jax\nv = 1\nraise ValueError('in time')")
+    assert isinstance(result.error_in_exec, ValueError)
+    shown = "".join(capsys.readouterr())
+    assert shown.count("ValueError: in time") == 1 and "CellFailed" not in shown
+    assert ip.user_ns["v"] == 1 and mesh.route_mode == "off" and mesh.report_sinks == []
+
+
+def test_a_routed_cell_numbers_its_lines_as_the_notebook_does(ip, mesh, capsys):
+    # a traceback's and a MeshError's line is the cell's line, the %%mesh line counted
+    result = ip.run_cell("%%mesh --route cpu:jax\nv = 1\n\nraise ValueError('line 4')",
+                         store_history=True)
+    assert isinstance(result.error_in_exec, ValueError)
+    out = capsys.readouterr().out
+    assert re.search(r"line 4\b", out) and "line 3" not in out, out
+    ip.user_ns["y"] = pipeline()
+    ip.run_cell("%%time\n%%mesh\nv = 1\nmesh_ = __import__('jupyter_mesh').current()\n"
+                "mesh_.compute(y, route='warp')", store_history=True)
+    out = "".join(capsys.readouterr())
+    assert re.search(r"line 5: mesh_\.compute\(y, route='warp'\)", out), out
+
+
+def test_a_routed_cell_ending_in_a_semicolon_shows_no_value(ip, mesh, capsys):
+    before = ip.run_cell("41", store_history=True)
+    cell = ip.run_cell("%%mesh --route cpu:jax\n6 * 7;", store_history=True)
+    assert cell.success and cell.execution_count not in ip.user_ns["Out"]
+    assert "42" not in capsys.readouterr().out
+    assert ip.user_ns["Out"][before.execution_count] == 41
+    # without it, the value shows (and a ';' in a string or comment is no end)
+    cell = ip.run_cell("%%mesh --route cpu:jax\n6 * 7  # done;", store_history=True)
+    assert ip.user_ns["Out"][cell.execution_count] == 42
+
+
+def test_top_level_await_in_a_routed_cell_is_one_line_and_runs_nothing(ip, mesh):
+    from IPython.core.error import UsageError
+
+    ip.user_ns.pop("before_await", None)
+    with pytest.raises(UsageError, match=r"^top-level await does not work in a %%mesh "
+                                         r"cell: await in a plain cell"):
+        ip.run_cell_magic("mesh", "--route cpu:jax",
+                          "before_await = 1\nimport asyncio\nawait asyncio.sleep(0)")
+    assert "before_await" not in ip.user_ns and mesh.route_mode == "off"
+    # await inside a function the cell defines is no top-level await
+    ip.run_cell_magic("mesh", "--route cpu:jax", "async def f():\n    await g()\nok_await = 1")
+    assert ip.user_ns["ok_await"] == 1
+
+
+def test_explain_refuses_a_missing_target_before_evaluating(ip, mesh):
+    from IPython.core.error import UsageError
+
+    ip.user_ns["y"] = pipeline()
+    ip.user_ns["calls"] = []
+    ip.user_ns["bump"] = lambda: ip.user_ns["calls"].append(1) or ip.user_ns["y"]
+    with pytest.raises(UsageError, match="^no live gpu worker"):
+        ip.run_line_magic("mesh", "explain bump() --route gpu")
+    assert ip.user_ns["calls"] == []  # the expression (which may compute) never ran
+    ip.run_line_magic("mesh", "explain bump() --route cpu:jax")
+    assert ip.user_ns["calls"] == [1]
 
 
 class _Holder:

@@ -142,6 +142,10 @@ def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
         raise UsageError(f"unknown option {other.group(1)}: %mesh explain takes EXPR "
                          f"[--route TARGET]")
     route = _route(route)
+    try:  # a forced target the mesh lacks is refused before EXPR runs (it may compute)
+        api._checked_route(mesh, route, True)
+    except MeshError as exc:
+        raise UsageError(str(exc).splitlines()[0]) from None
     value = _lookup(shell, expr)
     colls = tuple(value) if isinstance(value, tuple) else (value,)
     try:
@@ -154,6 +158,12 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
     """``%%mesh [--route R]``: run the cell with its Dask work routed, then show the
     report of each routed computation the cell ran, in order."""
     mode = _route(route if route is not None else "auto")
+    if _awaits(shell, cell):
+        # the magic runs the body as a cell of its own, from within the running one:
+        # IPython cannot await there ("This event loop is already running")
+        raise UsageError(
+            "top-level await does not work in a %%mesh cell: await in a plain cell, "
+            "with the Dask work in `with mesh.route(\"auto\"):` (or %mesh route auto)")
     try:
         ctx = mesh.route(mode)
     except MeshError as exc:
@@ -163,10 +173,12 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
     # the cell this magic runs in: the body runs under its number ("Cell In[6]" in a
     # traceback of cell 6; IPython counts the next cell already), and its error is the
     # body's own
+    __tracebackhide__ = True  # IPython shows the body's frames, not this one
     outer = running_cell(shell)
+    whole = outer is not None and _whole_cell(outer)
     try:
         with ctx:
-            result = _run_body(shell, cell, outer)
+            result = _run_body(shell, cell, outer, show_error=whole)
     finally:
         # by identity: an enclosing %%mesh cell's list may be equal (both empty)
         sinks = mesh.report_sinks
@@ -180,23 +192,46 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
         # with the body's error (so that "Run All", nbconvert and papermill stop here
         # and name it), and show no second one
         err = result.error_before_exec or result.error_in_exec
-        if outer is not None and err is not None and _whole_cell(outer):
+        if whole and err is not None:
             outer.error_in_exec = err
             _fail_after(shell)
             return
+        if err is not None:
+            # called from code (run_cell_magic) or under another cell magic (%%time):
+            # the body's own error, which the body's run did not show, reaches the
+            # caller, which shows it once and names it
+            raise err
         raise CellFailed("the routed cell raised") from None
     for report in reports:
         display(report)
 
 
-def _run_body(shell: Any, cell: str, outer: Any) -> Any:
-    """Run the body as a cell of its own, compiled under the running cell's number; the
-    shell's count, and its record of the running cell, as they were for the rest."""
+def _awaits(shell: Any, cell: str) -> bool:
+    """Whether the body has a top-level ``await`` (IPython would run it as a
+    coroutine); False where it does not compile (its run says why)."""
+    try:
+        return bool(shell.should_run_async(cell, transformed_cell=shell.transform_cell(cell),
+                                           preprocessing_exc_tuple=None))
+    except Exception:
+        return False
+
+
+def _run_body(shell: Any, cell: str, outer: Any, show_error: bool = True) -> Any:
+    """Run the body as a cell of its own, compiled under the running cell's number,
+    its lines numbered as the notebook's cell numbers them; the shell's count, and its
+    record of the running cell, as they were for the rest. ``show_error=False``: its
+    error is not shown (the caller raises it)."""
     if outer is None:
-        return shell.run_cell(cell)
+        return _quiet_run(shell, cell, show_error=show_error)
     # a silent run (a frontend's own request) shows nothing and keeps no value
     silent = bool(getattr(getattr(outer, "info", None), "silent", False))
     count = shell.execution_count
+    # the lines above the body (%%mesh, and %%time above it...): a traceback's "line 3"
+    # and a MeshError's are the cell's own line 3
+    raw = getattr(getattr(outer, "info", None), "raw_cell", None) or ""
+    # (the body starts a line; IPython hands it over with a newline at its end)
+    at = raw.find("\n" + cell.rstrip()) if cell.strip() else -1
+    above = raw[:at + 1].count("\n") if at >= 0 else 0
 
     def restore(*_: Any) -> None:
         # IPython took the number for the body's name already: from here on (its value
@@ -207,12 +242,43 @@ def _run_body(shell: Any, cell: str, outer: Any) -> Any:
     shell.execution_count = outer.execution_count
     shell.events.register("pre_run_cell", restore)
     try:
-        return shell.run_cell(cell, silent=silent)
+        # (as comments: IPython drops leading blank lines; a traceback shows them)
+        head = "".join(f"# {line}\n" for line in raw.splitlines()[:above])
+        return _quiet_run(shell, head + cell, silent=silent, show_error=show_error)
     finally:
         if restore in shell.events.callbacks["pre_run_cell"]:
             shell.events.unregister("pre_run_cell", restore)
         shell.execution_count = count
         shell.displayhook.exec_result = outer  # the body's run reset it
+
+
+def _quiet_run(shell: Any, cell: str, silent: bool = False, show_error: bool = True
+               ) -> Any:
+    """``shell.run_cell``, where a body that ends in ``;`` shows no value (IPython
+    looks for the ``;`` in the running cell's text, the ``%%mesh`` call), and with
+    ``show_error=False`` its error is not shown."""
+    hook = shell.displayhook
+    saved: dict[str, Any] = {}
+    try:
+        quiet = bool(hook.semicolon_at_end_of_expression(shell.transform_cell(cell)))
+    except Exception:  # (code that does not compile: its run says why)
+        quiet = False
+    if quiet:
+        saved["quiet"] = hook.__dict__.get("quiet")
+        hook.quiet = lambda: True
+    if not show_error:
+        for name in ("showtraceback", "showsyntaxerror"):
+            saved[name] = shell.__dict__.get(name)
+            setattr(shell, name, lambda *a, **k: None)
+    try:
+        return shell.run_cell(cell, silent=silent)
+    finally:
+        for name, old in saved.items():
+            owner = hook if name == "quiet" else shell
+            if old is None:
+                owner.__dict__.pop(name, None)
+            else:
+                setattr(owner, name, old)
 
 
 def _whole_cell(outer: Any) -> bool:
