@@ -86,8 +86,11 @@ def warn_unknown_keys() -> None:
     changes nothing, and a typo in a key was ignored without a word."""
     import warnings
 
+    from .errors import callers_level
+
     for message in unknown_key_messages():
-        warnings.warn(f"jupyter_mesh: {message}", UserWarning, stacklevel=3)
+        # at the user's call (Mesh.local, or the %mesh start line of a cell)
+        warnings.warn(f"jupyter_mesh: {message}", UserWarning, stacklevel=callers_level())
 
 
 def get(key: str) -> Any:

@@ -100,6 +100,22 @@ def test_a_setting_that_does_not_exist_is_said_once(monkeypatch):
         assert _config.unknown_keys() == []
 
 
+def test_a_setting_that_does_not_exist_is_said_at_the_users_line(monkeypatch, ip):
+    # under %mesh the warning named jupyter_mesh's magics.py, not the user's cell
+    import warnings
+
+    from IPython.core.error import UsageError
+
+    monkeypatch.setattr(_config, "_warned", set())
+    with dask.config.set({"mesh.progress-aftr": 10}), \
+            warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(UsageError):  # (nothing listens there)
+            ip.run_line_magic("mesh", "connect tcp://127.0.0.1:1 --timeout 1 --replace")
+    (w,) = [w for w in said if "progress-aftr" in str(w.message)]
+    assert w.filename == __file__, w.filename
+
+
 def test_dask_leaves_jupyter_mesh_frames_out_of_task_errors_and_keeps_the_users():
     # jupyter_mesh adds its modules to Dask's admin.traceback.shorten at import
     paths = dask.config.get("admin.traceback.shorten")

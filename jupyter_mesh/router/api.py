@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import pickle
 import sys
 import threading
@@ -21,7 +20,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils import funcname
 
 from .. import _config, progress
-from ..errors import MeshError, MeshFallbackWarning, check_flag
+from ..errors import MeshError, MeshFallbackWarning, callers_level, check_flag
 from ..inventory import Inventory
 from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
@@ -550,22 +549,6 @@ def _check_settings() -> float:
     return learn_weight()
 
 
-def _callers_level() -> int:
-    """The ``stacklevel`` that points a warning from the function calling this at the
-    user's own code: the first frame outside jupyter_mesh, Dask and distributed (a plain
-    ``.compute()`` inside ``mesh.route`` goes through Dask's frames first)."""
-    import distributed
-
-    ours = tuple(os.path.dirname(os.path.dirname(m.__file__ or "")) + os.sep
-                 for m in (sys.modules[__name__],))
-    theirs = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (dask, distributed))
-    frame: Any = sys._getframe(1)
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(ours + theirs):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: bool = True
              ) -> list[Any]:
     """Submit a plan's rewritten graph and wait for its outputs (a list, by key): their
@@ -672,7 +655,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         sinks[-1].append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning,
-                      stacklevel=_callers_level())
+                      stacklevel=callers_level())
     if status.get("known") is False:
         # the plan never reached the scheduler plugin (its handler failed there, and
         # logged why): Dask placed the tasks, the answer is the same
@@ -680,7 +663,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
             f"jupyter_mesh: the scheduler at {mesh.address} did not take this "
             f"computation's plan (its log says why): it ran unrouted, as Dask placed "
             f"it, and the report has no record of where", MeshFallbackWarning,
-            stacklevel=_callers_level())
+            stacklevel=callers_level())
     # a fallback that came while the results were fetched is shown now, and reported
     report.fallbacks.extend(notices.reported(routed.plan_id, report.fallbacks))
     if gather:
