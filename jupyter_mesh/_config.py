@@ -20,27 +20,6 @@ with open(DEFAULTS_PATH) as f:
 
 dask.config.update_defaults(DEFAULTS)
 
-#: jupyter_mesh's own frames between a user's call and the user's function that raised
-#: (``mesh.compute``, the router, the device wrapper on the worker): Dask leaves out the
-#: frames of the modules ``admin.traceback.shorten`` names when it shows a task's error
-#: (the first and last frames always stay), as it leaves out its own
-SHORTEN = (r"jupyter_mesh[\\/]router[\\/]", r"jupyter_mesh[\\/]mesh\.py")
-
-
-def shorten_our_frames() -> None:
-    """Add :data:`SHORTEN` to Dask's ``admin.traceback.shorten`` (once; a list the
-    user set keeps its own entries; one emptied turns Dask's shortening off, and
-    stays off)."""
-    paths = dask.config.get("admin.traceback.shorten", None)
-    if not paths or not isinstance(paths, (list, tuple)):
-        return  # the user's own setting, whatever it is, is theirs
-    missing = [p for p in SHORTEN if p not in paths]
-    if missing:
-        dask.config.set({"admin.traceback.shorten": [*paths, *missing]})
-
-
-shorten_our_frames()
-
 
 def unknown_keys() -> list[tuple[str, str | None]]:
     """``mesh.*`` settings that no setting has (a typo: ``mesh.fallback-timout``), each

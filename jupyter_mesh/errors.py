@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+from types import TracebackType
 
 
 class MeshError(RuntimeError):
@@ -47,3 +49,49 @@ def callers_level() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     return level
+
+
+#: jupyter_mesh's own frames between a user's call and the user's function that raised
+#: (the router, the device wrapper on the worker, ``Mesh.compute``'s helpers)
+OUR_FRAMES = re.compile(r".*jupyter_mesh[\\/](router[\\/]|mesh\.py)")
+
+
+class shorten_ours:
+    """Context manager: an exception leaving it shows the user's call and the user's
+    function, not jupyter_mesh's frames between them, as Dask leaves its own out
+    (``dask.utils.shorten_traceback``; off, as Dask's is, where the user emptied
+    ``admin.traceback.shorten``). The last frame (where it was raised) always stays;
+    the first (the one holding this block) too, unless ``drop_first``: then the
+    traceback starts below it (Python 3.11 and later)."""
+
+    __slots__ = ("drop_first",)
+
+    def __init__(self, drop_first: bool = False) -> None:
+        self.drop_first = drop_first
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None or tb is None:
+            return
+        import dask.config
+
+        if not dask.config.get("admin.traceback.shorten", None):
+            return
+        exc.__traceback__ = _without_ours(tb, self.drop_first)
+
+
+def _without_ours(tb: TracebackType, drop_first: bool) -> TracebackType:
+    head = tb
+    prev = tb
+    curr = tb.tb_next
+    while curr is not None:
+        if curr.tb_next is None or not OUR_FRAMES.match(curr.tb_frame.f_code.co_filename):
+            prev.tb_next = curr
+            prev = curr
+        curr = curr.tb_next
+    if drop_first and head.tb_next is not None and sys.version_info >= (3, 11):
+        return head.tb_next
+    return head

@@ -28,7 +28,7 @@ from ._links import browser_link
 from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
-from .errors import MeshConfigError, MeshError, check_flag
+from .errors import MeshConfigError, MeshError, check_flag, shorten_ours
 from .inventory import ERROR_COLOUR, Inventory, colour_style, format_bytes, plural
 from .router.history import RunHistory
 
@@ -1409,8 +1409,8 @@ class Mesh:
         from dask.utils import shorten_traceback
 
         # a task's error shows the user's call and the user's function, not the
-        # router's frames between them (see _config.SHORTEN), as dask.compute shows it
-        with shorten_traceback():
+        # router's frames between them, nor Dask's, as dask.compute shows it
+        with shorten_traceback(), shorten_ours():
             return api.compute(self, collections, route, fallback, site, pin)
 
     @property

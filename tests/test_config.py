@@ -116,21 +116,49 @@ def test_a_setting_that_does_not_exist_is_said_at_the_users_line(monkeypatch, ip
     assert w.filename == __file__, w.filename
 
 
-def test_dask_leaves_jupyter_mesh_frames_out_of_task_errors_and_keeps_the_users():
-    # jupyter_mesh adds its modules to Dask's admin.traceback.shorten at import
-    paths = dask.config.get("admin.traceback.shorten")
-    assert all(p in paths for p in _config.SHORTEN)
-    assert any("distributed" in p for p in paths)  # Dask's own stay
-    # a list the user set keeps its entries, ours are added once
-    with dask.config.set({"admin.traceback.shorten": ["mylib[\\/]"]}):
-        _config.shorten_our_frames()
-        _config.shorten_our_frames()
-        assert dask.config.get("admin.traceback.shorten") == ["mylib[\\/]", *_config.SHORTEN]
-    # shortening turned off (an empty list, None) stays off
-    for off in ([], None):
-        with dask.config.set({"admin.traceback.shorten": off}):
-            _config.shorten_our_frames()
-            assert dask.config.get("admin.traceback.shorten") == off
+def _frames(tmp_path):
+    """A call chain through files named as jupyter_mesh's (Mesh.compute, the router)
+    into a user's function that raises."""
+    ns: dict = {}
+    for path, code in [
+        ("user.py", "def user():\n    raise KeyError('in the user function')\n"),
+        ("jupyter_mesh/router/api.py", "def routed():\n    return user()\n"),
+        ("jupyter_mesh/mesh.py", "def compute():\n    return routed()\n"),
+        ("caller.py", "def caller():\n    return compute()\n"),
+        ("jupyter_mesh/router/_device.py", "def ours():\n    raise KeyError('ours')\n"),
+        ("jupyter_mesh/router/rewrite.py", "def via():\n    return ours()\n"),
+    ]:
+        exec(compile(code, str(tmp_path / path), "exec"), ns)
+    return ns
+
+
+def test_task_errors_leave_jupyter_mesh_frames_out_and_keep_the_users(tmp_path):
+    import traceback
+
+    from jupyter_mesh.errors import shorten_ours
+
+    ns = _frames(tmp_path)
+    names = lambda info: [f.name for f in traceback.extract_tb(info.tb)]  # noqa: E731
+
+    def run(**kw):
+        with shorten_ours(**kw):
+            ns["caller"]()
+
+    with pytest.raises(KeyError) as info:
+        run()
+    # the block's own frame (the first) and the user's stay; ours between them go
+    assert names(info)[-3:] == ["run", "caller", "user"]
+    with pytest.raises(KeyError) as info:
+        run(drop_first=True)  # (the router's scheduler: the user's .compute() above)
+    assert names(info)[-2:] == ["caller", "user"] and "run" not in names(info)
+    # the last frame stays where it is ours: where jupyter_mesh itself raised
+    with pytest.raises(KeyError, match="ours") as info, shorten_ours():
+        ns["via"]()
+    assert names(info)[-1] == "ours" and "via" not in names(info)
+    # shortening turned off in Dask's config (an empty list): every frame stays
+    with dask.config.set({"admin.traceback.shorten": []}), pytest.raises(KeyError) as info:
+        run()
+    assert names(info)[-4:] == ["caller", "compute", "routed", "user"]
 
 
 def test_env_var_overrides(monkeypatch):

@@ -20,7 +20,13 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils import funcname
 
 from .. import _config, progress
-from ..errors import MeshError, MeshFallbackWarning, callers_level, check_flag
+from ..errors import (
+    MeshError,
+    MeshFallbackWarning,
+    callers_level,
+    check_flag,
+    shorten_ours,
+)
 from ..inventory import Inventory
 from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
@@ -906,12 +912,15 @@ class _RoutedScheduler:
             return _plain_get()(dsk, keys, **kwargs)
         if kwargs:  # the scheduler's options (dask.compute's own it keeps for itself)
             raise dask_options_refused("a routed compute", kwargs)
-        _check_settings()
-        graph = _graph_with_layers(dsk)
-        flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
-        plan = _plan_graph(now.mesh, graph, flat, now.route)
-        values = dict(zip(plan.model.outputs, run_plan(now.mesh, plan, now.fallback),
-                          strict=False))
+        # a task's error shows the user's .compute() and function, not the router's
+        # frames between them (Dask's it leaves out itself)
+        with shorten_ours(drop_first=True):
+            _check_settings()
+            graph = _graph_with_layers(dsk)
+            flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
+            plan = _plan_graph(now.mesh, graph, flat, now.route)
+            values = dict(zip(plan.model.outputs, run_plan(now.mesh, plan, now.fallback),
+                              strict=False))
         return _nest(keys, values)
 
     def persist(self, collections: Any, optimize_graph: bool = True, **kwargs: Any) -> Any:
