@@ -354,6 +354,71 @@ def _set_scheduler_memory_limits(dask_scheduler: Any, limit: int) -> None:
             plugin.devices[addr] = worker_record(ws)
 
 
+class MeshNanny(Nanny):
+    """Dask's Nanny, whose worker processes never see the kernel's Ctrl-C.
+
+    A kernel interrupt goes to the kernel's whole process group (Jupyter signals the
+    group), which holds a local mesh's worker processes: a worker still importing its
+    modules died of it, printing its traceback into the cell (once up, its plugin
+    ignores SIGINT). The nanny starts its workers from its event loop's thread; with
+    SIGINT blocked in that thread, the threads that spawn the workers block it too, and
+    so do the workers, from their first instruction. The kernel's own Ctrl-C is
+    unchanged: Python handles signals in the main thread, where nothing is blocked."""
+
+    #: every MeshNanny of this process (a cluster lists its workers only once started)
+    made: weakref.WeakSet[MeshNanny] = weakref.WeakSet()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        MeshNanny.made.add(self)
+
+    async def start_unsafe(self) -> Any:
+        _block_sigint_here()
+        return await super().start_unsafe()
+
+
+def _spawned(nannies: Any) -> list[int]:
+    """The process ids of the workers these nannies have spawned so far."""
+    pids = []
+    for nanny in list(nannies):
+        process = getattr(getattr(nanny, "process", None), "process", None)
+        with contextlib.suppress(Exception):
+            if process is not None and process.pid:
+                pids.append(int(process.pid))
+    return pids
+
+
+def _kill_left(pids: list[int]) -> None:
+    """Kill those of ``pids`` still running as this process's children: a start
+    interrupted while a worker was still starting left it running after the close
+    (it never sees the Ctrl-C, see MeshNanny), and nothing would stop it."""
+    import signal
+
+    import psutil
+
+    for pid in pids:
+        with contextlib.suppress(psutil.Error, OSError):
+            if psutil.Process(pid).ppid() == os.getpid():
+                os.kill(pid, signal.SIGKILL)
+
+
+def _block_sigint_here() -> None:
+    """Block SIGINT in the calling thread, never in the main one (see MeshNanny)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() and \
+            hasattr(signal, "pthread_sigmask"):
+        if os.name == "posix":
+            # multiprocessing's resource tracker, started with the first worker, blocks
+            # SIGINT for its own start (as here, for its child) and unblocks it after:
+            # started first, it leaves this thread's mask alone
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
                  memory_limit: Any, security: Any = None,
                  cpus: list[int] | None = None) -> dict[str, Any]:
@@ -367,7 +432,7 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
         # one chip each: a worker that saw every chip would hold them all
         env.update(JAX_PLATFORMS="tpu", JAX_ENABLE_X64="1", **_tpu.worker_env(index))
     return {
-        "cls": Nanny,
+        "cls": MeshNanny,
         "options": {
             "nthreads": nthreads,
             "host": host,
@@ -586,6 +651,7 @@ class Mesh:
             },
         }
         before = set(SpecCluster._instances)
+        nannies_before = set(MeshNanny.made)
         try:
             # a mesh closing now (from another thread) finishes first, and one that
             # starts to close meanwhile waits: a close restores the log levels it found
@@ -596,9 +662,11 @@ class Mesh:
                 )
         except BaseException:
             # interrupted (Ctrl-C) or failed while starting: what it started goes too
+            spawned = _spawned(set(MeshNanny.made) - nannies_before)
             for started in set(SpecCluster._instances) - before:
                 with contextlib.suppress(Exception):
                     started.close()
+            _kill_left(spawned + _spawned(set(MeshNanny.made) - nannies_before))
             raise
         try:
             client = Client(cluster, set_as_default=set_current, security=security)

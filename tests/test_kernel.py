@@ -98,6 +98,65 @@ def test_magics_in_a_real_kernel_and_no_orphans_after_shutdown():
     assert _wait_gone(pids), "worker processes outlived the kernel"
 
 
+def _workers_of(pid):
+    """The worker processes a kernel has spawned (not multiprocessing's tracker)."""
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "spawn_main" in cmd and "resource_tracker" not in cmd:
+            out.append(child)
+    return out
+
+
+def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(tmp_path):
+    # Jupyter sends a kernel's interrupt to its whole process group, which holds the
+    # worker processes of a local mesh: those still starting died of it, each printing
+    # a traceback of its imports (into the cell, or the terminal that runs Jupyter)
+    log = open(tmp_path / "kernel-stderr.txt", "w")  # noqa: SIM115
+    km, kc = start_new_kernel(kernel_name="python3", stderr=log)
+    try:
+        _run(kc, "%load_ext jupyter_mesh")
+        kernel = km.provisioner.process.pid
+        outputs = []
+        msg_id = kc.execute("%mesh start --cpu 2 --gpu 0 --tpu 0 --threads 1")
+        deadline = time.monotonic() + 60
+        while not _workers_of(kernel) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _workers_of(kernel), "no worker process started"
+        time.sleep(0.4)  # (they import Dask for a second or more)
+        km.interrupt_kernel()  # as JupyterLab's stop button: SIGINT to the group
+        while True:
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] in ("stream", "error"):
+                outputs.append(msg["content"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        text = "\n".join(o.get("text") or "\n".join(o.get("traceback", [])) for o in outputs)
+        assert "interrupted: no mesh started" in text, text
+        assert "Traceback" not in text and "spawn_main" not in text, text
+        # nothing it started is left, and the kernel starts a mesh again
+        deadline = time.monotonic() + 20
+        while _workers_of(kernel) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _workers_of(kernel), "worker processes outlived the interrupted start"
+        assert "1 device" in _run(kc, "%mesh start --cpu 1 --gpu 0 --tpu 0 --threads 1")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+        log.close()
+    terminal = (tmp_path / "kernel-stderr.txt").read_text()
+    assert "Traceback" not in terminal and "KeyboardInterrupt" not in terminal, terminal
+
+
 def test_no_orphans_after_kernel_is_killed():
     km, kc = start_new_kernel(kernel_name="python3")
     try:
