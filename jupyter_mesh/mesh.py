@@ -388,6 +388,25 @@ def _spawned(nannies: Any) -> list[int]:
     return pids
 
 
+class _InterruptedGathers(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" of a Dask client's gather
+    that Ctrl-C stopped (``distributed.client.AllExit``: Dask's way to end the wait):
+    the cell said ``KeyboardInterrupt`` already, and this came as a traceback under it.
+    Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return type(exc).__name__ != "AllExit" or \
+            type(exc).__module__ != "distributed.client"
+
+
+def _quiet_interrupted_gathers() -> None:
+    """Install :class:`_InterruptedGathers` on asyncio's logger (once a process)."""
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _InterruptedGathers) for f in log.filters):
+        log.addFilter(_InterruptedGathers())
+
+
 def _kill_left(pids: list[int]) -> None:
     """Kill those of ``pids`` still running as this process's children: a start
     interrupted while a worker was still starting left it running after the close
@@ -495,6 +514,7 @@ class Mesh:
         self._address = self.address  # still known once the scheduler is gone
         #: what this mesh changed for its lifetime (the log levels of a local mesh)
         self._quiet = contextlib.ExitStack()
+        _quiet_interrupted_gathers()
         atexit.register(_close_at_exit, weakref.ref(self))
         if set_current:
             self._make_current()

@@ -149,6 +149,29 @@ def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(tmp_path):
             time.sleep(0.2)
         assert not _workers_of(kernel), "worker processes outlived the interrupted start"
         assert "1 device" in _run(kc, "%mesh start --cpu 1 --gpu 0 --tpu 0 --threads 1")
+        pids = _mesh_pids(kc)
+        # Ctrl-C in a plain (unrouted) computation: the cell says KeyboardInterrupt,
+        # without asyncio's "Task exception was never retrieved" of Dask's gather under
+        # it, and the mesh's workers live on
+        outputs.clear()
+        msg_id = kc.execute("import dask.array as da, time\n"
+                            "x = da.ones(40, chunks=1).map_blocks(lambda b: (time.sleep(0.3), "
+                            "b)[1], dtype=float)\nx.sum().compute()")
+        time.sleep(2.0)
+        km.interrupt_kernel()
+        while True:
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] in ("stream", "error"):
+                outputs.append(msg["content"])
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert [o.get("ename") for o in outputs if "ename" in o] == ["KeyboardInterrupt"]
+        text = "\n".join(o.get("text") or "" for o in outputs)
+        assert "never retrieved" not in text and "AllExit" not in text, text
+        time.sleep(1.0)
+        assert _mesh_pids(kc) == pids
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
