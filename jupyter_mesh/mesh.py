@@ -466,6 +466,29 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
     }
 
 
+def found_accelerators(gpu: int | str, tpu: int | str
+                       ) -> tuple[list[Any], list[Any], str | None]:
+    """The CUDA GPUs and TPU chips a local mesh of ``gpu`` and ``tpu`` workers (counts
+    or "auto", checked) would use, and why there are no TPUs where there are none;
+    MeshError where a count asks for more than this host has."""
+    gpus = _detect.cuda_devices() if gpu != 0 else []
+    if gpu != "auto" and int(gpu) > len(gpus):
+        why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
+        raise MeshError(
+            f"no CUDA GPU found for gpu={int(gpu)} ({why}): use gpu=0 "
+            f"or 'auto', jax_cpu=N to test the accelerator path on the CPU, or "
+            f"connect to a mesh whose workers have GPUs"
+        )
+    tpus, tpu_why = _tpu.chips() if tpu != 0 else ([], None)
+    if tpu != "auto" and int(tpu) > len(tpus):
+        why = f" ({tpu_why})" if tpu_why else ""
+        raise MeshError(
+            f"no TPU found for tpu={int(tpu)} (this host has {len(tpus)} TPU chips"
+            f"{why}): use tpu=0 or 'auto', or jax_cpu=N to run the JAX path on the CPU"
+        )
+    return gpus, tpus, tpu_why
+
+
 def _spec_name(family: str, index: int) -> str:
     return f"{family.replace('_', '-')}-{index}"
 
@@ -609,7 +632,7 @@ class Mesh:
         if set_current:
             _refuse_if_active(replace)
 
-        gpus = _detect.cuda_devices() if gpu_req != 0 else []
+        gpus, tpus, tpu_why = found_accelerators(gpu_req, tpu_req)
         if gpu_req == "auto":
             gpu_n = len(gpus)
             if not gpus and _detect.nvidia_driver_present():
@@ -617,27 +640,12 @@ class Mesh:
                               stacklevel=2)
         else:
             gpu_n = int(gpu_req)
-            if gpu_n > len(gpus):
-                why = _detect.cuda_why_none() if not gpus else f"CuPy sees {len(gpus)}"
-                raise MeshError(
-                    f"no CUDA GPU found for gpu={gpu_n} ({why}): use gpu=0 "
-                    f"or 'auto', jax_cpu=N to test the accelerator path on the CPU, or "
-                    f"connect to a mesh whose workers have GPUs"
-                )
-        tpus, tpu_why = _tpu.chips() if tpu_req != 0 else ([], None)
         if tpu_req == "auto":
             tpu_n = len(tpus)
             if tpu_why:
                 warnings.warn(f"jupyter_mesh: no TPU workers: {tpu_why}", stacklevel=2)
         else:
             tpu_n = int(tpu_req)
-            if tpu_n > len(tpus):
-                why = f" ({tpu_why})" if tpu_why else ""
-                raise MeshError(
-                    f"no TPU found for tpu={tpu_n} (this host has {len(tpus)} TPU chips"
-                    f"{why}): use tpu=0 or 'auto', or jax_cpu=N to run the JAX path on "
-                    f"the CPU"
-                )
         if jax_n:
             import importlib.util
 

@@ -416,6 +416,18 @@ async def _worker_budget(tmp_path, monkeypatch):
             await manager.start({"cpu": 3, "gpu": 0, "tpu": 0})
         with pytest.raises(Conflict, match="would have 9"):
             await manager.start({"gpu": 0, "tpu": 0, "jax_cpu": 1})  # + the default 2 CPUs
+        # GPUs or TPUs this machine lacks are said so, not blamed on the meshes running
+        # (stopping them would not help)
+        monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(
+            lambda **kw: started.append(kw)))
+        from jupyter_mesh.devices import _detect, _tpu
+
+        monkeypatch.setattr(_detect, "cuda_devices", lambda: [])
+        monkeypatch.setattr(_tpu, "chips", lambda: ([], "no TPU here"))
+        with pytest.raises(BadRequest, match=r"^no CUDA GPU found for gpu=2"):
+            await manager.start({"cpu": 1, "gpu": 2, "tpu": 0})
+        with pytest.raises(BadRequest, match=r"^no TPU found for tpu=8"):
+            await manager.start({"cpu": 1, "gpu": 0, "tpu": 8})
         assert started == []
         # scaling counts the mesh's own workers once
         assert await manager.scale("local-x", {"cpu": 8}) == {"id": "local-x"}
@@ -562,10 +574,52 @@ async def _no_connect(entry):
     return None
 
 
-def test_a_request_too_big_by_itself_is_a_bad_request(tmp_path):
+def test_a_kernels_mesh_says_whether_it_started_it_and_when_it_is_gone(tmp_path):
+    # a notebook that connected to a mesh is not the one that started it (its %mesh
+    # close leaves it running); a mesh stopped under a notebook says what to do there,
+    # not %mesh connect's advice to check the address
+    import json
+    import os
+    import socket
+
+    from jupyter_mesh import discovery
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    directory = discovery.registry_dir(tmp_path)
+    directory.mkdir(mode=0o700, parents=True)
+    started = discovery.process_start_time(os.getpid())
+    for kid, owns, address in (("k1", False, f"tcp://127.0.0.1:{port}"),
+                               ("k2", True, "tcp://127.0.0.1:1")):
+        path = directory / f"mesh-{kid}.json"
+        path.write_text(json.dumps({"address": address, "id": kid, "created": 1.0,
+                                    "owns_cluster": owns, "pid": os.getpid(),
+                                    "pid_started": started}))
+        path.chmod(0o600)
+
+    async def go():
+        async with MeshManager(tmp_path) as manager:
+            await manager.refresh_kernels()
+            for kid in ("kernel-k1", "kernel-k2"):
+                await manager.wait_connected(kid)
+            return {m["id"]: m for m in await manager.list()}
+
+    listed = asyncio.run(go())
+    assert listed["kernel-k1"]["kernel_started"] is False
+    assert listed["kernel-k2"]["kernel_started"] is True
+    error = listed["kernel-k1"]["error"]
+    assert error.startswith(f"this notebook's mesh at tcp://127.0.0.1:{port} does not "
+                            f"answer (") and error.endswith(
+        "): if it was stopped, run %mesh close in the notebook"), error
+    assert "check that" not in error and "\n" not in error
+
+
+def test_a_request_too_big_by_itself_is_a_bad_request(tmp_path, monkeypatch):
     # each count allowed alone, together too many: it said 409 "stop or scale down a
-    # mesh first", with no mesh running
+    # mesh first", with no mesh running (on a host with the GPUs and TPUs asked for)
     top = manager_module.most_local()
+    monkeypatch.setattr(manager_module, "found_accelerators", lambda gpu, tpu: ([], [], None))
 
     async def go():
         async with MeshManager(tmp_path) as manager:
@@ -598,9 +652,9 @@ def test_a_scale_too_big_by_itself_is_a_bad_request(tmp_path, monkeypatch):
 
 
 def test_a_start_refused_before_or_while_starting_takes_no_name(tmp_path, monkeypatch):
-    # a mesh of no devices is refused before it is listed as starting; one that
-    # Mesh.local refuses (no TPU here) is listed while it starts, then gone, and the
-    # next mesh gets the number it had
+    # a mesh of no devices, or of TPUs this host lacks, is refused before it is listed
+    # as starting; one that Mesh.local refuses is listed while it starts, then gone,
+    # and the next mesh gets the number it had
     from jupyter_mesh import MeshError
 
     seen = []
@@ -609,8 +663,8 @@ def test_a_start_refused_before_or_while_starting_takes_no_name(tmp_path, monkey
         async with MeshManager(tmp_path) as manager:
             def local(**kw):
                 seen.append([e.name for e in manager._entries.values()])
-                if kw.get("tpu"):
-                    raise MeshError("no TPU found for tpu=1 (this host has 0 TPU chips)")
+                if kw.get("jax_cpu"):
+                    raise MeshError("jax_cpu needs JAX: pip install 'jupyter_mesh[tpu]'")
                 return _RunningMesh(kw.get("cpu", 2))
 
             monkeypatch.setattr(manager_module.Mesh, "local", staticmethod(local))
@@ -623,7 +677,10 @@ def test_a_start_refused_before_or_while_starting_takes_no_name(tmp_path, monkey
                 await manager.start({"cpu": 0, "gpu": 0, "tpu": 0})
             assert seen == [] and manager._entries == {}
             with pytest.raises(BadRequest, match="no TPU found"):
-                await manager.start({"cpu": 1, "tpu": 1})
+                await manager.start({"cpu": 1, "tpu": 1})  # (this host has none)
+            assert seen == [] and manager._entries == {}
+            with pytest.raises(BadRequest, match="jax_cpu needs JAX"):
+                await manager.start({"cpu": 1, "jax_cpu": 1, "gpu": 0, "tpu": 0})
             assert seen == [["Local mesh 1"]] and manager._entries == {}
             assert await manager.start({"cpu": 1, "gpu": 0, "tpu": 0}) == {
                 "name": "Local mesh 1"}

@@ -42,6 +42,7 @@ from ..mesh import (
     check_address,
     check_cpu_total,
     check_site,
+    found_accelerators,
     is_encrypted,
 )
 
@@ -381,6 +382,16 @@ class MeshManager:
             # (said before it is listed as starting; with "auto" GPUs or TPUs, Mesh.local
             # says it once it found none)
             raise BadRequest("a mesh needs at least one device: use cpu=1 or more")
+        wanted = {k: kwargs.get(k) for k in ("gpu", "tpu")}
+        if any(isinstance(n, int) and n > 0 for n in wanted.values()):
+            # GPUs or TPUs this machine lacks: so said, not blamed on the other meshes
+            # ("auto" finds what there is; Mesh.local looks for those)
+            try:
+                await asyncio.to_thread(
+                    found_accelerators,
+                    *(n if isinstance(n, int) else 0 for n in wanted.values()))
+            except MeshError as exc:
+                raise BadRequest(str(exc)) from None
         self._check_budget(adding)
         self._starting += adding
         self._counter += 1
@@ -649,7 +660,12 @@ class MeshManager:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            entry.error = f"cannot read this kernel's mesh: {exc}"
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            # (Mesh.connect's own advice, to check the address, is no help here: the
+            # notebook's mesh stopped, or its kernel is going)
+            why = why.split(": check that", 1)[0]
+            entry.error = (f"this notebook's mesh at {entry.address} does not answer "
+                           f"({why}): if it was stopped, run %mesh close in the notebook")
             return
         finally:
             entry.connecting = None
@@ -703,6 +719,10 @@ class MeshManager:
             "devices": len(entry.last_devices),
             "kernels": list(entry.kernels.values()),
             "created": entry.created,
+            # a kernel's mesh: whether that kernel started it (%mesh start; False: it
+            # connected to one running elsewhere, which its %mesh close leaves running)
+            "kernel_started": bool((entry.registration or {}).get("owns_cluster", True))
+            if entry.origin == "kernel" else None,
         }
 
     def detail(self, entry: Entry) -> dict[str, Any]:

@@ -44,6 +44,8 @@ export interface IMeshSummary {
   devices: number;
   kernels: IKernelInfo[];
   created: number;
+  /** A kernel's mesh: whether that kernel started it (false: it connected to one). */
+  kernel_started?: boolean | null;
 }
 
 /** Devices of one kind at one site. */
@@ -244,9 +246,19 @@ export function originLabel(mesh: IMeshSummary): string {
     case 'connected':
       return 'connected';
     case 'kernel':
-      return 'from a kernel';
+      return mesh.kernel_started === false ? 'a kernel connected' : 'from a kernel';
   }
   return mesh.origin;
+}
+
+/** What the detail view says of a kernel's mesh: how to close it there. */
+export function kernelHint(mesh: IMeshSummary): string | null {
+  if (mesh.origin !== 'kernel') {
+    return null;
+  }
+  return mesh.kernel_started === false
+    ? 'A kernel connected to this mesh: %mesh close there disconnects it (the mesh runs on).'
+    : 'Started by a kernel: close it there with %mesh close.';
 }
 
 /** The fraction `used / total`, clamped to [0, 1]; 0 when the total is unknown. */

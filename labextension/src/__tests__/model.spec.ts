@@ -11,7 +11,9 @@ import {
   IMeshDetail,
   IMeshSummary,
   isSafeLink,
+  kernelHint,
   kernelUsers,
+  originLabel,
   listboxMove,
   loadErrorHint,
   localOptionsFromSettings,
@@ -78,6 +80,20 @@ describe('kernelUsers', () => {
       ]
     });
     expect(kernelUsers(used)).toEqual(['a kernel (process 10)', 'a.ipynb', 'b.ipynb']);
+  });
+});
+
+describe('kernel meshes', () => {
+  it('say whether the kernel started the mesh or connected to it', () => {
+    const started = mesh('k1', { origin: 'kernel', kernel_started: true });
+    const connected = mesh('k2', { origin: 'kernel', kernel_started: false });
+    expect(originLabel(started)).toBe('from a kernel');
+    expect(originLabel(connected)).toBe('a kernel connected');
+    expect(kernelHint(started)).toBe('Started by a kernel: close it there with %mesh close.');
+    expect(kernelHint(connected)).toContain('%mesh close there disconnects it');
+    // an older server that does not say: as before
+    expect(originLabel(mesh('k3', { origin: 'kernel' }))).toBe('from a kernel');
+    expect(kernelHint(mesh('s', { origin: 'sidebar' }))).toBeNull();
   });
 });
 

@@ -10,6 +10,7 @@ import {
   IDevice,
   IMeshDetail,
   IPlanRecord,
+  kernelHint,
   noDevicesHint,
   planCell,
   planColumns,
@@ -104,10 +105,7 @@ export class MeshActionsWidget extends DetailPart {
             )
           : null
       ),
-      detail.origin === 'kernel'
-        ? h('div', { class: 'jp-Mesh-hint' },
-            'Started by a kernel: close it there with %mesh close.')
-        : null
+      kernelHint(detail) ? h('div', { class: 'jp-Mesh-hint' }, kernelHint(detail)) : null
     );
   }
 }
