@@ -115,6 +115,19 @@ def _workers_of(pid):
     return out
 
 
+def _outputs_of(kc, msg_id):
+    """The stream and error outputs of the cell ``msg_id``, once it is over."""
+    outputs = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] in ("stream", "error"):
+            outputs.append(msg["content"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return outputs
+
+
 def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(tmp_path):
     # Jupyter sends a kernel's interrupt to its whole process group, which holds the
     # worker processes of a local mesh: those still starting died of it, each printing
@@ -124,7 +137,6 @@ def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(tmp_path):
     try:
         _run(kc, "%load_ext jupyter_mesh")
         kernel = km.provisioner.process.pid
-        outputs = []
         msg_id = kc.execute("%mesh start --cpu 2 --gpu 0 --tpu 0 --threads 1")
         deadline = time.monotonic() + 60
         while not _workers_of(kernel) and time.monotonic() < deadline:
@@ -132,14 +144,7 @@ def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(tmp_path):
         assert _workers_of(kernel), "no worker process started"
         time.sleep(0.4)  # (they import Dask for a second or more)
         km.interrupt_kernel()  # as JupyterLab's stop button: SIGINT to the group
-        while True:
-            msg = kc.get_iopub_msg(timeout=60)
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] in ("stream", "error"):
-                outputs.append(msg["content"])
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
+        outputs = _outputs_of(kc, msg_id)
         text = "\n".join(o.get("text") or "\n".join(o.get("traceback", [])) for o in outputs)
         assert "interrupted: no mesh started" in text, text
         assert "Traceback" not in text and "spawn_main" not in text, text
@@ -153,20 +158,12 @@ def test_ctrl_c_while_workers_start_is_one_line_and_leaves_no_process(tmp_path):
         # Ctrl-C in a plain (unrouted) computation: the cell says KeyboardInterrupt,
         # without asyncio's "Task exception was never retrieved" of Dask's gather under
         # it, and the mesh's workers live on
-        outputs.clear()
         msg_id = kc.execute("import dask.array as da, time\n"
                             "x = da.ones(40, chunks=1).map_blocks(lambda b: (time.sleep(0.3), "
                             "b)[1], dtype=float)\nx.sum().compute()")
         time.sleep(2.0)
         km.interrupt_kernel()
-        while True:
-            msg = kc.get_iopub_msg(timeout=60)
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] in ("stream", "error"):
-                outputs.append(msg["content"])
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
+        outputs = _outputs_of(kc, msg_id)
         assert [o.get("ename") for o in outputs if "ename" in o] == ["KeyboardInterrupt"]
         text = "\n".join(o.get("text") or "" for o in outputs)
         assert "never retrieved" not in text and "AllExit" not in text, text
