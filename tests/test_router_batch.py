@@ -78,6 +78,27 @@ def test_a_batched_graph_gives_daskss_numbers_and_keeps_every_task_accounted_for
         np.testing.assert_allclose(got, expected)
 
 
+def test_data_pinned_to_a_site_is_never_batched():
+    # a consumer at another site of one member of a batch receives the whole batch's
+    # results: pinned data (x's, and what is computed from it) went with them
+    devs = [dev("a0", "cpu", "numpy", CPU, site="lab"), dev("a1", "cpu", "numpy", CPU,
+                                                           site="lab"),
+            dev("b0", "cpu", "numpy", CPU, site="cloud")]
+    x = da.random.random((4000,), chunks=50)
+    z = da.random.random((4000,), chunks=50)
+    y = (da.sin(x) * 2).sum() + (da.cos(z) * 2).sum()
+    plan = plan_collections([y], devs, pin={"lab": x})
+    routed = rewrite(plan)
+    unbatched = rewrite(plan, batch=False)
+    pinned = set(unbatched.pins)  # every task computed from x (pins propagate)
+    assert pinned and len(pinned) < len(plan.model.keys)
+    for bkey in batch_keys(routed):
+        assert not pinned & set(routed.fused[bkey]), bkey
+    # unpinned runs are still batched, and the pinned tasks keep their site
+    assert batch_keys(routed)
+    assert {routed.pins.get(k) for k in pinned if k in routed.pins} == {"lab"}
+
+
 @pytest.mark.parametrize("build", [
     lambda x: (da.sin(x) * 2)[10:].sum(),  # slices: aliases of whole blocks
     lambda x: da.concatenate([da.sin(x), da.cos(x)]).sum(),

@@ -414,8 +414,11 @@ def _batch(plan: Plan[GraphModel], chains: list[list[int]], graph: dict[Any, Any
 
     def eligible(u: int) -> bool:
         node = graph.get(keys[u])
-        return type(node) is Task and (isinstance(node.func, DeviceCall)
-                                       or node.func is routed_chain)
+        # never data pinned to a site (pins): a consumer of another member of the batch,
+        # at another site, would receive the whole batch's results, the pinned data with
+        # them (a chain's pin is its last task's, see _fuse_chains)
+        return type(node) is Task and keys[u] not in pins and (
+            isinstance(node.func, DeviceCall) or node.func is routed_chain)
 
     batches = worker_batches(plan, chains, eligible)
     if not batches:
