@@ -452,10 +452,17 @@ class RemoteWatch:
         self.ended: dict[str, str] = {}
         #: seconds after the start at which each worker's run ended
         self.finished_at: dict[str, float] = {}
+        #: what the cell waits for, where it runs nowhere yet (its worker was gone)
+        self.waiting: dict[str, str] = {}
 
     @property
     def shown(self) -> bool:
         return self.widgets is not None or self.text
+
+    def wait_for(self, label: str, what: str) -> None:
+        """The cell, sent to worker ``label``, found it gone and waits for another:
+        the bar says ``what``, not that it runs there (until :meth:`relabel`)."""
+        self.waiting[label] = what
 
     def tick(self, ended: dict[str, str] | None = None) -> None:
         """Draw the bars; ``ended``: the workers the cell ended on so far, each with
@@ -520,6 +527,8 @@ class RemoteWatch:
                     bar.value = 1.0
                     bar.bar_style = "success" if end == "finished" else "danger"
                     text.value = f"{_escape(label)}: {end} after {spent}"
+                elif label in self.waiting:
+                    text.value = f"{_escape(label)}: gone; {_escape(self.waiting[label])}"
                 else:
                     bar.value = self._fraction(elapsed)
                     text.value = f"{_escape(label)}: running {spent}"
@@ -529,7 +538,10 @@ class RemoteWatch:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
             running = [lb for lb in self.labels if lb not in self.ended]
-            state = end or f"running on {', '.join(running)}"
+            waits = [f"{lb} gone; {self.waiting[lb]}" for lb in running if lb in self.waiting]
+            runs = [lb for lb in running if lb not in self.waiting]
+            state = end or "; ".join(
+                ([f"running on {', '.join(runs)}"] if runs else []) + waits)
             limit = f" of {self.timeout:g} s" if self.timeout else ""
             text = f"remote cell: {state} | {spent}{limit}"
             if end is not None:
@@ -567,6 +579,7 @@ class RemoteWatch:
     def relabel(self, old: str, new: str) -> None:
         """The cell moved from worker ``old`` to ``new`` (``old`` was gone)."""
         self.labels = [new if label == old else label for label in self.labels]
+        self.waiting.pop(old, None)
         if self.widgets is not None and old in self.widgets:
             self.widgets = {new if k == old else k: v for k, v in self.widgets.items()}
 

@@ -497,6 +497,31 @@ def test_the_remote_bar_names_the_worker_that_took_over(monkeypatch):
     assert term.screen()[0].startswith("remote cell: running on cpu-1 | ")
 
 
+def test_the_remote_bar_says_a_cell_waits_for_another_worker(monkeypatch):
+    # while a gone worker's cell waits for another (mesh.remote.worker-wait), the bar
+    # said "running on" the dead worker for the whole wait
+    term = _Terminal()
+    monkeypatch.setattr(progress.sys, "stderr", term)
+    monkeypatch.setattr(progress, "in_notebook", lambda: False)
+    watch = progress.RemoteWatch(["cloud-1"], timeout=None)
+    watch.after = 0.0
+    watch.wait_for("cloud-1", "looking for another worker (site='cloud')")
+    watch.tick({})
+    line = term.screen()[0]
+    assert line.startswith("remote cell: cloud-1 gone; looking for another worker "
+                           "(site='cloud') | ") and "running on" not in line
+    watch.relabel("cloud-1", "cloud-2")  # one came: it runs there
+    watch.tick({})
+    assert term.screen()[0].startswith("remote cell: running on cloud-2 | ")
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    watch = progress.RemoteWatch(["cloud-1"], timeout=None)
+    watch.after = 0.0
+    watch.wait_for("cloud-1", "looking for another worker (site='cloud')")
+    watch.tick({})
+    ((bar, text),) = watch.widgets.values()
+    assert text.value == "cloud-1: gone; looking for another worker (site=&#x27;cloud&#x27;)"
+
+
 def test_a_narrow_terminal_keeps_the_time_and_the_ending(monkeypatch):
     # two targets of 40 tasks on 80 columns: the line was cut at its end, and said
     # neither how long it ran nor how it ended

@@ -144,6 +144,12 @@ def opt(keyword: str, value: Any = None) -> str:
     return f"{name} {text}" if magic else f"{name}={text}"
 
 
+def _wanted(target: Any, site: str | None) -> str:
+    """What a cell asked for, as the caller wrote it (``--on gpu --site lab``)."""
+    return " ".join(x for x in (opt("on", target) if target else "",
+                                opt("site", site) if site else "") if x)
+
+
 def check_names(names: Any, option: str) -> list[str]:
     """Names for push/pull: a comma-separated string or an iterable of identifiers."""
     if names is None:
@@ -395,10 +401,7 @@ class RemoteCells:
                     f"{opt('site')}: no worker at site {site!r}: the mesh's sites are "
                     f"{', '.join(sorted(inventory.by_site())) or 'none (no workers)'}"
                 )
-            wanted = " ".join(
-                x for x in (opt("on", target) if target else "",
-                            opt("site", site) if site else "") if x
-            )
+            wanted = _wanted(target, site)
             raise MeshError(
                 f"no worker matches {wanted or 'the request'}: the mesh has "
                 f"{_describe(inventory)}"
@@ -422,8 +425,7 @@ class RemoteCells:
         """A worker of this kind was here before (its nanny may be restarting it): wait
         up to ``remote.worker-wait`` seconds for one; Ctrl-C stops waiting."""
         wait = _config.get_seconds("remote.worker-wait")
-        wanted = " ".join(x for x in (opt("on", target) if target else "",
-                                      opt("site", site) if site else "") if x)
+        wanted = _wanted(target, site)
         if wait:
             print(f"jupyter_mesh: no worker matches {wanted or 'the request'} right now "
                   f"(the one this notebook used is gone); waiting up to {wait:g} s for one "
@@ -511,6 +513,8 @@ class RemoteCells:
                     elif kind == "gone" and not every:
                         # the sticky worker died since the last cell: say so, pick another
                         watch.clear_line()  # (the message starts a line of its own)
+                        watch.wait_for(run.label, f"looking for another worker "
+                                                  f"({_wanted(target, site) or 'any'})")
                         new = self._repick(run, target, site)
                         replacement = _Run(new, message)
                         watch.relabel(run.label, replacement.label)
