@@ -73,15 +73,25 @@ def test_output_flushed_just_before_the_worker_dies_reaches_the_notebook(mesh, c
     replaced(mesh, before)
 
 
-def test_next_cell_waits_for_the_restarting_worker(mesh, capsys):
+def test_next_cell_waits_for_the_restarting_worker(mesh, capsys, monkeypatch):
     # the only worker dies; the next cell, sent at once, waits for its nanny to bring a
     # new one (mesh.remote.worker-wait) instead of failing
+    import dask
+
+    from jupyter_mesh import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # (not a terminal: every line)
     before = mesh.run_cell("4").worker
     with pytest.raises(jm.MeshError, match="died while running the cell"):
         mesh.run_cell("import os\nos._exit(1)")
     capsys.readouterr()
-    r = mesh.run_cell("5", value=True)
+    with dask.config.set({"mesh.progress-after": 0}):  # the bar at once
+        r = mesh.run_cell("5", value=True)
     assert r.value == 5 and r.worker != before
+    # while it waited, its bar said so: not that it ran on the worker that was gone
+    err = capsys.readouterr().err
+    if "waiting up to" in err:  # (the nanny may have been quicker than the cell)
+        assert "gone; looking for another worker" in err, err
 
 
 def test_worker_wait_config(mesh):

@@ -1111,18 +1111,60 @@ def test_a_routed_cell_ending_in_a_semicolon_shows_no_value(ip, mesh, capsys):
     assert ip.user_ns["Out"][cell.execution_count] == 42
 
 
-def test_top_level_await_in_a_routed_cell_is_one_line_and_runs_nothing(ip, mesh):
+def test_top_level_await_in_a_routed_cell_is_one_line_where_a_loop_runs(ip, mesh):
+    # in a Jupyter kernel an event loop runs the cell: the body, run from within it,
+    # cannot await ("This event loop is already running", a traceback through asyncio)
+    import asyncio
+
     from IPython.core.error import UsageError
 
     ip.user_ns.pop("before_await", None)
-    with pytest.raises(UsageError, match=r"^top-level await does not work in a %%mesh "
-                                         r"cell: await in a plain cell"):
+
+    async def in_a_kernel():
         ip.run_cell_magic("mesh", "--route cpu:jax",
                           "before_await = 1\nimport asyncio\nawait asyncio.sleep(0)")
+
+    with pytest.raises(UsageError, match=r"^top-level await does not work in a %%mesh "
+                                         r"cell: await in a plain cell"):
+        asyncio.run(in_a_kernel())
     assert "before_await" not in ip.user_ns and mesh.route_mode == "off"
     # await inside a function the cell defines is no top-level await
     ip.run_cell_magic("mesh", "--route cpu:jax", "async def f():\n    await g()\nok_await = 1")
     assert ip.user_ns["ok_await"] == 1
+    # where no loop runs (terminal IPython, a script), the body's await works
+    ip.run_cell_magic("mesh", "--route cpu:jax",
+                      "import asyncio\nawait asyncio.sleep(0)\nawaited = 5")
+    assert ip.user_ns["awaited"] == 5
+
+
+def test_a_routed_cell_over_another_cell_magic_runs_it(ip, mesh, capsys):
+    # %%mesh, then %%time: IPython takes a cell magic on the body's first line only
+    result = ip.run_cell("%%mesh --route cpu:jax\n%%time\ntimed = 6 * 7", store_history=True)
+    assert result.success and ip.user_ns["timed"] == 42
+    assert "Wall time" in capsys.readouterr().out
+
+
+def test_errors_under_another_cell_magic_show_once_and_plainly(ip, mesh, capsys):
+    # a MeshError (IPython shows it through the extension's one-line handler) came
+    # twice; a syntax error came with IPython's frames that compiled it
+    result = ip.run_cell("%%time\n%%mesh --route cpu:jax\n"
+                         "raise __import__('jupyter_mesh').MeshError('boom here')",
+                         store_history=True)
+    assert type(result.error_in_exec).__name__ == "MeshError"
+    shown = "".join(capsys.readouterr())
+    assert shown.count("MeshError: boom here") == 1, shown
+    result = ip.run_cell("%%time\n%%mesh --route cpu:jax\nx = (", store_history=True)
+    assert isinstance(result.error_in_exec, SyntaxError)
+    shown = "".join(capsys.readouterr())
+    # (as IPython shows one under %%time alone: not the frames of the body's own run)
+    assert shown.count("SyntaxError: incomplete input") == 1 and "x = (" in shown
+    assert "run_cell_async" not in shown and "ast_parse" not in shown, shown
+    # code that catches the error itself sees nothing printed
+    code = ("try:\n    get_ipython().run_cell_magic('mesh', '--route cpu:jax', "
+            "\"raise __import__('jupyter_mesh').MeshError('caught')\")\n"
+            "except Exception as e:\n    got = type(e).__name__")
+    assert ip.run_cell(code).success and ip.user_ns["got"] == "MeshError"
+    assert "caught" not in "".join(capsys.readouterr())
 
 
 def test_explain_refuses_a_missing_target_before_evaluating(ip, mesh):

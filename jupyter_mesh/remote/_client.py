@@ -276,6 +276,8 @@ class RemoteCells:
         #: one cell at a time, as in a kernel: cells run from several threads take turns
         #: (the worker refuses a second cell in a namespace while one runs)
         self._turn = threading.RLock()
+        #: while a cell whose worker was gone waits for another: redraws its bar
+        self._waiting_tick: Any = None
 
     @property
     def client(self) -> Any:
@@ -437,6 +439,8 @@ class RemoteCells:
                 matching = inventory.select(target=target, site=site)
                 if len(matching) or time.monotonic() >= deadline:
                     break
+                if self._waiting_tick is not None:  # a cell's bar, while it waits
+                    self._waiting_tick()
                 time.sleep(0.2)
         except KeyboardInterrupt:
             raise StoppedWaiting(
@@ -515,7 +519,12 @@ class RemoteCells:
                         watch.clear_line()  # (the message starts a line of its own)
                         watch.wait_for(run.label, f"looking for another worker "
                                                   f"({_wanted(target, site) or 'any'})")
-                        new = self._repick(run, target, site)
+                        watch.tick({})
+                        self._waiting_tick = lambda: watch.tick({})
+                        try:
+                            new = self._repick(run, target, site)
+                        finally:
+                            self._waiting_tick = None
                         replacement = _Run(new, message)
                         watch.relabel(run.label, replacement.label)
                         runs[i] = replacement

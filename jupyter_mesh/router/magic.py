@@ -199,7 +199,10 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
         if err is not None:
             # called from code (run_cell_magic) or under another cell magic (%%time):
             # the body's own error, which the body's run did not show, reaches the
-            # caller, which shows it once and names it
+            # caller, which shows it once and names it (a syntax error as IPython shows
+            # one: where in the cell, not IPython's frames that compiled it)
+            if isinstance(err, SyntaxError):
+                raise err.with_traceback(None)
             raise err
         raise CellFailed("the routed cell raised") from None
     for report in reports:
@@ -208,7 +211,15 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
 
 def _awaits(shell: Any, cell: str) -> bool:
     """Whether the body has a top-level ``await`` (IPython would run it as a
-    coroutine); False where it does not compile (its run says why)."""
+    coroutine) where it cannot: an event loop runs in this thread already (a Jupyter
+    kernel's; terminal IPython runs the magic outside one, and the body's await works
+    there). False where it does not compile (its run says why)."""
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
     try:
         return bool(shell.should_run_async(cell, transformed_cell=shell.transform_cell(cell),
                                            preprocessing_exc_tuple=None))
@@ -242,8 +253,11 @@ def _run_body(shell: Any, cell: str, outer: Any, show_error: bool = True) -> Any
     shell.execution_count = outer.execution_count
     shell.events.register("pre_run_cell", restore)
     try:
-        # (as comments: IPython drops leading blank lines; a traceback shows them)
-        head = "".join(f"# {line}\n" for line in raw.splitlines()[:above])
+        # (as comments: IPython drops leading blank lines; a traceback shows them;
+        # none before a cell magic, which IPython takes only on a cell's first line)
+        starts_magic = cell.lstrip().startswith("%%")
+        head = "" if starts_magic else "".join(
+            f"# {line}\n" for line in raw.splitlines()[:above])
         return _quiet_run(shell, head + cell, silent=silent, show_error=show_error)
     finally:
         if restore in shell.events.callbacks["pre_run_cell"]:
@@ -267,7 +281,8 @@ def _quiet_run(shell: Any, cell: str, silent: bool = False, show_error: bool = T
         saved["quiet"] = hook.__dict__.get("quiet")
         hook.quiet = lambda: True
     if not show_error:
-        for name in ("showtraceback", "showsyntaxerror"):
+        # (CustomTB: IPython shows an exception of set_custom_exc's, MeshError's, with it)
+        for name in ("showtraceback", "showsyntaxerror", "CustomTB"):
             saved[name] = shell.__dict__.get(name)
             setattr(shell, name, lambda *a, **k: None)
     try:
