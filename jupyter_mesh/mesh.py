@@ -411,14 +411,21 @@ def _kill_left(pids: list[int]) -> None:
     """Kill those of ``pids`` still running as this process's children: a start
     interrupted while a worker was still starting left it running after the close
     (it never sees the Ctrl-C, see MeshNanny), and nothing would stop it."""
-    import signal
-
     import psutil
 
-    for pid in pids:
+    for pid in set(pids):
         with contextlib.suppress(psutil.Error, OSError):
-            if psutil.Process(pid).ppid() == os.getpid():
-                os.kill(pid, signal.SIGKILL)
+            process = psutil.Process(pid)
+            if process.ppid() == os.getpid():
+                process.kill()
+
+
+def _scheduler_of(cluster: Any) -> str | None:
+    """The address of a cluster's scheduler, None before it has one."""
+    try:
+        return str(cluster.scheduler.address)
+    except Exception:
+        return None
 
 
 def _block_sigint_here() -> None:
@@ -678,24 +685,34 @@ class Mesh:
                 **_tls_options(security),
             },
         }
-        before = set(SpecCluster._instances)
-        nannies_before = set(MeshNanny.made)
-        try:
-            # a mesh closing now (from another thread) finishes first, and one that
-            # starts to close meanwhile waits: a close restores the log levels it found
-            with _CLOSING:
+        # a mesh closing now (from another thread) finishes first, and one that starts
+        # to close meanwhile waits: a close restores the log levels it found; another
+        # start waits too, so what is new below is this start's
+        with _CLOSING:
+            before = set(SpecCluster._instances)
+            nannies_before = set(MeshNanny.made)
+            try:
                 cluster = SpecCluster(
                     workers=workers, scheduler=scheduler, name="jupyter-mesh",
                     silence_logs=logging.WARNING, security=security,
                 )
-        except BaseException:
-            # interrupted (Ctrl-C) or failed while starting: what it started goes too
-            spawned = _spawned(set(MeshNanny.made) - nannies_before)
-            for started in set(SpecCluster._instances) - before:
-                with contextlib.suppress(Exception):
-                    started.close()
-            _kill_left(spawned + _spawned(set(MeshNanny.made) - nannies_before))
-            raise
+            except BaseException:
+                # interrupted (Ctrl-C) or failed while starting: what it started goes
+                # too, the workers still starting with it (only this start's: another
+                # mesh may be scaling meanwhile)
+                new = set(SpecCluster._instances) - before
+                ours = {_scheduler_of(c) for c in new} - {None}
+
+                def mine() -> list[Any]:
+                    return [n for n in set(MeshNanny.made) - nannies_before
+                            if getattr(n, "scheduler_addr", None) in ours]
+
+                spawned = _spawned(mine())
+                for started in new:
+                    with contextlib.suppress(Exception):
+                        started.close()
+                _kill_left(spawned + _spawned(mine()))
+                raise
         try:
             client = Client(cluster, set_as_default=set_current, security=security)
         except BaseException:

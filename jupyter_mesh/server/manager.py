@@ -24,6 +24,7 @@ import concurrent.futures
 import functools
 import logging
 import os
+import re
 import time
 import uuid
 from collections import deque
@@ -661,11 +662,15 @@ class MeshManager:
             raise
         except Exception as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            # (Mesh.connect's own advice, to check the address, is no help here: the
-            # notebook's mesh stopped, or its kernel is going)
-            why = why.split(": check that", 1)[0]
-            entry.error = (f"this notebook's mesh at {entry.address} does not answer "
-                           f"({why}): if it was stopped, run %mesh close in the notebook")
+            gone = re.match(r"could not connect to \S+ \((.*)\): check that", why)
+            if gone:
+                # (Mesh.connect's own advice, to check the address, is no help here:
+                # the notebook's mesh stopped, or its kernel is going)
+                entry.error = (f"this notebook's mesh at {entry.address} does not answer "
+                               f"({gone.group(1)}): if it was stopped, run %mesh close "
+                               f"in the notebook")
+            else:  # it answered, and something else is wrong (TLS...): as it is
+                entry.error = f"cannot read this kernel's mesh: {why}"
             return
         finally:
             entry.connecting = None
