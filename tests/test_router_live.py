@@ -854,6 +854,30 @@ def test_a_failing_task_raises_its_own_error_and_leaves_nothing_behind(mesh, rou
     assert mesh.compute(da.ones(10, chunks=5).sum(), route=route) == (10,)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("route", ["cpu:jax", "auto"])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_a_p2p_rechunk_is_left_to_dask_and_finishes(mesh, route, per_layer):
+    # Dask's P2P pins each output of a rechunk to a worker it picks among all: kept to
+    # the NumPy pool as well, one pinned to the JAX worker waited for ever (no-worker);
+    # planned per task, and per layer (as graphs of many tasks are)
+    x = da.random.random((1024, 1024), chunks=(128, 1024))
+    y = x.rechunk((1024, 128), method="p2p").sum(axis=0)
+    want = x.compute(scheduler="sync").sum(axis=0)  # (P2P needs a cluster)
+    with dask.config.set({"mesh.router.layer-plan-threshold": 10 if per_layer else 20000}):
+        for _ in range(3):  # (it hung in about half the runs)
+            (got,) = mesh.compute(y, route=route)
+            np.testing.assert_allclose(got, want)
+        assert (type(mesh.last_plan).__name__ == "LayerPlan") == per_layer
+        with mesh.route(route):
+            np.testing.assert_allclose(y.compute(), want)
+        # kept at a site it cannot be: said in one line, before anything runs
+        with pytest.raises(jm.MeshError, match=r"^this computation moves data through "
+                                               r"Dask's P2P rechunk or shuffle.*'tasks'"):
+            mesh.compute(y, route=route, site="lab")
+    assert tasks_of_left(mesh, y) == 0
+
+
 def test_submit_on_target_and_needs(mesh):
     def backend_of_worker():
         from distributed import get_worker

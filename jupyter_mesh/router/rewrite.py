@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from dask._task_spec import NestedContainer, Task, TaskRef
 
 from .._config import get_seconds
+from ..errors import MeshError
 from ._device import BATCH_PREFIX, DeviceCall, Unwrapping, routed_batch, routed_chain
 from .classify import peak_out
 from .placement import chain_links, dask_fuses
@@ -110,7 +111,19 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         raise ValueError("a synthetic model has no tasks to rewrite")
     plan_id = uuid.uuid4().hex
     to_host = plan.to_host
+    # Dask's P2P (a rechunk or shuffle through the workers' P2P extension) places its
+    # own tasks: its scheduler plugin pins each output to a worker it picks among all
+    # (or the barrier's worker restrictions), blind to resources; restricted by pool
+    # too, an output pinned to a worker of another pool waited for ever ('no-worker')
+    p2p = {i for i, k in enumerate(m.keys) if is_p2p(k)}
+    if p2p and (plan.site or m.pins):
+        raise MeshError(
+            "this computation moves data through Dask's P2P rechunk or shuffle, which "
+            "places its tasks on any worker: it cannot be kept at a site (site=, pin=); "
+            "rechunk with method='tasks' (or set Dask's array.rechunk.method to 'tasks')")
     chains = linear_chains(plan) if fuse and wrap else []
+    if p2p:
+        chains = [c for c in chains if not p2p.intersection(c)]
     if host_results:
         # a fused chain's members but its last hand over nothing outside the task
         inside = {i for chain in chains for i in chain[:-1]}
@@ -152,6 +165,8 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
     if not free:
         restrictions = dict(zip(m.keys, plan.pool_of, strict=True))
         priorities = dict(zip(m.keys, plan.start, strict=True))
+        for i in p2p:  # (left to Dask's P2P, see above)
+            restrictions.pop(m.keys[i], None)
     pins: dict[Any, str] = {}
     fused: dict[Any, list[Any]] = {}
     if m.pins:
@@ -164,6 +179,8 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         if batch and restrictions:
             _batch(plan, chains, graph, restrictions, priorities, pins, fused, plan_id)
     workers = {} if free else kept_workers(plan, fused)
+    for i in p2p:
+        workers.pop(m.keys[i], None)
     multi_site = len({p.site for p in plan.pools}) > 1
     pools: list[tuple[str | None, str | None, str]] = [
         (p.resource, p.site if (multi_site or plan.site or pins) else None, p.label)
@@ -178,6 +195,18 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
         site=plan.site, pins=pins, priorities=priorities,
         narrow={} if free else narrowed(plan), fused=fused, workers=workers,
     )
+
+
+#: how the keys of Dask's P2P tasks begin (distributed.shuffle: a rechunk's outputs and
+#: transfers, a shuffle's, and the barrier between them)
+P2P_PREFIXES = ("shuffle-barrier-", "rechunk-p2p-", "rechunk-transfer-", "shuffle-p2p-",
+                "shuffle-transfer-", "hash-join-")
+
+
+def is_p2p(key: Any) -> bool:
+    """Whether ``key`` is a task of Dask's P2P rechunk or shuffle."""
+    name = key[0] if isinstance(key, tuple) and key else key
+    return isinstance(name, str) and name.startswith(P2P_PREFIXES)
 
 
 def site_only(pools: list[tuple[str | None, str | None, str]], site: str) -> int:
@@ -417,8 +446,8 @@ def _batch(plan: Plan[GraphModel], chains: list[list[int]], graph: dict[Any, Any
         # never data pinned to a site (pins): a consumer of another member of the batch,
         # at another site, would receive the whole batch's results, the pinned data with
         # them (a chain's pin is its last task's, see _fuse_chains)
-        return type(node) is Task and keys[u] not in pins and (
-            isinstance(node.func, DeviceCall) or node.func is routed_chain)
+        return type(node) is Task and keys[u] not in pins and keys[u] in restrictions \
+            and (isinstance(node.func, DeviceCall) or node.func is routed_chain)
 
     batches = worker_batches(plan, chains, eligible)
     if not batches:
