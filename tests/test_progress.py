@@ -477,21 +477,26 @@ def test_the_remote_text_bar_leaves_the_cells_own_line_alone(monkeypatch):
     assert term.screen()[1].startswith("remote cell: finished | ")
 
 
+def _remote_watch(monkeypatch, label, notebook):
+    """A remote cell's bar for worker ``label``, shown at once, in a notebook (widgets)
+    or a terminal (the returned screen)."""
+    term = _Terminal()
+    monkeypatch.setattr(progress.sys, "stderr", term)
+    monkeypatch.setattr(progress, "in_notebook", lambda: notebook)
+    watch = progress.RemoteWatch([label], timeout=None)
+    watch.after = 0.0
+    return watch, term
+
+
 def test_the_remote_bar_names_the_worker_that_took_over(monkeypatch):
     # the cell's sticky worker was gone and another ran it: the bar named the dead one
-    monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
-    watch.after = 0.0
+    watch, _ = _remote_watch(monkeypatch, "cpu-0", notebook=True)
     watch.tick({})
     watch.relabel("cpu-0", "cpu-1")
     watch.tick({})
     ((bar, text),) = watch.widgets.values()
     assert list(watch.widgets) == ["cpu-1"] and text.value.startswith("cpu-1: running ")
-    term = _Terminal()
-    monkeypatch.setattr(progress.sys, "stderr", term)
-    monkeypatch.setattr(progress, "in_notebook", lambda: False)
-    watch = progress.RemoteWatch(["cpu-0"], timeout=None)
-    watch.after = 0.0
+    watch, term = _remote_watch(monkeypatch, "cpu-0", notebook=False)
     watch.relabel("cpu-0", "cpu-1")
     watch.tick({})
     assert term.screen()[0].startswith("remote cell: running on cpu-1 | ")
@@ -500,11 +505,7 @@ def test_the_remote_bar_names_the_worker_that_took_over(monkeypatch):
 def test_the_remote_bar_says_a_cell_waits_for_another_worker(monkeypatch):
     # while a gone worker's cell waits for another (mesh.remote.worker-wait), the bar
     # said "running on" the dead worker for the whole wait
-    term = _Terminal()
-    monkeypatch.setattr(progress.sys, "stderr", term)
-    monkeypatch.setattr(progress, "in_notebook", lambda: False)
-    watch = progress.RemoteWatch(["cloud-1"], timeout=None)
-    watch.after = 0.0
+    watch, term = _remote_watch(monkeypatch, "cloud-1", notebook=False)
     watch.wait_for("cloud-1", "looking for another worker (site='cloud')")
     watch.tick({})
     line = term.screen()[0]
@@ -513,9 +514,7 @@ def test_the_remote_bar_says_a_cell_waits_for_another_worker(monkeypatch):
     watch.relabel("cloud-1", "cloud-2")  # one came: it runs there
     watch.tick({})
     assert term.screen()[0].startswith("remote cell: running on cloud-2 | ")
-    monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    watch = progress.RemoteWatch(["cloud-1"], timeout=None)
-    watch.after = 0.0
+    watch, _ = _remote_watch(monkeypatch, "cloud-1", notebook=True)
     watch.wait_for("cloud-1", "looking for another worker (site='cloud')")
     watch.tick({})
     ((bar, text),) = watch.widgets.values()
