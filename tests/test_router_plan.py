@@ -1629,3 +1629,60 @@ def test_the_scheduler_names_a_pools_workers_in_words():
     assert _workers_of("any worker") == "worker"
     assert _workers_of("any worker at site lab") == "worker at site lab"
     assert _workers_of("gpu at site lab") == "gpu worker at site lab"
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_unrestricted_ops_of_one_block_that_fan_out_and_meet_go_as_one_task(per_layer):
+    # sin(x)**2 + cos(x)**2: Dask's Blockwise fusion runs each block's ops as one task;
+    # a linear chain cannot hold them, and unfused each op went as a task of its own
+    # (and the block of x often to a second worker, for the cosine)
+    from jupyter_mesh.router.layers import rewrite_layers
+    from jupyter_mesh.router.rewrite import rewrite
+
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("c1", "cpu", "numpy", CPU)]
+    x = da.random.random((400, 400), chunks=100)
+    y = (da.sin(x) ** 2 + da.cos(x) ** 2).sum(axis=0)
+    with dask.config.set({"mesh.router.layer-plan-threshold": 1 if per_layer else 10**9}):
+        plan = plan_collections([y], devs)
+    assert plan.unrestricted
+    routed = rewrite_layers(plan) if per_layer else rewrite(plan)
+    groups = [g for g in routed.fused.values() if len(g) > 2]
+    assert len(groups) == 16  # one per block
+    for members in groups:
+        assert sorted(k[0].rsplit("-", 1)[0] for k in members) == [
+            "add", "cos", "pow", "pow", "random_sample", "sin", "sum"]
+        assert {k[1:] for k in members} == {members[-1][1:]}  # one block's
+        assert not any(k in routed.graph for k in members[:-1])
+    # the 16 blocks' tasks and the reduction's aggregation (4 columns' sums)
+    assert len(routed.graph) == 16 + 4
+    values = dict(zip(routed.keys, dask.get(routed.graph, routed.keys), strict=True))
+    finalize, extra = y.__dask_postcompute__()
+    got = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
+    np.testing.assert_allclose(got, y.compute(scheduler="sync"), rtol=1e-12)
+
+
+def test_block_groups_leave_alone_what_others_read_or_blocks_that_differ():
+    from jupyter_mesh.router.rewrite import block_groups
+
+    def groups(keys, deps, outputs, fusable=None):
+        return [[keys[i] for i in g] for g in block_groups(
+            keys, deps, set(outputs), fusable or [True] * len(keys))]
+
+    x, s, c, a = ("x", 0), ("s", 0), ("c", 0), ("a", 0)
+    # the diamond: one group, its last the sum
+    assert groups([x, s, c, a], [[], [0], [0], [1, 2]], [a]) == [[x, s, c, a]]
+    # the sine is an output too: a group would hide it
+    assert groups([x, s, c, a], [[], [0], [0], [1, 2]], [a, s]) == []
+    # the block of x read by a task of another block (x + x.T): x stays its own
+    t = ("t", 1)
+    assert groups([x, s, c, a, t], [[], [0], [0], [1, 2], [0]], [a, t]) == []
+    # ops of different blocks are never one group; nor are tasks Dask must not fuse
+    y = ("y", 1)
+    assert groups([x, y], [[], [0]], [y]) == []
+    assert groups([x, s, c, a], [[], [0], [0], [1, 2]], [a], [True, True, False, True]
+                  ) == []
+    # two sources meeting (x + z of one block): the sum starts a group of its own
+    z, m, q = ("z", 0), ("m", 0), ("q", 0)
+    assert groups([x, z, m, q], [[], [], [0, 1], [2]], [q]) == [[m, q]]
+    # keys that are not blocks (a delayed's) are left to the linear chains
+    assert groups(["f", "g"], [[], [0]], ["g"]) == []

@@ -122,6 +122,11 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
             "places its tasks on any worker: it cannot be kept at a site (site=, pin=); "
             "rechunk with method='tasks' (or set Dask's array.rechunk.method to 'tasks')")
     chains = linear_chains(plan) if fuse and wrap else []
+    if chains and getattr(plan, "unrestricted", False):
+        # Dask places every task: what Dask's Blockwise fusion runs as one task, too
+        chains = with_block_groups(m.keys, m.deps, set(m.outputs), [
+            type(t) is Task and not t.block_fusion for t in map(m.tasks.get, m.keys)],
+            chains)
     if p2p:
         chains = [c for c in chains if not p2p.intersection(c)]
     if host_results:
@@ -231,6 +236,66 @@ def submission(routed: Routed) -> Any:
     layer = MaterializedLayer(routed.graph)
     return HLGExpr(dsk=HighLevelGraph({name: layer}, {name: set()}),
                    output_keys=list(routed.keys))
+
+
+def _block_index(key: Any) -> tuple[int, ...] | None:
+    """A block key's index (``("add-1f2e", 3, 0)`` -> ``(3, 0)``), or None."""
+    if type(key) is tuple and len(key) > 1 and isinstance(key[0], str) and all(
+            type(k) is int for k in key[1:]):
+        return key[1:]
+    return None
+
+
+def block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
+                 fusable: list[bool]) -> list[list[int]]:
+    """Groups of two or more tasks (indices into ``keys``, in topological order: a
+    task listed before one of its inputs only misses the group it could have joined,
+    since every group is checked whole below) that Dask's own Blockwise fusion would run as one task and that a linear
+    chain cannot hold: the ops of one block that fan out and meet again
+    (``sin(x)**2 + cos(x)**2``: the block of ``x``, its sine and cosine, both squares
+    and their sum, one task per block as Dask runs it; unfused, each op went as a task
+    of its own and the block of ``x`` often to a second worker).
+
+    A group grows from one task (its *source*) through its consumers with the same
+    block index whose inputs of that index all come from the group; it is kept only
+    where one member alone (its last) hands anything on or is an output, so the group
+    reduces to one key as ``Task.fuse`` needs, and nothing outside waits on part of it.
+    Inputs of other blocks or ops may enter anywhere (as a Blockwise layer's do)."""
+    n = len(keys)
+    index = [_block_index(k) for k in keys]
+    src = list(range(n))
+    for j in range(n):
+        if not fusable[j] or index[j] is None:
+            continue
+        mine = {src[d] for d in deps[j] if fusable[d] and index[d] == index[j]}
+        if len(mine) == 1:
+            src[j] = mine.pop()
+    members: dict[int, list[int]] = {}
+    for j in range(n):
+        members.setdefault(src[j], []).append(j)
+    # what hands anything on outside its group, and what feeds a member of its own
+    exits: dict[int, set[int]] = {}
+    inner: set[int] = set()
+    for j in range(n):
+        if keys[j] in outputs:
+            exits.setdefault(src[j], set()).add(j)
+        for d in deps[j]:
+            if src[d] != src[j]:
+                exits.setdefault(src[d], set()).add(d)
+            elif d != j:
+                inner.add(d)
+    return [group for s, group in members.items()
+            if len(group) > 1 and exits.get(s) == {group[-1]}
+            and all(j in inner for j in group[:-1])]
+
+
+def with_block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
+                      fusable: list[bool], chains: list[list[int]]) -> list[list[int]]:
+    """The :func:`block_groups` of a graph and those of its linear ``chains`` that
+    share no task with them (a chain inside a group is part of it)."""
+    groups = block_groups(keys, deps, outputs, fusable)
+    taken = {i for g in groups for i in g}
+    return groups + [c for c in chains if taken.isdisjoint(c)]
 
 
 def linear_chains(plan: Plan[GraphModel]) -> list[list[int]]:
