@@ -230,3 +230,59 @@ def test_device_arrays_in_a_named_tuple_come_back_to_the_host(on_a_gpu_worker):
     assert type(out).__name__ == "QRResult"
     assert all(type(x) is np.ndarray for x in out)
     np.testing.assert_allclose(out.Q @ out.R, a)
+
+
+def _on_a_jax_worker(code: str, x64: str) -> str:
+    """Run ``code`` in a process that is a JAX (CPU) worker as far as routed tasks can
+    tell, with JAX's 64-bit mode as ``x64`` says; its stdout."""
+    import os
+    import subprocess
+    import sys
+
+    prelude = ("import operator, numpy as np\n"
+               "from jupyter_mesh.router import _device\n"
+               "_device._local.device = ('cpu', 'jax')\n")
+    env = {**os.environ, "JAX_ENABLE_X64": x64, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_a_result_kept_on_jax_keeps_numpys_type_in_the_next_op():
+    # jnp.where(x32, 1.1, 0.0) is a *weak* float64 in JAX (its dtype came from Python
+    # scalars); kept on the device, the next op met it with float32 and gave float32,
+    # where NumPy's float64 gives float64 (and float32's precision)
+    out = _on_a_jax_worker("""
+x = np.linspace(0.1, 1.0, 16, dtype=np.float32).reshape(4, 4)
+kept = _device.DeviceCall(np.where, "k1", "p", False, frozenset({"jax"}))(x, 1.1, 0.0)
+assert type(kept) is _device.OnDevice, kept
+got = _device.DeviceCall(operator.add, "k2", "p", True, frozenset({"jax"}))(kept, x)
+want = np.where(x, 1.1, 0.0) + x
+print(got.dtype, want.dtype, np.array_equal(got, want),
+      *sorted(b for b, _ in _device.pop_records("p").values()))
+""", "1")
+    assert out.split() == ["float64", "float64", "True", "jax", "jax"]
+
+
+def test_jax_with_its_64_bit_mode_off_gets_no_64_bit_work():
+    # a worker started with JAX_ENABLE_X64=0 (dask worker --preload keeps what the
+    # environment says): JAX would make float64 blocks float32 on the way in, so 64-bit
+    # work runs NumPy there, exactly; 32-bit work still runs JAX
+    out = _on_a_jax_worker("""
+from jupyter_mesh.router.backends import get_backend
+jax = get_backend("jax")
+a = np.linspace(0, 1, 16).reshape(4, 4) + 1 / 3
+print([jax.holds(a.astype(t)) for t in ("float64", "complex128", "int64", "float32",
+                                        "complex64", "int32")])
+call = _device.DeviceCall(operator.mul, None, "p", True, frozenset({"jax"}))
+for t in ("float64", "complex128", "float32"):
+    b = a.astype(t)
+    _device.thread_state.key = t
+    got = call(b, b)
+    print(t, got.dtype, np.array_equal(got, b * b), _device.pop_records("p")[t][0])
+""", "0")
+    lines = out.splitlines()
+    assert lines[0] == "[False, False, False, True, True, True]"
+    assert lines[1:] == ["float64 float64 True numpy", "complex128 complex128 True numpy",
+                         "float32 float32 True jax"]

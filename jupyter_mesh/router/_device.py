@@ -214,7 +214,7 @@ class DeviceCall:
         elif used != "numpy":
             backend = get_backend(used)
             if used == "jax":
-                out = _block(out)
+                out = _map(_strong, _block(out))
             else:  # CuPy's work is asynchronous: the seconds measured are its own
                 backend.synchronize()
             out = _map(lambda x: OnDevice(x, used, scalar and getattr(x, "ndim", 1) == 0)
@@ -507,6 +507,18 @@ def _result_to_host(x: Any) -> Any:
     if host is not x and isinstance(host, numpy.ndarray) and host.ndim == 0:
         return host[()]
     return host
+
+
+def _strong(x: Any) -> Any:
+    """A JAX array as NumPy would type it: JAX marks a result that took its dtype from
+    Python scalars *weak* (``jnp.where(x32, 1.1, 0.0)`` is a weak float64), and a weak
+    float64 met with float32 gives float32 in the next op, where NumPy's float64 array
+    gives float64. Kept for the next op on the device, it loses the mark."""
+    if getattr(x, "weak_type", False):
+        import jax.numpy as jnp
+
+        return jnp.asarray(x, dtype=x.dtype)
+    return x
 
 
 def _block(out: Any) -> Any:

@@ -202,8 +202,19 @@ class JaxBackend(Backend):
         """JAX has booleans and numbers only (no object, string, datetime or structured
         dtypes) and no extended precision (``longdouble``). (Routed tasks go further:
         :func:`jax_ops.same_numbers` keeps them to dtypes where JAX gives NumPy's
-        numbers.)"""
-        return self.is_device_array(x) or _numeric(x)
+        numbers.) With its 64-bit mode off (JAX_ENABLE_X64=0) it has 32 bits at most:
+        a float64 array would become float32 on the way in."""
+        if self.is_device_array(x):
+            return True
+        if not _numeric(x):
+            return False
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and getattr(dtype, "itemsize", 0) > 4 and (
+                getattr(dtype, "kind", "") != "c" or dtype.itemsize > 8):
+            import jax
+
+            return bool(jax.config.read("jax_enable_x64"))
+        return True
 
     def to_device(self, x: Any) -> Any:
         if self.is_device_array(x) or not _is_array(x):

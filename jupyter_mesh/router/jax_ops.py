@@ -93,6 +93,15 @@ def supported(func: Any) -> bool:
 #: zero, int64 against uint64, sums of bools, float32 from integers), so it stays NumPy
 _SAME_DTYPES = frozenset(np.dtype(t) for t in ("float32", "float64", "complex64",
                                                "complex128"))
+#: the same with JAX's 64-bit mode off (a worker started with JAX_ENABLE_X64=0): JAX
+#: would compute float64 work in float32, so that runs NumPy
+_SAME_DTYPES_32 = frozenset(np.dtype(t) for t in ("float32", "complex64"))
+
+
+def _same_dtypes() -> frozenset[np.dtype[Any]]:
+    import jax
+
+    return _SAME_DTYPES if jax.config.read("jax_enable_x64") else _SAME_DTYPES_32
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -122,7 +131,8 @@ def lists_as_arrays(func: Any, args: tuple[Any, ...]) -> bool:
 
 def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether JAX gives what NumPy gives for this call of ``func``: some array, every
-    array (and NumPy scalar) of a dtype in ``_SAME_DTYPES`` and not empty (JAX's max
+    array (and NumPy scalar) of a dtype in ``_SAME_DTYPES`` (``_SAME_DTYPES_32`` with
+    JAX's 64-bit mode off) and not empty (JAX's max
     of nothing fails where Dask's chunk helpers return an empty result), no list
     passed to a NumPy function as an array (``np.sum([a, b])`` of a delayed call),
     and, for a ufunc, NumPy's loop in the inputs' own dtype."""
@@ -132,6 +142,7 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
     as_array = all(isinstance(f, np.ufunc) or (getattr(f, "__module__", "") or "")
                    .startswith("numpy") for f in (_parts(func) or []))
     found = [False]
+    same = _same_dtypes()
 
     def ok(x: Any, top: bool) -> bool:
         if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -146,7 +157,7 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
         if dtype is None or not hasattr(x, "shape"):
             return not isinstance(x, (np.generic,))
         found[0] = True
-        return np.dtype(dtype) in _SAME_DTYPES and getattr(x, "size", 1) != 0
+        return np.dtype(dtype) in same and getattr(x, "size", 1) != 0
 
     good = all(ok(a, True) for a in args) and all(ok(v, False) for v in kwargs.values())
     if good and isinstance(func, np.ufunc):
