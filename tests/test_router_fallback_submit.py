@@ -118,3 +118,44 @@ def test_a_submit_to_a_mesh_without_workers_says_so_at_once(no_mesh):
 
 def _add(a, b):
     return a + b
+
+
+def test_a_task_the_workers_cannot_unpickle_is_named_as_a_likely_cause(tmp_path, monkeypatch):
+    # a function from a module only this process can import: Dask's worker fails to
+    # unpickle the task and closes for good (plain Dask then waits for ever); the
+    # mesh's "no live worker left" said to add workers, which would die the same way
+    (tmp_path / "only_here_mod.py").write_text("def inc(x):\n    return x + 1\n")
+    with dask.config.set({"mesh.fallback-timeout": 1.0}), \
+            fresh_local_mesh(cpu=1, jax_cpu=0) as m:
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import only_here_mod
+
+        fut = m.submit(only_here_mod.inc, 1)
+        with pytest.raises(MeshError) as err:
+            fut.result(timeout=60)
+    message = str(err.value)
+    assert "no live worker left for 1 s" in message and "\n" not in message
+    assert re.search(r"left unexpectedly while running inc-\w+: killed, or it could not "
+                     r"unpickle the task, e\.g\. a function from a module the workers "
+                     r"cannot import", message), message
+
+
+def test_the_hint_names_only_an_unexpected_departure_with_tasks_running():
+    from jupyter_mesh.router._scheduler import _last_lost
+
+    class Sched:
+        def __init__(self, *msgs):
+            self.msgs = msgs
+
+        def get_events(self, topic):
+            assert topic == "all"
+            return tuple((float(i), m) for i, m in enumerate(self.msgs))
+
+    gone = {"action": "remove-worker", "expected": False, "processing-tasks": {"f-1"}}
+    assert "while running f-1: killed, or" in _last_lost(Sched(gone))
+    # the last to leave was scaled away, or ran nothing: no guess
+    assert _last_lost(Sched(gone, {**gone, "expected": True})) == ""
+    assert _last_lost(Sched(gone, {**gone, "processing-tasks": set()})) == ""
+    # other events after it do not hide it; no event log at all says nothing
+    assert _last_lost(Sched(gone, {"action": "add-client"})).startswith(" (the last")
+    assert _last_lost(object()) == ""

@@ -469,8 +469,8 @@ class RouterState:
             return
         if not sched.workers:
             self._fail(ps, f"no live worker left for {ps.timeout:g} s: the computation "
-                           f"cannot finish; add workers (e.g. mesh.scale(cpu=2)) and "
-                           f"compute again")
+                           f"cannot finish{_last_lost(sched)}; add workers (e.g. "
+                           f"mesh.scale(cpu=2)) and compute again")
             return
         ps.relaxed.add(p)
         recs: dict[Any, str] = {}
@@ -523,6 +523,29 @@ def _as_key(key: Any) -> Any:
     if isinstance(key, list):
         return tuple(_as_key(k) for k in key)
     return key
+
+
+def _last_lost(sched: Any) -> str:
+    """Why the last worker may have gone, where the scheduler saw it leave unexpectedly
+    with tasks running: Dask's worker closes for good when it cannot unpickle a task it
+    is sent (a function from a module only the notebook can import), and then every
+    worker it is sent to does; adding workers would not help."""
+    try:
+        events = sched.get_events("all")
+    except Exception:  # (Dask's event log is its own business: no hint without it)
+        return ""
+    for _, msg in reversed(events):
+        if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
+            continue
+        running = msg.get("processing-tasks") or ()
+        if msg.get("expected") or not running:
+            return ""
+        key = str(min(map(str, running)))
+        key = key if len(key) <= 60 else key[:57] + "..."
+        return (f" (the last worker left unexpectedly while running {key}: killed, or "
+                f"it could not unpickle the task, e.g. a function from a module the "
+                f"workers cannot import; the worker's log says which)")
+    return ""
 
 
 def _no_site_left(site: str, pinned: bool) -> str:
