@@ -1689,6 +1689,28 @@ def _plain_speaker(exc: BaseException) -> str | None:
     return None
 
 
+def _speaks_tls(address: str, timeout: float = 2.0) -> bool:
+    """Whether the server at ``address`` answers a TLS handshake (verifying nothing:
+    only whether it speaks TLS at all). A Dask scheduler with TLS resets a connection
+    that speaks plain tcp to it, which says nothing of why."""
+    import socket
+    import ssl
+
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw):
+                return True
+    except ssl.SSLError as exc:
+        # it answered in TLS, and refused this side (no certificate of its own, say)
+        return "ALERT" in str(getattr(exc, "reason", "") or "").upper()
+    except (OSError, ValueError):
+        return False
+
+
 def _plain_form(address: str) -> str:
     return "tcp://" + address.split("://", 1)[-1]
 
@@ -1721,6 +1743,14 @@ def _could_not_connect(address: str, timeout: float, exc: Exception,
             f"certificate, and that your certificate and key come from a CA the "
             f"scheduler trusts"
         )
+    if (tls is None and not is_encrypted(address) and any(
+            w in reason.lower() for w in ("reset by peer", "stream is closed", "eof"))
+            and _speaks_tls(address)):
+        return MeshError(
+            f"{address} does not answer in plain tcp ({reason}): the scheduler there "
+            f"speaks TLS, as far as this can tell; use {_secure_form(address)} with its "
+            f"CA file and your certificate and key (--tls-ca-file, --tls-cert, "
+            f"--tls-key; from Python, security=Security(...))")
     within = "" if isinstance(exc, _Unreachable) or (
         waited is not None and waited < 0.9 * timeout) else f" within {timeout:g} s"
     return MeshError(
@@ -1921,6 +1951,30 @@ def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
         raise MeshError(f"the TLS files could not be read ({reason or type(exc).__name__}): "
                         f"the CA, certificate and key must be PEM files; check "
                         f"{suspects}{alone}") from None
+    if cert:
+        _check_dates(cert)
+
+
+def _check_dates(cert: str) -> None:
+    """MeshError where the certificate in ``cert`` is out of its validity dates: the
+    scheduler refuses it during the handshake, and the client often sees no more of it
+    than the connection closing (which reads as certificates that do not fit)."""
+    import datetime
+
+    try:
+        from cryptography import x509
+
+        with open(cert, "rb") as f:
+            c = x509.load_pem_x509_certificate(f.read())
+        start, end = c.not_valid_before_utc, c.not_valid_after_utc
+    except Exception:  # (read by OpenSSL above: its own checks stand)
+        return
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not start <= now <= end:
+        when = (f"expired on {end:%Y-%m-%d %H:%M} UTC" if now > end
+                else f"is valid only from {start:%Y-%m-%d %H:%M} UTC")
+        raise MeshError(f"the TLS certificate {cert} {when}: renew it (and check this "
+                        f"machine's clock)")
 
 
 def _close_active() -> None:
