@@ -243,7 +243,7 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     if not colls:
         raise MeshError(f"nothing to explain: no Dask collection among the arguments "
                         f"({', '.join(type(c).__name__ for c in collections)})")
-    plan = _plan_collections(mesh, colls or collections, route, site, pin)
+    plan = _plan_collections(mesh, _finalized(colls, pin), route, site, pin)
     mesh.last_plan = plan
     return plan
 
@@ -256,6 +256,47 @@ def _unpacked(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], Any]:
 
     colls, repack = unpack_collections(*args, traverse=True)
     return tuple(colls), repack
+
+
+class _Finalized:
+    """A collection built as a Dask expression (a DataFrame) as ``dask.compute`` runs
+    it: Dask's expression optimization (column projection, predicate pushdown, fused
+    partitions: unoptimized, a parquet column's sum read every column, in twice the
+    tasks) and its finalize step, in one graph whose one output is the result. (A
+    collection optimized on its own and computed again fails in Dask for some, e.g.
+    ``df[df.v > df.v.mean()].k.sum()``.)"""
+
+    def __init__(self, c: Any) -> None:
+        from dask._expr import FinalizeCompute
+        from dask.base import collections_to_expr
+
+        self.collection = c
+        expr = FinalizeCompute(collections_to_expr([c], True)).optimize()
+        self._keys = list(dask.core.flatten(expr.__dask_keys__()))
+        self._graph = expr.__dask_graph__()
+
+    def __dask_graph__(self) -> Any:
+        return self._graph
+
+    def __dask_keys__(self) -> list[Any]:
+        return self._keys
+
+    def __dask_postcompute__(self) -> tuple[Any, tuple[()]]:
+        return _first, ()
+
+
+def _first(results: Any) -> Any:
+    return results[0]
+
+
+def _finalized(collections: tuple[Any, ...], pin: Any) -> tuple[Any, ...]:
+    """Each expression collection as :class:`_Finalized` (arrays, bags and delayed
+    values as they are); with ``pin=`` all as they are: pins name the collections'
+    own keys."""
+    if pin is not None:
+        return collections
+    return tuple(_Finalized(c) if hasattr(c, "expr") and hasattr(c, "optimize") else c
+                 for c in collections)
 
 
 def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
@@ -510,6 +551,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             raise
         watch.stopped()
         return tuple(repack(gathered))
+    collections = _finalized(collections, pin)
     plan = _plan_collections(mesh, collections, route, site, pin)
     model = plan.model
     values = run_plan(mesh, plan, fallback)

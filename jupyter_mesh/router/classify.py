@@ -288,7 +288,8 @@ def _collection_graph(collections: Iterable[Any]) -> tuple[HighLevelGraph, list[
             )
         g = c.__dask_graph__()
         if not isinstance(g, HighLevelGraph):
-            g = HighLevelGraph.from_collections(f"graph-{id(g)}", g, dependencies=())
+            # (a DataFrame's lowered expression): its ops as layers, as Dask names them
+            g = _group_dict(g)
         graphs.append(g)
         keys.extend(flatten(c.__dask_keys__()))
     hlg = HighLevelGraph.merge(*graphs) if len(graphs) > 1 else graphs[0]
@@ -418,13 +419,79 @@ def _build_model_by_layer(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, i
                       tasks=tasks)
 
 
-def _group_dict(dsk: dict) -> HighLevelGraph:
-    groups: dict[str, dict] = {}
-    for k, v in dsk.items():
-        groups.setdefault(key_split(k), {})[k] = v
-    layers = {name: MaterializedLayer(d) for name, d in groups.items()}
-    deps: dict[str, set[str]] = {name: set() for name in layers}
-    return HighLevelGraph(layers, deps)
+def _group_dict(dsk: Any) -> HighLevelGraph:
+    """A flat graph (what Dask's expressions lower to: a DataFrame's, or a computation
+    as Dask hands it to a scheduler) as layers, with the dependencies between them
+    that culling needs: without them, culling walked the layers in any order and
+    dropped tasks still needed, whose keys later tasks then took as literal values
+    (a DataFrame's mean divided a tuple of key names). Block keys group by their name
+    (one op each), others by the name Dask gives their function (``inc-<token>`` ->
+    ``inc``: one op for a delayed function's calls); layers that would need each other
+    are merged into one (a MaterializedLayer culls within itself)."""
+    tasks = convert_legacy_graph(dict(dsk))
+    name_of: dict[Any, str] = {}
+    for k in tasks:
+        name_of[k] = k[0] if type(k) is tuple and k and isinstance(k[0], str) else key_split(k)
+    needs: dict[str, set[str]] = {n: set() for n in name_of.values()}
+    for k, node in tasks.items():
+        mine = name_of[k]
+        for d in node.dependencies:
+            other = name_of.get(d)
+            if other is not None and other != mine:
+                needs[mine].add(other)
+    merged = _cycles_merged(needs)
+    groups: dict[str, dict[Any, Any]] = {}
+    for k, node in tasks.items():
+        groups.setdefault(merged[name_of[k]], {})[k] = node
+    deps: dict[str, set[str]] = {n: set() for n in groups}
+    for n, ds in needs.items():
+        deps[merged[n]].update(merged[d] for d in ds if merged[d] != merged[n])
+    return HighLevelGraph({n: MaterializedLayer(g) for n, g in groups.items()}, deps)
+
+
+def _cycles_merged(needs: dict[str, set[str]]) -> dict[str, str]:
+    """Each name -> the name of its group, where names that need each other (directly
+    or not: a strongly connected component) form one group (Tarjan's algorithm,
+    without recursion)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    out: dict[str, str] = {}
+    for root in needs:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(needs[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(needs.get(w, ())))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                members = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    members.append(w)
+                    if w == v:
+                        break
+                head = min(members)
+                for w in members:
+                    out[w] = head
+    return out
 
 
 def _in_key_order(items: dict[Any, Any]) -> dict[Any, Any]:

@@ -61,7 +61,7 @@ from .placement import (
     route_constraints,
 )
 from .plan import Plan, merged_rows
-from .rewrite import Routed, is_p2p, wrapped_task
+from .rewrite import Routed, is_barrier, is_p2p, wrapped_task
 
 DEFAULT_THRESHOLD = 20_000
 
@@ -421,7 +421,7 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
         pool = plan.layer_pool[li]
         native = host_only if free else plan.native_for(li, pool)
         # Dask's P2P places its own tasks (see rewrite.is_p2p): never restricted
-        p2p = is_p2p(name)
+        p2p = is_p2p(name) or any(is_barrier(m.names[d]) for d, _ in m.deps[li])
         if p2p and plan.site:
             raise MeshError(
                 "this computation moves data through Dask's P2P rechunk or shuffle, "
@@ -454,7 +454,7 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
             elif type(node) is tuple and node and callable(node[0]):
                 node = (wrap(node[0]),) + node[1:]
             out[key] = node
-            if key_name(key) != name and not is_p2p(key):
+            if key_name(key) != name and not p2p and not is_p2p(key):
                 by_key[key] = pool
         layers[name] = MaterializedLayer(
             out, annotations=getattr(layer, "annotations", None),

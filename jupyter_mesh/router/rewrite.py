@@ -115,7 +115,11 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
     # own tasks: its scheduler plugin pins each output to a worker it picks among all
     # (or the barrier's worker restrictions), blind to resources; restricted by pool
     # too, an output pinned to a worker of another pool waited for ever ('no-worker')
-    p2p = {i for i, k in enumerate(m.keys) if is_p2p(k)}
+    # (and the tasks that read a P2P barrier: its outputs, which Dask may have fused
+    # with the ops after them under another name)
+    keys = m.keys
+    p2p = {i for i, k in enumerate(keys) if is_p2p(k) or any(
+        is_barrier(keys[d]) for d in m.deps[i])}
     if p2p and (plan.site or m.pins):
         raise MeshError(
             "this computation moves data through Dask's P2P rechunk or shuffle, which "
@@ -203,15 +207,28 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
 
 
 #: how the keys of Dask's P2P tasks begin (distributed.shuffle: a rechunk's outputs and
-#: transfers, a shuffle's, and the barrier between them)
+#: transfers, a shuffle's, and the barrier between them; a DataFrame's shuffle and
+#: hash join name their outputs after their expressions, P2PShuffle and HashJoinP2P)
 P2P_PREFIXES = ("shuffle-barrier-", "rechunk-p2p-", "rechunk-transfer-", "shuffle-p2p-",
-                "shuffle-transfer-", "hash-join-")
+                "shuffle-transfer-", "hash-join-", "p2pshuffle-", "hashjoinp2p-")
+P2P_BARRIER = "shuffle-barrier-"
+
+
+def _name(key: Any) -> Any:
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 def is_p2p(key: Any) -> bool:
     """Whether ``key`` is a task of Dask's P2P rechunk or shuffle."""
-    name = key[0] if isinstance(key, tuple) and key else key
+    name = _name(key)
     return isinstance(name, str) and name.startswith(P2P_PREFIXES)
+
+
+def is_barrier(key: Any) -> bool:
+    """Whether ``key`` is the barrier of a P2P rechunk or shuffle: the tasks that read
+    it are its outputs, which Dask's P2P pins to workers of its own choosing."""
+    name = _name(key)
+    return isinstance(name, str) and name.startswith(P2P_BARRIER)
 
 
 def site_only(pools: list[tuple[str | None, str | None, str]], site: str) -> int:

@@ -1,0 +1,131 @@
+"""Dask DataFrames (built as Dask expressions, lowered to flat graphs) under the router."""
+
+from __future__ import annotations
+
+import warnings
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+
+from .meshes import fresh_local_mesh
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    with fresh_local_mesh(cpu=1, jax_cpu=1, threads_per_worker=1) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def frames():
+    df = dd.from_pandas(pd.DataFrame({"v": np.arange(200.0), "k": np.arange(200) % 7}),
+                        npartitions=4)
+    other = dd.from_pandas(pd.DataFrame({"k": np.arange(7), "w": np.arange(7) * 10.0}),
+                           npartitions=2)
+    return df, other
+
+
+def _same(got, want):
+    if isinstance(want, pd.DataFrame):
+        cols = list(want.columns)
+        pd.testing.assert_frame_equal(got.sort_values(cols).reset_index(drop=True),
+                                      want.sort_values(cols).reset_index(drop=True))
+    elif isinstance(want, pd.Series):
+        pd.testing.assert_series_equal(got.sort_index(), want.sort_index())
+    else:
+        assert type(got) is type(want) and got == want, (got, want)
+
+
+CASES = {
+    "mean": lambda df, o: df.v.mean(),
+    "max == min": lambda df, o: df.v.max() == df.v.min(),
+    "max - min": lambda df, o: df.v.max() - df.v.min(),
+    "describe": lambda df, o: df.describe(),
+    "quantile": lambda df, o: df.v.quantile(0.5),
+    "centered": lambda df, o: df.v - df.v.mean(),
+    "above the mean": lambda df, o: df[df.v > df.v.mean()].k.sum(),
+    "value_counts": lambda df, o: df.v.value_counts(),
+    "groupby": lambda df, o: df.groupby("k").v.sum(),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("route", ["auto", "cpu:jax"])
+def test_a_routed_dataframe_computes_what_dask_computes(mesh, frames, case, route):
+    # Dask hands a scheduler a DataFrame's graph flat; its culling dropped tasks still
+    # needed, whose keys later tasks took as values (the mean divided a tuple of key
+    # names; max == min came back as an array of two Falses)
+    e = CASES[case](*frames)
+    (want,) = mesh.compute(e, route="off")
+    with mesh.route(route):
+        got = e.compute()
+    _same(got, want)
+    assert mesh.last_report is not None
+    (got,) = mesh.compute(e, route=route)
+    _same(got, want)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["merge", "shuffle", "set_index"])
+@pytest.mark.parametrize("route", ["cpu:jax", "cpu", "auto"])
+def test_a_dataframes_p2p_shuffle_under_a_forced_route_finishes(mesh, frames, how, route):
+    # Dask's P2P pins each output to a worker of its choosing; restricted to a pool
+    # too, an output pinned to a worker of another pool waited for ever ('no-worker')
+    df, other = frames
+    with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+        e = {"merge": lambda: df.merge(other, on="k", how="left"),
+             "shuffle": lambda: df.shuffle("k"),
+             "set_index": lambda: df.set_index("k")}[how]()
+        (want,) = mesh.compute(e, route="off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (Dask's P2P logs of its own)
+            (got,) = mesh.compute(e, route=route)
+    if how == "set_index":
+        pd.testing.assert_frame_equal(got.sort_values(["v"]), want.sort_values(["v"]))
+    else:
+        _same(got, want)
+
+
+def test_explain_names_a_dataframes_ops_and_runs_dasks_optimization(mesh, tmp_path):
+    # a DataFrame's graph was one opaque op named after a Python id, and ran without
+    # Dask's expression optimization (a column's sum read every column of the file)
+    pdf = pd.DataFrame({f"c{i}": np.arange(4000.0) + i for i in range(12)})
+    dd.from_pandas(pdf, npartitions=4).to_parquet(tmp_path / "pq")
+    e = dd.read_parquet(tmp_path / "pq").c3.sum()
+    plan = mesh.explain(e)
+    ops = [r["op"] for r in plan.rows]
+    assert not any(op.startswith("graph-") for op in ops), ops
+    assert any("parquet" in op for op in ops) and any("sum" in op for op in ops), ops
+    # as dask.compute runs it: no more tasks than its optimized graph has
+    unoptimized = len(e.__dask_graph__())
+    assert plan.ntasks < unoptimized, (plan.ntasks, unoptimized)
+    (got,) = mesh.compute(e)
+    assert got == pdf.c3.sum()
+
+
+def test_a_routed_cell_computes_a_dataframe(ip, mesh, frames):
+    df, _ = frames
+    ip.user_ns["df"] = df
+    ip.run_cell_magic("mesh", "--route auto",
+                      "m = df.v.mean().compute()\nn = (df.v.max() == df.v.min()).compute()")
+    assert ip.user_ns["m"] == 99.5
+    assert type(ip.user_ns["n"]) is np.bool_ and not ip.user_ns["n"]
+
+
+def test_a_flat_graphs_layers_keep_every_task_a_result_needs():
+    from dask.core import flatten
+
+    from jupyter_mesh.router.classify import _cycles_merged, model_graph
+
+    df = dd.from_pandas(pd.DataFrame({"v": np.arange(40.0)}), npartitions=4)
+    expr = df.v.mean().expr.optimize()
+    flat = dict(expr.__dask_graph__())
+    keys = list(flatten(expr.__dask_keys__()))
+    model = model_graph(flat, keys)
+    assert len(model.keys) == len(flat)
+    # layers that need each other become one, so culling can still walk them in order
+    assert _cycles_merged({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}) == {
+        "a": "a", "b": "a", "c": "a", "d": "d", "e": "e"}
