@@ -804,3 +804,37 @@ def test_the_scale_form_counts_the_workers_that_run(tmp_path):
             return manager.detail(entry)["scale"]
 
     assert asyncio.run(go()) == {"cpu": 1, "jax_cpu": 1}
+
+
+def test_one_meshs_detail_reads_the_kernels_that_use_it_now(tmp_path, monkeypatch):
+    asyncio.run(_detail_reads_kernels(tmp_path, monkeypatch))
+
+
+async def _detail_reads_kernels(tmp_path, monkeypatch):
+    # GET meshes/ID of a mesh the sidebar started: the kernels using it (and their
+    # plans) were read only by GET meshes, so polling the detail alone showed none, and
+    # after the kernel was gone still showed it
+    import json
+    import os
+
+    from jupyter_mesh import discovery
+
+    async with MeshManager(tmp_path) as manager:
+        manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
+                                            address="tcp://127.0.0.1:8786", name="Local mesh 1")
+        monkeypatch.setattr(manager, "_sample", _no_sample)
+        monkeypatch.setattr(manager, "detail", lambda entry: {
+            "kernels": sorted(entry.kernels), "plans": list(entry.plans)})
+        assert await manager.get("local-x") == {"kernels": [], "plans": []}
+        record = {"kind": "plan", "route": "auto", "rows": [{"op": "matmul"}]}
+        directory = discovery.registry_dir(tmp_path)
+        directory.mkdir(mode=0o700, parents=True)
+        path = directory / "mesh-1.json"
+        path.write_text(json.dumps({
+            "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
+            "pid_started": discovery.process_start_time(os.getpid()), "plans": [record]}))
+        path.chmod(0o600)
+        got = await manager.get("local-x")
+        assert got["kernels"] == ["kernel-k1"] and got["plans"] == [record]
+        path.unlink()  # the kernel is gone
+        assert (await manager.get("local-x"))["kernels"] == []

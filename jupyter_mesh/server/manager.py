@@ -329,10 +329,10 @@ class MeshManager:
 
     async def get(self, mesh_id: str) -> dict[str, Any]:
         """The full model of one mesh: devices grouped by kind and site, history, plans."""
+        # (every mesh's: the kernels that use one this server started or connected to,
+        # and their plans, come from the kernels' registrations too)
+        await self.refresh_kernels()
         entry = self._entries.get(mesh_id)
-        if entry is None or entry.origin == "kernel":
-            await self.refresh_kernels()
-            entry = self._entries.get(mesh_id)
         if entry is None:
             raise NotFound(f"no mesh with id {mesh_id!r}: list them with GET meshes")
         await self._sample(entry)
