@@ -54,7 +54,7 @@ def _parser() -> _Parser:
     w.add_argument("--name", default=None, help="worker name")
     w.add_argument("--host", default=None,
                    help="interface to listen on (default: the one that reaches the "
-                        "scheduler; 127.0.0.1 for a scheduler at a loopback address)")
+                        "scheduler; loopback for a scheduler at a loopback address)")
     w.add_argument("--memory-limit", default="auto",
                    help="memory limit, as Dask's: bytes, '4 GiB', a fraction of the host's "
                         "memory, or auto (the default: the host's memory over its GPUs or "
@@ -370,7 +370,7 @@ def _connect_timeout() -> float:
 
 def listen_host(address: str, host: str | None) -> str:
     """The interface a worker listens on: ``host`` if given, else the one this machine
-    reaches the scheduler through (127.0.0.1 for a scheduler at a loopback address), never
+    reaches the scheduler through (loopback for a scheduler at a loopback address), never
     every interface (Dask's own default for a worker)."""
     from ._config import is_host
 

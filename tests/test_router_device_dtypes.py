@@ -281,8 +281,13 @@ for t in ("float64", "complex128", "float32"):
     _device.thread_state.key = t
     got = call(b, b)
     print(t, got.dtype, np.array_equal(got, b * b), _device.pop_records("p")[t][0])
+# Python numbers: NumPy may make 64-bit numbers of them with 32-bit arrays
+x = a.astype("float32")
+_device.thread_state.key = "where"
+got = _device.DeviceCall(np.where, None, "p", True, frozenset({"jax"}))(x, 1.1, 0.0)
+print("where", got.dtype, _device.pop_records("p")["where"][0])
 """, "0")
     lines = out.splitlines()
     assert lines[0] == "[False, False, False, True, True, True]"
     assert lines[1:] == ["float64 float64 True numpy", "complex128 complex128 True numpy",
-                         "float32 float32 True jax"]
+                         "float32 float32 True jax", "where float64 numpy"]

@@ -137,7 +137,8 @@ def test_a_task_the_workers_cannot_unpickle_is_named_as_a_likely_cause(tmp_path,
     assert "no live worker left for 1 s" in message and "\n" not in message
     assert re.search(r"left unexpectedly while running inc-\w+: killed, or it could not "
                      r"unpickle the task, e\.g\. a function from a module the workers "
-                     r"cannot import", message), message
+                     r"cannot import; the worker's log says which\); once the cause is "
+                     r"fixed, start workers again", message), message
 
 
 def test_the_hint_names_only_an_unexpected_departure_with_tasks_running():

@@ -1659,6 +1659,13 @@ def test_unrestricted_ops_of_one_block_that_fan_out_and_meet_go_as_one_task(per_
     finalize, extra = y.__dask_postcompute__()
     got = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
     np.testing.assert_allclose(got, y.compute(scheduler="sync"), rtol=1e-12)
+    # with no linear chain in the graph at all (the sine and cosine of each block, then
+    # their sum: every op is read twice or reads two), one task per block too
+    z = da.sin(x) + da.cos(x)
+    with dask.config.set({"mesh.router.layer-plan-threshold": 1 if per_layer else 10**9}):
+        plan = plan_collections([z], devs)
+    routed = rewrite_layers(plan) if per_layer else rewrite(plan)
+    assert len(routed.graph) == 16
 
 
 def test_block_groups_leave_alone_what_others_read_or_blocks_that_differ():

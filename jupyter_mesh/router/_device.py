@@ -66,6 +66,11 @@ def _map(fn: Any, x: Any) -> Any:
     if isinstance(x, tuple):
         if hasattr(x, "_fields"):  # a namedtuple (NumPy's SVDResult...) stays one
             return type(x)(*(_map(fn, v) for v in x))
+        if type(x) is not tuple:  # a subclass stays one (Dask's CombinedOutput)
+            try:
+                return type(x)(_map(fn, v) for v in x)
+            except Exception:
+                pass
         return tuple(_map(fn, v) for v in x)
     if isinstance(x, dict):
         return {k: _map(fn, v) for k, v in x.items()}

@@ -468,9 +468,12 @@ class RouterState:
             self._fail(ps, _no_site_left(*lost[0]))
             return
         if not sched.workers:
+            hint = _last_lost(sched)
             self._fail(ps, f"no live worker left for {ps.timeout:g} s: the computation "
-                           f"cannot finish{_last_lost(sched)}; add workers (e.g. "
-                           f"mesh.scale(cpu=2)) and compute again")
+                           f"cannot finish{hint}; " + (
+                               "once the cause is fixed, start workers again (e.g. "
+                               "mesh.scale(cpu=2)) and compute again" if hint else
+                               "add workers (e.g. mesh.scale(cpu=2)) and compute again"))
             return
         ps.relaxed.add(p)
         recs: dict[Any, str] = {}

@@ -290,13 +290,18 @@ def _first(results: Any) -> Any:
 
 
 def _finalized(collections: tuple[Any, ...], pin: Any) -> tuple[Any, ...]:
-    """Each expression collection as :class:`_Finalized` (arrays, bags and delayed
+    """Each DataFrame collection as :class:`_Finalized` (arrays, bags and delayed
     values as they are); with ``pin=`` all as they are: pins name the collections'
     own keys."""
     if pin is not None:
         return collections
-    return tuple(_Finalized(c) if hasattr(c, "expr") and hasattr(c, "optimize") else c
-                 for c in collections)
+    return tuple(_Finalized(c) if _is_frame(c) else c for c in collections)
+
+
+def _is_frame(c: Any) -> bool:
+    """A DataFrame, Series, Index or Scalar of ``dask.dataframe`` (built as an
+    expression; a delayed value has an expression too, and stays as it is)."""
+    return (type(c).__module__ or "").startswith("dask.dataframe") and hasattr(c, "expr")
 
 
 def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,

@@ -275,6 +275,7 @@ def _collection_graph(collections: Iterable[Any]) -> tuple[HighLevelGraph, list[
     if not colls:
         raise MeshError("nothing to route: pass one or more Dask collections")
     graphs = []
+    flat: dict[Any, Any] = {}
     keys: list[Any] = []
     for c in colls:
         if not dask.is_dask_collection(c):
@@ -287,11 +288,16 @@ def _collection_graph(collections: Iterable[Any]) -> tuple[HighLevelGraph, list[
                 f"{type(c).__name__}: compute plain values directly"
             )
         g = c.__dask_graph__()
-        if not isinstance(g, HighLevelGraph):
-            # (a DataFrame's lowered expression): its ops as layers, as Dask names them
-            g = _group_dict(g)
-        graphs.append(g)
+        if isinstance(g, HighLevelGraph):
+            graphs.append(g)
+        else:  # (a DataFrame's lowered expression): made layers below, all together
+            flat.update(g)
         keys.extend(flatten(c.__dask_keys__()))
+    if flat:
+        # its ops as layers, as Dask names them (grouped one collection at a time, two
+        # delayed values' tasks of one function made two layers of one name, and
+        # merging kept one)
+        graphs.append(_group_dict(flat))
     hlg = HighLevelGraph.merge(*graphs) if len(graphs) > 1 else graphs[0]
     return hlg, keys
 

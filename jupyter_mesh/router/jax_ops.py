@@ -143,6 +143,7 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
                    .startswith("numpy") for f in (_parts(func) or []))
     found = [False]
     same = _same_dtypes()
+    x64 = same is _SAME_DTYPES
 
     def ok(x: Any, top: bool) -> bool:
         if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -155,6 +156,10 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
             return False  # NumPy takes it (as an object or a float); JAX overflows
         dtype = getattr(x, "dtype", None)
         if dtype is None or not hasattr(x, "shape"):
+            if not x64 and isinstance(x, (int, float, complex)) and type(x) is not bool:
+                # NumPy may make 64-bit numbers of it (np.where(x32, 1.1, 0.0) is
+                # float64), which JAX without 64-bit mode makes 32-bit
+                return False
             return not isinstance(x, (np.generic,))
         found[0] = True
         return np.dtype(dtype) in same and getattr(x, "size", 1) != 0

@@ -126,7 +126,7 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
             "places its tasks on any worker: it cannot be kept at a site (site=, pin=); "
             "rechunk with method='tasks' (or set Dask's array.rechunk.method to 'tasks')")
     chains = linear_chains(plan) if fuse and wrap else []
-    if chains and getattr(plan, "unrestricted", False):
+    if fuse and wrap and getattr(plan, "unrestricted", False):
         # Dask places every task: what Dask's Blockwise fusion runs as one task, too
         chains = with_block_groups(m.keys, m.deps, set(m.outputs), [
             type(t) is Task and not t.block_fusion for t in map(m.tasks.get, m.keys)],
