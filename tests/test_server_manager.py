@@ -838,3 +838,39 @@ async def _detail_reads_kernels(tmp_path, monkeypatch):
         assert got["kernels"] == ["kernel-k1"] and got["plans"] == [record]
         path.unlink()  # the kernel is gone
         assert (await manager.get("local-x"))["kernels"] == []
+
+
+def test_a_connect_queued_behind_others_keeps_to_its_timeout(tmp_path, monkeypatch):
+    asyncio.run(_queued_connects(tmp_path, monkeypatch))
+
+
+async def _queued_connects(tmp_path, monkeypatch):
+    # connects run in a few threads; one queued behind connects to a scheduler that
+    # does not answer waited for a thread and then its whole timeout, and said it had
+    # waited the timeout once
+    import time
+
+    from jupyter_mesh import MeshError
+
+    given = []
+
+    def never_answers(address, timeout=None, **kwargs):
+        given.append(timeout)
+        time.sleep(1.0)
+        raise MeshError(f"could not connect to {address} within {timeout:g} s")
+
+    monkeypatch.setattr(manager_module, "CONNECT_THREADS", 1)
+    monkeypatch.setattr(manager_module.Mesh, "connect", staticmethod(never_answers))
+    async with MeshManager(tmp_path) as manager:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            manager._connect_in_thread("tcp://a:1", timeout=3.0),
+            manager._connect_in_thread("tcp://b:1", timeout=3.0),
+            manager._connect_in_thread("tcp://c:1", timeout=1.2),
+            return_exceptions=True)
+        took = time.monotonic() - started
+    assert given[0] == 3.0 and 1.5 <= given[1] <= 2.2, given  # what was left of it
+    assert len(given) == 2 and took < 3.5, (given, took)
+    assert str(results[2]) == ("no connection was free for 1.2 s (1 connects wait on "
+                               "schedulers that do not answer): try again once they "
+                               "give up")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
-import functools
 import logging
 import os
 import re
@@ -294,8 +293,25 @@ class MeshManager:
     async def _connect_in_thread(self, *args: Any, **kwargs: Any) -> Any:
         """``Mesh.connect`` in one of the connect threads (see ``_connecting``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._connecting, functools.partial(Mesh.connect, *args, **kwargs))
+        asked = time.monotonic()
+
+        def connect() -> Any:
+            # the timeout counts from the request, not from when a thread was free
+            # (with every thread waiting on a scheduler that does not answer, a connect
+            # took twice its timeout and said it had waited it once)
+            timeout = kwargs.get("timeout")
+            waited = time.monotonic() - asked
+            if timeout is not None and waited > 0.5:  # (queued behind others)
+                left = round(timeout - waited, 1)
+                if left <= 0.5:
+                    raise MeshError(
+                        f"no connection was free for {timeout:g} s ({CONNECT_THREADS} "
+                        f"connects wait on schedulers that do not answer): try again "
+                        f"once they give up")
+                return Mesh.connect(*args, **{**kwargs, "timeout": left})
+            return Mesh.connect(*args, **kwargs)
+
+        return await loop.run_in_executor(self._connecting, connect)
 
     async def close(self) -> None:
         """Stop the meshes this server started and drop its connections."""
