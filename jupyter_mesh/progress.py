@@ -59,9 +59,12 @@ def in_notebook() -> bool:
     return True
 
 
-def _display(obj: Any, text: str) -> None:
-    """Show a widget; ``text`` stands in for it where widgets do not show (a saved
-    notebook without its widget state, nbconvert), instead of the widget's repr."""
+def _display(obj: Any, text: str) -> str | None:
+    """Show a widget; ``text`` stands in for it where widgets do not show (nbconvert,
+    a viewer of the file), instead of the widget's repr. Returns the output's display
+    id (for :func:`_freeze`), or None."""
+    import uuid
+
     from IPython.display import display
 
     try:
@@ -69,9 +72,63 @@ def _display(obj: Any, text: str) -> None:
     except Exception:  # not a widget after all: show it as it is
         bundle = None
     if isinstance(bundle, dict) and bundle:
-        display({**bundle, "text/plain": text}, raw=True)
-    else:
-        display(obj)
+        display_id = uuid.uuid4().hex
+        display({**bundle, "text/plain": text}, raw=True, display_id=display_id)
+        return display_id
+    display(obj)
+    return None
+
+
+def _update(bundle: dict[str, str], display_id: str) -> None:
+    from IPython.display import update_display
+
+    update_display(bundle, raw=True, display_id=display_id)
+
+
+def _freeze(display_id: str | None, obj: Any, text: str) -> None:
+    """Replace a bar that has ended by a static copy of it (HTML): JupyterLab saves no
+    widget's state unless asked to, and a saved notebook opened again (with a new
+    kernel) showed "Error displaying widget: model not found" where the bar was."""
+    if display_id is None:
+        return
+    with contextlib.suppress(Exception):  # a bar must never break the computation
+        _update({"text/html": widget_html(obj), "text/plain": text}, display_id)
+
+
+#: colours of a progress bar's bar_style, as ipywidgets draws them (a fixed colour:
+#: an untrusted notebook's sanitizer drops CSS variables)
+_BAR_COLOURS = {"success": "#4caf50", "danger": "#f44336", "warning": "#ff9800",
+                "info": "#2196f3", "": "#2196f3"}
+
+
+def widget_html(w: Any) -> str:
+    """A static HTML copy of a tree of ipywidgets (boxes, HTML and labels, progress
+    bars) as it shows now."""
+    import html
+
+    from ipywidgets import HTML, Box, FloatProgress, HTMLMath, IntProgress, Label, VBox
+
+    if isinstance(w, Box):
+        direction = "column" if isinstance(w, VBox) else "row"
+        inner = "".join(widget_html(c) for c in w.children)
+        return (f'<div style="display:flex;flex-direction:{direction};gap:4px;'
+                f'align-items:{"stretch" if direction == "column" else "center"}">'
+                f"{inner}</div>")
+    if isinstance(w, (HTML, HTMLMath)):
+        return f"<div>{w.value}</div>"
+    if isinstance(w, Label):
+        return f"<span>{html.escape(str(w.value))}</span>"
+    if isinstance(w, (FloatProgress, IntProgress)):
+        span = (w.max - w.min) or 1
+        pct = max(0.0, min(100.0, 100.0 * (w.value - w.min) / span))
+        colour = _BAR_COLOURS.get(w.bar_style or "", _BAR_COLOURS[""])
+        label = (f"<span>{html.escape(str(w.description))}</span>"
+                 if getattr(w, "description", "") else "")
+        return (f'{label}<div style="width:300px;height:14px;background:#e0e0e0">'
+                f'<div style="width:{pct:.1f}%;height:100%;background:{colour}"></div>'
+                f"</div>")
+    value = getattr(w, "value", None)
+    return f"<span>{html.escape(str(value if value is not None else ''))}</span>"
 
 
 class GroupBy:
@@ -378,7 +435,7 @@ class FuturesWatch:
         bar: TextBars | WidgetBars
         if in_notebook():
             bar = WidgetBars(futures, **kwargs)
-            _display(bar.box, f"{self.title}: progress bar (a widget)")
+            self.display_id = _display(bar.box, f"{self.title}: progress bar (a widget)")
         else:
             bar = TextBars(futures, **kwargs)
         bar._start_time = self.t0  # elapsed counts from the submission, as Dask's does
@@ -412,6 +469,10 @@ class FuturesWatch:
                     bar.stop_here()  # not "Computing" for ever
                 else:
                     bar.done_here()  # it finished; Dask's last word came late
+        box = getattr(bar, "box", None)
+        if box is not None:  # (a widget bar, as it ended)
+            _freeze(getattr(self, "display_id", None), box, f"{self.title}: " + (
+                _STOPPED if aborted else "finished"))
 
     def timeline(self) -> list[dict[str, Any]] | None:
         """The scheduler's task-stream records (start and stop per task) since the
@@ -499,14 +560,15 @@ class RemoteWatch:
             rows.append(HBox([bar, text]))
         self.widgets = widgets
         self.box = VBox([HTML("<b>remote cell</b>"), *rows])
-        _display(self.box, "remote cell: progress bar (a widget)")
+        self.display_ids = [_display(self.box, "remote cell: progress bar (a widget)")]
 
     def show_again(self) -> None:
         """After the cell cleared its output (``clear_output`` on the worker), which
         took the bars with it: show them again, above what the cell shows next."""
         if self.widgets is not None:
             with contextlib.suppress(Exception):  # a bar must never stop the cell
-                _display(self.box, "remote cell: progress bar (a widget)")
+                self.display_ids.append(
+                    _display(self.box, "remote cell: progress bar (a widget)"))
 
     def _fraction(self, elapsed: float) -> float:
         if self.timeout:
@@ -562,6 +624,10 @@ class RemoteWatch:
                 self._draw(time.monotonic() - self.t0, "finished" if ok else "stopped")
             except Exception:
                 pass
+            # (a static copy, which a notebook saved and opened again still shows)
+            for display_id in getattr(self, "display_ids", ()):
+                _freeze(display_id, self.box, "remote cell: " + (
+                    "finished" if ok else "stopped"))
 
     def clear_line(self) -> None:
         """Before the cell's output (or a message) in a terminal: take the text bar's

@@ -75,8 +75,9 @@ class MeshPanel(w.VBox):
     """
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        # where widgets do not show (a notebook saved without widget state, nbconvert),
-        # the text stands in: what the panel shows, not the widget's repr
+        # where widgets do not show (nbconvert, a viewer of the file), the text stands
+        # in: what the panel shows, not the widget's repr (JupyterLab itself says
+        # "model not found" in a notebook saved without widget state: see the README)
         data = super()._repr_mimebundle_(**kwargs)
         if isinstance(data, dict):
             data["text/plain"] = self.text()

@@ -227,18 +227,22 @@ def test_a_finished_widget_bar_is_well_formed_html(mesh, quick_threshold, monkey
 
 
 def test_a_bar_left_in_a_saved_notebook_reads_as_a_line_not_a_widget_repr(monkeypatch):
-    # where widgets do not show (a notebook saved without widget state, nbconvert),
-    # the output's text stands in: a line that says what was there
+    # where widgets do not show (nbconvert, a viewer of the file), the output's text
+    # stands in: a line that says what was there; the output has an id, so that the
+    # bar's static copy replaces it at its end
     import IPython.display
     from ipywidgets import HTML, VBox
 
     sent = []
     monkeypatch.setattr(IPython.display, "display",
-                        lambda obj, raw=False: sent.append((obj, raw)))
-    progress._display(VBox([HTML("<b>route=auto</b>")]), "route=auto: progress bar (a widget)")
-    ((bundle, raw),) = sent
+                        lambda obj, raw=False, display_id=None: sent.append(
+                            (obj, raw, display_id)))
+    got = progress._display(VBox([HTML("<b>route=auto</b>")]),
+                            "route=auto: progress bar (a widget)")
+    ((bundle, raw, display_id),) = sent
     assert raw and bundle["text/plain"] == "route=auto: progress bar (a widget)"
     assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert display_id and got == display_id
 
 
 def test_slow_remote_cell_shows_the_time_it_has_run(mesh, quick_threshold, capfd):
@@ -580,3 +584,59 @@ def test_the_cells_own_text_comes_out_before_the_line(monkeypatch):
     watch.done(True, {"cpu-0": "finished"})
     first_line = next(i for i, e in enumerate(events) if e[0] == "stderr")
     assert ("stdout flushed",) in events[:first_line]
+
+
+def _freezes(monkeypatch):
+    """Bars shown (with a display id each) and the static copies that replace them."""
+    shown, updates = [], []
+
+    def display(obj, text):
+        shown.append(obj)
+        return f"id-{len(shown)}"
+
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", display)
+    monkeypatch.setattr(progress, "_update", lambda bundle, display_id: updates.append(
+        (display_id, bundle)))
+    return shown, updates
+
+
+def test_a_finished_bar_is_replaced_by_a_static_copy(mesh, quick_threshold, monkeypatch):
+    # JupyterLab saves no widget state unless asked: a saved notebook opened again with
+    # a new kernel said "Error displaying widget: model not found" where each bar was
+    shown, updates = _freezes(monkeypatch)
+    mesh.compute(*sleepy(2))
+    ((display_id, bundle),) = updates
+    assert display_id == "id-1"
+    assert bundle["text/plain"].endswith(": finished")
+    html = bundle["text/html"]
+    assert "Finished" in html and "width:100.0%" in html and "#4caf50" in html  # green
+    for row in shown[0].children[1].children[1].children:
+        assert row.children[2].value in html  # each target's label and count
+
+
+def test_a_remote_cells_bar_is_replaced_by_a_static_copy_at_its_end(monkeypatch):
+    shown, updates = _freezes(monkeypatch)
+    watch = progress.RemoteWatch(["cpu-0", "jax-cpu-0"], timeout=None)
+    watch.after = 0.0
+    watch.tick({})
+    watch.show_again()  # (after the cell cleared its output)
+    watch.done(ok=True, ended={"cpu-0": "finished", "jax-cpu-0": "failed"})
+    assert [u[0] for u in updates] == ["id-1", "id-2"]
+    html = updates[-1][1]["text/html"]
+    assert "cpu-0: finished after" in html and "jax-cpu-0: failed after" in html
+    assert "#4caf50" in html and "#f44336" in html  # green and red
+    assert updates[-1][1]["text/plain"] == "remote cell: finished"
+
+
+def test_a_static_copy_shows_what_the_widgets_show():
+    from ipywidgets import HTML, FloatProgress, HBox, IntProgress, Label, VBox
+
+    box = VBox([HTML("<b>title</b>"),
+                HBox([IntProgress(value=3, max=4, bar_style="danger", description="d"),
+                      Label("a < b")]),
+                FloatProgress(value=0.5, min=0.0, max=1.0)])
+    html = progress.widget_html(box)
+    assert "<b>title</b>" in html and "a &lt; b" in html
+    assert "width:75.0%" in html and "#f44336" in html and "<span>d</span>" in html
+    assert "width:50.0%" in html and "flex-direction:row" in html
