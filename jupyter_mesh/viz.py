@@ -65,17 +65,26 @@ def _lanes(bars: list[dict[str, Any]], group: str, slack: float = 1e-12) -> None
     """Give every bar a lane within its group so overlapping bars do not hide each
     other: the first lane free at the bar's start (as list scheduling fills slots),
     give or take ``slack`` seconds."""
+    # the bars of one task (a fused chain's members, one after another) share its lane:
+    # placed one by one, the next task's first bar, starting a moment before the chain's
+    # last member, took the lane and pushed that member to a second one
+    spans: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for i, bar in enumerate(bars):
+        spans[bar.get("task", ("bar", i))].append(bar)
     ends: dict[str, list[float]] = defaultdict(list)
-    for bar in sorted(bars, key=lambda b: (b[group], b["start"], b["end"])):
-        lanes = ends[bar[group]]
+    for members in sorted(spans.values(), key=lambda ms: (
+            ms[0][group], min(b["start"] for b in ms), max(b["end"] for b in ms))):
+        first, last = min(b["start"] for b in members), max(b["end"] for b in members)
+        lanes = ends[members[0][group]]
         for j, end in enumerate(lanes):
-            if end <= bar["start"] + slack:
-                lanes[j] = bar["end"]
+            if end <= first + slack:
+                lanes[j] = last
                 break
         else:
             j = len(lanes)
-            lanes.append(bar["end"])
-        bar["row"] = bar[group] if j == 0 else f"{bar[group]} #{j + 1}"
+            lanes.append(last)
+        for bar in members:
+            bar["row"] = bar[group] if j == 0 else f"{bar[group]} #{j + 1}"
 
 
 def _short(address: str) -> str:
@@ -202,10 +211,11 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
             # own device call took, the last one to the task's end
             start, stop = ss["start"], ss["stop"]
             members = members_of(key)
+            task = len(bars)  # (its members share a lane: see _lanes)
             for j, k in enumerate(members):
                 end = stop if j == len(members) - 1 else min(
                     stop, start + report.records.get(k, ("", "", 0.0))[2])
-                bars.append({"worker": name, "start": start, "end": end,
+                bars.append({"worker": name, "start": start, "end": end, "task": task,
                              "target": target(worker, k), "op": op(k), "key": str(k)})
                 start = end
     if bars:

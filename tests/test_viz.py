@@ -462,3 +462,34 @@ def test_a_timeline_of_many_tasks_keeps_every_worker_and_says_it_samples():
     assert title == f"Planned timeline (showing {len(kept)} of 8404 tasks, every row sampled)"
     few = bars[:10]
     assert sampled_bars(few, "t", most=5000) == (few, "t")
+
+
+def test_a_fused_chain_and_the_next_task_on_its_thread_share_one_lane(plan):
+    # the chain's last member starts after its first ones (inside the one task), so the
+    # next task, starting a moment before the chain's end, was placed first and pushed
+    # that member to a phantom second lane ("cpu-0 #2" on a one-thread worker)
+    from jupyter_mesh.router.rewrite import linear_chains
+
+    report = _report(plan, with_stream=True)
+    m = plan.model
+    chain = next(c for c in linear_chains(plan) if len(c) >= 2)
+    keys = [m.keys[i] for i in chain]
+    last = keys[-1]
+    report.timeline = [r for r in report.timeline if r["key"] not in keys[:-1]]
+    (rec,) = [r for r in report.timeline if r["key"] == last]
+    worker = rec["worker"]
+    ss = rec["startstops"][0]
+    ss["start"], ss["stop"] = 1000.0, 1000.2
+    report.records[keys[0]] = (worker, report.records[keys[0]][1], 0.1998)
+    for k in keys[1:-1]:  # (the members between take no time)
+        report.records[k] = (worker, report.records[k][1], 0.0)
+    other = next(r for r in report.timeline if r["worker"] == worker and r is not rec)
+    other["startstops"][0]["start"], other["startstops"][0]["stop"] = 1000.199, 1000.4
+    report.fused = {last: keys}
+    rest = [r for r in report.timeline if r["worker"] == worker and r is not rec
+            and r is not other]
+    for i, r in enumerate(rest):  # the worker's other tasks earlier, one at a time
+        r["startstops"][0]["start"], r["startstops"][0]["stop"] = 500.0 + i, 500.5 + i
+    bars, _ = viz.measured_bars(report)
+    name = next(b["worker"] for b in bars if b["key"] == str(last))
+    assert {b["row"] for b in bars if b["worker"] == name} == {name}
