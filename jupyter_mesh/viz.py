@@ -377,6 +377,11 @@ def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) 
     return fig
 
 
+def _size(node: dict[str, Any]) -> float:
+    """A node's circle, in pixels across: larger for more tasks."""
+    return 10 + min(node["tasks"], 64) ** 0.5 * 3
+
+
 def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
     from bokeh.models import ColumnDataSource, HoverTool, Range1d
     from bokeh.models.annotations import LabelSet
@@ -389,8 +394,20 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
     xs = [n["x"] for n in nodes] or [0.0]
     ys = [n["y"] for n in nodes] or [0.0]
     height = min(MAX_GRAPH_HEIGHT, max(200, 80 + 60 * int(max(ys) - min(ys) + 1)))
+    # labels centred on their nodes, above and below in turn along each row: those on
+    # one side are two columns apart, and no longer than that leaves room for (about
+    # 6.5 px a character at 9pt); the ends leave room for half a label
+    pad = 0.8
+    per_column = 0.75 * width / max(max(xs) - min(xs) + 2 * pad, 1.0)
+    chars = max(6, min(22, int(2 * per_column / 6.5) - 1))
+    pad = max(pad, (chars * 6.5 / 2 + 4) / per_column)
+    side: dict[int, int] = {}
+    for row in {n["y"] for n in nodes}:
+        along = sorted((n["x"], k) for k, n in enumerate(nodes) if n["y"] == row)
+        for j, (_, k) in enumerate(along):
+            side[k] = j % 2
     fig = figure(width=width, height=height,
-                 title=title, x_range=Range1d(start=min(xs) - 0.6, end=max(xs) + 0.9),
+                 title=title, x_range=Range1d(start=min(xs) - pad, end=max(xs) + pad),
                  y_range=Range1d(start=min(ys) - 0.8, end=max(ys) + 0.8),
                  tools="pan,wheel_zoom,reset,save", toolbar_location="above")
     fig.axis.visible = False
@@ -403,18 +420,21 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
                     line_color="#999999", line_width=1.5)
     source = ColumnDataSource({
         "x": xs[: len(nodes)], "y": ys[: len(nodes)], "op": [n["op"] for n in nodes],
-        "label": [n["op"][:22] for n in nodes],
-        # labels above and below in turn, so neighbours in a chain do not collide
-        "dy": [10 if k % 2 == 0 else -22 for k in range(len(nodes))], "class": [n["class"] for n in nodes],
+        "label": [n["op"] if len(n["op"]) <= chars else n["op"][: chars - 1] + "…"
+                  for n in nodes],
+        # clear of the node's circle, above or below it
+        "dy": [(_size(n) / 2 + 3) if side.get(k, 0) == 0 else -(_size(n) / 2 + 13)
+               for k, n in enumerate(nodes)],
+        "class": [n["class"] for n in nodes],
         "tasks": [n["tasks"] for n in nodes], "target": [n["target"] for n in nodes],
         "targets": [n["targets"] for n in nodes],
         "colour": [colour_of(n["target"]) for n in nodes],
-        "size": [10 + min(n["tasks"], 64) ** 0.5 * 3 for n in nodes],
+        "size": [_size(n) for n in nodes],
     })
     fig.scatter(x="x", y="y", size="size", source=source, fill_color="colour",
                 line_color="#333333", legend_field="target")
-    fig.add_layout(LabelSet(x="x", y="y", text="label", source=source, x_offset=-12,
-                            y_offset="dy", text_font_size="9pt"))
+    fig.add_layout(LabelSet(x="x", y="y", text="label", source=source, x_offset=0,
+                            y_offset="dy", text_align="center", text_font_size="9pt"))
     fig.add_tools(HoverTool(tooltips=[("op", "@op"), ("class", "@class"),
                                       ("tasks", "@tasks"), ("target", "@targets")]))
     fig.legend.label_text_font_size = "9pt"
