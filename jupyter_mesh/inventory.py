@@ -233,12 +233,14 @@ class Inventory:
             )
             for d in devs:
                 prof = e(d.profile_text())
+                # (no cell but the profile wraps mid-word: "jax-cpu- / 0")
+                td = "<td style='white-space:nowrap'>"
                 rows.append(
                     "<tr>"
-                    f"<td>{e(d.name or d.worker)}</td><td>{e(d.backend)}</td>"
+                    f"{td}{e(d.name or d.worker)}</td>{td}{e(d.backend)}</td>"
                     f"<td>{e(d.model)}</td>"
-                    f"<td>{format_bytes(d.memory_used)} / {format_bytes(d.memory)}</td>"
-                    f"<td>{d.tasks}</td><td>{prof}</td></tr>"
+                    f"{td}{format_bytes(d.memory_used)} / {format_bytes(d.memory)}</td>"
+                    f"{td}{d.tasks}</td><td>{prof}</td></tr>"
                 )
         table = (
             "<table><thead><tr><th>device</th><th>backend</th><th>model</th>"

@@ -44,11 +44,13 @@ def devices_html(inv: Inventory) -> str:
             f"<tr><th colspan='5' style='text-align:left'>{e(kind)} @ {e(site)}: "
             f"{len(devs)}</th></tr>"
         )
+        # columns apart, and no cell wrapping mid-word
+        td = "<td style='white-space:nowrap;padding:0 12px 0 0'>"
         for d in devs:
             rows.append(
-                f"<tr><td>{e(d.name or d.worker)}</td><td>{e(d.backend)}</td>"
-                f"<td>{e(d.model[:40])}</td><td>{d.tasks} tasks</td>"
-                f"<td>{format_bytes(d.memory_used)} / {format_bytes(d.memory)}</td></tr>"
+                f"<tr>{td}{e(d.name or d.worker)}</td>{td}{e(d.backend)}</td>"
+                f"{td}{e(d.model[:40])}</td>{td}{d.tasks} tasks</td>"
+                f"{td}{format_bytes(d.memory_used)} / {format_bytes(d.memory)}</td></tr>"
             )
     if not rows:
         rows.append("<tr><td>no devices</td></tr>")

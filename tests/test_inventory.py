@@ -63,7 +63,7 @@ def test_a_device_whose_memory_is_not_known_shows_a_dash_not_zero():
         .startswith("-/-  ")
     assert [ln for ln in lines if ln.strip().startswith("gpu-0")][0].split("mem ")[1] \
         .startswith("-/80.0 GiB  ")
-    assert "<td>- / -</td>" in inv._repr_html_()
+    assert "<td style='white-space:nowrap'>- / -</td>" in inv._repr_html_()
 
 
 def test_a_jax_cpu_worker_shows_the_numpy_figures_it_measured_too():

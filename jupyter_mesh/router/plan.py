@@ -499,7 +499,9 @@ def _html_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
     rows, rest = _shown(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(c, r.get(c, '')))}</td>" for c in cols)
+        # (no cell wraps mid-word: "130.8 / ms", "any (pools / equivalent)")
+        "<tr>" + "".join(f"<td style='white-space:nowrap'>{html.escape(_cell(c, r.get(c, '')))}"
+                         f"</td>" for c in cols)
         + "</tr>"
         for r in rows
     )
