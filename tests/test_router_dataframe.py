@@ -165,3 +165,19 @@ def test_ops_that_pass_blocks_between_partitions_give_dasks_numbers(mesh, frames
     pd.testing.assert_series_equal(got, want)
     with mesh.route("auto"):
         pd.testing.assert_series_equal(e.compute(), want)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["merge", "shuffle"])
+def test_a_p2p_shuffle_planned_per_layer_finishes_too(mesh, frames, how):
+    # a plan per layer sees the barrier's layer by its name alone ("shuffle-barrier")
+    df, other = frames
+    with dask.config.set({"dataframe.shuffle.method": "p2p",
+                          "mesh.router.layer-plan-threshold": 1}):
+        e = df.merge(other, on="k", how="left") if how == "merge" else df.shuffle("k")
+        (want,) = mesh.compute(e, route="off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (Dask's P2P logs of its own)
+            (got,) = mesh.compute(e, route="cpu:jax")
+        assert "planned per layer" in " ".join(mesh.last_plan.notes)
+    _same(got, want)

@@ -221,14 +221,17 @@ def _name(key: Any) -> Any:
 def is_p2p(key: Any) -> bool:
     """Whether ``key`` is a task of Dask's P2P rechunk or shuffle."""
     name = _name(key)
-    return isinstance(name, str) and name.startswith(P2P_PREFIXES)
+    # (a plan per layer sees the barrier's layer by its name alone)
+    return isinstance(name, str) and (name.startswith(P2P_PREFIXES)
+                                      or name == P2P_BARRIER[:-1])
 
 
 def is_barrier(key: Any) -> bool:
     """Whether ``key`` is the barrier of a P2P rechunk or shuffle: the tasks that read
     it are its outputs, which Dask's P2P pins to workers of its own choosing."""
     name = _name(key)
-    return isinstance(name, str) and name.startswith(P2P_BARRIER)
+    return isinstance(name, str) and (name.startswith(P2P_BARRIER)
+                                      or name == P2P_BARRIER[:-1])
 
 
 def site_only(pools: list[tuple[str | None, str | None, str]], site: str) -> int:
