@@ -314,6 +314,24 @@ async def _no_sample(entry, **kwargs):
     return None
 
 
+def _kernel_registration(runtime_dir, record):
+    """A registration, as a kernel (this process) that connected to the mesh at
+    tcp://127.0.0.1:8786 and made the plan ``record`` writes it; its path."""
+    import json
+    import os
+
+    from jupyter_mesh import discovery
+
+    directory = discovery.registry_dir(runtime_dir)
+    directory.mkdir(mode=0o700, parents=True)
+    path = directory / "mesh-1.json"
+    path.write_text(json.dumps({
+        "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
+        "pid_started": discovery.process_start_time(os.getpid()), "plans": [record]}))
+    path.chmod(0o600)
+    return path
+
+
 def test_plans_a_kernel_made_on_a_mesh_the_sidebar_shows_are_shown(tmp_path):
     asyncio.run(_kernel_plans_on_a_sidebar_mesh(tmp_path))
 
@@ -321,22 +339,13 @@ def test_plans_a_kernel_made_on_a_mesh_the_sidebar_shows_are_shown(tmp_path):
 async def _kernel_plans_on_a_sidebar_mesh(tmp_path):
     # the main workflow: Start in the sidebar, connect a notebook to it, compute there;
     # the notebook's router plans reach the sidebar through its registration
-    import json
-    import os
 
-    from jupyter_mesh import discovery
 
     async with MeshManager(tmp_path) as manager:
         manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
                                             address="tcp://127.0.0.1:8786", name="Local mesh 1")
         record = {"kind": "plan", "route": "auto", "rows": [{"op": "matmul"}]}
-        directory = discovery.registry_dir(tmp_path)
-        directory.mkdir(mode=0o700, parents=True)
-        path = directory / "mesh-1.json"
-        path.write_text(json.dumps({
-            "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
-            "pid_started": discovery.process_start_time(os.getpid()), "plans": [record]}))
-        path.chmod(0o600)
+        _kernel_registration(tmp_path, record)
         await manager.refresh_kernels()
         await manager.refresh_kernels()  # read again: still once
         entry = manager._entries["local-x"]
@@ -814,10 +823,7 @@ async def _detail_reads_kernels(tmp_path, monkeypatch):
     # GET meshes/ID of a mesh the sidebar started: the kernels using it (and their
     # plans) were read only by GET meshes, so polling the detail alone showed none, and
     # after the kernel was gone still showed it
-    import json
-    import os
 
-    from jupyter_mesh import discovery
 
     async with MeshManager(tmp_path) as manager:
         manager._entries["local-x"] = Entry(id="local-x", origin="sidebar",
@@ -827,13 +833,7 @@ async def _detail_reads_kernels(tmp_path, monkeypatch):
             "kernels": sorted(entry.kernels), "plans": list(entry.plans)})
         assert await manager.get("local-x") == {"kernels": [], "plans": []}
         record = {"kind": "plan", "route": "auto", "rows": [{"op": "matmul"}]}
-        directory = discovery.registry_dir(tmp_path)
-        directory.mkdir(mode=0o700, parents=True)
-        path = directory / "mesh-1.json"
-        path.write_text(json.dumps({
-            "address": "tcp://127.0.0.1:8786", "pid": os.getpid(), "id": "k1",
-            "pid_started": discovery.process_start_time(os.getpid()), "plans": [record]}))
-        path.chmod(0o600)
+        path = _kernel_registration(tmp_path, record)
         got = await manager.get("local-x")
         assert got["kernels"] == ["kernel-k1"] and got["plans"] == [record]
         path.unlink()  # the kernel is gone
