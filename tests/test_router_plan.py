@@ -1693,3 +1693,14 @@ def test_block_groups_leave_alone_what_others_read_or_blocks_that_differ():
     assert groups([x, z, m, q], [[], [], [0, 1], [2]], [q]) == [[m, q]]
     # keys that are not blocks (a delayed's) are left to the linear chains
     assert groups(["f", "g"], [[], [0]], ["g"]) == []
+    # a 1-d sum's partial step reads blocks 0-3 and has block 0's index: it joins no
+    # group (in block 0's, block 0's ops would wait for blocks 1-3)
+    xs = [("x", i) for i in range(4)]
+    ss = [("s", i) for i in range(4)]
+    part = ("p", 0)
+    assert groups(xs + ss + [part], [[], [], [], [], [0], [1], [2], [3], [4, 5, 6, 7]],
+                  [part]) == [[("x", i), ("s", i)] for i in range(4)]
+    # nor does a task that reads a block of another op made elsewhere (x(i) + y(i) of
+    # two sources), or a block of another index (x(0, 1) + y(1), broadcast)
+    b = ("b", 0, 1)
+    assert groups([("x", 0, 1), ("y", 1), b], [[], [], [0, 1]], [b]) == []

@@ -270,25 +270,28 @@ def block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
                  fusable: list[bool]) -> list[list[int]]:
     """Groups of two or more tasks (indices into ``keys``, in topological order: a
     task listed before one of its inputs only misses the group it could have joined,
-    since every group is checked whole below) that Dask's own Blockwise fusion would run as one task and that a linear
-    chain cannot hold: the ops of one block that fan out and meet again
-    (``sin(x)**2 + cos(x)**2``: the block of ``x``, its sine and cosine, both squares
-    and their sum, one task per block as Dask runs it; unfused, each op went as a task
-    of its own and the block of ``x`` often to a second worker).
+    since every group is checked whole below) that Dask's own Blockwise fusion would
+    run as one task and that a linear chain cannot hold: the ops of one block that fan
+    out and meet again (``sin(x)**2 + cos(x)**2``: the block of ``x``, its sine and
+    cosine, both squares and their sum, one task per block as Dask runs it; unfused,
+    each op went as a task of its own and the block of ``x`` often to a second worker).
 
-    A group grows from one task (its *source*) through its consumers with the same
-    block index whose inputs of that index all come from the group; it is kept only
-    where one member alone (its last) hands anything on or is an output, so the group
-    reduces to one key as ``Task.fuse`` needs, and nothing outside waits on part of it.
-    Inputs of other blocks or ops may enter anywhere (as a Blockwise layer's do)."""
+    A group grows from one task (its *source*, whose inputs may be anything) through
+    consumers of the same block index whose every input is a member: an input from
+    outside entering later would hold the whole group back until it came (a 1-d sum's
+    partial step, which reads blocks 0-3, joined the group of block 0, and block 0's
+    ops waited for blocks 1-3). It is kept only where one member alone (its last)
+    hands anything on or is an output, so the group reduces to one key as
+    ``Task.fuse`` needs, and nothing outside waits on part of it."""
     n = len(keys)
     index = [_block_index(k) for k in keys]
     src = list(range(n))
     for j in range(n):
-        if not fusable[j] or index[j] is None:
+        if not fusable[j] or index[j] is None or not deps[j]:
             continue
-        mine = {src[d] for d in deps[j] if fusable[d] and index[d] == index[j]}
-        if len(mine) == 1:
+        mine = {src[d] if fusable[d] and index[d] == index[j] else -1 - d
+                for d in deps[j]}
+        if len(mine) == 1 and min(mine) >= 0:
             src[j] = mine.pop()
     members: dict[int, list[int]] = {}
     for j in range(n):
