@@ -170,7 +170,7 @@ def test_ops_that_pass_blocks_between_partitions_give_dasks_numbers(mesh, frames
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["merge", "shuffle"])
 def test_a_p2p_shuffle_planned_per_layer_finishes_too(mesh, frames, how):
-    # a plan per layer sees the barrier's layer by its name alone ("shuffle-barrier")
+    # (what the tests above check, for a graph planned per layer)
     df, other = frames
     with dask.config.set({"dataframe.shuffle.method": "p2p",
                           "mesh.router.layer-plan-threshold": 1}):
@@ -181,3 +181,16 @@ def test_a_p2p_shuffle_planned_per_layer_finishes_too(mesh, frames, how):
             (got,) = mesh.compute(e, route="cpu:jax")
         assert "planned per layer" in " ".join(mesh.last_plan.notes)
     _same(got, want)
+
+
+class _MyScalar(dd.dask_expr._collection.Scalar):
+    """A frame class of another package (as dask_cudf's and dask_geopandas' are)."""
+
+
+def test_a_frame_class_of_another_package_is_optimized_too(mesh, tmp_path):
+    pdf = pd.DataFrame({f"c{i}": np.arange(400.0) + i for i in range(6)})
+    dd.from_pandas(pdf, npartitions=2).to_parquet(tmp_path / "pq")
+    e = dd.read_parquet(tmp_path / "pq").c2.sum()
+    mine = _MyScalar(e.expr)
+    assert mesh.explain(mine).ntasks == mesh.explain(e).ntasks < len(e.__dask_graph__())
+    assert mesh.compute(mine) == (pdf.c2.sum(),)

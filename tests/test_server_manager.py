@@ -871,6 +871,16 @@ async def _queued_connects(tmp_path, monkeypatch):
         took = time.monotonic() - started
     assert given[0] == 3.0 and 1.5 <= given[1] <= 2.2, given  # what was left of it
     assert len(given) == 2 and took < 3.5, (given, took)
-    assert str(results[2]) == ("no connection was free for 1.2 s (1 connects wait on "
-                               "schedulers that do not answer): try again once they "
-                               "give up")
+    assert str(results[2]) == ("no connection was free for 1.2 s (every one of the 1 "
+                               "waits on a scheduler that does not answer): try again "
+                               "once they give up")
+    # the sidebar gives no timeout: mesh.connect-timeout's counts from the request too
+    given.clear()
+    import dask
+
+    with dask.config.set({"mesh.connect-timeout": 1.2}):
+        async with MeshManager(tmp_path) as manager:
+            results = await asyncio.gather(
+                manager._connect_in_thread("tcp://a:1"),
+                manager._connect_in_thread("tcp://b:1"), return_exceptions=True)
+    assert given == [None] and "no connection was free for 1.2 s" in str(results[1])

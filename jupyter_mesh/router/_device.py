@@ -66,12 +66,17 @@ def _map(fn: Any, x: Any) -> Any:
     if isinstance(x, tuple):
         if hasattr(x, "_fields"):  # a namedtuple (NumPy's SVDResult...) stays one
             return type(x)(*(_map(fn, v) for v in x))
-        if type(x) is not tuple:  # a subclass stays one (Dask's CombinedOutput)
+        items = [_map(fn, v) for v in x]
+        if type(x) is not tuple:  # a subclass stays one (Dask's CombinedOutput)...
             try:
-                return type(x)(_map(fn, v) for v in x)
+                again = type(x)(items)
+                # ...where it is rebuilt from its items, as they are
+                if len(again) == len(items) and all(
+                        a is b for a, b in zip(again, items, strict=True)):
+                    return again
             except Exception:
                 pass
-        return tuple(_map(fn, v) for v in x)
+        return tuple(items)
     if isinstance(x, dict):
         return {k: _map(fn, v) for k, v in x.items()}
     return fn(x)

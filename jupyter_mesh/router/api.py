@@ -299,9 +299,16 @@ def _finalized(collections: tuple[Any, ...], pin: Any) -> tuple[Any, ...]:
 
 
 def _is_frame(c: Any) -> bool:
-    """A DataFrame, Series, Index or Scalar of ``dask.dataframe`` (built as an
-    expression; a delayed value has an expression too, and stays as it is)."""
-    return (type(c).__module__ or "").startswith("dask.dataframe") and hasattr(c, "expr")
+    """A DataFrame, Series, Index or Scalar of ``dask.dataframe`` or a subclass of one
+    (dask_cudf's, dask_geopandas'): built as an expression (a delayed value has an
+    expression too, and stays as it is)."""
+    if "dask.dataframe" not in sys.modules:  # (no frame without it)
+        return False
+    try:
+        from dask.dataframe.dask_expr._collection import FrameBase
+    except Exception:
+        return False
+    return isinstance(c, FrameBase)
 
 
 def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,

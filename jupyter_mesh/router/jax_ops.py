@@ -144,6 +144,9 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
     found = [False]
     same = _same_dtypes()
     x64 = same is _SAME_DTYPES
+    weak = all(isinstance(f, np.ufunc) or getattr(f, "__module__", "") in ("operator",
+                                                                          "_operator")
+               for f in (_parts(func) or [func]))
 
     def ok(x: Any, top: bool) -> bool:
         if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
@@ -156,9 +159,11 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
             return False  # NumPy takes it (as an object or a float); JAX overflows
         dtype = getattr(x, "dtype", None)
         if dtype is None or not hasattr(x, "shape"):
-            if not x64 and isinstance(x, (int, float, complex)) and type(x) is not bool:
-                # NumPy may make 64-bit numbers of it (np.where(x32, 1.1, 0.0) is
-                # float64), which JAX without 64-bit mode makes 32-bit
+            if (top and not weak and not x64 and type(x) is not bool
+                    and isinstance(x, (int, float, complex))):
+                # a function that makes an array of it (np.where(x32, 1.1, 0.0) is
+                # float64 in NumPy), which JAX without 64-bit mode makes 32-bit;
+                # operators and ufuncs take Python numbers as weak in both
                 return False
             return not isinstance(x, (np.generic,))
         found[0] = True

@@ -495,13 +495,19 @@ def _text_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
     return "\n".join(line.rstrip() for line in out)
 
 
+_NOWRAP = " style='white-space:nowrap'"
+#: the columns that list several names
+_LISTS = frozenset({"workers", "backends"})
+
+
 def _html_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
     rows, rest = _shown(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
-        # (no cell wraps mid-word: "130.8 / ms", "any (pools / equivalent)")
-        "<tr>" + "".join(f"<td style='white-space:nowrap'>{html.escape(_cell(c, r.get(c, '')))}"
-                         f"</td>" for c in cols)
+        # (no cell wraps mid-word: "130.8 / ms", "any (pools / equivalent)"; lists of
+        # workers and backends may wrap between their items)
+        "<tr>" + "".join(f"<td{_NOWRAP if c not in _LISTS else ''}>"
+                         f"{html.escape(_cell(c, r.get(c, '')))}</td>" for c in cols)
         + "</tr>"
         for r in rows
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import concurrent.futures
+import contextlib
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import discovery
+from .. import _config, discovery
 from .._links import proxied
 from ..errors import MeshError
 from ..mesh import (
@@ -301,13 +302,16 @@ class MeshManager:
             # took twice its timeout and said it had waited it once)
             timeout = kwargs.get("timeout")
             waited = time.monotonic() - asked
+            if timeout is None and waited > 0.5:  # (the sidebar's: mesh.connect-timeout)
+                with contextlib.suppress(Exception):  # (a bad setting: connect says so)
+                    timeout = _config.get_seconds("connect-timeout", allow_zero=False)
             if timeout is not None and waited > 0.5:  # (queued behind others)
                 left = round(timeout - waited, 1)
                 if left <= 0.5:
                     raise MeshError(
-                        f"no connection was free for {timeout:g} s ({CONNECT_THREADS} "
-                        f"connects wait on schedulers that do not answer): try again "
-                        f"once they give up")
+                        f"no connection was free for {timeout:g} s (every one of the "
+                        f"{CONNECT_THREADS} waits on a scheduler that does not answer): "
+                        f"try again once they give up")
                 return Mesh.connect(*args, **{**kwargs, "timeout": left})
             return Mesh.connect(*args, **kwargs)
 
