@@ -79,7 +79,7 @@ def test_bokehjs_is_served_to_signed_in_users_only(jp_fetch, jp_asyncio_loop):
             r = await jp_fetch("jupyter-mesh", "static", f"bokeh-{version}.min.js",
                                headers=headers, follow_redirects=False)
         except HTTPClientError as err:
-            return err.code, b"", None
+            return err.code, err.response.body if err.response else b"", None
         return r.code, r.body, r.headers.get("Content-Type")
 
     code, body, ctype = jp_asyncio_loop.run_until_complete(get())
@@ -88,8 +88,10 @@ def test_bokehjs_is_served_to_signed_in_users_only(jp_fetch, jp_asyncio_loop):
     code, _, _ = jp_asyncio_loop.run_until_complete(get({"Authorization": ""}))
     assert code in (302, 403)
     # another version is not here (a browser keeps what a URL names for a day)
-    code, _, _ = jp_asyncio_loop.run_until_complete(get(version="9.9.9"))
+    code, body, _ = jp_asyncio_loop.run_until_complete(get(version="9.9.9"))
     assert code == 404
+    assert body.decode() == (f"this server has BokehJS {bokeh.__version__}, not 9.9.9: run "
+                             f"the cell that made the picture again")
 
 
 def test_health(api):

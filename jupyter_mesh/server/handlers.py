@@ -124,8 +124,12 @@ class BokehJSHandler(JupyterHandler):
         if version != bokeh.__version__:
             # the URL names the version a browser may keep it under: another one is not
             # here (a page from before an upgrade asks again, for the one it names)
-            raise tornado.web.HTTPError(404, f"this server has BokehJS {bokeh.__version__}, "
-                                             f"not {version}")
+            # (said in the body: Jupyter's error page would say only "Not Found")
+            self.set_status(404)
+            self.set_header("Content-Type", "text/plain; charset=utf-8")
+            self.finish(f"this server has BokehJS {bokeh.__version__}, not {version}: run "
+                        f"the cell that made the picture again")
+            return
         self.set_header("Content-Type", "application/javascript; charset=utf-8")
         # the URL names the Bokeh version, so a browser may keep it
         self.set_header("Cache-Control", "private, max-age=86400")
