@@ -120,23 +120,36 @@ def _add(a, b):
     return a + b
 
 
-def test_a_task_the_workers_cannot_unpickle_is_named_as_a_likely_cause(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["submit", "compute", "route"])
+def test_a_task_the_workers_cannot_unpickle_is_named_as_a_likely_cause(tmp_path, monkeypatch,
+                                                                       how):
     # a function from a module only this process can import: Dask's worker fails to
     # unpickle the task and closes for good (plain Dask then waits for ever); the
-    # mesh's "no live worker left" said to add workers, which would die the same way
+    # mesh's "no live worker left" said to add workers, which would die the same way.
+    # A plan that restricts nothing (every mesh of NumPy workers alone) waited for ever
+    # too: Dask queues its tasks, which the scheduler plugin does not watch
+    import dask.array as da
+
     (tmp_path / "only_here_mod.py").write_text("def inc(x):\n    return x + 1\n")
     with dask.config.set({"mesh.fallback-timeout": 1.0}), \
             fresh_local_mesh(cpu=1, jax_cpu=0) as m:
         monkeypatch.syspath_prepend(str(tmp_path))
         import only_here_mod
 
-        fut = m.submit(only_here_mod.inc, 1)
         with pytest.raises(MeshError) as err:
-            fut.result(timeout=60)
+            if how == "submit":
+                m.submit(only_here_mod.inc, 1).result(timeout=60)
+            else:
+                y = da.ones(4, chunks=2).map_blocks(only_here_mod.inc)
+                if how == "compute":
+                    m.compute(y)
+                else:
+                    with m.route("auto"):
+                        y.compute()
     message = str(err.value)
     assert "no live worker left for 1 s" in message and "\n" not in message
-    assert re.search(r"left unexpectedly while running inc-\w+: killed, or it could not "
-                     r"unpickle the task, e\.g\. a function from a module the workers "
+    assert re.search(r"left unexpectedly while running \(?'?inc-\w+.*: killed, or it could "
+                     r"not unpickle the task, e\.g\. a function from a module the workers "
                      r"cannot import; the worker's log says which\); once the cause is "
                      r"fixed, start workers again", message), message
 

@@ -468,12 +468,7 @@ class RouterState:
             self._fail(ps, _no_site_left(*lost[0]))
             return
         if not sched.workers:
-            hint = _last_lost(sched)
-            self._fail(ps, f"no live worker left for {ps.timeout:g} s: the computation "
-                           f"cannot finish{hint}; " + (
-                               "once the cause is fixed, start workers again (e.g. "
-                               "mesh.scale(cpu=2)) and compute again" if hint else
-                               "add workers (e.g. mesh.scale(cpu=2)) and compute again"))
+            self._fail(ps, no_worker_left(ps.timeout, _last_lost(sched)))
             return
         ps.relaxed.add(p)
         recs: dict[Any, str] = {}
@@ -528,6 +523,15 @@ def _as_key(key: Any) -> Any:
     return key
 
 
+def no_worker_left(timeout: float, hint: str = "") -> str:
+    """What a computation that no worker is left for says (``hint``: see
+    :func:`_last_lost`)."""
+    return (f"no live worker left for {timeout:g} s: the computation cannot finish"
+            f"{hint}; " + ("once the cause is fixed, start workers again (e.g. "
+                           "mesh.scale(cpu=2)) and compute again" if hint else
+                           "add workers (e.g. mesh.scale(cpu=2)) and compute again"))
+
+
 def _last_lost(sched: Any) -> str:
     """Why the last worker may have gone, where the scheduler saw it leave unexpectedly
     with tasks running: Dask's worker closes for good when it cannot unpickle a task it
@@ -537,7 +541,13 @@ def _last_lost(sched: Any) -> str:
         events = sched.get_events("all")
     except Exception:  # (Dask's event log is its own business: no hint without it)
         return ""
-    for _, msg in reversed(events):
+    return lost_hint(events)
+
+
+def lost_hint(events: Any) -> str:
+    """:func:`_last_lost` from the scheduler's events ("all"), as a client gets them
+    too."""
+    for _, msg in reversed(tuple(events or ())):
         if not isinstance(msg, dict) or msg.get("action") != "remove-worker":
             continue
         running = msg.get("processing-tasks") or ()

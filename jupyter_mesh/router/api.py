@@ -805,10 +805,13 @@ def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
 
     client = mesh.client
     status = getattr(_scheduler(mesh), STATUS_HANDLER)
+    # a plan that restricts nothing leaves its tasks to Dask, which queues them for ever
+    # where no worker is left; the scheduler plugin watches restricted tasks only
+    check = _no_worker_check(mesh)
     while True:
         try:
             # this mesh's client, which need not be the default one
-            client.sync(wait_async, futures, timeout=0.5 if not fallback else 5.0)
+            client.sync(wait_async, futures, timeout=0.5 if not fallback else 2.0)
             return
         except TimeoutError:
             pass
@@ -816,6 +819,11 @@ def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
         if st.get("failed"):
             client.cancel(futures)
             raise MeshError(st["failed"])
+        try:
+            check()
+        except MeshError:
+            client.cancel(futures)
+            raise
 
 
 def _wait_unrouted(mesh: Mesh, futures: list[Any]) -> None:
@@ -849,9 +857,13 @@ def _no_worker_check(mesh: Mesh) -> Any:
         now = time.monotonic()
         since = empty_since[0] = empty_since[0] or now
         if now - since >= timeout:
-            raise MeshError(
-                f"no live worker left for {timeout:g} s: the computation cannot finish; "
-                f"add workers (e.g. mesh.scale(cpu=2)) and compute again")
+            from ._scheduler import lost_hint, no_worker_left
+
+            try:
+                events = mesh.client.get_events("all")
+            except Exception:
+                events = ()
+            raise MeshError(no_worker_left(timeout, lost_hint(events)))
 
     return check
 
