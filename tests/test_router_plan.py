@@ -1660,12 +1660,16 @@ def test_unrestricted_ops_of_one_block_that_fan_out_and_meet_go_as_one_task(per_
     got = finalize([values[k] for k in dask.core.flatten(y.__dask_keys__())], *extra)
     np.testing.assert_allclose(got, y.compute(scheduler="sync"), rtol=1e-12)
     # with no linear chain in the graph at all (the sine and cosine of each block, then
-    # their sum: every op is read twice or reads two), one task per block too
-    z = da.sin(x) + da.cos(x)
-    with dask.config.set({"mesh.router.layer-plan-threshold": 1 if per_layer else 10**9}):
-        plan = plan_collections([z], devs)
-    routed = rewrite_layers(plan) if per_layer else rewrite(plan)
-    assert len(routed.graph) == 16
+    # their sum: every op is read twice or reads two), one task per block too; and where
+    # the blocks are data the graph holds (from_array's), the ops on each block
+    for z, data in ((da.sin(x) + da.cos(x), 0),
+                    (da.sin(d := da.from_array(np.ones((400, 400)), chunks=100)) ** 2
+                     + da.cos(d) ** 2, 16)):
+        with dask.config.set({"mesh.router.layer-plan-threshold":
+                              1 if per_layer else 10**9}):
+            plan = plan_collections([z], devs)
+        routed = rewrite_layers(plan) if per_layer else rewrite(plan)
+        assert len(routed.graph) == 16 + data
 
 
 def test_block_groups_leave_alone_what_others_read_or_blocks_that_differ():
@@ -1704,3 +1708,12 @@ def test_block_groups_leave_alone_what_others_read_or_blocks_that_differ():
     # two sources), or a block of another index (x(0, 1) + y(1), broadcast)
     b = ("b", 0, 1)
     assert groups([("x", 0, 1), ("y", 1), b], [[], [], [0, 1]], [b]) == []
+    # a block the graph holds as data (not a task Dask fuses), or reads from outside
+    # it (persisted): the ops that read nothing else group around it
+    assert groups([x, s, c, a], [[], [0], [0], [1, 2]], [a], [False, True, True, True]
+                  ) == [[s, c, a]]
+    assert [[keys[i] for i in g] for g, keys in [(g, [s, c, a]) for g in block_groups(
+        [s, c, a], [[], [], [0, 1]], {a}, [True] * 3, [[x], [x], []])]] == [[s, c, a]]
+    # (one of another block's outside is no source of theirs)
+    assert block_groups([s, c, a], [[], [], [0, 1]], {a}, [True] * 3,
+                        [[("x", 1)], [("x", 1)], []]) == []

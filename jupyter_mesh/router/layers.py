@@ -603,7 +603,8 @@ def _fuse_unrestricted(routed: Routed, graph: HighLevelGraph) -> None:
     groups = [[keys[i] for i in g] for g in block_groups(
         keys, [[at[d] for d in node.dependencies if d in at] for node in nodes], outputs,
         [type(node) is Task and isinstance(node.func, DeviceCall) and not node.block_fusion
-         for node in nodes])]
+         for node in nodes],
+        [[d for d in node.dependencies if d not in at] for node in nodes])]
     taken = {k for g in groups for k in g}
     for chain in groups + [c for c in graph_chains(flat, outputs) if taken.isdisjoint(c)]:
         last = fuse_chain(flat, chain, f"jupyter-mesh-{routed.plan_id}-{len(fused)}-fused")

@@ -128,9 +128,12 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
     chains = linear_chains(plan) if fuse and wrap else []
     if fuse and wrap and getattr(plan, "unrestricted", False):
         # Dask places every task: what Dask's Blockwise fusion runs as one task, too
-        chains = with_block_groups(m.keys, m.deps, set(m.outputs), [
-            type(t) is Task and not t.block_fusion for t in map(m.tasks.get, m.keys)],
-            chains)
+        nodes = [m.tasks[k] for k in m.keys]
+        inside = set(m.keys)
+        chains = with_block_groups(
+            m.keys, m.deps, set(m.outputs),
+            [type(t) is Task and not t.block_fusion for t in nodes], chains,
+            [[d for d in t.dependencies if d not in inside] for t in nodes])
     if p2p:
         chains = [c for c in chains if not p2p.intersection(c)]
     if host_results:
@@ -267,7 +270,8 @@ def _block_index(key: Any) -> tuple[int, ...] | None:
 
 
 def block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
-                 fusable: list[bool]) -> list[list[int]]:
+                 fusable: list[bool], outside: list[list[Any]] | None = None
+                 ) -> list[list[int]]:
     """Groups of two or more tasks (indices into ``keys``, in topological order: a
     task listed before one of its inputs only misses the group it could have joined,
     since every group is checked whole below) that Dask's own Blockwise fusion would
@@ -280,24 +284,36 @@ def block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
     consumers of the same block index whose every input is a member: an input from
     outside entering later would hold the whole group back until it came (a 1-d sum's
     partial step, which reads blocks 0-3, joined the group of block 0, and block 0's
-    ops waited for blocks 1-3). It is kept only where one member alone (its last)
+    ops waited for blocks 1-3). A block the graph holds as data (``from_array``'s) or
+    reads from outside it (``outside[j]``: the keys task ``j`` reads that are not in
+    ``keys``, a persisted array's) is a source too, not a member. It is kept only where
+    one member alone (its last)
     hands anything on or is an output, so the group reduces to one key as
     ``Task.fuse`` needs, and nothing outside waits on part of it."""
     n = len(keys)
     index = [_block_index(k) for k in keys]
-    src = list(range(n))
+    #: each task's group: its own index (a source), a source's, or ("in", d) /
+    #: ("out", key): the tasks that read nothing but the block of a data node d of the
+    #: graph (``from_array``'s) or of a key outside it (a persisted array's)
+    src: list[Any] = list(range(n))
     for j in range(n):
-        if not fusable[j] or index[j] is None or not deps[j]:
+        if not fusable[j] or index[j] is None:
             continue
-        mine = {src[d] if fusable[d] and index[d] == index[j] else -1 - d
-                for d in deps[j]}
-        if len(mine) == 1 and min(mine) >= 0:
+        mine: set[Any] = set()
+        for d in deps[j]:
+            if index[d] != index[j]:
+                mine.add(None)  # another block's: it would hold the group back
+            else:
+                mine.add(src[d] if fusable[d] else ("in", d))
+        for k in (outside[j] if outside is not None else ()):
+            mine.add(("out", k) if _block_index(k) == index[j] else None)
+        if len(mine) == 1 and None not in mine:
             src[j] = mine.pop()
-    members: dict[int, list[int]] = {}
+    members: dict[Any, list[int]] = {}
     for j in range(n):
         members.setdefault(src[j], []).append(j)
     # what hands anything on outside its group, and what feeds a member of its own
-    exits: dict[int, set[int]] = {}
+    exits: dict[Any, set[int]] = {}
     inner: set[int] = set()
     for j in range(n):
         if keys[j] in outputs:
@@ -313,10 +329,11 @@ def block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
 
 
 def with_block_groups(keys: list[Any], deps: list[list[int]], outputs: set[Any],
-                      fusable: list[bool], chains: list[list[int]]) -> list[list[int]]:
+                      fusable: list[bool], chains: list[list[int]],
+                      outside: list[list[Any]] | None = None) -> list[list[int]]:
     """The :func:`block_groups` of a graph and those of its linear ``chains`` that
     share no task with them (a chain inside a group is part of it)."""
-    groups = block_groups(keys, deps, outputs, fusable)
+    groups = block_groups(keys, deps, outputs, fusable, outside)
     taken = {i for g in groups for i in g}
     return groups + [c for c in chains if taken.isdisjoint(c)]
 
