@@ -357,6 +357,68 @@ def large(repeats: int = 3) -> dict[str, Any]:
             "median": {k: statistics.median(v) for k, v in runs.items()}, "runs": runs}
 
 
+#: the fan-out workload's sizes (n, chunk): blocks of 2 MB (the ops' own work weighs
+#: most) and of 80 kB (Dask's dispatch weighs most)
+FANOUT = ((4000, 500), (1500, 100))
+
+
+def fanout(repeats: int = 5) -> dict[str, Any]:
+    """``(sin(x)**2 + cos(x)**2).sum(axis=0)`` on a mesh of 2 NumPy workers, where the
+    plan restricts nothing: routed (one task per block for the ops that fan out and
+    meet, as Dask's Blockwise fusion runs them), routed without those groups (as before
+    2026-11-30: linear chains only) and plain Dask, taking turns, medians."""
+    import dask
+    import dask.array as da
+
+    import jupyter_mesh as jm
+    from jupyter_mesh.router import rewrite as rewrite_mod
+
+    when = _when()
+    out: dict[str, Any] = {"when": when, "repeats": repeats, "sizes": []}
+    mesh = jm.Mesh.local(cpu=2, jax_cpu=0, gpu=0, tpu=0, threads_per_worker=1,
+                         set_current=False)
+    try:
+        with dask.config.set({"mesh.progress-after": 3600}):
+            mesh.calibrate()
+            for n, chunk in FANOUT:
+                x = da.random.random((n, n), chunks=chunk)
+                y = (da.sin(x) ** 2 + da.cos(x) ** 2).sum(axis=0)
+                runs: dict[str, list[float]] = {"routed": [], "routed, chains only": [],
+                                                "plain": []}
+
+                def run(label: str, y: Any = y) -> float:
+                    t0 = time.perf_counter()
+                    if label == "plain":
+                        mesh.client.compute(y, sync=True)
+                    elif label == "routed":
+                        mesh.compute(y)
+                    else:
+                        with mock.patch.object(rewrite_mod, "block_groups",
+                                               lambda *a, **k: []):
+                            mesh.compute(y)
+                    return time.perf_counter() - t0
+
+                for label in runs:  # untimed: first runs of each
+                    run(label)
+                orders = list(itertools.permutations(runs))
+                for rep in range(repeats):
+                    for label in orders[(rep * 5) % len(orders)]:
+                        runs[label].append(run(label))
+                mesh.compute(y)
+                assert mesh.last_plan.unrestricted
+                fused = mesh.last_report.fused
+                tasks = mesh.last_plan.ntasks
+                (optimized,) = dask.optimize(y)
+                out["sizes"].append({
+                    "n": n, "chunk": chunk, "tasks": tasks,
+                    "submitted": tasks - sum(len(c) - 1 for c in fused.values()),
+                    "dask_tasks": len(dict(optimized.__dask_graph__())),
+                    "median": {k: statistics.median(v) for k, v in runs.items()}})
+    finally:
+        mesh.close()
+    return out
+
+
 # ---------------------------------------------------------------- P2: simulation
 #: the array graphs' sizes (n, chunk): those the planner was developed on, and sizes
 #: added on 2026-11-30 that no change to the planner was ever tried on (a review found
@@ -565,7 +627,7 @@ def _yes(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
-def report(r1, r2, r3, r6, r7=None, r8=None) -> str:
+def report(r1, r2, r3, r6, r7=None, r8=None, r9=None) -> str:
     lines = ["## Router (issue 3)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores shared with other "
              f"engineers' work, Python {platform.python_version()}. Each part says when it "
@@ -1119,6 +1181,35 @@ def report(r1, r2, r3, r6, r7=None, r8=None) -> str:
                   f"| {med['routed']:.1f} s | {med['routed, unfused']:.1f} s | "
                   f"{med['plain']:.1f} s | {med['routed'] / med['plain']:.2f} | "
                   f"{med['routed, unfused'] / med['plain']:.2f} |", ""]
+    if r9:
+        lines += ["### Ops of one block that fan out and meet, live (plans that restrict "
+                  "nothing)", "",
+                  "`(sin(x)**2 + cos(x)**2).sum(axis=0)` on a real mesh of 2 NumPy "
+                  "workers, one thread each, where every worker runs every op equally "
+                  "fast, so the plan restricts nothing. *Routed* = `mesh.compute(y)` "
+                  "(planning, submission and the report included): since 2026-11-30 the "
+                  "ops of one block that fan out and meet (the block, its sine and "
+                  "cosine, their squares, their sum, its partial sum) go as one task, as "
+                  "Dask's Blockwise fusion sends them; *routed, chains only* = the same "
+                  "without those groups, as before (each op a task of its own, and a "
+                  "block often sent to the other worker for its cosine); *plain* = "
+                  "`client.compute(y)` (Dask's own optimization and placement). Medians "
+                  f"of {r9['repeats']} runs each after one untimed run of each, taking "
+                  f"turns in an order that changes from run to run. This part run "
+                  f"{r9['when']}.", "",
+                  "| array / blocks | tasks (routed submits; Dask's optimized graph) | "
+                  "routed | routed, chains only | plain Dask | routed / plain | "
+                  "chains only / plain |",
+                  "|---|---|---|---|---|---|---|"]
+        for size in r9["sizes"]:
+            med = size["median"]
+            lines.append(
+                f"| {size['n']} / {size['chunk']} | {size['tasks']} ({size['submitted']}; "
+                f"{size['dask_tasks']}) | {med['routed']:.2f} s | "
+                f"{med['routed, chains only']:.2f} s | {med['plain']:.2f} s | "
+                f"{med['routed'] / med['plain']:.2f} | "
+                f"{med['routed, chains only'] / med['plain']:.2f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -1157,12 +1248,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--update", action="store_true",
                     help="write the 'Router' section of benchmarks/RESULTS.md")
-    ap.add_argument("--only", default="p1,p2,p3,p6,est,large", help="comma-separated subset")
+    every = {"p1", "p2", "p3", "p6", "est", "large", "fanout"}
+    ap.add_argument("--only", default=",".join(sorted(every)), help="comma-separated subset")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
-    unknown = only - {"p1", "p2", "p3", "p6", "est", "large"}
+    unknown = only - every
     if unknown:
-        ap.error(f"--only takes p1, p2, p3, p6, est and large, not {', '.join(sorted(unknown))}")
+        ap.error(f"--only takes p1, p2, p3, p6, est, large and fanout, not "
+                 f"{', '.join(sorted(unknown))}")
     import warnings
 
     warnings.filterwarnings("ignore", category=Warning, module="dask")
@@ -1174,10 +1267,11 @@ def main(argv: list[str] | None = None) -> None:
     r6 = p6() if "p6" in only else None
     r7 = estimates() if "est" in only else None
     r8 = large() if "large" in only else None
-    text = report(r1, r2, r3, r6, r7, r8)
+    r9 = fanout() if "fanout" in only else None
+    text = report(r1, r2, r3, r6, r7, r8, r9)
     print(text)
     if args.update:
-        _update(text, partial=only != {"p1", "p2", "p3", "p6", "est", "large"})
+        _update(text, partial=only != every)
         print(f"wrote the 'Router' section of {RESULTS}", file=sys.stderr)
 
 
