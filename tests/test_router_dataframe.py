@@ -83,6 +83,10 @@ def test_a_dataframes_p2p_shuffle_under_a_forced_route_finishes(mesh, frames, ho
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (Dask's P2P logs of its own)
             (got,) = mesh.compute(e, route=route)
+    # P2P's own steps record no backend: they ran, and the report does not say they did
+    # not ("results were on the workers already")
+    notes = " ".join(mesh.last_report.notes)
+    assert "not run by this computation" not in notes, notes
     if how == "set_index":
         pd.testing.assert_frame_equal(got.sort_values(["v"]), want.sort_values(["v"]))
     else:

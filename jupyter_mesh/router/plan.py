@@ -347,14 +347,24 @@ class Report:
         """What the rows alone do not say: ops of the plan that no worker ran here (no
         backend, 0 s): data the graph carries (no function to run), or results that
         were on the workers already."""
+        from .rewrite import is_p2p
+
         ops = self.plan.model.ops
         data: list[str] = []
         held: list[str] = []
+        p2p: list[str] = []
         for row, layers in zip(self.rows, self.plan._row_layers, strict=False):
             if row["tasks"] and not row["backends"]:
                 carried = bool(layers) and all(ops[li].data for li in layers)
-                (data if carried else held).append(row["op"])
+                if layers and all(is_p2p(ops[li].name) for li in layers):
+                    p2p.append(row["op"])
+                else:
+                    (data if carried else held).append(row["op"])
         notes = []
+        if p2p:
+            notes.append(f"{', '.join(p2p)}: steps of Dask's P2P shuffle or rechunk, which "
+                         f"Dask places and runs itself (no routed task records "
+                         f"{'it' if len(p2p) == 1 else 'them'})")
         if data:
             notes.append(f"{', '.join(data)}: data the graph carries (from_array's blocks, "
                          f"a constant): Dask hands {'it' if len(data) == 1 else 'them'} "
