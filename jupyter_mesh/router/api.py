@@ -270,7 +270,6 @@ class _Finalized:
         from dask._expr import FinalizeCompute
         from dask.base import collections_to_expr
 
-        self.collection = c
         expr = FinalizeCompute(collections_to_expr([c], True)).optimize()
         self._keys = list(dask.core.flatten(expr.__dask_keys__()))
         self._graph = expr.__dask_graph__()
