@@ -61,7 +61,7 @@ from .placement import (
     route_constraints,
 )
 from .plan import Plan, merged_rows
-from .rewrite import Routed, is_barrier, is_p2p, wrapped_task
+from .rewrite import Routed, is_barrier, is_p2p, key_name, wrapped_task
 
 DEFAULT_THRESHOLD = 20_000
 
@@ -81,11 +81,6 @@ def count_tasks(graph: Any) -> int:
 
 def use_layer_plan(graph: Any) -> bool:
     return isinstance(graph, HighLevelGraph) and count_tasks(graph) > layer_plan_threshold()
-
-
-def key_name(key: Any) -> Any:
-    """The layer name a key belongs to: ``('add-ab12', 0, 3)`` → ``'add-ab12'``."""
-    return key[0] if type(key) is tuple and key else key
 
 
 @dataclass

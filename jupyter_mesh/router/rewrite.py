@@ -217,13 +217,14 @@ P2P_PREFIXES = ("shuffle-barrier-", "rechunk-p2p-", "rechunk-transfer-", "shuffl
 P2P_BARRIER = "shuffle-barrier-"
 
 
-def _name(key: Any) -> Any:
-    return key[0] if isinstance(key, tuple) and key else key
+def key_name(key: Any) -> Any:
+    """The layer name a key belongs to: ``('add-ab12', 0, 3)`` -> ``'add-ab12'``."""
+    return key[0] if type(key) is tuple and key else key
 
 
 def is_p2p(key: Any) -> bool:
     """Whether ``key`` is a task of Dask's P2P rechunk or shuffle."""
-    name = _name(key)
+    name = key_name(key)
     # (a plan per layer sees the barrier's layer by its name alone)
     return isinstance(name, str) and (name.startswith(P2P_PREFIXES)
                                       or name == P2P_BARRIER[:-1])
@@ -232,7 +233,7 @@ def is_p2p(key: Any) -> bool:
 def is_barrier(key: Any) -> bool:
     """Whether ``key`` is the barrier of a P2P rechunk or shuffle: the tasks that read
     it are its outputs, which Dask's P2P pins to workers of its own choosing."""
-    name = _name(key)
+    name = key_name(key)
     return isinstance(name, str) and (name.startswith(P2P_BARRIER)
                                       or name == P2P_BARRIER[:-1])
 
