@@ -87,6 +87,14 @@ def test_a_dataframes_p2p_shuffle_under_a_forced_route_finishes(mesh, frames, ho
     # not ("results were on the workers already")
     notes = " ".join(mesh.last_report.notes)
     assert "not run by this computation" not in notes, notes
+    # nor does the plan say it placed them: Dask does, whatever the route
+    steps = ("shuffle-transfer", "shuffle-barrier", "p2pshuffle", "hashjoinp2p")
+    p2p = [r for r in mesh.last_plan.rows if r["op"].startswith(steps)]
+    assert p2p and all(r["target"] == "any (Dask's P2P places it)" for r in p2p), p2p
+    placed = [op for n in mesh.last_plan.notes if "natively" in n
+              for op in n.split(":")[0].split(", ")]
+    assert not any(op.startswith(steps) for op in placed), placed
+    assert placed or route != "cpu:jax"  # (JAX runs none of a frame's ops)
     if how == "set_index":
         pd.testing.assert_frame_equal(got.sort_values(["v"]), want.sort_values(["v"]))
     else:

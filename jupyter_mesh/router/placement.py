@@ -41,6 +41,8 @@ def _have(pools: list[Pool]) -> str:
 def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
                   site: str | None = None) -> tuple[list[list[int]], list[str]]:
     """Per layer, the pool indices it may use; plus notes for the plan."""
+    from .rewrite import is_p2p
+
     notes: list[str] = []
     idx = list(range(len(pools)))
     if site is not None:
@@ -72,6 +74,8 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
     also = [] if named else [i for i in idx if pools[i].runs_host_numpy]
     allowed: list[list[int]] = []
     fraction = device_memory_fraction() if any(p.device_memory for p in pools) else 1.0
+    # what a forced route places elsewhere, and why: {why: the ops' labels}
+    off_route: dict[str, list[str]] = {}
     for op in model.ops:
         native = [i for i in matching if pools[i].backend in op.native
                   or (i in also and "numpy" in op.native)]
@@ -97,14 +101,16 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
                 pools[i].backend == "jax" for i in matching)
                 and op.op_class in ("matmul", "fft", "elementwise", "reduction")
                 else f"{op.op_class} ops")
-            notes.append(
-                f"{op.label}: {route} does not run {what} natively; "
-                f"placed on {'host NumPy' if fallback else route}"
-            )
+            if not is_p2p(op.name):  # (Dask places its P2P steps, whatever the route)
+                off_route.setdefault(
+                    f"{route} does not run {what} natively; "
+                    f"placed on {'host NumPy' if fallback else route}", []).append(op.label)
             allowed.append(fallback or matching)
         else:
             # no pool runs it on its device: it runs NumPy, in host memory, wherever
             allowed.append(host or idx)
+    notes.extend(f"{', '.join(dict.fromkeys(labels))}: {why}"
+                 for why, labels in off_route.items())
     return allowed, notes
 
 

@@ -254,8 +254,10 @@ class Plan(Generic[ModelT]):
         keeps no per-task lists)."""
         if self.unrestricted:  # Dask places every task: no target to group by
             return dict.fromkeys(self.model.keys, self.free_target)
+        from .rewrite import is_p2p
+
         layer = self.model.layer
-        return {k: self.target_label(layer[i], p)
+        return {k: P2P_TARGET if is_p2p(k) else self.target_label(layer[i], p)
                 for i, (k, p) in enumerate(zip(self.model.keys, self.pool_of, strict=False))}
 
     # ------------------------------------------------------------------ display
@@ -415,6 +417,9 @@ def _picture(name: str, obj: Any) -> str:
 #: the target of an op where the plan restricts nothing (every pool runs it as fast)
 EQUIVALENT = "any (pools equivalent)"
 
+#: the target of a step of Dask's P2P shuffle or rechunk: Dask places it, never the plan
+P2P_TARGET = "any (Dask's P2P places it)"
+
 PLAN_COLUMNS = ("op", "class", "target", "tasks", "est_seconds", "bytes_moved")
 REPORT_COLUMNS = PLAN_COLUMNS + ("backends", "workers", "seconds")
 
@@ -430,10 +435,15 @@ def merged_rows(ops: Sequence[OpInfo], targets: Sequence[Counter[str]], est: Seq
     for li, op in enumerate(ops):
         if op.tasks:
             groups.setdefault((op.label, op.op_class), []).append(li)
+    from .rewrite import is_p2p
+
     rows = []
     for (label, op_class), layers in groups.items():
         if not routed:
             target = "any (not routed)"
+        elif all(is_p2p(ops[li].name) for li in layers):
+            # the rewrite leaves Dask's P2P steps unrestricted, whatever the route
+            target = P2P_TARGET
         elif unrestricted:  # the plan's free_target, or True for any pool
             target = unrestricted if isinstance(unrestricted, str) else EQUIVALENT
         else:
