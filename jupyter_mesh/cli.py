@@ -100,6 +100,10 @@ async def run_worker(args: argparse.Namespace) -> int:
         raise MeshError(f"--memory-limit: {exc}") from None
     security = None
     tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    for option, path in zip(("--tls-ca-file", "--tls-cert", "--tls-key"), tls, strict=True):
+        if path is not None and not path.strip():
+            # (a shell variable that was not set): never plain TCP in its place
+            raise MeshError(f"{option} is empty: give the path of a PEM file")
     if any(tls) and not is_encrypted(address):
         raise MeshError(f"{address} is not a TLS address, but TLS files were given: use "
                         f"{_secure_form(address)}, or leave out the TLS files")
@@ -444,12 +448,37 @@ def _detects_accelerator(jax: bool = False) -> int:
     return _detect.jax_gpu_count()
 
 
+def _given_twice(sub: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The first option of ``sub`` that ``argv`` gives more than once (argparse keeps
+    the last and drops the others without a word), or None."""
+    seen: set[str] = set()
+    for arg in argv:
+        if arg == "--":
+            break
+        name = arg.split("=", 1)[0]
+        action = sub._option_string_actions.get(name)
+        if action is None or action.dest in ("help",):
+            continue
+        if action.dest in seen:
+            return name
+        seen.add(action.dest)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        # (argparse would say only that the command is missing)
+        parser.error(f"unrecognized arguments: {argv[0]} (options go after the command: "
+                     f"jupyter-mesh worker ADDRESS [options])")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # said by the subcommand, whose --help lists its options
         parser.subcommands[args.command].error(
             f"unrecognized arguments: {' '.join(unknown)}")
+    twice = _given_twice(parser.subcommands[args.command], argv[1:])
+    if twice is not None:
+        parser.subcommands[args.command].error(f"{twice} given twice: give it once")
     logging.basicConfig(level=logging.WARNING)
     from .devices._worker_plugin import quiet_name_taken
 

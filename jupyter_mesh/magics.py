@@ -468,6 +468,11 @@ class MeshMagics(Magics):
 
         security = None
         tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+        for option, path in zip(("--tls-ca-file", "--tls-cert", "--tls-key"), tls,
+                                strict=True):
+            if path is not None and not path.strip():
+                # (a shell variable that was not set): never plain TCP in its place
+                raise UsageError(f"{option} is empty: give the path of a PEM file")
         if any(tls):
             if not all(tls):
                 raise UsageError(

@@ -184,6 +184,19 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
         (["worker", "tls://127.0.0.1:1", "--tls-ca-file", NOT_PEM, "--tls-cert", NOT_PEM,
           "--tls-key", NOT_PEM], f"the CA, certificate and key must be PEM files; check "
                                  f"{NOT_PEM}"),
+        # an empty path (a shell variable not set) joined over plain TCP
+        (["worker", "tcp://127.0.0.1:1", "--tls-ca-file", ""],
+         "--tls-ca-file is empty: give the path of a PEM file"),
+        (["worker", "tls://127.0.0.1:1", "--tls-ca-file", "a", "--tls-cert", " ",
+          "--tls-key", "c"], "--tls-cert is empty: give the path of a PEM file"),
+        # argparse kept the last of a repeated option without a word
+        (["worker", "tcp://127.0.0.1:1", "--site", "bad site", "--site", "ok"],
+         "--site given twice: give it once"),
+        (["worker", "tcp://127.0.0.1:1", "--nthreads=1", "--nthreads", "2"],
+         "--nthreads given twice: give it once"),
+        # it said the command was missing
+        (["--bogus", "worker"], "unrecognized arguments: --bogus (options go after the "
+                                "command"),
     ],
 )
 def test_cli_bad_input(args, message):

@@ -65,6 +65,11 @@ def test_start_status_and_compute(ip, started, capsys):
         ("connect tcp://127.0.0.1:1 --timeout soon", "--timeout must be a positive number"),
         ("connect tcp://127.0.0.1:1 --timeout 1e9", "^--timeout must be at most 86400 s"),
         ("connect 127.0.0.1:1 --tls-ca-file ca.pem", "TLS needs all three"),
+        # an empty path (a variable not set) connected over plain TCP without a word
+        ("connect 127.0.0.1:1 --tls-ca-file '' --tls-cert '' --tls-key ''",
+         "^--tls-ca-file is empty: give the path of a PEM file$"),
+        ("connect tcp://127.0.0.1:1 --tls-key ''",
+         "^--tls-key is empty: give the path of a PEM file$"),
         ("connect 127.0.0.1:1 --tls-ca-file a --tls-cert b --tls-key c", "TLS file not found"),
         ("connect 127.0.0.1:1 --tls-ca-file / --tls-cert b --tls-key c", "^/ is a folder: give "
          "the TLS file in it"),
