@@ -1025,6 +1025,9 @@ class Mesh:
             raise MeshError(
                 f"cannot scale {', '.join(sorted(unknown))}: use {', '.join(FAMILIES)}"
             )
+        if not counts:  # (it did nothing, without a word)
+            raise MeshError(f"say how many workers of which kind: mesh.scale(cpu=2), with "
+                            f"any of {', '.join(FAMILIES)}")
         checked = {
             fam: check_local_count(fam, n) if fam in ("cpu", "jax_cpu") else
             int(check_count(fam, n))

@@ -168,12 +168,16 @@ class MeshPanel(w.VBox):
         try:
             inv = mesh.inventory()
         except Exception as exc:
-            self._say(f"could not read the inventory: {_first_line(exc)}", error=True)
+            why = _first_line(exc)
+            self._say(f"could not read the inventory: {why}", error=True)
             self._unread = True
             # the devices as last read stay, said to be so; the header counts nothing
+            # (a bad setting is no sign that the scheduler is out of reach)
+            state = ("devices not read: a setting is wrong (see below)"
+                     if why.startswith("config ") else "not reachable now")
             self.header.value = (
-                f"<b>Mesh</b> <code>{html.escape(mesh.address or '')}</code>: not "
-                f"reachable now (the devices below are as last read)")
+                f"<b>Mesh</b> <code>{html.escape(mesh.address or '')}</code>: {state} (the "
+                f"devices below are as last read)")
             return
         if self._unread:  # it reads again: the error no longer holds
             self._unread = False

@@ -187,6 +187,10 @@ def test_the_current_mesh_under_another_host_name_is_not_replaced(mesh):
 def test_scale_bad_input(mesh):
     with pytest.raises(MeshError, match="cannot scale fpga"):
         mesh.scale(fpga=1)
+    # it did nothing, without a word (%mesh scale alone says what to give)
+    with pytest.raises(MeshError, match=r"^say how many workers of which kind: "
+                                        r"mesh.scale\(cpu=2\), with any of cpu, "):
+        mesh.scale()
     with pytest.raises(MeshError, match="cpu must be"):
         mesh.scale(cpu=-1)
     from jupyter_mesh.devices import _detect

@@ -600,6 +600,11 @@ def test_closing_a_connected_mesh_drops_its_namespaces(mesh):
         ("--all -o 1bad", "-o: '1bad' is not a valid Python name"),
         ("--all -o class", "-o: 'class' is not a valid Python name"),
         ("-o a.b", "-o: 'a.b' is not a valid Python name"),
+        # IPython's own names: set from a worker, every later cell failed
+        ("-o get_ipython", "-o: 'get_ipython' is one of IPython's own names in the "
+                           "notebook: use a name of your own"),
+        ("--all -o Out", "-o: 'Out' is one of IPython's own names"),
+        ("--pull a,_oh", "--pull: '_oh' is one of IPython's own names"),
         ("--timeout -1", "--timeout must be a positive number of seconds, not '-1'"),
         ("--timeout 0", "--timeout must be a positive number of seconds"),
         ("--timeout soon", "--timeout must be a positive number of seconds, not 'soon'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -227,12 +228,25 @@ def test_an_inventory_error_clears_once_the_inventory_reads_again(mesh, monkeypa
         p.refresh()
         assert "could not read the inventory: the scheduler at x" in p.message.value
         # the header no longer counts devices it cannot see; the last ones stay
-        assert "not reachable now" in p.header.value and "devices (" not in p.header.value
+        assert "not reachable now" in p.header.value and "cpu)" not in p.header.value
         assert "cpu-0" in p.devices.value
         monkeypatch.undo()
         p.refresh()
         assert p.message.value == "" and "cpu-0" in p.devices.value
-        assert "not reachable" not in p.header.value and "devices (" in p.header.value
+        # (1 device, or 2 after an earlier test scaled the mesh)
+        assert "not reachable" not in p.header.value and "cpu)" in p.header.value
+    finally:
+        p.close()
+
+
+def test_a_bad_setting_is_not_said_to_be_an_unreachable_scheduler(mesh):
+    p = mesh.widget(refresh=0)
+    try:
+        with dask.config.set({"mesh.connect-timeout": "soon"}):
+            p.refresh()
+        assert "config mesh.connect-timeout must be" in p.message.value
+        assert "a setting is wrong" in p.header.value, p.header.value
+        assert "not reachable" not in p.header.value
     finally:
         p.close()
 

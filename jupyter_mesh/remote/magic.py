@@ -29,9 +29,18 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
         push_names = check_names(args.push, "--push")
         if args.output is not None:
             check_identifier(args.output, "-o")
-        check_names(args.pull, "--pull")
+        pull_names = check_names(args.pull, "--pull")
     except MeshError as exc:
         raise UsageError(str(exc).splitlines()[0]) from None
+    # names IPython keeps for itself (Out, _oh, get_ipython, exit...): set to a value
+    # from a worker, they break the kernel (every later cell fails to display)
+    hidden = getattr(shell, "user_ns_hidden", {})
+    for option, names in (("-o", [args.output] if args.output else []),
+                          ("--pull", pull_names)):
+        own = [n for n in names if n in hidden]
+        if own:
+            raise UsageError(f"{option}: {own[0]!r} is one of IPython's own names in the "
+                             f"notebook: use a name of your own")
     user_ns = shell.user_ns
     missing = [n for n in push_names if n not in user_ns]
     if missing:
