@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 import dask
+import dask.array as da
+import dask.bag as db
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
@@ -163,6 +166,26 @@ def test_several_delayed_values_and_a_frames_parts_compute_together(mesh, frames
     total, first = mesh.compute(df.v.sum(), parts[0])
     assert total == 19900.0
     pd.testing.assert_series_equal(first, parts[0].compute(scheduler="sync"))
+
+
+@pytest.mark.parametrize("route", ["off", "auto", "cpu:jax"])
+def test_collections_of_several_kinds_come_back_in_their_places(mesh, frames, route):
+    # Dask (2026.8) puts collections of one optimizer together and returns (array,
+    # bag, array) as (array, array, bag): route="off" gave the bag's sum for the second
+    # array, and a routed persist handed the bag the second array's futures
+    df, _ = frames
+    x = da.arange(40, chunks=10, dtype="float64")
+    b = db.from_sequence(range(20), npartitions=4)
+    d = dask.delayed(_double)(5)
+    got = mesh.compute(x.sum(), b.sum(), (x + 1).sum(), d, df.v.sum(), route=route)
+    assert got == (780.0, 190, 820.0, 10, 19900.0)
+    with mesh.route(route if route != "off" else "auto"):
+        xs, bs, x1 = dask.persist(x, b, x + 1)
+    assert isinstance(bs, db.Bag) and isinstance(x1, da.Array)
+    assert x1.sum().compute() == 820.0 and xs.sum().compute() == 780.0
+    del x1, xs  # (the bag held the array's futures, and lost them here)
+    gc.collect()
+    assert mesh.client.compute(bs).result(timeout=30) == list(range(20))
 
 
 @pytest.mark.parametrize("op", ["diff", "shift", "rolling"])

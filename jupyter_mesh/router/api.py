@@ -12,6 +12,7 @@ import time
 import uuid
 import warnings
 import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import dask
@@ -543,8 +544,11 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         # for this computation's
         mesh.last_plan = mesh.last_report = None
         watch = progress.FuturesWatch(mesh, None, "route=off")
+        # (in Dask's order, handed back in the caller's: see dask_order)
+        order = dask_order(collections)
         try:
-            futures = mesh.client.compute(list(collections))
+            futures = mesh.client.compute([collections[i] for i in order])
+            futures = [futures[order.index(i)] for i in range(len(order))]
         except Exception as exc:
             _say_why(mesh, exc)
             raise
@@ -591,6 +595,28 @@ def _say_why(mesh: Mesh, exc: BaseException | None) -> None:
                      "out of memory is the usual cause: use smaller chunks, or fewer "
                      "workers with more memory each (memory_limit=, or jupyter-mesh "
                      "worker --memory-limit)")
+
+
+def dask_order(collections: Sequence[Any]) -> list[int]:
+    """The order in which to hand ``collections`` to Dask together so that its results
+    come back in that order: Dask (2026.8) puts the collections with one graph
+    optimizer together (``_HLGExprSequence._tune_down``) and so returns the results of
+    ``(array, bag, array)`` as ``(array, array, bag)``, paired with the wrong
+    collections (``dask.compute`` gives the bag's sum for the second array). Grouped as
+    Dask groups them, in the order each group first appears, nothing moves."""
+    from dask._expr import Expr
+
+    group: dict[Any, int] = {}
+    rank = []
+    for c in collections:
+        key = (None if isinstance(getattr(c, "expr", None), Expr)
+               else getattr(c, "__dask_optimize__", None))
+        try:
+            hash(key)
+        except TypeError:
+            key = id(key)
+        rank.append(group.setdefault(key, len(group)))
+    return sorted(range(len(rank)), key=rank.__getitem__)
 
 
 def _nest(keys: Any, values: dict[Any, Any]) -> Any:
@@ -1011,6 +1037,9 @@ class _RoutedScheduler:
             done = dask.persist(*colls, optimize_graph=optimize_graph, scheduler="threads")
             return done[0] if single else list(done)
         _check_settings()
+        # (in Dask's order, handed back in the caller's: see dask_order)
+        order = dask_order(colls)
+        colls = [colls[i] for i in order]
         expr = collections_to_expr(colls, optimize_graph).optimize()
         keys = expr.__dask_keys__()
         plan = _plan_graph(now.mesh, _graph_with_layers(expr), list(dask.core.flatten(keys)),
@@ -1021,6 +1050,7 @@ class _RoutedScheduler:
         out = [post({k: futures[k] for k in dask.core.flatten(ks)}, *args)
                for (post, args), ks in zip((c.__dask_postpersist__() for c in colls), keys,
                                            strict=True)]
+        out = [out[order.index(i)] for i in range(len(order))]
         return out[0] if single else out
 
 
