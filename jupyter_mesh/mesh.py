@@ -713,6 +713,13 @@ class Mesh:
                         started.close()
                 _kill_left(spawned + _spawned(mine()))
                 raise
+        # the scheduler runs in this process (the kernel's) and hooks Python's garbage
+        # collector to log long collections; a Ctrl-C that lands in that hook is
+        # swallowed ("Exception ignored in ... _gc_callback"), and the interrupted cell
+        # runs on to its end: no hook in the kernel
+        from distributed.gc import disable_gc_diagnosis
+
+        disable_gc_diagnosis()
         try:
             client = Client(cluster, set_as_default=set_current, security=security)
         except BaseException:

@@ -82,6 +82,18 @@ def test_on_a_hub_the_dashboard_link_goes_through_the_servers_proxy(mesh, monkey
     assert mesh.dashboard_link == mesh.client.dashboard_link
 
 
+def test_the_kernel_keeps_no_garbage_collector_hook_that_swallows_ctrl_c(mesh):
+    # Dask's scheduler, running in the kernel's process, hooked the collector to log
+    # long collections; a KeyboardInterrupt raised in that hook was swallowed and the
+    # interrupted cell ran on to its end
+    import gc
+
+    from distributed.gc import GCDiagnosis
+
+    assert not [cb for cb in gc.callbacks
+                if isinstance(getattr(cb, "__self__", None), GCDiagnosis)]
+
+
 def test_plain_dask_runs_on_the_mesh(mesh):
     assert jm.current() is mesh
     assert get_client() is mesh.client
