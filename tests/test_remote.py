@@ -209,6 +209,25 @@ def test_all_where_one_worker_fails_keeps_the_others_outputs(ip, fresh, capsys):
     assert (ok.name, ok.value, ok.pulled) == ("cpu-0", "numpynumpy", {"k": "numpy"})
 
 
+def test_all_where_the_mesh_fails_one_worker_keeps_the_others_outputs(ip, fresh, capsys):
+    # not the cell's error but the mesh's (a pull missing there, a worker that died):
+    # the workers where it ran to its end were not shown, and the error held nothing
+    cell = ("from jupyter_mesh.router._device import worker_backend\n"
+            "if worker_backend() == 'numpy':\n"
+            "    k = 1\n"
+            "'done'")
+    ip.user_ns["k"] = "before"
+    with pytest.raises(UsageError, match="--pull: 'k' is not defined on jax-cpu-0"):
+        remote(ip, "--all --pull k", cell)
+    out = capsys.readouterr().out
+    assert "Out[cpu-0]:\n'done'" in out and "Out[jax-cpu-0]" not in out, out
+    assert ip.user_ns["k"] == "before"
+    with pytest.raises(jm.MeshError) as info:
+        fresh.run_cell(cell, all=True, pull="k", value=True)
+    (ok,) = info.value.results
+    assert (ok.name, ok.value, ok.pulled) == ("cpu-0", "done", {"k": 1})
+
+
 # ---------------------------------------------------------------- errors
 def test_remote_exception_shows_remote_traceback_worker_and_kind(fresh):
     with pytest.raises(RemoteCellError) as info:

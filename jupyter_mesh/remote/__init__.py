@@ -11,6 +11,7 @@ from ._client import CellResult, RemoteCells, RemoteOutput
 from ._errors import (
     CellSyntaxError,
     RemoteCellError,
+    RemoteCellLost,
     RemoteCellTimeout,
     RemoteFailure,
     StoppedWaiting,
@@ -21,6 +22,7 @@ __all__ = [
     "CellResult",
     "CellSyntaxError",
     "RemoteCellError",
+    "RemoteCellLost",
     "RemoteCellTimeout",
     "RemoteCells",
     "RemoteCellsPlugin",

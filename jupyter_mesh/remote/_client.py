@@ -33,6 +33,7 @@ from ..inventory import Device
 from ..targets import DEFAULT_BACKEND, Target, parse_target
 from ._errors import (
     RemoteCellError,
+    RemoteCellLost,
     RemoteCellTimeout,
     RemoteFailure,
     RemoteInterrupt,
@@ -745,7 +746,7 @@ class RemoteCells:
                         f"{run.failure}): import or install here what its class needs, "
                         f"or pull something plainer; the names stay on the worker")
                     continue
-                usage.append(self._lost(run))
+                usage.append(self._lost(run, several=len(runs) > 1))
                 continue
             assert final is not None
             status = final.get("status")
@@ -824,10 +825,11 @@ class RemoteCells:
             cls = RemoteCellTimeout if stopped_by_timeout else RemoteCellError
             raise cls(failures, results)  # (with --all, those that ran to their end)
         if usage:
-            raise MeshError("; ".join(usage))
+            # with --all, the workers where it ran to its end: the magic shows them
+            raise RemoteCellLost("; ".join(usage), results)
         return results
 
-    def _lost(self, run: _Run) -> str:
+    def _lost(self, run: _Run, several: bool = False) -> str:
         exc = run.failure
         if isinstance(exc, MeshError):
             return str(exc)
@@ -853,7 +855,8 @@ class RemoteCells:
             return (f"worker {run.label} ({run.device.target}) died while running the "
                     f"cell (out of memory is the usual cause: its nanny, where it has one, "
                     f"restarts it); its "
-                    f"remote namespace is lost (the next cell picks another worker)")
+                    f"remote namespace is lost (the next cell "
+                    f"{'runs on the workers left' if several else 'picks another worker'})")
         reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
             type(exc).__name__
         return f"lost the connection to worker {run.label} during the cell ({reason})"

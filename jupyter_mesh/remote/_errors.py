@@ -105,6 +105,17 @@ def _ends_with_exception(line: str, ename: str) -> bool:
     return head == ename or head.endswith("." + ename)
 
 
+class RemoteCellLost(MeshError):
+    """A remote cell did not finish on some worker for a reason of the mesh's, not of
+    its code (the worker died, its namespace was reset, a pull was missing...): one
+    line that says why. ``results``: with ``--all``, the :class:`CellResult` of each
+    worker where the cell ran to its end."""
+
+    def __init__(self, message: str, results: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.results = list(results or ())
+
+
 class RemoteInterrupt(KeyboardInterrupt):
     """Ctrl-C stopped a remote cell. IPython shows where the cell's code stopped on
     the worker, not the frames of the magic that waited for it."""

@@ -16,7 +16,7 @@ from ._client import (
     check_names,
     magic_words,
 )
-from ._errors import CellSyntaxError, RemoteCellError
+from ._errors import CellSyntaxError, RemoteCellError, RemoteCellLost
 
 
 def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
@@ -65,6 +65,8 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
             _show_outputs(exc.results)
         raise
     except MeshError as exc:
+        if args.all and isinstance(exc, RemoteCellLost) and exc.results:
+            _show_outputs(exc.results)  # (as above: no name is set)
         raise UsageError(str(exc).splitlines()[0]) from None
     if args.all:
         return _show_all(shell, args, result)
