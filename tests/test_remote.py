@@ -116,6 +116,23 @@ def test_rich_display_comes_back(fresh, monkeypatch):
     assert [d.get("text/html") for d in shown[1:]] == ["<b>ipython</b>", "<u>h</u>"]
 
 
+def test_a_widget_made_remotely_shows_as_text_and_says_why(ip, fresh, capsys, monkeypatch):
+    # its model lives on the worker: the frontend showed "Error displaying widget:
+    # model not found" where it was displayed, and as the cell's value
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda data, **kwargs: shown.append(data))
+    out = remote(ip, "", "import ipywidgets\nw = ipywidgets.IntSlider(value=3)\n"
+                         "display(w)\nw")
+    assert shown and all(_client.WIDGET_MIME not in d for d in shown), shown
+    assert "IntSlider" in shown[0]["text/plain"]
+    assert _client.WIDGET_MIME not in out.data and "IntSlider" in repr(out)
+    err = capsys.readouterr().err
+    assert "a widget made in a remote cell cannot show here" in err, err
+
+
 @pytest.mark.parametrize("cell", [
     "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')",
     "!echo first; sleep 3; echo second",  # a shell command's output streams too

@@ -102,7 +102,7 @@ class RemoteOutput:
     """The last expression's value as the worker rendered it, shown as ``Out[n]``."""
 
     def __init__(self, data: dict[str, Any], metadata: dict[str, Any] | None = None) -> None:
-        self.data = data
+        self.data = without_widget(data)
         self.metadata = metadata or {}
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
@@ -969,8 +969,26 @@ def _request_key(target: Target | None, site: str | None) -> tuple[str | None, s
     return (str(target) if target else None, site)
 
 
+#: the MIME type of a Jupyter widget's view
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+def without_widget(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without a widget's view, said on stderr: a widget made in a remote cell
+    has its model on the worker, which no frontend reaches ("Error displaying widget:
+    model not found" in its place); its text stays."""
+    if WIDGET_MIME not in data:
+        return data
+    print("jupyter_mesh: a widget made in a remote cell cannot show here (its model "
+          "lives on the worker, and a widget needs this kernel): make it in a local "
+          "cell; its text is shown", file=sys.stderr, flush=True)
+    rest = {k: v for k, v in data.items() if k != WIDGET_MIME}
+    return rest or {"text/plain": "<widget>"}
+
+
 def _display(data: dict[str, Any], metadata: dict[str, Any], display_id: str | None = None,
              update: bool = False) -> None:
+    data = without_widget(data)
     try:
         from IPython.core.interactiveshell import InteractiveShell
 

@@ -15,6 +15,7 @@ from ._client import (
     check_identifier,
     check_names,
     magic_words,
+    without_widget,
 )
 from ._errors import CellSyntaxError, RemoteCellError, RemoteCellLost
 
@@ -110,7 +111,7 @@ def _show_outputs(results: list[CellResult]) -> None:
     for r in results:
         if r.data is not None:
             print(f"Out[{r.label}]:", flush=True)
-            display(r.data, raw=True, metadata=r.metadata)
+            display(without_widget(r.data), raw=True, metadata=r.metadata)
 
 
 def reset_remote(shell: Any, mesh: Any) -> None:
