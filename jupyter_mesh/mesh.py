@@ -1509,8 +1509,10 @@ class Mesh:
 
         Returns a tuple of results, as :func:`dask.compute` does, and leaves a
         :class:`~jupyter_mesh.router.Report` in :attr:`last_report` (``route="off"``
-        routes nothing and leaves None there; a computation that fails leaves its plan
-        in :attr:`last_plan` and None in :attr:`last_report`). With ``fallback``
+        routes nothing and leaves None there; a computation that fails while it runs
+        leaves its plan in :attr:`last_plan` and None in :attr:`last_report`; one refused
+        before anything runs, in one line (bad input, a target or site the mesh lacks),
+        leaves both as they were, as every bad input leaves what was there). With ``fallback``
         (the default), tasks of a device kind lost mid-computation are re-routed to what
         is left after ``mesh.fallback-timeout`` seconds, with a warning; with
         ``fallback=False`` the computation fails with :class:`MeshError` instead.

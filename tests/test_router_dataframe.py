@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import jupyter_mesh as jm
+
 from .meshes import fresh_local_mesh
 
 
@@ -186,6 +188,25 @@ def test_collections_of_several_kinds_come_back_in_their_places(mesh, frames, ro
     del x1, xs  # (the bag held the array's futures, and lost them here)
     gc.collect()
     assert mesh.client.compute(bs).result(timeout=30) == list(range(20))
+
+
+def test_a_computation_refused_before_it_runs_leaves_the_last_report(mesh):
+    x = da.arange(40, chunks=10, dtype="float64")
+    mesh.compute(x.sum())
+    plan, report = mesh.last_plan, mesh.last_report
+    assert report is not None
+    for kwargs in ({"site": "nowhere"}, {"route": "gpu"}, {"route": "warp"}):
+        with pytest.raises(jm.MeshError):
+            mesh.compute((x * 3).max(), **kwargs)
+        assert mesh.last_plan is plan and mesh.last_report is report
+
+
+def test_a_bags_rows_name_dasks_ops_not_the_routers_own(mesh):
+    with mesh.route("auto"):
+        b = db.from_sequence(range(20), npartitions=4).map(_double).persist()
+    ops = [r["op"] for r in mesh.last_report.rows]
+    assert "jupyter-mesh-rest" not in ops and "from_sequence-_double" in ops, ops
+    assert sorted(mesh.client.compute(b).result(timeout=30)) == list(range(0, 40, 2))
 
 
 @pytest.mark.parametrize("op", ["diff", "shift", "rolling"])

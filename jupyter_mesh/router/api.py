@@ -1095,8 +1095,17 @@ def _graph_with_layers(dsk: Any) -> Any:
             return merged
         layers = dict(merged.layers)
         deps = dict(merged.dependencies)
-        layers["jupyter-mesh-rest"] = MaterializedLayer(rest)
-        deps["jupyter-mesh-rest"] = set(merged.layers)
+        # one layer (its tasks may need each other), named after the op most of its
+        # tasks belong to, as rows show it (not a name of the router's own)
+        from collections import Counter
+
+        from .rewrite import key_name
+
+        name = str(Counter(str(key_name(k)) for k in rest).most_common(1)[0][0])
+        while name in layers:
+            name += "-rest"
+        layers[name] = MaterializedLayer(rest)
+        deps[name] = set(merged.layers)
         return HighLevelGraph(layers, deps)
     except Exception:  # an expression of another shape: the flat graph still runs
         return flat
