@@ -201,6 +201,15 @@ def test_a_computation_refused_before_it_runs_leaves_the_last_report(mesh):
         assert mesh.last_plan is plan and mesh.last_report is report
 
 
+@pytest.mark.parametrize("route", ["auto", "cpu", "cpu:jax"])
+def test_a_persisted_delayed_value_computes_and_explains(mesh, route):
+    # its graph is its key and the future that holds it: "no task for key"
+    dp = mesh.client.persist(dask.delayed(_double)(21))
+    assert mesh.compute(dp, route=route) == (42,)
+    assert mesh.compute(dp, dp + 1, route=route) == (42, 43)
+    assert mesh.explain(dp, route=route).ntasks == 1
+
+
 def test_a_bags_rows_name_dasks_ops_not_the_routers_own(mesh):
     with mesh.route("auto"):
         b = db.from_sequence(range(20), npartitions=4).map(_double).persist()

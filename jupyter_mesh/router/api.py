@@ -295,7 +295,27 @@ def _finalized(collections: tuple[Any, ...], pin: Any) -> tuple[Any, ...]:
     own keys."""
     if pin is not None:
         return collections
-    return tuple(_Finalized(c) if _is_frame(c) else c for c in collections)
+    return tuple(_Finalized(c) if _is_frame(c) else _held(c) for c in collections)
+
+
+def persisted(value: Any) -> Any:
+    """A task that hands over a persisted delayed value (see :func:`_held`)."""
+    return value
+
+
+def _held(c: Any) -> Any:
+    """A persisted delayed value (its graph: its key and the future that holds its
+    result) as a task that reads it: Dask's graph of it has no task to plan or run
+    (the router found "no task for key"); other collections as they are."""
+    from dask.delayed import Delayed
+    from distributed import Future
+
+    if not isinstance(c, Delayed):
+        return c
+    graph = c.__dask_graph__()
+    if not graph or not all(isinstance(v, Future) for v in dict(graph).values()):
+        return c
+    return dask.delayed(persisted, pure=True)(c)
 
 
 def _is_frame(c: Any) -> bool:
