@@ -210,6 +210,17 @@ def test_a_persisted_delayed_value_computes_and_explains(mesh, route):
     assert mesh.explain(dp, route=route).ntasks == 1
 
 
+def test_pinning_a_persisted_collection_says_why_it_cannot(mesh):
+    # it said the collection was "not an input of this computation"
+    site = next(iter(mesh.inventory())).site
+    x = da.arange(40, chunks=10, dtype="float64")
+    xp = mesh.client.persist(x)
+    with pytest.raises(jm.MeshError, match=r"^a pinned collection is persisted already: "
+                                           r"its data is where Dask put it"):
+        mesh.compute((xp * 2).sum(), pin={site: xp})
+    assert mesh.compute((x * 2).sum(), pin={site: x}) == (1560.0,)
+
+
 def test_a_bags_rows_name_dasks_ops_not_the_routers_own(mesh):
     with mesh.route("auto"):
         b = db.from_sequence(range(20), npartitions=4).map(_double).persist()

@@ -224,6 +224,11 @@ def apply_pins(model: Any, pin: Any, pools: list[Any]) -> None:
         keys = list(dask.core.flatten(coll.__dask_keys__()))
         idx = [index[k] for k in keys if k in index]
         if not idx:
+            if _persisted(coll):
+                raise MeshError(
+                    "a pinned collection is persisted already: its data is where Dask "
+                    "put it, which pin= cannot choose; pin the collection before persist, "
+                    "or compute with site= to keep all of it at one site")
             raise MeshError("a pinned collection is not an input of this computation")
         for i in idx:
             old = model.pins.get(i)
@@ -303,17 +308,21 @@ def persisted(value: Any) -> Any:
     return value
 
 
+def _persisted(c: Any) -> bool:
+    """Whether every node of ``c``'s graph is a future: results held on the workers."""
+    from distributed import Future
+
+    graph = dict(c.__dask_graph__() or {})
+    return bool(graph) and all(isinstance(v, Future) for v in graph.values())
+
+
 def _held(c: Any) -> Any:
     """A persisted delayed value (its graph: its key and the future that holds its
     result) as a task that reads it: Dask's graph of it has no task to plan or run
     (the router found "no task for key"); other collections as they are."""
     from dask.delayed import Delayed
-    from distributed import Future
 
-    if not isinstance(c, Delayed):
-        return c
-    graph = c.__dask_graph__()
-    if not graph or not all(isinstance(v, Future) for v in dict(graph).values()):
+    if not isinstance(c, Delayed) or not _persisted(c):
         return c
     return dask.delayed(persisted, pure=True)(c)
 
