@@ -1581,6 +1581,25 @@ def test_a_plan_does_not_depend_on_the_hash_seed():
     assert len(outs) == 1 and "qr" in outs.pop()
 
 
+@pytest.mark.parametrize("int_first", [True, False])
+def test_an_ops_dtype_is_kept_when_collections_are_planned_together(int_first):
+    # culling rebuilt the integer sum's aggregate without its dtype: JAX was planned
+    # for it (the worker ran NumPy after all, and the row said cpu:jax)
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    xi = da.arange(40, chunks=10, dtype="int32").sum()
+    xf = da.arange(40, chunks=10, dtype="float64").sum()
+    plan = plan_collections([xi, xf] if int_first else [xf, xi], devs, route="cpu:jax")
+    m = plan.model
+    for i, k in enumerate(m.keys):
+        op = m.ops[m.layer[i]]
+        if op.label == "sum-aggregate":
+            want = "cpu:numpy" if op.dtype_kind == "i" else "cpu:jax"
+            assert op.dtype_kind in ("i", "f")
+            assert plan.pools[plan.pool_of[i]].target == want, (k, op.dtype_kind)
+    assert sorted(m.ops[li].dtype_kind for li in range(len(m.ops))
+                  if m.ops[li].label == "sum-aggregate") == ["f", "i"]
+
+
 def test_a_forced_jax_route_says_integer_data_is_why_an_op_went_to_numpy():
     devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
     x = da.arange(400, chunks=100)

@@ -354,12 +354,14 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         sample = next(iter(items.values()))
         func = _sample_func(sample)
         label = layer_label(name)
-        ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
-                          func=func, dtype_kind=layer_dtype_kind(layer),
-                          passes=passed_callables(sample)))
         # culling rebuilds a materialized layer without its annotations, under the
-        # old name and a token
+        # old name and a token: its dtype, chunks and metas are read from the layer
+        # before it (an integer sum's dtype was lost, and JAX planned for it)
         before = built.layers.get(name) or built.layers.get(name.rsplit("-", 1)[0])
+        ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
+                          func=func,
+                          dtype_kind=layer_dtype_kind(layer if before is None else before),
+                          passes=passed_callables(sample)))
         metas.append(_layer_meta(layer if before is None else before, sample))
         ops[-1].peak_out_bytes = _largest_block_bytes(layer if before is None else before,
                                                       sample)
