@@ -374,6 +374,22 @@ def _interrupt_soon(delay):
     return timer
 
 
+def test_interrupt_while_data_is_on_its_way_says_so_and_sets_nothing(fresh, capsys):
+    # no code of the cell ran then: it said "the cell is still running ... busy" and
+    # waited out the grace (mesh.remote.interrupt-grace) for nothing
+    fresh.run_cell("huge = b'x' * 800_000_000", on="cpu")
+    timer = _interrupt_soon(0.5)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("pass", on="cpu", pull="huge")
+    timer.join()
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    assert "while data went between it and the notebook" in err, err
+    assert "still running" not in err and took < 2.5, took
+    assert fresh.run_cell("del huge\n1", on="cpu", value=True).value == 1
+
+
 def test_interrupt_stops_the_remote_code_and_keeps_the_worker(fresh, capsys):
     fresh.run_cell("import time\nsteps = 0", on="cpu")
     timer = _interrupt_soon(0.6)

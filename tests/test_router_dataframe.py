@@ -199,6 +199,9 @@ def test_a_computation_refused_before_it_runs_leaves_the_last_report(mesh):
         with pytest.raises(jm.MeshError):
             mesh.compute((x * 3).max(), **kwargs)
         assert mesh.last_plan is plan and mesh.last_report is report
+    with pytest.raises(jm.MeshError, match=r"^ran_on takes an op's label \(a row's 'op'"):
+        report.ran_on(5)
+    assert report.ran_on("sum") and set(report.ran_on("sum")) <= {"numpy", "jax"}
 
 
 @pytest.mark.parametrize("route", ["auto", "cpu", "cpu:jax"])

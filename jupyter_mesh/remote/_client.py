@@ -248,6 +248,8 @@ class _Run:
     final: dict[str, Any] | None = None
     failure: BaseException | None = None
     latencies: list[float] = field(default_factory=list)
+    #: the worker's answer to a stop (a concurrent future of its dict, or None)
+    stop_reply: Any = None
     #: with --all, the unfinished last line per stream, held back so that the lines of
     #: several workers never mix within one line
     partial: dict[str, str] = field(default_factory=lambda: {"stdout": "", "stderr": ""})
@@ -504,7 +506,9 @@ class RemoteCells:
                             self._send_stop([runs[i] for i in pending], "timeout")
                             stop_sent_at = now
                             give_up_at = started + timeout + grace
-                        elif stop_sent_at is not None and now > give_up_at:
+                        elif stop_sent_at is not None and (now > give_up_at or all(
+                                self._not_running(runs[i]) for i in pending)):
+                            # (no code of the cell runs: no use waiting out the grace)
                             self._abandon([runs[i] for i in pending], interrupted)
                             pending.clear()
                         continue
@@ -657,15 +661,36 @@ class RemoteCells:
         loop = self.client.loop.asyncio_loop
         for run in runs:
             call = self.client.rpc(run.device.worker)
-            asyncio.run_coroutine_threadsafe(
+            run.stop_reply = asyncio.run_coroutine_threadsafe(
                 _quietly(getattr(call, INTERRUPT)(session=self.session, reason=reason)), loop
             )
+
+    @staticmethod
+    def _not_running(run: _Run) -> bool:
+        """Whether the worker answered a stop that no code of the cell runs there: it
+        had not begun (a large ``--push`` on its way) or had ended (its pulled names or
+        value on their way back)."""
+        reply = run.stop_reply
+        if reply is None or not reply.done() or reply.cancelled():
+            return False
+        answer = reply.result()
+        return isinstance(answer, dict) and answer.get("running") is False
 
     def _abandon(self, runs: list[_Run], interrupted: bool) -> None:
         for run in runs:
             if run.future is not None:
                 run.future.cancel()
             run.failure = _StillRunning(run, interrupted)
+            if self._not_running(run):
+                run.failure.running = False
+                print(
+                    f"jupyter_mesh: stopped waiting for {run.label} ({run.device.target}) "
+                    f"while data went between it and the notebook (no code of the cell ran "
+                    f"there then: a large --push, --pull or value on its way); nothing was "
+                    f"set in the notebook, and the worker and its namespace stay usable.",
+                    file=sys.stderr, flush=True,
+                )
+                continue
             print(
                 f"jupyter_mesh: the cell is still running on {run.label} "
                 f"({run.device.target}): it did not stop ({NOT_STOPPED}). The worker stays "
@@ -726,10 +751,14 @@ class RemoteCells:
                     self.namespaces[dev.worker] = dev
                     if not interrupted:  # past --timeout, and blocked outside Python
                         stopped_by_timeout = True
+                        why = (f"the cell ran longer than {opt('timeout', timeout)} s and did "
+                               f"not stop ({NOT_STOPPED}); the worker stays usable"
+                               if run.failure.running else
+                               f"the cell's data took longer than {opt('timeout', timeout)} s "
+                               f"to go between the worker and the notebook; nothing was set "
+                               f"in the notebook, and the worker stays usable")
                         failures.append(RemoteFailure(
-                            ename="TimeoutError", evalue=(
-                                f"the cell ran longer than {opt('timeout', timeout)} s and did "
-                                f"not stop ({NOT_STOPPED}); the worker stays usable"),
+                            ename="TimeoutError", evalue=why,
                             traceback="", worker=dev.worker, name=dev.name, kind=dev.kind,
                             backend=dev.backend,
                         ))
@@ -910,6 +939,8 @@ class _StillRunning(Exception):
     def __init__(self, run: _Run, interrupted: bool) -> None:
         super().__init__(run.label)
         self.interrupted = interrupted
+        #: False: no code of the cell ran there, its data was on its way (see _abandon)
+        self.running = True
 
 
 def _worker_error(device: Device, msg: Any) -> MeshError:
@@ -939,11 +970,11 @@ def _peer_closed(comm: Any) -> bool:
         return isinstance(sys.exc_info()[1], OSError)
 
 
-async def _quietly(awaitable: Any) -> None:
+async def _quietly(awaitable: Any) -> Any:
     try:
-        await awaitable
+        return await awaitable
     except Exception:
-        pass
+        return None
 
 
 def _label_lines(text: str, label: str, partial: dict[str, str], name: str) -> str:

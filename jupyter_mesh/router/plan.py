@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
+from ..errors import MeshError
 from ..inventory import format_bytes, plural
 from .classify import OpInfo
 from .cost import CostModel, Pool
@@ -380,6 +381,9 @@ class Report:
 
     def ran_on(self, op_label: str) -> list[str]:
         """Backends that ran the op whose label starts with ``op_label``."""
+        if not isinstance(op_label, str):
+            raise MeshError(f"ran_on takes an op's label (a row's 'op', e.g. 'matmul'), "
+                            f"not {type(op_label).__name__}")
         out: set[str] = set()
         for row in self.rows:
             if row["op"].startswith(op_label):
