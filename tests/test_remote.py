@@ -553,6 +553,18 @@ def test_timeout_stops_the_cell(ip, fresh):
     assert remote(ip, "--timeout 5", "1 + 1").data["text/plain"] == "2"
 
 
+def test_a_cell_stopped_while_it_prints_ends_at_its_own_line(fresh, capsys):
+    # stopped inside print, the traceback went on into the frames that send the text
+    # to the notebook (jupyter_mesh's own, and threading's)
+    with pytest.raises(RemoteCellTimeout) as info:
+        fresh.run_cell("i = 0\nwhile True:\n    i += 1\n    print('line', i)",
+                       on="cpu", timeout=0.5)
+    capsys.readouterr()
+    shown = "\n".join(info.value._render_traceback_())
+    assert "print('line', i)" in shown or "i += 1" in shown, shown
+    assert "jupyter_mesh" not in shown and "threading.py" not in shown, shown
+
+
 # ---------------------------------------------------------------- reset
 def test_reset_remote_forgets_the_namespaces(ip, fresh, capsys):
     remote(ip, "", "gone_soon = 1")

@@ -353,8 +353,12 @@ def format_remote_traceback(exc: BaseException) -> str:
     remote runner, of asyncio running an awaiting cell and of timeit running a
     ``%timeit`` are left out."""
     te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    frames = list(te.stack)
+    # stopped inside the cell's output (a print that streams to the notebook): the
+    # cell's own line is where it stopped, not the frames that send its text
+    cut = next((i for i, f in enumerate(frames) if f.filename in _OUTPUT), len(frames))
     te.stack = traceback.StackSummary.from_list(
-        [f for f in te.stack if not _machinery(f.filename)])
+        [f for f in frames[:cut] if not _machinery(f.filename)])
     return "".join(te.format())
 
 
@@ -365,6 +369,9 @@ def _machinery(filename: str) -> bool:
 _MACHINERY = {__file__, os.path.join(os.path.dirname(__file__), "_shell.py"),
               timeit.__file__}
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
+#: the modules that carry a cell's output to the notebook
+_OUTPUT = {os.path.join(os.path.dirname(__file__), name)
+           for name in ("_streams.py", "_worker_plugin.py")}
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:
