@@ -1600,6 +1600,16 @@ def test_an_ops_dtype_is_kept_when_collections_are_planned_together(int_first):
                   if m.ops[li].label == "sum-aggregate") == ["f", "i"]
 
 
+def test_a_forced_jax_route_names_a_function_it_has_no_translation_of():
+    # a delayed call of Python's sum is a "reduction": the note said JAX does not run
+    # reductions natively, which it does (np.sum)
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    plan = plan_collections([dask.delayed(sum)([1.0, 2.0])], devs, route="cpu:jax")
+    notes = " | ".join(plan.notes)
+    assert "sum: cpu:jax does not run sum (no translation of it for its backend)" in notes
+    assert "reduction ops natively" not in notes
+
+
 def test_a_forced_jax_route_says_integer_data_is_why_an_op_went_to_numpy():
     devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
     x = da.arange(400, chunks=100)

@@ -15,7 +15,7 @@ from typing import Any, cast
 from ..errors import MeshError
 from ..inventory import plural
 from ..targets import Target, parse_route
-from .classify import GraphModel
+from .classify import GraphModel, native_backends
 from .cost import CostModel, Pool, reshared
 from .plan import Plan
 
@@ -101,6 +101,13 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
                 pools[i].backend == "jax" for i in matching)
                 and op.op_class in ("matmul", "fft", "elementwise", "reduction")
                 else f"{op.op_class} ops")
+            fname = getattr(op.func, "__name__", None)
+            if (not dtype and fname and op.func is not None
+                    and any(pools[i].backend in native_backends(op.op_class)
+                            for i in matching)):
+                # the class is one the target runs; this function is not in its table
+                # (a delayed call of Python's own sum is a "reduction" too)
+                what = f"{fname} (no translation of it for its backend)"
             if not is_p2p(op.name):  # (Dask places its P2P steps, whatever the route)
                 off_route.setdefault(
                     f"{route} does not run {what} natively; "
