@@ -58,7 +58,10 @@ export class MeshesModel {
       const { meshes, server } = await requestAPI<{ meshes: IMeshSummary[]; server?: string }>(
         'meshes'
       );
-      if (generation !== this._generation) {
+      // (nor one that answers while an action is under way: a mesh being stopped here
+      // is gone from the server's list before the stop returns, and read as "stopped
+      // elsewhere"; the action's own end brings the state)
+      if (generation !== this._generation || this._acting > 0) {
         return;
       }
       const shown = this.current;
@@ -73,7 +76,7 @@ export class MeshesModel {
       }
       const id = this.selected;
       const fetched = id ? await this._fetchDetail(id) : null;
-      if (generation !== this._generation) {
+      if (generation !== this._generation || this._acting > 0) {
         return;
       }
       this.detail = fetched;
@@ -91,7 +94,7 @@ export class MeshesModel {
       this.loadError = null;
       this.loadStatus = null;
     } catch (error) {
-      if (generation !== this._generation) {
+      if (generation !== this._generation || this._acting > 0) {
         return;
       }
       this.loadError = errorMessage(error);
@@ -249,6 +252,7 @@ export class MeshesModel {
   private async _act<T>(label: string, fn: () => Promise<T>): Promise<T | null> {
     // a refresh already on its way holds the state from before this action
     this._generation++;
+    this._acting++;
     this.pending = label;
     this.actionError = null;
     this._changed.emit();
@@ -259,6 +263,7 @@ export class MeshesModel {
       return null;
     } finally {
       this._generation++; // nor may one sent while the action was under way
+      this._acting--;
       this.pending = null;
       this._changed.emit();
     }
@@ -297,6 +302,8 @@ export class MeshesModel {
   private _lossNotice: string | null = null;
   /** bumped by every action and selection: older refresh replies are dropped */
   private _generation = 0;
+  /** actions under way (see `_act`) */
+  private _acting = 0;
   private _changed = new Signal<this, void>(this);
   private _selectionChanged = new Signal<this, string | null>(this);
 }

@@ -508,6 +508,27 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
             for kernel in api(base, token, "api/kernels"):
                 api(base, token, f"api/kernels/{kernel['id']}", "DELETE")
             expect(kernel_item).to_have_count(0, timeout=60_000)
+
+            # by keyboard: Scale keeps the focus where it was (it fell to the top of
+            # the page), and so does Stop, in the sidebar; a mesh stopped here is not
+            # said to have been stopped elsewhere (a poll during the stop said so)
+            sidebar.locator('.jp-Mesh-meshItem[data-origin="sidebar"]').click()
+            field = sidebar.locator('.jp-Mesh-scaleForm input[name="scale-cpu"]')
+            field.fill("2")
+            field.press("Enter")
+            expect(sidebar.locator('.jp-Mesh-device[data-kind="cpu"]')).to_have_count(
+                2, timeout=60_000)
+            expect(sidebar.locator('.jp-Mesh-scaleForm input[name="scale-cpu"]')).to_be_focused(
+                timeout=10_000)
+            stop = sidebar.locator(".jp-Mesh-stopButton")
+            stop.focus()
+            page.keyboard.press("Enter")
+            expect(sidebar.locator(".jp-Mesh-meshItem")).to_have_count(0, timeout=60_000)
+            page.wait_for_timeout(3000)  # (a poll or two after it)
+            assert page.evaluate("() => document.getElementById('jupyter-mesh-sidebar')"
+                                 ".contains(document.activeElement)"), page.evaluate(
+                "() => document.activeElement.outerHTML.slice(0, 200)")
+            expect(sidebar.locator(".jp-Mesh-errors")).not_to_contain_text("is gone")
             assert not [e for e in console_errors if "jupyter-mesh" in e], console_errors
         except BaseException:
             _quiet(lambda: shot(page, "failure"))

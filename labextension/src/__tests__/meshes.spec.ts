@@ -267,6 +267,32 @@ describe('MeshesModel', () => {
     expect(model.detail?.id).toBe('new');
   });
 
+  it('does not call a mesh it stops itself "stopped elsewhere"', async () => {
+    // the server drops the mesh from its list before the stop returns: a poll that
+    // answered meanwhile read it as gone, and the banner blamed someone else
+    let finishStop: (v: unknown) => void = () => undefined;
+    serve({
+      'GET meshes': { meshes: [summary('a')] },
+      'GET meshes/a': detail('a'),
+      'DELETE meshes/a': () => new Promise(resolve => (finishStop = resolve))
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    expect(model.selected).toBe('a');
+    const stopping = model.stop('a');
+    serve({
+      'GET meshes': { meshes: [] },
+      'DELETE meshes/a': () => new Promise(resolve => (finishStop = resolve))
+    });
+    await model.refresh(); // the poll, while the stop is under way
+    finishStop({});
+    await stopping;
+    expect(model.actionError).toBeNull();
+    expect(model.meshes).toEqual([]);
+    await model.refresh();
+    expect(model.actionError).toBeNull();
+  });
+
   it('never shows one mesh in full while another is selected', async () => {
     let answerA: (v: unknown) => void = () => undefined;
     serve({

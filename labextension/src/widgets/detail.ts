@@ -24,7 +24,7 @@ import {
   withLabels
 } from '../model';
 import { MeshesModel } from '../meshes';
-import { h, meter, replaceChildren, rerender, sparkline } from './dom';
+import { h, meter, refocusIfLost, replaceChildren, rerender, sparkline } from './dom';
 
 export namespace MeshDetailWidget {
   export interface IOptions {
@@ -74,7 +74,16 @@ export class MeshActionsWidget extends DetailPart {
           'data-key': id,
           title,
           disabled: !this.commands.isEnabled(id, { id: detail.id }) || !!this.model.pending,
-          onclick: () => void this.commands.execute(id, { id: detail.id })
+          onclick: () => {
+            const sidebar = this.node.closest('.jp-MeshSidebar');
+            void this.commands.execute(id, { id: detail.id }).finally(() => {
+              // Stop takes its button away: keyboard focus goes on in the sidebar,
+              // not back to the top of the page
+              if (sidebar) {
+                refocusIfLost(sidebar);
+              }
+            });
+          }
         },
         label
       );
@@ -181,12 +190,19 @@ export class ScaleWidget extends DetailPart {
             }
             // show the mesh's counts again (not the numbers typed, if refused)
             const focused = document.activeElement;
+            let name: string | null = null;
             if (focused instanceof HTMLElement && this.node.contains(focused)) {
+              name = focused.getAttribute('name');
               focused.blur();
             }
             this._key = '';
             const now = this.model.detail;
             this.render(now && now.id === this.model.selected ? now : null);
+            // ...and the keyboard stays where it was (it fell to the top of the page)
+            if (name) {
+              this.node.querySelector<HTMLElement>(`[name="${CSS.escape(name)}"]`)
+                ?.focus({ preventScroll: true });
+            }
           });
       }
     };
@@ -203,6 +219,7 @@ export class ScaleWidget extends DetailPart {
           {
             class: 'jp-Button jp-mod-styled jp-mod-accept jp-Mesh-button',
             type: 'submit',
+            name: 'scale-submit',
             disabled: !!this.model.pending
           },
           'Scale'

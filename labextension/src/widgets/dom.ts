@@ -79,6 +79,22 @@ export function rerender(el: Element, ...children: Child[]): void {
   }
 }
 
+/**
+ * Where the element with keyboard focus went away (a button the action removed), focus
+ * the next sensible place in `root`: the selected mesh in the list, else the list,
+ * else the first form's summary; nothing is done where focus is still somewhere.
+ */
+export function refocusIfLost(root: Element): void {
+  const active = document.activeElement;
+  if (active && active !== document.body && active.isConnected) {
+    return;
+  }
+  const next = root.querySelector<HTMLElement>(
+    '.jp-Mesh-meshItem[tabindex="0"], .jp-Mesh-meshItems, details > summary'
+  );
+  next?.focus({ preventScroll: true });
+}
+
 const SVG_NS = 'http://www.w3.org/2000/svg';
 
 /** A small SVG line chart of `points` (see `sparklinePoints`). */
