@@ -390,6 +390,29 @@ def test_interrupt_while_data_is_on_its_way_says_so_and_sets_nothing(fresh, caps
     assert fresh.run_cell("del huge\n1", on="cpu", value=True).value == 1
 
 
+def test_a_cell_stopped_before_it_begins_never_runs(fresh, capsys):
+    # stopped while its push was still being rebuilt on the worker: the notebook
+    # stopped waiting, and the cell then ran all the same, its names defined there
+    class Slow:  # (defined here: it travels by value, rebuilt slowly)
+        def __init__(self):
+            self.pad = b"x" * (12 * 2**20)
+
+        def __setstate__(self, state):
+            import time
+
+            time.sleep(2)
+            self.__dict__.update(state)
+
+    timer = _interrupt_soon(0.8)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell("began = True", on="cpu", push={"slow": Slow()})
+    timer.join()
+    assert "while data went between it and the notebook" in capsys.readouterr().err
+    time.sleep(3)  # (past the rebuild: the cell would have run by now)
+    assert fresh.run_cell("'began' in dir() or 'slow' in dir()", on="cpu",
+                          value=True).value is False
+
+
 def test_interrupt_stops_the_remote_code_and_keeps_the_worker(fresh, capsys):
     fresh.run_cell("import time\nsteps = 0", on="cpu")
     timer = _interrupt_soon(0.6)

@@ -250,6 +250,9 @@ class _Run:
     latencies: list[float] = field(default_factory=list)
     #: the worker's answer to a stop (a concurrent future of its dict, or None)
     stop_reply: Any = None
+    #: names this run to the worker: a stop that comes before its cell begins (a large
+    #: push still on its way) keeps the cell from starting at all
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     #: with --all, the unfinished last line per stream, held back so that the lines of
     #: several workers never mix within one line
     partial: dict[str, str] = field(default_factory=lambda: {"stdout": "", "stderr": ""})
@@ -577,7 +580,7 @@ class RemoteCells:
         pool = self.client.rpc
         finished = False
         try:
-            await comm.write(run.message)
+            await comm.write({**run.message, "run_id": run.run_id})
             while True:
                 try:
                     # Dask logs a failed deserialization as CRITICAL with its traceback;
@@ -662,7 +665,8 @@ class RemoteCells:
         for run in runs:
             call = self.client.rpc(run.device.worker)
             run.stop_reply = asyncio.run_coroutine_threadsafe(
-                _quietly(getattr(call, INTERRUPT)(session=self.session, reason=reason)), loop
+                _quietly(getattr(call, INTERRUPT)(session=self.session, reason=reason,
+                                                  run=run.run_id)), loop
             )
 
     @staticmethod
@@ -686,8 +690,9 @@ class RemoteCells:
                 print(
                     f"jupyter_mesh: stopped waiting for {run.label} ({run.device.target}) "
                     f"while data went between it and the notebook (no code of the cell ran "
-                    f"there then: a large --push, --pull or value on its way); nothing was "
-                    f"set in the notebook, and the worker and its namespace stay usable.",
+                    f"there then: a large --push on its way, and the cell will not begin; or "
+                    f"--pull names or its value after it ended); nothing was set in the "
+                    f"notebook, and the worker and its namespace stay usable.",
                     file=sys.stderr, flush=True,
                 )
                 continue

@@ -8,6 +8,8 @@ stream of ``out`` messages while the cell runs, then one ``done`` message.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import contextvars
 import threading
 import time
@@ -35,6 +37,8 @@ from ._shell import SHELL_NAME, RemoteShell
 EXTENSION_NAME = "jupyter-mesh-remote"
 RUN = "jupyter_mesh_remote_run"
 INTERRUPT = "jupyter_mesh_remote_interrupt"
+#: how many stopped runs a worker remembers (see RemoteCellsPlugin.cancelled)
+CANCELLED_KEPT = 256
 RESET = "jupyter_mesh_remote_reset"
 ORPHANS = "jupyter-mesh-remote-orphans"
 #: seconds between two looks for namespaces whose notebook is gone (a kernel that died
@@ -189,6 +193,9 @@ class RemoteCellsPlugin(WorkerPlugin):
         #: the scheduler cannot say which clients it has (no jupyter_mesh there): the
         #: orphan check asks no more (each ask logged a traceback there)
         self.clients_unknown = False
+        #: runs stopped before their cell began (their message, a large push, still on
+        #: its way or being rebuilt): they never start (the latest CANCELLED_KEPT)
+        self.cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def setup(self, worker: Any) -> None:
         self.worker = worker
@@ -223,7 +230,8 @@ class RemoteCellsPlugin(WorkerPlugin):
     async def run(self, comm: Any, session: str, code: str, filename: str,
                   push: dict[str, Any] | None = None, pull: list[str] | None = None,
                   want_value: bool = False, show_value: bool = True,
-                  timeout: float | None = None, client: str | None = None) -> Any:
+                  timeout: float | None = None, client: str | None = None,
+                  run_id: str | None = None) -> Any:
         """Run a cell; answer with ``out`` messages, then one ``done`` message."""
         received = time.time()
         state = self.sessions.get(session)
@@ -249,6 +257,14 @@ class RemoteCellsPlugin(WorkerPlugin):
                     await comm.write({"t": "done", "status": "unreadable-push", "name": name,
                                       "reason": error_reason(exc), "fresh": fresh})
                     return Status.dont_reply
+        if run_id is not None and run_id in self.cancelled:
+            del self.cancelled[run_id]
+            # stopped while its message came (the notebook stopped waiting then): the
+            # cell never starts, and nothing of it is set here
+            with contextlib.suppress(Exception):
+                await comm.write({"t": "done", "status": "interrupted", "fresh": fresh})
+            return Status.dont_reply
+        if push:
             state.namespace.update(values)
         state.cells += 1
         loop = asyncio.get_running_loop()
@@ -339,11 +355,17 @@ class RemoteCellsPlugin(WorkerPlugin):
                 sink.close()
                 return
 
-    def interrupt(self, session: str, reason: str = "interrupted") -> dict[str, Any]:
-        """Stop the running cell of a session; say whether one was running."""
+    def interrupt(self, session: str, reason: str = "interrupted",
+                  run: str | None = None) -> dict[str, Any]:
+        """Stop the running cell of a session; say whether one was running. With no
+        cell running, the run ``run`` (its message still on its way) never starts."""
         state = self.sessions.get(session)
         cell = state.running if state is not None else None
         if cell is None or cell.done:
+            if run is not None:
+                self.cancelled[run] = None
+                while len(self.cancelled) > CANCELLED_KEPT:
+                    self.cancelled.popitem(last=False)
             return {"running": False, "stopped": False}
         return {"running": True, "stopped": cell.stop(reason)}
 
