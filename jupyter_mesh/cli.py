@@ -31,10 +31,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> _Parser:
     from ._version import __version__
 
-    parser = _Parser(prog="jupyter-mesh", description=__doc__.splitlines()[0])
+    # options are spelt out (as the magics take them): an abbreviation given beside the
+    # whole option would slip past the check for an option given twice
+    parser = _Parser(prog="jupyter-mesh", description=__doc__.splitlines()[0],
+                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"jupyter-mesh {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler")
+    w = sub.add_parser("worker", help="start a mesh worker that joins a Dask scheduler",
+                       allow_abbrev=False)
     parser.subcommands = {"worker": w}
     w.add_argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
     w.add_argument("--site", default="default", help="site label of this worker (default: default)")

@@ -143,7 +143,12 @@ def planned_bars(plan: Plan[PlanModel],
 def _planned(plan: Plan[PlanModel], li: int, p: int) -> str:
     """The target a plan shows for op ``li`` on pool ``p``: as its rows show it (any
     pool, where it restricts nothing; ``cpu:jax (numpy)`` where a JAX CPU worker runs
-    the op with NumPy)."""
+    the op with NumPy; Dask's own, for a step of its P2P shuffle or rechunk)."""
+    from .router.plan import P2P_TARGET
+    from .router.rewrite import is_p2p
+
+    if is_p2p(plan.model.ops[li].name):
+        return P2P_TARGET
     return plan.free_target if plan.unrestricted else plan.target_label(li, p)
 
 

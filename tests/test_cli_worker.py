@@ -194,6 +194,9 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
          "--site given twice: give it once"),
         (["worker", "tcp://127.0.0.1:1", "--nthreads=1", "--nthreads", "2"],
          "--nthreads given twice: give it once"),
+        # an abbreviation beside the whole option slipped past the check above
+        (["worker", "tcp://127.0.0.1:1", "--nth", "2", "--nthreads", "3"],
+         "unrecognized arguments: --nth 2"),
         # it said the command was missing
         (["--bogus", "worker"], "unrecognized arguments: --bogus (options go after the "
                                 "command"),

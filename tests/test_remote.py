@@ -586,6 +586,13 @@ def test_a_cell_stopped_while_it_prints_ends_at_its_own_line(fresh, capsys):
     shown = "\n".join(info.value._render_traceback_())
     assert "print('line', i)" in shown or "i += 1" in shown, shown
     assert "jupyter_mesh" not in shown and "threading.py" not in shown, shown
+    # an error of the cell's own code that its output called keeps its frames
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell("import sys\ndef gen():\n    yield 'a\\n'\n"
+                       "    raise ValueError('boom in gen')\nsys.stdout.writelines(gen())",
+                       on="cpu")
+    shown = "\n".join(info.value._render_traceback_())
+    assert "raise ValueError('boom in gen')" in shown, shown
 
 
 # ---------------------------------------------------------------- reset

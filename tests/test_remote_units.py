@@ -419,3 +419,14 @@ def test_reset_waits_little_for_workers_of_a_scheduler_that_went_away():
     assert cells.reset() == {"workers": []}
     assert time.monotonic() - t0 < 5
     assert cells.namespaces == {}
+
+
+def test_the_names_ipython_keeps_for_itself():
+    from jupyter_mesh.remote.magic import ipython_own
+
+    for name in ("Out", "In", "_oh", "_", "___", "_7", "_i7", "_ii", "get_ipython", "exit"):
+        assert ipython_own(name), name
+    # a user's own names, some of them IPython's hidden ones after %pylab or a startup
+    # file (mean, np): set from a worker as asked
+    for name in ("mean", "np", "out", "_x", "_i7a", "result", "i"):
+        assert not ipython_own(name), name

@@ -221,6 +221,11 @@ def test_pinning_a_persisted_collection_says_why_it_cannot(mesh):
     with pytest.raises(jm.MeshError, match=r"^a pinned collection is persisted already: "
                                            r"its data is where Dask put it"):
         mesh.compute((xp * 2).sum(), pin={site: xp})
+    # a persisted delayed value too (its graph has no task at all: "no task for key")
+    dp = mesh.client.persist(dask.delayed(_double)(3))
+    with pytest.raises(jm.MeshError, match=r"^a pinned collection is persisted already"):
+        mesh.compute(dp, pin={site: dp})
+    assert mesh.compute(dp, (x * 2).sum(), pin={site: x}) == (6, 1560.0)
     assert mesh.compute((x * 2).sum(), pin={site: x}) == (1560.0,)
 
 

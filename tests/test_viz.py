@@ -493,3 +493,16 @@ def test_a_fused_chain_and_the_next_task_on_its_thread_share_one_lane(plan):
     bars, _ = viz.measured_bars(report)
     name = next(b["worker"] for b in bars if b["key"] == str(last))
     assert {b["row"] for b in bars if b["worker"] == name} == {name}
+
+
+@pytest.mark.parametrize("route", ["cpu:jax", "cpu"])
+def test_dasks_p2p_steps_are_drawn_as_dask_places_them(route):
+    # the rows said Dask's P2P places them; the picture coloured them as the route's
+    x = da.ones((8, 8), chunks=(8, 1))
+    y = (x.rechunk((1, 8), method="p2p") + 1).sum()
+    plan = plan_collections([y], _devices(), route=route)
+    p2p = {"any (Dask's P2P places it)"}
+    assert {b["target"] for b in viz.planned_bars(plan) if b["op"] == "rechunk-p2p"} == p2p
+    graph = viz.op_graph(plan)
+    assert {n["target"] for n in graph["nodes"] if n["op"] == "rechunk-p2p"} == p2p
+    assert {r["target"] for r in plan.rows if r["op"] == "rechunk-p2p"} == p2p

@@ -354,9 +354,13 @@ def format_remote_traceback(exc: BaseException) -> str:
     ``%timeit`` are left out."""
     te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
     frames = list(te.stack)
-    # stopped inside the cell's output (a print that streams to the notebook): the
-    # cell's own line is where it stopped, not the frames that send its text
-    cut = next((i for i, f in enumerate(frames) if f.filename in _OUTPUT), len(frames))
+    # stopped (Ctrl-C, --timeout) inside the cell's output (a print that streams to
+    # the notebook): the cell's own line is where it stopped, not the frames that send
+    # its text (an error of the cell's own code that the output called, a generator
+    # given to writelines, keeps its frames)
+    cut = len(frames)
+    if isinstance(exc, KeyboardInterrupt):
+        cut = next((i for i, f in enumerate(frames) if f.filename in _OUTPUT), cut)
     te.stack = traceback.StackSummary.from_list(
         [f for f in frames[:cut] if not _machinery(f.filename)])
     return "".join(te.format())

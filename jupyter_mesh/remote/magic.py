@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -35,10 +36,9 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
         raise UsageError(str(exc).splitlines()[0]) from None
     # names IPython keeps for itself (Out, _oh, get_ipython, exit...): set to a value
     # from a worker, they break the kernel (every later cell fails to display)
-    hidden = getattr(shell, "user_ns_hidden", {})
     for option, names in (("-o", [args.output] if args.output else []),
                           ("--pull", pull_names)):
-        own = [n for n in names if n in hidden]
+        own = [n for n in names if ipython_own(n)]
         if own:
             raise UsageError(f"{option}: {own[0]!r} is one of IPython's own names in the "
                              f"notebook: use a name of your own")
@@ -72,6 +72,17 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
     if args.all:
         return _show_all(shell, args, result)
     return _store_one(shell, args, result)
+
+
+#: the names IPython's shell keeps in a notebook's namespace for itself
+IPYTHON_OWN = frozenset({"In", "Out", "_oh", "_ih", "_dh", "_", "__", "___", "_i", "_ii",
+                         "_iii", "get_ipython", "exit", "quit"})
+
+
+def ipython_own(name: str) -> bool:
+    """Whether ``name`` is one IPython keeps for itself (``_5`` and ``_i5`` too: the
+    output and input of cell 5)."""
+    return name in IPYTHON_OWN or re.fullmatch(r"_i?\d+", name) is not None
 
 
 def _no_value(args: Any) -> None:

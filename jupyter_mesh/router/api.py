@@ -296,10 +296,10 @@ def _first(results: Any) -> Any:
 
 def _finalized(collections: tuple[Any, ...], pin: Any) -> tuple[Any, ...]:
     """Each DataFrame collection as :class:`_Finalized` (arrays, bags and delayed
-    values as they are); with ``pin=`` all as they are: pins name the collections'
-    own keys."""
+    values as they are, a persisted delayed value read by a task: see :func:`_held`);
+    with ``pin=`` no DataFrame finalized: pins name the collections' own keys."""
     if pin is not None:
-        return collections
+        return tuple(_held(c) for c in collections)
     return tuple(_Finalized(c) if _is_frame(c) else _held(c) for c in collections)
 
 
@@ -576,8 +576,8 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
         # (in Dask's order, handed back in the caller's: see dask_order)
         order = dask_order(collections)
         try:
-            futures = mesh.client.compute([collections[i] for i in order])
-            futures = [futures[order.index(i)] for i in range(len(order))]
+            futures = _unordered(mesh.client.compute([collections[i] for i in order]),
+                                 order)
         except Exception as exc:
             _say_why(mesh, exc)
             raise
@@ -646,6 +646,14 @@ def dask_order(collections: Sequence[Any]) -> list[int]:
             key = id(key)
         rank.append(group.setdefault(key, len(group)))
     return sorted(range(len(rank)), key=rank.__getitem__)
+
+
+def _unordered(items: Sequence[Any], order: list[int]) -> list[Any]:
+    """``items``, given in ``order`` (see :func:`dask_order`), back in the caller's."""
+    out: list[Any] = [None] * len(order)
+    for item, i in zip(items, order, strict=True):
+        out[i] = item
+    return out
 
 
 def _nest(keys: Any, values: dict[Any, Any]) -> Any:
@@ -1079,7 +1087,7 @@ class _RoutedScheduler:
         out = [post({k: futures[k] for k in dask.core.flatten(ks)}, *args)
                for (post, args), ks in zip((c.__dask_postpersist__() for c in colls), keys,
                                            strict=True)]
-        out = [out[order.index(i)] for i in range(len(order))]
+        out = _unordered(out, order)
         return out[0] if single else out
 
 
