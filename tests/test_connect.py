@@ -774,3 +774,61 @@ def test_an_expired_certificate_is_said_to_be_out_of_date(no_mesh, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def _sleepy(i):
+    time.sleep(1)
+    return i
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("route", ["auto", "off"])
+def test_a_computation_whose_scheduler_is_stopped_elsewhere_fails_in_one_line(no_mesh,
+                                                                             route):
+    # the Mesh sidebar stops a mesh a notebook computes on: the cell failed with Dask's
+    # traceback through jupyter_mesh, telling the user to re-run the work
+    import signal
+    import subprocess
+    import sys
+
+    import dask
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bin_dir = os.path.dirname(sys.executable)
+    sched = subprocess.Popen([os.path.join(bin_dir, "dask"), "scheduler", "--host",
+                              "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until it listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        worker = subprocess.Popen([os.path.join(bin_dir, "jupyter-mesh"), "worker", address,
+                                   "--nthreads", "1"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        mesh = jm.Mesh.connect(address, timeout=60, set_current=False)
+        try:
+            deadline = time.monotonic() + 60
+            while not len(mesh.inventory()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            work = [dask.delayed(_sleepy)(i) for i in range(20)]
+            threading.Timer(2.0, os.kill, (sched.pid, signal.SIGKILL)).start()
+            with pytest.raises(MeshError) as info:
+                mesh.compute(*work, route=route)
+            text = str(info.value)
+            assert text.startswith("the mesh's scheduler went away while this computation "
+                                   "ran (stopped from the Mesh sidebar"), text
+            assert "\n" not in text
+        finally:
+            mesh.close()
+    finally:
+        for proc in (worker, sched):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -617,6 +617,21 @@ def _say_why(mesh: Mesh, exc: BaseException | None) -> None:
         raise MeshError(f"the mesh at {mesh.address} was closed while this computation "
                         f"ran (mesh.close or %mesh close, in another thread or cell): "
                         f"start or connect a mesh, then compute again") from None
+    from asyncio import CancelledError as AsyncCancelled
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, (CancelledError, AsyncCancelled, CommClosedError)):
+        # its futures cancelled, "scheduler-connection-lost": the mesh was stopped from
+        # outside this kernel (the Mesh sidebar, another notebook), or its scheduler
+        # died; Dask's traceback says to re-run the work, on a mesh that is gone
+        try:
+            mesh._check_reachable()
+        except MeshError as gone:
+            raise MeshError(f"the mesh's scheduler went away while this computation ran "
+                            f"(stopped from the Mesh sidebar or another notebook, or it "
+                            f"died): {gone}") from None
     if (isinstance(exc, KilledWorker) and hasattr(exc, "add_note")  # (Python 3.11+)
             and not getattr(exc, "_jupyter_mesh_noted", False)):
         exc._jupyter_mesh_noted = True  # type: ignore[attr-defined]
