@@ -232,8 +232,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
     commands.addCommand(CommandIDs.insertSnippet, {
       label: 'Insert Mesh Connection Snippet',
       caption: 'Insert %load_ext jupyter_mesh / %mesh connect ADDRESS into the active notebook',
-      // (a mesh still starting has no address to connect to yet)
-      isEnabled: args => !!summaryOf(args)?.address && !!notebooks?.currentWidget,
+      // (a mesh still starting has no address to connect to yet; one that does not
+      // answer has nothing to connect to)
+      isEnabled: args =>
+        !!summaryOf(args)?.address && !summaryOf(args)?.error && !!notebooks?.currentWidget,
       execute: async args => {
         const mesh = summaryOf(args);
         const panel = notebooks?.currentWidget;

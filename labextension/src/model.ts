@@ -256,9 +256,13 @@ export function kernelHint(mesh: IMeshSummary): string | null {
   if (mesh.origin !== 'kernel') {
     return null;
   }
-  return mesh.kernel_started === false
-    ? 'A kernel connected to this mesh: %mesh close there disconnects it (the mesh runs on).'
-    : 'Started by a kernel: close it there with %mesh close.';
+  if (mesh.kernel_started === false) {
+    // (one that no longer answers does not run on: stopped here, or elsewhere)
+    return mesh.error
+      ? 'A kernel connected to this mesh, which does not answer: %mesh close there forgets it.'
+      : 'A kernel connected to this mesh: %mesh close there disconnects it (the mesh runs on).';
+  }
+  return 'Started by a kernel: close it there with %mesh close.';
 }
 
 /** The fraction `used / total`, clamped to [0, 1]; 0 when the total is unknown. */

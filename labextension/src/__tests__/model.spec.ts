@@ -91,6 +91,11 @@ describe('kernel meshes', () => {
     expect(originLabel(connected)).toBe('a kernel connected');
     expect(kernelHint(started)).toBe('Started by a kernel: close it there with %mesh close.');
     expect(kernelHint(connected)).toContain('%mesh close there disconnects it');
+    // a mesh stopped since (here, or elsewhere) does not "run on"
+    const dead = mesh('k4', { origin: 'kernel', kernel_started: false, error: 'gone' });
+    expect(kernelHint(dead)).toBe(
+      'A kernel connected to this mesh, which does not answer: %mesh close there forgets it.'
+    );
     // an older server that does not say: as before
     expect(originLabel(mesh('k3', { origin: 'kernel' }))).toBe('from a kernel');
     expect(kernelHint(mesh('s', { origin: 'sidebar' }))).toBeNull();
