@@ -132,9 +132,13 @@ export class ScaleWidget extends DetailPart {
       replaceChildren(this.node);
       return;
     }
+    const scale = JSON.stringify(detail.scale);
     if (detail.id !== this._refusedFor ||
-        (this._refusal?.startsWith(UNREACHABLE) && !this.model.loadError)) {
-      this._refusal = null; // (said of another mesh, or of a server that is back)
+        (this._refusal?.startsWith(UNREACHABLE) && !this.model.loadError) ||
+        (this._refusal !== null && scale !== this._refusedAt)) {
+      // (said of another mesh, of a server that is back, or of counts that changed
+      // since: "busy with another change" once that change is done)
+      this._refusal = null;
     }
     const key = `${detail.id}:${JSON.stringify(detail.scale)}:${!!this.model.pending}:` +
       `${this._refusal}`;
@@ -149,6 +153,7 @@ export class ScaleWidget extends DetailPart {
     const say = (why: string | null) => {
       this._refusal = why;
       this._refusedFor = detail.id;
+      this._refusedAt = JSON.stringify(this.model.detail?.scale ?? detail.scale);
       error.textContent = why ?? '';
       error.hidden = !why;
     };
@@ -232,6 +237,8 @@ export class ScaleWidget extends DetailPart {
   /** what was wrong with the last scale request, and of which mesh */
   private _refusal: string | null = null;
   private _refusedFor = '';
+  /** the mesh's counts when the refusal was said */
+  private _refusedAt = '';
 }
 
 const SPARK_W = 120;
