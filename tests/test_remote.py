@@ -385,7 +385,8 @@ def test_interrupt_while_data_is_on_its_way_says_so_and_sets_nothing(fresh, caps
     timer.join()
     took = time.monotonic() - started
     err = capsys.readouterr().err
-    assert "while data went between it and the notebook" in err, err
+    assert "while data went between it and the notebook: the cell ran to its end there" \
+        in err, err
     assert "still running" not in err and took < 2.5, took
     assert fresh.run_cell("del huge\n1", on="cpu", value=True).value == 1
 
@@ -407,7 +408,8 @@ def test_a_cell_stopped_before_it_begins_never_runs(fresh, capsys):
     with pytest.raises(KeyboardInterrupt):
         fresh.run_cell("began = True", on="cpu", push={"slow": Slow()})
     timer.join()
-    assert "while data went between it and the notebook" in capsys.readouterr().err
+    assert ("while data went between it and the notebook: its --push was on its way, and "
+            "the cell will not begin") in capsys.readouterr().err
     time.sleep(3)  # (past the rebuild: the cell would have run by now)
     assert fresh.run_cell("'began' in dir() or 'slow' in dir()", on="cpu",
                           value=True).value is False

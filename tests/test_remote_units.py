@@ -430,3 +430,30 @@ def test_the_names_ipython_keeps_for_itself():
     # file (mean, np): set from a worker as asked
     for name in ("mean", "np", "out", "_x", "_i7a", "result", "i"):
         assert not ipython_own(name), name
+
+
+def test_a_stop_for_a_run_not_yet_begun_is_kept_while_an_older_cell_runs():
+    # an older cell of the notebook, given up on, still runs when the stop for the next
+    # one comes (its push on its way): that stop went to the older cell alone, and the
+    # next one began all the same once it came
+    from jupyter_mesh.remote._worker_plugin import RemoteCellsPlugin, Session
+
+    class Running:
+        done = False
+        stopped = None
+
+        def stop(self, reason):
+            self.stopped = reason
+            return True
+
+    plugin = RemoteCellsPlugin()
+    state = plugin.sessions["s"] = Session("s")
+    state.running = old = Running()
+    state.last_run = "old"
+    assert plugin.interrupt("s", run="next") == {"running": True, "stopped": True}
+    assert old.stopped == "interrupted" and "next" in plugin.cancelled
+    # the run that began and ended: its data on the way back, said so
+    state.running = None
+    assert plugin.interrupt("s", run="old") == {"running": False, "stopped": False,
+                                                "began": True}
+    assert "old" not in plugin.cancelled

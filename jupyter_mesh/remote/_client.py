@@ -687,12 +687,16 @@ class RemoteCells:
             run.failure = _StillRunning(run, interrupted)
             if self._not_running(run):
                 run.failure.running = False
+                began = bool(run.stop_reply.result().get("began"))
                 print(
                     f"jupyter_mesh: stopped waiting for {run.label} ({run.device.target}) "
-                    f"while data went between it and the notebook (no code of the cell ran "
-                    f"there then: a large --push on its way, and the cell will not begin; or "
-                    f"--pull names or its value after it ended); nothing was set in the "
-                    f"notebook, and the worker and its namespace stay usable.",
+                    f"while data went between it and the notebook: "
+                    + ("the cell ran to its end there (its names are defined on the "
+                       "worker), and its --pull names or value were on their way back"
+                       if began else
+                       "its --push was on its way, and the cell will not begin")
+                    + "; nothing was set in the notebook, and the worker and its namespace "
+                      "stay usable.",
                     file=sys.stderr, flush=True,
                 )
                 continue

@@ -169,6 +169,8 @@ class Session:
         shell = RemoteShell(self.namespace)
         self.namespace["get_ipython"] = self.namespace[SHELL_NAME] = lambda: shell
         self.running: CellRun | None = None
+        #: the run id of the last cell that began here (see RemoteCellsPlugin.interrupt)
+        self.last_run: str | None = None
         self.cells = 0
         #: the Dask client of the notebook (None: it did not say)
         self.client: str | None = None
@@ -266,6 +268,7 @@ class RemoteCellsPlugin(WorkerPlugin):
             return Status.dont_reply
         if push:
             state.namespace.update(values)
+        state.last_run = run_id
         state.cells += 1
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -361,12 +364,16 @@ class RemoteCellsPlugin(WorkerPlugin):
         cell running, the run ``run`` (its message still on its way) never starts."""
         state = self.sessions.get(session)
         cell = state.running if state is not None else None
+        began = state is not None and run is not None and state.last_run == run
+        if run is not None and not began:
+            # (whatever runs now, an older cell of this notebook given up on, is not
+            # this run: this one must not begin once it comes)
+            self.cancelled[run] = None
+            while len(self.cancelled) > CANCELLED_KEPT:
+                self.cancelled.popitem(last=False)
         if cell is None or cell.done:
-            if run is not None:
-                self.cancelled[run] = None
-                while len(self.cancelled) > CANCELLED_KEPT:
-                    self.cancelled.popitem(last=False)
-            return {"running": False, "stopped": False}
+            # began: it ran to its end, and what it sends back is on its way
+            return {"running": False, "stopped": False, "began": began}
         return {"running": True, "stopped": cell.stop(reason)}
 
     def reset(self, session: str) -> dict[str, Any]:

@@ -520,15 +520,26 @@ def test_sidebar_starts_a_mesh_and_finds_a_kernel_mesh(lab):
                 2, timeout=60_000)
             expect(sidebar.locator('.jp-Mesh-scaleForm input[name="scale-cpu"]')).to_be_focused(
                 timeout=10_000)
-            stop = sidebar.locator(".jp-Mesh-stopButton")
-            stop.focus()
-            page.keyboard.press("Enter")
-            expect(sidebar.locator(".jp-Mesh-meshItem")).to_have_count(0, timeout=60_000)
-            page.wait_for_timeout(3000)  # (a poll or two after it)
-            assert page.evaluate("() => document.getElementById('jupyter-mesh-sidebar')"
-                                 ".contains(document.activeElement)"), page.evaluate(
-                "() => document.activeElement.outerHTML.slice(0, 200)")
-            expect(sidebar.locator(".jp-Mesh-errors")).not_to_contain_text("is gone")
+            # (with another mesh left in the list, and then with none)
+            other = api(base, token, "jupyter-mesh/api/meshes", "POST",
+                        {"cpu": 1, "gpu": 0, "tpu": 0})
+            expect(sidebar.locator(".jp-Mesh-meshItem")).to_have_count(2, timeout=60_000)
+            for left in (1, 0):
+                sidebar.locator('.jp-Mesh-meshItem[data-origin="sidebar"]').first.click()
+                stop = sidebar.locator(".jp-Mesh-stopButton")
+                expect(stop).to_be_enabled(timeout=30_000)
+                stop.focus()
+                page.keyboard.press("Enter")
+                expect(sidebar.locator(".jp-Mesh-meshItem")).to_have_count(
+                    left, timeout=60_000)
+                page.wait_for_timeout(3000)  # (a poll or two after it)
+                focused = page.evaluate("() => document.activeElement.outerHTML.slice(0, 120)")
+                assert page.evaluate("() => document.getElementById('jupyter-mesh-sidebar')"
+                                     ".contains(document.activeElement)"), focused
+                if left:
+                    assert "jp-Mesh-meshItem" in focused, focused
+                expect(sidebar.locator(".jp-Mesh-errors")).not_to_contain_text("is gone")
+            assert other["id"]
             assert not [e for e in console_errors if "jupyter-mesh" in e], console_errors
         except BaseException:
             _quiet(lambda: shot(page, "failure"))

@@ -81,18 +81,24 @@ export function rerender(el: Element, ...children: Child[]): void {
 
 /**
  * Where the element with keyboard focus went away (a button the action removed), focus
- * the next sensible place in `root`: the selected mesh in the list, else the list,
- * else the first form's summary; nothing is done where focus is still somewhere.
+ * the next sensible place in `root`: the selected mesh in the list, else the first
+ * one, else the first form's summary; nothing is done where focus is still somewhere.
  */
 export function refocusIfLost(root: Element): void {
   const active = document.activeElement;
   if (active && active !== document.body && active.isConnected) {
     return;
   }
-  const next = root.querySelector<HTMLElement>(
-    '.jp-Mesh-meshItem[tabindex="0"], .jp-Mesh-meshItems, details > summary'
-  );
-  next?.focus({ preventScroll: true });
+  // (one after another: a list of selectors finds the first match in the page's
+  // order, the list before its items, and the list itself takes no focus)
+  for (const selector of ['.jp-Mesh-meshItem[tabindex="0"]', '.jp-Mesh-meshItem',
+    'details > summary']) {
+    const next = root.querySelector<HTMLElement>(selector);
+    if (next) {
+      next.focus({ preventScroll: true });
+      return;
+    }
+  }
 }
 
 const SVG_NS = 'http://www.w3.org/2000/svg';
