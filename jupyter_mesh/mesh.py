@@ -391,13 +391,19 @@ def _spawned(nannies: Any) -> list[int]:
 class _InterruptedGathers(logging.Filter):
     """Drops asyncio's "Task exception was never retrieved" of a Dask client's gather
     that Ctrl-C stopped (``distributed.client.AllExit``: Dask's way to end the wait):
-    the cell said ``KeyboardInterrupt`` already, and this came as a traceback under it.
-    Every other record passes."""
+    the cell said ``KeyboardInterrupt`` already, and this came as a traceback under it;
+    and of a worker's start that Ctrl-C stopped (``MeshNanny failed to start.``, two
+    tracebacks under "interrupted: no mesh started"). Every other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return type(exc).__name__ != "AllExit" or \
-            type(exc).__module__ != "distributed.client"
+        if type(exc).__name__ == "AllExit" and type(exc).__module__ == "distributed.client":
+            return False
+        # the start of a worker that Ctrl-C left behind (Mesh.local said "interrupted:
+        # no mesh started", and a start that fails says why in one line)
+        return not (isinstance(exc, RuntimeError)
+                    and str(exc) == f"{MeshNanny.__name__} failed to start."
+                    and record.getMessage().startswith("Task exception was never retrieved"))
 
 
 def _quiet_interrupted_gathers() -> None:
@@ -405,6 +411,26 @@ def _quiet_interrupted_gathers() -> None:
     log = logging.getLogger("asyncio")
     if not any(isinstance(f, _InterruptedGathers) for f in log.filters):
         log.addFilter(_InterruptedGathers())
+
+
+def _keep_quiet(cluster: Any) -> None:
+    """Before closing a cluster whose start failed or was stopped (Ctrl-C): Dask's and
+    Bokeh's logs stay quiet for good, as a local mesh keeps them while it lives. Its
+    pieces log their ends at INFO, some after its close (nannies that find their
+    workers killed), into whatever cell runs then; and its close put the log levels
+    back as they were before it, or, where the close did not get that far, its
+    finalizer did later, under the next mesh (Dask's INFO logs in every cell)."""
+    with contextlib.suppress(Exception):
+        cluster._SpecCluster__exit_stack.pop_all()
+    _quiet_dask_logs()
+
+
+def _quiet_dask_logs() -> None:
+    """Dask's and Bokeh's stream handlers at WARNING at least."""
+    for root in ("distributed", "bokeh"):
+        for handler in logging.getLogger(root).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.level < logging.WARNING:
+                handler.setLevel(logging.WARNING)
 
 
 def _kill_left(pids: list[int]) -> None:
@@ -688,6 +714,7 @@ class Mesh:
         # a mesh closing now (from another thread) finishes first, and one that starts
         # to close meanwhile waits: a close restores the log levels it found; another
         # start waits too, so what is new below is this start's
+        _quiet_interrupted_gathers()  # (a start that Ctrl-C stops leaves tasks behind)
         with _CLOSING:
             before = set(SpecCluster._instances)
             nannies_before = set(MeshNanny.made)
@@ -709,6 +736,7 @@ class Mesh:
 
                 spawned = _spawned(mine())
                 for started in new:
+                    _keep_quiet(started)
                     with contextlib.suppress(Exception):
                         started.close()
                 _kill_left(spawned + _spawned(mine()))
@@ -723,15 +751,23 @@ class Mesh:
         try:
             client = Client(cluster, set_as_default=set_current, security=security)
         except BaseException:
+            _keep_quiet(cluster)
             cluster.close()
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
                    "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit,
                    "dashboard": dashboard.get("dashboard", True), "security": security}
         mesh = cls(client, cluster, site=site, options=options, set_current=False)
+        from distributed.utils import silence_logging_cmgr
+
+        # quiet from here (SpecCluster's own silence ends as it closes: a mesh closed
+        # because its start was stopped logged its end at INFO)
+        for root in ("distributed", "bokeh"):
+            mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
         try:
             mesh._wait_for(len(workers))
         except BaseException:
+            _keep_quiet(cluster)
             mesh.close()  # a mesh that did not come up leaves no processes behind
             raise
         # (before it is made current: the kernel's registration reads the link then)
@@ -749,8 +785,6 @@ class Mesh:
                 mesh._make_current()
         # Dask's own logs stay quiet while the mesh lives (closing a mesh it replaced
         # would otherwise turn them back on, SpecCluster's silence being undone)
-        from distributed.utils import silence_logging_cmgr
-
         for root in ("distributed", "bokeh"):
             mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
         return mesh
