@@ -146,7 +146,7 @@ class GroupBy:
 
 
 #: what a bar says when its work stopped before the end
-_STOPPED = "stopped before the end (interrupted or failed)"
+_STOPPED = "stopped before the end: interrupted or failed"
 
 
 #: the most groups the text bar draws a bar for (the others count together)

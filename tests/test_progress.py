@@ -199,7 +199,7 @@ def test_an_interrupted_computation_leaves_its_bar_saying_so(mesh, quick_thresho
         assert all(row.children[1].bar_style == "danger" for row in rows.children)
     else:
         err = capfd.readouterr().err
-        assert err.rstrip("\n").endswith("stopped before the end (interrupted or failed)")
+        assert err.rstrip("\n").endswith("stopped before the end: interrupted or failed")
 
 
 def test_a_finished_widget_bar_is_well_formed_html(mesh, quick_threshold, monkeypatch):
