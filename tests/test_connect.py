@@ -609,11 +609,9 @@ def test_wss_addresses_need_tls_settings_as_tls_ones_do(no_mesh, certs):
         jm.Mesh.connect("ws://127.0.0.1:1", security=_security(certs), timeout=2)
 
 
-def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, caplog):
-    import logging
-    import os
-    import signal
-    import socket
+def _dask_scheduler():
+    """A plain ``dask scheduler`` process on a free loopback port, once it listens:
+    (the process, its port)."""
     import subprocess
     import sys
 
@@ -624,13 +622,22 @@ def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, capl
                               "scheduler", "--host", "127.0.0.1", "--port", str(port),
                               "--no-dashboard"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until it listens
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
+    return sched, port
+
+
+def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, caplog):
+    import logging
+    import os
+    import signal
+
+    sched, port = _dask_scheduler()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until it listens
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
         mesh = jm.Mesh.connect(f"tcp://127.0.0.1:{port}", timeout=60)
         os.kill(sched.pid, signal.SIGKILL)
         sched.wait()
@@ -793,22 +800,11 @@ def test_a_computation_whose_scheduler_is_stopped_elsewhere_fails_in_one_line(no
 
     import dask
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    sched, port = _dask_scheduler()
     address = f"tcp://127.0.0.1:{port}"
     bin_dir = os.path.dirname(sys.executable)
-    sched = subprocess.Popen([os.path.join(bin_dir, "dask"), "scheduler", "--host",
-                              "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     worker = None
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # until it listens
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
         worker = subprocess.Popen([os.path.join(bin_dir, "jupyter-mesh"), "worker", address,
                                    "--nthreads", "1"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
