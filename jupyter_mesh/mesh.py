@@ -413,24 +413,35 @@ def _quiet_interrupted_gathers() -> None:
         log.addFilter(_InterruptedGathers())
 
 
+class _QuietAWhile(logging.Filter):
+    """Drops Dask's and Bokeh's records below WARNING until ``until`` (monotonic)."""
+
+    until = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or time.monotonic() > self.until
+
+
+_QUIET_A_WHILE = _QuietAWhile()
+#: how long after a start that failed or was stopped its pieces' INFO logs are dropped
+QUIET_AFTER_FAILED_START = 5.0
+
+
 def _keep_quiet(cluster: Any) -> None:
-    """Before closing a cluster whose start failed or was stopped (Ctrl-C): Dask's and
-    Bokeh's logs stay quiet for good, as a local mesh keeps them while it lives. Its
-    pieces log their ends at INFO, some after its close (nannies that find their
-    workers killed), into whatever cell runs then; and its close put the log levels
-    back as they were before it, or, where the close did not get that far, its
-    finalizer did later, under the next mesh (Dask's INFO logs in every cell)."""
-    with contextlib.suppress(Exception):
-        cluster._SpecCluster__exit_stack.pop_all()
-    _quiet_dask_logs()
-
-
-def _quiet_dask_logs() -> None:
-    """Dask's and Bokeh's stream handlers at WARNING at least."""
+    """Before closing a cluster whose start failed or was stopped (Ctrl-C). Its pieces
+    log their ends at INFO, some after its close (nannies that find their workers
+    killed), into whatever cell runs then: those are dropped for a few seconds. And
+    Dask's log levels are put back as they were before it now: where its close did
+    not get that far, its finalizer put them back later, under the next mesh (Dask's
+    INFO logs in every cell)."""
+    _QUIET_A_WHILE.until = time.monotonic() + QUIET_AFTER_FAILED_START
     for root in ("distributed", "bokeh"):
         for handler in logging.getLogger(root).handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.level < logging.WARNING:
-                handler.setLevel(logging.WARNING)
+            if isinstance(handler, logging.StreamHandler) and \
+                    _QUIET_A_WHILE not in handler.filters:
+                handler.addFilter(_QUIET_A_WHILE)
+    with contextlib.suppress(Exception):
+        cluster._SpecCluster__exit_stack.close()
 
 
 def _kill_left(pids: list[int]) -> None:

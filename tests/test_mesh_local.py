@@ -795,3 +795,26 @@ def test_a_mesh_on_the_default_settings_starts_and_says_a_typod_key(tmp_path, mo
         with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
             assert m.compute(da.ones(4, chunks=2).sum(), route="off")[0] == 4
     assert (tmp_path / ".cache" / "jupyter-mesh" / "profiles.json").exists()
+
+
+def test_a_failed_start_leaves_dasks_log_levels_as_they_were(no_mesh, monkeypatch):
+    # after a start that failed (or was stopped), Dask's INFO logs were off for good
+    # (a user's own LocalCluster(silence_logs=False) said nothing); before that, its
+    # levels came back late, under the next mesh (INFO logs in every cell)
+    import logging
+
+    import dask
+
+    from jupyter_mesh import mesh as mesh_mod
+
+    monkeypatch.setattr(mesh_mod, "QUIET_AFTER_FAILED_START", 0.5)
+    handlers = [h for h in logging.getLogger("distributed").handlers
+                if isinstance(h, logging.StreamHandler)]
+    before = [h.level for h in handlers]
+    with dask.config.set({"distributed.worker.preload": ["no_such_module_for_a_test"]}):
+        with pytest.raises(Exception, match="failed to start"):
+            jm.Mesh.local(cpu=1, gpu=0, tpu=0, threads_per_worker=1, set_current=False)
+    assert [h.level for h in handlers] == before
+    time.sleep(0.6)  # (its pieces' INFO logs are dropped a moment, then no longer)
+    info = logging.LogRecord("distributed.user", logging.INFO, __file__, 1, "hi", (), None)
+    assert all(h.filter(info) for h in handlers)
