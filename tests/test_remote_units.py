@@ -450,8 +450,13 @@ def test_a_stop_for_a_run_not_yet_begun_is_kept_while_an_older_cell_runs():
     state = plugin.sessions["s"] = Session("s")
     state.running = old = Running()
     state.last_run = "old"
-    assert plugin.interrupt("s", run="next") == {"running": True, "stopped": True}
+    assert plugin.interrupt("s", run="next") == {"running": False, "stopped": True,
+                                                 "began": False}
     assert old.stopped == "interrupted" and "next" in plugin.cancelled
+    # the run that runs: stopped, and said to run
+    old.stopped = None
+    assert plugin.interrupt("s", run="old") == {"running": True, "stopped": True}
+    assert old.stopped == "interrupted" and "old" not in plugin.cancelled
     # the run that began and ended: its data on the way back, said so
     state.running = None
     assert plugin.interrupt("s", run="old") == {"running": False, "stopped": False,

@@ -374,7 +374,11 @@ class RemoteCellsPlugin(WorkerPlugin):
         if cell is None or cell.done:
             # began: it ran to its end, and what it sends back is on its way
             return {"running": False, "stopped": False, "began": began}
-        return {"running": True, "stopped": cell.stop(reason)}
+        stopped = cell.stop(reason)
+        if run is not None and not began:
+            # the cell that runs is an older one (stopped too): this one never begins
+            return {"running": False, "stopped": stopped, "began": False}
+        return {"running": True, "stopped": stopped}
 
     def reset(self, session: str) -> dict[str, Any]:
         """Forget a session's namespace, stopping its running cell."""
