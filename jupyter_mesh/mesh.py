@@ -413,6 +413,41 @@ def _quiet_interrupted_gathers() -> None:
         log.addFilter(_InterruptedGathers())
 
 
+_QUIET_LOCK = threading.Lock()
+#: the local meshes of this process that keep Dask's logs quiet, and how to put the
+#: log levels back once none does
+_QUIET: dict[str, Any] = {"holders": 0, "restore": None}
+
+
+def _hold_quiet() -> Any:
+    """Dask's and Bokeh's logs at WARNING while any local mesh of this process lives
+    (a kernel's, or the server's several): the first one silences them, and only the
+    last to close puts them back (closing one of two turned Dask's INFO logs on under
+    the other). Returns the release, which runs once."""
+    from distributed.utils import silence_logging_cmgr
+
+    with _QUIET_LOCK:
+        if _QUIET["holders"] == 0:
+            stack = contextlib.ExitStack()
+            for root in ("distributed", "bokeh"):
+                stack.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
+            _QUIET["restore"] = stack
+        _QUIET["holders"] += 1
+    released = threading.Event()
+
+    def release() -> None:
+        with _QUIET_LOCK:
+            if released.is_set():
+                return
+            released.set()
+            _QUIET["holders"] -= 1
+            if _QUIET["holders"] == 0 and _QUIET["restore"] is not None:
+                _QUIET["restore"].close()
+                _QUIET["restore"] = None
+
+    return release
+
+
 class _QuietAWhile(logging.Filter):
     """Drops Dask's and Bokeh's records below WARNING until ``until`` (monotonic)."""
 
@@ -726,6 +761,9 @@ class Mesh:
         # to close meanwhile waits: a close restores the log levels it found; another
         # start waits too, so what is new below is this start's
         _quiet_interrupted_gathers()  # (a start that Ctrl-C stops leaves tasks behind)
+        # Dask's logs quiet while this mesh lives, from before its cluster silences them
+        # (what it finds then is what comes back once no local mesh is left)
+        release = _hold_quiet()
         with _CLOSING:
             before = set(SpecCluster._instances)
             nannies_before = set(MeshNanny.made)
@@ -751,6 +789,7 @@ class Mesh:
                     with contextlib.suppress(Exception):
                         started.close()
                 _kill_left(spawned + _spawned(mine()))
+                release()
                 raise
         # the scheduler runs in this process (the kernel's) and hooks Python's garbage
         # collector to log long collections; a Ctrl-C that lands in that hook is
@@ -764,17 +803,20 @@ class Mesh:
         except BaseException:
             _keep_quiet(cluster)
             cluster.close()
+            release()
             raise
         options = {"cpu": cpu_n, "gpu": gpu_n, "tpu": tpu_n, "jax_cpu": jax_n,
                    "threads_per_worker": nthreads, "host": host, "memory_limit": memory_limit,
                    "dashboard": dashboard.get("dashboard", True), "security": security}
-        mesh = cls(client, cluster, site=site, options=options, set_current=False)
-        from distributed.utils import silence_logging_cmgr
-
-        # quiet from here (SpecCluster's own silence ends as it closes: a mesh closed
-        # because its start was stopped logged its end at INFO)
-        for root in ("distributed", "bokeh"):
-            mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
+        try:
+            mesh = cls(client, cluster, site=site, options=options, set_current=False)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.close()
+            cluster.close()
+            release()
+            raise
+        mesh._quiet.callback(release)  # (when it closes)
         try:
             mesh._wait_for(len(workers))
         except BaseException:
@@ -794,10 +836,6 @@ class Mesh:
                 # even after Ctrl-C while the old one closed: the new mesh runs, and
                 # nothing may run that %mesh and jm.current() cannot reach
                 mesh._make_current()
-        # Dask's own logs stay quiet while the mesh lives (closing a mesh it replaced
-        # would otherwise turn them back on, SpecCluster's silence being undone)
-        for root in ("distributed", "bokeh"):
-            mesh._quiet.enter_context(silence_logging_cmgr(logging.WARNING, root=root))
         return mesh
 
     @classmethod

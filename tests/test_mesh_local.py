@@ -797,10 +797,12 @@ def test_a_mesh_on_the_default_settings_starts_and_says_a_typod_key(tmp_path, mo
     assert (tmp_path / ".cache" / "jupyter-mesh" / "profiles.json").exists()
 
 
-def test_a_failed_start_leaves_dasks_log_levels_as_they_were(no_mesh, monkeypatch):
+def test_a_failed_start_leaves_dasks_log_levels_as_they_were(no_mesh, monkeypatch,
+                                                            request):
     # after a start that failed (or was stopped), Dask's INFO logs were off for good
     # (a user's own LocalCluster(silence_logs=False) said nothing); before that, its
     # levels came back late, under the next mesh (INFO logs in every cell)
+    import io
     import logging
 
     import dask
@@ -808,8 +810,12 @@ def test_a_failed_start_leaves_dasks_log_levels_as_they_were(no_mesh, monkeypatc
     from jupyter_mesh import mesh as mesh_mod
 
     monkeypatch.setattr(mesh_mod, "QUIET_AFTER_FAILED_START", 0.5)
+    mine = logging.StreamHandler(io.StringIO())  # (under pytest, Dask's may be gone)
+    logging.getLogger("distributed").addHandler(mine)
+    request.addfinalizer(lambda: logging.getLogger("distributed").removeHandler(mine))
     handlers = [h for h in logging.getLogger("distributed").handlers
                 if isinstance(h, logging.StreamHandler)]
+    assert mine in handlers
     before = [h.level for h in handlers]
     with dask.config.set({"distributed.worker.preload": ["no_such_module_for_a_test"]}):
         with pytest.raises(Exception, match="failed to start"):
@@ -818,3 +824,29 @@ def test_a_failed_start_leaves_dasks_log_levels_as_they_were(no_mesh, monkeypatc
     time.sleep(0.6)  # (its pieces' INFO logs are dropped a moment, then no longer)
     info = logging.LogRecord("distributed.user", logging.INFO, __file__, 1, "hi", (), None)
     assert all(h.filter(info) for h in handlers)
+
+
+def test_dasks_logs_stay_quiet_while_any_local_mesh_lives(no_mesh, request):
+    # closing one of two local meshes of a process (the server's several) turned
+    # Dask's INFO logs back on under the other; the last to close puts them back
+    import io
+    import logging
+
+    # (a handler of its own: under pytest, Dask's may be gone)
+    mine = logging.StreamHandler(io.StringIO())
+    logging.getLogger("distributed").addHandler(mine)
+    request.addfinalizer(lambda: logging.getLogger("distributed").removeHandler(mine))
+    handlers = [h for h in logging.getLogger("distributed").handlers
+                if isinstance(h, logging.StreamHandler)]
+    before = [h.level for h in handlers]
+    assert mine in handlers and mine.level == logging.NOTSET
+    a = jm.Mesh.local(cpu=1, gpu=0, tpu=0, threads_per_worker=1, set_current=False)
+    b = jm.Mesh.local(cpu=1, gpu=0, tpu=0, threads_per_worker=1, set_current=False)
+    try:
+        assert all(h.level >= logging.WARNING for h in handlers)
+        a.close()
+        assert all(h.level >= logging.WARNING for h in handlers), [h.level for h in handlers]
+    finally:
+        a.close()
+        b.close()
+    assert [h.level for h in handlers] == before
