@@ -367,6 +367,36 @@ def test_remote_systemexit_is_an_error_not_a_dead_worker(fresh):
     assert fresh.run_cell("2", value=True).value == 2
 
 
+def test_a_worker_of_an_older_jupyter_mesh_says_so(fresh):
+    # an older worker's handler takes fewer keywords than this notebook sends
+    def older(dask_worker):
+        ext = dask_worker.extensions["jupyter-mesh-remote"]
+        current = dask_worker.handlers[_worker_plugin.RUN]
+
+        async def run(comm, session, code, filename, push=None, pull=None,
+                      want_value=False, show_value=True, timeout=None, client=None):
+            return await ext.run(comm, session, code, filename, push, pull,
+                                 want_value, show_value, timeout, client)
+
+        dask_worker.handlers[_worker_plugin.RUN] = run
+        dask_worker._kept_run = current
+
+    address = fresh.run_cell("1", on="cpu").worker  # the plugin is there
+    fresh.client.run(older, workers=[address])
+    try:
+        with pytest.raises(jm.MeshError) as err:
+            fresh.run_cell("1", on="cpu")
+        assert "runs an older jupyter_mesh than this notebook" in str(err.value)
+        assert f"({jm.__version__})" in str(err.value)
+        assert "install the same version" in str(err.value)
+    finally:
+        def back(dask_worker):
+            dask_worker.handlers[_worker_plugin.RUN] = dask_worker._kept_run
+
+        fresh.client.run(back, workers=[address])
+    assert fresh.run_cell("6 * 7", on="cpu", value=True).value == 42
+
+
 # ---------------------------------------------------------------- interrupt, timeout
 def _interrupt_soon(delay):
     timer = threading.Timer(delay, _thread.interrupt_main)

@@ -960,6 +960,17 @@ def _worker_error(device: Device, msg: Any) -> MeshError:
             f"{opt('on')}/{opt('site')})"
         )
     text = msg.get("exception_text") if isinstance(msg, dict) else None
+    if text and "unexpected keyword argument" in text:
+        # the only way a handler of ours refuses a keyword this notebook sends: the
+        # worker's jupyter_mesh is an older one, whose handler takes fewer
+        from .._version import __version__
+
+        return MeshError(
+            f"worker {device.name or device.worker} runs an older jupyter_mesh than "
+            f"this notebook ({__version__}): install the same version of jupyter_mesh "
+            f"there and restart the worker (or pick another with "
+            f"{opt('on')}/{opt('site')})"
+        )
     return MeshError(
         f"worker {device.name or device.worker} could not take the cell"
         f"{': ' + text if text else ''} (a pushed value may need a module the worker lacks)"

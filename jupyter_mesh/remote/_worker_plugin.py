@@ -45,8 +45,6 @@ ORPHANS = "jupyter-mesh-remote-orphans"
 #: or was killed never says so): a namespace whose client has been missing from the
 #: scheduler at two looks in a row is dropped (one look may fall in a reconnect)
 ORPHAN_CHECK = 30.0
-#: protocol version, so a client can tell a worker with an older plugin
-PROTOCOL = 1
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
