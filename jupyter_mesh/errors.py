@@ -53,7 +53,19 @@ def callers_level() -> int:
 
 #: jupyter_mesh's own frames between a user's call and the user's function that raised
 #: (the router, the device wrapper on the worker, ``Mesh.compute``'s helpers)
-OUR_FRAMES = re.compile(r".*jupyter_mesh[\\/](router[\\/]|mesh\.py)")
+_OURS = r"jupyter_mesh[\\/](router[\\/]|mesh\.py)"
+OUR_FRAMES = re.compile(".*" + _OURS)
+
+
+def shorten_ours_in_dask() -> None:
+    """Put jupyter_mesh's frames in Dask's ``admin.traceback.shorten``, so that a
+    Future's ``result()`` (``mesh.submit``'s) leaves them out as it leaves out Dask's
+    own. A list the user emptied (every frame shown) stays empty."""
+    import dask.config
+
+    paths = dask.config.get("admin.traceback.shorten", None)
+    if paths and _OURS not in paths:
+        dask.config.set({"admin.traceback.shorten": [*paths, _OURS]})
 
 
 class shorten_ours:

@@ -28,7 +28,13 @@ from ._links import browser_link
 from ._scheduler_plugin import MeshSchedulerPlugin
 from .devices import _detect, _profile, _tpu
 from .devices._worker_plugin import MeshWorkerPlugin
-from .errors import MeshConfigError, MeshError, check_flag, shorten_ours
+from .errors import (
+    MeshConfigError,
+    MeshError,
+    check_flag,
+    shorten_ours,
+    shorten_ours_in_dask,
+)
 from .inventory import ERROR_COLOUR, Inventory, colour_style, format_bytes, plural
 from .router.history import RunHistory
 
@@ -617,6 +623,7 @@ class Mesh:
         #: what this mesh changed for its lifetime (the log levels of a local mesh)
         self._quiet = contextlib.ExitStack()
         _quiet_interrupted_gathers()
+        shorten_ours_in_dask()
         atexit.register(_close_at_exit, weakref.ref(self))
         if set_current:
             self._make_current()
@@ -1644,7 +1651,7 @@ class Mesh:
         self._check_open()
         return api.route_context(self, mode, fallback)
 
-    def submit(self, fn: Any, *args: Any, on: Any = None, needs: Any = None,
+    def submit(self, fn: Any, /, *args: Any, on: Any = None, needs: Any = None,
                site: str | None = None, convert: bool = True, pure: bool = True,
                **kwargs: Any) -> Any:
         """Submit ``fn(*args, **kwargs)`` to a device: ``on=`` a target (``"gpu"``,

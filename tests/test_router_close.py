@@ -276,6 +276,29 @@ def test_a_mesh_closed_while_a_computation_starts_fails_it_in_one_line(monkeypat
             f"compute again")
 
 
+def test_a_scheduler_lost_as_it_is_handed_a_plan_says_so(monkeypatch):
+    # a scheduler that went away as the plan was handed to it was said to "not route
+    # (is jupyter_mesh installed there?)", after a warning that it went away
+    import dask.array as da
+
+    from jupyter_mesh import MeshError
+    from jupyter_mesh.router import api
+
+    y = da.ones((40, 10), chunks=(10, 10)).sum()
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        class Gone:
+            def __getattr__(self, name):
+                async def call(**kwargs):
+                    raise OSError(f"Timed out trying to connect to {m.address} after 10 s")
+                return call
+
+        monkeypatch.setattr(api, "_scheduler", lambda mesh: Gone())
+        with pytest.raises(MeshError) as info:
+            m.compute(y, route="auto")
+        assert str(info.value) == (f"the scheduler at {m.address} is not reachable: run "
+                                   f"%mesh close, then %mesh start or %mesh connect ADDRESS")
+
+
 def test_route_mode_says_how_plain_calls_are_routed_and_is_not_set_by_hand():
     # assigning it changed nothing but what it said
     import dask.array as da

@@ -907,6 +907,52 @@ def test_submit_on_target_and_needs(mesh):
     assert not np.array_equal(draws[0], draws[1])
 
 
+def _divide(x):
+    return 1 / x
+
+
+@pytest.mark.parametrize("how", [{}, {"on": "cpu:jax"}, {"needs": "matmul"},
+                                 {"convert": False}])
+def test_a_failing_submit_shows_the_users_frames_not_ours(mesh, how):
+    import traceback
+
+    with pytest.raises(ZeroDivisionError) as info:
+        mesh.submit(_divide, 0, **how).result()
+    frames = traceback.extract_tb(info.tb)
+    assert frames[-1].name == "_divide"
+    assert not [f for f in frames if "jupyter_mesh" in f.filename], \
+        [f"{f.filename}:{f.name}" for f in frames]
+    # a user who asked for every frame (Dask's own setting) gets them
+    with dask.config.set({"admin.traceback.shorten": []}), \
+            pytest.raises(ZeroDivisionError) as info:
+        mesh.submit(_divide, 0, pure=False, **how).result()
+    assert [f for f in traceback.extract_tb(info.tb) if "jupyter_mesh" in f.filename]
+
+
+def test_submit_passes_every_keyword_to_the_function(mesh):
+    def keywords(**kw):
+        return sorted(kw)
+
+    # fn and self too: the names of submit's own parameters
+    assert mesh.submit(keywords, fn=1, self=2, args=3).result() == ["args", "fn", "self"]
+    assert mesh.submit(_divide, x=4).result() == 0.25
+    assert mesh.submit(np.add, 1, 2, needs="ElementWise").result() == 3
+
+
+def test_repeated_submits_leave_nothing_waiting_on_the_scheduler(mesh):
+    def waiting(dask_scheduler):
+        from jupyter_mesh._scheduler_plugin import EXTENSION_NAME
+
+        return len(dask_scheduler.extensions[EXTENSION_NAME].router.pending)
+
+    before = mesh.client.run_on_scheduler(waiting)
+    first = [mesh.submit(_divide, i + 1, on="cpu") for i in range(20)]
+    again = [mesh.submit(_divide, i + 1, on="cpu") for i in range(20)]  # the same keys
+    assert mesh.client.gather(again) == mesh.client.gather(first)
+    del first, again
+    assert mesh.client.run_on_scheduler(waiting) == before
+
+
 def test_submit_moves_arrays_to_the_workers_backend(mesh):
     def kinds(a, parts, scale=None):
         # what the function got, and an array computed from it with operators

@@ -482,7 +482,7 @@ class SubmitCall:
             return worker_kind() == self.kind
         return name == self.backend
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         name = worker_backend()
         if not self._moves_to(name):
             name = "numpy"

@@ -856,6 +856,10 @@ def _register(mesh: Mesh, payload: bytes) -> None:
         return
     try:
         done = client.sync(getattr(scheduler, ROUTE_HANDLER), payload=payload)
+    except (OSError, asyncio.TimeoutError):
+        # the connection, not the scheduler's answer (Dask's CommClosedError and its
+        # "Timed out trying to connect" are OSErrors): it went away meanwhile
+        raise _unreachable(mesh) from None
     except Exception as exc:
         raise MeshError(
             f"the scheduler at {mesh.address} does not route (is jupyter_mesh "
@@ -870,11 +874,15 @@ def _scheduler(mesh: Mesh) -> rpc | PooledRPCCall:
     mesh._check_open()  # (closed meanwhile, in another thread: said as such)
     scheduler = mesh.client.scheduler
     if scheduler is None:
-        raise MeshError(
-            f"the scheduler at {mesh.address} is not reachable: run %mesh close, then "
-            f"%mesh start or %mesh connect ADDRESS"
-        )
+        raise _unreachable(mesh)
     return scheduler
+
+
+def _unreachable(mesh: Mesh) -> MeshError:
+    return MeshError(
+        f"the scheduler at {mesh.address} is not reachable: run %mesh close, then "
+        f"%mesh start or %mesh connect ADDRESS"
+    )
 
 
 def _wait(mesh: Mesh, plan_id: str, futures: list[Any], fallback: bool) -> None:
@@ -1374,6 +1382,8 @@ _REPRESENTATIVE = {
 def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None
                      ) -> tuple[str, str, str]:
     """(resource, target label, backend) of the pool that runs ``needs`` fastest."""
+    if isinstance(needs, str) and needs.lower() in CAPABILITIES:
+        needs = needs.lower()  # as on= and the route names: "MatMul" is matmul
     if needs not in CAPABILITIES:
         raise MeshError(f"unknown capability needs={needs!r}: use one of {', '.join(CAPABILITIES)}")
     pools = build_pools(mesh.inventory())
@@ -1492,7 +1502,9 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     # under the fallback whatever it asks for: with no target, a mesh left without
     # workers fails it after mesh.fallback-timeout, as a routed task (never a wait for
     # ever); a scheduler without jupyter_mesh's plugin has no fallback to put it under
-    if mesh._scheduler_plugin:
+    # (not for a key this client holds already: Dask's submit sends the scheduler
+    # nothing for it, so the registration would wait there for ever)
+    if mesh._scheduler_plugin and key not in mesh.client.futures:
         _register_submit(mesh, key, resource, site, label, timeout)
     fn = _global_random(fn)
     call = SubmitCall(fn, backend, kind) if convert else fn
