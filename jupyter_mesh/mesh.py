@@ -67,10 +67,13 @@ def check_own_host(host: str, what: str) -> None:
         family, _, _, _, sockaddr = infos[0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.bind(sockaddr)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:
+        # (a name with an empty or over-long label fails IDNA encoding: UnicodeError)
         error = MeshConfigError if what.startswith("config ") else MeshError
+        reason = getattr(exc, "strerror", None) or (
+            "not a valid host name" if isinstance(exc, UnicodeError) else exc)
         raise error(f"{what} {host} is not an address of this machine "
-                        f"({exc.strerror or exc}): give one of its interface addresses "
+                        f"({reason}): give one of its interface addresses "
                         f"(127.0.0.1 for this machine only)") from None
 
 
@@ -342,14 +345,18 @@ def _set_memory_limit(dask_worker: Any, limit: int) -> None:
         data.n = int(limit * target)
 
 
-def _set_scheduler_memory_limits(dask_scheduler: Any, limit: int) -> None:
-    """The scheduler's view of every worker's memory limit, and the mesh inventory's
-    memory of each CPU worker, are now ``limit``."""
+def _set_scheduler_memory_limits(dask_scheduler: Any, limit: int,
+                                 addresses: list[str]) -> None:
+    """The scheduler's view of the memory limit of the workers at ``addresses``, and
+    the mesh inventory's memory of each CPU worker of them, are now ``limit``."""
     from ._scheduler_plugin import EXTENSION_NAME, worker_record
     from .devices._worker_plugin import METADATA_KEY
 
     plugin = dask_scheduler.extensions.get(EXTENSION_NAME)
-    for addr, ws in dask_scheduler.workers.items():
+    for addr in addresses:
+        ws = dask_scheduler.workers.get(addr)
+        if ws is None:  # (gone meanwhile)
+            continue
         if ws.memory_limit != limit:
             dask_scheduler.total_memory += limit - (ws.memory_limit or 0)
             ws.memory_limit = limit
@@ -1239,10 +1246,18 @@ class Mesh:
         """Give every running worker of this local mesh the memory limit ``limit``, in
         the worker, its nanny and the scheduler's view (and the inventory's, for CPU
         workers: a device worker's memory is its device's)."""
+        assert self.cluster is not None
+        # only the mesh's own: a worker that joined from outside (jupyter-mesh worker,
+        # another machine's) keeps the limit it was given
+        ours = [a for a in (getattr(w, "worker_address", None)
+                            for w in list(self.cluster.workers.values())) if a]
+        if not ours:
+            return
         try:
-            self.client.run(_set_memory_limit, limit=limit)
-            self.client.run(_set_memory_limit, limit=limit, nanny=True)
-            self.client.run_on_scheduler(_set_scheduler_memory_limits, limit=limit)
+            self.client.run(_set_memory_limit, limit=limit, workers=ours)
+            self.client.run(_set_memory_limit, limit=limit, nanny=True, workers=ours)
+            self.client.run_on_scheduler(_set_scheduler_memory_limits, limit=limit,
+                                         addresses=ours)
         except Exception:  # a worker that went meanwhile keeps nothing to fix
             logging.getLogger(__name__).debug("sharing memory after a scale", exc_info=True)
 
@@ -2022,6 +2037,8 @@ def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
     import ssl
 
     for path in (ca, cert, key):
+        if path and os.path.isdir(path):
+            raise MeshError(f"TLS file {path} is a folder: give the PEM file in it")
         if path and not os.path.isfile(path):
             raise MeshError(f"TLS file not found: {path}: give the path of a PEM file")
     suspects = ca

@@ -178,6 +178,11 @@ def test_dask_worker_with_preload_joins_with_site(scheduler_mesh):
          "--host banana is not an address of this machine"),
         (["worker", "tcp://127.0.0.1:1", "--host", "192.0.2.7"],
          "--host 192.0.2.7 is not an address of this machine"),
+        # a name with an empty label: IDNA's UnicodeError, said as Dask failing to start
+        (["worker", "tcp://127.0.0.1:1", "--host", "bad..host"],
+         "--host bad..host is not an address of this machine (not a valid host name)"),
+        (["worker", "tls://127.0.0.1:1", "--tls-ca-file", "/tmp", "--tls-cert", "a",
+          "--tls-key", "b"], "TLS file /tmp is a folder: give the PEM file in it"),
         (["worker", "tls://127.0.0.1:1", "--tls-ca-file", "no-such-ca.pem", "--tls-cert",
           "no-such-cert.pem", "--tls-key", "no-such-key.pem"],
          "TLS file not found: no-such-ca.pem: give the path of a PEM file"),
@@ -560,3 +565,32 @@ def test_a_second_ctrl_c_stops_a_closing_worker_at_once(scheduler_mesh, tmp_path
     while len(scheduler_mesh.inventory()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(scheduler_mesh.inventory()) == 0
+
+
+def test_scaling_a_local_mesh_leaves_a_joined_workers_memory_limit_alone(no_mesh):
+    # the local mesh shares the host's memory among its own workers after a scale; it
+    # gave a worker that joined from outside the same share, over its --memory-limit
+    from .meshes import fresh_local_mesh
+
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as mesh:
+        proc = subprocess.Popen([os.path.join(BIN, "jupyter-mesh"), "worker", mesh.address,
+                                 "--nthreads", "1", "--name", "joined", "--site", "cloud",
+                                 "--memory-limit", "1 GiB"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_devices(mesh, 2)
+            mesh.scale(cpu=2)
+            _wait_devices(mesh, 3)
+
+            def limits(dask_worker):
+                return dask_worker.name, dask_worker.memory_manager.memory_limit
+
+            got = dict(mesh.client.run(limits).values())
+            assert got["joined"] == 2**30
+            assert got["cpu-0"] == got["cpu-1"] != 2**30  # the mesh's own share it
+            on_scheduler = mesh.client.run_on_scheduler(lambda dask_scheduler: {
+                ws.name: ws.memory_limit for ws in dask_scheduler.workers.values()})
+            assert on_scheduler == got
+            assert {d.name: d.memory for d in mesh.inventory()}["joined"] == 2**30
+        finally:
+            _stop(proc)

@@ -334,6 +334,25 @@ def test_local_host_must_be_an_interface(bad):
                                f"'127.0.0.1' (this machine only), not {bad!r}")
 
 
+def test_a_local_host_that_is_no_valid_name_names_the_key(ip):
+    # a label empty or too long: IDNA's UnicodeError, a traceback from Python and "the
+    # mesh did not start" from the magic
+    from IPython.core.error import UsageError
+
+    import jupyter_mesh as jm
+
+    want = ("config mesh.local.host bad..host is not an address of this machine (not a "
+            "valid host name): give one of its interface addresses (127.0.0.1 for this "
+            "machine only)")
+    with dask.config.set({"mesh.local.host": "bad..host"}):
+        with pytest.raises(MeshConfigError) as info:
+            jm.Mesh.local(cpu=1, gpu=0, tpu=0)
+        assert str(info.value) == want
+        with pytest.raises(UsageError) as info:
+            ip.run_line_magic("mesh", "start --cpu 1 --gpu 0 --tpu 0")
+        assert str(info.value) == want
+
+
 @pytest.mark.parametrize("value, expected", [
     ("127.0.0.1:0", {"dashboard_address": "127.0.0.1:0"}),
     ("127.0.0.1:8787", {"dashboard_address": "127.0.0.1:8787"}),

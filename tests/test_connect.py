@@ -322,6 +322,11 @@ def test_bad_tls_files_are_named(no_mesh, certs, tmp_path):
         jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
             tls_ca_file=certs["ca"], tls_client_cert=str(bad), tls_client_key=certs["key"],
             require_encryption=True))
+    with pytest.raises(MeshError, match=rf"^TLS file {tmp_path} is a folder: give the PEM "
+                                        rf"file in it$"):
+        jm.Mesh.connect("tls://127.0.0.1:1", security=Security(
+            tls_ca_file=certs["ca"], tls_client_cert=certs["cert"],
+            tls_client_key=str(tmp_path), require_encryption=True))
     missing = tmp_path / "nope.pem"
     with pytest.raises(MeshError, match=rf"^TLS file not found: {missing}: give the path "
                                         rf"of a PEM file$"):

@@ -144,6 +144,8 @@ def test_reprs(mesh):
         ({"host": "192.0.2.7"}, r"^host 192\.0\.2\.7 is not an address of this machine "
                                 r"\(.*\): give one of its interface addresses"),
         ({"host": "nonexistent.invalid"}, r"^host nonexistent\.invalid is not an address "),
+        ({"host": "bad..host"}, r"^host bad\.\.host is not an address of this machine "
+                                r"\(not a valid host name\): give one"),
         ({"memory_limit": 4}, r"memory_limit 4 is 4 B, less than a worker process needs"),
         # up to 1, a share of the host's memory, as Dask reads it: a tiny share too
         ({"memory_limit": 0.00001}, r"^memory_limit 1e-05 is [\d.]+ [kKMG]i?B of this "
