@@ -1838,6 +1838,9 @@ def _could_not_connect(address: str, timeout: float, exc: Exception,
     long (a connection reset at once, by a TLS scheduler spoken to in plain tcp, say,
     did not wait)."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # Dask prefixes a comm's error with the comm: "in <TCP (closed) local=... remote=
+    # ...>: ConnectionResetError: ..." (the address is said already)
+    reason = re.sub(r"^in <[^>]*>: ", "", reason)
     tls = _ssl_cause(exc)
     plain = _plain_speaker(exc)
     if plain is not None:

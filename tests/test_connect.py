@@ -122,6 +122,7 @@ def test_plaintext_client_is_refused_by_tls_scheduler(no_mesh, tls_cluster, cert
                         rf"tls://{re.escape(hostport)} with its CA file and your certificate "
                         rf"and key \(--tls-ca-file, --tls-cert, --tls-key; from Python, "
                         rf"security=Security\(\.\.\.\)\)$", str(err.value)), str(err.value)
+        assert "<TCP" not in str(err.value)  # Dask's comm, not a reason
     # and a worker told to join it
     import subprocess
     import sys
