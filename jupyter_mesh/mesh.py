@@ -1639,8 +1639,9 @@ class Mesh:
         from dask.utils import shorten_traceback
 
         # a task's error shows the user's call and the user's function, not the
-        # router's frames between them, nor Dask's, as dask.compute shows it
-        with shorten_traceback(), shorten_ours():
+        # router's frames between them, nor Dask's, nor this one (Dask's shortening
+        # first, which keeps the first frame, this one; then ours, which drops it)
+        with shorten_ours(drop_first=True), shorten_traceback():
             return api.compute(self, collections, route, fallback, site, pin)
 
     @property
