@@ -1696,7 +1696,16 @@ def _client_dashboard(client: Any) -> str | None:
 
     cluster = getattr(client, "cluster", None)
     if cluster is not None:
-        return str(cluster.dashboard_link)
+        link = str(cluster.dashboard_link)
+        scheduler = getattr(cluster, "scheduler", None)
+        if link and getattr(scheduler, "http_server", None) is not None:
+            # Dask's link names the scheduler's host; a mesh listening on another
+            # interface (host="0.0.0.0" for remote workers) keeps its dashboard where
+            # mesh.local.dashboard-address says (127.0.0.1), where that link is dead
+            from ._scheduler_plugin import dashboard_url
+
+            return dashboard_url(scheduler) or link
+        return link
     ident = getattr(client, "_scheduler_identity", None) or {}
     port = (ident.get("services") or {}).get("dashboard")
     scheduler = getattr(client, "scheduler", None)

@@ -710,6 +710,20 @@ def test_dashboard_without_a_host_listens_on_the_meshs_host(no_mesh):
             assert m.dashboard_link.startswith("http://127.0.0.1:")
 
 
+def test_a_mesh_on_every_interface_links_the_dashboard_where_it_listens(no_mesh):
+    # host="0.0.0.0" (for workers of other machines): the dashboard stays on 127.0.0.1
+    # (mesh.local.dashboard-address), and the link named the scheduler's outside
+    # address, where nothing listens
+    import urllib.request
+
+    with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1,
+                       host="0.0.0.0") as m:
+        assert _listening_hosts(m) == {"127.0.0.1"}
+        assert m.dashboard_link.startswith("http://127.0.0.1:"), m.dashboard_link
+        with urllib.request.urlopen(m.dashboard_link, timeout=10) as answer:
+            assert answer.status == 200
+
+
 def test_dashboard_turned_off(no_mesh):
     with dask.config.set({"mesh.local.dashboard-address": None}):
         with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1) as m:
