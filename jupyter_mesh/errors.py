@@ -6,6 +6,7 @@ import os
 import re
 import sys
 from types import TracebackType
+from typing import Any
 
 
 class MeshError(RuntimeError):
@@ -31,6 +32,28 @@ def check_flag(name: str, value: object) -> bool:
 #: the packages whose frames stand between a user's code and a warning of jupyter_mesh
 #: (Dask's, for a plain ``.compute()`` inside ``mesh.route``; IPython's, for a magic)
 _BETWEEN = ("dask", "distributed", "IPython")
+
+
+#: the most characters of a given value a message repeats (a request's body can be
+#: megabytes)
+SAID_MAX = 80
+
+
+def said(value: Any, limit: int = SAID_MAX) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters (and how many the
+    whole has) where it is longer."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def listed(names: Any, most: int = 8) -> str:
+    """``names`` joined with commas, the first ``most`` of them and how many more."""
+    names = [str(n) if len(str(n)) <= SAID_MAX else said(str(n)) for n in names]
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:most])} and {len(names) - most} more"
 
 
 def callers_level() -> int:

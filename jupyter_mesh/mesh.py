@@ -32,6 +32,7 @@ from .errors import (
     MeshConfigError,
     MeshError,
     check_flag,
+    said,
     shorten_ours,
     shorten_ours_in_dask,
 )
@@ -226,7 +227,7 @@ def check_site(site: Any) -> str:
         raise MeshError(
             f"site must be a name of letters, digits, '.', '_' or '-' (like 'local' or "
             f"'edge-lab'), starting with a letter or digit, at most 63 characters, not "
-            f"{site!r}"
+            f"{said(site)}"
         )
     return site
 
@@ -234,14 +235,14 @@ def check_site(site: Any) -> str:
 def check_address(address: Any) -> str:
     """Normalise a scheduler address (``host:port`` means ``tcp://host:port``)."""
     if not isinstance(address, str) or not address.strip():
-        raise MeshError(f"malformed address {address!r}: use tcp://HOST:PORT or tls://HOST:PORT")
+        raise MeshError(f"malformed address {said(address)}: use tcp://HOST:PORT or tls://HOST:PORT")
     address = address.strip()
     if "://" not in address:
         address = "tcp://" + address
     scheme, rest = address.split("://", 1)
     if scheme.lower() not in _SCHEMES:
         # http:// (a dashboard's address), ucx://...: not a protocol the mesh speaks
-        raise MeshError(f"{address!r}: a Dask scheduler's address starts with "
+        raise MeshError(f"{said(address)}: a Dask scheduler's address starts with "
                         f"{' or '.join(f'{s}://' for s in sorted(_SCHEMES))}, not "
                         f"{scheme!r}: use tcp://HOST:PORT or tls://HOST:PORT")
     address = f"{scheme.lower()}://{rest}"  # TCP://host:1 as Dask takes it
@@ -255,7 +256,7 @@ def check_address(address: Any) -> str:
         host.encode("idna")  # a name no resolver takes ('\ud800')
     except Exception:
         raise MeshError(
-            f"malformed address {address!r}: use tcp://HOST:PORT or tls://HOST:PORT"
+            f"malformed address {said(address)}: use tcp://HOST:PORT or tls://HOST:PORT"
         ) from None
     return address
 

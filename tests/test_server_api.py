@@ -220,6 +220,28 @@ def test_bad_input_is_400_with_a_message(api, method, parts, raw, message):
     assert listed(api) == []  # nothing started
 
 
+def test_a_huge_bad_request_gets_a_short_message(api):
+    # the message repeated every unknown key and the whole value (megabytes)
+    keys = {f"k{i}": 1 for i in range(20_000)}
+    code, body = api("POST", "meshes", body=keys)
+    assert code == 400 and len(body["message"]) < 300, len(body["message"])
+    assert body["message"].startswith("unknown option(s) k0, k1, k10, ")
+    assert " and 19992 more: use cpu, " in body["message"]
+    code, body = api("POST", "meshes", body={"cpu": 1, "site": "x" * 100_000})
+    assert code == 400 and len(body["message"]) < 400, len(body["message"])
+    assert body["message"].endswith("... (100002 characters)")
+    code, body = api("GET", "meshes", "m" * 20_000)
+    assert code == 404 and len(body["message"]) < 300, len(body["message"])
+    code, body = api("POST", "meshes", "connect", body={"address": "x" * 50_000})
+    assert code == 400 and len(body["message"]) < 300, len(body["message"])
+    # and a body that is no JSON says what to send
+    code, body = api("POST", "meshes", raw="cpu=1")
+    assert (code, body["message"]) == (400, 'the body is not valid JSON (Expecting value: '
+                                             'line 1 column 1 (char 0)): send a JSON '
+                                             'object, like {"cpu": 1}')
+    assert listed(api) == []
+
+
 def test_stop_takes_force_true_or_false_only(api):
     code, body = api("DELETE", "meshes", "local-1", params={"force": "yes"})
     assert (code, body["message"]) == (400, "force must be true or false, not 'yes'")

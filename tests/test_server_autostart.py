@@ -60,6 +60,7 @@ def _autostart(text, manager):
     ('{"cpu": 1', "not valid JSON (Expecting ',' delimiter: line 1 column 10 (char 9)): "
                  'give a JSON object like {"cpu": 2}, or KEY=VALUE pairs like cpu=2,jax_cpu=1'),
     ("cpu=two", "cpu must be a whole number from 0 to"),
+    ("cpu=\u00b2", "cpu must be a whole number from 0 to"),  # (int() failed on it)
     ("cpu", "expected KEY=VALUE pairs like cpu=2,jax_cpu=1 (or a JSON object), got 'cpu'"),
     ("workers=3", "unknown option(s) workers"),
     ("cpu=1,site=a b", "site must be a name of letters"),

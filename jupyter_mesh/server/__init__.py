@@ -107,7 +107,9 @@ def parse_autostart(text: str) -> dict[str, Any]:
                              f"object), got {part!r}")
         key, value = key.strip(), value.strip()
         # a count is a number; a site is a name, digits or not (site=2024)
-        body[key] = int(value) if value.isdigit() and key != "site" else value
+        # (ASCII digits only: "²" is a digit to str.isdigit, and no number to int)
+        plain = value.isascii() and value.isdigit()
+        body[key] = int(value) if plain and key != "site" else value
     return body
 
 

@@ -29,6 +29,7 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import ensure_async, url_path_join
 
 from .._version import __version__
+from ..errors import said
 from .manager import ManagerError, MeshManager
 
 API = "jupyter-mesh/api"
@@ -58,7 +59,9 @@ class MeshAPIHandler(APIHandler):
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise tornado.web.HTTPError(400, f"the body is not valid JSON: {exc}") from None
+            raise tornado.web.HTTPError(
+                400, f"the body is not valid JSON ({exc}): send a JSON object, like "
+                     f'{{"cpu": 1}}') from None
         except RecursionError:
             raise tornado.web.HTTPError(400, "the body is not valid JSON here: nested too "
                                              "deeply") from None
@@ -190,7 +193,7 @@ class MeshHandler(MeshAPIHandler):
     async def delete(self, mesh_id: str) -> None:
         force = self.get_query_argument("force", "false")
         if force not in ("true", "false"):
-            raise tornado.web.HTTPError(400, f"force must be true or false, not {force!r}")
+            raise tornado.web.HTTPError(400, f"force must be true or false, not {said(force)}")
         await self.run(self.manager.stop(mesh_id, force=force == "true"))
 
 

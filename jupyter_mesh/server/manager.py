@@ -34,7 +34,7 @@ from typing import Any
 
 from .. import _config, discovery
 from .._links import proxied
-from ..errors import MeshError
+from ..errors import MeshError, listed, said
 from ..mesh import (
     FAMILIES,
     Mesh,
@@ -147,7 +147,7 @@ def _check_int(name: str, value: Any, *, allow_auto: bool = False, minimum: int 
             or value > top):
         allowed = (f"a whole number from {minimum} to {top} (four per core here)"
                    + (" or 'auto'" if allow_auto else ""))
-        raise BadRequest(f"{name} must be {allowed}, not {value!r}")
+        raise BadRequest(f"{name} must be {allowed}, not {said(value)}")
     return value
 
 
@@ -159,7 +159,7 @@ def validate_start(body: Any) -> dict[str, Any]:
         raise BadRequest('the body must be a JSON object like {"cpu": 1}')
     unknown = sorted(set(body) - set(START_OPTIONS))
     if unknown:
-        raise BadRequest(f"unknown option(s) {', '.join(unknown)}: use {', '.join(START_OPTIONS)}")
+        raise BadRequest(f"unknown option(s) {listed(unknown)}: use {', '.join(START_OPTIONS)}")
     kwargs: dict[str, Any] = {}
     for name in ("cpu", "jax_cpu"):
         if name in body:
@@ -188,7 +188,7 @@ def validate_scale(body: Any) -> dict[str, int]:
         )
     unknown = sorted(set(body) - set(FAMILIES))
     if unknown:
-        raise BadRequest(f"cannot scale {', '.join(unknown)}: use {', '.join(FAMILIES)}")
+        raise BadRequest(f"cannot scale {listed(unknown)}: use {', '.join(FAMILIES)}")
     return {name: _check_int(name, value) for name, value in body.items()}
 
 
@@ -200,7 +200,7 @@ def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
         raise BadRequest('the body must be a JSON object like {"address": "tcp://host:8786"}')
     unknown = sorted(set(body) - {"address", "timeout"})
     if unknown:
-        raise BadRequest(f"unknown option(s) {', '.join(unknown)}: use address, timeout")
+        raise BadRequest(f"unknown option(s) {listed(unknown)}: use address, timeout")
     if "address" not in body:
         raise BadRequest("address is required, like tcp://host:8786")
     try:
@@ -211,7 +211,7 @@ def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
     ):
-        raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {timeout!r}")
+        raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {said(timeout)}")
     if is_encrypted(address) and configured_security() is None and tls(address) is None:
         raise BadRequest(
             f"{address} uses TLS: give this Jupyter server Dask's TLS settings "
@@ -354,7 +354,7 @@ class MeshManager:
         await self.refresh_kernels()
         entry = self._entries.get(mesh_id)
         if entry is None:
-            raise NotFound(f"no mesh with id {mesh_id!r}: list them with GET meshes")
+            raise NotFound(f"no mesh with id {said(mesh_id)}: list them with GET meshes")
         await self._sample(entry)
         return self.detail(entry)
 
@@ -706,7 +706,7 @@ class MeshManager:
         while time.monotonic() < deadline:
             entry = self._entries.get(mesh_id)
             if entry is None:
-                raise NotFound(f"no mesh with id {mesh_id!r}")
+                raise NotFound(f"no mesh with id {said(mesh_id)}")
             if entry.mesh is not None or entry.error:
                 return
             task = entry.connecting
@@ -790,7 +790,7 @@ class MeshManager:
     def _get(self, mesh_id: str) -> Entry:
         entry = self._entries.get(mesh_id)
         if entry is None:
-            raise NotFound(f"no mesh with id {mesh_id!r}: list them with GET meshes")
+            raise NotFound(f"no mesh with id {said(mesh_id)}: list them with GET meshes")
         return entry
 
     def _check_open(self) -> None:
