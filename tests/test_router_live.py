@@ -574,11 +574,14 @@ def test_persist_under_routing_keeps_the_data_on_the_workers(mesh, caplog):
     assert not [r for r in report.rows if r["backends"] == [] and r["op"] not in idle]
 
 
-def test_data_the_graph_carries_is_not_said_to_be_held_on_the_workers(mesh):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_data_the_graph_carries_is_not_said_to_be_held_on_the_workers(mesh, per_layer):
     # from_array's blocks and a delayed constant are data in the graph, not results
     # an earlier computation left: the report must not claim a persist that never was
+    # (a graph planned per layer, over mesh.router.layer-plan-threshold, did)
     x = da.from_array(np.arange(1000.0), chunks=100)
-    assert mesh.compute((x * 2).sum())[0] == pytest.approx(999_000.0)
+    with dask.config.set({"mesh.router.layer-plan-threshold": 5 if per_layer else 20000}):
+        assert mesh.compute((x * 2).sum())[0] == pytest.approx(999_000.0)
     report = mesh.last_report
     assert [r["op"] for r in report.rows if not r["backends"]] == ["array"]
     assert report.notes == ["array: data the graph carries (from_array's blocks, a "

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dask._task_spec import Task
+from dask._task_spec import DataNode, GraphNode, Task
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
@@ -151,6 +151,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
                           tasks=n, func=func, dtype_kind=layer_dtype_kind(layer),
                           passes=passes))
+        # data the graph carries (from_array's blocks), as the per-task model tells
+        ops[-1].data = not isinstance(layer, Blockwise) and all(
+            _is_data(v) for v in mapping.values())
         names.append(name)
         metas.append(_layer_meta(layer, layer.task if isinstance(layer, Blockwise) else sample))
         ops[-1].peak_out_bytes = _largest_block_bytes(
@@ -184,6 +187,16 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         op.native = op_native(op)
     return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
                       index=index)
+
+
+def _is_data(value: Any) -> bool:
+    """Whether a layer's value is data, not a task: a DataNode, or a plain value such
+    as a NumPy block (a tuple, list, dict or string may be a task or a key: not said
+    to be data)."""
+    if isinstance(value, DataNode):
+        return True
+    return value is not None and not isinstance(
+        value, (GraphNode, tuple, list, dict, str, bytes))
 
 
 def _layer_costs(ops: list[OpInfo], metas: list[Any], dep_idx: list[list[int]]) -> None:
