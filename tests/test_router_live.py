@@ -1489,3 +1489,22 @@ def test_a_routed_compute_sharing_tasks_with_plain_work_in_flight(mesh, route):
         assert {d.worker for d in mesh.inventory()} == workers
     finally:
         del held
+
+
+def test_layers_that_share_their_tasks_are_one_op_with_one_target(mesh):
+    # Dask's lu gives its three outputs one dict of tasks; planned per layer, each was
+    # an op of its own, and the shared tasks ran where the last one said: a row named
+    # a target its workers were not of
+    sq = da.from_array(np.random.default_rng(6).standard_normal((6, 6)) + 6 * np.eye(6),
+                       chunks=3)
+    p, lower, upper = da.linalg.lu(sq)
+    want = dask.compute(p, lower, upper, scheduler="sync")
+    with dask.config.set({"mesh.router.layer-plan-threshold": 5}):
+        got = mesh.compute(p, lower, upper, route="cpu")
+        assert all(np.allclose(a, b) for a, b in zip(got, want, strict=True))
+        rows = [r for r in mesh.last_report.rows if r["op"].startswith("lu")]
+        assert len(rows) == 1 and rows[0]["tasks"] == 24, rows
+        kinds = {d.name: d.backend for d in mesh.inventory()}
+        for r in rows:
+            backend = "jax" if r["target"].startswith("cpu:jax") else "numpy"
+            assert {kinds[w] for w in r["workers"]} == {backend}, r

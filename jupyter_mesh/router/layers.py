@@ -98,6 +98,11 @@ class LayerModel:
     keys: list[Any] = field(default_factory=list)
     layer: list[int] = field(default_factory=list)
     pins: dict[int, str] = field(default_factory=dict)
+    #: layers that hold the very tasks of an earlier one (Dask's ``lu`` gives its
+    #: three outputs one dict of tasks), and the index of that layer's op: planned
+    #: as one op, so that a task has one target (each was planned apart, and the
+    #: scheduler ran the shared tasks where the last said, not where its row said)
+    aliases: dict[str, int] = field(default_factory=dict)
 
     @property
     def ntasks(self) -> int:
@@ -121,6 +126,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
     metas: list[Any] = []
     reads: list[dict[str, float]] = []
     index: dict[str, int] = {}
+    aliases: dict[str, int] = {}
+    #: the key sets of the materialized layers so far, and their ops' indices
+    key_sets: dict[frozenset[Any], int] = {}
     for name in order:
         layer = graph.layers[name]
         if isinstance(layer, Blockwise):
@@ -140,6 +148,11 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         else:
             mapping = layer.mapping if isinstance(layer, MaterializedLayer) else dict(layer)
             n = len(mapping)
+            if n:
+                same = key_sets.setdefault(frozenset(mapping), len(ops))
+                if same != len(ops):  # the tasks of an earlier layer, all of them
+                    index[name] = aliases[name] = same
+                    continue
             sample = next(iter(mapping.values())) if n else None
             func = _sample_func(sample)
             passes = passed_callables(sample)
@@ -186,7 +199,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         op.flops, op.mem_bytes = task_cost(op, [ops[d] for d in dep_idx[li]])
         op.native = op_native(op)
     return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
-                      index=index)
+                      index=index, aliases=aliases)
 
 
 def _is_data(value: Any) -> bool:
@@ -467,6 +480,8 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
         layers[name] = MaterializedLayer(
             out, annotations=getattr(layer, "annotations", None),
             collection_annotations=getattr(layer, "collection_annotations", None))
+    for alias, li in m.aliases.items():  # the same tasks, wrapped the same way
+        layers[alias] = layers[m.names[li]]
     graph = HighLevelGraph(layers, m.graph.dependencies)
     multi_site = len({p.site for p in plan.pools}) > 1
     pools: list[tuple[str | None, str | None, str]] = [
@@ -481,6 +496,9 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
         by_key = dict.fromkeys(by_key, anywhere)
     elif free:
         by_key = {}
+    for alias, li in m.aliases.items():
+        if m.names[li] in by_layer:
+            by_layer[alias] = by_layer[m.names[li]]
     routed = Routed(plan_id=plan_id, graph=graph, keys=list(m.outputs), restrictions=by_key,
                     pools=pools, fallback=fallback,
                     timeout=_config.get_seconds("fallback-timeout"), site=plan.site,
