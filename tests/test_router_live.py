@@ -1508,3 +1508,29 @@ def test_layers_that_share_their_tasks_are_one_op_with_one_target(mesh):
         for r in rows:
             backend = "jax" if r["target"].startswith("cpu:jax") else "numpy"
             assert {kinds[w] for w in r["workers"]} == {backend}, r
+
+
+def test_a_plain_graph_sharing_keys_with_a_routed_one_gets_host_arrays(mesh):
+    # Dask gives every graph the task it holds for a key: a plain .compute() (another
+    # thread's, another notebook's) of the same x @ x.T read the routed matmul's
+    # results, kept on the JAX device for the routed sum, and failed in NumPy
+    # ("Cannot cast ufunc 'add' input 0 from dtype('O')")
+    import threading
+    import time
+
+    x = da.random.random((1200, 1200), chunks=300)
+    a = x.compute(scheduler="sync")
+    prod = a @ a.T
+    for _ in range(3):
+        out = {}
+
+        def routed(out=out):
+            out["routed"] = mesh.compute(((x @ x.T) + 1).sum(axis=0), route="cpu:jax")[0]
+
+        t = threading.Thread(target=routed)
+        t.start()
+        time.sleep(0.3)
+        plain = ((x @ x.T) + 2).sum(axis=0).compute()
+        t.join(120)
+        np.testing.assert_allclose(plain, (prod + 2).sum(axis=0))
+        np.testing.assert_allclose(out["routed"], (prod + 1).sum(axis=0))

@@ -416,6 +416,19 @@ def _host_arg(x: Any) -> Any:
     return x.host() if type(x) is OnDevice else to_host_any(x)
 
 
+def _kept_as_host(x: Any) -> Any:
+    return x.host() if type(x) is OnDevice else x
+
+
+def on_host(node: Any, keys: tuple[Any, ...], *values: Any) -> Any:
+    """Run ``node`` (a task of a graph that is not routed: another thread's plain
+    ``.compute()``, another notebook's client) with its inputs as host arrays: it
+    reads a routed task's result, which a routed computation may keep on a device
+    (:class:`OnDevice`) for its own next op. Dask gives every graph the task it holds
+    for a key, so a plain graph that shares keys with a routed one reads those."""
+    return node({k: _map(_kept_as_host, v) for k, v in zip(keys, values, strict=True)})
+
+
 class Unwrapping:
     """A function of a task nested in a routed task's arguments (Dask evaluates those
     before the routed task's wrapper sees anything): it gets the device arrays of

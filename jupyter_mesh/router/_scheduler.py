@@ -74,6 +74,31 @@ class PlanState:
     cursor: int | None = None
 
 
+def _read_on_host(ts: Any, routed: dict[Any, str]) -> None:
+    """A task of a graph that is not routed, which reads a routed task's result (a
+    shared key: the same computation from another thread or notebook): made to read it
+    as a host array (see ``_device.on_host``)."""
+    if ts is None or ts.state not in _RESTRICTABLE:
+        return
+    from dask._task_spec import Alias, Dict, List, Set, Task, TaskRef, Tuple
+
+    from ._device import DeviceCall, on_host
+
+    spec = ts.run_spec
+    # plain tasks only: not a routed one (it takes device results itself), nor one of
+    # Dask's own kinds (P2P's barrier, a Task subclass the shuffle looks for)
+    if type(spec) not in (Task, Alias, List, Tuple, Set, Dict) or isinstance(
+            getattr(spec, "func", None), DeviceCall):
+        return
+    keys = tuple(d.key for d in ts.dependencies)
+    if not any(k in routed for k in keys):
+        return
+    import functools
+
+    ts.run_spec = Task(ts.key, functools.partial(on_host, ts.run_spec, keys),
+                       *(TaskRef(k) for k in keys))
+
+
 class RouterState:
     """Routed computations known to one scheduler."""
 
@@ -205,13 +230,15 @@ class RouterState:
         touched: set[str] = set()
         by_layer = self.pending_layers
         routed = []
+        owner = self.owner
         for key in tasks:
             entry = self.pending.pop(key, None)
             if entry is None:
-                if not by_layer:
-                    continue
-                lentry = by_layer.get(key[0] if type(key) is tuple and key else key)
+                lentry = by_layer.get(key[0] if type(key) is tuple and key else key) \
+                    if by_layer else None
                 if lentry is None:
+                    if owner:
+                        _read_on_host(scheduler.tasks.get(key), owner)
                     continue
                 entry = (lentry[0], lentry[1], None)
             pid, p, start = entry
