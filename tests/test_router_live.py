@@ -1076,6 +1076,38 @@ def test_magic_routed_cell(ip, mesh):
     np.testing.assert_allclose(ip.user_ns["w"], ip.user_ns["w2"])
 
 
+def _slow_block(block):
+    import time
+
+    time.sleep(1.0)
+    return block
+
+
+def test_a_cell_shows_no_report_of_a_computation_an_earlier_cell_started(ip, mesh,
+                                                                          monkeypatch):
+    # a thread started in one %%mesh cell whose computation ends while the next one
+    # runs: its report was shown in that next cell, as if it were that cell's work
+    import threading
+
+    from jupyter_mesh.router import magic as router_magic
+
+    shown = []
+    monkeypatch.setattr(router_magic, "display", shown.append)
+    slow = da.ones(4, chunks=1).map_blocks(_slow_block).sum()
+    ip.user_ns.update(slow=slow, y=pipeline(), threading=threading, late={})
+    ip.run_cell_magic("mesh", "--route auto", (
+        "def work():\n"
+        "    late['value'] = slow.compute()\n"
+        "worker = threading.Thread(target=work)\n"
+        "worker.start()\n"
+        "import time; time.sleep(0.5)"))  # (planned and sent under this cell's route)
+    assert shown == []
+    ip.run_cell_magic("mesh", "--route cpu:jax", "own = (y + 1).sum().compute()\n"
+                                                 "worker.join(120)")
+    assert ip.user_ns["late"]["value"] == 4
+    assert [r.plan.route for r in shown] == ["cpu:jax"], [r.plan.route for r in shown]
+
+
 def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
     from jupyter_mesh.router import Report
     from jupyter_mesh.router import magic as router_magic

@@ -553,6 +553,7 @@ def check_fallback(fallback: Any) -> None:
 def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             fallback: bool = True, site: str | None = None,
             pin: Any = None) -> tuple[Any, ...]:
+    sink = cell_sink(mesh)
     route = parse_route_or_error(route)
     check_fallback(fallback)
     site = _check_site(site)
@@ -598,7 +599,7 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
     collections = _finalized(collections, pin)
     plan = _plan_collections(mesh, collections, route, site, pin)
     model = plan.model
-    values = run_plan(mesh, plan, fallback)
+    values = run_plan(mesh, plan, fallback, sink=sink)
     out = []
     by_key = dict(zip(model.outputs, values, strict=False))
     for c in collections:
@@ -686,10 +687,19 @@ def _check_settings() -> float:
     return learn_weight()
 
 
-def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: bool = True
-             ) -> list[Any]:
+def cell_sink(mesh: Mesh) -> list[Any] | None:
+    """The report list of the innermost ``%%mesh`` cell running now: the one that
+    shows the report of a computation called now (a cell that starts while it runs, a
+    thread's computation still going, does not: it is not that cell's work)."""
+    sinks = getattr(mesh, "report_sinks", None)
+    return sinks[-1] if sinks else None
+
+
+def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: bool = True,
+             sink: list[Any] | None = None) -> list[Any]:
     """Submit a plan's rewritten graph and wait for its outputs (a list, by key): their
-    values, or with ``gather=False`` their futures (the data stays on the workers)."""
+    values, or with ``gather=False`` their futures (the data stays on the workers).
+    ``sink``: where its report goes (see :func:`cell_sink`)."""
     client = mesh.client
     weight = _check_settings()  # a bad setting fails before anything runs or changes
     # a computation that fails or is interrupted leaves no report: the previous
@@ -787,9 +797,8 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
         except Exception:  # what was learned is a hint; the result is what counts
             logging.getLogger("jupyter_mesh").debug(
                 "jupyter_mesh: learning from a routed computation failed", exc_info=True)
-    sinks = getattr(mesh, "report_sinks", None)
-    if sinks:  # the innermost %%mesh cell shows it (a nested one's outer cell does not)
-        sinks[-1].append(report)
+    if sink is not None:  # (a nested cell's outer cell does not show it)
+        sink.append(report)
     for event in report.fallbacks:
         warnings.warn(f"jupyter_mesh fallback: {event}", MeshFallbackWarning,
                       stacklevel=callers_level())
@@ -1063,6 +1072,7 @@ class _RoutedScheduler:
             return _plain_get()(dsk, keys, **kwargs)
         if kwargs:  # the scheduler's options (dask.compute's own it keeps for itself)
             raise dask_options_refused("a routed compute", kwargs)
+        sink = cell_sink(now.mesh)
         # a task's error shows the user's .compute() and function, not the router's
         # frames between them (Dask's it leaves out itself)
         with shorten_ours(drop_first=True):
@@ -1070,7 +1080,8 @@ class _RoutedScheduler:
             graph = _graph_with_layers(dsk)
             flat = list(dask.core.flatten(keys)) if isinstance(keys, list) else [keys]
             plan = _plan_graph(now.mesh, graph, flat, now.route)
-            values = dict(zip(plan.model.outputs, run_plan(now.mesh, plan, now.fallback),
+            values = dict(zip(plan.model.outputs,
+                              run_plan(now.mesh, plan, now.fallback, sink=sink),
                               strict=False))
         return _nest(keys, values)
 
@@ -1105,7 +1116,8 @@ class _RoutedScheduler:
         plan = _plan_graph(now.mesh, _graph_with_layers(expr), list(dask.core.flatten(keys)),
                            now.route)
         futures = dict(zip(plan.model.outputs,
-                           run_plan(now.mesh, plan, now.fallback, gather=False),
+                           run_plan(now.mesh, plan, now.fallback, gather=False,
+                                    sink=cell_sink(now.mesh)),
                            strict=False))
         out = [post({k: futures[k] for k in dask.core.flatten(ks)}, *args)
                for (post, args), ks in zip((c.__dask_postpersist__() for c in colls), keys,
