@@ -85,14 +85,36 @@ def _update(bundle: dict[str, str], display_id: str) -> None:
     update_display(bundle, raw=True, display_id=display_id)
 
 
-def _freeze(display_id: str | None, obj: Any, text: str) -> None:
+def _freeze(display_id: str | None, obj: Any, text: str) -> bool:
     """Replace a bar that has ended by a static copy of it (HTML): JupyterLab saves no
     widget's state unless asked to, and a saved notebook opened again (with a new
-    kernel) showed "Error displaying widget: model not found" where the bar was."""
+    kernel) showed "Error displaying widget: model not found" where the bar was.
+    Whether it was replaced."""
     if display_id is None:
-        return
-    with contextlib.suppress(Exception):  # a bar must never break the computation
+        return False
+    try:  # a bar must never break the computation
         _update({"text/html": widget_html(obj), "text/plain": text}, display_id)
+    except Exception:
+        return False
+    return True
+
+
+def _close_tree(w: Any) -> None:
+    """Close a tree of ipywidgets that shows nowhere any more (a bar replaced by its
+    static copy): its models, their layouts and styles, and their comms, which the
+    kernel and the notebook's widget manager otherwise keep for the whole session
+    (23 a bar)."""
+    from ipywidgets import Box, Widget
+
+    with contextlib.suppress(Exception):
+        if isinstance(w, Box):
+            for child in w.children:
+                _close_tree(child)
+        for part in ("layout", "style"):
+            sub = getattr(w, part, None)
+            if isinstance(sub, Widget):
+                sub.close()
+        w.close()
 
 
 #: colours of a progress bar's bar_style, as ipywidgets draws them (a fixed colour:
@@ -470,9 +492,10 @@ class FuturesWatch:
                 else:
                     bar.done_here()  # it finished; Dask's last word came late
         box = getattr(bar, "box", None)
-        if box is not None:  # (a widget bar, as it ended)
-            _freeze(getattr(self, "display_id", None), box, f"{self.title}: " + (
-                _STOPPED if aborted else "finished"))
+        if box is not None and _freeze(  # (a widget bar, as it ended)
+                getattr(self, "display_id", None), box, f"{self.title}: " + (
+                    _STOPPED if aborted else "finished")):
+            _close_tree(box)
 
     def timeline(self) -> list[dict[str, Any]] | None:
         """The scheduler's task-stream records (start and stop per task) since the
@@ -625,9 +648,12 @@ class RemoteWatch:
             except Exception:
                 pass
             # (a static copy, which a notebook saved and opened again still shows)
-            for display_id in getattr(self, "display_ids", ()):
-                _freeze(display_id, self.box, "remote cell: " + (
-                    "finished" if ok else "stopped"))
+            ids = list(getattr(self, "display_ids", ()))
+            frozen = [_freeze(display_id, self.box, "remote cell: " + (
+                "finished" if ok else "stopped")) for display_id in ids]
+            box = getattr(self, "box", None)
+            if ids and all(frozen) and box is not None:
+                _close_tree(box)
 
     def clear_line(self) -> None:
         """Before the cell's output (or a message) in a terminal: take the text bar's

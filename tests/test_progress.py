@@ -613,6 +613,20 @@ def test_a_finished_bar_is_replaced_by_a_static_copy(mesh, quick_threshold, monk
     assert "Finished" in html and "width:100.0%" in html and "#4caf50" in html  # green
     for row in shown[0].children[1].children[1].children:
         assert row.children[2].value in html  # each target's label and count
+    # its widgets, shown nowhere now, are closed (their models and comms stayed for
+    # the whole session: 23 a bar)
+    from ipywidgets import Widget
+
+    def tree(w):
+        yield w
+        for part in ("layout", "style"):
+            if isinstance(getattr(w, part, None), Widget):
+                yield getattr(w, part)
+        for child in getattr(w, "children", ()):
+            yield from tree(child)
+
+    widgets = list(tree(shown[0]))
+    assert len(widgets) > 10 and all(w.comm is None for w in widgets)
 
 
 def test_a_remote_cells_bar_is_replaced_by_a_static_copy_at_its_end(monkeypatch):
@@ -627,6 +641,7 @@ def test_a_remote_cells_bar_is_replaced_by_a_static_copy_at_its_end(monkeypatch)
     assert "cpu-0: finished after" in html and "jax-cpu-0: failed after" in html
     assert "#4caf50" in html and "#f44336" in html  # green and red
     assert updates[-1][1]["text/plain"] == "remote cell: finished"
+    assert shown[0].comm is None and all(c.comm is None for c in shown[0].children)
 
 
 def test_a_static_copy_shows_what_the_widgets_show():
