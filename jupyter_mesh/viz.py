@@ -36,7 +36,8 @@ COLOURS = {
     "any (pools equivalent)": "#8C8C8C",
 }
 _SPARE = ("#DD8452", "#937860", "#DA8BC3", "#CCB974", "#64B5CD", "#8DA0CB")
-MAX_BARS = 5000
+#: the most task bars a timeline draws (about 100 bytes each in the notebook)
+MAX_BARS = 2000
 #: the most ops an op-graph picture shows (those giving the results, then those with
 #: the most tasks)
 MAX_NODES = 200

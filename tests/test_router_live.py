@@ -1121,6 +1121,11 @@ def test_magic_routed_cell_reports_every_computation(ip, mesh, monkeypatch):
     assert shown[1] is mesh.last_report and shown[0] is not shown[1]
     assert shown[0].ran_on("matmul") == ["jax"]
     assert len(shown[1].plan.model.ops) > len(shown[0].plan.model.ops)  # the second: + 1, sum
+    # the picture with the cell's last report only (a megabyte or so each: a loop of
+    # ten computations put 14 MB in one cell)
+    assert "jupyter-mesh-picture" not in shown[0]._repr_html_()
+    assert "report.picture = True" in shown[0]._repr_html_()
+    assert "jupyter-mesh-picture" in shown[1]._repr_html_()
     assert mesh.report_sinks == []
     # a cell that fails shows the reports of what finished before; a cell without Dask
     # work shows none

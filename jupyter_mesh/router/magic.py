@@ -186,8 +186,7 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
     if not getattr(result, "success", True):
         # the reports of the computations that finished before the error (a long one's
         # is worth keeping), under the body's traceback, shown already
-        for report in reports:
-            display(report)
+        _show(reports)
         # the cell must still count as failed,
         # with the body's error (so that "Run All", nbconvert and papermill stop here
         # and name it), and show no second one
@@ -205,6 +204,14 @@ def routed_cell(shell: Any, mesh: Any, route: str | None, cell: str) -> None:
                 raise err.with_traceback(None)
             raise err
         raise CellFailed("the routed cell raised") from None
+    _show(reports)
+
+
+def _show(reports: list[Any]) -> None:
+    """The cell's reports, the picture with the last one only (each is a megabyte or
+    so of the notebook: a loop of ten computations put 14 MB in one cell)."""
+    for report in reports[:-1]:
+        report.picture = False
     for report in reports:
         display(report)
 

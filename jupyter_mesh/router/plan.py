@@ -313,6 +313,9 @@ class Report:
         #: (a per-layer plan) fused Blockwise layer -> its members before it, in the
         #: order they ran, as ``LayerKeys`` (a task's members: their ``key_of`` it)
         self.fused_layers: dict[str, list[Any]] = {}
+        #: whether its HTML draws the picture (a %%mesh cell of several computations
+        #: draws it for the last one only: each is a megabyte or so of the notebook)
+        self.picture = True
         self._rows: list[dict[str, Any]] | None = None
 
     @property
@@ -407,7 +410,11 @@ class Report:
         return (
             f"<div class='jupyter-mesh-report'><b>{html.escape(self._header())}</b>"
             f"{_html_table(self.rows, REPORT_COLUMNS)}"
-            + (f"<ul>{fb}</ul>" if fb else "") + _picture("report_html", self) + "</div>"
+            + (f"<ul>{fb}</ul>" if fb else "")
+            + (_picture("report_html", self) if self.picture else
+               "<p><i>picture left out (a cell shows its last computation's): set "
+               "<code>report.picture = True</code> and display the report to draw "
+               "it</i></p>") + "</div>"
         )
 
 
