@@ -1571,3 +1571,22 @@ def test_a_plain_graph_sharing_keys_with_a_routed_one_gets_host_arrays(mesh):
         t.join(120)
         np.testing.assert_allclose(plain, (prod + 2).sum(axis=0))
         np.testing.assert_allclose(out["routed"], (prod + 1).sum(axis=0))
+
+
+def test_a_graph_the_router_materializes_gets_no_large_graph_warning_of_it(mesh):
+    # a plan that restricts nothing goes materialized (and fused): Dask warned "Sending
+    # large graph ... embed the data" over the bytes of that, which the user's own
+    # compute does not send (13 MB at 10^5 tasks); data the graph carries still warns
+    import warnings
+
+    y = (da.ones((300, 300), chunks=10) + 1).sum()
+    with dask.config.set({"mesh.router.layer-plan-threshold": 100,
+                          "distributed.admin.large-graph-warning-threshold": "50 kB"}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert mesh.compute(y, route="auto")[0] == 2 * 300 * 300
+        assert mesh.last_plan.unrestricted
+        assert not [w for w in caught if "large graph" in str(w.message)]
+        carried = da.from_array(np.ones((400, 400)), chunks=100) + 1  # 1.3 MB of data
+        with pytest.warns(UserWarning, match="Sending large graph"):
+            mesh.compute(carried.sum(), route="auto")
