@@ -1698,14 +1698,19 @@ def _client_dashboard(client: Any) -> str | None:
     cluster = getattr(client, "cluster", None)
     if cluster is not None:
         link = str(cluster.dashboard_link)
-        scheduler = getattr(cluster, "scheduler", None)
-        if link and getattr(scheduler, "http_server", None) is not None:
+        server = getattr(getattr(cluster, "scheduler", None), "http_server", None)
+        if link and server is not None:
             # Dask's link names the scheduler's host; a mesh listening on another
             # interface (host="0.0.0.0" for remote workers) keeps its dashboard where
-            # mesh.local.dashboard-address says (127.0.0.1), where that link is dead
-            from ._scheduler_plugin import dashboard_url
-
-            return dashboard_url(scheduler) or link
+            # mesh.local.dashboard-address says (127.0.0.1), where that link is dead:
+            # the host it listens on, in Dask's template (distributed.dashboard.link)
+            for sock in list(getattr(server, "_sockets", {}).values()):
+                bound = None
+                with contextlib.suppress(Exception):
+                    bound = sock.getsockname()[0]
+                if bound and bound not in ("0.0.0.0", "::"):
+                    host = f"[{bound}]" if ":" in bound else bound
+                    return str(format_dashboard_link(host, server.port))
         return link
     ident = getattr(client, "_scheduler_identity", None) or {}
     port = (ident.get("services") or {}).get("dashboard")

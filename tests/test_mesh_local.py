@@ -722,6 +722,12 @@ def test_a_mesh_on_every_interface_links_the_dashboard_where_it_listens(no_mesh)
         assert m.dashboard_link.startswith("http://127.0.0.1:"), m.dashboard_link
         with urllib.request.urlopen(m.dashboard_link, timeout=10) as answer:
             assert answer.status == 200
+    # in Dask's own template of the link, which a proxy's users set
+    with dask.config.set({"distributed.dashboard.link": "https://proxy.test/d/{port}/status"}):
+        with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1,
+                           host="0.0.0.0") as m:
+            port = m.cluster.scheduler.http_server.port
+            assert m.dashboard_link == f"https://proxy.test/d/{port}/status"
 
 
 def test_dashboard_turned_off(no_mesh):

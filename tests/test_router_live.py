@@ -266,6 +266,24 @@ def test_plain_dask_right_after_a_routed_compute_runs_its_own_tasks(mesh):
         other.close()
 
 
+def _read_on_host_wraps(dask_scheduler):
+    """(routed tasks made to read on the host, plain tasks made so more than once)"""
+    import functools
+
+    from jupyter_mesh._scheduler_plugin import EXTENSION_NAME
+    from jupyter_mesh.router._device import on_host
+
+    def wrapped(spec):
+        func = getattr(spec, "func", None)
+        return type(func) is functools.partial and func.func is on_host
+
+    routed = dask_scheduler.extensions[EXTENSION_NAME].router.owner
+    return (sum(wrapped(ts.run_spec) for k, ts in dask_scheduler.tasks.items()
+                if k in routed),
+            sum(wrapped(ts.run_spec) and wrapped(ts.run_spec.func.args[0])
+                for ts in dask_scheduler.tasks.values()))
+
+
 def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays(caplog):
     # Dask keeps the tasks behind persisted data (to compute it again if a worker is
     # lost), and a plain graph that shares their keys gets them in place of its own
@@ -288,6 +306,12 @@ def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays(caplog):
                                            expr.compute(scheduler="sync"), rtol=1e-10)
             np.testing.assert_allclose(own.client.compute(kept, sync=True),
                                        y.compute(scheduler="sync"), rtol=1e-10)
+            for _ in range(3):  # (each plain graph wrapped the held tasks once more)
+                own.client.compute((m + 1).sum(axis=0), sync=True)
+            # the routed tasks kept behind the persist are not made to read on the host,
+            # and a plain task is made so once (200 plain computes nested it 200 deep:
+            # past pickling's depth, and a lost worker then took the whole mesh down)
+            assert own.client.run_on_scheduler(_read_on_host_wraps) == (0, 0)
             del kept
             # the other way round: plain data persisted, a routed graph sharing its keys
             z = (x @ x.T) - 1

@@ -313,9 +313,7 @@ def routed_batch(members: tuple[Any, ...], outkeys: tuple[Any, ...],
 
 #: what the text of a routed task (its repr, as Dask logs it) shows
 ROUTED_MARKS = ("DeviceCall(", "SubmitCall(", f"{routed_chain.__name__}(",
-                f"{routed_batch.__name__}(",
-                # a plain task made to read routed results as host arrays (on_host)
-                " on_host(")
+                f"{routed_batch.__name__}(")
 
 
 class SharedKeyFilter(logging.Filter):
@@ -331,8 +329,8 @@ class SharedKeyFilter(logging.Filter):
     (``rewrite(host_results=True)``), as plain tasks expect; and a kept task depends
     only on tasks kept with it. (A routed *compute* hands results kept on a device only
     to its own next tasks; a plain task submitted while it still runs that reads one of
-    them is made to read it as a host array, see :func:`on_host`, and a collision with
-    such a task is not warned either.) A collision of plain tasks alone still warns."""
+    them is made to read it as a host array, see :func:`on_host`, with the same
+    dependencies.) A collision of plain tasks alone still warns."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.msg

@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask._task_spec import Alias, Dict, List, Set, Task, TaskRef, Tuple
+
 from ..targets import site_resource
-from ._device import METADATA_KEY, quiet_shared_keys
+from ._device import (
+    METADATA_KEY,
+    DeviceCall,
+    SubmitCall,
+    on_host,
+    quiet_shared_keys,
+    routed_batch,
+    routed_chain,
+)
 
 logger = logging.getLogger("jupyter_mesh")
 
@@ -43,6 +54,8 @@ ROUTE_STREAM = "jupyter-mesh-route"
 #: releases on its end what its restrictions then say (a KeyError that removed the
 #: workers, before), so it runs where it is
 _RESTRICTABLE = ("released", "waiting", "no-worker")
+#: the kinds of plain task made to read routed results on the host (see _read_on_host)
+_PLAIN_SPECS = (Task, Alias, List, Tuple, Set, Dict)
 
 
 @dataclass
@@ -77,25 +90,23 @@ class PlanState:
 def _read_on_host(ts: Any, routed: dict[Any, str]) -> None:
     """A task of a graph that is not routed, which reads a routed task's result (a
     shared key: the same computation from another thread or notebook): made to read it
-    as a host array (see ``_device.on_host``)."""
-    if ts is None or ts.state not in _RESTRICTABLE:
+    as a host array (see ``_device.on_host``). Not a routed task (``routed``: their
+    keys; it takes device results itself), not one of Dask's own kinds (P2P's barrier,
+    a Task subclass the shuffle looks for), and not one made so already (a task the
+    scheduler holds is touched again by every graph that shares it)."""
+    if ts is None or ts.key in routed or ts.state not in _RESTRICTABLE:
         return
-    from dask._task_spec import Alias, Dict, List, Set, Task, TaskRef, Tuple
-
-    from ._device import DeviceCall, on_host
-
     spec = ts.run_spec
-    # plain tasks only: not a routed one (it takes device results itself), nor one of
-    # Dask's own kinds (P2P's barrier, a Task subclass the shuffle looks for)
-    if type(spec) not in (Task, Alias, List, Tuple, Set, Dict) or isinstance(
-            getattr(spec, "func", None), DeviceCall):
+    if type(spec) not in _PLAIN_SPECS:
+        return
+    func = getattr(spec, "func", None)
+    if isinstance(func, (DeviceCall, SubmitCall)) or func in (routed_chain, routed_batch) \
+            or (type(func) is functools.partial and func.func is on_host):
         return
     keys = tuple(d.key for d in ts.dependencies)
     if not any(k in routed for k in keys):
         return
-    import functools
-
-    ts.run_spec = Task(ts.key, functools.partial(on_host, ts.run_spec, keys),
+    ts.run_spec = Task(ts.key, functools.partial(on_host, spec, keys),
                        *(TaskRef(k) for k in keys))
 
 
