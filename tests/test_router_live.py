@@ -1614,3 +1614,19 @@ def test_a_graph_the_router_materializes_gets_no_large_graph_warning_of_it(mesh)
         carried = da.from_array(np.ones((400, 400)), chunks=100) + 1  # 1.3 MB of data
         with pytest.warns(UserWarning, match="Sending large graph"):
             mesh.compute(carried.sum(), route="auto")
+
+
+@pytest.mark.parametrize("route", ["cpu:jax", "auto", "off"])
+def test_an_op_that_fails_fails_as_it_does_unrouted(mesh, route):
+    # blocks whose shapes do not broadcast: NumPy says ValueError; JAX said TypeError
+    # ("add got incompatible shapes for broadcasting"), which an `except ValueError`
+    # in the user's code did not catch
+    import operator
+
+    f = da.from_array(np.random.default_rng(0).standard_normal((6, 8)), chunks=(3, 4))[:6, :6]
+    bad = da.blockwise(operator.add, "ij", f, "ij", f, "ji", dtype="f8")
+    with pytest.raises(ValueError, match="could not be broadcast together"):
+        bad.compute(scheduler="sync")
+    with pytest.raises(ValueError, match="could not be broadcast together"):
+        mesh.compute(bad, route=route)
+    assert mesh.compute(f.sum(), route=route)[0] == pytest.approx(f.compute().sum())

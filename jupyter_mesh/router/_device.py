@@ -202,12 +202,14 @@ class DeviceCall:
             kwargs = {k: _map(_host_arg, v) for k, v in raw_kwargs.items()}
         try:
             out = func(*args, **kwargs)
-        except TypeError as exc:
-            if used == "numpy" or not _no_device_function(exc):
+        except Exception:
+            if used == "numpy":
                 raise
-            # a NumPy function the device's library does not have (NumPy found no
-            # implementation for its arrays): NumPy on this worker's host, as for an
-            # input the device cannot hold
+            # the device's library refused it (a NumPy function it does not have, or
+            # arguments NumPy takes or refuses in its own words: JAX says TypeError
+            # where NumPy says ValueError of shapes that do not broadcast): NumPy on
+            # this worker's host, as for an input the device cannot hold, whose answer
+            # or error is the one the computation gives unrouted
             used, func = "numpy", self.func
             out = func(*_map(_host_arg, raw_args),
                        **{k: _map(_host_arg, v) for k, v in raw_kwargs.items()})
@@ -393,12 +395,6 @@ def _plain(backend: Any, x: Any) -> bool:
     if isinstance(x, (np.generic, type)):
         return True
     return is_any_device_array(x)
-
-
-def _no_device_function(exc: TypeError) -> bool:
-    """Whether NumPy raised ``exc`` because no array type of the call implements the
-    function (CuPy's ``__array_function__`` declines the NumPy functions CuPy lacks)."""
-    return str(exc).startswith("no implementation found for")
 
 
 def _scalar(x: Any) -> Any:
