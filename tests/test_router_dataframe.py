@@ -89,7 +89,7 @@ def test_a_dataframes_p2p_shuffle_under_a_forced_route_finishes(mesh, frames, ho
             warnings.simplefilter("ignore")  # (Dask's P2P logs of its own)
             (got,) = mesh.compute(e, route=route)
     # P2P's own steps record no backend: they ran, and the report does not say they did
-    # not ("results were on the workers already")
+    # not ("results came from elsewhere")
     notes = " ".join(mesh.last_report.notes)
     assert "not run by this computation" not in notes, notes
     # nor does the plan say it placed them: Dask does, whatever the route

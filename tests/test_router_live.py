@@ -592,8 +592,9 @@ def test_persist_under_routing_keeps_the_data_on_the_workers(mesh, caplog):
     assert idle and all(r["seconds"] == 0 for r in report.rows if r["op"] in idle)
     assert report.notes == [
         f"{', '.join(idle)}: not run by this computation: "
-        f"{'its' if len(idle) == 1 else 'their'} results were on the workers already "
-        f"(persisted, or still held from an earlier computation)"]
+        f"{'its' if len(idle) == 1 else 'their'} results came from elsewhere "
+        f"(persisted, still held from an earlier computation, or computed by another "
+        f"graph that shares the keys, from another thread or client)"]
     assert f"note: {report.notes[0]}" in repr(report)
     assert not [r for r in report.rows if r["backends"] == [] and r["op"] not in idle]
 

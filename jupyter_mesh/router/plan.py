@@ -352,7 +352,7 @@ class Report:
     def notes(self) -> list[str]:
         """What the rows alone do not say: ops of the plan that no worker ran here (no
         backend, 0 s): data the graph carries (no function to run), or results that
-        were on the workers already."""
+        came from elsewhere (persisted, held, or another graph's of the same keys)."""
         from .rewrite import is_p2p
 
         ops = self.plan.model.ops
@@ -378,8 +378,10 @@ class Report:
                          f"routed task runs")
         if held:
             notes.append(f"{', '.join(held)}: not run by this computation: "
-                         f"{'its' if len(held) == 1 else 'their'} results were on the workers "
-                         f"already (persisted, or still held from an earlier computation)")
+                         f"{'its' if len(held) == 1 else 'their'} results came from "
+                         f"elsewhere (persisted, still held from an earlier computation, or "
+                         f"computed by another graph that shares the keys, from another "
+                         f"thread or client)")
         return notes
 
     def ran_on(self, op_label: str) -> list[str]:
