@@ -200,16 +200,20 @@ class DeviceCall:
         if used == "numpy":
             args = _map(_host_arg, raw_args)
             kwargs = {k: _map(_host_arg, v) for k, v in raw_kwargs.items()}
+        refused = False
         try:
             out = func(*args, **kwargs)
         except Exception:
             if used == "numpy":
                 raise
+            refused = True
+        if refused:
             # the device's library refused it (a NumPy function it does not have, or
             # arguments NumPy takes or refuses in its own words: JAX says TypeError
             # where NumPy says ValueError of shapes that do not broadcast): NumPy on
             # this worker's host, as for an input the device cannot hold, whose answer
-            # or error is the one the computation gives unrouted
+            # or error is the one the computation gives unrouted (outside the except:
+            # NumPy's error is not chained to the device library's)
             used, func = "numpy", self.func
             out = func(*_map(_host_arg, raw_args),
                        **{k: _map(_host_arg, v) for k, v in raw_kwargs.items()})

@@ -690,6 +690,7 @@ def _check_settings() -> float:
 #: bytes a task of a graph materialized by the router takes when sent (a routed
 #: graph of 10^5 tasks that restricts nothing sent 13.4 MB)
 _MATERIALIZED_BYTES = 200
+_THRESHOLD_LOCK = threading.Lock()
 
 
 def cell_sink(mesh: Mesh) -> list[Any] | None:
@@ -752,9 +753,12 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
             from dask.utils import parse_bytes
 
             key = "distributed.admin.large-graph-warning-threshold"
-            limit = parse_bytes(dask.config.get(key)) + _MATERIALIZED_BYTES * plan.ntasks
-            with dask.config.set({key: limit}):
-                futures = client.get(graph, routed.keys, sync=False)
+            # (one at a time: dask.config.set puts back what it found, and two threads
+            # interleaved would leave one's raised value for good)
+            with _THRESHOLD_LOCK:
+                limit = parse_bytes(dask.config.get(key)) + _MATERIALIZED_BYTES * plan.ntasks
+                with dask.config.set({key: limit}):
+                    futures = client.get(graph, routed.keys, sync=False)
         else:
             futures = client.get(graph, routed.keys, sync=False)
     except BaseException:
