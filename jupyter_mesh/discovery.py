@@ -238,6 +238,8 @@ class _Registration:
         self.path = directory / f"mesh-{self.id}.json"
         self.plans: deque[dict[str, Any]] = deque(maxlen=MAX_PLANS)
         self._seen: tuple[int, int] = (id(None), id(None))
+        #: plans recorded since the last write (see record)
+        self._pushed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.data: dict[str, Any] = {
@@ -269,6 +271,17 @@ class _Registration:
         )
         self._thread.start()
 
+    def record(self, obj: Any, kind: str) -> None:
+        """A plan or report as the router makes it: each one reaches the sidebar (a
+        look every second saw only the last of a loop's computations)."""
+        rec = plan_record(obj, kind)
+        if rec is None:
+            return
+        self.plans.append(rec)
+        self._seen = ((id(obj), self._seen[1]) if kind == "plan"
+                      else (self._seen[0], id(obj)))
+        self._pushed = True
+
     def check_plans(self) -> bool:
         """Record the mesh's last plan and report if they changed; True when they did."""
         plan = getattr(self.mesh, "last_plan", None)
@@ -295,7 +308,8 @@ class _Registration:
             if self.mesh.closed:
                 break
             try:
-                changed = self.check_plans()
+                pushed, self._pushed = self._pushed, False
+                changed = self.check_plans() or pushed
                 link = self.mesh.dashboard_link  # (known later on a connected mesh)
                 if link != self.data["dashboard"]:
                     self.data["dashboard"] = link
@@ -514,6 +528,10 @@ def _on_mesh_event(event: str, mesh: Mesh) -> None:
                           stacklevel=2)
     elif event == "close":
         unregister(mesh)
+    elif event in ("plan", "report"):
+        reg = _registrations.get(id(mesh))
+        if reg is not None and reg.mesh is mesh:
+            reg.record(getattr(mesh, f"last_{event}", None), event)
 
 
 if _on_mesh_event not in _state.listeners:

@@ -310,6 +310,28 @@ def test_tls_file_paths_travel_with_the_registration(tmp_path):
     assert _security_from({"address": "tcp://h:1", "security": reg["security"]}) is None
 
 
+def test_every_plan_and_report_of_a_quick_loop_reaches_the_file(tmp_path):
+    # the watcher looked once a second: of a %%mesh loop's computations the sidebar
+    # listed about one; the router now tells it of each one as it makes it
+    from jupyter_mesh import _state
+
+    mesh = FakeMesh()
+    path = discovery.register(mesh, tmp_path)
+    try:
+        for op in ("a", "b", "c"):
+            mesh.last_plan, mesh.last_report = FakePlan(op), None
+            _state.notify("plan", mesh)
+            mesh.last_report = FakePlan(op)
+            _state.notify("report", mesh)
+        deadline = time.time() + 5
+        while time.time() < deadline and len(json.loads(path.read_text())["plans"]) < 6:
+            time.sleep(0.05)
+        got = [(p["kind"], p["rows"][0]["op"]) for p in json.loads(path.read_text())["plans"]]
+        assert got == [(k, op) for op in "abc" for k in ("plan", "report")], got
+    finally:
+        discovery.unregister(mesh)
+
+
 def test_plan_records_carry_the_plans_notes():
     # what the sidebar shows under a plan: e.g. Dask's costs as measured on the mesh
     plan = FakePlan("matmul-1")

@@ -1633,3 +1633,25 @@ def test_an_op_that_fails_fails_as_it_does_unrouted(mesh, route):
     # NumPy's own error, not chained to JAX's (13 frames of JAX above it)
     assert info.value.__context__ is None and info.value.__cause__ is None
     assert mesh.compute(f.sum(), route=route)[0] == pytest.approx(f.compute().sum())
+
+
+def test_each_plan_and_report_is_announced_as_it_is_made(mesh):
+    # (the sidebar's registration hears of each one: a look every second saw only the
+    # last of a loop's computations)
+    from jupyter_mesh import _state
+
+    heard = []
+
+    def listen(event, m):
+        if m is mesh and event in ("plan", "report"):
+            heard.append((event, getattr(m, f"last_{event}")))
+
+    _state.listeners.append(listen)
+    try:
+        for i in range(3):
+            mesh.compute(da.ones(10, chunks=5).sum() + i)
+        mesh.explain(da.ones(10, chunks=5).sum())
+    finally:
+        _state.listeners.remove(listen)
+    assert [e for e, _ in heard] == ["plan", "report"] * 3 + ["plan"]
+    assert heard[-1][1] is mesh.last_plan and heard[-2][1] is mesh.last_report

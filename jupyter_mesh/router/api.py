@@ -20,7 +20,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from dask.utils import funcname
 
-from .. import _config, progress
+from .. import _config, _state, progress
 from ..errors import (
     MeshError,
     MeshFallbackWarning,
@@ -251,6 +251,7 @@ def explain(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
                         f"({', '.join(type(c).__name__ for c in collections)})")
     plan = _plan_collections(mesh, _finalized(colls, pin), route, site, pin)
     mesh.last_plan = plan
+    _state.notify("plan", mesh)  # (the sidebar lists it)
     return plan
 
 
@@ -711,6 +712,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     # a computation that fails or is interrupted leaves no report: the previous
     # computation's must not pass for this one's, next to this one's plan
     mesh.last_plan, mesh.last_report = plan, None
+    _state.notify("plan", mesh)
     graph: Any
     # kept results (a persist): every task hands over host arrays, see rewrite
     if isinstance(plan, LayerPlan):
@@ -811,6 +813,7 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
     report.fused = routed.fused
     report.fused_layers = routed.fused_layers
     mesh.last_report = report
+    _state.notify("report", mesh)
     history = getattr(mesh, "history", None)
     if weight > 0 and history is not None and not status.get("events"):
         # (a computation that fell back ran on other workers than it planned for)
