@@ -149,14 +149,18 @@ def dashboard_url(sched: Any) -> str | None:
         port = server.port
     except Exception:
         return None
-    host = None
+    host = listening_host(server) or sched.ip
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/status"
+
+
+def listening_host(server: Any) -> str | None:
+    """The interface Dask's HTTP server ``server`` listens on; None where it listens
+    on all of them (or cannot tell)."""
     for sock in list(getattr(server, "_sockets", {}).values()):
         with contextlib.suppress(Exception):
             bound = sock.getsockname()[0]
             if bound not in ("0.0.0.0", "::"):
-                host = bound
-                break
-    host = host or sched.ip
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}/status"
+                return str(bound)
+    return None

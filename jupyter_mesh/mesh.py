@@ -1704,13 +1704,12 @@ def _client_dashboard(client: Any) -> str | None:
             # interface (host="0.0.0.0" for remote workers) keeps its dashboard where
             # mesh.local.dashboard-address says (127.0.0.1), where that link is dead:
             # the host it listens on, in Dask's template (distributed.dashboard.link)
-            for sock in list(getattr(server, "_sockets", {}).values()):
-                bound = None
-                with contextlib.suppress(Exception):
-                    bound = sock.getsockname()[0]
-                if bound and bound not in ("0.0.0.0", "::"):
-                    host = f"[{bound}]" if ":" in bound else bound
-                    return str(format_dashboard_link(host, server.port))
+            from ._scheduler_plugin import listening_host
+
+            bound = listening_host(server)
+            if bound:
+                host = f"[{bound}]" if ":" in bound else bound
+                return str(format_dashboard_link(host, server.port))
         return link
     ident = getattr(client, "_scheduler_identity", None) or {}
     port = (ident.get("services") or {}).get("dashboard")
