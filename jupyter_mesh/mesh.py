@@ -1397,6 +1397,7 @@ class Mesh:
         """Close the client and cluster; say that the mesh closed."""
         try:
             if getattr(self.client, "status", "running") == "running":
+                self._cancel_pending()
                 self.client.close()
             else:
                 # its scheduler went away: Dask's client, still trying to reconnect,
@@ -1411,6 +1412,24 @@ class Mesh:
             if _state._current is self:
                 _state.set_current(None)
             _state.notify("close", self)
+
+    def _cancel_pending(self) -> None:
+        """Cancel what is still computing with a reason that says so: a plain Dask
+        ``.compute()`` or a ``mesh.submit`` future waited on in another thread (or cell,
+        when the sidebar stops the mesh) otherwise fails with Dask's "cancelled for
+        reason: unknown"."""
+        from distributed import Future
+
+        client = self.client
+        pending: list[Future[Any]] = [Future(key, client)
+                   for key, state in list(client.futures.items()) if not state.done()]
+        if not pending:
+            return
+        try:
+            client.cancel(pending, reason="the mesh was closed",
+                          msg="Start or connect a mesh (%mesh start), then compute again.")
+        except Exception:  # a mesh must close even when its scheduler does not answer
+            logging.getLogger(__name__).debug("could not cancel pending work", exc_info=True)
 
     def _forget_routes(self) -> None:
         """Tell the scheduler to drop this mesh's routed computations before its workers

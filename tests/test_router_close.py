@@ -236,6 +236,23 @@ def test_a_mesh_closed_in_another_thread_fails_its_computation_in_one_line(route
                         f"connect a mesh, then compute again")
 
 
+@pytest.mark.parametrize("call", ["dask", "submit"])
+def test_plain_dask_work_cut_off_by_a_closing_mesh_says_why(call):
+    # a plain .compute() (the mesh's client is Dask's default) or a mesh.submit future
+    # waited on in another thread, or a cell the sidebar's stop cut off: Dask said
+    # "... cancelled for reason: unknown."
+    import dask.array as da
+    from distributed.client import FutureCancelledError
+
+    y = da.ones((40, 10), chunks=(1, 10)).map_blocks(_slow_block).sum()
+    _, exc = _closed_meanwhile(
+        (lambda m: y.compute()) if call == "dask"
+        else (lambda m: m.submit(time.sleep, 5).result()), after=1.5)
+    assert isinstance(exc, FutureCancelledError), repr(exc)
+    assert str(exc).endswith("cancelled for reason: the mesh was closed.\n"
+                             "Start or connect a mesh (%mesh start), then compute again.")
+
+
 @pytest.mark.parametrize("step, call", [("planning", "compute"), ("planning", "explain"),
                                         ("submitting", "compute")])
 def test_a_mesh_closed_while_a_computation_starts_fails_it_in_one_line(monkeypatch, step,
