@@ -1422,7 +1422,7 @@ class Mesh:
 
         client = self.client
         pending: list[Future[Any]] = [Future(key, client)
-                   for key, state in list(client.futures.items()) if not state.done()]
+                                      for key, state in list(client.futures.items()) if not state.done()]
         if not pending:
             return
         try:
