@@ -1421,8 +1421,9 @@ class Mesh:
         from distributed import Future
 
         client = self.client
-        pending: list[Future[Any]] = [Future(key, client)
-                                      for key, state in list(client.futures.items()) if not state.done()]
+        states = list(client.futures.items())
+        pending: list[Future[Any]] = [Future(key, client) for key, state in states
+                                      if not state.done()]
         if not pending:
             return
         try:
