@@ -17,24 +17,64 @@ import click
 from .devices._worker_plugin import MeshWorkerPlugin
 
 
+def _checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Say a bad option as ``dask worker`` parses it, before any nanny starts: Dask's
+    command parses a preload's options up front, in its own process, and a bad one
+    found later, in the worker's process, ends in the nanny's tracebacks. In a nanny's
+    worker process (it has a parent) :func:`dask_setup` says it, and stops the worker."""
+    import multiprocessing
+
+    from .errors import MeshError
+
+    if multiprocessing.parent_process() is None:
+        try:
+            _check_options(**{**ctx.params, param.name or "": value})
+        except MeshError as exc:
+            raise _BadOption(_said(exc)) from None
+    return value
+
+
+class _BadOption(click.ClickException):
+    """Click shows it as ``Error: ...`` alone (its usage line would be of a nameless
+    command: Dask parses these options with a bare context); a usage error's status."""
+
+    exit_code = 2
+
+
+def _said(exc: Exception) -> str:
+    why = str(exc).removeprefix("jupyter_mesh: ")
+    return (f"jupyter-mesh: {why} (in --preload jupyter_mesh.worker's options): the worker "
+            f"does not start")
+
+
+def _check_options(site: str | None = None, use_jax: bool = False,
+                   backend: str | None = None) -> tuple[str, str | None]:
+    """The worker's site and backend name; a MeshError for a bad one."""
+    from .errors import MeshError
+    from .mesh import check_site
+    from .router.backends import get_backend
+
+    site = check_site(site or os.environ.get("JUPYTER_MESH_SITE") or "default")
+    if backend is not None:
+        if use_jax and backend != "jax":
+            raise MeshError(f"--jax and --backend {backend} disagree: give one of them")
+        backend = get_backend(backend).name  # MeshError naming the installed ones
+    return site, backend
+
+
 @click.command()
-@click.option("--site", default=None, help="site label of this worker")
-@click.option("--jax", "use_jax", is_flag=True, help="drive the device with JAX")
-@click.option("--backend", default=None,
+@click.option("--site", default=None, help="site label of this worker", callback=_checked)
+@click.option("--jax", "use_jax", is_flag=True, help="drive the device with JAX",
+              callback=_checked)
+@click.option("--backend", default=None, callback=_checked,
               help="drive the device with this backend (numpy, cupy, jax, or one from the "
                    "jupyter_mesh.backends entry-point group)")
 def dask_setup(worker: Any, site: str | None, use_jax: bool, backend: str | None) -> None:
     """Detect this worker's device before it registers with the scheduler."""
     from .errors import MeshError
-    from .mesh import check_site
-    from .router.backends import get_backend
 
     try:
-        site = check_site(site or os.environ.get("JUPYTER_MESH_SITE") or "default")
-        if backend is not None:
-            if use_jax and backend != "jax":
-                raise MeshError(f"--jax and --backend {backend} disagree: give one of them")
-            backend = get_backend(backend).name  # MeshError naming the installed ones
+        site, backend = _check_options(site, use_jax, backend)
         plugin = MeshWorkerPlugin(site=site, backend=backend or ("jax" if use_jax else None))
         plugin.setup(worker)
     except MeshError as exc:
@@ -42,9 +82,7 @@ def dask_setup(worker: Any, site: str | None, use_jax: bool, backend: str | None
             raise  # (a worker in someone's process, a kernel's: Dask logs it)
         # Dask logs a preload's error and starts the worker anyway, as a plain Dask
         # worker that no site or target reaches: this one does not start at all
-        why = str(exc).removeprefix("jupyter_mesh: ")
-        print(f"jupyter-mesh: {why} (in --preload jupyter_mesh.worker's options): the "
-              f"worker does not start", file=sys.stderr, flush=True)
+        print(_said(exc), file=sys.stderr, flush=True)
         os._exit(2)
 
 

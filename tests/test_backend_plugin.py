@@ -158,13 +158,21 @@ def test_dask_worker_preload_drives_an_entry_point_backend(installed, scheduler_
 
 
 @pytest.mark.parametrize("args, error", BAD_BACKEND_ARGS)
-def test_preload_backend_bad_input(args, error):
+def test_preload_backend_bad_input(monkeypatch, args, error):
+    import multiprocessing
+
     import click
 
     from jupyter_mesh.worker import dask_setup
 
-    ctx = dask_setup.make_context("dask_setup", args)
-    with pytest.raises((MeshError, click.UsageError), match=error):
+    # as `dask worker` parses them, in its own process: click's one-line error
+    with pytest.raises(click.ClickException, match=error) as info:
+        dask_setup.make_context("dask_setup", list(args))
+    assert info.value.exit_code == 2
+    # in a nanny's worker process, the preload itself says it
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    ctx = dask_setup.make_context("dask_setup", list(args))
+    with pytest.raises(MeshError, match=error):
         dask_setup.callback(object(), **ctx.params)
 
 

@@ -497,6 +497,10 @@ def _has_cuda() -> bool:
                         "63 characters, not 'a/b'"),
     # a GPU asked for where there is none: it joined as a plain CPU worker after a
     # traceback
+    (["--backend", "warp"], "unknown backend 'warp': the registered backends are cupy, "
+                            "jax, numpy"),
+    (["--backend", "numpy", "--jax"], "--jax and --backend numpy disagree: give one of "
+                                      "them"),
     pytest.param(["--backend", "cupy"], "asked for a gpu worker but CuPy sees no CUDA GPU "
                                         "here: ask for a CPU worker instead",
                  marks=pytest.mark.skipif(_has_cuda(), reason="this host has a CUDA GPU")),
@@ -511,6 +515,9 @@ def test_a_bad_preload_option_starts_no_worker(scheduler_mesh, options, why):
     assert (f"jupyter-mesh: {why} (in --preload jupyter_mesh.worker's options): the worker "
             f"does not start") in out.stderr
     assert len(scheduler_mesh.inventory()) == 0
+    if "cupy" not in options:  # said as `dask worker` parses its options: no nanny
+        # started, so none of its tracebacks
+        assert "Traceback" not in out.stderr and out.returncode == 2, out.stderr
 
 
 def test_version_and_help():
