@@ -104,17 +104,23 @@ def _close_tree(w: Any) -> None:
     static copy): its models, their layouts and styles, and their comms, which the
     kernel and the notebook's widget manager otherwise keep for the whole session
     (23 a bar)."""
+    with contextlib.suppress(Exception):
+        close_parts(w)
+        w.close()
+
+
+def close_parts(w: Any) -> None:
+    """Close what a widget is made of (its children's trees, its layout and style),
+    not the widget itself: for a box's own ``close``."""
     from ipywidgets import Box, Widget
 
-    with contextlib.suppress(Exception):
-        if isinstance(w, Box):
-            for child in w.children:
-                _close_tree(child)
-        for part in ("layout", "style"):
-            sub = getattr(w, part, None)
-            if isinstance(sub, Widget):
-                sub.close()
-        w.close()
+    if isinstance(w, Box):
+        for child in w.children:
+            _close_tree(child)
+    for part in ("layout", "style"):
+        sub = getattr(w, part, None)
+        if isinstance(sub, Widget):
+            sub.close()
 
 
 #: colours of a progress bar's bar_style, as ipywidgets draws them (a fixed colour:

@@ -234,6 +234,13 @@ class MeshPanel(w.VBox):
             _state.listeners.remove(self._on_mesh_event)
         except ValueError:
             pass
+        # its parts too: the kernel and the notebook otherwise keep their models and
+        # comms for the whole session (29 a panel), and the buttons' callbacks the
+        # panel and its mesh
+        from .progress import close_parts
+
+        with contextlib.suppress(Exception):
+            close_parts(self)
         super().close()
 
     def _disable(self) -> None:

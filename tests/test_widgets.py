@@ -120,6 +120,34 @@ def test_refresh_stops_when_the_panel_closes(mesh):
     assert _wait_for(lambda: not p.refreshing, timeout=5)
 
 
+def test_a_closed_panel_closes_all_its_widgets_and_lets_go_of_its_mesh(mesh):
+    # it closed its box alone: 29 models and comms stayed open a panel, and its
+    # buttons' callbacks kept the panel (and through it the mesh) alive
+    import gc
+    import weakref
+
+    from ipywidgets import Widget
+
+    p = mesh.widget(refresh=0)
+
+    def tree(w):
+        yield w
+        for part in ("layout", "style"):
+            if isinstance(getattr(w, part, None), Widget):
+                yield getattr(w, part)
+        for child in getattr(w, "children", ()):
+            yield from tree(child)
+
+    widgets = list(tree(p))
+    assert len(widgets) > 20 and all(w.comm is not None for w in widgets)
+    p.close()
+    assert [w for w in widgets if w.comm is not None] == []
+    gone = weakref.ref(p)
+    del p, widgets
+    gc.collect()
+    assert gone() is None
+
+
 def test_one_panel_per_mesh_refreshes(mesh):
     # a cell run again made a new panel each time, and the old ones went on reading the
     # mesh (out of sight) until it closed
