@@ -206,12 +206,14 @@ class Inventory:
             lines.append(f"dashboard: {self.dashboard}")
         # columns as wide as the longest name (Dask names a worker by its address)
         width = max([12, *(len(d.name or d.worker) for d in self)])
+        # and the models' as the longest model (at most 40), not padded to 40 each
+        model = max([0, *(len(d.model[:40]) for d in self)])
         for (kind, site), devs in self.groups().items():
             lines.append(f"{kind} @ {site}: {len(devs)}")
             for d in devs:
                 prof = d.profile_text()
                 lines.append(
-                    f"  {d.name or d.worker:<{width}} {d.backend:<6} {d.model[:40]:<40} "
+                    f"  {d.name or d.worker:<{width}} {d.backend:<6} {d.model[:40]:<{model}} "
                     f"mem {format_bytes(d.memory_used)}/{format_bytes(d.memory)}  "
                     f"tasks {d.tasks}  {prof}"
                 )

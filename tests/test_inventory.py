@@ -52,6 +52,9 @@ def test_the_text_counts_in_words_and_keeps_its_columns_with_long_names():
     assert len({ln.index(" mem ") for ln in rows}) == 1, text
     one = repr(Inventory.from_records(recs[:1], "tcp://s:8786"))
     assert ": 1 device (" in one and ": 3 devices (" in text
+    # the model column is as wide as the longest model, not padded to 40 (a line was
+    # 150 characters, 32 of them spaces)
+    assert "  tcp://127.0.0.1:40123 numpy  EPYC mem " in one, one
 
 
 def test_a_device_whose_memory_is_not_known_shows_a_dash_not_zero():
