@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,7 +238,10 @@ class _Registration:
         self.id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.path = directory / f"mesh-{self.id}.json"
         self.plans: deque[dict[str, Any]] = deque(maxlen=MAX_PLANS)
-        self._seen: tuple[int, int] = (id(None), id(None))
+        #: the plans and reports recorded (the router announces each one, and the
+        #: watcher looks at the mesh's last ones too: each is recorded once)
+        self._recorded: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._record_lock = threading.Lock()
         #: plans recorded since the last write (see record)
         self._pushed = False
         self._stop = threading.Event()
@@ -274,34 +278,29 @@ class _Registration:
     def record(self, obj: Any, kind: str) -> None:
         """A plan or report as the router makes it: each one reaches the sidebar (a
         look every second saw only the last of a loop's computations)."""
-        rec = plan_record(obj, kind)
-        if rec is None:
-            return
-        self.plans.append(rec)
-        self._seen = ((id(obj), self._seen[1]) if kind == "plan"
-                      else (self._seen[0], id(obj)))
-        self._pushed = True
+        if self._add(obj, kind):
+            self._pushed = True
 
     def check_plans(self) -> bool:
-        """Record the mesh's last plan and report if they changed; True when they did."""
-        plan = getattr(self.mesh, "last_plan", None)
-        report = getattr(self.mesh, "last_report", None)
-        seen = (id(plan), id(report))
-        if seen == self._seen:
+        """Record the mesh's last plan and report if they are new; True when one was."""
+        plan = self._add(getattr(self.mesh, "last_plan", None), "plan")
+        report = self._add(getattr(self.mesh, "last_report", None), "report")
+        return plan or report
+
+    def _add(self, obj: Any, kind: str) -> bool:
+        """Record ``obj`` unless it was (by the router's announcement or the watcher,
+        in two threads at once); whether it was added."""
+        if obj is None:
             return False
-        changed = False
-        if plan is not None and id(plan) != self._seen[0]:
-            rec = plan_record(plan, "plan")
-            if rec is not None:
-                self.plans.append(rec)
-                changed = True
-        if report is not None and id(report) != self._seen[1]:
-            rec = plan_record(report, "report")
-            if rec is not None:
-                self.plans.append(rec)
-                changed = True
-        self._seen = seen
-        return changed
+        with self._record_lock:
+            if obj in self._recorded:
+                return False
+            self._recorded.add(obj)
+        rec = plan_record(obj, kind)
+        if rec is None:
+            return False
+        self.plans.append(rec)
+        return True
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL):

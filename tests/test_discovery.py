@@ -332,6 +332,35 @@ def test_every_plan_and_report_of_a_quick_loop_reaches_the_file(tmp_path):
         discovery.unregister(mesh)
 
 
+def test_a_plan_the_watcher_sees_while_the_router_records_it_is_listed_once(
+        tmp_path, monkeypatch):
+    # the watcher thread woke while the router's announcement built the plan's record
+    # (slow for a large plan): both appended it, and the copy pushed a real plan out
+    # of the sidebar's short list
+    from jupyter_mesh import _state
+
+    mesh = FakeMesh()
+    discovery.register(mesh, tmp_path)
+    reg = discovery._registrations[id(mesh)]
+    build = discovery.plan_record
+    woke = []
+
+    def watcher_wakes_meanwhile(obj, kind):
+        if not woke:
+            woke.append(reg.check_plans())
+        return build(obj, kind)
+
+    monkeypatch.setattr(discovery, "plan_record", watcher_wakes_meanwhile)
+    try:
+        mesh.last_plan = FakePlan("a")
+        _state.notify("plan", mesh)
+        assert reg.check_plans() is False  # nothing new for the watcher afterwards
+        assert [(p["kind"], p["rows"][0]["op"]) for p in reg.plans] == [("plan", "a")]
+        assert woke == [False]
+    finally:
+        discovery.unregister(mesh)
+
+
 def test_plan_records_carry_the_plans_notes():
     # what the sidebar shows under a plan: e.g. Dask's costs as measured on the mesh
     plan = FakePlan("matmul-1")
