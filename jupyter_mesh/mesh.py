@@ -592,6 +592,21 @@ def _spec_name(family: str, index: int) -> str:
 _CLOSING = threading.RLock()
 
 
+def _not_while_a_worker_starts() -> None:
+    """A script that starts a mesh at its top level runs again in each worker process
+    as it starts (Python's "spawn" re-runs the main module there), and each start there
+    failed in 200 lines of multiprocessing's and Dask's tracebacks: the worker process
+    says what to do in one line and ends; the script's own start then says that its
+    workers did not start."""
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        print("jupyter_mesh: Mesh.local ran again in a worker process as it started: in "
+              "a script, start the mesh under `if __name__ == \"__main__\":`",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
+
+
 class MeshVersionWarning(UserWarning):
     """The scheduler of a mesh runs a jupyter_mesh that speaks another protocol."""
 
@@ -689,6 +704,7 @@ class Mesh:
             Make this mesh the process's current mesh and its client the default Dask
             client (False for servers that hold several meshes, like the sidebar's).
         """
+        _not_while_a_worker_starts()
         check_replace(replace)
         check_flag("set_current", set_current)
         cpu_n = check_local_count("cpu", cpu)

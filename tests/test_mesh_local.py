@@ -872,3 +872,22 @@ def test_dasks_logs_stay_quiet_while_any_local_mesh_lives(no_mesh, request):
         a.close()
         b.close()
     assert [h.level for h in handlers] == before
+
+
+def test_a_script_that_starts_a_mesh_unguarded_is_told_what_to_do(tmp_path):
+    # each worker process re-runs the script's top level as it starts (Python's
+    # "spawn"), and the start there failed in 200 lines of multiprocessing's
+    # "bootstrapping phase" and Dask's tracebacks
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("import jupyter_mesh as jm\n"
+                      "m = jm.Mesh.local(cpu=1, gpu=0, tpu=0, threads_per_worker=1)\n"
+                      "m.close()\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=180, cwd=tmp_path)
+    assert out.returncode != 0
+    assert ("jupyter_mesh: Mesh.local ran again in a worker process as it started: in a "
+            "script, start the mesh under `if __name__ == \"__main__\":`") in out.stderr
+    assert "bootstrapping phase" not in out.stderr, out.stderr
