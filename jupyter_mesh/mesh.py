@@ -630,8 +630,8 @@ class Mesh:
         self.closed = False
         #: how plain Dask calls are routed now (see route_mode)
         self._route_mode: Any = "off"
-        self.last_report: Any = None
-        self.last_plan: Any = None
+        self._last_report: Any = None
+        self._last_plan: Any = None
         #: lists that each routed computation's report is appended to while they are
         #: here (a %%mesh cell collects the reports of its computations this way)
         self.report_sinks: list[list[Any]] = []
@@ -1680,6 +1680,28 @@ class Mesh:
         # first, which keeps the first frame, this one; then ours, which drops it)
         with shorten_ours(drop_first=True), shorten_traceback():
             return api.compute(self, collections, route, fallback, site, pin)
+
+    @property
+    def last_plan(self) -> Any:
+        """The :class:`~jupyter_mesh.router.Plan` of the routed computation that started
+        last, or of the last :meth:`explain` (None before any). With several threads
+        computing at once, take a report's own plan as ``report.plan``."""
+        return self._last_plan
+
+    @last_plan.setter
+    def last_plan(self, plan: Any) -> None:
+        self._last_plan = plan
+
+    @property
+    def last_report(self) -> Any:
+        """The :class:`~jupyter_mesh.router.Report` of the routed computation that
+        finished last: per operation, the workers and backends that ran it and the
+        measured seconds, next to the plan (None before any)."""
+        return self._last_report
+
+    @last_report.setter
+    def last_report(self, report: Any) -> None:
+        self._last_report = report
 
     @property
     def route_mode(self) -> Any:
