@@ -968,6 +968,7 @@ def test_submit_passes_every_keyword_to_the_function(mesh):
     assert mesh.submit(keywords, fn=1, self=2, args=3).result() == ["args", "fn", "self"]
     assert mesh.submit(_divide, x=4).result() == 0.25
     assert mesh.submit(np.add, 1, 2, needs="ElementWise").result() == 3
+    assert mesh.submit(np.add, 1, 2, needs=" elementwise ").result() == 3  # as on=
 
 
 def test_repeated_submits_leave_nothing_waiting_on_the_scheduler(mesh):

@@ -1419,8 +1419,8 @@ _REPRESENTATIVE = {
 def choose_for_needs(mesh: Mesh, needs: str, site: str | None = None
                      ) -> tuple[str, str, str]:
     """(resource, target label, backend) of the pool that runs ``needs`` fastest."""
-    if isinstance(needs, str) and needs.lower() in CAPABILITIES:
-        needs = needs.lower()  # as on= and the route names: "MatMul" is matmul
+    if isinstance(needs, str) and needs.strip().lower() in CAPABILITIES:
+        needs = needs.strip().lower()  # as on= and the route names: " MatMul" is matmul
     if needs not in CAPABILITIES:
         raise MeshError(f"unknown capability needs={needs!r}: use one of {', '.join(CAPABILITIES)}")
     pools = build_pools(mesh.inventory())

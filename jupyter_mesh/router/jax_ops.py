@@ -167,7 +167,7 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
                 return False
             return not isinstance(x, (np.generic,))
         found[0] = True
-        return np.dtype(dtype) in same and getattr(x, "size", 1) != 0
+        return _numpy_dtype(dtype) in same and getattr(x, "size", 1) != 0
 
     good = all(ok(a, True) for a in args) and all(ok(v, False) for v in kwargs.values())
     if good and isinstance(func, np.ufunc):
@@ -185,6 +185,18 @@ _ORDERING = ("max", "min", "sort", "partition", "clip", "ptp", "median", "percen
              "quantile", "greater", "less")
 
 
+def _numpy_dtype(dtype: Any) -> np.dtype[Any] | None:
+    """``dtype`` as NumPy's, or None where it is none of NumPy's: pandas' own (its
+    text, categories, nullable integers, dates with a time zone), which JAX never
+    takes (NumPy runs them)."""
+    if dtype is None or isinstance(dtype, np.dtype):
+        return dtype
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return None
+
+
 def _orders(func: Any) -> bool:
     return any(any(w in str(getattr(f, "__name__", "")).lower() for w in _ORDERING)
                for f in (_parts(func) or [func]))
@@ -196,8 +208,8 @@ def _any_complex(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
             return any(cx(v) for v in x)
         if isinstance(x, dict):
             return any(cx(v) for v in x.values())
-        dtype = getattr(x, "dtype", None)
-        return dtype is not None and np.dtype(dtype).kind == "c"
+        dtype = _numpy_dtype(getattr(x, "dtype", None))
+        return dtype is not None and dtype.kind == "c"
 
     return cx(args) or cx(kwargs)
 
