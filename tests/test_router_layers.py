@@ -304,6 +304,24 @@ def test_live_other_ops_same_numbers(mesh, route):
     assert_all_close(got, expected)
 
 
+@pytest.mark.parametrize("route", ["auto", "cpu:jax", "cpu"])
+def test_live_a_to_delayed_block_computes_planned_per_layer(mesh, route):
+    # to_delayed() puts an array's (or a bag's) keys in a layer named delayed-<name>:
+    # "MeshError: the graph has no layer for output 'add-...'"
+    import dask.bag as db
+
+    x = (da.arange(40, chunks=2) + 1).sum(keepdims=True)  # a block of 30-odd tasks
+    b = db.from_sequence(range(24), npartitions=12).map(lambda v: v * 2).repartition(1)
+    block, part = x.to_delayed()[0], b.to_delayed()[0]
+    assert isinstance(mesh.explain(block, route=route), LayerPlan)
+    got = mesh.compute(block, part, route=route)
+    assert isinstance(mesh.last_report.plan, LayerPlan)
+    np.testing.assert_array_equal(got[0], [820])
+    assert got[1] == list(range(0, 48, 2))
+    with mesh.route(route):
+        np.testing.assert_array_equal(block.compute(), [820])
+
+
 def test_live_route_context_and_explain(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

@@ -129,6 +129,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
     aliases: dict[str, int] = {}
     #: the key sets of the materialized layers so far, and their ops' indices
     key_sets: dict[frozenset[Any], int] = {}
+    #: names of keys that a layer of another name holds (``to_delayed`` puts an
+    #: array's keys in a layer named ``delayed-<name>``), and that layer's op
+    foreign: dict[Any, int] = {}
     for name in order:
         layer = graph.layers[name]
         if isinstance(layer, Blockwise):
@@ -150,6 +153,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
             n = len(mapping)
             if n:
                 same = key_sets.setdefault(frozenset(mapping), len(ops))
+                for k in mapping:
+                    if key_name(k) != name:
+                        foreign.setdefault(key_name(k), same)
                 if same != len(ops):  # the tasks of an earlier layer, all of them
                     index[name] = aliases[name] = same
                     continue
@@ -172,6 +178,8 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         ops[-1].peak_out_bytes = _largest_block_bytes(
             layer, layer.task if isinstance(layer, Blockwise) else sample)
         reads.append(per_arg)
+    for kn, li in foreign.items():
+        index.setdefault(kn, li)
     missing = {key_name(k) for k in outputs} - set(index)
     if missing:
         raise MeshError(f"the graph has no layer for output {sorted(map(str, missing))[0]!r}")
