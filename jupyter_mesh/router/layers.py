@@ -153,9 +153,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
             n = len(mapping)
             if n:
                 same = key_sets.setdefault(frozenset(mapping), len(ops))
-                for k in mapping:
-                    if key_name(k) != name:
-                        foreign.setdefault(key_name(k), same)
+                for held in mapping:
+                    if key_name(held) != name:
+                        foreign.setdefault(key_name(held), same)
                 if same != len(ops):  # the tasks of an earlier layer, all of them
                     index[name] = aliases[name] = same
                     continue
