@@ -94,6 +94,25 @@ def test_columns_of_pandas_own_dtypes_compute_under_a_jax_route(mesh, column):
         assert np.all(got == pandas)
 
 
+@pytest.mark.parametrize("how", ["merge", "set_index"])
+def test_a_p2p_shuffle_kept_at_a_site_is_refused_with_advice_that_works(mesh, frames, how):
+    # the advice named only the rechunk's method: a merge or set_index (P2P by default
+    # on a cluster) with site= or pin= got nothing that helped
+    df, other = frames
+    site = mesh.inventory().devices[0].site
+    shuffles = {"merge": lambda **kw: df.merge(other, on="k", **kw),
+                "set_index": lambda **kw: df.set_index("k", **kw)}[how]
+    with pytest.raises(jm.MeshError, match=r"shuffle_method='tasks' \(or "
+                                           r"dataframe.shuffle.method 'tasks'\)"):
+        mesh.compute(shuffles(), site=site)
+    (want,) = mesh.compute(shuffles(), route="off")
+    (got,) = mesh.compute(shuffles(shuffle_method="tasks"), site=site)
+    _same(got.reset_index(), want.reset_index())
+    with dask.config.set({"dataframe.shuffle.method": "tasks"}):
+        (got,) = mesh.compute(shuffles(), site=site)
+    _same(got.reset_index(), want.reset_index())
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["merge", "shuffle", "set_index"])
 @pytest.mark.parametrize("route", ["cpu:jax", "cpu", "auto"])

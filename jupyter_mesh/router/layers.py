@@ -61,7 +61,7 @@ from .placement import (
     route_constraints,
 )
 from .plan import Plan, merged_rows
-from .rewrite import Routed, is_barrier, is_p2p, key_name, wrapped_task
+from .rewrite import Routed, is_barrier, is_p2p, key_name, p2p_at_a_site, wrapped_task
 
 DEFAULT_THRESHOLD = 20_000
 
@@ -452,11 +452,7 @@ def rewrite_layers(plan: LayerPlan, *, fallback: bool = True, host_results: bool
         # Dask's P2P places its own tasks (see rewrite.is_p2p): never restricted
         p2p = is_p2p(name) or any(is_barrier(m.names[d]) for d, _ in m.deps[li])
         if p2p and plan.site:
-            raise MeshError(
-                "this computation moves data through Dask's P2P rechunk or shuffle, "
-                "which places its tasks on any worker: it cannot be kept at a site "
-                "(site=); rechunk with method='tasks' (or set Dask's "
-                "array.rechunk.method to 'tasks')")
+            raise p2p_at_a_site()
         if not free and not p2p:
             by_layer[name] = pool
         calls: dict[int, DeviceCall] = {}

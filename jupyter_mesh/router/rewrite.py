@@ -121,10 +121,7 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
     p2p = {i for i, k in enumerate(keys) if is_p2p(k) or any(
         is_barrier(keys[d]) for d in m.deps[i])}
     if p2p and (plan.site or m.pins):
-        raise MeshError(
-            "this computation moves data through Dask's P2P rechunk or shuffle, which "
-            "places its tasks on any worker: it cannot be kept at a site (site=, pin=); "
-            "rechunk with method='tasks' (or set Dask's array.rechunk.method to 'tasks')")
+        raise p2p_at_a_site()
     chains = linear_chains(plan) if fuse and wrap else []
     if fuse and wrap and getattr(plan, "unrestricted", False):
         # Dask places every task: what Dask's Blockwise fusion runs as one task, too
@@ -215,6 +212,17 @@ def _rewrite(plan: Plan[GraphModel], *, fallback: bool, wrap: bool,
 P2P_PREFIXES = ("shuffle-barrier-", "rechunk-p2p-", "rechunk-transfer-", "shuffle-p2p-",
                 "shuffle-transfer-", "hash-join-", "p2pshuffle-", "hashjoinp2p-")
 P2P_BARRIER = "shuffle-barrier-"
+
+
+def p2p_at_a_site() -> MeshError:
+    """Dask's P2P tasks go to any worker: a computation with them cannot be kept at a
+    site; what to use instead, for arrays and for DataFrames."""
+    return MeshError(
+        "this computation moves data through Dask's P2P rechunk or shuffle, which "
+        "places its tasks on any worker: it cannot be kept at a site (site=, pin=); use "
+        "Dask's task-based method: rechunk(..., method='tasks') (or Dask's config "
+        "array.rechunk.method 'tasks') for arrays, shuffle_method='tasks' (or "
+        "dataframe.shuffle.method 'tasks') for a DataFrame's merge, set_index or shuffle")
 
 
 def key_name(key: Any) -> Any:
