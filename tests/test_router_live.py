@@ -1349,8 +1349,13 @@ MAGIC_MISUSE = [
     # a property that raises: its own error in one line, not a traceback; one that
     # raises AttributeError inside is not called missing
     ("explain holder.boom", None, r"^could not evaluate 'holder.boom': RuntimeError: "
-                                  r"a property failed$"),
+                                  r"a property failed second line$"),
     ("explain holder.inner", None, r"^could not evaluate 'holder.inner': AttributeError"),
+    # an error of several lines, joined: the first alone stopped mid-sentence, before
+    # Dask's advice
+    ("explain da.fft.fft(da.ones((6, 6), chunks=3))", None,
+     r"^could not evaluate .*: ValueError: Dask array only supports taking an FFT along "
+     r"an axis that has a single chunk\..*use dask.Array.rechunk\.$"),
     # --route inside a string literal is part of the expression
     ("explain plain_d['a --route x']", None, "nothing to explain: no Dask collection"),
     ("--route gpu", "1", "no live gpu"),
@@ -1373,7 +1378,7 @@ MAGIC_MISUSE = [
 def test_magic_misuse(ip, line, cell, error):
     from IPython.core.error import UsageError
 
-    ip.user_ns.update(plain=[1, 2], y=pipeline(), holder=_Holder(),
+    ip.user_ns.update(plain=[1, 2], y=pipeline(), da=da, holder=_Holder(),
                       plain_d={"a --route x": 1})
     with pytest.raises(UsageError, match=error):
         if cell is None:

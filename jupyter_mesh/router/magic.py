@@ -113,8 +113,12 @@ def _known(name: str) -> bool:
 
 
 def _not_evaluated(expr: str, exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"could not evaluate {expr!r}: {type(exc).__name__}" + (f": {first}" if first else "")
+    """One line: the error's own lines joined (its first alone stopped mid-sentence,
+    before the advice: Dask's "...along an axis that" / "has a single chunk...")."""
+    said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(said) > 500:
+        said = said[:497] + "..."
+    return f"could not evaluate {expr!r}: {type(exc).__name__}" + (f": {said}" if said else "")
 
 
 def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
