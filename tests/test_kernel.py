@@ -257,3 +257,26 @@ def test_demo_a_failing_cell_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"jupyter_mesh.demo: a cell of {path} failed: ValueError: no")
     assert err.count("\n") == 1
+
+
+def test_a_fallback_warning_shows_in_the_cell_that_is_running():
+    # the warning of a mesh.submit (or a routed persist) that fell back was written by
+    # the client's event loop thread, as the cell that started it: the one that made
+    # the mesh, long over, where JupyterLab shows nothing
+    km, kc = start_new_kernel(kernel_name="python3")
+    try:
+        _run(kc, "import dask, time\nimport jupyter_mesh as jm\n"
+                 "dask.config.set({'mesh.fallback-timeout': 1})\n"
+                 "mesh = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, "
+                 "threads_per_worker=1)", timeout=180)
+        _run(kc, "def slow(x):\n    time.sleep(4)\n    return x * 2\n"
+                 "fut = mesh.submit(slow, 21, on='cpu:jax', pure=False)\n"
+                 "time.sleep(1)")
+        out = _run(kc, "mesh.scale(jax_cpu=0)\nprint('result', fut.result(timeout=120))",
+                   timeout=180)
+        assert "result 42" in out
+        assert "MeshFallbackWarning: jupyter_mesh fallback: " in out, out
+        _run(kc, "mesh.close()")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
 import pickle
@@ -169,9 +170,15 @@ class FallbackNotices:
         del self.events[:-100]
         what = ("a routed computation cannot finish" if failed
                 else "jupyter_mesh fallback")
-        warnings.warn_explicit(f"{what}: {message}", MeshFallbackWarning,
-                               "<jupyter_mesh scheduler>", 0, module="jupyter_mesh",
-                               registry={})  # each event once, never deduplicated
+        # in a context of its own: the client's event loop thread runs this handler in
+        # a copy of the context of the cell that made the mesh, and ipykernel sends
+        # output to the cell of that context (long over: JupyterLab shows nothing
+        # there); in no cell's context it goes to the kernel's latest request, as a
+        # thread's of the user's own does
+        contextvars.Context().run(
+            warnings.warn_explicit, f"{what}: {message}", MeshFallbackWarning,
+            "<jupyter_mesh scheduler>", 0, module="jupyter_mesh",
+            registry={})  # each event once, never deduplicated
 
 
 def _check_site(site: Any) -> str | None:
