@@ -632,6 +632,9 @@ class Mesh:
         self._route_mode: Any = "off"
         self._last_report: Any = None
         self._last_plan: Any = None
+        #: the names of the workers ``scale`` took away (and has not started again): a
+        #: remote cell that ran on one says so, not that it died
+        self._scaled_away: set[str] = set()
         #: lists that each routed computation's report is appended to while they are
         #: here (a %%mesh cell collects the reports of its computations this way)
         self.report_sinks: list[list[Any]] = []
@@ -1198,11 +1201,13 @@ class Mesh:
                 names = sorted((n for n in spec if _family_of(n) == fam), key=_index_of)
                 for name in names[want:]:
                     del spec[name]
+                    self._scaled_away.add(name)
                 used = {_index_of(n) for n in names[:want]}
                 i = 0
                 while sum(1 for n in spec if _family_of(n) == fam) < want:
                     if i not in used:
                         added.append(_spec_name(fam, i))
+                        self._scaled_away.discard(_spec_name(fam, i))
                         spec[_spec_name(fam, i)] = _worker_spec(
                             fam, i, self.site, 1 if fam in ("gpu", "tpu") else nthreads,
                             self.options.get("host", "127.0.0.1"),

@@ -187,3 +187,21 @@ def test_ctrl_c_while_waiting_for_a_worker_is_one_line(mesh, monkeypatch):
                                "the cell did not run")
     assert len(info.value._render_traceback_()) == 1
     assert mesh.run_cell("2").data["text/plain"] == "2"
+
+
+def test_a_cell_whose_worker_scale_takes_away_says_so():
+    # it said the worker "died while running the cell (out of memory is the usual
+    # cause...)": the mesh closed it on purpose
+    import threading
+
+    with jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1,
+                       set_current=False) as m:
+        m.run_cell("1", on="cpu:jax")
+        threading.Timer(1.0, lambda: m.scale(jax_cpu=0)).start()
+        with pytest.raises(jm.MeshError) as info:
+            m.run_cell("import time\ntime.sleep(20)", on="cpu:jax")
+        assert str(info.value).startswith(
+            "worker jax-cpu-0 (cpu:jax) was closed by mesh.scale (or %mesh scale) while it "
+            "ran the cell; its remote namespace is gone with it"), str(info.value)
+        m.scale(jax_cpu=1)  # back: a later death of the new one is a death again
+        assert "jax-cpu-0" not in m._scaled_away

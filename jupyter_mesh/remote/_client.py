@@ -890,6 +890,11 @@ class RemoteCells:
                 time.sleep(0.1)
         if not alive:
             self.namespaces.pop(run.device.worker, None)
+            if run.device.name in getattr(self.mesh, "_scaled_away", ()):
+                return (f"worker {run.label} ({run.device.target}) was closed by "
+                        f"mesh.scale (or %mesh scale) while it ran the cell; its remote "
+                        f"namespace is gone with it (the next cell "
+                        f"{'runs on the workers left' if several else 'picks another worker'})")
             return (f"worker {run.label} ({run.device.target}) died while running the "
                     f"cell (out of memory is the usual cause: its nanny, where it has one, "
                     f"restarts it); its "
