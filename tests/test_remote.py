@@ -627,6 +627,23 @@ def test_a_cell_stopped_while_it_prints_ends_at_its_own_line(fresh, capsys):
     assert "raise ValueError('boom in gen')" in shown, shown
 
 
+@pytest.mark.parametrize("code, last", [
+    ("raise ValueError('a\\nb')", ["ValueError: a", "b"]),
+    ("e = ValueError('x')\ne.add_note('a note')\nraise e", ["ValueError: x", "a note"]),
+    ("raise ExceptionGroup('eg', [ValueError(1)])", None),
+])
+def test_an_errors_own_lines_are_shown_once(fresh, code, last):
+    # a message of several lines, a note, an exception group: only the last line was
+    # looked at, and "ValueError: a" said again after them
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell(code, on="cpu")
+    shown = info.value._render_traceback_()
+    ename = info.value.ename
+    assert sum(1 for line in shown if line.lstrip(" |").startswith(f"{ename}:")) == 1, shown
+    if last is not None:
+        assert shown[-len(last):] == last, shown
+
+
 # ---------------------------------------------------------------- reset
 def test_reset_remote_forgets_the_namespaces(ip, fresh, capsys):
     remote(ip, "", "gone_soon = 1")
@@ -784,6 +801,13 @@ def test_pull_of_a_name_the_worker_lacks(ip, fresh):
     with pytest.raises(UsageError, match=r"--pull: 'nothere' is not defined on cpu-0 after "
                                          r"the cell ran \(defined there: .*have"):
         remote(ip, "--pull nothere", "x = 2")
+    # nor the remote cells' own helpers: they replaced the notebook's display (which
+    # then printed "<IPython.core.display.HTML object>") and input
+    notebooks = ip.user_ns.get("display")
+    for helper in ("display", "clear_output", "input"):
+        with pytest.raises(UsageError, match=rf"--pull: '{helper}' is not defined on cpu-0"):
+            remote(ip, f"--pull {helper}", "1")
+    assert ip.user_ns.get("display") is notebooks
 
 
 def test_push_of_an_object_that_cannot_be_serialized(ip, fresh, caplog):

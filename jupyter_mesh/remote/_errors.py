@@ -90,12 +90,21 @@ class RemoteCellError(MeshError):
             lines.append(f"{_header(f'Remote {f.ename}')} on {f.where}")
             tb = f.traceback.rstrip("\n").splitlines()
             lines.extend(tb)
-            if not tb or not _ends_with_exception(tb[-1], f.ename):
+            if not _shows_exception(tb, f.ename):
                 # e.g. a timeout: the remote traceback ends in the KeyboardInterrupt that
                 # stopped the code; say why it was stopped
                 lines.append(f"{f.ename}: {f.evalue}")
             lines.append("")
         return lines[:-1]
+
+
+def _shows_exception(tb: list[str], ename: str) -> bool:
+    """Whether a traceback ends with the exception ``ename``'s own lines: after its last
+    frame, whose message may have more lines, notes after it, or an exception group's
+    ``|`` margin (only the last line was looked at, and the exception said again)."""
+    last = max((i for i, line in enumerate(tb) if line.lstrip(" |+").startswith("File ")),
+               default=-1)
+    return any(_ends_with_exception(line.lstrip(" |"), ename) for line in tb[last + 1:])
 
 
 def _ends_with_exception(line: str, ename: str) -> bool:

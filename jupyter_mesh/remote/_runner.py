@@ -712,7 +712,9 @@ class CellRun:
                 return self._unsendable("the value of the last expression", value, exc)
         pulled = {}
         for name in self.pull:
-            if name not in ns:
+            # the remote cells' own helpers (display, input...) are not the cell's: the
+            # notebook's own would be replaced by them
+            if name not in ns or _ours(ns[name]):
                 return {"status": "pull-missing", "name": name,
                         "defined": sorted(k for k, v in ns.items()
                                           if not k.startswith("_") and not _ours(v))[:20]}
