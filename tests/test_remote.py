@@ -466,6 +466,22 @@ def test_interrupt_stops_the_remote_code_and_keeps_the_worker(fresh, capsys):
     assert fresh.run_cell("steps", on="cpu", value=True).value == steps  # it stopped
 
 
+def test_an_interrupted_cell_on_every_worker_says_what_the_others_did(fresh, capsys):
+    # with --all, one worker's error before the Ctrl-C was dropped, and that worker
+    # listed as "interrupted" with the one that was
+    code = ("import time\nfrom distributed import get_worker\n"
+            "if get_worker().name == 'jax-cpu-0':\n    raise ValueError('jax failed first')\n"
+            "while True:\n    time.sleep(0.01)")
+    timer = _interrupt_soon(2.0)
+    with pytest.raises(KeyboardInterrupt):
+        fresh.run_cell(code, all=True)
+    timer.join()
+    err = capsys.readouterr().err
+    assert "ValueError: jax failed first" in err, err
+    assert ("jupyter_mesh: interrupted the remote cell on cpu-0; the worker and its "
+            "namespace stay usable.") in err, err
+
+
 def test_interrupt_while_the_progress_bar_draws(fresh, capsys, monkeypatch):
     from jupyter_mesh import progress
 

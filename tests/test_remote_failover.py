@@ -205,3 +205,15 @@ def test_a_cell_whose_worker_scale_takes_away_says_so():
             "ran the cell; its remote namespace is gone with it"), str(info.value)
         m.scale(jax_cpu=1)  # back: a later death of the new one is a death again
         assert "jax-cpu-0" not in m._scaled_away
+
+
+def test_every_workers_failure_is_said_when_one_dies_and_one_raises(capsys):
+    # with --all, the death of one worker was dropped when another raised
+    with jm.Mesh.local(cpu=2, gpu=0, tpu=0, threads_per_worker=1, set_current=False) as m:
+        code = ("import os, time\nfrom distributed import get_worker\n"
+                "if get_worker().name == 'cpu-0':\n    os._exit(1)\n"
+                "time.sleep(0.5)\nraise ValueError('cpu-1 error')")
+        with pytest.raises(RemoteCellError, match="ValueError: cpu-1 error"):
+            m.run_cell(code, all=True)
+        err = capsys.readouterr().err
+        assert "jupyter_mesh: worker cpu-0 (cpu:numpy) died while running the cell" in err

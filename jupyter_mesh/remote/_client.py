@@ -747,6 +747,8 @@ class RemoteCells:
         usage: list[str] = []
         results: list[CellResult] = []
         stopped_at: list[tuple[str, str]] = []
+        #: the workers where Ctrl-C stopped the cell
+        stopped: list[str] = []
         stopped_by_timeout = False
         for run in runs:
             _flush_partial(run)
@@ -818,8 +820,9 @@ class RemoteCells:
                     traceback=final["traceback"], worker=dev.worker, name=dev.name,
                     kind=dev.kind, backend=dev.backend,
                 ))
-            elif status == "interrupted" or interrupted:
-                if status == "interrupted" and final.get("traceback"):
+            elif status == "interrupted":
+                stopped.append(run.label)
+                if final.get("traceback"):
                     stopped_at.append((f"{run.label} ({dev.target})", final["traceback"]))
                 continue
             elif status in ("client-gone", "reset", "worker-closing"):
@@ -854,12 +857,22 @@ class RemoteCells:
             else:
                 usage.append(f"unexpected answer from {run.label}: {status!r}")
         if interrupted:
-            where = ", ".join(r.label for r in runs if not isinstance(r.failure, _StillRunning))
-            if where:
-                print(f"jupyter_mesh: interrupted the remote cell on {where}; the worker "
-                      f"and its namespace stay usable.", file=sys.stderr, flush=True)
+            # with --all, what the other workers did first is said too: a failure, a
+            # death (the one exception raised is the interrupt)
+            if failures:
+                cls = RemoteCellTimeout if stopped_by_timeout else RemoteCellError
+                print("\n".join(cls(failures)._render_traceback_()), file=sys.stderr,
+                      flush=True)
+            for line in usage:
+                print(f"jupyter_mesh: {line}", file=sys.stderr, flush=True)
+            if stopped:
+                print(f"jupyter_mesh: interrupted the remote cell on {', '.join(stopped)}; "
+                      f"the worker and its namespace stay usable.", file=sys.stderr,
+                      flush=True)
             raise RemoteInterrupt(stopped_at)
         if failures:
+            for line in usage:  # (with --all, a worker that died meanwhile, say)
+                print(f"jupyter_mesh: {line}", file=sys.stderr, flush=True)
             cls = RemoteCellTimeout if stopped_by_timeout else RemoteCellError
             raise cls(failures, results)  # (with --all, those that ran to their end)
         if usage:
