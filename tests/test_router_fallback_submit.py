@@ -112,6 +112,16 @@ def test_a_submit_to_a_mesh_without_workers_says_so_at_once(no_mesh):
                                                 rf"mesh's to come back, then submit again$"):
                 empty.submit(_add, 1, 2)
             assert time.monotonic() - t0 < 10
+            # a routed computation or its plan: what to do, too (it said only "the
+            # mesh has no live workers to route to")
+            import dask.array as da
+
+            y = da.ones(10, chunks=5).sum()
+            for call in (empty.compute, empty.explain):
+                with pytest.raises(MeshError, match=r"^no live workers to route this "
+                                                    r"computation to: add one \(jupyter-mesh "
+                                                    r"worker .*then compute again$"):
+                    call(y)
         finally:
             empty.close()
 

@@ -356,6 +356,14 @@ def _plan_collections(mesh: Mesh, collections: tuple[Any, ...], route: Any,
     return _plan_graph(mesh, graph, keys, route, site, pin)
 
 
+def _no_live_workers(mesh: Mesh, what: str, again: str) -> MeshError:
+    """The mesh has no live worker: how to get one."""
+    add = ("mesh.scale(cpu=1)" if mesh.owns_cluster
+           else f"jupyter-mesh worker {mesh.address} on a machine of the mesh")
+    return MeshError(f"no live workers to {what}: add one ({add}), or wait for the "
+                     f"mesh's to come back, then {again} again")
+
+
 def _live_inventory(mesh: Mesh) -> Any:
     """The mesh's inventory; where it lists no worker now but had some (a worker killed
     for its memory, restarting under its nanny, as plain Dask waits for), up to
@@ -428,6 +436,8 @@ def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
 def _place_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
                  site: str | None = None, pin: Any = None) -> Plan[PlanModel]:
     inv = _live_inventory(mesh)
+    if not len(inv):
+        raise _no_live_workers(mesh, "route this computation to", "compute")
     if route not in ("auto", "off"):
         _refuse_plain(inv, f"route={route}")
     if site:
@@ -1500,10 +1510,7 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
         if given is not None:
             _refuse_plain(inv, what)
     if not len(inv):
-        add = ("mesh.scale(cpu=1)" if mesh.owns_cluster
-               else f"jupyter-mesh worker {mesh.address} on a machine of the mesh")
-        raise MeshError(f"no live workers to run {funcname(fn)} on: add one ({add}), or "
-                        f"wait for the mesh's to come back, then submit again")
+        raise _no_live_workers(mesh, f"run {funcname(fn)} on", "submit")
     if site is not None and not any(d.site == site for d in inv):
         sites = sorted({d.site for d in inv})
         raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
