@@ -669,6 +669,25 @@ def test_reset_remote_forgets_the_namespaces(ip, fresh, capsys):
         remote(ip, "", "gone_soon")
 
 
+def test_reset_remote_does_not_wait_for_a_worker_that_is_gone(fresh):
+    # a worker that died with a namespace of this notebook (no nanny to bring it back,
+    # on a connected mesh): %mesh reset-remote and %mesh close froze 10 s trying it
+    import dataclasses
+    import socket
+
+    fresh.run_cell("kept = 1", on="cpu:numpy")
+    cells = fresh._remote_cells()
+    (dev,) = cells.namespaces.values()
+    with socket.socket() as s:  # an address where nothing listens any more
+        s.bind(("127.0.0.1", 0))
+        gone = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    cells.namespaces[gone] = dataclasses.replace(dev, worker=gone, name="gone-0")
+    t0 = time.monotonic()
+    assert fresh.reset_remote() == ["cpu-0"]
+    assert time.monotonic() - t0 < 5
+    assert cells.namespaces == {}
+
+
 def test_reset_remote_clears_a_first_cell_still_blocked(fresh):
     # the first cell on a worker is given up on (blocked outside Python past --timeout):
     # %mesh reset-remote must still reach that worker, so the next cell can run

@@ -365,12 +365,22 @@ class RemoteCells:
                 pass  # a worker that is gone has no namespace left to drop
 
         async def reset_all() -> None:
-            await asyncio.gather(*(reset_one(d) for d in workers))
+            # not those the scheduler no longer has (a worker that died): each was
+            # waited for its whole wait, and %mesh reset-remote (or close) froze
+            try:
+                info = await asyncio.wait_for(
+                    self.client.scheduler.identity(n_workers=-1), wait)
+                live = set(info.get("workers", {}))
+            except Exception:
+                live = {d.worker for d in workers}
+            await asyncio.gather(*(reset_one(d) for d in workers if d.worker in live))
 
-        if workers and not self.mesh.closed:
-            self.client.sync(reset_all)
-        self.namespaces.clear()
-        self.sticky.clear()
+        try:
+            if workers and not self.mesh.closed:
+                self.client.sync(reset_all)
+        finally:  # (stopped half-way too: the namespaces are to be forgotten)
+            self.namespaces.clear()
+            self.sticky.clear()
         return {"workers": [d.name or d.worker for d in dropped]}
 
     def forget_kinds_but(self, kinds: list[tuple[str, str]]) -> None:
