@@ -1542,6 +1542,7 @@ class Mesh:
         *,
         value: bool = False,
         filename: str | None = None,
+        first_line: int = 1,
     ) -> Any:
         """Run Python source on a worker, in this notebook's namespace there.
 
@@ -1570,6 +1571,9 @@ class Mesh:
             Bring back the last expression's value itself as ``result.value``.
         filename:
             The name tracebacks show for the cell.
+        first_line:
+            The number tracebacks give the code's first line (a ``%%mesh`` cell's
+            code begins on the notebook cell's line 2).
 
         Returns
         -------
@@ -1586,7 +1590,7 @@ class Mesh:
         """
         return self._remote_cells().run(
             code, on=on, site=site, all=all, push=push, pull=pull, timeout=timeout,
-            want_value=value, filename=filename,
+            want_value=value, filename=filename, first_line=first_line,
         )
 
     def reset_remote(self) -> list[str]:

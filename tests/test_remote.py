@@ -7,6 +7,7 @@ the IPython shell (``ip``) is the session-wide one from conftest.py.
 from __future__ import annotations
 
 import _thread
+import re
 import threading
 import time
 
@@ -343,11 +344,32 @@ def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
     err = result.error_in_exec
     assert isinstance(err, CellSyntaxError) and isinstance(err.error, SyntaxError)
     shown = err._render_traceback_()
-    assert 'File "<remote In[' in shown[0] and "line 2" in shown[0]
+    # numbered as the notebook numbers the cell's lines (the %%mesh line is line 1)
+    assert 'File "<remote In[' in shown[0] and "line 3" in shown[0]
     assert "def broken(:" in shown[1] and shown[-2].startswith("SyntaxError")
     with pytest.raises(SyntaxError):
         fresh.run_cell("x = (")
     assert worker_sessions(fresh) == before
+
+
+def test_a_remote_cells_traceback_numbers_its_lines_as_the_notebook_does(ip, fresh):
+    # it gave 1/0 as line 2 where the notebook (and a routed %%mesh cell) says line 3
+    result = ip.run_cell("%%mesh --remote\nx = 1\n1/0")
+    shown = "\n".join(result.error_in_exec._render_traceback_())
+    assert 'File "<remote In[' in shown and "line 3" in shown, shown
+    assert "1/0" in shown
+    # from Python, the code's first line is line 1, or first_line=
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell("x = 1\n1/0", first_line=10)
+    assert "line 11" in "\n".join(info.value._render_traceback_())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None, 10**9])
+def test_first_line_bad_values(fresh, bad):
+    with pytest.raises(jm.MeshError, match=r"^first_line must be a whole number from 1 to "
+                                           r"100000 \(the number of the code's first line "
+                                           rf"in tracebacks\), not {re.escape(repr(bad))}$"):
+        fresh.run_cell("1", first_line=bad)
 
 
 def test_get_worker_and_get_client_work_in_a_remote_cell(fresh):

@@ -262,6 +262,10 @@ class _Run:
         return self.device.name or self.device.worker
 
 
+#: the largest first_line of a cell (its code is sent after as many blank lines)
+MAX_FIRST_LINE = 100_000
+
+
 class RemoteCells:
     """Remote cells of one notebook (one :class:`Mesh` client) on the mesh's workers.
 
@@ -303,6 +307,7 @@ class RemoteCells:
         want_value: bool = False,
         filename: str | None = None,
         show_value: bool = True,
+        first_line: int = 1,
     ) -> CellResult | list[CellResult]:
         self.mesh._check_open()
         # a scheduler that went away is said as %mesh says it, before anything is sent
@@ -318,7 +323,13 @@ class RemoteCells:
         filename = filename or f"<remote cell {self.cells}>"
         # IPython syntax (!cmd, %time) becomes Python, as in a kernel cell; a cell that
         # does not compile is rejected here, before anything is sent
-        code = to_python(code)
+        if (type(first_line) is not int or not 1 <= first_line <= MAX_FIRST_LINE):
+            raise MeshError(f"first_line must be a whole number from 1 to "
+                            f"{MAX_FIRST_LINE} (the number of the code's first line in "
+                            f"tracebacks), not {first_line!r}")
+        # numbered from first_line: blank lines before it (the Python that IPython's
+        # syntax became keeps its lines, so this is after it)
+        code = "\n" * (first_line - 1) + to_python(code)
         compile(code, filename, "exec", flags=TOP_LEVEL_AWAIT)
         target = self._target(on)
         if site is not None and not isinstance(site, str):

@@ -56,6 +56,7 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
                 push={n: user_ns[n] for n in push_names}, pull=args.pull,
                 timeout=args.timeout, value=args.output is not None,
                 filename=f"<remote In[{_cell_number(shell)}]>",
+                first_line=2,  # (line 1 is the %%mesh line, as the notebook numbers it)
             )
     except SyntaxError as exc:
         raise CellSyntaxError(exc) from None
