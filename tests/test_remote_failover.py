@@ -121,6 +121,25 @@ def test_worker_wait_config(mesh):
         assert time.monotonic() - t0 < 5
 
 
+def test_a_cells_timeout_bounds_its_wait_for_a_worker(mesh, capsys, monkeypatch):
+    # --timeout 2 waited the whole mesh.remote.worker-wait (20 s) for a worker that
+    # was gone, then failed
+    import dask
+
+    from jupyter_mesh import Inventory
+
+    mesh.run_cell("1", on="cpu")
+    cells = mesh._remote_cells()
+    cells.sticky.clear()  # (its worker is gone: the cell must find another)
+    monkeypatch.setattr(mesh, "inventory", lambda: Inventory([], mesh.address))
+    with dask.config.set({"mesh.remote.worker-wait": 30}):
+        t0 = time.monotonic()
+        with pytest.raises(jm.MeshError, match="no worker matches"):
+            mesh.run_cell("1", on="cpu", timeout=1)
+        assert time.monotonic() - t0 < 10
+    assert "waiting up to 1 s for one (timeout)." in capsys.readouterr().err
+
+
 def test_a_kind_that_does_not_come_back_is_waited_for_once(mesh, capsys):
     # after one wait in vain the kind is taken as gone (scaled away, a machine gone
     # for good): the next cell fails at once, instead of waiting again every time

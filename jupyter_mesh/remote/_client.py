@@ -343,7 +343,7 @@ class RemoteCells:
                 raise MeshError("push must be a mapping of names to values")
             for name, value in push.items():
                 packed[check_identifier(name, opt("push"))] = pack(name, value)
-        devices = self._pick(target, site, all)
+        devices = self._pick(target, site, all, timeout)
         self._install()
         message = {
             "op": RUN, "reply": True, "session": self.session, "client": self.client.id,
@@ -412,18 +412,20 @@ class RemoteCells:
         except ValueError as exc:
             raise MeshError(f"{opt('on')}: {exc}") from None
 
-    def _pick(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
+    def _pick(self, target: Target | None, site: str | None, every: bool,
+              timeout: float | None = None) -> list[Device]:
         key = _request_key(target, site)
         if not every and key in self.sticky:
             return [self.sticky[key]]
-        return self._choose(target, site, every)
+        return self._choose(target, site, every, timeout)
 
-    def _choose(self, target: Target | None, site: str | None, every: bool) -> list[Device]:
+    def _choose(self, target: Target | None, site: str | None, every: bool,
+                timeout: float | None = None) -> list[Device]:
         key = _request_key(target, site)
         inventory = self.mesh.inventory()
         matching = inventory.select(target=target, site=site)
         if not len(matching) and key in self.seen:
-            inventory, matching = self._wait_for_match(target, site)
+            inventory, matching = self._wait_for_match(target, site, timeout)
         if not len(matching):
             if site is not None and site not in inventory.by_site():
                 raise MeshError(
@@ -450,15 +452,20 @@ class RemoteCells:
         self.sticky[key] = chosen
         return [chosen]
 
-    def _wait_for_match(self, target: Target | None, site: str | None) -> tuple[Any, Any]:
+    def _wait_for_match(self, target: Target | None, site: str | None,
+                        timeout: float | None = None) -> tuple[Any, Any]:
         """A worker of this kind was here before (its nanny may be restarting it): wait
-        up to ``remote.worker-wait`` seconds for one; Ctrl-C stops waiting."""
+        up to ``remote.worker-wait`` seconds for one, or the cell's ``timeout`` where
+        that is shorter; Ctrl-C stops waiting."""
         wait = _config.get_seconds("remote.worker-wait")
+        why = "mesh.remote.worker-wait"
+        if timeout is not None and timeout < wait:
+            wait, why = timeout, opt("timeout")
         wanted = _wanted(target, site)
         if wait:
             print(f"jupyter_mesh: no worker matches {wanted or 'the request'} right now "
                   f"(the one this notebook used is gone); waiting up to {wait:g} s for one "
-                  f"(mesh.remote.worker-wait).", file=sys.stderr, flush=True)
+                  f"({why}).", file=sys.stderr, flush=True)
         deadline = time.monotonic() + wait
         try:
             while True:
@@ -551,7 +558,7 @@ class RemoteCells:
                         watch.tick({})
                         self._waiting_tick = lambda: watch.tick({})
                         try:
-                            new = self._repick(run, target, site)
+                            new = self._repick(run, target, site, timeout)
                         finally:
                             self._waiting_tick = None
                         replacement = _Run(new, message)
@@ -662,12 +669,13 @@ class RemoteCells:
         info = await self.client.scheduler.identity(n_workers=-1)
         return address in info.get("workers", {})
 
-    def _repick(self, run: _Run, target: Target | None, site: str | None) -> Device:
+    def _repick(self, run: _Run, target: Target | None, site: str | None,
+                timeout: float | None = None) -> Device:
         old = run.device
         self.namespaces.pop(old.worker, None)
         self.sticky.pop(_request_key(target, site), None)
         try:
-            new = self._choose(target, site, False)[0]
+            new = self._choose(target, site, False, timeout)[0]
         except MeshError as exc:
             raise MeshError(
                 f"worker {run.label} ({old.target}) is gone, and with it this notebook's "
