@@ -1204,7 +1204,7 @@ def _graph_with_layers(dsk: Any) -> Any:
             return flat
         merged = HighLevelGraph.merge(*hlgs)
         known = set().union(*(layer.keys() for layer in merged.layers.values()))
-        rest = {k: v for k, v in dict(flat).items() if k not in known}
+        rest = _needed_rest({k: v for k, v in dict(flat).items() if k not in known}, dsk)
         if not rest:
             return merged
         layers = dict(merged.layers)
@@ -1223,6 +1223,29 @@ def _graph_with_layers(dsk: Any) -> Any:
         return HighLevelGraph(layers, deps)
     except Exception:  # an expression of another shape: the flat graph still runs
         return flat
+
+
+def _needed_rest(rest: dict[Any, Any], dsk: Any) -> dict[Any, Any]:
+    """Of the flat graph's tasks that the high-level graphs lack, those the outputs
+    need: the finalize task and what it reads among them. Dask's optimization may also
+    have fused the last op with it (``sum-aggregate-finalize-...``), a task that nothing
+    of the high-level graphs' reads, and that the report showed as an op no worker ran."""
+    try:
+        outputs = set(dask.core.flatten(dsk.__dask_keys__()))
+        from dask._task_spec import convert_legacy_graph
+
+        specs = convert_legacy_graph(rest)
+    except Exception:
+        return rest
+    needed: set[Any] = set()
+    todo = [k for k in rest if k in outputs]
+    while todo:
+        key = todo.pop()
+        if key in needed:
+            continue
+        needed.add(key)
+        todo.extend(d for d in getattr(specs.get(key), "dependencies", ()) if d in rest)
+    return {k: v for k, v in rest.items() if k in needed}
 
 
 def _cull_only(dsk: Any, keys: Any, **kwargs: Any) -> Any:
