@@ -19,14 +19,14 @@ from .devices._worker_plugin import MeshWorkerPlugin
 
 def _checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     """Say a bad option as ``dask worker`` parses it, before any nanny starts: Dask's
-    command parses a preload's options up front, in its own process, and a bad one
-    found later, in the worker's process, ends in the nanny's tracebacks. In a nanny's
-    worker process (it has a parent) :func:`dask_setup` says it, and stops the worker."""
-    import multiprocessing
-
+    command parses a preload's options up front, with a context of no name, and a bad
+    one found later, in the worker's process, ended in the nanny's tracebacks. Where a
+    preload starts (``Preload.start`` names its context ``dask_setup``: a nanny's worker
+    process, ``dask spec``, a worker in a kernel) :func:`dask_setup` says it, and stops
+    a worker of its own process."""
     from .errors import MeshError
 
-    if multiprocessing.parent_process() is None:
+    if ctx.info_name is None:
         try:
             _check_options(**{**ctx.params, param.name or "": value})
         except MeshError as exc:

@@ -158,19 +158,16 @@ def test_dask_worker_preload_drives_an_entry_point_backend(installed, scheduler_
 
 
 @pytest.mark.parametrize("args, error", BAD_BACKEND_ARGS)
-def test_preload_backend_bad_input(monkeypatch, args, error):
-    import multiprocessing
-
+def test_preload_backend_bad_input(args, error):
     import click
 
     from jupyter_mesh.worker import dask_setup
 
-    # as `dask worker` parses them, in its own process: click's one-line error
+    # as `dask worker` parses them up front (a context of no name): click's one line
     with pytest.raises(click.ClickException, match=error) as info:
-        dask_setup.make_context("dask_setup", list(args))
+        dask_setup.parse_args(click.Context(dask_setup), list(args))
     assert info.value.exit_code == 2
-    # in a nanny's worker process, the preload itself says it
-    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    # where the preload starts (a nanny's worker process, dask spec), it says it
     ctx = dask_setup.make_context("dask_setup", list(args))
     with pytest.raises(MeshError, match=error):
         dask_setup.callback(object(), **ctx.params)

@@ -520,6 +520,26 @@ def test_a_bad_preload_option_starts_no_worker(scheduler_mesh, options, why):
         assert "Traceback" not in out.stderr and out.returncode == 2, out.stderr
 
 
+def test_a_bad_preload_option_of_a_worker_without_a_nanny_starts_no_worker(scheduler_mesh):
+    # dask spec's worker runs in the command's own process, and Dask does not parse its
+    # preload's options up front: said as the options were parsed, the error was
+    # logged by Dask and the worker started anyway, as a plain Dask worker
+    import json
+
+    spec = {"w": {"cls": "distributed.Worker", "opts": {
+        "nthreads": 1, "preload": ["jupyter_mesh.worker"],
+        "preload_argv": ["--site", "bad site!"]}}}
+    out = subprocess.run(
+        [os.path.join(BIN, "dask"), "spec", scheduler_mesh.address, "--spec",
+         json.dumps(spec)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert ("site must be a name of letters, digits, '.', '_' or '-' (like 'local' or "
+            "'edge-lab'), starting with a letter or digit, at most 63 characters, not "
+            "'bad site!' (in --preload jupyter_mesh.worker's options): the worker does not "
+            "start") in out.stderr
+    assert len(scheduler_mesh.inventory()) == 0
+
+
 def test_version_and_help():
     from jupyter_mesh import __version__
 

@@ -362,6 +362,12 @@ def test_a_remote_cells_traceback_numbers_its_lines_as_the_notebook_does(ip, fre
     with pytest.raises(RemoteCellError) as info:
         fresh.run_cell("x = 1\n1/0", first_line=10)
     assert "line 11" in "\n".join(info.value._render_traceback_())
+    # blank lines first (IPython's transform drops them) still count
+    result = ip.run_cell("%%mesh --remote\n\n\n1/0")
+    assert "line 4" in "\n".join(result.error_in_exec._render_traceback_())
+    with pytest.raises(RemoteCellError) as info:
+        fresh.run_cell("\n  \n1/0")
+    assert "line 3" in "\n".join(info.value._render_traceback_())
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None, 10**9])
@@ -669,6 +675,9 @@ def test_a_cell_stopped_while_it_prints_ends_at_its_own_line(fresh, capsys):
     ("raise ValueError('a\\nb')", ["ValueError: a", "b"]),
     ("e = ValueError('x')\ne.add_note('a note')\nraise e", ["ValueError: x", "a note"]),
     ("raise ExceptionGroup('eg', [ValueError(1)])", None),
+    # a line of the message that begins as a frame's does
+    ("raise ValueError('could not read\\nFile data.csv is empty')",
+     ["ValueError: could not read", "File data.csv is empty"]),
 ])
 def test_an_errors_own_lines_are_shown_once(fresh, code, last):
     # a message of several lines, a note, an exception group: only the last line was

@@ -329,7 +329,10 @@ class RemoteCells:
                             f"tracebacks), not {first_line!r}")
         # numbered from first_line: blank lines before it (the Python that IPython's
         # syntax became keeps its lines, so this is after it)
-        code = "\n" * (first_line - 1) + to_python(code)
+        # (IPython's transform drops the cell's leading blank lines: counted back)
+        blank = len(code) - len(code.lstrip("\n \t\r\f"))
+        blank = code[:blank].count("\n")
+        code = "\n" * (first_line - 1 + blank) + to_python(code)
         compile(code, filename, "exec", flags=TOP_LEVEL_AWAIT)
         target = self._target(on)
         if site is not None and not isinstance(site, str):

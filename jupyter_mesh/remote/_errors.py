@@ -102,7 +102,7 @@ def _shows_exception(tb: list[str], ename: str) -> bool:
     """Whether a traceback ends with the exception ``ename``'s own lines: after its last
     frame, whose message may have more lines, notes after it, or an exception group's
     ``|`` margin (only the last line was looked at, and the exception said again)."""
-    last = max((i for i, line in enumerate(tb) if line.lstrip(" |+").startswith("File ")),
+    last = max((i for i, line in enumerate(tb) if line.lstrip(" |+").startswith('File "')),
                default=-1)
     return any(_ends_with_exception(line.lstrip(" |"), ename) for line in tb[last + 1:])
 
