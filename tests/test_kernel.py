@@ -276,6 +276,9 @@ def test_a_fallback_warning_shows_in_the_cell_that_is_running():
                    timeout=180)
         assert "result 42" in out
         assert "MeshFallbackWarning: jupyter_mesh fallback: " in out, out
+        # and the in-process scheduler's line that it waits (a local mesh's scheduler
+        # runs in the kernel, in the context of the cell that made the mesh)
+        assert "jupyter_mesh: no live cpu:jax" in out, out
         _run(kc, "mesh.close()")
     finally:
         kc.stop_channels()

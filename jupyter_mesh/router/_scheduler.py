@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import pickle
@@ -477,7 +478,12 @@ class RouterState:
                     return  # called outside any event loop: no timer could ever fire
                 ps.timers[p] = loop.call_later(ps.timeout, self._expire, ps.plan_id, p)
                 kept = ps.pools[p][1] is not None or bool(ps.pins)
-                logger.warning(
+                # in a context of its own: a local mesh's scheduler runs in the
+                # kernel, in a copy of the context of the cell that made the mesh, and
+                # ipykernel sends its output there (long over); so it goes to the cell
+                # that runs now
+                contextvars.Context().run(
+                    logger.warning,
                     "jupyter_mesh: no live %s for routed tasks; waiting %.3g s before %s",
                     _workers_of(ps.pools[p][2]), ps.timeout,
                     "failing them (fallback=False)" if not ps.fallback else
