@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 import dask
 import dask.array as da
@@ -282,6 +283,53 @@ def _read_on_host_wraps(dask_scheduler):
                 if k in routed),
             sum(wrapped(ts.run_spec) and wrapped(ts.run_spec.func.args[0])
                 for ts in dask_scheduler.tasks.values()))
+
+
+def _n_scheduler_tasks(dask_scheduler):
+    return len(dask_scheduler.tasks)
+
+
+def test_one_collection_computed_two_ways_at_once_leaves_nothing_on_the_scheduler():
+    # two threads (or notebooks) computing the same collection, routed and plain, or
+    # on two routes: the graphs share their outputs, whose task the scheduler keeps,
+    # and the other graph's own tasks under them (split or fused its own way) stayed
+    # on the scheduler for ever, from_array's blocks with their data (+32 a round);
+    # a later computation of the collection then ran those and reported nothing
+    import threading
+
+    own = jm.Mesh.local(cpu=1, jax_cpu=1, gpu=0, tpu=0, threads_per_worker=1,
+                        set_current=False)
+    try:
+        for second in ("plain", "cpu:jax"):
+            for it in range(3):
+                x = da.from_array(np.arange(360000.0).reshape(600, 600) / 3e5,
+                                  chunks=150, name=f"twice-{second}-{it}")
+                y = ((x @ x.T) + 1).sum(axis=0)
+                want = y.compute(scheduler="sync")
+                got = {}
+
+                def routed(y=y, got=got):
+                    got["auto"] = own.compute(y, route="auto")[0]
+
+                def other(y=y, got=got, second=second):
+                    got[second] = (own.client.compute(y, sync=True) if second == "plain"
+                                   else own.compute(y, route=second)[0])
+
+                threads = [threading.Thread(target=routed), threading.Thread(target=other)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(120)
+                assert len(got) == 2, got
+                for value in got.values():
+                    np.testing.assert_allclose(value, want, rtol=1e-10)
+                deadline = time.monotonic() + 10
+                while own.client.run_on_scheduler(_n_scheduler_tasks) and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert own.client.run_on_scheduler(_n_scheduler_tasks) == 0, (second, it)
+    finally:
+        own.close()
 
 
 def test_plain_dask_sharing_a_routed_persists_tasks_gets_host_arrays(caplog):

@@ -241,7 +241,6 @@ class RouterState:
         scheduler for as long as it lives."""
         touched: set[str] = set()
         by_layer = self.pending_layers
-        routed = []
         owner = self.owner
         for key in tasks:
             entry = self.pending.pop(key, None)
@@ -258,7 +257,6 @@ class RouterState:
             ts = scheduler.tasks.get(key)
             if ps is None or ts is None:
                 continue
-            routed.append(ts)
             ps.keys[key] = p
             ps.used.add(p)
             self.owner[key] = pid
@@ -275,9 +273,15 @@ class RouterState:
                 del by_layer[name]
         for pid in touched:
             self._check(self.plans[pid])
-        # tasks that nothing will read: forgotten now, and with them what only they read
-        unread = {ts.key: "forgotten" for ts in routed
-                  if ts.state == "released" and not ts.dependents and not ts.who_wants}
+        # tasks that nothing will read: forgotten now, and with them what only they read.
+        # A plain graph's too: two graphs of the same outputs split differently (a
+        # plain compute beside a routed one, two routes at once, from two threads or
+        # two notebooks) share the outputs, whose task the scheduler keeps, and the
+        # other graph's own tasks under them would stay on the scheduler for ever
+        all_tasks = scheduler.tasks
+        unread = {key: "forgotten" for key in tasks
+                  if (ts := all_tasks.get(key)) is not None and ts.state == "released"
+                  and not ts.dependents and not ts.who_wants}
         if unread:
             scheduler.transitions(unread, f"jupyter-mesh-unread-{time.time()}")
 
