@@ -884,3 +884,21 @@ async def _queued_connects(tmp_path, monkeypatch):
                 manager._connect_in_thread("tcp://a:1"),
                 manager._connect_in_thread("tcp://b:1"), return_exceptions=True)
     assert given == [None] and "no connection was free for 1.2 s" in str(results[1])
+
+
+def test_a_mesh_several_notebooks_use_lists_the_newest_plans_of_all():
+    # each notebook's plans were appended in turn to the mesh's short list: the last
+    # notebook merged pushed the others' out, the newest plan of all included
+    from jupyter_mesh import discovery
+    from jupyter_mesh.server.manager import Entry, _merge_plans
+
+    entry = Entry(id="x", origin="sidebar", address="tcp://h:1", name="m")
+    a = {"plans": [{"kind": "plan", "at": 100.0, "rows": []},
+                   {"kind": "plan", "at": 300.0, "rows": []}]}
+    b = {"plans": [{"kind": "plan", "at": 200.0 + i, "rows": []}
+                   for i in range(discovery.MAX_PLANS)]}
+    for _ in range(3):  # (each refresh merges every notebook's registration)
+        _merge_plans(entry, a)
+        _merge_plans(entry, b)
+    times = [p["at"] for p in entry.plans]
+    assert times == [201.0 + i for i in range(discovery.MAX_PLANS - 1)] + [300.0]

@@ -23,6 +23,7 @@ import builtins
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import re
 import time
@@ -929,10 +930,23 @@ def _close_quietly(mesh: Mesh | None) -> None:
 
 
 def _merge_plans(entry: Entry, reg: dict[str, Any]) -> None:
-    """Add the router plans a kernel's registration lists to ``entry`` (once each)."""
-    for rec in reg.get("plans") or []:
-        if isinstance(rec, dict) and rec not in entry.plans:
-            entry.plans.append(rec)
+    """Add the router plans a kernel's registration lists to ``entry`` (once each),
+    keeping the newest of all. A mesh that several notebooks use gets each one's plans
+    in turn: appended, the last notebook's pushed the others' newest out of the short
+    list, whatever their times."""
+    new = [rec for rec in reg.get("plans") or []
+           if isinstance(rec, dict) and rec not in entry.plans]
+    if not new:
+        return
+
+    def when(rec: dict[str, Any]) -> float:
+        at = rec.get("at")
+        return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) \
+            else -math.inf
+
+    merged = sorted([*entry.plans, *new], key=when)  # (stable: equal times keep order)
+    entry.plans.clear()
+    entry.plans.extend(merged[-(entry.plans.maxlen or len(merged)):])
 
 
 def _one_line(exc: BaseException) -> str:
