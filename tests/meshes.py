@@ -162,3 +162,15 @@ def line_queue(stream: Any) -> Any:
 
     threading.Thread(target=read, daemon=True).start()
     return lines
+
+
+def widget_tree(w: Any) -> Iterator[Any]:
+    """An ipywidget, its layout and style, and the same of its children, all of them."""
+    from ipywidgets import Widget
+
+    yield w
+    for part in ("layout", "style"):
+        if isinstance(getattr(w, part, None), Widget):
+            yield getattr(w, part)
+    for child in getattr(w, "children", ()):
+        yield from widget_tree(child)

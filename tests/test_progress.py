@@ -15,7 +15,7 @@ import pytest
 
 from jupyter_mesh import MeshConfigError, progress
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, widget_tree
 
 
 @pytest.fixture(scope="module")
@@ -615,17 +615,7 @@ def test_a_finished_bar_is_replaced_by_a_static_copy(mesh, quick_threshold, monk
         assert row.children[2].value in html  # each target's label and count
     # its widgets, shown nowhere now, are closed (their models and comms stayed for
     # the whole session: 23 a bar)
-    from ipywidgets import Widget
-
-    def tree(w):
-        yield w
-        for part in ("layout", "style"):
-            if isinstance(getattr(w, part, None), Widget):
-                yield getattr(w, part)
-        for child in getattr(w, "children", ()):
-            yield from tree(child)
-
-    widgets = list(tree(shown[0]))
+    widgets = list(widget_tree(shown[0]))
     assert len(widgets) > 10 and all(w.comm is None for w in widgets)
 
 

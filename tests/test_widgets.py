@@ -13,7 +13,7 @@ import jupyter_mesh as jm
 from jupyter_mesh import MeshError, _state
 from jupyter_mesh.widgets import MeshPanel
 
-from .meshes import fresh_local_mesh
+from .meshes import fresh_local_mesh, widget_tree
 
 
 @pytest.fixture(scope="module")
@@ -126,19 +126,8 @@ def test_a_closed_panel_closes_all_its_widgets_and_lets_go_of_its_mesh(mesh):
     import gc
     import weakref
 
-    from ipywidgets import Widget
-
     p = mesh.widget(refresh=0)
-
-    def tree(w):
-        yield w
-        for part in ("layout", "style"):
-            if isinstance(getattr(w, part, None), Widget):
-                yield getattr(w, part)
-        for child in getattr(w, "children", ()):
-            yield from tree(child)
-
-    widgets = list(tree(p))
+    widgets = list(widget_tree(p))
     assert len(widgets) > 20 and all(w.comm is not None for w in widgets)
     p.close()
     assert [w for w in widgets if w.comm is not None] == []
