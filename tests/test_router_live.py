@@ -505,6 +505,9 @@ def numpy_semantics_cases():
     xf = da.from_array(rs.standard_normal((60, 40)).astype(np.float32), chunks=20)
     x = da.from_array(rs.standard_normal((60, 40)), chunks=20)
     xb = x > 0
+    huge = da.from_array(np.array([3e38, 1e38, 2e38], np.float32), chunks=3)
+    huge2 = da.from_array(np.array([[3e38, 1e38], [2e38, 3e38]], np.float32), chunks=2)
+    small_c = da.from_array(np.array([1e-8 - 3e-8j, 1e-5 + 1e-5j], np.complex64))
     return {
         "int32 + float32": xi + xf,
         "sqrt of int8": da.sqrt(xi.astype(np.int8)),
@@ -538,6 +541,21 @@ def numpy_semantics_cases():
         "complex max with a nan": cnan.max(),
         "complex min with a nan": cnan.min(),
         "complex maximum with a nan": da.maximum(cnan, cnan[::-1]),
+        # XLA divides by a broadcast divisor as a product with its reciprocal, flushed
+        # to 0 past 2**126 in float32 (or 2**1022 in float64): the quotient was 0
+        "float32 / 1e38": huge / 1e38,
+        "float64 / 1e308": huge.astype(np.float64) * 1e270 / 1e308,
+        "float32 / its max, broadcast": huge2 / huge2.max(axis=0, keepdims=True),
+        "float32 // its first": huge // huge[:1],
+        # JAX computes these other numbers: exp2 at integer exponents (exp2(3.0) was
+        # 7.999999999999998), arcsin just above the smallest normal (0), sinh and cosh
+        # of small complex numbers, 0j to a finite power (nan+nanj)
+        "exp2 of integers": da.exp2(da.from_array(np.array([3.0, 30.0, 100.0]))),
+        "arcsin near the smallest normal": da.arcsin(
+            da.from_array(np.array([1.2e-38, 2e-38, 1e-30], np.float32))),
+        "complex64 sinh of small numbers": da.sinh(small_c),
+        "complex64 cosh of small numbers": da.cosh(small_c),
+        "0j ** (0.5+0.5j)": da.from_array(np.array([0j, 4 + 0j])) ** (0.5 + 0.5j),
     }
 
 
@@ -563,6 +581,9 @@ def test_the_jax_path_gives_what_numpy_gives(mesh, route):
         f = da.from_array(np.random.default_rng(1).random((60, 40)), chunks=20)
         mesh.compute(f @ f.T, route="cpu:jax")
         assert mesh.last_report.ran_on("matmul") == ["jax"]
+        # a division by an ordinary number, broadcast, still runs on JAX
+        mesh.compute(f / 3.0 + f / f.max(axis=0, keepdims=True), route="cpu:jax")
+        assert mesh.last_report.ran_on("truediv") == ["jax"]
 
 
 def test_slices_of_device_results_come_back_as_host_arrays(mesh):
