@@ -19,6 +19,7 @@ import warnings
 import weakref
 from typing import Any, Literal, overload
 
+import dask
 from distributed import Client, Nanny, Scheduler, SpecCluster
 from distributed.comm import parse_address
 from distributed.comm.addressing import parse_host_port
@@ -531,9 +532,16 @@ def _block_sigint_here() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
+#: the HTTP routes of a local mesh's scheduler and workers with its dashboard off:
+#: health checks only (Dask's others, served with no login, show any local user the
+#: running tasks, their code's call stacks, the logs and the metrics)
+HEALTH_ONLY = ["distributed.http.health"]
+
+
 def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
                  memory_limit: Any, security: Any = None,
-                 cpus: list[int] | None = None) -> dict[str, Any]:
+                 cpus: list[int] | None = None, health_only: bool = False
+                 ) -> dict[str, Any]:
     fam = FAMILIES[family]
     env: dict[str, str] = {}
     if family == "gpu":
@@ -555,6 +563,11 @@ def _worker_spec(family: str, index: int, site: str, nthreads: int, host: str,
             "plugins": [MeshWorkerPlugin(site=site, kind=fam["kind"], backend=fam["backend"],
                                          cpus=cpus, quiet_failures=True)],
             **_tls_options(security),
+            # (the nanny merges only the top level of what it is given into Dask's
+            # config: the whole of the "distributed" section, with the routes)
+            **({"config": {"distributed": dask.config.merge(
+                dask.config.get("distributed"),
+                {"worker": {"http": {"routes": HEALTH_ONLY}}})}} if health_only else {}),
         },
     }
 
@@ -781,6 +794,7 @@ class Mesh:
                 workers[_spec_name(family, i)] = _worker_spec(
                     family, i, site, 1 if family in ("gpu", "tpu") else nthreads, host,
                     memory_each, security, pins[i] if family == "jax_cpu" else None,
+                    health_only=not dashboard.get("dashboard", True),
                 )
         scheduler = {
             "cls": Scheduler,
@@ -802,10 +816,13 @@ class Mesh:
             before = set(SpecCluster._instances)
             nannies_before = set(MeshNanny.made)
             try:
-                cluster = SpecCluster(
-                    workers=workers, scheduler=scheduler, name="jupyter-mesh",
-                    silence_logs=logging.WARNING, security=security,
-                )
+                routes = ({"distributed.scheduler.http.routes": HEALTH_ONLY}
+                          if not dashboard.get("dashboard", True) else {})
+                with dask.config.set(routes):  # (read as the scheduler starts)
+                    cluster = SpecCluster(
+                        workers=workers, scheduler=scheduler, name="jupyter-mesh",
+                        silence_logs=logging.WARNING, security=security,
+                    )
             except BaseException:
                 # interrupted (Ctrl-C) or failed while starting: what it started goes
                 # too, the workers still starting with it (only this start's: another
@@ -1215,6 +1232,7 @@ class Mesh:
                                           sum(after.values())),
                             self.options.get("security"),
                             pins[i % len(pins)] if fam == "jax_cpu" and pins else None,
+                            health_only=not self.options.get("dashboard", True),
                         )
                     i += 1
                 self.options[fam] = want

@@ -737,6 +737,28 @@ def test_dashboard_turned_off(no_mesh):
             assert "dashboard" not in m._repr_html_()
             assert _listening_hosts(m) == {"127.0.0.1"}  # Dask's health checks, loopback
             assert da.ones(10, chunks=5).sum().compute() == 10
+            # and nothing else over HTTP, where any local user could read (no login) the
+            # running tasks, their call stacks, the logs and the metrics: the
+            # scheduler's and each worker's, one added by scale too
+            m.scale(cpu=2)
+            ports = [m.cluster.scheduler.http_server.port, *m.client.run(
+                lambda dask_worker: dask_worker.http_server.port).values()]
+            assert len(ports) == 3
+            for port in ports:
+                assert _http_status(port, "/health") == 200
+                for path in ("/info/main/workers.html", "/metrics", "/json/counts.json"):
+                    assert _http_status(port, path) == 404, (port, path)
+
+
+def _http_status(port, path):
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def test_auto_memory_is_the_hosts_shared_evenly_among_the_workers():
