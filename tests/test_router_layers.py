@@ -100,6 +100,28 @@ def test_a_layer_plan_has_no_pace_floor():
     assert plan.floor == 0.0 and plan.makespan < model.ntasks
 
 
+def test_a_layer_plan_says_how_much_goes_between_sites():
+    from jupyter_mesh.inventory import format_bytes
+    from jupyter_mesh.router.cost import CostModel
+
+    cpu = Profile(flops32=2e11, flops64=1e11, mem_bandwidth=2e10, launch_latency=2e-6,
+                  method="model", source="test")
+    pools = build_pools([
+        Device("tcp://a:1", "cpu", "numpy", "model cpu", 1 << 34, "lab", cpu, name="a"),
+        Device("tcp://b:1", "cpu", "jax", "model cpu", 1 << 34, "edge", cpu, name="b"),
+    ])
+    g, keys = _collection_graph([pipeline()])
+    model = model_layers(g, keys)
+    # forced to JAX (at edge): the random blocks, which JAX does not make, at lab
+    plan = plan_layers(model, pools, "cpu:jax", cost=CostModel(pools))
+    site = [plan.pools[p].site for p in plan.layer_pool]
+    crossing = sum(nb * model.ops[li].tasks for li, row in enumerate(model.deps)
+                   for d, nb in row if site[d] != site[li])
+    assert len(set(site)) == 2 and crossing > 0
+    assert plan.bytes_between_sites == crossing
+    assert f"{format_bytes(crossing)} between sites" in repr(plan).splitlines()[0]
+
+
 def test_a_forced_layer_plan_times_the_cpu_workers_it_uses_at_their_own_share():
     # two NumPy workers and a JAX one on a 2-core host: beside the JAX worker each NumPy
     # one gets 2/3 of a core; "cpu:numpy" leaves the JAX worker idle, so they run (and

@@ -17,7 +17,7 @@ from toolz import compose
 
 from jupyter_mesh import MeshError
 from jupyter_mesh.devices._profile import Profile
-from jupyter_mesh.inventory import Device
+from jupyter_mesh.inventory import Device, format_bytes
 from jupyter_mesh.router import (
     CostModel,
     Links,
@@ -231,10 +231,19 @@ def test_second_site_far_away():
     x = da.random.random((400, 400), chunks=100)
     plan = plan_collections([(x @ x.T).sum()], devs, links=links)
     assert set(plan.assignment().values()) == {"cpu:numpy@local"}
+    assert plan.bytes_between_sites == 0 and "between sites" not in repr(plan)
     # big matmul blocks are worth the trip
     x = da.random.random((16000, 16000), chunks=4000)
     plan = plan_collections([(x @ x.T).sum()], devs, links=links)
     assert "gpu:cupy@cloud" in set(plan.assignment().values())
+    # and the plan says how much goes over the link (its rows count kinds only, and
+    # a plan that sent 130 MiB over the WAN said "nothing moved")
+    m = plan.model
+    site = [plan.pools[p].site for p in plan.pool_of]
+    crossing = sum(m.ops[m.layer[d]].out_bytes for i in range(len(m.keys))
+                   for d in m.deps[i] if site[d] != site[i])
+    assert crossing > 0 and plan.bytes_between_sites == crossing
+    assert f"{format_bytes(crossing)} between sites" in repr(plan).splitlines()[0]
 
 
 def test_residency_pins_follow_the_data():

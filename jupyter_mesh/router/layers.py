@@ -319,6 +319,18 @@ class LayerPlan(Plan[LayerModel]):
         """None: the progress bars group tasks by their names (layers) instead."""
         return None
 
+    @property
+    def bytes_between_sites(self) -> float:
+        """As a per-task plan's: each layer reads its inputs' bytes (per task, as the
+        model has them) from the site of their layer's pool."""
+        sites = [p.site for p in self.pools]
+        if len(set(sites)) < 2 or self.unrestricted:
+            return 0.0
+        m = self.model
+        return float(sum(nb * m.ops[li].tasks for li, row in enumerate(m.deps)
+                         for d, nb in row
+                         if sites[self.layer_pool[d]] != sites[self.layer_pool[li]]))
+
     def _header(self) -> str:
         return super()._header() + " (planned per layer)"
 

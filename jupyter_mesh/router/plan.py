@@ -103,6 +103,19 @@ class Plan(Generic[ModelT]):
     def bytes_moved(self) -> float:
         return float(sum(r["bytes_moved"] for r in self.rows))
 
+    @property
+    def bytes_between_sites(self) -> float:
+        """Bytes the plan sends from one site to another (over the modelled WAN link):
+        each input a task reads from a task planned at another site."""
+        sites = [p.site for p in self.pools]
+        if len(set(sites)) < 2 or self.unrestricted:
+            return 0.0
+        m = self.model
+        pool_of = self.pool_of
+        return float(sum(m.ops[m.layer[d]].out_bytes
+                         for i, p in enumerate(pool_of) for d in m.deps[i]
+                         if sites[pool_of[d]] != sites[p]))
+
     def runs_numpy(self, li: int, p: int) -> bool:
         """Whether the tasks of op ``li`` planned on pool ``p`` run with NumPy on their
         worker's host (``CostModel.runs_numpy``): NumPy pools, ops the pool's backend
@@ -270,6 +283,8 @@ class Plan(Generic[ModelT]):
             f"est. {_secs(self.makespan)} makespan, "
             f"{format_bytes(self.bytes_moved) if self.bytes_moved else 'nothing'} "
             f"moved between kinds"
+            + (f", {format_bytes(wan)} between sites"
+               if (wan := self.bytes_between_sites) else "")
         )
 
     def _pools_shown(self) -> list[Any]:
