@@ -1007,7 +1007,9 @@ def _stub_scheduler(workers, states):
 
 @pytest.mark.parametrize("left, site, failed", [
     ({"tcp://c:1": "cloud"}, "lab",
-     "no live worker at site 'lab', where the computation was kept"),
+     r"^no live worker at site 'lab', where the computation was kept \(site=\): the "
+     r"computation cannot finish there; start a worker at 'lab' \(jupyter-mesh worker "
+     r"ADDRESS --site lab\) and run it again, or run it without site=$"),
     ({}, "lab", "no live worker at site 'lab'"),
     ({}, None, "no live worker left for 1 s: .* add workers"),
 ])

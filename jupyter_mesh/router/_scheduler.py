@@ -612,7 +612,10 @@ def lost_hint(events: Any) -> str:
 def _no_site_left(site: str, pinned: bool) -> str:
     what = ("the data of routed tasks is pinned" if pinned
             else "the computation was kept (site=)")
-    return f"no live worker at site {site!r}, where {what}: the computation cannot finish there"
+    undo = "pin=" if pinned else "site="
+    return (f"no live worker at site {site!r}, where {what}: the computation cannot finish "
+            f"there; start a worker at {site!r} (jupyter-mesh worker ADDRESS --site {site}) "
+            f"and run it again, or run it without {undo}")
 
 
 def _workers_of(label: str) -> str:
