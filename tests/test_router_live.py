@@ -547,6 +547,9 @@ def numpy_semantics_cases():
         "float64 / 1e308": huge.astype(np.float64) * 1e270 / 1e308,
         "float32 / its max, broadcast": huge2 / huge2.max(axis=0, keepdims=True),
         "float32 // its first": huge // huge[:1],
+        # both broadcast, the divisor as large as the other: (1, 4) / (4, 1)
+        "float32 (1, 4) / (4, 1)": (da.from_array(np.full((1, 4), 3e38, np.float32))
+                                    / da.from_array(np.full((4, 1), 1e38, np.float32))),
         # JAX computes these other numbers: exp2 at integer exponents (exp2(3.0) was
         # 7.999999999999998), arcsin just above the smallest normal (0), sinh and cosh
         # of small complex numbers, 0j to a finite power (nan+nanj)

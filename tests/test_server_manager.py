@@ -902,3 +902,10 @@ def test_a_mesh_several_notebooks_use_lists_the_newest_plans_of_all():
         _merge_plans(entry, b)
     times = [p["at"] for p in entry.plans]
     assert times == [201.0 + i for i in range(discovery.MAX_PLANS - 1)] + [300.0]
+    # a broken record's time (NaN, an integer past float's range) neither hides the
+    # newest plans nor stops the refresh; a record listed twice is kept once
+    newest = {"kind": "plan", "at": 1000.0, "rows": []}
+    _merge_plans(entry, {"plans": [newest, dict(newest), {"kind": "plan", "at": float("nan")},
+                                   {"kind": "plan", "at": 10**400}]})
+    times = [p["at"] for p in entry.plans]
+    assert times[-2:] == [300.0, 1000.0] and times.count(1000.0) == 1

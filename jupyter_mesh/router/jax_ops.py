@@ -200,12 +200,15 @@ def _named(func: Any, names: frozenset[str]) -> bool:
 
 
 def _huge_divisor(args: tuple[Any, ...]) -> bool:
-    """Whether an input that is broadcast (a number, or an array smaller than the
-    largest) is so large that its reciprocal is below the smallest normal number of its
+    """Whether an input that is broadcast (a number, or an array of another shape than
+    the result's) is so large that its reciprocal is below the smallest normal number of its
     type, which XLA flushes to 0: ``x / 1e38`` in float32 gave 0. Only the broadcast
     ones: a divisor of the result's own shape is divided as it is."""
     arrays = [a for a in args if hasattr(a, "shape") and hasattr(a, "dtype")]
-    largest = max((int(getattr(a, "size", 1)) for a in arrays), default=1)
+    try:
+        result = np.broadcast_shapes(*(tuple(a.shape) for a in arrays))
+    except Exception:
+        return True  # (shapes that do not broadcast: NumPy says so, in its words)
     floats = [d for a in arrays
               if (d := _numpy_dtype(a.dtype)) is not None and d.kind in "fc"]
     # a Python number computes in the arrays' type (it is weak in both)
@@ -216,7 +219,7 @@ def _huge_divisor(args: tuple[Any, ...]) -> bool:
                 return True
             continue
         dtype = _numpy_dtype(getattr(a, "dtype", None))
-        if dtype is None or dtype.kind not in "fc" or int(getattr(a, "size", 1)) >= largest:
+        if dtype is None or dtype.kind not in "fc" or tuple(a.shape) == result:
             continue
         limit = _huge_for(dtype)
         if limit is None:

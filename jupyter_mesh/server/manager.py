@@ -934,15 +934,21 @@ def _merge_plans(entry: Entry, reg: dict[str, Any]) -> None:
     keeping the newest of all. A mesh that several notebooks use gets each one's plans
     in turn: appended, the last notebook's pushed the others' newest out of the short
     list, whatever their times."""
-    new = [rec for rec in reg.get("plans") or []
-           if isinstance(rec, dict) and rec not in entry.plans]
+    new: list[dict[str, Any]] = []
+    for rec in reg.get("plans") or []:
+        if isinstance(rec, dict) and rec not in entry.plans and rec not in new:
+            new.append(rec)
     if not new:
         return
 
     def when(rec: dict[str, Any]) -> float:
         at = rec.get("at")
-        return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) \
-            else -math.inf
+        try:
+            t = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) \
+                else -math.inf
+        except OverflowError:  # (an integer past float's range: a broken file)
+            return -math.inf
+        return t if math.isfinite(t) else -math.inf
 
     merged = sorted([*entry.plans, *new], key=when)  # (stable: equal times keep order)
     entry.plans.clear()
