@@ -222,6 +222,11 @@ def test_jax_never_gets_ops_outside_its_table():
     targets = {r["op"]: r["target"] for r in plan.rows}
     assert any(t == "cpu:numpy" for op, t in targets.items() if op.startswith("qr"))
     assert targets["mean_chunk"] == "cpu:numpy"
+    # an elementwise op with a 0-d array operand, which Dask wraps to enforce its
+    # dtype: the note said that cpu:jax "does not run other ops natively"
+    plan = plan_collections([x - x.mean()], devs, route="cpu:jax")
+    assert any(n.startswith("sub: cpu:jax does not run elementwise ops that Dask wraps to "
+                            "enforce their dtype") for n in plan.notes), plan.notes
 
 
 def test_second_site_far_away():
