@@ -43,8 +43,9 @@ class _BadOption(click.ClickException):
 
 def _said(exc: Exception) -> str:
     why = str(exc).removeprefix("jupyter_mesh: ")
-    return (f"jupyter-mesh: {why} (in --preload jupyter_mesh.worker's options): the worker "
-            f"does not start")
+    where = "" if why.endswith("JUPYTER_MESH_SITE)") else \
+        " (in --preload jupyter_mesh.worker's options)"
+    return f"jupyter-mesh: {why}{where}: the worker does not start"
 
 
 def _check_options(site: str | None = None, use_jax: bool = False,
@@ -54,7 +55,13 @@ def _check_options(site: str | None = None, use_jax: bool = False,
     from .mesh import check_site
     from .router.backends import get_backend
 
-    site = check_site(site or os.environ.get("JUPYTER_MESH_SITE") or "default")
+    if not site and os.environ.get("JUPYTER_MESH_SITE"):
+        try:
+            site = check_site(os.environ["JUPYTER_MESH_SITE"])
+        except MeshError as exc:
+            raise MeshError(f"{str(exc).removeprefix('jupyter_mesh: ')} (from the "
+                            f"environment variable JUPYTER_MESH_SITE)") from None
+    site = check_site(site or "default")
     if backend is not None:
         if use_jax and backend != "jax":
             raise MeshError(f"--jax and --backend {backend} disagree: give one of them")

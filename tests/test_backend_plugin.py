@@ -157,6 +157,25 @@ def test_dask_worker_preload_drives_an_entry_point_backend(installed, scheduler_
         _stop(proc)
 
 
+def test_a_bad_site_from_the_environment_is_named_as_such(monkeypatch):
+    # it was said to be one of the preload's options, which had none
+    import click
+
+    from jupyter_mesh.worker import dask_setup
+
+    monkeypatch.setenv("JUPYTER_MESH_SITE", "bad site")
+    with pytest.raises(click.ClickException) as info:
+        dask_setup.parse_args(click.Context(dask_setup), [])
+    assert info.value.message == (
+        "jupyter-mesh: site must be a name of letters, digits, '.', '_' or '-' (like "
+        "'local' or 'edge-lab'), starting with a letter or digit, at most 63 characters, "
+        "not 'bad site' (from the environment variable JUPYTER_MESH_SITE): the worker does "
+        "not start")
+    # --site wins over it
+    ctx = dask_setup.make_context("dask_setup", ["--site", "lab"])
+    assert ctx.params["site"] == "lab"
+
+
 @pytest.mark.parametrize("args, error", BAD_BACKEND_ARGS)
 def test_preload_backend_bad_input(args, error):
     import click
