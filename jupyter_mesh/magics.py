@@ -484,11 +484,14 @@ class MeshMagics(Magics):
 
             # (~ as a shell expands it: the magic gets the text as typed)
             ca, cert, key = (os.path.expanduser(p) for p in tls)
-            for path in (ca, cert, key):
-                if os.path.isdir(path):
-                    raise UsageError(f"{path} is a folder: give the TLS file in it")
-                if not os.path.isfile(path):
-                    raise UsageError(f"TLS file not found: {path}")
+            for path in (ca, cert, key):  # (as Mesh.connect says it)
+                if os.path.isdir(path) or not os.path.isfile(path):
+                    from .mesh import check_tls_files
+
+                    try:
+                        check_tls_files(path, None, None)
+                    except MeshError as exc:
+                        raise UsageError(str(exc)) from None
             security = Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key,
                                 require_encryption=True)
         timeout = None

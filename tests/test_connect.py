@@ -559,7 +559,9 @@ def test_tls_paths_in_the_magic_may_start_with_a_tilde(ip, no_mesh, tls_cluster,
         assert jm.current().address == tls_cluster.scheduler_address
     finally:
         jm.current().close()
-    with pytest.raises(UsageError, match=r"^TLS file not found: .*/nope\.pem$"):
+    # (in Mesh.connect's words, with what to do)
+    with pytest.raises(UsageError, match=r"^TLS file not found: .*/nope\.pem: give the path "
+                                         r"of a PEM file$"):
         ip.run_line_magic("mesh", f"connect {tls_cluster.scheduler_address} "
                                   f"--tls-ca-file ~/nope.pem --tls-cert ~/cert.pem "
                                   f"--tls-key ~/key.pem")

@@ -71,8 +71,8 @@ def test_start_status_and_compute(ip, started, capsys):
         ("connect tcp://127.0.0.1:1 --tls-key ''",
          "^--tls-key is empty: give the path of a PEM file$"),
         ("connect 127.0.0.1:1 --tls-ca-file a --tls-cert b --tls-key c", "TLS file not found"),
-        ("connect 127.0.0.1:1 --tls-ca-file / --tls-cert b --tls-key c", "^/ is a folder: give "
-         "the TLS file in it"),
+        ("connect 127.0.0.1:1 --tls-ca-file / --tls-cert b --tls-key c",
+         "^TLS file / is a folder: give the PEM file in it$"),
         ("connect tls://127.0.0.1:1 --replace", "connection refused: nothing listens on port 1"),
         ("connect not//an address --replace", "malformed address|unrecognized"),
         ("status --bogus", "unrecognized arguments"),
