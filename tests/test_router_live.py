@@ -587,6 +587,19 @@ def test_the_jax_path_gives_what_numpy_gives(mesh, route):
         # a division by an ordinary number, broadcast, still runs on JAX
         mesh.compute(f / 3.0 + f / f.max(axis=0, keepdims=True), route="cpu:jax")
         assert mesh.last_report.ran_on("truediv") == ["jax"]
+        # and so do elementwise ops with a 0-d array operand, which Dask wraps to
+        # enforce their dtype (they ran NumPy): the same numbers and dtype
+        for e in ((f - f.mean()) / f.std(), f.astype(np.float32) - f.astype(np.float32).max()):
+            (got,) = mesh.compute(e, route="cpu:jax")
+            want = e.compute(scheduler="sync")
+            assert got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+            assert mesh.last_report.ran_on("sub") == ["jax"]
+        # an integer one still runs NumPy (JAX's integer arithmetic is not NumPy's)
+        xi = da.from_array(np.arange(12).reshape(3, 4), chunks=2)
+        (got,) = mesh.compute(xi - xi.sum(), route="cpu:jax")
+        np.testing.assert_array_equal(got, (xi - xi.sum()).compute(scheduler="sync"))
+        assert mesh.last_report.ran_on("sub") == ["numpy"]
 
 
 def test_slices_of_device_results_come_back_as_host_arrays(mesh):

@@ -177,11 +177,25 @@ class GraphModel:
 
 
 def _sample_func(node: Any) -> Any:
+    """A task's function; for Dask's ``_enforce_dtype`` (an elementwise op with a 0-d
+    array operand, ``x - x.mean()``, which Dask wraps to convert the result's dtype) the
+    op it wraps, which is what runs (and what a backend's op table knows)."""
     if isinstance(node, Task):
-        return node.func
+        inner = _enforced(node.func, node.kwargs)
+        return node.func if inner is None else inner
     if isinstance(node, tuple) and node and callable(node[0]):
         return node[0]
     return None
+
+
+def _enforced(func: Any, kwargs: Any) -> Any:
+    """The op inside Dask's ``_enforce_dtype`` call, or None for any other function."""
+    if getattr(func, "__name__", None) != "_enforce_dtype" or \
+            getattr(func, "__module__", None) != "dask.array.core":
+        return None
+    inner = (kwargs or {}).get("enforce_dtype_function")
+    inner = getattr(inner, "value", inner) if isinstance(inner, DataNode) else inner
+    return inner if callable(inner) else None
 
 
 def passed_callables(node: Any) -> tuple[Any, ...]:

@@ -49,6 +49,8 @@ _DASK_HELPERS = {
     ("dask.array.core", "_concatenate2"),
     ("dask.array.reductions", "chunk_max"),
     ("dask.array.reductions", "chunk_min"),
+    # its op is checked where it runs (same_numbers, which has its arguments)
+    ("dask.array.core", "_enforce_dtype"),
 }
 
 
@@ -148,6 +150,15 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
     of nothing fails where Dask's chunk helpers return an empty result), no list
     passed to a NumPy function as an array (``np.sum([a, b])`` of a delayed call),
     and, for a ufunc, NumPy's loop in the inputs' own dtype."""
+    if getattr(func, "__name__", None) == "_enforce_dtype":
+        # Dask's wrapper of an elementwise op with a 0-d array operand: its op's
+        # numbers, in a result dtype that JAX has as NumPy does
+        inner = kwargs.get("enforce_dtype_function")
+        rest = {k: v for k, v in kwargs.items()
+                if k not in ("enforce_dtype", "enforce_dtype_function")}
+        dtype = _numpy_dtype(kwargs.get("enforce_dtype"))
+        return (inner is not None and supported(inner) and dtype in _same_dtypes()
+                and same_numbers(inner, args, rest))
     # NumPy's own functions take a list or tuple as an array (np.sum([a, b]) stacks
     # them); JAX's refuse it. Operators (x[(0, slice(None))]) and Dask's helpers
     # (_concatenate2 of a list of blocks) take them as they are
@@ -390,6 +401,22 @@ def _chunk_sum(a: Any, axis: Any = None, dtype: Any = None, keepdims: Any = None
     return jnp.squeeze(out, axis=axis[0])
 
 
+def _enforce_dtype(*args: Any, enforce_dtype: Any, enforce_dtype_function: Any,
+                   **kwargs: Any) -> Any:
+    """Dask's ``_enforce_dtype`` with its op's JAX version: the result converted to
+    the dtype Dask inferred, as Dask's does (refused as Dask refuses it)."""
+    out = translate(enforce_dtype_function)(*args, **kwargs)  # type: ignore[misc]
+    dtype = np.dtype(enforce_dtype)
+    if hasattr(out, "dtype") and np.dtype(out.dtype) != dtype and dtype != np.dtype(object):
+        if not np.can_cast(np.dtype(out.dtype), dtype, casting="same_kind"):
+            raise ValueError(
+                f"Inferred dtype from function {getattr(enforce_dtype_function, '__name__', '?')!r}"
+                f" was {str(dtype)!r} but got {str(out.dtype)!r}, which can't be cast using "
+                f"casting='same_kind'")
+        out = out.astype(dtype)
+    return out
+
+
 def _tensordot(a: Any, b: Any, axes: Any, is_sparse: bool = False) -> Any:
     import jax.numpy as jnp
 
@@ -432,4 +459,5 @@ _HELPERS: dict[str, Callable[..., Any]] = {
     "_concatenate2": _concatenate2,
     "chunk_max": _chunk_max,
     "chunk_min": _chunk_min,
+    "_enforce_dtype": _enforce_dtype,
 }

@@ -102,12 +102,7 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
                 and op.op_class in ("matmul", "fft", "elementwise", "reduction")
                 else f"{op.op_class} ops")
             fname = getattr(op.func, "__name__", None)
-            if fname == "_enforce_dtype":
-                # Dask's wrapper of an elementwise op with a 0-d array operand (x -
-                # x.mean()), which converts the result's dtype: no JAX version of it yet
-                what = ("elementwise ops that Dask wraps to enforce their dtype (an "
-                        "operand is a 0-d array, as in x - x.mean())")
-            elif (not dtype and fname and op.func is not None
+            if (not dtype and fname and op.func is not None
                     and any(pools[i].backend in native_backends(op.op_class)
                             for i in matching)):
                 # the class is one the target runs; this function is not in its table
