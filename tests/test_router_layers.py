@@ -344,6 +344,20 @@ def test_live_a_to_delayed_block_computes_planned_per_layer(mesh, route):
         np.testing.assert_array_equal(block.compute(), [820])
 
 
+def test_live_an_op_with_a_0d_operand_runs_jax_planned_per_layer_too(mesh):
+    # Dask wraps x - x.mean() in _enforce_dtype: the per-layer model took the wrapper
+    # for the op, an "other" op that cpu:jax does not run, placed on NumPy
+    x = da.from_array(np.random.default_rng(0).random((6, 5)), chunks=3)
+    e = x - x.mean()
+    plan = mesh.explain(e, route="cpu:jax")
+    assert isinstance(plan, LayerPlan)
+    row = next(r for r in plan.rows if r["op"] == "sub")
+    assert (row["class"], row["target"]) == ("elementwise", "cpu:jax"), plan
+    (got,) = mesh.compute(e, route="cpu:jax")
+    np.testing.assert_allclose(got, e.compute(scheduler="sync"), rtol=1e-12)
+    assert mesh.last_report.ran_on("sub") == ["jax"]
+
+
 def test_live_route_context_and_explain(mesh):
     y = pipeline()
     expected = y.compute(scheduler="sync")

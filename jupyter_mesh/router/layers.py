@@ -136,7 +136,8 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         layer = graph.layers[name]
         if isinstance(layer, Blockwise):
             n = len(layer)
-            func: Any = layer.task.func if isinstance(layer.task, Task) else None
+            # (the op inside Dask's _enforce_dtype, as the per-task model plans it)
+            func: Any = _sample_func(layer.task) if isinstance(layer.task, Task) else None
             passes = passed_callables(layer.task)
             per_arg: dict[str, float] = {}
             out_ind = set(layer.output_indices)
