@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -43,6 +44,18 @@ def said(value: Any, limit: int = SAID_MAX) -> str:
     """``repr(value)`` for a message, cut to ``limit`` characters (and how many the
     whole has) where it is longer."""
     text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def said_json(value: Any, limit: int = SAID_MAX) -> str:
+    """A value of a JSON request body for a message, spelled as JSON spells it
+    (``true``, ``"5"``, ``NaN``), cut as :func:`said` cuts it."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return said(value, limit)
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"

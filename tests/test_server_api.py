@@ -199,9 +199,9 @@ def test_an_unknown_id_of_any_characters_is_a_json_404(api, mesh_id):
         ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": 121}',
          "timeout must be a number of seconds in (0, 120], not 121"),
         ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": true}',
-         "timeout must be a number of seconds in (0, 120], not True"),
+         "timeout must be a number of seconds in (0, 120], not true"),
         ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": NaN}',
-         "timeout must be a number of seconds in (0, 120], not nan"),
+         "timeout must be a number of seconds in (0, 120], not NaN"),
         # nested past Python's recursion limit: a 400, not a 500 with a traceback
         ("POST", ("meshes",), "[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ("POST", ("meshes", "connect"), '{"address": ' + "[" * 100_000 + "]" * 100_000 + "}",
@@ -244,7 +244,7 @@ def test_a_huge_bad_request_gets_a_short_message(api):
 
 def test_stop_takes_force_true_or_false_only(api):
     code, body = api("DELETE", "meshes", "local-1", params={"force": "yes"})
-    assert (code, body["message"]) == (400, "force must be true or false, not 'yes'")
+    assert (code, body["message"]) == (400, "force must be true or false, not \"yes\"")
     # (a good one reaches the mesh: here there is none)
     assert api("DELETE", "meshes", "local-1", params={"force": "true"})[0] == 404
 
@@ -412,7 +412,7 @@ def test_a_refused_request_is_logged_once(api, caplog):
         code, _ = api("DELETE", "meshes", "local-1", params={"force": "yes"})
     assert code == 400
     said = [r for r in caplog.records
-            if "force must be true or false, not 'yes'" in r.getMessage()]
+            if "force must be true or false, not \"yes\"" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in said]
 
 

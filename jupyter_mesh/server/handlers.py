@@ -29,7 +29,7 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import ensure_async, url_path_join
 
 from .._version import __version__
-from ..errors import said
+from ..errors import said_json
 from .manager import ManagerError, MeshManager
 
 API = "jupyter-mesh/api"
@@ -193,7 +193,7 @@ class MeshHandler(MeshAPIHandler):
     async def delete(self, mesh_id: str) -> None:
         force = self.get_query_argument("force", "false")
         if force not in ("true", "false"):
-            raise tornado.web.HTTPError(400, f"force must be true or false, not {said(force)}")
+            raise tornado.web.HTTPError(400, f"force must be true or false, not {said_json(force)}")
         await self.run(self.manager.stop(mesh_id, force=force == "true"))
 
 

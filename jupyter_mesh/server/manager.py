@@ -35,7 +35,7 @@ from typing import Any
 
 from .. import _config, discovery
 from .._links import proxied
-from ..errors import MeshError, listed, said
+from ..errors import MeshError, listed, said, said_json
 from ..mesh import (
     FAMILIES,
     Mesh,
@@ -147,8 +147,8 @@ def _check_int(name: str, value: Any, *, allow_auto: bool = False, minimum: int 
     if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
             or value > top):
         allowed = (f"a whole number from {minimum} to {top} (four per core here)"
-                   + (" or 'auto'" if allow_auto else ""))
-        raise BadRequest(f"{name} must be {allowed}, not {said(value)}")
+                   + (' or "auto"' if allow_auto else ""))
+        raise BadRequest(f"{name} must be {allowed}, not {said_json(value)}")
     return value
 
 
@@ -212,7 +212,7 @@ def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 120
     ):
-        raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {said(timeout)}")
+        raise BadRequest(f"timeout must be a number of seconds in (0, 120], not {said_json(timeout)}")
     if is_encrypted(address) and configured_security() is None and tls(address) is None:
         raise BadRequest(
             f"{address} uses TLS: give this Jupyter server Dask's TLS settings "
