@@ -620,6 +620,24 @@ def _not_while_a_worker_starts() -> None:
         raise SystemExit(1)
 
 
+class MeshClient(Client):
+    """Dask's client of a mesh: once it is closed, a call through it (a ``mesh.submit``
+    future's ``result()``, a persisted collection's ``compute()``) says that the mesh
+    is closed and what to do, where Dask says "IOLoop is closed"."""
+
+    def sync(self, func: Any, *args: Any, asynchronous: Any = None,
+             callback_timeout: Any = None, **kwargs: Any) -> Any:
+        loop = getattr(self, "loop", None)
+        asyncio_loop = getattr(loop, "asyncio_loop", None)
+        if self.status == "closed" and asyncio_loop is not None and asyncio_loop.is_closed():
+            raise MeshError(
+                "the mesh this came from is closed, and what it computed with it: start "
+                "or connect a mesh (%mesh start), then compute or submit again"
+            )
+        return super().sync(func, *args, asynchronous=asynchronous,
+                            callback_timeout=callback_timeout, **kwargs)
+
+
 class MeshVersionWarning(UserWarning):
     """The scheduler of a mesh runs a jupyter_mesh that speaks another protocol."""
 
@@ -850,7 +868,7 @@ class Mesh:
 
         disable_gc_diagnosis()
         try:
-            client = Client(cluster, set_as_default=set_current, security=security)
+            client = MeshClient(cluster, set_as_default=set_current, security=security)
         except BaseException:
             _keep_quiet(cluster)
             cluster.close()
@@ -990,7 +1008,7 @@ class Mesh:
                                 f"{active.address}): keep using it (jm.current()), or "
                                 f"%mesh close it first")
         try:
-            client = Client(
+            client = MeshClient(
                 address, security=security, timeout=timeout, set_as_default=set_current
             )
         except Exception as exc:

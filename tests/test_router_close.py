@@ -397,3 +397,20 @@ def test_a_mesh_whose_nannies_all_stopped_is_not_waited_for():
             with pytest.raises(MeshError, match="no live workers"):
                 m.compute(da.ones(4, chunks=2).sum())
             assert time.monotonic() - t0 < 10
+
+
+def test_what_a_closed_mesh_computed_says_the_mesh_is_closed():
+    # a mesh.submit future's result(), done or not, and what the mesh's client
+    # gathers, after mesh.close(): Dask said "IOLoop is closed"
+    from jupyter_mesh import MeshError
+
+    with fresh_local_mesh(cpu=1, threads_per_worker=1) as m:
+        done = m.submit(sum, [1, 2])
+        assert done.result() == 3
+        pending = m.submit(time.sleep, 30)
+        client = m.client
+    for call in (done.result, pending.result, lambda: client.gather([done])):
+        with pytest.raises(MeshError, match=r"^the mesh this came from is closed, and what "
+                           r"it computed with it: start or connect a mesh \(%mesh start\), "
+                           r"then compute or submit again$"):
+            call()
