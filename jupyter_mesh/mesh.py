@@ -1474,19 +1474,23 @@ class Mesh:
         """Cancel what is still computing with a reason that says so: a plain Dask
         ``.compute()`` or a ``mesh.submit`` future waited on in another thread (or cell,
         when the sidebar stops the mesh) otherwise fails with Dask's "cancelled for
-        reason: unknown"."""
-        from distributed import Future
-
+        reason: unknown". On this client only: closing it releases the work on the
+        scheduler, and Dask's own cancel of a persisted key that a pending computation
+        reads failed there with an AssertionError (the dependents that no client
+        wants), whose tracebacks a local mesh's scheduler printed in the notebook."""
         client = self.client
-        states = list(client.futures.items())
-        pending: list[Future[Any]] = [Future(key, client) for key, state in states
-                                      if not state.done()]
+        pending = [state for state in list(client.futures.values()) if not state.done()]
         if not pending:
             return
+
+        async def cancel() -> None:  # on the client's event loop, which waits on them
+            for state in pending:
+                state.cancel(reason="the mesh was closed",
+                             msg="Start or connect a mesh (%mesh start), then compute again.")
+
         try:
-            client.cancel(pending, reason="the mesh was closed",
-                          msg="Start or connect a mesh (%mesh start), then compute again.")
-        except Exception:  # a mesh must close even when its scheduler does not answer
+            client.sync(cancel)
+        except Exception:  # a mesh must close even when its client does not answer
             logging.getLogger(__name__).debug("could not cancel pending work", exc_info=True)
 
     def _forget_routes(self) -> None:

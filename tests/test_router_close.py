@@ -253,6 +253,27 @@ def test_plain_dask_work_cut_off_by_a_closing_mesh_says_why(call):
                              "Start or connect a mesh (%mesh start), then compute again.")
 
 
+def test_closing_while_a_computation_reads_pending_persisted_data_is_quiet(caplog, capfd):
+    # Dask's cancel of the persisted keys (which the pending sum reads) failed on the
+    # scheduler, in the kernel for a local mesh: two AssertionError tracebacks
+    import logging
+
+    import dask.array as da
+    from distributed.client import FutureCancelledError
+
+    def run(m):
+        kept = da.ones((40, 10), chunks=(1, 10)).map_blocks(_slow_block).persist()
+        return m.client.compute(kept.sum()).result()
+
+    with caplog.at_level(logging.ERROR):
+        _, exc = _closed_meanwhile(run, after=1.5)
+    assert isinstance(exc, FutureCancelledError), repr(exc)
+    assert str(exc).endswith("cancelled for reason: the mesh was closed.\n"
+                             "Start or connect a mesh (%mesh start), then compute again.")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "AssertionError" not in capfd.readouterr().err
+
+
 @pytest.mark.parametrize("step, call", [("planning", "compute"), ("planning", "explain"),
                                         ("submitting", "compute")])
 def test_a_mesh_closed_while_a_computation_starts_fails_it_in_one_line(monkeypatch, step,
