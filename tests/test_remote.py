@@ -678,6 +678,9 @@ def test_a_cell_stopped_while_it_prints_ends_at_its_own_line(fresh, capsys):
     # a line of the message that begins as a frame's does
     ("raise ValueError('could not read\\nFile data.csv is empty')",
      ["ValueError: could not read", "File data.csv is empty"]),
+    # and one in quotes, as a path is, like a frame's but for its line number
+    ("raise RuntimeError('cannot read\\nFile \"data.csv\" is missing')",
+     ["RuntimeError: cannot read", 'File "data.csv" is missing']),
 ])
 def test_an_errors_own_lines_are_shown_once(fresh, code, last):
     # a message of several lines, a note, an exception group: only the last line was

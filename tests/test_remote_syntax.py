@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import re
 import threading
 import time
 
@@ -84,6 +85,9 @@ def test_kernel_only_magics_fail_with_one_line_and_the_worker_stays(fresh, cell,
         fresh.run_cell(cell)
     assert info.value.ename == "RemoteMagicError" and shown in str(info.value)
     assert "run it in a kernel cell" in str(info.value) or "help(name)" in str(info.value)
+    # where it ran in parentheses, after what to do (it read "... run it in a kernel
+    # cell on worker cpu-0")
+    assert re.search(r"\(on worker \S+ \(cpu:numpy\) at \S+\)$", str(info.value)), str(info.value)
     # shown as one line (the remote shell's own frames would help no one)
     (line,) = info.value._render_traceback_()
     assert shown in line and "on worker " in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +77,10 @@ class RemoteCellError(MeshError):
         self.ename, self.evalue, self.traceback = first.ename, first.evalue, first.traceback
         self.worker, self.kind, self.backend = first.worker, first.kind, first.backend
         more = f" (and {len(failures) - 1} more workers)" if len(failures) > 1 else ""
-        super().__init__(f"{first.ename}: {first.evalue} on {first.where}{more}")
+        # (a one-line error ends in what to do: where it happened goes in parentheses)
+        where = (f" (on {first.where}{more})" if first.ename in ONE_LINE
+                 else f" on {first.where}{more}")
+        super().__init__(f"{first.ename}: {first.evalue}{where}")
 
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
@@ -98,11 +102,16 @@ class RemoteCellError(MeshError):
         return lines[:-1]
 
 
+#: a frame's line in a Python traceback (a message's line that starts with File "..."
+#: is none: the exception was said again after it)
+_FRAME = re.compile(r'File ".*", line \d+')
+
+
 def _shows_exception(tb: list[str], ename: str) -> bool:
     """Whether a traceback ends with the exception ``ename``'s own lines: after its last
     frame, whose message may have more lines, notes after it, or an exception group's
     ``|`` margin (only the last line was looked at, and the exception said again)."""
-    last = max((i for i, line in enumerate(tb) if line.lstrip(" |+").startswith('File "')),
+    last = max((i for i, line in enumerate(tb) if _FRAME.match(line.lstrip(" |+"))),
                default=-1)
     return any(_ends_with_exception(line.lstrip(" |"), ename) for line in tb[last + 1:])
 
