@@ -533,6 +533,10 @@ class MeshMagics(Magics):
                     raise _as_usage(exc) from None
                 print("(%mesh status --widget shows a live panel in a notebook)")
                 return None
+            try:  # a mesh whose scheduler is gone: said as the plain status says it
+                mesh.inventory()
+            except MeshError as exc:
+                raise _as_usage(exc) from None
             return mesh.widget()
         try:
             inventory = mesh.inventory()
@@ -596,7 +600,10 @@ class MeshMagics(Magics):
     def _reset_remote(self, args: Any) -> Any:
         from .remote import magic as remote_magic
 
-        return remote_magic.reset_remote(self.shell, _current_or_usage())
+        try:
+            return remote_magic.reset_remote(self.shell, _current_or_usage())
+        except MeshError as exc:
+            raise _as_usage(exc) from None
 
     # ------------------------------------------------------------ cells
     def _cell(self, line: str, cell: str) -> Any:

@@ -1635,7 +1635,11 @@ class Mesh:
 
     def reset_remote(self) -> list[str]:
         """Drop this notebook's remote namespaces; return the workers that had one."""
-        return self._remote_cells().reset()["workers"]
+        remote = self._remote_cells()
+        # a scheduler that is gone: said, as every other call says it (it said "No remote
+        # namespaces to reset" after waiting for workers it could not reach)
+        self._check_reachable()
+        return remote.reset()["workers"]
 
     def _remote_cells(self) -> Any:
         self._check_open()

@@ -341,7 +341,7 @@ def test_security_must_be_a_security(no_mesh):
         jm.Mesh.connect("tls://127.0.0.1:1", security={"ca": "x"})
 
 
-def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog):
+def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog, monkeypatch):
     cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
                            host="127.0.0.1", dashboard_address=None)
     address = cluster.scheduler_address
@@ -370,6 +370,15 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog):
     # a remote cell says so too, before sending anything (it blamed a worker)
     with pytest.raises(UsageError, match=f"^the scheduler at {address} is not reachable"):
         ip.run_cell_magic("mesh", "--remote", "1 + 1")
+    # as do the live panel (it showed one) and reset-remote (it waited, then said there
+    # was no namespace, where this notebook had one)
+    monkeypatch.setattr("jupyter_mesh.progress.in_notebook", lambda: True)
+    with pytest.raises(UsageError, match=f"^the scheduler at {address} is not reachable"):
+        ip.run_line_magic("mesh", "status --widget")
+    t0 = time.monotonic()
+    with pytest.raises(UsageError, match=f"^the scheduler at {address} is not reachable"):
+        ip.run_line_magic("mesh", "reset-remote")
+    assert time.monotonic() - t0 < 2
     # displaying the mesh shows what is known and why no more (it raised, and a
     # notebook showed an error next to the text)
     shown = mesh._repr_html_()
