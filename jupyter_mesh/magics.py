@@ -73,7 +73,8 @@ def _start_args(line: str) -> None:
 
 
 @magic_arguments()
-@argument("address", help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
+@argument("address", metavar="ADDRESS",
+          help="scheduler address, tcp://HOST:PORT or tls://HOST:PORT")
 @argument("--timeout", default=None, metavar="S", help="seconds to wait for the scheduler")
 @argument("--tls-ca-file", default=None, metavar="F", help="CA certificate (PEM) for tls://")
 @argument("--tls-cert", default=None, metavar="F", help="client certificate (PEM) for tls://")
@@ -114,7 +115,7 @@ def _route_args(line: str) -> None:
 @magic_arguments()
 @argument("expr", metavar="EXPR", help="a Dask collection in your namespace, or an "
                                        "expression giving one (a tuple for several)")
-@argument("--route", default="auto", metavar="ROUTE",
+@argument("--route", default="auto", metavar="TARGET",
           help="auto (the router chooses per op), off, or a target such as gpu or cpu:jax")
 def _explain_args(line: str) -> None:
     """%mesh explain: show the router's plan for Dask collections, without computing them."""
@@ -169,6 +170,11 @@ PARSERS = {
 # (IPython's parser takes no allow_abbrev of its own)
 for _func in (*PARSERS.values(), _cell_args):
     _func.parser.allow_abbrev = False
+# the positional first, as the overview and the README write them (argparse puts it
+# after the options)
+_explain_args.parser.usage = "%(prog)s EXPR [--route TARGET]"
+_connect_args.parser.usage = ("%(prog)s ADDRESS [--timeout S] [--tls-ca-file F] "
+                              "[--tls-cert F] [--tls-key F] [--replace]")
 
 
 def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:

@@ -60,7 +60,7 @@ def test_start_status_and_compute(ip, started, capsys):
         ("start --replace --gpu 2", "no CUDA GPU found for --gpu 2 .*--jax-cpu N"),
         ("start --replace --tpu 1", "no TPU found"),
         ("start", "already active.*--replace"),
-        ("connect", "arguments are required: address"),
+        ("connect", "arguments are required: ADDRESS; see %mesh connect --help"),
         ("connect tcp://127.0.0.1:1 --timeout -1", "--timeout must be a positive number"),
         ("connect tcp://127.0.0.1:1 --timeout soon", "--timeout must be a positive number"),
         ("connect tcp://127.0.0.1:1 --timeout 1e9", "^--timeout must be at most 86400 s"),
@@ -331,6 +331,16 @@ def test_help_shows_the_options_and_changes_nothing(ip, line, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"usage: %mesh {line.split()[0]}")
     assert _state.active() is before
+
+
+def test_subcommand_help_writes_the_usage_as_the_overview_does(ip, capsys):
+    # the positional first (argparse put it last: "[--route ROUTE] EXPR", "... address")
+    ip.run_line_magic("mesh", "explain --help")
+    assert capsys.readouterr().out.startswith("usage: %mesh explain EXPR [--route TARGET]\n")
+    ip.run_line_magic("mesh", "connect --help")
+    assert capsys.readouterr().out.startswith(
+        "usage: %mesh connect ADDRESS [--timeout S] [--tls-ca-file F] [--tls-cert F] "
+        "[--tls-key F] [--replace]\n")
 
 
 def test_help_without_subcommand_lists_them(ip, capsys):

@@ -826,6 +826,8 @@ def test_closing_a_connected_mesh_drops_its_namespaces(mesh):
         ("--site ''", "--site: no worker at site"),
         ("--pull ''", r"--pull: empty name in '': use a,b,c"),  # the quotes taken off
         ("--pull a,,b", "--pull: empty name"),
+        # both set a; -o silently won
+        ("--pull b,a -o a", "-o and --pull both name 'a': give -o a name of its own"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(ip, fresh, line, message):

@@ -1426,7 +1426,7 @@ MAGIC_MISUSE = [
     ("explain --route", None, "--route needs a value"),
     ("explain y --route gpu --route cpu:jax", None, "given twice"),
     ("explain y --bogus", None, r"^unknown option --bogus: %mesh explain takes EXPR "
-                                r"\[--route TARGET\]$"),
+                                r"\[--route TARGET\]; see %mesh explain --help$"),
     ("explain y --rout cpu:jax", None, "unknown option --rout"),
     ("explain y --route tpu", None, "no live tpu"),
     ("explain 1 / 0", None, "could not evaluate.*ZeroDivisionError"),

@@ -42,6 +42,10 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
         if own:
             raise UsageError(f"{option}: {own[0]!r} is one of IPython's own names in the "
                              f"notebook: use a name of your own")
+    if args.output is not None and args.output in pull_names:
+        # both would set it, and -o would silently win
+        raise UsageError(f"-o and --pull both name {args.output!r}: give -o a name of its "
+                         f"own (-o keeps the cell's value, --pull the worker's variable)")
     user_ns = shell.user_ns
     missing = [n for n in push_names if n not in user_ns]
     if missing:

@@ -144,7 +144,7 @@ def explain_line(shell: Any, mesh: Any, expr: str) -> Any:
     other = re.search(r"(?:^|\s)(--[A-Za-z][\w-]*)", code)
     if other:  # "y --bogus" is Python (y minus minus bogus), but never what was meant
         raise UsageError(f"unknown option {other.group(1)}: %mesh explain takes EXPR "
-                         f"[--route TARGET]")
+                         f"[--route TARGET]; see %mesh explain --help")
     route = _route(route)
     try:  # a forced target the mesh lacks is refused before EXPR runs (it may compute)
         api._checked_route(mesh, route, True)
