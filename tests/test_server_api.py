@@ -190,6 +190,9 @@ def test_an_unknown_id_of_any_characters_is_a_json_404(api, mesh_id):
         ("POST", ("meshes",), "[1, 2]", "JSON object"),
         ("POST", ("meshes", "connect"), "", "JSON object"),
         ("POST", ("meshes", "connect"), "{oops", "not valid JSON"),
+        # the example is what this endpoint takes (it said {"cpu": 1})
+        ("POST", ("meshes", "connect"), "{oops",
+         'send a JSON object, like {"address": "tcp://host:8786"}'),
         ("POST", ("meshes", "connect"), '{"address": "no such thing"}', "malformed address"),
         ("POST", ("meshes", "connect"), '{"address": "tcp://h:1", "timeout": "x"}', "timeout"),
         ("POST", ("meshes",), '{"site": "a b"}', "site must be a name of letters, digits"),

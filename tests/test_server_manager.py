@@ -43,6 +43,9 @@ class FakePlan:
         ({"cpu": True}, "not true"),
         ({"gpu": "many"}, 'or "auto"'),
         ({"site": ""}, "site must be"),
+        # said as JSON says it (Python's None, True)
+        ({"site": None}, 'site must be a name in quotes, like "edge-lab", not null'),
+        ({"site": True}, 'site must be a name in quotes, like "edge-lab", not true'),
         # Mesh.local's rule, said before anything starts
         ({"site": "a b"}, "site must be a name of letters, digits, '.', '_' or '-' (like "
                           "'local' or 'edge-lab'), starting with a letter or digit, at most "
@@ -100,6 +103,8 @@ def test_scale_counts_are_validated(body, message):
     "body, message",
     [
         ({}, "address is required"),
+        ({"address": None}, 'address must be text, like "tcp://host:8786", not null'),
+        ({"address": ["x"]}, 'address must be text, like "tcp://host:8786", not ["x"]'),
         ({"address": "not an address at all"}, "malformed address"),
         ({"address": "tcp://127.0.0.1:1", "timeout": -1}, "timeout must be"),
         ({"address": "tcp://127.0.0.1:1", "timeout": 0},

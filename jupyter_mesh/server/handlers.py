@@ -52,7 +52,8 @@ class MeshAPIHandler(APIHandler):
     def manager(self) -> MeshManager:
         return self.settings[MANAGER_KEY]
 
-    def json_body(self) -> Any:
+    def json_body(self, like: str = '{"cpu": 1}') -> Any:
+        """The request's JSON body; ``like``: an example of what this endpoint takes."""
         raw = self.request.body
         if not raw or not raw.strip():
             return None
@@ -61,10 +62,11 @@ class MeshAPIHandler(APIHandler):
         except (ValueError, UnicodeDecodeError) as exc:
             raise tornado.web.HTTPError(
                 400, f"the body is not valid JSON ({exc}): send a JSON object, like "
-                     f'{{"cpu": 1}}') from None
+                     f"{like}") from None
         except RecursionError:
-            raise tornado.web.HTTPError(400, "the body is not valid JSON here: nested too "
-                                             "deeply") from None
+            raise tornado.web.HTTPError(400, f"the body is not valid JSON here: nested too "
+                                             f"deeply; send a JSON object, like {like}"
+                                        ) from None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         # tornado keeps a message given without arguments with each "%" doubled (for its
@@ -174,7 +176,7 @@ class ConnectHandler(MeshAPIHandler):
             raise tornado.web.HTTPError(
                 403, "connecting the server to a scheduler needs the permission to execute "
                      "kernels: connect from a notebook with %mesh connect ADDRESS")
-        await self.run(self.manager.connect(self.json_body()))
+        await self.run(self.manager.connect(self.json_body('{"address": "tcp://host:8786"}')))
 
 
 class MeshHandler(MeshAPIHandler):
@@ -186,7 +188,7 @@ class MeshHandler(MeshAPIHandler):
     @tornado.web.authenticated
     @authorized
     async def patch(self, mesh_id: str) -> None:
-        await self.run(self.manager.scale(mesh_id, self.json_body()))
+        await self.run(self.manager.scale(mesh_id, self.json_body('{"cpu": 2}')))
 
     @tornado.web.authenticated
     @authorized

@@ -172,6 +172,9 @@ def validate_start(body: Any) -> dict[str, Any]:
         kwargs["threads_per_worker"] = _check_int(
             "threads_per_worker", body["threads_per_worker"], minimum=1
         )
+    if "site" in body and not isinstance(body["site"], str):
+        raise BadRequest(f'site must be a name in quotes, like "edge-lab", not '
+                         f'{said_json(body["site"])}')
     if "site" in body:
         try:  # the rule of Mesh.local, before anything starts
             kwargs["site"] = check_site(body["site"])
@@ -204,6 +207,9 @@ def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
         raise BadRequest(f"unknown option(s) {listed(unknown)}: use address, timeout")
     if "address" not in body:
         raise BadRequest("address is required, like tcp://host:8786")
+    if not isinstance(body["address"], str):
+        raise BadRequest(f'address must be text, like "tcp://host:8786", not '
+                         f'{said_json(body["address"])}')
     try:
         address = check_address(body["address"])
     except MeshError as exc:

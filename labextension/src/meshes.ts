@@ -12,6 +12,29 @@ import {
 import { jsonInit, requestAPI } from './request';
 
 /**
+ * An action on a mesh the server no longer has (stopped in another tab, its kernel
+ * closed it, before the next poll took it off the list): said in the sidebar's words,
+ * not the API's ("no mesh with id ...: list them with GET meshes").
+ */
+async function gone<T>(request: Promise<T>): Promise<T> {
+  try {
+    return await request;
+  } catch (error) {
+    const response = (error as { response?: Response }).response;
+    if (response?.status === 404 && /^no mesh with id /.test(errorMessage(error))) {
+      throw Object.assign(
+        new Error(
+          'this mesh is gone (stopped elsewhere, or its notebook closed it): ' +
+            'pick a mesh in the list'
+        ),
+        { response }
+      );
+    }
+    throw error;
+  }
+}
+
+/**
  * The client-side state of the sidebar: the meshes, the selected one in full, what
  * is under way and the last error. Widgets render it; commands change it.
  */
@@ -50,7 +73,8 @@ export class MeshesModel {
   /**
    * Fetch the list and the selected mesh. Rejects on failure (so `Poll` backs off).
    * A reply that an action or a new selection overtook while it was on its way is
-   * dropped: it would undo what the user just did.
+   * dropped: it would undo what the user just did. One sent while an action is under
+   * way updates the list and the figures, and leaves the rest to the action.
    */
   async refresh(): Promise<void> {
     const generation = this._generation;
@@ -58,25 +82,41 @@ export class MeshesModel {
       const { meshes, server } = await requestAPI<{ meshes: IMeshSummary[]; server?: string }>(
         'meshes'
       );
-      // (nor one that answers while an action is under way: a mesh being stopped here
-      // is gone from the server's list before the stop returns, and read as "stopped
-      // elsewhere"; the action's own end brings the state)
-      if (generation !== this._generation || this._acting > 0) {
+      if (generation !== this._generation) {
         return;
       }
+      // while an action of this sidebar is under way (a connect may take its whole
+      // timeout) the list and the figures still change (another tab's start shows up,
+      // as "starting"), but what the action decides is left to it: the selection, and
+      // whether the mesh shown is gone (a mesh being stopped here leaves the server's
+      // list before the stop returns, and was read as "stopped elsewhere")
+      const acting = this._acting > 0;
       const shown = this.current;
       this.meshes = meshes;
       // another server run than the last reply's: what it had went with the old one
       const restarted = !!server && !!this._server && server !== this._server;
       this._server = server ?? this._server;
-      if (shown && !meshes.some(m => m.id === shown.id)) {
-        this._lost(shown, restarted);
-      } else if (!this._noneAfterLoss) {
-        this._setSelected(pickSelection(meshes, this.selected), false);
+      this.loadError = null;
+      this.loadStatus = null;
+      if (!acting) {
+        if (shown && !meshes.some(m => m.id === shown.id)) {
+          this._lost(shown, restarted);
+        } else if (!this._noneAfterLoss) {
+          this._setSelected(pickSelection(meshes, this.selected), false);
+        }
       }
       const id = this.selected;
+      if (acting && !(id && meshes.some(m => m.id === id))) {
+        return; // (the selected mesh's figures, where the server still lists it)
+      }
       const fetched = id ? await this._fetchDetail(id) : null;
-      if (generation !== this._generation || this._acting > 0) {
+      if (generation !== this._generation) {
+        return;
+      }
+      if (acting) {
+        if (fetched) {
+          this.detail = fetched;
+        }
         return;
       }
       this.detail = fetched;
@@ -91,8 +131,6 @@ export class MeshesModel {
           this._setSelected(pickSelection(this.meshes, null), false);
         }
       }
-      this.loadError = null;
-      this.loadStatus = null;
     } catch (error) {
       if (generation !== this._generation || this._acting > 0) {
         return;
@@ -203,9 +241,8 @@ export class MeshesModel {
   /** Set the number of workers per family of a mesh the server started. */
   scale(id: string, counts: Record<string, number>): Promise<IMeshDetail | null> {
     return this._act('Scaling…', async () => {
-      const mesh = await requestAPI<IMeshDetail>(
-        `meshes/${encodeURIComponent(id)}`,
-        jsonInit('PATCH', counts)
+      const mesh = await gone(
+        requestAPI<IMeshDetail>(`meshes/${encodeURIComponent(id)}`, jsonInit('PATCH', counts))
       );
       this._adopt(mesh);
       return mesh;
@@ -241,7 +278,7 @@ export class MeshesModel {
 
   private async _delete(id: string, force: boolean): Promise<void> {
     const query = force ? '?force=true' : '';
-    await requestAPI(`meshes/${encodeURIComponent(id)}${query}`, jsonInit('DELETE'));
+    await gone(requestAPI(`meshes/${encodeURIComponent(id)}${query}`, jsonInit('DELETE')));
     this.meshes = this.meshes.filter(m => m.id !== id);
     if (this.selected === id) {
       this.detail = null;

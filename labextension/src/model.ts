@@ -221,7 +221,13 @@ export function lossReason(mesh: IMeshSummary, restarted: boolean): string {
  */
 export function withLabels(message: string, labels: Record<string, string>): string {
   const field = /^([a-z_]+) must be /.exec(message)?.[1];
-  return field && labels[field] ? labels[field] + message.slice(field.length) : message;
+  if (field && labels[field]) {
+    return labels[field] + message.slice(field.length);
+  }
+  // "... at least one device: keep cpu=1 or more": the field as the form names it
+  return message.replace(/\b(?:use|keep) ([a-z_]+)=(\d+) or more\b/, (said, key, n) =>
+    labels[key] ? `set ${labels[key]} to ${n} or more` : said
+  );
 }
 
 /** The start form's fields by API key, as the form labels them. */

@@ -293,6 +293,65 @@ describe('MeshesModel', () => {
     expect(model.actionError).toBeNull();
   });
 
+  it('keeps the list and the figures live while an action is under way', async () => {
+    // a connect may wait its whole timeout: every poll reply was dropped meanwhile, so
+    // another tab's new mesh (listed as starting) and the load figures stood still
+    let finishConnect: (v: unknown) => void = () => undefined;
+    serve({
+      'GET meshes': { meshes: [summary('a')] },
+      'GET meshes/a': detail('a'),
+      'POST meshes/connect': () => new Promise(resolve => (finishConnect = resolve))
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    const connecting = model.connect('tcp://127.0.0.1:9999');
+    expect(model.pending).toMatch(/^Connecting to/);
+    const busier = { ...detail('a'), devices: 2 };
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b', { status: 'starting' })] },
+      'GET meshes/a': busier,
+      'POST meshes/connect': () => new Promise(resolve => (finishConnect = resolve))
+    });
+    await model.refresh(); // the poll, while the connect is under way
+    expect(model.meshes.map(m => [m.id, m.status])).toEqual([
+      ['a', 'running'],
+      ['b', 'starting']
+    ]);
+    expect(model.detail?.devices).toBe(2);
+    expect(model.selected).toBe('a'); // the action decides what is selected
+    expect(model.pending).toMatch(/^Connecting to/);
+    finishConnect(detail('c'));
+    await connecting;
+    expect(model.meshes.map(m => m.id)).toEqual(['a', 'b', 'c']);
+    expect(model.selected).toBe('c');
+  });
+
+  it('says in its own words that a mesh acted on is gone', async () => {
+    // stopped in another tab before the next poll: the API's words were shown, "no mesh
+    // with id 'a': list them with GET meshes"
+    const notFound = () => {
+      throw Object.assign(new Error("no mesh with id 'a': list them with GET meshes"), {
+        response: { status: 404 }
+      });
+    };
+    serve({
+      'GET meshes': { meshes: [summary('a')] },
+      'GET meshes/a': detail('a'),
+      'PATCH meshes/a': notFound,
+      'DELETE meshes/a': notFound
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    const said =
+      'this mesh is gone (stopped elsewhere, or its notebook closed it): pick a mesh in ' +
+      'the list';
+    expect(await model.scale('a', { cpu: 2 })).toBeNull();
+    expect(model.actionError).toBe(said);
+    model.dismissError();
+    await model.stop('a');
+    expect(model.actionError).toBe(said);
+  });
+
   it('never shows one mesh in full while another is selected', async () => {
     let answerA: (v: unknown) => void = () => undefined;
     serve({

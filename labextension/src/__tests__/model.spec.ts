@@ -327,6 +327,17 @@ describe('withLabels', () => {
     expect(withLabels('jax_cpu must be x', START_LABELS)).toBe('JAX CPU workers must be x');
   });
 
+  it('names the field the server asks to keep, as the form labels it', () => {
+    // scaling every family to 0: "keep cpu=1", which the form calls CPU workers
+    expect(
+      withLabels('a mesh needs at least one device: keep cpu=1 or more', SCALE_LABELS)
+    ).toBe('a mesh needs at least one device: set CPU workers to 1 or more');
+    expect(
+      withLabels('a mesh needs at least one device: use cpu=1 or more', START_LABELS)
+    ).toBe('a mesh needs at least one device: set CPU workers to 1 or more');
+    expect(withLabels('keep nodes=1 or more', START_LABELS)).toBe('keep nodes=1 or more');
+  });
+
   it('leaves any other message as it is', () => {
     for (const message of [
       'the meshes started here would have 9 worker processes: ask for fewer workers',
