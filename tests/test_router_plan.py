@@ -1764,3 +1764,39 @@ def test_block_groups_leave_alone_what_others_read_or_blocks_that_differ():
     # (one of another block's outside is no source of theirs)
     assert block_groups([s, c, a], [[], [], [0, 1]], {a}, [True] * 3,
                         [[("x", 1)], [("x", 1)], []]) == []
+
+
+def test_a_forced_jax_route_names_dasks_own_functions_and_the_data_jax_is_off_for():
+    # Dask's reductions call partials (mean_chunk) and Compose (topk's aggregate): the
+    # notes said "reduction ops", and "Compose"; float16 data, integer input to a float
+    # result and ordering complex numbers ran NumPy on the JAX worker, planned and
+    # labelled cpu:jax with no note; from_array's blocks, which no task runs, had a
+    # note of "movement ops"
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    x = da.from_array(np.arange(36.0).reshape(6, 6), chunks=3)
+
+    def planned(y):
+        plan = plan_collections([y], devs, route="cpu:jax")
+        where = {}
+        for k, target in plan.assignment().items():
+            label = plan.model.ops[plan.model.layer[plan.model.keys.index(k)]].label
+            where.setdefault(label, set()).add(target)
+        return " | ".join(plan.notes), where
+
+    notes, where = planned(x.mean())
+    assert "mean_chunk: cpu:jax does not run mean_chunk (no translation" in notes
+    assert "reduction ops natively" not in notes and "movement ops" not in notes
+    notes, _ = planned(da.topk(x.ravel(), 2))
+    assert "does not run topk_aggregate (no translation" in notes
+    assert "Compose" not in notes
+    for y, data in [(x.astype("f2").sum(), "float16 data"),
+                    (x.astype("i4") * 1.5, "integer data"),
+                    ((x + 1j).max(), "complex data")]:
+        notes, where = planned(y)
+        assert f"ops on {data} natively; placed on host NumPy" in notes, notes
+        ops = [label for label in where if label not in ("array", "astype")]
+        assert ops and all(where[label] == {"cpu:numpy"} for label in ops
+                           if label not in ("add",)), where
+    # what JAX computes as NumPy does stays on it
+    _, where = planned((x * 1.5).sum())
+    assert where["mul"] == {"cpu:jax"} and where["sum"] == {"cpu:jax"}

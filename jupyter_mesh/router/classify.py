@@ -128,6 +128,11 @@ class OpInfo:
     native: frozenset[str] = frozenset({"numpy"})
     #: NumPy's kind of the dtype of the op's result ("f", "c", "i", "b"...), if known
     dtype_kind: str | None = None
+    #: the name of that dtype ("float16", "int32"...), if known
+    dtype_name: str | None = None
+    #: why JAX does not run it, though its op table has the function ("integer
+    #: data", "float16 data"...): what its tasks would run on a JAX worker is NumPy
+    jax_off: str | None = None
     #: functions a task of the op passes to ``func`` as arguments (``map_blocks`` with
     #: ``enforce_ndim`` passes the user's to Dask's ``apply_and_enforce``)
     passes: tuple[Any, ...] = ()
@@ -375,6 +380,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
                           func=func,
                           dtype_kind=layer_dtype_kind(layer if before is None else before),
+                          dtype_name=layer_dtype_name(layer if before is None else before),
                           passes=passed_callables(sample)))
         metas.append(_layer_meta(layer if before is None else before, sample))
         ops[-1].peak_out_bytes = _largest_block_bytes(layer if before is None else before,
@@ -430,13 +436,13 @@ def _build_model_by_layer(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, i
             if layer[d] >= li:
                 return None
         append(row)
-    _fill_costs(ops, metas, layer, deps)
+    read = _fill_costs(ops, metas, layer, deps)
     for op in ops:
         op.tasks = 0
     for li in layer:
         ops[li].tasks += 1
-    for op in ops:
-        op.native = op_native(op)
+    for li, op in enumerate(ops):
+        op.native = op_native(op, [ops[p] for p in read[li] if p != li])
     return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
                       tasks=tasks)
 
@@ -557,11 +563,11 @@ def _build_model(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int], ops:
     index = {k: i for i, k in enumerate(keys)}
     layer = [layer_of_key.get(k, 0) for k in keys]
     deps = [sorted(index[d] for d in tasks[k].dependencies if d in index) for k in keys]
-    _fill_costs(ops, metas, layer, deps)
+    read = _fill_costs(ops, metas, layer, deps)
     for k in keys:
         ops[layer_of_key.get(k, 0)].tasks += 1
-    for op in ops:
-        op.native = op_native(op)
+    for li, op in enumerate(ops):
+        op.native = op_native(op, [ops[p] for p in read[li] if p != li])
     return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
                       tasks=tasks)
 
@@ -569,14 +575,53 @@ def _build_model(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, int], ops:
 _JAX_CLASSES = frozenset({"matmul", "fft", "elementwise", "reduction", "movement"})
 
 
-def op_native(op: OpInfo) -> frozenset[str]:
-    """:func:`native_backends` of ``op``, without JAX where its result is neither float
-    nor complex: JAX's integer and boolean arithmetic is not NumPy's, so such a task
-    would run NumPy on a JAX worker anyway (see ``jax_ops.same_numbers``)."""
+#: the dtypes JAX computes as NumPy does (``jax_ops._SAME_DTYPES``)
+_JAX_DTYPES = frozenset({"float32", "float64", "complex64", "complex128"})
+_KIND_WORDS = {"i": "integer", "u": "unsigned integer", "b": "boolean", "M": "datetime",
+               "m": "timedelta", "O": "object", "U": "text", "S": "bytes", "V": "record"}
+
+
+def op_native(op: OpInfo, inputs: list[OpInfo] | tuple[OpInfo, ...] = ()) -> frozenset[str]:
+    """:func:`native_backends` of ``op``, without JAX where its result or an input it
+    reads (``inputs``: the ops it reads) is of a dtype JAX does not compute as NumPy
+    does (integer, boolean, float16, longdouble...), and for ordering functions (max,
+    argmin...) of complex data: such a task would run NumPy on a JAX worker anyway (see
+    ``jax_ops.same_numbers``); ``op.jax_off`` says why."""
     native = native_backends(op.op_class, op.func, op.passes)
-    if "jax" in native and op.dtype_kind is not None and op.dtype_kind not in "fc":
-        native = native - {"jax"}
+    op.jax_off = None
+    if "jax" in native:
+        op.jax_off = _jax_off(op, inputs)
+        if op.jax_off is not None:
+            native = native - {"jax"}
     return native
+
+
+def _jax_off(op: OpInfo, inputs: Any) -> str | None:
+    from . import jax_ops
+
+    complex_data = False
+    for o in (op, *inputs):
+        kind, name = o.dtype_kind, o.dtype_name
+        if kind is None:
+            continue
+        if kind not in "fc":
+            return f"{_KIND_WORDS.get(kind, kind)} data"
+        if name is not None and name not in _JAX_DTYPES:
+            return f"{name} data"
+        complex_data = complex_data or kind == "c"
+    if complex_data and op.func is not None and jax_ops._orders(op.func):
+        return "complex data"  # JAX orders complex NaNs its own way
+    return None
+
+
+def layer_dtype_name(layer: Any) -> str | None:
+    """The name of a layer's result dtype, from its collection annotations."""
+    ann = getattr(layer, "collection_annotations", None) or {}
+    try:
+        dtype = ann.get("dtype")
+        return None if dtype is None else np.dtype(dtype).name
+    except Exception:
+        return None
 
 
 def layer_dtype_kind(layer: Any) -> str | None:
@@ -611,8 +656,9 @@ def native_backends(op_class: str, func: Any = None, passes: tuple[Any, ...] = (
 
 
 def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
-                deps: list[list[int]]) -> None:
-    """Per-layer block sizes, then FLOPs and bytes per task from them."""
+                deps: list[list[int]]) -> list[set[int]]:
+    """Per-layer block sizes, then FLOPs and bytes per task from them; the layers each
+    layer reads."""
     n = len(ops)
     dep_layers: list[set[int]] = [set() for _ in range(n)]
     in_sum = [0.0] * n
@@ -662,6 +708,7 @@ def _fill_costs(ops: list[OpInfo], metas: list[Any], layer: list[int],
         op.peak_in_bytes = in_peak[li]
         op.in_bytes = in_sum[li] / counts[li] if counts[li] else 0.0
         op.flops, op.mem_bytes = task_cost(op, [ops[p] for p in dep_layers[li] if p != li])
+    return dep_layers
 
 
 def task_cost(op: OpInfo, parents: list[OpInfo]) -> tuple[float, float]:

@@ -46,6 +46,7 @@ from .classify import (
     classify_label,
     inherit_sizes,
     layer_dtype_kind,
+    layer_dtype_name,
     layer_label,
     op_native,
     passed_callables,
@@ -170,6 +171,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         index[name] = len(ops)
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
                           tasks=n, func=func, dtype_kind=layer_dtype_kind(layer),
+                          dtype_name=layer_dtype_name(layer),
                           passes=passes))
         # data the graph carries (from_array's blocks), as the per-task model tells
         ops[-1].data = not isinstance(layer, Blockwise) and all(
@@ -206,7 +208,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         op.in_bytes = in_bytes
         op.peak_in_bytes = in_peak
         op.flops, op.mem_bytes = task_cost(op, [ops[d] for d in dep_idx[li]])
-        op.native = op_native(op)
+        op.native = op_native(op, [ops[d] for d in dep_idx[li]])
     return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
                       index=index, aliases=aliases)
 

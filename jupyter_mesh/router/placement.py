@@ -95,20 +95,20 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
         if forced:
             fallback = [i for i in host if op.op_class in ("creation", "other")] or host
             # JAX runs the op class, but not on this dtype (see classify.op_native)
-            kinds = {"i": "integer", "u": "unsigned integer", "b": "boolean"}
-            dtype = kinds.get(op.dtype_kind or "", "")
-            what = (f"{op.op_class} ops on {dtype} data" if dtype and any(
+            dtype = getattr(op, "jax_off", None)
+            what = (f"{op.op_class} ops on {dtype}" if dtype and any(
                 pools[i].backend == "jax" for i in matching)
-                and op.op_class in ("matmul", "fft", "elementwise", "reduction")
                 else f"{op.op_class} ops")
-            fname = getattr(op.func, "__name__", None)
+            fname = _func_name(op.func)
             if (not dtype and fname and op.func is not None
                     and any(pools[i].backend in native_backends(op.op_class)
                             for i in matching)):
                 # the class is one the target runs; this function is not in its table
                 # (a delayed call of Python's own sum is a "reduction" too)
                 what = f"{fname} (no translation of it for its backend)"
-            if not is_p2p(op.name):  # (Dask places its P2P steps, whatever the route)
+            # (Dask places its P2P steps, whatever the route; data the graph carries,
+            # from_array's blocks, is run by no task)
+            if not is_p2p(op.name) and not getattr(op, "data", False):
                 off_route.setdefault(
                     f"{route} does not run {what} natively; "
                     f"placed on {'host NumPy' if fallback else route}", []).append(op.label)
@@ -119,6 +119,20 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
     notes.extend(f"{', '.join(dict.fromkeys(labels))}: {why}"
                  for why, labels in off_route.items())
     return allowed, notes
+
+
+def _func_name(func: Any) -> str | None:
+    """The name of the function a task calls, inside Dask's partials and Compose
+    (``mean_chunk``, not the generic "reduction ops"; ``topk_aggregate``, not Compose)."""
+    from .jax_ops import _one_supported, _parts
+
+    parts = (_parts(func) if func is not None else None) or []
+    # those JAX's table lacks, where it has some of them
+    parts = [f for f in parts if not _one_supported(f)] or parts
+    names = [n for f in parts if (n := str(getattr(f, "__name__", "")))]
+    if not names:
+        return None
+    return ", ".join(dict.fromkeys(names))
 
 
 def task_memory(op: Any) -> float:
