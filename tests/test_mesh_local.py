@@ -522,6 +522,32 @@ def test_workers_started_elsewhere_keep_dasks_compute_failed_log():
     assert keep.filter(record("Failed to communicate with scheduler"))
 
 
+def test_a_local_meshs_workers_do_not_log_a_peer_that_died_while_they_sent_it_data():
+    # a worker killed while another sent it data: the sender logged an ERROR with two
+    # tracebacks into the notebook's cell, before the routed computation's one warning
+    import logging
+    import sys
+
+    from distributed.comm.core import CommClosedError
+
+    from jupyter_mesh.devices._worker_plugin import _NoComputeFailed
+
+    quiet = _NoComputeFailed()
+
+    def record(exc):
+        try:
+            raise exc
+        except Exception:
+            info = sys.exc_info()
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1,
+                                 "failed during get data with %s -> %s", ("a", "b"), info)
+
+    assert not quiet.filter(record(CommClosedError("in <TCP (closed)>")))
+    assert not quiet.filter(record(ConnectionResetError(104, "Connection reset by peer")))
+    # anything else it fails with is still said
+    assert quiet.filter(record(ValueError("a bug")))
+
+
 def test_current_without_mesh(no_mesh):
     with pytest.raises(MeshError, match="no active mesh"):
         jm.current()

@@ -146,10 +146,20 @@ def _plugin_backend(name: str | None) -> Any:
 
 class _NoComputeFailed(logging.Filter):
     """Drops Dask's "Compute Failed" record of a task that raised (the computation
-    raises the same exception where it was asked for)."""
+    raises the same exception where it was asked for), and its "failed during get
+    data" record, with two tracebacks, of a worker that died while this one sent it
+    data (the scheduler sees the death; a routed computation says what it did about
+    it in one warning)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Compute Failed")
+        msg = str(record.msg)
+        if msg.startswith("Compute Failed"):
+            return False
+        if msg.startswith("failed during get data") and record.exc_info:
+            from distributed.comm.core import CommClosedError
+
+            return not isinstance(record.exc_info[1], (CommClosedError, OSError))
+        return True
 
 
 class _NoNameTaken(logging.Filter):
