@@ -1050,6 +1050,35 @@ def test_fallback_never_moves_a_site_computation_out_nor_waits_for_nothing(left,
     assert "re-routed" in ps.events[0]
 
 
+def test_a_fallback_timer_says_nothing_once_its_computation_is_over(caplog):
+    # a computation that failed (or finished) before its lost pool's timer ran out:
+    # the scheduler logged "lost every ...: 0 routed tasks re-routed" after it
+    import logging
+
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    class Timer:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler({"tcp://c:1": "lab"}, {"k1": "memory"})
+    ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, None)
+    ps.keys, ps.used = {"k1": 0}, {0}
+    st.plans["p"] = ps
+    st.owner["k1"] = "p"
+    timer = ps.timers[0] = Timer()
+    st.transition("k1", "forgotten")  # the last of its keys goes
+    assert timer.cancelled and not ps.timers
+    # and a timer that fires with nothing of the plan waiting says nothing
+    ps.keys = {"k1": 0}
+    with caplog.at_level(logging.WARNING, logger="jupyter_mesh"):
+        st._expire("p", 0)
+    assert "re-routed" not in caplog.text and not ps.events and asked == []
+
+
 def test_bad_pins(mesh_devices):
     x = da.random.random((400, 400), chunks=100)
     y = (x + 1).sum()

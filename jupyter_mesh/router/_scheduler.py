@@ -314,8 +314,12 @@ class RouterState:
             ps.keys.pop(key, None)
             if not ps.keys:
                 # nothing of it is left (a routed compute collects its records while
-                # it holds its outputs): a failed or interrupted one's go too
+                # it holds its outputs): a failed or interrupted one's go too, and so
+                # do its fallback timers (they said "0 routed tasks re-routed" after it)
                 ps.records = {}
+                for timer in ps.timers.values():
+                    timer.cancel()
+                ps.timers.clear()
 
     def _collect(self, worker: str, recs: Any) -> None:
         """The device calls' records that came with a finished task (see
@@ -505,7 +509,9 @@ class RouterState:
         label = ps.pools[p][2]
         if not ps.fallback:
             self._fail(ps, f"no live {_workers_of(label)} for {ps.timeout:g} s and "
-                           f"fallback=False: the computation cannot finish as routed")
+                           f"fallback=False: the computation cannot finish as routed; "
+                           f"bring such workers back (mesh.scale), or compute again "
+                           f"with fallback=True or another route")
             return
         sched = self.scheduler
         lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p
@@ -536,6 +542,10 @@ class RouterState:
             + (ws.extra.get("jupyter-mesh") or {}).get("backend", "numpy")
             for ws in sched.workers.values()
         })
+        if not n:
+            # nothing of it waited for that pool (it finished, or failed, before the
+            # timer ran out): nothing to say
+            return
         msg = (
             f"lost every {_workers_of(label)}: {n} routed tasks re-routed after "
             f"{ps.timeout:g} s to what is left ({', '.join(left) or 'nothing'})"
