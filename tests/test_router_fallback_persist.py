@@ -80,6 +80,21 @@ def test_a_failure_of_tracked_work_is_shown_as_such(mesh):
         "a routed computation cannot finish: no live worker at site 'edge'"]
 
 
+def test_a_failed_submit_is_said_by_its_future_alone():
+    # a submit that lost its site= showed the warning, then the same error again
+    notices = FallbackNotices(mesh=None)
+    notices.plans["submit-0123"] = None  # (as track() leaves it)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        notices.handle((time.time(), {"plan": "submit-0123", "failed": True,
+                                      "message": "no live worker at site 'edge'"}))
+        # a fallback of one is still said: nothing else tells of it
+        notices.handle((time.time(), {"plan": "submit-0123", "failed": False,
+                                      "message": "lost every cpu:jax worker"}))
+    assert _fallbacks(shown) == ["jupyter_mesh fallback: lost every cpu:jax worker"]
+    assert [e["failed"] for e in notices.events] == [True, False]
+
+
 def test_a_fallback_that_comes_while_a_compute_fetches_its_results_is_shown_once():
     # the compute asked for its plan's status already; the scheduler's event comes
     # before the compute ends: it is held, then shown and handed back to the report

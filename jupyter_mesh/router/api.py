@@ -168,6 +168,10 @@ class FallbackNotices:
         self.events.append({"plan": plan, "message": message, "failed": failed,
                             "time": stamp})
         del self.events[:-100]
+        if failed and plan.startswith(SUBMIT_PLAN):
+            # a mesh.submit future fails with this very message where its result is
+            # asked for: said there once, not twice
+            return
         what = ("a routed computation cannot finish" if failed
                 else "jupyter_mesh fallback")
         # in a context of its own: the client's event loop thread runs this handler in
@@ -179,6 +183,10 @@ class FallbackNotices:
             warnings.warn_explicit, f"{what}: {message}", MeshFallbackWarning,
             "<jupyter_mesh scheduler>", 0, module="jupyter_mesh",
             registry={})  # each event once, never deduplicated
+
+
+#: the start of the plan id of a mesh.submit's task (see _register_submit)
+SUBMIT_PLAN = "submit-"
 
 
 def _check_site(site: Any) -> str | None:
@@ -1599,7 +1607,7 @@ def _register_submit(mesh: Mesh, key: str, resource: str | None, site: str | Non
     runs on what is left (at its site, with site=), or fails with a one-line error;
     it never waits for ever. A scheduler without jupyter_mesh's plugin runs it with
     its plain resource restrictions."""
-    plan_id = f"submit-{uuid.uuid4().hex}"
+    plan_id = f"{SUBMIT_PLAN}{uuid.uuid4().hex}"
     FallbackNotices.of(mesh).track(plan_id)
     payload = pickle.dumps({
         "plan_id": plan_id, "restrictions": {key: 0},
