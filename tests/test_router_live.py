@@ -602,6 +602,27 @@ def test_the_jax_path_gives_what_numpy_gives(mesh, route):
         assert mesh.last_report.ran_on("sub") == ["numpy"]
 
 
+def test_a_mean_runs_its_per_chunk_step_on_jax(mesh):
+    # mean_chunk (a chunk's count and sum) ran NumPy under cpu:jax, said as a note
+    rng = np.random.default_rng(2)
+    x = da.from_array(rng.random((7, 9)), chunks=(3, 4))
+    z = da.from_array(rng.random((7, 9)) + 1j * rng.random((7, 9)), chunks=(3, 4))
+    for y in (x.mean(), x.mean(axis=0), x.mean(axis=1, keepdims=True),
+              x.astype(np.float32).mean(), z.mean(axis=0), x.mean(dtype=np.float32)):
+        (got,) = mesh.compute(y, route="cpu:jax")
+        want = y.compute(scheduler="sync")
+        assert type(got) is type(want) and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=1e-6 if want.dtype.itemsize <= 4
+                                   else 1e-12)
+        assert mesh.last_report.ran_on("mean_chunk") == ["jax"], mesh.last_report
+        assert not any("mean_chunk" in n for n in mesh.last_report.plan.notes)
+    # nanmean's step counts and sums what is not NaN: NumPy, said as such
+    (got,) = mesh.compute(da.nanmean(x), route="cpu:jax")
+    assert got == pytest.approx(float(np.nanmean(x.compute())))
+    assert mesh.last_report.ran_on("mean_chunk") == ["numpy"]
+    assert any("mean_chunk (no translation" in n for n in mesh.last_report.plan.notes)
+
+
 def test_slices_of_device_results_come_back_as_host_arrays(mesh):
     # plain slicing makes an alias of its input's task: no wrapper of its own runs, so
     # the task it points at must hand back a host array

@@ -545,11 +545,15 @@ def _strong(x: Any) -> Any:
 
 
 def _block(out: Any) -> Any:
-    """Wait for JAX's asynchronous dispatch so measured seconds are real."""
-    ready = getattr(out, "block_until_ready", None)
-    if ready is not None:
-        ready()
-    return out
+    """Wait for JAX's asynchronous dispatch so measured seconds are real (the arrays
+    inside a list, tuple or dict too: a mean's per-chunk step gives a dict)."""
+    def wait(x: Any) -> Any:
+        ready = getattr(x, "block_until_ready", None)
+        if ready is not None:
+            ready()
+        return x
+
+    return _map(wait, out)
 
 
 def _record(plan_id: str, key: Any, backend: str, seconds: float) -> None:

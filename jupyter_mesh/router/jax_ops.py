@@ -49,6 +49,9 @@ _DASK_HELPERS = {
     ("dask.array.core", "_concatenate2"),
     ("dask.array.reductions", "chunk_max"),
     ("dask.array.reductions", "chunk_min"),
+    # a mean's per-chunk step (its count and sum), with Dask's own sum and count only
+    # (nanmean's passes nansum: see _keywords_supported)
+    ("dask.array.reductions", "mean_chunk"),
     # its op is checked where it runs (same_numbers, which has its arguments)
     ("dask.array.core", "_enforce_dtype"),
 }
@@ -99,7 +102,26 @@ def supported(func: Any) -> bool:
     parts = _parts(func)
     if not parts:
         return False
-    return all(_one_supported(f) for f in parts)
+    return all(_one_supported(f) for f in parts) and _keywords_supported(func)
+
+
+def _keywords_supported(func: Any) -> bool:
+    """Whether the functions that partials pass a helper are those its JAX version
+    computes: ``mean_chunk`` with NumPy's sum and Dask's count (nanmean passes
+    nansum and a count of non-NaN numbers)."""
+    if isinstance(func, functools.partial):
+        if getattr(func.func, "__name__", None) == "mean_chunk":
+            total, count = func.keywords.get("sum"), func.keywords.get("numel")
+            if total is not None and total is not np.sum:
+                return False
+            if count is not None and (getattr(count, "__module__", None),
+                                      getattr(count, "__name__", None)) != (
+                    "dask.array.reductions", "numel"):
+                return False
+        return _keywords_supported(func.func)
+    if _is_compose(func):
+        return all(_keywords_supported(f) for f in _compose_order(func))
+    return True
 
 
 #: dtypes whose arithmetic JAX (in 64-bit mode) does as NumPy does, promotion included
@@ -193,6 +215,13 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
         return _numpy_dtype(dtype) in same and getattr(x, "size", 1) != 0
 
     good = all(ok(a, True) for a in args) and all(ok(v, False) for v in kwargs.values())
+    if good and kwargs.get("dtype") is not None:
+        # a result dtype asked for (sum(dtype=...), a mean's per-chunk step): one JAX
+        # computes as NumPy does (float64 with JAX's 64-bit mode off would be float32)
+        try:
+            good = _numpy_dtype(kwargs["dtype"]) in same
+        except Exception:
+            good = False
     if good and isinstance(func, np.ufunc):
         good = _ufunc_keeps_dtypes(func, args)
     if good and _orders(func) and _any_complex(args, kwargs):
@@ -452,6 +481,20 @@ def _chunk_min(x: Any, axis: Any = None, keepdims: Any = None) -> Any:
     return jnp.min(x, axis=axis, keepdims=bool(keepdims))
 
 
+def _mean_chunk(x: Any, sum: Any = None, numel: Any = None, dtype: Any = "f8",
+                computing_meta: bool = False, **kwargs: Any) -> Any:
+    """Dask's ``mean_chunk``: the chunk's count (a NumPy array, as Dask's count gives
+    it; it depends on the shape alone) and its sum in ``dtype``, on the device."""
+    import jax.numpy as jnp
+    from dask.array.reductions import numel as count
+
+    if computing_meta:
+        return x
+    shape_only = np.broadcast_to(np.empty((), dtype=bool), tuple(x.shape))
+    n = count(shape_only, dtype=dtype, **kwargs)
+    return {"n": n, "total": jnp.sum(x, dtype=np.dtype(dtype), **kwargs)}
+
+
 _HELPERS: dict[str, Callable[..., Any]] = {
     "_matmul": _matmul,
     "_chunk_sum": _chunk_sum,
@@ -460,4 +503,5 @@ _HELPERS: dict[str, Callable[..., Any]] = {
     "chunk_max": _chunk_max,
     "chunk_min": _chunk_min,
     "_enforce_dtype": _enforce_dtype,
+    "mean_chunk": _mean_chunk,
 }
