@@ -92,13 +92,19 @@ export class MeshesModel {
       // list before the stop returns, and was read as "stopped elsewhere")
       const acting = this._acting > 0;
       const shown = this.current;
-      this.meshes = meshes;
-      // another server run than the last reply's: what it had went with the old one
-      const restarted = !!server && !!this._server && server !== this._server;
-      this._server = server ?? this._server;
       this.loadError = null;
       this.loadStatus = null;
-      if (!acting) {
+      if (acting) {
+        // the mesh shown stays listed, and the server run stays the one seen last,
+        // until the action ends: the first poll after it says whether they are gone
+        // (and the sidebar picks no other mesh by itself meanwhile)
+        const kept = shown && !meshes.some(m => m.id === shown.id);
+        this.meshes = kept ? [...meshes, shown] : meshes;
+      } else {
+        this.meshes = meshes;
+        // another server run than the last reply's: what it had went with the old one
+        const restarted = !!server && !!this._server && server !== this._server;
+        this._server = server ?? this._server;
         if (shown && !meshes.some(m => m.id === shown.id)) {
           this._lost(shown, restarted);
         } else if (!this._noneAfterLoss) {

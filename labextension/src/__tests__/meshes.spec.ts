@@ -352,6 +352,52 @@ describe('MeshesModel', () => {
     expect(model.actionError).toBe(said);
   });
 
+  it('says a mesh lost while an action runs once the action ends', async () => {
+    // the poll during the action took the mesh off the list: the next one found
+    // nothing missing, said nothing, and picked another mesh by itself
+    serve({
+      'GET meshes': { meshes: [summary('a'), summary('b')], server: 'run1' },
+      'GET meshes/a': detail('a'),
+      'GET meshes/b': detail('b')
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    let failStart: (e: unknown) => void = () => undefined;
+    serve({
+      'GET meshes': { meshes: [summary('b')], server: 'run1' }, // a stopped elsewhere
+      'GET meshes/b': detail('b'),
+      'POST meshes': () => new Promise((_, reject) => (failStart = reject))
+    });
+    const starting = model.start({ cpu: 1, jax_cpu: 0, gpu: 0, tpu: 0, site: 'local' });
+    await model.refresh(); // the poll, while the start is under way
+    expect(model.selected).toBe('a');
+    failStart(Object.assign(new Error('no room'), { response: { status: 409 } }));
+    await starting;
+    await model.refresh();
+    expect(model.selected).toBeNull(); // nothing the user did not pick
+    expect(model.actionError).toMatch(/^a is gone \(/);
+  });
+
+  it('says a server restart first seen while an action runs', async () => {
+    serve({
+      'GET meshes': { meshes: [summary('a', { origin: 'connected' })], server: 'run1' },
+      'GET meshes/a': detail('a')
+    });
+    const model = new MeshesModel();
+    await model.refresh();
+    let failConnect: (e: unknown) => void = () => undefined;
+    serve({
+      'GET meshes': { meshes: [], server: 'run2' },
+      'POST meshes/connect': () => new Promise((_, reject) => (failConnect = reject))
+    });
+    const connecting = model.connect('tcp://10.0.0.1:8786');
+    await model.refresh(); // the poll, while the connect is under way
+    failConnect(Object.assign(new Error('timed out'), { response: { status: 504 } }));
+    await connecting;
+    await model.refresh();
+    expect(model.actionError).toMatch(/restarted/);
+  });
+
   it('never shows one mesh in full while another is selected', async () => {
     let answerA: (v: unknown) => void = () => undefined;
     serve({
