@@ -621,9 +621,9 @@ def _not_while_a_worker_starts() -> None:
 
 
 class MeshClient(Client):
-    """Dask's client of a mesh: once it is closed, a call through it (a ``mesh.submit``
-    future's ``result()``, a persisted collection's ``compute()``) says that the mesh
-    is closed and what to do, where Dask says "IOLoop is closed"."""
+    """Dask's client of a mesh: once it is closed, a call that waits through it (a
+    ``mesh.submit`` future's ``result()``, ``client.gather``) says that the mesh is
+    closed and what to do, where Dask says "IOLoop is closed"."""
 
     def sync(self, func: Any, *args: Any, asynchronous: Any = None,
              callback_timeout: Any = None, **kwargs: Any) -> Any:
@@ -631,8 +631,8 @@ class MeshClient(Client):
         asyncio_loop = getattr(loop, "asyncio_loop", None)
         if self.status == "closed" and asyncio_loop is not None and asyncio_loop.is_closed():
             raise MeshError(
-                "the mesh this came from is closed, and what it computed with it: start "
-                "or connect a mesh (%mesh start), then compute or submit again"
+                "the mesh this came from is closed, and what it computed went with it: "
+                "start or connect a mesh (%mesh start), then compute or submit again"
             )
         return super().sync(func, *args, asynchronous=asynchronous,
                             callback_timeout=callback_timeout, **kwargs)

@@ -681,6 +681,11 @@ def test_a_cell_stopped_while_it_prints_ends_at_its_own_line(fresh, capsys):
     # and one in quotes, as a path is, like a frame's but for its line number
     ("raise RuntimeError('cannot read\\nFile \"data.csv\" is missing')",
      ["RuntimeError: cannot read", 'File "data.csv" is missing']),
+    # and one that has a line number too, in the message or in a note
+    ("raise ValueError('bad input\\nFile \"a.csv\", line 3: 2 fields')",
+     ["ValueError: bad input", 'File "a.csv", line 3: 2 fields']),
+    ("e = ValueError('x')\ne.add_note('File \"x\", line 9 note')\nraise e",
+     ["ValueError: x", 'File "x", line 9 note']),
 ])
 def test_an_errors_own_lines_are_shown_once(fresh, code, last):
     # a message of several lines, a note, an exception group: only the last line was

@@ -432,6 +432,6 @@ def test_what_a_closed_mesh_computed_says_the_mesh_is_closed():
         client = m.client
     for call in (done.result, pending.result, lambda: client.gather([done])):
         with pytest.raises(MeshError, match=r"^the mesh this came from is closed, and what "
-                           r"it computed with it: start or connect a mesh \(%mesh start\), "
-                           r"then compute or submit again$"):
+                           r"it computed went with it: start or connect a mesh \(%mesh "
+                           r"start\), then compute or submit again$"):
             call()

@@ -1829,3 +1829,21 @@ def test_a_forced_jax_route_names_dasks_own_functions_and_the_data_jax_is_off_fo
     # what JAX computes as NumPy does stays on it
     _, where = planned((x * 1.5).sum())
     assert where["mul"] == {"cpu:jax"} and where["sum"] == {"cpu:jax"}
+
+
+def test_a_layer_is_sampled_by_a_task_that_calls_something():
+    # a cumulative sum's merge layer has aliases among its tasks; one sampled (which one,
+    # the hash seed decided) made the layer seem to call nothing, JAX was planned for
+    # its _cumsum_merge tasks, and they ran NumPy
+    from dask._task_spec import Alias, Task, TaskRef
+
+    from jupyter_mesh.router.classify import sample_node
+
+    task = Task("b", np.cumsum, TaskRef("x"))
+    assert sample_node([Alias("a", "x"), task]) is task
+    assert isinstance(sample_node([Alias("a", "x")]), Alias)
+    assert sample_node([]) is None
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    y = da.from_array(np.arange(48.0).reshape(6, 8), chunks=(3, 4)).cumsum(axis=0)
+    plan = plan_collections([y], devs, route="cpu:jax")
+    assert {r["op"]: r["target"] for r in plan.rows}["cumsum"] == "cpu:numpy"

@@ -94,7 +94,7 @@ class RemoteCellError(MeshError):
             lines.append(f"{_header(f'Remote {f.ename}')} on {f.where}")
             tb = f.traceback.rstrip("\n").splitlines()
             lines.extend(tb)
-            if not _shows_exception(tb, f.ename):
+            if not _shows_exception(tb, f.ename, f.evalue):
                 # e.g. a timeout: the remote traceback ends in the KeyboardInterrupt that
                 # stopped the code; say why it was stopped
                 lines.append(f"{f.ename}: {f.evalue}")
@@ -107,13 +107,23 @@ class RemoteCellError(MeshError):
 _FRAME = re.compile(r'File ".*", line \d+')
 
 
-def _shows_exception(tb: list[str], ename: str) -> bool:
+def _shows_exception(tb: list[str], ename: str, evalue: str = "") -> bool:
     """Whether a traceback ends with the exception ``ename``'s own lines: after its last
     frame, whose message may have more lines, notes after it, or an exception group's
-    ``|`` margin (only the last line was looked at, and the exception said again)."""
+    ``|`` margin (only the last line was looked at, and the exception said again); or,
+    where a line of the message looks like a frame (``File "a.csv", line 3: ...``),
+    wherever the exception's first line is."""
     last = max((i for i, line in enumerate(tb) if _FRAME.match(line.lstrip(" |+"))),
                default=-1)
-    return any(_ends_with_exception(line.lstrip(" |"), ename) for line in tb[last + 1:])
+    if any(_ends_with_exception(line.lstrip(" |"), ename) for line in tb[last + 1:]):
+        return True
+    first = (evalue.splitlines() or [""])[0].strip()
+    for line in tb:
+        head, sep, rest = line.lstrip(" |").partition(":")
+        if (head == ename or head.endswith("." + ename)) and (
+                rest.strip() == first if sep else not first):
+            return True
+    return False
 
 
 def _ends_with_exception(line: str, ename: str) -> bool:

@@ -181,6 +181,19 @@ class GraphModel:
         return out
 
 
+def sample_node(nodes: Any) -> Any:
+    """The first of a layer's tasks that calls a function (a cumulative sum's merge
+    layer has aliases among its tasks: one of those, sampled, made the layer seem to
+    call nothing, and JAX was planned for it), else the first; None for none."""
+    first = None
+    for node in nodes:
+        if _sample_func(node) is not None:
+            return node
+        if first is None:
+            first = node
+    return first
+
+
 def _sample_func(node: Any) -> Any:
     """A task's function; for Dask's ``_enforce_dtype`` (an elementwise op with a 0-d
     array operand, ``x - x.mean()``, which Dask wraps to convert the result's dtype) the
@@ -370,7 +383,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         if not items:
             continue
         idx = len(ops)
-        sample = next(iter(items.values()))
+        sample = sample_node(items.values())
         func = _sample_func(sample)
         label = layer_label(name)
         # culling rebuilds a materialized layer without its annotations, under the

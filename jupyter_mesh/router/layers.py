@@ -51,6 +51,7 @@ from .classify import (
     op_native,
     passed_callables,
     peak_out,
+    sample_node,
     task_cost,
 )
 from .cost import CostModel, Pool, reshared
@@ -161,7 +162,7 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
                 if same != len(ops):  # the tasks of an earlier layer, all of them
                     index[name] = aliases[name] = same
                     continue
-            sample = next(iter(mapping.values())) if n else None
+            sample = sample_node(mapping.values())
             func = _sample_func(sample)
             passes = passed_callables(sample)
             per_arg = {}
