@@ -2236,8 +2236,8 @@ def _close_at_exit(ref: weakref.ref) -> None:
     if mesh is not None and not mesh.closed:
         try:
             mesh.close()
-        except Exception:
-            pass
+        except BaseException:  # a second Ctrl-C as the process ends (make lab under a
+            pass               # supervisor): no traceback of an exit hook
 
 
 def current() -> Mesh:

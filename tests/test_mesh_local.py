@@ -939,3 +939,20 @@ def test_a_script_that_starts_a_mesh_unguarded_is_told_what_to_do(tmp_path):
     assert ("jupyter_mesh: Mesh.local ran again in a worker process as it started: in a "
             "script, start the mesh under `if __name__ == \"__main__\":`") in out.stderr
     assert "bootstrapping phase" not in out.stderr, out.stderr
+
+
+def test_a_second_ctrl_c_as_the_process_ends_shows_no_traceback():
+    # make lab under a supervisor, a second SIGINT during its shutdown: the exit hook
+    # that closes the mesh printed a 25-line KeyboardInterrupt traceback
+    import weakref
+
+    from jupyter_mesh.mesh import _close_at_exit
+
+    class Closing:
+        closed = False
+
+        def close(self):
+            raise KeyboardInterrupt
+
+    mesh = Closing()
+    _close_at_exit(weakref.ref(mesh))  # nothing raised

@@ -283,9 +283,17 @@ class Plan(Generic[ModelT]):
             f"est. {_secs(self.makespan)} makespan, "
             f"{format_bytes(self.bytes_moved) if self.bytes_moved else 'nothing'} "
             f"moved between kinds"
-            + (f", {format_bytes(wan)} between sites"
-               if (wan := self.bytes_between_sites) else "")
+            + self._between_sites()
         )
+
+    def _between_sites(self) -> str:
+        """What the header says of the WAN: on a mesh of several sites, how much the
+        plan sends between them ("nothing" too); elsewhere, or where Dask places every
+        task (no restrictions), nothing."""
+        if self.unrestricted or len({p.site for p in self._pools_shown()}) < 2:
+            return ""
+        wan = self.bytes_between_sites
+        return f", {format_bytes(wan) if wan else 'nothing'} between sites"
 
     def _pools_shown(self) -> list[Any]:
         """The pools the plan may use: with ``site=``, those at that site only."""
