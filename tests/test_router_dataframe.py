@@ -334,3 +334,22 @@ def test_a_frame_class_of_another_package_is_optimized_too(mesh, tmp_path):
     mine = _MyScalar(e.expr)
     assert mesh.explain(mine).ntasks == mesh.explain(e).ntasks < len(e.__dask_graph__())
     assert mesh.compute(mine) == (pdf.c2.sum(),)
+
+
+def test_a_forced_jax_route_plans_dataframe_operators_off_jax_and_says_why():
+    # pandas' getitem, mul, floordiv were planned (and labelled) cpu:jax, ran NumPy on
+    # the JAX worker, and the data went back and forth between the workers
+    import dask.dataframe as dd
+    import pandas as pd
+
+    from jupyter_mesh.router import plan_collections
+
+    from .test_router_plan import CPU, dev
+
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    df = dd.from_pandas(pd.DataFrame({"i": np.arange(40), "x": np.arange(40.0)}),
+                        npartitions=4)
+    plan = plan_collections([(df.i // 7 + df.x * 2).sum()], devs, route="cpu:jax")
+    assert "cpu:jax" not in {r["target"] for r in plan.rows}, plan
+    assert any("ops on data of no known array type (a DataFrame's, a delayed value's) "
+               "natively; placed on host NumPy" in n for n in plan.notes), plan.notes

@@ -116,6 +116,19 @@ def test_too_few_tasks_tiny_work_and_weight_zero_teach_nothing():
     assert len(h) == 0 and h.note(plan) is None
 
 
+def test_ops_of_no_known_array_type_teach_nothing():
+    # a DataFrame's ops (no dtype: block sizes the model guesses, 8 bytes) measured
+    # slow scaled later array estimates of their op class by 6x for 10 minutes
+    devices = [dev("a")]
+    model = matmuls()
+    for op in model.ops:
+        op.dtype_kind = None
+    plan = planned(devices, model)
+    h = RunHistory()
+    assert h.learn(plan, records_for(plan, lambda i, op, w: 1.0), 1.0) == 0
+    assert len(h) == 0
+
+
 def test_ratios_blend_in_log_space_are_capped_and_expire(monkeypatch):
     devices = [dev("a")]
     plan = planned(devices)

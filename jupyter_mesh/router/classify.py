@@ -612,6 +612,10 @@ def op_native(op: OpInfo, inputs: list[OpInfo] | tuple[OpInfo, ...] = ()) -> fro
 def _jax_off(op: OpInfo, inputs: Any) -> str | None:
     from . import jax_ops
 
+    if op.dtype_kind is None and op.op_class in ("elementwise", "movement"):
+        # an operator on what is no known array (a DataFrame's columns, a delayed
+        # value's Python objects): NumPy and pandas run it, on the host
+        return "data of no known array type (a DataFrame's, a delayed value's)"
     complex_data = False
     for o in (op, *inputs):
         kind, name = o.dtype_kind, o.dtype_name
@@ -775,6 +779,8 @@ def synthetic_model(layers: list[dict[str, Any]]) -> GraphModel:
             out_bytes=float(spec.get("out_bytes", 8.0)), itemsize=int(spec.get("itemsize", 8)),
             native=frozenset(spec["native"]) if "native" in spec
             else native_backends(spec["op_class"]),
+            # (arrays of the sizes given: float, unless said otherwise)
+            dtype_kind=spec.get("dtype_kind", "f"),
         )
         starts.append(len(keys))
         for j in range(int(spec["tasks"])):

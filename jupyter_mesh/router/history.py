@@ -134,7 +134,9 @@ class RunHistory:
         for key, (addr, backend, secs) in records.items():
             op = op_of(key)
             p = where.get(addr, -1)
-            if op is None or p < 0 or secs <= 0:
+            # (an op of no known array type, a DataFrame's or a delayed value's, has
+            # block sizes the model guesses: its times would scale array ops' estimates)
+            if op is None or p < 0 or secs <= 0 or getattr(op, "dtype_kind", None) is None:
                 continue
             got = seen.get((id(op), p, backend))
             if got is None:
