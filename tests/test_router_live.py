@@ -623,6 +623,24 @@ def test_a_mean_runs_its_per_chunk_step_on_jax(mesh):
     assert any("mean_chunk (no translation" in n for n in mesh.last_report.plan.notes)
 
 
+def _bad_block(block):
+    raise ValueError("bad block")
+
+
+@pytest.mark.parametrize("call", ["compute", "persist"])
+def test_a_routed_tasks_error_shows_no_frame_of_the_router(mesh, call):
+    # a routed persist's error went through 7 of jupyter_mesh's and Dask's worker frames
+    # (a compute's showed the user's call and function only)
+    import traceback
+
+    bad = da.ones(4, chunks=2).map_blocks(_bad_block, dtype=float)
+    with pytest.raises(ValueError, match="bad block") as info, mesh.route("auto"):
+        getattr(bad, call)()
+    files = [f.filename for f in traceback.extract_tb(info.tb)]
+    assert not [f for f in files if "jupyter_mesh" in f], files
+    assert files[-1] == __file__  # the user's function, where it raised
+
+
 def test_slices_of_device_results_come_back_as_host_arrays(mesh):
     # plain slicing makes an alias of its input's task: no wrapper of its own runs, so
     # the task it points at must hand back a host array

@@ -1157,18 +1157,20 @@ class _RoutedScheduler:
                 return client.persist(collections, optimize_graph=optimize_graph)
             done = dask.persist(*colls, optimize_graph=optimize_graph, scheduler="threads")
             return done[0] if single else list(done)
-        _check_settings()
-        # (in Dask's order, handed back in the caller's: see dask_order)
-        order = dask_order(colls)
-        colls = [colls[i] for i in order]
-        expr = collections_to_expr(colls, optimize_graph).optimize()
-        keys = expr.__dask_keys__()
-        plan = _plan_graph(now.mesh, _graph_with_layers(expr), list(dask.core.flatten(keys)),
-                           now.route)
-        futures = dict(zip(plan.model.outputs,
-                           run_plan(now.mesh, plan, now.fallback, gather=False,
-                                    sink=cell_sink(now.mesh)),
-                           strict=False))
+        # a task's error shows the user's .persist() and function, as a compute's does
+        with shorten_ours(drop_first=True):
+            _check_settings()
+            # (in Dask's order, handed back in the caller's: see dask_order)
+            order = dask_order(colls)
+            colls = [colls[i] for i in order]
+            expr = collections_to_expr(colls, optimize_graph).optimize()
+            keys = expr.__dask_keys__()
+            plan = _plan_graph(now.mesh, _graph_with_layers(expr),
+                               list(dask.core.flatten(keys)), now.route)
+            futures = dict(zip(plan.model.outputs,
+                               run_plan(now.mesh, plan, now.fallback, gather=False,
+                                        sink=cell_sink(now.mesh)),
+                               strict=False))
         out = [post({k: futures[k] for k in dask.core.flatten(ks)}, *args)
                for (post, args), ks in zip((c.__dask_postpersist__() for c in colls), keys,
                                            strict=True)]
