@@ -343,14 +343,25 @@ class WidgetBars(MultiProgressWidget):
             super()._draw_stop(*args, **kwargs)
             if kwargs.get("status") != "error":  # Dask's line closes one <div> too many
                 self._say("Finished:", "")
+            else:
+                # Dask's line puts the exception's repr in the HTML as it is: a "<" in
+                # a task's message vanished, or was markup (and stayed in the notebook)
+                from distributed.core import clean_exception
+
+                _, exc, _ = clean_exception(kwargs.get("exception"))
+                self._say("Exception", f" <tt>{_escape(repr(exc))}</tt>", before=True)
         finally:
             self.finished = True
 
-    def _say(self, what: str, why: str) -> None:
+    def _say(self, what: str, why: str, before: bool = False) -> None:
+        """The bar's last line: ``what``, the time, ``why`` (HTML); ``before``: ``why``
+        first, then the time."""
         elapsed = getattr(self, "elapsed_time", None)
         if elapsed is not None:
-            elapsed.value = (f'<div style="padding: 0px 10px 5px 10px"><b>{what}</b> '
-                             f"{format_time(self.elapsed)}{why}</div>")
+            took = format_time(self.elapsed)
+            said = f"{why}: {took}" if before else f" {took}{why}"
+            elapsed.value = (f'<div style="padding: 0px 10px 5px 10px"><b>{what}</b>'
+                             f"{said}</div>")
 
     def stop_here(self) -> None:
         """The work stopped before Dask's last word (Ctrl-C): the bar says so, and

@@ -226,6 +226,35 @@ def test_a_finished_widget_bar_is_well_formed_html(mesh, quick_threshold, monkey
     assert parser.depth == 0 and "Finished" in elapsed
 
 
+def _fails_with_markup(seconds):
+    time.sleep(seconds)
+    raise ValueError("ev<i>il</i>&amp;<img src=x onerror=alert(1)>")
+
+
+def test_a_tasks_error_in_the_bar_is_text_not_markup(mesh, quick_threshold, monkeypatch):
+    # one output failed while another still ran: Dask's line put the exception's repr
+    # in the bar's HTML as it was (and the saved copy kept it)
+    from html.parser import HTMLParser
+
+    shown = []
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_display", lambda obj, text: shown.append(obj))
+    with pytest.raises(ValueError, match="ev<i>il"):
+        mesh.compute(dask.delayed(time.sleep)(1.5, dask_key_name="slow-one"),
+                     dask.delayed(_fails_with_markup)(0.5), route="off")
+    elapsed = shown[0].children[1].children[0].value
+    assert "&lt;img src=x onerror=alert(1)&gt;" in elapsed and "<img" not in elapsed
+    assert "&amp;amp;" in elapsed and "<i>" not in elapsed
+    tags = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            tags.append(tag)
+
+    Tags().feed(elapsed)
+    assert set(tags) <= {"div", "b", "tt"}, tags
+
+
 def test_a_bar_left_in_a_saved_notebook_reads_as_a_line_not_a_widget_repr(monkeypatch):
     # where widgets do not show (nbconvert, a viewer of the file), the output's text
     # stands in: a line that says what was there; the output has an id, so that the
