@@ -620,6 +620,11 @@ def compute(mesh: Mesh, collections: tuple[Any, ...], route: Any = "auto",
             watch.stopped(aborted=True)
             _say_why(mesh, exc)
             raise
+        # released now, as Dask's compute releases them: the wait's timeouts leave
+        # cycles of frames that hold them, and the results stayed on the workers until
+        # Python's cycle collector ran
+        for future in futures:
+            future.release()
         watch.stopped()
         return tuple(repack(gathered))
     collections = _finalized(collections, pin)
