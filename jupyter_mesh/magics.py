@@ -543,7 +543,11 @@ class MeshMagics(Magics):
                 mesh.inventory()
             except MeshError as exc:
                 raise _as_usage(exc) from None
-            return mesh.widget()
+            # shown wherever the line is, as the plain status shows the devices (only
+            # a cell's last line shows what a magic returns: elsewhere the panel was
+            # made, unseen, and took over from the one in view)
+            display(mesh.widget())
+            return None
         try:
             inventory = mesh.inventory()
         except MeshError as exc:

@@ -268,11 +268,17 @@ def test_a_bad_setting_is_not_said_to_be_an_unreachable_scheduler(mesh):
         p.close()
 
 
-def test_status_widget_magic_returns_the_panel(ip, mesh, monkeypatch):
-    from jupyter_mesh import progress
+def test_status_widget_magic_shows_the_panel_wherever_it_is(ip, mesh, monkeypatch):
+    from jupyter_mesh import magics, progress
 
     monkeypatch.setattr(progress, "in_notebook", lambda: True)
-    p = ip.run_line_magic("mesh", "status --widget")
+    shown = []
+    monkeypatch.setattr(magics, "display", shown.append)
+    # not the cell's last line: shown all the same (only a returned value of the last
+    # line is; the panel was made unseen, and took over from the one in view)
+    ip.run_cell("%mesh status --widget\nafter = 1")
+    assert ip.user_ns["after"] == 1
+    (p,) = shown
     try:
         assert isinstance(p, MeshPanel)
         # saved without widget state (nbconvert): the devices, not the widget's repr
