@@ -33,7 +33,8 @@ def format_bytes(n: float | int | None) -> str:
         return "-"
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+        # (by the number as it is written: 1048575 B is 1.0 MiB, not 1024.0 KiB)
+        if round(value, 0 if unit == "B" else 1) < 1024 or unit == "TiB":
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"  # pragma: no cover

@@ -1851,3 +1851,22 @@ def test_a_layer_is_sampled_by_a_task_that_calls_something():
     y = da.from_array(np.arange(48.0).reshape(6, 8), chunks=(3, 4)).cumsum(axis=0)
     plan = plan_collections([y], devs, route="cpu:jax")
     assert {r["op"]: r["target"] for r in plan.rows}["cumsum"] == "cpu:numpy"
+
+
+@pytest.mark.parametrize("value, said", [
+    (5, "5 B"), (1023, "1023 B"), (1023.6, "1.0 KiB"), (1024, "1.0 KiB"),
+    (1024 * 1024 - 1, "1.0 MiB"), (1.5 * 1024 ** 3, "1.5 GiB"),
+])
+def test_sizes_take_the_unit_of_the_number_as_written(value, said):
+    # the unit was chosen before rounding: 1048575 B was "1024.0 KiB"
+    assert format_bytes(value) == said
+
+
+@pytest.mark.parametrize("value, said", [
+    (2.0, "2.00 s"), (0.99996, "1.00 s"), (0.5, "500.0 ms"), (0.00099996, "1.0 ms"),
+    (0.0009994, "999 µs"), (1e-7, "0 µs"),
+])
+def test_times_take_the_unit_of_the_number_as_written(value, said):
+    from jupyter_mesh.router.plan import _secs
+
+    assert _secs(value) == said

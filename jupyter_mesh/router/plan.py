@@ -502,9 +502,10 @@ def _target_text(c: Counter[str]) -> str:
 
 
 def _secs(s: float) -> str:
-    if s >= 1:
+    # by the number as it is written: 0.99996 s is 1.00 s, not 1000.0 ms
+    if round(s * 1e3, 1) >= 1000:
         return f"{s:.2f} s"
-    if s >= 1e-3:
+    if round(s * 1e6) >= 1000:
         return f"{s * 1e3:.1f} ms"
     return f"{s * 1e6:.0f} µs"
 
