@@ -1870,3 +1870,24 @@ def test_times_take_the_unit_of_the_number_as_written(value, said):
     from jupyter_mesh.router.plan import _secs
 
     assert _secs(value) == said
+
+
+def test_the_equal_speeds_note_names_a_forced_route_only_where_it_runs_something():
+    # a DataFrame's plan on a mesh with a JAX CPU worker said 'route="cpu:jax" runs
+    # jax', where that route runs every op of it on NumPy
+    import dask.dataframe as dd
+    import pandas as pd
+
+    j = dev("j0", "cpu", "jax", CPU, nthreads=2)
+    j.extra = {"numpy_profile": CPU.to_dict()}
+    devs = [dev("c0", "cpu", "numpy", CPU, nthreads=2), j]
+    df = dd.from_pandas(pd.DataFrame({"k": np.arange(40) % 3, "x": np.arange(40.0)}),
+                        npartitions=2)
+    plan = plan_collections([df.groupby("k").x.sum()], devs)
+    (note,) = [n for n in plan.notes if "equally fast" in n]
+    assert "NumPy, which is no slower there)" in note and "route=" not in note
+    # an array's, which JAX runs, names it
+    x = da.ones((400, 400), chunks=200)
+    plan = plan_collections([(x + 1).sum()], devs)
+    (note,) = [n for n in plan.notes if "equally fast" in n]
+    assert 'no slower there; route="cpu:jax" runs jax)' in note

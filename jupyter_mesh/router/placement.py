@@ -924,10 +924,15 @@ def relax_if_equivalent(model: Any, pools: list[Pool], route: str | Target,
     if unrestricted:
         allowed = [here] * len(model.ops)
         # JAX CPU workers among them run the ops with NumPy: say so, and how to force
-        both = sorted({(p.label, p.target) for p in mine if p.numpy_profile is not None})
-        why = (f" (the {', '.join(label for label, _ in both)} workers run them with "
-               f"NumPy, which is no slower there; route=\"{both[0][1]}\" runs "
-               f"{both[0][1].split(':')[1]})" if both else "")
+        both = sorted({(p.label, p.target, p.backend) for p in mine
+                       if p.numpy_profile is not None})
+        # (the forced route runs that backend only where it runs some op: a DataFrame's
+        # or a bag's run NumPy under any route)
+        runs = [b for b in both if any(b[2] in op.native for op in model.ops)]
+        why = (f" (the {', '.join(label for label, _, _ in both)} workers run them with "
+               f"NumPy, which is no slower there"
+               + (f"; route=\"{runs[0][1]}\" runs {runs[0][1].split(':')[1]}" if runs
+                  else "") + ")" if both else "")
         if site is None:
             notes.append("every pool runs every op of this computation equally fast"
                          f"{why}: no restrictions, Dask places each task itself")
