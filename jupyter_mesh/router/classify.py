@@ -631,24 +631,26 @@ def _jax_off(op: OpInfo, inputs: Any) -> str | None:
     return None
 
 
-def layer_dtype_name(layer: Any) -> str | None:
-    """The name of a layer's result dtype, from its collection annotations."""
+def _layer_dtype(layer: Any) -> np.dtype[Any] | None:
+    """A layer's result dtype, from its collection annotations (None: not known)."""
     ann = getattr(layer, "collection_annotations", None) or {}
     try:
         dtype = ann.get("dtype")
-        return None if dtype is None else np.dtype(dtype).name
+        return None if dtype is None else np.dtype(dtype)
     except Exception:
         return None
+
+
+def layer_dtype_name(layer: Any) -> str | None:
+    """The name of a layer's result dtype ("float32"), if known."""
+    dtype = _layer_dtype(layer)
+    return None if dtype is None else dtype.name
 
 
 def layer_dtype_kind(layer: Any) -> str | None:
-    """NumPy's kind of a layer's result dtype, from its collection annotations."""
-    ann = getattr(layer, "collection_annotations", None) or {}
-    try:
-        dtype = ann.get("dtype")
-        return None if dtype is None else np.dtype(dtype).kind
-    except Exception:
-        return None
+    """NumPy's kind of a layer's result dtype ("f", "i"...), if known."""
+    dtype = _layer_dtype(layer)
+    return None if dtype is None else dtype.kind
 
 
 def native_backends(op_class: str, func: Any = None, passes: tuple[Any, ...] = ()
