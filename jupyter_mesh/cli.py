@@ -179,7 +179,8 @@ async def run_worker(args: argparse.Namespace) -> int:
         kind, backend = "tpu", "jax"
         accelerators = len(tpus)
     if backend == "jax":
-        env.setdefault("JAX_ENABLE_X64", "1")
+        # 64-bit on, unless the environment turns it off (as for dask worker's preload)
+        env["JAX_ENABLE_X64"] = os.environ.get("JAX_ENABLE_X64", "1")
     if kind is None and backend in (None, "jax"):
         # without --gpu/--tpu the worker detects its device (JAX takes a TPU before the
         # CPU): one of a GPU or TPU gets one thread and its share of the host's memory,

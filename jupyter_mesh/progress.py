@@ -339,17 +339,21 @@ class WidgetBars(MultiProgressWidget):
         self.box = VBox([HTML(f"<b>{_escape(title)}</b>"), self.widget])
 
     def _draw_stop(self, *args: Any, **kwargs: Any) -> None:
+        elapsed = getattr(self, "elapsed_time", None)
+        # Dask's last line replaced before the browser gets it (hold_sync sends the
+        # final value only): it closes one <div> too many, and puts an exception's
+        # repr in the HTML as it is (a "<" in a task's message vanished, or was markup)
+        hold = elapsed.hold_sync() if elapsed is not None else contextlib.nullcontext()
         try:
-            super()._draw_stop(*args, **kwargs)
-            if kwargs.get("status") != "error":  # Dask's line closes one <div> too many
-                self._say("Finished:", "")
-            else:
-                # Dask's line puts the exception's repr in the HTML as it is: a "<" in
-                # a task's message vanished, or was markup (and stayed in the notebook)
-                from distributed.core import clean_exception
+            with hold:
+                super()._draw_stop(*args, **kwargs)
+                if kwargs.get("status") != "error":
+                    self._say("Finished:", "")
+                else:
+                    from distributed.core import clean_exception
 
-                _, exc, _ = clean_exception(kwargs.get("exception"))
-                self._say("Exception", f" <tt>{_escape(repr(exc))}</tt>", before=True)
+                    _, exc, _ = clean_exception(kwargs.get("exception"))
+                    self._say("Exception", f" <tt>{_escape(repr(exc))}</tt>", before=True)
         finally:
             self.finished = True
 
@@ -358,7 +362,7 @@ class WidgetBars(MultiProgressWidget):
         first, then the time."""
         elapsed = getattr(self, "elapsed_time", None)
         if elapsed is not None:
-            took = format_time(self.elapsed)
+            took = format_time(self.elapsed).strip()
             said = f"{why}: {took}" if before else f" {took}{why}"
             elapsed.value = (f'<div style="padding: 0px 10px 5px 10px"><b>{what}</b>'
                              f"{said}</div>")

@@ -288,6 +288,11 @@ def test_cli_gpu_index_counts_the_visible_gpus_and_devices_get_one_thread(monkey
     assert start("--jax")["nthreads"] == _detect.cpu_cores()
     assert start()["memory_limit"] == "auto"  # a CPU worker: Dask's own share
     assert start("--nthreads", "3")["nthreads"] == 3
+    # a JAX worker computes in 64 bits, unless the environment turns that off (it was
+    # turned on over the user's JAX_ENABLE_X64=0)
+    assert start("--jax")["env"]["JAX_ENABLE_X64"] == "1"
+    monkeypatch.setenv("JAX_ENABLE_X64", "0")
+    assert start("--jax")["env"]["JAX_ENABLE_X64"] == "0"
 
 
 def test_the_accelerators_a_worker_without_gpu_or_tpu_finds(monkeypatch):

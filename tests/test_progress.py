@@ -236,14 +236,26 @@ def test_a_tasks_error_in_the_bar_is_text_not_markup(mesh, quick_threshold, monk
     # in the bar's HTML as it was (and the saved copy kept it)
     from html.parser import HTMLParser
 
-    shown = []
+    shown, sent = [], []
     monkeypatch.setattr(progress, "in_notebook", lambda: True)
     monkeypatch.setattr(progress, "_display", lambda obj, text: shown.append(obj))
+    # every state the widgets send the browser (Dask's raw line was sent, then ours)
+    from ipywidgets import Widget
+
+    notify = Widget.notify_change
+
+    def recording(self, change):  # (sent at once, unless held by hold_sync)
+        if change["name"] == "value" and not self._holding_sync:
+            sent.append(str(change["new"]))
+        return notify(self, change)
+
+    monkeypatch.setattr(Widget, "notify_change", recording)
     with pytest.raises(ValueError, match="ev<i>il"):
         mesh.compute(dask.delayed(time.sleep)(1.5, dask_key_name="slow-one"),
                      dask.delayed(_fails_with_markup)(0.5), route="off")
     elapsed = shown[0].children[1].children[0].value
     assert "&lt;img src=x onerror=alert(1)&gt;" in elapsed and "<img" not in elapsed
+    assert not [v for v in sent if "<img" in v], sent
     assert "&amp;amp;" in elapsed and "<i>" not in elapsed
     tags = []
 

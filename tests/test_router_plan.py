@@ -1891,3 +1891,28 @@ def test_the_equal_speeds_note_names_a_forced_route_only_where_it_runs_something
     plan = plan_collections([(x + 1).sum()], devs)
     (note,) = [n for n in plan.notes if "equally fast" in n]
     assert 'no slower there; route="cpu:jax" runs jax)' in note
+
+
+def test_a_dtype_a_partial_asks_for_is_one_jax_must_compute_as_numpy(monkeypatch):
+    # Dask's reductions put dtype= in a partial: with JAX's 64-bit mode off, a float32
+    # block's sum(dtype=float64) and mean(dtype=float64) ran JAX, in float32
+    from dask.array.reductions import mean_chunk
+
+    block = np.array([1e8, 1.0, -1e8], dtype=np.float32)
+    kw = {"axis": (0,), "keepdims": True}
+    for func in (functools.partial(np.sum, dtype="float64"),
+                 functools.partial(functools.partial(mean_chunk, dtype=np.float64))):
+        monkeypatch.setattr(jax_ops, "_same_dtypes", lambda: jax_ops._SAME_DTYPES)
+        assert jax_ops.same_numbers(func, (block,), kw)  # 64-bit mode on: JAX's
+        monkeypatch.setattr(jax_ops, "_same_dtypes", lambda: jax_ops._SAME_DTYPES_32)
+        assert not jax_ops.same_numbers(func, (block,), kw)
+        assert jax_ops.same_numbers(functools.partial(np.sum, dtype="float32"), (block,), kw)
+
+
+def test_a_delayed_calls_numpy_work_is_planned_where_it_runs():
+    # delayed(np.sum)([1.0, 2.0]) was planned (and labelled) cpu:jax, and ran NumPy
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    for value in (dask.delayed(np.sum)([1.0, 2.0]), dask.delayed(np.dot)([1., 2.], [3., 4.])):
+        plan = plan_collections([value], devs, route="cpu:jax")
+        assert {r["target"] for r in plan.rows} == {"cpu:numpy"}, plan
+        assert any("data of no known array type" in n for n in plan.notes), plan.notes

@@ -1163,7 +1163,10 @@ class _RoutedScheduler:
             done = dask.persist(*colls, optimize_graph=optimize_graph, scheduler="threads")
             return done[0] if single else list(done)
         # a task's error shows the user's .persist() and function, as a compute's does
-        with shorten_ours(drop_first=True):
+        # (Dask's compute shortens its own frames and its workers'; its persist not)
+        from dask.utils import shorten_traceback
+
+        with shorten_ours(drop_first=True), shorten_traceback():
             _check_settings()
             # (in Dask's order, handed back in the caller's: see dask_order)
             order = dask_order(colls)

@@ -612,9 +612,9 @@ def op_native(op: OpInfo, inputs: list[OpInfo] | tuple[OpInfo, ...] = ()) -> fro
 def _jax_off(op: OpInfo, inputs: Any) -> str | None:
     from . import jax_ops
 
-    if op.dtype_kind is None and op.op_class in ("elementwise", "movement"):
-        # an operator on what is no known array (a DataFrame's columns, a delayed
-        # value's Python objects): NumPy and pandas run it, on the host
+    if op.dtype_kind is None:
+        # what is no known array (a DataFrame's columns, a delayed value's Python
+        # objects or lists): NumPy and pandas run it, on the host
         return "data of no known array type (a DataFrame's, a delayed value's)"
     complex_data = False
     for o in (op, *inputs):

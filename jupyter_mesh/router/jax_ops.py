@@ -215,11 +215,13 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
         return _numpy_dtype(dtype) in same and getattr(x, "size", 1) != 0
 
     good = all(ok(a, True) for a in args) and all(ok(v, False) for v in kwargs.values())
-    if good and kwargs.get("dtype") is not None:
-        # a result dtype asked for (sum(dtype=...), a mean's per-chunk step): one JAX
-        # computes as NumPy does (float64 with JAX's 64-bit mode off would be float32)
+    asked = _asked_dtype(func, kwargs)
+    if good and asked is not None:
+        # a result dtype asked for (sum(dtype=...), a mean's per-chunk step; Dask's
+        # reductions put it in a partial): one JAX computes as NumPy does (float64
+        # with JAX's 64-bit mode off would be float32)
         try:
-            good = _numpy_dtype(kwargs["dtype"]) in same
+            good = _numpy_dtype(asked) in same
         except Exception:
             good = False
     if good and isinstance(func, np.ufunc):
@@ -233,6 +235,17 @@ def same_numbers(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bo
     if good and _named(func, _DIVIDES) and _huge_divisor(args):
         return False
     return good and found[0]
+
+
+def _asked_dtype(func: Any, kwargs: dict[str, Any]) -> Any:
+    """The ``dtype=`` a call passes: in its keyword arguments, or in a partial's."""
+    if kwargs.get("dtype") is not None:
+        return kwargs["dtype"]
+    while isinstance(func, functools.partial):
+        if func.keywords.get("dtype") is not None:
+            return func.keywords["dtype"]
+        func = func.func
+    return None
 
 
 def _named(func: Any, names: frozenset[str]) -> bool:
