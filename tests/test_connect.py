@@ -451,6 +451,16 @@ def test_the_sidebar_connects_to_a_tls_mesh_whose_certificate_was_shared(tls_clu
 
     mesh = asyncio.run(go())
     assert mesh["address"] == address and mesh["devices"] == 1
+    # also where the server has Dask TLS settings of its own, for another CA's
+    # schedulers: the handshake with those failed ("the certificates do not fit")
+    import dask
+
+    other = make_certs(tmp_path / "other-ca")
+    with dask.config.set({"distributed.comm.tls.ca-file": other["ca"],
+                          "distributed.comm.tls.client.cert": other["cert"],
+                          "distributed.comm.tls.client.key": other["key"]}):
+        mesh = asyncio.run(go())
+    assert mesh["address"] == address and mesh["devices"] == 1
 
 
 def test_certificates_held_in_memory_connect(no_mesh):

@@ -36,8 +36,9 @@ def test_lost_kind_without_fallback_is_a_mesh_error(mesh, caplog):
     t0 = time.time()
     with pytest.raises(MeshError, match=r"^no live cpu:jax worker for 1 s and fallback=False: "
                        r"the computation cannot finish as routed; bring such workers back "
-                       r"\(mesh.scale\), or compute again with fallback=True or another "
-                       r"route$"), \
+                       r"\(mesh.scale on a mesh started here, jupyter-mesh worker "
+                       r"elsewhere\) and compute again, or compute with fallback=True or "
+                       r"another route$"), \
             caplog.at_level("WARNING", logger="jupyter_mesh"):
         mesh.compute(y, route="cpu:jax", fallback=False)
     killer.join()

@@ -1090,7 +1090,8 @@ def test_bad_pins(mesh_devices):
         plan_collections([y], mesh_devices, pin={"mars": x})
     with pytest.raises(MeshError, match="Dask collections"):
         plan_collections([y], mesh_devices, pin={"local": "x"})
-    with pytest.raises(MeshError, match="not an input"):
+    with pytest.raises(MeshError, match=r"not an input of this computation: pin the "
+                                         r"collections it is computed from"):
         plan_collections([y], mesh_devices, pin=[(da.ones(3), "local")])
     with pytest.raises(MeshError, match="pin takes"):
         plan_collections([y], mesh_devices, pin=["local"])
@@ -1705,7 +1706,7 @@ def test_the_scheduler_names_a_pools_workers_in_words():
 
     assert _workers_of("cpu:jax") == "cpu:jax worker"
     assert _workers_of("cpu:jax@cloud") == "cpu:jax@cloud worker"
-    assert _workers_of("any at lab") == "worker at lab"
+    assert _workers_of("any at lab") == "worker at site lab"
     assert _workers_of("any worker") == "worker"
     assert _workers_of("any worker at site lab") == "worker at site lab"
     assert _workers_of("gpu at site lab") == "gpu worker at site lab"
@@ -1916,3 +1917,26 @@ def test_a_delayed_calls_numpy_work_is_planned_where_it_runs():
         plan = plan_collections([value], devs, route="cpu:jax")
         assert {r["target"] for r in plan.rows} == {"cpu:numpy"}, plan
         assert any("data of no known array type" in n for n in plan.notes), plan.notes
+
+
+def test_pins_that_cannot_be_kept_say_what_conflicts_and_what_to_do():
+    # they said "array: no allowed worker at site 'edge', where its data is pinned"
+    # (Dask's data node, and no word of the route that excluded the site), and named a
+    # task by its key
+    devs = [dev("c0", "cpu", "numpy", CPU, site="edge"), dev("j0", "cpu", "jax", CPU,
+                                                            site="cloud")]
+    a = da.from_array(np.arange(16.0).reshape(4, 4), chunks=2)
+    b = da.from_array(np.ones((4, 4)), chunks=2)
+    y = (a + b).sum()
+    with pytest.raises(MeshError) as info:
+        plan_collections([y], devs, pin={"cloud": a}, route="cpu:numpy")
+    assert str(info.value) == (
+        "the pinned data: the route (or site=) allows no worker at site 'cloud', where its "
+        "data is pinned (pin=), and pinned data never leaves its site: compute with "
+        "route='auto' or a target that site has, and no site= of another site")
+    with pytest.raises(MeshError) as info:
+        plan_collections([y], devs, pin={"edge": a, "cloud": b})
+    assert str(info.value) == (
+        "add reads data pinned to sites 'cloud' and 'edge', and pinned data never leaves "
+        "its site, so no worker may read both: pin what it reads to one site, or leave "
+        "one of them unpinned")

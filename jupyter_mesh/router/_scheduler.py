@@ -510,8 +510,10 @@ class RouterState:
         if not ps.fallback:
             self._fail(ps, f"no live {_workers_of(label)} for {ps.timeout:g} s and "
                            f"fallback=False: the computation cannot finish as routed; "
-                           f"bring such workers back (mesh.scale), or compute again "
-                           f"with fallback=True or another route")
+                           f"bring such workers back (mesh.scale on a mesh started here, "
+                           f"jupyter-mesh worker elsewhere) and compute again"
+                           + ("" if ps.site is not None or ps.pins else
+                              ", or compute with fallback=True or another route"))
             return
         sched = self.scheduler
         lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p
@@ -635,6 +637,9 @@ def _workers_of(label: str) -> str:
     if label.startswith("any worker"):
         return "worker" + label[len("any worker"):]
     if label.startswith("any "):
-        return "worker " + label[len("any "):]
+        rest = label[len("any "):]
+        if rest.startswith("at ") and not rest.startswith("at site "):
+            rest = "at site " + rest[len("at "):]  # ("worker at site edge")
+        return "worker " + rest
     kind, at, where = label.partition(" at ")
     return f"{kind} worker" + (f" at {where}" if at else "")

@@ -244,7 +244,9 @@ def apply_pins(model: Any, pin: Any, pools: list[Any]) -> None:
                     "a pinned collection is persisted already: its data is where Dask "
                     "put it, which pin= cannot choose; pin the collection before persist, "
                     "or compute with site= to keep all of it at one site")
-            raise MeshError("a pinned collection is not an input of this computation")
+            raise MeshError("a pinned collection is not an input of this computation: "
+                            "pin the collections it is computed from (pin={'edge': x} "
+                            "where y is computed from x)")
         for i in idx:
             old = model.pins.get(i)
             if old is not None and old != where:

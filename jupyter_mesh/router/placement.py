@@ -214,9 +214,12 @@ def _pins(model: GraphModel) -> list[str | None]:
             ds = pin[d]
             if ds is not None:
                 if s is not None and s != ds:
+                    a, b = sorted((s, ds))
                     raise MeshError(
-                        f"task {model.keys[i]!r} reads data pinned to sites {s!r} and "
-                        f"{ds!r}: data pinned to a site never leaves it"
+                        f"{model.ops[model.layer[i]].label} reads data pinned to sites "
+                        f"{a!r} and {b!r}, and pinned data never leaves its site, so no "
+                        f"worker may read both: pin what it reads to one site, or leave "
+                        f"one of them unpinned"
                     )
                 s = ds
         pin[i] = s
@@ -662,9 +665,13 @@ def _list_schedule(model: GraphModel, pools: list[Pool], cost: CostModel,
                 if not c and wider is not None:
                     c = [p for p in wider[li] if site_of[p] == ps]
                 if not c:
+                    op = model.ops[li]
+                    what = "the pinned data" if getattr(op, "data", False) else op.label
                     raise MeshError(
-                        f"{model.ops[li].label}: no allowed worker at site {ps!r}, where "
-                        f"its data is pinned"
+                        f"{what}: the route (or site=) allows no worker at site {ps!r}, "
+                        f"where its data is pinned (pin=), and pinned data never leaves "
+                        f"its site: compute with route='auto' or a target that site has, "
+                        f"and no site= of another site"
                     )
                 pinned_cache[ck] = c
             cand = c

@@ -230,10 +230,13 @@ def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
 
 
 def tls_security(address: str, runtime_dir: str | os.PathLike[str] | None = None) -> Any:
-    """What reaches the ``tls://`` mesh at ``address``: Dask's TLS settings of this
-    server, else the certificate a mesh of this user shared (the sidebar's own TLS
-    meshes, a notebook's ``mesh.local.tls`` mesh); None where neither has it."""
-    return configured_security() or discovery.security_for(address, runtime_dir)
+    """What reaches the ``tls://`` mesh at ``address``: the certificate a mesh of this
+    user shared for it (the sidebar's own TLS meshes, a notebook's ``mesh.local.tls``
+    mesh), else Dask's TLS settings of this server; None where neither has it."""
+    # the certificate a mesh of this user shared for this very address first: the
+    # server's Dask TLS settings may be for other schedulers (another CA), and the
+    # handshake with this one failed
+    return discovery.security_for(address, runtime_dir) or configured_security()
 
 
 def configured_security() -> Any:
