@@ -207,6 +207,13 @@ def test_non_dask_input(mesh_devices):
 def test_unknown_site(mesh_devices):
     with pytest.raises(MeshError, match="no worker at site 'mars'"):
         plan_collections([pipeline()], mesh_devices, site="mars")
+    # the inventory's site of plain Dask workers: said as what it is (it listed the
+    # mesh's sites as if 'unknown', which the inventory had just shown, were none)
+    with pytest.raises(MeshError, match=r"^no worker at site 'unknown': the mesh has sites "
+                       r".*\('unknown' is where the inventory shows plain Dask workers, "
+                       r"which have no site: start them with --preload "
+                       r"jupyter_mesh.worker --site NAME\)$"):
+        plan_collections([pipeline()], mesh_devices, site="unknown")
 
 
 def test_jax_never_gets_ops_outside_its_table():

@@ -67,7 +67,7 @@ from .layers import (
     submission,
     use_layer_plan,
 )
-from .placement import allowed_pools, parse_route_or_error, plan_model
+from .placement import PLAIN_SITE, allowed_pools, no_site, parse_route_or_error, plan_model
 from .plan import Plan, PlanModel, Report
 from .rewrite import rewrite
 from .rewrite import submission as task_submission
@@ -1554,9 +1554,8 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
             _refuse_plain(inv, what)
     if not len(inv):
         raise _no_live_workers(mesh, f"run {funcname(fn)} on", "submit")
-    if site is not None and not any(d.site == site for d in inv):
-        sites = sorted({d.site for d in inv})
-        raise MeshError(f"no worker at site {site!r}: the mesh has sites {', '.join(sites)}")
+    if site is not None and (site == PLAIN_SITE or not any(d.site == site for d in inv)):
+        raise no_site(site, {d.site for d in inv})
     resource: str | None = None
     label = "any worker"
     # the backend the arguments go to: the one asked for (on="cpu": NumPy, on a

@@ -48,10 +48,7 @@ def allowed_pools(model: GraphModel, pools: list[Pool], route: str | Target,
     if site is not None:
         idx = [i for i in idx if pools[i].site == site]
         if not idx:
-            sites = sorted({p.site for p in pools})
-            raise MeshError(
-                f"no worker at site {site!r}: the mesh has sites {', '.join(sites) or 'none'}"
-            )
+            raise no_site(site, {p.site for p in pools})
     if not idx:
         raise MeshError("the mesh has no live workers to route to")
     matching = idx
@@ -133,6 +130,20 @@ def _func_name(func: Any) -> str | None:
     if not names:
         return None
     return ", ".join(dict.fromkeys(names))
+
+
+#: the site the inventory shows for a plain Dask worker (no jupyter_mesh on it)
+PLAIN_SITE = "unknown"
+
+
+def no_site(site: str, sites: Any) -> MeshError:
+    """No routed worker at ``site``: the sites the mesh has (its plain Dask workers,
+    shown at site 'unknown', have none a computation may be kept to)."""
+    said = ", ".join(sorted(set(sites) - {PLAIN_SITE})) or "none"
+    plain = (f" ('{PLAIN_SITE}' is where the inventory shows plain Dask workers, which "
+             f"have no site: start them with --preload jupyter_mesh.worker --site NAME)"
+             if site == PLAIN_SITE else "")
+    return MeshError(f"no worker at site {site!r}: the mesh has sites {said}{plain}")
 
 
 def task_memory(op: Any) -> float:
