@@ -1947,3 +1947,14 @@ def test_pins_that_cannot_be_kept_say_what_conflicts_and_what_to_do():
         "add reads data pinned to sites 'cloud' and 'edge', and pinned data never leaves "
         "its site, so no worker may read both: pin what it reads to one site, or leave "
         "one of them unpinned")
+
+
+def test_array_work_in_layers_of_no_dtype_of_their_own_stays_on_jax():
+    # Dask's tsqr builds layers with no dtype (dot-q3, r-inner): they were planned off
+    # JAX as "data of no known array type (a DataFrame's, a delayed value's)"
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    t = da.from_array(np.random.RandomState(0).random_sample((80, 10)), chunks=(20, 10))
+    plan = plan_collections([da.linalg.svd(t)[0]], devs, route="cpu:jax")
+    targets = {r["op"]: r["target"] for r in plan.rows}
+    assert targets["dot-q3"] == "cpu:jax", targets
+    assert not any("no known array type" in n for n in plan.notes), plan.notes

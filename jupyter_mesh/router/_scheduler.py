@@ -511,9 +511,8 @@ class RouterState:
             self._fail(ps, f"no live {_workers_of(label)} for {ps.timeout:g} s and "
                            f"fallback=False: the computation cannot finish as routed; "
                            f"bring such workers back (mesh.scale on a mesh started here, "
-                           f"jupyter-mesh worker elsewhere) and compute again"
-                           + ("" if ps.site is not None or ps.pins else
-                              ", or compute with fallback=True or another route"))
+                           f"jupyter-mesh worker elsewhere) and compute again, or "
+                           f"compute with fallback=True or another route")
             return
         sched = self.scheduler
         lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p

@@ -133,6 +133,10 @@ class OpInfo:
     #: why JAX does not run it, though its op table has the function ("integer
     #: data", "float16 data"...): what its tasks would run on a JAX worker is NumPy
     jax_off: str | None = None
+    #: its data comes from arrays (its dtype is known, or that of an op before it:
+    #: Dask's tsqr builds layers with no dtype of their own); False for a DataFrame's
+    #: ops and a delayed call on Python values
+    array_data: bool = False
     #: functions a task of the op passes to ``func`` as arguments (``map_blocks`` with
     #: ``enforce_ndim`` passes the user's to Dask's ``apply_and_enforce``)
     passes: tuple[Any, ...] = ()
@@ -602,6 +606,8 @@ def op_native(op: OpInfo, inputs: list[OpInfo] | tuple[OpInfo, ...] = ()) -> fro
     ``jax_ops.same_numbers``); ``op.jax_off`` says why."""
     native = native_backends(op.op_class, op.func, op.passes)
     op.jax_off = None
+    op.array_data = op.dtype_kind is not None or any(
+        getattr(i, "array_data", False) for i in inputs)
     if "jax" in native:
         op.jax_off = _jax_off(op, inputs)
         if op.jax_off is not None:
@@ -612,9 +618,9 @@ def op_native(op: OpInfo, inputs: list[OpInfo] | tuple[OpInfo, ...] = ()) -> fro
 def _jax_off(op: OpInfo, inputs: Any) -> str | None:
     from . import jax_ops
 
-    if op.dtype_kind is None:
-        # what is no known array (a DataFrame's columns, a delayed value's Python
-        # objects or lists): NumPy and pandas run it, on the host
+    if not op.array_data:
+        # what comes from no known array (a DataFrame's columns, a delayed value's
+        # Python objects or lists): NumPy and pandas run it, on the host
         return "data of no known array type (a DataFrame's, a delayed value's)"
     complex_data = False
     for o in (op, *inputs):
