@@ -965,6 +965,9 @@ def test_site_routes_within_site(mesh):
     np.testing.assert_allclose(got, y.compute(scheduler="sync"))
     ran = {w for r in mesh.last_report.rows for w in r["workers"]}
     assert ran and ran <= {d.name for d in mesh.inventory() if d.site == "lab"}
+    # and the report says where it was kept, as the plan does (it left site= out)
+    assert repr(mesh.last_report).startswith("Report (route=auto, site=lab): ")
+    assert repr(plan).startswith("Plan (route=auto, site=lab): ")
 
 
 

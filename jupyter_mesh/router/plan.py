@@ -420,7 +420,9 @@ class Report:
 
     def _header(self) -> str:
         return (
-            f"Report (route={self.plan.route}): {plural(self.plan.ntasks, 'task')}, "
+            f"Report (route={self.plan.route}"
+            f"{', site=' + self.plan.site if self.plan.site else ''}): "
+            f"{plural(self.plan.ntasks, 'task')}, "
             f"{_secs(self.wall_seconds)} wall, est. {_secs(self.plan.makespan)}"
         )
 
