@@ -17,6 +17,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any, Literal, overload
 
 import dask
@@ -223,29 +224,32 @@ def check_memory_limit(value: Any) -> Any:
     return parsed
 
 
-def check_site(site: Any) -> str:
+def check_site(site: Any, spell: Callable[[Any], str] = said) -> str:
+    """``site`` where it is a valid site name; ``spell`` writes values in the error
+    (:func:`said` as Python does, :func:`said_json` for a REST body)."""
     if not isinstance(site, str) or not _SITE_RE.match(site):
         raise MeshError(
-            f"site must be a name of letters, digits, '.', '_' or '-' (like 'local' or "
-            f"'edge-lab'), starting with a letter or digit, at most 63 characters, not "
-            f"{said(site)}"
+            f"site must be a name of letters, digits, {spell('.')}, {spell('_')} or "
+            f"{spell('-')} (like {spell('local')} or {spell('edge-lab')}), starting with a "
+            f"letter or digit, at most 63 characters, not {spell(site)}"
         )
     return site
 
 
-def check_address(address: Any) -> str:
-    """Normalise a scheduler address (``host:port`` means ``tcp://host:port``)."""
+def check_address(address: Any, spell: Callable[[Any], str] = said) -> str:
+    """Normalise a scheduler address (``host:port`` means ``tcp://host:port``);
+    ``spell`` writes values in the error, as in :func:`check_site`."""
     if not isinstance(address, str) or not address.strip():
-        raise MeshError(f"malformed address {said(address)}: use tcp://HOST:PORT or tls://HOST:PORT")
+        raise MeshError(f"malformed address {spell(address)}: use tcp://HOST:PORT or tls://HOST:PORT")
     address = address.strip()
     if "://" not in address:
         address = "tcp://" + address
     scheme, rest = address.split("://", 1)
     if scheme.lower() not in _SCHEMES:
         # http:// (a dashboard's address), ucx://...: not a protocol the mesh speaks
-        raise MeshError(f"{said(address)}: a Dask scheduler's address starts with "
+        raise MeshError(f"{spell(address)}: a Dask scheduler's address starts with "
                         f"{' or '.join(f'{s}://' for s in sorted(_SCHEMES))}, not "
-                        f"{scheme!r}: use tcp://HOST:PORT or tls://HOST:PORT")
+                        f"{spell(scheme)}: use tcp://HOST:PORT or tls://HOST:PORT")
     address = f"{scheme.lower()}://{rest}"  # TCP://host:1 as Dask takes it
     try:
         scheme, loc = parse_address(address)
@@ -257,7 +261,7 @@ def check_address(address: Any) -> str:
         host.encode("idna")  # a name no resolver takes ('\ud800')
     except Exception:
         raise MeshError(
-            f"malformed address {said(address)}: use tcp://HOST:PORT or tls://HOST:PORT"
+            f"malformed address {spell(address)}: use tcp://HOST:PORT or tls://HOST:PORT"
         ) from None
     return address
 

@@ -210,9 +210,9 @@ def test_an_unknown_id_of_any_characters_is_a_json_404(api, mesh_id):
         ("POST", ("meshes", "connect"), '{"address": ' + "[" * 100_000 + "]" * 100_000 + "}",
          "nested too deeply"),
         # schemes a mesh does not connect over, and a host no resolver takes
-        ("POST", ("meshes", "connect"), '{"address": "inproc://x"}', "not 'inproc'"),
+        ("POST", ("meshes", "connect"), '{"address": "inproc://x"}', "not \"inproc\""),
         ("POST", ("meshes", "connect"), '{"address": "ucx://127.0.0.1:5"}',
-         "starts with tcp:// or tls:// or ws:// or wss://, not 'ucx'"),
+         "starts with tcp:// or tls:// or ws:// or wss://, not \"ucx\""),
         ("POST", ("meshes", "connect"), '{"address": "\\ud800:9"}', "malformed address"),
     ],
 )

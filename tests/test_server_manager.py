@@ -47,12 +47,13 @@ class FakePlan:
         ({"site": None}, 'site must be a name in quotes, like "edge-lab", not null'),
         ({"site": True}, 'site must be a name in quotes, like "edge-lab", not true'),
         # Mesh.local's rule, said before anything starts
-        ({"site": "a b"}, "site must be a name of letters, digits, '.', '_' or '-' (like "
-                          "'local' or 'edge-lab'), starting with a letter or digit, at most "
-                          "63 characters, not 'a b'"),
+        # values as JSON spells them, not as Python does
+        ({"site": "a b"}, 'site must be a name of letters, digits, ".", "_" or "-" (like '
+                          '"local" or "edge-lab"), starting with a letter or digit, at most '
+                          '63 characters, not "a b"'),
         # within the characters, but not the rest of the rule, which the message says
-        ({"site": "-lab"}, "starting with a letter or digit, at most 63 characters, not '-lab'"),
-        ({"site": "x" * 64}, "at most 63 characters, not 'xxxx"),
+        ({"site": "-lab"}, 'starting with a letter or digit, at most 63 characters, not "-lab"'),
+        ({"site": "x" * 64}, 'at most 63 characters, not "xxxx'),
         ({"site": 3}, "site must be a name"),
         ({"gpu": "AUTOMATIC"}, "gpu must be a whole number from 0 to"),
         ({"workers": 3}, "unknown option(s) workers"),
@@ -105,7 +106,11 @@ def test_scale_counts_are_validated(body, message):
         ({}, "address is required"),
         ({"address": None}, 'address must be text, like "tcp://host:8786", not null'),
         ({"address": ["x"]}, 'address must be text, like "tcp://host:8786", not ["x"]'),
-        ({"address": "not an address at all"}, "malformed address"),
+        ({"address": "not an address at all"},
+         'malformed address "tcp://not an address at all": use tcp://HOST:PORT'),
+        ({"address": "http://127.0.0.1:8787"},
+         '"http://127.0.0.1:8787": a Dask scheduler\'s address starts with tcp:// or '
+         'tls:// or ws:// or wss://, not "http"'),
         ({"address": "tcp://127.0.0.1:1", "timeout": -1}, "timeout must be"),
         ({"address": "tcp://127.0.0.1:1", "timeout": 0},
          "timeout must be a number of seconds in (0, 120], not 0"),

@@ -177,7 +177,7 @@ def validate_start(body: Any) -> dict[str, Any]:
                          f'{said_json(body["site"])}')
     if "site" in body:
         try:  # the rule of Mesh.local, before anything starts
-            kwargs["site"] = check_site(body["site"])
+            kwargs["site"] = check_site(body["site"], spell=said_json)
         except MeshError as exc:
             raise BadRequest(str(exc)) from None
     return kwargs
@@ -211,7 +211,7 @@ def validate_connect(body: Any, tls: Callable[[str], Any] = lambda address: None
         raise BadRequest(f'address must be text, like "tcp://host:8786", not '
                          f'{said_json(body["address"])}')
     try:
-        address = check_address(body["address"])
+        address = check_address(body["address"], spell=said_json)
     except MeshError as exc:
         raise BadRequest(str(exc)) from None
     timeout = body.get("timeout")
