@@ -1958,3 +1958,29 @@ def test_array_work_in_layers_of_no_dtype_of_their_own_stays_on_jax():
     targets = {r["op"]: r["target"] for r in plan.rows}
     assert targets["dot-q3"] == "cpu:jax", targets
     assert not any("no known array type" in n for n in plan.notes), plan.notes
+
+
+def test_an_item_of_a_linalg_result_is_planned_on_numpy_and_unneeded_layers_are_not():
+    # getitem(qr_result, 0) takes Q of NumPy's (Q, R): it was planned and labelled
+    # cpu:jax, and ran NumPy on the JAX worker; and an svd's singular values alone
+    # counted the layer of Q (Dask's culling keeps a whole layer when it is asked for
+    # as many keys as the layer has tasks), which the scheduler never ran
+    devs = [dev("c0", "cpu", "numpy", CPU), dev("j0", "cpu", "jax", CPU)]
+    t = da.from_array(np.random.RandomState(0).random_sample((40, 10)), chunks=(10, 10))
+    q, r = da.linalg.qr(t)
+    plan = plan_collections([q], devs, route="cpu:jax")
+    targets = {row["op"]: row["target"] for row in plan.rows}
+    for label in ("getitem-r1", "getitem-q1", "getitem-q2-aux"):
+        assert targets[label] == "cpu:numpy", targets
+    # (Q's blocks, sliced out of one array, stay on JAX)
+    assert targets["getitem-q2"] == "cpu:jax" and targets["dot-q3"] == "cpu:jax"
+    assert any("an item of a linalg op's results" in n and "getitem-q1" in n
+               for n in plan.notes), plan.notes
+    u, s, v = da.linalg.svd(t)
+    plan = plan_collections([s], devs, route="cpu:jax")
+    ops = [row["op"] for row in plan.rows]
+    assert "getitem-q2-aux" not in ops and ops[-1] == "getitem-s2", ops
+    assert sum(row["tasks"] for row in plan.rows) == len(plan.model.keys) == 17
+    # asked for Q too, its layers are back
+    plan = plan_collections([s, u], devs, route="cpu:jax")
+    assert "getitem-q2-aux" in [row["op"] for row in plan.rows]

@@ -9,6 +9,7 @@ block size of its inputs.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections import deque
 from collections.abc import Iterable
@@ -152,6 +153,9 @@ class OpInfo:
     #: every task of the op is data the graph carries (``da.from_array``'s blocks, a
     #: ``delayed`` constant): no function runs, the worker that holds it hands it on
     data: bool = False
+    #: its tasks take one item of a tuple by its position (``getitem(qr_result, 0)``,
+    #: how Dask's linear algebra takes Q of NumPy's ``(Q, R)``)
+    picks_item: bool = False
 
     def to_row(self) -> dict[str, Any]:
         return {"op": self.label, "class": self.op_class, "tasks": self.tasks}
@@ -218,6 +222,22 @@ def _enforced(func: Any, kwargs: Any) -> Any:
     inner = (kwargs or {}).get("enforce_dtype_function")
     inner = getattr(inner, "value", inner) if isinstance(inner, DataNode) else inner
     return inner if callable(inner) else None
+
+
+def picks_item(node: Any) -> bool:
+    """Whether a task takes an item of what it reads by a whole-number position
+    (``getitem(x, 0)``), not a slice of an array (Dask's slicing passes a tuple)."""
+    if isinstance(node, Task):
+        args: Any = node.args
+        func = node.func
+    elif isinstance(node, tuple) and node and callable(node[0]):
+        func, args = node[0], node[1:]
+    else:
+        return False
+    if func is not operator.getitem or len(args) != 2:
+        return False
+    index = args[1].value if isinstance(args[1], DataNode) else args[1]
+    return type(index) is int
 
 
 def passed_callables(node: Any) -> tuple[Any, ...]:
@@ -398,7 +418,7 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
                           func=func,
                           dtype_kind=layer_dtype_kind(layer if before is None else before),
                           dtype_name=layer_dtype_name(layer if before is None else before),
-                          passes=passed_callables(sample)))
+                          passes=passed_callables(sample), picks_item=picks_item(sample)))
         metas.append(_layer_meta(layer if before is None else before, sample))
         ops[-1].peak_out_bytes = _largest_block_bytes(layer if before is None else before,
                                                       sample)
@@ -412,6 +432,14 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         tasks = raw  # already task objects (e.g. blockwise layers): nothing to convert
     else:
         tasks = convert_legacy_graph(raw)
+    tasks = _needed_only(tasks, keyset)
+    if len(tasks) < len(layer_of_key):
+        # drop the ops left without tasks, and number the others again
+        kept = sorted({layer_of_key[k] for k in tasks})
+        renumber = {old: new for new, old in enumerate(kept)}
+        ops = [ops[i] for i in kept]
+        metas = [metas[i] for i in kept]
+        layer_of_key = {k: renumber[layer_of_key[k]] for k in tasks}
     computed = {layer_of_key[k] for k, v in tasks.items() if not isinstance(v, DataNode)}
     for idx, op in enumerate(ops):
         op.data = idx not in computed
@@ -462,6 +490,26 @@ def _build_model_by_layer(tasks: dict[Any, GraphNode], layer_of_key: dict[Any, i
         op.native = op_native(op, [ops[p] for p in read[li] if p != li])
     return GraphModel(ops=ops, keys=keys, layer=layer, deps=deps, outputs=list(outputs),
                       tasks=tasks)
+
+
+def _needed_only(tasks: dict[Any, Any], keys: set[Any]) -> dict[Any, Any]:
+    """The tasks that ``keys`` need. Dask's culling of a HighLevelGraph keeps a whole
+    layer where it is asked for as many keys as the layer has tasks, whichever keys
+    (an svd's singular values kept the layer of its Q); the scheduler culls by key,
+    and the plan counted tasks that never ran."""
+    seen = set(keys)
+    work = list(keys)
+    while work:
+        node = tasks.get(work.pop())
+        if node is None:
+            continue
+        for d in node.dependencies:
+            if d not in seen:
+                seen.add(d)
+                work.append(d)
+    if len(seen) >= len(tasks):
+        return tasks
+    return {k: v for k, v in tasks.items() if k in seen}
 
 
 def _group_dict(dsk: Any) -> HighLevelGraph:
@@ -622,6 +670,9 @@ def _jax_off(op: OpInfo, inputs: Any) -> str | None:
         # what comes from no known array (a DataFrame's columns, a delayed value's
         # Python objects or lists): NumPy and pandas run it, on the host
         return "data of no known array type (a DataFrame's, a delayed value's)"
+    if op.picks_item and any(i.op_class == "linalg" for i in inputs):
+        # Q of NumPy's (Q, R): the tuple is no array JAX takes, and the item is NumPy's
+        return "an item of a linalg op's results"
     complex_data = False
     for o in (op, *inputs):
         kind, name = o.dtype_kind, o.dtype_name

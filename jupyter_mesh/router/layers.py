@@ -51,6 +51,7 @@ from .classify import (
     op_native,
     passed_callables,
     peak_out,
+    picks_item,
     sample_node,
     task_cost,
 )
@@ -173,7 +174,9 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         ops.append(OpInfo(name=name, label=label, op_class=classify_label(label, func),
                           tasks=n, func=func, dtype_kind=layer_dtype_kind(layer),
                           dtype_name=layer_dtype_name(layer),
-                          passes=passes))
+                          passes=passes,
+                          picks_item=picks_item(
+                              layer.task if isinstance(layer, Blockwise) else sample)))
         # data the graph carries (from_array's blocks), as the per-task model tells
         ops[-1].data = not isinstance(layer, Blockwise) and all(
             _is_data(v) for v in mapping.values())
