@@ -1061,6 +1061,39 @@ def test_fallback_never_moves_a_site_computation_out_nor_waits_for_nothing(left,
     assert "re-routed" in ps.events[0]
 
 
+@pytest.mark.parametrize("fallback", [True, False])
+def test_a_site_left_without_workers_is_said_as_such_with_fallback_on_or_off(fallback):
+    # with fallback=False, losing the only workers of a site= computation said "compute
+    # with fallback=True or another route", which fails the same way: nothing may leave
+    # the site; both say what helps
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler({"tcp://c:1": "cloud"}, {"k1": "no-worker"})
+    ps = PlanState("p", [("mesh-cpu-numpy", "edge", "cpu:numpy at edge")], fallback, 1.0,
+                   "edge")
+    ps.keys, ps.used = {"k1": 0}, {0}
+    st.plans["p"] = ps
+    st._expire("p", 0)
+    assert ps.failed == (
+        "no live worker at site 'edge', where the computation was kept (site=): the "
+        "computation cannot finish there; start a worker at 'edge' (jupyter-mesh worker "
+        "ADDRESS --site edge) and run it again, or run it without site=")
+    assert asked == []
+    # with workers left at the site, fallback=False says its own
+    st.scheduler, asked = _stub_scheduler({"tcp://e:1": "edge"}, {"k1": "no-worker"})
+    ps = PlanState("q", [("mesh-gpu-cupy", "edge", "gpu:cupy at edge")], fallback, 1.0,
+                   "edge")
+    ps.keys, ps.used = {"k1": 0}, {0}
+    st.plans["q"] = ps
+    st._expire("q", 0)
+    if fallback:
+        assert ps.failed is None and asked == [{"k1": "processing"}]
+    else:
+        assert ps.failed.startswith("no live gpu:cupy worker at edge for 1 s and "
+                                    "fallback=False: ")
+
+
 def test_a_fallback_timer_says_nothing_once_its_computation_is_over(caplog):
     # a computation that failed (or finished) before its lost pool's timer ran out:
     # the scheduler logged "lost every ...: 0 routed tasks re-routed" after it

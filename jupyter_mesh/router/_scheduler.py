@@ -507,6 +507,14 @@ class RouterState:
         if self._alive(ps, p):
             return
         label = ps.pools[p][2]
+        lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p
+                       for s in [ps.pins.get(k) or ps.site] if s and not self._site_workers(s)})
+        if lost:
+            # data pinned to a site, or a computation kept at one (site=), never leaves
+            # it: fail rather than move it, whether fallback is on or not (fallback=True
+            # would not help, as the advice of fallback=False said)
+            self._fail(ps, _no_site_left(*lost[0]))
+            return
         if not ps.fallback:
             self._fail(ps, f"no live {_workers_of(label)} for {ps.timeout:g} s and "
                            f"fallback=False: the computation cannot finish as routed; "
@@ -515,13 +523,6 @@ class RouterState:
                            f"compute with fallback=True or another route")
             return
         sched = self.scheduler
-        lost = sorted({(s, k in ps.pins) for k, q in ps.keys.items() if q == p
-                       for s in [ps.pins.get(k) or ps.site] if s and not self._site_workers(s)})
-        if lost:
-            # data pinned to a site, or a computation kept at one (site=), never leaves
-            # it: fail rather than move it
-            self._fail(ps, _no_site_left(*lost[0]))
-            return
         if not sched.workers:
             self._fail(ps, no_worker_left(ps.timeout, _last_lost(sched)))
             return
