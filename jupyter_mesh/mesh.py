@@ -233,6 +233,13 @@ def check_site(site: Any, spell: Callable[[Any], str] = said) -> str:
             f"{spell('-')} (like {spell('local')} or {spell('edge-lab')}), starting with a "
             f"letter or digit, at most 63 characters, not {spell(site)}"
         )
+    if site == "unknown":
+        # (router.placement.PLAIN_SITE) workers there were taken for plain ones: a
+        # computation could not be kept to them, and errors listed no site
+        raise MeshError(
+            f"site {spell(site)} is where the mesh shows plain Dask workers (which have no "
+            f"site): name yours otherwise, like {spell('lab')}"
+        )
     return site
 
 

@@ -500,6 +500,9 @@ def _has_cuda() -> bool:
     (["--site", "a/b"], "site must be a name of letters, digits, '.', '_' or '-' (like "
                         "'local' or 'edge-lab'), starting with a letter or digit, at most "
                         "63 characters, not 'a/b'"),
+    # the inventory's site of plain Dask workers: workers there were taken for plain
+    (["--site", "unknown"], "site 'unknown' is where the mesh shows plain Dask workers "
+                            "(which have no site): name yours otherwise, like 'lab'"),
     # a GPU asked for where there is none: it joined as a plain CPU worker after a
     # traceback
     (["--backend", "warp"], "unknown backend 'warp': the registered backends are cupy, "

@@ -57,6 +57,7 @@ def test_start_status_and_compute(ip, started, capsys):
         ("start --threads 0", "--threads must be a whole number >= 1"),
         ('start --site ""', "--site: site must be a name"),
         ("start --site a/b", "--site: site must be a name"),
+        ("start --site unknown", "--site: site 'unknown' is where the mesh shows plain Dask"),
         ("start --replace --gpu 2", "no CUDA GPU found for --gpu 2 .*--jax-cpu N"),
         ("start --replace --tpu 1", "no TPU found"),
         ("start", "already active.*--replace"),

@@ -130,6 +130,7 @@ def test_reprs(mesh):
         ({"jax_cpu": -2}, "jax_cpu must be"),
         ({"site": ""}, "site must be"),
         ({"site": "has space"}, "site must be"),
+        ({"site": "unknown"}, "site .unknown. is where the mesh shows plain Dask workers"),
         ({"cpu": 0, "gpu": 0, "tpu": 0}, "at least one device"),
         ({"threads_per_worker": 0}, "threads_per_worker must be"),
         ({"threads_per_worker": "many"}, "threads_per_worker must be"),

@@ -55,6 +55,7 @@ class FakePlan:
         ({"site": "-lab"}, 'starting with a letter or digit, at most 63 characters, not "-lab"'),
         ({"site": "x" * 64}, 'at most 63 characters, not "xxxx'),
         ({"site": 3}, "site must be a name"),
+        ({"site": "unknown"}, 'site "unknown" is where the mesh shows plain Dask workers'),
         ({"gpu": "AUTOMATIC"}, "gpu must be a whole number from 0 to"),
         ({"workers": 3}, "unknown option(s) workers"),
         ({"threads_per_worker": 0}, "threads_per_worker must be a whole number from 1 to"),
