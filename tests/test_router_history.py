@@ -127,6 +127,14 @@ def test_ops_of_no_known_array_type_teach_nothing():
     h = RunHistory()
     assert h.learn(plan, records_for(plan, lambda i, op, w: 1.0), 1.0) == 0
     assert len(h) == 0
+    # an op with no dtype of its own that reads arrays (Dask's tsqr builds its qr and
+    # getitem layers so) is array work: it teaches (it was skipped, and a qr's linalg
+    # ratio was never learned)
+    for op in model.ops:
+        op.array_data = True
+    plan = planned(devices, model)
+    assert h.learn(plan, records_for(plan, lambda i, op, w: 1.0), 1.0) > 0
+    assert h.ratio(plan.pools[0], "matmul", "numpy") != 1.0
 
 
 def test_ratios_blend_in_log_space_are_capped_and_expire(monkeypatch):

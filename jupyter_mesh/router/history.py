@@ -135,8 +135,12 @@ class RunHistory:
             op = op_of(key)
             p = where.get(addr, -1)
             # (an op of no known array type, a DataFrame's or a delayed value's, has
-            # block sizes the model guesses: its times would scale array ops' estimates)
-            if op is None or p < 0 or secs <= 0 or getattr(op, "dtype_kind", None) is None:
+            # block sizes the model guesses: its times would scale array ops' estimates;
+            # an op with no dtype of its own that reads arrays, as Dask's tsqr builds
+            # them, is array work: see classify.op_native)
+            if op is None or p < 0 or secs <= 0 or (
+                    getattr(op, "dtype_kind", None) is None
+                    and not getattr(op, "array_data", False)):
                 continue
             got = seen.get((id(op), p, backend))
             if got is None:
