@@ -1905,7 +1905,7 @@ def test_sizes_take_the_unit_of_the_number_as_written(value, said):
 
 @pytest.mark.parametrize("value, said", [
     (2.0, "2.00 s"), (0.99996, "1.00 s"), (0.5, "500.0 ms"), (0.00099996, "1.0 ms"),
-    (0.0009994, "999 µs"), (1e-7, "0 µs"),
+    (0.0009994, "999 µs"), (1e-7, "0 µs"), (float("nan"), "nan s"), (float("inf"), "inf s"),
 ])
 def test_times_take_the_unit_of_the_number_as_written(value, said):
     from jupyter_mesh.router.plan import _secs

@@ -504,6 +504,8 @@ def _target_text(c: Counter[str]) -> str:
 
 
 def _secs(s: float) -> str:
+    if s != s or s in (float("inf"), float("-inf")):
+        return f"{s} s"  # (no unit to pick; rounding it raised ValueError)
     # by the number as it is written: 0.99996 s is 1.00 s, not 1000.0 ms
     if round(s * 1e3, 1) >= 1000:
         return f"{s:.2f} s"
