@@ -59,6 +59,52 @@ def test_worker_dying_during_a_cell(mesh, capsys):
     assert "is gone" in capsys.readouterr().err
 
 
+def test_a_worker_killed_just_before_a_cell_is_never_said_to_have_run_it(mesh, capsys,
+                                                                         tmp_path):
+    # a pooled connection to a worker killed a moment before looks alive: the cell was
+    # written into it, and the notebook said the worker "died while running the cell
+    # (out of memory is the usual cause...)", though the cell never began; the worker
+    # now says it has a cell before running it, so which of the two it was is known
+    for attempt in range(3):
+        mark = tmp_path / f"ran-{attempt}"
+        first = mesh.run_cell("import os\nos.getpid()", value=True)
+        os.kill(first.value, signal.SIGKILL)
+        try:
+            mesh.run_cell(f"open({str(mark)!r}, 'w').write('x')")
+        except jm.MeshError as exc:
+            # (the worker died before the cell reached it)
+            assert str(exc).startswith(
+                "worker cpu-0 (cpu:numpy) died before the cell reached it: the cell did "
+                "not run; its remote namespace is lost (the next cell picks another "
+                "worker); run the cell again"), exc
+            assert not mark.exists()
+        else:  # (the notebook saw the worker gone, and waited for the next one)
+            assert mark.exists()
+        replaced(mesh, first.worker)
+        capsys.readouterr()
+
+
+def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh):
+    from types import SimpleNamespace
+
+    from jupyter_mesh.inventory import Device
+    from jupyter_mesh.remote._client import RemoteCells, _Run
+
+    class Cells(RemoteCells):
+        mesh = SimpleNamespace(closed=False, _check_reachable=lambda: None)
+        client = SimpleNamespace(sync=lambda f, *a: False)  # the worker is gone
+        namespaces: dict = {}
+
+    session = Cells.__new__(Cells)
+    device = Device(worker="tcp://127.0.0.1:9", name="cpu-0", kind="cpu", backend="numpy",
+                    model="cpu", memory=0, site="local", profile=None)
+    run = _Run(device, {}, sent=time.time(), broke_at=time.time())
+    run.failure = ConnectionError("closed")
+    assert "died before the cell reached it: the cell did not run" in session._lost(run)
+    run.heard = True
+    assert "died while running the cell (out of memory" in session._lost(run)
+
+
 def test_output_flushed_just_before_the_worker_dies_reaches_the_notebook(mesh, capsys):
     # as in a kernel, flush() returns once the output is sent: a cell that prints
     # its last words and then ends the process (a crash, os._exit) still shows them

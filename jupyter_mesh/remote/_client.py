@@ -256,6 +256,10 @@ class _Run:
     #: with --all, the unfinished last line per stream, held back so that the lines of
     #: several workers never mix within one line
     partial: dict[str, str] = field(default_factory=lambda: {"stdout": "", "stderr": ""})
+    #: whether the worker said it has the cell (see _worker_plugin.run), and when the
+    #: connection broke (0: it did not)
+    heard: bool = False
+    broke_at: float = 0.0
 
     @property
     def label(self) -> str:
@@ -627,9 +631,11 @@ class RemoteCells:
                     events.put(("fail", run, _Unreadable(exc)))
                     return
                 arrived = time.time()
+                run.heard = True
                 tag = msg.get("t") if isinstance(msg, dict) else None
                 if tag == "out":
-                    events.put(("out", run, (msg["items"], arrived)))
+                    if msg["items"]:  # (none: the worker has the cell, see _worker_plugin)
+                        events.put(("out", run, (msg["items"], arrived)))
                     continue
                 finished = True
                 if tag == "done":
@@ -638,6 +644,8 @@ class RemoteCells:
                     events.put(("fail", run, _worker_error(run.device, msg)))
                 return
         except BaseException as exc:
+            if isinstance(exc, (CommClosedError, OSError)):
+                run.broke_at = time.time()
             events.put(("fail", run, exc))
         finally:
             if not finished:
@@ -940,11 +948,17 @@ class RemoteCells:
                         f"mesh.scale (or %mesh scale) while it ran the cell; its remote "
                         f"namespace is gone with it (the next cell "
                         f"{'runs on the workers left' if several else 'picks another worker'})")
+            after = (f"its remote namespace is lost (the next cell "
+                     f"{'runs on the workers left' if several else 'picks another worker'})")
+            if not run.heard and run.broke_at:
+                # the connection broke before the worker said it had the cell (a pooled
+                # connection to a worker killed a moment before looks alive): it died
+                # before the cell began
+                return (f"worker {run.label} ({run.device.target}) died before the cell "
+                        f"reached it: the cell did not run; {after}; run the cell again")
             return (f"worker {run.label} ({run.device.target}) died while running the "
                     f"cell (out of memory is the usual cause: its nanny, where it has one, "
-                    f"restarts it); its "
-                    f"remote namespace is lost (the next cell "
-                    f"{'runs on the workers left' if several else 'picks another worker'})")
+                    f"restarts it); {after}")
         reason = str(exc).splitlines()[0] if exc is not None and str(exc) else \
             type(exc).__name__
         return f"lost the connection to worker {run.label} during the cell ({reason})"
