@@ -582,8 +582,12 @@ class MeshMagics(Magics):
             return
         address = mesh.address
         routed = _kernel_route(mesh)
+        owned = mesh.owns_cluster
         mesh.close()
-        print(f"Closed the mesh at {address}." + (
+        # a mesh this notebook connected to runs on for its owner and everyone else
+        done = (f"Closed the mesh at {address}." if owned else
+                f"Disconnected from the mesh at {address} (it runs on: its owner closes it).")
+        print(done + (
             f" Routing of plain Dask calls ({routed}) ended with it." if routed else ""))
 
     # ------------------------------------------------------------ router

@@ -379,6 +379,10 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog, monkeypatch
     with pytest.raises(UsageError, match=f"^the scheduler at {address} is not reachable"):
         ip.run_line_magic("mesh", "reset-remote")
     assert time.monotonic() - t0 < 2
+    # as does %mesh route auto (it was accepted; a forced target was not); off is
+    with pytest.raises(UsageError, match=f"^the scheduler at {address} is not reachable"):
+        ip.run_line_magic("mesh", "route auto")
+    ip.run_line_magic("mesh", "route off")
     # displaying the mesh shows what is known and why no more (it raised, and a
     # notebook showed an error next to the text)
     shown = mesh._repr_html_()
@@ -391,7 +395,8 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog, monkeypatch
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         ip.run_line_magic("mesh", "close")  # still closes, naming the address
-    assert f"Closed the mesh at {address}" in capsys.readouterr().out
+    # (it only disconnects: the mesh was another's to close)
+    assert f"Disconnected from the mesh at {address} (it runs on" in capsys.readouterr().out
     assert mesh.closed and jm.mesh._state.active() is None
     # quietly: Dask's client logged its cancelled reconnect as an ERROR, two tracebacks
     assert not [r for r in caplog.records if r.name.startswith("distributed.client")]

@@ -1299,6 +1299,10 @@ def _checked_route(mesh: Mesh, mode: Any, fallback: bool) -> str | Target:
                 f"no live {route} worker: the mesh has {have}; use 'auto' "
                 f"or one of {', '.join(sorted(inv.by_target()))}"
             )
+    elif route != "off":
+        # (a forced target's inventory() says the same; "off" ends routing whatever
+        # state the mesh is in)
+        mesh._check_reachable()
     return route
 
 
