@@ -121,7 +121,7 @@ class MeshSchedulerPlugin(SchedulerPlugin):
     # ---------------------------------------------------------------- router
     def update_graph(self, scheduler: Any, *, tasks: Any = (), **kwargs: Any) -> None:
         """Set the per-key restrictions of routed computations (see router._scheduler)."""
-        self.router.update_graph(scheduler, tasks)
+        self.router.update_graph(scheduler, tasks, client=kwargs.get("client"))
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
         self.router.transition(key, finish, kwargs)

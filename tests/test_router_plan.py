@@ -1061,6 +1061,34 @@ def test_fallback_never_moves_a_site_computation_out_nor_waits_for_nothing(left,
     assert "re-routed" in ps.events[0]
 
 
+def test_a_failed_plan_never_fails_what_another_client_needs_too():
+    # two notebooks computing the same graph share its keys: one's fallback=False
+    # failure erred every waiting task of its plan, and the other's computation (plain,
+    # or routed with fallback) failed with the first one's error
+    from types import SimpleNamespace
+
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler({"tcp://c:1": "lab"},
+                                          {"mine": "no-worker", "shared": "no-worker"})
+    tasks = st.scheduler.tasks
+    a, b = SimpleNamespace(client_key="Client-a"), SimpleNamespace(client_key="Client-b")
+    # "shared" is read by a task another client wants; "mine" by one only this one does
+    reader = SimpleNamespace(who_wants=[b], dependents=[])
+    tasks["shared"].who_wants, tasks["shared"].dependents = [], [reader]
+    tasks["mine"].who_wants, tasks["mine"].dependents = [a], []
+    ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], False, 1.0, None)
+    ps.keys, ps.used, ps.client = {"mine": 0, "shared": 0}, {0}, "Client-a"
+    st.plans["p"] = ps
+    st._expire("p", 0)
+    assert ps.failed.startswith("no live gpu:cupy worker for 1 s and fallback=False")
+    assert tasks["mine"].state == "erred"
+    shared = tasks["shared"]
+    assert shared.state == "no-worker" and shared.resource_restrictions is None
+    assert asked == [{"shared": "processing"}]
+
+
 @pytest.mark.parametrize("fallback", [True, False])
 def test_a_site_left_without_workers_is_said_as_such_with_fallback_on_or_off(fallback):
     # with fallback=False, losing the only workers of a site= computation said "compute

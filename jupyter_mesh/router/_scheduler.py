@@ -86,6 +86,8 @@ class PlanState:
     records: dict[Any, tuple[str, str, float]] = field(default_factory=dict)
     #: the scheduler's task-stream index when the plan arrived (None: no task stream)
     cursor: int | None = None
+    #: the id of the Dask client that submitted it (None: not known)
+    client: str | None = None
 
 
 def _read_on_host(ts: Any, routed: dict[Any, str]) -> None:
@@ -229,7 +231,7 @@ class RouterState:
         return {"status": "OK", "forgotten": n}
 
     # ------------------------------------------------------------ plugin hooks
-    def update_graph(self, scheduler: Any, tasks: Any) -> None:
+    def update_graph(self, scheduler: Any, tasks: Any, client: str | None = None) -> None:
         """Restrict and order a routed graph's tasks as planned.
 
         It also forgets the routed tasks that nothing reads. A routed graph can bring
@@ -257,6 +259,8 @@ class RouterState:
             ts = scheduler.tasks.get(key)
             if ps is None or ts is None:
                 continue
+            if ps.client is None:
+                ps.client = client
             ps.keys[key] = p
             ps.used.add(p)
             self.owner[key] = pid
@@ -466,14 +470,28 @@ class RouterState:
         exc = pickle.dumps(MeshError(ps.failed))
         stimulus = f"jupyter-mesh-failed-{time.time()}"
         recs: dict[Any, str] = {}
+        freed: dict[Any, str] = {}
         for key in list(ps.keys):
             ts = sched.tasks.get(key)
             if ts is None or ts.state not in ("no-worker", "queued"):
+                continue
+            if _wanted_by_another(ts, ps.client):
+                # a key that another client's computation needs too (the same graph
+                # from another notebook, routed otherwise or not at all): this plan's
+                # failure is not theirs; the task may run anywhere now
+                ts.resource_restrictions = None
+                ts.worker_restrictions = None
+                ts.host_restrictions = None
+                ts.loose_restrictions = False
+                if ts.state == "no-worker":
+                    freed[key] = "processing"
                 continue
             recs.update(sched.transition(key, "erred", exception=exc, cause=key,
                                          stimulus_id=stimulus))
         if recs:
             sched.transitions(recs, stimulus_id=stimulus)
+        if freed:
+            sched.transitions(freed, stimulus_id=stimulus)
 
     def _check(self, ps: PlanState) -> None:
         for p in ps.used:
@@ -619,6 +637,25 @@ def lost_hint(events: Any) -> str:
                 f"it could not unpickle the task, e.g. a function from a module the "
                 f"workers cannot import; the worker's log says which)")
     return ""
+
+
+def _wanted_by_another(ts: Any, client: str | None) -> bool:
+    """Whether a client other than ``client`` wants ``ts``'s result or that of a task
+    that (directly or not) reads it. False where ``client`` is not known."""
+    if client is None:
+        return False
+    seen = {id(ts)}
+    work = [ts]
+    while work:
+        t = work.pop()
+        for cs in t.who_wants or ():
+            if getattr(cs, "client_key", client) != client:
+                return True
+        for d in t.dependents or ():
+            if id(d) not in seen:
+                seen.add(id(d))
+                work.append(d)
+    return False
 
 
 def _no_site_left(site: str, pinned: bool) -> str:
