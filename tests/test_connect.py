@@ -860,3 +860,39 @@ def test_a_computation_whose_scheduler_is_stopped_elsewhere_fails_in_one_line(no
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_remote_cell_running_when_the_mesh_closes_says_so(no_mesh):
+    # a mesh closed by its owner (another notebook) closes its workers first: a remote
+    # cell running then said its worker "died while running the cell (out of memory is
+    # the usual cause...)", and that the next cell picks another worker
+    import threading
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                           protocol="tcp://", host="127.0.0.1", dashboard_address=None)
+    address = cluster.scheduler_address
+    mesh = jm.Mesh.connect(address, set_current=False)
+    try:
+        mesh.run_cell("1")
+        outcome = []
+
+        def run():
+            try:
+                mesh.run_cell("import time\nfor i in range(60):\n    time.sleep(0.5)")
+            except BaseException as exc:
+                outcome.append(exc)
+
+        cell = threading.Thread(target=run)
+        cell.start()
+        time.sleep(1.5)
+        cluster.close()
+        cell.join(60)
+        assert not cell.is_alive()
+        said = str(outcome[0])
+        assert said.startswith((
+            f"the mesh's scheduler at {address} went away while the cell ran on ",
+            f"the scheduler at {address} is not reachable")), outcome
+        assert "out of memory" not in said and "\n" not in said
+    finally:
+        mesh.close()
+        cluster.close()

@@ -84,15 +84,21 @@ def test_a_worker_killed_just_before_a_cell_is_never_said_to_have_run_it(mesh, c
         capsys.readouterr()
 
 
-def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh):
+def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh,
+                                                                          monkeypatch):
     from types import SimpleNamespace
 
     from jupyter_mesh.inventory import Device
+    from jupyter_mesh.remote import _client
     from jupyter_mesh.remote._client import RemoteCells, _Run
+
+    monkeypatch.setattr(_client, "SCHEDULER_GRACE", 0.3)
 
     class Cells(RemoteCells):
         mesh = SimpleNamespace(closed=False, _check_reachable=lambda: None)
-        client = SimpleNamespace(sync=lambda f, *a: False)  # the worker is gone
+        # the worker is gone; the scheduler answers
+        client = SimpleNamespace(sync=lambda f, *a, **k: False,
+                                 scheduler=SimpleNamespace(identity=None))
         namespaces: dict = {}
 
     session = Cells.__new__(Cells)
@@ -103,6 +109,21 @@ def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh
     assert "died before the cell reached it: the cell did not run" in session._lost(run)
     run.heard = True
     assert "died while running the cell (out of memory" in session._lost(run)
+    # a worker gone, and then the scheduler too: the mesh was closed (by its owner, from
+    # another notebook, which closes the workers first), no worker "died"
+
+    def sync(f, *args, **kwargs):
+        if getattr(f, "__name__", "") == "_alive":
+            return False
+        raise OSError("connection refused")  # the scheduler's identity
+
+    Cells.client = SimpleNamespace(sync=sync, scheduler=SimpleNamespace(identity=None))
+    Cells.mesh = SimpleNamespace(closed=False, _check_reachable=lambda: None,
+                                 address="tcp://127.0.0.1:8786")
+    assert session._lost(run) == (
+        "the mesh's scheduler at tcp://127.0.0.1:8786 went away while the cell ran on "
+        "cpu-0 (its owner closed the mesh, or it stopped); the remote namespaces went "
+        "with it: run %mesh close, then %mesh start or %mesh connect ADDRESS")
 
 
 def test_output_flushed_just_before_the_worker_dies_reaches_the_notebook(mesh, capsys):

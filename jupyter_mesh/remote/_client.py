@@ -266,6 +266,10 @@ class _Run:
         return self.device.name or self.device.worker
 
 
+#: seconds a remote cell whose worker died waits to see whether the scheduler goes too
+#: (a mesh closed by its owner closes its workers first)
+SCHEDULER_GRACE = 2.0
+
 #: the largest first_line of a cell (its code is sent after as many blank lines)
 MAX_FIRST_LINE = 100_000
 
@@ -676,6 +680,19 @@ class RemoteCells:
                 raise _Gone(address) from None
             raise
 
+    def _scheduler_leaving(self, within: float) -> bool:
+        """Whether the scheduler stops answering within ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                self.client.sync(self.client.scheduler.identity, n_workers=0,
+                                 callback_timeout=5)
+            except Exception:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
     async def _alive(self, address: str) -> bool:
         info = await self.client.scheduler.identity(n_workers=-1)
         return address in info.get("workers", {})
@@ -948,6 +965,13 @@ class RemoteCells:
                         f"mesh.scale (or %mesh scale) while it ran the cell; its remote "
                         f"namespace is gone with it (the next cell "
                         f"{'runs on the workers left' if several else 'picks another worker'})")
+            if self._scheduler_leaving(SCHEDULER_GRACE):
+                # a mesh closed by its owner (another notebook) closes its workers
+                # first: the cell's worker was not lost, the whole mesh was
+                return (f"the mesh's scheduler at {self.mesh.address} went away while the "
+                        f"cell ran on {run.label} (its owner closed the mesh, or it "
+                        f"stopped); the remote namespaces went with it: run %mesh close, "
+                        f"then %mesh start or %mesh connect ADDRESS")
             after = (f"its remote namespace is lost (the next cell "
                      f"{'runs on the workers left' if several else 'picks another worker'})")
             if not run.heard and run.broke_at:
