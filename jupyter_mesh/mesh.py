@@ -9,6 +9,7 @@ import contextlib
 import html
 import logging
 import math
+import operator
 import os
 import re
 import signal
@@ -106,6 +107,9 @@ def check_count(name: str, value: Any, *, allow_auto: bool = False) -> int | str
         return "auto"
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
+    elif not isinstance(value, (bool, int)) and hasattr(value, "__index__"):
+        with contextlib.suppress(TypeError):
+            value = operator.index(value)  # NumPy's integers (np.int64(2)) too
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         allowed = "a whole number >= 0" + (" or 'auto'" if allow_auto else "")
         raise MeshError(f"{name} must be {allowed}, not {value!r}")
@@ -767,6 +771,7 @@ class Mesh:
                 raise MeshError(f"threads_per_worker must be a whole number from 1 to "
                                 f"{most_local_workers()} (four per core here), not "
                                 f"{threads_per_worker!r}")
+            threads_per_worker = threads  # ("2" and np.int64(2) as 2: Dask takes ints)
         memory_limit = check_memory_limit(memory_limit)
         if host is not None and not _config.is_host(host):
             raise MeshError(f"host must be an interface address like '127.0.0.1', not {host!r}")

@@ -957,3 +957,16 @@ def test_a_second_ctrl_c_as_the_process_ends_shows_no_traceback():
 
     mesh = Closing()
     _close_at_exit(weakref.ref(mesh))  # nothing raised
+
+
+def test_counts_given_as_text_or_numpy_integers_start_the_mesh_they_say(no_mesh):
+    # threads_per_worker="1" passed the check, then reached Dask's nanny as text: pages
+    # of tracebacks and "MeshNanny failed to start"; np.int64(1) was refused as "must
+    # be a whole number >= 0, not np.int64(1)"
+    import numpy as np
+
+    with jm.Mesh.local(cpu=np.int64(1), gpu=0, tpu=0, threads_per_worker="1",
+                       set_current=False) as m:
+        inv = m.inventory()
+        assert len(inv) == 1 and inv.devices[0].nthreads == 1
+        assert m.options["threads_per_worker"] == 1
