@@ -508,6 +508,7 @@ def numpy_semantics_cases():
     huge = da.from_array(np.array([3e38, 1e38, 2e38], np.float32), chunks=3)
     huge2 = da.from_array(np.array([[3e38, 1e38], [2e38, 3e38]], np.float32), chunks=2)
     small_c = da.from_array(np.array([1e-8 - 3e-8j, 1e-5 + 1e-5j], np.complex64))
+    cut = da.from_array(np.array([4 + 0j, 9 + 0j, 2.5 + 0j]), chunks=3)
     return {
         "int32 + float32": xi + xf,
         "sqrt of int8": da.sqrt(xi.astype(np.int8)),
@@ -559,6 +560,13 @@ def numpy_semantics_cases():
         "complex64 sinh of small numbers": da.sinh(small_c),
         "complex64 cosh of small numbers": da.cosh(small_c),
         "0j ** (0.5+0.5j)": da.from_array(np.array([0j, 4 + 0j])) ** (0.5 + 0.5j),
+        # on a branch cut NumPy takes the side the sign of a zero part says, XLA does
+        # not: sqrt(-(4+0j)) is -2j, and JAX gave +2j
+        "complex sqrt on its branch cut": da.sqrt(-cut),
+        "complex64 sqrt on its branch cut": da.sqrt(-cut.astype(np.complex64)),
+        "complex arccos on its branch cut": da.arccos(cut.conj() / 2),
+        "complex arccosh on its branch cut": da.arccosh(-cut),
+        "complex arcsinh on its branch cut": da.arcsinh(-(cut * 1j)),
     }
 
 

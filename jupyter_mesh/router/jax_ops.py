@@ -34,8 +34,12 @@ _FFT_FUNCS = {"fft", "ifft", "rfft", "irfft", "fft2", "ifft2", "fftn", "ifftn", 
 _UFUNCS_WITHOUT_JAX = {"isnat", "spacing", "exp2", "arcsin"}
 #: functions that JAX computes less exactly than NumPy, or with NaN, for complex
 #: input: sinh and cosh of small arguments (the real part of sinh lost in complex64),
-#: expm1, and 0j raised to a finite power (nan+nanj where NumPy gives 0)
-_COMPLEX_DIFFERS = frozenset({"sinh", "cosh", "expm1", "power", "float_power", "pow"})
+#: expm1, and 0j raised to a finite power (nan+nanj where NumPy gives 0); and those
+#: with a branch cut, where NumPy takes the side the sign of a zero part says and XLA
+#: does not (sqrt(-4-0j) is -2j, on JAX +2j; arctan(nan+nanj) has a finite part there)
+_COMPLEX_DIFFERS = frozenset({"sinh", "cosh", "expm1", "power", "float_power", "pow",
+                              "sqrt", "arccos", "arccosh", "arcsinh", "arctan",
+                              "arctanh"})
 #: functions that divide: XLA divides by a broadcast divisor as a product with its
 #: reciprocal, which is flushed to 0 past 2**126 (float32) or 2**1022 (float64), and
 #: the quotient with it
