@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -137,6 +138,40 @@ def test_errors_keep_only_the_cells_frames():
     assert outcome["status"] == "error" and outcome["ename"] == "KeyError"
     tb = outcome["traceback"]
     assert "_runner" not in tb and "<test cell>" in tb and "raise KeyError('k')" in tb
+
+
+def test_errors_leave_out_what_the_runner_calls_for_the_cell_but_not_what_it_calls():
+    # a failing __repr__ of the cell's value showed three frames of IPython's pretty
+    # printer (which the runner calls to show it) above the cell's own
+    code = ("class BadRepr:\n    def __repr__(self):\n        raise RuntimeError('repr broke')\n"
+            "BadRepr()")
+    _, done, box, _ = run_cell(code, want_value=True)
+    outcome = finish(done, box)
+    assert outcome["ename"] == "RuntimeError", outcome
+    tb = outcome["traceback"]
+    assert "IPython" not in tb and "pretty" not in tb, tb
+    assert "<test cell>" in tb and "raise RuntimeError('repr broke')" in tb
+    # Python's own library, called by the cell itself, stays in its traceback
+    _, done, box, _ = run_cell("import json\njson.loads('{x')")
+    tb = finish(done, box)["traceback"]
+    assert "json" + os.sep in tb and "<test cell>" in tb, tb
+
+
+def test_a_stopped_shell_command_ends_at_the_cells_line():
+    # the stop of a !command showed the selector's frame that polls it (ours) below
+    # the cell's line
+    from jupyter_mesh.remote._shell import RemoteShell
+
+    namespace: dict = {}
+    shell = RemoteShell(namespace)
+    namespace["get_ipython"] = lambda: shell
+    cell, done, box, _ = run_cell("get_ipython().system('sleep 30')", namespace,
+                                  show_value=False)
+    time.sleep(1.0)
+    cell.stop("interrupted")
+    tb = finish(done, box)["traceback"]
+    assert "selectors" not in tb and "_shell" not in tb, tb
+    assert "<test cell>" in tb
 
 
 def test_system_exit_and_own_keyboard_interrupt_are_errors():

@@ -361,8 +361,19 @@ def format_remote_traceback(exc: BaseException) -> str:
     cut = len(frames)
     if isinstance(exc, KeyboardInterrupt):
         cut = next((i for i, f in enumerate(frames) if f.filename in _OUTPUT), cut)
-    te.stack = traceback.StackSummary.from_list(
-        [f for f in frames[:cut] if not _machinery(f.filename)])
+    kept = []
+    called_by_ours = False
+    for f in frames[:cut]:
+        if _machinery(f.filename):
+            called_by_ours = True
+            continue
+        if called_by_ours and _helper(f.filename):
+            # what the runner calls on the cell's behalf (IPython's pretty printer for
+            # its value, a selector polling a !command): the cell's own frames only
+            continue
+        called_by_ours = False
+        kept.append(f)
+    te.stack = traceback.StackSummary.from_list(kept)
     return "".join(te.format())
 
 
@@ -370,9 +381,31 @@ def _machinery(filename: str) -> bool:
     return filename in _MACHINERY or os.path.dirname(filename) == _ASYNCIO_DIR
 
 
+def _helper(filename: str) -> bool:
+    """A frame of Python's own library (not a package installed beside it) or of
+    IPython's."""
+    path = os.path.abspath(filename)
+    if _IPYTHON_DIR and path.startswith(_IPYTHON_DIR):
+        return True
+    return path.startswith(_STDLIB_DIR) and not any(
+        part in ("site-packages", "dist-packages") for part in path.split(os.sep))
+
+
 _MACHINERY = {__file__, os.path.join(os.path.dirname(__file__), "_shell.py"),
               timeit.__file__}
 _ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
+_STDLIB_DIR = os.path.dirname(os.path.abspath(os.__file__)) + os.sep
+
+
+def _package_dir(name: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    origin = spec.origin if spec is not None else None
+    return os.path.dirname(os.path.abspath(origin)) + os.sep if origin else ""
+
+
+_IPYTHON_DIR = _package_dir("IPython")
 #: the modules that carry a cell's output to the notebook
 _OUTPUT = {os.path.join(os.path.dirname(__file__), name)
            for name in ("_streams.py", "_worker_plugin.py")}
