@@ -201,6 +201,10 @@ def test_remote_error_renders_every_worker():
     assert any("tpu-0 (tpu:jax)" in line for line in lines)
     assert str(err).startswith("ValueError: bad on worker cpu-0") and "1 more" in str(err)
     assert isinstance(err, MeshError)
+    # an exception with nothing to say is named alone ("KeyboardInterrupt:  on ...")
+    err = RemoteCellError([RemoteFailure("KeyboardInterrupt", "", "Traceback ...\n",
+                                         "tcp://1:1", "cpu-0", "cpu", "numpy")])
+    assert str(err).startswith("KeyboardInterrupt on worker cpu-0"), str(err)
 
 
 def test_what_an_error_says_in_one_line():

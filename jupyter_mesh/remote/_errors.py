@@ -80,7 +80,9 @@ class RemoteCellError(MeshError):
         # (a one-line error ends in what to do: where it happened goes in parentheses)
         where = (f" (on {first.where}{more})" if first.ename in ONE_LINE
                  else f" on {first.where}{more}")
-        super().__init__(f"{first.ename}: {first.evalue}{where}")
+        # (an exception with nothing to say, raise KeyboardInterrupt: its name alone)
+        said = f"{first.ename}: {first.evalue}" if first.evalue else first.ename
+        super().__init__(f"{said}{where}")
 
     def _render_traceback_(self) -> list[str]:
         lines: list[str] = []
