@@ -781,6 +781,11 @@ class Mesh:
         check_own_host(host, "host" if given else "config mesh.local.host")
         host = bracketed(host)
         dashboard = _config.dashboard_options(host)
+        dash_at = dashboard["dashboard_address"]
+        dash_host = dash_at[0] if isinstance(dash_at, tuple) else dash_at.rsplit(":", 1)[0]
+        if dash_host.strip("[]") != host.strip("[]"):
+            # (Dask said only "Cluster failed to start: [Errno 99] Cannot assign ...")
+            check_own_host(dash_host, "config mesh.local.dashboard-address: its host")
         security = _local_security() if _config.local_tls() else None
         pin_jax = _config.pin_jax()
         _profile.check_config()

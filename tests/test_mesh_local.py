@@ -331,6 +331,10 @@ A_FILE = object()  # stands for the path of a file
                                              r"be HOST:PORT like '127\.0\.0\.1:8787'.*, "
                                              r"not 'dashboard'"),
     ("local.dashboard-address", True, r"config mesh\.local\.dashboard-address must be"),
+    # a host that is not this machine's: Dask said "Cluster failed to start: [Errno 99]"
+    ("local.dashboard-address", "192.0.2.7:0", r"config mesh\.local\.dashboard-address: "
+                                               r"its host 192\.0\.2\.7 is not an address of "
+                                               r"this machine"),
     ("profile.cache-dir", 123, r"config mesh\.profile\.cache-dir must be a folder path, or "
                                r"null for ~/\.cache/jupyter-mesh, not 123"),
     ("profile.cache-dir", A_FILE, r"config mesh\.profile\.cache-dir must be a folder, but "
