@@ -44,6 +44,47 @@ def _unknown(config: Any, defaults: Any, prefix: str) -> list[tuple[str, str | N
     return out
 
 
+def check_sections() -> None:
+    """A :class:`MeshConfigError` for a ``mesh`` section that a Dask YAML file or a
+    ``DASK_MESH...`` variable gives a single value (``local: 5``): Dask merges this
+    package's defaults over it, and it vanished without a word."""
+    try:
+        given = dask.config.collect(paths=dask.config.paths)
+    except Exception:  # (a file Dask cannot read: Dask itself says so as it loads)
+        return
+    bad = _scalar_section(given.get("mesh"), DEFAULTS, "mesh")
+    if bad is not None:
+        key, value = bad
+        raise MeshConfigError(
+            f"config {key} is a section of settings ({', '.join(_section_keys(key))}), "
+            f"not {value!r} (in a Dask YAML file or a DASK_ variable): give it one "
+            f"setting per line under it (see the defaults in jupyter_mesh/mesh.yaml)"
+        )
+
+
+def _scalar_section(value: Any, defaults: Any, key: str) -> tuple[str, Any] | None:
+    node = defaults.get(key.rsplit(".", 1)[-1]) if isinstance(defaults, dict) else None
+    if not isinstance(node, dict) or value is None:
+        return None
+    if not isinstance(value, dict):
+        return key, value
+    known = {k.replace("_", "-"): k for k in node}
+    for name, sub in value.items():
+        k = known.get(str(name).replace("_", "-"))
+        if k is not None:
+            found = _scalar_section(sub, node, f"{key}.{k}")
+            if found is not None:
+                return found
+    return None
+
+
+def _section_keys(key: str) -> list[str]:
+    node: Any = DEFAULTS
+    for part in key.split("."):
+        node = node[part]
+    return sorted(node)
+
+
 _warned: set[str] = set()
 
 

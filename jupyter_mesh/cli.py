@@ -195,6 +195,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     from . import _config
     from .devices import _profile
 
+    _config.check_sections()
     _profile.check_config()
     for message in _config.unknown_key_messages():
         print(f"jupyter-mesh worker: {message}", file=sys.stderr, flush=True)

@@ -788,6 +788,7 @@ class Mesh:
             check_own_host(dash_host, "config mesh.local.dashboard-address: its host")
         security = _local_security() if _config.local_tls() else None
         pin_jax = _config.pin_jax()
+        _config.check_sections()
         _profile.check_config()
         _config.warn_unknown_keys()
         # and what the kernel reads from the mesh's first inventory on: a bad one said
@@ -954,6 +955,7 @@ class Mesh:
         check_replace(replace)
         check_flag("set_current", set_current)
         address = check_address(address)
+        _config.check_sections()
         _config.warn_unknown_keys()
         if timeout is None:
             timeout = _config.get_seconds("connect-timeout", allow_zero=False)

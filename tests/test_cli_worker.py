@@ -224,6 +224,10 @@ def test_cli_bad_input(args, message):
     (["worker", "tcp://127.0.0.1:1"], {"DASK_MESH__PROFILE__MEASURE_SECONDS": "abc"}, 2,
      "jupyter-mesh: config mesh.profile.measure-seconds must be a number of seconds, not "
      "'abc'"),
+    # a section given one value: Dask merged the defaults over it, and it was gone
+    (["worker", "tcp://127.0.0.1:1"], {"DASK_MESH__PROFILE": "abc"}, 2,
+     "jupyter-mesh: config mesh.profile is a section of settings (cache-dir, "
+     "measure-seconds), not 'abc' (in a Dask YAML file or a DASK_ variable)"),
     (["worker", "tcp://127.0.0.1:1"], {"DASK_MESH__PROFILE__CACHE_DIR": "/proc/nope"}, 2,
      "jupyter-mesh: config mesh.profile.cache-dir: "),
     (["worker", "tcp://127.0.0.1:1"], {"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "-1"}, 2,

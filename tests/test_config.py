@@ -6,7 +6,7 @@ import dask.config
 import pytest
 import yaml
 
-import jupyter_mesh  # noqa: F401
+import jupyter_mesh as jm
 from jupyter_mesh import _config, _state
 from jupyter_mesh.errors import MeshConfigError
 
@@ -159,6 +159,22 @@ def test_task_errors_leave_jupyter_mesh_frames_out_and_keep_the_users(tmp_path):
     with dask.config.set({"admin.traceback.shorten": []}), pytest.raises(KeyError) as info:
         run()
     assert names(info)[-4:] == ["caller", "compute", "routed", "user"]
+
+
+def test_a_section_given_one_value_in_a_yaml_file_is_said(monkeypatch, tmp_path, no_mesh):
+    # Dask merges this package's defaults over a section given a single value in a
+    # YAML file (or a DASK_MESH... variable): it vanished, and the mesh started with the
+    # defaults without a word
+    (tmp_path / "mine.yaml").write_text("mesh:\n  local: 5\n")
+    monkeypatch.setenv("DASK_CONFIG", str(tmp_path))
+    monkeypatch.setattr(dask.config, "paths", [*dask.config.paths, str(tmp_path)])
+    with pytest.raises(jm.MeshConfigError, match=(
+            r"^config mesh\.local is a section of settings \(dashboard-address, host, "
+            r"pin-jax, tls\), not 5 \(in a Dask YAML file or a DASK_ variable\): give it "
+            r"one setting per line under it")):
+        jm.Mesh.local(cpu=1, gpu=0, tpu=0, set_current=False)
+    with pytest.raises(jm.MeshConfigError, match=r"^config mesh\.local is a section"):
+        jm.Mesh.connect("tcp://127.0.0.1:1", set_current=False)
 
 
 def test_env_var_overrides(monkeypatch):
