@@ -1073,11 +1073,12 @@ def test_a_failed_plan_never_fails_what_another_client_needs_too():
     st.scheduler, asked = _stub_scheduler({"tcp://c:1": "lab"},
                                           {"mine": "no-worker", "shared": "no-worker"})
     tasks = st.scheduler.tasks
-    a, b = SimpleNamespace(client_key="Client-a"), SimpleNamespace(client_key="Client-b")
     # "shared" is read by a task another client wants; "mine" by one only this one does
-    reader = SimpleNamespace(who_wants=[b], dependents=[])
-    tasks["shared"].who_wants, tasks["shared"].dependents = [], [reader]
-    tasks["mine"].who_wants, tasks["mine"].dependents = [a], []
+    reader = SimpleNamespace(key="reader", dependencies=[tasks["shared"]])
+    tasks["shared"].dependencies = tasks["mine"].dependencies = []
+    st.scheduler.clients = {
+        "Client-a": SimpleNamespace(client_key="Client-a", wants_what=[tasks["mine"]]),
+        "Client-b": SimpleNamespace(client_key="Client-b", wants_what=[reader])}
     ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], False, 1.0, None)
     ps.keys, ps.used, ps.client = {"mine": 0, "shared": 0}, {0}, "Client-a"
     st.plans["p"] = ps
@@ -1086,6 +1087,20 @@ def test_a_failed_plan_never_fails_what_another_client_needs_too():
     assert tasks["mine"].state == "erred"
     shared = tasks["shared"]
     assert shared.state == "no-worker" and shared.resource_restrictions is None
+    assert asked == [{"shared": "processing"}]
+    # another routed computation kept to a site (site=, pin=) keeps its tasks there
+    st.scheduler, asked = _stub_scheduler({"tcp://c:1": "lab"}, {"shared": "no-worker"})
+    shared = st.scheduler.tasks["shared"]
+    shared.dependencies = []
+    st.scheduler.clients = {"Client-b": SimpleNamespace(client_key="Client-b",
+                                                        wants_what=[shared])}
+    ps = PlanState("q", [("mesh-gpu-cupy", None, "gpu:cupy")], False, 1.0, None)
+    ps.keys, ps.used, ps.client = {"shared": 0}, {0}, "Client-a"
+    theirs = PlanState("r", [("mesh-gpu-cupy", "lab", "gpu:cupy at lab")], True, 5.0, "lab")
+    theirs.keys, theirs.used, theirs.client = {"shared": 0}, {0}, "Client-b"
+    st.plans.update(q=ps, r=theirs)
+    st._expire("q", 0)
+    assert shared.resource_restrictions == {site_resource("lab"): 1}
     assert asked == [{"shared": "processing"}]
 
 

@@ -471,15 +471,19 @@ class RouterState:
         stimulus = f"jupyter-mesh-failed-{time.time()}"
         recs: dict[Any, str] = {}
         freed: dict[Any, str] = {}
+        others = _needed_by_others(sched, ps.client)
         for key in list(ps.keys):
             ts = sched.tasks.get(key)
             if ts is None or ts.state not in ("no-worker", "queued"):
                 continue
-            if _wanted_by_another(ts, ps.client):
+            if key in others:
                 # a key that another client's computation needs too (the same graph
                 # from another notebook, routed otherwise or not at all): this plan's
-                # failure is not theirs; the task may run anywhere now
-                ts.resource_restrictions = None
+                # failure is not theirs. The task may run on any worker, kept to the
+                # site another routed computation of it keeps it to (site=, pin=)
+                kept = next((s for q in self.plans.values() if q is not ps and key in q.keys
+                             for s in [q.pins.get(key) or q.site] if s), None)
+                ts.resource_restrictions = {site_resource(kept): 1} if kept else None
                 ts.worker_restrictions = None
                 ts.host_restrictions = None
                 ts.loose_restrictions = False
@@ -639,23 +643,22 @@ def lost_hint(events: Any) -> str:
     return ""
 
 
-def _wanted_by_another(ts: Any, client: str | None) -> bool:
-    """Whether a client other than ``client`` wants ``ts``'s result or that of a task
-    that (directly or not) reads it. False where ``client`` is not known."""
+def _needed_by_others(sched: Any, client: str | None) -> set[Any]:
+    """The keys that a client other than ``client`` wants, or that what it wants reads
+    (directly or not); empty where ``client`` is not known or no other client wants
+    anything. Linear in the other clients' graphs."""
     if client is None:
-        return False
-    seen = {id(ts)}
-    work = [ts]
+        return set()
+    seen: set[Any] = set()
+    work = [ts for key, cs in (getattr(sched, "clients", None) or {}).items()
+            if getattr(cs, "client_key", key) != client for ts in (cs.wants_what or ())]
     while work:
-        t = work.pop()
-        for cs in t.who_wants or ():
-            if getattr(cs, "client_key", client) != client:
-                return True
-        for d in t.dependents or ():
-            if id(d) not in seen:
-                seen.add(id(d))
-                work.append(d)
-    return False
+        ts = work.pop()
+        if ts.key in seen:
+            continue
+        seen.add(ts.key)
+        work.extend(d for d in (ts.dependencies or ()) if d.key not in seen)
+    return seen
 
 
 def _no_site_left(site: str, pinned: bool) -> str:
