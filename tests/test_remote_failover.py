@@ -46,13 +46,20 @@ def test_dead_sticky_worker_is_announced_and_replaced(mesh, capsys):
     assert mesh.run_cell("1").worker == new
 
 
-def test_worker_dying_during_a_cell(mesh, capsys):
+def test_worker_dying_during_a_cell(mesh, capsys, monkeypatch):
+    from jupyter_mesh.remote._client import RemoteCells
+
+    # (a mesh this kernel owns is closed by no one else: its scheduler is not waited
+    # on to see whether it goes away too, which took 2 s more per dead worker)
+    asked = []
+    monkeypatch.setattr(RemoteCells, "_scheduler_leaving", lambda self: asked.append(1))
     before = mesh.run_cell("2").worker
     with pytest.raises(jm.MeshError, match=r"died while running the cell \(out of memory is "
                                            r"the usual cause: its nanny, where it has one, restarts "
                                            r"it\); its "
                                            r"remote namespace is lost"):
         mesh.run_cell("import os\nos._exit(1)")
+    assert asked == []
     new = replaced(mesh, before)
     capsys.readouterr()
     assert mesh.run_cell("3").worker == new
@@ -74,9 +81,10 @@ def test_a_worker_killed_just_before_a_cell_is_never_said_to_have_run_it(mesh, c
         except jm.MeshError as exc:
             # (the worker died before the cell reached it)
             assert str(exc).startswith(
-                "worker cpu-0 (cpu:numpy) died before the cell reached it: the cell did "
-                "not run; its remote namespace is lost (the next cell picks another "
-                "worker); run the cell again"), exc
+                "worker cpu-0 (cpu:numpy) died before the cell reached it, so the cell did "
+                "not run (out of memory is the usual cause, a large --push for one: its "
+                "nanny, where it has one, restarts it); its remote namespace is lost (the "
+                "next cell picks another worker)"), exc
             assert not mark.exists()
         else:  # (the notebook saw the worker gone, and waited for the next one)
             assert mark.exists()
@@ -106,7 +114,7 @@ def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh
                     model="cpu", memory=0, site="local", profile=None)
     run = _Run(device, {}, sent=time.time(), broke_at=time.time())
     run.failure = ConnectionError("closed")
-    assert "died before the cell reached it: the cell did not run" in session._lost(run)
+    assert "died before the cell reached it, so the cell did not run" in session._lost(run)
     run.heard = True
     assert "died while running the cell (out of memory" in session._lost(run)
     # a worker gone, and then the scheduler too: the mesh was closed (by its owner, from
@@ -118,6 +126,7 @@ def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh
         raise OSError("connection refused")  # the scheduler's identity
 
     Cells.client = SimpleNamespace(sync=sync, scheduler=SimpleNamespace(identity=None))
+    session._leaving = (-1e9, False)  # (what the scheduler said last is kept a while)
     Cells.mesh = SimpleNamespace(closed=False, _check_reachable=lambda: None,
                                  address="tcp://127.0.0.1:8786")
     assert session._lost(run) == (

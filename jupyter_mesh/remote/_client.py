@@ -281,6 +281,9 @@ class RemoteCells:
     worker each ``(target, site)`` sticks to, and on which workers namespaces exist.
     """
 
+    #: when the scheduler was last asked whether it goes away, and what it said
+    _leaving: tuple[float, bool] = (-math.inf, False)
+
     def __init__(self, mesh: Mesh) -> None:
         self.mesh = mesh
         self.session = uuid.uuid4().hex
@@ -680,9 +683,19 @@ class RemoteCells:
                 raise _Gone(address) from None
             raise
 
-    def _scheduler_leaving(self, within: float) -> bool:
-        """Whether the scheduler stops answering within ``within`` seconds."""
-        deadline = time.monotonic() + within
+    def _scheduler_leaving(self) -> bool:
+        """Whether the scheduler stops answering within ``SCHEDULER_GRACE`` seconds
+        (asked once for the workers of one cell: the answer of the last ask is kept
+        that long)."""
+        now = time.monotonic()
+        asked_at, leaving = self._leaving
+        if now - asked_at < SCHEDULER_GRACE:
+            return leaving
+        leaving = self._scheduler_stops(now + SCHEDULER_GRACE)
+        self._leaving = (time.monotonic(), leaving)
+        return leaving
+
+    def _scheduler_stops(self, deadline: float) -> bool:
         while True:
             try:
                 self.client.sync(self.client.scheduler.identity, n_workers=0,
@@ -965,7 +978,7 @@ class RemoteCells:
                         f"mesh.scale (or %mesh scale) while it ran the cell; its remote "
                         f"namespace is gone with it (the next cell "
                         f"{'runs on the workers left' if several else 'picks another worker'})")
-            if self._scheduler_leaving(SCHEDULER_GRACE):
+            if not getattr(self.mesh, "owns_cluster", False) and self._scheduler_leaving():
                 # a mesh closed by its owner (another notebook) closes its workers
                 # first: the cell's worker was not lost, the whole mesh was
                 return (f"the mesh's scheduler at {self.mesh.address} went away while the "
@@ -979,7 +992,9 @@ class RemoteCells:
                 # connection to a worker killed a moment before looks alive): it died
                 # before the cell began
                 return (f"worker {run.label} ({run.device.target}) died before the cell "
-                        f"reached it: the cell did not run; {after}; run the cell again")
+                        f"reached it, so the cell did not run (out of memory is the usual "
+                        f"cause, a large --push for one: its nanny, where it has one, "
+                        f"restarts it); {after}")
             return (f"worker {run.label} ({run.device.target}) died while running the "
                     f"cell (out of memory is the usual cause: its nanny, where it has one, "
                     f"restarts it); {after}")

@@ -234,6 +234,12 @@ class RemoteCellsPlugin(WorkerPlugin):
                   run_id: str | None = None) -> Any:
         """Run a cell; answer with ``out`` messages, then one ``done`` message."""
         received = time.time()
+        # that the cell arrived (an "out" of nothing, as any client reads it), before
+        # its pushed values are rebuilt: a connection that breaks before this says the
+        # cell never reached the worker (one that died a moment before the cell was
+        # sent, or as its message came), one that breaks after, that it died with it
+        with contextlib.suppress(Exception):
+            await comm.write({"t": "out", "items": []})
         state = self.sessions.get(session)
         fresh = state is None
         if state is None:
@@ -257,12 +263,6 @@ class RemoteCellsPlugin(WorkerPlugin):
                     await comm.write({"t": "done", "status": "unreadable-push", "name": name,
                                       "reason": error_reason(exc), "fresh": fresh})
                     return Status.dont_reply
-        # that the cell arrived whole (an "out" of nothing, as any client reads it): a
-        # connection that breaks before this says the cell never began (a worker that
-        # died a moment before the cell was sent), one that breaks after, that it died
-        # while running it
-        with contextlib.suppress(Exception):
-            await comm.write({"t": "out", "items": []})
         if run_id is not None and run_id in self.cancelled:
             del self.cancelled[run_id]
             # stopped while its message came (the notebook stopped waiting then): the
