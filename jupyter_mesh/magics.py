@@ -583,10 +583,18 @@ class MeshMagics(Magics):
         address = mesh.address
         routed = _kernel_route(mesh)
         owned = mesh.owns_cluster
+        try:
+            mesh._check_reachable()
+            reachable = True
+        except MeshError:
+            reachable = False
         mesh.close()
         # a mesh this notebook connected to runs on for its owner and everyone else
+        # (unless its scheduler is gone already)
         done = (f"Closed the mesh at {address}." if owned else
-                f"Disconnected from the mesh at {address} (it runs on: its owner closes it).")
+                f"Disconnected from the mesh at {address} (it runs on: its owner closes it)."
+                if reachable else
+                f"Disconnected from the mesh at {address} (its scheduler was not reachable).")
         print(done + (
             f" Routing of plain Dask calls ({routed}) ended with it." if routed else ""))
 

@@ -141,7 +141,7 @@ def test_plaintext_client_is_refused_by_tls_scheduler(no_mesh, tls_cluster, cert
                         security=_security(certs, role_cert=False), timeout=3)
 
 
-def test_magic_tls_options(ip, no_mesh, tls_cluster, certs):
+def test_magic_tls_options(ip, no_mesh, tls_cluster, certs, capsys):
     ip.run_line_magic(
         "mesh",
         f"connect {tls_cluster.scheduler_address} --tls-ca-file {certs['ca']} "
@@ -150,7 +150,12 @@ def test_magic_tls_options(ip, no_mesh, tls_cluster, certs):
     mesh = jm.current()
     assert mesh.address == tls_cluster.scheduler_address
     assert da.ones(4, chunks=2).sum().compute() == 4
-    mesh.close()
+    # %mesh close of a mesh connected to disconnects, and says the mesh runs on (it
+    # said "Closed the mesh at ...", on a shared hub as if it had stopped it for all)
+    ip.run_line_magic("mesh", "close")
+    assert (f"Disconnected from the mesh at {tls_cluster.scheduler_address} (it runs on: "
+            f"its owner closes it)." in capsys.readouterr().out)
+    assert mesh.closed and tls_cluster.scheduler.status.name == "running"
 
 
 def test_non_dask_port_fails_within_timeout_naming_address(no_mesh, silent_port):
@@ -395,8 +400,9 @@ def test_close_after_the_scheduler_died(ip, no_mesh, capsys, caplog, monkeypatch
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         ip.run_line_magic("mesh", "close")  # still closes, naming the address
-    # (it only disconnects: the mesh was another's to close)
-    assert f"Disconnected from the mesh at {address} (it runs on" in capsys.readouterr().out
+    # (it only disconnects: the mesh was another's to close, and its scheduler is gone)
+    assert (f"Disconnected from the mesh at {address} (its scheduler was not reachable)"
+            in capsys.readouterr().out)
     assert mesh.closed and jm.mesh._state.active() is None
     # quietly: Dask's client logged its cancelled reconnect as an ERROR, two tracebacks
     assert not [r for r in caplog.records if r.name.startswith("distributed.client")]
