@@ -28,6 +28,13 @@ def colour_style(colour: str) -> str:
     return f"color:{fallback};color:{colour}" if fallback != colour else f"color:{colour}"
 
 
+def format_ms(seconds: float) -> str:
+    """Seconds as milliseconds, in two significant figures below 100 ms and as whole
+    milliseconds above (``.2g`` wrote 123 ms as "1.2e+02 ms")."""
+    ms = seconds * 1e3
+    return f"{ms:.2g} ms" if abs(ms) < 99.5 else f"{ms:.0f} ms"
+
+
 def format_bytes(n: float | int | None) -> str:
     if not n:
         return "-"

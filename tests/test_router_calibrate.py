@@ -313,3 +313,19 @@ def test_a_probe_that_fails_on_the_workers_is_a_clear_error_not_a_figure(mesh, m
                                         "here.: set mesh.task-overhead") as err:
         calibrate.measure(mesh.client, list(mesh.inventory()))
     assert "\n" not in str(err.value)
+
+
+def test_large_figures_are_written_as_numbers_not_in_scientific_notation():
+    # a busy host's or a remote mesh's figures of 100 ms or more read "1.2e+02 ms"
+    from jupyter_mesh.inventory import format_ms
+    from jupyter_mesh.router.calibrate import Calibration, format_rate
+
+    assert [format_ms(s) for s in (0.0012, 0.016, 0.0995, 0.123, 2.5)] == [
+        "1.2 ms", "16 ms", "100 ms", "123 ms", "2500 ms"]
+    assert format_rate(150e9) == "150 GB/s" and format_rate(2.5e9) == "2.5 GB/s"
+    text = repr(Calibration(task_overhead=0.123, network_latency=0.25, tasks=100, workers=2,
+                            seconds=3.0, dependency_latency=0.31, task_interval=0.0021,
+                            network_bandwidth=5e8, cpu_per_task=0.105, host_cores=2))
+    assert "e+" not in text
+    assert text.startswith("Calibration: 123 ms of Dask dispatch per task (one task every "
+                           "2.1 ms on the whole mesh), 310 ms from a task's end"), text

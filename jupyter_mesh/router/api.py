@@ -29,7 +29,7 @@ from ..errors import (
     check_flag,
     shorten_ours,
 )
-from ..inventory import Inventory
+from ..inventory import Inventory, format_ms
 from ..targets import Target, allowed_targets, site_resource
 from ._device import ANY_BACKEND, SubmitCall
 from ._scheduler import (
@@ -545,8 +545,8 @@ def _noted(plan: Any, cost: CostModel) -> Any:
     if cost.uncalibrated and plan.routed:
         plan.notes.append(
             f"Dask's own costs could not be measured on this mesh: planned with "
-            f"{cost.task_overhead * 1e3:.2g} ms per task and "
-            f"{cost.links.network_latency * 1e3:.2g} ms per transfer between workers "
+            f"{format_ms(cost.task_overhead)} per task and "
+            f"{format_ms(cost.links.network_latency)} per transfer between workers "
             f"(mesh.calibrate() tries again)")
     history = cost.history
     if history is not None and len(history) and plan.routed:
@@ -556,17 +556,18 @@ def _noted(plan: Any, cost: CostModel) -> Any:
     if cal is not None and plan.routed:
         what = []
         if configured_task_overhead() is None:
-            what.append(f"{cost.task_overhead * 1e3:.2g} ms of Dask dispatch per task")
+            what.append(f"{format_ms(cost.task_overhead)} of Dask dispatch per task")
         if configured_dependency_latency() is None:
-            what.append(f"{cost.dependency_latency * 1e3:.2g} ms from a task's end to the "
+            what.append(f"{format_ms(cost.dependency_latency)} from a task's end to the "
                         f"start of one waiting for it")
         if network_latency_auto() and cal.network_latency is not None:
-            what.append(f"{cal.network_latency * 1e3:.2g} ms more per transfer between "
+            what.append(f"{format_ms(cal.network_latency)} more per transfer between "
                         f"workers")
         if network_bandwidth_auto() and cal.network_bandwidth is not None:
             what.append(f"{format_rate(cal.network_bandwidth)} between workers")
         if what:
-            plan.notes.append(f"measured on this mesh: {' and '.join(what)} "
+            said = what[0] if len(what) == 1 else f"{', '.join(what[:-1])} and {what[-1]}"
+            plan.notes.append(f"measured on this mesh: {said} "
                               f"(mesh.calibrate() measures again)")
     return plan
 

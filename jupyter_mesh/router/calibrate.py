@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MeshError
+from ..inventory import format_ms
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -110,16 +111,16 @@ class Calibration:
     def __repr__(self) -> str:
         hop = ("no two workers at one site to time a transfer"
                if self.network_latency is None else
-               f"{self.network_latency * 1e3:.2g} ms more per transfer between workers")
+               f"{format_ms(self.network_latency)} more per transfer between workers")
         if self.network_bandwidth is not None:
             hop += f" and {format_rate(self.network_bandwidth)} between them"
         if self.host_cores:
-            hop += (f"; {self.cpu_per_task * 1e3:.2g} ms of CPU per task on the "
+            hop += (f"; {format_ms(self.cpu_per_task)} of CPU per task on the "
                     f"{self.host_cores} core{'s' * (self.host_cores != 1)} of the one host "
                     f"the scheduler and the workers share")
-        return (f"Calibration: {self.task_overhead * 1e3:.2g} ms of Dask dispatch per task "
-                f"(one task every {self.task_interval * 1e3:.2g} ms on the whole mesh), "
-                f"{self.dependency_latency * 1e3:.2g} ms from a task's end to the start of "
+        return (f"Calibration: {format_ms(self.task_overhead)} of Dask dispatch per task "
+                f"(one task every {format_ms(self.task_interval)} on the whole mesh), "
+                f"{format_ms(self.dependency_latency)} from a task's end to the start of "
                 f"one waiting for it, "
                 f"{hop} (measured on {self.workers} worker{'s' * (self.workers != 1)} "
                 f"with {self.tasks} tasks "
@@ -209,6 +210,8 @@ def _payload(nbytes: int, *_: Any) -> Any:
 
 def format_rate(bytes_per_second: float) -> str:
     """``1.1 GB/s``, ``350 MB/s``."""
+    if bytes_per_second >= 99.5e9:
+        return f"{bytes_per_second / 1e9:.0f} GB/s"
     if bytes_per_second >= 1e9:
         return f"{bytes_per_second / 1e9:.2g} GB/s"
     return f"{bytes_per_second / 1e6:.3g} MB/s"

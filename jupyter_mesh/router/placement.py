@@ -13,7 +13,7 @@ import math
 from typing import Any, cast
 
 from ..errors import MeshError
-from ..inventory import plural
+from ..inventory import format_ms, plural
 from ..targets import Target, parse_route
 from .classify import GraphModel, native_backends
 from .cost import CostModel, Pool, reshared
@@ -992,7 +992,7 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 f"estimate: at least {plan.floor:.2g} s, the "
                 f"{plural(dispatched, 'task')} it dispatches at this mesh's measured "
                 f"pace (one every "
-                f"{cost.task_interval * 1e3:.2g} ms)")
+                f"{format_ms(cost.task_interval)})")
         if cpu_cores:
             cpu = cpu_floor(pools, worker_of, start, finish, dispatched,
                             cost.cpu_per_task, cpu_cores)
@@ -1000,7 +1000,7 @@ def plan_model(model: GraphModel, pools: list[Pool], route: Any = "auto", *,
                 plan.floor = cpu
                 plan.notes.append(
                     f"estimate: at least {cpu:.2g} s with Dask's own work: the workers' "
-                    f"tasks and Dask ({cost.cpu_per_task * 1e3:.2g} ms of CPU per task, "
+                    f"tasks and Dask ({format_ms(cost.cpu_per_task)} of CPU per task, "
                     f"{plural(dispatched, 'task')}) share this host's {cpu_cores} "
                     f"core{'s' * (cpu_cores != 1)}")
     return plan
