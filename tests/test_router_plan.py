@@ -1767,9 +1767,16 @@ def test_a_forced_route_on_a_mesh_without_workers_says_to_scale():
     from jupyter_mesh.inventory import Inventory
     from jupyter_mesh.router.api import _checked_route
 
-    empty = SimpleNamespace(inventory=lambda: Inventory.from_records([], "tcp://x:1", None))
+    empty = SimpleNamespace(inventory=lambda: Inventory.from_records([], "tcp://x:1", None),
+                            owns_cluster=True, address="tcp://x:1")
     with pytest.raises(MeshError, match=r"^no live cpu worker: the mesh has no workers now; "
                                         r"scale it up \(%mesh scale\) or use 'auto'"):
+        _checked_route(empty, "cpu", True)
+    # a mesh connected to cannot be scaled from here (mesh.scale refuses): a worker joins
+    empty.owns_cluster = False
+    with pytest.raises(MeshError, match=r"^no live cpu worker: the mesh has no workers now; "
+                                        r"add one \(jupyter-mesh worker tcp://x:1 on a "
+                                        r"machine of the mesh\) or use 'auto'"):
         _checked_route(empty, "cpu", True)
 
 

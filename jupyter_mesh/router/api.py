@@ -1293,9 +1293,11 @@ def _checked_route(mesh: Mesh, mode: Any, fallback: bool) -> str | Target:
         if not any(route.matches(d.kind, d.backend) for d in inv):
             have = ", ".join(f"{n} {t}" for t, n in sorted(inv.by_target().items()))
             if not have:
+                add = ("scale it up (%mesh scale)" if mesh.owns_cluster else
+                       f"add one (jupyter-mesh worker {mesh.address} on a machine of the "
+                       f"mesh)")
                 raise MeshError(f"no live {route} worker: the mesh has no workers now; "
-                                f"scale it up (%mesh scale) or use 'auto' to route to "
-                                f"what joins later")
+                                f"{add} or use 'auto' to route to what joins later")
             raise MeshError(
                 f"no live {route} worker: the mesh has {have}; use 'auto' "
                 f"or one of {', '.join(sorted(inv.by_target()))}"
