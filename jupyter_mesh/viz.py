@@ -62,10 +62,13 @@ def colour_of(target: str) -> str:
 MEASURED_SLACK = 0.005
 
 
-def _lanes(bars: list[dict[str, Any]], group: str, slack: float = 1e-12) -> None:
+def _lanes(bars: list[dict[str, Any]], group: str, slack: float = 1e-12,
+           most: dict[str, int] | None = None) -> None:
     """Give every bar a lane within its group so overlapping bars do not hide each
     other: the first lane free at the bar's start (as list scheduling fills slots),
-    give or take ``slack`` seconds."""
+    give or take ``slack`` seconds; never more lanes in a group than ``most`` says (a
+    worker's threads: the task stream's times of one thread's tasks may overlap by
+    more than the slack on a loaded host), the one free soonest instead."""
     # the bars of one task (a fused chain's members, one after another) share its lane:
     # placed one by one, the next task's first bar, starting a moment before the chain's
     # last member, took the lane and pushed that member to a second one
@@ -82,8 +85,13 @@ def _lanes(bars: list[dict[str, Any]], group: str, slack: float = 1e-12) -> None
                 lanes[j] = last
                 break
         else:
-            j = len(lanes)
-            lanes.append(last)
+            cap = (most or {}).get(members[0][group])
+            if cap and len(lanes) >= cap:
+                j = min(range(len(lanes)), key=lanes.__getitem__)
+                lanes[j] = max(lanes[j], last)
+            else:
+                j = len(lanes)
+                lanes.append(last)
         for bar in members:
             bar["row"] = bar[group] if j == 0 else f"{bar[group]} #{j + 1}"
 
@@ -229,7 +237,7 @@ def measured_bars(report: Report) -> tuple[list[dict[str, Any]], bool]:
         for b in bars:
             b["start"] -= t0
             b["end"] -= t0
-        _lanes(bars, "worker", MEASURED_SLACK)
+        _lanes(bars, "worker", MEASURED_SLACK, getattr(plan, "worker_threads", None))
         return bars, True
     clock: dict[str, float] = defaultdict(float)
     for key, (worker, _backend, secs) in report.records.items():

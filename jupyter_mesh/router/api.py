@@ -469,6 +469,7 @@ def _place_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
     # the workers' names for the report (run_plan asks again only for a worker that
     # joined since)
     plan.worker_names = {d.worker: d.name or d.worker for d in devices}
+    plan.worker_threads = {d.name or d.worker: d.nthreads for d in devices if d.nthreads}
     return plan
 
 

@@ -84,6 +84,8 @@ class Plan(Generic[ModelT]):
         self.floor = 0.0
         #: worker address -> name on the live mesh it was planned on (empty otherwise)
         self.worker_names: dict[str, str] = {}
+        #: each worker's (by its name) threads: at most as many tasks run on it at once
+        self.worker_threads: dict[str, int] = {}
 
     # ------------------------------------------------------------------ summary
     @property
