@@ -45,6 +45,10 @@ MAX_NODES = 200
 GRAPH_COLUMN = 12
 #: the tallest an op-graph picture gets (pixels)
 MAX_GRAPH_HEIGHT = 1200
+#: the op graph's width per column of ops it needs at least (a node and a short label),
+#: and the most it widens to for that
+MIN_COLUMN_PX = 48
+MAX_GRAPH_WIDTH = 2400
 
 
 def colour_of(target: str) -> str:
@@ -412,9 +416,19 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
     # one side are two columns apart, and no longer than that leaves room for (about
     # 6.5 px a character at 9pt); the ends leave room for half a label
     pad = 0.8
-    per_column = 0.75 * width / max(max(xs) - min(xs) + 2 * pad, 1.0)
-    chars = max(6, min(22, int(2 * per_column / 6.5) - 1))
+    # a long chain widens the picture (up to MAX_GRAPH_WIDTH) rather than crowding
+    # its nodes: at 40 ops in a row they overlapped and their labels ran together
+    columns = max(xs) - min(xs) + 2 * pad
+    width = int(max(width, min(MAX_GRAPH_WIDTH, columns * MIN_COLUMN_PX / 0.75)))
+    per_column = 0.75 * width / max(columns, 1.0)
+    fits = int(2 * per_column / 6.5) - 1
+    # (no room for even a few characters: no labels, the hover names each node)
+    chars = min(22, max(6, fits)) if fits >= 4 else 0
+    if not chars:
+        title = f"{title} (hover over a node for its op)"
     pad = max(pad, (chars * 6.5 / 2 + 4) / per_column)
+    # and circles no wider than their columns
+    most_px = max(6.0, 0.8 * per_column)
     side: dict[int, int] = {}
     for row in {n["y"] for n in nodes}:
         along = sorted((n["x"], k) for k, n in enumerate(nodes) if n["y"] == row)
@@ -434,16 +448,16 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
                     line_color="#999999", line_width=1.5)
     source = ColumnDataSource({
         "x": xs[: len(nodes)], "y": ys[: len(nodes)], "op": [n["op"] for n in nodes],
-        "label": [n["op"] if len(n["op"]) <= chars else n["op"][: chars - 1] + "…"
-                  for n in nodes],
+        "label": ["" if not chars else n["op"] if len(n["op"]) <= chars
+                  else n["op"][: chars - 1] + "…" for n in nodes],
         # clear of the node's circle, above or below it
-        "dy": [(_size(n) / 2 + 3) if side.get(k, 0) == 0 else -(_size(n) / 2 + 13)
-               for k, n in enumerate(nodes)],
+        "dy": [(min(_size(n), most_px) / 2 + 3) if side.get(k, 0) == 0
+               else -(min(_size(n), most_px) / 2 + 13) for k, n in enumerate(nodes)],
         "class": [n["class"] for n in nodes],
         "tasks": [n["tasks"] for n in nodes], "target": [n["target"] for n in nodes],
         "targets": [n["targets"] for n in nodes],
         "colour": [colour_of(n["target"]) for n in nodes],
-        "size": [_size(n) for n in nodes],
+        "size": [min(_size(n), most_px) for n in nodes],
     })
     fig.scatter(x="x", y="y", size="size", source=source, fill_color="colour",
                 line_color="#333333", legend_field="target")

@@ -195,6 +195,30 @@ def test_op_graph_has_a_node_per_row_of_the_table_and_a_bounded_size(plan):
     assert viz._graph(tall, "Operations", 600).height <= viz.MAX_GRAPH_HEIGHT
 
 
+def test_a_long_chain_of_ops_widens_the_picture_and_its_nodes_never_overlap():
+    # 40 ops in a row: circles of 34 px were 15 px apart, and labels ran together
+    def chain(n):
+        return {"nodes": [{"op": f"layer_{k:02d}_transform", "class": "elementwise",
+                           "tasks": 64, "target": "cpu:numpy", "targets": "cpu:numpy×64",
+                           "x": float(k), "y": 0.0} for k in range(n)],
+                "edges": [(k, k + 1) for k in range(n - 1)]}
+
+    for n, labelled in ((40, True), (200, False)):
+        fig = viz._graph(chain(n), "Operations", 900)
+        assert 900 < fig.width <= viz.MAX_GRAPH_WIDTH
+        px_per_op = 0.75 * fig.width / (fig.x_range.end - fig.x_range.start)
+        source = next(r.data_source for r in fig.renderers if hasattr(r, "data_source")
+                      and "size" in r.data_source.data)
+        assert max(source.data["size"]) <= px_per_op  # (circles apart)
+        labels = source.data["label"]
+        if labelled:  # short labels, two columns apart on each side
+            assert all(labels) and max(map(len, labels)) * 6.5 <= 2 * px_per_op
+        else:  # no room for any: the hover names them, and the title says so
+            assert not any(labels) and "hover over a node" in fig.title.text
+    # a short one keeps the width asked for
+    assert viz._graph(chain(5), "Operations", 900).width == 900
+
+
 def test_thousands_of_ops_keep_the_tables_and_the_picture_bounded():
     # 3,000 distinct delayed functions are 3,000 ops: the tables show MAX_ROWS of them
     # and say what the rest are; the picture keeps the op of the result, and lays a
