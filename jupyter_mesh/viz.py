@@ -59,6 +59,35 @@ def colour_of(target: str) -> str:
     return _SPARE[sum(map(ord, base)) % len(_SPARE)]
 
 
+#: how each further site of one target is shaded: towards white (+) or black (-)
+_SITE_SHADES = (0.0, 0.45, -0.35, 0.7, -0.6)
+
+
+def colours_of(targets: Any) -> dict[str, str]:
+    """The colour of each target label of one picture: :func:`colour_of`, and where a
+    target runs at several sites (``cpu:numpy@edge``, ``cpu:numpy@local``), a shade of
+    it per site, so that the sites stay apart (they had one colour)."""
+    sites: dict[str, set[str]] = defaultdict(set)
+    for t in set(targets):
+        base, _, site = t.partition("@")
+        sites[base].add(site)
+    out = {}
+    for t in set(targets):
+        base, _, site = t.partition("@")
+        colour = colour_of(t)
+        if len(sites[base]) > 1:
+            k = sorted(sites[base]).index(site)
+            colour = _shade(colour, _SITE_SHADES[k % len(_SITE_SHADES)])
+        out[t] = colour
+    return out
+
+
+def _shade(colour: str, by: float) -> str:
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    to = 255 if by > 0 else 0
+    return "#" + "".join(f"{round(c + (to - c) * abs(by)):02X}" for c in rgb)
+
+
 # ---------------------------------------------------------------- data
 #: how far measured bars of one worker may overlap and still share a lane: the task
 #: stream's times of consecutive tasks on one thread overlap by a millisecond or so
@@ -372,11 +401,12 @@ def _timeline(bars: list[dict[str, Any]], title: str, x_label: str, width: int) 
 
     bars, title = sampled_bars(bars, title)
     rows = sorted({b["row"] for b in bars}, reverse=True) or ["(no tasks)"]
+    colours = colours_of(b["target"] for b in bars)
     data = {
         "row": [b["row"] for b in bars], "left": [b["start"] for b in bars],
         "right": [b["end"] for b in bars], "target": [b["target"] for b in bars],
         "op": [b["op"] for b in bars], "key": [b["key"] for b in bars],
-        "colour": [colour_of(b["target"]) for b in bars],
+        "colour": [colours[b["target"]] for b in bars],
         "ms": [(b["end"] - b["start"]) * 1e3 for b in bars],
     }
     fig = figure(y_range=FactorRange(factors=rows), height=max(140, 60 + 26 * len(rows)),
@@ -446,6 +476,7 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
                     x1=[nodes[b]["x"] for _, b in graph["edges"]],
                     y1=[nodes[b]["y"] for _, b in graph["edges"]],
                     line_color="#999999", line_width=1.5)
+    colours = colours_of(n["target"] for n in nodes)
     source = ColumnDataSource({
         "x": xs[: len(nodes)], "y": ys[: len(nodes)], "op": [n["op"] for n in nodes],
         "label": ["" if not chars else n["op"] if len(n["op"]) <= chars
@@ -456,7 +487,7 @@ def _graph(graph: dict[str, Any], title: str, width: int) -> Model:
         "class": [n["class"] for n in nodes],
         "tasks": [n["tasks"] for n in nodes], "target": [n["target"] for n in nodes],
         "targets": [n["targets"] for n in nodes],
-        "colour": [colour_of(n["target"]) for n in nodes],
+        "colour": [colours[n["target"]] for n in nodes],
         "size": [min(_size(n), most_px) for n in nodes],
     })
     fig.scatter(x="x", y="y", size="size", source=source, fill_color="colour",

@@ -345,6 +345,16 @@ def test_colours_are_stable_per_target():
     assert viz.colour_of("cpu:numpy") != viz.colour_of("cpu:jax")
 
 
+def test_one_target_at_two_sites_gets_two_shades_of_its_colour():
+    # a two-site mesh drew cpu:numpy@edge and cpu:numpy@local in one colour
+    colours = viz.colours_of(["cpu:numpy@edge", "cpu:numpy@local", "cpu:jax@local",
+                              "cpu:numpy@edge"])
+    assert colours["cpu:numpy@edge"] == viz.colour_of("cpu:numpy")  # the first site
+    assert colours["cpu:numpy@local"] != colours["cpu:numpy@edge"]
+    assert colours["cpu:jax@local"] == viz.colour_of("cpu:jax")  # one site: its own
+    assert viz.colours_of(["gpu:cupy"]) == {"gpu:cupy": viz.colour_of("gpu:cupy")}
+
+
 def _render_offline(html: str, tmp_path, wait: str) -> tuple[Any, list[str]]:
     """Open ``html`` in Debian's chromium with every non-local request refused; wait
     for the JavaScript condition ``wait``; return what it evaluates to and the
