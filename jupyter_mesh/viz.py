@@ -67,12 +67,13 @@ def colours_of(targets: Any) -> dict[str, str]:
     """The colour of each target label of one picture: :func:`colour_of`, and where a
     target runs at several sites (``cpu:numpy@edge``, ``cpu:numpy@local``), a shade of
     it per site, so that the sites stay apart (they had one colour)."""
+    targets = set(targets)
     sites: dict[str, set[str]] = defaultdict(set)
-    for t in set(targets):
+    for t in targets:
         base, _, site = t.partition("@")
         sites[base].add(site)
     out = {}
-    for t in set(targets):
+    for t in targets:
         base, _, site = t.partition("@")
         colour = colour_of(t)
         if len(sites[base]) > 1:
