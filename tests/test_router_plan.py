@@ -1104,6 +1104,43 @@ def test_a_failed_plan_never_fails_what_another_client_needs_too():
     assert asked == [{"shared": "processing"}]
 
 
+def test_a_kernel_holding_the_scheduler_logs_only_its_own_plans_fallbacks(caplog,
+                                                                          monkeypatch):
+    # a local mesh's scheduler runs in its owner's kernel: other notebooks' fallbacks
+    # were logged into the owner's cell (theirs get their own warning)
+    import logging
+    from types import SimpleNamespace
+
+    from distributed import Client
+
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    owner = SimpleNamespace(id="Client-owner")
+    monkeypatch.setattr(Client, "_instances", [owner])
+    for client, logged in (("Client-other", False), ("Client-owner", True), (None, True)):
+        st = RouterState()
+        st.scheduler, asked = _stub_scheduler({"tcp://l:1": "lab"}, {"k1": "no-worker"})
+        ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, None)
+        ps.keys, ps.used, ps.client = {"k1": 0}, {0}, client
+        st.plans["p"] = ps
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="jupyter_mesh"):
+            st._expire("p", 0)
+        assert asked == [{"k1": "processing"}] and "re-routed" in ps.events[0]
+        assert ("re-routed" in caplog.text) is logged, (client, caplog.text)
+    # a scheduler in a process of its own (no client there) logs every plan's
+    monkeypatch.setattr(Client, "_instances", [])
+    caplog.clear()
+    st = RouterState()
+    st.scheduler, _ = _stub_scheduler({"tcp://l:1": "lab"}, {"k1": "no-worker"})
+    ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, None)
+    ps.keys, ps.used, ps.client = {"k1": 0}, {0}, "Client-other"
+    st.plans["p"] = ps
+    with caplog.at_level(logging.WARNING, logger="jupyter_mesh"):
+        st._expire("p", 0)
+    assert "re-routed" in caplog.text
+
+
 @pytest.mark.parametrize("fallback", [True, False])
 def test_a_site_left_without_workers_is_said_as_such_with_fallback_on_or_off(fallback):
     # with fallback=False, losing the only workers of a site= computation said "compute

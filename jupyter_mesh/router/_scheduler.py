@@ -512,6 +512,8 @@ class RouterState:
                 # kernel, in a copy of the context of the cell that made the mesh, and
                 # ipykernel sends its output there (long over); so it goes to the cell
                 # that runs now
+                if not _said_here(ps):
+                    continue
                 contextvars.Context().run(
                     logger.warning,
                     "jupyter_mesh: no live %s for routed tasks; waiting %.3g s before %s",
@@ -575,7 +577,8 @@ class RouterState:
             f"{ps.timeout:g} s to what is left ({', '.join(left) or 'nothing'})"
         )
         ps.events.append(msg)
-        logger.warning("jupyter_mesh: %s", msg)
+        if _said_here(ps):
+            logger.warning("jupyter_mesh: %s", msg)
         self._publish(ps, msg, failed=False)
         if recs:
             sched.transitions(recs, stimulus_id=f"jupyter-mesh-fallback-{time.time()}")
@@ -641,6 +644,19 @@ def lost_hint(events: Any) -> str:
                 f"it could not unpickle the task, e.g. a function from a module the "
                 f"workers cannot import; the worker's log says which)")
     return ""
+
+
+def _said_here(ps: PlanState) -> bool:
+    """Whether this process logs what happens to a plan's computation: not where the
+    scheduler runs in a notebook's kernel (a local mesh) and the plan came from another
+    notebook's client (its own gets the warning; the owner's cell showed other users'
+    fallbacks); a scheduler of its own process logs every plan's."""
+    if ps.client is None:
+        return True
+    from distributed import Client
+
+    here = {getattr(c, "id", None) for c in list(Client._instances)}
+    return not here or ps.client in here
 
 
 def _needed_by_others(sched: Any, client: str | None) -> set[Any]:
