@@ -485,11 +485,12 @@ def main(argv: list[str] | None = None) -> int:
     twice = _given_twice(parser.subcommands[args.command], argv[1:])
     if twice is not None:
         parser.subcommands[args.command].error(f"{twice} given twice: give it once")
-    logging.basicConfig(level=logging.WARNING)
-    from .devices._worker_plugin import quiet_name_taken
-
-    quiet_name_taken()  # the refusal is said in one line below
     try:
+        # (inside: a Ctrl-C while distributed's modules load is said as one too)
+        logging.basicConfig(level=logging.WARNING)
+        from .devices._worker_plugin import quiet_name_taken
+
+        quiet_name_taken()  # the refusal is said in one line below
         if args.command == "worker":
             return asyncio.run(run_worker(args))
     except CouldNotJoin as exc:

@@ -633,3 +633,16 @@ def test_scaling_a_local_mesh_leaves_a_joined_workers_memory_limit_alone(no_mesh
             assert {d.name: d.memory for d in mesh.inventory()}["joined"] == 2**30
         finally:
             _stop(proc)
+
+
+def test_a_ctrl_c_while_dasks_modules_load_is_said_in_one_line(monkeypatch, capsys):
+    # it came before main's handler was in place: a KeyboardInterrupt traceback
+    from jupyter_mesh import cli
+    from jupyter_mesh.devices import _worker_plugin
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_worker_plugin, "quiet_name_taken", interrupted)
+    assert cli.main(["worker", "tcp://127.0.0.1:1"]) == 130
+    assert capsys.readouterr().err == "jupyter-mesh worker: stopped before it started\n"
