@@ -50,6 +50,12 @@ def run(path: str, timeout: int = 600) -> int:
                     with contextlib.suppress(Exception):
                         run_sync(km.shutdown_kernel)(now=True)
     except CellExecutionError as exc:
+        if exc.ename == "KeyboardInterrupt":
+            # Ctrl-C in the terminal reaches the kernel too (one process group): the
+            # user stopped it, no cell of theirs failed
+            print(f"jupyter_mesh.demo: stopped (Ctrl-C) while running {path}",
+                  file=sys.stderr)
+            return 130
         what = f"{exc.ename}: {exc.evalue}".splitlines()[0]
         return _fail(f"a cell of {path} failed: {what}")
     except CellTimeoutError:

@@ -257,6 +257,12 @@ def test_demo_a_failing_cell_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"jupyter_mesh.demo: a cell of {path} failed: ValueError: no")
     assert err.count("\n") == 1
+    # Ctrl-C in the terminal reaches the kernel too: said as a stop, not as a failed cell
+    # ("a cell of ... failed: KeyboardInterrupt: ", exit 1)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("raise KeyboardInterrupt")])
+    nbformat.write(nb, str(path))
+    assert main([str(path)]) == 130
+    assert capsys.readouterr().err == f"jupyter_mesh.demo: stopped (Ctrl-C) while running {path}\n"
 
 
 def test_a_fallback_warning_shows_in_the_cell_that_is_running():
