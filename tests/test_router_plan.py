@@ -2104,3 +2104,18 @@ def test_an_item_of_a_linalg_result_is_planned_on_numpy_and_unneeded_layers_are_
     # asked for Q too, its layers are back
     plan = plan_collections([s, u], devs, route="cpu:jax")
     assert "getitem-q2-aux" in [row["op"] for row in plan.rows]
+
+
+def test_a_long_op_name_is_cut_in_the_html_table_and_whole_on_hover(mesh_devices):
+    # a layer named at length (name=) made the tables 2,000 px wide, the times off-screen
+    from jupyter_mesh.router.plan import HTML_OP_MOST
+
+    long = "stage_" + "x" * 200 + "<b>"
+    y = da.ones((4, 4), chunks=2).map_blocks(lambda b: b + 1, name=long, dtype=float)
+    plan = plan_collections([y], mesh_devices)
+    shown = plan._repr_html_()
+    label = next(r["op"] for r in plan.rows if r["op"].startswith("stage_"))
+    assert len(label) > HTML_OP_MOST
+    assert f">{label[:HTML_OP_MOST - 1]}…</td>" in shown.replace("&lt;", "<")
+    assert "title='stage_" + "x" * 200 + "&lt;b&gt;" in shown
+    assert "<b>" + "x" not in shown and label in repr(plan)  # the text repr keeps it whole

@@ -563,15 +563,26 @@ _NOWRAP = " style='white-space:nowrap'"
 _LISTS = frozenset({"workers", "backends"})
 
 
+#: the most characters of an op's name a table cell shows (the whole on hover): a layer
+#: named at length (``name=``) made both tables 2,000 px wide, the times off-screen
+HTML_OP_MOST = 60
+
+
+def _html_cell(col: str, text: str) -> str:
+    nowrap = _NOWRAP if col not in _LISTS else ""
+    if col == "op" and len(text) > HTML_OP_MOST:
+        return (f"<td{nowrap} title='{html.escape(text, quote=True)}'>"
+                f"{html.escape(text[:HTML_OP_MOST - 1])}…</td>")
+    return f"<td{nowrap}>{html.escape(text)}</td>"
+
+
 def _html_table(rows: list[dict[str, Any]], cols: tuple[str, ...]) -> str:
     rows, rest = _shown(rows)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
         # (no cell wraps mid-word: "130.8 / ms", "any (pools / equivalent)"; lists of
         # workers and backends may wrap between their items)
-        "<tr>" + "".join(f"<td{_NOWRAP if c not in _LISTS else ''}>"
-                         f"{html.escape(_cell(c, r.get(c, '')))}</td>" for c in cols)
-        + "</tr>"
+        "<tr>" + "".join(_html_cell(c, _cell(c, r.get(c, ""))) for c in cols) + "</tr>"
         for r in rows
     )
     if rest:
