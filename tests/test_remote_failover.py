@@ -133,6 +133,15 @@ def test_the_end_of_a_cell_that_began_says_its_worker_died_while_running_it(mesh
         "the mesh's scheduler at tcp://127.0.0.1:8786 went away while the cell ran on "
         "cpu-0 (its owner closed the mesh, or it stopped); the remote namespaces went "
         "with it: run %mesh close, then %mesh start or %mesh connect ADDRESS")
+    # and where the scheduler no longer answers even whether the worker is alive (it
+    # said "lost the connection to worker ... (Stream is closed)")
+    def sync_gone(f, *args, **kwargs):
+        raise OSError("connection refused")
+
+    Cells.client = SimpleNamespace(sync=sync_gone, scheduler=SimpleNamespace(identity=None))
+    session._leaving = (-1e9, False)
+    assert session._lost(run).startswith("the mesh's scheduler at tcp://127.0.0.1:8786 "
+                                         "went away while the cell ran on cpu-0")
 
 
 def test_output_flushed_just_before_the_worker_dies_reaches_the_notebook(mesh, capsys):

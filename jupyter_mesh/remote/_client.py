@@ -683,6 +683,12 @@ class RemoteCells:
                 raise _Gone(address) from None
             raise
 
+    def _scheduler_gone(self, run: _Run) -> str:
+        return (f"the mesh's scheduler at {self.mesh.address} went away while the cell "
+                f"ran on {run.label} (its owner closed the mesh, or it stopped); the "
+                f"remote namespaces went with it: run %mesh close, then %mesh start or "
+                f"%mesh connect ADDRESS")
+
     def _scheduler_leaving(self) -> bool:
         """Whether the scheduler stops answering within ``SCHEDULER_GRACE`` seconds
         (asked once for the workers of one cell: the answer of the last ask is kept
@@ -963,14 +969,19 @@ class RemoteCells:
             return str(gone)
         # the scheduler may take a moment to notice a worker that just died
         alive = True
+        unanswered = False
         deadline = time.monotonic() + _config.get_seconds("remote.interrupt-grace")
         while alive and time.monotonic() < deadline:
             try:
                 alive = self.client.sync(self._alive, run.device.worker)
             except Exception:
+                unanswered = True  # (the scheduler did not answer: see below)
                 break
             if alive:
                 time.sleep(0.1)
+        if unanswered and not getattr(self.mesh, "owns_cluster", False) \
+                and self._scheduler_leaving():
+            return self._scheduler_gone(run)
         if not alive:
             self.namespaces.pop(run.device.worker, None)
             if run.device.name in getattr(self.mesh, "_scaled_away", ()):
@@ -981,10 +992,7 @@ class RemoteCells:
             if not getattr(self.mesh, "owns_cluster", False) and self._scheduler_leaving():
                 # a mesh closed by its owner (another notebook) closes its workers
                 # first: the cell's worker was not lost, the whole mesh was
-                return (f"the mesh's scheduler at {self.mesh.address} went away while the "
-                        f"cell ran on {run.label} (its owner closed the mesh, or it "
-                        f"stopped); the remote namespaces went with it: run %mesh close, "
-                        f"then %mesh start or %mesh connect ADDRESS")
+                return self._scheduler_gone(run)
             after = (f"its remote namespace is lost (the next cell "
                      f"{'runs on the workers left' if several else 'picks another worker'})")
             if not run.heard and run.broke_at:
