@@ -318,6 +318,12 @@ def _numpy_dtype(dtype: Any) -> np.dtype[Any] | None:
         return None
 
 
+def complex_differs(func: Any) -> bool:
+    """Whether JAX gives other numbers than NumPy for ``func`` of complex input
+    (``_COMPLEX_DIFFERS``, or an ordering function): such a task runs NumPy there."""
+    return _named(func, _COMPLEX_DIFFERS) or _orders(func)
+
+
 def _orders(func: Any) -> bool:
     return any(any(w in str(getattr(f, "__name__", "")).lower() for w in _ORDERING)
                for f in (_parts(func) or [func]))
