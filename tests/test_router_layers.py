@@ -413,6 +413,31 @@ def test_live_unneeded_blocks_are_culled_at_submission(mesh):
     assert ran["random_sample"]["tasks"] == 16  # planned on the layers as built
     ran_keys = [k for k in report.records if k[0].startswith("random_sample")]
     assert len(ran_keys) == 1  # the scheduler culled the other 15 blocks
+    # and the plan says it counts the graph as built (it said 16 tasks, with no word)
+    assert any("counting every task of the graph as built; Dask's scheduler runs those "
+               "the results need" in n for n in report.plan.notes), report.plan.notes
+
+
+def test_live_a_layer_plan_says_what_no_task_ran_truly(mesh):
+    # persisted results were "data the graph carries (from_array's blocks...)", ops the
+    # results did not need "came from elsewhere", and an alias of whole blocks too
+    import numpy as np
+
+    A = np.random.default_rng(0).random((40, 40))
+    with mesh.route("auto"):
+        xp = (da.from_array(A, chunks=10) + 1).persist()
+    mesh.compute((xp * 2).sum(axis=0), route="cpu")
+    assert any(n.startswith("add: results persisted earlier, held on the workers")
+               for n in mesh.last_report.notes), mesh.last_report.notes
+    Q = np.random.default_rng(1).standard_normal((200, 8))
+    mesh.compute(da.linalg.qr(da.from_array(Q, chunks=(10, 8)))[1], route="cpu")
+    held = [n for n in mesh.last_report.notes if "not run by this computation" in n]
+    assert held and "the results did not need them (a plan made per layer" in held[0]
+    x = da.random.RandomState(2).random_sample((40, 40), chunks=10)
+    (got,) = mesh.compute(x[:10, :10] + 1, route="cpu")
+    np.testing.assert_allclose(got, (x[:10, :10] + 1).compute(scheduler="sync"))
+    assert ("getitem: a slice that is whole blocks of what it reads: Dask hands the "
+            "blocks on, and no function runs") in mesh.last_report.notes
 
 
 def test_a_layer_plan_counts_no_bytes_between_workers_that_both_run_numpy():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dask._task_spec import DataNode, GraphNode, Task, convert_legacy_graph
+from dask._task_spec import Alias, DataNode, GraphNode, Task, convert_legacy_graph
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from dask.utils import key_split
@@ -153,6 +153,11 @@ class OpInfo:
     #: every task of the op is data the graph carries (``da.from_array``'s blocks, a
     #: ``delayed`` constant): no function runs, the worker that holds it hands it on
     data: bool = False
+    #: every task of the op is an alias of another's result (a slice that is whole
+    #: blocks): no function runs, Dask hands the blocks on
+    aliases: bool = False
+    #: every task of the op is a result persisted earlier (the graph holds its future)
+    persisted: bool = False
     #: its tasks take one item of a tuple by its position (``getitem(qr_result, 0)``,
     #: how Dask's linear algebra takes Q of NumPy's ``(Q, R)``)
     picks_item: bool = False
@@ -441,8 +446,11 @@ def _model_graph(graph: HighLevelGraph | dict, keys: list[Any]) -> GraphModel:
         metas = [metas[i] for i in kept]
         layer_of_key = {k: renumber[layer_of_key[k]] for k in tasks}
     computed = {layer_of_key[k] for k, v in tasks.items() if not isinstance(v, DataNode)}
+    called = {layer_of_key[k] for k, v in tasks.items()
+              if not isinstance(v, (DataNode, Alias))}
     for idx, op in enumerate(ops):
         op.data = idx not in computed
+        op.aliases = idx in computed and idx not in called
     fast = _build_model_by_layer(tasks, layer_of_key, ops, metas, keys)
     if fast is not None:
         return fast

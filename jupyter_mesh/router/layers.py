@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dask._task_spec import DataNode, GraphNode, Task
+from dask._task_spec import Alias, DataNode, GraphNode, Task
 from dask.blockwise import Blockwise
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
@@ -180,6 +180,11 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         # data the graph carries (from_array's blocks), as the per-task model tells
         ops[-1].data = not isinstance(layer, Blockwise) and all(
             _is_data(v) for v in mapping.values())
+        # results persisted earlier (the graph holds their futures), and aliases (a
+        # slice that is whole blocks: Dask hands the blocks on, no function runs)
+        ops[-1].persisted = ops[-1].data and all(_is_future(v) for v in mapping.values())
+        ops[-1].aliases = not isinstance(layer, Blockwise) and bool(mapping) and all(
+            isinstance(v, Alias) for v in mapping.values())
         names.append(name)
         metas.append(_layer_meta(layer, layer.task if isinstance(layer, Blockwise) else sample))
         ops[-1].peak_out_bytes = _largest_block_bytes(
@@ -215,6 +220,12 @@ def model_layers(graph: HighLevelGraph, outputs: list[Any]) -> LayerModel:
         op.native = op_native(op, [ops[d] for d in dep_idx[li]])
     return LayerModel(graph=graph, ops=ops, names=names, deps=deps, outputs=list(outputs),
                       index=index, aliases=aliases)
+
+
+def _is_future(value: Any) -> bool:
+    """Whether a layer's value is a Dask future (what a persisted collection holds)."""
+    value = value.value if isinstance(value, DataNode) else value
+    return type(value).__name__ == "Future" and hasattr(value, "key")
 
 
 def _is_data(value: Any) -> bool:
@@ -349,7 +360,8 @@ def plan_layers(model: LayerModel, pools: list[Pool], route: Any = "auto", *,
     pools = forced_backend(pools, parse_route_or_error(route))
     route, cost, allowed, notes = route_constraints(model, pools, route, site, cost)
     notes.append(f"{model.ntasks} tasks: planned per layer (above "
-                 f"mesh.router.layer-plan-threshold)")
+                 f"mesh.router.layer-plan-threshold), counting every task of the graph as "
+                 f"built; Dask's scheduler runs those the results need")
     unrestricted, allowed = relax_if_equivalent(model, pools, route, site, cost, allowed,
                                                 notes)
     slots = [max(sum(p.worker_threads()), 1) for p in pools]

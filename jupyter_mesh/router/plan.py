@@ -384,13 +384,25 @@ class Report:
         data: list[str] = []
         held: list[str] = []
         p2p: list[str] = []
+        aliases: list[str] = []
+        persisted: list[str] = []
         for row, layers in zip(self.rows, self.plan._row_layers, strict=False):
             if row["tasks"] and not row["backends"]:
-                carried = bool(layers) and all(ops[li].data for li in layers)
+
+                def every(flag: str, layers: Any = layers) -> bool:
+                    return bool(layers) and all(getattr(ops[li], flag, False)
+                                                for li in layers)
+
                 if layers and all(is_p2p(ops[li].name) for li in layers):
                     p2p.append(row["op"])
+                elif every("persisted"):
+                    persisted.append(row["op"])
+                elif every("data"):
+                    data.append(row["op"])
+                elif every("aliases"):
+                    aliases.append(row["op"])
                 else:
-                    (data if carried else held).append(row["op"])
+                    held.append(row["op"])
         notes = []
         if p2p:
             notes.append(f"{', '.join(p2p)}: steps of Dask's P2P shuffle or rechunk, which "
@@ -401,9 +413,25 @@ class Report:
                          f"a constant): Dask hands {'it' if len(data) == 1 else 'them'} "
                          f"to the tasks that read {'it' if len(data) == 1 else 'them'}; no "
                          f"routed task runs")
+        if persisted:
+            notes.append(f"{', '.join(persisted)}: results persisted earlier, held on the "
+                         f"workers: no task of this computation runs "
+                         f"{'it' if len(persisted) == 1 else 'them'}")
+        if aliases:
+            notes.append(f"{', '.join(aliases)}: {'a slice' if len(aliases) == 1 else 'slices'} "
+                         f"that {'is' if len(aliases) == 1 else 'are'} whole blocks of what "
+                         f"{'it reads' if len(aliases) == 1 else 'they read'}: Dask hands "
+                         f"the blocks on, and no function runs")
         if held:
+            from .layers import LayerPlan
+
+            per_layer = isinstance(self.plan, LayerPlan)
             notes.append(f"{', '.join(held)}: not run by this computation: "
-                         f"{'its' if len(held) == 1 else 'their'} results came from "
+                         + ("the results did not need "
+                            f"{'it' if len(held) == 1 else 'them'} (a plan made per layer "
+                            f"counts the graph as built; Dask's scheduler culls it), or "
+                            if per_layer else "")
+                         + f"{'its' if len(held) == 1 else 'their'} results came from "
                          f"elsewhere (persisted, still held from an earlier computation, or "
                          f"computed by another graph that shares the keys, from another "
                          f"thread or client)")
