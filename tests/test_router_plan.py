@@ -1113,32 +1113,36 @@ def test_a_kernel_holding_the_scheduler_logs_only_its_own_plans_fallbacks(caplog
 
     from distributed import Client
 
-    from jupyter_mesh.router._scheduler import PlanState, RouterState
 
     owner = SimpleNamespace(id="Client-owner")
     monkeypatch.setattr(Client, "_instances", [owner])
+    gpu = ("mesh-gpu-cupy", None, "gpu:cupy")
     for client, logged in (("Client-other", False), ("Client-owner", True), (None, True)):
-        st = RouterState()
-        st.scheduler, asked = _stub_scheduler({"tcp://l:1": "lab"}, {"k1": "no-worker"})
-        ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, None)
-        ps.keys, ps.used, ps.client = {"k1": 0}, {0}, client
-        st.plans["p"] = ps
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="jupyter_mesh"):
-            st._expire("p", 0)
+            ps, asked = _expired({"tcp://l:1": "lab"}, gpu, True, None, client)
         assert asked == [{"k1": "processing"}] and "re-routed" in ps.events[0]
         assert ("re-routed" in caplog.text) is logged, (client, caplog.text)
     # a scheduler in a process of its own (no client there) logs every plan's
     monkeypatch.setattr(Client, "_instances", [])
     caplog.clear()
-    st = RouterState()
-    st.scheduler, _ = _stub_scheduler({"tcp://l:1": "lab"}, {"k1": "no-worker"})
-    ps = PlanState("p", [("mesh-gpu-cupy", None, "gpu:cupy")], True, 1.0, None)
-    ps.keys, ps.used, ps.client = {"k1": 0}, {0}, "Client-other"
-    st.plans["p"] = ps
     with caplog.at_level(logging.WARNING, logger="jupyter_mesh"):
-        st._expire("p", 0)
+        _expired({"tcp://l:1": "lab"}, gpu, True, None, "Client-other")
     assert "re-routed" in caplog.text
+
+
+def _expired(workers, pool, fallback, site, client=None):
+    """A plan of one task on ``pool`` whose fallback timer ran out, on a scheduler with
+    ``workers`` (address -> site): the plan's state and the transitions asked for."""
+    from jupyter_mesh.router._scheduler import PlanState, RouterState
+
+    st = RouterState()
+    st.scheduler, asked = _stub_scheduler(workers, {"k1": "no-worker"})
+    ps = PlanState("p", [pool], fallback, 1.0, site)
+    ps.keys, ps.used, ps.client = {"k1": 0}, {0}, client
+    st.plans["p"] = ps
+    st._expire("p", 0)
+    return ps, asked
 
 
 @pytest.mark.parametrize("fallback", [True, False])
@@ -1146,27 +1150,16 @@ def test_a_site_left_without_workers_is_said_as_such_with_fallback_on_or_off(fal
     # with fallback=False, losing the only workers of a site= computation said "compute
     # with fallback=True or another route", which fails the same way: nothing may leave
     # the site; both say what helps
-    from jupyter_mesh.router._scheduler import PlanState, RouterState
-
-    st = RouterState()
-    st.scheduler, asked = _stub_scheduler({"tcp://c:1": "cloud"}, {"k1": "no-worker"})
-    ps = PlanState("p", [("mesh-cpu-numpy", "edge", "cpu:numpy at edge")], fallback, 1.0,
-                   "edge")
-    ps.keys, ps.used = {"k1": 0}, {0}
-    st.plans["p"] = ps
-    st._expire("p", 0)
+    ps, asked = _expired({"tcp://c:1": "cloud"}, ("mesh-cpu-numpy", "edge", "cpu:numpy at edge"),
+                         fallback, "edge")
     assert ps.failed == (
         "no live worker at site 'edge', where the computation was kept (site=): the "
         "computation cannot finish there; start a worker at 'edge' (jupyter-mesh worker "
         "ADDRESS --site edge) and run it again, or run it without site=")
     assert asked == []
     # with workers left at the site, fallback=False says its own
-    st.scheduler, asked = _stub_scheduler({"tcp://e:1": "edge"}, {"k1": "no-worker"})
-    ps = PlanState("q", [("mesh-gpu-cupy", "edge", "gpu:cupy at edge")], fallback, 1.0,
-                   "edge")
-    ps.keys, ps.used = {"k1": 0}, {0}
-    st.plans["q"] = ps
-    st._expire("q", 0)
+    ps, asked = _expired({"tcp://e:1": "edge"}, ("mesh-gpu-cupy", "edge", "gpu:cupy at edge"),
+                         fallback, "edge")
     if fallback:
         assert ps.failed is None and asked == [{"k1": "processing"}]
     else:
