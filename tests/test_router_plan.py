@@ -1113,7 +1113,6 @@ def test_a_kernel_holding_the_scheduler_logs_only_its_own_plans_fallbacks(caplog
 
     from distributed import Client
 
-
     owner = SimpleNamespace(id="Client-owner")
     monkeypatch.setattr(Client, "_instances", [owner])
     gpu = ("mesh-gpu-cupy", None, "gpu:cupy")
