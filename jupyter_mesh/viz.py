@@ -14,6 +14,7 @@ measured task seconds end to end (then the picture says so).
 from __future__ import annotations
 
 import html
+import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeGuard
@@ -59,8 +60,8 @@ def colour_of(target: str) -> str:
     return _SPARE[sum(map(ord, base)) % len(_SPARE)]
 
 
-#: how each further site of one target is shaded: towards white (+) or black (-)
-_SITE_SHADES = (0.0, 0.45, -0.35, 0.7, -0.6)
+#: how far the sites of one target are shaded at most, towards white or black
+_SITE_SHADE_MOST = 0.75
 
 
 def colours_of(targets: Any) -> dict[str, str]:
@@ -77,10 +78,20 @@ def colours_of(targets: Any) -> dict[str, str]:
         base, _, site = t.partition("@")
         colour = colour_of(t)
         if len(sites[base]) > 1:
-            k = sorted(sites[base]).index(site)
-            colour = _shade(colour, _SITE_SHADES[k % len(_SITE_SHADES)])
+            colour = _shade(colour, _site_shade(sorted(sites[base]).index(site),
+                                                len(sites[base])))
         out[t] = colour
     return out
+
+
+def _site_shade(k: int, n: int) -> float:
+    """The shade of the ``k``-th of ``n`` sites: none for the first, then lighter and
+    darker in turn, each further one further, all of them apart."""
+    if k == 0:
+        return 0.0
+    steps = math.ceil((n - 1) / 2)
+    by = _SITE_SHADE_MOST * math.ceil(k / 2) / steps
+    return by if k % 2 else -by
 
 
 def _shade(colour: str, by: float) -> str:

@@ -354,6 +354,10 @@ def test_one_target_at_two_sites_gets_two_shades_of_its_colour():
     assert colours["cpu:numpy@local"] != colours["cpu:numpy@edge"]
     assert colours["cpu:jax@local"] == viz.colour_of("cpu:jax")  # one site: its own
     assert viz.colours_of(["gpu:cupy"]) == {"gpu:cupy": viz.colour_of("gpu:cupy")}
+    # however many sites: all apart (a sixth took the first's colour again)
+    for n in (3, 6, 11):
+        many = viz.colours_of([f"cpu:numpy@site{i}" for i in range(n)])
+        assert len(set(many.values())) == n
 
 
 def _render_offline(html: str, tmp_path, wait: str) -> tuple[Any, list[str]]:
