@@ -157,6 +157,15 @@ def test_errors_leave_out_what_the_runner_calls_for_the_cell_but_not_what_it_cal
     assert "json" + os.sep in tb and "<test cell>" in tb, tb
 
 
+def test_what_a_cell_hands_to_asyncio_keeps_its_frames():
+    # asyncio's frames are the runner's to leave out, but a stdlib function the cell
+    # itself hands to asyncio.to_thread lost its frames with them
+    _, done, box, _ = run_cell("import asyncio, json\nasyncio.run(asyncio.to_thread("
+                               "json.loads, '{'))")
+    tb = finish(done, box)["traceback"]
+    assert "json" + os.sep in tb and "<test cell>" in tb, tb
+
+
 def test_a_stopped_shell_command_ends_at_the_cells_line():
     # the stop of a !command showed the selector's frame that polls it (ours) below
     # the cell's line

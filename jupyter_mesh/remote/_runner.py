@@ -365,7 +365,9 @@ def format_remote_traceback(exc: BaseException) -> str:
     called_by_ours = False
     for f in frames[:cut]:
         if _machinery(f.filename):
-            called_by_ours = True
+            # (asyncio's frames are left out too, but what they call may be the cell's
+            # own: a stdlib function it hands to asyncio.to_thread keeps its frames)
+            called_by_ours = called_by_ours or f.filename in _MACHINERY
             continue
         if called_by_ours and _helper(f.filename):
             # what the runner calls on the cell's behalf (IPython's pretty printer for
