@@ -614,7 +614,9 @@ def test_reset_remote_ends_the_tasks_cells_started(fresh, tmp_path):
         "        while True:\n"
         "            await asyncio.sleep(0.05)\n"
         "    finally:\n"
-        f"        open({str(done)!r}, 'w').write('cleaned')\n"
+        # (written whole, then renamed: the file seen half-written read as '')
+        f"        open({str(done)!r} + '.part', 'w').write('cleaned')\n"
+        f"        __import__('os').replace({str(done)!r} + '.part', {str(done)!r})\n"
         "task = asyncio.get_event_loop().create_task(bg())\n"
         "await asyncio.sleep(0.1)", on="cpu:numpy")
     assert fresh.reset_remote() == ["cpu-0"]
