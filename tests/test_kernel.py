@@ -265,6 +265,42 @@ def test_demo_a_failing_cell_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"jupyter_mesh.demo: stopped (Ctrl-C) while running {path}\n"
 
 
+def test_demo_ctrl_c_in_the_terminal_stops_it_in_one_line(tmp_path):
+    # the terminal sends Ctrl-C to the demo's process group; the kernel runs in a
+    # session of its own and did not get it, and nbclient's handler shut it down: the
+    # demo said "the kernel died ... out of memory" under a 20-line traceback, exit 1
+    import subprocess
+    import sys
+
+    began, after = tmp_path / "began", tmp_path / "after"
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(
+            "import pathlib, time\n"
+            f"pathlib.Path({str(began)!r}).write_text('x')\n"
+            "try:\n    time.sleep(120)\nexcept KeyboardInterrupt:\n    pass"),
+        nbformat.v4.new_code_cell(f"import pathlib; pathlib.Path({str(after)!r}).write_text('x')"),
+    ])
+    path = tmp_path / "sleeps.ipynb"
+    nbformat.write(nb, str(path))
+    proc = subprocess.Popen([sys.executable, "-m", "jupyter_mesh.demo", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not began.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert began.exists(), proc.communicate(timeout=30)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert err == f"jupyter_mesh.demo: stopped (Ctrl-C) while running {path}\n", err[-2000:]
+    assert proc.returncode == 130
+    # the cell that caught the interrupt ended, and no cell ran after it
+    assert not after.exists()
+
+
 def test_a_fallback_warning_shows_in_the_cell_that_is_running():
     # the warning of a mesh.submit (or a routed persist) that fell back was written by
     # the client's event loop thread, as the cell that started it: the one that made
