@@ -323,6 +323,9 @@ def test_large_figures_are_written_as_numbers_not_in_scientific_notation():
     assert [format_ms(s) for s in (0.0012, 0.016, 0.0995, 0.123, 2.5)] == [
         "1.2 ms", "16 ms", "100 ms", "123 ms", "2500 ms"]
     assert format_rate(150e9) == "150 GB/s" and format_rate(2.5e9) == "2.5 GB/s"
+    # where rounding reaches the next unit ("1e+03 MB/s"), and slow links
+    assert [format_rate(r) for r in (999.6e6, 999.4e6, 350e6, 0.5e6, 1.2e3)] == [
+        "1 GB/s", "999 MB/s", "350 MB/s", "0.5 MB/s", "1.2 kB/s"]
     text = repr(Calibration(task_overhead=0.123, network_latency=0.25, tasks=100, workers=2,
                             seconds=3.0, dependency_latency=0.31, task_interval=0.0021,
                             network_bandwidth=5e8, cpu_per_task=0.105, host_cores=2))

@@ -212,9 +212,13 @@ def format_rate(bytes_per_second: float) -> str:
     """``1.1 GB/s``, ``350 MB/s``."""
     if bytes_per_second >= 99.5e9:
         return f"{bytes_per_second / 1e9:.0f} GB/s"
-    if bytes_per_second >= 1e9:
+    # (the cut-offs where the rounded figure changes unit: 999.6 MB/s is "1 GB/s",
+    # not "1e+03 MB/s")
+    if bytes_per_second >= 999.5e6:
         return f"{bytes_per_second / 1e9:.2g} GB/s"
-    return f"{bytes_per_second / 1e6:.3g} MB/s"
+    if bytes_per_second >= 99.95e3:
+        return f"{bytes_per_second / 1e6:.3g} MB/s"
+    return f"{bytes_per_second / 1e3:.3g} kB/s"
 
 
 def _wait(client: Client, futures: list[Any], timeout: float) -> None:
