@@ -1647,6 +1647,8 @@ class Mesh:
         RemoteCellError
             The code raised on a worker (or ran past ``timeout``); it renders the
             remote traceback with the worker and its kind.
+        CellSyntaxError
+            The code does not compile (a MeshError; nothing was sent).
         MeshError
             Misuse: an unknown target or site, a bad timeout, a value that cannot be
             sent, a pulled name the worker does not have.

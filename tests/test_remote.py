@@ -347,8 +347,17 @@ def test_a_cell_that_does_not_compile_is_not_sent(ip, fresh):
     # numbered as the notebook numbers the cell's lines (the %%mesh line is line 1)
     assert 'File "<remote In[' in shown[0] and "line 3" in shown[0]
     assert "def broken(:" in shown[1] and shown[-2].startswith("SyntaxError")
-    with pytest.raises(SyntaxError):
+    # mesh.run_cell: the same one line (it raised a bare SyntaxError, with a traceback
+    # through jupyter_mesh's own frames)
+    with pytest.raises(CellSyntaxError, match=r"^'\(' was never closed \(line 1\); nothing"):
         fresh.run_cell("x = (")
+    # a NUL byte: no "(line None)"
+    with pytest.raises(CellSyntaxError) as info:
+        fresh.run_cell("a\x00b")
+    assert "line None" not in str(info.value) and "null bytes" in str(info.value)
+    result = ip.run_cell("%%mesh --remote\na\x00b")
+    assert isinstance(result.error_in_exec, CellSyntaxError)
+    assert "line None" not in str(result.error_in_exec)
     assert worker_sessions(fresh) == before
 
 

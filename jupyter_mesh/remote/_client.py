@@ -32,6 +32,7 @@ from ..errors import MeshError, check_flag
 from ..inventory import Device
 from ..targets import DEFAULT_BACKEND, Target, parse_target
 from ._errors import (
+    CellSyntaxError,
     RemoteCellError,
     RemoteCellLost,
     RemoteCellTimeout,
@@ -344,7 +345,10 @@ class RemoteCells:
         blank = len(code) - len(code.lstrip("\n \t\r\f"))
         blank = code[:blank].count("\n")
         code = "\n" * (first_line - 1 + blank) + to_python(code)
-        compile(code, filename, "exec", flags=TOP_LEVEL_AWAIT)
+        try:
+            compile(code, filename, "exec", flags=TOP_LEVEL_AWAIT)
+        except (SyntaxError, ValueError) as exc:  # (ValueError: a NUL byte, before 3.12)
+            raise CellSyntaxError(exc) from None
         target = self._target(on)
         if site is not None and not isinstance(site, str):
             raise MeshError(f"{opt('site')} must be a site name, not "

@@ -185,9 +185,15 @@ class CellSyntaxError(MeshError):
     of the magic that found it.
     """
 
-    def __init__(self, error: SyntaxError) -> None:
+    def __init__(self, error: SyntaxError | ValueError) -> None:
         self.error = error
-        super().__init__(f"{error.msg} (line {error.lineno}); nothing was sent to a worker")
+        if isinstance(error, SyntaxError):
+            where = f" (line {error.lineno})" if error.lineno else ""
+            # ("source code string cannot contain null bytes (<string>)": no line)
+            what = (error.msg or "invalid syntax").removesuffix(" (<string>)")
+        else:
+            where, what = "", str(error)
+        super().__init__(f"{what}{where}; nothing was sent to a worker")
 
     def _render_traceback_(self) -> list[str]:
         import traceback

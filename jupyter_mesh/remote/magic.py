@@ -62,6 +62,8 @@ def remote_cell(shell: Any, mesh: Any, args: Any, cell: str) -> Any:
                 filename=f"<remote In[{_cell_number(shell)}]>",
                 first_line=2,  # (line 1 is the %%mesh line, as the notebook numbers it)
             )
+    except CellSyntaxError:
+        raise
     except SyntaxError as exc:
         raise CellSyntaxError(exc) from None
     except RemoteCellError as exc:
