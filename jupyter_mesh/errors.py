@@ -6,8 +6,11 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class MeshError(RuntimeError):
@@ -28,6 +31,63 @@ def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise MeshError(f"{name}= takes True or False, not {value!r}")
     return value
+
+
+def keywords_checked(fn: _F) -> _F:
+    """A public function or method whose arguments are checked before it runs: a
+    misspelled keyword or one positional too many is a one-line :class:`MeshError`
+    that names what it takes (and the keyword meant), as ``mesh.compute`` says it,
+    where Python gave a ``TypeError`` traceback."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    if params and params[0].name in ("self", "cls"):
+        params = params[1:]
+    # (said without annotations: "(address, security=None, ...)")
+    shown = sig.replace(parameters=[p.replace(annotation=p.empty) for p in params],
+                        return_annotation=sig.empty)
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    qualname = fn.__qualname__
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise _misnamed(qualname, shown, names, open_kwargs, kwargs, exc) from None
+        return fn(*args, **kwargs)
+
+    return cast("_F", checked)
+
+
+def _misnamed(qualname: str, shown: Any, names: list[str], open_kwargs: bool,
+              kwargs: dict[str, Any], exc: TypeError) -> MeshError:
+    import difflib
+
+    unknown = [k for k in kwargs if k not in names] if not open_kwargs else []
+    if unknown:
+        typo = unknown[0]
+        near = ([n for n in names if n.startswith(typo) or typo.startswith(n)]
+                or difflib.get_close_matches(typo, names, n=1, cutoff=0.6))
+        takes = ", ".join(f"{n}=" for n in names) or "no keywords"
+        return MeshError(f"{qualname} takes {takes}, not {typo}="
+                         + (f": did you mean {near[0]}=?" if near else ""))
+    params = list(shown.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or "positional" not in str(exc):
+        # (a required argument left out: inspect's own words name it)
+        return MeshError(f"{qualname}: {exc}: it takes {shown}")
+    first = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not params:
+        return MeshError(f"{qualname} takes no arguments")
+    if not first:
+        return MeshError(f"{qualname} takes its arguments by name"
+                         + (f" ({', '.join(f'{n}=' for n in names)})" if names else "")
+                         + ", not by position")
+    return MeshError(f"{qualname} takes at most {len(first)} by position ({', '.join(first)}): "
+                     f"give the others by name, of {', '.join(f'{n}=' for n in names)}")
 
 
 #: the packages whose frames stand between a user's code and a warning of jupyter_mesh

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .devices._profile import Profile
-from .errors import MeshError
+from .errors import MeshError, keywords_checked
 from .targets import Target, parse_target
 
 #: text colours of the HTML reprs and the panel: JupyterLab's theme colours where they
@@ -181,6 +181,7 @@ class Inventory:
             out.setdefault((d.kind, d.site), []).append(d)
         return out
 
+    @keywords_checked
     def select(self, target: str | Target | None = None, site: str | None = None) -> Inventory:
         """The devices matching a target and/or a site."""
         if isinstance(target, str):

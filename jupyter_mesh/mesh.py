@@ -35,6 +35,7 @@ from .errors import (
     MeshConfigError,
     MeshError,
     check_flag,
+    keywords_checked,
     said,
     shorten_ours,
     shorten_ours_in_dask,
@@ -710,6 +711,7 @@ class Mesh:
 
     # ------------------------------------------------------------------ creation
     @classmethod
+    @keywords_checked
     def local(
         cls,
         cpu: int = 2,
@@ -930,6 +932,7 @@ class Mesh:
         return mesh
 
     @classmethod
+    @keywords_checked
     def connect(
         cls,
         address: str,
@@ -1129,6 +1132,7 @@ class Mesh:
         """Whether this mesh started its scheduler and workers (and may scale them)."""
         return self.cluster is not None
 
+    @keywords_checked
     def inventory(self) -> Inventory:
         """The mesh's devices and their load, from the scheduler in one round trip."""
         self._check_open()
@@ -1192,6 +1196,7 @@ class Mesh:
             ) from None
 
     # ------------------------------------------------------------------ scaling
+    @keywords_checked
     def scale(self, **counts: int) -> Inventory:
         """Set the number of local workers per family: ``cpu``, ``jax_cpu``, ``gpu``, ``tpu``.
 
@@ -1412,6 +1417,7 @@ class Mesh:
         ``mesh.router.learn``)."""
         self.history.forget()
 
+    @keywords_checked
     def calibrate(self) -> Any:
         """Measure now what Dask itself costs on this mesh: seconds of dispatch per task,
         from a task's end to the start of one waiting for it, and more per transfer
@@ -1457,6 +1463,7 @@ class Mesh:
             raise
 
     # ------------------------------------------------------------------ lifetime
+    @keywords_checked
     def close(self) -> None:
         """Close the client and, for a local mesh, its scheduler and workers."""
         if self.closed:
@@ -1593,6 +1600,7 @@ class Mesh:
         )
 
     # ------------------------------------------------------------------ remote cells
+    @keywords_checked
     def run_cell(
         self,
         code: str,
@@ -1658,6 +1666,7 @@ class Mesh:
             want_value=value, filename=filename, first_line=first_line,
         )
 
+    @keywords_checked
     def reset_remote(self) -> list[str]:
         """Drop this notebook's remote namespaces; return the workers that had one."""
         remote = self._remote_cells()
@@ -1687,6 +1696,7 @@ class Mesh:
 
     # ================================================================== notebook display
     # ipywidgets panel (jupyter_mesh/widgets.py); progress bars live in progress.py.
+    @keywords_checked
     def widget(self, refresh: float = 2.0) -> Any:
         """An ipywidgets panel: devices by kind and site, refreshed every ``refresh``
         seconds (0: never) until it or the mesh closes; scale controls for a local mesh;
@@ -1699,6 +1709,7 @@ class Mesh:
 
     # ================================================================== routing
     # The device-aware router (jupyter_mesh/router). Keep this section last in the class.
+    @keywords_checked
     def explain(self, *collections: Any, route: Any = "auto", site: str | None = None,
                 pin: dict[str, Any] | None = None) -> Any:
         """The router's :class:`~jupyter_mesh.router.Plan` for Dask collections.
@@ -1793,6 +1804,7 @@ class Mesh:
                         f"%mesh route {value if isinstance(value, str) else 'TARGET'}, or "
                         f"route a block with `with mesh.route(...):`")
 
+    @keywords_checked
     def route(self, mode: Any = "auto", *, fallback: bool = True) -> Any:
         """Context manager: plain ``.compute()`` calls inside the block are routed.
 
@@ -2265,6 +2277,7 @@ def _close_at_exit(ref: weakref.ref) -> None:
             pass               # supervisor): no traceback of an exit hook
 
 
+@keywords_checked
 def current() -> Mesh:
     """The active mesh of this process, or :class:`MeshError` saying how to start one."""
     return _state.current()

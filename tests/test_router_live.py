@@ -831,7 +831,51 @@ def test_bad_inputs(mesh):
     with pytest.raises(MeshError, match=r"^mesh.compute takes route=, fallback=, site=, pin=, "
                                         r"not fallbak=: did you mean fallback=\?$"):
         mesh.compute(pipeline(), fallbak=False)
+    # ... and one of Dask's (it said no more than what mesh.compute takes)
+    with pytest.raises(MeshError, match=r"not optimise_graph=: did you mean optimize_graph=\?$"):
+        mesh.compute(pipeline(), optimise_graph=False)
+    # mesh.compute routes under every route: its advice for the scheduler's options
+    # was "leave the block, or %mesh route off", which changes nothing for it
+    with pytest.raises(MeshError, match=r"call dask.compute\(\.\.\.\) or "
+                                        r"mesh.client.compute\(\.\.\.\) instead"):
+        mesh.compute(pipeline(), retries=3)
     assert mesh.compute(da.ones(4, chunks=2).sum())[0] == 4  # and it goes on
+
+
+def test_misspelled_keywords_of_the_api_are_one_line_that_names_the_right_one(mesh):
+    # they were Python's TypeError tracebacks (mesh.compute alone said it in one line)
+    import jupyter_mesh as jm
+
+    y = da.ones(4, chunks=2).sum()
+    with pytest.raises(MeshError, match=r"^Mesh.explain takes route=, site=, pin=, not rout=: "
+                                        r"did you mean route=\?$"):
+        mesh.explain(y, rout="gpu")
+    with pytest.raises(MeshError, match=r"^Mesh.local takes cpu=, .*not threads=: did you "
+                                        r"mean threads_per_worker=\?$"):
+        jm.Mesh.local(threads=2)
+    with pytest.raises(MeshError, match=r"^Mesh.connect takes .*not bogus=$"):
+        jm.Mesh.connect(mesh.address, bogus=1)
+    with pytest.raises(MeshError, match=r"^Mesh.widget takes refresh=, not refreh=: did you "
+                                        r"mean refresh=\?$"):
+        mesh.widget(refreh=1)
+    with pytest.raises(MeshError, match=r"^Mesh.run_cell takes code=, .*not bogus=$"):
+        mesh.run_cell("1", bogus=1)
+    with pytest.raises(MeshError, match=r"^Inventory.select takes target=, site=, not kind=$"):
+        mesh.inventory().select(kind="cpu")
+    # too many by position, or none where some is needed
+    with pytest.raises(MeshError, match=r"^Mesh.scale takes its arguments by name, not by "
+                                        r"position$"):
+        mesh.scale(1)
+    with pytest.raises(MeshError, match=r"^Mesh.calibrate takes no arguments$"):
+        mesh.calibrate(5)
+    with pytest.raises(MeshError, match=r"^Mesh.route takes at most 1 by position \(mode\): "
+                                        r"give the others by name, of mode=, fallback=$"):
+        mesh.route("auto", "x")
+    with pytest.raises(MeshError, match=r"^Mesh.connect: missing a required argument: "
+                                        r"'address': it takes \(address, "):
+        jm.Mesh.connect()
+    # nothing changed: the mesh and its last plan are as they were
+    assert mesh.compute(y)[0] == 4 and mesh.last_plan is not None
 
 
 def _clip_in_place(block):

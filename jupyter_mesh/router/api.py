@@ -1090,13 +1090,20 @@ def dask_options_refused(where: str, given: dict[str, Any],
     names = ", ".join(f"{k}=" for k in sorted(given))
     typos = [k for k in given if k not in DASK_OWN and k not in SCHEDULER_OPTIONS]
     if typos and takes:
-        near = difflib.get_close_matches(typos[0], takes, n=1, cutoff=0.6)
+        # (Dask's own, too: optimise_graph= meant optimize_graph=, said where it goes next)
+        near = difflib.get_close_matches(typos[0], (*takes, *DASK_OWN, *SCHEDULER_OPTIONS),
+                                         n=1, cutoff=0.6)
         return MeshError(f"{where} takes {', '.join(f'{t}=' for t in takes)}, not "
                          f"{typos[0]}=" + (f": did you mean {near[0]}=?" if near else ""))
     if takes and all(k in DASK_OWN for k in given):
         return MeshError(f"{where} takes {', '.join(f'{t}=' for t in takes)}, not {names}: "
                          f"call dask.compute(..., {sorted(given)[0]}=...) inside "
                          f"`with mesh.route(...):`")
+    if takes:  # mesh.compute: it routes under every route="..."
+        return MeshError(f"{where} takes no {names}: the router places the tasks itself; "
+                         f"for Dask's scheduler options (retries=, workers=, resources=...), "
+                         f"call dask.compute(...) or mesh.client.compute(...) instead, "
+                         f"outside any routed block")
     return MeshError(f"{where} takes no {names}: the router places the tasks itself; for "
                      f"Dask's scheduler options (retries=, workers=, resources=...), compute "
                      f"outside routing (leave the block, or %mesh route off)")
