@@ -253,6 +253,17 @@ def test_a_persisted_delayed_value_computes_and_explains(mesh, route):
     assert mesh.explain(dp, route=route).ntasks == 1
 
 
+@pytest.mark.parametrize("route", ["auto", "cpu", "cpu:jax"])
+def test_a_persisted_bag_reduction_computes_and_explains(mesh, route):
+    # a bag's sum or count persisted is one key and its future, as a delayed value:
+    # mesh.compute and mesh.explain said "the graph has no task for key 'sum-aggregate-..'"
+    b = db.from_sequence(range(10), npartitions=3)
+    s, n = mesh.client.persist([b.sum(), b.count()])
+    assert mesh.compute(s, route=route) == (45,)
+    assert mesh.compute({"total": s, "n": n}, route=route) == ({"total": 45, "n": 10},)
+    assert mesh.explain(s, route=route).ntasks == 1
+
+
 def test_pinning_a_persisted_collection_says_why_it_cannot(mesh):
     # it said the collection was "not an input of this computation"
     site = next(iter(mesh.inventory())).site

@@ -335,14 +335,26 @@ def _persisted(c: Any) -> bool:
 
 
 def _held(c: Any) -> Any:
-    """A persisted delayed value (its graph: its key and the future that holds its
-    result) as a task that reads it: Dask's graph of it has no task to plan or run
-    (the router found "no task for key"); other collections as they are."""
+    """A persisted delayed value or bag item (its graph: its key and the future that
+    holds its result) as a task that reads it: Dask's graph of it has no task to plan
+    or run (the router found "no task for key"); other collections as they are."""
     from dask.delayed import Delayed
 
-    if not isinstance(c, Delayed) or not _persisted(c):
+    held: tuple[type, ...] = (Delayed,)
+    if "dask.bag" in sys.modules:  # (a bag's reduction: b.sum(), b.count())
+        from dask.bag import Item
+
+        held = (Delayed, Item)
+    if not isinstance(c, held) or not _persisted(c):
         return c
-    return dask.delayed(persisted, pure=True)(c)
+    from dask._task_spec import Task, TaskRef
+
+    # (built here: dask.delayed of an Item finalizes it in a task of its own first)
+    (key,) = cast(Any, c).__dask_keys__()
+    name = f"persisted-{tokenize(key)}"
+    task = Task(name, persisted, TaskRef(cast(Any, key)))
+    graph = HighLevelGraph.from_collections(name, {name: task}, dependencies=[cast(Any, c)])
+    return Delayed(name, graph)
 
 
 def _is_frame(c: Any) -> bool:
