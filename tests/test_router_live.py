@@ -1098,10 +1098,19 @@ def test_a_p2p_rechunk_is_left_to_dask_and_finishes(mesh, route, per_layer):
         assert (type(mesh.last_plan).__name__ == "LayerPlan") == per_layer
         with mesh.route(route):
             np.testing.assert_allclose(y.compute(), want)
-        # kept at a site it cannot be: said in one line, before anything runs
-        with pytest.raises(jm.MeshError, match=r"^this computation moves data through "
-                                               r"Dask's P2P rechunk or shuffle.*'tasks'"):
+        # kept at a site it cannot be: said in one line, before anything runs; the
+        # last plan and report stay (they were the refused plan and None), and
+        # mesh.explain says it too (it showed a plan "kept at 'lab'")
+        before = mesh.last_plan, mesh.last_report
+        p2p = (r"^this computation moves data through Dask's P2P rechunk or shuffle.*"
+               r"'tasks'")
+        with pytest.raises(jm.MeshError, match=p2p):
             mesh.compute(y, route=route, site="lab")
+        with pytest.raises(jm.MeshError, match=p2p):
+            mesh.compute(y, route=route, pin={"lab": x})
+        with pytest.raises(jm.MeshError, match=p2p):
+            mesh.explain(y, route=route, site="lab")
+        assert (mesh.last_plan, mesh.last_report) == before
     assert tasks_of_left(mesh, y) == 0
 
 

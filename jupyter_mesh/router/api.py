@@ -69,7 +69,7 @@ from .layers import (
 )
 from .placement import PLAIN_SITE, allowed_pools, no_site, parse_route_or_error, plan_model
 from .plan import Plan, PlanModel, Report
-from .rewrite import rewrite
+from .rewrite import refuse_p2p_at_a_site, rewrite
 from .rewrite import submission as task_submission
 
 if TYPE_CHECKING:
@@ -478,6 +478,8 @@ def _place_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
         apply_pins(model, pin, pools)
         cost = cost_model(mesh, pools, devices, route)
         plan = _noted(plan_model(model, pools, route, site=site, cost=cost), cost)
+    if site or pin:
+        refuse_p2p_at_a_site(plan.model)
     # the workers' names for the report (run_plan asks again only for a worker that
     # joined since)
     plan.worker_names = {d.worker: d.name or d.worker for d in devices}

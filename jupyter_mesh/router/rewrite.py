@@ -225,6 +225,20 @@ def p2p_at_a_site() -> MeshError:
         "dataframe.shuffle.method 'tasks') for a DataFrame's merge, set_index or shuffle")
 
 
+def refuse_p2p_at_a_site(model: Any) -> None:
+    """Raise :func:`p2p_at_a_site` where ``model`` (per task, or per layer) has Dask's
+    P2P in it: a plan kept at a site (``site=``, ``pin=``) says so as it is made, as
+    ``mesh.explain`` shows it too (the rewrite found it only once it ran)."""
+    names = getattr(model, "names", None)
+    if names is None:  # per task: deps are indices
+        names, deps = model.keys, model.deps
+    else:  # per layer: (index, how) pairs
+        deps = [[d for d, _ in ds] for ds in model.deps]
+    if any(is_p2p(n) or any(is_barrier(names[d]) for d in deps[i])
+           for i, n in enumerate(names)):
+        raise p2p_at_a_site()
+
+
 def key_name(key: Any) -> Any:
     """The layer name a key belongs to: ``('add-ab12', 0, 3)`` -> ``'add-ab12'``."""
     return key[0] if type(key) is tuple and key else key
