@@ -253,6 +253,21 @@ def test_a_persisted_delayed_value_computes_and_explains(mesh, route):
     assert mesh.explain(dp, route=route).ntasks == 1
 
 
+def test_a_collection_persisted_whole_says_nothing_runs(mesh):
+    # its plan was "0 tasks in 0 ops", an empty table and a note of Dask's measured
+    # costs: nothing said why
+    xp = mesh.client.persist(da.ones(10, chunks=5))
+    plan = mesh.explain(xp)
+    assert plan.ntasks == 0
+    assert plan.notes == ["nothing to run: the results are held on the workers already "
+                          "(persisted earlier), and Dask hands them over"]
+    (got,) = mesh.compute(xp)
+    assert got.tolist() == [1.0] * 10
+    assert mesh.last_report.notes == ["nothing ran: the results were held on the workers "
+                                      "already (persisted earlier), and Dask handed them over"]
+    assert "nothing ran" in repr(mesh.last_report)
+
+
 @pytest.mark.parametrize("route", ["auto", "cpu", "cpu:jax"])
 def test_a_persisted_bag_reduction_computes_and_explains(mesh, route):
     # a bag's sum or count persisted is one key and its future, as a delayed value:

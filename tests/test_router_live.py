@@ -758,7 +758,8 @@ def test_data_the_graph_carries_is_not_said_to_be_held_on_the_workers(mesh, per_
         assert mesh.compute((x * 2).sum())[0] == pytest.approx(999_000.0)
     report = mesh.last_report
     assert [r["op"] for r in report.rows if not r["backends"]] == ["array"]
-    assert report.notes == ["array: data the graph carries (from_array's blocks, a "
+    assert report.notes == ["array: data the graph carries (values given to Dask as they "
+                            "are: from_array's blocks, from_pandas's partitions, a "
                             "constant): Dask hands it to the tasks that read it; no "
                             "routed task runs"]
     assert "held from an earlier" not in repr(report)

@@ -541,6 +541,12 @@ XLA_NOTE = " (a JAX worker counts one per core it may use: XLA computes on all o
 
 
 def _noted(plan: Any, cost: CostModel) -> Any:
+    if not plan.ntasks:
+        # (a persisted collection: a plan of no tasks, an empty table, and word of
+        # Dask's costs that nothing pays, said nothing of why)
+        plan.notes.append("nothing to run: the results are held on the workers already "
+                          "(persisted earlier), and Dask hands them over")
+        return plan
     cal = cost.calibration
     # the workers the plan uses share their hosts' cores among themselves only (a
     # worker it leaves idle takes no share)

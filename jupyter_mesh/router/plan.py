@@ -380,6 +380,9 @@ class Report:
         came from elsewhere (persisted, held, or another graph's of the same keys)."""
         from .rewrite import is_p2p
 
+        if not self.plan.ntasks:
+            return ["nothing ran: the results were held on the workers already (persisted "
+                    "earlier), and Dask handed them over"]
         ops = self.plan.model.ops
         data: list[str] = []
         held: list[str] = []
@@ -409,8 +412,9 @@ class Report:
                          f"Dask places and runs itself (no routed task records "
                          f"{'it' if len(p2p) == 1 else 'them'})")
         if data:
-            notes.append(f"{', '.join(data)}: data the graph carries (from_array's blocks, "
-                         f"a constant): Dask hands {'it' if len(data) == 1 else 'them'} "
+            notes.append(f"{', '.join(data)}: data the graph carries (values given to "
+                         f"Dask as they are: from_array's blocks, from_pandas's "
+                         f"partitions, a constant): Dask hands {'it' if len(data) == 1 else 'them'} "
                          f"to the tasks that read {'it' if len(data) == 1 else 'them'}; no "
                          f"routed task runs")
         if persisted:
