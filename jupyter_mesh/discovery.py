@@ -522,9 +522,11 @@ def _on_mesh_event(event: str, mesh: Mesh) -> None:
         except UnsafeRegistry as exc:
             import warnings
 
+            from .errors import callers_level
+
             warnings.warn(f"jupyter_mesh: the Mesh sidebar will not list this mesh: {exc} "
                           f"(make it yours with mode 700, or set JUPYTER_RUNTIME_DIR)",
-                          stacklevel=2)
+                          stacklevel=callers_level())
     elif event == "close":
         unregister(mesh)
     elif event in ("plan", "report"):

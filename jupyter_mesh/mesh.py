@@ -34,6 +34,7 @@ from .devices._worker_plugin import MeshWorkerPlugin
 from .errors import (
     MeshConfigError,
     MeshError,
+    callers_level,
     check_flag,
     keywords_checked,
     said,
@@ -805,13 +806,13 @@ class Mesh:
             gpu_n = len(gpus)
             if not gpus and _detect.nvidia_driver_present():
                 warnings.warn(f"jupyter_mesh: no GPU workers: {_detect.cuda_why_none()}",
-                              stacklevel=2)
+                              stacklevel=callers_level())
         else:
             gpu_n = int(gpu_req)
         if tpu_req == "auto":
             tpu_n = len(tpus)
             if tpu_why:
-                warnings.warn(f"jupyter_mesh: no TPU workers: {tpu_why}", stacklevel=2)
+                warnings.warn(f"jupyter_mesh: no TPU workers: {tpu_why}", stacklevel=callers_level())
         else:
             tpu_n = int(tpu_req)
         if jax_n:
@@ -924,7 +925,7 @@ class Mesh:
                 _close_active()
             except Exception as exc:  # e.g. its scheduler gone: the new mesh is up
                 warnings.warn(f"jupyter_mesh: the mesh it replaces did not close cleanly "
-                              f"({type(exc).__name__}: {exc})", stacklevel=2)
+                              f"({type(exc).__name__}: {exc})", stacklevel=callers_level())
             finally:
                 # even after Ctrl-C while the old one closed: the new mesh runs, and
                 # nothing may run that %mesh and jm.current() cannot reach
@@ -1103,7 +1104,7 @@ class Mesh:
             f"{'jupyter_mesh ' + str(version) if version else 'an older jupyter_mesh'} "
             f"(protocol {theirs or 1}) and this kernel {__version__} (protocol {PROTOCOL}): "
             f"routed reports and fallback may fail; install the same jupyter_mesh where "
-            f"the scheduler runs and restart it", MeshVersionWarning, stacklevel=3)
+            f"the scheduler runs and restart it", MeshVersionWarning, stacklevel=callers_level())
 
     # ------------------------------------------------------------------ queries
     @property
@@ -1362,9 +1363,9 @@ class Mesh:
             route = held.route
             if not any(route.matches(d.kind, d.backend) for d in inventory):
                 warnings.warn(
-                    f"{where} is {route}, and the mesh has no {route} worker now: plain "
-                    f"Dask calls will fail until you scale it back or change the route "
-                    f"(%mesh route auto)", UserWarning, stacklevel=3)
+                    f"jupyter_mesh: {where} is {route}, and the mesh has no {route} worker "
+                    f"now: plain Dask calls will fail until you scale it back or change the "
+                    f"route (%mesh route auto)", UserWarning, stacklevel=callers_level())
 
     def _dead_workers(self) -> list[str]:
         """The names in the cluster's spec of workers whose nanny has stopped (its

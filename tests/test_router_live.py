@@ -1670,9 +1670,11 @@ def test_scaling_away_the_routes_target_warns(mesh):
 
     api.set_route(mesh, "cpu:jax")
     try:
-        with pytest.warns(UserWarning, match=r"the kernel's route is cpu:jax, and the mesh "
-                                             r"has no cpu:jax worker now"):
+        with pytest.warns(UserWarning, match=r"^jupyter_mesh: the kernel's route is cpu:jax, "
+                                             r"and the mesh has no cpu:jax worker now") as rec:
             mesh.scale(jax_cpu=0)
+        # it points at the caller's line (from %mesh scale it pointed at magics.py)
+        assert [w.filename for w in rec] == [__file__]
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # back: no warning
             mesh.scale(jax_cpu=1)

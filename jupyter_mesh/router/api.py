@@ -439,7 +439,7 @@ def _warn_placing_annotations(graph: Any) -> None:
         warnings.warn(
             f"jupyter_mesh: the router places the tasks: the graph's dask.annotate("
             f"{', '.join(f'{k}=' for k in found)}) is not followed (route='off' follows it)",
-            UserWarning, stacklevel=4)
+            UserWarning, stacklevel=callers_level())
 
 
 def _plan_graph(mesh: Mesh, graph: Any, keys: list[Any], route: Any,
@@ -516,7 +516,7 @@ def _measured_cost_model(mesh: Mesh, pools: list[Any], devices: list[Any], route
             raise
         # planning must not fail for want of a measurement: the defaults, with a word
         warnings.warn(f"jupyter_mesh: {exc}; planning with the default costs",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=callers_level())
         cal = None
     if cal is None:  # failed now, or before on these workers (and not tried again)
         cost = CostModel(pools)
