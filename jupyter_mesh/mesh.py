@@ -1013,8 +1013,11 @@ class Mesh:
             )
         if set_current:
             active = _state.active()
-            if replace and active is not None and active.address == address:
-                # replacing would close the very mesh this connects to
+            if (replace and active is not None and active.address == address
+                    and active._client_up()):
+                # replacing would close the very mesh this connects to (one whose
+                # scheduler went away is replaced: a scheduler back at that address is
+                # connected to, and none there is said as for any address)
                 raise MeshError(f"{address} is the current mesh already: keep using it "
                                 f"(jm.current()), or %mesh close it first")
             _refuse_if_active(replace)
@@ -1548,6 +1551,11 @@ class Mesh:
         if self.closed:
             raise MeshError("this mesh is closed: start a new one with %mesh start")
 
+    def _client_up(self) -> bool:
+        """Whether Dask's client still holds its scheduler (see _check_reachable)."""
+        return (getattr(self.client, "status", "running") == "running"
+                and self.client.scheduler is not None)
+
     def _check_reachable(self) -> None:
         """A scheduler that went away is said at once (Dask's client would otherwise
         wait to reconnect, and its cached view shows no workers)."""
@@ -1705,6 +1713,7 @@ class Mesh:
         from .widgets import MeshPanel
 
         self._check_open()
+        self._check_reachable()  # (it showed a panel of no workers)
         return MeshPanel(self, refresh=refresh)
     # ================================================================== end notebook display
 

@@ -647,15 +647,16 @@ def test_wss_addresses_need_tls_settings_as_tls_ones_do(no_mesh, certs):
         jm.Mesh.connect("ws://127.0.0.1:1", security=_security(certs), timeout=2)
 
 
-def _dask_scheduler():
-    """A plain ``dask scheduler`` process on a free loopback port, once it listens:
-    (the process, its port)."""
+def _dask_scheduler(port: int | None = None):
+    """A plain ``dask scheduler`` process on a free loopback port (or ``port``), once it
+    listens: (the process, its port)."""
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     sched = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "dask"),
                               "scheduler", "--host", "127.0.0.1", "--port", str(port),
                               "--no-dashboard"],
@@ -695,6 +696,44 @@ def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, capl
     finally:
         if sched.poll() is None:
             sched.kill()
+
+
+def test_connect_replace_to_a_scheduler_back_at_the_address_of_a_dead_one(ip, no_mesh):
+    # the current mesh's scheduler died and came back at its address: --replace said
+    # "is the current mesh already: keep using it", which could not work
+    import signal
+
+    sched, port = _dask_scheduler()
+    address = f"tcp://127.0.0.1:{port}"
+    again = None
+    try:
+        ip.run_line_magic("mesh", f"connect {address}")
+        dead = jm.current()
+        os.kill(sched.pid, signal.SIGKILL)
+        sched.wait()
+        deadline = time.monotonic() + 30
+        while dead._client_up() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # the panel says so, as %mesh status --widget does (it showed an empty one)
+        with pytest.raises(MeshError, match=f"^the scheduler at {address} is not reachable"):
+            dead.widget()
+        # nothing there yet: said as for any address, and the mesh stays current
+        with pytest.raises(UsageError, match=rf"^could not connect to {address}"):
+            ip.run_line_magic("mesh", f"connect {address} --timeout 2 --replace")
+        assert jm.current() is dead
+        again, _ = _dask_scheduler(port)
+        ip.run_line_magic("mesh", f"connect {address} --replace")
+        mesh = jm.current()
+        assert mesh is not dead and dead.closed and mesh.address == address
+        assert mesh.client.submit(lambda: 1).key  # (a live client: it takes work)
+        # a live current mesh at the address is still refused with --replace
+        with pytest.raises(UsageError, match=rf"^{address} is the current mesh already"):
+            ip.run_line_magic("mesh", f"connect {address} --replace")
+        ip.run_line_magic("mesh", "close")
+    finally:
+        for proc in (sched, again):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
 
 
 def test_the_cli_worker_joins_a_tls_scheduler_and_says_when_its_certificates_do_not_fit(
