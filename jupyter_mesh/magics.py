@@ -6,6 +6,7 @@ Every subcommand has its own ``@magic_arguments`` parser; misuse raises ``UsageE
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -187,7 +188,14 @@ def parse(func: Any, argstring: str, name: str = "%mesh") -> Any:
         _once_each(func.parser, argv)
         return args
     except UsageError as exc:
-        raise UsageError(f"{str(exc).splitlines()[0]}; {see}") from None
+        said = str(exc).splitlines()[0]
+        if said.startswith("unrecognized arguments:"):
+            # quoted where that shows them: an empty word ('') read as nothing at all
+            with contextlib.suppress(Exception):
+                extra = func.parser.parse_known_args(argv)[1]
+                if any(not w.strip() or w != w.strip() for w in extra):
+                    said = f"unrecognized arguments: {' '.join(map(shlex.quote, extra))}"
+        raise UsageError(f"{said}; {see}") from None
     except SystemExit:  # argparse --help
         raise UsageError(see) from None
     except ValueError as exc:  # unbalanced quotes and the like

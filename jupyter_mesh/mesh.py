@@ -2046,8 +2046,10 @@ def _could_not_connect(address: str, timeout: float, exc: Exception,
             f"--tls-key; from Python, security=Security(...))")
     within = "" if isinstance(exc, _Unreachable) or (
         waited is not None and waited < 0.9 * timeout) else f" within {timeout:g} s"
+    # (a timeout shorter than a connection takes is said first: a scheduler does listen)
+    longer = "give it longer (timeout=, --timeout), or " if within and timeout < 1 else ""
     return MeshError(
-        f"could not connect to {address}{within} ({reason}): check that a "
+        f"could not connect to {address}{within} ({reason}): {longer}check that a "
         f"Dask scheduler listens there and the protocol (tcp/tls) is right"
     )
 

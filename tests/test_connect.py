@@ -698,6 +698,15 @@ def test_closing_a_mesh_whose_scheduler_was_killed_is_quiet(no_mesh, capfd, capl
             sched.kill()
 
 
+def test_a_timeout_too_short_to_connect_says_to_give_it_longer(no_mesh, tcp_cluster):
+    # a scheduler does listen there: the message blamed it alone
+    address = tcp_cluster.scheduler_address
+    with pytest.raises(MeshError, match=rf"^could not connect to {address} within 1e-06 s "
+                                        r"\(.*\): give it longer \(timeout=, --timeout\), or "
+                                        r"check that a Dask scheduler listens there"):
+        jm.Mesh.connect(address, timeout=1e-6, set_current=False)
+
+
 def test_connect_replace_to_a_scheduler_back_at_the_address_of_a_dead_one(ip, no_mesh):
     # the current mesh's scheduler died and came back at its address: --replace said
     # "is the current mesh already: keep using it", which could not work

@@ -49,6 +49,9 @@ def test_start_status_and_compute(ip, started, capsys):
         ("start --cp 1", r"unrecognized arguments: --cp 1; see %mesh start --help$"),
         ("scale --jax 1", r"unrecognized arguments: --jax 1; see %mesh scale --help$"),
         ("route auto off", r"unrecognized arguments: off; see %mesh route --help$"),
+        # an empty word, quoted: it read "unrecognized arguments: ; see ..."
+        ("status ''", r"unrecognized arguments: ''; see %mesh status --help$"),
+        ("route auto '' ' '", r"unrecognized arguments: '' ' '; see %mesh route --help$"),
         ("start --cpu -1", "--cpu must be a whole number >= 0"),
         ("start --cpu two", "--cpu must be a whole number >= 0"),
         ("start --gpu abc", "--gpu must be 'auto' or a whole number"),
