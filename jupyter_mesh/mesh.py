@@ -790,6 +790,13 @@ class Mesh:
             # (Dask said only "Cluster failed to start: [Errno 99] Cannot assign ...")
             check_own_host(dash_host, "config mesh.local.dashboard-address: its host")
         security = _local_security() if _config.local_tls() else None
+        if security is None and not _loopback(host):
+            # (asked for, so not refused; but a worker runs whatever code it is sent)
+            warnings.warn(
+                f"jupyter_mesh: this mesh will listen on {host} over plain tcp: anyone who "
+                f"reaches its ports can run code on its workers as you; set "
+                f"mesh.local.tls: true for TLS with certificates, or keep the host "
+                f"127.0.0.1", UserWarning, stacklevel=callers_level())
         pin_jax = _config.pin_jax()
         _config.check_sections()
         _profile.check_config()
@@ -2003,6 +2010,20 @@ def _speaks_tls(address: str, timeout: float = 2.0) -> bool:
 
 def _plain_form(address: str) -> str:
     return "tcp://" + address.split("://", 1)[-1]
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address, maybe in brackets) is this machine's
+    loopback: reachable from this machine alone."""
+    import ipaddress
+
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: where it points is not loopback, as a rule
+        return False
 
 
 def _could_not_connect(address: str, timeout: float, exc: Exception,

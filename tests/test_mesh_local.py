@@ -747,18 +747,40 @@ def test_a_mesh_on_every_interface_links_the_dashboard_where_it_listens(no_mesh)
     # address, where nothing listens
     import urllib.request
 
-    with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1,
-                       host="0.0.0.0") as m:
+    # plain tcp on every interface: said (a worker runs whatever code it is sent)
+    with pytest.warns(UserWarning, match=r"^jupyter_mesh: this mesh will listen on 0.0.0.0 "
+                                         r"over plain tcp: anyone who reaches its ports can "
+                                         r"run code on its workers as you; set "
+                                         r"mesh.local.tls: true") as said:
+        m = jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1,
+                          host="0.0.0.0")
+    assert [w.filename for w in said if "plain tcp" in str(w.message)] == [__file__]
+    with m:
         assert _listening_hosts(m) == {"127.0.0.1"}
         assert m.dashboard_link.startswith("http://127.0.0.1:"), m.dashboard_link
         with urllib.request.urlopen(m.dashboard_link, timeout=10) as answer:
             assert answer.status == 200
     # in Dask's own template of the link, which a proxy's users set
     with dask.config.set({"distributed.dashboard.link": "https://proxy.test/d/{port}/status"}):
-        with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1,
-                           host="0.0.0.0") as m:
+        with pytest.warns(UserWarning, match="over plain tcp"), jm.Mesh.local(
+                cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1, host="0.0.0.0") as m:
             port = m.cluster.scheduler.http_server.port
             assert m.dashboard_link == f"https://proxy.test/d/{port}/status"
+
+
+def test_a_mesh_on_loopback_or_over_tls_gives_no_word_of_plain_tcp(no_mesh):
+    import warnings
+
+    from jupyter_mesh.mesh import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("localhost") and _loopback("[::1]")
+    assert not _loopback("0.0.0.0") and not _loopback("10.1.2.3") and not _loopback("::")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with jm.Mesh.local(cpu=1, gpu=0, tpu=0, jax_cpu=0, threads_per_worker=1,
+                           set_current=False):
+            pass
+    assert not [w for w in seen if "plain tcp" in str(w.message)]
 
 
 def test_dashboard_turned_off(no_mesh):
