@@ -879,6 +879,34 @@ def test_misspelled_keywords_of_the_api_are_one_line_that_names_the_right_one(me
     assert mesh.compute(y)[0] == 4 and mesh.last_plan is not None
 
 
+class _RefusesPickling:
+    def __reduce__(self):
+        raise RuntimeError("not for sending")
+
+
+def test_a_value_that_cannot_be_pickled_is_one_line(mesh, caplog):
+    # Dask logged three chained tracebacks as an ERROR, then raised "Could not
+    # serialize object of type HLGExpr" with the whole graph in it
+    import logging
+
+    bad = _RefusesPickling()
+    y = da.ones(4, chunks=2).map_blocks(lambda b, o=bad: b)
+    said = (r"^this computation cannot be sent to the workers: a function or value in it "
+            r"cannot be pickled \(RuntimeError: not for sending\); pass one that pickles")
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(MeshError, match=said):
+            mesh.compute(y)
+        with mesh.route("cpu"), pytest.raises(MeshError, match=said):
+            y.compute()
+        with pytest.raises(MeshError, match=r"^this call cannot be sent to the workers: .*"
+                                            r"\(RuntimeError: not for sending\)"):
+            mesh.submit(len, bad)
+    assert not [r for r in caplog.records if r.name.startswith("distributed")], caplog.text
+    # and the mesh goes on
+    assert mesh.compute(da.ones(4, chunks=2).sum())[0] == 4
+    assert mesh.submit(len, [1, 2]).result() == 2
+
+
 def _clip_in_place(block):
     block[block > 1.0] = 1.0  # writes into its input, as NumPy code may
     return block

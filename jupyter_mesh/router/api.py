@@ -813,10 +813,11 @@ def run_plan(mesh: Mesh, plan: Plan[PlanModel], fallback: bool = True, gather: b
             # interleaved would leave one's raised value for good)
             with _THRESHOLD_LOCK:
                 limit = parse_bytes(dask.config.get(key)) + _MATERIALIZED_BYTES * plan.ntasks
-                with dask.config.set({key: limit}):
+                with dask.config.set({key: limit}), _Unsent("this computation"):
                     futures = client.get(graph, routed.keys, sync=False)
         else:
-            futures = client.get(graph, routed.keys, sync=False)
+            with _Unsent("this computation"):
+                futures = client.get(graph, routed.keys, sync=False)
     except BaseException:
         notices.forget(routed.plan_id)
         _say_why(mesh, sys.exc_info()[1])  # (a mesh closed meanwhile: one line)
@@ -1638,8 +1639,41 @@ def submit(mesh: Mesh, fn: Any, args: tuple[Any, ...], on: Any, needs: Any,
     call = SubmitCall(fn, backend, kind) if convert else fn
     # every keyword argument goes to fn, even one named like an option of Dask's
     # submit (key=, pure=, retries=, workers=...), which Dask would otherwise take
-    return mesh.client.submit(_apply, call, list(args), dict(kwargs), key=key,
-                              resources=resources or None)
+    with _Unsent("this call"):
+        return mesh.client.submit(_apply, call, list(args), dict(kwargs), key=key,
+                                  resources=resources or None)
+
+
+class _Unsent:
+    """Around handing a computation to Dask's client: a function or value in it that
+    cannot be pickled is one line naming why, not Dask's ERROR log of three chained
+    tracebacks and its ``TypeError('Could not serialize object of type HLGExpr', ...)``
+    (which names the graph, not the value)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread  # (another thread's are not this one's)
+
+    def __enter__(self) -> _Unsent:
+        logging.getLogger("distributed.protocol.pickle").addFilter(self)
+        return self
+
+    def __exit__(self, etype: Any, exc: Any, tb: Any) -> None:
+        logging.getLogger("distributed.protocol.pickle").removeFilter(self)
+        if not isinstance(exc, TypeError) or not str(
+                exc.args[0] if exc.args else "").startswith("Could not serialize object"):
+            return
+        cause = exc.__cause__ or exc.__context__
+        why = (f"{type(cause).__name__}: {cause}" if cause is not None and str(cause)
+               else type(cause).__name__ if cause is not None else "it could not be pickled")
+        raise MeshError(
+            f"{self.what} cannot be sent to the workers: a function or value in it cannot "
+            f"be pickled ({why.splitlines()[0]}); pass one that pickles (no open file, lock, "
+            f"connection or other object that refuses it), or create it inside the "
+            f"task") from None
 
 
 def _apply(fn: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
