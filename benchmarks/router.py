@@ -1261,13 +1261,17 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=Warning, module="dask")
     # the live part first, in a fresh process: the others build graphs of up to 1e5
     # tasks, and the heap they leave makes the client's own work slower afterwards
-    r1 = p1() if "p1" in only else None
-    r2 = p2() if "p2" in only else None
-    r3 = p3() if "p3" in only else None
-    r6 = p6() if "p6" in only else None
-    r7 = estimates() if "est" in only else None
-    r8 = large() if "large" in only else None
-    r9 = fanout() if "fanout" in only else None
+    # (each part says when it starts: the whole run takes minutes, P1 and P2 several)
+    parts: list[tuple[str, str, Any]] = [("p1", "P1 placement, live", p1), ("p2", "P2 placement, simulated", p2),
+             ("p3", "P3 overhead", p3), ("p6", "P6 scale", p6),
+             ("est", "estimates, live", estimates), ("large", "large graphs, live", large),
+             ("fanout", "fan-out, live", fanout)]
+    got: dict[str, Any] = {}
+    for name, title, run in parts:
+        if name in only:
+            print(f"benchmarks.router: {title}...", file=sys.stderr, flush=True)
+            got[name] = run()
+    r1, r2, r3, r6, r7, r8, r9 = (got.get(n) for n, _, _ in parts)
     text = report(r1, r2, r3, r6, r7, r8, r9)
     print(text)
     if args.update:
